@@ -1,0 +1,225 @@
+"""Event consumers: Redis Streams consumer groups with exactly-once effects.
+
+Each event is handled in one database transaction that first records
+(consumer, event_id) in the service's processed_events table; a redelivered
+event finds its id there and changes nothing. An event whose handler fails
+stays pending and is retried after `retry_after_ms`; after `max_attempts`
+deliveries it is parked on a dead-letter stream with the error and
+acknowledged, so one poison event never blocks the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from loyalty.events.v1 import events_pb2
+
+from .db import Database, UnitOfWork
+from .events import ENVELOPE_FIELD, ReceivedEvent, dead_letter_stream, stream_name, unpack
+from .telemetry import extract_context
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+Handler = Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Subscription:
+    producer: str
+    message_type: type[Message]
+    handler: Handler
+
+
+class EventConsumer:
+    def __init__(
+        self,
+        group: str,
+        db: Database,
+        redis: Redis,
+        namespace: str,
+        subscriptions: list[Subscription],
+        max_attempts: int = 5,
+        retry_after_ms: int = 2_000,
+        block_ms: int = 1_000,
+        batch_size: int = 100,
+    ) -> None:
+        self.group = group
+        self._db = db
+        self._redis = redis
+        self._namespace = namespace
+        self._max_attempts = max_attempts
+        self._retry_after_ms = retry_after_ms
+        self._block_ms = block_ms
+        self._batch_size = batch_size
+        self._consumer_name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        # stream -> {event type -> subscription}
+        self._routes: dict[str, dict[str, Subscription]] = {}
+        self._producers: dict[str, str] = {}
+        for sub in subscriptions:
+            stream = stream_name(namespace, sub.producer)
+            self._routes.setdefault(stream, {})[sub.message_type.DESCRIPTOR.full_name] = sub
+            self._producers[stream] = sub.producer
+
+    async def ensure_groups(self) -> None:
+        for stream in self._routes:
+            try:
+                # "0": a new group starts from the beginning of the stream, so
+                # events published before this consumer first ran are not lost.
+                await self._redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def run(self) -> None:
+        await self.ensure_groups()
+        streams = dict.fromkeys(self._routes, ">")
+        last_retry = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                replies = await self._redis.xreadgroup(
+                    self.group,
+                    self._consumer_name,
+                    streams,  # type: ignore[arg-type]
+                    count=self._batch_size,
+                    block=self._block_ms,
+                )
+                for stream, entries in replies or []:
+                    for entry_id, fields in entries:
+                        await self._deliver(_text(stream), _text(entry_id), fields)
+                if loop.time() - last_retry >= self._retry_after_ms / 1000:
+                    last_retry = loop.time()
+                    await self.retry_pending()
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # stream deleted under us: recreate
+                    await self.ensure_groups()
+                    continue
+                log.exception("event consumer %s failed; retrying", self.group)
+                await asyncio.sleep(1)
+            except Exception:
+                log.exception("event consumer %s failed; retrying", self.group)
+                await asyncio.sleep(1)
+
+    async def retry_pending(self) -> None:
+        """Reclaim entries left unacknowledged (failed here, or by a dead consumer)."""
+        for stream in self._routes:
+            start = "0-0"
+            while True:
+                reply = await self._redis.xautoclaim(
+                    stream,
+                    self.group,
+                    self._consumer_name,
+                    min_idle_time=self._retry_after_ms,
+                    start_id=start,
+                    count=self._batch_size,
+                )
+                start, entries = _text(reply[0]), reply[1]
+                for entry_id, fields in entries:
+                    if fields is None:  # trimmed away while pending
+                        await self._redis.xack(stream, self.group, entry_id)
+                        continue
+                    await self._deliver(stream, _text(entry_id), fields)
+                if start == "0-0" or not entries:
+                    break
+
+    async def _deliver(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        raw = fields.get(ENVELOPE_FIELD)
+        envelope = events_pb2.EventEnvelope()
+        try:
+            if raw is None:
+                raise ValueError("stream entry has no envelope field")
+            envelope.ParseFromString(raw)
+        except Exception as exc:
+            await self._dead_letter(stream, entry_id, raw or b"", f"unreadable envelope: {exc}", 1)
+            return
+        sub = self._routes.get(stream, {}).get(envelope.event_type)
+        if sub is None:  # an event this consumer does not care about
+            await self._redis.xack(stream, self.group, entry_id)
+            return
+        token = otel_context.attach(extract_context(envelope.trace_context))
+        try:
+            with tracer.start_as_current_span(
+                f"consume {envelope.event_type}",
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"messaging.system": "redis", "messaging.destination.name": stream},
+            ):
+                await self._handle(stream, entry_id, envelope, sub)
+        finally:
+            otel_context.detach(token)
+
+    async def _handle(
+        self, stream: str, entry_id: str, envelope: events_pb2.EventEnvelope, sub: Subscription
+    ) -> None:
+        try:
+            event = ReceivedEvent(stream, entry_id, envelope, unpack(envelope, sub.message_type))
+            async with self._db.unit_of_work() as uow:
+                first_time = await uow.conn.fetchval(
+                    f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id)"
+                    " VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
+                    self.group,
+                    envelope.event_id,
+                )
+                if first_time:
+                    await sub.handler(uow, event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            attempts = await self._delivery_count(stream, entry_id)
+            if attempts >= self._max_attempts:
+                await self._dead_letter(
+                    stream, entry_id, envelope.SerializeToString(), repr(exc), attempts
+                )
+            else:
+                log.warning(
+                    "event %s (%s) failed on attempt %d/%d: %r",
+                    envelope.event_id,
+                    envelope.event_type,
+                    attempts,
+                    self._max_attempts,
+                    exc,
+                )
+            return
+        await self._redis.xack(stream, self.group, entry_id)
+
+    async def _delivery_count(self, stream: str, entry_id: str) -> int:
+        pending = await self._redis.xpending_range(
+            stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else self._max_attempts
+
+    async def _dead_letter(
+        self, stream: str, entry_id: str, envelope: bytes, error: str, attempts: int
+    ) -> None:
+        dlq = dead_letter_stream(self._namespace, self._producers[stream], self.group)
+        log.error("event %s on %s dead-lettered to %s: %s", entry_id, stream, dlq, error)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                dlq,
+                {
+                    ENVELOPE_FIELD: envelope,
+                    b"error": error.encode(),
+                    b"attempts": str(attempts).encode(),
+                    b"source_stream": stream.encode(),
+                    b"source_id": entry_id.encode(),
+                },
+            )
+            pipe.xack(stream, self.group, entry_id)
+            await pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

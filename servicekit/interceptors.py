@@ -1,0 +1,75 @@
+"""Server interceptor: domain errors become precise gRPC statuses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .errors import DomainError, to_rpc_status
+
+log = logging.getLogger(__name__)
+
+# Infrastructure failures a caller can retry: reported as UNAVAILABLE.
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except DomainError as exc:
+                await _abort(context, to_rpc_status(exc.status, exc.message, exc.code, exc.field))
+            except grpc.aio.AbortError:
+                raise
+            except _UNAVAILABLE as exc:
+                log.warning("%s: dependency unavailable: %r", method, exc)
+                await _abort(
+                    context,
+                    to_rpc_status(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "a dependency of the service is unavailable; retry later",
+                        "DEPENDENCY_UNAVAILABLE",
+                    ),
+                )
+            except Exception:
+                # Log the details here; the caller gets no stack trace or address.
+                log.exception("%s failed", method)
+                await _abort(
+                    context,
+                    to_rpc_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL"),
+                )
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,183 @@
+"""The shell every domain service runs in: a grpc.aio server with health,
+reflection, tracing and error mapping, its database and Redis, the outbox
+relay and event consumers, and graceful shutdown on SIGTERM.
+
+A service supplies only `wire(app)`, which registers its servicers and
+consumers once `app.db` and `app.redis` exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from redis.asyncio import Redis
+
+from .consumer import EventConsumer
+from .db import Database, create_pool
+from .events import stream_name
+from .interceptors import DomainErrorInterceptor
+from .logs import configure_logging
+from .outbox import OutboxRelay
+from .redis_client import create_redis
+from .settings import ServiceSettings
+from .telemetry import configure_tracing
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ServiceApp:
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        services: list[ServiceDescriptor],
+        wire: Callable[[ServiceApp], None],
+        schema: str | None = None,
+    ) -> None:
+        self.name = name
+        self.schema = schema or name
+        self.settings = settings
+        self.services = services
+        self._wire = wire
+        self.server: grpc.aio.Server | None = None
+        self.db: Database | None = None
+        self.redis: Redis | None = None
+        self.health = health.aio.HealthServicer()
+        self.consumers: list[EventConsumer] = []
+        self.relay: OutboxRelay | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def service_names(self) -> list[str]:
+        return [s.full_name for s in self.services]
+
+    def add_consumer(self, consumer: EventConsumer) -> None:
+        self.consumers.append(consumer)
+
+    async def start(self) -> int:
+        """Bind, start serving (NOT_SERVING until dependencies answer); return the port."""
+        s = self.settings
+        configure_tracing(self.name, s.otel_traces_exporter)
+        # min_size=0: the process starts even while Postgres is down; the health
+        # watcher reports NOT_SERVING until it answers.
+        pool = await create_pool(s.database_url, 0, s.db_pool_max)
+        self.db = Database(pool, self.schema, self.name)
+        self.redis = create_redis(s.redis_url)
+        self.relay = OutboxRelay(
+            self.db,
+            self.redis,
+            stream_name(s.redis_namespace, self.name),
+            batch_size=s.outbox_batch_size,
+            poll_interval=s.outbox_poll_interval_seconds,
+        )
+        self.server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(), DomainErrorInterceptor()],
+            options=[
+                ("grpc.max_connection_age_ms", s.max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self._wire(self)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for svc in ["", *self.service_names]:
+            await self.health.set(svc, NOT_SERVING)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        await self.server.start()
+        self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
+        self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        for consumer in self.consumers:
+            self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.group))
+        log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
+        return self.port
+
+    async def _dependencies_ok(self) -> bool:
+        assert self.db is not None and self.redis is not None
+        try:
+            async with asyncio.timeout(2):
+                await self.db.ping()
+                await self.redis.ping()
+            return True
+        except Exception as exc:
+            log.warning("%s dependencies not ready: %r", self.name, exc)
+            return False
+
+    async def _watch_health(self) -> None:
+        current = None
+        while True:
+            status = SERVING if await self._dependencies_ok() else NOT_SERVING
+            if status != current:
+                for svc in ["", *self.service_names]:
+                    await self.health.set(svc, status)
+                current = status
+            # Poll quickly until first ready, then at the configured interval.
+            await asyncio.sleep(
+                self.settings.health_check_interval_seconds if status == SERVING else 0.2
+            )
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING first, drain in-flight calls, then close resources."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for task in self._tasks:
+            if task.get_name() == "health":
+                task.cancel()
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_seconds)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.relay is not None and self.db is not None:
+            # Publish what committed during the drain, so nothing waits for a restart.
+            with contextlib.suppress(Exception):
+                await self.relay.publish_pending()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.db is not None:
+            await self.db.close()
+        log.info("%s stopped", self.name)
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("%s received shutdown signal; draining", self.name)
+        await self.stop()
+
+
+def run_service(build: Callable[[ServiceSettings], ServiceApp], name: str) -> None:
+    """Entrypoint body shared by every service's __main__."""
+    settings = ServiceSettings()
+    configure_logging(name, settings.log_level, settings.log_json)
+    app = build(settings)
+    try:
+        import uvloop
+
+        uvloop.run(app.run_until_signalled())
+    except ImportError:
+        asyncio.run(app.run_until_signalled())

@@ -1,0 +1,1 @@
+"""Member service: identity (OneID), profile, consent, PII protection, erasure."""

