@@ -35,6 +35,46 @@ async def member_app(infra: Infra) -> AsyncIterator[ServiceApp]:
 
 
 @pytest.fixture(scope="session")
+async def rewards_app(infra: Infra) -> AsyncIterator[ServiceApp]:
+    from services.rewards.server import build
+
+    async for app in _serve(build(infra.service_settings())):
+        yield app
+
+
+@pytest.fixture(scope="session")
+async def tiering_app(infra: Infra) -> AsyncIterator[ServiceApp]:
+    from services.tiering.server import build
+
+    async for app in _serve(build(infra.service_settings())):
+        yield app
+
+
+@pytest.fixture(scope="session")
+async def engagement_app(infra: Infra) -> AsyncIterator[ServiceApp]:
+    from services.engagement.server import build
+
+    async for app in _serve(build(infra.service_settings())):
+        yield app
+
+
+def _channel(app: ServiceApp) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+
+
+@pytest.fixture(scope="session")
+async def rewards_channel(rewards_app: ServiceApp) -> AsyncIterator[grpc.aio.Channel]:
+    async with _channel(rewards_app) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+async def tiering_channel(tiering_app: ServiceApp) -> AsyncIterator[grpc.aio.Channel]:
+    async with _channel(tiering_app) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
 async def member_channel(member_app: ServiceApp) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{member_app.port}") as channel:
+    async with _channel(member_app) as channel:
         yield channel
