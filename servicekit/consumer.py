@@ -16,6 +16,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import Message
 from opentelemetry import context as otel_context
@@ -89,7 +90,7 @@ class EventConsumer:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                replies = await self._redis.xreadgroup(
+                replies: Any = await self._redis.xreadgroup(
                     self.group,
                     self._consumer_name,
                     streams,  # type: ignore[arg-type]

@@ -140,9 +140,7 @@ class Database:
         await self.pool.close()
 
 
-async def with_retries(
-    attempt: Callable[[], Awaitable[Any]], retries: int = 3
-) -> Any:
+async def with_retries(attempt: Callable[[], Awaitable[Any]], retries: int = 3) -> Any:
     """Retry a whole transaction on serialization failure or deadlock."""
     for n in range(retries + 1):
         try:

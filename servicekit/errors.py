@@ -69,9 +69,7 @@ class Unavailable(DomainError):
     default_code = "UNAVAILABLE"
 
 
-def to_rpc_status(
-    status: grpc.StatusCode, message: str, code: str, field: str = ""
-) -> grpc.Status:
+def to_rpc_status(status: grpc.StatusCode, message: str, code: str, field: str = "") -> grpc.Status:
     """Build a grpc.Status carrying google.rpc.ErrorInfo {reason=code, metadata.field}."""
     info = error_details_pb2.ErrorInfo(reason=code, domain=ERROR_DOMAIN)
     if field:

@@ -47,9 +47,7 @@ def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
         metadata,
         Column("consumer", Text, nullable=False),
         Column("event_id", Uuid, nullable=False),
-        Column(
-            "processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()
-        ),
+        Column("processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         PrimaryKeyConstraint("consumer", "event_id"),
     )
     return outbox, processed

@@ -103,5 +103,7 @@ class MemberHandlers:
             ) from None
         member = await repo.get_member(uow.conn, member_id)
         if member is None:
-            raise NotFound(f"member {member_id} does not exist", code="UNKNOWN_MEMBER", field="member_id")
+            raise NotFound(
+                f"member {member_id} does not exist", code="UNKNOWN_MEMBER", field="member_id"
+            )
         return member
