@@ -1,0 +1,68 @@
+"""Shared plumbing without I/O: URL handling, error details, envelopes, log context."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from loyalty.events.v1 import events_pb2
+from servicekit.db import asyncpg_dsn, sqlalchemy_url
+from servicekit.errors import to_rpc_status
+from servicekit.events import dead_letter_stream, make_envelope, stream_name, unpack
+from servicekit.logs import TraceContextFilter
+
+
+def test_database_urls_are_accepted_in_either_style() -> None:
+    assert asyncpg_dsn("postgresql+asyncpg://u@h:5/db") == "postgresql://u@h:5/db"
+    assert asyncpg_dsn("postgres://u@h/db") == "postgresql://u@h/db"
+    assert (
+        sqlalchemy_url("postgresql://u@/db?host=/tmp/x") == "postgresql+asyncpg://u@/db?host=/tmp/x"
+    )
+
+
+def test_rpc_status_carries_code_and_field() -> None:
+    status = to_rpc_status(grpc.StatusCode.INVALID_ARGUMENT, "bad phone", "INVALID_PHONE", "phone")
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status.details == "bad phone"
+    keys = [k for k, _ in status.trailing_metadata]
+    assert "grpc-status-details-bin" in keys
+
+
+def test_envelope_round_trip() -> None:
+    payload = events_pb2.OrderCompleted(order_id="o1", member_id="m1", paid_amount_fen=3200)
+    envelope = make_envelope("rewards", payload, member_id="m1")
+    assert envelope.event_type == "loyalty.events.v1.OrderCompleted"
+    assert envelope.producer == "rewards"
+    parsed = events_pb2.EventEnvelope.FromString(envelope.SerializeToString())
+    assert unpack(parsed, events_pb2.OrderCompleted) == payload
+
+
+def test_unpack_refuses_the_wrong_type() -> None:
+    envelope = make_envelope("member", events_pb2.MemberRegistered(member_id="m1"))
+    try:
+        unpack(envelope, events_pb2.OrderCompleted)
+    except ValueError as exc:
+        assert "MemberRegistered" in str(exc)
+    else:
+        raise AssertionError("unpacking the wrong payload type must fail")
+
+
+def test_stream_names_are_namespaced() -> None:
+    assert stream_name("ns", "rewards") == "ns:events:rewards"
+    assert dead_letter_stream("ns", "rewards", "tiering") == "ns:events:rewards:dlq:tiering"
+
+
+def test_log_records_carry_the_active_trace_id() -> None:
+    tracer = TracerProvider().get_tracer("test")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "msg", None, None)
+    with tracer.start_as_current_span("work") as span:
+        TraceContextFilter().filter(record)
+        expected = format(span.get_span_context().trace_id, "032x")
+    assert record.trace_id == expected  # type: ignore[attr-defined]
+    outside = logging.LogRecord("x", logging.INFO, __file__, 1, "msg", None, None)
+    TraceContextFilter().filter(outside)
+    assert outside.trace_id == ""  # type: ignore[attr-defined]
+    assert trace.get_current_span().get_span_context().is_valid is False
