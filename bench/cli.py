@@ -1,0 +1,540 @@
+"""`python -m bench` (or `make bench`): the POS checkout path under open-loop load,
+next to two baselines measured in the same run, on the same machine, at the
+same rate.
+
+1. Starts its own platform as real processes (the four services and the
+   gateway, exactly as `make run` does), on free loopback ports, against fresh
+   embedded PostgreSQL/Redis under .data/bench, or against DATABASE_URL /
+   REDIS_URL in a throwaway database and Redis namespace (both removed at the
+   end).
+2. Seeds the demo brand, identifies a pool of members through the gateway.
+3. Drives PosService.CompleteOrder (a unique pos_transaction_id each) at
+   --rate per second for --duration seconds, after a warm-up.
+4. Baseline (a): an empty grpc.aio unary call to a trivial server in its own
+   process (bench/echo_server.py): the floor of one gRPC hop here.
+5. Baseline (b): rewards' CompleteOrder SQL issued straight through one
+   asyncpg pool (bench/sql_baseline.py): the floor the database sets.
+6. Prints a table and the ratios, and writes everything to
+   bench/results/<UTC timestamp>.json.
+
+Optionally (--probe) it steps the rate up to find the highest rate the slice
+sustains (achieved >= 95% of offered, errors <= 0.5%, p99 within --slo-ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform as pyplatform
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+
+from servicekit import devrun, embedded
+from servicekit.db import asyncpg_dsn
+from servicekit.settings import ServiceSettings
+
+from .echo_server import METHOD as ECHO_METHOD
+from .loadgen import RunResult, open_loop
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+BENCH_DATA = embedded.DATA_DIR / "bench"
+PAID_FEN = 3200
+GROSS_FEN = 3600
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Open-loop benchmark of POS CompleteOrder through the gateway, with baselines.",
+    )
+    parser.add_argument("--rate", type=float, default=200.0, help="arrivals per second (200)")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (20)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (3)")
+    parser.add_argument("--members", type=int, default=100, help="member pool size (100)")
+    parser.add_argument("--store-id", default=devrun.DEMO_STORE, help="demo store (SH001)")
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="per-request deadline, seconds (5)"
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="measure only the slice (faster)"
+    )
+    parser.add_argument(
+        "--probe", action="store_true", help="then step the rate up to find the slice's maximum"
+    )
+    parser.add_argument("--probe-seconds", type=float, default=5.0, help="seconds per step (5)")
+    parser.add_argument("--probe-factor", type=float, default=1.5, help="rate step factor (1.5)")
+    parser.add_argument("--probe-max-rate", type=float, default=5000.0, help="stop here (5000)")
+    parser.add_argument(
+        "--slo-ms", type=float, default=250.0, help="probe: p99 must stay under this (250)"
+    )
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    args = parser.parse_args(argv)
+    for name in ("rate", "duration", "timeout", "probe_seconds"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    if args.members < 1:
+        parser.error("--members must be at least 1")
+    if args.probe_factor <= 1:
+        parser.error("--probe-factor must be above 1")
+    return args
+
+
+def say(message: str) -> None:
+    print(f"bench | {message}", flush=True)
+
+
+# ------------------------------------------------------------- infrastructure
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(asyncpg_dsn(url))
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@dataclass
+class BenchInfra:
+    """Fresh data for one run, and how to remove it afterwards."""
+
+    database_url: str
+    redis_url: str
+    namespace: str
+    embedded_note: str
+    _servers: embedded.EmbeddedServers | None = None
+    _admin_url: str | None = None
+    _shared_redis: bool = False
+    _cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, run_id: str) -> BenchInfra:
+        database_url = os.environ.get("DATABASE_URL") or None
+        redis_url = os.environ.get("REDIS_URL") or None
+        namespace = f"bench-{run_id}"
+        servers = None
+        if not database_url or not redis_url:
+            # Fresh embedded data every run: results never depend on leftovers.
+            if not database_url:
+                await asyncio.to_thread(shutil.rmtree, BENCH_DATA / "pg", True)
+            if not redis_url:
+                await asyncio.to_thread(shutil.rmtree, BENCH_DATA / "redis", True)
+            say("starting embedded PostgreSQL/Redis under .data/bench ...")
+            servers = await asyncio.to_thread(embedded.start, "bench", database_url, redis_url)
+        infra = cls(
+            database_url=servers.database_url
+            if servers and not database_url
+            else database_url or "",
+            redis_url=servers.redis_url if servers and not redis_url else redis_url or "",
+            namespace=namespace,
+            embedded_note=(
+                "embedded PostgreSQL" if not database_url else "PostgreSQL from DATABASE_URL"
+            )
+            + (", embedded Redis" if not redis_url else ", Redis from REDIS_URL"),
+            _servers=servers,
+            _shared_redis=bool(redis_url),
+        )
+        if database_url:
+            # A throwaway database on the given server, dropped at the end.
+            name = f"loyalty_bench_{run_id.replace('-', '_').lower()}"
+            admin = await asyncpg.connect(asyncpg_dsn(database_url))
+            try:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await admin.close()
+            infra._admin_url = database_url
+            infra.database_url = _with_database(database_url, name)
+        return infra
+
+    async def cleanup(self) -> None:
+        if self._shared_redis:
+            from redis.asyncio import Redis
+
+            redis = Redis.from_url(self.redis_url)
+            try:
+                keys = [k async for k in redis.scan_iter(match=f"{self.namespace}:*", count=1000)]
+                if keys:
+                    await redis.delete(*keys)
+            finally:
+                await redis.aclose()
+        if self._admin_url is not None:
+            name = urlsplit(self.database_url).path.lstrip("/")
+            admin = await asyncpg.connect(asyncpg_dsn(self._admin_url))
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
+        if self._servers is not None:
+            await asyncio.to_thread(self._servers.stop)
+
+
+async def server_version(database_url: str) -> str:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+# --------------------------------------------------------------------- phases
+
+
+def demo_phone(i: int) -> str:
+    """Distinct, valid mainland mobile numbers (139 + 8 digits), stable across runs."""
+    return f"139{(20_000_000 + i * 7_919) % 100_000_000:08d}"
+
+
+async def identify_pool(pos_target: str, store_id: str, count: int) -> list[str]:
+    from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+
+    gate = asyncio.Semaphore(16)
+    async with grpc.aio.insecure_channel(pos_target) as channel:
+        stub = pos_pb2_grpc.PosServiceStub(channel)
+
+        async def one(i: int) -> str:
+            async with gate:
+                reply = await stub.IdentifyMember(
+                    pos_pb2.IdentifyMemberRequest(store_id=store_id, phone=demo_phone(i)),
+                    timeout=10,
+                )
+                return str(reply.member_id)
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+@contextlib.asynccontextmanager
+async def started(children: list[devrun.Child], log_dir: Path) -> AsyncIterator[devrun.Platform]:
+    platform = devrun.Platform(children, log_dir=log_dir)
+    try:
+        await platform.spawn()
+        took = await platform.wait_ready(90)
+        say(f"{', '.join(c.name for c in children)} ready in {took:.1f}s (logs: {log_dir})")
+        yield platform
+    finally:
+        await platform.stop()
+
+
+CallFor = Callable[[str], Callable[[int], Awaitable[object]]]
+
+
+async def measure(name: str, call_for: CallFor, args: argparse.Namespace) -> RunResult:
+    """Warm-up at the same rate (discarded), then the measured run.
+
+    `call_for(phase)` gives the request function for one phase, so each phase
+    can use its own unique keys.
+    """
+    if args.warmup > 0:
+        warm = await open_loop(
+            f"{name} warm-up", call_for("w"), args.rate, args.warmup, timeout=args.timeout
+        )
+        if warm.ok == 0:
+            raise devrun.DevrunError(f"{name}: every warm-up request failed: {warm.errors}")
+    say(f"measuring {name}: {args.rate:g}/s for {args.duration:g}s ...")
+    result = await open_loop(name, call_for("m"), args.rate, args.duration, timeout=args.timeout)
+    lat = result.latency_ms()
+    say(
+        f"  {result.ok} ok, errors {result.errors or 'none'},"
+        f" p50 {lat['p50']} ms, p99 {lat['p99']} ms"
+    )
+    return result
+
+
+def slice_call(
+    stub: Any, store_id: str, members: list[str], tag: str, timeout: float
+) -> Callable[[int], Awaitable[object]]:
+    from loyalty.common.v1 import common_pb2
+    from loyalty.pos.v1 import pos_pb2
+
+    def call(i: int) -> Awaitable[object]:
+        request = pos_pb2.CompleteOrderRequest(
+            store_id=store_id,
+            pos_transaction_id=f"{tag}-{i}",
+            member_id=members[i % len(members)],
+            paid_amount_fen=PAID_FEN,
+            gross_amount_fen=GROSS_FEN,
+            lines=[
+                pos_pb2.OrderLine(
+                    sku="MT-001",
+                    name="Jasmine milk tea",
+                    category="milk_tea",
+                    quantity=1,
+                    paid_amount_fen=PAID_FEN,
+                )
+            ],
+            channel=common_pb2.CHANNEL_STORE,
+        )
+        return stub.CompleteOrder(request, timeout=timeout)  # type: ignore[no-any-return]
+
+    return call
+
+
+async def probe(
+    call_for: Callable[[str], Callable[[int], Awaitable[object]]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Step the open-loop rate up until the slice stops keeping up."""
+    steps = []
+    best: float | None = None
+    rate = args.rate * args.probe_factor
+    step = 0
+    while rate <= args.probe_max_rate:
+        result = await open_loop(
+            f"probe {rate:.0f}/s",
+            call_for(f"p{step}"),
+            rate,
+            args.probe_seconds,
+            timeout=args.timeout,
+        )
+        summary = result.summary()
+        p99 = summary["latency_ms"]["p99"]
+        errors = sum(result.errors.values())
+        kept_up = (
+            result.achieved_rate >= 0.95 * rate
+            and errors <= 0.005 * result.scheduled
+            and p99 is not None
+            and p99 <= args.slo_ms
+        )
+        summary["sustained"] = kept_up
+        steps.append(summary)
+        say(
+            f"  probe {rate:7.0f}/s: achieved {result.achieved_rate:7.1f}/s, p99 {p99} ms,"
+            f" errors {errors} -> {'ok' if kept_up else 'saturated'}"
+        )
+        if not kept_up:
+            break
+        best = rate
+        rate *= args.probe_factor
+        step += 1
+    return {
+        "criteria": {
+            "achieved_at_least": "95% of offered",
+            "errors_at_most": "0.5%",
+            "p99_ms_at_most": args.slo_ms,
+        },
+        "max_sustained_rate_per_s": None if best is None else round(best, 1),
+        "steps": steps,
+    }
+
+
+# -------------------------------------------------------------------- report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 2)
+
+
+def table(results: list[RunResult]) -> str:
+    head = (
+        f"{'':34} {'offered/s':>9} {'achieved/s':>10} {'ok':>6} {'errors':>6}"
+        f" {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max ms':>8}"
+    )
+    rows = [head, "-" * len(head)]
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    for r in results:
+        lat = r.latency_ms()
+        rows.append(
+            f"{r.name:34} {r.offered_rate:9.0f} {r.achieved_rate:10.1f} {r.ok:6d}"
+            f" {sum(r.errors.values()):6d} {fmt(lat['p50']):>8} {fmt(lat['p99']):>8}"
+            f" {fmt(lat['p99.9']):>9} {fmt(lat['max']):>8}"
+        )
+        for status, count in r.errors.items():
+            rows.append(f"{'':36}{status}: {count}")
+    return "\n".join(rows)
+
+
+def ratios(slice_: RunResult, baselines: list[RunResult]) -> dict[str, dict[str, float | None]]:
+    s = slice_.latency_ms()
+    out = {}
+    for b in baselines:
+        lat = b.latency_ms()
+        out[b.name] = {
+            "p50": ratio(s["p50"], lat["p50"]),
+            "p99": ratio(s["p99"], lat["p99"]),
+            "p99.9": ratio(s["p99.9"], lat["p99.9"]),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------- run
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    started_at = datetime.now(UTC)
+    run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    log_dir = BENCH_DATA / "logs" / run_id
+    infra = await BenchInfra.start(run_id)
+    report: dict[str, Any] = {"run_id": run_id, "started_at": started_at.isoformat()}
+    try:
+        say("migrating and seeding ...")
+        await asyncio.to_thread(devrun.migrate, infra.database_url)
+        await devrun.seed(infra.database_url)
+        pg_version = await server_version(infra.database_url)
+
+        ports = devrun.free_ports()
+        base = devrun.child_env(
+            os.environ,
+            DATABASE_URL=infra.database_url,
+            REDIS_URL=infra.redis_url,
+            REDIS_NAMESPACE=infra.namespace,
+        )
+        pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
+        async with started(devrun.platform_children(ports, base), log_dir):
+            members = await identify_pool(pos_target, args.store_id, args.members)
+            say(f"identified {len(members)} members at {args.store_id}")
+            async with grpc.aio.insecure_channel(pos_target) as channel:
+                from loyalty.pos.v1 import pos_pb2_grpc
+
+                stub = pos_pb2_grpc.PosServiceStub(channel)
+
+                def call_for(phase: str) -> Callable[[int], Awaitable[object]]:
+                    return slice_call(
+                        stub, args.store_id, members, f"{run_id}-{phase}", args.timeout
+                    )
+
+                slice_result = await measure("POS CompleteOrder via gateway", call_for, args)
+                if args.probe:
+                    say("probing the maximum sustained rate ...")
+                    report["probe"] = await probe(call_for, args)
+
+        baselines: list[RunResult] = []
+        if not args.no_baselines:
+            echo_port = devrun.free_port()
+            echo = devrun.Child(
+                "echo",
+                [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)],
+                devrun.child_env(os.environ),
+                grpc_target=f"{devrun.LOOPBACK}:{echo_port}",
+            )
+            async with (
+                started([echo], log_dir),
+                grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{echo_port}") as channel,
+            ):
+                ping = channel.unary_unary(ECHO_METHOD)
+
+                def echo_call(i: int) -> Awaitable[object]:
+                    return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
+
+                baselines.append(
+                    await measure("baseline: empty gRPC unary", lambda _: echo_call, args)
+                )
+
+            from .sql_baseline import RewardsSqlBaseline
+
+            sql = await RewardsSqlBaseline.connect(
+                infra.database_url,
+                args.store_id,
+                members,
+                f"{run_id}-sql",
+                pool_size=ServiceSettings().db_pool_max,
+            )
+            try:
+                baselines.append(
+                    await measure("baseline: same SQL via asyncpg", sql.call_for, args)
+                )
+            finally:
+                await sql.close()
+
+        report.update(
+            {
+                "finished_at": datetime.now(UTC).isoformat(),
+                "config": {
+                    "rate_per_s": args.rate,
+                    "duration_s": args.duration,
+                    "warmup_s": args.warmup,
+                    "members": args.members,
+                    "store_id": args.store_id,
+                    "timeout_s": args.timeout,
+                    "open_loop": True,
+                    "latency_from": "scheduled send time",
+                },
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": pyplatform.platform(),
+                    "python": pyplatform.python_version(),
+                    "grpcio": grpc.__version__,
+                    "postgres": pg_version,
+                    "infrastructure": infra.embedded_note,
+                },
+                "slice": slice_result.summary(),
+                "baselines": [b.summary() for b in baselines],
+                "ratios_slice_over_baseline": ratios(slice_result, baselines),
+                "logs": str(log_dir),
+            }
+        )
+        report["_table"] = table([slice_result, *baselines])
+        return report
+    finally:
+        await infra.cleanup()
+
+
+def print_report(report: dict[str, Any], path: Path) -> None:
+    print()
+    print(report.pop("_table"))
+    print()
+    for name, r in report["ratios_slice_over_baseline"].items():
+        print(f"slice / {name}: p50 x{r['p50']}, p99 x{r['p99']}, p99.9 x{r['p99.9']}")
+    if "probe" in report:
+        best = report["probe"]["max_sustained_rate_per_s"]
+        print(
+            f"max sustained rate (probe): {best if best is not None else 'below the first step'}/s"
+        )
+    machine = report["machine"]
+    print(
+        f"\n{machine['cpus']} CPUs, Python {machine['python']}, PostgreSQL {machine['postgres']},"
+        f" {machine['infrastructure']}; everything on this machine, loopback only."
+    )
+    print(f"results: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+
+    async def guarded() -> dict[str, Any]:
+        # SIGTERM ends the run like Ctrl-C does: cleanup still stops every child.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run(args)
+
+    began = time.monotonic()
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            report = asyncio.run(guarded())
+        else:
+            report = uvloop.run(guarded())
+    except devrun.DevrunError as exc:
+        say(f"error: {exc}")
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        say("interrupted")
+        return 130
+    report["wall_time_s"] = round(time.monotonic() - began, 1)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{report['run_id'].split('-')[0]}.json"
+    table_text = report["_table"]
+    path.write_text(json.dumps({k: v for k, v in report.items() if k != "_table"}, indent=2) + "\n")
+    report["_table"] = table_text
+    print_report(report, path)
+    return 0

@@ -1,0 +1,110 @@
+"""Baseline (b): rewards' CompleteOrder SQL, straight through one asyncpg pool.
+
+The statements are not copied: they are the functions services/rewards/
+repository.py names in its docstring (`claim_order`, `record_earning`, then the
+outbox INSERT that `UnitOfWork.emit` issues), in one transaction per order on
+a pooled connection, sized like the service's pool. What this leaves out of the
+platform's path is exactly the part under test: two gRPC hops (POS client ->
+gateway -> rewards), protobuf mapping, validation, interceptors and tracing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+
+from loyalty.common.v1 import common_pb2
+from loyalty.events.v1 import events_pb2
+from servicekit.db import Database, create_pool
+from servicekit.protos import timestamp
+from services.rewards import repository as repo
+from services.rewards.domain import BASE_EARNING_RULE, OrderLine
+
+PAID_FEN = 3200
+GROSS_FEN = 3600
+LINE = OrderLine(
+    sku="MT-001", name="Jasmine milk tea", category="milk_tea", quantity=1, paid_amount_fen=PAID_FEN
+)
+
+
+class RewardsSqlBaseline:
+    def __init__(self, pool: asyncpg.Pool, store_id: str, member_ids: Sequence[str], tag: str):
+        # Same schema and producer as the rewards service, so emit() writes its outbox.
+        self._db = Database(pool, "rewards", "rewards")
+        self._store_id = store_id
+        self._members = [uuid.UUID(m) for m in member_ids]
+        self._tag = tag
+        self._points = BASE_EARNING_RULE.points_for(PAID_FEN)
+        self._rule = BASE_EARNING_RULE.describe()
+
+    @classmethod
+    async def connect(
+        cls, database_url: str, store_id: str, member_ids: Sequence[str], tag: str, pool_size: int
+    ) -> RewardsSqlBaseline:
+        pool = await create_pool(database_url, pool_size, pool_size)
+        return cls(pool, store_id, member_ids, tag)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    def call_for(self, phase: str) -> Callable[[int], Awaitable[None]]:
+        """Request function of one phase (warm-up, measured): its own order keys."""
+
+        def call(i: int) -> Awaitable[None]:
+            return self.complete_order(f"{self._tag}-{phase}-{i}", i)
+
+        return call
+
+    async def complete_order(self, pos_transaction_id: str, i: int) -> None:
+        member_id = self._members[i % len(self._members)]
+        order_id = uuid.uuid4()
+        ordered_at = datetime.now(UTC)
+        async with self._db.unit_of_work() as uow:
+            claimed = await repo.claim_order(
+                uow.conn,
+                repo.NewOrder(
+                    order_id=order_id,
+                    store_id=self._store_id,
+                    pos_transaction_id=pos_transaction_id,
+                    member_id=member_id,
+                    channel="store",
+                    paid_amount_fen=PAID_FEN,
+                    gross_amount_fen=GROSS_FEN,
+                    lines=(LINE,),
+                    ordered_at=ordered_at,
+                    # The service hashes the canonical request; same size here.
+                    request_hash=hashlib.sha256(pos_transaction_id.encode()).digest(),
+                    points_earned=self._points,
+                ),
+            )
+            if not claimed:
+                raise RuntimeError(f"order {pos_transaction_id} was not claimed")
+            await repo.record_earning(
+                uow.conn,
+                repo.Earning(
+                    transaction_id=uuid.uuid4(),
+                    member_id=member_id,
+                    order_id=order_id,
+                    idempotency_key=f"earn:order:{order_id}",
+                    points=self._points,
+                    rule=self._rule,
+                ),
+            )
+            await uow.emit(
+                events_pb2.OrderCompleted(
+                    order_id=str(order_id),
+                    member_id=str(member_id),
+                    store_id=self._store_id,
+                    pos_transaction_id=pos_transaction_id,
+                    channel=common_pb2.CHANNEL_STORE,
+                    paid_amount_fen=PAID_FEN,
+                    gross_amount_fen=GROSS_FEN,
+                    points_earned=self._points,
+                    ordered_at=timestamp(ordered_at),
+                ),
+                member_id=str(member_id),
+            )

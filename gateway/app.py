@@ -1,0 +1,183 @@
+"""The gateway process: uvicorn (HTTP) and a grpc.aio server (POS) on one
+event loop, sharing one set of downstream channels.
+
+`build(settings)` makes a Gateway; `await gateway.start()` binds both ports
+(port 0 picks a free one; the bound ports are `http_port` and
+`pos_grpc_port`); `await gateway.stop()` drains gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import grpc
+import uvicorn
+from fastapi import FastAPI
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+from servicekit.interceptors import DomainErrorInterceptor
+from servicekit.telemetry import configure_tracing
+
+from .clients import Downstreams
+from .http import create_app
+from .pos import PosServicer
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+NAME = "gateway"
+POS_SERVICE = pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the Gateway owns SIGTERM, so
+    the gRPC and HTTP sides drain together and in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    """Bind before serving, so port 0 resolves to a known port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        # Made in start(): grpc.aio channels belong to the loop they are made on.
+        self.downstreams: Downstreams | None = None
+        self.http_app: FastAPI | None = None
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.http_server: _EmbeddedUvicorn | None = None
+        self.http_port = 0
+        self.pos_grpc_port = 0
+        self._http_task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        s = self.settings
+        configure_tracing(NAME, s.otel_traces_exporter)
+        self.downstreams = Downstreams(s)
+        self.http_app = create_app(self.downstreams)
+        try:
+            await self._start_grpc(self.downstreams)
+            await self._start_http(self.http_app)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "gateway serving HTTP on %s:%d and POS gRPC on %s:%d",
+            s.http_host,
+            self.http_port,
+            s.pos_grpc_host,
+            self.pos_grpc_port,
+        )
+
+    async def _start_grpc(self, downstreams: Downstreams) -> None:
+        s = self.settings
+        server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(), DomainErrorInterceptor()],
+            options=[
+                ("grpc.max_connection_age_ms", s.max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pos_pb2_grpc.add_PosServiceServicer_to_server(PosServicer(downstreams), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [POS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        port = server.add_insecure_port(f"{s.pos_grpc_host}:{s.pos_grpc_port}")
+        if port == 0:
+            raise OSError(f"cannot bind POS gRPC on {s.pos_grpc_host}:{s.pos_grpc_port}")
+        self.grpc_server = server
+        self.pos_grpc_port = port
+        await server.start()
+        for svc in ("", POS_SERVICE):
+            await self.health.set(svc, SERVING)
+
+    async def _start_http(self, app: FastAPI) -> None:
+        s = self.settings
+        sock = _bind_tcp(s.http_host, s.http_port)
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            host=s.http_host,
+            port=self.http_port,
+            # Channels live in the Gateway, not in an ASGI lifespan.
+            lifespan="off",
+            # Keep the process's logging configuration (JSON with trace ids).
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=s.shutdown_grace_seconds,  # type: ignore[arg-type]
+            server_header=False,
+        )
+        server = _EmbeddedUvicorn(config)
+        self.http_server = server
+        self._http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+        while not server.started:
+            if self._http_task.done():
+                # Surface why uvicorn gave up (it exits via SystemExit on startup errors).
+                self._http_task.result()
+                raise RuntimeError("HTTP server stopped during startup")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING and /readyz 503 first, drain both servers
+        together, then close the downstream channels."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.http_app is not None:
+            self.http_app.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        drains = []
+        if self.grpc_server is not None:
+            drains.append(self.grpc_server.stop(self.settings.shutdown_grace_seconds))
+        if self.http_server is not None and self._http_task is not None:
+            self.http_server.should_exit = True
+            drains.append(self._http_task)
+        results = await asyncio.gather(*drains, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.warning("gateway drain: %r", result)
+        if self.downstreams is not None:
+            await self.downstreams.close()
+        log.info("gateway stopped")
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("gateway received shutdown signal; draining")
+        await self.stop()
+
+
+def build(settings: GatewaySettings) -> Gateway:
+    return Gateway(settings)

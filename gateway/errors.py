@@ -1,0 +1,204 @@
+"""The one place where failures become what callers see.
+
+Downstream gRPC failures become a `DownstreamError` (a servicekit DomainError),
+so the POS server's DomainErrorInterceptor re-raises them with the same status
+code and the same ErrorInfo {reason=code, metadata.field}, and the HTTP app
+renders them as `application/problem+json` with the status from `HTTP_STATUS`.
+
+What may leave: the downstream's message only when it carries our ErrorInfo
+(the services wrote it for callers); otherwise a generic message. A dead or
+slow downstream is UNAVAILABLE, never a hang and never its address.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from servicekit.errors import ERROR_DOMAIN, DomainError, error_info
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+# gRPC status -> HTTP status. Anything not listed is a 500 "internal error".
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 422,
+    grpc.StatusCode.OUT_OF_RANGE: 422,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+TITLES: dict[int, str] = {
+    401: "Unauthenticated",
+    403: "Permission denied",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    422: "Invalid request",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Service unavailable",
+    504: "Gateway timeout",
+}
+
+# A downstream that did not answer in time is, to our caller, unavailable.
+_UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Statuses a service returns on purpose (with ErrorInfo) and that pass through
+# unchanged; INTERNAL, UNKNOWN, UNIMPLEMENTED, DATA_LOSS... never do.
+_PASS_THROUGH = frozenset(HTTP_STATUS) - _UNAVAILABLE
+
+UNAVAILABLE_MESSAGE = "a backing service is unavailable; retry later"
+INTERNAL_MESSAGE = "internal error"
+
+
+class DownstreamError(DomainError):
+    """A downstream failure, already translated for the gateway's callers."""
+
+    def __init__(
+        self, status: grpc.StatusCode, message: str, *, code: str, field: str = ""
+    ) -> None:
+        super().__init__(message, code=code, field=field)
+        self.status = status
+
+
+def _carries_error_info(error: grpc.aio.AioRpcError) -> bool:
+    try:
+        proto = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:  # details do not match the status: not ours
+        return False
+    if proto is None:
+        return False
+    for detail in proto.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            return True
+    return False
+
+
+def _rename(field: str, fields: Mapping[str, str]) -> str:
+    """The caller's name for a downstream field ("identifiers[0].value" -> "phone")."""
+    for inner, outer in fields.items():
+        if field == inner or field.startswith(f"{inner}."):
+            return outer + field[len(inner) :]
+    return field
+
+
+def from_rpc_error(
+    error: grpc.aio.AioRpcError, service: str, fields: Mapping[str, str] | None = None
+) -> DownstreamError:
+    """Translate a failed downstream call; `fields` renames downstream request
+    fields to the names the gateway's caller used."""
+    status = error.code()
+    if status in _UNAVAILABLE:
+        log.warning("%s: %s (%s)", service, status.name, error.details())
+        return DownstreamError(
+            grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE, code="DEPENDENCY_UNAVAILABLE"
+        )
+    if status in _PASS_THROUGH and _carries_error_info(error):
+        code, field = error_info(error)
+        return DownstreamError(
+            status, error.details() or status.name, code=code, field=_rename(field, fields or {})
+        )
+    log.error("%s failed: %s %s", service, status.name, error.details())
+    return DownstreamError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, code="INTERNAL")
+
+
+# ---- HTTP: application/problem+json (RFC 9457) -------------------------------
+
+
+class Problem(BaseModel):
+    """Every HTTP error body."""
+
+    type: str = Field(
+        description="URI naming the problem type", examples=["urn:loyalty:problem:INVALID_ARGUMENT"]
+    )
+    title: str = Field(examples=["Invalid request"])
+    status: int = Field(examples=[422])
+    code: str = Field(
+        description="Stable machine-readable code; safe to switch on", examples=["INVALID_ARGUMENT"]
+    )
+    detail: str = Field(examples=["member_id: Input should be a valid UUID"])
+    field: str = Field(
+        default="",
+        description="The request field at fault; empty when not about one field",
+        examples=["member_id"],
+    )
+
+
+def problem(status: int, code: str, detail: str, field: str = "", **extra: Any) -> JSONResponse:
+    body = Problem(
+        type=f"urn:loyalty:problem:{code}",
+        title=TITLES.get(status, "Error"),
+        status=status,
+        code=code,
+        detail=detail,
+        field=field,
+    ).model_dump()
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def domain_problem(exc: DomainError) -> JSONResponse:
+    status = HTTP_STATUS.get(exc.status)
+    if status is None:
+        return problem(500, "INTERNAL", INTERNAL_MESSAGE)
+    return problem(status, exc.code, exc.message, exc.field)
+
+
+def _field_of(loc: Sequence[int | str]) -> str:
+    # ("path", "member_id") -> "member_id"; ("body", "lines", 0, "sku") -> "lines[0].sku"
+    parts = list(loc[1:] if loc and loc[0] in ("path", "query", "header", "body") else loc)
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def install_http_handlers(app: FastAPI) -> None:
+    """FastAPI's own errors (validation, unknown route) speak problem+json too."""
+
+    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DomainError)
+        return domain_problem(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = _field_of(first.get("loc", ()))
+        detail = f"{field}: {first['msg']}" if field else str(first["msg"])
+        return problem(422, "INVALID_ARGUMENT", detail, field)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+        detail = exc.detail if isinstance(exc.detail, str) else TITLES.get(exc.status_code, "")
+        return problem(exc.status_code, code, detail)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Logged here with the stack; the caller learns nothing internal.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return problem(500, "INTERNAL", INTERNAL_MESSAGE)
+
+    app.add_exception_handler(DomainError, on_domain_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,97 @@
+"""The store POS API (loyalty.pos.v1.PosService): validate what is cheap,
+then orchestrate the domain services. No business rules live here: phone
+rules belong to member, amounts, stores and idempotency to rewards.
+
+Errors: local validation raises servicekit InvalidArgument; downstream failures
+arrive as DownstreamError (gateway/clients.py). Both are DomainErrors, so the
+server's DomainErrorInterceptor turns them into a status + ErrorInfo.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from loyalty.common.v1 import common_pb2
+from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+from loyalty.rewards.v1 import rewards_pb2
+from servicekit.errors import InvalidArgument, NotFound
+
+from .clients import Downstreams
+
+STORE_OPEN = "active"
+
+
+def _required(value: str, field: str) -> None:
+    """Presence only, with the codes rewards uses for the same mistake; lengths
+    and formats are the owning service's rules."""
+    if not value.strip():
+        raise InvalidArgument(f"{field} is required", code=f"{field.upper()}_REQUIRED", field=field)
+
+
+class PosServicer(pos_pb2_grpc.PosServiceServicer):
+    def __init__(self, downstreams: Downstreams) -> None:
+        self._down = downstreams
+
+    async def IdentifyMember(
+        self, request: pos_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.IdentifyMemberResponse:
+        _required(request.store_id, "store_id")
+        if request.WhichOneof("key") is None:
+            raise InvalidArgument(
+                "a member key is required: phone", code="PHONE_REQUIRED", field="phone"
+            )
+        store_id = request.store_id
+        # The store first: an unknown or closed store enrols nobody.
+        store = await self._down.rewards.get_store(store_id)
+        if store.status != STORE_OPEN:
+            # The same answer rewards gives a closed store at checkout.
+            raise NotFound(f"store {store_id} is closed", code="UNKNOWN_STORE", field="store_id")
+        # A phone typed at the till is never proof of ownership: unverified.
+        identified = await self._down.member.identify_by_phone(
+            request.phone, f"pos:{store_id}", phone_field="phone"
+        )
+        member = identified.member
+        balance = await self._down.rewards.get_points_balance(member.member_id)
+        return pos_pb2.IdentifyMemberResponse(
+            member_id=member.member_id,
+            member_number=member.member_number,
+            phone_masked=member.phone_masked,
+            created=identified.created,
+            points_available=balance.available,
+        )
+
+    async def CompleteOrder(
+        self, request: pos_pb2.CompleteOrderRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.CompleteOrderResponse:
+        # (store_id, pos_transaction_id) is the idempotency key: both must be
+        # present, and both are passed through unchanged so a POS retry matches.
+        _required(request.store_id, "store_id")
+        _required(request.pos_transaction_id, "pos_transaction_id")
+        _required(request.member_id, "member_id")
+        downstream = rewards_pb2.CompleteOrderRequest(
+            store_id=request.store_id,
+            pos_transaction_id=request.pos_transaction_id,
+            member_id=request.member_id,
+            channel=request.channel or common_pb2.CHANNEL_STORE,
+            paid_amount_fen=request.paid_amount_fen,
+            gross_amount_fen=request.gross_amount_fen,
+            lines=[
+                rewards_pb2.OrderLine(
+                    sku=line.sku,
+                    name=line.name,
+                    category=line.category,
+                    quantity=line.quantity,
+                    paid_amount_fen=line.paid_amount_fen,
+                )
+                for line in request.lines
+            ],
+        )
+        if request.HasField("ordered_at"):
+            downstream.ordered_at.CopyFrom(request.ordered_at)
+        reply = await self._down.rewards.complete_order(downstream)
+        return pos_pb2.CompleteOrderResponse(
+            order_id=reply.order_id,
+            points_earned=reply.points_earned,
+            points_balance=reply.points_balance,
+            replayed=reply.replayed,
+        )

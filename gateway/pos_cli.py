@@ -1,0 +1,92 @@
+"""A POS client for humans and docs: call the gateway's PosService from a shell.
+
+    python -m gateway.pos_cli identify --store-id SH001 --phone 13912345678
+    python -m gateway.pos_cli complete-order --store-id SH001 --pos-transaction-id T1001 \\
+        --member-id <uuid> --paid-fen 3200 --gross-fen 3800
+
+Prints the reply as JSON on stdout (exit 0), or the error status, stable code,
+message and field as JSON on stderr (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+from servicekit.errors import error_info
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.pos_cli", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--target", default="127.0.0.1:50050", help="gateway POS gRPC host:port")
+    parser.add_argument("--timeout", type=float, default=5.0, help="call deadline in seconds")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    identify = commands.add_parser("identify", help="identify (or enrol) a member by phone")
+    identify.add_argument("--store-id", required=True)
+    identify.add_argument("--phone", required=True)
+
+    order = commands.add_parser("complete-order", help="settle an order and accrue points")
+    order.add_argument("--store-id", required=True)
+    order.add_argument("--pos-transaction-id", required=True, help="the POS's own id; retry-safe")
+    order.add_argument("--member-id", required=True)
+    order.add_argument("--paid-fen", type=int, required=True, help="amount paid, in fen")
+    order.add_argument(
+        "--gross-fen", type=int, default=None, help="list price, in fen (default: paid)"
+    )
+    return parser
+
+
+def _request(args: argparse.Namespace) -> tuple[str, Message]:
+    if args.command == "identify":
+        return "IdentifyMember", pos_pb2.IdentifyMemberRequest(
+            store_id=args.store_id, phone=args.phone
+        )
+    return "CompleteOrder", pos_pb2.CompleteOrderRequest(
+        store_id=args.store_id,
+        pos_transaction_id=args.pos_transaction_id,
+        member_id=args.member_id,
+        paid_amount_fen=args.paid_fen,
+        gross_amount_fen=args.paid_fen if args.gross_fen is None else args.gross_fen,
+    )
+
+
+async def _call(target: str, method: str, request: Message, timeout: float) -> Message:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pos_pb2_grpc.PosServiceStub(channel)
+        return await getattr(stub, method)(request, timeout=timeout)  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    method, request = _request(args)
+    try:
+        reply = asyncio.run(_call(args.target, method, request, args.timeout))
+    except grpc.aio.AioRpcError as exc:
+        code, field = error_info(exc)
+        error = {"status": exc.code().name, "code": code, "message": exc.details(), "field": field}
+        print(json.dumps({"error": error}, ensure_ascii=False, indent=2), file=sys.stderr)
+        return 1
+    print(
+        json_format.MessageToJson(
+            reply,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+            ensure_ascii=False,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rewards service: stores, orders settled at checkout, the points ledger, coupons."""

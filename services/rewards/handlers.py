@@ -1,0 +1,157 @@
+"""Use cases of the rewards service, each given a unit of work."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from loyalty.common.v1 import common_pb2
+from loyalty.events.v1 import events_pb2
+from servicekit.db import UnitOfWork
+from servicekit.errors import Conflict, NotFound
+from servicekit.protos import timestamp
+
+from . import repository as repo
+from .domain import (
+    BASE_EARNING_RULE,
+    DEFAULT_LIMITS,
+    Channel,
+    EarningRule,
+    OrderLimits,
+    OrderRequest,
+    Settlement,
+    parse_member_id,
+    parse_store_id,
+    plan_settlement,
+)
+from .repository import BalanceRecord, StoreRecord
+
+CHANNEL_TO_PROTO = {
+    Channel.STORE: common_pb2.CHANNEL_STORE,
+    Channel.MINI_PROGRAM: common_pb2.CHANNEL_MINI_PROGRAM,
+    Channel.DELIVERY: common_pb2.CHANNEL_DELIVERY,
+}
+
+
+@dataclass(frozen=True)
+class OrderResult:
+    order_id: str
+    points_earned: int
+    points_balance: int
+    replayed: bool
+
+
+def earn_idempotency_key(order_id: uuid.UUID | str) -> str:
+    """One earn transaction per order, however often the order is retried."""
+    return f"earn:order:{order_id}"
+
+
+class RewardsHandlers:
+    def __init__(
+        self, limits: OrderLimits = DEFAULT_LIMITS, rule: EarningRule = BASE_EARNING_RULE
+    ) -> None:
+        self._limits = limits
+        self._rule = rule
+
+    def prepare_order(self, order: OrderRequest) -> Settlement:
+        """Validate and price an order; no I/O, so bad input never opens a transaction."""
+        return plan_settlement(order, self._limits, self._rule)
+
+    async def complete_order(self, uow: UnitOfWork, settlement: Settlement) -> OrderResult:
+        """Settle an order once; a retry with the same body replays the first result."""
+        order = settlement.order
+        assert order.channel is not None, "validated orders have a channel"
+        conn = uow.conn
+        order_id = uuid.uuid4()
+        member_id = uuid.UUID(order.member_id)
+        ordered_at = order.ordered_at or datetime.now(UTC)
+        claimed = await repo.claim_order(
+            conn,
+            repo.NewOrder(
+                order_id=order_id,
+                store_id=order.store_id,
+                pos_transaction_id=order.pos_transaction_id,
+                member_id=member_id,
+                channel=order.channel.value,
+                paid_amount_fen=order.paid_amount_fen,
+                gross_amount_fen=order.gross_amount_fen or None,
+                lines=order.lines,
+                ordered_at=ordered_at,
+                request_hash=settlement.request_hash,
+                points_earned=settlement.points,
+            ),
+        )
+        if not claimed:
+            return await self._replay(uow, settlement)
+        balance = await repo.record_earning(
+            conn,
+            repo.Earning(
+                transaction_id=uuid.uuid4(),
+                member_id=member_id,
+                order_id=order_id,
+                idempotency_key=earn_idempotency_key(order_id),
+                points=settlement.points,
+                rule=settlement.rule.describe(),
+            ),
+        )
+        await uow.emit(
+            events_pb2.OrderCompleted(
+                order_id=str(order_id),
+                member_id=order.member_id,
+                store_id=order.store_id,
+                pos_transaction_id=order.pos_transaction_id,
+                channel=CHANNEL_TO_PROTO[order.channel],
+                paid_amount_fen=order.paid_amount_fen,
+                gross_amount_fen=order.gross_amount_fen,
+                points_earned=settlement.points,
+                ordered_at=timestamp(ordered_at),
+            ),
+            member_id=order.member_id,
+        )
+        return OrderResult(str(order_id), settlement.points, balance.available, replayed=False)
+
+    async def _replay(self, uow: UnitOfWork, settlement: Settlement) -> OrderResult:
+        order = settlement.order
+        found = await repo.find_order(uow.conn, order.store_id, order.pos_transaction_id)
+        if found.order is None:
+            if found.store_status != "active":
+                state = "is closed" if found.store_status else "does not exist"
+                raise NotFound(
+                    f"store {order.store_id} {state}", code="UNKNOWN_STORE", field="store_id"
+                )
+            # Neither settled nor refused: the store turned active after our
+            # insert looked at it (it only settles for active stores). A retry
+            # sees the store as it is now.
+            raise Conflict(
+                "the order was being settled concurrently; retry",
+                code="CONCURRENT_SETTLEMENT",
+                field="pos_transaction_id",
+            )
+        if found.order.request_hash != settlement.request_hash:
+            raise Conflict(
+                f"pos_transaction_id {order.pos_transaction_id} was already used at store"
+                f" {order.store_id} for a different order",
+                code="IDEMPOTENCY_KEY_REUSED",
+                field="pos_transaction_id",
+            )
+        return OrderResult(
+            found.order.order_id,
+            found.order.points_earned,
+            found.order.points_balance_after,
+            replayed=True,
+        )
+
+    async def get_balance(self, uow: UnitOfWork, member_id: str) -> BalanceRecord:
+        canonical = parse_member_id(member_id)
+        balance = await repo.get_balance(uow.conn, canonical)
+        return balance or BalanceRecord(canonical, 0, 0)
+
+    async def get_store(self, uow: UnitOfWork, store_id: str) -> StoreRecord:
+        parse_store_id(store_id)
+        store = await repo.get_store(uow.conn, store_id)
+        if store is None:
+            raise NotFound(
+                f"store {store_id} does not exist", code="UNKNOWN_STORE", field="store_id"
+            )
+        return store

@@ -1,0 +1,82 @@
+"""Demo brand data: a few stores in Shanghai and Hangzhou and two coupon templates.
+
+`seed_demo` upserts, so running it again (every `make run`, every test
+session) leaves the same rows; it never touches orders or the ledger.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import asyncpg
+
+from . import repository as repo
+from .repository import CouponTemplateRecord, StoreRecord
+
+DEMO_STORES = [
+    StoreRecord(
+        store_id="SH001",
+        name="静安寺店",
+        city="上海",
+        address="上海市静安区南京西路1618号",
+        latitude=Decimal("31.223200"),
+        longitude=Decimal("121.446900"),
+        status="active",
+    ),
+    StoreRecord(
+        store_id="SH002",
+        name="陆家嘴国金中心店",
+        city="上海",
+        address="上海市浦东新区世纪大道8号",
+        latitude=Decimal("31.236500"),
+        longitude=Decimal("121.501900"),
+        status="active",
+    ),
+    StoreRecord(
+        store_id="SH003",
+        name="徐家汇港汇店",
+        city="上海",
+        address="上海市徐汇区虹桥路1号",
+        latitude=Decimal("31.195200"),
+        longitude=Decimal("121.437000"),
+        status="active",
+    ),
+    StoreRecord(
+        store_id="HZ001",
+        name="湖滨银泰店",
+        city="杭州",
+        address="杭州市上城区延安路258号",
+        latitude=Decimal("30.259000"),
+        longitude=Decimal("120.166000"),
+        status="active",
+    ),
+]
+
+DEMO_COUPON_TEMPLATES = [
+    CouponTemplateRecord(
+        template_id="MJ99-30",
+        name="满99减30",
+        kind="amount_off",
+        spec={"threshold_fen": 9900, "discount_fen": 3000},
+        total_stock=100_000,
+        status="active",
+        valid_days=30,
+    ),
+    CouponTemplateRecord(
+        template_id="FIRST-CUP-HALF",
+        name="首杯半价",
+        kind="first_order_price",
+        # Half price on the first cup, at most ¥15 off.
+        spec={"percent": 50, "cap_fen": 1500},
+        total_stock=None,
+        status="active",
+        # Part of the new-member pack, which is valid for 3 days.
+        valid_days=3,
+    ),
+]
+
+
+async def seed_demo(conn: asyncpg.Connection) -> None:
+    async with conn.transaction():
+        await repo.upsert_stores(conn, DEMO_STORES)
+        await repo.upsert_coupon_templates(conn, DEMO_COUPON_TEMPLATES)

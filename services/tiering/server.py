@@ -1,0 +1,44 @@
+"""Wiring of the tiering service into the shared server shell."""
+
+from __future__ import annotations
+
+from loyalty.events.v1 import events_pb2
+from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
+from servicekit.consumer import EventConsumer, Subscription
+from servicekit.server import ServiceApp
+from servicekit.settings import ServiceSettings
+
+from .handlers import TieringHandlers
+from .schema import SCHEMA
+from .servicer import TieringServicer
+
+NAME = "tiering"
+
+
+def build(settings: ServiceSettings) -> ServiceApp:
+    handlers = TieringHandlers()
+
+    def wire(app: ServiceApp) -> None:
+        assert app.db is not None and app.redis is not None and app.server is not None
+        tiering_pb2_grpc.add_TieringServiceServicer_to_server(
+            TieringServicer(app.db, handlers), app.server
+        )
+        app.add_consumer(
+            EventConsumer(
+                NAME,
+                app.db,
+                app.redis,
+                settings.redis_namespace,
+                [Subscription("rewards", events_pb2.OrderCompleted, handlers.on_order_completed)],
+                max_attempts=settings.event_max_attempts,
+                retry_after_ms=settings.event_retry_after_ms,
+            )
+        )
+
+    return ServiceApp(
+        NAME,
+        settings,
+        services=[tiering_pb2.DESCRIPTOR.services_by_name["TieringService"]],
+        wire=wire,
+        schema=SCHEMA,
+    )

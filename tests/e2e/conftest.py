@@ -1,0 +1,109 @@
+"""End-to-end fixtures: the gateway in-process on port 0, in front of the real
+member, rewards and tiering services (tests/conftest.py), with demo stores.
+
+Tests talk to the gateway only through its doors: an httpx client on the
+HTTP port and a PosService stub on the POS gRPC port.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import asyncpg
+import grpc
+import httpx
+import pytest
+
+from gateway.app import Gateway, build
+from gateway.settings import GatewaySettings
+from loyalty.pos.v1 import pos_pb2_grpc
+from servicekit.db import asyncpg_dsn
+from servicekit.server import ServiceApp
+from tests.harness import Infra
+
+# A store that exists but is closed: it must be refused like an unknown one.
+CLOSED_STORE_ID = "SH999"
+
+
+def gateway_settings(**overrides: object) -> GatewaySettings:
+    values: dict[str, object] = {
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        "pos_grpc_host": "127.0.0.1",
+        "pos_grpc_port": 0,
+        "engagement_addr": "",  # not part of this slice: readiness ignores it
+        "downstream_timeout_seconds": 2.0,
+        "shutdown_grace_seconds": 1.0,
+        "log_json": False,
+    }
+    values.update(overrides)
+    return GatewaySettings(**values)  # type: ignore[arg-type]
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+async def demo_stores(infra: Infra, rewards_app: ServiceApp) -> list[str]:
+    from services.rewards import repository as rewards_repo
+    from services.rewards.seed import DEMO_STORES, seed_demo
+
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        await seed_demo(conn)
+        await rewards_repo.upsert_stores(
+            conn,
+            [
+                rewards_repo.StoreRecord(
+                    store_id=CLOSED_STORE_ID,
+                    name="已闭店",
+                    city="上海",
+                    address="上海市黄浦区南京东路1号",
+                    latitude=Decimal("31.240000"),
+                    longitude=Decimal("121.490000"),
+                    status="closed",
+                )
+            ],
+        )
+    finally:
+        await conn.close()
+    return [s.store_id for s in DEMO_STORES]
+
+
+@pytest.fixture(scope="session")
+async def gateway(
+    member_app: ServiceApp,
+    rewards_app: ServiceApp,
+    tiering_app: ServiceApp,
+    demo_stores: list[str],
+) -> AsyncIterator[Gateway]:
+    gw = build(
+        gateway_settings(
+            member_addr=f"127.0.0.1:{member_app.port}",
+            rewards_addr=f"127.0.0.1:{rewards_app.port}",
+            tiering_addr=f"127.0.0.1:{tiering_app.port}",
+        )
+    )
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture(scope="session")
+async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10
+    ) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def pos(gateway: Gateway) -> AsyncIterator[pos_pb2_grpc.PosServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.pos_grpc_port}") as channel:
+        yield pos_pb2_grpc.PosServiceStub(channel)

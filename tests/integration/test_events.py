@@ -1,0 +1,266 @@
+"""The event bus itself (servicekit.consumer and servicekit.outbox) on real Redis
+and PostgreSQL: poison events, unknown event types, and a relay crash between
+XADD and the outbox delete.
+
+Consumers here are standalone EventConsumer instances recording into the
+tiering schema's processed_events, each with its own producer stream and group,
+so they never see the running services' events (nor those services theirs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+from google.protobuf.message import Message
+from redis.asyncio import Redis
+
+from loyalty.events.v1 import events_pb2
+from servicekit.consumer import EventConsumer, Subscription
+from servicekit.db import Database, UnitOfWork, create_pool
+from servicekit.events import (
+    ENVELOPE_FIELD,
+    ReceivedEvent,
+    dead_letter_stream,
+    make_envelope,
+    stream_name,
+)
+from servicekit.outbox import OutboxRelay
+from servicekit.redis_client import create_redis
+
+from ..harness import Infra, eventually
+
+MAX_ATTEMPTS = 3
+
+
+@pytest.fixture
+async def db(infra: Infra) -> AsyncIterator[Database]:
+    pool = await create_pool(infra.database_url, 1, 5)
+    database = Database(pool, "tiering", "kit-test")
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def redis(infra: Infra) -> AsyncIterator[Redis]:
+    client = create_redis(infra.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def names() -> tuple[str, str]:
+    """A producer and a consumer group of this test alone."""
+    tag = uuid.uuid4().hex[:8]
+    return f"kit-{tag}", f"group-{tag}"
+
+
+@contextlib.asynccontextmanager
+async def running(consumer: EventConsumer) -> AsyncIterator[None]:
+    task = asyncio.create_task(consumer.run(), name=f"test-{consumer.group}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def consumer_for(
+    group: str,
+    db: Database,
+    redis: Redis,
+    infra: Infra,
+    producer: str,
+    handler: Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]],
+) -> EventConsumer:
+    return EventConsumer(
+        group,
+        db,
+        redis,
+        infra.namespace,
+        [Subscription(producer, events_pb2.OrderCompleted, handler)],
+        max_attempts=MAX_ATTEMPTS,
+        retry_after_ms=100,
+        block_ms=50,
+    )
+
+
+async def xadd(redis: Redis, stream: str, producer: str, payload: Message) -> tuple[str, str]:
+    """Publish like the relay does; returns (entry id, event id)."""
+    envelope = make_envelope(producer, payload, str(uuid.uuid4()))
+    entry = await redis.xadd(stream, {ENVELOPE_FIELD: envelope.SerializeToString()})
+    return entry.decode(), envelope.event_id
+
+
+async def pending_count(redis: Redis, stream: str, group: str) -> int:
+    return int((await redis.xpending(stream, group))["pending"])
+
+
+async def processed(db: Database, group: str) -> set[str]:
+    rows = await db.pool.fetch(
+        "SELECT event_id FROM tiering.processed_events WHERE consumer = $1", group
+    )
+    return {str(r["event_id"]) for r in rows}
+
+
+async def test_poison_event_is_dead_lettered_and_the_next_event_still_flows(
+    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+) -> None:
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    calls: Counter[str] = Counter()
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        order_id = event.payload.order_id  # type: ignore[attr-defined]
+        calls[order_id] += 1
+        if order_id == "poison":
+            raise RuntimeError("cannot fold order poison: ledger says no")
+
+    poison_entry, poison_event = await xadd(
+        redis, stream, producer, events_pb2.OrderCompleted(order_id="poison")
+    )
+    _, good_event = await xadd(redis, stream, producer, events_pb2.OrderCompleted(order_id="good"))
+    dlq = dead_letter_stream(infra.namespace, producer, group)
+
+    async with running(consumer_for(group, db, redis, infra, producer, handler)):
+        entries = await eventually(lambda: redis.xrange(dlq), timeout=10)
+        await eventually(lambda: calls["good"] == 1)
+        # Parked for good: further retry rounds do not touch it again.
+        await asyncio.sleep(0.5)
+
+    assert len(entries) == 1
+    fields = entries[0][1]
+    assert b"cannot fold order poison: ledger says no" in fields[b"error"]
+    assert int(fields[b"attempts"]) == MAX_ATTEMPTS
+    assert fields[b"source_id"].decode() == poison_entry
+    assert fields[b"source_stream"].decode() == stream
+    parked = events_pb2.EventEnvelope()
+    parked.ParseFromString(fields[ENVELOPE_FIELD])
+    assert parked.event_id == poison_event
+    assert calls == Counter({"poison": MAX_ATTEMPTS, "good": 1})
+    assert await pending_count(redis, stream, group) == 0
+    # The failed attempts rolled back; only the good event is recorded.
+    assert await processed(db, group) == {good_event}
+
+
+async def test_unknown_event_type_is_acknowledged_and_skipped(
+    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+) -> None:
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    seen: list[str] = []
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        seen.append(event.envelope.event_type)
+
+    _, unknown_event = await xadd(
+        redis, stream, producer, events_pb2.MemberRegistered(member_id=str(uuid.uuid4()))
+    )
+    _, good_event = await xadd(redis, stream, producer, events_pb2.OrderCompleted(order_id="o-1"))
+
+    async with running(consumer_for(group, db, redis, infra, producer, handler)):
+        await eventually(lambda: seen)
+        await eventually(lambda: _drained(redis, stream, group))
+
+    assert seen == ["loyalty.events.v1.OrderCompleted"]
+    assert await pending_count(redis, stream, group) == 0
+    assert not await redis.exists(dead_letter_stream(infra.namespace, producer, group))
+    assert unknown_event not in await processed(db, group)
+    assert good_event in await processed(db, group)
+
+
+async def _drained(redis: Redis, stream: str, group: str) -> bool:
+    """The group has read the whole stream and acknowledged everything it read."""
+    groups = [g for g in await redis.xinfo_groups(stream) if g["name"].decode() == group]
+    if not groups:  # the consumer has not created its group yet
+        return False
+    last = (await redis.xinfo_stream(stream))["last-generated-id"]
+    return bool(groups[0]["last-delivered-id"] == last and groups[0]["pending"] == 0)
+
+
+async def test_unreadable_entry_is_dead_lettered_at_once(
+    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+) -> None:
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        raise AssertionError("an unreadable entry must never reach a handler")
+
+    garbage = await redis.xadd(stream, {ENVELOPE_FIELD: b"\xff\xfe not a protobuf"})
+    dlq = dead_letter_stream(infra.namespace, producer, group)
+    async with running(consumer_for(group, db, redis, infra, producer, handler)):
+        entries = await eventually(lambda: redis.xrange(dlq))
+    fields = entries[0][1]
+    assert fields[b"error"].startswith(b"unreadable envelope")
+    assert fields[b"source_id"] == garbage
+    assert await pending_count(redis, stream, group) == 0
+
+
+@pytest.fixture
+async def outbox_db(db: Database) -> AsyncIterator[Database]:
+    """A private schema with its own outbox, so no running service's relay claims the rows."""
+    schema = f"kit_{uuid.uuid4().hex[:8]}"
+    await db.pool.execute(
+        f"CREATE SCHEMA {schema};"
+        f" CREATE TABLE {schema}.outbox (LIKE tiering.outbox INCLUDING ALL);"
+        f" CREATE TABLE {schema}.effects (event_id uuid NOT NULL, order_id text NOT NULL);"
+    )
+    yield Database(db.pool, schema, "kit-outbox")
+    await db.pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_relay_crash_between_xadd_and_delete_yields_one_effect(
+    db: Database, outbox_db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+) -> None:
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    schema = outbox_db.schema
+    async with outbox_db.unit_of_work() as uow:
+        event_id = await uow.emit(events_pb2.OrderCompleted(order_id="o-crash"))
+
+    # The relay XADDs, then its DELETE fails: the transaction rolls back and the
+    # row stays, exactly as if the process died between the two.
+    await db.pool.execute(
+        f"CREATE FUNCTION {schema}.crash() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'simulated crash after XADD'; END $$;"
+        f" CREATE TRIGGER crash BEFORE DELETE ON {schema}.outbox"
+        f" FOR EACH ROW EXECUTE FUNCTION {schema}.crash();"
+    )
+    relay = OutboxRelay(outbox_db, redis, stream)
+    with pytest.raises(asyncpg.exceptions.RaiseError, match="simulated crash"):
+        await relay.publish_pending()
+    assert await db.pool.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 1
+
+    # The restarted relay publishes the same row again, and this time deletes it.
+    await db.pool.execute(f"DROP TRIGGER crash ON {schema}.outbox")
+    assert await relay.publish_pending() == 1
+    assert await db.pool.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 0
+    published = await redis.xrange(stream)
+    envelopes = [events_pb2.EventEnvelope.FromString(f[ENVELOPE_FIELD]) for _, f in published]
+    assert [e.event_id for e in envelopes] == [event_id, event_id]
+
+    calls = 0
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        nonlocal calls
+        calls += 1
+        await uow.conn.execute(
+            f"INSERT INTO {schema}.effects (event_id, order_id) VALUES ($1, $2)",
+            uuid.UUID(event.envelope.event_id),
+            event.payload.order_id,  # type: ignore[attr-defined]
+        )
+
+    async with running(consumer_for(group, db, redis, infra, producer, handler)):
+        await eventually(lambda: _drained(redis, stream, group))
+
+    assert calls == 1
+    effects = await db.pool.fetch(f"SELECT event_id, order_id FROM {schema}.effects")
+    assert [(str(r["event_id"]), r["order_id"]) for r in effects] == [(event_id, "o-crash")]
+    assert await processed(db, group) == {event_id}
