@@ -35,7 +35,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,10 @@ RESULTS_DIR = ROOT / "bench" / "results"
 BENCH_DATA = embedded.DATA_DIR / "bench"
 PAID_FEN = 3200
 GROSS_FEN = 3600
+
+
+class UnexpectedReply(Exception):
+    """A successful call whose answer shows it did not do the work measured."""
 
 
 # ------------------------------------------------------------------ arguments
@@ -112,6 +116,23 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
+LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+
+
+def require_local(url: str, variable: str) -> None:
+    """The benchmark loads what it points at: only servers on this machine."""
+    parts = urlsplit(url)
+    hosts = [parts.hostname or ""]
+    # libpq also takes the host as a query parameter (unix socket directories).
+    hosts += [q.split("=", 1)[1] for q in parts.query.split("&") if q.startswith("host=")]
+    for host in hosts:
+        if not (host in LOCAL_HOSTS or host.startswith(("/", "127."))):
+            raise devrun.DevrunError(
+                f"{variable} points at {host}; the benchmark only runs against this machine"
+                " (loopback or a unix socket). Unset it to use embedded servers."
+            )
+
+
 @dataclass
 class BenchInfra:
     """Fresh data for one run, and how to remove it afterwards."""
@@ -119,53 +140,61 @@ class BenchInfra:
     database_url: str
     redis_url: str
     namespace: str
-    embedded_note: str
-    _servers: embedded.EmbeddedServers | None = None
-    _admin_url: str | None = None
-    _shared_redis: bool = False
-    _cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    note: str
+    servers: embedded.EmbeddedServers | None = None
+    # Set when the database is a throwaway one on DATABASE_URL's server.
+    admin_url: str | None = None
+    # Set when Redis is shared (REDIS_URL): delete the run's namespace after.
+    shared_redis: bool = False
 
     @classmethod
     async def start(cls, run_id: str) -> BenchInfra:
-        database_url = os.environ.get("DATABASE_URL") or None
-        redis_url = os.environ.get("REDIS_URL") or None
-        namespace = f"bench-{run_id}"
+        given_db = os.environ.get("DATABASE_URL") or None
+        given_redis = os.environ.get("REDIS_URL") or None
+        if given_db:
+            require_local(given_db, "DATABASE_URL")
+        if given_redis:
+            require_local(given_redis, "REDIS_URL")
         servers = None
-        if not database_url or not redis_url:
+        if not given_db or not given_redis:
             # Fresh embedded data every run: results never depend on leftovers.
-            if not database_url:
-                await asyncio.to_thread(shutil.rmtree, BENCH_DATA / "pg", True)
-            if not redis_url:
-                await asyncio.to_thread(shutil.rmtree, BENCH_DATA / "redis", True)
-            say("starting embedded PostgreSQL/Redis under .data/bench ...")
-            servers = await asyncio.to_thread(embedded.start, "bench", database_url, redis_url)
-        infra = cls(
-            database_url=servers.database_url
-            if servers and not database_url
-            else database_url or "",
-            redis_url=servers.redis_url if servers and not redis_url else redis_url or "",
-            namespace=namespace,
-            embedded_note=(
-                "embedded PostgreSQL" if not database_url else "PostgreSQL from DATABASE_URL"
+            for part, given in (("pg", given_db), ("redis", given_redis)):
+                if not given:
+                    await asyncio.to_thread(shutil.rmtree, BENCH_DATA / part, True)
+            say("starting embedded servers under .data/bench ...")
+            servers = await asyncio.to_thread(embedded.start, "bench", given_db, given_redis)
+        note = ", ".join(
+            (
+                "PostgreSQL from DATABASE_URL" if given_db else "embedded PostgreSQL",
+                "Redis from REDIS_URL" if given_redis else "embedded Redis",
             )
-            + (", embedded Redis" if not redis_url else ", Redis from REDIS_URL"),
-            _servers=servers,
-            _shared_redis=bool(redis_url),
         )
-        if database_url:
+        infra = cls(
+            database_url=given_db or servers.database_url,  # type: ignore[union-attr]
+            redis_url=given_redis or servers.redis_url,  # type: ignore[union-attr]
+            namespace=f"bench-{run_id}",
+            note=note,
+            servers=servers,
+            shared_redis=bool(given_redis),
+        )
+        if given_db:
             # A throwaway database on the given server, dropped at the end.
             name = f"loyalty_bench_{run_id.replace('-', '_').lower()}"
-            admin = await asyncpg.connect(asyncpg_dsn(database_url))
             try:
-                await admin.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await admin.close()
-            infra._admin_url = database_url
-            infra.database_url = _with_database(database_url, name)
+                admin = await asyncpg.connect(asyncpg_dsn(given_db))
+                try:
+                    await admin.execute(f'CREATE DATABASE "{name}"')
+                finally:
+                    await admin.close()
+            except BaseException:
+                await infra.cleanup()
+                raise
+            infra.admin_url = given_db
+            infra.database_url = _with_database(given_db, name)
         return infra
 
     async def cleanup(self) -> None:
-        if self._shared_redis:
+        if self.shared_redis:
             from redis.asyncio import Redis
 
             redis = Redis.from_url(self.redis_url)
@@ -175,15 +204,15 @@ class BenchInfra:
                     await redis.delete(*keys)
             finally:
                 await redis.aclose()
-        if self._admin_url is not None:
+        if self.admin_url is not None:
             name = urlsplit(self.database_url).path.lstrip("/")
-            admin = await asyncpg.connect(asyncpg_dsn(self._admin_url))
+            admin = await asyncpg.connect(asyncpg_dsn(self.admin_url))
             try:
                 await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             finally:
                 await admin.close()
-        if self._servers is not None:
-            await asyncio.to_thread(self._servers.stop)
+        if self.servers is not None:
+            await asyncio.to_thread(self.servers.stop)
 
 
 async def server_version(database_url: str) -> str:
@@ -235,6 +264,13 @@ async def started(children: list[devrun.Child], log_dir: Path) -> AsyncIterator[
 CallFor = Callable[[str], Callable[[int], Awaitable[object]]]
 
 
+def backstop(args: argparse.Namespace) -> float:
+    """The generator's own limit: a little past the gRPC deadline, so a slow call
+    is reported by gRPC as DEADLINE_EXCEEDED rather than cancelled by the client
+    (the SQL baseline has no deadline of its own and ends here)."""
+    return args.timeout + 1.0
+
+
 async def measure(name: str, call_for: CallFor, args: argparse.Namespace) -> RunResult:
     """Warm-up at the same rate (discarded), then the measured run.
 
@@ -243,12 +279,12 @@ async def measure(name: str, call_for: CallFor, args: argparse.Namespace) -> Run
     """
     if args.warmup > 0:
         warm = await open_loop(
-            f"{name} warm-up", call_for("w"), args.rate, args.warmup, timeout=args.timeout
+            f"{name} warm-up", call_for("w"), args.rate, args.warmup, timeout=backstop(args)
         )
         if warm.ok == 0:
             raise devrun.DevrunError(f"{name}: every warm-up request failed: {warm.errors}")
     say(f"measuring {name}: {args.rate:g}/s for {args.duration:g}s ...")
-    result = await open_loop(name, call_for("m"), args.rate, args.duration, timeout=args.timeout)
+    result = await open_loop(name, call_for("m"), args.rate, args.duration, timeout=backstop(args))
     lat = result.latency_ms()
     say(
         f"  {result.ok} ok, errors {result.errors or 'none'},"
@@ -263,7 +299,7 @@ def slice_call(
     from loyalty.common.v1 import common_pb2
     from loyalty.pos.v1 import pos_pb2
 
-    def call(i: int) -> Awaitable[object]:
+    async def call(i: int) -> object:
         request = pos_pb2.CompleteOrderRequest(
             store_id=store_id,
             pos_transaction_id=f"{tag}-{i}",
@@ -281,7 +317,12 @@ def slice_call(
             ],
             channel=common_pb2.CHANNEL_STORE,
         )
-        return stub.CompleteOrder(request, timeout=timeout)  # type: ignore[no-any-return]
+        reply = await stub.CompleteOrder(request, timeout=timeout)
+        if reply.replayed or reply.points_earned <= 0:
+            # Every key is new: a replay or no points would mean the run measured
+            # something other than a settlement.
+            raise UnexpectedReply(f"replayed={reply.replayed} points={reply.points_earned}")
+        return reply
 
     return call
 
@@ -300,7 +341,7 @@ async def probe(
             call_for(f"p{step}"),
             rate,
             args.probe_seconds,
-            timeout=args.timeout,
+            timeout=backstop(args),
         )
         summary = result.summary()
         p99 = summary["latency_ms"]["p99"]
@@ -473,7 +514,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "python": pyplatform.python_version(),
                     "grpcio": grpc.__version__,
                     "postgres": pg_version,
-                    "infrastructure": infra.embedded_note,
+                    "infrastructure": infra.note,
                 },
                 "slice": slice_result.summary(),
                 "baselines": [b.summary() for b in baselines],

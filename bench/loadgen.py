@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ def percentile(sorted_values: list[float], pct: float) -> float | None:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000.0, 3)
+
+
 @dataclass
 class RunResult:
     name: str
@@ -61,9 +66,10 @@ class RunResult:
     # failures are counted by status in `statuses`.
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
-    # How far behind schedule the generator itself launched requests (seconds):
-    # large values mean the client, not the server, was the bottleneck.
-    max_send_lag_s: float = 0.0
+    # How far behind schedule the generator itself launched each request
+    # (seconds): timer granularity (~1 ms) and, when large, a client that is
+    # the bottleneck. It is part of every latency, baselines included.
+    send_lags: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
 
     @property
@@ -80,10 +86,7 @@ class RunResult:
 
     def latency_ms(self) -> dict[str, float | None]:
         ordered = sorted(self.latencies)
-
-        def ms(value: float | None) -> float | None:
-            return None if value is None else round(value * 1000.0, 3)
-
+        ms = _ms
         return {
             "p50": ms(percentile(ordered, 50)),
             "p90": ms(percentile(ordered, 90)),
@@ -104,7 +107,11 @@ class RunResult:
             "achieved_rate_per_s": round(self.achieved_rate, 2),
             "elapsed_s": round(self.elapsed_s, 3),
             "latency_ms": self.latency_ms(),
-            "max_send_lag_ms": round(self.max_send_lag_s * 1000.0, 3),
+            "send_lag_ms": {
+                "p50": _ms(percentile(sorted(self.send_lags), 50)),
+                "p99": _ms(percentile(sorted(self.send_lags), 99)),
+                "max": _ms(max(self.send_lags, default=None)),
+            },
         }
 
 
@@ -124,6 +131,9 @@ async def open_loop(
     """
     if rate <= 0 or duration <= 0:
         raise ValueError("rate and duration must be positive")
+    # perf_counter, not loop.time(): uvloop's clock is cached per iteration
+    # and has millisecond resolution, too coarse for sub-millisecond calls.
+    clock = time.perf_counter
     loop = asyncio.get_running_loop()
     result = RunResult(name, rate, duration)
     total = max(1, round(rate * duration))
@@ -137,13 +147,13 @@ async def open_loop(
         except Exception as exc:
             result.statuses[status_of(exc)] += 1
         else:
-            result.latencies.append(loop.time() - due)
+            result.latencies.append(clock() - due)
             result.statuses[OK] += 1
 
-    start = loop.time() + 0.01
+    start = clock() + 0.01
     i = 0
     while i < total:
-        now = loop.time()
+        now = clock()
         due = start + i * interval
         if due > now:
             await asyncio.sleep(due - now)
@@ -151,7 +161,7 @@ async def open_loop(
         # Launch everything that is due, late or not, each with its own due time.
         while i < total and start + i * interval <= now:
             due = start + i * interval
-            result.max_send_lag_s = max(result.max_send_lag_s, now - due)
+            result.send_lags.append(now - due)
             if len(in_flight) >= max_in_flight:
                 result.statuses[DROPPED] += 1
             else:
@@ -165,5 +175,5 @@ async def open_loop(
         _, stuck = await asyncio.wait(set(in_flight), timeout=timeout + 1.0)
         for task in stuck:
             task.cancel()
-    result.elapsed_s = max(duration, loop.time() - start)
+    result.elapsed_s = max(duration, clock() - start)
     return result

@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.interceptors import DomainErrorInterceptor
@@ -98,7 +98,12 @@ class Gateway:
     async def _start_grpc(self, downstreams: Downstreams) -> None:
         s = self.settings
         server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), DomainErrorInterceptor()],
+            interceptors=[
+                # Health probes are not traced: they are noise, and the tracing
+                # interceptor breaks the streaming health Watch.
+                aio_server_interceptor(filter_=filters.negate(filters.health_check())),
+                DomainErrorInterceptor(),
+            ],
             options=[
                 ("grpc.max_connection_age_ms", s.max_connection_age_ms),
                 ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),

@@ -93,12 +93,14 @@ def _carries_error_info(error: grpc.aio.AioRpcError) -> bool:
     return False
 
 
-def _rename(field: str, fields: Mapping[str, str]) -> str:
-    """The caller's name for a downstream field ("identifiers[0].value" -> "phone")."""
+def _rename(field: str, message: str, fields: Mapping[str, str]) -> tuple[str, str]:
+    """The caller's names for a downstream field ("identifiers[0].value" -> "phone"),
+    in the field and in the message that mentions it."""
     for inner, outer in fields.items():
         if field == inner or field.startswith(f"{inner}."):
-            return outer + field[len(inner) :]
-    return field
+            renamed = outer + field[len(inner) :]
+            return renamed, message.replace(field, renamed)
+    return field, message
 
 
 def from_rpc_error(
@@ -114,9 +116,8 @@ def from_rpc_error(
         )
     if status in _PASS_THROUGH and _carries_error_info(error):
         code, field = error_info(error)
-        return DownstreamError(
-            status, error.details() or status.name, code=code, field=_rename(field, fields or {})
-        )
+        field, message = _rename(field, error.details() or status.name, fields or {})
+        return DownstreamError(status, message, code=code, field=field)
     log.error("%s failed: %s %s", service, status.name, error.details())
     return DownstreamError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, code="INTERNAL")
 

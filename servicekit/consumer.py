@@ -130,8 +130,9 @@ class EventConsumer:
                 )
                 start, entries = _text(reply[0]), reply[1]
                 for entry_id, fields in entries:
-                    if fields is None:  # trimmed away while pending
-                        await self._redis.xack(stream, self.group, entry_id)
+                    if entry_id is None or fields is None:
+                        # Trimmed while pending: Redis >= 7 already dropped it from
+                        # the PEL; 6.2 returns it without an id, nothing to ack.
                         continue
                     await self._deliver(stream, _text(entry_id), fields)
                 if start == "0-0" or not entries:

@@ -82,6 +82,9 @@ def free_port(host: str = LOOPBACK) -> int:
 
 def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As servers bind: connections in TIME_WAIT from a previous run do not
+        # count, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -307,7 +310,7 @@ class Platform:
                 return time.monotonic() - started
             if time.monotonic() > deadline:
                 names = ", ".join(c.name for c in pending)
-                raise DevrunError(f"not ready within {timeout:.0f}s: {names}")
+                raise DevrunError(f"not ready within {timeout:g}s: {names}")
             await asyncio.sleep(0.2)
 
     async def wait_any_exit(self) -> Child:
@@ -363,13 +366,9 @@ class Platform:
 class Infra:
     database_url: str
     redis_url: str
+    # What the banner says about where the data lives.
+    note: str
     servers: embedded.EmbeddedServers | None = None
-
-    @property
-    def embedded_note(self) -> str:
-        if self.servers is None:
-            return "PostgreSQL and Redis from DATABASE_URL / REDIS_URL"
-        return f"embedded PostgreSQL/Redis, data in {embedded.DATA_DIR.relative_to(ROOT)}/run"
 
     def stop(self) -> None:
         if self.servers is not None:
@@ -381,13 +380,16 @@ def start_infra(purpose: str, env: Mapping[str, str]) -> Infra:
     database_url = env.get("DATABASE_URL") or None
     redis_url = env.get("REDIS_URL") or None
     if database_url and redis_url:
-        return Infra(database_url, redis_url)
+        return Infra(database_url, redis_url, "PostgreSQL and Redis from DATABASE_URL / REDIS_URL")
     missing = " and ".join(
         n for n, v in (("PostgreSQL", database_url), ("Redis", redis_url)) if not v
     )
-    say(f"starting embedded {missing} (data under .data/{purpose}) ...")
+    where = f"{embedded.DATA_DIR.relative_to(ROOT)}/{purpose}"
+    say(f"starting embedded {missing} (data under {where}) ...")
     servers = embedded.start(purpose, database_url, redis_url)
-    return Infra(servers.database_url, servers.redis_url, servers)
+    return Infra(
+        servers.database_url, servers.redis_url, f"embedded {missing}, data in {where}", servers
+    )
 
 
 def migrate(database_url: str) -> None:
@@ -453,7 +455,7 @@ def banner(ports: Mapping[str, int], infra: Infra, member_id: str | None, note: 
     mid = member_id or "<member_id from the identify call>"
     lines = [
         "",
-        f"The loyalty platform is up ({infra.embedded_note}).",
+        f"The loyalty platform is up ({infra.note}).",
         "",
         f"  gateway HTTP    {http}   (API docs {http}/docs, spec {http}/openapi.json)",
         f"  gateway POS     {pos}   (gRPC loyalty.pos.v1.PosService)",
@@ -516,12 +518,15 @@ async def _run(args: argparse.Namespace) -> int:
     with _signals(on_signal):
         infra = await asyncio.to_thread(start_infra, "run", env)
         try:
+            # Each setup step runs to completion; an interrupt meanwhile ends the run after it.
             say("migrating all schemas ...")
             await asyncio.to_thread(migrate, infra.database_url)
             if stop.is_set():
                 return 0
             say("seeding the demo brand ...")
             await seed(infra.database_url)
+            if stop.is_set():
+                return 0
             base = child_env(
                 env,
                 DATABASE_URL=infra.database_url,
@@ -550,6 +555,9 @@ async def _run(args: argparse.Namespace) -> int:
             if dead is not None:
                 raise DevrunError(platform.describe_exit(dead) + "; stopping the rest")
             return 0
+        except DevrunError as exc:
+            say(f"error: {exc}")  # before the shutdown lines, next to its cause
+            return 1
         finally:
             if received:
                 name = signal.Signals(received[0]).name
@@ -582,12 +590,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return asyncio.run(_run(args))
         if args.command == "bench":
-            from bench.cli import main as bench_main
-
             rest = list(args.bench_args)
             if rest[:1] == ["--"]:
                 rest = rest[1:]
-            return bench_main(rest)
+            # Its own process, so the benchmark sets up gRPC before it loads.
+            os.execv(sys.executable, [sys.executable, "-m", "bench", *rest])
         infra = start_infra("run", os.environ)
         try:
             say("migrating all schemas ...")

@@ -6,6 +6,7 @@ DATABASE_URL / REDIS_URL are not set. Data lives under the git-ignored .data/.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ class EmbeddedServers:
 
 
 def start_postgres(data_dir: Path) -> tuple[str, Any]:
+    # pgserver asks platformdirs for a runtime dir it never uses; without
+    # XDG_RUNTIME_DIR that only prints a warning, so give it a private one.
+    runtime = DATA_DIR / "runtime"
+    runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
     import pgserver
 
     data_dir.mkdir(parents=True, exist_ok=True)

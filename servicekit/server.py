@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from redis.asyncio import Redis
 
 from .consumer import EventConsumer
@@ -86,7 +86,13 @@ class ServiceApp:
             poll_interval=s.outbox_poll_interval_seconds,
         )
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), DomainErrorInterceptor()],
+            interceptors=[
+                # Health probes stay out of traces; the filter also keeps the
+                # tracing interceptor away from Watch, which streams with
+                # context.write() (the interceptor expects a generator).
+                aio_server_interceptor(filter_=filters.negate(filters.health_check())),
+                DomainErrorInterceptor(),
+            ],
             options=[
                 ("grpc.max_connection_age_ms", s.max_connection_age_ms),
                 ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
@@ -142,6 +148,9 @@ class ServiceApp:
             if task.get_name() == "health":
                 task.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.settings.shutdown_delay_seconds > 0:
+            # Let load balancers and watching clients see NOT_SERVING first.
+            await asyncio.sleep(self.settings.shutdown_delay_seconds)
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_seconds)
         for task in self._tasks:

@@ -34,6 +34,8 @@ class ServiceSettings(CommonSettings):
     db_pool_max: int = 10
     # On SIGTERM: report NOT_SERVING, then let in-flight calls finish this long.
     shutdown_grace_seconds: float = 10.0
+    # Between reporting NOT_SERVING and refusing new calls, so balancers notice.
+    shutdown_delay_seconds: float = 0.0
     # Recycle client connections so a ClusterIP Service rebalances new pods.
     max_connection_age_ms: int = 300_000
     health_check_interval_seconds: float = 5.0

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway import pos_cli
 from gateway.app import Gateway, build
@@ -264,7 +265,8 @@ async def test_downstream_error_keeps_status_code_and_names_the_callers_field(
     err = await rpc_error(doors.pos.IdentifyMember(identify_request("123"), timeout=5))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(err) == ("INVALID_PHONE", "phone")
-    assert "not a valid phone number" in (err.details() or "")
+    # The message speaks of the caller's field too, not the member service's request.
+    assert err.details() == "phone is not a valid phone number"
     assert "rewards.GetPointsBalance" not in downstream.script.requests
 
 
@@ -529,3 +531,25 @@ async def test_an_undeployed_service_is_ignored_by_readiness(downstream: Downstr
         reply = await d.http.get(f"/v1/members/{uuid.uuid4()}/spend")
         assert reply.status_code == 503
         assert reply.json()["code"] == "SERVICE_NOT_DEPLOYED"
+
+
+async def test_pos_health_watch_and_reflection(downstream: Downstream) -> None:
+    async with open_gateway(downstream) as d:
+        target = f"127.0.0.1:{d.gateway.pos_grpc_port}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            reflection_stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            replies = [r async for r in reflection_stub.ServerReflectionInfo(iter([request]))]
+            names = {s.name for s in replies[0].list_services_response.service}
+            assert "loyalty.pos.v1.PosService" in names
+
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="loyalty.pos.v1.PosService"), timeout=5
+            )
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            stopping = asyncio.create_task(d.gateway.stop())
+            # Load balancers see NOT_SERVING as the drain begins.
+            second = await watch.read()
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await stopping

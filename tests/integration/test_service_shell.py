@@ -152,12 +152,6 @@ async def test_graceful_stop_reports_not_serving_drains_then_refuses(infra: Infr
             await app.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="servicekit.server wraps health Watch in the OpenTelemetry aio interceptor, which"
-    " only handles async-generator streaming handlers; Watch fails with UNKNOWN. Fix: pass"
-    " filter_=filters.negate(filters.health_check()) to aio_server_interceptor.",
-)
 async def test_health_watch_sees_not_serving_when_stop_begins(infra: Infra) -> None:
     app = build(infra.service_settings(shutdown_grace_seconds=1.0))
     port = await app.start()

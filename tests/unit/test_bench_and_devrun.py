@@ -1,0 +1,105 @@
+"""The benchmark's open-loop generator and the dev supervisor's process handling."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from bench.loadgen import DROPPED, open_loop, percentile
+from servicekit import devrun
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 99.9) == 100.0
+    assert percentile([], 50) is None
+
+
+async def test_open_loop_counts_queueing_behind_a_stall() -> None:
+    # The "server" stalls for the first 0.3 s. A closed loop would record one
+    # slow call; an open loop records every arrival that waited behind it.
+    unblocked = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, unblocked.set)
+
+    async def call(i: int) -> None:
+        await unblocked.wait()
+
+    result = await open_loop("stall", call, rate=100, duration=1.0)
+    assert result.scheduled == 100 and result.ok == 100
+    slow = [lat for lat in result.latencies if lat > 0.1]
+    assert len(slow) >= 15  # arrivals during the first ~0.2 s all waited
+    assert max(result.latencies) >= 0.28
+
+
+async def test_open_loop_keeps_the_schedule_and_counts_errors_by_status() -> None:
+    class Refused(Exception):
+        pass
+
+    async def call(i: int) -> None:
+        if i % 4 == 0:
+            raise Refused()
+        if i % 4 == 1:
+            await asyncio.sleep(10)  # beyond the deadline
+
+    result = await open_loop("mixed", call, rate=200, duration=0.5, timeout=0.2)
+    assert result.scheduled == 100
+    assert result.statuses["Refused"] == 25
+    assert result.statuses["CLIENT_TIMEOUT"] == 25
+    assert result.ok == 50
+    # Arrivals do not wait for answers: the run ends near its duration plus one deadline.
+    assert result.elapsed_s < 0.5 + 0.2 + 0.5
+
+
+async def test_open_loop_drops_beyond_max_in_flight() -> None:
+    gate = asyncio.Event()
+
+    async def call(i: int) -> None:
+        await gate.wait()
+
+    asyncio.get_running_loop().call_later(0.4, gate.set)
+    result = await open_loop("full", call, rate=100, duration=0.3, max_in_flight=10)
+    assert result.statuses[DROPPED] == 20
+    assert result.ok == 10
+
+
+async def test_platform_waits_for_health_and_stops_children() -> None:
+    port = devrun.free_port()
+    child = devrun.Child(
+        "echo",
+        [sys.executable, "-m", "bench.echo_server", "--port", str(port)],
+        devrun.child_env({}),
+        grpc_target=f"127.0.0.1:{port}",
+    )
+    platform = devrun.Platform([child])
+    await platform.spawn()
+    try:
+        await platform.wait_ready(20)
+        assert await devrun.grpc_serving(f"127.0.0.1:{port}")
+    finally:
+        await platform.stop(grace=5)
+    assert child.returncode == 0  # SIGTERM led to a clean exit
+
+
+async def test_platform_reports_a_child_that_dies_during_startup() -> None:
+    child = devrun.Child(
+        "broken",
+        [sys.executable, "-c", "raise SystemExit(3)"],
+        devrun.child_env({}),
+        grpc_target=f"127.0.0.1:{devrun.free_port()}",
+    )
+    platform = devrun.Platform([child])
+    await platform.spawn()
+    with pytest.raises(devrun.DevrunError, match="broken exited with code 3"):
+        await platform.wait_ready(20)
+    await platform.stop()
+
+
+def test_port_overrides_come_from_the_environment() -> None:
+    ports = devrun.ports_from_env({"MEMBER_GRPC_PORT": "6051", "HTTP_PORT": "9090"})
+    assert ports["member"] == 6051 and ports["http"] == 9090 and ports["rewards"] == 50054
+    with pytest.raises(devrun.DevrunError, match="MEMBER_GRPC_PORT"):
+        devrun.ports_from_env({"MEMBER_GRPC_PORT": "x"})
