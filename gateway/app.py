@@ -18,12 +18,10 @@ from collections.abc import Iterator
 import grpc
 import uvicorn
 from fastapi import FastAPI
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from grpc_health.v1 import health, health_pb2
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
-from servicekit.interceptors import DomainErrorInterceptor
+from servicekit.server import add_health_and_reflection, create_grpc_server
 from servicekit.telemetry import configure_tracing
 
 from .clients import Downstreams
@@ -97,24 +95,10 @@ class Gateway:
 
     async def _start_grpc(self, downstreams: Downstreams) -> None:
         s = self.settings
-        server = grpc.aio.server(
-            interceptors=[
-                # Health probes are not traced: they are noise, and the tracing
-                # interceptor breaks the streaming health Watch.
-                aio_server_interceptor(filter_=filters.negate(filters.health_check())),
-                DomainErrorInterceptor(),
-            ],
-            options=[
-                ("grpc.max_connection_age_ms", s.max_connection_age_ms),
-                ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        server = create_grpc_server(s.max_connection_age_ms, s.shutdown_grace_seconds)
         pos_pb2_grpc.add_PosServiceServicer_to_server(PosServicer(downstreams), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [POS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        # Health is registered NOT_SERVING and flipped once the server is up.
+        await add_health_and_reflection(server, self.health, [POS_SERVICE], NOT_SERVING)
         port = server.add_insecure_port(f"{s.pos_grpc_host}:{s.pos_grpc_port}")
         if port == 0:
             raise OSError(f"cannot bind POS gRPC on {s.pos_grpc_host}:{s.pos_grpc_port}")

@@ -38,6 +38,41 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def create_grpc_server(max_connection_age_ms: int, grace_seconds: float) -> grpc.aio.Server:
+    """A grpc.aio server with the interceptors and options every server here uses."""
+    return grpc.aio.server(
+        interceptors=[
+            # Health probes stay out of traces; the filter also keeps the
+            # tracing interceptor away from Watch, which streams with
+            # context.write() (the interceptor expects a generator).
+            aio_server_interceptor(filter_=filters.negate(filters.health_check())),
+            DomainErrorInterceptor(),
+        ],
+        options=[
+            # Clients reconnect periodically, so a ClusterIP Service spreads
+            # long-lived HTTP/2 connections over new pods.
+            ("grpc.max_connection_age_ms", max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", int(grace_seconds * 1000)),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+async def add_health_and_reflection(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    service_names: list[str],
+    initial_status: int,
+) -> None:
+    """The library health servicer and reflection, names taken from descriptors."""
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for svc in ["", *service_names]:
+        await health_servicer.set(svc, initial_status)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+
+
 class ServiceApp:
     def __init__(
         self,
@@ -85,27 +120,9 @@ class ServiceApp:
             batch_size=s.outbox_batch_size,
             poll_interval=s.outbox_poll_interval_seconds,
         )
-        self.server = grpc.aio.server(
-            interceptors=[
-                # Health probes stay out of traces; the filter also keeps the
-                # tracing interceptor away from Watch, which streams with
-                # context.write() (the interceptor expects a generator).
-                aio_server_interceptor(filter_=filters.negate(filters.health_check())),
-                DomainErrorInterceptor(),
-            ],
-            options=[
-                ("grpc.max_connection_age_ms", s.max_connection_age_ms),
-                ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_seconds * 1000)),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        self.server = create_grpc_server(s.max_connection_age_ms, s.shutdown_grace_seconds)
         self._wire(self)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for svc in ["", *self.service_names]:
-            await self.health.set(svc, NOT_SERVING)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        await add_health_and_reflection(self.server, self.health, self.service_names, NOT_SERVING)
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
