@@ -9,18 +9,16 @@ application/problem+json (gateway/errors.py).
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from google.protobuf import timestamp_pb2
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from servicekit.protos import to_datetime
-
+from .api import members, points
+from .api.common import problem_response
 from .clients import Downstreams
 from .errors import PROBLEM_JSON, Problem, install_http_handlers, problem
 
@@ -51,83 +49,6 @@ class NotReady(Problem):
     )
 
 
-class PointsBalance(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"member_id": MEMBER_ID_EXAMPLE, "available": 32, "lifetime_earned": 120}]
-        }
-    )
-
-    member_id: str
-    available: int = Field(description="Points the member can spend now")
-    lifetime_earned: int = Field(description="All points ever earned")
-
-
-class Member(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "member_id": MEMBER_ID_EXAMPLE,
-                    "member_number": "M00001024",
-                    "phone_masked": "139****5678",
-                    "registered_at": "2025-03-08T06:30:00Z",
-                }
-            ]
-        }
-    )
-
-    member_id: str
-    member_number: str = Field(description="Short human-facing member number")
-    phone_masked: str = Field(description="Masked phone, empty when none is known")
-    registered_at: datetime = Field(description="RFC 3339, UTC")
-
-
-class MemberSpend(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "member_id": MEMBER_ID_EXAMPLE,
-                    "total_paid_fen": 3200,
-                    "order_count": 1,
-                    "last_order_at": "2025-03-08T06:31:00Z",
-                    "tier_code": "SVIP",
-                    "tier_name": "SVIP",
-                }
-            ]
-        }
-    )
-
-    member_id: str
-    total_paid_fen: int = Field(description="Everything the member paid, in fen (1/100 yuan)")
-    order_count: int
-    last_order_at: datetime | None = Field(description="RFC 3339, UTC; null before any order")
-    tier_code: str | None = Field(
-        description="Tier the current programme gives for these totals; null when none applies"
-    )
-    tier_name: str | None = None
-
-
-def _problem_response(description: str, model: type[BaseModel] = Problem) -> dict[str, Any]:
-    return {"model": model, "description": description}
-
-
-MEMBER_ERRORS: dict[int | str, dict[str, Any]] = {
-    422: _problem_response("Malformed request; `field` names the culprit"),
-    404: _problem_response("No such member"),
-    503: _problem_response("A backing service is unavailable; retry later"),
-}
-
-
-def _utc(ts: timestamp_pb2.Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
-
-
-def _downstreams(request: Request) -> Downstreams:
-    return request.app.state.downstreams  # type: ignore[no-any-return]
-
-
 def create_app(downstreams: Downstreams) -> FastAPI:
     """The HTTP app. `app.state.draining = True` makes /readyz answer 503 so a
     load balancer stops sending traffic before the process stops."""
@@ -151,12 +72,12 @@ def create_app(downstreams: Downstreams) -> FastAPI:
         response_model=Readiness,
         tags=["probes"],
         summary="Readiness: every downstream reports SERVING",
-        responses={503: _problem_response("Not ready; lists each downstream's status", NotReady)},
+        responses={503: problem_response("Not ready; lists each downstream's status", NotReady)},
     )
     async def readyz(request: Request) -> Readiness | JSONResponse:
         if request.app.state.draining:
             return problem(503, "SHUTTING_DOWN", "the gateway is shutting down")
-        statuses = await _downstreams(request).health()
+        statuses = await request.app.state.downstreams.health()
         down = sorted(name for name, status in statuses.items() if status != "SERVING")
         if down:
             return problem(
@@ -164,55 +85,8 @@ def create_app(downstreams: Downstreams) -> FastAPI:
             )
         return Readiness(status="ready", downstreams=statuses)
 
-    @app.get(
-        "/v1/members/{member_id}",
-        response_model=Member,
-        tags=["members"],
-        summary="A member's profile",
-        responses=MEMBER_ERRORS,
-    )
-    async def get_member(member_id: MemberId, request: Request) -> Member:
-        reply = await _downstreams(request).member.get_member(str(member_id))
-        return Member(
-            member_id=reply.member_id,
-            member_number=reply.member_number,
-            phone_masked=reply.phone_masked,
-            registered_at=_utc(reply.registered_at),
-        )
-
-    @app.get(
-        "/v1/members/{member_id}/points",
-        response_model=PointsBalance,
-        tags=["points"],
-        summary="A member's points balance",
-        responses=MEMBER_ERRORS,
-    )
-    async def get_points(member_id: MemberId, request: Request) -> PointsBalance:
-        reply = await _downstreams(request).rewards.get_points_balance(str(member_id))
-        return PointsBalance(
-            member_id=reply.member_id or str(member_id),
-            available=reply.available,
-            lifetime_earned=reply.lifetime_earned,
-        )
-
-    @app.get(
-        "/v1/members/{member_id}/spend",
-        response_model=MemberSpend,
-        tags=["members"],
-        summary="What the member has spent, as tiering counts it",
-        responses=MEMBER_ERRORS,
-    )
-    async def get_spend(member_id: MemberId, request: Request) -> MemberSpend:
-        reply = await _downstreams(request).tiering.get_member_spend(str(member_id))
-        return MemberSpend(
-            member_id=reply.member_id or str(member_id),
-            total_paid_fen=reply.total_paid_fen,
-            order_count=reply.order_count,
-            last_order_at=to_datetime(reply.last_order_at),
-            tier_code=reply.tier_code or None,
-            tier_name=reply.tier_name or None,
-        )
-
+    for router in (members.router, points.router):
+        app.include_router(router)
     _serve_problems_in_openapi(app)
     # Probes would drown the traces; everything else gets a server span.
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz")
