@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,6 +12,27 @@ import pytest
 from servicekit.server import ServiceApp
 
 from .harness import Infra, start_infra, stop_infra, wait_until_serving
+
+HANG_REPORT_AFTER_SECONDS = 120
+
+
+def _dump_tasks(test: str) -> None:
+    print(
+        f"\n=== {test} still running after {HANG_REPORT_AFTER_SECONDS}s; asyncio tasks:",
+        file=sys.stderr,
+    )
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+async def report_hung_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Print where every task waits if a test hangs (pytest-timeout then ends the run)."""
+    handle = asyncio.get_running_loop().call_later(
+        HANG_REPORT_AFTER_SECONDS, _dump_tasks, request.node.nodeid
+    )
+    yield
+    handle.cancel()
 
 
 @pytest.fixture(scope="session")
