@@ -23,6 +23,7 @@ from servicekit.db import Database, create_pool
 from servicekit.protos import timestamp
 from services.rewards import repository as repo
 from services.rewards.domain import BASE_EARNING_RULE, OrderLine
+from services.rewards.policy import DEFAULT_POLICY
 
 PAID_FEN = 3200
 GROSS_FEN = 3600
@@ -40,6 +41,7 @@ class RewardsSqlBaseline:
         self._tag = tag
         self._points = BASE_EARNING_RULE.points_for(PAID_FEN)
         self._rule = BASE_EARNING_RULE.describe()
+        self._expiry = DEFAULT_POLICY.expiry
 
     @classmethod
     async def connect(
@@ -92,6 +94,9 @@ class RewardsSqlBaseline:
                     idempotency_key=f"earn:order:{order_id}",
                     points=self._points,
                     rule=self._rule,
+                    lot_id=uuid.uuid4(),
+                    earned_at=ordered_at,
+                    expires_at=self._expiry.expires_at(ordered_at),
                 ),
             )
             await uow.emit(

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
@@ -68,26 +70,45 @@ class MemberClient(_Client):
         super().__init__("member", target, timeout)
         self._stub = member_pb2_grpc.MemberServiceStub(self.channel)
 
-    async def identify_by_phone(
-        self, phone: str, source: str, *, phone_field: str = "phone"
+    async def identify(
+        self,
+        identifiers: list[member_pb2.Identifier],
+        source: str,
+        request_key: str,
+        fields: Mapping[str, str] | None = None,
     ) -> member_pb2.IdentifyMemberResponse:
-        """Find or enrol the member owning a phone that was typed, not verified."""
+        """Find, enrol or merge (OneID); idempotent under request_key."""
         request = member_pb2.IdentifyMemberRequest(
-            identifiers=[
-                member_pb2.Identifier(
-                    type=member_pb2.IDENTIFIER_TYPE_PHONE, value=phone, verified=False
-                )
-            ],
-            source=source,
+            identifiers=identifiers, source=source, request_key=request_key
+        )
+        return await self._call(self._stub.IdentifyMember, request, fields)
+
+    async def identify_by_phone(
+        self, phone: str, source: str, *, phone_field: str = "phone", request_key: str = ""
+    ) -> member_pb2.IdentifyMemberResponse:
+        """Find or enrol the member owning a phone that was typed, not verified.
+        Without a caller's key each call is a new request (safe: a typed phone
+        never merges)."""
+        ident = member_pb2.Identifier(
+            type=member_pb2.IDENTIFIER_TYPE_PHONE, value=phone, verified=False
         )
         # The member service names its own request's fields; the caller sent "phone".
         fields = {"identifiers[0].value": phone_field, "identifiers[0]": phone_field}
-        return await self._call(self._stub.IdentifyMember, request, fields)
+        return await self.identify([ident], source, request_key or str(uuid.uuid4()), fields)
 
-    async def get_member(self, member_id: str) -> member_pb2.Member:
-        return await self._call(
-            self._stub.GetMember, member_pb2.GetMemberRequest(member_id=member_id)
+    async def get_member(
+        self, member_id: str, *, accessor: str = "", purpose: str = ""
+    ) -> member_pb2.Member:
+        """Masked; with an accessor and purpose the phone comes unmasked (audited)."""
+        request = member_pb2.GetMemberRequest(
+            member_id=member_id, include_pii=bool(accessor), accessor=accessor, purpose=purpose
         )
+        return await self._call(self._stub.GetMember, request)
+
+    async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
+        """Any other MemberService RPC by name (profile, consent, member code,
+        review queue, merge, unmerge, erase); same deadline and error mapping."""
+        return await self._call(getattr(self._stub, method), request, fields)
 
 
 class RewardsClient(_Client):
@@ -108,6 +129,38 @@ class RewardsClient(_Client):
     ) -> rewards_pb2.CompleteOrderResponse:
         return await self._call(self._stub.CompleteOrder, request)
 
+    async def refund_order(
+        self, request: rewards_pb2.RefundOrderRequest
+    ) -> rewards_pb2.RefundOrderResponse:
+        return await self._call(self._stub.RefundOrder, request)
+
+    async def get_points_history(
+        self, member_id: str, page_size: int, cursor: str
+    ) -> rewards_pb2.PointsHistory:
+        return await self._call(
+            self._stub.GetPointsHistory,
+            rewards_pb2.GetPointsHistoryRequest(
+                member_id=member_id, page_size=page_size, cursor=cursor
+            ),
+        )
+
+    async def get_expiring_points(self, member_id: str, days: int) -> rewards_pb2.ExpiringPoints:
+        return await self._call(
+            self._stub.GetExpiringPoints,
+            rewards_pb2.GetExpiringPointsRequest(member_id=member_id, days=days),
+        )
+
+    async def adjust_points(
+        self, request: rewards_pb2.AdjustPointsRequest
+    ) -> rewards_pb2.PointsMovement:
+        return await self._call(self._stub.AdjustPoints, request)
+
+    async def get_points_liability(self, days: int) -> rewards_pb2.PointsLiability:
+        return await self._call(
+            self._stub.GetPointsLiability,
+            rewards_pb2.GetPointsLiabilityRequest(expiring_within_days=days),
+        )
+
 
 class TieringClient(_Client):
     def __init__(self, target: str, timeout: float) -> None:
@@ -121,11 +174,44 @@ class TieringClient(_Client):
 
 
 class EngagementClient(_Client):
-    """Channel only for now: the foundation slice calls no engagement RPC yet,
-    but readiness already waits for the service."""
-
     def __init__(self, target: str, timeout: float) -> None:
         super().__init__("engagement", target, timeout)
+        self._stub = engagement_pb2_grpc.EngagementServiceStub(self.channel)
+
+    async def publish_journey(self, definition_json: str) -> engagement_pb2.PublishJourneyResponse:
+        return await self._call(
+            self._stub.PublishJourney,
+            engagement_pb2.PublishJourneyRequest(definition_json=definition_json),
+            {"definition_json": "definition"},
+        )
+
+    async def pause_journey(self, journey_id: str) -> engagement_pb2.JourneyStatus:
+        return await self._call(
+            self._stub.PauseJourney, engagement_pb2.JourneyRef(journey_id=journey_id)
+        )
+
+    async def resume_journey(self, journey_id: str) -> engagement_pb2.JourneyStatus:
+        return await self._call(
+            self._stub.ResumeJourney, engagement_pb2.JourneyRef(journey_id=journey_id)
+        )
+
+    async def journey_metrics(self, journey_id: str) -> engagement_pb2.JourneyMetrics:
+        return await self._call(
+            self._stub.GetJourneyMetrics, engagement_pb2.JourneyRef(journey_id=journey_id)
+        )
+
+    async def ingest_event(
+        self, request: engagement_pb2.IngestEventRequest
+    ) -> engagement_pb2.IngestEventResponse:
+        return await self._call(self._stub.IngestEvent, request)
+
+    async def unsubscribe(
+        self, member_id: str, channels: list[str]
+    ) -> engagement_pb2.UnsubscribeResponse:
+        return await self._call(
+            self._stub.Unsubscribe,
+            engagement_pb2.UnsubscribeRequest(member_id=member_id, channels=channels),
+        )
 
 
 class Downstreams:

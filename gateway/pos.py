@@ -75,6 +75,7 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             channel=request.channel or common_pb2.CHANNEL_STORE,
             paid_amount_fen=request.paid_amount_fen,
             gross_amount_fen=request.gross_amount_fen,
+            points_to_redeem=request.points_to_redeem,
             lines=[
                 rewards_pb2.OrderLine(
                     sku=line.sku,
@@ -93,5 +94,31 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             order_id=reply.order_id,
             points_earned=reply.points_earned,
             points_balance=reply.points_balance,
+            replayed=reply.replayed,
+            points_redeemed=reply.points_redeemed,
+        )
+
+    async def RefundOrder(
+        self, request: pos_pb2.RefundOrderRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.RefundOrderResponse:
+        _required(request.store_id, "store_id")
+        _required(request.pos_transaction_id, "pos_transaction_id")
+        _required(request.refund_transaction_id, "refund_transaction_id")
+        reply = await self._down.rewards.refund_order(
+            rewards_pb2.RefundOrderRequest(
+                store_id=request.store_id,
+                pos_transaction_id=request.pos_transaction_id,
+                refund_transaction_id=request.refund_transaction_id,
+                refunded_amount_fen=request.refunded_amount_fen,
+            )
+        )
+        return pos_pb2.RefundOrderResponse(
+            refund_id=reply.refund_id,
+            order_id=reply.order_id,
+            points_due=reply.points_due,
+            points_reversed=reply.points_reversed,
+            points_debt=reply.points_debt,
+            points_shortfall=reply.points_shortfall,
+            points_balance=reply.available,
             replayed=reply.replayed,
         )

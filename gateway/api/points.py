@@ -1,11 +1,17 @@
-"""Points routes (rewards service)."""
+"""Points routes (rewards service): the member's balance, history and
+expiring points for the mini-program; adjustments and liability for operators."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams
+from loyalty.rewards.v1 import rewards_pb2
+
+from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
 
 router = APIRouter()
 
@@ -13,13 +19,87 @@ router = APIRouter()
 class PointsBalance(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"member_id": MEMBER_ID_EXAMPLE, "available": 32, "lifetime_earned": 120}]
+            "examples": [
+                {
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "available": 32,
+                    "lifetime_earned": 120,
+                    "pending": 0,
+                    "held": 0,
+                    "debt": 0,
+                }
+            ]
         }
     )
 
     member_id: str
     available: int = Field(description="Points the member can spend now")
     lifetime_earned: int = Field(description="All points ever earned")
+    pending: int = Field(0, description="Earned, spendable once the refund window ends")
+    held: int = Field(0, description="Reserved by an open checkout")
+    debt: int = Field(0, description="Owed after a refund of spent points; earns repay it")
+
+
+class LotTouched(BaseModel):
+    lot_id: str
+    points: int = Field(description="Signed change of the lot (0: the lot was created)")
+
+
+class HistoryLine(BaseModel):
+    transaction_id: str
+    kind: str = Field(examples=["earn"])
+    amount: int = Field(description="Change of available points (signed)")
+    balance_after: int
+    operation_points: int = Field(description="Size of the whole operation")
+    lots: list[LotTouched]
+    order_id: str | None
+    reference: str | None
+    reason: str | None
+    operator_id: str | None
+    created_at: datetime
+
+
+class PointsHistory(BaseModel):
+    lines: list[HistoryLine]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+class ExpiringBatch(BaseModel):
+    points: int
+    expires_at: datetime
+
+
+class ExpiringPoints(BaseModel):
+    member_id: str
+    batches: list[ExpiringBatch]
+
+
+class Adjustment(BaseModel):
+    points: int = Field(description="Positive credits, negative debits; never 0")
+    operator_id: str = Field(min_length=1, max_length=256)
+    reason: str = Field(min_length=1, max_length=256)
+    idempotency_key: str = Field(min_length=1, max_length=128)
+
+
+class AdjustmentResult(BaseModel):
+    transaction_id: str
+    member_id: str
+    points: int
+    available: int
+    replayed: bool
+
+
+class Liability(BaseModel):
+    available: int
+    pending: int
+    held: int
+    debt: int
+    members_with_points: int
+    expiring_soon: int
+    issued: int
+    redeemed: int
+    expired: int
+    adjusted: int
 
 
 @router.get(
@@ -35,4 +115,114 @@ async def get_points(member_id: MemberId, request: Request) -> PointsBalance:
         member_id=reply.member_id or str(member_id),
         available=reply.available,
         lifetime_earned=reply.lifetime_earned,
+        pending=reply.pending,
+        held=reply.held,
+        debt=reply.debt,
+    )
+
+
+@router.get(
+    "/v1/members/{member_id}/points/history",
+    response_model=PointsHistory,
+    tags=["points"],
+    summary="A member's points statement, newest first",
+    responses=MEMBER_ERRORS,
+)
+async def get_history(
+    member_id: MemberId,
+    request: Request,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str, Query(max_length=20)] = "",
+) -> PointsHistory:
+    reply = await downstreams(request).rewards.get_points_history(str(member_id), page_size, cursor)
+    return PointsHistory(
+        lines=[
+            HistoryLine(
+                transaction_id=line.transaction_id,
+                kind=line.kind,
+                amount=line.amount,
+                balance_after=line.balance_after,
+                operation_points=line.operation_points,
+                lots=[LotTouched(lot_id=lot.lot_id, points=lot.points) for lot in line.lots],
+                order_id=line.order_id or None,
+                reference=line.reference or None,
+                reason=line.reason or None,
+                operator_id=line.operator_id or None,
+                created_at=utc(line.created_at),
+            )
+            for line in reply.lines
+        ],
+        next_cursor=reply.next_cursor or None,
+    )
+
+
+@router.get(
+    "/v1/members/{member_id}/points/expiring",
+    response_model=ExpiringPoints,
+    tags=["points"],
+    summary="Points lapsing soon, by date",
+    responses=MEMBER_ERRORS,
+)
+async def get_expiring(
+    member_id: MemberId,
+    request: Request,
+    days: Annotated[int, Query(ge=0, le=3660, description="0: the service default")] = 0,
+) -> ExpiringPoints:
+    reply = await downstreams(request).rewards.get_expiring_points(str(member_id), days)
+    return ExpiringPoints(
+        member_id=reply.member_id,
+        batches=[
+            ExpiringBatch(points=b.points, expires_at=utc(b.expires_at)) for b in reply.batches
+        ],
+    )
+
+
+@router.post(
+    "/v1/operator/members/{member_id}/points/adjustments",
+    response_model=AdjustmentResult,
+    tags=["operator"],
+    summary="Credit or debit a member's points, with reason and operator",
+    responses=MEMBER_ERRORS,
+)
+async def adjust(member_id: MemberId, body: Adjustment, request: Request) -> AdjustmentResult:
+    reply = await downstreams(request).rewards.adjust_points(
+        rewards_pb2.AdjustPointsRequest(
+            member_id=str(member_id),
+            points=body.points,
+            operator_id=body.operator_id,
+            reason=body.reason,
+            idempotency_key=body.idempotency_key,
+        )
+    )
+    return AdjustmentResult(
+        transaction_id=reply.transaction_id,
+        member_id=reply.member_id,
+        points=reply.points,
+        available=reply.available,
+        replayed=reply.replayed,
+    )
+
+
+@router.get(
+    "/v1/operator/points/liability",
+    response_model=Liability,
+    tags=["operator"],
+    summary="Points the brand owes members",
+)
+async def liability(
+    request: Request,
+    expiring_within_days: Annotated[int, Query(ge=0, le=3660)] = 0,
+) -> Liability:
+    reply = await downstreams(request).rewards.get_points_liability(expiring_within_days)
+    return Liability(
+        available=reply.available,
+        pending=reply.pending,
+        held=reply.held,
+        debt=reply.debt,
+        members_with_points=reply.members_with_points,
+        expiring_soon=reply.expiring_soon,
+        issued=reply.issued,
+        redeemed=reply.redeemed,
+        expired=reply.expired,
+        adjusted=reply.adjusted,
     )

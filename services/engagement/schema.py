@@ -1,10 +1,30 @@
-"""Tables of the engagement schema (Alembic reads this).
+"""Tables of the engagement schema (Alembic reads this; queries live in repository.py).
 
-Only the event tables for now: journeys, schedules, frequency caps and sends
-arrive with the engagement issue.
+The scheduler's state is here, not in a cron job: an enrollment per member per
+journey, one timer per waiting enrollment (indexed by due time, so the sweeper
+only ever reads due rows), and a send row per message, keyed by a unique send
+key written in the same transaction as the cap reservation.
 """
 
 from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 
 from servicekit.tables import add_event_tables, service_metadata
 
@@ -12,3 +32,224 @@ SCHEMA = "engagement"
 metadata = service_metadata(SCHEMA)
 
 outbox, processed_events = add_event_tables(metadata)
+
+
+# Every published version, immutable: in-flight members keep theirs.
+journeys = Table(
+    "journeys",
+    metadata,
+    Column("journey_id", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("definition", JSONB, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("entry_event", Text, nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("journey_id", "version"),
+)
+
+# Which version new members enter, and whether the journey runs at all.
+journey_state = Table(
+    "journey_state",
+    metadata,
+    Column("journey_id", Text, primary_key=True),
+    Column("live_version", Integer, nullable=False),
+    Column("entry_event", Text, nullable=False, index=True),
+    Column("status", Text, nullable=False),  # active | paused
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+enrollments = Table(
+    "enrollments",
+    metadata,
+    Column("enrollment_id", Uuid, primary_key=True),
+    Column("journey_id", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    # NULL once the member is erased (counts stay for measurement).
+    Column("member_id", Uuid, index=True),
+    # active | completed | exited | converted | holdout | erased | merged
+    Column("status", Text, nullable=False),
+    Column("grp", Text, nullable=False),  # treatment | holdout
+    Column("variant", Text),
+    # Steps executed so far: the send key is (enrollment, seq), stable on retry.
+    Column("seq", Integer, nullable=False, server_default="0"),
+    Column("waiting_step", Text),
+    Column("conversion_days", Integer, nullable=False),
+    Column("entered_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+    Column("converted_at", DateTime(timezone=True)),
+    Index(
+        "uq_enrollments_live",
+        "journey_id",
+        "member_id",
+        unique=True,
+        postgresql_where=text("status = 'active'"),
+    ),
+    Index("ix_enrollments_journey_id", "journey_id", "version"),
+)
+
+# One timer per waiting enrollment: the step to run and when.
+timers = Table(
+    "timers",
+    metadata,
+    Column("enrollment_id", Uuid, primary_key=True),
+    Column("journey_id", Text, nullable=False, index=True),
+    Column("step_id", Text, nullable=False),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("paused", Boolean, nullable=False, server_default="false"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    # The journey's priority: steps due together are claimed most valuable first.
+    Column("priority", Integer, nullable=False, server_default="0"),
+    # The working queue: only unpaused timers, by due time then priority.
+    Index(
+        "ix_timers_due",
+        "due_at",
+        text("priority DESC"),
+        postgresql_where=text("NOT paused"),
+    ),
+)
+
+sends = Table(
+    "sends",
+    metadata,
+    Column("send_key", Text, primary_key=True),
+    Column("enrollment_id", Uuid, nullable=False, index=True),
+    Column("journey_id", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("step_id", Text, nullable=False),
+    Column("member_id", Uuid, index=True),
+    Column("channel", Text, nullable=False),
+    Column("template", Text, nullable=False),
+    Column("message_class", Text, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("local_day", Date, nullable=False),
+    # pending | delivered | failed | capped | suppressed | dropped
+    Column("status", Text, nullable=False),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("variant", Text),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("provider_ref", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_sends_dispatch", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+    # The holder of a member's daily slot, for preemption by a more valuable send.
+    Index(
+        "ix_sends_holder",
+        "member_id",
+        "local_day",
+        "message_class",
+        postgresql_where=text("status = 'pending'"),
+    ),
+    Index("ix_sends_journey", "journey_id", "step_id", "status"),
+)
+
+# The day's budget per member and class, reserved with one conditional upsert.
+cap_usage = Table(
+    "cap_usage",
+    metadata,
+    Column("member_id", Uuid, nullable=False),
+    Column("local_day", Date, nullable=False),
+    Column("message_class", Text, nullable=False),
+    Column("used", Integer, nullable=False),
+    Column("cap_limit", Integer, nullable=False),
+    # Slots granted by the latest reservation (set in the same statement).
+    Column("last_grant", Integer, nullable=False),
+    PrimaryKeyConstraint("member_id", "local_day", "message_class"),
+)
+
+# Marketing consent per channel as known here (port: services/engagement/ports.py).
+consents = Table(
+    "consents",
+    metadata,
+    Column("member_id", Uuid, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("granted", Boolean, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("member_id", "channel"),
+)
+
+preferences = Table(
+    "preferences",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("non_personalised", Boolean, nullable=False, server_default="false"),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Mini-program one-time subscriptions: one credit per member tap, one send per credit.
+subscription_credits = Table(
+    "subscription_credits",
+    metadata,
+    Column("member_id", Uuid, nullable=False),
+    Column("template", Text, nullable=False),
+    Column("credits", Integer, nullable=False),
+    PrimaryKeyConstraint("member_id", "template"),
+)
+
+channel_addresses = Table(
+    "channel_addresses",
+    metadata,
+    Column("member_id", Uuid, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("address", Text, nullable=False),
+    PrimaryKeyConstraint("member_id", "channel"),
+)
+
+# What branches test, kept from events (no calls on the hot path).
+member_facts = Table(
+    "member_facts",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("tz", Text, nullable=False, server_default="Asia/Shanghai"),
+    Column("tier", Text, nullable=False, server_default=""),
+    Column("segment", Text, nullable=False, server_default=""),
+    Column("stage", Text, nullable=False, server_default=""),
+    Column("order_count", Integer, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+member_tags = Table(
+    "member_tags",
+    metadata,
+    Column("member_id", Uuid, nullable=False),
+    Column("tag", Text, nullable=False),
+    PrimaryKeyConstraint("member_id", "tag"),
+)
+
+# Issue-coupon and award-points steps, once each (key = enrollment:seq).
+reward_requests = Table(
+    "reward_requests",
+    metadata,
+    Column("request_key", Text, primary_key=True),
+    Column("enrollment_id", Uuid, nullable=False),
+    Column("member_id", Uuid),
+    Column("kind", Text, nullable=False),
+    Column("coupon", Text, nullable=False, server_default=""),
+    Column("points", Integer, nullable=False, server_default="0"),
+    Column("status", Text, nullable=False),  # pending | done | failed
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Events about members this service does not know yet: kept, replayed on registration.
+parked_events = Table(
+    "parked_events",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("member_id", Uuid, nullable=False, index=True),
+    Column("event", Text, nullable=False),
+    Column("attributes", JSONB, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# What a merge moved, so an unmerge moves exactly that back.
+merge_moves = Table(
+    "merge_moves",
+    metadata,
+    Column("merge_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),  # enrollment | send | timer
+    Column("ref", Text, nullable=False),
+    PrimaryKeyConstraint("merge_id", "kind", "ref"),
+)

@@ -1,32 +1,210 @@
-"""Wiring of the engagement service into the shared server shell.
-
-A shell until the engagement issue: health, reflection, the outbox relay and
-graceful shutdown work; journeys and their consumers arrive with that issue.
-"""
+"""Wiring of the engagement service into the shared server shell: the servicer,
+the event consumers (member, rewards, tiering), and the background workers
+(sweepers that run due steps, a dispatcher that delivers committed sends)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from google.protobuf.message import Message
+
 from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
+from loyalty.events.v1 import events_pb2
+from servicekit.consumer import EventConsumer, Subscription
+from servicekit.db import UnitOfWork
+from servicekit.events import ReceivedEvent
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
+from .channels import Dispatcher, build_providers
+from .domain import Clock, QuietHours, SystemClock
+from .handlers import EngagementHandlers
+from .journey import parse_local_time
+from .ports import LocalConsent
+from .scheduler import JourneyCache, Scheduler
 from .schema import SCHEMA
 from .servicer import EngagementServicer
+from .settings import EngagementSettings
 
 NAME = "engagement"
 
 
-def build(settings: ServiceSettings) -> ServiceApp:
+class EngagementApp(ServiceApp):
+    """The shared shell plus the scheduler's workers, stopped with the server."""
+
+    scheduler: Scheduler
+    dispatcher: Dispatcher
+    handlers: EngagementHandlers
+    http_client: httpx.AsyncClient | None = None
+
+    def __init__(
+        self,
+        *args: Any,
+        workers: bool,
+        sweepers: int,
+        poll: float,
+        dispatch_poll: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._workers = workers
+        self._sweepers = sweepers
+        self._poll = poll
+        self._dispatch_poll = dispatch_poll
+        self._worker_tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        port = await super().start()
+        if self._workers:
+            for n in range(self._sweepers):
+                self._worker_tasks.append(
+                    asyncio.create_task(self.scheduler.run(self._poll), name=f"sweeper-{n}")
+                )
+            self._worker_tasks.append(
+                asyncio.create_task(self.dispatcher.run(self._dispatch_poll), name="dispatcher")
+            )
+        return port
+
+    async def stop(self) -> None:
+        for task in self._worker_tasks:
+            task.cancel()
+        for task in self._worker_tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._worker_tasks.clear()
+        if self.http_client is not None:
+            await self.http_client.aclose()
+        await super().stop()
+
+
+def _attrs(msg: Message, *names: str) -> dict[str, str]:
+    return {n: str(getattr(msg, n)) for n in names}
+
+
+def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementApp:
+    s = EngagementSettings(**settings.model_dump())
+    clock = clock or SystemClock()
+    start, end = parse_local_time(s.quiet_start), parse_local_time(s.quiet_end)
+    if start is None or end is None:
+        raise ValueError("QUIET_START / QUIET_END must be HH:MM")
+    quiet = QuietHours(start, end, timedelta(minutes=s.quiet_jitter_minutes))
+    journeys = JourneyCache()
+    handlers = EngagementHandlers(clock, quiet, journeys)
+
+    def on(
+        event: str, member: Callable[[Any], str], attrs: Callable[[Any], dict[str, str]]
+    ) -> Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]]:
+        async def handle(uow: UnitOfWork, received: ReceivedEvent) -> None:
+            payload = received.payload
+            await handlers.ingest(uow, event, member(payload), attrs(payload))
+
+        return handle
+
+    async def merged(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        p: Any = received.payload
+        await handlers.on_merged(uow, p.merge_id, p.survivor_member_id, p.absorbed_member_id)
+
+    async def unmerged(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        p: Any = received.payload
+        await handlers.on_unmerged(uow, p.merge_id, p.survivor_member_id, p.restored_member_id)
+
+    async def erased(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        p: Any = received.payload
+        await handlers.on_erased(uow, list(p.member_ids))
+
+    def mid(p: Any) -> str:
+        return str(p.member_id)
+
+    subscriptions = [
+        Subscription(
+            "member",
+            events_pb2.MemberRegistered,
+            on("member_registered", mid, lambda p: _attrs(p, "source")),
+        ),
+        Subscription("member", events_pb2.MemberMerged, merged),
+        Subscription("member", events_pb2.MemberUnmerged, unmerged),
+        Subscription("member", events_pb2.MemberErased, erased),
+        Subscription(
+            "rewards",
+            events_pb2.OrderCompleted,
+            on("order_completed", mid, lambda p: _attrs(p, "order_id", "store_id")),
+        ),
+        Subscription(
+            "rewards",
+            events_pb2.PointsExpiringSoon,
+            on("points_expiring_soon", mid, lambda p: _attrs(p, "points")),
+        ),
+        Subscription(
+            "tiering",
+            events_pb2.TierChanged,
+            on("tier_changed", mid, lambda p: _attrs(p, "from_tier", "to_tier", "reason")),
+        ),
+        Subscription(
+            "tiering",
+            events_pb2.SegmentChanged,
+            on("segment_changed", mid, lambda p: _attrs(p, "from_segment", "to_segment")),
+        ),
+        Subscription(
+            "tiering",
+            events_pb2.LifecycleStageChanged,
+            on("lifecycle_stage_changed", mid, lambda p: _attrs(p, "from_stage", "to_stage")),
+        ),
+    ]
+
     def wire(app: ServiceApp) -> None:
-        assert app.server is not None
+        assert isinstance(app, EngagementApp)
+        assert app.db is not None and app.redis is not None and app.server is not None
+        endpoints = {
+            "wecom": s.wecom_endpoint,
+            "sms": s.sms_endpoint,
+            "miniprogram": s.miniprogram_endpoint,
+            "app_push": s.app_push_endpoint,
+        }
+        if any(endpoints.values()):
+            app.http_client = httpx.AsyncClient(timeout=s.provider_timeout_seconds)
+        app.handlers = handlers
+        app.scheduler = Scheduler(
+            app.db, clock, LocalConsent(), quiet, journeys, batch_size=s.engagement_batch_size
+        )
+        app.dispatcher = Dispatcher(
+            app.db,
+            clock,
+            build_providers(endpoints, app.http_client),
+            {
+                "wecom": s.wecom_rate_per_second,
+                "sms": s.sms_rate_per_second,
+                "miniprogram": s.miniprogram_rate_per_second,
+                "app_push": s.app_push_rate_per_second,
+            },
+        )
         engagement_pb2_grpc.add_EngagementServiceServicer_to_server(
-            EngagementServicer(), app.server
+            EngagementServicer(app.db, handlers), app.server
+        )
+        app.add_consumer(
+            EventConsumer(
+                NAME,
+                app.db,
+                app.redis,
+                s.redis_namespace,
+                subscriptions,
+                max_attempts=s.event_max_attempts,
+                retry_after_ms=s.event_retry_after_ms,
+            )
         )
 
-    return ServiceApp(
+    return EngagementApp(
         NAME,
-        settings,
+        s,
         services=[engagement_pb2.DESCRIPTOR.services_by_name["EngagementService"]],
         wire=wire,
         schema=SCHEMA,
+        workers=s.engagement_workers,
+        sweepers=s.engagement_sweepers,
+        poll=s.engagement_poll_seconds,
+        dispatch_poll=s.engagement_dispatch_poll_seconds,
     )

@@ -1,14 +1,153 @@
-"""gRPC servicer of the engagement service.
-
-EngagementService has no RPCs yet: journeys, frequency caps and sends ARRIVE
-WITH THE ENGAGEMENT ISSUE. The empty servicer is still registered, so health
-and reflection list the service and clients can be wired from day one.
-"""
+"""gRPC servicer: protobuf <-> domain mapping only."""
 
 from __future__ import annotations
 
-from loyalty.engagement.v1 import engagement_pb2_grpc
+import uuid
+
+import grpc
+
+from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
+from servicekit.db import Database
+from servicekit.errors import InvalidArgument
+from servicekit.protos import to_datetime
+
+from .handlers import EngagementHandlers
+
+STEP_STATUSES = ("delivered", "failed", "capped", "suppressed", "dropped")
 
 
 class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
-    """No methods yet; the RPCs will take the Database and open a unit of work each."""
+    def __init__(self, db: Database, handlers: EngagementHandlers) -> None:
+        self._db = db
+        self._handlers = handlers
+
+    async def PublishJourney(
+        self, request: engagement_pb2.PublishJourneyRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.PublishJourneyResponse:
+        async with self._db.unit_of_work() as uow:
+            published = await self._handlers.publish(uow, request.definition_json)
+        return engagement_pb2.PublishJourneyResponse(
+            journey_id=published.journey_id, version=published.version
+        )
+
+    async def _status(self, journey_id: str, status: str) -> engagement_pb2.JourneyStatus:
+        async with self._db.unit_of_work() as uow:
+            await self._handlers.set_status(uow, journey_id, status)
+            metrics = await self._handlers.metrics(uow, journey_id)
+        return engagement_pb2.JourneyStatus(
+            journey_id=journey_id, status=metrics.status, live_version=metrics.live_version
+        )
+
+    async def PauseJourney(
+        self, request: engagement_pb2.JourneyRef, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.JourneyStatus:
+        return await self._status(request.journey_id, "paused")
+
+    async def ResumeJourney(
+        self, request: engagement_pb2.JourneyRef, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.JourneyStatus:
+        return await self._status(request.journey_id, "active")
+
+    async def GetJourneyMetrics(
+        self, request: engagement_pb2.JourneyRef, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.JourneyMetrics:
+        async with self._db.unit_of_work() as uow:
+            m = await self._handlers.metrics(uow, request.journey_id)
+        reply = engagement_pb2.JourneyMetrics(
+            journey_id=m.journey_id,
+            status=m.status,
+            live_version=m.live_version,
+            entered=m.entered,
+            active=m.active,
+            treated=m.treated,
+            holdout=m.holdout,
+            treated_converted=m.treated_converted,
+            holdout_converted=m.holdout_converted,
+            sent=m.sent,
+            capped=m.capped,
+            suppressed=m.suppressed,
+            dropped=m.dropped,
+            steps=[
+                engagement_pb2.StepMetrics(
+                    step_id=s.step_id,
+                    sent=sum(s.counts.get(k, 0) for k in ("pending", "delivered", "failed")),
+                    **{k: s.counts.get(k, 0) for k in STEP_STATUSES},
+                )
+                for s in m.steps
+            ],
+            variants=[
+                engagement_pb2.VariantMetrics(
+                    variant=v.variant, entered=v.entered, converted=v.converted
+                )
+                for v in m.variants
+            ],
+            has_lift=m.lift is not None,
+        )
+        if m.lift is not None:
+            reply.lift.CopyFrom(
+                engagement_pb2.Lift(
+                    treated_rate=m.lift.treated_rate,
+                    holdout_rate=m.lift.holdout_rate,
+                    lift=m.lift.lift,
+                    ci_low=m.lift.ci_low,
+                    ci_high=m.lift.ci_high,
+                )
+            )
+        return reply
+
+    async def IngestEvent(
+        self, request: engagement_pb2.IngestEventRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.IngestEventResponse:
+        try:
+            event_id = uuid.UUID(request.event_id)
+        except ValueError:
+            raise InvalidArgument(
+                "event_id must be a UUID", code="INVALID_EVENT_ID", field="event_id"
+            ) from None
+        async with self._db.unit_of_work() as uow:
+            first = await uow.conn.fetchval(
+                "INSERT INTO engagement.processed_events (consumer, event_id)"
+                " VALUES ('ingest', $1) ON CONFLICT DO NOTHING RETURNING true",
+                event_id,
+            )
+            if not first:
+                return engagement_pb2.IngestEventResponse(duplicate=True)
+            result = await self._handlers.ingest(
+                uow,
+                request.event,
+                request.member_id,
+                dict(request.attributes),
+                to_datetime(request.occurred_at),
+            )
+        return engagement_pb2.IngestEventResponse(
+            parked=result.parked, enrolled_journeys=result.enrolled
+        )
+
+    async def Unsubscribe(
+        self, request: engagement_pb2.UnsubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.UnsubscribeResponse:
+        async with self._db.unit_of_work() as uow:
+            await self._handlers.unsubscribe(uow, request.member_id, list(request.channels))
+        return engagement_pb2.UnsubscribeResponse()
+
+    async def SetConsent(
+        self, request: engagement_pb2.SetConsentRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.SetConsentResponse:
+        async with self._db.unit_of_work() as uow:
+            await self._handlers.set_consent(
+                uow,
+                request.member_id,
+                list(request.channels),
+                request.granted,
+                request.source or "api",
+            )
+        return engagement_pb2.SetConsentResponse()
+
+    async def SetNonPersonalised(
+        self, request: engagement_pb2.SetNonPersonalisedRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.SetNonPersonalisedResponse:
+        async with self._db.unit_of_work() as uow:
+            await self._handlers.set_non_personalised(
+                uow, request.member_id, request.non_personalised
+            )
+        return engagement_pb2.SetNonPersonalisedResponse()

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 import phonenumbers
 
 from servicekit.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .policy import IdentityPolicy
 
 # Values clients send when they have nothing; never an identifier.
 PLACEHOLDER_VALUES = frozenset({"", "null", "none", "undefined", "nil", "nan", "0", "-"})
@@ -105,3 +112,225 @@ def dedupe(observed: list[ObservedIdentifier]) -> list[ObservedIdentifier]:
         if seen is None or (ident.verified and not seen.verified):
             by_key[ident.key] = ident
     return sorted(by_key.values(), key=lambda i: i.key)
+
+
+# ---- OneID: limits and survivorship ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Holding:
+    """An identity a member holds, as far as per-type limits care."""
+
+    id_type: IdType
+    namespace: str
+    verified: bool
+
+
+def _limit_counts(holdings: list[Holding], per_namespace: bool) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for h in holdings:
+        scope = h.namespace if per_namespace else ""
+        counts[(h.id_type.value, scope)] = counts.get((h.id_type.value, scope), 0) + 1
+        if h.verified:
+            key = (f"{h.id_type.value}_verified", scope)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def limit_violations(policy: IdentityPolicy, members: list[list[Holding]]) -> list[str]:
+    """Limits that uniting these members' identities would break, e.g.
+    ["phone_verified", "wechat_unionid"]; empty when the union is allowed.
+
+    A limit an operator already overrode on one member (it holds more than
+    the limit) is not broken again by a union that adds nothing to it.
+    """
+    broken: set[str] = set()
+    for id_type, spec in policy.types.items():
+        limits = {id_type.value: spec.max_per_member}
+        limits[f"{id_type.value}_verified"] = spec.max_verified_per_member
+        per_member = [
+            _limit_counts([h for h in held if h.id_type is id_type], spec.per_namespace)
+            for held in members
+        ]
+        union: dict[tuple[str, str], int] = {}
+        for counts in per_member:
+            for key, n in counts.items():
+                union[key] = union.get(key, 0) + n
+        for (name, scope), n in union.items():
+            limit = limits.get(name)
+            if limit is None or n <= limit:
+                continue
+            if n > max(c.get((name, scope), 0) for c in per_member):
+                broken.add(name)
+    return sorted(broken)
+
+
+def choose_survivor(members: list[tuple[datetime, str]]) -> str:
+    """The oldest member survives (ties by id): deterministic whatever the order."""
+    return min(members)[1]
+
+
+# ---- profile and consent survivorship --------------------------------------
+
+
+PROFILE_FIELDS = (
+    "nickname",
+    "birthday",
+    "gender",
+    "registration_store_id",
+    "acquisition_channel",
+    "acquisition_campaign",
+)
+MAX_PROFILE_VALUE = 64
+
+
+@dataclass(frozen=True)
+class Observation:
+    member_id: str
+    field: str
+    value: str
+    source: str
+    verified: bool
+    observed_at: datetime
+
+
+def effective_profile(observations: list[Observation]) -> dict[str, str]:
+    """Per field: the most recent verified value, else the most recent value."""
+    out: dict[str, str] = {}
+    for name in PROFILE_FIELDS:
+        seen = [o for o in observations if o.field == name]
+        if not seen:
+            continue
+        verified = [o for o in seen if o.verified]
+        pick = max(verified or seen, key=lambda o: o.observed_at)
+        out[name] = pick.value
+    return out
+
+
+class ConsentPurpose(enum.StrEnum):
+    MARKETING = "marketing"
+    PERSONALISATION = "personalisation"
+
+
+class ConsentChannel(enum.StrEnum):
+    WECOM = "wecom"
+    SMS = "sms"
+    MINI_PROGRAM = "mini_program"
+    APP_PUSH = "app_push"
+    ALL = "all"
+
+
+MARKETING_CHANNELS = (
+    ConsentChannel.WECOM,
+    ConsentChannel.SMS,
+    ConsentChannel.MINI_PROGRAM,
+    ConsentChannel.APP_PUSH,
+)
+CONSENT_KEYS: tuple[tuple[ConsentPurpose, ConsentChannel], ...] = (
+    *((ConsentPurpose.MARKETING, c) for c in MARKETING_CHANNELS),
+    (ConsentPurpose.PERSONALISATION, ConsentChannel.ALL),
+)
+
+
+def check_consent_key(purpose: ConsentPurpose, channel: ConsentChannel) -> None:
+    if (purpose, channel) not in CONSENT_KEYS:
+        raise InvalidArgument(
+            f"{purpose} consent is not given per {channel}",
+            code="INVALID_CONSENT_CHANNEL",
+            field="channel",
+        )
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    member_id: str
+    purpose: ConsentPurpose
+    channel: ConsentChannel
+    granted: bool
+    source: str
+    actor: str
+    recorded_at: datetime
+
+
+def effective_consent(
+    records: list[ConsentRecord], root_id: str, last_merge_at: datetime | None
+) -> dict[tuple[ConsentPurpose, ConsentChannel], ConsentRecord]:
+    """Per purpose and channel, over a merged cluster: the latest explicit
+    choice made on the merged member after its last merge wins; otherwise the
+    most restrictive of each member's own latest choice. No record: no consent."""
+    out: dict[tuple[ConsentPurpose, ConsentChannel], ConsentRecord] = {}
+    for key in CONSENT_KEYS:
+        mine = [r for r in records if (r.purpose, r.channel) == key]
+        if not mine:
+            continue
+        after_merge = [
+            r
+            for r in mine
+            if r.member_id == root_id and (last_merge_at is None or r.recorded_at > last_merge_at)
+        ]
+        if after_merge:
+            out[key] = max(after_merge, key=lambda r: r.recorded_at)
+            continue
+        latest_each: dict[str, ConsentRecord] = {}
+        for r in mine:
+            seen = latest_each.get(r.member_id)
+            if seen is None or r.recorded_at > seen.recorded_at:
+                latest_each[r.member_id] = r
+        refused = [r for r in latest_each.values() if not r.granted]
+        out[key] = max(refused or latest_each.values(), key=lambda r: r.recorded_at)
+    return out
+
+
+# ---- dynamic member code ---------------------------------------------------
+
+CODE_WINDOW_SECONDS = 30
+# A code is accepted in its own window and the next: valid 30 to 60 seconds.
+CODE_WINDOWS_ACCEPTED = 2
+CODE_PREFIX = "8"
+CODE_LENGTH = 20
+_NUMBER_DIGITS = 10
+_MAC_DIGITS = 8
+
+
+class CodeVerdict(enum.StrEnum):
+    VALID = "valid"
+    EXPIRED = "expired"
+    FORGED = "forged"
+
+
+def _code_mac(secret: bytes, member_number: str, window: int) -> str:
+    digest = hmac.new(secret, f"member-code|{member_number}|{window}".encode(), hashlib.sha256)
+    return f"{int.from_bytes(digest.digest()[:8], 'big') % 10**_MAC_DIGITS:0{_MAC_DIGITS}d}"
+
+
+def member_code(secret: bytes, member_number: str, window: int) -> str:
+    """20 digits: prefix, window digit, member number, truncated HMAC."""
+    return (
+        f"{CODE_PREFIX}{window % 10}{int(member_number):0{_NUMBER_DIGITS}d}"
+        f"{_code_mac(secret, member_number, window)}"
+    )
+
+
+def parse_member_code(code: str) -> tuple[int, str, str]:
+    """(window digit, member number, mac) of a well-formed code."""
+    text = code.strip()
+    if len(text) != CODE_LENGTH or not text.isdigit() or not text.startswith(CODE_PREFIX):
+        raise InvalidArgument(
+            f"code must be {CODE_LENGTH} digits starting with {CODE_PREFIX}",
+            code="MALFORMED_MEMBER_CODE",
+            field="code",
+        )
+    number = str(int(text[2 : 2 + _NUMBER_DIGITS]))
+    return int(text[1]), number, text[2 + _NUMBER_DIGITS :]
+
+
+def check_member_code(secret: bytes, code: str, now_window: int) -> tuple[CodeVerdict, str]:
+    """(verdict, member number). The window digit names one window among the
+    last ten; a valid MAC for an older one than accepted is expired."""
+    digit, number, mac = parse_member_code(code)
+    window = now_window - ((now_window - digit) % 10)
+    if not hmac.compare_digest(_code_mac(secret, number, window), mac):
+        return CodeVerdict.FORGED, number
+    if now_window - window >= CODE_WINDOWS_ACCEPTED:
+        return CodeVerdict.EXPIRED, number
+    return CodeVerdict.VALID, number

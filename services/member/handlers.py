@@ -1,33 +1,152 @@
-"""Use cases of the member service, each given a unit of work."""
+"""Use cases of the member service, each given a unit of work.
+
+Identify (OneID) in one transaction:
+1. junk values (blocklist) are dropped; a call of nothing but junk is refused;
+2. advisory locks on the sorted keyed hashes of the request key and every
+   identifier serialise calls that share one;
+3. the identifiers' owners are looked up, an identifier seen with more than
+   N members is quarantined, the owners' rows are locked in id order and the
+   lookup is repeated: if anything moved meanwhile (a merge or unmerge that
+   committed between our read and our lock) the transaction is retried;
+4. owners are merged only when the call carries a merge key (policy) and the
+   union breaks no per-type limit and no do-not-merge pair; a limit break
+   opens a review instead;
+5. unowned identifiers are attached to the member the call resolved to.
+"""
 
 from __future__ import annotations
 
+import itertools
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 
 from google.protobuf import timestamp_pb2
 
 from loyalty.events.v1 import events_pb2
-from servicekit.db import UnitOfWork
-from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound
+from servicekit.db import Connection, UnitOfWork
+from servicekit.errors import (
+    Conflict,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 
 from . import repository as repo
-from .domain import IdType, ObservedIdentifier, dedupe, mask
+from .domain import (
+    CODE_WINDOW_SECONDS,
+    CODE_WINDOWS_ACCEPTED,
+    MAX_PROFILE_VALUE,
+    CodeVerdict,
+    ConsentChannel,
+    ConsentPurpose,
+    ConsentRecord,
+    Holding,
+    IdType,
+    ObservedIdentifier,
+    check_consent_key,
+    check_member_code,
+    choose_survivor,
+    effective_consent,
+    effective_profile,
+    limit_violations,
+    mask,
+    member_code,
+)
 from .pii import PiiVault
-from .repository import IdentityRow, MemberRecord
+from .policy import IdentityPolicy
+from .repository import IdentityRow, MemberRecord, MergeRow, ReviewRow
 
 MAX_IDENTIFIERS_PER_CALL = 10
+MAX_TEXT = 128
+
+Ref = tuple[str, str, bytes]
+
+
+class IdentifyRace(Exception):
+    """What the call read moved before it could lock it: retry the transaction."""
 
 
 @dataclass(frozen=True)
 class Identified:
-    member: MemberRecord
+    member: MemberRecord | None
     created: bool
+    merged_member_ids: list[str] = field(default_factory=list)
+    review_id: str = ""
+    # (index in the request, reason)
+    ignored: list[tuple[int, str]] = field(default_factory=list)
+    replayed: bool = False
+    # Raised by the caller after commit: the call's own writes (a quarantine)
+    # must persist even though it resolves no member.
+    refusal: DomainError | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    member_id: str
+    fields: dict[str, str]
+    consents: dict[tuple[ConsentPurpose, ConsentChannel], ConsentRecord]
+
+    @property
+    def personalisation_allowed(self) -> bool:
+        record = self.consents.get((ConsentPurpose.PERSONALISATION, ConsentChannel.ALL))
+        return bool(record and record.granted)
+
+
+@dataclass(frozen=True)
+class IssuedCode:
+    code: str
+    expires_at: datetime
+    refresh_after_seconds: int
+
+
+def _ts(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def _required_text(value: str, field_name: str, limit: int = MAX_TEXT) -> str:
+    text = value.strip()
+    if not text:
+        raise InvalidArgument(
+            f"{field_name} is required", code=f"{field_name.upper()}_REQUIRED", field=field_name
+        )
+    if len(text) > limit:
+        raise InvalidArgument(
+            f"{field_name} is longer than {limit} characters",
+            code="VALUE_TOO_LONG",
+            field=field_name,
+        )
+    return text
+
+
+def parse_member_id(member_id: str, field_name: str = "member_id") -> str:
+    try:
+        return str(uuid.UUID(member_id))
+    except ValueError:
+        raise InvalidArgument(
+            f"{field_name} is not a member id", code="INVALID_MEMBER_ID", field=field_name
+        ) from None
 
 
 class MemberHandlers:
-    def __init__(self, vault: PiiVault) -> None:
+    def __init__(
+        self,
+        vault: PiiVault,
+        policy: IdentityPolicy,
+        code_secret: bytes,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._vault = vault
+        self.policy = policy
+        self._code_secret = code_secret
+        self._clock = clock
+
+    # ---- helpers --------------------------------------------------------------
 
     def _row(self, ident: ObservedIdentifier) -> IdentityRow:
         return IdentityRow(
@@ -37,16 +156,52 @@ class MemberHandlers:
             value_cipher=self._vault.encrypt(ident.value),
             value_masked=mask(ident.id_type, ident.value),
             verified=ident.verified,
+            key_id=self._vault.active_key_id,
         )
 
-    async def identify(
-        self, uow: UnitOfWork, observed: list[ObservedIdentifier], source: str
-    ) -> Identified:
-        """Find the member owning the identifiers, or enrol one; attach the rest.
+    def _ref(self, ident: ObservedIdentifier) -> Ref:
+        return (ident.id_type.value, ident.namespace, self._vault.lookup_hash(ident.key))
 
-        Identifiers that point at two different members are a conflict for the
-        OneID merge process, never a silent merge here.
-        """
+    async def _live_root(
+        self, conn: Connection, member_id: str, field_name: str = "member_id"
+    ) -> str:
+        resolved = await repo.resolve(conn, parse_member_id(member_id, field_name))
+        if resolved is None:
+            raise NotFound(
+                f"member {member_id} does not exist", code="UNKNOWN_MEMBER", field=field_name
+            )
+        root, status = resolved
+        if status == "erased":
+            raise NotFound(f"member {member_id} was erased", code="MEMBER_ERASED", field=field_name)
+        return root
+
+    async def _member(self, conn: Connection, member_id: str) -> MemberRecord:
+        member = await repo.get_member(conn, member_id)
+        assert member is not None, "a resolved member id must exist"
+        return member
+
+    def _priority(self, ident: ObservedIdentifier) -> int:
+        return self.policy.of(ident.id_type).priority
+
+    # ---- identify ---------------------------------------------------------------
+
+    def _request_hash(self, idents: list[ObservedIdentifier], source: str, reenrol: bool) -> bytes:
+        canonical = "\n".join(
+            [f"{i.key}|{int(i.verified)}" for i in sorted(idents, key=lambda i: i.key)]
+            + [f"source|{source}", f"reenrol|{int(reenrol)}"]
+        )
+        return self._vault.lookup_hash(canonical)
+
+    async def identify(
+        self,
+        uow: UnitOfWork,
+        observed: list[ObservedIdentifier],
+        source: str,
+        request_key: str,
+        reenrol: bool = False,
+    ) -> Identified:
+        """Find the member owning the identifiers, enrol one, or merge several."""
+        request_key = _required_text(request_key, "request_key")
         if not observed:
             raise InvalidArgument(
                 "at least one identifier is required", code="NO_IDENTIFIER", field="identifiers"
@@ -57,53 +212,648 @@ class MemberHandlers:
                 code="TOO_MANY_IDENTIFIERS",
                 field="identifiers",
             )
-        idents = dedupe(observed)
-        rows = [self._row(i) for i in idents]
-        conn = uow.conn
-        await repo.lock_identifier_hashes(conn, [r.value_hash for r in rows])
-        owners = await repo.members_owning(conn, rows)
-        member_ids = sorted({m for m, _ in owners})
-        phone = next((i for i in idents if i.id_type is IdType.PHONE), None)
-        phone_masked = mask(IdType.PHONE, phone.value) if phone else ""
-        if len(member_ids) > 1:
-            raise FailedPrecondition(
-                "the identifiers belong to different members; merging them needs OneID review",
-                code="IDENTITY_CONFLICT",
-                field="identifiers",
+        if len(source) > MAX_TEXT:
+            raise InvalidArgument(
+                f"source is longer than {MAX_TEXT} characters",
+                code="VALUE_TOO_LONG",
+                field="source",
             )
-        if member_ids:
-            member = await repo.get_member(conn, member_ids[0])
-            assert member is not None, "identity points at a missing member"
-            created = False
-            if phone_masked and not member.phone_masked:
-                await repo.set_phone_masked_if_missing(conn, member.member_id, phone_masked)
-                member = MemberRecord(
-                    member.member_id, member.member_number, member.registered_at, phone_masked
+        ignored: list[tuple[int, str]] = []
+        # One entry per identifier (the verified copy wins), remembering its index.
+        first_index: dict[str, int] = {}
+        by_key: dict[str, ObservedIdentifier] = {}
+        for n, ident in enumerate(observed):
+            if self.policy.is_junk(ident.id_type, ident.value):
+                ignored.append((n, "JUNK"))
+                continue
+            seen = by_key.get(ident.key)
+            if seen is None or (ident.verified and not seen.verified):
+                by_key[ident.key] = ident
+            first_index.setdefault(ident.key, n)
+        if not by_key:
+            n = ignored[0][0]
+            raise InvalidArgument(
+                f"identifiers[{n}].value is a placeholder or test value, never an identifier",
+                code="JUNK_IDENTIFIER",
+                field=f"identifiers[{n}].value",
+            )
+        idents = sorted(by_key.values(), key=lambda i: i.key)
+        conn = uow.conn
+        request_hash = self._request_hash(list(by_key.values()), source, reenrol)
+        rows = {i.key: self._row(i) for i in idents}
+        await repo.lock_hashes(
+            conn,
+            [self._vault.lookup_hash(f"request|{request_key}")]
+            + [r.value_hash for r in rows.values()],
+        )
+
+        prior = await repo.prior_request(conn, request_key)
+        if prior is not None:
+            return await self._replay(conn, prior, request_hash)
+
+        suppressed = await repo.suppressed(
+            conn, [self._vault.suppression_hash(i.key) for i in idents]
+        )
+        if suppressed:
+            if not reenrol:
+                hit = next(i for i in idents if self._vault.suppression_hash(i.key) in suppressed)
+                n = first_index[hit.key]
+                raise FailedPrecondition(
+                    f"identifiers[{n}] belonged to an erased member; enrolling it again needs"
+                    " the person's explicit re-enrolment (reenrol)",
+                    code="IDENTIFIER_ERASED",
+                    field=f"identifiers[{n}]",
                 )
+            await repo.unsuppress(conn, sorted(suppressed))
+
+        refs = [rows[i.key].ref for i in idents]
+        found = await repo.find_identities(conn, refs)
+        quarantined = await repo.quarantined_refs(conn, refs)
+        call_roots = {found[r].member_id for r in refs if r in found and r not in quarantined}
+        links = await repo.linked_roots(conn, refs)
+        for ident in idents:
+            ref = rows[ident.key].ref
+            if ref in quarantined:
+                continue
+            prospective = links.get(ref, set()) | call_roots
+            if len(prospective) > self.policy.quarantine_after_members:
+                await repo.quarantine(conn, rows[ident.key], len(prospective))
+                quarantined.add(ref)
+        active = [i for i in idents if rows[i.key].ref not in quarantined]
+        ignored += [(first_index[i.key], "QUARANTINED") for i in idents if i not in active]
+        if not active:
+            n = min(first_index[i.key] for i in idents)
+            return Identified(
+                None,
+                False,
+                ignored=sorted(ignored),
+                refusal=FailedPrecondition(
+                    f"identifiers[{n}] is quarantined: it links too many members to be trusted",
+                    code="IDENTIFIER_QUARANTINED",
+                    field=f"identifiers[{n}]",
+                ),
+            )
+
+        # Owners (identities always sit on a live root: merges move them).
+        owner_of = {
+            i.key: found[rows[i.key].ref].member_id for i in active if rows[i.key].ref in found
+        }
+        roots = sorted(set(owner_of.values()))
+        states = await repo.lock_members(conn, roots)
+        again = await repo.find_identities(conn, [rows[i.key].ref for i in active])
+        if {
+            k: again[rows[k].ref].member_id for k in owner_of if rows[k].ref in again
+        } != owner_of or any(s.merged_into or s.status != "active" for s in states.values()):
+            raise IdentifyRace()
+        if any(rows[i.key].ref in again for i in active if i.key not in owner_of):
+            raise IdentifyRace()
+
+        best: dict[str, int] = {}
+        for ident in active:
+            owner = owner_of.get(ident.key)
+            if owner is not None:
+                best[owner] = max(best.get(owner, -(10**9)), self._priority(ident))
+        merge_keys = [i for i in active if self.policy.of(i.id_type).may_merge(i.verified)]
+        evidence = [
+            f"{i.id_type}:{rows[i.key].value_masked}{' (verified)' if i.verified else ''}"
+            for i in active
+        ]
+
+        created = False
+        merged: list[str] = []
+        review_id = ""
+        target: str
+        if len(roots) > 1 and merge_keys:
+            new_holdings = [
+                Holding(i.id_type, i.namespace, i.verified) for i in active if i.key not in owner_of
+            ]
+            held = await repo.holdings(conn, roots)
+            violations = limit_violations(self.policy, [held[r] for r in roots] + [new_holdings])
+            apart = await repo.do_not_merge_among(conn, roots)
+            # An operator already said these stay apart: no new review either.
+            if violations and not apart:
+                review_id = await repo.open_review(
+                    conn,
+                    roots,
+                    "LIMIT_EXCEEDED:" + ",".join(violations),
+                    f"merging would give one member more than allowed: {', '.join(violations)}",
+                    evidence,
+                )
+            if violations or apart:
+                target = self._by_priority(best, states)
+            else:
+                survivor = choose_survivor([(states[r].registered_at, r) for r in roots])
+                key_type = max(merge_keys, key=self._priority).id_type
+                for absorbed in roots:
+                    if absorbed != survivor:
+                        await self._merge(
+                            uow, survivor, absorbed, f"identify:{key_type}", evidence, source, None
+                        )
+                        merged.append(absorbed)
+                target = survivor
+        elif roots:
+            target = self._by_priority(best, states)
         else:
-            member = await repo.insert_member(conn, source, phone_masked)
+            member = await repo.insert_member(conn, source)
+            target = member.member_id
             created = True
-            registered_at = timestamp_pb2.Timestamp()
-            registered_at.FromDatetime(member.registered_at)
+            number_ident = ObservedIdentifier(IdType.MEMBER_NUMBER, member.member_number, "", True)
+            await repo.attach_identities(conn, target, [self._row(number_ident)], source)
             await uow.emit(
                 events_pb2.MemberRegistered(
-                    member_id=member.member_id, source=source, registered_at=registered_at
+                    member_id=target, source=source, registered_at=_ts(member.registered_at)
                 ),
-                member_id=member.member_id,
+                member_id=target,
             )
-        await repo.attach_identities(conn, member.member_id, rows, source)
-        return Identified(member, created)
 
-    async def get(self, uow: UnitOfWork, member_id: str) -> MemberRecord:
-        try:
-            uuid.UUID(member_id)
-        except ValueError:
-            raise InvalidArgument(
-                "member_id is not a member id", code="INVALID_MEMBER_ID", field="member_id"
-            ) from None
-        member = await repo.get_member(uow.conn, member_id)
-        if member is None:
-            raise NotFound(
-                f"member {member_id} does not exist", code="UNKNOWN_MEMBER", field="member_id"
+        # Attach what nobody owns; upgrade what the target owns unverified.
+        held_now = (await repo.holdings(conn, [target]))[target]
+        to_attach: list[IdentityRow] = []
+        to_verify: list[int] = []
+        phones_changed = bool(merged)
+        for ident in sorted(active, key=self._priority, reverse=True):
+            owner = owner_of.get(ident.key)
+            n = first_index[ident.key]
+            if owner is not None and owner != target and owner not in merged:
+                ignored.append((n, "OWNED_ELSEWHERE"))
+                continue
+            holding = Holding(ident.id_type, ident.namespace, ident.verified)
+            if owner is None:
+                if limit_violations(self.policy, [held_now, [holding]]):
+                    ignored.append((n, "LIMIT"))
+                    continue
+                to_attach.append(rows[ident.key])
+                held_now.append(holding)
+                phones_changed |= ident.id_type is IdType.PHONE
+                continue
+            stored = again[rows[ident.key].ref]
+            if ident.verified and not stored.verified:
+                unverified = Holding(ident.id_type, ident.namespace, False)
+                rest = list(held_now)
+                rest.remove(unverified)
+                if limit_violations(self.policy, [rest, [holding]]):
+                    ignored.append((n, "LIMIT"))
+                    continue
+                to_verify.append(stored.identity_id)
+                held_now = [*rest, holding]
+                phones_changed |= ident.id_type is IdType.PHONE
+        if to_attach:
+            await repo.attach_identities(conn, target, to_attach, source)
+        if to_verify:
+            await repo.mark_verified(conn, to_verify)
+        if phones_changed:
+            await repo.refresh_phone_masked(conn, [target])
+        # Evidence for quarantine: who each identifier was seen with.
+        seen_with = set(roots) | {target}
+        await repo.insert_links(
+            conn, [(rows[i.key].ref, m) for i in active for m in sorted(seen_with)]
+        )
+        ignored.sort()
+        await repo.save_request(
+            conn,
+            request_key,
+            request_hash,
+            target,
+            created,
+            {"merged": merged, "review_id": review_id, "ignored": ignored},
+        )
+        return Identified(await self._member(conn, target), created, merged, review_id, ignored)
+
+    def _by_priority(self, best: dict[str, int], states: dict[str, repo.MemberState]) -> str:
+        """The member of the highest-priority identifier; the oldest on a tie."""
+        return min(best, key=lambda m: (-best[m], states[m].registered_at, m))
+
+    async def _replay(
+        self, conn: Connection, prior: repo.PriorRequest, request_hash: bytes
+    ) -> Identified:
+        if prior.request_hash != request_hash:
+            raise Conflict(
+                "request_key was already used for different identifiers",
+                code="IDEMPOTENCY_KEY_REUSED",
+                field="request_key",
             )
-        return member
+        root = await self._live_root(conn, prior.member_id)
+        outcome = prior.outcome
+        return Identified(
+            await self._member(conn, root),
+            prior.created,
+            list(outcome.get("merged", [])),
+            str(outcome.get("review_id", "")),
+            [(int(n), str(r)) for n, r in outcome.get("ignored", [])],
+            replayed=True,
+        )
+
+    # ---- merge / unmerge --------------------------------------------------------
+
+    async def _merge(
+        self,
+        uow: UnitOfWork,
+        survivor: str,
+        absorbed: str,
+        rule: str,
+        evidence: list[str],
+        actor: str,
+        review_id: str | None,
+    ) -> MergeRow:
+        """Absorb one live root into another; both rows are locked by the caller."""
+        conn = uow.conn
+        moved = await repo.move_identities(conn, absorbed, survivor)
+        repointed = await repo.repoint(conn, absorbed, survivor)
+        await repo.set_merged_into(conn, absorbed, survivor)
+        record = await repo.insert_merge(
+            conn, survivor, absorbed, rule, evidence, actor, review_id, moved, repointed
+        )
+        await repo.refresh_phone_masked(conn, [survivor, absorbed])
+        await uow.emit(
+            events_pb2.MemberMerged(
+                merge_id=record.merge_id,
+                survivor_member_id=survivor,
+                absorbed_member_id=absorbed,
+                rule=rule,
+                merged_at=_ts(record.merged_at),
+            ),
+            member_id=survivor,
+        )
+        return record
+
+    async def _merge_roots(
+        self,
+        uow: UnitOfWork,
+        member_ids: list[str],
+        rule: str,
+        evidence: list[str],
+        actor: str,
+        review_id: str | None,
+    ) -> tuple[str, list[MergeRow]]:
+        """Operator merges: every given member's cluster into the oldest root.
+        Per-type limits and do-not-merge pairs yield to the operator's decision."""
+        conn = uow.conn
+        roots = sorted({await self._live_root(conn, m, "member_ids") for m in member_ids})
+        states = await repo.lock_members(conn, roots)
+        if any(s.merged_into or s.status != "active" for s in states.values()):
+            raise Conflict(
+                "a member changed while merging; retry", code="MEMBER_CHANGED", field="member_ids"
+            )
+        if len(roots) < 2:
+            raise FailedPrecondition(
+                "these members are already one member", code="ALREADY_MERGED", field="member_ids"
+            )
+        survivor = choose_survivor([(states[r].registered_at, r) for r in roots])
+        await repo.remove_do_not_merge(conn, roots)
+        records = [
+            await self._merge(uow, survivor, r, rule, evidence, actor, review_id)
+            for r in roots
+            if r != survivor
+        ]
+        return survivor, records
+
+    async def merge_members(
+        self, uow: UnitOfWork, member_ids: list[str], operator: str, reason: str
+    ) -> tuple[MemberRecord, list[MergeRow]]:
+        operator = _required_text(operator, "operator")
+        reason = _required_text(reason, "reason", 500)
+        if len(member_ids) < 2:
+            raise InvalidArgument(
+                "name at least two members", code="TOO_FEW_MEMBERS", field="member_ids"
+            )
+        survivor, records = await self._merge_roots(
+            uow, member_ids, "operator", [f"reason:{reason}"], operator, None
+        )
+        return await self._member(uow.conn, survivor), records
+
+    async def unmerge(
+        self, uow: UnitOfWork, merge_id: str, operator: str, reason: str
+    ) -> tuple[MemberRecord, MemberRecord]:
+        operator = _required_text(operator, "operator")
+        reason = _required_text(reason, "reason", 500)
+        conn = uow.conn
+        merge = await repo.get_merge(conn, parse_member_id(merge_id, "merge_id"), for_update=True)
+        if merge is None:
+            raise NotFound(
+                f"merge {merge_id} does not exist", code="UNKNOWN_MERGE", field="merge_id"
+            )
+        if merge.status != "active":
+            raise FailedPrecondition(
+                f"merge {merge_id} is {merge.status}", code="MERGE_NOT_ACTIVE", field="merge_id"
+            )
+        states = await repo.lock_members(conn, [merge.survivor_id, merge.absorbed_id])
+        survivor, absorbed = states[merge.survivor_id], states[merge.absorbed_id]
+        if survivor.merged_into is not None:
+            newer = await repo.active_merge_absorbing(conn, merge.survivor_id)
+            raise FailedPrecondition(
+                f"member {merge.survivor_id} was merged again later"
+                + (f" (merge {newer.merge_id})" if newer else "")
+                + "; unmerge the newest merge first",
+                code="UNMERGE_NEWER_FIRST",
+                field="merge_id",
+            )
+        if absorbed.merged_into != merge.survivor_id:
+            raise FailedPrecondition(
+                "the absorbed member no longer points at the survivor",
+                code="MERGE_NOT_ACTIVE",
+                field="merge_id",
+            )
+        await repo.move_back(conn, merge)
+        await repo.set_merged_into(conn, merge.absorbed_id, None)
+        await repo.mark_unmerged(conn, merge.merge_id, operator, reason)
+        await repo.add_do_not_merge(
+            conn, [(merge.survivor_id, merge.absorbed_id)], f"unmerge:{merge.merge_id}"
+        )
+        await repo.refresh_phone_masked(conn, [merge.survivor_id, merge.absorbed_id])
+        await uow.emit(
+            events_pb2.MemberUnmerged(
+                merge_id=merge.merge_id,
+                survivor_member_id=merge.survivor_id,
+                restored_member_id=merge.absorbed_id,
+                unmerged_at=_ts(datetime.now(UTC)),
+            ),
+            member_id=merge.survivor_id,
+        )
+        return (
+            await self._member(conn, merge.survivor_id),
+            await self._member(conn, merge.absorbed_id),
+        )
+
+    # ---- review queue -----------------------------------------------------------
+
+    async def list_reviews(
+        self, uow: UnitOfWork, status: str, page_size: int, page_token: str
+    ) -> tuple[list[ReviewRow], str]:
+        status = status.strip() or "pending"
+        if status not in {"pending", "approved", "rejected", "closed"}:
+            raise InvalidArgument(
+                "status is pending, approved, rejected or closed",
+                code="INVALID_STATUS",
+                field="status",
+            )
+        if page_size < 0 or page_size > 500:
+            raise InvalidArgument(
+                "page_size is 0..500", code="INVALID_PAGE_SIZE", field="page_size"
+            )
+        limit = page_size or 50
+        after = None
+        if page_token:
+            try:
+                stamp, _, rid = page_token.partition("|")
+                after = (datetime.fromisoformat(stamp), str(uuid.UUID(rid)))
+            except ValueError:
+                raise InvalidArgument(
+                    "page_token is not one this API returned",
+                    code="INVALID_PAGE_TOKEN",
+                    field="page_token",
+                ) from None
+        rows = await repo.list_reviews(uow.conn, status, limit, after)
+        token = ""
+        if len(rows) == limit:
+            token = f"{rows[-1].created_at.isoformat()}|{rows[-1].review_id}"
+        return rows, token
+
+    async def _pending_review(self, uow: UnitOfWork, review_id: str) -> ReviewRow:
+        review = await repo.get_review(
+            uow.conn, parse_member_id(review_id, "review_id"), for_update=True
+        )
+        if review is None:
+            raise NotFound(
+                f"review {review_id} does not exist", code="UNKNOWN_REVIEW", field="review_id"
+            )
+        if review.status != "pending":
+            raise FailedPrecondition(
+                f"review {review_id} is already {review.status}",
+                code="REVIEW_DECIDED",
+                field="review_id",
+            )
+        return review
+
+    async def approve_review(
+        self, uow: UnitOfWork, review_id: str, operator: str, note: str
+    ) -> ReviewRow:
+        operator = _required_text(operator, "operator")
+        review = await self._pending_review(uow, review_id)
+        _, records = await self._merge_roots(
+            uow,
+            review.member_ids,
+            "review",
+            [*review.evidence, f"approved-by:{operator}"],
+            operator,
+            review.review_id,
+        )
+        return await repo.decide_review(
+            uow.conn, review.review_id, "approved", operator, note, [r.merge_id for r in records]
+        )
+
+    async def reject_review(
+        self, uow: UnitOfWork, review_id: str, operator: str, note: str
+    ) -> ReviewRow:
+        operator = _required_text(operator, "operator")
+        review = await self._pending_review(uow, review_id)
+        pairs = list(itertools.combinations(review.member_ids, 2))
+        await repo.add_do_not_merge(uow.conn, pairs, f"review:{review.review_id}")
+        return await repo.decide_review(uow.conn, review.review_id, "rejected", operator, note, [])
+
+    async def list_quarantined(self, uow: UnitOfWork, page_size: int) -> list[repo.QuarantineRow]:
+        return await repo.list_quarantined(uow.conn, min(max(page_size, 0), 500) or 100)
+
+    # ---- reads and PII -----------------------------------------------------------
+
+    def _pii_reader(self, include_pii: bool, accessor: str, purpose: str) -> tuple[str, str] | None:
+        if not include_pii:
+            return None
+        return _required_text(accessor, "accessor"), _required_text(purpose, "purpose", 500)
+
+    async def get(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        include_pii: bool = False,
+        accessor: str = "",
+        purpose: str = "",
+    ) -> tuple[MemberRecord, str]:
+        """The member (the survivor, for an absorbed id) and, with PII, its phone."""
+        reader = self._pii_reader(include_pii, accessor, purpose)
+        root = await self._live_root(uow.conn, member_id)
+        member = await self._member(uow.conn, root)
+        phone = ""
+        if reader is not None:
+            blob = await repo.phone_cipher(uow.conn, [root])
+            phone = self._vault.decrypt(blob) if blob else ""
+            await repo.audit_pii_read(uow.conn, root, reader[0], reader[1], ["phone"])
+        return member, phone
+
+    async def identities(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        include_pii: bool = False,
+        accessor: str = "",
+        purpose: str = "",
+    ) -> list[tuple[repo.IdentityView, str]]:
+        reader = self._pii_reader(include_pii, accessor, purpose)
+        root = await self._live_root(uow.conn, member_id)
+        views = await repo.identities_of(uow.conn, [root])
+        if reader is None:
+            return [(v, "") for v in views]
+        await repo.audit_pii_read(uow.conn, root, reader[0], reader[1], ["identities"])
+        return [(v, self._vault.decrypt(v.value_cipher)) for v in views]
+
+    async def reencrypt(self, uow: UnitOfWork, batch_size: int) -> tuple[int, int]:
+        if batch_size < 0 or batch_size > 10_000:
+            raise InvalidArgument(
+                "batch_size is 0..10000", code="INVALID_BATCH_SIZE", field="batch_size"
+            )
+        key_id = self._vault.active_key_id
+        rows = await repo.ciphers_not_under(uow.conn, key_id, batch_size or 1000)
+        await repo.replace_ciphers(
+            uow.conn, key_id, [(i, self._vault.encrypt(self._vault.decrypt(b))) for i, b in rows]
+        )
+        return len(rows), await repo.count_not_under(uow.conn, key_id)
+
+    # ---- profile and consent ------------------------------------------------------
+
+    async def profile(self, uow: UnitOfWork, member_id: str) -> Profile:
+        conn = uow.conn
+        root = await self._live_root(conn, member_id)
+        cluster = await repo.cluster_of(conn, root)
+        fields = effective_profile(await repo.observations(conn, cluster))
+        records = await repo.consents(conn, cluster)
+        consents = effective_consent(records, root, await repo.last_merge_at(conn, root))
+        return Profile(root, fields, consents)
+
+    async def update_profile(
+        self, uow: UnitOfWork, member_id: str, values: dict[str, str], source: str, verified: bool
+    ) -> Profile:
+        source = _required_text(source, "source")
+        if not values:
+            raise InvalidArgument(
+                "set at least one profile field", code="NO_PROFILE_FIELD", field="nickname"
+            )
+        clean: dict[str, str] = {}
+        for name, raw in values.items():
+            value = raw.strip()
+            if len(value) > MAX_PROFILE_VALUE:
+                raise InvalidArgument(
+                    f"{name} is longer than {MAX_PROFILE_VALUE} characters",
+                    code="VALUE_TOO_LONG",
+                    field=name,
+                )
+            if name == "birthday" and value:
+                try:
+                    day = date.fromisoformat(value)
+                except ValueError:
+                    raise InvalidArgument(
+                        "birthday is YYYY-MM-DD", code="INVALID_BIRTHDAY", field="birthday"
+                    ) from None
+                if day > datetime.now(UTC).date() or day.year < 1900:
+                    raise InvalidArgument(
+                        "birthday is not a plausible date",
+                        code="INVALID_BIRTHDAY",
+                        field="birthday",
+                    )
+            clean[name] = value
+        root = await self._live_root(uow.conn, member_id)
+        await repo.add_observations(uow.conn, root, clean, source, verified)
+        return await self.profile(uow, root)
+
+    async def set_consent(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        purpose: ConsentPurpose,
+        channel: ConsentChannel,
+        granted: bool,
+        source: str,
+        actor: str,
+    ) -> Profile:
+        check_consent_key(purpose, channel)
+        source = _required_text(source, "source")
+        actor = _required_text(actor, "actor")
+        root = await self._live_root(uow.conn, member_id)
+        await repo.add_consent(uow.conn, root, purpose, channel, granted, source, actor)
+        return await self.profile(uow, root)
+
+    async def consent_history(self, uow: UnitOfWork, member_id: str) -> list[ConsentRecord]:
+        root = await self._live_root(uow.conn, member_id)
+        return await repo.consents(uow.conn, await repo.cluster_of(uow.conn, root))
+
+    # ---- erasure ------------------------------------------------------------------
+
+    async def erase(
+        self, uow: UnitOfWork, member_id: str, operator: str, reason: str
+    ) -> tuple[list[str], int]:
+        operator = _required_text(operator, "operator")
+        reason = _required_text(reason, "reason", 500)
+        conn = uow.conn
+        root = await self._live_root(conn, member_id)
+        cluster = await repo.cluster_of(conn, root)
+        states = await repo.lock_members(conn, cluster)
+        if states[root].merged_into or set(await repo.cluster_of(conn, root)) != set(cluster):
+            raise Conflict("the member changed while erasing; retry", code="MEMBER_CHANGED")
+        hashes = []
+        for view in await repo.identities_of(conn, cluster):
+            id_type = IdType(view.id_type)
+            if id_type is IdType.MEMBER_NUMBER:
+                continue  # never reissued: nothing to recognise later
+            value = self._vault.decrypt(view.value_cipher)
+            hashes.append(
+                self._vault.suppression_hash(
+                    ObservedIdentifier(id_type, value, view.namespace, False).key
+                )
+            )
+        await repo.suppress(conn, hashes)
+        await repo.erase_cluster(conn, cluster)
+        await repo.audit_pii_read(conn, root, operator, f"erasure: {reason}", ["erasure"])
+        await uow.emit(
+            events_pb2.MemberErased(member_ids=cluster, erased_at=_ts(datetime.now(UTC))),
+            member_id=root,
+        )
+        return cluster, len(hashes)
+
+    # ---- dynamic member code ---------------------------------------------------
+
+    def _window(self) -> int:
+        return int(self._clock() // CODE_WINDOW_SECONDS)
+
+    async def issue_code(self, uow: UnitOfWork, member_id: str) -> IssuedCode:
+        root = await self._live_root(uow.conn, member_id)
+        member = await self._member(uow.conn, root)
+        now = self._clock()
+        window = int(now // CODE_WINDOW_SECONDS)
+        expires = (window + CODE_WINDOWS_ACCEPTED) * CODE_WINDOW_SECONDS
+        refresh = max(1, int((window + 1) * CODE_WINDOW_SECONDS - now))
+        return IssuedCode(
+            member_code(self._code_secret, member.member_number, window),
+            datetime.fromtimestamp(expires, UTC),
+            refresh,
+        )
+
+    async def redeem_code(self, uow: UnitOfWork, code: str, source: str) -> MemberRecord:
+        source = _required_text(source, "source")
+        verdict, number = check_member_code(self._code_secret, code, self._window())
+        if verdict is CodeVerdict.FORGED:
+            raise InvalidArgument(
+                "code is not a member code this brand issued",
+                code="MEMBER_CODE_INVALID",
+                field="code",
+            )
+        if verdict is CodeVerdict.EXPIRED:
+            raise FailedPrecondition(
+                "code has expired; ask the member to refresh it",
+                code="MEMBER_CODE_EXPIRED",
+                field="code",
+            )
+        member_id = await repo.member_by_number(uow.conn, number)
+        if member_id is None:
+            raise InvalidArgument(
+                "code is not a member code this brand issued",
+                code="MEMBER_CODE_INVALID",
+                field="code",
+            )
+        root = await self._live_root(uow.conn, member_id, "code")
+        if not await repo.use_member_code(
+            uow.conn, self._vault.lookup_hash(f"member-code|{code.strip()}"), root, source
+        ):
+            raise FailedPrecondition(
+                "code was already used; ask the member to refresh it",
+                code="MEMBER_CODE_USED",
+                field="code",
+            )
+        return await self._member(uow.conn, root)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from servicekit.db import Connection
 
-from .domain import IdType
+from .domain import (
+    ConsentChannel,
+    ConsentPurpose,
+    ConsentRecord,
+    Holding,
+    IdType,
+    Observation,
+)
+
+PHONE = IdType.PHONE.value
 
 
 @dataclass(frozen=True)
@@ -20,6 +32,16 @@ class MemberRecord:
 
 
 @dataclass(frozen=True)
+class MemberState:
+    """A member row as the merge logic needs it (read under FOR UPDATE)."""
+
+    member_id: str
+    registered_at: datetime
+    merged_into: str | None
+    status: str
+
+
+@dataclass(frozen=True)
 class IdentityRow:
     id_type: str
     namespace: str
@@ -27,66 +49,244 @@ class IdentityRow:
     value_cipher: bytes
     value_masked: str
     verified: bool
+    key_id: str = "k0"
+
+    @property
+    def ref(self) -> tuple[str, str, bytes]:
+        return (self.id_type, self.namespace, self.value_hash)
 
 
-def _record(row: object) -> MemberRecord:
+@dataclass(frozen=True)
+class StoredIdentity:
+    identity_id: int
+    id_type: str
+    namespace: str
+    value_hash: bytes
+    member_id: str
+    verified: bool
+
+    @property
+    def ref(self) -> tuple[str, str, bytes]:
+        return (self.id_type, self.namespace, self.value_hash)
+
+
+@dataclass(frozen=True)
+class IdentityView:
+    member_id: str
+    id_type: str
+    namespace: str
+    value_masked: str
+    value_cipher: bytes
+    verified: bool
+    source: str
+    attached_at: datetime
+
+
+@dataclass(frozen=True)
+class MergeRow:
+    merge_id: str
+    survivor_id: str
+    absorbed_id: str
+    rule: str
+    evidence: list[str]
+    status: str
+    merged_at: datetime
+    moved_identity_ids: list[int]
+    repointed_member_ids: list[str]
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    review_id: str
+    status: str
+    member_ids: list[str]
+    reason: str
+    detail: str
+    evidence: list[str]
+    created_at: datetime
+    decided_at: datetime | None
+    decided_by: str
+    note: str
+    merge_ids: list[str]
+
+
+@dataclass(frozen=True)
+class QuarantineRow:
+    id_type: str
+    namespace: str
+    value_masked: str
+    linked_members: int
+    quarantined_at: datetime
+
+
+@dataclass(frozen=True)
+class PriorRequest:
+    request_hash: bytes
+    member_id: str
+    created: bool
+    outcome: dict[str, Any]
+
+
+def _uuid(value: str) -> uuid.UUID:
+    return uuid.UUID(value)
+
+
+def _uuids(values: Iterable[str]) -> list[uuid.UUID]:
+    return [uuid.UUID(v) for v in values]
+
+
+def _record(row: Any) -> MemberRecord:
     return MemberRecord(
-        member_id=str(row["id"]),  # type: ignore[index]
-        member_number=row["member_number"],  # type: ignore[index]
-        registered_at=row["registered_at"],  # type: ignore[index]
-        phone_masked=row["phone_masked"] or "",  # type: ignore[index]
+        member_id=str(row["id"]),
+        member_number=row["member_number"],
+        registered_at=row["registered_at"],
+        phone_masked=row["phone_masked"] or "",
     )
 
 
-async def lock_identifier_hashes(conn: Connection, hashes: list[bytes]) -> None:
-    """Serialise concurrent identifies that share an identifier.
+def _unnest_refs(refs: list[tuple[str, str, bytes]]) -> tuple[list[str], list[str], list[bytes]]:
+    return [r[0] for r in refs], [r[1] for r in refs], [r[2] for r in refs]
 
-    Locks are taken in sorted order, so two calls with overlapping sets never
-    deadlock; they are transaction-scoped and released at commit.
+
+# ---- locking -----------------------------------------------------------------
+
+
+def advisory_key(value_hash: bytes) -> int:
+    """Signed 64-bit advisory lock key from the first 8 bytes of a keyed hash."""
+    return int.from_bytes(value_hash[:8], "big", signed=True)
+
+
+async def lock_hashes(conn: Connection, hashes: list[bytes]) -> None:
+    """Serialise concurrent calls that share an identifier (or a request key).
+
+    Keys are locked in ascending order, one statement; two calls with
+    overlapping sets therefore never deadlock on them. Transaction-scoped:
+    released at commit or rollback.
     """
-    for value_hash in sorted(hashes):
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(('x' || substr(encode($1::bytea, 'hex'), 1, 16))::bit(64)::bigint)",
-            value_hash,
-        )
-
-
-async def members_owning(conn: Connection, rows: list[IdentityRow]) -> list[tuple[str, str]]:
-    """(member_id, id_type) for every stored identity among `rows`."""
-    found = await conn.fetch(
-        "SELECT i.member_id, i.id_type FROM member.identities i"
-        " JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS q(t, n, h)"
-        " ON i.id_type = q.t AND i.namespace = q.n AND i.value_hash = q.h",
-        [r.id_type for r in rows],
-        [r.namespace for r in rows],
-        [r.value_hash for r in rows],
+    keys = sorted({advisory_key(h) for h in hashes})
+    await conn.execute(
+        "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS t(k)",
+        keys,
     )
-    return [(str(r["member_id"]), r["id_type"]) for r in found]
 
 
-async def insert_member(conn: Connection, source: str, phone_masked: str) -> MemberRecord:
+async def lock_members(conn: Connection, member_ids: Iterable[str]) -> dict[str, MemberState]:
+    """Row locks in id order (the one order every writer uses)."""
+    rows = await conn.fetch(
+        "SELECT id, registered_at, merged_into, status FROM member.members"
+        " WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
+        _uuids(sorted(set(member_ids))),
+    )
+    return {
+        str(r["id"]): MemberState(
+            str(r["id"]),
+            r["registered_at"],
+            str(r["merged_into"]) if r["merged_into"] else None,
+            r["status"],
+        )
+        for r in rows
+    }
+
+
+# ---- members -----------------------------------------------------------------
+
+
+async def insert_member(conn: Connection, source: str) -> MemberRecord:
     row = await conn.fetchrow(
-        "INSERT INTO member.members (id, member_number, registration_source, phone_masked)"
-        " VALUES ($1, nextval('member.member_number_seq')::text, $2, $3)"
+        "INSERT INTO member.members (id, member_number, registration_source)"
+        " VALUES ($1, nextval('member.member_number_seq')::text, $2)"
         " RETURNING id, member_number, registered_at, phone_masked",
         uuid.uuid4(),
         source,
-        phone_masked or None,
     )
     return _record(row)
+
+
+async def get_member(conn: Connection, member_id: str) -> MemberRecord | None:
+    row = await conn.fetchrow(
+        "SELECT id, member_number, registered_at, phone_masked FROM member.members WHERE id = $1",
+        _uuid(member_id),
+    )
+    return _record(row) if row else None
+
+
+async def resolve(conn: Connection, member_id: str) -> tuple[str, str] | None:
+    """(root member id, status) of a member id, following one union-find hop."""
+    row = await conn.fetchrow(
+        "SELECT coalesce(m.merged_into, m.id) AS root, r.status FROM member.members m"
+        " JOIN member.members r ON r.id = coalesce(m.merged_into, m.id) WHERE m.id = $1",
+        _uuid(member_id),
+    )
+    return (str(row["root"]), row["status"]) if row else None
+
+
+async def member_by_number(conn: Connection, number: str) -> str | None:
+    value = await conn.fetchval("SELECT id FROM member.members WHERE member_number = $1", number)
+    return str(value) if value else None
+
+
+async def cluster_of(conn: Connection, root_id: str) -> list[str]:
+    """The root and every member merged into it."""
+    rows = await conn.fetch(
+        "SELECT id FROM member.members WHERE id = $1 OR merged_into = $1 ORDER BY id",
+        _uuid(root_id),
+    )
+    return [str(r["id"]) for r in rows]
+
+
+async def refresh_phone_masked(conn: Connection, member_ids: Iterable[str]) -> None:
+    """Display phone = the member's verified phone, else its first phone."""
+    await conn.execute(
+        "UPDATE member.members m SET phone_masked = ("
+        "  SELECT i.value_masked FROM member.identities i"
+        "  WHERE i.member_id = m.id AND i.id_type = $2 ORDER BY i.verified DESC, i.id LIMIT 1)"
+        " WHERE m.id = ANY($1::uuid[])",
+        _uuids(member_ids),
+        PHONE,
+    )
+
+
+# ---- identities ----------------------------------------------------------------
+
+
+async def find_identities(
+    conn: Connection, refs: list[tuple[str, str, bytes]]
+) -> dict[tuple[str, str, bytes], StoredIdentity]:
+    types, namespaces, hashes = _unnest_refs(refs)
+    rows = await conn.fetch(
+        "SELECT i.id, i.id_type, i.namespace, i.value_hash, i.member_id, i.verified"
+        " FROM member.identities i"
+        " JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS q(t, n, h)"
+        " ON i.id_type = q.t AND i.namespace = q.n AND i.value_hash = q.h",
+        types,
+        namespaces,
+        hashes,
+    )
+    out = {}
+    for r in rows:
+        stored = StoredIdentity(
+            r["id"],
+            r["id_type"],
+            r["namespace"],
+            bytes(r["value_hash"]),
+            str(r["member_id"]),
+            r["verified"],
+        )
+        out[stored.ref] = stored
+    return out
 
 
 async def attach_identities(
     conn: Connection, member_id: str, rows: list[IdentityRow], source: str
 ) -> None:
+    """Callers hold the advisory locks of these identifiers, so none exists yet."""
     await conn.executemany(
-        "INSERT INTO member.identities"
-        " (member_id, id_type, namespace, value_hash, value_cipher, value_masked, verified, source)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        " ON CONFLICT (id_type, namespace, value_hash) DO NOTHING",
+        "INSERT INTO member.identities (member_id, id_type, namespace, value_hash,"
+        " value_cipher, value_masked, verified, source, key_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         [
             (
-                uuid.UUID(member_id),
+                _uuid(member_id),
                 r.id_type,
                 r.namespace,
                 r.value_hash,
@@ -94,26 +294,621 @@ async def attach_identities(
                 r.value_masked,
                 r.verified,
                 source,
+                r.key_id,
             )
             for r in rows
         ],
     )
 
 
-async def set_phone_masked_if_missing(conn: Connection, member_id: str, masked: str) -> None:
+async def mark_verified(conn: Connection, identity_ids: list[int]) -> None:
     await conn.execute(
-        "UPDATE member.members SET phone_masked = $2 WHERE id = $1 AND phone_masked IS NULL",
-        uuid.UUID(member_id),
-        masked,
+        "UPDATE member.identities SET verified = true WHERE id = ANY($1::bigint[])", identity_ids
     )
 
 
-async def get_member(conn: Connection, member_id: str) -> MemberRecord | None:
+async def holdings(conn: Connection, member_ids: Iterable[str]) -> dict[str, list[Holding]]:
+    ids = sorted(set(member_ids))
+    out: dict[str, list[Holding]] = {m: [] for m in ids}
+    rows = await conn.fetch(
+        "SELECT member_id, id_type, namespace, verified FROM member.identities"
+        " WHERE member_id = ANY($1::uuid[])",
+        _uuids(ids),
+    )
+    for r in rows:
+        out[str(r["member_id"])].append(
+            Holding(IdType(r["id_type"]), r["namespace"], r["verified"])
+        )
+    return out
+
+
+async def identity_ids_of(conn: Connection, member_id: str) -> list[int]:
+    rows = await conn.fetch(
+        "SELECT id FROM member.identities WHERE member_id = $1 ORDER BY id", _uuid(member_id)
+    )
+    return [r["id"] for r in rows]
+
+
+async def identities_of(conn: Connection, member_ids: Iterable[str]) -> list[IdentityView]:
+    rows = await conn.fetch(
+        "SELECT member_id, id_type, namespace, value_masked, value_cipher, verified, source,"
+        " created_at FROM member.identities WHERE member_id = ANY($1::uuid[]) ORDER BY id",
+        _uuids(member_ids),
+    )
+    return [
+        IdentityView(
+            str(r["member_id"]),
+            r["id_type"],
+            r["namespace"],
+            r["value_masked"],
+            bytes(r["value_cipher"]),
+            r["verified"],
+            r["source"],
+            r["created_at"],
+        )
+        for r in rows
+    ]
+
+
+async def phone_cipher(conn: Connection, member_ids: list[str]) -> bytes | None:
+    value = await conn.fetchval(
+        "SELECT value_cipher FROM member.identities WHERE member_id = ANY($1::uuid[])"
+        " AND id_type = $2 ORDER BY verified DESC, id LIMIT 1",
+        _uuids(member_ids),
+        PHONE,
+    )
+    return bytes(value) if value is not None else None
+
+
+async def ciphers_not_under(conn: Connection, key_id: str, limit: int) -> list[tuple[int, bytes]]:
+    rows = await conn.fetch(
+        "SELECT id, value_cipher FROM member.identities WHERE key_id <> $1"
+        " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        key_id,
+        limit,
+    )
+    return [(r["id"], bytes(r["value_cipher"])) for r in rows]
+
+
+async def replace_ciphers(conn: Connection, key_id: str, rows: list[tuple[int, bytes]]) -> None:
+    await conn.executemany(
+        "UPDATE member.identities SET value_cipher = $2, key_id = $3 WHERE id = $1",
+        [(identity_id, blob, key_id) for identity_id, blob in rows],
+    )
+
+
+async def count_not_under(conn: Connection, key_id: str) -> int:
+    return int(
+        await conn.fetchval("SELECT count(*) FROM member.identities WHERE key_id <> $1", key_id)
+    )
+
+
+# ---- quarantine and links --------------------------------------------------------
+
+
+async def quarantined_refs(
+    conn: Connection, refs: list[tuple[str, str, bytes]]
+) -> set[tuple[str, str, bytes]]:
+    types, namespaces, hashes = _unnest_refs(refs)
+    rows = await conn.fetch(
+        "SELECT q.id_type, q.namespace, q.value_hash FROM member.quarantined_identifiers q"
+        " JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS u(t, n, h)"
+        " ON q.id_type = u.t AND q.namespace = u.n AND q.value_hash = u.h",
+        types,
+        namespaces,
+        hashes,
+    )
+    return {(r["id_type"], r["namespace"], bytes(r["value_hash"])) for r in rows}
+
+
+async def linked_roots(
+    conn: Connection, refs: list[tuple[str, str, bytes]]
+) -> dict[tuple[str, str, bytes], set[str]]:
+    """For each identifier, the live members (union-find roots) it was seen with."""
+    types, namespaces, hashes = _unnest_refs(refs)
+    rows = await conn.fetch(
+        "SELECT l.id_type, l.namespace, l.value_hash, coalesce(m.merged_into, m.id) AS root"
+        " FROM member.identifier_links l"
+        " JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS u(t, n, h)"
+        " ON l.id_type = u.t AND l.namespace = u.n AND l.value_hash = u.h"
+        " JOIN member.members m ON m.id = l.member_id",
+        types,
+        namespaces,
+        hashes,
+    )
+    out: dict[tuple[str, str, bytes], set[str]] = {}
+    for r in rows:
+        out.setdefault((r["id_type"], r["namespace"], bytes(r["value_hash"])), set()).add(
+            str(r["root"])
+        )
+    return out
+
+
+async def insert_links(conn: Connection, links: list[tuple[tuple[str, str, bytes], str]]) -> None:
+    await conn.executemany(
+        "INSERT INTO member.identifier_links (id_type, namespace, value_hash, member_id)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        [(ref[0], ref[1], ref[2], _uuid(member_id)) for ref, member_id in links],
+    )
+
+
+async def quarantine(conn: Connection, row: IdentityRow, linked_members: int) -> None:
+    await conn.execute(
+        "INSERT INTO member.quarantined_identifiers"
+        " (id_type, namespace, value_hash, value_masked, linked_members)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        row.id_type,
+        row.namespace,
+        row.value_hash,
+        row.value_masked,
+        linked_members,
+    )
+
+
+async def list_quarantined(conn: Connection, limit: int) -> list[QuarantineRow]:
+    rows = await conn.fetch(
+        "SELECT id_type, namespace, value_masked, linked_members, quarantined_at"
+        " FROM member.quarantined_identifiers ORDER BY quarantined_at DESC LIMIT $1",
+        limit,
+    )
+    return [
+        QuarantineRow(
+            r["id_type"],
+            r["namespace"],
+            r["value_masked"],
+            r["linked_members"],
+            r["quarantined_at"],
+        )
+        for r in rows
+    ]
+
+
+# ---- idempotency ---------------------------------------------------------------
+
+
+async def prior_request(conn: Connection, request_key: str) -> PriorRequest | None:
     row = await conn.fetchrow(
-        "SELECT id, member_number, registered_at, phone_masked FROM member.members WHERE id = $1",
-        uuid.UUID(member_id),
+        "SELECT request_hash, member_id, created, outcome FROM member.identify_requests"
+        " WHERE request_key = $1",
+        request_key,
     )
-    return _record(row) if row else None
+    if row is None:
+        return None
+    return PriorRequest(
+        bytes(row["request_hash"]),
+        str(row["member_id"]),
+        row["created"],
+        json.loads(row["outcome"]),
+    )
 
 
-PHONE = IdType.PHONE.value
+async def save_request(
+    conn: Connection,
+    request_key: str,
+    request_hash: bytes,
+    member_id: str,
+    created: bool,
+    outcome: dict[str, Any],
+) -> None:
+    await conn.execute(
+        "INSERT INTO member.identify_requests"
+        " (request_key, request_hash, member_id, created, outcome) VALUES ($1, $2, $3, $4, $5)",
+        request_key,
+        request_hash,
+        _uuid(member_id),
+        created,
+        json.dumps(outcome),
+    )
+
+
+# ---- suppression (erased people) --------------------------------------------------
+
+
+async def suppressed(conn: Connection, hashes: list[bytes]) -> set[bytes]:
+    rows = await conn.fetch(
+        "SELECT suppression_hash FROM member.suppressed_identifiers"
+        " WHERE suppression_hash = ANY($1::bytea[])",
+        hashes,
+    )
+    return {bytes(r["suppression_hash"]) for r in rows}
+
+
+async def unsuppress(conn: Connection, hashes: list[bytes]) -> None:
+    await conn.execute(
+        "DELETE FROM member.suppressed_identifiers WHERE suppression_hash = ANY($1::bytea[])",
+        hashes,
+    )
+
+
+async def suppress(conn: Connection, hashes: list[bytes]) -> None:
+    await conn.executemany(
+        "INSERT INTO member.suppressed_identifiers (suppression_hash) VALUES ($1)"
+        " ON CONFLICT DO NOTHING",
+        [(h,) for h in hashes],
+    )
+
+
+# ---- merges ----------------------------------------------------------------------
+
+
+async def move_identities(conn: Connection, from_id: str, to_id: str) -> list[int]:
+    rows = await conn.fetch(
+        "UPDATE member.identities SET member_id = $2 WHERE member_id = $1 RETURNING id",
+        _uuid(from_id),
+        _uuid(to_id),
+    )
+    return sorted(r["id"] for r in rows)
+
+
+async def repoint(conn: Connection, from_root: str, to_root: str) -> list[str]:
+    """Flatten: members absorbed into `from_root` now point at `to_root`."""
+    rows = await conn.fetch(
+        "UPDATE member.members SET merged_into = $2 WHERE merged_into = $1 RETURNING id",
+        _uuid(from_root),
+        _uuid(to_root),
+    )
+    return sorted(str(r["id"]) for r in rows)
+
+
+async def set_merged_into(conn: Connection, member_id: str, root: str | None) -> None:
+    await conn.execute(
+        "UPDATE member.members SET merged_into = $2 WHERE id = $1",
+        _uuid(member_id),
+        _uuid(root) if root else None,
+    )
+
+
+async def insert_merge(
+    conn: Connection,
+    survivor_id: str,
+    absorbed_id: str,
+    rule: str,
+    evidence: list[str],
+    actor: str,
+    review_id: str | None,
+    moved: list[int],
+    repointed: list[str],
+) -> MergeRow:
+    row = await conn.fetchrow(
+        "INSERT INTO member.merges (id, survivor_id, absorbed_id, rule, evidence, actor,"
+        " review_id, moved_identity_ids, repointed_member_ids)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
+        uuid.uuid4(),
+        _uuid(survivor_id),
+        _uuid(absorbed_id),
+        rule,
+        json.dumps(evidence),
+        actor,
+        _uuid(review_id) if review_id else None,
+        moved,
+        _uuids(repointed),
+    )
+    return _merge_row(row)
+
+
+def _merge_row(row: Any) -> MergeRow:
+    return MergeRow(
+        merge_id=str(row["id"]),
+        survivor_id=str(row["survivor_id"]),
+        absorbed_id=str(row["absorbed_id"]),
+        rule=row["rule"],
+        evidence=json.loads(row["evidence"]),
+        status=row["status"],
+        merged_at=row["merged_at"],
+        moved_identity_ids=list(row["moved_identity_ids"]),
+        repointed_member_ids=[str(m) for m in row["repointed_member_ids"]],
+    )
+
+
+async def get_merge(conn: Connection, merge_id: str, for_update: bool = False) -> MergeRow | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(f"SELECT * FROM member.merges WHERE id = $1{lock}", _uuid(merge_id))
+    return _merge_row(row) if row else None
+
+
+async def active_merge_absorbing(conn: Connection, member_id: str) -> MergeRow | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM member.merges WHERE absorbed_id = $1 AND status = 'active'"
+        " ORDER BY merged_at DESC LIMIT 1",
+        _uuid(member_id),
+    )
+    return _merge_row(row) if row else None
+
+
+async def last_merge_at(conn: Connection, root_id: str) -> datetime | None:
+    value = await conn.fetchval(
+        "SELECT max(merged_at) FROM member.merges WHERE survivor_id = $1 AND status = 'active'",
+        _uuid(root_id),
+    )
+    return value  # type: ignore[no-any-return]
+
+
+async def move_back(conn: Connection, merge: MergeRow) -> tuple[list[int], list[str]]:
+    ids = await conn.fetch(
+        "UPDATE member.identities SET member_id = $2"
+        " WHERE id = ANY($3::bigint[]) AND member_id = $1 RETURNING id",
+        _uuid(merge.survivor_id),
+        _uuid(merge.absorbed_id),
+        merge.moved_identity_ids,
+    )
+    members = await conn.fetch(
+        "UPDATE member.members SET merged_into = $2"
+        " WHERE id = ANY($3::uuid[]) AND merged_into = $1 RETURNING id",
+        _uuid(merge.survivor_id),
+        _uuid(merge.absorbed_id),
+        _uuids(merge.repointed_member_ids),
+    )
+    return sorted(r["id"] for r in ids), sorted(str(r["id"]) for r in members)
+
+
+async def mark_unmerged(conn: Connection, merge_id: str, operator: str, reason: str) -> None:
+    await conn.execute(
+        "UPDATE member.merges SET status = 'unmerged', unmerged_at = now(), unmerged_by = $2,"
+        " unmerge_reason = $3 WHERE id = $1",
+        _uuid(merge_id),
+        operator,
+        reason,
+    )
+
+
+# ---- do-not-merge ----------------------------------------------------------------
+
+
+def _pair(a: str, b: str) -> tuple[uuid.UUID, uuid.UUID]:
+    x, y = sorted((_uuid(a), _uuid(b)))
+    return x, y
+
+
+async def add_do_not_merge(conn: Connection, pairs: list[tuple[str, str]], reason: str) -> None:
+    await conn.executemany(
+        "INSERT INTO member.do_not_merge (member_a, member_b, reason) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING",
+        [(*_pair(a, b), reason) for a, b in pairs if a != b],
+    )
+
+
+async def remove_do_not_merge(conn: Connection, roots: list[str]) -> None:
+    """An operator merged these clusters on purpose: forget pairs between them."""
+    await conn.execute(
+        "DELETE FROM member.do_not_merge d USING member.members a, member.members b"
+        " WHERE a.id = d.member_a AND b.id = d.member_b"
+        " AND coalesce(a.merged_into, a.id) = ANY($1::uuid[])"
+        " AND coalesce(b.merged_into, b.id) = ANY($1::uuid[])",
+        _uuids(roots),
+    )
+
+
+async def do_not_merge_among(conn: Connection, roots: list[str]) -> list[tuple[str, str]]:
+    """Root pairs among `roots` that an operator said must stay apart."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT coalesce(a.merged_into, a.id) AS ra, coalesce(b.merged_into, b.id) AS rb"
+        " FROM member.do_not_merge d"
+        " JOIN member.members a ON a.id = d.member_a JOIN member.members b ON b.id = d.member_b"
+        " WHERE coalesce(a.merged_into, a.id) = ANY($1::uuid[])"
+        " AND coalesce(b.merged_into, b.id) = ANY($1::uuid[])",
+        _uuids(roots),
+    )
+    return [(str(r["ra"]), str(r["rb"])) for r in rows if r["ra"] != r["rb"]]
+
+
+# ---- review queue ----------------------------------------------------------------
+
+
+def _review(row: Any) -> ReviewRow:
+    return ReviewRow(
+        review_id=str(row["id"]),
+        status=row["status"],
+        member_ids=[str(m) for m in row["member_ids"]],
+        reason=row["reason"],
+        detail=row["detail"],
+        evidence=json.loads(row["evidence"]),
+        created_at=row["created_at"],
+        decided_at=row["decided_at"],
+        decided_by=row["decided_by"] or "",
+        note=row["note"] or "",
+        merge_ids=[str(m) for m in row["merge_ids"]],
+    )
+
+
+async def open_review(
+    conn: Connection, member_ids: list[str], reason: str, detail: str, evidence: list[str]
+) -> str:
+    """One pending review per set of members: a repeat returns the open one."""
+    ids = _uuids(sorted(member_ids))
+    review_id = await conn.fetchval(
+        "INSERT INTO member.merge_reviews (id, member_ids, reason, detail, evidence)"
+        " VALUES ($1, $2, $3, $4, $5)"
+        " ON CONFLICT (member_ids) WHERE status = 'pending' DO NOTHING RETURNING id",
+        uuid.uuid4(),
+        ids,
+        reason,
+        detail,
+        json.dumps(evidence),
+    )
+    if review_id is None:
+        review_id = await conn.fetchval(
+            "SELECT id FROM member.merge_reviews WHERE member_ids = $1 AND status = 'pending'", ids
+        )
+    return str(review_id)
+
+
+async def get_review(
+    conn: Connection, review_id: str, for_update: bool = False
+) -> ReviewRow | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(
+        f"SELECT * FROM member.merge_reviews WHERE id = $1{lock}", _uuid(review_id)
+    )
+    return _review(row) if row else None
+
+
+async def list_reviews(
+    conn: Connection, status: str, limit: int, after: tuple[datetime, str] | None
+) -> list[ReviewRow]:
+    if after is None:
+        rows = await conn.fetch(
+            "SELECT * FROM member.merge_reviews WHERE status = $1 ORDER BY created_at, id LIMIT $2",
+            status,
+            limit,
+        )
+    else:
+        rows = await conn.fetch(
+            "SELECT * FROM member.merge_reviews WHERE status = $1 AND (created_at, id) > ($3, $4)"
+            " ORDER BY created_at, id LIMIT $2",
+            status,
+            limit,
+            after[0],
+            _uuid(after[1]),
+        )
+    return [_review(r) for r in rows]
+
+
+async def decide_review(
+    conn: Connection, review_id: str, status: str, operator: str, note: str, merge_ids: list[str]
+) -> ReviewRow:
+    row = await conn.fetchrow(
+        "UPDATE member.merge_reviews SET status = $2, decided_at = now(), decided_by = $3,"
+        " note = $4, merge_ids = $5 WHERE id = $1 RETURNING *",
+        _uuid(review_id),
+        status,
+        operator,
+        note,
+        _uuids(merge_ids),
+    )
+    return _review(row)
+
+
+# ---- profile and consent ---------------------------------------------------------
+
+
+async def add_observations(
+    conn: Connection, member_id: str, values: dict[str, str], source: str, verified: bool
+) -> None:
+    await conn.executemany(
+        "INSERT INTO member.profile_observations (member_id, field, value, source, verified)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        [(_uuid(member_id), k, v, source, verified) for k, v in values.items()],
+    )
+
+
+async def observations(conn: Connection, member_ids: list[str]) -> list[Observation]:
+    rows = await conn.fetch(
+        "SELECT member_id, field, value, source, verified, observed_at"
+        " FROM member.profile_observations WHERE member_id = ANY($1::uuid[]) ORDER BY id",
+        _uuids(member_ids),
+    )
+    return [
+        Observation(
+            str(r["member_id"]),
+            r["field"],
+            r["value"],
+            r["source"],
+            r["verified"],
+            r["observed_at"],
+        )
+        for r in rows
+    ]
+
+
+async def add_consent(
+    conn: Connection,
+    member_id: str,
+    purpose: ConsentPurpose,
+    channel: ConsentChannel,
+    granted: bool,
+    source: str,
+    actor: str,
+) -> None:
+    await conn.execute(
+        "INSERT INTO member.consent_records (member_id, purpose, channel, granted, source, actor)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        _uuid(member_id),
+        purpose.value,
+        channel.value,
+        granted,
+        source,
+        actor,
+    )
+
+
+async def consents(conn: Connection, member_ids: list[str]) -> list[ConsentRecord]:
+    rows = await conn.fetch(
+        "SELECT member_id, purpose, channel, granted, source, actor, recorded_at"
+        " FROM member.consent_records WHERE member_id = ANY($1::uuid[])"
+        " ORDER BY recorded_at, id",
+        _uuids(member_ids),
+    )
+    return [
+        ConsentRecord(
+            str(r["member_id"]),
+            ConsentPurpose(r["purpose"]),
+            ConsentChannel(r["channel"]),
+            r["granted"],
+            r["source"],
+            r["actor"],
+            r["recorded_at"],
+        )
+        for r in rows
+    ]
+
+
+# ---- PII audit, erasure, member codes ----------------------------------------------
+
+
+async def audit_pii_read(
+    conn: Connection, member_id: str, accessor: str, purpose: str, fields: list[str]
+) -> None:
+    await conn.execute(
+        "INSERT INTO member.pii_access_log (member_id, accessor, purpose, fields)"
+        " VALUES ($1, $2, $3, $4)",
+        _uuid(member_id),
+        accessor,
+        purpose,
+        fields,
+    )
+
+
+async def erase_cluster(conn: Connection, member_ids: list[str]) -> None:
+    """Everything personal of these members goes; ids stay as tombstones."""
+    ids = _uuids(member_ids)
+    await conn.execute("DELETE FROM member.identities WHERE member_id = ANY($1::uuid[])", ids)
+    await conn.execute("DELETE FROM member.identifier_links WHERE member_id = ANY($1::uuid[])", ids)
+    await conn.execute(
+        "DELETE FROM member.profile_observations WHERE member_id = ANY($1::uuid[])", ids
+    )
+    await conn.execute(
+        "DELETE FROM member.identify_requests WHERE member_id = ANY($1::uuid[])", ids
+    )
+    await conn.execute("DELETE FROM member.member_code_uses WHERE member_id = ANY($1::uuid[])", ids)
+    await conn.execute(
+        "UPDATE member.merges SET status = 'erased', evidence = '[]'::jsonb"
+        " WHERE survivor_id = ANY($1::uuid[]) OR absorbed_id = ANY($1::uuid[])",
+        ids,
+    )
+    await conn.execute(
+        "UPDATE member.merge_reviews SET status = 'closed', evidence = '[]'::jsonb,"
+        " decided_at = now(), decided_by = 'erasure'"
+        " WHERE status = 'pending' AND member_ids && $1::uuid[]",
+        ids,
+    )
+    await conn.execute(
+        "UPDATE member.members SET status = 'erased', erased_at = now(), phone_masked = NULL,"
+        " registration_source = 'erased' WHERE id = ANY($1::uuid[])",
+        ids,
+    )
+
+
+async def use_member_code(conn: Connection, code_hash: bytes, member_id: str, source: str) -> bool:
+    """True the first time a code is redeemed."""
+    # Codes live a minute; remembering ten is plenty and keeps the table small.
+    await conn.execute(
+        "DELETE FROM member.member_code_uses WHERE used_at < now() - interval '10 minutes'"
+    )
+    inserted = await conn.fetchval(
+        "INSERT INTO member.member_code_uses (code_hash, member_id, source) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        code_hash,
+        _uuid(member_id),
+        source,
+    )
+    return bool(inserted)

@@ -7,25 +7,31 @@ from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
 from .handlers import MemberHandlers
-from .pii import PiiVault
+from .pii import PiiVault, parse_keyring
+from .policy import load_policy
 from .schema import SCHEMA
 from .servicer import MemberServicer
+from .settings import member_settings
 
 NAME = "member"
 
 
 def build(settings: ServiceSettings) -> ServiceApp:
-    vault = PiiVault(settings.pii_key)
+    s = member_settings(settings)
+    # Bad keys or a bad policy stop the process here, before it serves anything.
+    vault = PiiVault(s.pii_key, parse_keyring(s.pii_encryption_keys), s.pii_active_key_id)
+    policy = load_policy(s.identity_policy_path or None)
+    handlers = MemberHandlers(vault, policy, s.member_code_secret.encode())
 
     def wire(app: ServiceApp) -> None:
         assert app.db is not None and app.server is not None
         member_pb2_grpc.add_MemberServiceServicer_to_server(
-            MemberServicer(app.db, MemberHandlers(vault)), app.server
+            MemberServicer(app.db, handlers, s.identify_max_attempts), app.server
         )
 
     return ServiceApp(
         NAME,
-        settings,
+        s,
         services=[member_pb2.DESCRIPTOR.services_by_name["MemberService"]],
         wire=wire,
         schema=SCHEMA,

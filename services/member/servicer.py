@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+
+import asyncpg
 import grpc
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from servicekit.db import Database
-from servicekit.errors import InvalidArgument
+from servicekit.errors import InvalidArgument, Unavailable
 from servicekit.protos import timestamp
 
-from .domain import IdType, normalise
-from .handlers import MemberHandlers
-from .repository import MemberRecord
+from .domain import PROFILE_FIELDS, ConsentChannel, ConsentPurpose, ConsentRecord, IdType, normalise
+from .handlers import Identified, IdentifyRace, MemberHandlers, Profile
+from .repository import MemberRecord, MergeRow, ReviewRow
 
 ID_TYPES = {
     member_pb2.IDENTIFIER_TYPE_PHONE: IdType.PHONE,
@@ -22,21 +26,106 @@ ID_TYPES = {
     member_pb2.IDENTIFIER_TYPE_DELIVERY_PLATFORM_ID: IdType.DELIVERY_PLATFORM_ID,
     member_pb2.IDENTIFIER_TYPE_MEMBER_NUMBER: IdType.MEMBER_NUMBER,
 }
+PROTO_ID_TYPES = {v: k for k, v in ID_TYPES.items()}
+
+PURPOSES = {
+    member_pb2.CONSENT_PURPOSE_MARKETING: ConsentPurpose.MARKETING,
+    member_pb2.CONSENT_PURPOSE_PERSONALISATION: ConsentPurpose.PERSONALISATION,
+}
+PROTO_PURPOSES = {v: k for k, v in PURPOSES.items()}
+CHANNELS = {
+    member_pb2.CONSENT_CHANNEL_WECOM: ConsentChannel.WECOM,
+    member_pb2.CONSENT_CHANNEL_SMS: ConsentChannel.SMS,
+    member_pb2.CONSENT_CHANNEL_MINI_PROGRAM: ConsentChannel.MINI_PROGRAM,
+    member_pb2.CONSENT_CHANNEL_APP_PUSH: ConsentChannel.APP_PUSH,
+    member_pb2.CONSENT_CHANNEL_ALL: ConsentChannel.ALL,
+}
+PROTO_CHANNELS = {v: k for k, v in CHANNELS.items()}
+GENDERS = {
+    member_pb2.GENDER_FEMALE: "female",
+    member_pb2.GENDER_MALE: "male",
+    member_pb2.GENDER_OTHER: "other",
+}
+PROTO_GENDERS = {v: k for k, v in GENDERS.items()}
+
+# Races a retry can win: our read moved before we locked it, or Postgres
+# broke a lock cycle the ordering rules could not prevent (operator paths).
+RETRYABLE = (
+    IdentifyRace,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.UniqueViolationError,
+)
 
 
-def member_message(member: MemberRecord) -> member_pb2.Member:
+def member_message(member: MemberRecord, phone: str = "") -> member_pb2.Member:
     return member_pb2.Member(
         member_id=member.member_id,
         member_number=member.member_number,
         phone_masked=member.phone_masked,
         registered_at=timestamp(member.registered_at),
+        phone=phone,
+    )
+
+
+def merge_message(row: MergeRow) -> member_pb2.MergeRecord:
+    return member_pb2.MergeRecord(
+        merge_id=row.merge_id,
+        survivor_member_id=row.survivor_id,
+        absorbed_member_id=row.absorbed_id,
+        rule=row.rule,
+        evidence=row.evidence,
+        merged_at=timestamp(row.merged_at),
+    )
+
+
+def review_message(row: ReviewRow) -> member_pb2.MergeReview:
+    return member_pb2.MergeReview(
+        review_id=row.review_id,
+        status=row.status,
+        member_ids=row.member_ids,
+        reason=row.reason,
+        detail=row.detail,
+        evidence=row.evidence,
+        created_at=timestamp(row.created_at),
+        decided_at=timestamp(row.decided_at),
+        decided_by=row.decided_by,
+        note=row.note,
+        merge_ids=row.merge_ids,
+    )
+
+
+def consent_message(record: ConsentRecord) -> member_pb2.Consent:
+    return member_pb2.Consent(
+        purpose=PROTO_PURPOSES[record.purpose],
+        channel=PROTO_CHANNELS[record.channel],
+        granted=record.granted,
+        source=record.source,
+        actor=record.actor,
+        recorded_at=timestamp(record.recorded_at),
+    )
+
+
+def profile_message(profile: Profile) -> member_pb2.Profile:
+    f = profile.fields
+    return member_pb2.Profile(
+        member_id=profile.member_id,
+        nickname=f.get("nickname", ""),
+        birthday=f.get("birthday", ""),
+        gender=PROTO_GENDERS.get(f.get("gender", ""), member_pb2.GENDER_UNSPECIFIED),
+        registration_store_id=f.get("registration_store_id", ""),
+        acquisition_channel=f.get("acquisition_channel", ""),
+        acquisition_campaign=f.get("acquisition_campaign", ""),
+        consents=[consent_message(r) for r in profile.consents.values()],
+        personalisation_allowed=profile.personalisation_allowed,
     )
 
 
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):
-    def __init__(self, db: Database, handlers: MemberHandlers) -> None:
+    def __init__(self, db: Database, handlers: MemberHandlers, max_attempts: int = 6) -> None:
         self._db = db
         self._handlers = handlers
+        self._max_attempts = max_attempts
 
     async def IdentifyMember(
         self, request: member_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
@@ -54,16 +143,244 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             observed.append(
                 normalise(id_type, ident.value, ident.namespace, ident.verified, f"{field}.value")
             )
+        if not request.request_key.strip():
+            raise InvalidArgument(
+                "request_key is required: a retry must be recognisable",
+                code="REQUEST_KEY_REQUIRED",
+                field="request_key",
+            )
         source = request.source.strip() or "unknown"
-        async with self._db.unit_of_work() as uow:
-            result = await self._handlers.identify(uow, observed, source)
+        result: Identified | None = None
+        for attempt in range(self._max_attempts):
+            try:
+                async with self._db.unit_of_work() as uow:
+                    result = await self._handlers.identify(
+                        uow, observed, source, request.request_key, request.reenrol
+                    )
+                break
+            except RETRYABLE:
+                if attempt + 1 == self._max_attempts:
+                    raise Unavailable(
+                        "identify kept losing races to concurrent calls; retry",
+                        code="IDENTIFY_CONTENDED",
+                    ) from None
+                # Jittered backoff, so the losers do not collide again in step.
+                await asyncio.sleep(random.uniform(0.001, 0.004) * (2**attempt))
+        assert result is not None
+        if result.refusal is not None:
+            raise result.refusal
+        assert result.member is not None
         return member_pb2.IdentifyMemberResponse(
-            member=member_message(result.member), created=result.created
+            member=member_message(result.member),
+            created=result.created,
+            merged_member_ids=result.merged_member_ids,
+            review_id=result.review_id,
+            ignored=[member_pb2.IgnoredIdentifier(index=n, reason=r) for n, r in result.ignored],
+            replayed=result.replayed,
         )
 
     async def GetMember(
         self, request: member_pb2.GetMemberRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.Member:
         async with self._db.unit_of_work() as uow:
-            member = await self._handlers.get(uow, request.member_id)
+            member, phone = await self._handlers.get(
+                uow, request.member_id, request.include_pii, request.accessor, request.purpose
+            )
+        return member_message(member, phone)
+
+    async def ListIdentities(
+        self, request: member_pb2.ListIdentitiesRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.ListIdentitiesResponse:
+        async with self._db.unit_of_work() as uow:
+            views = await self._handlers.identities(
+                uow, request.member_id, request.include_pii, request.accessor, request.purpose
+            )
+        return member_pb2.ListIdentitiesResponse(
+            identities=[
+                member_pb2.Identity(
+                    type=PROTO_ID_TYPES[IdType(v.id_type)],
+                    namespace=v.namespace,
+                    value_masked=v.value_masked,
+                    verified=v.verified,
+                    source=v.source,
+                    attached_at=timestamp(v.attached_at),
+                    member_id=v.member_id,
+                    value=value,
+                )
+                for v, value in views
+            ]
+        )
+
+    # ---- operators -------------------------------------------------------------
+
+    async def ListMergeReviews(
+        self, request: member_pb2.ListMergeReviewsRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.ListMergeReviewsResponse:
+        async with self._db.unit_of_work() as uow:
+            rows, token = await self._handlers.list_reviews(
+                uow, request.status, request.page_size, request.page_token
+            )
+        return member_pb2.ListMergeReviewsResponse(
+            reviews=[review_message(r) for r in rows], next_page_token=token
+        )
+
+    async def ApproveMergeReview(
+        self, request: member_pb2.DecideMergeReviewRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.MergeReview:
+        async with self._db.unit_of_work() as uow:
+            row = await self._handlers.approve_review(
+                uow, request.review_id, request.operator, request.note
+            )
+        return review_message(row)
+
+    async def RejectMergeReview(
+        self, request: member_pb2.DecideMergeReviewRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.MergeReview:
+        async with self._db.unit_of_work() as uow:
+            row = await self._handlers.reject_review(
+                uow, request.review_id, request.operator, request.note
+            )
+        return review_message(row)
+
+    async def MergeMembers(
+        self, request: member_pb2.MergeMembersRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.MergeMembersResponse:
+        async with self._db.unit_of_work() as uow:
+            member, records = await self._handlers.merge_members(
+                uow, list(request.member_ids), request.operator, request.reason
+            )
+        return member_pb2.MergeMembersResponse(
+            member=member_message(member), merges=[merge_message(r) for r in records]
+        )
+
+    async def UnmergeMember(
+        self, request: member_pb2.UnmergeMemberRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.UnmergeMemberResponse:
+        async with self._db.unit_of_work() as uow:
+            survivor, restored = await self._handlers.unmerge(
+                uow, request.merge_id, request.operator, request.reason
+            )
+        return member_pb2.UnmergeMemberResponse(
+            survivor=member_message(survivor), restored=member_message(restored)
+        )
+
+    async def ListQuarantinedIdentifiers(
+        self,
+        request: member_pb2.ListQuarantinedIdentifiersRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> member_pb2.ListQuarantinedIdentifiersResponse:
+        async with self._db.unit_of_work() as uow:
+            rows = await self._handlers.list_quarantined(uow, request.page_size)
+        return member_pb2.ListQuarantinedIdentifiersResponse(
+            identifiers=[
+                member_pb2.QuarantinedIdentifier(
+                    type=PROTO_ID_TYPES[IdType(r.id_type)],
+                    namespace=r.namespace,
+                    value_masked=r.value_masked,
+                    linked_members=r.linked_members,
+                    quarantined_at=timestamp(r.quarantined_at),
+                )
+                for r in rows
+            ]
+        )
+
+    # ---- profile and consent -------------------------------------------------
+
+    async def GetProfile(
+        self, request: member_pb2.GetProfileRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.Profile:
+        async with self._db.unit_of_work() as uow:
+            profile = await self._handlers.profile(uow, request.member_id)
+        return profile_message(profile)
+
+    async def UpdateProfile(
+        self, request: member_pb2.UpdateProfileRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.Profile:
+        values: dict[str, str] = {}
+        for name in PROFILE_FIELDS:
+            if not request.HasField(name):
+                continue
+            if name == "gender":
+                gender = GENDERS.get(request.gender)
+                if gender is None:
+                    raise InvalidArgument(
+                        "gender is female, male or other", code="INVALID_GENDER", field="gender"
+                    )
+                values[name] = gender
+            else:
+                values[name] = getattr(request, name)
+        async with self._db.unit_of_work() as uow:
+            profile = await self._handlers.update_profile(
+                uow, request.member_id, values, request.source, request.verified
+            )
+        return profile_message(profile)
+
+    async def SetConsent(
+        self, request: member_pb2.SetConsentRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.Profile:
+        purpose = PURPOSES.get(request.purpose)
+        if purpose is None:
+            raise InvalidArgument(
+                "purpose is missing or unknown", code="INVALID_CONSENT_PURPOSE", field="purpose"
+            )
+        channel = CHANNELS.get(request.channel)
+        if channel is None:
+            raise InvalidArgument(
+                "channel is missing or unknown", code="INVALID_CONSENT_CHANNEL", field="channel"
+            )
+        async with self._db.unit_of_work() as uow:
+            profile = await self._handlers.set_consent(
+                uow,
+                request.member_id,
+                purpose,
+                channel,
+                request.granted,
+                request.source,
+                request.actor,
+            )
+        return profile_message(profile)
+
+    async def ListConsentHistory(
+        self, request: member_pb2.ListConsentHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.ListConsentHistoryResponse:
+        async with self._db.unit_of_work() as uow:
+            records = await self._handlers.consent_history(uow, request.member_id)
+        return member_pb2.ListConsentHistoryResponse(records=[consent_message(r) for r in records])
+
+    # ---- erasure, keys, member code ------------------------------------------
+
+    async def EraseMember(
+        self, request: member_pb2.EraseMemberRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.EraseMemberResponse:
+        async with self._db.unit_of_work() as uow:
+            erased, suppressed = await self._handlers.erase(
+                uow, request.member_id, request.operator, request.reason
+            )
+        return member_pb2.EraseMemberResponse(
+            erased_member_ids=erased, identifiers_suppressed=suppressed
+        )
+
+    async def ReencryptPii(
+        self, request: member_pb2.ReencryptPiiRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.ReencryptPiiResponse:
+        async with self._db.unit_of_work() as uow:
+            done, remaining = await self._handlers.reencrypt(uow, request.batch_size)
+        return member_pb2.ReencryptPiiResponse(reencrypted=done, remaining=remaining)
+
+    async def IssueMemberCode(
+        self, request: member_pb2.IssueMemberCodeRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.MemberCode:
+        async with self._db.unit_of_work() as uow:
+            issued = await self._handlers.issue_code(uow, request.member_id)
+        return member_pb2.MemberCode(
+            code=issued.code,
+            expires_at=timestamp(issued.expires_at),
+            refresh_after_seconds=issued.refresh_after_seconds,
+        )
+
+    async def RedeemMemberCode(
+        self, request: member_pb2.RedeemMemberCodeRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.Member:
+        async with self._db.unit_of_work() as uow:
+            member = await self._handlers.redeem_code(uow, request.code, request.source)
         return member_message(member)

@@ -1,7 +1,22 @@
-"""`python -m services.rewards` serves; `python -m services.rewards migrate` migrates."""
+"""`python -m services.rewards` serves; `python -m services.rewards migrate` migrates.
+
+Operator commands (against DATABASE_URL, one run each, safe to repeat):
+  audit                 check every ledger invariant; exit 1 and list what fails
+  expire                expire lapsed lots and activate due pending points
+  announce-expiring     emit PointsExpiringSoon for lots lapsing soon
+  void-timed-out-holds  void holds that were neither posted nor voided in time
+"""
+
+import sys
 
 from servicekit.entrypoint import main
 
 from .server import build
 
+JOBS = ("audit", "expire", "announce-expiring", "void-timed-out-holds")
+
+if len(sys.argv) > 1 and sys.argv[1] in JOBS:
+    from .jobs import run_job
+
+    sys.exit(run_job(sys.argv[1], sys.argv[2:]))
 main("rewards", build)

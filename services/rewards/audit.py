@@ -1,13 +1,20 @@
 """Ledger audit: the invariants of the points journal, checked against the data.
 
-- every transaction has entries, and they sum to zero;
-- an earn transaction credits its member's wallet with exactly its amount;
-- each member's balance (available, lifetime_earned) equals the journal;
-- each settled order has exactly the earn transaction its points call for,
-  and a recorded balance-after.
+- every transaction has entries, and they sum to zero; member accounts carry a
+  member, and (except merges) only the transaction's own member;
+- an earn credits its member (wallet, pending or debt repayment) with exactly
+  its amount;
+- each member's balance (available, pending, held, debt, lifetime_earned)
+  equals the journal;
+- each member's available equals the points left in their active lots, and
+  pending the points left in their pending lots;
+- each lot's remaining equals its points plus its movements;
+- each member's held equals their open holds;
+- each settled order has exactly the earn its points call for and a recorded
+  balance-after; refunds never exceed their order, in fen or in points.
 
-Tests call it after every scenario; operators can run it against production
-(read-only, one statement per invariant).
+Tests call it after every scenario; operators run it as
+`python -m services.rewards audit` (read-only, one statement per invariant).
 """
 
 from __future__ import annotations
@@ -25,36 +32,87 @@ WHERE $1::uuid[] IS NULL OR t.member_id = ANY($1::uuid[])
 GROUP BY t.id, t.kind, t.amount, t.member_id
 HAVING count(e.id) = 0
     OR sum(e.amount) <> 0
-    OR bool_or(e.account = 'member_wallet' AND e.member_id <> t.member_id)
+    OR bool_or(e.account LIKE 'member\\_%' AND e.member_id IS NULL)
+    OR (t.kind NOT IN ('merge', 'unmerge')
+        AND bool_or(e.account LIKE 'member\\_%' AND e.member_id <> t.member_id))
     OR (t.kind = 'earn'
-        AND coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_wallet'), 0) <> t.amount)
+        AND coalesce(sum(e.amount) FILTER (
+            WHERE e.account IN ('member_wallet', 'member_pending', 'member_debt')), 0) <> t.amount)
 ORDER BY t.id
 """
 
 BALANCE_SQL = """
 WITH journal AS (
     SELECT e.member_id,
-           sum(e.amount) AS available,
-           coalesce(sum(e.amount) FILTER (WHERE t.kind = 'earn'), 0) AS earned
+           coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_wallet'), 0) AS available,
+           coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_pending'), 0) AS pending,
+           coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_held'), 0) AS held,
+           -coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_debt'), 0) AS debt
     FROM rewards.points_entries e
-    JOIN rewards.points_transactions t ON t.id = e.transaction_id
-    WHERE e.account = 'member_wallet' AND ($1::uuid[] IS NULL OR e.member_id = ANY($1::uuid[]))
+    WHERE e.member_id IS NOT NULL AND ($1::uuid[] IS NULL OR e.member_id = ANY($1::uuid[]))
     GROUP BY e.member_id
+), earned AS (
+    SELECT member_id, sum(amount) AS earned FROM rewards.points_transactions
+    WHERE kind = 'earn' AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
+    GROUP BY member_id
+), lots AS (
+    SELECT member_id,
+           coalesce(sum(remaining) FILTER (WHERE status = 'active'), 0) AS available,
+           coalesce(sum(remaining) FILTER (WHERE status = 'pending'), 0) AS pending
+    FROM rewards.points_lots
+    WHERE $1::uuid[] IS NULL OR member_id = ANY($1::uuid[])
+    GROUP BY member_id
+), holds AS (
+    SELECT member_id, sum(points) AS held FROM rewards.points_holds
+    WHERE status = 'held' AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
+    GROUP BY member_id
 ), balances AS (
-    SELECT member_id, available, lifetime_earned
+    SELECT member_id, available, pending, held, debt, lifetime_earned
     FROM rewards.points_balances
     WHERE $1::uuid[] IS NULL OR member_id = ANY($1::uuid[])
+), everyone AS (
+    SELECT member_id FROM balances UNION SELECT member_id FROM journal
+    UNION SELECT member_id FROM lots UNION SELECT member_id FROM holds
 )
-SELECT coalesce(b.member_id, j.member_id) AS member_id,
+SELECT m.member_id,
        coalesce(b.available, 0) AS available,
        coalesce(j.available, 0) AS journal_available,
+       coalesce(l.available, 0) AS lots_available,
+       coalesce(b.pending, 0) AS pending,
+       coalesce(j.pending, 0) AS journal_pending,
+       coalesce(l.pending, 0) AS lots_pending,
+       coalesce(b.held, 0) AS held,
+       coalesce(j.held, 0) AS journal_held,
+       coalesce(h.held, 0) AS holds_held,
+       coalesce(b.debt, 0) AS debt,
+       coalesce(j.debt, 0) AS journal_debt,
        coalesce(b.lifetime_earned, 0) AS lifetime_earned,
-       coalesce(j.earned, 0) AS journal_earned
-FROM balances b
-FULL JOIN journal j ON j.member_id = b.member_id
+       coalesce(x.earned, 0) AS journal_earned
+FROM everyone m
+LEFT JOIN balances b ON b.member_id = m.member_id
+LEFT JOIN journal j ON j.member_id = m.member_id
+LEFT JOIN lots l ON l.member_id = m.member_id
+LEFT JOIN holds h ON h.member_id = m.member_id
+LEFT JOIN earned x ON x.member_id = m.member_id
 WHERE coalesce(b.available, 0) <> coalesce(j.available, 0)
-   OR coalesce(b.lifetime_earned, 0) <> coalesce(j.earned, 0)
+   OR coalesce(b.available, 0) <> coalesce(l.available, 0)
+   OR coalesce(b.pending, 0) <> coalesce(j.pending, 0)
+   OR coalesce(b.pending, 0) <> coalesce(l.pending, 0)
+   OR coalesce(b.held, 0) <> coalesce(j.held, 0)
+   OR coalesce(b.held, 0) <> coalesce(h.held, 0)
+   OR coalesce(b.debt, 0) <> coalesce(j.debt, 0)
+   OR coalesce(b.lifetime_earned, 0) <> coalesce(x.earned, 0)
 ORDER BY 1
+"""
+
+LOTS_SQL = """
+SELECT l.id
+FROM rewards.points_lots l
+LEFT JOIN rewards.points_lot_movements m ON m.lot_id = l.id
+WHERE $1::uuid[] IS NULL OR l.member_id = ANY($1::uuid[])
+GROUP BY l.id, l.points, l.remaining
+HAVING l.points + coalesce(sum(m.amount), 0) <> l.remaining
+ORDER BY l.id
 """
 
 ORDERS_SQL = """
@@ -62,12 +120,22 @@ SELECT o.id
 FROM rewards.orders o
 LEFT JOIN rewards.points_transactions t ON t.order_id = o.id AND t.kind = 'earn'
 WHERE $1::uuid[] IS NULL OR o.member_id = ANY($1::uuid[])
-GROUP BY o.id, o.points_earned, o.points_balance_after
+GROUP BY o.id, o.points_earned, o.points_balance_after, o.status
 HAVING count(t.id) > 1
     OR coalesce(sum(t.amount), 0) <> o.points_earned
-    OR o.points_balance_after IS NULL
-ORDER BY o.id
+    OR (o.status = 'settled' AND o.points_balance_after IS NULL)
+UNION
+SELECT o.id
+FROM rewards.orders o
+JOIN rewards.refunds r ON r.order_id = o.id
+WHERE $1::uuid[] IS NULL OR o.member_id = ANY($1::uuid[])
+GROUP BY o.id, o.paid_amount_fen, o.points_earned
+HAVING sum(r.refunded_amount_fen) > o.paid_amount_fen OR sum(r.points_due) > o.points_earned
+ORDER BY 1
 """
+
+
+CHECKS = (UNBALANCED_SQL, BALANCE_SQL, ORDERS_SQL, LOTS_SQL)
 
 
 @dataclass(frozen=True)
@@ -77,6 +145,8 @@ class BalanceMismatch:
     journal_available: int
     lifetime_earned: int
     journal_earned: int
+    # Every figure of the member, for the operator reading the report.
+    detail: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,11 +154,15 @@ class LedgerAudit:
     unbalanced_transactions: list[str] = field(default_factory=list)
     balance_mismatches: list[BalanceMismatch] = field(default_factory=list)
     order_mismatches: list[str] = field(default_factory=list)
+    lot_mismatches: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (
-            self.unbalanced_transactions or self.balance_mismatches or self.order_mismatches
+            self.unbalanced_transactions
+            or self.balance_mismatches
+            or self.order_mismatches
+            or self.lot_mismatches
         )
 
 
@@ -97,9 +171,14 @@ async def audit_ledger(
 ) -> LedgerAudit:
     """Check the journal invariants, for some members or (None) for everyone."""
     members = [uuid.UUID(m) for m in member_ids] if member_ids is not None else None
-    unbalanced = await conn.fetch(UNBALANCED_SQL, members)
-    balances = await conn.fetch(BALANCE_SQL, members)
-    orders = await conn.fetch(ORDERS_SQL, members)
+    # One snapshot for all the checks, so concurrent writes never look like
+    # drift (inside a caller's transaction, the caller's view is the point).
+    if conn.is_in_transaction():
+        results = [await conn.fetch(sql, members) for sql in CHECKS]
+    else:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            results = [await conn.fetch(sql, members) for sql in CHECKS]
+    unbalanced, balances, orders, lots = results
     return LedgerAudit(
         unbalanced_transactions=[str(r["id"]) for r in unbalanced],
         balance_mismatches=[
@@ -109,8 +188,10 @@ async def audit_ledger(
                 r["journal_available"],
                 r["lifetime_earned"],
                 r["journal_earned"],
+                {k: int(v) for k, v in r.items() if k != "member_id"},
             )
             for r in balances
         ],
         order_mismatches=[str(r["id"]) for r in orders],
+        lot_mismatches=[str(r["id"]) for r in lots],
     )

@@ -20,6 +20,7 @@ MAX_STORE_ID_LENGTH = 32
 MAX_LINES = 200
 MAX_LINE_QUANTITY = 9_999
 MAX_LINE_TEXT_LENGTH = 128
+MAX_POINTS_TO_REDEEM = 10_000_000
 # Bumped whenever the serialization below changes, so old and new hashes never collide.
 REQUEST_HASH_VERSION = 1
 
@@ -54,6 +55,8 @@ class OrderRequest:
     # None means "not given": the server's clock applies, but the hash keeps None
     # so a retry without a timestamp still matches.
     ordered_at: datetime | None = None
+    # Points the member spends on this order (0: none).
+    points_to_redeem: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ class Settlement:
     request_hash: bytes
     points: int
     rule: EarningRule
+    # What decided `points` (multipliers, campaigns), stored on the transaction.
+    rule_doc: dict[str, object] | None = None
 
 
 def parse_member_id(raw: str, field: str = "member_id") -> str:
@@ -216,6 +221,18 @@ def validate_order(order: OrderRequest, limits: OrderLimits = DEFAULT_LIMITS) ->
             field="gross_amount_fen",
         )
     _check_lines(order)
+    if order.points_to_redeem < 0:
+        raise InvalidArgument(
+            "points_to_redeem must not be negative",
+            code="INVALID_POINTS",
+            field="points_to_redeem",
+        )
+    if order.points_to_redeem > MAX_POINTS_TO_REDEEM:
+        raise InvalidArgument(
+            f"points_to_redeem exceeds the limit of {MAX_POINTS_TO_REDEEM} points per order",
+            code="POINTS_TOO_LARGE",
+            field="points_to_redeem",
+        )
     if member_id == order.member_id:
         return order
     return OrderRequest(
@@ -227,6 +244,7 @@ def validate_order(order: OrderRequest, limits: OrderLimits = DEFAULT_LIMITS) ->
         gross_amount_fen=order.gross_amount_fen,
         lines=order.lines,
         ordered_at=order.ordered_at,
+        points_to_redeem=order.points_to_redeem,
     )
 
 
@@ -257,6 +275,9 @@ def canonical_request(order: OrderRequest) -> bytes:
         ],
         "ordered_at": _utc_iso(order.ordered_at),
     }
+    # Only when used, so hashes of orders without points stay what they were.
+    if order.points_to_redeem:
+        doc["points_to_redeem"] = order.points_to_redeem
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from loyalty.common.v1 import common_pb2
 from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
-from servicekit.errors import Conflict, NotFound
+from servicekit.errors import Conflict, DomainError, NotFound
 from servicekit.protos import timestamp
 
+from . import ledger
 from . import repository as repo
 from .domain import (
     BASE_EARNING_RULE,
@@ -25,6 +26,8 @@ from .domain import (
     parse_store_id,
     plan_settlement,
 )
+from .earning import Period, period_start
+from .points import Outcome, PointsLedger, error_doc, error_from_doc
 from .repository import BalanceRecord, StoreRecord
 
 CHANNEL_TO_PROTO = {
@@ -40,6 +43,7 @@ class OrderResult:
     points_earned: int
     points_balance: int
     replayed: bool
+    points_redeemed: int = 0
 
 
 def earn_idempotency_key(order_id: uuid.UUID | str) -> str:
@@ -49,23 +53,36 @@ def earn_idempotency_key(order_id: uuid.UUID | str) -> str:
 
 class RewardsHandlers:
     def __init__(
-        self, limits: OrderLimits = DEFAULT_LIMITS, rule: EarningRule = BASE_EARNING_RULE
+        self,
+        limits: OrderLimits = DEFAULT_LIMITS,
+        rule: EarningRule = BASE_EARNING_RULE,
+        points: PointsLedger | None = None,
     ) -> None:
         self._limits = limits
         self._rule = rule
+        self.points = points or PointsLedger()
 
-    def prepare_order(self, order: OrderRequest) -> Settlement:
-        """Validate and price an order; no I/O, so bad input never opens a transaction."""
-        return plan_settlement(order, self._limits, self._rule)
+    def prepare_order(self, order: OrderRequest, now: datetime | None = None) -> Settlement:
+        """Validate and price an order (at the base tier); no I/O, so bad input
+        never opens a transaction."""
+        planned = plan_settlement(order, self._limits, self._rule)
+        rules = self.points.rules
+        at = planned.order.ordered_at or now or datetime.now(UTC)
+        priced = rules.order_points(planned.order, at, None)
+        return replace(planned, points=priced.points, rule_doc=priced.rule)
 
-    async def complete_order(self, uow: UnitOfWork, settlement: Settlement) -> OrderResult:
-        """Settle an order once; a retry with the same body replays the first result."""
+    async def complete_order(
+        self, uow: UnitOfWork, settlement: Settlement, now: datetime | None = None
+    ) -> Outcome[OrderResult]:
+        """Settle an order once; a retry with the same body replays the first
+        result (or the first refusal: not enough points is stored on the order)."""
         order = settlement.order
         assert order.channel is not None, "validated orders have a channel"
         conn = uow.conn
         order_id = uuid.uuid4()
         member_id = uuid.UUID(order.member_id)
-        ordered_at = order.ordered_at or datetime.now(UTC)
+        now = now or datetime.now(UTC)
+        ordered_at = order.ordered_at or now
         claimed = await repo.claim_order(
             conn,
             repo.NewOrder(
@@ -80,10 +97,37 @@ class RewardsHandlers:
                 ordered_at=ordered_at,
                 request_hash=settlement.request_hash,
                 points_earned=settlement.points,
+                points_redeemed=order.points_to_redeem,
             ),
         )
         if not claimed:
             return await self._replay(uow, settlement)
+        if order.points_to_redeem:
+            # Spent before this order's own points land: they are not spendable yet.
+            spent = await self.points.redeem_for_order(
+                conn, member_id, order.points_to_redeem, order_id, now
+            )
+            if isinstance(spent, DomainError):
+                await repo.reject_order(conn, order_id, error_doc(spent))
+                return Outcome(error=spent)
+        policy, rules = self.points.policy, self.points.rules
+        points, rule = settlement.points, settlement.rule_doc or settlement.rule.describe()
+        if rules.needs_tier:
+            tier = await repo.member_tier(conn, member_id)
+            priced = rules.order_points(order, ordered_at, tier)
+            points, rule = priced.points, priced.rule
+        if rules.daily_cap is not None and points:
+            granted, _ = await ledger.count_against_cap(
+                conn,
+                member_id,
+                "orders",
+                period_start(Period.DAY, ordered_at),
+                points,
+                rules.daily_cap,
+            )
+            if granted < points:
+                rule = rule | {"daily_cap": rules.daily_cap, "capped_from": points}
+                points = granted
         balance = await repo.record_earning(
             conn,
             repo.Earning(
@@ -91,8 +135,12 @@ class RewardsHandlers:
                 member_id=member_id,
                 order_id=order_id,
                 idempotency_key=earn_idempotency_key(order_id),
-                points=settlement.points,
-                rule=settlement.rule.describe(),
+                points=points,
+                rule=rule,
+                lot_id=uuid.uuid4(),
+                earned_at=ordered_at,
+                expires_at=policy.expiry.expires_at(ordered_at),
+                activates_at=policy.activates_at(ordered_at),
             ),
         )
         await uow.emit(
@@ -104,14 +152,22 @@ class RewardsHandlers:
                 channel=CHANNEL_TO_PROTO[order.channel],
                 paid_amount_fen=order.paid_amount_fen,
                 gross_amount_fen=order.gross_amount_fen,
-                points_earned=settlement.points,
+                points_earned=points,
                 ordered_at=timestamp(ordered_at),
             ),
             member_id=order.member_id,
         )
-        return OrderResult(str(order_id), settlement.points, balance.available, replayed=False)
+        return Outcome(
+            OrderResult(
+                str(order_id),
+                points,
+                balance.available,
+                replayed=False,
+                points_redeemed=order.points_to_redeem,
+            )
+        )
 
-    async def _replay(self, uow: UnitOfWork, settlement: Settlement) -> OrderResult:
+    async def _replay(self, uow: UnitOfWork, settlement: Settlement) -> Outcome[OrderResult]:
         order = settlement.order
         found = await repo.find_order(uow.conn, order.store_id, order.pos_transaction_id)
         if found.order is None:
@@ -135,11 +191,16 @@ class RewardsHandlers:
                 code="IDEMPOTENCY_KEY_REUSED",
                 field="pos_transaction_id",
             )
-        return OrderResult(
-            found.order.order_id,
-            found.order.points_earned,
-            found.order.points_balance_after,
-            replayed=True,
+        if found.order.rejection is not None:
+            return Outcome(error=error_from_doc(found.order.rejection))
+        return Outcome(
+            OrderResult(
+                found.order.order_id,
+                found.order.points_earned,
+                found.order.points_balance_after,
+                replayed=True,
+                points_redeemed=found.order.points_redeemed,
+            )
         )
 
     async def get_balance(self, uow: UnitOfWork, member_id: str) -> BalanceRecord:

@@ -8,8 +8,11 @@ very statements the service runs. CompleteOrder is, inside one transaction:
                       the unique (store_id, pos_transaction_id) key picks exactly
                       one winner among concurrent retries (losers wait, then get
                       no row).
-2. `record_earning` - one CTE statement: ledger transaction + its two entries +
-                      balance upsert + the order's balance-after.
+   (when the order spends points: the member's lock, lazy expiry, and one
+   `ledger.post` statement for the redemption; see points.py)
+2. `record_earning` - one CTE statement: ledger transaction + its entries + the
+                      lot + balance upsert (repaying debt first) + the order's
+                      balance-after.
 3. the outbox INSERT of OrderCompleted (`UnitOfWork.emit`).
 
 A call that claims nothing runs `find_order` instead: the winner's row (a
@@ -42,6 +45,7 @@ class NewOrder:
     ordered_at: datetime
     request_hash: bytes
     points_earned: int
+    points_redeemed: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class Earning:
     idempotency_key: str
     points: int
     rule: dict[str, object]
+    # The lot the points land in, and its clock.
+    lot_id: uuid.UUID
+    earned_at: datetime
+    expires_at: datetime
+    # Set when points stay pending until then (refund window).
+    activates_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,9 @@ class SettledOrder:
     request_hash: bytes
     points_earned: int
     points_balance_after: int
+    points_redeemed: int = 0
+    status: str = "settled"
+    rejection: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,9 +134,9 @@ def lines_json(lines: tuple[OrderLine, ...]) -> str:
 CLAIM_ORDER_SQL = """
 INSERT INTO rewards.orders (
     id, store_id, pos_transaction_id, member_id, channel, paid_amount_fen,
-    gross_amount_fen, lines, ordered_at, request_hash, points_earned)
+    gross_amount_fen, lines, ordered_at, request_hash, points_earned, points_redeemed)
 SELECT $1::uuid, s.store_id, $3::text, $4::uuid, $5::text, $6::bigint,
-       $7::bigint, $8::jsonb, $9::timestamptz, $10::bytea, $11::bigint
+       $7::bigint, $8::jsonb, $9::timestamptz, $10::bytea, $11::bigint, $12::bigint
 FROM rewards.stores s
 WHERE s.store_id = $2::text AND s.status = 'active'
 ON CONFLICT (store_id, pos_transaction_id) DO NOTHING
@@ -146,15 +159,34 @@ async def claim_order(conn: Connection, order: NewOrder) -> bool:
         order.ordered_at,
         order.request_hash,
         order.points_earned,
+        order.points_redeemed,
     )
     return inserted is not None
 
 
+async def reject_order(conn: Connection, order_id: uuid.UUID, rejection: dict[str, str]) -> None:
+    """Store a refusal on the claimed order: retries of the same body replay it."""
+    await conn.execute(
+        "UPDATE rewards.orders SET status = 'rejected', points_earned = 0, points_redeemed = 0,"
+        " rejection = $2::jsonb WHERE id = $1",
+        order_id,
+        json.dumps(rejection, sort_keys=True),
+    )
+
+
 # Entries are derived from the one amount in a single statement, so they sum
-# to zero by construction; a zero-point order writes no transaction but still
-# upserts the balance (to return it) and records balance-after on the order.
+# to zero by construction. The balance row is locked first (`cur`): debt left
+# by an earlier refund is repaid out of this earn before anything is credited,
+# and the rest becomes a lot (pending during the refund window, if configured)
+# with its expiry. A zero-point order writes no transaction but still upserts
+# the balance (to return it) and records balance-after on the order.
 RECORD_EARNING_SQL = """
-WITH txn AS (
+WITH cur AS (
+    SELECT debt FROM rewards.points_balances WHERE member_id = $2::uuid FOR UPDATE
+), calc AS (
+    SELECT CASE WHEN $8::bool THEN 0
+                ELSE least(coalesce((SELECT debt FROM cur), 0), $5::bigint) END AS repay
+), txn AS (
     INSERT INTO rewards.points_transactions
         (id, member_id, kind, order_id, idempotency_key, amount, rule)
     SELECT $1::uuid, $2::uuid, 'earn', $3::uuid, $4::text, $5::bigint, $6::jsonb
@@ -162,19 +194,39 @@ WITH txn AS (
     RETURNING id, member_id, amount
 ), entries AS (
     INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)
-    SELECT id, 'member_wallet', member_id, amount FROM txn
+    SELECT id, CASE WHEN $8::bool THEN 'member_pending' ELSE 'member_wallet' END, member_id,
+           amount - calc.repay
+    FROM txn, calc WHERE amount > calc.repay
+    UNION ALL
+    SELECT id, 'member_debt', member_id, calc.repay FROM txn, calc WHERE calc.repay > 0
     UNION ALL
     SELECT id, 'issued_liability', NULL, -amount FROM txn
+), lot AS (
+    INSERT INTO rewards.points_lots
+        (id, member_id, transaction_id, root_lot_id, order_id, points, remaining, status,
+         earned_at, activates_at, expires_at)
+    SELECT $7::uuid, member_id, id, $7::uuid, $3::uuid, amount - calc.repay,
+           amount - calc.repay, CASE WHEN $8::bool THEN 'pending' ELSE 'active' END,
+           $9::timestamptz, $10::timestamptz, $11::timestamptz
+    FROM txn, calc WHERE amount > calc.repay
 ), balance AS (
-    INSERT INTO rewards.points_balances AS b (member_id, available, lifetime_earned, updated_at)
-    VALUES ($2::uuid, $5::bigint, $5::bigint, now())
+    INSERT INTO rewards.points_balances AS b
+        (member_id, available, pending, lifetime_earned, updated_at)
+    VALUES ($2::uuid,
+            CASE WHEN $8::bool THEN 0 ELSE $5::bigint END,
+            CASE WHEN $8::bool THEN $5::bigint ELSE 0 END,
+            $5::bigint, now())
     ON CONFLICT (member_id) DO UPDATE
-    SET available = b.available + EXCLUDED.available,
+    SET available = b.available + EXCLUDED.available - (SELECT repay FROM calc),
+        pending = b.pending + EXCLUDED.pending,
+        debt = b.debt - (SELECT repay FROM calc),
         lifetime_earned = b.lifetime_earned + EXCLUDED.lifetime_earned,
         updated_at = EXCLUDED.updated_at
     RETURNING available, lifetime_earned
 ), settled AS (
-    UPDATE rewards.orders SET points_balance_after = (SELECT available FROM balance)
+    -- The final points (tier multiplier, daily cap) replace the claim's estimate.
+    UPDATE rewards.orders
+    SET points_balance_after = (SELECT available FROM balance), points_earned = $5::bigint
     WHERE id = $3::uuid
 )
 SELECT available, lifetime_earned FROM balance
@@ -191,13 +243,19 @@ async def record_earning(conn: Connection, earning: Earning) -> BalanceRecord:
         earning.idempotency_key,
         earning.points,
         json.dumps(earning.rule, sort_keys=True),
+        earning.lot_id,
+        earning.activates_at is not None,
+        earning.earned_at,
+        earning.activates_at,
+        earning.expires_at,
     )
     assert row is not None
     return BalanceRecord(str(earning.member_id), row["available"], row["lifetime_earned"])
 
 
 FIND_ORDER_SQL = """
-SELECT s.status AS store_status, o.id, o.request_hash, o.points_earned, o.points_balance_after
+SELECT s.status AS store_status, o.id, o.request_hash, o.points_earned, o.points_balance_after,
+       o.points_redeemed, o.status, o.rejection
 FROM (SELECT $1::text AS store_id, $2::text AS pos_transaction_id) AS q
 LEFT JOIN rewards.stores s ON s.store_id = q.store_id
 LEFT JOIN rewards.orders o
@@ -215,6 +273,9 @@ async def find_order(conn: Connection, store_id: str, pos_transaction_id: str) -
             request_hash=bytes(row["request_hash"]),
             points_earned=row["points_earned"],
             points_balance_after=row["points_balance_after"],
+            points_redeemed=row["points_redeemed"],
+            status=row["status"],
+            rejection=json.loads(row["rejection"]) if row["rejection"] else None,
         )
     return OrderLookup(row["store_status"], order)
 
@@ -281,4 +342,27 @@ async def upsert_coupon_templates(conn: Connection, templates: list[CouponTempla
             )
             for t in templates
         ],
+    )
+
+
+async def member_tier(conn: Connection, member_id: uuid.UUID) -> str | None:
+    """The member's tier as last reported by tiering (TierChanged), if any."""
+    tier: str | None = await conn.fetchval(
+        "SELECT tier_code FROM rewards.member_tiers WHERE member_id = $1", member_id
+    )
+    return tier
+
+
+async def record_tier(
+    conn: Connection, member_id: uuid.UUID, tier_code: str, changed_at: datetime
+) -> None:
+    """Project a TierChanged event; an older event never overwrites a newer one."""
+    await conn.execute(
+        "INSERT INTO rewards.member_tiers AS t (member_id, tier_code, changed_at)"
+        " VALUES ($1, $2, $3) ON CONFLICT (member_id) DO UPDATE"
+        " SET tier_code = EXCLUDED.tier_code, changed_at = EXCLUDED.changed_at"
+        " WHERE t.changed_at <= EXCLUDED.changed_at",
+        member_id,
+        tier_code,
+        changed_at,
     )

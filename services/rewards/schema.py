@@ -29,6 +29,24 @@ from sqlalchemy.dialects.postgresql import JSONB
 from servicekit.tables import add_event_tables, service_metadata
 
 SCHEMA = "rewards"
+
+TRANSACTION_KINDS = (
+    "earn",
+    "redeem",
+    "expire",
+    "refund",
+    "hold",
+    "hold_post",
+    "hold_void",
+    "adjust",
+    "activate",
+    "merge",
+    "unmerge",
+)
+# Accounts held per member (entries carry member_id) ...
+MEMBER_ACCOUNTS = ("member_wallet", "member_pending", "member_held", "member_debt")
+# ... and the brand's side.
+ACCOUNTS = (*MEMBER_ACCOUNTS, "issued_liability", "redeemed", "expired", "adjustments")
 metadata = service_metadata(SCHEMA)
 
 stores = Table(
@@ -69,6 +87,11 @@ orders = Table(
     # Balance right after this order, replayed verbatim to retries. Set by the
     # same transaction that inserts the row, so never NULL once committed.
     Column("points_balance_after", BigInteger),
+    # Points spent on this order (a discount the till applied); 0 when none.
+    Column("points_redeemed", BigInteger, nullable=False, server_default="0"),
+    # settled, or rejected (a stored refusal, replayed to retries like a result).
+    Column("status", Text, nullable=False, server_default="settled"),
+    Column("rejection", JSONB),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # The idempotency key of CompleteOrder.
     UniqueConstraint("store_id", "pos_transaction_id"),
@@ -85,6 +108,8 @@ orders = Table(
     CheckConstraint("jsonb_typeof(lines) = 'array'", name="lines_is_array"),
     CheckConstraint("octet_length(request_hash) = 32", name="request_hash_sha256"),
     CheckConstraint("points_earned >= 0", name="points_earned_nonnegative"),
+    CheckConstraint("points_redeemed >= 0", name="points_redeemed_nonnegative"),
+    CheckConstraint("status IN ('settled', 'rejected')", name="status_known"),
 )
 
 # Double-entry points journal: one row per movement, its entries sum to zero.
@@ -102,8 +127,24 @@ points_transactions = Table(
     # The earning rule (name, rate, rounding) that produced the amount.
     Column("rule", JSONB, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    CheckConstraint("kind IN ('earn')", name="kind_known"),
+    # Commit-independent order of a member's history (cursor pagination).
+    Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    # The other member of a merge/unmerge (its wallet entries are in this transaction).
+    Column("counterpart_member_id", Uuid, index=True),
+    # What the operation refers to: a refund id, a hold id, a caller's reference.
+    Column("reference", Text),
+    # Manual adjustments: who did it and why (both required for kind 'adjust').
+    Column("operator_id", Text),
+    Column("reason", Text),
+    Index(None, "member_id", "seq"),
+    CheckConstraint(
+        f"kind IN ({', '.join(repr(k) for k in TRANSACTION_KINDS)})", name="kind_known"
+    ),
     CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint(
+        "kind <> 'adjust' OR (operator_id IS NOT NULL AND reason IS NOT NULL)",
+        name="adjust_has_operator_and_reason",
+    ),
 )
 
 points_entries = Table(
@@ -118,10 +159,11 @@ points_entries = Table(
     Column("account", Text, nullable=False),
     Column("member_id", Uuid, index=True),
     Column("amount", BigInteger, nullable=False),
-    CheckConstraint("account IN ('member_wallet', 'issued_liability')", name="account_known"),
+    CheckConstraint(f"account IN ({', '.join(repr(a) for a in ACCOUNTS)})", name="account_known"),
     CheckConstraint("amount <> 0", name="amount_nonzero"),
     CheckConstraint(
-        "account <> 'member_wallet' OR member_id IS NOT NULL", name="wallet_has_member"
+        f"account NOT IN ({', '.join(repr(a) for a in MEMBER_ACCOUNTS)}) OR member_id IS NOT NULL",
+        name="wallet_has_member",
     ),
 )
 
@@ -133,8 +175,129 @@ points_balances = Table(
     Column("available", BigInteger, nullable=False, server_default="0"),
     Column("lifetime_earned", BigInteger, nullable=False, server_default="0"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Earned but not yet spendable (refund window).
+    Column("pending", BigInteger, nullable=False, server_default="0"),
+    # Reserved by open holds.
+    Column("held", BigInteger, nullable=False, server_default="0"),
+    # Owed after a refund reversed points already spent; later earns repay it first.
+    Column("debt", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("available >= 0", name="available_nonnegative"),
     CheckConstraint("lifetime_earned >= 0", name="lifetime_earned_nonnegative"),
+    CheckConstraint("pending >= 0", name="pending_nonnegative"),
+    CheckConstraint("held >= 0", name="held_nonnegative"),
+    CheckConstraint("debt >= 0", name="debt_nonnegative"),
+)
+
+# Each credit is a lot with its own expiry; `remaining` is a projection of the
+# lot movements (points + sum(movements) = remaining, checked by the audit).
+points_lots = Table(
+    "points_lots",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    # The transaction that created the lot (earn, adjust, merge, unmerge).
+    Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id), nullable=False),
+    # The lot this one was moved from (merge/unmerge) and the first lot of the chain.
+    Column("origin_lot_id", Uuid),
+    Column("root_lot_id", Uuid, nullable=False, index=True),
+    Column("order_id", Uuid, index=True),
+    Column("points", BigInteger, nullable=False),
+    Column("remaining", BigInteger, nullable=False),
+    # pending -> active -> (expired | moved); spent lots stay active at 0.
+    Column("status", Text, nullable=False),
+    Column("earned_at", DateTime(timezone=True), nullable=False),
+    Column("activates_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    # Set once PointsExpiringSoon was emitted for this lot.
+    Column("expiry_notified_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index(None, "member_id", "status", "expires_at"),
+    CheckConstraint("points > 0", name="points_positive"),
+    CheckConstraint("remaining >= 0 AND remaining <= points", name="remaining_within_points"),
+    CheckConstraint("status IN ('pending', 'active', 'expired', 'moved')", name="status_known"),
+    CheckConstraint(
+        "status NOT IN ('expired', 'moved') OR remaining = 0", name="closed_lots_are_empty"
+    ),
+)
+
+# Which lots each transaction touched, and by how much (append-only).
+points_lot_movements = Table(
+    "points_lot_movements",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column(
+        "transaction_id", Uuid, ForeignKey(points_transactions.c.id), nullable=False, index=True
+    ),
+    Column("lot_id", Uuid, ForeignKey(points_lots.c.id), nullable=False, index=True),
+    Column("amount", BigInteger, nullable=False),
+    CheckConstraint("amount <> 0", name="amount_nonzero"),
+)
+
+# Idempotency of every non-order write: the caller's key, the hash of its
+# request and the stored outcome (a result or a rejection), replayed to retries.
+ledger_requests = Table(
+    "ledger_requests",
+    metadata,
+    Column("idempotency_key", Text, primary_key=True),
+    Column("operation", Text, nullable=False),
+    Column("request_hash", LargeBinary, nullable=False),
+    # NULL while the claiming transaction is still running (never visible committed).
+    Column("outcome", Text),
+    Column("response", JSONB),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("octet_length(request_hash) = 32", name="request_hash_sha256"),
+    CheckConstraint("outcome IS NULL OR outcome IN ('ok', 'rejected')", name="outcome_known"),
+)
+
+refunds = Table(
+    "refunds",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("order_id", Uuid, ForeignKey(orders.c.id), nullable=False, index=True),
+    Column("store_id", Text, nullable=False),
+    # The POS's id of the refund; with store_id, the idempotency key.
+    Column("refund_transaction_id", Text, nullable=False),
+    Column("refunded_amount_fen", BigInteger, nullable=False),
+    # Points this refund had to take back (proportional), of which:
+    Column("points_due", BigInteger, nullable=False),
+    # taken out of the order's lot,
+    Column("points_reversed", BigInteger, nullable=False),
+    # booked as debt (policy "debt"), or reported and forgiven (policy "report").
+    Column("points_debt", BigInteger, nullable=False),
+    Column("points_shortfall", BigInteger, nullable=False),
+    Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("store_id", "refund_transaction_id"),
+    CheckConstraint("refunded_amount_fen > 0", name="refunded_amount_positive"),
+    CheckConstraint(
+        "points_due = points_reversed + points_debt + points_shortfall", name="points_add_up"
+    ),
+    CheckConstraint(
+        "points_reversed >= 0 AND points_debt >= 0 AND points_shortfall >= 0",
+        name="points_nonnegative",
+    ),
+)
+
+# Two-phase reservations: held -> posted | voided | expired, exactly once.
+points_holds = Table(
+    "points_holds",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("member_id", Uuid, nullable=False, index=True),
+    Column("points", BigInteger, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("reference", Text),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id), nullable=False),
+    Column("resolution_transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("resolved_at", DateTime(timezone=True)),
+    Index(None, "status", "expires_at"),
+    CheckConstraint("points > 0", name="points_positive"),
+    CheckConstraint("status IN ('held', 'posted', 'voided', 'expired')", name="status_known"),
+    CheckConstraint(
+        "(status = 'held') = (resolution_transaction_id IS NULL)", name="resolved_once"
+    ),
 )
 
 coupon_templates = Table(
@@ -159,6 +322,29 @@ coupon_templates = Table(
     CheckConstraint("jsonb_typeof(spec) = 'object'", name="spec_is_object"),
     CheckConstraint("total_stock IS NULL OR total_stock >= 0", name="total_stock_nonnegative"),
     CheckConstraint("valid_days IS NULL OR valid_days > 0", name="valid_days_positive"),
+)
+
+# Local projection of tiering's TierChanged events: the tier multiplier at
+# checkout is read here, never by a call to tiering on the hot path.
+member_tiers = Table(
+    "member_tiers",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("tier_code", Text, nullable=False),
+    # The event's changed_at: an older event never overwrites a newer tier.
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+)
+
+# Points granted per member, per capped rule, per period (daily caps, action caps).
+earn_counters = Table(
+    "earn_counters",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("counter", Text, primary_key=True),
+    Column("period_start", DateTime(timezone=True), primary_key=True),
+    Column("points", BigInteger, nullable=False),
+    Column("actions", BigInteger, nullable=False, server_default="0"),
+    CheckConstraint("points >= 0", name="points_nonnegative"),
 )
 
 outbox, processed_events = add_event_tables(metadata)

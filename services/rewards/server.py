@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loyalty.events.v1 import events_pb2
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
+from servicekit.consumer import EventConsumer, Subscription
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
+from .consumers import MemberEvents, on_tier_changed
 from .domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
+from .earning import parse_rules
 from .handlers import RewardsHandlers
+from .points import PointsLedger
+from .policy import ExpiryPolicy, LedgerPolicy, ShortfallPolicy
 from .schema import SCHEMA
 from .servicer import RewardsServicer
 
@@ -23,16 +31,56 @@ class RewardsSettings(BaseSettings):
 
     # An order paying more than this is refused (ORDER_AMOUNT_TOO_LARGE).
     max_order_amount_fen: int = DEFAULT_MAX_PAID_AMOUNT_FEN
+    # When a lot lapses: days:N, end_of_month:N or end_of_year:N after earning.
+    points_expiry: str = "end_of_year:1"
+    # Days earned points stay pending (the refund window); 0: spendable at once.
+    points_pending_days: int = 0
+    # A refund of points already spent: "debt" (repaid by later earns) or "report".
+    refund_shortfall: ShortfallPolicy = ShortfallPolicy.DEBT
+    # PointsExpiringSoon this many days ahead.
+    expiring_soon_days: int = 30
+    hold_ttl_seconds: int = 900
+    # Earning rules as JSON (see earning.parse_rules); empty: the defaults
+    # (1 point per whole yuan, mini-program x2, default action caps).
+    earning_rules: str = ""
+
+    def ledger_policy(self) -> LedgerPolicy:
+        return LedgerPolicy(
+            expiry=ExpiryPolicy.parse(self.points_expiry),
+            pending_days=self.points_pending_days,
+            shortfall=self.refund_shortfall,
+            expiring_soon_days=self.expiring_soon_days,
+            hold_ttl=timedelta(seconds=self.hold_ttl_seconds),
+        )
 
 
 def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> ServiceApp:
     rewards = rewards or RewardsSettings()
-    handlers = RewardsHandlers(OrderLimits(max_paid_amount_fen=rewards.max_order_amount_fen))
+    points = PointsLedger(rewards.ledger_policy(), parse_rules(rewards.earning_rules))
+    handlers = RewardsHandlers(
+        OrderLimits(max_paid_amount_fen=rewards.max_order_amount_fen), points=points
+    )
+    consumers = MemberEvents(points)
 
     def wire(app: ServiceApp) -> None:
-        assert app.db is not None and app.server is not None
+        assert app.db is not None and app.server is not None and app.redis is not None
         rewards_pb2_grpc.add_RewardsServiceServicer_to_server(
             RewardsServicer(app.db, handlers), app.server
+        )
+        app.add_consumer(
+            EventConsumer(
+                "rewards-ledger-events",
+                app.db,
+                app.redis,
+                settings.redis_namespace,
+                [
+                    Subscription("member", events_pb2.MemberMerged, consumers.on_merged),
+                    Subscription("member", events_pb2.MemberUnmerged, consumers.on_unmerged),
+                    Subscription("tiering", events_pb2.TierChanged, on_tier_changed),
+                ],
+                max_attempts=settings.event_max_attempts,
+                retry_after_ms=settings.event_retry_after_ms,
+            )
         )
 
     return ServiceApp(

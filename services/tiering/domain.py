@@ -11,9 +11,10 @@ import bisect
 import enum
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # Multipliers are integer basis points (10000 = 1.0x): points are integers and
 # floats never enter the arithmetic.
@@ -22,12 +23,33 @@ MAX_POINTS_MULTIPLIER_BP = 10 * BASIS_POINTS
 MAX_WINDOW_MONTHS = 36
 TIER_CODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
-TIER_KEYS = frozenset({"code", "name", "threshold", "benefits"})
-BENEFIT_KEYS = frozenset({"points_multiplier_bp", "birthday_coupon_template", "free_delivery"})
+TIER_KEYS = frozenset({"code", "name", "threshold", "retention", "benefits"})
+BENEFIT_KEYS = frozenset(
+    {
+        "points_multiplier_bp",
+        "birthday_coupon_template",
+        "upgrade_gift_coupon_template",
+        "free_delivery",
+        "priority",
+    }
+)
 
 
 class LadderError(ValueError):
     """A ladder or programme that cannot be used; the message names the entry at fault."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        # The programme field at fault ("ladder[1].threshold", "rules.period.length"):
+        # given, or read from the message, which always starts with it.
+        found = _FIELD_PREFIX.match(message)
+        self.field = field or (found.group(0) if found else "")
+
+
+_FIELD_PREFIX = re.compile(
+    r"^(ladder|rules|window_months|qualifying_metric|effective_from)"
+    r"(\[\d+\]|\.[a-z_]+)*"
+)
 
 
 class QualifyingMetric(enum.StrEnum):
@@ -42,12 +64,18 @@ class Benefits:
     # Coupon template issued in the member's birthday month; None when the tier has none.
     birthday_coupon_template: str | None = None
     free_delivery: bool = False
+    # Coupon template issued once when a member reaches the tier by upgrade.
+    upgrade_gift_coupon_template: str | None = None
+    # Service priority (queue jumping at pickup); higher goes first.
+    priority: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "points_multiplier_bp": self.points_multiplier_bp,
             "birthday_coupon_template": self.birthday_coupon_template,
             "free_delivery": self.free_delivery,
+            "upgrade_gift_coupon_template": self.upgrade_gift_coupon_template,
+            "priority": self.priority,
         }
 
 
@@ -58,14 +86,23 @@ class Tier:
     # Lowest metric value that reaches this tier (fen, orders or growth points).
     threshold: int
     benefits: Benefits
+    # 保级: the lower bar that keeps the tier at period end; None means the threshold.
+    retention: int | None = None
+
+    @property
+    def retention_bar(self) -> int:
+        return self.threshold if self.retention is None else self.retention
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "code": self.code,
             "name": self.name,
             "threshold": self.threshold,
             "benefits": self.benefits.to_json(),
         }
+        if self.retention is not None:
+            out["retention"] = self.retention
+        return out
 
 
 @dataclass(frozen=True)
@@ -94,6 +131,111 @@ class Ladder:
         return [t.to_json() for t in self.tiers]
 
 
+class PeriodUnit(enum.StrEnum):
+    # Calendar months: periods are aligned blocks of `length` months from 1 January
+    # (12 = the natural year, ends 31 Dec; 1 = each calendar month).
+    MONTH = "month"
+    # Blocks of `length` local days counted from the programme's effective_from day.
+    DAY = "day"
+
+
+class DowngradeRule(enum.StrEnum):
+    ONE_LEVEL = "one_level"
+    TO_METRIC = "to_metric"  # straight to the tier the metric supports
+
+
+class GrowthAction(enum.StrEnum):
+    CHECK_IN = "check_in"
+    REVIEW = "review"
+    REFERRAL = "referral"
+
+
+class CapPer(enum.StrEnum):
+    DAY = "day"
+    MONTH = "month"
+
+
+@dataclass(frozen=True)
+class ActionRule:
+    points: int
+    cap: int  # awards per member per `per` (local calendar day or month)
+    per: CapPer
+
+    def to_json(self) -> dict[str, Any]:
+        return {"points": self.points, "cap": self.cap, "per": self.per.value}
+
+
+DEFAULT_ACTIONS: Mapping[GrowthAction, ActionRule] = {
+    GrowthAction.CHECK_IN: ActionRule(5, 1, CapPer.DAY),
+    GrowthAction.REVIEW: ActionRule(10, 3, CapPer.DAY),
+    GrowthAction.REFERRAL: ActionRule(50, 10, CapPer.MONTH),
+}
+
+
+@dataclass(frozen=True)
+class SegmentRules:
+    """RFM and lifecycle settings (days are Asia/Shanghai local days by default)."""
+
+    rfm_window_months: int = 3
+    new_days: int = 7
+    growing_days: int = 30
+    silent_days: int = 30
+    churned_days: int = 90
+    # Relative VIP mode: the top share of members by spend gets the top tier,
+    # the next share the second (the plan: 15% VIP, 30% SVIP).
+    relative_top_pct: int = 15
+    relative_next_pct: int = 30
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rfm_window_months": self.rfm_window_months,
+            "new_days": self.new_days,
+            "growing_days": self.growing_days,
+            "silent_days": self.silent_days,
+            "churned_days": self.churned_days,
+            "relative_top_pct": self.relative_top_pct,
+            "relative_next_pct": self.relative_next_pct,
+        }
+
+
+@dataclass(frozen=True)
+class ProgrammeRules:
+    period_unit: PeriodUnit = PeriodUnit.MONTH
+    period_length: int = 12
+    downgrade: DowngradeRule = DowngradeRule.ONE_LEVEL
+    grace_days: int = 0
+    timezone: str = "Asia/Shanghai"
+    # Growth value per order: 1 per `order_fen_per_point` fen paid (100 = 1 per yuan),
+    # at most `order_cap` per order (0 = no cap).
+    order_fen_per_point: int = 100
+    order_cap: int = 0
+    actions: Mapping[GrowthAction, ActionRule] = field(
+        default_factory=lambda: dict(DEFAULT_ACTIONS)
+    )
+    segments: SegmentRules = SegmentRules()
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "period": {"unit": self.period_unit.value, "length": self.period_length},
+            "downgrade": self.downgrade.value,
+            "grace_days": self.grace_days,
+            "timezone": self.timezone,
+            "growth": {
+                "order_fen_per_point": self.order_fen_per_point,
+                "order_cap": self.order_cap,
+                "actions": {a.value: r.to_json() for a, r in sorted(self.actions.items())},
+            },
+            "segments": self.segments.to_json(),
+        }
+
+
+DEFAULT_RULES = ProgrammeRules()
+
+
 @dataclass(frozen=True)
 class TierProgramme:
     """One version of a tier programme. A later version applies from its
@@ -105,18 +247,157 @@ class TierProgramme:
     qualifying_metric: QualifyingMetric
     window_months: int
     ladder: Ladder
+    rules: ProgrammeRules = DEFAULT_RULES
 
     def __post_init__(self) -> None:
         if not self.programme_id.strip():
-            raise LadderError("programme_id is empty")
+            raise LadderError("programme_id is empty", "programme_id")
         if self.version < 1:
-            raise LadderError(f"version must be 1 or more, got {self.version}")
+            raise LadderError(f"version must be 1 or more, got {self.version}", "version")
         if self.effective_from.tzinfo is None:
             raise LadderError("effective_from must carry a time zone")
         if not 1 <= self.window_months <= MAX_WINDOW_MONTHS:
             raise LadderError(
                 f"window_months must be between 1 and {MAX_WINDOW_MONTHS}, got {self.window_months}"
             )
+        for n, tier in enumerate(self.ladder.tiers[1:], start=1):
+            below = self.ladder.tiers[n - 1]
+            if (
+                tier.retention_bar < below.threshold
+                and self.rules.downgrade is DowngradeRule.TO_METRIC
+            ):
+                # Retention under the tier below would keep a tier the metric
+                # says is two levels lower; one_level ladders may do that on purpose.
+                raise LadderError(
+                    f"ladder[{n}].retention {tier.retention_bar} is below ladder[{n - 1}].threshold"
+                    f" {below.threshold}, which the to_metric downgrade rule cannot honour"
+                )
+
+    def tier(self, code: str) -> Tier:
+        return self.ladder.tiers[self.ladder.rank(code)]
+
+
+def parse_rules(raw: object) -> ProgrammeRules:
+    """Build ProgrammeRules from JSON; absent keys take the defaults."""
+    if raw is None:
+        return DEFAULT_RULES
+    if not isinstance(raw, Mapping):
+        raise LadderError(f"rules must be an object, got {type(raw).__name__}")
+    _reject_unknown(
+        "rules",
+        raw,
+        frozenset({"period", "downgrade", "grace_days", "timezone", "growth", "segments"}),
+    )
+    if "period" not in raw:
+        raise LadderError(
+            'rules.period is missing: a tier period must end (e.g. {"unit": "month", "length": 12})'
+        )
+    period = raw["period"]
+    if not isinstance(period, Mapping):
+        raise LadderError("rules.period must be an object {unit, length}")
+    _reject_unknown("rules.period", period, frozenset({"unit", "length"}))
+    unit_raw = period.get("unit")
+    try:
+        unit = PeriodUnit(unit_raw)
+    except ValueError:
+        raise LadderError(
+            f"rules.period.unit {unit_raw!r} is not one of month, day: a period must end"
+        ) from None
+    length = _integer("rules.period.length", period.get("length"))
+    if length == 0:
+        raise LadderError("rules.period.length must be at least 1: a period of 0 never ends")
+    if unit is PeriodUnit.MONTH and 12 % length:
+        raise LadderError(
+            f"rules.period.length {length} months must divide the year (1, 2, 3, 4, 6 or 12)"
+        )
+    if unit is PeriodUnit.DAY and length > 3 * 366:
+        raise LadderError(f"rules.period.length {length} days is more than 3 years")
+    downgrade_raw = raw.get("downgrade", DowngradeRule.ONE_LEVEL.value)
+    try:
+        downgrade = DowngradeRule(downgrade_raw)
+    except ValueError:
+        raise LadderError(
+            f"rules.downgrade {downgrade_raw!r} is not one of one_level, to_metric"
+        ) from None
+    grace = _integer("rules.grace_days", raw.get("grace_days", 0))
+    period_days = length * 28 if unit is PeriodUnit.MONTH else length
+    if grace >= period_days:
+        raise LadderError(
+            f"rules.grace_days {grace} must be shorter than the period ({period_days} days)"
+        )
+    timezone = raw.get("timezone", "Asia/Shanghai")
+    try:
+        ZoneInfo(str(timezone))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise LadderError(f"rules.timezone {timezone!r} is not a known time zone") from None
+    growth = raw.get("growth", {})
+    if not isinstance(growth, Mapping):
+        raise LadderError("rules.growth must be an object")
+    _reject_unknown(
+        "rules.growth", growth, frozenset({"order_fen_per_point", "order_cap", "actions"})
+    )
+    fen_per_point = _integer(
+        "rules.growth.order_fen_per_point", growth.get("order_fen_per_point", 100)
+    )
+    if fen_per_point == 0:
+        raise LadderError("rules.growth.order_fen_per_point must be at least 1")
+    order_cap = _integer("rules.growth.order_cap", growth.get("order_cap", 0))
+    actions = dict(DEFAULT_ACTIONS)
+    raw_actions = growth.get("actions", {})
+    if not isinstance(raw_actions, Mapping):
+        raise LadderError("rules.growth.actions must be an object")
+    for name, spec in raw_actions.items():
+        where = f"rules.growth.actions.{name}"
+        try:
+            action = GrowthAction(name)
+        except ValueError:
+            raise LadderError(
+                f"{where} is not an action; allowed: {[a.value for a in GrowthAction]}"
+            ) from None
+        if not isinstance(spec, Mapping):
+            raise LadderError(f"{where} must be an object {{points, cap, per}}")
+        _reject_unknown(where, spec, frozenset({"points", "cap", "per"}))
+        try:
+            per = CapPer(spec.get("per", "day"))
+        except ValueError:
+            raise LadderError(f"{where}.per must be day or month") from None
+        actions[action] = ActionRule(
+            _integer(f"{where}.points", spec.get("points", 0)),
+            _integer(f"{where}.cap", spec.get("cap", 0)),
+            per,
+        )
+    return ProgrammeRules(
+        period_unit=unit,
+        period_length=length,
+        downgrade=downgrade,
+        grace_days=grace,
+        timezone=str(timezone),
+        order_fen_per_point=fen_per_point,
+        order_cap=order_cap,
+        actions=actions,
+        segments=_parse_segments(raw.get("segments", {})),
+    )
+
+
+def _parse_segments(raw: object) -> SegmentRules:
+    if not isinstance(raw, Mapping):
+        raise LadderError("rules.segments must be an object")
+    defaults = SegmentRules().to_json()
+    _reject_unknown("rules.segments", raw, frozenset(defaults))
+    values = {k: _integer(f"rules.segments.{k}", raw.get(k, v)) for k, v in defaults.items()}
+    rules = SegmentRules(**values)
+    if not 1 <= rules.rfm_window_months <= MAX_WINDOW_MONTHS:
+        raise LadderError(
+            f"rules.segments.rfm_window_months must be between 1 and {MAX_WINDOW_MONTHS}, "
+            f"got {rules.rfm_window_months}"
+        )
+    if not 0 < rules.new_days <= rules.growing_days:
+        raise LadderError("rules.segments.new_days must be at least 1 and not above growing_days")
+    if not 0 < rules.silent_days < rules.churned_days:
+        raise LadderError("rules.segments.silent_days must be at least 1 and below churned_days")
+    if rules.relative_top_pct + rules.relative_next_pct > 100:
+        raise LadderError("rules.segments.relative_top_pct + relative_next_pct exceed 100")
+    return rules
 
 
 def parse_metric(raw: str) -> QualifyingMetric:
@@ -151,7 +432,14 @@ def _parse_tier(n: int, entry: object) -> Tier:
         raise LadderError(f"{where}.name must be a non-empty string")
     threshold = _integer(f"{where}.threshold", entry["threshold"])
     benefits = _parse_benefits(f"{where}.benefits", entry.get("benefits", {}))
-    return Tier(code, name.strip(), threshold, benefits)
+    retention = None
+    if entry.get("retention") is not None:
+        retention = _integer(f"{where}.retention", entry["retention"])
+        if retention > threshold:
+            raise LadderError(
+                f"{where}.retention {retention} must not be above its threshold {threshold}"
+            )
+    return Tier(code, name.strip(), threshold, benefits, retention)
 
 
 def _parse_benefits(where: str, raw: object) -> Benefits:
@@ -172,7 +460,19 @@ def _parse_benefits(where: str, raw: object) -> Benefits:
     free_delivery = raw.get("free_delivery", False)
     if not isinstance(free_delivery, bool):
         raise LadderError(f"{where}.free_delivery must be true or false")
-    return Benefits(multiplier, template.strip() if template else None, free_delivery)
+    gift = raw.get("upgrade_gift_coupon_template")
+    if gift is not None and (not isinstance(gift, str) or not gift.strip()):
+        raise LadderError(
+            f"{where}.upgrade_gift_coupon_template must be a non-empty string or null"
+        )
+    priority = _integer(f"{where}.priority", raw.get("priority", 0))
+    return Benefits(
+        multiplier,
+        template.strip() if template else None,
+        free_delivery,
+        gift.strip() if gift else None,
+        priority,
+    )
 
 
 def _integer(where: str, value: object) -> int:

@@ -2,33 +2,103 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
-from servicekit.errors import InvalidArgument
+from servicekit.errors import InvalidArgument, NotFound
 from servicekit.events import ReceivedEvent
-from servicekit.protos import to_datetime
+from servicekit.protos import timestamp, to_datetime
 
 from . import repository as repo
-from .domain import QualifyingMetric, Tier, TierProgramme
+from .domain import (
+    DEFAULT_RULES,
+    CapPer,
+    GrowthAction,
+    LadderError,
+    QualifyingMetric,
+    Tier,
+    TierProgramme,
+    parse_ladder,
+    parse_metric,
+    parse_rules,
+)
+from .evaluation import (
+    EVENT_REASON,
+    Change,
+    Evaluation,
+    Projection,
+    TierState,
+    advance,
+    fresh_state,
+    metric_from_facts,
+    order_growth,
+    project,
+    reconcile,
+    replay,
+    set_override,
+    window_start,
+)
 from .repository import SpendRecord
 
 log = logging.getLogger(__name__)
 
 # The programme every member is evaluated on until programmes per segment exist.
 DEFAULT_PROGRAMME_ID = "default"
+# A programme version may start a little in the past (operator clock skew),
+# never earlier: that would rewrite decisions already taken.
+PUBLISH_SKEW = timedelta(minutes=5)
+HISTORY_LIMIT_MAX = 500
+
+Clock = Callable[[], datetime]
 
 
 @dataclass(frozen=True)
 class MemberSpendView:
     spend: SpendRecord
-    # The tier the programme in force gives for the lifetime totals; None when
-    # there is no programme or its metric is not held here yet.
+    # The member's current tier; None when no programme exists.
     tier: Tier | None
+
+
+@dataclass(frozen=True)
+class MemberTierView:
+    member_id: str
+    programme: TierProgramme
+    state: TierState
+    effective: Tier
+    metric: int
+    growth_value: int
+    projection: Projection
+
+    @property
+    def progress_bp(self) -> int:
+        nxt = self.projection.next_tier
+        if nxt is None:
+            return 10_000
+        span = nxt.threshold - self.effective.threshold
+        done = self.metric - self.effective.threshold
+        return max(0, min(10_000, done * 10_000 // span)) if span > 0 else 10_000
+
+
+@dataclass(frozen=True)
+class GrowthAward:
+    awarded: int
+    capped: bool
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class Simulation:
+    members: int
+    upgrades: int
+    kept_by_retention: int
+    at_risk: int
+    movements: list[tuple[str, str, int]]
 
 
 def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
@@ -40,50 +110,637 @@ def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
         ) from None
 
 
+def _event_member(value: str, what: str) -> uuid.UUID | None:
+    """A member id from an event; None when empty; ValueError (retry, then
+    dead-letter with the reason) when malformed."""
+    if not value:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValueError(f"{what}: member_id {value!r} is not a UUID") from None
+
+
 def metric_value(programme: TierProgramme, spend: SpendRecord) -> int | None:
+    """Lifetime totals as a metric (kept for callers of the old spend preview)."""
     if programme.qualifying_metric is QualifyingMetric.PAID_SPEND:
         return spend.total_paid_fen
     if programme.qualifying_metric is QualifyingMetric.ORDER_COUNT:
         return spend.order_count
-    return None  # growth value arrives with the growth issue
+    return None
+
+
+def build_programme(
+    programme_id: str,
+    version: int,
+    effective_from: datetime | None,
+    qualifying_metric: str,
+    window_months: int,
+    ladder_json: str,
+    rules_json: str,
+    field_prefix: str = "programme",
+) -> TierProgramme:
+    """Validate an operator's programme; InvalidArgument names the entry at fault."""
+
+    def bad(message: str, field: str) -> InvalidArgument:
+        return InvalidArgument(
+            message,
+            code="INVALID_PROGRAMME",
+            field=f"{field_prefix}.{field}" if field else field_prefix,
+        )
+
+    if not programme_id.strip():
+        raise bad("programme_id is required", "programme_id")
+    if effective_from is None:
+        raise bad("effective_from is required", "effective_from")
+    try:
+        ladder_raw = json.loads(ladder_json or "null")
+    except json.JSONDecodeError as exc:
+        raise bad(f"ladder_json is not JSON: {exc}", "ladder_json") from None
+    try:
+        rules_raw = json.loads(rules_json) if rules_json.strip() else None
+    except json.JSONDecodeError as exc:
+        raise bad(f"rules_json is not JSON: {exc}", "rules_json") from None
+    try:
+        metric = parse_metric(qualifying_metric)
+        return TierProgramme(
+            programme_id.strip(),
+            version,
+            effective_from,
+            metric,
+            window_months,
+            parse_ladder(ladder_raw),
+            parse_rules(rules_raw) if rules_raw is not None else DEFAULT_RULES,
+        )
+    except LadderError as exc:
+        raise bad(str(exc), exc.field) from None
 
 
 class TieringHandlers:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock or (lambda: datetime.now(UTC))
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    # ---- evaluation core ----------------------------------------------------------
+
+    async def evaluate(
+        self,
+        uow: UnitOfWork,
+        member_id: uuid.UUID,
+        at: datetime,
+        reason: str | None = None,
+    ) -> tuple[TierProgramme, TierState] | None:
+        """Bring one member's tier up to date after a fact dated `at`.
+
+        In-order facts advance the stored state; a fact dated before the last
+        evaluation (an offline order replayed late) or a refund (`reason`)
+        replays the member from facts. History rows and TierChanged events are
+        written in the caller's transaction."""
+        conn = uow.conn
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, max(at, self.now()))
+        if programme is None:
+            return None
+        locked = await repo.lock_tier_state(conn, member_id)
+        state, evaluated_at = locked if locked else (None, None)
+        if state is not None and evaluated_at is not None and (reason or at < evaluated_at):
+            now = max(at, evaluated_at)
+            orders, growth = await repo.load_facts(conn, member_id)
+            ev = reconcile(programme, state, orders, growth, now, reason or "late_order")
+        else:
+            now = at
+            start = state or fresh_state(programme, at)
+            orders, growth = await repo.load_facts(
+                conn, member_id, window_start(programme, min(start.period_start, at))
+            )
+            ev = advance(
+                programme,
+                start,
+                at,
+                lambda t: metric_from_facts(programme, orders, growth, t),
+            )
+        await self._store(uow, member_id, programme, ev, now)
+        return programme, ev.state
+
+    async def _store(
+        self,
+        uow: UnitOfWork,
+        member_id: uuid.UUID,
+        programme: TierProgramme,
+        ev: Evaluation,
+        now: datetime,
+    ) -> None:
+        await repo.save_tier_state(
+            uow.conn, member_id, programme, ev.state, ev.state.effective(programme, now), now
+        )
+        await repo.insert_history(uow.conn, member_id, programme, ev.changes)
+        for change in ev.moved:
+            await emit_tier_changed(uow, member_id, programme, change)
+
+    # ---- events ---------------------------------------------------------------------
+
     async def on_order_completed(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
-        """Fold one OrderCompleted into member_spend.
+        """Record the order (spend, growth value) and re-evaluate the member's tier.
 
         Runs in the consumer's transaction that records the event id, so a
-        redelivered event never counts twice. A malformed event raises: it is
-        retried, then dead-lettered with the reason.
-        """
+        redelivered event never counts twice; the order id makes a second event
+        for the same order harmless too. A malformed event raises: it is
+        retried, then dead-lettered with the reason."""
         order = event.payload
         assert isinstance(order, events_pb2.OrderCompleted)
-        if not order.member_id:
+        member_id = _event_member(order.member_id, f"OrderCompleted {order.order_id}")
+        if member_id is None:
             log.debug("order %s has no member; nothing to track", order.order_id)
             return
-        try:
-            member_id = uuid.UUID(order.member_id)
-        except ValueError:
-            raise ValueError(
-                f"OrderCompleted {order.order_id}: member_id {order.member_id!r} is not a UUID"
-            ) from None
         if order.paid_amount_fen < 0:
             raise ValueError(
                 f"OrderCompleted {order.order_id}: paid_amount_fen {order.paid_amount_fen} < 0"
             )
         ordered_at = (
-            to_datetime(order.ordered_at)
-            or to_datetime(event.envelope.occurred_at)
-            or datetime.now(UTC)
+            to_datetime(order.ordered_at) or to_datetime(event.envelope.occurred_at) or self.now()
         )
-        await repo.add_order(uow.conn, member_id, order.paid_amount_fen, ordered_at)
+        conn = uow.conn
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, ordered_at)
+        rules_programme = programme or await repo.programme_at(
+            conn, DEFAULT_PROGRAMME_ID, self.now()
+        )
+        growth = (
+            order_growth(rules_programme, order.paid_amount_fen)
+            if rules_programme
+            else order.paid_amount_fen // DEFAULT_RULES.order_fen_per_point
+        )
+        order_id = order.order_id or event.envelope.event_id
+        if not await repo.insert_order(
+            conn, order_id, member_id, ordered_at, order.paid_amount_fen, growth
+        ):
+            log.info("order %s already counted", order_id)
+            return
+        await repo.add_order(conn, member_id, order.paid_amount_fen, ordered_at)
+        tz = (rules_programme.rules if rules_programme else DEFAULT_RULES).tz
+        await repo.insert_growth(
+            conn, member_id, "order", order_id, growth, ordered_at, ordered_at.astimezone(tz).date()
+        )
+        await self.evaluate(uow, member_id, ordered_at)
+
+    async def on_order_refunded(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """Undo what a refund takes back: net spend, the order's growth value
+        (dated at the order, so the metric drops retroactively) and any upgrade
+        the order caused. Idempotent on refund_id."""
+        refund = event.payload
+        assert isinstance(refund, events_pb2.OrderRefunded)
+        what = f"OrderRefunded {refund.refund_id}"
+        if _event_member(refund.member_id, what) is None:
+            return
+        if refund.refunded_amount_fen <= 0:
+            raise ValueError(f"{what}: refunded_amount_fen {refund.refunded_amount_fen} <= 0")
+        refund_id = refund.refund_id or event.envelope.event_id
+        conn = uow.conn
+        if await repo.growth_exists(conn, "refund", refund_id):
+            return
+        order = await repo.lock_order(conn, refund.order_id)
+        if order is None:
+            # OrderCompleted travels on the same stream first; an unknown order
+            # is retried and then dead-lettered with this reason.
+            raise ValueError(f"{what}: order {refund.order_id!r} is not known to tiering")
+        refunded = min(order.paid_fen, order.refunded_fen + refund.refunded_amount_fen)
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, order.ordered_at)
+        programme = programme or await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, self.now())
+        net = order.paid_fen - refunded
+        growth = (
+            order_growth(programme, net) if programme else net // DEFAULT_RULES.order_fen_per_point
+        )
+        await repo.set_order_refund(conn, order.order_id, refunded, growth)
+        tz = (programme.rules if programme else DEFAULT_RULES).tz
+        refunded_at = to_datetime(refund.refunded_at) or self.now()
+        await repo.insert_growth(
+            conn,
+            order.member_id,
+            "refund",
+            refund_id,
+            growth - order.growth,
+            order.ordered_at,
+            refunded_at.astimezone(tz).date(),
+        )
+        wholly = refunded == order.paid_fen and order.refunded_fen < order.paid_fen
+        await repo.subtract_spend(
+            conn, order.member_id, refunded - order.refunded_fen, 1 if wholly else 0
+        )
+        await self.evaluate(uow, order.member_id, refunded_at, reason="refund")
+
+    async def on_member_registered(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """Registration date, for lifecycle stages (new, growing)."""
+        registered = event.payload
+        assert isinstance(registered, events_pb2.MemberRegistered)
+        member_id = _event_member(registered.member_id, "MemberRegistered")
+        if member_id is None:
+            return
+        at = to_datetime(registered.registered_at) or to_datetime(event.envelope.occurred_at)
+        await repo.set_registered(uow.conn, member_id, at)
+
+    async def on_member_merged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """The absorbed member's orders, growth and tier history move to the
+        survivor; the survivor keeps the higher tier. Idempotent on merge_id."""
+        merged = event.payload
+        assert isinstance(merged, events_pb2.MemberMerged)
+        what = f"MemberMerged {merged.merge_id}"
+        survivor = _event_member(merged.survivor_member_id, what)
+        absorbed = _event_member(merged.absorbed_member_id, what)
+        if survivor is None or absorbed is None or survivor == absorbed:
+            raise ValueError(f"{what}: needs two different member ids")
+        conn = uow.conn
+        if not merged.merge_id or await repo.merge_exists(conn, merged.merge_id):
+            return
+        now = max(self.now(), to_datetime(merged.merged_at) or self.now())
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        # Survivor first, then absorbed: a fixed lock order between the two.
+        kept = await repo.lock_tier_state(conn, survivor)
+        gone = await repo.lock_tier_state(conn, absorbed)
+        await repo.insert_merge(
+            conn,
+            merged.merge_id,
+            survivor,
+            absorbed,
+            await repo.member_snapshot(conn, survivor),
+            await repo.member_snapshot(conn, absorbed),
+            now,
+        )
+        registered = await conn.fetchval(
+            "SELECT registered_at FROM tiering.member_profiles WHERE member_id = $1", absorbed
+        )
+        await repo.move_facts(conn, absorbed, survivor)
+        await repo.delete_member_rows(conn, absorbed)
+        await repo.rebuild_spend(conn, survivor)
+        if registered is not None:
+            await repo.set_registered(conn, survivor, registered)
+        if programme is None:
+            return
+        ladder = programme.ladder
+        candidates = [
+            x for x in (kept, gone) if x is not None and x[0].programme_version == programme.version
+        ]
+        before = (
+            kept[0].effective(programme, now)
+            if kept and kept in candidates
+            else ladder.tiers[0].code
+        )
+        if candidates:
+            # Survivorship: the tier = the higher of the two.
+            chosen = max(candidates, key=lambda x: ladder.rank(x[0].effective(programme, now)))[0]
+            at = max(now, *(x[1] for x in candidates))
+        else:
+            chosen, at = fresh_state(programme, now), now
+        orders, growth = await repo.load_facts(
+            conn, survivor, window_start(programme, min(chosen.period_start, at))
+        )
+        ev = advance(
+            programme, chosen, at, lambda t: metric_from_facts(programme, orders, growth, t)
+        )
+        after = ev.state.effective(programme, at)
+        merge_change = Change(
+            before,
+            chosen.effective(programme, at),
+            "merge",
+            at,
+            {"merge_id": merged.merge_id, "absorbed_member_id": str(absorbed)},
+        )
+        await self._store(
+            uow, survivor, programme, Evaluation(ev.state, [merge_change, *ev.changes]), at
+        )
+        log.info("merge %s: survivor %s now %s", merged.merge_id, survivor, after)
+
+    async def on_member_unmerged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """Reverse a merge: facts and tier history go back to the restored member,
+        each side's tier state is restored and brought up to date."""
+        unmerged = event.payload
+        assert isinstance(unmerged, events_pb2.MemberUnmerged)
+        conn = uow.conn
+        merge = await repo.lock_merge(conn, unmerged.merge_id)
+        if merge is None:
+            log.info("unmerge of %s: tiering never applied that merge", unmerged.merge_id)
+            return
+        if merge["unmerged_at"] is not None:
+            return
+        survivor, restored = merge["survivor_id"], merge["absorbed_id"]
+        now = max(self.now(), to_datetime(unmerged.unmerged_at) or self.now())
+        survivor_state = await repo.lock_tier_state(conn, survivor)
+        await repo.move_facts_back(conn, survivor, restored)
+        await repo.rebuild_spend(conn, survivor)
+        await repo.rebuild_spend(conn, restored)
+        snapshot = merge["absorbed_before"]
+        if snapshot.get("registered_at"):
+            await repo.set_registered(
+                conn, restored, datetime.fromisoformat(snapshot["registered_at"])
+            )
+        await repo.mark_unmerged(conn, unmerged.merge_id, now)
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        if programme is None:
+            return
+        for member_id, before_json, current in (
+            (restored, snapshot, None),
+            (survivor, merge["survivor_before"], survivor_state),
+        ):
+            state = _state_from_snapshot(before_json, programme) or fresh_state(programme, now)
+            orders, growth = await repo.load_facts(conn, member_id)
+            if before_json.get("tier") is not None:
+                # Back where it was, then what time and its own facts changed since.
+                ev = advance(
+                    programme,
+                    state,
+                    now,
+                    lambda t, o=orders, g=growth: metric_from_facts(programme, o, g, t),
+                )
+            else:
+                ev = replay(programme, orders, growth, now)
+            from_tier = (
+                current[0].effective(programme, now) if current else programme.ladder.tiers[0].code
+            )
+            change = Change(
+                from_tier,
+                ev.state.effective(programme, now),
+                "unmerge",
+                now,
+                {"merge_id": unmerged.merge_id},
+            )
+            await self._store(uow, member_id, programme, Evaluation(ev.state, [change]), now)
+
+    # ---- queries --------------------------------------------------------------------
 
     async def member_spend(self, uow: UnitOfWork, member_id: str) -> MemberSpendView:
         key = parse_member_id(member_id)
         spend = await repo.get_spend(uow.conn, key) or SpendRecord(str(key), 0, 0, None)
-        programme = await repo.programme_at(uow.conn, DEFAULT_PROGRAMME_ID, datetime.now(UTC))
-        tier = None
-        if programme is not None:
-            value = metric_value(programme, spend)
-            tier = programme.ladder.tier_for(value) if value is not None else None
-        return MemberSpendView(spend, tier)
+        view = await self._tier_view(uow, key)
+        return MemberSpendView(spend, view.effective if view else None)
+
+    async def member_tier(self, uow: UnitOfWork, member_id: str) -> MemberTierView:
+        key = parse_member_id(member_id)
+        view = await self._tier_view(uow, key)
+        if view is None:
+            raise NotFound(
+                f"no tier programme {DEFAULT_PROGRAMME_ID!r} is in force",
+                code="NO_PROGRAMME",
+            )
+        return view
+
+    async def _tier_view(self, uow: UnitOfWork, member_id: uuid.UUID) -> MemberTierView | None:
+        """The member's tier as of now, computed without writing (the batch and
+        the next event persist what time alone changes)."""
+        conn = uow.conn
+        now = self.now()
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        if programme is None:
+            return None
+        row = await repo.tier_row(conn, member_id)
+        state = (
+            TierState(*(row[c.strip()] for c in repo.STATE_COLUMNS.split(",")))
+            if row
+            else fresh_state(programme, now)
+        )
+        orders, growth = await repo.load_facts(
+            conn, member_id, window_start(programme, min(state.period_start, now))
+        )
+        ev = advance(
+            programme, state, now, lambda t: metric_from_facts(programme, orders, growth, t)
+        )
+        metric = metric_from_facts(programme, orders, growth, now)
+        # What already counts and will still be inside the window at the period end.
+        kept = metric_from_facts(
+            programme,
+            [o for o in orders if o.at > window_start(programme, ev.state.period_end)],
+            [g for g in growth if g.at > window_start(programme, ev.state.period_end)],
+            now,
+        )
+        lo = window_start(programme, now)
+        growth_value = sum(g.points for g in growth if lo < g.at <= now)
+        effective = programme.tier(ev.state.effective(programme, now))
+        projection = project(programme, ev.state, metric, kept, now)
+        return MemberTierView(
+            str(member_id), programme, ev.state, effective, metric, growth_value, projection
+        )
+
+    async def tier_history(
+        self, uow: UnitOfWork, member_id: str, limit: int
+    ) -> list[repo.HistoryRow]:
+        key = parse_member_id(member_id)
+        if limit < 0 or limit > HISTORY_LIMIT_MAX:
+            raise InvalidArgument(
+                f"limit must be between 1 and {HISTORY_LIMIT_MAX}",
+                code="INVALID_LIMIT",
+                field="limit",
+            )
+        return await repo.history(uow.conn, key, limit or 50)
+
+    # ---- growth actions -------------------------------------------------------------
+
+    async def record_growth_action(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        action: str,
+        reference_id: str,
+        occurred_at: datetime | None,
+    ) -> GrowthAward:
+        key = parse_member_id(member_id)
+        try:
+            kind = GrowthAction(action)
+        except ValueError:
+            allowed = ", ".join(a.value for a in GrowthAction)
+            raise InvalidArgument(
+                f"action {action!r} is not one of {allowed}", code="INVALID_ACTION", field="action"
+            ) from None
+        ref = reference_id.strip()
+        if not ref or len(ref) > 128:
+            raise InvalidArgument(
+                "reference_id is required (at most 128 characters)",
+                code="REFERENCE_ID_REQUIRED",
+                field="reference_id",
+            )
+        now = self.now()
+        at = occurred_at or now
+        if at > now + PUBLISH_SKEW:
+            raise InvalidArgument(
+                "occurred_at is in the future", code="INVALID_OCCURRED_AT", field="occurred_at"
+            )
+        conn = uow.conn
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        rules = programme.rules if programme else DEFAULT_RULES
+        rule = rules.actions[kind]
+        # Scoped per (member, action) so a cap check and its insert are atomic.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('tiering.growth:' || $1))", f"{key}:{kind}"
+        )
+        scoped_ref = f"{key}:{ref}"
+        if await repo.growth_exists(conn, kind.value, scoped_ref):
+            return GrowthAward(0, False, True)
+        day = at.astimezone(rules.tz).date()
+        first, last = (day, day) if rule.per is CapPer.DAY else _month_of(day)
+        if (
+            rule.points <= 0
+            or await repo.count_awards(conn, key, kind.value, first, last) >= rule.cap
+        ):
+            return GrowthAward(0, True, False)
+        await repo.insert_growth(conn, key, kind.value, scoped_ref, rule.points, at, day)
+        if programme is not None and programme.qualifying_metric is QualifyingMetric.GROWTH_VALUE:
+            await self.evaluate(uow, key, at)
+        return GrowthAward(rule.points, False, False)
+
+    # ---- operators ------------------------------------------------------------------
+
+    async def programme(
+        self, uow: UnitOfWork, programme_id: str, at: datetime | None
+    ) -> tuple[TierProgramme, str]:
+        pid = programme_id.strip() or DEFAULT_PROGRAMME_ID
+        found = await repo.programme_at(uow.conn, pid, at or self.now())
+        if found is None:
+            raise NotFound(
+                f"programme {pid!r} has no version in force",
+                code="UNKNOWN_PROGRAMME",
+                field="programme_id",
+            )
+        return found, await repo.programme_note(uow.conn, pid, found.version)
+
+    async def publish_programme(
+        self, uow: UnitOfWork, draft: TierProgramme, note: str
+    ) -> TierProgramme:
+        """Store `draft` as the next version. The running version is untouched
+        until the new one's effective_from; a bad draft never gets here."""
+        if draft.effective_from < self.now() - PUBLISH_SKEW:
+            raise InvalidArgument(
+                "effective_from is in the past: a new version applies from now or later,"
+                " history is not rewritten",
+                code="INVALID_PROGRAMME",
+                field="programme.effective_from",
+            )
+        version = await repo.latest_version(uow.conn, draft.programme_id, lock=True) + 1
+        stored = TierProgramme(
+            draft.programme_id,
+            version,
+            draft.effective_from,
+            draft.qualifying_metric,
+            draft.window_months,
+            draft.ladder,
+            draft.rules,
+        )
+        await repo.insert_programme(uow.conn, stored, note)
+        return stored
+
+    async def simulate(self, uow: UnitOfWork, draft: TierProgramme) -> Simulation:
+        now = self.now()
+        base = (await repo.programme_at(uow.conn, draft.programme_id, now)) or draft
+        rows = await repo.simulate(
+            uow.conn, draft, window_start(draft, now), now, base.ladder.tiers[0].code
+        )
+        codes = [t.code for t in draft.ladder.tiers]
+        upgrades = kept = at_risk = members = 0
+        movements: dict[tuple[str, str], int] = {}
+        for current, draft_rank, above_retention, count in rows:
+            members += count
+            target = codes[draft_rank]
+            movements[(current, target)] = movements.get((current, target), 0) + count
+            if current not in codes:
+                continue  # re-evaluated on the metric when the version starts
+            rank = codes.index(current)
+            if draft_rank > rank:
+                upgrades += count
+            elif draft_rank < rank:
+                if above_retention:
+                    kept += count
+                else:
+                    at_risk += count
+        return Simulation(
+            members,
+            upgrades,
+            kept,
+            at_risk,
+            sorted((f, t, n) for (f, t), n in movements.items()),
+        )
+
+    async def set_override(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        tier_code: str,
+        until: datetime | None,
+        reason: str,
+    ) -> MemberTierView:
+        key = parse_member_id(member_id)
+        now = self.now()
+        conn = uow.conn
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        if programme is None:
+            raise NotFound("no tier programme is in force", code="NO_PROGRAMME")
+        code = tier_code.strip()
+        if not reason.strip():
+            raise InvalidArgument("reason is required", code="REASON_REQUIRED", field="reason")
+        if code:
+            if code not in {t.code for t in programme.ladder.tiers}:
+                raise InvalidArgument(
+                    f"tier_code {code!r} is not on the ladder",
+                    code="UNKNOWN_TIER",
+                    field="tier_code",
+                )
+            if until is None or until <= now:
+                raise InvalidArgument(
+                    "until is required and must be in the future",
+                    code="INVALID_UNTIL",
+                    field="until",
+                )
+        # Up to date first, so the override row follows the changes time made.
+        await self.evaluate(uow, key, now)
+        locked = await repo.lock_tier_state(conn, key)
+        assert locked is not None
+        ev = set_override(
+            programme, locked[0], code or None, until if code else None, reason.strip(), now
+        )
+        await self._store(uow, key, programme, ev, now)
+        view = await self._tier_view(uow, key)
+        assert view is not None
+        return view
+
+
+def _state_from_snapshot(snapshot: dict[str, object], programme: TierProgramme) -> TierState | None:
+    tier = snapshot.get("tier")
+    if not isinstance(tier, dict) or tier.get("programme_version") != programme.version:
+        return None
+
+    def ts(key: str) -> datetime | None:
+        value = tier.get(key)
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+    start, end = ts("period_start"), ts("period_end")
+    assert start is not None and end is not None
+    return TierState(
+        programme.version,
+        str(tier["base_tier"]),
+        str(tier["earned_tier"]),
+        start,
+        end,
+        int(tier["peak"]),
+        ts("grace_until"),
+        tier.get("override_tier"),
+        ts("override_until"),
+        tier.get("override_reason"),
+    )
+
+
+def _month_of(day: date) -> tuple[date, date]:
+    first = day.replace(day=1)
+    nxt = (first + timedelta(days=32)).replace(day=1)
+    return first, nxt - timedelta(days=1)
+
+
+async def emit_tier_changed(
+    uow: UnitOfWork, member_id: uuid.UUID, programme: TierProgramme, change: Change
+) -> None:
+    await uow.emit(
+        events_pb2.TierChanged(
+            member_id=str(member_id),
+            from_tier=change.from_tier,
+            to_tier=change.to_tier,
+            reason=EVENT_REASON.get(change.reason, change.reason),
+            programme_id=programme.programme_id,
+            programme_version=programme.version,
+            changed_at=timestamp(change.at),
+        ),
+        member_id=str(member_id),
+    )

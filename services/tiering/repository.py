@@ -5,11 +5,22 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
+from typing import Any
+
+import asyncpg
 
 from servicekit.db import Connection
 
-from .domain import TierProgramme, parse_ladder, parse_metric
+from .domain import (
+    DEFAULT_RULES,
+    QualifyingMetric,
+    TierProgramme,
+    parse_ladder,
+    parse_metric,
+    parse_rules,
+)
+from .evaluation import Change, GrowthFact, OrderFact, TierState
 
 
 @dataclass(frozen=True)
@@ -53,18 +64,14 @@ async def get_spend(conn: Connection, member_id: uuid.UUID) -> SpendRecord | Non
     )
 
 
-async def programme_at(conn: Connection, programme_id: str, at: datetime) -> TierProgramme | None:
-    """The version of a programme in force at `at`: the latest effective_from not after it."""
-    row = await conn.fetchrow(
-        "SELECT programme_id, version, effective_from, qualifying_metric, window_months,"
-        " ladder::text AS ladder FROM tiering.tier_programmes"
-        " WHERE programme_id = $1 AND effective_from <= $2"
-        " ORDER BY effective_from DESC, version DESC LIMIT 1",
-        programme_id,
-        at,
-    )
-    if row is None:
-        return None
+PROGRAMME_COLUMNS = (
+    "programme_id, version, effective_from, qualifying_metric, window_months,"
+    " ladder::text AS ladder, rules::text AS rules, note"
+)
+
+
+def _programme(row: asyncpg.Record) -> TierProgramme:
+    rules = json.loads(row["rules"])
     return TierProgramme(
         programme_id=row["programme_id"],
         version=row["version"],
@@ -72,17 +79,67 @@ async def programme_at(conn: Connection, programme_id: str, at: datetime) -> Tie
         qualifying_metric=parse_metric(row["qualifying_metric"]),
         window_months=row["window_months"],
         ladder=parse_ladder(json.loads(row["ladder"])),
+        # '{}': a row written before programmes had rules runs on the defaults.
+        rules=parse_rules(rules) if rules else DEFAULT_RULES,
     )
 
 
-async def insert_programme(conn: Connection, programme: TierProgramme) -> bool:
+async def programme_at(conn: Connection, programme_id: str, at: datetime) -> TierProgramme | None:
+    """The version of a programme in force at `at`: the latest effective_from not after it."""
+    row = await conn.fetchrow(
+        f"SELECT {PROGRAMME_COLUMNS} FROM tiering.tier_programmes"
+        " WHERE programme_id = $1 AND effective_from <= $2"
+        " ORDER BY effective_from DESC, version DESC LIMIT 1",
+        programme_id,
+        at,
+    )
+    return None if row is None else _programme(row)
+
+
+async def programme_version(
+    conn: Connection, programme_id: str, version: int
+) -> TierProgramme | None:
+    row = await conn.fetchrow(
+        f"SELECT {PROGRAMME_COLUMNS} FROM tiering.tier_programmes"
+        " WHERE programme_id = $1 AND version = $2",
+        programme_id,
+        version,
+    )
+    return None if row is None else _programme(row)
+
+
+async def programme_note(conn: Connection, programme_id: str, version: int) -> str:
+    note = await conn.fetchval(
+        "SELECT note FROM tiering.tier_programmes WHERE programme_id = $1 AND version = $2",
+        programme_id,
+        version,
+    )
+    return str(note or "")
+
+
+async def latest_version(conn: Connection, programme_id: str, lock: bool = False) -> int:
+    """Highest version stored (0 for none). With lock, serialises publishers of
+    one programme on a transaction-scoped advisory lock."""
+    if lock:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('tiering.programme:' || $1))", programme_id
+        )
+    value = await conn.fetchval(
+        "SELECT coalesce(max(version), 0) FROM tiering.tier_programmes WHERE programme_id = $1",
+        programme_id,
+    )
+    return int(value)
+
+
+async def insert_programme(conn: Connection, programme: TierProgramme, note: str = "") -> bool:
     """Store a programme version; False when that (programme_id, version) already exists.
 
     Versions are immutable once written: a change is a new version."""
     inserted = await conn.fetchval(
         "INSERT INTO tiering.tier_programmes"
-        " (programme_id, version, effective_from, qualifying_metric, window_months, ladder)"
-        " VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
+        " (programme_id, version, effective_from, qualifying_metric, window_months, ladder,"
+        "  rules, note)"
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)"
         " ON CONFLICT (programme_id, version) DO NOTHING RETURNING true",
         programme.programme_id,
         programme.version,
@@ -90,5 +147,437 @@ async def insert_programme(conn: Connection, programme: TierProgramme) -> bool:
         programme.qualifying_metric.value,
         programme.window_months,
         json.dumps(programme.ladder.to_json(), ensure_ascii=False),
+        json.dumps(programme.rules.to_json(), ensure_ascii=False),
+        note,
     )
     return bool(inserted)
+
+
+# ---- facts: orders and the growth ledger ------------------------------------------
+
+
+async def insert_order(
+    conn: Connection, order_id: str, member_id: uuid.UUID, at: datetime, paid_fen: int, growth: int
+) -> bool:
+    """False when the order is known already (a second event for the same order)."""
+    inserted = await conn.fetchval(
+        "INSERT INTO tiering.orders (order_id, member_id, ordered_at, paid_fen, growth)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING RETURNING true",
+        order_id,
+        member_id,
+        at,
+        paid_fen,
+        growth,
+    )
+    return bool(inserted)
+
+
+@dataclass(frozen=True)
+class OrderRow:
+    order_id: str
+    member_id: uuid.UUID
+    ordered_at: datetime
+    paid_fen: int
+    refunded_fen: int
+    growth: int
+
+
+async def lock_order(conn: Connection, order_id: str) -> OrderRow | None:
+    row = await conn.fetchrow(
+        "SELECT order_id, member_id, ordered_at, paid_fen, refunded_fen, growth"
+        " FROM tiering.orders WHERE order_id = $1 FOR UPDATE",
+        order_id,
+    )
+    return None if row is None else OrderRow(**dict(row))
+
+
+async def set_order_refund(conn: Connection, order_id: str, refunded_fen: int, growth: int) -> None:
+    await conn.execute(
+        "UPDATE tiering.orders SET refunded_fen = $2, growth = $3 WHERE order_id = $1",
+        order_id,
+        refunded_fen,
+        growth,
+    )
+
+
+async def subtract_spend(conn: Connection, member_id: uuid.UUID, fen: int, orders: int) -> None:
+    await conn.execute(
+        "UPDATE tiering.member_spend SET total_paid_fen = greatest(total_paid_fen - $2, 0),"
+        " order_count = greatest(order_count - $3, 0), updated_at = now() WHERE member_id = $1",
+        member_id,
+        fen,
+        orders,
+    )
+
+
+async def insert_growth(
+    conn: Connection,
+    member_id: uuid.UUID,
+    kind: str,
+    ref: str,
+    points: int,
+    occurred_at: datetime,
+    local_day: date,
+) -> bool:
+    inserted = await conn.fetchval(
+        "INSERT INTO tiering.growth_ledger"
+        " (member_id, kind, ref, points, occurred_at, local_day)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kind, ref) DO NOTHING RETURNING true",
+        member_id,
+        kind,
+        ref,
+        points,
+        occurred_at,
+        local_day,
+    )
+    return bool(inserted)
+
+
+async def growth_exists(conn: Connection, kind: str, ref: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT true FROM tiering.growth_ledger WHERE kind = $1 AND ref = $2", kind, ref
+        )
+    )
+
+
+async def count_awards(
+    conn: Connection, member_id: uuid.UUID, kind: str, first_day: date, last_day: date
+) -> int:
+    """Awards of `kind` (points > 0) on local days [first_day, last_day], for caps.
+    Serialised per member by the caller's lock on the member's tier row."""
+    value = await conn.fetchval(
+        "SELECT count(*) FROM tiering.growth_ledger WHERE member_id = $1 AND kind = $2"
+        " AND local_day BETWEEN $3 AND $4 AND points > 0",
+        member_id,
+        kind,
+        first_day,
+        last_day,
+    )
+    return int(value)
+
+
+async def load_facts(
+    conn: Connection, member_id: uuid.UUID, since: datetime | None = None
+) -> tuple[list[OrderFact], list[GrowthFact]]:
+    """A member's facts (all, or those after `since`) for evaluation in Python."""
+    floor = since or datetime(1970, 1, 1, tzinfo=UTC)
+    orders = await conn.fetch(
+        "SELECT order_id, ordered_at, paid_fen, refunded_fen, growth FROM tiering.orders"
+        " WHERE member_id = $1 AND ordered_at > $2",
+        member_id,
+        floor,
+    )
+    growth = await conn.fetch(
+        "SELECT occurred_at, points FROM tiering.growth_ledger"
+        " WHERE member_id = $1 AND occurred_at > $2",
+        member_id,
+        floor,
+    )
+    return (
+        [
+            OrderFact(r["order_id"], r["ordered_at"], r["paid_fen"], r["refunded_fen"], r["growth"])
+            for r in orders
+        ],
+        [GrowthFact(r["occurred_at"], r["points"]) for r in growth],
+    )
+
+
+async def growth_between(conn: Connection, member_id: uuid.UUID, lo: datetime, hi: datetime) -> int:
+    value = await conn.fetchval(
+        "SELECT coalesce(sum(points), 0) FROM tiering.growth_ledger"
+        " WHERE member_id = $1 AND occurred_at > $2 AND occurred_at <= $3",
+        member_id,
+        lo,
+        hi,
+    )
+    return int(value)
+
+
+def metric_sql(metric: QualifyingMetric, alias: str = "") -> tuple[str, str]:
+    """(table, aggregate) computing a metric; the same definition as
+    evaluation.metric_from_facts."""
+    p = f"{alias}." if alias else ""
+    if metric is QualifyingMetric.GROWTH_VALUE:
+        return "tiering.growth_ledger", f"coalesce(sum({p}points), 0)"
+    if metric is QualifyingMetric.PAID_SPEND:
+        return "tiering.orders", f"coalesce(sum({p}paid_fen - {p}refunded_fen), 0)"
+    return "tiering.orders", f"count(*) FILTER (WHERE {p}refunded_fen < {p}paid_fen)"
+
+
+def time_column(metric: QualifyingMetric) -> str:
+    return "occurred_at" if metric is QualifyingMetric.GROWTH_VALUE else "ordered_at"
+
+
+# ---- tier state and history --------------------------------------------------------
+
+
+STATE_COLUMNS = (
+    "programme_version, base_tier, earned_tier, period_start, period_end, peak, grace_until,"
+    " override_tier, override_until, override_reason"
+)
+
+
+def _state(row: asyncpg.Record) -> TierState:
+    return TierState(*(row[c.strip()] for c in STATE_COLUMNS.split(",")))
+
+
+async def lock_tier_state(
+    conn: Connection, member_id: uuid.UUID
+) -> tuple[TierState, datetime] | None:
+    """The member's state and when it was last evaluated, locked for this transaction."""
+    row = await conn.fetchrow(
+        f"SELECT {STATE_COLUMNS}, evaluated_at FROM tiering.member_tiers"
+        " WHERE member_id = $1 FOR UPDATE",
+        member_id,
+    )
+    return None if row is None else (_state(row), row["evaluated_at"])
+
+
+async def tier_row(conn: Connection, member_id: uuid.UUID) -> dict[str, Any] | None:
+    row = await conn.fetchrow("SELECT * FROM tiering.member_tiers WHERE member_id = $1", member_id)
+    return None if row is None else dict(row)
+
+
+async def save_tier_state(
+    conn: Connection,
+    member_id: uuid.UUID,
+    programme: TierProgramme,
+    state: TierState,
+    effective: str,
+    evaluated_at: datetime,
+) -> None:
+    await conn.execute(
+        "INSERT INTO tiering.member_tiers AS t (member_id, programme_id, tier_code,"
+        f" {STATE_COLUMNS}, evaluated_at, updated_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now())"
+        " ON CONFLICT (member_id) DO UPDATE SET programme_id = excluded.programme_id,"
+        " tier_code = excluded.tier_code, programme_version = excluded.programme_version,"
+        " base_tier = excluded.base_tier, earned_tier = excluded.earned_tier,"
+        " period_start = excluded.period_start, period_end = excluded.period_end,"
+        " peak = excluded.peak, grace_until = excluded.grace_until,"
+        " override_tier = excluded.override_tier, override_until = excluded.override_until,"
+        " override_reason = excluded.override_reason, evaluated_at = excluded.evaluated_at,"
+        " updated_at = now()",
+        member_id,
+        programme.programme_id,
+        effective,
+        state.programme_version,
+        state.base_tier,
+        state.earned_tier,
+        state.period_start,
+        state.period_end,
+        state.peak,
+        state.grace_until,
+        state.override_tier,
+        state.override_until,
+        state.override_reason,
+        evaluated_at,
+    )
+
+
+async def insert_history(
+    conn: Connection,
+    member_id: uuid.UUID,
+    programme: TierProgramme,
+    changes: list[Change],
+) -> None:
+    if not changes:
+        return
+    await conn.executemany(
+        "INSERT INTO tiering.tier_history (member_id, from_tier, to_tier, reason, figures,"
+        " programme_id, programme_version, changed_at) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)",
+        [
+            (
+                member_id,
+                c.from_tier,
+                c.to_tier,
+                c.reason,
+                json.dumps(c.figures, ensure_ascii=False, default=str),
+                programme.programme_id,
+                programme.version,
+                c.at,
+            )
+            for c in changes
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    from_tier: str
+    to_tier: str
+    reason: str
+    figures_json: str
+    programme_version: int
+    changed_at: datetime
+
+
+async def history(conn: Connection, member_id: uuid.UUID, limit: int) -> list[HistoryRow]:
+    rows = await conn.fetch(
+        "SELECT from_tier, to_tier, reason, figures::text AS figures_json, programme_version,"
+        " changed_at FROM tiering.tier_history WHERE member_id = $1"
+        " ORDER BY changed_at DESC, entry_id DESC LIMIT $2",
+        member_id,
+        limit,
+    )
+    return [HistoryRow(**dict(r)) for r in rows]
+
+
+async def simulate(
+    conn: Connection, draft: TierProgramme, lo: datetime, now: datetime, base_code: str
+) -> list[tuple[str, int, bool, int]]:
+    """(current tier, draft rank by today's metric, metric >= the draft's retention
+    bar of the current tier, members) for every member tiering knows."""
+    table, aggregate = metric_sql(draft.qualifying_metric)
+    column = time_column(draft.qualifying_metric)
+    codes = [t.code for t in draft.ladder.tiers]
+    thresholds = [t.threshold for t in draft.ladder.tiers]
+    retention = [t.retention_bar for t in draft.ladder.tiers]
+    rows = await conn.fetch(
+        f"WITH m AS (SELECT member_id, {aggregate} AS metric FROM {table}"
+        f"  WHERE {column} > $1 AND {column} <= $2 GROUP BY member_id),"
+        " everyone AS (SELECT coalesce(t.member_id, m.member_id) AS member_id,"
+        "  coalesce(t.tier_code, $3) AS current, coalesce(m.metric, 0) AS metric"
+        "  FROM tiering.member_tiers t FULL JOIN m ON m.member_id = t.member_id),"
+        " ranked AS (SELECT current, metric,"
+        "  (SELECT count(*) FROM unnest($4::bigint[]) th WHERE th <= metric) - 1 AS draft_rank,"
+        "  array_position($5::text[], current) AS cur_pos FROM everyone)"
+        " SELECT current, draft_rank::int AS draft_rank,"
+        "  coalesce(metric >= ($6::bigint[])[cur_pos], false) AS above_retention,"
+        "  count(*) AS members FROM ranked GROUP BY 1, 2, 3",
+        lo,
+        now,
+        base_code,
+        thresholds,
+        codes,
+        retention,
+    )
+    return [
+        (r["current"], max(r["draft_rank"], 0), r["above_retention"], r["members"]) for r in rows
+    ]
+
+
+# ---- merges --------------------------------------------------------------------------
+
+MOVABLE = ("tiering.orders", "tiering.growth_ledger", "tiering.tier_history")
+
+
+async def merge_exists(conn: Connection, merge_id: str) -> bool:
+    return bool(
+        await conn.fetchval("SELECT true FROM tiering.member_merges WHERE merge_id = $1", merge_id)
+    )
+
+
+async def member_snapshot(conn: Connection, member_id: uuid.UUID) -> dict[str, Any]:
+    """What a merge changes for one member, as JSON-able values."""
+    tier = await conn.fetchrow(
+        "SELECT programme_id, tier_code, programme_version, base_tier, earned_tier,"
+        " period_start, period_end, peak, grace_until, override_tier, override_until,"
+        " override_reason, evaluated_at FROM tiering.member_tiers WHERE member_id = $1",
+        member_id,
+    )
+    registered = await conn.fetchval(
+        "SELECT registered_at FROM tiering.member_profiles WHERE member_id = $1", member_id
+    )
+
+    def js(value: Any) -> Any:
+        return value.isoformat() if isinstance(value, datetime) else value
+
+    return {
+        "tier": {k: js(v) for k, v in dict(tier).items()} if tier else None,
+        "registered_at": js(registered),
+    }
+
+
+async def insert_merge(
+    conn: Connection,
+    merge_id: str,
+    survivor: uuid.UUID,
+    absorbed: uuid.UUID,
+    survivor_before: dict[str, Any],
+    absorbed_before: dict[str, Any],
+    merged_at: datetime,
+) -> None:
+    await conn.execute(
+        "INSERT INTO tiering.member_merges (merge_id, survivor_id, absorbed_id,"
+        " survivor_before, absorbed_before, merged_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6)",
+        merge_id,
+        survivor,
+        absorbed,
+        json.dumps(survivor_before),
+        json.dumps(absorbed_before),
+        merged_at,
+    )
+
+
+async def lock_merge(conn: Connection, merge_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT merge_id, survivor_id, absorbed_id, survivor_before::text AS survivor_before,"
+        " absorbed_before::text AS absorbed_before, unmerged_at FROM tiering.member_merges"
+        " WHERE merge_id = $1 FOR UPDATE",
+        merge_id,
+    )
+    if row is None:
+        return None
+    out = dict(row)
+    out["survivor_before"] = json.loads(out["survivor_before"])
+    out["absorbed_before"] = json.loads(out["absorbed_before"])
+    return out
+
+
+async def mark_unmerged(conn: Connection, merge_id: str, at: datetime) -> None:
+    await conn.execute(
+        "UPDATE tiering.member_merges SET unmerged_at = $2 WHERE merge_id = $1", merge_id, at
+    )
+
+
+async def move_facts(conn: Connection, source: uuid.UUID, target: uuid.UUID) -> None:
+    """Everything `source` owns goes to `target`, remembering where it came from."""
+    for table in MOVABLE:
+        await conn.execute(
+            f"UPDATE {table} SET member_id = $2, merged_from = $1 WHERE member_id = $1",
+            source,
+            target,
+        )
+
+
+async def move_facts_back(conn: Connection, survivor: uuid.UUID, restored: uuid.UUID) -> None:
+    for table in MOVABLE:
+        await conn.execute(
+            f"UPDATE {table} SET member_id = $2, merged_from = NULL"
+            " WHERE member_id = $1 AND merged_from = $2",
+            survivor,
+            restored,
+        )
+
+
+async def delete_member_rows(conn: Connection, member_id: uuid.UUID) -> None:
+    for table in ("tiering.member_tiers", "tiering.member_profiles", "tiering.member_spend"):
+        await conn.execute(f"DELETE FROM {table} WHERE member_id = $1", member_id)
+
+
+async def rebuild_spend(conn: Connection, member_id: uuid.UUID) -> None:
+    """member_spend from the member's orders (after facts moved between members)."""
+    await conn.execute(
+        "INSERT INTO tiering.member_spend AS s (member_id, total_paid_fen, order_count,"
+        " last_order_at, updated_at)"
+        " SELECT $1, coalesce(sum(paid_fen - refunded_fen), 0),"
+        "  count(*) FILTER (WHERE refunded_fen < paid_fen), max(ordered_at), now()"
+        " FROM tiering.orders WHERE member_id = $1"
+        " ON CONFLICT (member_id) DO UPDATE SET total_paid_fen = excluded.total_paid_fen,"
+        "  order_count = excluded.order_count, last_order_at = excluded.last_order_at,"
+        "  updated_at = now()",
+        member_id,
+    )
+
+
+async def set_registered(conn: Connection, member_id: uuid.UUID, at: datetime | None) -> None:
+    await conn.execute(
+        "INSERT INTO tiering.member_profiles AS p (member_id, registered_at) VALUES ($1, $2)"
+        " ON CONFLICT (member_id) DO UPDATE SET registered_at ="
+        "  coalesce(least(p.registered_at, excluded.registered_at), excluded.registered_at),"
+        "  updated_at = now()",
+        member_id,
+        at,
+    )

@@ -6,11 +6,16 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
+    Identity,
+    Index,
     Integer,
     PrimaryKeyConstraint,
+    SmallInteger,
     Table,
     Text,
+    UniqueConstraint,
     Uuid,
     func,
 )
@@ -34,6 +39,10 @@ tier_programmes = Table(
     Column("window_months", Integer, nullable=False),
     # Ordered tiers: [{code, name, threshold, benefits: {...}}]; validated by domain.parse_ladder.
     Column("ladder", JSONB, nullable=False),
+    # Period, downgrade rule, grace, growth awards, RFM/lifecycle settings;
+    # validated by domain.parse_rules. '{}' (rows from before rules existed) = defaults.
+    Column("rules", JSONB, nullable=False, server_default="{}"),
+    Column("note", Text, nullable=False, server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("programme_id", "version"),
     CheckConstraint(
@@ -43,6 +52,7 @@ tier_programmes = Table(
     CheckConstraint("version >= 1", name="version_positive"),
     CheckConstraint("window_months BETWEEN 1 AND 36", name="window_months"),
     CheckConstraint("jsonb_typeof(ladder) = 'array'", name="ladder_is_array"),
+    CheckConstraint("jsonb_typeof(rules) = 'object'", name="rules_is_object"),
 )
 
 # Kept by the OrderCompleted consumer; lifetime totals per member.
@@ -56,6 +66,136 @@ member_spend = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("total_paid_fen >= 0", name="total_paid_fen_non_negative"),
     CheckConstraint("order_count >= 0", name="order_count_non_negative"),
+)
+
+
+# Completed orders as tiering counts them: the facts every metric is summed from.
+# refunded_fen grows with OrderRefunded; growth is what the order still carries.
+# merged_from: the member the row belonged to before a merge moved it (unmerge
+# moves it back).
+orders = Table(
+    "orders",
+    metadata,
+    Column("order_id", Text, primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("ordered_at", DateTime(timezone=True), nullable=False),
+    Column("paid_fen", BigInteger, nullable=False),
+    Column("refunded_fen", BigInteger, nullable=False, server_default="0"),
+    Column("growth", BigInteger, nullable=False, server_default="0"),
+    Column("merged_from", Uuid),
+    CheckConstraint("paid_fen >= 0", name="paid_fen_non_negative"),
+    CheckConstraint("refunded_fen BETWEEN 0 AND paid_fen", name="refunded_within_paid"),
+    Index("ix_orders_member_time", "member_id", "ordered_at"),
+)
+
+# Growth value (成长值) ledger, separate from spendable points: one row per award
+# or reversal; (kind, ref) makes every source idempotent. A refund reversal is
+# dated at the order it undoes (occurred_at), so the metric drops retroactively.
+growth_ledger = Table(
+    "growth_ledger",
+    metadata,
+    Column("entry_id", BigInteger, Identity(always=False), primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("ref", Text, nullable=False),
+    Column("points", BigInteger, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    # Local (programme time zone) day of the action, for daily/monthly caps.
+    Column("local_day", Date, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("merged_from", Uuid),
+    CheckConstraint(
+        "kind IN ('order', 'refund', 'check_in', 'review', 'referral')", name="kind_known"
+    ),
+    UniqueConstraint("kind", "ref", name="uq_growth_ledger_kind_ref"),
+    Index("ix_growth_ledger_member_time", "member_id", "occurred_at"),
+)
+
+# Each member's tier state (evaluation.TierState) under the programme in force.
+member_tiers = Table(
+    "member_tiers",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("programme_id", Text, nullable=False),
+    Column("programme_version", Integer, nullable=False),
+    # Effective tier (earned, raised by an active override).
+    Column("tier_code", Text, nullable=False),
+    Column("base_tier", Text, nullable=False),
+    Column("earned_tier", Text, nullable=False),
+    Column("period_start", DateTime(timezone=True), nullable=False),
+    Column("period_end", DateTime(timezone=True), nullable=False),
+    Column("peak", BigInteger, nullable=False),
+    Column("grace_until", DateTime(timezone=True)),
+    Column("override_tier", Text),
+    Column("override_until", DateTime(timezone=True)),
+    Column("override_reason", Text),
+    Column("evaluated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(
+        "(override_tier IS NULL) = (override_until IS NULL)", name="override_has_expiry"
+    ),
+    Index("ix_member_tiers_period_end", "period_end"),
+)
+
+# Every tier change (and retention/grace decision) with the figures behind it.
+tier_history = Table(
+    "tier_history",
+    metadata,
+    Column("entry_id", BigInteger, Identity(always=False), primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("from_tier", Text, nullable=False),
+    Column("to_tier", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("figures", JSONB, nullable=False),
+    Column("programme_id", Text, nullable=False),
+    Column("programme_version", Integer, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+    Column("merged_from", Uuid),
+    Index("ix_tier_history_member", "member_id", "entry_id"),
+)
+
+# RFM scores, segment and lifecycle stage, written by the batch recompute.
+member_profiles = Table(
+    "member_profiles",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("registered_at", DateTime(timezone=True)),
+    Column("r_score", SmallInteger),
+    Column("f_score", SmallInteger),
+    Column("m_score", SmallInteger),
+    Column("segment", Text),
+    Column("segment_group", Text),
+    Column("stage", Text),
+    Column("relative_tier", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# One row per batch recompute, with the distribution it left behind.
+recompute_runs = Table(
+    "recompute_runs",
+    metadata,
+    Column("run_id", BigInteger, Identity(always=False), primary_key=True),
+    Column("as_of", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("members", BigInteger, nullable=False, server_default="0"),
+    Column("tier_changes", BigInteger, nullable=False, server_default="0"),
+    Column("segment_changes", BigInteger, nullable=False, server_default="0"),
+    Column("stage_changes", BigInteger, nullable=False, server_default="0"),
+    Column("distribution", JSONB, nullable=False, server_default="{}"),
+)
+
+# Merges applied, with what each side held before, so an unmerge can restore it.
+member_merges = Table(
+    "member_merges",
+    metadata,
+    Column("merge_id", Text, primary_key=True),
+    Column("survivor_id", Uuid, nullable=False),
+    Column("absorbed_id", Uuid, nullable=False),
+    Column("survivor_before", JSONB),
+    Column("absorbed_before", JSONB),
+    Column("merged_at", DateTime(timezone=True), nullable=False),
+    Column("unmerged_at", DateTime(timezone=True)),
 )
 
 outbox, processed_events = add_event_tables(metadata)

@@ -29,7 +29,15 @@ def build(settings: ServiceSettings) -> ServiceApp:
                 app.db,
                 app.redis,
                 settings.redis_namespace,
-                [Subscription("rewards", events_pb2.OrderCompleted, handlers.on_order_completed)],
+                [
+                    Subscription("rewards", events_pb2.OrderCompleted, handlers.on_order_completed),
+                    Subscription("rewards", events_pb2.OrderRefunded, handlers.on_order_refunded),
+                    Subscription(
+                        "member", events_pb2.MemberRegistered, handlers.on_member_registered
+                    ),
+                    Subscription("member", events_pb2.MemberMerged, handlers.on_member_merged),
+                    Subscription("member", events_pb2.MemberUnmerged, handlers.on_member_unmerged),
+                ],
                 max_attempts=settings.event_max_attempts,
                 retry_after_ms=settings.event_retry_after_ms,
             )

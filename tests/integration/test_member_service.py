@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import grpc
 import pytest
@@ -20,6 +21,8 @@ def phone_request(phone: str) -> member_pb2.IdentifyMemberRequest:
     return member_pb2.IdentifyMemberRequest(
         identifiers=[member_pb2.Identifier(type=member_pb2.IDENTIFIER_TYPE_PHONE, value=phone)],
         source="test",
+        # A fresh key per call: each is a new request, not a retry.
+        request_key=str(uuid.uuid4()),
     )
 
 

@@ -417,10 +417,11 @@ async def test_order_completed_event_reaches_the_stream(
     assert event.member_id == member
     assert (event.store_id, event.pos_transaction_id) == ("SH003", request.pos_transaction_id)
     assert event.channel == common_pb2.CHANNEL_MINI_PROGRAM
+    # Mini-program orders earn double (the default earning rules).
     assert (event.paid_amount_fen, event.gross_amount_fen, event.points_earned) == (
         1_500,
         1_800,
-        15,
+        30,
     )
     assert event.ordered_at.ToDatetime(tzinfo=UTC) == ORDERED_AT
 

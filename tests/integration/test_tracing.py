@@ -36,6 +36,7 @@ async def test_a_call_and_its_event_share_one_trace(infra: Infra, member_app: Se
                         member_pb2.Identifier(type=member_pb2.IDENTIFIER_TYPE_PHONE, value=phone)
                     ],
                     source="test",
+                    request_key=f"trace-{phone}",
                 ),
                 timeout=5,
             )

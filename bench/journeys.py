@@ -1,0 +1,270 @@
+"""`python -m bench.journeys`: the engagement scheduler draining N due steps.
+
+Seeds a throwaway database (migrated engagement schema) with N due timers:
+every member is enrolled in two journeys whose first step is a targeted WeCom
+send, so each member's daily "1 targeted" budget is contested by two steps
+(priority must win), and 10% of members have no marketing consent (their sends
+must be suppressed). Then --workers sweepers (the service's own Scheduler, as
+concurrent tasks on one pool) run until nothing is due, and the result is
+checked in SQL:
+
+- every due step ran (no timer left, every enrollment completed);
+- zero duplicate sends (at most one send row per enrollment and step);
+- zero cap violations (at most one targeted send per member per local day);
+- zero sends without consent.
+
+Prints a table and writes bench/results/journeys-<UTC timestamp>.json.
+Counts are a flag (--steps); report the size you ran. The machine may be
+shared: the figures are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from servicekit.db import Database, asyncpg_dsn, create_pool
+from servicekit.migrations import upgrade
+from services.engagement.domain import FakeClock, QuietHours
+from services.engagement.ports import LocalConsent
+from services.engagement.scheduler import JourneyCache, Scheduler
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+# 10:00 in Shanghai: outside quiet hours, so every step is decided now.
+NOW = datetime(2030, 3, 4, 2, 0, tzinfo=UTC)
+
+
+def journey(journey_id: str, priority: int) -> dict[str, Any]:
+    return {
+        "id": journey_id,
+        "priority": priority,
+        "entry": {"event": "page_view"},
+        "start": "s",
+        "steps": {
+            "s": {
+                "type": "send",
+                "channel": "wecom",
+                "template": f"{journey_id}-offer",
+                "class": "targeted",
+                "next": "end",
+            },
+            "end": {"type": "exit"},
+        },
+    }
+
+
+JOURNEYS = [journey("bench-low", 10), journey("bench-high", 90)]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.journeys", description=__doc__)
+    p.add_argument("--steps", type=int, default=1_000_000, help="due steps (1,000,000)")
+    p.add_argument("--workers", type=int, default=4, help="concurrent sweepers (4)")
+    p.add_argument("--batch", type=int, default=1000, help="steps claimed per transaction (1000)")
+    p.add_argument("--no-consent-percent", type=int, default=10, help="members without consent")
+    p.add_argument("--target-seconds", type=float, default=120.0)
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--keep-database", action="store_true")
+    args = p.parse_args(argv)
+    if args.steps < 2 or args.workers < 1 or args.batch < 1:
+        p.error("--steps >= 2, --workers >= 1, --batch >= 1")
+    return args
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(asyncpg_dsn(url))
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+def say(message: str) -> None:
+    print(f"bench.journeys | {message}", flush=True)
+
+
+async def seed(conn: asyncpg.Connection, steps: int, no_consent_percent: int) -> int:
+    members = [uuid.uuid4() for _ in range(steps // 2)]
+    for n, doc in enumerate(JOURNEYS):
+        await conn.execute(
+            "INSERT INTO engagement.journeys (journey_id, version, definition, priority,"
+            " entry_event) VALUES ($1, 1, $2::jsonb, $3, 'page_view')",
+            doc["id"],
+            json.dumps(doc),
+            doc["priority"],
+        )
+        await conn.execute(
+            "INSERT INTO engagement.journey_state (journey_id, live_version, entry_event, status)"
+            " VALUES ($1, 1, 'page_view', 'active')",
+            doc["id"],
+        )
+        del n
+    await conn.copy_records_to_table(
+        "member_facts",
+        schema_name="engagement",
+        columns=["member_id"],
+        records=[(m,) for m in members],
+    )
+    cutoff = len(members) * no_consent_percent // 100
+    await conn.copy_records_to_table(
+        "consents",
+        schema_name="engagement",
+        columns=["member_id", "channel", "granted", "source", "updated_at"],
+        records=[(m, "wecom", True, "bench", NOW) for m in members[cutoff:]],
+    )
+    due = NOW - timedelta(minutes=1)
+    enrollments, timers = [], []
+    for m in members:
+        for doc in JOURNEYS:
+            e = uuid.uuid4()
+            enrollments.append((e, doc["id"], 1, m, "active", "treatment", 0, 7, due))
+            timers.append((e, doc["id"], "s", due, doc["priority"]))
+    await conn.copy_records_to_table(
+        "enrollments",
+        schema_name="engagement",
+        columns=[
+            "enrollment_id",
+            "journey_id",
+            "version",
+            "member_id",
+            "status",
+            "grp",
+            "seq",
+            "conversion_days",
+            "entered_at",
+        ],
+        records=enrollments,
+    )
+    await conn.copy_records_to_table(
+        "timers",
+        schema_name="engagement",
+        columns=["enrollment_id", "journey_id", "step_id", "due_at", "priority"],
+        records=timers,
+    )
+    await conn.execute("ANALYZE engagement.timers; ANALYZE engagement.enrollments;")
+    return len(timers)
+
+
+async def verify(conn: asyncpg.Connection) -> dict[str, int]:
+    q = conn.fetchval
+    return {
+        "timers_left": await q("SELECT count(*) FROM engagement.timers"),
+        "enrollments_not_completed": await q(
+            "SELECT count(*) FROM engagement.enrollments WHERE status <> 'completed'"
+        ),
+        "send_rows": await q("SELECT count(*) FROM engagement.sends"),
+        "sent": await q("SELECT count(*) FROM engagement.sends WHERE status = 'pending'"),
+        "capped": await q("SELECT count(*) FROM engagement.sends WHERE status = 'capped'"),
+        "suppressed": await q("SELECT count(*) FROM engagement.sends WHERE status = 'suppressed'"),
+        "duplicate_sends": await q(
+            "SELECT count(*) FROM (SELECT enrollment_id, step_id FROM engagement.sends"
+            " GROUP BY 1, 2 HAVING count(*) > 1) d"
+        ),
+        "cap_violations": await q(
+            "SELECT count(*) FROM (SELECT member_id, local_day FROM engagement.sends"
+            " WHERE status = 'pending' AND message_class = 'targeted'"
+            " GROUP BY 1, 2 HAVING count(*) > 1) v"
+        ),
+        "sent_without_consent": await q(
+            "SELECT count(*) FROM engagement.sends s WHERE s.status = 'pending' AND NOT EXISTS"
+            " (SELECT 1 FROM engagement.consents c WHERE c.member_id = s.member_id"
+            "  AND c.channel = s.channel AND c.granted)"
+        ),
+        "low_priority_won": await q(
+            "SELECT count(*) FROM engagement.sends s WHERE s.journey_id = 'bench-low'"
+            " AND s.status = 'pending'"
+        ),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    base = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"bench_journeys_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(asyncpg_dsn(base))
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(base, name)
+    try:
+        await asyncio.to_thread(upgrade, "engagement", url)
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        t0 = time.perf_counter()
+        steps = await seed(conn, args.steps, args.no_consent_percent)
+        say(f"seeded {steps:,} due steps in {time.perf_counter() - t0:.1f}s")
+        pool = await create_pool(url, args.workers, args.workers + 1)
+        db = Database(pool, "engagement", "engagement")
+        clock = FakeClock(NOW)
+        journeys = JourneyCache()
+        sweepers = [
+            Scheduler(db, clock, LocalConsent(), QuietHours(), journeys, batch_size=args.batch)
+            for _ in range(args.workers)
+        ]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(s.run_until_idle(max_batches=10**9) for s in sweepers))
+        elapsed = time.perf_counter() - t0
+        await db.close()
+        checks = await verify(conn)
+        await conn.close()
+    finally:
+        if not args.keep_database:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+    processed = sum(s.stats.steps for s in sweepers)
+    ok = (
+        checks["timers_left"] == 0
+        and checks["enrollments_not_completed"] == 0
+        and checks["duplicate_sends"] == 0
+        and checks["cap_violations"] == 0
+        and checks["sent_without_consent"] == 0
+        and checks["low_priority_won"] == 0
+    )
+    return {
+        "scenario": "journeys",
+        "at": datetime.now(UTC).isoformat(),
+        "steps": steps,
+        "processed": processed,
+        "workers": args.workers,
+        "batch": args.batch,
+        "seconds": round(elapsed, 2),
+        "steps_per_second": round(processed / elapsed, 1) if elapsed else None,
+        "target_seconds": args.target_seconds,
+        "within_target": elapsed <= args.target_seconds * steps / 1_000_000,
+        "checks": checks,
+        "correct": ok,
+        "cpus": os.cpu_count(),
+        "note": "shared machine; figures are noisy",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    result = asyncio.run(run(args))
+    print()
+    print(f"{'due steps':<28}{result['steps']:>14,}")
+    print(f"{'sweepers x batch':<28}{result['workers']:>8} x {result['batch']:<4}")
+    print(f"{'seconds':<28}{result['seconds']:>14}")
+    print(f"{'steps/s':<28}{result['steps_per_second']:>14,}")
+    for key, value in result["checks"].items():
+        print(f"{key:<28}{value:>14,}")
+    scaled = args.target_seconds * result["steps"] / 1_000_000
+    print(
+        f"{'target (scaled to size)':<28}{scaled:>13.1f}s  {'met' if result['within_target'] else 'MISSED'}"
+    )
+    print(f"{'correct':<28}{result['correct']!s:>14}")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = args.results_dir / f"journeys-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0 if result["correct"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""Engagement routes: mini-program event ingestion and unsubscribe; operators
+publish, pause and resume journeys and read their metrics (engagement service)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Path, Request
+from google.protobuf import timestamp_pb2
+from pydantic import BaseModel, ConfigDict, Field
+
+from loyalty.engagement.v1 import engagement_pb2
+
+from .common import MEMBER_ERRORS, MemberId, downstreams, problem_response
+
+router = APIRouter()
+
+JourneyId = Annotated[
+    str,
+    Path(
+        description="The journey's id",
+        examples=["cart-abandoned"],
+        pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$",
+    ),
+]
+
+JOURNEY_ERRORS: dict[int | str, dict[str, Any]] = {
+    422: problem_response("Invalid journey definition; `field` names the culprit"),
+    404: problem_response("No such journey"),
+    503: problem_response("The engagement service is unavailable; retry later"),
+}
+
+Channel = Literal["wecom", "sms", "miniprogram", "app_push"]
+
+
+class MemberEvent(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "event_id": "6f1c2a1e-1d2b-4c3d-9e8f-0a1b2c3d4e5f",
+                    "type": "subscription_tap",
+                    "attributes": {
+                        "template": "order-ready",
+                        "openid": "o6_bmjrPTlm6_2sgVt7hMZOPfL2M",
+                    },
+                }
+            ]
+        }
+    )
+
+    event_id: uuid.UUID = Field(description="Chosen by the caller; a retry with it is harmless")
+    type: Literal["cart_abandoned", "page_view", "check_in", "subscription_tap"]
+    attributes: dict[str, str] = Field(default_factory=dict, max_length=20)
+    occurred_at: datetime | None = Field(default=None, description="RFC 3339; now when absent")
+
+
+class EventAccepted(BaseModel):
+    parked: bool = Field(description="The member is not known yet; kept and replayed later")
+    duplicate: bool = Field(description="This event_id was already accepted")
+    enrolled_journeys: list[str]
+
+
+class Unsubscribe(BaseModel):
+    channels: list[Channel] = Field(
+        default_factory=list, description="Channels to stop; empty means all"
+    )
+
+
+class Unsubscribed(BaseModel):
+    member_id: str
+    channels: list[str]
+
+
+class Published(BaseModel):
+    journey_id: str
+    version: int
+
+
+class JourneyStatus(BaseModel):
+    journey_id: str
+    status: str = Field(examples=["active", "paused"])
+    live_version: int
+
+
+class StepMetrics(BaseModel):
+    step_id: str
+    sent: int
+    delivered: int
+    failed: int
+    capped: int
+    suppressed: int
+    dropped: int
+
+
+class VariantMetrics(BaseModel):
+    variant: str
+    entered: int
+    converted: int
+
+
+class Lift(BaseModel):
+    treated_rate: float
+    holdout_rate: float
+    lift: float = Field(description="treated_rate - holdout_rate")
+    ci_low: float = Field(description="95% confidence interval, low end")
+    ci_high: float
+
+
+class JourneyMetrics(BaseModel):
+    journey_id: str
+    status: str
+    live_version: int
+    entered: int
+    active: int
+    treated: int
+    holdout: int
+    treated_converted: int
+    holdout_converted: int
+    sent: int
+    capped: int
+    suppressed: int
+    dropped: int
+    steps: list[StepMetrics]
+    variants: list[VariantMetrics]
+    lift: Lift | None = Field(description="Null until both treated and holdout have members")
+
+
+@router.post(
+    "/v1/members/{member_id}/events",
+    response_model=EventAccepted,
+    status_code=202,
+    tags=["engagement"],
+    summary="Report a mini-program event (cart abandoned, page view, check-in, subscription tap)",
+    responses=MEMBER_ERRORS,
+)
+async def ingest_event(member_id: MemberId, event: MemberEvent, request: Request) -> EventAccepted:
+    occurred = timestamp_pb2.Timestamp()
+    if event.occurred_at is not None:
+        at = (
+            event.occurred_at if event.occurred_at.tzinfo else event.occurred_at.replace(tzinfo=UTC)
+        )
+        occurred.FromDatetime(at.astimezone(UTC))
+    reply = await downstreams(request).engagement.ingest_event(
+        engagement_pb2.IngestEventRequest(
+            event_id=str(event.event_id),
+            member_id=str(member_id),
+            event=event.type,
+            attributes=event.attributes,
+            occurred_at=occurred,
+        )
+    )
+    return EventAccepted(
+        parked=reply.parked,
+        duplicate=reply.duplicate,
+        enrolled_journeys=list(reply.enrolled_journeys),
+    )
+
+
+@router.post(
+    "/v1/members/{member_id}/unsubscribe",
+    response_model=Unsubscribed,
+    tags=["engagement"],
+    summary="Stop marketing messages on some or all channels",
+    responses=MEMBER_ERRORS,
+)
+async def unsubscribe(
+    member_id: MemberId, request: Request, body: Unsubscribe | None = None
+) -> Unsubscribed:
+    channels: list[str] = [str(c) for c in body.channels] if body else []
+    await downstreams(request).engagement.unsubscribe(str(member_id), channels)
+    return Unsubscribed(
+        member_id=str(member_id),
+        channels=channels or ["wecom", "sms", "miniprogram", "app_push"],
+    )
+
+
+@router.post(
+    "/v1/journeys",
+    response_model=Published,
+    status_code=201,
+    tags=["journeys"],
+    summary="Publish a journey definition as its next version (docs/journeys.md)",
+    responses=JOURNEY_ERRORS,
+)
+async def publish_journey(
+    request: Request,
+    definition: Annotated[
+        dict[str, Any],
+        Body(examples=[{"id": "cart-abandoned", "entry": {"event": "cart_abandoned"}}]),
+    ],
+) -> Published:
+    reply = await downstreams(request).engagement.publish_journey(json.dumps(definition))
+    return Published(journey_id=reply.journey_id, version=reply.version)
+
+
+def _status(reply: engagement_pb2.JourneyStatus) -> JourneyStatus:
+    return JourneyStatus(
+        journey_id=reply.journey_id, status=reply.status, live_version=reply.live_version
+    )
+
+
+@router.post(
+    "/v1/journeys/{journey_id}/pause",
+    response_model=JourneyStatus,
+    tags=["journeys"],
+    summary="Pause a journey: its steps stop running",
+    responses=JOURNEY_ERRORS,
+)
+async def pause_journey(journey_id: JourneyId, request: Request) -> JourneyStatus:
+    return _status(await downstreams(request).engagement.pause_journey(journey_id))
+
+
+@router.post(
+    "/v1/journeys/{journey_id}/resume",
+    response_model=JourneyStatus,
+    tags=["journeys"],
+    summary="Resume a journey; stale steps that say drop_if_late are dropped",
+    responses=JOURNEY_ERRORS,
+)
+async def resume_journey(journey_id: JourneyId, request: Request) -> JourneyStatus:
+    return _status(await downstreams(request).engagement.resume_journey(journey_id))
+
+
+@router.get(
+    "/v1/journeys/{journey_id}/metrics",
+    response_model=JourneyMetrics,
+    tags=["journeys"],
+    summary="Entered, sent, capped, suppressed, converted; holdout lift and A/B branches",
+    responses=JOURNEY_ERRORS,
+)
+async def journey_metrics(journey_id: JourneyId, request: Request) -> JourneyMetrics:
+    m = await downstreams(request).engagement.journey_metrics(journey_id)
+    return JourneyMetrics(
+        journey_id=m.journey_id,
+        status=m.status,
+        live_version=m.live_version,
+        entered=m.entered,
+        active=m.active,
+        treated=m.treated,
+        holdout=m.holdout,
+        treated_converted=m.treated_converted,
+        holdout_converted=m.holdout_converted,
+        sent=m.sent,
+        capped=m.capped,
+        suppressed=m.suppressed,
+        dropped=m.dropped,
+        steps=[
+            StepMetrics(
+                step_id=s.step_id,
+                sent=s.sent,
+                delivered=s.delivered,
+                failed=s.failed,
+                capped=s.capped,
+                suppressed=s.suppressed,
+                dropped=s.dropped,
+            )
+            for s in m.steps
+        ],
+        variants=[
+            VariantMetrics(variant=v.variant, entered=v.entered, converted=v.converted)
+            for v in m.variants
+        ],
+        lift=Lift(
+            treated_rate=m.lift.treated_rate,
+            holdout_rate=m.lift.holdout_rate,
+            lift=m.lift.lift,
+            ci_low=m.lift.ci_low,
+            ci_high=m.lift.ci_high,
+        )
+        if m.has_lift
+        else None,
+    )

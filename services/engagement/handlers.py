@@ -1,0 +1,330 @@
+"""Use cases of the engagement service, each given a unit of work."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from servicekit.db import UnitOfWork
+from servicekit.errors import InvalidArgument, NotFound
+
+from . import repository as repo
+from .domain import Clock, Lift, MemberFacts, QuietHours, bucket, lift, schedule_time
+from .journey import CHANNELS, EVENTS, Journey, parse_journey
+from .scheduler import JourneyCache
+
+# Events the mini-program reports through the gateway: about members this
+# service may not know yet (registration still in flight) -> parked, not lost.
+INGESTED_EVENTS = frozenset(
+    {
+        "cart_abandoned",
+        "page_view",
+        "check_in",
+        "subscription_tap",
+        "birthday_month",
+        "coupon_expiring_soon",
+    }
+)
+
+
+def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidArgument(
+            f"{field} is not a member id", code="INVALID_MEMBER_ID", field=field
+        ) from None
+
+
+@dataclass(frozen=True)
+class Published:
+    journey_id: str
+    version: int
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step_id: str
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class VariantMetrics:
+    variant: str
+    entered: int
+    converted: int
+
+
+@dataclass(frozen=True)
+class JourneyMetrics:
+    journey_id: str
+    status: str
+    live_version: int
+    entered: int
+    active: int
+    treated: int
+    holdout: int
+    treated_converted: int
+    holdout_converted: int
+    sent: int
+    capped: int
+    suppressed: int
+    dropped: int
+    steps: list[StepMetrics]
+    variants: list[VariantMetrics]
+    lift: Lift | None
+
+
+@dataclass(frozen=True)
+class Ingested:
+    parked: bool
+    enrolled: list[str]
+
+
+class EngagementHandlers:
+    def __init__(self, clock: Clock, quiet: QuietHours, journeys: JourneyCache) -> None:
+        self.clock = clock
+        self.quiet = quiet
+        self.journeys = journeys
+
+    # ---- operators ----------------------------------------------------------
+
+    async def publish(self, uow: UnitOfWork, definition: str) -> Published:
+        try:
+            doc = json.loads(definition)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"definition is not JSON: {exc}", code="INVALID_JSON", field="definition"
+            ) from None
+        journey = parse_journey(doc)
+        version = await repo.next_version(uow.conn, journey.journey_id)
+        await repo.insert_journey(
+            uow.conn, journey.journey_id, version, doc, journey.priority, journey.entry_event
+        )
+        return Published(journey.journey_id, version)
+
+    async def set_status(self, uow: UnitOfWork, journey_id: str, status: str) -> None:
+        state = await repo.journey_state(uow.conn, journey_id, lock=True)
+        if state is None:
+            raise NotFound(
+                f"journey {journey_id!r} does not exist", code="UNKNOWN_JOURNEY", field="journey_id"
+            )
+        await repo.set_journey_status(uow.conn, journey_id, status)
+
+    async def metrics(self, uow: UnitOfWork, journey_id: str) -> JourneyMetrics:
+        state = await repo.journey_state(uow.conn, journey_id)
+        if state is None:
+            raise NotFound(
+                f"journey {journey_id!r} does not exist", code="UNKNOWN_JOURNEY", field="journey_id"
+            )
+        raw = await repo.journey_counts(uow.conn, journey_id)
+        t = raw["totals"]
+        per_step: dict[str, dict[str, int]] = {}
+        totals = {
+            "pending": 0,
+            "delivered": 0,
+            "failed": 0,
+            "capped": 0,
+            "suppressed": 0,
+            "dropped": 0,
+        }
+        for step_id, status, n in raw["steps"]:
+            per_step.setdefault(step_id, {})[status] = n
+            totals[status] = totals.get(status, 0) + n
+        return JourneyMetrics(
+            journey_id=journey_id,
+            status=state.status,
+            live_version=state.live_version,
+            entered=t["entered"],
+            active=t["active"],
+            treated=t["treated"],
+            holdout=t["holdout"],
+            treated_converted=t["treated_conv"],
+            holdout_converted=t["holdout_conv"],
+            # A send is "sent" once written past the cap and consent checks.
+            sent=totals["pending"] + totals["delivered"] + totals["failed"],
+            capped=totals["capped"],
+            suppressed=totals["suppressed"],
+            dropped=totals["dropped"],
+            steps=[StepMetrics(s, c) for s, c in sorted(per_step.items())],
+            variants=[VariantMetrics(v, n, c) for v, n, c in raw["variants"]],
+            lift=lift(t["treated_conv"], t["treated"], t["holdout_conv"], t["holdout"]),
+        )
+
+    # ---- members' choices ------------------------------------------------------
+
+    async def set_consent(
+        self, uow: UnitOfWork, member_id: str, channels: list[str], granted: bool, source: str
+    ) -> None:
+        mid = parse_member_id(member_id)
+        for n, c in enumerate(channels):
+            if c not in CHANNELS:
+                raise InvalidArgument(
+                    f"unknown channel {c!r}", code="UNKNOWN_CHANNEL", field=f"channels[{n}]"
+                )
+        if not channels:
+            raise InvalidArgument("at least one channel", code="NO_CHANNEL", field="channels")
+        await repo.ensure_member(uow.conn, mid)
+        await repo.set_consent(uow.conn, mid, channels, granted, source, self.clock.now())
+
+    async def unsubscribe(self, uow: UnitOfWork, member_id: str, channels: list[str]) -> None:
+        """An empty list means every channel."""
+        await self.set_consent(uow, member_id, channels or sorted(CHANNELS), False, "unsubscribe")
+
+    async def set_non_personalised(self, uow: UnitOfWork, member_id: str, value: bool) -> None:
+        mid = parse_member_id(member_id)
+        await repo.ensure_member(uow.conn, mid)
+        await repo.set_non_personalised(uow.conn, mid, value, self.clock.now())
+
+    # ---- events ------------------------------------------------------------------
+
+    async def ingest(
+        self,
+        uow: UnitOfWork,
+        event: str,
+        member_id: str,
+        attributes: dict[str, str],
+        occurred_at: datetime | None = None,
+    ) -> Ingested:
+        if event not in EVENTS:
+            raise InvalidArgument(f"unknown event {event!r}", code="UNKNOWN_EVENT", field="event")
+        mid = parse_member_id(member_id)
+        now = self.clock.now()
+        at = occurred_at or now
+        conn = uow.conn
+        if event in INGESTED_EVENTS and not await repo.member_known(conn, mid):
+            await repo.park_event(conn, mid, event, attributes, at, "UNKNOWN_MEMBER")
+            return Ingested(True, [])
+        if event == "subscription_tap":
+            template = attributes.get("template", "")
+            if not template:
+                raise InvalidArgument(
+                    "a subscription tap names its template",
+                    code="MISSING_TEMPLATE",
+                    field="attributes.template",
+                )
+            await repo.add_subscription_credit(conn, mid, template)
+            if attributes.get("openid"):
+                await repo.set_address(conn, mid, "miniprogram", attributes["openid"])
+            await repo.set_consent(conn, mid, ["miniprogram"], True, "subscription_tap", now)
+        enrolled = await self._on_event(uow, event, mid, attributes, now)
+        if event == "member_registered":
+            for parked, attrs, parked_at in await repo.take_parked(conn, mid):
+                replay = await self.ingest(uow, parked, str(mid), attrs, parked_at)
+                enrolled += replay.enrolled
+        return Ingested(False, enrolled)
+
+    async def _on_event(
+        self, uow: UnitOfWork, event: str, mid: uuid.UUID, attrs: dict[str, str], now: datetime
+    ) -> list[str]:
+        conn = uow.conn
+        events = [event]
+        if event == "member_registered":
+            await repo.ensure_member(conn, mid)
+        elif event == "order_completed":
+            count = await repo.count_order(conn, mid)
+            await repo.mark_converted(conn, mid, now)
+            if count == 1:
+                events.append("first_order")
+        elif event == "tier_changed":
+            await repo.set_fact(conn, mid, "tier", attrs.get("to_tier", ""))
+        elif event == "segment_changed":
+            await repo.set_fact(conn, mid, "segment", attrs.get("to_segment", ""))
+        elif event == "lifecycle_stage_changed":
+            await repo.set_fact(conn, mid, "stage", attrs.get("to_stage", ""))
+        else:
+            await repo.ensure_member(conn, mid)
+        facts = (await repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))
+        # Live enrollments: a goal exits them, an awaited event moves them on.
+        for enr in await repo.live_enrollments(conn, mid):
+            journey = await self.journeys.get(conn, enr.journey_id, enr.version)
+            if journey.goal_event in events:
+                await repo.end_enrollment(conn, enr.enrollment_id, "converted", now)
+                continue
+            if enr.waiting_step is not None:
+                wait = journey.step(enr.waiting_step)
+                if wait.event in events and wait.on_event is not None:
+                    state = await repo.journey_state(conn, enr.journey_id)
+                    due = schedule_time(journey, wait.on_event, now, facts, self.quiet)
+                    await repo.upsert_timer(
+                        conn,
+                        enr.enrollment_id,
+                        enr.journey_id,
+                        wait.on_event,
+                        due,
+                        state is not None and state.status == "paused",
+                        journey.priority,
+                    )
+                    await repo.set_waiting(conn, enr.enrollment_id, None)
+        enrolled = []
+        for name in events:
+            for journey_id, version in await repo.entry_journeys(conn, name):
+                journey = await self.journeys.get(conn, journey_id, version)
+                if await self._enroll(uow, journey, version, mid, attrs, facts, now):
+                    enrolled.append(journey_id)
+        return enrolled
+
+    async def _enroll(
+        self,
+        uow: UnitOfWork,
+        journey: Journey,
+        version: int,
+        mid: uuid.UUID,
+        attrs: dict[str, str],
+        facts: MemberFacts,
+        now: datetime,
+    ) -> bool:
+        if any(attrs.get(k) != v for k, v in journey.entry_where.items()):
+            return False
+        conn = uow.conn
+        last = await repo.last_enrollment(conn, journey.journey_id, mid)
+        if last is not None:
+            if last.status == "active" or journey.reentry == "never":
+                return False
+            if journey.reentry == "after_days":
+                since = last.ended_at or last.entered_at
+                if now - since < timedelta(days=journey.reentry_days):
+                    return False
+        holdout = bucket(str(mid), f"holdout:{journey.journey_id}") < journey.holdout_percent * 100
+        enrollment_id = uuid.uuid4()
+        inserted = await repo.insert_enrollment(
+            conn,
+            enrollment_id,
+            journey.journey_id,
+            version,
+            mid,
+            "holdout" if holdout else "active",
+            "holdout" if holdout else "treatment",
+            journey.conversion_days,
+            now,
+        )
+        if inserted and not holdout:
+            due = schedule_time(journey, journey.start, now, facts, self.quiet)
+            await repo.upsert_timer(
+                conn, enrollment_id, journey.journey_id, journey.start, due, False, journey.priority
+            )
+        return inserted
+
+    # ---- identity -----------------------------------------------------------------
+
+    async def on_merged(self, uow: UnitOfWork, merge_id: str, survivor: str, absorbed: str) -> None:
+        await repo.merge_member(
+            uow.conn,
+            merge_id,
+            parse_member_id(survivor),
+            parse_member_id(absorbed),
+            self.clock.now(),
+        )
+
+    async def on_unmerged(
+        self, uow: UnitOfWork, merge_id: str, survivor: str, restored: str
+    ) -> None:
+        await repo.unmerge_member(
+            uow.conn, merge_id, parse_member_id(survivor), parse_member_id(restored)
+        )
+
+    async def on_erased(self, uow: UnitOfWork, member_ids: list[str]) -> None:
+        for m in member_ids:
+            await repo.erase_member(uow.conn, parse_member_id(m), self.clock.now())

@@ -1,0 +1,345 @@
+"""The durable scheduler: sweepers claim due timers in batches and run them.
+
+Guarantees (docs/journeys.md):
+- A batch is one transaction: claim (FOR UPDATE SKIP LOCKED, so sweepers never
+  share a timer), run the steps, reserve caps, write sends, move or delete the
+  timers. A crash anywhere rolls the whole batch back; the timers are still due
+  and the next sweep runs them again (at least once), with the same sequence
+  numbers, so the same send keys (effectively once).
+- Only due rows are read: the partial index on due_at holds unpaused timers.
+- Within a batch, sends that compete for one member's daily budget are decided
+  by journey priority, not by arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+import asyncpg
+
+from servicekit.db import Connection, Database
+
+from . import repository as repo
+from .channels import new_send_key
+from .domain import (
+    DAILY_CAPS,
+    Clock,
+    DroppedIntent,
+    MemberFacts,
+    QuietHours,
+    RewardIntent,
+    SendIntent,
+    TagIntent,
+    local_day,
+    run,
+)
+from .journey import Journey, parse_journey
+from .ports import ConsentPort
+
+log = logging.getLogger(__name__)
+
+MARKETING = frozenset({"targeted", "general"})
+MAX_STEP_ATTEMPTS = 5
+
+
+class JourneyCache:
+    """Published versions never change, so they are cached forever."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, int], Journey] = {}
+
+    async def get(self, conn: Connection, journey_id: str, version: int) -> Journey:
+        key = (journey_id, version)
+        found = self._items.get(key)
+        if found is None:
+            doc = await repo.journey_doc(conn, journey_id, version)
+            if doc is None:
+                raise LookupError(f"journey {journey_id} v{version} is missing")
+            found = parse_journey(doc)
+            self._items[key] = found
+        return found
+
+
+@dataclass
+class SweepStats:
+    steps: int = 0
+    sent: int = 0
+    capped: int = 0
+    suppressed: int = 0
+    dropped: int = 0
+    deferred: int = 0
+
+
+@dataclass
+class _Pending:
+    due: repo.DueStep
+    journey: Journey
+    intent: SendIntent
+    day: date
+    status: str = "pending"
+    reason: str = ""
+    variant: str | None = None
+
+
+@dataclass
+class _Batch:
+    sends: list[_Pending] = field(default_factory=list)
+    dropped: list[repo.SendRow] = field(default_factory=list)
+    rewards: list[tuple[str, uuid.UUID, uuid.UUID, str, str, int, datetime]] = field(
+        default_factory=list
+    )
+    tags: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    moves: list[tuple[uuid.UUID, str, datetime]] = field(default_factory=list)
+    finished: list[uuid.UUID] = field(default_factory=list)
+    enrollments: list[tuple[uuid.UUID, int, str | None, str | None, str, datetime | None]] = field(
+        default_factory=list
+    )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        consent: ConsentPort,
+        quiet: QuietHours,
+        journeys: JourneyCache,
+        batch_size: int = 500,
+        caps: dict[str, int] | None = None,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._consent = consent
+        self._quiet = quiet
+        self._journeys = journeys
+        self.batch_size = batch_size
+        self._caps = caps if caps is not None else DAILY_CAPS
+        self.stats = SweepStats()
+
+    async def sweep_once(self, limit: int | None = None) -> int:
+        """Run one batch of due steps; returns how many timers it claimed."""
+        limit = limit or self.batch_size
+        try:
+            return await self._sweep(limit)
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            return 0  # rolled back; the timers are still due
+        except Exception:
+            if limit == 1:
+                await self._postpone_poison()
+                return 1
+            log.exception("sweep batch failed; isolating the failing step")
+            # Run the batch one by one so one bad step cannot block the rest.
+            done = 0
+            for _ in range(limit):
+                n = await self.sweep_once(1)
+                if n == 0:
+                    break
+                done += n
+            return done
+
+    async def _postpone_poison(self) -> None:
+        now = self._clock.now()
+        async with self._db.unit_of_work() as uow:
+            due = await repo.claim_due(uow.conn, now, 1)
+            if not due:
+                return
+            d = due[0]
+            attempts = await repo.postpone_timer(
+                uow.conn, d.enrollment_id, now + timedelta(minutes=2 ** min(d.attempts, 10))
+            )
+            log.error("step %s of %s failed (attempt %d)", d.step_id, d.enrollment_id, attempts)
+            if attempts >= MAX_STEP_ATTEMPTS:
+                await repo.end_enrollment(uow.conn, d.enrollment_id, "failed", now)
+
+    async def run_until_idle(self, max_batches: int = 10_000) -> int:
+        """Sweep until nothing is due (tests and the bench)."""
+        total = 0
+        for _ in range(max_batches):
+            n = await self.sweep_once()
+            if n == 0:
+                break
+            total += n
+        return total
+
+    async def run(self, poll_interval: float) -> None:
+        while True:
+            try:
+                n = await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweeper failed; retrying")
+                n = 0
+            if n == 0:
+                await asyncio.sleep(poll_interval)
+
+    async def _sweep(self, limit: int) -> int:
+        now = self._clock.now()
+        async with self._db.unit_of_work() as uow:
+            conn = uow.conn
+            due = await repo.claim_due(conn, now, limit)
+            if not due:
+                return 0
+            facts = await self._consent.facts_with_consent(conn, list({d.member_id for d in due}))
+            batch = _Batch()
+            for d in due:
+                journey = await self._journeys.get(conn, d.journey_id, d.version)
+                member = facts.get(str(d.member_id)) or MemberFacts(str(d.member_id))
+                self._run_one(d, journey, member, now, batch)
+            await self._decide_sends(conn, batch, facts, now)
+            await repo.insert_sends(conn, [self._send_row(p, now) for p in batch.sends])
+            await repo.insert_sends(conn, batch.dropped)
+            await repo.insert_reward_requests(conn, batch.rewards)
+            await repo.add_tags(conn, batch.tags)
+            await repo.move_timers(conn, batch.moves)
+            await repo.delete_timers(conn, batch.finished)
+            await repo.update_enrollments(conn, batch.enrollments)
+        self.stats.steps += len(due)
+        return len(due)
+
+    def _run_one(
+        self, d: repo.DueStep, journey: Journey, member: MemberFacts, now: datetime, batch: _Batch
+    ) -> None:
+        result = run(
+            journey,
+            d.step_id,
+            seq=d.seq,
+            now=now,
+            due_at=d.due_at,
+            facts=member,
+            quiet=self._quiet,
+            variant=d.variant,
+        )
+        day = local_day(now, member.tz)
+        for intent in result.intents:
+            if isinstance(intent, SendIntent):
+                batch.sends.append(_Pending(d, journey, intent, day, variant=result.variant))
+            elif isinstance(intent, DroppedIntent):
+                step = journey.step(intent.step_id)
+                self.stats.dropped += 1
+                batch.dropped.append(
+                    repo.SendRow(
+                        new_send_key(d.enrollment_id, intent.seq),
+                        d.enrollment_id,
+                        d.journey_id,
+                        d.version,
+                        intent.step_id,
+                        d.member_id,
+                        step.channel,
+                        step.template,
+                        step.message_class,
+                        journey.priority,
+                        day,
+                        "dropped",
+                        "STALE",
+                        result.variant,
+                        now,
+                    )
+                )
+            elif isinstance(intent, RewardIntent):
+                batch.rewards.append(
+                    (
+                        new_send_key(d.enrollment_id, intent.seq),
+                        d.enrollment_id,
+                        d.member_id,
+                        intent.kind,
+                        intent.coupon,
+                        intent.points,
+                        now,
+                    )
+                )
+            elif isinstance(intent, TagIntent):
+                batch.tags.append((d.member_id, intent.tag))
+        if result.completed:
+            batch.finished.append(d.enrollment_id)
+            batch.enrollments.append(
+                (d.enrollment_id, result.seq, result.variant, None, "completed", now)
+            )
+            return
+        assert result.next_step is not None and result.due_at is not None
+        if result.next_step == d.step_id and result.seq == d.seq:
+            self.stats.deferred += 1  # held by quiet hours
+        batch.moves.append((d.enrollment_id, result.next_step, result.due_at))
+        batch.enrollments.append(
+            (d.enrollment_id, result.seq, result.variant, result.waiting_step, "active", None)
+        )
+
+    async def _decide_sends(
+        self, conn: Connection, batch: _Batch, facts: dict[str, MemberFacts], now: datetime
+    ) -> None:
+        if not batch.sends:
+            return
+        keys = [new_send_key(p.due.enrollment_id, p.intent.seq) for p in batch.sends]
+        already = await repo.existing_send_keys(conn, keys)
+        batch.sends = [p for p, k in zip(batch.sends, keys, strict=True) if k not in already]
+        # Consent at send time: marketing needs an explicit grant on the
+        # channel; anything explicitly refused (unsubscribe) is never sent.
+        contested: dict[tuple[uuid.UUID, date, str], list[_Pending]] = defaultdict(list)
+        for p in batch.sends:
+            member = facts.get(str(p.due.member_id))
+            consent = member.consents.get(p.intent.channel) if member else None
+            if consent is False or (consent is None and p.intent.message_class in MARKETING):
+                p.status, p.reason = "suppressed", "NO_CONSENT"
+                continue
+            if p.intent.channel == "miniprogram" and not await repo.take_subscription_credit(
+                conn, p.due.member_id, p.intent.template
+            ):
+                p.status, p.reason = "suppressed", "NO_SUBSCRIPTION_CREDIT"
+                continue
+            if p.intent.message_class in self._caps:
+                contested[(p.due.member_id, p.day, p.intent.message_class)].append(p)
+        wants = [
+            (m, d, cls, len(items), self._caps[cls]) for (m, d, cls), items in contested.items()
+        ]
+        granted = await repo.reserve_caps(conn, wants)
+        losers: dict[tuple[uuid.UUID, date, str], list[_Pending]] = {}
+        for (m, d, cls), items in contested.items():
+            slots = granted.get((str(m), d, cls), 0)
+            # The most valuable message wins the day's budget, then the oldest.
+            items.sort(key=lambda p: (-p.journey.priority, p.due.due_at))
+            for p in items[slots:]:
+                p.status, p.reason = "capped", "DAILY_CAP"
+            if items[slots:]:
+                losers[(m, d, cls)] = items[slots:]
+        # A budget spent earlier today by a less valuable, not yet delivered
+        # send is taken back for the best loser here ("priority wins").
+        freed = await repo.preempt_holders(
+            conn,
+            [(m, d, cls, items[0].journey.priority) for (m, d, cls), items in losers.items()],
+            now,
+        )
+        for (m, d, cls), items in losers.items():
+            if (str(m), d, cls) in freed:
+                items[0].status, items[0].reason = "pending", ""
+        for p in batch.sends:
+            if p.status == "pending":
+                self.stats.sent += 1
+            elif p.status == "capped":
+                self.stats.capped += 1
+            else:
+                self.stats.suppressed += 1
+
+    @staticmethod
+    def _send_row(p: _Pending, now: datetime) -> repo.SendRow:
+        return repo.SendRow(
+            new_send_key(p.due.enrollment_id, p.intent.seq),
+            p.due.enrollment_id,
+            p.due.journey_id,
+            p.due.version,
+            p.intent.step_id,
+            p.due.member_id,
+            p.intent.channel,
+            p.intent.template,
+            p.intent.message_class,
+            p.journey.priority,
+            p.day,
+            p.status,
+            p.reason,
+            p.variant,
+            now,
+        )

@@ -1,0 +1,57 @@
+"""Events rewards consumes: OneID merges move points lots between members;
+tier changes feed the local tier projection the earning rules read.
+
+Each handler runs in the transaction that records the event id (dedup), and
+the ledger move itself is keyed by merge id, so a replayed or duplicated
+event (even under another event id) moves nothing twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from loyalty.events.v1 import events_pb2
+from servicekit.db import UnitOfWork
+from servicekit.events import ReceivedEvent
+
+from . import repository as repo
+from .points import PointsLedger
+
+
+class MemberEvents:
+    def __init__(self, points: PointsLedger) -> None:
+        self._points = points
+
+    async def on_merged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        merged = event.payload
+        assert isinstance(merged, events_pb2.MemberMerged)
+        await self._points.merge(
+            uow,
+            merged.merge_id,
+            merged.survivor_member_id,
+            merged.absorbed_member_id,
+            datetime.now(UTC),
+        )
+
+    async def on_unmerged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        unmerged = event.payload
+        assert isinstance(unmerged, events_pb2.MemberUnmerged)
+        await self._points.unmerge(
+            uow,
+            unmerged.merge_id,
+            unmerged.survivor_member_id,
+            unmerged.restored_member_id,
+            datetime.now(UTC),
+        )
+
+
+async def on_tier_changed(uow: UnitOfWork, event: ReceivedEvent) -> None:
+    changed = event.payload
+    assert isinstance(changed, events_pb2.TierChanged)
+    at = (
+        changed.changed_at.ToDatetime(tzinfo=UTC)
+        if changed.HasField("changed_at")
+        else event.envelope.occurred_at.ToDatetime(tzinfo=UTC)
+    )
+    await repo.record_tier(uow.conn, uuid.UUID(changed.member_id), changed.to_tier, at)

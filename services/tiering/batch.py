@@ -1,0 +1,544 @@
+"""Batch recompute of tiers, RFM segments and lifecycle stages for every member.
+
+Set-based and chunked (docs/tiers.md, "Batch recompute"):
+
+1. One GROUP BY over the RFM window's orders into a temporary table, and the
+   quintile cut points and spend ranks over it (one pass each).
+2. Members in chunks of `chunk_size` by member_id (keyset), one short
+   transaction per chunk, so no lock is held for long and checkout traffic
+   interleaves:
+   - tiers: one GROUP BY gives each member's metric now; only members with
+     something due (a period end, a grace end, an override expiry, a new
+     programme version, or a metric above their tier) are evaluated, by the same
+     `evaluation.advance` the event path uses, with the metric at their period
+     end aggregated in SQL for the whole chunk at once; base-tier members whose
+     period simply rolls over are rolled by one UPDATE;
+   - segments and stages: one UPDATE ... FROM the scores, touching only rows
+     whose result differs (IS DISTINCT FROM), returning the old values;
+   - TierChanged / SegmentChanged / LifecycleStageChanged for the rows that
+     changed go to the outbox in the same transaction. A member's first
+     classification is not an event (MemberRegistered already starts journeys).
+3. A distribution report row (members per tier, segment, group, stage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from loyalty.events.v1 import events_pb2
+from servicekit.db import Database
+from servicekit.events import make_envelope
+from servicekit.protos import timestamp
+
+from . import reports
+from . import repository as repo
+from .domain import DEFAULT_RULES, TierProgramme
+from .evaluation import (
+    EVENT_REASON,
+    Change,
+    TierState,
+    add_months,
+    advance,
+    metric_from_facts,
+    period_bounds,
+    window_start,
+)
+from .handlers import DEFAULT_PROGRAMME_ID
+from .segments import LAPSED, PROSPECT, segment_sql, stage_sql
+
+Progress = Callable[[int, int, "RunResult"], None]
+MIN_UUID = uuid.UUID(int=0)
+
+
+@dataclass
+class RunResult:
+    run_id: int = 0
+    members: int = 0
+    tier_changes: int = 0
+    segment_changes: int = 0
+    stage_changes: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    distribution: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class _Outbox:
+    """Events of one chunk, written with the chunk's transaction."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[uuid.UUID, str, bytes]] = []
+
+    def add(self, payload: Any, member_id: str) -> None:
+        envelope = make_envelope("tiering", payload, member_id)
+        self.rows.append(
+            (uuid.UUID(envelope.event_id), envelope.event_type, envelope.SerializeToString())
+        )
+
+    async def flush(self, conn: asyncpg.Connection) -> None:
+        if self.rows:
+            await conn.copy_records_to_table(
+                "outbox",
+                schema_name="tiering",
+                columns=["event_id", "event_type", "envelope"],
+                records=self.rows,
+            )
+            self.rows = []
+
+
+async def recompute(
+    db: Database,
+    now: datetime | None = None,
+    chunk_size: int = 50_000,
+    progress: Progress | None = None,
+) -> RunResult:
+    now = now or datetime.now(UTC)
+    started = time.perf_counter()
+    result = RunResult()
+    async with db.pool.acquire() as conn:
+        result.run_id = await conn.fetchval(
+            "INSERT INTO tiering.recompute_runs (as_of, started_at) VALUES ($1, now())"
+            " RETURNING run_id",
+            now,
+        )
+        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        rules = programme.rules if programme else DEFAULT_RULES
+        tick = time.perf_counter()
+        # Everyone tiering knows gets a profile row (registered, ordered, or tiered).
+        await conn.execute(
+            "INSERT INTO tiering.member_profiles (member_id)"
+            " SELECT member_id FROM tiering.member_spend UNION SELECT member_id"
+            " FROM tiering.member_tiers ON CONFLICT DO NOTHING"
+        )
+        total = await conn.fetchval("SELECT count(*) FROM tiering.member_profiles")
+        await _rfm_work(conn, programme, rules.segments.rfm_window_months, now)
+        result.phases["rfm_aggregate"] = time.perf_counter() - tick
+        cuts = await _cuts(conn)
+        active = cuts.pop("n")
+        top = math.ceil(active * rules.segments.relative_top_pct / 100)
+        second = math.ceil(
+            active * (rules.segments.relative_top_pct + rules.segments.relative_next_pct) / 100
+        )
+        profile_sql = _profile_update_sql(programme, rules.segments, cuts, top, second)
+        tier_secs = profile_secs = 0.0
+        last = MIN_UUID
+        done = 0
+        while True:
+            bounds = await conn.fetchrow(
+                "SELECT max(member_id) AS hi, count(*) AS n FROM (SELECT member_id"
+                " FROM tiering.member_profiles WHERE member_id > $1 ORDER BY member_id"
+                " LIMIT $2) s",
+                last,
+                chunk_size,
+            )
+            hi = bounds["hi"]
+            if hi is None:
+                break
+            outbox = _Outbox()
+            async with conn.transaction():
+                t0 = time.perf_counter()
+                if programme is not None:
+                    result.tier_changes += await _tiers_chunk(
+                        conn, programme, last, hi, now, outbox
+                    )
+                t1 = time.perf_counter()
+                seg, stg = await _profiles_chunk(conn, profile_sql, last, hi, now, outbox)
+                result.segment_changes += seg
+                result.stage_changes += stg
+                await outbox.flush(conn)
+                profile_secs += time.perf_counter() - t1
+                tier_secs += t1 - t0
+            done += bounds["n"]
+            result.chunks += 1
+            last = hi
+            if progress:
+                progress(done, total, result)
+        db.outbox_wakeup.set()
+        result.phases["tiers"] = tier_secs
+        result.phases["segments_stages"] = profile_secs
+        tick = time.perf_counter()
+        result.members = total
+        result.distribution = await reports.distribution(conn)
+        result.phases["report"] = time.perf_counter() - tick
+        await conn.execute(
+            "UPDATE tiering.recompute_runs SET finished_at = now(), members = $2,"
+            " tier_changes = $3, segment_changes = $4, stage_changes = $5,"
+            " distribution = $6::jsonb WHERE run_id = $1",
+            result.run_id,
+            total,
+            result.tier_changes,
+            result.segment_changes,
+            result.stage_changes,
+            json.dumps(result.distribution, ensure_ascii=False),
+        )
+        await conn.execute("DROP TABLE IF EXISTS pg_temp.rfm_work")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ---- RFM --------------------------------------------------------------------------------
+
+
+async def _rfm_work(
+    conn: asyncpg.Connection, programme: TierProgramme | None, months: int, now: datetime
+) -> None:
+    lo = window_start(programme, now, months) if programme else _months_back(now, months)
+    await conn.execute("DROP TABLE IF EXISTS pg_temp.rfm_work")
+    await conn.execute(
+        "CREATE TEMP TABLE rfm_work (member_id uuid PRIMARY KEY, last_at timestamptz,"
+        " orders bigint, spend bigint, r smallint, f smallint, m smallint, spend_rank bigint)"
+    )
+    await conn.execute(
+        "INSERT INTO rfm_work (member_id, last_at, orders, spend)"
+        " SELECT member_id, max(ordered_at) FILTER (WHERE refunded_fen < paid_fen),"
+        "  count(*) FILTER (WHERE refunded_fen < paid_fen), sum(paid_fen - refunded_fen)"
+        " FROM tiering.orders WHERE ordered_at > $1 AND ordered_at <= $2"
+        " GROUP BY member_id HAVING count(*) FILTER (WHERE refunded_fen < paid_fen) > 0",
+        lo,
+        now,
+    )
+    await conn.execute("ANALYZE rfm_work")
+
+
+def _months_back(now: datetime, months: int) -> datetime:
+    return add_months(now, -months)
+
+
+async def _cuts(conn: asyncpg.Connection) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        "SELECT count(*) AS n,"
+        " percentile_disc(ARRAY[0.2, 0.4, 0.6, 0.8]) WITHIN GROUP (ORDER BY last_at) AS r,"
+        " percentile_disc(ARRAY[0.2, 0.4, 0.6, 0.8]) WITHIN GROUP (ORDER BY orders) AS f,"
+        " percentile_disc(ARRAY[0.2, 0.4, 0.6, 0.8]) WITHIN GROUP (ORDER BY spend) AS m"
+        " FROM rfm_work"
+    )
+    n = int(row["n"])
+    if n:
+        # Scores and spend ranks for everyone in one pass (quintiles: 1 + cuts below).
+        await conn.execute(
+            "UPDATE rfm_work w SET r = 1 + (SELECT count(*) FROM unnest($1::timestamptz[]) c"
+            "  WHERE c < w.last_at),"
+            " f = 1 + (SELECT count(*) FROM unnest($2::bigint[]) c WHERE c < w.orders),"
+            " m = 1 + (SELECT count(*) FROM unnest($3::bigint[]) c WHERE c < w.spend),"
+            " spend_rank = s.rank FROM (SELECT member_id,"
+            "  row_number() OVER (ORDER BY spend DESC, member_id) AS rank FROM rfm_work) s"
+            " WHERE s.member_id = w.member_id",
+            row["r"],
+            row["f"],
+            row["m"],
+        )
+    return {"n": n, "r": row["r"], "f": row["f"], "m": row["m"]}
+
+
+def _profile_update_sql(
+    programme: TierProgramme | None,
+    rules: Any,
+    cuts: dict[str, Any],
+    top: int,
+    second: int,
+) -> str:
+    codes = [t.code for t in programme.ladder.tiers] if programme else ["vip", "svip", "regular"]
+    top_code, second_code, base_code = (
+        codes[-1],
+        codes[-2] if len(codes) > 1 else codes[-1],
+        codes[0],
+    )
+    tz = programme.rules.timezone if programme else DEFAULT_RULES.timezone
+    today = f"($3::timestamptz AT TIME ZONE '{tz}')::date"
+    d_reg = f"({today} - (p.registered_at AT TIME ZONE '{tz}')::date)"
+    d_order = f"({today} - (sp.last_order_at AT TIME ZONE '{tz}')::date)"
+    segment = segment_sql("w.r", "w.f", "w.m", "w.orders", "name")
+    group = segment_sql("w.r", "w.f", "w.m", "w.orders", "group")
+    # Without an order in the window: lapsed buyers are lost, never-buyers prospects.
+    no_order_seg = f"CASE WHEN sp.last_order_at IS NULL THEN '{PROSPECT[0]}' ELSE '{LAPSED[0]}' END"
+    no_order_grp = f"CASE WHEN sp.last_order_at IS NULL THEN '{PROSPECT[1]}' ELSE '{LAPSED[1]}' END"
+    return (
+        "WITH src AS (SELECT p.member_id, w.r, w.f, w.m,"
+        f" CASE WHEN w.member_id IS NULL THEN {no_order_seg} ELSE {segment} END AS segment,"
+        f" CASE WHEN w.member_id IS NULL THEN {no_order_grp} ELSE {group} END AS segment_group,"
+        f" {stage_sql(rules, d_reg, d_order)} AS stage,"
+        f" CASE WHEN w.spend_rank <= {top} THEN '{top_code}'"
+        f"  WHEN w.spend_rank <= {second} THEN '{second_code}' ELSE '{base_code}' END"
+        "  AS relative_tier"
+        " FROM tiering.member_profiles p"
+        " LEFT JOIN rfm_work w ON w.member_id = p.member_id"
+        " LEFT JOIN tiering.member_spend sp ON sp.member_id = p.member_id"
+        " WHERE p.member_id > $1 AND p.member_id <= $2),"
+        " old AS (SELECT p.member_id, p.segment, p.stage FROM tiering.member_profiles p"
+        "  JOIN src ON src.member_id = p.member_id"
+        "  WHERE (p.r_score, p.f_score, p.m_score, p.segment, p.segment_group, p.stage,"
+        "   p.relative_tier) IS DISTINCT FROM"
+        "   (src.r, src.f, src.m, src.segment, src.segment_group, src.stage, src.relative_tier)"
+        "  FOR UPDATE OF p)"
+        " UPDATE tiering.member_profiles p SET r_score = src.r, f_score = src.f,"
+        " m_score = src.m, segment = src.segment, segment_group = src.segment_group,"
+        " stage = src.stage, relative_tier = src.relative_tier, updated_at = now()"
+        " FROM src JOIN old ON old.member_id = src.member_id WHERE p.member_id = src.member_id"
+        " RETURNING p.member_id, old.segment AS old_segment, p.segment,"
+        "  old.stage AS old_stage, p.stage"
+    )
+
+
+async def _profiles_chunk(
+    conn: asyncpg.Connection, sql: str, lo: uuid.UUID, hi: uuid.UUID, now: datetime, outbox: _Outbox
+) -> tuple[int, int]:
+    segments = stages = 0
+    changed_at = timestamp(now)
+    for row in await conn.fetch(sql, lo, hi, now):
+        member = str(row["member_id"])
+        if row["old_segment"] is not None and row["old_segment"] != row["segment"]:
+            segments += 1
+            outbox.add(
+                events_pb2.SegmentChanged(
+                    member_id=member,
+                    from_segment=row["old_segment"],
+                    to_segment=row["segment"],
+                    changed_at=changed_at,
+                ),
+                member,
+            )
+        if row["old_stage"] is not None and row["old_stage"] != row["stage"]:
+            stages += 1
+            outbox.add(
+                events_pb2.LifecycleStageChanged(
+                    member_id=member,
+                    from_stage=row["old_stage"],
+                    to_stage=row["stage"],
+                    changed_at=changed_at,
+                ),
+                member,
+            )
+    return segments, stages
+
+
+# ---- tiers -------------------------------------------------------------------------------
+
+
+async def _tiers_chunk(
+    conn: asyncpg.Connection,
+    programme: TierProgramme,
+    lo: uuid.UUID,
+    hi: uuid.UUID,
+    now: datetime,
+    outbox: _Outbox,
+) -> int:
+    table, aggregate = repo.metric_sql(programme.qualifying_metric)
+    column = repo.time_column(programme.qualifying_metric)
+    ladder = programme.ladder
+    codes = [t.code for t in ladder.tiers]
+    thresholds = [t.threshold for t in ladder.tiers]
+    # Members with something due; the rest are untouched.
+    rows = await conn.fetch(
+        f"SELECT t.member_id, {repo.STATE_COLUMNS}, t.tier_code, t.evaluated_at,"
+        " coalesce(a.metric, 0) AS metric FROM tiering.member_tiers t"
+        f" LEFT JOIN (SELECT member_id, {aggregate} AS metric FROM {table}"
+        f"  WHERE member_id > $1 AND member_id <= $2 AND {column} > $3 AND {column} <= $4"
+        "  GROUP BY member_id) a ON a.member_id = t.member_id"
+        " WHERE t.member_id > $1 AND t.member_id <= $2 AND ("
+        "  t.period_end <= $4 OR t.grace_until <= $4 OR t.override_until <= $4"
+        "  OR t.programme_version <> $5"
+        "  OR (SELECT count(*) FROM unnest($6::bigint[]) th WHERE th <= coalesce(a.metric, 0))"
+        "   > array_position($7::text[], t.earned_tier))",
+        lo,
+        hi,
+        window_start(programme, now),
+        now,
+        programme.version,
+        thresholds,
+        codes,
+    )
+    if not rows:
+        return 0
+    start, end = period_bounds(programme, now)
+    rolls: list[tuple[uuid.UUID, int]] = []
+    complex_rows = []
+    for row in rows:
+        simple = (
+            row["earned_tier"] == codes[0]
+            and row["programme_version"] == programme.version
+            and row["grace_until"] is None
+            and (row["override_until"] is None or row["override_until"] > now)
+            and ladder.tier_for(row["metric"]).code == codes[0]
+        )
+        if simple:
+            rolls.append((row["member_id"], row["metric"]))
+        else:
+            complex_rows.append(row)
+    if rolls:
+        # Base tier, nothing earned: the period just rolls over.
+        await conn.execute(
+            "UPDATE tiering.member_tiers t SET period_start = $3, period_end = $4, peak = r.metric,"
+            " base_tier = t.earned_tier, evaluated_at = $5, updated_at = now()"
+            " FROM unnest($1::uuid[], $2::bigint[]) AS r(member_id, metric)"
+            " WHERE t.member_id = r.member_id AND t.period_end <> $4",
+            [r[0] for r in rolls],
+            [r[1] for r in rolls],
+            start,
+            end,
+            now,
+        )
+    if not complex_rows:
+        return 0
+    points = await _boundary_metrics(conn, programme, complex_rows, now)
+    changed = 0
+    updates = []
+    history: list[tuple[uuid.UUID, Change]] = []
+    for row in complex_rows:
+        member_id = row["member_id"]
+        state = TierState(*(row[c.strip()] for c in repo.STATE_COLUMNS.split(",")))
+        known = {now: row["metric"], **points.get(member_id, {})}
+        at = max(now, row["evaluated_at"])
+
+        def lookup(t: datetime, known: dict[datetime, int] = known) -> int:
+            return known[t]
+
+        try:
+            ev = advance(programme, state, at, lookup)
+        except KeyError:
+            # More than one period passed since the last run: evaluate on the facts.
+            orders, growth = await repo.load_facts(
+                conn, member_id, window_start(programme, min(state.period_start, at))
+            )
+            ev = advance(
+                programme,
+                state,
+                at,
+                lambda t, o=orders, g=growth: metric_from_facts(programme, o, g, t),
+            )
+        effective = ev.state.effective(programme, at)
+        if ev.state != state or effective != row["tier_code"]:
+            updates.append((member_id, ev.state, effective, at))
+        for change in ev.changes:
+            history.append((member_id, change))
+            if change.moved:
+                changed += 1
+                outbox.add(
+                    events_pb2.TierChanged(
+                        member_id=str(member_id),
+                        from_tier=change.from_tier,
+                        to_tier=change.to_tier,
+                        reason=EVENT_REASON.get(change.reason, change.reason),
+                        programme_id=programme.programme_id,
+                        programme_version=programme.version,
+                        changed_at=timestamp(change.at),
+                    ),
+                    str(member_id),
+                )
+    if updates:
+        await conn.execute(
+            "UPDATE tiering.member_tiers t SET programme_id = $2, tier_code = u.tier_code,"
+            " programme_version = u.programme_version, base_tier = u.base_tier,"
+            " earned_tier = u.earned_tier, period_start = u.period_start,"
+            " period_end = u.period_end, peak = u.peak, grace_until = u.grace_until,"
+            " override_tier = u.override_tier, override_until = u.override_until,"
+            " override_reason = u.override_reason, evaluated_at = u.evaluated_at,"
+            " updated_at = now()"
+            " FROM unnest($1::uuid[], $3::text[], $4::int[], $5::text[], $6::text[],"
+            "  $7::timestamptz[], $8::timestamptz[], $9::bigint[], $10::timestamptz[],"
+            "  $11::text[], $12::timestamptz[], $13::text[], $14::timestamptz[])"
+            "  AS u(member_id, tier_code, programme_version, base_tier, earned_tier,"
+            "  period_start, period_end, peak, grace_until, override_tier, override_until,"
+            "  override_reason, evaluated_at)"
+            " WHERE t.member_id = u.member_id",
+            [u[0] for u in updates],
+            programme.programme_id,
+            [u[2] for u in updates],
+            [u[1].programme_version for u in updates],
+            [u[1].base_tier for u in updates],
+            [u[1].earned_tier for u in updates],
+            [u[1].period_start for u in updates],
+            [u[1].period_end for u in updates],
+            [u[1].peak for u in updates],
+            [u[1].grace_until for u in updates],
+            [u[1].override_tier for u in updates],
+            [u[1].override_until for u in updates],
+            [u[1].override_reason for u in updates],
+            [u[3] for u in updates],
+        )
+    if history:
+        await conn.copy_records_to_table(
+            "tier_history",
+            schema_name="tiering",
+            columns=[
+                "member_id",
+                "from_tier",
+                "to_tier",
+                "reason",
+                "figures",
+                "programme_id",
+                "programme_version",
+                "changed_at",
+            ],
+            records=[
+                (
+                    m,
+                    c.from_tier,
+                    c.to_tier,
+                    c.reason,
+                    json.dumps(c.figures, ensure_ascii=False, default=str),
+                    programme.programme_id,
+                    programme.version,
+                    c.at,
+                )
+                for m, c in history
+            ],
+        )
+    return changed
+
+
+async def _boundary_metrics(
+    conn: asyncpg.Connection,
+    programme: TierProgramme,
+    rows: list[asyncpg.Record],
+    now: datetime,
+) -> dict[uuid.UUID, dict[datetime, int]]:
+    """M(t) at each member's due period end and grace end, in one aggregate."""
+    members, ats, los = [], [], []
+    for row in rows:
+        for t in (row["period_end"], row["grace_until"]):
+            if t is not None and t <= now:
+                members.append(row["member_id"])
+                ats.append(t)
+                los.append(window_start(programme, t))
+    if not members:
+        return {}
+    table, aggregate = repo.metric_sql(programme.qualifying_metric, "x")
+    column = repo.time_column(programme.qualifying_metric)
+    found = await conn.fetch(
+        "SELECT q.member_id, q.at, a.metric"
+        " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS q(member_id, at, lo)"
+        f" CROSS JOIN LATERAL (SELECT {aggregate} AS metric FROM {table} x"
+        f"  WHERE x.member_id = q.member_id AND x.{column} > q.lo AND x.{column} <= q.at) a",
+        members,
+        ats,
+        los,
+    )
+    out: dict[uuid.UUID, dict[datetime, int]] = {}
+    for r in found:
+        out.setdefault(r["member_id"], {})[r["at"]] = int(r["metric"])
+    return out
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def bar(done: int, total: int, result: RunResult, width: int = 30) -> None:
+    """A one-line progress bar on stderr."""
+    share = done / total if total else 1.0
+    filled = int(width * share)
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {share:6.1%} {done:,}/{total:,} members"
+        f"  tiers {result.tier_changes:,} segments {result.segment_changes:,}"
+        f" stages {result.stage_changes:,}"
+    )
+    sys.stderr.flush()

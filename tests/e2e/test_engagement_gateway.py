@@ -1,0 +1,167 @@
+"""Engagement through the gateway's doors: operators publish, pause, resume and
+read metrics; the mini-program reports events and unsubscribes. Behind it the
+real member service (MemberRegistered reaches engagement over the event bus)
+and the engagement service with its own sweeper and dispatcher (local sink).
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from gateway.app import Gateway, build
+from gateway.errors import PROBLEM_JSON
+from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+from servicekit.server import ServiceApp
+from tests.harness import eventually
+
+from .conftest import gateway_settings
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+async def eng_gateway(
+    member_app: ServiceApp,
+    rewards_app: ServiceApp,
+    tiering_app: ServiceApp,
+    engagement_app: ServiceApp,
+    demo_stores: list[str],
+) -> AsyncIterator[Gateway]:
+    gw = build(
+        gateway_settings(
+            member_addr=f"127.0.0.1:{member_app.port}",
+            rewards_addr=f"127.0.0.1:{rewards_app.port}",
+            tiering_addr=f"127.0.0.1:{tiering_app.port}",
+            engagement_addr=f"127.0.0.1:{engagement_app.port}",
+        )
+    )
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture(scope="module")
+async def api(eng_gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{eng_gateway.http_port}", timeout=10
+    ) as client:
+        yield client
+
+
+async def new_member(gw: Gateway) -> str:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.pos_grpc_port}") as channel:
+        reply = await pos_pb2_grpc.PosServiceStub(channel).IdentifyMember(
+            pos_pb2.IdentifyMemberRequest(
+                store_id="SH001", phone=f"137{random.randrange(10**8):08d}"
+            ),
+            timeout=10,
+        )
+    return str(reply.member_id)
+
+
+def check_in_journey(journey_id: str) -> dict[str, Any]:
+    return {
+        "id": journey_id,
+        "priority": 50,
+        "entry": {"event": "check_in"},
+        "reentry": {"policy": "after_exit"},
+        "start": "thanks",
+        "steps": {
+            # Transactional: no marketing consent needed, not held by quiet hours.
+            "thanks": {
+                "type": "send",
+                "channel": "app_push",
+                "template": "check-in-thanks",
+                "class": "transactional",
+                "next": "end",
+            },
+            "end": {"type": "exit"},
+        },
+    }
+
+
+async def test_publish_ingest_send_metrics_pause_resume(
+    api: httpx.AsyncClient, eng_gateway: Gateway
+) -> None:
+    journey_id = f"check-in-{uuid.uuid4().hex[:8]}"
+    published = await api.post("/v1/journeys", json=check_in_journey(journey_id))
+    assert published.status_code == 201, published.text
+    assert published.json() == {"journey_id": journey_id, "version": 1}
+
+    member = await new_member(eng_gateway)
+
+    async def enrolled() -> bool:
+        # Until MemberRegistered arrives the event is parked, then replayed.
+        reply = await api.post(
+            f"/v1/members/{member}/events",
+            json={"event_id": str(uuid.uuid4()), "type": "check_in"},
+        )
+        assert reply.status_code == 202, reply.text
+        metrics = (await api.get(f"/v1/journeys/{journey_id}/metrics")).json()
+        return bool(metrics["entered"] >= 1)
+
+    await eventually(enrolled, timeout=15, interval=0.2)
+
+    async def delivered() -> dict[str, Any] | None:
+        metrics = (await api.get(f"/v1/journeys/{journey_id}/metrics")).json()
+        steps = {s["step_id"]: s for s in metrics["steps"]}
+        return metrics if steps.get("thanks", {}).get("delivered", 0) >= 1 else None
+
+    metrics = await eventually(delivered, timeout=15, interval=0.2)
+    assert metrics["status"] == "active" and metrics["lift"] is None
+
+    paused = await api.post(f"/v1/journeys/{journey_id}/pause")
+    assert paused.json() == {"journey_id": journey_id, "status": "paused", "live_version": 1}
+    resumed = await api.post(f"/v1/journeys/{journey_id}/resume")
+    assert resumed.json()["status"] == "active"
+
+
+async def test_event_retries_are_harmless_and_unknown_members_are_parked(
+    api: httpx.AsyncClient,
+) -> None:
+    body = {"event_id": str(uuid.uuid4()), "type": "page_view", "attributes": {"page": "menu"}}
+    stranger = uuid.uuid4()
+    first = await api.post(f"/v1/members/{stranger}/events", json=body)
+    assert first.status_code == 202
+    assert first.json() == {"parked": True, "duplicate": False, "enrolled_journeys": []}
+    again = await api.post(f"/v1/members/{stranger}/events", json=body)
+    assert again.json()["duplicate"] is True
+
+
+async def test_unsubscribe(api: httpx.AsyncClient, eng_gateway: Gateway) -> None:
+    member = await new_member(eng_gateway)
+    reply = await api.post(f"/v1/members/{member}/unsubscribe", json={"channels": ["sms"]})
+    assert reply.status_code == 200
+    assert reply.json() == {"member_id": member, "channels": ["sms"]}
+    everything = await api.post(f"/v1/members/{member}/unsubscribe")
+    assert everything.json()["channels"] == ["wecom", "sms", "miniprogram", "app_push"]
+    bad = await api.post(f"/v1/members/{member}/unsubscribe", json={"channels": ["fax"]})
+    assert bad.status_code == 422
+    assert bad.headers["content-type"].startswith(PROBLEM_JSON)
+
+
+async def test_bad_journeys_are_rejected_with_the_reason(api: httpx.AsyncClient) -> None:
+    doc = check_in_journey("bad-journey")
+    doc["steps"]["thanks"]["channel"] = "carrier-pigeon"
+    doc["steps"]["orphan"] = {"type": "exit"}
+    reply = await api.post("/v1/journeys", json=doc)
+    assert reply.status_code == 422
+    problem = reply.json()
+    assert problem["code"] == "UNKNOWN_CHANNEL"
+    assert problem["field"] == "definition.steps.thanks.channel"
+    assert "carrier-pigeon" in problem["detail"]
+    missing = await api.get("/v1/journeys/no-such-journey/metrics")
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "UNKNOWN_JOURNEY"
+    bad_type = await api.post(
+        f"/v1/members/{uuid.uuid4()}/events",
+        json={"event_id": str(uuid.uuid4()), "type": "teleported"},
+    )
+    assert bad_type.status_code == 422

@@ -1,0 +1,689 @@
+"""The domain brief's journeys, end to end on the real schema with a controllable
+clock; caps, quiet hours, pause/resume, holdout, consent, versions, parking,
+merge/unmerge/erase, and a crash in the middle of a batch.
+
+The clock lives in 2030 so the session's engagement service (real clock)
+never finds these timers due. Every journey is paused when its test ends, so
+later tests' events do not enter it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+import pytest
+
+from services.engagement import repository as repo
+from services.engagement.channels import Delivery, Dispatcher, LocalSink, Outbound
+from services.engagement.domain import FakeClock, QuietHours
+from services.engagement.handlers import EngagementHandlers
+from services.engagement.ports import LocalConsent
+from services.engagement.scheduler import JourneyCache, Scheduler
+from servicekit.db import Database, create_pool
+from servicekit.errors import InvalidArgument
+from tests.harness import Infra
+
+ALL = ["wecom", "sms", "miniprogram", "app_push"]
+# Monday 2030-03-04 10:00 in Shanghai.
+START = datetime(2030, 3, 4, 2, 0, tzinfo=UTC)
+
+
+@dataclass
+class Env:
+    db: Database
+    clock: FakeClock
+    handlers: EngagementHandlers
+    scheduler: Scheduler
+    journeys: JourneyCache
+    tag: str
+
+    def jid(self, name: str) -> str:
+        return f"{name}-{self.tag}"
+
+    async def publish(self, doc: dict[str, Any]) -> int:
+        doc = {**doc, "id": self.jid(doc["id"])}
+        async with self.db.unit_of_work() as uow:
+            return (await self.handlers.publish(uow, json.dumps(doc))).version
+
+    async def member(self, consent: bool = True) -> str:
+        m = str(uuid.uuid4())
+        async with self.db.unit_of_work() as uow:
+            await self.handlers.ingest(uow, "member_registered", m, {})
+            if consent:
+                await self.handlers.set_consent(uow, m, ALL, True, "test")
+        return m
+
+    async def event(self, name: str, member: str, **attrs: str) -> list[str]:
+        async with self.db.unit_of_work() as uow:
+            return (await self.handlers.ingest(uow, name, member, attrs)).enrolled
+
+    async def advance(self, **delta: float) -> int:
+        self.clock.advance(timedelta(**delta))
+        return await self.scheduler.run_until_idle()
+
+    async def sends(self, member: str, status: str | None = None) -> list[tuple[str, str, str]]:
+        rows = await self.db.pool.fetch(
+            "SELECT journey_id, template, status FROM engagement.sends WHERE member_id = $1"
+            " ORDER BY created_at, send_key",
+            uuid.UUID(member),
+        )
+        return [
+            (r["journey_id"], r["template"], r["status"])
+            for r in rows
+            if status is None or r["status"] == status
+        ]
+
+    async def templates(self, member: str) -> list[str]:
+        return [t for _, t, s in await self.sends(member) if s == "pending"]
+
+
+def make_env(db: Database, clock: FakeClock, quiet: QuietHours, batch: int = 200) -> Env:
+    journeys = JourneyCache()
+    return Env(
+        db,
+        clock,
+        EngagementHandlers(clock, quiet, journeys),
+        Scheduler(db, clock, LocalConsent(), quiet, journeys, batch_size=batch),
+        journeys,
+        uuid.uuid4().hex[:6],
+    )
+
+
+@pytest.fixture(scope="module")
+async def db(infra: Infra) -> AsyncIterator[Database]:
+    pool = await create_pool(infra.database_url, 1, 8)
+    database = Database(pool, "engagement", "engagement")
+    yield database
+    await database.close()
+
+
+async def _pause_all(db: Database) -> None:
+    async with db.unit_of_work() as uow:
+        for r in await uow.conn.fetch("SELECT journey_id FROM engagement.journey_state"):
+            await repo.set_journey_status(uow.conn, r["journey_id"], "paused")
+
+
+@pytest.fixture
+async def env(db: Database) -> AsyncIterator[Env]:
+    await _pause_all(db)  # journeys other tests published must not take our events
+    yield make_env(db, FakeClock(START), QuietHours())
+    await _pause_all(db)
+
+
+@pytest.fixture
+async def loud(db: Database) -> AsyncIterator[Env]:
+    """No quiet hours: for tests about caps at midnight."""
+    await _pause_all(db)
+    yield make_env(db, FakeClock(START), QuietHours(time(0, 0), time(0, 0)))
+    await _pause_all(db)
+
+
+def send(
+    step: str, template: str, nxt: str, cls: str = "targeted", channel: str = "wecom", **kw: Any
+) -> dict[str, Any]:
+    return {
+        "type": "send",
+        "channel": channel,
+        "template": template,
+        "class": cls,
+        "next": nxt,
+        **kw,
+    }
+
+
+NEW_MEMBER = {
+    "id": "new-member-7d",
+    "priority": 80,
+    "entry": {"event": "member_registered"},
+    "goal": {"event": "order_completed", "within_days": 7},
+    "holdout_percent": 0,
+    "start": "welcome",
+    "steps": {
+        "welcome": send("welcome", "welcome-task", "pack"),
+        "pack": {"type": "issue_coupon", "coupon": "NEW-MEMBER-PACK", "next": "d3"},
+        "d3": {"type": "wait", "duration": "3d", "next": "reminder"},
+        "reminder": send("reminder", "day3-reminder", "d7"),
+        "d7": {"type": "wait", "duration": "4d", "next": "care"},
+        "care": send("care", "day7-care", "end", cls="general"),
+        "end": {"type": "exit"},
+    },
+}
+
+
+async def test_new_member_seven_days(env: Env) -> None:
+    await env.publish(NEW_MEMBER)
+    m = await env.member()
+    await env.scheduler.run_until_idle()
+    assert await env.templates(m) == ["welcome-task"]
+    coupons = await env.db.pool.fetch(
+        "SELECT kind, coupon, status FROM engagement.reward_requests WHERE member_id = $1",
+        uuid.UUID(m),
+    )
+    assert [(r["kind"], r["coupon"], r["status"]) for r in coupons] == [
+        ("coupon", "NEW-MEMBER-PACK", "pending")
+    ]
+    await env.advance(days=2, hours=23)
+    assert await env.templates(m) == ["welcome-task"]
+    await env.advance(hours=1)
+    assert await env.templates(m) == ["welcome-task", "day3-reminder"]
+    await env.advance(days=4)
+    assert await env.templates(m) == ["welcome-task", "day3-reminder", "day7-care"]
+    row = await env.db.pool.fetchrow(
+        "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert row["status"] == "completed"
+
+
+FIRST_ORDER = {
+    "id": "first-order",
+    "priority": 70,
+    "entry": {"event": "first_order"},
+    "start": "m1",
+    "steps": {
+        "m1": send("m1", "thanks-first-cup", "w1"),
+        "w1": {"type": "wait", "duration": "1d", "next": "m2"},
+        "m2": send("m2", "how-was-it", "w2"),
+        "w2": {"type": "wait", "duration": "2d", "next": "m3"},
+        "m3": send("m3", "second-cup-offer", "end"),
+        "end": {"type": "exit"},
+    },
+}
+
+
+async def test_first_order_three_wecom_messages_on_the_first_order_only(env: Env) -> None:
+    await env.publish(FIRST_ORDER)
+    m = await env.member()
+    assert env.jid("first-order") in await env.event("order_completed", m, order_id="o1")
+    assert await env.event("order_completed", m, order_id="o2") == []
+    await env.scheduler.run_until_idle()
+    await env.advance(days=1)
+    await env.advance(days=2)
+    sends = await env.sends(m)
+    assert [t for _, t, _ in sends] == ["thanks-first-cup", "how-was-it", "second-cup-offer"]
+    assert {s for *_, s in sends} == {"pending"}
+
+
+CART = {
+    "id": "cart",
+    "priority": 60,
+    "entry": {"event": "cart_abandoned"},
+    "goal": {"event": "order_completed", "within_days": 1},
+    "reentry": {"policy": "after_exit"},
+    "start": "wait",
+    "steps": {
+        "wait": {"type": "wait", "duration": "2h", "next": "remind"},
+        "remind": send("remind", "cart-discount", "end", drop_if_late="6h"),
+        "end": {"type": "exit"},
+    },
+}
+
+
+async def test_cart_abandoned_two_hours_and_the_goal_exits(env: Env) -> None:
+    await env.publish(CART)
+    a, b = await env.member(), await env.member()
+    await env.event("cart_abandoned", a)
+    await env.event("cart_abandoned", a)  # one live enrollment per member per journey
+    await env.event("cart_abandoned", b)
+    await env.advance(hours=1, minutes=59)
+    assert await env.sends(a) == []
+    await env.event("order_completed", b, order_id="ob")  # b converts before the reminder
+    await env.advance(minutes=1)
+    assert await env.templates(a) == ["cart-discount"]
+    assert await env.sends(b) == []
+    count = await env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(a)
+    )
+    assert count == 1
+
+
+WAKE_UP = {
+    "id": "silent-wake-up",
+    "priority": 40,
+    "entry": {"event": "lifecycle_stage_changed", "where": {"to_stage": "silent"}},
+    "goal": {"event": "order_completed", "within_days": 30},
+    "reentry": {"policy": "after_days", "days": 30},
+    "start": "nudge",
+    "steps": {
+        "nudge": send("nudge", "we-miss-you", "wait", cls="general"),
+        "wait": {"type": "wait", "duration": "3d", "next": "nudge"},
+    },
+}
+
+
+async def test_silent_wake_up_every_three_days_until_an_order(env: Env) -> None:
+    await env.publish(WAKE_UP)
+    m = await env.member()
+    assert await env.event("lifecycle_stage_changed", m, to_stage="active") == []
+    assert await env.event("lifecycle_stage_changed", m, to_stage="silent")
+    await env.scheduler.run_until_idle()
+    await env.advance(days=3)
+    await env.advance(days=3)
+    assert await env.templates(m) == ["we-miss-you"] * 3
+    await env.event("order_completed", m, order_id="o")
+    await env.advance(days=3)
+    await env.advance(days=3)
+    assert len(await env.templates(m)) == 3
+    # Converted: the conversion is measured for the journey.
+    metrics = await metrics_of(env, "silent-wake-up")
+    assert metrics.treated_converted == 1 and metrics.sent == 3
+
+
+async def metrics_of(env: Env, name: str) -> Any:
+    async with env.db.unit_of_work() as uow:
+        return await env.handlers.metrics(uow, env.jid(name))
+
+
+async def test_birthday_month_and_expiring_points(env: Env) -> None:
+    await env.publish(
+        {
+            "id": "birthday",
+            "priority": 90,
+            "entry": {"event": "birthday_month"},
+            "reentry": {"policy": "after_days", "days": 300},
+            "start": "gift",
+            "steps": {
+                "gift": {"type": "issue_coupon", "coupon": "BIRTHDAY-DRINK", "next": "bonus"},
+                "bonus": {"type": "award_points", "points": 100, "next": "tell"},
+                "tell": send("tell", "happy-birthday", "end", cls="general"),
+                "end": {"type": "exit"},
+            },
+        }
+    )
+    await env.publish(
+        {
+            "id": "points-expiring",
+            "priority": 50,
+            "entry": {"event": "points_expiring_soon"},
+            "reentry": {"policy": "after_exit"},
+            "start": "notice",
+            "steps": {
+                "notice": send(
+                    "notice", "points-expiring", "end", cls="transactional", channel="sms"
+                ),
+                "end": {"type": "exit"},
+            },
+        }
+    )
+    m = await env.member()
+    await env.event("birthday_month", m)
+    await env.event("points_expiring_soon", m, points="120")
+    await env.scheduler.run_until_idle()
+    assert sorted(await env.templates(m)) == ["happy-birthday", "points-expiring"]
+    rewards = await env.db.pool.fetch(
+        "SELECT kind, coupon, points FROM engagement.reward_requests WHERE member_id = $1"
+        " ORDER BY kind",
+        uuid.UUID(m),
+    )
+    assert [(r["kind"], r["coupon"], r["points"]) for r in rewards] == [
+        ("coupon", "BIRTHDAY-DRINK", 0),
+        ("points", "", 100),
+    ]
+    # Transactional messages ignore quiet hours and caps: 23:00 local, same day.
+    env.clock.set(datetime(2030, 3, 4, 15, 0, tzinfo=UTC))
+    await env.event("points_expiring_soon", m, points="80")
+    await env.scheduler.run_until_idle()
+    assert (await env.templates(m)).count("points-expiring") == 2
+
+
+def one_shot(name: str, priority: int, template: str, cls: str = "targeted") -> dict[str, Any]:
+    return {
+        "id": name,
+        "priority": priority,
+        "entry": {"event": "page_view"},
+        "reentry": {"policy": "after_exit"},
+        "start": "s",
+        "steps": {"s": send("s", template, "end", cls=cls), "end": {"type": "exit"}},
+    }
+
+
+async def test_caps_priority_wins_and_the_budget_resets_at_local_midnight(loud: Env) -> None:
+    env = loud
+    env.clock.set(datetime(2030, 3, 4, 15, 30, tzinfo=UTC))  # 23:30 Shanghai
+    await env.publish(one_shot("low", 10, "low-value"))
+    await env.publish(one_shot("high", 90, "high-value"))
+    await env.publish(one_shot("general", 10, "general-news", cls="general"))
+    m = await env.member()
+    await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    sends = {t: s for _, t, s in await env.sends(m)}
+    # 1 targeted + 1 general per day: the valuable targeted one wins.
+    assert sends == {"high-value": "pending", "low-value": "capped", "general-news": "pending"}
+    # Same local day, still capped.
+    await env.advance(minutes=29)
+    await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    assert [s for _, t, s in await env.sends(m)].count("pending") == 2
+    # After local midnight the budget is new.
+    await env.advance(minutes=2)
+    await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    assert [s for _, t, s in await env.sends(m)].count("pending") == 4
+    used = await env.db.pool.fetch(
+        "SELECT local_day, message_class, used FROM engagement.cap_usage WHERE member_id = $1",
+        uuid.UUID(m),
+    )
+    assert all(r["used"] <= 1 for r in used) and len(used) == 4
+
+
+async def test_a_later_more_valuable_send_takes_the_slot_until_delivered(loud: Env) -> None:
+    env = loud
+    env.clock.set(datetime(2030, 3, 4, 2, 0, tzinfo=UTC))
+    await env.publish({**one_shot("pre-low", 10, "low"), "entry": {"event": "page_view"}})
+    await env.publish({**one_shot("pre-high", 90, "high"), "entry": {"event": "check_in"}})
+    await env.publish({**one_shot("pre-top", 95, "top"), "entry": {"event": "cart_abandoned"}})
+    m = await env.member()
+    await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    await env.advance(minutes=5)
+    await env.event("check_in", m)
+    await env.scheduler.run_until_idle()
+    assert {t: s for _, t, s in await env.sends(m)} == {"low": "capped", "high": "pending"}
+    # Once a provider has it, it is not taken back: the next one is capped.
+    dispatcher = Dispatcher(env.db, env.clock, {"wecom": LocalSink("wecom")}, {})
+    while await dispatcher.dispatch_once():
+        pass
+    await env.event("cart_abandoned", m)
+    await env.scheduler.run_until_idle()
+    assert {t: s for _, t, s in await env.sends(m)} == {
+        "low": "capped",
+        "high": "delivered",
+        "top": "capped",
+    }
+
+
+async def test_caps_hold_under_concurrent_sweepers(loud: Env) -> None:
+    env = loud
+    env.clock.set(datetime(2030, 3, 4, 4, 0, tzinfo=UTC))
+    for n in range(6):
+        await env.publish(one_shot(f"race{n}", n, f"race-{n}"))
+    members = [await env.member() for _ in range(20)]
+    for m in members:
+        await env.event("page_view", m)
+    sweepers = [
+        Scheduler(
+            env.db,
+            env.clock,
+            LocalConsent(),
+            QuietHours(time(0), time(0)),
+            env.journeys,
+            batch_size=7,
+        )
+        for _ in range(4)
+    ]
+    await asyncio.gather(*(s.run_until_idle() for s in sweepers))
+    for m in members:
+        statuses = [s for _, _, s in await env.sends(m)]
+        assert statuses.count("pending") == 1 and statuses.count("capped") == 5
+
+
+async def test_quiet_hours_defer_then_release_in_the_morning(env: Env) -> None:
+    await env.publish(CART)
+    m = await env.member()
+    env.clock.set(datetime(2030, 3, 4, 12, 0, tzinfo=UTC))  # 20:00 Shanghai
+    await env.event("cart_abandoned", m)
+    await env.advance(hours=2)  # 22:00: quiet
+    assert await env.sends(m) == []
+    timer = await env.db.pool.fetchval(
+        "SELECT due_at FROM engagement.timers t JOIN engagement.enrollments e USING"
+        " (enrollment_id) WHERE e.member_id = $1",
+        uuid.UUID(m),
+    )
+    assert datetime(2030, 3, 5, 1, 0, tzinfo=UTC) <= timer < datetime(2030, 3, 5, 1, 30, tzinfo=UTC)
+    env.clock.set(datetime(2030, 3, 5, 0, 59, tzinfo=UTC))  # 08:59
+    await env.scheduler.run_until_idle()
+    assert await env.sends(m) == []
+    await env.advance(minutes=31)  # 09:30
+    assert await env.templates(m) == ["cart-discount"]
+
+
+async def test_paused_then_resumed_journey_drops_stale_steps(env: Env) -> None:
+    await env.publish(CART)
+    m = await env.member()
+    await env.event("cart_abandoned", m)
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.set_status(uow, env.jid("cart"), "paused")
+    await env.advance(days=2)
+    assert await env.sends(m) == []
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.set_status(uow, env.jid("cart"), "active")
+    await env.scheduler.run_until_idle()
+    assert await env.sends(m) == [(env.jid("cart"), "cart-discount", "dropped")]
+    assert (await metrics_of(env, "cart")).dropped == 1
+
+
+async def test_holdout_members_receive_nothing_and_lift_is_measured(env: Env) -> None:
+    await env.publish({**CART, "id": "cart-holdout", "holdout_percent": 50})
+    members = [await env.member() for _ in range(30)]
+    for m in members:
+        await env.event("cart_abandoned", m)
+    await env.advance(hours=2)
+    groups = {
+        str(r["member_id"]): r["grp"]
+        for r in await env.db.pool.fetch(
+            "SELECT member_id, grp FROM engagement.enrollments WHERE journey_id = $1",
+            env.jid("cart-holdout"),
+        )
+    }
+    assert set(groups.values()) == {"holdout", "treatment"}
+    for m in members:
+        sent = await env.templates(m)
+        assert sent == ([] if groups[m] == "holdout" else ["cart-discount"])
+    for m in members[:10]:
+        await env.event("order_completed", m, order_id=m)
+    metrics = await metrics_of(env, "cart-holdout")
+    assert metrics.treated + metrics.holdout == 30
+    assert metrics.treated_converted + metrics.holdout_converted == 10
+    assert (
+        metrics.lift is not None
+        and metrics.lift.ci_low <= metrics.lift.lift <= metrics.lift.ci_high
+    )
+
+
+async def test_consent_unsubscribe_credits_and_non_personalised(env: Env) -> None:
+    await env.publish(
+        {
+            "id": "consent",
+            "priority": 10,
+            "entry": {"event": "check_in"},
+            "reentry": {"policy": "after_exit"},
+            "start": "mp",
+            "steps": {
+                "mp": send("mp", "mp-tpl", "wc", cls="transactional", channel="miniprogram"),
+                "wc": send("wc", "for-you", "end", personalised=True, fallback_template="for-all"),
+                "end": {"type": "exit"},
+            },
+        }
+    )
+    no_consent = await env.member(consent=False)
+    await env.event("check_in", no_consent)
+    tapped = await env.member()
+    await env.event("subscription_tap", tapped, template="mp-tpl", openid="o-1")
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.set_non_personalised(uow, tapped, True)
+    await env.event("check_in", tapped)
+    await env.scheduler.run_until_idle()
+    assert {s for *_, s in await env.sends(no_consent)} == {"suppressed"}
+    assert [(t, s) for _, t, s in await env.sends(tapped)] == [
+        ("mp-tpl", "pending"),
+        ("for-all", "pending"),
+    ]
+    # One tap, one send: the second run finds no credit.
+    env.clock.advance(timedelta(days=1))
+    await env.event("check_in", tapped)
+    await env.scheduler.run_until_idle()
+    assert ("mp-tpl", "suppressed") in [(t, s) for _, t, s in await env.sends(tapped)]
+    # Unsubscribed: nothing more on that channel.
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.unsubscribe(uow, tapped, ["wecom"])
+    env.clock.advance(timedelta(days=1))
+    await env.event("check_in", tapped)
+    await env.scheduler.run_until_idle()
+    assert [(t, s) for _, t, s in await env.sends(tapped)][-1] == ("for-all", "suppressed")
+
+
+async def test_members_in_flight_stay_on_their_version(env: Env) -> None:
+    v1 = await env.publish(CART)
+    a = await env.member()
+    await env.event("cart_abandoned", a)
+    changed = json.loads(json.dumps(CART))
+    changed["steps"]["remind"]["template"] = "cart-discount-v2"
+    v2 = await env.publish(changed)
+    assert (v1, v2) == (1, 2)
+    b = await env.member()
+    await env.event("cart_abandoned", b)
+    await env.advance(hours=2)
+    assert await env.templates(a) == ["cart-discount"]
+    assert await env.templates(b) == ["cart-discount-v2"]
+
+
+async def test_events_for_unknown_members_are_parked_then_replayed(env: Env) -> None:
+    await env.publish(CART)
+    m = str(uuid.uuid4())
+    async with env.db.unit_of_work() as uow:
+        result = await env.handlers.ingest(uow, "cart_abandoned", m, {})
+    assert result.parked
+    parked = await env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.parked_events WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert parked == 1
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.ingest(uow, "member_registered", m, {})
+        await env.handlers.set_consent(uow, m, ALL, True, "test")
+    await env.advance(hours=2)
+    assert await env.templates(m) == ["cart-discount"]
+
+
+async def test_bad_input_writes_nothing(env: Env) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        await env.publish({**CART, "entry": {"event": "cart_abandonned"}})
+    assert info.value.code == "UNKNOWN_EVENT"
+    assert (
+        await env.db.pool.fetchval(
+            "SELECT count(*) FROM engagement.journeys WHERE journey_id = $1", env.jid("cart")
+        )
+        == 0
+    )
+    with pytest.raises(InvalidArgument):
+        await env.event("cart_abandoned", "not-a-uuid")
+    with pytest.raises(InvalidArgument):
+        await env.event("teleported", str(uuid.uuid4()))
+
+
+async def test_merge_moves_enrollments_and_caps_unmerge_moves_them_back_erase_stops(
+    loud: Env,
+) -> None:
+    env = loud
+    await env.publish(CART)
+    await env.publish(one_shot("merge-pv", 90, "pv"))
+    survivor, absorbed = await env.member(), await env.member()
+    await env.event("page_view", absorbed)  # absorbed used today's targeted budget
+    await env.scheduler.run_until_idle()
+    await env.event("cart_abandoned", absorbed)
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.on_merged(uow, "mg-1", survivor, absorbed)
+    # The person's cart reminder follows the survivor, and today's cap counts.
+    await env.advance(hours=2)
+    assert [(t, s) for _, t, s in await env.sends(survivor)] == [
+        ("pv", "pending"),
+        ("cart-discount", "capped"),
+    ]
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.on_unmerged(uow, "mg-1", survivor, absorbed)
+    assert await env.sends(survivor) == []
+    assert len(await env.sends(absorbed)) == 2
+    await env.event("cart_abandoned", absorbed)
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.on_erased(uow, [absorbed])
+    await env.advance(hours=3)
+    assert await env.sends(absorbed) == []
+    left = await env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.member_facts WHERE member_id = $1", uuid.UUID(absorbed)
+    )
+    assert left == 0
+
+
+class CountingProvider:
+    """A provider that dedups by idempotency key, like the real ones, and counts calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.sink = LocalSink("wecom")
+
+    async def send(self, message: Outbound) -> Delivery:
+        self.calls.append(message.send_key)
+        return await self.sink.send(message)
+
+
+async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await env.publish(CART)
+    members = [await env.member() for _ in range(120)]
+    for m in members:
+        await env.event("cart_abandoned", m)
+    env.clock.advance(timedelta(hours=2))
+    crashing = Scheduler(
+        env.db, env.clock, LocalConsent(), QuietHours(), env.journeys, batch_size=50
+    )
+    real_move = repo.move_timers
+    calls = 0
+
+    async def crash_on_second_batch(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            await real_move(*args)  # part of the batch's writes happened...
+            raise asyncio.CancelledError  # ...then the worker is killed
+        await real_move(*args)
+
+    monkeypatch.setattr(repo, "move_timers", crash_on_second_batch)
+    with pytest.raises(asyncio.CancelledError):
+        for _ in range(5):
+            await crashing.sweep_once()
+    monkeypatch.setattr(repo, "move_timers", real_move)
+    # A fresh worker (the restart) finishes the job.
+    await Scheduler(env.db, env.clock, LocalConsent(), QuietHours(), env.journeys).run_until_idle()
+    keys = await env.db.pool.fetch(
+        "SELECT member_id, count(*) AS n FROM engagement.sends WHERE journey_id = $1"
+        " GROUP BY member_id",
+        env.jid("cart"),
+    )
+    assert len(keys) == 120 and all(r["n"] == 1 for r in keys)
+
+    # The dispatcher dies after the provider accepted, before recording it.
+    provider = CountingProvider()
+    dispatcher = Dispatcher(env.db, env.clock, {"wecom": provider}, {}, batch_size=500)
+    real_record = repo.record_deliveries
+
+    async def die(*args: Any) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(repo, "record_deliveries", die)
+    with pytest.raises(asyncio.CancelledError):
+        await dispatcher.dispatch_once()
+    monkeypatch.setattr(repo, "record_deliveries", real_record)
+    ours = {
+        r["send_key"]
+        for r in await env.db.pool.fetch(
+            "SELECT send_key FROM engagement.sends WHERE journey_id = $1", env.jid("cart")
+        )
+    }
+    assert len([k for k in provider.calls if k in ours]) == 120
+    env.clock.advance(timedelta(minutes=2))  # the lease expires; the retry carries the same keys
+    while await dispatcher.dispatch_once():
+        pass
+    calls = [k for k in provider.calls if k in ours]
+    assert len(calls) == 240 and len(set(calls)) == 120
+    # Delivered once each: the provider dropped the retried keys.
+    assert len([m for m in provider.sink.sent if m.send_key in ours]) == 120
+    delivered = await env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.sends WHERE journey_id = $1 AND status = 'delivered'",
+        env.jid("cart"),
+    )
+    assert delivered == 120

@@ -1,0 +1,192 @@
+"""Journey definitions: validation on save, and the pure step rules."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from servicekit.errors import InvalidArgument
+from services.engagement.domain import (
+    MemberFacts,
+    QuietHours,
+    SendIntent,
+    bucket,
+    lift,
+    local_day,
+    run,
+)
+from services.engagement.journey import parse_journey
+
+CART: dict[str, Any] = {
+    "id": "cart-abandoned",
+    "priority": 60,
+    "entry": {"event": "cart_abandoned"},
+    "goal": {"event": "order_completed", "within_days": 1},
+    "start": "wait",
+    "steps": {
+        "wait": {"type": "wait", "duration": "2h", "next": "remind"},
+        "remind": {
+            "type": "send",
+            "channel": "wecom",
+            "template": "cart-reminder",
+            "class": "targeted",
+            "drop_if_late": "6h",
+            "next": "done",
+        },
+        "done": {"type": "exit"},
+    },
+}
+
+
+def rejected(doc: dict[str, Any]) -> InvalidArgument:
+    with pytest.raises(InvalidArgument) as info:
+        parse_journey(doc)
+    return info.value
+
+
+def test_a_valid_journey_parses() -> None:
+    j = parse_journey(CART)
+    assert j.entry_event == "cart_abandoned"
+    assert j.step("wait").duration == timedelta(hours=2)
+    assert j.step("remind").drop_if_late == timedelta(hours=6)
+    assert j.goal_event == "order_completed"
+
+
+def test_unreachable_step_is_rejected_with_its_name() -> None:
+    doc = copy.deepcopy(CART)
+    doc["steps"]["orphan"] = {"type": "exit"}
+    err = rejected(doc)
+    assert err.code == "UNREACHABLE_STEP"
+    assert err.field == "definition.steps.orphan"
+    assert "orphan is unreachable" in str(err)
+
+
+def test_cycle_without_a_wait_is_rejected() -> None:
+    doc = copy.deepcopy(CART)
+    doc["start"] = "remind"
+    doc["steps"]["remind"]["next"] = "tag"
+    doc["steps"]["tag"] = {"type": "tag", "tag": "x", "next": "remind"}
+    del doc["steps"]["wait"], doc["steps"]["done"]
+    err = rejected(doc)
+    assert err.code == "CYCLE_WITHOUT_WAIT"
+    assert "loops without a wait" in str(err)
+
+
+def test_a_cycle_through_a_wait_is_fine() -> None:
+    doc = copy.deepcopy(CART)
+    doc["steps"]["remind"]["next"] = "wait"
+    del doc["steps"]["done"]
+    assert parse_journey(doc).step("remind").next == "wait"
+
+
+def test_unknown_event_and_unknown_channel_are_both_reported() -> None:
+    doc = copy.deepcopy(CART)
+    doc["entry"]["event"] = "cart_abandonned"
+    doc["steps"]["remind"]["channel"] = "fax"
+    err = rejected(doc)
+    assert err.code == "UNKNOWN_EVENT"
+    assert err.field == "definition.entry.event"
+    assert "unknown channel 'fax'" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("patch", "code"),
+    [
+        ({"start": "nowhere"}, "UNKNOWN_STEP"),
+        ({"reentry": {"policy": "sometimes"}}, "INVALID_REENTRY"),
+        ({"holdout_percent": 90}, "INVALID_HOLDOUT"),
+        ({"steps": {}}, "NO_STEPS"),
+    ],
+)
+def test_bad_fields_are_named(patch: dict[str, Any], code: str) -> None:
+    doc = {**copy.deepcopy(CART), **patch}
+    assert rejected(doc).code == code
+
+
+def test_split_percents_must_add_up() -> None:
+    doc = copy.deepcopy(CART)
+    doc["steps"]["wait"]["next"] = "ab"
+    doc["steps"]["ab"] = {
+        "type": "split",
+        "branches": [
+            {"name": "A", "percent": 50, "next": "remind"},
+            {"name": "B", "percent": 40, "next": "done"},
+        ],
+    }
+    assert rejected(doc).code == "INVALID_SPLIT"
+
+
+NOON = datetime(2030, 3, 4, 4, 0, tzinfo=UTC)  # 12:00 in Shanghai
+QUIET = QuietHours()
+
+
+def test_quiet_hours_hold_a_marketing_send_until_morning_with_jitter() -> None:
+    j = parse_journey(CART)
+    late = datetime(2030, 3, 4, 14, 0, tzinfo=UTC)  # 22:00 in Shanghai
+    facts = MemberFacts("m1")
+    result = run(j, "remind", seq=1, now=late, due_at=late, facts=facts, quiet=QUIET)
+    assert result.intents == [] and result.next_step == "remind"
+    assert result.due_at is not None
+    morning = datetime(2030, 3, 5, 1, 0, tzinfo=UTC)  # 09:00 in Shanghai
+    assert morning <= result.due_at < morning + timedelta(minutes=30)
+    # Released at the same instant for every held step of this member.
+    again = run(j, "remind", seq=1, now=late, due_at=late, facts=facts, quiet=QUIET)
+    assert again.due_at == result.due_at
+
+
+def test_a_wait_that_ends_in_quiet_hours_is_scheduled_for_the_release() -> None:
+    j = parse_journey(CART)
+    evening = datetime(2030, 3, 4, 12, 0, tzinfo=UTC)  # 20:00 -> the wait ends at 22:00
+    result = run(j, "wait", seq=0, now=evening, due_at=evening, facts=MemberFacts("m"), quiet=QUIET)
+    assert result.next_step == "remind"
+    assert result.due_at is not None and result.due_at >= datetime(2030, 3, 5, 1, 0, tzinfo=UTC)
+
+
+def test_a_stale_step_is_dropped_not_sent() -> None:
+    j = parse_journey(CART)
+    now = NOON + timedelta(days=2)
+    result = run(j, "remind", seq=3, now=now, due_at=NOON, facts=MemberFacts("m"), quiet=QUIET)
+    assert [type(i).__name__ for i in result.intents] == ["DroppedIntent"]
+    assert result.completed
+
+
+def test_non_personalised_members_get_the_fallback_or_nothing() -> None:
+    doc = copy.deepcopy(CART)
+    doc["steps"]["remind"].update(personalised=True, fallback_template="generic")
+    j = parse_journey(doc)
+    facts = MemberFacts("m", non_personalised=True)
+    result = run(j, "remind", seq=0, now=NOON, due_at=NOON, facts=facts, quiet=QUIET)
+    assert result.intents == [SendIntent("remind", 1, "wecom", "generic", "targeted")]
+
+
+def test_local_day_turns_at_local_midnight() -> None:
+    before = datetime(2030, 3, 4, 15, 59, tzinfo=UTC)  # 23:59 Shanghai
+    assert local_day(before, "Asia/Shanghai").day == 4
+    assert local_day(before + timedelta(minutes=2), "Asia/Shanghai").day == 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.uuids())
+def test_buckets_are_stable_and_in_range(member: Any) -> None:
+    b = bucket(str(member), "j")
+    assert 0 <= b < 10_000 and b == bucket(str(member), "j")
+
+
+def test_lift_interval_contains_the_difference() -> None:
+    result = lift(30, 100, 10, 100)
+    assert result is not None
+    assert result.lift == pytest.approx(0.2)
+    assert result.ci_low < 0.2 < result.ci_high
+    assert result.ci_low > 0  # 30% vs 10% on 100 each is significant
+    assert lift(3, 10, 0, 0) is None
+
+
+def test_quiet_window_that_does_not_wrap() -> None:
+    q = QuietHours(time(1, 0), time(5, 0))
+    assert q.is_quiet(datetime(2030, 3, 4, 19, 30, tzinfo=UTC), "Asia/Shanghai")  # 03:30
+    assert not q.is_quiet(NOON, "Asia/Shanghai")
