@@ -1,8 +1,9 @@
 """Baseline (b): rewards' CompleteOrder SQL, straight through one asyncpg pool.
 
 The statements are not copied: they are the functions services/rewards/
-repository.py names in its docstring (`claim_order`, `record_earning`, then the
-outbox INSERT that `UnitOfWork.emit` issues), in one transaction per order on
+repository.py names in its docstring (`claim_order`, with points the ledger's
+`redeem_for_order`, `record_earning`, then the outbox INSERT that
+`UnitOfWork.emit` issues), in one transaction per order on
 a pooled connection, sized like the service's pool. What this leaves out of the
 platform's path is exactly the part under test: two gRPC hops (POS client ->
 gateway -> rewards), protobuf mapping, validation, interceptors and tracing.
@@ -23,6 +24,7 @@ from servicekit.db import Database, create_pool
 from servicekit.protos import timestamp
 from services.rewards import repository as repo
 from services.rewards.domain import BASE_EARNING_RULE, OrderLine
+from services.rewards.points import PointsLedger
 from services.rewards.policy import DEFAULT_POLICY
 
 PAID_FEN = 3200
@@ -33,7 +35,14 @@ LINE = OrderLine(
 
 
 class RewardsSqlBaseline:
-    def __init__(self, pool: asyncpg.Pool, store_id: str, member_ids: Sequence[str], tag: str):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store_id: str,
+        member_ids: Sequence[str],
+        tag: str,
+        points_to_redeem: int = 0,
+    ):
         # Same schema and producer as the rewards service, so emit() writes its outbox.
         self._db = Database(pool, "rewards", "rewards")
         self._store_id = store_id
@@ -42,13 +51,23 @@ class RewardsSqlBaseline:
         self._points = BASE_EARNING_RULE.points_for(PAID_FEN)
         self._rule = BASE_EARNING_RULE.describe()
         self._expiry = DEFAULT_POLICY.expiry
+        # With points: the checkout also spends them, through the very same
+        # ledger code the service runs (member lock, lazy expiry, one posting).
+        self._redeem = points_to_redeem
+        self._ledger = PointsLedger()
 
     @classmethod
     async def connect(
-        cls, database_url: str, store_id: str, member_ids: Sequence[str], tag: str, pool_size: int
+        cls,
+        database_url: str,
+        store_id: str,
+        member_ids: Sequence[str],
+        tag: str,
+        pool_size: int,
+        points_to_redeem: int = 0,
     ) -> RewardsSqlBaseline:
         pool = await create_pool(database_url, pool_size, pool_size)
-        return cls(pool, store_id, member_ids, tag)
+        return cls(pool, store_id, member_ids, tag, points_to_redeem)
 
     async def close(self) -> None:
         await self._db.close()
@@ -81,10 +100,17 @@ class RewardsSqlBaseline:
                     # The service hashes the canonical request; same size here.
                     request_hash=hashlib.sha256(pos_transaction_id.encode()).digest(),
                     points_earned=self._points,
+                    points_redeemed=self._redeem,
                 ),
             )
             if not claimed:
                 raise RuntimeError(f"order {pos_transaction_id} was not claimed")
+            if self._redeem:
+                spent = await self._ledger.redeem_for_order(
+                    uow.conn, member_id, self._redeem, order_id, ordered_at
+                )
+                if isinstance(spent, Exception):
+                    raise spent
             await repo.record_earning(
                 uow.conn,
                 repo.Earning(

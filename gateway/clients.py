@@ -96,6 +96,21 @@ class MemberClient(_Client):
         fields = {"identifiers[0].value": phone_field, "identifiers[0]": phone_field}
         return await self.identify([ident], source, request_key or str(uuid.uuid4()), fields)
 
+    async def identify_by_card(
+        self, card: str, source: str, *, card_field: str = "card"
+    ) -> member_pb2.IdentifyMemberResponse:
+        """Find or enrol the member holding a physical member card (attach-only)."""
+        ident = member_pb2.Identifier(type=member_pb2.IDENTIFIER_TYPE_POS_CARD, value=card)
+        fields = {"identifiers[0].value": card_field, "identifiers[0]": card_field}
+        return await self.identify([ident], source, str(uuid.uuid4()), fields)
+
+    async def redeem_member_code(
+        self, code: str, source: str, *, code_field: str = "member_code"
+    ) -> member_pb2.Member:
+        """The member behind a scanned dynamic member code, once."""
+        request = member_pb2.RedeemMemberCodeRequest(code=code, source=source)
+        return await self._call(self._stub.RedeemMemberCode, request, {"code": code_field})
+
     async def get_member(
         self, member_id: str, *, accessor: str = "", purpose: str = ""
     ) -> member_pb2.Member:
@@ -172,6 +187,51 @@ class TieringClient(_Client):
             self._stub.GetMemberSpend, tiering_pb2.GetMemberSpendRequest(member_id=member_id)
         )
 
+    async def get_member_tier(self, member_id: str) -> tiering_pb2.MemberTier:
+        return await self._call(
+            self._stub.GetMemberTier, tiering_pb2.GetMemberTierRequest(member_id=member_id)
+        )
+
+    async def get_tier_history(self, member_id: str, limit: int) -> tiering_pb2.TierHistory:
+        return await self._call(
+            self._stub.GetTierHistory,
+            tiering_pb2.GetTierHistoryRequest(member_id=member_id, limit=limit),
+        )
+
+    async def record_growth_action(
+        self, request: tiering_pb2.RecordGrowthActionRequest
+    ) -> tiering_pb2.RecordGrowthActionResponse:
+        return await self._call(self._stub.RecordGrowthAction, request)
+
+    async def get_programme(
+        self, request: tiering_pb2.GetProgrammeRequest
+    ) -> tiering_pb2.Programme:
+        return await self._call(self._stub.GetProgramme, request)
+
+    async def publish_programme(self, programme: tiering_pb2.Programme) -> tiering_pb2.Programme:
+        return await self._call(
+            self._stub.PublishProgramme,
+            tiering_pb2.PublishProgrammeRequest(programme=programme),
+        )
+
+    async def simulate_programme(
+        self, programme: tiering_pb2.Programme
+    ) -> tiering_pb2.SimulationReport:
+        return await self._call(
+            self._stub.SimulateProgramme,
+            tiering_pb2.SimulateProgrammeRequest(programme=programme),
+        )
+
+    async def set_tier_override(
+        self, request: tiering_pb2.SetTierOverrideRequest
+    ) -> tiering_pb2.MemberTier:
+        return await self._call(self._stub.SetTierOverride, request)
+
+    async def get_distribution_report(self) -> tiering_pb2.DistributionReport:
+        return await self._call(
+            self._stub.GetDistributionReport, tiering_pb2.GetDistributionReportRequest()
+        )
+
 
 class EngagementClient(_Client):
     def __init__(self, target: str, timeout: float) -> None:
@@ -204,6 +264,11 @@ class EngagementClient(_Client):
         self, request: engagement_pb2.IngestEventRequest
     ) -> engagement_pb2.IngestEventResponse:
         return await self._call(self._stub.IngestEvent, request)
+
+    async def launch_near_store(
+        self, request: engagement_pb2.LaunchNearStoreRequest
+    ) -> engagement_pb2.LaunchNearStoreResponse:
+        return await self._call(self._stub.LaunchNearStore, request)
 
     async def unsubscribe(
         self, member_id: str, channels: list[str]

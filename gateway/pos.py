@@ -9,6 +9,9 @@ server's DomainErrorInterceptor turns them into a status + ErrorInfo.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
 
 from loyalty.common.v1 import common_pb2
@@ -17,6 +20,9 @@ from loyalty.rewards.v1 import rewards_pb2
 from servicekit.errors import InvalidArgument, NotFound
 
 from .clients import Downstreams
+from .errors import DownstreamError
+
+log = logging.getLogger(__name__)
 
 STORE_OPEN = "active"
 
@@ -36,9 +42,13 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         self, request: pos_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
     ) -> pos_pb2.IdentifyMemberResponse:
         _required(request.store_id, "store_id")
-        if request.WhichOneof("key") is None:
+        key = request.WhichOneof("key")
+        if key is None:
+            # PHONE_REQUIRED kept from before codes and cards: POS clients switch on it.
             raise InvalidArgument(
-                "a member key is required: phone", code="PHONE_REQUIRED", field="phone"
+                "a member key is required: phone, member_code or card",
+                code="PHONE_REQUIRED",
+                field="phone",
             )
         store_id = request.store_id
         # The store first: an unknown or closed store enrols nobody.
@@ -46,19 +56,47 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         if store.status != STORE_OPEN:
             # The same answer rewards gives a closed store at checkout.
             raise NotFound(f"store {store_id} is closed", code="UNKNOWN_STORE", field="store_id")
-        # A phone typed at the till is never proof of ownership: unverified.
-        identified = await self._down.member.identify_by_phone(
-            request.phone, f"pos:{store_id}", phone_field="phone"
+        source = f"pos:{store_id}"
+        created = False
+        if key == "member_code":
+            # Resolves once; never enrols (the code names an existing member).
+            member = await self._down.member.redeem_member_code(
+                request.member_code, source, code_field="member_code"
+            )
+        elif key == "card":
+            identified = await self._down.member.identify_by_card(
+                request.card, source, card_field="card"
+            )
+            member, created = identified.member, identified.created
+        else:
+            # A phone typed at the till is never proof of ownership: unverified.
+            identified = await self._down.member.identify_by_phone(
+                request.phone, source, phone_field="phone"
+            )
+            member, created = identified.member, identified.created
+        # The tier is asked alongside the balance, and is best effort.
+        balance, tier = await asyncio.gather(
+            self._down.rewards.get_points_balance(member.member_id),
+            self._member_tier(member.member_id),
         )
-        member = identified.member
-        balance = await self._down.rewards.get_points_balance(member.member_id)
         return pos_pb2.IdentifyMemberResponse(
             member_id=member.member_id,
             member_number=member.member_number,
             phone_masked=member.phone_masked,
-            created=identified.created,
+            created=created,
             points_available=balance.available,
+            tier_code=tier[0],
+            tier_name=tier[1],
         )
+
+    async def _member_tier(self, member_id: str) -> tuple[str, str]:
+        """(code, name) of the member's tier; empty when tiering cannot say."""
+        try:
+            reply = await self._down.tiering.get_member_tier(member_id)
+        except DownstreamError as exc:
+            log.warning("identify: no tier for %s (%s)", member_id, exc.code)
+            return "", ""
+        return reply.tier.code, reply.tier.name
 
     async def CompleteOrder(
         self, request: pos_pb2.CompleteOrderRequest, context: grpc.aio.ServicerContext
@@ -95,7 +133,6 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             points_earned=reply.points_earned,
             points_balance=reply.points_balance,
             replayed=reply.replayed,
-            points_redeemed=reply.points_redeemed,
         )
 
     async def RefundOrder(

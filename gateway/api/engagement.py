@@ -53,7 +53,12 @@ class MemberEvent(BaseModel):
     )
 
     event_id: uuid.UUID = Field(description="Chosen by the caller; a retry with it is harmless")
-    type: Literal["cart_abandoned", "page_view", "check_in", "subscription_tap"]
+    type: Literal[
+        "cart_abandoned", "page_view", "check_in", "subscription_tap", "location_reported"
+    ] = Field(
+        description="location_reported takes attributes latitude, longitude and consent "
+        '("true" keeps it for store offers; anything else deletes the last one)'
+    )
     attributes: dict[str, str] = Field(default_factory=dict, max_length=20)
     occurred_at: datetime | None = Field(default=None, description="RFC 3339; now when absent")
 
@@ -96,18 +101,19 @@ class StepMetrics(BaseModel):
     dropped: int
 
 
-class VariantMetrics(BaseModel):
-    variant: str
-    entered: int
-    converted: int
-
-
 class Lift(BaseModel):
     treated_rate: float
     holdout_rate: float
     lift: float = Field(description="treated_rate - holdout_rate")
     ci_low: float = Field(description="95% confidence interval, low end")
     ci_high: float
+
+
+class VariantMetrics(BaseModel):
+    variant: str
+    entered: int
+    converted: int
+    lift: Lift | None = Field(description="This branch against the holdout; null without one")
 
 
 class JourneyMetrics(BaseModel):
@@ -134,7 +140,8 @@ class JourneyMetrics(BaseModel):
     response_model=EventAccepted,
     status_code=202,
     tags=["engagement"],
-    summary="Report a mini-program event (cart abandoned, page view, check-in, subscription tap)",
+    summary="Report a mini-program event (cart abandoned, page view, check-in, subscription "
+    "tap, location)",
     responses=MEMBER_ERRORS,
 )
 async def ingest_event(member_id: MemberId, event: MemberEvent, request: Request) -> EventAccepted:
@@ -195,6 +202,47 @@ async def publish_journey(
 ) -> Published:
     reply = await downstreams(request).engagement.publish_journey(json.dumps(definition))
     return Published(journey_id=reply.journey_id, version=reply.version)
+
+
+class LaunchNearStore(BaseModel):
+    store_id: str = Field(min_length=1, max_length=32, examples=["SH001"])
+    radius_m: int = Field(default=3000, ge=1, le=50_000, description="Metres (3 km default)")
+
+
+class Launched(BaseModel):
+    journey_id: str
+    store_id: str
+    audience: int = Field(description="Members with a fresh, consented location in the radius")
+    entered: int = Field(description="Of those, how many entered the journey")
+
+
+@router.post(
+    "/v1/journeys/{journey_id}/launch-near-store",
+    response_model=Launched,
+    tags=["journeys"],
+    summary="Enter a near_store journey for members within the radius of a store",
+    responses=JOURNEY_ERRORS,
+)
+async def launch_near_store(
+    journey_id: JourneyId, body: LaunchNearStore, request: Request
+) -> Launched:
+    ds = downstreams(request)
+    store = await ds.rewards.get_store(body.store_id)
+    reply = await ds.engagement.launch_near_store(
+        engagement_pb2.LaunchNearStoreRequest(
+            journey_id=journey_id,
+            store_id=store.store_id,
+            latitude=store.latitude,
+            longitude=store.longitude,
+            radius_m=body.radius_m,
+        )
+    )
+    return Launched(
+        journey_id=journey_id,
+        store_id=store.store_id,
+        audience=reply.audience,
+        entered=reply.entered,
+    )
 
 
 def _status(reply: engagement_pb2.JourneyStatus) -> JourneyStatus:
@@ -261,16 +309,23 @@ async def journey_metrics(journey_id: JourneyId, request: Request) -> JourneyMet
             for s in m.steps
         ],
         variants=[
-            VariantMetrics(variant=v.variant, entered=v.entered, converted=v.converted)
+            VariantMetrics(
+                variant=v.variant,
+                entered=v.entered,
+                converted=v.converted,
+                lift=_lift(v.lift) if v.has_lift else None,
+            )
             for v in m.variants
         ],
-        lift=Lift(
-            treated_rate=m.lift.treated_rate,
-            holdout_rate=m.lift.holdout_rate,
-            lift=m.lift.lift,
-            ci_low=m.lift.ci_low,
-            ci_high=m.lift.ci_high,
-        )
-        if m.has_lift
-        else None,
+        lift=_lift(m.lift) if m.has_lift else None,
+    )
+
+
+def _lift(m: engagement_pb2.Lift) -> Lift:
+    return Lift(
+        treated_rate=m.treated_rate,
+        holdout_rate=m.holdout_rate,
+        lift=m.lift,
+        ci_low=m.ci_low,
+        ci_high=m.ci_high,
     )

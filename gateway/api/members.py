@@ -1,12 +1,22 @@
-"""Member profile routes (member service; spend from tiering)."""
+"""Member routes (member service; spend from tiering).
+
+Mini-program: login/identify (openid + unionid), phone binding, profile,
+consent, member code. Operators, under /v1/admin/...: the OneID review
+queue, merge, unmerge, erasure, quarantined identifiers and audited PII
+reads. Authentication and scopes arrive with issue 8; until then the admin
+routes must only be reachable from the operators' network (docs/identity.md).
+"""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from loyalty.member.v1 import member_pb2
 from servicekit.protos import to_datetime
 
 from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
@@ -93,4 +103,600 @@ async def get_spend(member_id: MemberId, request: Request) -> MemberSpend:
         last_order_at=to_datetime(reply.last_order_at),
         tier_code=reply.tier_code or None,
         tier_name=reply.tier_name or None,
+    )
+
+
+# ---- OneID: mini-program login and phone binding ---------------------------
+
+RequestKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        description="Client-chosen key; a retry with the same key returns the first answer",
+        examples=["login-7f3c2a"],
+    ),
+]
+
+
+class IgnoredIdentifier(BaseModel):
+    field: str = Field(description="The request field that was not used")
+    reason: str = Field(description="JUNK, QUARANTINED, LIMIT or OWNED_ELSEWHERE")
+
+
+class Identified(BaseModel):
+    member: Member
+    created: bool = Field(description="True when this call enrolled the member")
+    merged_member_ids: list[str] = Field(description="Members merged into `member` by this call")
+    review_id: str | None = Field(
+        description="Set when the identifiers linked members an operator must review"
+    )
+    ignored: list[IgnoredIdentifier]
+    replayed: bool = Field(description="True when this answers a retry of the same request_key")
+
+
+class LoginRequest(BaseModel):
+    request_key: RequestKey
+    app_id: str = Field(min_length=1, max_length=64, description="Mini-program appid")
+    openid: str = Field(min_length=1, max_length=128)
+    unionid: str | None = Field(default=None, max_length=128, description="When WeChat gave one")
+
+
+class BindPhoneRequest(BaseModel):
+    request_key: RequestKey
+    app_id: str = Field(min_length=1, max_length=64)
+    openid: str = Field(min_length=1, max_length=128)
+    phone: str = Field(
+        min_length=1,
+        max_length=32,
+        description="From WeChat phone authorisation (verified), e.g. 13912345678",
+    )
+
+
+def _member(reply: member_pb2.Member) -> Member:
+    return Member(
+        member_id=reply.member_id,
+        member_number=reply.member_number,
+        phone_masked=reply.phone_masked,
+        registered_at=utc(reply.registered_at),
+    )
+
+
+def _identified(reply: member_pb2.IdentifyMemberResponse, names: list[str]) -> Identified:
+    return Identified(
+        member=_member(reply.member),
+        created=reply.created,
+        merged_member_ids=list(reply.merged_member_ids),
+        review_id=reply.review_id or None,
+        ignored=[IgnoredIdentifier(field=names[i.index], reason=i.reason) for i in reply.ignored],
+        replayed=reply.replayed,
+    )
+
+
+def _renames(names: list[str]) -> dict[str, str]:
+    out = {}
+    for n, name in enumerate(names):
+        out[f"identifiers[{n}].value"] = name
+        out[f"identifiers[{n}]"] = name
+    return out
+
+
+@router.post(
+    "/v1/members/identify",
+    response_model=Identified,
+    tags=["members"],
+    summary="Mini-program login: the member of an openid (and unionid), enrolled if new",
+    responses=MEMBER_ERRORS,
+)
+async def identify(body: LoginRequest, request: Request) -> Identified:
+    idents = [
+        member_pb2.Identifier(
+            type=member_pb2.IDENTIFIER_TYPE_WECHAT_OPENID, value=body.openid, namespace=body.app_id
+        )
+    ]
+    names = ["openid"]
+    if body.unionid is not None:
+        # Issued by WeChat for this login: proof, so it may merge.
+        idents.append(
+            member_pb2.Identifier(
+                type=member_pb2.IDENTIFIER_TYPE_WECHAT_UNIONID, value=body.unionid, verified=True
+            )
+        )
+        names.append("unionid")
+    reply = await downstreams(request).member.identify(
+        idents, f"mini-program:{body.app_id}", body.request_key, _renames(names)
+    )
+    return _identified(reply, names)
+
+
+@router.post(
+    "/v1/members/bind-phone",
+    response_model=Identified,
+    tags=["members"],
+    summary="Phone authorisation: bind a verified phone, merging the member that already has it",
+    responses=MEMBER_ERRORS,
+)
+async def bind_phone(body: BindPhoneRequest, request: Request) -> Identified:
+    idents = [
+        member_pb2.Identifier(
+            type=member_pb2.IDENTIFIER_TYPE_WECHAT_OPENID, value=body.openid, namespace=body.app_id
+        ),
+        member_pb2.Identifier(
+            type=member_pb2.IDENTIFIER_TYPE_PHONE, value=body.phone, verified=True
+        ),
+    ]
+    names = ["openid", "phone"]
+    reply = await downstreams(request).member.identify(
+        idents, f"mini-program:{body.app_id}", body.request_key, _renames(names)
+    )
+    return _identified(reply, names)
+
+
+# ---- profile and consent -----------------------------------------------------
+
+Gender = Literal["female", "male", "other"]
+Purpose = Literal["marketing", "personalisation"]
+Channel = Literal["wecom", "sms", "mini_program", "app_push", "all"]
+
+GENDERS: dict[str, int] = {
+    "female": member_pb2.GENDER_FEMALE,
+    "male": member_pb2.GENDER_MALE,
+    "other": member_pb2.GENDER_OTHER,
+}
+GENDER_NAMES = {v: k for k, v in GENDERS.items()}
+PURPOSES: dict[str, int] = {
+    "marketing": member_pb2.CONSENT_PURPOSE_MARKETING,
+    "personalisation": member_pb2.CONSENT_PURPOSE_PERSONALISATION,
+}
+PURPOSE_NAMES = {v: k for k, v in PURPOSES.items()}
+CHANNELS: dict[str, int] = {
+    "wecom": member_pb2.CONSENT_CHANNEL_WECOM,
+    "sms": member_pb2.CONSENT_CHANNEL_SMS,
+    "mini_program": member_pb2.CONSENT_CHANNEL_MINI_PROGRAM,
+    "app_push": member_pb2.CONSENT_CHANNEL_APP_PUSH,
+    "all": member_pb2.CONSENT_CHANNEL_ALL,
+}
+CHANNEL_NAMES = {v: k for k, v in CHANNELS.items()}
+
+
+class Consent(BaseModel):
+    purpose: Purpose
+    channel: Channel = Field(description="`all` for personalisation, which is not per channel")
+    granted: bool
+    source: str
+    actor: str
+    recorded_at: datetime
+
+
+class Profile(BaseModel):
+    member_id: str
+    nickname: str | None
+    birthday: str | None = Field(description="YYYY-MM-DD")
+    gender: Gender | None
+    registration_store_id: str | None
+    acquisition_channel: str | None
+    acquisition_campaign: str | None
+    consents: list[Consent] = Field(description="The effective choice per purpose and channel")
+    personalisation_allowed: bool = Field(
+        description="False is the member's 'no personalisation' choice (and the default)"
+    )
+
+
+class ProfileUpdate(BaseModel):
+    nickname: str | None = Field(default=None, max_length=64)
+    birthday: str | None = Field(default=None, max_length=10, examples=["1995-04-01"])
+    gender: Gender | None = None
+    registration_store_id: str | None = Field(default=None, max_length=64)
+    acquisition_channel: str | None = Field(default=None, max_length=64)
+    acquisition_campaign: str | None = Field(default=None, max_length=64)
+    source: str = Field(min_length=1, max_length=128, examples=["mini-program"])
+    verified: bool = Field(default=True, description="The member entered or confirmed it")
+
+
+class ConsentChoice(BaseModel):
+    purpose: Purpose
+    channel: Channel
+    granted: bool
+    source: str = Field(min_length=1, max_length=128, examples=["mini-program:privacy"])
+    actor: str = Field(default="member", min_length=1, max_length=128)
+
+
+class ConsentHistory(BaseModel):
+    records: list[Consent] = Field(description="Oldest first, over the merged member")
+
+
+def _consent(c: member_pb2.Consent) -> Consent:
+    return Consent(
+        purpose=PURPOSE_NAMES[c.purpose],  # type: ignore[arg-type]
+        channel=CHANNEL_NAMES[c.channel],  # type: ignore[arg-type]
+        granted=c.granted,
+        source=c.source,
+        actor=c.actor,
+        recorded_at=utc(c.recorded_at),
+    )
+
+
+def _profile(p: member_pb2.Profile) -> Profile:
+    return Profile(
+        member_id=p.member_id,
+        nickname=p.nickname or None,
+        birthday=p.birthday or None,
+        gender=GENDER_NAMES.get(p.gender),  # type: ignore[arg-type]
+        registration_store_id=p.registration_store_id or None,
+        acquisition_channel=p.acquisition_channel or None,
+        acquisition_campaign=p.acquisition_campaign or None,
+        consents=[_consent(c) for c in p.consents],
+        personalisation_allowed=p.personalisation_allowed,
+    )
+
+
+@router.get(
+    "/v1/members/{member_id}/profile",
+    response_model=Profile,
+    tags=["members"],
+    summary="Profile and effective consents",
+    responses=MEMBER_ERRORS,
+)
+async def get_profile(member_id: MemberId, request: Request) -> Profile:
+    reply = await downstreams(request).member.call(
+        "GetProfile", member_pb2.GetProfileRequest(member_id=str(member_id))
+    )
+    return _profile(reply)
+
+
+@router.patch(
+    "/v1/members/{member_id}/profile",
+    response_model=Profile,
+    tags=["members"],
+    summary="Record profile values (kept per source; the latest verified value shows)",
+    responses=MEMBER_ERRORS,
+)
+async def update_profile(member_id: MemberId, body: ProfileUpdate, request: Request) -> Profile:
+    values: dict[str, Any] = body.model_dump(exclude_unset=True, exclude={"source", "verified"})
+    if "gender" in values:
+        values["gender"] = GENDERS[values["gender"]] if values["gender"] else 0
+    update = member_pb2.UpdateProfileRequest(
+        member_id=str(member_id),
+        source=body.source,
+        verified=body.verified,
+        **{k: v for k, v in values.items() if v is not None},
+    )
+    reply = await downstreams(request).member.call("UpdateProfile", update)
+    return _profile(reply)
+
+
+@router.put(
+    "/v1/members/{member_id}/consents",
+    response_model=Profile,
+    tags=["members"],
+    summary="Record a consent choice (history is kept); personalisation/all=false is 'no personalisation'",
+    responses=MEMBER_ERRORS,
+)
+async def set_consent(member_id: MemberId, body: ConsentChoice, request: Request) -> Profile:
+    reply = await downstreams(request).member.call(
+        "SetConsent",
+        member_pb2.SetConsentRequest(
+            member_id=str(member_id),
+            purpose=PURPOSES[body.purpose],  # type: ignore[arg-type]
+            channel=CHANNELS[body.channel],  # type: ignore[arg-type]
+            granted=body.granted,
+            source=body.source,
+            actor=body.actor,
+        ),
+    )
+    return _profile(reply)
+
+
+@router.get(
+    "/v1/members/{member_id}/consents/history",
+    response_model=ConsentHistory,
+    tags=["members"],
+    summary="Every consent choice: who, when, where",
+    responses=MEMBER_ERRORS,
+)
+async def consent_history(member_id: MemberId, request: Request) -> ConsentHistory:
+    reply = await downstreams(request).member.call(
+        "ListConsentHistory", member_pb2.ListConsentHistoryRequest(member_id=str(member_id))
+    )
+    return ConsentHistory(records=[_consent(c) for c in reply.records])
+
+
+class MemberCode(BaseModel):
+    code: str = Field(description="20 digits; show as a barcode or QR code")
+    expires_at: datetime
+    refresh_after_seconds: int = Field(description="Ask for a new code after this long")
+
+
+@router.post(
+    "/v1/members/{member_id}/member-code",
+    response_model=MemberCode,
+    tags=["members"],
+    summary="A fresh dynamic member code for the POS to scan (about a minute, once)",
+    responses=MEMBER_ERRORS,
+)
+async def member_code(member_id: MemberId, request: Request) -> MemberCode:
+    reply = await downstreams(request).member.call(
+        "IssueMemberCode", member_pb2.IssueMemberCodeRequest(member_id=str(member_id))
+    )
+    return MemberCode(
+        code=reply.code,
+        expires_at=utc(reply.expires_at),
+        refresh_after_seconds=reply.refresh_after_seconds,
+    )
+
+
+# ---- operators (/v1/admin; auth arrives with issue 8) --------------------------
+
+Operator = Annotated[str, Field(min_length=1, max_length=128, description="Who acts (audited)")]
+AnyId = Annotated[uuid.UUID, Path(description="A UUID")]
+
+
+class MergeReview(BaseModel):
+    review_id: str
+    status: str
+    member_ids: list[str]
+    reason: str
+    detail: str
+    evidence: list[str] = Field(description="Masked identifiers that linked the members")
+    created_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    note: str | None
+    merge_ids: list[str]
+
+
+class MergeReviews(BaseModel):
+    reviews: list[MergeReview]
+    next_page_token: str | None
+
+
+class Decision(BaseModel):
+    operator: Operator
+    note: str = Field(default="", max_length=500)
+
+
+class MergeRequest(BaseModel):
+    member_ids: list[uuid.UUID] = Field(min_length=2, max_length=20)
+    operator: Operator
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class MergeRecord(BaseModel):
+    merge_id: str
+    survivor_member_id: str
+    absorbed_member_id: str
+    rule: str
+    evidence: list[str]
+    merged_at: datetime
+
+
+class Merged(BaseModel):
+    member: Member
+    merges: list[MergeRecord]
+
+
+class UnmergeRequest(BaseModel):
+    operator: Operator
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class Unmerged(BaseModel):
+    survivor: Member
+    restored: Member
+
+
+class EraseRequest(BaseModel):
+    operator: Operator
+    reason: str = Field(min_length=1, max_length=500, examples=["PIPL request #1234"])
+
+
+class Erased(BaseModel):
+    erased_member_ids: list[str] = Field(description="The whole merged cluster, now tombstones")
+    identifiers_suppressed: int
+
+
+class MemberWithPii(Member):
+    phone: str | None = Field(description="E.164; this read is written to the PII audit")
+
+
+class Quarantined(BaseModel):
+    type: str
+    namespace: str
+    value_masked: str
+    linked_members: int
+    quarantined_at: datetime
+
+
+class QuarantineList(BaseModel):
+    identifiers: list[Quarantined]
+
+
+def _review(r: member_pb2.MergeReview) -> MergeReview:
+    return MergeReview(
+        review_id=r.review_id,
+        status=r.status,
+        member_ids=list(r.member_ids),
+        reason=r.reason,
+        detail=r.detail,
+        evidence=list(r.evidence),
+        created_at=utc(r.created_at),
+        decided_at=to_datetime(r.decided_at),
+        decided_by=r.decided_by or None,
+        note=r.note or None,
+        merge_ids=list(r.merge_ids),
+    )
+
+
+@router.get(
+    "/v1/admin/merge-reviews",
+    response_model=MergeReviews,
+    tags=["admin"],
+    summary="The OneID review queue",
+    responses=MEMBER_ERRORS,
+)
+async def list_reviews(
+    request: Request,
+    status: Annotated[Literal["pending", "approved", "rejected", "closed"], Query()] = "pending",
+    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+    page_token: Annotated[str, Query(max_length=200)] = "",
+) -> MergeReviews:
+    reply = await downstreams(request).member.call(
+        "ListMergeReviews",
+        member_pb2.ListMergeReviewsRequest(
+            status=status, page_size=page_size, page_token=page_token
+        ),
+    )
+    return MergeReviews(
+        reviews=[_review(r) for r in reply.reviews],
+        next_page_token=reply.next_page_token or None,
+    )
+
+
+@router.post(
+    "/v1/admin/merge-reviews/{review_id}/approve",
+    response_model=MergeReview,
+    tags=["admin"],
+    summary="Approve: merge the review's members",
+    responses=MEMBER_ERRORS,
+)
+async def approve_review(review_id: AnyId, body: Decision, request: Request) -> MergeReview:
+    reply = await downstreams(request).member.call(
+        "ApproveMergeReview",
+        member_pb2.DecideMergeReviewRequest(
+            review_id=str(review_id), operator=body.operator, note=body.note
+        ),
+    )
+    return _review(reply)
+
+
+@router.post(
+    "/v1/admin/merge-reviews/{review_id}/reject",
+    response_model=MergeReview,
+    tags=["admin"],
+    summary="Reject: the members stay apart (do-not-merge list)",
+    responses=MEMBER_ERRORS,
+)
+async def reject_review(review_id: AnyId, body: Decision, request: Request) -> MergeReview:
+    reply = await downstreams(request).member.call(
+        "RejectMergeReview",
+        member_pb2.DecideMergeReviewRequest(
+            review_id=str(review_id), operator=body.operator, note=body.note
+        ),
+    )
+    return _review(reply)
+
+
+@router.post(
+    "/v1/admin/members/merge",
+    response_model=Merged,
+    tags=["admin"],
+    summary="Merge members known to be one person (the oldest survives)",
+    responses=MEMBER_ERRORS,
+)
+async def merge_members(body: MergeRequest, request: Request) -> Merged:
+    reply = await downstreams(request).member.call(
+        "MergeMembers",
+        member_pb2.MergeMembersRequest(
+            member_ids=[str(m) for m in body.member_ids], operator=body.operator, reason=body.reason
+        ),
+    )
+    return Merged(
+        member=_member(reply.member),
+        merges=[
+            MergeRecord(
+                merge_id=m.merge_id,
+                survivor_member_id=m.survivor_member_id,
+                absorbed_member_id=m.absorbed_member_id,
+                rule=m.rule,
+                evidence=list(m.evidence),
+                merged_at=utc(m.merged_at),
+            )
+            for m in reply.merges
+        ],
+    )
+
+
+@router.post(
+    "/v1/admin/merges/{merge_id}/unmerge",
+    response_model=Unmerged,
+    tags=["admin"],
+    summary="Reverse a merge (newest first when chained); the pair goes on do-not-merge",
+    responses=MEMBER_ERRORS,
+)
+async def unmerge(merge_id: AnyId, body: UnmergeRequest, request: Request) -> Unmerged:
+    reply = await downstreams(request).member.call(
+        "UnmergeMember",
+        member_pb2.UnmergeMemberRequest(
+            merge_id=str(merge_id), operator=body.operator, reason=body.reason
+        ),
+    )
+    return Unmerged(survivor=_member(reply.survivor), restored=_member(reply.restored))
+
+
+@router.post(
+    "/v1/admin/members/{member_id}/erase",
+    response_model=Erased,
+    tags=["admin"],
+    summary="PIPL erasure of the member's whole merged cluster",
+    responses=MEMBER_ERRORS,
+)
+async def erase(member_id: MemberId, body: EraseRequest, request: Request) -> Erased:
+    reply = await downstreams(request).member.call(
+        "EraseMember",
+        member_pb2.EraseMemberRequest(
+            member_id=str(member_id), operator=body.operator, reason=body.reason
+        ),
+    )
+    return Erased(
+        erased_member_ids=list(reply.erased_member_ids),
+        identifiers_suppressed=reply.identifiers_suppressed,
+    )
+
+
+@router.get(
+    "/v1/admin/members/{member_id}/pii",
+    response_model=MemberWithPii,
+    tags=["admin"],
+    summary="The member with the unmasked phone; every call is audited",
+    responses=MEMBER_ERRORS,
+)
+async def member_pii(
+    member_id: MemberId,
+    request: Request,
+    accessor: Annotated[str, Query(min_length=1, max_length=128)],
+    purpose: Annotated[str, Query(min_length=1, max_length=500)],
+) -> MemberWithPii:
+    reply = await downstreams(request).member.get_member(
+        str(member_id), accessor=accessor, purpose=purpose
+    )
+    return MemberWithPii(**_member(reply).model_dump(), phone=reply.phone or None)
+
+
+@router.get(
+    "/v1/admin/quarantined-identifiers",
+    response_model=QuarantineList,
+    tags=["admin"],
+    summary="Identifiers that linked too many members and no longer merge",
+    responses=MEMBER_ERRORS,
+)
+async def quarantined(
+    request: Request, page_size: Annotated[int, Query(ge=1, le=500)] = 100
+) -> QuarantineList:
+    reply = await downstreams(request).member.call(
+        "ListQuarantinedIdentifiers",
+        member_pb2.ListQuarantinedIdentifiersRequest(page_size=page_size),
+    )
+    return QuarantineList(
+        identifiers=[
+            Quarantined(
+                type=member_pb2.IdentifierType.Name(q.type)
+                .removeprefix("IDENTIFIER_TYPE_")
+                .lower(),
+                namespace=q.namespace,
+                value_masked=q.value_masked,
+                linked_members=q.linked_members,
+                quarantined_at=utc(q.quarantined_at),
+            )
+            for q in reply.identifiers
+        ]
     )

@@ -16,28 +16,30 @@ from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
 router = APIRouter()
 
 
+class ExpiringBatch(BaseModel):
+    points: int
+    expires_at: datetime
+
+
 class PointsBalance(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [
-                {
-                    "member_id": MEMBER_ID_EXAMPLE,
-                    "available": 32,
-                    "lifetime_earned": 120,
-                    "pending": 0,
-                    "held": 0,
-                    "debt": 0,
-                }
-            ]
+            "examples": [{"member_id": MEMBER_ID_EXAMPLE, "available": 32, "lifetime_earned": 120}]
         }
     )
 
     member_id: str
     available: int = Field(description="Points the member can spend now")
     lifetime_earned: int = Field(description="All points ever earned")
-    pending: int = Field(0, description="Earned, spendable once the refund window ends")
-    held: int = Field(0, description="Reserved by an open checkout")
-    debt: int = Field(0, description="Owed after a refund of spent points; earns repay it")
+
+
+class PointsSummary(PointsBalance):
+    """The member centre's view: every part of the balance, and what lapses soon."""
+
+    pending: int = Field(description="Earned, spendable once the refund window ends")
+    held: int = Field(description="Reserved by an open checkout")
+    debt: int = Field(description="Owed after a refund of spent points; earns repay it")
+    expiring_soon: list[ExpiringBatch] = Field(description="Within the announcement horizon")
 
 
 class LotTouched(BaseModel):
@@ -62,11 +64,6 @@ class HistoryLine(BaseModel):
 class PointsHistory(BaseModel):
     lines: list[HistoryLine]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
-
-
-class ExpiringBatch(BaseModel):
-    points: int
-    expires_at: datetime
 
 
 class ExpiringPoints(BaseModel):
@@ -115,9 +112,30 @@ async def get_points(member_id: MemberId, request: Request) -> PointsBalance:
         member_id=reply.member_id or str(member_id),
         available=reply.available,
         lifetime_earned=reply.lifetime_earned,
+    )
+
+
+@router.get(
+    "/v1/members/{member_id}/points/summary",
+    response_model=PointsSummary,
+    tags=["points"],
+    summary="A member's points: available, pending, held, debt and expiring soon",
+    responses=MEMBER_ERRORS,
+)
+async def get_points_summary(member_id: MemberId, request: Request) -> PointsSummary:
+    rewards = downstreams(request).rewards
+    reply = await rewards.get_points_balance(str(member_id))
+    expiring = await rewards.get_expiring_points(str(member_id), 0)
+    return PointsSummary(
+        member_id=reply.member_id or str(member_id),
+        available=reply.available,
+        lifetime_earned=reply.lifetime_earned,
         pending=reply.pending,
         held=reply.held,
         debt=reply.debt,
+        expiring_soon=[
+            ExpiringBatch(points=b.points, expires_at=utc(b.expires_at)) for b in expiring.batches
+        ],
     )
 
 

@@ -186,7 +186,6 @@ class RunResult:
     # A wait for an event: the wait step's id (its on_event is the way out).
     waiting_step: str | None = None
     variant: str | None = None
-    suppressed_non_personalised: int = 0
     completed: bool = False
 
 
@@ -225,12 +224,10 @@ def run(
             template = step.template
             if step.personalised and facts.non_personalised:
                 template = step.fallback_template
-            if template:
-                result.intents.append(
-                    SendIntent(step.id, result.seq, step.channel, template, step.message_class)
-                )
-            else:
-                result.suppressed_non_personalised += 1
+            # An empty template: personalised, refused, no fallback (recorded as suppressed).
+            result.intents.append(
+                SendIntent(step.id, result.seq, step.channel, template, step.message_class)
+            )
             current = step.next
         elif step.type == "wait":
             result.seq += 1
@@ -309,6 +306,38 @@ def schedule_time(
     ):
         return quiet.release_at(due, facts.tz, facts.member_id)
     return due
+
+
+# ---- location -----------------------------------------------------------
+
+EARTH_RADIUS_M = 6_371_000
+DEFAULT_RADIUS_M = 3_000
+
+
+def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in metres (WGS-84 degrees in)."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(a))
+
+
+def bounding_box(lat: float, lon: float, radius_m: float) -> tuple[float, float, float, float]:
+    """(min_lat, max_lat, min_lon, max_lon) enclosing the circle: an index range
+    first, the exact distance after."""
+    dlat = math.degrees(radius_m / EARTH_RADIUS_M)
+    dlon = math.degrees(radius_m / (EARTH_RADIUS_M * max(math.cos(math.radians(lat)), 1e-6)))
+    return lat - dlat, lat + dlat, lon - dlon, lon + dlon
+
+
+def parse_coordinates(latitude: str, longitude: str) -> tuple[float, float] | None:
+    try:
+        lat, lon = float(latitude), float(longitude)
+    except ValueError:
+        return None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180) or math.isnan(lat) or math.isnan(lon):
+        return None
+    return lat, lon
 
 
 # ---- measurement ----------------------------------------------------------

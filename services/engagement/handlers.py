@@ -7,11 +7,21 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from servicekit.db import UnitOfWork
-from servicekit.errors import InvalidArgument, NotFound
+from servicekit.db import Connection, UnitOfWork
+from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from . import repository as repo
-from .domain import Clock, Lift, MemberFacts, QuietHours, bucket, lift, schedule_time
+from .domain import (
+    Clock,
+    Lift,
+    MemberFacts,
+    QuietHours,
+    bounding_box,
+    bucket,
+    lift,
+    parse_coordinates,
+    schedule_time,
+)
 from .journey import CHANNELS, EVENTS, Journey, parse_journey
 from .scheduler import JourneyCache
 
@@ -25,8 +35,12 @@ INGESTED_EVENTS = frozenset(
         "subscription_tap",
         "birthday_month",
         "coupon_expiring_soon",
+        "location_reported",
     }
 )
+# A location older than this does not put a member in a store's audience.
+LOCATION_FRESH_FOR = timedelta(days=7)
+MAX_RADIUS_M = 50_000
 
 
 def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
@@ -55,6 +69,7 @@ class VariantMetrics:
     variant: str
     entered: int
     converted: int
+    lift: Lift | None
 
 
 @dataclass(frozen=True)
@@ -149,7 +164,10 @@ class EngagementHandlers:
             suppressed=totals["suppressed"],
             dropped=totals["dropped"],
             steps=[StepMetrics(s, c) for s, c in sorted(per_step.items())],
-            variants=[VariantMetrics(v, n, c) for v, n, c in raw["variants"]],
+            variants=[
+                VariantMetrics(v, n, c, lift(c, n, t["holdout_conv"], t["holdout"]))
+                for v, n, c in raw["variants"]
+            ],
             lift=lift(t["treated_conv"], t["treated"], t["holdout_conv"], t["holdout"]),
         )
 
@@ -205,16 +223,88 @@ class EngagementHandlers:
                     code="MISSING_TEMPLATE",
                     field="attributes.template",
                 )
+            # The credit is the member's consent to exactly one such message.
             await repo.add_subscription_credit(conn, mid, template)
             if attributes.get("openid"):
                 await repo.set_address(conn, mid, "miniprogram", attributes["openid"])
-            await repo.set_consent(conn, mid, ["miniprogram"], True, "subscription_tap", now)
+        elif event == "location_reported":
+            await self._location(conn, mid, attributes, at)
         enrolled = await self._on_event(uow, event, mid, attributes, now)
         if event == "member_registered":
             for parked, attrs, parked_at in await repo.take_parked(conn, mid):
                 replay = await self.ingest(uow, parked, str(mid), attrs, parked_at)
                 enrolled += replay.enrolled
         return Ingested(False, enrolled)
+
+    async def _location(
+        self, conn: Connection, mid: uuid.UUID, attributes: dict[str, str], at: datetime
+    ) -> None:
+        """Keep the last-known location only with the member's consent to its use."""
+        if attributes.get("consent") != "true":
+            await repo.clear_location(conn, mid)
+            return
+        coords = parse_coordinates(attributes.get("latitude", ""), attributes.get("longitude", ""))
+        if coords is None:
+            raise InvalidArgument(
+                "latitude and longitude must be WGS-84 degrees",
+                code="INVALID_LOCATION",
+                field="attributes.latitude",
+            )
+        await repo.set_location(conn, mid, coords[0], coords[1], at)
+
+    async def near_store_audience(
+        self, uow: UnitOfWork, journey_id: str, latitude: float, longitude: float, radius_m: int
+    ) -> list[uuid.UUID]:
+        """Members with a fresh, consented location within radius_m of a store."""
+        state = await repo.journey_state(uow.conn, journey_id)
+        if state is None:
+            raise NotFound(
+                f"journey {journey_id!r} does not exist", code="UNKNOWN_JOURNEY", field="journey_id"
+            )
+        journey = await self.journeys.get(uow.conn, journey_id, state.live_version)
+        if journey.entry_event != "near_store":
+            raise FailedPrecondition(
+                "only a journey entered by near_store can be launched at a store",
+                code="NOT_A_STORE_JOURNEY",
+                field="journey_id",
+            )
+        if state.status != "active":
+            raise FailedPrecondition(
+                "the journey is paused", code="JOURNEY_PAUSED", field="journey_id"
+            )
+        if parse_coordinates(str(latitude), str(longitude)) is None:
+            raise InvalidArgument(
+                "store coordinates are not WGS-84 degrees",
+                code="INVALID_LOCATION",
+                field="latitude",
+            )
+        if not 0 < radius_m <= MAX_RADIUS_M:
+            raise InvalidArgument(
+                f"radius_m must be 1..{MAX_RADIUS_M}", code="INVALID_RADIUS", field="radius_m"
+            )
+        since = self.clock.now() - LOCATION_FRESH_FOR
+        box = bounding_box(latitude, longitude, radius_m)
+        return await repo.members_near(uow.conn, box, latitude, longitude, radius_m, since)
+
+    async def enter_near_store(
+        self, uow: UnitOfWork, journey_id: str, store_id: str, members: list[uuid.UUID]
+    ) -> int:
+        """Enroll one chunk of a store's audience (re-entry and holdout rules apply)."""
+        conn = uow.conn
+        state = await repo.journey_state(conn, journey_id)
+        if state is None or state.status != "active":
+            return 0
+        journey = await self.journeys.get(conn, journey_id, state.live_version)
+        facts = await repo.load_facts(conn, members)
+        now = self.clock.now()
+        entered = 0
+        for mid in members:
+            member = facts.get(str(mid)) or MemberFacts(str(mid))
+            if await self._enroll(
+                uow, journey, state.live_version, mid, {"store_id": store_id}, member, now
+            ):
+                entered += 1
+        return entered
 
     async def _on_event(
         self, uow: UnitOfWork, event: str, mid: uuid.UUID, attrs: dict[str, str], now: datetime

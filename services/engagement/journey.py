@@ -32,6 +32,10 @@ EVENTS = frozenset(
         "points_expiring_soon",
         "coupon_expiring_soon",
         "birthday_month",
+        # The member shared a location (attributes latitude, longitude, consent).
+        "location_reported",
+        # Operator launch: members with a consented location near a store.
+        "near_store",
     }
 )
 CHANNELS = frozenset({"wecom", "sms", "miniprogram", "app_push"})

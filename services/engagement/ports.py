@@ -1,16 +1,19 @@
 """Ports: what engagement needs from other services, and today's adapters.
 
-- Consent by channel and purpose lives in the member service (issue 3). Until it
-  exposes consent (an RPC, or better a ConsentChanged event this service keeps
-  a projection of), `LocalConsent` reads the engagement schema's own consent
-  projection, which the engagement RPCs (unsubscribe, RecordConsent, a
-  mini-program subscription tap) write. The scheduler asks the port for a whole
-  batch at once, inside the batch transaction, so the answer is the one in
-  force at send time.
-- Coupons and points are issued by the rewards service (issue 4). Steps write a
-  durable `reward_requests` row (key = enrollment:seq, once); a `RewardsPort`
-  adapter delivers them. No adapter is wired until rewards has the RPCs, so the
-  requests stay `pending` and the metrics say so; nothing pretends to succeed.
+- Consent by channel and purpose lives in the member service (issue 3). Until
+  member publishes consent changes as an event this service can keep a
+  projection of, `LocalConsent` reads the engagement schema's own consent
+  projection, which the engagement RPCs (unsubscribe, SetConsent,
+  SetNonPersonalised, a mini-program subscription tap) write. The scheduler
+  asks the port for a whole batch at once, inside the batch transaction, so
+  the answer is the one in force at send time.
+- Coupons and points come from the rewards service (issue 4). Steps write a
+  durable `reward_requests` row (key = enrollment:seq, once); the
+  `RewardDispatcher` (fulfilment.py) hands each to a `RewardsPort`.
+  `RewardsGrpc` awards points through rewards' idempotent AdjustPoints (the
+  request key is the idempotency key). Rewards has no RPC that issues a coupon
+  yet, so coupon requests wait (`pending`, reason NO_COUPON_RPC) and are
+  retried hourly; nothing pretends they were issued.
 """
 
 from __future__ import annotations
@@ -18,10 +21,28 @@ from __future__ import annotations
 import uuid
 from typing import Protocol
 
+import grpc
+
+from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
+from servicekit.clients import create_channel
 from servicekit.db import Connection
+from servicekit.errors import error_info
 
 from . import repository as repo
+from .channels import Delivery
 from .domain import MemberFacts
+
+# gRPC codes worth retrying; anything else is the request's own fault.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 
 
 class ConsentPort(Protocol):
@@ -43,6 +64,38 @@ class LocalConsent:
 
 
 class RewardsPort(Protocol):
-    async def issue_coupon(self, request_key: str, member_id: str, coupon: str) -> None: ...
+    async def fulfil(self, request: repo.RewardRequestRow) -> Delivery:
+        """delivered (done), retry (transient), failed (permanent), or waiting."""
+        ...
 
-    async def award_points(self, request_key: str, member_id: str, points: int) -> None: ...
+
+class RewardsGrpc:
+    def __init__(self, target: str, timeout: float) -> None:
+        self._channel = create_channel(target)
+        self._stub = rewards_pb2_grpc.RewardsServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def fulfil(self, request: repo.RewardRequestRow) -> Delivery:
+        if request.member_id is None:
+            return Delivery("failed", reason="MEMBER_ERASED")
+        if request.kind != "points":
+            return Delivery("waiting", reason="NO_COUPON_RPC")
+        try:
+            reply = await self._stub.AdjustPoints(
+                rewards_pb2.AdjustPointsRequest(
+                    member_id=str(request.member_id),
+                    points=request.points,
+                    operator_id="engagement",
+                    reason=f"journey reward {request.request_key}",
+                    idempotency_key=request.request_key,
+                ),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            code, _ = error_info(exc)
+            status = "retry" if exc.code() in RETRYABLE else "failed"
+            return Delivery(status, reason=code or exc.code().name)
+        return Delivery("delivered", provider_ref=reply.transaction_id)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -250,6 +250,52 @@ async def addresses(conn: Connection, member_ids: list[uuid.UUID]) -> dict[tuple
     return {(str(r["member_id"]), r["channel"]): r["address"] for r in rows}
 
 
+async def set_location(
+    conn: Connection, member_id: uuid.UUID, lat: float, lon: float, at: datetime
+) -> None:
+    await conn.execute(
+        "INSERT INTO engagement.member_locations (member_id, latitude, longitude, reported_at)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (member_id) DO UPDATE SET"
+        " latitude = excluded.latitude, longitude = excluded.longitude,"
+        " reported_at = excluded.reported_at",
+        member_id,
+        lat,
+        lon,
+        at,
+    )
+
+
+async def clear_location(conn: Connection, member_id: uuid.UUID) -> None:
+    await conn.execute("DELETE FROM engagement.member_locations WHERE member_id = $1", member_id)
+
+
+async def members_near(
+    conn: Connection,
+    box: tuple[float, float, float, float],
+    lat: float,
+    lon: float,
+    radius_m: float,
+    since: datetime,
+) -> list[uuid.UUID]:
+    """Members whose last-known location (reported since `since`) is within
+    `radius_m`: the bounding box uses the index, the haversine decides."""
+    rows = await conn.fetch(
+        "SELECT member_id FROM engagement.member_locations"
+        " WHERE latitude BETWEEN $1 AND $2 AND longitude BETWEEN $3 AND $4"
+        " AND reported_at >= $8"
+        " AND 2 * 6371000 * asin(sqrt(power(sin(radians(latitude - $5) / 2), 2)"
+        "  + cos(radians($5)) * cos(radians(latitude))"
+        "  * power(sin(radians(longitude - $6) / 2), 2))) <= $7"
+        " ORDER BY member_id",
+        *box,
+        lat,
+        lon,
+        radius_m,
+        since,
+    )
+    return [r["member_id"] for r in rows]
+
+
 async def add_tags(conn: Connection, pairs: list[tuple[uuid.UUID, str]]) -> None:
     if pairs:
         await conn.execute(
@@ -521,6 +567,17 @@ async def reserve_caps(
     }
 
 
+async def release_cap(conn: Connection, member_id: uuid.UUID, day: date, cls: str) -> None:
+    """Give back a slot reserved in this transaction for a send that cannot go."""
+    await conn.execute(
+        "UPDATE engagement.cap_usage SET used = used - 1"
+        " WHERE member_id = $1 AND local_day = $2 AND message_class = $3 AND used > 0",
+        member_id,
+        day,
+        cls,
+    )
+
+
 async def preempt_holders(
     conn: Connection, contests: list[tuple[uuid.UUID, date, str, int]], now: datetime
 ) -> set[tuple[str, date, str]]:
@@ -620,9 +677,9 @@ async def insert_reward_requests(
     if rows:
         cols = [list(c) for c in zip(*rows, strict=True)]
         await conn.execute(
-            "INSERT INTO engagement.reward_requests"
-            " (request_key, enrollment_id, member_id, kind, coupon, points, status, created_at)"
-            " SELECT k, e, m, kd, c, p, 'pending', t FROM unnest($1::text[], $2::uuid[],"
+            "INSERT INTO engagement.reward_requests (request_key, enrollment_id, member_id,"
+            " kind, coupon, points, status, created_at, next_attempt_at)"
+            " SELECT k, e, m, kd, c, p, 'pending', t, t FROM unnest($1::text[], $2::uuid[],"
             "  $3::uuid[], $4::text[], $5::text[], $6::int[], $7::timestamptz[])"
             "  AS u(k, e, m, kd, c, p, t)"
             " ON CONFLICT (request_key) DO NOTHING",
@@ -726,6 +783,54 @@ async def record_deliveries(
             " WHERE s.send_key = u.k AND s.status = 'pending'",
             *cols,
             now,
+        )
+
+
+@dataclass(frozen=True)
+class RewardRequestRow:
+    request_key: str
+    member_id: uuid.UUID | None
+    kind: str
+    coupon: str
+    points: int
+    attempts: int
+
+
+async def lease_reward_requests(
+    conn: Connection, now: datetime, lease_until: datetime, limit: int
+) -> list[RewardRequestRow]:
+    rows = await conn.fetch(
+        "UPDATE engagement.reward_requests r SET attempts = r.attempts + 1,"
+        " next_attempt_at = $2"
+        " WHERE r.request_key IN (SELECT request_key FROM engagement.reward_requests"
+        "  WHERE status = 'pending' AND next_attempt_at <= $1"
+        "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+        " RETURNING r.request_key, r.member_id, r.kind, r.coupon, r.points, r.attempts",
+        now,
+        lease_until,
+        limit,
+    )
+    return [
+        RewardRequestRow(
+            r["request_key"], r["member_id"], r["kind"], r["coupon"], r["points"], r["attempts"]
+        )
+        for r in rows
+    ]
+
+
+async def record_reward_results(
+    conn: Connection, results: list[tuple[str, str, str, datetime | None]]
+) -> None:
+    """(request_key, status, reason, next_attempt_at) for each."""
+    if results:
+        cols = [list(c) for c in zip(*results, strict=True)]
+        await conn.execute(
+            "UPDATE engagement.reward_requests r SET status = u.st, reason = u.r,"
+            " next_attempt_at = u.nxt"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])"
+            "  AS u(k, st, r, nxt)"
+            " WHERE r.request_key = u.k AND r.status = 'pending'",
+            *cols,
         )
 
 
@@ -860,6 +965,7 @@ async def erase_member(conn: Connection, member_id: uuid.UUID, at: datetime) -> 
         "subscription_credits",
         "channel_addresses",
         "member_tags",
+        "member_locations",
         "cap_usage",
         "parked_events",
         "member_facts",

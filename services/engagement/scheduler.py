@@ -283,13 +283,14 @@ class Scheduler:
         for p in batch.sends:
             member = facts.get(str(p.due.member_id))
             consent = member.consents.get(p.intent.channel) if member else None
-            if consent is False or (consent is None and p.intent.message_class in MARKETING):
+            # A mini-program subscription message carries its own consent: the
+            # member's tap, spent below (one credit, one message).
+            needs_grant = p.intent.message_class in MARKETING and p.intent.channel != "miniprogram"
+            if consent is False or (consent is None and needs_grant):
                 p.status, p.reason = "suppressed", "NO_CONSENT"
                 continue
-            if p.intent.channel == "miniprogram" and not await repo.take_subscription_credit(
-                conn, p.due.member_id, p.intent.template
-            ):
-                p.status, p.reason = "suppressed", "NO_SUBSCRIPTION_CREDIT"
+            if not p.intent.template:  # personalised, member chose none, no fallback
+                p.status, p.reason = "suppressed", "NON_PERSONALISED"
                 continue
             if p.intent.message_class in self._caps:
                 contested[(p.due.member_id, p.day, p.intent.message_class)].append(p)
@@ -316,6 +317,15 @@ class Scheduler:
         for (m, d, cls), items in losers.items():
             if (str(m), d, cls) in freed:
                 items[0].status, items[0].reason = "pending", ""
+        # Mini-program subscription messages spend one credit (one member tap)
+        # each, taken last so a capped message does not burn a credit.
+        for p in batch.sends:
+            if p.status != "pending" or p.intent.channel != "miniprogram":
+                continue
+            if not await repo.take_subscription_credit(conn, p.due.member_id, p.intent.template):
+                p.status, p.reason = "suppressed", "NO_SUBSCRIPTION_CREDIT"
+                if p.intent.message_class in self._caps:
+                    await repo.release_cap(conn, p.due.member_id, p.day, p.intent.message_class)
         for p in batch.sends:
             if p.status == "pending":
                 self.stats.sent += 1
@@ -334,7 +344,7 @@ class Scheduler:
             p.intent.step_id,
             p.due.member_id,
             p.intent.channel,
-            p.intent.template,
+            p.intent.template or p.journey.step(p.intent.step_id).template,
             p.intent.message_class,
             p.journey.priority,
             p.day,

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Float,
     Identity,
     Index,
     Integer,
@@ -229,6 +230,15 @@ reward_requests = Table(
     Column("points", Integer, nullable=False, server_default="0"),
     Column("status", Text, nullable=False),  # pending | done | failed
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Delivery to the rewards service: due time (also the lease), tries, why.
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("reason", Text, nullable=False, server_default=""),
+    Index(
+        "ix_reward_requests_due",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+    ),
 )
 
 # Events about members this service does not know yet: kept, replayed on registration.
@@ -242,6 +252,18 @@ parked_events = Table(
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("reason", Text, nullable=False),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# Last-known location, kept only while the member consents to its use
+# (minimal collection: one row, overwritten; deleted on refusal or erasure).
+member_locations = Table(
+    "member_locations",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("latitude", Float, nullable=False),
+    Column("longitude", Float, nullable=False),
+    Column("reported_at", DateTime(timezone=True), nullable=False),
+    Index("ix_member_locations_lat_lon", "latitude", "longitude"),
 )
 
 # What a merge moved, so an unmerge moves exactly that back.

@@ -23,9 +23,10 @@ from servicekit.settings import ServiceSettings
 
 from .channels import Dispatcher, build_providers
 from .domain import Clock, QuietHours, SystemClock
+from .fulfilment import RewardDispatcher
 from .handlers import EngagementHandlers
 from .journey import parse_local_time
-from .ports import LocalConsent
+from .ports import LocalConsent, RewardsGrpc
 from .scheduler import JourneyCache, Scheduler
 from .schema import SCHEMA
 from .servicer import EngagementServicer
@@ -41,6 +42,8 @@ class EngagementApp(ServiceApp):
     dispatcher: Dispatcher
     handlers: EngagementHandlers
     http_client: httpx.AsyncClient | None = None
+    rewards: RewardsGrpc | None = None
+    reward_dispatcher: RewardDispatcher | None = None
 
     def __init__(
         self,
@@ -68,6 +71,12 @@ class EngagementApp(ServiceApp):
             self._worker_tasks.append(
                 asyncio.create_task(self.dispatcher.run(self._dispatch_poll), name="dispatcher")
             )
+            if self.reward_dispatcher is not None:
+                self._worker_tasks.append(
+                    asyncio.create_task(
+                        self.reward_dispatcher.run(self._dispatch_poll), name="reward-dispatcher"
+                    )
+                )
         return port
 
     async def stop(self) -> None:
@@ -79,6 +88,8 @@ class EngagementApp(ServiceApp):
         self._worker_tasks.clear()
         if self.http_client is not None:
             await self.http_client.aclose()
+        if self.rewards is not None:
+            await self.rewards.close()
         await super().stop()
 
 
@@ -182,6 +193,9 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
                 "app_push": s.app_push_rate_per_second,
             },
         )
+        if s.rewards_addr.strip():
+            app.rewards = RewardsGrpc(s.rewards_addr, s.rewards_timeout_seconds)
+            app.reward_dispatcher = RewardDispatcher(app.db, clock, app.rewards)
         engagement_pb2_grpc.add_EngagementServiceServicer_to_server(
             EngagementServicer(app.db, handlers), app.server
         )

@@ -11,9 +11,23 @@ from servicekit.db import Database
 from servicekit.errors import InvalidArgument
 from servicekit.protos import to_datetime
 
+from .domain import DEFAULT_RADIUS_M, Lift
 from .handlers import EngagementHandlers
 
+LAUNCH_CHUNK = 500
 STEP_STATUSES = ("delivered", "failed", "capped", "suppressed", "dropped")
+
+
+def lift_message(value: Lift | None) -> engagement_pb2.Lift | None:
+    if value is None:
+        return None
+    return engagement_pb2.Lift(
+        treated_rate=value.treated_rate,
+        holdout_rate=value.holdout_rate,
+        lift=value.lift,
+        ci_low=value.ci_low,
+        ci_high=value.ci_high,
+    )
 
 
 class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
@@ -77,22 +91,17 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
             ],
             variants=[
                 engagement_pb2.VariantMetrics(
-                    variant=v.variant, entered=v.entered, converted=v.converted
+                    variant=v.variant,
+                    entered=v.entered,
+                    converted=v.converted,
+                    lift=lift_message(v.lift),
+                    has_lift=v.lift is not None,
                 )
                 for v in m.variants
             ],
+            lift=lift_message(m.lift),
             has_lift=m.lift is not None,
         )
-        if m.lift is not None:
-            reply.lift.CopyFrom(
-                engagement_pb2.Lift(
-                    treated_rate=m.lift.treated_rate,
-                    holdout_rate=m.lift.holdout_rate,
-                    lift=m.lift.lift,
-                    ci_low=m.lift.ci_low,
-                    ci_high=m.lift.ci_high,
-                )
-            )
         return reply
 
     async def IngestEvent(
@@ -151,3 +160,25 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
                 uow, request.member_id, request.non_personalised
             )
         return engagement_pb2.SetNonPersonalisedResponse()
+
+    async def LaunchNearStore(
+        self, request: engagement_pb2.LaunchNearStoreRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.LaunchNearStoreResponse:
+        if not request.store_id.strip():
+            raise InvalidArgument("store_id is required", code="MISSING_STORE", field="store_id")
+        radius = request.radius_m or DEFAULT_RADIUS_M
+        async with self._db.unit_of_work() as uow:
+            audience = await self._handlers.near_store_audience(
+                uow, request.journey_id, request.latitude, request.longitude, radius
+            )
+        entered = 0
+        # Short transactions: a large audience does not hold one lock set for long.
+        for start in range(0, len(audience), LAUNCH_CHUNK):
+            async with self._db.unit_of_work() as uow:
+                entered += await self._handlers.enter_near_store(
+                    uow,
+                    request.journey_id,
+                    request.store_id,
+                    audience[start : start + LAUNCH_CHUNK],
+                )
+        return engagement_pb2.LaunchNearStoreResponse(audience=len(audience), entered=entered)

@@ -22,6 +22,10 @@ class EngagementSettings(ServiceSettings):
     miniprogram_endpoint: str = ""
     app_push_endpoint: str = ""
     provider_timeout_seconds: float = 5.0
+    # The rewards service (coupons, points for journey steps); empty = not
+    # wired: reward requests stay pending.
+    rewards_addr: str = ""
+    rewards_timeout_seconds: float = 2.0
     # Per-channel send rate limits (messages per second).
     wecom_rate_per_second: float = 50.0
     sms_rate_per_second: float = 100.0

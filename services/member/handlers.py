@@ -247,16 +247,13 @@ class MemberHandlers:
             + [r.value_hash for r in rows.values()],
         )
 
-        prior = await repo.prior_request(conn, request_key)
+        suppression = {i.key: self._vault.suppression_hash(i.key) for i in idents}
+        prior, suppressed = await repo.preflight(conn, request_key, list(suppression.values()))
         if prior is not None:
             return await self._replay(conn, prior, request_hash)
-
-        suppressed = await repo.suppressed(
-            conn, [self._vault.suppression_hash(i.key) for i in idents]
-        )
         if suppressed:
             if not reenrol:
-                hit = next(i for i in idents if self._vault.suppression_hash(i.key) in suppressed)
+                hit = next(i for i in idents if suppression[i.key] in suppressed)
                 n = first_index[hit.key]
                 raise FailedPrecondition(
                     f"identifiers[{n}] belonged to an erased member; enrolling it again needs"
@@ -268,7 +265,16 @@ class MemberHandlers:
 
         refs = [rows[i.key].ref for i in idents]
         found = await repo.find_identities(conn, refs)
-        quarantined = await repo.quarantined_refs(conn, refs)
+        fast = self._plain_lookup(idents, rows, found)
+        if fast is not None:
+            # The hot path: one consistent read found every identifier on one
+            # live member and nothing needs writing but the idempotency record.
+            outcome = {"merged": [], "review_id": "", "ignored": sorted(ignored)}
+            await repo.save_request(conn, request_key, request_hash, fast.member_id, False, outcome)
+            return Identified(fast, False, ignored=sorted(ignored))
+        quarantined = {ref for ref, stored in found.items() if stored.quarantined}
+        # Quarantined identifiers of nobody are known only from their table.
+        quarantined |= await repo.quarantined_among(conn, [r for r in refs if r not in found])
         call_roots = {found[r].member_id for r in refs if r in found and r not in quarantined}
         links = await repo.linked_roots(conn, refs)
         for ident in idents:
@@ -403,11 +409,14 @@ class MemberHandlers:
             await repo.mark_verified(conn, to_verify)
         if phones_changed:
             await repo.refresh_phone_masked(conn, [target])
-        # Evidence for quarantine: who each identifier was seen with.
+        # Evidence for quarantine: who each identifier was seen with. A plain
+        # lookup (every identifier already on the target) adds no evidence:
+        # those links were written when the identifiers were attached.
         seen_with = set(roots) | {target}
-        await repo.insert_links(
-            conn, [(rows[i.key].ref, m) for i in active for m in sorted(seen_with)]
-        )
+        if len(seen_with) > 1 or len(owner_of) != len(active):
+            await repo.insert_links(
+                conn, [(rows[i.key].ref, m) for i in active for m in sorted(seen_with)]
+            )
         ignored.sort()
         await repo.save_request(
             conn,
@@ -418,6 +427,26 @@ class MemberHandlers:
             {"merged": merged, "review_id": review_id, "ignored": ignored},
         )
         return Identified(await self._member(conn, target), created, merged, review_id, ignored)
+
+    def _plain_lookup(
+        self,
+        idents: list[ObservedIdentifier],
+        rows: dict[str, IdentityRow],
+        found: dict[Ref, repo.StoredIdentity],
+    ) -> MemberRecord | None:
+        """The member when the call is a pure read: every identifier stored on
+        one live member, none quarantined, none to upgrade to verified."""
+        owner: MemberRecord | None = None
+        for ident in idents:
+            stored = found.get(rows[ident.key].ref)
+            if stored is None or stored.quarantined or not stored.owner_live:
+                return None
+            if ident.verified and not stored.verified:
+                return None
+            if owner is not None and owner.member_id != stored.member_id:
+                return None
+            owner = stored.owner
+        return owner
 
     def _by_priority(self, best: dict[str, int], states: dict[str, repo.MemberState]) -> str:
         """The member of the highest-priority identifier; the oldest on a tie."""

@@ -2,7 +2,7 @@
 priorities, the junk blocklist and the quarantine threshold.
 
 Loaded from JSON (services/member/identity_policy.json by default, or the file
-named by MEMBER_IDENTITY_POLICY_PATH); no identifier type is special-cased in
+named by IDENTITY_POLICY_PATH); no identifier type is special-cased in
 code. Parsing is strict: a typo in the file stops the service at start, it
 does not silently allow merges.
 """

@@ -64,6 +64,10 @@ class StoredIdentity:
     value_hash: bytes
     member_id: str
     verified: bool
+    quarantined: bool
+    # The owner as of the same snapshot (for the read-only fast path).
+    owner: MemberRecord
+    owner_live: bool
 
     @property
     def ref(self) -> tuple[str, str, bytes]:
@@ -252,12 +256,19 @@ async def refresh_phone_masked(conn: Connection, member_ids: Iterable[str]) -> N
 async def find_identities(
     conn: Connection, refs: list[tuple[str, str, bytes]]
 ) -> dict[tuple[str, str, bytes], StoredIdentity]:
+    """Stored identities among `refs`, with quarantine and owner, in one statement
+    (one snapshot)."""
     types, namespaces, hashes = _unnest_refs(refs)
     rows = await conn.fetch(
-        "SELECT i.id, i.id_type, i.namespace, i.value_hash, i.member_id, i.verified"
+        "SELECT i.id AS identity_id, i.id_type, i.namespace, i.value_hash, i.member_id,"
+        " i.verified, q.value_hash IS NOT NULL AS quarantined, m.id, m.member_number,"
+        " m.registered_at, m.phone_masked, m.merged_into IS NULL AND m.status = 'active' AS live"
         " FROM member.identities i"
-        " JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS q(t, n, h)"
-        " ON i.id_type = q.t AND i.namespace = q.n AND i.value_hash = q.h",
+        " JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS u(t, n, h)"
+        " ON i.id_type = u.t AND i.namespace = u.n AND i.value_hash = u.h"
+        " JOIN member.members m ON m.id = i.member_id"
+        " LEFT JOIN member.quarantined_identifiers q"
+        " ON q.id_type = u.t AND q.namespace = u.n AND q.value_hash = u.h",
         types,
         namespaces,
         hashes,
@@ -265,12 +276,15 @@ async def find_identities(
     out = {}
     for r in rows:
         stored = StoredIdentity(
-            r["id"],
+            r["identity_id"],
             r["id_type"],
             r["namespace"],
             bytes(r["value_hash"]),
             str(r["member_id"]),
             r["verified"],
+            r["quarantined"],
+            _record(r),
+            r["live"],
         )
         out[stored.ref] = stored
     return out
@@ -386,9 +400,11 @@ async def count_not_under(conn: Connection, key_id: str) -> int:
 # ---- quarantine and links --------------------------------------------------------
 
 
-async def quarantined_refs(
+async def quarantined_among(
     conn: Connection, refs: list[tuple[str, str, bytes]]
 ) -> set[tuple[str, str, bytes]]:
+    if not refs:
+        return set()
     types, namespaces, hashes = _unnest_refs(refs)
     rows = await conn.fetch(
         "SELECT q.id_type, q.namespace, q.value_hash FROM member.quarantined_identifiers q"
@@ -466,20 +482,31 @@ async def list_quarantined(conn: Connection, limit: int) -> list[QuarantineRow]:
 # ---- idempotency ---------------------------------------------------------------
 
 
-async def prior_request(conn: Connection, request_key: str) -> PriorRequest | None:
+async def preflight(
+    conn: Connection, request_key: str, suppression_hashes: list[bytes]
+) -> tuple[PriorRequest | None, set[bytes]]:
+    """The earlier answer under this request key, and which identifiers belong
+    to erased people, in one round trip."""
     row = await conn.fetchrow(
-        "SELECT request_hash, member_id, created, outcome FROM member.identify_requests"
-        " WHERE request_key = $1",
+        "SELECT r.request_hash, r.member_id, r.created, r.outcome,"
+        " (SELECT coalesce(array_agg(s.suppression_hash), '{}')"
+        "  FROM member.suppressed_identifiers s"
+        "  WHERE s.suppression_hash = ANY($2::bytea[])) AS suppressed"
+        " FROM (SELECT 1) AS one"
+        " LEFT JOIN member.identify_requests r ON r.request_key = $1",
         request_key,
+        suppression_hashes,
     )
-    if row is None:
-        return None
-    return PriorRequest(
-        bytes(row["request_hash"]),
-        str(row["member_id"]),
-        row["created"],
-        json.loads(row["outcome"]),
-    )
+    assert row is not None
+    prior = None
+    if row["request_hash"] is not None:
+        prior = PriorRequest(
+            bytes(row["request_hash"]),
+            str(row["member_id"]),
+            row["created"],
+            json.loads(row["outcome"]),
+        )
+    return prior, {bytes(h) for h in row["suppressed"]}
 
 
 async def save_request(
@@ -502,15 +529,6 @@ async def save_request(
 
 
 # ---- suppression (erased people) --------------------------------------------------
-
-
-async def suppressed(conn: Connection, hashes: list[bytes]) -> set[bytes]:
-    rows = await conn.fetch(
-        "SELECT suppression_hash FROM member.suppressed_identifiers"
-        " WHERE suppression_hash = ANY($1::bytea[])",
-        hashes,
-    )
-    return {bytes(r["suppression_hash"]) for r in rows}
 
 
 async def unsuppress(conn: Connection, hashes: list[bytes]) -> None:

@@ -49,7 +49,7 @@ from .evaluation import (
     TierState,
     add_months,
     advance,
-    metric_from_facts,
+    facts_metric,
     period_bounds,
     window_start,
 )
@@ -134,16 +134,17 @@ async def recompute(
         last = MIN_UUID
         done = 0
         while True:
+            # Keyset: the chunk's last id (uuid has no max() before PostgreSQL 16).
             bounds = await conn.fetchrow(
-                "SELECT max(member_id) AS hi, count(*) AS n FROM (SELECT member_id"
-                " FROM tiering.member_profiles WHERE member_id > $1 ORDER BY member_id"
-                " LIMIT $2) s",
+                "SELECT member_id AS hi, n FROM (SELECT member_id, count(*) OVER () AS n"
+                " FROM (SELECT member_id FROM tiering.member_profiles WHERE member_id > $1"
+                " ORDER BY member_id LIMIT $2) a) b ORDER BY member_id DESC LIMIT 1",
                 last,
                 chunk_size,
             )
-            hi = bounds["hi"]
-            if hi is None:
+            if bounds is None:
                 break
+            hi = bounds["hi"]
             outbox = _Outbox()
             async with conn.transaction():
                 t0 = time.perf_counter()
@@ -413,7 +414,7 @@ async def _tiers_chunk(
                 programme,
                 state,
                 at,
-                lambda t, o=orders, g=growth: metric_from_facts(programme, o, g, t),
+                facts_metric(programme, orders, growth),
             )
         effective = ev.state.effective(programme, at)
         if ev.state != state or effective != row["tier_code"]:

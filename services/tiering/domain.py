@@ -298,7 +298,7 @@ def parse_rules(raw: object) -> ProgrammeRules:
     _reject_unknown("rules.period", period, frozenset({"unit", "length"}))
     unit_raw = period.get("unit")
     try:
-        unit = PeriodUnit(unit_raw)
+        unit = PeriodUnit(str(unit_raw))
     except ValueError:
         raise LadderError(
             f"rules.period.unit {unit_raw!r} is not one of month, day: a period must end"

@@ -264,14 +264,13 @@ def advance(
                 {"metric": new_peak, "retention_bar": tier.retention_bar, "in_grace": True},
             )
 
-    held = max(ladder.rank(st.base_tier), ladder.rank(ladder.tier_for(new_peak).code))
-    earned = ladder.rank(st.earned_tier)
-    if held != earned:
-        target = ladder.tiers[held]
-        reached = ladder.tiers[max(held, earned)]
+    held_rank = max(ladder.rank(st.base_tier), ladder.rank(ladder.tier_for(new_peak).code))
+    earned_rank = ladder.rank(st.earned_tier)
+    if held_rank != earned_rank:
+        reached = ladder.tiers[max(held_rank, earned_rank)]
         move(
-            replace(st, earned_tier=target.code),
-            "upgrade" if held > earned else "refund",
+            replace(st, earned_tier=ladder.tiers[held_rank].code),
+            "upgrade" if held_rank > earned_rank else "refund",
             now,
             {"metric": new_peak, "threshold": reached.threshold},
         )
@@ -370,6 +369,17 @@ def metric_from_facts(
     if metric is QualifyingMetric.PAID_SPEND:
         return sum(o.net_fen for o in inside)
     return sum(1 for o in inside if o.counts)
+
+
+def facts_metric(
+    programme: TierProgramme, orders: list[OrderFact], growth: list[GrowthFact]
+) -> MetricAt:
+    """M(t) over a member's loaded facts."""
+
+    def metric(t: datetime) -> int:
+        return metric_from_facts(programme, orders, growth, t)
+
+    return metric
 
 
 def order_growth(programme: TierProgramme, net_fen: int) -> int:

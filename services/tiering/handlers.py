@@ -35,6 +35,7 @@ from .evaluation import (
     Projection,
     TierState,
     advance,
+    facts_metric,
     fresh_state,
     metric_from_facts,
     order_growth,
@@ -218,7 +219,7 @@ class TieringHandlers:
                 programme,
                 start,
                 at,
-                lambda t: metric_from_facts(programme, orders, growth, t),
+                facts_metric(programme, orders, growth),
             )
         await self._store(uow, member_id, programme, ev, now)
         return programme, ev.state
@@ -393,9 +394,7 @@ class TieringHandlers:
         orders, growth = await repo.load_facts(
             conn, survivor, window_start(programme, min(chosen.period_start, at))
         )
-        ev = advance(
-            programme, chosen, at, lambda t: metric_from_facts(programme, orders, growth, t)
-        )
+        ev = advance(programme, chosen, at, facts_metric(programme, orders, growth))
         after = ev.state.effective(programme, at)
         merge_change = Change(
             before,
@@ -448,7 +447,7 @@ class TieringHandlers:
                     programme,
                     state,
                     now,
-                    lambda t, o=orders, g=growth: metric_from_facts(programme, o, g, t),
+                    facts_metric(programme, orders, growth),
                 )
             else:
                 ev = replay(programme, orders, growth, now)
@@ -499,9 +498,7 @@ class TieringHandlers:
         orders, growth = await repo.load_facts(
             conn, member_id, window_start(programme, min(state.period_start, now))
         )
-        ev = advance(
-            programme, state, now, lambda t: metric_from_facts(programme, orders, growth, t)
-        )
+        ev = advance(programme, state, now, facts_metric(programme, orders, growth))
         metric = metric_from_facts(programme, orders, growth, now)
         # What already counts and will still be inside the window at the period end.
         kept = metric_from_facts(

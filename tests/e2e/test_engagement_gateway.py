@@ -165,3 +165,42 @@ async def test_bad_journeys_are_rejected_with_the_reason(api: httpx.AsyncClient)
         json={"event_id": str(uuid.uuid4()), "type": "teleported"},
     )
     assert bad_type.status_code == 422
+
+
+async def test_launch_a_store_offer_to_members_nearby(
+    api: httpx.AsyncClient, eng_gateway: Gateway
+) -> None:
+    journey_id = f"near-sh001-{uuid.uuid4().hex[:8]}"
+    doc = check_in_journey(journey_id)
+    doc["entry"] = {"event": "near_store", "where": {"store_id": "SH001"}}
+    assert (await api.post("/v1/journeys", json=doc)).status_code == 201
+    member = await new_member(eng_gateway)
+    location = {
+        "type": "location_reported",
+        "attributes": {"latitude": "31.2250", "longitude": "121.4480", "consent": "true"},
+    }
+
+    async def located() -> bool:
+        reply = await api.post(
+            f"/v1/members/{member}/events", json={**location, "event_id": str(uuid.uuid4())}
+        )
+        return reply.status_code == 202 and not reply.json()["parked"]
+
+    await eventually(located, timeout=15, interval=0.2)
+    reply = await api.post(
+        f"/v1/journeys/{journey_id}/launch-near-store", json={"store_id": "SH001"}
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["store_id"] == "SH001" and body["entered"] >= 1
+    unknown = await api.post(
+        f"/v1/journeys/{journey_id}/launch-near-store", json={"store_id": "XX404"}
+    )
+    assert unknown.status_code == 404
+    not_a_store_journey = check_in_journey(f"plain-{uuid.uuid4().hex[:8]}")
+    await api.post("/v1/journeys", json=not_a_store_journey)
+    refused = await api.post(
+        f"/v1/journeys/{not_a_store_journey['id']}/launch-near-store", json={"store_id": "SH001"}
+    )
+    assert refused.status_code == 409 or refused.status_code == 400 or refused.status_code == 422
+    assert refused.json()["code"] == "NOT_A_STORE_JOURNEY"

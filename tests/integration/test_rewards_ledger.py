@@ -37,7 +37,7 @@ DAYS30 = LedgerPolicy(expiry=ExpiryPolicy(ExpiryKind.DAYS, 30))
 
 @pytest.fixture(scope="module")
 async def db(infra: Infra) -> AsyncIterator[Database]:
-    pool = await create_pool(infra.database_url, 2, 40)
+    pool = await create_pool(infra.database_url, 1, 16)
     async with pool.acquire() as conn:
         await seed_demo(conn)
     database = Database(pool, "rewards", "rewards")
@@ -201,9 +201,9 @@ async def test_redemption_is_idempotent_and_stores_refusals(
     with pytest.raises(FailedPrecondition):
         await ledger.call("redeem", member, 100, "r2-" + member, "", now)
     await ledger.earn(member, 20_000, T0)
-    with pytest.raises(FailedPrecondition) as caught:
+    with pytest.raises(FailedPrecondition) as refused:
         await ledger.call("redeem", member, 100, "r2-" + member, "", now)
-    assert caught.value.code == "INSUFFICIENT_POINTS"
+    assert refused.value.code == "INSUFFICIENT_POINTS"
     assert (await balance(conn, member))["available"] == 230
     await assert_audit(conn, member)
 
@@ -336,9 +336,9 @@ async def test_refunds_reverse_proportionally_out_of_the_order_lot(
     # At most the original in total; the other order's lot is untouched.
     assert last.points_due == 33 and last.available == other.points_earned
     assert order.points_earned == 99
-    with pytest.raises(NotFound) as caught:
+    with pytest.raises(NotFound) as unknown:
         await ledger.call("refund_order", "SH001", "no-such-order", txn + "-5", 100, now)
-    assert caught.value.code == "UNKNOWN_ORDER"
+    assert unknown.value.code == "UNKNOWN_ORDER"
     replay = await ledger.call("refund_order", "SH001", txn, txn + "-1", 3_300, now)
     assert replay.replayed and replay.refund_id == first.refund_id
     await assert_audit(conn, member)

@@ -194,7 +194,9 @@ async def test_bad_programme_is_rejected_and_the_running_version_untouched(
         assert error_info(err) == ("INVALID_PROGRAMME", field)
         assert words in (err.details() or "")
     running = await stub.GetProgramme(
-        tiering_pb2.GetProgrammeRequest(programme_id=good.programme_id, at=ts(NOW + timedelta(days=400)))
+        tiering_pb2.GetProgrammeRequest(
+            programme_id=good.programme_id, at=ts(NOW + timedelta(days=400))
+        )
     )
     assert running.version == 1
 
@@ -204,7 +206,9 @@ async def test_published_version_applies_from_its_date(
 ) -> None:
     pid = f"p-{uuid.uuid4().hex[:8]}"
     v1 = await stub.PublishProgramme(
-        tiering_pb2.PublishProgrammeRequest(programme=draft(programme_id=pid, effective_from=ts(NOW)))
+        tiering_pb2.PublishProgrammeRequest(
+            programme=draft(programme_id=pid, effective_from=ts(NOW))
+        )
     )
     start = NOW + timedelta(days=10)
     v2 = await stub.PublishProgramme(

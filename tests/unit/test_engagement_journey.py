@@ -15,9 +15,12 @@ from services.engagement.domain import (
     MemberFacts,
     QuietHours,
     SendIntent,
+    bounding_box,
     bucket,
+    haversine_m,
     lift,
     local_day,
+    parse_coordinates,
     run,
 )
 from services.engagement.journey import parse_journey
@@ -190,3 +193,30 @@ def test_quiet_window_that_does_not_wrap() -> None:
     q = QuietHours(time(1, 0), time(5, 0))
     assert q.is_quiet(datetime(2030, 3, 4, 19, 30, tzinfo=UTC), "Asia/Shanghai")  # 03:30
     assert not q.is_quiet(NOON, "Asia/Shanghai")
+
+
+def test_haversine_and_the_bounding_box_agree() -> None:
+    jingan = (31.2232, 121.4469)
+    lujiazui = (31.2363, 121.5010)  # about 5.4 km east
+    d = haversine_m(*jingan, *lujiazui)
+    assert 5_000 < d < 5_800
+    assert haversine_m(*jingan, *jingan) == 0
+    lat_lo, lat_hi, lon_lo, lon_hi = bounding_box(*jingan, 3_000)
+    # A point 3 km due north / east sits on the box's edge.
+    assert haversine_m(*jingan, lat_hi, jingan[1]) == pytest.approx(3_000, rel=1e-3)
+    assert haversine_m(*jingan, jingan[0], lon_hi) == pytest.approx(3_000, rel=1e-2)
+    assert lat_lo < jingan[0] < lat_hi and lon_lo < jingan[1] < lon_hi
+
+
+@pytest.mark.parametrize(
+    ("lat", "lon", "ok"),
+    [
+        ("31.2", "121.4", True),
+        ("91", "0", False),
+        ("0", "181", False),
+        ("nan", "0", False),
+        ("x", "1", False),
+    ],
+)
+def test_coordinates_are_validated(lat: str, lon: str, ok: bool) -> None:
+    assert (parse_coordinates(lat, lon) is not None) == ok

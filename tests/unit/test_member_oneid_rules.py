@@ -89,7 +89,7 @@ def test_blocklist_leaves_real_values(id_type: IdType, value: str) -> None:
                 "types": {t.value: {"merge": "never", "priority": 1} for t in IdType},
                 "blocklist": {"regex": [{"pattern": "("}]},
             },
-            "blocklist.regex[0]",
+            r"blocklist\.regex\[0\]",
         ),
     ],
 )

@@ -347,3 +347,26 @@ def test_incremental_equals_full_recompute(
     m.evaluate(end)
     batch = replay(prog, m.orders, m.growth, end, keep=m.state)
     assert m.state == batch.state
+
+
+def test_the_worked_example_in_the_docs() -> None:
+    # docs/tiers.md, "Worked example": the demo programme, no grace.
+    prog = programme()
+    m = Member(prog)
+    assert m.order("o1", at(2024, 12, 20), 40_000) == "regular"
+    assert m.order("o2", at(2025, 6, 1), 12_000) == "svip"
+    assert m.state is not None
+    p = project(prog, m.state, 52_000, 12_000, at(2025, 6, 2))
+    assert p.message == "¥180 more by 31 Dec keeps SVIP; ¥980 more reaches VIP"
+    assert m.evaluate(at(2026, 1, 1, 0)) == "regular"
+    assert m.history[-1] == ("svip", "regular", "downgrade")
+    graced = Member(programme(grace_days=14))
+    graced.order("o1", at(2024, 12, 20), 40_000)
+    graced.order("o2", at(2025, 6, 1), 12_000)
+    assert graced.evaluate(at(2026, 1, 14)) == "svip"
+    assert graced.order("o3", at(2026, 1, 14, 13), 18_000) == "svip"
+    assert graced.evaluate(at(2026, 6, 1)) == "svip"
+    refunded = Member(prog)
+    refunded.order("o1", at(2024, 12, 20), 40_000)
+    refunded.order("o2", at(2025, 6, 1), 12_000)
+    assert refunded.refund("o2", 12_000, at(2025, 6, 3)) == "regular"

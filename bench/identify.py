@@ -1,0 +1,251 @@
+"""`python -m bench.identify`: identify of a known member under open-loop load.
+
+Issue 3 asks for POS IdentifyMember of a known member at 3,000 calls/s with
+p99 <= 10 ms through the gateway. This module measures, in one run, on the
+same machine and at the same rate:
+
+1. POS IdentifyMember (by phone) through the gateway: the real till path
+   (gateway -> rewards GetStore -> member IdentifyMember -> rewards balance);
+2. member IdentifyMember called directly (one gRPC hop, no gateway), which
+   isolates the member service's own cost;
+3. the empty-gRPC baseline (bench/echo_server.py), the floor of one hop.
+
+It starts its own platform exactly as `python -m bench` does (bench/cli.py:
+throwaway database and Redis namespace, real processes), enrols a pool of
+members first, and writes bench/results/identify-<UTC timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as pyplatform
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from servicekit import devrun
+
+from .cli import (
+    BENCH_DATA,
+    RESULTS_DIR,
+    BenchInfra,
+    UnexpectedReply,
+    demo_phone,
+    identify_pool,
+    measure,
+    ratios,
+    say,
+    server_version,
+    started,
+    table,
+)
+from .echo_server import METHOD as ECHO_METHOD
+from .loadgen import RunResult
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.identify",
+        description="Open-loop benchmark of identifying a known member, with baselines.",
+    )
+    parser.add_argument("--rate", type=float, default=3000.0, help="arrivals per second (3000)")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (2)")
+    parser.add_argument("--members", type=int, default=200, help="member pool size (200)")
+    parser.add_argument("--store-id", default=devrun.DEMO_STORE, help="demo store (SH001)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="per-request deadline (5 s)")
+    parser.add_argument("--slo-ms", type=float, default=10.0, help="p99 target (10 ms)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    for name in ("rate", "duration", "timeout"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive")
+    if args.members < 1:
+        parser.error("--members must be at least 1")
+    return args
+
+
+def pos_identify_call(
+    stub: Any, store_id: str, members: list[str], timeout: float
+) -> Callable[[int], Awaitable[object]]:
+    from loyalty.pos.v1 import pos_pb2
+
+    async def call(i: int) -> object:
+        n = i % len(members)
+        reply = await stub.IdentifyMember(
+            pos_pb2.IdentifyMemberRequest(store_id=store_id, phone=demo_phone(n)), timeout=timeout
+        )
+        if reply.created or reply.member_id != members[n]:
+            raise UnexpectedReply("a known member was not found as itself")
+        return reply
+
+    return call
+
+
+def member_identify_call(
+    stub: Any, members: list[str], tag: str, timeout: float
+) -> Callable[[int], Awaitable[object]]:
+    from loyalty.member.v1 import member_pb2
+
+    async def call(i: int) -> object:
+        n = i % len(members)
+        request = member_pb2.IdentifyMemberRequest(
+            identifiers=[
+                member_pb2.Identifier(type=member_pb2.IDENTIFIER_TYPE_PHONE, value=demo_phone(n))
+            ],
+            source="bench",
+            request_key=f"{tag}-{i}",
+        )
+        reply = await stub.IdentifyMember(request, timeout=timeout)
+        if reply.created or reply.member.member_id != members[n]:
+            raise UnexpectedReply("a known member was not found as itself")
+        return reply
+
+    return call
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from loyalty.member.v1 import member_pb2_grpc
+    from loyalty.pos.v1 import pos_pb2_grpc
+
+    started_at = datetime.now(UTC)
+    run_id = "identify-" + started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    log_dir = BENCH_DATA / "logs" / run_id
+    infra = await BenchInfra.start(run_id)
+    try:
+        say("migrating and seeding ...")
+        await asyncio.to_thread(devrun.migrate, infra.database_url)
+        await devrun.seed(infra.database_url)
+        pg_version = await server_version(infra.database_url)
+        ports = devrun.free_ports()
+        base = devrun.child_env(
+            os.environ,
+            DATABASE_URL=infra.database_url,
+            REDIS_URL=infra.redis_url,
+            REDIS_NAMESPACE=infra.namespace,
+        )
+        pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
+        member_target = f"{devrun.LOOPBACK}:{ports['member']}"
+        results: list[RunResult] = []
+        async with started(devrun.platform_children(ports, base), log_dir):
+            members = await identify_pool(pos_target, args.store_id, args.members)
+            say(f"enrolled {len(members)} members at {args.store_id}")
+            async with grpc.aio.insecure_channel(pos_target) as channel:
+                pos = pos_pb2_grpc.PosServiceStub(channel)
+                results.append(
+                    await measure(
+                        "POS IdentifyMember via gateway",
+                        lambda _: pos_identify_call(pos, args.store_id, members, args.timeout),
+                        args,
+                    )
+                )
+            async with grpc.aio.insecure_channel(member_target) as channel:
+                member = member_pb2_grpc.MemberServiceStub(channel)
+                results.append(
+                    await measure(
+                        "member IdentifyMember direct",
+                        lambda phase: member_identify_call(
+                            member, members, f"{run_id}-{phase}", args.timeout
+                        ),
+                        args,
+                    )
+                )
+        echo_port = devrun.free_port()
+        echo = devrun.Child(
+            "echo",
+            [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)],
+            devrun.child_env(os.environ),
+            grpc_target=f"{devrun.LOOPBACK}:{echo_port}",
+        )
+        async with (
+            started([echo], log_dir),
+            grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{echo_port}") as channel,
+        ):
+            ping = channel.unary_unary(ECHO_METHOD)
+
+            def echo_call(i: int) -> Awaitable[object]:
+                return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
+
+            baseline = await measure("baseline: empty gRPC unary", lambda _: echo_call, args)
+        gateway = results[0].summary()
+        p99 = gateway["latency_ms"]["p99"]
+        report: dict[str, Any] = {
+            "run_id": run_id,
+            "started_at": started_at.isoformat(),
+            "finished_at": datetime.now(UTC).isoformat(),
+            "config": {
+                "rate_per_s": args.rate,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+                "members": args.members,
+                "open_loop": True,
+                "latency_from": "scheduled send time",
+                "redis_cache": False,
+            },
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": pyplatform.platform(),
+                "python": pyplatform.python_version(),
+                "grpcio": grpc.__version__,
+                "postgres": pg_version,
+                "infrastructure": infra.note,
+            },
+            "results": [r.summary() for r in results],
+            "baseline": baseline.summary(),
+            "ratios_over_empty_grpc": {
+                r.name: ratios(r, [baseline])[baseline.name] for r in results
+            },
+            "target": {
+                "p99_ms_at_most": args.slo_ms,
+                "at_rate_per_s": args.rate,
+                "met": bool(
+                    p99 is not None
+                    and p99 <= args.slo_ms
+                    and results[0].achieved_rate >= 0.95 * args.rate
+                    and not results[0].errors
+                ),
+            },
+        }
+        report["_table"] = table([*results, baseline])
+        return report
+    finally:
+        await infra.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    began = time.monotonic()
+    try:
+        report = asyncio.run(run(args))
+    except devrun.DevrunError as exc:
+        print(f"bench.identify: {exc}", file=sys.stderr)
+        return 1
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{report['run_id']}.json"
+    printable = report.pop("_table")
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print()
+    print(printable)
+    print()
+    for name, r in report["ratios_over_empty_grpc"].items():
+        print(f"{name} / empty gRPC: p50 x{r['p50']}, p99 x{r['p99']}")
+    target = report["target"]
+    print(
+        f"target p99 <= {target['p99_ms_at_most']} ms at {target['at_rate_per_s']:g}/s through"
+        f" the gateway: {'met' if target['met'] else 'NOT met'}"
+    )
+    print(f"{report['machine']['cpus']} CPUs; results: {path} ({time.monotonic() - began:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
