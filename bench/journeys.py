@@ -237,6 +237,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "target_seconds": args.target_seconds,
         "within_target": elapsed <= args.target_seconds * steps / 1_000_000,
         "checks": checks,
+        # Batches rolled back by lock conflicts and swept again (not errors).
+        "batch_conflicts": sum(s.stats.conflicts for s in sweepers),
         "correct": ok,
         "cpus": os.cpu_count(),
         "note": "shared machine; figures are noisy",
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'sweepers x batch':<28}{result['workers']:>8} x {result['batch']:<4}")
     print(f"{'seconds':<28}{result['seconds']:>14}")
     print(f"{'steps/s':<28}{result['steps_per_second']:>14,}")
+    print(f"{'batch conflicts (retried)':<28}{result['batch_conflicts']:>14,}")
     for key, value in result["checks"].items():
         print(f"{key:<28}{value:>14,}")
     scaled = args.target_seconds * result["steps"] / 1_000_000

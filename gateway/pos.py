@@ -158,4 +158,5 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             points_shortfall=reply.points_shortfall,
             points_balance=reply.available,
             replayed=reply.replayed,
+            points_restored=reply.points_restored,
         )

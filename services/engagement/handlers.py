@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from servicekit.db import Connection, UnitOfWork
+from servicekit.db import UnitOfWork
 from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from . import repository as repo
@@ -209,6 +209,8 @@ class EngagementHandlers:
         if event not in EVENTS:
             raise InvalidArgument(f"unknown event {event!r}", code="UNKNOWN_EVENT", field="event")
         mid = parse_member_id(member_id)
+        # Validate before parking: a parked event must replay cleanly later.
+        coords = _validate_attributes(event, attributes)
         now = self.clock.now()
         at = occurred_at or now
         conn = uow.conn
@@ -216,41 +218,27 @@ class EngagementHandlers:
             await repo.park_event(conn, mid, event, attributes, at, "UNKNOWN_MEMBER")
             return Ingested(True, [])
         if event == "subscription_tap":
-            template = attributes.get("template", "")
-            if not template:
-                raise InvalidArgument(
-                    "a subscription tap names its template",
-                    code="MISSING_TEMPLATE",
-                    field="attributes.template",
-                )
             # The credit is the member's consent to exactly one such message.
-            await repo.add_subscription_credit(conn, mid, template)
+            await repo.add_subscription_credit(conn, mid, attributes["template"])
             if attributes.get("openid"):
                 await repo.set_address(conn, mid, "miniprogram", attributes["openid"])
         elif event == "location_reported":
-            await self._location(conn, mid, attributes, at)
-        enrolled = await self._on_event(uow, event, mid, attributes, now)
-        if event == "member_registered":
+            # Kept only with the member's consent to its use; otherwise forgotten.
+            if coords is None:
+                await repo.clear_location(conn, mid)
+            else:
+                await repo.set_location(conn, mid, coords[0], coords[1], at)
+        enrolled: list[str] = []
+        if event not in INGESTED_EVENTS:
+            # The member is known now (registration, or any event from a service
+            # that knows them): first replay what was parked for them, in order,
+            # since it happened before this event.
+            await repo.ensure_member(conn, mid)
             for parked, attrs, parked_at in await repo.take_parked(conn, mid):
                 replay = await self.ingest(uow, parked, str(mid), attrs, parked_at)
                 enrolled += replay.enrolled
+        enrolled += await self._on_event(uow, event, mid, attributes, now)
         return Ingested(False, enrolled)
-
-    async def _location(
-        self, conn: Connection, mid: uuid.UUID, attributes: dict[str, str], at: datetime
-    ) -> None:
-        """Keep the last-known location only with the member's consent to its use."""
-        if attributes.get("consent") != "true":
-            await repo.clear_location(conn, mid)
-            return
-        coords = parse_coordinates(attributes.get("latitude", ""), attributes.get("longitude", ""))
-        if coords is None:
-            raise InvalidArgument(
-                "latitude and longitude must be WGS-84 degrees",
-                code="INVALID_LOCATION",
-                field="attributes.latitude",
-            )
-        await repo.set_location(conn, mid, coords[0], coords[1], at)
 
     async def near_store_audience(
         self, uow: UnitOfWork, journey_id: str, latitude: float, longitude: float, radius_m: int
@@ -310,6 +298,7 @@ class EngagementHandlers:
         self, uow: UnitOfWork, event: str, mid: uuid.UUID, attrs: dict[str, str], now: datetime
     ) -> list[str]:
         conn = uow.conn
+        await repo.lock_member_timers(conn, [mid])
         events = [event]
         if event == "member_registered":
             await repo.ensure_member(conn, mid)
@@ -418,3 +407,23 @@ class EngagementHandlers:
     async def on_erased(self, uow: UnitOfWork, member_ids: list[str]) -> None:
         for m in member_ids:
             await repo.erase_member(uow.conn, parse_member_id(m), self.clock.now())
+
+
+def _validate_attributes(event: str, attributes: dict[str, str]) -> tuple[float, float] | None:
+    """Check an event's attributes; for a consented location, its coordinates."""
+    if event == "subscription_tap" and not attributes.get("template"):
+        raise InvalidArgument(
+            "a subscription tap names its template",
+            code="MISSING_TEMPLATE",
+            field="attributes.template",
+        )
+    if event == "location_reported" and attributes.get("consent") == "true":
+        coords = parse_coordinates(attributes.get("latitude", ""), attributes.get("longitude", ""))
+        if coords is None:
+            raise InvalidArgument(
+                "latitude and longitude must be WGS-84 degrees",
+                code="INVALID_LOCATION",
+                field="attributes.latitude",
+            )
+        return coords
+    return None

@@ -418,6 +418,17 @@ async def insert_enrollment(
     return bool(inserted)
 
 
+async def lock_member_timers(conn: Connection, member_ids: list[uuid.UUID]) -> None:
+    """Take the members' timer locks before touching their enrollments: the
+    sweeper locks timers first too (and skips locked ones), so an event and a
+    sweep of the same member queue up instead of deadlocking."""
+    await conn.execute(
+        "SELECT 1 FROM engagement.timers t JOIN engagement.enrollments e USING (enrollment_id)"
+        " WHERE e.member_id = ANY($1::uuid[]) ORDER BY t.enrollment_id FOR UPDATE OF t",
+        member_ids,
+    )
+
+
 async def live_enrollments(conn: Connection, member_id: uuid.UUID) -> list[EnrollmentRow]:
     rows = await conn.fetch(
         f"SELECT {_ENROLLMENT_COLS} FROM engagement.enrollments"
@@ -723,13 +734,16 @@ async def update_enrollments(
         )
 
 
-async def postpone_timer(conn: Connection, enrollment_id: uuid.UUID, due_at: datetime) -> int:
+async def postpone_timer(conn: Connection, step: DueStep, due_at: datetime) -> int:
+    """Postpone a failing step, unless the timer moved on meanwhile (0 then)."""
     return int(
         await conn.fetchval(
             "UPDATE engagement.timers SET due_at = $2, attempts = attempts + 1"
-            " WHERE enrollment_id = $1 RETURNING attempts",
-            enrollment_id,
+            " WHERE enrollment_id = $1 AND step_id = $3 AND due_at = $4 RETURNING attempts",
+            step.enrollment_id,
             due_at,
+            step.step_id,
+            step.due_at,
         )
         or 0
     )
@@ -875,6 +889,7 @@ async def merge_member(
     A journey both are live in keeps the survivor's enrollment (one live per
     member per journey); the absorbed one ends as 'merged'. Today's cap usage
     is added to the survivor's, so the person still gets at most 1+1."""
+    await lock_member_timers(conn, [survivor, absorbed])
     clash = await conn.fetch(
         "SELECT a.enrollment_id FROM engagement.enrollments a"
         " JOIN engagement.enrollments s ON s.journey_id = a.journey_id AND s.member_id = $2"
@@ -940,6 +955,7 @@ async def unmerge_member(
 
 async def erase_member(conn: Connection, member_id: uuid.UUID, at: datetime) -> None:
     """Stop every journey and remove personal data; counts stay, anonymised."""
+    await lock_member_timers(conn, [member_id])
     await conn.execute(
         "DELETE FROM engagement.timers WHERE enrollment_id IN"
         " (SELECT enrollment_id FROM engagement.enrollments WHERE member_id = $1)",

@@ -73,6 +73,8 @@ class SweepStats:
     suppressed: int = 0
     dropped: int = 0
     deferred: int = 0
+    # Batches rolled back by a deadlock or serialization failure (retried later).
+    conflicts: int = 0
 
 
 @dataclass
@@ -120,6 +122,8 @@ class Scheduler:
         self.batch_size = batch_size
         self._caps = caps if caps is not None else DAILY_CAPS
         self.stats = SweepStats()
+        # What the current batch claimed (to isolate a failing step).
+        self._claimed: list[repo.DueStep] = []
 
     async def sweep_once(self, limit: int | None = None) -> int:
         """Run one batch of due steps; returns how many timers it claimed."""
@@ -127,10 +131,12 @@ class Scheduler:
         try:
             return await self._sweep(limit)
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-            return 0  # rolled back; the timers are still due
+            self.stats.conflicts += 1
+            log.warning("sweep batch rolled back by a lock conflict; its timers stay due")
+            return 0
         except Exception:
             if limit == 1:
-                await self._postpone_poison()
+                await self._postpone_poison(self._claimed)
                 return 1
             log.exception("sweep batch failed; isolating the failing step")
             # Run the batch one by one so one bad step cannot block the rest.
@@ -142,16 +148,18 @@ class Scheduler:
                 done += n
             return done
 
-    async def _postpone_poison(self) -> None:
+    async def _postpone_poison(self, claimed: list[repo.DueStep]) -> None:
+        """The step that just failed alone: try it later, give up after a few tries."""
+        if not claimed:
+            return
+        d = claimed[0]
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
-            due = await repo.claim_due(uow.conn, now, 1)
-            if not due:
-                return
-            d = due[0]
             attempts = await repo.postpone_timer(
-                uow.conn, d.enrollment_id, now + timedelta(minutes=2 ** min(d.attempts, 10))
+                uow.conn, d, now + timedelta(minutes=2 ** min(d.attempts, 10))
             )
+            if attempts == 0:
+                return  # another sweeper ran it meanwhile
             log.error("step %s of %s failed (attempt %d)", d.step_id, d.enrollment_id, attempts)
             if attempts >= MAX_STEP_ATTEMPTS:
                 await repo.end_enrollment(uow.conn, d.enrollment_id, "failed", now)
@@ -183,6 +191,7 @@ class Scheduler:
         async with self._db.unit_of_work() as uow:
             conn = uow.conn
             due = await repo.claim_due(conn, now, limit)
+            self._claimed = due
             if not due:
                 return 0
             facts = await self._consent.facts_with_consent(conn, list({d.member_id for d in due}))

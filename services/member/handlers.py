@@ -66,8 +66,9 @@ MAX_TEXT = 128
 Ref = tuple[str, str, bytes]
 
 
-class IdentifyRace(Exception):
-    """What the call read moved before it could lock it: retry the transaction."""
+class LostRace(Exception):
+    """What the call read moved before it could lock it: the servicer retries
+    the whole transaction."""
 
 
 @dataclass(frozen=True)
@@ -241,13 +242,37 @@ class MemberHandlers:
         conn = uow.conn
         request_hash = self._request_hash(list(by_key.values()), source, reenrol)
         rows = {i.key: self._row(i) for i in idents}
+        suppression = {i.key: self._vault.suppression_hash(i.key) for i in idents}
+        refs = [rows[i.key].ref for i in idents]
+
+        # Optimistic first pass, without locks: a known member's lookup writes
+        # nothing but its idempotency record, whose primary key settles a
+        # concurrent call with the same key. One statement reads the owners,
+        # so the answer is one consistent snapshot.
+        prior, suppressed = await repo.preflight(conn, request_key, list(suppression.values()))
+        if prior is not None:
+            return await self._replay(conn, prior, request_hash)
+        if not suppressed:
+            found = await repo.find_identities(conn, refs)
+            fast = self._plain_lookup(idents, rows, found)
+            if fast is not None:
+                outcome = {"merged": [], "review_id": "", "ignored": sorted(ignored)}
+                if await repo.save_request(
+                    conn, request_key, request_hash, fast.member_id, False, outcome
+                ):
+                    return Identified(fast, False, ignored=sorted(ignored))
+                # The same key committed meanwhile: answer as a retry.
+                prior, _ = await repo.preflight(conn, request_key, [])
+                assert prior is not None, "a conflicting request key must be readable"
+                return await self._replay(conn, prior, request_hash)
+
+        # Writing: serialise with every call sharing an identifier or the key,
+        # then read again under the locks.
         await repo.lock_hashes(
             conn,
             [self._vault.lookup_hash(f"request|{request_key}")]
             + [r.value_hash for r in rows.values()],
         )
-
-        suppression = {i.key: self._vault.suppression_hash(i.key) for i in idents}
         prior, suppressed = await repo.preflight(conn, request_key, list(suppression.values()))
         if prior is not None:
             return await self._replay(conn, prior, request_hash)
@@ -262,16 +287,7 @@ class MemberHandlers:
                     field=f"identifiers[{n}]",
                 )
             await repo.unsuppress(conn, sorted(suppressed))
-
-        refs = [rows[i.key].ref for i in idents]
         found = await repo.find_identities(conn, refs)
-        fast = self._plain_lookup(idents, rows, found)
-        if fast is not None:
-            # The hot path: one consistent read found every identifier on one
-            # live member and nothing needs writing but the idempotency record.
-            outcome = {"merged": [], "review_id": "", "ignored": sorted(ignored)}
-            await repo.save_request(conn, request_key, request_hash, fast.member_id, False, outcome)
-            return Identified(fast, False, ignored=sorted(ignored))
         quarantined = {ref for ref, stored in found.items() if stored.quarantined}
         # Quarantined identifiers of nobody are known only from their table.
         quarantined |= await repo.quarantined_among(conn, [r for r in refs if r not in found])
@@ -310,9 +326,9 @@ class MemberHandlers:
         if {
             k: again[rows[k].ref].member_id for k in owner_of if rows[k].ref in again
         } != owner_of or any(s.merged_into or s.status != "active" for s in states.values()):
-            raise IdentifyRace()
+            raise LostRace()
         if any(rows[i.key].ref in again for i in active if i.key not in owner_of):
-            raise IdentifyRace()
+            raise LostRace()
 
         best: dict[str, int] = {}
         for ident in active:
@@ -418,14 +434,17 @@ class MemberHandlers:
                 conn, [(rows[i.key].ref, m) for i in active for m in sorted(seen_with)]
             )
         ignored.sort()
-        await repo.save_request(
+        # Under the key's lock nobody else writes this key, except an optimistic
+        # lookup that committed first: then retry, which replays its answer.
+        if not await repo.save_request(
             conn,
             request_key,
             request_hash,
             target,
             created,
             {"merged": merged, "review_id": review_id, "ignored": ignored},
-        )
+        ):
+            raise LostRace()
         return Identified(await self._member(conn, target), created, merged, review_id, ignored)
 
     def _plain_lookup(
@@ -520,9 +539,7 @@ class MemberHandlers:
         roots = sorted({await self._live_root(conn, m, "member_ids") for m in member_ids})
         states = await repo.lock_members(conn, roots)
         if any(s.merged_into or s.status != "active" for s in states.values()):
-            raise Conflict(
-                "a member changed while merging; retry", code="MEMBER_CHANGED", field="member_ids"
-            )
+            raise LostRace()
         if len(roots) < 2:
             raise FailedPrecondition(
                 "these members are already one member", code="ALREADY_MERGED", field="member_ids"
@@ -815,7 +832,7 @@ class MemberHandlers:
         cluster = await repo.cluster_of(conn, root)
         states = await repo.lock_members(conn, cluster)
         if states[root].merged_into or set(await repo.cluster_of(conn, root)) != set(cluster):
-            raise Conflict("the member changed while erasing; retry", code="MEMBER_CHANGED")
+            raise LostRace()
         hashes = []
         for view in await repo.identities_of(conn, cluster):
             id_type = IdType(view.id_type)

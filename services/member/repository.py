@@ -516,16 +516,19 @@ async def save_request(
     member_id: str,
     created: bool,
     outcome: dict[str, Any],
-) -> None:
-    await conn.execute(
+) -> bool:
+    """False when the key is already taken (another call committed it first)."""
+    inserted = await conn.fetchval(
         "INSERT INTO member.identify_requests"
-        " (request_key, request_hash, member_id, created, outcome) VALUES ($1, $2, $3, $4, $5)",
+        " (request_key, request_hash, member_id, created, outcome) VALUES ($1, $2, $3, $4, $5)"
+        " ON CONFLICT (request_key) DO NOTHING RETURNING true",
         request_key,
         request_hash,
         _uuid(member_id),
         created,
         json.dumps(outcome),
     )
+    return bool(inserted)
 
 
 # ---- suppression (erased people) --------------------------------------------------

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 import grpc
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
-from servicekit.db import Database
+from servicekit.db import Database, UnitOfWork
 from servicekit.errors import InvalidArgument, Unavailable
 from servicekit.protos import timestamp
 
 from .domain import PROFILE_FIELDS, ConsentChannel, ConsentPurpose, ConsentRecord, IdType, normalise
-from .handlers import Identified, IdentifyRace, MemberHandlers, Profile
+from .handlers import Identified, LostRace, MemberHandlers, Profile
 from .repository import MemberRecord, MergeRow, ReviewRow
 
 ID_TYPES = {
@@ -51,7 +53,7 @@ PROTO_GENDERS = {v: k for k, v in GENDERS.items()}
 # Races a retry can win: our read moved before we locked it, or Postgres
 # broke a lock cycle the ordering rules could not prevent (operator paths).
 RETRYABLE = (
-    IdentifyRace,
+    LostRace,
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     asyncpg.UniqueViolationError,
@@ -121,11 +123,29 @@ def profile_message(profile: Profile) -> member_pb2.Profile:
     )
 
 
+T = TypeVar("T")
+
+
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     def __init__(self, db: Database, handlers: MemberHandlers, max_attempts: int = 6) -> None:
         self._db = db
         self._handlers = handlers
         self._max_attempts = max_attempts
+
+    async def _in_transaction(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """One transaction, retried when it lost a race (operator writes lock
+        whole clusters and can meet an identify in a lock cycle Postgres breaks)."""
+        for attempt in range(self._max_attempts):
+            try:
+                async with self._db.unit_of_work() as uow:
+                    return await work(uow)
+            except RETRYABLE:
+                if attempt + 1 == self._max_attempts:
+                    raise Unavailable(
+                        "the member changed concurrently too often; retry", code="CONTENDED"
+                    ) from None
+                await asyncio.sleep(random.uniform(0.001, 0.004) * (2**attempt))
+        raise AssertionError("unreachable")
 
     async def IdentifyMember(
         self, request: member_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
@@ -227,10 +247,11 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ApproveMergeReview(
         self, request: member_pb2.DecideMergeReviewRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.MergeReview:
-        async with self._db.unit_of_work() as uow:
-            row = await self._handlers.approve_review(
+        row = await self._in_transaction(
+            lambda uow: self._handlers.approve_review(
                 uow, request.review_id, request.operator, request.note
             )
+        )
         return review_message(row)
 
     async def RejectMergeReview(
@@ -245,10 +266,11 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def MergeMembers(
         self, request: member_pb2.MergeMembersRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.MergeMembersResponse:
-        async with self._db.unit_of_work() as uow:
-            member, records = await self._handlers.merge_members(
+        member, records = await self._in_transaction(
+            lambda uow: self._handlers.merge_members(
                 uow, list(request.member_ids), request.operator, request.reason
             )
+        )
         return member_pb2.MergeMembersResponse(
             member=member_message(member), merges=[merge_message(r) for r in records]
         )
@@ -256,10 +278,11 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def UnmergeMember(
         self, request: member_pb2.UnmergeMemberRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.UnmergeMemberResponse:
-        async with self._db.unit_of_work() as uow:
-            survivor, restored = await self._handlers.unmerge(
+        survivor, restored = await self._in_transaction(
+            lambda uow: self._handlers.unmerge(
                 uow, request.merge_id, request.operator, request.reason
             )
+        )
         return member_pb2.UnmergeMemberResponse(
             survivor=member_message(survivor), restored=member_message(restored)
         )
@@ -352,10 +375,11 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def EraseMember(
         self, request: member_pb2.EraseMemberRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.EraseMemberResponse:
-        async with self._db.unit_of_work() as uow:
-            erased, suppressed = await self._handlers.erase(
+        erased, suppressed = await self._in_transaction(
+            lambda uow: self._handlers.erase(
                 uow, request.member_id, request.operator, request.reason
             )
+        )
         return member_pb2.EraseMemberResponse(
             erased_member_ids=erased, identifiers_suppressed=suppressed
         )

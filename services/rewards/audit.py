@@ -129,8 +129,9 @@ SELECT o.id
 FROM rewards.orders o
 JOIN rewards.refunds r ON r.order_id = o.id
 WHERE $1::uuid[] IS NULL OR o.member_id = ANY($1::uuid[])
-GROUP BY o.id, o.paid_amount_fen, o.points_earned
+GROUP BY o.id, o.paid_amount_fen, o.points_earned, o.points_redeemed
 HAVING sum(r.refunded_amount_fen) > o.paid_amount_fen OR sum(r.points_due) > o.points_earned
+    OR sum(r.points_restored) > o.points_redeemed
 ORDER BY 1
 """
 

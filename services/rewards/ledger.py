@@ -405,14 +405,28 @@ async def lock_order(conn: Connection, store_id: str, pos_transaction_id: str) -
     )
 
 
-async def refunds_so_far(conn: Connection, order_id: uuid.UUID) -> tuple[int, int]:
+async def refunds_so_far(conn: Connection, order_id: uuid.UUID) -> tuple[int, int, int]:
+    """Fen refunded, points reversed (due) and points restored so far."""
     row = await conn.fetchrow(
-        "SELECT coalesce(sum(refunded_amount_fen), 0) AS fen, coalesce(sum(points_due), 0) AS pts"
-        " FROM rewards.refunds WHERE order_id = $1",
+        "SELECT coalesce(sum(refunded_amount_fen), 0) AS fen, coalesce(sum(points_due), 0) AS pts,"
+        " coalesce(sum(points_restored), 0) AS restored FROM rewards.refunds WHERE order_id = $1",
         order_id,
     )
     assert row is not None
-    return int(row["fen"]), int(row["pts"])
+    return int(row["fen"]), int(row["pts"]), int(row["restored"])
+
+
+async def order_redemption_lots(conn: Connection, order_id: uuid.UUID) -> list[Any]:
+    """The lots an order's redemption spent from, latest-expiring first."""
+    return await conn.fetch(
+        "SELECT m.lot_id, -m.amount AS points, l.earned_at, l.expires_at, l.root_lot_id"
+        " FROM rewards.points_transactions t"
+        " JOIN rewards.points_lot_movements m ON m.transaction_id = t.id"
+        " JOIN rewards.points_lots l ON l.id = m.lot_id"
+        " WHERE t.order_id = $1 AND t.kind = 'redeem'"
+        " ORDER BY l.expires_at DESC, l.id",
+        order_id,
+    )
 
 
 async def order_lot(conn: Connection, order_id: uuid.UUID) -> Any:

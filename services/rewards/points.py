@@ -138,6 +138,7 @@ class Refund:
     points_debt: int
     points_shortfall: int
     available: int
+    points_restored: int = 0
     replayed: bool = False
 
     def doc(self) -> dict[str, Any]:
@@ -651,7 +652,7 @@ class PointsLedger:
                     field="pos_transaction_id",
                 ),
             )
-        before_fen, due_before = await ledger.refunds_so_far(conn, order["id"])
+        before_fen, due_before, restored_before = await ledger.refunds_so_far(conn, order["id"])
         refundable = order["paid_amount_fen"] - before_fen
         if refunded_amount_fen > refundable:
             return await self._reject(
@@ -671,20 +672,27 @@ class PointsLedger:
             refunded_amount_fen,
             due_before,
         )
+        # Points the order spent come back in the same proportion.
+        restore = refund_points_due(
+            order["points_redeemed"],
+            order["paid_amount_fen"],
+            before_fen,
+            refunded_amount_fen,
+            restored_before,
+        )
         refund_id = uuid.uuid4()
-        member = order["member_id"]
+        # The order's points live where its lot is now (a merge moves them).
+        root = await ledger.order_lot(conn, order["id"])
+        live = await ledger.live_lot(conn, root["id"]) if root else None
+        member = live["member_id"] if live is not None else order["member_id"]
         taken = debt = shortfall = 0
         txn_id: uuid.UUID | None = None
-        available = 0
-        if due:
-            root = await ledger.order_lot(conn, order["id"])
-            live = await ledger.live_lot(conn, root["id"]) if root else None
-            if live is not None:
-                member = live["member_id"]
-            await ledger.ensure_account(conn, member)
-            state = await self.maintain(conn, member, now)
-            assert state is not None
-            available = state.balance.available
+        await ledger.ensure_account(conn, member)
+        state = await self.maintain(conn, member, now)
+        assert state is not None
+        available = state.balance.available
+        if due or restore:
+            # Re-read after lazy expiry: an expired lot has nothing left to take.
             live = await ledger.live_lot(conn, root["id"]) if root else None
             lot_status = live["status"] if live else "active"
             taken = min(due, live["remaining"]) if live else 0
@@ -692,14 +700,23 @@ class PointsLedger:
                 debt = due - taken
             else:
                 shortfall = due - taken
+            account = "member_pending" if lot_status == "pending" else "member_wallet"
+            entries: list[Entry] = []
             if taken or debt:
+                entries.append(Entry("issued_liability", None, taken + debt))
+            if taken:
+                entries.append(Entry(account, member, -taken))
+            if debt:
+                entries.append(Entry("member_debt", member, -debt))
+            new_lots = []
+            if restore:
+                entries += [
+                    Entry("redeemed", None, -restore),
+                    Entry("member_wallet", member, restore),
+                ]
+                new_lots = await self._restored_lots(conn, order["id"], restore, now)
+            if entries:
                 txn_id = uuid.uuid4()
-                account = "member_pending" if lot_status == "pending" else "member_wallet"
-                entries = [Entry("issued_liability", None, taken + debt)]
-                if taken:
-                    entries.append(Entry(account, member, -taken))
-                if debt:
-                    entries.append(Entry("member_debt", member, -debt))
                 balance = await ledger.post(
                     conn,
                     Posting(
@@ -707,23 +724,26 @@ class PointsLedger:
                         member_id=member,
                         kind="refund",
                         idempotency_key=key,
-                        amount=taken + debt,
+                        amount=taken + debt + restore,
                         entries=entries,
                         balance=BalanceDelta(
-                            available=-taken if account == "member_wallet" else 0,
+                            available=(-taken if account == "member_wallet" else 0) + restore,
                             pending=-taken if account == "member_pending" else 0,
                             debt=debt,
                         ),
                         lot_changes=[LotChange(live["id"], -taken)] if live and taken else [],
+                        new_lots=new_lots,
                         order_id=order["id"],
                         reference=str(refund_id),
                     ),
                 )
                 assert balance is not None
                 available = balance.available
-        else:
-            balance_now = await ledger.read_balance(conn, member)
-            available = balance_now.available if balance_now else 0
+                if restore:
+                    # A restored lot whose expiry has passed lapses at once.
+                    again = await self.maintain(conn, member, now)
+                    assert again is not None
+                    available = again.balance.available
         await ledger.insert_refund(
             conn,
             {
@@ -736,6 +756,7 @@ class PointsLedger:
                 "points_reversed": taken,
                 "points_debt": debt,
                 "points_shortfall": shortfall,
+                "points_restored": restore,
                 "transaction_id": txn_id,
             },
         )
@@ -761,9 +782,37 @@ class PointsLedger:
             debt,
             shortfall,
             available,
+            points_restored=restore,
         )
         await ledger.finish_request(conn, key, "ok", result.doc())
         return Outcome(result)
+
+    async def _restored_lots(
+        self, conn: Connection, order_id: uuid.UUID, points: int, now: datetime
+    ) -> list[NewLot]:
+        """New lots for redeemed points given back, each with the expiry of the
+        lot it was spent from (latest-expiring first) and a link to it."""
+        spent = await ledger.order_redemption_lots(conn, order_id)
+        lots = []
+        left = points
+        for row in spent:
+            take = min(left, row["points"])
+            if take <= 0:
+                break
+            left -= take
+            lots.append(
+                NewLot(
+                    uuid.uuid4(),
+                    take,
+                    "active",
+                    row["earned_at"],
+                    row["expires_at"],
+                    origin_lot_id=row["lot_id"],
+                    root_lot_id=row["root_lot_id"],
+                )
+            )
+        assert left == 0, "an order never restores more than it redeemed"
+        return lots
 
     # ---- non-order actions -----------------------------------------------------
 

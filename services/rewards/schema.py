@@ -265,6 +265,8 @@ refunds = Table(
     # booked as debt (policy "debt"), or reported and forgiven (policy "report").
     Column("points_debt", BigInteger, nullable=False),
     Column("points_shortfall", BigInteger, nullable=False),
+    # Points the order redeemed, given back in proportion (original expiry).
+    Column("points_restored", BigInteger, nullable=False, server_default="0"),
     Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("store_id", "refund_transaction_id"),
@@ -273,7 +275,8 @@ refunds = Table(
         "points_due = points_reversed + points_debt + points_shortfall", name="points_add_up"
     ),
     CheckConstraint(
-        "points_reversed >= 0 AND points_debt >= 0 AND points_shortfall >= 0",
+        "points_reversed >= 0 AND points_debt >= 0 AND points_shortfall >= 0"
+        " AND points_restored >= 0",
         name="points_nonnegative",
     ),
 )

@@ -233,6 +233,7 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServiceServicer):
             points_shortfall=r.points_shortfall,
             available=r.available,
             replayed=r.replayed,
+            points_restored=r.points_restored,
         )
 
     async def AdjustPoints(

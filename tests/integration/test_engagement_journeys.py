@@ -583,6 +583,15 @@ async def test_bad_input_writes_nothing(env: Env) -> None:
         await env.event("cart_abandoned", "not-a-uuid")
     with pytest.raises(InvalidArgument):
         await env.event("teleported", str(uuid.uuid4()))
+    # Checked before parking, so a parked event always replays cleanly.
+    stranger = str(uuid.uuid4())
+    with pytest.raises(InvalidArgument) as tap:
+        await env.event("subscription_tap", stranger)
+    assert tap.value.field == "attributes.template"
+    parked = await env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.parked_events WHERE member_id = $1", uuid.UUID(stranger)
+    )
+    assert parked == 0
 
 
 async def test_merge_moves_enrollments_and_caps_unmerge_moves_them_back_erase_stops(
@@ -996,3 +1005,78 @@ async def test_members_near_a_store_with_consented_locations_enter(env: Env) -> 
     with pytest.raises(InvalidArgument):
         async with env.db.unit_of_work() as uow:
             await env.handlers.near_store_audience(uow, env.jid("near-store"), *store, 0)
+
+
+async def test_goal_events_racing_sweepers_neither_deadlock_nor_double_send(env: Env) -> None:
+    await env.publish(CART)
+    members = [await env.member() for _ in range(40)]
+    for m in members:
+        await env.event("cart_abandoned", m)
+    env.clock.advance(timedelta(hours=2))
+    sweepers = [
+        Scheduler(env.db, env.clock, LocalConsent(), QuietHours(), env.journeys, batch_size=5)
+        for _ in range(3)
+    ]
+    results = await asyncio.gather(
+        *(s.run_until_idle() for s in sweepers),
+        *(env.event("order_completed", m, order_id=f"race-{m}") for m in members),
+        return_exceptions=True,
+    )
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert sum(s.stats.conflicts for s in sweepers) == 0
+    for m in members:
+        status = await env.db.pool.fetchval(
+            "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(m)
+        )
+        sent = await env.templates(m)
+        # Either the reminder went first and the journey completed, or the order won.
+        assert (status, sent) in (("completed", ["cart-discount"]), ("converted", []))
+
+
+async def test_parked_events_replay_when_any_service_introduces_the_member(env: Env) -> None:
+    await env.publish(CART)
+    m = str(uuid.uuid4())
+    assert await env.event("cart_abandoned", m) == []
+    # A member who registered before engagement ran: an order is how we meet them.
+    async with env.db.unit_of_work() as uow:
+        replay = await env.handlers.ingest(uow, "order_completed", m, {"order_id": "first"})
+        await env.handlers.set_consent(uow, m, ALL, True, "test")
+    # The parked cart event happened first: it is replayed first, and the
+    # order that followed is the journey's goal.
+    assert env.jid("cart") in replay.enrolled
+    status = await env.db.pool.fetchval(
+        "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert status == "converted"
+    await env.advance(hours=2)
+    assert await env.sends(m) == []
+
+
+async def test_a_failing_step_is_isolated_retried_then_given_up(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.engagement import scheduler as scheduler_module
+
+    await env.publish(CART)
+    members = [await env.member() for _ in range(3)]
+    poison = members[1]
+    for m in members:
+        await env.event("cart_abandoned", m)
+    real_run = scheduler_module.run
+
+    def flaky_run(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["facts"].member_id == poison:
+            raise RuntimeError("a template service bug")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "run", flaky_run)
+    await env.advance(hours=2)
+    assert await env.templates(members[0]) == ["cart-discount"]
+    assert await env.templates(members[2]) == ["cart-discount"]
+    for _ in range(5):
+        await env.advance(hours=1)
+    status = await env.db.pool.fetchval(
+        "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(poison)
+    )
+    assert status == "failed"
+    assert await env.sends(poison) == []

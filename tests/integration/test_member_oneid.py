@@ -11,14 +11,17 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import pytest
+from redis.asyncio import Redis
 
+from loyalty.events.v1 import events_pb2
 from loyalty.member.v1 import member_pb2 as pb
 from loyalty.member.v1 import member_pb2_grpc
 from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
+from servicekit.events import unpack
 from servicekit.server import ServiceApp
 
-from ..harness import Infra
+from ..harness import Infra, eventually
 
 Stub = member_pb2_grpc.MemberServiceStub
 PHONE = pb.IDENTIFIER_TYPE_PHONE
@@ -108,11 +111,13 @@ async def test_a_verified_phone_merges_two_members_into_the_oldest(
     )
     assert record["rule"] == "identify:phone" and record["status"] == "active"
     assert f"phone:{phone[:3]}****{phone[-4:]} (verified)" in record["evidence"]
-    outbox = await db.fetchval(
-        "SELECT count(*) FROM member.merges m WHERE m.absorbed_id = $1",
-        uuid.UUID(newer.member.member_id),
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM member.merges m WHERE m.absorbed_id = $1",
+            uuid.UUID(newer.member.member_id),
+        )
+        == 1
     )
-    assert outbox == 1
 
 
 async def test_unverified_phone_and_card_never_merge(stub: Stub) -> None:
@@ -228,6 +233,24 @@ async def test_identify_is_idempotent_under_its_request_key(stub: Stub) -> None:
     assert error_info(err) == ("IDEMPOTENCY_KEY_REUSED", "request_key")
 
 
+async def test_concurrent_retries_of_one_key_get_one_answer(stub: Stub) -> None:
+    phone = mobile()
+    key = str(uuid.uuid4())
+    replies = await asyncio.gather(
+        *(identify(stub, ident(PHONE, phone), key=key) for _ in range(12))
+    )
+    assert len({r.member.member_id for r in replies}) == 1
+    assert all(r.created for r in replies)  # the one answer, replayed
+    assert sum(not r.replayed for r in replies) == 1
+    # A known member now: the lock-free lookup path, racing on one key.
+    key = str(uuid.uuid4())
+    replies = await asyncio.gather(
+        *(identify(stub, ident(PHONE, phone), key=key) for _ in range(12))
+    )
+    assert {r.member.member_id for r in replies} == {replies[0].member.member_id}
+    assert sum(not r.replayed for r in replies) == 1 and not any(r.created for r in replies)
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "field"),
     [
@@ -280,8 +303,28 @@ async def test_bad_input_is_invalid_argument_and_writes_nothing(
     assert await db.fetchval(count) == before
 
 
+async def member_events(infra: Infra) -> list[object]:
+    """Payloads on the member stream, timestamps cleared for comparison."""
+    redis = Redis.from_url(infra.redis_url)
+    try:
+        entries = await redis.xrange(f"{infra.namespace}:events:member")
+    finally:
+        await redis.aclose()
+    out: list[object] = []
+    for _, fields in entries:
+        envelope = events_pb2.EventEnvelope.FromString(fields[b"envelope"])
+        for kind in (events_pb2.MemberMerged, events_pb2.MemberUnmerged):
+            if envelope.event_type == kind.DESCRIPTOR.full_name:
+                payload = unpack(envelope, kind)
+                for stamp in ("merged_at", "unmerged_at"):
+                    if stamp in kind.DESCRIPTOR.fields_by_name:
+                        payload.ClearField(stamp)  # type: ignore[arg-type]
+                out.append(payload)
+    return out
+
+
 async def test_unmerge_restores_identities_and_blocks_the_redo(
-    stub: Stub, db: asyncpg.Connection
+    infra: Infra, stub: Stub, db: asyncpg.Connection
 ) -> None:
     t = tag()
     phone = mobile()
@@ -315,6 +358,24 @@ async def test_unmerge_restores_identities_and_blocks_the_redo(
         stub.UnmergeMember(pb.UnmergeMemberRequest(merge_id=merge_id, operator="op", reason="r"))
     )
     assert error_info(err) == ("MERGE_NOT_ACTIVE", "merge_id")
+    # Both left through the outbox for the other services to move things.
+    merged_event = events_pb2.MemberMerged(
+        merge_id=merge_id,
+        survivor_member_id=old.member.member_id,
+        absorbed_member_id=new.member.member_id,
+        rule="identify:phone",
+    )
+    unmerged_event = events_pb2.MemberUnmerged(
+        merge_id=merge_id,
+        survivor_member_id=old.member.member_id,
+        restored_member_id=new.member.member_id,
+    )
+
+    async def published() -> bool:
+        seen = await member_events(infra)
+        return merged_event in seen and unmerged_event in seen
+
+    await eventually(published)
 
 
 async def test_chained_merges_unmerge_newest_first(stub: Stub) -> None:

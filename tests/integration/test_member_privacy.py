@@ -194,7 +194,8 @@ async def test_key_rotation_reencrypts_and_old_ciphertexts_still_read(
     phone = mobile()
     m = (await identify(stub, ident(PHONE, phone, True))).member.member_id
     new_key = base64.b64encode(os.urandom(32)).decode()
-    base = infra.service_settings().model_dump()
+    # A small pool: the shared test database has a connection budget.
+    base = infra.service_settings(db_pool_max=2).model_dump()
     rotated = build(
         MemberSettings(**base, pii_encryption_keys=f"k1:{new_key}", pii_active_key_id="k1")
     )

@@ -513,6 +513,28 @@ async def test_checkout_redeems_and_stores_its_refusal(
     await assert_audit(conn, member)
 
 
+async def test_refund_gives_back_redeemed_points_with_their_expiry(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    ledger, member = Ledger(db), new_member()
+    await ledger.earn(member, 10_000, T0)  # 100, lapsing T0+30d
+    txn = f"G-{uuid.uuid4().hex[:12]}"
+    day = T0 + timedelta(days=1)
+    await ledger.earn(member, 2_000, day, redeem=60, txn=txn)  # -60, +20
+    half = await ledger.call("refund_order", "SH001", txn, txn + "-1", 1_000, day)
+    assert (half.points_due, half.points_reversed, half.points_restored) == (10, 10, 30)
+    assert half.available == 60 - 10 + 30
+    rest = await ledger.call("refund_order", "SH001", txn, txn + "-2", 1_000, day)
+    assert (rest.points_restored, rest.available) == (30, 100)
+    restored = await conn.fetch(
+        "SELECT l.expires_at, o.expires_at AS original FROM rewards.points_lots l"
+        " JOIN rewards.points_lots o ON o.id = l.origin_lot_id WHERE l.member_id = $1",
+        uuid.UUID(member),
+    )
+    assert len(restored) == 2 and all(r["expires_at"] == r["original"] for r in restored)
+    await assert_audit(conn, member)
+
+
 async def test_merge_and_unmerge_move_lots_once(db: Database, conn: asyncpg.Connection) -> None:
     ledger = Ledger(db)
     survivor, absorbed = new_member(), new_member()

@@ -70,6 +70,11 @@ def test_blocklist_leaves_real_values(id_type: IdType, value: str) -> None:
     assert not POLICY.is_junk(id_type, value)
 
 
+def test_member_numbers_we_issued_are_never_junk() -> None:
+    assert POLICY.is_junk(IdType.POS_CARD, "11111111")
+    assert not POLICY.is_junk(IdType.MEMBER_NUMBER, "11111111")
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
