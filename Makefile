@@ -21,6 +21,7 @@ help:
 	@echo "              seed the demo brand, run every service and the gateway; Ctrl-C stops"
 	@echo "make test     lint (ruff, mypy) and the whole test suite"
 	@echo "make bench    open-loop benchmark of the POS checkout path (BENCH_ARGS='--rate 400')"
+	@echo "              other scenarios: BENCH_ARGS='identify ...' (list: .venv/bin/python -m bench list)"
 	@echo "make migrate  migrate every schema;  make seed  seed the demo brand"
 	@echo "make lint | proto | install | clean"
 

@@ -144,35 +144,42 @@ async def count_order(conn: Connection, member_id: uuid.UUID) -> int:
 
 
 async def load_facts(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str, MemberFacts]:
-    """Facts, tags, consent and the non-personalised choice of many members, in one query."""
+    """Facts, tags, consent and the non-personalised choice of many members:
+    three index scans, whatever the batch size."""
     rows = await conn.fetch(
         "SELECT f.member_id, f.tz, f.tier, f.segment, f.stage, f.order_count,"
-        " coalesce(p.non_personalised, false) AS np,"
-        " (SELECT array_agg(tag) FROM engagement.member_tags t WHERE t.member_id = f.member_id)"
-        "   AS tags,"
-        " (SELECT array_agg(channel || ':' || granted::text) FROM engagement.consents c"
-        "   WHERE c.member_id = f.member_id) AS consents"
+        " coalesce(p.non_personalised, false) AS np"
         " FROM engagement.member_facts f"
         " LEFT JOIN engagement.preferences p ON p.member_id = f.member_id"
         " WHERE f.member_id = ANY($1::uuid[])",
         member_ids,
     )
+    consents: dict[str, dict[str, bool]] = {}
+    for r in await conn.fetch(
+        "SELECT member_id, channel, granted FROM engagement.consents"
+        " WHERE member_id = ANY($1::uuid[])",
+        member_ids,
+    ):
+        consents.setdefault(str(r["member_id"]), {})[r["channel"]] = r["granted"]
+    tags: dict[str, set[str]] = {}
+    for r in await conn.fetch(
+        "SELECT member_id, tag FROM engagement.member_tags WHERE member_id = ANY($1::uuid[])",
+        member_ids,
+    ):
+        tags.setdefault(str(r["member_id"]), set()).add(r["tag"])
     out: dict[str, MemberFacts] = {}
     for r in rows:
-        consents = {}
-        for item in r["consents"] or []:
-            channel, granted = item.split(":", 1)
-            consents[channel] = granted == "true"
-        out[str(r["member_id"])] = MemberFacts(
-            member_id=str(r["member_id"]),
+        mid = str(r["member_id"])
+        out[mid] = MemberFacts(
+            member_id=mid,
             tz=r["tz"] or DEFAULT_TZ,
             tier=r["tier"],
             segment=r["segment"],
             stage=r["stage"],
             order_count=r["order_count"],
             non_personalised=r["np"],
-            tags=frozenset(r["tags"] or ()),
-            consents=consents,
+            tags=frozenset(tags.get(mid, ())),
+            consents=consents.get(mid, {}),
         )
     return out
 
@@ -536,15 +543,6 @@ async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep
         )
         for r in rows
     ]
-
-
-async def existing_send_keys(conn: Connection, keys: list[str]) -> set[str]:
-    if not keys:
-        return set()
-    rows = await conn.fetch(
-        "SELECT send_key FROM engagement.sends WHERE send_key = ANY($1::text[])", keys
-    )
-    return {r["send_key"] for r in rows}
 
 
 async def reserve_caps(

@@ -283,9 +283,6 @@ class Scheduler:
     ) -> None:
         if not batch.sends:
             return
-        keys = [new_send_key(p.due.enrollment_id, p.intent.seq) for p in batch.sends]
-        already = await repo.existing_send_keys(conn, keys)
-        batch.sends = [p for p, k in zip(batch.sends, keys, strict=True) if k not in already]
         # Consent at send time: marketing needs an explicit grant on the
         # channel; anything explicitly refused (unsubscribe) is never sent.
         contested: dict[tuple[uuid.UUID, date, str], list[_Pending]] = defaultdict(list)

@@ -113,7 +113,7 @@ sends = Table(
     "sends",
     metadata,
     Column("send_key", Text, primary_key=True),
-    Column("enrollment_id", Uuid, nullable=False, index=True),
+    Column("enrollment_id", Uuid, nullable=False),
     Column("journey_id", Text, nullable=False),
     Column("version", Integer, nullable=False),
     Column("step_id", Text, nullable=False),

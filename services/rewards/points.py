@@ -682,18 +682,24 @@ class PointsLedger:
         )
         refund_id = uuid.uuid4()
         # The order's points live where its lot is now (a merge moves them).
+        # A merge moves lots under both members' locks, so once the lot is
+        # seen at the member whose lock we hold, it stays there.
         root = await ledger.order_lot(conn, order["id"])
         live = await ledger.live_lot(conn, root["id"]) if root else None
         member = live["member_id"] if live is not None else order["member_id"]
+        while True:
+            await ledger.ensure_account(conn, member)
+            state = await self.maintain(conn, member, now)
+            assert state is not None
+            live = await ledger.live_lot(conn, root["id"]) if root else None
+            if live is None or live["member_id"] == member:
+                break
+            member = live["member_id"]  # moved meanwhile: follow it
         taken = debt = shortfall = 0
         txn_id: uuid.UUID | None = None
-        await ledger.ensure_account(conn, member)
-        state = await self.maintain(conn, member, now)
-        assert state is not None
         available = state.balance.available
         if due or restore:
-            # Re-read after lazy expiry: an expired lot has nothing left to take.
-            live = await ledger.live_lot(conn, root["id"]) if root else None
+            # `live` was read after lazy expiry: an expired lot has nothing to take.
             lot_status = live["status"] if live else "active"
             taken = min(due, live["remaining"]) if live else 0
             if self.policy.shortfall is ShortfallPolicy.DEBT:

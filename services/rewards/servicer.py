@@ -11,7 +11,7 @@ import grpc
 
 from loyalty.common.v1 import common_pb2
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
-from servicekit.db import Database
+from servicekit.db import Database, with_retries
 from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp, to_datetime
 
@@ -19,7 +19,7 @@ from . import ledger
 from .domain import Channel, OrderLine, OrderRequest, parse_member_id
 from .handlers import OrderResult, RewardsHandlers
 from .ledger import Balance
-from .points import Spend
+from .points import Outcome, Refund, Spend
 from .repository import StoreRecord
 
 DEFAULT_PAGE_SIZE = 20
@@ -212,15 +212,20 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServiceServicer):
     async def RefundOrder(
         self, request: rewards_pb2.RefundOrderRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.RefundOrderResponse:
-        async with self._db.unit_of_work() as uow:
-            outcome = await self._points.refund_order(
-                uow,
-                request.store_id,
-                request.pos_transaction_id,
-                request.refund_transaction_id,
-                request.refunded_amount_fen,
-                datetime.now(UTC),
-            )
+        async def attempt() -> Outcome[Refund]:
+            async with self._db.unit_of_work() as uow:
+                return await self._points.refund_order(
+                    uow,
+                    request.store_id,
+                    request.pos_transaction_id,
+                    request.refund_transaction_id,
+                    request.refunded_amount_fen,
+                    datetime.now(UTC),
+                )
+
+        # A refund racing a merge of the same member may lose a deadlock: the
+        # whole transaction is retried (it is idempotent on its key).
+        outcome: Outcome[Refund] = await with_retries(attempt)
         r = outcome.unwrap()
         return rewards_pb2.RefundOrderResponse(
             refund_id=r.refund_id,

@@ -89,15 +89,28 @@ async def test_pos_checkout_redeems_and_refunds(pos: Pos, http: httpx.AsyncClien
     summary = (await http.get(f"/v1/members/{member}/points/summary")).json()
     assert (summary["available"], summary["debt"], summary["pending"]) == (20, 10, 0)
 
+    # Refunding the checkout that used points gives the 60 back and takes its 20.
+    back = await pos.RefundOrder(
+        pos_pb2.RefundOrderRequest(
+            store_id=STORE,
+            pos_transaction_id=txn,
+            refund_transaction_id=txn + "-R",
+            refunded_amount_fen=2_000,
+        ),
+        timeout=10,
+    )
+    assert (back.points_reversed, back.points_restored, back.points_balance) == (20, 60, 60)
+
     history = await http.get(f"/v1/members/{member}/points/history", params={"page_size": 2})
     assert history.status_code == 200, history.text
     page = history.json()
-    assert [line["kind"] for line in page["lines"]] == ["refund", "earn"]
-    assert page["lines"][0]["amount"] == -40 and page["lines"][0]["balance_after"] == 20
+    assert [line["kind"] for line in page["lines"]] == ["refund", "refund"]
+    assert [line["amount"] for line in page["lines"]] == [40, -40]
+    assert [line["balance_after"] for line in page["lines"]] == [60, 20]
     rest = await http.get(
         f"/v1/members/{member}/points/history", params={"cursor": page["next_cursor"]}
     )
-    assert [line["kind"] for line in rest.json()["lines"]] == ["redeem", "earn"]
+    assert [line["kind"] for line in rest.json()["lines"]] == ["earn", "redeem", "earn"]
     assert rest.json()["next_cursor"] is None
 
 

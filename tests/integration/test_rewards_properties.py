@@ -57,7 +57,7 @@ op = st.one_of(
 
 
 @settings(
-    max_examples=400,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
