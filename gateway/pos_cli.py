@@ -32,9 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=5.0, help="call deadline in seconds")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    identify = commands.add_parser("identify", help="identify (or enrol) a member by phone")
+    identify = commands.add_parser(
+        "identify", help="identify a member by phone (enrols if new), member code or card"
+    )
     identify.add_argument("--store-id", required=True)
-    identify.add_argument("--phone", required=True)
+    key = identify.add_mutually_exclusive_group(required=True)
+    key.add_argument("--phone")
+    key.add_argument("--member-code", help="the dynamic code the mini-program shows")
+    key.add_argument("--card", help="a POS member card number")
 
     order = commands.add_parser("complete-order", help="settle an order and accrue points")
     order.add_argument("--store-id", required=True)
@@ -49,9 +54,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _request(args: argparse.Namespace) -> tuple[str, Message]:
     if args.command == "identify":
-        return "IdentifyMember", pos_pb2.IdentifyMemberRequest(
-            store_id=args.store_id, phone=args.phone
-        )
+        request = pos_pb2.IdentifyMemberRequest(store_id=args.store_id)
+        if args.phone is not None:
+            request.phone = args.phone
+        elif args.member_code is not None:
+            request.member_code = args.member_code
+        else:
+            request.card = args.card
+        return "IdentifyMember", request
     return "CompleteOrder", pos_pb2.CompleteOrderRequest(
         store_id=args.store_id,
         pos_transaction_id=args.pos_transaction_id,

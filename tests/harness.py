@@ -46,7 +46,8 @@ class Infra:
             "redis_namespace": self.namespace,
             "grpc_port": 0,
             "log_json": False,
-            "db_pool_max": 20,
+            # 4 services x 10 stays well under PostgreSQL's default 100 connections.
+            "db_pool_max": 10,
             "shutdown_grace_seconds": 2.0,
             "health_check_interval_seconds": 1.0,
             "outbox_poll_interval_seconds": 0.2,
