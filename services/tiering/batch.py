@@ -24,6 +24,7 @@ Set-based and chunked (docs/tiers.md, "Batch recompute"):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -55,6 +56,8 @@ from .evaluation import (
 )
 from .handlers import DEFAULT_PROGRAMME_ID
 from .segments import LAPSED, PROSPECT, segment_sql, stage_sql
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, "RunResult"], None]
 MIN_UUID = uuid.UUID(int=0)
@@ -120,6 +123,12 @@ async def recompute(
         # running them: measured 3 s of 5 s per chunk).
         await conn.execute(f"SET work_mem = '{WORK_MEM}'")
         await conn.execute("SET jit = off")
+        try:
+            # The work table lives in local buffers (8MB by default: a million
+            # rows thrash). Settable only before a session's first temp table.
+            await conn.execute(f"SET temp_buffers = '{WORK_MEM}'")
+        except asyncpg.PostgresError:
+            log.info("temp_buffers already fixed for this connection; keeping it")
         tick = time.perf_counter()
         # Everyone tiering knows gets a profile row (ordered, or tiered).
         for source in ("tiering.member_spend", "tiering.member_tiers"):
@@ -370,9 +379,30 @@ async def _tiers_chunk(
     ladder = programme.ladder
     codes = [t.code for t in ladder.tiers]
     thresholds = [t.threshold for t in ladder.tiers]
+    start, end = period_bounds(programme, now)
+    # Base tier, nothing earned, nothing else due: the period just rolls over,
+    # in one statement (at a year end that is most members).
+    await conn.execute(
+        "UPDATE tiering.member_tiers t SET period_start = $3, period_end = $4,"
+        " peak = coalesce(w.metric, 0), base_tier = t.earned_tier, evaluated_at = $5,"
+        " updated_at = now()"
+        " FROM tiering.member_tiers x LEFT JOIN batch_work w ON w.member_id = x.member_id"
+        " WHERE t.member_id = x.member_id AND x.member_id > $1 AND x.member_id <= $2"
+        " AND x.period_end <= $5 AND x.earned_tier = $6 AND x.programme_version = $7"
+        " AND x.grace_until IS NULL AND (x.override_until IS NULL OR x.override_until > $5)"
+        " AND coalesce(w.metric, 0) < $8 AND x.evaluated_at <= $5",
+        lo,
+        hi,
+        start,
+        end,
+        now,
+        codes[0],
+        programme.version,
+        thresholds[1] if len(thresholds) > 1 else 2**62,
+    )
     # Members with something due (metric now from the run's aggregate); the rest
     # are untouched.
-    rows = await conn.fetch(
+    complex_rows = await conn.fetch(
         f"SELECT t.member_id, {repo.STATE_COLUMNS}, t.tier_code, t.evaluated_at,"
         " coalesce(w.metric, 0) AS metric FROM tiering.member_tiers t"
         " LEFT JOIN batch_work w ON w.member_id = t.member_id"
@@ -388,36 +418,6 @@ async def _tiers_chunk(
         thresholds,
         codes,
     )
-    if not rows:
-        return 0
-    start, end = period_bounds(programme, now)
-    rolls: list[tuple[uuid.UUID, int]] = []
-    complex_rows = []
-    for row in rows:
-        simple = (
-            row["earned_tier"] == codes[0]
-            and row["programme_version"] == programme.version
-            and row["grace_until"] is None
-            and (row["override_until"] is None or row["override_until"] > now)
-            and ladder.tier_for(row["metric"]).code == codes[0]
-        )
-        if simple:
-            rolls.append((row["member_id"], row["metric"]))
-        else:
-            complex_rows.append(row)
-    if rolls:
-        # Base tier, nothing earned: the period just rolls over.
-        await conn.execute(
-            "UPDATE tiering.member_tiers t SET period_start = $3, period_end = $4, peak = r.metric,"
-            " base_tier = t.earned_tier, evaluated_at = $5, updated_at = now()"
-            " FROM unnest($1::uuid[], $2::bigint[]) AS r(member_id, metric)"
-            " WHERE t.member_id = r.member_id AND t.period_end <> $4",
-            [r[0] for r in rolls],
-            [r[1] for r in rolls],
-            start,
-            end,
-            now,
-        )
     if not complex_rows:
         return 0
     points = await _boundary_metrics(conn, programme, complex_rows, now)
