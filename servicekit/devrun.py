@@ -158,9 +158,11 @@ def platform_children(
 ) -> list[Child]:
     """The four services and the gateway, wired to each other on loopback."""
     children = []
+    # Every process learns every service's address (engagement calls rewards, ...).
+    addresses = {f"{name.upper()}_ADDR": f"{LOOPBACK}:{ports[name]}" for name in SERVICES}
     for name in SERVICES:
         target = f"{LOOPBACK}:{ports[name]}"
-        env = child_env(base_env, GRPC_HOST=LOOPBACK, GRPC_PORT=str(ports[name]))
+        env = child_env(base_env, GRPC_HOST=LOOPBACK, GRPC_PORT=str(ports[name]), **addresses)
         children.append(Child(name, [python, "-m", f"services.{name}"], env, grpc_target=target))
     gateway_env = child_env(
         base_env,
@@ -168,7 +170,7 @@ def platform_children(
         HTTP_PORT=str(ports["http"]),
         POS_GRPC_HOST=LOOPBACK,
         POS_GRPC_PORT=str(ports["pos"]),
-        **{f"{name.upper()}_ADDR": f"{LOOPBACK}:{ports[name]}" for name in SERVICES},
+        **addresses,
     )
     children.append(
         Child(
