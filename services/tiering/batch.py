@@ -51,7 +51,6 @@ from .evaluation import (
     add_months,
     advance,
     facts_metric,
-    period_bounds,
     window_start,
 )
 from .handlers import DEFAULT_PROGRAMME_ID
@@ -227,22 +226,24 @@ async def _work_table(
     rfm_orders = f"count(*) FILTER (WHERE ordered_at > $2 AND {live})"
     rfm_spend = "sum(paid_fen - refunded_fen) FILTER (WHERE ordered_at > $2)"
     await conn.execute("DROP TABLE IF EXISTS pg_temp.batch_work")
-    await conn.execute(
-        "CREATE TEMP TABLE batch_work (member_id uuid PRIMARY KEY, metric bigint NOT NULL,"
-        " last_at timestamptz, orders bigint NOT NULL, spend bigint, spend_rank bigint)"
-    )
-    await conn.execute(
-        "INSERT INTO batch_work (member_id, metric, last_at, orders, spend, spend_rank)"
-        f" SELECT member_id, {tier_agg},"
-        f" max(ordered_at) FILTER (WHERE ordered_at > $2 AND {live}), {rfm_orders}, {rfm_spend},"
+    # CREATE TABLE AS may use a parallel plan (INSERT ... SELECT may not); it takes
+    # no bind parameters, so the three instants are written as literals (our own
+    # datetimes, rendered by isoformat).
+    sql = (
+        "CREATE TEMP TABLE batch_work AS"
+        f" SELECT member_id, {tier_agg}::bigint AS metric,"
+        f" max(ordered_at) FILTER (WHERE ordered_at > $2 AND {live}) AS last_at,"
+        f" {rfm_orders} AS orders, {rfm_spend}::bigint AS spend,"
         f" CASE WHEN {rfm_orders} > 0 THEN row_number() OVER"
         f"  (PARTITION BY {rfm_orders} > 0 ORDER BY {rfm_spend} DESC, member_id) END"
+        "  AS spend_rank"
         " FROM tiering.orders WHERE ordered_at > least($1, $2) AND ordered_at <= $3"
-        " GROUP BY member_id",
-        tier_lo,
-        rfm_lo,
-        now,
+        " GROUP BY member_id"
     )
+    for n, instant in ((1, tier_lo), (2, rfm_lo), (3, now)):
+        sql = sql.replace(f"${n}", f"'{instant.isoformat()}'::timestamptz")
+    await conn.execute(sql)
+    await conn.execute("ALTER TABLE batch_work ADD PRIMARY KEY (member_id)")
     if metric is QualifyingMetric.GROWTH_VALUE:
         await conn.execute(
             "INSERT INTO batch_work AS w (member_id, metric, orders)"
@@ -379,36 +380,16 @@ async def _tiers_chunk(
     ladder = programme.ladder
     codes = [t.code for t in ladder.tiers]
     thresholds = [t.threshold for t in ladder.tiers]
-    start, end = period_bounds(programme, now)
-    # Base tier, nothing earned, nothing else due: the period just rolls over,
-    # in one statement (at a year end that is most members).
-    await conn.execute(
-        "UPDATE tiering.member_tiers t SET period_start = $3, period_end = $4,"
-        " peak = coalesce(w.metric, 0), base_tier = t.earned_tier, evaluated_at = $5,"
-        " updated_at = now()"
-        " FROM tiering.member_tiers x LEFT JOIN batch_work w ON w.member_id = x.member_id"
-        " WHERE t.member_id = x.member_id AND x.member_id > $1 AND x.member_id <= $2"
-        " AND x.period_end <= $5 AND x.earned_tier = $6 AND x.programme_version = $7"
-        " AND x.grace_until IS NULL AND (x.override_until IS NULL OR x.override_until > $5)"
-        " AND coalesce(w.metric, 0) < $8 AND x.evaluated_at <= $5",
-        lo,
-        hi,
-        start,
-        end,
-        now,
-        codes[0],
-        programme.version,
-        thresholds[1] if len(thresholds) > 1 else 2**62,
-    )
     # Members with something due (metric now from the run's aggregate); the rest
-    # are untouched.
+    # are untouched. A base-tier member's period end changes nothing visible, so
+    # it is not written here: the next event or evaluation rolls it (advance()).
     complex_rows = await conn.fetch(
         f"SELECT t.member_id, {repo.STATE_COLUMNS}, t.tier_code, t.evaluated_at,"
         " coalesce(w.metric, 0) AS metric FROM tiering.member_tiers t"
         " LEFT JOIN batch_work w ON w.member_id = t.member_id"
         " WHERE t.member_id > $1 AND t.member_id <= $2 AND ("
-        "  t.period_end <= $3 OR t.grace_until <= $3 OR t.override_until <= $3"
-        "  OR t.programme_version <> $4"
+        "  (t.period_end <= $3 AND t.earned_tier <> $7) OR t.grace_until <= $3"
+        "  OR t.override_until <= $3 OR t.programme_version <> $4"
         "  OR (SELECT count(*) FROM unnest($5::bigint[]) th WHERE th <= coalesce(w.metric, 0))"
         "   > array_position($6::text[], t.earned_tier))",
         lo,
@@ -417,6 +398,7 @@ async def _tiers_chunk(
         programme.version,
         thresholds,
         codes,
+        codes[0],
     )
     if not complex_rows:
         return 0
