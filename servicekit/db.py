@@ -12,6 +12,7 @@ rolls back on any exception. Business code never commits.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -23,6 +24,7 @@ from google.protobuf.message import Message
 from .events import make_envelope
 
 Connection = asyncpg.Connection
+log = logging.getLogger(__name__)
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -136,8 +138,14 @@ class Database:
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float = 10.0) -> None:
+        """Close gracefully; a connection never released (a task cancelled at a
+        bad moment) must not hang shutdown, so terminate after `timeout`."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout)
+        except TimeoutError:
+            log.warning("database pool did not close within %.0fs; terminating", timeout)
+            self.pool.terminate()
 
 
 async def with_retries(attempt: Callable[[], Awaitable[Any]], retries: int = 3) -> Any:
