@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
+from cachetools import TTLCache
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
@@ -126,13 +127,30 @@ class MemberClient(_Client):
         return await self._call(getattr(self._stub, method), request, fields)
 
 
+# Open stores are remembered this long: POS identify then costs one hop less.
+# Only open stores are cached, so a new store works at once; a store closed
+# meanwhile is still refused at checkout by rewards itself.
+OPEN_STORE_TTL_SECONDS = 30.0
+
+
 class RewardsClient(_Client):
     def __init__(self, target: str, timeout: float) -> None:
         super().__init__("rewards", target, timeout)
         self._stub = rewards_pb2_grpc.RewardsServiceStub(self.channel)
+        self._open_stores: TTLCache[str, rewards_pb2.Store] = TTLCache(
+            maxsize=10_000, ttl=OPEN_STORE_TTL_SECONDS
+        )
 
     async def get_store(self, store_id: str) -> rewards_pb2.Store:
-        return await self._call(self._stub.GetStore, rewards_pb2.GetStoreRequest(store_id=store_id))
+        cached = self._open_stores.get(store_id)
+        if cached is not None:
+            return cached
+        store: rewards_pb2.Store = await self._call(
+            self._stub.GetStore, rewards_pb2.GetStoreRequest(store_id=store_id)
+        )
+        if store.status == "active":
+            self._open_stores[store_id] = store
+        return store
 
     async def get_points_balance(self, member_id: str) -> rewards_pb2.PointsBalance:
         return await self._call(

@@ -24,7 +24,7 @@ from .errors import DownstreamError
 
 log = logging.getLogger(__name__)
 
-STORE_OPEN = "active"
+STORE_OPEN = "active"  # gateway.clients caches stores with this status
 
 
 def _required(value: str, field: str) -> None:
