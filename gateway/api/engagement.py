@@ -186,7 +186,7 @@ async def unsubscribe(
 
 
 @router.post(
-    "/v1/journeys",
+    "/v1/admin/journeys",
     response_model=Published,
     status_code=201,
     tags=["journeys"],
@@ -217,7 +217,7 @@ class Launched(BaseModel):
 
 
 @router.post(
-    "/v1/journeys/{journey_id}/launch-near-store",
+    "/v1/admin/journeys/{journey_id}/launch-near-store",
     response_model=Launched,
     tags=["journeys"],
     summary="Enter a near_store journey for members within the radius of a store",
@@ -252,7 +252,7 @@ def _status(reply: engagement_pb2.JourneyStatus) -> JourneyStatus:
 
 
 @router.post(
-    "/v1/journeys/{journey_id}/pause",
+    "/v1/admin/journeys/{journey_id}/pause",
     response_model=JourneyStatus,
     tags=["journeys"],
     summary="Pause a journey: its steps stop running",
@@ -263,7 +263,7 @@ async def pause_journey(journey_id: JourneyId, request: Request) -> JourneyStatu
 
 
 @router.post(
-    "/v1/journeys/{journey_id}/resume",
+    "/v1/admin/journeys/{journey_id}/resume",
     response_model=JourneyStatus,
     tags=["journeys"],
     summary="Resume a journey; stale steps that say drop_if_late are dropped",
@@ -274,7 +274,7 @@ async def resume_journey(journey_id: JourneyId, request: Request) -> JourneyStat
 
 
 @router.get(
-    "/v1/journeys/{journey_id}/metrics",
+    "/v1/admin/journeys/{journey_id}/metrics",
     response_model=JourneyMetrics,
     tags=["journeys"],
     summary="Entered, sent, capped, suppressed, converted; holdout lift and A/B branches",

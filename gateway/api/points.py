@@ -196,9 +196,9 @@ async def get_expiring(
 
 
 @router.post(
-    "/v1/operator/members/{member_id}/points/adjustments",
+    "/v1/admin/members/{member_id}/points/adjustments",
     response_model=AdjustmentResult,
-    tags=["operator"],
+    tags=["admin"],
     summary="Credit or debit a member's points, with reason and operator",
     responses=MEMBER_ERRORS,
 )
@@ -222,9 +222,9 @@ async def adjust(member_id: MemberId, body: Adjustment, request: Request) -> Adj
 
 
 @router.get(
-    "/v1/operator/points/liability",
+    "/v1/admin/points/liability",
     response_model=Liability,
-    tags=["operator"],
+    tags=["admin"],
     summary="Points the brand owes members",
 )
 async def liability(

@@ -323,9 +323,9 @@ async def record_growth_action(
 
 
 @router.get(
-    "/v1/operator/tier-programmes/{programme_id}",
+    "/v1/admin/tier-programmes/{programme_id}",
     response_model=ProgrammeOut,
-    tags=["operator"],
+    tags=["admin"],
     summary="The programme version in force (now, or at `at`)",
     responses=PROGRAMME_ERRORS,
 )
@@ -339,10 +339,10 @@ async def get_programme(
 
 
 @router.post(
-    "/v1/operator/tier-programmes/{programme_id}/versions",
+    "/v1/admin/tier-programmes/{programme_id}/versions",
     response_model=ProgrammeOut,
     status_code=201,
-    tags=["operator"],
+    tags=["admin"],
     summary="Publish a new version, applying from its effective_from",
     responses=PROGRAMME_ERRORS,
 )
@@ -356,9 +356,9 @@ async def publish_programme(
 
 
 @router.post(
-    "/v1/operator/tier-programmes/{programme_id}/simulations",
+    "/v1/admin/tier-programmes/{programme_id}/simulations",
     response_model=Simulation,
-    tags=["operator"],
+    tags=["admin"],
     summary="What a draft version would change for today's members (nothing is stored)",
     responses=PROGRAMME_ERRORS,
 )
@@ -381,9 +381,9 @@ async def simulate_programme(
 
 
 @router.put(
-    "/v1/operator/members/{member_id}/tier-override",
+    "/v1/admin/members/{member_id}/tier-override",
     response_model=MemberTier,
-    tags=["operator"],
+    tags=["admin"],
     summary="Put a tier floor on a member until a date, with a reason",
     responses=MEMBER_ERRORS,
 )
@@ -400,9 +400,9 @@ async def set_override(member_id: MemberId, body: OverrideIn, request: Request) 
 
 
 @router.delete(
-    "/v1/operator/members/{member_id}/tier-override",
+    "/v1/admin/members/{member_id}/tier-override",
     response_model=MemberTier,
-    tags=["operator"],
+    tags=["admin"],
     summary="Lift a member's tier floor",
     responses=MEMBER_ERRORS,
 )
@@ -418,9 +418,9 @@ async def lift_override(
 
 
 @router.get(
-    "/v1/operator/reports/tier-distribution",
+    "/v1/admin/reports/tier-distribution",
     response_model=Distribution,
-    tags=["operator"],
+    tags=["admin"],
     summary="Members per tier, segment and stage after the latest batch, with movement",
 )
 async def distribution(request: Request) -> Distribution:

@@ -91,7 +91,7 @@ async def test_publish_ingest_send_metrics_pause_resume(
     api: httpx.AsyncClient, eng_gateway: Gateway
 ) -> None:
     journey_id = f"check-in-{uuid.uuid4().hex[:8]}"
-    published = await api.post("/v1/journeys", json=check_in_journey(journey_id))
+    published = await api.post("/v1/admin/journeys", json=check_in_journey(journey_id))
     assert published.status_code == 201, published.text
     assert published.json() == {"journey_id": journey_id, "version": 1}
 
@@ -104,22 +104,22 @@ async def test_publish_ingest_send_metrics_pause_resume(
             json={"event_id": str(uuid.uuid4()), "type": "check_in"},
         )
         assert reply.status_code == 202, reply.text
-        metrics = (await api.get(f"/v1/journeys/{journey_id}/metrics")).json()
+        metrics = (await api.get(f"/v1/admin/journeys/{journey_id}/metrics")).json()
         return bool(metrics["entered"] >= 1)
 
     await eventually(enrolled, timeout=15, interval=0.2)
 
     async def delivered() -> dict[str, Any] | None:
-        metrics = (await api.get(f"/v1/journeys/{journey_id}/metrics")).json()
+        metrics = (await api.get(f"/v1/admin/journeys/{journey_id}/metrics")).json()
         steps = {s["step_id"]: s for s in metrics["steps"]}
         return metrics if steps.get("thanks", {}).get("delivered", 0) >= 1 else None
 
     metrics = await eventually(delivered, timeout=15, interval=0.2)
     assert metrics["status"] == "active" and metrics["lift"] is None
 
-    paused = await api.post(f"/v1/journeys/{journey_id}/pause")
+    paused = await api.post(f"/v1/admin/journeys/{journey_id}/pause")
     assert paused.json() == {"journey_id": journey_id, "status": "paused", "live_version": 1}
-    resumed = await api.post(f"/v1/journeys/{journey_id}/resume")
+    resumed = await api.post(f"/v1/admin/journeys/{journey_id}/resume")
     assert resumed.json()["status"] == "active"
 
 
@@ -151,13 +151,13 @@ async def test_bad_journeys_are_rejected_with_the_reason(api: httpx.AsyncClient)
     doc = check_in_journey("bad-journey")
     doc["steps"]["thanks"]["channel"] = "carrier-pigeon"
     doc["steps"]["orphan"] = {"type": "exit"}
-    reply = await api.post("/v1/journeys", json=doc)
+    reply = await api.post("/v1/admin/journeys", json=doc)
     assert reply.status_code == 422
     problem = reply.json()
     assert problem["code"] == "UNKNOWN_CHANNEL"
     assert problem["field"] == "definition.steps.thanks.channel"
     assert "carrier-pigeon" in problem["detail"]
-    missing = await api.get("/v1/journeys/no-such-journey/metrics")
+    missing = await api.get("/v1/admin/journeys/no-such-journey/metrics")
     assert missing.status_code == 404
     assert missing.json()["code"] == "UNKNOWN_JOURNEY"
     bad_type = await api.post(
@@ -173,7 +173,7 @@ async def test_launch_a_store_offer_to_members_nearby(
     journey_id = f"near-sh001-{uuid.uuid4().hex[:8]}"
     doc = check_in_journey(journey_id)
     doc["entry"] = {"event": "near_store", "where": {"store_id": "SH001"}}
-    assert (await api.post("/v1/journeys", json=doc)).status_code == 201
+    assert (await api.post("/v1/admin/journeys", json=doc)).status_code == 201
     member = await new_member(eng_gateway)
     location = {
         "type": "location_reported",
@@ -188,19 +188,20 @@ async def test_launch_a_store_offer_to_members_nearby(
 
     await eventually(located, timeout=15, interval=0.2)
     reply = await api.post(
-        f"/v1/journeys/{journey_id}/launch-near-store", json={"store_id": "SH001"}
+        f"/v1/admin/journeys/{journey_id}/launch-near-store", json={"store_id": "SH001"}
     )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["store_id"] == "SH001" and body["entered"] >= 1
     unknown = await api.post(
-        f"/v1/journeys/{journey_id}/launch-near-store", json={"store_id": "XX404"}
+        f"/v1/admin/journeys/{journey_id}/launch-near-store", json={"store_id": "XX404"}
     )
     assert unknown.status_code == 404
     not_a_store_journey = check_in_journey(f"plain-{uuid.uuid4().hex[:8]}")
-    await api.post("/v1/journeys", json=not_a_store_journey)
+    await api.post("/v1/admin/journeys", json=not_a_store_journey)
     refused = await api.post(
-        f"/v1/journeys/{not_a_store_journey['id']}/launch-near-store", json={"store_id": "SH001"}
+        f"/v1/admin/journeys/{not_a_store_journey['id']}/launch-near-store",
+        json={"store_id": "SH001"},
     )
     assert refused.status_code == 409 or refused.status_code == 400 or refused.status_code == 422
     assert refused.json()["code"] == "NOT_A_STORE_JOURNEY"

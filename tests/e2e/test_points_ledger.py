@@ -124,20 +124,20 @@ async def test_operator_adjustment_expiring_and_liability(
         "reason": "store apology",
         "idempotency_key": member,
     }
-    reply = await http.post(f"/v1/operator/members/{member}/points/adjustments", json=body)
+    reply = await http.post(f"/v1/admin/members/{member}/points/adjustments", json=body)
     assert reply.status_code == 200, reply.text
     assert reply.json()["available"] == 45
-    again = await http.post(f"/v1/operator/members/{member}/points/adjustments", json=body)
+    again = await http.post(f"/v1/admin/members/{member}/points/adjustments", json=body)
     assert again.json()["replayed"] is True
     bad = await http.post(
-        f"/v1/operator/members/{member}/points/adjustments",
+        f"/v1/admin/members/{member}/points/adjustments",
         json=body | {"points": 0, "idempotency_key": "z"},
     )
     assert bad.status_code == 422 and bad.json()["field"] == "points"
 
     expiring = await http.get(f"/v1/members/{member}/points/expiring", params={"days": 800})
     assert sum(b["points"] for b in expiring.json()["batches"]) == 45
-    liability = (await http.get("/v1/operator/points/liability")).json()
+    liability = (await http.get("/v1/admin/points/liability")).json()
     assert liability["available"] >= 45
     # Entries sum to zero: what members hold is what was issued, less redeemed
     # and expired, plus adjustments.

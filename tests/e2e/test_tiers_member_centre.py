@@ -93,25 +93,23 @@ async def test_operators_publish_simulate_override_and_report(
     ladder = json.loads(json.dumps(DEMO_PROGRAMME.ladder.to_json()))
     ladder[2]["threshold"], ladder[2]["retention"] = 40_000, 20_000
     bad = await http.post(
-        f"/v1/operator/tier-programmes/{pid}/versions", json=programme_body(ladder=ladder)
+        f"/v1/admin/tier-programmes/{pid}/versions", json=programme_body(ladder=ladder)
     )
     body = assert_problem(bad, 422, "INVALID_PROGRAMME", "ladder[2].threshold")
     assert "ascending" in body["detail"] and "programme." not in body["detail"]
     never = await http.post(
-        f"/v1/operator/tier-programmes/{pid}/versions",
+        f"/v1/admin/tier-programmes/{pid}/versions",
         json=programme_body(rules={"period": {"unit": "month", "length": 0}}),
     )
     assert_problem(never, 422, "INVALID_PROGRAMME", "rules.period.length")
-    assert (await http.get(f"/v1/operator/tier-programmes/{pid}")).status_code == 404
+    assert (await http.get(f"/v1/admin/tier-programmes/{pid}")).status_code == 404
 
-    published = await http.post(
-        f"/v1/operator/tier-programmes/{pid}/versions", json=programme_body()
-    )
+    published = await http.post(f"/v1/admin/tier-programmes/{pid}/versions", json=programme_body())
     assert published.status_code == 201, published.text
     assert published.json()["version"] == 1 and published.json()["rules"]["grace_days"] == 0
 
     simulated = await http.post(
-        "/v1/operator/tier-programmes/default/simulations", json=programme_body()
+        "/v1/admin/tier-programmes/default/simulations", json=programme_body()
     )
     assert simulated.status_code == 200, simulated.text
     report = simulated.json()
@@ -121,7 +119,7 @@ async def test_operators_publish_simulate_override_and_report(
     member = await identify(pos, phone)
     until = (datetime.now(UTC) + timedelta(days=7)).isoformat()
     put = await http.put(
-        f"/v1/operator/members/{member.member_id}/tier-override",
+        f"/v1/admin/members/{member.member_id}/tier-override",
         json={"tier_code": "vip", "until": until, "reason": "influencer trial"},
     )
     assert put.status_code == 200, put.text
@@ -132,15 +130,15 @@ async def test_operators_publish_simulate_override_and_report(
     # The till sees the floor too.
     assert (await identify(pos, phone)).tier_code == "vip"
     lifted = await http.delete(
-        f"/v1/operator/members/{member.member_id}/tier-override", params={"reason": "trial over"}
+        f"/v1/admin/members/{member.member_id}/tier-override", params={"reason": "trial over"}
     )
     assert lifted.json()["tier"]["code"] == "regular"
     unknown = await http.put(
-        f"/v1/operator/members/{member.member_id}/tier-override",
+        f"/v1/admin/members/{member.member_id}/tier-override",
         json={"tier_code": "gold", "until": until, "reason": "x"},
     )
     assert_problem(unknown, 422, "UNKNOWN_TIER", "tier_code")
 
-    dist = await http.get("/v1/operator/reports/tier-distribution")
+    dist = await http.get("/v1/admin/reports/tier-distribution")
     assert dist.status_code == 200, dist.text
     assert set(dist.json()) >= {"run_id", "buckets", "members"}
