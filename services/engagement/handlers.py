@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,6 +39,16 @@ INGESTED_EVENTS = frozenset(
         "location_reported",
     }
 )
+log = logging.getLogger(__name__)
+
+# Member's consent channels (loyalty.events.v1.ConsentChanged) -> this service's
+# channel names; "" in an event means every channel.
+MEMBER_CHANNELS = {
+    "wecom": "wecom",
+    "sms": "sms",
+    "mini_program": "miniprogram",
+    "app_push": "app_push",
+}
 # A location older than this does not put a member in a store's audience.
 LOCATION_FRESH_FOR = timedelta(days=7)
 MAX_RADIUS_M = 50_000
@@ -195,6 +206,33 @@ class EngagementHandlers:
         mid = parse_member_id(member_id)
         await repo.ensure_member(uow.conn, mid)
         await repo.set_non_personalised(uow.conn, mid, value, self.clock.now())
+
+    async def on_consent_changed(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        purpose: str,
+        channel: str,
+        granted: bool,
+        source: str,
+        recorded_at: datetime,
+    ) -> None:
+        """Member's record of a choice (member owns consent): marketing per
+        channel into the consent projection, personalisation into the
+        non-personalised preference; the latest recorded_at wins."""
+        mid = parse_member_id(member_id)
+        if purpose == "marketing":
+            if channel and channel not in MEMBER_CHANNELS:
+                log.warning("consent for unknown channel %r ignored", channel)
+                return
+            channels = [MEMBER_CHANNELS[channel]] if channel else sorted(CHANNELS)
+            await repo.apply_consent(
+                uow.conn, mid, channels, granted, f"member:{source}", recorded_at
+            )
+        elif purpose == "personalisation":
+            await repo.apply_non_personalised(uow.conn, mid, not granted, recorded_at)
+        else:
+            log.warning("consent for unknown purpose %r ignored", purpose)
 
     # ---- events ------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
 """Ports: what engagement needs from other services, and today's adapters.
 
-- Consent by channel and purpose lives in the member service (issue 3). Until
-  member publishes consent changes as an event this service can keep a
-  projection of, `LocalConsent` reads the engagement schema's own consent
-  projection, which the engagement RPCs (unsubscribe, SetConsent,
-  SetNonPersonalised, a mini-program subscription tap) write. The scheduler
+- Consent by channel and purpose lives in the member service (issue 3).
+  `LocalConsent` reads the engagement schema's consent projection, fed by
+  member's ConsentChanged events (last write wins by recorded_at) and still
+  written by the engagement RPCs (unsubscribe, SetConsent, SetNonPersonalised,
+  a mini-program subscription tap). The scheduler
   asks the port for a whole batch at once, inside the batch transaction, so
   the answer is the one in force at send time.
 - Coupons and points come from the rewards service (issue 4). Steps write a

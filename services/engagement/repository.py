@@ -200,6 +200,44 @@ async def set_consent(
     )
 
 
+async def apply_consent(
+    conn: Connection,
+    member_id: uuid.UUID,
+    channels: list[str],
+    granted: bool,
+    source: str,
+    at: datetime,
+) -> None:
+    """A choice recorded elsewhere at `at`: last write wins, so an older one
+    arriving late never overwrites a newer choice; at the same instant a
+    refusal wins. Replaying the same choice changes nothing."""
+    await conn.executemany(
+        "INSERT INTO engagement.consents AS c (member_id, channel, granted, source, updated_at)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (member_id, channel) DO UPDATE SET"
+        " granted = excluded.granted, source = excluded.source, updated_at = excluded.updated_at"
+        " WHERE c.updated_at < excluded.updated_at"
+        " OR (c.updated_at = excluded.updated_at AND NOT excluded.granted)",
+        [(member_id, c, granted, source, at) for c in channels],
+    )
+
+
+async def apply_non_personalised(
+    conn: Connection, member_id: uuid.UUID, value: bool, at: datetime
+) -> None:
+    """Last write wins by `at`, as apply_consent; at the same instant the
+    refusal of personalisation wins."""
+    await conn.execute(
+        "INSERT INTO engagement.preferences AS p (member_id, non_personalised, updated_at)"
+        " VALUES ($1, $2, $3) ON CONFLICT (member_id) DO UPDATE SET"
+        " non_personalised = excluded.non_personalised, updated_at = excluded.updated_at"
+        " WHERE p.updated_at < excluded.updated_at"
+        " OR (p.updated_at = excluded.updated_at AND excluded.non_personalised)",
+        member_id,
+        value,
+        at,
+    )
+
+
 async def set_non_personalised(
     conn: Connection, member_id: uuid.UUID, value: bool, at: datetime
 ) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import httpx
@@ -124,6 +124,18 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         p: Any = received.payload
         await handlers.on_unmerged(uow, p.merge_id, p.survivor_member_id, p.restored_member_id)
 
+    async def consent_changed(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        p: Any = received.payload
+        await handlers.on_consent_changed(
+            uow,
+            p.member_id,
+            p.purpose,
+            p.channel,
+            p.granted,
+            p.source,
+            p.recorded_at.ToDatetime(tzinfo=UTC),
+        )
+
     async def erased(uow: UnitOfWork, received: ReceivedEvent) -> None:
         p: Any = received.payload
         await handlers.on_erased(uow, list(p.member_ids))
@@ -140,6 +152,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         Subscription("member", events_pb2.MemberMerged, merged),
         Subscription("member", events_pb2.MemberUnmerged, unmerged),
         Subscription("member", events_pb2.MemberErased, erased),
+        Subscription("member", events_pb2.ConsentChanged, consent_changed),
         Subscription(
             "rewards",
             events_pb2.OrderCompleted,

@@ -252,6 +252,30 @@ class ConsentRecord:
     recorded_at: datetime
 
 
+def event_channel(channel: ConsentChannel) -> str:
+    """The channel as ConsentChanged names it: the same words, "" for all channels."""
+    return "" if channel is ConsentChannel.ALL else channel.value
+
+
+ConsentState = dict[tuple[ConsentPurpose, ConsentChannel], ConsentRecord]
+
+
+def consent_changes(
+    before: ConsentState, after: ConsentState
+) -> list[tuple[ConsentPurpose, ConsentChannel, bool]]:
+    """Keys whose effective answer changed (a merge or an unmerge recomputes
+    them). No record means no consent (opt-in), so a key that loses its last
+    record becomes a refusal."""
+    out: list[tuple[ConsentPurpose, ConsentChannel, bool]] = []
+    for key in CONSENT_KEYS:
+        was, now = before.get(key), after.get(key)
+        if (was is not None and was.granted) != (now is not None and now.granted) or (
+            was is None and now is not None
+        ):
+            out.append((key[0], key[1], now is not None and now.granted))
+    return out
+
+
 def effective_consent(
     records: list[ConsentRecord], root_id: str, last_merge_at: datetime | None
 ) -> dict[tuple[ConsentPurpose, ConsentChannel], ConsentRecord]:

@@ -44,14 +44,17 @@ from .domain import (
     ConsentChannel,
     ConsentPurpose,
     ConsentRecord,
+    ConsentState,
     Holding,
     IdType,
     ObservedIdentifier,
     check_consent_key,
     check_member_code,
     choose_survivor,
+    consent_changes,
     effective_consent,
     effective_profile,
+    event_channel,
     limit_violations,
     mask,
     member_code,
@@ -505,6 +508,7 @@ class MemberHandlers:
     ) -> MergeRow:
         """Absorb one live root into another; both rows are locked by the caller."""
         conn = uow.conn
+        consent_before = await self._consent_state(conn, survivor)
         moved = await repo.move_identities(conn, absorbed, survivor)
         repointed = await repo.repoint(conn, absorbed, survivor)
         await repo.set_merged_into(conn, absorbed, survivor)
@@ -522,6 +526,12 @@ class MemberHandlers:
             ),
             member_id=survivor,
         )
+        # The survivor's consent is now the cluster's (a refusal anywhere wins).
+        after = await self._consent_state(conn, survivor)
+        for purpose, channel, granted in consent_changes(consent_before, after):
+            await self._emit_consent(
+                uow, survivor, purpose, channel, granted, "merge", record.merged_at
+            )
         return record
 
     async def _merge_roots(
@@ -599,9 +609,10 @@ class MemberHandlers:
                 code="MERGE_NOT_ACTIVE",
                 field="merge_id",
             )
+        consent_before = await self._consent_state(conn, merge.survivor_id)
         await repo.move_back(conn, merge)
         await repo.set_merged_into(conn, merge.absorbed_id, None)
-        await repo.mark_unmerged(conn, merge.merge_id, operator, reason)
+        unmerged_at = await repo.mark_unmerged(conn, merge.merge_id, operator, reason)
         await repo.add_do_not_merge(
             conn, [(merge.survivor_id, merge.absorbed_id)], f"unmerge:{merge.merge_id}"
         )
@@ -611,10 +622,22 @@ class MemberHandlers:
                 merge_id=merge.merge_id,
                 survivor_member_id=merge.survivor_id,
                 restored_member_id=merge.absorbed_id,
-                unmerged_at=_ts(datetime.now(UTC)),
+                unmerged_at=_ts(unmerged_at),
             ),
             member_id=merge.survivor_id,
         )
+        # Each member answers for itself again: the survivor where that changed
+        # its answer, the restored member with every choice it had made.
+        survivor_after = await self._consent_state(conn, merge.survivor_id)
+        for purpose, channel, granted in consent_changes(consent_before, survivor_after):
+            await self._emit_consent(
+                uow, merge.survivor_id, purpose, channel, granted, "unmerge", unmerged_at
+            )
+        restored = await self._consent_state(conn, merge.absorbed_id)
+        for purpose, channel, granted in consent_changes({}, restored):
+            await self._emit_consent(
+                uow, merge.absorbed_id, purpose, channel, granted, "unmerge", unmerged_at
+            )
         return (
             await self._member(conn, merge.survivor_id),
             await self._member(conn, merge.absorbed_id),
@@ -813,8 +836,36 @@ class MemberHandlers:
         source = _required_text(source, "source")
         actor = _required_text(actor, "actor")
         root = await self._live_root(uow.conn, member_id)
-        await repo.add_consent(uow.conn, root, purpose, channel, granted, source, actor)
+        at = await repo.add_consent(uow.conn, root, purpose, channel, granted, source, actor)
+        # A choice on the root is its effective answer (the latest after any merge).
+        await self._emit_consent(uow, root, purpose, channel, granted, source, at)
         return await self.profile(uow, root)
+
+    async def _consent_state(self, conn: Connection, root: str) -> ConsentState:
+        records = await repo.consents(conn, await repo.cluster_of(conn, root))
+        return effective_consent(records, root, await repo.last_merge_at(conn, root))
+
+    async def _emit_consent(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        purpose: ConsentPurpose,
+        channel: ConsentChannel,
+        granted: bool,
+        source: str,
+        recorded_at: datetime,
+    ) -> None:
+        await uow.emit(
+            events_pb2.ConsentChanged(
+                member_id=member_id,
+                purpose=purpose.value,
+                channel=event_channel(channel),
+                granted=granted,
+                source=source,
+                recorded_at=_ts(recorded_at),
+            ),
+            member_id=member_id,
+        )
 
     async def consent_history(self, uow: UnitOfWork, member_id: str) -> list[ConsentRecord]:
         root = await self._live_root(uow.conn, member_id)

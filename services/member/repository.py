@@ -662,10 +662,10 @@ async def move_back(conn: Connection, merge: MergeRow) -> tuple[list[int], list[
     return sorted(r["id"] for r in ids), sorted(str(r["id"]) for r in members)
 
 
-async def mark_unmerged(conn: Connection, merge_id: str, operator: str, reason: str) -> None:
-    await conn.execute(
+async def mark_unmerged(conn: Connection, merge_id: str, operator: str, reason: str) -> datetime:
+    return await conn.fetchval(  # type: ignore[no-any-return]
         "UPDATE member.merges SET status = 'unmerged', unmerged_at = now(), unmerged_by = $2,"
-        " unmerge_reason = $3 WHERE id = $1",
+        " unmerge_reason = $3 WHERE id = $1 RETURNING unmerged_at",
         _uuid(merge_id),
         operator,
         reason,
@@ -839,10 +839,11 @@ async def add_consent(
     granted: bool,
     source: str,
     actor: str,
-) -> None:
-    await conn.execute(
+) -> datetime:
+    """Returns when the choice was recorded (the event carries it)."""
+    return await conn.fetchval(  # type: ignore[no-any-return]
         "INSERT INTO member.consent_records (member_id, purpose, channel, granted, source, actor)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING recorded_at",
         _uuid(member_id),
         purpose.value,
         channel.value,

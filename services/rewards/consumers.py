@@ -1,5 +1,6 @@
 """Events rewards consumes: OneID merges move points lots between members;
-tier changes feed the local tier projection the earning rules read.
+tier changes feed the local tier projection the earning rules read; erasures
+mark members whose later writes are refused.
 
 Each handler runs in the transaction that records the event id (dedup), and
 the ledger move itself is keyed by merge id, so a replayed or duplicated
@@ -54,4 +55,26 @@ async def on_tier_changed(uow: UnitOfWork, event: ReceivedEvent) -> None:
         if changed.HasField("changed_at")
         else event.envelope.occurred_at.ToDatetime(tzinfo=UTC)
     )
-    await repo.record_tier(uow.conn, uuid.UUID(changed.member_id), changed.to_tier, at)
+    await repo.record_tier(
+        uow.conn,
+        uuid.UUID(changed.member_id),
+        changed.to_tier,
+        at,
+        # 0: the event carried no multiplier (older producers); a negative one
+        # is a producer bug and must not poison the stream: config applies.
+        changed.points_multiplier_bp if changed.points_multiplier_bp > 0 else None,
+    )
+
+
+async def on_member_erased(uow: UnitOfWork, event: ReceivedEvent) -> None:
+    """Record the erasure (idempotent: a redelivery keeps the first time).
+    Rewards holds no personal data beyond member ids: journal, orders and lots
+    are financial records and stay; later writes for the member are refused."""
+    erased = event.payload
+    assert isinstance(erased, events_pb2.MemberErased)
+    at = (
+        erased.erased_at.ToDatetime(tzinfo=UTC)
+        if erased.HasField("erased_at")
+        else event.envelope.occurred_at.ToDatetime(tzinfo=UTC)
+    )
+    await repo.record_erasure(uow.conn, [uuid.UUID(m) for m in erased.member_ids], at)

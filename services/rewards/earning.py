@@ -106,8 +106,14 @@ class EarningRules:
     def needs_tier(self) -> bool:
         return bool(self.tier_multiplier_bp)
 
-    def order_points(self, order: OrderRequest, at: datetime, tier: str | None) -> OrderPoints:
-        """Points of an order before the daily cap, and the document saying why."""
+    def order_points(
+        self, order: OrderRequest, at: datetime, tier: str | None, tier_bp: int | None = None
+    ) -> OrderPoints:
+        """Points of an order before the daily cap, and the document saying why.
+
+        `tier_bp` is the multiplier tiering sent with the member's tier
+        (TierChanged); without it the configured multiplier of the tier code
+        applies."""
         if order.lines:
             eligible = [
                 line for line in order.lines if line.category not in self.excluded_categories
@@ -119,7 +125,9 @@ class EarningRules:
         channel = order.channel.value if order.channel else ""
         channel_bp = self.channel_multiplier_bp.get(channel, BP)
         tier_code = tier or self.base_tier
-        tier_bp = self.tier_multiplier_bp.get(tier_code, BP)
+        tier_bp_source = "tiering" if tier_bp else "config"
+        if not tier_bp:
+            tier_bp = self.tier_multiplier_bp.get(tier_code, BP)
         points = base * channel_bp * tier_bp // (BP * BP)
         bonuses = []
         for campaign in self.campaigns:
@@ -145,6 +153,7 @@ class EarningRules:
             "channel_bp": channel_bp,
             "tier": tier_code,
             "tier_bp": tier_bp,
+            "tier_bp_source": tier_bp_source,
         }
         if bonuses:
             rule["campaigns"] = bonuses

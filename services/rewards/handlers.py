@@ -27,7 +27,7 @@ from .domain import (
     plan_settlement,
 )
 from .earning import Period, period_start
-from .points import Outcome, PointsLedger, error_doc, error_from_doc
+from .points import Outcome, PointsLedger, error_doc, error_from_doc, member_erased
 from .repository import BalanceRecord, StoreRecord
 
 CHANNEL_TO_PROTO = {
@@ -83,6 +83,11 @@ class RewardsHandlers:
         member_id = uuid.UUID(order.member_id)
         now = now or datetime.now(UTC)
         ordered_at = order.ordered_at or now
+        # One read for the tier (and its multiplier) and the erasure mark; an
+        # erased member's order is refused before anything is written.
+        state = await repo.member_state(conn, member_id)
+        if state.erased:
+            raise member_erased(member_id)
         claimed = await repo.claim_order(
             conn,
             repo.NewOrder(
@@ -112,9 +117,8 @@ class RewardsHandlers:
                 return Outcome(error=spent)
         policy, rules = self.points.policy, self.points.rules
         points, rule = settlement.points, settlement.rule_doc or settlement.rule.describe()
-        if rules.needs_tier:
-            tier = await repo.member_tier(conn, member_id)
-            priced = rules.order_points(order, ordered_at, tier)
+        if rules.needs_tier or state.tier_code is not None:
+            priced = rules.order_points(order, ordered_at, state.tier_code, state.multiplier_bp)
             points, rule = priced.points, priced.rule
         if rules.daily_cap is not None and points:
             granted, _ = await ledger.count_against_cap(

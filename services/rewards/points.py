@@ -31,6 +31,7 @@ from servicekit.errors import (
 from servicekit.protos import timestamp
 
 from . import ledger
+from . import repository as repo
 from .domain import parse_member_id, parse_store_id
 from .earning import EarningRules, period_start
 from .ledger import Balance, BalanceDelta, Entry, LotChange, NewLot, Posting
@@ -180,6 +181,21 @@ def no_account(member_id: uuid.UUID, field: str = "member_id") -> DomainError:
     return NotFound(f"member {member_id} has no points account", code="UNKNOWN_MEMBER", field=field)
 
 
+def member_erased(member_id: uuid.UUID, field: str = "member_id") -> DomainError:
+    return FailedPrecondition(
+        f"member {member_id} was erased; no further points can be written",
+        code="MEMBER_ERASED",
+        field=field,
+    )
+
+
+async def refuse_erased(conn: Connection, member_id: uuid.UUID) -> None:
+    """Refuse a write for an erased member (MemberErased) before anything is
+    written, so no new record is created about them."""
+    if await repo.is_erased(conn, member_id):
+        raise member_erased(member_id)
+
+
 def spend_entries(
     takes: Sequence[Take], member_id: uuid.UUID, to_account: str, points: int
 ) -> tuple[list[Entry], list[LotChange]]:
@@ -317,6 +333,7 @@ class PointsLedger:
         member, points, key = self._validate_spend(member_id, points, idempotency_key)
         check_text(reference, "reference", "REFERENCE", required=False)
         conn = uow.conn
+        await refuse_erased(conn, member)
         rkey = f"redeem:{key}"
         _, stored = await self._claim(
             conn, rkey, "redeem", {"member_id": str(member), "points": points, "ref": reference}
@@ -406,6 +423,7 @@ class PointsLedger:
         member, points, key = self._validate_spend(member_id, points, idempotency_key)
         check_text(reference, "reference", "REFERENCE", required=False)
         conn = uow.conn
+        await refuse_erased(conn, member)
         rkey = f"hold:{key}"
         _, stored = await self._claim(
             conn, rkey, "hold", {"member_id": str(member), "points": points, "ref": reference}
@@ -836,6 +854,7 @@ class PointsLedger:
         rule = self.rules.action(action)
         key = f"action:{check_key(idempotency_key)}"
         conn = uow.conn
+        await refuse_erased(conn, member)
         _, stored = await self._claim(
             conn, key, "action", {"member_id": str(member), "action": action}
         )
@@ -930,6 +949,7 @@ class PointsLedger:
         check_text(reason, "reason", "REASON", required=True)
         key = f"adjust:{check_key(idempotency_key)}"
         conn = uow.conn
+        await refuse_erased(conn, member)
         _, stored = await self._claim(
             conn,
             key,

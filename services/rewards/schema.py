@@ -336,6 +336,24 @@ member_tiers = Table(
     Column("tier_code", Text, nullable=False),
     # The event's changed_at: an older event never overwrites a newer tier.
     Column("changed_at", DateTime(timezone=True), nullable=False),
+    # The tier's points multiplier from the event (10000 = x1); NULL when the
+    # event carried none: the configured multiplier of tier_code applies.
+    Column("points_multiplier_bp", Integer),
+    CheckConstraint(
+        "points_multiplier_bp IS NULL OR points_multiplier_bp > 0", name="multiplier_positive"
+    ),
+)
+
+# Members erased by OneID (MemberErased). Rewards holds no personal data beyond
+# member ids (the journal, orders and lots are financial records and stay), so
+# the erasure is recorded and later writes for these members are refused.
+erased_members = Table(
+    "erased_members",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    # The event's erased_at (first delivery wins).
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 # Points granted per member, per capped rule, per period (daily caps, action caps).

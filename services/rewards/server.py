@@ -12,7 +12,7 @@ from servicekit.consumer import EventConsumer, Subscription
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
-from .consumers import MemberEvents, on_tier_changed
+from .consumers import MemberEvents, on_member_erased, on_tier_changed
 from .domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
 from .earning import parse_rules
 from .handlers import RewardsHandlers
@@ -76,6 +76,7 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
                 [
                     Subscription("member", events_pb2.MemberMerged, consumers.on_merged),
                     Subscription("member", events_pb2.MemberUnmerged, consumers.on_unmerged),
+                    Subscription("member", events_pb2.MemberErased, on_member_erased),
                     Subscription("tiering", events_pb2.TierChanged, on_tier_changed),
                 ],
                 max_attempts=settings.event_max_attempts,

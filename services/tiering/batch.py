@@ -45,7 +45,6 @@ from . import reports
 from . import repository as repo
 from .domain import DEFAULT_RULES, QualifyingMetric, TierProgramme
 from .evaluation import (
-    EVENT_REASON,
     Change,
     TierState,
     add_months,
@@ -53,7 +52,7 @@ from .evaluation import (
     facts_metric,
     window_start,
 )
-from .handlers import DEFAULT_PROGRAMME_ID
+from .handlers import DEFAULT_PROGRAMME_ID, tier_changed
 from .segments import LAPSED, PROSPECT, segment_sql, stage_sql
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,9 @@ async def recompute(
             await conn.execute(
                 "INSERT INTO tiering.member_profiles (member_id) SELECT s.member_id"
                 f" FROM {source} s WHERE NOT EXISTS (SELECT 1 FROM tiering.member_profiles p"
-                " WHERE p.member_id = s.member_id) ON CONFLICT DO NOTHING"
+                " WHERE p.member_id = s.member_id) AND NOT EXISTS (SELECT 1 FROM"
+                " tiering.erased_members e WHERE e.member_id = s.member_id)"
+                " ON CONFLICT DO NOTHING"
             )
         total = await conn.fetchval("SELECT count(*) FROM tiering.member_profiles")
         cuts = await _work_table(conn, programme, rules.segments.rfm_window_months, now)
@@ -238,7 +239,7 @@ async def _work_table(
         f"  (PARTITION BY {rfm_orders} > 0 ORDER BY {rfm_spend} DESC, member_id) END"
         "  AS spend_rank"
         " FROM tiering.orders WHERE ordered_at > least($1, $2) AND ordered_at <= $3"
-        " GROUP BY member_id"
+        " AND member_id IS NOT NULL GROUP BY member_id"
     )
     for n, instant in ((1, tier_lo), (2, rfm_lo), (3, now)):
         sql = sql.replace(f"${n}", f"'{instant.isoformat()}'::timestamptz")
@@ -248,7 +249,8 @@ async def _work_table(
         await conn.execute(
             "INSERT INTO batch_work AS w (member_id, metric, orders)"
             " SELECT member_id, sum(points), 0 FROM tiering.growth_ledger"
-            " WHERE occurred_at > $1 AND occurred_at <= $2 GROUP BY member_id"
+            " WHERE occurred_at > $1 AND occurred_at <= $2 AND member_id IS NOT NULL"
+            " GROUP BY member_id"
             " ON CONFLICT (member_id) DO UPDATE SET metric = excluded.metric",
             tier_lo,
             now,
@@ -391,7 +393,9 @@ async def _tiers_chunk(
         "  (t.period_end <= $3 AND t.earned_tier <> $7) OR t.grace_until <= $3"
         "  OR t.override_until <= $3 OR t.programme_version <> $4"
         "  OR (SELECT count(*) FROM unnest($5::bigint[]) th WHERE th <= coalesce(w.metric, 0))"
-        "   > array_position($6::text[], t.earned_tier))",
+        "   > array_position($6::text[], t.earned_tier))"
+        # Locked: an erasure of one of these members waits for the chunk to commit.
+        " FOR UPDATE OF t",
         lo,
         hi,
         now,
@@ -435,18 +439,7 @@ async def _tiers_chunk(
             history.append((member_id, change))
             if change.moved:
                 changed += 1
-                outbox.add(
-                    events_pb2.TierChanged(
-                        member_id=str(member_id),
-                        from_tier=change.from_tier,
-                        to_tier=change.to_tier,
-                        reason=EVENT_REASON.get(change.reason, change.reason),
-                        programme_id=programme.programme_id,
-                        programme_version=programme.version,
-                        changed_at=timestamp(change.at),
-                    ),
-                    str(member_id),
-                )
+                outbox.add(tier_changed(member_id, programme, change), str(member_id))
     if updates:
         await conn.execute(
             "UPDATE tiering.member_tiers t SET programme_id = $2, tier_code = u.tier_code,"

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
-from servicekit.errors import InvalidArgument, NotFound
+from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound
 from servicekit.events import ReceivedEvent
 from servicekit.protos import timestamp, to_datetime
 
@@ -184,6 +184,19 @@ class TieringHandlers:
     def now(self) -> datetime:
         return self._clock()
 
+    async def _erased(self, uow: UnitOfWork, *members: uuid.UUID) -> bool:
+        """True when any of the members is erased. Takes the members' erasure
+        locks for the rest of the transaction, so an erasure never interleaves
+        with what the caller writes next."""
+        await repo.lock_members(uow.conn, members)
+        return bool(await repo.erased(uow.conn, members))
+
+    async def _not_erased(self, uow: UnitOfWork, member_id: uuid.UUID) -> None:
+        if await self._erased(uow, member_id):
+            raise FailedPrecondition(
+                "the member was erased", code="MEMBER_ERASED", field="member_id"
+            )
+
     # ---- evaluation core ----------------------------------------------------------
 
     async def evaluate(
@@ -258,6 +271,9 @@ class TieringHandlers:
             raise ValueError(
                 f"OrderCompleted {order.order_id}: paid_amount_fen {order.paid_amount_fen} < 0"
             )
+        if await self._erased(uow, member_id):
+            log.info("order %s: member erased; nothing to track", order.order_id)
+            return
         ordered_at = (
             to_datetime(order.ordered_at) or to_datetime(event.envelope.occurred_at) or self.now()
         )
@@ -291,7 +307,8 @@ class TieringHandlers:
         refund = event.payload
         assert isinstance(refund, events_pb2.OrderRefunded)
         what = f"OrderRefunded {refund.refund_id}"
-        if _event_member(refund.member_id, what) is None:
+        member_id = _event_member(refund.member_id, what)
+        if member_id is None or await self._erased(uow, member_id):
             return
         if refund.refunded_amount_fen <= 0:
             raise ValueError(f"{what}: refunded_amount_fen {refund.refunded_amount_fen} <= 0")
@@ -304,6 +321,11 @@ class TieringHandlers:
             # OrderCompleted travels on the same stream first; an unknown order
             # is retried and then dead-lettered with this reason.
             raise ValueError(f"{what}: order {refund.order_id!r} is not known to tiering")
+        if order.member_id is None or (
+            order.member_id != member_id and await self._erased(uow, order.member_id)
+        ):
+            return  # the order's member was erased (a merge may have moved the order)
+        owner = order.member_id
         refunded = min(order.paid_fen, order.refunded_fen + refund.refunded_amount_fen)
         programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, order.ordered_at)
         programme = programme or await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, self.now())
@@ -316,7 +338,7 @@ class TieringHandlers:
         refunded_at = to_datetime(refund.refunded_at) or self.now()
         await repo.insert_growth(
             conn,
-            order.member_id,
+            owner,
             "refund",
             refund_id,
             growth - order.growth,
@@ -324,17 +346,15 @@ class TieringHandlers:
             refunded_at.astimezone(tz).date(),
         )
         wholly = refunded == order.paid_fen and order.refunded_fen < order.paid_fen
-        await repo.subtract_spend(
-            conn, order.member_id, refunded - order.refunded_fen, 1 if wholly else 0
-        )
-        await self.evaluate(uow, order.member_id, refunded_at, reason="refund")
+        await repo.subtract_spend(conn, owner, refunded - order.refunded_fen, 1 if wholly else 0)
+        await self.evaluate(uow, owner, refunded_at, reason="refund")
 
     async def on_member_registered(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         """Registration date, for lifecycle stages (new, growing)."""
         registered = event.payload
         assert isinstance(registered, events_pb2.MemberRegistered)
         member_id = _event_member(registered.member_id, "MemberRegistered")
-        if member_id is None:
+        if member_id is None or await self._erased(uow, member_id):
             return
         at = to_datetime(registered.registered_at) or to_datetime(event.envelope.occurred_at)
         await repo.set_registered(uow.conn, member_id, at)
@@ -351,6 +371,9 @@ class TieringHandlers:
             raise ValueError(f"{what}: needs two different member ids")
         conn = uow.conn
         if not merged.merge_id or await repo.merge_exists(conn, merged.merge_id):
+            return
+        if await self._erased(uow, survivor, absorbed):
+            log.info("%s: a side was erased; nothing to merge", what)
             return
         now = max(self.now(), to_datetime(merged.merged_at) or self.now())
         programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
@@ -421,6 +444,8 @@ class TieringHandlers:
         if merge["unmerged_at"] is not None:
             return
         survivor, restored = merge["survivor_id"], merge["absorbed_id"]
+        if await self._erased(uow, survivor, restored):
+            return
         now = max(self.now(), to_datetime(unmerged.unmerged_at) or self.now())
         survivor_state = await repo.lock_tier_state(conn, survivor)
         await repo.move_facts_back(conn, survivor, restored)
@@ -462,6 +487,22 @@ class TieringHandlers:
                 {"merge_id": unmerged.merge_id},
             )
             await self._store(uow, member_id, programme, Evaluation(ev.state, [change]), now)
+
+    async def on_member_erased(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """Forget the members of an erased cluster: per-member rows go, facts stay
+        anonymised (totals for reports still add up), the ids are recorded so
+        later events naming them change nothing. Idempotent."""
+        erased = event.payload
+        assert isinstance(erased, events_pb2.MemberErased)
+        members = {
+            m for v in erased.member_ids if (m := _event_member(v, "MemberErased")) is not None
+        }
+        if not members:
+            raise ValueError("MemberErased: no member_ids")
+        at = to_datetime(erased.erased_at) or self.now()
+        await repo.lock_members(uow.conn, members)
+        recorded = await repo.erase_members(uow.conn, sorted(members), at)
+        log.info("erased %d member(s), %d newly", len(members), recorded)
 
     # ---- queries --------------------------------------------------------------------
 
@@ -559,6 +600,7 @@ class TieringHandlers:
                 "occurred_at is in the future", code="INVALID_OCCURRED_AT", field="occurred_at"
             )
         conn = uow.conn
+        await self._not_erased(uow, key)
         programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
         rules = programme.rules if programme else DEFAULT_RULES
         rule = rules.actions[kind]
@@ -682,6 +724,7 @@ class TieringHandlers:
                     code="INVALID_UNTIL",
                     field="until",
                 )
+        await self._not_erased(uow, key)
         # Up to date first, so the override row follows the changes time made.
         await self.evaluate(uow, key, now)
         locked = await repo.lock_tier_state(conn, key)
@@ -726,18 +769,24 @@ def _month_of(day: date) -> tuple[date, date]:
     return first, nxt - timedelta(days=1)
 
 
+def tier_changed(
+    member_id: uuid.UUID, programme: TierProgramme, change: Change
+) -> events_pb2.TierChanged:
+    """The event for one change, with the new tier's multiplier from the programme
+    version that decided it (rewards keeps no copy of the ladder)."""
+    return events_pb2.TierChanged(
+        member_id=str(member_id),
+        from_tier=change.from_tier,
+        to_tier=change.to_tier,
+        reason=EVENT_REASON.get(change.reason, change.reason),
+        programme_id=programme.programme_id,
+        programme_version=programme.version,
+        changed_at=timestamp(change.at),
+        points_multiplier_bp=programme.tier(change.to_tier).benefits.points_multiplier_bp,
+    )
+
+
 async def emit_tier_changed(
     uow: UnitOfWork, member_id: uuid.UUID, programme: TierProgramme, change: Change
 ) -> None:
-    await uow.emit(
-        events_pb2.TierChanged(
-            member_id=str(member_id),
-            from_tier=change.from_tier,
-            to_tier=change.to_tier,
-            reason=EVENT_REASON.get(change.reason, change.reason),
-            programme_id=programme.programme_id,
-            programme_version=programme.version,
-            changed_at=timestamp(change.at),
-        ),
-        member_id=str(member_id),
-    )
+    await uow.emit(tier_changed(member_id, programme, change), member_id=str(member_id))

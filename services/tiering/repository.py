@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -175,7 +176,8 @@ async def insert_order(
 @dataclass(frozen=True)
 class OrderRow:
     order_id: str
-    member_id: uuid.UUID
+    # None once the member was erased.
+    member_id: uuid.UUID | None
     ordered_at: datetime
     paid_fen: int
     refunded_fen: int
@@ -436,7 +438,8 @@ async def simulate(
     retention = [t.retention_bar for t in draft.ladder.tiers]
     rows = await conn.fetch(
         f"WITH m AS (SELECT member_id, {aggregate} AS metric FROM {table}"
-        f"  WHERE {column} > $1 AND {column} <= $2 GROUP BY member_id),"
+        f"  WHERE {column} > $1 AND {column} <= $2 AND member_id IS NOT NULL"
+        "  GROUP BY member_id),"
         " everyone AS (SELECT coalesce(t.member_id, m.member_id) AS member_id,"
         "  coalesce(t.tier_code, $3) AS current, coalesce(m.metric, 0) AS metric"
         "  FROM tiering.member_tiers t FULL JOIN m ON m.member_id = t.member_id),"
@@ -581,3 +584,71 @@ async def set_registered(conn: Connection, member_id: uuid.UUID, at: datetime | 
         member_id,
         at,
     )
+
+
+# ---- erasure ---------------------------------------------------------------------------
+
+
+async def lock_members(conn: Connection, member_ids: Iterable[uuid.UUID]) -> None:
+    """Serialise this transaction with an erasure of any of these members
+    (transaction-scoped; in id order, so two callers never wait on each other
+    in a cycle)."""
+    for member_id in sorted(set(member_ids)):
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('tiering.member:' || $1))", str(member_id)
+        )
+
+
+async def erased(conn: Connection, member_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+    rows = await conn.fetch(
+        "SELECT member_id FROM tiering.erased_members WHERE member_id = ANY($1::uuid[])",
+        list(member_ids),
+    )
+    return {r["member_id"] for r in rows}
+
+
+async def erase_members(conn: Connection, member_ids: list[uuid.UUID], at: datetime) -> int:
+    """Remove what tiering holds per member and anonymise the facts, so totals
+    (orders, spend, growth, tier changes per month) still add up; record the ids.
+    Idempotent: a second run finds nothing left to change. Returns the members
+    newly recorded as erased."""
+    # Tier rows first: the batch locks the rows it evaluates, so a running chunk
+    # commits (history included) before the anonymising below sees its rows.
+    for table in ("tiering.member_tiers", "tiering.member_profiles", "tiering.member_spend"):
+        await conn.execute(f"DELETE FROM {table} WHERE member_id = ANY($1::uuid[])", member_ids)
+    # Merge snapshots hold each side's tier state and registration date.
+    await conn.execute(
+        "DELETE FROM tiering.member_merges"
+        " WHERE survivor_id = ANY($1::uuid[]) OR absorbed_id = ANY($1::uuid[])",
+        member_ids,
+    )
+    await conn.execute(
+        "UPDATE tiering.orders SET member_id = CASE WHEN member_id = ANY($1::uuid[])"
+        " THEN NULL ELSE member_id END, merged_from = NULL"
+        " WHERE member_id = ANY($1::uuid[]) OR merged_from = ANY($1::uuid[])",
+        member_ids,
+    )
+    # Action refs are scoped by member id ("<member>:<ref>"): replaced too.
+    await conn.execute(
+        "UPDATE tiering.growth_ledger SET member_id = CASE WHEN member_id = ANY($1::uuid[])"
+        " THEN NULL ELSE member_id END, merged_from = NULL,"
+        " ref = CASE WHEN member_id = ANY($1::uuid[]) AND kind NOT IN ('order', 'refund')"
+        " THEN 'erased:' || entry_id ELSE ref END"
+        " WHERE member_id = ANY($1::uuid[]) OR merged_from = ANY($1::uuid[])",
+        member_ids,
+    )
+    # The figures name metrics, merges and members: emptied.
+    await conn.execute(
+        "UPDATE tiering.tier_history SET member_id = CASE WHEN member_id = ANY($1::uuid[])"
+        " THEN NULL ELSE member_id END, merged_from = NULL,"
+        " figures = CASE WHEN member_id = ANY($1::uuid[]) THEN '{}'::jsonb ELSE figures END"
+        " WHERE member_id = ANY($1::uuid[]) OR merged_from = ANY($1::uuid[])",
+        member_ids,
+    )
+    recorded = await conn.fetch(
+        "INSERT INTO tiering.erased_members (member_id, erased_at)"
+        " SELECT unnest($1::uuid[]), $2 ON CONFLICT (member_id) DO NOTHING RETURNING member_id",
+        member_ids,
+        at,
+    )
+    return len(recorded)

@@ -77,7 +77,8 @@ orders = Table(
     "orders",
     metadata,
     Column("order_id", Text, primary_key=True),
-    Column("member_id", Uuid, nullable=False),
+    # NULL once the member is erased: the order still counts in totals, for no one.
+    Column("member_id", Uuid),
     Column("ordered_at", DateTime(timezone=True), nullable=False),
     Column("paid_fen", BigInteger, nullable=False),
     Column("refunded_fen", BigInteger, nullable=False, server_default="0"),
@@ -95,7 +96,8 @@ growth_ledger = Table(
     "growth_ledger",
     metadata,
     Column("entry_id", BigInteger, Identity(always=False), primary_key=True),
-    Column("member_id", Uuid, nullable=False),
+    # NULL once the member is erased (see orders).
+    Column("member_id", Uuid),
     Column("kind", Text, nullable=False),
     Column("ref", Text, nullable=False),
     Column("points", BigInteger, nullable=False),
@@ -142,7 +144,8 @@ tier_history = Table(
     "tier_history",
     metadata,
     Column("entry_id", BigInteger, Identity(always=False), primary_key=True),
-    Column("member_id", Uuid, nullable=False),
+    # NULL once the member is erased (see orders); figures are emptied then.
+    Column("member_id", Uuid),
     Column("from_tier", Text, nullable=False),
     Column("to_tier", Text, nullable=False),
     Column("reason", Text, nullable=False),
@@ -196,6 +199,16 @@ member_merges = Table(
     Column("absorbed_before", JSONB),
     Column("merged_at", DateTime(timezone=True), nullable=False),
     Column("unmerged_at", DateTime(timezone=True)),
+)
+
+# Members erased (MemberErased): their rows are gone or anonymised, and later
+# events naming them change nothing. Only the id is kept, to say "erased".
+erased_members = Table(
+    "erased_members",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("erased_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 outbox, processed_events = add_event_tables(metadata)

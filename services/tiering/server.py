@@ -37,6 +37,7 @@ def build(settings: ServiceSettings) -> ServiceApp:
                     ),
                     Subscription("member", events_pb2.MemberMerged, handlers.on_member_merged),
                     Subscription("member", events_pb2.MemberUnmerged, handlers.on_member_unmerged),
+                    Subscription("member", events_pb2.MemberErased, handlers.on_member_erased),
                 ],
                 max_attempts=settings.event_max_attempts,
                 retry_after_ms=settings.event_retry_after_ms,

@@ -126,7 +126,16 @@ async def test_batch_decides_period_ends_as_a_full_recompute_would(
         100_000,
         "2025-12-31",
     )
-    assert len(await eventually(lambda: _n_events(redis, infra, dropped, 2))) == 2
+    dropped_events = [
+        events_pb2.TierChanged.FromString(raw)
+        for raw in await eventually(lambda: _n_events(redis, infra, dropped, 2))
+    ]
+    # Upgrade by the event path, downgrade by the batch: each carries its new
+    # tier's multiplier.
+    assert [(e.to_tier, e.points_multiplier_bp) for e in dropped_events] == [
+        ("svip", 12_000),
+        ("regular", 10_000),
+    ]
 
     # Nothing is due any more: a second run changes no tier.
     again = await recompute(tiering_app.db, now=now + timedelta(seconds=1))

@@ -339,6 +339,8 @@ async def test_crossing_order_upgrades_and_its_refund_undoes_it(
         ("svip", "regular", "downgrade"),
     ]
     assert events[0].programme_id == "default" and events[0].programme_version >= 1
+    # The new tier's multiplier from the deciding version: SVIP 1.2x, back to 1.0x.
+    assert [e.points_multiplier_bp for e in events] == [12_000, 10_000]
     spend = await stub.GetMemberSpend(tiering_pb2.GetMemberSpendRequest(member_id=member))
     assert (spend.total_paid_fen, spend.order_count) == (40_000, 1)
 

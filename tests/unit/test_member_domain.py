@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from servicekit.errors import InvalidArgument
-from services.member.domain import IdType, ObservedIdentifier, dedupe, mask, normalise
+from services.member.domain import (
+    ConsentChannel,
+    ConsentPurpose,
+    ConsentRecord,
+    IdType,
+    ObservedIdentifier,
+    consent_changes,
+    dedupe,
+    event_channel,
+    mask,
+    normalise,
+)
 from services.member.pii import PiiVault
 
 FIELD = "identifiers[0].value"
@@ -91,3 +104,33 @@ def test_vault_round_trips_and_hashes_deterministically() -> None:
     assert b"13912345678" not in blob
     assert vault.decrypt(blob) == "+8613912345678"
     assert vault.lookup_hash("x") == vault.lookup_hash("x") != vault.lookup_hash("y")
+
+
+def _consent(channel: ConsentChannel, granted: bool) -> ConsentRecord:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return ConsentRecord("m", ConsentPurpose.MARKETING, channel, granted, "mp", "member", at)
+
+
+def test_consent_changes_name_only_answers_that_changed() -> None:
+    sms, wecom, push = ConsentChannel.SMS, ConsentChannel.WECOM, ConsentChannel.APP_PUSH
+    m = ConsentPurpose.MARKETING
+    before = {(m, sms): _consent(sms, True), (m, wecom): _consent(wecom, True)}
+    after = {
+        (m, sms): _consent(sms, False),  # refused now
+        (m, push): _consent(push, True),  # a first record
+        # wecom lost its record: no consent (opt-in) -> a refusal
+    }
+    assert consent_changes(before, after) == [(m, wecom, False), (m, sms, False), (m, push, True)]
+    assert consent_changes(after, after) == []
+    # A refusal that loses its record is still no consent: nothing to say.
+    assert consent_changes({(m, sms): _consent(sms, False)}, {}) == []
+
+
+def test_event_channels_are_member_words_and_empty_for_all() -> None:
+    assert [event_channel(c) for c in ConsentChannel] == [
+        "wecom",
+        "sms",
+        "mini_program",
+        "app_push",
+        "",
+    ]

@@ -135,6 +135,25 @@ def test_channel_and_tier_multipliers_compose() -> None:
     assert rules.order_points(order(), NOW, "unknown").points == 28
 
 
+def test_tier_multiplier_from_tiering_wins_over_the_configured_one() -> None:
+    rules = EarningRules(tier_multiplier_bp={"gold": 12_000})
+    # 28.50 yuan -> 28 base points (floor) -> x1.5 = 42; x1.2 from config = 33 (33.6 floored).
+    from_event = rules.order_points(order(), NOW, "gold", 15_000)
+    assert from_event.points == 42
+    assert from_event.rule["tier_bp"] == 15_000 and from_event.rule["tier_bp_source"] == "tiering"
+    fallback = rules.order_points(order(), NOW, "gold", None)
+    assert fallback.points == 33
+    assert fallback.rule["tier_bp"] == 12_000 and fallback.rule["tier_bp_source"] == "config"
+    # An event multiplier applies even to a tier code the configuration does not know.
+    assert EarningRules().order_points(order(), NOW, "jade", 15_000).points == 42
+    # 25 base points x1.5 = 37.5 -> 37: the product is floored once, after both multipliers.
+    assert rules.order_points(order(paid=2_599), NOW, "gold", 15_000).points == 37
+    assert (
+        rules.order_points(order(Channel.MINI_PROGRAM, paid=2_599), NOW, "gold", 15_000).points
+        == 75
+    )
+
+
 def test_excluded_categories_and_campaigns() -> None:
     lines = (
         OrderLine("T", "tea", "tea", 1, 2_000),
