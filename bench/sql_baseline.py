@@ -85,6 +85,8 @@ class RewardsSqlBaseline:
         order_id = uuid.uuid4()
         ordered_at = datetime.now(UTC)
         async with self._db.unit_of_work() as uow:
+            # The checkout reads tier, multiplier and erasure first, as the service does.
+            await repo.member_state(uow.conn, member_id)
             claimed = await repo.claim_order(
                 uow.conn,
                 repo.NewOrder(
