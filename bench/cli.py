@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
 
 from servicekit import devrun, embedded
-from servicekit.db import asyncpg_dsn
+from servicekit.db import asyncpg_dsn, with_database
 from servicekit.settings import ServiceSettings
 
 from .echo_server import METHOD as ECHO_METHOD
@@ -109,11 +109,6 @@ def say(message: str) -> None:
 
 
 # ------------------------------------------------------------- infrastructure
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(asyncpg_dsn(url))
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
 LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
@@ -190,7 +185,7 @@ class BenchInfra:
                 await infra.cleanup()
                 raise
             infra.admin_url = given_db
-            infra.database_url = _with_database(given_db, name)
+            infra.database_url = with_database(given_db, name)
         return infra
 
     async def cleanup(self) -> None:
@@ -291,6 +286,50 @@ async def measure(name: str, call_for: CallFor, args: argparse.Namespace) -> Run
         f" p50 {lat['p50']} ms, p99 {lat['p99']} ms"
     )
     return result
+
+
+async def measure_echo(args: argparse.Namespace, log_dir: Path) -> RunResult:
+    """The empty-gRPC baseline: an echo server in its own process, measured
+    like the slice (the floor of one hop on this machine)."""
+    echo_port = devrun.free_port()
+    echo = devrun.Child(
+        "echo",
+        [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)],
+        devrun.child_env(os.environ),
+        grpc_target=f"{devrun.LOOPBACK}:{echo_port}",
+    )
+    async with (
+        started([echo], log_dir),
+        grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{echo_port}") as channel,
+    ):
+        ping = channel.unary_unary(ECHO_METHOD)
+
+        def echo_call(i: int) -> Awaitable[object]:
+            return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
+
+        return await measure("baseline: empty gRPC unary", lambda _: echo_call, args)
+
+
+def platform_env(infra: BenchInfra) -> dict[str, str]:
+    """The environment of the platform's children: this run's data only."""
+    return devrun.child_env(
+        os.environ,
+        DATABASE_URL=infra.database_url,
+        REDIS_URL=infra.redis_url,
+        REDIS_NAMESPACE=infra.namespace,
+    )
+
+
+def machine(infra: BenchInfra, pg_version: str) -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": pyplatform.platform(),
+        "python": pyplatform.python_version(),
+        "grpcio": grpc.__version__,
+        "postgres": pg_version,
+        "infrastructure": infra.note,
+    }
 
 
 def slice_call(
@@ -432,12 +471,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pg_version = await server_version(infra.database_url)
 
         ports = devrun.free_ports()
-        base = devrun.child_env(
-            os.environ,
-            DATABASE_URL=infra.database_url,
-            REDIS_URL=infra.redis_url,
-            REDIS_NAMESPACE=infra.namespace,
-        )
+        base = platform_env(infra)
         pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
         async with started(devrun.platform_children(ports, base), log_dir):
             members = await identify_pool(pos_target, args.store_id, args.members)
@@ -459,25 +493,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         baselines: list[RunResult] = []
         if not args.no_baselines:
-            echo_port = devrun.free_port()
-            echo = devrun.Child(
-                "echo",
-                [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)],
-                devrun.child_env(os.environ),
-                grpc_target=f"{devrun.LOOPBACK}:{echo_port}",
-            )
-            async with (
-                started([echo], log_dir),
-                grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{echo_port}") as channel,
-            ):
-                ping = channel.unary_unary(ECHO_METHOD)
-
-                def echo_call(i: int) -> Awaitable[object]:
-                    return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
-
-                baselines.append(
-                    await measure("baseline: empty gRPC unary", lambda _: echo_call, args)
-                )
+            baselines.append(await measure_echo(args, log_dir))
 
             from .sql_baseline import RewardsSqlBaseline
 
@@ -508,14 +524,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "open_loop": True,
                     "latency_from": "scheduled send time",
                 },
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": pyplatform.platform(),
-                    "python": pyplatform.python_version(),
-                    "grpcio": grpc.__version__,
-                    "postgres": pg_version,
-                    "infrastructure": infra.note,
-                },
+                "machine": machine(infra, pg_version),
                 "slice": slice_result.summary(),
                 "baselines": [b.summary() for b in baselines],
                 "ratios_slice_over_baseline": ratios(slice_result, baselines),

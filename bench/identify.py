@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform as pyplatform
 import sys
 import time
 import uuid
@@ -41,14 +39,16 @@ from .cli import (
     UnexpectedReply,
     demo_phone,
     identify_pool,
+    machine,
     measure,
+    measure_echo,
+    platform_env,
     ratios,
     say,
     server_version,
     started,
     table,
 )
-from .echo_server import METHOD as ECHO_METHOD
 from .loadgen import RunResult
 
 
@@ -127,12 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await devrun.seed(infra.database_url)
         pg_version = await server_version(infra.database_url)
         ports = devrun.free_ports()
-        base = devrun.child_env(
-            os.environ,
-            DATABASE_URL=infra.database_url,
-            REDIS_URL=infra.redis_url,
-            REDIS_NAMESPACE=infra.namespace,
-        )
+        base = platform_env(infra)
         pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
         member_target = f"{devrun.LOOPBACK}:{ports['member']}"
         results: list[RunResult] = []
@@ -159,23 +154,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         args,
                     )
                 )
-        echo_port = devrun.free_port()
-        echo = devrun.Child(
-            "echo",
-            [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)],
-            devrun.child_env(os.environ),
-            grpc_target=f"{devrun.LOOPBACK}:{echo_port}",
-        )
-        async with (
-            started([echo], log_dir),
-            grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{echo_port}") as channel,
-        ):
-            ping = channel.unary_unary(ECHO_METHOD)
-
-            def echo_call(i: int) -> Awaitable[object]:
-                return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
-
-            baseline = await measure("baseline: empty gRPC unary", lambda _: echo_call, args)
+        baseline = await measure_echo(args, log_dir)
         gateway = results[0].summary()
         p99 = gateway["latency_ms"]["p99"]
         report: dict[str, Any] = {
@@ -191,14 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "latency_from": "scheduled send time",
                 "redis_cache": False,
             },
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": pyplatform.platform(),
-                "python": pyplatform.python_version(),
-                "grpcio": grpc.__version__,
-                "postgres": pg_version,
-                "infrastructure": infra.note,
-            },
+            "machine": machine(infra, pg_version),
             "results": [r.summary() for r in results],
             "baseline": baseline.summary(),
             "ratios_over_empty_grpc": {

@@ -30,11 +30,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from servicekit.db import Database, asyncpg_dsn, create_pool
+from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
 from servicekit.migrations import upgrade
 from services.engagement.domain import FakeClock, QuietHours
 from services.engagement.ports import LocalConsent
@@ -81,11 +80,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.steps < 2 or args.workers < 1 or args.batch < 1:
         p.error("--steps >= 2, --workers >= 1, --batch >= 1")
     return args
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(asyncpg_dsn(url))
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
 def say(message: str) -> None:
@@ -191,7 +185,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     name = f"bench_journeys_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(asyncpg_dsn(base))
     await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(base, name)
+    url = with_database(base, name)
     try:
         await asyncio.to_thread(upgrade, "engagement", url)
         conn = await asyncpg.connect(asyncpg_dsn(url))

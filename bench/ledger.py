@@ -44,6 +44,7 @@ from .cli import (
     BenchInfra,
     identify_pool,
     measure,
+    platform_env,
     ratio,
     say,
     server_version,
@@ -173,12 +174,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(devrun.migrate, infra.database_url)
         await devrun.seed(infra.database_url)
         ports = devrun.free_ports()
-        base = devrun.child_env(
-            os.environ,
-            DATABASE_URL=infra.database_url,
-            REDIS_URL=infra.redis_url,
-            REDIS_NAMESPACE=infra.namespace,
-        )
+        base = platform_env(infra)
         pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
         rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
         async with started(devrun.platform_children(ports, base), log_dir):

@@ -37,12 +37,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from servicekit.db import Database, asyncpg_dsn, create_pool
+from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
 from servicekit.migrations import upgrade
 from services.tiering.batch import RunResult, recompute
 from services.tiering.evaluation import period_bounds
@@ -53,11 +52,6 @@ RESULTS_DIR = ROOT / "bench" / "results"
 SH = ZoneInfo("Asia/Shanghai")
 BATCH = 100_000
 SPAN_DAYS = 540
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(asyncpg_dsn(url))
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
 def _member_ids(n: int, rng: random.Random) -> list[uuid.UUID]:
@@ -190,7 +184,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = await asyncpg.connect(asyncpg_dsn(admin_url))
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    url = _with_database(admin_url, name)
+    url = with_database(admin_url, name)
     try:
         await asyncio.to_thread(upgrade, "tiering", url)
         now = datetime.now(UTC).replace(microsecond=0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import Iterator
 
@@ -21,7 +20,11 @@ from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
-from servicekit.server import add_health_and_reflection, create_grpc_server
+from servicekit.server import (
+    add_health_and_reflection,
+    create_grpc_server,
+    serve_until_signalled,
+)
 from servicekit.telemetry import configure_tracing
 
 from .clients import Downstreams
@@ -158,14 +161,7 @@ class Gateway:
         log.info("gateway stopped")
 
     async def run_until_signalled(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        log.info("gateway received shutdown signal; draining")
-        await self.stop()
+        await serve_until_signalled(NAME, self.start, self.stop)
 
 
 def build(settings: GatewaySettings) -> Gateway:

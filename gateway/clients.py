@@ -66,6 +66,16 @@ class _Client:
         await self.channel.close()
 
 
+def identifier_fields(names: list[str]) -> dict[str, str]:
+    """The caller's field names for the identifiers of one IdentifyMember call,
+    in order: the member service names them "identifiers[n]"."""
+    out = {}
+    for n, name in enumerate(names):
+        out[f"identifiers[{n}].value"] = name
+        out[f"identifiers[{n}]"] = name
+    return out
+
+
 class MemberClient(_Client):
     def __init__(self, target: str, timeout: float) -> None:
         super().__init__("member", target, timeout)
@@ -93,17 +103,22 @@ class MemberClient(_Client):
         ident = member_pb2.Identifier(
             type=member_pb2.IDENTIFIER_TYPE_PHONE, value=phone, verified=False
         )
-        # The member service names its own request's fields; the caller sent "phone".
-        fields = {"identifiers[0].value": phone_field, "identifiers[0]": phone_field}
-        return await self.identify([ident], source, request_key or str(uuid.uuid4()), fields)
+        return await self._identify_one(ident, source, phone_field, request_key)
 
     async def identify_by_card(
         self, card: str, source: str, *, card_field: str = "card"
     ) -> member_pb2.IdentifyMemberResponse:
         """Find or enrol the member holding a physical member card (attach-only)."""
         ident = member_pb2.Identifier(type=member_pb2.IDENTIFIER_TYPE_POS_CARD, value=card)
-        fields = {"identifiers[0].value": card_field, "identifiers[0]": card_field}
-        return await self.identify([ident], source, str(uuid.uuid4()), fields)
+        return await self._identify_one(ident, source, card_field)
+
+    async def _identify_one(
+        self, ident: member_pb2.Identifier, source: str, field: str, request_key: str = ""
+    ) -> member_pb2.IdentifyMemberResponse:
+        """One identifier the caller sent as `field`: the member service's own
+        field names are mapped back to it. Without a key, a new request."""
+        fields = identifier_fields([field])
+        return await self.identify([ident], source, request_key or str(uuid.uuid4()), fields)
 
     async def redeem_member_code(
         self, code: str, source: str, *, code_field: str = "member_code"
@@ -131,6 +146,7 @@ class MemberClient(_Client):
 # Only open stores are cached, so a new store works at once; a store closed
 # meanwhile is still refused at checkout by rewards itself.
 OPEN_STORE_TTL_SECONDS = 30.0
+STORE_OPEN = "active"  # rewards' status of a store that takes orders
 
 
 class RewardsClient(_Client):
@@ -148,7 +164,7 @@ class RewardsClient(_Client):
         store: rewards_pb2.Store = await self._call(
             self._stub.GetStore, rewards_pb2.GetStoreRequest(store_id=store_id)
         )
-        if store.status == "active":
+        if store.status == STORE_OPEN:
             self._open_stores[store_id] = store
         return store
 
@@ -195,6 +211,15 @@ class RewardsClient(_Client):
         )
 
 
+# Tiering names a programme's entries "programme.ladder[2].threshold"; the HTTP
+# caller sent the programme itself as the body, so to it that is "ladder[2].threshold".
+PROGRAMME_FIELDS = {
+    "programme.ladder_json": "ladder",
+    "programme.rules_json": "rules",
+    "programme.": "",
+}
+
+
 class TieringClient(_Client):
     def __init__(self, target: str, timeout: float) -> None:
         super().__init__("tiering", target, timeout)
@@ -230,6 +255,7 @@ class TieringClient(_Client):
         return await self._call(
             self._stub.PublishProgramme,
             tiering_pb2.PublishProgrammeRequest(programme=programme),
+            PROGRAMME_FIELDS,
         )
 
     async def simulate_programme(
@@ -238,6 +264,7 @@ class TieringClient(_Client):
         return await self._call(
             self._stub.SimulateProgramme,
             tiering_pb2.SimulateProgrammeRequest(programme=programme),
+            PROGRAMME_FIELDS,
         )
 
     async def set_tier_override(

@@ -95,9 +95,11 @@ def _carries_error_info(error: grpc.aio.AioRpcError) -> bool:
 
 def _rename(field: str, message: str, fields: Mapping[str, str]) -> tuple[str, str]:
     """The caller's names for a downstream field ("identifiers[0].value" -> "phone"),
-    in the field and in the message that mentions it."""
+    in the field and in the message that mentions it. An `inner` ending in "."
+    is a prefix to replace ("programme." -> "": the caller sent its contents)."""
     for inner, outer in fields.items():
-        if field == inner or field.startswith(f"{inner}."):
+        prefix = inner.endswith(".") and field.startswith(inner)
+        if prefix or field == inner or field.startswith(f"{inner}."):
             renamed = outer + field[len(inner) :]
             return renamed, message.replace(field, renamed)
     return field, message

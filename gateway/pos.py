@@ -19,12 +19,10 @@ from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2
 from servicekit.errors import InvalidArgument, NotFound
 
-from .clients import Downstreams
+from .clients import STORE_OPEN, Downstreams
 from .errors import DownstreamError
 
 log = logging.getLogger(__name__)
-
-STORE_OPEN = "active"  # gateway.clients caches stores with this status
 
 
 def _required(value: str, field: str) -> None:

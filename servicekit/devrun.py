@@ -203,11 +203,12 @@ async def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tup
     return int(status_line[1]), body
 
 
-async def grpc_serving(target: str) -> bool:
+async def grpc_serving(target: str, service: str = "") -> bool:
+    """Whether `target`'s health service reports `service` ("" = the whole server) SERVING."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

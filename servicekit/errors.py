@@ -8,6 +8,8 @@ other exception becomes INTERNAL with a generic message (and is logged).
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -67,6 +69,16 @@ class ResourceExhausted(DomainError):
 class Unavailable(DomainError):
     status = grpc.StatusCode.UNAVAILABLE
     default_code = "UNAVAILABLE"
+
+
+def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
+    """A member id from a request, or InvalidArgument naming `field`."""
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidArgument(
+            f"{field} is not a member id", code="INVALID_MEMBER_ID", field=field
+        ) from None
 
 
 def to_rpc_status(status: grpc.StatusCode, message: str, code: str, field: str = "") -> grpc.Status:

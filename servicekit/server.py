@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -186,14 +186,21 @@ class ServiceApp:
         log.info("%s stopped", self.name)
 
     async def run_until_signalled(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        log.info("%s received shutdown signal; draining", self.name)
-        await self.stop()
+        await serve_until_signalled(self.name, self.start, self.stop)
+
+
+async def serve_until_signalled(
+    name: str, start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Start, wait for SIGTERM or SIGINT, then stop (drain): every process's main loop."""
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.set)
+    await start()
+    await signalled.wait()
+    log.info("%s received shutdown signal; draining", name)
+    await stop()
 
 
 def run_service(build: Callable[[ServiceSettings], ServiceApp], name: str) -> None:

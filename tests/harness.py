@@ -13,22 +13,16 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
 from servicekit import embedded
-from servicekit.db import asyncpg_dsn
+from servicekit.db import asyncpg_dsn, with_database
+from servicekit.devrun import grpc_serving
 from servicekit.migrations import SERVICES, upgrade
 from servicekit.settings import ServiceSettings
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(asyncpg_dsn(url))
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
 @dataclass
@@ -72,7 +66,7 @@ async def start_infra() -> Infra:
         await admin.execute(f'CREATE DATABASE "{db_name}"')
     finally:
         await admin.close()
-    test_url = _with_database(database_url, db_name)
+    test_url = with_database(database_url, db_name)
     # LOYALTY_TEST_SERVICES narrows the migrated services while one is being built.
     only = os.environ.get("LOYALTY_TEST_SERVICES")
     for service in only.split(",") if only else SERVICES:
@@ -99,19 +93,11 @@ async def stop_infra(infra: Infra) -> None:
 
 
 async def wait_until_serving(target: str, service: str = "", timeout: float = 20.0) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{target} did not become SERVING within {timeout}s")
-            await asyncio.sleep(0.05)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await grpc_serving(target, service):
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"{target} did not become SERVING within {timeout}s")
+        await asyncio.sleep(0.05)
 
 
 async def eventually(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]

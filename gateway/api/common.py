@@ -10,6 +10,8 @@ from fastapi import Path, Request
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel
 
+from servicekit.protos import timestamp
+
 from ..clients import Downstreams
 from ..errors import Problem
 
@@ -34,6 +36,11 @@ MEMBER_ERRORS: dict[int | str, dict[str, Any]] = {
 
 def utc(ts: timestamp_pb2.Timestamp) -> datetime:
     return ts.ToDatetime(tzinfo=UTC)
+
+
+def optional_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """A request's optional time: None leaves the field unset (the service's "now")."""
+    return None if value is None else timestamp(value)
 
 
 def downstreams(request: Request) -> Downstreams:

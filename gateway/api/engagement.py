@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Request
-from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from loyalty.engagement.v1 import engagement_pb2
 
-from .common import MEMBER_ERRORS, MemberId, downstreams, problem_response
+from .common import MEMBER_ERRORS, MemberId, downstreams, optional_timestamp, problem_response
 
 router = APIRouter()
 
@@ -145,19 +144,13 @@ class JourneyMetrics(BaseModel):
     responses=MEMBER_ERRORS,
 )
 async def ingest_event(member_id: MemberId, event: MemberEvent, request: Request) -> EventAccepted:
-    occurred = timestamp_pb2.Timestamp()
-    if event.occurred_at is not None:
-        at = (
-            event.occurred_at if event.occurred_at.tzinfo else event.occurred_at.replace(tzinfo=UTC)
-        )
-        occurred.FromDatetime(at.astimezone(UTC))
     reply = await downstreams(request).engagement.ingest_event(
         engagement_pb2.IngestEventRequest(
             event_id=str(event.event_id),
             member_id=str(member_id),
             event=event.type,
             attributes=event.attributes,
-            occurred_at=occurred,
+            occurred_at=optional_timestamp(event.occurred_at),
         )
     )
     return EventAccepted(

@@ -19,9 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from loyalty.member.v1 import member_pb2
 from servicekit.protos import to_datetime
 
+from ..clients import identifier_fields
 from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
 
-router = APIRouter()
+# Every route here is about a member (or a merge of members): one error table.
+router = APIRouter(responses=MEMBER_ERRORS)
 
 
 class Member(BaseModel):
@@ -75,7 +77,6 @@ class MemberSpend(BaseModel):
     response_model=Member,
     tags=["members"],
     summary="A member's profile",
-    responses=MEMBER_ERRORS,
 )
 async def get_member(member_id: MemberId, request: Request) -> Member:
     reply = await downstreams(request).member.get_member(str(member_id))
@@ -92,7 +93,6 @@ async def get_member(member_id: MemberId, request: Request) -> Member:
     response_model=MemberSpend,
     tags=["members"],
     summary="What the member has spent, as tiering counts it",
-    responses=MEMBER_ERRORS,
 )
 async def get_spend(member_id: MemberId, request: Request) -> MemberSpend:
     reply = await downstreams(request).tiering.get_member_spend(str(member_id))
@@ -173,20 +173,11 @@ def _identified(reply: member_pb2.IdentifyMemberResponse, names: list[str]) -> I
     )
 
 
-def _renames(names: list[str]) -> dict[str, str]:
-    out = {}
-    for n, name in enumerate(names):
-        out[f"identifiers[{n}].value"] = name
-        out[f"identifiers[{n}]"] = name
-    return out
-
-
 @router.post(
     "/v1/members/identify",
     response_model=Identified,
     tags=["members"],
     summary="Mini-program login: the member of an openid (and unionid), enrolled if new",
-    responses=MEMBER_ERRORS,
 )
 async def identify(body: LoginRequest, request: Request) -> Identified:
     idents = [
@@ -204,7 +195,7 @@ async def identify(body: LoginRequest, request: Request) -> Identified:
         )
         names.append("unionid")
     reply = await downstreams(request).member.identify(
-        idents, f"mini-program:{body.app_id}", body.request_key, _renames(names)
+        idents, f"mini-program:{body.app_id}", body.request_key, identifier_fields(names)
     )
     return _identified(reply, names)
 
@@ -214,7 +205,6 @@ async def identify(body: LoginRequest, request: Request) -> Identified:
     response_model=Identified,
     tags=["members"],
     summary="Phone authorisation: bind a verified phone, merging the member that already has it",
-    responses=MEMBER_ERRORS,
 )
 async def bind_phone(body: BindPhoneRequest, request: Request) -> Identified:
     idents = [
@@ -227,7 +217,7 @@ async def bind_phone(body: BindPhoneRequest, request: Request) -> Identified:
     ]
     names = ["openid", "phone"]
     reply = await downstreams(request).member.identify(
-        idents, f"mini-program:{body.app_id}", body.request_key, _renames(names)
+        idents, f"mini-program:{body.app_id}", body.request_key, identifier_fields(names)
     )
     return _identified(reply, names)
 
@@ -335,7 +325,6 @@ def _profile(p: member_pb2.Profile) -> Profile:
     response_model=Profile,
     tags=["members"],
     summary="Profile and effective consents",
-    responses=MEMBER_ERRORS,
 )
 async def get_profile(member_id: MemberId, request: Request) -> Profile:
     reply = await downstreams(request).member.call(
@@ -349,7 +338,6 @@ async def get_profile(member_id: MemberId, request: Request) -> Profile:
     response_model=Profile,
     tags=["members"],
     summary="Record profile values (kept per source; the latest verified value shows)",
-    responses=MEMBER_ERRORS,
 )
 async def update_profile(member_id: MemberId, body: ProfileUpdate, request: Request) -> Profile:
     values: dict[str, Any] = body.model_dump(exclude_unset=True, exclude={"source", "verified"})
@@ -370,7 +358,6 @@ async def update_profile(member_id: MemberId, body: ProfileUpdate, request: Requ
     response_model=Profile,
     tags=["members"],
     summary="Record a consent choice (history is kept); personalisation/all=false is 'no personalisation'",
-    responses=MEMBER_ERRORS,
 )
 async def set_consent(member_id: MemberId, body: ConsentChoice, request: Request) -> Profile:
     reply = await downstreams(request).member.call(
@@ -392,7 +379,6 @@ async def set_consent(member_id: MemberId, body: ConsentChoice, request: Request
     response_model=ConsentHistory,
     tags=["members"],
     summary="Every consent choice: who, when, where",
-    responses=MEMBER_ERRORS,
 )
 async def consent_history(member_id: MemberId, request: Request) -> ConsentHistory:
     reply = await downstreams(request).member.call(
@@ -412,7 +398,6 @@ class MemberCode(BaseModel):
     response_model=MemberCode,
     tags=["members"],
     summary="A fresh dynamic member code for the POS to scan (about a minute, once)",
-    responses=MEMBER_ERRORS,
 )
 async def member_code(member_id: MemberId, request: Request) -> MemberCode:
     reply = await downstreams(request).member.call(
@@ -532,7 +517,6 @@ def _review(r: member_pb2.MergeReview) -> MergeReview:
     response_model=MergeReviews,
     tags=["admin"],
     summary="The OneID review queue",
-    responses=MEMBER_ERRORS,
 )
 async def list_reviews(
     request: Request,
@@ -552,21 +536,27 @@ async def list_reviews(
     )
 
 
-@router.post(
-    "/v1/admin/merge-reviews/{review_id}/approve",
-    response_model=MergeReview,
-    tags=["admin"],
-    summary="Approve: merge the review's members",
-    responses=MEMBER_ERRORS,
-)
-async def approve_review(review_id: AnyId, body: Decision, request: Request) -> MergeReview:
+async def _decide(
+    request: Request, method: str, review_id: uuid.UUID, body: Decision
+) -> MergeReview:
+    """Approve and reject take the same request and answer; only the RPC differs."""
     reply = await downstreams(request).member.call(
-        "ApproveMergeReview",
+        method,
         member_pb2.DecideMergeReviewRequest(
             review_id=str(review_id), operator=body.operator, note=body.note
         ),
     )
     return _review(reply)
+
+
+@router.post(
+    "/v1/admin/merge-reviews/{review_id}/approve",
+    response_model=MergeReview,
+    tags=["admin"],
+    summary="Approve: merge the review's members",
+)
+async def approve_review(review_id: AnyId, body: Decision, request: Request) -> MergeReview:
+    return await _decide(request, "ApproveMergeReview", review_id, body)
 
 
 @router.post(
@@ -574,16 +564,9 @@ async def approve_review(review_id: AnyId, body: Decision, request: Request) -> 
     response_model=MergeReview,
     tags=["admin"],
     summary="Reject: the members stay apart (do-not-merge list)",
-    responses=MEMBER_ERRORS,
 )
 async def reject_review(review_id: AnyId, body: Decision, request: Request) -> MergeReview:
-    reply = await downstreams(request).member.call(
-        "RejectMergeReview",
-        member_pb2.DecideMergeReviewRequest(
-            review_id=str(review_id), operator=body.operator, note=body.note
-        ),
-    )
-    return _review(reply)
+    return await _decide(request, "RejectMergeReview", review_id, body)
 
 
 @router.post(
@@ -591,7 +574,6 @@ async def reject_review(review_id: AnyId, body: Decision, request: Request) -> M
     response_model=Merged,
     tags=["admin"],
     summary="Merge members known to be one person (the oldest survives)",
-    responses=MEMBER_ERRORS,
 )
 async def merge_members(body: MergeRequest, request: Request) -> Merged:
     reply = await downstreams(request).member.call(
@@ -621,7 +603,6 @@ async def merge_members(body: MergeRequest, request: Request) -> Merged:
     response_model=Unmerged,
     tags=["admin"],
     summary="Reverse a merge (newest first when chained); the pair goes on do-not-merge",
-    responses=MEMBER_ERRORS,
 )
 async def unmerge(merge_id: AnyId, body: UnmergeRequest, request: Request) -> Unmerged:
     reply = await downstreams(request).member.call(
@@ -638,7 +619,6 @@ async def unmerge(merge_id: AnyId, body: UnmergeRequest, request: Request) -> Un
     response_model=Erased,
     tags=["admin"],
     summary="PIPL erasure of the member's whole merged cluster",
-    responses=MEMBER_ERRORS,
 )
 async def erase(member_id: MemberId, body: EraseRequest, request: Request) -> Erased:
     reply = await downstreams(request).member.call(
@@ -658,7 +638,6 @@ async def erase(member_id: MemberId, body: EraseRequest, request: Request) -> Er
     response_model=MemberWithPii,
     tags=["admin"],
     summary="The member with the unmasked phone; every call is audited",
-    responses=MEMBER_ERRORS,
 )
 async def member_pii(
     member_id: MemberId,
@@ -677,7 +656,6 @@ async def member_pii(
     response_model=QuarantineList,
     tags=["admin"],
     summary="Identifiers that linked too many members and no longer merge",
-    responses=MEMBER_ERRORS,
 )
 async def quarantined(
     request: Request, page_size: Annotated[int, Query(ge=1, le=500)] = 100

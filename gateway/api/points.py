@@ -99,6 +99,10 @@ class Liability(BaseModel):
     adjusted: int
 
 
+def _batches(reply: rewards_pb2.ExpiringPoints) -> list[ExpiringBatch]:
+    return [ExpiringBatch(points=b.points, expires_at=utc(b.expires_at)) for b in reply.batches]
+
+
 @router.get(
     "/v1/members/{member_id}/points",
     response_model=PointsBalance,
@@ -133,9 +137,7 @@ async def get_points_summary(member_id: MemberId, request: Request) -> PointsSum
         pending=reply.pending,
         held=reply.held,
         debt=reply.debt,
-        expiring_soon=[
-            ExpiringBatch(points=b.points, expires_at=utc(b.expires_at)) for b in expiring.batches
-        ],
+        expiring_soon=_batches(expiring),
     )
 
 
@@ -189,9 +191,7 @@ async def get_expiring(
     reply = await downstreams(request).rewards.get_expiring_points(str(member_id), days)
     return ExpiringPoints(
         member_id=reply.member_id,
-        batches=[
-            ExpiringBatch(points=b.points, expires_at=utc(b.expires_at)) for b in reply.batches
-        ],
+        batches=_batches(reply),
     )
 
 

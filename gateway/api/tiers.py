@@ -5,9 +5,8 @@ versions and simulations, overrides, the distribution report)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable
 from datetime import date, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,18 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from loyalty.tiering.v1 import tiering_pb2
 from servicekit.protos import timestamp, to_datetime
 
-from ..errors import DownstreamError
 from .common import (
     MEMBER_ERRORS,
     MEMBER_ID_EXAMPLE,
     MemberId,
     downstreams,
+    optional_timestamp,
     problem_response,
     utc,
 )
 
 router = APIRouter()
-T = TypeVar("T")
 
 PROGRAMME_ERRORS: dict[int | str, dict[str, Any]] = {
     422: problem_response("The programme is invalid; `field` names the entry at fault"),
@@ -244,20 +242,6 @@ def _programme_in(programme_id: str, body: ProgrammeIn) -> tiering_pb2.Programme
     )
 
 
-async def _programme_call(call: Awaitable[T]) -> T:
-    """Tiering names a programme's entries "programme.ladder[2].threshold"; the
-    HTTP caller sent the programme as the body, so the field is "ladder[2].threshold"."""
-    try:
-        return await call
-    except DownstreamError as exc:
-        if exc.field.startswith("programme."):
-            field = exc.field.removeprefix("programme.")
-            field = {"ladder_json": "ladder", "rules_json": "rules"}.get(field, field)
-            exc.message = exc.message.replace(exc.field, field)
-            exc.field = field
-        raise
-
-
 # ---- member centre ----------------------------------------------------------------------
 
 
@@ -311,10 +295,11 @@ async def record_growth_action(
     member_id: MemberId, body: GrowthActionIn, request: Request
 ) -> GrowthActionOut:
     grpc_request = tiering_pb2.RecordGrowthActionRequest(
-        member_id=str(member_id), action=body.action, reference_id=body.reference_id
+        member_id=str(member_id),
+        action=body.action,
+        reference_id=body.reference_id,
+        occurred_at=optional_timestamp(body.occurred_at),
     )
-    if body.occurred_at is not None:
-        grpc_request.occurred_at.CopyFrom(timestamp(body.occurred_at))
     reply = await downstreams(request).tiering.record_growth_action(grpc_request)
     return GrowthActionOut(awarded=reply.awarded, capped=reply.capped, replayed=reply.replayed)
 
@@ -332,9 +317,9 @@ async def record_growth_action(
 async def get_programme(
     programme_id: ProgrammeId, request: Request, at: datetime | None = None
 ) -> ProgrammeOut:
-    grpc_request = tiering_pb2.GetProgrammeRequest(programme_id=programme_id)
-    if at is not None:
-        grpc_request.at.CopyFrom(timestamp(at))
+    grpc_request = tiering_pb2.GetProgrammeRequest(
+        programme_id=programme_id, at=optional_timestamp(at)
+    )
     return _programme_out(await downstreams(request).tiering.get_programme(grpc_request))
 
 
@@ -349,9 +334,7 @@ async def get_programme(
 async def publish_programme(
     programme_id: ProgrammeId, body: ProgrammeIn, request: Request
 ) -> ProgrammeOut:
-    reply = await _programme_call(
-        downstreams(request).tiering.publish_programme(_programme_in(programme_id, body))
-    )
+    reply = await downstreams(request).tiering.publish_programme(_programme_in(programme_id, body))
     return _programme_out(reply)
 
 
@@ -365,9 +348,7 @@ async def publish_programme(
 async def simulate_programme(
     programme_id: ProgrammeId, body: ProgrammeIn, request: Request
 ) -> Simulation:
-    reply = await _programme_call(
-        downstreams(request).tiering.simulate_programme(_programme_in(programme_id, body))
-    )
+    reply = await downstreams(request).tiering.simulate_programme(_programme_in(programme_id, body))
     return Simulation(
         members=reply.members,
         upgrades=reply.upgrades,

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -192,6 +193,29 @@ def backoff(attempts: int, base: timedelta, cap: timedelta) -> timedelta:
     return min(cap, base * (2 ** max(0, attempts - 1)))
 
 
+def as_delivery(outcome: Delivery | BaseException) -> Delivery:
+    """A call that raised counts as a transient failure, retried with backoff."""
+    if isinstance(outcome, BaseException):
+        return Delivery("retry", reason=f"ERROR: {outcome!r}"[:200])
+    return outcome
+
+
+async def poll_forever(
+    step: Callable[[], Awaitable[int]], poll_interval: float, logger: logging.Logger, what: str
+) -> None:
+    """Run `step` back to back while it finds work; sleep when it finds none or fails."""
+    while True:
+        try:
+            n = await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("%s failed; retrying", what)
+            n = 0
+        if n == 0:
+            await asyncio.sleep(poll_interval)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -228,9 +252,8 @@ class Dispatcher:
         )
         done = self._clock.now()
         results: list[tuple[str, str, str, str, Any]] = []
-        for row, d in zip(rows, deliveries, strict=True):
-            if isinstance(d, BaseException):
-                d = Delivery("retry", reason=f"ERROR: {d!r}"[:200])
+        for row, outcome in zip(rows, deliveries, strict=True):
+            d = as_delivery(outcome)
             if d.status == "retry" and row.attempts < self._max_attempts:
                 nxt = done + backoff(row.attempts, self._retry_base, self._retry_cap)
                 results.append((row.send_key, "pending", d.reason, d.provider_ref, nxt))
@@ -259,16 +282,7 @@ class Dispatcher:
         )
 
     async def run(self, poll_interval: float) -> None:
-        while True:
-            try:
-                n = await self.dispatch_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("dispatcher failed; retrying")
-                n = 0
-            if n == 0:
-                await asyncio.sleep(poll_interval)
+        await poll_forever(self.dispatch_once, poll_interval, log, "dispatcher")
 
 
 def build_providers(

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from servicekit.db import Database
 
 from . import repository as repo
-from .channels import Delivery, backoff
+from .channels import as_delivery, backoff, poll_forever
 from .domain import Clock
 from .ports import RewardsPort
 
@@ -53,9 +53,8 @@ class RewardDispatcher:
         )
         done = self._clock.now()
         results: list[tuple[str, str, str, datetime | None]] = []
-        for row, outcome in zip(rows, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                outcome = Delivery("retry", reason=f"ERROR: {outcome!r}"[:200])
+        for row, raised_or_done in zip(rows, outcomes, strict=True):
+            outcome = as_delivery(raised_or_done)
             if outcome.status == "delivered":
                 results.append((row.request_key, "done", outcome.provider_ref, None))
             elif outcome.status == "waiting":
@@ -71,13 +70,4 @@ class RewardDispatcher:
         return len(rows)
 
     async def run(self, poll_interval: float) -> None:
-        while True:
-            try:
-                n = await self.dispatch_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reward dispatcher failed; retrying")
-                n = 0
-            if n == 0:
-                await asyncio.sleep(poll_interval)
+        await poll_forever(self.dispatch_once, poll_interval, log, "reward dispatcher")

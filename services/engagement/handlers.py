@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from servicekit.db import UnitOfWork
-from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound
+from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound, parse_member_id
 
 from . import repository as repo
 from .domain import (
@@ -52,15 +52,6 @@ MEMBER_CHANNELS = {
 # A location older than this does not put a member in a store's audience.
 LOCATION_FRESH_FOR = timedelta(days=7)
 MAX_RADIUS_M = 50_000
-
-
-def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        raise InvalidArgument(
-            f"{field} is not a member id", code="INVALID_MEMBER_ID", field=field
-        ) from None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ Guarantees (docs/journeys.md):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections import defaultdict
@@ -25,7 +24,7 @@ import asyncpg
 from servicekit.db import Connection, Database
 
 from . import repository as repo
-from .channels import new_send_key
+from .channels import new_send_key, poll_forever
 from .domain import (
     DAILY_CAPS,
     Clock,
@@ -175,16 +174,7 @@ class Scheduler:
         return total
 
     async def run(self, poll_interval: float) -> None:
-        while True:
-            try:
-                n = await self.sweep_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("sweeper failed; retrying")
-                n = 0
-            if n == 0:
-                await asyncio.sleep(poll_interval)
+        await poll_forever(self.sweep_once, poll_interval, log, "sweeper")
 
     async def _sweep(self, limit: int) -> int:
         now = self._clock.now()

@@ -163,9 +163,6 @@ class MemberHandlers:
             key_id=self._vault.active_key_id,
         )
 
-    def _ref(self, ident: ObservedIdentifier) -> Ref:
-        return (ident.id_type.value, ident.namespace, self._vault.lookup_hash(ident.key))
-
     async def _live_root(
         self, conn: Connection, member_id: str, field_name: str = "member_id"
     ) -> str:

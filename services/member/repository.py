@@ -336,13 +336,6 @@ async def holdings(conn: Connection, member_ids: Iterable[str]) -> dict[str, lis
     return out
 
 
-async def identity_ids_of(conn: Connection, member_id: str) -> list[int]:
-    rows = await conn.fetch(
-        "SELECT id FROM member.identities WHERE member_id = $1 ORDER BY id", _uuid(member_id)
-    )
-    return [r["id"] for r in rows]
-
-
 async def identities_of(conn: Connection, member_ids: Iterable[str]) -> list[IdentityView]:
     rows = await conn.fetch(
         "SELECT member_id, id_type, namespace, value_masked, value_cipher, verified, source,"

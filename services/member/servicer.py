@@ -16,7 +16,7 @@ from servicekit.errors import InvalidArgument, Unavailable
 from servicekit.protos import timestamp
 
 from .domain import PROFILE_FIELDS, ConsentChannel, ConsentPurpose, ConsentRecord, IdType, normalise
-from .handlers import Identified, LostRace, MemberHandlers, Profile
+from .handlers import LostRace, MemberHandlers, Profile
 from .repository import MemberRecord, MergeRow, ReviewRow
 
 ID_TYPES = {
@@ -132,7 +132,12 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         self._handlers = handlers
         self._max_attempts = max_attempts
 
-    async def _in_transaction(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+    async def _in_transaction(
+        self,
+        work: Callable[[UnitOfWork], Awaitable[T]],
+        contended: str = "the member changed concurrently too often; retry",
+        code: str = "CONTENDED",
+    ) -> T:
         """One transaction, retried when it lost a race (operator writes lock
         whole clusters and can meet an identify in a lock cycle Postgres breaks)."""
         for attempt in range(self._max_attempts):
@@ -141,9 +146,8 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                     return await work(uow)
             except RETRYABLE:
                 if attempt + 1 == self._max_attempts:
-                    raise Unavailable(
-                        "the member changed concurrently too often; retry", code="CONTENDED"
-                    ) from None
+                    raise Unavailable(contended, code=code) from None
+                # Jittered backoff, so the losers do not collide again in step.
                 await asyncio.sleep(random.uniform(0.001, 0.004) * (2**attempt))
         raise AssertionError("unreachable")
 
@@ -170,23 +174,13 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 field="request_key",
             )
         source = request.source.strip() or "unknown"
-        result: Identified | None = None
-        for attempt in range(self._max_attempts):
-            try:
-                async with self._db.unit_of_work() as uow:
-                    result = await self._handlers.identify(
-                        uow, observed, source, request.request_key, request.reenrol
-                    )
-                break
-            except RETRYABLE:
-                if attempt + 1 == self._max_attempts:
-                    raise Unavailable(
-                        "identify kept losing races to concurrent calls; retry",
-                        code="IDENTIFY_CONTENDED",
-                    ) from None
-                # Jittered backoff, so the losers do not collide again in step.
-                await asyncio.sleep(random.uniform(0.001, 0.004) * (2**attempt))
-        assert result is not None
+        result = await self._in_transaction(
+            lambda uow: self._handlers.identify(
+                uow, observed, source, request.request_key, request.reenrol
+            ),
+            "identify kept losing races to concurrent calls; retry",
+            "IDENTIFY_CONTENDED",
+        )
         if result.refusal is not None:
             raise result.refusal
         assert result.member is not None

@@ -20,6 +20,13 @@ from . import repository as repo
 from .points import PointsLedger
 
 
+def event_time(event: ReceivedEvent, field: str) -> datetime:
+    """The payload's own time field, or the envelope's when the producer left it out."""
+    payload = event.payload
+    ts = getattr(payload, field) if payload.HasField(field) else event.envelope.occurred_at
+    return ts.ToDatetime(tzinfo=UTC)
+
+
 class MemberEvents:
     def __init__(self, points: PointsLedger) -> None:
         self._points = points
@@ -50,11 +57,7 @@ class MemberEvents:
 async def on_tier_changed(uow: UnitOfWork, event: ReceivedEvent) -> None:
     changed = event.payload
     assert isinstance(changed, events_pb2.TierChanged)
-    at = (
-        changed.changed_at.ToDatetime(tzinfo=UTC)
-        if changed.HasField("changed_at")
-        else event.envelope.occurred_at.ToDatetime(tzinfo=UTC)
-    )
+    at = event_time(event, "changed_at")
     await repo.record_tier(
         uow.conn,
         uuid.UUID(changed.member_id),
@@ -72,9 +75,5 @@ async def on_member_erased(uow: UnitOfWork, event: ReceivedEvent) -> None:
     are financial records and stay; later writes for the member are refused."""
     erased = event.payload
     assert isinstance(erased, events_pb2.MemberErased)
-    at = (
-        erased.erased_at.ToDatetime(tzinfo=UTC)
-        if erased.HasField("erased_at")
-        else event.envelope.occurred_at.ToDatetime(tzinfo=UTC)
-    )
+    at = event_time(event, "erased_at")
     await repo.record_erasure(uow.conn, [uuid.UUID(m) for m in erased.member_ids], at)

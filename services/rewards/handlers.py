@@ -15,20 +15,17 @@ from servicekit.protos import timestamp
 from . import ledger
 from . import repository as repo
 from .domain import (
-    BASE_EARNING_RULE,
     DEFAULT_LIMITS,
     Channel,
-    EarningRule,
     OrderLimits,
     OrderRequest,
     Settlement,
-    parse_member_id,
     parse_store_id,
     plan_settlement,
 )
 from .earning import Period, period_start
 from .points import Outcome, PointsLedger, error_doc, error_from_doc, member_erased
-from .repository import BalanceRecord, StoreRecord
+from .repository import StoreRecord
 
 CHANNEL_TO_PROTO = {
     Channel.STORE: common_pb2.CHANNEL_STORE,
@@ -55,18 +52,18 @@ class RewardsHandlers:
     def __init__(
         self,
         limits: OrderLimits = DEFAULT_LIMITS,
-        rule: EarningRule = BASE_EARNING_RULE,
         points: PointsLedger | None = None,
     ) -> None:
         self._limits = limits
-        self._rule = rule
         self.points = points or PointsLedger()
 
     def prepare_order(self, order: OrderRequest, now: datetime | None = None) -> Settlement:
         """Validate and price an order (at the base tier); no I/O, so bad input
         never opens a transaction."""
-        planned = plan_settlement(order, self._limits, self._rule)
+        # The base rule is the earning rules' own, so the settlement names the
+        # rule the points were actually priced with.
         rules = self.points.rules
+        planned = plan_settlement(order, self._limits, rules.base)
         at = planned.order.ordered_at or now or datetime.now(UTC)
         priced = rules.order_points(planned.order, at, None)
         return replace(planned, points=priced.points, rule_doc=priced.rule)
@@ -206,11 +203,6 @@ class RewardsHandlers:
                 points_redeemed=found.order.points_redeemed,
             )
         )
-
-    async def get_balance(self, uow: UnitOfWork, member_id: str) -> BalanceRecord:
-        canonical = parse_member_id(member_id)
-        balance = await repo.get_balance(uow.conn, canonical)
-        return balance or BalanceRecord(canonical, 0, 0)
 
     async def get_store(self, uow: UnitOfWork, store_id: str) -> StoreRecord:
         parse_store_id(store_id)

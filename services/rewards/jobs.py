@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 
-from servicekit.db import Database, create_pool
+from servicekit.db import Connection, Database, UnitOfWork, create_pool
 from servicekit.settings import ServiceSettings
 
 from . import ledger
@@ -24,18 +26,32 @@ from .server import RewardsSettings
 BATCH = 500
 
 
-async def expire_due(db: Database, points: PointsLedger, now: datetime) -> int:
-    """Expire and activate what is due, member by member; the number of members."""
+async def _one_by_one(
+    db: Database,
+    due: Callable[[Connection], Awaitable[list[uuid.UUID]]],
+    handle: Callable[[UnitOfWork, uuid.UUID], Awaitable[object]],
+) -> int:
+    """Read a batch of what is due, handle each in its own transaction, until
+    a batch comes back short; how many were handled."""
     done = 0
     while True:
         async with db.unit_of_work() as uow:
-            members = await ledger.members_with_due_lots(uow.conn, now, BATCH)
-        for member in members:
+            batch = await due(uow.conn)
+        for item in batch:
             async with db.unit_of_work() as uow:
-                await points.expire_member(uow, member, now)
-        done += len(members)
-        if len(members) < BATCH:
+                await handle(uow, item)
+        done += len(batch)
+        if len(batch) < BATCH:
             return done
+
+
+async def expire_due(db: Database, points: PointsLedger, now: datetime) -> int:
+    """Expire and activate what is due, member by member; the number of members."""
+    return await _one_by_one(
+        db,
+        lambda conn: ledger.members_with_due_lots(conn, now, BATCH),
+        lambda uow, member: points.expire_member(uow, member, now),
+    )
 
 
 async def announce_expiring(db: Database, points: PointsLedger, now: datetime) -> int:
@@ -49,16 +65,11 @@ async def announce_expiring(db: Database, points: PointsLedger, now: datetime) -
 
 
 async def void_timed_out_holds(db: Database, points: PointsLedger, now: datetime) -> int:
-    total = 0
-    while True:
-        async with db.unit_of_work() as uow:
-            holds = await ledger.timed_out_holds(uow.conn, now, BATCH)
-        for hold_id in holds:
-            async with db.unit_of_work() as uow:
-                await points.void_hold(uow, str(hold_id), now, timed_out=True)
-        total += len(holds)
-        if len(holds) < BATCH:
-            return total
+    return await _one_by_one(
+        db,
+        lambda conn: ledger.timed_out_holds(conn, now, BATCH),
+        lambda uow, hold_id: points.void_hold(uow, str(hold_id), now, timed_out=True),
+    )
 
 
 async def _run(command: str) -> int:

@@ -375,7 +375,7 @@ async def resolve_hold(
 async def hold_takes(conn: Connection, transaction_id: uuid.UUID) -> list[tuple[uuid.UUID, int]]:
     """The lots a hold took from, and how much (as positive amounts)."""
     rows = await conn.fetch(
-        "SELECT lot_id, -sum(amount) AS points FROM rewards.points_lot_movements"
+        "SELECT lot_id, (-sum(amount))::bigint AS points FROM rewards.points_lot_movements"
         " WHERE transaction_id = $1 GROUP BY lot_id ORDER BY lot_id",
         transaction_id,
     )

@@ -158,6 +158,13 @@ class Adjustment:
     available: int
     replayed: bool = False
 
+    def doc(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "replayed"}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Adjustment:
+        return cls(**doc, replayed=True)
+
 
 @dataclass(frozen=True)
 class Maintained:
@@ -199,9 +206,9 @@ async def refuse_erased(conn: Connection, member_id: uuid.UUID) -> None:
 def spend_entries(
     takes: Sequence[Take], member_id: uuid.UUID, to_account: str, points: int
 ) -> tuple[list[Entry], list[LotChange]]:
-    entries = [Entry("member_wallet", member_id, -points), Entry(to_account, None, points)]
-    if to_account == "member_held":
-        entries[1] = Entry("member_held", member_id, points)
+    # Held points stay the member's; redeemed or adjusted ones go to a brand account.
+    holder = member_id if to_account == "member_held" else None
+    entries = [Entry("member_wallet", member_id, -points), Entry(to_account, holder, points)]
     return entries, [LotChange(t.lot_id, -t.points) for t in takes]
 
 
@@ -318,25 +325,24 @@ class PointsLedger:
 
     # ---- spending ----------------------------------------------------------
 
-    def _validate_spend(self, member_id: str, points: int, key: str) -> tuple[uuid.UUID, int, str]:
-        return _uuid(member_id), check_points(points, "points"), check_key(key)
-
-    async def redeem(
+    async def _start_spend(
         self,
-        uow: UnitOfWork,
+        conn: Connection,
+        operation: str,
         member_id: str,
         points: int,
         idempotency_key: str,
         reference: str,
         now: datetime,
-    ) -> Outcome[Spend]:
-        member, points, key = self._validate_spend(member_id, points, idempotency_key)
+    ) -> tuple[uuid.UUID, int, str, list[Take]] | Outcome[Spend]:
+        """What a redemption and a hold share: validate, claim the key, lock and
+        maintain the member and pick the lots; an Outcome is a replay or a refusal."""
+        member, points = _uuid(member_id), check_points(points, "points")
+        rkey = f"{operation}:{check_key(idempotency_key)}"
         check_text(reference, "reference", "REFERENCE", required=False)
-        conn = uow.conn
         await refuse_erased(conn, member)
-        rkey = f"redeem:{key}"
         _, stored = await self._claim(
-            conn, rkey, "redeem", {"member_id": str(member), "points": points, "ref": reference}
+            conn, rkey, operation, {"member_id": str(member), "points": points, "ref": reference}
         )
         if stored is not None:
             return self._replay(stored, Spend.from_doc)
@@ -348,6 +354,24 @@ class PointsLedger:
             return await self._reject(
                 conn, rkey, insufficient(member, points, state.balance.available, "points")
             )
+        return member, points, rkey, takes
+
+    async def redeem(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        points: int,
+        idempotency_key: str,
+        reference: str,
+        now: datetime,
+    ) -> Outcome[Spend]:
+        start = await self._start_spend(
+            uow.conn, "redeem", member_id, points, idempotency_key, reference, now
+        )
+        if isinstance(start, Outcome):
+            return start
+        conn = uow.conn
+        member, points, rkey, takes = start
         spend = await self._post_redeem(conn, member, points, takes, rkey, reference or None, None)
         await ledger.finish_request(conn, rkey, "ok", spend.doc())
         return Outcome(spend)
@@ -420,24 +444,13 @@ class PointsLedger:
         now: datetime,
         ttl: timedelta | None = None,
     ) -> Outcome[Spend]:
-        member, points, key = self._validate_spend(member_id, points, idempotency_key)
-        check_text(reference, "reference", "REFERENCE", required=False)
-        conn = uow.conn
-        await refuse_erased(conn, member)
-        rkey = f"hold:{key}"
-        _, stored = await self._claim(
-            conn, rkey, "hold", {"member_id": str(member), "points": points, "ref": reference}
+        start = await self._start_spend(
+            uow.conn, "hold", member_id, points, idempotency_key, reference, now
         )
-        if stored is not None:
-            return self._replay(stored, Spend.from_doc)
-        state = await self.maintain(conn, member, now)
-        if state is None:
-            return await self._reject(conn, rkey, no_account(member))
-        takes = allocate(state.lots, points, now)
-        if takes is None:
-            return await self._reject(
-                conn, rkey, insufficient(member, points, state.balance.available, "points")
-            )
+        if isinstance(start, Outcome):
+            return start
+        conn = uow.conn
+        member, points, rkey, takes = start
         txn, hold_id = uuid.uuid4(), uuid.uuid4()
         entries, changes = spend_entries(takes, member, "member_held", points)
         balance = await ledger.post(
@@ -859,7 +872,7 @@ class PointsLedger:
             conn, key, "action", {"member_id": str(member), "action": action}
         )
         if stored is not None:
-            return self._replay(stored, lambda d: Adjustment(**d, replayed=True))
+            return self._replay(stored, Adjustment.from_doc)
         await ledger.ensure_account(conn, member)
         state = await self.maintain(conn, member, now)
         assert state is not None
@@ -922,9 +935,7 @@ class PointsLedger:
         )
         assert balance is not None
         result = Adjustment(str(txn), str(member), points, balance.available)
-        await ledger.finish_request(
-            conn, key, "ok", {k: v for k, v in result.__dict__.items() if k != "replayed"}
-        )
+        await ledger.finish_request(conn, key, "ok", result.doc())
         return Outcome(result)
 
     # ---- operators -----------------------------------------------------------
@@ -957,7 +968,7 @@ class PointsLedger:
             {"member_id": str(member), "points": points, "operator": operator_id, "reason": reason},
         )
         if stored is not None:
-            return self._replay(stored, lambda d: Adjustment(**d, replayed=True))
+            return self._replay(stored, Adjustment.from_doc)
         if points > 0:
             await ledger.ensure_account(conn, member)
         state = await self.maintain(conn, member, now)
@@ -1003,9 +1014,7 @@ class PointsLedger:
         balance = await ledger.post(conn, posting)
         assert balance is not None
         result = Adjustment(str(txn), str(member), points, balance.available)
-        await ledger.finish_request(
-            conn, key, "ok", {k: v for k, v in result.__dict__.items() if k != "replayed"}
-        )
+        await ledger.finish_request(conn, key, "ok", result.doc())
         return Outcome(result)
 
     # ---- merge / unmerge -------------------------------------------------------

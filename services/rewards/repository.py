@@ -280,16 +280,6 @@ async def find_order(conn: Connection, store_id: str, pos_transaction_id: str) -
     return OrderLookup(row["store_status"], order)
 
 
-async def get_balance(conn: Connection, member_id: str) -> BalanceRecord | None:
-    row = await conn.fetchrow(
-        "SELECT available, lifetime_earned FROM rewards.points_balances WHERE member_id = $1",
-        uuid.UUID(member_id),
-    )
-    if row is None:
-        return None
-    return BalanceRecord(member_id, row["available"], row["lifetime_earned"])
-
-
 async def get_store(conn: Connection, store_id: str) -> StoreRecord | None:
     row = await conn.fetchrow(
         "SELECT store_id, name, city, address, latitude, longitude, status"

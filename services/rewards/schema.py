@@ -49,6 +49,12 @@ MEMBER_ACCOUNTS = ("member_wallet", "member_pending", "member_held", "member_deb
 ACCOUNTS = (*MEMBER_ACCOUNTS, "issued_liability", "redeemed", "expired", "adjustments")
 metadata = service_metadata(SCHEMA)
 
+
+def created_at() -> Column[object]:
+    """When the row was written (each table needs its own Column object)."""
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
 stores = Table(
     "stores",
     metadata,
@@ -61,7 +67,7 @@ stores = Table(
     Column("latitude", Numeric(9, 6), nullable=False),
     Column("longitude", Numeric(9, 6), nullable=False),
     Column("status", Text, nullable=False, server_default="active"),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    created_at(),
     CheckConstraint("char_length(store_id) BETWEEN 1 AND 32", name="store_id_length"),
     CheckConstraint("status IN ('active', 'closed')", name="status_known"),
     CheckConstraint("latitude BETWEEN -90 AND 90", name="latitude_range"),
@@ -92,7 +98,7 @@ orders = Table(
     # settled, or rejected (a stored refusal, replayed to retries like a result).
     Column("status", Text, nullable=False, server_default="settled"),
     Column("rejection", JSONB),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    created_at(),
     # The idempotency key of CompleteOrder.
     UniqueConstraint("store_id", "pos_transaction_id"),
     Index(None, "member_id", "ordered_at"),
@@ -126,7 +132,7 @@ points_transactions = Table(
     Column("amount", BigInteger, nullable=False),
     # The earning rule (name, rate, rounding) that produced the amount.
     Column("rule", JSONB, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    created_at(),
     # Commit-independent order of a member's history (cursor pagination).
     Column("seq", BigInteger, Identity(), nullable=False, unique=True),
     # The other member of a merge/unmerge (its wallet entries are in this transaction).
@@ -210,7 +216,7 @@ points_lots = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     # Set once PointsExpiringSoon was emitted for this lot.
     Column("expiry_notified_at", DateTime(timezone=True)),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    created_at(),
     Index(None, "member_id", "status", "expires_at"),
     CheckConstraint("points > 0", name="points_positive"),
     CheckConstraint("remaining >= 0 AND remaining <= points", name="remaining_within_points"),
@@ -244,7 +250,7 @@ ledger_requests = Table(
     # NULL while the claiming transaction is still running (never visible committed).
     Column("outcome", Text),
     Column("response", JSONB),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    created_at(),
     CheckConstraint("octet_length(request_hash) = 32", name="request_hash_sha256"),
     CheckConstraint("outcome IS NULL OR outcome IN ('ok', 'rejected')", name="outcome_known"),
 )
@@ -268,7 +274,7 @@ refunds = Table(
     # Points the order redeemed, given back in proportion (original expiry).
     Column("points_restored", BigInteger, nullable=False, server_default="0"),
     Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    created_at(),
     UniqueConstraint("store_id", "refund_transaction_id"),
     CheckConstraint("refunded_amount_fen > 0", name="refunded_amount_positive"),
     CheckConstraint(
@@ -293,7 +299,7 @@ points_holds = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id), nullable=False),
     Column("resolution_transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    created_at(),
     Column("resolved_at", DateTime(timezone=True)),
     Index(None, "status", "expires_at"),
     CheckConstraint("points > 0", name="points_positive"),
@@ -316,7 +322,7 @@ coupon_templates = Table(
     Column("status", Text, nullable=False, server_default="active"),
     # Days a coupon stays valid after issue; NULL: the spec's fixed window applies.
     Column("valid_days", Integer),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    created_at(),
     CheckConstraint(
         "kind IN ('amount_off', 'percent_off', 'free_item', 'fixed_price', 'first_order_price')",
         name="kind_known",

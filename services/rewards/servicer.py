@@ -19,7 +19,7 @@ from . import ledger
 from .domain import Channel, OrderLine, OrderRequest, parse_member_id
 from .handlers import OrderResult, RewardsHandlers
 from .ledger import Balance
-from .points import Outcome, Refund, Spend
+from .points import Adjustment, Outcome, Refund, Spend
 from .repository import StoreRecord
 
 DEFAULT_PAGE_SIZE = 20
@@ -86,22 +86,31 @@ def balance_message(member_id: str, balance: Balance) -> rewards_pb2.PointsBalan
 
 
 def movement(spend: Spend) -> rewards_pb2.PointsMovement:
+    sign = 1 if spend.hold_status in ("voided", "expired") else -1
     reply = rewards_pb2.PointsMovement(
         transaction_id=spend.transaction_id,
         member_id=spend.member_id,
         points=spend.points,
         available=spend.available,
-        lots=[rewards_pb2.LotTouched(lot_id=lot, points=-n) for lot, n in spend.lots],
+        # A void or time-out gives the points back to the lots; anything else takes them.
+        lots=[rewards_pb2.LotTouched(lot_id=lot, points=sign * n) for lot, n in spend.lots],
         hold_id=spend.hold_id,
         hold_status=spend.hold_status,
         replayed=spend.replayed,
     )
-    if spend.hold_status == "voided" or spend.hold_status == "expired":
-        del reply.lots[:]
-        reply.lots.extend(rewards_pb2.LotTouched(lot_id=lot, points=n) for lot, n in spend.lots)
     if spend.expires_at:
         reply.hold_expires_at.CopyFrom(timestamp(datetime.fromisoformat(spend.expires_at)))
     return reply
+
+
+def adjustment_movement(a: Adjustment) -> rewards_pb2.PointsMovement:
+    return rewards_pb2.PointsMovement(
+        transaction_id=a.transaction_id,
+        member_id=a.member_id,
+        points=a.points,
+        available=a.available,
+        replayed=a.replayed,
+    )
 
 
 def history_line(row: Any) -> rewards_pb2.PointsHistoryLine:
@@ -254,14 +263,7 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServiceServicer):
                 request.idempotency_key,
                 datetime.now(UTC),
             )
-        a = outcome.unwrap()
-        return rewards_pb2.PointsMovement(
-            transaction_id=a.transaction_id,
-            member_id=a.member_id,
-            points=a.points,
-            available=a.available,
-            replayed=a.replayed,
-        )
+        return adjustment_movement(outcome.unwrap())
 
     async def GetPointsHistory(
         self, request: rewards_pb2.GetPointsHistoryRequest, context: grpc.aio.ServicerContext
@@ -324,14 +326,7 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServiceServicer):
             outcome = await self._points.record_action(
                 uow, request.member_id, request.action, request.idempotency_key, datetime.now(UTC)
             )
-        a = outcome.unwrap()
-        return rewards_pb2.PointsMovement(
-            transaction_id=a.transaction_id,
-            member_id=a.member_id,
-            points=a.points,
-            available=a.available,
-            replayed=a.replayed,
-        )
+        return adjustment_movement(outcome.unwrap())
 
     def _horizon_days(self, days: int, field: str) -> int:
         if days < 0 or days > 3660:

@@ -475,29 +475,8 @@ async def _tiers_chunk(
         await conn.copy_records_to_table(
             "tier_history",
             schema_name="tiering",
-            columns=[
-                "member_id",
-                "from_tier",
-                "to_tier",
-                "reason",
-                "figures",
-                "programme_id",
-                "programme_version",
-                "changed_at",
-            ],
-            records=[
-                (
-                    m,
-                    c.from_tier,
-                    c.to_tier,
-                    c.reason,
-                    json.dumps(c.figures, ensure_ascii=False, default=str),
-                    programme.programme_id,
-                    programme.version,
-                    c.at,
-                )
-                for m, c in history
-            ],
+            columns=list(repo.HISTORY_COLUMNS),
+            records=[repo.history_record(m, programme, c) for m, c in history],
         )
     return changed
 

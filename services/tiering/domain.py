@@ -11,7 +11,7 @@ import bisect
 import enum
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -70,13 +70,8 @@ class Benefits:
     priority: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "points_multiplier_bp": self.points_multiplier_bp,
-            "birthday_coupon_template": self.birthday_coupon_template,
-            "free_delivery": self.free_delivery,
-            "upgrade_gift_coupon_template": self.upgrade_gift_coupon_template,
-            "priority": self.priority,
-        }
+        # Every field is a JSON scalar, stored under its own name.
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -187,15 +182,8 @@ class SegmentRules:
     relative_next_pct: int = 30
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "rfm_window_months": self.rfm_window_months,
-            "new_days": self.new_days,
-            "growing_days": self.growing_days,
-            "silent_days": self.silent_days,
-            "churned_days": self.churned_days,
-            "relative_top_pct": self.relative_top_pct,
-            "relative_next_pct": self.relative_next_pct,
-        }
+        # Every field is a JSON scalar, stored under its own name.
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -389,10 +389,6 @@ def order_growth(programme: TierProgramme, net_fen: int) -> int:
     return min(points, cap) if cap else points
 
 
-def tier_of(programme: TierProgramme, code: str) -> Tier:
-    return programme.tier(code)
-
-
 # ---- projection for the member centre -------------------------------------------
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
-from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound
+from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound, parse_member_id
 from servicekit.events import ReceivedEvent
 from servicekit.protos import timestamp, to_datetime
 
@@ -100,15 +100,6 @@ class Simulation:
     kept_by_retention: int
     at_risk: int
     movements: list[tuple[str, str, int]]
-
-
-def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise InvalidArgument(
-            f"{field} is not a member id", code="INVALID_MEMBER_ID", field=field
-        ) from None
 
 
 def _event_member(value: str, what: str) -> uuid.UUID | None:

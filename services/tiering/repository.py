@@ -285,17 +285,6 @@ async def load_facts(
     )
 
 
-async def growth_between(conn: Connection, member_id: uuid.UUID, lo: datetime, hi: datetime) -> int:
-    value = await conn.fetchval(
-        "SELECT coalesce(sum(points), 0) FROM tiering.growth_ledger"
-        " WHERE member_id = $1 AND occurred_at > $2 AND occurred_at <= $3",
-        member_id,
-        lo,
-        hi,
-    )
-    return int(value)
-
-
 def metric_sql(metric: QualifyingMetric, alias: str = "") -> tuple[str, str]:
     """(table, aggregate) computing a metric; the same definition as
     evaluation.metric_from_facts."""
@@ -378,6 +367,34 @@ async def save_tier_state(
     )
 
 
+# tier_history columns in the order history_record fills them (the batch copies rows).
+HISTORY_COLUMNS = (
+    "member_id",
+    "from_tier",
+    "to_tier",
+    "reason",
+    "figures",
+    "programme_id",
+    "programme_version",
+    "changed_at",
+)
+
+
+def history_record(
+    member_id: uuid.UUID, programme: TierProgramme, change: Change
+) -> tuple[Any, ...]:
+    return (
+        member_id,
+        change.from_tier,
+        change.to_tier,
+        change.reason,
+        json.dumps(change.figures, ensure_ascii=False, default=str),
+        programme.programme_id,
+        programme.version,
+        change.at,
+    )
+
+
 async def insert_history(
     conn: Connection,
     member_id: uuid.UUID,
@@ -389,19 +406,7 @@ async def insert_history(
     await conn.executemany(
         "INSERT INTO tiering.tier_history (member_id, from_tier, to_tier, reason, figures,"
         " programme_id, programme_version, changed_at) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)",
-        [
-            (
-                member_id,
-                c.from_tier,
-                c.to_tier,
-                c.reason,
-                json.dumps(c.figures, ensure_ascii=False, default=str),
-                programme.programme_id,
-                programme.version,
-                c.at,
-            )
-            for c in changes
-        ],
+        [history_record(member_id, programme, c) for c in changes],
     )
 
 

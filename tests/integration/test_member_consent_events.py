@@ -8,40 +8,27 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from loyalty.member.v1 import member_pb2 as pb
 from loyalty.member.v1 import member_pb2_grpc
-from servicekit.events import unpack
 
 from ..harness import Infra, eventually
-from .test_member_oneid import CARD, ident, identify, tag
+from . import test_member_oneid as oneid
+from .test_member_oneid import CARD, ident, identify, member_stream, tag
 
 Stub = member_pb2_grpc.MemberServiceStub
 MARKETING = pb.CONSENT_PURPOSE_MARKETING
 SMS = pb.CONSENT_CHANNEL_SMS
 
 
-@pytest.fixture(scope="module")
-async def stub(member_channel: grpc.aio.Channel) -> Stub:
-    return Stub(member_channel)
+# The same fixture as test_member_oneid; pytest finds it as a module attribute.
+stub = oneid.stub
 
 
 async def consent_events(infra: Infra, member_id: str) -> list[events_pb2.ConsentChanged]:
-    redis = Redis.from_url(infra.redis_url)
-    try:
-        entries = await redis.xrange(f"{infra.namespace}:events:member")
-    finally:
-        await redis.aclose()
-    out = []
-    for _, fields in entries:
-        envelope = events_pb2.EventEnvelope.FromString(fields[b"envelope"])
-        if envelope.event_type == events_pb2.ConsentChanged.DESCRIPTOR.full_name:
-            payload = unpack(envelope, events_pb2.ConsentChanged)
-            if payload.member_id == member_id:
-                out.append(payload)
-    return out
+    found = await member_stream(infra, events_pb2.ConsentChanged)
+    return [payload for payload in found if payload.member_id == member_id]
 
 
 async def wait_for(infra: Infra, member_id: str, n: int) -> list[events_pb2.ConsentChanged]:
@@ -55,15 +42,21 @@ async def wait_for(infra: Infra, member_id: str, n: int) -> list[events_pb2.Cons
 
 
 async def set_consent(
-    stub: Stub, member: str, channel: int, granted: bool, purpose: int = MARKETING
-) -> None:
-    await stub.SetConsent(
+    stub: Stub,
+    member: str,
+    channel: int,
+    granted: bool,
+    purpose: int = MARKETING,
+    source: str = "mini-program",
+) -> pb.Profile:
+    """The member's own choice, as the mini-program records it."""
+    return await stub.SetConsent(
         pb.SetConsentRequest(
             member_id=member,
             purpose=purpose,
             channel=channel,
             granted=granted,
-            source="mini-program",
+            source=source,
             actor="member",
         )
     )

@@ -7,10 +7,12 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import asyncpg
 import grpc
 import pytest
+from google.protobuf.message import Message
 from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
@@ -24,6 +26,7 @@ from servicekit.server import ServiceApp
 from ..harness import Infra, eventually
 
 Stub = member_pb2_grpc.MemberServiceStub
+M = TypeVar("M", bound=Message)
 PHONE = pb.IDENTIFIER_TYPE_PHONE
 UNIONID = pb.IDENTIFIER_TYPE_WECHAT_UNIONID
 OPENID = pb.IDENTIFIER_TYPE_WECHAT_OPENID
@@ -303,23 +306,31 @@ async def test_bad_input_is_invalid_argument_and_writes_nothing(
     assert await db.fetchval(count) == before
 
 
-async def member_events(infra: Infra) -> list[object]:
-    """Payloads on the member stream, timestamps cleared for comparison."""
+async def member_stream(infra: Infra, kind: type[M]) -> list[M]:
+    """The payloads of one event type on the member stream, oldest first."""
     redis = Redis.from_url(infra.redis_url)
     try:
         entries = await redis.xrange(f"{infra.namespace}:events:member")
     finally:
         await redis.aclose()
-    out: list[object] = []
+    out: list[M] = []
     for _, fields in entries:
         envelope = events_pb2.EventEnvelope.FromString(fields[b"envelope"])
-        for kind in (events_pb2.MemberMerged, events_pb2.MemberUnmerged):
-            if envelope.event_type == kind.DESCRIPTOR.full_name:
-                payload = unpack(envelope, kind)
-                for stamp in ("merged_at", "unmerged_at"):
-                    if stamp in kind.DESCRIPTOR.fields_by_name:
-                        payload.ClearField(stamp)  # type: ignore[arg-type]
-                out.append(payload)
+        if envelope.event_type == kind.DESCRIPTOR.full_name:
+            out.append(unpack(envelope, kind))  # type: ignore[arg-type]
+    return out
+
+
+async def member_events(infra: Infra) -> list[object]:
+    """Merge and unmerge payloads on the member stream, timestamps cleared for comparison."""
+    out: list[object] = []
+    for kind, stamp in (
+        (events_pb2.MemberMerged, "merged_at"),
+        (events_pb2.MemberUnmerged, "unmerged_at"),
+    ):
+        for payload in await member_stream(infra, kind):
+            payload.ClearField(stamp)  # type: ignore[arg-type]
+            out.append(payload)
     return out
 
 

@@ -6,40 +6,40 @@ from __future__ import annotations
 import base64
 import os
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
-import pytest
-from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from loyalty.member.v1 import member_pb2 as pb
 from loyalty.member.v1 import member_pb2_grpc
-from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
-from servicekit.events import unpack
 from services.member.server import build
 from services.member.settings import MemberSettings
 
 from ..harness import Infra, eventually
-from .test_member_oneid import CARD, OPENID, PHONE, UNIONID, failure, ident, identify, mobile, tag
+from . import test_member_oneid as oneid
+from .test_member_consent_events import set_consent
+from .test_member_oneid import (
+    CARD,
+    OPENID,
+    PHONE,
+    UNIONID,
+    failure,
+    ident,
+    identify,
+    member_stream,
+    mobile,
+    tag,
+)
 
 Stub = member_pb2_grpc.MemberServiceStub
 MARKETING = pb.CONSENT_PURPOSE_MARKETING
 PERSONALISATION = pb.CONSENT_PURPOSE_PERSONALISATION
 
 
-@pytest.fixture(scope="module")
-async def stub(member_channel: grpc.aio.Channel) -> Stub:
-    return Stub(member_channel)
-
-
-@pytest.fixture
-async def db(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    yield conn
-    await conn.close()
+# The same fixtures as test_member_oneid; pytest finds them as module attributes.
+stub, db = oneid.stub, oneid.db
 
 
 def consent(profile: pb.Profile, purpose: int, channel: int) -> pb.Consent | None:
@@ -82,42 +82,15 @@ async def test_consent_history_and_no_personalisation(stub: Stub) -> None:
     m = (await identify(stub, ident(CARD, f"c-{tag()}"))).member.member_id
     fresh = await stub.GetProfile(pb.GetProfileRequest(member_id=m))
     assert not fresh.personalisation_allowed and not fresh.consents  # opt-in: nothing yet
-    await stub.SetConsent(
-        pb.SetConsentRequest(
-            member_id=m,
-            purpose=PERSONALISATION,
-            channel=pb.CONSENT_CHANNEL_ALL,
-            granted=True,
-            source="mp:privacy",
-            actor="member",
-        )
-    )
-    profile = await stub.SetConsent(
-        pb.SetConsentRequest(
-            member_id=m,
-            purpose=PERSONALISATION,
-            channel=pb.CONSENT_CHANNEL_ALL,
-            granted=False,
-            source="mp:privacy",
-            actor="member",
-        )
+    await set_consent(stub, m, pb.CONSENT_CHANNEL_ALL, True, PERSONALISATION, "mp:privacy")
+    profile = await set_consent(
+        stub, m, pb.CONSENT_CHANNEL_ALL, False, PERSONALISATION, "mp:privacy"
     )
     assert not profile.personalisation_allowed
     history = await stub.ListConsentHistory(pb.ListConsentHistoryRequest(member_id=m))
     assert [r.granted for r in history.records] == [True, False]
     assert all(r.actor == "member" and r.source == "mp:privacy" for r in history.records)
-    err = await failure(
-        stub.SetConsent(
-            pb.SetConsentRequest(
-                member_id=m,
-                purpose=PERSONALISATION,
-                channel=pb.CONSENT_CHANNEL_SMS,
-                granted=True,
-                source="s",
-                actor="member",
-            )
-        )
-    )
+    err = await failure(set_consent(stub, m, pb.CONSENT_CHANNEL_SMS, True, PERSONALISATION, "s"))
     assert error_info(err) == ("INVALID_CONSENT_CHANNEL", "channel")
 
 
@@ -127,30 +100,12 @@ async def test_consent_after_merge_is_the_most_restrictive_until_chosen_again(st
     a = (await identify(stub, ident(OPENID, f"o-{t}"))).member.member_id
     b = (await identify(stub, ident(PHONE, phone, True))).member.member_id
     for member, granted in ((a, True), (b, False)):
-        await stub.SetConsent(
-            pb.SetConsentRequest(
-                member_id=member,
-                purpose=MARKETING,
-                channel=pb.CONSENT_CHANNEL_SMS,
-                granted=granted,
-                source="mp",
-                actor="member",
-            )
-        )
+        await set_consent(stub, member, pb.CONSENT_CHANNEL_SMS, granted, MARKETING, "mp")
     await identify(stub, ident(OPENID, f"o-{t}"), ident(PHONE, phone, True))
     merged = await stub.GetProfile(pb.GetProfileRequest(member_id=a))
     sms = consent(merged, MARKETING, pb.CONSENT_CHANNEL_SMS)
     assert sms is not None and not sms.granted
-    chosen = await stub.SetConsent(
-        pb.SetConsentRequest(
-            member_id=b,
-            purpose=MARKETING,
-            channel=pb.CONSENT_CHANNEL_SMS,
-            granted=True,
-            source="mp",
-            actor="member",
-        )
-    )
+    chosen = await set_consent(stub, b, pb.CONSENT_CHANNEL_SMS, True, MARKETING, "mp")
     sms = consent(chosen, MARKETING, pb.CONSENT_CHANNEL_SMS)
     assert sms is not None and sms.granted
 
@@ -252,26 +207,13 @@ async def test_erasure_tombstones_the_cluster_and_suppresses_relinking(
         )
     )
     assert again.created and again.member.member_id not in (a, b)
+
     # MemberErased names the whole cluster, through the outbox and the stream.
-    redis = Redis.from_url(infra.redis_url)
+    async def erased_cluster_published() -> bool:
+        found = await member_stream(infra, events_pb2.MemberErased)
+        return sorted([a, b]) in [sorted(payload.member_ids) for payload in found]
 
-    async def erasures() -> list[list[str]]:
-        found = []
-        for _, fields in await redis.xrange(f"{infra.namespace}:events:member"):
-            envelope = events_pb2.EventEnvelope.FromString(fields[b"envelope"])
-            if envelope.event_type == "loyalty.events.v1.MemberErased":
-                payload = unpack(envelope, events_pb2.MemberErased)
-                found.append(sorted(payload.member_ids))  # type: ignore[attr-defined]
-        return found
-
-    try:
-        await eventually(lambda: _contains(erasures(), sorted([a, b])))
-    finally:
-        await redis.aclose()
-
-
-async def _contains(found: object, item: list[str]) -> bool:
-    return item in await found  # type: ignore[misc,operator]
+    await eventually(erased_cluster_published)
 
 
 async def test_member_code_resolves_once_and_refuses_forgeries(stub: Stub) -> None:

@@ -95,6 +95,14 @@ async def test_redeem_hold_post_void_through_grpc(stub: Stub, db: asyncpg.Connec
     assert error_info(error) == ("HOLD_POSTED", "hold_id")
     balance = await stub.GetPointsBalance(rewards_pb2.GetPointsBalanceRequest(member_id=member))
     assert (balance.available, balance.held, balance.lifetime_earned) == (50, 0, 100)
+    # A void gives the points back: its lots carry positive amounts.
+    again = await stub.HoldPoints(
+        rewards_pb2.HoldPointsRequest(member_id=member, points=10, idempotency_key="g5" + member)
+    )
+    assert again.available == 40 and [lot.points for lot in again.lots] == [-10]
+    voided = await stub.VoidHold(rewards_pb2.HoldRequest(hold_id=again.hold_id))
+    assert voided.hold_status == "voided" and voided.available == 50
+    assert [lot.points for lot in voided.lots] == [10]
 
     error = await rpc_error(
         stub.RedeemPoints(

@@ -437,6 +437,13 @@ async def test_holds_resolve_exactly_once_and_voids_keep_expiry(
     fourth = await ledger.call("hold", member, 5, "h4-" + member, "", now)
     later = now + timedelta(hours=1)
     assert await void_timed_out_holds(db, ledger.points, later) >= 1
+    # The job itself expired it (a post past the time-out would also say HOLD_EXPIRED).
+    assert (
+        await conn.fetchval(
+            "SELECT status FROM rewards.points_holds WHERE id = $1", uuid.UUID(fourth.hold_id)
+        )
+        == "expired"
+    )
     with pytest.raises(FailedPrecondition) as caught:
         await ledger.call("post_hold", fourth.hold_id, later)
     assert caught.value.code == "HOLD_EXPIRED"

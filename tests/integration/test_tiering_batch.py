@@ -9,52 +9,29 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import grpc
 import pytest
 from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
-from servicekit.db import asyncpg_dsn
-from servicekit.events import ENVELOPE_FIELD, stream_name
 from servicekit.server import ServiceApp
 from services.tiering import repository as repo
 from services.tiering.batch import recompute
 from services.tiering.domain import SegmentRules
 from services.tiering.evaluation import replay
-from services.tiering.seed import seed_demo
 from services.tiering.segments import classify, segment_sql, stage, stage_sql
 
 from ..harness import Infra, eventually
-from .test_tiering_tiers import order, publish, ts
+from . import test_tiering_tiers as tiers
+from .test_tiering_tiers import events_of, order, publish, ts
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-
-@pytest.fixture
-async def redis(infra: Infra) -> AsyncIterator[Redis]:
-    client = Redis.from_url(infra.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
-async def stub(
-    tiering_app: ServiceApp, tiering_channel: grpc.aio.Channel, conn: asyncpg.Connection
-) -> tiering_pb2_grpc.TieringServiceStub:
-    await seed_demo(conn)
-    return tiering_pb2_grpc.TieringServiceStub(tiering_channel)
+# The same fixtures as test_tiering_tiers; pytest finds them as module attributes.
+redis, conn, stub = tiers.redis, tiers.conn, tiers.stub
 
 
 async def stored_tier(conn: asyncpg.Connection, member: str) -> str | None:
@@ -62,15 +39,6 @@ async def stored_tier(conn: asyncpg.Connection, member: str) -> str | None:
         "SELECT tier_code FROM tiering.member_tiers WHERE member_id = $1", uuid.UUID(member)
     )
     return str(value) if value is not None else None
-
-
-async def events_of(redis: Redis, infra: Infra, member: str, kind: str) -> list[bytes]:
-    found = []
-    for _, fields in await redis.xrange(stream_name(infra.namespace, "tiering")):
-        envelope = events_pb2.EventEnvelope.FromString(fields[ENVELOPE_FIELD])
-        if envelope.member_id == member and envelope.event_type.endswith(kind):
-            found.append(envelope.payload.value)
-    return found
 
 
 SH_2024_12_20 = datetime(2024, 12, 20, 4, tzinfo=UTC)

@@ -5,49 +5,26 @@ and later events or calls for an erased member change nothing."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
-import pytest
 from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
-from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
-from servicekit.server import ServiceApp
-from services.tiering.seed import seed_demo
 
 from ..harness import Infra, eventually
+from . import test_tiering_tiers as tiers
 from .test_tiering_tiers import order, publish, rpc_error, tier_is, ts
 
 NOW = datetime.now(UTC)
 PER_MEMBER = ("member_tiers", "member_spend", "member_profiles")
 FACTS = ("orders", "growth_ledger", "tier_history")
 
-
-@pytest.fixture
-async def redis(infra: Infra) -> AsyncIterator[Redis]:
-    client = Redis.from_url(infra.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
-async def stub(
-    tiering_app: ServiceApp, tiering_channel: grpc.aio.Channel, conn: asyncpg.Connection
-) -> tiering_pb2_grpc.TieringServiceStub:
-    await seed_demo(conn)
-    return tiering_pb2_grpc.TieringServiceStub(tiering_channel)
+# The same fixtures as test_tiering_tiers; pytest finds them as module attributes.
+redis, conn, stub = tiers.redis, tiers.conn, tiers.stub
 
 
 async def processed(conn: asyncpg.Connection, event_id: str) -> bool:

@@ -4,56 +4,28 @@ GetMemberSpend, the demo seed and programme versions."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
 from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
-from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
 from servicekit.events import ENVELOPE_FIELD, dead_letter_stream, make_envelope, stream_name
-from servicekit.server import ServiceApp
+from servicekit.protos import timestamp as ts
 from services.tiering import repository as repo
 from services.tiering.domain import QualifyingMetric, TierProgramme
 from services.tiering.seed import DEMO_PROGRAMME, seed_demo
 
 from ..harness import Infra, eventually
+from . import test_tiering_tiers as tiers
 
-
-@pytest.fixture
-async def redis(infra: Infra) -> AsyncIterator[Redis]:
-    client = Redis.from_url(infra.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
-async def stub(
-    tiering_app: ServiceApp, tiering_channel: grpc.aio.Channel, conn: asyncpg.Connection
-) -> tiering_pb2_grpc.TieringServiceStub:
-    # The demo ladder is what GetMemberSpend evaluates tiers on; seeding is idempotent.
-    await seed_demo(conn)
-    return tiering_pb2_grpc.TieringServiceStub(tiering_channel)
-
-
-def ts(value: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value)
-    return out
+# The same fixtures as test_tiering_tiers; pytest finds them as module attributes.
+redis, conn, stub = tiers.redis, tiers.conn, tiers.stub
 
 
 def order(member_id: str, paid_fen: int, ordered_at: datetime) -> events_pb2.EventEnvelope:

@@ -13,14 +13,14 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
 from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
 from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
-from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name, unpack
+from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
+from servicekit.protos import timestamp as ts
 from servicekit.server import ServiceApp
 from services.tiering.seed import DEMO_PROGRAMME, seed_demo
 
@@ -51,12 +51,6 @@ async def stub(
 ) -> tiering_pb2_grpc.TieringServiceStub:
     await seed_demo(conn)
     return tiering_pb2_grpc.TieringServiceStub(tiering_channel)
-
-
-def ts(value: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value)
-    return out
 
 
 async def publish(redis: Redis, infra: Infra, producer: str, payload: Any, member: str) -> str:
@@ -120,15 +114,21 @@ async def tier_is(
     return reply
 
 
-async def tier_events(redis: Redis, infra: Infra, member: str) -> list[events_pb2.TierChanged]:
-    out = []
+async def events_of(redis: Redis, infra: Infra, member: str, kind: str) -> list[bytes]:
+    """Serialized payloads of one event type tiering published for a member."""
+    found = []
     for _, fields in await redis.xrange(stream_name(infra.namespace, "tiering")):
         envelope = events_pb2.EventEnvelope.FromString(fields[ENVELOPE_FIELD])
-        if envelope.member_id == member and envelope.event_type.endswith("TierChanged"):
-            message = unpack(envelope, events_pb2.TierChanged)
-            assert isinstance(message, events_pb2.TierChanged)
-            out.append(message)
-    return out
+        if envelope.member_id == member and envelope.event_type.endswith(kind):
+            found.append(envelope.payload.value)
+    return found
+
+
+async def tier_events(redis: Redis, infra: Infra, member: str) -> list[events_pb2.TierChanged]:
+    return [
+        events_pb2.TierChanged.FromString(value)
+        for value in await events_of(redis, infra, member, "TierChanged")
+    ]
 
 
 def draft(**changes: Any) -> tiering_pb2.Programme:

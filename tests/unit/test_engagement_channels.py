@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import timedelta
 
 import httpx
@@ -13,14 +14,17 @@ import pytest
 from services.engagement.channels import (
     IDEMPOTENCY_HEADER,
     AppPushProvider,
+    Delivery,
     LocalSink,
     MiniProgramProvider,
     Outbound,
     RateLimiter,
     SmsProvider,
     WeComProvider,
+    as_delivery,
     backoff,
     build_providers,
+    poll_forever,
 )
 
 MESSAGE = Outbound("e1:3", "m1", "wecom", "cart-discount", "wm-external-1")
@@ -110,3 +114,27 @@ async def test_rate_limiter_spaces_sends() -> None:
         await limiter.acquire()
     # 50 tokens at once, then 10 more at 50/s: at least ~0.2 s.
     assert loop.time() - began >= 0.15
+
+
+def test_a_call_that_raised_is_retried() -> None:
+    delivered = Delivery("delivered", provider_ref="r1")
+    assert as_delivery(delivered) is delivered
+    raised = as_delivery(TimeoutError("x" * 500))
+    assert raised.status == "retry"
+    assert raised.reason.startswith("ERROR: TimeoutError(") and len(raised.reason) == 200
+
+
+async def test_poll_loop_survives_a_failing_round_and_stops_when_cancelled() -> None:
+    rounds: list[int] = []
+
+    async def step() -> int:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise RuntimeError("database blip")
+        if len(rounds) == 3:
+            raise asyncio.CancelledError
+        return 1
+
+    with pytest.raises(asyncio.CancelledError):
+        await poll_forever(step, 0.0, logging.getLogger("test"), "worker")
+    assert rounds == [0, 1, 2]

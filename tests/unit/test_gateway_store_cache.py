@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.clients import RewardsClient
+from gateway.clients import OPEN_STORE_TTL_SECONDS, RewardsClient
 from loyalty.rewards.v1 import rewards_pb2
 
 
@@ -28,8 +28,9 @@ async def test_open_stores_are_cached_closed_ones_are_not() -> None:
             assert (await client.get_store("SH009")).status == "closed"
         assert stub.calls.count("SH001") == 1
         assert stub.calls.count("SH009") == 3
-        # A store that closes stops being remembered once its entry expires.
-        client._open_stores.clear()
+        # A store that closes stops being remembered once its entry expires
+        # (expired as of the TTL from now, rather than cleared by hand).
+        client._open_stores.expire(client._open_stores.timer() + OPEN_STORE_TTL_SECONDS + 1)
         stub.stores["SH001"] = "closed"
         assert (await client.get_store("SH001")).status == "closed"
     finally:

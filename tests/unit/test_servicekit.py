@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -29,6 +30,11 @@ def test_rpc_status_carries_code_and_field() -> None:
     assert status.details == "bad phone"
     keys = [k for k, _ in status.trailing_metadata]
     assert "grpc-status-details-bin" in keys
+    # The detail is what clients read: the stable code and the offending field.
+    raw = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    info = error_details_pb2.ErrorInfo()
+    assert status_pb2.Status.FromString(raw).details[0].Unpack(info)
+    assert (info.reason, info.metadata["field"]) == ("INVALID_PHONE", "phone")
 
 
 def test_envelope_round_trip() -> None:
