@@ -62,6 +62,12 @@ def local_day(at: datetime, tz: str | None) -> date:
     return at.astimezone(zone(tz)).date()
 
 
+def birthday_month_key(day: date) -> int:
+    """The month `day` falls in as one increasing number (year * 12 + month - 1):
+    the birthday month a member last entered for is kept as this."""
+    return day.year * 12 + day.month - 1
+
+
 def bucket(member_id: str, salt: str) -> int:
     """A stable 0..9999 bucket: the same member lands in the same group every time."""
     digest = hashlib.blake2b(f"{salt}:{member_id}".encode(), digest_size=8).digest()

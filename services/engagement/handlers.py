@@ -13,13 +13,16 @@ from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound, par
 
 from . import repository as repo
 from .domain import (
+    DEFAULT_TZ,
     Clock,
     Lift,
     MemberFacts,
     QuietHours,
+    birthday_month_key,
     bounding_box,
     bucket,
     lift,
+    local_day,
     parse_coordinates,
     schedule_time,
 )
@@ -414,6 +417,33 @@ class EngagementHandlers:
                 conn, enrollment_id, journey.journey_id, journey.start, due, False, journey.priority
             )
         return inserted
+
+    # ---- birthday month ----------------------------------------------------------
+
+    async def on_birthday_set(self, uow: UnitOfWork, member_id: str, month: int, day: int) -> None:
+        mid = parse_member_id(member_id)
+        if not (month == day == 0 or (1 <= month <= 12 and 1 <= day <= 31)):
+            raise InvalidArgument(
+                f"birthday month {month} day {day} is not a date",
+                code="INVALID_BIRTHDAY",
+                field="month",
+            )
+        await repo.set_birthday(uow.conn, mid, month, day)
+
+    async def enter_birthday_month(self, uow: UnitOfWork, limit: int = 500) -> int:
+        """One batch of the daily birthday-month entry: members whose birthday
+        month has started (local day, DEFAULT_TZ) and who have not entered for
+        it yet. On the 1st that is the month's members; on other days only
+        those whose birthday was set since. Returns how many entered."""
+        today = local_day(self.clock.now(), DEFAULT_TZ)
+        claimed = await repo.claim_birthdays(
+            uow.conn, today.month, birthday_month_key(today), limit
+        )
+        for mid, day in claimed:
+            await self.ingest(
+                uow, "birthday_month", str(mid), {"month": str(today.month), "day": str(day)}
+            )
+        return len(claimed)
 
     # ---- identity -----------------------------------------------------------------
 

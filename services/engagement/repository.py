@@ -295,6 +295,41 @@ async def addresses(conn: Connection, member_ids: list[uuid.UUID]) -> dict[tuple
     return {(str(r["member_id"]), r["channel"]): r["address"] for r in rows}
 
 
+async def set_birthday(conn: Connection, member_id: uuid.UUID, month: int, day: int) -> None:
+    """Month and day only; month 0 forgets the birthday. Changing it keeps
+    `entered_for`, so a member does not enter twice for the same month."""
+    if month == 0:
+        await conn.execute(
+            "DELETE FROM engagement.member_birthdays WHERE member_id = $1", member_id
+        )
+        return
+    await conn.execute(
+        "INSERT INTO engagement.member_birthdays (member_id, month, day) VALUES ($1, $2, $3)"
+        " ON CONFLICT (member_id) DO UPDATE SET month = excluded.month, day = excluded.day",
+        member_id,
+        month,
+        day,
+    )
+
+
+async def claim_birthdays(
+    conn: Connection, month: int, entered_for: int, limit: int
+) -> list[tuple[uuid.UUID, int]]:
+    """Members born in `month` not yet entered for it, marked entered (the
+    caller enrolls them in the same transaction). Reads only the index range
+    of the not-yet-entered: the daily difference, not a rescan."""
+    rows = await conn.fetch(
+        "UPDATE engagement.member_birthdays b SET entered_for = $2"
+        " WHERE b.member_id IN (SELECT member_id FROM engagement.member_birthdays"
+        "  WHERE month = $1 AND entered_for < $2 LIMIT $3 FOR UPDATE SKIP LOCKED)"
+        " RETURNING b.member_id, b.day",
+        month,
+        entered_for,
+        limit,
+    )
+    return [(r["member_id"], r["day"]) for r in rows]
+
+
 async def set_location(
     conn: Connection, member_id: uuid.UUID, lat: float, lon: float, at: datetime
 ) -> None:
@@ -963,6 +998,18 @@ async def merge_member(
         absorbed,
         survivor,
     )
+    # The survivor keeps its own birthday; it takes the absorbed one's only when
+    # it has none. The latest entered month is kept so nobody enters twice.
+    await conn.execute(
+        "INSERT INTO engagement.member_birthdays AS b (member_id, month, day, entered_for)"
+        " SELECT $2, month, day, entered_for FROM engagement.member_birthdays"
+        " WHERE member_id = $1"
+        " ON CONFLICT (member_id) DO UPDATE SET"
+        " entered_for = greatest(b.entered_for, excluded.entered_for)",
+        absorbed,
+        survivor,
+    )
+    await conn.execute("DELETE FROM engagement.member_birthdays WHERE member_id = $1", absorbed)
 
 
 async def unmerge_member(
@@ -1018,6 +1065,7 @@ async def erase_member(conn: Connection, member_id: uuid.UUID, at: datetime) -> 
         "channel_addresses",
         "member_tags",
         "member_locations",
+        "member_birthdays",
         "cap_usage",
         "parked_events",
         "member_facts",

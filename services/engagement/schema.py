@@ -275,3 +275,18 @@ merge_moves = Table(
     Column("ref", Text, nullable=False),
     PrimaryKeyConstraint("merge_id", "kind", "ref"),
 )
+
+# Birthday month and day (never the year), from member's BirthdaySet, for the
+# daily birthday-month entry. `entered_for` is the last birthday month the
+# member entered for (year * 12 + month - 1): the daily run reads, through the
+# index, only this month's members not yet entered, so it is a difference
+# (the 1st of the month, or a birthday set since yesterday), not a rescan.
+member_birthdays = Table(
+    "member_birthdays",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("month", Integer, nullable=False),
+    Column("day", Integer, nullable=False),
+    Column("entered_for", Integer, nullable=False, server_default="0"),
+    Index("ix_member_birthdays_month_entered", "month", "entered_for"),
+)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from servicekit.events import ReceivedEvent
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
-from .channels import Dispatcher, build_providers
+from .channels import Dispatcher, build_providers, poll_forever
 from .domain import Clock, QuietHours, SystemClock
 from .fulfilment import RewardDispatcher
 from .handlers import EngagementHandlers
@@ -33,6 +34,7 @@ from .servicer import EngagementServicer
 from .settings import EngagementSettings
 
 NAME = "engagement"
+log = logging.getLogger(__name__)
 
 
 class EngagementApp(ServiceApp):
@@ -52,6 +54,7 @@ class EngagementApp(ServiceApp):
         sweepers: int,
         poll: float,
         dispatch_poll: float,
+        birthday_poll: float,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -59,6 +62,7 @@ class EngagementApp(ServiceApp):
         self._sweepers = sweepers
         self._poll = poll
         self._dispatch_poll = dispatch_poll
+        self._birthday_poll = birthday_poll
         self._worker_tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -71,6 +75,14 @@ class EngagementApp(ServiceApp):
             self._worker_tasks.append(
                 asyncio.create_task(self.dispatcher.run(self._dispatch_poll), name="dispatcher")
             )
+            self._worker_tasks.append(
+                asyncio.create_task(
+                    poll_forever(
+                        self.enter_birthdays_once, self._birthday_poll, log, "birthday entry"
+                    ),
+                    name="birthday-entry",
+                )
+            )
             if self.reward_dispatcher is not None:
                 self._worker_tasks.append(
                     asyncio.create_task(
@@ -78,6 +90,12 @@ class EngagementApp(ServiceApp):
                     )
                 )
         return port
+
+    async def enter_birthdays_once(self) -> int:
+        """One batch of the daily birthday-month entry (a new day or a new birthday)."""
+        assert self.db is not None
+        async with self.db.unit_of_work() as uow:
+            return await self.handlers.enter_birthday_month(uow)
 
     async def stop(self) -> None:
         for task in self._worker_tasks:
@@ -136,6 +154,10 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             p.recorded_at.ToDatetime(tzinfo=UTC),
         )
 
+    async def birthday_set(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        p: Any = received.payload
+        await handlers.on_birthday_set(uow, p.member_id, p.month, p.day)
+
     async def erased(uow: UnitOfWork, received: ReceivedEvent) -> None:
         p: Any = received.payload
         await handlers.on_erased(uow, list(p.member_ids))
@@ -153,6 +175,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         Subscription("member", events_pb2.MemberUnmerged, unmerged),
         Subscription("member", events_pb2.MemberErased, erased),
         Subscription("member", events_pb2.ConsentChanged, consent_changed),
+        Subscription("member", events_pb2.BirthdaySet, birthday_set),
         Subscription(
             "rewards",
             events_pb2.OrderCompleted,
@@ -234,4 +257,5 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         sweepers=s.engagement_sweepers,
         poll=s.engagement_poll_seconds,
         dispatch_poll=s.engagement_dispatch_poll_seconds,
+        birthday_poll=s.engagement_birthday_poll_seconds,
     )

@@ -11,6 +11,9 @@ class EngagementSettings(ServiceSettings):
     engagement_sweepers: int = 2
     engagement_poll_seconds: float = 1.0
     engagement_dispatch_poll_seconds: float = 1.0
+    # How often the birthday-month entry looks for members to enter (it only
+    # finds work on the 1st of a month or after a birthday was set).
+    engagement_birthday_poll_seconds: float = 600.0
     # False: no background sweeper or dispatcher (tests drive them by hand).
     engagement_workers: bool = True
     quiet_start: str = "21:00"

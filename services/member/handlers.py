@@ -817,7 +817,24 @@ class MemberHandlers:
             clean[name] = value
         root = await self._live_root(uow.conn, member_id)
         await repo.add_observations(uow.conn, root, clean, source, verified)
-        return await self.profile(uow, root)
+        profile = await self.profile(uow, root)
+        if "birthday" in clean:
+            await self._emit_birthday(uow, root, profile.fields.get("birthday", ""))
+        return profile
+
+    async def _emit_birthday(self, uow: UnitOfWork, member_id: str, birthday: str) -> None:
+        """Month and day of the effective birthday (never the year: engagement's
+        birthday-month journeys need no more); 0/0 when there is none."""
+        day = date.fromisoformat(birthday) if birthday else None
+        await uow.emit(
+            events_pb2.BirthdaySet(
+                member_id=member_id,
+                month=day.month if day else 0,
+                day=day.day if day else 0,
+                recorded_at=_ts(datetime.now(UTC)),
+            ),
+            member_id=member_id,
+        )
 
     async def set_consent(
         self,
