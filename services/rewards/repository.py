@@ -103,17 +103,6 @@ class StoreRecord:
     status: str
 
 
-@dataclass(frozen=True)
-class CouponTemplateRecord:
-    template_id: str
-    name: str
-    kind: str
-    spec: dict[str, object]
-    total_stock: int | None
-    status: str
-    valid_days: int | None
-
-
 def lines_json(lines: tuple[OrderLine, ...]) -> str:
     return json.dumps(
         [
@@ -304,33 +293,6 @@ async def upsert_stores(conn: Connection, stores: list[StoreRecord]) -> None:
         [
             (s.store_id, s.name, s.city, s.address, s.latitude, s.longitude, s.status)
             for s in stores
-        ],
-    )
-
-
-async def upsert_coupon_templates(conn: Connection, templates: list[CouponTemplateRecord]) -> None:
-    await conn.executemany(
-        "INSERT INTO rewards.coupon_templates AS t"
-        " (template_id, name, kind, spec, total_stock, status, valid_days)"
-        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)"
-        " ON CONFLICT (template_id) DO UPDATE SET"
-        " name = EXCLUDED.name, kind = EXCLUDED.kind, spec = EXCLUDED.spec,"
-        " total_stock = EXCLUDED.total_stock, status = EXCLUDED.status,"
-        " valid_days = EXCLUDED.valid_days"
-        " WHERE (t.name, t.kind, t.spec, t.total_stock, t.status, t.valid_days)"
-        " IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.kind, EXCLUDED.spec,"
-        " EXCLUDED.total_stock, EXCLUDED.status, EXCLUDED.valid_days)",
-        [
-            (
-                t.template_id,
-                t.name,
-                t.kind,
-                json.dumps(t.spec, sort_keys=True),
-                t.total_stock,
-                t.status,
-                t.valid_days,
-            )
-            for t in templates
         ],
     )
 

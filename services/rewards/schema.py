@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     ForeignKey,
     Identity,
@@ -95,6 +96,9 @@ orders = Table(
     Column("points_balance_after", BigInteger),
     # Points spent on this order (a discount the till applied); 0 when none.
     Column("points_redeemed", BigInteger, nullable=False, server_default="0"),
+    # Fen taken off by the order's coupons (rewards computes it; the till's
+    # paid amount must agree).
+    Column("coupon_discount_fen", BigInteger, nullable=False, server_default="0"),
     # settled, or rejected (a stored refusal, replayed to retries like a result).
     Column("status", Text, nullable=False, server_default="settled"),
     Column("rejection", JSONB),
@@ -115,6 +119,7 @@ orders = Table(
     CheckConstraint("octet_length(request_hash) = 32", name="request_hash_sha256"),
     CheckConstraint("points_earned >= 0", name="points_earned_nonnegative"),
     CheckConstraint("points_redeemed >= 0", name="points_redeemed_nonnegative"),
+    CheckConstraint("coupon_discount_fen >= 0", name="coupon_discount_nonnegative"),
     CheckConstraint("status IN ('settled', 'rejected')", name="status_known"),
 )
 
@@ -309,28 +314,128 @@ points_holds = Table(
     ),
 )
 
+# Coupons (coupon_repository.py; rules in coupons.py). A template's current
+# terms are denormalised here for listing; every version's terms are kept in
+# coupon_template_versions and an issued coupon points at its version.
+COUPON_KINDS = ("amount_off", "percent_off", "free_item", "fixed_price", "first_order_price")
+COUPON_STATUSES = ("available", "locked", "used", "expired")
+
 coupon_templates = Table(
     "coupon_templates",
     metadata,
     Column("template_id", Text, primary_key=True),
     Column("name", Text, nullable=False),
     Column("kind", Text, nullable=False),
-    # Kind-specific terms in fen and percent: threshold_fen, discount_fen, percent, cap_fen...
+    # The current version's terms (coupons.Terms.doc()).
     Column("spec", JSONB, nullable=False, server_default="{}"),
-    # NULL: unlimited.
+    # NULL: unlimited. The live count is the sum of coupon_stock shards.
     Column("total_stock", BigInteger),
     Column("status", Text, nullable=False, server_default="active"),
-    # Days a coupon stays valid after issue; NULL: the spec's fixed window applies.
-    Column("valid_days", Integer),
     created_at(),
+    Column("version", Integer, nullable=False, server_default="1"),
+    Column("per_member_limit", BigInteger),
+    Column("daily_budget", BigInteger),
+    Column("stock_shards", Integer, nullable=False, server_default="1"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(
-        "kind IN ('amount_off', 'percent_off', 'free_item', 'fixed_price', 'first_order_price')",
+        f"kind IN ({', '.join(repr(k) for k in COUPON_KINDS)})",
         name="kind_known",
     ),
-    CheckConstraint("status IN ('draft', 'active', 'paused', 'retired')", name="status_known"),
+    CheckConstraint("status IN ('draft', 'active', 'paused', 'ended')", name="status_known"),
     CheckConstraint("jsonb_typeof(spec) = 'object'", name="spec_is_object"),
     CheckConstraint("total_stock IS NULL OR total_stock >= 0", name="total_stock_nonnegative"),
-    CheckConstraint("valid_days IS NULL OR valid_days > 0", name="valid_days_positive"),
+    CheckConstraint("per_member_limit IS NULL OR per_member_limit > 0", name="limit_positive"),
+    CheckConstraint("daily_budget IS NULL OR daily_budget > 0", name="budget_positive"),
+    CheckConstraint("stock_shards BETWEEN 1 AND 64", name="shards_range"),
+)
+
+coupon_template_versions = Table(
+    "coupon_template_versions",
+    metadata,
+    Column("template_id", Text, ForeignKey(coupon_templates.c.template_id), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("terms", JSONB, nullable=False),
+    Column("created_by", Text, nullable=False, server_default=""),
+    created_at(),
+)
+
+# Stock as N counter rows per template: a claim decrements one shard with a
+# conditional UPDATE (remaining > 0), so concurrent claims spread over rows and
+# the CHECK makes over-issue impossible whatever the code does.
+coupon_stock = Table(
+    "coupon_stock",
+    metadata,
+    Column("template_id", Text, ForeignKey(coupon_templates.c.template_id), primary_key=True),
+    Column("shard", Integer, primary_key=True),
+    Column("remaining", BigInteger, nullable=False),
+    CheckConstraint("remaining >= 0", name="remaining_nonnegative"),
+)
+
+# Coupons issued per member and template (the per-member limit), and per
+# template and business day (the daily budget); incremented only below the limit.
+coupon_member_counts = Table(
+    "coupon_member_counts",
+    metadata,
+    Column("template_id", Text, primary_key=True),
+    Column("member_id", Uuid, primary_key=True),
+    Column("issued", BigInteger, nullable=False),
+    CheckConstraint("issued >= 0", name="issued_nonnegative"),
+)
+
+coupon_daily_counts = Table(
+    "coupon_daily_counts",
+    metadata,
+    Column("template_id", Text, primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("issued", BigInteger, nullable=False),
+    CheckConstraint("issued >= 0", name="issued_nonnegative"),
+)
+
+coupons = Table(
+    "coupons",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    # What the member shows and the cashier types (coupons.new_code).
+    Column("code", Text, nullable=False, unique=True),
+    Column("template_id", Text, nullable=False),
+    Column("template_version", Integer, nullable=False),
+    Column("member_id", Uuid, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("issued_by", Text, nullable=False, server_default=""),
+    # The caller's idempotency key, and the hash of what it asked for.
+    Column("issue_key", Text, nullable=False, unique=True),
+    Column("request_hash", LargeBinary, nullable=False),
+    Column("status", Text, nullable=False, server_default="available"),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("valid_from", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    # The order holding the lock, and until when (a lapsed lock is free again).
+    Column("lock_store_id", Text),
+    Column("lock_pos_transaction_id", Text),
+    Column("locked_until", DateTime(timezone=True)),
+    Column("order_id", Uuid, ForeignKey(orders.c.id)),
+    Column("redeemed_at", DateTime(timezone=True)),
+    Column("discount_fen", BigInteger),
+    # Merge: the member it was issued to, and the merge that moved it.
+    Column("issued_to", Uuid, nullable=False),
+    Column("merge_id", Text),
+    Column("expiry_notified_at", DateTime(timezone=True)),
+    Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    Index(None, "member_id", "status", "expires_at"),
+    Index(None, "status", "expires_at"),
+    Index(None, "template_id", "status"),
+    Index(None, "order_id"),
+    CheckConstraint(
+        f"status IN ({', '.join(repr(s) for s in COUPON_STATUSES)})", name="status_known"
+    ),
+    CheckConstraint(
+        "(status = 'locked') = (locked_until IS NOT NULL)", name="locked_has_deadline"
+    ),
+    CheckConstraint(
+        "status <> 'used' OR (order_id IS NOT NULL AND discount_fen >= 0)", name="used_has_order"
+    ),
+    CheckConstraint("expires_at > valid_from", name="validity_window"),
+    CheckConstraint("octet_length(request_hash) = 32", name="request_hash_sha256"),
 )
 
 # Local projection of tiering's TierChanged events: the tier multiplier at

@@ -6,12 +6,15 @@ session) leaves the same rows; it never touches orders or the ledger.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 
 import asyncpg
 
+from . import coupon_repository
 from . import repository as repo
-from .repository import CouponTemplateRecord, StoreRecord
+from .coupons import Kind, Limits, Terms
+from .repository import StoreRecord
 
 DEMO_STORES = [
     StoreRecord(
@@ -52,26 +55,39 @@ DEMO_STORES = [
     ),
 ]
 
+
+@dataclass(frozen=True)
+class DemoTemplate:
+    template_id: str
+    terms: Terms
+    limits: Limits
+
+
 DEMO_COUPON_TEMPLATES = [
-    CouponTemplateRecord(
-        template_id="MJ99-30",
-        name="满99减30",
-        kind="amount_off",
-        spec={"threshold_fen": 9900, "discount_fen": 3000},
-        total_stock=100_000,
-        status="active",
-        valid_days=30,
+    DemoTemplate(
+        "MJ99-30",
+        Terms(
+            name="满99减30",
+            kind=Kind.AMOUNT_OFF,
+            threshold_fen=9900,
+            discount_fen=3000,
+            valid_days=30,
+        ),
+        Limits(total_stock=100_000, stock_shards=8),
     ),
-    CouponTemplateRecord(
-        template_id="FIRST-CUP-HALF",
-        name="首杯半价",
-        kind="first_order_price",
-        # Half price on the first cup, at most ¥15 off.
-        spec={"percent": 50, "cap_fen": 1500},
-        total_stock=None,
-        status="active",
-        # Part of the new-member pack, which is valid for 3 days.
-        valid_days=3,
+    DemoTemplate(
+        "FIRST-CUP-HALF",
+        # Half price on the first cup, at most ¥15 off; part of the new-member
+        # pack, which is valid for 3 days.
+        Terms(
+            name="首杯半价",
+            kind=Kind.FIRST_ORDER_PRICE,
+            percent=50,
+            cap_fen=1500,
+            valid_days=3,
+            new_members_only=True,
+        ),
+        Limits(per_member_limit=1),
     ),
 ]
 
@@ -79,4 +95,6 @@ DEMO_COUPON_TEMPLATES = [
 async def seed_demo(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         await repo.upsert_stores(conn, DEMO_STORES)
-        await repo.upsert_coupon_templates(conn, DEMO_COUPON_TEMPLATES)
+        await coupon_repository.seed_templates(
+            conn, [(t.template_id, t.terms, t.limits) for t in DEMO_COUPON_TEMPLATES]
+        )

@@ -1,0 +1,563 @@
+"""SQL of the coupons (asyncpg, raw: issuance and redemption are hot paths).
+
+Every counter that guards a promise (stock, per-member limit, daily budget) is
+changed by one conditional statement that checks and writes at once, so two
+concurrent claims can never both pass a check on a stale read.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from servicekit.db import Connection
+
+from .coupons import Limits, Status, Terms, shard_stock
+
+COUPON_COLUMNS = (
+    "c.id, c.code, c.template_id, c.template_version, c.member_id, c.reason, c.issued_by,"
+    " c.issue_key, c.request_hash, c.status, c.issued_at, c.valid_from, c.expires_at,"
+    " c.lock_store_id, c.lock_pos_transaction_id, c.locked_until, c.order_id, c.redeemed_at,"
+    " c.discount_fen, c.issued_to, c.seq"
+)
+
+
+@dataclass(frozen=True)
+class TemplateRow:
+    template_id: str
+    version: int
+    status: Status
+    terms: Terms
+    limits: Limits
+    created_at: datetime
+    updated_at: datetime
+
+
+def _template(row: Any) -> TemplateRow:
+    return TemplateRow(
+        template_id=row["template_id"],
+        version=row["version"],
+        status=Status(row["status"]),
+        terms=Terms.from_doc(json.loads(row["spec"])),
+        limits=Limits(
+            total_stock=row["total_stock"],
+            per_member_limit=row["per_member_limit"],
+            daily_budget=row["daily_budget"],
+            stock_shards=row["stock_shards"],
+        ),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+TEMPLATE_COLUMNS = (
+    "template_id, version, status, spec, total_stock, per_member_limit, daily_budget,"
+    " stock_shards, created_at, updated_at"
+)
+
+
+def _terms_json(terms: Terms) -> str:
+    return json.dumps(terms.doc(), sort_keys=True, ensure_ascii=False)
+
+
+async def insert_template(
+    conn: Connection,
+    template_id: str,
+    terms: Terms,
+    limits: Limits,
+    status: Status,
+    created_by: str,
+    stock: Sequence[int],
+) -> bool:
+    """A new template at version 1 with its stock shards; False if the id exists."""
+    inserted = await conn.fetchval(
+        "INSERT INTO rewards.coupon_templates (template_id, name, kind, spec, total_stock,"
+        " status, per_member_limit, daily_budget, stock_shards)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)"
+        " ON CONFLICT (template_id) DO NOTHING RETURNING true",
+        template_id,
+        terms.name,
+        terms.kind.value,
+        _terms_json(terms),
+        limits.total_stock,
+        status.value,
+        limits.per_member_limit,
+        limits.daily_budget,
+        len(stock) or 1,
+    )
+    if not inserted:
+        return False
+    await conn.execute(
+        "INSERT INTO rewards.coupon_template_versions (template_id, version, terms, created_by)"
+        " VALUES ($1, 1, $2::jsonb, $3)",
+        template_id,
+        _terms_json(terms),
+        created_by,
+    )
+    if stock:
+        await conn.executemany(
+            "INSERT INTO rewards.coupon_stock (template_id, shard, remaining) VALUES ($1, $2, $3)",
+            [(template_id, n, remaining) for n, remaining in enumerate(stock)],
+        )
+    return True
+
+
+async def get_template(
+    conn: Connection, template_id: str, *, lock: bool = False
+) -> TemplateRow | None:
+    row = await conn.fetchrow(
+        f"SELECT {TEMPLATE_COLUMNS} FROM rewards.coupon_templates WHERE template_id = $1"
+        + (" FOR UPDATE" if lock else ""),
+        template_id,
+    )
+    return _template(row) if row else None
+
+
+async def list_templates(
+    conn: Connection, status: str | None, after: str | None, limit: int
+) -> list[TemplateRow]:
+    rows = await conn.fetch(
+        f"SELECT {TEMPLATE_COLUMNS} FROM rewards.coupon_templates"
+        " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR template_id > $2)"
+        " ORDER BY template_id LIMIT $3",
+        status,
+        after,
+        limit,
+    )
+    return [_template(r) for r in rows]
+
+
+async def new_version(
+    conn: Connection, template_id: str, version: int, terms: Terms, created_by: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO rewards.coupon_template_versions (template_id, version, terms, created_by)"
+        " VALUES ($1, $2, $3::jsonb, $4)",
+        template_id,
+        version,
+        _terms_json(terms),
+        created_by,
+    )
+    await conn.execute(
+        "UPDATE rewards.coupon_templates SET version = $2, name = $3, kind = $4, spec = $5::jsonb,"
+        " updated_at = now() WHERE template_id = $1",
+        template_id,
+        version,
+        terms.name,
+        terms.kind.value,
+        _terms_json(terms),
+    )
+
+
+async def set_status(conn: Connection, template_id: str, status: Status) -> None:
+    await conn.execute(
+        "UPDATE rewards.coupon_templates SET status = $2, updated_at = now() WHERE template_id = $1",
+        template_id,
+        status.value,
+    )
+
+
+async def version_terms(
+    conn: Connection, pairs: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], Terms]:
+    """The terms of each (template, version) asked for."""
+    if not pairs:
+        return {}
+    rows = await conn.fetch(
+        "SELECT v.template_id, v.version, v.terms FROM rewards.coupon_template_versions v"
+        " JOIN unnest($1::text[], $2::int[]) AS p(t, n) ON v.template_id = p.t AND v.version = p.n",
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    return {(r["template_id"], r["version"]): Terms.from_doc(json.loads(r["terms"])) for r in rows}
+
+
+async def remaining_stock(conn: Connection, template_id: str) -> int | None:
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        "SELECT sum(remaining)::bigint FROM rewards.coupon_stock WHERE template_id = $1",
+        template_id,
+    )
+
+
+# ---- issuance -------------------------------------------------------------------
+
+
+async def take_stock(conn: Connection, template_id: str, shards: int) -> bool:
+    """Take one unit of stock: a random shard first (spreads row locks), then
+    the others in turn; False when every shard is empty."""
+    start = random.randrange(shards)
+    for n in range(shards):
+        taken = await conn.fetchval(
+            "UPDATE rewards.coupon_stock SET remaining = remaining - 1"
+            " WHERE template_id = $1 AND shard = $2 AND remaining > 0 RETURNING true",
+            template_id,
+            (start + n) % shards,
+        )
+        if taken:
+            return True
+    return False
+
+
+async def count_for_member(
+    conn: Connection, template_id: str, member_id: uuid.UUID, limit: int
+) -> bool:
+    """Count one more coupon for the member, unless that passes the limit."""
+    counted = await conn.fetchval(
+        "INSERT INTO rewards.coupon_member_counts AS c (template_id, member_id, issued)"
+        " VALUES ($1, $2, 1) ON CONFLICT (template_id, member_id)"
+        " DO UPDATE SET issued = c.issued + 1 WHERE c.issued < $3 RETURNING true",
+        template_id,
+        member_id,
+        limit,
+    )
+    return bool(counted)
+
+
+async def count_for_day(conn: Connection, template_id: str, day: date, budget: int) -> bool:
+    counted = await conn.fetchval(
+        "INSERT INTO rewards.coupon_daily_counts AS c (template_id, day, issued)"
+        " VALUES ($1, $2, 1) ON CONFLICT (template_id, day)"
+        " DO UPDATE SET issued = c.issued + 1 WHERE c.issued < $3 RETURNING true",
+        template_id,
+        day,
+        budget,
+    )
+    return bool(counted)
+
+
+async def has_settled_order(conn: Connection, member_id: uuid.UUID) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM rewards.orders WHERE member_id = $1"
+            " AND status = 'settled')",
+            member_id,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class NewCoupon:
+    id: uuid.UUID
+    code: str
+    template_id: str
+    template_version: int
+    member_id: uuid.UUID
+    reason: str
+    issued_by: str
+    issue_key: str
+    request_hash: bytes
+    issued_at: datetime
+    valid_from: datetime
+    expires_at: datetime
+
+
+async def insert_coupon(conn: Connection, c: NewCoupon) -> Any:
+    """The new coupon's row, or None when the issue key is taken (the caller
+    then reads what is stored under it). A concurrent claim of the same key
+    waits here for the first one's commit."""
+    return await conn.fetchrow(
+        "INSERT INTO rewards.coupons AS c (id, code, template_id, template_version, member_id,"
+        " reason, issued_by, issue_key, request_hash, issued_at, valid_from, expires_at,"
+        " issued_to)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $5)"
+        f" ON CONFLICT (issue_key) DO NOTHING RETURNING {COUPON_COLUMNS}",
+        c.id,
+        c.code,
+        c.template_id,
+        c.template_version,
+        c.member_id,
+        c.reason,
+        c.issued_by,
+        c.issue_key,
+        c.request_hash,
+        c.issued_at,
+        c.valid_from,
+        c.expires_at,
+    )
+
+
+async def coupon_by_key(conn: Connection, issue_key: str) -> Any:
+    return await conn.fetchrow(
+        f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE issue_key = $1", issue_key
+    )
+
+
+async def coupon_by_code(conn: Connection, code: str, *, lock: bool = False) -> Any:
+    return await conn.fetchrow(
+        f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE code = $1"
+        + (" FOR UPDATE" if lock else ""),
+        code,
+    )
+
+
+# ---- wallet and checkout -----------------------------------------------------------
+
+
+async def expire_member_coupons(conn: Connection, member_id: uuid.UUID, now: datetime) -> int:
+    """Lazy expiry: what lapsed before `now` is marked expired (a lapsed lock too)."""
+    done = await conn.execute(
+        "UPDATE rewards.coupons SET status = 'expired', locked_until = NULL,"
+        " lock_store_id = NULL, lock_pos_transaction_id = NULL"
+        " WHERE member_id = $1 AND status IN ('available', 'locked') AND expires_at <= $2",
+        member_id,
+        now,
+    )
+    return int(done.split()[-1])
+
+
+async def member_coupons(
+    conn: Connection,
+    member_id: uuid.UUID,
+    statuses: Sequence[str],
+    now: datetime,
+    after_seq: int | None,
+    limit: int,
+) -> list[Any]:
+    """A member's coupons, newest first. A lock that lapsed reads as available."""
+    return [
+        r
+        for r in await conn.fetch(
+            f"SELECT * FROM (SELECT {COUPON_COLUMNS}, CASE WHEN c.status IN ('available', 'locked')"
+            " AND c.expires_at <= $3 THEN 'expired' WHEN c.status = 'locked'"
+            " AND c.locked_until <= $3 THEN 'available' ELSE c.status END AS effective_status"
+            " FROM rewards.coupons c WHERE c.member_id = $1"
+            " AND ($4::bigint IS NULL OR c.seq < $4)) w"
+            " WHERE cardinality($2::text[]) = 0 OR w.effective_status = ANY($2::text[])"
+            " ORDER BY w.seq DESC LIMIT $5",
+            member_id,
+            list(statuses),
+            now,
+            after_seq,
+            limit,
+        )
+    ]
+
+
+async def usable_coupons(conn: Connection, member_id: uuid.UUID, now: datetime) -> list[Any]:
+    """Coupons the member could use now (lapsed locks included), soonest expiry first."""
+    return list(
+        await conn.fetch(
+            f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE c.member_id = $1"
+            " AND c.expires_at > $2 AND c.valid_from <= $2 AND (c.status = 'available'"
+            " OR (c.status = 'locked' AND c.locked_until <= $2)) ORDER BY c.expires_at, c.seq"
+            " LIMIT 200",
+            member_id,
+            now,
+        )
+    )
+
+
+async def coupons_by_codes(conn: Connection, codes: Sequence[str]) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE c.code = ANY($1::text[])",
+            list(codes),
+        )
+    )
+
+
+async def lock_coupon(
+    conn: Connection,
+    code: str,
+    member_id: uuid.UUID,
+    store_id: str,
+    pos_transaction_id: str,
+    now: datetime,
+    until: datetime,
+) -> Any:
+    """Lock a coupon to an order in one statement: free (or a lapsed lock, or
+    already this order's: idempotent) and valid, else nothing changes."""
+    return await conn.fetchrow(
+        "UPDATE rewards.coupons c SET status = 'locked', lock_store_id = $3,"
+        " lock_pos_transaction_id = $4, locked_until = $6"
+        " WHERE c.code = $1 AND c.member_id = $2 AND c.expires_at > $5 AND c.valid_from <= $5"
+        " AND (c.status = 'available' OR (c.status = 'locked' AND (c.locked_until <= $5"
+        " OR (c.lock_store_id = $3 AND c.lock_pos_transaction_id = $4))))"
+        f" RETURNING {COUPON_COLUMNS}",
+        code,
+        member_id,
+        store_id,
+        pos_transaction_id,
+        now,
+        until,
+    )
+
+
+async def release_coupon(
+    conn: Connection, code: str, store_id: str, pos_transaction_id: str
+) -> Any:
+    return await conn.fetchrow(
+        "UPDATE rewards.coupons c SET status = 'available', lock_store_id = NULL,"
+        " lock_pos_transaction_id = NULL, locked_until = NULL"
+        " WHERE c.code = $1 AND c.status = 'locked' AND c.lock_store_id = $2"
+        f" AND c.lock_pos_transaction_id = $3 RETURNING {COUPON_COLUMNS}",
+        code,
+        store_id,
+        pos_transaction_id,
+    )
+
+
+async def redeem_coupon(
+    conn: Connection,
+    coupon_id: uuid.UUID,
+    order_id: uuid.UUID,
+    store_id: str,
+    pos_transaction_id: str,
+    discount_fen: int,
+    now: datetime,
+) -> bool:
+    """Mark a coupon used by an order: only if free, lapsed-locked or locked by
+    this very order, and still valid. One statement: two orders cannot both win."""
+    done = await conn.fetchval(
+        "UPDATE rewards.coupons c SET status = 'used', order_id = $2, redeemed_at = $6,"
+        " discount_fen = $5, lock_store_id = NULL, lock_pos_transaction_id = NULL,"
+        " locked_until = NULL"
+        " WHERE c.id = $1 AND c.expires_at > $6 AND c.valid_from <= $6"
+        " AND (c.status = 'available' OR (c.status = 'locked' AND (c.locked_until <= $6"
+        " OR (c.lock_store_id = $3 AND c.lock_pos_transaction_id = $4)))) RETURNING true",
+        coupon_id,
+        order_id,
+        store_id,
+        pos_transaction_id,
+        discount_fen,
+        now,
+    )
+    return bool(done)
+
+
+async def set_order_coupon_discount(
+    conn: Connection, order_id: uuid.UUID, discount_fen: int
+) -> None:
+    await conn.execute(
+        "UPDATE rewards.orders SET coupon_discount_fen = $2 WHERE id = $1", order_id, discount_fen
+    )
+
+
+async def order_coupons(conn: Connection, order_id: uuid.UUID) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE c.order_id = $1 ORDER BY c.code",
+            order_id,
+        )
+    )
+
+
+async def restore_coupon(conn: Connection, coupon_id: uuid.UUID) -> None:
+    await conn.execute(
+        "UPDATE rewards.coupons SET status = 'available', order_id = NULL, redeemed_at = NULL,"
+        " discount_fen = NULL WHERE id = $1 AND status = 'used'",
+        coupon_id,
+    )
+
+
+# ---- lifecycle --------------------------------------------------------------------
+
+
+async def expire_due(conn: Connection, now: datetime, limit: int) -> int:
+    """Expire one batch of lapsed coupons (SKIP LOCKED: a checkout holding one wins)."""
+    done = await conn.execute(
+        "UPDATE rewards.coupons SET status = 'expired', locked_until = NULL,"
+        " lock_store_id = NULL, lock_pos_transaction_id = NULL"
+        " WHERE id IN (SELECT id FROM rewards.coupons WHERE status IN ('available', 'locked')"
+        " AND expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        now,
+        limit,
+    )
+    return int(done.split()[-1])
+
+
+async def claim_expiring_soon(
+    conn: Connection, now: datetime, horizon: datetime, limit: int
+) -> list[Any]:
+    """Coupons lapsing before `horizon` not yet announced, marked announced now."""
+    return list(
+        await conn.fetch(
+            "UPDATE rewards.coupons c SET expiry_notified_at = $1"
+            " WHERE c.id IN (SELECT id FROM rewards.coupons WHERE status = 'available'"
+            " AND expiry_notified_at IS NULL AND expires_at > $1 AND expires_at <= $2"
+            " ORDER BY expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {COUPON_COLUMNS}",
+            now,
+            horizon,
+            limit,
+        )
+    )
+
+
+async def move_coupons(
+    conn: Connection, merge_id: str, source: uuid.UUID, target: uuid.UUID
+) -> int:
+    """Merge: the absorbed member's coupons go to the survivor, marked with the merge."""
+    done = await conn.execute(
+        "UPDATE rewards.coupons SET member_id = $3, merge_id = $1 WHERE member_id = $2",
+        merge_id,
+        source,
+        target,
+    )
+    return int(done.split()[-1])
+
+
+async def move_back(conn: Connection, survivor: uuid.UUID, restored: uuid.UUID) -> int:
+    """Unmerge: the survivor's coupons issued to the restored member go back to it."""
+    done = await conn.execute(
+        "UPDATE rewards.coupons SET member_id = issued_to, merge_id = NULL"
+        " WHERE member_id = $1 AND issued_to = $2",
+        survivor,
+        restored,
+    )
+    return int(done.split()[-1])
+
+
+async def report(conn: Connection, template_id: str) -> Any:
+    return await conn.fetchrow(
+        "SELECT count(*) AS issued, count(*) FILTER (WHERE status = 'used') AS redeemed,"
+        " count(*) FILTER (WHERE status = 'expired') AS expired,"
+        " coalesce(sum(discount_fen) FILTER (WHERE status = 'used'), 0)::bigint AS discount_fen"
+        " FROM rewards.coupons WHERE template_id = $1",
+        template_id,
+    )
+
+
+async def seed_templates(conn: Connection, templates: Sequence[tuple[str, Terms, Limits]]) -> None:
+    """Demo templates: written when missing or when their seeded terms changed
+    (then as the current version's terms), so a re-seed rewrites nothing."""
+    for template_id, terms, limits in templates:
+        stock = limits.total_stock
+        await conn.execute(
+            "INSERT INTO rewards.coupon_templates AS t (template_id, name, kind, spec,"
+            " total_stock, status, per_member_limit, daily_budget, stock_shards)"
+            " VALUES ($1, $2, $3, $4::jsonb, $5, 'active', $6, $7, $8)"
+            " ON CONFLICT (template_id) DO UPDATE SET name = EXCLUDED.name,"
+            " kind = EXCLUDED.kind, spec = EXCLUDED.spec"
+            " WHERE (t.name, t.kind, t.spec) IS DISTINCT FROM"
+            " (EXCLUDED.name, EXCLUDED.kind, EXCLUDED.spec)",
+            template_id,
+            terms.name,
+            terms.kind.value,
+            _terms_json(terms),
+            stock,
+            limits.per_member_limit,
+            limits.daily_budget,
+            limits.stock_shards,
+        )
+        await conn.execute(
+            "INSERT INTO rewards.coupon_template_versions AS v (template_id, version, terms)"
+            " SELECT template_id, version, spec FROM rewards.coupon_templates"
+            " WHERE template_id = $1 ON CONFLICT (template_id, version) DO UPDATE"
+            " SET terms = EXCLUDED.terms WHERE v.terms IS DISTINCT FROM EXCLUDED.terms",
+            template_id,
+        )
+        if stock:
+            await conn.executemany(
+                "INSERT INTO rewards.coupon_stock (template_id, shard, remaining)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                [
+                    (template_id, n, part)
+                    for n, part in enumerate(shard_stock(stock, limits.stock_shards))
+                ],
+            )
