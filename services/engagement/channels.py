@@ -53,6 +53,17 @@ class Provider(Protocol):
     async def send(self, message: Outbound) -> Delivery: ...
 
 
+class AddressPort(Protocol):
+    """Where a message to a member goes on a channel, asked at send time from
+    the service that holds it (engagement keeps no phone numbers)."""
+
+    channels: frozenset[str]
+
+    async def resolve(self, member_id: str, channel: str, send_key: str) -> str | Delivery:
+        """The address, or the outcome for the send (failed / retry) when there is none."""
+        ...
+
+
 class HttpProvider:
     """Calls a configurable endpoint in the provider's request shape.
     2xx delivered; 408/429/5xx and transport errors are retried; other 4xx fail."""
@@ -228,10 +239,12 @@ class Dispatcher:
         max_attempts: int = 5,
         retry_base: timedelta = timedelta(seconds=5),
         retry_cap: timedelta = timedelta(minutes=10),
+        resolver: AddressPort | None = None,
     ) -> None:
         self._db = db
         self._clock = clock
         self.providers = providers
+        self._resolver = resolver
         self._limits = {c: RateLimiter(r) for c, r in rate_per_second.items()}
         self._batch = batch_size
         self._lease = lease
@@ -274,6 +287,17 @@ class Dispatcher:
         address = addresses.get((member, row.channel), "")
         if not address and row.channel == "app_push":
             address = member  # app push targets the member alias the app registered
+        if (
+            not address
+            and member
+            and isinstance(provider, HttpProvider)  # the local sink needs no address
+            and self._resolver is not None
+            and row.channel in self._resolver.channels
+        ):
+            found = await self._resolver.resolve(member, row.channel, row.send_key)
+            if isinstance(found, Delivery):
+                return found
+            address = found
         limiter = self._limits.get(row.channel)
         if limiter is not None:
             await limiter.acquire()

@@ -7,6 +7,12 @@
   a mini-program subscription tap). The scheduler
   asks the port for a whole batch at once, inside the batch transaction, so
   the answer is the one in force at send time.
+- Addresses: the SMS phone and the WeCom external_userid stay in the member
+  service (encrypted). `MemberAddresses` asks member for the one address a
+  send needs, when it is sent (GetMember / ListIdentities with include_pii,
+  accessor "engagement", the send key as purpose), so every read is in
+  member's pii_access_log and engagement stores no phone (PIPL: minimal
+  collection, audited access; docs/journeys.md).
 - Coupons and points come from the rewards service (issue 4). Steps write a
   durable `reward_requests` row (key = enrollment:seq, once); the
   `RewardDispatcher` (fulfilment.py) hands each to a `RewardsPort`.
@@ -23,6 +29,7 @@ from typing import Protocol
 
 import grpc
 
+from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.clients import create_channel
 from servicekit.db import Connection
@@ -43,6 +50,18 @@ RETRYABLE = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
+
+
+def classify_refusal(status: grpc.StatusCode, code: str) -> Delivery:
+    """retry or failed, with rewards' stable code as the reason.
+
+    RESOURCE_EXHAUSTED is retried only without a domain code (a transport
+    limit): with one (e.g. coupon stock out) it is rewards' decision, and
+    asking again would not change it."""
+    reason = code or status.name
+    if status is grpc.StatusCode.RESOURCE_EXHAUSTED and code and code != status.name:
+        return Delivery("failed", reason=reason)
+    return Delivery("retry" if status in RETRYABLE else "failed", reason=reason)
 
 
 class ConsentPort(Protocol):
@@ -96,6 +115,56 @@ class RewardsGrpc:
             status = "retry" if exc.code() in RETRYABLE else "failed"
             return Delivery(status, reason=code or exc.code().name)
         return Delivery("delivered", provider_ref=reply.transaction_id)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+# Who reads member PII for a send, as member's pii_access_log records it.
+ACCESSOR = "engagement"
+
+
+class MemberAddresses:
+    """The phone (SMS) or WeCom external_userid of a member, read from the
+    member service at send time and never stored here."""
+
+    channels = frozenset({"sms", "wecom"})
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self._channel = create_channel(target)
+        self._stub = member_pb2_grpc.MemberServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def resolve(self, member_id: str, channel: str, send_key: str) -> str | Delivery:
+        purpose = f"journey message {send_key} via {channel}"
+        try:
+            if channel == "sms":
+                member = await self._stub.GetMember(
+                    member_pb2.GetMemberRequest(
+                        member_id=member_id, include_pii=True, accessor=ACCESSOR, purpose=purpose
+                    ),
+                    timeout=self._timeout,
+                )
+                address = member.phone
+            else:
+                reply = await self._stub.ListIdentities(
+                    member_pb2.ListIdentitiesRequest(
+                        member_id=member_id, include_pii=True, accessor=ACCESSOR, purpose=purpose
+                    ),
+                    timeout=self._timeout,
+                )
+                address = next(
+                    (
+                        i.value
+                        for i in reply.identities
+                        if i.type == member_pb2.IDENTIFIER_TYPE_WECOM_EXTERNAL_USERID and i.value
+                    ),
+                    "",
+                )
+        except grpc.aio.AioRpcError as exc:
+            code, _ = error_info(exc)
+            return classify_refusal(exc.code(), code)
+        return address or Delivery("failed", reason="NO_ADDRESS")
 
     async def close(self) -> None:
         await self._channel.close()

@@ -27,7 +27,7 @@ from .domain import Clock, QuietHours, SystemClock
 from .fulfilment import RewardDispatcher
 from .handlers import EngagementHandlers
 from .journey import parse_local_time
-from .ports import LocalConsent, RewardsGrpc
+from .ports import LocalConsent, MemberAddresses, RewardsGrpc
 from .scheduler import JourneyCache, Scheduler
 from .schema import SCHEMA
 from .servicer import EngagementServicer
@@ -45,6 +45,7 @@ class EngagementApp(ServiceApp):
     handlers: EngagementHandlers
     http_client: httpx.AsyncClient | None = None
     rewards: RewardsGrpc | None = None
+    member: MemberAddresses | None = None
     reward_dispatcher: RewardDispatcher | None = None
 
     def __init__(
@@ -108,6 +109,8 @@ class EngagementApp(ServiceApp):
             await self.http_client.aclose()
         if self.rewards is not None:
             await self.rewards.close()
+        if self.member is not None:
+            await self.member.close()
         await super().stop()
 
 
@@ -215,6 +218,8 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         if any(endpoints.values()):
             app.http_client = httpx.AsyncClient(timeout=s.provider_timeout_seconds)
         app.handlers = handlers
+        if s.member_addr.strip():
+            app.member = MemberAddresses(s.member_addr, s.member_timeout_seconds)
         app.scheduler = Scheduler(
             app.db, clock, LocalConsent(), quiet, journeys, batch_size=s.engagement_batch_size
         )
@@ -228,6 +233,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
                 "miniprogram": s.miniprogram_rate_per_second,
                 "app_push": s.app_push_rate_per_second,
             },
+            resolver=app.member,
         )
         if s.rewards_addr.strip():
             app.rewards = RewardsGrpc(s.rewards_addr, s.rewards_timeout_seconds)

@@ -29,6 +29,10 @@ class EngagementSettings(ServiceSettings):
     # wired: reward requests stay pending.
     rewards_addr: str = ""
     rewards_timeout_seconds: float = 2.0
+    # The member service: SMS phones and WeCom external_userids are read from
+    # it at send time (audited there); empty = those channels have no address.
+    member_addr: str = ""
+    member_timeout_seconds: float = 2.0
     # Per-channel send rate limits (messages per second).
     wecom_rate_per_second: float = 50.0
     sms_rate_per_second: float = 100.0
