@@ -28,7 +28,14 @@ _UNAVAILABLE = (
 
 
 async def _abort(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    """End the call with `status` without raising: grpc.aio discards the
+    (None) response of a call whose code is not OK. `context.abort()` would
+    raise AbortError through the OpenTelemetry server interceptor, which then
+    formats a full traceback for every expected NOT_FOUND or INVALID_ARGUMENT
+    (a third of the gateway's CPU under load, measured with py-spy)."""
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
 
 
 class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
