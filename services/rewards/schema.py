@@ -480,3 +480,139 @@ earn_counters = Table(
 )
 
 outbox, processed_events = add_event_tables(metadata)
+
+# ---- referral (referral.py, referral_service.py) -----------------------------
+
+# One invite code per member, made on first ask and never changed.
+invite_codes = Table(
+    "invite_codes",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("code", Text, nullable=False, unique=True),
+    created_at(),
+)
+
+# An invitee is linked once (unique invitee_id), whoever asks again.
+referrals = Table(
+    "referrals",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("inviter_id", Uuid, nullable=False),
+    Column("invitee_id", Uuid, nullable=False, unique=True),
+    Column("invite_code", Text, nullable=False),
+    Column("invitee_registered_at", DateTime(timezone=True), nullable=False),
+    Column("accepted_at", DateTime(timezone=True), nullable=False),
+    # Set once, by the invitee's first completed order (the first-order step).
+    Column("first_order_id", Uuid),
+    Column("first_order_at", DateTime(timezone=True)),
+    Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    Index(None, "inviter_id", "seq"),
+    Index(None, "accepted_at"),
+    CheckConstraint("inviter_id <> invitee_id", name="not_self"),
+)
+
+# One row per referral, step and side: the reward granted, or why it was refused.
+referral_rewards = Table(
+    "referral_rewards",
+    metadata,
+    Column("referral_id", Uuid, ForeignKey(referrals.c.id), primary_key=True),
+    Column("step", Text, primary_key=True),
+    Column("role", Text, primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("coupon_id", Text),
+    Column("points", BigInteger, nullable=False, server_default="0"),
+    Column("points_transaction_id", Text),
+    # {"code": ..., "message": ...} of each part refused (cap, stock...).
+    Column("refusals", JSONB, nullable=False, server_default="[]"),
+    created_at(),
+    CheckConstraint("step IN ('registration', 'first_order')", name="step_known"),
+    CheckConstraint("role IN ('inviter', 'invitee')", name="role_known"),
+    CheckConstraint("status IN ('granted', 'partial', 'refused')", name="status_known"),
+)
+
+# SHA-256 of device ids and identifier hashes seen on each side of a referral
+# (never the raw values): one device behind many invitees is refused.
+referral_fingerprints = Table(
+    "referral_fingerprints",
+    metadata,
+    Column("fingerprint", LargeBinary, primary_key=True),
+    Column("member_id", Uuid, primary_key=True),
+    Column("role", Text, primary_key=True),
+    created_at(),
+    CheckConstraint("role IN ('inviter', 'invitee')", name="role_known"),
+)
+
+# Rewarded referrals per inviter per period (conditional increments: the cap
+# holds under concurrent accepts).
+referral_counters = Table(
+    "referral_counters",
+    metadata,
+    Column("inviter_id", Uuid, primary_key=True),
+    Column("period_start", DateTime(timezone=True), primary_key=True),
+    Column("rewarded", Integer, nullable=False),
+    CheckConstraint("rewarded >= 0", name="rewarded_nonnegative"),
+)
+
+# ---- points mall (mall.py, mall_service.py) ---------------------------------
+
+mall_items = Table(
+    "mall_items",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("coupon_template_id", Text),
+    Column("sku", Text),
+    Column("points_price", BigInteger, nullable=False),
+    # Paid elsewhere (the mini-program's payment); recorded on each exchange.
+    Column("cash_fen", BigInteger, nullable=False, server_default="0"),
+    Column("stock_total", BigInteger, nullable=False),
+    # Taken by a conditional UPDATE ... WHERE stock_remaining > 0: never oversold.
+    Column("stock_remaining", BigInteger, nullable=False),
+    # 0: no per-member limit.
+    Column("per_member_limit", Integer, nullable=False, server_default="0"),
+    Column("starts_at", DateTime(timezone=True)),
+    Column("ends_at", DateTime(timezone=True)),
+    Column("status", Text, nullable=False, server_default="draft"),
+    created_at(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    CheckConstraint("kind IN ('coupon', 'goods')", name="kind_known"),
+    CheckConstraint("status IN ('draft', 'active', 'paused', 'ended')", name="status_known"),
+    CheckConstraint("points_price > 0 AND cash_fen >= 0", name="price_positive"),
+    CheckConstraint("stock_remaining BETWEEN 0 AND stock_total", name="stock_in_range"),
+)
+
+# Exchanges per member per item (conditional increments enforce the limit).
+mall_member_counts = Table(
+    "mall_member_counts",
+    metadata,
+    Column("item_id", Uuid, ForeignKey(mall_items.c.id), primary_key=True),
+    Column("member_id", Uuid, primary_key=True),
+    Column("exchanged", Integer, nullable=False),
+    CheckConstraint("exchanged >= 0", name="exchanged_nonnegative"),
+)
+
+# One exchange per (member, exchange_key): a retry replays it.
+mall_exchanges = Table(
+    "mall_exchanges",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("exchange_key", Text, nullable=False),
+    Column("request_hash", LargeBinary, nullable=False),
+    Column("item_id", Uuid, ForeignKey(mall_items.c.id), nullable=False),
+    Column("points", BigInteger, nullable=False),
+    Column("cash_fen", BigInteger, nullable=False),
+    Column("points_transaction_id", Uuid, nullable=False),
+    Column("coupon_id", Text),
+    Column("sku", Text),
+    # Coupons are issued in the exchange; goods wait for the fulfilment team.
+    Column("fulfilment", Text, nullable=False),
+    created_at(),
+    Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    UniqueConstraint("member_id", "exchange_key"),
+    Index(None, "member_id", "seq"),
+    CheckConstraint("fulfilment IN ('issued', 'pending', 'shipped')", name="fulfilment_known"),
+)

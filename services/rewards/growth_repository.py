@@ -1,0 +1,479 @@
+"""SQL of referral and the points mall (asyncpg; statements are schema-qualified).
+
+The guarantees live in single statements:
+- an invitee is linked once: INSERT ... ON CONFLICT (invitee_id) DO NOTHING;
+- a reward per (referral, step, side) once: its primary key, claimed first;
+- the inviter's cap, mall stock and the per-member limit: conditional
+  UPDATE/UPSERT ... WHERE <still allowed> RETURNING, so concurrent callers
+  queue on the row and the loser gets no row, never a negative count.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from servicekit.db import Connection
+
+from .mall import ItemKind, ItemSpec, ItemState, ItemStatus
+
+# ---- referral ----------------------------------------------------------------
+
+
+async def invite_code_of(conn: Connection, member_id: uuid.UUID) -> Any:
+    return await conn.fetchrow(
+        "SELECT member_id, code, created_at FROM rewards.invite_codes WHERE member_id = $1",
+        member_id,
+    )
+
+
+async def insert_invite_code(conn: Connection, member_id: uuid.UUID, code: str) -> Any:
+    """The new row, or None when the member already has one or the code is taken."""
+    return await conn.fetchrow(
+        "INSERT INTO rewards.invite_codes (member_id, code) VALUES ($1, $2)"
+        " ON CONFLICT DO NOTHING RETURNING member_id, code, created_at",
+        member_id,
+        code,
+    )
+
+
+async def inviter_of_code(conn: Connection, code: str) -> uuid.UUID | None:
+    value = await conn.fetchval("SELECT member_id FROM rewards.invite_codes WHERE code = $1", code)
+    return value  # type: ignore[no-any-return]
+
+
+REFERRAL_COLUMNS = (
+    "id, inviter_id, invitee_id, invite_code, invitee_registered_at, accepted_at,"
+    " first_order_id, first_order_at, seq"
+)
+
+
+async def referral_of_invitee(conn: Connection, invitee_id: uuid.UUID) -> Any:
+    return await conn.fetchrow(
+        f"SELECT {REFERRAL_COLUMNS} FROM rewards.referrals WHERE invitee_id = $1", invitee_id
+    )
+
+
+async def insert_referral(
+    conn: Connection,
+    referral_id: uuid.UUID,
+    inviter_id: uuid.UUID,
+    invitee_id: uuid.UUID,
+    code: str,
+    registered_at: datetime,
+    now: datetime,
+) -> Any:
+    """The new referral, or None when the invitee is already linked (a
+    concurrent accept waits for the winner's commit, then gets None)."""
+    return await conn.fetchrow(
+        "INSERT INTO rewards.referrals"
+        " (id, inviter_id, invitee_id, invite_code, invitee_registered_at, accepted_at)"
+        f" VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (invitee_id) DO NOTHING"
+        f" RETURNING {REFERRAL_COLUMNS}",
+        referral_id,
+        inviter_id,
+        invitee_id,
+        code,
+        registered_at,
+        now,
+    )
+
+
+async def mark_first_order(
+    conn: Connection, invitee_id: uuid.UUID, order_id: uuid.UUID, at: datetime
+) -> Any:
+    """The referral whose invitee just completed a first order; None when the
+    member was not invited or a first order was already recorded."""
+    return await conn.fetchrow(
+        "UPDATE rewards.referrals SET first_order_id = $2, first_order_at = $3"
+        " WHERE invitee_id = $1 AND first_order_id IS NULL"
+        f" RETURNING {REFERRAL_COLUMNS}",
+        invitee_id,
+        order_id,
+        at,
+    )
+
+
+async def has_settled_orders(conn: Connection, member_id: uuid.UUID) -> bool:
+    value = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM rewards.orders WHERE member_id = $1 AND status = 'settled')",
+        member_id,
+    )
+    return bool(value)
+
+
+async def invited_by(conn: Connection, invitee_id: uuid.UUID, inviter_id: uuid.UUID) -> bool:
+    value = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM rewards.referrals WHERE invitee_id = $1 AND inviter_id = $2)",
+        invitee_id,
+        inviter_id,
+    )
+    return bool(value)
+
+
+async def lock_fingerprints(conn: Connection, prints: list[bytes]) -> None:
+    """Serialise accepts sharing a device or identifier (sorted: no deadlock)."""
+    for fp in prints:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('referral-fp:' || encode($1, 'hex'), 0))",
+            fp,
+        )
+
+
+async def shares_fingerprint(conn: Connection, member_id: uuid.UUID, prints: list[bytes]) -> bool:
+    value = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM rewards.referral_fingerprints"
+        " WHERE member_id = $1 AND fingerprint = ANY($2::bytea[]))",
+        member_id,
+        prints,
+    )
+    return bool(value)
+
+
+async def invitees_on_fingerprints(
+    conn: Connection, prints: list[bytes], except_member: uuid.UUID
+) -> int:
+    """Other invitees behind the most used of these fingerprints."""
+    value = await conn.fetchval(
+        "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n"
+        " FROM rewards.referral_fingerprints"
+        " WHERE fingerprint = ANY($1::bytea[]) AND role = 'invitee' AND member_id <> $2"
+        " GROUP BY fingerprint) AS per_print",
+        prints,
+        except_member,
+    )
+    return int(value)
+
+
+async def record_fingerprints(
+    conn: Connection, member_id: uuid.UUID, role: str, prints: list[bytes]
+) -> None:
+    await conn.executemany(
+        "INSERT INTO rewards.referral_fingerprints (fingerprint, member_id, role)"
+        " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        [(fp, member_id, role) for fp in prints],
+    )
+
+
+async def claim_reward(
+    conn: Connection, referral_id: uuid.UUID, step: str, role: str, member_id: uuid.UUID
+) -> bool:
+    """Claim one (referral, step, side); False when it was granted (or refused) before."""
+    value = await conn.fetchval(
+        "INSERT INTO rewards.referral_rewards (referral_id, step, role, member_id, status)"
+        " VALUES ($1, $2, $3, $4, 'refused') ON CONFLICT DO NOTHING RETURNING true",
+        referral_id,
+        step,
+        role,
+        member_id,
+    )
+    return bool(value)
+
+
+async def finish_reward(
+    conn: Connection,
+    referral_id: uuid.UUID,
+    step: str,
+    role: str,
+    *,
+    status: str,
+    coupon_id: str | None,
+    points: int,
+    points_transaction_id: str | None,
+    refusals: list[dict[str, str]],
+) -> None:
+    await conn.execute(
+        "UPDATE rewards.referral_rewards SET status = $4, coupon_id = $5, points = $6,"
+        " points_transaction_id = $7, refusals = $8::jsonb"
+        " WHERE referral_id = $1 AND step = $2 AND role = $3",
+        referral_id,
+        step,
+        role,
+        status,
+        coupon_id,
+        points,
+        points_transaction_id,
+        json.dumps(refusals),
+    )
+
+
+async def count_inviter_reward(
+    conn: Connection, inviter_id: uuid.UUID, period_start: datetime, cap: int
+) -> bool:
+    """Count one inviter reward in the period if under the cap; False past it."""
+    value = await conn.fetchval(
+        "INSERT INTO rewards.referral_counters AS c (inviter_id, period_start, rewarded)"
+        " VALUES ($1, $2, 1) ON CONFLICT (inviter_id, period_start)"
+        " DO UPDATE SET rewarded = c.rewarded + 1 WHERE c.rewarded < $3"
+        " RETURNING rewarded",
+        inviter_id,
+        period_start,
+        cap,
+    )
+    return value is not None
+
+
+async def referrals_of_inviter(
+    conn: Connection, inviter_id: uuid.UUID, before: int | None, limit: int
+) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT {REFERRAL_COLUMNS} FROM rewards.referrals"
+            " WHERE inviter_id = $1 AND ($2::bigint IS NULL OR seq < $2)"
+            " ORDER BY seq DESC LIMIT $3",
+            inviter_id,
+            before,
+            limit,
+        )
+    )
+
+
+async def rewards_of(conn: Connection, referral_ids: list[uuid.UUID]) -> list[Any]:
+    return list(
+        await conn.fetch(
+            "SELECT referral_id, step, role, member_id, status, coupon_id, points,"
+            " points_transaction_id, refusals, created_at FROM rewards.referral_rewards"
+            " WHERE referral_id = ANY($1::uuid[]) ORDER BY created_at, step, role",
+            referral_ids,
+        )
+    )
+
+
+async def fission_counts(conn: Connection, start: datetime, end: datetime) -> tuple[int, int, int]:
+    """Inviters and invitees of referrals accepted in [start, end), and the
+    invitees those invitees brought in by `end` (the second generation)."""
+    row = await conn.fetchrow(
+        "WITH first AS (SELECT inviter_id, invitee_id FROM rewards.referrals"
+        "  WHERE accepted_at >= $1 AND accepted_at < $2)"
+        " SELECT (SELECT count(DISTINCT inviter_id) FROM first) AS inviters,"
+        "  (SELECT count(*) FROM first) AS invitees,"
+        "  (SELECT count(*) FROM rewards.referrals r JOIN first f ON r.inviter_id = f.invitee_id"
+        "   WHERE r.accepted_at < $2) AS second_generation",
+        start,
+        end,
+    )
+    assert row is not None
+    return int(row["inviters"]), int(row["invitees"]), int(row["second_generation"])
+
+
+# ---- points mall -------------------------------------------------------------
+
+ITEM_COLUMNS = (
+    "id, name, kind, coupon_template_id, sku, points_price, cash_fen, stock_total,"
+    " stock_remaining, per_member_limit, starts_at, ends_at, status, created_at, updated_at, seq"
+)
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    item_id: uuid.UUID
+    spec: ItemSpec
+    stock_remaining: int
+    status: ItemStatus
+    created_at: datetime
+    updated_at: datetime
+    seq: int
+
+
+def _item(row: Any) -> ItemRow:
+    return ItemRow(
+        item_id=row["id"],
+        spec=ItemSpec(
+            name=row["name"],
+            kind=ItemKind(row["kind"]),
+            points_price=row["points_price"],
+            cash_fen=row["cash_fen"],
+            stock_total=row["stock_total"],
+            per_member_limit=row["per_member_limit"],
+            coupon_template_id=row["coupon_template_id"] or "",
+            sku=row["sku"] or "",
+            starts_at=row["starts_at"],
+            ends_at=row["ends_at"],
+        ),
+        stock_remaining=row["stock_remaining"],
+        status=ItemStatus(row["status"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        seq=row["seq"],
+    )
+
+
+async def insert_item(
+    conn: Connection, item_id: uuid.UUID, spec: ItemSpec, status: ItemStatus
+) -> ItemRow:
+    row = await conn.fetchrow(
+        "INSERT INTO rewards.mall_items (id, name, kind, coupon_template_id, sku, points_price,"
+        " cash_fen, stock_total, stock_remaining, per_member_limit, starts_at, ends_at, status)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)"
+        f" RETURNING {ITEM_COLUMNS}",
+        item_id,
+        spec.name,
+        spec.kind.value,
+        spec.coupon_template_id or None,
+        spec.sku or None,
+        spec.points_price,
+        spec.cash_fen,
+        spec.stock_total,
+        spec.per_member_limit,
+        spec.starts_at,
+        spec.ends_at,
+        status.value,
+    )
+    return _item(row)
+
+
+async def item(conn: Connection, item_id: uuid.UUID, *, lock: bool = False) -> ItemRow | None:
+    row = await conn.fetchrow(
+        f"SELECT {ITEM_COLUMNS} FROM rewards.mall_items WHERE id = $1"
+        + (" FOR UPDATE" if lock else ""),
+        item_id,
+    )
+    return _item(row) if row else None
+
+
+async def update_item(conn: Connection, item_id: uuid.UUID, spec: ItemSpec) -> ItemRow | None:
+    """Rewrite an item; the stock already exchanged stays exchanged (None when
+    the new total is below it; the caller holds the row lock)."""
+    row = await conn.fetchrow(
+        "UPDATE rewards.mall_items SET name = $2, points_price = $3, cash_fen = $4,"
+        " stock_remaining = $5 - (stock_total - stock_remaining), stock_total = $5,"
+        " per_member_limit = $6, starts_at = $7, ends_at = $8, coupon_template_id = $9,"
+        " sku = $10, kind = $11, updated_at = now()"
+        " WHERE id = $1 AND $5 >= stock_total - stock_remaining"
+        f" RETURNING {ITEM_COLUMNS}",
+        item_id,
+        spec.name,
+        spec.points_price,
+        spec.cash_fen,
+        spec.stock_total,
+        spec.per_member_limit,
+        spec.starts_at,
+        spec.ends_at,
+        spec.coupon_template_id or None,
+        spec.sku or None,
+        spec.kind.value,
+    )
+    return _item(row) if row else None
+
+
+async def set_item_status(conn: Connection, item_id: uuid.UUID, status: ItemStatus) -> ItemRow:
+    row = await conn.fetchrow(
+        "UPDATE rewards.mall_items SET status = $2, updated_at = now() WHERE id = $1"
+        f" RETURNING {ITEM_COLUMNS}",
+        item_id,
+        status.value,
+    )
+    return _item(row)
+
+
+async def list_items(
+    conn: Connection, before: int | None, limit: int, on_sale_at: datetime | None
+) -> list[ItemRow]:
+    """Newest first; with `on_sale_at`, only items a member can exchange then."""
+    rows = await conn.fetch(
+        f"SELECT {ITEM_COLUMNS} FROM rewards.mall_items"
+        " WHERE ($1::bigint IS NULL OR seq < $1)"
+        " AND ($3::timestamptz IS NULL OR (status = 'active'"
+        "  AND (starts_at IS NULL OR starts_at <= $3) AND (ends_at IS NULL OR ends_at > $3)))"
+        " ORDER BY seq DESC LIMIT $2",
+        before,
+        limit,
+        on_sale_at,
+    )
+    return [_item(r) for r in rows]
+
+
+async def take_stock(conn: Connection, item_id: uuid.UUID, now: datetime) -> ItemRow | None:
+    """Take one unit of an item on sale now; None when unknown, not on sale or sold out."""
+    row = await conn.fetchrow(
+        "UPDATE rewards.mall_items SET stock_remaining = stock_remaining - 1"
+        " WHERE id = $1 AND status = 'active' AND stock_remaining > 0"
+        " AND (starts_at IS NULL OR starts_at <= $2) AND (ends_at IS NULL OR ends_at > $2)"
+        f" RETURNING {ITEM_COLUMNS}",
+        item_id,
+        now,
+    )
+    return _item(row) if row else None
+
+
+async def item_state(conn: Connection, item_id: uuid.UUID) -> ItemState | None:
+    row = await conn.fetchrow(
+        "SELECT status, stock_remaining, starts_at, ends_at FROM rewards.mall_items WHERE id = $1",
+        item_id,
+    )
+    if row is None:
+        return None
+    return ItemState(
+        ItemStatus(row["status"]), row["stock_remaining"], row["starts_at"], row["ends_at"]
+    )
+
+
+async def count_member_exchange(
+    conn: Connection, item_id: uuid.UUID, member_id: uuid.UUID, limit: int
+) -> bool:
+    """Count one exchange of the item by the member if under the limit (0: none)."""
+    value = await conn.fetchval(
+        "INSERT INTO rewards.mall_member_counts AS c (item_id, member_id, exchanged)"
+        " VALUES ($1, $2, 1) ON CONFLICT (item_id, member_id)"
+        " DO UPDATE SET exchanged = c.exchanged + 1 WHERE $3 = 0 OR c.exchanged < $3"
+        " RETURNING exchanged",
+        item_id,
+        member_id,
+        limit,
+    )
+    return value is not None and (limit == 0 or value <= limit)
+
+
+EXCHANGE_COLUMNS = (
+    "id, member_id, exchange_key, request_hash, item_id, points, cash_fen,"
+    " points_transaction_id, coupon_id, sku, fulfilment, created_at, seq"
+)
+
+
+async def exchange_by_key(conn: Connection, member_id: uuid.UUID, key: str) -> Any:
+    return await conn.fetchrow(
+        f"SELECT {EXCHANGE_COLUMNS} FROM rewards.mall_exchanges"
+        " WHERE member_id = $1 AND exchange_key = $2",
+        member_id,
+        key,
+    )
+
+
+async def insert_exchange(conn: Connection, values: dict[str, Any]) -> Any:
+    """The new exchange, or None when the key was used (a concurrent retry
+    waits for the winner's commit, then gets None)."""
+    return await conn.fetchrow(
+        "INSERT INTO rewards.mall_exchanges (id, member_id, exchange_key, request_hash, item_id,"
+        " points, cash_fen, points_transaction_id, coupon_id, sku, fulfilment)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        f" ON CONFLICT (member_id, exchange_key) DO NOTHING RETURNING {EXCHANGE_COLUMNS}",
+        values["id"],
+        values["member_id"],
+        values["exchange_key"],
+        values["request_hash"],
+        values["item_id"],
+        values["points"],
+        values["cash_fen"],
+        values["points_transaction_id"],
+        values["coupon_id"],
+        values["sku"],
+        values["fulfilment"],
+    )
+
+
+async def exchanges_of(
+    conn: Connection, member_id: uuid.UUID, before: int | None, limit: int
+) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT {EXCHANGE_COLUMNS} FROM rewards.mall_exchanges"
+            " WHERE member_id = $1 AND ($2::bigint IS NULL OR seq < $2)"
+            " ORDER BY seq DESC LIMIT $3",
+            member_id,
+            before,
+            limit,
+        )
+    )

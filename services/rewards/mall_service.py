@@ -1,0 +1,236 @@
+"""Use cases of the points mall, each given a unit of work.
+
+An exchange, in the caller's one transaction: the (member, exchange key)
+lock and replay check, one unit of stock (conditional UPDATE), the member's
+count (conditional UPSERT), the points through the ledger's own `redeem`
+(double-entry, lots, idempotency), then the item: a coupon through
+`issue_coupon` or a goods fulfilment record. Any refusal raises, and the unit
+of work rolls everything back: stock, count and points are untouched.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from servicekit.db import Connection, UnitOfWork
+from servicekit.errors import Conflict, FailedPrecondition, NotFound
+
+from . import growth_repository as repo
+from .domain import parse_member_id
+from .mall import (
+    ItemKind,
+    ItemSpec,
+    ItemStatus,
+    check_item,
+    check_transition,
+    exchange_refusal,
+    limit_reached,
+)
+from .points import PointsLedger, refuse_erased
+from .policy import check_key, request_hash
+
+COUPON_REASON_MALL = "mall_exchange"
+
+
+class CouponIssuer(Protocol):
+    """coupon_service.issue_coupon: issues inside the caller's transaction and
+    raises a DomainError (stock, per-member limit, template status)."""
+
+    async def __call__(
+        self,
+        conn: Connection,
+        *,
+        template_id: str,
+        member_id: uuid.UUID,
+        reason: str,
+        issue_key: str,
+        now: datetime,
+    ) -> Any: ...
+
+
+def issued_coupon_id(issued: Any) -> str:
+    """The coupon's id from coupon_service.IssuedCoupon."""
+    return str(issued.coupon_id)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    exchange_id: str
+    member_id: str
+    item_id: str
+    exchange_key: str
+    points: int
+    cash_fen: int
+    points_transaction_id: str
+    coupon_id: str
+    sku: str
+    fulfilment: str
+    created_at: datetime
+    replayed: bool = False
+
+
+def exchange_of(row: Any, replayed: bool = False) -> Exchange:
+    return Exchange(
+        exchange_id=str(row["id"]),
+        member_id=str(row["member_id"]),
+        item_id=str(row["item_id"]),
+        exchange_key=row["exchange_key"],
+        points=row["points"],
+        cash_fen=row["cash_fen"],
+        points_transaction_id=str(row["points_transaction_id"]),
+        coupon_id=row["coupon_id"] or "",
+        sku=row["sku"] or "",
+        fulfilment=row["fulfilment"],
+        created_at=row["created_at"],
+        replayed=replayed,
+    )
+
+
+def unknown_item(item_id: uuid.UUID | str) -> NotFound:
+    return NotFound(
+        f"mall item {item_id} does not exist", code="UNKNOWN_MALL_ITEM", field="item_id"
+    )
+
+
+class PointsMall:
+    def __init__(self, points: PointsLedger, issue_coupon: CouponIssuer) -> None:
+        self._points = points
+        self._issue_coupon = issue_coupon
+
+    # ---- operators -----------------------------------------------------------
+
+    async def create_item(
+        self, uow: UnitOfWork, spec: ItemSpec, status: ItemStatus = ItemStatus.DRAFT
+    ) -> repo.ItemRow:
+        check_item(spec)
+        if status is ItemStatus.ENDED:
+            check_transition(ItemStatus.DRAFT, status)
+        return await repo.insert_item(uow.conn, uuid.uuid4(), spec, status)
+
+    async def update_item(
+        self, uow: UnitOfWork, item_id: uuid.UUID, spec: ItemSpec
+    ) -> repo.ItemRow:
+        check_item(spec)
+        conn = uow.conn
+        current = await repo.item(conn, item_id, lock=True)
+        if current is None:
+            raise unknown_item(item_id)
+        if current.status is ItemStatus.ENDED:
+            raise FailedPrecondition(
+                f"mall item {item_id} has ended and cannot change",
+                code="MALL_ITEM_ENDED",
+                field="item_id",
+            )
+        if spec.kind is not current.spec.kind:
+            raise FailedPrecondition(
+                "an item's kind cannot change; end it and create another",
+                code="ITEM_KIND_IMMUTABLE",
+                field="kind",
+            )
+        updated = await repo.update_item(conn, item_id, spec)
+        if updated is None:
+            sold = current.spec.stock_total - current.stock_remaining
+            raise FailedPrecondition(
+                f"{sold} already exchanged; stock_total cannot go below that",
+                code="STOCK_BELOW_EXCHANGED",
+                field="stock_total",
+            )
+        return updated
+
+    async def set_status(
+        self, uow: UnitOfWork, item_id: uuid.UUID, status: ItemStatus
+    ) -> repo.ItemRow:
+        conn = uow.conn
+        current = await repo.item(conn, item_id, lock=True)
+        if current is None:
+            raise unknown_item(item_id)
+        check_transition(current.status, status)
+        if status is current.status:
+            return current
+        return await repo.set_item_status(conn, item_id, status)
+
+    async def get_item(self, uow: UnitOfWork, item_id: uuid.UUID) -> repo.ItemRow:
+        found = await repo.item(uow.conn, item_id)
+        if found is None:
+            raise unknown_item(item_id)
+        return found
+
+    # ---- members -------------------------------------------------------------
+
+    async def exchange(
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        item_id: uuid.UUID,
+        exchange_key: str,
+        now: datetime,
+    ) -> Exchange:
+        member = uuid.UUID(parse_member_id(member_id))
+        key = check_key(exchange_key, "exchange_key")
+        digest = request_hash("mall_exchange", {"member_id": str(member), "item_id": str(item_id)})
+        conn = uow.conn
+        await refuse_erased(conn, member)
+        # One exchange per key: a concurrent retry waits here for the first
+        # commit, then replays it.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"mall-exchange:{member}:{key}",
+        )
+        stored = await repo.exchange_by_key(conn, member, key)
+        if stored is not None:
+            if bytes(stored["request_hash"]) != digest:
+                raise Conflict(
+                    f"exchange_key {key} was already used for another item",
+                    code="IDEMPOTENCY_KEY_REUSED",
+                    field="exchange_key",
+                )
+            return exchange_of(stored, replayed=True)
+        taken = await repo.take_stock(conn, item_id, now)
+        if taken is None:
+            raise exchange_refusal(await repo.item_state(conn, item_id), str(item_id), now)
+        spec = taken.spec
+        if not await repo.count_member_exchange(conn, item_id, member, spec.per_member_limit):
+            raise limit_reached(str(item_id), spec.per_member_limit)
+        exchange_id = uuid.uuid4()
+        spent = await self._points.redeem(
+            uow,
+            str(member),
+            spec.points_price,
+            f"mall:{exchange_id}",
+            f"mall:{item_id}",
+            now,
+        )
+        # Not enough points: raised now, so the stock and count roll back with it.
+        spend = spent.unwrap()
+        coupon_id = ""
+        if spec.kind is ItemKind.COUPON:
+            issued = await self._issue_coupon(
+                conn,
+                template_id=spec.coupon_template_id,
+                member_id=member,
+                reason=COUPON_REASON_MALL,
+                issue_key=f"mall:{exchange_id}",
+                now=now,
+            )
+            coupon_id = issued_coupon_id(issued)
+        row = await repo.insert_exchange(
+            conn,
+            {
+                "id": exchange_id,
+                "member_id": member,
+                "exchange_key": key,
+                "request_hash": digest,
+                "item_id": item_id,
+                "points": spec.points_price,
+                "cash_fen": spec.cash_fen,
+                "points_transaction_id": uuid.UUID(spend.transaction_id),
+                "coupon_id": coupon_id or None,
+                "sku": spec.sku or None,
+                "fulfilment": "issued" if spec.kind is ItemKind.COUPON else "pending",
+            },
+        )
+        assert row is not None, "the key's lock is held: no one else can have inserted it"
+        return exchange_of(row)

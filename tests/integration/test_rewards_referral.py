@@ -1,0 +1,310 @@
+"""Referral against real PostgreSQL: stable unique invite codes, an invitee
+linked once under concurrent accepts, every abuse rule refusing with its code
+and writing nothing, the inviter's cap under concurrency, the first-order
+step granted exactly once however often the order event is redelivered, and
+the fission report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from servicekit.db import Connection, Database, asyncpg_dsn, create_pool
+from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFound
+from services.rewards.domain import Channel, OrderRequest
+from services.rewards.handlers import RewardsHandlers
+from services.rewards.points import PointsLedger
+from services.rewards.referral import ReferralRules, RewardSpec, StepRewards
+from services.rewards.referral_service import Referrals, ReferralView
+from services.rewards.seed import seed_demo
+
+from ..harness import Infra
+
+NOW = datetime(2026, 6, 1, 4, 0, tzinfo=UTC)
+# Invitee gets a coupon on registration; on the first order both sides get the
+# "referral" action's points (100 by default) and the inviter a coupon too.
+RULES = ReferralRules(
+    registration=StepRewards(invitee=RewardSpec(coupon_template_id="NEW-MEMBER-20")),
+    first_order=StepRewards(
+        inviter=RewardSpec(coupon_template_id="INVITE-20", points_action="referral"),
+        invitee=RewardSpec(points_action="referral"),
+    ),
+)
+
+
+class Coupons:
+    """Records what referral asked coupon_service for (one coupon per issue key)."""
+
+    def __init__(self) -> None:
+        self.issued: dict[str, str] = {}
+
+    async def __call__(self, conn: Connection, **kw: Any) -> Any:
+        if kw["template_id"] == "SOLD-OUT":
+            raise FailedPrecondition(
+                "out of stock", code="TEMPLATE_OUT_OF_STOCK", field="template_id"
+            )
+        coupon_id = self.issued.setdefault(kw["issue_key"], str(uuid.uuid4()))
+
+        class Issued:
+            pass
+
+        issued = Issued()
+        issued.coupon_id = coupon_id  # type: ignore[attr-defined]
+        return issued
+
+
+@pytest.fixture(scope="module")
+async def db(infra: Infra) -> AsyncIterator[Database]:
+    pool = await create_pool(infra.database_url, 1, 32)
+    async with pool.acquire() as c:
+        await seed_demo(c)
+    database = Database(pool, "rewards", "rewards")
+    yield database
+    await database.close()
+
+
+@pytest.fixture(scope="module")
+async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    yield c
+    await c.close()
+
+
+class Programme:
+    def __init__(self, db: Database, rules: ReferralRules = RULES) -> None:
+        self.db = db
+        self.coupons = Coupons()
+        self.points = PointsLedger()
+        self.referrals = Referrals(self.points, rules, self.coupons)
+        self.handlers = RewardsHandlers(points=self.points)
+
+    async def code(self, member: str, device: str = "") -> str:
+        async with self.db.unit_of_work() as uow:
+            return (await self.referrals.invite_code(uow, member, device)).code
+
+    async def accept(
+        self,
+        invitee: str,
+        code: str,
+        *,
+        device: str = "",
+        registered: datetime | None = None,
+        now: datetime = NOW,
+    ) -> ReferralView:
+        async with self.db.unit_of_work() as uow:
+            return await self.referrals.accept(
+                uow,
+                invitee,
+                code,
+                invitee_registered_at=registered or now - timedelta(minutes=3),
+                device_id=device,
+                identifier_hashes=[],
+                now=now,
+            )
+
+    async def order(self, member: str) -> str:
+        settlement = self.handlers.prepare_order(
+            OrderRequest(
+                store_id="SH001",
+                pos_transaction_id=f"R-{uuid.uuid4().hex[:16]}",
+                member_id=member,
+                channel=Channel.STORE,
+                paid_amount_fen=3_200,
+                ordered_at=NOW,
+            )
+        )
+        async with self.db.unit_of_work() as uow:
+            return (await self.handlers.complete_order(uow, settlement, NOW)).unwrap().order_id
+
+    async def order_event(self, member: str, order_id: str) -> ReferralView | None:
+        async with self.db.unit_of_work() as uow:
+            return await self.referrals.on_order_completed(uow, member, order_id, NOW, NOW)
+
+
+def new_member() -> str:
+    return str(uuid.uuid4())
+
+
+async def rows(conn: asyncpg.Connection, table: str, column: str, member: str) -> int:
+    return int(
+        await conn.fetchval(
+            f"SELECT count(*) FROM rewards.{table} WHERE {column} = $1", uuid.UUID(member)
+        )
+    )
+
+
+async def test_invite_code_is_made_once_and_stays(db: Database) -> None:
+    p, member = Programme(db), new_member()
+    codes = await asyncio.gather(*(p.code(member) for _ in range(16)))
+    assert len(set(codes)) == 1
+    assert await p.code(member) == codes[0]
+    assert await p.code(new_member()) != codes[0]
+
+
+async def test_an_invitee_is_linked_once_with_registration_rewards(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    p, inviter, invitee = Programme(db), new_member(), new_member()
+    code = await p.code(inviter)
+    views = await asyncio.gather(*(p.accept(invitee, code.lower()) for _ in range(32)))
+    assert len({v.referral_id for v in views}) == 1
+    assert sum(not v.replayed for v in views) == 1
+    assert await rows(conn, "referrals", "invitee_id", invitee) == 1
+    (reward,) = views[0].rewards
+    assert (reward.step, reward.role, reward.status) == ("registration", "invitee", "granted")
+    assert len(p.coupons.issued) == 1
+    # Another inviter's code afterwards: a clear conflict, nothing changes.
+    other = await p.code(new_member())
+    with pytest.raises(Conflict) as caught:
+        await p.accept(invitee, other)
+    assert caught.value.code == "ALREADY_REFERRED"
+
+
+@pytest.mark.parametrize(
+    "case", ["own_code", "inviter_device", "registered_long_ago", "has_ordered", "cycle", "unknown"]
+)
+async def test_abuse_is_refused_and_writes_nothing(
+    db: Database, conn: asyncpg.Connection, case: str
+) -> None:
+    p, inviter, invitee = Programme(db), new_member(), new_member()
+    code = await p.code(inviter, device="phone-of-inviter")
+    kwargs: dict[str, Any] = {}
+    expected = {
+        "own_code": "SELF_REFERRAL",
+        "inviter_device": "SELF_REFERRAL",
+        "registered_long_ago": "INVITEE_ALREADY_MEMBER",
+        "has_ordered": "INVITEE_ALREADY_MEMBER",
+        "cycle": "REFERRAL_CYCLE",
+        "unknown": "UNKNOWN_INVITE_CODE",
+    }[case]
+    if case == "own_code":
+        invitee = inviter
+    elif case == "inviter_device":
+        kwargs["device"] = "phone-of-inviter"
+    elif case == "registered_long_ago":
+        kwargs["registered"] = NOW - timedelta(days=30)
+    elif case == "has_ordered":
+        await p.order(invitee)
+    elif case == "cycle":
+        # The invitee had invited the inviter: B invited A, now A invites B.
+        await p.accept(inviter, await p.code(invitee))
+    elif case == "unknown":
+        code = "22222222"
+    coupons_before = len(p.coupons.issued)
+    with pytest.raises(DomainError) as caught:
+        await p.accept(invitee, code, **kwargs)
+    assert caught.value.code == expected
+    assert isinstance(caught.value, NotFound if case == "unknown" else FailedPrecondition)
+    assert await rows(conn, "referrals", "invitee_id", invitee) == 0
+    assert await rows(conn, "referral_fingerprints", "member_id", invitee) == (
+        1 if case == "own_code" else 0
+    )
+    assert len(p.coupons.issued) == coupons_before
+
+
+async def test_one_device_behind_many_invitees_links_one(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    p, inviter = Programme(db), new_member()
+    code = await p.code(inviter)
+    invitees = [new_member() for _ in range(16)]
+    results = await asyncio.gather(
+        *(p.accept(m, code, device="farm-device-7") for m in invitees), return_exceptions=True
+    )
+    assert sum(isinstance(r, ReferralView) for r in results) == 1
+    assert {r.code for r in results if isinstance(r, DomainError)} == {"FINGERPRINT_ALREADY_USED"}
+    linked = await conn.fetchval(
+        "SELECT count(*) FROM rewards.referrals WHERE inviter_id = $1", uuid.UUID(inviter)
+    )
+    assert linked == 1
+
+
+async def test_inviter_cap_holds_under_concurrent_accepts(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    rules = ReferralRules(
+        registration=StepRewards(inviter=RewardSpec(coupon_template_id="INVITE-20")),
+        first_order=StepRewards(),
+        max_rewarded_per_inviter=3,
+    )
+    p, inviter = Programme(db, rules), new_member()
+    code = await p.code(inviter)
+    views = await asyncio.gather(*(p.accept(new_member(), code) for _ in range(12)))
+    statuses = [v.rewards[0].status for v in views]
+    assert statuses.count("granted") == 3 and statuses.count("refused") == 9
+    refused = [v.rewards[0] for v in views if v.rewards[0].status == "refused"]
+    assert {r.refusals[0]["code"] for r in refused} == {"INVITER_REWARD_CAP_REACHED"}
+    assert len(p.coupons.issued) == 3
+    counter = await conn.fetchval(
+        "SELECT rewarded FROM rewards.referral_counters WHERE inviter_id = $1", uuid.UUID(inviter)
+    )
+    assert counter == 3
+
+
+async def test_first_order_rewards_once_under_redelivery(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    p, inviter, invitee = Programme(db), new_member(), new_member()
+    await p.accept(invitee, await p.code(inviter))
+    order_id = await p.order(invitee)
+    # The same OrderCompleted delivered 16 times at once, then a later order.
+    results = await asyncio.gather(*(p.order_event(invitee, order_id) for _ in range(16)))
+    granted = [r for r in results if r is not None]
+    assert len(granted) == 1
+    assert await p.order_event(invitee, await p.order(invitee)) is None
+    view = granted[0]
+    by_side = {(r.step, r.role): r for r in view.rewards}
+    assert by_side[("first_order", "inviter")].status == "granted"
+    assert by_side[("first_order", "inviter")].points == 100
+    assert by_side[("first_order", "inviter")].coupon_id
+    assert by_side[("first_order", "invitee")].points == 100
+    earned = await conn.fetchval(
+        "SELECT count(*) FROM rewards.points_transactions WHERE member_id = $1 AND kind = 'earn'"
+        " AND reference = 'referral'",
+        uuid.UUID(inviter),
+    )
+    assert earned == 1
+    # A member who was never invited: nothing happens.
+    stranger = new_member()
+    assert await p.order_event(stranger, await p.order(stranger)) is None
+
+
+async def test_a_refused_coupon_keeps_the_points_part(db: Database) -> None:
+    rules = ReferralRules(
+        registration=StepRewards(
+            invitee=RewardSpec(coupon_template_id="SOLD-OUT", points_action="referral")
+        ),
+        first_order=StepRewards(),
+    )
+    p = Programme(db, rules)
+    view = await p.accept(new_member(), await p.code(new_member()))
+    (reward,) = view.rewards
+    assert reward.status == "partial" and reward.points == 100
+    assert reward.refusals == [{"code": "TEMPLATE_OUT_OF_STOCK", "message": "out of stock"}]
+
+
+async def test_fission_report_counts_two_generations(db: Database) -> None:
+    # A far-away period, so other tests' referrals do not count.
+    at = datetime(2031, 3, 10, 4, 0, tzinfo=UTC)
+    p = Programme(db, ReferralRules(registration=StepRewards(), first_order=StepRewards()))
+    seeds = [new_member() for _ in range(2)]
+    first = [new_member() for _ in range(4)]
+    for i, m in enumerate(first):
+        await p.accept(m, await p.code(seeds[i % 2]), now=at)
+    # Two of the invitees bring in three more; one arrives after the period.
+    second = [new_member() for _ in range(3)]
+    await p.accept(second[0], await p.code(first[0]), now=at + timedelta(days=1))
+    await p.accept(second[1], await p.code(first[0]), now=at + timedelta(days=2))
+    await p.accept(second[2], await p.code(first[1]), now=at + timedelta(days=40))
+    async with db.unit_of_work() as uow:
+        report = await p.referrals.fission(uow, at - timedelta(days=1), at + timedelta(days=30))
+    # Inviters in the period: the 2 seeds and first[0]; invitees: 4 + 2.
+    assert (report.inviters, report.invitees, report.second_generation) == (3, 6, 2)
+    assert report.coefficient == pytest.approx(2.0)
