@@ -5,6 +5,8 @@ Operator commands (against DATABASE_URL, one run each, safe to repeat):
   expire                expire lapsed lots and activate due pending points
   announce-expiring     emit PointsExpiringSoon for lots lapsing soon
   void-timed-out-holds  void holds that were neither posted nor voided in time
+  expire-coupons        mark lapsed coupons expired
+  announce-expiring-coupons  emit CouponExpiringSoon for coupons lapsing soon
 """
 
 import sys
@@ -13,7 +15,14 @@ from servicekit.entrypoint import main
 
 from .server import build
 
-JOBS = ("audit", "expire", "announce-expiring", "void-timed-out-holds")
+JOBS = (
+    "audit",
+    "expire",
+    "announce-expiring",
+    "void-timed-out-holds",
+    "expire-coupons",
+    "announce-expiring-coupons",
+)
 
 if len(sys.argv) > 1 and sys.argv[1] in JOBS:
     from .jobs import run_job

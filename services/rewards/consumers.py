@@ -16,6 +16,7 @@ from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
 from servicekit.events import ReceivedEvent
 
+from . import coupon_service
 from . import repository as repo
 from .points import PointsLedger
 
@@ -41,6 +42,10 @@ class MemberEvents:
             merged.absorbed_member_id,
             datetime.now(UTC),
         )
+        # Coupons follow the points (an UPDATE by member: replays move nothing).
+        await coupon_service.merge(
+            uow.conn, merged.merge_id, merged.survivor_member_id, merged.absorbed_member_id
+        )
 
     async def on_unmerged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         unmerged = event.payload
@@ -51,6 +56,9 @@ class MemberEvents:
             unmerged.survivor_member_id,
             unmerged.restored_member_id,
             datetime.now(UTC),
+        )
+        await coupon_service.unmerge(
+            uow.conn, unmerged.survivor_member_id, unmerged.restored_member_id
         )
 
 

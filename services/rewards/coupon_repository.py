@@ -230,12 +230,17 @@ async def count_for_day(conn: Connection, template_id: str, day: date, budget: i
     return bool(counted)
 
 
-async def has_settled_order(conn: Connection, member_id: uuid.UUID) -> bool:
+async def has_settled_order(
+    conn: Connection, member_id: uuid.UUID, exclude: uuid.UUID | None = None
+) -> bool:
+    """Whether the member has a settled order (other than `exclude`, the one
+    being settled)."""
     return bool(
         await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM rewards.orders WHERE member_id = $1"
-            " AND status = 'settled')",
+            " AND status = 'settled' AND id IS DISTINCT FROM $2)",
             member_id,
+            exclude,
         )
     )
 
@@ -435,6 +440,21 @@ async def set_order_coupon_discount(
 ) -> None:
     await conn.execute(
         "UPDATE rewards.orders SET coupon_discount_fen = $2 WHERE id = $1", order_id, discount_fen
+    )
+
+
+async def order_paid_amount(conn: Connection, order_id: uuid.UUID) -> int:
+    return int(
+        await conn.fetchval("SELECT paid_amount_fen FROM rewards.orders WHERE id = $1", order_id)
+    )
+
+
+async def order_coupon_discount(conn: Connection, order_id: uuid.UUID) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT coupon_discount_fen FROM rewards.orders WHERE id = $1", order_id
+        )
+        or 0
     )
 
 

@@ -11,15 +11,15 @@ the member's count and the day's count, each with one conditional statement.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.protobuf.message import Message
 
 from loyalty.events.v1 import events_pb2
 from servicekit.db import Connection
-from servicekit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from servicekit.events import make_envelope
 from servicekit.protos import timestamp
 
@@ -27,19 +27,28 @@ from . import coupon_repository as crepo
 from . import repository as repo
 from .coupons import (
     MAX_ID_LENGTH,
+    Cart,
+    CartLine,
     Limits,
     Reason,
     Status,
     Terms,
+    Verdict,
+    best,
     check_transition,
+    combine,
+    discount,
     issue_hash,
     new_code,
+    normalize_code,
     shard_stock,
+    spread,
     validate_limits,
     validate_terms,
 )
-from .domain import parse_member_id
-from .policy import BUSINESS_TZ
+from .domain import Channel, OrderLine, OrderRequest, parse_member_id, parse_store_id
+from .earning import EarningRules
+from .policy import BUSINESS_TZ, check_text
 
 PRODUCER = "rewards"
 MAX_KEY_LENGTH = 128
@@ -63,6 +72,8 @@ class IssuedCoupon:
     order_id: str = ""
     discount_fen: int = 0
     locked_until: datetime | None = None
+    # Position in the member's wallet (the cursor of ListMemberCoupons).
+    seq: int = 0
 
 
 def issued(row: Any, *, replayed: bool = False, status: str | None = None) -> IssuedCoupon:
@@ -82,6 +93,7 @@ def issued(row: Any, *, replayed: bool = False, status: str | None = None) -> Is
         order_id=str(row["order_id"]) if row["order_id"] else "",
         discount_fen=row["discount_fen"] or 0,
         locked_until=row["locked_until"],
+        seq=row["seq"],
     )
 
 
@@ -363,3 +375,501 @@ async def get_template(conn: Connection, template_id: str) -> crepo.TemplateRow:
 
 def parse_member(raw: str, field: str = "member_id") -> uuid.UUID:
     return uuid.UUID(parse_member_id(raw, field))
+
+
+# ---- wallet -------------------------------------------------------------------------
+
+WALLET_STATUSES = ("available", "locked", "used", "expired")
+
+
+@dataclass(frozen=True)
+class CouponPolicy:
+    """Coupon settings (REWARDS_* in server.py)."""
+
+    lock_ttl: timedelta = field(default_factory=lambda: timedelta(minutes=15))
+    # What one point is worth at the till, in fen (the points value of an order).
+    fen_per_point: int = 1
+    expiring_soon_days: int = 3
+
+
+@dataclass(frozen=True)
+class WalletEntry:
+    coupon: IssuedCoupon
+    terms: Terms
+
+
+async def with_terms(conn: Connection, rows: list[Any]) -> dict[tuple[str, int], Terms]:
+    return await crepo.version_terms(
+        conn, sorted({(r["template_id"], r["template_version"]) for r in rows})
+    )
+
+
+async def list_member_coupons(
+    conn: Connection,
+    member_id: uuid.UUID,
+    statuses: list[str],
+    after_seq: int | None,
+    limit: int,
+    now: datetime,
+) -> list[WalletEntry]:
+    """The wallet, newest first. Expiry is applied as it is read (a coupon past
+    its end reads expired even before the job marks it; a lapsed lock reads
+    available)."""
+    for n, s in enumerate(statuses):
+        if s not in WALLET_STATUSES:
+            raise InvalidArgument(
+                f"status {s!r} is unknown; known: {', '.join(WALLET_STATUSES)}",
+                code="UNKNOWN_STATUS",
+                field=f"statuses[{n}]",
+            )
+    rows = await crepo.member_coupons(conn, member_id, statuses, now, after_seq, limit)
+    terms = await with_terms(conn, rows)
+    return [
+        WalletEntry(
+            issued(r, status=r["effective_status"]),
+            terms[(r["template_id"], r["template_version"])],
+        )
+        for r in rows
+    ]
+
+
+# ---- checkout -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Offer:
+    code: str
+    template_id: str
+    terms: Terms
+    expires_at: datetime
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Preview:
+    gross_fen: int
+    offers: list[Offer]
+    best_code: str
+    applied: list[str]
+    coupon_discount_fen: int
+    points_value_fen: int
+    payable_fen: int
+    points_to_earn: int
+
+
+def validate_cart_lines(lines: tuple[OrderLine, ...], gross_fen: int) -> tuple[CartLine, ...]:
+    if not lines:
+        raise InvalidArgument("a cart needs at least one line", code="CART_EMPTY", field="lines")
+    cart = []
+    for n, line in enumerate(lines):
+        if line.quantity < 1:
+            raise InvalidArgument(
+                f"lines[{n}].quantity must be at least 1",
+                code="INVALID_QUANTITY",
+                field=f"lines[{n}].quantity",
+            )
+        if line.paid_amount_fen < 0:
+            raise InvalidArgument(
+                f"lines[{n}].paid_amount_fen must not be negative",
+                code="NEGATIVE_AMOUNT",
+                field=f"lines[{n}].paid_amount_fen",
+            )
+        cart.append(CartLine(line.sku, line.category, line.quantity, line.paid_amount_fen))
+    total = sum(line.amount_fen for line in cart)
+    if total != gross_fen:
+        raise InvalidArgument(
+            f"lines add up to {total} fen but gross_amount_fen is {gross_fen}",
+            code="CART_TOTAL_MISMATCH",
+            field="gross_amount_fen",
+        )
+    return tuple(cart)
+
+
+def _status_verdict(row: Any, now: datetime, store_id: str, pos_transaction_id: str) -> Verdict:
+    """Why a coupon row cannot be used now ('' reason when it can)."""
+    status = row["status"]
+    if status == "used":
+        return Verdict(0, "COUPON_ALREADY_USED", "the coupon was already used")
+    if status == "expired" or row["expires_at"] <= now:
+        return Verdict(0, "COUPON_EXPIRED", f"expired at {row['expires_at'].isoformat()}")
+    if row["valid_from"] > now:
+        return Verdict(0, "COUPON_NOT_YET_VALID", f"valid from {row['valid_from'].isoformat()}")
+    if (
+        status == "locked"
+        and row["locked_until"] > now
+        and (row["lock_store_id"], row["lock_pos_transaction_id"]) != (store_id, pos_transaction_id)
+    ):
+        return Verdict(0, "COUPON_LOCKED", "the coupon is locked to another order")
+    return Verdict()
+
+
+def normalize_codes(raw: list[str] | tuple[str, ...], field: str = "coupon_codes") -> list[str]:
+    codes = []
+    for n, c in enumerate(raw):
+        code = normalize_code(c)
+        if not code or len(code) > 32 or not code.isalnum():
+            raise InvalidArgument(
+                f"{field}[{n}] is not a coupon code",
+                code="INVALID_COUPON_CODE",
+                field=f"{field}[{n}]",
+            )
+        codes.append(code)
+    if len(set(codes)) != len(codes):
+        raise InvalidArgument(
+            f"{field} names a coupon twice", code="DUPLICATE_COUPON_CODE", field=field
+        )
+    return codes
+
+
+async def _own_rows(
+    conn: Connection, member_id: uuid.UUID, codes: list[str], field: str = "coupon_codes"
+) -> list[Any]:
+    """The rows of the member's coupons by code; another member's code (or an
+    unknown one) is NOT_FOUND, without telling which."""
+    rows = {r["code"]: r for r in await crepo.coupons_by_codes(conn, codes)}
+    out = []
+    for n, code in enumerate(codes):
+        row = rows.get(code)
+        if row is None or row["member_id"] != member_id:
+            raise NotFound(
+                f"member {member_id} has no coupon {code}",
+                code="UNKNOWN_COUPON",
+                field=f"{field}[{n}]",
+            )
+        out.append(row)
+    return out
+
+
+async def _cart(
+    conn: Connection,
+    member_id: uuid.UUID,
+    store_id: str,
+    channel: str,
+    lines: tuple[CartLine, ...],
+    exclude_order: uuid.UUID | None = None,
+) -> tuple[Cart, repo.MemberState]:
+    state = await repo.member_state(conn, member_id)
+    first = not await crepo.has_settled_order(conn, member_id, exclude_order)
+    return Cart(store_id, channel, lines, tier=state.tier_code, first_order=first), state
+
+
+async def preview_checkout(
+    conn: Connection,
+    *,
+    member_id: uuid.UUID,
+    store_id: str,
+    channel: Channel,
+    lines: tuple[OrderLine, ...],
+    gross_fen: int,
+    codes: list[str],
+    points_to_redeem: int,
+    rules: EarningRules,
+    policy: CouponPolicy,
+    now: datetime,
+) -> Preview:
+    cart_lines = validate_cart_lines(lines, gross_fen)
+    codes = normalize_codes(codes)
+    if points_to_redeem < 0:
+        raise InvalidArgument(
+            "points_to_redeem must not be negative",
+            code="INVALID_POINTS",
+            field="points_to_redeem",
+        )
+    chosen = await _own_rows(conn, member_id, codes)
+    usable = await crepo.usable_coupons(conn, member_id, now)
+    rows = chosen + [r for r in usable if r["code"] not in codes]
+    terms = await with_terms(conn, rows)
+    cart, state = await _cart(conn, member_id, store_id, channel.value, cart_lines)
+    offers = []
+    for r in rows:
+        t = terms[(r["template_id"], r["template_version"])]
+        verdict = _status_verdict(r, now, "", "")
+        if verdict.applicable:
+            verdict = discount(t, cart)
+        offers.append(Offer(r["code"], r["template_id"], t, r["expires_at"], verdict))
+    best_code = best({o.code: o.verdict for o in offers})
+    applied = codes or ([best_code] if best_code else [])
+    by_code = {o.code: o for o in offers}
+    off, verdicts = combine([by_code[c].terms for c in applied], cart)
+    if codes:
+        # The chosen coupons as they combine (NOT_STACKABLE shows here).
+        for c, v in zip(codes, verdicts, strict=True):
+            status = by_code[c].verdict
+            by_code[c] = replace(by_code[c], verdict=status if not status.applicable else v)
+        off = sum(by_code[c].verdict.discount_fen for c in codes)
+        off = min(off, cart.gross_fen)
+    offers = sorted(
+        by_code.values(),
+        key=lambda o: (not o.verdict.applicable, -o.verdict.discount_fen, o.expires_at),
+    )
+    points_value = points_to_redeem * policy.fen_per_point
+    payable = max(gross_fen - off - points_value, 0)
+    earn_lines = spread([line.paid_amount_fen for line in lines], gross_fen - payable)
+    priced = rules.order_points(
+        OrderRequest(
+            store_id=store_id,
+            pos_transaction_id="preview",
+            member_id=str(member_id),
+            channel=channel,
+            paid_amount_fen=payable,
+            lines=tuple(
+                replace(line, paid_amount_fen=fen)
+                for line, fen in zip(lines, earn_lines, strict=True)
+            ),
+        ),
+        now,
+        cart.tier,
+        state.multiplier_bp,
+    )
+    return Preview(
+        gross_fen=gross_fen,
+        offers=offers,
+        best_code=best_code,
+        applied=applied,
+        coupon_discount_fen=off,
+        points_value_fen=points_value,
+        payable_fen=payable,
+        points_to_earn=priced.points,
+    )
+
+
+# ---- lock, release, redeem, restore -------------------------------------------------
+
+
+def _refusal(row: Any, verdict: Verdict, field: str) -> DomainError:
+    if verdict.reason in ("COUPON_ALREADY_USED", "COUPON_LOCKED"):
+        return Conflict(f"coupon {row['code']}: {verdict.detail}", code=verdict.reason, field=field)
+    return FailedPrecondition(
+        f"coupon {row['code']}: {verdict.detail}", code=verdict.reason, field=field
+    )
+
+
+async def lock_coupon(
+    conn: Connection,
+    *,
+    code: str,
+    member_id: uuid.UUID,
+    store_id: str,
+    pos_transaction_id: str,
+    policy: CouponPolicy,
+    now: datetime,
+) -> IssuedCoupon:
+    """Lock to one order; a repeat by the same order extends the lock. One
+    conditional UPDATE decides, so of racing orders exactly one wins."""
+    parse_store_id(store_id)
+    check_text(pos_transaction_id, "pos_transaction_id", "POS_TRANSACTION_ID", required=True)
+    (code,) = normalize_codes([code], "code") if code.strip() else [""]
+    if not code:
+        raise InvalidArgument("code is required", code="COUPON_CODE_REQUIRED", field="code")
+    row = await crepo.lock_coupon(
+        conn, code, member_id, store_id, pos_transaction_id, now, now + policy.lock_ttl
+    )
+    if row is not None:
+        return issued(row)
+    (found,) = await _own_rows(conn, member_id, [code], "code")
+    verdict = _status_verdict(found, now, store_id, pos_transaction_id)
+    raise _refusal(
+        found,
+        verdict
+        if not verdict.applicable
+        else Verdict(0, "COUPON_LOCKED", "the coupon is locked to another order"),
+        "code",
+    )
+
+
+async def release_coupon(
+    conn: Connection, *, code: str, store_id: str, pos_transaction_id: str
+) -> IssuedCoupon:
+    """Cancel: the order's lock goes; releasing what this order does not hold
+    (already released, lapsed, used) returns the coupon as it is."""
+    parse_store_id(store_id)
+    check_text(pos_transaction_id, "pos_transaction_id", "POS_TRANSACTION_ID", required=True)
+    (code,) = normalize_codes([code], "code")
+    row = await crepo.release_coupon(conn, code, store_id, pos_transaction_id)
+    if row is None:
+        row = await crepo.coupon_by_code(conn, code)
+        if row is None:
+            raise NotFound(f"no coupon {code}", code="UNKNOWN_COUPON", field="code")
+    return issued(row)
+
+
+async def redeem_for_order(
+    conn: Connection,
+    *,
+    order_id: uuid.UUID,
+    order: OrderRequest,
+    policy: CouponPolicy,
+    now: datetime,
+) -> int:
+    """Use the order's coupons, in the order's transaction; the discount in fen.
+
+    Rewards computes the discount from the coupons' own terms and the lines
+    (amounts before coupons); the till's paid amount must agree. A coupon used
+    or locked by another order refuses the whole order (ABORTED), nothing written.
+    """
+    member_id = uuid.UUID(order.member_id)
+    assert order.channel is not None
+    codes = normalize_codes(list(order.coupon_codes))
+    rows = await _own_rows(conn, member_id, codes)
+    terms = await with_terms(conn, rows)
+    lines = validate_cart_lines(order.lines, order.gross_amount_fen)
+    cart, _ = await _cart(conn, member_id, order.store_id, order.channel.value, lines, order_id)
+    for n, row in enumerate(rows):
+        status = _status_verdict(row, now, order.store_id, order.pos_transaction_id)
+        if not status.applicable:
+            raise _refusal(row, status, f"coupon_codes[{n}]")
+    off, verdicts = combine([terms[(r["template_id"], r["template_version"])] for r in rows], cart)
+    for n, (row, v) in enumerate(zip(rows, verdicts, strict=True)):
+        if not v.applicable:
+            raise FailedPrecondition(
+                f"coupon {row['code']} does not apply: {v.detail}",
+                code=v.reason,
+                field=f"coupon_codes[{n}]",
+            )
+    expected = order.gross_amount_fen - off - order.points_to_redeem * policy.fen_per_point
+    if order.paid_amount_fen != expected:
+        raise FailedPrecondition(
+            f"paid_amount_fen is {order.paid_amount_fen} but gross {order.gross_amount_fen}"
+            f" - coupons {off} - points value"
+            f" {order.points_to_redeem * policy.fen_per_point} = {expected}",
+            code="PAID_AMOUNT_MISMATCH",
+            field="paid_amount_fen",
+        )
+    # Each coupon's share of a total capped at the cart (stacked coupons).
+    shares = spread([v.discount_fen for v in verdicts], sum(v.discount_fen for v in verdicts) - off)
+    for n, (row, share) in enumerate(zip(rows, shares, strict=True)):
+        if not await crepo.redeem_coupon(
+            conn, row["id"], order_id, order.store_id, order.pos_transaction_id, share, now
+        ):
+            # Lost a race after the read above: the row now says why.
+            fresh = await crepo.coupon_by_code(conn, row["code"])
+            verdict = _status_verdict(fresh, now, order.store_id, order.pos_transaction_id)
+            raise _refusal(
+                fresh,
+                verdict
+                if not verdict.applicable
+                else Verdict(0, "COUPON_LOCKED", "the coupon is locked to another order"),
+                f"coupon_codes[{n}]",
+            )
+        await emit(
+            conn,
+            events_pb2.CouponRedeemed(
+                coupon_id=str(row["id"]),
+                member_id=order.member_id,
+                template_id=row["template_id"],
+                order_id=str(order_id),
+                discount_fen=share,
+                redeemed_at=timestamp(now),
+            ),
+            order.member_id,
+        )
+    await crepo.set_order_coupon_discount(conn, order_id, off)
+    return off
+
+
+@dataclass(frozen=True)
+class Restoration:
+    code: str
+    restored: bool
+    reason: str = ""
+
+
+async def restore_for_refund(
+    conn: Connection,
+    order_id: uuid.UUID,
+    paid_amount_fen: int,
+    refunded_fen: int,
+    now: datetime,
+) -> list[Restoration]:
+    """After a refund: once the order is refunded in full, its coupons come back
+    when their template allows and they are still valid. Idempotent: a coupon
+    already given back reads restored."""
+    out = []
+    rows = await crepo.order_coupons(conn, order_id)
+    terms = await with_terms(conn, rows)
+    for row in rows:
+        if row["status"] != "used":
+            out.append(Restoration(row["code"], True))
+            continue
+        t = terms[(row["template_id"], row["template_version"])]
+        if not t.restore_on_refund:
+            out.append(Restoration(row["code"], False, "NOT_RESTORABLE"))
+        elif row["expires_at"] <= now:
+            out.append(Restoration(row["code"], False, "EXPIRED"))
+        elif refunded_fen < paid_amount_fen:
+            out.append(Restoration(row["code"], False, "PARTIAL_REFUND"))
+        else:
+            await crepo.restore_coupon(conn, row["id"])
+            out.append(Restoration(row["code"], True))
+    return out
+
+
+# ---- reports, lifecycle, merges ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    template_id: str
+    issued: int
+    redeemed: int
+    expired: int
+    redemption_rate_bp: int
+    discount_fen: int
+    remaining_stock: int | None
+
+
+async def report(conn: Connection, template_id: str) -> Report:
+    template = await get_template(conn, template_id)
+    row = await crepo.report(conn, template_id)
+    issued_n, redeemed = int(row["issued"]), int(row["redeemed"])
+    remaining = (
+        await crepo.remaining_stock(conn, template_id)
+        if template.limits.total_stock is not None
+        else None
+    )
+    return Report(
+        template_id=template_id,
+        issued=issued_n,
+        redeemed=redeemed,
+        expired=int(row["expired"]),
+        redemption_rate_bp=redeemed * 10_000 // issued_n if issued_n else 0,
+        discount_fen=int(row["discount_fen"]),
+        remaining_stock=remaining,
+    )
+
+
+async def expire_batch(conn: Connection, now: datetime, limit: int) -> int:
+    return await crepo.expire_due(conn, now, limit)
+
+
+async def announce_expiring(
+    conn: Connection, now: datetime, policy: CouponPolicy, limit: int
+) -> int:
+    """CouponExpiringSoon once per coupon, `expiring_soon_days` ahead."""
+    rows = await crepo.claim_expiring_soon(
+        conn, now, now + timedelta(days=policy.expiring_soon_days), limit
+    )
+    terms = await with_terms(conn, rows)
+    for r in rows:
+        await emit(
+            conn,
+            events_pb2.CouponExpiringSoon(
+                coupon_id=str(r["id"]),
+                member_id=str(r["member_id"]),
+                template_id=r["template_id"],
+                name=terms[(r["template_id"], r["template_version"])].name,
+                expires_at=timestamp(r["expires_at"]),
+            ),
+            str(r["member_id"]),
+        )
+    return len(rows)
+
+
+async def merge(conn: Connection, merge_id: str, survivor: str, absorbed: str) -> int:
+    """MemberMerged: the absorbed member's coupons go to the survivor (idempotent)."""
+    return await crepo.move_coupons(conn, merge_id, parse_member(absorbed), parse_member(survivor))
+
+
+async def unmerge(conn: Connection, survivor: str, restored: str) -> int:
+    """MemberUnmerged: coupons issued to the restored member go back (idempotent)."""
+    return await crepo.move_back(conn, parse_member(survivor), parse_member(restored))

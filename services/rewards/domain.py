@@ -57,6 +57,9 @@ class OrderRequest:
     ordered_at: datetime | None = None
     # Points the member spends on this order (0: none).
     points_to_redeem: int = 0
+    # Coupons used on this order; then the lines carry amounts before the
+    # coupons and add up to gross_amount_fen (rewards computes the discount).
+    coupon_codes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,16 @@ def _check_lines(order: OrderRequest) -> None:
                 field=f"{prefix}.quantity",
             )
         _check_amount(line.paid_amount_fen, f"{prefix}.paid_amount_fen")
-    if order.lines:
+    if order.lines and order.coupon_codes:
+        total = sum(line.paid_amount_fen for line in order.lines)
+        if total != order.gross_amount_fen:
+            raise InvalidArgument(
+                f"lines add up to {total} fen but gross_amount_fen is {order.gross_amount_fen}"
+                " (with coupons, lines carry amounts before the coupons)",
+                code="LINES_TOTAL_MISMATCH",
+                field="lines",
+            )
+    elif order.lines:
         total = sum(line.paid_amount_fen for line in order.lines)
         if total != order.paid_amount_fen:
             raise InvalidArgument(
@@ -220,6 +232,12 @@ def validate_order(order: OrderRequest, limits: OrderLimits = DEFAULT_LIMITS) ->
             code="GROSS_BELOW_PAID",
             field="gross_amount_fen",
         )
+    if order.coupon_codes and not order.lines:
+        raise InvalidArgument(
+            "an order with coupons needs its lines (the discount is computed on them)",
+            code="COUPON_NEEDS_LINES",
+            field="lines",
+        )
     _check_lines(order)
     if order.points_to_redeem < 0:
         raise InvalidArgument(
@@ -245,6 +263,7 @@ def validate_order(order: OrderRequest, limits: OrderLimits = DEFAULT_LIMITS) ->
         lines=order.lines,
         ordered_at=order.ordered_at,
         points_to_redeem=order.points_to_redeem,
+        coupon_codes=order.coupon_codes,
     )
 
 
@@ -278,6 +297,8 @@ def canonical_request(order: OrderRequest) -> bytes:
     # Only when used, so hashes of orders without points stay what they were.
     if order.points_to_redeem:
         doc["points_to_redeem"] = order.points_to_redeem
+    if order.coupon_codes:
+        doc["coupon_codes"] = list(order.coupon_codes)
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -12,8 +12,10 @@ from servicekit.db import UnitOfWork
 from servicekit.errors import Conflict, DomainError, NotFound
 from servicekit.protos import timestamp
 
-from . import ledger
+from . import coupon_repository, coupon_service, ledger
 from . import repository as repo
+from .coupon_service import CouponPolicy
+from .coupons import spread
 from .domain import (
     DEFAULT_LIMITS,
     Channel,
@@ -24,7 +26,7 @@ from .domain import (
     plan_settlement,
 )
 from .earning import Period, period_start
-from .points import Outcome, PointsLedger, error_doc, error_from_doc, member_erased
+from .points import Outcome, PointsLedger, Refund, error_doc, error_from_doc, member_erased
 from .repository import StoreRecord
 
 CHANNEL_TO_PROTO = {
@@ -41,6 +43,7 @@ class OrderResult:
     points_balance: int
     replayed: bool
     points_redeemed: int = 0
+    coupon_discount_fen: int = 0
 
 
 def earn_idempotency_key(order_id: uuid.UUID | str) -> str:
@@ -53,9 +56,11 @@ class RewardsHandlers:
         self,
         limits: OrderLimits = DEFAULT_LIMITS,
         points: PointsLedger | None = None,
+        coupon_policy: CouponPolicy | None = None,
     ) -> None:
         self._limits = limits
         self.points = points or PointsLedger()
+        self.coupon_policy = coupon_policy or CouponPolicy()
 
     def prepare_order(self, order: OrderRequest, now: datetime | None = None) -> Settlement:
         """Validate and price an order (at the base tier); no I/O, so bad input
@@ -112,10 +117,30 @@ class RewardsHandlers:
             if isinstance(spent, DomainError):
                 await repo.reject_order(conn, order_id, error_doc(spent))
                 return Outcome(error=spent)
+        coupon_discount, earning_order = 0, order
+        if order.coupon_codes:
+            # After the points: a refusal raises and takes the whole order back.
+            coupon_discount = await coupon_service.redeem_for_order(
+                conn, order_id=order_id, order=order, policy=self.coupon_policy, now=now
+            )
+            # Points accrue on what was paid on each line, after coupons and points.
+            paid_lines = spread(
+                [line.paid_amount_fen for line in order.lines],
+                order.gross_amount_fen - order.paid_amount_fen,
+            )
+            earning_order = replace(
+                order,
+                lines=tuple(
+                    replace(line, paid_amount_fen=fen)
+                    for line, fen in zip(order.lines, paid_lines, strict=True)
+                ),
+            )
         policy, rules = self.points.policy, self.points.rules
         points, rule = settlement.points, settlement.rule_doc or settlement.rule.describe()
-        if rules.needs_tier or state.tier_code is not None:
-            priced = rules.order_points(order, ordered_at, state.tier_code, state.multiplier_bp)
+        if rules.needs_tier or state.tier_code is not None or order.coupon_codes:
+            priced = rules.order_points(
+                earning_order, ordered_at, state.tier_code, state.multiplier_bp
+            )
             points, rule = priced.points, priced.rule
         if rules.daily_cap is not None and points:
             granted, _ = await ledger.count_against_cap(
@@ -165,6 +190,7 @@ class RewardsHandlers:
                 balance.available,
                 replayed=False,
                 points_redeemed=order.points_to_redeem,
+                coupon_discount_fen=coupon_discount,
             )
         )
 
@@ -201,7 +227,33 @@ class RewardsHandlers:
                 found.order.points_balance_after,
                 replayed=True,
                 points_redeemed=found.order.points_redeemed,
+                coupon_discount_fen=await coupon_repository.order_coupon_discount(
+                    uow.conn, uuid.UUID(found.order.order_id)
+                ),
             )
+        )
+
+    async def refund_order(
+        self,
+        uow: UnitOfWork,
+        store_id: str,
+        pos_transaction_id: str,
+        refund_transaction_id: str,
+        refunded_amount_fen: int,
+        now: datetime,
+    ) -> tuple[Outcome[Refund], list[coupon_service.Restoration]]:
+        """Reverse the order's points, then give its coupons back when the
+        order is refunded in full (in the same transaction; idempotent)."""
+        outcome = await self.points.refund_order(
+            uow, store_id, pos_transaction_id, refund_transaction_id, refunded_amount_fen, now
+        )
+        if outcome.value is None:
+            return outcome, []
+        order_id = uuid.UUID(outcome.value.order_id)
+        refunded, _, _ = await ledger.refunds_so_far(uow.conn, order_id)
+        paid = await coupon_repository.order_paid_amount(uow.conn, order_id)
+        return outcome, await coupon_service.restore_for_refund(
+            uow.conn, order_id, paid, refunded, now
         )
 
     async def get_store(self, uow: UnitOfWork, store_id: str) -> StoreRecord:

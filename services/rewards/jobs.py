@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 from servicekit.db import Connection, Database, UnitOfWork, create_pool
 from servicekit.settings import ServiceSettings
 
-from . import ledger
+from . import coupon_service, ledger
 from .audit import audit_ledger
+from .coupon_service import CouponPolicy
 from .earning import parse_rules
 from .points import PointsLedger
 from .server import RewardsSettings
@@ -72,6 +73,30 @@ async def void_timed_out_holds(db: Database, points: PointsLedger, now: datetime
     )
 
 
+async def expire_coupons(db: Database, now: datetime) -> int:
+    """Mark lapsed coupons expired, a batch per transaction (reads and uses
+    already treat them as expired; this keeps the wallet and reports tidy)."""
+    total = 0
+    while True:
+        async with db.unit_of_work() as uow:
+            n = await coupon_service.expire_batch(uow.conn, now, BATCH)
+        total += n
+        if n < BATCH:
+            return total
+
+
+async def announce_expiring_coupons(db: Database, policy: CouponPolicy, now: datetime) -> int:
+    total = 0
+    while True:
+        async with db.unit_of_work() as uow:
+            n = await coupon_service.announce_expiring(uow.conn, now, policy, BATCH)
+        if n:
+            db.outbox_wakeup.set()
+        total += n
+        if n < BATCH:
+            return total
+
+
 async def _run(command: str) -> int:
     settings = ServiceSettings()
     rewards = RewardsSettings()
@@ -85,6 +110,13 @@ async def _run(command: str) -> int:
                 report = await audit_ledger(conn)
             print(json.dumps(asdict(report) | {"ok": report.ok}, indent=2))
             return 0 if report.ok else 1
+        if command == "expire-coupons":
+            print(f"{command}: {await expire_coupons(db, now)}")
+            return 0
+        if command == "announce-expiring-coupons":
+            n = await announce_expiring_coupons(db, rewards.coupon_policy(), now)
+            print(f"{command}: {n}")
+            return 0
         jobs = {
             "expire": expire_due,
             "announce-expiring": announce_expiring,

@@ -13,6 +13,7 @@ from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
 from .consumers import MemberEvents, on_member_erased, on_tier_changed
+from .coupon_service import CouponPolicy
 from .domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
 from .earning import parse_rules
 from .handlers import RewardsHandlers
@@ -43,6 +44,20 @@ class RewardsSettings(BaseSettings):
     # Earning rules as JSON (see earning.parse_rules); empty: the defaults
     # (1 point per whole yuan, mini-program x2, default action caps).
     earning_rules: str = ""
+    # A coupon locked to an order is free again after this unless the order completes.
+    coupon_lock_seconds: int = 900
+    # What one point is worth at the till, in fen (CompleteOrder with coupons
+    # checks paid = gross - coupons - points x this).
+    points_value_fen: int = 1
+    # CouponExpiringSoon this many days ahead.
+    coupon_expiring_soon_days: int = 3
+
+    def coupon_policy(self) -> CouponPolicy:
+        return CouponPolicy(
+            lock_ttl=timedelta(seconds=self.coupon_lock_seconds),
+            fen_per_point=self.points_value_fen,
+            expiring_soon_days=self.coupon_expiring_soon_days,
+        )
 
     def ledger_policy(self) -> LedgerPolicy:
         return LedgerPolicy(
@@ -58,7 +73,9 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
     rewards = rewards or RewardsSettings()
     points = PointsLedger(rewards.ledger_policy(), parse_rules(rewards.earning_rules))
     handlers = RewardsHandlers(
-        OrderLimits(max_paid_amount_fen=rewards.max_order_amount_fen), points=points
+        OrderLimits(max_paid_amount_fen=rewards.max_order_amount_fen),
+        points=points,
+        coupon_policy=rewards.coupon_policy(),
     )
     consumers = MemberEvents(points)
 

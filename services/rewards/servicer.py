@@ -17,6 +17,8 @@ from servicekit.protos import timestamp, to_datetime
 
 from . import ledger
 from .domain import Channel, OrderLine, OrderRequest, parse_member_id
+from .coupon_service import Restoration
+from .coupon_servicer import CouponRpcs, restorations
 from .handlers import OrderResult, RewardsHandlers
 from .ledger import Balance
 from .points import Adjustment, Outcome, Refund, Spend
@@ -61,6 +63,7 @@ def order_request(request: rewards_pb2.CompleteOrderRequest) -> OrderRequest:
         ),
         ordered_at=to_datetime(request.ordered_at),
         points_to_redeem=request.points_to_redeem,
+        coupon_codes=tuple(request.coupon_codes),
     )
 
 
@@ -71,6 +74,7 @@ def order_response(result: OrderResult) -> rewards_pb2.CompleteOrderResponse:
         points_balance=result.points_balance,
         replayed=result.replayed,
         points_redeemed=result.points_redeemed,
+        coupon_discount_fen=result.coupon_discount_fen,
     )
 
 
@@ -145,7 +149,7 @@ def store_message(store: StoreRecord) -> rewards_pb2.Store:
     )
 
 
-class RewardsServicer(rewards_pb2_grpc.RewardsServiceServicer):
+class RewardsServicer(CouponRpcs, rewards_pb2_grpc.RewardsServiceServicer):
     def __init__(self, db: Database, handlers: RewardsHandlers) -> None:
         self._db = db
         self._handlers = handlers
@@ -221,9 +225,9 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServiceServicer):
     async def RefundOrder(
         self, request: rewards_pb2.RefundOrderRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.RefundOrderResponse:
-        async def attempt() -> Outcome[Refund]:
+        async def attempt() -> tuple[Outcome[Refund], list[Restoration]]:
             async with self._db.unit_of_work() as uow:
-                return await self._points.refund_order(
+                return await self._handlers.refund_order(
                     uow,
                     request.store_id,
                     request.pos_transaction_id,
@@ -234,7 +238,7 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServiceServicer):
 
         # A refund racing a merge of the same member may lose a deadlock: the
         # whole transaction is retried (it is idempotent on its key).
-        outcome: Outcome[Refund] = await with_retries(attempt)
+        outcome, coupons = await with_retries(attempt)
         r = outcome.unwrap()
         return rewards_pb2.RefundOrderResponse(
             refund_id=r.refund_id,
@@ -248,6 +252,7 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServiceServicer):
             available=r.available,
             replayed=r.replayed,
             points_restored=r.points_restored,
+            coupons=restorations(coupons),
         )
 
     async def AdjustPoints(
