@@ -19,6 +19,7 @@ from servicekit.events import ReceivedEvent
 from . import coupon_service
 from . import repository as repo
 from .points import PointsLedger
+from .referral_service import Referrals
 
 
 def event_time(event: ReceivedEvent, field: str) -> datetime:
@@ -85,3 +86,23 @@ async def on_member_erased(uow: UnitOfWork, event: ReceivedEvent) -> None:
     assert isinstance(erased, events_pb2.MemberErased)
     at = event_time(event, "erased_at")
     await repo.record_erasure(uow.conn, [uuid.UUID(m) for m in erased.member_ids], at)
+
+
+class OrderEvents:
+    """Rewards' own OrderCompleted, read back from its stream: an invitee's
+    first completed order grants the referral's first-order step (once: the
+    referral row is marked by a conditional UPDATE, each reward by its key)."""
+
+    def __init__(self, referrals: Referrals) -> None:
+        self._referrals = referrals
+
+    async def on_order_completed(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        completed = event.payload
+        assert isinstance(completed, events_pb2.OrderCompleted)
+        await self._referrals.on_order_completed(
+            uow,
+            completed.member_id,
+            completed.order_id,
+            event_time(event, "ordered_at"),
+            datetime.now(UTC),
+        )

@@ -158,7 +158,22 @@ class PointsMall:
             raise unknown_item(item_id)
         return found
 
+    async def list_items(
+        self, uow: UnitOfWork, before: int | None, limit: int, on_sale_at: datetime | None
+    ) -> list[repo.ItemRow]:
+        return await repo.list_items(uow.conn, before, limit, on_sale_at)
+
     # ---- members -------------------------------------------------------------
+
+    async def exchanges_of(
+        self, uow: UnitOfWork, member_id: str, before: int | None, size: int
+    ) -> tuple[list[Exchange], int | None]:
+        """The member's exchanges, newest first; the next page's cursor (None: last)."""
+        member = uuid.UUID(parse_member_id(member_id))
+        rows = await repo.exchanges_of(uow.conn, member, before, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return [exchange_of(r) for r in rows], (rows[-1]["seq"] if more else None)
 
     async def exchange(
         self,

@@ -12,13 +12,17 @@ from servicekit.consumer import EventConsumer, Subscription
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
-from .consumers import MemberEvents, on_member_erased, on_tier_changed
-from .coupon_service import CouponPolicy
+from .consumers import MemberEvents, OrderEvents, on_member_erased, on_tier_changed
+from .coupon_service import CouponPolicy, issue_coupon
 from .domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
 from .earning import parse_rules
+from .growth_servicer import Growth
 from .handlers import RewardsHandlers
+from .mall_service import PointsMall
 from .points import PointsLedger
 from .policy import ExpiryPolicy, LedgerPolicy, ShortfallPolicy
+from .referral import parse_referral_rules
+from .referral_service import Referrals
 from .schema import SCHEMA
 from .servicer import RewardsServicer
 
@@ -44,6 +48,10 @@ class RewardsSettings(BaseSettings):
     # Earning rules as JSON (see earning.parse_rules); empty: the defaults
     # (1 point per whole yuan, mini-program x2, default action caps).
     earning_rules: str = ""
+    # The referral programme as JSON (see referral.parse_referral_rules);
+    # empty: the defaults (the "referral" action's points to the inviter on
+    # the invitee's first order, 20 rewarded referrals per inviter per month).
+    referral_rules: str = ""
     # A coupon locked to an order is free again after this unless the order completes.
     coupon_lock_seconds: int = 900
     # What one point is worth at the till, in fen (CompleteOrder with coupons
@@ -78,11 +86,14 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
         coupon_policy=rewards.coupon_policy(),
     )
     consumers = MemberEvents(points)
+    referrals = Referrals(points, parse_referral_rules(rewards.referral_rules), issue_coupon)
+    growth = Growth(referrals, PointsMall(points, issue_coupon))
+    orders = OrderEvents(referrals)
 
     def wire(app: ServiceApp) -> None:
         assert app.db is not None and app.server is not None and app.redis is not None
         rewards_pb2_grpc.add_RewardsServiceServicer_to_server(
-            RewardsServicer(app.db, handlers), app.server
+            RewardsServicer(app.db, handlers, growth), app.server
         )
         app.add_consumer(
             EventConsumer(
@@ -95,6 +106,8 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
                     Subscription("member", events_pb2.MemberUnmerged, consumers.on_unmerged),
                     Subscription("member", events_pb2.MemberErased, on_member_erased),
                     Subscription("tiering", events_pb2.TierChanged, on_tier_changed),
+                    # Its own stream: an invitee's first order rewards the referral.
+                    Subscription("rewards", events_pb2.OrderCompleted, orders.on_order_completed),
                 ],
                 max_attempts=settings.event_max_attempts,
                 retry_after_ms=settings.event_retry_after_ms,

@@ -16,9 +16,10 @@ from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp, to_datetime
 
 from . import ledger
-from .domain import Channel, OrderLine, OrderRequest, parse_member_id
 from .coupon_service import Restoration
 from .coupon_servicer import CouponRpcs, restorations
+from .domain import Channel, OrderLine, OrderRequest, parse_member_id
+from .growth_servicer import Growth, GrowthRpcs
 from .handlers import OrderResult, RewardsHandlers
 from .ledger import Balance
 from .points import Adjustment, Outcome, Refund, Spend
@@ -149,11 +150,13 @@ def store_message(store: StoreRecord) -> rewards_pb2.Store:
     )
 
 
-class RewardsServicer(CouponRpcs, rewards_pb2_grpc.RewardsServiceServicer):
-    def __init__(self, db: Database, handlers: RewardsHandlers) -> None:
+class RewardsServicer(CouponRpcs, GrowthRpcs, rewards_pb2_grpc.RewardsServiceServicer):
+    def __init__(self, db: Database, handlers: RewardsHandlers, growth: Growth) -> None:
         self._db = db
         self._handlers = handlers
         self._points = handlers.points
+        # Referral and points-mall RPCs (growth_servicer.py).
+        self._growth = growth
 
     async def CompleteOrder(
         self, request: rewards_pb2.CompleteOrderRequest, context: grpc.aio.ServicerContext
