@@ -17,9 +17,6 @@ from .ports import RewardsPort
 
 log = logging.getLogger(__name__)
 
-# A request the rewards service cannot take yet (no coupon RPC) is asked again this often.
-WAITING_RETRY = timedelta(hours=1)
-
 
 class RewardDispatcher:
     def __init__(
@@ -57,8 +54,6 @@ class RewardDispatcher:
             outcome = as_delivery(raised_or_done)
             if outcome.status == "delivered":
                 results.append((row.request_key, "done", outcome.provider_ref, None))
-            elif outcome.status == "waiting":
-                results.append((row.request_key, "pending", outcome.reason, done + WAITING_RETRY))
             elif outcome.status == "retry" and row.attempts < self._max_attempts:
                 nxt = done + backoff(row.attempts, self._retry_base, self._retry_cap)
                 results.append((row.request_key, "pending", outcome.reason, nxt))

@@ -16,10 +16,12 @@
 - Coupons and points come from the rewards service (issue 4). Steps write a
   durable `reward_requests` row (key = enrollment:seq, once); the
   `RewardDispatcher` (fulfilment.py) hands each to a `RewardsPort`.
-  `RewardsGrpc` awards points through rewards' idempotent AdjustPoints (the
-  request key is the idempotency key). Rewards has no RPC that issues a coupon
-  yet, so coupon requests wait (`pending`, reason NO_COUPON_RPC) and are
-  retried hourly; nothing pretends they were issued.
+  `RewardsGrpc` awards points through rewards' idempotent AdjustPoints and
+  issues coupons through IssueCoupon; the request key (enrollment:seq, one per
+  step run) is the idempotency / issue key, so a retried step never gives twice.
+  A refusal rewards decided (stock out, per-member limit, template paused or
+  ended, member erased) fails the request with rewards' code; a transport
+  failure or a conflict is retried with backoff.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class LocalConsent:
 
 class RewardsPort(Protocol):
     async def fulfil(self, request: repo.RewardRequestRow) -> Delivery:
-        """delivered (done), retry (transient), failed (permanent), or waiting."""
+        """delivered (done), retry (transient) or failed (permanent, with the code)."""
         ...
 
 
@@ -97,9 +99,19 @@ class RewardsGrpc:
     async def fulfil(self, request: repo.RewardRequestRow) -> Delivery:
         if request.member_id is None:
             return Delivery("failed", reason="MEMBER_ERASED")
-        if request.kind != "points":
-            return Delivery("waiting", reason="NO_COUPON_RPC")
         try:
+            if request.kind == "coupon":
+                coupon = await self._stub.IssueCoupon(
+                    rewards_pb2.IssueCouponRequest(
+                        template_id=request.coupon,
+                        member_id=str(request.member_id),
+                        reason="journey",
+                        issue_key=request.request_key,
+                        issued_by="engagement",
+                    ),
+                    timeout=self._timeout,
+                )
+                return Delivery("delivered", provider_ref=coupon.coupon_id)
             reply = await self._stub.AdjustPoints(
                 rewards_pb2.AdjustPointsRequest(
                     member_id=str(request.member_id),
@@ -112,8 +124,7 @@ class RewardsGrpc:
             )
         except grpc.aio.AioRpcError as exc:
             code, _ = error_info(exc)
-            status = "retry" if exc.code() in RETRYABLE else "failed"
-            return Delivery(status, reason=code or exc.code().name)
+            return classify_refusal(exc.code(), code)
         return Delivery("delivered", provider_ref=reply.transaction_id)
 
     async def close(self) -> None:

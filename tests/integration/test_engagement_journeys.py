@@ -853,6 +853,24 @@ async def test_ab_split_variants_are_measured_against_the_holdout(env: Env) -> N
 async def test_reward_steps_reach_the_rewards_service_once(
     env: Env, rewards_app: ServiceApp
 ) -> None:
+    port = RewardsGrpc(f"127.0.0.1:{rewards_app.port}", 5.0)
+    stub = rewards_pb2_grpc.RewardsServiceStub(port._channel)
+    gift, limited = f"BDAY-{env.tag}", f"ONCE-{env.tag}"
+    for template_id, limits in (
+        (gift, rewards_pb2.CouponLimits(total_stock=100)),
+        (limited, rewards_pb2.CouponLimits(per_member_limit=1)),
+    ):
+        await stub.CreateCouponTemplate(
+            rewards_pb2.CreateCouponTemplateRequest(
+                template_id=template_id,
+                terms=rewards_pb2.CouponTerms(
+                    name="birthday drink", kind="amount_off", discount_fen=1000, valid_days=30
+                ),
+                limits=limits,
+                status="active",
+                created_by="test",
+            )
+        )
     await env.publish(
         {
             "id": "reward",
@@ -861,7 +879,11 @@ async def test_reward_steps_reach_the_rewards_service_once(
             "start": "points",
             "steps": {
                 "points": {"type": "award_points", "points": 88, "next": "coupon"},
-                "coupon": {"type": "issue_coupon", "coupon": "BIRTHDAY-DRINK", "next": "end"},
+                "coupon": {"type": "issue_coupon", "coupon": gift, "next": "once"},
+                "once": {"type": "issue_coupon", "coupon": limited, "next": "again"},
+                # The member already has the one this template allows: refused.
+                "again": {"type": "issue_coupon", "coupon": limited, "next": "ghost"},
+                "ghost": {"type": "issue_coupon", "coupon": f"NONE-{env.tag}", "next": "end"},
                 "end": {"type": "exit"},
             },
         }
@@ -869,36 +891,55 @@ async def test_reward_steps_reach_the_rewards_service_once(
     m = await env.member()
     await env.event("birthday_month", m)
     await env.scheduler.run_until_idle()
-    port = RewardsGrpc(f"127.0.0.1:{rewards_app.port}", 5.0)
     fulfil = RewardDispatcher(env.db, env.clock, port, batch_size=500)
-    try:
+
+    async def drain() -> None:
         while await fulfil.dispatch_once():
             pass
 
-        async def requests() -> dict[str, tuple[str, str]]:
-            rows = await env.db.pool.fetch(
-                "SELECT kind, status, reason FROM engagement.reward_requests WHERE member_id = $1",
-                uuid.UUID(m),
-            )
-            return {r["kind"]: (r["status"], r["reason"]) for r in rows}
+    async def requests() -> list[tuple[str, str, str, str]]:
+        rows = await env.db.pool.fetch(
+            "SELECT kind, coupon, status, reason FROM engagement.reward_requests"
+            " WHERE member_id = $1 ORDER BY request_key",
+            uuid.UUID(m),
+        )
+        # A done request's reason is rewards' reference (coupon or transaction id).
+        return [
+            (r["kind"], r["coupon"], r["status"], "" if r["status"] == "done" else r["reason"])
+            for r in rows
+        ]
 
-        got = await requests()
-        assert got["points"][0] == "done"
-        # No coupon RPC in rewards yet: the request waits, nothing pretends.
-        assert got["coupon"] == ("pending", "NO_COUPON_RPC")
-        stub = rewards_pb2_grpc.RewardsServiceStub(port._channel)
+    async def wallet() -> list[str]:
+        reply = await stub.ListMemberCoupons(rewards_pb2.ListMemberCouponsRequest(member_id=m))
+        return sorted(c.template_id for c in reply.coupons)
+
+    try:
+        await drain()
+        # Issued once each; a refusal rewards decided fails the step with its
+        # code (the two requests for the limited template race: one wins).
+        assert sorted(await requests()) == sorted(
+            [
+                ("points", "", "done", ""),
+                ("coupon", gift, "done", ""),
+                ("coupon", limited, "done", ""),
+                ("coupon", limited, "failed", "MEMBER_LIMIT_REACHED"),
+                ("coupon", f"NONE-{env.tag}", "failed", "UNKNOWN_TEMPLATE"),
+            ]
+        )
+        assert await wallet() == sorted([gift, limited])
         balance = await stub.GetPointsBalance(rewards_pb2.GetPointsBalanceRequest(member_id=m))
         assert balance.available == 88
-        # A redelivery (e.g. a crash before the status was recorded) is a replay.
+        # A redelivery (e.g. a crash before the status was recorded) is a replay:
+        # the same issue / idempotency key, nothing given twice.
         await env.db.pool.execute(
             "UPDATE engagement.reward_requests SET status = 'pending', next_attempt_at = $2"
-            " WHERE member_id = $1 AND kind = 'points'",
+            " WHERE member_id = $1 AND status = 'done'",
             uuid.UUID(m),
             env.clock.now(),
         )
-        while await fulfil.dispatch_once():
-            pass
-        assert (await requests())["points"][0] == "done"
+        await drain()
+        assert sorted(r[2] for r in await requests()) == ["done"] * 3 + ["failed"] * 2
+        assert await wallet() == sorted([gift, limited])
         balance = await stub.GetPointsBalance(rewards_pb2.GetPointsBalanceRequest(member_id=m))
         assert balance.available == 88
     finally:
