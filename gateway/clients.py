@@ -210,6 +210,11 @@ class RewardsClient(_Client):
             rewards_pb2.GetPointsLiabilityRequest(expiring_within_days=days),
         )
 
+    async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
+        """Any other RewardsService RPC by name (referral, points mall); same
+        deadline and error mapping."""
+        return await self._call(getattr(self._stub, method), request, fields)
+
 
 # Tiering names a programme's entries "programme.ladder[2].threshold"; the HTTP
 # caller sent the programme itself as the body, so to it that is "ladder[2].threshold".

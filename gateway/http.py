@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from pydantic import BaseModel, Field
 
-from .api import engagement, members, points, tiers
+from .api import engagement, mall, members, points, referrals, tiers
 from .api.common import problem_response
 from .clients import Downstreams
 from .errors import PROBLEM_JSON, Problem, install_http_handlers, problem
@@ -85,7 +85,14 @@ def create_app(downstreams: Downstreams) -> FastAPI:
             )
         return Readiness(status="ready", downstreams=statuses)
 
-    for router in (members.router, points.router, engagement.router, tiers.router):
+    for router in (
+        members.router,
+        points.router,
+        engagement.router,
+        tiers.router,
+        referrals.router,
+        mall.router,
+    ):
         app.include_router(router)
     _serve_problems_in_openapi(app)
     # Probes would drown the traces; everything else gets a server span.

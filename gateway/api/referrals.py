@@ -1,0 +1,231 @@
+"""Referral routes (rewards service): the member's invite code, accepting an
+invite, the inviter's invitees and their rewards; the fission report for
+operators. Rules and abuse refusals: docs/referral-and-mall.md."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from loyalty.rewards.v1 import rewards_pb2
+from servicekit.protos import timestamp
+
+from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, problem_response, utc
+
+router = APIRouter()
+
+REFERRAL_ERRORS = MEMBER_ERRORS | {
+    409: problem_response(
+        "Refused: SELF_REFERRAL, REFERRAL_CYCLE, INVITEE_ALREADY_MEMBER, FINGERPRINT_ALREADY_USED,"
+        " ALREADY_REFERRED (another inviter's invite was accepted before)"
+    ),
+}
+
+
+class InviteCode(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "code": "7KQ2MXRT",
+                    "created_at": "2026-05-01T12:00:00+08:00",
+                }
+            ]
+        }
+    )
+
+    member_id: str
+    code: str = Field(description="8 characters, no 0/O/1/I/L/U; stable once made")
+    created_at: datetime
+
+
+class AcceptInvite(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"invite_code": "7KQ2MXRT", "device_id": "wx-device-9f2c"}]
+        },
+    )
+
+    invite_code: str = Field(min_length=1, max_length=32)
+    device_id: str = Field(
+        default="", max_length=128, description="The invitee's device; hashed, never stored raw"
+    )
+
+
+class ReferralReward(BaseModel):
+    step: str = Field(examples=["first_order"], description="registration or first_order")
+    role: str = Field(examples=["inviter"], description="inviter or invitee")
+    member_id: str
+    status: str = Field(examples=["granted"], description="granted, partial or refused")
+    coupon_id: str | None
+    points: int
+    refusal_codes: list[str] = Field(examples=[["INVITER_REWARD_CAP_REACHED"]])
+
+
+class Referral(BaseModel):
+    referral_id: str
+    inviter_member_id: str
+    invitee_member_id: str
+    accepted_at: datetime
+    first_order_at: datetime | None = Field(description="The invitee's first completed order")
+    rewards: list[ReferralReward]
+    replayed: bool = Field(description="True when this repeats an accept made earlier")
+
+
+class Referrals(BaseModel):
+    referrals: list[Referral]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+class FissionReport(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "from": "2026-05-01T00:00:00+08:00",
+                    "to": "2026-06-01T00:00:00+08:00",
+                    "inviters": 100,
+                    "invitees": 180,
+                    "fission_coefficient": 1.8,
+                    "second_generation_invitees": 54,
+                    "second_generation_spread": 0.3,
+                }
+            ]
+        },
+    )
+
+    from_: datetime = Field(alias="from")
+    to: datetime
+    inviters: int
+    invitees: int
+    fission_coefficient: float = Field(description="Invitees per inviter")
+    second_generation_invitees: int = Field(
+        description="Invitees brought in (by the period's end) by the period's invitees"
+    )
+    second_generation_spread: float = Field(description="Second generation per invitee")
+
+
+def referral_model(r: rewards_pb2.Referral) -> Referral:
+    return Referral(
+        referral_id=r.referral_id,
+        inviter_member_id=r.inviter_member_id,
+        invitee_member_id=r.invitee_member_id,
+        accepted_at=utc(r.accepted_at),
+        first_order_at=utc(r.first_order_at) if r.HasField("first_order_at") else None,
+        rewards=[
+            ReferralReward(
+                step=w.step,
+                role=w.role,
+                member_id=w.member_id,
+                status=w.status,
+                coupon_id=w.coupon_id or None,
+                points=w.points,
+                refusal_codes=list(w.refusal_codes),
+            )
+            for w in r.rewards
+        ],
+        replayed=r.replayed,
+    )
+
+
+@router.get(
+    "/v1/members/{member_id}/invite-code",
+    response_model=InviteCode,
+    tags=["referral"],
+    summary="The member's invite code (made on first ask)",
+    responses=MEMBER_ERRORS,
+)
+async def get_invite_code(
+    member_id: MemberId,
+    request: Request,
+    device_id: Annotated[str, Query(max_length=128, description="The inviter's device")] = "",
+) -> InviteCode:
+    reply = await downstreams(request).rewards.call(
+        "GetInviteCode",
+        rewards_pb2.GetInviteCodeRequest(member_id=str(member_id), device_id=device_id),
+    )
+    return InviteCode(member_id=reply.member_id, code=reply.code, created_at=utc(reply.created_at))
+
+
+@router.post(
+    "/v1/members/{member_id}/referral",
+    response_model=Referral,
+    tags=["referral"],
+    summary="Accept an invite: link this (newly registered) member to the inviter, once",
+    responses=REFERRAL_ERRORS,
+)
+async def accept_invite(member_id: MemberId, body: AcceptInvite, request: Request) -> Referral:
+    services = downstreams(request)
+    # Rewards judges "already a member" by when member registered the invitee.
+    member = await services.member.get_member(str(member_id))
+    reply = await services.rewards.call(
+        "AcceptReferral",
+        rewards_pb2.AcceptReferralRequest(
+            invitee_member_id=str(member_id),
+            invite_code=body.invite_code,
+            device_id=body.device_id,
+            invitee_registered_at=member.registered_at,
+        ),
+        {"invitee_member_id": "member_id"},
+    )
+    return referral_model(reply)
+
+
+@router.get(
+    "/v1/members/{member_id}/referrals",
+    response_model=Referrals,
+    tags=["referral"],
+    summary="The member's invitees and each reward's status, newest first",
+    responses=MEMBER_ERRORS,
+)
+async def list_referrals(
+    member_id: MemberId,
+    request: Request,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str, Query(max_length=20)] = "",
+) -> Referrals:
+    reply = await downstreams(request).rewards.call(
+        "ListReferrals",
+        rewards_pb2.ListReferralsRequest(
+            inviter_member_id=str(member_id), page_size=page_size, cursor=cursor
+        ),
+        {"inviter_member_id": "member_id"},
+    )
+    return Referrals(
+        referrals=[referral_model(r) for r in reply.referrals],
+        next_cursor=reply.next_cursor or None,
+    )
+
+
+@router.get(
+    "/v1/admin/referrals/fission",
+    response_model=FissionReport,
+    response_model_by_alias=True,
+    tags=["admin"],
+    summary="Fission coefficient and second-generation spread of a period",
+    responses={422: problem_response("Malformed period")},
+)
+async def fission_report(
+    request: Request,
+    from_: Annotated[AwareDatetime, Query(alias="from", description="Start (inclusive)")],
+    to: Annotated[AwareDatetime, Query(description="End (exclusive)")],
+) -> FissionReport:
+    fission = rewards_pb2.GetFissionReportRequest(to=timestamp(to))
+    getattr(fission, "from").CopyFrom(timestamp(from_))
+    reply = await downstreams(request).rewards.call("GetFissionReport", fission)
+    return FissionReport.model_validate(
+        {
+            "from": from_,
+            "to": to,
+            "inviters": reply.inviters,
+            "invitees": reply.invitees,
+            "fission_coefficient": reply.fission_coefficient,
+            "second_generation_invitees": reply.second_generation_invitees,
+            "second_generation_spread": reply.second_generation_spread,
+        }
+    )

@@ -1,0 +1,158 @@
+"""Referral and the points mall end to end through the gateway: an invite
+code, an invitee accepting it, the invitee's first POS order rewarding the
+inviter through rewards' own OrderCompleted, and that inviter spending the
+points in the mall (a real coupon from a demo template, a goods item sold
+out); operators' item management and fission report."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+from tests.harness import eventually
+
+pytestmark = pytest.mark.e2e
+
+STORE = "SH001"
+Pos = pos_pb2_grpc.PosServiceStub
+
+
+async def enrol(pos: Pos) -> str:
+    phone = f"136{random.randrange(10**8):08d}"
+    reply = await pos.IdentifyMember(
+        pos_pb2.IdentifyMemberRequest(store_id=STORE, phone=phone), timeout=10
+    )
+    return str(reply.member_id)
+
+
+async def order(pos: Pos, member: str, paid_fen: int) -> None:
+    await pos.CompleteOrder(
+        pos_pb2.CompleteOrderRequest(
+            store_id=STORE,
+            pos_transaction_id=f"RM-{uuid.uuid4().hex[:12]}",
+            member_id=member,
+            paid_amount_fen=paid_fen,
+        ),
+        timeout=10,
+    )
+
+
+async def test_invite_first_order_reward_then_mall(
+    pos: Pos, http: httpx.AsyncClient, demo_stores: list[str]
+) -> None:
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    inviter, invitee = await enrol(pos), await enrol(pos)
+
+    code = (await http.get(f"/v1/members/{inviter}/invite-code")).json()["code"]
+    again = await http.get(f"/v1/members/{inviter}/invite-code")
+    assert again.json()["code"] == code
+
+    accepted = await http.post(
+        f"/v1/members/{invitee}/referral", json={"invite_code": code, "device_id": "dev-" + invitee}
+    )
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["inviter_member_id"] == inviter
+    retry = await http.post(
+        f"/v1/members/{invitee}/referral", json={"invite_code": code, "device_id": "dev-" + invitee}
+    )
+    assert retry.json()["replayed"] is True
+    own = await http.post(f"/v1/members/{inviter}/referral", json={"invite_code": code})
+    assert own.status_code == 409 and own.json()["code"] == "SELF_REFERRAL"
+    bad = await http.post(f"/v1/members/{invitee}/referral", json={"invite_code": "ILO0"})
+    assert bad.status_code == 422 and bad.json()["field"] == "invite_code"
+
+    # The invitee's first order at the till rewards the inviter (default
+    # programme: the "referral" action's 100 points), through the event stream.
+    await order(pos, invitee, 3_200)
+
+    async def first_order_rewarded() -> dict[str, object] | None:
+        listing = (await http.get(f"/v1/members/{inviter}/referrals")).json()
+        (referral,) = listing["referrals"]
+        return referral if referral["first_order_at"] else None
+
+    referral = await eventually(first_order_rewarded)
+    (reward,) = [r for r in referral["rewards"] if r["step"] == "first_order"]
+    assert (reward["role"], reward["status"], reward["points"]) == ("inviter", "granted", 100)
+    assert (await http.get(f"/v1/members/{inviter}/points")).json()["available"] == 100
+
+    # Operators put a coupon and a one-off goods item on sale.
+    coupon_item = await http.post(
+        "/v1/admin/mall/items",
+        json={
+            "name": "满99减30",
+            "kind": "coupon",
+            "coupon_template_id": "MJ99-30",
+            "points_price": 40,
+            "stock_total": 10,
+            "per_member_limit": 1,
+            "status": "active",
+        },
+    )
+    assert coupon_item.status_code == 201, coupon_item.text
+    goods = await http.post(
+        "/v1/admin/mall/items",
+        json={
+            "name": "Tote",
+            "kind": "goods",
+            "sku": "TOTE-01",
+            "points_price": 50,
+            "cash_fen": 990,
+            "stock_total": 1,
+            "status": "active",
+        },
+    )
+    goods_id = goods.json()["item_id"]
+    catalogue = (await http.get("/v1/mall/items", params={"page_size": 100})).json()
+    assert goods_id in {i["item_id"] for i in catalogue["items"]}
+
+    got_coupon = await http.post(
+        f"/v1/members/{inviter}/mall/exchanges",
+        json={"item_id": coupon_item.json()["item_id"], "exchange_key": "c-1"},
+    )
+    assert got_coupon.status_code == 200, got_coupon.text
+    assert got_coupon.json()["fulfilment"] == "issued" and got_coupon.json()["coupon_id"]
+    limit = await http.post(
+        f"/v1/members/{inviter}/mall/exchanges",
+        json={"item_id": coupon_item.json()["item_id"], "exchange_key": "c-2"},
+    )
+    assert limit.status_code == 409 and limit.json()["code"] == "MALL_MEMBER_LIMIT_REACHED"
+
+    body = {"item_id": goods_id, "exchange_key": "g-1"}
+    first = await http.post(f"/v1/members/{inviter}/mall/exchanges", json=body)
+    replay = await http.post(f"/v1/members/{inviter}/mall/exchanges", json=body)
+    assert first.status_code == 200 and replay.json()["replayed"] is True
+    assert replay.json()["exchange_id"] == first.json()["exchange_id"]
+    assert first.json()["cash_fen"] == 990 and first.json()["fulfilment"] == "pending"
+    sold_out = await http.post(
+        f"/v1/members/{invitee}/mall/exchanges", json={"item_id": goods_id, "exchange_key": "g-1"}
+    )
+    assert sold_out.status_code == 409 and sold_out.json()["code"] == "MALL_ITEM_OUT_OF_STOCK"
+    assert (await http.get(f"/v1/members/{inviter}/points")).json()["available"] == 10
+
+    mine = (await http.get(f"/v1/members/{inviter}/mall/exchanges", params={"page_size": 1})).json()
+    assert len(mine["exchanges"]) == 1 and mine["next_cursor"]
+    rest = await http.get(
+        f"/v1/members/{inviter}/mall/exchanges",
+        params={"page_size": 1, "cursor": mine["next_cursor"]},
+    )
+    assert rest.json()["exchanges"][0]["exchange_id"] != mine["exchanges"][0]["exchange_id"]
+
+    ended = await http.put(f"/v1/admin/mall/items/{goods_id}/status", json={"status": "ended"})
+    assert ended.json()["status"] == "ended"
+    revived = await http.put(f"/v1/admin/mall/items/{goods_id}/status", json={"status": "active"})
+    assert revived.status_code == 409 and revived.json()["code"] == "INVALID_STATUS_TRANSITION"
+
+    report = await http.get(
+        "/v1/admin/referrals/fission",
+        params={
+            "from": started.isoformat(),
+            "to": (datetime.now(UTC) + timedelta(minutes=1)).isoformat(),
+        },
+    )
+    assert report.status_code == 200, report.text
+    assert report.json()["invitees"] >= 1 and report.json()["inviters"] >= 1
