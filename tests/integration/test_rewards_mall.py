@@ -19,7 +19,10 @@ import pytest
 
 from servicekit.db import Connection, Database, asyncpg_dsn, create_pool
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
+from services.rewards import coupon_repository
 from services.rewards.audit import audit_ledger
+from services.rewards.coupon_service import issue_coupon
+from services.rewards.coupons import Kind, Limits, Status, Terms
 from services.rewards.mall import ItemKind, ItemSpec, ItemStatus
 from services.rewards.mall_service import Exchange, PointsMall
 from services.rewards.points import PointsLedger
@@ -301,3 +304,68 @@ async def test_bad_items_are_refused_naming_the_field(
             await mall.item(**overrides)
         assert caught.value.code == code
     assert await conn.fetchval("SELECT count(*) FROM rewards.mall_items") == before
+
+
+async def coupon_template(conn: asyncpg.Connection, stock: int) -> str:
+    """A template of coupon_service's own, with little stock."""
+    template_id = f"MALL-{uuid.uuid4().hex[:8].upper()}"
+    terms = Terms(
+        name="¥20 off", kind=Kind.AMOUNT_OFF, threshold_fen=2000, discount_fen=2000, valid_days=30
+    )
+    await coupon_repository.seed_templates(conn, [(template_id, terms, Limits(total_stock=stock))])
+    return template_id
+
+
+async def test_real_coupon_issuance_bounds_the_exchange(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    # The mall has 10 units but the coupon template only 3: the 7 exchanges
+    # whose issuance is refused give their stock and points back.
+    mall = Mall(db, issue_coupon)
+    template = await coupon_template(conn, stock=3)
+    item = await mall.item(
+        kind=ItemKind.COUPON, sku="", coupon_template_id=template, stock_total=10, points_price=20
+    )
+    members = [new_member() for _ in range(10)]
+    for m in members:
+        await mall.credit(m, 100)
+    results = await asyncio.gather(
+        *(mall.exchange(m, item, "real") for m in members), return_exceptions=True
+    )
+    done = [r for r in results if isinstance(r, Exchange)]
+    assert len(done) == 3, results
+    assert {r.code for r in results if isinstance(r, DomainError)} == {"OUT_OF_STOCK"}
+    owners = await conn.fetch(
+        "SELECT member_id::text FROM rewards.coupons WHERE id = ANY($1::uuid[])",
+        [uuid.UUID(d.coupon_id) for d in done],
+    )
+    assert {r["member_id"] for r in owners} == {d.member_id for d in done}
+    assert (
+        await conn.fetchval("SELECT stock_remaining FROM rewards.mall_items WHERE id = $1", item)
+        == 7
+    )
+    balances = [await available(conn, m) for m in members]
+    assert sorted(balances) == [80] * 3 + [100] * 7
+    report = await audit_ledger(conn, members)
+    assert report.ok, report
+
+
+async def test_paused_template_refuses_the_exchange_and_keeps_the_points(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    mall, member = Mall(db, issue_coupon), new_member()
+    template = await coupon_template(conn, stock=100)
+    item = await mall.item(
+        kind=ItemKind.COUPON, sku="", coupon_template_id=template, points_price=20
+    )
+    await mall.credit(member, 100)
+    await coupon_repository.set_status(conn, template, Status.PAUSED)
+    with pytest.raises(FailedPrecondition) as caught:
+        await mall.exchange(member, item, "paused")
+    assert (caught.value.code, caught.value.field) == ("TEMPLATE_PAUSED", "template_id")
+    assert await available(conn, member) == 100
+    assert await redeem_count(conn, member) == 0
+    assert (
+        await conn.fetchval("SELECT stock_remaining FROM rewards.mall_items WHERE id = $1", item)
+        == 100
+    )

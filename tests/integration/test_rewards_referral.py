@@ -18,6 +18,7 @@ import pytest
 
 from servicekit.db import Connection, Database, asyncpg_dsn, create_pool
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFound
+from services.rewards.coupon_service import issue_coupon
 from services.rewards.domain import Channel, OrderRequest
 from services.rewards.handlers import RewardsHandlers
 from services.rewards.points import PointsLedger
@@ -308,3 +309,27 @@ async def test_fission_report_counts_two_generations(db: Database) -> None:
     # Inviters in the period: the 2 seeds and first[0]; invitees: 4 + 2.
     assert (report.inviters, report.invitees, report.second_generation) == (3, 6, 2)
     assert report.coefficient == pytest.approx(2.0)
+
+
+async def test_coupons_come_from_coupon_service_once(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    # The demo "first cup half price" (new members only, one per member) for
+    # the invitee on registration, through the real issue_coupon.
+    rules = ReferralRules(
+        registration=StepRewards(invitee=RewardSpec(coupon_template_id="FIRST-CUP-HALF")),
+        first_order=StepRewards(),
+    )
+    p, invitee = Programme(db, rules), new_member()
+    p.referrals = Referrals(p.points, rules, issue_coupon)
+    code = await p.code(new_member())
+    views = await asyncio.gather(*(p.accept(invitee, code) for _ in range(8)))
+    (reward,) = views[0].rewards
+    assert reward.status == "granted" and reward.coupon_id
+    coupons = await conn.fetch(
+        "SELECT id::text, reason, template_id FROM rewards.coupons WHERE member_id = $1",
+        uuid.UUID(invitee),
+    )
+    assert [(c["id"], c["reason"], c["template_id"]) for c in coupons] == [
+        (reward.coupon_id, "referral", "FIRST-CUP-HALF")
+    ]
