@@ -17,6 +17,7 @@ from servicekit.db import UnitOfWork
 from servicekit.events import ReceivedEvent
 
 from . import coupon_service
+from . import growth_repository as growth_repo
 from . import repository as repo
 from .points import PointsLedger
 from .referral_service import Referrals
@@ -85,7 +86,10 @@ async def on_member_erased(uow: UnitOfWork, event: ReceivedEvent) -> None:
     erased = event.payload
     assert isinstance(erased, events_pb2.MemberErased)
     at = event_time(event, "erased_at")
-    await repo.record_erasure(uow.conn, [uuid.UUID(m) for m in erased.member_ids], at)
+    members = [uuid.UUID(m) for m in erased.member_ids]
+    await repo.record_erasure(uow.conn, members, at)
+    # Device and identifier fingerprints are about the person, not money: gone.
+    await growth_repo.forget_fingerprints(uow.conn, members)
 
 
 class OrderEvents:

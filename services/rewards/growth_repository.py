@@ -158,6 +158,13 @@ async def record_fingerprints(
     )
 
 
+async def forget_fingerprints(conn: Connection, member_ids: list[uuid.UUID]) -> None:
+    """An erased member's fingerprints (their referrals, money-like, stay)."""
+    await conn.execute(
+        "DELETE FROM rewards.referral_fingerprints WHERE member_id = ANY($1::uuid[])", member_ids
+    )
+
+
 async def claim_reward(
     conn: Connection, referral_id: uuid.UUID, step: str, role: str, member_id: uuid.UUID
 ) -> bool:

@@ -14,10 +14,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
+from redis.asyncio import Redis
 
+from loyalty.events.v1 import events_pb2
+from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.db import Connection, Database, asyncpg_dsn, create_pool
-from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFound
+from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFound, error_info
+from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
+from servicekit.protos import timestamp
 from services.rewards.coupon_service import issue_coupon
 from services.rewards.domain import Channel, OrderRequest
 from services.rewards.handlers import RewardsHandlers
@@ -26,7 +32,7 @@ from services.rewards.referral import ReferralRules, RewardSpec, StepRewards
 from services.rewards.referral_service import Referrals, ReferralView
 from services.rewards.seed import seed_demo
 
-from ..harness import Infra
+from ..harness import Infra, eventually
 
 NOW = datetime(2026, 6, 1, 4, 0, tzinfo=UTC)
 # Invitee gets a coupon on registration; on the first order both sides get the
@@ -333,3 +339,51 @@ async def test_coupons_come_from_coupon_service_once(
     assert [(c["id"], c["reason"], c["template_id"]) for c in coupons] == [
         (reward.coupon_id, "referral", "FIRST-CUP-HALF")
     ]
+
+
+async def test_through_grpc_erasure_forgets_fingerprints(
+    infra: Infra, rewards_channel: grpc.aio.Channel, conn: asyncpg.Connection
+) -> None:
+    stub = rewards_pb2_grpc.RewardsServiceStub(rewards_channel)
+    inviter, invitee = new_member(), new_member()
+    code = await stub.GetInviteCode(
+        rewards_pb2.GetInviteCodeRequest(member_id=inviter, device_id="inviter-phone")
+    )
+    registered = timestamp(datetime.now(UTC) - timedelta(minutes=1))
+    accept = rewards_pb2.AcceptReferralRequest(
+        invitee_member_id=invitee,
+        invite_code=code.code,
+        device_id="invitee-phone",
+        invitee_registered_at=registered,
+    )
+    referral = await stub.AcceptReferral(accept)
+    assert referral.inviter_member_id == inviter and not referral.replayed
+    listed = await stub.ListReferrals(rewards_pb2.ListReferralsRequest(inviter_member_id=inviter))
+    assert [r.referral_id for r in listed.referrals] == [referral.referral_id]
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.AcceptReferral(
+            rewards_pb2.AcceptReferralRequest(invitee_member_id=new_member(), invite_code=code.code)
+        )
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(missing.value) == ("REGISTERED_AT_REQUIRED", "invitee_registered_at")
+
+    async with Redis.from_url(infra.redis_url) as redis:
+        erased = events_pb2.MemberErased(member_ids=[invitee, inviter])
+        envelope = make_envelope("member", erased, invitee)
+        await redis.xadd(
+            stream_name(infra.namespace, "member"), {ENVELOPE_FIELD: envelope.SerializeToString()}
+        )
+
+    async def forgotten() -> bool:
+        left = await conn.fetchval(
+            "SELECT count(*) FROM rewards.referral_fingerprints WHERE member_id = ANY($1::uuid[])",
+            [uuid.UUID(inviter), uuid.UUID(invitee)],
+        )
+        return bool(left == 0)
+
+    await eventually(forgotten)
+    # The referral itself (what was granted) stays; new writes are refused.
+    assert await rows(conn, "referrals", "invitee_id", invitee) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetInviteCode(rewards_pb2.GetInviteCodeRequest(member_id=inviter))
+    assert error_info(refused.value)[0] == "MEMBER_ERASED"
