@@ -29,6 +29,8 @@ from servicekit.telemetry import configure_tracing
 
 from .clients import Downstreams
 from .http import create_app
+from .metrics import GatewayMetrics, GrpcObserver
+from .offline import OfflinePolicy
 from .pos import PosServicer
 from .settings import GatewaySettings
 
@@ -74,6 +76,9 @@ class Gateway:
         self.http_server: _EmbeddedUvicorn | None = None
         self.http_port = 0
         self.pos_grpc_port = 0
+        # Per gateway, not the process-global registry: tests run several.
+        self.metrics = GatewayMetrics()
+        self.metrics_port = 0
         self._http_task: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -81,25 +86,33 @@ class Gateway:
         s = self.settings
         configure_tracing(NAME, s.otel_traces_exporter)
         self.downstreams = Downstreams(s)
-        self.http_app = create_app(self.downstreams)
+        self.http_app = create_app(self.downstreams, metrics=self.metrics)
         try:
+            self.metrics_port = self.metrics.start(s.metrics_host, s.metrics_port)
             await self._start_grpc(self.downstreams)
             await self._start_http(self.http_app)
         except BaseException:
             await self.stop()
             raise
         log.info(
-            "gateway serving HTTP on %s:%d and POS gRPC on %s:%d",
+            "gateway serving HTTP on %s:%d, POS gRPC on %s:%d, metrics on %s:%d",
             s.http_host,
             self.http_port,
             s.pos_grpc_host,
             self.pos_grpc_port,
+            s.metrics_host,
+            self.metrics_port,
         )
 
     async def _start_grpc(self, downstreams: Downstreams) -> None:
         s = self.settings
-        server = create_grpc_server(s.max_connection_age_ms, s.shutdown_grace_seconds)
-        pos_pb2_grpc.add_PosServiceServicer_to_server(PosServicer(downstreams), server)
+        server = create_grpc_server(
+            s.max_connection_age_ms, s.shutdown_grace_seconds, [GrpcObserver(self.metrics)]
+        )
+        offline = OfflinePolicy(
+            max_batch=s.offline_max_batch, max_age_hours=s.offline_max_age_hours
+        )
+        pos_pb2_grpc.add_PosServiceServicer_to_server(PosServicer(downstreams, offline), server)
         # Health is registered NOT_SERVING and flipped once the server is up.
         await add_health_and_reflection(server, self.health, [POS_SERVICE], NOT_SERVING)
         port = server.add_insecure_port(f"{s.pos_grpc_host}:{s.pos_grpc_port}")
@@ -158,6 +171,8 @@ class Gateway:
                 log.warning("gateway drain: %r", result)
         if self.downstreams is not None:
             await self.downstreams.close()
+        # Last: the drained requests' figures stay scrapable until the end.
+        self.metrics.stop()
         log.info("gateway stopped")
 
     async def run_until_signalled(self) -> None:

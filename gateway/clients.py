@@ -40,6 +40,8 @@ class _Client:
         self.timeout = timeout
         self.channel = create_channel(target)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        # The last call found the service unavailable; cleared by an answer.
+        self.unavailable = False
 
     async def _call(
         self,
@@ -48,9 +50,22 @@ class _Client:
         fields: Mapping[str, str] | None = None,
     ) -> Reply:
         try:
-            return await rpc(request, timeout=self.timeout)
+            reply = await rpc(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, self.name, fields) from None
+            error = from_rpc_error(exc, self.name, fields)
+            self.unavailable = error.status == grpc.StatusCode.UNAVAILABLE
+            raise error from None
+        self.unavailable = False
+        return reply
+
+    def degraded(self) -> bool:
+        """Not answering: the channel is failing to connect, or the last call was
+        UNAVAILABLE and it has not reconnected since. Asking for the state starts
+        a reconnect, so a service that is back soon stops counting as degraded."""
+        state = self.channel.get_state(try_to_connect=True)
+        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return True
+        return self.unavailable and state != grpc.ChannelConnectivity.READY
 
     async def health(self, timeout: float) -> str:
         """The service's overall health status name; UNREACHABLE when it did not answer."""
@@ -371,6 +386,14 @@ class Downstreams:
     @property
     def engagement(self) -> EngagementClient:
         return self._get(EngagementClient)
+
+    def degraded(self) -> list[str]:
+        """Deployed services a POS reply can do without that are not answering,
+        for the reply's `degraded` list (no extra call: see _Client.degraded)."""
+        optional = (TieringClient, EngagementClient)
+        return sorted(
+            c.name for cls, c in self._clients.items() if cls in optional and c.degraded()
+        )
 
     async def health(self) -> dict[str, str]:
         """Each deployed downstream's health status, asked concurrently."""

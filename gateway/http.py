@@ -21,6 +21,7 @@ from .api import engagement, mall, members, points, referrals, tiers
 from .api.common import problem_response
 from .clients import Downstreams
 from .errors import PROBLEM_JSON, Problem, install_http_handlers, problem
+from .metrics import GatewayMetrics, HttpObserver
 
 MEMBER_ID_EXAMPLE = "0b6a3c1e-5d7f-4b8e-9a2c-1f3e5d7a9b0c"
 
@@ -49,7 +50,7 @@ class NotReady(Problem):
     )
 
 
-def create_app(downstreams: Downstreams) -> FastAPI:
+def create_app(downstreams: Downstreams, metrics: GatewayMetrics | None = None) -> FastAPI:
     """The HTTP app. `app.state.draining = True` makes /readyz answer 503 so a
     load balancer stops sending traffic before the process stops."""
     app = FastAPI(
@@ -95,6 +96,9 @@ def create_app(downstreams: Downstreams) -> FastAPI:
     ):
         app.include_router(router)
     _serve_problems_in_openapi(app)
+    if metrics is not None:
+        # Inside the tracing middleware below, so access lines carry the trace id.
+        app.add_middleware(HttpObserver, metrics=metrics)
     # Probes would drown the traces; everything else gets a server span.
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz")
     return app

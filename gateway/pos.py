@@ -19,6 +19,7 @@ from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2
 from servicekit.errors import InvalidArgument, NotFound
 
+from . import offline
 from .clients import STORE_OPEN, Downstreams
 from .errors import DownstreamError
 
@@ -33,8 +34,11 @@ def _required(value: str, field: str) -> None:
 
 
 class PosServicer(pos_pb2_grpc.PosServiceServicer):
-    def __init__(self, downstreams: Downstreams) -> None:
+    def __init__(
+        self, downstreams: Downstreams, offline_policy: offline.OfflinePolicy | None = None
+    ) -> None:
         self._down = downstreams
+        self._offline = offline_policy or offline.OfflinePolicy()
 
     async def IdentifyMember(
         self, request: pos_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
@@ -85,6 +89,7 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             points_available=balance.available,
             tier_code=tier[0],
             tier_name=tier[1],
+            degraded=self._down.degraded(),
         )
 
     async def _member_tier(self, member_id: str) -> tuple[str, str]:
@@ -99,6 +104,17 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
     async def CompleteOrder(
         self, request: pos_pb2.CompleteOrderRequest, context: grpc.aio.ServicerContext
     ) -> pos_pb2.CompleteOrderResponse:
+        return await self._complete(request)
+
+    async def UploadOfflineOrders(
+        self, request: pos_pb2.UploadOfflineOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.UploadOfflineOrdersResponse:
+        return await offline.upload(request, self._complete, self._offline)
+
+    async def _complete(
+        self, request: pos_pb2.CompleteOrderRequest
+    ) -> pos_pb2.CompleteOrderResponse:
+        """One order, as CompleteOrder and each order of an offline upload settle it."""
         # (store_id, pos_transaction_id) is the idempotency key: both must be
         # present, and both are passed through unchanged so a POS retry matches.
         _required(request.store_id, "store_id")
@@ -131,6 +147,9 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             points_earned=reply.points_earned,
             points_balance=reply.points_balance,
             replayed=reply.replayed,
+            # Rewards prices on its own tier projection, so a checkout never
+            # waits on tiering; the till is told what may be stale.
+            degraded=self._down.degraded(),
         )
 
     async def RefundOrder(

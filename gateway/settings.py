@@ -32,3 +32,11 @@ class GatewaySettings(CommonSettings):
     shutdown_grace_seconds: float = 10.0
     # Recycle POS connections so new gateway pods behind a ClusterIP get traffic.
     max_connection_age_ms: int = 300_000
+    # Prometheus /metrics on its own port, never the public one (gateway/metrics.py).
+    # 0 binds any free port (tests); the bound port is on Gateway.metrics_port.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    # UploadOfflineOrders: orders per call, and how old an offline order may
+    # be (its ordered_at) before it is refused as ORDER_TOO_OLD.
+    offline_max_batch: int = Field(default=500, ge=1, le=5000)
+    offline_max_age_hours: float = Field(default=72.0, gt=0)

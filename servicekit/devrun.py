@@ -43,6 +43,7 @@ DEFAULT_PORTS = {
     "rewards": 50054,
     "pos": 50050,
     "http": 8080,
+    "metrics": 9464,
 }
 # Environment variables that override the ports above. The gateway reads
 # POS_GRPC_PORT and HTTP_PORT itself; the services all read GRPC_PORT, so each
@@ -54,6 +55,7 @@ PORT_ENV = {
     "rewards": "REWARDS_GRPC_PORT",
     "pos": "POS_GRPC_PORT",
     "http": "HTTP_PORT",
+    "metrics": "METRICS_PORT",
 }
 LOOPBACK = "127.0.0.1"
 DEMO_STORE = "SH001"
@@ -170,6 +172,7 @@ def platform_children(
         HTTP_PORT=str(ports["http"]),
         POS_GRPC_HOST=LOOPBACK,
         POS_GRPC_PORT=str(ports["pos"]),
+        METRICS_PORT=str(ports["metrics"]),
         **addresses,
     )
     children.append(

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -38,8 +38,14 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def create_grpc_server(max_connection_age_ms: int, grace_seconds: float) -> grpc.aio.Server:
-    """A grpc.aio server with the interceptors and options every server here uses."""
+def create_grpc_server(
+    max_connection_age_ms: int,
+    grace_seconds: float,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> grpc.aio.Server:
+    """A grpc.aio server with the interceptors and options every server here uses.
+    `interceptors` run inside those (they see DomainErrors before they become
+    statuses, within the request's span)."""
     return grpc.aio.server(
         interceptors=[
             # Health probes stay out of traces; the filter also keeps the
@@ -47,6 +53,7 @@ def create_grpc_server(max_connection_age_ms: int, grace_seconds: float) -> grpc
             # context.write() (the interceptor expects a generator).
             aio_server_interceptor(filter_=filters.negate(filters.health_check())),
             DomainErrorInterceptor(),
+            *interceptors,
         ],
         options=[
             # Clients reconnect periodically, so a ClusterIP Service spreads

@@ -33,6 +33,7 @@ def gateway_settings(**overrides: object) -> GatewaySettings:
         "http_port": 0,
         "pos_grpc_host": "127.0.0.1",
         "pos_grpc_port": 0,
+        "metrics_port": 0,
         "engagement_addr": "",  # not part of this slice: readiness ignores it
         "downstream_timeout_seconds": 2.0,
         "shutdown_grace_seconds": 1.0,

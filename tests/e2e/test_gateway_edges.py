@@ -509,6 +509,7 @@ async def test_pos_cli_prints_replies_and_errors(
         "points_earned": "32",  # MessageToJson renders int64 as strings
         "points_balance": "32",
         "replayed": False,
+        "degraded": [],
     }
     (sent,) = downstream.script.requests["rewards.CompleteOrder"]
     assert (sent.paid_amount_fen, sent.gross_amount_fen) == (3200, 3200)
