@@ -19,6 +19,7 @@ from servicekit.db import Connection, UnitOfWork
 from servicekit.errors import Conflict, FailedPrecondition, NotFound
 
 from . import growth_repository as repo
+from . import ledger
 from .domain import parse_member_id
 from .mall import (
     ItemKind,
@@ -210,6 +211,9 @@ class PointsMall:
         if not await repo.count_member_exchange(conn, item_id, member, spec.per_member_limit):
             raise limit_reached(str(item_id), spec.per_member_limit)
         exchange_id = uuid.uuid4()
+        # A member who never earned has 0 points, not "no account": the refusal
+        # is INSUFFICIENT_POINTS (and the account row rolls back with it).
+        await ledger.ensure_account(conn, member)
         spent = await self._points.redeem(
             uow,
             str(member),
