@@ -18,8 +18,8 @@ from typing import Any, Protocol
 from servicekit.db import Connection, UnitOfWork
 from servicekit.errors import Conflict, FailedPrecondition, NotFound
 
+from . import coupon_repository, ledger
 from . import growth_repository as repo
-from . import ledger
 from .domain import parse_member_id
 from .mall import (
     ItemKind,
@@ -107,6 +107,7 @@ class PointsMall:
         self, uow: UnitOfWork, spec: ItemSpec, status: ItemStatus = ItemStatus.DRAFT
     ) -> repo.ItemRow:
         check_item(spec)
+        await self._check_template(uow, spec)
         if status is ItemStatus.ENDED:
             check_transition(ItemStatus.DRAFT, status)
         return await repo.insert_item(uow.conn, uuid.uuid4(), spec, status)
@@ -115,6 +116,7 @@ class PointsMall:
         self, uow: UnitOfWork, item_id: uuid.UUID, spec: ItemSpec
     ) -> repo.ItemRow:
         check_item(spec)
+        await self._check_template(uow, spec)
         conn = uow.conn
         current = await repo.item(conn, item_id, lock=True)
         if current is None:
@@ -140,6 +142,17 @@ class PointsMall:
                 field="stock_total",
             )
         return updated
+
+    async def _check_template(self, uow: UnitOfWork, spec: ItemSpec) -> None:
+        """A coupon item names a template that exists (its status is judged at
+        each exchange: a paused template refuses exchanges, not the item)."""
+        if spec.kind is ItemKind.COUPON:
+            if await coupon_repository.get_template(uow.conn, spec.coupon_template_id) is None:
+                raise NotFound(
+                    f"coupon template {spec.coupon_template_id} does not exist",
+                    code="UNKNOWN_TEMPLATE",
+                    field="coupon_template_id",
+                )
 
     async def set_status(
         self, uow: UnitOfWork, item_id: uuid.UUID, status: ItemStatus

@@ -26,6 +26,7 @@ from services.rewards.coupons import Kind, Limits, Status, Terms
 from services.rewards.mall import ItemKind, ItemSpec, ItemStatus
 from services.rewards.mall_service import Exchange, PointsMall
 from services.rewards.points import PointsLedger
+from services.rewards.seed import seed_demo
 
 from ..harness import Infra
 
@@ -58,6 +59,8 @@ class Issuing:
 @pytest.fixture(scope="module")
 async def db(infra: Infra) -> AsyncIterator[Database]:
     pool = await create_pool(infra.database_url, 1, 32)
+    async with pool.acquire() as c:
+        await seed_demo(c)
     database = Database(pool, "rewards", "rewards")
     yield database
     await database.close()
@@ -196,7 +199,7 @@ async def test_failed_issuance_leaves_points_stock_and_count_untouched(
     item = await mall.item(
         kind=ItemKind.COUPON,
         sku="",
-        coupon_template_id="T-PAUSED",
+        coupon_template_id="MJ99-30",
         stock_total=5,
         per_member_limit=1,
     )
@@ -221,7 +224,7 @@ async def test_coupon_item_issues_the_coupon_in_the_exchange(
     db: Database, conn: asyncpg.Connection
 ) -> None:
     mall, member = Mall(db), new_member()
-    item = await mall.item(kind=ItemKind.COUPON, sku="", coupon_template_id="T-20", cash_fen=990)
+    item = await mall.item(kind=ItemKind.COUPON, sku="", coupon_template_id="MJ99-30", cash_fen=990)
     await mall.credit(member, 100)
     done = await mall.exchange(member, item, "coupon")
     assert done.fulfilment == "issued" and done.coupon_id and done.cash_fen == 990
@@ -303,6 +306,9 @@ async def test_bad_items_are_refused_naming_the_field(
         with pytest.raises(InvalidArgument) as caught:
             await mall.item(**overrides)
         assert caught.value.code == code
+    with pytest.raises(NotFound) as unknown:
+        await mall.item(kind=ItemKind.COUPON, sku="", coupon_template_id="NO-SUCH-TEMPLATE")
+    assert (unknown.value.code, unknown.value.field) == ("UNKNOWN_TEMPLATE", "coupon_template_id")
     assert await conn.fetchval("SELECT count(*) FROM rewards.mall_items") == before
 
 
