@@ -145,7 +145,10 @@ async def get_invite_code(
     request: Request,
     device_id: Annotated[str, Query(max_length=128, description="The inviter's device")] = "",
 ) -> InviteCode:
-    reply = await downstreams(request).rewards.call(
+    services = downstreams(request)
+    # Rewards makes a code for any id it is given: only members get one.
+    await services.member.get_member(str(member_id))
+    reply = await services.rewards.call(
         "GetInviteCode",
         rewards_pb2.GetInviteCodeRequest(member_id=str(member_id), device_id=device_id),
     )

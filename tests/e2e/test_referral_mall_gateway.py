@@ -49,6 +49,8 @@ async def test_invite_first_order_reward_then_mall(
     inviter, invitee = await enrol(pos), await enrol(pos)
 
     code = (await http.get(f"/v1/members/{inviter}/invite-code")).json()["code"]
+    stranger = await http.get(f"/v1/members/{uuid.uuid4()}/invite-code")
+    assert stranger.status_code == 404
     again = await http.get(f"/v1/members/{inviter}/invite-code")
     assert again.json()["code"] == code
 
