@@ -94,6 +94,8 @@ class FissionReport(BaseModel):
                     "fission_coefficient": 1.8,
                     "second_generation_invitees": 54,
                     "second_generation_spread": 0.3,
+                    "seed_inviters": 40,
+                    "seed_invitees": 120,
                 }
             ]
         },
@@ -108,6 +110,8 @@ class FissionReport(BaseModel):
         description="Invitees brought in (by the period's end) by the period's invitees"
     )
     second_generation_spread: float = Field(description="Second generation per invitee")
+    seed_inviters: int = Field(description="The period's inviters never invited themselves")
+    seed_invitees: int = Field(description="Invitees the seed inviters brought in")
 
 
 def referral_model(r: rewards_pb2.Referral) -> Referral:
@@ -230,5 +234,7 @@ async def fission_report(
             "fission_coefficient": reply.fission_coefficient,
             "second_generation_invitees": reply.second_generation_invitees,
             "second_generation_spread": reply.second_generation_spread,
+            "seed_inviters": reply.seed_inviters,
+            "seed_invitees": reply.seed_invitees,
         }
     )

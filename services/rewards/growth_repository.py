@@ -249,21 +249,36 @@ async def rewards_of(conn: Connection, referral_ids: list[uuid.UUID]) -> list[An
     )
 
 
-async def fission_counts(conn: Connection, start: datetime, end: datetime) -> tuple[int, int, int]:
-    """Inviters and invitees of referrals accepted in [start, end), and the
-    invitees those invitees brought in by `end` (the second generation)."""
+async def fission_counts(
+    conn: Connection, start: datetime, end: datetime
+) -> tuple[int, int, int, int, int]:
+    """Inviters and invitees of referrals accepted in [start, end); the
+    invitees those invitees brought in by `end` (the second generation); the
+    period's inviters never invited before `end` (seeds) and their invitees."""
     row = await conn.fetchrow(
         "WITH first AS (SELECT inviter_id, invitee_id FROM rewards.referrals"
         "  WHERE accepted_at >= $1 AND accepted_at < $2)"
         " SELECT (SELECT count(DISTINCT inviter_id) FROM first) AS inviters,"
         "  (SELECT count(*) FROM first) AS invitees,"
         "  (SELECT count(*) FROM rewards.referrals r JOIN first f ON r.inviter_id = f.invitee_id"
-        "   WHERE r.accepted_at < $2) AS second_generation",
+        "   WHERE r.accepted_at < $2) AS second_generation,"
+        "  (SELECT count(DISTINCT inviter_id) FROM first f WHERE NOT EXISTS"
+        "   (SELECT 1 FROM rewards.referrals p WHERE p.invitee_id = f.inviter_id"
+        "    AND p.accepted_at < $2)) AS seed_inviters,"
+        "  (SELECT count(*) FROM first f WHERE NOT EXISTS"
+        "   (SELECT 1 FROM rewards.referrals p WHERE p.invitee_id = f.inviter_id"
+        "    AND p.accepted_at < $2)) AS seed_invitees",
         start,
         end,
     )
     assert row is not None
-    return int(row["inviters"]), int(row["invitees"]), int(row["second_generation"])
+    return (
+        int(row["inviters"]),
+        int(row["invitees"]),
+        int(row["second_generation"]),
+        int(row["seed_inviters"]),
+        int(row["seed_invitees"]),
+    )
 
 
 # ---- points mall -------------------------------------------------------------

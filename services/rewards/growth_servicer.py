@@ -196,6 +196,8 @@ class GrowthRpcs:
             fission_coefficient=fission.coefficient,
             second_generation_invitees=fission.second_generation,
             second_generation_spread=fission.second_generation_spread,
+            seed_inviters=fission.seed_inviters,
+            seed_invitees=fission.seed_invitees,
         )
         getattr(reply, "from").CopyFrom(timestamp(start))
         reply.to.CopyFrom(timestamp(end))

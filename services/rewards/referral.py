@@ -222,6 +222,9 @@ class Fission:
     inviters: int
     invitees: int
     second_generation: int
+    # Inviters never invited themselves, and the invitees they brought in.
+    seed_inviters: int = 0
+    seed_invitees: int = 0
 
     @property
     def coefficient(self) -> float:
@@ -232,3 +235,8 @@ class Fission:
     def second_generation_spread(self) -> float:
         """Second-generation invitees per first-generation invitee."""
         return self.second_generation / self.invitees if self.invitees else 0.0
+
+    @property
+    def seed_spread(self) -> float:
+        """Invitees per seed inviter (the plan: 1:3)."""
+        return self.seed_invitees / self.seed_inviters if self.seed_inviters else 0.0

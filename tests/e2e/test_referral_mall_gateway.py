@@ -158,3 +158,4 @@ async def test_invite_first_order_reward_then_mall(
     )
     assert report.status_code == 200, report.text
     assert report.json()["invitees"] >= 1 and report.json()["inviters"] >= 1
+    assert report.json()["seed_inviters"] >= 1

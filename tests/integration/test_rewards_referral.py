@@ -315,6 +315,9 @@ async def test_fission_report_counts_two_generations(db: Database) -> None:
     # Inviters in the period: the 2 seeds and first[0]; invitees: 4 + 2.
     assert (report.inviters, report.invitees, report.second_generation) == (3, 6, 2)
     assert report.coefficient == pytest.approx(2.0)
+    # Seeds: the two members nobody invited, with their 4 invitees (first[0] was invited).
+    assert (report.seed_inviters, report.seed_invitees) == (2, 4)
+    assert report.seed_spread == pytest.approx(2.0)
 
 
 async def test_coupons_come_from_coupon_service_once(

@@ -141,3 +141,5 @@ def test_fission_coefficient_and_spread() -> None:
     assert f.coefficient == pytest.approx(1.8)
     assert f.second_generation_spread == pytest.approx(0.5)
     assert Fission(0, 0, 0).coefficient == 0.0
+    assert Fission(3, 6, 2, seed_inviters=2, seed_invitees=6).seed_spread == pytest.approx(3.0)
+    assert Fission(0, 0, 0).seed_spread == 0.0
