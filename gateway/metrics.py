@@ -183,10 +183,11 @@ def _http_observation(scope: Scope, status: int, code: str, started: float) -> O
     route = scope.get("route")
     template = getattr(route, "path", None) or UNMATCHED
     params = scope.get("path_params") or {}
-    state = scope.get("state") or {}
+    # The door (gateway/auth/http.py) leaves the authenticated credential here.
+    credential = (scope.get("state") or {}).get("credential")
     return Observation(
         protocol="http",
-        client=str(state.get("client_id") or ANONYMOUS),
+        client=str(getattr(credential, "client_id", "") or ANONYMOUS),
         route=template,
         method=scope.get("method", ""),
         status=str(status),
