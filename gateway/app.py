@@ -27,6 +27,7 @@ from servicekit.server import (
 )
 from servicekit.telemetry import configure_tracing
 
+from .auth.door import Door
 from .clients import Downstreams
 from .http import create_app
 from .metrics import GatewayMetrics, GrpcObserver
@@ -79,6 +80,9 @@ class Gateway:
         # Per gateway, not the process-global registry: tests run several.
         self.metrics = GatewayMetrics()
         self.metrics_port = 0
+        # Credentials, scopes, rate limits, idempotency (gateway/auth); None
+        # only when auth is disabled for a benchmark baseline.
+        self.door: Door | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -86,8 +90,11 @@ class Gateway:
         s = self.settings
         configure_tracing(NAME, s.otel_traces_exporter)
         self.downstreams = Downstreams(s)
-        self.http_app = create_app(self.downstreams, metrics=self.metrics)
         try:
+            if s.auth_enabled:
+                self.door = Door(s, self.downstreams)
+                await self.door.open()
+            self.http_app = create_app(self.downstreams, metrics=self.metrics, door=self.door)
             self.metrics_port = self.metrics.start(s.metrics_host, s.metrics_port)
             await self._start_grpc(self.downstreams)
             await self._start_http(self.http_app)
@@ -107,7 +114,10 @@ class Gateway:
     async def _start_grpc(self, downstreams: Downstreams) -> None:
         s = self.settings
         server = create_grpc_server(
-            s.max_connection_age_ms, s.shutdown_grace_seconds, [GrpcObserver(self.metrics)]
+            s.max_connection_age_ms,
+            s.shutdown_grace_seconds,
+            # The door inside the observer: refused calls are counted too.
+            [GrpcObserver(self.metrics), *([self.door.pos_interceptor()] if self.door else [])],
         )
         offline = OfflinePolicy(
             max_batch=s.offline_max_batch, max_age_hours=s.offline_max_age_hours
@@ -171,6 +181,8 @@ class Gateway:
                 log.warning("gateway drain: %r", result)
         if self.downstreams is not None:
             await self.downstreams.close()
+        if self.door is not None:
+            await self.door.close()
         # Last: the drained requests' figures stay scrapable until the end.
         self.metrics.stop()
         log.info("gateway stopped")

@@ -151,6 +151,11 @@ class MemberClient(_Client):
         )
         return await self._call(self._stub.GetMember, request)
 
+    async def resolve_member(self, identifier: member_pb2.Identifier) -> member_pb2.Member:
+        """The live member owning one identifier; never enrols (NOT_FOUND if none)."""
+        request = member_pb2.ResolveMemberRequest(identifier=identifier)
+        return await self._call(self._stub.ResolveMember, request)
+
     async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
         """Any other MemberService RPC by name (profile, consent, member code,
         review queue, merge, unmerge, erase); same deadline and error mapping."""

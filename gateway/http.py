@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from .api import engagement, mall, members, points, referrals, tiers
 from .api.common import problem_response
+from .auth.door import Door
 from .clients import Downstreams
 from .errors import PROBLEM_JSON, Problem, install_http_handlers, problem
 from .metrics import GatewayMetrics, HttpObserver
@@ -50,7 +51,11 @@ class NotReady(Problem):
     )
 
 
-def create_app(downstreams: Downstreams, metrics: GatewayMetrics | None = None) -> FastAPI:
+def create_app(
+    downstreams: Downstreams,
+    metrics: GatewayMetrics | None = None,
+    door: Door | None = None,
+) -> FastAPI:
     """The HTTP app. `app.state.draining = True` makes /readyz answer 503 so a
     load balancer stops sending traffic before the process stops."""
     app = FastAPI(
@@ -96,6 +101,9 @@ def create_app(downstreams: Downstreams, metrics: GatewayMetrics | None = None) 
     ):
         app.include_router(router)
     _serve_problems_in_openapi(app)
+    if door is not None:
+        # Inside the metrics observer: refused requests are counted and logged too.
+        door.install(app)
     if metrics is not None:
         # Inside the tracing middleware below, so access lines carry the trace id.
         app.add_middleware(HttpObserver, metrics=metrics)

@@ -40,3 +40,32 @@ class GatewaySettings(CommonSettings):
     # be (its ordered_at) before it is refused as ORDER_TOO_OLD.
     offline_max_batch: int = Field(default=500, ge=1, le=5000)
     offline_max_age_hours: float = Field(default=72.0, gt=0)
+    # ---- the door (gateway/auth, docs/api.md "Authentication")
+    # Off only for the benchmark's baseline gateway: never in a deployment.
+    auth_enabled: bool = True
+    # Encrypts client secrets at rest (AES-256-GCM); base64 of 32 bytes.
+    auth_secret_key: str = "ZGV2LW9ubHktZ2F0ZXdheS1rZXktY2hhbmdlLW1lLTE="
+    # A signed request's X-Timestamp may be this far from the gateway's clock.
+    auth_clock_skew_seconds: int = Field(default=300, ge=1)
+    # The credential cache is reloaded on a revocation epoch change, and at
+    # least this often.
+    credential_max_age_seconds: float = Field(default=30.0, gt=0)
+    # Token buckets, per client kind: (requests per second, burst). A client
+    # registered with its own rate/burst uses those instead.
+    rate_limits: dict[str, tuple[float, int]] = Field(
+        default_factory=lambda: {
+            "miniprogram_backend": (2000.0, 4000),
+            "pos": (20.0, 40),
+            "operator_console": (50.0, 100),
+            "ops_tooling": (200.0, 400),
+        }
+    )
+    # Every store's bucket, whichever of its POS keys calls.
+    store_rate_per_second: float = Field(default=50.0, gt=0)
+    store_burst: int = Field(default=100, ge=1)
+    # Idempotency records (Redis): replayable this long; a request in progress
+    # holds its key at most this long.
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
+    idempotency_in_progress_seconds: int = Field(default=60, ge=1)
+    # Mini-program member assertion: openid -> member id is remembered this long.
+    member_assertion_ttl_seconds: float = Field(default=60.0, gt=0)

@@ -23,12 +23,19 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from .db import sqlalchemy_url
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("member", "tiering", "engagement", "rewards")
+# The gateway keeps its own schema too (clients and keys), migrated the same way.
+SERVICES = ("member", "tiering", "engagement", "rewards", "gateway")
+
+
+def _package(service: str) -> str:
+    """The Python package holding `schema.py` and `migrations/` of a schema owner."""
+    return "gateway" if service == "gateway" else f"services.{service}"
 
 
 def alembic_config(service: str, database_url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(ROOT / "services" / service / "migrations"))
+    location = ROOT.joinpath(*_package(service).split("."), "migrations")
+    cfg.set_main_option("script_location", str(location))
     cfg.set_main_option("path_separator", "os")
     cfg.attributes["database_url"] = database_url
     cfg.attributes["service"] = service
@@ -36,7 +43,7 @@ def alembic_config(service: str, database_url: str) -> Config:
 
 
 def metadata_of(service: str) -> MetaData:
-    return importlib.import_module(f"services.{service}.schema").metadata  # type: ignore[no-any-return]
+    return importlib.import_module(f"{_package(service)}.schema").metadata  # type: ignore[no-any-return]
 
 
 def _configure(connection: Connection, metadata: MetaData) -> None:

@@ -936,6 +936,19 @@ class MemberHandlers:
             refresh,
         )
 
+    async def resolve_identifier(self, uow: UnitOfWork, ident: ObservedIdentifier) -> MemberRecord:
+        """The live member owning one identifier (the survivor, if it was merged);
+        read-only: nothing is enrolled, attached or audited."""
+        ref = (ident.id_type.value, ident.namespace, self._vault.lookup_hash(ident.key))
+        stored = (await repo.find_identities(uow.conn, [ref])).get(ref)
+        if stored is None or stored.quarantined:
+            # A quarantined identifier links too many members to name one.
+            raise NotFound(
+                "no member owns this identifier", code="UNKNOWN_IDENTIFIER", field="identifier"
+            )
+        root = await self._live_root(uow.conn, stored.member_id, "identifier")
+        return await self._member(uow.conn, root)
+
     async def redeem_code(self, uow: UnitOfWork, code: str, source: str) -> MemberRecord:
         source = _required_text(source, "source")
         verdict, number = check_member_code(self._code_secret, code, self._window())

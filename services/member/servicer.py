@@ -202,6 +202,22 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             )
         return member_message(member, phone)
 
+    async def ResolveMember(
+        self, request: member_pb2.ResolveMemberRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.Member:
+        ident = request.identifier
+        id_type = ID_TYPES.get(ident.type)
+        if id_type is None:
+            raise InvalidArgument(
+                "identifier.type is missing or unknown",
+                code="UNKNOWN_IDENTIFIER_TYPE",
+                field="identifier.type",
+            )
+        observed = normalise(id_type, ident.value, ident.namespace, False, "identifier.value")
+        async with self._db.unit_of_work() as uow:
+            member = await self._handlers.resolve_identifier(uow, observed)
+        return member_message(member)
+
     async def ListIdentities(
         self, request: member_pb2.ListIdentitiesRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.ListIdentitiesResponse:

@@ -17,11 +17,18 @@ import httpx
 import pytest
 
 from gateway.app import Gateway, build
+from gateway.auth.admin import ClientAdmin, IssuedKey
+from gateway.auth.client import HmacAuth
+from gateway.auth.crypto import SecretBox
+from gateway.auth.model import ClientKind
 from gateway.settings import GatewaySettings
 from loyalty.pos.v1 import pos_pb2_grpc
-from servicekit.db import asyncpg_dsn
+from servicekit.db import asyncpg_dsn, create_pool
+from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
 from tests.harness import Infra
+
+from .doors import TRUSTED_SCOPES, UNLIMITED, PerStoreKeyInterceptor, StoreKeys
 
 # A store that exists but is closed: it must be refused like an unknown one.
 CLOSED_STORE_ID = "SH999"
@@ -38,6 +45,9 @@ def gateway_settings(**overrides: object) -> GatewaySettings:
         "downstream_timeout_seconds": 2.0,
         "shutdown_grace_seconds": 1.0,
         "log_json": False,
+        # Gateways a test builds for itself (degradation, shutdown) go without
+        # the door; the session gateway has it (tests/e2e/test_gateway_security.py).
+        "auth_enabled": False,
     }
     values.update(overrides)
     return GatewaySettings(**values)  # type: ignore[arg-type]
@@ -79,6 +89,7 @@ async def demo_stores(infra: Infra, rewards_app: ServiceApp) -> list[str]:
 
 @pytest.fixture(scope="session")
 async def gateway(
+    infra: Infra,
     member_app: ServiceApp,
     rewards_app: ServiceApp,
     tiering_app: ServiceApp,
@@ -89,6 +100,10 @@ async def gateway(
             member_addr=f"127.0.0.1:{member_app.port}",
             rewards_addr=f"127.0.0.1:{rewards_app.port}",
             tiering_addr=f"127.0.0.1:{tiering_app.port}",
+            auth_enabled=True,
+            database_url=infra.database_url,
+            redis_url=infra.redis_url,
+            redis_namespace=infra.namespace,
         )
     )
     await gw.start()
@@ -97,14 +112,48 @@ async def gateway(
 
 
 @pytest.fixture(scope="session")
-async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+async def client_admin(gateway: Gateway, infra: Infra) -> AsyncIterator[ClientAdmin]:
+    """Registers clients in the session gateway's own store (gateway/auth/admin.py)."""
+    pool = await create_pool(infra.database_url, min_size=1, max_size=2)
+    redis = create_redis(infra.redis_url)
+    box = SecretBox(gateway.settings.auth_secret_key)
+    yield ClientAdmin(pool, redis, box, infra.namespace)
+    await redis.aclose()
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def trusted_key(client_admin: ClientAdmin) -> IssuedKey:
+    return await client_admin.create(
+        ClientKind.OPS_TOOLING,
+        "e2e trusted",
+        scopes=TRUSTED_SCOPES,
+        **UNLIMITED,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="session")
+async def http(gateway: Gateway, trusted_key: IssuedKey) -> AsyncIterator[httpx.AsyncClient]:
+    """Signs every request and gives mutating ones an Idempotency-Key."""
     async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10
+        base_url=f"http://127.0.0.1:{gateway.http_port}",
+        timeout=10,
+        auth=HmacAuth(trusted_key.key_id, trusted_key.secret),
     ) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
-async def pos(gateway: Gateway) -> AsyncIterator[pos_pb2_grpc.PosServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.pos_grpc_port}") as channel:
+async def store_keys(client_admin: ClientAdmin) -> StoreKeys:
+    return StoreKeys(client_admin)
+
+
+@pytest.fixture(scope="session")
+async def pos(
+    gateway: Gateway, store_keys: StoreKeys
+) -> AsyncIterator[pos_pb2_grpc.PosServiceStub]:
+    """Each call carries the key of the store its request names."""
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{gateway.pos_grpc_port}", interceptors=[PerStoreKeyInterceptor(store_keys)]
+    ) as channel:
         yield pos_pb2_grpc.PosServiceStub(channel)

@@ -1,0 +1,227 @@
+"""Client administration: create, rotate, revoke, list. Used by
+`python -m gateway clients ...`, by `make run` (demo clients) and by tests.
+
+Every change bumps the revocation epoch in Redis after its transaction
+commits, so every gateway instance reloads its credentials on its next request.
+A secret is returned once, at creation or rotation, and never again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+from servicekit.db import create_pool
+from servicekit.errors import AlreadyExists, DomainError, InvalidArgument, NotFound
+from servicekit.redis_client import create_redis
+
+from ..ratelimit import epoch_key
+from . import repository as repo
+from .crypto import SecretBox, api_key, new_key_id, new_secret
+from .model import DEFAULT_SCOPES, KNOWN_SCOPES, ClientKind
+
+_CLIENT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    client_id: str
+    key_id: str
+    secret: str
+    # What a POS puts in `x-api-key`; HTTP callers sign with key_id + secret.
+    api_key: str
+
+
+class ClientAdmin:
+    def __init__(self, pool: asyncpg.Pool, redis: Redis, box: SecretBox, namespace: str) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._box = box
+        self._namespace = namespace
+
+    async def _changed(self) -> None:
+        await self._redis.incr(epoch_key(self._namespace))
+
+    async def create(
+        self,
+        kind: ClientKind,
+        name: str,
+        *,
+        client_id: str = "",
+        store_id: str = "",
+        scopes: Sequence[str] = (),
+        rate_per_second: float | None = None,
+        burst: int | None = None,
+    ) -> IssuedKey:
+        client_id = client_id or f"{kind.value.split('_')[0]}-{secrets.token_hex(4)}"
+        if not _CLIENT_ID.match(client_id):
+            raise InvalidArgument(
+                "client id: lower-case letters, digits, '_', '.', '-'; at most 63",
+                code="INVALID_CLIENT_ID",
+                field="client_id",
+            )
+        if (kind is ClientKind.POS) != bool(store_id.strip()):
+            raise InvalidArgument(
+                "a pos client needs --store-id, and only a pos client has one",
+                code="STORE_ID_FOR_POS_ONLY",
+                field="store_id",
+            )
+        granted = list(scopes) or list(DEFAULT_SCOPES[kind])
+        unknown = sorted(set(granted) - KNOWN_SCOPES)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown scopes: {', '.join(unknown)}", code="UNKNOWN_SCOPE", field="scopes"
+            )
+        if (rate_per_second is None) != (burst is None) or (
+            rate_per_second is not None and (rate_per_second <= 0 or (burst or 0) < 1)
+        ):
+            raise InvalidArgument(
+                "give both a positive rate and a burst of at least 1, or neither",
+                code="INVALID_RATE_LIMIT",
+                field="rate_per_second",
+            )
+        key_id, secret = new_key_id(), new_secret()
+        async with self._pool.acquire() as conn, conn.transaction():
+            created = await repo.insert_client(
+                conn,
+                client_id,
+                kind.value,
+                name,
+                store_id.strip(),
+                granted,
+                rate_per_second,
+                burst,
+            )
+            if not created:
+                raise AlreadyExists(
+                    f"client {client_id} exists", code="CLIENT_EXISTS", field="client_id"
+                )
+            await repo.insert_key(conn, key_id, client_id, self._box.seal(key_id, secret))
+        await self._changed()
+        return IssuedKey(client_id, key_id, secret, api_key(key_id, secret))
+
+    async def rotate(self, client_id: str) -> IssuedKey:
+        """A new key beside the existing ones (both valid): switch callers over,
+        then revoke the old key."""
+        key_id, secret = new_key_id(), new_secret()
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await repo.lock_live_client(conn, client_id):
+                raise NotFound(
+                    f"no active client {client_id}", code="UNKNOWN_CLIENT", field="client_id"
+                )
+            await repo.insert_key(conn, key_id, client_id, self._box.seal(key_id, secret))
+        await self._changed()
+        return IssuedKey(client_id, key_id, secret, api_key(key_id, secret))
+
+    async def revoke_key(self, key_id: str) -> None:
+        async with self._pool.acquire() as conn:
+            revoked = await repo.revoke_key(conn, key_id)
+        if not revoked:
+            raise NotFound(f"no active key {key_id}", code="UNKNOWN_KEY", field="key_id")
+        await self._changed()
+
+    async def revoke_client(self, client_id: str) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            revoked = await repo.revoke_client(conn, client_id)
+        if not revoked:
+            raise NotFound(
+                f"no active client {client_id}", code="UNKNOWN_CLIENT", field="client_id"
+            )
+        await self._changed()
+
+    async def list(self) -> list[repo.ClientRow]:
+        async with self._pool.acquire() as conn:
+            return await repo.list_clients(conn)
+
+
+# ---- the command ------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway clients",
+        description="Register gateway clients and manage their keys. "
+        "A secret is printed once, when created; store it then.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create", help="register a client and print its first key")
+    create.add_argument("--kind", required=True, choices=[k.value for k in ClientKind])
+    create.add_argument("--name", required=True, help="who this is, for people")
+    create.add_argument("--client-id", default="", help="default: generated")
+    create.add_argument("--store-id", default="", help="pos only: the one store it acts for")
+    create.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        help=f"repeatable; default: the kind's scopes. Known: {', '.join(sorted(KNOWN_SCOPES))}",
+    )
+    create.add_argument("--rate", type=float, default=None, help="requests/s (default: kind's)")
+    create.add_argument("--burst", type=int, default=None, help="bucket size (with --rate)")
+    commands.add_parser("list", help="clients, scopes and active key ids (never secrets)")
+    rotate = commands.add_parser("rotate", help="add a new key; the old ones stay valid")
+    rotate.add_argument("client_id")
+    revoke = commands.add_parser("revoke", help="revoke one key, or a client and all its keys")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key-id")
+    which.add_argument("--client-id")
+    return parser
+
+
+async def run(
+    argv: Sequence[str], database_url: str, redis_url: str, namespace: str, box: SecretBox
+) -> object:
+    args = _parser().parse_args(argv)
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    redis = create_redis(redis_url)
+    admin = ClientAdmin(pool, redis, box, namespace)
+    try:
+        if args.command == "create":
+            issued = await admin.create(
+                ClientKind(args.kind),
+                args.name,
+                client_id=args.client_id,
+                store_id=args.store_id,
+                scopes=args.scope,
+                rate_per_second=args.rate,
+                burst=args.burst,
+            )
+            return asdict(issued)
+        if args.command == "rotate":
+            return asdict(await admin.rotate(args.client_id))
+        if args.command == "revoke":
+            if args.key_id:
+                await admin.revoke_key(args.key_id)
+                return {"revoked_key_id": args.key_id}
+            await admin.revoke_client(args.client_id)
+            return {"revoked_client_id": args.client_id}
+        return [
+            {
+                **asdict(c),
+                "created_at": c.created_at.isoformat(),
+                "revoked_at": c.revoked_at.isoformat() if c.revoked_at else None,
+            }
+            for c in await admin.list()
+        ]
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+def main(
+    argv: Sequence[str], database_url: str, redis_url: str, namespace: str, key_b64: str
+) -> int:
+    try:
+        out = asyncio.run(run(argv, database_url, redis_url, namespace, SecretBox(key_b64)))
+    except DomainError as exc:
+        print(json.dumps({"error": {"code": exc.code, "message": exc.message, "field": exc.field}}))
+        return 1
+    print(json.dumps(out, ensure_ascii=False, indent=2))
+    return 0

@@ -1,0 +1,129 @@
+"""The one table of who may call what: HTTP route (method + template) and
+POS RPC (full method name) -> the scope it needs.
+
+Fail-closed: a route or RPC missing from this table is refused for everyone
+(tests/e2e/test_gateway_scopes.py walks app.routes and the PosService
+descriptor and fails on any gap). Add the entry with the route.
+"""
+
+from __future__ import annotations
+
+from .model import (
+    ADMIN_JOURNEYS,
+    ADMIN_MEMBERS,
+    ADMIN_REWARDS,
+    ADMIN_TIERS,
+    MEMBER_IDENTIFY,
+    MEMBER_SELF,
+    PII_READ,
+    POS_CHECKOUT,
+)
+
+# Probes and the API's own description need no credentials.
+PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/docs/oauth2-redirect"),
+        ("GET", "/redoc"),
+    }
+)
+
+_M = "/v1/members/{member_id}"
+_A = "/v1/admin"
+
+# member:self routes carry {member_id}: a caller holding only member:self
+# (the mini-program backend) must assert that member (gateway/auth/members.py).
+ROUTE_SCOPES: dict[tuple[str, str], str] = {
+    # ---- mini-program: the asserted member's own data
+    ("GET", _M): MEMBER_SELF,
+    ("GET", f"{_M}/profile"): MEMBER_SELF,
+    ("PATCH", f"{_M}/profile"): MEMBER_SELF,
+    ("PUT", f"{_M}/consents"): MEMBER_SELF,
+    ("GET", f"{_M}/consents/history"): MEMBER_SELF,
+    ("POST", f"{_M}/member-code"): MEMBER_SELF,
+    ("GET", f"{_M}/points"): MEMBER_SELF,
+    ("GET", f"{_M}/points/summary"): MEMBER_SELF,
+    ("GET", f"{_M}/points/history"): MEMBER_SELF,
+    ("GET", f"{_M}/points/expiring"): MEMBER_SELF,
+    ("GET", f"{_M}/spend"): MEMBER_SELF,
+    ("GET", f"{_M}/tier"): MEMBER_SELF,
+    ("GET", f"{_M}/tier/history"): MEMBER_SELF,
+    ("POST", f"{_M}/growth-actions"): MEMBER_SELF,
+    ("POST", f"{_M}/events"): MEMBER_SELF,
+    ("POST", f"{_M}/unsubscribe"): MEMBER_SELF,
+    ("GET", f"{_M}/invite-code"): MEMBER_SELF,
+    ("POST", f"{_M}/referral"): MEMBER_SELF,
+    ("GET", f"{_M}/referrals"): MEMBER_SELF,
+    ("POST", f"{_M}/mall/exchanges"): MEMBER_SELF,
+    ("GET", f"{_M}/mall/exchanges"): MEMBER_SELF,
+    ("GET", f"{_M}/coupons"): MEMBER_SELF,
+    ("POST", f"{_M}/coupons"): MEMBER_SELF,
+    # ---- mini-program: login / enrol (no member to assert yet)
+    ("POST", "/v1/members/identify"): MEMBER_IDENTIFY,
+    ("POST", "/v1/members/bind-phone"): MEMBER_IDENTIFY,
+    # ---- mini-program: the mall's catalogue (no member to assert; same client)
+    ("GET", "/v1/mall/items"): MEMBER_IDENTIFY,
+    # ---- operators
+    ("GET", f"{_A}/members/{{member_id}}/pii"): PII_READ,
+    ("GET", f"{_A}/merge-reviews"): ADMIN_MEMBERS,
+    ("POST", f"{_A}/merge-reviews/{{review_id}}/approve"): ADMIN_MEMBERS,
+    ("POST", f"{_A}/merge-reviews/{{review_id}}/reject"): ADMIN_MEMBERS,
+    ("POST", f"{_A}/members/merge"): ADMIN_MEMBERS,
+    ("POST", f"{_A}/merges/{{merge_id}}/unmerge"): ADMIN_MEMBERS,
+    ("POST", f"{_A}/members/{{member_id}}/erase"): ADMIN_MEMBERS,
+    ("GET", f"{_A}/quarantined-identifiers"): ADMIN_MEMBERS,
+    ("POST", f"{_A}/members/{{member_id}}/points/adjustments"): ADMIN_REWARDS,
+    ("GET", f"{_A}/points/liability"): ADMIN_REWARDS,
+    ("GET", f"{_A}/mall/items"): ADMIN_REWARDS,
+    ("POST", f"{_A}/mall/items"): ADMIN_REWARDS,
+    ("PUT", f"{_A}/mall/items/{{item_id}}"): ADMIN_REWARDS,
+    ("PUT", f"{_A}/mall/items/{{item_id}}/status"): ADMIN_REWARDS,
+    ("GET", f"{_A}/referrals/fission"): ADMIN_REWARDS,
+    ("GET", f"{_A}/coupon-templates"): ADMIN_REWARDS,
+    ("POST", f"{_A}/coupon-templates"): ADMIN_REWARDS,
+    ("GET", f"{_A}/coupon-templates/{{template_id}}"): ADMIN_REWARDS,
+    ("POST", f"{_A}/coupon-templates/{{template_id}}/versions"): ADMIN_REWARDS,
+    ("PUT", f"{_A}/coupon-templates/{{template_id}}/status"): ADMIN_REWARDS,
+    ("GET", f"{_A}/coupon-templates/{{template_id}}/report"): ADMIN_REWARDS,
+    ("POST", f"{_A}/coupons:issue"): ADMIN_REWARDS,
+    ("GET", f"{_A}/tier-programmes/{{programme_id}}"): ADMIN_TIERS,
+    ("POST", f"{_A}/tier-programmes/{{programme_id}}/versions"): ADMIN_TIERS,
+    ("POST", f"{_A}/tier-programmes/{{programme_id}}/simulations"): ADMIN_TIERS,
+    ("PUT", f"{_A}/members/{{member_id}}/tier-override"): ADMIN_TIERS,
+    ("DELETE", f"{_A}/members/{{member_id}}/tier-override"): ADMIN_TIERS,
+    ("GET", f"{_A}/reports/tier-distribution"): ADMIN_TIERS,
+    ("POST", f"{_A}/journeys"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/journeys/{{journey_id}}/pause"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,
+    ("GET", f"{_A}/journeys/{{journey_id}}/metrics"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/journeys/{{journey_id}}/launch-near-store"): ADMIN_JOURNEYS,
+}
+
+POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"
+
+# Every PosService RPC acts for the calling store only (its request's store_id).
+RPC_SCOPES: dict[str, str] = {
+    f"{POS_SERVICE_PREFIX}IdentifyMember": POS_CHECKOUT,
+    f"{POS_SERVICE_PREFIX}PreviewCheckout": POS_CHECKOUT,
+    f"{POS_SERVICE_PREFIX}LockCoupon": POS_CHECKOUT,
+    f"{POS_SERVICE_PREFIX}ReleaseCoupon": POS_CHECKOUT,
+    f"{POS_SERVICE_PREFIX}CompleteOrder": POS_CHECKOUT,
+    f"{POS_SERVICE_PREFIX}RefundOrder": POS_CHECKOUT,
+    f"{POS_SERVICE_PREFIX}UploadOfflineOrders": POS_CHECKOUT,
+}
+
+
+def route_scope(method: str, template: str) -> str | None:
+    """The scope a route needs; None when the route is not in the table (refused)."""
+    return ROUTE_SCOPES.get((method.upper(), template))
+
+
+def is_public(method: str, template: str) -> bool:
+    return (method.upper() if method != "HEAD" else "GET", template) in PUBLIC_ROUTES
+
+
+def rpc_scope(full_method: str) -> str | None:
+    return RPC_SCOPES.get(full_method)

@@ -1,0 +1,72 @@
+"""Every active credential, in memory: the happy path never touches Postgres.
+
+The cache is reloaded when the revocation epoch (a Redis counter bumped by
+every create / rotate / revoke, read in the same round trip as the nonce and
+rate limit) differs from the one it was loaded at, and at least every
+`max_age_seconds` in case an epoch bump was lost. So a revocation takes effect
+on the next request on every gateway instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+
+from . import repository as repo
+from .crypto import SecretBox
+from .model import ClientKind, Credential
+
+log = logging.getLogger(__name__)
+
+
+class CredentialRegistry:
+    def __init__(self, pool: asyncpg.Pool, box: SecretBox, max_age_seconds: float = 30.0) -> None:
+        self._pool = pool
+        self._box = box
+        self._max_age = max_age_seconds
+        self._credentials: dict[str, Credential] = {}
+        self._revoked: frozenset[str] = frozenset()
+        self._epoch: int | None = None
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    def get(self, key_id: str) -> Credential | None:
+        return self._credentials.get(key_id)
+
+    def was_revoked(self, key_id: str) -> bool:
+        return key_id in self._revoked
+
+    def is_current(self, epoch: int) -> bool:
+        return epoch == self._epoch and time.monotonic() - self._loaded_at < self._max_age
+
+    async def ensure_current(self, epoch: int) -> None:
+        if self.is_current(epoch):
+            return
+        async with self._lock:
+            if not self.is_current(epoch):  # another request reloaded meanwhile
+                await self._load(epoch)
+
+    async def _load(self, epoch: int) -> None:
+        async with self._pool.acquire() as conn:
+            rows = await repo.active_keys(conn)
+            revoked = await repo.revoked_key_ids(conn)
+        credentials = {}
+        for row in rows:
+            credentials[row.key_id] = Credential(
+                key_id=row.key_id,
+                client_id=row.client_id,
+                kind=ClientKind(row.kind),
+                store_id=row.store_id,
+                scopes=frozenset(row.scopes),
+                secret=self._box.open(row.key_id, row.secret_cipher),
+                rate_per_second=row.rate_per_second,
+                burst=row.burst,
+            )
+        self._credentials = credentials
+        self._revoked = frozenset(revoked)
+        self._epoch = epoch
+        self._loaded_at = time.monotonic()
+        log.info("credentials loaded: %d active keys (epoch %d)", len(credentials), epoch)

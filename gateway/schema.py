@@ -1,0 +1,61 @@
+"""Tables of the gateway's own schema: registered clients and their keys
+(Alembic reads this; queries live in gateway/auth/repository.py).
+
+Idempotency records and nonces are not here: they live in Redis with a TTL
+(docs/api.md, "Authentication").
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    ARRAY,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    Table,
+    Text,
+    func,
+)
+
+from servicekit.tables import service_metadata
+
+SCHEMA = "gateway"
+
+CLIENT_KINDS = ("miniprogram_backend", "pos", "operator_console", "ops_tooling")
+
+metadata = service_metadata(SCHEMA)
+
+clients = Table(
+    "clients",
+    metadata,
+    Column("client_id", Text, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    # A POS client acts for this store only; empty for every other kind.
+    Column("store_id", Text, nullable=False, server_default=""),
+    Column("scopes", ARRAY(Text), nullable=False),
+    # Per-client rate limit; NULL takes the kind's default from settings.
+    Column("rate_per_second", Float, nullable=True),
+    Column("burst", Integer, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint(
+        "kind IN ('miniprogram_backend', 'pos', 'operator_console', 'ops_tooling')", name="kind"
+    ),
+    CheckConstraint("(kind = 'pos') = (store_id <> '')", name="pos_store"),
+)
+
+client_keys = Table(
+    "client_keys",
+    metadata,
+    Column("key_id", Text, primary_key=True),
+    Column("client_id", Text, ForeignKey("clients.client_id"), nullable=False, index=True),
+    # AES-GCM under the gateway's key (HMAC verification needs the secret itself).
+    Column("secret_cipher", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
