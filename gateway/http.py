@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from pydantic import BaseModel, Field
 
-from .api import engagement, mall, members, points, referrals, tiers
+from .api import coupons, engagement, mall, members, points, referrals, tiers
 from .api.common import problem_response
 from .auth.door import Door
 from .clients import Downstreams
@@ -98,6 +98,7 @@ def create_app(
         tiers.router,
         referrals.router,
         mall.router,
+        coupons.router,
     ):
         app.include_router(router)
     _serve_problems_in_openapi(app)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 import grpc
 
@@ -31,6 +32,26 @@ def _required(value: str, field: str) -> None:
     and formats are the owning service's rules."""
     if not value.strip():
         raise InvalidArgument(f"{field} is required", code=f"{field.upper()}_REQUIRED", field=field)
+
+
+def _lines(lines: Iterable[pos_pb2.OrderLine]) -> list[rewards_pb2.OrderLine]:
+    return [
+        rewards_pb2.OrderLine(
+            sku=line.sku,
+            name=line.name,
+            category=line.category,
+            quantity=line.quantity,
+            paid_amount_fen=line.paid_amount_fen,
+        )
+        for line in lines
+    ]
+
+
+def _coupon_lock(reply: rewards_pb2.Coupon) -> pos_pb2.CouponLock:
+    lock = pos_pb2.CouponLock(code=reply.code, status=reply.status)
+    if reply.HasField("locked_until"):
+        lock.locked_until.CopyFrom(reply.locked_until)
+    return lock
 
 
 class PosServicer(pos_pb2_grpc.PosServiceServicer):
@@ -128,16 +149,8 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             paid_amount_fen=request.paid_amount_fen,
             gross_amount_fen=request.gross_amount_fen,
             points_to_redeem=request.points_to_redeem,
-            lines=[
-                rewards_pb2.OrderLine(
-                    sku=line.sku,
-                    name=line.name,
-                    category=line.category,
-                    quantity=line.quantity,
-                    paid_amount_fen=line.paid_amount_fen,
-                )
-                for line in request.lines
-            ],
+            lines=_lines(request.lines),
+            coupon_codes=request.coupon_codes,
         )
         if request.HasField("ordered_at"):
             downstream.ordered_at.CopyFrom(request.ordered_at)
@@ -150,7 +163,78 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             # Rewards prices on its own tier projection, so a checkout never
             # waits on tiering; the till is told what may be stale.
             degraded=self._down.degraded(),
+            coupon_discount_fen=reply.coupon_discount_fen,
         )
+
+    async def PreviewCheckout(
+        self, request: pos_pb2.PreviewCheckoutRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.PreviewCheckoutResponse:
+        _required(request.store_id, "store_id")
+        _required(request.member_id, "member_id")
+        reply = await self._down.rewards.call(
+            "PreviewCheckout",
+            rewards_pb2.PreviewCheckoutRequest(
+                store_id=request.store_id,
+                member_id=request.member_id,
+                channel=request.channel or common_pb2.CHANNEL_STORE,
+                lines=_lines(request.lines),
+                gross_amount_fen=request.gross_amount_fen,
+                coupon_codes=request.coupon_codes,
+                points_to_redeem=request.points_to_redeem,
+            ),
+        )
+        return pos_pb2.PreviewCheckoutResponse(
+            gross_amount_fen=reply.gross_amount_fen,
+            coupons=[
+                pos_pb2.CouponOffer(
+                    code=o.code,
+                    name=o.name,
+                    applicable=o.applicable,
+                    discount_fen=o.discount_fen,
+                    reason=o.reason,
+                    detail=o.detail,
+                    expires_at=o.expires_at,
+                )
+                for o in reply.coupons
+            ],
+            best_code=reply.best_code,
+            applied_codes=reply.applied_codes,
+            coupon_discount_fen=reply.coupon_discount_fen,
+            points_value_fen=reply.points_value_fen,
+            payable_fen=reply.payable_fen,
+            points_to_earn=reply.points_to_earn,
+        )
+
+    async def LockCoupon(
+        self, request: pos_pb2.LockCouponRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.CouponLock:
+        _required(request.store_id, "store_id")
+        _required(request.pos_transaction_id, "pos_transaction_id")
+        reply = await self._down.rewards.call(
+            "LockCoupon",
+            rewards_pb2.LockCouponRequest(
+                code=request.code,
+                member_id=request.member_id,
+                store_id=request.store_id,
+                pos_transaction_id=request.pos_transaction_id,
+            ),
+        )
+        return _coupon_lock(reply)
+
+    async def ReleaseCoupon(
+        self, request: pos_pb2.ReleaseCouponRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.CouponLock:
+        _required(request.store_id, "store_id")
+        _required(request.pos_transaction_id, "pos_transaction_id")
+        reply = await self._down.rewards.call(
+            "ReleaseCoupon",
+            rewards_pb2.ReleaseCouponRequest(
+                code=request.code,
+                store_id=request.store_id,
+                pos_transaction_id=request.pos_transaction_id,
+            ),
+        )
+        return _coupon_lock(reply)
 
     async def RefundOrder(
         self, request: pos_pb2.RefundOrderRequest, context: grpc.aio.ServicerContext
@@ -176,4 +260,8 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             points_balance=reply.available,
             replayed=reply.replayed,
             points_restored=reply.points_restored,
+            coupons=[
+                pos_pb2.CouponRestoration(code=c.code, restored=c.restored, reason=c.reason)
+                for c in reply.coupons
+            ],
         )

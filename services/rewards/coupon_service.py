@@ -192,6 +192,12 @@ async def issue_coupon(
             field="template_id",
         )
     terms = template.terms
+    if why is Reason.CLAIM and not terms.claimable:
+        raise FailedPrecondition(
+            f"coupon template {template_id} cannot be claimed by members",
+            code="NOT_CLAIMABLE",
+            field="template_id",
+        )
     if terms.valid_until is not None and terms.valid_until <= now:
         raise FailedPrecondition(
             f"coupon template {template_id} ended its validity at {terms.valid_until.isoformat()}",

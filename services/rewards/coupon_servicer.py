@@ -70,6 +70,7 @@ def terms_from(m: rewards_pb2.CouponTerms) -> Terms:
         valid_hours=m.valid_hours,
         stackable=m.stackable,
         restore_on_refund=m.restore_on_refund,
+        claimable=m.claimable,
     )
 
 
@@ -93,6 +94,7 @@ def terms_message(t: Terms) -> rewards_pb2.CouponTerms:
         valid_hours=t.valid_hours,
         stackable=t.stackable,
         restore_on_refund=t.restore_on_refund,
+        claimable=t.claimable,
     )
     if t.valid_from:
         m.valid_from.CopyFrom(timestamp(t.valid_from))

@@ -81,6 +81,8 @@ class Reason(enum.StrEnum):
     MALL_EXCHANGE = "mall_exchange"
     OPERATOR_GRANT = "operator_grant"
     REGISTRATION = "registration"
+    # The member claimed it (wallet "领券"); only from a claimable template.
+    CLAIM = "claim"
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class Terms:
     valid_hours: int = 0
     stackable: bool = False
     restore_on_refund: bool = False
+    # Members may claim it themselves (within stock and their limit).
+    claimable: bool = False
 
     def doc(self) -> dict[str, Any]:
         d = asdict(self)

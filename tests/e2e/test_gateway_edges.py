@@ -510,6 +510,7 @@ async def test_pos_cli_prints_replies_and_errors(
         "points_balance": "32",
         "replayed": False,
         "degraded": [],
+        "coupon_discount_fen": "0",
     }
     (sent,) = downstream.script.requests["rewards.CompleteOrder"]
     assert (sent.paid_amount_fen, sent.gross_amount_fen) == (3200, 3200)

@@ -1,0 +1,542 @@
+"""Coupon routes (rewards service): the member's wallet and claims for the
+mini-program; template management, reports and grants for operators.
+Kinds, guarantees and the POS flow: docs/coupons.md."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from loyalty.rewards.v1 import rewards_pb2
+from servicekit.protos import timestamp
+
+from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, problem_response, utc
+
+router = APIRouter()
+
+TEMPLATE_ID_EXAMPLE = "MJ99-30"
+TemplateId = Annotated[
+    str,
+    Path(min_length=1, max_length=64, description="The template's id", examples=["MJ99-30"]),
+]
+CLAIM_ERRORS = MEMBER_ERRORS | {
+    409: problem_response(
+        "Refused, nothing written: OUT_OF_STOCK, MEMBER_LIMIT_REACHED, DAILY_BUDGET_EXHAUSTED,"
+        " NOT_CLAIMABLE, TEMPLATE_PAUSED / TEMPLATE_ENDED / TEMPLATE_DRAFT, TEMPLATE_EXPIRED,"
+        " NOT_A_NEW_MEMBER, IDEMPOTENCY_KEY_REUSED"
+    ),
+}
+TEMPLATE_ERRORS: dict[int | str, dict[str, object]] = {
+    422: problem_response("Malformed terms; `field` names the culprit"),
+    404: problem_response("No such template (UNKNOWN_TEMPLATE)"),
+    409: problem_response(
+        "TEMPLATE_EXISTS, ILLEGAL_STATUS_TRANSITION, VERSION_MISMATCH, TEMPLATE_ENDED"
+    ),
+}
+Kind = Literal["amount_off", "percent_off", "free_item", "fixed_price", "first_order_price"]
+WalletStatus = Literal["available", "locked", "used", "expired"]
+
+
+class CouponTerms(BaseModel):
+    """What a template version promises. Money in fen."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "满99减30",
+                    "kind": "amount_off",
+                    "threshold_fen": 9900,
+                    "discount_fen": 3000,
+                    "valid_days": 30,
+                    "claimable": True,
+                },
+                {
+                    "name": "8折 最高减15",
+                    "kind": "percent_off",
+                    "percent": 20,
+                    "cap_fen": 1500,
+                    "channels": ["online"],
+                    "valid_until": "2026-06-30T23:59:59+08:00",
+                },
+            ]
+        },
+    )
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Kind
+    threshold_fen: int = Field(default=0, ge=0, description="Eligible amount needed (0: none)")
+    discount_fen: int = Field(default=0, ge=0, description="amount_off: fen off")
+    percent: int = Field(default=0, ge=0, le=100, description="percent_off / first_order_price")
+    cap_fen: int = Field(default=0, ge=0, description="Most fen off (0: no cap)")
+    max_price_fen: int = Field(default=0, ge=0, description="free_item: worth at most")
+    price_fen: int = Field(default=0, ge=0, description="fixed_price: the item's price")
+    skus: list[str] = Field(default_factory=list, description="Lines it applies to (empty: all)")
+    categories: list[str] = Field(default_factory=list)
+    store_ids: list[str] = Field(default_factory=list, description="Empty: every store")
+    channels: list[Literal["online", "offline"]] = Field(default_factory=list)
+    tiers: list[str] = Field(default_factory=list, description="Empty: every tier")
+    new_members_only: bool = False
+    valid_from: AwareDatetime | None = None
+    valid_until: AwareDatetime | None = None
+    valid_days: int = Field(default=0, ge=0, description="Validity from issue (with hours)")
+    valid_hours: int = Field(default=0, ge=0)
+    stackable: bool = Field(default=False, description="Default: one coupon per order")
+    restore_on_refund: bool = False
+    claimable: bool = Field(default=False, description="Members may claim it themselves")
+
+
+class CouponLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    total_stock: int = Field(default=0, ge=0, description="0: unlimited")
+    per_member_limit: int = Field(default=0, ge=0, description="0: unlimited")
+    daily_budget: int = Field(default=0, ge=0, description="Coupons per day (0: unlimited)")
+    stock_shards: int = Field(
+        default=1, ge=1, le=64, description="Stock counter rows; 8+ for flash claims"
+    )
+
+
+class NewTemplate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "template_id": "MJ99-30",
+                    "terms": {
+                        "name": "满99减30",
+                        "kind": "amount_off",
+                        "threshold_fen": 9900,
+                        "discount_fen": 3000,
+                        "valid_days": 30,
+                    },
+                    "limits": {"total_stock": 100000, "per_member_limit": 1, "stock_shards": 8},
+                    "status": "active",
+                    "created_by": "ops@brand",
+                }
+            ]
+        },
+    )
+
+    template_id: str = Field(min_length=1, max_length=64)
+    terms: CouponTerms
+    limits: CouponLimits = Field(default_factory=CouponLimits)
+    status: Literal["draft", "active"] = "draft"
+    created_by: str = Field(default="", max_length=256)
+
+
+class NewVersion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    terms: CouponTerms
+    expected_version: int = Field(default=0, ge=0, description="0: any; else must match")
+    created_by: str = Field(default="", max_length=256)
+
+
+class TemplateStatus(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"status": "paused"}]}
+    )
+
+    status: Literal["draft", "active", "paused", "ended"]
+
+
+class CouponTemplate(BaseModel):
+    template_id: str
+    version: int
+    status: str = Field(examples=["active"])
+    terms: CouponTerms
+    limits: CouponLimits
+    remaining_stock: int | None = Field(description="None: unlimited")
+    created_at: datetime
+    updated_at: datetime
+
+
+class CouponTemplates(BaseModel):
+    templates: list[CouponTemplate]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+class CouponReport(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "template_id": "MJ99-30",
+                    "issued": 1200,
+                    "redeemed": 480,
+                    "expired": 100,
+                    "redemption_rate": 0.4,
+                    "discount_fen": 1440000,
+                    "remaining_stock": 98800,
+                }
+            ]
+        }
+    )
+
+    template_id: str
+    issued: int
+    redeemed: int
+    expired: int
+    redemption_rate: float = Field(description="redeemed / issued (4 decimals)")
+    discount_fen: int = Field(description="Discount cost of the redeemed coupons")
+    remaining_stock: int | None
+
+
+class Coupon(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "coupon_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
+                    "code": "7KQ2M9X4T8B1C",
+                    "template_id": "MJ99-30",
+                    "template_version": 1,
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "reason": "claim",
+                    "status": "available",
+                    "name": "满99减30",
+                    "issued_at": "2026-05-01T12:00:00+08:00",
+                    "valid_from": "2026-05-01T12:00:00+08:00",
+                    "expires_at": "2026-05-31T12:00:00+08:00",
+                    "order_id": None,
+                    "discount_fen": None,
+                    "replayed": False,
+                }
+            ]
+        }
+    )
+
+    coupon_id: str
+    code: str = Field(description="What the member shows at the till")
+    template_id: str
+    template_version: int
+    member_id: str
+    reason: str
+    status: str = Field(description="available, locked, used or expired")
+    name: str | None
+    terms: CouponTerms | None = None
+    issued_at: datetime
+    valid_from: datetime
+    expires_at: datetime
+    order_id: str | None
+    discount_fen: int | None
+    replayed: bool
+
+
+class Wallet(BaseModel):
+    coupons: list[Coupon]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+class Claim(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"template_id": "MJ99-30", "issue_key": "mp-7f3a-claim-0001"}]
+        },
+    )
+
+    template_id: str = Field(min_length=1, max_length=64)
+    issue_key: str = Field(
+        min_length=1, max_length=128, description="Retry with the same key: the same coupon"
+    )
+
+
+class Grant(Claim):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "template_id": "SORRY-20",
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "issue_key": "ticket-8812",
+                    "operator_id": "ops@brand",
+                }
+            ]
+        },
+    )
+
+    member_id: uuid.UUID
+    operator_id: str = Field(min_length=1, max_length=256)
+
+
+def terms_message(t: CouponTerms) -> rewards_pb2.CouponTerms:
+    m = rewards_pb2.CouponTerms(**t.model_dump(exclude={"valid_from", "valid_until"}))
+    if t.valid_from:
+        m.valid_from.CopyFrom(timestamp(t.valid_from))
+    if t.valid_until:
+        m.valid_until.CopyFrom(timestamp(t.valid_until))
+    return m
+
+
+def terms_model(m: rewards_pb2.CouponTerms) -> CouponTerms:
+    return CouponTerms.model_construct(
+        name=m.name,
+        kind=m.kind,  # type: ignore[arg-type]
+        threshold_fen=m.threshold_fen,
+        discount_fen=m.discount_fen,
+        percent=m.percent,
+        cap_fen=m.cap_fen,
+        max_price_fen=m.max_price_fen,
+        price_fen=m.price_fen,
+        skus=list(m.skus),
+        categories=list(m.categories),
+        store_ids=list(m.store_ids),
+        channels=list(m.channels),
+        tiers=list(m.tiers),
+        new_members_only=m.new_members_only,
+        valid_from=utc(m.valid_from) if m.HasField("valid_from") else None,
+        valid_until=utc(m.valid_until) if m.HasField("valid_until") else None,
+        valid_days=m.valid_days,
+        valid_hours=m.valid_hours,
+        stackable=m.stackable,
+        restore_on_refund=m.restore_on_refund,
+        claimable=m.claimable,
+    )
+
+
+def template_model(m: rewards_pb2.CouponTemplate) -> CouponTemplate:
+    return CouponTemplate(
+        template_id=m.template_id,
+        version=m.version,
+        status=m.status,
+        terms=terms_model(m.terms),
+        limits=CouponLimits(
+            total_stock=m.limits.total_stock,
+            per_member_limit=m.limits.per_member_limit,
+            daily_budget=m.limits.daily_budget,
+            stock_shards=m.limits.stock_shards or 1,
+        ),
+        remaining_stock=None if m.remaining_stock < 0 else m.remaining_stock,
+        created_at=utc(m.created_at),
+        updated_at=utc(m.updated_at),
+    )
+
+
+def coupon_model(m: rewards_pb2.Coupon) -> Coupon:
+    has_terms = m.HasField("terms")
+    return Coupon(
+        coupon_id=m.coupon_id,
+        code=m.code,
+        template_id=m.template_id,
+        template_version=m.template_version,
+        member_id=m.member_id,
+        reason=m.reason,
+        status=m.status,
+        name=m.terms.name if has_terms else None,
+        terms=terms_model(m.terms) if has_terms else None,
+        issued_at=utc(m.issued_at),
+        valid_from=utc(m.valid_from),
+        expires_at=utc(m.expires_at),
+        order_id=m.order_id or None,
+        discount_fen=m.discount_fen if m.status == "used" else None,
+        replayed=m.replayed,
+    )
+
+
+# ---- mini-program -----------------------------------------------------------------
+
+
+@router.get(
+    "/v1/members/{member_id}/coupons",
+    response_model=Wallet,
+    tags=["coupons"],
+    summary="A member's coupon wallet, newest first",
+    responses=MEMBER_ERRORS,
+)
+async def list_coupons(
+    member_id: MemberId,
+    request: Request,
+    status: Annotated[list[WalletStatus] | None, Query(description="Repeat to combine")] = None,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=32)] = None,
+) -> Wallet:
+    reply = await downstreams(request).rewards.call(
+        "ListMemberCoupons",
+        rewards_pb2.ListMemberCouponsRequest(
+            member_id=str(member_id),
+            statuses=status or [],
+            page_size=page_size,
+            cursor=cursor or "",
+        ),
+    )
+    return Wallet(
+        coupons=[coupon_model(c) for c in reply.coupons], next_cursor=reply.next_cursor or None
+    )
+
+
+@router.post(
+    "/v1/members/{member_id}/coupons",
+    response_model=Coupon,
+    status_code=201,
+    tags=["coupons"],
+    summary="Claim a coupon of a claimable template (idempotent on issue_key)",
+    responses=CLAIM_ERRORS,
+)
+async def claim_coupon(member_id: MemberId, body: Claim, request: Request) -> Coupon:
+    reply = await downstreams(request).rewards.call(
+        "IssueCoupon",
+        rewards_pb2.IssueCouponRequest(
+            template_id=body.template_id,
+            member_id=str(member_id),
+            reason="claim",
+            issue_key=f"claim:{member_id}:{body.issue_key}",
+            issued_by="member",
+        ),
+    )
+    return coupon_model(reply)
+
+
+# ---- operators ----------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/admin/coupon-templates",
+    response_model=CouponTemplate,
+    status_code=201,
+    tags=["admin"],
+    summary="Create a coupon template (version 1)",
+    responses=TEMPLATE_ERRORS,
+)
+async def create_template(body: NewTemplate, request: Request) -> CouponTemplate:
+    reply = await downstreams(request).rewards.call(
+        "CreateCouponTemplate",
+        rewards_pb2.CreateCouponTemplateRequest(
+            template_id=body.template_id,
+            terms=terms_message(body.terms),
+            limits=rewards_pb2.CouponLimits(**body.limits.model_dump()),
+            status=body.status,
+            created_by=body.created_by,
+        ),
+    )
+    return template_model(reply)
+
+
+@router.get(
+    "/v1/admin/coupon-templates",
+    response_model=CouponTemplates,
+    tags=["admin"],
+    summary="Coupon templates by id",
+)
+async def list_templates(
+    request: Request,
+    status: Annotated[Literal["draft", "active", "paused", "ended"] | None, Query()] = None,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> CouponTemplates:
+    reply = await downstreams(request).rewards.call(
+        "ListCouponTemplates",
+        rewards_pb2.ListCouponTemplatesRequest(
+            status=status or "", page_size=page_size, cursor=cursor or ""
+        ),
+    )
+    return CouponTemplates(
+        templates=[template_model(t) for t in reply.templates],
+        next_cursor=reply.next_cursor or None,
+    )
+
+
+@router.get(
+    "/v1/admin/coupon-templates/{template_id}",
+    response_model=CouponTemplate,
+    tags=["admin"],
+    summary="A coupon template's current version",
+    responses=TEMPLATE_ERRORS,
+)
+async def get_template(template_id: TemplateId, request: Request) -> CouponTemplate:
+    reply = await downstreams(request).rewards.call(
+        "GetCouponTemplate", rewards_pb2.GetCouponTemplateRequest(template_id=template_id)
+    )
+    return template_model(reply)
+
+
+@router.post(
+    "/v1/admin/coupon-templates/{template_id}/versions",
+    response_model=CouponTemplate,
+    status_code=201,
+    tags=["admin"],
+    summary="New terms for coupons issued from now on (issued ones keep theirs)",
+    responses=TEMPLATE_ERRORS,
+)
+async def new_version(
+    template_id: TemplateId, body: NewVersion, request: Request
+) -> CouponTemplate:
+    reply = await downstreams(request).rewards.call(
+        "NewCouponTemplateVersion",
+        rewards_pb2.NewCouponTemplateVersionRequest(
+            template_id=template_id,
+            terms=terms_message(body.terms),
+            expected_version=body.expected_version,
+            created_by=body.created_by,
+        ),
+    )
+    return template_model(reply)
+
+
+@router.put(
+    "/v1/admin/coupon-templates/{template_id}/status",
+    response_model=CouponTemplate,
+    tags=["admin"],
+    summary="Activate, pause or end a template",
+    responses=TEMPLATE_ERRORS,
+)
+async def set_status(
+    template_id: TemplateId, body: TemplateStatus, request: Request
+) -> CouponTemplate:
+    reply = await downstreams(request).rewards.call(
+        "SetCouponTemplateStatus",
+        rewards_pb2.SetCouponTemplateStatusRequest(template_id=template_id, status=body.status),
+    )
+    return template_model(reply)
+
+
+@router.get(
+    "/v1/admin/coupon-templates/{template_id}/report",
+    response_model=CouponReport,
+    tags=["admin"],
+    summary="Issued, redeemed, redemption rate and discount cost of a template",
+    responses=TEMPLATE_ERRORS,
+)
+async def report(template_id: TemplateId, request: Request) -> CouponReport:
+    r = await downstreams(request).rewards.call(
+        "GetCouponReport", rewards_pb2.GetCouponReportRequest(template_id=template_id)
+    )
+    return CouponReport(
+        template_id=r.template_id,
+        issued=r.issued,
+        redeemed=r.redeemed,
+        expired=r.expired,
+        redemption_rate=round(r.redemption_rate_bp / 10_000, 4),
+        discount_fen=r.discount_fen,
+        remaining_stock=None if r.remaining_stock < 0 else r.remaining_stock,
+    )
+
+
+@router.post(
+    "/v1/admin/coupons:issue",
+    response_model=Coupon,
+    status_code=201,
+    tags=["admin"],
+    summary="Grant a coupon to a member (operator_grant; idempotent on issue_key)",
+    responses=CLAIM_ERRORS,
+)
+async def grant(body: Grant, request: Request) -> Coupon:
+    reply = await downstreams(request).rewards.call(
+        "IssueCoupon",
+        rewards_pb2.IssueCouponRequest(
+            template_id=body.template_id,
+            member_id=str(body.member_id),
+            reason="operator_grant",
+            issue_key=f"grant:{body.issue_key}",
+            issued_by=body.operator_id,
+        ),
+    )
+    return coupon_model(reply)
