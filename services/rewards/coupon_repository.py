@@ -286,6 +286,27 @@ async def insert_coupon(conn: Connection, c: NewCoupon) -> Any:
     )
 
 
+async def issue_context(
+    conn: Connection, issue_key: str, member_id: uuid.UUID, template_id: str
+) -> tuple[Any, bool, TemplateRow | None]:
+    """What an issue needs, in one round trip: the coupon already issued under
+    the key (or None), whether the member was erased, the template (or None)."""
+    row = await conn.fetchrow(
+        "SELECT EXISTS (SELECT 1 FROM rewards.coupons WHERE issue_key = $1) AS replay,"
+        " EXISTS (SELECT 1 FROM rewards.erased_members WHERE member_id = $2) AS erased,"
+        f" t.* FROM (SELECT 1) one LEFT JOIN (SELECT {TEMPLATE_COLUMNS}"
+        "  FROM rewards.coupon_templates WHERE template_id = $3) t ON true",
+        issue_key,
+        member_id,
+        template_id,
+    )
+    assert row is not None
+    template = _template(row) if row["template_id"] is not None else None
+    # A replay (rare) reads the stored coupon in a second round trip.
+    existing = await coupon_by_key(conn, issue_key) if row["replay"] else None
+    return existing, bool(row["erased"]), template
+
+
 async def coupon_by_key(conn: Connection, issue_key: str) -> Any:
     return await conn.fetchrow(
         f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE issue_key = $1", issue_key

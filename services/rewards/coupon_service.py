@@ -11,6 +11,8 @@ the member's count and the day's count, each with one conditional statement.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -161,28 +163,32 @@ async def issue_coupon(
     issue_key: str,
     now: datetime,
     issued_by: str = "",
+    savepoint: bool = True,
 ) -> IssuedCoupon:
     """Issue one coupon of an active template to a member, once per issue key.
 
-    Same key and body: the coupon issued the first time (replayed=True); same
-    key, other body: ABORTED IDEMPOTENCY_KEY_REUSED. Refusals (unknown, paused,
-    ended or lapsed template, stock, per-member limit, daily budget, erased
-    member) raise and leave nothing written. No commit of its own.
+    Same key and body: the coupon issued the first time (replayed=True, even
+    if the template was paused since); same key, other body: ABORTED
+    IDEMPOTENCY_KEY_REUSED. Refusals (unknown, paused, ended or lapsed
+    template, stock, per-member limit, daily budget, erased member) raise and
+    leave nothing written: under a savepoint, unless the caller says its
+    transaction ends with the refusal anyway (`savepoint=False`, the RPC: two
+    round trips fewer). No commit of its own.
     """
     check_template_id(template_id)
     check_issue_key(issue_key)
     why = check_reason(reason)
     digest = issue_hash(template_id, str(member_id), why.value)
-    existing = await crepo.coupon_by_key(conn, issue_key)
+    # One round trip: a coupon already under the key, the erasure mark, the template.
+    existing, erased, template = await crepo.issue_context(conn, issue_key, member_id, template_id)
     if existing is not None:
         return _replay(existing, digest, issue_key)
-    if await repo.is_erased(conn, member_id):
+    if erased:
         raise FailedPrecondition(
             f"member {member_id} was erased; no coupon can be issued",
             code="MEMBER_ERASED",
             field="member_id",
         )
-    template = await crepo.get_template(conn, template_id)
     if template is None:
         raise unknown_template(template_id)
     if template.status is not Status.ACTIVE:
@@ -210,8 +216,8 @@ async def issue_coupon(
             code="NOT_A_NEW_MEMBER",
             field="member_id",
         )
-    # A savepoint: whatever refuses below undoes the coupon row and the counters.
-    async with conn.transaction():
+    # Whatever refuses below undoes the coupon row and the counters.
+    async with conn.transaction() if savepoint else _same_transaction():
         row = await crepo.insert_coupon(
             conn,
             crepo.NewCoupon(
@@ -261,6 +267,11 @@ def _replay(row: Any, digest: bytes, issue_key: str) -> IssuedCoupon:
             field="issue_key",
         )
     return issued(row, replayed=True)
+
+
+@asynccontextmanager
+async def _same_transaction() -> AsyncIterator[None]:
+    yield
 
 
 async def _take_limits(

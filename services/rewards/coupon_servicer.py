@@ -269,6 +269,8 @@ class CouponRpcs:
                 issue_key=request.issue_key,
                 now=datetime.now(UTC),
                 issued_by=request.issued_by,
+                # The unit of work is this call's own: a refusal rolls it all back.
+                savepoint=False,
             )
         # The relay is woken like for any unit of work that emitted.
         self._db.outbox_wakeup.set()
