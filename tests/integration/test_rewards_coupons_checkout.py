@@ -444,3 +444,60 @@ async def coupon_for(stub: Stub, template_id: str, member: str) -> rewards_pb2.C
             issue_key=f"reg:{member}",
         )
     )
+
+
+async def test_a_lapsed_lock_frees_the_coupon_for_another_order(
+    stub: Stub, db: asyncpg.Connection
+) -> None:
+    member = str(uuid.uuid4())
+    c = await coupon(stub, await template(stub), member)
+    await stub.LockCoupon(
+        rewards_pb2.LockCouponRequest(
+            code=c.code, member_id=member, store_id="SH001", pos_transaction_id="ABANDONED"
+        )
+    )
+    # The abandoned sale's lock runs out (REWARDS_COUPON_LOCK_SECONDS later).
+    await db.execute(
+        "UPDATE rewards.coupons SET locked_until = now() - interval '1 second' WHERE code = $1",
+        c.code,
+    )
+    wallet = await stub.ListMemberCoupons(
+        rewards_pb2.ListMemberCouponsRequest(member_id=member, statuses=["available"])
+    )
+    assert [w.code for w in wallet.coupons] == [c.code]
+    done = await stub.CompleteOrder(order(member, [c.code], 7200))
+    assert done.coupon_discount_fen == 3000
+
+
+async def test_expiring_coupons_are_announced_once(
+    stub: Stub, rewards_app: object, db: asyncpg.Connection
+) -> None:
+    from services.rewards.coupon_service import CouponPolicy
+    from services.rewards.jobs import announce_expiring_coupons
+
+    member = str(uuid.uuid4())
+    soon = await coupon(stub, await template(stub, valid_days=2), member)
+    later = await coupon(stub, await template(stub, valid_days=20), member)
+    policy = CouponPolicy(expiring_soon_days=3)
+    database = rewards_app.db  # type: ignore[attr-defined]
+    assert await announce_expiring_coupons(database, policy, datetime.now(UTC)) >= 1
+    notified = {
+        r["code"]
+        for r in await db.fetch(
+            "SELECT code FROM rewards.coupons WHERE member_id = $1"
+            " AND expiry_notified_at IS NOT NULL",
+            uuid.UUID(member),
+        )
+    }
+    assert notified == {soon.code}
+    assert later.code not in notified
+    # A second run announces nothing new for this member.
+    await announce_expiring_coupons(database, policy, datetime.now(UTC))
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM rewards.coupons WHERE member_id = $1"
+            " AND expiry_notified_at IS NOT NULL",
+            uuid.UUID(member),
+        )
+        == 1
+    )
