@@ -324,18 +324,6 @@ async def coupon_by_code(conn: Connection, code: str, *, lock: bool = False) -> 
 # ---- wallet and checkout -----------------------------------------------------------
 
 
-async def expire_member_coupons(conn: Connection, member_id: uuid.UUID, now: datetime) -> int:
-    """Lazy expiry: what lapsed before `now` is marked expired (a lapsed lock too)."""
-    done = await conn.execute(
-        "UPDATE rewards.coupons SET status = 'expired', locked_until = NULL,"
-        " lock_store_id = NULL, lock_pos_transaction_id = NULL"
-        " WHERE member_id = $1 AND status IN ('available', 'locked') AND expires_at <= $2",
-        member_id,
-        now,
-    )
-    return int(done.split()[-1])
-
-
 async def member_coupons(
     conn: Connection,
     member_id: uuid.UUID,
@@ -489,9 +477,10 @@ async def order_coupons(conn: Connection, order_id: uuid.UUID) -> list[Any]:
 
 
 async def restore_coupon(conn: Connection, coupon_id: uuid.UUID) -> None:
+    """Available again. The order it was used on stays recorded (order_id), so a
+    replayed refund still finds it, until another order uses it."""
     await conn.execute(
-        "UPDATE rewards.coupons SET status = 'available', order_id = NULL, redeemed_at = NULL,"
-        " discount_fen = NULL WHERE id = $1 AND status = 'used'",
+        "UPDATE rewards.coupons SET status = 'available' WHERE id = $1 AND status = 'used'",
         coupon_id,
     )
 

@@ -143,8 +143,9 @@ def coupon_message(c: svc.IssuedCoupon, terms: Terms | None = None) -> rewards_p
         valid_from=timestamp(c.valid_from),
         expires_at=timestamp(c.expires_at),
         replayed=c.replayed,
-        order_id=c.order_id,
-        discount_fen=c.discount_fen,
+        # Only a used coupon names its order (a restored one keeps it internally).
+        order_id=c.order_id if c.status == "used" else "",
+        discount_fen=c.discount_fen if c.status == "used" else 0,
     )
     if terms is not None:
         m.terms.CopyFrom(terms_message(terms))

@@ -304,15 +304,18 @@ async def test_refund_in_full_restores_a_restorable_coupon(stub: Stub) -> None:
         )
     )
     assert [(c.restored, c.reason) for c in partial.coupons] == [(False, "PARTIAL_REFUND")]
-    full = await stub.RefundOrder(
-        rewards_pb2.RefundOrderRequest(
-            store_id="SH001",
-            pos_transaction_id="R-1",
-            refund_transaction_id="R-1-b",
-            refunded_amount_fen=6200,
-        )
+    full_refund = rewards_pb2.RefundOrderRequest(
+        store_id="SH001",
+        pos_transaction_id="R-1",
+        refund_transaction_id="R-1-b",
+        refunded_amount_fen=6200,
     )
+    full = await stub.RefundOrder(full_refund)
     assert [(c.code, c.restored) for c in full.coupons] == [(keep.code, True)]
+    # The POS retries the refund: the same answer, the coupon restored once.
+    retried = await stub.RefundOrder(full_refund)
+    assert retried.replayed
+    assert [(c.code, c.restored) for c in retried.coupons] == [(keep.code, True)]
     wallet = await stub.ListMemberCoupons(
         rewards_pb2.ListMemberCouponsRequest(member_id=member, statuses=["available"])
     )
