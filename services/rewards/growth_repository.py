@@ -18,7 +18,7 @@ from typing import Any
 
 from servicekit.db import Connection
 
-from .mall import ItemKind, ItemSpec, ItemState, ItemStatus
+from .mall import ItemKind, ItemSpec, ItemStatus
 
 # ---- referral ----------------------------------------------------------------
 
@@ -350,7 +350,9 @@ async def insert_item(
 async def item(conn: Connection, item_id: uuid.UUID, *, lock: bool = False) -> ItemRow | None:
     row = await conn.fetchrow(
         f"SELECT {ITEM_COLUMNS} FROM rewards.mall_items WHERE id = $1"
-        + (" FOR UPDATE" if lock else ""),
+        # NO KEY: an operator's change does not wait for exchanges in flight
+        # (their foreign keys hold KEY SHARE); their stock UPDATE checks the version.
+        + (" FOR NO KEY UPDATE" if lock else ""),
         item_id,
     )
     return _item(row) if row else None
@@ -408,29 +410,21 @@ async def list_items(
     return [_item(r) for r in rows]
 
 
-async def take_stock(conn: Connection, item_id: uuid.UUID, now: datetime) -> ItemRow | None:
-    """Take one unit of an item on sale now; None when unknown, not on sale or sold out."""
-    row = await conn.fetchrow(
+async def take_stock(
+    conn: Connection, item_id: uuid.UUID, now: datetime, version: datetime
+) -> bool:
+    """Take one unit of the item, still as of `version` (its updated_at) and on
+    sale now; False when sold out, off sale or changed meanwhile."""
+    value = await conn.fetchval(
         "UPDATE rewards.mall_items SET stock_remaining = stock_remaining - 1"
-        " WHERE id = $1 AND status = 'active' AND stock_remaining > 0"
+        " WHERE id = $1 AND status = 'active' AND stock_remaining > 0 AND updated_at = $3"
         " AND (starts_at IS NULL OR starts_at <= $2) AND (ends_at IS NULL OR ends_at > $2)"
-        f" RETURNING {ITEM_COLUMNS}",
+        " RETURNING true",
         item_id,
         now,
+        version,
     )
-    return _item(row) if row else None
-
-
-async def item_state(conn: Connection, item_id: uuid.UUID) -> ItemState | None:
-    row = await conn.fetchrow(
-        "SELECT status, stock_remaining, starts_at, ends_at FROM rewards.mall_items WHERE id = $1",
-        item_id,
-    )
-    if row is None:
-        return None
-    return ItemState(
-        ItemStatus(row["status"]), row["stock_remaining"], row["starts_at"], row["ends_at"]
-    )
+    return bool(value)
 
 
 async def count_member_exchange(

@@ -24,6 +24,7 @@ from .domain import parse_member_id
 from .mall import (
     ItemKind,
     ItemSpec,
+    ItemState,
     ItemStatus,
     check_item,
     check_transition,
@@ -71,6 +72,22 @@ class Exchange:
     fulfilment: str
     created_at: datetime
     replayed: bool = False
+
+
+def on_sale(item: repo.ItemRow, now: datetime) -> bool:
+    spec = item.spec
+    return (
+        item.status is ItemStatus.ACTIVE
+        and item.stock_remaining > 0
+        and (spec.starts_at is None or spec.starts_at <= now)
+        and (spec.ends_at is None or now < spec.ends_at)
+    )
+
+
+def item_state(item: repo.ItemRow | None) -> ItemState | None:
+    if item is None:
+        return None
+    return ItemState(item.status, item.stock_remaining, item.spec.starts_at, item.spec.ends_at)
 
 
 def exchange_of(row: Any, replayed: bool = False) -> Exchange:
@@ -217,10 +234,14 @@ class PointsMall:
                     field="exchange_key",
                 )
             return exchange_of(stored, replayed=True)
-        taken = await repo.take_stock(conn, item_id, now)
-        if taken is None:
-            raise exchange_refusal(await repo.item_state(conn, item_id), str(item_id), now)
-        spec = taken.spec
+        # The item as it is now, unlocked: the hot row (a flash sale) is locked
+        # only at the end, by the conditional stock UPDATE, so concurrent
+        # exchanges of one item queue on it for one statement and the commit,
+        # not for the whole ledger posting.
+        item = await repo.item(conn, item_id)
+        if item is None or not on_sale(item, now):
+            raise exchange_refusal(item_state(item), str(item_id), now)
+        spec = item.spec
         if not await repo.count_member_exchange(conn, item_id, member, spec.per_member_limit):
             raise limit_reached(str(item_id), spec.per_member_limit)
         exchange_id = uuid.uuid4()
@@ -235,7 +256,7 @@ class PointsMall:
             f"mall:{item_id}",
             now,
         )
-        # Not enough points: raised now, so the stock and count roll back with it.
+        # Not enough points: raised now, so the count rolls back with it.
         spend = spent.unwrap()
         coupon_id = ""
         if spec.kind is ItemKind.COUPON:
@@ -248,6 +269,16 @@ class PointsMall:
                 now=now,
             )
             coupon_id = issued_coupon_id(issued)
+        # Last: one unit of stock, only from the item version priced above.
+        if not await repo.take_stock(conn, item_id, now, item.updated_at):
+            current = await repo.item(conn, item_id)
+            if current is not None and current.updated_at != item.updated_at:
+                raise Conflict(
+                    f"mall item {item_id} changed during the exchange; retry",
+                    code="MALL_ITEM_CHANGED",
+                    field="item_id",
+                )
+            raise exchange_refusal(item_state(current), str(item_id), now)
         row = await repo.insert_exchange(
             conn,
             {

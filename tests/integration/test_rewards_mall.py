@@ -375,3 +375,36 @@ async def test_paused_template_refuses_the_exchange_and_keeps_the_points(
         await conn.fetchval("SELECT stock_remaining FROM rewards.mall_items WHERE id = $1", item)
         == 100
     )
+
+
+async def test_an_item_repriced_mid_exchange_is_refused_and_nothing_is_spent(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    # The price is read before the points are debited and the stock is taken
+    # last, from that same version of the item only: an operator's change in
+    # between refuses the exchange instead of selling at the old price.
+    member = new_member()
+
+    class RepricingIssuer:
+        async def __call__(self, c: Connection, **kwargs: Any) -> Any:
+            async with db.unit_of_work() as uow:  # the operator, in another transaction
+                await Mall(db).mall.update_item(
+                    uow,
+                    item,
+                    ItemSpec("20 off", ItemKind.COUPON, 99, 0, 5, 0, coupon_template_id="MJ99-30"),
+                )
+            return await Issuing()(c, **kwargs)
+
+    mall = Mall(db, RepricingIssuer())
+    item = await mall.item(
+        kind=ItemKind.COUPON, sku="", coupon_template_id="MJ99-30", stock_total=5, points_price=10
+    )
+    await mall.credit(member, 100)
+    with pytest.raises(Conflict) as caught:
+        await mall.exchange(member, item, "repriced")
+    assert (caught.value.code, caught.value.field) == ("MALL_ITEM_CHANGED", "item_id")
+    assert await available(conn, member) == 100 and await redeem_count(conn, member) == 0
+    row = await conn.fetchrow(
+        "SELECT points_price, stock_remaining FROM rewards.mall_items WHERE id = $1", item
+    )
+    assert tuple(row) == (99, 5)
