@@ -23,6 +23,7 @@ Set-based and chunked (docs/tiers.md, "Batch recompute"):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -118,7 +119,10 @@ async def recompute(
     now: datetime | None = None,
     chunk_size: int = 50_000,
     progress: Progress | None = None,
+    pause: float = 0.0,
 ) -> RunResult:
+    """`pause` seconds between chunks (after each commit) leaves the database to
+    checkout traffic when the recompute competes with it (slower, gentler)."""
     now = now or datetime.now(UTC)
     started = time.perf_counter()
     result = RunResult()
@@ -194,6 +198,8 @@ async def recompute(
             last = hi
             if progress:
                 progress(done, total, result)
+            if pause > 0:
+                await asyncio.sleep(pause)
         db.outbox_wakeup.set()
         result.phases["tiers"] = tier_secs
         result.phases["segments_stages"] = profile_secs
@@ -310,16 +316,19 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
     # Without an order in the window: lapsed buyers are lost, never-buyers prospects.
     no_order_seg = f"CASE WHEN last_order_at IS NULL THEN '{PROSPECT[0]}' ELSE '{LAPSED[0]}' END"
     no_order_grp = f"CASE WHEN last_order_at IS NULL THEN '{PROSPECT[1]}' ELSE '{LAPSED[1]}' END"
-    columns = "r_score, f_score, m_score, segment, segment_group, stage, relative_tier"
+    fields = ("r_score", "f_score", "m_score", "segment", "segment_group", "stage", "relative_tier")
+    columns = ", ".join(fields)
     # Every table is bounded to the chunk's key range (else the planner hashes
     # the chunk and probes the whole table: each chunk read every row, O(N^2)),
     # and the scores are MATERIALIZED so the long segment CASE reads computed
-    # r/f/m instead of re-expanding them per comparison.
+    # r/f/m instead of re-expanding them per comparison. The old values come
+    # from the same read of the profile (the statement's snapshot), not from a
+    # second scan of it.
     within = "BETWEEN $1 AND $2"
     return (
         "WITH scored AS MATERIALIZED (SELECT p.member_id, p.registered_at, sp.last_order_at,"
-        " w.orders,"
-        " w.spend_rank,"
+        " w.orders, w.spend_rank,"
+        f" {', '.join(f'p.{c} AS old_{c}' for c in fields)},"
         f" CASE WHEN w.orders > 0 THEN {_score('w.last_at', '$4::timestamptz[]')} END AS r,"
         f" CASE WHEN w.orders > 0 THEN {_score('w.orders', '$5::bigint[]')} END AS f,"
         f" CASE WHEN w.orders > 0 THEN {_score('w.spend', '$6::bigint[]')} END AS m"
@@ -328,7 +337,8 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
         " LEFT JOIN tiering.member_spend sp ON sp.member_id = p.member_id"
         f"  AND sp.member_id {within}"
         " WHERE p.member_id > $1 AND p.member_id <= $2),"
-        " src AS MATERIALIZED (SELECT member_id, r AS r_score, f AS f_score, m AS m_score,"
+        " src AS MATERIALIZED (SELECT member_id,"
+        f" {', '.join(f'old_{c}' for c in fields)}, r AS r_score, f AS f_score, m AS m_score,"
         f" CASE WHEN r IS NULL THEN {no_order_seg}"
         f"  ELSE {segment_sql('r', 'f', 'm', 'orders', 'name')} END AS segment,"
         f" CASE WHEN r IS NULL THEN {no_order_grp}"
@@ -340,15 +350,11 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
         f" UPDATE tiering.member_profiles p SET ({columns}, updated_at) ="
         f" (src.r_score, src.f_score, src.m_score, src.segment, src.segment_group, src.stage,"
         "  src.relative_tier, now())"
-        " FROM src JOIN tiering.member_profiles old ON old.member_id = src.member_id"
-        f"  AND old.member_id {within}"
+        " FROM src"
         " WHERE p.member_id = src.member_id AND p.member_id > $1 AND p.member_id <= $2"
-        f" AND (old.r_score, old.f_score, old.m_score, old.segment, old.segment_group,"
-        "  old.stage, old.relative_tier) IS DISTINCT FROM"
-        "  (src.r_score, src.f_score, src.m_score, src.segment, src.segment_group, src.stage,"
-        "  src.relative_tier)"
-        " RETURNING p.member_id, old.segment AS old_segment, p.segment,"
-        "  old.stage AS old_stage, p.stage"
+        f" AND ({', '.join(f'src.old_{c}' for c in fields)}) IS DISTINCT FROM"
+        f"  ({', '.join(f'src.{c}' for c in fields)})"
+        " RETURNING p.member_id, src.old_segment, p.segment, src.old_stage, p.stage"
     )
 
 

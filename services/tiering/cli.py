@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
         "--as-of", type=datetime.fromisoformat, default=None,
         help="evaluate as of this time (ISO 8601 with zone; default now)",
     )  # fmt: skip
+    run.add_argument(
+        "--pause-ms", type=int, default=0,
+        help="sleep between chunks, leaving the database to checkout traffic",
+    )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("report", help="distribution after the latest run, with movement")
     return parser
@@ -34,6 +38,9 @@ def run(argv: list[str]) -> int:
     if args.command == "recompute":
         if args.chunk_size < 1:
             print("--chunk-size must be at least 1", file=sys.stderr)
+            return 2
+        if args.pause_ms < 0:
+            print("--pause-ms must not be negative", file=sys.stderr)
             return 2
         if args.as_of is not None and args.as_of.tzinfo is None:
             print("--as-of needs a time zone, e.g. 2026-12-31T16:00:00+00:00", file=sys.stderr)
@@ -52,6 +59,7 @@ async def _main(args: argparse.Namespace) -> int:
                 now=args.as_of or datetime.now(UTC),
                 chunk_size=args.chunk_size,
                 progress=None if args.quiet else bar,
+                pause=args.pause_ms / 1000,
             )
             if not args.quiet:
                 sys.stderr.write("\n")

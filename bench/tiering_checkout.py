@@ -1,0 +1,290 @@
+"""`python -m bench tiering_checkout`: POS checkout p99 before and during the
+full tiering recompute (the issue's "checkout p99 under load during the
+recompute no worse than 2x its normal value").
+
+1. A throwaway database (DATABASE_URL's server, or embedded), every service
+   migrated and seeded, then the tiering brand of `bench.tiering` COPY-loaded
+   (--members / --orders, default 1M / 10M).
+2. The platform as real processes (`make run`'s).
+3. Normal: rewards' CompleteOrder (the checkout's settlement: order, journal,
+   balance, outbox in one transaction) at --rate per second for --duration
+   seconds (open loop, after a warm-up), called on the rewards service itself:
+   what the recompute competes with is the database and the CPU, and the
+   gateway's own cost does not change with it (the gateway now needs POS store
+   keys, which bench.cli does not send yet).
+4. During: the batch recompute runs as its own process
+   (`python -m services.tiering recompute`, first as of now, then as of the
+   next period end), while the same checkout load runs in 5-second slices
+   until it finishes; only slices that started while it ran are counted.
+5. Prints both p99s and their ratio per recompute; writes
+   bench/results/tiering-checkout-<UTC timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import grpc
+
+from servicekit import devrun
+from servicekit.db import asyncpg_dsn
+
+from .cli import (
+    GROSS_FEN,
+    PAID_FEN,
+    RESULTS_DIR,
+    ROOT,
+    BenchInfra,
+    UnexpectedReply,
+    backstop,
+    measure,
+    platform_env,
+    say,
+)
+from .loadgen import RunResult, open_loop
+from .tiering import _next_year, load
+
+SLICE_S = 2.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench tiering_checkout", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--members", type=int, default=1_000_000, help="tiering members loaded")
+    parser.add_argument("--orders", type=int, default=10_000_000, help="tiering orders loaded")
+    parser.add_argument("--rate", type=float, default=100.0, help="checkouts per second")
+    parser.add_argument("--duration", type=float, default=20.0, help="normal phase, seconds")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--timeout", type=float, default=5.0, help="gRPC deadline, seconds")
+    parser.add_argument("--pool", type=int, default=200, help="members who check out")
+    parser.add_argument("--store-id", default="SH001")
+    parser.add_argument("--chunk-size", type=int, default=50_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--pause-ms", type=int, default=0, help="the recompute's sleep between chunks"
+    )
+    args = parser.parse_args(argv)
+    if args.members < 1 or args.orders < 0 or args.rate <= 0 or args.duration <= 0:
+        parser.error("--members, --rate and --duration must be positive, --orders >= 0")
+    return args
+
+
+def checkout_call(
+    stub: Any, store_id: str, members: list[str], tag: str, timeout: float
+) -> Callable[[int], Awaitable[object]]:
+    from loyalty.common.v1 import common_pb2
+    from loyalty.rewards.v1 import rewards_pb2
+
+    async def call(i: int) -> object:
+        reply = await stub.CompleteOrder(
+            rewards_pb2.CompleteOrderRequest(
+                store_id=store_id,
+                pos_transaction_id=f"{tag}-{i}",
+                member_id=members[i % len(members)],
+                channel=common_pb2.CHANNEL_STORE,
+                paid_amount_fen=PAID_FEN,
+                gross_amount_fen=GROSS_FEN,
+                lines=[
+                    rewards_pb2.OrderLine(
+                        sku="MT-001",
+                        name="Jasmine milk tea",
+                        category="milk_tea",
+                        quantity=1,
+                        paid_amount_fen=PAID_FEN,
+                    )
+                ],
+            ),
+            timeout=timeout,
+        )
+        if reply.replayed or reply.points_earned <= 0:
+            raise UnexpectedReply(f"replayed={reply.replayed} points={reply.points_earned}")
+        return reply
+
+    return call
+
+
+def merged(name: str, rate: float, parts: list[RunResult]) -> RunResult:
+    out = RunResult(name, rate, sum(p.duration_s for p in parts))
+    for p in parts:
+        out.scheduled += p.scheduled
+        out.latencies += p.latencies
+        out.statuses.update(p.statuses)
+        out.send_lags += p.send_lags
+        out.elapsed_s += p.elapsed_s
+    return out
+
+
+async def during_recompute(
+    label: str,
+    as_of: datetime,
+    call_for: Callable[[str], Callable[[int], Awaitable[object]]],
+    args: argparse.Namespace,
+    env: dict[str, str],
+    database_url: str,
+) -> tuple[RunResult, float, str]:
+    """Checkout slices while `python -m services.tiering recompute` runs: from
+    its recompute_runs row (the process's start-up is not counted) to its end."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    last_run = await conn.fetchval("SELECT coalesce(max(run_id), 0) FROM tiering.recompute_runs")
+    command = [
+        sys.executable,
+        "-m",
+        "services.tiering",
+        "recompute",
+        "--quiet",
+        "--chunk-size",
+        str(args.chunk_size),
+        "--pause-ms",
+        str(args.pause_ms),
+        "--as-of",
+        as_of.isoformat(),
+    ]
+    say(f"recompute ({label}) with checkout at {args.rate:g}/s alongside ...")
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    done = asyncio.create_task(process.communicate())
+    try:
+        while not done.done():
+            started = await conn.fetchval(
+                "SELECT count(*) FROM tiering.recompute_runs WHERE run_id > $1", last_run
+            )
+            if started:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    tick = time.perf_counter()
+    parts: list[RunResult] = []
+    n = 0
+    while not done.done():
+        parts.append(
+            await open_loop(
+                f"during {label}",
+                call_for(f"{label}-{n}"),
+                args.rate,
+                SLICE_S,
+                timeout=backstop(args),
+            )
+        )
+        n += 1
+    output, _ = await done
+    seconds = time.perf_counter() - tick
+    if process.returncode != 0:
+        raise devrun.DevrunError(f"recompute failed:\n{output.decode(errors='replace')}")
+    summary = output.decode(errors="replace").strip().splitlines()
+    say(f"  {summary[0] if summary else ''} ({seconds:.1f}s wall)")
+    return merged(f"checkout during recompute ({label})", args.rate, parts), seconds, summary[0]
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    started_at = datetime.now(UTC)
+    run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    log_dir = ROOT / ".data" / "bench" / "logs" / run_id
+    infra = await BenchInfra.start(run_id)
+    try:
+        say("migrating and seeding ...")
+        await asyncio.to_thread(devrun.migrate, infra.database_url)
+        await devrun.seed(infra.database_url)
+        now = datetime.now(UTC).replace(microsecond=0)
+        say(f"loading {args.members:,} tiering members / {args.orders:,} orders ...")
+        loaded = await load(infra.database_url, args.members, args.orders, now, args.seed)
+        ports = devrun.free_ports()
+        env = platform_env(infra)
+        rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
+        platform = devrun.Platform(devrun.platform_children(ports, env), log_dir=log_dir)
+        try:
+            await platform.spawn()
+            await platform.wait_ready(90)
+            members = [str(uuid.uuid4()) for _ in range(args.pool)]
+            async with grpc.aio.insecure_channel(rewards_target) as channel:
+                from loyalty.rewards.v1 import rewards_pb2_grpc
+
+                stub = rewards_pb2_grpc.RewardsServiceStub(channel)
+
+                def call_for(phase: str) -> Callable[[int], Awaitable[object]]:
+                    return checkout_call(
+                        stub, args.store_id, members, f"{run_id}-{phase}", args.timeout
+                    )
+
+                normal = await measure("checkout, normal", call_for, args)
+                runs = []
+                for label, as_of in (("first", now), ("period end", _next_year(now))):
+                    during, seconds, summary = await during_recompute(
+                        label, as_of, call_for, args, env, infra.database_url
+                    )
+                    runs.append((label, during, seconds, summary))
+        finally:
+            await platform.stop()
+        p99 = normal.latency_ms()["p99"]
+        return {
+            "scenario": "checkout (rewards CompleteOrder) p99 before and during the tiering"
+            " recompute",
+            "run_id": run_id,
+            "infrastructure": infra.note,
+            "members": args.members,
+            "orders": args.orders,
+            "rate_per_s": args.rate,
+            "recompute_pause_ms": args.pause_ms,
+            "load_seconds": {k: round(v, 1) for k, v in loaded.items()},
+            "normal": normal.summary(),
+            "during": [
+                {
+                    "recompute": label,
+                    "recompute_wall_seconds": round(seconds, 1),
+                    "recompute_summary": summary,
+                    "checkout": during.summary(),
+                    "p99_ratio": (
+                        round(during.latency_ms()["p99"] / p99, 2)  # type: ignore[operator]
+                        if p99 and during.latency_ms()["p99"]
+                        else None
+                    ),
+                }
+                for label, during, seconds, summary in runs
+            ],
+            "target": "p99 during <= 2x normal",
+        }
+    finally:
+        await infra.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    report = asyncio.run(run(args))
+    normal = report["normal"]["latency_ms"]
+    print()
+    print(
+        f"checkout at {report['rate_per_s']:g}/s, tiering {report['members']:,} members /"
+        f" {report['orders']:,} orders"
+    )
+    print(f"  {'phase':<34} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}  ratio p99")
+    print(f"  {'normal':<34} {normal['p50']:>8} {normal['p99']:>8} {'-':>8}")
+    for d in report["during"]:
+        lat = d["checkout"]["latency_ms"]
+        errors = sum(d["checkout"]["errors_by_status"].values())
+        name = f"during {d['recompute']} ({d['recompute_wall_seconds']}s)"
+        print(f"  {name:<34} {lat['p50']:>8} {lat['p99']:>8} {errors:>8}  x{d['p99_ratio']}")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"tiering-checkout-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    print(f"  written to {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
