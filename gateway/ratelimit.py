@@ -10,10 +10,16 @@ Redis's own clock (TIME), so gateway instances with skewed clocks agree.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from servicekit.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 # KEYS: 1 nonce, 2 client bucket, 3 store bucket, 4 revocation epoch
 # ARGV: 1 nonce ttl ms (0: no nonce), 2 client rate/s, 3 client burst,
@@ -120,7 +126,15 @@ class Gatekeeper:
             store.rate_per_second,
             store.burst,
         ]
-        fresh, wait, epoch = await self._script(keys=keys, args=args)
+        try:
+            fresh, wait, epoch = await self._script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            # Fail closed: without Redis no nonce or limit can be checked.
+            log.warning("gatekeeper: redis unavailable: %r", exc)
+            raise Unavailable(
+                "the gateway cannot check credentials right now; retry later",
+                code="DEPENDENCY_UNAVAILABLE",
+            ) from None
         return Verdict(bool(fresh), int(wait), int(epoch))
 
     async def current_epoch(self) -> int:

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from servicekit.db import create_pool
-from servicekit.redis_client import create_redis
 
 from ..clients import Downstreams
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -21,6 +21,8 @@ from .http import AuthSettings, HttpAuthMiddleware
 from .members import MemberAssertions
 from .pos import PosAuthInterceptor
 from .registry import CredentialRegistry
+
+REDIS_CONNECTIONS = 64
 
 IDEMPOTENCY_PARAMETER = {
     "name": IDEMPOTENCY_HEADER,
@@ -55,7 +57,15 @@ class Door:
         self._s = settings
         self._downstreams = downstreams
         self.pool = None
-        self.redis = create_redis(settings.redis_url)
+        # A burst of concurrent requests waits for a connection instead of
+        # failing (the default pool raises past 100 connections).
+        self.redis = Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=REDIS_CONNECTIONS,
+                timeout=settings.downstream_timeout_seconds,
+            )
+        )
         self.gatekeeper = Gatekeeper(self.redis, settings.redis_namespace)
         self.auth_settings = AuthSettings(
             settings.auth_clock_skew_seconds,

@@ -1,0 +1,133 @@
+"""The door's pure rules: request signatures, secrets at rest, scope grants,
+and the policy table's shape."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.exceptions import InvalidTag
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.auth import policy
+from gateway.auth.crypto import (
+    SecretBox,
+    api_key,
+    api_key_matches,
+    new_key_id,
+    new_secret,
+    sign,
+    signature_matches,
+    split_api_key,
+    string_to_sign,
+)
+from gateway.auth.http import AuthSettings
+from gateway.auth.model import (
+    ADMIN_ALL,
+    ADMIN_REWARDS,
+    DEFAULT_SCOPES,
+    KNOWN_SCOPES,
+    MEMBER_ANY,
+    MEMBER_SELF,
+    PII_READ,
+    ClientKind,
+    Credential,
+    grants,
+)
+from gateway.ratelimit import Limit
+from loyalty.pos.v1 import pos_pb2
+
+KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+methods = st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE"])
+paths = st.from_regex(r"/v1/[a-z0-9/{}_-]{0,40}(\?[a-z=&0-9]{0,20})?", fullmatch=True)
+bodies = st.binary(max_size=256)
+tokens = st.text(alphabet="abcdef0123456789", min_size=1, max_size=32)
+
+
+@given(methods, paths, tokens, tokens, bodies)
+def test_a_signature_verifies_only_the_request_it_was_made_for(
+    method: str, path: str, timestamp: str, nonce: str, body: bytes
+) -> None:
+    secret = "s3cret"
+    signature = sign(secret, method, path, timestamp, nonce, body)
+    assert signature_matches(secret, signature, method, path, timestamp, nonce, body)
+    assert signature_matches(secret, signature.upper(), method, path, timestamp, nonce, body)
+    assert not signature_matches("other", signature, method, path, timestamp, nonce, body)
+    assert not signature_matches(secret, signature, method, path + "x", timestamp, nonce, body)
+    assert not signature_matches(secret, signature, method, path, timestamp + "1", nonce, body)
+    assert not signature_matches(secret, signature, method, path, timestamp, nonce + "1", body)
+    assert not signature_matches(secret, signature, method, path, timestamp, nonce, body + b"!")
+    other = "GET" if method != "GET" else "POST"
+    assert not signature_matches(secret, signature, other, path, timestamp, nonce, body)
+
+
+def test_the_string_to_sign_is_one_field_a_line() -> None:
+    text = string_to_sign("post", "/v1/x?a=1", "1700000000", "n1", b"{}").decode()
+    assert text.split("\n") == [
+        "LOYALTY-HMAC-SHA256",
+        "POST",
+        "/v1/x?a=1",
+        "1700000000",
+        "n1",
+        # sha256 of "{}"
+        "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+    ]
+
+
+def test_secrets_are_sealed_per_key_id() -> None:
+    box = SecretBox(KEY)
+    key_id, secret = new_key_id(), new_secret()
+    sealed = box.seal(key_id, secret)
+    assert secret.encode() not in sealed
+    assert box.open(key_id, sealed) == secret
+    # A cipher copied onto another key's row does not open.
+    with pytest.raises(InvalidTag):
+        box.open(new_key_id(), sealed)
+    with pytest.raises(InvalidTag):
+        SecretBox("ZGV2LW9ubHktZ2F0ZXdheS1rZXktY2hhbmdlLW1lLTE=").open(key_id, sealed)
+    with pytest.raises(ValueError, match="32 bytes"):
+        SecretBox("c2hvcnQ=")
+
+
+def test_api_keys_split_and_compare() -> None:
+    key_id, secret = new_key_id(), new_secret()
+    assert split_api_key(api_key(key_id, secret)) == (key_id, secret)
+    assert split_api_key("no-dot") == ("no-dot", "")
+    assert api_key_matches(secret, secret) and not api_key_matches(secret, secret[:-1])
+
+
+@given(st.sets(st.sampled_from(sorted(KNOWN_SCOPES))), st.sampled_from(sorted(KNOWN_SCOPES)))
+def test_a_scope_is_granted_only_by_itself_or_a_wider_one(held: set[str], needed: str) -> None:
+    wider = {needed}
+    if needed == MEMBER_SELF:
+        wider.add(MEMBER_ANY)
+    if needed.startswith("admin:"):
+        wider.add(ADMIN_ALL)
+    assert grants(held, needed) == bool(held & wider)
+
+
+def test_defaults_never_include_pii() -> None:
+    assert all(PII_READ not in scopes for scopes in DEFAULT_SCOPES.values())
+    assert set(DEFAULT_SCOPES) == set(ClientKind)
+    assert grants(DEFAULT_SCOPES[ClientKind.OPS_TOOLING], ADMIN_REWARDS)
+
+
+def test_every_pos_rpc_and_no_writing_route_is_public() -> None:
+    service = pos_pb2.DESCRIPTOR.services_by_name["PosService"]
+    for method in service.methods:
+        full = f"/{service.full_name}/{method.name}"
+        assert policy.rpc_scope(full) is not None, full
+        # Every PosService request names its store, so a POS can be held to its own.
+        assert "store_id" in method.input_type.fields_by_name, full
+    assert policy.rpc_scope("/loyalty.pos.v1.PosService/Unknown") is None
+    assert all(method == "GET" for method, _ in policy.PUBLIC_ROUTES)
+    assert set(policy.ROUTE_SCOPES.values()) <= KNOWN_SCOPES
+    assert set(policy.RPC_SCOPES.values()) <= KNOWN_SCOPES
+
+
+def test_a_client_rate_overrides_its_kind() -> None:
+    settings = AuthSettings(300, {k.value: Limit(10, 20) for k in ClientKind})
+    base = Credential("k", "c", ClientKind.POS, "SH001", frozenset(), "s")
+    assert settings.limit_of(base) == Limit(10, 20)
+    own = Credential("k", "c", ClientKind.POS, "SH001", frozenset(), "s", 1.5, 3)
+    assert settings.limit_of(own) == Limit(1.5, 3)
+    assert settings.nonce_ttl_ms == 600_000
