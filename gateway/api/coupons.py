@@ -37,6 +37,11 @@ TEMPLATE_ERRORS: dict[int | str, dict[str, object]] = {
         "TEMPLATE_EXISTS, ILLEGAL_STATUS_TRANSITION, VERSION_MISMATCH, TEMPLATE_ENDED"
     ),
 }
+# The service's own bounds (services/rewards/coupons.py), so an absurd number
+# is a 422 here rather than an overflow on the way.
+MAX_FEN = 1_000_000
+MAX_COUNT = 100_000_000
+Item = Annotated[str, Field(min_length=1, max_length=64)]
 Kind = Literal["amount_off", "percent_off", "free_item", "fixed_price", "first_order_price"]
 WalletStatus = Literal["available", "locked", "used", "expired"]
 
@@ -70,22 +75,30 @@ class CouponTerms(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     kind: Kind
-    threshold_fen: int = Field(default=0, ge=0, description="Eligible amount needed (0: none)")
-    discount_fen: int = Field(default=0, ge=0, description="amount_off: fen off")
+    threshold_fen: int = Field(
+        default=0, ge=0, le=MAX_FEN, description="Eligible amount needed (0: none)"
+    )
+    discount_fen: int = Field(default=0, ge=0, le=MAX_FEN, description="amount_off: fen off")
     percent: int = Field(default=0, ge=0, le=100, description="percent_off / first_order_price")
-    cap_fen: int = Field(default=0, ge=0, description="Most fen off (0: no cap)")
-    max_price_fen: int = Field(default=0, ge=0, description="free_item: worth at most")
-    price_fen: int = Field(default=0, ge=0, description="fixed_price: the item's price")
-    skus: list[str] = Field(default_factory=list, description="Lines it applies to (empty: all)")
-    categories: list[str] = Field(default_factory=list)
-    store_ids: list[str] = Field(default_factory=list, description="Empty: every store")
-    channels: list[Literal["online", "offline"]] = Field(default_factory=list)
-    tiers: list[str] = Field(default_factory=list, description="Empty: every tier")
+    cap_fen: int = Field(default=0, ge=0, le=MAX_FEN, description="Most fen off (0: no cap)")
+    max_price_fen: int = Field(default=0, ge=0, le=MAX_FEN, description="free_item: worth at most")
+    price_fen: int = Field(default=0, ge=0, le=MAX_FEN, description="fixed_price: the item's price")
+    skus: list[Item] = Field(
+        default_factory=list, max_length=200, description="Lines it applies to (empty: all)"
+    )
+    categories: list[Item] = Field(default_factory=list, max_length=200)
+    store_ids: list[Item] = Field(
+        default_factory=list, max_length=200, description="Empty: every store"
+    )
+    channels: list[Literal["online", "offline"]] = Field(default_factory=list, max_length=2)
+    tiers: list[Item] = Field(default_factory=list, max_length=200, description="Empty: every tier")
     new_members_only: bool = False
     valid_from: AwareDatetime | None = None
     valid_until: AwareDatetime | None = None
-    valid_days: int = Field(default=0, ge=0, description="Validity from issue (with hours)")
-    valid_hours: int = Field(default=0, ge=0)
+    valid_days: int = Field(
+        default=0, ge=0, le=3660, description="Validity from issue (with hours)"
+    )
+    valid_hours: int = Field(default=0, ge=0, le=87_840)
     stackable: bool = Field(default=False, description="Default: one coupon per order")
     restore_on_refund: bool = False
     claimable: bool = Field(default=False, description="Members may claim it themselves")
@@ -94,9 +107,11 @@ class CouponTerms(BaseModel):
 class CouponLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    total_stock: int = Field(default=0, ge=0, description="0: unlimited")
-    per_member_limit: int = Field(default=0, ge=0, description="0: unlimited")
-    daily_budget: int = Field(default=0, ge=0, description="Coupons per day (0: unlimited)")
+    total_stock: int = Field(default=0, ge=0, le=MAX_COUNT, description="0: unlimited")
+    per_member_limit: int = Field(default=0, ge=0, le=MAX_COUNT, description="0: unlimited")
+    daily_budget: int = Field(
+        default=0, ge=0, le=MAX_COUNT, description="Coupons per day (0: unlimited)"
+    )
     stock_shards: int = Field(
         default=1, ge=1, le=64, description="Stock counter rows; 8+ for flash claims"
     )
@@ -135,7 +150,9 @@ class NewVersion(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     terms: CouponTerms
-    expected_version: int = Field(default=0, ge=0, description="0: any; else must match")
+    expected_version: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="0: any; else must match"
+    )
     created_by: str = Field(default="", max_length=256)
 
 
