@@ -1,5 +1,6 @@
 """A POS client for humans and docs: call the gateway's PosService from a shell.
 
+    export POS_API_KEY=<key_id>.<secret>   # this store's key (python -m gateway clients create)
     python -m gateway.pos_cli identify --store-id SH001 --phone 13912345678
     python -m gateway.pos_cli complete-order --store-id SH001 --pos-transaction-id T1001 \\
         --member-id <uuid> --paid-fen 3200 --gross-fen 3800
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,12 +25,20 @@ from google.protobuf.message import Message
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.errors import error_info
 
+from .auth.client import StoreKeyInterceptor
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gateway.pos_cli", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--target", default="127.0.0.1:50050", help="gateway POS gRPC host:port")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("POS_API_KEY", ""),
+        help="this store's POS key, '<key_id>.<secret>' (default: $POS_API_KEY); "
+        "`python -m gateway clients create --kind pos --store-id ...` prints one",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="call deadline in seconds")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -71,8 +81,13 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
     )
 
 
-async def _call(target: str, method: str, request: Message, timeout: float) -> Message:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _call(
+    target: str, method: str, request: Message, timeout: float, api_key: str = ""
+) -> Message:
+    # The store key goes with the store the request names (x-store-id / x-api-key).
+    store_id = getattr(request, "store_id", "")
+    interceptors = [StoreKeyInterceptor(store_id, api_key)] if api_key else None
+    async with grpc.aio.insecure_channel(target, interceptors=interceptors) as channel:
         stub = pos_pb2_grpc.PosServiceStub(channel)
         return await getattr(stub, method)(request, timeout=timeout)  # type: ignore[no-any-return]
 
@@ -81,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     method, request = _request(args)
     try:
-        reply = asyncio.run(_call(args.target, method, request, args.timeout))
+        reply = asyncio.run(_call(args.target, method, request, args.timeout, args.api_key))
     except grpc.aio.AioRpcError as exc:
         code, field = error_info(exc)
         error = {"status": exc.code().name, "code": code, "message": exc.details(), "field": field}

@@ -442,22 +442,76 @@ def _python_for_display() -> str:
     return str(exe.relative_to(ROOT)) if exe.is_relative_to(ROOT) else sys.executable
 
 
-async def identify_demo_member(pos_target: str) -> str:
+@dataclass
+class DemoKeys:
+    """Keys `make run` registers (fresh ones each run: a secret is shown once)."""
+
+    pos_api_key: str
+    operator_key_id: str
+    operator_secret: str
+    miniprogram_key_id: str
+    miniprogram_secret: str
+
+
+async def demo_clients(database_url: str, redis_url: str, namespace: str) -> DemoKeys:
+    """A POS for the demo store, an operator console and a mini-program backend."""
+    from gateway.auth.admin import ClientAdmin
+    from gateway.auth.crypto import SecretBox
+    from gateway.auth.model import ClientKind
+    from gateway.settings import GatewaySettings
+
+    from .db import create_pool
+    from .redis_client import create_redis
+
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    redis = create_redis(redis_url)
+    admin = ClientAdmin(pool, redis, SecretBox(GatewaySettings().auth_secret_key), namespace)
+    try:
+        pos = await admin.fresh_key(
+            ClientKind.POS,
+            f"demo POS {DEMO_STORE}",
+            f"demo-pos-{DEMO_STORE.lower()}",
+            store_id=DEMO_STORE,
+        )
+        operator = await admin.fresh_key(
+            ClientKind.OPERATOR_CONSOLE, "demo operator console", "demo-operator"
+        )
+        miniprogram = await admin.fresh_key(
+            ClientKind.MINIPROGRAM_BACKEND, "demo mini-program backend", "demo-miniprogram"
+        )
+    finally:
+        await redis.aclose()
+        await pool.close()
+    return DemoKeys(
+        pos.api_key, operator.key_id, operator.secret, miniprogram.key_id, miniprogram.secret
+    )
+
+
+async def identify_demo_member(pos_target: str, api_key: str) -> str:
     """Identify (enrol on first run) the demo member through the gateway, as a POS would."""
+    from gateway.auth.client import StoreKeyInterceptor
     from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 
-    async with grpc.aio.insecure_channel(pos_target) as channel:
+    interceptors = [StoreKeyInterceptor(DEMO_STORE, api_key)]
+    async with grpc.aio.insecure_channel(pos_target, interceptors=interceptors) as channel:
         reply = await pos_pb2_grpc.PosServiceStub(channel).IdentifyMember(
             pos_pb2.IdentifyMemberRequest(store_id=DEMO_STORE, phone=DEMO_PHONE), timeout=10
         )
     return str(reply.member_id)
 
 
-def banner(ports: Mapping[str, int], infra: Infra, member_id: str | None, note: str) -> str:
+def banner(
+    ports: Mapping[str, int], infra: Infra, member_id: str | None, note: str, keys: DemoKeys
+) -> str:
     py = _python_for_display()
     http = f"http://{LOOPBACK}:{ports['http']}"
     pos = f"{LOOPBACK}:{ports['pos']}"
-    cli = f"{py} -m gateway.pos_cli --target {pos}"
+    cli = f"{py} -m gateway.pos_cli --target {pos} --api-key {keys.pos_api_key}"
+    # Every HTTP call is signed (docs/api.md, "Authentication"); this signs and sends.
+    signed = (
+        f"{py} -m gateway.auth.client --key-id {keys.operator_key_id}"
+        f" --secret {keys.operator_secret} GET"
+    )
     mid = member_id or "<member_id from the identify call>"
     lines = [
         "",
@@ -479,10 +533,14 @@ def banner(ports: Mapping[str, int], infra: Infra, member_id: str | None, note: 
         f"  {cli} complete-order --store-id {DEMO_STORE} --pos-transaction-id "
         f"T{int(time.time())} --member-id {mid} --paid-fen 3200",
         "  # run the same complete-order again: it replays (idempotent), no extra points",
-        f"  curl -s {http}/v1/members/{mid}/points",
-        f"  curl -s {http}/v1/members/{mid}",
-        f"  curl -s {http}/v1/members/{mid}/spend",
-        f"  curl -s {http}/readyz",
+        "  # HTTP calls are signed; as the demo operator console:",
+        f"  {signed} {http}/v1/members/{mid}/points",
+        f"  {signed} {http}/v1/members/{mid}",
+        f"  {signed} {http}/v1/members/{mid}/spend",
+        f"  curl -s {http}/readyz   # probes need no key",
+        "  # demo mini-program backend (acts for the member it asserts with X-Member-Openid):",
+        f"  #   key id {keys.miniprogram_key_id}  secret {keys.miniprogram_secret}",
+        "  # more clients: python -m gateway clients create --help",
         "",
         "Ctrl-C to stop.",
         "",
@@ -533,11 +591,14 @@ async def _run(args: argparse.Namespace) -> int:
             await seed(infra.database_url)
             if stop.is_set():
                 return 0
+            namespace = env.get("REDIS_NAMESPACE", "loyalty")
+            say("registering demo clients (new keys each run) ...")
+            keys = await demo_clients(infra.database_url, infra.redis_url, namespace)
             base = child_env(
                 env,
                 DATABASE_URL=infra.database_url,
                 REDIS_URL=infra.redis_url,
-                REDIS_NAMESPACE=env.get("REDIS_NAMESPACE", "loyalty"),
+                REDIS_NAMESPACE=namespace,
                 # Readable lines in a terminal; JSON stays the production default.
                 LOG_JSON=env.get("LOG_JSON", "false"),
             )
@@ -552,10 +613,12 @@ async def _run(args: argparse.Namespace) -> int:
             member_id: str | None = None
             note = ""
             try:
-                member_id = await identify_demo_member(f"{LOOPBACK}:{ports['pos']}")
+                member_id = await identify_demo_member(
+                    f"{LOOPBACK}:{ports['pos']}", keys.pos_api_key
+                )
             except grpc.aio.AioRpcError as exc:
                 note = f"{exc.code().name}: {exc.details()}"
-            print(banner(ports, infra, member_id, note), flush=True)
+            print(banner(ports, infra, member_id, note, keys), flush=True)
 
             dead = await _until(stop, platform.wait_any_exit())
             if dead is not None:

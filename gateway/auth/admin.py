@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -137,6 +138,24 @@ class ClientAdmin:
             )
         await self._changed()
 
+    async def fresh_key(
+        self, kind: ClientKind, name: str, client_id: str, *, store_id: str = ""
+    ) -> IssuedKey:
+        """For `make run`: the client, created if new, with one new key and its
+        older keys revoked (a secret cannot be shown again, so a restart issues
+        another)."""
+        existing = {c.client_id: c for c in await self.list()}.get(client_id)
+        if existing is None or existing.revoked_at is not None:
+            if existing is not None:
+                raise AlreadyExists(
+                    f"client {client_id} was revoked", code="CLIENT_REVOKED", field="client_id"
+                )
+            return await self.create(kind, name, client_id=client_id, store_id=store_id)
+        issued = await self.rotate(client_id)
+        for key_id in existing.active_keys:
+            await self.revoke_key(key_id)
+        return issued
+
     async def list(self) -> list[repo.ClientRow]:
         async with self._pool.acquire() as conn:
             return await repo.list_clients(conn)
@@ -221,7 +240,8 @@ def main(
     try:
         out = asyncio.run(run(argv, database_url, redis_url, namespace, SecretBox(key_b64)))
     except DomainError as exc:
-        print(json.dumps({"error": {"code": exc.code, "message": exc.message, "field": exc.field}}))
+        error = {"code": exc.code, "message": exc.message, "field": exc.field}
+        print(json.dumps({"error": error}), file=sys.stderr)
         return 1
     print(json.dumps(out, ensure_ascii=False, indent=2))
     return 0

@@ -1,6 +1,12 @@
 """The caller's side, for Python integrators, tools and tests: sign HTTP
 requests (an httpx Auth) and attach a POS store key (a grpc.aio interceptor).
-docs/api.md shows the same in curl and grpcurl."""
+docs/api.md shows the same in curl and grpcurl.
+
+Also a one-shot signed call from a shell:
+
+    python -m gateway.auth.client --key-id K --secret S GET http://127.0.0.1:8080/v1/admin/points/liability
+    python -m gateway.auth.client --key-id K --secret S POST http://.../v1/members/identify --json '{...}'
+"""
 
 from __future__ import annotations
 
@@ -57,3 +63,35 @@ class StoreKeyInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         metadata = tuple(client_call_details.metadata or ()) + self._metadata
         details = client_call_details._replace(metadata=metadata)
         return await continuation(details, request)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.auth.client", description="one signed HTTP call to the gateway"
+    )
+    parser.add_argument("--key-id", required=True)
+    parser.add_argument("--secret", required=True)
+    parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
+    parser.add_argument("--json", default=None, help="request body (JSON text)")
+    parser.add_argument("method")
+    parser.add_argument("url")
+    args = parser.parse_args(argv)
+    headers = dict(h.split(":", 1) for h in args.header)
+    headers = {k.strip(): v.strip() for k, v in headers.items()}
+    if args.json is not None:
+        headers.setdefault("Content-Type", "application/json")
+    with httpx.Client(auth=HmacAuth(args.key_id, args.secret), timeout=10) as client:
+        reply = client.request(
+            args.method.upper(),
+            args.url,
+            content=args.json.encode() if args.json is not None else None,
+            headers=headers,
+        )
+    print(reply.text)
+    return 0 if reply.status_code < 400 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
