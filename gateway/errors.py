@@ -66,6 +66,8 @@ _UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
 _PASS_THROUGH = frozenset(HTTP_STATUS) - _UNAVAILABLE
 
 UNAVAILABLE_MESSAGE = "a backing service is unavailable; retry later"
+# What protobuf raises when a Python int does not fit the message's int field.
+PROTOBUF_RANGE_ERROR = "Value out of range"
 INTERNAL_MESSAGE = "internal error"
 
 
@@ -197,6 +199,10 @@ def install_http_handlers(app: FastAPI) -> None:
         return problem(exc.status_code, code, detail)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, ValueError) and str(exc).startswith(PROTOBUF_RANGE_ERROR):
+            # A request number the route's model left unbounded, too large for
+            # the downstream field (int32/int64): the caller's mistake, not ours.
+            return problem(422, "OUT_OF_RANGE", "a number in the request is out of range")
         # Logged here with the stack; the caller learns nothing internal.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return problem(500, "INTERNAL", INTERNAL_MESSAGE)

@@ -125,13 +125,49 @@ def _serve_problems_in_openapi(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
-            for path in schema.get("paths", {}).values():
-                for operation in path.values():
-                    for status, response in operation.get("responses", {}).items():
+            for url, path in schema.get("paths", {}).items():
+                for method, operation in path.items():
+                    responses = operation.setdefault("responses", {})
+                    if url.startswith("/v1/"):
+                        _document_common_problems(method, responses)
+                    for status, response in responses.items():
                         content = response.get("content", {})
                         if status[0] in "45" and "application/json" in content:
                             content[PROBLEM_JSON] = content.pop("application/json")
+                        if status == "422" and PROBLEM_JSON in content:
+                            # FastAPI's default 422 body is not what the handler
+                            # sends (gateway/errors.py answers every 422 as a Problem).
+                            content[PROBLEM_JSON]["schema"] = {
+                                "$ref": "#/components/schemas/Problem"
+                            }
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# What any /v1 operation may answer besides its own outcomes: the door's
+# refusals, an Idempotency-Key reused with another body or a state conflict
+# (mutations), and the platform failing.
+_COMMON_PROBLEMS = {
+    "401": "Missing, malformed, expired, replayed or revoked credentials",
+    "403": "The client lacks the scope, or acts for another member or store",
+    "429": "Rate limit reached; retry after the Retry-After header",
+    "500": "Internal error (nothing internal in the body)",
+    "503": "A backing service is unavailable; retry later",
+}
+_MUTATION_PROBLEMS = {"409": "Idempotency-Key reused with another body, or a conflicting state"}
+
+
+def _document_common_problems(method: str, responses: dict[str, Any]) -> None:
+    common = dict(_COMMON_PROBLEMS)
+    if method.upper() in ("POST", "PUT", "PATCH", "DELETE"):
+        common.update(_MUTATION_PROBLEMS)
+    for status, description in common.items():
+        responses.setdefault(
+            status,
+            {
+                "description": description,
+                "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            },
+        )

@@ -26,6 +26,12 @@ _UNAVAILABLE = (
     RedisTimeoutError,
 )
 
+# Raised by PostgreSQL for text the database encoding cannot hold.
+_UNSTORABLE_TEXT = (
+    asyncpg.CharacterNotInRepertoireError,
+    asyncpg.UntranslatableCharacterError,
+)
+
 
 async def _abort(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
     """End the call with `status` without raising: grpc.aio discards the
@@ -57,6 +63,18 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
                 await _abort(context, to_rpc_status(exc.status, exc.message, exc.code, exc.field))
             except grpc.aio.AbortError:
                 raise
+            except _UNSTORABLE_TEXT as exc:
+                # Text PostgreSQL cannot hold (a NUL byte, an invalid sequence):
+                # the caller's input, refused whole (the transaction rolled back).
+                log.info("%s: unstorable text: %s", method, exc)
+                await _abort(
+                    context,
+                    to_rpc_status(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "text contains a character that cannot be stored (e.g. NUL)",
+                        "INVALID_CHARACTERS",
+                    ),
+                )
             except _UNAVAILABLE as exc:
                 log.warning("%s: dependency unavailable: %r", method, exc)
                 await _abort(
