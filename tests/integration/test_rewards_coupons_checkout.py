@@ -15,16 +15,20 @@ from typing import TypeAlias
 import asyncpg
 import grpc
 import pytest
+from google.protobuf.message import Message
+from redis.asyncio import Redis
 
 from loyalty.common.v1 import common_pb2
+from loyalty.events.v1 import events_pb2
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
+from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
 from services.rewards import coupon_service
 from services.rewards.jobs import expire_coupons
 from services.rewards.seed import seed_demo
 
-from ..harness import Infra
+from ..harness import Infra, eventually
 
 Stub: TypeAlias = rewards_pb2_grpc.RewardsServiceStub
 STORE = common_pb2.CHANNEL_STORE
@@ -504,3 +508,52 @@ async def test_expiring_coupons_are_announced_once(
         )
         == 1
     )
+
+
+async def test_member_merged_and_unmerged_events_move_coupons(
+    stub: Stub, infra: Infra, rewards_app: object
+) -> None:
+    survivor, absorbed = str(uuid.uuid4()), str(uuid.uuid4())
+    template_id = await template(stub)
+    theirs = await coupon(stub, template_id, absorbed)
+    mine = await coupon(stub, template_id, survivor)
+    redis = Redis.from_url(infra.redis_url)
+
+    async def publish(payload: Message) -> None:
+        envelope = make_envelope("member", payload, survivor)
+        await redis.xadd(
+            stream_name(infra.namespace, "member"),
+            {ENVELOPE_FIELD: envelope.SerializeToString()},
+        )
+
+    async def wallet(member: str) -> set[str]:
+        reply = await stub.ListMemberCoupons(rewards_pb2.ListMemberCouponsRequest(member_id=member))
+        return {c.code for c in reply.coupons}
+
+    try:
+        merge_id = str(uuid.uuid4())
+        # Delivered twice (two event ids): moved once, nothing lost.
+        for _ in range(2):
+            await publish(
+                events_pb2.MemberMerged(
+                    merge_id=merge_id, survivor_member_id=survivor, absorbed_member_id=absorbed
+                )
+            )
+
+        async def merged() -> bool:
+            return await wallet(survivor) == {theirs.code, mine.code}
+
+        await eventually(merged)
+        await publish(
+            events_pb2.MemberUnmerged(
+                merge_id=merge_id, survivor_member_id=survivor, restored_member_id=absorbed
+            )
+        )
+
+        async def unmerged() -> bool:
+            return await wallet(absorbed) == {theirs.code}
+
+        await eventually(unmerged)
+        assert await wallet(survivor) == {mine.code}
+    finally:
+        await redis.aclose()
