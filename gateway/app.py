@@ -30,7 +30,7 @@ from servicekit.telemetry import configure_tracing
 from .auth.door import Door
 from .clients import Downstreams
 from .http import create_app
-from .metrics import GatewayMetrics, GrpcObserver
+from .metrics import GatewayMetrics, GrpcObserver, pos_client_of
 from .offline import OfflinePolicy
 from .pos import PosServicer
 from .settings import GatewaySettings
@@ -117,7 +117,13 @@ class Gateway:
             s.max_connection_age_ms,
             s.shutdown_grace_seconds,
             # The door inside the observer: refused calls are counted too.
-            [GrpcObserver(self.metrics), *([self.door.pos_interceptor()] if self.door else [])],
+            [
+                GrpcObserver(
+                    self.metrics,
+                    pos_client_of(self.door.registry) if self.door and self.door.registry else None,
+                ),
+                *([self.door.pos_interceptor()] if self.door else []),
+            ],
         )
         offline = OfflinePolicy(
             max_batch=s.offline_max_batch, max_age_hours=s.offline_max_age_hours

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from threading import Thread
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -33,6 +33,9 @@ from servicekit.errors import DomainError
 
 from . import access_log
 from .errors import PROBLEM_JSON
+
+if TYPE_CHECKING:
+    from .auth.registry import CredentialRegistry
 
 ANONYMOUS = "anonymous"
 # Requests that matched no route share one label value (a scanner's random
@@ -146,6 +149,7 @@ class HttpObserver:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = _Routes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -176,12 +180,34 @@ class HttpObserver:
         finally:
             if status >= 400 and not code:
                 code = _problem_code(body) if problem else f"HTTP_{status}"
-            self.metrics.observe(_http_observation(scope, status, code, started))
+            self.metrics.observe(_http_observation(scope, status, code, started, self.routes))
 
 
-def _http_observation(scope: Scope, status: int, code: str, started: float) -> Observation:
+class _Routes:
+    """Route templates for requests answered before routing (the door refused
+    them): matched here, so a refusal counts against its route. The door's own
+    flat route table, built once on first use (every router is included by then)."""
+
+    def __init__(self) -> None:
+        self._table: Any = None
+
+    def template(self, scope: Scope) -> str:
+        app = scope.get("app")
+        if app is None:
+            return UNMATCHED
+        if self._table is None:
+            from .auth.http import RouteTable  # the door imports this module's neighbours
+
+            self._table = RouteTable(app)
+        matched = self._table.match(scope.get("method", ""), scope.get("path", ""))
+        return str(matched[0]) if matched else UNMATCHED
+
+
+def _http_observation(
+    scope: Scope, status: int, code: str, started: float, routes: _Routes
+) -> Observation:
     route = scope.get("route")
-    template = getattr(route, "path", None) or UNMATCHED
+    template = getattr(route, "path", None) or routes.template(scope)
     params = scope.get("path_params") or {}
     # The door (gateway/auth/http.py) leaves the authenticated credential here.
     credential = (scope.get("state") or {}).get("credential")
@@ -209,13 +235,36 @@ def _member_id(raw: object) -> str:
 # ---- gRPC --------------------------------------------------------------------------------
 
 
+ClientOf = Callable[[grpc.aio.ServicerContext], str | None]
+_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+def pos_client_of(registry: CredentialRegistry) -> ClientOf:
+    """The client id of a POS call's key (x-api-key metadata), from the door's
+    credential cache; no I/O."""
+    # Here, not at the top: the door's modules import the gateway's errors and
+    # metrics are imported by the app before the door.
+    from .auth.crypto import split_api_key
+    from .auth.pos import KEY_METADATA
+
+    def client_of(context: grpc.aio.ServicerContext) -> str | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == KEY_METADATA and isinstance(value, str):
+                credential = registry.get(split_api_key(value)[0])
+                return credential.client_id if credential else None
+        return None
+
+    return client_of
+
+
 class GrpcObserver(grpc.aio.ServerInterceptor):
     """One Observation per unary RPC. Sits inside the DomainErrorInterceptor,
     so it sees the DomainError itself (status and code) before it becomes a
     grpc status; anything else is what that interceptor reports as INTERNAL."""
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(self, metrics: GatewayMetrics, client_of: ClientOf | None = None) -> None:
         self.metrics = metrics
+        self.client_of = client_of
 
     async def intercept_service(
         self,
@@ -230,6 +279,7 @@ class GrpcObserver(grpc.aio.ServerInterceptor):
         if method.startswith("/grpc.health.") or method.startswith("/grpc.reflection."):
             return handler
         metrics = self.metrics
+        client_of = self.client_of
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
@@ -251,10 +301,15 @@ class GrpcObserver(grpc.aio.ServerInterceptor):
                 status, code = grpc.StatusCode.INTERNAL, "INTERNAL"
                 raise
             finally:
+                client = grpc_client_id.get()
+                # Only a caller the door let through is named: a refused one
+                # could send any key id (one series each).
+                if client == ANONYMOUS and client_of is not None and status not in _REFUSED:
+                    client = client_of(context) or ANONYMOUS
                 metrics.observe(
                     Observation(
                         protocol="grpc",
-                        client=grpc_client_id.get(),
+                        client=client,
                         route=method,
                         method="POST",
                         status=status.name,

@@ -15,9 +15,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
+from gateway.auth.admin import IssuedKey
 from loyalty.pos.v1 import pos_pb2
 from servicekit.logs import configure_logging
 
+from .doors import StoreKeys
 from .test_pos_slice import STORE, Pos, identify, new_phone, rpc_error
 
 pytestmark = pytest.mark.e2e
@@ -159,3 +161,30 @@ async def test_access_log_is_json_without_pii(
     assert by_route[(IDENTIFY_RPC, "INVALID_ARGUMENT")]["store_id"] == STORE
     # Joined to traces: the HTTP line was written inside the request's span.
     assert len(str(ok["trace_id"])) == 32
+
+
+async def test_series_are_labelled_with_the_authenticated_client(
+    gateway: Gateway,
+    http: httpx.AsyncClient,
+    pos: Pos,
+    trusted_key: IssuedKey,
+    store_keys: StoreKeys,
+) -> None:
+    member = await identify(pos, new_phone())
+    assert (await http.get(f"/v1/members/{member.member_id}/points")).status_code == 200
+    # An unsigned request is refused by the door: counted, but as nobody's.
+    async with httpx.AsyncClient(base_url=str(http.base_url)) as stranger:
+        assert (await stranger.get(f"/v1/members/{member.member_id}/points")).status_code == 401
+    samples = await scrape(gateway)
+    till = (await store_keys.key_for(STORE)).client_id
+
+    def clients(**labels: str) -> set[str]:
+        return {
+            ls["client"]
+            for ls, v in samples["gateway_requests_total"]
+            if v and labels.items() <= ls.items()
+        }
+
+    assert clients(route=POINTS_ROUTE, status="200") == {trusted_key.client_id}
+    assert clients(route=POINTS_ROUTE, status="401") == {"anonymous"}
+    assert till in clients(route=IDENTIFY_RPC, status="OK")
