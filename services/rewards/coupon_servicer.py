@@ -229,8 +229,8 @@ class CouponRpcs:
     async def ListCouponTemplates(
         self, request: rewards_pb2.ListCouponTemplatesRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.CouponTemplates:
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        _page(size, "")
+        # Template ids are the cursor here (ordered by id), not sequence numbers.
+        size, _ = _page(request.page_size, "")
         status = _enum(Status, request.status, "status").value if request.status else None
         async with self._db.unit_of_work() as uow:
             rows = await svc.crepo.list_templates(

@@ -557,3 +557,35 @@ async def test_member_merged_and_unmerged_events_move_coupons(
         assert await wallet(survivor) == {mine.code}
     finally:
         await redis.aclose()
+
+
+async def test_templates_list_by_id_with_a_cursor_and_version_over_grpc(stub: Stub) -> None:
+    ids = sorted([await template(stub) for _ in range(3)])
+    seen: list[str] = []
+    cursor = ""
+    while True:
+        page = await stub.ListCouponTemplates(
+            rewards_pb2.ListCouponTemplatesRequest(status="active", page_size=2, cursor=cursor)
+        )
+        seen += [t.template_id for t in page.templates]
+        assert all(t.status == "active" for t in page.templates)
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    assert [i for i in seen if i in ids] == ids
+    assert seen == sorted(seen)
+    v2 = await stub.NewCouponTemplateVersion(
+        rewards_pb2.NewCouponTemplateVersionRequest(
+            template_id=ids[0], terms=terms(discount_fen=2000), expected_version=1
+        )
+    )
+    got = await stub.GetCouponTemplate(rewards_pb2.GetCouponTemplateRequest(template_id=ids[0]))
+    assert (v2.version, got.version, got.terms.discount_fen) == (2, 2, 2000)
+    status, code, field = await rpc_error(
+        stub.NewCouponTemplateVersion(
+            rewards_pb2.NewCouponTemplateVersionRequest(
+                template_id=ids[0], terms=terms(kind="percent_off", percent=10)
+            )
+        )
+    )
+    assert (status, code, field) == (grpc.StatusCode.INVALID_ARGUMENT, "KIND_CHANGED", "kind")
