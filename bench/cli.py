@@ -56,6 +56,8 @@ RESULTS_DIR = ROOT / "bench" / "results"
 BENCH_DATA = embedded.DATA_DIR / "bench"
 PAID_FEN = 3200
 GROSS_FEN = 3600
+# Rate and burst that never throttle a benchmark (limits are checked, not hit).
+UNLIMITED_RATE = 1_000_000.0
 
 
 class UnexpectedReply(Exception):
@@ -226,11 +228,46 @@ def demo_phone(i: int) -> str:
     return f"139{(20_000_000 + i * 7_919) % 100_000_000:08d}"
 
 
-async def identify_pool(pos_target: str, store_id: str, count: int) -> list[str]:
+async def register_pos_key(infra: BenchInfra, store_id: str) -> str:
+    """A POS key for the store, without a client limit: the bench measures
+    the door's cost, not its throttling (docs/api.md, "Rate limits")."""
+    from gateway.auth.admin import ClientAdmin
+    from gateway.auth.crypto import SecretBox
+    from gateway.auth.model import ClientKind
+    from gateway.settings import GatewaySettings
+    from servicekit.db import create_pool
+    from servicekit.redis_client import create_redis
+
+    pool = await create_pool(infra.database_url, min_size=1, max_size=1)
+    redis = create_redis(infra.redis_url)
+    box = SecretBox(GatewaySettings().auth_secret_key)
+    try:
+        issued = await ClientAdmin(pool, redis, box, infra.namespace).create(
+            ClientKind.POS,
+            f"bench till {store_id}",
+            store_id=store_id,
+            rate_per_second=UNLIMITED_RATE,
+            burst=int(UNLIMITED_RATE),
+        )
+    finally:
+        await redis.aclose()
+        await pool.close()
+    return issued.api_key
+
+
+def pos_channel(pos_target: str, store_id: str, api_key: str) -> grpc.aio.Channel:
+    """A channel whose calls carry the store's key (x-store-id / x-api-key)."""
+    from gateway.auth.client import StoreKeyInterceptor
+
+    interceptors = [StoreKeyInterceptor(store_id, api_key)] if api_key else None
+    return grpc.aio.insecure_channel(pos_target, interceptors=interceptors)
+
+
+async def identify_pool(pos_target: str, store_id: str, count: int, api_key: str = "") -> list[str]:
     from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 
     gate = asyncio.Semaphore(16)
-    async with grpc.aio.insecure_channel(pos_target) as channel:
+    async with pos_channel(pos_target, store_id, api_key) as channel:
         stub = pos_pb2_grpc.PosServiceStub(channel)
 
         async def one(i: int) -> str:
@@ -311,12 +348,42 @@ async def measure_echo(args: argparse.Namespace, log_dir: Path) -> RunResult:
 
 
 def platform_env(infra: BenchInfra) -> dict[str, str]:
-    """The environment of the platform's children: this run's data only."""
+    """The environment of the platform's children: this run's data only. The
+    bench drives one store at hundreds of orders a second (a real store does
+    about one a minute), so the per-store bucket is opened wide; the Redis
+    round trip that checks it is still paid."""
     return devrun.child_env(
         os.environ,
         DATABASE_URL=infra.database_url,
         REDIS_URL=infra.redis_url,
         REDIS_NAMESPACE=infra.namespace,
+        STORE_RATE_PER_SECOND=str(UNLIMITED_RATE),
+        STORE_BURST=str(int(UNLIMITED_RATE)),
+    )
+
+
+def gateway_without_auth(ports: dict[str, int], base_env: dict[str, str]) -> devrun.Child:
+    """A second gateway in front of the same services, with AUTH_ENABLED=false:
+    the same call through it is the baseline of the door's overhead."""
+    addresses = {
+        f"{name.upper()}_ADDR": f"{devrun.LOOPBACK}:{ports[name]}" for name in devrun.SERVICES
+    }
+    env = devrun.child_env(
+        base_env,
+        AUTH_ENABLED="false",
+        HTTP_HOST=devrun.LOOPBACK,
+        HTTP_PORT=str(ports["http_noauth"]),
+        POS_GRPC_HOST=devrun.LOOPBACK,
+        POS_GRPC_PORT=str(ports["pos_noauth"]),
+        METRICS_PORT=str(ports["metrics_noauth"]),
+        **addresses,
+    )
+    return devrun.Child(
+        "gateway-noauth",
+        [sys.executable, "-m", "gateway"],
+        env,
+        http_ready=(devrun.LOOPBACK, ports["http_noauth"], "/readyz"),
+        tier=1,
     )
 
 
@@ -420,6 +487,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(a / b, 2)
 
 
+def auth_overhead(with_auth: RunResult, without: RunResult) -> dict[str, float | None]:
+    """What the door (key check, scope, one Redis round trip) adds per call."""
+    a, b = with_auth.summary()["latency_ms"], without.summary()["latency_ms"]
+    return {
+        q: (round(a[q] - b[q], 3) if a.get(q) is not None and b.get(q) is not None else None)
+        for q in ("p50", "p90", "p99")
+    }
+
+
 def table(results: list[RunResult]) -> str:
     head = (
         f"{'':34} {'offered/s':>9} {'achieved/s':>10} {'ok':>6} {'errors':>6}"
@@ -471,14 +547,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pg_version = await server_version(infra.database_url)
 
         ports = devrun.free_ports()
+        extra = devrun.free_ports()
+        ports.update(
+            http_noauth=extra["http"], pos_noauth=extra["pos"], metrics_noauth=extra["metrics"]
+        )
         base = platform_env(infra)
         pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
-        async with started(devrun.platform_children(ports, base), log_dir):
-            members = await identify_pool(pos_target, args.store_id, args.members)
+        api_key = await register_pos_key(infra, args.store_id)
+        children = [*devrun.platform_children(ports, base), gateway_without_auth(ports, base)]
+        async with started(children, log_dir):
+            members = await identify_pool(pos_target, args.store_id, args.members, api_key)
             say(f"identified {len(members)} members at {args.store_id}")
-            async with grpc.aio.insecure_channel(pos_target) as channel:
-                from loyalty.pos.v1 import pos_pb2_grpc
+            from loyalty.pos.v1 import pos_pb2_grpc
 
+            async with pos_channel(pos_target, args.store_id, api_key) as channel:
                 stub = pos_pb2_grpc.PosServiceStub(channel)
 
                 def call_for(phase: str) -> Callable[[int], Awaitable[object]]:
@@ -490,8 +572,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.probe:
                     say("probing the maximum sustained rate ...")
                     report["probe"] = await probe(call_for, args)
+            # The same call, through the gateway without the door.
+            noauth_target = f"{devrun.LOOPBACK}:{ports['pos_noauth']}"
+            async with grpc.aio.insecure_channel(noauth_target) as channel:
+                open_stub = pos_pb2_grpc.PosServiceStub(channel)
 
-        baselines: list[RunResult] = []
+                def open_call_for(phase: str) -> Callable[[int], Awaitable[object]]:
+                    return slice_call(
+                        open_stub, args.store_id, members, f"{run_id}-open-{phase}", args.timeout
+                    )
+
+                noauth_result = await measure(
+                    "baseline: same call, gateway auth off", open_call_for, args
+                )
+
+        baselines: list[RunResult] = [noauth_result]
         if not args.no_baselines:
             baselines.append(await measure_echo(args, log_dir))
 
@@ -528,6 +623,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "slice": slice_result.summary(),
                 "baselines": [b.summary() for b in baselines],
                 "ratios_slice_over_baseline": ratios(slice_result, baselines),
+                "auth_overhead_ms": auth_overhead(slice_result, noauth_result),
                 "logs": str(log_dir),
             }
         )
@@ -543,6 +639,11 @@ def print_report(report: dict[str, Any], path: Path) -> None:
     print()
     for name, r in report["ratios_slice_over_baseline"].items():
         print(f"slice / {name}: p50 x{r['p50']}, p99 x{r['p99']}, p99.9 x{r['p99.9']}")
+    overhead = report["auth_overhead_ms"]
+    print(
+        f"auth + rate-limit overhead per call: p50 {overhead['p50']} ms, "
+        f"p90 {overhead['p90']} ms, p99 {overhead['p99']} ms"
+    )
     if "probe" in report:
         best = report["probe"]["max_sustained_rate_per_s"]
         print(

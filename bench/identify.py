@@ -43,7 +43,9 @@ from .cli import (
     measure,
     measure_echo,
     platform_env,
+    pos_channel,
     ratios,
+    register_pos_key,
     say,
     server_version,
     started,
@@ -131,10 +133,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
         member_target = f"{devrun.LOOPBACK}:{ports['member']}"
         results: list[RunResult] = []
+        api_key = await register_pos_key(infra, args.store_id)
         async with started(devrun.platform_children(ports, base), log_dir):
-            members = await identify_pool(pos_target, args.store_id, args.members)
+            members = await identify_pool(pos_target, args.store_id, args.members, api_key)
             say(f"enrolled {len(members)} members at {args.store_id}")
-            async with grpc.aio.insecure_channel(pos_target) as channel:
+            async with pos_channel(pos_target, args.store_id, api_key) as channel:
                 pos = pos_pb2_grpc.PosServiceStub(channel)
                 results.append(
                     await measure(

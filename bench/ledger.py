@@ -45,7 +45,9 @@ from .cli import (
     identify_pool,
     measure,
     platform_env,
+    pos_channel,
     ratio,
+    register_pos_key,
     say,
     server_version,
     started,
@@ -177,11 +179,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base = platform_env(infra)
         pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
         rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
+        api_key = await register_pos_key(infra, args.store_id)
         async with started(devrun.platform_children(ports, base), log_dir):
-            members = await identify_pool(pos_target, args.store_id, args.members)
+            members = await identify_pool(pos_target, args.store_id, args.members, api_key)
             async with (
                 grpc.aio.insecure_channel(rewards_target) as rch,
-                grpc.aio.insecure_channel(pos_target) as pch,
+                pos_channel(pos_target, args.store_id, api_key) as pch,
             ):
                 rewards = rewards_pb2_grpc.RewardsServiceStub(rch)
                 pos = pos_pb2_grpc.PosServiceStub(pch)
