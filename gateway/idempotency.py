@@ -63,11 +63,11 @@ class IdempotencyMiddleware:
             return
         body = scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive)
         try:
-            await self._handle(scope, body, send)
+            await self._handle(scope, body, receive, send)
         except DomainError as exc:
-            await domain_problem(exc)(scope, replay_body(body), send)
+            await domain_problem(exc)(scope, replay_body(body, receive), send)
 
-    async def _handle(self, scope: Scope, body: bytes, send: Send) -> None:
+    async def _handle(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         key = header(scope, HEADER.lower())
         if not key:
             raise InvalidArgument(
@@ -93,7 +93,7 @@ class IdempotencyMiddleware:
         ).hexdigest()
         marker = json.dumps({"state": "in_progress", "fingerprint": fingerprint})
         if await self._redis.set(record_key, marker, nx=True, px=self._lock_ms):
-            await self._execute(scope, body, send, record_key, fingerprint)
+            await self._execute(scope, body, receive, send, record_key, fingerprint)
             return
         stored = await self._redis.get(record_key)
         record = json.loads(stored) if stored else {"state": "in_progress"}
@@ -119,7 +119,13 @@ class IdempotencyMiddleware:
         await send({"type": "http.response.body", "body": payload})
 
     async def _execute(
-        self, scope: Scope, body: bytes, send: Send, record_key: str, fingerprint: str
+        self,
+        scope: Scope,
+        body: bytes,
+        receive: Receive,
+        send: Send,
+        record_key: str,
+        fingerprint: str,
     ) -> None:
         status = 500
         content_type = ""
@@ -137,7 +143,7 @@ class IdempotencyMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, replay_body(body), capture)
+            await self.app(scope, replay_body(body, receive), capture)
         except BaseException:
             await self._redis.delete(record_key)
             raise

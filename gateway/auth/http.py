@@ -94,7 +94,9 @@ async def read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-def replay_body(body: bytes) -> Receive:
+def replay_body(body: bytes, then: Receive) -> Receive:
+    """The body already read, as one message; afterwards the real channel, so
+    the app still learns when the client goes away."""
     sent = False
 
     async def receive() -> Message:
@@ -102,7 +104,7 @@ def replay_body(body: bytes) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await then()
 
     return receive
 
@@ -173,7 +175,7 @@ class HttpAuthMiddleware:
         scope.setdefault("state", {})["credential"] = credential
         scope[BODY_KEY] = body
         scope[ROUTE_KEY] = template
-        await self.app(scope, replay_body(body), send)
+        await self.app(scope, replay_body(body, receive), send)
 
     async def _refuse(self, exc: DomainError, scope: Scope, receive: Receive, send: Send) -> None:
         response = domain_problem(exc)
