@@ -450,3 +450,33 @@ async def test_a_bucket_never_hands_out_more_than_it_holds(gateway: Gateway) -> 
         )
     )
     assert sum(v.allowed for v in verdicts) == 5
+
+
+async def test_an_absorbed_member_id_is_the_asserted_members_own(
+    gateway: Gateway,
+    http: httpx.AsyncClient,
+    pos: pos_pb2_grpc.PosServiceStub,
+    miniprogram: IssuedKey,
+) -> None:
+    """The till met the phone first (a member of its own); binding the phone
+    merges that member into the logged-in one: its old id is now the same person."""
+    survivor, openid = await new_member(http)
+    phone = f"139{uuid.uuid4().int % 10**8:08d}"
+    at_till = await pos.IdentifyMember(
+        pos_pb2.IdentifyMemberRequest(store_id=STORE, phone=phone), timeout=10
+    )
+    bound = await http.post(
+        "/v1/members/bind-phone",
+        json={"request_key": str(uuid.uuid4()), "app_id": APP_ID, "openid": openid, "phone": phone},
+    )
+    assert bound.status_code == 200, bound.text
+    assert bound.json()["merged_member_ids"] == [at_till.member_id]
+    asserted = {"X-Member-Appid": APP_ID, "X-Member-Openid": openid}
+    async with httpx.AsyncClient(
+        base_url=url(gateway), timeout=10, auth=HmacAuth(miniprogram.key_id, miniprogram.secret)
+    ) as mp:
+        reply = await mp.get(f"/v1/members/{at_till.member_id}/points", headers=asserted)
+    # The door let it through (what the points route answers for an absorbed
+    # id is rewards' business); another member's id would be MEMBER_MISMATCH.
+    assert reply.status_code == 200, reply.text
+    assert survivor != at_till.member_id
