@@ -187,47 +187,24 @@ async def remaining_stock(conn: Connection, template_id: str) -> int | None:
 # ---- issuance -------------------------------------------------------------------
 
 
-async def take_stock(conn: Connection, template_id: str, shards: int) -> bool:
+async def take_stock(conn: Connection, template_id: str, shards: int, skip: int = -1) -> bool:
     """Take one unit of stock: a random shard first (spreads row locks), then
-    the others in turn; False when every shard is empty."""
+    the others in turn; False when every shard is empty. `skip`: a shard the
+    caller already found empty."""
     start = random.randrange(shards)
     for n in range(shards):
+        shard = (start + n) % shards
+        if shard == skip:
+            continue
         taken = await conn.fetchval(
             "UPDATE rewards.coupon_stock SET remaining = remaining - 1"
             " WHERE template_id = $1 AND shard = $2 AND remaining > 0 RETURNING true",
             template_id,
-            (start + n) % shards,
+            shard,
         )
         if taken:
             return True
     return False
-
-
-async def count_for_member(
-    conn: Connection, template_id: str, member_id: uuid.UUID, limit: int
-) -> bool:
-    """Count one more coupon for the member, unless that passes the limit."""
-    counted = await conn.fetchval(
-        "INSERT INTO rewards.coupon_member_counts AS c (template_id, member_id, issued)"
-        " VALUES ($1, $2, 1) ON CONFLICT (template_id, member_id)"
-        " DO UPDATE SET issued = c.issued + 1 WHERE c.issued < $3 RETURNING true",
-        template_id,
-        member_id,
-        limit,
-    )
-    return bool(counted)
-
-
-async def count_for_day(conn: Connection, template_id: str, day: date, budget: int) -> bool:
-    counted = await conn.fetchval(
-        "INSERT INTO rewards.coupon_daily_counts AS c (template_id, day, issued)"
-        " VALUES ($1, $2, 1) ON CONFLICT (template_id, day)"
-        " DO UPDATE SET issued = c.issued + 1 WHERE c.issued < $3 RETURNING true",
-        template_id,
-        day,
-        budget,
-    )
-    return bool(counted)
 
 
 async def has_settled_order(
@@ -261,16 +238,68 @@ class NewCoupon:
     expires_at: datetime
 
 
-async def insert_coupon(conn: Connection, c: NewCoupon) -> Any:
-    """The new coupon's row, or None when the issue key is taken (the caller
-    then reads what is stored under it). A concurrent claim of the same key
-    waits here for the first one's commit."""
-    return await conn.fetchrow(
-        "INSERT INTO rewards.coupons AS c (id, code, template_id, template_version, member_id,"
-        " reason, issued_by, issue_key, request_hash, issued_at, valid_from, expires_at,"
-        " issued_to)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $5)"
-        f" ON CONFLICT (issue_key) DO NOTHING RETURNING {COUPON_COLUMNS}",
+# One round trip for the whole issue. The coupon row claims the issue key first:
+# on a taken key (a retry, or a concurrent call with the same key, which waits
+# here for the first one's commit) it inserts nothing and every later part,
+# gated on it, does nothing either. Otherwise each guard is one conditional
+# write (the member's count, the day's count, one stock shard) and the outbox
+# row goes in with the coupon. A guard that refuses still leaves the other
+# parts written: the caller raises, which rolls the statement back as a whole.
+ISSUE_SQL = (
+    "WITH coupon AS ("
+    " INSERT INTO rewards.coupons AS c (id, code, template_id, template_version, member_id,"
+    " reason, issued_by, issue_key, request_hash, issued_at, valid_from, expires_at, issued_to)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $5)"
+    f" ON CONFLICT (issue_key) DO NOTHING RETURNING {COUPON_COLUMNS}),"
+    " member_count AS ("
+    " INSERT INTO rewards.coupon_member_counts AS m (template_id, member_id, issued)"
+    " SELECT $3, $5, 1 FROM coupon WHERE $13::bigint IS NOT NULL"
+    " ON CONFLICT (template_id, member_id) DO UPDATE SET issued = m.issued + 1"
+    " WHERE m.issued < $13 RETURNING 1),"
+    " day_count AS ("
+    " INSERT INTO rewards.coupon_daily_counts AS d (template_id, day, issued)"
+    " SELECT $3, $14, 1 FROM coupon WHERE $15::bigint IS NOT NULL"
+    " ON CONFLICT (template_id, day) DO UPDATE SET issued = d.issued + 1"
+    " WHERE d.issued < $15 RETURNING 1),"
+    " stock AS ("
+    " UPDATE rewards.coupon_stock SET remaining = remaining - 1"
+    " WHERE template_id = $3 AND shard = $16 AND remaining > 0"
+    " AND EXISTS (SELECT 1 FROM coupon) RETURNING 1),"
+    " outbox AS ("
+    " INSERT INTO rewards.outbox (event_id, event_type, envelope) SELECT $17, $18, $19 FROM coupon)"
+    " SELECT k.*, EXISTS (SELECT 1 FROM member_count) AS member_counted,"
+    " EXISTS (SELECT 1 FROM day_count) AS day_counted,"
+    " EXISTS (SELECT 1 FROM stock) AS stock_taken"
+    " FROM (SELECT 1) one LEFT JOIN coupon k ON true"
+)
+
+
+@dataclass(frozen=True)
+class Issue:
+    """What the issue statement did."""
+
+    # The new coupon's row; None when the issue key was taken (nothing written).
+    row: Any
+    member_counted: bool
+    day_counted: bool
+    # From the one shard tried (`shard`); the others are the caller's to try.
+    stock_taken: bool
+    shard: int
+
+
+async def issue(
+    conn: Connection,
+    c: NewCoupon,
+    limits: Limits,
+    day: date,
+    event: tuple[str, str, bytes],
+) -> Issue:
+    """Insert the coupon and its outbox row and take its limits, in one statement
+    (see ISSUE_SQL). A guard that did not pass reads False; the caller must then
+    undo the statement (raise in its transaction or savepoint)."""
+    shard = random.randrange(limits.stock_shards) if limits.total_stock is not None else 0
+    row = await conn.fetchrow(
+        ISSUE_SQL,
         c.id,
         c.code,
         c.template_id,
@@ -283,6 +312,19 @@ async def insert_coupon(conn: Connection, c: NewCoupon) -> Any:
         c.issued_at,
         c.valid_from,
         c.expires_at,
+        limits.per_member_limit,
+        day,
+        limits.daily_budget,
+        shard,
+        *event,
+    )
+    assert row is not None
+    return Issue(
+        row=row if row["id"] is not None else None,
+        member_counted=row["member_counted"],
+        day_counted=row["day_counted"],
+        stock_taken=row["stock_taken"],
+        shard=shard,
     )
 
 

@@ -2,10 +2,14 @@
 
 `issue_coupon` runs inside the caller's open transaction (the points mall, the
 referral rewards and the IssueCoupon RPC all call it) and writes under a
-savepoint, so a refusal leaves nothing of it behind even if the caller goes on.
-Order of an issue: claim the issue key (insert the coupon; a concurrent claim
-of the same key waits for the first commit, then replays), then take stock,
-the member's count and the day's count, each with one conditional statement.
+savepoint, so a refusal leaves nothing of it behind even if the caller goes on
+(the RPC, whose transaction ends with the refusal anyway, skips the savepoint).
+An issue is two round trips: one read (a coupon under the key, the erasure
+mark, the template), then one statement that claims the issue key, takes the
+member's count, the day's count and a stock shard, each a conditional write,
+and inserts the coupon and its CouponIssued outbox row
+(coupon_repository.ISSUE_SQL). A guard that does not pass raises, undoing the
+statement as a whole.
 """
 
 from __future__ import annotations
@@ -216,13 +220,30 @@ async def issue_coupon(
             code="NOT_A_NEW_MEMBER",
             field="member_id",
         )
-    # Whatever refuses below undoes the coupon row and the counters.
+    coupon_id, code = uuid.uuid4(), new_code()
+    expires_at = terms.expires_at(now)
+    # Built before the write: it goes in with the coupon, in the same statement.
+    envelope = make_envelope(
+        PRODUCER,
+        events_pb2.CouponIssued(
+            coupon_id=str(coupon_id),
+            code=code,
+            member_id=str(member_id),
+            template_id=template_id,
+            template_version=template.version,
+            reason=why.value,
+            issued_at=timestamp(now),
+            expires_at=timestamp(expires_at),
+        ),
+        str(member_id),
+    )
+    # Whatever refuses below undoes the coupon row, the counters and the event.
     async with conn.transaction() if savepoint else _same_transaction():
-        row = await crepo.insert_coupon(
+        done = await crepo.issue(
             conn,
             crepo.NewCoupon(
-                id=uuid.uuid4(),
-                code=new_code(),
+                id=coupon_id,
+                code=code,
                 template_id=template_id,
                 template_version=template.version,
                 member_id=member_id,
@@ -232,31 +253,19 @@ async def issue_coupon(
                 request_hash=digest,
                 issued_at=now,
                 valid_from=terms.starts_at(now),
-                expires_at=terms.expires_at(now),
+                expires_at=expires_at,
             ),
+            template.limits,
+            now.astimezone(BUSINESS_TZ).date(),
+            (envelope.event_id, envelope.event_type, envelope.SerializeToString()),
         )
-        if row is None:
+        if done.row is None:
             # The same key was committed by a concurrent call while we checked.
             stored = await crepo.coupon_by_key(conn, issue_key)
             assert stored is not None, "a conflicting key is committed"
             return _replay(stored, digest, issue_key)
-        await _take_limits(conn, template_id, template.limits, member_id, now)
-    coupon = issued(row)
-    await emit(
-        conn,
-        events_pb2.CouponIssued(
-            coupon_id=coupon.coupon_id,
-            code=coupon.code,
-            member_id=coupon.member_id,
-            template_id=template_id,
-            template_version=template.version,
-            reason=why.value,
-            issued_at=timestamp(now),
-            expires_at=timestamp(coupon.expires_at),
-        ),
-        coupon.member_id,
-    )
-    return coupon
+        await _check_limits(conn, template_id, template.limits, member_id, done)
+    return issued(done.row)
 
 
 def _replay(row: Any, digest: bytes, issue_key: str) -> IssuedCoupon:
@@ -274,30 +283,28 @@ async def _same_transaction() -> AsyncIterator[None]:
     yield
 
 
-async def _take_limits(
-    conn: Connection, template_id: str, limits: Limits, member_id: uuid.UUID, now: datetime
+async def _check_limits(
+    conn: Connection, template_id: str, limits: Limits, member_id: uuid.UUID, done: crepo.Issue
 ) -> None:
-    # The member's count first: it is the narrowest row, so a member hammering
-    # one template queues on its own row, not on the shared stock.
-    if limits.per_member_limit is not None and not await crepo.count_for_member(
-        conn, template_id, member_id, limits.per_member_limit
-    ):
+    """Raise for the first guard the issue statement did not pass (in the order
+    a member, the day, the stock); an empty stock shard first tries the others."""
+    if limits.per_member_limit is not None and not done.member_counted:
         raise FailedPrecondition(
             f"member {member_id} already holds the limit of {limits.per_member_limit}"
             f" coupon(s) of {template_id}",
             code="MEMBER_LIMIT_REACHED",
             field="member_id",
         )
-    if limits.daily_budget is not None and not await crepo.count_for_day(
-        conn, template_id, now.astimezone(BUSINESS_TZ).date(), limits.daily_budget
-    ):
+    if limits.daily_budget is not None and not done.day_counted:
         raise FailedPrecondition(
             f"coupon template {template_id} issued its {limits.daily_budget} coupons for today",
             code="DAILY_BUDGET_EXHAUSTED",
             field="template_id",
         )
-    if limits.total_stock is not None and not await crepo.take_stock(
-        conn, template_id, limits.stock_shards
+    if (
+        limits.total_stock is not None
+        and not done.stock_taken
+        and not await crepo.take_stock(conn, template_id, limits.stock_shards, skip=done.shard)
     ):
         raise FailedPrecondition(
             f"coupon template {template_id} is out of stock",
