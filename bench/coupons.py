@@ -1,12 +1,24 @@
 """`python -m bench coupons`: coupon issuance from ONE template, open loop.
 
-Requests arrive at `--rate` per second for `--seconds` (bench/loadgen.py: no
-coordinated omission), each RewardsService.IssueCoupon for a distinct member
+Requests arrive at each `--rate` per second for `--seconds` (bench/loadgen.py:
+no coordinated omission), each RewardsService.IssueCoupon for a distinct member
 and issue key, all from one template with a limited stock split over
 `--shards` counter rows (the flash-claim case: every claim decrements the
-same template's stock). Target: >= 3,000 issues/s. After the run the promise
-is checked: coupons written == successful calls == stock taken, never more
-than the stock.
+same template's stock). Target: >= 3,000 issues/s. Several rates in one run
+(`--rate 200 400 800`) show where it stops keeping up.
+
+At each rate, in the same run and against the same template:
+- baseline "in-process": the very use case (coupon_service.issue_coupon, the
+  same SQL) called straight through an asyncpg pool of the service's size,
+  without gRPC: the floor the database and the domain code set;
+- baseline "empty gRPC": an empty unary call to a trivial server in its own
+  process (bench/echo_server.py): the floor of one gRPC hop here.
+CPU is counted per issue from /proc: the rewards process, this run's
+PostgreSQL backends (pg_stat_activity of its database; the shared WAL writer
+and checkpointer are not counted) and the load generator itself.
+
+After the run the promise is checked: coupons written == stock taken, never
+more than the stock.
 
 Platform as real processes (as `make run`), against embedded servers or
 DATABASE_URL/REDIS_URL (a throwaway database); JSON to
@@ -19,9 +31,12 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,38 +45,127 @@ import asyncpg
 import grpc
 
 from servicekit import devrun
-from servicekit.db import asyncpg_dsn
+from servicekit.db import Database, asyncpg_dsn, create_pool
+from servicekit.settings import ServiceSettings
 
-from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, say, started
-from .loadgen import open_loop
+from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, measure_echo, platform_env, say, started
+from .loadgen import RunResult, open_loop
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench coupons", description=__doc__)
-    parser.add_argument("--rate", type=float, default=3000.0, help="offered issues/s (3000)")
+    parser.add_argument(
+        "--rate", type=float, nargs="+", default=[3000.0], help="offered issues/s, each (3000)"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured run (10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured run first (2)")
     parser.add_argument("--shards", type=int, default=16, help="stock counter rows (16)")
     parser.add_argument(
-        "--stock-factor", type=float, default=2.0, help="stock = rate x seconds x this (2)"
+        "--stock-factor", type=float, default=2.0, help="stock = calls offered x this (2)"
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline (5)")
+    parser.add_argument("--no-baselines", action="store_true", help="IssueCoupon only")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    for name in ("rate", "seconds", "shards", "stock_factor"):
+    for name in ("seconds", "shards", "stock_factor"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if any(r <= 0 for r in args.rate):
+        parser.error("--rate must be positive")
     return args
+
+
+# ---- CPU accounting ------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Fields after the command name (which may hold spaces): utime, stime
+            # are the 14th and 15th of the line.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used during one measured run by the rewards process, this
+    database's PostgreSQL backends and the load generator."""
+
+    monitor: asyncpg.Connection
+    rewards_pid: int | None
+
+    async def backends(self) -> dict[int, float]:
+        pids = await self.monitor.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+        return {r["pid"]: cpu_seconds(r["pid"]) for r in pids}
+
+    async def snapshot(self) -> dict[str, Any]:
+        return {
+            "rewards": cpu_seconds(self.rewards_pid) if self.rewards_pid else 0.0,
+            "backends": await self.backends(),
+            "client": own_cpu_seconds(),
+        }
+
+    async def since(self, before: dict[str, Any], issues: int) -> dict[str, Any]:
+        after = await self.snapshot()
+        # A backend opened during the run counts from zero.
+        pg = sum(t - before["backends"].get(pid, 0.0) for pid, t in after["backends"].items())
+        used = {
+            "rewards": after["rewards"] - before["rewards"],
+            "postgres_backends": pg,
+            "client": after["client"] - before["client"],
+        }
+        per = max(issues, 1)
+        return {
+            "cpu_s": {k: round(v, 2) for k, v in used.items()},
+            "cpu_ms_per_issue": {k: round(1000 * v / per, 3) for k, v in used.items()},
+        }
+
+
+async def metered(
+    meter: CpuMeter, name: str, call: Callable[[int], Awaitable[object]], rate: float, args: Any
+) -> tuple[RunResult, dict[str, Any]]:
+    before = await meter.snapshot()
+    result = await open_loop(name, call, rate, args.seconds, timeout=args.timeout + 1.0)
+    cpu = await meter.since(before, result.ok)
+    lat = result.latency_ms()
+    say(
+        f"  {name}: {result.achieved_rate:.0f}/s ok of {rate:g}/s offered, errors"
+        f" {result.errors or 'none'}, p50 {lat['p50']} ms, p99 {lat['p99']} ms;"
+        f" CPU ms/issue {cpu['cpu_ms_per_issue']}"
+    )
+    return result, cpu
+
+
+# ---- the run -------------------------------------------------------------------------
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
+    from services.rewards import coupon_service as svc
 
     started_at = datetime.now(UTC)
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    log_dir = BENCH_DATA / "logs" / run_id
     infra = await BenchInfra.start(run_id)
     report: dict[str, Any] = {"run_id": run_id, "started_at": started_at.isoformat()}
-    stock = int(args.rate * (args.seconds + args.warmup) * args.stock_factor)
+    phases = 1 if args.no_baselines else 2
+    stock = int(sum(args.rate) * (args.seconds + args.warmup) * phases * args.stock_factor)
+    pool_size = ServiceSettings().db_pool_max
+    steps: list[dict[str, Any]] = []
     try:
         say("migrating and seeding ...")
         await asyncio.to_thread(devrun.migrate, infra.database_url)
@@ -70,53 +174,99 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
         children = devrun.platform_children(ports, platform_env(infra))
         template_id = f"BENCH-{run_id[-6:]}"
-        async with started(children, BENCH_DATA / "logs" / run_id):
-            async with grpc.aio.insecure_channel(rewards_target) as channel:
-                stub = rewards_pb2_grpc.RewardsServiceStub(channel)
-                await stub.CreateCouponTemplate(
-                    rewards_pb2.CreateCouponTemplateRequest(
-                        template_id=template_id,
-                        terms=rewards_pb2.CouponTerms(
-                            name="bench 满99减30",
-                            kind="amount_off",
-                            threshold_fen=9900,
-                            discount_fen=3000,
-                            valid_days=30,
-                        ),
-                        limits=rewards_pb2.CouponLimits(
-                            total_stock=stock, stock_shards=args.shards, per_member_limit=1
-                        ),
-                        status="active",
-                    )
-                )
-
-                def issue(prefix: str) -> Any:
-                    def call(i: int) -> Any:
-                        return stub.IssueCoupon(
-                            rewards_pb2.IssueCouponRequest(
-                                template_id=template_id,
-                                member_id=str(uuid.uuid4()),
-                                reason="operator_grant",
-                                issue_key=f"{run_id}-{prefix}-{i}",
+        monitor = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+        async with started(children, log_dir) as platform:
+            rewards = next(c for c in platform.children if c.name == "rewards")
+            meter = CpuMeter(monitor, rewards.proc.pid if rewards.proc else None)
+            pool = await create_pool(infra.database_url, pool_size, pool_size)
+            db = Database(pool, "rewards", "rewards")
+            try:
+                async with grpc.aio.insecure_channel(rewards_target) as channel:
+                    stub = rewards_pb2_grpc.RewardsServiceStub(channel)
+                    await stub.CreateCouponTemplate(
+                        rewards_pb2.CreateCouponTemplateRequest(
+                            template_id=template_id,
+                            terms=rewards_pb2.CouponTerms(
+                                name="bench 满99减30",
+                                kind="amount_off",
+                                threshold_fen=9900,
+                                discount_fen=3000,
+                                valid_days=30,
                             ),
-                            timeout=args.timeout,
+                            limits=rewards_pb2.CouponLimits(
+                                total_stock=stock, stock_shards=args.shards, per_member_limit=1
+                            ),
+                            status="active",
                         )
+                    )
 
-                    return call
+                    def rpc(prefix: str) -> Callable[[int], Awaitable[object]]:
+                        def call(i: int) -> Awaitable[object]:
+                            return stub.IssueCoupon(  # type: ignore[no-any-return]
+                                rewards_pb2.IssueCouponRequest(
+                                    template_id=template_id,
+                                    member_id=str(uuid.uuid4()),
+                                    reason="operator_grant",
+                                    issue_key=f"{run_id}-{prefix}-{i}",
+                                ),
+                                timeout=args.timeout,
+                            )
 
-                if args.warmup:
-                    say(f"warm-up {args.warmup:g}s at {args.rate:g}/s ...")
-                    await open_loop("warmup", issue("w"), args.rate, args.warmup)
-                say(
-                    f"issuing from one template ({args.shards} shards): {args.rate:g}/s"
-                    f" for {args.seconds:g}s ..."
+                        return call
+
+                    def in_process(prefix: str) -> Callable[[int], Awaitable[object]]:
+                        # What the servicer does, minus gRPC and the protobuf mapping.
+                        async def call(i: int) -> object:
+                            async with db.unit_of_work() as uow:
+                                return await svc.issue_coupon(
+                                    uow.conn,
+                                    template_id=template_id,
+                                    member_id=uuid.uuid4(),
+                                    reason="operator_grant",
+                                    issue_key=f"{run_id}-{prefix}-{i}",
+                                    now=datetime.now(UTC),
+                                    savepoint=False,
+                                )
+
+                        return call
+
+                    for rate in args.rate:
+                        tag = f"{rate:g}"
+                        say(f"rate {rate:g}/s ({args.shards} shards), {args.seconds:g}s each ...")
+                        if args.warmup:
+                            await open_loop("warm-up", rpc(f"w{tag}"), rate, args.warmup)
+                        issue, issue_cpu = await metered(
+                            meter, "IssueCoupon", rpc(f"m{tag}"), rate, args
+                        )
+                        step: dict[str, Any] = {
+                            "rate": rate,
+                            "issue": issue.summary(),
+                            "issue_cpu": issue_cpu,
+                        }
+                        if not args.no_baselines:
+                            if args.warmup:
+                                await open_loop(
+                                    "warm-up", in_process(f"bw{tag}"), rate, args.warmup
+                                )
+                            base, base_cpu = await metered(
+                                meter, "in-process", in_process(f"b{tag}"), rate, args
+                            )
+                            step["in_process"] = base.summary()
+                            step["in_process_cpu"] = base_cpu
+                        steps.append(step)
+            finally:
+                await db.close()
+        if not args.no_baselines:
+            for step in steps:
+                echo_args = argparse.Namespace(
+                    rate=step["rate"],
+                    duration=args.seconds,
+                    warmup=args.warmup,
+                    timeout=args.timeout,
                 )
-                result = await open_loop(
-                    "IssueCoupon", issue("m"), args.rate, args.seconds, timeout=args.timeout
-                )
-        conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+                step["empty_grpc"] = (await measure_echo(echo_args, log_dir)).summary()
         try:
-            row = await conn.fetchrow(
+            row = await monitor.fetchrow(
                 "SELECT (SELECT count(*) FROM rewards.coupons WHERE template_id = $1) AS coupons,"
                 " (SELECT $2 - sum(remaining) FROM rewards.coupon_stock WHERE template_id = $1)"
                 " AS stock_taken",
@@ -124,9 +274,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 stock,
             )
         finally:
-            await conn.close()
+            await monitor.close()
         check = {k: int(v) for k, v in dict(row).items()} if row else {}
-        summary = result.summary()
         report.update(
             {
                 "finished_at": datetime.now(UTC).isoformat(),
@@ -134,11 +283,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 },
                 "stock": stock,
+                "pool_size": pool_size,
                 "cpus": os.cpu_count(),
+                "load_average_at_end": os.getloadavg(),
                 "infrastructure": infra.note,
-                "issue": summary,
+                "steps": steps,
                 "check": check,
-                # Warm-up and measured issues both took stock.
+                # Warm-ups, baselines and measured issues all took stock.
                 "consistent": check.get("coupons") == check.get("stock_taken")
                 and check.get("coupons", stock + 1) <= stock,
             }
@@ -146,6 +297,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         return report
     finally:
         await infra.cleanup()
+
+
+def row(name: str, s: dict[str, Any], cpu: dict[str, Any] | None) -> str:
+    lat = s["latency_ms"]
+    per = cpu["cpu_ms_per_issue"] if cpu else {}
+    cpu_text = (
+        f"  rewards {per['rewards']:.2f} + pg {per['postgres_backends']:.2f}"
+        f" + client {per['client']:.2f}"
+        if per
+        else ""
+    )
+    errors = sum(s["errors_by_status"].values())
+    return (
+        f"{name:<13}{s['offered_rate_per_s']:>8g}{s['achieved_rate_per_s']:>10.0f}{errors:>7}"
+        f"{lat['p50'] or 0:>10.1f}{lat['p99'] or 0:>10.1f}{cpu_text}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,15 +327,24 @@ def main(argv: list[str] | None = None) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"coupons-{report['run_id'].split('-')[0]}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    s = report["issue"]
-    lat = s["latency_ms"]
     print(
-        f"\nIssueCoupon from one template: offered {s['offered_rate_per_s']:g}/s, achieved"
-        f" {s['achieved_rate_per_s']}/s ({s['ok']} ok, errors {s['errors_by_status']});"
-        f" p50 {lat['p50']} ms, p99 {lat['p99']} ms; coupons/stock taken {report['check']}:"
+        f"\n{'':<13}{'offered':>8}{'achieved':>10}{'errors':>7}{'p50 ms':>10}{'p99 ms':>10}"
+        "  CPU ms per issue"
+    )
+    for step in report["steps"]:
+        print(row("IssueCoupon", step["issue"], step["issue_cpu"]))
+        if "in_process" in step:
+            print(row("in-process", step["in_process"], step["in_process_cpu"]))
+        if "empty_grpc" in step:
+            print(row("empty gRPC", step["empty_grpc"], None))
+    print(
+        f"coupons/stock taken {report['check']}:"
         f" {'consistent' if report['consistent'] else 'INCONSISTENT'}"
     )
-    print(f"{os.cpu_count()} CPUs, shared machine: figures are noisy. results: {path}")
+    print(
+        f"{os.cpu_count()} CPUs, load average {report['load_average_at_end'][0]:.1f} at the end"
+        f" (shared machine: figures are noisy). results: {path}"
+    )
     return 0 if report["consistent"] else 1
 
 
