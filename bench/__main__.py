@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
         print("\n".join(scenarios()))
         return 0
     if argv and not argv[0].startswith("-"):
-        name, rest = argv[0], argv[1:]
+        # `member-centre` and `member_centre` name the same module.
+        name, rest = argv[0].replace("-", "_"), argv[1:]
         if name not in scenarios():
             print(f"unknown scenario {name!r}; one of: {', '.join(scenarios())}", file=sys.stderr)
             return 2

@@ -1,0 +1,266 @@
+"""`python -m bench member-centre`: the mini-program member centre read, over
+HTTP through the gateway, under open-loop load.
+
+Issue 8 asks for p99 <= 50 ms at 1,000 reads/s. One read is what the member
+centre page fetches, both at once: `GET /v1/members/{id}/points/summary`
+(balance, pending, held, debt, expiring soon) and `GET /v1/members/{id}/tier`
+(tier, benefits, progress, projection), signed by a mini-program backend
+client that asserts the member (X-Member-Appid / X-Member-Openid), as in
+production. Measured in the same run, at the same rate, on the same machine:
+
+1. the member-centre read (two signed calls in parallel; latency = the slower);
+2. the empty-call baseline: `GET /healthz` through the same gateway (the HTTP
+   floor: client, uvicorn, middleware, no auth, no downstream).
+
+The load generator is Python (httpx, HMAC signing per request) on the same
+cores as the platform, so both rows include its own cost; compare them with
+each other. Writes bench/results/member-centre-<UTC timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from servicekit import devrun
+
+from .cli import (
+    BENCH_DATA,
+    RESULTS_DIR,
+    BenchInfra,
+    UnexpectedReply,
+    machine,
+    measure,
+    platform_env,
+    say,
+    server_version,
+    started,
+    table,
+)
+from .loadgen import RunResult
+
+APP_ID = "wx-bench"
+# The bench client's own bucket, wide open: the read is measured, not throttling.
+NO_LIMIT = 1_000_000.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench member-centre",
+        description="Open-loop benchmark of the mini-program member-centre read, with baseline.",
+    )
+    parser.add_argument("--rate", type=float, default=1000.0, help="reads per second (1000)")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (2)")
+    parser.add_argument("--members", type=int, default=200, help="member pool size (200)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="per-request deadline (5 s)")
+    parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 target (50 ms)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    for name in ("rate", "duration", "timeout"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive")
+    if args.members < 1:
+        parser.error("--members must be at least 1")
+    return args
+
+
+async def register_miniprogram(infra: BenchInfra) -> tuple[str, str]:
+    """A mini-program backend client without a rate limit (the bench measures
+    the read, not throttling): (key id, secret)."""
+    from gateway.auth.admin import ClientAdmin
+    from gateway.auth.crypto import SecretBox
+    from gateway.auth.model import ClientKind
+    from gateway.settings import GatewaySettings
+    from servicekit.db import create_pool
+    from servicekit.redis_client import create_redis
+
+    pool = await create_pool(infra.database_url, min_size=1, max_size=1)
+    redis = create_redis(infra.redis_url)
+    try:
+        issued = await ClientAdmin(
+            pool, redis, SecretBox(GatewaySettings().auth_secret_key), infra.namespace
+        ).create(
+            ClientKind.MINIPROGRAM_BACKEND,
+            "bench mini-program backend",
+            rate_per_second=NO_LIMIT,
+            burst=int(NO_LIMIT),
+        )
+    finally:
+        await redis.aclose()
+        await pool.close()
+    return issued.key_id, issued.secret
+
+
+def openid(n: int) -> str:
+    return f"o-bench-{n:06d}"
+
+
+async def enrol(http: httpx.AsyncClient, count: int, run_id: str) -> list[str]:
+    """Log `count` members in (enrolled on first login); their ids in order."""
+    gate = asyncio.Semaphore(16)
+
+    async def one(n: int) -> str:
+        async with gate:
+            reply = await http.post(
+                "/v1/members/identify",
+                headers={"Idempotency-Key": f"{run_id}-enrol-{n}"},
+                json={"request_key": f"{run_id}-{n}", "app_id": APP_ID, "openid": openid(n)},
+            )
+        if reply.status_code != 200:
+            raise devrun.DevrunError(f"enrolling a member: {reply.status_code} {reply.text}")
+        return str(reply.json()["member"]["member_id"])
+
+    return list(await asyncio.gather(*(one(n) for n in range(count))))
+
+
+def member_centre_call(
+    http: httpx.AsyncClient, members: list[str], timeout: float
+) -> Callable[[int], Awaitable[object]]:
+    async def get(path: str, n: int) -> dict[str, Any]:
+        reply = await http.get(
+            path,
+            headers={"X-Member-Appid": APP_ID, "X-Member-Openid": openid(n)},
+            timeout=timeout,
+        )
+        if reply.status_code != 200:
+            raise UnexpectedReply(f"{path}: {reply.status_code}")
+        return reply.json()  # type: ignore[no-any-return]
+
+    async def call(i: int) -> object:
+        n = i % len(members)
+        member_id = members[n]
+        summary, tier = await asyncio.gather(
+            get(f"/v1/members/{member_id}/points/summary", n),
+            get(f"/v1/members/{member_id}/tier", n),
+        )
+        if summary["member_id"] != member_id or tier["member_id"] != member_id:
+            raise UnexpectedReply("another member's centre")
+        return summary
+
+    return call
+
+
+def empty_call(http: httpx.AsyncClient, timeout: float) -> Callable[[int], Awaitable[object]]:
+    async def call(i: int) -> object:
+        reply = await http.get("/healthz", timeout=timeout)
+        if reply.status_code != 200:
+            raise UnexpectedReply(f"/healthz: {reply.status_code}")
+        return reply
+
+    return call
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from gateway.auth.client import HmacAuth
+
+    started_at = datetime.now(UTC)
+    run_id = "member-centre-" + started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    log_dir = BENCH_DATA / "logs" / run_id
+    infra = await BenchInfra.start(run_id)
+    try:
+        say("migrating and seeding ...")
+        await asyncio.to_thread(devrun.migrate, infra.database_url)
+        await devrun.seed(infra.database_url)
+        pg_version = await server_version(infra.database_url)
+        ports = devrun.free_ports()
+        base = platform_env(infra)
+        key_id, secret = await register_miniprogram(infra)
+        base_url = f"http://{devrun.LOOPBACK}:{ports['http']}"
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        results: list[RunResult] = []
+        async with (
+            started(devrun.platform_children(ports, base), log_dir),
+            httpx.AsyncClient(
+                base_url=base_url, auth=HmacAuth(key_id, secret), limits=limits, timeout=30
+            ) as signed,
+            httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as plain,
+        ):
+            members = await enrol(signed, args.members, run_id)
+            say(f"enrolled {len(members)} members")
+            results.append(
+                await measure(
+                    "member centre (summary + tier)",
+                    lambda _: member_centre_call(signed, members, args.timeout),
+                    args,
+                )
+            )
+            results.append(
+                await measure(
+                    "empty call (GET /healthz)", lambda _: empty_call(plain, args.timeout), args
+                )
+            )
+        centre, empty = results
+        p99 = centre.summary()["latency_ms"]["p99"]
+        floor = empty.summary()["latency_ms"]["p99"]
+        report: dict[str, Any] = {
+            "run_id": run_id,
+            "started_at": started_at.isoformat(),
+            "finished_at": datetime.now(UTC).isoformat(),
+            "config": {
+                "rate_per_s": args.rate,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+                "members": args.members,
+                "open_loop": True,
+                "latency_from": "scheduled send time",
+                "calls_per_read": 2,
+                "client": "httpx, HMAC-signed, member asserted",
+            },
+            "machine": machine(infra, pg_version),
+            "results": [r.summary() for r in results],
+            "p99_over_empty_call": round(p99 / floor, 2) if p99 and floor else None,
+            "target": {
+                "p99_ms_at_most": args.slo_ms,
+                "at_rate_per_s": args.rate,
+                "met": bool(
+                    p99 is not None
+                    and p99 <= args.slo_ms
+                    and centre.achieved_rate >= 0.95 * args.rate
+                    and not centre.errors
+                ),
+            },
+        }
+        report["_table"] = table(results)
+        return report
+    finally:
+        await infra.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    began = time.monotonic()
+    try:
+        report = asyncio.run(run(args))
+    except devrun.DevrunError as exc:
+        print(f"bench member-centre: {exc}", file=sys.stderr)
+        return 1
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{report['run_id']}.json"
+    printable = report.pop("_table")
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print()
+    print(printable)
+    print()
+    print(f"member centre p99 / empty call p99: x{report['p99_over_empty_call']}")
+    target = report["target"]
+    print(
+        f"target p99 <= {target['p99_ms_at_most']} ms at {target['at_rate_per_s']:g}/s through"
+        f" the gateway: {'met' if target['met'] else 'NOT met'}"
+    )
+    print(f"{report['machine']['cpus']} CPUs; results: {path} ({time.monotonic() - began:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
