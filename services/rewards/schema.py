@@ -428,9 +428,7 @@ coupons = Table(
     CheckConstraint(
         f"status IN ({', '.join(repr(s) for s in COUPON_STATUSES)})", name="status_known"
     ),
-    CheckConstraint(
-        "(status = 'locked') = (locked_until IS NOT NULL)", name="locked_has_deadline"
-    ),
+    CheckConstraint("(status = 'locked') = (locked_until IS NOT NULL)", name="locked_has_deadline"),
     CheckConstraint(
         "status <> 'used' OR (order_id IS NOT NULL AND discount_fen >= 0)", name="used_has_order"
     ),
