@@ -18,6 +18,7 @@ from typing import Any
 from servicekit.db import Connection
 
 from .coupons import Limits, Status, Terms, shard_stock
+from .repository import MemberState
 
 COUPON_COLUMNS = (
     "c.id, c.code, c.template_id, c.template_version, c.member_id, c.reason, c.issued_by,"
@@ -394,17 +395,67 @@ async def member_coupons(
     ]
 
 
-async def usable_coupons(conn: Connection, member_id: uuid.UUID, now: datetime) -> list[Any]:
-    """Coupons the member could use now (lapsed locks included), soonest expiry first."""
-    return list(
-        await conn.fetch(
-            f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE c.member_id = $1"
-            " AND c.expires_at > $2 AND c.valid_from <= $2 AND (c.status = 'available'"
-            " OR (c.status = 'locked' AND c.locked_until <= $2)) ORDER BY c.expires_at, c.seq"
-            " LIMIT 200",
-            member_id,
-            now,
-        )
+# Everything a checkout reads, in one round trip: the member's tier (and
+# multiplier) and erasure mark, whether it has a settled order (other than $4,
+# the one being settled), the coupons named by code (whoever holds them: the
+# caller checks), then, when $5, the member's other usable coupons (lapsed
+# locks included, soonest expiry first), each with its version's terms. The
+# member's part comes once, on every row (a row of NULL coupon when none).
+CHECKOUT_SQL = (
+    "SELECT m.*, k.*, v.terms FROM (SELECT t.tier_code, t.points_multiplier_bp,"
+    " EXISTS (SELECT 1 FROM rewards.erased_members e WHERE e.member_id = $1) AS erased,"
+    " EXISTS (SELECT 1 FROM rewards.orders o WHERE o.member_id = $1 AND o.status = 'settled'"
+    "  AND o.id IS DISTINCT FROM $4) AS has_settled_order"
+    " FROM (SELECT 1) one LEFT JOIN rewards.member_tiers t ON t.member_id = $1) m"
+    " LEFT JOIN ("
+    f"(SELECT {COUPON_COLUMNS}, true AS chosen FROM rewards.coupons c"
+    "  WHERE c.code = ANY($2::text[]))"
+    " UNION ALL"
+    f" (SELECT {COUPON_COLUMNS}, false FROM rewards.coupons c WHERE $5 AND c.member_id = $1"
+    "  AND c.expires_at > $3 AND c.valid_from <= $3 AND (c.status = 'available'"
+    "  OR (c.status = 'locked' AND c.locked_until <= $3)) AND c.code <> ALL($2::text[])"
+    "  ORDER BY c.expires_at, c.seq LIMIT 200)"
+    ") k ON true"
+    " LEFT JOIN rewards.coupon_template_versions v"
+    " ON v.template_id = k.template_id AND v.version = k.template_version"
+    " ORDER BY k.chosen DESC, k.expires_at, k.seq"
+)
+
+
+@dataclass(frozen=True)
+class CheckoutContext:
+    state: MemberState
+    has_settled_order: bool
+    # Rows of the coupons named by code (any member's), and of the member's
+    # other usable ones (soonest expiry first).
+    chosen: list[Any]
+    usable: list[Any]
+    terms: dict[tuple[str, int], Terms]
+
+
+async def checkout_context(
+    conn: Connection,
+    member_id: uuid.UUID,
+    codes: Sequence[str],
+    now: datetime,
+    *,
+    usable: bool,
+    exclude_order: uuid.UUID | None = None,
+) -> CheckoutContext:
+    rows = await conn.fetch(CHECKOUT_SQL, member_id, list(codes), now, exclude_order, usable)
+    first = rows[0]
+    terms: dict[tuple[str, int], Terms] = {}
+    coupons = [r for r in rows if r["id"] is not None]
+    for r in coupons:
+        key = (r["template_id"], r["template_version"])
+        if key not in terms:
+            terms[key] = Terms.from_doc(json.loads(r["terms"]))
+    return CheckoutContext(
+        state=MemberState(first["tier_code"], first["points_multiplier_bp"], first["erased"]),
+        has_settled_order=first["has_settled_order"],
+        chosen=[r for r in coupons if r["chosen"]],
+        usable=[r for r in coupons if not r["chosen"]],
+        terms=terms,
     )
 
 
@@ -458,40 +509,63 @@ async def release_coupon(
     )
 
 
-async def redeem_coupon(
+# An order's coupons used in one statement: each marked used (only if free,
+# lapsed-locked or locked by this very order, and still valid: of two racing
+# orders one wins), a CouponRedeemed outbox row for each one marked, and the
+# order's discount, only if every coupon was marked. Fewer rows back than
+# coupons asked: the caller raises, undoing the statement with the order.
+REDEEM_SQL = (
+    "WITH used AS ("
+    " UPDATE rewards.coupons c SET status = 'used', order_id = $2, redeemed_at = $5,"
+    " discount_fen = u.share, lock_store_id = NULL, lock_pos_transaction_id = NULL,"
+    " locked_until = NULL FROM unnest($1::uuid[], $6::bigint[]) AS u(id, share)"
+    " WHERE c.id = u.id AND c.expires_at > $5 AND c.valid_from <= $5"
+    " AND (c.status = 'available' OR (c.status = 'locked' AND (c.locked_until <= $5"
+    " OR (c.lock_store_id = $3 AND c.lock_pos_transaction_id = $4)))) RETURNING c.id),"
+    " events AS ("
+    " INSERT INTO rewards.outbox (event_id, event_type, envelope)"
+    " SELECT e.event_id, e.event_type, e.envelope"
+    " FROM unnest($1::uuid[], $7::uuid[], $8::text[], $9::bytea[])"
+    " AS e(coupon_id, event_id, event_type, envelope) JOIN used ON used.id = e.coupon_id),"
+    " discount AS ("
+    " UPDATE rewards.orders SET coupon_discount_fen = $10 WHERE id = $2"
+    " AND (SELECT count(*) FROM used) = cardinality($1::uuid[]))"
+    " SELECT coalesce(array_agg(id), '{}') AS used FROM used"
+)
+
+
+@dataclass(frozen=True)
+class Redemption:
+    coupon_id: uuid.UUID
+    discount_fen: int
+    # The CouponRedeemed outbox row: event id, type, serialized envelope.
+    event: tuple[str, str, bytes]
+
+
+async def redeem_coupons(
     conn: Connection,
-    coupon_id: uuid.UUID,
     order_id: uuid.UUID,
     store_id: str,
     pos_transaction_id: str,
-    discount_fen: int,
+    redemptions: Sequence[Redemption],
+    order_discount_fen: int,
     now: datetime,
-) -> bool:
-    """Mark a coupon used by an order: only if free, lapsed-locked or locked by
-    this very order, and still valid. One statement: two orders cannot both win."""
-    done = await conn.fetchval(
-        "UPDATE rewards.coupons c SET status = 'used', order_id = $2, redeemed_at = $6,"
-        " discount_fen = $5, lock_store_id = NULL, lock_pos_transaction_id = NULL,"
-        " locked_until = NULL"
-        " WHERE c.id = $1 AND c.expires_at > $6 AND c.valid_from <= $6"
-        " AND (c.status = 'available' OR (c.status = 'locked' AND (c.locked_until <= $6"
-        " OR (c.lock_store_id = $3 AND c.lock_pos_transaction_id = $4)))) RETURNING true",
-        coupon_id,
+) -> set[uuid.UUID]:
+    """Use the order's coupons (REDEEM_SQL); the ids actually marked used."""
+    used = await conn.fetchval(
+        REDEEM_SQL,
+        [r.coupon_id for r in redemptions],
         order_id,
         store_id,
         pos_transaction_id,
-        discount_fen,
         now,
+        [r.discount_fen for r in redemptions],
+        [r.event[0] for r in redemptions],
+        [r.event[1] for r in redemptions],
+        [r.event[2] for r in redemptions],
+        order_discount_fen,
     )
-    return bool(done)
-
-
-async def set_order_coupon_discount(
-    conn: Connection, order_id: uuid.UUID, discount_fen: int
-) -> None:
-    await conn.execute(
-        "UPDATE rewards.orders SET coupon_discount_fen = $2 WHERE id = $1", order_id, discount_fen
-    )
+    return set(used)
 
 
 async def order_paid_amount(conn: Connection, order_id: uuid.UUID) -> int:

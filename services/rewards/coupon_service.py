@@ -30,7 +30,6 @@ from servicekit.events import make_envelope
 from servicekit.protos import timestamp
 
 from . import coupon_repository as crepo
-from . import repository as repo
 from .coupons import (
     MAX_ID_LENGTH,
     Cart,
@@ -545,15 +544,15 @@ def normalize_codes(raw: list[str] | tuple[str, ...], field: str = "coupon_codes
     return codes
 
 
-async def _own_rows(
-    conn: Connection, member_id: uuid.UUID, codes: list[str], field: str = "coupon_codes"
+def _own(
+    rows: list[Any], member_id: uuid.UUID, codes: list[str], field: str = "coupon_codes"
 ) -> list[Any]:
-    """The rows of the member's coupons by code; another member's code (or an
-    unknown one) is NOT_FOUND, without telling which."""
-    rows = {r["code"]: r for r in await crepo.coupons_by_codes(conn, codes)}
+    """The rows of the member's coupons, in the order of `codes`; another
+    member's code (or an unknown one) is NOT_FOUND, without telling which."""
+    by_code = {r["code"]: r for r in rows}
     out = []
     for n, code in enumerate(codes):
-        row = rows.get(code)
+        row = by_code.get(code)
         if row is None or row["member_id"] != member_id:
             raise NotFound(
                 f"member {member_id} has no coupon {code}",
@@ -564,17 +563,22 @@ async def _own_rows(
     return out
 
 
-async def _cart(
-    conn: Connection,
-    member_id: uuid.UUID,
-    store_id: str,
-    channel: str,
-    lines: tuple[CartLine, ...],
-    exclude_order: uuid.UUID | None = None,
-) -> tuple[Cart, repo.MemberState]:
-    state = await repo.member_state(conn, member_id)
-    first = not await crepo.has_settled_order(conn, member_id, exclude_order)
-    return Cart(store_id, channel, lines, tier=state.tier_code, first_order=first), state
+async def _own_rows(
+    conn: Connection, member_id: uuid.UUID, codes: list[str], field: str = "coupon_codes"
+) -> list[Any]:
+    return _own(await crepo.coupons_by_codes(conn, codes), member_id, codes, field)
+
+
+def _cart(
+    ctx: crepo.CheckoutContext, store_id: str, channel: str, lines: tuple[CartLine, ...]
+) -> Cart:
+    return Cart(
+        store_id,
+        channel,
+        lines,
+        tier=ctx.state.tier_code,
+        first_order=not ctx.has_settled_order,
+    )
 
 
 async def preview_checkout(
@@ -599,11 +603,11 @@ async def preview_checkout(
             code="INVALID_POINTS",
             field="points_to_redeem",
         )
-    chosen = await _own_rows(conn, member_id, codes)
-    usable = await crepo.usable_coupons(conn, member_id, now)
-    rows = chosen + [r for r in usable if r["code"] not in codes]
-    terms = await with_terms(conn, rows)
-    cart, state = await _cart(conn, member_id, store_id, channel.value, cart_lines)
+    # One round trip: the member, the chosen coupons, the other usable ones, their terms.
+    ctx = await crepo.checkout_context(conn, member_id, codes, now, usable=True)
+    rows = _own(ctx.chosen, member_id, codes) + ctx.usable
+    terms, state = ctx.terms, ctx.state
+    cart = _cart(ctx, store_id, channel.value, cart_lines)
     offers = []
     for r in rows:
         t = terms[(r["template_id"], r["template_version"])]
@@ -734,10 +738,13 @@ async def redeem_for_order(
     member_id = uuid.UUID(order.member_id)
     assert order.channel is not None
     codes = normalize_codes(list(order.coupon_codes))
-    rows = await _own_rows(conn, member_id, codes)
-    terms = await with_terms(conn, rows)
     lines = validate_cart_lines(order.lines, order.gross_amount_fen)
-    cart, _ = await _cart(conn, member_id, order.store_id, order.channel.value, lines, order_id)
+    # One round trip: the member (tier, first order besides this one), the coupons, their terms.
+    ctx = await crepo.checkout_context(
+        conn, member_id, codes, now, usable=False, exclude_order=order_id
+    )
+    rows, terms = _own(ctx.chosen, member_id, codes), ctx.terms
+    cart = _cart(ctx, order.store_id, order.channel.value, lines)
     for n, row in enumerate(rows):
         status = _status_verdict(row, now, order.store_id, order.pos_transaction_id)
         if not status.applicable:
@@ -761,22 +768,10 @@ async def redeem_for_order(
         )
     # Each coupon's share of a total capped at the cart (stacked coupons).
     shares = spread([v.discount_fen for v in verdicts], sum(v.discount_fen for v in verdicts) - off)
-    for n, (row, share) in enumerate(zip(rows, shares, strict=True)):
-        if not await crepo.redeem_coupon(
-            conn, row["id"], order_id, order.store_id, order.pos_transaction_id, share, now
-        ):
-            # Lost a race after the read above: the row now says why.
-            fresh = await crepo.coupon_by_code(conn, row["code"])
-            verdict = _status_verdict(fresh, now, order.store_id, order.pos_transaction_id)
-            raise _refusal(
-                fresh,
-                verdict
-                if not verdict.applicable
-                else Verdict(0, "COUPON_LOCKED", "the coupon is locked to another order"),
-                f"coupon_codes[{n}]",
-            )
-        await emit(
-            conn,
+    redemptions = []
+    for row, share in zip(rows, shares, strict=True):
+        envelope = make_envelope(
+            PRODUCER,
             events_pb2.CouponRedeemed(
                 coupon_id=str(row["id"]),
                 member_id=order.member_id,
@@ -787,7 +782,29 @@ async def redeem_for_order(
             ),
             order.member_id,
         )
-    await crepo.set_order_coupon_discount(conn, order_id, off)
+        redemptions.append(
+            crepo.Redemption(
+                row["id"],
+                share,
+                (envelope.event_id, envelope.event_type, envelope.SerializeToString()),
+            )
+        )
+    used = await crepo.redeem_coupons(
+        conn, order_id, order.store_id, order.pos_transaction_id, redemptions, off, now
+    )
+    for n, row in enumerate(rows):
+        if row["id"] not in used:
+            # Lost a race after the read above: the row now says why (the
+            # caller's transaction undoes what the statement did write).
+            fresh = await crepo.coupon_by_code(conn, row["code"])
+            verdict = _status_verdict(fresh, now, order.store_id, order.pos_transaction_id)
+            raise _refusal(
+                fresh,
+                verdict
+                if not verdict.applicable
+                else Verdict(0, "COUPON_LOCKED", "the coupon is locked to another order"),
+                f"coupon_codes[{n}]",
+            )
     return off
 
 

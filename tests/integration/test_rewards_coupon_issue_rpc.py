@@ -13,10 +13,12 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from servicekit.db import create_pool
 from servicekit.errors import Conflict, DomainError
+from servicekit.events import ENVELOPE_FIELD, stream_name
 from services.rewards import coupon_service as svc
 from services.rewards.coupons import Kind, Limits, Status, Terms
 
@@ -58,8 +60,12 @@ async def rpc_issue(
         )
 
 
-async def written(pool: asyncpg.Pool, template_id: str) -> tuple[int, int | None, int, int]:
-    """Coupons, stock left, member counts summed, CouponIssued rows in the outbox."""
+async def written(
+    pool: asyncpg.Pool, infra: Infra, template_id: str
+) -> tuple[int, int | None, int, int]:
+    """Coupons, stock left, member counts summed, CouponIssued events (still in
+    the outbox, or already relayed to the stream when the service runs in this
+    session; by event id, so one caught in between counts once)."""
     row = await pool.fetchrow(
         "SELECT (SELECT count(*) FROM rewards.coupons WHERE template_id = $1) AS coupons,"
         " (SELECT sum(remaining)::bigint FROM rewards.coupon_stock WHERE template_id = $1)"
@@ -69,21 +75,40 @@ async def written(pool: asyncpg.Pool, template_id: str) -> tuple[int, int | None
         template_id,
     )
     assert row is not None
-    envelopes = await pool.fetch(
-        "SELECT envelope FROM rewards.outbox WHERE event_type = $1",
-        events_pb2.CouponIssued.DESCRIPTOR.full_name,
+    return (
+        row["coupons"],
+        row["remaining"],
+        row["counted"],
+        len(await issued_events(pool, infra, template_id)),
     )
-    events = 0
-    for r in envelopes:
+
+
+async def issued_events(
+    pool: asyncpg.Pool, infra: Infra, template_id: str
+) -> list[events_pb2.CouponIssued]:
+    envelopes = [
+        events_pb2.EventEnvelope.FromString(r["envelope"])
+        for r in await pool.fetch(
+            "SELECT envelope FROM rewards.outbox WHERE event_type = $1",
+            events_pb2.CouponIssued.DESCRIPTOR.full_name,
+        )
+    ]
+    redis = Redis.from_url(infra.redis_url)
+    try:
+        entries = await redis.xrange(stream_name(infra.namespace, "rewards"))
+    finally:
+        await redis.aclose()
+    envelopes += [events_pb2.EventEnvelope.FromString(f[ENVELOPE_FIELD]) for _, f in entries]
+    by_id = {}
+    for envelope in envelopes:
         event = events_pb2.CouponIssued()
-        envelope = events_pb2.EventEnvelope.FromString(r["envelope"])
         if envelope.payload.Unpack(event) and event.template_id == template_id:
-            events += 1
-    return row["coupons"], row["remaining"], row["counted"], events
+            by_id[envelope.event_id] = event
+    return list(by_id.values())
 
 
 async def test_stock_of_100_over_16_shards_claimed_by_500_issues_exactly_100(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, infra: Infra
 ) -> None:
     # 16 shards of 6 or 7: most claims near the end find their random shard
     # empty and must fall back to the others for the last units.
@@ -98,10 +123,12 @@ async def test_stock_of_100_over_16_shards_claimed_by_500_issues_exactly_100(
     assert len(won) == 100
     assert {e.code for e in refused} == {"OUT_OF_STOCK"}
     # No coupon, count or event of a refused claim survives.
-    assert await written(pool, template_id) == (100, 0, 0, 100)
+    assert await written(pool, infra, template_id) == (100, 0, 0, 100)
 
 
-async def test_member_limit_refusals_roll_back_stock_and_event(pool: asyncpg.Pool) -> None:
+async def test_member_limit_refusals_roll_back_stock_and_event(
+    pool: asyncpg.Pool, infra: Infra
+) -> None:
     template_id = await make_template(pool, Limits(total_stock=50, per_member_limit=2))
     member = uuid.uuid4()
     results = await asyncio.gather(
@@ -110,20 +137,15 @@ async def test_member_limit_refusals_roll_back_stock_and_event(pool: asyncpg.Poo
     won = [r for r in results if isinstance(r, svc.IssuedCoupon)]
     assert len(won) == 2
     assert {r.code for r in results if isinstance(r, DomainError)} == {"MEMBER_LIMIT_REACHED"}
-    assert await written(pool, template_id) == (2, 48, 2, 2)
+    assert await written(pool, infra, template_id) == (2, 48, 2, 2)
 
 
-async def test_the_event_names_the_coupon_written(pool: asyncpg.Pool) -> None:
+async def test_the_event_names_the_coupon_written(pool: asyncpg.Pool, infra: Infra) -> None:
     template_id = await make_template(pool, Limits(total_stock=5))
     coupon = await rpc_issue(pool, template_id, uuid.uuid4())
-    envelope = events_pb2.EventEnvelope.FromString(
-        await pool.fetchval(
-            "SELECT envelope FROM rewards.outbox WHERE event_type = $1 ORDER BY id DESC LIMIT 1",
-            events_pb2.CouponIssued.DESCRIPTOR.full_name,
-        )
-    )
-    event = events_pb2.CouponIssued()
-    assert envelope.payload.Unpack(event)
+    events = await issued_events(pool, infra, template_id)
+    assert len(events) == 1
+    (event,) = events
     assert (event.coupon_id, event.code, event.member_id) == (
         coupon.coupon_id,
         coupon.code,
@@ -132,7 +154,9 @@ async def test_the_event_names_the_coupon_written(pool: asyncpg.Pool) -> None:
     assert event.expires_at.ToDatetime(tzinfo=UTC) == coupon.expires_at
 
 
-async def test_key_reused_with_another_body_writes_nothing(pool: asyncpg.Pool) -> None:
+async def test_key_reused_with_another_body_writes_nothing(
+    pool: asyncpg.Pool, infra: Infra
+) -> None:
     template_id = await make_template(pool, Limits(total_stock=5, per_member_limit=1))
     first = await rpc_issue(pool, template_id, uuid.uuid4(), key=f"k-{template_id}")
     again = await rpc_issue(pool, template_id, uuid.UUID(first.member_id), key=f"k-{template_id}")
@@ -140,7 +164,7 @@ async def test_key_reused_with_another_body_writes_nothing(pool: asyncpg.Pool) -
     with pytest.raises(Conflict) as err:
         await rpc_issue(pool, template_id, uuid.uuid4(), key=f"k-{template_id}")
     assert err.value.code == "IDEMPOTENCY_KEY_REUSED"
-    assert await written(pool, template_id) == (1, 4, 1, 1)
+    assert await written(pool, infra, template_id) == (1, 4, 1, 1)
 
 
 async def test_one_issue_is_two_statements_inside_its_transaction(pool: asyncpg.Pool) -> None:
