@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servicekit.errors import Conflict, DomainError, InvalidArgument
 
+from .auth import policy
 from .auth.http import BODY_KEY, ROUTE_KEY, RouteTable, header, read_body, replay_body
 from .errors import domain_problem
 
@@ -58,8 +59,11 @@ class IdempotencyMiddleware:
         if scope["type"] != "http" or scope["method"] not in MUTATING:
             await self.app(scope, receive, send)
             return
-        if ROUTE_KEY not in scope and self._routes.match(scope["method"], scope["path"]) is None:
-            await self.app(scope, receive, send)  # 404 / 405 from the router
+        matched = scope.get(ROUTE_KEY) or self._routes.match(scope["method"], scope["path"])
+        template = matched if isinstance(matched, str) else matched[0] if matched else None
+        if template is None or policy.is_public(scope["method"], template):
+            # 404 / 405 from the router; public routes (token exchange) change nothing.
+            await self.app(scope, receive, send)
             return
         body = scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive)
         try:

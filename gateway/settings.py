@@ -67,5 +67,7 @@ class GatewaySettings(CommonSettings):
     # holds its key at most this long.
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
     idempotency_in_progress_seconds: int = Field(default=60, ge=1)
+    # Bearer tokens from POST /v1/auth/token live this long.
+    token_ttl_seconds: int = Field(default=900, ge=60, le=86_400)
     # Mini-program member assertion: openid -> member id is remembered this long.
     member_assertion_ttl_seconds: float = Field(default=60.0, gt=0)

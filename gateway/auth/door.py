@@ -21,6 +21,7 @@ from .http import AuthSettings, HttpAuthMiddleware
 from .members import MemberAssertions
 from .pos import PosAuthInterceptor
 from .registry import CredentialRegistry
+from .tokens import TokenIssuer, token_router
 
 REDIS_CONNECTIONS = 64
 
@@ -73,6 +74,7 @@ class Door:
         )
         self.members = MemberAssertions(downstreams, settings.member_assertion_ttl_seconds)
         self.registry: CredentialRegistry | None = None
+        self.tokens = TokenIssuer(settings.auth_secret_key, settings.token_ttl_seconds)
 
     async def open(self) -> None:
         s = self._s
@@ -87,6 +89,7 @@ class Door:
         """Added innermost-first: the auth middleware runs before idempotency."""
         assert self.registry is not None, "open() first"
         s = self._s
+        app.include_router(token_router(self))
         app.add_middleware(
             IdempotencyMiddleware,
             redis=self.redis,
@@ -101,6 +104,7 @@ class Door:
             gatekeeper=self.gatekeeper,
             members=self.members,
             settings=self.auth_settings,
+            tokens=self.tokens,
             router_app=app,
         )
         self._document(app)

@@ -38,6 +38,7 @@ from .model import (
     grants,
 )
 from .registry import CredentialRegistry
+from .tokens import TokenIssuer
 
 KEY_ID_HEADER = "x-key-id"
 TIMESTAMP_HEADER = "x-timestamp"
@@ -143,6 +144,7 @@ class HttpAuthMiddleware:
         gatekeeper: Gatekeeper,
         members: MemberAssertions,
         settings: AuthSettings,
+        tokens: TokenIssuer,
         router_app: Any,
         clock: Any = time.time,
     ) -> None:
@@ -153,6 +155,7 @@ class HttpAuthMiddleware:
         self._gate = gatekeeper
         self._members = members
         self._settings = settings
+        self._tokens = tokens
         self._clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -204,6 +207,9 @@ class HttpAuthMiddleware:
         return credential
 
     async def _authenticate(self, scope: Scope, method: str, body: bytes) -> Credential:
+        authorization = header(scope, "authorization")
+        if authorization[:7].lower() == "bearer ":
+            return await self._bearer(authorization[7:])
         key_id = header(scope, KEY_ID_HEADER)
         timestamp = header(scope, TIMESTAMP_HEADER)
         nonce = header(scope, NONCE_HEADER)
@@ -267,6 +273,32 @@ class HttpAuthMiddleware:
         if not verdict.nonce_fresh:
             raise Unauthenticated(
                 "this nonce was already used", code="NONCE_REPLAYED", field=NONCE_HEADER
+            )
+        if not verdict.allowed:
+            raise RateLimited(
+                f"rate limit of client {credential.client_id} reached; retry later",
+                retry_after_ms=verdict.retry_after_ms,
+            )
+        return credential
+
+    async def _bearer(self, token: str) -> Credential:
+        """A token this gateway issued: no signature, no nonce (it is replayable
+        until it expires, which is why it is short-lived); key and limit as usual."""
+        key_id = self._tokens.verify(token)
+        cached = self._registry.get(key_id)
+        limit = self._settings.limit_of(cached) if cached else None
+        verdict = await self._gate.admit(cached.client_id if cached else key_id, limit)
+        await self._registry.ensure_current(verdict.epoch)
+        credential = self._registry.get(key_id)
+        if credential is None:
+            raise Unauthenticated(
+                "the key this token was issued for was revoked",
+                code="KEY_REVOKED",
+                field="authorization",
+            )
+        if cached is None:
+            verdict = await self._gate.admit(
+                credential.client_id, self._settings.limit_of(credential)
             )
         if not verdict.allowed:
             raise RateLimited(

@@ -28,6 +28,8 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/docs"),
         ("GET", "/docs/oauth2-redirect"),
         ("GET", "/redoc"),
+        # Authenticated by the key id and secret in its body (gateway/auth/tokens.py).
+        ("POST", "/v1/auth/token"),
     }
 )
 

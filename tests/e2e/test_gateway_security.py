@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 APP_ID = "wx-shop"
 STORE = "SH001"
 OTHER_STORE = "SH002"
+DUMMY_MEMBER = "00000000-0000-4000-8000-000000000000"
 
 
 def url(gateway: Gateway) -> str:
@@ -480,3 +481,35 @@ async def test_an_absorbed_member_id_is_the_asserted_members_own(
     # id is rewards' business); another member's id would be MEMBER_MISMATCH.
     assert reply.status_code == 200, reply.text
     assert survivor != at_till.member_id
+
+
+async def test_bearer_tokens_are_issued_verified_and_die_with_their_key(
+    gateway: Gateway, client_admin: ClientAdmin
+) -> None:
+    console = await client_admin.create(ClientKind.OPERATOR_CONSOLE, "token operator")
+    till = await client_admin.create(ClientKind.POS, "token till", store_id=STORE)
+    path = "/v1/admin/points/liability"
+    async with httpx.AsyncClient(base_url=url(gateway), timeout=10) as raw:
+        wrong = await raw.post(
+            "/v1/auth/token", json={"key_id": console.key_id, "secret": "not-it"}
+        )
+        assert_problem(wrong, 401, "KEY_INVALID")
+        pos_key = await raw.post(
+            "/v1/auth/token", json={"key_id": till.key_id, "secret": till.secret}
+        )
+        assert_problem(pos_key, 401, "KEY_INVALID")
+        issued = await raw.post(
+            "/v1/auth/token", json={"key_id": console.key_id, "secret": console.secret}
+        )
+        assert issued.status_code == 200, issued.text
+        token = issued.json()["access_token"]
+        assert issued.json()["token_type"] == "Bearer" and issued.json()["expires_in"] > 0
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert (await raw.get(path, headers=bearer)).status_code == 200
+        # Scopes still apply: an operator console has no PII scope.
+        pii = await raw.get(f"/v1/admin/members/{DUMMY_MEMBER}/pii", headers=bearer)
+        assert_problem(pii, 403, "SCOPE_MISSING")
+        tampered = {"Authorization": f"Bearer {token[:-1]}{'0' if token[-1] != '0' else '1'}"}
+        assert_problem(await raw.get(path, headers=tampered), 401, "TOKEN_INVALID")
+        await client_admin.revoke_key(console.key_id)
+        assert_problem(await raw.get(path, headers=bearer), 401, "KEY_REVOKED")

@@ -3,6 +3,8 @@ and the policy table's shape."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from cryptography.exceptions import InvalidTag
 from hypothesis import given
@@ -31,8 +33,10 @@ from gateway.auth.model import (
     PII_READ,
     ClientKind,
     Credential,
+    Unauthenticated,
     grants,
 )
+from gateway.auth.tokens import TokenIssuer
 from gateway.ratelimit import Limit
 from loyalty.pos.v1 import pos_pb2
 
@@ -119,7 +123,8 @@ def test_every_pos_rpc_and_no_writing_route_is_public() -> None:
         # Every PosService request names its store, so a POS can be held to its own.
         assert "store_id" in method.input_type.fields_by_name, full
     assert policy.rpc_scope("/loyalty.pos.v1.PosService/Unknown") is None
-    assert all(method == "GET" for method, _ in policy.PUBLIC_ROUTES)
+    # Nothing public writes: the one public POST exchanges credentials for a token.
+    assert {r for r in policy.PUBLIC_ROUTES if r[0] != "GET"} == {("POST", "/v1/auth/token")}
     assert set(policy.ROUTE_SCOPES.values()) <= KNOWN_SCOPES
     assert set(policy.RPC_SCOPES.values()) <= KNOWN_SCOPES
 
@@ -131,3 +136,29 @@ def test_a_client_rate_overrides_its_kind() -> None:
     own = Credential("k", "c", ClientKind.POS, "SH001", frozenset(), "s", 1.5, 3)
     assert settings.limit_of(own) == Limit(1.5, 3)
     assert settings.nonce_ttl_ms == 600_000
+
+
+def test_a_bearer_token_names_its_key_until_it_expires() -> None:
+    now = [1_800_000_000.0]
+    issuer = TokenIssuer(KEY, ttl_seconds=900, clock=lambda: now[0])
+    token = issuer.issue("k_abc")
+    assert issuer.verify(token) == "k_abc"
+    now[0] += 899
+    assert issuer.verify(token) == "k_abc"
+    now[0] += 1
+    with pytest.raises(Unauthenticated) as expired:
+        issuer.verify(token)
+    assert expired.value.code == "TOKEN_EXPIRED"
+    prefix, payload, mac = token.split(".")
+    forged_payload = base64.urlsafe_b64encode(b"k_other.9999999999").decode().rstrip("=")
+    for bad in (
+        f"{prefix}.{forged_payload}.{mac}",
+        f"{prefix}.{payload}.{'0' * 64}",
+        f"lt0.{payload}.{mac}",
+        "garbage",
+        # Another gateway key signs other tokens.
+        TokenIssuer("ZGV2LW9ubHktZ2F0ZXdheS1rZXktY2hhbmdlLW1lLTE=", 900).issue("k_abc"),
+    ):
+        with pytest.raises(Unauthenticated) as invalid:
+            issuer.verify(bad)
+        assert invalid.value.code == "TOKEN_INVALID"
