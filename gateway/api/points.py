@@ -36,6 +36,22 @@ class PointsBalance(BaseModel):
 class PointsSummary(PointsBalance):
     """The member centre's view: every part of the balance, and what lapses soon."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "available": 320,
+                    "lifetime_earned": 1280,
+                    "pending": 18,
+                    "held": 0,
+                    "debt": 0,
+                    "expiring_soon": [{"points": 40, "expires_at": "2026-12-31T15:59:59Z"}],
+                }
+            ]
+        }
+    )
+
     pending: int = Field(description="Earned, spendable once the refund window ends")
     held: int = Field(description="Reserved by an open checkout")
     debt: int = Field(description="Owed after a refund of spent points; earns repay it")
@@ -62,11 +78,49 @@ class HistoryLine(BaseModel):
 
 
 class PointsHistory(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "lines": [
+                        {
+                            "transaction_id": "7d4e2f0a-1b3c-4d5e-8f90-a1b2c3d4e5f6",
+                            "kind": "earn",
+                            "amount": 18,
+                            "balance_after": 320,
+                            "operation_points": 18,
+                            "lots": [
+                                {"lot_id": "5c1d9e7f-2a3b-4c4d-9e5f-6a7b8c9d0e1f", "points": 18}
+                            ],
+                            "order_id": "c0ffee00-1234-4abc-8def-0123456789ab",
+                            "reference": None,
+                            "reason": None,
+                            "operator_id": None,
+                            "created_at": "2026-11-25T04:12:30Z",
+                        }
+                    ],
+                    "next_cursor": "48213",
+                }
+            ]
+        }
+    )
+
     lines: list[HistoryLine]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
 
 class ExpiringPoints(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "batches": [{"points": 40, "expires_at": "2026-12-31T15:59:59Z"}],
+                }
+            ]
+        }
+    )
+
     member_id: str
     batches: list[ExpiringBatch]
 

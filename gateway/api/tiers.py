@@ -99,6 +99,25 @@ class HistoryEntry(BaseModel):
 
 
 class TierHistory(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "entries": [
+                        {
+                            "from_tier": "vip",
+                            "to_tier": "svip",
+                            "reason": "upgrade",
+                            "figures": {"metric": "paid_spend", "value": 50200, "threshold": 50000},
+                            "programme_version": 3,
+                            "changed_at": "2026-11-25T04:12:31Z",
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
     entries: list[HistoryEntry]
 
 
