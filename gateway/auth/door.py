@@ -4,6 +4,7 @@ app and the POS server install."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI
@@ -137,7 +138,11 @@ class Door:
             Limit(s.store_rate_per_second, s.store_burst),
         )
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
         await self.redis.aclose()
         if self.pool is not None:
-            await self.pool.close()
+            # A connection never released (a task cancelled mid-reload) must not hang shutdown.
+            try:
+                await asyncio.wait_for(self.pool.close(), timeout)
+            except TimeoutError:
+                self.pool.terminate()
