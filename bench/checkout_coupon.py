@@ -53,7 +53,7 @@ from .cli import (
     say,
     started,
 )
-from .loadgen import RunResult, open_loop
+from .loadgen import RunResult, open_loop, percentile
 
 # 满30减5 on the bench's one-line cart of GROSS_FEN (36 yuan).
 THRESHOLD_FEN = 3000
@@ -106,18 +106,22 @@ def checkout_call(
     timeout: float,
     wallet: Callable[[int], tuple[str, str]],
     discount_fen: int,
+    steps: dict[str, list[float]] | None = None,
 ) -> Callable[[int], Awaitable[object]]:
-    """Checkout i: preview, then complete at the payable the preview quoted."""
+    """Checkout i: preview, then complete at the payable the preview quoted.
+    `steps` collects each call's own duration (from its send, not the schedule)."""
     from loyalty.pos.v1 import pos_pb2
 
     async def call(i: int) -> object:
         member_id, code = wallet(i)
+        began = time.perf_counter()
         preview = await stub.PreviewCheckout(
             pos_pb2.PreviewCheckoutRequest(store_id=store_id, member_id=member_id, **cart(code)),
             timeout=timeout,
         )
         if preview.coupon_discount_fen != discount_fen:
             raise UnexpectedReply(f"preview discount {preview.coupon_discount_fen}")
+        previewed = time.perf_counter()
         reply = await stub.CompleteOrder(
             pos_pb2.CompleteOrderRequest(
                 store_id=store_id,
@@ -133,9 +137,20 @@ def checkout_call(
                 f"replayed={reply.replayed} discount={reply.coupon_discount_fen}"
                 f" points={reply.points_earned}"
             )
+        if steps is not None:
+            steps["PreviewCheckout"].append(previewed - began)
+            steps["CompleteOrder"].append(time.perf_counter() - previewed)
         return reply
 
     return call
+
+
+def own_ms(seconds: list[float]) -> dict[str, float | None]:
+    ordered = sorted(seconds)
+    return {
+        p: None if (v := percentile(ordered, q)) is None else round(v * 1000, 2)
+        for p, q in (("p50", 50), ("p99", 99))
+    }
 
 
 async def issue_wallets(
@@ -221,6 +236,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{run_id}/{i}")), ""
 
                 results: list[RunResult] = []
+                step_ms: dict[str, dict[str, dict[str, float | None]]] = {}
                 for name, warm, measured, discount in (
                     ("checkout, no coupon", plain, plain, 0),
                     (
@@ -246,6 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             timeout=args.timeout + 1.0,
                         )
                     say(f"measuring {name}: {args.rate:g}/s for {args.seconds:g}s ...")
+                    steps: dict[str, list[float]] = {"PreviewCheckout": [], "CompleteOrder": []}
                     result = await open_loop(
                         name,
                         checkout_call(
@@ -255,6 +272,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             args.timeout,
                             measured,
                             discount,
+                            steps,
                         ),
                         args.rate,
                         args.seconds,
@@ -266,6 +284,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         f" ms, p99 {lat['p99']} ms, p99.9 {lat['p99.9']} ms"
                     )
                     results.append(result)
+                    step_ms[name] = {k: own_ms(v) for k, v in steps.items()}
         report.update(
             {
                 "finished_at": datetime.now(UTC).isoformat(),
@@ -276,6 +295,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "load_average_at_end": os.getloadavg(),
                 "infrastructure": infra.note,
                 "runs": [r.summary() for r in results],
+                # Each call's own duration (from its send), successful checkouts only.
+                "calls_ms": step_ms,
             }
         )
         return report
@@ -310,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, load average {report['load_average_at_end'][0]:.1f} at the end"
         f" (shared machine: figures are noisy). results: {path}"
     )
+    for name, calls in report["calls_ms"].items():
+        print(
+            f"  {name}: "
+            + ", ".join(f"{k} p50 {v['p50']} / p99 {v['p99']} ms" for k, v in calls.items())
+        )
     ok = all(not s["errors_by_status"] for s in report["runs"])
     return 0 if ok else 1
 

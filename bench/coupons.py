@@ -13,8 +13,8 @@ At each rate, in the same run and against the same template:
   without gRPC: the floor the database and the domain code set;
 - baseline "empty gRPC": an empty unary call to a trivial server in its own
   process (bench/echo_server.py): the floor of one gRPC hop here.
-CPU is counted per issue from /proc: the rewards process, this run's
-PostgreSQL backends (pg_stat_activity of its database; the shared WAL writer
+CPU is counted per call from /proc: the server process (rewards, or the echo
+server for the empty call), this run's PostgreSQL backends (pg_stat_activity of its database; the shared WAL writer
 and checkpointer are not counted) and the load generator itself.
 
 After the run the promise is checked: coupons written == stock taken, never
@@ -48,7 +48,8 @@ from servicekit import devrun
 from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.settings import ServiceSettings
 
-from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, measure_echo, platform_env, say, started
+from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, say, started
+from .echo_server import METHOD as ECHO_METHOD
 from .loadgen import RunResult, open_loop
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -103,7 +104,7 @@ class CpuMeter:
     database's PostgreSQL backends and the load generator."""
 
     monitor: asyncpg.Connection
-    rewards_pid: int | None
+    server_pid: int | None
 
     async def backends(self) -> dict[int, float]:
         pids = await self.monitor.fetch(
@@ -114,7 +115,7 @@ class CpuMeter:
 
     async def snapshot(self) -> dict[str, Any]:
         return {
-            "rewards": cpu_seconds(self.rewards_pid) if self.rewards_pid else 0.0,
+            "server": cpu_seconds(self.server_pid) if self.server_pid else 0.0,
             "backends": await self.backends(),
             "client": own_cpu_seconds(),
         }
@@ -124,7 +125,7 @@ class CpuMeter:
         # A backend opened during the run counts from zero.
         pg = sum(t - before["backends"].get(pid, 0.0) for pid, t in after["backends"].items())
         used = {
-            "rewards": after["rewards"] - before["rewards"],
+            "server": after["server"] - before["server"],
             "postgres_backends": pg,
             "client": after["client"] - before["client"],
         }
@@ -148,6 +149,32 @@ async def metered(
         f" CPU ms/issue {cpu['cpu_ms_per_issue']}"
     )
     return result, cpu
+
+
+async def measure_echo_cpu(
+    monitor: asyncpg.Connection, args: argparse.Namespace, log_dir: Path
+) -> tuple[RunResult, dict[str, Any]]:
+    """The empty-gRPC baseline (as bench/cli.py's), with the echo server's CPU."""
+    port = devrun.free_port()
+    echo = devrun.Child(
+        "echo",
+        [sys.executable, "-m", "bench.echo_server", "--port", str(port)],
+        devrun.child_env(os.environ),
+        grpc_target=f"{devrun.LOOPBACK}:{port}",
+    )
+    async with (
+        started([echo], log_dir),
+        grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{port}") as channel,
+    ):
+        ping = channel.unary_unary(ECHO_METHOD)
+
+        def call(i: int) -> Awaitable[object]:
+            return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
+
+        meter = CpuMeter(monitor, echo.proc.pid if echo.proc else None)
+        if args.warmup:
+            await open_loop("warm-up", call, args.rate, args.warmup)
+        return await metered(meter, "empty gRPC", call, args.rate, args)
 
 
 # ---- the run -------------------------------------------------------------------------
@@ -260,11 +287,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for step in steps:
                 echo_args = argparse.Namespace(
                     rate=step["rate"],
-                    duration=args.seconds,
+                    seconds=args.seconds,
                     warmup=args.warmup,
                     timeout=args.timeout,
                 )
-                step["empty_grpc"] = (await measure_echo(echo_args, log_dir)).summary()
+                echo, echo_cpu = await measure_echo_cpu(monitor, echo_args, log_dir)
+                step["empty_grpc"], step["empty_grpc_cpu"] = echo.summary(), echo_cpu
         try:
             row = await monitor.fetchrow(
                 "SELECT (SELECT count(*) FROM rewards.coupons WHERE template_id = $1) AS coupons,"
@@ -303,7 +331,7 @@ def row(name: str, s: dict[str, Any], cpu: dict[str, Any] | None) -> str:
     lat = s["latency_ms"]
     per = cpu["cpu_ms_per_issue"] if cpu else {}
     cpu_text = (
-        f"  rewards {per['rewards']:.2f} + pg {per['postgres_backends']:.2f}"
+        f"  server {per['server']:.2f} + pg {per['postgres_backends']:.2f}"
         f" + client {per['client']:.2f}"
         if per
         else ""
@@ -336,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         if "in_process" in step:
             print(row("in-process", step["in_process"], step["in_process_cpu"]))
         if "empty_grpc" in step:
-            print(row("empty gRPC", step["empty_grpc"], None))
+            print(row("empty gRPC", step["empty_grpc"], step["empty_grpc_cpu"]))
     print(
         f"coupons/stock taken {report['check']}:"
         f" {'consistent' if report['consistent'] else 'INCONSISTENT'}"
