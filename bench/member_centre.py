@@ -12,9 +12,11 @@ production. Measured in the same run, at the same rate, on the same machine:
 2. the empty-call baseline: `GET /healthz` through the same gateway (the HTTP
    floor: client, uvicorn, middleware, no auth, no downstream).
 
-The load generator is Python (httpx, HMAC signing per request) on the same
+The load generator is Python (aiohttp, HMAC signing per request) on the same
 cores as the platform, so both rows include its own cost; compare them with
-each other. Writes bench/results/member-centre-<UTC timestamp>.json.
+each other. Not httpx for the load: its connection pool scans every queued
+request on each assignment, so the generator itself saturated one core at
+~100 reads/s and the bench measured the client (seen with py-spy). Writes bench/results/member-centre-<UTC timestamp>.json.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import time
 import uuid
@@ -30,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from servicekit import devrun
@@ -125,17 +129,28 @@ async def enrol(http: httpx.AsyncClient, count: int, run_id: str) -> list[str]:
 
 
 def member_centre_call(
-    http: httpx.AsyncClient, members: list[str], timeout: float
+    http: aiohttp.ClientSession, key_id: str, secret: str, members: list[str], timeout: float
 ) -> Callable[[int], Awaitable[object]]:
+    from gateway.auth.crypto import sign
+    from gateway.auth.http import KEY_ID_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
+
+    deadline = aiohttp.ClientTimeout(total=timeout)
+
     async def get(path: str, n: int) -> dict[str, Any]:
-        reply = await http.get(
-            path,
-            headers={"X-Member-Appid": APP_ID, "X-Member-Openid": openid(n)},
-            timeout=timeout,
-        )
-        if reply.status_code != 200:
-            raise UnexpectedReply(f"{path}: {reply.status_code}")
-        return reply.json()  # type: ignore[no-any-return]
+        # Signed exactly as gateway.auth.client.HmacAuth signs (GET: empty body).
+        timestamp, nonce = str(int(time.time())), secrets.token_hex(16)
+        headers = {
+            "X-Member-Appid": APP_ID,
+            "X-Member-Openid": openid(n),
+            KEY_ID_HEADER: key_id,
+            TIMESTAMP_HEADER: timestamp,
+            NONCE_HEADER: nonce,
+            SIGNATURE_HEADER: sign(secret, "GET", path, timestamp, nonce, b""),
+        }
+        async with http.get(path, headers=headers, timeout=deadline) as reply:
+            if reply.status != 200:
+                raise UnexpectedReply(f"{path}: {reply.status}")
+            return await reply.json()  # type: ignore[no-any-return]
 
     async def call(i: int) -> object:
         n = i % len(members)
@@ -151,12 +166,14 @@ def member_centre_call(
     return call
 
 
-def empty_call(http: httpx.AsyncClient, timeout: float) -> Callable[[int], Awaitable[object]]:
+def empty_call(http: aiohttp.ClientSession, timeout: float) -> Callable[[int], Awaitable[object]]:
+    deadline = aiohttp.ClientTimeout(total=timeout)
+
     async def call(i: int) -> object:
-        reply = await http.get("/healthz", timeout=timeout)
-        if reply.status_code != 200:
-            raise UnexpectedReply(f"/healthz: {reply.status_code}")
-        return reply
+        async with http.get("/healthz", timeout=deadline) as reply:
+            if reply.status != 200:
+                raise UnexpectedReply(f"/healthz: {reply.status}")
+            return await reply.read()
 
     return call
 
@@ -177,27 +194,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base = platform_env(infra)
         key_id, secret = await register_miniprogram(infra)
         base_url = f"http://{devrun.LOOPBACK}:{ports['http']}"
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
         results: list[RunResult] = []
         async with (
             started(devrun.platform_children(ports, base), log_dir),
             httpx.AsyncClient(
-                base_url=base_url, auth=HmacAuth(key_id, secret), limits=limits, timeout=30
-            ) as signed,
-            httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as plain,
+                base_url=base_url, auth=HmacAuth(key_id, secret), timeout=30
+            ) as setup,
+            aiohttp.ClientSession(
+                base_url=base_url, connector=aiohttp.TCPConnector(limit=256)
+            ) as load,
         ):
-            members = await enrol(signed, args.members, run_id)
+            members = await enrol(setup, args.members, run_id)
             say(f"enrolled {len(members)} members")
             results.append(
                 await measure(
                     "member centre (summary + tier)",
-                    lambda _: member_centre_call(signed, members, args.timeout),
+                    lambda _: member_centre_call(load, key_id, secret, members, args.timeout),
                     args,
                 )
             )
             results.append(
                 await measure(
-                    "empty call (GET /healthz)", lambda _: empty_call(plain, args.timeout), args
+                    "empty call (GET /healthz)", lambda _: empty_call(load, args.timeout), args
                 )
             )
         centre, empty = results
@@ -215,7 +233,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "open_loop": True,
                 "latency_from": "scheduled send time",
                 "calls_per_read": 2,
-                "client": "httpx, HMAC-signed, member asserted",
+                "client": "aiohttp, HMAC-signed, member asserted",
             },
             "machine": machine(infra, pg_version),
             "results": [r.summary() for r in results],

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import pytest
@@ -13,40 +14,62 @@ from servicekit.server import ServiceApp
 
 from .harness import Infra, start_infra, stop_infra, wait_until_serving
 
+# Services record no spans without an exporter (servicekit/telemetry.py); the
+# tracing tests attach in-memory exporters to the provider, so record them here.
+os.environ.setdefault("OTEL_TRACES_SAMPLER", "always_on")
+
 HANG_REPORT_AFTER_SECONDS = 120
+# A session fixture's stop (services, gateway, infrastructure) takes a few
+# seconds at most; longer, and where every task waits is printed.
+STOP_REPORT_AFTER_SECONDS = 30
 
 
-def _dump_tasks(test: str) -> None:
-    print(
-        f"\n=== {test} still running after {HANG_REPORT_AFTER_SECONDS}s; asyncio tasks:",
-        file=sys.stderr,
-    )
-    for task in asyncio.all_tasks():
-        task.print_stack(file=sys.stderr)
+def _dump_tasks(what: str) -> None:
+    tasks = asyncio.all_tasks()
+    print(f"\n=== {what}; {len(tasks)} asyncio tasks:", file=sys.stderr)
+    for task in tasks:
+        print(f"--- {task!r}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
 
 
 @pytest.fixture(autouse=True)
 async def report_hung_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """Print where every task waits if a test hangs (pytest-timeout then ends the run)."""
     handle = asyncio.get_running_loop().call_later(
-        HANG_REPORT_AFTER_SECONDS, _dump_tasks, request.node.nodeid
+        HANG_REPORT_AFTER_SECONDS,
+        _dump_tasks,
+        f"{request.node.nodeid} still running after {HANG_REPORT_AFTER_SECONDS}s",
     )
     yield
     handle.cancel()
+
+
+async def stopping(what: str, stop: Awaitable[None]) -> None:
+    """Await a session fixture's stop; report the tasks if it hangs."""
+    handle = asyncio.get_running_loop().call_later(
+        STOP_REPORT_AFTER_SECONDS,
+        _dump_tasks,
+        f"{what} still stopping after {STOP_REPORT_AFTER_SECONDS}s",
+    )
+    try:
+        await stop
+    finally:
+        handle.cancel()
 
 
 @pytest.fixture(scope="session")
 async def infra() -> AsyncIterator[Infra]:
     started = await start_infra()
     yield started
-    await stop_infra(started)
+    await stopping("infrastructure", stop_infra(started))
 
 
 async def _serve(app: ServiceApp) -> AsyncIterator[ServiceApp]:
     port = await app.start()
     await wait_until_serving(f"127.0.0.1:{port}")
     yield app
-    await app.stop()
+    await stopping(f"service {app.name}", app.stop())
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from loyalty.pos.v1 import pos_pb2_grpc
 from servicekit.db import asyncpg_dsn, create_pool
 from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
+from tests.conftest import stopping
 from tests.harness import Infra
 
 from .doors import TRUSTED_SCOPES, UNLIMITED, PerStoreKeyInterceptor, StoreKeys
@@ -108,7 +109,7 @@ async def gateway(
     )
     await gw.start()
     yield gw
-    await gw.stop()
+    await stopping("gateway", gw.stop())
 
 
 @pytest.fixture(scope="session")
