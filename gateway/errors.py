@@ -210,4 +210,9 @@ def install_http_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, on_domain_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    # ValueError also gets its own handler: Starlette runs handlers of specific
+    # classes inside the middleware stack (idempotency and metrics then see a
+    # normal 422), but the catch-all Exception handler at the outermost layer,
+    # after every middleware has been unwound by the exception.
+    app.add_exception_handler(ValueError, on_unexpected)
     app.add_exception_handler(Exception, on_unexpected)

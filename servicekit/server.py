@@ -187,11 +187,7 @@ class ServiceApp:
             await asyncio.sleep(self.settings.shutdown_delay_seconds)
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_seconds)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self.name, self._tasks)
         if self.relay is not None and self.db is not None:
             # Publish what committed during the drain, so nothing waits for a restart.
             with contextlib.suppress(Exception):
@@ -204,6 +200,28 @@ class ServiceApp:
 
     async def run_until_signalled(self) -> None:
         await serve_until_signalled(self.name, self.start, self.stop)
+
+
+# How long stopping background tasks may take before the stop goes on without them.
+TASK_STOP_SECONDS = 5.0
+
+
+async def stop_tasks(owner: str, tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks and wait for them, within TASK_STOP_SECONDS.
+    A task blocked in a Redis read (XREADGROUP BLOCK) can miss its cancellation
+    in redis-py (redis/redis-py#2579, #2028) and would hold the stop forever;
+    such a task is reported and left behind: closing the Redis pool next ends
+    its read."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=TASK_STOP_SECONDS)
+    for task in pending:
+        log.warning("%s: task %s did not stop in %.0fs", owner, task.get_name(), TASK_STOP_SECONDS)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.warning("%s: task %s ended with %r", owner, task.get_name(), task.exception())
 
 
 async def serve_until_signalled(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable
@@ -29,7 +30,10 @@ def _dump_tasks(what: str) -> None:
     print(f"\n=== {what}; {len(tasks)} asyncio tasks:", file=sys.stderr)
     for task in tasks:
         print(f"--- {task!r}", file=sys.stderr)
-        task.print_stack(limit=12, file=sys.stderr)
+        # grpc's Cython coroutines have no Python frames to walk (and walking
+        # them has hung); their repr above says enough.
+        if inspect.iscoroutine(task.get_coro()):
+            task.print_stack(limit=12, file=sys.stderr)
     sys.stderr.flush()
 
 

@@ -5,7 +5,6 @@ the event consumers (member, rewards, tiering), and the background workers
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, timedelta
@@ -19,7 +18,7 @@ from loyalty.events.v1 import events_pb2
 from servicekit.consumer import EventConsumer, Subscription
 from servicekit.db import UnitOfWork
 from servicekit.events import ReceivedEvent
-from servicekit.server import ServiceApp
+from servicekit.server import ServiceApp, stop_tasks
 from servicekit.settings import ServiceSettings
 
 from .channels import Dispatcher, build_providers, poll_forever
@@ -99,11 +98,7 @@ class EngagementApp(ServiceApp):
             return await self.handlers.enter_birthday_month(uow)
 
     async def stop(self) -> None:
-        for task in self._worker_tasks:
-            task.cancel()
-        for task in self._worker_tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self.name, self._worker_tasks)
         self._worker_tasks.clear()
         if self.http_client is not None:
             await self.http_client.aclose()
