@@ -185,6 +185,15 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             on("points_expiring_soon", mid, lambda p: _attrs(p, "points")),
         ),
         Subscription(
+            "rewards",
+            events_pb2.CouponExpiringSoon,
+            on(
+                "coupon_expiring_soon",
+                mid,
+                lambda p: _attrs(p, "coupon_id", "template_id", "name"),
+            ),
+        ),
+        Subscription(
             "tiering",
             events_pb2.TierChanged,
             on("tier_changed", mid, lambda p: _attrs(p, "from_tier", "to_tier", "reason")),

@@ -4,6 +4,7 @@ events (merge, unmerge, erase) reach its tables."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -97,3 +98,27 @@ async def test_merge_and_unmerge_events_move_send_history(
 
 async def _is(read: Any, expected: str) -> bool:
     return bool(await read() == expected)
+
+
+async def test_coupon_expiring_soon_from_rewards_reaches_engagement(
+    infra: Infra, engagement_app: ServiceApp
+) -> None:
+    """Rewards' CouponExpiringSoon is a journey entry; for a member engagement
+    does not know yet it is parked (kept for replay), which shows the route."""
+    assert engagement_app.db is not None
+    m = str(uuid.uuid4())
+    event = events_pb2.CouponExpiringSoon(
+        coupon_id="c-1", member_id=m, template_id="MJ99-30", name="满99减30"
+    )
+    await publish(infra, "rewards", event, m)
+
+    async def parked() -> Any:
+        assert engagement_app.db is not None
+        return await engagement_app.db.pool.fetchrow(
+            "SELECT event, attributes FROM engagement.parked_events WHERE member_id = $1",
+            uuid.UUID(m),
+        )
+
+    row = await eventually(parked)
+    assert row["event"] == "coupon_expiring_soon"
+    assert json.loads(row["attributes"])["template_id"] == "MJ99-30"
