@@ -165,7 +165,12 @@ def domain_problem(exc: DomainError) -> JSONResponse:
     status = HTTP_STATUS.get(exc.status)
     if status is None:
         return problem(500, "INTERNAL", INTERNAL_MESSAGE)
-    return problem(status, exc.code, exc.message, exc.field)
+    response = problem(status, exc.code, exc.message, exc.field)
+    retry_after_ms = getattr(exc, "retry_after_ms", None)
+    if isinstance(retry_after_ms, int):
+        # Whole seconds, rounded up: a client waiting that long is admitted.
+        response.headers["Retry-After"] = str(max(1, -(-retry_after_ms // 1000)))
+    return response
 
 
 def _field_of(loc: Sequence[int | str]) -> str:

@@ -181,10 +181,7 @@ class HttpAuthMiddleware:
         await self.app(scope, replay_body(body, receive), send)
 
     async def _refuse(self, exc: DomainError, scope: Scope, receive: Receive, send: Send) -> None:
-        response = domain_problem(exc)
-        if isinstance(exc, RateLimited):
-            response.headers["Retry-After"] = str(max(1, -(-exc.retry_after_ms // 1000)))
-        await response(scope, receive, send)
+        await domain_problem(exc)(scope, receive, send)
 
     async def _authorise(
         self, scope: Scope, method: str, template: str, params: dict[str, Any], body: bytes

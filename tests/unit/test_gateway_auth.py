@@ -33,10 +33,12 @@ from gateway.auth.model import (
     PII_READ,
     ClientKind,
     Credential,
+    RateLimited,
     Unauthenticated,
     grants,
 )
 from gateway.auth.tokens import TokenIssuer
+from gateway.errors import domain_problem
 from gateway.ratelimit import Limit
 from loyalty.pos.v1 import pos_pb2
 
@@ -162,3 +164,11 @@ def test_a_bearer_token_names_its_key_until_it_expires() -> None:
         with pytest.raises(Unauthenticated) as invalid:
             issuer.verify(bad)
         assert invalid.value.code == "TOKEN_INVALID"
+
+
+@pytest.mark.parametrize(("retry_after_ms", "header"), [(1, "1"), (1000, "1"), (1001, "2")])
+def test_a_rate_limited_refusal_says_when_to_retry(retry_after_ms: int, header: str) -> None:
+    """Every 429, the door's and a route's (POST /v1/auth/token), carries Retry-After."""
+    response = domain_problem(RateLimited("slow down", retry_after_ms=retry_after_ms))
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == header
