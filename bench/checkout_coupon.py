@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -50,6 +49,7 @@ from .cli import (
     platform_env,
     pos_channel,
     register_pos_key,
+    run_and_report,
     say,
     started,
 )
@@ -306,16 +306,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    began = time.monotonic()
-    try:
-        report = asyncio.run(run(args))
-    except devrun.DevrunError as exc:
-        say(f"error: {exc}")
+    done = run_and_report(
+        run, args, lambda r: f"checkout-coupon-{r['run_id'].split('-')[0]}.json", default=str
+    )
+    if done is None:
         return 1
-    report["wall_time_s"] = round(time.monotonic() - began, 1)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"checkout-coupon-{report['run_id'].split('-')[0]}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report, path = done
     print(
         f"\n{'PreviewCheckout + CompleteOrder':<24}{'offered':>8}{'achieved':>10}{'errors':>7}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}"

@@ -34,7 +34,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -655,6 +655,41 @@ def print_report(report: dict[str, Any], path: Path) -> None:
         f" {machine['infrastructure']}; everything on this machine, loopback only."
     )
     print(f"results: {path}")
+
+
+def run_and_report(
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+    args: argparse.Namespace,
+    filename: Callable[[dict[str, Any]], str],
+    *,
+    prog: str = "",
+    wall_time: bool = True,
+    **dump: Any,
+) -> tuple[dict[str, Any], Path] | None:
+    """The shared tail of a scenario's main(): run it, write the report (less
+    its "_table") as JSON to args.results_dir / filename(report), and print the
+    table, if any, between blank lines. None when the run failed (DevrunError,
+    reported as "prog: ..." on stderr, or by say() without a prog)."""
+    began = time.monotonic()
+    try:
+        report = asyncio.run(run(args))
+    except devrun.DevrunError as exc:
+        if prog:
+            print(f"{prog}: {exc}", file=sys.stderr)
+        else:
+            say(f"error: {exc}")
+        return None
+    if wall_time:
+        report["wall_time_s"] = round(time.monotonic() - began, 1)
+    printable = report.pop("_table", None)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / filename(report)
+    path.write_text(json.dumps(report, indent=2, **dump) + "\n")
+    if printable is not None:
+        print()
+        print(printable)
+        print()
+    return report, path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,7 +46,7 @@ from servicekit import devrun
 from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.settings import ServiceSettings
 
-from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, say, started
+from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, run_and_report, say, started
 from .echo_server import METHOD as ECHO_METHOD
 from .loadgen import RunResult, open_loop
 
@@ -345,16 +343,12 @@ def row(name: str, s: dict[str, Any], cpu: dict[str, Any] | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    began = time.monotonic()
-    try:
-        report = asyncio.run(run(args))
-    except devrun.DevrunError as exc:
-        say(f"error: {exc}")
+    done = run_and_report(
+        run, args, lambda r: f"coupons-{r['run_id'].split('-')[0]}.json", default=str
+    )
+    if done is None:
         return 1
-    report["wall_time_s"] = round(time.monotonic() - began, 1)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"coupons-{report['run_id'].split('-')[0]}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report, path = done
     print(
         f"\n{'':<13}{'offered':>8}{'achieved':>10}{'errors':>7}{'p50 ms':>10}{'p99 ms':>10}"
         "  CPU ms per issue"

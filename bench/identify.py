@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 import uuid
@@ -46,6 +45,7 @@ from .cli import (
     pos_channel,
     ratios,
     register_pos_key,
+    run_and_report,
     say,
     server_version,
     started,
@@ -199,18 +199,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     began = time.monotonic()
-    try:
-        report = asyncio.run(run(args))
-    except devrun.DevrunError as exc:
-        print(f"bench.identify: {exc}", file=sys.stderr)
+    done = run_and_report(
+        run,
+        args,
+        lambda r: f"{r['run_id']}.json",
+        prog="bench.identify",
+        wall_time=False,
+        ensure_ascii=False,
+    )
+    if done is None:
         return 1
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{report['run_id']}.json"
-    printable = report.pop("_table")
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print()
-    print(printable)
-    print()
+    report, path = done
     for name, r in report["ratios_over_empty_grpc"].items():
         print(f"{name} / empty gRPC: p50 x{r['p50']}, p99 x{r['p99']}")
     target = report["target"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform as pyplatform
 import sys
@@ -48,6 +47,7 @@ from .cli import (
     pos_channel,
     ratio,
     register_pos_key,
+    run_and_report,
     say,
     server_version,
     started,
@@ -274,25 +274,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    began = time.monotonic()
     try:
-        report = asyncio.run(run(args))
-    except devrun.DevrunError as exc:
-        say(f"error: {exc}")
-        return 1
+        done = run_and_report(run, args, lambda r: f"ledger-{r['run_id'].split('-')[0]}.json")
     except KeyboardInterrupt:
         say("interrupted")
         return 130
-    report["wall_time_s"] = round(time.monotonic() - began, 1)
-    text = report.pop("_table")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"ledger-{report['run_id'].split('-')[0]}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    if done is None:
+        return 1
+    report, path = done
     e = report["earn_throughput"]
     c = report["checkout_with_points"]
-    print()
-    print(text)
-    print()
     print(
         f"earns/s via rewards: {e['service']['per_s']} (SQL baseline {e['sql_baseline']['per_s']},"
         f" ratio x{e['service_over_baseline']}; target >= {e['target_per_s']})"

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +29,7 @@ import grpc
 from servicekit import devrun
 from servicekit.db import asyncpg_dsn
 
-from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, say, started
+from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, run_and_report, say, started
 from .ledger import FUND_FEN, closed_loop, earn_call
 
 PRICE = 10
@@ -132,16 +130,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    began = time.monotonic()
-    try:
-        report = asyncio.run(run(args))
-    except devrun.DevrunError as exc:
-        say(f"error: {exc}")
+    done = run_and_report(
+        run, args, lambda r: f"mall-{r['run_id'].split('-')[0]}.json", default=str
+    )
+    if done is None:
         return 1
-    report["wall_time_s"] = round(time.monotonic() - began, 1)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"mall-{report['run_id'].split('-')[0]}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report, path = done
     e = report["exchanges"]
     print(
         f"\nexchanges of one item: {e['per_s']}/s, p99 {e['p99_ms']} ms ({e['ok']} ok,"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import secrets
 import sys
 import time
@@ -46,6 +45,7 @@ from .cli import (
     machine,
     measure,
     platform_env,
+    run_and_report,
     say,
     server_version,
     started,
@@ -258,18 +258,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     began = time.monotonic()
-    try:
-        report = asyncio.run(run(args))
-    except devrun.DevrunError as exc:
-        print(f"bench member-centre: {exc}", file=sys.stderr)
+    done = run_and_report(
+        run,
+        args,
+        lambda r: f"{r['run_id']}.json",
+        prog="bench member-centre",
+        wall_time=False,
+        ensure_ascii=False,
+    )
+    if done is None:
         return 1
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{report['run_id']}.json"
-    printable = report.pop("_table")
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print()
-    print(printable)
-    print()
+    report, path = done
     print(f"member centre p99 / empty call p99: x{report['p99_over_empty_call']}")
     target = report["target"]
     print(
