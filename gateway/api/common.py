@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Path, Request
-from google.protobuf import timestamp_pb2
+from google.protobuf import message, timestamp_pb2
 from pydantic import BaseModel
 
 from servicekit.protos import timestamp
@@ -36,6 +36,11 @@ MEMBER_ERRORS: dict[int | str, dict[str, Any]] = {
 
 def utc(ts: timestamp_pb2.Timestamp) -> datetime:
     return ts.ToDatetime(tzinfo=UTC)
+
+
+def optional_utc(m: message.Message, field: str) -> datetime | None:
+    """A reply's optional time: None when the field is unset."""
+    return utc(getattr(m, field)) if m.HasField(field) else None
 
 
 def optional_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -12,9 +12,17 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from loyalty.rewards.v1 import rewards_pb2
-from servicekit.protos import timestamp
 
-from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, problem_response, utc
+from .common import (
+    MEMBER_ERRORS,
+    MEMBER_ID_EXAMPLE,
+    MemberId,
+    downstreams,
+    optional_timestamp,
+    optional_utc,
+    problem_response,
+    utc,
+)
 
 router = APIRouter()
 
@@ -285,13 +293,17 @@ class Grant(Claim):
     operator_id: str = Field(min_length=1, max_length=256)
 
 
+def stock_or_none(remaining: int) -> int | None:
+    """The service's remaining stock; negative means unlimited (None)."""
+    return None if remaining < 0 else remaining
+
+
 def terms_message(t: CouponTerms) -> rewards_pb2.CouponTerms:
-    m = rewards_pb2.CouponTerms(**t.model_dump(exclude={"valid_from", "valid_until"}))
-    if t.valid_from:
-        m.valid_from.CopyFrom(timestamp(t.valid_from))
-    if t.valid_until:
-        m.valid_until.CopyFrom(timestamp(t.valid_until))
-    return m
+    return rewards_pb2.CouponTerms(
+        **t.model_dump(exclude={"valid_from", "valid_until"}),
+        valid_from=optional_timestamp(t.valid_from),
+        valid_until=optional_timestamp(t.valid_until),
+    )
 
 
 def terms_model(m: rewards_pb2.CouponTerms) -> CouponTerms:
@@ -310,8 +322,8 @@ def terms_model(m: rewards_pb2.CouponTerms) -> CouponTerms:
         channels=list(m.channels),
         tiers=list(m.tiers),
         new_members_only=m.new_members_only,
-        valid_from=utc(m.valid_from) if m.HasField("valid_from") else None,
-        valid_until=utc(m.valid_until) if m.HasField("valid_until") else None,
+        valid_from=optional_utc(m, "valid_from"),
+        valid_until=optional_utc(m, "valid_until"),
         valid_days=m.valid_days,
         valid_hours=m.valid_hours,
         stackable=m.stackable,
@@ -332,7 +344,7 @@ def template_model(m: rewards_pb2.CouponTemplate) -> CouponTemplate:
             daily_budget=m.limits.daily_budget,
             stock_shards=m.limits.stock_shards or 1,
         ),
-        remaining_stock=None if m.remaining_stock < 0 else m.remaining_stock,
+        remaining_stock=stock_or_none(m.remaining_stock),
         created_at=utc(m.created_at),
         updated_at=utc(m.updated_at),
     )
@@ -533,7 +545,7 @@ async def report(template_id: TemplateId, request: Request) -> CouponReport:
         expired=r.expired,
         redemption_rate=round(r.redemption_rate_bp / 10_000, 4),
         discount_fen=r.discount_fen,
-        remaining_stock=None if r.remaining_stock < 0 else r.remaining_stock,
+        remaining_stock=stock_or_none(r.remaining_stock),
     )
 
 

@@ -11,9 +11,17 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from loyalty.rewards.v1 import rewards_pb2
-from servicekit.protos import timestamp
 
-from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, problem_response, utc
+from .common import (
+    MEMBER_ERRORS,
+    MEMBER_ID_EXAMPLE,
+    MemberId,
+    downstreams,
+    optional_timestamp,
+    optional_utc,
+    problem_response,
+    utc,
+)
 
 router = APIRouter()
 
@@ -168,7 +176,7 @@ class MallExchanges(BaseModel):
 
 
 def item_input(body: MallItemFields) -> rewards_pb2.MallItemInput:
-    message = rewards_pb2.MallItemInput(
+    return rewards_pb2.MallItemInput(
         name=body.name,
         kind=body.kind,
         coupon_template_id=body.coupon_template_id,
@@ -177,12 +185,9 @@ def item_input(body: MallItemFields) -> rewards_pb2.MallItemInput:
         cash_fen=body.cash_fen,
         stock_total=body.stock_total,
         per_member_limit=body.per_member_limit,
+        starts_at=optional_timestamp(body.starts_at),
+        ends_at=optional_timestamp(body.ends_at),
     )
-    if body.starts_at:
-        message.starts_at.CopyFrom(timestamp(body.starts_at))
-    if body.ends_at:
-        message.ends_at.CopyFrom(timestamp(body.ends_at))
-    return message
 
 
 def item_model(reply: rewards_pb2.MallItem) -> MallItem:
@@ -198,8 +203,8 @@ def item_model(reply: rewards_pb2.MallItem) -> MallItem:
         stock_total=i.stock_total,
         stock_remaining=reply.stock_remaining,
         per_member_limit=i.per_member_limit,
-        starts_at=utc(i.starts_at) if i.HasField("starts_at") else None,
-        ends_at=utc(i.ends_at) if i.HasField("ends_at") else None,
+        starts_at=optional_utc(i, "starts_at"),
+        ends_at=optional_utc(i, "ends_at"),
         status=reply.status,
         created_at=utc(reply.created_at),
         updated_at=utc(reply.updated_at),

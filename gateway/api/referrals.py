@@ -13,7 +13,15 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from loyalty.rewards.v1 import rewards_pb2
 from servicekit.protos import timestamp
 
-from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, problem_response, utc
+from .common import (
+    MEMBER_ERRORS,
+    MEMBER_ID_EXAMPLE,
+    MemberId,
+    downstreams,
+    optional_utc,
+    problem_response,
+    utc,
+)
 
 router = APIRouter()
 
@@ -120,7 +128,7 @@ def referral_model(r: rewards_pb2.Referral) -> Referral:
         inviter_member_id=r.inviter_member_id,
         invitee_member_id=r.invitee_member_id,
         accepted_at=utc(r.accepted_at),
-        first_order_at=utc(r.first_order_at) if r.HasField("first_order_at") else None,
+        first_order_at=optional_utc(r, "first_order_at"),
         rewards=[
             ReferralReward(
                 step=w.step,
