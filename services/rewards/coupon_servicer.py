@@ -13,16 +13,15 @@ from loyalty.common.v1 import common_pb2
 from loyalty.rewards.v1 import rewards_pb2
 from servicekit.db import Database
 from servicekit.errors import InvalidArgument
-from servicekit.protos import timestamp, to_datetime
+from servicekit.protos import timestamp
 
 from . import coupon_service as svc
 from .coupon_repository import TemplateRow
 from .coupons import ChannelGroup, Kind, Limits, Status, Terms
 from .domain import Channel, OrderLine
+from .growth_servicer import optional_time, set_time
+from .growth_servicer import page as _page
 from .handlers import RewardsHandlers
-
-DEFAULT_PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
 
 CHANNELS = {
     common_pb2.CHANNEL_STORE: Channel.STORE,
@@ -64,8 +63,8 @@ def terms_from(m: rewards_pb2.CouponTerms) -> Terms:
         channels=channels,
         tiers=tuple(m.tiers),
         new_members_only=m.new_members_only,
-        valid_from=to_datetime(m.valid_from) if m.HasField("valid_from") else None,
-        valid_until=to_datetime(m.valid_until) if m.HasField("valid_until") else None,
+        valid_from=optional_time(m, "valid_from"),
+        valid_until=optional_time(m, "valid_until"),
         valid_days=m.valid_days,
         valid_hours=m.valid_hours,
         stackable=m.stackable,
@@ -96,10 +95,8 @@ def terms_message(t: Terms) -> rewards_pb2.CouponTerms:
         restore_on_refund=t.restore_on_refund,
         claimable=t.claimable,
     )
-    if t.valid_from:
-        m.valid_from.CopyFrom(timestamp(t.valid_from))
-    if t.valid_until:
-        m.valid_until.CopyFrom(timestamp(t.valid_until))
+    set_time(m, "valid_from", t.valid_from)
+    set_time(m, "valid_until", t.valid_until)
     return m
 
 
@@ -152,21 +149,6 @@ def coupon_message(c: svc.IssuedCoupon, terms: Terms | None = None) -> rewards_p
     if c.locked_until is not None and c.status == "locked":
         m.locked_until.CopyFrom(timestamp(c.locked_until))
     return m
-
-
-def _page(size: int, cursor: str) -> tuple[int, int | None]:
-    size = size or DEFAULT_PAGE_SIZE
-    if not 1 <= size <= MAX_PAGE_SIZE:
-        raise InvalidArgument(
-            f"page_size must be between 1 and {MAX_PAGE_SIZE}",
-            code="INVALID_PAGE_SIZE",
-            field="page_size",
-        )
-    if cursor and (not cursor.isdigit() or len(cursor) > 18):
-        raise InvalidArgument(
-            "cursor is not one this API returned", code="INVALID_CURSOR", field="cursor"
-        )
-    return size, int(cursor) if cursor else None
 
 
 class CouponRpcs:

@@ -52,6 +52,12 @@ def optional_time(message: Any, field: str) -> datetime | None:
     return to_datetime(getattr(message, field)) if message.HasField(field) else None
 
 
+def set_time(message: Any, field: str, value: datetime | None) -> None:
+    """Set a Timestamp field only when there is a value (unset stays unset)."""
+    if value is not None:
+        getattr(message, field).CopyFrom(timestamp(value))
+
+
 def referral_message(view: ReferralView) -> rewards_pb2.Referral:
     reply = rewards_pb2.Referral(
         referral_id=view.referral_id,
@@ -72,8 +78,7 @@ def referral_message(view: ReferralView) -> rewards_pb2.Referral:
             for r in view.rewards
         ],
     )
-    if view.first_order_at is not None:
-        reply.first_order_at.CopyFrom(timestamp(view.first_order_at))
+    set_time(reply, "first_order_at", view.first_order_at)
     return reply
 
 
@@ -104,10 +109,8 @@ def item_message(row: ItemRow) -> rewards_pb2.MallItem:
         stock_total=spec.stock_total,
         per_member_limit=spec.per_member_limit,
     )
-    if spec.starts_at:
-        item.starts_at.CopyFrom(timestamp(spec.starts_at))
-    if spec.ends_at:
-        item.ends_at.CopyFrom(timestamp(spec.ends_at))
+    set_time(item, "starts_at", spec.starts_at)
+    set_time(item, "ends_at", spec.ends_at)
     return rewards_pb2.MallItem(
         item_id=str(row.item_id),
         item=item,

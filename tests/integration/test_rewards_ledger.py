@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +18,7 @@ import asyncpg
 import pytest
 
 from loyalty.events.v1 import events_pb2
-from servicekit.db import Database, asyncpg_dsn, create_pool
+from servicekit.db import Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.rewards.audit import audit_ledger
 from services.rewards.domain import Channel, OrderRequest
@@ -27,29 +26,12 @@ from services.rewards.handlers import RewardsHandlers
 from services.rewards.jobs import announce_expiring, expire_due, void_timed_out_holds
 from services.rewards.points import PointsLedger
 from services.rewards.policy import ExpiryKind, ExpiryPolicy, LedgerPolicy, ShortfallPolicy
-from services.rewards.seed import seed_demo
-
-from ..harness import Infra
 
 T0 = datetime(2025, 3, 1, 4, 0, tzinfo=UTC)
 DAYS30 = LedgerPolicy(expiry=ExpiryPolicy(ExpiryKind.DAYS, 30))
 
 
-@pytest.fixture(scope="module")
-async def db(infra: Infra) -> AsyncIterator[Database]:
-    pool = await create_pool(infra.database_url, 1, 16)
-    async with pool.acquire() as conn:
-        await seed_demo(conn)
-    database = Database(pool, "rewards", "rewards")
-    yield database
-    await database.close()
-
-
-@pytest.fixture(scope="module")
-async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    yield c
-    await c.close()
+DB_POOL_MAX = 16
 
 
 class Ledger:

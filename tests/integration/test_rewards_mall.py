@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
-from servicekit.db import Connection, Database, asyncpg_dsn, create_pool
+from servicekit.db import Connection, Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.rewards import coupon_repository
 from services.rewards.audit import audit_ledger
@@ -26,9 +25,6 @@ from services.rewards.coupons import Kind, Limits, Status, Terms
 from services.rewards.mall import ItemKind, ItemSpec, ItemStatus
 from services.rewards.mall_service import Exchange, PointsMall
 from services.rewards.points import PointsLedger
-from services.rewards.seed import seed_demo
-
-from ..harness import Infra
 
 NOW = datetime(2026, 5, 1, 4, 0, tzinfo=UTC)
 
@@ -54,23 +50,6 @@ class Issuing:
             coupon_id = str(uuid.uuid4())
 
         return Issued()
-
-
-@pytest.fixture(scope="module")
-async def db(infra: Infra) -> AsyncIterator[Database]:
-    pool = await create_pool(infra.database_url, 1, 32)
-    async with pool.acquire() as c:
-        await seed_demo(c)
-    database = Database(pool, "rewards", "rewards")
-    yield database
-    await database.close()
-
-
-@pytest.fixture(scope="module")
-async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    yield c
-    await c.close()
 
 
 class Mall:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +19,7 @@ from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
-from servicekit.db import Connection, Database, asyncpg_dsn, create_pool
+from servicekit.db import Connection, Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFound, error_info
 from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
 from servicekit.protos import timestamp
@@ -30,7 +29,6 @@ from services.rewards.handlers import RewardsHandlers
 from services.rewards.points import PointsLedger
 from services.rewards.referral import ReferralRules, RewardSpec, StepRewards
 from services.rewards.referral_service import Referrals, ReferralView
-from services.rewards.seed import seed_demo
 
 from ..harness import Infra, eventually
 
@@ -65,23 +63,6 @@ class Coupons:
         issued = Issued()
         issued.coupon_id = coupon_id  # type: ignore[attr-defined]
         return issued
-
-
-@pytest.fixture(scope="module")
-async def db(infra: Infra) -> AsyncIterator[Database]:
-    pool = await create_pool(infra.database_url, 1, 32)
-    async with pool.acquire() as c:
-        await seed_demo(c)
-    database = Database(pool, "rewards", "rewards")
-    yield database
-    await database.close()
-
-
-@pytest.fixture(scope="module")
-async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    yield c
-    await c.close()
 
 
 class Programme:
