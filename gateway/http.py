@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from pydantic import BaseModel, Field
 
-from .api import coupons, engagement, mall, members, points, referrals, tiers
+from .api import centre, coupons, engagement, mall, members, points, referrals, tiers
 from .api.common import problem_response
 from .auth.door import Door
 from .clients import Downstreams
@@ -93,6 +93,7 @@ def create_app(
 
     for router in (
         members.router,
+        centre.router,
         points.router,
         engagement.router,
         tiers.router,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loyalty.rewards.v1 import rewards_pb2
 
+from ..clients import Downstreams
 from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
 
 router = APIRouter()
@@ -182,14 +183,19 @@ async def get_points(member_id: MemberId, request: Request) -> PointsBalance:
     responses=MEMBER_ERRORS,
 )
 async def get_points_summary(member_id: MemberId, request: Request) -> PointsSummary:
-    rewards = downstreams(request).rewards
+    return await points_summary(downstreams(request), str(member_id))
+
+
+async def points_summary(down: Downstreams, member_id: str) -> PointsSummary:
+    """The summary from rewards (also one half of the member centre, api/centre.py)."""
+    rewards = down.rewards
     # Independent reads: side by side, the page waits for one hop, not two.
     reply, expiring = await asyncio.gather(
-        rewards.get_points_balance(str(member_id)),
-        rewards.get_expiring_points(str(member_id), 0),
+        rewards.get_points_balance(member_id),
+        rewards.get_expiring_points(member_id, 0),
     )
     return PointsSummary(
-        member_id=reply.member_id or str(member_id),
+        member_id=reply.member_id or member_id,
         available=reply.available,
         lifetime_earned=reply.lifetime_earned,
         pending=reply.pending,

@@ -213,7 +213,8 @@ def _tier(info: tiering_pb2.TierInfo) -> TierInfo:
     )
 
 
-def _member_tier(reply: tiering_pb2.MemberTier) -> MemberTier:
+def member_tier(reply: tiering_pb2.MemberTier) -> MemberTier:
+    """The MemberTier reply as the API shows it (also in the member centre, api/centre.py)."""
     return MemberTier(
         member_id=reply.member_id,
         programme_id=reply.programme_id,
@@ -272,7 +273,7 @@ def _programme_in(programme_id: str, body: ProgrammeIn) -> tiering_pb2.Programme
     responses=MEMBER_ERRORS,
 )
 async def get_tier(member_id: MemberId, request: Request) -> MemberTier:
-    return _member_tier(await downstreams(request).tiering.get_member_tier(str(member_id)))
+    return member_tier(await downstreams(request).tiering.get_member_tier(str(member_id)))
 
 
 @router.get(
@@ -396,7 +397,7 @@ async def set_override(member_id: MemberId, body: OverrideIn, request: Request) 
             reason=body.reason,
         )
     )
-    return _member_tier(reply)
+    return member_tier(reply)
 
 
 @router.delete(
@@ -414,7 +415,7 @@ async def lift_override(
     reply = await downstreams(request).tiering.set_tier_override(
         tiering_pb2.SetTierOverrideRequest(member_id=str(member_id), reason=reason)
     )
-    return _member_tier(reply)
+    return member_tier(reply)
 
 
 @router.get(

@@ -53,6 +53,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", f"{_M}/spend"): MEMBER_SELF,
     ("GET", f"{_M}/tier"): MEMBER_SELF,
     ("GET", f"{_M}/tier/history"): MEMBER_SELF,
+    # The member centre page in one call: the tier and the points summary above.
+    ("GET", f"{_M}/centre"): MEMBER_SELF,
     ("POST", f"{_M}/growth-actions"): MEMBER_SELF,
     ("POST", f"{_M}/events"): MEMBER_SELF,
     ("POST", f"{_M}/unsubscribe"): MEMBER_SELF,

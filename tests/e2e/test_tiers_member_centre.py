@@ -12,10 +12,13 @@ import asyncpg
 import httpx
 import pytest
 
+from gateway.app import build
 from servicekit.db import asyncpg_dsn
+from servicekit.server import ServiceApp
 from services.tiering.seed import DEMO_PROGRAMME, seed_demo
 from tests.harness import Infra, eventually
 
+from .conftest import closed_port, gateway_settings
 from .test_pos_slice import Pos, assert_problem, complete, identify, new_phone
 
 pytestmark = pytest.mark.e2e
@@ -53,6 +56,19 @@ async def test_pos_sees_the_tier_and_the_member_centre_explains_it(
     assert body["next_tier"]["code"] == "vip" and body["next_needed"] == 98_000
     assert body["projection"].endswith("¥980 more reaches VIP")
     assert body["period_last_day"].endswith("-12-31")
+
+    # The member centre page in one call: the same tier and the points summary.
+    centre = await http.get(f"/v1/members/{member.member_id}/centre")
+    assert centre.status_code == 200, centre.text
+    page = centre.json()
+    assert page["member_id"] == member.member_id and page["degraded"] == []
+    assert page["tier"] == body
+    summary = (await http.get(f"/v1/members/{member.member_id}/points/summary")).json()
+    assert page["points"] == summary
+    assert page["points"]["lifetime_earned"] == 520
+    assert_problem(
+        await http.get("/v1/members/not-a-uuid/centre"), 422, "INVALID_ARGUMENT", "member_id"
+    )
 
     history = (await http.get(f"/v1/members/{member.member_id}/tier/history")).json()
     assert [(e["from_tier"], e["to_tier"], e["reason"]) for e in history["entries"]] == [
@@ -142,3 +158,69 @@ async def test_operators_publish_simulate_override_and_report(
     dist = await http.get("/v1/admin/reports/tier-distribution")
     assert dist.status_code == 200, dist.text
     assert set(dist.json()) >= {"run_id", "buckets", "members"}
+
+
+# ---- the member centre degraded -------------------------------------------------------
+
+
+@pytest.fixture
+async def centre_without(
+    request: pytest.FixtureRequest,
+    member_app: ServiceApp,
+    rewards_app: ServiceApp,
+    tiering_app: ServiceApp,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The HTTP door of a gateway whose `request.param` services are stopped
+    (their addresses are ports nothing listens on)."""
+    addrs = {
+        "member_addr": f"127.0.0.1:{member_app.port}",
+        "rewards_addr": f"127.0.0.1:{rewards_app.port}",
+        "tiering_addr": f"127.0.0.1:{tiering_app.port}",
+    }
+    for service in request.param:
+        addrs[f"{service}_addr"] = f"127.0.0.1:{closed_port()}"
+    gw = build(gateway_settings(**addrs))
+    await gw.start()
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{gw.http_port}", timeout=30
+        ) as http:
+            yield http
+    finally:
+        await gw.stop()
+
+
+async def centre_of(pos: Pos, http: httpx.AsyncClient) -> httpx.Response:
+    member = await identify(pos, new_phone())
+    await complete(pos, member.member_id, paid_fen=1800)
+    return await http.get(f"/v1/members/{member.member_id}/centre")
+
+
+@pytest.mark.parametrize("centre_without", [("tiering",)], indirect=True)
+async def test_the_centre_without_tiering_shows_the_points_and_says_so(
+    pos: Pos, centre_without: httpx.AsyncClient
+) -> None:
+    reply = await centre_of(pos, centre_without)
+    assert reply.status_code == 200, reply.text
+    page = reply.json()
+    assert page["tier"] is None and page["degraded"] == ["tiering"]
+    assert page["points"]["lifetime_earned"] == 18
+
+
+@pytest.mark.parametrize("centre_without", [("rewards",)], indirect=True)
+async def test_the_centre_without_rewards_shows_the_tier_and_says_so(
+    pos: Pos, centre_without: httpx.AsyncClient
+) -> None:
+    reply = await centre_of(pos, centre_without)
+    assert reply.status_code == 200, reply.text
+    page = reply.json()
+    assert page["points"] is None and page["degraded"] == ["rewards"]
+    assert page["tier"]["tier"]["code"] == "regular"
+
+
+@pytest.mark.parametrize("centre_without", [("tiering", "rewards")], indirect=True)
+async def test_the_centre_with_neither_is_unavailable(
+    pos: Pos, centre_without: httpx.AsyncClient
+) -> None:
+    reply = await centre_of(pos, centre_without)
+    assert_problem(reply, 503, "DEPENDENCY_UNAVAILABLE")
