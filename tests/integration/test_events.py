@@ -264,3 +264,46 @@ async def test_relay_crash_between_xadd_and_delete_yields_one_effect(
     effects = await db.pool.fetch(f"SELECT event_id, order_id FROM {schema}.effects")
     assert [(str(r["event_id"]), r["order_id"]) for r in effects] == [(event_id, "o-crash")]
     assert await processed(db, group) == {event_id}
+
+
+async def test_one_read_shares_one_commit_and_a_failing_event_rolls_back_alone(
+    db: Database, outbox_db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+) -> None:
+    """Events read together are applied in one transaction (one COMMIT for the
+    lot), each in its own savepoint: the poison event's write is undone, its
+    neighbours' are kept, and each good event is applied exactly once."""
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    schema = outbox_db.schema
+    calls: Counter[str] = Counter()
+    transactions: dict[str, int] = {}
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        order_id = event.payload.order_id  # type: ignore[attr-defined]
+        calls[order_id] += 1
+        transactions[order_id] = await uow.conn.fetchval("SELECT txid_current()")
+        await uow.conn.execute(
+            f"INSERT INTO {schema}.effects (event_id, order_id) VALUES ($1, $2)",
+            uuid.UUID(event.envelope.event_id),
+            order_id,
+        )
+        if order_id == "poison":
+            raise RuntimeError("poison after its write")
+
+    orders = ("first", "poison", "second", "third")
+    published = [
+        await xadd(redis, stream, producer, events_pb2.OrderCompleted(order_id=order))
+        for order in orders
+    ]
+    # Published before the consumer starts, so its first read returns all four.
+    dlq = dead_letter_stream(infra.namespace, producer, group)
+    async with running(consumer_for(group, db, redis, infra, producer, handler)):
+        await eventually(lambda: redis.xrange(dlq), timeout=10)
+        await eventually(lambda: _drained(redis, stream, group))
+
+    assert calls == Counter({"first": 1, "second": 1, "third": 1, "poison": MAX_ATTEMPTS})
+    assert transactions["first"] == transactions["second"] == transactions["third"]
+    effects = await db.pool.fetch(f"SELECT order_id FROM {schema}.effects ORDER BY order_id")
+    assert [r["order_id"] for r in effects] == ["first", "second", "third"]
+    good = {event for (_, event), order in zip(published, orders, strict=True) if order != "poison"}
+    assert await processed(db, group) == good
