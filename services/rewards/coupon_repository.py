@@ -350,6 +350,212 @@ async def issue_context(
     return existing, bool(row["erased"]), template
 
 
+# ---- bulk issuance (IssueCoupons) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class BulkContext:
+    template: TemplateRow | None
+    # Issue keys of the batch that already issued a coupon (replays).
+    taken_keys: frozenset[str]
+    erased: frozenset[uuid.UUID]
+    # Members with a settled order: read only for a new-members-only template.
+    settled: frozenset[uuid.UUID]
+
+
+async def bulk_context(
+    conn: Connection, template_id: str, members: Sequence[uuid.UUID], keys: Sequence[str]
+) -> BulkContext:
+    """What a batch needs, in one round trip: the template, which of the keys
+    are taken, which members were erased and, for a new-members-only template,
+    which have a settled order. No locks: the write re-checks what can race."""
+    row = await conn.fetchrow(
+        "SELECT"
+        " (SELECT array_agg(c.issue_key) FROM rewards.coupons c"
+        "  WHERE c.issue_key = ANY($3::text[])) AS taken,"
+        " (SELECT array_agg(e.member_id) FROM rewards.erased_members e"
+        "  WHERE e.member_id = ANY($2::uuid[])) AS erased,"
+        " (SELECT array_agg(DISTINCT o.member_id) FROM rewards.orders o"
+        "  WHERE (t.spec->>'new_members_only')::boolean"
+        "  AND o.member_id = ANY($2::uuid[]) AND o.status = 'settled') AS settled,"
+        f" t.* FROM (SELECT 1) one LEFT JOIN (SELECT {TEMPLATE_COLUMNS}"
+        "  FROM rewards.coupon_templates WHERE template_id = $1) t ON true",
+        template_id,
+        list(members),
+        list(keys),
+    )
+    assert row is not None
+    return BulkContext(
+        template=_template(row) if row["template_id"] is not None else None,
+        taken_keys=frozenset(row["taken"] or ()),
+        erased=frozenset(row["erased"] or ()),
+        settled=frozenset(row["settled"] or ()),
+    )
+
+
+async def coupons_by_keys(conn: Connection, keys: Sequence[str]) -> dict[str, Any]:
+    rows = await conn.fetch(
+        f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE c.issue_key = ANY($1::text[])",
+        list(keys),
+    )
+    return {r["issue_key"]: r for r in rows}
+
+
+# The counters a batch may take, locked and read in one statement, always in
+# the order member rows (by member id), the day's row, the stock shards (by
+# shard): the order the single issue statement takes them in too, so batches
+# and single issues queue on each other rather than deadlock. A member or day
+# without a row gets one at 0 (the no-op DO UPDATE locks an existing row and
+# returns its latest committed count, READ COMMITTED). Held until commit, the
+# counts cannot change under the batch's arithmetic.
+BULK_LOCK_SQL = (
+    "WITH m AS ("
+    " INSERT INTO rewards.coupon_member_counts AS c (template_id, member_id, issued)"
+    " SELECT $1, u.member_id, 0 FROM unnest($2::uuid[]) AS u(member_id)"
+    " ORDER BY u.member_id"
+    " ON CONFLICT (template_id, member_id) DO UPDATE SET issued = c.issued"
+    " RETURNING c.member_id, c.issued),"
+    " d AS ("
+    " INSERT INTO rewards.coupon_daily_counts AS c (template_id, day, issued)"
+    " SELECT $1, $3, 0 WHERE $4"
+    " ON CONFLICT (template_id, day) DO UPDATE SET issued = c.issued RETURNING c.issued),"
+    " s AS ("
+    " SELECT shard, remaining FROM rewards.coupon_stock WHERE template_id = $1 AND $5"
+    " ORDER BY shard FOR UPDATE)"
+    " SELECT 'member' AS what, member_id, NULL::int AS shard, issued AS n FROM m"
+    " UNION ALL SELECT 'day', NULL, NULL, issued FROM d"
+    " UNION ALL SELECT 'stock', NULL, shard, remaining FROM s"
+)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The batch's counters as locked: issued per member, issued today, and
+    remaining per stock shard (only those the template limits)."""
+
+    members: dict[uuid.UUID, int]
+    day: int
+    shards: dict[int, int]
+
+
+async def lock_counters(
+    conn: Connection, template_id: str, limits: Limits, members: Sequence[uuid.UUID], day: date
+) -> Counters:
+    rows = await conn.fetch(
+        BULK_LOCK_SQL,
+        template_id,
+        # Distinct (one row may be locked once per statement), sorted above.
+        sorted(set(members)) if limits.per_member_limit is not None else [],
+        day,
+        limits.daily_budget is not None,
+        limits.total_stock is not None,
+    )
+    return Counters(
+        members={r["member_id"]: int(r["n"]) for r in rows if r["what"] == "member"},
+        day=next((int(r["n"]) for r in rows if r["what"] == "day"), 0),
+        shards={r["shard"]: int(r["n"]) for r in rows if r["what"] == "stock"},
+    )
+
+
+# A batch's coupons, counters and events in one statement. The coupons claim
+# their issue keys (sorted, so two batches sharing keys queue rather than
+# deadlock; a key committed since the batch's read inserts nothing); then the
+# counters move by exactly the coupons inserted (per member, the day, per
+# shard) and the CouponIssued rows of those coupons go in. The counters were
+# locked and checked by the caller (BULK_LOCK_SQL), so no guard can fail here;
+# CHECK (remaining >= 0) still stands behind the stock.
+BULK_ISSUE_SQL = (
+    "WITH coupon AS ("
+    " INSERT INTO rewards.coupons AS c (id, code, template_id, template_version, member_id,"
+    " reason, issued_by, issue_key, request_hash, issued_at, valid_from, expires_at, issued_to)"
+    " SELECT i.id, i.code, $1, $2, i.member_id, $3, $4, i.issue_key, i.request_hash,"
+    " $5, $6, $7, i.member_id"
+    " FROM unnest($8::uuid[], $9::text[], $10::uuid[], $11::text[], $12::bytea[])"
+    " AS i(id, code, member_id, issue_key, request_hash) ORDER BY i.issue_key"
+    " ON CONFLICT (issue_key) DO NOTHING RETURNING c.id, c.member_id, c.seq),"
+    " member_count AS ("
+    " UPDATE rewards.coupon_member_counts m SET issued = m.issued + k.n"
+    " FROM (SELECT member_id, count(*) AS n FROM coupon GROUP BY member_id) k"
+    " WHERE $13 AND m.template_id = $1 AND m.member_id = k.member_id),"
+    " day_count AS ("
+    " UPDATE rewards.coupon_daily_counts d SET issued = d.issued + (SELECT count(*) FROM coupon)"
+    " WHERE $14 AND d.template_id = $1 AND d.day = $15),"
+    " stock AS ("
+    " UPDATE rewards.coupon_stock s SET remaining = s.remaining - k.n"
+    " FROM (SELECT a.shard, count(*) AS n FROM coupon"
+    "  JOIN unnest($8::uuid[], $16::int[]) AS a(id, shard) ON a.id = coupon.id"
+    "  GROUP BY a.shard) k"
+    " WHERE $17 AND s.template_id = $1 AND s.shard = k.shard),"
+    " outbox AS ("
+    " INSERT INTO rewards.outbox (event_id, event_type, envelope)"
+    " SELECT e.event_id, $18, e.envelope"
+    " FROM unnest($8::uuid[], $19::uuid[], $20::bytea[]) AS e(id, event_id, envelope)"
+    " JOIN coupon ON coupon.id = e.id)"
+    " SELECT id, seq FROM coupon"
+)
+
+
+@dataclass(frozen=True)
+class BulkCoupon:
+    """One coupon of a batch to insert, with the stock shard it takes from
+    (0 when the stock is unlimited) and its CouponIssued envelope."""
+
+    id: uuid.UUID
+    code: str
+    member_id: uuid.UUID
+    issue_key: str
+    request_hash: bytes
+    shard: int
+    event_id: uuid.UUID
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class BulkIssue:
+    template_id: str
+    template_version: int
+    reason: str
+    issued_by: str
+    issued_at: datetime
+    valid_from: datetime
+    expires_at: datetime
+    event_type: str
+    coupons: Sequence[BulkCoupon]
+
+
+async def issue_bulk(
+    conn: Connection, b: BulkIssue, limits: Limits, day: date
+) -> dict[uuid.UUID, int]:
+    """Insert a batch's coupons (BULK_ISSUE_SQL); the ids inserted, with their
+    wallet seq. A coupon missing from the answer lost its key to a concurrent
+    issue committed since the batch's read."""
+    cs = b.coupons
+    rows = await conn.fetch(
+        BULK_ISSUE_SQL,
+        b.template_id,
+        b.template_version,
+        b.reason,
+        b.issued_by,
+        b.issued_at,
+        b.valid_from,
+        b.expires_at,
+        [c.id for c in cs],
+        [c.code for c in cs],
+        [c.member_id for c in cs],
+        [c.issue_key for c in cs],
+        [c.request_hash for c in cs],
+        limits.per_member_limit is not None,
+        limits.daily_budget is not None,
+        day,
+        [c.shard for c in cs],
+        limits.total_stock is not None,
+        b.event_type,
+        [c.event_id for c in cs],
+        [c.envelope for c in cs],
+    )
+    return {r["id"]: r["seq"] for r in rows}
+
+
 async def coupon_by_key(conn: Connection, issue_key: str) -> Any:
     return await conn.fetchrow(
         f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE issue_key = $1", issue_key

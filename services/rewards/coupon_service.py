@@ -14,8 +14,9 @@ statement as a whole.
 
 from __future__ import annotations
 
+import heapq
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -265,6 +266,300 @@ async def issue_coupon(
             return _replay(stored, digest, issue_key)
         await _check_limits(conn, template_id, template.limits, member_id, done)
     return issued(done.row)
+
+
+# ---- bulk issuance ------------------------------------------------------------------
+
+MAX_BATCH = 1_000
+
+
+@dataclass(frozen=True)
+class BulkItem:
+    member_id: uuid.UUID
+    issue_key: str
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """One item of a batch: issued (a new coupon), replayed (its key issued this
+    coupon before) or refused (`refusal` is the code, nothing written for it)."""
+
+    outcome: str
+    coupon: IssuedCoupon | None = None
+    refusal: str = ""
+    detail: str = ""
+
+
+def _refused(code: str, detail: str) -> BulkResult:
+    return BulkResult("refused", refusal=code, detail=detail)
+
+
+def check_batch_size(count: int) -> None:
+    if not count:
+        raise InvalidArgument(
+            "items must name at least one member", code="ITEMS_REQUIRED", field="items"
+        )
+    if count > MAX_BATCH:
+        raise InvalidArgument(
+            f"items holds {count} members; at most {MAX_BATCH} per call",
+            code="BATCH_TOO_LARGE",
+            field="items",
+        )
+
+
+def check_batch(items: Sequence[BulkItem]) -> None:
+    check_batch_size(len(items))
+    seen: dict[str, int] = {}
+    for n, item in enumerate(items):
+        try:
+            check_issue_key(item.issue_key)
+        except InvalidArgument as exc:
+            raise InvalidArgument(str(exc), code=exc.code, field=f"items[{n}].issue_key") from None
+        if item.issue_key in seen:
+            raise InvalidArgument(
+                f"items[{n}].issue_key repeats items[{seen[item.issue_key]}].issue_key;"
+                " each coupon needs its own key",
+                code="DUPLICATE_ISSUE_KEY",
+                field=f"items[{n}].issue_key",
+            )
+        seen[item.issue_key] = n
+
+
+def _template_refusal(template: crepo.TemplateRow, why: Reason, now: datetime) -> BulkResult | None:
+    """Why no item of the batch can be issued now (as issue_coupon refuses)."""
+    if template.status is not Status.ACTIVE:
+        return _refused(
+            f"TEMPLATE_{template.status.value.upper()}",
+            f"coupon template {template.template_id} is {template.status.value}, not active",
+        )
+    terms = template.terms
+    if why is Reason.CLAIM and not terms.claimable:
+        return _refused(
+            "NOT_CLAIMABLE", f"coupon template {template.template_id} cannot be claimed by members"
+        )
+    if terms.valid_until is not None and terms.valid_until <= now:
+        return _refused(
+            "TEMPLATE_EXPIRED",
+            f"coupon template {template.template_id} ended its validity at"
+            f" {terms.valid_until.isoformat()}",
+        )
+    return None
+
+
+def _replayed(row: Any, digest: bytes, issue_key: str) -> BulkResult:
+    if bytes(row["request_hash"]) != digest:
+        return _refused(
+            "IDEMPOTENCY_KEY_REUSED",
+            f"issue_key {issue_key} was already used to issue a different coupon",
+        )
+    return BulkResult("replayed", coupon=issued(row, replayed=True))
+
+
+async def issue_coupons(
+    conn: Connection,
+    *,
+    template_id: str,
+    reason: str,
+    items: Sequence[BulkItem],
+    now: datetime,
+    issued_by: str = "",
+) -> list[BulkResult]:
+    """Issue one template to many members (1..MAX_BATCH items), one result per
+    item in their order, with issue_coupon's guarantees item by item.
+
+    Four round trips inside the caller's transaction, whatever the batch size:
+    one read (the template, taken keys, erased members, settled orders for a
+    new-members-only template), one statement that locks and reads the
+    counters the template limits (member rows, the day's row, every stock
+    shard, in the order single issues take them), the arithmetic here, in the
+    items' order (the first items get the last stock), then one statement that
+    inserts the coupons, moves each counter by the coupons inserted and writes
+    their CouponIssued rows. A refused item writes nothing; nothing is written
+    half for an item. A key taken meanwhile by a concurrent call replays (one
+    more read). Whole-call errors (malformed items, unknown template) raise
+    before any write. No commit of its own.
+    """
+    check_template_id(template_id)
+    why = check_reason(reason)
+    check_batch(items)
+    ctx = await crepo.bulk_context(
+        conn, template_id, [i.member_id for i in items], [i.issue_key for i in items]
+    )
+    template = ctx.template
+    if template is None:
+        raise unknown_template(template_id)
+    digests = [issue_hash(template_id, str(i.member_id), why.value) for i in items]
+    results: list[BulkResult | None] = [None] * len(items)
+    if ctx.taken_keys:
+        stored = await crepo.coupons_by_keys(conn, list(ctx.taken_keys))
+        for n, item in enumerate(items):
+            if item.issue_key in stored:
+                results[n] = _replayed(stored[item.issue_key], digests[n], item.issue_key)
+    blocked = _template_refusal(template, why, now)
+    todo: list[int] = []
+    for n, item in enumerate(items):
+        if results[n] is not None:
+            continue
+        if blocked is not None:
+            results[n] = blocked
+        elif item.member_id in ctx.erased:
+            results[n] = _refused(
+                "MEMBER_ERASED", f"member {item.member_id} was erased; no coupon can be issued"
+            )
+        elif template.terms.new_members_only and item.member_id in ctx.settled:
+            results[n] = _refused(
+                "NOT_A_NEW_MEMBER", "this coupon is for new members only (no order yet)"
+            )
+        else:
+            todo.append(n)
+    if todo:
+        await _issue_batch(conn, template, why, items, digests, todo, results, now, issued_by)
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
+
+
+async def _issue_batch(
+    conn: Connection,
+    template: crepo.TemplateRow,
+    why: Reason,
+    items: Sequence[BulkItem],
+    digests: list[bytes],
+    todo: list[int],
+    results: list[BulkResult | None],
+    now: datetime,
+    issued_by: str,
+) -> None:
+    """Take the counters for the items in `todo` and insert what they allow."""
+    limits, template_id = template.limits, template.template_id
+    day = now.astimezone(BUSINESS_TZ).date()
+    counters = await crepo.lock_counters(
+        conn, template_id, limits, [items[n].member_id for n in todo], day
+    )
+    member_left = (
+        {m: limits.per_member_limit - k for m, k in counters.members.items()}
+        if limits.per_member_limit is not None
+        else {}
+    )
+    day_left = limits.daily_budget - counters.day if limits.daily_budget is not None else 0
+    # The fullest shard first: the shards stay even, so single issues (a
+    # random shard, then the others one by one) rarely meet an empty one.
+    shards = [(-left, shard) for shard, left in counters.shards.items() if left > 0]
+    heapq.heapify(shards)
+    terms = template.terms
+    valid_from, expires_at = terms.starts_at(now), terms.expires_at(now)
+    event_type = events_pb2.CouponIssued.DESCRIPTOR.full_name
+    planned: list[tuple[int, crepo.BulkCoupon]] = []
+    for n in todo:
+        item = items[n]
+        if limits.per_member_limit is not None and member_left[item.member_id] <= 0:
+            results[n] = _refused(
+                "MEMBER_LIMIT_REACHED",
+                f"member {item.member_id} already holds the limit of {limits.per_member_limit}"
+                f" coupon(s) of {template_id}",
+            )
+            continue
+        if limits.daily_budget is not None and day_left <= 0:
+            results[n] = _refused(
+                "DAILY_BUDGET_EXHAUSTED",
+                f"coupon template {template_id} issued its {limits.daily_budget} coupons for today",
+            )
+            continue
+        shard = 0
+        if limits.total_stock is not None:
+            if not shards:
+                results[n] = _refused(
+                    "OUT_OF_STOCK", f"coupon template {template_id} is out of stock"
+                )
+                continue
+            left, shard = heapq.heappop(shards)
+            if left < -1:
+                heapq.heappush(shards, (left + 1, shard))
+        if limits.per_member_limit is not None:
+            member_left[item.member_id] -= 1
+        day_left -= 1
+        coupon_id, code = uuid.uuid4(), new_code()
+        envelope = make_envelope(
+            PRODUCER,
+            events_pb2.CouponIssued(
+                coupon_id=str(coupon_id),
+                code=code,
+                member_id=str(item.member_id),
+                template_id=template_id,
+                template_version=template.version,
+                reason=why.value,
+                issued_at=timestamp(now),
+                expires_at=timestamp(expires_at),
+            ),
+            str(item.member_id),
+        )
+        planned.append(
+            (
+                n,
+                crepo.BulkCoupon(
+                    id=coupon_id,
+                    code=code,
+                    member_id=item.member_id,
+                    issue_key=item.issue_key,
+                    request_hash=digests[n],
+                    shard=shard,
+                    event_id=uuid.UUID(envelope.event_id),
+                    envelope=envelope.SerializeToString(),
+                ),
+            )
+        )
+    inserted = (
+        await crepo.issue_bulk(
+            conn,
+            crepo.BulkIssue(
+                template_id=template_id,
+                template_version=template.version,
+                reason=why.value,
+                issued_by=issued_by,
+                issued_at=now,
+                valid_from=valid_from,
+                expires_at=expires_at,
+                event_type=event_type,
+                coupons=[c for _, c in planned],
+            ),
+            limits,
+            day,
+        )
+        if planned
+        else {}
+    )
+    # A key committed by a concurrent call after the read above (a retry of
+    # this batch, which held the counters until then): its item did not insert,
+    # or was refused on counts that include that very coupon. It replays. One
+    # more read, only when some item lost its key or was refused by a counter.
+    recheck = [items[n].issue_key for n in todo if results[n] is not None]
+    recheck += [c.issue_key for _, c in planned if c.id not in inserted]
+    stored = await crepo.coupons_by_keys(conn, recheck) if recheck else {}
+    for n in todo:
+        key = items[n].issue_key
+        if results[n] is not None and key in stored:
+            results[n] = _replayed(stored[key], digests[n], key)
+    for n, c in planned:
+        if c.id in inserted:
+            results[n] = BulkResult(
+                "issued",
+                coupon=IssuedCoupon(
+                    coupon_id=str(c.id),
+                    code=c.code,
+                    template_id=template_id,
+                    template_version=template.version,
+                    member_id=str(c.member_id),
+                    reason=why.value,
+                    issued_by=issued_by,
+                    status="available",
+                    issued_at=now,
+                    valid_from=valid_from,
+                    expires_at=expires_at,
+                    seq=inserted[c.id],
+                ),
+            )
+        else:
+            # A concurrent call committed this key after the read above.
+            results[n] = _replayed(stored[c.issue_key], digests[n], c.issue_key)
 
 
 def _replay(row: Any, digest: bytes, issue_key: str) -> IssuedCoupon:

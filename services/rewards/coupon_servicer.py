@@ -11,7 +11,7 @@ import grpc
 
 from loyalty.common.v1 import common_pb2
 from loyalty.rewards.v1 import rewards_pb2
-from servicekit.db import Database
+from servicekit.db import Database, with_retries
 from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp
 
@@ -258,6 +258,53 @@ class CouponRpcs:
         # The relay is woken like for any unit of work that emitted.
         self._db.outbox_wakeup.set()
         return coupon_message(c)
+
+    async def IssueCoupons(
+        self, request: rewards_pb2.IssueCouponsRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.IssueCouponsResponse:
+        # Before parsing the ids of a batch refused anyway.
+        svc.check_batch_size(len(request.items))
+        items = [
+            svc.BulkItem(svc.parse_member(i.member_id, f"items[{n}].member_id"), i.issue_key)
+            for n, i in enumerate(request.items)
+        ]
+
+        async def attempt() -> list[svc.BulkResult]:
+            async with self._db.unit_of_work() as uow:
+                return await svc.issue_coupons(
+                    uow.conn,
+                    template_id=request.template_id,
+                    reason=request.reason,
+                    items=items,
+                    now=datetime.now(UTC),
+                    issued_by=request.issued_by,
+                )
+
+        # A batch racing a single issue of one of its keys can deadlock with
+        # it (each waits for the other's key or member row): PostgreSQL ends
+        # one, and the batch runs again (replaying whatever the other issued).
+        results: list[svc.BulkResult] = await with_retries(attempt)
+        if any(r.outcome == "issued" for r in results):
+            self._db.outbox_wakeup.set()
+        reply = rewards_pb2.IssueCouponsResponse(
+            results=[
+                rewards_pb2.IssueCouponsResult(
+                    outcome=r.outcome,
+                    coupon=coupon_message(r.coupon) if r.coupon is not None else None,
+                    refusal=r.refusal,
+                    detail=r.detail,
+                )
+                for r in results
+            ]
+        )
+        for r in results:
+            if r.outcome == "issued":
+                reply.issued += 1
+            elif r.outcome == "replayed":
+                reply.replayed += 1
+            else:
+                reply.refused += 1
+        return reply
 
     async def ListMemberCoupons(
         self, request: rewards_pb2.ListMemberCouponsRequest, context: grpc.aio.ServicerContext
