@@ -45,6 +45,9 @@ TEMPLATE_ERRORS: dict[int | str, dict[str, object]] = {
         "TEMPLATE_EXISTS, ILLEGAL_STATUS_TRANSITION, VERSION_MISMATCH, TEMPLATE_ENDED"
     ),
 }
+# The key namespace of operator grants: a batch item and a single grant with
+# the same key, member and reason are the same coupon.
+GRANT_KEY_PREFIX = "grant:"
 # The service's own bounds (services/rewards/coupons.py), so an absurd number
 # is a 422 here rather than an overflow on the way.
 MAX_FEN = 1_000_000
@@ -291,6 +294,114 @@ class Grant(Claim):
 
     member_id: uuid.UUID
     operator_id: str = Field(min_length=1, max_length=256)
+
+
+class IssueItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    member_id: uuid.UUID
+    # The rewards service takes 128; "grant:" goes in front (as for one grant).
+    issue_key: str = Field(
+        min_length=1,
+        max_length=120,
+        description="This member's coupon: sent again (a retried batch), the same coupon",
+    )
+
+
+# As rewards' IssueCoupons (services/rewards/coupon_service.MAX_BATCH).
+MAX_BATCH = 1_000
+
+
+class BulkIssue(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "reason": "registration",
+                    "operator_id": "ops@brand",
+                    "items": [
+                        {
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "issue_key": "newpack-2026w18-9f1c0a7e",
+                        },
+                        {
+                            "member_id": "5d2e1c4b-3a29-4f18-8e07-6d5c4b3a2918",
+                            "issue_key": "newpack-2026w18-5d2e1c4b",
+                        },
+                    ],
+                }
+            ]
+        },
+    )
+
+    items: list[IssueItem] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="Served in this order (the first get the last stock); keys distinct",
+    )
+    reason: Literal["operator_grant", "registration", "tier_benefit", "journey"] = "operator_grant"
+    operator_id: str = Field(min_length=1, max_length=256)
+
+
+class IssueResult(BaseModel):
+    member_id: str
+    issue_key: str
+    outcome: Literal["issued", "replayed", "refused"] = Field(
+        description="replayed: this key issued the coupon before (a retry)"
+    )
+    coupon_id: str | None
+    code: str | None = Field(description="The coupon's code when issued or replayed")
+    expires_at: datetime | None
+    refusal: str | None = Field(
+        description="Why not: OUT_OF_STOCK, MEMBER_LIMIT_REACHED, DAILY_BUDGET_EXHAUSTED,"
+        " MEMBER_ERASED, NOT_A_NEW_MEMBER, TEMPLATE_PAUSED / TEMPLATE_ENDED / TEMPLATE_DRAFT,"
+        " TEMPLATE_EXPIRED, IDEMPOTENCY_KEY_REUSED"
+    )
+    detail: str | None
+
+
+class BulkIssueReply(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "template_id": "NEW-PACK-3D",
+                    "issued": 1,
+                    "replayed": 0,
+                    "refused": 1,
+                    "results": [
+                        {
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "issue_key": "newpack-2026w18-9f1c0a7e",
+                            "outcome": "issued",
+                            "coupon_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
+                            "code": "7KQ2M9X4T8B1C",
+                            "expires_at": "2026-05-04T12:00:00+08:00",
+                            "refusal": None,
+                            "detail": None,
+                        },
+                        {
+                            "member_id": "5d2e1c4b-3a29-4f18-8e07-6d5c4b3a2918",
+                            "issue_key": "newpack-2026w18-5d2e1c4b",
+                            "outcome": "refused",
+                            "coupon_id": None,
+                            "code": None,
+                            "expires_at": None,
+                            "refusal": "NOT_A_NEW_MEMBER",
+                            "detail": "this coupon is for new members only (no order yet)",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
+    template_id: str
+    issued: int
+    replayed: int
+    refused: int
+    results: list[IssueResult] = Field(description="One per item, in the order sent")
 
 
 def stock_or_none(remaining: int) -> int | None:
@@ -564,8 +675,62 @@ async def grant(body: Grant, request: Request) -> Coupon:
             template_id=body.template_id,
             member_id=str(body.member_id),
             reason="operator_grant",
-            issue_key=f"grant:{body.issue_key}",
+            issue_key=GRANT_KEY_PREFIX + body.issue_key,
             issued_by=body.operator_id,
         ),
     )
     return coupon_model(reply)
+
+
+@router.post(
+    "/v1/admin/coupon-templates/{template_id}/issue",
+    response_model=BulkIssueReply,
+    tags=["admin"],
+    summary="Issue a template to up to 1,000 members at once (a campaign to a list)",
+    description="Each item is issued, replayed (its issue_key issued the coupon before) or"
+    " refused with the code of the guard; a refused item writes nothing, the others are"
+    " issued. Sending the whole batch again is safe: issued items replay with the same codes."
+    " Stock, per-member limit, daily budget and template status hold exactly as for one"
+    " issue (docs/coupons.md, bulk issuance).",
+    responses={
+        404: problem_response("No such template (UNKNOWN_TEMPLATE)"),
+        422: problem_response(
+            "Malformed batch, nothing written: `field` names the item"
+            " (DUPLICATE_ISSUE_KEY on items[3].issue_key, ...)"
+        ),
+    },
+)
+async def issue_many(template_id: TemplateId, body: BulkIssue, request: Request) -> BulkIssueReply:
+    reply = await downstreams(request).rewards.call(
+        "IssueCoupons",
+        rewards_pb2.IssueCouponsRequest(
+            template_id=template_id,
+            reason=body.reason,
+            issued_by=body.operator_id,
+            items=[
+                rewards_pb2.IssueCouponsItem(
+                    member_id=str(i.member_id), issue_key=GRANT_KEY_PREFIX + i.issue_key
+                )
+                for i in body.items
+            ],
+        ),
+    )
+    return BulkIssueReply(
+        template_id=template_id,
+        issued=reply.issued,
+        replayed=reply.replayed,
+        refused=reply.refused,
+        results=[
+            IssueResult(
+                member_id=str(item.member_id),
+                issue_key=item.issue_key,
+                outcome=r.outcome,  # type: ignore[arg-type]
+                coupon_id=r.coupon.coupon_id if r.HasField("coupon") else None,
+                code=r.coupon.code if r.HasField("coupon") else None,
+                expires_at=utc(r.coupon.expires_at) if r.HasField("coupon") else None,
+                refusal=r.refusal or None,
+                detail=r.detail or None,
+            )
+            for item, r in zip(body.items, reply.results, strict=True)
+        ],
+    )

@@ -93,6 +93,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("PUT", f"{_A}/coupon-templates/{{template_id}}/status"): ADMIN_REWARDS,
     ("GET", f"{_A}/coupon-templates/{{template_id}}/report"): ADMIN_REWARDS,
     ("POST", f"{_A}/coupons:issue"): ADMIN_REWARDS,
+    ("POST", f"{_A}/coupon-templates/{{template_id}}/issue"): ADMIN_REWARDS,
     ("GET", f"{_A}/tier-programmes/{{programme_id}}"): ADMIN_TIERS,
     ("POST", f"{_A}/tier-programmes/{{programme_id}}/versions"): ADMIN_TIERS,
     ("POST", f"{_A}/tier-programmes/{{programme_id}}/simulations"): ADMIN_TIERS,
