@@ -135,6 +135,26 @@ class MemberClient(_Client):
         fields = identifier_fields([field])
         return await self.identify([ident], source, request_key or str(uuid.uuid4()), fields)
 
+    async def find_or_enrol(
+        self, ident: member_pb2.Identifier, source: str, field: str
+    ) -> member_pb2.IdentifyMemberResponse:
+        """The POS's identify of one attach-only identifier (a typed phone, a
+        card): a known one is a ResolveMember read (served from member's Redis
+        cache), with the answer IdentifyMember's plain lookup would give; only
+        an unknown one (or quarantined, erased, junk: IdentifyMember says
+        which) goes on to IdentifyMember, which enrols. Nothing is lost by not
+        recording the read under a request key: the POS sends none, so a fresh
+        key was never repeated."""
+        try:
+            member = await self.resolve_member(
+                ident, {"identifier.value": field, "identifier": field}
+            )
+        except DownstreamError as exc:
+            if exc.code != "UNKNOWN_IDENTIFIER":
+                raise
+            return await self._identify_one(ident, source, field)
+        return member_pb2.IdentifyMemberResponse(member=member, created=False)
+
     async def redeem_member_code(
         self, code: str, source: str, *, code_field: str = "member_code"
     ) -> member_pb2.Member:
@@ -151,10 +171,12 @@ class MemberClient(_Client):
         )
         return await self._call(self._stub.GetMember, request)
 
-    async def resolve_member(self, identifier: member_pb2.Identifier) -> member_pb2.Member:
+    async def resolve_member(
+        self, identifier: member_pb2.Identifier, fields: Mapping[str, str] | None = None
+    ) -> member_pb2.Member:
         """The live member owning one identifier; never enrols (NOT_FOUND if none)."""
         request = member_pb2.ResolveMemberRequest(identifier=identifier)
-        return await self._call(self._stub.ResolveMember, request)
+        return await self._call(self._stub.ResolveMember, request, fields)
 
     async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
         """Any other MemberService RPC by name (profile, consent, member code,

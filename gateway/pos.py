@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import grpc
 
 from loyalty.common.v1 import common_pb2
+from loyalty.member.v1 import member_pb2
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2
 from servicekit.errors import InvalidArgument, NotFound
@@ -86,16 +87,17 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             member = await self._down.member.redeem_member_code(
                 request.member_code, source, code_field="member_code"
             )
-        elif key == "card":
-            identified = await self._down.member.identify_by_card(
-                request.card, source, card_field="card"
-            )
-            member, created = identified.member, identified.created
         else:
+            # A known member is one cached read; an unknown one is enrolled.
             # A phone typed at the till is never proof of ownership: unverified.
-            identified = await self._down.member.identify_by_phone(
-                request.phone, source, phone_field="phone"
+            ident = (
+                member_pb2.Identifier(type=member_pb2.IDENTIFIER_TYPE_POS_CARD, value=request.card)
+                if key == "card"
+                else member_pb2.Identifier(
+                    type=member_pb2.IDENTIFIER_TYPE_PHONE, value=request.phone, verified=False
+                )
             )
+            identified = await self._down.member.find_or_enrol(ident, source, key)
             member, created = identified.member, identified.created
         # The tier is asked alongside the balance, and is best effort.
         balance, tier = await asyncio.gather(

@@ -6,11 +6,18 @@ from __future__ import annotations
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from .server import tracing_recorded
 
-def create_channel(target: str) -> grpc.aio.Channel:
+
+def create_channel(target: str, traced: bool | None = None) -> grpc.aio.Channel:
+    """`traced` (default: the process records spans, server.tracing_recorded())
+    adds the OpenTelemetry client interceptors, which also carry the trace
+    context to the callee; without them each call skips the interceptor chain."""
+    if traced is None:
+        traced = tracing_recorded()
     return grpc.aio.insecure_channel(
         target,
-        interceptors=aio_client_interceptors(),
+        interceptors=aio_client_interceptors() if traced else None,
         options=[
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.keepalive_time_ms", 30_000),

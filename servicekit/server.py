@@ -19,7 +19,9 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from redis.asyncio import Redis
 
 from .consumer import EventConsumer
@@ -48,20 +50,35 @@ def _traced(details: grpc.HandlerCallDetails) -> bool:
     return not details.method.startswith(_HEALTH_PREFIX)
 
 
+def tracing_recorded() -> bool:
+    """Whether this process records spans: configure_tracing installed an SDK
+    provider whose sampler is not ALWAYS_OFF (an exporter, or OTEL_TRACES_SAMPLER).
+    Read after configure_tracing; a process that never configured tracing records none."""
+    sampler = getattr(trace.get_tracer_provider(), "sampler", None)
+    return sampler is not None and sampler is not ALWAYS_OFF
+
+
 def create_grpc_server(
     max_connection_age_ms: int,
     grace_seconds: float,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    traced: bool | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the interceptors and options every server here uses.
     `interceptors` run inside those (they see DomainErrors before they become
-    statuses, within the request's span)."""
+    statuses, within the request's span). `traced` (default: tracing_recorded())
+    adds the OpenTelemetry interceptor: with nothing recorded it only made
+    unsampled spans, ~0.1 ms of CPU per call (py-spy, gateway POS identify), and
+    the log lines of such a call lose their trace id."""
+    tracing: list[grpc.aio.ServerInterceptor] = []
+    if tracing_recorded() if traced is None else traced:
+        # Health probes stay out of traces; the filter also keeps the
+        # tracing interceptor away from Watch, which streams with
+        # context.write() (the interceptor expects a generator).
+        tracing.append(aio_server_interceptor(filter_=_traced))
     return grpc.aio.server(
         interceptors=[
-            # Health probes stay out of traces; the filter also keeps the
-            # tracing interceptor away from Watch, which streams with
-            # context.write() (the interceptor expects a generator).
-            aio_server_interceptor(filter_=_traced),
+            *tracing,
             DomainErrorInterceptor(),
             *interceptors,
         ],

@@ -35,6 +35,7 @@ from servicekit.errors import (
     NotFound,
 )
 
+from . import cache
 from . import repository as repo
 from .domain import (
     CODE_WINDOW_SECONDS,
@@ -181,6 +182,10 @@ class MemberHandlers:
         assert member is not None, "a resolved member id must exist"
         return member
 
+    def lookup_hash(self, ident: ObservedIdentifier) -> bytes:
+        """The keyed hash an identifier is stored and cached under."""
+        return self._vault.lookup_hash(ident.key)
+
     def _priority(self, ident: ObservedIdentifier) -> int:
         return self.policy.of(ident.id_type).priority
 
@@ -300,6 +305,8 @@ class MemberHandlers:
             prospective = links.get(ref, set()) | call_roots
             if len(prospective) > self.policy.quarantine_after_members:
                 await repo.quarantine(conn, rows[ident.key], len(prospective))
+                # It resolves nobody from now on.
+                await cache.touch(conn, hashes=[rows[ident.key].value_hash])
                 quarantined.add(ref)
         active = [i for i in idents if rows[i.key].ref not in quarantined]
         ignored += [(first_index[i.key], "QUARANTINED") for i in idents if i not in active]
@@ -433,6 +440,9 @@ class MemberHandlers:
             await repo.insert_links(
                 conn, [(rows[i.key].ref, m) for i in active for m in sorted(seen_with)]
             )
+        # What the target and the merged members' identifiers resolve to may
+        # have changed (attached, verified, masked phone, moved).
+        await cache.touch(conn, [*roots, target])
         ignored.sort()
         # Under the key's lock nobody else writes this key, except an optimistic
         # lookup that committed first: then retry, which replays its answer.
@@ -513,6 +523,7 @@ class MemberHandlers:
             conn, survivor, absorbed, rule, evidence, actor, review_id, moved, repointed
         )
         await repo.refresh_phone_masked(conn, [survivor, absorbed])
+        await cache.touch(conn, [survivor, absorbed])
         await uow.emit(
             events_pb2.MemberMerged(
                 merge_id=record.merge_id,
@@ -614,6 +625,7 @@ class MemberHandlers:
             conn, [(merge.survivor_id, merge.absorbed_id)], f"unmerge:{merge.merge_id}"
         )
         await repo.refresh_phone_masked(conn, [merge.survivor_id, merge.absorbed_id])
+        await cache.touch(conn, [merge.survivor_id, merge.absorbed_id])
         await uow.emit(
             events_pb2.MemberUnmerged(
                 merge_id=merge.merge_id,
@@ -910,6 +922,8 @@ class MemberHandlers:
                 )
             )
         await repo.suppress(conn, hashes)
+        # Before the identities are deleted: their entries must go.
+        await cache.touch(conn, cluster)
         await repo.erase_cluster(conn, cluster)
         await repo.audit_pii_read(conn, root, operator, f"erasure: {reason}", ["erasure"])
         await uow.emit(

@@ -357,6 +357,15 @@ async def identities_of(conn: Connection, member_ids: Iterable[str]) -> list[Ide
     ]
 
 
+async def identity_hashes(conn: Connection, member_ids: Iterable[str]) -> list[bytes]:
+    """The lookup hashes of every identifier these members hold (cache invalidation)."""
+    rows = await conn.fetch(
+        "SELECT value_hash FROM member.identities WHERE member_id = ANY($1::uuid[])",
+        _uuids(member_ids),
+    )
+    return [bytes(r["value_hash"]) for r in rows]
+
+
 async def phone_cipher(conn: Connection, member_ids: list[str]) -> bytes | None:
     value = await conn.fetchval(
         "SELECT value_cipher FROM member.identities WHERE member_id = ANY($1::uuid[])"

@@ -6,6 +6,7 @@ from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
+from .cache import ResolveCache
 from .handlers import MemberHandlers
 from .pii import PiiVault, parse_keyring
 from .policy import load_policy
@@ -24,9 +25,14 @@ def build(settings: ServiceSettings) -> ServiceApp:
     handlers = MemberHandlers(vault, policy, s.member_code_secret.encode())
 
     def wire(app: ServiceApp) -> None:
-        assert app.db is not None and app.server is not None
+        assert app.db is not None and app.server is not None and app.redis is not None
+        cache = (
+            ResolveCache(app.redis, s.redis_namespace, s.resolve_cache_ttl_seconds)
+            if s.resolve_cache_ttl_seconds > 0
+            else None
+        )
         member_pb2_grpc.add_MemberServiceServicer_to_server(
-            MemberServicer(app.db, handlers, s.identify_max_attempts), app.server
+            MemberServicer(app.db, handlers, s.identify_max_attempts, cache), app.server
         )
 
     return ServiceApp(

@@ -15,6 +15,7 @@ from servicekit.db import Database, UnitOfWork
 from servicekit.errors import InvalidArgument, Unavailable
 from servicekit.protos import timestamp
 
+from .cache import MemberUnitOfWork, ResolveCache
 from .domain import PROFILE_FIELDS, ConsentChannel, ConsentPurpose, ConsentRecord, IdType, normalise
 from .handlers import LostRace, MemberHandlers, Profile
 from .repository import MemberRecord, MergeRow, ReviewRow
@@ -127,10 +128,20 @@ T = TypeVar("T")
 
 
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):
-    def __init__(self, db: Database, handlers: MemberHandlers, max_attempts: int = 6) -> None:
+    def __init__(
+        self,
+        db: Database,
+        handlers: MemberHandlers,
+        max_attempts: int = 6,
+        cache: ResolveCache | None = None,
+    ) -> None:
         self._db = db
         self._handlers = handlers
         self._max_attempts = max_attempts
+        self._cache = cache
+        # Every transaction here: invalidates the resolve cache around its
+        # commit when it changed what an identifier resolves to.
+        self._unit_of_work = MemberUnitOfWork(db, cache)
 
     async def _in_transaction(
         self,
@@ -142,7 +153,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         whole clusters and can meet an identify in a lock cycle Postgres breaks)."""
         for attempt in range(self._max_attempts):
             try:
-                async with self._db.unit_of_work() as uow:
+                async with self._unit_of_work() as uow:
                     return await work(uow)
             except RETRYABLE:
                 if attempt + 1 == self._max_attempts:
@@ -196,7 +207,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def GetMember(
         self, request: member_pb2.GetMemberRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.Member:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             member, phone = await self._handlers.get(
                 uow, request.member_id, request.include_pii, request.accessor, request.purpose
             )
@@ -214,14 +225,23 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 field="identifier.type",
             )
         observed = normalise(id_type, ident.value, ident.namespace, False, "identifier.value")
-        async with self._db.unit_of_work() as uow:
+        if self._cache is None:
+            async with self._unit_of_work() as uow:
+                return member_message(await self._handlers.resolve_identifier(uow, observed))
+        # The POS identify of a known member lands here first (gateway/pos.py).
+        value_hash = self._handlers.lookup_hash(observed)
+        cached = await self._cache.get(value_hash)
+        if isinstance(cached, MemberRecord):
+            return member_message(cached)
+        async with self._unit_of_work() as uow:
             member = await self._handlers.resolve_identifier(uow, observed)
+        await self._cache.fill(value_hash, member, cached)
         return member_message(member)
 
     async def ListIdentities(
         self, request: member_pb2.ListIdentitiesRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.ListIdentitiesResponse:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             views = await self._handlers.identities(
                 uow, request.member_id, request.include_pii, request.accessor, request.purpose
             )
@@ -246,7 +266,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ListMergeReviews(
         self, request: member_pb2.ListMergeReviewsRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.ListMergeReviewsResponse:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             rows, token = await self._handlers.list_reviews(
                 uow, request.status, request.page_size, request.page_token
             )
@@ -267,7 +287,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def RejectMergeReview(
         self, request: member_pb2.DecideMergeReviewRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.MergeReview:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             row = await self._handlers.reject_review(
                 uow, request.review_id, request.operator, request.note
             )
@@ -302,7 +322,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         request: member_pb2.ListQuarantinedIdentifiersRequest,
         context: grpc.aio.ServicerContext,
     ) -> member_pb2.ListQuarantinedIdentifiersResponse:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             rows = await self._handlers.list_quarantined(uow, request.page_size)
         return member_pb2.ListQuarantinedIdentifiersResponse(
             identifiers=[
@@ -322,7 +342,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def GetProfile(
         self, request: member_pb2.GetProfileRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.Profile:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             profile = await self._handlers.profile(uow, request.member_id)
         return profile_message(profile)
 
@@ -342,7 +362,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 values[name] = gender
             else:
                 values[name] = getattr(request, name)
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             profile = await self._handlers.update_profile(
                 uow, request.member_id, values, request.source, request.verified
             )
@@ -361,7 +381,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             raise InvalidArgument(
                 "channel is missing or unknown", code="INVALID_CONSENT_CHANNEL", field="channel"
             )
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             profile = await self._handlers.set_consent(
                 uow,
                 request.member_id,
@@ -376,7 +396,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ListConsentHistory(
         self, request: member_pb2.ListConsentHistoryRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.ListConsentHistoryResponse:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             records = await self._handlers.consent_history(uow, request.member_id)
         return member_pb2.ListConsentHistoryResponse(records=[consent_message(r) for r in records])
 
@@ -397,14 +417,14 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ReencryptPii(
         self, request: member_pb2.ReencryptPiiRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.ReencryptPiiResponse:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             done, remaining = await self._handlers.reencrypt(uow, request.batch_size)
         return member_pb2.ReencryptPiiResponse(reencrypted=done, remaining=remaining)
 
     async def IssueMemberCode(
         self, request: member_pb2.IssueMemberCodeRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.MemberCode:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             issued = await self._handlers.issue_code(uow, request.member_id)
         return member_pb2.MemberCode(
             code=issued.code,
@@ -415,6 +435,6 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def RedeemMemberCode(
         self, request: member_pb2.RedeemMemberCodeRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.Member:
-        async with self._db.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             member = await self._handlers.redeem_code(uow, request.code, request.source)
         return member_message(member)

@@ -8,6 +8,8 @@ from pydantic import Field
 
 from servicekit.settings import ServiceSettings
 
+from .cache import ENTRY_TTL_SECONDS
+
 
 class MemberSettings(ServiceSettings):
     # JSON identifier policy; empty means services/member/identity_policy.json.
@@ -20,6 +22,9 @@ class MemberSettings(ServiceSettings):
     member_code_secret: str = "dev-only-member-code-secret-change-me"
     # Concurrent identifies that lost a race retry this many times in all.
     identify_max_attempts: int = Field(default=6, ge=1, le=20)
+    # ResolveMember answers (identifier -> member) kept in Redis this long;
+    # 0 turns the cache off (services/member/cache.py).
+    resolve_cache_ttl_seconds: int = Field(default=ENTRY_TTL_SECONDS, ge=0, le=86_400)
 
 
 def member_settings(settings: ServiceSettings) -> MemberSettings:

@@ -1,0 +1,194 @@
+"""ResolveMember served from Redis (services/member/cache.py), never stale:
+every change to what an identifier resolves to (merge, unmerge, erase,
+attach, quarantine) is seen by the very next read, and the fill protocol
+refuses answers read before a commit."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from loyalty.member.v1 import member_pb2 as pb
+from servicekit.errors import Unavailable, error_info
+from servicekit.server import ServiceApp
+from services.member import cache as member_cache
+from services.member.cache import MemberUnitOfWork, Miss, ResolveCache
+from services.member.repository import MemberRecord
+
+from ..harness import Infra
+from .test_member_oneid import CARD, OPENID, PHONE, Stub, failure, ident, identify, mobile, tag
+
+
+async def resolve(stub: Stub, identifier: pb.Identifier) -> pb.Member:
+    return await stub.ResolveMember(pb.ResolveMemberRequest(identifier=identifier), timeout=10)
+
+
+async def unknown(stub: Stub, identifier: pb.Identifier) -> None:
+    err = await failure(resolve(stub, identifier))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(err) == ("UNKNOWN_IDENTIFIER", "identifier")
+
+
+@pytest.fixture(scope="module")
+async def stub(member_channel: grpc.aio.Channel) -> Stub:
+    return Stub(member_channel)
+
+
+@pytest.fixture
+async def redis(infra: Infra) -> AsyncIterator[Redis]:
+    client = Redis.from_url(infra.redis_url)
+    yield client
+    await client.aclose()
+
+
+def entry_keys_of(infra: Infra) -> str:
+    return f"{infra.namespace}:member:resolve:*"
+
+
+async def test_a_known_identifier_is_answered_from_redis(
+    stub: Stub, redis: Redis, infra: Infra
+) -> None:
+    card = ident(CARD, f"c-{tag()}")
+    member = (await identify(stub, card)).member
+    before = set(await redis.keys(entry_keys_of(infra)))
+    assert (await resolve(stub, card)).member_id == member.member_id
+    (key,) = set(await redis.keys(entry_keys_of(infra))) - before
+    # Overwrite the entry: the next answer comes from it, not from Postgres.
+    forged = str(uuid.uuid4())
+    await redis.set(
+        key, json.dumps([forged, member.member_number, "", "2026-01-01T00:00:00+00:00"])
+    )
+    assert (await resolve(stub, card)).member_id == forged
+    await redis.delete(key)
+    assert (await resolve(stub, card)).member_id == member.member_id
+
+
+async def test_no_entry_for_an_unknown_identifier(stub: Stub, redis: Redis, infra: Infra) -> None:
+    before = set(await redis.keys(entry_keys_of(infra)))
+    await unknown(stub, ident(CARD, f"nobody-{tag()}"))
+    assert set(await redis.keys(entry_keys_of(infra))) == before
+
+
+async def test_merge_and_unmerge_are_seen_at_once(stub: Stub) -> None:
+    t = tag()
+    a = (await identify(stub, ident(CARD, f"a-{t}"))).member
+    b = (await identify(stub, ident(CARD, f"b-{t}"))).member
+    assert (await resolve(stub, ident(CARD, f"b-{t}"))).member_id == b.member_id  # cached
+    merged = await stub.MergeMembers(
+        pb.MergeMembersRequest(member_ids=[a.member_id, b.member_id], operator="op", reason="r")
+    )
+    assert (await resolve(stub, ident(CARD, f"b-{t}"))).member_id == a.member_id
+    assert (await resolve(stub, ident(CARD, f"a-{t}"))).member_id == a.member_id  # cached
+    await stub.UnmergeMember(
+        pb.UnmergeMemberRequest(merge_id=merged.merges[0].merge_id, operator="op", reason="r")
+    )
+    assert (await resolve(stub, ident(CARD, f"b-{t}"))).member_id == b.member_id
+    assert (await resolve(stub, ident(CARD, f"a-{t}"))).member_id == a.member_id
+
+
+async def test_a_merge_by_identify_is_seen_at_once(stub: Stub) -> None:
+    t = tag()
+    older = (await identify(stub, ident(OPENID, f"o-{t}"))).member
+    newer = (await identify(stub, ident(CARD, f"c-{t}"))).member
+    assert (await resolve(stub, ident(CARD, f"c-{t}"))).member_id == newer.member_id
+    # A verified phone on both: a merge key, so identify merges them.
+    phone = ident(PHONE, mobile(), verified=True)
+    await identify(stub, ident(OPENID, f"o-{t}"), phone)
+    reply = await identify(stub, ident(CARD, f"c-{t}"), phone)
+    assert reply.merged_member_ids == [newer.member_id]
+    got = await resolve(stub, ident(CARD, f"c-{t}"))
+    assert got.member_id == older.member_id and got.phone_masked
+
+
+async def test_a_phone_attached_later_shows_in_the_cached_answer(stub: Stub) -> None:
+    card = ident(CARD, f"c-{tag()}")
+    member = (await identify(stub, card)).member
+    assert (await resolve(stub, card)).phone_masked == ""  # cached without a phone
+    phone = mobile()
+    await identify(stub, card, ident(PHONE, phone))
+    got = await resolve(stub, card)
+    assert got.member_id == member.member_id
+    assert got.phone_masked == f"{phone[:3]}****{phone[-4:]}"
+
+
+async def test_an_erased_member_is_never_served(stub: Stub) -> None:
+    phone = ident(PHONE, mobile())
+    member = (await identify(stub, phone)).member
+    assert (await resolve(stub, phone)).member_id == member.member_id  # cached
+    await stub.EraseMember(
+        pb.EraseMemberRequest(member_id=member.member_id, operator="dpo", reason="PIPL")
+    )
+    await unknown(stub, phone)
+
+
+async def test_a_quarantined_identifier_is_never_served(stub: Stub) -> None:
+    t = tag()
+    staff_card = ident(CARD, f"staff-{t}")
+    first = (await identify(stub, ident(OPENID, f"o0-{t}"), staff_card)).member
+    assert (await resolve(stub, staff_card)).member_id == first.member_id  # cached
+    reply = None
+    for n in range(1, 4):
+        own = ident(OPENID, f"o{n}-{t}")
+        await identify(stub, own)
+        reply = await identify(stub, own, staff_card)
+    assert reply is not None and [(i.index, i.reason) for i in reply.ignored] == [
+        (1, "QUARANTINED")
+    ]
+    await unknown(stub, staff_card)
+
+
+def _record() -> MemberRecord:
+    return MemberRecord(str(uuid.uuid4()), "M1", datetime(2026, 1, 1, tzinfo=UTC), "")
+
+
+async def test_an_answer_read_before_a_commit_is_not_filled(redis: Redis, infra: Infra) -> None:
+    cache = ResolveCache(redis, f"{infra.namespace}-unit-{tag()}")
+    value_hash = uuid.uuid4().bytes
+    miss = await cache.get(value_hash)
+    assert isinstance(miss, Miss) and miss.generation is not None
+    # A write to this identifier commits between the read and the fill.
+    await cache.fence([value_hash])
+    assert await cache.get(value_hash) == Miss(None)  # fenced: a miss, no fill
+    await cache.release([value_hash])
+    await cache.fill(value_hash, _record(), miss)
+    assert isinstance(await cache.get(value_hash), Miss)
+    # A read after the commit fills normally.
+    record = _record()
+    await cache.fill(value_hash, record, await cache.get(value_hash))
+    assert await cache.get(value_hash) == record
+
+
+async def test_a_fill_never_replaces_a_fence(redis: Redis, infra: Infra) -> None:
+    cache = ResolveCache(redis, f"{infra.namespace}-unit-{tag()}")
+    value_hash = uuid.uuid4().bytes
+    miss = await cache.get(value_hash)
+    await cache.fence([value_hash])
+    await cache.fill(value_hash, _record(), miss)
+    assert await redis.get(cache.key(value_hash)) == member_cache.FENCE
+
+
+async def test_a_write_the_cache_cannot_hear_of_is_rolled_back(
+    stub: Stub, member_app: ServiceApp
+) -> None:
+    assert member_app.db is not None
+    member = (await identify(stub, ident(CARD, f"c-{tag()}"))).member
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    unit_of_work = MemberUnitOfWork(member_app.db, ResolveCache(dead, "nowhere"))
+    try:
+        with pytest.raises(Unavailable):
+            async with unit_of_work() as uow:
+                await uow.conn.execute(
+                    "UPDATE member.members SET phone_masked = 'changed' WHERE id = $1",
+                    uuid.UUID(member.member_id),
+                )
+                await member_cache.touch(uow.conn, [member.member_id])
+    finally:
+        await dead.aclose()
+    got = await stub.GetMember(pb.GetMemberRequest(member_id=member.member_id))
+    assert got.phone_masked == member.phone_masked == ""
