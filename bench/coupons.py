@@ -7,6 +7,13 @@ and issue key, all from one template with a limited stock split over
 same template's stock). Target: >= 3,000 issues/s. Several rates in one run
 (`--rate 200 400 800`) show where it stops keeping up.
 
+Bulk mode (`--bulk-rate`, batches per second, each of `--bulk-size` members,
+default 4 x 1,000): RewardsService.IssueCoupons from the same template, open
+loop, after the single-issue rates; its row reports coupons issued per second
+(offered = batches/s x size), the latency of a whole batch and CPU per coupon.
+The requests are built before the run, so the client's own cost of building
+1,000 items does not count as latency. `--bulk-rate` with no value: no bulk.
+
 At each rate, in the same run and against the same template:
 - baseline "in-process": the very use case (coupon_service.issue_coupon, the
   same SQL) called straight through an asyncpg pool of the service's size,
@@ -66,13 +73,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline (5)")
     parser.add_argument("--no-baselines", action="store_true", help="IssueCoupon only")
+    parser.add_argument(
+        "--bulk-rate",
+        type=float,
+        nargs="*",
+        default=[4.0],
+        help="IssueCoupons batches/s offered, each (4); none: no bulk run",
+    )
+    parser.add_argument("--bulk-size", type=int, default=1000, help="members per batch (1000)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     for name in ("seconds", "shards", "stock_factor"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if any(r <= 0 for r in args.rate):
-        parser.error("--rate must be positive")
+    if any(r <= 0 for r in args.rate) or any(r <= 0 for r in args.bulk_rate):
+        parser.error("--rate and --bulk-rate must be positive")
+    if not 1 <= args.bulk_size <= 1000:
+        parser.error("--bulk-size must be 1 to 1000 (IssueCoupons' limit)")
     return args
 
 
@@ -175,6 +192,74 @@ async def measure_echo_cpu(
         return await metered(meter, "empty gRPC", call, args.rate, args)
 
 
+# ---- bulk ------------------------------------------------------------------------------
+
+
+async def run_bulk(
+    stub: Any,
+    template_id: str,
+    prefix: str,
+    rate: float,
+    args: argparse.Namespace,
+    *,
+    seconds: float | None = None,
+    meter: CpuMeter | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """IssueCoupons batches open loop at `rate` per second; a summary in
+    coupons (offered and issued per second, refused), batch latency, and CPU
+    per coupon issued when metered."""
+    from loyalty.rewards.v1 import rewards_pb2
+
+    seconds = seconds or args.seconds
+    total = max(1, round(rate * seconds))
+    requests = [
+        rewards_pb2.IssueCouponsRequest(
+            template_id=template_id,
+            reason="operator_grant",
+            issued_by="bench",
+            items=[
+                rewards_pb2.IssueCouponsItem(
+                    member_id=str(uuid.uuid4()), issue_key=f"{prefix}-{i}-{k}"
+                )
+                for k in range(args.bulk_size)
+            ],
+        )
+        for i in range(total)
+    ]
+    counted = {"issued": 0, "refused": 0}
+
+    async def call(i: int) -> None:
+        reply = await stub.IssueCoupons(requests[i], timeout=args.timeout)
+        counted["issued"] += reply.issued
+        counted["refused"] += reply.refused
+
+    before = await meter.snapshot() if meter else None
+    result = await open_loop("IssueCoupons", call, rate, seconds, timeout=args.timeout + 1.0)
+    cpu = await meter.since(before, counted["issued"]) if meter and before else None
+    summary = result.summary()
+    summary.update(
+        {
+            "batch_size": args.bulk_size,
+            "batches_offered_per_s": rate,
+            "offered_rate_per_s": rate * args.bulk_size,
+            # Coupons, not calls: what a campaign cares about.
+            "achieved_rate_per_s": round(counted["issued"] / result.elapsed_s, 1),
+            "coupons_issued": counted["issued"],
+            "coupons_refused": counted["refused"],
+        }
+    )
+    if meter:
+        lat = result.latency_ms()
+        say(
+            f"  IssueCoupons: {summary['achieved_rate_per_s']:.0f} coupons/s issued of"
+            f" {rate * args.bulk_size:g}/s offered ({result.ok} batches ok, errors"
+            f" {result.errors or 'none'}, {counted['refused']} refused), batch p50"
+            f" {lat['p50']} ms, p99 {lat['p99']} ms; CPU ms/coupon"
+            f" {cpu['cpu_ms_per_issue'] if cpu else '?'}"
+        )
+    return summary, cpu
+
+
 # ---- the run -------------------------------------------------------------------------
 
 
@@ -188,9 +273,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     infra = await BenchInfra.start(run_id)
     report: dict[str, Any] = {"run_id": run_id, "started_at": started_at.isoformat()}
     phases = 1 if args.no_baselines else 2
-    stock = int(sum(args.rate) * (args.seconds + args.warmup) * phases * args.stock_factor)
+    bulk_coupons = sum(args.bulk_rate) * args.bulk_size * (args.seconds + args.warmup)
+    stock = int(
+        (sum(args.rate) * (args.seconds + args.warmup) * phases + bulk_coupons) * args.stock_factor
+    )
     pool_size = ServiceSettings().db_pool_max
     steps: list[dict[str, Any]] = []
+    bulk_steps: list[dict[str, Any]] = []
     try:
         say("migrating and seeding ...")
         await asyncio.to_thread(devrun.migrate, infra.database_url)
@@ -279,6 +368,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             step["in_process"] = base.summary()
                             step["in_process_cpu"] = base_cpu
                         steps.append(step)
+                    for rate in args.bulk_rate:
+                        say(
+                            f"bulk {rate:g} batches/s x {args.bulk_size}"
+                            f" ({rate * args.bulk_size:g} coupons/s offered), {args.seconds:g}s ..."
+                        )
+                        if args.warmup:
+                            await run_bulk(
+                                stub,
+                                template_id,
+                                f"{run_id}-bw{rate:g}",
+                                rate,
+                                args,
+                                seconds=args.warmup,
+                            )
+                        bulk, bulk_cpu = await run_bulk(
+                            stub, template_id, f"{run_id}-bm{rate:g}", rate, args, meter=meter
+                        )
+                        bulk_steps.append({"bulk": bulk, "bulk_cpu": bulk_cpu})
             finally:
                 await db.close()
         if not args.no_baselines:
@@ -314,6 +421,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "load_average_at_end": os.getloadavg(),
                 "infrastructure": infra.note,
                 "steps": steps,
+                "bulk_steps": bulk_steps,
                 "check": check,
                 # Warm-ups, baselines and measured issues all took stock.
                 "consistent": check.get("coupons") == check.get("stock_taken")
@@ -359,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
             print(row("in-process", step["in_process"], step["in_process_cpu"]))
         if "empty_grpc" in step:
             print(row("empty gRPC", step["empty_grpc"], step["empty_grpc_cpu"]))
+    for step in report["bulk_steps"]:
+        # Rates in coupons/s; latency and errors per batch of bulk_size.
+        print(
+            row("IssueCoupons", step["bulk"], step["bulk_cpu"])
+            + f"  (batches of {step['bulk']['batch_size']}, latency per batch)"
+        )
     print(
         f"coupons/stock taken {report['check']}:"
         f" {'consistent' if report['consistent'] else 'INCONSISTENT'}"

@@ -447,7 +447,18 @@ async def _issue_batch(
     heapq.heapify(shards)
     terms = template.terms
     valid_from, expires_at = terms.starts_at(now), terms.expires_at(now)
-    event_type = events_pb2.CouponIssued.DESCRIPTOR.full_name
+    # One CouponIssued and one envelope (make_envelope's: producer, time,
+    # trace context), refilled per coupon before it is serialized: a batch's
+    # events differ only in their ids, code and member.
+    event = events_pb2.CouponIssued(
+        template_id=template_id,
+        template_version=template.version,
+        reason=why.value,
+        issued_at=timestamp(now),
+        expires_at=timestamp(expires_at),
+    )
+    envelope = make_envelope(PRODUCER, event)
+    event_type = envelope.event_type
     planned: list[tuple[int, crepo.BulkCoupon]] = []
     for n in todo:
         item = items[n]
@@ -477,21 +488,11 @@ async def _issue_batch(
         if limits.per_member_limit is not None:
             member_left[item.member_id] -= 1
         day_left -= 1
-        coupon_id, code = uuid.uuid4(), new_code()
-        envelope = make_envelope(
-            PRODUCER,
-            events_pb2.CouponIssued(
-                coupon_id=str(coupon_id),
-                code=code,
-                member_id=str(item.member_id),
-                template_id=template_id,
-                template_version=template.version,
-                reason=why.value,
-                issued_at=timestamp(now),
-                expires_at=timestamp(expires_at),
-            ),
-            str(item.member_id),
-        )
+        coupon_id, code, event_id = uuid.uuid4(), new_code(), uuid.uuid4()
+        member = str(item.member_id)
+        event.coupon_id, event.code, event.member_id = str(coupon_id), code, member
+        envelope.event_id, envelope.member_id = str(event_id), member
+        envelope.payload.Pack(event)
         planned.append(
             (
                 n,
@@ -502,7 +503,7 @@ async def _issue_batch(
                     issue_key=item.issue_key,
                     request_hash=digests[n],
                     shard=shard,
-                    event_id=uuid.UUID(envelope.event_id),
+                    event_id=event_id,
                     envelope=envelope.SerializeToString(),
                 ),
             )

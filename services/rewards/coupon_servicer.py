@@ -4,10 +4,13 @@ RewardsServicer so the coupon surface lives beside its use cases."""
 from __future__ import annotations
 
 import enum
+import functools
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from loyalty.common.v1 import common_pb2
 from loyalty.rewards.v1 import rewards_pb2
@@ -127,7 +130,11 @@ def template_message(t: TemplateRow, remaining: int | None) -> rewards_pb2.Coupo
     )
 
 
-def coupon_message(c: svc.IssuedCoupon, terms: Terms | None = None) -> rewards_pb2.Coupon:
+def coupon_message(
+    c: svc.IssuedCoupon,
+    terms: Terms | None = None,
+    stamp: Callable[[datetime], Timestamp] = timestamp,
+) -> rewards_pb2.Coupon:
     m = rewards_pb2.Coupon(
         coupon_id=c.coupon_id,
         code=c.code,
@@ -136,9 +143,9 @@ def coupon_message(c: svc.IssuedCoupon, terms: Terms | None = None) -> rewards_p
         member_id=c.member_id,
         reason=c.reason,
         status=c.status,
-        issued_at=timestamp(c.issued_at),
-        valid_from=timestamp(c.valid_from),
-        expires_at=timestamp(c.expires_at),
+        issued_at=stamp(c.issued_at),
+        valid_from=stamp(c.valid_from),
+        expires_at=stamp(c.expires_at),
         replayed=c.replayed,
         # Only a used coupon names its order (a restored one keeps it internally).
         order_id=c.order_id if c.status == "used" else "",
@@ -286,11 +293,13 @@ class CouponRpcs:
         results: list[svc.BulkResult] = await with_retries(attempt)
         if any(r.outcome == "issued" for r in results):
             self._db.outbox_wakeup.set()
+        # A batch's new coupons share their three times: each converted once.
+        stamp = functools.cache(timestamp)
         reply = rewards_pb2.IssueCouponsResponse(
             results=[
                 rewards_pb2.IssueCouponsResult(
                     outcome=r.outcome,
-                    coupon=coupon_message(r.coupon) if r.coupon is not None else None,
+                    coupon=coupon_message(r.coupon, stamp=stamp) if r.coupon is not None else None,
                     refusal=r.refusal,
                     detail=r.detail,
                 )

