@@ -189,6 +189,8 @@ class MemberClient(_Client):
 # meanwhile is still refused at checkout by rewards itself.
 OPEN_STORE_TTL_SECONDS = 30.0
 STORE_OPEN = "active"  # rewards' status of a store that takes orders
+# A bulk coupon issue (IssueCoupons) may take this many times the usual deadline.
+BULK_DEADLINE_FACTOR = 5
 
 
 class RewardsClient(_Client):
@@ -251,6 +253,18 @@ class RewardsClient(_Client):
             self._stub.GetPointsLiability,
             rewards_pb2.GetPointsLiabilityRequest(expiring_within_days=days),
         )
+
+    async def issue_coupons(
+        self, request: rewards_pb2.IssueCouponsRequest
+    ) -> rewards_pb2.IssueCouponsResponse:
+        """IssueCoupons: up to 1,000 issues in one transaction, so a deadline of
+        BULK_DEADLINE_FACTOR times the usual one (a batch cut off by it is all
+        work lost, redone by the caller's retry)."""
+
+        def rpc(req: Any, timeout: float) -> Any:
+            return self._stub.IssueCoupons(req, timeout=timeout * BULK_DEADLINE_FACTOR)
+
+        return await self._call(rpc, request)
 
     async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
         """Any other RewardsService RPC by name (referral, points mall); same

@@ -701,8 +701,7 @@ async def grant(body: Grant, request: Request) -> Coupon:
     },
 )
 async def issue_many(template_id: TemplateId, body: BulkIssue, request: Request) -> BulkIssueReply:
-    reply = await downstreams(request).rewards.call(
-        "IssueCoupons",
+    reply = await downstreams(request).rewards.issue_coupons(
         rewards_pb2.IssueCouponsRequest(
             template_id=template_id,
             reason=body.reason,
