@@ -11,7 +11,7 @@ from servicekit.db import Database, create_pool
 from servicekit.settings import ServiceSettings
 
 from . import reports
-from .batch import bar, recompute
+from .batch import RecomputeBusy, bar, recompute
 from .schema import SCHEMA
 
 
@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
         "--pause-ms", type=int, default=0,
         help="sleep between chunks, leaving the database to checkout traffic",
     )  # fmt: skip
+    run.add_argument(
+        "--workers", type=int, default=2,
+        help="connections taking chunks side by side (1: one chunk at a time, gentlest)",
+    )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("report", help="distribution after the latest run, with movement")
     return parser
@@ -38,6 +42,9 @@ def run(argv: list[str]) -> int:
     if args.command == "recompute":
         if args.chunk_size < 1:
             print("--chunk-size must be at least 1", file=sys.stderr)
+            return 2
+        if args.workers < 1:
+            print("--workers must be at least 1", file=sys.stderr)
             return 2
         if args.pause_ms < 0:
             print("--pause-ms must not be negative", file=sys.stderr)
@@ -50,17 +57,23 @@ def run(argv: list[str]) -> int:
 
 async def _main(args: argparse.Namespace) -> int:
     settings = ServiceSettings()
-    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    workers = getattr(args, "workers", 1)
+    pool = await create_pool(settings.database_url, min_size=1, max_size=max(workers, 1))
     db = Database(pool, SCHEMA, "tiering")
     try:
         if args.command == "recompute":
-            result = await recompute(
-                db,
-                now=args.as_of or datetime.now(UTC),
-                chunk_size=args.chunk_size,
-                progress=None if args.quiet else bar,
-                pause=args.pause_ms / 1000,
-            )
+            try:
+                result = await recompute(
+                    db,
+                    now=args.as_of or datetime.now(UTC),
+                    chunk_size=args.chunk_size,
+                    progress=None if args.quiet else bar,
+                    pause=args.pause_ms / 1000,
+                    workers=workers,
+                )
+            except RecomputeBusy as e:
+                print(str(e), file=sys.stderr)
+                return 1
             if not args.quiet:
                 sys.stderr.write("\n")
             print(

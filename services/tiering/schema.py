@@ -86,7 +86,13 @@ orders = Table(
     Column("merged_from", Uuid),
     CheckConstraint("paid_fen >= 0", name="paid_fen_non_negative"),
     CheckConstraint("refunded_fen BETWEEN 0 AND paid_fen", name="refunded_within_paid"),
-    Index("ix_orders_member_time", "member_id", "ordered_at"),
+    # Covering: the batch's per-range GROUP BY is an index-only scan (migration 0005).
+    Index(
+        "ix_orders_member_time_amounts",
+        "member_id",
+        "ordered_at",
+        postgresql_include=["paid_fen", "refunded_fen"],
+    ),
 )
 
 # Growth value (成长值) ledger, separate from spendable points: one row per award
@@ -189,6 +195,19 @@ recompute_runs = Table(
     Column("segment_changes", BigInteger, nullable=False, server_default="0"),
     Column("stage_changes", BigInteger, nullable=False, server_default="0"),
     Column("distribution", JSONB, nullable=False, server_default="{}"),
+)
+
+# The running batch recompute's per-member aggregates (batch.py), shared by its
+# worker connections; UNLOGGED (no WAL), emptied at the start and end of a run.
+recompute_work = Table(
+    "recompute_work",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("metric", BigInteger, nullable=False, server_default="0"),
+    Column("last_at", DateTime(timezone=True)),
+    Column("orders", BigInteger, nullable=False, server_default="0"),
+    Column("spend", BigInteger),
+    prefixes=["UNLOGGED"],
 )
 
 # Merges applied, with what each side held before, so an unmerge can restore it.
