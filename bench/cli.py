@@ -48,6 +48,7 @@ from servicekit import devrun, embedded
 from servicekit.db import asyncpg_dsn, with_database
 from servicekit.settings import ServiceSettings
 
+from .cpu import CpuMeter, cpu_table
 from .echo_server import METHOD as ECHO_METHOD
 from .loadgen import RunResult, open_loop
 
@@ -303,11 +304,14 @@ def backstop(args: argparse.Namespace) -> float:
     return args.timeout + 1.0
 
 
-async def measure(name: str, call_for: CallFor, args: argparse.Namespace) -> RunResult:
+async def measure(
+    name: str, call_for: CallFor, args: argparse.Namespace, meter: CpuMeter | None = None
+) -> RunResult:
     """Warm-up at the same rate (discarded), then the measured run.
 
     `call_for(phase)` gives the request function for one phase, so each phase
-    can use its own unique keys.
+    can use its own unique keys. With a `meter`, the measured run also reports
+    CPU ms per call by process.
     """
     if args.warmup > 0:
         warm = await open_loop(
@@ -316,7 +320,10 @@ async def measure(name: str, call_for: CallFor, args: argparse.Namespace) -> Run
         if warm.ok == 0:
             raise devrun.DevrunError(f"{name}: every warm-up request failed: {warm.errors}")
     say(f"measuring {name}: {args.rate:g}/s for {args.duration:g}s ...")
+    before = await meter.snapshot() if meter is not None else None
     result = await open_loop(name, call_for("m"), args.rate, args.duration, timeout=backstop(args))
+    if meter is not None and before is not None:
+        result.cpu_ms_per_call = await meter.per_call(before, result.ok)
     lat = result.latency_ms()
     say(
         f"  {result.ok} ok, errors {result.errors or 'none'},"
@@ -336,7 +343,8 @@ async def measure_echo(args: argparse.Namespace, log_dir: Path) -> RunResult:
         grpc_target=f"{devrun.LOOPBACK}:{echo_port}",
     )
     async with (
-        started([echo], log_dir),
+        started([echo], log_dir) as platform,
+        metered(platform) as meter,
         grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{echo_port}") as channel,
     ):
         ping = channel.unary_unary(ECHO_METHOD)
@@ -344,7 +352,27 @@ async def measure_echo(args: argparse.Namespace, log_dir: Path) -> RunResult:
         def echo_call(i: int) -> Awaitable[object]:
             return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
 
-        return await measure("baseline: empty gRPC unary", lambda _: echo_call, args)
+        return await measure("baseline: empty gRPC unary", lambda _: echo_call, args, meter)
+
+
+@contextlib.asynccontextmanager
+async def metered(
+    platform: devrun.Platform | None, infra: BenchInfra | None = None
+) -> AsyncIterator[CpuMeter]:
+    """A CPU meter over the platform's processes (and, given `infra`, its
+    database's backends and Redis)."""
+    processes = {
+        c.name: c.proc.pid for c in (platform.children if platform else []) if c.proc is not None
+    }
+    meter = await CpuMeter.open(
+        processes,
+        infra.database_url if infra else None,
+        infra.redis_url if infra else None,
+    )
+    try:
+        yield meter
+    finally:
+        await meter.close()
 
 
 def platform_env(infra: BenchInfra) -> dict[str, str]:
@@ -515,6 +543,9 @@ def table(results: list[RunResult]) -> str:
         )
         for status, count in r.errors.items():
             rows.append(f"{'':36}{status}: {count}")
+    metered = [(r.name, r.cpu_ms_per_call) for r in results if r.cpu_ms_per_call is not None]
+    if metered:
+        rows += ["", cpu_table(metered)]
     return "\n".join(rows)
 
 
@@ -555,7 +586,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
         api_key = await register_pos_key(infra, args.store_id)
         children = [*devrun.platform_children(ports, base), gateway_without_auth(ports, base)]
-        async with started(children, log_dir):
+        async with started(children, log_dir) as platform, metered(platform, infra) as meter:
             members = await identify_pool(pos_target, args.store_id, args.members, api_key)
             say(f"identified {len(members)} members at {args.store_id}")
             from loyalty.pos.v1 import pos_pb2_grpc
@@ -568,7 +599,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         stub, args.store_id, members, f"{run_id}-{phase}", args.timeout
                     )
 
-                slice_result = await measure("POS CompleteOrder via gateway", call_for, args)
+                slice_result = await measure("POS CompleteOrder via gateway", call_for, args, meter)
                 if args.probe:
                     say("probing the maximum sustained rate ...")
                     report["probe"] = await probe(call_for, args)
@@ -583,7 +614,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
 
                 noauth_result = await measure(
-                    "baseline: same call, gateway auth off", open_call_for, args
+                    "baseline: same call, gateway auth off", open_call_for, args, meter
                 )
 
         baselines: list[RunResult] = [noauth_result]
@@ -600,9 +631,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 pool_size=ServiceSettings().db_pool_max,
             )
             try:
-                baselines.append(
-                    await measure("baseline: same SQL via asyncpg", sql.call_for, args)
-                )
+                async with metered(None, infra) as meter:
+                    baselines.append(
+                        await measure("baseline: same SQL via asyncpg", sql.call_for, args, meter)
+                    )
             finally:
                 await sql.close()
 

@@ -71,6 +71,8 @@ class RunResult:
     # the bottleneck. It is part of every latency, baselines included.
     send_lags: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    # CPU ms per successful call by process (bench.cpu), when the run was metered.
+    cpu_ms_per_call: dict[str, float] | None = None
 
     @property
     def ok(self) -> int:
@@ -112,6 +114,7 @@ class RunResult:
                 "p99": _ms(percentile(sorted(self.send_lags), 99)),
                 "max": _ms(max(self.send_lags, default=None)),
             },
+            **({} if self.cpu_ms_per_call is None else {"cpu_ms_per_call": self.cpu_ms_per_call}),
         }
 
 

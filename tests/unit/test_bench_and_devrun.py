@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from bench.cpu import CpuMeter, cpu_table, process_cpu_seconds
 from bench.loadgen import DROPPED, open_loop, percentile
 from servicekit import devrun
 
@@ -103,3 +104,43 @@ def test_port_overrides_come_from_the_environment() -> None:
     assert ports["member"] == 6051 and ports["http"] == 9090 and ports["rewards"] == 50054
     with pytest.raises(devrun.DevrunError, match="MEMBER_GRPC_PORT"):
         devrun.ports_from_env({"MEMBER_GRPC_PORT": "x"})
+
+
+async def test_cpu_meter_charges_a_busy_process_per_call_and_an_idle_one_nothing() -> None:
+    idle = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)")
+    busy = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(30)",
+    )
+    try:
+        await asyncio.sleep(0.2)  # both started; the busy one is burning CPU
+        meter = await CpuMeter.open({"idle": idle.pid, "busy": busy.pid})
+        before = await meter.snapshot()
+        await asyncio.sleep(0.6)
+        cpu = await meter.per_call(before, calls=10)
+        await meter.close()
+    finally:
+        idle.kill()
+        busy.kill()
+        await idle.wait()
+        await busy.wait()
+    # The busy child burned up to 0.4 s over 10 calls: tens of ms per call.
+    assert cpu["busy"] >= 5.0
+    assert cpu["idle"] < 1.0
+    assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"), abs=0.01)
+    assert process_cpu_seconds(2**22 + 12345) == 0.0  # no such process: nothing, not an error
+
+
+def test_cpu_table_shows_only_processes_that_worked() -> None:
+    text = cpu_table(
+        [
+            ("slice", {"gateway": 2.5, "echo": 0.0, "total": 2.5}),
+            ("baseline", {"gateway": 0.0, "echo": 0.4, "total": 0.4}),
+        ]
+    )
+    head, _, slice_row, baseline_row = text.splitlines()
+    assert head.split()[-3:] == ["gateway", "echo", "total"]
+    assert slice_row.split()[-3:] == ["2.500", "0.000", "2.500"]
+    assert baseline_row.split()[-3:] == ["0.000", "0.400", "0.400"]
+    assert cpu_table([]) == ""

@@ -1,0 +1,146 @@
+"""CPU milliseconds per call, per process, during a measured run.
+
+Latency on a 2-core machine depends on whatever else the machine is doing;
+the CPU time each process spends per call barely does. It is also the figure
+that says how many cores a target rate needs: at `c` ms of CPU per call, one
+core serves at most 1000 / c calls per second. Counted from /proc (user +
+system time of every thread) for the platform's processes and this database's
+PostgreSQL backends (the bench only runs against a local server), from
+`INFO cpu` for Redis, and from getrusage for the load generator itself.
+
+Not counted: PostgreSQL's shared background processes (WAL writer,
+checkpointer), whose work is shared by every database on the server. Redis's
+figure is the whole server's: on a Redis shared with other work, it includes
+that work.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+from servicekit.db import asyncpg_dsn
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LOAD_GENERATOR = "loadgen"
+POSTGRES = "pg backends"
+REDIS = "redis"
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name may hold spaces: split after its closing
+            # parenthesis; utime and stime are then the 12th and 13th fields.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class CpuSnapshot:
+    processes: dict[str, float]
+    backends: dict[int, float]
+    redis: float | None
+    load_generator: float
+
+
+@dataclass
+class CpuMeter:
+    """Open with `await CpuMeter.open(...)`; close when done. Without a
+    database or Redis URL, those are not counted."""
+
+    processes: dict[str, int]  # name -> pid
+    monitor: asyncpg.Connection | None = None
+    redis: Redis | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        processes: Mapping[str, int],
+        database_url: str | None = None,
+        redis_url: str | None = None,
+    ) -> CpuMeter:
+        monitor = await asyncpg.connect(asyncpg_dsn(database_url)) if database_url else None
+        return cls(dict(processes), monitor, Redis.from_url(redis_url) if redis_url else None)
+
+    async def close(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
+            self.monitor = None
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+
+    async def snapshot(self) -> CpuSnapshot:
+        backends: dict[int, float] = {}
+        if self.monitor is not None:
+            rows = await self.monitor.fetch(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            backends = {r["pid"]: process_cpu_seconds(r["pid"]) for r in rows}
+        redis = None
+        if self.redis is not None:
+            info = await self.redis.info("cpu")
+            redis = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        return CpuSnapshot(
+            processes={name: process_cpu_seconds(pid) for name, pid in self.processes.items()},
+            backends=backends,
+            redis=redis,
+            load_generator=own_cpu_seconds(),
+        )
+
+    async def per_call(self, before: CpuSnapshot, calls: int) -> dict[str, float]:
+        """CPU ms per completed call since `before`, by process, with a total."""
+        after = await self.snapshot()
+        used = {name: t - before.processes.get(name, 0.0) for name, t in after.processes.items()}
+        # A backend opened during the run counts from zero; one closed during
+        # the run is lost (pools keep theirs open, so this is rare).
+        if self.monitor is not None:
+            used[POSTGRES] = sum(
+                t - before.backends.get(pid, 0.0) for pid, t in after.backends.items()
+            )
+        if after.redis is not None and before.redis is not None:
+            used[REDIS] = after.redis - before.redis
+        used[LOAD_GENERATOR] = after.load_generator - before.load_generator
+        per = max(calls, 1)
+        out = {name: round(1000.0 * max(seconds, 0.0) / per, 3) for name, seconds in used.items()}
+        out["total"] = round(sum(out.values()), 3)
+        return out
+
+
+def cpu_table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    """Rows of (run name, ms per call by process) as a text table; only the
+    processes that did measurable work in some run get a column."""
+    if not rows:
+        return ""
+    names: list[str] = []
+    for _, cpu in rows:
+        for name, ms in cpu.items():
+            if name != "total" and ms >= 0.01 and name not in names:
+                names.append(name)
+    names.append("total")
+    widths = [max(7, len(n)) for n in names]
+    head = f"{'CPU ms per call':34}" + "".join(
+        f" {n:>{w}}" for n, w in zip(names, widths, strict=True)
+    )
+    lines = [head, "-" * len(head)]
+    for run_name, cpu in rows:
+        lines.append(
+            f"{run_name[:34]:34}"
+            + "".join(f" {cpu.get(n, 0.0):>{w}.3f}" for n, w in zip(names, widths, strict=True))
+        )
+    return "\n".join(lines)
