@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loyalty.events.v1 import events_pb2
 from servicekit.db import create_pool, with_retries
 from servicekit.errors import DomainError, InvalidArgument, NotFound
 from services.rewards import coupon_service as svc
@@ -26,6 +25,7 @@ from services.rewards.coupons import Kind, Limits, Status, Terms, issue_hash
 from services.rewards.seed import seed_demo
 
 from ..harness import Infra
+from .test_rewards_coupon_issue_rpc import issued_events
 
 T0 = datetime(2026, 3, 1, 4, 0, tzinfo=UTC)
 MJ = Terms(
@@ -94,9 +94,10 @@ def outcomes(results: list[svc.BulkResult]) -> Counter[str]:
     return Counter(r.refusal or r.outcome for r in results)
 
 
-async def written(pool: asyncpg.Pool, template_id: str) -> dict[str, int | None]:
+async def written(pool: asyncpg.Pool, infra: Infra, template_id: str) -> dict[str, int | None]:
     """What the database holds for a template: coupons, stock left, member
-    counts summed, the day's count, and CouponIssued outbox rows naming it."""
+    counts summed, the day's count, and its CouponIssued events (in the outbox
+    or already relayed, when the service runs in this session)."""
     row = await pool.fetchrow(
         "SELECT (SELECT count(*) FROM rewards.coupons WHERE template_id = $1) AS coupons,"
         " (SELECT sum(remaining)::bigint FROM rewards.coupon_stock WHERE template_id = $1)"
@@ -108,23 +109,17 @@ async def written(pool: asyncpg.Pool, template_id: str) -> dict[str, int | None]
         template_id,
     )
     assert row is not None
-    events = 0
-    for r in await pool.fetch(
-        "SELECT envelope FROM rewards.outbox WHERE event_type = $1",
-        events_pb2.CouponIssued.DESCRIPTOR.full_name,
-    ):
-        event = events_pb2.CouponIssued()
-        events_pb2.EventEnvelope.FromString(r["envelope"]).payload.Unpack(event)
-        events += event.template_id == template_id
-    return dict(row) | {"events": events}
+    return dict(row) | {"events": len(await issued_events(pool, infra, template_id))}
 
 
-async def test_a_batch_issues_each_member_a_coupon_with_its_event(pool: asyncpg.Pool) -> None:
+async def test_a_batch_issues_each_member_a_coupon_with_its_event(
+    pool: asyncpg.Pool, infra: Infra
+) -> None:
     template_id = await make_template(pool, Limits(total_stock=100, stock_shards=4))
     items = batch(25)
     results = await bulk(pool, template_id, items)
     assert outcomes(results) == {"issued": 25}
-    assert await written(pool, template_id) == {
+    assert await written(pool, infra, template_id) == {
         "coupons": 25,
         "remaining": 75,
         "counted": 0,
@@ -159,12 +154,12 @@ async def test_a_batch_issues_each_member_a_coupon_with_its_event(pool: asyncpg.
 
 
 async def test_a_retried_batch_replays_the_same_codes_and_writes_nothing(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, infra: Infra
 ) -> None:
     template_id = await make_template(pool, Limits(total_stock=10, per_member_limit=1))
     items = batch(6)
     first = await bulk(pool, template_id, items[:4])
-    before = await written(pool, template_id)
+    before = await written(pool, infra, template_id)
     # The retry carries two more items: those are issued, the four replay.
     again = await bulk(pool, template_id, items)
     assert [r.outcome for r in again] == ["replayed"] * 4 + ["issued"] * 2
@@ -172,7 +167,7 @@ async def test_a_retried_batch_replays_the_same_codes_and_writes_nothing(
         r.coupon.code for r in first if r.coupon
     ]
     assert all(r.coupon and r.coupon.replayed for r in again[:4])
-    after = await written(pool, template_id)
+    after = await written(pool, infra, template_id)
     assert (after["coupons"], after["remaining"], after["counted"], after["events"]) == (
         before["coupons"] + 2,  # type: ignore[operator]
         before["remaining"] - 2,  # type: ignore[operator]
@@ -188,14 +183,14 @@ async def test_a_retried_batch_replays_the_same_codes_and_writes_nothing(
 
 
 async def test_the_last_stock_goes_to_the_first_items_the_rest_is_refused(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, infra: Infra
 ) -> None:
     template_id = await make_template(pool, Limits(total_stock=20, stock_shards=4))
     results = await bulk(pool, template_id, batch(30))
     assert [r.outcome for r in results] == ["issued"] * 20 + ["refused"] * 10
     assert {r.refusal for r in results[20:]} == {"OUT_OF_STOCK"}
     assert all(r.coupon is None for r in results[20:])
-    assert await written(pool, template_id) == {
+    assert await written(pool, infra, template_id) == {
         "coupons": 20,
         "remaining": 0,
         "counted": 0,
@@ -205,7 +200,7 @@ async def test_the_last_stock_goes_to_the_first_items_the_rest_is_refused(
 
 
 async def test_per_member_limit_counts_earlier_coupons_and_repeats_in_the_batch(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, infra: Infra
 ) -> None:
     template_id = await make_template(pool, Limits(total_stock=50, per_member_limit=2))
     a, b = uuid.uuid4(), uuid.uuid4()
@@ -228,7 +223,7 @@ async def test_per_member_limit_counts_earlier_coupons_and_repeats_in_the_batch(
         )
     }
     assert counts == {a: 2, b: 2}
-    assert await written(pool, template_id) == {
+    assert await written(pool, infra, template_id) == {
         "coupons": 4,
         "remaining": 46,
         "counted": 4,
@@ -238,7 +233,7 @@ async def test_per_member_limit_counts_earlier_coupons_and_repeats_in_the_batch(
 
 
 async def test_daily_budget_is_shared_with_single_issues_and_resets_next_day(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, infra: Infra
 ) -> None:
     template_id = await make_template(pool, Limits(daily_budget=5))
     await single(pool, template_id, uuid.uuid4(), f"{template_id}-s")
@@ -246,11 +241,11 @@ async def test_daily_budget_is_shared_with_single_issues_and_resets_next_day(
     assert outcomes(results) == {"issued": 4, "DAILY_BUDGET_EXHAUSTED": 2}
     tomorrow = await bulk(pool, template_id, batch(6), now=T0 + timedelta(days=1))
     assert outcomes(tomorrow) == {"issued": 5, "DAILY_BUDGET_EXHAUSTED": 1}
-    got = await written(pool, template_id)
+    got = await written(pool, infra, template_id)
     assert (got["coupons"], got["day"], got["events"]) == (10, 10, 10)
 
 
-async def test_template_state_and_members_refuse_per_item(pool: asyncpg.Pool) -> None:
+async def test_template_state_and_members_refuse_per_item(pool: asyncpg.Pool, infra: Infra) -> None:
     template_id = await make_template(pool, Limits(total_stock=10))
     items = batch(3)
     first = await bulk(pool, template_id, items[:1])
@@ -288,10 +283,12 @@ async def test_template_state_and_members_refuse_per_item(pool: asyncpg.Pool) ->
         "issued",
         "issued",
     ]
-    assert (await written(pool, open_id))["remaining"] == 8
+    assert (await written(pool, infra, open_id))["remaining"] == 8
 
 
-async def test_new_members_only_refuses_a_member_with_an_order(pool: asyncpg.Pool) -> None:
+async def test_new_members_only_refuses_a_member_with_an_order(
+    pool: asyncpg.Pool, infra: Infra
+) -> None:
     terms = Terms(
         name="首杯半价",
         kind=Kind.FIRST_ORDER_PRICE,
@@ -302,11 +299,12 @@ async def test_new_members_only_refuses_a_member_with_an_order(pool: asyncpg.Poo
     )
     template_id = await make_template(pool, Limits(total_stock=10), terms=terms)
     regular = uuid.uuid4()
+    # A settled order earning nothing: consistent for the ledger audit of other tests.
     store = await pool.fetchval("SELECT store_id FROM rewards.stores ORDER BY store_id LIMIT 1")
     await pool.execute(
         "INSERT INTO rewards.orders (id, store_id, pos_transaction_id, member_id, channel,"
-        " paid_amount_fen, ordered_at, request_hash, points_earned, status)"
-        " VALUES ($1, $2, $3, $4, 'store', 100, $5, $6, 0, 'settled')",
+        " paid_amount_fen, ordered_at, request_hash, points_earned, points_balance_after,"
+        " status) VALUES ($1, $2, $3, $4, 'store', 100, $5, $6, 0, 0, 'settled')",
         uuid.uuid4(),
         store,
         uuid.uuid4().hex,
@@ -318,7 +316,7 @@ async def test_new_members_only_refuses_a_member_with_an_order(pool: asyncpg.Poo
     assert [r.refusal or r.outcome for r in results] == ["NOT_A_NEW_MEMBER", "issued"]
 
 
-async def test_malformed_batches_are_refused_whole(pool: asyncpg.Pool) -> None:
+async def test_malformed_batches_are_refused_whole(pool: asyncpg.Pool, infra: Infra) -> None:
     template_id = await make_template(pool, Limits(total_stock=10))
     dup = [Item(uuid.uuid4(), "k1"), Item(uuid.uuid4(), "k2"), Item(uuid.uuid4(), "k1")]
     with pytest.raises(InvalidArgument) as err:
@@ -339,11 +337,11 @@ async def test_malformed_batches_are_refused_whole(pool: asyncpg.Pool) -> None:
     with pytest.raises(NotFound) as missing:
         await bulk(pool, f"{template_id}-nope", batch(1))
     assert missing.value.code == "UNKNOWN_TEMPLATE"
-    assert (await written(pool, template_id))["coupons"] == 0
+    assert (await written(pool, infra, template_id))["coupons"] == 0
 
 
 async def test_a_full_batch_of_1000_is_four_statements_inside_its_transaction(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, infra: Infra
 ) -> None:
     template_id = await make_template(
         pool, Limits(total_stock=2000, per_member_limit=1, daily_budget=5000, stock_shards=16)
@@ -367,7 +365,7 @@ async def test_a_full_batch_of_1000_is_four_statements_inside_its_transaction(
     assert outcomes(results) == {"issued": 1000}
     # BEGIN, the context read, the counters' lock, the write, COMMIT.
     assert len(statements) == 5, statements
-    got = await written(pool, template_id)
+    got = await written(pool, infra, template_id)
     assert (got["coupons"], got["remaining"], got["counted"], got["day"], got["events"]) == (
         1000,
         1000,
@@ -378,13 +376,13 @@ async def test_a_full_batch_of_1000_is_four_statements_inside_its_transaction(
 
 
 async def test_batches_racing_for_the_last_stock_issue_exactly_the_stock(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, infra: Infra
 ) -> None:
     template_id = await make_template(pool, Limits(total_stock=100, stock_shards=16))
     runs = await asyncio.gather(*(bulk(pool, template_id, batch(40)) for _ in range(8)))
     counted = sum((outcomes(r) for r in runs), Counter())
     assert counted == {"issued": 100, "OUT_OF_STOCK": 220}
-    assert await written(pool, template_id) == {
+    assert await written(pool, infra, template_id) == {
         "coupons": 100,
         "remaining": 0,
         "counted": 0,
@@ -394,7 +392,7 @@ async def test_batches_racing_for_the_last_stock_issue_exactly_the_stock(
 
 
 async def test_single_and_bulk_racing_never_oversell_or_exceed_a_member(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, infra: Infra
 ) -> None:
     template_id = await make_template(
         pool, Limits(total_stock=150, per_member_limit=1, stock_shards=8)
@@ -418,7 +416,7 @@ async def test_single_and_bulk_racing_never_oversell_or_exceed_a_member(
         outcomes(d)["issued"] for d in done[60:] if isinstance(d, list)
     )  # every batch answered
     assert all(isinstance(d, list) for d in done[60:])
-    got = await written(pool, template_id)
+    got = await written(pool, infra, template_id)
     assert got["coupons"] == len(single_won) + bulk_issued == 150
     assert (got["remaining"], got["counted"], got["events"]) == (0, 150, 150)
     over = await pool.fetchval(
@@ -429,7 +427,9 @@ async def test_single_and_bulk_racing_never_oversell_or_exceed_a_member(
     assert over == 0
 
 
-async def test_concurrent_retries_of_one_batch_issue_each_key_once(pool: asyncpg.Pool) -> None:
+async def test_concurrent_retries_of_one_batch_issue_each_key_once(
+    pool: asyncpg.Pool, infra: Infra
+) -> None:
     template_id = await make_template(pool, Limits(total_stock=500, per_member_limit=1))
     items = batch(50)
     runs = await asyncio.gather(*(bulk(pool, template_id, items) for _ in range(6)))
@@ -438,7 +438,7 @@ async def test_concurrent_retries_of_one_batch_issue_each_key_once(pool: asyncpg
         codes = {r[n].coupon.code for r in runs if r[n].coupon}
         assert len(codes) == 1 and all(r[n].outcome != "refused" for r in runs)
         assert sum(r[n].outcome == "issued" for r in runs) == 1
-    got = await written(pool, template_id)
+    got = await written(pool, infra, template_id)
     assert (got["coupons"], got["remaining"], got["counted"], got["events"]) == (50, 450, 50, 50)
 
 
@@ -477,7 +477,10 @@ def scenarios(draw: st.DrawFn) -> tuple[Limits, list[list[tuple[int, int]]], int
 )
 @given(scenario=scenarios(), seed=st.integers(0, 2**16))
 async def test_stock_taken_equals_coupons_issued_within_every_limit(
-    pool: asyncpg.Pool, scenario: tuple[Limits, list[list[tuple[int, int]]], int], seed: int
+    pool: asyncpg.Pool,
+    infra: Infra,
+    scenario: tuple[Limits, list[list[tuple[int, int]]], int],
+    seed: int,
 ) -> None:
     limits, batches, n_singles = scenario
     if limits.total_stock is not None:
@@ -503,7 +506,7 @@ async def test_stock_taken_equals_coupons_issued_within_every_limit(
         d for d in done if isinstance(d, BaseException) and not isinstance(d, DomainError)
     ]
     assert not unexpected, unexpected
-    got = await written(pool, template_id)
+    got = await written(pool, infra, template_id)
     coupons = got["coupons"]
     assert isinstance(coupons, int)
     assert got["events"] == coupons
