@@ -19,9 +19,10 @@ run, at the same rate, on the same machine, one row each:
 4. the empty-call baseline: `GET /healthz` through the gateway (the HTTP
    floor: client, uvicorn, middleware, no auth, no downstream).
 
-Each row also reports the gateway process's CPU per read (user + system, from
-/proc, over the measured seconds), the figure that decides how many reads one
-gateway core carries; the latency percentiles only hold below saturation.
+Each row also reports CPU ms per read by process (bench/cpu.py: the gateway,
+the services, PostgreSQL backends, Redis, the load generator), the figure that
+decides how many cores a rate needs and that barely depends on what else the
+machine is doing; the latency percentiles only hold below saturation.
 
 The load generator is Python (aiohttp, HMAC signing per request) on the same
 cores as the platform, so the rows include its own cost; compare them with
@@ -59,6 +60,7 @@ from .cli import (
     gateway_without_auth,
     machine,
     measure,
+    metered,
     platform_env,
     run_and_report,
     say,
@@ -66,7 +68,7 @@ from .cli import (
     started,
     table,
 )
-from .coupons import cpu_seconds
+from .cpu import LOAD_GENERATOR
 from .loadgen import RunResult
 
 APP_ID = "wx-bench"
@@ -74,6 +76,7 @@ CENTRE = "member centre (GET .../centre)"
 CENTRE_OPEN = "member centre, no door"
 TWO_CALLS = "summary + tier (two calls)"
 EMPTY = "empty call (GET /healthz)"
+NO_DOOR_GATEWAY = "gateway-noauth"  # bench.cli.gateway_without_auth's child
 # The bench client's own bucket, wide open: the read is measured, not throttling.
 NO_LIMIT = 1_000_000.0
 
@@ -235,35 +238,11 @@ def empty_call(http: aiohttp.ClientSession, timeout: float) -> Callable[[int], A
     return call
 
 
-def gateway_pid(platform: devrun.Platform, name: str) -> int:
-    for child in platform.children:
-        if child.name == name and child.proc is not None:
-            return int(child.proc.pid)
-    raise devrun.DevrunError(f"no running {name} process")
-
-
-async def metered(
-    name: str,
+def always(
     call: Callable[[int], Awaitable[object]],
-    pid: int,
-    args: argparse.Namespace,
-    cpu: dict[str, float],
-) -> RunResult:
-    """measure(), plus the gateway process's CPU ms per successful read over
-    the measured seconds (warm-up excluded) into cpu[name]."""
-    before = 0.0
-
-    def call_for(phase: str) -> Callable[[int], Awaitable[object]]:
-        nonlocal before
-        if phase == "m":  # measure()'s measured phase (after its warm-up "w")
-            before = cpu_seconds(pid)
-        return call
-
-    result = await measure(name, call_for, args)
-    used = cpu_seconds(pid) - before
-    cpu[name] = round(1000 * used / max(result.ok, 1), 3)
-    say(f"  gateway CPU {cpu[name]} ms per read")
-    return result
+) -> Callable[[str], Callable[[int], Awaitable[object]]]:
+    """measure()'s call_for: the same call in the warm-up and the measured run."""
+    return lambda _phase: call
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,9 +268,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         noauth_url = f"http://{devrun.LOOPBACK}:{ports['http_noauth']}"
         children = [*devrun.platform_children(ports, base), gateway_without_auth(ports, base)]
         results: list[RunResult] = []
-        cpu: dict[str, float] = {}
         async with (
             started(children, log_dir) as platform,
+            metered(platform, infra) as meter,
             httpx.AsyncClient(
                 base_url=base_url, auth=HmacAuth(key_id, secret), timeout=30
             ) as setup,
@@ -304,17 +283,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ):
             members = await enrol(setup, args.members, run_id)
             say(f"enrolled {len(members)} members")
-            gw, gw_open = gateway_pid(platform, "gateway"), gateway_pid(platform, "gateway-noauth")
             signed = signed_get(load, key_id, secret, args.timeout)
             rows = [
-                (CENTRE, centre_call(signed, members), gw),
-                (CENTRE_OPEN, centre_call(open_get(open_load, args.timeout), members), gw_open),
-                (TWO_CALLS, two_calls(signed, members), gw),
-                (EMPTY, empty_call(load, args.timeout), gw),
+                (CENTRE, centre_call(signed, members)),
+                (CENTRE_OPEN, centre_call(open_get(open_load, args.timeout), members)),
+                (TWO_CALLS, two_calls(signed, members)),
+                (EMPTY, empty_call(load, args.timeout)),
             ]
-            for name, call, pid in rows:
-                results.append(await metered(name, call, pid, args, cpu))
+            for name, call in rows:
+                results.append(await measure(name, always(call), args, meter))
         centre, centre_open, _, empty = results
+        cpu = {r.name: r.cpu_ms_per_call or {} for r in results}
+        # The gateway that served each row (the door-less one for its row).
+        gateway_ms = {
+            name: ms.get(NO_DOOR_GATEWAY if name == CENTRE_OPEN else "gateway", 0.0)
+            for name, ms in cpu.items()
+        }
+        platform_ms = cpu[CENTRE].get("total", 0.0) - cpu[CENTRE].get(LOAD_GENERATOR, 0.0)
         p99 = centre.summary()["latency_ms"]["p99"]
         floor = empty.summary()["latency_ms"]["p99"]
         report: dict[str, Any] = {
@@ -334,11 +319,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": machine(infra, pg_version),
             "load_average": os.getloadavg(),
             "results": [r.summary() for r in results],
-            "gateway_cpu_ms_per_read": cpu,
+            "gateway_cpu_ms_per_read": gateway_ms,
             "door_overhead": {
                 "latency_ms": auth_overhead(centre, centre_open),
-                "gateway_cpu_ms": round(cpu[CENTRE] - cpu[CENTRE_OPEN], 3),
+                "gateway_cpu_ms": round(gateway_ms[CENTRE] - gateway_ms[CENTRE_OPEN], 3),
             },
+            # Every process but the load generator: the cores the target rate needs.
+            "platform_cpu_ms_per_read": round(platform_ms, 3),
+            "cores_for_target_rate": round(platform_ms * args.rate / 1000, 2),
             "p99_over_empty_call": round(p99 / floor, 2) if p99 and floor else None,
             "target": {
                 "p99_ms_at_most": args.slo_ms,
@@ -351,11 +339,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
             },
         }
-        report["_table"] = (
-            table(results)
-            + "\n\ngateway CPU ms per read: "
-            + ", ".join(f"{name} {ms}" for name, ms in cpu.items())
-        )
+        report["_table"] = table(results)
         return report
     finally:
         await infra.cleanup()
@@ -380,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"door overhead per call: p50 {door['latency_ms']['p50']} ms, p99"
         f" {door['latency_ms']['p99']} ms, gateway CPU {door['gateway_cpu_ms']} ms"
+    )
+    print(
+        f"platform CPU per member-centre read: {report['platform_cpu_ms_per_read']} ms"
+        f" ({report['cores_for_target_rate']} cores at {report['config']['rate_per_s']:g}/s)"
     )
     target = report["target"]
     print(
