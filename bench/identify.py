@@ -5,10 +5,18 @@ p99 <= 10 ms through the gateway. This module measures, in one run, on the
 same machine and at the same rate:
 
 1. POS IdentifyMember (by phone) through the gateway: the real till path
-   (gateway -> rewards GetStore -> member IdentifyMember -> rewards balance);
-2. member IdentifyMember called directly (one gRPC hop, no gateway), which
-   isolates the member service's own cost;
-3. the empty-gRPC baseline (bench/echo_server.py), the floor of one hop.
+   (the door's Redis round trip; the store, cached in the gateway; member
+   ResolveMember, served from member's Redis cache; then rewards' balance and
+   tiering's tier side by side);
+2. member ResolveMember called directly (one gRPC hop, no gateway): the
+   member service's own cost on that path;
+3. member IdentifyMember called directly, with a request key: the
+   idempotent identify a client with its own key gets (Postgres, one commit);
+4. the empty-gRPC baseline (bench/echo_server.py), the floor of one hop.
+
+Each run also reports CPU ms per call by process (bench/cpu.py): on this
+shared 2-core machine latency moves with everything else running, CPU per
+call much less, and it says how many cores a rate needs.
 
 It starts its own platform exactly as `python -m bench` does (bench/cli.py:
 throwaway database and Redis namespace, real processes), enrols a pool of
@@ -41,6 +49,7 @@ from .cli import (
     machine,
     measure,
     measure_echo,
+    metered,
     platform_env,
     pos_channel,
     ratios,
@@ -51,6 +60,7 @@ from .cli import (
     started,
     table,
 )
+from .cpu import LOAD_GENERATOR
 from .loadgen import RunResult
 
 
@@ -93,6 +103,28 @@ def pos_identify_call(
     return call
 
 
+def member_resolve_call(
+    stub: Any, members: list[str], timeout: float
+) -> Callable[[int], Awaitable[object]]:
+    from loyalty.member.v1 import member_pb2
+
+    async def call(i: int) -> object:
+        n = i % len(members)
+        reply = await stub.ResolveMember(
+            member_pb2.ResolveMemberRequest(
+                identifier=member_pb2.Identifier(
+                    type=member_pb2.IDENTIFIER_TYPE_PHONE, value=demo_phone(n)
+                )
+            ),
+            timeout=timeout,
+        )
+        if reply.member_id != members[n]:
+            raise UnexpectedReply("a known member was not found as itself")
+        return reply
+
+    return call
+
+
 def member_identify_call(
     stub: Any, members: list[str], tag: str, timeout: float
 ) -> Callable[[int], Awaitable[object]]:
@@ -115,6 +147,17 @@ def member_identify_call(
     return call
 
 
+def server_cpu_ms(result: RunResult) -> float | None:
+    cpu = result.cpu_ms_per_call
+    if cpu is None:
+        return None
+    return round(cpu["total"] - cpu.get(LOAD_GENERATOR, 0.0), 3)
+
+
+def cpu_ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from loyalty.member.v1 import member_pb2_grpc
     from loyalty.pos.v1 import pos_pb2_grpc
@@ -134,7 +177,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         member_target = f"{devrun.LOOPBACK}:{ports['member']}"
         results: list[RunResult] = []
         api_key = await register_pos_key(infra, args.store_id)
-        async with started(devrun.platform_children(ports, base), log_dir):
+        async with (
+            started(devrun.platform_children(ports, base), log_dir) as platform,
+            metered(platform, infra) as meter,
+        ):
             members = await identify_pool(pos_target, args.store_id, args.members, api_key)
             say(f"enrolled {len(members)} members at {args.store_id}")
             async with pos_channel(pos_target, args.store_id, api_key) as channel:
@@ -144,10 +190,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "POS IdentifyMember via gateway",
                         lambda _: pos_identify_call(pos, args.store_id, members, args.timeout),
                         args,
+                        meter,
                     )
                 )
             async with grpc.aio.insecure_channel(member_target) as channel:
                 member = member_pb2_grpc.MemberServiceStub(channel)
+                results.append(
+                    await measure(
+                        "member ResolveMember direct",
+                        lambda _: member_resolve_call(member, members, args.timeout),
+                        args,
+                        meter,
+                    )
+                )
                 results.append(
                     await measure(
                         "member IdentifyMember direct",
@@ -155,6 +210,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             member, members, f"{run_id}-{phase}", args.timeout
                         ),
                         args,
+                        meter,
                     )
                 )
         baseline = await measure_echo(args, log_dir)
@@ -171,13 +227,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "members": args.members,
                 "open_loop": True,
                 "latency_from": "scheduled send time",
-                "redis_cache": False,
+                "redis_cache": True,
             },
             "machine": machine(infra, pg_version),
             "results": [r.summary() for r in results],
             "baseline": baseline.summary(),
             "ratios_over_empty_grpc": {
                 r.name: ratios(r, [baseline])[baseline.name] for r in results
+            },
+            # Server-side CPU per call (every process but the load generator)
+            # over the empty gRPC server's: what the path costs in hops' worth.
+            "server_cpu_ms_per_call": {r.name: server_cpu_ms(r) for r in [*results, baseline]},
+            "server_cpu_over_empty_grpc": {
+                r.name: cpu_ratio(server_cpu_ms(r), server_cpu_ms(baseline)) for r in results
             },
             "target": {
                 "p99_ms_at_most": args.slo_ms,
@@ -211,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report, path = done
     for name, r in report["ratios_over_empty_grpc"].items():
-        print(f"{name} / empty gRPC: p50 x{r['p50']}, p99 x{r['p99']}")
+        cpu = report["server_cpu_over_empty_grpc"][name]
+        print(f"{name} / empty gRPC: p50 x{r['p50']}, p99 x{r['p99']}, server CPU per call x{cpu}")
     target = report["target"]
     print(
         f"target p99 <= {target['p99_ms_at_most']} ms at {target['at_rate_per_s']:g}/s through"

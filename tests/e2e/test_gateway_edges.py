@@ -115,6 +115,9 @@ class FakeMember(member_pb2_grpc.MemberServiceServicer):
     async def IdentifyMember(self, request: Any, context: Any) -> Any:
         return await self.s.run("member.IdentifyMember", request, context)
 
+    async def ResolveMember(self, request: Any, context: Any) -> Any:
+        return await self.s.run("member.ResolveMember", request, context)
+
     async def GetMember(self, request: Any, context: Any) -> Any:
         return await self.s.run("member.GetMember", request, context)
 
@@ -214,6 +217,12 @@ async def test_both_servers_bind_port_zero(doors: Doors) -> None:
     assert (await doors.http.get("/healthz")).status_code == 200
 
 
+# What member answers ResolveMember for an identifier nobody owns.
+UNKNOWN_IDENTIFIER = NotFound(
+    "no member owns this identifier", code="UNKNOWN_IDENTIFIER", field="identifier"
+)
+
+
 async def test_identify_orchestrates_store_member_points(
     doors: Doors, downstream: Downstream
 ) -> None:
@@ -221,6 +230,7 @@ async def test_identify_orchestrates_store_member_points(
     script.behaviours.update(
         {
             "rewards.GetStore": reply_with(OPEN_STORE),
+            "member.ResolveMember": raise_(UNKNOWN_IDENTIFIER),
             "member.IdentifyMember": reply_with(
                 member_pb2.IdentifyMemberResponse(member=MEMBER, created=True)
             ),
@@ -243,8 +253,40 @@ async def test_identify_orchestrates_store_member_points(
     assert ident.type == member_pb2.IDENTIFIER_TYPE_PHONE
     assert ident.value == "13912345678"
     assert not ident.verified  # typed at a till: never proof of ownership
+    # Looked up first, the same identifier; unknown, so enrolled.
+    (looked_up,) = script.requests["member.ResolveMember"]
+    assert looked_up.identifier == ident
     assert script.requests["rewards.GetStore"][0].store_id == "SH001"
     assert script.requests["rewards.GetPointsBalance"][0].member_id == MEMBER_ID
+
+
+async def test_identify_of_a_known_member_is_one_resolve(
+    doors: Doors, downstream: Downstream
+) -> None:
+    script = downstream.script
+    script.behaviours.update(
+        {
+            "rewards.GetStore": reply_with(OPEN_STORE),
+            "member.ResolveMember": reply_with(MEMBER),
+            "rewards.GetPointsBalance": reply_with(
+                rewards_pb2.PointsBalance(member_id=MEMBER_ID, available=5, lifetime_earned=9)
+            ),
+        }
+    )
+    reply = await doors.pos.IdentifyMember(
+        pos_pb2.IdentifyMemberRequest(store_id="SH001", card="CARD-7"), timeout=5
+    )
+    assert reply == pos_pb2.IdentifyMemberResponse(
+        member_id=MEMBER_ID,
+        member_number="M00000042",
+        phone_masked="139****5678",
+        created=False,
+        points_available=5,
+    )
+    (looked_up,) = script.requests["member.ResolveMember"]
+    assert looked_up.identifier.type == member_pb2.IDENTIFIER_TYPE_POS_CARD
+    assert looked_up.identifier.value == "CARD-7"
+    assert "member.IdentifyMember" not in script.requests
 
 
 async def test_downstream_error_keeps_status_code_and_names_the_callers_field(
@@ -253,11 +295,11 @@ async def test_downstream_error_keeps_status_code_and_names_the_callers_field(
     downstream.script.behaviours.update(
         {
             "rewards.GetStore": reply_with(OPEN_STORE),
-            "member.IdentifyMember": raise_(
+            "member.ResolveMember": raise_(
                 InvalidArgument(
-                    "identifiers[0].value is not a valid phone number",
+                    "identifier.value is not a valid phone number",
                     code="INVALID_PHONE",
-                    field="identifiers[0].value",
+                    field="identifier.value",
                 )
             ),
         }
@@ -268,6 +310,22 @@ async def test_downstream_error_keeps_status_code_and_names_the_callers_field(
     # The message speaks of the caller's field too, not the member service's request.
     assert err.details() == "phone is not a valid phone number"
     assert "rewards.GetPointsBalance" not in downstream.script.requests
+    # The same from IdentifyMember (an identifier ResolveMember found nobody for).
+    downstream.script.behaviours.update(
+        {
+            "member.ResolveMember": raise_(UNKNOWN_IDENTIFIER),
+            "member.IdentifyMember": raise_(
+                InvalidArgument(
+                    "identifiers[0].value is a placeholder or test value, never an identifier",
+                    code="JUNK_IDENTIFIER",
+                    field="identifiers[0].value",
+                )
+            ),
+        }
+    )
+    err = await rpc_error(doors.pos.IdentifyMember(identify_request("13800000000"), timeout=5))
+    assert error_info(err) == ("JUNK_IDENTIFIER", "phone")
+    assert err.details() == "phone is a placeholder or test value, never an identifier"
 
 
 async def test_closed_store_is_refused_before_anyone_is_enrolled(
