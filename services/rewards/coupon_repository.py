@@ -497,15 +497,13 @@ BULK_ISSUE_SQL = (
 
 @dataclass(frozen=True)
 class BulkCoupon:
-    """One coupon of a batch to insert, with the stock shard it takes from
-    (0 when the stock is unlimited) and its CouponIssued envelope."""
+    """One coupon of a batch to insert, with its CouponIssued envelope."""
 
     id: uuid.UUID
     code: str
     member_id: uuid.UUID
     issue_key: str
     request_hash: bytes
-    shard: int
     event_id: uuid.UUID
     envelope: bytes
 
@@ -521,6 +519,8 @@ class BulkIssue:
     expires_at: datetime
     event_type: str
     coupons: Sequence[BulkCoupon]
+    # The stock shard each coupon takes a unit from (0 when the stock is unlimited).
+    shards: Sequence[int]
 
 
 async def issue_bulk(
@@ -547,7 +547,7 @@ async def issue_bulk(
         limits.per_member_limit is not None,
         limits.daily_budget is not None,
         day,
-        [c.shard for c in cs],
+        list(b.shards),
         limits.total_stock is not None,
         b.event_type,
         [c.event_id for c in cs],

@@ -429,22 +429,14 @@ async def _issue_batch(
     now: datetime,
     issued_by: str,
 ) -> None:
-    """Take the counters for the items in `todo` and insert what they allow."""
+    """Take the counters for the items in `todo` and insert what they allow.
+
+    Each coupon (id, code, CouponIssued envelope) is built before the counters
+    are locked: batches of one template queue on its stock shards, so the time
+    between the lock and the commit is what bounds their throughput.
+    """
     limits, template_id = template.limits, template.template_id
     day = now.astimezone(BUSINESS_TZ).date()
-    counters = await crepo.lock_counters(
-        conn, template_id, limits, [items[n].member_id for n in todo], day
-    )
-    member_left = (
-        {m: limits.per_member_limit - k for m, k in counters.members.items()}
-        if limits.per_member_limit is not None
-        else {}
-    )
-    day_left = limits.daily_budget - counters.day if limits.daily_budget is not None else 0
-    # The fullest shard first: the shards stay even, so single issues (a
-    # random shard, then the others one by one) rarely meet an empty one.
-    shards = [(-left, shard) for shard, left in counters.shards.items() if left > 0]
-    heapq.heapify(shards)
     terms = template.terms
     valid_from, expires_at = terms.starts_at(now), terms.expires_at(now)
     # One CouponIssued and one envelope (make_envelope's: producer, time,
@@ -458,8 +450,39 @@ async def _issue_batch(
         expires_at=timestamp(expires_at),
     )
     envelope = make_envelope(PRODUCER, event)
-    event_type = envelope.event_type
+    built: dict[int, crepo.BulkCoupon] = {}
+    for n in todo:
+        item = items[n]
+        coupon_id, code, event_id = uuid.uuid4(), new_code(), uuid.uuid4()
+        member = str(item.member_id)
+        event.coupon_id, event.code, event.member_id = str(coupon_id), code, member
+        envelope.event_id, envelope.member_id = str(event_id), member
+        envelope.payload.Pack(event)
+        built[n] = crepo.BulkCoupon(
+            id=coupon_id,
+            code=code,
+            member_id=item.member_id,
+            issue_key=item.issue_key,
+            request_hash=digests[n],
+            event_id=event_id,
+            envelope=envelope.SerializeToString(),
+        )
+
+    counters = await crepo.lock_counters(
+        conn, template_id, limits, [items[n].member_id for n in todo], day
+    )
+    member_left = (
+        {m: limits.per_member_limit - k for m, k in counters.members.items()}
+        if limits.per_member_limit is not None
+        else {}
+    )
+    day_left = limits.daily_budget - counters.day if limits.daily_budget is not None else 0
+    # The fullest shard first: the shards stay even, so single issues (a
+    # random shard, then the others one by one) rarely meet an empty one.
+    shards = [(-left, shard) for shard, left in counters.shards.items() if left > 0]
+    heapq.heapify(shards)
     planned: list[tuple[int, crepo.BulkCoupon]] = []
+    taken_shards: list[int] = []
     for n in todo:
         item = items[n]
         if limits.per_member_limit is not None and member_left[item.member_id] <= 0:
@@ -488,26 +511,8 @@ async def _issue_batch(
         if limits.per_member_limit is not None:
             member_left[item.member_id] -= 1
         day_left -= 1
-        coupon_id, code, event_id = uuid.uuid4(), new_code(), uuid.uuid4()
-        member = str(item.member_id)
-        event.coupon_id, event.code, event.member_id = str(coupon_id), code, member
-        envelope.event_id, envelope.member_id = str(event_id), member
-        envelope.payload.Pack(event)
-        planned.append(
-            (
-                n,
-                crepo.BulkCoupon(
-                    id=coupon_id,
-                    code=code,
-                    member_id=item.member_id,
-                    issue_key=item.issue_key,
-                    request_hash=digests[n],
-                    shard=shard,
-                    event_id=event_id,
-                    envelope=envelope.SerializeToString(),
-                ),
-            )
-        )
+        planned.append((n, built[n]))
+        taken_shards.append(shard)
     inserted = (
         await crepo.issue_bulk(
             conn,
@@ -519,8 +524,9 @@ async def _issue_batch(
                 issued_at=now,
                 valid_from=valid_from,
                 expires_at=expires_at,
-                event_type=event_type,
+                event_type=envelope.event_type,
                 coupons=[c for _, c in planned],
+                shards=taken_shards,
             ),
             limits,
             day,
