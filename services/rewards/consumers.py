@@ -1,4 +1,5 @@
-"""Events rewards consumes: OneID merges move points lots between members;
+"""Events rewards consumes: OneID merges move points lots and coupons between
+members and are recorded for referral and mall reads;
 tier changes feed the local tier projection the earning rules read; erasures
 mark members whose later writes are refused.
 
@@ -48,6 +49,14 @@ class MemberEvents:
         await coupon_service.merge(
             uow.conn, merged.merge_id, merged.survivor_member_id, merged.absorbed_member_id
         )
+        # Invite codes, referrals and mall limits are read through the merge.
+        await growth_repo.record_merge(
+            uow.conn,
+            merged.merge_id,
+            uuid.UUID(merged.absorbed_member_id),
+            uuid.UUID(merged.survivor_member_id),
+            event_time(event, "merged_at"),
+        )
 
     async def on_unmerged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         unmerged = event.payload
@@ -61,6 +70,9 @@ class MemberEvents:
         )
         await coupon_service.unmerge(
             uow.conn, unmerged.survivor_member_id, unmerged.restored_member_id
+        )
+        await growth_repo.record_unmerge(
+            uow.conn, unmerged.merge_id, event_time(event, "unmerged_at")
         )
 
 

@@ -20,13 +20,100 @@ from servicekit.db import Connection
 
 from .mall import ItemKind, ItemSpec, ItemStatus
 
+# ---- OneID merges ---------------------------------------------------------------
+# Referral and mall state stays on the member id it was written for; reads go
+# through the merges in force. A member's *holder* follows absorbed -> survivor
+# to the member who holds the person now; a holder's *cluster* is itself and
+# everyone merged into it, directly or through a chain. An unmerge closes the
+# merge row and every read resolves as before the merge.
+MAX_MERGE_DEPTH = 32
+
+HOLDER_SQL = (
+    "WITH RECURSIVE up(member_id, depth) AS ("
+    " SELECT $1::uuid, 0"
+    " UNION ALL"
+    " SELECT m.survivor_id, up.depth + 1 FROM up CROSS JOIN LATERAL"
+    "  (SELECT survivor_id FROM rewards.member_merges"
+    "   WHERE absorbed_id = up.member_id AND unmerged_at IS NULL"
+    "   ORDER BY merged_at DESC LIMIT 1) m"
+    f" WHERE up.depth < {MAX_MERGE_DEPTH})"
+    " SELECT member_id FROM up ORDER BY depth DESC LIMIT 1"
+)
+
+# `down`: $1 and every member merged into it (a CTE of WITH RECURSIVE).
+CLUSTER_CTE = (
+    "down(member_id, depth) AS ("
+    " SELECT $1::uuid, 0"
+    " UNION"
+    " SELECT m.absorbed_id, down.depth + 1 FROM down JOIN rewards.member_merges m"
+    "  ON m.survivor_id = down.member_id AND m.unmerged_at IS NULL"
+    f" WHERE down.depth < {MAX_MERGE_DEPTH})"
+)
+
+# Every merged member's holder, for reports over many members at once.
+HOLDERS_CTE = (
+    "chain(member_id, holder, depth) AS ("
+    " SELECT absorbed_id, survivor_id, 1 FROM rewards.member_merges WHERE unmerged_at IS NULL"
+    " UNION ALL"
+    " SELECT c.member_id, m.survivor_id, c.depth + 1 FROM chain c"
+    "  JOIN rewards.member_merges m ON m.absorbed_id = c.holder AND m.unmerged_at IS NULL"
+    f"  WHERE c.depth < {MAX_MERGE_DEPTH}),"
+    " holders AS (SELECT DISTINCT ON (member_id) member_id, holder FROM chain"
+    "  ORDER BY member_id, depth DESC)"
+)
+
+
+async def record_merge(
+    conn: Connection, merge_id: str, absorbed: uuid.UUID, survivor: uuid.UUID, at: datetime
+) -> None:
+    """MemberMerged, once per merge id (a replay changes nothing)."""
+    await conn.execute(
+        "INSERT INTO rewards.member_merges (merge_id, absorbed_id, survivor_id, merged_at)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (merge_id) DO NOTHING",
+        merge_id,
+        absorbed,
+        survivor,
+        at,
+    )
+
+
+async def record_unmerge(conn: Connection, merge_id: str, at: datetime) -> None:
+    await conn.execute(
+        "UPDATE rewards.member_merges SET unmerged_at = $2"
+        " WHERE merge_id = $1 AND unmerged_at IS NULL",
+        merge_id,
+        at,
+    )
+
+
+async def holder_of(conn: Connection, member_id: uuid.UUID) -> uuid.UUID:
+    """The member who holds `member_id`'s person now (itself when not merged away)."""
+    value = await conn.fetchval(HOLDER_SQL, member_id)
+    return value  # type: ignore[no-any-return]
+
+
+async def person_of(conn: Connection, member_id: uuid.UUID) -> list[uuid.UUID]:
+    """The person behind `member_id`: its holder first, then every member
+    merged into the holder (directly or through a chain)."""
+    holder = await holder_of(conn, member_id)
+    rows = await conn.fetch(
+        f"WITH RECURSIVE {CLUSTER_CTE} SELECT DISTINCT member_id FROM down", holder
+    )
+    return [holder, *sorted(r["member_id"] for r in rows if r["member_id"] != holder)]
+
+
 # ---- referral ----------------------------------------------------------------
 
 
-async def invite_code_of(conn: Connection, member_id: uuid.UUID) -> Any:
+async def invite_code_of(conn: Connection, cluster: list[uuid.UUID]) -> Any:
+    """The code of a merged person: the holder's own (cluster[0]) if it has
+    one, else the oldest code any merged member shared."""
     return await conn.fetchrow(
-        "SELECT member_id, code, created_at FROM rewards.invite_codes WHERE member_id = $1",
-        member_id,
+        "SELECT member_id, code, created_at FROM rewards.invite_codes"
+        " WHERE member_id = ANY($1::uuid[])"
+        " ORDER BY member_id = $2 DESC, created_at, code LIMIT 1",
+        cluster,
+        cluster[0],
     )
 
 
@@ -41,6 +128,7 @@ async def insert_invite_code(conn: Connection, member_id: uuid.UUID, code: str) 
 
 
 async def inviter_of_code(conn: Connection, code: str) -> uuid.UUID | None:
+    """The code's maker (whoever holds the maker after a merge: `holder_of`)."""
     value = await conn.fetchval("SELECT member_id FROM rewards.invite_codes WHERE code = $1", code)
     return value  # type: ignore[no-any-return]
 
@@ -51,9 +139,12 @@ REFERRAL_COLUMNS = (
 )
 
 
-async def referral_of_invitee(conn: Connection, invitee_id: uuid.UUID) -> Any:
+async def referral_of_invitee(conn: Connection, cluster: list[uuid.UUID]) -> Any:
+    """The person's referral: the first one accepted by any of its merged members."""
     return await conn.fetchrow(
-        f"SELECT {REFERRAL_COLUMNS} FROM rewards.referrals WHERE invitee_id = $1", invitee_id
+        f"SELECT {REFERRAL_COLUMNS} FROM rewards.referrals WHERE invitee_id = ANY($1::uuid[])"
+        " ORDER BY seq LIMIT 1",
+        cluster,
     )
 
 
@@ -86,10 +177,19 @@ async def mark_first_order(
     conn: Connection, invitee_id: uuid.UUID, order_id: uuid.UUID, at: datetime
 ) -> Any:
     """The referral whose invitee just completed a first order; None when the
-    member was not invited or a first order was already recorded."""
+    person (the member and everyone merged into it) was not invited or already
+    had a first order under any of its ids: a person's first order is one.
+    One statement: it runs for every completed order."""
     return await conn.fetchrow(
-        "UPDATE rewards.referrals SET first_order_id = $2, first_order_at = $3"
-        " WHERE invitee_id = $1 AND first_order_id IS NULL"
+        f"WITH RECURSIVE {CLUSTER_CTE}, person AS (SELECT DISTINCT member_id FROM down)"
+        " UPDATE rewards.referrals SET first_order_id = $2, first_order_at = $3"
+        " WHERE id = (SELECT id FROM rewards.referrals"
+        "  WHERE invitee_id IN (SELECT member_id FROM person) ORDER BY seq LIMIT 1)"
+        # Re-checked on the row a concurrent redelivery just updated (the
+        # subqueries below keep the statement's snapshot): one grant, ever.
+        " AND first_order_id IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM rewards.referrals"
+        "  WHERE invitee_id IN (SELECT member_id FROM person) AND first_order_id IS NOT NULL)"
         f" RETURNING {REFERRAL_COLUMNS}",
         invitee_id,
         order_id,
@@ -97,19 +197,24 @@ async def mark_first_order(
     )
 
 
-async def has_settled_orders(conn: Connection, member_id: uuid.UUID) -> bool:
+async def has_settled_orders(conn: Connection, cluster: list[uuid.UUID]) -> bool:
     value = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM rewards.orders WHERE member_id = $1 AND status = 'settled')",
-        member_id,
+        "SELECT EXISTS (SELECT 1 FROM rewards.orders"
+        " WHERE member_id = ANY($1::uuid[]) AND status = 'settled')",
+        cluster,
     )
     return bool(value)
 
 
-async def invited_by(conn: Connection, invitee_id: uuid.UUID, inviter_id: uuid.UUID) -> bool:
+async def invited_by(
+    conn: Connection, invitees: list[uuid.UUID], inviters: list[uuid.UUID]
+) -> bool:
+    """Any member of the first cluster was invited by any of the second's."""
     value = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM rewards.referrals WHERE invitee_id = $1 AND inviter_id = $2)",
-        invitee_id,
-        inviter_id,
+        "SELECT EXISTS (SELECT 1 FROM rewards.referrals"
+        " WHERE invitee_id = ANY($1::uuid[]) AND inviter_id = ANY($2::uuid[]))",
+        invitees,
+        inviters,
     )
     return bool(value)
 
@@ -123,11 +228,13 @@ async def lock_fingerprints(conn: Connection, prints: list[bytes]) -> None:
         )
 
 
-async def shares_fingerprint(conn: Connection, member_id: uuid.UUID, prints: list[bytes]) -> bool:
+async def shares_fingerprint(
+    conn: Connection, cluster: list[uuid.UUID], prints: list[bytes]
+) -> bool:
     value = await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM rewards.referral_fingerprints"
-        " WHERE member_id = $1 AND fingerprint = ANY($2::bytea[]))",
-        member_id,
+        " WHERE member_id = ANY($1::uuid[]) AND fingerprint = ANY($2::bytea[]))",
+        cluster,
         prints,
     )
     return bool(value)
@@ -208,30 +315,37 @@ async def finish_reward(
 
 
 async def count_inviter_reward(
-    conn: Connection, inviter_id: uuid.UUID, period_start: datetime, cap: int
+    conn: Connection, cluster: list[uuid.UUID], period_start: datetime, cap: int
 ) -> bool:
-    """Count one inviter reward in the period if under the cap; False past it."""
+    """Count one inviter reward in the period if under the cap; False past it.
+    The count is the person's: the holder's (cluster[0]) row, where new
+    rewards are counted, plus what merged members earned before the merge
+    (their rows no longer change, so the holder's row lock serialises it)."""
     value = await conn.fetchval(
-        "INSERT INTO rewards.referral_counters AS c (inviter_id, period_start, rewarded)"
-        " VALUES ($1, $2, 1) ON CONFLICT (inviter_id, period_start)"
-        " DO UPDATE SET rewarded = c.rewarded + 1 WHERE c.rewarded < $3"
+        "WITH earlier AS (SELECT coalesce(sum(rewarded), 0) AS n FROM rewards.referral_counters"
+        "  WHERE inviter_id = ANY($4::uuid[]) AND inviter_id <> $1 AND period_start = $2)"
+        " INSERT INTO rewards.referral_counters AS c (inviter_id, period_start, rewarded)"
+        " SELECT $1, $2, 1 FROM earlier WHERE earlier.n < $3"
+        " ON CONFLICT (inviter_id, period_start) DO UPDATE SET rewarded = c.rewarded + 1"
+        " WHERE c.rewarded + (SELECT n FROM earlier) < $3"
         " RETURNING rewarded",
-        inviter_id,
+        cluster[0],
         period_start,
         cap,
+        cluster,
     )
     return value is not None
 
 
 async def referrals_of_inviter(
-    conn: Connection, inviter_id: uuid.UUID, before: int | None, limit: int
+    conn: Connection, cluster: list[uuid.UUID], before: int | None, limit: int
 ) -> list[Any]:
     return list(
         await conn.fetch(
             f"SELECT {REFERRAL_COLUMNS} FROM rewards.referrals"
-            " WHERE inviter_id = $1 AND ($2::bigint IS NULL OR seq < $2)"
+            " WHERE inviter_id = ANY($1::uuid[]) AND ($2::bigint IS NULL OR seq < $2)"
             " ORDER BY seq DESC LIMIT $3",
-            inviter_id,
+            cluster,
             before,
             limit,
         )
@@ -255,19 +369,22 @@ async def fission_counts(
     """Inviters and invitees of referrals accepted in [start, end); the
     invitees those invitees brought in by `end` (the second generation); the
     period's inviters never invited before `end` (seeds) and their invitees."""
+    # Over people, not ids: each referral's sides resolved to their holders.
     row = await conn.fetchrow(
-        "WITH first AS (SELECT inviter_id, invitee_id FROM rewards.referrals"
-        "  WHERE accepted_at >= $1 AND accepted_at < $2)"
+        f"WITH RECURSIVE {HOLDERS_CTE},"
+        " people AS (SELECT coalesce(hi.holder, r.inviter_id) AS inviter_id,"
+        "  coalesce(he.holder, r.invitee_id) AS invitee_id, r.accepted_at"
+        "  FROM rewards.referrals r LEFT JOIN holders hi ON hi.member_id = r.inviter_id"
+        "  LEFT JOIN holders he ON he.member_id = r.invitee_id WHERE r.accepted_at < $2),"
+        " first AS (SELECT inviter_id, invitee_id FROM people WHERE accepted_at >= $1)"
         " SELECT (SELECT count(DISTINCT inviter_id) FROM first) AS inviters,"
         "  (SELECT count(*) FROM first) AS invitees,"
-        "  (SELECT count(*) FROM rewards.referrals r JOIN first f ON r.inviter_id = f.invitee_id"
-        "   WHERE r.accepted_at < $2) AS second_generation,"
+        "  (SELECT count(*) FROM people r JOIN first f ON r.inviter_id = f.invitee_id)"
+        "   AS second_generation,"
         "  (SELECT count(DISTINCT inviter_id) FROM first f WHERE NOT EXISTS"
-        "   (SELECT 1 FROM rewards.referrals p WHERE p.invitee_id = f.inviter_id"
-        "    AND p.accepted_at < $2)) AS seed_inviters,"
+        "   (SELECT 1 FROM people p WHERE p.invitee_id = f.inviter_id)) AS seed_inviters,"
         "  (SELECT count(*) FROM first f WHERE NOT EXISTS"
-        "   (SELECT 1 FROM rewards.referrals p WHERE p.invitee_id = f.inviter_id"
-        "    AND p.accepted_at < $2)) AS seed_invitees",
+        "   (SELECT 1 FROM people p WHERE p.invitee_id = f.inviter_id)) AS seed_invitees",
         start,
         end,
     )
@@ -428,19 +545,25 @@ async def take_stock(
 
 
 async def count_member_exchange(
-    conn: Connection, item_id: uuid.UUID, member_id: uuid.UUID, limit: int
+    conn: Connection, item_id: uuid.UUID, cluster: list[uuid.UUID], limit: int
 ) -> bool:
-    """Count one exchange of the item by the member if under the limit (0: none)."""
+    """Count one exchange of the item by the person if under the limit (0:
+    none): the holder's (cluster[0]) row plus what merged members exchanged
+    before the merge."""
     value = await conn.fetchval(
-        "INSERT INTO rewards.mall_member_counts AS c (item_id, member_id, exchanged)"
-        " VALUES ($1, $2, 1) ON CONFLICT (item_id, member_id)"
-        " DO UPDATE SET exchanged = c.exchanged + 1 WHERE $3 = 0 OR c.exchanged < $3"
+        "WITH earlier AS (SELECT coalesce(sum(exchanged), 0) AS n FROM rewards.mall_member_counts"
+        "  WHERE item_id = $1 AND member_id = ANY($4::uuid[]) AND member_id <> $2)"
+        " INSERT INTO rewards.mall_member_counts AS c (item_id, member_id, exchanged)"
+        " SELECT $1, $2, 1 FROM earlier WHERE $3 = 0 OR earlier.n < $3"
+        " ON CONFLICT (item_id, member_id) DO UPDATE SET exchanged = c.exchanged + 1"
+        " WHERE $3 = 0 OR c.exchanged + (SELECT n FROM earlier) < $3"
         " RETURNING exchanged",
         item_id,
-        member_id,
+        cluster[0],
         limit,
+        cluster,
     )
-    return value is not None and (limit == 0 or value <= limit)
+    return value is not None
 
 
 EXCHANGE_COLUMNS = (
@@ -481,14 +604,14 @@ async def insert_exchange(conn: Connection, values: dict[str, Any]) -> Any:
 
 
 async def exchanges_of(
-    conn: Connection, member_id: uuid.UUID, before: int | None, limit: int
+    conn: Connection, cluster: list[uuid.UUID], before: int | None, limit: int
 ) -> list[Any]:
     return list(
         await conn.fetch(
             f"SELECT {EXCHANGE_COLUMNS} FROM rewards.mall_exchanges"
-            " WHERE member_id = $1 AND ($2::bigint IS NULL OR seq < $2)"
+            " WHERE member_id = ANY($1::uuid[]) AND ($2::bigint IS NULL OR seq < $2)"
             " ORDER BY seq DESC LIMIT $3",
-            member_id,
+            cluster,
             before,
             limit,
         )

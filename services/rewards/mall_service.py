@@ -201,7 +201,10 @@ class PointsMall:
     ) -> tuple[list[Exchange], int | None]:
         """The member's exchanges, newest first; the next page's cursor (None: last)."""
         member = uuid.UUID(parse_member_id(member_id))
-        rows = await repo.exchanges_of(uow.conn, member, before, size + 1)
+        # The person's: exchanges made under ids merged into this member too.
+        rows = await repo.exchanges_of(
+            uow.conn, await repo.person_of(uow.conn, member), before, size + 1
+        )
         more = len(rows) > size
         rows = rows[:size]
         return [exchange_of(r) for r in rows], (rows[-1]["seq"] if more else None)
@@ -242,7 +245,9 @@ class PointsMall:
         if item is None or not on_sale(item, now):
             raise exchange_refusal(item_state(item), str(item_id), now)
         spec = item.spec
-        if not await repo.count_member_exchange(conn, item_id, member, spec.per_member_limit):
+        # Per person: what merged-in ids exchanged counts against the limit.
+        person = await repo.person_of(conn, member)
+        if not await repo.count_member_exchange(conn, item_id, person, spec.per_member_limit):
             raise limit_reached(str(item_id), spec.per_member_limit)
         exchange_id = uuid.uuid4()
         # A member who never earned has 0 points, not "no account": the refusal

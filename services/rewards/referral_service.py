@@ -111,13 +111,16 @@ class Referrals:
     async def invite_code(self, uow: UnitOfWork, member_id: str, device_id: str = "") -> InviteCode:
         """The member's code, made on first ask (stable afterwards). A device id
         given here is remembered so the inviter's own device cannot be an invitee."""
-        member = uuid.UUID(parse_member_id(member_id))
         prints = fingerprints(device_id, ())
         conn = uow.conn
-        await refuse_erased(conn, member)
+        await refuse_erased(conn, uuid.UUID(parse_member_id(member_id)))
+        # After a OneID merge the person keeps one code: the holder's own, or
+        # the one an absorbed id already shared (it credits the holder).
+        person = await repo.person_of(conn, uuid.UUID(parse_member_id(member_id)))
+        member = person[0]
         if prints:
             await repo.record_fingerprints(conn, member, Role.INVITER.value, prints)
-        row = await repo.invite_code_of(conn, member)
+        row = await repo.invite_code_of(conn, person)
         attempts = 0
         while row is None:
             attempts += 1
@@ -126,8 +129,8 @@ class Referrals:
             row = await repo.insert_invite_code(conn, member, new_invite_code())
             if row is None:
                 # Either another request made this member's code, or the code was taken.
-                row = await repo.invite_code_of(conn, member)
-        return InviteCode(str(row["member_id"]), row["code"], row["created_at"])
+                row = await repo.invite_code_of(conn, person)
+        return InviteCode(str(member), row["code"], row["created_at"])
 
     async def accept(
         self,
@@ -151,26 +154,33 @@ class Referrals:
         prints = fingerprints(device_id, identifier_hashes)
         conn = uow.conn
         await refuse_erased(conn, invitee)
-        inviter = await repo.inviter_of_code(conn, code)
-        if inviter is None:
+        # Both sides as people: the ids merged into each count as theirs.
+        invitees = await repo.person_of(conn, invitee)
+        invitee = invitees[0]
+        maker = await repo.inviter_of_code(conn, code)
+        if maker is None:
             raise NotFound(
                 f"invite code {code} does not exist",
                 code="UNKNOWN_INVITE_CODE",
                 field="invite_code",
             )
-        existing = await self._existing(conn, invitee, inviter)
+        # The referral is the code maker's (an unmerge gives it back with the
+        # code); its rules and rewards apply to whoever holds the maker now.
+        inviter = await repo.holder_of(conn, maker)
+        existing = await self._existing(conn, invitees, inviter)
         if existing is not None:
             return existing
+        inviters = await repo.person_of(conn, inviter)
         await repo.lock_fingerprints(conn, prints)
         facts = Acceptance(
             inviter_id=str(inviter),
             invitee_id=str(invitee),
             invitee_registered_at=invitee_registered_at,
             now=now,
-            invitee_has_orders=await repo.has_settled_orders(conn, invitee),
-            inviter_invited_by_invitee=await repo.invited_by(conn, inviter, invitee),
+            invitee_has_orders=await repo.has_settled_orders(conn, invitees),
+            inviter_invited_by_invitee=await repo.invited_by(conn, inviters, invitees),
             shares_fingerprint_with_inviter=bool(prints)
-            and await repo.shares_fingerprint(conn, inviter, prints),
+            and await repo.shares_fingerprint(conn, inviters, prints),
             invitees_on_fingerprint=await repo.invitees_on_fingerprints(conn, prints, invitee)
             if prints
             else 0,
@@ -179,11 +189,11 @@ class Referrals:
         if refused is not None:
             raise refused
         row = await repo.insert_referral(
-            conn, uuid.uuid4(), inviter, invitee, code, invitee_registered_at, now
+            conn, uuid.uuid4(), maker, invitee, code, invitee_registered_at, now
         )
         if row is None:
             # Linked by a concurrent accept that committed first.
-            existing = await self._existing(conn, invitee, inviter)
+            existing = await self._existing(conn, invitees, inviter)
             assert existing is not None
             return existing
         await repo.record_fingerprints(conn, invitee, Role.INVITEE.value, prints)
@@ -192,14 +202,14 @@ class Referrals:
         return _view(row, rewards)
 
     async def _existing(
-        self, conn: Any, invitee: uuid.UUID, inviter: uuid.UUID
+        self, conn: Any, invitees: list[uuid.UUID], inviter: uuid.UUID
     ) -> ReferralView | None:
-        row = await repo.referral_of_invitee(conn, invitee)
+        row = await repo.referral_of_invitee(conn, invitees)
         if row is None:
             return None
-        if row["inviter_id"] != inviter:
+        if await repo.holder_of(conn, row["inviter_id"]) != inviter:
             raise Conflict(
-                f"member {invitee} already accepted another member's invite",
+                f"member {invitees[0]} already accepted another member's invite",
                 code="ALREADY_REFERRED",
                 field="invite_code",
             )
@@ -222,24 +232,41 @@ class Referrals:
         coupon stock, paused template) is recorded on the reward row, and the
         rest is still granted."""
         conn = uow.conn
+        # Rewards go to whoever holds each side now (a OneID merge moves them).
+        inviter = await repo.holder_of(conn, referral["inviter_id"])
+        invitee = await repo.holder_of(conn, referral["invitee_id"])
         for role in Role:
             spec = self.rules.step(step).for_role(role)
             if spec.empty:
                 continue
-            member = referral["inviter_id"] if role is Role.INVITER else referral["invitee_id"]
+            member = inviter if role is Role.INVITER else invitee
             if not await repo.claim_reward(conn, referral["id"], step.value, role.value, member):
                 continue
             key = reward_issue_key(str(referral["id"]), step, role)
             refusals: list[dict[str, str]] = []
             coupon_id: str | None = None
             points, txn = 0, None
-            capped = role is Role.INVITER and not await repo.count_inviter_reward(
-                conn,
-                member,
-                period_start(self.rules.period, now),
-                self.rules.max_rewarded_per_inviter,
+            # A merge found both sides to be one person: a self-referral after
+            # the fact. Nothing more is granted to either side (nor counted).
+            self_referral = inviter == invitee
+            capped = (
+                not self_referral
+                and role is Role.INVITER
+                and not await repo.count_inviter_reward(
+                    conn,
+                    await repo.person_of(conn, inviter),
+                    period_start(self.rules.period, now),
+                    self.rules.max_rewarded_per_inviter,
+                )
             )
-            if capped:
+            if self_referral:
+                refusals.append(
+                    {
+                        "code": "SELF_REFERRAL",
+                        "message": "inviter and invitee were merged into one member",
+                    }
+                )
+            elif capped:
                 refusals.append(
                     {
                         "code": "INVITER_REWARD_CAP_REACHED",
@@ -277,7 +304,8 @@ class Referrals:
                     except DomainError as exc:
                         refusals.append(_refusal_doc(exc))
             parts = int(bool(spec.coupon_template_id)) + int(bool(spec.points_action))
-            status = "refused" if len(refusals) >= parts else "partial" if refusals else "granted"
+            refused = self_referral or len(refusals) >= parts
+            status = "refused" if refused else "partial" if refusals else "granted"
             await repo.finish_reward(
                 conn,
                 referral["id"],
@@ -296,7 +324,8 @@ class Referrals:
         """The inviter's invitees, newest first, with their rewards; the cursor
         of the next page (None: last page)."""
         inviter = uuid.UUID(parse_member_id(inviter_id))
-        rows = await repo.referrals_of_inviter(uow.conn, inviter, before, size + 1)
+        person = await repo.person_of(uow.conn, inviter)
+        rows = await repo.referrals_of_inviter(uow.conn, person, before, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         rewards = await repo.rewards_of(uow.conn, [r["id"] for r in rows]) if rows else []

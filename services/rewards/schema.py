@@ -552,6 +552,23 @@ referral_counters = Table(
     CheckConstraint("rewarded >= 0", name="rewarded_nonnegative"),
 )
 
+# OneID merges as rewards saw them (MemberMerged / MemberUnmerged): referral
+# and mall reads resolve a member through the merges still in force, so an
+# absorbed member's invite code, referrals and mall limits follow the person,
+# and an unmerge restores them by closing the row (nothing else is rewritten).
+member_merges = Table(
+    "member_merges",
+    metadata,
+    Column("merge_id", Text, primary_key=True),
+    Column("absorbed_id", Uuid, nullable=False),
+    Column("survivor_id", Uuid, nullable=False),
+    Column("merged_at", DateTime(timezone=True), nullable=False),
+    Column("unmerged_at", DateTime(timezone=True)),
+    CheckConstraint("absorbed_id <> survivor_id", name="not_self"),
+    Index(None, "absorbed_id", "merged_at"),
+    Index(None, "survivor_id", "merged_at"),
+)
+
 # ---- points mall (mall.py, mall_service.py) ---------------------------------
 
 mall_items = Table(
