@@ -189,9 +189,29 @@ async def remaining_stock(conn: Connection, template_id: str) -> int | None:
 
 
 async def take_stock(conn: Connection, template_id: str, shards: int, skip: int = -1) -> bool:
-    """Take one unit of stock: a random shard first (spreads row locks), then
-    the others in turn; False when every shard is empty. `skip`: a shard the
-    caller already found empty."""
+    """Take one unit of stock after the shard tried first (`skip`) was empty:
+    the fullest shard no one else holds, in one statement; only when all of
+    those are empty, the others in turn, waiting for their holders; False when
+    every shard is empty.
+
+    Not waiting first matters: the shard found empty may still be locked by
+    this transaction (an UPDATE that waited for a concurrent writer keeps the
+    row locked even when its re-check fails), and a batch (IssueCoupons)
+    holding the other shards may be waiting for that one: waiting for the
+    batch then would be a deadlock. The waiting pass is left for the last
+    units of a stock (PostgreSQL breaks such a deadlock; the RPCs retry).
+    """
+    taken = await conn.fetchval(
+        "UPDATE rewards.coupon_stock s SET remaining = s.remaining - 1"
+        " FROM (SELECT shard FROM rewards.coupon_stock WHERE template_id = $1"
+        "  AND shard <> $2 AND remaining > 0 ORDER BY remaining DESC LIMIT 1"
+        "  FOR UPDATE SKIP LOCKED) f"
+        " WHERE s.template_id = $1 AND s.shard = f.shard RETURNING true",
+        template_id,
+        skip,
+    )
+    if taken:
+        return True
     start = random.randrange(shards)
     for n in range(shards):
         shard = (start + n) % shards

@@ -10,6 +10,10 @@ member's count, the day's count and a stock shard, each a conditional write,
 and inserts the coupon and its CouponIssued outbox row
 (coupon_repository.ISSUE_SQL). A guard that does not pass raises, undoing the
 statement as a whole.
+
+`issue_coupons` issues one template to up to MAX_BATCH members (IssueCoupons,
+campaigns) with the same guarantees item by item, in four round trips and
+the caller's one commit; see its docstring and docs/coupons.md.
 """
 
 from __future__ import annotations
@@ -400,12 +404,13 @@ async def issue_coupons(
     for n, item in enumerate(items):
         if results[n] is not None:
             continue
-        if blocked is not None:
-            results[n] = blocked
-        elif item.member_id in ctx.erased:
+        # In issue_coupon's order: the member's erasure, the template, new members.
+        if item.member_id in ctx.erased:
             results[n] = _refused(
                 "MEMBER_ERASED", f"member {item.member_id} was erased; no coupon can be issued"
             )
+        elif blocked is not None:
+            results[n] = blocked
         elif template.terms.new_members_only and item.member_id in ctx.settled:
             results[n] = _refused(
                 "NOT_A_NEW_MEMBER", "this coupon is for new members only (no order yet)"

@@ -78,16 +78,21 @@ async def bulk(
 async def single(
     pool: asyncpg.Pool, template_id: str, member: uuid.UUID, key: str
 ) -> svc.IssuedCoupon:
-    async with pool.acquire() as conn, conn.transaction():
-        return await svc.issue_coupon(
-            conn,
-            template_id=template_id,
-            member_id=member,
-            reason="operator_grant",
-            issue_key=key,
-            now=T0,
-            savepoint=False,
-        )
+    """What the IssueCoupon servicer does: its own transaction, retried on a deadlock."""
+
+    async def attempt() -> svc.IssuedCoupon:
+        async with pool.acquire() as conn, conn.transaction():
+            return await svc.issue_coupon(
+                conn,
+                template_id=template_id,
+                member_id=member,
+                reason="operator_grant",
+                issue_key=key,
+                now=T0,
+                savepoint=False,
+            )
+
+    return await with_retries(attempt)  # type: ignore[no-any-return]
 
 
 def outcomes(results: list[svc.BulkResult]) -> Counter[str]:
