@@ -151,6 +151,9 @@ class MallExchange(BaseModel):
                     "fulfilment": "issued",
                     "created_at": "2026-05-01T12:00:00+08:00",
                     "replayed": False,
+                    "carrier": None,
+                    "tracking_number": None,
+                    "shipped_at": None,
                 }
             ]
         }
@@ -168,6 +171,21 @@ class MallExchange(BaseModel):
     fulfilment: str = Field(description="issued (coupon), pending or shipped (goods)")
     created_at: datetime
     replayed: bool
+    carrier: str | None = Field(None, description="Goods, once shipped")
+    tracking_number: str | None = Field(None, description="Goods, once shipped")
+    shipped_at: datetime | None = None
+
+
+class Shipment(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"carrier": "SF Express", "tracking_number": "SF1234567890"}]
+        },
+    )
+
+    carrier: str = Field(min_length=1, max_length=200)
+    tracking_number: str = Field(min_length=1, max_length=200)
 
 
 class MallExchanges(BaseModel):
@@ -225,6 +243,9 @@ def exchange_model(e: rewards_pb2.MallExchange) -> MallExchange:
         fulfilment=e.fulfilment,
         created_at=utc(e.created_at),
         replayed=e.replayed,
+        carrier=e.carrier or None,
+        tracking_number=e.tracking_number or None,
+        shipped_at=optional_utc(e, "shipped_at"),
     )
 
 
@@ -295,6 +316,66 @@ async def list_exchanges(
         exchanges=[exchange_model(e) for e in reply.exchanges],
         next_cursor=reply.next_cursor or None,
     )
+
+
+ExchangeId = Annotated[
+    uuid.UUID,
+    Path(
+        description="The exchange's id (a UUID)",
+        examples=["9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"],
+    ),
+]
+
+
+@router.get(
+    "/v1/admin/mall/exchanges",
+    response_model=MallExchanges,
+    tags=["admin"],
+    summary="Every member's exchanges, newest first: `fulfilment=pending` is the shipping queue",
+    responses={422: problem_response("Malformed cursor, page size or fulfilment")},
+)
+async def admin_list_exchanges(
+    request: Request,
+    fulfilment: Annotated[Literal["issued", "pending", "shipped"] | None, Query()] = None,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str, Query(max_length=20)] = "",
+) -> MallExchanges:
+    reply = await downstreams(request).rewards.call(
+        "ListMallExchanges",
+        rewards_pb2.ListMallExchangesRequest(
+            page_size=page_size, cursor=cursor, fulfilment=fulfilment or ""
+        ),
+    )
+    return MallExchanges(
+        exchanges=[exchange_model(e) for e in reply.exchanges],
+        next_cursor=reply.next_cursor or None,
+    )
+
+
+@router.post(
+    "/v1/admin/mall/exchanges/{exchange_id}/ship",
+    response_model=MallExchange,
+    tags=["admin"],
+    summary="Goods handed to a carrier: pending -> shipped, once",
+    responses={
+        404: problem_response("UNKNOWN_MALL_EXCHANGE"),
+        409: problem_response(
+            "NOT_GOODS (a coupon exchange: nothing ships), or ALREADY_SHIPPED with another"
+            " tracking number; the same shipment again replays it"
+        ),
+        422: problem_response("Malformed shipment; `field` names the culprit"),
+    },
+)
+async def ship_exchange(exchange_id: ExchangeId, body: Shipment, request: Request) -> MallExchange:
+    reply = await downstreams(request).rewards.call(
+        "ShipMallExchange",
+        rewards_pb2.ShipMallExchangeRequest(
+            exchange_id=str(exchange_id),
+            carrier=body.carrier,
+            tracking_number=body.tracking_number,
+        ),
+    )
+    return exchange_model(reply)
 
 
 @router.get(

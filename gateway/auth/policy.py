@@ -81,6 +81,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", f"{_A}/quarantined-identifiers"): ADMIN_MEMBERS,
     ("POST", f"{_A}/members/{{member_id}}/points/adjustments"): ADMIN_REWARDS,
     ("GET", f"{_A}/points/liability"): ADMIN_REWARDS,
+    ("GET", f"{_A}/mall/exchanges"): ADMIN_REWARDS,
+    ("POST", f"{_A}/mall/exchanges/{{exchange_id}}/ship"): ADMIN_REWARDS,
     ("GET", f"{_A}/mall/items"): ADMIN_REWARDS,
     ("POST", f"{_A}/mall/items"): ADMIN_REWARDS,
     ("PUT", f"{_A}/mall/items/{{item_id}}"): ADMIN_REWARDS,

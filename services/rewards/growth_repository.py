@@ -568,7 +568,8 @@ async def count_member_exchange(
 
 EXCHANGE_COLUMNS = (
     "id, member_id, exchange_key, request_hash, item_id, points, cash_fen,"
-    " points_transaction_id, coupon_id, sku, fulfilment, created_at, seq"
+    " points_transaction_id, coupon_id, sku, fulfilment, created_at, seq,"
+    " carrier, tracking_number, shipped_at"
 )
 
 
@@ -604,15 +605,43 @@ async def insert_exchange(conn: Connection, values: dict[str, Any]) -> Any:
 
 
 async def exchanges_of(
-    conn: Connection, cluster: list[uuid.UUID], before: int | None, limit: int
+    conn: Connection,
+    cluster: list[uuid.UUID] | None,
+    before: int | None,
+    limit: int,
+    fulfilment: str | None = None,
 ) -> list[Any]:
+    """Newest first: a person's (cluster) or, with None, every member's."""
     return list(
         await conn.fetch(
             f"SELECT {EXCHANGE_COLUMNS} FROM rewards.mall_exchanges"
-            " WHERE member_id = ANY($1::uuid[]) AND ($2::bigint IS NULL OR seq < $2)"
+            " WHERE ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))"
+            " AND ($2::bigint IS NULL OR seq < $2) AND ($4::text IS NULL OR fulfilment = $4)"
             " ORDER BY seq DESC LIMIT $3",
             cluster,
             before,
             limit,
+            fulfilment,
         )
+    )
+
+
+async def exchange(conn: Connection, exchange_id: uuid.UUID) -> Any:
+    return await conn.fetchrow(
+        f"SELECT {EXCHANGE_COLUMNS} FROM rewards.mall_exchanges WHERE id = $1", exchange_id
+    )
+
+
+async def ship_exchange(
+    conn: Connection, exchange_id: uuid.UUID, carrier: str, tracking: str, at: datetime
+) -> Any:
+    """pending -> shipped; None when the exchange is not pending goods."""
+    return await conn.fetchrow(
+        "UPDATE rewards.mall_exchanges SET fulfilment = 'shipped', carrier = $2,"
+        " tracking_number = $3, shipped_at = $4 WHERE id = $1 AND fulfilment = 'pending'"
+        f" RETURNING {EXCHANGE_COLUMNS}",
+        exchange_id,
+        carrier,
+        tracking,
+        at,
     )

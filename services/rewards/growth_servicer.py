@@ -135,6 +135,9 @@ def exchange_message(e: Exchange) -> rewards_pb2.MallExchange:
         fulfilment=e.fulfilment,
         created_at=timestamp(e.created_at),
         replayed=e.replayed,
+        carrier=e.carrier,
+        tracking_number=e.tracking_number,
+        shipped_at=timestamp(e.shipped_at) if e.shipped_at else None,
     )
 
 
@@ -260,9 +263,22 @@ class GrowthRpcs:
         size, before = page(request.page_size, request.cursor)
         async with self._db.unit_of_work() as uow:
             exchanges, next_seq = await self._growth.mall.exchanges_of(
-                uow, request.member_id, before, size
+                uow, request.member_id, before, size, request.fulfilment
             )
         return rewards_pb2.MallExchanges(
             exchanges=[exchange_message(e) for e in exchanges],
             next_cursor=str(next_seq) if next_seq is not None else "",
         )
+
+    async def ShipMallExchange(
+        self, request: rewards_pb2.ShipMallExchangeRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.MallExchange:
+        async with self._db.unit_of_work() as uow:
+            shipped = await self._growth.mall.ship(
+                uow,
+                request.exchange_id,
+                request.carrier,
+                request.tracking_number,
+                datetime.now(UTC),
+            )
+        return exchange_message(shipped)

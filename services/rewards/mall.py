@@ -93,6 +93,17 @@ def parse_item_id(raw: str, field: str = "item_id") -> uuid.UUID:
         ) from None
 
 
+def parse_exchange_id(raw: str, field: str = "exchange_id") -> uuid.UUID:
+    if not raw.strip():
+        raise InvalidArgument(f"{field} is required", code="EXCHANGE_ID_REQUIRED", field=field)
+    try:
+        return uuid.UUID(raw.strip())
+    except ValueError:
+        raise InvalidArgument(
+            f"{field} is not a mall exchange id (a UUID)", code="INVALID_EXCHANGE_ID", field=field
+        ) from None
+
+
 def _bounded(value: int, field: str, code: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InvalidArgument(f"{field} must be between {low} and {high}", code=code, field=field)

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from servicekit.db import Connection, UnitOfWork
-from servicekit.errors import Conflict, FailedPrecondition, NotFound
+from servicekit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 
 from . import coupon_repository, ledger
 from . import growth_repository as repo
@@ -30,9 +30,10 @@ from .mall import (
     check_transition,
     exchange_refusal,
     limit_reached,
+    parse_exchange_id,
 )
 from .points import PointsLedger, refuse_erased
-from .policy import check_key, request_hash
+from .policy import check_key, check_text, request_hash
 
 COUPON_REASON_MALL = "mall_exchange"
 
@@ -72,6 +73,9 @@ class Exchange:
     fulfilment: str
     created_at: datetime
     replayed: bool = False
+    carrier: str = ""
+    tracking_number: str = ""
+    shipped_at: datetime | None = None
 
 
 def on_sale(item: repo.ItemRow, now: datetime) -> bool:
@@ -104,7 +108,24 @@ def exchange_of(row: Any, replayed: bool = False) -> Exchange:
         fulfilment=row["fulfilment"],
         created_at=row["created_at"],
         replayed=replayed,
+        carrier=row["carrier"] or "",
+        tracking_number=row["tracking_number"] or "",
+        shipped_at=row["shipped_at"],
     )
+
+
+FULFILMENTS = ("issued", "pending", "shipped")
+
+
+def check_fulfilment(value: str) -> str | None:
+    """A list filter: one of FULFILMENTS, or empty for all."""
+    if value and value not in FULFILMENTS:
+        raise InvalidArgument(
+            f"fulfilment must be one of {', '.join(FULFILMENTS)} (or empty), not {value!r}",
+            code="INVALID_FULFILMENT",
+            field="fulfilment",
+        )
+    return value or None
 
 
 def unknown_item(item_id: uuid.UUID | str) -> NotFound:
@@ -197,17 +218,62 @@ class PointsMall:
     # ---- members -------------------------------------------------------------
 
     async def exchanges_of(
-        self, uow: UnitOfWork, member_id: str, before: int | None, size: int
+        self,
+        uow: UnitOfWork,
+        member_id: str,
+        before: int | None,
+        size: int,
+        fulfilment: str = "",
     ) -> tuple[list[Exchange], int | None]:
-        """The member's exchanges, newest first; the next page's cursor (None: last)."""
-        member = uuid.UUID(parse_member_id(member_id))
-        # The person's: exchanges made under ids merged into this member too.
-        rows = await repo.exchanges_of(
-            uow.conn, await repo.person_of(uow.conn, member), before, size + 1
-        )
+        """The member's exchanges (every member's when `member_id` is empty:
+        the operators' fulfilment queue), newest first; the next page's cursor
+        (None: last)."""
+        state = check_fulfilment(fulfilment)
+        person = None
+        if member_id:
+            # The person's: exchanges made under ids merged into this member too.
+            member = uuid.UUID(parse_member_id(member_id))
+            person = await repo.person_of(uow.conn, member)
+        rows = await repo.exchanges_of(uow.conn, person, before, size + 1, state)
         more = len(rows) > size
         rows = rows[:size]
         return [exchange_of(r) for r in rows], (rows[-1]["seq"] if more else None)
+
+    async def ship(
+        self, uow: UnitOfWork, exchange_id: str, carrier: str, tracking_number: str, now: datetime
+    ) -> Exchange:
+        """Goods handed to a carrier: pending -> shipped, once. The same
+        shipment again replays it; another one is a conflict."""
+        ident = parse_exchange_id(exchange_id)
+        carrier = check_text(carrier, "carrier", "CARRIER", required=True).strip()
+        tracking = check_text(
+            tracking_number, "tracking_number", "TRACKING_NUMBER", required=True
+        ).strip()
+        conn = uow.conn
+        row = await repo.ship_exchange(conn, ident, carrier, tracking, now)
+        if row is not None:
+            return exchange_of(row)
+        found = await repo.exchange(conn, ident)
+        if found is None:
+            raise NotFound(
+                f"mall exchange {exchange_id} does not exist",
+                code="UNKNOWN_MALL_EXCHANGE",
+                field="exchange_id",
+            )
+        if found["fulfilment"] == "issued":
+            raise FailedPrecondition(
+                f"mall exchange {exchange_id} was a coupon, issued at once: nothing ships",
+                code="NOT_GOODS",
+                field="exchange_id",
+            )
+        if (found["carrier"], found["tracking_number"]) == (carrier, tracking):
+            return exchange_of(found, replayed=True)
+        raise Conflict(
+            f"mall exchange {exchange_id} already shipped with {found['carrier']}"
+            f" {found['tracking_number']}",
+            code="ALREADY_SHIPPED",
+            field="tracking_number",
+        )
 
     async def exchange(
         self,

@@ -627,7 +627,19 @@ mall_exchanges = Table(
     Column("fulfilment", Text, nullable=False),
     created_at(),
     Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    # Set together when goods ship (ShipMallExchange); no address is kept
+    # here: the mini-program's fulfilment system holds it.
+    Column("carrier", Text),
+    Column("tracking_number", Text),
+    Column("shipped_at", DateTime(timezone=True)),
     UniqueConstraint("member_id", "exchange_key"),
     Index(None, "member_id", "seq"),
+    # The operators' queue: pending goods, oldest first.
+    Index(None, "fulfilment", "seq"),
     CheckConstraint("fulfilment IN ('issued', 'pending', 'shipped')", name="fulfilment_known"),
+    CheckConstraint(
+        "(fulfilment = 'shipped') = (shipped_at IS NOT NULL AND carrier IS NOT NULL"
+        " AND tracking_number IS NOT NULL)",
+        name="shipped_has_shipment",
+    ),
 )

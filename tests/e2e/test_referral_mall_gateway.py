@@ -136,6 +136,22 @@ async def test_invite_first_order_reward_then_mall(
     assert sold_out.status_code == 409 and sold_out.json()["code"] == "MALL_ITEM_OUT_OF_STOCK"
     assert (await http.get(f"/v1/members/{inviter}/points")).json()["available"] == 10
 
+    # Operators ship the goods from their queue, once.
+    queue = (await http.get("/v1/admin/mall/exchanges", params={"fulfilment": "pending"})).json()
+    assert first.json()["exchange_id"] in {e["exchange_id"] for e in queue["exchanges"]}
+    parcel = {"carrier": "SF Express", "tracking_number": "SF1234567890"}
+    ship_path = f"/v1/admin/mall/exchanges/{first.json()['exchange_id']}/ship"
+    shipped = await http.post(ship_path, json=parcel)
+    assert shipped.status_code == 200, shipped.text
+    assert shipped.json()["fulfilment"] == "shipped" and shipped.json()["shipped_at"]
+    assert (await http.post(ship_path, json=parcel)).json()["replayed"] is True
+    other = await http.post(ship_path, json=parcel | {"tracking_number": "SF0"})
+    assert other.status_code == 409 and other.json()["code"] == "ALREADY_SHIPPED"
+    not_goods = await http.post(
+        f"/v1/admin/mall/exchanges/{got_coupon.json()['exchange_id']}/ship", json=parcel
+    )
+    assert not_goods.status_code == 409 and not_goods.json()["code"] == "NOT_GOODS"
+
     mine = (await http.get(f"/v1/members/{inviter}/mall/exchanges", params={"page_size": 1})).json()
     assert len(mine["exchanges"]) == 1 and mine["next_cursor"]
     rest = await http.get(
