@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import grpc
@@ -15,11 +16,16 @@ import pytest
 from redis.asyncio import Redis
 
 from loyalty.member.v1 import member_pb2 as pb
-from servicekit.errors import Unavailable, error_info
+from servicekit.errors import NotFound, Unavailable, error_info
 from servicekit.server import ServiceApp
 from services.member import cache as member_cache
 from services.member.cache import MemberUnitOfWork, Miss, ResolveCache
+from services.member.domain import IdType, normalise
+from services.member.handlers import MemberHandlers
+from services.member.pii import PiiVault
+from services.member.policy import BlockRule, load_policy
 from services.member.repository import MemberRecord
+from services.member.settings import member_settings
 
 from ..harness import Infra
 from .test_member_oneid import CARD, OPENID, PHONE, Stub, failure, ident, identify, mobile, tag
@@ -192,3 +198,24 @@ async def test_a_write_the_cache_cannot_hear_of_is_rolled_back(
         await dead.aclose()
     got = await stub.GetMember(pb.GetMemberRequest(member_id=member.member_id))
     assert got.phone_masked == member.phone_masked == ""
+
+
+async def test_an_identifier_blocklisted_after_it_was_stored_resolves_nobody(
+    stub: Stub, member_app: ServiceApp, infra: Infra
+) -> None:
+    """The POS path (ResolveMember first) answers junk as identify does: the
+    gateway gets UNKNOWN_IDENTIFIER, goes on to IdentifyMember, which refuses it."""
+    assert member_app.db is not None
+    value = f"c-{tag()}"
+    member = (await identify(stub, ident(CARD, value))).member
+    s = member_settings(infra.service_settings())
+    policy = load_policy()
+    vault = PiiVault(s.pii_key)
+    observed = normalise(IdType.POS_CARD, value, "", False, "identifier.value")
+    listed = replace(policy, blocklist=(*policy.blocklist, BlockRule(IdType.POS_CARD, value)))
+    async with member_app.db.unit_of_work() as uow:
+        found = await MemberHandlers(vault, policy, b"x").resolve_identifier(uow, observed)
+        assert found.member_id == member.member_id
+        with pytest.raises(NotFound) as caught:
+            await MemberHandlers(vault, listed, b"x").resolve_identifier(uow, observed)
+    assert caught.value.code == "UNKNOWN_IDENTIFIER"
