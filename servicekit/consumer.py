@@ -8,16 +8,18 @@ events and the service pays one COMMIT (a WAL flush) for all of them instead
 of one per event, while a failing event still rolls back alone. An event whose
 handler fails stays pending and is retried after `retry_after_ms`; after
 `max_attempts` deliveries it is parked on a dead-letter stream with the error
-and acknowledged, so one poison event never blocks the rest.
+and acknowledged, so one poison event never blocks the rest. An event read
+alone gets a transaction of its own (no savepoint to pay for).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,24 +163,39 @@ class EventConsumer:
                 done.append(entry_id)
             else:
                 routed.append((entry_id, envelope, sub))
-        if routed:
-            async with self._db.unit_of_work() as uow:
+        if len(routed) == 1:  # alone: its own transaction, no savepoint to pay for
+            entry_id, envelope, sub = routed[0]
+            if await self._handle(None, stream, entry_id, envelope, sub):
+                done.append(entry_id)
+        elif routed:
+            async with self._db.unit_of_work() as batch:
                 for entry_id, envelope, sub in routed:
-                    if await self._handle(uow, stream, entry_id, envelope, sub):
+                    if await self._handle(batch, stream, entry_id, envelope, sub):
                         done.append(entry_id)
         if done:
             await self._redis.xack(stream, self.group, *done)
 
+    @contextlib.asynccontextmanager
+    async def _isolated(self, batch: UnitOfWork | None) -> AsyncIterator[UnitOfWork]:
+        """One event's own transaction: a savepoint in the batch's, or a unit of work."""
+        if batch is None:
+            async with self._db.unit_of_work() as uow:
+                yield uow
+        else:
+            async with batch.conn.transaction():
+                yield batch
+
     async def _handle(
         self,
-        uow: UnitOfWork,
+        batch: UnitOfWork | None,
         stream: str,
         entry_id: str,
         envelope: events_pb2.EventEnvelope,
         sub: Subscription,
     ) -> bool:
-        """Apply one event in its own savepoint; False if it failed (its
-        effects rolled back, the entry left pending or dead-lettered)."""
+        """Apply one event in its own transaction (see `_isolated`); False if
+        it failed (its effects rolled back, the entry left pending or
+        dead-lettered)."""
         token = otel_context.attach(extract_context(envelope.trace_context))
         try:
             with tracer.start_as_current_span(
@@ -189,7 +206,7 @@ class EventConsumer:
                 event = ReceivedEvent(
                     stream, entry_id, envelope, unpack(envelope, sub.message_type)
                 )
-                async with uow.conn.transaction():  # a savepoint in the batch
+                async with self._isolated(batch) as uow:
                     first_time = await uow.conn.fetchval(
                         f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id)"
                         " VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
