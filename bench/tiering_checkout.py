@@ -13,9 +13,10 @@ recompute no worse than 2x its normal value").
    gateway's own cost does not change with it (the gateway now needs POS store
    keys, which bench.cli does not send yet).
 4. During: the batch recompute runs as its own process
-   (`python -m services.tiering recompute`, first as of now, then as of the
-   next period end), while the same checkout load runs in 5-second slices
-   until it finishes; only slices that started while it ran are counted.
+   (`python -m services.tiering recompute`: first as of now, then steady (a
+   minute later, nothing due: the nightly case) once per `--workers` value, then
+   as of the next period end), while the same checkout load runs in 2-second
+   slices until it finishes; only slices that started while it ran are counted.
 5. After: the same load again. Normal = before and after together (one
    window alone can catch another process's burst on a shared machine).
 6. Prints the p99s and the ratio during / normal per recompute; writes
@@ -27,11 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -75,7 +77,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--pause-ms", type=int, default=0, help="the recompute's sleep between chunks"
     )
+    parser.add_argument(
+        "--workers",
+        default="2,1",
+        help="the recompute's connections, comma-separated: the first runs the first and"
+        " the period-end recomputes; the steady recompute runs once per value (A/B)",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        parser.error("--workers: comma-separated integers, e.g. 2,1")
+    if not args.workers or min(args.workers) < 1:
+        parser.error("--workers: each at least 1")
     if args.members < 1 or args.orders < 0 or args.rate <= 0 or args.duration <= 0:
         parser.error("--members, --rate and --duration must be positive, --orders >= 0")
     return args
@@ -133,6 +147,7 @@ async def during_recompute(
     args: argparse.Namespace,
     env: dict[str, str],
     database_url: str,
+    workers: int,
 ) -> tuple[RunResult, float, str]:
     """Checkout slices while `python -m services.tiering recompute` runs: from
     its recompute_runs row (the process's start-up is not counted) to its end."""
@@ -148,6 +163,8 @@ async def during_recompute(
         str(args.chunk_size),
         "--pause-ms",
         str(args.pause_ms),
+        "--workers",
+        str(workers),
         "--as-of",
         as_of.isoformat(),
     ]
@@ -225,11 +242,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 before = await measure("checkout, before", call_for, args)
                 runs = []
-                for label, as_of in (("first", now), ("period end", _next_year(now))):
+                # First and period end once (they change the data); the steady
+                # recompute (the nightly case, nothing due) once per --workers value.
+                main = args.workers[0]
+                plan = [("first", now, main)]
+                plan += [
+                    ("steady", now + timedelta(minutes=1 + i), w)
+                    for i, w in enumerate(args.workers)
+                ]
+                plan.append(("period end", _next_year(now), main))
+                for label, as_of, workers in plan:
                     during, seconds, summary = await during_recompute(
-                        label, as_of, call_for, args, env, infra.database_url
+                        label, as_of, call_for, args, env, infra.database_url, workers
                     )
-                    runs.append((label, during, seconds, summary))
+                    runs.append((f"{label} (workers {workers})", during, seconds, summary))
                 # Its own keys: the before phase's would replay.
                 after = await measure("checkout, after", lambda ph: call_for(f"after-{ph}"), args)
         finally:
@@ -247,6 +273,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "orders": args.orders,
             "rate_per_s": args.rate,
             "recompute_pause_ms": args.pause_ms,
+            "recompute_workers": args.workers,
+            "load_average_end": os.getloadavg(),
             "load_seconds": {k: round(v, 1) for k, v in loaded.items()},
             "normal": normal.summary(),
             "before": before.summary(),

@@ -72,6 +72,8 @@ WORK_MEM = "256MB"
 # The run's per-member aggregates (migration 0005: UNLOGGED, no WAL; a regular
 # table so that every worker connection sees it).
 WORK = "tiering.recompute_work"
+# Attempts of a chunk's transaction that a deadlock aborted.
+CHUNK_ATTEMPTS = 5
 # pg_advisory_lock key held by a running recompute (one run at a time).
 LOCK_KEY = 0x7469_6572_0001  # "tier" 1
 
@@ -167,15 +169,26 @@ async def recompute(
         programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
         rules = programme.rules if programme else DEFAULT_RULES
         tick = time.perf_counter()
-        # Everyone tiering knows gets a profile row (ordered, or tiered).
-        for source in ("tiering.member_spend", "tiering.member_tiers"):
-            await conn.execute(
+        # Everyone tiering knows gets a profile row (ordered, or tiered), before
+        # the chunks are cut so that no chunk grows past its size. The two
+        # sources side by side (a member in both: ON CONFLICT settles it).
+        sources = ("tiering.member_spend", "tiering.member_tiers")
+
+        async def ensure_profiles(c: asyncpg.Connection, source: str) -> None:
+            await c.execute(
                 "INSERT INTO tiering.member_profiles (member_id) SELECT s.member_id"
                 f" FROM {source} s WHERE NOT EXISTS (SELECT 1 FROM tiering.member_profiles p"
                 " WHERE p.member_id = s.member_id) AND NOT EXISTS (SELECT 1 FROM"
                 " tiering.erased_members e WHERE e.member_id = s.member_id)"
                 " ON CONFLICT DO NOTHING"
             )
+
+        if len(conns) > 1:
+            pairs = zip(conns[:2], sources, strict=True)
+            await asyncio.gather(*(ensure_profiles(c, s) for c, s in pairs))
+        else:
+            for source in sources:
+                await ensure_profiles(conn, source)
         total, chunks = await _chunks(conn, chunk_size)
         result.phases["chunks"] = time.perf_counter() - tick
 
@@ -215,19 +228,33 @@ async def recompute(
 
         async def evaluate_chunk(c: asyncpg.Connection, lo: uuid.UUID, hi: uuid.UUID) -> None:
             nonlocal done
-            async with c.transaction():
-                t0 = time.perf_counter()
-                if programme is not None:
-                    outbox = _Outbox()
-                    moved = await _tiers_chunk(c, programme, lo, hi, now, outbox)
-                    result.tier_changes += moved
-                    await outbox.flush(c)
-                t1 = time.perf_counter()
-                counts = await c.fetchrow(
-                    profile_sql, lo, hi, *profile_args, outbox_sql.id_prefix(), *kind_args
-                )
-                phase["tiers"] += t1 - t0
-                phase["segments_stages"] += time.perf_counter() - t1
+            for attempt in itertools.count(1):
+                try:
+                    async with c.transaction():
+                        t0 = time.perf_counter()
+                        moved = 0
+                        if programme is not None:
+                            outbox = _Outbox()
+                            moved = await _tiers_chunk(c, programme, lo, hi, now, outbox)
+                            await outbox.flush(c)
+                        t1 = time.perf_counter()
+                        counts = await c.fetchrow(
+                            profile_sql, lo, hi, *profile_args, outbox_sql.id_prefix(), *kind_args
+                        )
+                        phase["tiers"] += t1 - t0
+                        phase["segments_stages"] += time.perf_counter() - t1
+                    break
+                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as e:
+                    # The event consumers lock several members per transaction in
+                    # event order; a cycle with this chunk's row locks aborts one of
+                    # the two. The chunk's transaction is all or nothing, so it is
+                    # simply run again.
+                    if attempt >= CHUNK_ATTEMPTS:
+                        raise
+                    log.warning("chunk (%s, %s] attempt %d: %s; retrying", lo, hi, attempt, e)
+                    await asyncio.sleep(0.05 * attempt)
+            # Counted once committed (a retried attempt's counts were rolled back).
+            result.tier_changes += moved
             result.segment_changes += counts["segments"]
             result.stage_changes += counts["stages"]
             result.chunks += 1
@@ -311,9 +338,13 @@ async def _in_parallel(
         for lo, hi in queue:
             await work(conn, lo, hi)
 
-    async with asyncio.TaskGroup() as group:
-        for conn in conns:
-            group.create_task(worker(conn))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for conn in conns:
+                group.create_task(worker(conn))
+    except ExceptionGroup as failed:
+        # The first failure itself (the others were cancelled because of it).
+        raise failed.exceptions[0] from None
 
 
 # ---- RFM --------------------------------------------------------------------------------
@@ -525,27 +556,30 @@ async def _tiers_chunk(
         " WHERE t.member_id > $1 AND t.member_id <= $2 AND ("
         "  (t.period_end <= $3 AND t.earned_tier <> $7) OR t.grace_until <= $3"
         "  OR t.override_until <= $3 OR t.programme_version <> $4"
-        "  OR (SELECT count(*) FROM unnest($5::bigint[]) th WHERE th <= coalesce(w.metric, 0))"
-        "   > array_position($6::text[], t.earned_tier))"
-        # Locked: an erasure of one of these members waits for the chunk to commit.
-        " FOR UPDATE OF t",
+        # Above their tier: at or over the next tier's threshold (NULL, so false,
+        # for the top tier and for a code the ladder lacks).
+        "  OR coalesce(w.metric, 0) >= ($6::bigint[])[array_position($5::text[], t.earned_tier)])"
+        # Locked (in member order): an erasure of one of these members waits for
+        # the chunk to commit.
+        " ORDER BY t.member_id FOR UPDATE OF t",
         lo,
         hi,
         now,
         programme.version,
-        thresholds,
-        codes,
+        codes[:-1],
+        thresholds[1:],
         codes[0],
     )
     if not complex_rows:
         return 0
     points = await _boundary_metrics(conn, programme, complex_rows, now)
+    state_columns = [c.strip() for c in repo.STATE_COLUMNS.split(",")]
     changed = 0
     updates = []
     history: list[tuple[uuid.UUID, Change]] = []
     for row in complex_rows:
         member_id = row["member_id"]
-        state = TierState(*(row[c.strip()] for c in repo.STATE_COLUMNS.split(",")))
+        state = TierState(*(row[c] for c in state_columns))
         known = {now: row["metric"], **points.get(member_id, {})}
         at = max(now, row["evaluated_at"])
 
@@ -588,7 +622,9 @@ async def _tiers_chunk(
             "  AS u(member_id, tier_code, programme_version, base_tier, earned_tier,"
             "  period_start, period_end, peak, grace_until, override_tier, override_until,"
             "  override_reason, evaluated_at)"
-            " WHERE t.member_id = u.member_id",
+            # Bounded to the chunk's range: else the planner hashed all of
+            # member_tiers for a few thousand rows, in every chunk (O(N^2)).
+            " WHERE t.member_id = u.member_id AND t.member_id > $15 AND t.member_id <= $16",
             [u[0] for u in updates],
             programme.programme_id,
             [u[2] for u in updates],
@@ -603,6 +639,8 @@ async def _tiers_chunk(
             [u[1].override_until for u in updates],
             [u[1].override_reason for u in updates],
             [u[3] for u in updates],
+            lo,
+            hi,
         )
     if history:
         await conn.copy_records_to_table(

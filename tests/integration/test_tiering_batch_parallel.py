@@ -197,3 +197,76 @@ async def test_sql_built_envelopes_are_what_protobuf_builds(
     assert built == expected
     assert expected.event_type == "loyalty.events.v1.SegmentChanged"
     assert expected.producer == "tiering" and expected.HasField("occurred_at")
+
+
+async def test_a_chunk_aborted_by_a_deadlock_is_run_again(
+    brands: tuple[Database, Database], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer transaction locks two members in the opposite order to the
+    chunk's (it handles several events in one transaction): PostgreSQL aborts
+    the chunk, which runs again once the other transaction is done."""
+    db = brands[1]
+    as_of = _next_year(NOW) + timedelta(days=1)
+    async with db.pool.acquire() as c:
+        low, high = [
+            r["member_id"]
+            for r in await c.fetch(
+                "SELECT member_id FROM tiering.member_tiers ORDER BY member_id LIMIT 2"
+            )
+        ]
+        # Both due in the next run: their overrides expire.
+        await c.execute(
+            "UPDATE tiering.member_tiers SET override_tier = 'vip', tier_code = 'vip',"
+            " override_until = $2, override_reason = 'deadlock test'"
+            " WHERE member_id = ANY($1::uuid[])",
+            [low, high],
+            as_of - timedelta(hours=1),
+        )
+    caplog.set_level("WARNING", logger="services.tiering.batch")
+    # The pool's second connection (the recompute uses one).
+    async with db.pool.acquire() as other:
+        tx = other.transaction()
+        await tx.start()
+        # This side waits longer before checking for a deadlock: the chunk is the victim.
+        await other.execute("SET LOCAL deadlock_timeout = '20s'")
+        await other.execute(
+            "SELECT 1 FROM tiering.member_tiers WHERE member_id = $1 FOR UPDATE", high
+        )
+        run = asyncio.create_task(recompute(db, now=as_of, chunk_size=1_000_000, workers=1))
+
+        async def chunk_waits() -> bool:
+            # Activity is snapshotted once per transaction: take a fresh one.
+            await other.execute("SELECT pg_stat_clear_snapshot()")
+            return bool(
+                await other.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE OF t%'"
+                )
+            )
+
+        for _ in range(200):
+            if run.done():
+                run.result()  # raises what stopped it
+                raise AssertionError("the recompute ended without waiting")
+            if await chunk_waits():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            activity = await other.fetch(
+                "SELECT pid, state, wait_event_type, wait_event, left(query, 80) AS q"
+                " FROM pg_stat_activity WHERE datname = current_database()"
+            )
+            raise AssertionError(f"the chunk never waited for the locked member: {activity}")
+        # The chunk holds `low` (it locks in member order) and waits for `high`.
+        await other.execute(
+            "SELECT 1 FROM tiering.member_tiers WHERE member_id = $1 FOR UPDATE", low
+        )
+        await tx.rollback()
+        await asyncio.wait_for(run, 30)
+    assert any("deadlock" in r.getMessage() for r in caplog.records)
+    async with db.pool.acquire() as c:
+        rows = await c.fetch(
+            "SELECT override_tier FROM tiering.member_tiers WHERE member_id = ANY($1::uuid[])",
+            [low, high],
+        )
+    assert [r["override_tier"] for r in rows] == [None, None]
