@@ -347,9 +347,13 @@ class EngagementHandlers:
             await repo.set_fact(conn, mid, "stage", attrs.get("to_stage", ""))
         else:
             await repo.ensure_member(conn, mid)
+        live = await repo.live_enrollments(conn, mid)
+        entries = [(name, await repo.entry_journeys(conn, name)) for name in events]
+        if not live and not any(journeys for _, journeys in entries):
+            return []  # most orders: nothing to move on, nothing to enter
         facts = (await repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))
         # Live enrollments: a goal exits them, an awaited event moves them on.
-        for enr in await repo.live_enrollments(conn, mid):
+        for enr in live:
             journey = await self.journeys.get(conn, enr.journey_id, enr.version)
             if journey.goal_event in events:
                 await repo.end_enrollment(conn, enr.enrollment_id, "converted", now)
@@ -370,8 +374,8 @@ class EngagementHandlers:
                     )
                     await repo.set_waiting(conn, enr.enrollment_id, None)
         enrolled = []
-        for name in events:
-            for journey_id, version in await repo.entry_journeys(conn, name):
+        for _, journeys in entries:
+            for journey_id, version in journeys:
                 journey = await self.journeys.get(conn, journey_id, version)
                 if await self._enroll(uow, journey, version, mid, attrs, facts, now):
                     enrolled.append(journey_id)

@@ -133,11 +133,12 @@ async def set_fact(conn: Connection, member_id: uuid.UUID, fact: str, value: str
 async def count_order(conn: Connection, member_id: uuid.UUID) -> int:
     """Count one order (the consumer's processed_events makes redelivery harmless);
     returns the member's order count after it."""
-    await ensure_member(conn, member_id)
     return int(
         await conn.fetchval(
-            "UPDATE engagement.member_facts SET order_count = order_count + 1, updated_at = now()"
-            " WHERE member_id = $1 RETURNING order_count",
+            "INSERT INTO engagement.member_facts AS f (member_id, order_count) VALUES ($1, 1)"
+            " ON CONFLICT (member_id) DO UPDATE"
+            " SET order_count = f.order_count + 1, updated_at = now()"
+            " RETURNING order_count",
             member_id,
         )
     )
