@@ -219,3 +219,15 @@ async def test_an_identifier_blocklisted_after_it_was_stored_resolves_nobody(
         with pytest.raises(NotFound) as caught:
             await MemberHandlers(vault, listed, b"x").resolve_identifier(uow, observed)
     assert caught.value.code == "UNKNOWN_IDENTIFIER"
+
+
+async def test_reads_fall_back_to_postgres_without_redis() -> None:
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    try:
+        cache = ResolveCache(dead, "nowhere")
+        value_hash = uuid.uuid4().bytes
+        miss = await cache.get(value_hash)
+        assert miss == Miss(None)  # a miss that fills nothing
+        await cache.fill(value_hash, _record(), Miss(b"0"))  # logged, not raised
+    finally:
+        await dead.aclose()
