@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -252,9 +253,23 @@ async def serve_until_signalled(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signalled.set)
     await start()
+    freeze_startup_heap(name)
     await signalled.wait()
     log.info("%s received shutdown signal; draining", name)
     await stop()
+
+
+def freeze_startup_heap(name: str) -> None:
+    """Keep a serving process's startup objects (modules, servicers, protobuf,
+    SQLAlchemy and pydantic machinery: ~100k tracked objects) out of every
+    later garbage collection. A full collection otherwise walks all of them
+    and stalls every request in flight: 0.3-0.5 s each on the loaded 2-core
+    bench machine, 70 ms frozen (measured on the gateway, 2026-11-25). The
+    requests' own garbage is collected as before. Only for processes started
+    by serve_until_signalled: a test process starts many servers."""
+    gc.collect()
+    gc.freeze()
+    log.info("%s: startup heap frozen (%d objects)", name, gc.get_freeze_count())
 
 
 def run_service(build: Callable[[ServiceSettings], ServiceApp], name: str) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import os
+import signal
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -14,6 +18,7 @@ from servicekit.db import asyncpg_dsn, sqlalchemy_url
 from servicekit.errors import to_rpc_status
 from servicekit.events import dead_letter_stream, make_envelope, stream_name, unpack
 from servicekit.logs import TraceContextFilter
+from servicekit.server import serve_until_signalled
 
 
 def test_database_urls_are_accepted_in_either_style() -> None:
@@ -72,3 +77,29 @@ def test_log_records_carry_the_active_trace_id() -> None:
     TraceContextFilter().filter(outside)
     assert outside.trace_id == ""  # type: ignore[attr-defined]
     assert trace.get_current_span().get_span_context().is_valid is False
+
+
+async def test_a_serving_process_freezes_its_startup_heap_then_drains_on_sigterm() -> None:
+    gc.unfreeze()
+    started = asyncio.Event()
+    frozen_at_stop: list[int] = []
+
+    async def start() -> None:
+        started.set()
+
+    async def stop() -> None:
+        frozen_at_stop.append(gc.get_freeze_count())
+
+    try:
+        serving = asyncio.create_task(serve_until_signalled("test", start, stop))
+        await started.wait()
+        await asyncio.sleep(0.05)  # the loop reaches its wait for the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(serving, timeout=5)
+    finally:
+        gc.unfreeze()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    # Startup objects were moved out of the collector's reach before serving.
+    assert frozen_at_stop and frozen_at_stop[0] > 1000
