@@ -205,9 +205,18 @@ async def during_recompute(
     seconds = time.perf_counter() - tick
     if process.returncode != 0:
         raise devrun.DevrunError(f"recompute failed:\n{output.decode(errors='replace')}")
-    summary = output.decode(errors="replace").strip().splitlines()
-    say(f"  {summary[0] if summary else ''} ({seconds:.1f}s wall)")
-    return merged(f"checkout during recompute ({label})", args.rate, parts), seconds, summary[0]
+    lines = output.decode(errors="replace").strip().splitlines()
+    # The CLI's "run N: ..." line (warnings, e.g. a chunk retried, come before it).
+    summary = [line for line in lines if line.startswith("run ")] or lines or [""]
+    for line in lines:
+        if not line.startswith("run ") and "attempt" in line:
+            say(f"  recompute: {line}")
+    say(f"  {summary[0]} ({seconds:.1f}s wall)")
+    during = merged(f"checkout during recompute ({label})", args.rate, parts)
+    # Said as it is measured: a later phase that fails does not lose this one.
+    lat = during.latency_ms()
+    say(f"  checkout during it: p50 {lat['p50']} ms, p99 {lat['p99']} ms")
+    return during, seconds, summary[0]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -252,10 +261,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 ]
                 plan.append(("period end", _next_year(now), main))
                 for label, as_of, workers in plan:
+                    # Unique per run: the phase names the checkout's order ids.
+                    name = f"{label} (workers {workers})"
                     during, seconds, summary = await during_recompute(
-                        label, as_of, call_for, args, env, infra.database_url, workers
+                        name, as_of, call_for, args, env, infra.database_url, workers
                     )
-                    runs.append((f"{label} (workers {workers})", during, seconds, summary))
+                    runs.append((name, during, seconds, summary))
                 # Its own keys: the before phase's would replay.
                 after = await measure("checkout, after", lambda ph: call_for(f"after-{ph}"), args)
         finally:

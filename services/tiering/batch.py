@@ -152,15 +152,17 @@ async def recompute(
                 "another tiering recompute is running (it holds advisory lock"
                 f" {LOCK_KEY}); wait for it to finish"
             )
-        stack.push_async_callback(conn.execute, "SELECT pg_advisory_unlock($1)", LOCK_KEY)
+        stack.push_async_callback(_quietly, conn, "SELECT pg_advisory_unlock($1)", LOCK_KEY)
         conns = [conn]
         for _ in range(workers - 1):
             conns.append(await stack.enter_async_context(db.pool.acquire()))
         for c in conns:
             await _batch_session(c)
-            stack.push_async_callback(c.execute, "RESET work_mem; RESET jit; RESET plan_cache_mode")
+            stack.push_async_callback(
+                _quietly, c, "RESET work_mem; RESET jit; RESET plan_cache_mode"
+            )
         # The work table holds member ids: emptied when the run ends, as it starts.
-        stack.push_async_callback(conn.execute, f"TRUNCATE {WORK}")
+        stack.push_async_callback(_quietly, conn, f"TRUNCATE {WORK}")
         result.run_id = await conn.fetchval(
             "INSERT INTO tiering.recompute_runs (as_of, started_at) VALUES ($1, now())"
             " RETURNING run_id",
@@ -287,6 +289,16 @@ async def recompute(
         )
     result.seconds = time.perf_counter() - started
     return result
+
+
+async def _quietly(conn: asyncpg.Connection, sql: str, *args: Any) -> None:
+    """A clean-up statement that must not hide the error that ended the run (a
+    connection a failure left busy or broken is reset by the pool on release,
+    which also drops session settings and advisory locks)."""
+    try:
+        await conn.execute(sql, *args)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+        log.warning("recompute clean-up %r failed: %s", sql, e)
 
 
 class RecomputeBusy(RuntimeError):
