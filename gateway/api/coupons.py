@@ -48,6 +48,13 @@ TEMPLATE_ERRORS: dict[int | str, dict[str, object]] = {
 # The key namespace of operator grants: a batch item and a single grant with
 # the same key, member and reason are the same coupon.
 GRANT_KEY_PREFIX = "grant:"
+# Rewards takes issue keys of up to 128 characters; the gateway namespaces a
+# caller's key ("grant:<key>", "claim:<member uuid>:<key>"), so it accepts
+# only what still fits: a longer key is a 422 naming `issue_key` here, not a
+# refusal from rewards after the prefix.
+REWARDS_KEY_MAX = 128
+GRANT_KEY_MAX = 120  # <= 128 - len("grant:")
+CLAIM_KEY_MAX = REWARDS_KEY_MAX - len("claim:") - 36 - 1
 # The service's own bounds (services/rewards/coupons.py), so an absurd number
 # is a 422 here rather than an overflow on the way.
 MAX_FEN = 1_000_000
@@ -273,7 +280,9 @@ class Claim(BaseModel):
 
     template_id: str = Field(min_length=1, max_length=64)
     issue_key: str = Field(
-        min_length=1, max_length=128, description="Retry with the same key: the same coupon"
+        min_length=1,
+        max_length=CLAIM_KEY_MAX,
+        description="Retry with the same key: the same coupon",
     )
 
 
@@ -294,16 +303,21 @@ class Grant(Claim):
 
     member_id: uuid.UUID
     operator_id: str = Field(min_length=1, max_length=256)
+    issue_key: str = Field(
+        min_length=1,
+        max_length=GRANT_KEY_MAX,
+        description="Retry with the same key: the same coupon",
+    )
 
 
 class IssueItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     member_id: uuid.UUID
-    # The rewards service takes 128; "grant:" goes in front (as for one grant).
+    # "grant:" goes in front, as for one grant.
     issue_key: str = Field(
         min_length=1,
-        max_length=120,
+        max_length=GRANT_KEY_MAX,
         description="This member's coupon: sent again (a retried batch), the same coupon",
     )
 

@@ -76,6 +76,16 @@ async def test_claim_preview_lock_redeem_refund_report(
         f"/v1/members/{member}/coupons", json={"template_id": template_id, "issue_key": "2"}
     )
     assert (second.status_code, second.json()["code"]) == (409, "MEMBER_LIMIT_REACHED")
+    # The longest key that fits once namespaced per member is taken; one more
+    # character is refused here, naming the field, not by rewards after the prefix.
+    for length, status in ((85, 409), (86, 422)):
+        sized = await http.post(
+            f"/v1/members/{member}/coupons",
+            json={"template_id": template_id, "issue_key": "k" * length},
+        )
+        assert sized.status_code == status, sized.text
+    # The gateway's own validation (rewards would say INVALID_ISSUE_KEY).
+    assert (sized.json()["code"], sized.json()["field"]) == ("INVALID_ARGUMENT", "issue_key")
     code = claimed.json()["code"]
 
     wallet = (await http.get(f"/v1/members/{member}/coupons?status=available")).json()
