@@ -10,10 +10,18 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from loyalty.engagement.v1 import engagement_pb2
 
-from .common import MEMBER_ERRORS, MemberId, downstreams, optional_timestamp, problem_response
+from .common import (
+    MEMBER_ERRORS,
+    MEMBER_ID_EXAMPLE,
+    MemberId,
+    downstreams,
+    optional_timestamp,
+    problem_response,
+)
 
 router = APIRouter()
 
@@ -63,6 +71,15 @@ class MemberEvent(BaseModel):
 
 
 class EventAccepted(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"parked": False, "duplicate": False, "enrolled_journeys": ["cart-abandoned"]},
+                {"parked": True, "duplicate": False, "enrolled_journeys": []},
+            ]
+        }
+    )
+
     parked: bool = Field(description="The member is not known yet; kept and replayed later")
     duplicate: bool = Field(description="This event_id was already accepted")
     enrolled_journeys: list[str]
@@ -75,16 +92,30 @@ class Unsubscribe(BaseModel):
 
 
 class Unsubscribed(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"member_id": MEMBER_ID_EXAMPLE, "channels": ["sms"]}]}
+    )
+
     member_id: str
     channels: list[str]
 
 
 class Published(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"journey_id": "cart-abandoned", "version": 3}]}
+    )
+
     journey_id: str
     version: int
 
 
 class JourneyStatus(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"journey_id": "cart-abandoned", "status": "paused", "live_version": 3}]
+        }
+    )
+
     journey_id: str
     status: str = Field(examples=["active", "paused"])
     live_version: int
@@ -115,7 +146,82 @@ class VariantMetrics(BaseModel):
     lift: Lift | None = Field(description="This branch against the holdout; null without one")
 
 
+# A cart-abandoned journey with a 10% holdout and an A/B split of its reminder
+# (docs/journeys.md); rates and intervals as services/engagement/domain.lift
+# computes them from these counts (rounded here).
+JOURNEY_METRICS_EXAMPLE: JsonDict = {
+    "journey_id": "cart-abandoned",
+    "status": "active",
+    "live_version": 3,
+    "entered": 2000,
+    "active": 40,
+    "treated": 1800,
+    "holdout": 200,
+    "treated_converted": 378,
+    "holdout_converted": 30,
+    "sent": 1628,
+    "capped": 75,
+    "suppressed": 38,
+    "dropped": 19,
+    "steps": [
+        {
+            "step_id": "remind-a",
+            "sent": 820,
+            "delivered": 790,
+            "failed": 10,
+            "capped": 35,
+            "suppressed": 20,
+            "dropped": 5,
+        },
+        {
+            "step_id": "remind-b",
+            "sent": 808,
+            "delivered": 795,
+            "failed": 8,
+            "capped": 40,
+            "suppressed": 18,
+            "dropped": 14,
+        },
+    ],
+    "variants": [
+        {
+            "variant": "A",
+            "entered": 880,
+            "converted": 211,
+            "lift": {
+                "treated_rate": 0.2398,
+                "holdout_rate": 0.15,
+                "lift": 0.0898,
+                "ci_low": 0.0328,
+                "ci_high": 0.1467,
+            },
+        },
+        {
+            "variant": "B",
+            "entered": 880,
+            "converted": 167,
+            "lift": {
+                "treated_rate": 0.1898,
+                "holdout_rate": 0.15,
+                "lift": 0.0398,
+                "ci_low": -0.0161,
+                "ci_high": 0.0956,
+            },
+        },
+    ],
+    "lift": {
+        "treated_rate": 0.21,
+        "holdout_rate": 0.15,
+        "lift": 0.06,
+        "ci_low": 0.0071,
+        "ci_high": 0.1129,
+    },
+}
+
+
 class JourneyMetrics(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOURNEY_METRICS_EXAMPLE]})
+
     journey_id: str
     status: str
     live_version: int
@@ -203,6 +309,19 @@ class LaunchNearStore(BaseModel):
 
 
 class Launched(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "journey_id": "near-sh001-latte",
+                    "store_id": "SH001",
+                    "audience": 412,
+                    "entered": 389,
+                }
+            ]
+        }
+    )
+
     journey_id: str
     store_id: str
     audience: int = Field(description="Members with a fresh, consented location in the radius")

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
 
@@ -97,7 +98,84 @@ class MallItemStatus(BaseModel):
     status: Literal["active", "paused", "ended"]
 
 
+# Examples of what the API answers (times come back in UTC): the two items of
+# MallItemFields' examples once created, and exchanges of them.
+GOODS_ITEM_ID_EXAMPLE = "7e6d5c4b-3a29-4817-b6f5-e4d3c2b1a097"
+COUPON_ITEM_EXAMPLE: JsonDict = {
+    "item_id": ITEM_ID_EXAMPLE,
+    "name": "¥20 off any drink",
+    "kind": "coupon",
+    "coupon_template_id": "INVITE-20",
+    "sku": None,
+    "points_price": 800,
+    "cash_fen": 0,
+    "stock_total": 1000,
+    "stock_remaining": 873,
+    "per_member_limit": 2,
+    "starts_at": "2026-04-30T16:00:00Z",
+    "ends_at": "2026-05-31T16:00:00Z",
+    "status": "active",
+    "created_at": "2026-04-28T02:15:00Z",
+    "updated_at": "2026-04-30T01:00:00Z",
+}
+GOODS_ITEM_EXAMPLE: JsonDict = {
+    "item_id": GOODS_ITEM_ID_EXAMPLE,
+    "name": "Brand tote bag",
+    "kind": "goods",
+    "coupon_template_id": None,
+    "sku": "TOTE-01",
+    "points_price": 1500,
+    "cash_fen": 990,
+    "stock_total": 200,
+    "stock_remaining": 163,
+    "per_member_limit": 1,
+    "starts_at": None,
+    "ends_at": None,
+    "status": "active",
+    "created_at": "2026-04-20T03:00:00Z",
+    "updated_at": "2026-04-20T03:00:00Z",
+}
+COUPON_EXCHANGE_EXAMPLE: JsonDict = {
+    "exchange_id": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+    "member_id": MEMBER_ID_EXAMPLE,
+    "item_id": ITEM_ID_EXAMPLE,
+    "exchange_key": "mp-7f3a-20260501-0001",
+    "points": 800,
+    "cash_fen": 0,
+    "points_transaction_id": "1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f",
+    "coupon_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
+    "sku": None,
+    "fulfilment": "issued",
+    "created_at": "2026-05-01T04:00:00Z",
+    "replayed": False,
+    "carrier": None,
+    "tracking_number": None,
+    "shipped_at": None,
+}
+SHIPPED_EXCHANGE_EXAMPLE: JsonDict = {
+    "exchange_id": "4d3c2b1a-0f9e-4d8c-b7a6-958473625140",
+    "member_id": MEMBER_ID_EXAMPLE,
+    "item_id": GOODS_ITEM_ID_EXAMPLE,
+    "exchange_key": "mp-7f3a-20260503-0002",
+    "points": 1500,
+    "cash_fen": 990,
+    "points_transaction_id": "8e7f6a5b-4c3d-4e2f-9a1b-0c9d8e7f6a5b",
+    "coupon_id": None,
+    "sku": "TOTE-01",
+    "fulfilment": "shipped",
+    "created_at": "2026-05-03T11:20:05Z",
+    "replayed": False,
+    "carrier": "SF Express",
+    "tracking_number": "SF1234567890",
+    "shipped_at": "2026-05-04T06:02:44Z",
+}
+
+
 class MallItem(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [COUPON_ITEM_EXAMPLE, GOODS_ITEM_EXAMPLE]}
+    )
+
     item_id: str
     name: str
     kind: str
@@ -116,6 +194,15 @@ class MallItem(BaseModel):
 
 
 class MallItems(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"items": [COUPON_ITEM_EXAMPLE, GOODS_ITEM_EXAMPLE], "next_cursor": "1042"},
+                {"items": [], "next_cursor": None},
+            ]
+        }
+    )
+
     items: list[MallItem]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
@@ -136,27 +223,7 @@ class ExchangeRequest(BaseModel):
 
 class MallExchange(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "exchange_id": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
-                    "member_id": MEMBER_ID_EXAMPLE,
-                    "item_id": ITEM_ID_EXAMPLE,
-                    "exchange_key": "mp-7f3a-20260501-0001",
-                    "points": 800,
-                    "cash_fen": 0,
-                    "points_transaction_id": "1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f",
-                    "coupon_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
-                    "sku": None,
-                    "fulfilment": "issued",
-                    "created_at": "2026-05-01T12:00:00+08:00",
-                    "replayed": False,
-                    "carrier": None,
-                    "tracking_number": None,
-                    "shipped_at": None,
-                }
-            ]
-        }
+        json_schema_extra={"examples": [COUPON_EXCHANGE_EXAMPLE, SHIPPED_EXCHANGE_EXAMPLE]}
     )
 
     exchange_id: str
@@ -189,6 +256,17 @@ class Shipment(BaseModel):
 
 
 class MallExchanges(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "exchanges": [SHIPPED_EXCHANGE_EXAMPLE, COUPON_EXCHANGE_EXAMPLE],
+                    "next_cursor": "5310",
+                }
+            ]
+        }
+    )
+
     exchanges: list[MallExchange]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 

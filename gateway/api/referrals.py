@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
 from servicekit.protos import timestamp
@@ -40,7 +41,7 @@ class InviteCode(BaseModel):
                 {
                     "member_id": MEMBER_ID_EXAMPLE,
                     "code": "7KQ2MXRT",
-                    "created_at": "2026-05-01T12:00:00+08:00",
+                    "created_at": "2026-05-01T04:00:00Z",
                 }
             ]
         }
@@ -65,6 +66,89 @@ class AcceptInvite(BaseModel):
     )
 
 
+# Examples of what the API answers (times come back in UTC), under the
+# programme of docs/referral-and-mall.md: the invitee's FIRST-CUP-HALF coupon
+# at registration, the inviter's INVITE-20 coupon and the "referral" action's
+# points at the invitee's first order.
+INVITER_ID_EXAMPLE = "3e5a7c9b-2d4f-4a6c-8e0b-5d7f9a1c3e5b"
+INVITEE_ID_EXAMPLE = "6b8d0f2a-4c6e-4b8d-9f1a-3c5e7a9b1d3f"
+ACCEPTED_EXAMPLE: JsonDict = {
+    "referral_id": "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d",
+    "inviter_member_id": INVITER_ID_EXAMPLE,
+    "invitee_member_id": MEMBER_ID_EXAMPLE,
+    "accepted_at": "2026-05-02T01:14:09Z",
+    "first_order_at": None,
+    "rewards": [
+        {
+            "step": "registration",
+            "role": "invitee",
+            "member_id": MEMBER_ID_EXAMPLE,
+            "status": "granted",
+            "coupon_id": "c0d1e2f3-a4b5-4c6d-8e7f-9a0b1c2d3e4f",
+            "points": 0,
+            "refusal_codes": [],
+        }
+    ],
+    "replayed": False,
+}
+REWARDED_EXAMPLE: JsonDict = {
+    "referral_id": "f7e6d5c4-b3a2-4918-8776-655443322110",
+    "inviter_member_id": MEMBER_ID_EXAMPLE,
+    "invitee_member_id": INVITEE_ID_EXAMPLE,
+    "accepted_at": "2026-05-01T09:30:51Z",
+    "first_order_at": "2026-05-01T10:02:17Z",
+    "rewards": [
+        {
+            "step": "registration",
+            "role": "invitee",
+            "member_id": INVITEE_ID_EXAMPLE,
+            "status": "granted",
+            "coupon_id": "d4c3b2a1-f0e9-4d8c-b7a6-5f4e3d2c1b0a",
+            "points": 0,
+            "refusal_codes": [],
+        },
+        {
+            "step": "first_order",
+            "role": "inviter",
+            "member_id": MEMBER_ID_EXAMPLE,
+            "status": "granted",
+            "coupon_id": "5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9",
+            "points": 100,
+            "refusal_codes": [],
+        },
+    ],
+    "replayed": False,
+}
+CAPPED_EXAMPLE: JsonDict = {
+    "referral_id": "0a9b8c7d-6e5f-4a3b-9c1d-e2f3a4b5c6d7",
+    "inviter_member_id": MEMBER_ID_EXAMPLE,
+    "invitee_member_id": "9c1e3a5b-7d9f-4b1d-a3c5-e7f9b1d3f5a7",
+    "accepted_at": "2026-05-28T12:45:00Z",
+    "first_order_at": "2026-05-29T03:10:42Z",
+    "rewards": [
+        {
+            "step": "registration",
+            "role": "invitee",
+            "member_id": "9c1e3a5b-7d9f-4b1d-a3c5-e7f9b1d3f5a7",
+            "status": "granted",
+            "coupon_id": "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9",
+            "points": 0,
+            "refusal_codes": [],
+        },
+        {
+            "step": "first_order",
+            "role": "inviter",
+            "member_id": MEMBER_ID_EXAMPLE,
+            "status": "refused",
+            "coupon_id": None,
+            "points": 0,
+            "refusal_codes": ["INVITER_REWARD_CAP_REACHED"],
+        },
+    ],
+    "replayed": False,
+}
+
+
 class ReferralReward(BaseModel):
     step: str = Field(examples=["first_order"], description="registration or first_order")
     role: str = Field(examples=["inviter"], description="inviter or invitee")
@@ -76,6 +160,8 @@ class ReferralReward(BaseModel):
 
 
 class Referral(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [ACCEPTED_EXAMPLE]})
+
     referral_id: str
     inviter_member_id: str
     invitee_member_id: str
@@ -86,6 +172,12 @@ class Referral(BaseModel):
 
 
 class Referrals(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"referrals": [CAPPED_EXAMPLE, REWARDED_EXAMPLE], "next_cursor": "2207"}]
+        }
+    )
+
     referrals: list[Referral]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
