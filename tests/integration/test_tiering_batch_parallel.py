@@ -135,7 +135,7 @@ async def test_parallel_chunks_give_exactly_the_serial_result(
     assert a["event_ids"] and b["event_ids"]
 
 
-async def test_a_second_recompute_waits_for_none_and_is_refused(
+async def test_a_second_recompute_at_once_is_refused(
     brands: tuple[Database, Database],
 ) -> None:
     db = brands[0]
