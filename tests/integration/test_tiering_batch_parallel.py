@@ -52,6 +52,11 @@ async def brands(infra: Infra) -> AsyncIterator[tuple[Database, Database]]:
             " (SELECT member_id FROM tiering.member_tiers ORDER BY member_id LIMIT 7)",
             NOW - timedelta(days=1),
         )
+        # And members tiering knows without a profile yet (the run creates them).
+        await c.execute(
+            "DELETE FROM tiering.member_profiles WHERE member_id IN (SELECT member_id"
+            " FROM tiering.member_profiles ORDER BY member_id OFFSET 200 LIMIT 100)"
+        )
         await c.close()
         await admin.execute(f'CREATE DATABASE "{names[1]}" TEMPLATE "{names[0]}"')
         for name in names:
