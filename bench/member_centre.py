@@ -92,6 +92,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--members", type=int, default=200, help="member pool size (200)")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request deadline (5 s)")
     parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 target (50 ms)")
+    parser.add_argument(
+        "--centre-only",
+        action="store_true",
+        help="only the member-centre row (quick A/B runs, finding the saturation rate)",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     for name in ("rate", "duration", "timeout"):
@@ -290,9 +295,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 (TWO_CALLS, two_calls(signed, members)),
                 (EMPTY, empty_call(load, args.timeout)),
             ]
-            for name, call in rows:
+            for name, call in rows[:1] if args.centre_only else rows:
                 results.append(await measure(name, always(call), args, meter))
-        centre, centre_open, _, empty = results
+        by_name = {r.name: r for r in results}
+        centre, centre_open, empty = by_name[CENTRE], by_name.get(CENTRE_OPEN), by_name.get(EMPTY)
         cpu = {r.name: r.cpu_ms_per_call or {} for r in results}
         # The gateway that served each row (the door-less one for its row).
         gateway_ms = {
@@ -301,7 +307,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         platform_ms = cpu[CENTRE].get("total", 0.0) - cpu[CENTRE].get(LOAD_GENERATOR, 0.0)
         p99 = centre.summary()["latency_ms"]["p99"]
-        floor = empty.summary()["latency_ms"]["p99"]
+        floor = empty.summary()["latency_ms"]["p99"] if empty else None
         report: dict[str, Any] = {
             "run_id": run_id,
             "started_at": started_at.isoformat(),
@@ -323,7 +329,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "door_overhead": {
                 "latency_ms": auth_overhead(centre, centre_open),
                 "gateway_cpu_ms": round(gateway_ms[CENTRE] - gateway_ms[CENTRE_OPEN], 3),
-            },
+            }
+            if centre_open
+            else None,
             # Every process but the load generator: the cores the target rate needs.
             "platform_cpu_ms_per_read": round(platform_ms, 3),
             "cores_for_target_rate": round(platform_ms * args.rate / 1000, 2),
@@ -361,10 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     report, path = done
     print(f"member centre p99 / empty call p99: x{report['p99_over_empty_call']}")
     door = report["door_overhead"]
-    print(
-        f"door overhead per call: p50 {door['latency_ms']['p50']} ms, p99"
-        f" {door['latency_ms']['p99']} ms, gateway CPU {door['gateway_cpu_ms']} ms"
-    )
+    if door:
+        print(
+            f"door overhead per call: p50 {door['latency_ms']['p50']} ms, p99"
+            f" {door['latency_ms']['p99']} ms, gateway CPU {door['gateway_cpu_ms']} ms"
+        )
     print(
         f"platform CPU per member-centre read: {report['platform_cpu_ms_per_read']} ms"
         f" ({report['cores_for_target_rate']} cores at {report['config']['rate_per_s']:g}/s)"
