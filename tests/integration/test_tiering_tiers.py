@@ -181,7 +181,7 @@ async def test_bad_programme_is_rejected_and_the_running_version_untouched(
     good = draft()
     await stub.PublishProgramme(
         tiering_pb2.PublishProgrammeRequest(
-            programme=draft(programme_id=good.programme_id, effective_from=ts(NOW))
+            programme=draft(programme_id=good.programme_id, effective_from=ts(datetime.now(UTC)))
         )
     )
     bad = draft(programme_id=good.programme_id, **changes)
@@ -207,7 +207,7 @@ async def test_published_version_applies_from_its_date(
     pid = f"p-{uuid.uuid4().hex[:8]}"
     v1 = await stub.PublishProgramme(
         tiering_pb2.PublishProgrammeRequest(
-            programme=draft(programme_id=pid, effective_from=ts(NOW))
+            programme=draft(programme_id=pid, effective_from=ts(datetime.now(UTC)))
         )
     )
     start = NOW + timedelta(days=10)
