@@ -31,6 +31,8 @@ Reply = TypeVar("Reply")
 _C = TypeVar("_C", bound="_Client")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Rewards takes at most 8 identifier hashes per referral party.
+MAX_ABUSE_FINGERPRINTS = 8
 
 
 class _Client:
@@ -170,6 +172,21 @@ class MemberClient(_Client):
             member_id=member_id, include_pii=bool(accessor), accessor=accessor, purpose=purpose
         )
         return await self._call(self._stub.GetMember, request)
+
+    async def abuse_fingerprints(self, member_id: str) -> list[str]:
+        """The member's phone and unionid as the member service's keyed hashes
+        (never the values): what referral counts invitees by."""
+        reply = await self._call(
+            self._stub.ListIdentities, member_pb2.ListIdentitiesRequest(member_id=member_id)
+        )
+        kinds = {member_pb2.IDENTIFIER_TYPE_PHONE, member_pb2.IDENTIFIER_TYPE_WECHAT_UNIONID}
+        return sorted(
+            {
+                f"{member_pb2.IdentifierType.Name(i.type)}:{i.value_hash.hex()}"
+                for i in reply.identities
+                if i.type in kinds and i.value_hash
+            }
+        )[:MAX_ABUSE_FINGERPRINTS]
 
     async def resolve_member(
         self, identifier: member_pb2.Identifier, fields: Mapping[str, str] | None = None

@@ -4,6 +4,7 @@ operators. Rules and abuse refusals: docs/referral-and-mall.md."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Annotated
 
@@ -268,8 +269,12 @@ async def get_invite_code(
 )
 async def accept_invite(member_id: MemberId, body: AcceptInvite, request: Request) -> Referral:
     services = downstreams(request)
-    # Rewards judges "already a member" by when member registered the invitee.
-    member = await services.member.get_member(str(member_id))
+    # Rewards judges "already a member" by when member registered the invitee,
+    # and "one phone or unionid behind many invitees" by their keyed hashes.
+    member, fingerprints = await asyncio.gather(
+        services.member.get_member(str(member_id)),
+        services.member.abuse_fingerprints(str(member_id)),
+    )
     reply = await services.rewards.call(
         "AcceptReferral",
         rewards_pb2.AcceptReferralRequest(
@@ -277,6 +282,7 @@ async def accept_invite(member_id: MemberId, body: AcceptInvite, request: Reques
             invite_code=body.invite_code,
             device_id=body.device_id,
             invitee_registered_at=member.registered_at,
+            identifier_hashes=fingerprints,
         ),
         {"invitee_member_id": "member_id"},
     )

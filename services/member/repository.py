@@ -84,6 +84,7 @@ class IdentityView:
     verified: bool
     source: str
     attached_at: datetime
+    value_hash: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,8 @@ async def holdings(conn: Connection, member_ids: Iterable[str]) -> dict[str, lis
 async def identities_of(conn: Connection, member_ids: Iterable[str]) -> list[IdentityView]:
     rows = await conn.fetch(
         "SELECT member_id, id_type, namespace, value_masked, value_cipher, verified, source,"
-        " created_at FROM member.identities WHERE member_id = ANY($1::uuid[]) ORDER BY id",
+        " created_at, value_hash FROM member.identities WHERE member_id = ANY($1::uuid[])"
+        " ORDER BY id",
         _uuids(member_ids),
     )
     return [
@@ -352,6 +354,7 @@ async def identities_of(conn: Connection, member_ids: Iterable[str]) -> list[Ide
             r["verified"],
             r["source"],
             r["created_at"],
+            bytes(r["value_hash"]),
         )
         for r in rows
     ]

@@ -256,6 +256,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                     attached_at=timestamp(v.attached_at),
                     member_id=v.member_id,
                     value=value,
+                    value_hash=v.value_hash,
                 )
                 for v, value in views
             ]

@@ -10,11 +10,14 @@ import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
 import pytest
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
-from tests.harness import eventually
+from servicekit.db import asyncpg_dsn
+from services.rewards.referral import fingerprint
+from tests.harness import Infra, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +46,7 @@ async def order(pos: Pos, member: str, paid_fen: int) -> None:
 
 
 async def test_invite_first_order_reward_then_mall(
-    pos: Pos, http: httpx.AsyncClient, demo_stores: list[str]
+    pos: Pos, http: httpx.AsyncClient, demo_stores: list[str], infra: Infra
 ) -> None:
     started = datetime.now(UTC) - timedelta(minutes=1)
     inviter, invitee = await enrol(pos), await enrol(pos)
@@ -59,6 +62,23 @@ async def test_invite_first_order_reward_then_mall(
     )
     assert accepted.status_code == 200, accepted.text
     assert accepted.json()["inviter_member_id"] == inviter
+    # The gateway handed rewards the invitee's phone as member's keyed hash
+    # (never the number): a second invitee on that phone would be refused.
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        phone_hash = await conn.fetchval(
+            "SELECT value_hash FROM member.identities WHERE member_id = $1 AND id_type = 'phone'",
+            uuid.UUID(invitee),
+        )
+        recorded = await conn.fetchval(
+            "SELECT count(*) FROM rewards.referral_fingerprints"
+            " WHERE member_id = $1 AND role = 'invitee' AND fingerprint = $2",
+            uuid.UUID(invitee),
+            fingerprint("identifier", f"IDENTIFIER_TYPE_PHONE:{bytes(phone_hash).hex()}"),
+        )
+    finally:
+        await conn.close()
+    assert recorded == 1
     retry = await http.post(
         f"/v1/members/{invitee}/referral", json={"invite_code": code, "device_id": "dev-" + invitee}
     )
