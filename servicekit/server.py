@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -32,6 +33,7 @@ from .interceptors import DomainErrorInterceptor
 from .logs import configure_logging
 from .outbox import OutboxRelay
 from .redis_client import create_redis
+from .retention import Pruner, Retention
 from .settings import ServiceSettings
 from .telemetry import configure_tracing
 
@@ -130,6 +132,14 @@ class ServiceApp:
         self.health = health.aio.HealthServicer()
         self.consumers: list[EventConsumer] = []
         self.relay: OutboxRelay | None = None
+        # Tables kept bounded by the pruner; services add their own.
+        self.retentions: list[Retention] = [
+            Retention(
+                f"{self.schema}.processed_events",
+                "processed_at",
+                timedelta(hours=settings.processed_events_retention_hours),
+            )
+        ]
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
@@ -166,6 +176,8 @@ class ServiceApp:
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         for consumer in self.consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.group))
+        pruner = Pruner(pool, self.retentions, s.prune_interval_seconds)
+        self._tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
         log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
         return self.port
 

@@ -44,5 +44,9 @@ class ServiceSettings(CommonSettings):
     # An event a consumer fails on is retried this many times, then dead-lettered.
     event_max_attempts: int = 5
     event_retry_after_ms: int = 2_000
+    # processed_events rows (consumer dedup) are kept this long, then pruned
+    # every prune_interval_seconds (servicekit/retention.py says why it is safe).
+    processed_events_retention_hours: float = Field(default=168.0, gt=0)
+    prune_interval_seconds: float = Field(default=3600.0, gt=0)
     # Key for hashing and encrypting personal data (phone); base64 32 bytes.
     pii_key: str = "ZGV2LW9ubHktcGlpLWtleS1jaGFuZ2UtbWUtMzJieXQ="

@@ -7,6 +7,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Identity,
+    Index,
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
@@ -49,5 +50,7 @@ def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("event_id", Uuid, nullable=False),
         Column("processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         PrimaryKeyConstraint("consumer", "event_id"),
+        # The pruner deletes by age (servicekit/retention.py).
+        Index(None, "processed_at"),
     )
     return outbox, processed

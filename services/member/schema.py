@@ -82,6 +82,8 @@ identify_requests = Table(
     # merged member ids, review id and ignored identifiers of the first answer.
     Column("outcome", JSONB, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Pruned by age (IDENTIFY_REQUEST_RETENTION_DAYS, servicekit/retention.py).
+    Index(None, "created_at"),
 )
 
 # Which members each identifier has been observed together with: the

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
+from servicekit.retention import Retention
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
@@ -35,10 +38,18 @@ def build(settings: ServiceSettings) -> ServiceApp:
             MemberServicer(app.db, handlers, s.identify_max_attempts, cache), app.server
         )
 
-    return ServiceApp(
+    app = ServiceApp(
         NAME,
         s,
         services=[member_pb2.DESCRIPTOR.services_by_name["MemberService"]],
         wire=wire,
         schema=SCHEMA,
     )
+    app.retentions.append(
+        Retention(
+            f"{SCHEMA}.identify_requests",
+            "created_at",
+            timedelta(days=s.identify_request_retention_days),
+        )
+    )
+    return app

@@ -22,6 +22,10 @@ class MemberSettings(ServiceSettings):
     member_code_secret: str = "dev-only-member-code-secret-change-me"
     # Concurrent identifies that lost a race retry this many times in all.
     identify_max_attempts: int = Field(default=6, ge=1, le=20)
+    # An IdentifyMember request key replays its first answer this long; then
+    # the record is pruned and a retry under it simply identifies again (find
+    # or enrol: the same member, nobody enrolled twice).
+    identify_request_retention_days: float = Field(default=30.0, gt=0)
     # ResolveMember answers (identifier -> member) kept in Redis this long;
     # 0 turns the cache off (services/member/cache.py).
     resolve_cache_ttl_seconds: int = Field(default=ENTRY_TTL_SECONDS, ge=0, le=86_400)

@@ -1,0 +1,84 @@
+"""Bookkeeping that must not grow forever: rows past their retention are
+deleted in small batches by a background task of every service.
+
+Every service keeps `processed_events` (one row per consumed event: the
+consumers' dedup). A redelivery comes within minutes (an entry left pending
+by a crash, the relay publishing twice), so rows older than
+PROCESSED_EVENTS_RETENTION_HOURS (7 days) only cost space; a consumer group
+that lags further than that never processed those events, so nothing is
+applied twice. A service adds its own tables (member: identify_requests).
+
+Batches are short transactions that lock only the rows they delete; replicas
+skip each other's rows (SKIP LOCKED) instead of queueing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 5_000
+
+
+@dataclass(frozen=True)
+class Retention:
+    table: str  # schema-qualified, e.g. "rewards.processed_events"
+    column: str  # a timestamptz column, indexed
+    keep: timedelta
+
+
+class Pruner:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        retentions: list[Retention],
+        interval_seconds: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        batch_rows: int = BATCH_ROWS,
+    ) -> None:
+        self._pool = pool
+        self._retentions = retentions
+        self._interval = interval_seconds
+        self._clock = clock
+        self._batch = batch_rows
+
+    async def prune_once(self) -> dict[str, int]:
+        """Delete every row past its retention; rows deleted per table."""
+        deleted: dict[str, int] = {}
+        for r in self._retentions:
+            cutoff = self._clock() - r.keep
+            total = 0
+            while True:
+                status = await self._pool.execute(
+                    f"DELETE FROM {r.table} WHERE ctid = ANY(ARRAY("
+                    f"SELECT ctid FROM {r.table} WHERE {r.column} < $1"
+                    " LIMIT $2 FOR UPDATE SKIP LOCKED))",
+                    cutoff,
+                    self._batch,
+                )
+                n = int(status.split()[-1])
+                total += n
+                if n < self._batch:
+                    break
+            deleted[r.table] = total
+        return deleted
+
+    async def run(self) -> None:
+        while True:
+            try:
+                deleted = await self.prune_once()
+                if any(deleted.values()):
+                    log.info("pruned rows past retention: %s", deleted)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Postgres away, say: the next round tries again; nothing is lost.
+                log.exception("pruning failed; retrying in %.0fs", self._interval)
+            await asyncio.sleep(self._interval)
