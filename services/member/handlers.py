@@ -16,7 +16,10 @@ Identify (OneID) in one transaction:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -728,8 +731,43 @@ class MemberHandlers:
         await repo.add_do_not_merge(uow.conn, pairs, f"review:{review.review_id}")
         return await repo.decide_review(uow.conn, review.review_id, "rejected", operator, note, [])
 
-    async def list_quarantined(self, uow: UnitOfWork, page_size: int) -> list[repo.QuarantineRow]:
-        return await repo.list_quarantined(uow.conn, min(max(page_size, 0), 500) or 100)
+    async def list_quarantined(
+        self, uow: UnitOfWork, page_size: int, page_token: str = ""
+    ) -> tuple[list[repo.QuarantineRow], str]:
+        """A page, newest quarantine first, and the next page's token ("": last)."""
+        if page_size < 0 or page_size > 500:
+            raise InvalidArgument(
+                "page_size is 0..500", code="INVALID_PAGE_SIZE", field="page_size"
+            )
+        limit = page_size or 100
+        after = None
+        if page_token:
+            try:
+                stamp, id_type, namespace, value_hash = json.loads(
+                    base64.urlsafe_b64decode(page_token.encode())
+                )
+                after = (
+                    datetime.fromisoformat(stamp),
+                    str(id_type),
+                    str(namespace),
+                    bytes.fromhex(value_hash),
+                )
+            except (ValueError, TypeError, binascii.Error):
+                raise InvalidArgument(
+                    "page_token is not one this API returned",
+                    code="INVALID_PAGE_TOKEN",
+                    field="page_token",
+                ) from None
+        rows = await repo.list_quarantined(uow.conn, limit + 1, after)
+        if len(rows) <= limit:
+            return rows, ""
+        last = rows[limit - 1]
+        # Opaque to callers; a namespace may hold any character, so JSON.
+        boundary = [last.quarantined_at.isoformat(), last.id_type, last.namespace]
+        token = base64.urlsafe_b64encode(
+            json.dumps([*boundary, last.value_hash.hex()]).encode()
+        ).decode()
+        return rows[:limit], token
 
     # ---- reads and PII -----------------------------------------------------------
 

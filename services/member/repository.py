@@ -122,6 +122,15 @@ class QuarantineRow:
     value_masked: str
     linked_members: int
     quarantined_at: datetime
+    value_hash: bytes = b""
+
+    @property
+    def key(self) -> QuarantineKey:
+        return (self.quarantined_at, self.id_type, self.namespace, self.value_hash)
+
+
+# A page boundary of the quarantine list: (quarantined_at, id_type, namespace, value_hash).
+QuarantineKey = tuple[datetime, str, str, bytes]
 
 
 @dataclass(frozen=True)
@@ -466,11 +475,18 @@ async def quarantine(conn: Connection, row: IdentityRow, linked_members: int) ->
     )
 
 
-async def list_quarantined(conn: Connection, limit: int) -> list[QuarantineRow]:
+async def list_quarantined(
+    conn: Connection, limit: int, after: QuarantineKey | None = None
+) -> list[QuarantineRow]:
+    """Newest first; `after` is the last row of the previous page (keyset)."""
     rows = await conn.fetch(
-        "SELECT id_type, namespace, value_masked, linked_members, quarantined_at"
-        " FROM member.quarantined_identifiers ORDER BY quarantined_at DESC LIMIT $1",
+        "SELECT id_type, namespace, value_hash, value_masked, linked_members, quarantined_at"
+        " FROM member.quarantined_identifiers"
+        " WHERE $2::timestamptz IS NULL"
+        " OR (quarantined_at, id_type, namespace, value_hash) < ($2, $3, $4, $5)"
+        " ORDER BY quarantined_at DESC, id_type DESC, namespace DESC, value_hash DESC LIMIT $1",
         limit,
+        *(after or (None, None, None, None)),
     )
     return [
         QuarantineRow(
@@ -479,6 +495,7 @@ async def list_quarantined(conn: Connection, limit: int) -> list[QuarantineRow]:
             r["value_masked"],
             r["linked_members"],
             r["quarantined_at"],
+            bytes(r["value_hash"]),
         )
         for r in rows
     ]

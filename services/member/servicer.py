@@ -324,8 +324,11 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> member_pb2.ListQuarantinedIdentifiersResponse:
         async with self._unit_of_work() as uow:
-            rows = await self._handlers.list_quarantined(uow, request.page_size)
+            rows, token = await self._handlers.list_quarantined(
+                uow, request.page_size, request.page_token
+            )
         return member_pb2.ListQuarantinedIdentifiersResponse(
+            next_page_token=token,
             identifiers=[
                 member_pb2.QuarantinedIdentifier(
                     type=PROTO_ID_TYPES[IdType(r.id_type)],
@@ -335,7 +338,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                     quarantined_at=timestamp(r.quarantined_at),
                 )
                 for r in rows
-            ]
+            ],
         )
 
     # ---- profile and consent -------------------------------------------------

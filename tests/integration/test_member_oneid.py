@@ -224,6 +224,46 @@ async def test_an_identifier_linking_many_members_is_quarantined(stub: Stub) -> 
     assert error_info(err) == ("IDENTIFIER_QUARANTINED", "identifiers[0]")
 
 
+async def test_the_quarantine_list_pages_each_identifier_once(stub: Stub) -> None:
+    t = tag()
+    for card in ("a", "b", "c"):
+        shared = ident(CARD, f"shared-{card}-{t}")
+        for n in range(4):  # four members seen with it: quarantined (threshold 3)
+            own = ident(OPENID, f"o{card}{n}-{t}")
+            await identify(stub, own)
+            await identify(stub, own, shared)
+    seen: list[tuple[int, str, str]] = []
+    token = ""
+    while True:
+        page = await stub.ListQuarantinedIdentifiers(
+            pb.ListQuarantinedIdentifiersRequest(page_size=1, page_token=token)
+        )
+        assert len(page.identifiers) <= 1
+        seen += [(q.type, q.namespace, q.value_masked) for q in page.identifiers]
+        token = page.next_page_token
+        if not token:
+            break
+    whole = await stub.ListQuarantinedIdentifiers(
+        pb.ListQuarantinedIdentifiersRequest(page_size=500)
+    )
+    # One at a time gives exactly the whole list, in its order (newest first).
+    assert seen == [(q.type, q.namespace, q.value_masked) for q in whole.identifiers]
+    assert sum(q.value_masked.endswith(t[-2:]) for q in whole.identifiers) >= 3
+    stamps = [q.quarantined_at.ToDatetime() for q in whole.identifiers]
+    assert stamps == sorted(stamps, reverse=True)
+    for bad, code, field in (
+        (
+            pb.ListQuarantinedIdentifiersRequest(page_token="not-ours"),
+            "INVALID_PAGE_TOKEN",
+            "page_token",
+        ),
+        (pb.ListQuarantinedIdentifiersRequest(page_size=501), "INVALID_PAGE_SIZE", "page_size"),
+    ):
+        err = await failure(stub.ListQuarantinedIdentifiers(bad))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(err) == (code, field)
+
+
 async def test_identify_is_idempotent_under_its_request_key(stub: Stub) -> None:
     phone = mobile()
     key = str(uuid.uuid4())
