@@ -494,6 +494,7 @@ class Quarantined(BaseModel):
 
 class QuarantineList(BaseModel):
     identifiers: list[Quarantined]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
 
 
 def _review(r: member_pb2.MergeReview) -> MergeReview:
@@ -658,11 +659,14 @@ async def member_pii(
     summary="Identifiers that linked too many members and no longer merge",
 )
 async def quarantined(
-    request: Request, page_size: Annotated[int, Query(ge=1, le=500)] = 100
+    request: Request,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str, Query(max_length=500)] = "",
 ) -> QuarantineList:
     reply = await downstreams(request).member.call(
         "ListQuarantinedIdentifiers",
-        member_pb2.ListQuarantinedIdentifiersRequest(page_size=page_size),
+        member_pb2.ListQuarantinedIdentifiersRequest(page_size=page_size, page_token=cursor),
+        {"page_token": "cursor"},
     )
     return QuarantineList(
         identifiers=[
@@ -676,5 +680,6 @@ async def quarantined(
                 quarantined_at=utc(q.quarantined_at),
             )
             for q in reply.identifiers
-        ]
+        ],
+        next_cursor=reply.next_page_token or None,
     )

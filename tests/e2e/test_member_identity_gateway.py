@@ -170,3 +170,21 @@ async def test_operators_review_unmerge_pii_and_erase(http: httpx.AsyncClient) -
     assert erased.status_code == 200 and erased.json()["erased_member_ids"] == [a_id]
     gone = await http.get(f"/v1/members/{a_id}")
     assert gone.status_code == 404 and gone.json()["code"] == "MEMBER_ERASED"
+
+
+async def test_the_quarantine_list_takes_a_cursor(http: httpx.AsyncClient) -> None:
+    # Paging itself is proved on the service (test_member_oneid); here the
+    # door: the cursor reaches member and a bad one is named as `cursor`.
+    first = await http.get("/v1/admin/quarantined-identifiers", params={"page_size": 1})
+    assert first.status_code == 200, first.text
+    assert set(first.json()) == {"identifiers", "next_cursor"}
+    bad = await http.get("/v1/admin/quarantined-identifiers", params={"cursor": "not-ours"})
+    assert bad.status_code == 422
+    assert (bad.json()["code"], bad.json()["field"]) == ("INVALID_PAGE_TOKEN", "cursor")
+    if first.json()["next_cursor"]:
+        second = await http.get(
+            "/v1/admin/quarantined-identifiers",
+            params={"page_size": 1, "cursor": first.json()["next_cursor"]},
+        )
+        assert second.status_code == 200
+        assert second.json()["identifiers"] != first.json()["identifiers"]
