@@ -63,8 +63,8 @@ STILL_WITHOUT_EXAMPLE: set[Operation] = {
     ("POST", "/v1/admin/tier-programmes/{programme_id}/versions", "201"),
     ("POST", "/v1/admin/tier-programmes/{programme_id}/simulations", "200"),
     ("GET", "/v1/admin/reports/tier-distribution", "200"),
-    # ... MemberTier's example is partial (no programme_id, earned_tier,
-    # growth_value, next_tier, override and grace fields, tier without benefits)
+    # ... MemberTier's example is partial: 11 of its required fields missing
+    # (programme_id, earned_tier, next_tier, override_*, ...; tier.benefits)
     ("GET", "/v1/members/{member_id}/tier", "200"),
     ("PUT", "/v1/admin/members/{member_id}/tier-override", "200"),
     ("DELETE", "/v1/admin/members/{member_id}/tier-override", "200"),
