@@ -68,11 +68,13 @@ class UnitOfWork:
         schema: str,
         producer: str,
         on_commit: Callable[[], None] | None = None,
+        transactional: bool = True,
     ) -> None:
         self._pool = pool
         self._schema = schema
         self._producer = producer
         self._on_commit = on_commit
+        self._transactional = transactional
         self._conn: Any = None
         self._tx: Any = None
         self._emitted = 0
@@ -85,6 +87,8 @@ class UnitOfWork:
 
     async def __aenter__(self) -> UnitOfWork:
         self._conn = await self._pool.acquire()
+        if not self._transactional:
+            return self
         try:
             self._tx = self._conn.transaction()
             await self._tx.start()
@@ -101,7 +105,9 @@ class UnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if exc_type is None:
+            if self._tx is None:
+                pass  # reads only: nothing to end
+            elif exc_type is None:
                 await self._tx.commit()
                 if self._emitted and self._on_commit is not None:
                     self._on_commit()
@@ -113,6 +119,8 @@ class UnitOfWork:
 
     async def emit(self, payload: Message, member_id: str = "") -> str:
         """Write an event to this service's outbox, inside the current transaction."""
+        if not self._transactional:
+            raise RuntimeError("a reading unit of work writes nothing: use unit_of_work()")
         envelope = make_envelope(self._producer, payload, member_id)
         await self.conn.execute(
             f"INSERT INTO {self._schema}.outbox (event_id, event_type, envelope)"
@@ -140,6 +148,14 @@ class Database:
 
     def unit_of_work(self) -> UnitOfWork:
         return UnitOfWork(self.pool, self.schema, self.producer, self.outbox_wakeup.set)
+
+    def reading(self) -> UnitOfWork:
+        """For read-only use cases: a pooled connection without a transaction.
+        Under READ COMMITTED a transaction gives reads nothing (every statement
+        takes its own snapshot either way) and costs a BEGIN and a COMMIT round
+        trip: two of the three for a one-query read. Reads only: a write here
+        would commit statement by statement, so emit() refuses outright."""
+        return UnitOfWork(self.pool, self.schema, self.producer, transactional=False)
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")

@@ -171,7 +171,7 @@ class RewardsServicer(CouponRpcs, GrowthRpcs, rewards_pb2_grpc.RewardsServiceSer
         self, request: rewards_pb2.GetPointsBalanceRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.PointsBalance:
         member = parse_member_id(request.member_id)
-        async with self._db.unit_of_work() as uow:
+        async with self._db.reading() as uow:
             balance = await ledger.read_balance(uow.conn, uuid.UUID(member))
         return balance_message(member, balance or Balance())
 
@@ -306,7 +306,7 @@ class RewardsServicer(CouponRpcs, GrowthRpcs, rewards_pb2_grpc.RewardsServiceSer
         member = parse_member_id(request.member_id)
         days = self._horizon_days(request.days, "days")
         now = datetime.now(UTC)
-        async with self._db.unit_of_work() as uow:
+        async with self._db.reading() as uow:
             rows = await ledger.expiring_lots(
                 uow.conn, uuid.UUID(member), now, now + timedelta(days=days)
             )

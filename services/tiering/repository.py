@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable
@@ -72,14 +73,39 @@ PROGRAMME_COLUMNS = (
 
 
 def _programme(row: asyncpg.Record) -> TierProgramme:
-    rules = json.loads(row["rules"])
+    return _parsed(
+        row["programme_id"],
+        row["version"],
+        row["effective_from"],
+        row["qualifying_metric"],
+        row["window_months"],
+        row["ladder"],
+        row["rules"],
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(
+    programme_id: str,
+    version: int,
+    effective_from: datetime,
+    qualifying_metric: str,
+    window_months: int,
+    ladder: str,
+    rules_text: str,
+) -> TierProgramme:
+    """Parsed once per distinct row content: every event and every tier read
+    loads the programme in force, and parsing its JSON was most of that cost.
+    Keyed by the whole row, so a version rewritten in place (tests reseeding)
+    is parsed afresh; TierProgramme is frozen, so sharing it is safe."""
+    rules = json.loads(rules_text)
     return TierProgramme(
-        programme_id=row["programme_id"],
-        version=row["version"],
-        effective_from=row["effective_from"],
-        qualifying_metric=parse_metric(row["qualifying_metric"]),
-        window_months=row["window_months"],
-        ladder=parse_ladder(json.loads(row["ladder"])),
+        programme_id=programme_id,
+        version=version,
+        effective_from=effective_from,
+        qualifying_metric=parse_metric(qualifying_metric),
+        window_months=window_months,
+        ladder=parse_ladder(json.loads(ladder)),
         # '{}': a row written before programmes had rules runs on the defaults.
         rules=parse_rules(rules) if rules else DEFAULT_RULES,
     )

@@ -93,7 +93,7 @@ class TieringServicer(tiering_pb2_grpc.TieringServiceServicer):
     async def GetMemberSpend(
         self, request: tiering_pb2.GetMemberSpendRequest, context: grpc.aio.ServicerContext
     ) -> tiering_pb2.MemberSpend:
-        async with self._db.unit_of_work() as uow:
+        async with self._db.reading() as uow:
             view = await self._handlers.member_spend(uow, request.member_id)
         reply = tiering_pb2.MemberSpend(
             member_id=view.spend.member_id,
@@ -110,14 +110,14 @@ class TieringServicer(tiering_pb2_grpc.TieringServiceServicer):
     async def GetMemberTier(
         self, request: tiering_pb2.GetMemberTierRequest, context: grpc.aio.ServicerContext
     ) -> tiering_pb2.MemberTier:
-        async with self._db.unit_of_work() as uow:
+        async with self._db.reading() as uow:
             view = await self._handlers.member_tier(uow, request.member_id)
         return member_tier_reply(view)
 
     async def GetTierHistory(
         self, request: tiering_pb2.GetTierHistoryRequest, context: grpc.aio.ServicerContext
     ) -> tiering_pb2.TierHistory:
-        async with self._db.unit_of_work() as uow:
+        async with self._db.reading() as uow:
             rows = await self._handlers.tier_history(uow, request.member_id, request.limit)
         return tiering_pb2.TierHistory(
             entries=[

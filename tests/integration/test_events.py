@@ -307,3 +307,16 @@ async def test_one_read_shares_one_commit_and_a_failing_event_rolls_back_alone(
     assert [r["order_id"] for r in effects] == ["first", "second", "third"]
     good = {event for (_, event), order in zip(published, orders, strict=True) if order != "poison"}
     assert await processed(db, group) == good
+
+
+async def test_a_reading_unit_of_work_has_no_transaction_and_cannot_emit(db: Database) -> None:
+    async with db.reading() as uow:
+        # No BEGIN: every statement is its own transaction.
+        first = await uow.conn.fetchval("SELECT txid_current()")
+        second = await uow.conn.fetchval("SELECT txid_current()")
+        assert first != second
+        with pytest.raises(RuntimeError, match="writes nothing"):
+            await uow.emit(events_pb2.OrderCompleted(order_id="never"))
+    async with db.unit_of_work() as uow:
+        first = await uow.conn.fetchval("SELECT txid_current()")
+        assert await uow.conn.fetchval("SELECT txid_current()") == first
