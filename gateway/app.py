@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import socket
 from collections.abc import Iterator
@@ -195,26 +194,5 @@ class Gateway:
         log.info("gateway stopped")
 
     async def run_until_signalled(self) -> None:
-        async def start() -> None:
-            await self.start()
-            freeze_startup_heap()
-
-        await serve_until_signalled(NAME, start, self.stop)
-
-
-def freeze_startup_heap() -> None:
-    """Keep the process's startup objects (modules, the app and its routes,
-    protobuf and pydantic machinery: ~116k tracked objects) out of every later
-    garbage collection. A full collection otherwise walks all of them and
-    stalls every request in flight: 0.3-0.5 s each on the loaded 2-core bench
-    machine, 70 ms frozen; all collections of the same requests 0.9 s -> 0.3 s
-    (the app driven in-process, 2026-11-25). The requests' own garbage is
-    collected as before. For the serving process only: a test process starts
-    many gateways."""
-    gc.collect()
-    gc.freeze()
-    log.info("startup heap frozen: %d objects outside garbage collection", gc.get_freeze_count())
-
-
-def build(settings: GatewaySettings) -> Gateway:
-    return Gateway(settings)
+        # serve_until_signalled freezes the startup heap once serving (servicekit).
+        await serve_until_signalled(NAME, self.start, self.stop)
