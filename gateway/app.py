@@ -196,3 +196,7 @@ class Gateway:
     async def run_until_signalled(self) -> None:
         # serve_until_signalled freezes the startup heap once serving (servicekit).
         await serve_until_signalled(NAME, self.start, self.stop)
+
+
+def build(settings: GatewaySettings) -> Gateway:
+    return Gateway(settings)
