@@ -12,7 +12,8 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Request
-from fastapi.openapi.utils import get_openapi
+from fastapi._compat import get_definitions, get_flat_models_from_fields, get_model_name_map
+from fastapi.openapi.utils import get_fields_from_routes, get_openapi
 from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from pydantic import BaseModel, Field
@@ -135,6 +136,16 @@ def create_app(
     return app
 
 
+def _declared_schemas(app: FastAPI) -> dict[str, Any]:
+    """The routes' component schemas, made by the same calls as get_openapi."""
+    fields = get_fields_from_routes(app.routes)
+    names = get_model_name_map(get_flat_models_from_fields(fields, known_models=set()))
+    _, definitions = get_definitions(
+        fields=fields, model_name_map=names, separate_input_output_schemas=True
+    )
+    return definitions
+
+
 def _serve_problems_in_openapi(app: FastAPI) -> None:
     """FastAPI documents every response as application/json; error bodies are
     application/problem+json, so say so in /openapi.json."""
@@ -147,6 +158,10 @@ def _serve_problems_in_openapi(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
+            # get_openapi's last step drops every null of the document, the
+            # examples' too (fastapi#5559): `"sku": null` would vanish from a
+            # response example. The component schemas as pydantic declares them.
+            schema["components"]["schemas"].update(_declared_schemas(app))
             for url, path in schema.get("paths", {}).items():
                 for method, operation in path.items():
                     responses = operation.setdefault("responses", {})

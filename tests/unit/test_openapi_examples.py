@@ -42,8 +42,8 @@ def declared_schemas(app: FastAPI) -> dict[str, Any]:
 
 APP = create_app(cast(Downstreams, None), traced=False)
 SERVED: Spec = APP.openapi()
-# The spec with its examples whole: what /openapi.json serves once
-# gateway/http.py puts the nulls back (test_the_served_spec_keeps_examples_whole).
+# The spec with its examples whole, made here independently of gateway/http.py,
+# so test_the_served_spec_keeps_examples_whole can compare /openapi.json with it.
 SPEC: Spec = copy.deepcopy(SERVED)
 SPEC["components"]["schemas"].update(declared_schemas(APP))
 
@@ -218,12 +218,9 @@ def test_every_schema_example_matches_its_schema() -> None:
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastapi#5559: get_openapi drops the examples' nulls; gateway/http.py's openapi()"
-    " must put back the declared component schemas (then delete this mark)",
-)
 def test_the_served_spec_keeps_examples_whole() -> None:
+    """fastapi#5559: get_openapi drops the examples' nulls; gateway/http.py's
+    openapi() puts back the component schemas as pydantic declares them."""
     served = SERVED["components"]["schemas"]
     mangled = sorted(
         name
