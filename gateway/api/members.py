@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from loyalty.member.v1 import member_pb2
 from servicekit.protos import to_datetime
@@ -25,20 +26,32 @@ from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
 # Every route here is about a member (or a merge of members): one error table.
 router = APIRouter(responses=MEMBER_ERRORS)
 
+# Examples of what the API answers (times come back in UTC): one person who
+# enrolled in 2025 (MEMBER_EXAMPLE), enrolled again from another app in 2026
+# (ABSORBED_MEMBER_EXAMPLE), and the merge, review and erasure of the two.
+ABSORBED_MEMBER_ID_EXAMPLE = "6f1e2d3c-4b5a-4978-8a6b-5c4d3e2f1a09"
+REVIEW_ID_EXAMPLE = "3e9d8c7b-6a5f-4e4d-9c3b-2a1f0e9d8c7b"
+MERGE_ID_EXAMPLE = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+MEMBER_EXAMPLE: JsonDict = {
+    "member_id": MEMBER_ID_EXAMPLE,
+    # Member numbers are the digits of a sequence (member.member_number_seq).
+    "member_number": "10001024",
+    "phone_masked": "139****5678",
+    "registered_at": "2025-03-08T06:30:00Z",
+}
+ABSORBED_MEMBER_EXAMPLE: JsonDict = {
+    "member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+    "member_number": "10583317",
+    "phone_masked": "186****2201",
+    "registered_at": "2026-04-12T09:41:27Z",
+}
+# What identify records as evidence: every identifier of the call, masked.
+OPENID_EVIDENCE = "wechat_openid:oG************************JE"
+PHONE_EVIDENCE = "phone:139****5678 (verified)"
+
 
 class Member(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "member_id": MEMBER_ID_EXAMPLE,
-                    "member_number": "M00001024",
-                    "phone_masked": "139****5678",
-                    "registered_at": "2025-03-08T06:30:00Z",
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [MEMBER_EXAMPLE]})
 
     member_id: str
     member_number: str = Field(description="Short human-facing member number")
@@ -125,6 +138,48 @@ class IgnoredIdentifier(BaseModel):
 
 
 class Identified(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                # A first login: a new member, no phone yet.
+                {
+                    "member": {
+                        "member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                        "member_number": "10583317",
+                        "phone_masked": "",
+                        "registered_at": "2026-04-12T09:41:27Z",
+                    },
+                    "created": True,
+                    "merged_member_ids": [],
+                    "review_id": None,
+                    "ignored": [],
+                    "replayed": False,
+                },
+                # bind-phone: the verified phone belonged to an older member,
+                # which survives and absorbs the one of this openid.
+                {
+                    "member": MEMBER_EXAMPLE,
+                    "created": False,
+                    "merged_member_ids": [ABSORBED_MEMBER_ID_EXAMPLE],
+                    "review_id": None,
+                    "ignored": [],
+                    "replayed": False,
+                },
+                # bind-phone: merging would give one member two verified
+                # phones, so an operator reviews it; meanwhile the member of
+                # the phone answers (it outranks the openid).
+                {
+                    "member": MEMBER_EXAMPLE,
+                    "created": False,
+                    "merged_member_ids": [],
+                    "review_id": REVIEW_ID_EXAMPLE,
+                    "ignored": [{"field": "openid", "reason": "OWNED_ELSEWHERE"}],
+                    "replayed": False,
+                },
+            ]
+        }
+    )
+
     member: Member
     created: bool = Field(description="True when this call enrolled the member")
     merged_member_ids: list[str] = Field(description="Members merged into `member` by this call")
@@ -258,7 +313,67 @@ class Consent(BaseModel):
     recorded_at: datetime
 
 
+MARKETING_SMS_EXAMPLE: JsonDict = {
+    "purpose": "marketing",
+    "channel": "sms",
+    "granted": True,
+    "source": "mini-program:privacy",
+    "actor": "member",
+    "recorded_at": "2026-04-12T09:45:02Z",
+}
+PERSONALISATION_EXAMPLE: JsonDict = {
+    "purpose": "personalisation",
+    "channel": "all",
+    "granted": True,
+    "source": "mini-program:privacy",
+    "actor": "member",
+    "recorded_at": "2026-04-12T09:45:02Z",
+}
+MARKETING_WECOM_EXAMPLE: JsonDict = {
+    "purpose": "marketing",
+    "channel": "wecom",
+    "granted": False,
+    "source": "wecom:unsubscribe",
+    "actor": "member",
+    "recorded_at": "2026-05-20T13:02:51Z",
+}
+
+
 class Profile(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "nickname": "小满",
+                    "birthday": "1998-06-21",
+                    "gender": "female",
+                    "registration_store_id": "SH001",
+                    "acquisition_channel": "wecom",
+                    "acquisition_campaign": "2026-spring-invite",
+                    "consents": [
+                        MARKETING_SMS_EXAMPLE,
+                        MARKETING_WECOM_EXAMPLE,
+                        PERSONALISATION_EXAMPLE,
+                    ],
+                    "personalisation_allowed": True,
+                },
+                # Nothing recorded yet: no consent (opt-in), no personalisation.
+                {
+                    "member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                    "nickname": None,
+                    "birthday": None,
+                    "gender": None,
+                    "registration_store_id": None,
+                    "acquisition_channel": None,
+                    "acquisition_campaign": None,
+                    "consents": [],
+                    "personalisation_allowed": False,
+                },
+            ]
+        }
+    )
+
     member_id: str
     nickname: str | None
     birthday: str | None = Field(description="YYYY-MM-DD")
@@ -292,6 +407,21 @@ class ConsentChoice(BaseModel):
 
 
 class ConsentHistory(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "records": [
+                        MARKETING_SMS_EXAMPLE,
+                        {**MARKETING_SMS_EXAMPLE, "channel": "wecom"},
+                        PERSONALISATION_EXAMPLE,
+                        MARKETING_WECOM_EXAMPLE,
+                    ]
+                }
+            ]
+        }
+    )
+
     records: list[Consent] = Field(description="Oldest first, over the merged member")
 
 
@@ -388,6 +518,20 @@ async def consent_history(member_id: MemberId, request: Request) -> ConsentHisto
 
 
 class MemberCode(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                # 8, the window's last digit, member number 10001024 in 10
+                # digits, 8 digits of HMAC; good for this 30 s window and the next.
+                {
+                    "code": "83001000102447190582",
+                    "expires_at": "2026-05-03T04:21:00Z",
+                    "refresh_after_seconds": 18,
+                }
+            ]
+        }
+    )
+
     code: str = Field(description="20 digits; show as a barcode or QR code")
     expires_at: datetime
     refresh_after_seconds: int = Field(description="Ask for a new code after this long")
@@ -416,7 +560,44 @@ Operator = Annotated[str, Field(min_length=1, max_length=128, description="Who a
 AnyId = Annotated[uuid.UUID, Path(description="A UUID")]
 
 
+PENDING_REVIEW_EXAMPLE: JsonDict = {
+    "review_id": REVIEW_ID_EXAMPLE,
+    "status": "pending",
+    "member_ids": [MEMBER_ID_EXAMPLE, ABSORBED_MEMBER_ID_EXAMPLE],
+    "reason": "LIMIT_EXCEEDED:phone_verified",
+    "detail": "merging would give one member more than allowed: phone_verified",
+    "evidence": [OPENID_EVIDENCE, PHONE_EVIDENCE],
+    "created_at": "2026-05-03T04:20:31Z",
+    "decided_at": None,
+    "decided_by": None,
+    "note": None,
+    "merge_ids": [],
+}
+
+
 class MergeReview(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **PENDING_REVIEW_EXAMPLE,
+                    "status": "approved",
+                    "decided_at": "2026-05-04T02:10:45Z",
+                    "decided_by": "ops-li",
+                    "note": "same person: the old phone was replaced",
+                    "merge_ids": [MERGE_ID_EXAMPLE],
+                },
+                {
+                    **PENDING_REVIEW_EXAMPLE,
+                    "status": "rejected",
+                    "decided_at": "2026-05-04T02:12:09Z",
+                    "decided_by": "ops-li",
+                    "note": "two family members sharing a phone",
+                },
+            ]
+        }
+    )
+
     review_id: str
     status: str
     member_ids: list[str]
@@ -431,6 +612,12 @@ class MergeReview(BaseModel):
 
 
 class MergeReviews(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"reviews": [PENDING_REVIEW_EXAMPLE], "next_page_token": None}]
+        }
+    )
+
     reviews: list[MergeReview]
     next_page_token: str | None
 
@@ -456,6 +643,26 @@ class MergeRecord(BaseModel):
 
 
 class Merged(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member": MEMBER_EXAMPLE,
+                    "merges": [
+                        {
+                            "merge_id": MERGE_ID_EXAMPLE,
+                            "survivor_member_id": MEMBER_ID_EXAMPLE,
+                            "absorbed_member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                            "rule": "operator",
+                            "evidence": ["reason:ticket 5521: same person, two phones"],
+                            "merged_at": "2026-05-04T02:10:45Z",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     member: Member
     merges: list[MergeRecord]
 
@@ -466,6 +673,12 @@ class UnmergeRequest(BaseModel):
 
 
 class Unmerged(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"survivor": MEMBER_EXAMPLE, "restored": ABSORBED_MEMBER_EXAMPLE}]
+        }
+    )
+
     survivor: Member
     restored: Member
 
@@ -476,11 +689,26 @@ class EraseRequest(BaseModel):
 
 
 class Erased(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "erased_member_ids": [MEMBER_ID_EXAMPLE, ABSORBED_MEMBER_ID_EXAMPLE],
+                    "identifiers_suppressed": 5,
+                }
+            ]
+        }
+    )
+
     erased_member_ids: list[str] = Field(description="The whole merged cluster, now tombstones")
     identifiers_suppressed: int
 
 
 class MemberWithPii(Member):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**MEMBER_EXAMPLE, "phone": "+8613912345678"}]}
+    )
+
     phone: str | None = Field(description="E.164; this read is written to the PII audit")
 
 
@@ -493,6 +721,36 @@ class Quarantined(BaseModel):
 
 
 class QuarantineList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "identifiers": [
+                        {
+                            "type": "phone",
+                            "namespace": "",
+                            "value_masked": "138****2046",
+                            "linked_members": 4,
+                            "quarantined_at": "2026-05-06T11:03:52Z",
+                        },
+                        {
+                            "type": "pos_card",
+                            "namespace": "",
+                            "value_masked": "62************33",
+                            "linked_members": 4,
+                            "quarantined_at": "2026-05-02T03:14:07.512Z",
+                        },
+                    ],
+                    # Opaque: pass it back as `cursor` as it is.
+                    "next_cursor": "WyIyMDI2LTA1LTAyVDAzOjE0OjA3LjUxMjAwMCswMDowMCIsICJwb3NfY2FyZC"
+                    "IsICIiLCAiYzI5YTE4OWMxODI0YzkxYWEzOWU5NTczNjJjNDU1MTVmNTM1NGFiYTgzOTZh"
+                    "ZjNjNTUxYjk1ZDVhNzUzMjMwNCJd",
+                },
+                {"identifiers": [], "next_cursor": None},
+            ]
+        }
+    )
+
     identifiers: list[Quarantined]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
 

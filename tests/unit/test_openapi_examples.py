@@ -68,23 +68,6 @@ STILL_WITHOUT_EXAMPLE: set[Operation] = {
     ("GET", "/v1/members/{member_id}/tier", "200"),
     ("PUT", "/v1/admin/members/{member_id}/tier-override", "200"),
     ("DELETE", "/v1/admin/members/{member_id}/tier-override", "200"),
-    # gateway/api/members.py
-    ("POST", "/v1/members/identify", "200"),
-    ("POST", "/v1/members/bind-phone", "200"),
-    ("GET", "/v1/members/{member_id}/profile", "200"),
-    ("PATCH", "/v1/members/{member_id}/profile", "200"),
-    ("PUT", "/v1/members/{member_id}/consents", "200"),
-    ("GET", "/v1/members/{member_id}/consents/history", "200"),
-    ("POST", "/v1/members/{member_id}/member-code", "200"),
-    ("GET", "/v1/admin/merge-reviews", "200"),
-    ("POST", "/v1/admin/merge-reviews/{review_id}/approve", "200"),
-    ("POST", "/v1/admin/merge-reviews/{review_id}/reject", "200"),
-    ("POST", "/v1/admin/members/merge", "200"),
-    ("POST", "/v1/admin/merges/{merge_id}/unmerge", "200"),
-    ("POST", "/v1/admin/members/{member_id}/erase", "200"),
-    ("GET", "/v1/admin/quarantined-identifiers", "200"),
-    # ... MemberWithPii's example is partial (no phone)
-    ("GET", "/v1/admin/members/{member_id}/pii", "200"),
     # gateway/api/coupons.py
     ("GET", "/v1/members/{member_id}/coupons", "200"),
     ("POST", "/v1/admin/coupon-templates", "201"),
