@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
 
@@ -182,7 +183,72 @@ class TemplateStatus(BaseModel):
     status: Literal["draft", "active", "paused", "ended"]
 
 
+# Examples of what the API answers: terms and limits come back whole (every
+# field, defaults included; unset times are null), server times in UTC.
+MJ99_TERMS_EXAMPLE: JsonDict = {
+    "name": "满99减30",
+    "kind": "amount_off",
+    "threshold_fen": 9900,
+    "discount_fen": 3000,
+    "percent": 0,
+    "cap_fen": 0,
+    "max_price_fen": 0,
+    "price_fen": 0,
+    "skus": [],
+    "categories": [],
+    "store_ids": [],
+    "channels": [],
+    "tiers": [],
+    "new_members_only": False,
+    "valid_from": None,
+    "valid_until": None,
+    "valid_days": 30,
+    "valid_hours": 0,
+    "stackable": False,
+    "restore_on_refund": True,
+    "claimable": True,
+}
+MJ99_TEMPLATE_EXAMPLE: JsonDict = {
+    "template_id": TEMPLATE_ID_EXAMPLE,
+    "version": 2,
+    "status": "active",
+    "terms": MJ99_TERMS_EXAMPLE,
+    "limits": {"total_stock": 100000, "per_member_limit": 1, "daily_budget": 0, "stock_shards": 8},
+    "remaining_stock": 98800,
+    "created_at": "2026-04-20T02:00:00Z",
+    "updated_at": "2026-04-28T07:30:12Z",
+}
+P80_TEMPLATE_EXAMPLE: JsonDict = {
+    "template_id": "P80-CAP15",
+    "version": 1,
+    "status": "draft",
+    "terms": {
+        **MJ99_TERMS_EXAMPLE,
+        "name": "8折 最高减15",
+        "kind": "percent_off",
+        "threshold_fen": 0,
+        "discount_fen": 0,
+        "percent": 20,
+        "cap_fen": 1500,
+        "channels": ["online"],
+        "valid_until": "2026-06-30T15:59:59Z",
+        "valid_days": 0,
+        "restore_on_refund": False,
+        "claimable": False,
+    },
+    # 0: no stock limit, so no remaining stock either.
+    "limits": {"total_stock": 0, "per_member_limit": 0, "daily_budget": 0, "stock_shards": 1},
+    "remaining_stock": None,
+    "created_at": "2026-05-06T08:12:40Z",
+    "updated_at": "2026-05-06T08:12:40Z",
+}
+
+
 class CouponTemplate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [MJ99_TEMPLATE_EXAMPLE, P80_TEMPLATE_EXAMPLE]}
+    )
+
     template_id: str
     version: int
     status: str = Field(examples=["active"])
@@ -194,6 +260,19 @@ class CouponTemplate(BaseModel):
 
 
 class CouponTemplates(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                # Ordered by template id; the cursor is the page's last id.
+                {
+                    "templates": [MJ99_TEMPLATE_EXAMPLE, P80_TEMPLATE_EXAMPLE],
+                    "next_cursor": "P80-CAP15",
+                },
+                {"templates": [], "next_cursor": None},
+            ]
+        }
+    )
+
     templates: list[CouponTemplate]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
@@ -224,29 +303,45 @@ class CouponReport(BaseModel):
     remaining_stock: int | None
 
 
+CLAIMED_COUPON_EXAMPLE: JsonDict = {
+    "coupon_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
+    "code": "7KQ2M9X4T8B1C",
+    "template_id": TEMPLATE_ID_EXAMPLE,
+    "template_version": 2,
+    "member_id": MEMBER_ID_EXAMPLE,
+    "reason": "claim",
+    "status": "available",
+    # An issue answers without the terms; the wallet lists them.
+    "name": None,
+    "terms": None,
+    "issued_at": "2026-05-01T04:00:00Z",
+    "valid_from": "2026-05-01T04:00:00Z",
+    "expires_at": "2026-05-31T04:00:00Z",
+    "order_id": None,
+    "discount_fen": None,
+    "replayed": False,
+}
+USED_COUPON_EXAMPLE: JsonDict = {
+    "coupon_id": "5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9",
+    "code": "Q4W8E2R6T0Y3U",
+    "template_id": TEMPLATE_ID_EXAMPLE,
+    "template_version": 1,
+    "member_id": MEMBER_ID_EXAMPLE,
+    "reason": "registration",
+    "status": "used",
+    "name": "满99减30",
+    "terms": {**MJ99_TERMS_EXAMPLE, "claimable": False},
+    "issued_at": "2026-04-21T10:15:03Z",
+    "valid_from": "2026-04-21T10:15:03Z",
+    "expires_at": "2026-05-21T10:15:03Z",
+    "order_id": "c0ffee00-1234-4abc-8def-0123456789ab",
+    "discount_fen": 3000,
+    "replayed": False,
+}
+
+
 class Coupon(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "coupon_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
-                    "code": "7KQ2M9X4T8B1C",
-                    "template_id": "MJ99-30",
-                    "template_version": 1,
-                    "member_id": MEMBER_ID_EXAMPLE,
-                    "reason": "claim",
-                    "status": "available",
-                    "name": "满99减30",
-                    "issued_at": "2026-05-01T12:00:00+08:00",
-                    "valid_from": "2026-05-01T12:00:00+08:00",
-                    "expires_at": "2026-05-31T12:00:00+08:00",
-                    "order_id": None,
-                    "discount_fen": None,
-                    "replayed": False,
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [CLAIMED_COUPON_EXAMPLE]})
 
     coupon_id: str
     code: str = Field(description="What the member shows at the till")
@@ -266,6 +361,24 @@ class Coupon(BaseModel):
 
 
 class Wallet(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "coupons": [
+                        {
+                            **CLAIMED_COUPON_EXAMPLE,
+                            "name": "满99减30",
+                            "terms": MJ99_TERMS_EXAMPLE,
+                        },
+                        USED_COUPON_EXAMPLE,
+                    ],
+                    "next_cursor": "1042",
+                }
+            ]
+        }
+    )
+
     coupons: list[Coupon]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 

@@ -68,13 +68,6 @@ STILL_WITHOUT_EXAMPLE: set[Operation] = {
     ("GET", "/v1/members/{member_id}/tier", "200"),
     ("PUT", "/v1/admin/members/{member_id}/tier-override", "200"),
     ("DELETE", "/v1/admin/members/{member_id}/tier-override", "200"),
-    # gateway/api/coupons.py
-    ("GET", "/v1/members/{member_id}/coupons", "200"),
-    ("POST", "/v1/admin/coupon-templates", "201"),
-    ("GET", "/v1/admin/coupon-templates", "200"),
-    ("GET", "/v1/admin/coupon-templates/{template_id}", "200"),
-    ("POST", "/v1/admin/coupon-templates/{template_id}/versions", "201"),
-    ("PUT", "/v1/admin/coupon-templates/{template_id}/status", "200"),
 }
 
 
