@@ -254,6 +254,13 @@ class RewardsClient(_Client):
             ),
         )
 
+    async def get_points_summary(self, member_id: str, days: int) -> rewards_pb2.PointsSummary:
+        """Balance and points lapsing within `days` (0: rewards' horizon), one hop."""
+        return await self._call(
+            self._stub.GetPointsSummary,
+            rewards_pb2.GetExpiringPointsRequest(member_id=member_id, days=days),
+        )
+
     async def get_expiring_points(self, member_id: str, days: int) -> rewards_pb2.ExpiringPoints:
         return await self._call(
             self._stub.GetExpiringPoints,

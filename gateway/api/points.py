@@ -3,7 +3,7 @@ expiring points for the mini-program; adjustments and liability for operators.""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated
 
@@ -155,8 +155,8 @@ class Liability(BaseModel):
     adjusted: int
 
 
-def _batches(reply: rewards_pb2.ExpiringPoints) -> list[ExpiringBatch]:
-    return [ExpiringBatch(points=b.points, expires_at=utc(b.expires_at)) for b in reply.batches]
+def _batches(batches: Iterable[rewards_pb2.ExpiringBatch]) -> list[ExpiringBatch]:
+    return [ExpiringBatch(points=b.points, expires_at=utc(b.expires_at)) for b in batches]
 
 
 @router.get(
@@ -188,12 +188,8 @@ async def get_points_summary(member_id: MemberId, request: Request) -> PointsSum
 
 async def points_summary(down: Downstreams, member_id: str) -> PointsSummary:
     """The summary from rewards (also one half of the member centre, api/centre.py)."""
-    rewards = down.rewards
-    # Independent reads: side by side, the page waits for one hop, not two.
-    reply, expiring = await asyncio.gather(
-        rewards.get_points_balance(member_id),
-        rewards.get_expiring_points(member_id, 0),
-    )
+    summary = await down.rewards.get_points_summary(member_id, 0)
+    reply = summary.balance
     return PointsSummary(
         member_id=reply.member_id or member_id,
         available=reply.available,
@@ -201,7 +197,7 @@ async def points_summary(down: Downstreams, member_id: str) -> PointsSummary:
         pending=reply.pending,
         held=reply.held,
         debt=reply.debt,
-        expiring_soon=_batches(expiring),
+        expiring_soon=_batches(summary.expiring_soon),
     )
 
 
@@ -255,7 +251,7 @@ async def get_expiring(
     reply = await downstreams(request).rewards.get_expiring_points(str(member_id), days)
     return ExpiringPoints(
         member_id=reply.member_id,
-        batches=_batches(reply),
+        batches=_batches(reply.batches),
     )
 
 

@@ -90,6 +90,13 @@ def balance_message(member_id: str, balance: Balance) -> rewards_pb2.PointsBalan
     )
 
 
+def expiring_batches(rows: list[Any]) -> list[rewards_pb2.ExpiringBatch]:
+    return [
+        rewards_pb2.ExpiringBatch(points=r["points"], expires_at=timestamp(r["expires_at"]))
+        for r in rows
+    ]
+
+
 def movement(spend: Spend) -> rewards_pb2.PointsMovement:
     sign = 1 if spend.hold_status in ("voided", "expired") else -1
     reply = rewards_pb2.PointsMovement(
@@ -310,12 +317,22 @@ class RewardsServicer(CouponRpcs, GrowthRpcs, rewards_pb2_grpc.RewardsServiceSer
             rows = await ledger.expiring_lots(
                 uow.conn, uuid.UUID(member), now, now + timedelta(days=days)
             )
-        return rewards_pb2.ExpiringPoints(
-            member_id=member,
-            batches=[
-                rewards_pb2.ExpiringBatch(points=r["points"], expires_at=timestamp(r["expires_at"]))
-                for r in rows
-            ],
+        return rewards_pb2.ExpiringPoints(member_id=member, batches=expiring_batches(rows))
+
+    async def GetPointsSummary(
+        self, request: rewards_pb2.GetExpiringPointsRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.PointsSummary:
+        member = parse_member_id(request.member_id)
+        days = self._horizon_days(request.days, "days")
+        now = datetime.now(UTC)
+        async with self._db.reading() as uow:
+            balance = await ledger.read_balance(uow.conn, uuid.UUID(member))
+            rows = await ledger.expiring_lots(
+                uow.conn, uuid.UUID(member), now, now + timedelta(days=days)
+            )
+        return rewards_pb2.PointsSummary(
+            balance=balance_message(member, balance or Balance()),
+            expiring_soon=expiring_batches(rows),
         )
 
     async def GetPointsLiability(

@@ -269,6 +269,21 @@ async def test_expiring_points_and_liability(stub: Stub, db: asyncpg.Connection)
         rewards_pb2.GetExpiringPointsRequest(member_id=member, days=1)
     )
     assert list(none_soon.batches) == []
+    # The member centre's one call: the balance and the same batches.
+    summary = await stub.GetPointsSummary(
+        rewards_pb2.GetExpiringPointsRequest(member_id=member, days=800)
+    )
+    balance = await stub.GetPointsBalance(rewards_pb2.GetPointsBalanceRequest(member_id=member))
+    assert summary.balance == balance and summary.balance.available == 20
+    assert list(summary.expiring_soon) == list(year_end.batches)
+    stranger = await stub.GetPointsSummary(
+        rewards_pb2.GetExpiringPointsRequest(member_id=str(uuid.uuid4()))
+    )
+    assert stranger.balance.available == 0 and not stranger.expiring_soon
+    bad = await rpc_error(
+        stub.GetPointsSummary(rewards_pb2.GetExpiringPointsRequest(member_id="nobody"))
+    )
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
     liability = await stub.GetPointsLiability(rewards_pb2.GetPointsLiabilityRequest())
     assert liability.available >= 20
     # Entries sum to zero: what members hold is what was issued, less redeemed

@@ -43,16 +43,15 @@ class Rewards:
         self.fails = fails
         self.finished = 0
 
-    async def get_points_balance(self, member_id: str) -> rewards_pb2.PointsBalance:
+    async def get_points_summary(self, member_id: str, days: int) -> rewards_pb2.PointsSummary:
         # Slower than tiering: a failed tier must not leave this call running.
         await asyncio.sleep(0.01)
         if self.fails:
             raise self.fails
         self.finished += 1
-        return rewards_pb2.PointsBalance(member_id=member_id, available=320)
-
-    async def get_expiring_points(self, member_id: str, days: int) -> rewards_pb2.ExpiringPoints:
-        return rewards_pb2.ExpiringPoints(member_id=member_id)
+        return rewards_pb2.PointsSummary(
+            balance=rewards_pb2.PointsBalance(member_id=member_id, available=320)
+        )
 
 
 class Fake:
