@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from loyalty.tiering.v1 import tiering_pb2
 from servicekit.protos import timestamp, to_datetime
@@ -36,6 +37,72 @@ ProgrammeId = Annotated[
 ]
 
 
+# Examples of what the API answers, on the demo programme of docs/tiers.md
+# (paid spend in fen over 12 months; SVIP from ¥500, VIP from ¥1,500).
+SVIP_EXAMPLE: JsonDict = {
+    "code": "svip",
+    "name": "SVIP",
+    "threshold": 50000,
+    "retention": 30000,
+    "benefits": {
+        "points_multiplier_bp": 12000,
+        "birthday_coupon_template": "birthday-drink",
+        "upgrade_gift_coupon_template": None,
+        "free_delivery": False,
+        "priority": 0,
+    },
+}
+VIP_EXAMPLE: JsonDict = {
+    "code": "vip",
+    "name": "VIP",
+    "threshold": 150000,
+    "retention": 100000,
+    "benefits": {
+        "points_multiplier_bp": 15000,
+        "birthday_coupon_template": "birthday-drink-and-gift",
+        "upgrade_gift_coupon_template": "vip-welcome-gift",
+        "free_delivery": True,
+        "priority": 1,
+    },
+}
+# ¥580 in the window, of which ¥180 still counts on 31 Dec: ¥120 more keeps
+# SVIP (bar ¥300), ¥920 more reaches VIP; 8% of the way from SVIP to VIP.
+MEMBER_TIER_EXAMPLE: JsonDict = {
+    "member_id": MEMBER_ID_EXAMPLE,
+    "programme_id": "default",
+    "programme_version": 3,
+    "tier": SVIP_EXAMPLE,
+    "earned_tier": "svip",
+    "qualifying_metric": "paid_spend",
+    "metric_value": 58000,
+    "growth_value": 612,
+    "progress_bp": 800,
+    "period_last_day": "2026-12-31",
+    "keep_needed": 12000,
+    "next_tier": VIP_EXAMPLE,
+    "next_needed": 92000,
+    "projection": "¥120 more by 31 Dec keeps SVIP; ¥920 more reaches VIP",
+    "override_tier": None,
+    "override_until": None,
+    "override_reason": None,
+    "grace_until": None,
+}
+# The same member with a VIP floor until the end of August: the tier shown is
+# VIP, the top one, so there is no next tier.
+OVERRIDDEN_TIER_EXAMPLE: JsonDict = {
+    **MEMBER_TIER_EXAMPLE,
+    "tier": VIP_EXAMPLE,
+    "progress_bp": 10000,
+    "keep_needed": 82000,
+    "next_tier": None,
+    "next_needed": 0,
+    "projection": "¥820 more by 31 Dec keeps VIP",
+    "override_tier": "vip",
+    "override_until": "2026-08-31T15:59:59Z",
+    "override_reason": "complaint #8812: VIP for the summer",
+}
+
+
 class Benefits(BaseModel):
     points_multiplier_bp: int = Field(description="10000 = 1.0x earn, 15000 = 1.5x")
     birthday_coupon_template: str | None
@@ -54,19 +121,7 @@ class TierInfo(BaseModel):
 
 class MemberTier(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "member_id": MEMBER_ID_EXAMPLE,
-                    "tier": {"code": "svip", "name": "SVIP", "threshold": 50000},
-                    "qualifying_metric": "paid_spend",
-                    "metric_value": 58000,
-                    "period_last_day": "2026-12-31",
-                    "keep_needed": 12000,
-                    "projection": "¥120 more by 31 Dec keeps SVIP; ¥920 more reaches VIP",
-                }
-            ]
-        }
+        json_schema_extra={"examples": [MEMBER_TIER_EXAMPLE, OVERRIDDEN_TIER_EXAMPLE]}
     )
 
     member_id: str
@@ -128,6 +183,18 @@ class GrowthActionIn(BaseModel):
 
 
 class GrowthActionOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"awarded": 5, "capped": False, "replayed": False},
+                # The day's check-in was already awarded.
+                {"awarded": 0, "capped": True, "replayed": False},
+                # A retry of a recorded reference_id awards nothing again.
+                {"awarded": 0, "capped": False, "replayed": True},
+            ]
+        }
+    )
+
     awarded: int
     capped: bool = Field(description="The per-day/per-month cap refused the award")
     replayed: bool = Field(description="This reference was recorded before")
@@ -149,6 +216,87 @@ class ProgrammeIn(BaseModel):
 
 
 class ProgrammeOut(BaseModel):
+    # As stored: every benefit of every tier, defaults included; `retention`
+    # only where the tier sets one.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "programme_id": "default",
+                    "version": 4,
+                    "effective_from": "2026-12-31T16:00:00Z",
+                    "qualifying_metric": "paid_spend",
+                    "window_months": 12,
+                    "ladder": [
+                        {
+                            "code": "regular",
+                            "name": "普通会员",
+                            "threshold": 0,
+                            "benefits": {
+                                "points_multiplier_bp": 10000,
+                                "birthday_coupon_template": None,
+                                "free_delivery": False,
+                                "upgrade_gift_coupon_template": None,
+                                "priority": 0,
+                            },
+                        },
+                        {
+                            "code": "svip",
+                            "name": "SVIP",
+                            "threshold": 50000,
+                            "benefits": {
+                                "points_multiplier_bp": 12000,
+                                "birthday_coupon_template": "birthday-drink",
+                                "free_delivery": False,
+                                "upgrade_gift_coupon_template": None,
+                                "priority": 0,
+                            },
+                            "retention": 30000,
+                        },
+                        {
+                            "code": "vip",
+                            "name": "VIP",
+                            "threshold": 150000,
+                            "benefits": {
+                                "points_multiplier_bp": 15000,
+                                "birthday_coupon_template": "birthday-drink-and-gift",
+                                "free_delivery": True,
+                                "upgrade_gift_coupon_template": "vip-welcome-gift",
+                                "priority": 1,
+                            },
+                            "retention": 100000,
+                        },
+                    ],
+                    "rules": {
+                        "period": {"unit": "month", "length": 12},
+                        "downgrade": "one_level",
+                        "grace_days": 14,
+                        "timezone": "Asia/Shanghai",
+                        "growth": {
+                            "order_fen_per_point": 100,
+                            "order_cap": 0,
+                            "actions": {
+                                "check_in": {"points": 5, "cap": 1, "per": "day"},
+                                "referral": {"points": 50, "cap": 10, "per": "month"},
+                                "review": {"points": 10, "cap": 3, "per": "day"},
+                            },
+                        },
+                        "segments": {
+                            "rfm_window_months": 3,
+                            "new_days": 7,
+                            "growing_days": 30,
+                            "silent_days": 30,
+                            "churned_days": 90,
+                            "relative_top_pct": 15,
+                            "relative_next_pct": 30,
+                        },
+                    },
+                    "note": "2027: 14 days of grace",
+                }
+            ]
+        }
+    )
+
     programme_id: str
     version: int
     effective_from: datetime
@@ -166,6 +314,28 @@ class Movement(BaseModel):
 
 
 class Simulation(BaseModel):
+    # A draft lowering SVIP to ¥400 and raising VIP to ¥2,000: (current tier,
+    # tier the draft gives today) for everyone, the unmoved included.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "members": 870380,
+                    "upgrades": 9310,
+                    "kept_by_retention": 870,
+                    "at_risk": 250,
+                    "movements": [
+                        {"from_tier": "regular", "to_tier": "regular", "members": 812400},
+                        {"from_tier": "regular", "to_tier": "svip", "members": 9310},
+                        {"from_tier": "svip", "to_tier": "svip", "members": 41500},
+                        {"from_tier": "vip", "to_tier": "svip", "members": 1120},
+                        {"from_tier": "vip", "to_tier": "vip", "members": 6050},
+                    ],
+                }
+            ]
+        }
+    )
+
     members: int
     upgrades: int = Field(description="Would move up at once")
     kept_by_retention: int = Field(description="Below the draft's level, above its retention bar")
@@ -187,6 +357,153 @@ class Bucket(BaseModel):
 
 
 class Distribution(BaseModel):
+    # Every dimension counts every member (870,380; 1,420 more than at the
+    # previous run); values in order within a dimension.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": 412,
+                    "as_of": "2026-05-06T18:00:00Z",
+                    "members": 870380,
+                    "tier_changes": 8412,
+                    "segment_changes": 31655,
+                    "stage_changes": 18204,
+                    "buckets": [
+                        {
+                            "dimension": "tier",
+                            "value": "regular",
+                            "members": 821720,
+                            "change": -6770,
+                        },
+                        {"dimension": "tier", "value": "svip", "members": 42610, "change": 8260},
+                        {"dimension": "tier", "value": "vip", "members": 6050, "change": -70},
+                        {
+                            "dimension": "segment",
+                            "value": "at_risk",
+                            "members": 61240,
+                            "change": 2130,
+                        },
+                        {
+                            "dimension": "segment",
+                            "value": "cant_lose",
+                            "members": 9870,
+                            "change": 410,
+                        },
+                        {
+                            "dimension": "segment",
+                            "value": "champions",
+                            "members": 48310,
+                            "change": -620,
+                        },
+                        {
+                            "dimension": "segment",
+                            "value": "hibernating",
+                            "members": 88120,
+                            "change": 3050,
+                        },
+                        {
+                            "dimension": "segment",
+                            "value": "lost",
+                            "members": 203400,
+                            "change": 1220,
+                        },
+                        {
+                            "dimension": "segment",
+                            "value": "loyal",
+                            "members": 71560,
+                            "change": -1340,
+                        },
+                        {"dimension": "segment", "value": "new", "members": 22930, "change": -4100},
+                        {
+                            "dimension": "segment",
+                            "value": "potential",
+                            "members": 96210,
+                            "change": 880,
+                        },
+                        {
+                            "dimension": "segment",
+                            "value": "prospect",
+                            "members": 268740,
+                            "change": -210,
+                        },
+                        {
+                            "dimension": "segment_group",
+                            "value": "dormant",
+                            "members": 291520,
+                            "change": 4270,
+                        },
+                        {
+                            "dimension": "segment_group",
+                            "value": "high_value_core",
+                            "members": 129740,
+                            "change": -1550,
+                        },
+                        {
+                            "dimension": "segment_group",
+                            "value": "potential_nurture",
+                            "members": 449120,
+                            "change": -1300,
+                        },
+                        {
+                            "dimension": "stage",
+                            "value": "active",
+                            "members": 186420,
+                            "change": -2310,
+                        },
+                        {
+                            "dimension": "stage",
+                            "value": "churned",
+                            "members": 402880,
+                            "change": 7570,
+                        },
+                        {
+                            "dimension": "stage",
+                            "value": "growing",
+                            "members": 41370,
+                            "change": -1080,
+                        },
+                        {"dimension": "stage", "value": "new", "members": 9940, "change": -3890},
+                        {
+                            "dimension": "stage",
+                            "value": "silent",
+                            "members": 229770,
+                            "change": 1130,
+                        },
+                        {
+                            "dimension": "relative_tier",
+                            "value": "regular",
+                            "members": 777740,
+                            "change": 850,
+                        },
+                        {
+                            "dimension": "relative_tier",
+                            "value": "svip",
+                            "members": 61760,
+                            "change": 380,
+                        },
+                        {
+                            "dimension": "relative_tier",
+                            "value": "vip",
+                            "members": 30880,
+                            "change": 190,
+                        },
+                    ],
+                },
+                # Before the first batch run.
+                {
+                    "run_id": 0,
+                    "as_of": None,
+                    "members": 0,
+                    "tier_changes": 0,
+                    "segment_changes": 0,
+                    "stage_changes": 0,
+                    "buckets": [],
+                },
+            ]
+        }
+    )
+
     run_id: int
     as_of: datetime | None
     members: int

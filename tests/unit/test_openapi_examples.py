@@ -57,17 +57,6 @@ STILL_WITHOUT_EXAMPLE: set[Operation] = {
     # gateway/api/points.py
     ("POST", "/v1/admin/members/{member_id}/points/adjustments", "200"),
     ("GET", "/v1/admin/points/liability", "200"),
-    # gateway/api/tiers.py
-    ("POST", "/v1/members/{member_id}/growth-actions", "200"),
-    ("GET", "/v1/admin/tier-programmes/{programme_id}", "200"),
-    ("POST", "/v1/admin/tier-programmes/{programme_id}/versions", "201"),
-    ("POST", "/v1/admin/tier-programmes/{programme_id}/simulations", "200"),
-    ("GET", "/v1/admin/reports/tier-distribution", "200"),
-    # ... MemberTier's example is partial: 11 of its required fields missing
-    # (programme_id, earned_tier, next_tier, override_*, ...; tier.benefits)
-    ("GET", "/v1/members/{member_id}/tier", "200"),
-    ("PUT", "/v1/admin/members/{member_id}/tier-override", "200"),
-    ("DELETE", "/v1/admin/members/{member_id}/tier-override", "200"),
 }
 
 
