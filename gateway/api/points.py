@@ -135,6 +135,29 @@ class Adjustment(BaseModel):
 
 
 class AdjustmentResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                # A goodwill credit of 15 to PointsBalance's member (32 before).
+                {
+                    "transaction_id": "7d6c5b4a-3f2e-4d1c-8b0a-9f8e7d6c5b4a",
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "points": 15,
+                    "available": 47,
+                    "replayed": False,
+                },
+                # A debit; a retry with its idempotency_key answers the same, replayed.
+                {
+                    "transaction_id": "0e1d2c3b-4a59-4687-9a5b-4c3d2e1f0a9b",
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "points": -20,
+                    "available": 27,
+                    "replayed": True,
+                },
+            ]
+        }
+    )
+
     transaction_id: str
     member_id: str
     points: int
@@ -143,6 +166,27 @@ class AdjustmentResult(BaseModel):
 
 
 class Liability(BaseModel):
+    # The journal sums to zero: available + pending + held - debt
+    # = issued - redeemed - expired + adjusted (35,022,000 here).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "available": 33500000,
+                    "pending": 1480000,
+                    "held": 62000,
+                    "debt": 20000,
+                    "members_with_points": 184230,
+                    "expiring_soon": 910000,
+                    "issued": 48210500,
+                    "redeemed": 12004300,
+                    "expired": 1200000,
+                    "adjusted": 15800,
+                }
+            ]
+        }
+    )
+
     available: int
     pending: int
     held: int
