@@ -16,7 +16,7 @@ from fastapi._compat import get_definitions, get_flat_models_from_fields, get_mo
 from fastapi.openapi.utils import get_fields_from_routes, get_openapi
 from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from servicekit.server import tracing_recorded
 
@@ -36,10 +36,29 @@ MemberId = Annotated[
 
 
 class Liveness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
     status: str = Field(examples=["ok"])
 
 
 class Readiness(BaseModel):
+    # One entry per deployed downstream (engagement only where it runs).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "downstreams": {
+                        "engagement": "SERVING",
+                        "member": "SERVING",
+                        "rewards": "SERVING",
+                        "tiering": "SERVING",
+                    },
+                }
+            ]
+        }
+    )
+
     status: str = Field(examples=["ready"])
     downstreams: dict[str, str] = Field(
         description="Health status of each downstream service",

@@ -1,7 +1,6 @@
 """The gateway's OpenAPI examples (issue 8): integrators copy them, so every
-example of a success response must be a body the spec accepts, with no key
-the response does not have; and the operations still without a whole-response
-example are an explicit list that can only shrink.
+success response has a whole example, and every example is a body the spec
+accepts, with no key the response does not have.
 
 The validator is jsonschema_rs, the one schemathesis checks the live
 responses with (tests/e2e/test_gateway_contract.py); it comes with
@@ -46,15 +45,6 @@ SERVED: Spec = APP.openapi()
 # so test_the_served_spec_keeps_examples_whole can compare /openapi.json with it.
 SPEC: Spec = copy.deepcopy(SERVED)
 SPEC["components"]["schemas"].update(declared_schemas(APP))
-
-# Operations whose success response has no whole, valid example yet, by the
-# module that owns the route. Add the example, then delete the line here: the
-# test fails until both agree, so the gap is visible and only shrinks.
-STILL_WITHOUT_EXAMPLE: set[Operation] = {
-    # gateway/http.py: the probes (Liveness, Readiness)
-    ("GET", "/healthz", "200"),
-    ("GET", "/readyz", "200"),
-}
 
 
 def strict(spec: Spec) -> Spec:
@@ -154,27 +144,19 @@ def invalid_examples(media: dict[str, Any]) -> list[str]:
 def test_every_success_example_is_a_valid_response() -> None:
     checked, failures = 0, []
     for op, media in success_responses(SPEC):
-        if op not in STILL_WITHOUT_EXAMPLE:
-            checked += len(examples_of(media, SPEC))
-            failures += [f"{' '.join(op)} {problem}" for problem in invalid_examples(media)]
+        checked += len(examples_of(media, SPEC))
+        failures += [f"{' '.join(op)} {problem}" for problem in invalid_examples(media)]
     assert checked >= 40, f"only {checked} examples found: is the walk still finding them?"
     assert not failures, "\n".join(failures)
 
 
 def test_every_schema_example_matches_its_schema() -> None:
     """Request models' and fields' examples too: they are what schemathesis
-    sends first and what integrators copy. (The whole-response examples of
-    operations still to do are the list's, above.)"""
-    to_do = {
-        ref_name(media.get("schema", {}))
-        for op, media in success_responses(SPEC)
-        if op in STILL_WITHOUT_EXAMPLE
-    }
+    sends first and what integrators copy."""
     failures = [
         f"{where}: {problem}"
         for name, schema in SPEC["components"]["schemas"].items()
         for where, node, example in schema_examples(schema, name)
-        if not (where == name and name in to_do)
         for problem in problems(example, node, COMPONENTS)
     ]
     assert not failures, "\n".join(failures)
@@ -192,20 +174,16 @@ def test_the_served_spec_keeps_examples_whole() -> None:
     assert not mangled, f"/openapi.json serves these examples without their nulls: {mangled}"
 
 
-def test_the_operations_without_an_example_are_the_listed_ones() -> None:
-    missing = {
-        op
+def test_no_success_response_lacks_a_whole_example() -> None:
+    """A new route needs an example of its success body on its response model
+    (model_config json_schema_extra "examples"), whole and valid."""
+    missing = sorted(
+        " ".join(op)
         for op, media in success_responses(SPEC)
         if not examples_of(media, SPEC) or invalid_examples(media)
-    }
-    assert not (missing - STILL_WITHOUT_EXAMPLE), (
-        "success responses without a whole, valid example (add one to the response model):\n"
-        + "\n".join(" ".join(op) for op in sorted(missing - STILL_WITHOUT_EXAMPLE))
     )
-    assert not (STILL_WITHOUT_EXAMPLE - missing), (
-        "these have an example now: delete them from STILL_WITHOUT_EXAMPLE:\n"
-        + "\n".join(" ".join(op) for op in sorted(STILL_WITHOUT_EXAMPLE - missing))
-    )
+    assert not missing, "success responses without a whole, valid example:\n" + "\n".join(missing)
+    assert len(list(success_responses(SPEC))) >= 65, "is the walk still finding the operations?"
 
 
 @pytest.mark.parametrize(
