@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -54,10 +53,9 @@ from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.settings import ServiceSettings
 
 from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, run_and_report, say, started
+from .cpu import own_cpu_seconds, process_cpu_seconds
 from .echo_server import METHOD as ECHO_METHOD
 from .loadgen import RunResult, open_loop
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -96,23 +94,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ---- CPU accounting ------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads) so far, from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # Fields after the command name (which may hold spaces): utime, stime
-            # are the 14th and 15th of the line.
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 @dataclass
 class CpuMeter:
     """CPU seconds used during one measured run by the rewards process, this
@@ -126,11 +107,11 @@ class CpuMeter:
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
             " AND pid <> pg_backend_pid()"
         )
-        return {r["pid"]: cpu_seconds(r["pid"]) for r in pids}
+        return {r["pid"]: process_cpu_seconds(r["pid"]) for r in pids}
 
     async def snapshot(self) -> dict[str, Any]:
         return {
-            "server": cpu_seconds(self.server_pid) if self.server_pid else 0.0,
+            "server": process_cpu_seconds(self.server_pid) if self.server_pid else 0.0,
             "backends": await self.backends(),
             "client": own_cpu_seconds(),
         }
