@@ -327,6 +327,13 @@ def exchange_model(e: rewards_pb2.MallExchange) -> MallExchange:
     )
 
 
+def exchanges_model(reply: rewards_pb2.MallExchanges) -> MallExchanges:
+    return MallExchanges(
+        exchanges=[exchange_model(e) for e in reply.exchanges],
+        next_cursor=reply.next_cursor or None,
+    )
+
+
 async def _items(request: Request, page_size: int, cursor: str, off_sale: bool) -> MallItems:
     reply = await downstreams(request).rewards.call(
         "ListMallItems",
@@ -390,10 +397,7 @@ async def list_exchanges(
             member_id=str(member_id), page_size=page_size, cursor=cursor
         ),
     )
-    return MallExchanges(
-        exchanges=[exchange_model(e) for e in reply.exchanges],
-        next_cursor=reply.next_cursor or None,
-    )
+    return exchanges_model(reply)
 
 
 ExchangeId = Annotated[
@@ -424,10 +428,7 @@ async def admin_list_exchanges(
             page_size=page_size, cursor=cursor, fulfilment=fulfilment or ""
         ),
     )
-    return MallExchanges(
-        exchanges=[exchange_model(e) for e in reply.exchanges],
-        next_cursor=reply.next_cursor or None,
-    )
+    return exchanges_model(reply)
 
 
 @router.post(
