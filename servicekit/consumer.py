@@ -163,6 +163,13 @@ class EventConsumer:
                 done.append(entry_id)
             else:
                 routed.append((entry_id, envelope, sub))
+        if all(envelope.member_id for _, envelope, _ in routed):
+            # Lock members in id order, as every batch job does (tiering's
+            # recompute chunks): a read's transaction holds its members' rows
+            # until it commits, and in arrival order it could deadlock with a
+            # chunk. Stable: one member's events keep their order (no consumer
+            # may depend on the order across members).
+            routed.sort(key=lambda r: r[1].member_id)
         if len(routed) == 1:  # alone: its own transaction, no savepoint to pay for
             entry_id, envelope, sub = routed[0]
             if await self._handle(None, stream, entry_id, envelope, sub):

@@ -320,3 +320,25 @@ async def test_a_reading_unit_of_work_has_no_transaction_and_cannot_emit(db: Dat
     async with db.unit_of_work() as uow:
         first = await uow.conn.fetchval("SELECT txid_current()")
         assert await uow.conn.fetchval("SELECT txid_current()") == first
+
+
+async def test_a_read_is_applied_in_member_order_keeping_each_members_own_order(
+    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+) -> None:
+    """Members are locked in id order, like the batch jobs' chunks (no
+    deadlock between them); one member's events stay in their order."""
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    members = sorted(str(uuid.uuid4()) for _ in range(3))
+    sent = [(members[2], "c1"), (members[0], "a1"), (members[1], "b1"), (members[0], "a2")]
+    for member, order_id in sent:
+        envelope = make_envelope(producer, events_pb2.OrderCompleted(order_id=order_id), member)
+        await redis.xadd(stream, {ENVELOPE_FIELD: envelope.SerializeToString()})
+    applied: list[str] = []
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        applied.append(event.payload.order_id)  # type: ignore[attr-defined]
+
+    async with running(consumer_for(group, db, redis, infra, producer, handler)):
+        await eventually(lambda: _drained(redis, stream, group))
+    assert applied == ["a1", "a2", "b1", "c1"]
