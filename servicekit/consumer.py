@@ -70,6 +70,7 @@ class EventConsumer:
         self._block_ms = block_ms
         self._batch_size = batch_size
         self._consumer_name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self._stopping = False
         # stream -> {event type -> subscription}
         self._routes: dict[str, dict[str, Subscription]] = {}
         self._producers: dict[str, str] = {}
@@ -93,7 +94,7 @@ class EventConsumer:
         streams = dict.fromkeys(self._routes, ">")
         last_retry = 0.0
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             try:
                 replies: Any = await self._redis.xreadgroup(
                     self.group,
@@ -118,6 +119,13 @@ class EventConsumer:
             except Exception:
                 log.exception("event consumer %s failed; retrying", self.group)
                 await asyncio.sleep(1)
+
+    def stop(self) -> None:
+        """Leave the loop after the current read. Cancelling the task is not
+        enough on its own: redis-py can miss a cancellation that lands in a
+        blocking XREADGROUP (redis/redis-py#2579), and the loop then kept
+        retrying against closed pools and held the process open."""
+        self._stopping = True
 
     async def retry_pending(self) -> None:
         """Reclaim entries left unacknowledged (failed here, or by a dead consumer)."""

@@ -219,6 +219,8 @@ class ServiceApp:
             await asyncio.sleep(self.settings.shutdown_delay_seconds)
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_seconds)
+        for consumer in self.consumers:
+            consumer.stop()
         await stop_tasks(self.name, self._tasks)
         if self.relay is not None and self.db is not None:
             # Publish what committed during the drain, so nothing waits for a restart.

@@ -342,3 +342,21 @@ async def test_a_read_is_applied_in_member_order_keeping_each_members_own_order(
     async with running(consumer_for(group, db, redis, infra, producer, handler)):
         await eventually(lambda: _drained(redis, stream, group))
     assert applied == ["a1", "a2", "b1", "c1"]
+
+
+async def test_a_stopped_consumer_leaves_its_loop_without_being_cancelled(
+    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+) -> None:
+    """A cancellation redis-py misses inside XREADGROUP must not keep the loop
+    (and the process) alive: stop() ends it at the next read."""
+    producer, group = names
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        return None
+
+    consumer = consumer_for(group, db, redis, infra, producer, handler)
+    task = asyncio.create_task(consumer.run())
+    await asyncio.sleep(0.2)  # in its blocking read by now
+    consumer.stop()
+    await asyncio.wait_for(task, timeout=5)  # returns on its own: no cancel() here
+    assert task.done() and not task.cancelled() and task.exception() is None
