@@ -150,7 +150,8 @@ class EventConsumer:
                     break
 
     async def _deliver_batch(self, stream: str, entries: list[tuple[Any, Any]]) -> None:
-        """Handle one read's entries in order, in one transaction, then ack them."""
+        """Handle one read's entries in one transaction (in member order when
+        every entry names its member), then acknowledge them."""
         routed: list[tuple[str, events_pb2.EventEnvelope, Subscription]] = []
         done: list[str] = []  # entries to acknowledge after the commit
         for raw_id, fields in entries:
