@@ -46,6 +46,7 @@ from .cli import (
     RESULTS_DIR,
     BenchInfra,
     UnexpectedReply,
+    events_drained,
     platform_env,
     pos_channel,
     register_pos_key,
@@ -261,6 +262,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             args.warmup,
                             timeout=args.timeout + 1.0,
                         )
+                    # Not while the consumers still work off the issued
+                    # coupons' or the previous row's events.
+                    await events_drained(infra)
                     say(f"measuring {name}: {args.rate:g}/s for {args.seconds:g}s ...")
                     steps: dict[str, list[float]] = {"PreviewCheckout": [], "CompleteOrder": []}
                     result = await open_loop(
