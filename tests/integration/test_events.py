@@ -66,9 +66,12 @@ async def running(consumer: EventConsumer) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # As ServiceApp.stop does: a cancel alone can be lost inside redis-py's
+        # XREADGROUP (the loop then ran on and this await hung the suite).
+        consumer.stop()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await asyncio.wait_for(task, timeout=10)
 
 
 def consumer_for(
