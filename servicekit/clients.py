@@ -6,11 +6,11 @@ from __future__ import annotations
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from .server import tracing_recorded
+from .telemetry import tracing_recorded
 
 
 def create_channel(target: str, traced: bool | None = None) -> grpc.aio.Channel:
-    """`traced` (default: the process records spans, server.tracing_recorded())
+    """`traced` (default: the process records spans, telemetry.tracing_recorded())
     adds the OpenTelemetry client interceptors, which also carry the trace
     context to the callee; without them each call skips the interceptor chain."""
     if traced is None:

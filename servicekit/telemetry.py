@@ -72,3 +72,11 @@ def inject_context() -> dict[str, str]:
 
 def extract_context(carrier: Mapping[str, str]):  # type: ignore[no-untyped-def]
     return propagate.extract(dict(carrier))
+
+
+def tracing_recorded() -> bool:
+    """Whether this process records spans: configure_tracing installed an SDK
+    provider whose sampler is not ALWAYS_OFF (an exporter, or OTEL_TRACES_SAMPLER).
+    Read after configure_tracing; a process that never configured tracing records none."""
+    sampler = getattr(trace.get_tracer_provider(), "sampler", None)
+    return sampler is not None and sampler is not ALWAYS_OFF
