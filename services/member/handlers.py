@@ -132,6 +132,19 @@ def _required_text(value: str, field_name: str, limit: int = MAX_TEXT) -> str:
     return text
 
 
+def _page_limit(page_size: int, default: int) -> int:
+    """A list call's page size: 0 means the default, at most 500."""
+    if page_size < 0 or page_size > 500:
+        raise InvalidArgument("page_size is 0..500", code="INVALID_PAGE_SIZE", field="page_size")
+    return page_size or default
+
+
+def _bad_page_token() -> InvalidArgument:
+    return InvalidArgument(
+        "page_token is not one this API returned", code="INVALID_PAGE_TOKEN", field="page_token"
+    )
+
+
 def parse_member_id(member_id: str, field_name: str = "member_id") -> str:
     try:
         return str(uuid.UUID(member_id))
@@ -667,22 +680,14 @@ class MemberHandlers:
                 code="INVALID_STATUS",
                 field="status",
             )
-        if page_size < 0 or page_size > 500:
-            raise InvalidArgument(
-                "page_size is 0..500", code="INVALID_PAGE_SIZE", field="page_size"
-            )
-        limit = page_size or 50
+        limit = _page_limit(page_size, 50)
         after = None
         if page_token:
             try:
                 stamp, _, rid = page_token.partition("|")
                 after = (datetime.fromisoformat(stamp), str(uuid.UUID(rid)))
             except ValueError:
-                raise InvalidArgument(
-                    "page_token is not one this API returned",
-                    code="INVALID_PAGE_TOKEN",
-                    field="page_token",
-                ) from None
+                raise _bad_page_token() from None
         rows = await repo.list_reviews(uow.conn, status, limit, after)
         token = ""
         if len(rows) == limit:
@@ -735,11 +740,7 @@ class MemberHandlers:
         self, uow: UnitOfWork, page_size: int, page_token: str = ""
     ) -> tuple[list[repo.QuarantineRow], str]:
         """A page, newest quarantine first, and the next page's token ("": last)."""
-        if page_size < 0 or page_size > 500:
-            raise InvalidArgument(
-                "page_size is 0..500", code="INVALID_PAGE_SIZE", field="page_size"
-            )
-        limit = page_size or 100
+        limit = _page_limit(page_size, 100)
         after = None
         if page_token:
             try:
@@ -753,11 +754,7 @@ class MemberHandlers:
                     bytes.fromhex(value_hash),
                 )
             except (ValueError, TypeError, binascii.Error):
-                raise InvalidArgument(
-                    "page_token is not one this API returned",
-                    code="INVALID_PAGE_TOKEN",
-                    field="page_token",
-                ) from None
+                raise _bad_page_token() from None
         rows = await repo.list_quarantined(uow.conn, limit + 1, after)
         if len(rows) <= limit:
             return rows, ""
