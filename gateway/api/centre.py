@@ -17,77 +17,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from ..clients import Downstreams
 from ..errors import DownstreamError
 from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams
-from .points import PointsSummary, points_summary
-from .tiers import MemberTier, member_tier
+from .points import POINTS_SUMMARY_EXAMPLE, PointsSummary, points_summary
+from .tiers import MEMBER_TIER_EXAMPLE, MemberTier, member_tier
 
 router = APIRouter()
 
 T = TypeVar("T")
 
-CENTRE_EXAMPLE: dict[str, Any] = {
+# The two halves are their own routes' examples.
+CENTRE_EXAMPLE: JsonDict = {
     "member_id": MEMBER_ID_EXAMPLE,
-    "tier": {
-        "member_id": MEMBER_ID_EXAMPLE,
-        "programme_id": "default",
-        "programme_version": 1,
-        "tier": {
-            "code": "svip",
-            "name": "SVIP",
-            "threshold": 50000,
-            "retention": 30000,
-            "benefits": {
-                "points_multiplier_bp": 12000,
-                "birthday_coupon_template": "birthday-svip",
-                "upgrade_gift_coupon_template": None,
-                "free_delivery": True,
-                "priority": 1,
-            },
-        },
-        "earned_tier": "svip",
-        "qualifying_metric": "paid_spend",
-        "metric_value": 52000,
-        "growth_value": 520,
-        "progress_bp": 200,
-        "period_last_day": "2026-12-31",
-        "keep_needed": 0,
-        "next_tier": {
-            "code": "vip",
-            "name": "VIP",
-            "threshold": 150000,
-            "retention": 100000,
-            "benefits": {
-                "points_multiplier_bp": 15000,
-                "birthday_coupon_template": "birthday-vip",
-                "upgrade_gift_coupon_template": "upgrade-vip",
-                "free_delivery": True,
-                "priority": 2,
-            },
-        },
-        "next_needed": 98000,
-        "projection": "¥980 more reaches VIP",
-        "override_tier": None,
-        "override_until": None,
-        "override_reason": None,
-        "grace_until": None,
-    },
-    "points": {
-        "member_id": MEMBER_ID_EXAMPLE,
-        "available": 320,
-        "lifetime_earned": 1280,
-        "pending": 18,
-        "held": 0,
-        "debt": 0,
-        "expiring_soon": [{"points": 40, "expires_at": "2026-12-31T15:59:59Z"}],
-    },
+    "tier": MEMBER_TIER_EXAMPLE,
+    "points": POINTS_SUMMARY_EXAMPLE,
     "degraded": [],
 }
 

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
 
@@ -35,24 +36,21 @@ class PointsBalance(BaseModel):
     lifetime_earned: int = Field(description="All points ever earned")
 
 
+POINTS_SUMMARY_EXAMPLE: JsonDict = {
+    "member_id": MEMBER_ID_EXAMPLE,
+    "available": 320,
+    "lifetime_earned": 1280,
+    "pending": 18,
+    "held": 0,
+    "debt": 0,
+    "expiring_soon": [{"points": 40, "expires_at": "2026-12-31T15:59:59Z"}],
+}
+
+
 class PointsSummary(PointsBalance):
     """The member centre's view: every part of the balance, and what lapses soon."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "member_id": MEMBER_ID_EXAMPLE,
-                    "available": 320,
-                    "lifetime_earned": 1280,
-                    "pending": 18,
-                    "held": 0,
-                    "debt": 0,
-                    "expiring_soon": [{"points": 40, "expires_at": "2026-12-31T15:59:59Z"}],
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [POINTS_SUMMARY_EXAMPLE]})
 
     pending: int = Field(description="Earned, spendable once the refund window ends")
     held: int = Field(description="Reserved by an open checkout")
