@@ -52,6 +52,7 @@ from .cli import (
     metered,
     platform_env,
     pos_channel,
+    ratio,
     ratios,
     register_pos_key,
     run_and_report,
@@ -154,10 +155,6 @@ def server_cpu_ms(result: RunResult) -> float | None:
     return round(cpu["total"] - cpu.get(LOAD_GENERATOR, 0.0), 3)
 
 
-def cpu_ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from loyalty.member.v1 import member_pb2_grpc
     from loyalty.pos.v1 import pos_pb2_grpc
@@ -239,7 +236,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # over the empty gRPC server's: what the path costs in hops' worth.
             "server_cpu_ms_per_call": {r.name: server_cpu_ms(r) for r in [*results, baseline]},
             "server_cpu_over_empty_grpc": {
-                r.name: cpu_ratio(server_cpu_ms(r), server_cpu_ms(baseline)) for r in results
+                r.name: ratio(server_cpu_ms(r), server_cpu_ms(baseline)) for r in results
             },
             "target": {
                 "p99_ms_at_most": args.slo_ms,
