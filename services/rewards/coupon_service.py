@@ -199,25 +199,10 @@ async def issue_coupon(
         )
     if template is None:
         raise unknown_template(template_id)
-    if template.status is not Status.ACTIVE:
-        raise FailedPrecondition(
-            f"coupon template {template_id} is {template.status.value}, not active",
-            code=f"TEMPLATE_{template.status.value.upper()}",
-            field="template_id",
-        )
+    blocked = _template_refusal(template, why, now)
+    if blocked is not None:
+        raise FailedPrecondition(blocked.detail, code=blocked.refusal, field="template_id")
     terms = template.terms
-    if why is Reason.CLAIM and not terms.claimable:
-        raise FailedPrecondition(
-            f"coupon template {template_id} cannot be claimed by members",
-            code="NOT_CLAIMABLE",
-            field="template_id",
-        )
-    if terms.valid_until is not None and terms.valid_until <= now:
-        raise FailedPrecondition(
-            f"coupon template {template_id} ended its validity at {terms.valid_until.isoformat()}",
-            code="TEMPLATE_EXPIRED",
-            field="template_id",
-        )
     if terms.new_members_only and await crepo.has_settled_order(conn, member_id):
         raise FailedPrecondition(
             "this coupon is for new members only (no order yet)",
@@ -330,7 +315,8 @@ def check_batch(items: Sequence[BulkItem]) -> None:
 
 
 def _template_refusal(template: crepo.TemplateRow, why: Reason, now: datetime) -> BulkResult | None:
-    """Why no item of the batch can be issued now (as issue_coupon refuses)."""
+    """Why the template issues nothing now: one refusal for a whole batch, the
+    error issue_coupon raises."""
     if template.status is not Status.ACTIVE:
         return _refused(
             f"TEMPLATE_{template.status.value.upper()}",
