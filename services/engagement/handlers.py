@@ -348,8 +348,8 @@ class EngagementHandlers:
         else:
             await repo.ensure_member(conn, mid)
         live = await repo.live_enrollments(conn, mid)
-        entries = [(name, await repo.entry_journeys(conn, name)) for name in events]
-        if not live and not any(journeys for _, journeys in entries):
+        entries = [await repo.entry_journeys(conn, name) for name in events]
+        if not live and not any(entries):
             return []  # most orders: nothing to move on, nothing to enter
         facts = (await repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))
         # Live enrollments: a goal exits them, an awaited event moves them on.
@@ -374,7 +374,7 @@ class EngagementHandlers:
                     )
                     await repo.set_waiting(conn, enr.enrollment_id, None)
         enrolled = []
-        for _, journeys in entries:
+        for journeys in entries:
             for journey_id, version in journeys:
                 journey = await self.journeys.get(conn, journey_id, version)
                 if await self._enroll(uow, journey, version, mid, attrs, facts, now):
