@@ -54,6 +54,7 @@ from servicekit import devrun
 from .cli import (
     BENCH_DATA,
     RESULTS_DIR,
+    UNLIMITED_RATE,
     BenchInfra,
     UnexpectedReply,
     auth_overhead,
@@ -79,8 +80,6 @@ EMPTY = "empty call (GET /healthz)"
 NO_DOOR_GATEWAY = "gateway-noauth"
 # --centre-only: what the empty-call row gives the consumers otherwise.
 SETTLE_SECONDS = 10.0  # bench.cli.gateway_without_auth's child
-# The bench client's own bucket, wide open: the read is measured, not throttling.
-NO_LIMIT = 1_000_000.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -127,8 +126,8 @@ async def register_miniprogram(infra: BenchInfra) -> tuple[str, str]:
         ).create(
             ClientKind.MINIPROGRAM_BACKEND,
             "bench mini-program backend",
-            rate_per_second=NO_LIMIT,
-            burst=int(NO_LIMIT),
+            rate_per_second=UNLIMITED_RATE,
+            burst=int(UNLIMITED_RATE),
         )
     finally:
         await redis.aclose()
