@@ -573,9 +573,9 @@ def table(results: list[RunResult]) -> str:
         )
         for status, count in r.errors.items():
             rows.append(f"{'':36}{status}: {count}")
-    metered = [(r.name, r.cpu_ms_per_call) for r in results if r.cpu_ms_per_call is not None]
-    if metered:
-        rows += ["", cpu_table(metered)]
+    with_cpu = [(r.name, r.cpu_ms_per_call) for r in results if r.cpu_ms_per_call is not None]
+    if with_cpu:
+        rows += ["", cpu_table(with_cpu)]
     return "\n".join(rows)
 
 
