@@ -113,10 +113,11 @@ class Referrals:
         given here is remembered so the inviter's own device cannot be an invitee."""
         prints = fingerprints(device_id, ())
         conn = uow.conn
-        await refuse_erased(conn, uuid.UUID(parse_member_id(member_id)))
+        asked = uuid.UUID(parse_member_id(member_id))
+        await refuse_erased(conn, asked)
         # After a OneID merge the person keeps one code: the holder's own, or
         # the one an absorbed id already shared (it credits the holder).
-        person = await repo.person_of(conn, uuid.UUID(parse_member_id(member_id)))
+        person = await repo.person_of(conn, asked)
         member = person[0]
         if prints:
             await repo.record_fingerprints(conn, member, Role.INVITER.value, prints)
