@@ -111,31 +111,13 @@ class MemberClient(_Client):
         )
         return await self._call(self._stub.IdentifyMember, request, fields)
 
-    async def identify_by_phone(
-        self, phone: str, source: str, *, phone_field: str = "phone", request_key: str = ""
-    ) -> member_pb2.IdentifyMemberResponse:
-        """Find or enrol the member owning a phone that was typed, not verified.
-        Without a caller's key each call is a new request (safe: a typed phone
-        never merges)."""
-        ident = member_pb2.Identifier(
-            type=member_pb2.IDENTIFIER_TYPE_PHONE, value=phone, verified=False
-        )
-        return await self._identify_one(ident, source, phone_field, request_key)
-
-    async def identify_by_card(
-        self, card: str, source: str, *, card_field: str = "card"
-    ) -> member_pb2.IdentifyMemberResponse:
-        """Find or enrol the member holding a physical member card (attach-only)."""
-        ident = member_pb2.Identifier(type=member_pb2.IDENTIFIER_TYPE_POS_CARD, value=card)
-        return await self._identify_one(ident, source, card_field)
-
     async def _identify_one(
-        self, ident: member_pb2.Identifier, source: str, field: str, request_key: str = ""
+        self, ident: member_pb2.Identifier, source: str, field: str
     ) -> member_pb2.IdentifyMemberResponse:
         """One identifier the caller sent as `field`: the member service's own
-        field names are mapped back to it. Without a key, a new request."""
+        field names are mapped back to it. A new request (a fresh key)."""
         fields = identifier_fields([field])
-        return await self.identify([ident], source, request_key or str(uuid.uuid4()), fields)
+        return await self.identify([ident], source, str(uuid.uuid4()), fields)
 
     async def find_or_enrol(
         self, ident: member_pb2.Identifier, source: str, field: str
