@@ -40,7 +40,6 @@ import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.settings import ServiceSettings
 
 from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, run_and_report, say, started
-from .cpu import own_cpu_seconds, process_cpu_seconds
+from .cpu import LOAD_GENERATOR, POSTGRES, CpuMeter
 from .echo_server import METHOD as ECHO_METHOD
 from .loadgen import RunResult, open_loop
 
@@ -92,44 +91,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # ---- CPU accounting ------------------------------------------------------------------
-
-
-@dataclass
-class CpuMeter:
-    """CPU seconds used during one measured run by the rewards process, this
-    database's PostgreSQL backends and the load generator."""
-
-    monitor: asyncpg.Connection
-    server_pid: int | None
-
-    async def backends(self) -> dict[int, float]:
-        pids = await self.monitor.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid()"
-        )
-        return {r["pid"]: process_cpu_seconds(r["pid"]) for r in pids}
-
-    async def snapshot(self) -> dict[str, Any]:
-        return {
-            "server": process_cpu_seconds(self.server_pid) if self.server_pid else 0.0,
-            "backends": await self.backends(),
-            "client": own_cpu_seconds(),
-        }
-
-    async def since(self, before: dict[str, Any], issues: int) -> dict[str, Any]:
-        after = await self.snapshot()
-        # A backend opened during the run counts from zero.
-        pg = sum(t - before["backends"].get(pid, 0.0) for pid, t in after["backends"].items())
-        used = {
-            "server": after["server"] - before["server"],
-            "postgres_backends": pg,
-            "client": after["client"] - before["client"],
-        }
-        per = max(issues, 1)
-        return {
-            "cpu_s": {k: round(v, 2) for k, v in used.items()},
-            "cpu_ms_per_issue": {k: round(1000 * v / per, 3) for k, v in used.items()},
-        }
+# bench.cpu's meter: the server process (rewards, or the echo server for the
+# empty call), this database's PostgreSQL backends and the load generator.
+SERVER = "server"
 
 
 async def metered(
@@ -137,12 +101,12 @@ async def metered(
 ) -> tuple[RunResult, dict[str, Any]]:
     before = await meter.snapshot()
     result = await open_loop(name, call, rate, args.seconds, timeout=args.timeout + 1.0)
-    cpu = await meter.since(before, result.ok)
+    cpu = await meter.per_call(before, result.ok)
     lat = result.latency_ms()
     say(
         f"  {name}: {result.achieved_rate:.0f}/s ok of {rate:g}/s offered, errors"
         f" {result.errors or 'none'}, p50 {lat['p50']} ms, p99 {lat['p99']} ms;"
-        f" CPU ms/issue {cpu['cpu_ms_per_issue']}"
+        f" CPU ms/issue {cpu}"
     )
     return result, cpu
 
@@ -167,7 +131,7 @@ async def measure_echo_cpu(
         def call(i: int) -> Awaitable[object]:
             return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
 
-        meter = CpuMeter(monitor, echo.proc.pid if echo.proc else None)
+        meter = CpuMeter({SERVER: echo.proc.pid} if echo.proc else {}, monitor)
         if args.warmup:
             await open_loop("warm-up", call, args.rate, args.warmup)
         return await metered(meter, "empty gRPC", call, args.rate, args)
@@ -216,7 +180,7 @@ async def run_bulk(
 
     before = await meter.snapshot() if meter else None
     result = await open_loop("IssueCoupons", call, rate, seconds, timeout=args.timeout + 1.0)
-    cpu = await meter.since(before, counted["issued"]) if meter and before else None
+    cpu = await meter.per_call(before, counted["issued"]) if meter and before else None
     summary = result.summary()
     summary.update(
         {
@@ -236,7 +200,7 @@ async def run_bulk(
             f" {rate * args.bulk_size:g}/s offered ({result.ok} batches ok, errors"
             f" {result.errors or 'none'}, {counted['refused']} refused), batch p50"
             f" {lat['p50']} ms, p99 {lat['p99']} ms; CPU ms/coupon"
-            f" {cpu['cpu_ms_per_issue'] if cpu else '?'}"
+            f" {cpu or '?'}"
         )
     return summary, cpu
 
@@ -272,7 +236,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         monitor = await asyncpg.connect(asyncpg_dsn(infra.database_url))
         async with started(children, log_dir) as platform:
             rewards = next(c for c in platform.children if c.name == "rewards")
-            meter = CpuMeter(monitor, rewards.proc.pid if rewards.proc else None)
+            meter = CpuMeter({SERVER: rewards.proc.pid} if rewards.proc else {}, monitor)
             pool = await create_pool(infra.database_url, pool_size, pool_size)
             db = Database(pool, "rewards", "rewards")
             try:
@@ -416,10 +380,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def row(name: str, s: dict[str, Any], cpu: dict[str, Any] | None) -> str:
     lat = s["latency_ms"]
-    per = cpu["cpu_ms_per_issue"] if cpu else {}
+    per = cpu or {}
     cpu_text = (
-        f"  server {per['server']:.2f} + pg {per['postgres_backends']:.2f}"
-        f" + client {per['client']:.2f}"
+        f"  server {per.get(SERVER, 0.0):.2f} + pg {per.get(POSTGRES, 0.0):.2f}"
+        f" + client {per.get(LOAD_GENERATOR, 0.0):.2f}"
         if per
         else ""
     )
