@@ -985,15 +985,19 @@ class MemberHandlers:
             refresh,
         )
 
-    async def resolve_identifier(self, uow: UnitOfWork, ident: ObservedIdentifier) -> MemberRecord:
-        """The live member owning one identifier (the survivor, if it was merged);
-        read-only: nothing is enrolled, attached or audited."""
+    def refuse_junk(self, ident: ObservedIdentifier) -> None:
+        """Junk names nobody, even if it was stored (or its answer cached)
+        before the blocklist listed it: the POS then gets identify's
+        JUNK_IDENTIFIER. Before any lookup, Redis included."""
         if self.policy.is_junk(ident.id_type, ident.value):
-            # Junk names nobody, even if it was stored before the blocklist
-            # listed it (the POS then gets identify's JUNK_IDENTIFIER).
             raise NotFound(
                 "no member owns this identifier", code="UNKNOWN_IDENTIFIER", field="identifier"
             )
+
+    async def resolve_identifier(self, uow: UnitOfWork, ident: ObservedIdentifier) -> MemberRecord:
+        """The live member owning one identifier (the survivor, if it was merged);
+        read-only: nothing is enrolled, attached or audited."""
+        self.refuse_junk(ident)
         ref = (ident.id_type.value, ident.namespace, self._vault.lookup_hash(ident.key))
         stored = (await repo.find_identities(uow.conn, [ref])).get(ref)
         if stored is None or stored.quarantined:

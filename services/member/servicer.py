@@ -229,6 +229,9 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             async with self._unit_of_work() as uow:
                 return member_message(await self._handlers.resolve_identifier(uow, observed))
         # The POS identify of a known member lands here first (gateway/pos.py).
+        # The blocklist first: an answer cached before it listed a value stays
+        # in Redis until its TTL.
+        self._handlers.refuse_junk(observed)
         value_hash = self._handlers.lookup_hash(observed)
         cached = await self._cache.get(value_hash)
         if isinstance(cached, MemberRecord):

@@ -25,6 +25,7 @@ from services.member.handlers import MemberHandlers
 from services.member.pii import PiiVault
 from services.member.policy import BlockRule, load_policy
 from services.member.repository import MemberRecord
+from services.member.servicer import MemberServicer
 from services.member.settings import member_settings
 
 from ..harness import Infra
@@ -219,6 +220,17 @@ async def test_an_identifier_blocklisted_after_it_was_stored_resolves_nobody(
         with pytest.raises(NotFound) as caught:
             await MemberHandlers(vault, listed, b"x").resolve_identifier(uow, observed)
     assert caught.value.code == "UNKNOWN_IDENTIFIER"
+    # Nor from Redis: the answer was cached before the blocklist listed it.
+    assert member_app.redis is not None
+    await resolve(stub, ident(CARD, value))  # cached now
+    servicer = MemberServicer(
+        member_app.db,
+        MemberHandlers(vault, listed, b"x"),
+        cache=ResolveCache(member_app.redis, infra.namespace),
+    )
+    with pytest.raises(NotFound) as cached:
+        await servicer.ResolveMember(pb.ResolveMemberRequest(identifier=ident(CARD, value)), None)  # type: ignore[arg-type]
+    assert cached.value.code == "UNKNOWN_IDENTIFIER"
 
 
 async def test_reads_fall_back_to_postgres_without_redis() -> None:
