@@ -13,7 +13,7 @@ import pytest
 
 from servicekit.server import ServiceApp
 
-from .harness import Infra, start_infra, stop_infra, wait_until_serving
+from .harness import Infra, ServiceClock, start_infra, stop_infra, wait_until_serving
 
 # Services record no spans without an exporter (servicekit/telemetry.py); the
 # tracing tests attach in-memory exporters to the provider, so record them here.
@@ -93,10 +93,15 @@ async def rewards_app(infra: Infra) -> AsyncIterator[ServiceApp]:
 
 
 @pytest.fixture(scope="session")
-async def tiering_app(infra: Infra) -> AsyncIterator[ServiceApp]:
+def tiering_clock() -> ServiceClock:
+    return ServiceClock()
+
+
+@pytest.fixture(scope="session")
+async def tiering_app(infra: Infra, tiering_clock: ServiceClock) -> AsyncIterator[ServiceApp]:
     from services.tiering.server import build
 
-    async for app in _serve(build(infra.service_settings())):
+    async for app in _serve(build(infra.service_settings(), clock=tiering_clock)):
         yield app
 
 

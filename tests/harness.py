@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -50,6 +52,25 @@ class Infra:
         }
         values.update(overrides)
         return ServiceSettings(**values)  # type: ignore[arg-type]
+
+
+class ServiceClock:
+    """The clock a session-wide service reads: real time unless a test pins it,
+    so a test whose story is set on fixed dates never depends on today."""
+
+    def __init__(self) -> None:
+        self._pinned: datetime | None = None
+
+    def __call__(self) -> datetime:
+        return self._pinned if self._pinned is not None else datetime.now(UTC)
+
+    @contextmanager
+    def pinned(self, at: datetime) -> Iterator[datetime]:
+        self._pinned = at
+        try:
+            yield at
+        finally:
+            self._pinned = None
 
 
 async def start_infra() -> Infra:

@@ -8,15 +8,15 @@ from servicekit.consumer import EventConsumer, Subscription
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
-from .handlers import TieringHandlers
+from .handlers import Clock, TieringHandlers
 from .schema import SCHEMA
 from .servicer import TieringServicer
 
 NAME = "tiering"
 
 
-def build(settings: ServiceSettings) -> ServiceApp:
-    handlers = TieringHandlers()
+def build(settings: ServiceSettings, clock: Clock | None = None) -> ServiceApp:
+    handlers = TieringHandlers(clock)
 
     def wire(app: ServiceApp) -> None:
         assert app.db is not None and app.redis is not None and app.server is not None

@@ -24,7 +24,7 @@ from services.tiering.domain import SegmentRules
 from services.tiering.evaluation import replay
 from services.tiering.segments import classify, segment_sql, stage, stage_sql
 
-from ..harness import Infra, eventually
+from ..harness import Infra, ServiceClock, eventually
 from . import test_tiering_tiers as tiers
 from .test_tiering_tiers import events_of, order, publish, ts
 
@@ -43,6 +43,9 @@ async def stored_tier(conn: asyncpg.Connection, member: str) -> str | None:
 
 SH_2024_12_20 = datetime(2024, 12, 20, 4, tzinfo=UTC)
 SH_2025_06_01 = datetime(2025, 6, 1, 4, tzinfo=UTC)
+# The story below is told as of this day, whatever today is: the service and the
+# batch read the same pinned clock.
+AS_OF_2026_03_01 = datetime(2026, 3, 1, 4, tzinfo=UTC)
 
 
 async def test_batch_decides_period_ends_as_a_full_recompute_would(
@@ -51,6 +54,19 @@ async def test_batch_decides_period_ends_as_a_full_recompute_would(
     redis: Redis,
     infra: Infra,
     conn: asyncpg.Connection,
+    tiering_clock: ServiceClock,
+) -> None:
+    with tiering_clock.pinned(AS_OF_2026_03_01):
+        await _period_ends_story(stub, tiering_app, redis, infra, conn, AS_OF_2026_03_01)
+
+
+async def _period_ends_story(
+    stub: tiering_pb2_grpc.TieringServiceStub,
+    tiering_app: ServiceApp,
+    redis: Redis,
+    infra: Infra,
+    conn: asyncpg.Connection,
+    now: datetime,
 ) -> None:
     assert tiering_app.db is not None
     # Downgraded at 1 Jan 2026: SVIP since June 2025, only ¥120 left in the window.
@@ -67,7 +83,6 @@ async def test_batch_decides_period_ends_as_a_full_recompute_would(
     for member, code in ((dropped, "svip"), (kept, "svip"), (lapsed, "vip")):
         await eventually(lambda m=member, c=code: _stored_is(conn, m, c))
 
-    now = datetime.now(UTC)
     result = await recompute(tiering_app.db, now=now, chunk_size=7)
     assert result.chunks >= 1 and result.members >= 3
 
