@@ -46,13 +46,13 @@ proto: $(STAMP)
 	@touch $(PROTO_STAMP)
 
 run: $(PROTO_STAMP)
-	$(PY) -m servicekit.devrun run
+	$(PY) -m devtools.devrun run
 
 migrate: $(PROTO_STAMP)
-	$(PY) -m servicekit.devrun migrate
+	$(PY) -m devtools.devrun migrate
 
 seed: $(PROTO_STAMP)
-	$(PY) -m servicekit.devrun seed
+	$(PY) -m devtools.devrun seed
 
 lint: $(PROTO_STAMP)
 	$(VENV)/bin/ruff check .
@@ -65,7 +65,7 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(PROTO_STAMP)
-	$(PY) -m servicekit.devrun bench -- $(BENCH_ARGS)
+	$(PY) -m devtools.devrun bench -- $(BENCH_ARGS)
 
 clean:
 	rm -rf .data $(PROTO_STAMP) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -25,6 +25,7 @@ from servicekit.db import Database, create_pool
 from servicekit.errors import InvalidArgument
 from servicekit.server import ServiceApp
 from services.engagement import repository as repo
+from services.engagement import scheduler_repository as scheduler_repo
 from services.engagement.channels import (
     AppPushProvider,
     Delivery,
@@ -652,7 +653,7 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
     crashing = Scheduler(
         env.db, env.clock, LocalConsent(), QuietHours(), env.journeys, batch_size=50
     )
-    real_move = repo.move_timers
+    real_move = scheduler_repo.move_timers
     calls = 0
 
     async def crash_on_second_batch(*args: Any) -> None:
@@ -680,7 +681,7 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
     # The dispatcher dies after the provider accepted, before recording it.
     provider = CountingProvider()
     dispatcher = Dispatcher(env.db, env.clock, {"wecom": provider}, {}, batch_size=500)
-    real_record = repo.record_deliveries
+    real_record = scheduler_repo.record_deliveries
 
     async def die(*args: Any) -> None:
         raise asyncio.CancelledError
