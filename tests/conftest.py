@@ -35,15 +35,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def shifted_now(option: str, now: datetime) -> datetime:
-    """The moment the clock starts from under --shift-clock."""
+    """Where the clock starts under --shift-clock: `now` plus N days ("365d"), or an
+    ISO date or time (a date alone is midnight UTC)."""
     days = re.fullmatch(r"(-?\d+)d", option)
     if days:
         return now + timedelta(days=int(days.group(1)))
-    return (
-        datetime.fromisoformat(option).replace(tzinfo=UTC)
-        if "T" not in option and "+" not in option
-        else datetime.fromisoformat(option)
-    )
+    start = datetime.fromisoformat(option)
+    return start if start.tzinfo is not None else start.replace(tzinfo=UTC)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -372,9 +372,9 @@ async def test_a_hanging_downstream_is_unavailable_after_the_deadline(
             "rewards.CompleteOrder": hang(),
         }
     )
-    started = time.monotonic()
+    # The gateway's own downstream deadline (0.5 s) ends the call: had it not, the
+    # till's 10 s would, as DEADLINE_EXCEEDED. (No timing assertion: the code says it.)
     err = await rpc_error(doors.pos.IdentifyMember(identify_request(), timeout=10))
-    assert time.monotonic() - started < 2.0  # deadline 0.5 s
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(err) == ("DEPENDENCY_UNAVAILABLE", "")
 
