@@ -153,6 +153,8 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             points_to_redeem=request.points_to_redeem,
             lines=_lines(request.lines),
             coupon_codes=request.coupon_codes,
+            staff_code=request.staff_code,
+            guide_ref=request.guide_ref,
         )
         if request.HasField("ordered_at"):
             downstream.ordered_at.CopyFrom(request.ordered_at)

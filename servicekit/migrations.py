@@ -24,7 +24,7 @@ from .db import sqlalchemy_url
 
 ROOT = Path(__file__).resolve().parent.parent
 # The gateway keeps its own schema too (clients and keys), migrated the same way.
-SERVICES = ("member", "tiering", "engagement", "rewards", "gateway")
+SERVICES = ("member", "tiering", "engagement", "rewards", "guides", "gateway")
 
 
 def _package(service: str) -> str:

@@ -60,6 +60,10 @@ class OrderRequest:
     # Coupons used on this order; then the lines carry amounts before the
     # coupons and add up to gross_amount_fen (rewards computes the discount).
     coupon_codes: tuple[str, ...] = ()
+    # Guide attribution hints, passed through to OrderCompleted (services/guides);
+    # not in the request hash: they change nothing rewards settles.
+    staff_code: str = ""
+    guide_ref: str = ""
 
 
 @dataclass(frozen=True)
@@ -264,6 +268,8 @@ def validate_order(order: OrderRequest, limits: OrderLimits = DEFAULT_LIMITS) ->
         ordered_at=order.ordered_at,
         points_to_redeem=order.points_to_redeem,
         coupon_codes=order.coupon_codes,
+        staff_code=order.staff_code,
+        guide_ref=order.guide_ref,
     )
 
 

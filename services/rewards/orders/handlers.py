@@ -191,6 +191,17 @@ class RewardsHandlers:
                 gross_amount_fen=order.gross_amount_fen,
                 points_earned=points,
                 ordered_at=timestamp(ordered_at),
+                lines=[
+                    events_pb2.OrderCompletedLine(
+                        sku=line.sku,
+                        category=line.category,
+                        quantity=line.quantity,
+                        paid_amount_fen=line.paid_amount_fen,
+                    )
+                    for line in order.lines
+                ],
+                staff_code=order.staff_code,
+                guide_ref=order.guide_ref,
             ),
             member_id=order.member_id,
         )

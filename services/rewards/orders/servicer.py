@@ -56,6 +56,8 @@ def order_request(request: rewards_pb2.CompleteOrderRequest) -> OrderRequest:
         ordered_at=to_datetime(request.ordered_at),
         points_to_redeem=request.points_to_redeem,
         coupon_codes=tuple(request.coupon_codes),
+        staff_code=request.staff_code,
+        guide_ref=request.guide_ref,
     )
 
 

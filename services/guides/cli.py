@@ -1,0 +1,86 @@
+"""Operator commands of the guides service, against its database directly:
+`staff list [--store S]`, `staff add ID --name N --store S [--role R] [--code C]`,
+`sync-directory`, `resign ID --takeover ID`, `tag-batch [--window-days N]`.
+Every change is audited under --actor (default: the OS user)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+
+from servicekit.db import Database, create_pool
+from servicekit.errors import DomainError
+
+from .domain import Role
+from .schema import SCHEMA
+from .server import build
+from .settings import GuidesSettings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.guides")
+    parser.add_argument("--actor", default=f"cli:{getpass.getuser()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    staff = sub.add_parser("staff", help="list or add store staff")
+    staff_sub = staff.add_subparsers(dest="action", required=True)
+    listing = staff_sub.add_parser("list")
+    listing.add_argument("--store", default="")
+    add = staff_sub.add_parser("add", help="create or update a staff member")
+    add.add_argument("staff_id", help="WeCom user id")
+    add.add_argument("--name", required=True)
+    add.add_argument("--store", required=True)
+    add.add_argument("--role", default=Role.GUIDE.value, choices=[r.value for r in Role])
+    add.add_argument("--code", default="", help="staff code typed at the till (default: the id)")
+    sub.add_parser("sync-directory", help="pull staff from WeCom's contact directory")
+    resign = sub.add_parser("resign", help="a staff member left: transfer their customers")
+    resign.add_argument("staff_id")
+    resign.add_argument("--takeover", required=True)
+    batch = sub.add_parser("tag-batch", help="recompute every member's rule tags")
+    batch.add_argument("--window-days", type=int, default=0)
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return asyncio.run(_main(args))
+    except DomainError as exc:
+        print(f"{exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+async def _main(args: argparse.Namespace) -> int:
+    settings = GuidesSettings()
+    app = build(settings)
+    handlers = app.handlers
+    db = Database(await create_pool(settings.database_url, 1, 2), SCHEMA, "guides")
+    try:
+        if args.command == "staff" and args.action == "list":
+            async with db.reading() as uow:
+                for s in await handlers.list_staff(uow, args.store):
+                    print(
+                        f"{s.staff_id}\t{s.name}\t{s.store_id}\t{s.role}\t{s.status}\t{s.staff_code}"
+                    )
+        elif args.command == "staff":
+            async with db.unit_of_work() as uow:
+                s = await handlers.upsert_staff(
+                    uow, args.staff_id, args.name, args.store, args.role, args.code, args.actor
+                )
+            print(f"saved {s.staff_id} ({s.role} at {s.store_id}, code {s.staff_code})")
+        elif args.command == "sync-directory":
+            print(await handlers.sync_directory(db, args.actor))
+        elif args.command == "resign":
+            moved, failed = await handlers.resign_staff(
+                db, args.staff_id, args.takeover, args.actor
+            )
+            print(f"transferred {moved}; WeCom refused {len(failed)}: {' '.join(failed)}")
+        else:
+            print(await handlers.run_tag_batch(db, args.window_days))
+        # The events these commands wrote leave through the service's outbox relay.
+        return 0
+    finally:
+        await db.close()
+        await handlers.wecom.close()
+        await handlers.members.close()

@@ -1,0 +1,773 @@
+"""Use cases of the guides service, given a unit of work (or the Database when
+a use case must call WeCom between transactions). Business code never commits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from loyalty.common.v1 import common_pb2
+from loyalty.events.v1 import events_pb2
+from servicekit.db import Database, UnitOfWork
+from servicekit.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    parse_member_id,
+)
+from servicekit.events import ReceivedEvent
+from servicekit.protos import timestamp, to_datetime
+
+from . import domain
+from . import repository as repo
+from .domain import AttributionRule, Candidate, OrderFact, Role, TagRules
+from .ports import MemberDirectory
+from .wecom import WeComApi
+from .wecom_crypto import WeComCrypto
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+WECOM_ACTOR = "wecom"
+CHANNEL_NAMES = {
+    common_pb2.CHANNEL_STORE: "store",
+    common_pb2.CHANNEL_MINI_PROGRAM: "mini_program",
+    common_pb2.CHANNEL_DELIVERY: "delivery",
+}
+# Callback changes that add a customer to a staff member's contacts.
+ADD_CHANGES = frozenset({"add_external_contact", "add_half_external_contact"})
+REMOVE_CHANGES = frozenset({"del_external_contact", "del_follow_user"})
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class CallbackOutcome:
+    reply: str
+    outcome: str  # accepted | duplicate
+    dedup_key: str = ""
+
+
+@dataclass(frozen=True)
+class TagBatchResult:
+    members: int
+    added: int
+    removed: int
+
+
+def _parse_day(value: str, field: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"{field} must be a date, YYYY-MM-DD", code="INVALID_DATE", field=field
+        ) from None
+
+
+class GuidesHandlers:
+    def __init__(
+        self,
+        crypto: WeComCrypto,
+        wecom: WeComApi,
+        members: MemberDirectory,
+        *,
+        corp_id: str,
+        link_secret: bytes,
+        rules: tuple[AttributionRule, ...],
+        window: timedelta,
+        tz: ZoneInfo,
+        callback_max_age: timedelta,
+        callback_max_attempts: int = 5,
+        tag_window: timedelta = timedelta(days=90),
+        tag_rules: TagRules | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.crypto = crypto
+        self.wecom = wecom
+        self.members = members
+        self.corp_id = corp_id
+        self.link_secret = link_secret
+        self.rules = rules
+        self.window = window
+        self.tz = tz
+        self.callback_max_age = callback_max_age
+        self.callback_max_attempts = callback_max_attempts
+        self.tag_window = tag_window
+        self.tag_rules = tag_rules or TagRules()
+        self.clock = clock or _utcnow
+
+    # ------------------------------------------------------------ staff
+
+    async def upsert_staff(
+        self,
+        uow: UnitOfWork,
+        staff_id: str,
+        name: str,
+        store_id: str,
+        role: str,
+        staff_code: str,
+        actor: str,
+    ) -> repo.StaffRow:
+        staff_id = domain.require_id(staff_id, "staff_id")
+        store_id = domain.require_id(store_id, "store_id")
+        actor = domain.require_id(actor, "actor")
+        if not name.strip():
+            raise InvalidArgument("name is required", code="MISSING_FIELD", field="name")
+        parsed = domain.parse_role(role)
+        code = domain.require_id(staff_code, "staff_code") if staff_code.strip() else staff_id
+        now = self.clock()
+        before = await repo.get_staff(uow.conn, staff_id, lock=True)
+        if before is not None and before.status == "resigned":
+            raise FailedPrecondition(
+                f"staff {staff_id} has resigned", code="STAFF_RESIGNED", field="staff_id"
+            )
+        row = repo.StaffRow(
+            staff_id, name.strip(), store_id, parsed.value, "active", code, actor, now
+        )
+        try:
+            async with uow.conn.transaction():
+                saved = await repo.upsert_staff(uow.conn, row)
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists(
+                f"staff code {code} belongs to another staff member",
+                code="STAFF_CODE_TAKEN",
+                field="staff_code",
+            ) from None
+        if before is None or replace(before, updated_at=now, updated_by=actor) != saved:
+            await repo.audit(
+                uow.conn,
+                actor,
+                "staff_created" if before is None else "staff_updated",
+                f"staff:{staff_id}",
+                {"name": saved.name, "store_id": store_id, "role": parsed.value, "code": code},
+                now,
+            )
+        return saved
+
+    async def get_staff(self, uow: UnitOfWork, staff_id: str) -> repo.StaffRow:
+        row = await repo.get_staff(uow.conn, staff_id)
+        if row is None:
+            raise NotFound(f"no staff {staff_id}", code="UNKNOWN_STAFF", field="staff_id")
+        return row
+
+    async def list_staff(self, uow: UnitOfWork, store_id: str) -> list[repo.StaffRow]:
+        return await repo.list_staff(uow.conn, store_id.strip())
+
+    async def sync_directory(self, db: Database, actor: str) -> dict[str, int]:
+        """WeCom's directory into the staff table. Staff gone from it, or
+        disabled there, are resigned; their customers go to the store manager
+        where the store has one (otherwise they wait for ResignStaff)."""
+        users = await self.wecom.list_users()
+        counts = {"created": 0, "updated": 0, "resigned": 0, "unchanged": 0}
+        seen: set[str] = set()
+        leavers: list[repo.StaffRow] = []
+        now = self.clock()
+        async with db.unit_of_work() as uow:
+            for user in users:
+                seen.add(user.staff_id)
+                before = await repo.get_staff(uow.conn, user.staff_id, lock=True)
+                if not user.active:
+                    if before is not None and before.status == "active":
+                        leavers.append(before)
+                    continue
+                if not user.store_id:
+                    log.warning("directory user %s has no store; skipped", user.staff_id)
+                    continue
+                try:
+                    role = Role(user.role)
+                except ValueError:
+                    role = Role.GUIDE
+                if before is not None and (before.name, before.store_id, before.role) == (
+                    user.name,
+                    user.store_id,
+                    role.value,
+                ):
+                    counts["unchanged"] += 1
+                    continue
+                if before is not None and before.status == "resigned":
+                    counts["unchanged"] += 1
+                    continue
+                await self.upsert_staff(
+                    uow,
+                    user.staff_id,
+                    user.name,
+                    user.store_id,
+                    role.value,
+                    before.staff_code if before else "",
+                    actor,
+                )
+                counts["created" if before is None else "updated"] += 1
+            for row in await repo.list_staff(uow.conn, ""):
+                if row.status == "active" and row.staff_id not in seen:
+                    leavers.append(row)
+        for leaver in leavers:
+            takeover = await self._store_manager(db, leaver)
+            if takeover is None:
+                async with db.unit_of_work() as uow:
+                    await repo.upsert_staff(
+                        uow.conn,
+                        replace(leaver, status="resigned", updated_by=actor, updated_at=now),
+                    )
+                    await repo.audit(
+                        uow.conn,
+                        actor,
+                        "staff_resigned",
+                        f"staff:{leaver.staff_id}",
+                        {
+                            "takeover": None,
+                            "note": "no store manager: customers wait for ResignStaff",
+                        },
+                        now,
+                    )
+            else:
+                await self.resign_staff(db, leaver.staff_id, takeover, actor)
+            counts["resigned"] += 1
+        return counts
+
+    async def _store_manager(self, db: Database, leaver: repo.StaffRow) -> str | None:
+        async with db.reading() as uow:
+            for row in await repo.list_staff(uow.conn, leaver.store_id):
+                if (
+                    row.role == Role.STORE_MANAGER.value
+                    and row.status == "active"
+                    and row.staff_id != leaver.staff_id
+                ):
+                    return row.staff_id
+        return None
+
+    async def resign_staff(
+        self, db: Database, staff_id: str, takeover_id: str, actor: str
+    ) -> tuple[int, list[str]]:
+        """Mark the staff member resigned and move their customers (WeCom's
+        resigned-staff transfer): each transferred customer's binding follows.
+        Customers WeCom refuses stay where they are and are returned; calling
+        again retries only them."""
+        actor = domain.require_id(actor, "actor")
+        takeover_id = domain.require_id(takeover_id, "takeover_staff_id")
+        async with db.reading() as uow:
+            leaver = await self.get_staff(uow, staff_id)
+            takeover = await repo.get_staff(uow.conn, takeover_id)
+            customers = await repo.customers_of(uow.conn, staff_id)
+        if takeover is None or takeover.status != "active" or takeover_id == staff_id:
+            raise FailedPrecondition(
+                "the takeover staff member must be another active staff member",
+                code="INVALID_TAKEOVER",
+                field="takeover_staff_id",
+            )
+        results = (
+            await self.wecom.transfer_resigned(staff_id, takeover_id, [ext for ext, _ in customers])
+            if customers
+            else {}
+        )
+        now = self.clock()
+        moved = 0
+        failed: list[str] = []
+        async with db.unit_of_work() as uow:
+            if leaver.status != "resigned":
+                await repo.upsert_staff(
+                    uow.conn, replace(leaver, status="resigned", updated_by=actor, updated_at=now)
+                )
+            for ext, member_id in customers:
+                if results.get(ext, -1) != 0:
+                    failed.append(ext)
+                    continue
+                await repo.move_link(uow.conn, ext, staff_id, takeover_id, now)
+                await repo.lock_member(uow.conn, member_id)
+                current = await repo.get_binding(uow.conn, member_id)
+                if current is not None and current.staff_id == staff_id:
+                    await self._rebind(
+                        uow, member_id, staff_id, takeover, "resigned_transfer", actor, now
+                    )
+                moved += 1
+            await repo.audit(
+                uow.conn,
+                actor,
+                "staff_resigned",
+                f"staff:{staff_id}",
+                {"takeover": takeover_id, "transferred": moved, "failed": failed},
+                now,
+            )
+        return moved, failed
+
+    # ------------------------------------------------------------ callbacks
+
+    def _encrypted(self, body: bytes) -> str:
+        fields = domain.parse_xml(body, "body")
+        encrypted = fields.get("Encrypt", "")
+        if not encrypted:
+            raise InvalidArgument(
+                "the callback has no Encrypt element", code="INVALID_CALLBACK", field="body"
+            )
+        return encrypted
+
+    def verify_url(self, msg_signature: str, ts: str, nonce: str, echostr: str) -> str:
+        """WeCom's URL check: the decrypted echostr proves we hold the key."""
+        self.crypto.verify(msg_signature, ts, nonce, echostr)
+        domain.check_age(ts, self.clock(), self.callback_max_age)
+        return self.crypto.decrypt(echostr).decode()
+
+    async def receive_callback(
+        self, uow: UnitOfWork, msg_signature: str, ts: str, nonce: str, body: bytes
+    ) -> CallbackOutcome:
+        """Verify, decrypt, store: nothing slow before WeCom gets its answer.
+        A replayed request (same signature) or a redelivered event (same
+        content) is answered as WeCom expects and changes nothing."""
+        encrypted = self._encrypted(body)
+        self.crypto.verify(msg_signature, ts, nonce, encrypted)
+        now = self.clock()
+        domain.check_age(ts, now, self.callback_max_age)
+        message = self.crypto.decrypt(encrypted)
+        event = domain.parse_event(message)
+        if not await repo.remember_signature(uow.conn, msg_signature.lower(), now):
+            return CallbackOutcome("success", "duplicate", event.dedup_key)
+        fresh = await repo.enqueue_callback(
+            uow.conn, event.dedup_key, event.event, event.change_type, message.decode(), now
+        )
+        return CallbackOutcome("success", "accepted" if fresh else "duplicate", event.dedup_key)
+
+    async def process_next_callback(self, db: Database) -> bool:
+        """Process one due callback; False when none is due. A failure is
+        recorded and retried with backoff, then left `failed` for an operator."""
+        now = self.clock()
+        key = ""
+        attempts = 0
+        try:
+            async with db.unit_of_work() as uow:
+                row = await repo.claim_callback(uow.conn, now)
+                if row is None:
+                    return False
+                key, attempts = row["dedup_key"], row["attempts"]
+                event = domain.parse_event(row["message"].encode())
+                status = await self._process(uow, event)
+                await repo.finish_callback(uow.conn, key, status)
+            return True
+        except Exception as exc:
+            if not key:
+                raise
+            final = attempts + 1 >= self.callback_max_attempts
+            log.warning("callback %s failed (attempt %d): %r", key, attempts + 1, exc)
+            async with db.unit_of_work() as uow:
+                await repo.fail_callback(
+                    uow.conn,
+                    key,
+                    exc.message if isinstance(exc, DomainError) else repr(exc),
+                    "failed" if final else "pending",
+                    now + timedelta(seconds=min(2**attempts, 300)),
+                )
+            return True
+
+    async def _process(self, uow: UnitOfWork, event: domain.WeComEvent) -> str:
+        now = self.clock()
+        if event.event != "change_external_contact":
+            # Group chats (change_external_chat) and directory changes
+            # (change_contact) are kept in the inbox; SyncDirectory applies
+            # the directory, and communities are not built yet.
+            return "ignored"
+        ext, staff_id = event.external_userid, event.staff_id
+        if not ext or not staff_id:
+            raise InvalidArgument("the event names no customer or staff", code="INVALID_CALLBACK")
+        if event.change_type in ADD_CHANGES or event.change_type == "edit_external_contact":
+            staff = await repo.get_staff(uow.conn, staff_id)
+            if staff is None:
+                raise FailedPrecondition(
+                    f"staff {staff_id} is not known yet (sync the directory)", code="UNKNOWN_STAFF"
+                )
+            contact = await self.wecom.get_external_contact(ext)
+            member_id = uuid.UUID(
+                await self.members.identify_wecom(
+                    self.corp_id, ext, contact.unionid, f"wecom:{staff.store_id}:{staff_id}"
+                )
+            )
+            await repo.upsert_contact(uow.conn, ext, member_id, now)
+            await repo.link_contact(uow.conn, ext, staff_id, now)
+            if event.change_type in ADD_CHANGES:
+                await self._bind_first(uow, member_id, staff, now)
+            await repo.audit(
+                uow.conn,
+                WECOM_ACTOR,
+                f"contact_{'added' if event.change_type in ADD_CHANGES else 'edited'}",
+                f"member:{member_id}",
+                {"staff_id": staff_id, "external_userid": ext, "state": event.state},
+                now,
+            )
+            return "done"
+        if event.change_type in REMOVE_CHANGES:
+            await repo.unlink_contact(uow.conn, ext, staff_id, now)
+            member_id_or_none = await repo.contact_member(uow.conn, ext)
+            await repo.audit(
+                uow.conn,
+                WECOM_ACTOR,
+                event.change_type,
+                f"member:{member_id_or_none}" if member_id_or_none else f"contact:{ext}",
+                {"staff_id": staff_id, "external_userid": ext},
+                now,
+            )
+            return "done"
+        await repo.audit(
+            uow.conn,
+            WECOM_ACTOR,
+            event.change_type or "unknown",
+            f"contact:{ext}",
+            {"staff_id": staff_id},
+            now,
+        )
+        return "done"
+
+    # ------------------------------------------------------------ binding
+
+    async def _bind_first(
+        self, uow: UnitOfWork, member_id: uuid.UUID, staff: repo.StaffRow, now: datetime
+    ) -> None:
+        """The staff member who added the customer becomes the exclusive guide,
+        unless the member already has one (the first guide keeps the member)."""
+        await repo.lock_member(uow.conn, member_id)
+        current = await repo.get_binding(uow.conn, member_id)
+        if current is None:
+            await self._rebind(uow, member_id, "", staff, "wecom_add", WECOM_ACTOR, now)
+            await repo.funnel_added(uow.conn, member_id, now, staff.staff_id, staff.store_id)
+        elif current.staff_id != staff.staff_id:
+            await repo.audit(
+                uow.conn,
+                WECOM_ACTOR,
+                "binding_kept",
+                f"member:{member_id}",
+                {"guide": current.staff_id, "also_added_by": staff.staff_id},
+                now,
+            )
+
+    async def _rebind(
+        self,
+        uow: UnitOfWork,
+        member_id: uuid.UUID,
+        from_staff: str,
+        staff: repo.StaffRow,
+        reason: str,
+        actor: str,
+        now: datetime,
+    ) -> None:
+        await repo.set_binding(uow.conn, member_id, from_staff, staff, reason, actor, now)
+        await repo.audit(
+            uow.conn,
+            actor,
+            "guide_bound",
+            f"member:{member_id}",
+            {"from": from_staff, "to": staff.staff_id, "reason": reason},
+            now,
+        )
+        await uow.emit(
+            events_pb2.GuideBound(
+                member_id=str(member_id),
+                from_staff_id=from_staff,
+                to_staff_id=staff.staff_id,
+                store_id=staff.store_id,
+                reason=reason,
+                bound_at=timestamp(now),
+            ),
+            member_id=str(member_id),
+        )
+
+    async def reassign_guide(
+        self, uow: UnitOfWork, member: str, staff_id: str, actor: str, reason: str
+    ) -> None:
+        member_id = parse_member_id(member)
+        actor = domain.require_id(actor, "actor")
+        staff = await repo.get_staff(uow.conn, staff_id)
+        if staff is None or staff.status != "active":
+            raise FailedPrecondition(
+                f"staff {staff_id} is not an active staff member",
+                code="UNKNOWN_STAFF",
+                field="staff_id",
+            )
+        await repo.lock_member(uow.conn, member_id)
+        current = await repo.get_binding(uow.conn, member_id)
+        if current is not None and current.staff_id == staff.staff_id:
+            return
+        await self._rebind(
+            uow,
+            member_id,
+            current.staff_id if current else "",
+            staff,
+            f"operator:{reason.strip()}" if reason.strip() else "operator",
+            actor,
+            self.clock(),
+        )
+
+    # ------------------------------------------------------------ attribution
+
+    async def sign_link(self, uow: UnitOfWork, staff_id: str) -> str:
+        staff = await self.get_staff(uow, staff_id)
+        if staff.status != "active":
+            raise FailedPrecondition(
+                f"staff {staff_id} has resigned", code="STAFF_RESIGNED", field="staff_id"
+            )
+        return domain.sign_guide_ref(self.link_secret, staff.staff_id, self.clock())
+
+    async def _candidates(
+        self, uow: UnitOfWork, p: events_pb2.OrderCompleted, member_id: uuid.UUID, at: datetime
+    ) -> list[Candidate]:
+        out: list[Candidate] = []
+        if p.guide_ref:
+            ref = domain.verify_guide_ref(self.link_secret, p.guide_ref, self.tz)
+            staff = await repo.get_staff(uow.conn, ref.staff_id) if ref else None
+            if ref and staff and staff.status == "active":
+                out.append(
+                    Candidate(
+                        AttributionRule.GUIDE_LINK, staff.staff_id, staff.store_id, ref.issued_at
+                    )
+                )
+            else:
+                log.info("order %s: guide link not honoured", p.order_id)
+        if p.staff_code:
+            staff = await repo.staff_by_code(uow.conn, p.staff_code)
+            if staff and staff.status == "active":
+                out.append(
+                    Candidate(AttributionRule.STAFF_CODE, staff.staff_id, staff.store_id, at)
+                )
+        binding = await repo.get_binding(uow.conn, member_id)
+        if binding is not None:
+            out.append(
+                Candidate(
+                    AttributionRule.BINDING, binding.staff_id, binding.store_id, binding.bound_at
+                )
+            )
+        return out
+
+    async def on_order_completed(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        p = event.payload
+        assert isinstance(p, events_pb2.OrderCompleted)
+        if not p.member_id:
+            return
+        member_id = uuid.UUID(p.member_id)
+        at = to_datetime(p.ordered_at) or self.clock()
+        chosen = domain.attribute(
+            await self._candidates(uow, p, member_id, at), self.rules, at, self.window
+        )
+        categories: dict[str, int] = {}
+        for line in p.lines:
+            if line.category:
+                categories[line.category] = categories.get(line.category, 0) + line.quantity
+        inserted = await repo.insert_order(
+            uow.conn,
+            uuid.UUID(p.order_id),
+            member_id,
+            p.store_id,
+            CHANNEL_NAMES.get(p.channel, "store"),
+            p.paid_amount_fen,
+            at,
+            sorted(categories.items()),
+            chosen.staff_id if chosen else "",
+            chosen.store_id if chosen else "",
+            chosen.rule.value if chosen else "",
+            date.fromisoformat(domain.local_day(at, self.tz)),
+        )
+        if inserted:
+            await repo.funnel_order(uow.conn, member_id, uuid.UUID(p.order_id), at)
+            await self.refresh_rule_tags(uow, member_id)
+
+    async def on_order_refunded(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        p = event.payload
+        assert isinstance(p, events_pb2.OrderRefunded)
+        at = to_datetime(p.refunded_at) or self.clock()
+        if (
+            await repo.apply_refund(
+                uow.conn, uuid.UUID(p.refund_id), uuid.UUID(p.order_id), p.refunded_amount_fen, at
+            )
+            and p.member_id
+        ):
+            await self.refresh_rule_tags(uow, uuid.UUID(p.member_id))
+
+    async def on_member_registered(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        p = event.payload
+        assert isinstance(p, events_pb2.MemberRegistered)
+        at = to_datetime(p.registered_at) or self.clock()
+        await repo.funnel_registered(uow.conn, uuid.UUID(p.member_id), at, p.source)
+
+    async def order_attribution(self, uow: UnitOfWork, order_id: str) -> repo.Any:
+        try:
+            oid = uuid.UUID(order_id)
+        except ValueError:
+            raise InvalidArgument(
+                "order_id is not an order id", code="INVALID_ORDER_ID", field="order_id"
+            ) from None
+        row = await repo.get_order(uow.conn, oid)
+        if row is None:
+            raise NotFound(f"no order {order_id} seen yet", code="UNKNOWN_ORDER", field="order_id")
+        return row
+
+    async def daily_report(
+        self, uow: UnitOfWork, from_day: str, to_day: str, store_id: str, staff_id: str
+    ) -> list[repo.Any]:
+        start, end = _parse_day(from_day, "from_day"), _parse_day(to_day, "to_day")
+        if end < start or (end - start).days > 366:
+            raise InvalidArgument(
+                "to_day must be on or after from_day, at most 366 days later",
+                code="INVALID_RANGE",
+                field="to_day",
+            )
+        return await repo.daily_report(uow.conn, start, end, store_id, staff_id)
+
+    # ------------------------------------------------------------ tags
+
+    async def _visible_tags(self, uow: UnitOfWork, member_id: uuid.UUID) -> set[str]:
+        return {r["tag"] for r in await repo.tags_of(uow.conn, member_id)}
+
+    async def _tags_changed(
+        self, uow: UnitOfWork, member_id: uuid.UUID, before: set[str], now: datetime
+    ) -> tuple[list[str], list[str]]:
+        after = await self._visible_tags(uow, member_id)
+        added, removed = sorted(after - before), sorted(before - after)
+        if added or removed:
+            await uow.emit(
+                events_pb2.MemberTagsChanged(
+                    member_id=str(member_id),
+                    added=added,
+                    removed=removed,
+                    tags=sorted(after),
+                    changed_at=timestamp(now),
+                ),
+                member_id=str(member_id),
+            )
+            await repo.enqueue_tag_push(uow.conn, member_id, added, removed)
+        return added, removed
+
+    async def list_tags(self, uow: UnitOfWork, member: str) -> list[repo.Any]:
+        return await repo.tags_of(uow.conn, parse_member_id(member))
+
+    async def set_tag(
+        self,
+        uow: UnitOfWork,
+        member: str,
+        tag: str,
+        present: bool,
+        actor: str,
+        source: str = "manual",
+    ) -> None:
+        member_id = parse_member_id(member)
+        tag = domain.normalise_tag(tag)
+        actor = domain.require_id(actor, "actor")
+        now = self.clock()
+        await repo.lock_member(uow.conn, member_id)
+        before = await self._visible_tags(uow, member_id)
+        if present:
+            changed = await repo.add_tag(uow.conn, member_id, tag, source, actor, now)
+        else:
+            changed = await repo.remove_tag(uow.conn, member_id, tag, source)
+        if changed:
+            await repo.audit(
+                uow.conn,
+                actor,
+                "tag_added" if present else "tag_removed",
+                f"member:{member_id}",
+                {"tag": tag, "source": source},
+                now,
+            )
+            await self._tags_changed(uow, member_id, before, now)
+
+    async def refresh_rule_tags(self, uow: UnitOfWork, member_id: uuid.UUID) -> tuple[int, int]:
+        """One member's rule tags from their orders in the window (incremental
+        on each order event; the batch calls the same for every member)."""
+        now = self.clock()
+        rows = await repo.recent_orders(uow.conn, member_id, now - self.tag_window)
+        facts = [
+            OrderFact(
+                str(r["order_id"]),
+                r["store_id"],
+                r["channel"],
+                r["paid"],
+                r["ordered_at"],
+                tuple(_json_list(r["categories"])),
+            )
+            for r in rows
+        ]
+        want = domain.rule_tags(facts, self.tz, self.tag_rules)
+        await repo.lock_member(uow.conn, member_id)
+        have = {r["tag"] for r in await repo.tags_of(uow.conn, member_id) if r["source"] == "rule"}
+        if want == have:
+            return 0, 0
+        before = await self._visible_tags(uow, member_id)
+        for tag in want - have:
+            await repo.add_tag(uow.conn, member_id, tag, "rule", "rules", now)
+        for tag in have - want:
+            await repo.remove_tag(uow.conn, member_id, tag, "rule")
+        await self._tags_changed(uow, member_id, before, now)
+        return len(want - have), len(have - want)
+
+    async def run_tag_batch(self, db: Database, window_days: int = 0) -> TagBatchResult:
+        handlers = self
+        if window_days:
+            if window_days < 1 or window_days > 3660:
+                raise InvalidArgument(
+                    "window_days must be 1..3660", code="INVALID_WINDOW", field="window_days"
+                )
+            handlers = replace_window(self, timedelta(days=window_days))
+        async with db.reading() as uow:
+            members = await repo.members_for_tag_batch(uow.conn, self.clock() - handlers.tag_window)
+        added = removed = 0
+        # A transaction per member: a batch never holds many members' locks.
+        for member_id in members:
+            async with db.unit_of_work() as uow:
+                a, r = await handlers.refresh_rule_tags(uow, member_id)
+            added, removed = added + a, removed + r
+        return TagBatchResult(len(members), added, removed)
+
+    async def push_next_tags(self, db: Database) -> bool:
+        """Mark one queued tag change on the member's WeCom contacts; False when none."""
+        async with db.unit_of_work() as uow:
+            row = await repo.claim_tag_push(uow.conn, self.callback_max_attempts)
+            if row is None:
+                return False
+            error = ""
+            try:
+                for staff_id, ext in await repo.links_of_member(uow.conn, row["member_id"]):
+                    await self.wecom.mark_tags(
+                        staff_id, ext, list(row["added"]), list(row["removed"])
+                    )
+            except DomainError as exc:
+                error = exc.message or "failed"
+            await repo.finish_tag_push(uow.conn, row["id"], error, self.clock())
+        return True
+
+    # ------------------------------------------------------------ funnel
+
+    async def funnel_report(
+        self, uow: UnitOfWork, from_day: str, to_day: str, group_by: str
+    ) -> list[repo.Any]:
+        start, end = _parse_day(from_day, "from_day"), _parse_day(to_day, "to_day")
+        if end < start:
+            raise InvalidArgument("to_day is before from_day", code="INVALID_RANGE", field="to_day")
+        group = group_by or "store"
+        if group not in ("store", "guide", "channel"):
+            raise InvalidArgument(
+                "group_by must be store, guide or channel",
+                code="INVALID_GROUP_BY",
+                field="group_by",
+            )
+        lo = datetime.combine(start, datetime.min.time(), self.tz)
+        hi = datetime.combine(end + timedelta(days=1), datetime.min.time(), self.tz)
+        return await repo.funnel_report(uow.conn, group, lo, hi)
+
+
+def replace_window(handlers: GuidesHandlers, window: timedelta) -> GuidesHandlers:
+    """The same handlers with another rule-tag window (a batch run's override)."""
+    clone = object.__new__(GuidesHandlers)
+    clone.__dict__.update(handlers.__dict__)
+    clone.tag_window = window
+    return clone
+
+
+def _json_list(value: object) -> list[tuple[str, int]]:
+    """A JSONB [[category, quantity], ...] as asyncpg returns it (text)."""
+    data = json.loads(value) if isinstance(value, str) else value
+    return [(str(c), int(q)) for c, q in data]  # type: ignore[union-attr]

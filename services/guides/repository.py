@@ -1,0 +1,559 @@
+"""The SQL of the guides service (asyncpg, schema-qualified)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from servicekit.db import Connection
+
+S = "guides"
+
+
+@dataclass(frozen=True)
+class StaffRow:
+    staff_id: str
+    name: str
+    store_id: str
+    role: str
+    status: str
+    staff_code: str
+    updated_by: str
+    updated_at: datetime
+
+
+def _staff(r: Any) -> StaffRow:
+    return StaffRow(**dict(r))
+
+
+_STAFF_COLS = "staff_id, name, store_id, role, status, staff_code, updated_by, updated_at"
+
+
+async def get_staff(conn: Connection, staff_id: str, lock: bool = False) -> StaffRow | None:
+    r = await conn.fetchrow(
+        f"SELECT {_STAFF_COLS} FROM {S}.staff WHERE staff_id = $1"
+        + (" FOR UPDATE" if lock else ""),
+        staff_id,
+    )
+    return _staff(r) if r else None
+
+
+async def staff_by_code(conn: Connection, code: str) -> StaffRow | None:
+    r = await conn.fetchrow(f"SELECT {_STAFF_COLS} FROM {S}.staff WHERE staff_code = $1", code)
+    return _staff(r) if r else None
+
+
+async def list_staff(conn: Connection, store_id: str) -> list[StaffRow]:
+    rows = await conn.fetch(
+        f"SELECT {_STAFF_COLS} FROM {S}.staff WHERE $1 = '' OR store_id = $1 ORDER BY staff_id",
+        store_id,
+    )
+    return [_staff(r) for r in rows]
+
+
+async def upsert_staff(conn: Connection, s: StaffRow) -> StaffRow:
+    r = await conn.fetchrow(
+        f"INSERT INTO {S}.staff ({_STAFF_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " ON CONFLICT (staff_id) DO UPDATE SET name = EXCLUDED.name,"
+        " store_id = EXCLUDED.store_id, role = EXCLUDED.role, status = EXCLUDED.status,"
+        " staff_code = EXCLUDED.staff_code, updated_by = EXCLUDED.updated_by,"
+        f" updated_at = EXCLUDED.updated_at RETURNING {_STAFF_COLS}",
+        s.staff_id,
+        s.name,
+        s.store_id,
+        s.role,
+        s.status,
+        s.staff_code,
+        s.updated_by,
+        s.updated_at,
+    )
+    return _staff(r)
+
+
+async def audit(
+    conn: Connection, actor: str, action: str, subject: str, detail: dict[str, Any], at: datetime
+) -> None:
+    await conn.execute(
+        f"INSERT INTO {S}.audit (at, actor, action, subject, detail) VALUES ($1, $2, $3, $4, $5)",
+        at,
+        actor,
+        action,
+        subject,
+        json.dumps(detail),
+    )
+
+
+async def audit_of(conn: Connection, subject: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT at, actor, action, detail FROM {S}.audit WHERE subject = $1 ORDER BY id", subject
+    )
+    return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+async def remember_signature(conn: Connection, signature: str, at: datetime) -> bool:
+    """False when this signature was accepted before (a replay)."""
+    return bool(
+        await conn.fetchval(
+            f"INSERT INTO {S}.callback_signatures (msg_signature, seen_at) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            signature,
+            at,
+        )
+    )
+
+
+async def enqueue_callback(
+    conn: Connection, key: str, event: str, change_type: str, message: str, at: datetime
+) -> bool:
+    return bool(
+        await conn.fetchval(
+            f"INSERT INTO {S}.callback_inbox (dedup_key, event, change_type, message,"
+            " received_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $5)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            key,
+            event,
+            change_type,
+            message,
+            at,
+        )
+    )
+
+
+async def claim_callback(conn: Connection, now: datetime) -> Any:
+    """The oldest due pending callback, locked for this transaction."""
+    return await conn.fetchrow(
+        f"SELECT dedup_key, message, attempts FROM {S}.callback_inbox"
+        " WHERE status = 'pending' AND next_attempt_at <= $1"
+        " ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+        now,
+    )
+
+
+async def finish_callback(conn: Connection, key: str, status: str) -> None:
+    await conn.execute(
+        f"UPDATE {S}.callback_inbox SET status = $2, attempts = attempts + 1 WHERE dedup_key = $1",
+        key,
+        status,
+    )
+
+
+async def fail_callback(
+    conn: Connection, key: str, error: str, status: str, next_at: datetime
+) -> None:
+    await conn.execute(
+        f"UPDATE {S}.callback_inbox SET attempts = attempts + 1, last_error = $2,"
+        " status = $3, next_attempt_at = $4 WHERE dedup_key = $1",
+        key,
+        error[:500],
+        status,
+        next_at,
+    )
+
+
+async def callback_status(conn: Connection, key: str) -> Any:
+    return await conn.fetchrow(
+        f"SELECT status, attempts, last_error FROM {S}.callback_inbox WHERE dedup_key = $1", key
+    )
+
+
+# ---------------------------------------------------------------- contacts and bindings
+
+
+async def upsert_contact(
+    conn: Connection, external_userid: str, member_id: uuid.UUID, at: datetime
+) -> None:
+    await conn.execute(
+        f"INSERT INTO {S}.contacts (external_userid, member_id, updated_at) VALUES ($1, $2, $3)"
+        " ON CONFLICT (external_userid) DO UPDATE SET member_id = EXCLUDED.member_id,"
+        " updated_at = EXCLUDED.updated_at",
+        external_userid,
+        member_id,
+        at,
+    )
+
+
+async def contact_member(conn: Connection, external_userid: str) -> uuid.UUID | None:
+    value = await conn.fetchval(
+        f"SELECT member_id FROM {S}.contacts WHERE external_userid = $1", external_userid
+    )
+    return value  # type: ignore[no-any-return]
+
+
+async def link_contact(conn: Connection, external_userid: str, staff_id: str, at: datetime) -> None:
+    await conn.execute(
+        f"INSERT INTO {S}.contact_links (external_userid, staff_id, added_at) VALUES ($1, $2, $3)"
+        " ON CONFLICT (external_userid, staff_id) DO UPDATE SET removed_at = NULL",
+        external_userid,
+        staff_id,
+        at,
+    )
+
+
+async def unlink_contact(
+    conn: Connection, external_userid: str, staff_id: str, at: datetime
+) -> None:
+    await conn.execute(
+        f"UPDATE {S}.contact_links SET removed_at = $3"
+        " WHERE external_userid = $1 AND staff_id = $2 AND removed_at IS NULL",
+        external_userid,
+        staff_id,
+        at,
+    )
+
+
+async def customers_of(conn: Connection, staff_id: str) -> list[tuple[str, uuid.UUID]]:
+    """(external_userid, member_id) of the staff member's current WeCom contacts."""
+    rows = await conn.fetch(
+        f"SELECT l.external_userid, c.member_id FROM {S}.contact_links l"
+        f" JOIN {S}.contacts c USING (external_userid)"
+        " WHERE l.staff_id = $1 AND l.removed_at IS NULL ORDER BY l.external_userid",
+        staff_id,
+    )
+    return [(r["external_userid"], r["member_id"]) for r in rows]
+
+
+async def move_link(
+    conn: Connection, external_userid: str, from_staff: str, to_staff: str, at: datetime
+) -> None:
+    await unlink_contact(conn, external_userid, from_staff, at)
+    await link_contact(conn, external_userid, to_staff, at)
+
+
+async def links_of_member(conn: Connection, member_id: uuid.UUID) -> list[tuple[str, str]]:
+    """(staff_id, external_userid) of every live WeCom contact of the member."""
+    rows = await conn.fetch(
+        f"SELECT l.staff_id, l.external_userid FROM {S}.contact_links l"
+        f" JOIN {S}.contacts c USING (external_userid)"
+        " WHERE c.member_id = $1 AND l.removed_at IS NULL ORDER BY 1, 2",
+        member_id,
+    )
+    return [(r["staff_id"], r["external_userid"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class BindingRow:
+    member_id: uuid.UUID
+    staff_id: str
+    store_id: str
+    bound_at: datetime
+
+
+async def get_binding(
+    conn: Connection, member_id: uuid.UUID, lock: bool = False
+) -> BindingRow | None:
+    r = await conn.fetchrow(
+        f"SELECT member_id, staff_id, store_id, bound_at FROM {S}.bindings WHERE member_id = $1"
+        + (" FOR UPDATE" if lock else ""),
+        member_id,
+    )
+    return BindingRow(**dict(r)) if r else None
+
+
+async def lock_member(conn: Connection, member_id: uuid.UUID) -> None:
+    """Serialises binding changes of one member (the row may not exist yet)."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))", str(member_id)
+    )
+
+
+async def set_binding(
+    conn: Connection,
+    member_id: uuid.UUID,
+    from_staff: str,
+    staff: StaffRow,
+    reason: str,
+    actor: str,
+    at: datetime,
+) -> None:
+    await conn.execute(
+        f"INSERT INTO {S}.bindings (member_id, staff_id, store_id, bound_at)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (member_id) DO UPDATE SET"
+        " staff_id = EXCLUDED.staff_id, store_id = EXCLUDED.store_id, bound_at = EXCLUDED.bound_at",
+        member_id,
+        staff.staff_id,
+        staff.store_id,
+        at,
+    )
+    await conn.execute(
+        f"INSERT INTO {S}.binding_history (member_id, from_staff_id, to_staff_id, reason, actor,"
+        " changed_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        member_id,
+        from_staff,
+        staff.staff_id,
+        reason,
+        actor,
+        at,
+    )
+
+
+async def binding_history(conn: Connection, member_id: uuid.UUID) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT from_staff_id, to_staff_id, reason, actor, changed_at"
+            f" FROM {S}.binding_history WHERE member_id = $1 ORDER BY id DESC",
+            member_id,
+        )
+    )
+
+
+# ---------------------------------------------------------------- orders and attribution
+
+
+async def insert_order(
+    conn: Connection,
+    order_id: uuid.UUID,
+    member_id: uuid.UUID,
+    store_id: str,
+    channel: str,
+    paid_amount_fen: int,
+    ordered_at: datetime,
+    categories: list[tuple[str, int]],
+    staff_id: str,
+    attributed_store_id: str,
+    rule: str,
+    day: date,
+) -> bool:
+    return bool(
+        await conn.fetchval(
+            f"INSERT INTO {S}.orders (order_id, member_id, store_id, channel, paid_amount_fen,"
+            " ordered_at, categories, staff_id, attributed_store_id, rule, day)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            order_id,
+            member_id,
+            store_id,
+            channel,
+            paid_amount_fen,
+            ordered_at,
+            json.dumps(categories),
+            staff_id,
+            attributed_store_id,
+            rule,
+            day,
+        )
+    )
+
+
+async def apply_refund(
+    conn: Connection, refund_id: uuid.UUID, order_id: uuid.UUID, amount: int, at: datetime
+) -> bool:
+    """Books a refund once; the order's refunded amount never exceeds what it paid."""
+    first = await conn.fetchval(
+        f"INSERT INTO {S}.refunds (refund_id, order_id, amount_fen, refunded_at)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+        refund_id,
+        order_id,
+        amount,
+        at,
+    )
+    if not first:
+        return False
+    await conn.execute(
+        f"UPDATE {S}.orders SET refunded_amount_fen ="
+        " LEAST(paid_amount_fen, refunded_amount_fen + $2) WHERE order_id = $1",
+        order_id,
+        amount,
+    )
+    return True
+
+
+async def get_order(conn: Connection, order_id: uuid.UUID) -> Any:
+    return await conn.fetchrow(
+        f"SELECT order_id, member_id, staff_id, attributed_store_id, rule, paid_amount_fen,"
+        f" refunded_amount_fen, ordered_at, day FROM {S}.orders WHERE order_id = $1",
+        order_id,
+    )
+
+
+async def daily_report(
+    conn: Connection, start: date, end: date, store_id: str, staff_id: str
+) -> list[Any]:
+    """Per day, guide and store: orders not wholly refunded, paid, refunded."""
+    return list(
+        await conn.fetch(
+            f"SELECT day, staff_id, attributed_store_id AS store_id,"
+            " count(*) FILTER (WHERE refunded_amount_fen < paid_amount_fen) AS orders,"
+            " sum(paid_amount_fen)::bigint AS paid, sum(refunded_amount_fen)::bigint AS refunded"
+            f" FROM {S}.orders WHERE staff_id <> '' AND day BETWEEN $1 AND $2"
+            " AND ($3 = '' OR attributed_store_id = $3) AND ($4 = '' OR staff_id = $4)"
+            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            start,
+            end,
+            store_id,
+            staff_id,
+        )
+    )
+
+
+async def recent_orders(conn: Connection, member_id: uuid.UUID, since: datetime) -> list[Any]:
+    """Orders not wholly refunded since `since` (the rule tags' window)."""
+    return list(
+        await conn.fetch(
+            f"SELECT order_id, store_id, channel, paid_amount_fen - refunded_amount_fen AS paid,"
+            f" ordered_at, categories FROM {S}.orders WHERE member_id = $1 AND ordered_at >= $2"
+            " AND refunded_amount_fen < paid_amount_fen ORDER BY ordered_at",
+            member_id,
+            since,
+        )
+    )
+
+
+async def members_for_tag_batch(conn: Connection, since: datetime) -> list[uuid.UUID]:
+    """Members with orders in the window, or with rule tags to reconsider."""
+    rows = await conn.fetch(
+        f"SELECT member_id FROM {S}.orders WHERE ordered_at >= $1"
+        f" UNION SELECT member_id FROM {S}.member_tags WHERE source = 'rule' ORDER BY 1",
+        since,
+    )
+    return [r["member_id"] for r in rows]
+
+
+# ---------------------------------------------------------------- tags
+
+
+async def tags_of(conn: Connection, member_id: uuid.UUID) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT tag, source, set_by, set_at FROM {S}.member_tags WHERE member_id = $1"
+            " ORDER BY tag, source",
+            member_id,
+        )
+    )
+
+
+async def add_tag(
+    conn: Connection, member_id: uuid.UUID, tag: str, source: str, by: str, at: datetime
+) -> bool:
+    return bool(
+        await conn.fetchval(
+            f"INSERT INTO {S}.member_tags (member_id, tag, source, set_by, set_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING true",
+            member_id,
+            tag,
+            source,
+            by,
+            at,
+        )
+    )
+
+
+async def remove_tag(conn: Connection, member_id: uuid.UUID, tag: str, source: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            f"DELETE FROM {S}.member_tags WHERE member_id = $1 AND tag = $2 AND source = $3"
+            " RETURNING true",
+            member_id,
+            tag,
+            source,
+        )
+    )
+
+
+async def enqueue_tag_push(
+    conn: Connection, member_id: uuid.UUID, added: list[str], removed: list[str]
+) -> None:
+    await conn.execute(
+        f"INSERT INTO {S}.tag_pushes (member_id, added, removed) VALUES ($1, $2, $3)",
+        member_id,
+        added,
+        removed,
+    )
+
+
+async def claim_tag_push(conn: Connection, max_attempts: int) -> Any:
+    return await conn.fetchrow(
+        f"SELECT id, member_id, added, removed FROM {S}.tag_pushes"
+        " WHERE done_at IS NULL AND attempts < $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        max_attempts,
+    )
+
+
+async def finish_tag_push(conn: Connection, push_id: int, error: str, at: datetime) -> None:
+    await conn.execute(
+        f"UPDATE {S}.tag_pushes SET attempts = attempts + 1, last_error = $2,"
+        " done_at = CASE WHEN $2 = '' THEN $3::timestamptz END WHERE id = $1",
+        push_id,
+        error[:500],
+        at,
+    )
+
+
+# ---------------------------------------------------------------- funnel
+
+
+async def funnel_registered(
+    conn: Connection, member_id: uuid.UUID, at: datetime, channel: str
+) -> None:
+    await conn.execute(
+        f"INSERT INTO {S}.funnel (member_id, registered_at, channel) VALUES ($1, $2, $3)"
+        " ON CONFLICT (member_id) DO UPDATE SET registered_at = EXCLUDED.registered_at,"
+        " channel = EXCLUDED.channel",
+        member_id,
+        at,
+        channel,
+    )
+
+
+async def funnel_added(
+    conn: Connection, member_id: uuid.UUID, at: datetime, staff_id: str, store_id: str
+) -> None:
+    """The first WeCom add counts (the guide and store who acquired the member)."""
+    await conn.execute(
+        f"INSERT INTO {S}.funnel (member_id, wecom_added_at, first_staff_id, first_store_id)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (member_id) DO UPDATE SET"
+        f" wecom_added_at = EXCLUDED.wecom_added_at, first_staff_id = EXCLUDED.first_staff_id,"
+        " first_store_id = EXCLUDED.first_store_id WHERE funnel.wecom_added_at IS NULL",
+        member_id,
+        at,
+        staff_id,
+        store_id,
+    )
+
+
+async def funnel_order(
+    conn: Connection, member_id: uuid.UUID, order_id: uuid.UUID, at: datetime
+) -> None:
+    """First order, then the first order after it (a repurchase)."""
+    await conn.execute(
+        f"INSERT INTO {S}.funnel (member_id, first_order_id, first_order_at) VALUES ($1, $2, $3)"
+        " ON CONFLICT (member_id) DO UPDATE SET"
+        " first_order_id = COALESCE(funnel.first_order_id, EXCLUDED.first_order_id),"
+        " first_order_at = COALESCE(funnel.first_order_at, EXCLUDED.first_order_at),"
+        " repurchased_at = CASE WHEN funnel.first_order_id IS NOT NULL"
+        " AND funnel.first_order_id <> EXCLUDED.first_order_id"
+        " THEN COALESCE(funnel.repurchased_at, EXCLUDED.first_order_at)"
+        " ELSE funnel.repurchased_at END",
+        member_id,
+        order_id,
+        at,
+    )
+
+
+_GROUPS = {
+    "store": "COALESCE(NULLIF(first_store_id, ''), '(none)')",
+    "guide": "COALESCE(NULLIF(first_staff_id, ''), '(none)')",
+    "channel": "COALESCE(NULLIF(channel, ''), '(unknown)')",
+}
+
+
+async def funnel_report(
+    conn: Connection, group_by: str, start: datetime, end: datetime
+) -> list[Any]:
+    group = _GROUPS[group_by]
+    return list(
+        await conn.fetch(
+            f"SELECT {group} AS grp, count(*) AS registered,"
+            " count(wecom_added_at) AS added,"
+            " count(first_order_at) AS first_order, count(repurchased_at) AS repurchased"
+            f" FROM {S}.funnel WHERE registered_at >= $1 AND registered_at < $2"
+            " GROUP BY 1 ORDER BY 1",
+            start,
+            end,
+        )
+    )

@@ -1,0 +1,195 @@
+"""Tables of the guides schema (Alembic reads this; queries live in repository.py):
+staff, the WeCom callback inbox and replay guard, customer contacts and who
+follows them, exclusive guide bindings with history, attributed orders and
+refunds, member tags and their WeCom push queue, the funnel, and the audit."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+from servicekit.tables import add_event_tables, service_metadata
+
+SCHEMA = "guides"
+metadata = service_metadata(SCHEMA)
+
+outbox, processed_events = add_event_tables(metadata)
+
+staff = Table(
+    "staff",
+    metadata,
+    Column("staff_id", Text, primary_key=True),  # WeCom user id
+    Column("name", Text, nullable=False),
+    Column("store_id", Text, nullable=False),
+    Column("role", Text, nullable=False),  # guide | store_manager | operations
+    Column("status", Text, nullable=False, server_default="active"),  # active | resigned
+    Column("staff_code", Text, nullable=False, unique=True),
+    Column("updated_by", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index(None, "store_id"),
+)
+
+# Every accepted callback, decrypted, once per event (dedup_key); processed
+# after WeCom got its answer.
+callback_inbox = Table(
+    "callback_inbox",
+    metadata,
+    Column("dedup_key", Text, primary_key=True),
+    Column("event", Text, nullable=False),
+    Column("change_type", Text, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),  # pending|done|failed|ignored
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=False, server_default=""),
+    Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index(
+        "ix_callback_inbox_pending", "next_attempt_at", postgresql_where=text("status = 'pending'")
+    ),
+)
+
+# Signatures of accepted callbacks, so a replayed request does nothing; kept a
+# little longer than the age limit (older ones are refused as too old anyway).
+callback_signatures = Table(
+    "callback_signatures",
+    metadata,
+    Column("msg_signature", Text, primary_key=True),
+    Column("seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index(None, "seen_at"),
+)
+
+contacts = Table(
+    "contacts",
+    metadata,
+    Column("external_userid", Text, primary_key=True),
+    Column("member_id", Uuid, nullable=False, index=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# Which staff member has the customer as a WeCom contact (for transfers and tag pushes).
+contact_links = Table(
+    "contact_links",
+    metadata,
+    Column("external_userid", Text, nullable=False),
+    Column("staff_id", Text, nullable=False, index=True),
+    Column("added_at", DateTime(timezone=True), nullable=False),
+    Column("removed_at", DateTime(timezone=True)),
+    PrimaryKeyConstraint("external_userid", "staff_id"),
+)
+
+bindings = Table(
+    "bindings",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("staff_id", Text, nullable=False, index=True),
+    Column("store_id", Text, nullable=False),
+    Column("bound_at", DateTime(timezone=True), nullable=False),
+)
+
+binding_history = Table(
+    "binding_history",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("member_id", Uuid, nullable=False, index=True),
+    Column("from_staff_id", Text, nullable=False),
+    Column("to_staff_id", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("order_id", Uuid, primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("store_id", Text, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("paid_amount_fen", BigInteger, nullable=False),
+    Column("refunded_amount_fen", BigInteger, nullable=False, server_default="0"),
+    Column("ordered_at", DateTime(timezone=True), nullable=False),
+    Column("categories", JSONB, nullable=False),  # [[category, quantity], ...]
+    # Attribution: empty staff_id / rule when nobody gets the order.
+    Column("staff_id", Text, nullable=False),
+    Column("attributed_store_id", Text, nullable=False),
+    Column("rule", Text, nullable=False),
+    Column("day", Date, nullable=False),
+    Index(None, "member_id", "ordered_at"),
+    Index("ix_orders_attributed_day", "day", "staff_id", postgresql_where=text("staff_id <> ''")),
+)
+
+refunds = Table(
+    "refunds",
+    metadata,
+    Column("refund_id", Uuid, primary_key=True),
+    Column("order_id", Uuid, nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("refunded_at", DateTime(timezone=True), nullable=False),
+)
+
+member_tags = Table(
+    "member_tags",
+    metadata,
+    Column("member_id", Uuid, nullable=False),
+    Column("tag", Text, nullable=False),
+    Column("source", Text, nullable=False),  # manual | rule | journey
+    Column("set_by", Text, nullable=False),
+    Column("set_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("member_id", "tag", "source"),
+)
+
+# Tag changes still to mark on the member's WeCom contacts.
+tag_pushes = Table(
+    "tag_pushes",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("added", ARRAY(Text), nullable=False),
+    Column("removed", ARRAY(Text), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("done_at", DateTime(timezone=True)),
+    Index("ix_tag_pushes_pending", "id", postgresql_where=text("done_at IS NULL")),
+)
+
+# One row per member: when they reached each stage of the private-domain funnel.
+funnel = Table(
+    "funnel",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("registered_at", DateTime(timezone=True)),
+    Column("channel", Text, nullable=False, server_default=""),
+    Column("wecom_added_at", DateTime(timezone=True)),
+    Column("first_staff_id", Text, nullable=False, server_default=""),
+    Column("first_store_id", Text, nullable=False, server_default=""),
+    Column("first_order_id", Uuid),
+    Column("first_order_at", DateTime(timezone=True)),
+    Column("repurchased_at", DateTime(timezone=True)),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Index(None, "subject"),
+)

@@ -1,0 +1,234 @@
+"""gRPC servicer: protobuf <-> domain mapping only; opens the unit of work."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import grpc
+
+from loyalty.guides.v1 import guides_pb2, guides_pb2_grpc
+from servicekit.db import Database
+from servicekit.protos import timestamp
+
+from . import repository as repo
+from .handlers import GuidesHandlers
+
+ROLE_TO_PROTO = {
+    "guide": guides_pb2.STAFF_ROLE_GUIDE,
+    "store_manager": guides_pb2.STAFF_ROLE_STORE_MANAGER,
+    "operations": guides_pb2.STAFF_ROLE_OPERATIONS,
+}
+ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
+
+Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+def staff_reply(s: repo.StaffRow) -> guides_pb2.Staff:
+    return guides_pb2.Staff(
+        staff_id=s.staff_id,
+        name=s.name,
+        store_id=s.store_id,
+        role=ROLE_TO_PROTO.get(s.role, guides_pb2.STAFF_ROLE_UNSPECIFIED),
+        status=s.status,
+        staff_code=s.staff_code,
+        actor=s.updated_by,
+        updated_at=timestamp(s.updated_at),
+    )
+
+
+def tags_reply(member_id: str, rows: list[Any]) -> guides_pb2.MemberTags:
+    return guides_pb2.MemberTags(
+        member_id=member_id,
+        tags=[
+            guides_pb2.MemberTag(
+                tag=r["tag"], source=r["source"], set_by=r["set_by"], set_at=timestamp(r["set_at"])
+            )
+            for r in rows
+        ],
+    )
+
+
+class GuidesServicer(guides_pb2_grpc.GuidesServiceServicer):
+    def __init__(self, db: Database, handlers: GuidesHandlers) -> None:
+        self._db = db
+        self._h = handlers
+
+    async def UpsertStaff(self, request: guides_pb2.Staff, context: Ctx) -> guides_pb2.Staff:
+        async with self._db.unit_of_work() as uow:
+            row = await self._h.upsert_staff(
+                uow,
+                request.staff_id,
+                request.name,
+                request.store_id,
+                ROLE_FROM_PROTO.get(request.role, ""),
+                request.staff_code,
+                request.actor,
+            )
+        return staff_reply(row)
+
+    async def GetStaff(self, request: guides_pb2.StaffRef, context: Ctx) -> guides_pb2.Staff:
+        async with self._db.reading() as uow:
+            return staff_reply(await self._h.get_staff(uow, request.staff_id))
+
+    async def ListStaff(
+        self, request: guides_pb2.ListStaffRequest, context: Ctx
+    ) -> guides_pb2.ListStaffResponse:
+        async with self._db.reading() as uow:
+            rows = await self._h.list_staff(uow, request.store_id)
+        return guides_pb2.ListStaffResponse(staff=[staff_reply(r) for r in rows])
+
+    async def SyncDirectory(
+        self, request: guides_pb2.SyncDirectoryRequest, context: Ctx
+    ) -> guides_pb2.SyncDirectoryResponse:
+        counts = await self._h.sync_directory(self._db, request.actor or "wecom-directory")
+        return guides_pb2.SyncDirectoryResponse(**counts)
+
+    async def ResignStaff(
+        self, request: guides_pb2.ResignStaffRequest, context: Ctx
+    ) -> guides_pb2.ResignStaffResponse:
+        moved, failed = await self._h.resign_staff(
+            self._db, request.staff_id, request.takeover_staff_id, request.actor
+        )
+        return guides_pb2.ResignStaffResponse(transferred=moved, failed=failed)
+
+    async def VerifyCallbackUrl(
+        self, request: guides_pb2.CallbackRequest, context: Ctx
+    ) -> guides_pb2.CallbackResponse:
+        reply = self._h.verify_url(
+            request.msg_signature, request.timestamp, request.nonce, request.echostr
+        )
+        return guides_pb2.CallbackResponse(reply=reply, outcome="verified")
+
+    async def ReceiveCallback(
+        self, request: guides_pb2.CallbackRequest, context: Ctx
+    ) -> guides_pb2.CallbackResponse:
+        async with self._db.unit_of_work() as uow:
+            out = await self._h.receive_callback(
+                uow, request.msg_signature, request.timestamp, request.nonce, request.body
+            )
+        return guides_pb2.CallbackResponse(reply=out.reply, outcome=out.outcome)
+
+    async def GetBinding(self, request: guides_pb2.MemberRef, context: Ctx) -> guides_pb2.Binding:
+        from servicekit.errors import parse_member_id
+
+        member_id = parse_member_id(request.member_id)
+        async with self._db.reading() as uow:
+            binding = await repo.get_binding(uow.conn, member_id)
+            history = await repo.binding_history(uow.conn, member_id)
+        reply = guides_pb2.Binding(
+            member_id=str(member_id),
+            history=[
+                guides_pb2.BindingChange(
+                    from_staff_id=h["from_staff_id"],
+                    to_staff_id=h["to_staff_id"],
+                    reason=h["reason"],
+                    actor=h["actor"],
+                    changed_at=timestamp(h["changed_at"]),
+                )
+                for h in history
+            ],
+        )
+        if binding is not None:
+            reply.staff_id = binding.staff_id
+            reply.store_id = binding.store_id
+            reply.bound_at.CopyFrom(timestamp(binding.bound_at))
+        return reply
+
+    async def ReassignGuide(
+        self, request: guides_pb2.ReassignGuideRequest, context: Ctx
+    ) -> guides_pb2.Binding:
+        async with self._db.unit_of_work() as uow:
+            await self._h.reassign_guide(
+                uow, request.member_id, request.staff_id, request.actor, request.reason
+            )
+        return await self.GetBinding(guides_pb2.MemberRef(member_id=request.member_id), context)
+
+    async def SignGuideLink(
+        self, request: guides_pb2.StaffRef, context: Ctx
+    ) -> guides_pb2.GuideLink:
+        async with self._db.reading() as uow:
+            ref = await self._h.sign_link(uow, request.staff_id)
+        return guides_pb2.GuideLink(staff_id=request.staff_id, guide_ref=ref)
+
+    async def GetOrderAttribution(
+        self, request: guides_pb2.OrderRef, context: Ctx
+    ) -> guides_pb2.OrderAttribution:
+        async with self._db.reading() as uow:
+            r = await self._h.order_attribution(uow, request.order_id)
+        return guides_pb2.OrderAttribution(
+            order_id=str(r["order_id"]),
+            member_id=str(r["member_id"]),
+            staff_id=r["staff_id"],
+            store_id=r["attributed_store_id"],
+            rule=r["rule"],
+            paid_amount_fen=r["paid_amount_fen"],
+            refunded_amount_fen=r["refunded_amount_fen"],
+            ordered_at=timestamp(r["ordered_at"]),
+            day=r["day"].isoformat(),
+        )
+
+    async def GuideDailyReport(
+        self, request: guides_pb2.GuideDailyReportRequest, context: Ctx
+    ) -> guides_pb2.GuideDailyReportResponse:
+        async with self._db.reading() as uow:
+            rows = await self._h.daily_report(
+                uow, request.from_day, request.to_day, request.store_id, request.staff_id
+            )
+        return guides_pb2.GuideDailyReportResponse(
+            rows=[
+                guides_pb2.GuideDailyRow(
+                    day=r["day"].isoformat(),
+                    staff_id=r["staff_id"],
+                    store_id=r["store_id"],
+                    orders=r["orders"],
+                    paid_amount_fen=r["paid"],
+                    refunded_amount_fen=r["refunded"],
+                    net_amount_fen=r["paid"] - r["refunded"],
+                )
+                for r in rows
+            ]
+        )
+
+    async def ListMemberTags(
+        self, request: guides_pb2.MemberRef, context: Ctx
+    ) -> guides_pb2.MemberTags:
+        async with self._db.reading() as uow:
+            rows = await self._h.list_tags(uow, request.member_id)
+        return tags_reply(request.member_id, rows)
+
+    async def SetManualTag(
+        self, request: guides_pb2.SetManualTagRequest, context: Ctx
+    ) -> guides_pb2.MemberTags:
+        async with self._db.unit_of_work() as uow:
+            await self._h.set_tag(
+                uow, request.member_id, request.tag, request.present, request.actor
+            )
+        return await self.ListMemberTags(guides_pb2.MemberRef(member_id=request.member_id), context)
+
+    async def RunTagBatch(
+        self, request: guides_pb2.RunTagBatchRequest, context: Ctx
+    ) -> guides_pb2.RunTagBatchResponse:
+        result = await self._h.run_tag_batch(self._db, request.window_days)
+        return guides_pb2.RunTagBatchResponse(
+            members=result.members, tags_added=result.added, tags_removed=result.removed
+        )
+
+    async def FunnelReport(
+        self, request: guides_pb2.FunnelReportRequest, context: Ctx
+    ) -> guides_pb2.FunnelReportResponse:
+        async with self._db.reading() as uow:
+            rows = await self._h.funnel_report(
+                uow, request.from_day, request.to_day, request.group_by
+            )
+        return guides_pb2.FunnelReportResponse(
+            rows=[
+                guides_pb2.FunnelRow(
+                    group=r["grp"],
+                    registered=r["registered"],
+                    added_on_wecom=r["added"],
+                    first_order=r["first_order"],
+                    repurchased=r["repurchased"],
+                )
+                for r in rows
+            ]
+        )

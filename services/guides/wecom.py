@@ -1,0 +1,290 @@
+"""The WeCom server API the guides service calls (contact directory, external
+contacts, resigned-staff transfer, customer tags), and a local fake of it.
+
+`WeComApi` speaks WeCom's JSON API over httpx. `FakeWeCom` implements the same
+endpoints as an httpx transport, in process: tests and `make run`
+(WECOM_API_BASE=fake) exercise the real client code against it, with no network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from servicekit.errors import Unavailable
+
+FAKE_BASE = "fake"
+FAKE_URL = "https://wecom.fake/cgi-bin"
+
+
+@dataclass(frozen=True)
+class DirectoryUser:
+    staff_id: str
+    name: str
+    store_id: str
+    role: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class ExternalContact:
+    external_userid: str
+    name: str
+    unionid: str
+
+
+class WeComError(Unavailable):
+    """WeCom answered an error code, or did not answer."""
+
+    default_code = "WECOM_ERROR"
+
+
+class WeComApi:
+    """Calls WeCom with a cached access token (refreshed on expiry or errcode 42001)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        corp_id: str,
+        secret: str,
+        store_attr: str = "store_id",
+        role_attr: str = "role",
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self._client = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout)
+        self._corp_id = corp_id
+        self._secret = secret
+        self._store_attr = store_attr
+        self._role_attr = role_attr
+        self._token = ""
+        self._token_expires = 0.0
+        self._lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _access_token(self) -> str:
+        async with self._lock:
+            if self._token and time.monotonic() < self._token_expires:
+                return self._token
+            reply = await self._raw(
+                "GET", "/gettoken", {"corpid": self._corp_id, "corpsecret": self._secret}
+            )
+            self._token = str(reply["access_token"])
+            # Renew a minute early: WeCom's token lives expires_in seconds.
+            self._token_expires = time.monotonic() + int(reply.get("expires_in", 7200)) - 60
+            return self._token
+
+    async def _raw(
+        self, method: str, path: str, params: dict[str, Any], body: Any = None
+    ) -> dict[str, Any]:
+        try:
+            response = await self._client.request(method, path, params=params, json=body)
+            response.raise_for_status()
+            reply: dict[str, Any] = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise WeComError(f"WeCom {path} did not answer: {exc}") from None
+        if reply.get("errcode", 0) != 0:
+            raise WeComError(
+                f"WeCom {path} answered errcode {reply.get('errcode')}: {reply.get('errmsg', '')}"
+            )
+        return reply
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, **params: Any
+    ) -> dict[str, Any]:
+        for attempt in range(2):
+            token = await self._access_token()
+            try:
+                return await self._raw(method, path, {"access_token": token, **params}, body)
+            except WeComError as exc:
+                # 42001: the token expired early (another process refreshed it).
+                if attempt == 0 and "errcode 42001" in exc.message:
+                    self._token = ""
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def list_users(self) -> list[DirectoryUser]:
+        reply = await self._call("GET", "/user/list", department_id=1, fetch_child=1)
+        users = []
+        for u in reply.get("userlist", []):
+            attrs = {
+                a.get("name"): a.get("text", {}).get("value", "")
+                for a in u.get("extattr", {}).get("attrs", [])
+            }
+            users.append(
+                DirectoryUser(
+                    staff_id=u["userid"],
+                    name=u.get("name", ""),
+                    store_id=attrs.get(self._store_attr, ""),
+                    role=attrs.get(self._role_attr, "") or "guide",
+                    # 1 active; 2 disabled, 4 not activated, 5 left.
+                    active=int(u.get("status", 1)) in (1, 4),
+                )
+            )
+        return users
+
+    async def get_external_contact(self, external_userid: str) -> ExternalContact:
+        reply = await self._call("GET", "/externalcontact/get", external_userid=external_userid)
+        c = reply.get("external_contact", {})
+        return ExternalContact(external_userid, c.get("name", ""), c.get("unionid", ""))
+
+    async def transfer_resigned(
+        self, handover: str, takeover: str, external_userids: list[str]
+    ) -> dict[str, int]:
+        """external_userid -> WeCom errcode (0: transferred)."""
+        out: dict[str, int] = {}
+        # WeCom takes at most 100 customers per call.
+        for i in range(0, len(external_userids), 100):
+            reply = await self._call(
+                "POST",
+                "/externalcontact/resigned/transfer_customer",
+                {
+                    "handover_userid": handover,
+                    "takeover_userid": takeover,
+                    "external_userid": external_userids[i : i + 100],
+                },
+            )
+            for c in reply.get("customer", []):
+                out[c["external_userid"]] = int(c.get("errcode", 0))
+        return out
+
+    async def mark_tags(
+        self, staff_id: str, external_userid: str, add: list[str], remove: list[str]
+    ) -> None:
+        """Tags by name under the corp tag group "loyalty"; ids come from WeCom."""
+        ids = await self._tag_ids([*add, *remove])
+        await self._call(
+            "POST",
+            "/externalcontact/mark_tag",
+            {
+                "userid": staff_id,
+                "external_userid": external_userid,
+                "add_tag": [ids[t] for t in add],
+                "remove_tag": [ids[t] for t in remove],
+            },
+        )
+
+    async def _tag_ids(self, names: list[str]) -> dict[str, str]:
+        if not names:
+            return {}
+        reply = await self._call("POST", "/externalcontact/get_corp_tag_list", {})
+        ids = {
+            t["name"]: t["id"]
+            for g in reply.get("tag_group", [])
+            if g.get("group_name") == "loyalty"
+            for t in g.get("tag", [])
+        }
+        missing = [n for n in dict.fromkeys(names) if n not in ids]
+        if missing:
+            created = await self._call(
+                "POST",
+                "/externalcontact/add_corp_tag",
+                {"group_name": "loyalty", "tag": [{"name": n} for n in missing]},
+            )
+            for t in created.get("tag_group", {}).get("tag", []):
+                ids[t["name"]] = t["id"]
+        return ids
+
+
+@dataclass
+class FakeWeCom:
+    """WeCom's server API in memory, as an httpx transport."""
+
+    corp_id: str = "wwfakecorp"
+    secret: str = "fake-secret"
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    contacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # external_userid -> errcode the transfer answers (default 0).
+    transfer_errors: dict[str, int] = field(default_factory=dict)
+    transfers: list[dict[str, Any]] = field(default_factory=list)
+    tag_groups: dict[str, str] = field(default_factory=dict)  # name -> id
+    # (staff, external_userid) -> tag names currently marked
+    marked: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def add_user(
+        self, staff_id: str, name: str, store_id: str, role: str = "guide", status: int = 1
+    ) -> None:
+        self.users[staff_id] = {
+            "userid": staff_id,
+            "name": name,
+            "status": status,
+            "extattr": {
+                "attrs": [
+                    {"type": 0, "name": "store_id", "text": {"value": store_id}},
+                    {"type": 0, "name": "role", "text": {"value": role}},
+                ]
+            },
+        }
+
+    def add_contact(self, external_userid: str, name: str, unionid: str = "") -> None:
+        self.contacts[external_userid] = {
+            "external_userid": external_userid,
+            "name": name,
+            "unionid": unionid,
+        }
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self._handle)
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/cgi-bin")
+        self.calls.append(path)
+        params = request.url.params
+        body = json.loads(request.content) if request.content else {}
+        if path == "/gettoken":
+            if params.get("corpid") != self.corp_id or params.get("corpsecret") != self.secret:
+                return httpx.Response(200, json={"errcode": 40001, "errmsg": "invalid credential"})
+            return httpx.Response(
+                200, json={"errcode": 0, "access_token": "fake-token", "expires_in": 7200}
+            )
+        if params.get("access_token") != "fake-token":
+            return httpx.Response(200, json={"errcode": 40014, "errmsg": "invalid access_token"})
+        if path == "/user/list":
+            return httpx.Response(200, json={"errcode": 0, "userlist": list(self.users.values())})
+        if path == "/externalcontact/get":
+            contact = self.contacts.get(params.get("external_userid", ""))
+            if contact is None:
+                return httpx.Response(
+                    200, json={"errcode": 84061, "errmsg": "not external contact"}
+                )
+            return httpx.Response(200, json={"errcode": 0, "external_contact": contact})
+        if path == "/externalcontact/resigned/transfer_customer":
+            self.transfers.append(body)
+            return httpx.Response(
+                200,
+                json={
+                    "errcode": 0,
+                    "customer": [
+                        {"external_userid": e, "errcode": self.transfer_errors.get(e, 0)}
+                        for e in body["external_userid"]
+                    ],
+                },
+            )
+        if path == "/externalcontact/get_corp_tag_list":
+            tags = [{"id": i, "name": n} for n, i in self.tag_groups.items()]
+            return httpx.Response(
+                200, json={"errcode": 0, "tag_group": [{"group_name": "loyalty", "tag": tags}]}
+            )
+        if path == "/externalcontact/add_corp_tag":
+            made = []
+            for t in body["tag"]:
+                tag_id = self.tag_groups.setdefault(t["name"], f"et{len(self.tag_groups) + 1:04d}")
+                made.append({"id": tag_id, "name": t["name"]})
+            return httpx.Response(200, json={"errcode": 0, "tag_group": {"tag": made}})
+        if path == "/externalcontact/mark_tag":
+            names = {i: n for n, i in self.tag_groups.items()}
+            key = (body["userid"], body["external_userid"])
+            marked = self.marked.setdefault(key, set())
+            marked.update(names[i] for i in body.get("add_tag", []))
+            marked.difference_update(names[i] for i in body.get("remove_tag", []))
+            return httpx.Response(200, json={"errcode": 0})
+        return httpx.Response(404, json={"errcode": 404, "errmsg": f"no fake for {path}"})
