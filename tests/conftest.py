@@ -147,3 +147,44 @@ async def tiering_channel(tiering_app: ServiceApp) -> AsyncIterator[grpc.aio.Cha
 async def member_channel(member_app: ServiceApp) -> AsyncIterator[grpc.aio.Channel]:
     async with _channel(member_app) as channel:
         yield channel
+
+
+@pytest.fixture(scope="session")
+def guides_clock() -> ServiceClock:
+    return ServiceClock()
+
+
+@pytest.fixture(scope="session")
+def fake_wecom():  # type: ignore[no-untyped-def]
+    """WeCom's server API, in memory (services/guides/wecom.py); tests add users and contacts."""
+    from services.guides.wecom import FakeWeCom
+
+    return FakeWeCom()
+
+
+@pytest.fixture(scope="session")
+async def guides_app(
+    infra: Infra, member_app: ServiceApp, guides_clock: ServiceClock, fake_wecom: object
+) -> AsyncIterator[ServiceApp]:
+    from services.guides.server import build
+    from services.guides.settings import GuidesSettings
+    from services.guides.wecom import FakeWeCom
+
+    assert isinstance(fake_wecom, FakeWeCom)
+    settings = GuidesSettings(
+        **infra.service_settings().model_dump(),
+        member_addr=f"127.0.0.1:{member_app.port}",
+        wecom_corp_id=fake_wecom.corp_id,
+        wecom_secret=fake_wecom.secret,
+        callback_poll_seconds=0.05,
+        tag_refresh_hours=0,
+    )
+    app = build(settings, clock=guides_clock, wecom_transport=fake_wecom.transport())
+    async for served in _serve(app):
+        yield served
+
+
+@pytest.fixture(scope="session")
+async def guides_channel(guides_app: ServiceApp) -> AsyncIterator[grpc.aio.Channel]:
+    async with _channel(guides_app) as channel:
+        yield channel

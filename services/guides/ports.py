@@ -3,6 +3,7 @@ customer through the member service's RPCs."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import grpc
@@ -46,7 +47,10 @@ class MemberGrpc:
                     type=member_pb2.IDENTIFIER_TYPE_WECHAT_UNIONID, value=unionid, verified=True
                 )
             )
-        key = f"wecom:{corp_id}:{external_userid}:{unionid}"[:128]
+        # The same customer, ids and source (the adding staff member) is the
+        # same request: a retried callback replays the first answer.
+        digest = hashlib.sha256(f"{corp_id}|{external_userid}|{unionid}|{source}".encode())
+        key = f"wecom:{digest.hexdigest()}"
         try:
             reply = await self._stub.IdentifyMember(
                 member_pb2.IdentifyMemberRequest(
