@@ -19,6 +19,7 @@ from cachetools import TTLCache
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
+from loyalty.guides.v1 import guides_pb2_grpc
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
@@ -391,6 +392,17 @@ class EngagementClient(_Client):
         )
 
 
+class GuidesClient(_Client):
+    def __init__(self, target: str, timeout: float) -> None:
+        super().__init__("guides", target, timeout)
+        self._stub = guides_pb2_grpc.GuidesServiceStub(self.channel)
+
+    async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
+        """A GuidesService RPC by name (staff, WeCom callbacks, bindings,
+        attribution, tags, reports); same deadline and error mapping."""
+        return await self._call(getattr(self._stub, method), request, fields)
+
+
 class Downstreams:
     """Every downstream client of the process. A service whose address is empty
     is not deployed: readiness ignores it and a call that needs it is UNAVAILABLE."""
@@ -403,6 +415,7 @@ class Downstreams:
             (TieringClient, settings.tiering_addr),
             (EngagementClient, settings.engagement_addr),
             (RewardsClient, settings.rewards_addr),
+            (GuidesClient, settings.guides_addr),
         ]
         self._clients: dict[type[_Client], _Client] = {
             cls: cls(target, timeout)  # type: ignore[call-arg]
@@ -433,6 +446,10 @@ class Downstreams:
     @property
     def engagement(self) -> EngagementClient:
         return self._get(EngagementClient)
+
+    @property
+    def guides(self) -> GuidesClient:
+        return self._get(GuidesClient)
 
     def degraded(self) -> list[str]:
         """Deployed services a POS reply can do without that are not answering,

@@ -22,6 +22,8 @@ class GatewaySettings(CommonSettings):
     tiering_addr: str = "127.0.0.1:50052"
     engagement_addr: str = "127.0.0.1:50053"
     rewards_addr: str = "127.0.0.1:50054"
+    # Empty unless deployed (make run sets it): WeCom callbacks and the guide routes.
+    guides_addr: str = ""
     # Deadline on every downstream call; a slow or dead service costs a caller
     # at most this long, then UNAVAILABLE / 503.
     downstream_timeout_seconds: float = Field(default=2.0, gt=0)

@@ -28,6 +28,7 @@ ADMIN_MEMBERS = "admin:members"
 ADMIN_REWARDS = "admin:rewards"
 ADMIN_TIERS = "admin:tiers"
 ADMIN_JOURNEYS = "admin:journeys"
+ADMIN_GUIDES = "admin:guides"
 ADMIN_ALL = "admin:*"
 
 KNOWN_SCOPES = frozenset(
@@ -41,6 +42,7 @@ KNOWN_SCOPES = frozenset(
         ADMIN_REWARDS,
         ADMIN_TIERS,
         ADMIN_JOURNEYS,
+        ADMIN_GUIDES,
         ADMIN_ALL,
     }
 )
@@ -56,6 +58,7 @@ DEFAULT_SCOPES: dict[ClientKind, tuple[str, ...]] = {
         ADMIN_REWARDS,
         ADMIN_TIERS,
         ADMIN_JOURNEYS,
+        ADMIN_GUIDES,
     ),
     ClientKind.OPS_TOOLING: (MEMBER_ANY, ADMIN_ALL),
 }

@@ -9,6 +9,7 @@ descriptor and fails on any gap). Add the entry with the route.
 from __future__ import annotations
 
 from .model import (
+    ADMIN_GUIDES,
     ADMIN_JOURNEYS,
     ADMIN_MEMBERS,
     ADMIN_REWARDS,
@@ -30,6 +31,10 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/redoc"),
         # Authenticated by the key id and secret in its body (gateway/auth/tokens.py).
         ("POST", "/v1/auth/token"),
+        # WeCom's callbacks: authenticated by WeCom's own signature over the
+        # encrypted body (services/guides/wecom_crypto.py), not by a client key.
+        ("GET", "/v1/wecom/callback"),
+        ("POST", "/v1/wecom/callback"),
     }
 )
 
@@ -107,6 +112,22 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,
     ("GET", f"{_A}/journeys/{{journey_id}}/metrics"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/launch-near-store"): ADMIN_JOURNEYS,
+    # ---- guides (gateway/api/guides.py)
+    ("GET", f"{_A}/staff"): ADMIN_GUIDES,
+    ("POST", f"{_A}/staff:sync"): ADMIN_GUIDES,
+    ("GET", f"{_A}/staff/{{staff_id}}"): ADMIN_GUIDES,
+    ("PUT", f"{_A}/staff/{{staff_id}}"): ADMIN_GUIDES,
+    ("POST", f"{_A}/staff/{{staff_id}}/resign"): ADMIN_GUIDES,
+    ("POST", f"{_A}/staff/{{staff_id}}/guide-link"): ADMIN_GUIDES,
+    ("GET", f"{_A}/members/{{member_id}}/guide"): ADMIN_GUIDES,
+    ("PUT", f"{_A}/members/{{member_id}}/guide"): ADMIN_GUIDES,
+    ("GET", f"{_A}/orders/{{order_id}}/attribution"): ADMIN_GUIDES,
+    ("GET", f"{_A}/reports/guides-daily"): ADMIN_GUIDES,
+    ("GET", f"{_A}/reports/private-domain-funnel"): ADMIN_GUIDES,
+    ("GET", f"{_A}/members/{{member_id}}/tags"): ADMIN_GUIDES,
+    ("PUT", f"{_A}/members/{{member_id}}/tags/{{tag}}"): ADMIN_GUIDES,
+    ("DELETE", f"{_A}/members/{{member_id}}/tags/{{tag}}"): ADMIN_GUIDES,
+    ("POST", f"{_A}/tags:recompute"): ADMIN_GUIDES,
 }
 
 POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from gateway.api import engagement
+from gateway.api import engagement, guides
 from gateway.app import Gateway
 
 pytestmark = pytest.mark.e2e
@@ -78,13 +78,15 @@ def _run_contract(
 
 
 def _undeployed(gateway: Gateway) -> set[tuple[str, str]]:
-    """Routes of services the session gateway runs without (engagement): they
+    """Routes of services the session gateway runs without (engagement, guides): they
     answer 503 SERVICE_NOT_DEPLOYED by design, which is no contract finding."""
-    if gateway.settings.engagement_addr:
-        return set()
+    routers = [] if gateway.settings.engagement_addr else [engagement.router]
+    if not gateway.settings.guides_addr:
+        routers.append(guides.router)
     return {
         (method, route.path)
-        for route in engagement.router.routes
+        for router in routers
+        for route in router.routes
         if isinstance(route, APIRoute)
         for method in route.methods
     }

@@ -75,8 +75,13 @@ async def test_every_route_is_in_the_policy(gateway: Gateway) -> None:
         and policy.route_scope(m, template) is None
     ]
     assert missing == []
-    # Nothing public writes: the one public POST exchanges credentials for a token.
-    assert {r for r in policy.PUBLIC_ROUTES if r[0] != "GET"} == {("POST", "/v1/auth/token")}
+    # Nothing public writes without proof: the token exchange checks the key in
+    # its body, WeCom's callback WeCom's signature over its encrypted body
+    # (tests/integration/test_guides_callbacks.py: tampered and forged refused).
+    assert {r for r in policy.PUBLIC_ROUTES if r[0] != "GET"} == {
+        ("POST", "/v1/auth/token"),
+        ("POST", "/v1/wecom/callback"),
+    }
 
 
 async def test_every_route_refuses_without_its_scope_and_admits_with_it(

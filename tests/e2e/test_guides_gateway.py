@@ -1,0 +1,179 @@
+"""The guide routes through a gateway with the guides service deployed: WeCom's
+callback door (public, WeCom-signed), staff admin, bindings, tags and reports
+(signed operator requests with admin:guides)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+from gateway.app import Gateway, build
+from gateway.auth.admin import ClientAdmin, IssuedKey
+from gateway.auth.client import HmacAuth
+from gateway.auth.model import ADMIN_MEMBERS, ClientKind
+from servicekit.server import ServiceApp
+from services.guides.wecom import FakeWeCom
+from tests.conftest import stopping
+from tests.harness import Infra, ServiceClock, eventually
+from tests.integration.guides_support import contact_event, signed_callback, uid, wecom_crypto
+
+from .conftest import gateway_settings
+from .doors import UNLIMITED
+
+
+@pytest.fixture(scope="module")
+async def guides_gateway(
+    infra: Infra,
+    gateway: Gateway,
+    member_app: ServiceApp,
+    rewards_app: ServiceApp,
+    guides_app: ServiceApp,
+) -> AsyncIterator[Gateway]:
+    # The session gateway's door store (same database, Redis namespace and secret).
+    gw = build(
+        gateway_settings(
+            member_addr=f"127.0.0.1:{member_app.port}",
+            rewards_addr=f"127.0.0.1:{rewards_app.port}",
+            tiering_addr="",
+            guides_addr=f"127.0.0.1:{guides_app.port}",
+            auth_enabled=True,
+            database_url=infra.database_url,
+            redis_url=infra.redis_url,
+            redis_namespace=infra.namespace,
+        )
+    )
+    await gw.start()
+    yield gw
+    await stopping("guides gateway", gw.stop())
+
+
+@pytest.fixture(scope="module")
+async def ops(guides_gateway: Gateway, trusted_key: IssuedKey) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{guides_gateway.http_port}",
+        timeout=10,
+        auth=HmacAuth(trusted_key.key_id, trusted_key.secret),
+        headers={"Idempotency-Key": "unset"},
+    ) as client:
+        yield client
+
+
+def _idem() -> dict[str, str]:
+    return {"Idempotency-Key": str(uuid.uuid4())}
+
+
+async def test_wecom_callback_door_and_admin_routes(
+    guides_gateway: Gateway,
+    ops: httpx.AsyncClient,
+    fake_wecom: FakeWeCom,
+    guides_clock: ServiceClock,
+) -> None:
+    base = f"http://127.0.0.1:{guides_gateway.http_port}"
+    crypto = wecom_crypto(fake_wecom.corp_id)
+    staff_id = uid("g")
+    put = await ops.put(
+        f"/v1/admin/staff/{staff_id}",
+        json={"name": "小李", "store_id": "SH002", "role": "guide", "operator": "ops-li"},
+        headers=_idem(),
+    )
+    assert put.status_code == 200, put.text
+    assert put.json()["staff_code"] == staff_id and put.json()["updated_by"] == "ops-li"
+    bad = await ops.put(
+        f"/v1/admin/staff/{uid('g')}",
+        json={"name": "x", "store_id": "SH002", "role": "cashier", "operator": "ops-li"},
+        headers=_idem(),
+    )
+    assert bad.status_code == 422
+
+    # WeCom's URL check and an event, with no client credentials at all.
+    async with httpx.AsyncClient(base_url=base, timeout=10) as wecom:
+        echo = crypto.encrypt(b"echo-42")
+        ts = str(int(guides_clock().timestamp()))
+        query = {"msg_signature": crypto.signature(ts, "n1", echo), "timestamp": ts, "nonce": "n1"}
+        check = await wecom.get(f"/v1/wecom/callback?{urlencode({**query, 'echostr': echo})}")
+        assert (check.status_code, check.text) == (200, "echo-42")
+        ext = uid("wm")
+        fake_wecom.add_contact(ext, "顾客")
+        now = guides_clock()
+        cb = signed_callback(crypto, contact_event("add_external_contact", staff_id, ext, now), now)
+        params = urlencode(
+            {"msg_signature": cb.msg_signature, "timestamp": cb.timestamp, "nonce": cb.nonce}
+        )
+        sent = await wecom.post(
+            f"/v1/wecom/callback?{params}", content=cb.body, headers={"Content-Type": "text/xml"}
+        )
+        assert (sent.status_code, sent.text) == (200, "success")
+        again = await wecom.post(
+            f"/v1/wecom/callback?{params}", content=cb.body, headers={"Content-Type": "text/xml"}
+        )
+        assert (again.status_code, again.text) == (200, "success")
+        forged = await wecom.post(
+            f"/v1/wecom/callback?{params}",
+            content=cb.body.replace(b"]]></Encrypt>", b"A]]></Encrypt>"),
+            headers={"Content-Type": "text/xml"},
+        )
+        assert forged.status_code == 403 and forged.json()["code"] == "BAD_SIGNATURE"
+
+    import asyncpg
+
+    from servicekit.db import asyncpg_dsn
+
+    infra_url = guides_gateway.settings.database_url
+    conn = await asyncpg.connect(asyncpg_dsn(infra_url))
+    try:
+        member_id = str(
+            await eventually(
+                lambda: conn.fetchval(
+                    "SELECT member_id FROM guides.contacts WHERE external_userid = $1", ext
+                )
+            )
+        )
+    finally:
+        await conn.close()
+
+    async def guide_is_set() -> bool:
+        r = await ops.get(f"/v1/admin/members/{member_id}/guide")
+        return r.status_code == 200 and r.json()["staff_id"] == staff_id
+
+    await eventually(guide_is_set)
+    tag = await ops.put(
+        f"/v1/admin/members/{member_id}/tags/早餐党", json={"operator": staff_id}, headers=_idem()
+    )
+    assert tag.status_code == 200 and [t["tag"] for t in tag.json()["tags"]] == ["早餐党"]
+    untag = await ops.delete(
+        f"/v1/admin/members/{member_id}/tags/早餐党", params={"operator": "ops-li"}, headers=_idem()
+    )
+    assert untag.status_code == 200 and untag.json()["tags"] == []
+    link = await ops.post(f"/v1/admin/staff/{staff_id}/guide-link", headers=_idem())
+    assert link.status_code == 200 and link.json()["guide_ref"].startswith(f"{staff_id}.")
+    day = guides_clock().date().isoformat()
+    funnel = await ops.get(
+        "/v1/admin/reports/private-domain-funnel",
+        params={"from_day": "2020-01-01", "to_day": day, "group_by": "guide"},
+    )
+    assert funnel.status_code == 200
+    assert "rows" in funnel.json()
+    unknown = await ops.get(f"/v1/admin/orders/{uuid.uuid4()}/attribution")
+    assert unknown.status_code == 404 and unknown.json()["code"] == "UNKNOWN_ORDER"
+
+
+async def test_guide_routes_need_admin_guides(
+    guides_gateway: Gateway, client_admin: ClientAdmin
+) -> None:
+    key = await client_admin.create(
+        ClientKind.OPS_TOOLING,
+        "members only",
+        scopes=(ADMIN_MEMBERS,),
+        **UNLIMITED,  # type: ignore[arg-type]
+    )
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{guides_gateway.http_port}",
+        timeout=10,
+        auth=HmacAuth(key.key_id, key.secret),
+    ) as client:
+        refused = await client.get("/v1/admin/staff")
+    assert refused.status_code == 403
