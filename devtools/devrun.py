@@ -104,15 +104,16 @@ def migrate(database_url: str) -> None:
 
 
 async def seed(database_url: str) -> None:
-    """The demo brand (stores, earn rules, tiers); safe to repeat."""
+    """The demo brand (stores, earn rules, tiers, store staff); safe to repeat."""
     import asyncpg
 
+    from services.guides.seed import seed_demo as seed_guides
     from services.rewards.seed import seed_demo as seed_rewards
     from services.tiering.seed import seed_demo as seed_tiering
 
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        for step in (seed_rewards, seed_tiering):
+        for step in (seed_rewards, seed_tiering, seed_guides):
             async with conn.transaction():
                 await step(conn)
     finally:

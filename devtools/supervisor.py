@@ -24,12 +24,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("member", "tiering", "engagement", "rewards")
+SERVICES = ("member", "tiering", "engagement", "rewards", "guides")
 DEFAULT_PORTS = {
     "member": 50051,
     "tiering": 50052,
     "engagement": 50053,
     "rewards": 50054,
+    "guides": 50055,
     "pos": 50050,
     "http": 8080,
     "metrics": 9464,
@@ -42,6 +43,7 @@ PORT_ENV = {
     "tiering": "TIERING_GRPC_PORT",
     "engagement": "ENGAGEMENT_GRPC_PORT",
     "rewards": "REWARDS_GRPC_PORT",
+    "guides": "GUIDES_GRPC_PORT",
     "pos": "POS_GRPC_PORT",
     "http": "HTTP_PORT",
     "metrics": "METRICS_PORT",
@@ -142,7 +144,7 @@ def platform_children(
     base_env: Mapping[str, str],
     python: str = sys.executable,
 ) -> list[Child]:
-    """The four services and the gateway, wired to each other on loopback."""
+    """The five services and the gateway, wired to each other on loopback."""
     children = []
     # Every process learns every service's address (engagement calls rewards, ...).
     addresses = {f"{name.upper()}_ADDR": f"{LOOPBACK}:{ports[name]}" for name in SERVICES}
