@@ -289,6 +289,16 @@ async def members_near(
     return [r["member_id"] for r in rows]
 
 
+async def replace_tags(conn: Connection, member_id: uuid.UUID, tags: list[str]) -> None:
+    """The member's tags as the guides service (their owner) published them."""
+    await conn.execute(
+        "DELETE FROM engagement.member_tags WHERE member_id = $1 AND NOT (tag = ANY($2::text[]))",
+        member_id,
+        tags,
+    )
+    await add_tags(conn, [(member_id, t) for t in tags])
+
+
 async def add_tags(conn: Connection, pairs: list[tuple[uuid.UUID, str]]) -> None:
     if pairs:
         await conn.execute(

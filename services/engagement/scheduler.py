@@ -21,7 +21,9 @@ from datetime import date, datetime, timedelta
 
 import asyncpg
 
+from loyalty.events.v1 import events_pb2
 from servicekit.db import Connection, Database
+from servicekit.protos import timestamp
 
 from . import facts_repository as facts_repo
 from . import repository as repo
@@ -197,6 +199,16 @@ class Scheduler:
             await scheduler_repo.insert_sends(conn, batch.dropped)
             await scheduler_repo.insert_reward_requests(conn, batch.rewards)
             await facts_repo.add_tags(conn, batch.tags)
+            # Member tags are owned by the guides service (docs/guides.md): the
+            # local row lets this journey branch on it at once, the event
+            # records it there; its MemberTagsChanged then refreshes the copy.
+            for member_id, tag in batch.tags:
+                await uow.emit(
+                    events_pb2.JourneyTagged(
+                        member_id=str(member_id), tag=tag, tagged_at=timestamp(now)
+                    ),
+                    member_id=str(member_id),
+                )
             await scheduler_repo.move_timers(conn, batch.moves)
             await scheduler_repo.delete_timers(conn, batch.finished)
             await scheduler_repo.update_enrollments(conn, batch.enrollments)

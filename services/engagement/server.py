@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from servicekit.events import ReceivedEvent
 from servicekit.server import ServiceApp, stop_tasks
 from servicekit.settings import ServiceSettings
 
+from . import facts_repository as facts_repo
 from .channels import Dispatcher, build_providers, poll_forever
 from .domain import Clock, QuietHours, SystemClock
 from .fulfilment import RewardDispatcher
@@ -160,6 +162,11 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         p: Any = received.payload
         await handlers.on_erased(uow, list(p.member_ids))
 
+    async def tags_changed(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        # Journeys read tags locally; the guides service owns them (docs/guides.md).
+        p: Any = received.payload
+        await facts_repo.replace_tags(uow.conn, uuid.UUID(p.member_id), list(p.tags))
+
     def mid(p: Any) -> str:
         return str(p.member_id)
 
@@ -170,6 +177,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             on("member_registered", mid, lambda p: _attrs(p, "source")),
         ),
         Subscription("member", events_pb2.MemberMerged, merged),
+        Subscription("guides", events_pb2.MemberTagsChanged, tags_changed),
         Subscription("member", events_pb2.MemberUnmerged, unmerged),
         Subscription("member", events_pb2.MemberErased, erased),
         Subscription("member", events_pb2.ConsentChanged, consent_changed),

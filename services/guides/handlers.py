@@ -675,6 +675,12 @@ class GuidesHandlers:
             )
             await self._tags_changed(uow, member_id, before, now)
 
+    async def on_journey_tagged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """A journey's `tag` step writes into the one tag model (source "journey")."""
+        p = event.payload
+        assert isinstance(p, events_pb2.JourneyTagged)
+        await self.set_tag(uow, p.member_id, p.tag, True, "journey", source="journey")
+
     async def refresh_rule_tags(self, uow: UnitOfWork, member_id: uuid.UUID) -> tuple[int, int]:
         """One member's rule tags from their orders in the window (incremental
         on each order event; the batch calls the same for every member)."""

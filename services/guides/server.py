@@ -147,6 +147,9 @@ def build(
                     Subscription(
                         "member", events_pb2.MemberRegistered, handlers.on_member_registered
                     ),
+                    Subscription(
+                        "engagement", events_pb2.JourneyTagged, handlers.on_journey_tagged
+                    ),
                 ],
                 max_attempts=s.event_max_attempts,
                 retry_after_ms=s.event_retry_after_ms,
