@@ -164,7 +164,11 @@ def fake_wecom():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 async def guides_app(
-    infra: Infra, member_app: ServiceApp, guides_clock: ServiceClock, fake_wecom: object
+    infra: Infra,
+    member_app: ServiceApp,
+    rewards_app: ServiceApp,
+    guides_clock: ServiceClock,
+    fake_wecom: object,
 ) -> AsyncIterator[ServiceApp]:
     from services.guides.server import build
     from services.guides.settings import GuidesSettings
@@ -174,6 +178,7 @@ async def guides_app(
     settings = GuidesSettings(
         **infra.service_settings().model_dump(),
         member_addr=f"127.0.0.1:{member_app.port}",
+        rewards_addr=f"127.0.0.1:{rewards_app.port}",
         wecom_corp_id=fake_wecom.corp_id,
         wecom_secret=fake_wecom.secret,
         callback_poll_seconds=0.05,

@@ -84,3 +84,5 @@ async def _main(args: argparse.Namespace) -> int:
         await db.close()
         await handlers.wecom.close()
         await handlers.members.close()
+        if handlers.coupons is not None:
+            await handlers.coupons.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from servicekit.errors import InvalidArgument
+from servicekit.errors import InvalidArgument, PermissionDenied
 
 MAX_ID_LENGTH = 64
 MAX_TAG_LENGTH = 32
@@ -318,3 +318,39 @@ def rule_tags(orders: Iterable[OrderFact], tz: ZoneInfo, rules: TagRules) -> fro
 
 def is_rule_tag(tag: str) -> bool:
     return tag.startswith(RULE_TAG_PREFIXES)
+
+
+# ---------------------------------------------------------------- workstation sessions
+
+
+def sign_session(secret: bytes, staff_id: str, expires_at: datetime) -> str:
+    """`ws1.<staff_id>.<expiry unix seconds>.<HMAC-SHA256, base64url>`."""
+    body = f"ws1.{staff_id}.{int(expires_at.timestamp())}"
+    mac = hmac.new(secret, body.encode(), hashlib.sha256).digest()
+    return f"{body}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+
+
+def verify_session(secret: bytes, token: str, now: datetime) -> str:
+    """The staff id of a valid, unexpired session token."""
+    parts = token.split(".")
+    if len(parts) < 4 or parts[0] != "ws1":
+        raise PermissionDenied("not a workstation session", code="INVALID_SESSION", field="token")
+    staff_id, expiry = ".".join(parts[1:-2]), parts[-2]
+    try:
+        expires = int(expiry)
+    except ValueError:
+        raise PermissionDenied(
+            "not a workstation session", code="INVALID_SESSION", field="token"
+        ) from None
+    expected = sign_session(secret, staff_id, datetime.fromtimestamp(expires, now.tzinfo))
+    if not hmac.compare_digest(expected, token):
+        raise PermissionDenied("not a workstation session", code="INVALID_SESSION", field="token")
+    if now.timestamp() >= expires:
+        raise PermissionDenied(
+            "the workstation session expired", code="SESSION_EXPIRED", field="token"
+        )
+    return staff_id
+
+
+def budget_month(at: datetime, tz: ZoneInfo) -> str:
+    return at.astimezone(tz).strftime("%Y-%m")

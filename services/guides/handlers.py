@@ -22,6 +22,8 @@ from servicekit.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
+    ResourceExhausted,
     parse_member_id,
 )
 from servicekit.events import ReceivedEvent
@@ -30,7 +32,7 @@ from servicekit.protos import timestamp, to_datetime
 from . import domain
 from . import repository as repo
 from .domain import AttributionRule, Candidate, OrderFact, Role, TagRules
-from .ports import MemberDirectory
+from .ports import CouponIssuer, MemberDirectory
 from .wecom import WeComApi
 from .wecom_crypto import WeComCrypto
 
@@ -93,6 +95,9 @@ class GuidesHandlers:
         tag_window: timedelta = timedelta(days=90),
         tag_rules: TagRules | None = None,
         clock: Clock | None = None,
+        coupons: CouponIssuer | None = None,
+        session_secret: bytes = b"",
+        session_ttl: timedelta = timedelta(hours=2),
     ) -> None:
         self.crypto = crypto
         self.wecom = wecom
@@ -107,6 +112,9 @@ class GuidesHandlers:
         self.tag_window = tag_window
         self.tag_rules = tag_rules or TagRules()
         self.clock = clock or _utcnow
+        self.coupons = coupons
+        self.session_secret = session_secret or link_secret + b"/workstation"
+        self.session_ttl = session_ttl
 
     # ------------------------------------------------------------ staff
 
@@ -763,6 +771,228 @@ class GuidesHandlers:
         lo = datetime.combine(start, datetime.min.time(), self.tz)
         hi = datetime.combine(end + timedelta(days=1), datetime.min.time(), self.tz)
         return await repo.funnel_report(uow.conn, group, lo, hi)
+
+    # ------------------------------------------------------------ the workstation
+
+    async def open_workstation(
+        self, uow: UnitOfWork, code: str
+    ) -> tuple[repo.StaffRow, str, datetime]:
+        """WeCom's OAuth code exchange: the sidebar page's staff member gets a session."""
+        if not code.strip():
+            raise InvalidArgument("code is required", code="MISSING_FIELD", field="code")
+        try:
+            staff_id = await self.wecom.user_of_code(code.strip())
+        except DomainError:
+            raise PermissionDenied(
+                "WeCom did not accept the OAuth code", code="INVALID_OAUTH_CODE", field="code"
+            ) from None
+        staff = await repo.get_staff(uow.conn, staff_id)
+        if staff is None or staff.status != "active":
+            raise PermissionDenied(
+                f"{staff_id} is not an active staff member", code="NOT_STAFF", field="code"
+            )
+        expires = self.clock() + self.session_ttl
+        token = domain.sign_session(self.session_secret, staff.staff_id, expires)
+        await repo.audit(
+            uow.conn,
+            staff.staff_id,
+            "workstation_opened",
+            f"staff:{staff.staff_id}",
+            {},
+            self.clock(),
+        )
+        return staff, token, expires
+
+    async def _session(self, uow: UnitOfWork, token: str) -> repo.StaffRow:
+        staff_id = domain.verify_session(self.session_secret, token, self.clock())
+        staff = await repo.get_staff(uow.conn, staff_id)
+        if staff is None or staff.status != "active":
+            raise PermissionDenied(
+                "the staff member is no longer active", code="NOT_STAFF", field="token"
+            )
+        return staff
+
+    async def _visible(
+        self, uow: UnitOfWork, token: str, member: str
+    ) -> tuple[repo.StaffRow, uuid.UUID, str, str]:
+        """(staff, member id, relation, the member's guide): a guide sees the
+        members bound to them, and those bound to a guide of their store."""
+        staff = await self._session(uow, token)
+        member_id = parse_member_id(member)
+        binding = await repo.get_binding(uow.conn, member_id)
+        if binding is not None and binding.staff_id == staff.staff_id:
+            return staff, member_id, "bound", binding.staff_id
+        if binding is not None and binding.store_id == staff.store_id:
+            return staff, member_id, "store", binding.staff_id
+        raise PermissionDenied(
+            "the member is not bound to you or your store",
+            code="NOT_YOUR_CUSTOMER",
+            field="member_id",
+        )
+
+    async def workstation_member(
+        self, uow: UnitOfWork, token: str, member: str
+    ) -> dict[str, object]:
+        staff, member_id, relation, guide = await self._visible(uow, token, member)
+        orders = await repo.member_orders(uow.conn, member_id, 10)
+        await repo.audit(
+            uow.conn, staff.staff_id, "member_viewed", f"member:{member_id}", {}, self.clock()
+        )
+        return {
+            "member_id": str(member_id),
+            "relation": relation,
+            "guide": guide,
+            "tags": await repo.tags_of(uow.conn, member_id),
+            "orders": orders,
+            "notes": await repo.notes_of(uow.conn, member_id),
+            "last_order_at": orders[0]["ordered_at"] if orders else None,
+        }
+
+    async def workstation_tag(
+        self, uow: UnitOfWork, token: str, member: str, tag: str, present: bool
+    ) -> str:
+        staff, member_id, _, _ = await self._visible(uow, token, member)
+        await self.set_tag(uow, str(member_id), tag, present, staff.staff_id)
+        return str(member_id)
+
+    async def add_note(
+        self, uow: UnitOfWork, token: str, member: str, text: str
+    ) -> tuple[str, datetime]:
+        staff, member_id, _, _ = await self._visible(uow, token, member)
+        text = text.strip()
+        if not text or len(text) > 1000:
+            raise InvalidArgument("a note is 1-1000 characters", code="INVALID_NOTE", field="text")
+        now = self.clock()
+        await repo.add_note(uow.conn, member_id, staff.staff_id, text, now)
+        await repo.audit(
+            uow.conn,
+            staff.staff_id,
+            "note_added",
+            f"member:{member_id}",
+            {"length": len(text)},
+            now,
+        )
+        return staff.staff_id, now
+
+    async def set_budget(
+        self, uow: UnitOfWork, scope: str, owner: str, month: str, coupons: int, actor: str
+    ) -> repo.Any:
+        if scope not in ("staff", "store"):
+            raise InvalidArgument("scope is staff or store", code="INVALID_SCOPE", field="scope")
+        owner = domain.require_id(owner, "owner_id")
+        actor = domain.require_id(actor, "actor")
+        try:
+            datetime.strptime(month, "%Y-%m")
+        except ValueError:
+            raise InvalidArgument("month is YYYY-MM", code="INVALID_MONTH", field="month") from None
+        if coupons < 0 or coupons > 1_000_000:
+            raise InvalidArgument(
+                "coupons must be 0..1000000", code="INVALID_BUDGET", field="coupons"
+            )
+        try:
+            async with uow.conn.transaction():
+                row = await repo.set_budget(uow.conn, scope, owner, month, coupons)
+        except asyncpg.CheckViolationError:
+            raise FailedPrecondition(
+                "the budget would be below what is already used",
+                code="BUDGET_BELOW_USED",
+                field="coupons",
+            ) from None
+        await repo.audit(
+            uow.conn,
+            actor,
+            "budget_set",
+            f"{scope}:{owner}",
+            {"month": month, "coupons": coupons},
+            self.clock(),
+        )
+        return row
+
+    async def grant_coupon(
+        self, db: Database, token: str, member: str, template_id: str, grant_key: str
+    ) -> tuple[str, str, int, int, bool]:
+        """A coupon from the guide's budget and their store's, both taken in
+        one transaction (or neither); then issued by rewards under a key derived
+        from the grant key, so a retry after any failure issues at most once.
+        A coupon rewards refuses gives the budget back."""
+        if self.coupons is None:
+            raise FailedPrecondition("coupon grants are not configured", code="GRANTS_DISABLED")
+        template_id = domain.require_id(template_id, "template_id")
+        grant_key = domain.require_id(grant_key, "grant_key")
+        now = self.clock()
+        month = domain.budget_month(now, self.tz)
+        async with db.unit_of_work() as uow:
+            staff, member_id, _, _ = await self._visible(uow, token, member)
+            key = f"{staff.staff_id}:{grant_key}"
+            prior = await repo.get_grant(uow.conn, key, lock=True)
+            if prior is not None and (prior["member_id"], prior["template_id"]) != (
+                member_id,
+                template_id,
+            ):
+                raise AlreadyExists(
+                    "grant_key was used for another grant",
+                    code="GRANT_KEY_REUSED",
+                    field="grant_key",
+                )
+            if prior is not None and prior["status"] == "issued":
+                return (
+                    prior["coupon_id"],
+                    prior["coupon_code"],
+                    await repo.remaining(uow.conn, "staff", staff.staff_id, prior["month"]),
+                    await repo.remaining(uow.conn, "store", staff.store_id, prior["month"]),
+                    True,
+                )
+            if prior is None or prior["status"] == "released":
+                # Staff row first, then store: one lock order, no deadlock.
+                staff_left = await repo.take_budget(uow.conn, "staff", staff.staff_id, month)
+                store_left = (
+                    await repo.take_budget(uow.conn, "store", staff.store_id, month)
+                    if staff_left is not None
+                    else None
+                )
+                if staff_left is None or store_left is None:
+                    # Raising rolls back the staff budget taken above too.
+                    raise ResourceExhausted(
+                        f"no coupon budget left this month for the "
+                        f"{'guide' if staff_left is None else 'store'}",
+                        code="BUDGET_EXHAUSTED",
+                        field="template_id",
+                    )
+                await repo.upsert_grant(
+                    uow.conn,
+                    key,
+                    staff.staff_id,
+                    staff.store_id,
+                    member_id,
+                    template_id,
+                    month,
+                    now,
+                )
+            else:
+                month = prior["month"]  # reserved earlier; the issue is retried below
+        try:
+            coupon_id, code = await self.coupons.issue(
+                template_id, str(member_id), f"guide-grant:{key}"[:128], staff.staff_id
+            )
+        except FailedPrecondition:
+            async with db.unit_of_work() as uow:
+                await repo.give_back_budget(uow.conn, "staff", staff.staff_id, month)
+                await repo.give_back_budget(uow.conn, "store", staff.store_id, month)
+                await repo.finish_grant(uow.conn, key, "released")
+            raise
+        async with db.unit_of_work() as uow:
+            await repo.finish_grant(uow.conn, key, "issued", coupon_id, code)
+            await repo.audit(
+                uow.conn, staff.staff_id, "coupon_granted", f"member:{member_id}",
+                {"template_id": template_id, "coupon_id": coupon_id, "month": month}, now,
+            )  # fmt: skip
+            return (
+                coupon_id,
+                code,
+                await repo.remaining(uow.conn, "staff", staff.staff_id, month),
+                await repo.remaining(uow.conn, "store", staff.store_id, month),
+                False,
+            )
 
 
 def replace_window(handlers: GuidesHandlers, window: timedelta) -> GuidesHandlers:

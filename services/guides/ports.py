@@ -1,5 +1,6 @@
 """What the guides service needs of other services: OneID identify of a WeCom
-customer through the member service's RPCs."""
+customer through the member service's RPCs, and coupons a guide grants through
+rewards' IssueCoupon."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Protocol
 import grpc
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
+from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.clients import create_channel
-from servicekit.errors import Unavailable
+from servicekit.errors import FailedPrecondition, Unavailable
 
 
 class MemberDirectory(Protocol):
@@ -63,6 +65,54 @@ class MemberGrpc:
                 f"member service: {exc.code().name} {exc.details()}", code="MEMBER_UNAVAILABLE"
             ) from None
         return reply.member.member_id
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class CouponIssuer(Protocol):
+    async def issue(
+        self, template_id: str, member_id: str, issue_key: str, issued_by: str
+    ) -> tuple[str, str]: ...
+
+    async def close(self) -> None: ...
+
+
+class RewardsCoupons:
+    """Issues a guide's coupon through rewards' IssueCoupon (idempotent on the issue key)."""
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self._channel = create_channel(target)
+        self._stub = rewards_pb2_grpc.RewardsServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def issue(
+        self, template_id: str, member_id: str, issue_key: str, issued_by: str
+    ) -> tuple[str, str]:
+        """(coupon id, code); a refusal (no such template, out of stock, the
+        member's limit) is FAILED_PRECONDITION COUPON_REFUSED, an outage UNAVAILABLE."""
+        try:
+            coupon = await self._stub.IssueCoupon(
+                rewards_pb2.IssueCouponRequest(
+                    template_id=template_id,
+                    member_id=member_id,
+                    reason="operator_grant",
+                    issue_key=issue_key,
+                    issued_by=issued_by,
+                ),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(
+                    f"rewards service: {exc.code().name}", code="REWARDS_UNAVAILABLE"
+                ) from None
+            raise FailedPrecondition(
+                f"rewards refused the coupon: {exc.details()}",
+                code="COUPON_REFUSED",
+                field="template_id",
+            ) from None
+        return coupon.coupon_id, coupon.code
 
     async def close(self) -> None:
         await self._channel.close()

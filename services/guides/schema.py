@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     Date,
     DateTime,
@@ -192,4 +193,45 @@ audit = Table(
     Column("subject", Text, nullable=False),
     Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Index(None, "subject"),
+)
+
+# Notes a guide keeps on a member (the workstation).
+notes = Table(
+    "notes",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("member_id", Uuid, nullable=False, index=True),
+    Column("staff_id", Text, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Coupon budgets per guide and per store and month; `used` never exceeds
+# `coupons` (the CHECK backs the conditional UPDATE that reserves).
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("scope", Text, nullable=False),  # staff | store
+    Column("owner_id", Text, nullable=False),
+    Column("month", Text, nullable=False),  # YYYY-MM, brand time
+    Column("coupons", Integer, nullable=False),
+    Column("used", Integer, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("scope", "owner_id", "month"),
+    CheckConstraint("used >= 0 AND used <= coupons", name="within"),
+)
+
+# One row per grant key: reserved (budget taken), issued, or released (given back).
+grants = Table(
+    "grants",
+    metadata,
+    Column("grant_key", Text, primary_key=True),  # staff id + ":" + the caller's key
+    Column("staff_id", Text, nullable=False),
+    Column("store_id", Text, nullable=False),
+    Column("member_id", Uuid, nullable=False),
+    Column("template_id", Text, nullable=False),
+    Column("month", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("coupon_id", Text, nullable=False, server_default=""),
+    Column("coupon_code", Text, nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )

@@ -22,7 +22,7 @@ from servicekit.settings import ServiceSettings
 
 from .domain import parse_rules
 from .handlers import Clock, GuidesHandlers
-from .ports import MemberDirectory, MemberGrpc
+from .ports import CouponIssuer, MemberDirectory, MemberGrpc, RewardsCoupons
 from .schema import SCHEMA
 from .servicer import GuidesServicer
 from .settings import GuidesSettings, guides_settings
@@ -90,6 +90,8 @@ class GuidesApp(ServiceApp):
         await super().stop()
         await self.handlers.wecom.close()
         await self.handlers.members.close()
+        if self.handlers.coupons is not None:
+            await self.handlers.coupons.close()
 
 
 def build(
@@ -97,6 +99,7 @@ def build(
     clock: Clock | None = None,
     wecom_transport: httpx.AsyncBaseTransport | None = None,
     members: MemberDirectory | None = None,
+    coupons: CouponIssuer | None = None,
 ) -> GuidesApp:
     s = guides_settings(settings)
     # Bad keys or rules stop the process here, before it serves anything.
@@ -128,6 +131,9 @@ def build(
         callback_max_attempts=s.callback_max_attempts,
         tag_window=timedelta(days=s.tag_window_days),
         clock=clock,
+        coupons=coupons or RewardsCoupons(s.rewards_addr, s.rewards_timeout_seconds),
+        session_secret=s.workstation_secret.encode(),
+        session_ttl=timedelta(minutes=s.workstation_session_minutes),
     )
 
     def wire(app: ServiceApp) -> None:

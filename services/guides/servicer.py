@@ -232,3 +232,98 @@ class GuidesServicer(guides_pb2_grpc.GuidesServiceServicer):
                 for r in rows
             ]
         )
+
+    # ---- the workstation
+
+    async def OpenWorkstation(
+        self, request: guides_pb2.OpenWorkstationRequest, context: Ctx
+    ) -> guides_pb2.WorkstationSession:
+        async with self._db.unit_of_work() as uow:
+            staff, token, expires = await self._h.open_workstation(uow, request.code)
+        return guides_pb2.WorkstationSession(
+            staff_id=staff.staff_id,
+            store_id=staff.store_id,
+            token=token,
+            expires_at=timestamp(expires),
+        )
+
+    async def GetWorkstationMember(
+        self, request: guides_pb2.WorkstationMemberRequest, context: Ctx
+    ) -> guides_pb2.WorkstationMember:
+        async with self._db.unit_of_work() as uow:
+            view = await self._h.workstation_member(uow, request.token, request.member_id)
+        reply = guides_pb2.WorkstationMember(
+            member_id=str(view["member_id"]),
+            relation=str(view["relation"]),
+            guide_staff_id=str(view["guide"]),
+            tags=tags_reply("", view["tags"]).tags,  # type: ignore[arg-type]
+            recent_orders=[
+                guides_pb2.WorkstationOrder(
+                    order_id=str(o["order_id"]),
+                    store_id=o["store_id"],
+                    channel=o["channel"],
+                    paid_amount_fen=o["paid_amount_fen"],
+                    refunded_amount_fen=o["refunded_amount_fen"],
+                    ordered_at=timestamp(o["ordered_at"]),
+                )
+                for o in view["orders"]  # type: ignore[attr-defined]
+            ],
+            notes=[
+                guides_pb2.WorkstationNote(
+                    text=n["text"], staff_id=n["staff_id"], created_at=timestamp(n["created_at"])
+                )
+                for n in view["notes"]  # type: ignore[attr-defined]
+            ],
+        )
+        if view["last_order_at"] is not None:
+            reply.last_order_at.CopyFrom(timestamp(view["last_order_at"]))  # type: ignore[arg-type]
+        return reply
+
+    async def SetWorkstationTag(
+        self, request: guides_pb2.WorkstationTagRequest, context: Ctx
+    ) -> guides_pb2.MemberTags:
+        async with self._db.unit_of_work() as uow:
+            member_id = await self._h.workstation_tag(
+                uow, request.token, request.member_id, request.tag, request.present
+            )
+        return await self.ListMemberTags(guides_pb2.MemberRef(member_id=member_id), context)
+
+    async def AddWorkstationNote(
+        self, request: guides_pb2.WorkstationNoteRequest, context: Ctx
+    ) -> guides_pb2.WorkstationNote:
+        async with self._db.unit_of_work() as uow:
+            staff_id, at = await self._h.add_note(
+                uow, request.token, request.member_id, request.text
+            )
+        return guides_pb2.WorkstationNote(
+            text=request.text.strip(), staff_id=staff_id, created_at=timestamp(at)
+        )
+
+    async def GrantCoupon(
+        self, request: guides_pb2.GrantCouponRequest, context: Ctx
+    ) -> guides_pb2.GrantCouponResponse:
+        coupon_id, code, staff_left, store_left, replayed = await self._h.grant_coupon(
+            self._db, request.token, request.member_id, request.template_id, request.grant_key
+        )
+        return guides_pb2.GrantCouponResponse(
+            coupon_id=coupon_id,
+            coupon_code=code,
+            staff_remaining=staff_left,
+            store_remaining=store_left,
+            replayed=replayed,
+        )
+
+    async def SetBudget(
+        self, request: guides_pb2.SetBudgetRequest, context: Ctx
+    ) -> guides_pb2.Budget:
+        async with self._db.unit_of_work() as uow:
+            r = await self._h.set_budget(
+                uow, request.scope, request.owner_id, request.month, request.coupons, request.actor
+            )
+        return guides_pb2.Budget(
+            scope=r["scope"],
+            owner_id=r["owner_id"],
+            month=r["month"],
+            coupons=r["coupons"],
+            used=r["used"],
+        )

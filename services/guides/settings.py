@@ -40,6 +40,12 @@ class GuidesSettings(ServiceSettings):
     # Rule tags read orders of this many days; refreshed every N hours (0: only on demand).
     tag_window_days: int = Field(default=90, ge=1)
     tag_refresh_hours: float = Field(default=24.0, ge=0)
+    # The workstation: HMAC key of its session tokens, and how long one lasts.
+    workstation_secret: str = "dev-only-workstation-secret-change-me"
+    workstation_session_minutes: int = Field(default=120, ge=5, le=1440)
+    # The rewards service (coupons a guide grants from their budget).
+    rewards_addr: str = "127.0.0.1:50054"
+    rewards_timeout_seconds: float = Field(default=3.0, gt=0)
 
 
 def guides_settings(settings: ServiceSettings) -> GuidesSettings:

@@ -131,6 +131,14 @@ class WeComApi:
             )
         return users
 
+    async def user_of_code(self, code: str) -> str:
+        """The staff member behind a WeCom OAuth code (the sidebar page's login)."""
+        reply = await self._call("GET", "/auth/getuserinfo", code=code)
+        user = str(reply.get("userid") or reply.get("UserId") or "")
+        if not user:
+            raise WeComError("the OAuth code is not a member of the corp", code="NOT_STAFF")
+        return user
+
     async def get_external_contact(self, external_userid: str) -> ExternalContact:
         reply = await self._call("GET", "/externalcontact/get", external_userid=external_userid)
         c = reply.get("external_contact", {})
@@ -209,6 +217,8 @@ class FakeWeCom:
     # (staff, external_userid) -> tag names currently marked
     marked: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    # OAuth code -> staff user id (each code works once, as WeCom's do).
+    oauth_codes: dict[str, str] = field(default_factory=dict)
 
     def add_user(
         self, staff_id: str, name: str, store_id: str, role: str = "guide", status: int = 1
@@ -248,6 +258,11 @@ class FakeWeCom:
             )
         if params.get("access_token") != "fake-token":
             return httpx.Response(200, json={"errcode": 40014, "errmsg": "invalid access_token"})
+        if path == "/auth/getuserinfo":
+            user = self.oauth_codes.pop(params.get("code", ""), None)
+            if user is None:
+                return httpx.Response(200, json={"errcode": 40029, "errmsg": "invalid code"})
+            return httpx.Response(200, json={"errcode": 0, "userid": user})
         if path == "/user/list":
             return httpx.Response(200, json={"errcode": 0, "userlist": list(self.users.values())})
         if path == "/externalcontact/get":

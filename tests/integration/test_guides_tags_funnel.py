@@ -48,6 +48,8 @@ async def handlers(
     await pool.close()
     await app.handlers.wecom.close()
     await app.handlers.members.close()
+    if app.handlers.coupons is not None:
+        await app.handlers.coupons.close()
 
 
 def _event(payload: object, member_id: str) -> ReceivedEvent:
