@@ -5,21 +5,32 @@ bindings, order attribution, member tags and the private-domain reports."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Path, Query, Request
+import grpc
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from loyalty.guides.v1 import guides_pb2
+from loyalty.member.v1 import member_pb2
+from loyalty.rewards.v1 import rewards_pb2
 from servicekit.errors import InvalidArgument
 
+from ..errors import DownstreamError
+from .centre import CENTRE_EXAMPLE, MemberCentre, member_centre
 from .common import MEMBER_ID_EXAMPLE, MemberId, downstreams, optional_utc, problem_response
+from .coupons import CLAIMED_COUPON_EXAMPLE, Coupon, coupon_model
 
 router = APIRouter()
+
+# Suggested actions count days as the brand's stores do.
+BRAND_TZ = ZoneInfo("Asia/Shanghai")
 
 GUIDE_ERRORS: dict[int | str, dict[str, Any]] = {
     422: problem_response("Malformed request; `field` names the culprit"),
@@ -724,3 +735,447 @@ async def recompute_tags(request: Request, body: TagBatchBody) -> TagBatch:
         "RunTagBatch", guides_pb2.RunTagBatchRequest(window_days=body.window_days)
     )
     return TagBatch(members=r.members, tags_added=r.tags_added, tags_removed=r.tags_removed)
+
+
+# ---- coupon budgets (operators) ----------------------------------------------------------
+
+
+class BudgetBody(BaseModel):
+    coupons: int = Field(ge=0, le=1_000_000)
+    operator: Operator
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "scope": "staff",
+                    "owner_id": "zhangsan",
+                    "month": "2026-05",
+                    "coupons": 30,
+                    "used": 12,
+                }
+            ]
+        }
+    )
+
+    scope: str
+    owner_id: str
+    month: str
+    coupons: int
+    used: int
+
+
+@router.put(
+    "/v1/admin/coupon-budgets/{scope}/{owner_id}/{month}",
+    response_model=Budget,
+    tags=["guides"],
+    summary="Set a guide's or a store's coupon budget for a month (brand time)",
+    responses=GUIDE_ERRORS,
+)
+async def put_budget(
+    request: Request,
+    scope: Annotated[Literal["staff", "store"], Path()],
+    owner_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.@\-]{1,64}$", examples=["zhangsan"])],
+    month: Annotated[str, Path(pattern=r"^\d{4}-\d{2}$", examples=["2026-05"])],
+    body: BudgetBody,
+) -> Budget:
+    r = await downstreams(request).guides.call(
+        "SetBudget",
+        guides_pb2.SetBudgetRequest(
+            scope=scope, owner_id=owner_id, month=month, coupons=body.coupons, actor=body.operator
+        ),
+    )
+    return Budget(scope=r.scope, owner_id=r.owner_id, month=r.month, coupons=r.coupons, used=r.used)
+
+
+# ---- the guide's workstation (WeCom sidebar) ----------------------------------------------
+
+SESSION_HEADER = "X-Workstation-Session"
+Session = Annotated[
+    str,
+    Header(
+        alias=SESSION_HEADER,
+        max_length=512,
+        description="The guide's session from POST /v1/workstation/session",
+    ),
+]
+
+
+class OpenBody(BaseModel):
+    code: str = Field(min_length=1, max_length=512, description="WeCom's OAuth code")
+
+
+class WorkstationSession(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "staff_id": "zhangsan",
+                    "store_id": "SH001",
+                    "token": "ws1.zhangsan.1777607200.Zm9v",
+                    "expires_at": "2026-05-01T04:00:00Z",
+                }
+            ]
+        }
+    )
+
+    staff_id: str
+    store_id: str
+    token: str = Field(description=f"Send it as the {SESSION_HEADER} header")
+    expires_at: datetime | None
+
+
+class WorkstationOrder(BaseModel):
+    order_id: str
+    store_id: str
+    channel: str
+    paid_amount_fen: int
+    refunded_amount_fen: int
+    ordered_at: datetime | None
+
+
+class Note(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"text": "喜欢少冰", "staff_id": "zhangsan", "created_at": "2026-05-01T03:00:00Z"}
+            ]
+        }
+    )
+
+    text: str
+    staff_id: str
+    created_at: datetime | None
+
+
+class NoteBody(BaseModel):
+    text: str = Field(min_length=1, max_length=1000)
+
+
+class ConsentView(BaseModel):
+    purpose: str
+    channel: str
+    granted: bool
+
+
+def suggested_actions(
+    today: date,
+    birthday: str,
+    last_order_at: datetime | None,
+    keep_needed: int | None,
+    period_last_day: str | None,
+) -> list[str]:
+    """What the guide might do now: `birthday_this_week` (the birthday falls
+    in the 7 days from today), `silent_30_days` (no order for 30 days or
+    never), `tier_at_risk` (the tier is not yet kept and its period ends
+    within 30 days)."""
+    out = []
+    if len(birthday) == 10:
+        try:
+            month, day = int(birthday[5:7]), int(birthday[8:10])
+            for n in range(7):
+                d = today + timedelta(days=n)
+                if (d.month, d.day) == (month, day):
+                    out.append("birthday_this_week")
+                    break
+        except ValueError:
+            pass
+    if last_order_at is None or (today - last_order_at.date()).days >= 30:
+        out.append("silent_30_days")
+    if keep_needed and period_last_day:
+        try:
+            if (date.fromisoformat(period_last_day) - today).days <= 30:
+                out.append("tier_at_risk")
+        except ValueError:
+            pass
+    return out
+
+
+class WorkstationView(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "relation": "bound",
+                    "guide_staff_id": "zhangsan",
+                    "phone_masked": "139****5678",
+                    "centre": CENTRE_EXAMPLE,
+                    "coupons": [CLAIMED_COUPON_EXAMPLE],
+                    "recent_orders": [
+                        {
+                            "order_id": "5d0c7e2a-8f1b-4c3d-9e8f-0a1b2c3d4e5f",
+                            "store_id": "SH001",
+                            "channel": "store",
+                            "paid_amount_fen": 1800,
+                            "refunded_amount_fen": 0,
+                            "ordered_at": "2026-04-20T03:00:00Z",
+                        }
+                    ],
+                    "tags": [
+                        {
+                            "tag": "category:fruit_tea",
+                            "source": "rule",
+                            "set_by": "rules",
+                            "set_at": "2026-05-01T18:00:00Z",
+                        }
+                    ],
+                    "notes": [
+                        {
+                            "text": "喜欢少冰",
+                            "staff_id": "zhangsan",
+                            "created_at": "2026-05-01T03:00:00Z",
+                        }
+                    ],
+                    "consents": [{"purpose": "marketing", "channel": "wecom", "granted": True}],
+                    "suggested_actions": ["tier_at_risk"],
+                    "degraded": [],
+                }
+            ]
+        }
+    )
+
+    member_id: str
+    relation: str = Field(description="bound (yours) or store (a colleague's member)")
+    guide_staff_id: str
+    phone_masked: str | None
+    centre: MemberCentre | None = Field(description="Tier, progress and points; null if unanswered")
+    coupons: list[Coupon] = Field(description="Available coupons")
+    recent_orders: list[WorkstationOrder]
+    tags: list[MemberTag]
+    notes: list[Note]
+    consents: list[ConsentView]
+    suggested_actions: list[str] = Field(
+        examples=[["birthday_this_week", "silent_30_days", "tier_at_risk"]]
+    )
+    degraded: list[str]
+
+
+class GrantBody(BaseModel):
+    template_id: str = Field(min_length=1, max_length=64)
+    grant_key: str = Field(min_length=1, max_length=64, description="A retry with it grants once")
+
+
+class Granted(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "coupon_id": "7e1c2a1e-1d2b-4c3d-9e8f-0a1b2c3d4e5f",
+                    "coupon_code": "C8K2M4Q7",
+                    "staff_remaining": 17,
+                    "store_remaining": 240,
+                    "replayed": False,
+                }
+            ]
+        }
+    )
+
+    coupon_id: str
+    coupon_code: str
+    staff_remaining: int
+    store_remaining: int
+    replayed: bool
+
+
+@router.post(
+    "/v1/workstation/session",
+    response_model=WorkstationSession,
+    tags=["workstation"],
+    summary="Exchange the sidebar page's WeCom OAuth code for the guide's session",
+    responses={403: problem_response("Not a valid code, or not active staff"), **GUIDE_ERRORS},
+)
+async def open_session(request: Request, body: OpenBody) -> WorkstationSession:
+    r = await downstreams(request).guides.call(
+        "OpenWorkstation", guides_pb2.OpenWorkstationRequest(code=body.code)
+    )
+    return WorkstationSession(
+        staff_id=r.staff_id,
+        store_id=r.store_id,
+        token=r.token,
+        expires_at=optional_utc(r, "expires_at"),
+    )
+
+
+async def _optional(read: Any) -> Any:
+    """A part of the page whose service did not answer is None (degraded)."""
+    try:
+        return await read
+    except DownstreamError as exc:
+        if exc.status == grpc.StatusCode.UNAVAILABLE:
+            return None
+        raise
+
+
+@router.get(
+    "/v1/workstation/members/{member_id}",
+    response_model=WorkstationView,
+    tags=["workstation"],
+    summary="The current customer, as the guide may see them",
+    responses={
+        403: problem_response("Not your customer, or the session is not valid"),
+        **GUIDE_ERRORS,
+    },
+)
+async def workstation_member(
+    request: Request, member_id: MemberId, session: Session
+) -> WorkstationView:
+    down = downstreams(request)
+    mid = str(member_id)
+    # The guides service decides first whether this guide may see the member.
+    view = await down.guides.call(
+        "GetWorkstationMember", guides_pb2.WorkstationMemberRequest(token=session, member_id=mid)
+    )
+    member, centre, wallet, profile = await asyncio.gather(
+        _optional(down.member.get_member(mid)),
+        _optional(member_centre(down, mid)),
+        _optional(
+            down.rewards.call(
+                "ListMemberCoupons",
+                rewards_pb2.ListMemberCouponsRequest(
+                    member_id=mid, statuses=["available"], page_size=20
+                ),
+            )
+        ),
+        _optional(down.member.call("GetProfile", member_pb2.GetProfileRequest(member_id=mid))),
+    )
+    degraded = sorted(
+        {
+            name
+            for name, part in (("member", member), ("rewards", wallet), ("member", profile))
+            if part is None
+        }
+        | (set(centre.degraded) if centre is not None else {"tiering", "rewards"})
+    )
+    last_order = optional_utc(view, "last_order_at")
+    tier = centre.tier if centre is not None else None
+    return WorkstationView(
+        member_id=mid,
+        relation=view.relation,
+        guide_staff_id=view.guide_staff_id,
+        phone_masked=member.phone_masked if member is not None else None,
+        centre=centre,
+        coupons=[coupon_model(c) for c in wallet.coupons] if wallet is not None else [],
+        recent_orders=[
+            WorkstationOrder(
+                order_id=o.order_id,
+                store_id=o.store_id,
+                channel=o.channel,
+                paid_amount_fen=o.paid_amount_fen,
+                refunded_amount_fen=o.refunded_amount_fen,
+                ordered_at=optional_utc(o, "ordered_at"),
+            )
+            for o in view.recent_orders
+        ],
+        tags=_tags(guides_pb2.MemberTags(tags=view.tags)).tags,
+        notes=[
+            Note(text=n.text, staff_id=n.staff_id, created_at=optional_utc(n, "created_at"))
+            for n in view.notes
+        ],
+        consents=[
+            ConsentView(
+                purpose=member_pb2.ConsentPurpose.Name(c.purpose)
+                .removeprefix("CONSENT_PURPOSE_")
+                .lower(),
+                channel=member_pb2.ConsentChannel.Name(c.channel)
+                .removeprefix("CONSENT_CHANNEL_")
+                .lower(),
+                granted=c.granted,
+            )
+            for c in (profile.consents if profile is not None else [])
+        ],
+        suggested_actions=suggested_actions(
+            datetime.now(BRAND_TZ).date(),
+            profile.birthday if profile is not None else "",
+            last_order,
+            tier.keep_needed if tier is not None else None,
+            tier.period_last_day if tier is not None else None,
+        ),
+        degraded=degraded,
+    )
+
+
+async def _ws_tag(
+    request: Request, member_id: uuid.UUID, tag: str, present: bool, session: str
+) -> MemberTags:
+    r = await downstreams(request).guides.call(
+        "SetWorkstationTag",
+        guides_pb2.WorkstationTagRequest(
+            token=session, member_id=str(member_id), tag=tag, present=present
+        ),
+    )
+    return _tags(r)
+
+
+@router.put(
+    "/v1/workstation/members/{member_id}/tags/{tag}",
+    response_model=MemberTags,
+    tags=["workstation"],
+    summary="The guide adds a manual tag (audited under the guide)",
+    responses=GUIDE_ERRORS,
+)
+async def ws_put_tag(
+    request: Request, member_id: MemberId, tag: TagPath, session: Session
+) -> MemberTags:
+    return await _ws_tag(request, member_id, tag, True, session)
+
+
+@router.delete(
+    "/v1/workstation/members/{member_id}/tags/{tag}",
+    response_model=MemberTags,
+    tags=["workstation"],
+    summary="The guide removes a manual tag",
+    responses=GUIDE_ERRORS,
+)
+async def ws_delete_tag(
+    request: Request, member_id: MemberId, tag: TagPath, session: Session
+) -> MemberTags:
+    return await _ws_tag(request, member_id, tag, False, session)
+
+
+@router.post(
+    "/v1/workstation/members/{member_id}/notes",
+    response_model=Note,
+    tags=["workstation"],
+    summary="The guide notes something about the member",
+    responses=GUIDE_ERRORS,
+)
+async def ws_note(request: Request, member_id: MemberId, body: NoteBody, session: Session) -> Note:
+    r = await downstreams(request).guides.call(
+        "AddWorkstationNote",
+        guides_pb2.WorkstationNoteRequest(token=session, member_id=str(member_id), text=body.text),
+    )
+    return Note(text=r.text, staff_id=r.staff_id, created_at=optional_utc(r, "created_at"))
+
+
+@router.post(
+    "/v1/workstation/members/{member_id}/coupons",
+    response_model=Granted,
+    tags=["workstation"],
+    summary="Grant a coupon from the guide's monthly budget (and the store's)",
+    responses={
+        429: problem_response("BUDGET_EXHAUSTED: no budget left this month"),
+        **GUIDE_ERRORS,
+    },
+)
+async def ws_grant(
+    request: Request, member_id: MemberId, body: GrantBody, session: Session
+) -> Granted:
+    r = await downstreams(request).guides.call(
+        "GrantCoupon",
+        guides_pb2.GrantCouponRequest(
+            token=session,
+            member_id=str(member_id),
+            template_id=body.template_id,
+            grant_key=body.grant_key,
+        ),
+    )
+    return Granted(
+        coupon_id=r.coupon_id,
+        coupon_code=r.coupon_code,
+        staff_remaining=r.staff_remaining,
+        store_remaining=r.store_remaining,
+        replayed=r.replayed,
+    )

@@ -29,6 +29,9 @@ ADMIN_REWARDS = "admin:rewards"
 ADMIN_TIERS = "admin:tiers"
 ADMIN_JOURNEYS = "admin:journeys"
 ADMIN_GUIDES = "admin:guides"
+# The WeCom sidebar's backend: the guide's workstation routes (each call also
+# carries the guide's own session from WeCom's OAuth, docs/guides.md).
+GUIDES_WORKSTATION = "guides:workstation"
 ADMIN_ALL = "admin:*"
 
 KNOWN_SCOPES = frozenset(
@@ -43,6 +46,7 @@ KNOWN_SCOPES = frozenset(
         ADMIN_TIERS,
         ADMIN_JOURNEYS,
         ADMIN_GUIDES,
+        GUIDES_WORKSTATION,
         ADMIN_ALL,
     }
 )

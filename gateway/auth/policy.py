@@ -14,6 +14,7 @@ from .model import (
     ADMIN_MEMBERS,
     ADMIN_REWARDS,
     ADMIN_TIERS,
+    GUIDES_WORKSTATION,
     MEMBER_IDENTIFY,
     MEMBER_SELF,
     PII_READ,
@@ -128,6 +129,14 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("PUT", f"{_A}/members/{{member_id}}/tags/{{tag}}"): ADMIN_GUIDES,
     ("DELETE", f"{_A}/members/{{member_id}}/tags/{{tag}}"): ADMIN_GUIDES,
     ("POST", f"{_A}/tags:recompute"): ADMIN_GUIDES,
+    ("PUT", f"{_A}/coupon-budgets/{{scope}}/{{owner_id}}/{{month}}"): ADMIN_GUIDES,
+    # ---- the guide's workstation (the WeCom sidebar's backend)
+    ("POST", "/v1/workstation/session"): GUIDES_WORKSTATION,
+    ("GET", "/v1/workstation/members/{member_id}"): GUIDES_WORKSTATION,
+    ("PUT", "/v1/workstation/members/{member_id}/tags/{tag}"): GUIDES_WORKSTATION,
+    ("DELETE", "/v1/workstation/members/{member_id}/tags/{tag}"): GUIDES_WORKSTATION,
+    ("POST", "/v1/workstation/members/{member_id}/notes"): GUIDES_WORKSTATION,
+    ("POST", "/v1/workstation/members/{member_id}/coupons"): GUIDES_WORKSTATION,
 }
 
 POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"

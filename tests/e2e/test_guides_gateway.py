@@ -8,13 +8,16 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
+import grpc
 import httpx
 import pytest
 
 from gateway.app import Gateway, build
 from gateway.auth.admin import ClientAdmin, IssuedKey
 from gateway.auth.client import HmacAuth
-from gateway.auth.model import ADMIN_MEMBERS, ClientKind
+from gateway.auth.model import ADMIN_MEMBERS, GUIDES_WORKSTATION, ClientKind
+from loyalty.member.v1 import member_pb2, member_pb2_grpc
+from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.server import ServiceApp
 from services.guides.wecom import FakeWeCom
 from tests.conftest import stopping
@@ -177,3 +180,127 @@ async def test_guide_routes_need_admin_guides(
     ) as client:
         refused = await client.get("/v1/admin/staff")
     assert refused.status_code == 403
+
+
+async def test_workstation_through_the_gateway(
+    guides_gateway: Gateway,
+    ops: httpx.AsyncClient,
+    client_admin: ClientAdmin,
+    fake_wecom: FakeWeCom,
+    guides_clock: ServiceClock,
+    rewards_channel: grpc.aio.Channel,
+    member_channel: grpc.aio.Channel,
+) -> None:
+    from services.guides import domain
+
+    staff_id = uid("g")
+    store = uid("WG")
+    assert (
+        await ops.put(
+            f"/v1/admin/staff/{staff_id}",
+            json={"name": "小周", "store_id": store, "role": "guide", "operator": "ops-li"},
+            headers=_idem(),
+        )
+    ).status_code == 200
+    members = member_pb2_grpc.MemberServiceStub(member_channel)
+    member = (
+        await members.IdentifyMember(
+            member_pb2.IdentifyMemberRequest(
+                identifiers=[
+                    member_pb2.Identifier(
+                        type=member_pb2.IDENTIFIER_TYPE_WECHAT_UNIONID,
+                        value=uid("o6_"),
+                        verified=True,
+                    )
+                ],
+                source="mini-program",
+                request_key=uid("k"),
+            ),
+            timeout=5,
+        )
+    ).member.member_id
+    foreign = str(uuid.uuid4())
+    bound = await ops.put(
+        f"/v1/admin/members/{member}/guide",
+        json={"staff_id": staff_id, "operator": "ops-li", "reason": "test"},
+        headers=_idem(),
+    )
+    assert bound.status_code == 200 and bound.json()["history"][0]["reason"] == "operator:test"
+    month = domain.budget_month(guides_clock(), domain.ZoneInfo("Asia/Shanghai"))
+    for scope, owner in (("staff", staff_id), ("store", store)):
+        r = await ops.put(
+            f"/v1/admin/coupon-budgets/{scope}/{owner}/{month}",
+            json={"coupons": 1, "operator": "ops-li"},
+            headers=_idem(),
+        )
+        assert r.status_code == 200 and r.json()["coupons"] == 1
+    template_id = uid("WSG-")
+    await rewards_pb2_grpc.RewardsServiceStub(rewards_channel).CreateCouponTemplate(
+        rewards_pb2.CreateCouponTemplateRequest(
+            template_id=template_id,
+            terms=rewards_pb2.CouponTerms(
+                name="赠饮", kind="amount_off", discount_fen=500, valid_days=7
+            ),
+            limits=rewards_pb2.CouponLimits(),
+            status="active",
+        ),
+        timeout=10,
+    )
+
+    key = await client_admin.create(
+        ClientKind.OPS_TOOLING,
+        "wecom sidebar",
+        scopes=(GUIDES_WORKSTATION,),
+        **UNLIMITED,  # type: ignore[arg-type]
+    )
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{guides_gateway.http_port}",
+        timeout=10,
+        auth=HmacAuth(key.key_id, key.secret),
+    ) as sidebar:
+        fake_wecom.oauth_codes["sidebar-code"] = staff_id
+        opened = await sidebar.post(
+            "/v1/workstation/session", json={"code": "sidebar-code"}, headers=_idem()
+        )
+        assert opened.status_code == 200, opened.text
+        session = {"X-Workstation-Session": opened.json()["token"]}
+        again = await sidebar.post(
+            "/v1/workstation/session", json={"code": "sidebar-code"}, headers=_idem()
+        )
+        assert again.status_code == 403 and again.json()["code"] == "INVALID_OAUTH_CODE"
+
+        view = await sidebar.get(f"/v1/workstation/members/{member}", headers=session)
+        assert view.status_code == 200, view.text
+        body = view.json()
+        assert (body["relation"], body["guide_staff_id"]) == ("bound", staff_id)
+        assert "silent_30_days" in body["suggested_actions"] and "tiering" in body["degraded"]
+        refused = await sidebar.get(f"/v1/workstation/members/{foreign}", headers=session)
+        assert refused.status_code == 403 and refused.json()["code"] == "NOT_YOUR_CUSTOMER"
+        no_session = await sidebar.get(f"/v1/workstation/members/{member}")
+        assert no_session.status_code == 422
+
+        tagged = await sidebar.put(
+            f"/v1/workstation/members/{member}/tags/少冰", headers={**session, **_idem()}
+        )
+        assert tagged.status_code == 200 and tagged.json()["tags"][0]["set_by"] == staff_id
+        note = await sidebar.post(
+            f"/v1/workstation/members/{member}/notes",
+            json={"text": "周末来"},
+            headers={**session, **_idem()},
+        )
+        assert note.status_code == 200 and note.json()["staff_id"] == staff_id
+        grant = {"template_id": template_id, "grant_key": "first"}
+        granted = await sidebar.post(
+            f"/v1/workstation/members/{member}/coupons", json=grant, headers={**session, **_idem()}
+        )
+        assert granted.status_code == 200, granted.text
+        assert (granted.json()["staff_remaining"], granted.json()["replayed"]) == (0, False)
+        over = await sidebar.post(
+            f"/v1/workstation/members/{member}/coupons",
+            json={**grant, "grant_key": "second"},
+            headers={**session, **_idem()},
+        )
+        assert over.status_code == 429 and over.json()["code"] == "BUDGET_EXHAUSTED"
+        view = (await sidebar.get(f"/v1/workstation/members/{member}", headers=session)).json()
+        assert [c["template_id"] for c in view["coupons"]] == [template_id]
+        assert [n["text"] for n in view["notes"]] == ["周末来"]

@@ -152,3 +152,25 @@ def test_rule_tags_from_orders() -> None:
     assert "price:high" in tags and not any(
         t.startswith(("store:", "habit:", "channel:")) for t in tags
     )
+
+
+def test_suggested_actions() -> None:
+    from datetime import date
+
+    from gateway.api.guides import suggested_actions
+
+    today = date(2026, 5, 1)
+    recent = datetime(2026, 4, 25, 3, 0, tzinfo=UTC)
+    assert suggested_actions(today, "", recent, 0, "2026-12-31") == []
+    assert suggested_actions(today, "1990-05-07", recent, None, None) == ["birthday_this_week"]
+    assert suggested_actions(today, "1990-05-08", recent, None, None) == []
+    assert suggested_actions(today, "", None, None, None) == ["silent_30_days"]
+    old = datetime(2026, 4, 1, 3, 0, tzinfo=UTC)
+    assert suggested_actions(today, "", old, None, None) == ["silent_30_days"]
+    assert suggested_actions(today, "", recent, 12000, "2026-05-31") == ["tier_at_risk"]
+    assert suggested_actions(today, "", recent, 12000, "2026-06-01") == []
+    # New Year's week wraps into January.
+    assert suggested_actions(date(2026, 12, 29), "2000-01-02", recent, None, None) == [
+        "birthday_this_week",
+        "silent_30_days",
+    ]
