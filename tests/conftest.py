@@ -176,7 +176,8 @@ async def guides_app(
 
     assert isinstance(fake_wecom, FakeWeCom)
     settings = GuidesSettings(
-        **infra.service_settings().model_dump(),
+        # A small pool: the suite shares PostgreSQL's 100 connections with four other services.
+        **infra.service_settings(db_pool_max=5).model_dump(),
         member_addr=f"127.0.0.1:{member_app.port}",
         rewards_addr=f"127.0.0.1:{rewards_app.port}",
         wecom_corp_id=fake_wecom.corp_id,
