@@ -683,6 +683,42 @@ class GuidesHandlers:
             )
             await self._tags_changed(uow, member_id, before, now)
 
+    async def on_member_merged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """OneID merged two members: the survivor takes the absorbed member's
+        contacts, orders, tags and notes; of two guides, the one who bound
+        first keeps the person (the first guide keeps the member)."""
+        p = event.payload
+        assert isinstance(p, events_pb2.MemberMerged)
+        survivor, absorbed = uuid.UUID(p.survivor_member_id), uuid.UUID(p.absorbed_member_id)
+        now = self.clock()
+        # Both locks, in id order (as every batch here takes members).
+        for m in sorted((survivor, absorbed)):
+            await repo.lock_member(uow.conn, m)
+        before = await self._visible_tags(uow, survivor)
+        had_tags = bool(await self._visible_tags(uow, absorbed))
+        await repo.merge_member_rows(uow.conn, survivor, absorbed)
+        kept = await repo.get_binding(uow.conn, survivor)
+        moved = await repo.get_binding(uow.conn, absorbed)
+        if moved is not None:
+            await repo.delete_binding(uow.conn, absorbed)
+            if kept is None or moved.bound_at < kept.bound_at:
+                staff = await repo.get_staff(uow.conn, moved.staff_id)
+                if staff is not None:
+                    await self._rebind(
+                        uow, survivor, kept.staff_id if kept else "", staff, "merge", "oneid", now
+                    )
+        await repo.audit(
+            uow.conn, "oneid", "member_merged", f"member:{survivor}",
+            {"absorbed": str(absorbed), "merge_id": p.merge_id}, now,
+        )  # fmt: skip
+        await self._tags_changed(uow, survivor, before, now)
+        if had_tags:
+            await uow.emit(
+                events_pb2.MemberTagsChanged(member_id=str(absorbed), changed_at=timestamp(now)),
+                member_id=str(absorbed),
+            )
+        await self.refresh_rule_tags(uow, survivor)
+
     async def on_journey_tagged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         """A journey's `tag` step writes into the one tag model (source "journey")."""
         p = event.payload

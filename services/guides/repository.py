@@ -687,3 +687,32 @@ async def finish_grant(
         coupon_id,
         code,
     )
+
+
+# ---------------------------------------------------------------- OneID merges
+
+
+async def merge_member_rows(conn: Connection, survivor: uuid.UUID, absorbed: uuid.UUID) -> None:
+    """What the absorbed member held here now belongs to the survivor: WeCom
+    contacts, orders (attribution stays with its guide), tags, notes."""
+    await conn.execute(
+        f"UPDATE {S}.contacts SET member_id = $1 WHERE member_id = $2", survivor, absorbed
+    )
+    await conn.execute(
+        f"UPDATE {S}.orders SET member_id = $1 WHERE member_id = $2", survivor, absorbed
+    )
+    await conn.execute(
+        f"UPDATE {S}.notes SET member_id = $1 WHERE member_id = $2", survivor, absorbed
+    )
+    await conn.execute(
+        f"INSERT INTO {S}.member_tags (member_id, tag, source, set_by, set_at)"
+        f" SELECT $1, tag, source, set_by, set_at FROM {S}.member_tags WHERE member_id = $2"
+        " ON CONFLICT DO NOTHING",
+        survivor,
+        absorbed,
+    )
+    await conn.execute(f"DELETE FROM {S}.member_tags WHERE member_id = $1", absorbed)
+
+
+async def delete_binding(conn: Connection, member_id: uuid.UUID) -> None:
+    await conn.execute(f"DELETE FROM {S}.bindings WHERE member_id = $1", member_id)

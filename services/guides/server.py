@@ -156,6 +156,7 @@ def build(
                     Subscription(
                         "engagement", events_pb2.JourneyTagged, handlers.on_journey_tagged
                     ),
+                    Subscription("member", events_pb2.MemberMerged, handlers.on_member_merged),
                 ],
                 max_attempts=s.event_max_attempts,
                 retry_after_ms=s.event_retry_after_ms,

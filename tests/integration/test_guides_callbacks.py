@@ -380,3 +380,46 @@ async def test_manual_tags_are_audited_and_pushed_to_wecom(
             timeout=5,
         )
     assert rpc_reason(err.value) == "MISSING_TAG"
+
+
+async def test_a_oneid_merge_moves_contacts_tags_and_keeps_the_first_guide(
+    stub: guides_pb2_grpc.GuidesServiceStub,
+    members: member_pb2_grpc.MemberServiceStub,
+    fake_wecom: FakeWeCom,
+    conn: asyncpg.Connection,
+    guides_clock: ServiceClock,
+    crypto,  # type: ignore[no-untyped-def]
+) -> None:
+    first, second = await new_staff(stub, "SH001"), await new_staff(stub, "SH002")
+    exts = [uid("wm"), uid("wm")]
+    ids = []
+    for ext, guide in zip(exts, (first, second), strict=True):
+        fake_wecom.add_contact(ext, "顾客")
+        await add_customer(stub, crypto, guides_clock, guide.staff_id, ext)
+        ids.append(await eventually(lambda e=ext: member_of_contact(conn, e)))
+    for member_id, guide in zip(ids, (first, second), strict=True):
+        await eventually(lambda m=member_id, g=guide: _has_guide(stub, m, g.staff_id))
+    await stub.SetManualTag(
+        guides_pb2.SetManualTagRequest(member_id=ids[1], tag="夜猫子", present=True, actor="op"),
+        timeout=5,
+    )
+    # An operator merges the two; whichever survives, the guide who bound first keeps them.
+    merged = await members.MergeMembers(
+        member_pb2.MergeMembersRequest(
+            member_ids=[ids[1], ids[0]], operator="op", reason="same person"
+        ),
+        timeout=10,
+    )
+    survivor = merged.member.member_id
+
+    async def moved() -> bool:
+        return (
+            await member_of_contact(conn, exts[1]) == survivor
+            and await member_of_contact(conn, exts[0]) == survivor
+        )
+
+    await eventually(moved, timeout=15)
+    binding = await bound_to(stub, survivor)
+    assert binding.staff_id == first.staff_id
+    tags = await stub.ListMemberTags(guides_pb2.MemberRef(member_id=survivor), timeout=5)
+    assert "夜猫子" in {t.tag for t in tags.tags}
