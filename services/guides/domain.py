@@ -354,3 +354,14 @@ def verify_session(secret: bytes, token: str, now: datetime) -> str:
 
 def budget_month(at: datetime, tz: ZoneInfo) -> str:
     return at.astimezone(tz).strftime("%Y-%m")
+
+
+# ---------------------------------------------------------------- communities
+
+# In the order a member is placed: the most valuable group they fit first.
+AUDIENCES = ("vip", "growth", "general")
+
+
+def fits_audience(tiers: list[str], tier: str) -> bool:
+    """A group's tiers (empty: everyone) include the member's tier."""
+    return not tiers or tier in tiers

@@ -235,3 +235,34 @@ grants = Table(
     Column("coupon_code", Text, nullable=False, server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+# Community group chats (WeCom customer groups) operators defined, by store and audience.
+communities = Table(
+    "communities",
+    metadata,
+    Column("chat_id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("store_id", Text, nullable=False, index=True),
+    Column("audience", Text, nullable=False),  # vip | growth | general
+    Column("tiers", ARRAY(Text), nullable=False),  # empty: every member of the store
+    Column("updated_by", Text, nullable=False),
+)
+
+# Who is in each group chat, as the last sync saw it; left_at set when gone.
+community_members = Table(
+    "community_members",
+    metadata,
+    Column("chat_id", Text, nullable=False),
+    Column("external_userid", Text, nullable=False),
+    Column("joined_at", DateTime(timezone=True), nullable=False),
+    Column("left_at", DateTime(timezone=True)),
+    PrimaryKeyConstraint("chat_id", "external_userid"),
+)
+
+# The member's tier, from tiering's TierChanged (a community's audience rule).
+member_tiers = Table(
+    "member_tiers",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("tier", Text, nullable=False),
+)

@@ -157,6 +157,7 @@ def build(
                         "engagement", events_pb2.JourneyTagged, handlers.on_journey_tagged
                     ),
                     Subscription("member", events_pb2.MemberMerged, handlers.on_member_merged),
+                    Subscription("tiering", events_pb2.TierChanged, handlers.on_tier_changed),
                 ],
                 max_attempts=s.event_max_attempts,
                 retry_after_ms=s.event_retry_after_ms,

@@ -327,3 +327,71 @@ class GuidesServicer(guides_pb2_grpc.GuidesServiceServicer):
             coupons=r["coupons"],
             used=r["used"],
         )
+
+    # ---- communities
+
+    async def UpsertCommunity(
+        self, request: guides_pb2.Community, context: Ctx
+    ) -> guides_pb2.Community:
+        async with self._db.unit_of_work() as uow:
+            r = await self._h.upsert_community(
+                uow, request.chat_id, request.name, request.store_id, request.audience,
+                list(request.tiers), request.actor,
+            )  # fmt: skip
+        return community_reply(r)
+
+    async def ListCommunities(
+        self, request: guides_pb2.ListCommunitiesRequest, context: Ctx
+    ) -> guides_pb2.ListCommunitiesResponse:
+        async with self._db.reading() as uow:
+            rows = await self._h.list_communities(uow, request.store_id)
+        return guides_pb2.ListCommunitiesResponse(communities=[community_reply(r) for r in rows])
+
+    async def SyncCommunities(
+        self, request: guides_pb2.SyncCommunitiesRequest, context: Ctx
+    ) -> guides_pb2.SyncCommunitiesResponse:
+        groups, joined, left = await self._h.sync_communities(self._db, request.actor or "sync")
+        return guides_pb2.SyncCommunitiesResponse(groups=groups, joined=joined, left=left)
+
+    async def CommunityGaps(
+        self, request: guides_pb2.CommunityGapsRequest, context: Ctx
+    ) -> guides_pb2.CommunityGapsResponse:
+        async with self._db.reading() as uow:
+            invite, misfits = await self._h.community_gaps(uow, request.store_id, request.staff_id)
+        return guides_pb2.CommunityGapsResponse(
+            invite=[
+                guides_pb2.CommunityInvite(member_id=m, staff_id=s, chat_id=c, audience=a)
+                for m, s, c, a in invite
+            ],
+            misfits=[
+                guides_pb2.CommunityMisfit(member_id=m, chat_id=c, audience=a, tier=t)
+                for m, c, a, t in misfits
+            ],
+        )
+
+    async def CommunityReport(
+        self, request: guides_pb2.CommunityReportRequest, context: Ctx
+    ) -> guides_pb2.CommunityReportResponse:
+        async with self._db.reading() as uow:
+            r = await self._h.community_report(
+                uow, request.chat_id, request.from_day, request.to_day
+            )
+        return guides_pb2.CommunityReportResponse(
+            chat_id=request.chat_id,
+            members=r["members"],
+            joins=r["joins"],
+            leaves=r["leaves"],
+            orders=r["orders"],
+            paid_amount_fen=r["paid"],
+        )
+
+
+def community_reply(r: Any) -> guides_pb2.Community:
+    return guides_pb2.Community(
+        chat_id=r["chat_id"],
+        name=r["name"],
+        store_id=r["store_id"],
+        audience=r["audience"],
+        tiers=list(r["tiers"]),
+        actor=r["updated_by"],
+    )

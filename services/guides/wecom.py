@@ -139,6 +139,17 @@ class WeComApi:
             raise WeComError("the OAuth code is not a member of the corp", code="NOT_STAFF")
         return user
 
+    async def group_members(self, chat_id: str) -> dict[str, int]:
+        """A customer group chat's customers: external_userid -> join time (unix)."""
+        reply = await self._call(
+            "POST", "/externalcontact/groupchat/get", {"chat_id": chat_id, "need_name": 0}
+        )
+        return {
+            m["userid"]: int(m.get("join_time", 0))
+            for m in reply.get("group_chat", {}).get("member_list", [])
+            if int(m.get("type", 0)) == 2  # 1: staff, 2: customer
+        }
+
     async def get_external_contact(self, external_userid: str) -> ExternalContact:
         reply = await self._call("GET", "/externalcontact/get", external_userid=external_userid)
         c = reply.get("external_contact", {})
@@ -219,6 +230,8 @@ class FakeWeCom:
     calls: list[str] = field(default_factory=list)
     # OAuth code -> staff user id (each code works once, as WeCom's do).
     oauth_codes: dict[str, str] = field(default_factory=dict)
+    # chat_id -> {external_userid: join time}
+    groups: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add_user(
         self, staff_id: str, name: str, store_id: str, role: str = "guide", status: int = 1
@@ -263,6 +276,18 @@ class FakeWeCom:
             if user is None:
                 return httpx.Response(200, json={"errcode": 40029, "errmsg": "invalid code"})
             return httpx.Response(200, json={"errcode": 0, "userid": user})
+        if path == "/externalcontact/groupchat/get":
+            chat = self.groups.get(body.get("chat_id", ""))
+            if chat is None:
+                return httpx.Response(200, json={"errcode": 701008, "errmsg": "no such chat"})
+            members = [{"userid": u, "type": 2, "join_time": t} for u, t in chat.items()]
+            return httpx.Response(
+                200,
+                json={
+                    "errcode": 0,
+                    "group_chat": {"chat_id": body["chat_id"], "member_list": members},
+                },
+            )
         if path == "/user/list":
             return httpx.Response(200, json={"errcode": 0, "userlist": list(self.users.values())})
         if path == "/externalcontact/get":
