@@ -23,7 +23,6 @@ from services.guides.wecom import FakeWeCom
 from ..harness import Infra, ServiceClock, eventually
 from .guides_support import add_customer, new_staff, rpc_reason, uid, wecom_crypto
 
-
 # The shared `db` fixture seeds the demo stores the order needs; a small pool.
 DB_POOL_MAX = 2
 
