@@ -1179,3 +1179,237 @@ async def ws_grant(
         store_remaining=r.store_remaining,
         replayed=r.replayed,
     )
+
+
+# ---- tiered communities (operators) --------------------------------------------------------
+
+ChatId = Annotated[
+    str,
+    Path(
+        pattern=r"^[A-Za-z0-9_\-]{1,64}$",
+        description="The WeCom group chat id",
+        examples=["wrOgQhDgAAMYQiS5ol9G7gK9JVAAAA"],
+    ),
+]
+
+
+class CommunityBody(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    store_id: str = Field(min_length=1, max_length=64)
+    audience: Literal["vip", "growth", "general"]
+    tiers: list[str] = Field(default_factory=list, max_length=20, description="Empty: everyone")
+    operator: Operator
+
+
+COMMUNITY_EXAMPLE: JsonDict = {
+    "chat_id": "wrOgQhDgAAMYQiS5ol9G7gK9JVAAAA",
+    "name": "SH001 VIP群",
+    "store_id": "SH001",
+    "audience": "vip",
+    "tiers": ["VIP"],
+    "updated_by": "ops-li",
+}
+
+
+class CommunityModel(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [COMMUNITY_EXAMPLE]})
+
+    chat_id: str
+    name: str
+    store_id: str
+    audience: str
+    tiers: list[str]
+    updated_by: str
+
+
+def _community(c: guides_pb2.Community) -> CommunityModel:
+    return CommunityModel(
+        chat_id=c.chat_id,
+        name=c.name,
+        store_id=c.store_id,
+        audience=c.audience,
+        tiers=list(c.tiers),
+        updated_by=c.actor,
+    )
+
+
+class Communities(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"communities": [COMMUNITY_EXAMPLE]}]}
+    )
+
+    communities: list[CommunityModel]
+
+
+class CommunitySync(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"groups": 12, "joined": 40, "left": 3}]}
+    )
+
+    groups: int
+    joined: int
+    left: int
+
+
+class Invite(BaseModel):
+    member_id: str
+    staff_id: str
+    chat_id: str
+    audience: str
+
+
+class Misfit(BaseModel):
+    member_id: str
+    chat_id: str
+    audience: str
+    tier: str
+
+
+class CommunityGaps(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "invite": [
+                        {
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "staff_id": "zhangsan",
+                            "chat_id": "wrOgQhDgAAMYQiS5ol9G7gK9JVAAAA",
+                            "audience": "vip",
+                        }
+                    ],
+                    "misfits": [],
+                }
+            ]
+        }
+    )
+
+    invite: list[Invite] = Field(
+        description="Eligible members not in their group, with their guide"
+    )
+    misfits: list[Misfit] = Field(description="Members in a group whose audience they left")
+
+
+class CommunityReport(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "chat_id": "wrOgQhDgAAMYQiS5ol9G7gK9JVAAAA",
+                    "members": 180,
+                    "joins": 25,
+                    "leaves": 4,
+                    "orders": 96,
+                    "paid_amount_fen": 215000,
+                }
+            ]
+        }
+    )
+
+    chat_id: str
+    members: int
+    joins: int
+    leaves: int
+    orders: int
+    paid_amount_fen: int
+
+
+@router.put(
+    "/v1/admin/communities/{chat_id}",
+    response_model=CommunityModel,
+    tags=["guides"],
+    summary="Define a community group (a WeCom customer group chat) by store and audience",
+    responses=GUIDE_ERRORS,
+)
+async def put_community(request: Request, chat_id: ChatId, body: CommunityBody) -> CommunityModel:
+    r = await downstreams(request).guides.call(
+        "UpsertCommunity",
+        guides_pb2.Community(
+            chat_id=chat_id,
+            name=body.name,
+            store_id=body.store_id,
+            audience=body.audience,
+            tiers=body.tiers,
+            actor=body.operator,
+        ),
+    )
+    return _community(r)
+
+
+@router.get(
+    "/v1/admin/communities", response_model=Communities, tags=["guides"], responses=GUIDE_ERRORS
+)
+async def list_communities(
+    request: Request, store_id: Annotated[str, Query(max_length=64)] = ""
+) -> Communities:
+    r = await downstreams(request).guides.call(
+        "ListCommunities", guides_pb2.ListCommunitiesRequest(store_id=store_id)
+    )
+    return Communities(communities=[_community(c) for c in r.communities])
+
+
+@router.post(
+    "/v1/admin/communities:sync",
+    response_model=CommunitySync,
+    tags=["guides"],
+    summary="Pull the groups' members from WeCom; joins and leaves are recorded and published",
+    responses=GUIDE_ERRORS,
+)
+async def sync_communities(request: Request, body: SyncBody) -> CommunitySync:
+    r = await downstreams(request).guides.call(
+        "SyncCommunities", guides_pb2.SyncCommunitiesRequest(actor=body.operator)
+    )
+    return CommunitySync(groups=r.groups, joined=r.joined, left=r.left)
+
+
+@router.get(
+    "/v1/admin/stores/{store_id}/community-gaps",
+    response_model=CommunityGaps,
+    tags=["guides"],
+    summary="Who to invite to which group (per guide), and who is in a group they no longer fit",
+    responses=GUIDE_ERRORS,
+)
+async def community_gaps(
+    request: Request,
+    store_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_\-]{1,64}$", examples=["SH001"])],
+    staff_id: Annotated[str, Query(max_length=64)] = "",
+) -> CommunityGaps:
+    r = await downstreams(request).guides.call(
+        "CommunityGaps", guides_pb2.CommunityGapsRequest(store_id=store_id, staff_id=staff_id)
+    )
+    return CommunityGaps(
+        invite=[
+            Invite(
+                member_id=i.member_id, staff_id=i.staff_id, chat_id=i.chat_id, audience=i.audience
+            )
+            for i in r.invite
+        ],
+        misfits=[
+            Misfit(member_id=m.member_id, chat_id=m.chat_id, audience=m.audience, tier=m.tier)
+            for m in r.misfits
+        ],
+    )
+
+
+@router.get(
+    "/v1/admin/communities/{chat_id}/report",
+    response_model=CommunityReport,
+    tags=["guides"],
+    summary="A group's members now, joins and leaves, and orders by its members in the range",
+    responses=GUIDE_ERRORS,
+)
+async def community_report(
+    request: Request, chat_id: ChatId, from_day: Day, to_day: Day
+) -> CommunityReport:
+    r = await downstreams(request).guides.call(
+        "CommunityReport",
+        guides_pb2.CommunityReportRequest(chat_id=chat_id, from_day=from_day, to_day=to_day),
+    )
+    return CommunityReport(
+        chat_id=r.chat_id,
+        members=r.members,
+        joins=r.joins,
+        leaves=r.leaves,
+        orders=r.orders,
+        paid_amount_fen=r.paid_amount_fen,
+    )

@@ -130,6 +130,11 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("DELETE", f"{_A}/members/{{member_id}}/tags/{{tag}}"): ADMIN_GUIDES,
     ("POST", f"{_A}/tags:recompute"): ADMIN_GUIDES,
     ("PUT", f"{_A}/coupon-budgets/{{scope}}/{{owner_id}}/{{month}}"): ADMIN_GUIDES,
+    ("PUT", f"{_A}/communities/{{chat_id}}"): ADMIN_GUIDES,
+    ("GET", f"{_A}/communities"): ADMIN_GUIDES,
+    ("POST", f"{_A}/communities:sync"): ADMIN_GUIDES,
+    ("GET", f"{_A}/stores/{{store_id}}/community-gaps"): ADMIN_GUIDES,
+    ("GET", f"{_A}/communities/{{chat_id}}/report"): ADMIN_GUIDES,
     # ---- the guide's workstation (the WeCom sidebar's backend)
     ("POST", "/v1/workstation/session"): GUIDES_WORKSTATION,
     ("GET", "/v1/workstation/members/{member_id}"): GUIDES_WORKSTATION,

@@ -304,3 +304,42 @@ async def test_workstation_through_the_gateway(
         view = (await sidebar.get(f"/v1/workstation/members/{member}", headers=session)).json()
         assert [c["template_id"] for c in view["coupons"]] == [template_id]
         assert [n["text"] for n in view["notes"]] == ["周末来"]
+
+
+async def test_community_routes(
+    guides_gateway: Gateway, ops: httpx.AsyncClient, fake_wecom: FakeWeCom
+) -> None:
+    store, chat = uid("GC"), uid("wrGW")
+    put = await ops.put(
+        f"/v1/admin/communities/{chat}",
+        json={
+            "name": "VIP群",
+            "store_id": store,
+            "audience": "vip",
+            "tiers": ["VIP"],
+            "operator": "ops",
+        },
+        headers=_idem(),
+    )
+    assert put.status_code == 200 and put.json()["tiers"] == ["VIP"]
+    bad = await ops.put(
+        f"/v1/admin/communities/{chat}",
+        json={"name": "x", "store_id": store, "audience": "gold", "operator": "ops"},
+        headers=_idem(),
+    )
+    assert bad.status_code == 422
+    listed = await ops.get("/v1/admin/communities", params={"store_id": store})
+    assert [c["chat_id"] for c in listed.json()["communities"]] == [chat]
+    fake_wecom.groups[chat] = {uid("wm"): 1}
+    synced = await ops.post("/v1/admin/communities:sync", json={"operator": "ops"}, headers=_idem())
+    assert synced.status_code == 200 and synced.json()["joined"] >= 1
+    gaps = await ops.get(f"/v1/admin/stores/{store}/community-gaps")
+    assert gaps.status_code == 200 and gaps.json() == {"invite": [], "misfits": []}
+    report = await ops.get(
+        f"/v1/admin/communities/{chat}/report",
+        params={"from_day": "1970-01-01", "to_day": "2100-01-01"},
+    )
+    assert report.status_code == 200 and (report.json()["members"], report.json()["joins"]) == (
+        1,
+        1,
+    )
