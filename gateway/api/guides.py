@@ -1413,3 +1413,84 @@ async def community_report(
         orders=r.orders,
         paid_amount_fen=r.paid_amount_fen,
     )
+
+
+class TaskTarget(BaseModel):
+    member_id: str
+    external_userid: str
+    status: str = Field(examples=["pending", "sent", "not_contact", "failed"])
+
+
+class GuideTask(BaseModel):
+    task_id: str
+    journey_id: str
+    step_id: str
+    day: str
+    title: str
+    script: str
+    status: str = Field(description="open (gathering), sent (in WeCom, waiting for you)")
+    targets: list[TaskTarget]
+
+
+class GuideTasks(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "tasks": [
+                        {
+                            "task_id": "1b2c3d4e-5f60-4718-8a9b-0c1d2e3f4a5b",
+                            "journey_id": "wake-silent-vip",
+                            "step_id": "ask-guide",
+                            "day": "2026-05-01",
+                            "title": "唤醒沉睡VIP",
+                            "script": "好久不见，本周送您一杯新品",
+                            "status": "sent",
+                            "targets": [
+                                {
+                                    "member_id": MEMBER_ID_EXAMPLE,
+                                    "external_userid": "wmAJ2GCAAAme1Xq",
+                                    "status": "pending",
+                                }
+                            ],
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
+    tasks: list[GuideTask]
+
+
+@router.get(
+    "/v1/workstation/tasks",
+    response_model=GuideTasks,
+    tags=["workstation"],
+    summary="The guide's open tasks from journeys, with each customer's status",
+    responses=GUIDE_ERRORS,
+)
+async def ws_tasks(request: Request, session: Session) -> GuideTasks:
+    r = await downstreams(request).guides.call(
+        "ListGuideTasks", guides_pb2.ListGuideTasksRequest(token=session)
+    )
+    return GuideTasks(
+        tasks=[
+            GuideTask(
+                task_id=t.task_id,
+                journey_id=t.journey_id,
+                step_id=t.step_id,
+                day=t.day,
+                title=t.title,
+                script=t.script,
+                status=t.status,
+                targets=[
+                    TaskTarget(
+                        member_id=x.member_id, external_userid=x.external_userid, status=x.status
+                    )
+                    for x in t.targets
+                ],
+            )
+            for t in r.tasks
+        ]
+    )

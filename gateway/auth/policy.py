@@ -137,6 +137,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", f"{_A}/communities/{{chat_id}}/report"): ADMIN_GUIDES,
     # ---- the guide's workstation (the WeCom sidebar's backend)
     ("POST", "/v1/workstation/session"): GUIDES_WORKSTATION,
+    ("GET", "/v1/workstation/tasks"): GUIDES_WORKSTATION,
     ("GET", "/v1/workstation/members/{member_id}"): GUIDES_WORKSTATION,
     ("PUT", "/v1/workstation/members/{member_id}/tags/{tag}"): GUIDES_WORKSTATION,
     ("DELETE", "/v1/workstation/members/{member_id}/tags/{tag}"): GUIDES_WORKSTATION,

@@ -174,12 +174,19 @@ class TagIntent:
 
 
 @dataclass(frozen=True)
+class GuideTaskIntent:
+    step_id: str
+    title: str
+    script: str
+
+
+@dataclass(frozen=True)
 class DroppedIntent:
     step_id: str
     seq: int
 
 
-Intent = SendIntent | RewardIntent | TagIntent | DroppedIntent
+Intent = SendIntent | RewardIntent | TagIntent | GuideTaskIntent | DroppedIntent
 
 
 @dataclass
@@ -266,6 +273,10 @@ def run(
         elif step.type == "tag":
             result.seq += 1
             result.intents.append(TagIntent(step.tag))
+            current = step.next
+        elif step.type == "guide_task":
+            result.seq += 1
+            result.intents.append(GuideTaskIntent(step.id, step.task_title, step.script))
             current = step.next
         else:  # exit
             result.seq += 1

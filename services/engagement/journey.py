@@ -46,7 +46,7 @@ FACTS = frozenset({"tier", "segment", "stage", "order_count", "non_personalised"
 OPERATORS = frozenset({"eq", "ne", "in", "gte", "lte", "has"})
 REENTRY = frozenset({"never", "after_exit", "after_days"})
 STEP_TYPES = frozenset(
-    {"wait", "branch", "send", "issue_coupon", "award_points", "tag", "split", "exit"}
+    {"wait", "branch", "send", "issue_coupon", "award_points", "tag", "guide_task", "split", "exit"}
 )
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -107,6 +107,9 @@ class Step:
     coupon: str = ""
     points: int = 0
     tag: str = ""
+    # guide_task: a task for the member's guide (services/guides), sent through WeCom
+    task_title: str = ""
+    script: str = ""
     # branch: (condition, next) in order, then `next` as the default
     cases: tuple[tuple[Condition, str], ...] = ()
     # split: (name, percent, next)
@@ -325,6 +328,13 @@ def _parse_step(step_id: str, raw: object, path: str, errors: _Errors) -> Step |
         if not isinstance(tag, str) or not tag:
             errors.add(f"{path}.tag", "MISSING_TAG", "tag is required")
         return Step(step_id, kind, nxt, tag=str(tag))
+    if kind == "guide_task":
+        title, script = raw.get("title"), raw.get("script")
+        if not isinstance(title, str) or not 0 < len(title) <= 64:
+            errors.add(f"{path}.title", "INVALID_TASK", "title: 1-64 characters")
+        if not isinstance(script, str) or not 0 < len(script) <= 1000:
+            errors.add(f"{path}.script", "INVALID_TASK", "script: the message, 1-1000 characters")
+        return Step(step_id, kind, nxt, task_title=str(title or ""), script=str(script or ""))
     if kind == "branch":
         return _parse_branch(step_id, raw, nxt, path, errors)
     return _parse_split(step_id, raw, path, errors)

@@ -33,6 +33,7 @@ from .domain import (
     DAILY_CAPS,
     Clock,
     DroppedIntent,
+    GuideTaskIntent,
     MemberFacts,
     QuietHours,
     RewardIntent,
@@ -99,6 +100,7 @@ class _Batch:
         default_factory=list
     )
     tags: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    guide_tasks: list[events_pb2.GuideTaskRequested] = field(default_factory=list)
     moves: list[tuple[uuid.UUID, str, datetime]] = field(default_factory=list)
     finished: list[uuid.UUID] = field(default_factory=list)
     enrollments: list[tuple[uuid.UUID, int, str | None, str | None, str, datetime | None]] = field(
@@ -209,6 +211,9 @@ class Scheduler:
                     ),
                     member_id=str(member_id),
                 )
+            # The member's guide gets the task (services/guides sends it via WeCom).
+            for task in batch.guide_tasks:
+                await uow.emit(task, member_id=task.member_id)
             await scheduler_repo.move_timers(conn, batch.moves)
             await scheduler_repo.delete_timers(conn, batch.finished)
             await scheduler_repo.update_enrollments(conn, batch.enrollments)
@@ -273,6 +278,17 @@ class Scheduler:
                 )
             elif isinstance(intent, TagIntent):
                 batch.tags.append((d.member_id, intent.tag))
+            elif isinstance(intent, GuideTaskIntent):
+                batch.guide_tasks.append(
+                    events_pb2.GuideTaskRequested(
+                        member_id=str(d.member_id),
+                        journey_id=d.journey_id,
+                        step_id=intent.step_id,
+                        title=intent.title,
+                        script=intent.script,
+                        requested_at=timestamp(now),
+                    )
+                )
         if result.completed:
             batch.finished.append(d.enrollment_id)
             batch.enrollments.append(

@@ -98,6 +98,7 @@ class GuidesHandlers:
         coupons: CouponIssuer | None = None,
         session_secret: bytes = b"",
         session_ttl: timedelta = timedelta(hours=2),
+        task_gather: timedelta = timedelta(minutes=5),
     ) -> None:
         self.crypto = crypto
         self.wecom = wecom
@@ -115,6 +116,7 @@ class GuidesHandlers:
         self.coupons = coupons
         self.session_secret = session_secret or link_secret + b"/workstation"
         self.session_ttl = session_ttl
+        self.task_gather = task_gather
 
     # ------------------------------------------------------------ staff
 
@@ -1149,6 +1151,84 @@ class GuidesHandlers:
         p = event.payload
         assert isinstance(p, events_pb2.TierChanged)
         await repo.set_member_tier(uow.conn, uuid.UUID(p.member_id), p.to_tier)
+
+    # ------------------------------------------------------------ guide tasks
+
+    async def on_guide_task_requested(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """A journey asks the member's guide to act: the member joins the day's
+        task of that guide and journey step (sent to WeCom once gathered)."""
+        p = event.payload
+        assert isinstance(p, events_pb2.GuideTaskRequested)
+        member_id = uuid.UUID(p.member_id)
+        at = to_datetime(p.requested_at) or self.clock()
+        binding = await repo.get_binding(uow.conn, member_id)
+        staff = await repo.get_staff(uow.conn, binding.staff_id) if binding else None
+        ext = await repo.live_link(uow.conn, member_id, staff.staff_id) if staff else None
+        if staff is None or staff.status != "active" or ext is None:
+            reason = "no_guide" if staff is None or staff.status != "active" else "not_a_contact"
+            await repo.audit(
+                uow.conn, "journey", "task_skipped", f"member:{member_id}",
+                {"journey_id": p.journey_id, "step_id": p.step_id, "reason": reason}, at,
+            )  # fmt: skip
+            return
+        task_id = await repo.open_task(
+            uow.conn, staff.staff_id, p.journey_id, p.step_id,
+            # Gathered from when it arrived here (the journey's clock may differ).
+            date.fromisoformat(domain.local_day(at, self.tz)), p.title, p.script, self.clock(),
+        )  # fmt: skip
+        await repo.add_target(uow.conn, task_id, member_id, ext)
+
+    async def send_next_task(self, db: Database) -> bool:
+        """Hand one gathered task to WeCom's message-task API; False when none."""
+        async with db.unit_of_work() as uow:
+            row = await repo.claim_task(uow.conn, "open", self.clock() - self.task_gather)
+            if row is None:
+                return False
+            targets = await repo.task_targets(uow.conn, row["task_id"])
+            try:
+                msgid = await self.wecom.add_msg_template(
+                    row["staff_id"], [t["external_userid"] for t in targets], row["script"]
+                )
+            except DomainError as exc:
+                log.warning("guide task %s not sent: %s", row["task_id"], exc.message)
+                return False  # stays open; the next poll tries again
+            await repo.set_task(uow.conn, row["task_id"], "sent", msgid)
+        return True
+
+    async def track_sent_tasks(self, db: Database) -> bool:
+        """Per customer, whether the guide sent the message; a task is done when
+        nobody is pending. One pass over the sent tasks; False (no hot loop)."""
+        statuses = {1: "sent", 2: "not_contact", 3: "failed"}
+        async with db.reading() as uow:
+            task_ids = await repo.sent_task_ids(uow.conn)
+        for task_id in task_ids:
+            async with db.unit_of_work() as uow:
+                row = await repo.lock_sent_task(uow.conn, task_id)
+                if row is None:
+                    continue  # another replica has it, or it is done
+                try:
+                    results = await self.wecom.send_results(row["msgid"], row["staff_id"])
+                except DomainError as exc:
+                    log.warning("guide task %s not checked: %s", task_id, exc.message)
+                    continue
+                pending = False
+                for t in await repo.task_targets(uow.conn, task_id):
+                    status = statuses.get(results.get(t["external_userid"], 0), "pending")
+                    pending = pending or status == "pending"
+                    if status != t["status"]:
+                        await repo.set_target(uow.conn, task_id, t["external_userid"], status)
+                if not pending:
+                    await repo.set_task(uow.conn, task_id, "done")
+        return False
+
+    async def list_tasks(
+        self, uow: UnitOfWork, token: str
+    ) -> list[tuple[repo.Any, list[repo.Any]]]:
+        staff = await self._session(uow, token)
+        return [
+            (t, await repo.task_targets(uow.conn, t["task_id"]))
+            for t in await repo.tasks_of(uow.conn, staff.staff_id)
+        ]
 
 
 def replace_window(handlers: GuidesHandlers, window: timedelta) -> GuidesHandlers:

@@ -266,3 +266,41 @@ member_tiers = Table(
     Column("member_id", Uuid, primary_key=True),
     Column("tier", Text, nullable=False),
 )
+
+# Guide tasks from journeys: one WeCom message task per guide, journey step
+# and day, gathering that day's members; tracked per customer to completion.
+guide_tasks = Table(
+    "guide_tasks",
+    metadata,
+    Column("task_id", Uuid, primary_key=True),
+    Column("staff_id", Text, nullable=False),
+    Column("journey_id", Text, nullable=False),
+    Column("step_id", Text, nullable=False),
+    Column("day", Date, nullable=False),
+    Column("title", Text, nullable=False),
+    Column("script", Text, nullable=False),
+    Column("status", Text, nullable=False),  # open | sent | done
+    Column("msgid", Text, nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index(
+        "uq_guide_tasks_open",
+        "staff_id",
+        "journey_id",
+        "step_id",
+        "day",
+        unique=True,
+        postgresql_where=text("status = 'open'"),
+    ),
+    Index(None, "staff_id", "status"),
+)
+
+task_targets = Table(
+    "task_targets",
+    metadata,
+    Column("task_id", Uuid, nullable=False),
+    Column("member_id", Uuid, nullable=False),
+    Column("external_userid", Text, nullable=False),
+    # pending | sent | not_contact | failed
+    Column("status", Text, nullable=False, server_default="pending"),
+    PrimaryKeyConstraint("task_id", "member_id"),
+)

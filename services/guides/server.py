@@ -56,6 +56,18 @@ class GuidesApp(ServiceApp):
                 name="tag-pushes",
             )
         )
+        self._tasks.append(
+            asyncio.create_task(
+                self._drain(self.handlers.send_next_task, s.callback_poll_seconds),
+                name="guide-tasks",
+            )
+        )
+        self._tasks.append(
+            asyncio.create_task(
+                self._drain(self.handlers.track_sent_tasks, s.task_poll_seconds),
+                name="task-results",
+            )
+        )
         if s.tag_refresh_hours > 0:
             self._tasks.append(
                 asyncio.create_task(self._tag_batches(s.tag_refresh_hours * 3600), name="tag-batch")
@@ -134,6 +146,7 @@ def build(
         coupons=coupons or RewardsCoupons(s.rewards_addr, s.rewards_timeout_seconds),
         session_secret=s.workstation_secret.encode(),
         session_ttl=timedelta(minutes=s.workstation_session_minutes),
+        task_gather=timedelta(seconds=s.task_gather_seconds),
     )
 
     def wire(app: ServiceApp) -> None:
@@ -158,6 +171,11 @@ def build(
                     ),
                     Subscription("member", events_pb2.MemberMerged, handlers.on_member_merged),
                     Subscription("tiering", events_pb2.TierChanged, handlers.on_tier_changed),
+                    Subscription(
+                        "engagement",
+                        events_pb2.GuideTaskRequested,
+                        handlers.on_guide_task_requested,
+                    ),
                 ],
                 max_attempts=s.event_max_attempts,
                 retry_after_ms=s.event_retry_after_ms,

@@ -328,6 +328,34 @@ class GuidesServicer(guides_pb2_grpc.GuidesServiceServicer):
             used=r["used"],
         )
 
+    async def ListGuideTasks(
+        self, request: guides_pb2.ListGuideTasksRequest, context: Ctx
+    ) -> guides_pb2.ListGuideTasksResponse:
+        async with self._db.reading() as uow:
+            tasks = await self._h.list_tasks(uow, request.token)
+        return guides_pb2.ListGuideTasksResponse(
+            tasks=[
+                guides_pb2.GuideTask(
+                    task_id=str(t["task_id"]),
+                    journey_id=t["journey_id"],
+                    step_id=t["step_id"],
+                    day=t["day"].isoformat(),
+                    title=t["title"],
+                    script=t["script"],
+                    status=t["status"],
+                    targets=[
+                        guides_pb2.GuideTaskTarget(
+                            member_id=str(x["member_id"]),
+                            external_userid=x["external_userid"],
+                            status=x["status"],
+                        )
+                        for x in targets
+                    ],
+                )
+                for t, targets in tasks
+            ]
+        )
+
     # ---- communities
 
     async def UpsertCommunity(

@@ -46,6 +46,10 @@ class GuidesSettings(ServiceSettings):
     # The rewards service (coupons a guide grants from their budget).
     rewards_addr: str = "127.0.0.1:50054"
     rewards_timeout_seconds: float = Field(default=3.0, gt=0)
+    # Guide tasks gather a journey step's members this long before WeCom gets
+    # the message task; sent tasks are checked for completion every N seconds.
+    task_gather_seconds: float = Field(default=300.0, ge=0)
+    task_poll_seconds: float = Field(default=60.0, gt=0)
 
 
 def guides_settings(settings: ServiceSettings) -> GuidesSettings:

@@ -150,6 +150,38 @@ class WeComApi:
             if int(m.get("type", 0)) == 2  # 1: staff, 2: customer
         }
 
+    async def add_msg_template(self, sender: str, external_userids: list[str], text: str) -> str:
+        """A message task for the staff member to send to these customers
+        (WeCom asks them to confirm it); returns WeCom's msgid."""
+        reply = await self._call(
+            "POST",
+            "/externalcontact/add_msg_template",
+            {
+                "chat_type": "single",
+                "external_userid": external_userids,
+                "sender": sender,
+                "text": {"content": text},
+            },
+        )
+        return str(reply["msgid"])
+
+    async def send_results(self, msgid: str, sender: str) -> dict[str, int]:
+        """external_userid -> WeCom's status: 0 not sent yet, 1 sent, 2 not a
+        contact any more, 3 the customer already got a mass message today."""
+        out: dict[str, int] = {}
+        cursor = ""
+        while True:
+            reply = await self._call(
+                "POST",
+                "/externalcontact/get_groupmsg_send_result",
+                {"msgid": msgid, "userid": sender, "limit": 1000, "cursor": cursor},
+            )
+            for row in reply.get("send_list", []):
+                out[row["external_userid"]] = int(row.get("status", 0))
+            cursor = reply.get("next_cursor", "")
+            if not cursor:
+                return out
+
     async def get_external_contact(self, external_userid: str) -> ExternalContact:
         reply = await self._call("GET", "/externalcontact/get", external_userid=external_userid)
         c = reply.get("external_contact", {})
@@ -232,6 +264,8 @@ class FakeWeCom:
     oauth_codes: dict[str, str] = field(default_factory=dict)
     # chat_id -> {external_userid: join time}
     groups: dict[str, dict[str, int]] = field(default_factory=dict)
+    # msgid -> the task as sent, and per customer the send status (0 until the guide sends)
+    msg_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add_user(
         self, staff_id: str, name: str, store_id: str, role: str = "guide", status: int = 1
@@ -288,6 +322,21 @@ class FakeWeCom:
                     "group_chat": {"chat_id": body["chat_id"], "member_list": members},
                 },
             )
+        if path == "/externalcontact/add_msg_template":
+            msgid = f"msg{len(self.msg_tasks) + 1:06d}"
+            self.msg_tasks[msgid] = {
+                "sender": body["sender"],
+                "text": body["text"]["content"],
+                "status": dict.fromkeys(body["external_userid"], 0),
+            }
+            return httpx.Response(200, json={"errcode": 0, "fail_list": [], "msgid": msgid})
+        if path == "/externalcontact/get_groupmsg_send_result":
+            task = self.msg_tasks[body["msgid"]]
+            rows = [
+                {"external_userid": e, "userid": task["sender"], "status": s}
+                for e, s in task["status"].items()
+            ]
+            return httpx.Response(200, json={"errcode": 0, "send_list": rows, "next_cursor": ""})
         if path == "/user/list":
             return httpx.Response(200, json={"errcode": 0, "userlist": list(self.users.values())})
         if path == "/externalcontact/get":

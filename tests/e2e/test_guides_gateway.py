@@ -304,6 +304,8 @@ async def test_workstation_through_the_gateway(
         view = (await sidebar.get(f"/v1/workstation/members/{member}", headers=session)).json()
         assert [c["template_id"] for c in view["coupons"]] == [template_id]
         assert [n["text"] for n in view["notes"]] == ["周末来"]
+        tasks = await sidebar.get("/v1/workstation/tasks", headers=session)
+        assert tasks.status_code == 200 and tasks.json() == {"tasks": []}
 
 
 async def test_community_routes(
