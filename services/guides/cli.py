@@ -21,23 +21,29 @@ from .settings import GuidesSettings
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.guides")
-    parser.add_argument("--actor", default=f"cli:{getpass.getuser()}")
+    # --actor goes anywhere after the command (audited as the one who acted).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--actor", default=f"cli:{getpass.getuser()}")
     sub = parser.add_subparsers(dest="command", required=True)
     staff = sub.add_parser("staff", help="list or add store staff")
     staff_sub = staff.add_subparsers(dest="action", required=True)
-    listing = staff_sub.add_parser("list")
+    listing = staff_sub.add_parser("list", parents=[common])
     listing.add_argument("--store", default="")
-    add = staff_sub.add_parser("add", help="create or update a staff member")
+    add = staff_sub.add_parser("add", parents=[common], help="create or update a staff member")
     add.add_argument("staff_id", help="WeCom user id")
     add.add_argument("--name", required=True)
     add.add_argument("--store", required=True)
     add.add_argument("--role", default=Role.GUIDE.value, choices=[r.value for r in Role])
     add.add_argument("--code", default="", help="staff code typed at the till (default: the id)")
-    sub.add_parser("sync-directory", help="pull staff from WeCom's contact directory")
-    resign = sub.add_parser("resign", help="a staff member left: transfer their customers")
+    sub.add_parser(
+        "sync-directory", parents=[common], help="pull staff from WeCom's contact directory"
+    )
+    resign = sub.add_parser(
+        "resign", parents=[common], help="a staff member left: transfer their customers"
+    )
     resign.add_argument("staff_id")
     resign.add_argument("--takeover", required=True)
-    batch = sub.add_parser("tag-batch", help="recompute every member's rule tags")
+    batch = sub.add_parser("tag-batch", parents=[common], help="recompute every member's rule tags")
     batch.add_argument("--window-days", type=int, default=0)
     return parser
 
