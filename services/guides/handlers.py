@@ -725,7 +725,16 @@ class GuidesHandlers:
         """A journey's `tag` step writes into the one tag model (source "journey")."""
         p = event.payload
         assert isinstance(p, events_pb2.JourneyTagged)
-        await self.set_tag(uow, p.member_id, p.tag, True, "journey", source="journey")
+        try:
+            async with uow.conn.transaction():
+                await self.set_tag(uow, p.member_id, p.tag, True, "journey", source="journey")
+        except InvalidArgument as exc:
+            # A journey's tag this model cannot hold (too long, unprintable):
+            # retrying cannot help, so it is recorded instead of dead-lettered.
+            await repo.audit(
+                uow.conn, "journey", "tag_refused", f"member:{p.member_id}",
+                {"tag": p.tag[:100], "code": exc.code}, self.clock(),
+            )  # fmt: skip
 
     async def refresh_rule_tags(self, uow: UnitOfWork, member_id: uuid.UUID) -> tuple[int, int]:
         """One member's rule tags from their orders in the window (incremental

@@ -204,3 +204,25 @@ async def test_funnel_by_store_guide_and_channel(
     assert (g["registered"], g["added"], g["first_order"], g["repurchased"]) == (3, 3, 2, 1)
     assert {r["grp"]: r for r in by_store}[store]["registered"] == 3
     assert channel not in {r["grp"] for r in before}
+
+
+async def test_a_journey_tag_the_model_cannot_hold_is_audited_not_retried(
+    handlers: tuple[GuidesHandlers, Database],
+) -> None:
+    h, db = handlers
+    member = str(uuid.uuid4())
+    async with db.unit_of_work() as uow:
+        await h.on_journey_tagged(
+            uow, _event(events_pb2.JourneyTagged(member_id=member, tag="x" * 40), member)
+        )
+        await h.on_journey_tagged(
+            uow, _event(events_pb2.JourneyTagged(member_id=member, tag="早鸟"), member)
+        )
+    async with db.reading() as uow:
+        tags = await repo.tags_of(uow.conn, uuid.UUID(member))
+        refused = await uow.conn.fetchval(
+            "SELECT detail->>'code' FROM guides.audit WHERE subject = $1 AND action = 'tag_refused'",
+            f"member:{member}",
+        )
+    assert [(t["tag"], t["source"]) for t in tags] == [("早鸟", "journey")]
+    assert refused == "INVALID_TAG"
