@@ -1,5 +1,5 @@
 """`python -m services.guides` serves; `... migrate` migrates; operator commands:
-`... staff list|add ...`, `... sync-directory`, `... resign STAFF --takeover STAFF`,
+`... staff list|add ...`, `... sync-directory`, `... sync-communities`, `... resign STAFF --takeover STAFF`,
 `... tag-batch [--window-days N]` (services/guides/cli.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,13 @@ from servicekit.entrypoint import main
 
 from .server import build
 
-if len(sys.argv) > 1 and sys.argv[1] in ("staff", "sync-directory", "resign", "tag-batch"):
+if len(sys.argv) > 1 and sys.argv[1] in (
+    "staff",
+    "sync-directory",
+    "sync-communities",
+    "resign",
+    "tag-batch",
+):
     from .cli import run
 
     sys.exit(run(sys.argv[1:]))

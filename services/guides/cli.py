@@ -1,6 +1,7 @@
 """Operator commands of the guides service, against its database directly:
 `staff list [--store S]`, `staff add ID --name N --store S [--role R] [--code C]`,
-`sync-directory`, `resign ID --takeover ID`, `tag-batch [--window-days N]`.
+`sync-directory`, `sync-communities`, `resign ID --takeover ID`,
+`tag-batch [--window-days N]`.
 Every change is audited under --actor (default: the OS user)."""
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--code", default="", help="staff code typed at the till (default: the id)")
     sub.add_parser(
         "sync-directory", parents=[common], help="pull staff from WeCom's contact directory"
+    )
+    sub.add_parser(
+        "sync-communities", parents=[common], help="pull community group members from WeCom"
     )
     resign = sub.add_parser(
         "resign", parents=[common], help="a staff member left: transfer their customers"
@@ -77,6 +81,9 @@ async def _main(args: argparse.Namespace) -> int:
             print(f"saved {s.staff_id} ({s.role} at {s.store_id}, code {s.staff_code})")
         elif args.command == "sync-directory":
             print(await handlers.sync_directory(db, args.actor))
+        elif args.command == "sync-communities":
+            groups, joined, left = await handlers.sync_communities(db, args.actor)
+            print(f"{groups} groups: {joined} joined, {left} left")
         elif args.command == "resign":
             moved, failed = await handlers.resign_staff(
                 db, args.staff_id, args.takeover, args.actor
