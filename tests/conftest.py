@@ -184,7 +184,8 @@ async def guides_app(
         wecom_secret=fake_wecom.secret,
         callback_poll_seconds=0.05,
         tag_refresh_hours=0,
-        task_gather_seconds=0,
+        # Guide tasks gather for an hour: the task test moves the clock past it.
+        task_gather_seconds=3600,
         task_poll_seconds=0.2,
     )
     app = build(settings, clock=guides_clock, wecom_transport=fake_wecom.transport())

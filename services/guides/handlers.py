@@ -180,6 +180,13 @@ class GuidesHandlers:
         disabled there, are resigned; their customers go to the store manager
         where the store has one (otherwise they wait for ResignStaff)."""
         users = await self.wecom.list_users()
+        if not users:
+            # An empty answer is a misconfigured app (no directory permission),
+            # never "everyone left": resigning all staff would move every customer.
+            raise FailedPrecondition(
+                "WeCom's directory came back empty; check the app's directory permission",
+                code="DIRECTORY_EMPTY",
+            )
         counts = {"created": 0, "updated": 0, "resigned": 0, "unchanged": 0}
         seen: set[str] = set()
         leavers: list[repo.StaffRow] = []

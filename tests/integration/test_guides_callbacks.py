@@ -89,6 +89,14 @@ async def test_directory_sync_creates_updates_and_resigns(
     guides_clock: ServiceClock,
     crypto,  # type: ignore[no-untyped-def]
 ) -> None:
+    # A directory that comes back empty resigns nobody.
+    saved, fake_wecom.users = fake_wecom.users, {}
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as empty:
+            await stub.SyncDirectory(guides_pb2.SyncDirectoryRequest(actor="sync"), timeout=10)
+        assert rpc_reason(empty.value) == "DIRECTORY_EMPTY"
+    finally:
+        fake_wecom.users = saved
     store = uid("ST")
     manager, guide = uid("m"), uid("g")
     fake_wecom.add_user(manager, "店长", store, "store_manager")

@@ -4,10 +4,11 @@ completion and listed in the guide's workstation."""
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
@@ -57,15 +58,7 @@ async def test_a_journey_task_reaches_the_guide_and_is_tracked_to_done(
             await add_customer(
                 stub, wecom_crypto(fake_wecom.corp_id), guides_clock, guide.staff_id, ext
             )
-            members.append(
-                str(
-                    await eventually(
-                        lambda e=ext: conn.fetchval(
-                            "SELECT member_id FROM guides.contacts WHERE external_userid = $1", e
-                        )
-                    )
-                )
-            )
+            members.append(str(await eventually(functools.partial(_member_of, conn, ext))))
         for m in members:
 
             async def bound(m: str = m) -> bool:
@@ -83,7 +76,10 @@ async def test_a_journey_task_reaches_the_guide_and_is_tracked_to_done(
         doc = {
             "id": journey_id,
             "priority": 10,
-            "entry": {"event": "member_registered"},
+            # Not member_registered: the session's engagement service also sees
+            # these members register (from the member service) and would enrol
+            # them on its own clock, splitting the day's task in two.
+            "entry": {"event": "check_in"},
             "holdout_percent": 0,
             "start": "ask",
             "steps": {
@@ -102,59 +98,91 @@ async def test_a_journey_task_reaches_the_guide_and_is_tracked_to_done(
             for m in [*members, unguided]:
                 async with engagement_db.unit_of_work() as uow:
                     await handlers.ingest(uow, "member_registered", m, {})
+                    await handlers.ingest(uow, "check_in", m, {})
             await scheduler.run_until_idle()
         finally:
             async with engagement_db.unit_of_work() as uow:
                 await engagement_repo.set_journey_status(uow.conn, journey_id, "paused")
 
-        # Both guided members in one WeCom message task from the guide.
-        async def sent_task() -> dict[str, object] | None:
-            for task in fake_wecom.msg_tasks.values():
-                if task["sender"] == guide.staff_id and set(task["status"]) == set(exts):
-                    return task
-            return None
-
-        task = await eventually(sent_task, timeout=20)
-        assert task["text"] == "好久不见，送您一杯"
-        skipped = await eventually(
-            lambda: conn.fetchval(
-                "SELECT detail->>'reason' FROM guides.audit WHERE subject = $1 AND action = 'task_skipped'",
-                f"member:{unguided}",
+        # Both guided members gather in the guide's open task for the step and day.
+        async def gathered() -> bool:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM guides.task_targets t JOIN guides.guide_tasks g"
+                " USING (task_id) WHERE g.journey_id = $1 AND g.status = 'open'",
+                journey_id,
             )
-        )
-        assert skipped == "no_guide"
+            return bool(n == 2)
 
-        code = uid("code")
-        fake_wecom.oauth_codes[code] = guide.staff_id
-        token = (
-            await stub.OpenWorkstation(guides_pb2.OpenWorkstationRequest(code=code), timeout=5)
-        ).token
-        listed = await stub.ListGuideTasks(guides_pb2.ListGuideTasksRequest(token=token), timeout=5)
-        mine = [t for t in listed.tasks if t.journey_id == journey_id]
-        assert [(t.title, t.status) for t in mine] == [("唤醒沉睡VIP", "sent")]
-        assert {(x.external_userid, x.status) for x in mine[0].targets} == {
-            (e, "pending") for e in exts
-        }
-
-        # The guide sends to one; the other is no longer a contact: done.
-        task["status"][exts[0]] = 1  # type: ignore[index]
-        task["status"][exts[1]] = 2  # type: ignore[index]
-
-        async def done() -> bool:
-            reply = await stub.ListGuideTasks(
-                guides_pb2.ListGuideTasksRequest(token=token), timeout=5
+        await eventually(gathered, timeout=20)
+        assert not [t for t in fake_wecom.msg_tasks.values() if t["sender"] == guide.staff_id]
+        # An hour on, the task goes to WeCom as one message task.
+        with guides_clock.pinned(guides_clock() + timedelta(hours=1, minutes=1)):
+            await _sent_and_tracked(
+                stub, fake_wecom, guides_clock, conn, guide.staff_id, exts, journey_id, unguided
             )
-            return not [t for t in reply.tasks if t.journey_id == journey_id]
-
-        await eventually(done, timeout=15)
-        rows = await conn.fetch(
-            "SELECT t.external_userid, t.status FROM guides.task_targets t"
-            " JOIN guides.guide_tasks g USING (task_id) WHERE g.journey_id = $1",
-            journey_id,
-        )
-        assert {(r["external_userid"], r["status"]) for r in rows} == {
-            (exts[0], "sent"),
-            (exts[1], "not_contact"),
-        }
     finally:
         await conn.close()
+
+
+async def _sent_and_tracked(
+    stub: guides_pb2_grpc.GuidesServiceStub,
+    fake_wecom: FakeWeCom,
+    guides_clock: ServiceClock,
+    conn: asyncpg.Connection,
+    staff_id: str,
+    exts: list[str],
+    journey_id: str,
+    unguided: str,
+) -> None:
+    async def sent_task() -> dict[str, object] | None:
+        for task in fake_wecom.msg_tasks.values():
+            if task["sender"] == staff_id and set(task["status"]) == set(exts):
+                return task
+        return None
+
+    task = await eventually(sent_task, timeout=20)
+    assert task["text"] == "好久不见，送您一杯"
+    skipped = await eventually(
+        lambda: conn.fetchval(
+            "SELECT detail->>'reason' FROM guides.audit WHERE subject = $1 AND action = 'task_skipped'",
+            f"member:{unguided}",
+        )
+    )
+    assert skipped == "no_guide"
+
+    code = uid("code")
+    fake_wecom.oauth_codes[code] = staff_id
+    token = (
+        await stub.OpenWorkstation(guides_pb2.OpenWorkstationRequest(code=code), timeout=5)
+    ).token
+    listed = await stub.ListGuideTasks(guides_pb2.ListGuideTasksRequest(token=token), timeout=5)
+    mine = [t for t in listed.tasks if t.journey_id == journey_id]
+    assert [(t.title, t.status) for t in mine] == [("唤醒沉睡VIP", "sent")]
+    assert {(x.external_userid, x.status) for x in mine[0].targets} == {
+        (e, "pending") for e in exts
+    }
+
+    # The guide sends to one; the other is no longer a contact: done.
+    task["status"][exts[0]] = 1  # type: ignore[index]
+    task["status"][exts[1]] = 2  # type: ignore[index]
+
+    async def done() -> bool:
+        reply = await stub.ListGuideTasks(guides_pb2.ListGuideTasksRequest(token=token), timeout=5)
+        return not [t for t in reply.tasks if t.journey_id == journey_id]
+
+    await eventually(done, timeout=15)
+    rows = await conn.fetch(
+        "SELECT t.external_userid, t.status FROM guides.task_targets t"
+        " JOIN guides.guide_tasks g USING (task_id) WHERE g.journey_id = $1",
+        journey_id,
+    )
+    assert {(r["external_userid"], r["status"]) for r in rows} == {
+        (exts[0], "sent"),
+        (exts[1], "not_contact"),
+    }
+
+
+async def _member_of(conn: asyncpg.Connection, ext: str) -> object:
+    return await conn.fetchval(
+        "SELECT member_id FROM guides.contacts WHERE external_userid = $1", ext
+    )
