@@ -22,18 +22,6 @@ os.environ.setdefault("OTEL_TRACES_SAMPLER", "always_on")
 HANG_REPORT_AFTER_SECONDS = 120
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `make test-shifted` (libfaketime moves every clock of the test process
-    and the embedded servers) skip what needs PostgreSQL's timers, which do not
-    fire there."""
-    if not os.environ.get("FAKETIME"):
-        return
-    skip = pytest.mark.skip(reason="PostgreSQL's deadlock timer does not fire under libfaketime")
-    for item in items:
-        if item.get_closest_marker("postgres_timers"):
-            item.add_marker(skip)
-
-
 # A session fixture's stop (services, gateway, infrastructure) takes a few
 # seconds at most; longer, and where every task waits is printed.
 STOP_REPORT_AFTER_SECONDS = 30
