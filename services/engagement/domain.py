@@ -209,18 +209,20 @@ def run(
     """Run steps from `step_id` until a wait, quiet hours, or the end."""
     result = RunResult([], seq, variant=variant)
     current: str | None = step_id
-    first = True
+    # Every step of this run is as late as the timer that started it: a send
+    # reached through a branch, tag or reward step is as stale as a first one.
+    late_by = now - due_at
     for _ in range(MAX_STEPS_PER_RUN):
         if current is None:
             result.completed = True
             return result
         step = journey.step(current)
         if step.type == "send":
-            if first and step.drop_if_late is not None and now - due_at > step.drop_if_late:
+            if step.drop_if_late is not None and late_by > step.drop_if_late:
                 # Stale (e.g. the journey was paused): skip it, never flood.
                 result.seq += 1
                 result.intents.append(DroppedIntent(step.id, result.seq))
-                current, first = step.next, False
+                current = step.next
                 continue
             if step.message_class in QUIET_CLASSES and quiet.is_quiet(now, facts.tz):
                 result.next_step = step.id
@@ -271,7 +273,6 @@ def run(
             result.seq += 1
             result.completed = True
             return result
-        first = False
     # Validation forbids cycles without a wait; this is a safety net only.
     raise RuntimeError(f"journey {journey.journey_id} ran {MAX_STEPS_PER_RUN} steps without a wait")
 
