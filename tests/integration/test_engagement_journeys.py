@@ -1122,3 +1122,57 @@ async def test_a_failing_step_is_isolated_retried_then_given_up(
     )
     assert status == "failed"
     assert await env.sends(poison) == []
+
+
+class _GatedConsent:
+    """LocalConsent with hooks: a batch holding `gated` waits for `go` and then
+    fails (a poison step); a batch holding `signal` sets `go` (another sweeper
+    task of the same Scheduler claimed its own step meanwhile)."""
+
+    def __init__(self, gated: str, signal: str) -> None:
+        self.gated, self.signal = gated, signal
+        self.waiting, self.go = asyncio.Event(), asyncio.Event()
+        self._local = LocalConsent()
+
+    async def facts_with_consent(self, conn: Any, member_ids: list[uuid.UUID]) -> Any:
+        ids = {str(m) for m in member_ids}
+        if self.gated in ids:
+            self.waiting.set()
+            await self.go.wait()
+            raise RuntimeError("poison step")
+        if self.signal in ids:
+            self.go.set()
+        return await self._local.facts_with_consent(conn, member_ids)
+
+
+async def test_sweeper_tasks_sharing_a_scheduler_isolate_their_own_failing_step(
+    env: Env,
+) -> None:
+    """Two sweeper tasks of one Scheduler (as the server runs them): the task
+    whose step fails postpones that step, not the step the other task claimed."""
+    await env.publish(CART)
+    poison, healthy = await env.member(), await env.member()
+    await env.event("cart_abandoned", poison)
+    env.clock.advance(timedelta(minutes=1))  # the poison step is due first: claimed first
+    await env.event("cart_abandoned", healthy)
+    await env.scheduler.run_until_idle()  # both wait for their reminder now
+    env.clock.advance(timedelta(hours=2))
+    gate = _GatedConsent(poison, healthy)
+    shared = Scheduler(env.db, env.clock, gate, QuietHours(), env.journeys)  # type: ignore[arg-type]
+    first = asyncio.create_task(shared.sweep_once(1))
+    await gate.waiting.wait()  # the first task holds the poison step
+    await shared.sweep_once(1)  # the second task claims and runs the healthy one
+    await first
+
+    async def timer(member: str) -> Any:
+        return await env.db.pool.fetchrow(
+            "SELECT t.step_id, t.attempts, t.due_at FROM engagement.timers t"
+            " JOIN engagement.enrollments e USING (enrollment_id) WHERE e.member_id = $1",
+            uuid.UUID(member),
+        )
+
+    postponed = await timer(poison)
+    assert postponed is not None and postponed["attempts"] == 1
+    assert postponed["due_at"] > env.clock.now()
+    assert await timer(healthy) is None  # ran to the end, untouched by the failure
+    assert await env.templates(healthy) == ["cart-discount"]
