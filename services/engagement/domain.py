@@ -22,6 +22,7 @@ DEFAULT_TZ = "Asia/Shanghai"
 DAILY_CAPS = {"targeted": 1, "general": 1}
 # Quiet hours hold back marketing only; a receipt is not marketing.
 QUIET_CLASSES = frozenset({"targeted", "general"})
+MARKETING = QUIET_CLASSES
 MAX_STEPS_PER_RUN = 50
 
 
@@ -145,6 +146,19 @@ def holds(cond: Condition, facts: MemberFacts) -> bool:
     if not isinstance(value, int) or not isinstance(cond.value, int):
         return False
     return value >= cond.value if cond.op == "gte" else value <= cond.value
+
+
+def consent_refusal(channel: str, message_class: str, consent: bool | None) -> str | None:
+    """Why a message may not go given the member's consent on its channel as
+    known now (None: it may). Asked when the send is written and again when it
+    is delivered. An explicit refusal (unsubscribe) stops every class; marketing
+    needs an explicit grant, except a mini-program subscription message, whose
+    consent is the member's tap (a credit)."""
+    if consent is False:
+        return "NO_CONSENT"
+    if consent is None and message_class in MARKETING and channel != "miniprogram":
+        return "NO_CONSENT"
+    return None
 
 
 # ---- intents: what a run of the interpreter asks for ----------------------

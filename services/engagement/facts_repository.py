@@ -67,13 +67,7 @@ async def load_facts(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str,
         " WHERE f.member_id = ANY($1::uuid[])",
         member_ids,
     )
-    consents: dict[str, dict[str, bool]] = {}
-    for r in await conn.fetch(
-        "SELECT member_id, channel, granted FROM engagement.consents"
-        " WHERE member_id = ANY($1::uuid[])",
-        member_ids,
-    ):
-        consents.setdefault(str(r["member_id"]), {})[r["channel"]] = r["granted"]
+    consents = await consents_of(conn, member_ids)
     tags: dict[str, set[str]] = {}
     for r in await conn.fetch(
         "SELECT member_id, tag FROM engagement.member_tags WHERE member_id = ANY($1::uuid[])",
@@ -95,6 +89,30 @@ async def load_facts(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str,
             consents=consents.get(mid, {}),
         )
     return out
+
+
+async def consents_of(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str, dict[str, bool]]:
+    """member -> channel -> marketing consent, as known now."""
+    consents: dict[str, dict[str, bool]] = {}
+    for r in await conn.fetch(
+        "SELECT member_id, channel, granted FROM engagement.consents"
+        " WHERE member_id = ANY($1::uuid[])",
+        member_ids,
+    ):
+        consents.setdefault(str(r["member_id"]), {})[r["channel"]] = r["granted"]
+    return consents
+
+
+async def give_back_subscription_credit(
+    conn: Connection, member_id: uuid.UUID, template: str
+) -> None:
+    """A credit spent by a send that never went (suppressed at delivery)."""
+    await conn.execute(
+        "UPDATE engagement.subscription_credits SET credits = credits + 1"
+        " WHERE member_id = $1 AND template = $2",
+        member_id,
+        template,
+    )
 
 
 async def set_consent(

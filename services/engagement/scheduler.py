@@ -36,6 +36,7 @@ from .domain import (
     RewardIntent,
     SendIntent,
     TagIntent,
+    consent_refusal,
     local_day,
     run,
 )
@@ -44,7 +45,6 @@ from .ports import ConsentPort
 
 log = logging.getLogger(__name__)
 
-MARKETING = frozenset({"targeted", "general"})
 MAX_STEP_ATTEMPTS = 5
 
 
@@ -291,9 +291,9 @@ class Scheduler:
             consent = member.consents.get(p.intent.channel) if member else None
             # A mini-program subscription message carries its own consent: the
             # member's tap, spent below (one credit, one message).
-            needs_grant = p.intent.message_class in MARKETING and p.intent.channel != "miniprogram"
-            if consent is False or (consent is None and needs_grant):
-                p.status, p.reason = "suppressed", "NO_CONSENT"
+            refusal = consent_refusal(p.intent.channel, p.intent.message_class, consent)
+            if refusal is not None:
+                p.status, p.reason = "suppressed", refusal
                 continue
             if not p.intent.template:  # personalised, member chose none, no fallback
                 p.status, p.reason = "suppressed", "NON_PERSONALISED"

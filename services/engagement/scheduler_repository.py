@@ -272,6 +272,8 @@ class OutboundRow:
     channel: str
     template: str
     attempts: int
+    message_class: str = "transactional"
+    local_day: date | None = None
 
 
 async def lease_pending_sends(
@@ -285,13 +287,22 @@ async def lease_pending_sends(
         " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
         "  WHERE status = 'pending' AND next_attempt_at <= $1"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
-        " RETURNING s.send_key, s.member_id, s.channel, s.template, s.attempts",
+        " RETURNING s.send_key, s.member_id, s.channel, s.template, s.attempts,"
+        " s.message_class, s.local_day",
         now,
         lease_until,
         limit,
     )
     return [
-        OutboundRow(r["send_key"], r["member_id"], r["channel"], r["template"], r["attempts"])
+        OutboundRow(
+            r["send_key"],
+            r["member_id"],
+            r["channel"],
+            r["template"],
+            r["attempts"],
+            r["message_class"],
+            r["local_day"],
+        )
         for r in rows
     ]
 

@@ -31,6 +31,7 @@ from services.engagement.channels import (
     Delivery,
     Dispatcher,
     LocalSink,
+    MiniProgramProvider,
     Outbound,
 )
 from services.engagement.domain import FakeClock, QuietHours
@@ -664,11 +665,11 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
             raise asyncio.CancelledError  # ...then the worker is killed
         await real_move(*args)
 
-    monkeypatch.setattr(repo, "move_timers", crash_on_second_batch)
+    monkeypatch.setattr(scheduler_repo, "move_timers", crash_on_second_batch)
     with pytest.raises(asyncio.CancelledError):
         for _ in range(5):
             await crashing.sweep_once()
-    monkeypatch.setattr(repo, "move_timers", real_move)
+    monkeypatch.setattr(scheduler_repo, "move_timers", real_move)
     # A fresh worker (the restart) finishes the job.
     await Scheduler(env.db, env.clock, LocalConsent(), QuietHours(), env.journeys).run_until_idle()
     keys = await env.db.pool.fetch(
@@ -686,10 +687,10 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
     async def die(*args: Any) -> None:
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(repo, "record_deliveries", die)
+    monkeypatch.setattr(scheduler_repo, "record_deliveries", die)
     with pytest.raises(asyncio.CancelledError):
         await dispatcher.dispatch_once()
-    monkeypatch.setattr(repo, "record_deliveries", real_record)
+    monkeypatch.setattr(scheduler_repo, "record_deliveries", real_record)
     ours = {
         r["send_key"]
         for r in await env.db.pool.fetch(
@@ -1176,3 +1177,85 @@ async def test_sweeper_tasks_sharing_a_scheduler_isolate_their_own_failing_step(
     assert postponed["due_at"] > env.clock.now()
     assert await timer(healthy) is None  # ran to the end, untouched by the failure
     assert await env.templates(healthy) == ["cart-discount"]
+
+
+async def _refuse(env: Env, member: str, channel: str) -> None:
+    """The member refuses marketing on a channel (member's ConsentChanged)."""
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.on_consent_changed(
+            uow, member, "marketing", channel, False, "mini-program", env.clock.now()
+        )
+
+
+async def test_consent_is_checked_again_when_a_pending_send_is_delivered(loud: Env) -> None:
+    """A send written as pending, or waiting in a retry's back-off, does not go
+    out after the member unsubscribes; its cap slot and mini-program credit are
+    given back."""
+    env = loud
+    await env.publish(
+        {
+            "id": "late-refusal",
+            "priority": 10,
+            "entry": {"event": "check_in"},
+            "reentry": {"policy": "after_exit"},
+            "start": "push",
+            "steps": {
+                "push": send("push", "push-offer", "mp", channel="app_push"),
+                "mp": send("mp", "mp-news", "end", cls="transactional", channel="miniprogram"),
+                "end": {"type": "exit"},
+            },
+        }
+    )
+    waiting, retrying = await env.member(), await env.member()
+    for m in (waiting, retrying):
+        await env.event("subscription_tap", m, template="mp-news", openid=f"o-{m}")
+        await env.event("check_in", m)
+    await env.scheduler.run_until_idle()
+    assert sorted(t for _, t, s in await env.sends(waiting) if s == "pending") == [
+        "mp-news",
+        "push-offer",
+    ]
+    calls: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body.get("to") not in (waiting, retrying) and body.get("touser") not in (
+            f"o-{waiting}",
+            f"o-{retrying}",
+        ):
+            return httpx.Response(400)  # another test's leftover
+        calls.append(str(body.get("to") or body.get("touser")))
+        return httpx.Response(503)  # the provider is down: back-off
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    providers: dict[str, Any] = {
+        "app_push": AppPushProvider("https://push.test", client),
+        "miniprogram": MiniProgramProvider("https://mp.test", client),
+    }
+    dispatcher = Dispatcher(env.db, env.clock, providers, {})
+    # `retrying`'s sends were tried once and wait in back-off; `waiting`'s were
+    # never tried (its member refuses before the dispatcher runs).
+    await _refuse(env, waiting, "")
+    calls.clear()
+    await dispatcher.dispatch_once()
+    assert sorted(calls) == sorted([retrying, f"o-{retrying}"])
+    await _refuse(env, retrying, "")
+    env.clock.advance(timedelta(minutes=5))
+    while await dispatcher.dispatch_once():
+        pass
+    assert sorted(calls) == sorted([retrying, f"o-{retrying}"])  # nothing after the refusal
+    await client.aclose()
+    for m in (waiting, retrying):
+        rows = await env.db.pool.fetch(
+            "SELECT status, reason FROM engagement.sends WHERE member_id = $1", uuid.UUID(m)
+        )
+        assert {(r["status"], r["reason"]) for r in rows} == {("suppressed", "NO_CONSENT")}
+        used = await env.db.pool.fetchval(
+            "SELECT sum(used) FROM engagement.cap_usage WHERE member_id = $1", uuid.UUID(m)
+        )
+        assert used == 0  # the day's targeted slot is free again
+        credits = await env.db.pool.fetchval(
+            "SELECT credits FROM engagement.subscription_credits WHERE member_id = $1",
+            uuid.UUID(m),
+        )
+        assert credits == 1  # the tap was not spent on a message that never went
