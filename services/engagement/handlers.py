@@ -405,23 +405,30 @@ class EngagementHandlers:
                     return False
         holdout = bucket(str(mid), f"holdout:{journey.journey_id}") < journey.holdout_percent * 100
         enrollment_id = uuid.uuid4()
+        # A holdout member is live like a treated one (one live enrollment per
+        # member per journey, the same re-entry rules), for the goal's
+        # measurement window: its timer ends it then, sending nothing.
         inserted = await repo.insert_enrollment(
             conn,
             enrollment_id,
             journey.journey_id,
             version,
             mid,
-            "holdout" if holdout else "active",
+            "active",
             "holdout" if holdout else "treatment",
             journey.conversion_days,
             now,
         )
-        if inserted and not holdout:
+        if not inserted:
+            return False
+        if holdout:
+            due = now + timedelta(days=journey.conversion_days)
+        else:
             due = schedule_time(journey, journey.start, now, facts, self.quiet)
-            await repo.upsert_timer(
-                conn, enrollment_id, journey.journey_id, journey.start, due, False, journey.priority
-            )
-        return inserted
+        await repo.upsert_timer(
+            conn, enrollment_id, journey.journey_id, journey.start, due, False, journey.priority
+        )
+        return True
 
     # ---- birthday month ----------------------------------------------------------
 

@@ -214,6 +214,11 @@ class Scheduler:
         now: datetime,
         batch: _Batch,
     ) -> None:
+        if d.grp == "holdout":
+            # The holdout's measurement window is over: it ends, having been sent nothing.
+            batch.finished.append(d.enrollment_id)
+            batch.enrollments.append((d.enrollment_id, d.seq, d.variant, None, "holdout", now))
+            return
         result = run(
             journey,
             d.step_id,

@@ -29,6 +29,7 @@ class DueStep:
     member_id: uuid.UUID
     seq: int
     variant: str | None
+    grp: str = "treatment"
 
 
 async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep]:
@@ -36,7 +37,7 @@ async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep
     valuable first; rows other sweepers hold are skipped."""
     rows = await conn.fetch(
         "SELECT t.enrollment_id, t.step_id, t.due_at, t.attempts, e.journey_id, e.version,"
-        " e.member_id, e.seq, e.variant"
+        " e.member_id, e.seq, e.variant, e.grp"
         " FROM engagement.timers t JOIN engagement.enrollments e USING (enrollment_id)"
         " WHERE t.due_at <= $1 AND NOT t.paused"
         " ORDER BY t.due_at, t.priority DESC LIMIT $2"
@@ -55,6 +56,7 @@ async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep
             r["member_id"],
             r["seq"],
             r["variant"],
+            r["grp"],
         )
         for r in rows
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -486,15 +487,28 @@ async def test_holdout_members_receive_nothing_and_lift_is_measured(env: Env) ->
     for m in members:
         sent = await env.templates(m)
         assert sent == ([] if groups[m] == "holdout" else ["cart-discount"])
-    for m in members[:10]:
+    treated = [m for m in members if groups[m] == "treatment"]
+    held = [m for m in members if groups[m] == "holdout"]
+    # Chosen conversions: 6 treated members and 1 holdout member order.
+    for m in treated[:6] + held[:1]:
         await env.event("order_completed", m, order_id=m)
     metrics = await metrics_of(env, "cart-holdout")
-    assert metrics.treated + metrics.holdout == 30
-    assert metrics.treated_converted + metrics.holdout_converted == 10
-    assert (
-        metrics.lift is not None
-        and metrics.lift.ci_low <= metrics.lift.lift <= metrics.lift.ci_high
-    )
+    assert (metrics.treated, metrics.holdout) == (len(treated), len(held))
+    assert (metrics.treated_converted, metrics.holdout_converted) == (6, 1)
+    assert_lift(metrics.lift, 6, len(treated), 1, len(held))
+
+
+def assert_lift(found: Any, conv: int, n: int, held_conv: int, held_n: int) -> None:
+    """The lift reported is the difference of the two conversion rates with a
+    95% Wald interval (computed here from the counts, independently)."""
+    p1, p0 = conv / n, held_conv / held_n
+    half = 1.96 * math.sqrt(p1 * (1 - p1) / n + p0 * (1 - p0) / held_n)
+    assert found is not None
+    assert found.treated_rate == pytest.approx(p1)
+    assert found.holdout_rate == pytest.approx(p0)
+    assert found.lift == pytest.approx(p1 - p0)
+    assert found.ci_low == pytest.approx(p1 - p0 - half)
+    assert found.ci_high == pytest.approx(p1 - p0 + half)
 
 
 async def test_consent_unsubscribe_credits_and_non_personalised(env: Env) -> None:
@@ -851,7 +865,11 @@ async def test_ab_split_variants_are_measured_against_the_holdout(env: Env) -> N
             t for m in members for t in await env.templates(m) if t == f"copy-{name.lower()}"
         ]
         assert len(templates) == v.entered
-        assert v.lift is not None
+        converted = [m for m in members[:12] if f"copy-{name.lower()}" in await env.templates(m)]
+        assert v.converted == len(converted)
+        assert_lift(v.lift, v.converted, v.entered, metrics.holdout_converted, metrics.holdout)
+    unsent = [m for m in members[:12] if not await env.templates(m)]
+    assert metrics.holdout_converted == len(unsent)
 
 
 async def test_reward_steps_reach_the_rewards_service_once(
@@ -1261,3 +1279,38 @@ async def test_consent_is_checked_again_when_a_pending_send_is_delivered(loud: E
             uuid.UUID(m),
         )
         assert credits == 1  # the tap was not spent on a message that never went
+
+
+async def test_holdout_members_have_one_live_enrollment_like_treated_ones(env: Env) -> None:
+    """With after_exit re-entry, a holdout member's repeated events do not
+    enter again while its enrollment is live (its goal's window); afterwards
+    it may re-enter, as a treated member may after its run ends."""
+    await env.publish({**CART, "id": "cart-held", "holdout_percent": 50})
+    members = [await env.member() for _ in range(12)]
+    for _ in range(3):
+        for m in members:
+            await env.event("cart_abandoned", m)
+        await env.advance(minutes=10)
+    rows = await env.db.pool.fetch(
+        "SELECT member_id, grp, count(*) AS n FROM engagement.enrollments WHERE journey_id = $1"
+        " GROUP BY member_id, grp",
+        env.jid("cart-held"),
+    )
+    groups = {str(r["member_id"]): r["grp"] for r in rows}
+    assert set(groups.values()) == {"holdout", "treatment"}
+    assert all(r["n"] == 1 for r in rows), [(r["grp"], r["n"]) for r in rows]
+    metrics = await metrics_of(env, "cart-held")
+    assert (metrics.treated, metrics.holdout) == (
+        sum(g == "treatment" for g in groups.values()),
+        sum(g == "holdout" for g in groups.values()),
+    )
+    held = [m for m in members if groups[m] == "holdout"]
+    # The goal's window (1 day) ends: the holdout enrollments end, nothing sent.
+    await env.advance(days=1)
+    for m in held:
+        assert await env.sends(m) == []
+        status = await env.db.pool.fetchval(
+            "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(m)
+        )
+        assert status == "holdout"
+        assert env.jid("cart-held") in await env.event("cart_abandoned", m)
