@@ -107,6 +107,9 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,
     ("GET", f"{_A}/journeys/{{journey_id}}/metrics"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/launch-near-store"): ADMIN_JOURNEYS,
+    ("GET", f"{_A}/parked-events"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/parked-events/{{member_id}}/replay"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/parked-events/expire"): ADMIN_JOURNEYS,
 }
 
 POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"

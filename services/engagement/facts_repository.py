@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from servicekit.db import Connection
@@ -324,15 +325,18 @@ async def park_event(
     attributes: dict[str, str],
     occurred_at: datetime,
     reason: str,
+    parked_at: datetime,
 ) -> None:
     await conn.execute(
-        "INSERT INTO engagement.parked_events (member_id, event, attributes, occurred_at, reason)"
-        " VALUES ($1, $2, $3::jsonb, $4, $5)",
+        "INSERT INTO engagement.parked_events"
+        " (member_id, event, attributes, occurred_at, reason, parked_at)"
+        " VALUES ($1, $2, $3::jsonb, $4, $5, $6)",
         member_id,
         event,
         json.dumps(attributes),
         occurred_at,
         reason,
+        parked_at,
     )
 
 
@@ -346,3 +350,55 @@ async def take_parked(
     )
     rows = sorted(rows, key=lambda r: r["id"])
     return [(r["event"], json.loads(r["attributes"]), r["occurred_at"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class ParkedRow:
+    id: int
+    member_id: uuid.UUID
+    event: str
+    attributes: dict[str, str]
+    occurred_at: datetime
+    reason: str
+    parked_at: datetime
+
+
+async def list_parked(
+    conn: Connection, member_id: uuid.UUID | None, after_id: int, limit: int
+) -> list[ParkedRow]:
+    """Parked events oldest first (by id), after `after_id`: a keyset page."""
+    rows = await conn.fetch(
+        "SELECT id, member_id, event, attributes::text AS attributes, occurred_at, reason,"
+        " parked_at FROM engagement.parked_events"
+        " WHERE id > $1 AND ($2::uuid IS NULL OR member_id = $2) ORDER BY id LIMIT $3",
+        after_id,
+        member_id,
+        limit,
+    )
+    return [
+        ParkedRow(
+            r["id"],
+            r["member_id"],
+            r["event"],
+            json.loads(r["attributes"]),
+            r["occurred_at"],
+            r["reason"],
+            r["parked_at"],
+        )
+        for r in rows
+    ]
+
+
+async def expire_parked(conn: Connection, parked_before: datetime, limit: int) -> int:
+    """Delete up to `limit` events parked before `parked_before` (the index on
+    parked_at reads only those); returns how many."""
+    return int(
+        await conn.fetchval(
+            "WITH gone AS (DELETE FROM engagement.parked_events WHERE id IN"
+            " (SELECT id FROM engagement.parked_events WHERE parked_at < $1"
+            "  ORDER BY parked_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1)"
+            " SELECT count(*) FROM gone",
+            parked_before,
+            limit,
+        )
+    )

@@ -53,6 +53,10 @@ MEMBER_CHANNELS = {
     "mini_program": "miniprogram",
     "app_push": "app_push",
 }
+# Pages of parked events for operators; expiry bounds.
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+MAX_PARKED_DAYS = 3650
 # A location older than this does not put a member in a store's audience.
 LOCATION_FRESH_FOR = timedelta(days=7)
 MAX_RADIUS_M = 50_000
@@ -248,7 +252,7 @@ class EngagementHandlers:
         at = occurred_at or now
         conn = uow.conn
         if event in INGESTED_EVENTS and not await facts_repo.member_known(conn, mid):
-            await facts_repo.park_event(conn, mid, event, attributes, at, "UNKNOWN_MEMBER")
+            await facts_repo.park_event(conn, mid, event, attributes, at, "UNKNOWN_MEMBER", now)
             return Ingested(True, [])
         if event == "subscription_tap":
             # The credit is the member's consent to exactly one such message.
@@ -272,6 +276,63 @@ class EngagementHandlers:
                 enrolled += replay.enrolled
         enrolled += await self._on_event(uow, event, mid, attributes, now)
         return Ingested(False, enrolled)
+
+    # ---- parked events (operators) --------------------------------------------
+
+    async def list_parked(
+        self, uow: UnitOfWork, member_id: str, page_size: int, page_token: str
+    ) -> tuple[list[facts_repo.ParkedRow], str]:
+        """A page of parked events (oldest first) and the next page's token."""
+        mid = parse_member_id(member_id) if member_id else None
+        size = page_size or DEFAULT_PAGE
+        if not 1 <= size <= MAX_PAGE:
+            raise InvalidArgument(
+                f"page_size must be 1..{MAX_PAGE}", code="INVALID_PAGE_SIZE", field="page_size"
+            )
+        after = 0
+        if page_token:
+            try:
+                after = int(page_token)
+            except ValueError:
+                after = -1
+            if after < 0:
+                raise InvalidArgument(
+                    "page_token is not one this service gave",
+                    code="INVALID_PAGE_TOKEN",
+                    field="page_token",
+                )
+        rows = await facts_repo.list_parked(uow.conn, mid, after, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return rows, (str(rows[-1].id) if more else "")
+
+    async def replay_parked(self, uow: UnitOfWork, member_id: str) -> tuple[int, list[str]]:
+        """An operator vouches that the member exists: it becomes known here
+        and its parked events are replayed in order, as on registration."""
+        mid = parse_member_id(member_id)
+        parked = await facts_repo.take_parked(uow.conn, mid)
+        if not parked:
+            raise NotFound(
+                "no parked events for this member", code="NO_PARKED_EVENTS", field="member_id"
+            )
+        await facts_repo.ensure_member(uow.conn, mid)
+        enrolled: list[str] = []
+        for event, attrs, at in parked:
+            enrolled += (await self.ingest(uow, event, str(mid), attrs, at)).enrolled
+        return len(parked), enrolled
+
+    async def expire_parked(
+        self, uow: UnitOfWork, older_than: timedelta, limit: int = 10_000
+    ) -> int:
+        """Delete (a batch of) events parked longer than `older_than`: a member
+        never introduced in that time is not coming (or was never real)."""
+        if not timedelta(days=1) <= older_than <= timedelta(days=MAX_PARKED_DAYS):
+            raise InvalidArgument(
+                f"older_than_days must be 1..{MAX_PARKED_DAYS}",
+                code="INVALID_AGE",
+                field="older_than_days",
+            )
+        return await facts_repo.expire_parked(uow.conn, self.clock.now() - older_than, limit)
 
     async def near_store_audience(
         self, uow: UnitOfWork, journey_id: str, latitude: float, longitude: float, radius_m: int

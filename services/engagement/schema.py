@@ -252,6 +252,8 @@ parked_events = Table(
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("reason", Text, nullable=False),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Expiry reads only what is old enough (ENGAGEMENT_PARKED_TTL_DAYS).
+    Index("ix_parked_events_parked_at", "parked_at"),
 )
 
 # Last-known location, kept only while the member consents to its use

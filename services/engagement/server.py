@@ -55,6 +55,8 @@ class EngagementApp(ServiceApp):
         poll: float,
         dispatch_poll: float,
         birthday_poll: float,
+        parked_ttl_days: int = 30,
+        parked_expiry_poll: float = 3600.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -63,6 +65,8 @@ class EngagementApp(ServiceApp):
         self._poll = poll
         self._dispatch_poll = dispatch_poll
         self._birthday_poll = birthday_poll
+        self._parked_ttl_days = parked_ttl_days
+        self._parked_expiry_poll = parked_expiry_poll
         self._worker_tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -83,6 +87,14 @@ class EngagementApp(ServiceApp):
                     name="birthday-entry",
                 )
             )
+            self._worker_tasks.append(
+                asyncio.create_task(
+                    poll_forever(
+                        self.expire_parked_once, self._parked_expiry_poll, log, "parked expiry"
+                    ),
+                    name="parked-expiry",
+                )
+            )
             if self.reward_dispatcher is not None:
                 self._worker_tasks.append(
                     asyncio.create_task(
@@ -96,6 +108,15 @@ class EngagementApp(ServiceApp):
         assert self.db is not None
         async with self.db.unit_of_work() as uow:
             return await self.handlers.enter_birthday_month(uow)
+
+    async def expire_parked_once(self) -> int:
+        """Delete one batch of events parked longer than ENGAGEMENT_PARKED_TTL_DAYS."""
+        assert self.db is not None
+        async with self.db.unit_of_work() as uow:
+            n = await self.handlers.expire_parked(uow, timedelta(days=self._parked_ttl_days))
+        if n:
+            log.info("expired %d parked events (older than %d days)", n, self._parked_ttl_days)
+        return n
 
     async def stop(self) -> None:
         await stop_tasks(self.name, self._worker_tasks)
@@ -113,13 +134,17 @@ def _attrs(msg: Message, *names: str) -> dict[str, str]:
     return {n: str(getattr(msg, n)) for n in names}
 
 
-def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementApp:
-    s = EngagementSettings(**settings.model_dump())
-    clock = clock or SystemClock()
+def build_quiet(s: EngagementSettings) -> QuietHours:
     start, end = parse_local_time(s.quiet_start), parse_local_time(s.quiet_end)
     if start is None or end is None:
         raise ValueError("QUIET_START / QUIET_END must be HH:MM")
-    quiet = QuietHours(start, end, timedelta(minutes=s.quiet_jitter_minutes))
+    return QuietHours(start, end, timedelta(minutes=s.quiet_jitter_minutes))
+
+
+def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementApp:
+    s = EngagementSettings(**settings.model_dump())
+    clock = clock or SystemClock()
+    quiet = build_quiet(s)
     journeys = JourneyCache()
     handlers = EngagementHandlers(clock, quiet, journeys)
 
@@ -243,7 +268,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             app.rewards = RewardsGrpc(s.rewards_addr, s.rewards_timeout_seconds)
             app.reward_dispatcher = RewardDispatcher(app.db, clock, app.rewards)
         engagement_pb2_grpc.add_EngagementServiceServicer_to_server(
-            EngagementServicer(app.db, handlers), app.server
+            EngagementServicer(app.db, handlers, s.engagement_parked_ttl_days), app.server
         )
         app.add_consumer(
             EventConsumer(
@@ -268,4 +293,6 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         poll=s.engagement_poll_seconds,
         dispatch_poll=s.engagement_dispatch_poll_seconds,
         birthday_poll=s.engagement_birthday_poll_seconds,
+        parked_ttl_days=s.engagement_parked_ttl_days,
+        parked_expiry_poll=s.engagement_parked_expiry_poll_seconds,
     )

@@ -205,3 +205,40 @@ async def test_launch_a_store_offer_to_members_nearby(
     )
     assert refused.status_code == 409 or refused.status_code == 400 or refused.status_code == 422
     assert refused.json()["code"] == "NOT_A_STORE_JOURNEY"
+
+
+async def test_operators_list_replay_and_expire_parked_events(
+    api: httpx.AsyncClient, eng_gateway: Gateway
+) -> None:
+    stranger = uuid.uuid4()
+    for kind in ("page_view", "check_in"):
+        parked = await api.post(
+            f"/v1/members/{stranger}/events",
+            json={"event_id": str(uuid.uuid4()), "type": kind},
+        )
+        assert parked.json()["parked"] is True
+    listed = await api.get("/v1/admin/parked-events", params={"member_id": str(stranger)})
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    assert [(e["member_id"], e["event"], e["reason"]) for e in body["events"]] == [
+        (str(stranger), "page_view", "UNKNOWN_MEMBER"),
+        (str(stranger), "check_in", "UNKNOWN_MEMBER"),
+    ]
+    assert body["next_page_token"] is None
+    one = (
+        await api.get(
+            "/v1/admin/parked-events", params={"member_id": str(stranger), "page_size": 1}
+        )
+    ).json()
+    assert len(one["events"]) == 1 and one["next_page_token"]
+    bad = await api.get("/v1/admin/parked-events", params={"page_token": "nope"})
+    assert bad.status_code == 422 and bad.json()["code"] == "INVALID_PAGE_TOKEN"
+    # The member service does not know this id: nothing is replayed.
+    refused = await api.post(f"/v1/admin/parked-events/{stranger}/replay")
+    assert refused.status_code == 404, refused.text
+    too_young = await api.post("/v1/admin/parked-events/expire", json={"older_than_days": 1})
+    assert too_young.status_code == 200 and too_young.json()["expired"] >= 0
+    still = await api.get("/v1/admin/parked-events", params={"member_id": str(stranger)})
+    assert len(still.json()["events"]) == 2  # parked seconds ago: kept
+    invalid = await api.post("/v1/admin/parked-events/expire", json={"older_than_days": 0})
+    assert invalid.status_code == 422

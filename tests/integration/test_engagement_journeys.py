@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ import pytest
 
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.db import Database, create_pool
-from servicekit.errors import InvalidArgument
+from servicekit.errors import InvalidArgument, NotFound
 from servicekit.server import ServiceApp
 from services.engagement import repository as repo
 from services.engagement import scheduler_repository as scheduler_repo
@@ -1314,3 +1317,73 @@ async def test_holdout_members_have_one_live_enrollment_like_treated_ones(env: E
         )
         assert status == "holdout"
         assert env.jid("cart-held") in await env.event("cart_abandoned", m)
+
+
+async def test_operators_list_replay_and_expire_parked_events(env: Env, infra: Infra) -> None:
+    """Parked events are not kept forever: operators page through them, replay
+    a member the member service vouches for, and old ones expire."""
+    await env.publish(CART)
+    known_later, never = str(uuid.uuid4()), str(uuid.uuid4())
+    await env.event("cart_abandoned", known_later)
+    await env.event("page_view", known_later, page="menu")
+    env.clock.advance(timedelta(days=1))
+    await env.event("cart_abandoned", never)
+
+    async def page(member: str = "", size: int = 0, token: str = "") -> Any:
+        async with env.db.unit_of_work() as uow:
+            return await env.handlers.list_parked(uow, member, size, token)
+
+    mine, token = await page(known_later)
+    assert [(r.event, r.attributes) for r in mine] == [
+        ("cart_abandoned", {}),
+        ("page_view", {"page": "menu"}),
+    ]
+    assert token == "" and mine[0].parked_at == START
+    first, token = await page(known_later, size=1)
+    second, last = await page(known_later, size=1, token=token)
+    assert [first[0].event, second[0].event, last] == ["cart_abandoned", "page_view", ""]
+    for bad in ({"size": 501}, {"token": "x"}):
+        with pytest.raises(InvalidArgument) as info:
+            await page(known_later, **bad)  # type: ignore[arg-type]
+        assert info.value.field in ("page_size", "page_token")
+
+    # The member registered while engagement missed the event: an operator replays.
+    async with env.db.unit_of_work() as uow:
+        replayed, enrolled = await env.handlers.replay_parked(uow, known_later)
+        await env.handlers.set_consent(uow, known_later, ALL, True, "test")
+    assert (replayed, enrolled) == (2, [env.jid("cart")])
+    assert (await page(known_later))[0] == []
+    with pytest.raises(NotFound):
+        async with env.db.unit_of_work() as uow:
+            await env.handlers.replay_parked(uow, known_later)
+    await env.advance(hours=2)
+    assert await env.templates(known_later) == ["cart-discount"]
+
+    # Expiry: what was parked more than 30 days ago goes, nothing younger.
+    env.clock.set(START + timedelta(days=30, hours=12))
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.expire_parked(uow, timedelta(days=30))
+    assert [r.event for r in (await page(never))[0]] == ["cart_abandoned"]
+    env.clock.set(START + timedelta(days=31, hours=1))
+    async with env.db.unit_of_work() as uow:
+        assert await env.handlers.expire_parked(uow, timedelta(days=30)) >= 1
+    assert (await page(never))[0] == []
+    with pytest.raises(InvalidArgument):
+        async with env.db.unit_of_work() as uow:
+            await env.handlers.expire_parked(uow, timedelta(hours=1))
+
+    # The command-line tool reads the same table.
+    stray = str(uuid.uuid4())
+    await env.event("check_in", stray)
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.engagement", "parked-list", "--member", stray],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": infra.database_url},
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(x["member_id"], x["event"], x["reason"]) for x in lines] == [
+        (stray, "check_in", "UNKNOWN_MEMBER")
+    ]
