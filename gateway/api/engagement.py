@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from loyalty.engagement.v1 import engagement_pb2
+from loyalty.member.v1 import member_pb2
 from servicekit.protos import to_datetime
 
 from .common import (
@@ -93,13 +94,27 @@ class Unsubscribe(BaseModel):
     )
 
 
+ALL_CHANNELS = ("wecom", "sms", "miniprogram", "app_push")
+MEMBER_CONSENT_CHANNELS = {
+    "wecom": member_pb2.CONSENT_CHANNEL_WECOM,
+    "sms": member_pb2.CONSENT_CHANNEL_SMS,
+    "miniprogram": member_pb2.CONSENT_CHANNEL_MINI_PROGRAM,
+    "app_push": member_pb2.CONSENT_CHANNEL_APP_PUSH,
+}
+# Where member's consent history says the refusal came from.
+UNSUBSCRIBE_SOURCE = "mini-program:unsubscribe"
+
+
 class Unsubscribed(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"member_id": MEMBER_ID_EXAMPLE, "channels": ["sms"]}]}
     )
 
     member_id: str
-    channels: list[str]
+    channels: list[str] = Field(
+        description="Every channel the member now refuses marketing on, as the member "
+        "service records it (this request's and earlier refusals)"
+    )
 
 
 class Published(BaseModel):
@@ -272,17 +287,40 @@ async def ingest_event(member_id: MemberId, event: MemberEvent, request: Request
     "/v1/members/{member_id}/unsubscribe",
     response_model=Unsubscribed,
     tags=["engagement"],
-    summary="Stop marketing messages on some or all channels",
+    summary="Stop marketing messages on some or all channels (recorded in the member's "
+    "consent history)",
     responses=MEMBER_ERRORS,
 )
 async def unsubscribe(
     member_id: MemberId, request: Request, body: Unsubscribe | None = None
 ) -> Unsubscribed:
     channels: list[str] = [str(c) for c in body.channels] if body else []
-    await downstreams(request).engagement.unsubscribe(str(member_id), channels)
+    # Consent is member's (one record, with its history): the refusal is
+    # recorded there, and engagement follows member's ConsentChanged events
+    # (it re-checks consent when each message is delivered).
+    profile: member_pb2.Profile | None = None
+    for channel in dict.fromkeys(channels or ALL_CHANNELS):
+        profile = await downstreams(request).member.call(
+            "SetConsent",
+            member_pb2.SetConsentRequest(
+                member_id=str(member_id),
+                purpose=member_pb2.CONSENT_PURPOSE_MARKETING,
+                channel=MEMBER_CONSENT_CHANNELS[channel],
+                granted=False,
+                source=UNSUBSCRIBE_SOURCE,
+                actor="member",
+            ),
+        )
+    assert profile is not None
+    # The answer is member's record, not an echo of the request.
+    refused = {
+        c.channel
+        for c in profile.consents
+        if c.purpose == member_pb2.CONSENT_PURPOSE_MARKETING and not c.granted and c.source
+    }
     return Unsubscribed(
         member_id=str(member_id),
-        channels=channels or ["wecom", "sms", "miniprogram", "app_push"],
+        channels=[c for c in ALL_CHANNELS if MEMBER_CONSENT_CHANNELS[c] in refused],
     )
 
 

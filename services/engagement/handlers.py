@@ -28,6 +28,7 @@ from .domain import (
     schedule_time,
 )
 from .journey import CHANNELS, EVENTS, Journey, parse_journey
+from .ports import ConsentRecorder
 from .scheduler import JourneyCache
 
 # Events the mini-program reports through the gateway: about members this
@@ -57,6 +58,8 @@ MEMBER_CHANNELS = {
 DEFAULT_PAGE = 100
 MAX_PAGE = 500
 MAX_PARKED_DAYS = 3650
+# Where an unsubscribe through engagement says it came from (member's history).
+UNSUBSCRIBE_SOURCE = "engagement:unsubscribe"
 # A location older than this does not put a member in a store's audience.
 LOCATION_FRESH_FOR = timedelta(days=7)
 MAX_RADIUS_M = 50_000
@@ -109,10 +112,18 @@ class Ingested:
 
 
 class EngagementHandlers:
-    def __init__(self, clock: Clock, quiet: QuietHours, journeys: JourneyCache) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        quiet: QuietHours,
+        journeys: JourneyCache,
+        consent: ConsentRecorder | None = None,
+    ) -> None:
         self.clock = clock
         self.quiet = quiet
         self.journeys = journeys
+        # Where members' consent choices are recorded (member); None: not wired.
+        self.consent = consent
 
     # ---- operators ----------------------------------------------------------
 
@@ -183,9 +194,8 @@ class EngagementHandlers:
 
     # ---- members' choices ------------------------------------------------------
 
-    async def set_consent(
-        self, uow: UnitOfWork, member_id: str, channels: list[str], granted: bool, source: str
-    ) -> None:
+    @staticmethod
+    def _channels(member_id: str, channels: list[str]) -> uuid.UUID:
         mid = parse_member_id(member_id)
         for n, c in enumerate(channels):
             if c not in CHANNELS:
@@ -194,17 +204,61 @@ class EngagementHandlers:
                 )
         if not channels:
             raise InvalidArgument("at least one channel", code="NO_CHANNEL", field="channels")
+        return mid
+
+    def _recorder(self) -> ConsentRecorder:
+        if self.consent is None:
+            raise FailedPrecondition(
+                "consent is recorded by the member service, and MEMBER_ADDR is not set",
+                code="MEMBER_NOT_CONFIGURED",
+                field="member_id",
+            )
+        return self.consent
+
+    async def set_consent(
+        self, uow: UnitOfWork, member_id: str, channels: list[str], granted: bool, source: str
+    ) -> None:
+        """Write the local projection only (tests, bench, seeding): a member's
+        real choice goes through record_consent, to member."""
+        mid = self._channels(member_id, channels)
         await facts_repo.ensure_member(uow.conn, mid)
         await facts_repo.set_consent(uow.conn, mid, channels, granted, source, self.clock.now())
 
+    async def record_consent(
+        self, uow: UnitOfWork, member_id: str, channels: list[str], granted: bool, source: str
+    ) -> None:
+        """A member's marketing choice per channel: recorded at member (the one
+        source of truth, with history), then applied here with member's
+        recorded_at (the ConsentChanged that follows changes nothing)."""
+        mid = self._channels(member_id, channels)
+        recorder = self._recorder()
+        await facts_repo.ensure_member(uow.conn, mid)
+        for c in channels:
+            at = await recorder.record(str(mid), "marketing", c, granted, source)
+            await facts_repo.apply_consent(uow.conn, mid, [c], granted, f"member:{source}", at)
+
     async def unsubscribe(self, uow: UnitOfWork, member_id: str, channels: list[str]) -> None:
-        """An empty list means every channel."""
-        await self.set_consent(uow, member_id, channels or sorted(CHANNELS), False, "unsubscribe")
+        """Refuse marketing on `channels` (empty: every channel), through member."""
+        await self.record_consent(
+            uow, member_id, channels or sorted(CHANNELS), False, UNSUBSCRIBE_SOURCE
+        )
 
     async def set_non_personalised(self, uow: UnitOfWork, member_id: str, value: bool) -> None:
+        """The local projection only (tests, bench); see record_non_personalised."""
         mid = parse_member_id(member_id)
         await facts_repo.ensure_member(uow.conn, mid)
         await facts_repo.set_non_personalised(uow.conn, mid, value, self.clock.now())
+
+    async def record_non_personalised(
+        self, uow: UnitOfWork, member_id: str, value: bool, source: str
+    ) -> None:
+        """The "no personalisation" choice is member's personalisation consent
+        refused: recorded there, then applied here."""
+        mid = parse_member_id(member_id)
+        recorder = self._recorder()
+        await facts_repo.ensure_member(uow.conn, mid)
+        at = await recorder.record(str(mid), "personalisation", "", not value, source)
+        await facts_repo.apply_non_personalised(uow.conn, mid, value, at)
 
     async def on_consent_changed(
         self,

@@ -26,7 +26,7 @@ from .domain import Clock, QuietHours, SystemClock
 from .fulfilment import RewardDispatcher
 from .handlers import EngagementHandlers
 from .journey import parse_local_time
-from .ports import LocalConsent, MemberAddresses, RewardsGrpc
+from .ports import LocalConsent, MemberAddresses, MemberConsent, RewardsGrpc
 from .scheduler import JourneyCache, Scheduler
 from .schema import SCHEMA
 from .servicer import EngagementServicer
@@ -45,6 +45,7 @@ class EngagementApp(ServiceApp):
     http_client: httpx.AsyncClient | None = None
     rewards: RewardsGrpc | None = None
     member: MemberAddresses | None = None
+    member_consent: MemberConsent | None = None
     reward_dispatcher: RewardDispatcher | None = None
 
     def __init__(
@@ -127,6 +128,8 @@ class EngagementApp(ServiceApp):
             await self.rewards.close()
         if self.member is not None:
             await self.member.close()
+        if self.member_consent is not None:
+            await self.member_consent.close()
         await super().stop()
 
 
@@ -249,6 +252,9 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         app.handlers = handlers
         if s.member_addr.strip():
             app.member = MemberAddresses(s.member_addr, s.member_timeout_seconds)
+            # Consent choices made through engagement are recorded at member.
+            app.member_consent = MemberConsent(s.member_addr, s.member_timeout_seconds)
+            handlers.consent = app.member_consent
         app.scheduler = Scheduler(
             app.db, clock, LocalConsent(), quiet, journeys, batch_size=s.engagement_batch_size
         )

@@ -147,12 +147,12 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
         self, request: engagement_pb2.SetConsentRequest, context: grpc.aio.ServicerContext
     ) -> engagement_pb2.SetConsentResponse:
         async with self._db.unit_of_work() as uow:
-            await self._handlers.set_consent(
+            await self._handlers.record_consent(
                 uow,
                 request.member_id,
                 list(request.channels),
                 request.granted,
-                request.source or "api",
+                request.source or "engagement:api",
             )
         return engagement_pb2.SetConsentResponse()
 
@@ -160,8 +160,8 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
         self, request: engagement_pb2.SetNonPersonalisedRequest, context: grpc.aio.ServicerContext
     ) -> engagement_pb2.SetNonPersonalisedResponse:
         async with self._db.unit_of_work() as uow:
-            await self._handlers.set_non_personalised(
-                uow, request.member_id, request.non_personalised
+            await self._handlers.record_non_personalised(
+                uow, request.member_id, request.non_personalised, "engagement:api"
             )
         return engagement_pb2.SetNonPersonalisedResponse()
 

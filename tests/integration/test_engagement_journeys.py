@@ -547,9 +547,8 @@ async def test_consent_unsubscribe_credits_and_non_personalised(env: Env) -> Non
     await env.event("check_in", tapped)
     await env.scheduler.run_until_idle()
     assert ("mp-tpl", "suppressed") in [(t, s) for _, t, s in await env.sends(tapped)]
-    # Unsubscribed: nothing more on that channel.
-    async with env.db.unit_of_work() as uow:
-        await env.handlers.unsubscribe(uow, tapped, ["wecom"])
+    # Unsubscribed (member's ConsentChanged): nothing more on that channel.
+    await _refuse(env, tapped, "wecom")
     env.clock.advance(timedelta(days=1))
     await env.event("check_in", tapped)
     await env.scheduler.run_until_idle()
