@@ -52,6 +52,15 @@ class FakeClock:
         self._now = value
 
 
+def is_zone(name: str) -> bool:
+    """An IANA zone name the standard library knows."""
+    try:
+        ZoneInfo(name)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
 def zone(name: str | None) -> ZoneInfo:
     try:
         return ZoneInfo(name or DEFAULT_TZ)

@@ -43,6 +43,23 @@ async def set_fact(conn: Connection, member_id: uuid.UUID, fact: str, value: str
     )
 
 
+async def set_zone(
+    conn: Connection, member_id: uuid.UUID, profile_tz: str, store_id: str, tz: str
+) -> None:
+    """What member says (profile zone, registration store) and the zone it
+    resolves to, which quiet hours and caps read."""
+    await conn.execute(
+        "INSERT INTO engagement.member_facts (member_id, profile_tz, store_id, tz)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (member_id) DO UPDATE SET"
+        " profile_tz = excluded.profile_tz, store_id = excluded.store_id, tz = excluded.tz,"
+        " updated_at = now()",
+        member_id,
+        profile_tz,
+        store_id,
+        tz,
+    )
+
+
 async def count_order(conn: Connection, member_id: uuid.UUID) -> int:
     """Count one order (the consumer's processed_events makes redelivery harmless);
     returns the member's order count after it."""

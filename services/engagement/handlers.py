@@ -22,13 +22,14 @@ from .domain import (
     birthday_month_key,
     bounding_box,
     bucket,
+    is_zone,
     lift,
     local_day,
     parse_coordinates,
     schedule_time,
 )
 from .journey import CHANNELS, EVENTS, Journey, parse_journey
-from .ports import ConsentRecorder
+from .ports import ConsentRecorder, StoreZones
 from .scheduler import JourneyCache
 
 # Events the mini-program reports through the gateway: about members this
@@ -118,12 +119,15 @@ class EngagementHandlers:
         quiet: QuietHours,
         journeys: JourneyCache,
         consent: ConsentRecorder | None = None,
+        stores: StoreZones | None = None,
     ) -> None:
         self.clock = clock
         self.quiet = quiet
         self.journeys = journeys
         # Where members' consent choices are recorded (member); None: not wired.
         self.consent = consent
+        # Stores' time zones (rewards), the fallback of a member's zone.
+        self.stores = stores
 
     # ---- operators ----------------------------------------------------------
 
@@ -321,15 +325,43 @@ class EngagementHandlers:
                 await facts_repo.set_location(conn, mid, coords[0], coords[1], at)
         enrolled: list[str] = []
         if event not in INGESTED_EVENTS:
-            # The member is known now (registration, or any event from a service
-            # that knows them): first replay what was parked for them, in order,
-            # since it happened before this event.
-            await facts_repo.ensure_member(conn, mid)
-            for parked, attrs, parked_at in await facts_repo.take_parked(conn, mid):
-                replay = await self.ingest(uow, parked, str(mid), attrs, parked_at)
-                enrolled += replay.enrolled
+            enrolled += await self._introduce(uow, mid)
         enrolled += await self._on_event(uow, event, mid, attributes, now)
         return Ingested(False, enrolled)
+
+    async def _introduce(self, uow: UnitOfWork, mid: uuid.UUID) -> list[str]:
+        """The member is known now (registration, or any event from a service
+        that knows them): first replay what was parked for them, in order,
+        since it happened before the introducing event."""
+        await facts_repo.ensure_member(uow.conn, mid)
+        enrolled: list[str] = []
+        for parked, attrs, parked_at in await facts_repo.take_parked(uow.conn, mid):
+            enrolled += (await self.ingest(uow, parked, str(mid), attrs, parked_at)).enrolled
+        return enrolled
+
+    # ---- the member's time zone ---------------------------------------------------
+
+    async def on_zone_set(
+        self, uow: UnitOfWork, member_id: str, time_zone: str, store_id: str
+    ) -> str:
+        """Member's MemberZoneSet: the member's zone is the profile's, else the
+        registration store's (asked of the store port), else DEFAULT_TZ. Quiet
+        hours, the daily caps' local day and local-time waits use it. Returns
+        the zone applied."""
+        mid = parse_member_id(member_id)
+        resolved = ""
+        if time_zone:
+            if is_zone(time_zone):
+                resolved = time_zone
+            else:  # member validates; an old or foreign value must not break delivery
+                log.warning("member %s: time zone %r unknown, ignored", mid, time_zone)
+        if not resolved and store_id and self.stores is not None:
+            found = await self.stores.zone_of(store_id)
+            resolved = found if found and is_zone(found) else ""
+        resolved = resolved or DEFAULT_TZ
+        await facts_repo.set_zone(uow.conn, mid, time_zone, store_id, resolved)
+        await self._introduce(uow, mid)  # member knows this member
+        return resolved
 
     # ---- parked events (operators) --------------------------------------------
 

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Protocol
@@ -165,6 +166,53 @@ class MemberConsent:
             ):
                 return c.recorded_at.ToDatetime(tzinfo=UTC)
         return datetime.now(UTC)  # not echoed (never expected): now is the latest
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class StoreZones(Protocol):
+    async def zone_of(self, store_id: str) -> str:
+        """The store's IANA time zone; "" when unknown (no such store, no zone)."""
+        ...
+
+
+class RewardsStoreZones:
+    """Stores are rewards' data: a store's zone is read from its GetStore.
+
+    Rewards' `Store` message carries no zone yet (stores as operator-managed
+    data with a zone is issue 13 item 26); until it does, every answer is ""
+    and members without a profile zone keep the default. The field is looked
+    up by name so no change is needed here when it arrives. Answers are kept
+    for `ttl_seconds` (a store's zone hardly ever changes)."""
+
+    FIELD = "time_zone"
+
+    def __init__(self, target: str, timeout: float, ttl_seconds: float = 3600.0) -> None:
+        self._channel = create_channel(target)
+        self._stub = rewards_pb2_grpc.RewardsServiceStub(self._channel)
+        self._timeout = timeout
+        self._ttl = ttl_seconds
+        self._cache: dict[str, tuple[float, str]] = {}
+
+    async def zone_of(self, store_id: str) -> str:
+        now = time.monotonic()
+        hit = self._cache.get(store_id)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        try:
+            store = await self._stub.GetStore(
+                rewards_pb2.GetStoreRequest(store_id=store_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                self._cache[store_id] = (now, "")
+                return ""
+            raise  # transient: the event is retried
+        field = store.DESCRIPTOR.fields_by_name.get(self.FIELD)
+        found = str(getattr(store, self.FIELD)) if field is not None else ""
+        self._cache[store_id] = (now, found)
+        return found
 
     async def close(self) -> None:
         await self._channel.close()

@@ -202,7 +202,11 @@ member_facts = Table(
     "member_facts",
     metadata,
     Column("member_id", Uuid, primary_key=True),
+    # The zone quiet hours and caps use: the profile's, else the registration
+    # store's, else Asia/Shanghai (member's MemberZoneSet).
     Column("tz", Text, nullable=False, server_default="Asia/Shanghai"),
+    Column("profile_tz", Text, nullable=False, server_default=""),
+    Column("store_id", Text, nullable=False, server_default=""),
     Column("tier", Text, nullable=False, server_default=""),
     Column("segment", Text, nullable=False, server_default=""),
     Column("stage", Text, nullable=False, server_default=""),

@@ -26,7 +26,13 @@ from .domain import Clock, QuietHours, SystemClock
 from .fulfilment import RewardDispatcher
 from .handlers import EngagementHandlers
 from .journey import parse_local_time
-from .ports import LocalConsent, MemberAddresses, MemberConsent, RewardsGrpc
+from .ports import (
+    LocalConsent,
+    MemberAddresses,
+    MemberConsent,
+    RewardsGrpc,
+    RewardsStoreZones,
+)
 from .scheduler import JourneyCache, Scheduler
 from .schema import SCHEMA
 from .servicer import EngagementServicer
@@ -46,6 +52,7 @@ class EngagementApp(ServiceApp):
     rewards: RewardsGrpc | None = None
     member: MemberAddresses | None = None
     member_consent: MemberConsent | None = None
+    store_zones: RewardsStoreZones | None = None
     reward_dispatcher: RewardDispatcher | None = None
 
     def __init__(
@@ -130,6 +137,8 @@ class EngagementApp(ServiceApp):
             await self.member.close()
         if self.member_consent is not None:
             await self.member_consent.close()
+        if self.store_zones is not None:
+            await self.store_zones.close()
         await super().stop()
 
 
@@ -184,6 +193,10 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         p: Any = received.payload
         await handlers.on_birthday_set(uow, p.member_id, p.month, p.day)
 
+    async def zone_set(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        p: Any = received.payload
+        await handlers.on_zone_set(uow, p.member_id, p.time_zone, p.registration_store_id)
+
     async def erased(uow: UnitOfWork, received: ReceivedEvent) -> None:
         p: Any = received.payload
         await handlers.on_erased(uow, list(p.member_ids))
@@ -202,6 +215,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         Subscription("member", events_pb2.MemberErased, erased),
         Subscription("member", events_pb2.ConsentChanged, consent_changed),
         Subscription("member", events_pb2.BirthdaySet, birthday_set),
+        Subscription("member", events_pb2.MemberZoneSet, zone_set),
         Subscription(
             "rewards",
             events_pb2.OrderCompleted,
@@ -271,6 +285,8 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             resolver=app.member,
         )
         if s.rewards_addr.strip():
+            app.store_zones = RewardsStoreZones(s.rewards_addr, s.rewards_timeout_seconds)
+            handlers.stores = app.store_zones
             app.rewards = RewardsGrpc(s.rewards_addr, s.rewards_timeout_seconds)
             app.reward_dispatcher = RewardDispatcher(app.db, clock, app.rewards)
         engagement_pb2_grpc.add_EngagementServiceServicer_to_server(

@@ -1386,3 +1386,78 @@ async def test_operators_list_replay_and_expire_parked_events(env: Env, infra: I
     assert [(x["member_id"], x["event"], x["reason"]) for x in lines] == [
         (stray, "check_in", "UNKNOWN_MEMBER")
     ]
+
+
+class _Stores:
+    """Store zones as rewards would answer (a fake StoreZones port)."""
+
+    def __init__(self, zones: dict[str, str]) -> None:
+        self.zones = zones
+
+    async def zone_of(self, store_id: str) -> str:
+        return self.zones.get(store_id, "")
+
+
+async def _zone(env: Env, member: str, profile_tz: str, store_id: str = "") -> str:
+    async with env.db.unit_of_work() as uow:
+        return await env.handlers.on_zone_set(uow, member, profile_tz, store_id)
+
+
+async def test_a_member_in_another_zone_gets_its_own_local_day_for_caps(loud: Env) -> None:
+    """The daily cap turns at the member's midnight: London's midnight is 08:00
+    in Shanghai, where the day has long begun."""
+    env = loud
+    await env.publish(one_shot("zone-cap", 50, "offer"))
+    london, shanghai = await env.member(), await env.member()
+    assert await _zone(env, london, "Europe/London") == "Europe/London"
+    env.clock.set(datetime(2030, 3, 4, 23, 50, tzinfo=UTC))  # London 23:50; Shanghai 07:50 (5th)
+    for m in (london, shanghai):
+        await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    env.clock.set(datetime(2030, 3, 5, 0, 10, tzinfo=UTC))  # London 00:10 (5th); Shanghai 08:10
+    for m in (london, shanghai):
+        await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    assert [s for *_, s in await env.sends(london)] == ["pending", "pending"]
+    assert [s for *_, s in await env.sends(shanghai)] == ["pending", "capped"]
+    days = await env.db.pool.fetch(
+        "SELECT local_day FROM engagement.cap_usage WHERE member_id = $1 ORDER BY local_day",
+        uuid.UUID(london),
+    )
+    assert [r["local_day"].isoformat() for r in days] == ["2030-03-04", "2030-03-05"]
+
+
+async def test_quiet_hours_follow_the_members_zone_profile_then_store(env: Env) -> None:
+    env.handlers.stores = _Stores({"LDN01": "Europe/London", "SH001": "Asia/Shanghai"})
+    await env.publish(one_shot("zone-quiet", 50, "offer"))
+    by_profile, by_store, shanghai = await env.member(), await env.member(), await env.member()
+    assert await _zone(env, by_profile, "Europe/London", "SH001") == "Europe/London"
+    assert await _zone(env, by_store, "", "LDN01") == "Europe/London"
+    # A zone member would not have accepted (an old value) falls back to the store's.
+    assert await _zone(env, shanghai, "Mars/Olympus", "SH001") == "Asia/Shanghai"
+    # 14:00 UTC: 22:00 in Shanghai (quiet), 14:00 in London (not).
+    env.clock.set(datetime(2030, 3, 4, 14, 0, tzinfo=UTC))
+    for m in (by_profile, by_store, shanghai):
+        await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    assert await env.templates(by_profile) == ["offer"]
+    assert await env.templates(by_store) == ["offer"]
+    assert await env.templates(shanghai) == []
+    # 02:00 UTC next day: 10:00 in Shanghai (the held one goes), 02:00 in London (quiet).
+    env.clock.set(datetime(2030, 3, 5, 2, 0, tzinfo=UTC))
+    await env.scheduler.run_until_idle()
+    assert await env.templates(shanghai) == ["offer"]
+    for m in (by_profile, by_store, shanghai):
+        await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    assert await env.templates(by_profile) == ["offer"]  # held until 09:00 London
+    held = await env.db.pool.fetchval(
+        "SELECT t.due_at FROM engagement.timers t JOIN engagement.enrollments e"
+        " USING (enrollment_id) WHERE e.member_id = $1",
+        uuid.UUID(by_profile),
+    )
+    morning = datetime(2030, 3, 5, 9, 0, tzinfo=UTC)  # 09:00 in London (GMT in March)
+    assert morning <= held < morning + timedelta(minutes=30)
+    env.clock.set(morning + timedelta(minutes=30))
+    await env.scheduler.run_until_idle()
+    assert await env.templates(by_profile) == ["offer", "offer"]
