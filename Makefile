@@ -14,12 +14,13 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint proto bench migrate seed clean install
+.PHONY: help run test test-shifted lint proto bench migrate seed clean install
 
 help:
 	@echo "make run      start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate,"
 	@echo "              seed the demo brand, run every service and the gateway; Ctrl-C stops"
 	@echo "make test     lint (ruff, mypy) and the whole test suite"
+	@echo "make test-shifted  the suite with every clock a year ahead (needs Debian's faketime)"
 	@echo "make bench    open-loop benchmark of the POS checkout path (BENCH_ARGS='--rate 400')"
 	@echo "              other scenarios: BENCH_ARGS='identify ...' (list: .venv/bin/python -m bench list)"
 	@echo "make migrate  migrate every schema;  make seed  seed the demo brand"
@@ -63,6 +64,16 @@ lint: $(PROTO_STAMP)
 # REDIS_URL are unset, so pytest runs directly.
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite again with every clock moved (a year ahead by default; SHIFT='@2027-06-01
+# 00:00:00' starts at a date): a test that depends on today's date fails here. The
+# tests, the in-process services and the embedded PostgreSQL and Redis all run under
+# libfaketime (Debian's `faketime`), so their clocks agree; DATABASE_URL/REDIS_URL are
+# ignored because another server's clock would not move. CI runs it after `make test`.
+SHIFT ?= +365d
+test-shifted: $(PROTO_STAMP)
+	@command -v faketime >/dev/null 2>&1 || { echo "make test-shifted needs libfaketime: apt-get install faketime"; exit 1; }
+	env -u DATABASE_URL -u REDIS_URL faketime -f '$(SHIFT)' $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(PROTO_STAMP)
 	$(PY) -m devtools.devrun bench -- $(BENCH_ARGS)

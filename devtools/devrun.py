@@ -29,6 +29,7 @@ from typing import TypeVar
 import grpc
 
 from servicekit.db import asyncpg_dsn
+from servicekit.settings import DEV_ENV_FILE
 
 from . import embedded
 from .supervisor import (
@@ -63,6 +64,19 @@ class Infra:
     def stop(self) -> None:
         if self.servers is not None:
             self.servers.stop()
+
+
+def write_dev_env(database_url: str, redis_url: str, namespace: str) -> None:
+    """Tell the operator commands of this checkout where `make run`'s servers are
+    (servicekit/settings.py reads the file when the variables are unset)."""
+    DEV_ENV_FILE.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Written by `make run` while it runs; removed when it stops.",
+        f"DATABASE_URL={database_url}",
+        f"REDIS_URL={redis_url}",
+        f"REDIS_NAMESPACE={namespace}",
+    ]
+    DEV_ENV_FILE.write_text("\n".join(lines) + "\n")
 
 
 def start_infra(purpose: str, env: Mapping[str, str]) -> Infra:
@@ -206,6 +220,14 @@ def banner(
     lines += [
         f"  {name:<15} {LOOPBACK}:{ports[name]}   (gRPC, health + reflection)" for name in SERVICES
     ]
+    lines += [
+        f"  PostgreSQL      {infra.database_url}",
+        f"  Redis           {infra.redis_url}",
+        f"  # operator commands of this checkout (python -m services.rewards audit, python -m"
+        f" gateway clients ...) reach these through {DEV_ENV_FILE.relative_to(ROOT)}"
+        if DEV_ENV_FILE.is_relative_to(ROOT)
+        else f"  # operator commands reach these through {DEV_ENV_FILE}",
+    ]
     lines += ["", "Try it (copy-paste):"]
     if member_id is None:
         lines += [f"  # identifying the demo member failed ({note}); step 1 gives the member id"]
@@ -275,6 +297,8 @@ async def _run(args: argparse.Namespace) -> int:
             if stop.is_set():
                 return 0
             namespace = env.get("REDIS_NAMESPACE", "loyalty")
+            write_dev_env(infra.database_url, infra.redis_url, namespace)
+            say(f"operator commands in this checkout now reach these servers ({DEV_ENV_FILE})")
             say("registering demo clients (new keys each run) ...")
             keys = await demo_clients(infra.database_url, infra.redis_url, namespace)
             base = child_env(
@@ -316,6 +340,7 @@ async def _run(args: argparse.Namespace) -> int:
                 say(f"{name} received; stopping (SIGTERM, up to {STOP_GRACE_SECONDS:.0f}s grace)")
             if platform is not None:
                 await platform.stop()
+            DEV_ENV_FILE.unlink(missing_ok=True)
             await asyncio.to_thread(infra.stop)
             say("stopped")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -73,13 +74,23 @@ class ServiceClock:
             self._pinned = None
 
 
+def _embedded_purpose() -> str:
+    """The embedded servers' data folder. Under `make test-shifted` (libfaketime)
+    each run starts its own, so the servers' clocks are moved exactly as this
+    process's is (pgserver would reuse a postmaster already running on a folder,
+    with whatever clock it started under); it is removed when the run ends."""
+    return f"test-shifted-{os.getpid()}" if os.environ.get("FAKETIME") else "test"
+
+
 async def start_infra() -> Infra:
     run_id = uuid.uuid4().hex[:10]
     servers = None
     database_url = os.environ.get("DATABASE_URL")
     redis_url = os.environ.get("REDIS_URL")
     if not database_url or not redis_url:
-        servers = await asyncio.to_thread(embedded.start, "test", database_url, redis_url)
+        servers = await asyncio.to_thread(
+            embedded.start, _embedded_purpose(), database_url, redis_url
+        )
         database_url, redis_url = servers.database_url, servers.redis_url
     db_name = f"loyalty_test_{run_id}"
     admin = await asyncpg.connect(asyncpg_dsn(database_url))
@@ -111,6 +122,10 @@ async def stop_infra(infra: Infra) -> None:
         await admin.close()
     if infra._embedded is not None:
         await asyncio.to_thread(infra._embedded.stop)
+        if os.environ.get("FAKETIME"):
+            await asyncio.to_thread(
+                shutil.rmtree, embedded.DATA_DIR / _embedded_purpose(), ignore_errors=True
+            )
 
 
 async def wait_until_serving(target: str, service: str = "", timeout: float = 20.0) -> None:
