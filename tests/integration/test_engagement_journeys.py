@@ -1461,3 +1461,48 @@ async def test_quiet_hours_follow_the_members_zone_profile_then_store(env: Env) 
     env.clock.set(morning + timedelta(minutes=30))
     await env.scheduler.run_until_idle()
     assert await env.templates(by_profile) == ["offer", "offer"]
+
+
+async def test_a_resumed_journey_drops_a_stale_send_behind_a_branch_and_a_reward(
+    env: Env,
+) -> None:
+    """After a pause, a send reached through a branch and a coupon step is as
+    stale as the timer that leads to it: dropped, while the coupon (not a
+    message) is still given and the member moves on."""
+    await env.publish(
+        {
+            "id": "resume-deep",
+            "priority": 60,
+            "entry": {"event": "cart_abandoned"},
+            "start": "wait",
+            "steps": {
+                "wait": {"type": "wait", "duration": "2h", "next": "vip"},
+                "vip": {
+                    "type": "branch",
+                    "cases": [{"if": {"fact": "tier", "op": "eq", "value": "SVIP"}, "next": "end"}],
+                    "next": "gift",
+                },
+                "gift": {"type": "issue_coupon", "coupon": "CART-5", "next": "remind"},
+                "remind": send("remind", "cart-discount", "end", drop_if_late="6h"),
+                "end": {"type": "exit"},
+            },
+        }
+    )
+    m = await env.member()
+    await env.event("cart_abandoned", m)
+    await env.scheduler.run_until_idle()
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.set_status(uow, env.jid("resume-deep"), "paused")
+    await env.advance(days=2)
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.set_status(uow, env.jid("resume-deep"), "active")
+    await env.scheduler.run_until_idle()
+    assert await env.sends(m) == [(env.jid("resume-deep"), "cart-discount", "dropped")]
+    coupons = await env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.reward_requests WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert coupons == 1
+    status = await env.db.pool.fetchval(
+        "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert status == "completed"
