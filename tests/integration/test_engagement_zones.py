@@ -7,14 +7,19 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
 from loyalty.member.v1 import member_pb2 as pb
 from loyalty.member.v1 import member_pb2_grpc
+from loyalty.rewards.v1 import rewards_pb2
+from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
 from servicekit.server import ServiceApp
-from tests.harness import eventually
+from services.engagement.domain import is_zone
+from services.engagement.ports import RewardsStoreZones
+from tests.harness import Infra, eventually
 
 from .test_member_oneid import CARD, ident, identify, tag
 
@@ -61,3 +66,42 @@ async def test_the_profile_zone_set_at_member_reaches_engagement(
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(info.value) == ("INVALID_TIME_ZONE", "time_zone")
     assert (await stub.GetProfile(pb.GetProfileRequest(member_id=member))).time_zone == ""
+
+
+async def test_a_stores_zone_is_asked_of_rewards(
+    infra: Infra, rewards_app: ServiceApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RewardsStoreZones reads the store through rewards' GetStore: an unknown
+    store has no zone, and answers are kept (one call per store). Rewards'
+    Store carries no zone field yet, so a known store answers "" too until it
+    does (docs/journeys.md)."""
+    store = f"TZ{tag()[:8]}"
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        await conn.execute(
+            "INSERT INTO rewards.stores (store_id, name, city, address, latitude, longitude)"
+            " VALUES ($1, 'London Soho', 'London', '1 Soho Sq', 51.515, -0.132)",
+            store,
+        )
+    finally:
+        await conn.close()
+    zones = RewardsStoreZones(f"127.0.0.1:{rewards_app.port}", 5.0)
+    calls: list[str] = []
+    real = zones._stub.GetStore
+
+    async def counted(request: Any, **kw: Any) -> Any:
+        calls.append(request.store_id)
+        return await real(request, **kw)
+
+    monkeypatch.setattr(zones._stub, "GetStore", counted)
+    try:
+        known = await zones.zone_of(store)
+        if "time_zone" not in rewards_pb2.Store.DESCRIPTOR.fields_by_name:
+            assert known == ""  # today: rewards' stores have no zone
+        else:
+            assert known == "" or is_zone(known)
+        assert await zones.zone_of("NO-SUCH-STORE") == ""
+        assert await zones.zone_of(store) == await zones.zone_of(store)
+        assert calls == [store, "NO-SUCH-STORE"]  # later answers came from the cache
+    finally:
+        await zones.close()
