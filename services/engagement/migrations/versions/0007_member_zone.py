@@ -1,8 +1,8 @@
 """engagement: what member says of a member's zone (profile zone, registration
 store) beside the zone it resolves to (member_facts.tz), from MemberZoneSet
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0007_engagement_member_zone
+Revises: 0006_engagement_parked_expiry
 Create Date: 2026-12-04 17:10:00.000000
 """
 
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0007_engagement_member_zone"
+down_revision: str | None = "0006_engagement_parked_expiry"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
