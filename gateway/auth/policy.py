@@ -102,14 +102,14 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("PUT", f"{_A}/members/{{member_id}}/tier-override"): ADMIN_TIERS,
     ("DELETE", f"{_A}/members/{{member_id}}/tier-override"): ADMIN_TIERS,
     ("GET", f"{_A}/reports/tier-distribution"): ADMIN_TIERS,
+    ("GET", f"{_A}/parked-events"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/parked-events/{{member_id}}/replay"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/parked-events/expire"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/pause"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,
     ("GET", f"{_A}/journeys/{{journey_id}}/metrics"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/launch-near-store"): ADMIN_JOURNEYS,
-    ("GET", f"{_A}/parked-events"): ADMIN_JOURNEYS,
-    ("POST", f"{_A}/parked-events/{{member_id}}/replay"): ADMIN_JOURNEYS,
-    ("POST", f"{_A}/parked-events/expire"): ADMIN_JOURNEYS,
 }
 
 POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"
