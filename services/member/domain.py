@@ -184,8 +184,6 @@ PROFILE_FIELDS = (
     "time_zone",
 )
 MAX_PROFILE_VALUE = 64
-# A change to one of these is announced as MemberZoneSet (engagement's zone).
-ZONE_FIELDS = frozenset({"time_zone", "registration_store_id"})
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ from .domain import (
     CODE_WINDOW_SECONDS,
     CODE_WINDOWS_ACCEPTED,
     MAX_PROFILE_VALUE,
-    ZONE_FIELDS,
     CodeVerdict,
     ConsentChannel,
     ConsentPurpose,
@@ -73,6 +72,10 @@ MAX_IDENTIFIERS_PER_CALL = 10
 MAX_TEXT = 128
 
 Ref = tuple[str, str, bytes]
+
+
+# A change to one of these is announced as MemberZoneSet (engagement's zone).
+ZONE_FIELDS = frozenset({"time_zone", "registration_store_id"})
 
 
 class LostRace(Exception):
