@@ -390,6 +390,27 @@ class EngagementClient(_Client):
             engagement_pb2.UnsubscribeRequest(member_id=member_id, channels=channels),
         )
 
+    async def list_parked_events(
+        self, request: engagement_pb2.ListParkedEventsRequest
+    ) -> engagement_pb2.ListParkedEventsResponse:
+        return await self._call(self._stub.ListParkedEvents, request)
+
+    async def replay_parked_events(
+        self, member_id: str
+    ) -> engagement_pb2.ReplayParkedEventsResponse:
+        return await self._call(
+            self._stub.ReplayParkedEvents,
+            engagement_pb2.ReplayParkedEventsRequest(member_id=member_id),
+        )
+
+    async def expire_parked_events(
+        self, older_than_days: int
+    ) -> engagement_pb2.ExpireParkedEventsResponse:
+        return await self._call(
+            self._stub.ExpireParkedEvents,
+            engagement_pb2.ExpireParkedEventsRequest(older_than_days=older_than_days),
+        )
+
 
 class Downstreams:
     """Every downstream client of the process. A service whose address is empty

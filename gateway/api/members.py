@@ -385,6 +385,11 @@ class Profile(BaseModel):
     personalisation_allowed: bool = Field(
         description="False is the member's 'no personalisation' choice (and the default)"
     )
+    time_zone: str | None = Field(
+        default=None,
+        description="The member's IANA zone (journeys' quiet hours and caps); null: the "
+        "registration store's",
+    )
 
 
 class ProfileUpdate(BaseModel):
@@ -394,6 +399,7 @@ class ProfileUpdate(BaseModel):
     registration_store_id: str | None = Field(default=None, max_length=64)
     acquisition_channel: str | None = Field(default=None, max_length=64)
     acquisition_campaign: str | None = Field(default=None, max_length=64)
+    time_zone: str | None = Field(default=None, max_length=64, examples=["Europe/London"])
     source: str = Field(min_length=1, max_length=128, examples=["mini-program"])
     verified: bool = Field(default=True, description="The member entered or confirmed it")
 
@@ -447,6 +453,7 @@ def _profile(p: member_pb2.Profile) -> Profile:
         acquisition_campaign=p.acquisition_campaign or None,
         consents=[_consent(c) for c in p.consents],
         personalisation_allowed=p.personalisation_allowed,
+        time_zone=p.time_zone or None,
     )
 
 

@@ -8,6 +8,7 @@ import hmac
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
@@ -180,6 +181,7 @@ PROFILE_FIELDS = (
     "registration_store_id",
     "acquisition_channel",
     "acquisition_campaign",
+    "time_zone",
 )
 MAX_PROFILE_VALUE = 64
 
@@ -192,6 +194,15 @@ class Observation:
     source: str
     verified: bool
     observed_at: datetime
+
+
+def is_time_zone(name: str) -> bool:
+    """An IANA zone name the standard library knows (e.g. "Europe/London")."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return "/" in name or name == "UTC"
 
 
 def effective_profile(observations: list[Observation]) -> dict[str, str]:

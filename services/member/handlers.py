@@ -59,6 +59,7 @@ from .domain import (
     effective_consent,
     effective_profile,
     event_channel,
+    is_time_zone,
     limit_violations,
     mask,
     member_code,
@@ -71,6 +72,10 @@ MAX_IDENTIFIERS_PER_CALL = 10
 MAX_TEXT = 128
 
 Ref = tuple[str, str, bytes]
+
+
+# A change to one of these is announced as MemberZoneSet (engagement's zone).
+ZONE_FIELDS = frozenset({"time_zone", "registration_store_id"})
 
 
 class LostRace(Exception):
@@ -861,12 +866,29 @@ class MemberHandlers:
                         code="INVALID_BIRTHDAY",
                         field="birthday",
                     )
+            if name == "time_zone" and value and not is_time_zone(value):
+                raise InvalidArgument(
+                    "time_zone is an IANA zone name, e.g. Asia/Shanghai",
+                    code="INVALID_TIME_ZONE",
+                    field="time_zone",
+                )
             clean[name] = value
         root = await self._live_root(uow.conn, member_id)
         await repo.add_observations(uow.conn, root, clean, source, verified)
         profile = await self.profile(uow, root)
         if "birthday" in clean:
             await self._emit_birthday(uow, root, profile.fields.get("birthday", ""))
+        if ZONE_FIELDS & clean.keys():
+            # Engagement's quiet hours and caps follow the member's zone.
+            await uow.emit(
+                events_pb2.MemberZoneSet(
+                    member_id=root,
+                    time_zone=profile.fields.get("time_zone", ""),
+                    registration_store_id=profile.fields.get("registration_store_id", ""),
+                    recorded_at=_ts(datetime.now(UTC)),
+                ),
+                member_id=root,
+            )
         return profile
 
     async def _emit_birthday(self, uow: UnitOfWork, member_id: str, birthday: str) -> None:

@@ -121,6 +121,7 @@ def profile_message(profile: Profile) -> member_pb2.Profile:
         acquisition_campaign=f.get("acquisition_campaign", ""),
         consents=[consent_message(r) for r in profile.consents.values()],
         personalisation_allowed=profile.personalisation_allowed,
+        time_zone=f.get("time_zone", ""),
     )
 
 
