@@ -14,6 +14,7 @@ from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
 
+from ..principal import principal
 from .common import (
     MEMBER_ERRORS,
     MEMBER_ID_EXAMPLE,
@@ -408,14 +409,12 @@ class Grant(Claim):
                     "template_id": "SORRY-20",
                     "member_id": MEMBER_ID_EXAMPLE,
                     "issue_key": "ticket-8812",
-                    "operator_id": "ops@brand",
                 }
             ]
         },
     )
 
     member_id: uuid.UUID
-    operator_id: str = Field(min_length=1, max_length=256)
     issue_key: str = Field(
         min_length=1,
         max_length=GRANT_KEY_MAX,
@@ -446,7 +445,6 @@ class BulkIssue(BaseModel):
             "examples": [
                 {
                     "reason": "registration",
-                    "operator_id": "ops@brand",
                     "items": [
                         {
                             "member_id": MEMBER_ID_EXAMPLE,
@@ -468,7 +466,6 @@ class BulkIssue(BaseModel):
         description="Served in this order (the first get the last stock); keys distinct",
     )
     reason: Literal["operator_grant", "registration", "tier_benefit", "journey"] = "operator_grant"
-    operator_id: str = Field(min_length=1, max_length=256)
 
 
 class IssueResult(BaseModel):
@@ -803,7 +800,7 @@ async def grant(body: Grant, request: Request) -> Coupon:
             member_id=str(body.member_id),
             reason="operator_grant",
             issue_key=GRANT_KEY_PREFIX + body.issue_key,
-            issued_by=body.operator_id,
+            issued_by=principal(request),
         ),
     )
     return coupon_model(reply)
@@ -832,7 +829,7 @@ async def issue_many(template_id: TemplateId, body: BulkIssue, request: Request)
         rewards_pb2.IssueCouponsRequest(
             template_id=template_id,
             reason=body.reason,
-            issued_by=body.operator_id,
+            issued_by=principal(request),
             items=[
                 rewards_pb2.IssueCouponsItem(
                     member_id=str(i.member_id), issue_key=GRANT_KEY_PREFIX + i.issue_key

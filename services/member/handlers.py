@@ -540,6 +540,7 @@ class MemberHandlers:
         )
         await repo.refresh_phone_masked(conn, [survivor, absorbed])
         await cache.touch(conn, [survivor, absorbed])
+        cache.regroup()
         await uow.emit(
             events_pb2.MemberMerged(
                 merge_id=record.merge_id,
@@ -642,6 +643,7 @@ class MemberHandlers:
         )
         await repo.refresh_phone_masked(conn, [merge.survivor_id, merge.absorbed_id])
         await cache.touch(conn, [merge.survivor_id, merge.absorbed_id])
+        cache.regroup()
         await uow.emit(
             events_pb2.MemberUnmerged(
                 merge_id=merge.merge_id,
@@ -959,6 +961,7 @@ class MemberHandlers:
         await repo.suppress(conn, hashes)
         # Before the identities are deleted: their entries must go.
         await cache.touch(conn, cluster)
+        cache.regroup()
         await repo.erase_cluster(conn, cluster)
         await repo.audit_pii_read(conn, root, operator, f"erasure: {reason}", ["erasure"])
         await uow.emit(

@@ -158,7 +158,6 @@ async def test_claim_preview_lock_redeem_refund_report(
             "template_id": template_id,
             "member_id": member,
             "issue_key": "g1",
-            "operator_id": "ops@brand",
         },
     )
     assert (granted.status_code, granted.json()["code"]) == (409, "TEMPLATE_PAUSED")
