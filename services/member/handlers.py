@@ -226,8 +226,11 @@ class MemberHandlers:
         source: str,
         request_key: str,
         reenrol: bool = False,
+        quarantined_types: list[str] | None = None,
     ) -> Identified:
-        """Find the member owning the identifiers, enrol one, or merge several."""
+        """Find the member owning the identifiers, enrol one, or merge several.
+        The types of identifiers this call quarantined are appended to
+        `quarantined_types` (the servicer counts them once the call committed)."""
         request_key = _required_text(request_key, "request_key")
         if not observed:
             raise InvalidArgument(
@@ -325,7 +328,21 @@ class MemberHandlers:
                 continue
             prospective = links.get(ref, set()) | call_roots
             if len(prospective) > self.policy.quarantine_after_members:
-                await repo.quarantine(conn, rows[ident.key], len(prospective))
+                row = rows[ident.key]
+                at = await repo.quarantine(conn, row, len(prospective))
+                if at is not None:
+                    # Reported, not only listed: an alert can fire on it.
+                    await uow.emit(
+                        events_pb2.IdentifierQuarantined(
+                            identifier_type=row.id_type,
+                            namespace=row.namespace,
+                            value_masked=row.value_masked,
+                            linked_members=len(prospective),
+                            quarantined_at=_ts(at),
+                        )
+                    )
+                    if quarantined_types is not None:
+                        quarantined_types.append(row.id_type)
                 # It resolves nobody from now on.
                 await cache.touch(conn, hashes=[rows[ident.key].value_hash])
                 quarantined.add(ref)

@@ -462,17 +462,19 @@ async def insert_links(conn: Connection, links: list[tuple[tuple[str, str, bytes
     )
 
 
-async def quarantine(conn: Connection, row: IdentityRow, linked_members: int) -> None:
-    await conn.execute(
+async def quarantine(conn: Connection, row: IdentityRow, linked_members: int) -> datetime | None:
+    """When it was quarantined; None if it already was."""
+    quarantined_at: datetime | None = await conn.fetchval(
         "INSERT INTO member.quarantined_identifiers"
         " (id_type, namespace, value_hash, value_masked, linked_members)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING quarantined_at",
         row.id_type,
         row.namespace,
         row.value_hash,
         row.value_masked,
         linked_members,
     )
+    return quarantined_at
 
 
 async def list_quarantined(

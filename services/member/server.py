@@ -11,6 +11,7 @@ from servicekit.settings import ServiceSettings
 
 from .cache import ResolveCache
 from .handlers import MemberHandlers
+from .metrics import MemberMetrics
 from .pii import PiiVault, parse_keyring
 from .policy import load_policy
 from .schema import SCHEMA
@@ -26,6 +27,7 @@ def build(settings: ServiceSettings) -> ServiceApp:
     vault = PiiVault(s.pii_key, parse_keyring(s.pii_encryption_keys), s.pii_active_key_id)
     policy = load_policy(s.identity_policy_path or None)
     handlers = MemberHandlers(vault, policy, s.member_code_secret.encode())
+    metrics = MemberMetrics()
 
     def wire(app: ServiceApp) -> None:
         assert app.db is not None and app.server is not None and app.redis is not None
@@ -35,8 +37,11 @@ def build(settings: ServiceSettings) -> ServiceApp:
             else None
         )
         member_pb2_grpc.add_MemberServiceServicer_to_server(
-            MemberServicer(app.db, handlers, s.identify_max_attempts, cache), app.server
+            MemberServicer(app.db, handlers, s.identify_max_attempts, cache, metrics),
+            app.server,
         )
+        if s.metrics_port is not None:
+            metrics.start(s.metrics_host, s.metrics_port)
 
     app = ServiceApp(
         NAME,
@@ -45,6 +50,8 @@ def build(settings: ServiceSettings) -> ServiceApp:
         wire=wire,
         schema=SCHEMA,
     )
+    # For tests and the process's own use; served when METRICS_PORT is set.
+    app.member_metrics = metrics  # type: ignore[attr-defined]
     app.retentions.append(
         Retention(
             f"{SCHEMA}.identify_requests",
