@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from servicekit.retention import Retention
+from servicekit.safety import refuse_unsafe
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
@@ -16,13 +17,14 @@ from .pii import PiiVault, parse_keyring
 from .policy import load_policy
 from .schema import SCHEMA
 from .servicer import MemberServicer
-from .settings import member_settings
+from .settings import member_settings, production_problems
 
 NAME = "member"
 
 
 def build(settings: ServiceSettings) -> ServiceApp:
     s = member_settings(settings)
+    refuse_unsafe(NAME, s.loyalty_env, production_problems(s))
     # Bad keys or a bad policy stop the process here, before it serves anything.
     vault = PiiVault(s.pii_key, parse_keyring(s.pii_encryption_keys), s.pii_active_key_id)
     policy = load_policy(s.identity_policy_path or None)
