@@ -178,16 +178,23 @@ class Identified(BaseModel):
                     "ignored": [],
                     "replayed": False,
                 },
-                # bind-phone: merging would give one member two verified
-                # phones, so an operator reviews it; meanwhile the member of
-                # the phone answers (it outranks the openid).
+                # bind-phone: the phone belongs to another member and merging
+                # would break a limit (two unionids), so an operator reviews
+                # it; meanwhile the caller gets its own member, never the
+                # other one, and the phone stays where it was.
                 {
-                    "member": MEMBER_EXAMPLE,
+                    "member": {
+                        "member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                        "member_number": "10583317",
+                        "phone_masked": "",
+                        "registered_at": "2026-04-12T09:41:27Z",
+                    },
                     "created": False,
                     "merged_member_ids": [],
                     "review_id": REVIEW_ID_EXAMPLE,
-                    "ignored": [{"field": "openid", "reason": "OWNED_ELSEWHERE"}],
+                    "ignored": [{"field": "phone", "reason": "OWNED_ELSEWHERE"}],
                     "replayed": False,
+                    "conflict": "PHONE_OWNED_ELSEWHERE",
                 },
             ]
         }

@@ -1,5 +1,5 @@
 """Prometheus metrics of the member service, served on their own port
-(MEMBER METRICS_PORT; unset: not served, the counters still count).
+(MEMBER_METRICS_PORT; unset: not served, the counters still count).
 
 Today one counter: identifiers quarantined (issue 15 item 14), so an alert can
 fire when a staff card or a shared phone starts linking strangers. Counted

@@ -42,8 +42,8 @@ def build(settings: ServiceSettings) -> ServiceApp:
             MemberServicer(app.db, handlers, s.identify_max_attempts, cache, metrics),
             app.server,
         )
-        if s.metrics_port is not None:
-            metrics.start(s.metrics_host, s.metrics_port)
+        if s.member_metrics_port is not None:
+            metrics.start(s.member_metrics_host, s.member_metrics_port)
 
     app = ServiceApp(
         NAME,

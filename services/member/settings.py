@@ -31,9 +31,10 @@ class MemberSettings(ServiceSettings):
     # 0 turns the cache off (services/member/cache.py).
     resolve_cache_ttl_seconds: int = Field(default=ENTRY_TTL_SECONDS, ge=0, le=86_400)
     # Prometheus /metrics (services/member/metrics.py) on its own port; unset:
-    # not served. 0 binds any free port.
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(default=None, ge=0, le=65_535)
+    # not served. 0 binds any free port. Named apart from the gateway's
+    # METRICS_PORT, which `make run` hands to every child.
+    member_metrics_host: str = "127.0.0.1"
+    member_metrics_port: int | None = Field(default=None, ge=0, le=65_535)
 
 
 def production_problems(s: MemberSettings) -> list[str]:
