@@ -7,8 +7,8 @@ operator binds them (`python -m gateway clients set-apps`).
 CHECK constraints are reviewed by hand (Alembic never compares them): keep
 them identical to gateway/schema.py.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0001 (on this branch; 0002 once merged with the door's 0002)
 Create Date: 2026-12-04 17:00:00
 """
 
@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0002"
+revision: str = "0003"
+# Numbered after the door's concurrent 0002 (Idempotency-Key records): when both
+# are merged, this must read "0002" so the chain has one head.
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
