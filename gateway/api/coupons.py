@@ -153,7 +153,6 @@ class NewTemplate(BaseModel):
                     },
                     "limits": {"total_stock": 100000, "per_member_limit": 1, "stock_shards": 8},
                     "status": "active",
-                    "created_by": "ops@brand",
                 }
             ]
         },
@@ -163,7 +162,6 @@ class NewTemplate(BaseModel):
     terms: CouponTerms
     limits: CouponLimits = Field(default_factory=CouponLimits)
     status: Literal["draft", "active"] = "draft"
-    created_by: str = Field(default="", max_length=256)
 
 
 class NewVersion(BaseModel):
@@ -173,7 +171,6 @@ class NewVersion(BaseModel):
     expected_version: int = Field(
         default=0, ge=0, le=2**31 - 1, description="0: any; else must match"
     )
-    created_by: str = Field(default="", max_length=256)
 
 
 class TemplateStatus(BaseModel):
@@ -678,7 +675,7 @@ async def create_template(body: NewTemplate, request: Request) -> CouponTemplate
             terms=terms_message(body.terms),
             limits=rewards_pb2.CouponLimits(**body.limits.model_dump()),
             status=body.status,
-            created_by=body.created_by,
+            created_by=principal(request),
         ),
     )
     return template_model(reply)
@@ -739,7 +736,7 @@ async def new_version(
             template_id=template_id,
             terms=terms_message(body.terms),
             expected_version=body.expected_version,
-            created_by=body.created_by,
+            created_by=principal(request),
         ),
     )
     return template_model(reply)

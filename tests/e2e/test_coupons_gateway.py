@@ -52,7 +52,6 @@ async def test_claim_preview_lock_redeem_refund_report(
             },
             "limits": {"total_stock": 10, "per_member_limit": 1},
             "status": "active",
-            "created_by": "ops@brand",
         },
     )
     assert created.status_code == 201, created.text

@@ -425,7 +425,7 @@ async def test_a_coupon_grant_records_the_principal(
     db: asyncpg.Connection,
 ) -> None:
     template_id = f"ID-{uuid.uuid4().hex[:8]}"
-    created = await http.post(
+    created = await console.post(
         "/v1/admin/coupon-templates",
         json={
             "template_id": template_id,
@@ -438,8 +438,8 @@ async def test_a_coupon_grant_records_the_principal(
             },
             "limits": {"total_stock": 10, "per_member_limit": 2},
             "status": "active",
-            "created_by": "ops",
         },
+        headers={"X-Operator-User": "wang"},
     )
     assert created.status_code == 201, created.text
     member = await login(http, f"o-{uuid.uuid4().hex[:12]}")
@@ -453,6 +453,14 @@ async def test_a_coupon_grant_records_the_principal(
         "SELECT issued_by FROM rewards.coupons WHERE code = $1", granted.json()["code"]
     )
     assert issued_by == f"{console_key.client_id}/wang"
+    # Who made the template version is the principal too.
+    assert (
+        await db.fetchval(
+            "SELECT created_by FROM rewards.coupon_template_versions WHERE template_id = $1",
+            template_id,
+        )
+        == f"{console_key.client_id}/wang"
+    )
     # A body naming the operator is refused (these bodies forbid unknown fields).
     named = await console.post(
         "/v1/admin/coupons:issue",
