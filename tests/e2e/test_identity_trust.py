@@ -537,3 +537,23 @@ async def test_an_erasure_takes_effect_on_the_next_request(
     assert erased.status_code == 200, erased.text
     after = await mp.get(f"/v1/members/{member}/points", headers=me(openid))
     assert after.status_code == 403 and after.json()["code"] == "MEMBER_MISMATCH"
+
+
+# ---- item 10: member code, one scan each -----------------------------------------------
+
+
+async def test_a_refreshed_member_code_scans_after_the_last_one_did(
+    mp: httpx.AsyncClient, pos: pos_pb2_grpc.PosServiceStub
+) -> None:
+    """The mini-program refreshes right after a scan: the new code is another
+    one, and it scans (it used to be the same code for 30 s, refused as used)."""
+    openid = f"o-{uuid.uuid4().hex[:12]}"
+    member = await login(mp, openid)
+    for _ in range(2):
+        shown = await mp.post(f"/v1/members/{member}/member-code", headers=me(openid))
+        assert shown.status_code == 200, shown.text
+        scanned = await pos.IdentifyMember(
+            pos_pb2.IdentifyMemberRequest(store_id=STORE, member_code=shown.json()["code"]),
+            timeout=10,
+        )
+        assert scanned.member_id == member
