@@ -89,7 +89,6 @@ class ClientAdmin:
         burst: int | None = None,
         app_ids: Sequence[str] = (),
     ) -> IssuedKey:
-        apps = _app_ids(kind, app_ids)
         client_id = client_id or f"{kind.value.split('_')[0]}-{secrets.token_hex(4)}"
         if not _CLIENT_ID.match(client_id):
             raise InvalidArgument(
@@ -117,6 +116,8 @@ class ClientAdmin:
                 code="INVALID_RATE_LIMIT",
                 field="rate_per_second",
             )
+        # Last of the checks: a refusal of the kind's scopes or limits names those.
+        apps = _app_ids(kind, app_ids)
         key_id, secret = new_key_id(), new_secret()
         async with self._pool.acquire() as conn, conn.transaction():
             created = await repo.insert_client(
