@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from servicekit import devrun
+from devtools import devrun, supervisor
 from servicekit.db import Database, create_pool
 
 from .cli import (
@@ -159,7 +159,7 @@ async def issue_wallets(
 ) -> list[tuple[str, str]]:
     """`count` coupons, COUPONS_PER_MEMBER per member, issued through the use
     case itself (in-process: setup, not measured); (member, code) pairs."""
-    from services.rewards import coupon_service as svc
+    from services.rewards.coupons import handlers as svc
 
     members = [uuid.uuid4() for _ in range(-(-count // COUPONS_PER_MEMBER))]
     pool = await create_pool(database_url, 8, 8)
@@ -202,13 +202,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         say("migrating and seeding ...")
         await asyncio.to_thread(devrun.migrate, infra.database_url)
         await devrun.seed(infra.database_url)
-        ports = devrun.free_ports()
-        pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
+        ports = supervisor.free_ports()
+        pos_target = f"{supervisor.LOOPBACK}:{ports['pos']}"
         api_key = await register_pos_key(infra, args.store_id)
-        children = devrun.platform_children(ports, platform_env(infra))
+        children = supervisor.platform_children(ports, platform_env(infra))
         template_id = f"BENCH-CHK-{run_id[-6:]}"
         async with started(children, BENCH_DATA / "logs" / run_id):
-            rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
+            rewards_target = f"{supervisor.LOOPBACK}:{ports['rewards']}"
             async with grpc.aio.insecure_channel(rewards_target) as rewards_channel:
                 await rewards_pb2_grpc.RewardsServiceStub(rewards_channel).CreateCouponTemplate(
                     rewards_pb2.CreateCouponTemplateRequest(

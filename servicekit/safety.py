@@ -1,7 +1,7 @@
 """Production refuses development secrets (issue 15 item 8).
 
 LOYALTY_ENV is `production` unless set: `python -m ...` is production by
-default; `make run`, the benchmark (servicekit/devrun.py) and the tests set
+default; `make run`, the benchmark (devtools/supervisor.py) and the tests set
 `development`. In production a process refuses to start, with one log line
 naming every offending setting, when a secret it uses is missing, too short,
 or a value known from this repository (the defaults, the demo's), and when

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# `make run` writes the URLs of the servers it started here (and removes the file
+# when it stops), so an operator command run in another terminal of the same
+# checkout (`python -m services.rewards audit`, `python -m gateway clients ...`)
+# reaches those servers instead of falling back to 127.0.0.1:5432/6379, which may
+# be another live server. Real environment variables always win; where the file
+# does not exist (a container, CI) it changes nothing.
+DEV_ENV_FILE = Path(
+    os.environ.get(
+        "LOYALTY_DEV_ENV_FILE",
+        Path(__file__).resolve().parent.parent / ".data" / "run" / "platform.env",
+    )
+)
+
 
 class CommonSettings(BaseSettings):
     """What every process reads: where the data lives and how to report."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_file=DEV_ENV_FILE, extra="ignore", frozen=True)
 
     # production (the default for `python -m ...`) refuses development secrets
     # at start (servicekit/safety.py); make run, the benchmark and the tests

@@ -23,6 +23,8 @@ os.environ.setdefault("OTEL_TRACES_SAMPLER", "always_on")
 os.environ.setdefault("LOYALTY_ENV", "development")
 
 HANG_REPORT_AFTER_SECONDS = 120
+
+
 # A session fixture's stop (services, gateway, infrastructure) takes a few
 # seconds at most; longer, and where every task waits is printed.
 STOP_REPORT_AFTER_SECONDS = 30

@@ -57,7 +57,7 @@ GRANT_KEY_PREFIX = "grant:"
 REWARDS_KEY_MAX = 128
 GRANT_KEY_MAX = 120  # <= 128 - len("grant:")
 CLAIM_KEY_MAX = REWARDS_KEY_MAX - len("claim:") - 36 - 1
-# The service's own bounds (services/rewards/coupons.py), so an absurd number
+# The service's own bounds (services/rewards/coupons/domain.py), so an absurd number
 # is a 422 here rather than an overflow on the way.
 MAX_FEN = 1_000_000
 MAX_COUNT = 100_000_000
@@ -431,7 +431,7 @@ class IssueItem(BaseModel):
     )
 
 
-# As rewards' IssueCoupons (services/rewards/coupon_service.MAX_BATCH).
+# As rewards' IssueCoupons (services/rewards/coupons/handlers.MAX_BATCH).
 MAX_BATCH = 1_000
 
 

@@ -23,7 +23,8 @@ import httpx
 
 from servicekit.db import Database
 
-from . import repository as repo
+from . import facts_repository as facts_repo
+from . import scheduler_repository as scheduler_repo
 from .domain import Clock
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,11 @@ class Dispatcher:
     async def dispatch_once(self) -> int:
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
-            rows = await repo.lease_pending_sends(uow.conn, now, now + self._lease, self._batch)
+            rows = await scheduler_repo.lease_pending_sends(
+                uow.conn, now, now + self._lease, self._batch
+            )
             ids = list({r.member_id for r in rows if r.member_id is not None})
-            addresses = await repo.addresses(uow.conn, ids) if ids else {}
+            addresses = await facts_repo.addresses(uow.conn, ids) if ids else {}
         if not rows:
             return 0
         deliveries = await asyncio.gather(
@@ -274,11 +277,11 @@ class Dispatcher:
                 status = "delivered" if d.status == "delivered" else "failed"
                 results.append((row.send_key, status, d.reason, d.provider_ref, None))
         async with self._db.unit_of_work() as uow:
-            await repo.record_deliveries(uow.conn, results, done)
+            await scheduler_repo.record_deliveries(uow.conn, results, done)
         return len(rows)
 
     async def _deliver(
-        self, row: repo.OutboundRow, addresses: dict[tuple[str, str], str]
+        self, row: scheduler_repo.OutboundRow, addresses: dict[tuple[str, str], str]
     ) -> Delivery:
         provider = self.providers.get(row.channel)
         if provider is None:

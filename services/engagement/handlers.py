@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from servicekit.db import UnitOfWork
 from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound, parse_member_id
 
+from . import facts_repository as facts_repo
 from . import repository as repo
 from .domain import (
     DEFAULT_TZ,
@@ -189,8 +190,8 @@ class EngagementHandlers:
                 )
         if not channels:
             raise InvalidArgument("at least one channel", code="NO_CHANNEL", field="channels")
-        await repo.ensure_member(uow.conn, mid)
-        await repo.set_consent(uow.conn, mid, channels, granted, source, self.clock.now())
+        await facts_repo.ensure_member(uow.conn, mid)
+        await facts_repo.set_consent(uow.conn, mid, channels, granted, source, self.clock.now())
 
     async def unsubscribe(self, uow: UnitOfWork, member_id: str, channels: list[str]) -> None:
         """An empty list means every channel."""
@@ -198,8 +199,8 @@ class EngagementHandlers:
 
     async def set_non_personalised(self, uow: UnitOfWork, member_id: str, value: bool) -> None:
         mid = parse_member_id(member_id)
-        await repo.ensure_member(uow.conn, mid)
-        await repo.set_non_personalised(uow.conn, mid, value, self.clock.now())
+        await facts_repo.ensure_member(uow.conn, mid)
+        await facts_repo.set_non_personalised(uow.conn, mid, value, self.clock.now())
 
     async def on_consent_changed(
         self,
@@ -220,11 +221,11 @@ class EngagementHandlers:
                 log.warning("consent for unknown channel %r ignored", channel)
                 return
             channels = [MEMBER_CHANNELS[channel]] if channel else sorted(CHANNELS)
-            await repo.apply_consent(
+            await facts_repo.apply_consent(
                 uow.conn, mid, channels, granted, f"member:{source}", recorded_at
             )
         elif purpose == "personalisation":
-            await repo.apply_non_personalised(uow.conn, mid, not granted, recorded_at)
+            await facts_repo.apply_non_personalised(uow.conn, mid, not granted, recorded_at)
         else:
             log.warning("consent for unknown purpose %r ignored", purpose)
 
@@ -246,27 +247,27 @@ class EngagementHandlers:
         now = self.clock.now()
         at = occurred_at or now
         conn = uow.conn
-        if event in INGESTED_EVENTS and not await repo.member_known(conn, mid):
-            await repo.park_event(conn, mid, event, attributes, at, "UNKNOWN_MEMBER")
+        if event in INGESTED_EVENTS and not await facts_repo.member_known(conn, mid):
+            await facts_repo.park_event(conn, mid, event, attributes, at, "UNKNOWN_MEMBER")
             return Ingested(True, [])
         if event == "subscription_tap":
             # The credit is the member's consent to exactly one such message.
-            await repo.add_subscription_credit(conn, mid, attributes["template"])
+            await facts_repo.add_subscription_credit(conn, mid, attributes["template"])
             if attributes.get("openid"):
-                await repo.set_address(conn, mid, "miniprogram", attributes["openid"])
+                await facts_repo.set_address(conn, mid, "miniprogram", attributes["openid"])
         elif event == "location_reported":
             # Kept only with the member's consent to its use; otherwise forgotten.
             if coords is None:
-                await repo.clear_location(conn, mid)
+                await facts_repo.clear_location(conn, mid)
             else:
-                await repo.set_location(conn, mid, coords[0], coords[1], at)
+                await facts_repo.set_location(conn, mid, coords[0], coords[1], at)
         enrolled: list[str] = []
         if event not in INGESTED_EVENTS:
             # The member is known now (registration, or any event from a service
             # that knows them): first replay what was parked for them, in order,
             # since it happened before this event.
-            await repo.ensure_member(conn, mid)
-            for parked, attrs, parked_at in await repo.take_parked(conn, mid):
+            await facts_repo.ensure_member(conn, mid)
+            for parked, attrs, parked_at in await facts_repo.take_parked(conn, mid):
                 replay = await self.ingest(uow, parked, str(mid), attrs, parked_at)
                 enrolled += replay.enrolled
         enrolled += await self._on_event(uow, event, mid, attributes, now)
@@ -304,7 +305,7 @@ class EngagementHandlers:
             )
         since = self.clock.now() - LOCATION_FRESH_FOR
         box = bounding_box(latitude, longitude, radius_m)
-        return await repo.members_near(uow.conn, box, latitude, longitude, radius_m, since)
+        return await facts_repo.members_near(uow.conn, box, latitude, longitude, radius_m, since)
 
     async def enter_near_store(
         self, uow: UnitOfWork, journey_id: str, store_id: str, members: list[uuid.UUID]
@@ -315,7 +316,7 @@ class EngagementHandlers:
         if state is None or state.status != "active":
             return 0
         journey = await self.journeys.get(conn, journey_id, state.live_version)
-        facts = await repo.load_facts(conn, members)
+        facts = await facts_repo.load_facts(conn, members)
         now = self.clock.now()
         entered = 0
         for mid in members:
@@ -333,25 +334,25 @@ class EngagementHandlers:
         await repo.lock_member_timers(conn, [mid])
         events = [event]
         if event == "member_registered":
-            await repo.ensure_member(conn, mid)
+            await facts_repo.ensure_member(conn, mid)
         elif event == "order_completed":
-            count = await repo.count_order(conn, mid)
+            count = await facts_repo.count_order(conn, mid)
             await repo.mark_converted(conn, mid, now)
             if count == 1:
                 events.append("first_order")
         elif event == "tier_changed":
-            await repo.set_fact(conn, mid, "tier", attrs.get("to_tier", ""))
+            await facts_repo.set_fact(conn, mid, "tier", attrs.get("to_tier", ""))
         elif event == "segment_changed":
-            await repo.set_fact(conn, mid, "segment", attrs.get("to_segment", ""))
+            await facts_repo.set_fact(conn, mid, "segment", attrs.get("to_segment", ""))
         elif event == "lifecycle_stage_changed":
-            await repo.set_fact(conn, mid, "stage", attrs.get("to_stage", ""))
+            await facts_repo.set_fact(conn, mid, "stage", attrs.get("to_stage", ""))
         else:
-            await repo.ensure_member(conn, mid)
+            await facts_repo.ensure_member(conn, mid)
         live = await repo.live_enrollments(conn, mid)
         entries = [await repo.entry_journeys(conn, name) for name in events]
         if not live and not any(entries):
             return []  # most orders: nothing to move on, nothing to enter
-        facts = (await repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))
+        facts = (await facts_repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))
         # Live enrollments: a goal exits them, an awaited event moves them on.
         for enr in live:
             journey = await self.journeys.get(conn, enr.journey_id, enr.version)
@@ -432,7 +433,7 @@ class EngagementHandlers:
                 code="INVALID_BIRTHDAY",
                 field="month",
             )
-        await repo.set_birthday(uow.conn, mid, month, day)
+        await facts_repo.set_birthday(uow.conn, mid, month, day)
 
     async def enter_birthday_month(self, uow: UnitOfWork, limit: int = 500) -> int:
         """One batch of the daily birthday-month entry: members whose birthday
@@ -440,7 +441,7 @@ class EngagementHandlers:
         it yet. On the 1st that is the month's members; on other days only
         those whose birthday was set since. Returns how many entered."""
         today = local_day(self.clock.now(), DEFAULT_TZ)
-        claimed = await repo.claim_birthdays(
+        claimed = await facts_repo.claim_birthdays(
             uow.conn, today.month, birthday_month_key(today), limit
         )
         for mid, day in claimed:

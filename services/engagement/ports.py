@@ -37,7 +37,8 @@ from servicekit.clients import create_channel
 from servicekit.db import Connection
 from servicekit.errors import error_info
 
-from . import repository as repo
+from . import facts_repository as facts_repo
+from . import scheduler_repository as scheduler_repo
 from .channels import Delivery
 from .domain import MemberFacts
 
@@ -81,11 +82,11 @@ class LocalConsent:
     async def facts_with_consent(
         self, conn: Connection, member_ids: list[uuid.UUID]
     ) -> dict[str, MemberFacts]:
-        return await repo.load_facts(conn, member_ids)
+        return await facts_repo.load_facts(conn, member_ids)
 
 
 class RewardsPort(Protocol):
-    async def fulfil(self, request: repo.RewardRequestRow) -> Delivery:
+    async def fulfil(self, request: scheduler_repo.RewardRequestRow) -> Delivery:
         """delivered (done), retry (transient) or failed (permanent, with the code)."""
         ...
 
@@ -96,7 +97,7 @@ class RewardsGrpc:
         self._stub = rewards_pb2_grpc.RewardsServiceStub(self._channel)
         self._timeout = timeout
 
-    async def fulfil(self, request: repo.RewardRequestRow) -> Delivery:
+    async def fulfil(self, request: scheduler_repo.RewardRequestRow) -> Delivery:
         if request.member_id is None:
             return Delivery("failed", reason="MEMBER_ERASED")
         try:

@@ -23,7 +23,9 @@ import asyncpg
 
 from servicekit.db import Connection, Database
 
+from . import facts_repository as facts_repo
 from . import repository as repo
+from . import scheduler_repository as scheduler_repo
 from .channels import new_send_key, poll_forever
 from .domain import (
     DAILY_CAPS,
@@ -78,7 +80,7 @@ class SweepStats:
 
 @dataclass
 class _Pending:
-    due: repo.DueStep
+    due: scheduler_repo.DueStep
     journey: Journey
     intent: SendIntent
     day: date
@@ -90,7 +92,7 @@ class _Pending:
 @dataclass
 class _Batch:
     sends: list[_Pending] = field(default_factory=list)
-    dropped: list[repo.SendRow] = field(default_factory=list)
+    dropped: list[scheduler_repo.SendRow] = field(default_factory=list)
     rewards: list[tuple[str, uuid.UUID, uuid.UUID, str, str, int, datetime]] = field(
         default_factory=list
     )
@@ -122,7 +124,7 @@ class Scheduler:
         self._caps = caps if caps is not None else DAILY_CAPS
         self.stats = SweepStats()
         # What the current batch claimed (to isolate a failing step).
-        self._claimed: list[repo.DueStep] = []
+        self._claimed: list[scheduler_repo.DueStep] = []
 
     async def sweep_once(self, limit: int | None = None) -> int:
         """Run one batch of due steps; returns how many timers it claimed."""
@@ -147,14 +149,14 @@ class Scheduler:
                 done += n
             return done
 
-    async def _postpone_poison(self, claimed: list[repo.DueStep]) -> None:
+    async def _postpone_poison(self, claimed: list[scheduler_repo.DueStep]) -> None:
         """The step that just failed alone: try it later, give up after a few tries."""
         if not claimed:
             return
         d = claimed[0]
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
-            attempts = await repo.postpone_timer(
+            attempts = await scheduler_repo.postpone_timer(
                 uow.conn, d, now + timedelta(minutes=2 ** min(d.attempts, 10))
             )
             if attempts == 0:
@@ -180,7 +182,7 @@ class Scheduler:
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
             conn = uow.conn
-            due = await repo.claim_due(conn, now, limit)
+            due = await scheduler_repo.claim_due(conn, now, limit)
             self._claimed = due
             if not due:
                 return 0
@@ -191,18 +193,23 @@ class Scheduler:
                 member = facts.get(str(d.member_id)) or MemberFacts(str(d.member_id))
                 self._run_one(d, journey, member, now, batch)
             await self._decide_sends(conn, batch, facts, now)
-            await repo.insert_sends(conn, [self._send_row(p, now) for p in batch.sends])
-            await repo.insert_sends(conn, batch.dropped)
-            await repo.insert_reward_requests(conn, batch.rewards)
-            await repo.add_tags(conn, batch.tags)
-            await repo.move_timers(conn, batch.moves)
-            await repo.delete_timers(conn, batch.finished)
-            await repo.update_enrollments(conn, batch.enrollments)
+            await scheduler_repo.insert_sends(conn, [self._send_row(p, now) for p in batch.sends])
+            await scheduler_repo.insert_sends(conn, batch.dropped)
+            await scheduler_repo.insert_reward_requests(conn, batch.rewards)
+            await facts_repo.add_tags(conn, batch.tags)
+            await scheduler_repo.move_timers(conn, batch.moves)
+            await scheduler_repo.delete_timers(conn, batch.finished)
+            await scheduler_repo.update_enrollments(conn, batch.enrollments)
         self.stats.steps += len(due)
         return len(due)
 
     def _run_one(
-        self, d: repo.DueStep, journey: Journey, member: MemberFacts, now: datetime, batch: _Batch
+        self,
+        d: scheduler_repo.DueStep,
+        journey: Journey,
+        member: MemberFacts,
+        now: datetime,
+        batch: _Batch,
     ) -> None:
         result = run(
             journey,
@@ -222,7 +229,7 @@ class Scheduler:
                 step = journey.step(intent.step_id)
                 self.stats.dropped += 1
                 batch.dropped.append(
-                    repo.SendRow(
+                    scheduler_repo.SendRow(
                         new_send_key(d.enrollment_id, intent.seq),
                         d.enrollment_id,
                         d.journey_id,
@@ -293,7 +300,7 @@ class Scheduler:
         wants = [
             (m, d, cls, len(items), self._caps[cls]) for (m, d, cls), items in contested.items()
         ]
-        granted = await repo.reserve_caps(conn, wants)
+        granted = await scheduler_repo.reserve_caps(conn, wants)
         losers: dict[tuple[uuid.UUID, date, str], list[_Pending]] = {}
         for (m, d, cls), items in contested.items():
             slots = granted.get((str(m), d, cls), 0)
@@ -305,7 +312,7 @@ class Scheduler:
                 losers[(m, d, cls)] = items[slots:]
         # A budget spent earlier today by a less valuable, not yet delivered
         # send is taken back for the best loser here ("priority wins").
-        freed = await repo.preempt_holders(
+        freed = await scheduler_repo.preempt_holders(
             conn,
             [(m, d, cls, items[0].journey.priority) for (m, d, cls), items in losers.items()],
             now,
@@ -318,10 +325,14 @@ class Scheduler:
         for p in batch.sends:
             if p.status != "pending" or p.intent.channel != "miniprogram":
                 continue
-            if not await repo.take_subscription_credit(conn, p.due.member_id, p.intent.template):
+            if not await facts_repo.take_subscription_credit(
+                conn, p.due.member_id, p.intent.template
+            ):
                 p.status, p.reason = "suppressed", "NO_SUBSCRIPTION_CREDIT"
                 if p.intent.message_class in self._caps:
-                    await repo.release_cap(conn, p.due.member_id, p.day, p.intent.message_class)
+                    await scheduler_repo.release_cap(
+                        conn, p.due.member_id, p.day, p.intent.message_class
+                    )
         for p in batch.sends:
             if p.status == "pending":
                 self.stats.sent += 1
@@ -331,8 +342,8 @@ class Scheduler:
                 self.stats.suppressed += 1
 
     @staticmethod
-    def _send_row(p: _Pending, now: datetime) -> repo.SendRow:
-        return repo.SendRow(
+    def _send_row(p: _Pending, now: datetime) -> scheduler_repo.SendRow:
+        return scheduler_repo.SendRow(
             new_send_key(p.due.enrollment_id, p.intent.seq),
             p.due.enrollment_id,
             p.due.journey_id,

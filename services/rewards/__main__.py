@@ -25,7 +25,7 @@ JOBS = (
 )
 
 if len(sys.argv) > 1 and sys.argv[1] in JOBS:
-    from .jobs import run_job
+    from .cli import run_job
 
     sys.exit(run_job(sys.argv[1], sys.argv[2:]))
 main("rewards", build)

@@ -17,11 +17,12 @@ from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
 from servicekit.events import ReceivedEvent
 
-from . import coupon_service
-from . import growth_repository as growth_repo
-from . import repository as repo
-from .points import PointsLedger
-from .referral_service import Referrals
+from . import merges
+from .coupons import handlers as coupon_service
+from .orders import repository as repo
+from .points.handlers import PointsLedger
+from .referral import repository as referral_repo
+from .referral.handlers import Referrals
 
 
 def event_time(event: ReceivedEvent, field: str) -> datetime:
@@ -50,7 +51,7 @@ class MemberEvents:
             uow.conn, merged.merge_id, merged.survivor_member_id, merged.absorbed_member_id
         )
         # Invite codes, referrals and mall limits are read through the merge.
-        await growth_repo.record_merge(
+        await merges.record_merge(
             uow.conn,
             merged.merge_id,
             uuid.UUID(merged.absorbed_member_id),
@@ -71,9 +72,7 @@ class MemberEvents:
         await coupon_service.unmerge(
             uow.conn, unmerged.survivor_member_id, unmerged.restored_member_id
         )
-        await growth_repo.record_unmerge(
-            uow.conn, unmerged.merge_id, event_time(event, "unmerged_at")
-        )
+        await merges.record_unmerge(uow.conn, unmerged.merge_id, event_time(event, "unmerged_at"))
 
 
 async def on_tier_changed(uow: UnitOfWork, event: ReceivedEvent) -> None:
@@ -101,7 +100,7 @@ async def on_member_erased(uow: UnitOfWork, event: ReceivedEvent) -> None:
     members = [uuid.UUID(m) for m in erased.member_ids]
     await repo.record_erasure(uow.conn, members, at)
     # Device and identifier fingerprints are about the person, not money: gone.
-    await growth_repo.forget_fingerprints(uow.conn, members)
+    await referral_repo.forget_fingerprints(uow.conn, members)
 
 
 class OrderEvents:

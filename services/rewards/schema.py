@@ -1,4 +1,4 @@
-"""Tables of the rewards schema (Alembic reads this; queries live in repository.py).
+"""Tables of the rewards schema (Alembic reads this; queries live in each context's repository.py).
 
 CHECK constraints are declared here for the record and written by hand in the
 migrations (Alembic does not compare them). The points journal is append-only:
@@ -314,7 +314,7 @@ points_holds = Table(
     ),
 )
 
-# Coupons (coupon_repository.py; rules in coupons.py). A template's current
+# Coupons (coupons/repository.py; rules in coupons/domain.py). A template's current
 # terms are denormalised here for listing; every version's terms are kept in
 # coupon_template_versions and an issued coupon points at its version.
 COUPON_KINDS = ("amount_off", "percent_off", "free_item", "fixed_price", "first_order_price")
@@ -479,7 +479,7 @@ earn_counters = Table(
 
 outbox, processed_events = add_event_tables(metadata)
 
-# ---- referral (referral.py, referral_service.py) -----------------------------
+# ---- referral (referral/) ---------------------------------------------------
 
 # One invite code per member, made on first ask and never changed.
 invite_codes = Table(
@@ -569,7 +569,7 @@ member_merges = Table(
     Index(None, "survivor_id", "merged_at"),
 )
 
-# ---- points mall (mall.py, mall_service.py) ---------------------------------
+# ---- points mall (mall/) ----------------------------------------------------
 
 mall_items = Table(
     "mall_items",

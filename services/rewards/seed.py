@@ -11,10 +11,10 @@ from decimal import Decimal
 
 import asyncpg
 
-from . import coupon_repository
-from . import repository as repo
-from .coupons import Kind, Limits, Terms
-from .repository import StoreRecord
+from .coupons import repository as coupon_repository
+from .coupons.domain import Kind, Limits, Terms
+from .orders import repository as repo
+from .orders.repository import StoreRecord
 
 DEMO_STORES = [
     StoreRecord(

@@ -13,16 +13,15 @@ from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
 from .consumers import MemberEvents, OrderEvents, on_member_erased, on_tier_changed
-from .coupon_service import CouponPolicy, issue_coupon
-from .domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
-from .earning import parse_rules
-from .growth_servicer import Growth
-from .handlers import RewardsHandlers
-from .mall_service import PointsMall
-from .points import PointsLedger
-from .policy import ExpiryPolicy, LedgerPolicy, ShortfallPolicy
-from .referral import parse_referral_rules
-from .referral_service import Referrals
+from .coupons.handlers import CouponPolicy, issue_coupon
+from .mall.handlers import PointsMall
+from .orders.domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
+from .orders.handlers import RewardsHandlers
+from .points.domain import ExpiryPolicy, LedgerPolicy, ShortfallPolicy
+from .points.earning import parse_rules
+from .points.handlers import PointsLedger
+from .referral.domain import parse_referral_rules
+from .referral.handlers import Referrals
 from .schema import SCHEMA
 from .servicer import RewardsServicer
 
@@ -87,13 +86,13 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
     )
     consumers = MemberEvents(points)
     referrals = Referrals(points, parse_referral_rules(rewards.referral_rules), issue_coupon)
-    growth = Growth(referrals, PointsMall(points, issue_coupon))
+    mall = PointsMall(points, issue_coupon)
     orders = OrderEvents(referrals)
 
     def wire(app: ServiceApp) -> None:
         assert app.db is not None and app.server is not None and app.redis is not None
         rewards_pb2_grpc.add_RewardsServiceServicer_to_server(
-            RewardsServicer(app.db, handlers, growth), app.server
+            RewardsServicer(app.db, handlers, referrals, mall), app.server
         )
         app.add_consumer(
             EventConsumer(

@@ -64,7 +64,7 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="session")
 async def demo_stores(infra: Infra, rewards_app: ServiceApp) -> list[str]:
-    from services.rewards import repository as rewards_repo
+    from services.rewards.orders import repository as rewards_repo
     from services.rewards.seed import DEMO_STORES, seed_demo
 
     conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))

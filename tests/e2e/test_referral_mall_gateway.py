@@ -16,7 +16,7 @@ import pytest
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.db import asyncpg_dsn
-from services.rewards.referral import fingerprint
+from services.rewards.referral.domain import fingerprint
 from tests.harness import Infra, eventually
 
 pytestmark = pytest.mark.e2e

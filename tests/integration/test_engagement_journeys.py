@@ -25,6 +25,7 @@ from servicekit.db import Database, create_pool
 from servicekit.errors import InvalidArgument
 from servicekit.server import ServiceApp
 from services.engagement import repository as repo
+from services.engagement import scheduler_repository as scheduler_repo
 from services.engagement.channels import (
     AppPushProvider,
     Delivery,
@@ -652,7 +653,7 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
     crashing = Scheduler(
         env.db, env.clock, LocalConsent(), QuietHours(), env.journeys, batch_size=50
     )
-    real_move = repo.move_timers
+    real_move = scheduler_repo.move_timers
     calls = 0
 
     async def crash_on_second_batch(*args: Any) -> None:
@@ -663,11 +664,11 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
             raise asyncio.CancelledError  # ...then the worker is killed
         await real_move(*args)
 
-    monkeypatch.setattr(repo, "move_timers", crash_on_second_batch)
+    monkeypatch.setattr(scheduler_repo, "move_timers", crash_on_second_batch)
     with pytest.raises(asyncio.CancelledError):
         for _ in range(5):
             await crashing.sweep_once()
-    monkeypatch.setattr(repo, "move_timers", real_move)
+    monkeypatch.setattr(scheduler_repo, "move_timers", real_move)
     # A fresh worker (the restart) finishes the job.
     await Scheduler(env.db, env.clock, LocalConsent(), QuietHours(), env.journeys).run_until_idle()
     keys = await env.db.pool.fetch(
@@ -680,15 +681,15 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
     # The dispatcher dies after the provider accepted, before recording it.
     provider = CountingProvider()
     dispatcher = Dispatcher(env.db, env.clock, {"wecom": provider}, {}, batch_size=500)
-    real_record = repo.record_deliveries
+    real_record = scheduler_repo.record_deliveries
 
     async def die(*args: Any) -> None:
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(repo, "record_deliveries", die)
+    monkeypatch.setattr(scheduler_repo, "record_deliveries", die)
     with pytest.raises(asyncio.CancelledError):
         await dispatcher.dispatch_once()
-    monkeypatch.setattr(repo, "record_deliveries", real_record)
+    monkeypatch.setattr(scheduler_repo, "record_deliveries", real_record)
     ours = {
         r["send_key"]
         for r in await env.db.pool.fetch(

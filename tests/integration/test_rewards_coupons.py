@@ -20,8 +20,8 @@ from loyalty.events.v1 import events_pb2
 from servicekit.db import create_pool
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from servicekit.events import ENVELOPE_FIELD, stream_name
-from services.rewards import coupon_service as svc
-from services.rewards.coupons import CODE_ALPHABET, CODE_LENGTH, Kind, Limits, Status, Terms
+from services.rewards.coupons import handlers as svc
+from services.rewards.coupons.domain import CODE_ALPHABET, CODE_LENGTH, Kind, Limits, Status, Terms
 from services.rewards.seed import seed_demo
 
 from ..harness import Infra

@@ -24,8 +24,8 @@ from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
 from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
-from services.rewards import coupon_service
-from services.rewards.jobs import expire_coupons
+from services.rewards.coupons import handlers as coupon_service
+from services.rewards.coupons.jobs import expire_coupons
 from services.rewards.seed import seed_demo
 
 from ..harness import Infra, eventually
@@ -479,8 +479,8 @@ async def test_a_lapsed_lock_frees_the_coupon_for_another_order(
 async def test_expiring_coupons_are_announced_once(
     stub: Stub, rewards_app: object, db: asyncpg.Connection
 ) -> None:
-    from services.rewards.coupon_service import CouponPolicy
-    from services.rewards.jobs import announce_expiring_coupons
+    from services.rewards.coupons.handlers import CouponPolicy
+    from services.rewards.coupons.jobs import announce_expiring_coupons
 
     member = str(uuid.uuid4())
     soon = await coupon(stub, await template(stub, valid_days=2), member)

@@ -18,13 +18,13 @@ import pytest
 
 from servicekit.db import Connection, Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from services.rewards import coupon_repository
-from services.rewards.audit import audit_ledger
-from services.rewards.coupon_service import issue_coupon
-from services.rewards.coupons import Kind, Limits, Status, Terms
-from services.rewards.mall import ItemKind, ItemSpec, ItemStatus
-from services.rewards.mall_service import Exchange, PointsMall
-from services.rewards.points import PointsLedger
+from services.rewards.coupons import repository as coupon_repository
+from services.rewards.coupons.domain import Kind, Limits, Status, Terms
+from services.rewards.coupons.handlers import issue_coupon
+from services.rewards.mall.domain import ItemKind, ItemSpec, ItemStatus
+from services.rewards.mall.handlers import Exchange, PointsMall
+from services.rewards.points.audit import audit_ledger
+from services.rewards.points.handlers import PointsLedger
 
 NOW = datetime(2026, 5, 1, 4, 0, tzinfo=UTC)
 

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 
 from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.errors import DomainError
-from services.rewards.audit import audit_ledger
-from services.rewards.domain import Channel, OrderRequest
-from services.rewards.handlers import RewardsHandlers
-from services.rewards.jobs import expire_due
-from services.rewards.points import PointsLedger
-from services.rewards.policy import ExpiryKind, ExpiryPolicy, LedgerPolicy
+from services.rewards.orders.domain import Channel, OrderRequest
+from services.rewards.orders.handlers import RewardsHandlers
+from services.rewards.points.audit import audit_ledger
+from services.rewards.points.domain import ExpiryKind, ExpiryPolicy, LedgerPolicy
+from services.rewards.points.handlers import PointsLedger
+from services.rewards.points.jobs import expire_due
 from services.rewards.seed import seed_demo
 
 from ..harness import Infra

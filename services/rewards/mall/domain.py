@@ -1,10 +1,10 @@
 """Points mall rules: what an item is, which status moves are allowed, why an
-exchange is refused. Pure: no I/O; mall_service.py applies them.
+exchange is refused. Pure: no I/O; handlers.py applies them.
 
 An item is a coupon template or goods with a SKU, priced in points and
 optionally points + cash (the cash is recorded on the exchange and paid
 elsewhere). Stock and the per-member limit are enforced by conditional
-updates in mall_service.py; these rules only name the refusal.
+updates in handlers.py; these rules only name the refusal.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import datetime
 
 from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .policy import MAX_POINTS_PER_OPERATION, check_text
+from ..points.domain import MAX_POINTS_PER_OPERATION, check_text
 
 MAX_STOCK = 10_000_000
 MAX_CASH_FEN = 10_000_00

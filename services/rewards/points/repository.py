@@ -23,7 +23,7 @@ from typing import Any
 
 from servicekit.db import Connection
 
-from .policy import Lot
+from .domain import Lot
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from typing import Any
 
 from servicekit.errors import InvalidArgument
 
-from .domain import BASE_EARNING_RULE, EarningRule, OrderRequest, Rounding
-from .policy import BUSINESS_TZ
+from ..orders.domain import BASE_EARNING_RULE, EarningRule, OrderRequest, Rounding
+from .domain import BUSINESS_TZ
 
 BP = 10_000  # basis points: 10000 = x1
 

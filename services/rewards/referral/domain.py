@@ -1,5 +1,5 @@
 """Referral (裂变) rules: invite codes, who may accept an invite, which rewards
-each step grants. Pure: no I/O; referral_service.py applies them.
+each step grants. Pure: no I/O; handlers.py applies them.
 
 The programme is configuration (REWARDS_REFERRAL_RULES, JSON, see
 `parse_referral_rules`): for each step (registration, first_order) and each
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servicekit.errors import FailedPrecondition, InvalidArgument
 
-from .earning import Period
+from ..points.earning import Period
 
 # Crockford-like: no 0/O, 1/I/L, and no U, so a code read aloud or typed from
 # a poster is not misread.

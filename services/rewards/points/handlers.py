@@ -3,7 +3,7 @@
 Every write claims an idempotency key first (ledger_requests, or the order's
 key for checkout), then takes the member's lock, brings the member's lots up to
 date (lazy expiry and activation, as journal transactions), decides with the
-pure rules in policy.py and writes with `ledger.post`.
+pure rules in domain.py and writes with `repository.post`.
 
 A refusal that depends on state (not enough points, refund larger than the
 order) is stored under the key and the unit of work commits it: use cases
@@ -30,12 +30,10 @@ from servicekit.errors import (
 )
 from servicekit.protos import timestamp
 
-from . import ledger
-from . import repository as repo
-from .domain import parse_member_id, parse_store_id
-from .earning import EarningRules, period_start
-from .ledger import Balance, BalanceDelta, Entry, LotChange, NewLot, Posting
-from .policy import (
+from ..orders import repository as repo
+from ..orders.domain import parse_member_id, parse_store_id
+from . import repository as ledger
+from .domain import (
     DEFAULT_POLICY,
     MAX_POINTS_PER_OPERATION,
     LedgerPolicy,
@@ -51,6 +49,8 @@ from .policy import (
     refund_points_due,
     request_hash,
 )
+from .earning import EarningRules, period_start
+from .repository import Balance, BalanceDelta, Entry, LotChange, NewLot, Posting
 
 T = TypeVar("T")
 

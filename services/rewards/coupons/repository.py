@@ -17,8 +17,8 @@ from typing import Any
 
 from servicekit.db import Connection
 
-from .coupons import Limits, Status, Terms, shard_stock
-from .repository import MemberState
+from ..orders.repository import MemberState
+from .domain import Limits, Status, Terms, shard_stock
 
 COUPON_COLUMNS = (
     "c.id, c.code, c.template_id, c.template_version, c.member_id, c.reason, c.issued_by,"

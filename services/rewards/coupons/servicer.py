@@ -1,4 +1,4 @@
-"""gRPC mapping of the coupon RPCs (protobuf <-> coupon_service), mixed into
+"""gRPC mapping of the coupon RPCs (protobuf <-> handlers.py), mixed into
 RewardsServicer so the coupon surface lives beside its use cases."""
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from servicekit.db import Database, with_retries
 from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp
 
-from . import coupon_service as svc
-from .coupon_repository import TemplateRow
-from .coupons import ChannelGroup, Kind, Limits, Status, Terms
-from .domain import Channel, OrderLine
-from .growth_servicer import optional_time, set_time
-from .growth_servicer import page as _page
-from .handlers import RewardsHandlers
+from ..orders.domain import Channel, OrderLine
+from ..orders.handlers import RewardsHandlers
+from ..wire import optional_time, set_time
+from ..wire import page as _page
+from . import handlers as svc
+from .domain import ChannelGroup, Kind, Limits, Status, Terms
+from .repository import TemplateRow
 
 CHANNELS = {
     common_pb2.CHANNEL_STORE: Channel.STORE,
@@ -266,7 +266,7 @@ class CouponRpcs:
                 )
 
         # At the end of a stock, an issue waiting for a shard a batch holds
-        # can deadlock with it (coupon_repository.take_stock): run it again.
+        # can deadlock with it (repository.take_stock): run it again.
         c: svc.IssuedCoupon = await with_retries(attempt)
         # The relay is woken like for any unit of work that emitted.
         self._db.outbox_wakeup.set()

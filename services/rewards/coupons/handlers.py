@@ -8,7 +8,7 @@ An issue is two round trips: one read (a coupon under the key, the erasure
 mark, the template), then one statement that claims the issue key, takes the
 member's count, the day's count and a stock shard, each a conditional write,
 and inserts the coupon and its CouponIssued outbox row
-(coupon_repository.ISSUE_SQL). A guard that does not pass raises, undoing the
+(repository.ISSUE_SQL). A guard that does not pass raises, undoing the
 statement as a whole.
 
 `issue_coupons` issues one template to up to MAX_BATCH members (IssueCoupons,
@@ -34,8 +34,11 @@ from servicekit.errors import Conflict, DomainError, FailedPrecondition, Invalid
 from servicekit.events import make_envelope
 from servicekit.protos import timestamp
 
-from . import coupon_repository as crepo
-from .coupons import (
+from ..orders.domain import Channel, OrderLine, OrderRequest, parse_member_id, parse_store_id
+from ..points.domain import BUSINESS_TZ, check_text
+from ..points.earning import EarningRules
+from . import repository as crepo
+from .domain import (
     MAX_ID_LENGTH,
     Cart,
     CartLine,
@@ -56,9 +59,6 @@ from .coupons import (
     validate_limits,
     validate_terms,
 )
-from .domain import Channel, OrderLine, OrderRequest, parse_member_id, parse_store_id
-from .earning import EarningRules
-from .policy import BUSINESS_TZ, check_text
 
 PRODUCER = "rewards"
 MAX_KEY_LENGTH = 128

@@ -19,12 +19,13 @@ from typing import Any
 from servicekit.db import UnitOfWork
 from servicekit.errors import Conflict, DomainError, InvalidArgument, NotFound
 
-from . import growth_repository as repo
-from .domain import parse_member_id
-from .earning import period_start
-from .mall_service import CouponIssuer, issued_coupon_id
-from .points import PointsLedger, refuse_erased
-from .referral import (
+from .. import merges
+from ..mall.handlers import CouponIssuer, issued_coupon_id
+from ..orders.domain import parse_member_id
+from ..points.earning import period_start
+from ..points.handlers import PointsLedger, refuse_erased
+from . import repository as repo
+from .domain import (
     Acceptance,
     Fission,
     ReferralRules,
@@ -117,7 +118,7 @@ class Referrals:
         await refuse_erased(conn, asked)
         # After a OneID merge the person keeps one code: the holder's own, or
         # the one an absorbed id already shared (it credits the holder).
-        person = await repo.person_of(conn, asked)
+        person = await merges.person_of(conn, asked)
         member = person[0]
         if prints:
             await repo.record_fingerprints(conn, member, Role.INVITER.value, prints)
@@ -156,7 +157,7 @@ class Referrals:
         conn = uow.conn
         await refuse_erased(conn, invitee)
         # Both sides as people: the ids merged into each count as theirs.
-        invitees = await repo.person_of(conn, invitee)
+        invitees = await merges.person_of(conn, invitee)
         invitee = invitees[0]
         maker = await repo.inviter_of_code(conn, code)
         if maker is None:
@@ -167,11 +168,11 @@ class Referrals:
             )
         # The referral is the code maker's (an unmerge gives it back with the
         # code); its rules and rewards apply to whoever holds the maker now.
-        inviter = await repo.holder_of(conn, maker)
+        inviter = await merges.holder_of(conn, maker)
         existing = await self._existing(conn, invitees, inviter)
         if existing is not None:
             return existing
-        inviters = await repo.person_of(conn, inviter)
+        inviters = await merges.person_of(conn, inviter)
         await repo.lock_fingerprints(conn, prints)
         facts = Acceptance(
             inviter_id=str(inviter),
@@ -208,7 +209,7 @@ class Referrals:
         row = await repo.referral_of_invitee(conn, invitees)
         if row is None:
             return None
-        if await repo.holder_of(conn, row["inviter_id"]) != inviter:
+        if await merges.holder_of(conn, row["inviter_id"]) != inviter:
             raise Conflict(
                 f"member {invitees[0]} already accepted another member's invite",
                 code="ALREADY_REFERRED",
@@ -234,8 +235,8 @@ class Referrals:
         rest is still granted."""
         conn = uow.conn
         # Rewards go to whoever holds each side now (a OneID merge moves them).
-        inviter = await repo.holder_of(conn, referral["inviter_id"])
-        invitee = await repo.holder_of(conn, referral["invitee_id"])
+        inviter = await merges.holder_of(conn, referral["inviter_id"])
+        invitee = await merges.holder_of(conn, referral["invitee_id"])
         for role in Role:
             spec = self.rules.step(step).for_role(role)
             if spec.empty:
@@ -255,7 +256,7 @@ class Referrals:
                 and role is Role.INVITER
                 and not await repo.count_inviter_reward(
                     conn,
-                    await repo.person_of(conn, inviter),
+                    await merges.person_of(conn, inviter),
                     period_start(self.rules.period, now),
                     self.rules.max_rewarded_per_inviter,
                 )
@@ -325,7 +326,7 @@ class Referrals:
         """The inviter's invitees, newest first, with their rewards; the cursor
         of the next page (None: last page)."""
         inviter = uuid.UUID(parse_member_id(inviter_id))
-        person = await repo.person_of(uow.conn, inviter)
+        person = await merges.person_of(uow.conn, inviter)
         rows = await repo.referrals_of_inviter(uow.conn, person, before, size + 1)
         more = len(rows) > size
         rows = rows[:size]

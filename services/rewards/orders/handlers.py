@@ -1,4 +1,6 @@
-"""Use cases of the rewards service, each given a unit of work."""
+"""Use cases of stores and orders, each given a unit of work: prepare and
+complete a POS order (points spent and earned, coupons redeemed, in one
+transaction), refund it, look up a store."""
 
 from __future__ import annotations
 
@@ -12,10 +14,21 @@ from servicekit.db import UnitOfWork
 from servicekit.errors import Conflict, DomainError, NotFound
 from servicekit.protos import timestamp
 
-from . import coupon_repository, coupon_service, ledger
+from ..coupons import handlers as coupon_service
+from ..coupons import repository as coupon_repository
+from ..coupons.domain import spread
+from ..coupons.handlers import CouponPolicy
+from ..points import repository as ledger
+from ..points.earning import Period, period_start
+from ..points.handlers import (
+    Outcome,
+    PointsLedger,
+    Refund,
+    error_doc,
+    error_from_doc,
+    member_erased,
+)
 from . import repository as repo
-from .coupon_service import CouponPolicy
-from .coupons import spread
 from .domain import (
     DEFAULT_LIMITS,
     Channel,
@@ -25,8 +38,6 @@ from .domain import (
     parse_store_id,
     plan_settlement,
 )
-from .earning import Period, period_start
-from .points import Outcome, PointsLedger, Refund, error_doc, error_from_doc, member_erased
 from .repository import StoreRecord
 
 CHANNEL_TO_PROTO = {

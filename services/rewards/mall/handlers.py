@@ -18,10 +18,14 @@ from typing import Any, Protocol
 from servicekit.db import Connection, UnitOfWork
 from servicekit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 
-from . import coupon_repository, ledger
-from . import growth_repository as repo
-from .domain import parse_member_id
-from .mall import (
+from .. import merges
+from ..coupons import repository as coupon_repository
+from ..orders.domain import parse_member_id
+from ..points import repository as ledger
+from ..points.domain import check_key, check_text, request_hash
+from ..points.handlers import PointsLedger, refuse_erased
+from . import repository as repo
+from .domain import (
     ItemKind,
     ItemSpec,
     ItemState,
@@ -32,14 +36,12 @@ from .mall import (
     limit_reached,
     parse_exchange_id,
 )
-from .points import PointsLedger, refuse_erased
-from .policy import check_key, check_text, request_hash
 
 COUPON_REASON_MALL = "mall_exchange"
 
 
 class CouponIssuer(Protocol):
-    """coupon_service.issue_coupon: issues inside the caller's transaction and
+    """coupons.handlers.issue_coupon: issues inside the caller's transaction and
     raises a DomainError (stock, per-member limit, template status)."""
 
     async def __call__(
@@ -55,7 +57,7 @@ class CouponIssuer(Protocol):
 
 
 def issued_coupon_id(issued: Any) -> str:
-    """The coupon's id from coupon_service.IssuedCoupon."""
+    """The coupon's id from coupons.handlers.IssuedCoupon."""
     return str(issued.coupon_id)
 
 
@@ -233,7 +235,7 @@ class PointsMall:
         if member_id:
             # The person's: exchanges made under ids merged into this member too.
             member = uuid.UUID(parse_member_id(member_id))
-            person = await repo.person_of(uow.conn, member)
+            person = await merges.person_of(uow.conn, member)
         rows = await repo.exchanges_of(uow.conn, person, before, size + 1, state)
         more = len(rows) > size
         rows = rows[:size]
@@ -312,7 +314,7 @@ class PointsMall:
             raise exchange_refusal(item_state(item), str(item_id), now)
         spec = item.spec
         # Per person: what merged-in ids exchanged counts against the limit.
-        person = await repo.person_of(conn, member)
+        person = await merges.person_of(conn, member)
         if not await repo.count_member_exchange(conn, item_id, person, spec.per_member_limit):
             raise limit_reached(str(item_id), spec.per_member_limit)
         exchange_id = uuid.uuid4()

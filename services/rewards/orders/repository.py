@@ -1,4 +1,5 @@
-"""SQL of the rewards service (asyncpg; statements are schema-qualified).
+"""SQL of stores and orders (asyncpg; statements are schema-qualified), and the
+local projections of members the other contexts read (tier, erasure).
 
 Every function takes a plain asyncpg connection, so the benchmark runs the
 very statements the service runs. CompleteOrder is, inside one transaction:
@@ -9,7 +10,7 @@ very statements the service runs. CompleteOrder is, inside one transaction:
                       one winner among concurrent retries (losers wait, then get
                       no row).
    (when the order spends points: the member's lock, lazy expiry, and one
-   `ledger.post` statement for the redemption; see points.py)
+   `ledger.post` statement for the redemption; see points/handlers.py)
 2. `record_earning` - one CTE statement: ledger transaction + its entries + the
                       lot + balance upsert (repaying debt first) + the order's
                       balance-after.
