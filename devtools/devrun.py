@@ -252,6 +252,11 @@ def banner(
         f"  curl -s {http}/readyz   # probes need no key",
         "  # demo mini-program backend (acts for the member it asserts with X-Member-Openid):",
         f"  #   key id {keys.miniprogram_key_id}  secret {keys.miniprogram_secret}",
+        f"  #   app {DEMO_APP_ID} only; bind a phone with the local fake WeChat's code:",
+        f"  {py} -m gateway.auth.client --key-id {keys.miniprogram_key_id} --secret "
+        f"{keys.miniprogram_secret} --header 'Idempotency-Key: bind-1' --json "
+        f'\'{{"request_key":"bind-1","app_id":"{DEMO_APP_ID}","openid":"o-demo",'
+        f'"code":"dev-{DEMO_PHONE}"}}\' POST {http}/v1/members/bind-phone',
         "  # more clients: python -m gateway clients create --help",
         "",
         "Ctrl-C to stop.",
