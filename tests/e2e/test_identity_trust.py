@@ -4,7 +4,8 @@ phone binding is proven by WeChat (the local fake) or stays unverified; every
 audit record names the authenticated principal, never a body field; the
 gateway's member caches follow an unmerge or an erasure on the next request;
 placeholder unionids are absent; bind-phone never answers with another
-member."""
+member; a refreshed member code scans (item 10); a quarantine is reported
+(item 14)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,14 @@ from gateway.auth.model import (
     ClientKind,
 )
 from gateway.wechat_fake import FakeWeChatServer
+from loyalty.events.v1 import events_pb2
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.db import asyncpg_dsn
 from servicekit.errors import InvalidArgument
-from tests.harness import Infra
+from servicekit.server import ServiceApp
+from services.member.metrics import MemberMetrics
+from tests.harness import Infra, eventually
+from tests.integration.test_member_oneid import member_stream
 
 pytestmark = pytest.mark.e2e
 
@@ -557,3 +562,39 @@ async def test_a_refreshed_member_code_scans_after_the_last_one_did(
             timeout=10,
         )
         assert scanned.member_id == member
+
+
+# ---- item 14: quarantine is reported -------------------------------------------------
+
+
+async def test_a_phone_typed_for_many_members_is_quarantined_and_reported(
+    mp: httpx.AsyncClient, member_app: ServiceApp, infra: Infra
+) -> None:
+    """A staff phone asserted for member after member: the 4th crosses the
+    threshold (3); the member service emits IdentifierQuarantined and counts
+    it once, so an alert can fire."""
+    metrics: MemberMetrics = member_app.member_metrics  # type: ignore[attr-defined]
+
+    def counted() -> float:
+        labels = {"identifier_type": "phone"}
+        value = metrics.registry.get_sample_value("member_identifiers_quarantined_total", labels)
+        return value or 0.0
+
+    before = counted()
+    phone = new_phone()
+    for n in range(5):
+        openid = f"o{n}-{uuid.uuid4().hex[:10]}"
+        await login(mp, openid)
+        bound = await mp.post(
+            "/v1/members/bind-phone",
+            json={"request_key": key(), "app_id": APP, "openid": openid, "phone": phone},
+        )
+        assert bound.status_code == 200, bound.text
+    assert counted() == before + 1
+    masked = f"{phone[:3]}****{phone[-4:]}"
+
+    async def published() -> bool:
+        found = await member_stream(infra, events_pb2.IdentifierQuarantined)
+        return [e.linked_members for e in found if e.value_masked == masked] == [4]
+
+    await eventually(published)
