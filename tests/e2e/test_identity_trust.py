@@ -9,6 +9,10 @@ member; a refreshed member code scans (item 10); a quarantine is reported
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 
@@ -598,3 +602,50 @@ async def test_a_phone_typed_for_many_members_is_quarantined_and_reported(
         return [e.linked_members for e in found if e.value_masked == masked] == [4]
 
     await eventually(published)
+
+
+async def test_the_clients_command_binds_apps(infra: Infra) -> None:
+    """`python -m gateway clients create --kind miniprogram_backend` needs
+    --app-id; `set-apps` rebinds."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": infra.database_url,
+        "REDIS_URL": infra.redis_url,
+        "REDIS_NAMESPACE": infra.namespace,
+    }
+
+    async def clients(*argv: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "clients",
+            *argv,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    client_id = f"mp-cli-{uuid.uuid4().hex[:6]}"
+    code, _, err = await clients(
+        "create", "--kind", "miniprogram_backend", "--name", "cli", "--client-id", client_id
+    )
+    assert code == 1 and json.loads(err)["error"]["code"] == "APP_IDS_REQUIRED"
+    code, out, err = await clients(
+        "create",
+        "--kind",
+        "miniprogram_backend",
+        "--name",
+        "cli",
+        "--client-id",
+        client_id,
+        "--app-id",
+        APP,
+    )
+    assert code == 0, err
+    assert json.loads(out)["client_id"] == client_id
+    code, out, err = await clients("set-apps", client_id, "--app-id", OTHER_APP)
+    assert code == 0, err
+    assert json.loads(out) == {"client_id": client_id, "app_ids": [OTHER_APP]}
