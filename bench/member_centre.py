@@ -126,6 +126,7 @@ async def register_miniprogram(infra: BenchInfra) -> tuple[str, str]:
         ).create(
             ClientKind.MINIPROGRAM_BACKEND,
             "bench mini-program backend",
+            app_ids=[APP_ID],
             rate_per_second=UNLIMITED_RATE,
             burst=int(UNLIMITED_RATE),
         )

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+from servicekit.safety import refuse_unsafe
 from servicekit.server import (
     add_health_and_reflection,
     create_grpc_server,
@@ -33,6 +34,7 @@ from .http import create_app
 from .metrics import GatewayMetrics, GrpcObserver, pos_client_of
 from .offline import OfflinePolicy
 from .pos import PosServicer
+from .safety import production_problems
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -199,4 +201,6 @@ class Gateway:
 
 
 def build(settings: GatewaySettings) -> Gateway:
+    # Nothing is bound or served with a development secret in production.
+    refuse_unsafe(NAME, settings.loyalty_env, production_problems(settings))
     return Gateway(settings)

@@ -26,6 +26,7 @@ from servicekit.clients import create_channel
 
 from .errors import UNAVAILABLE_MESSAGE, DownstreamError, from_rpc_error
 from .settings import GatewaySettings
+from .wechat import WeChatApi
 
 Reply = TypeVar("Reply")
 _C = TypeVar("_C", bound="_Client")
@@ -430,6 +431,12 @@ class Downstreams:
             for cls, target in candidates
             if target.strip()
         }
+        # Not gRPC, but a downstream all the same: WeChat, for phone codes.
+        self.wechat = WeChatApi(
+            settings.wechat_api_base,
+            settings.wechat_apps,
+            timeout_seconds=settings.wechat_timeout_seconds,
+        )
 
     def _get(self, cls: type[_C]) -> _C:
         client = self._clients.get(cls)
@@ -473,3 +480,5 @@ class Downstreams:
         for client in self._clients.values():
             with contextlib.suppress(Exception):
                 await client.close()
+        with contextlib.suppress(Exception):
+            await self.wechat.close()

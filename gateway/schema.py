@@ -41,12 +41,20 @@ clients = Table(
     # Per-client rate limit; NULL takes the kind's default from settings.
     Column("rate_per_second", Float, nullable=True),
     Column("burst", Integer, nullable=True),
+    # miniprogram_backend: the WeChat app ids it speaks for (at least one);
+    # empty for every other kind.
+    Column("app_ids", ARRAY(Text), nullable=False, server_default="{}"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     CheckConstraint(
         "kind IN ('miniprogram_backend', 'pos', 'operator_console', 'ops_tooling')", name="kind"
     ),
     CheckConstraint("(kind = 'pos') = (store_id <> '')", name="pos_store"),
+    # At least one for a miniprogram_backend is checked at registration (a
+    # client registered before app binding holds none, and speaks for no app).
+    CheckConstraint(
+        "kind = 'miniprogram_backend' OR cardinality(app_ids) = 0", name="app_ids_miniprogram"
+    ),
 )
 
 client_keys = Table(

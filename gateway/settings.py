@@ -71,3 +71,13 @@ class GatewaySettings(CommonSettings):
     token_ttl_seconds: int = Field(default=900, ge=60, le=86_400)
     # Mini-program member assertion: openid -> member id is remembered this long.
     member_assertion_ttl_seconds: float = Field(default=60.0, gt=0)
+
+    # ---- identity (docs/identity.md "Trust boundaries"; kept apart from the door's block)
+    # WeChat API (gateway/wechat.py): phone codes from bind-phone are exchanged
+    # here for the phone WeChat verified. `make run` and the tests point it at
+    # the local fake (gateway/wechat_fake.py).
+    wechat_api_base: str = "https://api.weixin.qq.com"
+    # App id -> app secret of every mini-program whose phone codes the gateway
+    # checks, as JSON (WECHAT_APPS='{"wx123": "secret"}'), from a Secret.
+    wechat_apps: dict[str, str] = Field(default_factory=dict)
+    wechat_timeout_seconds: float = Field(default=3.0, gt=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,11 @@ class CommonSettings(BaseSettings):
     """What every process reads: where the data lives and how to report."""
 
     model_config = SettingsConfigDict(env_file=DEV_ENV_FILE, extra="ignore", frozen=True)
+
+    # production (the default for `python -m ...`) refuses development secrets
+    # at start (servicekit/safety.py); make run, the benchmark and the tests
+    # set development.
+    loyalty_env: Literal["development", "production"] = "production"
 
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/postgres",

@@ -14,6 +14,7 @@ from pydantic.config import JsonDict
 from loyalty.rewards.v1 import rewards_pb2
 
 from ..clients import Downstreams
+from ..principal import principal
 from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
 
 router = APIRouter()
@@ -127,8 +128,11 @@ class ExpiringPoints(BaseModel):
 
 class Adjustment(BaseModel):
     points: int = Field(description="Positive credits, negative debits; never 0")
-    operator_id: str = Field(min_length=1, max_length=256)
-    reason: str = Field(min_length=1, max_length=256)
+    reason: str = Field(
+        min_length=1,
+        max_length=256,
+        description="Free text; who acted is the authenticated client (and X-Operator-User)",
+    )
     idempotency_key: str = Field(min_length=1, max_length=128)
 
 
@@ -301,7 +305,7 @@ async def get_expiring(
     "/v1/admin/members/{member_id}/points/adjustments",
     response_model=AdjustmentResult,
     tags=["admin"],
-    summary="Credit or debit a member's points, with reason and operator",
+    summary="Credit or debit a member's points, with a reason; the caller is audited",
     responses=MEMBER_ERRORS,
 )
 async def adjust(member_id: MemberId, body: Adjustment, request: Request) -> AdjustmentResult:
@@ -309,7 +313,7 @@ async def adjust(member_id: MemberId, body: Adjustment, request: Request) -> Adj
         rewards_pb2.AdjustPointsRequest(
             member_id=str(member_id),
             points=body.points,
-            operator_id=body.operator_id,
+            operator_id=principal(request),
             reason=body.reason,
             idempotency_key=body.idempotency_key,
         )

@@ -30,6 +30,32 @@ from .crypto import SecretBox, api_key, new_key_id, new_secret
 from .model import DEFAULT_SCOPES, KNOWN_SCOPES, ClientKind
 
 _CLIENT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# A WeChat app id (wx + 16 hex in practice; kept loose for test and demo apps).
+_APP_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _app_ids(kind: ClientKind, app_ids: Sequence[str]) -> list[str]:
+    """A mini-program backend names at least one app; no other kind names any."""
+    apps = sorted({a.strip() for a in app_ids})
+    if kind is not ClientKind.MINIPROGRAM_BACKEND:
+        if apps:
+            raise InvalidArgument(
+                "only a miniprogram_backend client is bound to apps",
+                code="APP_IDS_FOR_MINIPROGRAM_ONLY",
+                field="app_ids",
+            )
+        return []
+    if not apps:
+        raise InvalidArgument(
+            "a miniprogram_backend client needs --app-id (repeatable): the WeChat apps "
+            "whose openids it may assert",
+            code="APP_IDS_REQUIRED",
+            field="app_ids",
+        )
+    bad = [a for a in apps if not _APP_ID.match(a)]
+    if bad:
+        raise InvalidArgument(f"not an app id: {bad[0]!r}", code="INVALID_APP_ID", field="app_ids")
+    return apps
 
 
 @dataclass(frozen=True)
@@ -61,6 +87,7 @@ class ClientAdmin:
         scopes: Sequence[str] = (),
         rate_per_second: float | None = None,
         burst: int | None = None,
+        app_ids: Sequence[str] = (),
     ) -> IssuedKey:
         client_id = client_id or f"{kind.value.split('_')[0]}-{secrets.token_hex(4)}"
         if not _CLIENT_ID.match(client_id):
@@ -89,6 +116,8 @@ class ClientAdmin:
                 code="INVALID_RATE_LIMIT",
                 field="rate_per_second",
             )
+        # Last of the checks: a refusal of the kind's scopes or limits names those.
+        apps = _app_ids(kind, app_ids)
         key_id, secret = new_key_id(), new_secret()
         async with self._pool.acquire() as conn, conn.transaction():
             created = await repo.insert_client(
@@ -100,6 +129,7 @@ class ClientAdmin:
                 granted,
                 rate_per_second,
                 burst,
+                apps,
             )
             if not created:
                 raise AlreadyExists(
@@ -108,6 +138,20 @@ class ClientAdmin:
             await repo.insert_key(conn, key_id, client_id, self._box.seal(key_id, secret))
         await self._changed()
         return IssuedKey(client_id, key_id, secret, api_key(key_id, secret))
+
+    async def set_apps(self, client_id: str, app_ids: Sequence[str]) -> list[str]:
+        """Bind a mini-program backend to exactly these apps (replacing the old
+        list): a client registered before app binding speaks for none."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            kind = await repo.live_client_kind(conn, client_id)
+            if kind is None:
+                raise NotFound(
+                    f"no active client {client_id}", code="UNKNOWN_CLIENT", field="client_id"
+                )
+            apps = _app_ids(ClientKind(kind), app_ids)
+            await repo.set_app_ids(conn, client_id, apps)
+        await self._changed()
+        return apps
 
     async def rotate(self, client_id: str) -> IssuedKey:
         """A new key beside the existing ones (both valid): switch callers over,
@@ -139,7 +183,13 @@ class ClientAdmin:
         await self._changed()
 
     async def fresh_key(
-        self, kind: ClientKind, name: str, client_id: str, *, store_id: str = ""
+        self,
+        kind: ClientKind,
+        name: str,
+        client_id: str,
+        *,
+        store_id: str = "",
+        app_ids: Sequence[str] = (),
     ) -> IssuedKey:
         """For `make run`: the client, created if new, with one new key and its
         older keys revoked (a secret cannot be shown again, so a restart issues
@@ -150,7 +200,9 @@ class ClientAdmin:
                 raise AlreadyExists(
                     f"client {client_id} was revoked", code="CLIENT_REVOKED", field="client_id"
                 )
-            return await self.create(kind, name, client_id=client_id, store_id=store_id)
+            return await self.create(
+                kind, name, client_id=client_id, store_id=store_id, app_ids=app_ids
+            )
         issued = await self.rotate(client_id)
         for key_id in existing.active_keys:
             await self.revoke_key(key_id)
@@ -184,6 +236,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--rate", type=float, default=None, help="requests/s (default: kind's)")
     create.add_argument("--burst", type=int, default=None, help="bucket size (with --rate)")
+    create.add_argument(
+        "--app-id",
+        action="append",
+        default=[],
+        help="miniprogram_backend only, required, repeatable: a WeChat app id it speaks for",
+    )
+    set_apps = commands.add_parser(
+        "set-apps", help="bind a miniprogram_backend client to exactly these WeChat app ids"
+    )
+    set_apps.add_argument("client_id")
+    set_apps.add_argument("--app-id", action="append", required=True)
     commands.add_parser("list", help="clients, scopes and active key ids (never secrets)")
     rotate = commands.add_parser("rotate", help="add a new key; the old ones stay valid")
     rotate.add_argument("client_id")
@@ -211,8 +274,12 @@ async def run(
                 scopes=args.scope,
                 rate_per_second=args.rate,
                 burst=args.burst,
+                app_ids=args.app_id,
             )
             return asdict(issued)
+        if args.command == "set-apps":
+            apps = await admin.set_apps(args.client_id, args.app_id)
+            return {"client_id": args.client_id, "app_ids": apps}
         if args.command == "rotate":
             return asdict(await admin.rotate(args.client_id))
         if args.command == "revoke":

@@ -73,7 +73,12 @@ class Door:
             settings.auth_clock_skew_seconds,
             {kind: Limit(rate, burst) for kind, (rate, burst) in settings.rate_limits.items()},
         )
-        self.members = MemberAssertions(downstreams, settings.member_assertion_ttl_seconds)
+        self.members = MemberAssertions(
+            downstreams,
+            settings.member_assertion_ttl_seconds,
+            redis=self.redis,
+            namespace=settings.redis_namespace,
+        )
         self.registry: CredentialRegistry | None = None
         self.tokens = TokenIssuer(settings.auth_secret_key, settings.token_ttl_seconds)
 

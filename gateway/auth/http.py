@@ -196,7 +196,7 @@ class HttpAuthMiddleware:
             raise PermissionDenied(f"this route needs the scope {needed}", code="SCOPE_MISSING")
         if needed == MEMBER_SELF and acts_as_member_only(credential.scopes):
             asserted = await self._members.asserted(
-                header(scope, APPID_HEADER), header(scope, OPENID_HEADER)
+                header(scope, APPID_HEADER), header(scope, OPENID_HEADER), credential
             )
             if "member_id" in params:
                 await self._members.require_same(str(params["member_id"]), asserted)

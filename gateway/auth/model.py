@@ -90,6 +90,8 @@ class Credential:
     secret: str
     rate_per_second: float | None = None
     burst: int | None = None
+    # miniprogram_backend only: the WeChat app ids it may speak for.
+    app_ids: frozenset[str] = frozenset()
 
 
 class Unauthenticated(DomainError):

@@ -64,6 +64,7 @@ class CredentialRegistry:
                 secret=self._box.open(row.key_id, row.secret_cipher),
                 rate_per_second=row.rate_per_second,
                 burst=row.burst,
+                app_ids=frozenset(row.app_ids),
             )
         self._credentials = credentials
         self._revoked = frozenset(revoked)

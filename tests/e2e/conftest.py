@@ -22,6 +22,7 @@ from gateway.auth.client import HmacAuth
 from gateway.auth.crypto import SecretBox
 from gateway.auth.model import ClientKind
 from gateway.settings import GatewaySettings
+from gateway.wechat_fake import FakeWeChat, FakeWeChatServer
 from loyalty.pos.v1 import pos_pb2_grpc
 from servicekit.db import asyncpg_dsn, create_pool
 from servicekit.redis_client import create_redis
@@ -88,6 +89,19 @@ async def demo_stores(infra: Infra, rewards_app: ServiceApp) -> list[str]:
     return [s.store_id for s in DEMO_STORES]
 
 
+# The mini-program apps the session gateway holds WeChat credentials for.
+WECHAT_APPS = {"wx-shop": "e2e-wechat-secret-shop", "wx-other": "e2e-wechat-secret-other"}
+
+
+@pytest.fixture(scope="session")
+async def wechat() -> AsyncIterator[FakeWeChatServer]:
+    """The local fake of WeChat's API (gateway/wechat_fake.py) on a loopback port."""
+    server = FakeWeChatServer(FakeWeChat(apps=dict(WECHAT_APPS)))
+    await server.start()
+    yield server
+    await server.stop()
+
+
 @pytest.fixture(scope="session")
 async def gateway(
     infra: Infra,
@@ -95,9 +109,12 @@ async def gateway(
     rewards_app: ServiceApp,
     tiering_app: ServiceApp,
     demo_stores: list[str],
+    wechat: FakeWeChatServer,
 ) -> AsyncIterator[Gateway]:
     gw = build(
         gateway_settings(
+            wechat_api_base=wechat.base_url,
+            wechat_apps=WECHAT_APPS,
             member_addr=f"127.0.0.1:{member_app.port}",
             rewards_addr=f"127.0.0.1:{rewards_app.port}",
             tiering_addr=f"127.0.0.1:{tiering_app.port}",

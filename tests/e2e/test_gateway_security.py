@@ -25,6 +25,7 @@ from gateway.auth.client import HmacAuth, StoreKeyInterceptor
 from gateway.auth.crypto import sign
 from gateway.auth.model import ADMIN_REWARDS, MEMBER_ANY, ClientKind
 from gateway.ratelimit import Limit
+from gateway.wechat_fake import FakeWeChatServer
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.errors import error_info
 
@@ -76,7 +77,6 @@ def adjustment(points: int = 7) -> bytes:
     return json.dumps(
         {
             "points": points,
-            "operator_id": "op-1",
             "reason": "security test",
             "idempotency_key": str(uuid.uuid4()),
         }
@@ -104,7 +104,9 @@ async def operator(client_admin: ClientAdmin) -> IssuedKey:
 
 @pytest.fixture(scope="module")
 async def miniprogram(client_admin: ClientAdmin) -> IssuedKey:
-    return await client_admin.create(ClientKind.MINIPROGRAM_BACKEND, "security mini-program")
+    return await client_admin.create(
+        ClientKind.MINIPROGRAM_BACKEND, "security mini-program", app_ids=[APP_ID]
+    )
 
 
 # ---- HTTP: every refusal writes nothing ----------------------------------------
@@ -458,6 +460,7 @@ async def test_an_absorbed_member_id_is_the_asserted_members_own(
     http: httpx.AsyncClient,
     pos: pos_pb2_grpc.PosServiceStub,
     miniprogram: IssuedKey,
+    wechat: FakeWeChatServer,
 ) -> None:
     """The till met the phone first (a member of its own); binding the phone
     merges that member into the logged-in one: its old id is now the same person."""
@@ -468,7 +471,12 @@ async def test_an_absorbed_member_id_is_the_asserted_members_own(
     )
     bound = await http.post(
         "/v1/members/bind-phone",
-        json={"request_key": str(uuid.uuid4()), "app_id": APP_ID, "openid": openid, "phone": phone},
+        json={
+            "request_key": str(uuid.uuid4()),
+            "app_id": APP_ID,
+            "openid": openid,
+            "code": wechat.fake.issue_code(APP_ID, phone),
+        },
     )
     assert bound.status_code == 200, bound.text
     assert bound.json()["merged_member_ids"] == [at_till.member_id]

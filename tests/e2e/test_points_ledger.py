@@ -120,7 +120,6 @@ async def test_operator_adjustment_expiring_and_liability(
     member, _ = await member_with_points(pos, 3_000)
     body = {
         "points": 15,
-        "operator_id": "ops-li",
         "reason": "store apology",
         "idempotency_key": member,
     }
