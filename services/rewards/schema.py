@@ -2,7 +2,9 @@
 
 CHECK constraints are declared here for the record and written by hand in the
 migrations (Alembic does not compare them). The points journal is append-only:
-migration 0001 adds triggers that reject UPDATE and DELETE on it.
+migration 0001 adds triggers that reject UPDATE and DELETE on it; migration
+0009 adds a deferred constraint trigger that refuses, at commit, a transaction
+whose entries do not sum to zero.
 """
 
 from __future__ import annotations
@@ -221,8 +223,12 @@ points_lots = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     # Set once PointsExpiringSoon was emitted for this lot.
     Column("expiry_notified_at", DateTime(timezone=True)),
+    # Points a refund claimed from this lot while an open hold had them: a
+    # void of that hold reverses them, a post settles the claim.
+    Column("clawback", BigInteger, nullable=False, server_default="0"),
     created_at(),
     Index(None, "member_id", "status", "expires_at"),
+    CheckConstraint("clawback >= 0", name="clawback_nonnegative"),
     CheckConstraint("points > 0", name="points_positive"),
     CheckConstraint("remaining >= 0 AND remaining <= points", name="remaining_within_points"),
     CheckConstraint("status IN ('pending', 'active', 'expired', 'moved')", name="status_known"),
@@ -281,7 +287,8 @@ refunds = Table(
     Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
     created_at(),
     UniqueConstraint("store_id", "refund_transaction_id"),
-    CheckConstraint("refunded_amount_fen > 0", name="refunded_amount_positive"),
+    # 0 only for an order nothing was paid on, refunded in full (migration 0009).
+    CheckConstraint("refunded_amount_fen >= 0", name="refunded_amount_nonnegative"),
     CheckConstraint(
         "points_due = points_reversed + points_debt + points_shortfall", name="points_add_up"
     ),

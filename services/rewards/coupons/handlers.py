@@ -186,7 +186,7 @@ async def issue_coupon(
     check_template_id(template_id)
     check_issue_key(issue_key)
     why = check_reason(reason)
-    digest = issue_hash(template_id, str(member_id), why.value)
+    digest = issue_hash(template_id, str(member_id), why.value, issued_by)
     # One round trip: a coupon already under the key, the erasure mark, the template.
     existing, erased, template = await crepo.issue_context(conn, issue_key, member_id, template_id)
     if existing is not None:
@@ -378,7 +378,7 @@ async def issue_coupons(
     template = ctx.template
     if template is None:
         raise unknown_template(template_id)
-    digests = [issue_hash(template_id, str(i.member_id), why.value) for i in items]
+    digests = [issue_hash(template_id, str(i.member_id), why.value, issued_by) for i in items]
     results: list[BulkResult | None] = [None] * len(items)
     if ctx.taken_keys:
         stored = await crepo.coupons_by_keys(conn, list(ctx.taken_keys))

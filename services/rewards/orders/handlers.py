@@ -261,7 +261,7 @@ class RewardsHandlers:
         if outcome.value is None:
             return outcome, []
         order_id = uuid.UUID(outcome.value.order_id)
-        refunded, _, _ = await ledger.refunds_so_far(uow.conn, order_id)
+        refunded, _, _, _ = await ledger.refunds_so_far(uow.conn, order_id)
         paid = await coupon_repository.order_paid_amount(uow.conn, order_id)
         return outcome, await coupon_service.restore_for_refund(
             uow.conn, order_id, paid, refunded, now

@@ -176,9 +176,16 @@ def _uuid(member_id: str, field: str = "member_id") -> uuid.UUID:
     return uuid.UUID(parse_member_id(member_id, field))
 
 
-def insufficient(member_id: uuid.UUID, wanted: int, available: int, field: str) -> DomainError:
+def spendable(balance: Balance) -> int:
+    """What a member may spend: available points net of debt (docs/ledger.md,
+    "Debt": a member who owes points spends only what exceeds the debt)."""
+    return max(0, balance.available - balance.debt)
+
+
+def insufficient(member_id: uuid.UUID, wanted: int, balance: Balance, field: str) -> DomainError:
+    owed = f" ({balance.debt} owed as debt)" if balance.debt else ""
     return FailedPrecondition(
-        f"member {member_id} has {available} points available, {wanted} requested",
+        f"member {member_id} has {spendable(balance)} points to spend{owed}, {wanted} requested",
         code="INSUFFICIENT_POINTS",
         field=field,
     )
@@ -334,6 +341,7 @@ class PointsLedger:
         idempotency_key: str,
         reference: str,
         now: datetime,
+        ttl: timedelta | None = None,
     ) -> tuple[uuid.UUID, int, str, list[Take]] | Outcome[Spend]:
         """What a redemption and a hold share: validate, claim the key, lock and
         maintain the member and pick the lots; an Outcome is a replay or a refusal."""
@@ -341,18 +349,20 @@ class PointsLedger:
         rkey = f"{operation}:{check_key(idempotency_key)}"
         check_text(reference, "reference", "REFERENCE", required=False)
         await refuse_erased(conn, member)
-        _, stored = await self._claim(
-            conn, rkey, operation, {"member_id": str(member), "points": points, "ref": reference}
-        )
+        body: dict[str, object] = {"member_id": str(member), "points": points, "ref": reference}
+        if ttl is not None:
+            # Only when given, so hashes of holds on the default time-out stay the same.
+            body["ttl_ms"] = ttl // timedelta(milliseconds=1)
+        _, stored = await self._claim(conn, rkey, operation, body)
         if stored is not None:
             return self._replay(stored, Spend.from_doc)
         state = await self.maintain(conn, member, now)
         if state is None:
             return await self._reject(conn, rkey, no_account(member))
-        takes = allocate(state.lots, points, now)
+        takes = allocate(state.lots, points, now) if points <= spendable(state.balance) else None
         if takes is None:
             return await self._reject(
-                conn, rkey, insufficient(member, points, state.balance.available, "points")
+                conn, rkey, insufficient(member, points, state.balance, "points")
             )
         return member, points, rkey, takes
 
@@ -424,10 +434,10 @@ class PointsLedger:
         """Points spent as part of a checkout (the order's key is the idempotency key)."""
         state = await self.maintain(conn, member, now)
         if state is None:
-            return insufficient(member, points, 0, "points_to_redeem")
-        takes = allocate(state.lots, points, now)
+            return insufficient(member, points, Balance(), "points_to_redeem")
+        takes = allocate(state.lots, points, now) if points <= spendable(state.balance) else None
         if takes is None:
-            return insufficient(member, points, state.balance.available, "points_to_redeem")
+            return insufficient(member, points, state.balance, "points_to_redeem")
         return await self._post_redeem(
             conn, member, points, takes, f"redeem:order:{order_id}", None, order_id
         )
@@ -445,7 +455,7 @@ class PointsLedger:
         ttl: timedelta | None = None,
     ) -> Outcome[Spend]:
         start = await self._start_spend(
-            uow.conn, "hold", member_id, points, idempotency_key, reference, now
+            uow.conn, "hold", member_id, points, idempotency_key, reference, now, ttl
         )
         if isinstance(start, Outcome):
             return start
@@ -547,9 +557,15 @@ class PointsLedger:
             ),
         )
         assert balance is not None
+        # Spent: what a refund claimed from these points stays its debt or shortfall.
+        claws, _ = await self._clawbacks(conn, hold)
+        if claws:
+            await ledger.change_clawback(conn, {lot: -c for lot, c in claws.items()})
         # Under the member's lock the hold is still 'held'; the conditional
         # update is the exactly-once guard all the same (False rolls back).
-        assert await ledger.resolve_hold(conn, hold["id"], "posted", txn, now)
+        # The call stays outside the assert (`python -O` drops asserts).
+        resolved = await ledger.resolve_hold(conn, hold["id"], "posted", txn, now)
+        assert resolved, "the member's lock serialises resolutions"
         return Outcome(
             Spend(
                 str(txn),
@@ -591,17 +607,53 @@ class PointsLedger:
             )
         )
 
-    async def _void(self, conn: Connection, hold: Any, status: str, now: datetime) -> Spend:
-        """Give a hold's points back to the lots they came from, with their
-        original expiry (a lot that lapsed meanwhile lapses again at once)."""
-        txn = uuid.uuid4()
-        member, points = hold["member_id"], hold["points"]
+    async def _clawbacks(
+        self, conn: Connection, hold: Any
+    ) -> tuple[dict[uuid.UUID, int], list[tuple[uuid.UUID, int, Any]]]:
+        """What refunds claim back from this hold's points, by lot, and the
+        hold's takes with their lots."""
         takes = await ledger.hold_takes(conn, hold["transaction_id"])
         lots = await ledger.lots_by_id(conn, [lot for lot, _ in takes])
+        claws = {lot: min(n, lots[lot]["clawback"]) for lot, n in takes if lots[lot]["clawback"]}
+        return claws, [(lot, n, lots[lot]) for lot, n in takes]
+
+    async def _void(self, conn: Connection, hold: Any, status: str, now: datetime) -> Spend:
+        """Give a hold's points back to the lots they came from, with their
+        original expiry (a lot that lapsed meanwhile lapses again at once).
+
+        Points a refund claimed while they were held are not revived: under
+        the debt policy they repay the debt the refund booked for them (what
+        the member already repaid otherwise comes back to them), under the
+        report policy they go back to the brand."""
+        txn = uuid.uuid4()
+        member, points = hold["member_id"], hold["points"]
+        claws, takes = await self._clawbacks(conn, hold)
+        clawed = sum(claws.values())
+        repay = reverse = 0
+        if clawed and self.policy.shortfall is ShortfallPolicy.DEBT:
+            owed = await ledger.read_balance(conn, member)
+            repay = min(clawed, owed.debt if owed else 0)
+        elif clawed:
+            reverse = clawed
+        # Which lots keep what they claimed: the repaid or reversed points
+        # leave from the claiming lots, in the order of the hold's takes.
+        kept, left = {}, repay + reverse
+        for lot, _n, _row in takes:
+            kept[lot] = min(left, claws.get(lot, 0))
+            left -= kept[lot]
         changes = [
-            LotChange(lot, n, "active" if lots[lot]["status"] == "expired" else None)
-            for lot, n in takes
+            LotChange(lot, n - kept[lot], "active" if row["status"] == "expired" else None)
+            for lot, n, row in takes
+            if n - kept[lot]
         ]
+        back = points - repay - reverse
+        entries = [Entry("member_held", member, -points)]
+        if back:
+            entries.append(Entry("member_wallet", member, back))
+        if repay:
+            entries.append(Entry("member_debt", member, repay))
+        if reverse:
+            entries.append(Entry("issued_liability", None, reverse))
         balance = await ledger.post(
             conn,
             Posting(
@@ -610,17 +662,19 @@ class PointsLedger:
                 kind="hold_void",
                 idempotency_key=f"hold_void:{hold['id']}",
                 amount=points,
-                entries=[
-                    Entry("member_held", member, -points),
-                    Entry("member_wallet", member, points),
-                ],
-                balance=BalanceDelta(held=-points, available=points),
+                entries=entries,
+                balance=BalanceDelta(held=-points, available=back, debt=-repay),
                 lot_changes=changes,
                 reference=str(hold["id"]),
+                rule={"clawback": clawed, "repaid": repay, "reversed": reverse} if clawed else {},
             ),
         )
         assert balance is not None
-        assert await ledger.resolve_hold(conn, hold["id"], status, txn, now)
+        if claws:
+            await ledger.change_clawback(conn, {lot: -c for lot, c in claws.items()})
+        # The call stays outside the assert (`python -O` drops asserts).
+        resolved = await ledger.resolve_hold(conn, hold["id"], status, txn, now)
+        assert resolved, "the member's lock serialises resolutions"
         state = await self.maintain(conn, member, now)
         assert state is not None
         return Spend(
@@ -628,7 +682,7 @@ class PointsLedger:
             str(member),
             points,
             state.balance.available,
-            [(str(lot), n) for lot, n in takes],
+            [(str(lot), n) for lot, n, _row in takes],
             hold_id=str(hold["id"]),
             hold_status=status,
         )
@@ -655,7 +709,9 @@ class PointsLedger:
         parse_store_id(store_id)
         check_text(pos_transaction_id, "pos_transaction_id", "POS_TRANSACTION_ID", required=True)
         check_key(refund_transaction_id, "refund_transaction_id")
-        if refunded_amount_fen <= 0:
+        # Zero is allowed here only for an order nothing was paid on (checked
+        # below, once the order is read): it refunds such an order in full.
+        if refunded_amount_fen < 0:
             raise InvalidArgument(
                 "refunded_amount_fen must be positive",
                 code="INVALID_AMOUNT",
@@ -674,17 +730,38 @@ class PointsLedger:
             return self._replay(stored, Refund.from_doc)
         order = await ledger.lock_order(conn, store_id, pos_transaction_id)
         if order is None or order["status"] != "settled":
-            return await self._reject(
-                conn,
-                key,
-                NotFound(
+            # Not stored under the key: a refund may reach us before its order
+            # (an offline upload still on its way), and the POS retry after the
+            # order lands must apply. The claim is released with this commit.
+            await ledger.release_request(conn, key)
+            return Outcome(
+                error=NotFound(
                     f"no settled order {pos_transaction_id} at store {store_id}",
                     code="UNKNOWN_ORDER",
                     field="pos_transaction_id",
+                )
+            )
+        before_fen, due_before, restored_before, refund_count = await ledger.refunds_so_far(
+            conn, order["id"]
+        )
+        refundable = order["paid_amount_fen"] - before_fen
+        if refunded_amount_fen == 0 and order["paid_amount_fen"] > 0:
+            raise InvalidArgument(
+                "refunded_amount_fen must be positive",
+                code="INVALID_AMOUNT",
+                field="refunded_amount_fen",
+            )
+        if order["paid_amount_fen"] == 0 and refund_count:
+            # An order paid entirely with coupons or points is refunded once, in full.
+            return await self._reject(
+                conn,
+                key,
+                InvalidArgument(
+                    "this order was already refunded in full",
+                    code="REFUND_EXCEEDS_ORDER",
+                    field="refunded_amount_fen",
                 ),
             )
-        before_fen, due_before, restored_before = await ledger.refunds_so_far(conn, order["id"])
-        refundable = order["paid_amount_fen"] - before_fen
         if refunded_amount_fen > refundable:
             return await self._reject(
                 conn,
@@ -737,6 +814,14 @@ class PointsLedger:
                 debt = due - taken
             else:
                 shortfall = due - taken
+            if live and due > taken:
+                # Held points are not the member's to keep: what the lot cannot
+                # give because an open hold has it is claimed back from that
+                # hold (a void reverses it; a post leaves the debt or shortfall).
+                unclaimed = await ledger.held_from_lot(conn, live["id"]) - live["clawback"]
+                clawed = max(0, min(due - taken, unclaimed))
+                if clawed:
+                    await ledger.change_clawback(conn, {live["id"]: clawed})
             account = "member_pending" if lot_status == "pending" else "member_wallet"
             entries: list[Entry] = []
             if taken or debt:
@@ -746,12 +831,16 @@ class PointsLedger:
             if debt:
                 entries.append(Entry("member_debt", member, -debt))
             new_lots = []
+            # Restored points repay debt first (docs/ledger.md, "Debt"),
+            # including the debt this refund books.
+            repay = min(restore, state.balance.debt + debt)
             if restore:
-                entries += [
-                    Entry("redeemed", None, -restore),
-                    Entry("member_wallet", member, restore),
-                ]
-                new_lots = await self._restored_lots(conn, order["id"], restore, now)
+                entries.append(Entry("redeemed", None, -restore))
+                if restore - repay:
+                    entries.append(Entry("member_wallet", member, restore - repay))
+                    new_lots = await self._restored_lots(conn, order["id"], restore - repay, now)
+                if repay:
+                    entries.append(Entry("member_debt", member, repay))
             if entries:
                 txn_id = uuid.uuid4()
                 balance = await ledger.post(
@@ -764,9 +853,11 @@ class PointsLedger:
                         amount=taken + debt + restore,
                         entries=entries,
                         balance=BalanceDelta(
-                            available=(-taken if account == "member_wallet" else 0) + restore,
+                            available=(-taken if account == "member_wallet" else 0)
+                            + restore
+                            - repay,
                             pending=-taken if account == "member_pending" else 0,
-                            debt=debt,
+                            debt=debt - repay,
                         ),
                         lot_changes=[LotChange(live["id"], -taken)] if live and taken else [],
                         new_lots=new_lots,
@@ -996,7 +1087,7 @@ class PointsLedger:
             takes = allocate(state.lots, -points, now)
             if takes is None:
                 return await self._reject(
-                    conn, key, insufficient(member, -points, state.balance.available, "points")
+                    conn, key, insufficient(member, -points, state.balance, "points")
                 )
             entries, changes = spend_entries(takes, member, "adjustments", -points)
             posting = Posting(
