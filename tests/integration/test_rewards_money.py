@@ -17,8 +17,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from loyalty.events.v1 import events_pb2
 from servicekit.db import Database
 from servicekit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from servicekit.events import ReceivedEvent, make_envelope
+from servicekit.protos import timestamp
+from services.rewards.consumers import MemberEvents
 from services.rewards.coupons import handlers as coupons
 from services.rewards.coupons.domain import Kind, Limits, Status, Terms
 from services.rewards.orders.domain import Channel, OrderRequest
@@ -390,3 +394,107 @@ async def test_every_field_of_a_coupon_issue_is_in_its_idempotency_hash(db: Data
         "issued_by": "op-2",
     }.items():
         await assert_key_reused(issue(**{field: value}))
+
+
+# ---- item 8: merges, chains and the holds an unmerge touches ----------------------
+
+
+def clock() -> datetime:
+    return T0 + timedelta(hours=3)
+
+
+async def merge(db: Database, survivor: str, absorbed: str) -> str:
+    merge_id = str(uuid.uuid4())
+    payload = events_pb2.MemberMerged(
+        merge_id=merge_id,
+        survivor_member_id=survivor,
+        absorbed_member_id=absorbed,
+        merged_at=timestamp(T0),
+    )
+    event = ReceivedEvent("test", "1-0", make_envelope("member", payload, survivor), payload)
+    async with db.unit_of_work() as uow:
+        await MemberEvents(PointsLedger(LedgerPolicy(expiry=EXPIRY)), clock).on_merged(uow, event)
+    return merge_id
+
+
+async def unmerge(db: Database, merge_id: str, survivor: str, restored: str) -> None:
+    payload = events_pb2.MemberUnmerged(
+        merge_id=merge_id,
+        survivor_member_id=survivor,
+        restored_member_id=restored,
+        unmerged_at=timestamp(T0 + timedelta(hours=1)),
+    )
+    event = ReceivedEvent("test", "2-0", make_envelope("member", payload, survivor), payload)
+    async with db.unit_of_work() as uow:
+        await MemberEvents(PointsLedger(LedgerPolicy(expiry=EXPIRY)), clock).on_unmerged(uow, event)
+
+
+async def coupon_holders(conn: asyncpg.Connection, *owners: str) -> dict[str, str]:
+    rows = await conn.fetch(
+        "SELECT issued_to, member_id FROM rewards.coupons WHERE issued_to = ANY($1::uuid[])",
+        [uuid.UUID(m) for m in owners],
+    )
+    return {str(r["issued_to"]): str(r["member_id"]) for r in rows}
+
+
+async def test_coupon_unmerge_follows_a_chain_of_merges(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    template = f"T-{uuid.uuid4().hex[:10]}"
+    terms = Terms(
+        name="赠饮", kind=Kind.AMOUNT_OFF, threshold_fen=0, discount_fen=1000, valid_days=30
+    )
+    async with db.unit_of_work() as uow:
+        await coupons.create_template(uow.conn, template, terms, Limits(), Status.ACTIVE, "test")
+    a, b, c = new_member(), new_member(), new_member()
+    for m in (a, b, c):
+        async with db.unit_of_work() as uow:
+            await coupons.issue_coupon(
+                uow.conn,
+                template_id=template,
+                member_id=uuid.UUID(m),
+                reason="operator_grant",
+                issue_key=f"chain-{m}",
+                now=T0,
+            )
+    first = await merge(db, b, a)  # a -> b
+    second = await merge(db, c, b)  # b (holding a's) -> c
+    assert await coupon_holders(conn, a, b, c) == {a: c, b: c, c: c}
+    # Undo the second: b's person (b and a, still merged into b) gets its coupons back.
+    await unmerge(db, second, c, b)
+    assert await coupon_holders(conn, a, b, c) == {a: b, b: b, c: c}
+    await unmerge(db, first, b, a)
+    assert await coupon_holders(conn, a, b, c) == {a: a, b: b, c: c}
+    # The other order: the first merge undone while the second is in force.
+    second_again = await merge(db, c, b)
+    first_again = await merge(db, b, a)  # a -> b, whose holder is c: its coupons reach c
+    assert (await coupon_holders(conn, a))[a] in (b, c)
+    await unmerge(db, first_again, b, a)
+    assert await coupon_holders(conn, a, b, c) == {a: a, b: c, c: c}
+    await unmerge(db, second_again, c, b)
+    assert await coupon_holders(conn, a, b, c) == {a: a, b: b, c: c}
+
+
+async def test_an_unmerge_voids_only_the_holds_on_what_the_merge_moved(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    ledger, survivor, absorbed = Ledger(db), new_member(), new_member()
+    await ledger.earn(survivor, 5_000, T0, txn=new_txn())  # 50, the survivor's own
+    await ledger.earn(absorbed, 3_000, T0 + timedelta(hours=1), txn=new_txn())  # 30
+    merge_id = await merge(db, survivor, absorbed)
+    now = T0 + timedelta(hours=2)
+    own = await ledger.call("hold", survivor, 20, "own-" + survivor, "", now)  # from the 50
+    brought = await ledger.call("hold", survivor, 40, "brought-" + survivor, "", now)  # 30 + 10
+    assert len(brought.lots) == 2
+    await unmerge(db, merge_id, survivor, absorbed)
+    statuses = {
+        r["id"]: r["status"]
+        for r in await conn.fetch(
+            "SELECT id, status FROM rewards.points_holds WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(own.hold_id), uuid.UUID(brought.hold_id)],
+        )
+    }
+    # The unrelated checkout goes on; the one on the merged points was cancelled.
+    assert statuses == {uuid.UUID(own.hold_id): "held", uuid.UUID(brought.hold_id): "voided"}
+    assert await balance(conn, absorbed) == {"available": 30, "pending": 0, "held": 0, "debt": 0}
+    assert await balance(conn, survivor) == {"available": 30, "pending": 0, "held": 20, "debt": 0}

@@ -1205,5 +1205,6 @@ async def merge(conn: Connection, merge_id: str, survivor: str, absorbed: str) -
 
 
 async def unmerge(conn: Connection, survivor: str, restored: str) -> int:
-    """MemberUnmerged: coupons issued to the restored member go back (idempotent)."""
-    return await crepo.move_back(conn, parse_member(survivor), parse_member(restored))
+    """MemberUnmerged: coupons of the restored member's person go back (idempotent)."""
+    parse_member(survivor)
+    return await crepo.move_back(conn, parse_member(restored))

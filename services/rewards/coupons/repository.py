@@ -17,6 +17,7 @@ from typing import Any
 
 from servicekit.db import Connection
 
+from .. import merges
 from ..orders.repository import MemberState
 from .domain import Limits, Status, Terms, shard_stock
 
@@ -874,12 +875,15 @@ async def move_coupons(
     return int(done.split()[-1])
 
 
-async def move_back(conn: Connection, survivor: uuid.UUID, restored: uuid.UUID) -> int:
-    """Unmerge: the survivor's coupons issued to the restored member go back to it."""
+async def move_back(conn: Connection, restored: uuid.UUID) -> int:
+    """Unmerge: the coupons issued to the restored member, or to anyone merged
+    into it (directly or through a chain, by the merges still in force), go
+    back to it, wherever later merges took them."""
     done = await conn.execute(
-        "UPDATE rewards.coupons SET member_id = issued_to, merge_id = NULL"
-        " WHERE member_id = $1 AND issued_to = $2",
-        survivor,
+        f"WITH RECURSIVE {merges.CLUSTER_CTE}"
+        " UPDATE rewards.coupons c SET member_id = $1,"
+        " merge_id = CASE WHEN c.issued_to = $1 THEN NULL ELSE c.merge_id END"
+        " WHERE c.issued_to IN (SELECT member_id FROM down) AND c.member_id <> $1",
         restored,
     )
     return int(done.split()[-1])

@@ -14,6 +14,7 @@ from servicekit.db import UnitOfWork
 from servicekit.errors import Conflict, DomainError, NotFound
 from servicekit.protos import timestamp
 
+from .. import merges
 from ..coupons import handlers as coupon_service
 from ..coupons import repository as coupon_repository
 from ..coupons.domain import spread
@@ -93,14 +94,23 @@ class RewardsHandlers:
         assert order.channel is not None, "validated orders have a channel"
         conn = uow.conn
         order_id = uuid.uuid4()
-        member_id = uuid.UUID(order.member_id)
+        # An absorbed (merged) id is credited to its survivor: the merges in
+        # force, as MemberMerged recorded them (the request's hash keeps the
+        # id the till sent, so its retries still match).
+        member_id = await merges.holder_of(conn, uuid.UUID(order.member_id))
         now = now or datetime.now(UTC)
         ordered_at = order.ordered_at or now
         # One read for the tier (and its multiplier) and the erasure mark; an
         # erased member's order is refused before anything is written.
         state = await repo.member_state(conn, member_id)
-        if state.erased:
-            raise member_erased(member_id)
+        if state.erased or (
+            member_id != uuid.UUID(order.member_id)
+            and await repo.is_erased(conn, uuid.UUID(order.member_id))
+        ):
+            raise member_erased(uuid.UUID(order.member_id))
+        # From here on (coupons, events) the order is the survivor's.
+        order = replace(order, member_id=str(member_id))
+        assert order.channel is not None
         claimed = await repo.claim_order(
             conn,
             repo.NewOrder(

@@ -687,9 +687,21 @@ class PointsLedger:
             hold_status=status,
         )
 
-    async def void_holds_of(self, conn: Connection, member: uuid.UUID, now: datetime) -> None:
+    async def void_holds_of(
+        self,
+        conn: Connection,
+        member: uuid.UUID,
+        now: datetime,
+        lots: set[uuid.UUID] | None = None,
+    ) -> None:
+        """Void the member's open holds (only those that took from `lots`, when given)."""
         rows = await conn.fetch(
-            "SELECT id FROM rewards.points_holds WHERE member_id = $1 AND status = 'held'", member
+            "SELECT h.id FROM rewards.points_holds h WHERE h.member_id = $1 AND h.status = 'held'"
+            " AND ($2::uuid[] IS NULL OR EXISTS (SELECT 1 FROM rewards.points_lot_movements m"
+            "  WHERE m.transaction_id = h.transaction_id AND m.lot_id = ANY($2::uuid[])))"
+            " ORDER BY h.created_at, h.id",
+            member,
+            None if lots is None else list(lots),
         )
         for row in rows:
             hold = await ledger.get_hold(conn, row["id"])
@@ -1158,13 +1170,7 @@ class PointsLedger:
         for member in sorted((source, target)):
             await ledger.ensure_account(conn, member)
             await ledger.lock_member(conn, member)
-        # In-flight checkouts of the members whose lots move are cancelled first.
-        await self.void_holds_of(conn, source, now)
-        state = await self.maintain(conn, source, now)
-        await self.maintain(conn, target, now)
-        assert state is not None
-        lots = state.lots
-        debt = state.balance.debt
+        moved: set[uuid.UUID] | None = None
         if from_merge is not None:
             moved = {
                 r["id"]
@@ -1172,6 +1178,17 @@ class PointsLedger:
                     "SELECT id FROM rewards.points_lots WHERE transaction_id = $1", from_merge
                 )
             }
+        # In-flight checkouts that took from the lots that move are cancelled
+        # first (a merge moves all the absorbed member's lots; an unmerge only
+        # what the merge brought: the survivor's own checkouts go on).
+        await self.void_holds_of(conn, source, now, moved)
+        state = await self.maintain(conn, source, now)
+        await self.maintain(conn, target, now)
+        assert state is not None
+        lots = state.lots
+        debt = state.balance.debt
+        if from_merge is not None:
+            assert moved is not None
             lots = [lot for lot in lots if lot.lot_id in moved]
             merged_debt = await conn.fetchval(
                 "SELECT coalesce(sum(amount), 0) FROM rewards.points_entries"
