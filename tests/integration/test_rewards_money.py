@@ -24,6 +24,7 @@ from servicekit.events import ReceivedEvent, make_envelope
 from servicekit.protos import timestamp
 from services.rewards.consumers import MemberEvents
 from services.rewards.coupons import handlers as coupons
+from services.rewards.coupons import repository as crepo
 from services.rewards.coupons.domain import Kind, Limits, Status, Terms
 from services.rewards.orders.domain import Channel, OrderRequest
 from services.rewards.orders.handlers import RewardsHandlers
@@ -498,3 +499,51 @@ async def test_an_unmerge_voids_only_the_holds_on_what_the_merge_moved(
     assert statuses == {uuid.UUID(own.hold_id): "held", uuid.UUID(brought.hold_id): "voided"}
     assert await balance(conn, absorbed) == {"available": 30, "pending": 0, "held": 0, "debt": 0}
     assert await balance(conn, survivor) == {"available": 30, "pending": 0, "held": 20, "debt": 0}
+
+
+# ---- item 9: a shard count change keeps the stock -----------------------------------
+
+
+async def test_reseeding_with_another_shard_count_keeps_the_remaining_stock(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    template = f"T-{uuid.uuid4().hex[:10]}"
+    terms = Terms(
+        name="满99减30", kind=Kind.AMOUNT_OFF, threshold_fen=9900, discount_fen=3000, valid_days=30
+    )
+
+    async def seed(shards: int) -> None:
+        async with db.unit_of_work() as uow:
+            await crepo.seed_templates(
+                uow.conn, [(template, terms, Limits(total_stock=20, stock_shards=shards))]
+            )
+
+    async def issue(n: int) -> Any:
+        async with db.unit_of_work() as uow:
+            return await coupons.issue_coupon(
+                uow.conn,
+                template_id=template,
+                member_id=uuid.uuid4(),
+                reason="operator_grant",
+                issue_key=f"{template}-{n}",
+                now=T0,
+            )
+
+    await seed(4)
+    for n in range(5):
+        await issue(n)
+    await seed(8)  # more shards: the 15 left are spread, none minted
+    assert await crepo.remaining_stock(conn, template) == 15
+    await seed(2)  # fewer
+    assert await crepo.remaining_stock(conn, template) == 15
+    await seed(2)  # the same again: nothing rewritten
+    assert await crepo.remaining_stock(conn, template) == 15
+    for n in range(5, 20):
+        await issue(n)
+    with pytest.raises(FailedPrecondition) as sold_out:
+        await issue(20)
+    assert sold_out.value.code == "OUT_OF_STOCK"
+    assert (
+        await conn.fetchval("SELECT count(*) FROM rewards.coupons WHERE template_id = $1", template)
+        == 20
+    )

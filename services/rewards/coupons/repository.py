@@ -928,7 +928,7 @@ async def seed_templates(conn: Connection, templates: Sequence[tuple[str, Terms,
             " SET terms = EXCLUDED.terms WHERE v.terms IS DISTINCT FROM EXCLUDED.terms",
             template_id,
         )
-        if stock:
+        if stock and not await reshard_stock(conn, template_id, limits.stock_shards):
             await conn.executemany(
                 "INSERT INTO rewards.coupon_stock (template_id, shard, remaining)"
                 " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -937,3 +937,33 @@ async def seed_templates(conn: Connection, templates: Sequence[tuple[str, Terms,
                     for n, part in enumerate(shard_stock(stock, limits.stock_shards))
                 ],
             )
+
+
+async def reshard_stock(conn: Connection, template_id: str, shards: int) -> bool:
+    """Spread what is left of a template's stock over `shards` counters: the
+    total remaining is kept exactly (a shard count change must never mint
+    stock). False when the template has no stock rows yet. Locks every shard
+    row, in shard order (as a batch issue does), so no issue runs meanwhile."""
+    rows = await conn.fetch(
+        "SELECT shard, remaining FROM rewards.coupon_stock WHERE template_id = $1"
+        " ORDER BY shard FOR UPDATE",
+        template_id,
+    )
+    if not rows:
+        return False
+    changed = await conn.fetchval(
+        "UPDATE rewards.coupon_templates SET stock_shards = $2"
+        " WHERE template_id = $1 AND stock_shards <> $2 RETURNING true",
+        template_id,
+        shards,
+    )
+    if not changed:
+        return True  # the same shard count: the counters stay as they are
+    total = sum(r["remaining"] for r in rows)
+    parts = shard_stock(total, shards) if total else [0]
+    await conn.execute("DELETE FROM rewards.coupon_stock WHERE template_id = $1", template_id)
+    await conn.executemany(
+        "INSERT INTO rewards.coupon_stock (template_id, shard, remaining) VALUES ($1, $2, $3)",
+        [(template_id, n, part) for n, part in enumerate(parts)],
+    )
+    return True
