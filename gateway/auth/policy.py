@@ -107,6 +107,9 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,
     ("GET", f"{_A}/journeys/{{journey_id}}/metrics"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/launch-near-store"): ADMIN_JOURNEYS,
+    # ---- rewards routes of issue 13 (money): points-plus-cash mall payments
+    ("POST", f"{_M}/mall/exchanges/{{exchange_id}}/payment"): MEMBER_SELF,
+    ("POST", f"{_A}/mall/exchanges/{{exchange_id}}/reverse"): ADMIN_REWARDS,
 }
 
 POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"

@@ -1,5 +1,6 @@
 """The operator commands of `python -m services.rewards` (audit, expiry,
-announcements, hold time-outs): which job each name runs, against DATABASE_URL."""
+announcements, hold time-outs, unpaid mall exchanges): which job each name
+runs, against DATABASE_URL."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from servicekit.db import Database, create_pool
 from servicekit.settings import ServiceSettings
 
 from .coupons.jobs import announce_expiring_coupons, expire_coupons
+from .mall.jobs import release_unpaid
 from .points.audit import audit_ledger
 from .points.earning import parse_rules
 from .points.handlers import PointsLedger
@@ -35,6 +37,9 @@ async def _run(command: str) -> int:
             return 0 if report.ok else 1
         if command == "expire-coupons":
             print(f"{command}: {await expire_coupons(db, now)}")
+            return 0
+        if command == "release-unpaid-mall-exchanges":
+            print(f"{command}: {await release_unpaid(db, rewards.points_mall(points), now)}")
             return 0
         if command == "announce-expiring-coupons":
             n = await announce_expiring_coupons(db, rewards.coupon_policy(), now)

@@ -325,7 +325,7 @@ points_holds = Table(
 # terms are denormalised here for listing; every version's terms are kept in
 # coupon_template_versions and an issued coupon points at its version.
 COUPON_KINDS = ("amount_off", "percent_off", "free_item", "fixed_price", "first_order_price")
-COUPON_STATUSES = ("available", "locked", "used", "expired")
+COUPON_STATUSES = ("available", "locked", "used", "expired", "revoked")
 
 coupon_templates = Table(
     "coupon_templates",
@@ -639,14 +639,34 @@ mall_exchanges = Table(
     Column("carrier", Text),
     Column("tracking_number", Text),
     Column("shipped_at", DateTime(timezone=True)),
+    # Points plus cash (migration 0010): the points held until the payment is
+    # confirmed (payment_reference, unique) or the deadline releases them.
+    Column("hold_id", Uuid),
+    Column("payment_due_at", DateTime(timezone=True)),
+    Column("payment_reference", Text),
+    Column("paid_at", DateTime(timezone=True)),
+    Column("released_at", DateTime(timezone=True)),
+    # Whose per-member count the exchange took (given back on release/reversal).
+    Column("counted_member_id", Uuid),
+    # An operator's reversal: points and stock back, once.
+    Column("reversed_at", DateTime(timezone=True)),
+    Column("reversed_by", Text),
+    Column("reversal_reason", Text),
+    Column("reversal_transaction_id", Uuid),
     UniqueConstraint("member_id", "exchange_key"),
     Index(None, "member_id", "seq"),
     # The operators' queue: pending goods, oldest first.
     Index(None, "fulfilment", "seq"),
-    CheckConstraint("fulfilment IN ('issued', 'pending', 'shipped')", name="fulfilment_known"),
+    Index(None, "payment_reference", unique=True),
+    Index(None, "fulfilment", "payment_due_at"),
     CheckConstraint(
-        "(fulfilment = 'shipped') = (shipped_at IS NOT NULL AND carrier IS NOT NULL"
-        " AND tracking_number IS NOT NULL)",
+        "fulfilment IN ('issued', 'pending', 'shipped', 'awaiting_payment', 'released',"
+        " 'reversed')",
+        name="fulfilment_known",
+    ),
+    CheckConstraint(
+        "fulfilment = 'reversed' OR (fulfilment = 'shipped') = (shipped_at IS NOT NULL"
+        " AND carrier IS NOT NULL AND tracking_number IS NOT NULL)",
         name="shipped_has_shipment",
     ),
 )

@@ -828,6 +828,19 @@ async def restore_coupon(conn: Connection, coupon_id: uuid.UUID) -> None:
     )
 
 
+async def revoke_coupon(conn: Connection, coupon_id: uuid.UUID) -> str | None:
+    """An issued coupon taken back: available -> revoked. The status it has
+    afterwards ('revoked', or what stopped it), None when it does not exist."""
+    row = await conn.fetchrow(
+        "WITH r AS (UPDATE rewards.coupons SET status = 'revoked'"
+        "  WHERE id = $1 AND status = 'available' RETURNING status)"
+        " SELECT status FROM r UNION ALL"
+        " SELECT status FROM rewards.coupons WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM r)",
+        coupon_id,
+    )
+    return row["status"] if row else None
+
+
 # ---- lifecycle --------------------------------------------------------------------
 
 
