@@ -30,6 +30,7 @@ from services.rewards.orders.domain import Channel, OrderRequest
 from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.audit import audit_ledger
 from services.rewards.points.domain import ExpiryKind, ExpiryPolicy, LedgerPolicy, ShortfallPolicy
+from services.rewards.points.earning import EarningRules
 from services.rewards.points.handlers import PointsLedger
 
 T0 = datetime(2025, 5, 1, 4, 0, tzinfo=UTC)
@@ -547,3 +548,30 @@ async def test_reseeding_with_another_shard_count_keeps_the_remaining_stock(
         await conn.fetchval("SELECT count(*) FROM rewards.coupons WHERE template_id = $1", template)
         == 20
     )
+
+
+# ---- item 25: a refund gives back what its order counted against the daily cap -----
+
+
+async def test_a_refund_gives_back_the_daily_cap_its_order_used(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    ledger, member = Ledger(db), new_member()
+    ledger.points.rules = EarningRules(daily_cap=100)
+    first, second, third = new_txn(), new_txn(), new_txn()
+    assert (await ledger.earn(member, 10_000, T0, txn=first)).points_earned == 100
+    # The day's cap is reached.
+    assert (
+        await ledger.earn(member, 5_000, T0 + timedelta(hours=1), txn=second)
+    ).points_earned == 0
+    # The first order refunded in full: its 100 no longer count against the day.
+    await ledger.refund(first, first + "-r", 10_000, T0 + timedelta(hours=2))
+    assert (
+        await ledger.earn(member, 6_000, T0 + timedelta(hours=3), txn=third)
+    ).points_earned == 60
+    counted = await conn.fetchrow(
+        "SELECT points, actions FROM rewards.earn_counters WHERE member_id = $1"
+        " AND counter = 'orders'",
+        uuid.UUID(member),
+    )
+    assert (counted["points"], counted["actions"]) == (60, 2)

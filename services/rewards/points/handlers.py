@@ -49,7 +49,7 @@ from .domain import (
     refund_points_due,
     request_hash,
 )
-from .earning import EarningRules, period_start
+from .earning import EarningRules, Period, period_start
 from .repository import Balance, BalanceDelta, Entry, LotChange, NewLot, Posting
 
 T = TypeVar("T")
@@ -801,6 +801,18 @@ class PointsLedger:
             restored_before,
         )
         refund_id = uuid.uuid4()
+        if due and self.rules.daily_cap is not None:
+            # The points this refund reverses no longer count against the
+            # day's cap (nor, once the order is refunded in full, the order).
+            whole = before_fen + refunded_amount_fen >= order["paid_amount_fen"]
+            await ledger.give_back_to_cap(
+                conn,
+                order["member_id"],
+                "orders",
+                period_start(Period.DAY, order["ordered_at"]),
+                due,
+                1 if whole else 0,
+            )
         # The order's points live where its lot is now (a merge moves them).
         # A merge moves lots under both members' locks, so once the lot is
         # seen at the member whose lock we hold, it stays there.

@@ -428,8 +428,9 @@ async def timed_out_holds(conn: Connection, now: datetime, limit: int) -> list[u
 async def lock_order(conn: Connection, store_id: str, pos_transaction_id: str) -> Any:
     """The order, locked: refunds of one order run one at a time."""
     return await conn.fetchrow(
-        "SELECT id, member_id, paid_amount_fen, points_earned, points_redeemed, status"
-        " FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2 FOR UPDATE",
+        "SELECT id, member_id, paid_amount_fen, points_earned, points_redeemed, status,"
+        " ordered_at FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2"
+        " FOR UPDATE",
         store_id,
         pos_transaction_id,
     )
@@ -513,6 +514,27 @@ async def count_against_cap(
         granted,
     )
     return granted, True
+
+
+async def give_back_to_cap(
+    conn: Connection,
+    member_id: uuid.UUID,
+    counter: str,
+    period: datetime,
+    points: int,
+    actions: int,
+) -> None:
+    """A refund returns what its order counted against a per-period cap."""
+    await conn.execute(
+        "UPDATE rewards.earn_counters SET points = greatest(0, points - $4),"
+        " actions = greatest(0, actions - $5)"
+        " WHERE member_id = $1 AND counter = $2 AND period_start = $3",
+        member_id,
+        counter,
+        period,
+        points,
+        actions,
+    )
 
 
 # ---- jobs -------------------------------------------------------------------
