@@ -432,6 +432,10 @@ coupons = Table(
     Index(None, "status", "expires_at"),
     Index(None, "template_id", "status"),
     Index(None, "order_id"),
+    # An operator took the coupon back (status 'revoked', migration 0010).
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("revoked_by", Text),
+    Column("revoke_reason", Text),
     CheckConstraint(
         f"status IN ({', '.join(repr(s) for s in COUPON_STATUSES)})", name="status_known"
     ),

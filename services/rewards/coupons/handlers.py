@@ -681,6 +681,67 @@ async def set_template_status(
     return found
 
 
+async def set_template_limits(
+    conn: Connection, template_id: str, limits: Limits
+) -> crepo.TemplateRow:
+    """New stock, per-member limit, daily budget and shards for a template.
+    The stock never goes below what was issued (STOCK_BELOW_ISSUED): the
+    counters then hold the new total minus the issued coupons. Issues wait
+    on the template's stock counters while this runs."""
+    check_template_id(template_id)
+    limits = validate_limits(limits)
+    current = await crepo.get_template(conn, template_id, lock=True)
+    if current is None:
+        raise unknown_template(template_id)
+    if current.status is Status.ENDED:
+        raise FailedPrecondition(
+            f"coupon template {template_id} has ended", code="TEMPLATE_ENDED", field="template_id"
+        )
+    await crepo.lock_stock(conn, template_id)
+    issued = await crepo.issued_count(conn, template_id)
+    if limits.total_stock is not None and limits.total_stock < issued:
+        raise FailedPrecondition(
+            f"{issued} coupons were issued; total_stock cannot go below that",
+            code="STOCK_BELOW_ISSUED",
+            field="total_stock",
+        )
+    await crepo.set_limits(conn, template_id, limits, issued)
+    found = await crepo.get_template(conn, template_id)
+    assert found is not None
+    return found
+
+
+async def revoke_coupon(
+    conn: Connection, code: str, operator_id: str, reason: str, now: datetime
+) -> IssuedCoupon:
+    """An operator takes an issued coupon back: available -> revoked, once (a
+    second revocation replays). A coupon at a till (locked), used or expired
+    is refused with its status."""
+    (normalized,) = normalize_codes([code], "code")
+    for value, name in ((operator_id, "operator_id"), (reason, "reason")):
+        if not value.strip() or len(value) > 256 or not value.isprintable():
+            raise InvalidArgument(
+                f"{name} is required (at most 256 printable characters)",
+                code=f"INVALID_{name.upper()}",
+                field=name,
+            )
+    row = await crepo.coupon_by_code(conn, normalized, lock=True)
+    if row is None:
+        raise NotFound(f"coupon {code} does not exist", code="UNKNOWN_COUPON", field="code")
+    if row["status"] == "revoked":
+        return issued(row, replayed=True)
+    status = await crepo.revoke_coupon(conn, row["id"], now, operator_id, reason)
+    if status != "revoked":
+        codes = {"used": "COUPON_ALREADY_USED", "locked": "COUPON_LOCKED"}
+        raise FailedPrecondition(
+            f"coupon {code} is {status}: only an available coupon can be revoked",
+            code=codes.get(str(status), "COUPON_EXPIRED"),
+            field="code",
+        )
+    found = await crepo.coupon_by_code(conn, normalized)
+    return issued(found)
+
+
 async def get_template(conn: Connection, template_id: str) -> crepo.TemplateRow:
     check_template_id(template_id)
     found = await crepo.get_template(conn, template_id)

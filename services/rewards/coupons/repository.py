@@ -828,17 +828,66 @@ async def restore_coupon(conn: Connection, coupon_id: uuid.UUID) -> None:
     )
 
 
-async def revoke_coupon(conn: Connection, coupon_id: uuid.UUID) -> str | None:
+async def revoke_coupon(
+    conn: Connection,
+    coupon_id: uuid.UUID,
+    at: datetime | None = None,
+    operator: str | None = None,
+    reason: str | None = None,
+) -> str | None:
     """An issued coupon taken back: available -> revoked. The status it has
     afterwards ('revoked', or what stopped it), None when it does not exist."""
     row = await conn.fetchrow(
-        "WITH r AS (UPDATE rewards.coupons SET status = 'revoked'"
+        "WITH r AS (UPDATE rewards.coupons SET status = 'revoked',"
+        "  revoked_at = coalesce($2, now()), revoked_by = $3, revoke_reason = $4"
         "  WHERE id = $1 AND status = 'available' RETURNING status)"
         " SELECT status FROM r UNION ALL"
         " SELECT status FROM rewards.coupons WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM r)",
         coupon_id,
+        at,
+        operator,
+        reason,
     )
     return row["status"] if row else None
+
+
+async def issued_count(conn: Connection, template_id: str) -> int:
+    value = await conn.fetchval(
+        "SELECT count(*) FROM rewards.coupons WHERE template_id = $1", template_id
+    )
+    return int(value)
+
+
+async def set_limits(conn: Connection, template_id: str, limits: Limits, issued: int) -> None:
+    """New limits; the stock counters hold what is left of the new total
+    (total - issued), spread over the shards (call with the stock rows locked)."""
+    await conn.execute(
+        "UPDATE rewards.coupon_templates SET total_stock = $2, per_member_limit = $3,"
+        " daily_budget = $4, stock_shards = $5, updated_at = now() WHERE template_id = $1",
+        template_id,
+        limits.total_stock,
+        limits.per_member_limit,
+        limits.daily_budget,
+        limits.stock_shards,
+    )
+    await conn.execute("DELETE FROM rewards.coupon_stock WHERE template_id = $1", template_id)
+    if limits.total_stock is not None:
+        left = limits.total_stock - issued
+        await conn.executemany(
+            "INSERT INTO rewards.coupon_stock (template_id, shard, remaining) VALUES ($1, $2, $3)",
+            [
+                (template_id, n, part)
+                for n, part in enumerate(shard_stock(left, limits.stock_shards) if left else [0])
+            ],
+        )
+
+
+async def lock_stock(conn: Connection, template_id: str) -> None:
+    """Every stock counter of the template, in shard order (as issues take them)."""
+    await conn.execute(
+        "SELECT 1 FROM rewards.coupon_stock WHERE template_id = $1 ORDER BY shard FOR UPDATE",
+        template_id,
+    )
 
 
 # ---- lifecycle --------------------------------------------------------------------

@@ -30,6 +30,7 @@ from servicekit.errors import (
 )
 from servicekit.protos import timestamp
 
+from .. import merges
 from ..orders import repository as repo
 from ..orders.domain import parse_member_id, parse_store_id
 from . import repository as ledger
@@ -493,7 +494,7 @@ class PointsLedger:
         await ledger.finish_request(conn, rkey, "ok", spend.doc())
         return Outcome(spend)
 
-    async def _locked_hold(self, conn: Connection, hold_id: str) -> Any:
+    async def _locked_hold(self, conn: Connection, hold_id: str, member_id: str = "") -> Any:
         try:
             hid = uuid.UUID(hold_id)
         except ValueError:
@@ -501,7 +502,11 @@ class PointsLedger:
                 "hold_id is not a hold id (a UUID)", code="INVALID_HOLD_ID", field="hold_id"
             ) from None
         hold = await ledger.get_hold(conn, hid)
-        if hold is None:
+        # When the caller names a member (the mini-program's routes), another
+        # person's hold does not exist for it.
+        if hold is None or (
+            member_id and hold["member_id"] not in await merges.person_of(conn, _uuid(member_id))
+        ):
             raise NotFound(f"hold {hold_id} does not exist", code="UNKNOWN_HOLD", field="hold_id")
         # The member's lock first (as every writer takes it), then re-read the hold.
         await ledger.lock_member(conn, hold["member_id"])
@@ -529,9 +534,11 @@ class PointsLedger:
             )
         )
 
-    async def post_hold(self, uow: UnitOfWork, hold_id: str, now: datetime) -> Outcome[Spend]:
+    async def post_hold(
+        self, uow: UnitOfWork, hold_id: str, now: datetime, member_id: str = ""
+    ) -> Outcome[Spend]:
         conn = uow.conn
-        hold = await self._locked_hold(conn, hold_id)
+        hold = await self._locked_hold(conn, hold_id, member_id)
         if hold["status"] != "held":
             return await self._with_balance(conn, self._resolved(hold, "posted"))
         if hold["expires_at"] <= now:
@@ -578,11 +585,17 @@ class PointsLedger:
         )
 
     async def void_hold(
-        self, uow: UnitOfWork, hold_id: str, now: datetime, *, timed_out: bool = False
+        self,
+        uow: UnitOfWork,
+        hold_id: str,
+        now: datetime,
+        *,
+        timed_out: bool = False,
+        member_id: str = "",
     ) -> Outcome[Spend]:
         """Void a hold (or, for the time-out job, expire one that is due)."""
         conn = uow.conn
-        hold = await self._locked_hold(conn, hold_id)
+        hold = await self._locked_hold(conn, hold_id, member_id)
         wanted = "expired" if timed_out else "voided"
         if hold["status"] != "held":
             return await self._with_balance(conn, self._resolved(hold, wanted))

@@ -7,7 +7,8 @@ exchange, and revoked coupons
   counted_member_id (whose per-member count the exchange took), reversal
   (reversed_at, reversed_by, reversal_reason, reversal_transaction_id);
   fulfilment gains 'awaiting_payment', 'released' and 'reversed'.
-- coupons.status gains 'revoked' (an operator took an issued coupon back).
+- coupons.status gains 'revoked' (an operator took an issued coupon back),
+  with revoked_at, revoked_by and revoke_reason.
 
 Revision ID: 0010_rewards_mall_payment
 Revises: 0009_rewards_money_corners
@@ -48,6 +49,12 @@ COLUMNS = (
     sa.Column("reversal_transaction_id", sa.Uuid(), nullable=True),
 )
 
+COUPON_COLUMNS = (
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("revoked_by", sa.Text(), nullable=True),
+    sa.Column("revoke_reason", sa.Text(), nullable=True),
+)
+
 
 def _recheck(table: str, name: str, condition: str) -> None:
     op.drop_constraint(op.f(f"ck_{table}_{name}"), table, schema=S, type_="check")
@@ -76,9 +83,13 @@ def upgrade() -> None:
     # A reversed exchange keeps the shipment it may have had.
     _recheck("mall_exchanges", "shipped_has_shipment", f"fulfilment = 'reversed' OR {SHIPPED}")
     _recheck("coupons", "status_known", f"status IN {COUPONS}")
+    for coupon_column in COUPON_COLUMNS:
+        op.add_column("coupons", coupon_column, schema=S)
 
 
 def downgrade() -> None:
+    for name in ("revoke_reason", "revoked_by", "revoked_at"):
+        op.drop_column("coupons", name, schema=S)
     _recheck("coupons", "status_known", f"status IN {COUPONS_BEFORE}")
     _recheck("mall_exchanges", "shipped_has_shipment", SHIPPED)
     _recheck("mall_exchanges", "fulfilment_known", f"fulfilment IN {FULFILMENTS_BEFORE}")
@@ -90,5 +101,5 @@ def downgrade() -> None:
     op.drop_index(
         op.f("ix_mall_exchanges_payment_reference"), table_name="mall_exchanges", schema=S
     )
-    for column in reversed(COLUMNS):
-        op.drop_column("mall_exchanges", column.name, schema=S)
+    for name in reversed([c.name for c in COLUMNS]):
+        op.drop_column("mall_exchanges", name, schema=S)
