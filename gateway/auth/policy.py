@@ -119,6 +119,10 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     # ... coupon revocation and template limits
     ("POST", f"{_A}/coupons/{{code}}/revoke"): ADMIN_REWARDS,
     ("PUT", f"{_A}/coupon-templates/{{template_id}}/limits"): ADMIN_REWARDS,
+    # ... stores as operator-managed data
+    ("GET", f"{_A}/stores"): ADMIN_REWARDS,
+    ("PUT", f"{_A}/stores/{{store_id}}"): ADMIN_REWARDS,
+    ("PUT", f"{_A}/stores/{{store_id}}/status"): ADMIN_REWARDS,
 }
 
 POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"

@@ -9,6 +9,7 @@ Operator commands (against DATABASE_URL, one run each, safe to repeat):
   announce-expiring-coupons  emit CouponExpiringSoon for coupons lapsing soon
   release-unpaid-mall-exchanges  give back points and stock of points-plus-cash
                         exchanges whose payment did not arrive in time
+  stores put|close|open|list   the brand's stores (operator-managed data)
 """
 
 import sys
@@ -25,6 +26,7 @@ JOBS = (
     "expire-coupons",
     "announce-expiring-coupons",
     "release-unpaid-mall-exchanges",
+    "stores",
 )
 
 if len(sys.argv) > 1 and sys.argv[1] in JOBS:

@@ -70,6 +70,8 @@ stores = Table(
     Column("latitude", Numeric(9, 6), nullable=False),
     Column("longitude", Numeric(9, 6), nullable=False),
     Column("status", Text, nullable=False, server_default="active"),
+    # IANA zone of the store's clock (quiet hours, business day; migration 0011).
+    Column("time_zone", Text, nullable=False, server_default="Asia/Shanghai"),
     created_at(),
     CheckConstraint("char_length(store_id) BETWEEN 1 AND 32", name="store_id_length"),
     CheckConstraint("status IN ('active', 'closed')", name="status_known"),

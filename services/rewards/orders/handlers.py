@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from loyalty.common.v1 import common_pb2
 from loyalty.events.v1 import events_pb2
@@ -36,7 +37,9 @@ from .domain import (
     OrderLimits,
     OrderRequest,
     Settlement,
+    check_store,
     parse_store_id,
+    parse_store_status,
     plan_settlement,
 )
 from .repository import StoreRecord
@@ -276,6 +279,40 @@ class RewardsHandlers:
         return outcome, await coupon_service.restore_for_refund(
             uow.conn, order_id, paid, refunded, now
         )
+
+    async def put_store(self, uow: UnitOfWork, store: StoreRecord) -> StoreRecord:
+        """Create or update a store (operators); validated before anything is written."""
+        check_store(
+            store.store_id,
+            store.name,
+            store.city,
+            store.address,
+            store.time_zone,
+            float(store.latitude),
+            float(store.longitude),
+        )
+        parse_store_status(store.status)
+        # Six decimals, as stored (about 0.1 m).
+        exact = replace(
+            store,
+            latitude=Decimal(str(store.latitude)).quantize(Decimal("0.000001")),
+            longitude=Decimal(str(store.longitude)).quantize(Decimal("0.000001")),
+        )
+        await repo.upsert_stores(uow.conn, [exact])
+        return await self.get_store(uow, store.store_id)
+
+    async def set_store_status(self, uow: UnitOfWork, store_id: str, status: str) -> StoreRecord:
+        """Close a store (it settles no new orders; refunds of its orders go on)
+        or open it again."""
+        parse_store_id(store_id)
+        if not await repo.set_store_status(uow.conn, store_id, parse_store_status(status)):
+            raise NotFound(
+                f"store {store_id} does not exist", code="UNKNOWN_STORE", field="store_id"
+            )
+        return await self.get_store(uow, store_id)
+
+    async def list_stores(self, uow: UnitOfWork) -> list[StoreRecord]:
+        return await repo.list_stores(uow.conn)
 
     async def get_store(self, uow: UnitOfWork, store_id: str) -> StoreRecord:
         parse_store_id(store_id)
