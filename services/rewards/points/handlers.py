@@ -8,7 +8,8 @@ pure rules in domain.py and writes with `repository.post`.
 A refusal that depends on state (not enough points, refund larger than the
 order) is stored under the key and the unit of work commits it: use cases
 return an `Outcome`, and the servicer raises its error only after the commit,
-so a retry replays the same refusal.
+so a retry replays the same refusal. (Not a refund whose order has not
+arrived yet: its key is given back, so the retry after the order applies.)
 """
 
 from __future__ import annotations
