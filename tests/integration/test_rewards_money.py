@@ -575,3 +575,28 @@ async def test_a_refund_gives_back_the_daily_cap_its_order_used(
         uuid.UUID(member),
     )
     assert (counted["points"], counted["actions"]) == (60, 2)
+
+
+# ---- item 3 (rewards' side): an absorbed id is credited to its survivor ------------
+
+
+async def test_an_order_for_an_absorbed_id_lands_on_the_survivor_and_replays(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    ledger, survivor, absorbed = Ledger(db), new_member(), new_member()
+    merge_id = await merge(db, survivor, absorbed)
+    txn = new_txn()
+    order = await ledger.earn(absorbed, 2_500, T0, txn=txn)
+    assert order.points_earned == 25
+    assert (await balance(conn, survivor))["available"] == 25
+    assert (await balance(conn, absorbed))["available"] == 0
+    assert await conn.fetchval(
+        "SELECT member_id FROM rewards.orders WHERE pos_transaction_id = $1", txn
+    ) == uuid.UUID(survivor)
+    # The till's retry carries the absorbed id: the same request, replayed.
+    again = await ledger.earn(absorbed, 2_500, T0, txn=txn)
+    assert again.replayed and again.order_id == order.order_id
+    # Once unmerged, the absorbed id is its own member again.
+    await unmerge(db, merge_id, survivor, absorbed)
+    await ledger.earn(absorbed, 1_000, T0 + timedelta(hours=1), txn=new_txn())
+    assert (await balance(conn, absorbed))["available"] == 10
