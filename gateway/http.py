@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from servicekit.server import tracing_recorded
 
-from .api import centre, coupons, engagement, mall, members, points, referrals, tiers
+from .api import centre, coupons, engagement, mall, members, points, referrals, stores, tiers
 from .api.common import problem_response
 from .auth.door import Door
 from .clients import Downstreams
@@ -132,6 +132,7 @@ def create_app(
         referrals.router,
         mall.router,
         coupons.router,
+        stores.router,
     ):
         app.include_router(router)
     _serve_problems_in_openapi(app)

@@ -129,6 +129,22 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
     ) -> pos_pb2.CompleteOrderResponse:
         return await self._complete(request)
 
+    async def _known_member(self, member_id: str) -> None:
+        """Refuse an order for a member id member does not know (NOT_FOUND
+        UNKNOWN_MEMBER) or erased (NOT_FOUND MEMBER_ERASED) before anything is
+        written. An absorbed id is fine: rewards credits its survivor (it
+        follows merges itself, so the request and its idempotency hash stay
+        what the till sent). With member unreachable the till still sells:
+        rewards settles on what it knows (it refuses erased members itself)
+        and the answer says member is degraded."""
+        try:
+            await self._down.member.get_member(member_id)
+        except DownstreamError as exc:
+            if exc.status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                log.warning("complete order: member unreachable, %s not checked", member_id)
+                return
+            raise
+
     async def UploadOfflineOrders(
         self, request: pos_pb2.UploadOfflineOrdersRequest, context: grpc.aio.ServicerContext
     ) -> pos_pb2.UploadOfflineOrdersResponse:
@@ -143,6 +159,7 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         _required(request.store_id, "store_id")
         _required(request.pos_transaction_id, "pos_transaction_id")
         _required(request.member_id, "member_id")
+        await self._known_member(request.member_id)
         downstream = rewards_pb2.CompleteOrderRequest(
             store_id=request.store_id,
             pos_transaction_id=request.pos_transaction_id,

@@ -854,3 +854,65 @@ async def issue_many(template_id: TemplateId, body: BulkIssue, request: Request)
             for item, r in zip(body.items, reply.results, strict=True)
         ],
     )
+
+
+@router.put(
+    "/v1/admin/coupon-templates/{template_id}/limits",
+    response_model=CouponTemplate,
+    tags=["admin"],
+    summary="Change a template's stock, per-member limit, daily budget or shards",
+    responses=TEMPLATE_ERRORS
+    | {
+        409: problem_response(
+            "STOCK_BELOW_ISSUED (total_stock below the coupons already issued), TEMPLATE_ENDED"
+        )
+    },
+)
+async def set_limits(
+    template_id: TemplateId, body: CouponLimits, request: Request
+) -> CouponTemplate:
+    reply = await downstreams(request).rewards.call(
+        "SetCouponTemplateLimits",
+        rewards_pb2.SetCouponTemplateLimitsRequest(
+            template_id=template_id, limits=rewards_pb2.CouponLimits(**body.model_dump())
+        ),
+        {"limits.total_stock": "total_stock", "limits.": ""},
+    )
+    return template_model(reply)
+
+
+class Revocation(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"reason": "issued in error"}]},
+    )
+
+    reason: str = Field(min_length=1, max_length=256)
+
+
+@router.post(
+    "/v1/admin/coupons/{code}/revoke",
+    response_model=Coupon,
+    tags=["admin"],
+    summary="Take an issued coupon back (available -> revoked), once",
+    responses={
+        404: problem_response("UNKNOWN_COUPON"),
+        409: problem_response(
+            "COUPON_LOCKED (at a till now), COUPON_ALREADY_USED, COUPON_EXPIRED;"
+            " a second revocation replays the first"
+        ),
+        422: problem_response("Malformed code or revocation; `field` names the culprit"),
+    },
+)
+async def revoke(
+    code: Annotated[str, Path(min_length=1, max_length=64, description="The coupon's code")],
+    body: Revocation,
+    request: Request,
+) -> Coupon:
+    reply = await downstreams(request).rewards.call(
+        "RevokeCoupon",
+        rewards_pb2.RevokeCouponRequest(
+            code=code, operator_id=principal(request), reason=body.reason
+        ),
+    )
+    return coupon_model(reply)

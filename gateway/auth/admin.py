@@ -14,17 +14,20 @@ import json
 import re
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import asyncpg
 from redis.asyncio import Redis
 
+from loyalty.rewards.v1 import rewards_pb2
 from servicekit.db import create_pool
 from servicekit.errors import AlreadyExists, DomainError, InvalidArgument, NotFound
 from servicekit.redis_client import create_redis
 
+from ..clients import STORE_OPEN, RewardsClient
 from ..ratelimit import epoch_key
+from ..settings import GatewaySettings
 from . import repository as repo
 from .crypto import SecretBox, api_key, new_key_id, new_secret
 from .model import DEFAULT_SCOPES, KNOWN_SCOPES, ClientKind
@@ -67,12 +70,42 @@ class IssuedKey:
     api_key: str
 
 
+# Whether a store exists (and is open) in rewards: a POS client is registered
+# only for one (issue 13, item 26).
+StoreCheck = Callable[[str], Awaitable[bool]]
+
+
+def open_store_check(rewards: RewardsClient) -> StoreCheck:
+    """Ask rewards (which owns stores) whether a store exists and is open;
+    rewards unreachable fails the registration (DEPENDENCY_UNAVAILABLE)."""
+
+    async def store_exists(store_id: str) -> bool:
+        try:
+            # Not the gateway's cached read: a store closed a moment ago is closed.
+            store = await rewards.call("GetStore", rewards_pb2.GetStoreRequest(store_id=store_id))
+            return bool(store.status == STORE_OPEN)
+        except DomainError as exc:
+            if exc.code == "UNKNOWN_STORE":
+                return False
+            raise
+
+    return store_exists
+
+
 class ClientAdmin:
-    def __init__(self, pool: asyncpg.Pool, redis: Redis, box: SecretBox, namespace: str) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        box: SecretBox,
+        namespace: str,
+        store_exists: StoreCheck | None = None,
+    ) -> None:
         self._pool = pool
         self._redis = redis
         self._box = box
         self._namespace = namespace
+        self._store_exists = store_exists
 
     async def _changed(self) -> None:
         await self._redis.incr(epoch_key(self._namespace))
@@ -102,6 +135,13 @@ class ClientAdmin:
                 code="STORE_ID_FOR_POS_ONLY",
                 field="store_id",
             )
+        if self._store_exists is not None and store_id.strip():
+            if not await self._store_exists(store_id.strip()):
+                raise NotFound(
+                    f"store {store_id.strip()} does not exist or is closed",
+                    code="UNKNOWN_STORE",
+                    field="store_id",
+                )
         granted = list(scopes) or list(DEFAULT_SCOPES[kind])
         unknown = sorted(set(granted) - KNOWN_SCOPES)
         if unknown:
@@ -263,7 +303,9 @@ async def run(
     args = _parser().parse_args(argv)
     pool = await create_pool(database_url, min_size=1, max_size=2)
     redis = create_redis(redis_url)
-    admin = ClientAdmin(pool, redis, box, namespace)
+    settings = GatewaySettings()
+    rewards = RewardsClient(str(settings.rewards_addr), settings.downstream_timeout_seconds)
+    admin = ClientAdmin(pool, redis, box, namespace, open_store_check(rewards))
     try:
         if args.command == "create":
             issued = await admin.create(
@@ -297,6 +339,7 @@ async def run(
             for c in await admin.list()
         ]
     finally:
+        await rewards.close()
         await redis.aclose()
         await pool.close()
 

@@ -27,6 +27,7 @@ from loyalty.pos.v1 import pos_pb2_grpc
 from servicekit.db import asyncpg_dsn, create_pool
 from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
+from services.rewards.points.audit import audit_ledger
 from tests.conftest import stopping
 from tests.harness import Infra
 
@@ -175,3 +176,20 @@ async def pos(
         f"127.0.0.1:{gateway.pos_grpc_port}", interceptors=[PerStoreKeyInterceptor(store_keys)]
     ) as channel:
         yield pos_pb2_grpc.PosServiceStub(channel)
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def ledger_audit(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After every end-to-end module that ran the rewards service: the whole
+    points ledger audits clean (what `python -m services.rewards audit` checks)."""
+    yield
+    infra = request.getfixturevalue("infra")
+    c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        # Before any module started rewards, there is no ledger to audit yet.
+        if await c.fetchval("SELECT to_regclass('rewards.points_transactions') IS NULL"):
+            return
+        report = await audit_ledger(c)
+    finally:
+        await c.close()
+    assert report.ok, report
