@@ -46,6 +46,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
+# The health name of the liveness probe: SERVING while the process's event loop
+# answers, whatever its dependencies or schema (those are readiness: restarting
+# every pod while PostgreSQL is down or a migration is pending helps nobody).
+LIVENESS = "liveness"
+
 
 def _traced(details: grpc.HandlerCallDetails) -> bool:
     """Every call but health probes. The library's filters.health_check() does
@@ -173,6 +178,7 @@ class ServiceApp:
         )
         self._wire(self)
         await add_health_and_reflection(self.server, self.health, self.service_names, NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))

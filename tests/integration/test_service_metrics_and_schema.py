@@ -179,3 +179,17 @@ async def test_a_never_migrated_schema_is_not_served(infra: Infra, fresh_databas
     async with started(app):
         await asyncio.sleep(1.0)
         assert await _health(app.port) != SERVING
+
+
+async def test_liveness_answers_while_readiness_waits_for_the_schema(
+    infra: Infra, fresh_database_url: str
+) -> None:
+    app = build(infra.service_settings(database_url=fresh_database_url))
+    async with started(app):
+        await asyncio.sleep(0.5)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            live = await stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=2)
+            ready = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        assert live.status == SERVING
+        assert ready.status != SERVING
