@@ -39,6 +39,16 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# checkov in its own venv (deploy/checkov-requirements.txt says why); used by tests/deploy.
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+$(TOOLS_STAMP): deploy/checkov-requirements.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need Python 3.11 ($(PYTHON)) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install --quiet -r deploy/checkov-requirements.txt
+	@touch $@
+
 $(PROTO_STAMP): $(PROTO_FILES) servicekit/protogen.py $(STAMP)
 	$(PY) -m servicekit.protogen
 	@touch $@
@@ -64,14 +74,14 @@ lint: $(PROTO_STAMP)
 
 # tests/conftest.py starts embedded PostgreSQL/Redis itself when DATABASE_URL /
 # REDIS_URL are unset, so pytest runs directly.
-test: lint
+test: lint $(TOOLS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(PROTO_STAMP)
 	$(PY) -m servicekit.devrun bench -- $(BENCH_ARGS)
 
 clean:
-	rm -rf .data $(PROTO_STAMP) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf .data $(TOOLS_VENV) $(PROTO_STAMP) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 	find protos -name '*_pb2*.py*' -delete
 
 # A comma inside $(if ...).
