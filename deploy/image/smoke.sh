@@ -47,7 +47,8 @@ asyncio.run(main())" || true
 trap cleanup EXIT
 
 echo "== 1. contents of $IMAGE"
-buildah inspect --type image --format '{{.OCIv1.Config.User}} {{.OCIv1.Config.Entrypoint}} {{.OCIv1.Config.Labels}}\n' "$IMAGE"
+buildah inspect --type image --format '{{.OCIv1.Config.User}} {{.OCIv1.Config.Entrypoint}} {{.OCIv1.Config.Labels}}' "$IMAGE"
+echo
 inimage python - <<'PY'
 import importlib.util, os, shutil, sys
 assert os.getuid() == 10001 and os.getgid() == 10001, (os.getuid(), os.getgid())
@@ -105,6 +106,12 @@ while time.monotonic() < deadline:
     time.sleep(0.5)
 assert status == health_pb2.HealthCheckResponse.SERVING, f"health {status}"
 print("grpc.health.v1.Health/Check:", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+    live = health_pb2_grpc.HealthStub(ch).Check(
+        health_pb2.HealthCheckRequest(service="liveness"), timeout=2
+    ).status
+assert live == health_pb2.HealthCheckResponse.SERVING, live
+print("grpc.health.v1.Health/Check liveness: SERVING")
 body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
 assert "db_pool_max_connections" in body and "outbox_backlog_events" in body, body[:500]
 print("/metrics:", sum(1 for line in body.splitlines() if not line.startswith("#")), "samples")

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ COMPONENTS = ("network-policies", "hpa", "otel", "monitoring")
 NAMESPACE = "loyalty"
 
 Obj = dict[str, Any]
+# libyaml's parser when PyYAML has it: several times faster on these renders.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,10 @@ class Render:
     name: str
     text: str
 
-    @property
+    @cached_property
     def objects(self) -> list[Obj]:
-        return [d for d in yaml.safe_load_all(self.text) if d]
+        # Parsed once (cached_property writes the instance dict, frozen or not).
+        return [d for d in yaml.load_all(self.text, Loader=_LOADER) if d]
 
     def of_kind(self, *kinds: str) -> list[Obj]:
         return [o for o in self.objects if o["kind"] in kinds]

@@ -223,3 +223,50 @@ def test_production_generates_no_secret_and_dev_generates_every_key() -> None:
                 if ref:
                     assert ref["name"] == secret["metadata"]["name"]
                     assert ref["key"] in keys, ref
+
+
+def callers(render: Render) -> dict[str, set[str]]:
+    """Service -> the processes that dial it, read from the *_ADDR settings
+    each process's ConfigMaps give it."""
+    out: dict[str, set[str]] = {s: set() for s in SERVICE_NAMES}
+    for d in render.of_kind("Deployment"):
+        (c,) = containers(d)
+        for src in c.get("envFrom", []):
+            cm = render.get("ConfigMap", src["configMapRef"]["name"])
+            for key in cm.get("data") or {}:
+                if key.endswith("_ADDR"):
+                    out[key.removesuffix("_ADDR").lower()].add(d["metadata"]["name"])
+    return out
+
+
+def test_network_policies_deny_by_default_and_admit_only_each_services_callers() -> None:
+    render = RENDERS[1]  # production has the component
+    policies = render.of_kind("NetworkPolicy")
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+    assert any(set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} for p in deny)
+    expected = callers(render)
+    assert expected["member"] == {"gateway", "engagement"}, expected
+    for service, who in expected.items():
+        admitted: set[str] = set()
+        for p in policies:
+            sel = p["spec"]["podSelector"]
+            names = set(sel.get("matchLabels", {}).values()) | {
+                v for e in sel.get("matchExpressions", []) for v in e["values"]
+            }
+            if service not in names:
+                continue
+            for rule in p["spec"].get("ingress", []):
+                if 50051 not in [port["port"] for port in rule.get("ports", [])]:
+                    continue
+                assert "from" in rule, f"{p['metadata']['name']}: {service} open to all"
+                for peer in rule["from"]:
+                    admitted.add(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"])
+        assert admitted == who, f"{service}: admits {admitted}, called by {who}"
+    # Only the gateway is open to everyone.
+    open_to_all = {
+        p["metadata"]["name"]
+        for p in policies
+        for rule in p["spec"].get("ingress", [])
+        if "from" not in rule
+    }
+    assert open_to_all == {"gateway-ingress"}
