@@ -31,6 +31,12 @@ from ..harness import Infra, eventually, wait_until_serving
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
+def own_namespace(infra: Infra, name: str) -> str:
+    """Streams of this test's app alone: its consumer groups must not take the
+    session services' events (the harness removes `<namespace>:*` at the end)."""
+    return f"{infra.namespace}:{name}-{uuid.uuid4().hex[:6]}"
+
+
 @contextlib.asynccontextmanager
 async def started(app: ServiceApp) -> AsyncIterator[ServiceApp]:
     await app.start()
@@ -58,7 +64,10 @@ def find(samples: dict, name: str, **labels: str) -> float | None:  # type: igno
 
 
 async def test_a_service_serves_rpc_and_state_metrics_on_its_own_port(infra: Infra) -> None:
-    app = build(infra.service_settings(metrics_sample_interval_seconds=0.2))
+    namespace = own_namespace(infra, "metrics")
+    app = build(
+        infra.service_settings(metrics_sample_interval_seconds=0.2, redis_namespace=namespace)
+    )
     async with started(app):
         await wait_until_serving(f"127.0.0.1:{app.port}")
         assert app.metrics.port not in (0, app.port)
@@ -104,11 +113,11 @@ async def test_a_service_serves_rpc_and_state_metrics_on_its_own_port(infra: Inf
         assert find(samples, "db_pool_max_connections") == float(app.settings.db_pool_max)
         assert find(samples, "db_pool_connections", state="in_use") is not None
         # Engagement's consumer group reads member, rewards and tiering.
-        stream = f"{infra.namespace}:events:rewards"
+        stream = f"{namespace}:events:rewards"
         assert (
             find(samples, "event_consumer_pending_events", stream=stream, group="engagement") == 0
         )
-        dlq = f"{infra.namespace}:events:rewards:dlq:engagement"
+        dlq = f"{namespace}:events:rewards:dlq:engagement"
         assert find(samples, "event_dead_letters", stream=dlq) == 0
     # The port is released with the service.
     with pytest.raises(OSError):
@@ -151,7 +160,11 @@ async def test_a_service_stays_not_serving_until_its_schema_is_at_head(
     previous = script.get_revision(head).down_revision
     assert isinstance(previous, str)
     await asyncio.to_thread(upgrade, "engagement", fresh_database_url, previous)
-    app = build(infra.service_settings(database_url=fresh_database_url))
+    app = build(
+        infra.service_settings(
+            database_url=fresh_database_url, redis_namespace=own_namespace(infra, "schema")
+        )
+    )
     with caplog.at_level(logging.INFO, logger="servicekit.schemacheck"):
         async with started(app):
             # Several health polls (every 0.2 s while not ready): none serves.
@@ -175,7 +188,11 @@ async def _is_serving(port: int) -> bool:
 
 
 async def test_a_never_migrated_schema_is_not_served(infra: Infra, fresh_database_url: str) -> None:
-    app = build(infra.service_settings(database_url=fresh_database_url))
+    app = build(
+        infra.service_settings(
+            database_url=fresh_database_url, redis_namespace=own_namespace(infra, "schema")
+        )
+    )
     async with started(app):
         await asyncio.sleep(1.0)
         assert await _health(app.port) != SERVING
@@ -184,7 +201,11 @@ async def test_a_never_migrated_schema_is_not_served(infra: Infra, fresh_databas
 async def test_liveness_answers_while_readiness_waits_for_the_schema(
     infra: Infra, fresh_database_url: str
 ) -> None:
-    app = build(infra.service_settings(database_url=fresh_database_url))
+    app = build(
+        infra.service_settings(
+            database_url=fresh_database_url, redis_namespace=own_namespace(infra, "schema")
+        )
+    )
     async with started(app):
         await asyncio.sleep(0.5)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
