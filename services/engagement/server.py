@@ -292,6 +292,19 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         engagement_pb2_grpc.add_EngagementServiceServicer_to_server(
             EngagementServicer(app.db, handlers, s.engagement_parked_ttl_days), app.server
         )
+        db = app.db
+
+        async def due_backlog() -> float:
+            # Steps already due and not yet run: the sweepers are falling behind.
+            n = await db.pool.fetchval(
+                f"SELECT count(*) FROM {SCHEMA}.timers WHERE NOT paused AND due_at <= $1",
+                clock.now(),
+            )
+            return float(n)
+
+        app.metrics.add_probe(
+            "engagement_scheduler_due_timers", "Journey steps due and not yet run", due_backlog
+        )
         app.add_consumer(
             EventConsumer(
                 NAME,
