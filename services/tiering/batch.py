@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -56,7 +57,9 @@ from .evaluation import (
     TierState,
     add_months,
     advance,
-    facts_metric,
+    advance_versions,
+    facts_for,
+    in_force,
     window_start,
 )
 from .handlers import DEFAULT_PROGRAMME_ID, tier_changed
@@ -134,6 +137,7 @@ async def recompute(
     progress: Progress | None = None,
     pause: float = 0.0,
     workers: int = 2,
+    programme_id: str = DEFAULT_PROGRAMME_ID,
 ) -> RunResult:
     """`workers` connections take chunks side by side (2: one per core here;
     capped by the pool's size). `pause` seconds between chunks (after each
@@ -168,7 +172,10 @@ async def recompute(
             " RETURNING run_id",
             now,
         )
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        # The brand's programme (TIERING_PROGRAMME_ID): only its members' rows
+        # are evaluated; earlier versions decide the periods they were in force.
+        versions = await repo.programme_versions(conn, programme_id, now)
+        programme = in_force(versions, now) if versions else None
         rules = programme.rules if programme else DEFAULT_RULES
         tick = time.perf_counter()
         total, chunks = await _chunks(conn, chunk_size)
@@ -240,7 +247,7 @@ async def recompute(
                         moved = 0
                         if programme is not None:
                             outbox = _Outbox()
-                            moved = await _tiers_chunk(c, programme, lo, hi, now, outbox)
+                            moved = await _tiers_chunk(c, versions, lo, hi, now, outbox)
                             await outbox.flush(c)
                         t1 = time.perf_counter()
                         counts = await c.fetchrow(
@@ -552,12 +559,13 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
 
 async def _tiers_chunk(
     conn: asyncpg.Connection,
-    programme: TierProgramme,
+    versions: list[TierProgramme],
     lo: uuid.UUID,
     hi: uuid.UUID,
     now: datetime,
     outbox: _Outbox,
 ) -> int:
+    programme = in_force(versions, now)
     ladder = programme.ladder
     codes = [t.code for t in ladder.tiers]
     thresholds = [t.threshold for t in ladder.tiers]
@@ -568,7 +576,7 @@ async def _tiers_chunk(
         f"SELECT t.member_id, {repo.STATE_COLUMNS}, t.tier_code, t.evaluated_at,"
         " coalesce(w.metric, 0) AS metric FROM tiering.member_tiers t"
         f" LEFT JOIN {WORK} w ON w.member_id = t.member_id AND w.member_id BETWEEN $1 AND $2"
-        " WHERE t.member_id > $1 AND t.member_id <= $2 AND ("
+        " WHERE t.member_id > $1 AND t.member_id <= $2 AND t.programme_id = $8 AND ("
         "  (t.period_end <= $3 AND t.earned_tier <> $7) OR t.grace_until <= $3"
         "  OR t.override_until <= $3 OR t.programme_version <> $4"
         # Above their tier: at or over the next tier's threshold (NULL, so false,
@@ -584,10 +592,12 @@ async def _tiers_chunk(
         codes[:-1],
         thresholds[1:],
         codes[0],
+        programme.programme_id,
     )
     if not complex_rows:
         return 0
     points = await _boundary_metrics(conn, programme, complex_rows, now)
+    by_version = {p.version: p for p in versions}
     state_columns = [c.strip() for c in repo.STATE_COLUMNS.split(",")]
     changed = 0
     updates = []
@@ -602,18 +612,17 @@ async def _tiers_chunk(
             return known[t]
 
         try:
+            if state.programme_version != programme.version:
+                raise KeyError(state.programme_version)
             ev = advance(programme, state, at, lookup)
         except KeyError:
-            # More than one period passed since the last run: evaluate on the facts.
-            orders, growth = await repo.load_facts(
-                conn, member_id, window_start(programme, min(state.period_start, at))
-            )
-            ev = advance(
-                programme,
-                state,
-                at,
-                facts_metric(programme, orders, growth),
-            )
+            # More than one period passed since the last run, or a version
+            # change to cross (each period under the version in force then):
+            # evaluate on the facts.
+            pending = state.programme_version != programme.version
+            since = None if pending else window_start(programme, min(state.period_start, at))
+            orders, growth = await repo.load_facts(conn, member_id, since)
+            ev = advance_versions(versions, state, at, functools.partial(facts_for, orders, growth))
         effective = ev.state.effective(programme, at)
         if ev.state != state or effective != row["tier_code"]:
             updates.append((member_id, ev.state, effective, at))
@@ -621,7 +630,8 @@ async def _tiers_chunk(
             history.append((member_id, change))
             if change.moved:
                 changed += 1
-                outbox.add(tier_changed(member_id, programme, change), str(member_id))
+                decided = by_version.get(change.version, programme)
+                outbox.add(tier_changed(member_id, decided, change), str(member_id))
     if updates:
         await conn.execute(
             "UPDATE tiering.member_tiers t SET programme_id = $2, tier_code = u.tier_code,"

@@ -8,11 +8,11 @@ import sys
 from datetime import UTC, datetime
 
 from servicekit.db import Database, create_pool
-from servicekit.settings import ServiceSettings
 
 from . import reports
 from .batch import RecomputeBusy, bar, recompute
 from .schema import SCHEMA
+from .settings import TieringSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def run(argv: list[str]) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    settings = ServiceSettings()
+    settings = TieringSettings()
     workers = getattr(args, "workers", 1)
     pool = await create_pool(settings.database_url, min_size=1, max_size=max(workers, 1))
     db = Database(pool, SCHEMA, "tiering")
@@ -70,6 +70,7 @@ async def _main(args: argparse.Namespace) -> int:
                     progress=None if args.quiet else bar,
                     pause=args.pause_ms / 1000,
                     workers=workers,
+                    programme_id=settings.tiering_programme_id,
                 )
             except RecomputeBusy as e:
                 print(str(e), file=sys.stderr)

@@ -35,8 +35,11 @@ from .evaluation import (
     Projection,
     TierState,
     advance,
+    advance_versions,
     facts_metric,
     fresh_state,
+    in_force,
+    keep_deadline,
     metric_from_facts,
     order_growth,
     project,
@@ -49,8 +52,10 @@ from .repository import SpendRecord
 
 log = logging.getLogger(__name__)
 
-# The programme every member is evaluated on until programmes per segment exist.
+# The brand's programme unless TIERING_PROGRAMME_ID names another (settings.py).
 DEFAULT_PROGRAMME_ID = "default"
+# How late a growth action may be reported unless configured (settings.py).
+DEFAULT_GROWTH_MAX_AGE = timedelta(hours=24)
 # A programme version may start a little in the past (operator clock skew),
 # never earlier: that would rewrite decisions already taken.
 PUBLISH_SKEW = timedelta(minutes=5)
@@ -169,8 +174,16 @@ def build_programme(
 
 
 class TieringHandlers:
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        programme_id: str = DEFAULT_PROGRAMME_ID,
+        growth_max_age: timedelta = DEFAULT_GROWTH_MAX_AGE,
+    ) -> None:
         self._clock: Clock = clock or (lambda: datetime.now(UTC))
+        # Every member is evaluated on this one programme (one per brand).
+        self.programme_id = programme_id
+        self._growth_max_age = growth_max_age
 
     def now(self) -> datetime:
         return self._clock()
@@ -204,28 +217,36 @@ class TieringHandlers:
         replays the member from facts. History rows and TierChanged events are
         written in the caller's transaction."""
         conn = uow.conn
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, max(at, self.now()))
-        if programme is None:
+        versions = await repo.programme_versions(conn, self.programme_id, max(at, self.now()))
+        if not versions:
             return None
-        locked = await repo.lock_tier_state(conn, member_id)
+        # A row decided under another programme (the brand switched) starts afresh.
+        locked = await repo.lock_tier_state(conn, member_id, self.programme_id)
         state, evaluated_at = locked if locked else (None, None)
         if state is not None and evaluated_at is not None and (reason or at < evaluated_at):
             now = max(at, evaluated_at)
             orders, growth = await repo.load_facts(conn, member_id)
-            ev = reconcile(programme, state, orders, growth, now, reason or "late_order")
+            ev = reconcile(versions, state, orders, growth, now, reason or "late_order")
+        elif state is None:
+            # A first fact, or a row decided under another programme (the brand
+            # switched): from the facts, under the versions in force at each.
+            now = at
+            orders, growth = await repo.load_facts(conn, member_id)
+            ev = replay(versions, orders, growth, at)
         else:
             now = at
-            start = state or fresh_state(programme, at)
-            orders, growth = await repo.load_facts(
-                conn, member_id, window_start(programme, min(start.period_start, at))
+            start = state
+            pending = start.programme_version != in_force(versions, at).version
+            # A version change to cross: its metric may differ, read every fact.
+            since = (
+                None
+                if pending
+                else window_start(in_force(versions, at), min(start.period_start, at))
             )
-            ev = advance(
-                programme,
-                start,
-                at,
-                facts_metric(programme, orders, growth),
-            )
-        await self._store(uow, member_id, programme, ev, now)
+            orders, growth = await repo.load_facts(conn, member_id, since)
+            ev = advance_versions(versions, start, at, lambda p: facts_metric(p, orders, growth))
+        programme = in_force(versions, now)
+        await self._store(uow, member_id, programme, ev, now, versions)
         return programme, ev.state
 
     async def _store(
@@ -235,13 +256,17 @@ class TieringHandlers:
         programme: TierProgramme,
         ev: Evaluation,
         now: datetime,
+        versions: list[TierProgramme] | None = None,
     ) -> None:
         await repo.save_tier_state(
             uow.conn, member_id, programme, ev.state, ev.state.effective(programme, now), now
         )
         await repo.insert_history(uow.conn, member_id, programme, ev.changes)
+        # Each event carries the benefits of the version that decided it.
+        by_version = {p.version: p for p in versions or ()}
         for change in ev.moved:
-            await emit_tier_changed(uow, member_id, programme, change)
+            decided = by_version.get(change.version, programme)
+            await emit_tier_changed(uow, member_id, decided, change)
 
     # ---- events ---------------------------------------------------------------------
 
@@ -269,10 +294,8 @@ class TieringHandlers:
             to_datetime(order.ordered_at) or to_datetime(event.envelope.occurred_at) or self.now()
         )
         conn = uow.conn
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, ordered_at)
-        rules_programme = programme or await repo.programme_at(
-            conn, DEFAULT_PROGRAMME_ID, self.now()
-        )
+        programme = await repo.programme_at(conn, self.programme_id, ordered_at)
+        rules_programme = programme or await repo.programme_at(conn, self.programme_id, self.now())
         growth = (
             order_growth(rules_programme, order.paid_amount_fen)
             if rules_programme
@@ -318,8 +341,8 @@ class TieringHandlers:
             return  # the order's member was erased (a merge may have moved the order)
         owner = order.member_id
         refunded = min(order.paid_fen, order.refunded_fen + refund.refunded_amount_fen)
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, order.ordered_at)
-        programme = programme or await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, self.now())
+        programme = await repo.programme_at(conn, self.programme_id, order.ordered_at)
+        programme = programme or await repo.programme_at(conn, self.programme_id, self.now())
         net = order.paid_fen - refunded
         growth = (
             order_growth(programme, net) if programme else net // DEFAULT_RULES.order_fen_per_point
@@ -367,7 +390,7 @@ class TieringHandlers:
             log.info("%s: a side was erased; nothing to merge", what)
             return
         now = max(self.now(), to_datetime(merged.merged_at) or self.now())
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        programme = await repo.programme_at(conn, self.programme_id, now)
         # Survivor first, then absorbed: a fixed lock order between the two.
         kept = await repo.lock_tier_state(conn, survivor)
         gone = await repo.lock_tier_state(conn, absorbed)
@@ -448,7 +471,7 @@ class TieringHandlers:
                 conn, restored, datetime.fromisoformat(snapshot["registered_at"])
             )
         await repo.mark_unmerged(conn, unmerged.merge_id, now)
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        programme = await repo.programme_at(conn, self.programme_id, now)
         if programme is None:
             return
         for member_id, before_json, current in (
@@ -508,7 +531,7 @@ class TieringHandlers:
         view = await self._tier_view(uow, key)
         if view is None:
             raise NotFound(
-                f"no tier programme {DEFAULT_PROGRAMME_ID!r} is in force",
+                f"no tier programme {self.programme_id!r} is in force",
                 code="NO_PROGRAMME",
             )
         return view
@@ -518,25 +541,29 @@ class TieringHandlers:
         the next event persist what time alone changes)."""
         conn = uow.conn
         now = self.now()
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
-        if programme is None:
+        versions = await repo.programme_versions(conn, self.programme_id, now)
+        if not versions:
             return None
+        programme = in_force(versions, now)
         row = await repo.tier_row(conn, member_id)
-        state = (
-            TierState(*(row[c.strip()] for c in repo.STATE_COLUMNS.split(",")))
-            if row
-            else fresh_state(programme, now)
-        )
-        orders, growth = await repo.load_facts(
-            conn, member_id, window_start(programme, min(state.period_start, now))
-        )
-        ev = advance(programme, state, now, facts_metric(programme, orders, growth))
+        if row is not None and row["programme_id"] == self.programme_id:
+            state = TierState(*(row[c.strip()] for c in repo.STATE_COLUMNS.split(",")))
+            pending = state.programme_version != programme.version
+            since = None if pending else window_start(programme, min(state.period_start, now))
+            orders, growth = await repo.load_facts(conn, member_id, since)
+            ev = advance_versions(versions, state, now, lambda p: facts_metric(p, orders, growth))
+        else:
+            # Never evaluated, or decided under another programme: from the facts.
+            orders, growth = await repo.load_facts(conn, member_id)
+            ev = replay(versions, orders, growth, now)
         metric = metric_from_facts(programme, orders, growth, now)
-        # What already counts and will still be inside the window at the period end.
+        # What already counts and will still be inside the window when the tier
+        # is next judged: the period end, or the grace's end while in grace.
+        deadline = keep_deadline(ev.state)
         kept = metric_from_facts(
             programme,
-            [o for o in orders if o.at > window_start(programme, ev.state.period_end)],
-            [g for g in growth if g.at > window_start(programme, ev.state.period_end)],
+            [o for o in orders if o.at > window_start(programme, deadline)],
+            [g for g in growth if g.at > window_start(programme, deadline)],
             now,
         )
         lo = window_start(programme, now)
@@ -590,9 +617,19 @@ class TieringHandlers:
             raise InvalidArgument(
                 "occurred_at is in the future", code="INVALID_OCCURRED_AT", field="occurred_at"
             )
+        if at < now - self._growth_max_age:
+            # Caps are per local day: an unbounded past would let a client
+            # backfill a check-in for every past day.
+            hours = self._growth_max_age.total_seconds() / 3600
+            raise InvalidArgument(
+                f"occurred_at {at.isoformat()} is more than {hours:g} hours ago; growth actions"
+                f" are accepted up to {hours:g} hours after they happen",
+                code="OCCURRED_AT_TOO_OLD",
+                field="occurred_at",
+            )
         conn = uow.conn
         await self._not_erased(uow, key)
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        programme = await repo.programme_at(conn, self.programme_id, now)
         rules = programme.rules if programme else DEFAULT_RULES
         rule = rules.actions[kind]
         # Scoped per (member, action) so a cap check and its insert are atomic.
@@ -619,7 +656,7 @@ class TieringHandlers:
     async def programme(
         self, uow: UnitOfWork, programme_id: str, at: datetime | None
     ) -> tuple[TierProgramme, str]:
-        pid = programme_id.strip() or DEFAULT_PROGRAMME_ID
+        pid = programme_id.strip() or self.programme_id
         found = await repo.programme_at(uow.conn, pid, at or self.now())
         if found is None:
             raise NotFound(
@@ -696,7 +733,7 @@ class TieringHandlers:
         key = parse_member_id(member_id)
         now = self.now()
         conn = uow.conn
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        programme = await repo.programme_at(conn, self.programme_id, now)
         if programme is None:
             raise NotFound("no tier programme is in force", code="NO_PROGRAMME")
         code = tier_code.strip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from loyalty.events.v1 import events_pb2
 from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
 from servicekit.consumer import EventConsumer, Subscription
@@ -11,12 +13,18 @@ from servicekit.settings import ServiceSettings
 from .handlers import Clock, TieringHandlers
 from .schema import SCHEMA
 from .servicer import TieringServicer
+from .settings import TieringSettings
 
 NAME = "tiering"
 
 
 def build(settings: ServiceSettings, clock: Clock | None = None) -> ServiceApp:
-    handlers = TieringHandlers(clock)
+    s = TieringSettings(**settings.model_dump())
+    handlers = TieringHandlers(
+        clock,
+        programme_id=s.tiering_programme_id,
+        growth_max_age=timedelta(hours=s.tiering_growth_max_age_hours),
+    )
 
     def wire(app: ServiceApp) -> None:
         assert app.db is not None and app.redis is not None and app.server is not None
