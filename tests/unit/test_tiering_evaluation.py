@@ -231,6 +231,28 @@ def test_version_change_mid_year() -> None:
     assert svip.state is not None and svip.state.programme_version == 2
 
 
+def test_refund_after_a_version_change_is_replayed_under_the_versions_in_force() -> None:
+    # v2 (from 1 July 2025) raises SVIP to ¥800: the ¥600 member kept SVIP at the
+    # change; a ¥10 refund in August must not re-decide March under v2.
+    v1 = programme()
+    raised = Ladder(
+        (
+            LADDER.tiers[0],
+            replace(LADDER.tiers[1], threshold=80_000, retention=60_000),
+            replace(LADDER.tiers[2], threshold=200_000, retention=150_000),
+        )
+    )
+    v2 = replace(v1, version=2, effective_from=at(2025, 7, 1, 0), ladder=raised)
+    orders = [OrderFact("o1", at(2025, 3, 1), 60_000)]
+    kept = replay([v1, v2], orders, [], at(2025, 7, 2))
+    assert (kept.state.effective(v2, at(2025, 7, 2)), kept.state.programme_version) == ("svip", 2)
+    refunded = [replace(orders[0], refunded_fen=1_000)]
+    ev = reconcile([v1, v2], kept.state, refunded, [], at(2025, 8, 1), "refund")
+    assert ev.state.effective(v2, at(2025, 8, 1)) == "svip" and ev.changes == []
+    # Under v2 alone (what the refund did before) the member lost SVIP.
+    assert replay(v2, refunded, [], at(2025, 8, 1)).state.earned_tier == "regular"
+
+
 @pytest.mark.parametrize(
     ("rule", "after"), [(DowngradeRule.ONE_LEVEL, "svip"), (DowngradeRule.TO_METRIC, "regular")]
 )
