@@ -269,11 +269,16 @@ def advance(
 
 
 def change_programme(
-    programme: TierProgramme, state: TierState, at: datetime, metric_at: MetricAt
+    programme: TierProgramme,
+    state: TierState,
+    at: datetime,
+    metric_at: MetricAt,
+    previous: TierProgramme | None = None,
 ) -> tuple[TierState, list[Change]]:
     """A new programme version takes over at `at`: a tier code the new ladder
     keeps stays (and becomes the base of the new period), a code it lacks is
-    re-evaluated on the metric; an override on a kept code stays."""
+    re-evaluated on the metric; an override on a kept code stays. `previous`,
+    the version the state was decided under, ranks the tier held before."""
     ladder = programme.ladder
     st = state
     m = metric_at(at)
@@ -282,7 +287,14 @@ def change_programme(
     start, end = period_bounds(programme, at)
     override_ok = st.override_tier in codes
     # Compare under the old codes: a tier the new ladder lacks is a change.
-    before = st.effective(programme, at) if st.earned_tier in codes else st.earned_tier
+    if previous is not None:
+        before = st.effective(previous, at)
+    elif st.earned_tier not in codes:
+        before = st.earned_tier
+    elif st.override_tier and not override_ok and st.override_until and st.override_until > at:
+        before = st.override_tier  # a floor the new ladder cannot rank
+    else:
+        before = st.effective(programme, at)
     st = replace(
         st,
         programme_version=programme.version,
@@ -366,7 +378,9 @@ def advance_versions(
             break
         ev = advance(current, st, nxt.effective_from, metric_for(current))
         changes.extend(decided_by(current, ev.changes))
-        st, switched = change_programme(nxt, ev.state, nxt.effective_from, metric_for(nxt))
+        st, switched = change_programme(
+            nxt, ev.state, nxt.effective_from, metric_for(nxt), previous=current
+        )
         changes.extend(decided_by(nxt, switched))
         current = nxt
     ev = advance(current, st, now, metric_for(current))
