@@ -51,13 +51,15 @@ from servicekit.events import make_envelope
 
 from . import outbox_sql, reports
 from . import repository as repo
-from .domain import DEFAULT_RULES, QualifyingMetric, TierProgramme
+from .domain import DEFAULT_RULES, QualifyingMetric, TierMode, TierProgramme
 from .evaluation import (
     Change,
+    Evaluation,
     TierState,
     add_months,
     advance,
     advance_versions,
+    assign_relative,
     facts_for,
     in_force,
     window_start,
@@ -223,6 +225,11 @@ async def recompute(
             cuts, ranks = await asyncio.gather(_cuts(conns[0]), _rank_bounds(conns[1], top, second))
         else:
             cuts, ranks = await _cuts(conn), await _rank_bounds(conn, top, second)
+        relative = (
+            await _relative_bounds(conn, programme)
+            if programme is not None and programme.rules.tier_mode is TierMode.RELATIVE
+            else None
+        )
         result.phases["aggregate"] = time.perf_counter() - tick
 
         profile_sql = _profile_update_sql(programme, rules.segments, top, second)
@@ -247,7 +254,7 @@ async def recompute(
                         moved = 0
                         if programme is not None:
                             outbox = _Outbox()
-                            moved = await _tiers_chunk(c, versions, lo, hi, now, outbox)
+                            moved = await _tiers_chunk(c, versions, lo, hi, now, outbox, relative)
                             await outbox.flush(c)
                         t1 = time.perf_counter()
                         counts = await c.fetchrow(
@@ -557,6 +564,37 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
 # ---- tiers -------------------------------------------------------------------------------
 
 
+def _relative_target_sql(metric: str) -> str:
+    """The tier code the ranking gives ($10, $11: the lowest metric in the top
+    and in the second share, NULL for an empty share; $12 the ladder's codes)."""
+    return (
+        f"(CASE WHEN {metric} > 0 AND {metric} >= $10::bigint THEN ($12::text[])[3]"
+        f" WHEN {metric} > 0 AND {metric} >= $11::bigint THEN ($12::text[])[2]"
+        " ELSE ($12::text[])[1] END)"
+    )
+
+
+async def _relative_bounds(
+    conn: asyncpg.Connection, programme: TierProgramme
+) -> tuple[int | None, int | None]:
+    """Relative mode: the lowest metric inside the top share and inside the
+    top + next share, over the programme's members with a metric (ties share
+    one fate: a member is in a share when the members at or above its metric
+    are at most that share; evaluation.relative_ranks is the same rule)."""
+    seg = programme.rules.segments
+    row = await conn.fetchrow(
+        "WITH r AS (SELECT w.metric, count(*) OVER (ORDER BY w.metric DESC) AS at_least,"
+        f" count(*) OVER () AS n FROM {WORK} w JOIN tiering.member_tiers t"
+        " ON t.member_id = w.member_id AND t.programme_id = $1 WHERE w.metric > 0)"
+        " SELECT min(metric) FILTER (WHERE at_least * 100 <= n * $2) AS top,"
+        " min(metric) FILTER (WHERE at_least * 100 <= n * $3) AS second FROM r",
+        programme.programme_id,
+        seg.relative_top_pct,
+        seg.relative_top_pct + seg.relative_next_pct,
+    )
+    return row["top"], row["second"]
+
+
 async def _tiers_chunk(
     conn: asyncpg.Connection,
     versions: list[TierProgramme],
@@ -564,6 +602,7 @@ async def _tiers_chunk(
     hi: uuid.UUID,
     now: datetime,
     outbox: _Outbox,
+    relative: tuple[int | None, int | None] | None = None,
 ) -> int:
     programme = in_force(versions, now)
     ladder = programme.ladder
@@ -581,7 +620,9 @@ async def _tiers_chunk(
         "  OR t.override_until <= $3 OR t.programme_version <> $4"
         # Above their tier: at or over the next tier's threshold (NULL, so false,
         # for the top tier and for a code the ladder lacks).
-        "  OR coalesce(w.metric, 0) >= ($6::bigint[])[array_position($5::text[], t.earned_tier)])"
+        "  OR coalesce(w.metric, 0) >= ($6::bigint[])[array_position($5::text[], t.earned_tier)]"
+        # Relative mode: the rank's tier differs from the one held.
+        f"  OR ($9::bool AND t.earned_tier <> {_relative_target_sql('coalesce(w.metric, 0)')}))"
         # Locked (in member order): an erasure of one of these members waits for
         # the chunk to commit.
         " ORDER BY t.member_id FOR UPDATE OF t",
@@ -593,6 +634,10 @@ async def _tiers_chunk(
         thresholds[1:],
         codes[0],
         programme.programme_id,
+        relative is not None,
+        (relative or (None, None))[0],
+        (relative or (None, None))[1],
+        codes,
     )
     if not complex_rows:
         return 0
@@ -623,6 +668,24 @@ async def _tiers_chunk(
             since = None if pending else window_start(programme, min(state.period_start, at))
             orders, growth = await repo.load_facts(conn, member_id, since)
             ev = advance_versions(versions, state, at, functools.partial(facts_for, orders, growth))
+        if relative is not None:
+            top, second = relative
+            metric = row["metric"]
+            rank = (
+                2
+                if metric > 0 and top is not None and metric >= top
+                else 1
+                if metric > 0 and second is not None and metric >= second
+                else 0
+            )
+            ranked = assign_relative(
+                programme,
+                ev.state,
+                rank,
+                at,
+                {"metric": metric, "top_from": top, "second_from": second},
+            )
+            ev = Evaluation(ranked.state, ev.changes + ranked.changes)
         effective = ev.state.effective(programme, at)
         if ev.state != state or effective != row["tier_code"]:
             updates.append((member_id, ev.state, effective, at))

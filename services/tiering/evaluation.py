@@ -21,7 +21,7 @@ The model (docs/tiers.md has a worked example):
 from __future__ import annotations
 
 import calendar
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -31,6 +31,7 @@ from .domain import (
     PeriodUnit,
     QualifyingMetric,
     Tier,
+    TierMode,
     TierProgramme,
 )
 
@@ -46,6 +47,8 @@ EVENT_REASON = {
     "programme_change": "programme_change",
     "merge": "merge",
     "unmerge": "merge",
+    "relative_upgrade": "upgrade",
+    "relative_downgrade": "downgrade",
 }
 
 
@@ -179,6 +182,7 @@ def advance(
             )
         st = new
 
+    relative = programme.rules.tier_mode is TierMode.RELATIVE
     if st.programme_version != programme.version:
         # No record of the version the state was decided under: switch now.
         st, switched = change_programme(programme, st, now, metric_at)
@@ -208,7 +212,8 @@ def advance(
                 "retention_bar": tier.retention_bar,
                 "period_end": last_local_day(b, programme).isoformat(),
             }
-            if ladder.rank(tier.code) == 0:
+            if ladder.rank(tier.code) == 0 or relative:
+                # Relative mode: the rank decides (assign_relative), not the bars.
                 st = replace(rolled, base_tier=tier.code)
             elif m >= tier.retention_bar:
                 move(replace(rolled, base_tier=tier.code), "retained", b, figures)
@@ -240,7 +245,7 @@ def advance(
 
     held_rank = max(ladder.rank(st.base_tier), ladder.rank(ladder.tier_for(new_peak).code))
     earned_rank = ladder.rank(st.earned_tier)
-    if held_rank != earned_rank:
+    if held_rank != earned_rank and not relative:
         reached = ladder.tiers[max(held_rank, earned_rank)]
         move(
             replace(st, earned_tier=ladder.tiers[held_rank].code),
@@ -385,6 +390,53 @@ def advance_versions(
         current = nxt
     ev = advance(current, st, now, metric_for(current))
     return Evaluation(ev.state, changes + decided_by(current, ev.changes))
+
+
+def relative_ranks(metrics: Mapping[Any, int], top_pct: int, next_pct: int) -> dict[Any, int]:
+    """Relative VIP: 2 for the top share of members by metric, 1 for the next
+    share, 0 for the rest; members with no metric (0) are not ranked.
+
+    Ties share one fate: a member is in the top share when the members whose
+    metric is at least theirs (themselves and their ties included) are at most
+    top_pct% of the ranked members, so the share is never exceeded and two
+    members with the same figure never land in different tiers. Integer
+    arithmetic: count * 100 <= ranked * pct."""
+    ranked = sorted((m for m in metrics.values() if m > 0), reverse=True)
+    n = len(ranked)
+    at_least: dict[int, int] = {}
+    for position, value in enumerate(ranked, start=1):
+        at_least[value] = position  # the last position of a tie: the count >= value
+    out = {}
+    for member, value in metrics.items():
+        count = at_least.get(value, 0) if value > 0 else 0
+        if count and count * 100 <= n * top_pct:
+            out[member] = 2
+        elif count and count * 100 <= n * (top_pct + next_pct):
+            out[member] = 1
+        else:
+            out[member] = 0
+    return out
+
+
+def assign_relative(
+    programme: TierProgramme, state: TierState, rank: int, at: datetime, figures: dict[str, Any]
+) -> Evaluation:
+    """Relative mode: the tier the ranking gives (rank 2 top, 1 second, 0 base)."""
+    tiers = programme.ladder.tiers
+    code = tiers[len(tiers) - 1 - (2 - rank)].code if rank else tiers[0].code
+    if code == state.earned_tier:
+        return Evaluation(state, [])
+    new = replace(state, base_tier=code, earned_tier=code, grace_until=None)
+    before, after = state.effective(programme, at), new.effective(programme, at)
+    up = programme.ladder.rank(code) > programme.ladder.rank(state.earned_tier)
+    change = Change(
+        before,
+        after,
+        "relative_upgrade" if up else "relative_downgrade",
+        at,
+        {**figures, "earned_tier": code},
+    )
+    return Evaluation(new, [change])
 
 
 def set_override(

@@ -310,3 +310,74 @@ async def test_growth_action_older_than_the_bound_is_refused(db: Database) -> No
     assert written == 0
     award = await check_in("yesterday", at(2025, 5, 9, 9))  # 27 hours ago: accepted
     assert (award.awarded, award.capped) == (5, False)
+
+
+# ---- 13: relative VIP as a tier mode -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spends", "top", "second"),
+    [
+        # 20 members: the top 15% is at most 3, top + next 45% at most 9.
+        ([900, 800, 800, 700, 700, 700, 600, 600, 600, 600] + [100] * 10, 3, 3),
+        # A tie straddling the 15% line: all four fall to the next share.
+        ([900, 900, 900, 900, 500, 400, 300, 200, 100, 50] + [10] * 10, 0, 9),
+        # Exactly at the line: 3 of 20 is 15%, 9 of 20 is 45%.
+        (list(range(2000, 0, -100)), 3, 6),
+    ],
+)
+async def test_relative_mode_assigns_exactly_the_shares_ties_included(
+    db: Database, spends: list[int], top: int, second: int
+) -> None:
+    from services.tiering.batch import recompute
+    from services.tiering.domain import SegmentRules, TierMode
+    from services.tiering.evaluation import relative_ranks
+
+    brand = Brand(db)
+    await brand.add_version(
+        version(
+            brand.programme_id,
+            1,
+            at(2024, 1, 1),
+            tier_mode=TierMode.RELATIVE,
+            segments=SegmentRules(relative_top_pct=15, relative_next_pct=30),
+        )
+    )
+    members = [uuid.uuid4() for _ in spends]
+    for member, yuan in zip(members, spends, strict=True):
+        await brand.order(member, yuan * 100, at(2025, 5, 1))
+    # One member who bought nothing in the window is never ranked.
+    idle = uuid.uuid4()
+    await brand.order(idle, 100_000, at(2023, 1, 1))
+    expected = relative_ranks(dict(zip(members, spends, strict=True)), 15, 30)
+    assert sum(r == 2 for r in expected.values()) == top
+    assert sum(r == 1 for r in expected.values()) == second
+
+    # Nothing is upgraded by the event path in relative mode: the ranking decides.
+    assert (await brand.tier(members[0], at(2025, 5, 2))).effective.code == "regular"
+    await recompute(
+        db, now=at(2025, 5, 2), chunk_size=7, workers=2, programme_id=brand.programme_id
+    )
+    async with db.reading() as uow:
+        rows = {
+            r["member_id"]: r["tier_code"]
+            for r in await uow.conn.fetch(
+                "SELECT member_id, tier_code FROM tiering.member_tiers WHERE programme_id = $1",
+                brand.programme_id,
+            )
+        }
+    codes = {2: "vip", 1: "svip", 0: "regular"}
+    assert {m: rows[m] for m in members} == {m: codes[expected[m]] for m in members}
+    assert rows[idle] == "regular"
+    # Ties share a fate: equal spends, equal tiers.
+    for n in range(1, len(members)):
+        if spends[n] == spends[n - 1]:
+            assert rows[members[n]] == rows[members[n - 1]]
+    history = await brand.history(members[0])
+    if top:
+        assert history[-1][1:3] == ("vip", "relative_upgrade")
+    # A second run with nothing new changes nothing.
+    again = await recompute(
+        db, now=at(2025, 5, 2, 13), chunk_size=7, workers=1, programme_id=brand.programme_id
+    )
+    assert again.tier_changes == 0
