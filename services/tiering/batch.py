@@ -51,6 +51,7 @@ from servicekit.events import make_envelope
 
 from . import outbox_sql, reports
 from . import repository as repo
+from .benefits import grant_upgrade_gifts
 from .domain import DEFAULT_RULES, QualifyingMetric, TierMode, TierProgramme
 from .evaluation import (
     Change,
@@ -689,6 +690,9 @@ async def _tiers_chunk(
         effective = ev.state.effective(programme, at)
         if ev.state != state or effective != row["tier_code"]:
             updates.append((member_id, ev.state, effective, at))
+        await grant_upgrade_gifts(
+            conn, member_id, programme, ev.changes, ev.state.period_start, by_version
+        )
         for change in ev.changes:
             history.append((member_id, change))
             if change.moved:

@@ -16,6 +16,7 @@ from servicekit.events import ReceivedEvent
 from servicekit.protos import timestamp, to_datetime
 
 from . import repository as repo
+from .benefits import grant_upgrade_gifts
 from .domain import (
     DEFAULT_RULES,
     CapPer,
@@ -267,6 +268,27 @@ class TieringHandlers:
         for change in ev.moved:
             decided = by_version.get(change.version, programme)
             await emit_tier_changed(uow, member_id, decided, change)
+        await grant_upgrade_gifts(
+            uow.conn, member_id, programme, ev.changes, ev.state.period_start, by_version
+        )
+
+    async def on_birthday_set(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """The member's birthday (month and day), for the tier's birthday coupon."""
+        birthday = event.payload
+        assert isinstance(birthday, events_pb2.BirthdaySet)
+        member_id = _event_member(birthday.member_id, "BirthdaySet")
+        if member_id is None or await self._erased(uow, member_id):
+            return
+        month, day = (birthday.month, birthday.day) if birthday.month else (None, None)
+        await uow.conn.execute(
+            "INSERT INTO tiering.member_profiles AS p (member_id, birth_month, birth_day)"
+            " VALUES ($1, $2, $3) ON CONFLICT (member_id) DO UPDATE SET"
+            " birth_month = excluded.birth_month, birth_day = excluded.birth_day,"
+            " updated_at = now()",
+            member_id,
+            month,
+            day,
+        )
 
     # ---- events ---------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from loyalty.events.v1 import events_pb2
@@ -10,6 +11,7 @@ from servicekit.consumer import EventConsumer, Subscription
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
+from .benefits import BenefitDispatcher, RewardsCoupons, run_forever
 from .handlers import Clock, TieringHandlers
 from .schema import SCHEMA
 from .servicer import TieringServicer
@@ -46,11 +48,28 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> ServiceApp:
                     Subscription("member", events_pb2.MemberMerged, handlers.on_member_merged),
                     Subscription("member", events_pb2.MemberUnmerged, handlers.on_member_unmerged),
                     Subscription("member", events_pb2.MemberErased, handlers.on_member_erased),
+                    Subscription("member", events_pb2.BirthdaySet, handlers.on_birthday_set),
                 ],
                 max_attempts=settings.event_max_attempts,
                 retry_after_ms=settings.event_retry_after_ms,
             )
         )
+        if s.rewards_addr.strip():
+            # Tier benefits (upgrade gift, birthday coupon) through rewards; the
+            # shell cancels its tasks on stop, this loop with them.
+            coupons = RewardsCoupons(s.rewards_addr, s.rewards_timeout_seconds)
+            app._tasks.append(
+                asyncio.create_task(
+                    run_forever(
+                        app.db,
+                        BenefitDispatcher(app.db, coupons),
+                        handlers.programme_id,
+                        handlers.now,
+                        s.tiering_benefits_poll_seconds,
+                    ),
+                    name="tier-benefits",
+                )
+            )
 
     return ServiceApp(
         NAME,

@@ -381,3 +381,82 @@ async def test_relative_mode_assigns_exactly_the_shares_ties_included(
         db, now=at(2025, 5, 2, 13), chunk_size=7, workers=1, programme_id=brand.programme_id
     )
     assert again.tier_changes == 0
+
+
+# ---- 14: tier benefits issued through rewards ---------------------------------------------
+
+
+async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
+    db: Database, rewards_app: Any
+) -> None:
+    from services.rewards.seed import seed_demo as seed_rewards
+    from services.tiering.benefits import BenefitDispatcher, RewardsCoupons, grant_birthdays
+
+    async with db.unit_of_work() as uow:
+        await seed_rewards(uow.conn)  # the demo coupon templates (MJ99-30, ...)
+    gifted = Ladder(
+        (
+            DEMO_LADDER.tiers[0],
+            Tier(
+                "svip",
+                "SVIP",
+                50_000,
+                Benefits(
+                    12_000,
+                    birthday_coupon_template="MJ99-30",
+                    upgrade_gift_coupon_template="MJ99-30",
+                ),
+                retention=30_000,
+            ),
+            DEMO_LADDER.tiers[2],
+        )
+    )
+    brand = Brand(db)
+    programme = version(brand.programme_id, 1, at(2024, 1, 1), gifted)
+    await brand.add_version(programme)
+    member = uuid.uuid4()
+    await brand.order(member, 40_000, at(2025, 3, 1))
+    crossing = await brand.order(member, 12_000, at(2025, 3, 2))
+    # Undone by a refund and reached again in the same period: still one gift.
+    await brand.refund(member, crossing, 12_000, at(2025, 3, 3))
+    await brand.order(member, 15_000, at(2025, 3, 4))
+
+    async def grants() -> list[tuple[str, str, str | None]]:
+        async with db.reading() as uow:
+            rows = await uow.conn.fetch(
+                "SELECT kind, status, coupon_id FROM tiering.benefit_grants"
+                " WHERE member_id = $1 ORDER BY kind",
+                member,
+            )
+        return [(r["kind"], r["status"], r["coupon_id"]) for r in rows]
+
+    assert await grants() == [("upgrade_gift", "pending", None)]
+    coupons = RewardsCoupons(f"127.0.0.1:{rewards_app.port}", 5.0)
+    dispatcher = BenefitDispatcher(db, coupons)
+    try:
+        assert await dispatcher.run_once(at(2025, 3, 5)) == 1
+        [(kind, status, coupon_id)] = await grants()
+        assert (kind, status) == ("upgrade_gift", "issued") and coupon_id
+        assert await dispatcher.run_once(at(2025, 3, 6)) == 0  # nothing left to send
+        # A retry after a lost answer carries the same key: rewards replays it.
+        key = f"upgrade_gift:{member}:{brand.programme_id}:svip:2025-01-01"
+        again = await coupons.issue(key, str(member), "MJ99-30")
+        assert (again.status, again.coupon_id) == ("issued", coupon_id)
+
+        # The birthday coupon: in the birthday month, once a year.
+        payload = events_pb2.BirthdaySet(member_id=str(member), month=7, day=9)
+        async with db.unit_of_work() as uow:
+            await brand.handlers.on_birthday_set(uow, received("member", payload, member))
+        async with db.unit_of_work() as uow:
+            assert await grant_birthdays(uow.conn, programme, at(2025, 6, 30)) == 0
+            assert await grant_birthdays(uow.conn, programme, at(2025, 7, 1, 9)) == 1
+            assert await grant_birthdays(uow.conn, programme, at(2025, 7, 20)) == 0
+        assert await dispatcher.run_once(at(2025, 7, 1, 10)) == 1
+        issued = await grants()
+        assert [(k, s) for k, s, _ in issued] == [
+            ("birthday", "issued"),
+            ("upgrade_gift", "issued"),
+        ]
+        assert issued[0][2] and issued[0][2] != coupon_id
+    finally:
+        await coupons.close()
