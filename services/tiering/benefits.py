@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -31,6 +31,7 @@ from servicekit.clients import create_channel
 from servicekit.db import Connection, Database
 from servicekit.errors import error_info
 
+from . import repository as repo
 from .domain import TierProgramme
 from .evaluation import Change
 
@@ -214,15 +215,13 @@ async def run_forever(
     db: Database,
     dispatcher: BenefitDispatcher,
     programme_id: str,
-    clock: object,
+    clock: Callable[[], datetime],
     poll: float,
 ) -> None:
     """The service's loop: birthday grants for this month, then due grants."""
-    from . import repository as repo
-
     while True:
         try:
-            now = clock()  # type: ignore[operator]
+            now = clock()
             async with db.unit_of_work() as uow:
                 programme = await repo.programme_at(uow.conn, programme_id, now)
                 if programme is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -37,6 +38,7 @@ from .evaluation import (
     TierState,
     advance,
     advance_versions,
+    facts_for,
     facts_metric,
     fresh_state,
     in_force,
@@ -412,10 +414,29 @@ class TieringHandlers:
             log.info("%s: a side was erased; nothing to merge", what)
             return
         now = max(self.now(), to_datetime(merged.merged_at) or self.now())
-        programme = await repo.programme_at(conn, self.programme_id, now)
+        versions = await repo.programme_versions(conn, self.programme_id, now)
+        programme = in_force(versions, now) if versions else None
         # Survivor first, then absorbed: a fixed lock order between the two.
-        kept = await repo.lock_tier_state(conn, survivor)
-        gone = await repo.lock_tier_state(conn, absorbed)
+        kept = await repo.lock_tier_state(conn, survivor, self.programme_id)
+        gone = await repo.lock_tier_state(conn, absorbed, self.programme_id)
+        caught_up: list[Change] = []
+        if programme is not None:
+            # A side last decided under an earlier version is brought up to now
+            # first (each period under its own version), on its own facts.
+            for side, member in ((kept, survivor), (gone, absorbed)):
+                if side is not None and side[0].programme_version != programme.version:
+                    orders, growth = await repo.load_facts(conn, member)
+                    ev = advance_versions(
+                        versions,
+                        side[0],
+                        max(now, side[1]),
+                        functools.partial(facts_for, orders, growth),
+                    )
+                    if member == survivor:
+                        kept = (ev.state, max(now, side[1]))
+                        caught_up = ev.changes
+                    else:
+                        gone = (ev.state, max(now, side[1]))
         await repo.insert_merge(
             conn,
             merged.merge_id,
@@ -463,7 +484,12 @@ class TieringHandlers:
             {"merge_id": merged.merge_id, "absorbed_member_id": str(absorbed)},
         )
         await self._store(
-            uow, survivor, programme, Evaluation(ev.state, [merge_change, *ev.changes]), at
+            uow,
+            survivor,
+            programme,
+            Evaluation(ev.state, [*caught_up, merge_change, *ev.changes]),
+            at,
+            versions,
         )
         log.info("merge %s: survivor %s now %s", merged.merge_id, survivor, after)
 
@@ -493,27 +519,30 @@ class TieringHandlers:
                 conn, restored, datetime.fromisoformat(snapshot["registered_at"])
             )
         await repo.mark_unmerged(conn, unmerged.merge_id, now)
-        programme = await repo.programme_at(conn, self.programme_id, now)
-        if programme is None:
+        versions = await repo.programme_versions(conn, self.programme_id, now)
+        if not versions:
             return
+        programme = in_force(versions, now)
         for member_id, before_json, current in (
             (restored, snapshot, None),
             (survivor, merge["survivor_before"], survivor_state),
         ):
-            state = _state_from_snapshot(before_json, programme) or fresh_state(programme, now)
+            state = _state_from_snapshot(before_json, versions)
             orders, growth = await repo.load_facts(conn, member_id)
-            if before_json.get("tier") is not None:
-                # Back where it was, then what time and its own facts changed since.
-                ev = advance(
-                    programme,
-                    state,
-                    now,
-                    facts_metric(programme, orders, growth),
+            if state is not None:
+                # Back where it was, then what time and its own facts changed since
+                # (each period under the version in force then).
+                ev = advance_versions(
+                    versions, state, now, functools.partial(facts_for, orders, growth)
                 )
             else:
-                ev = replay(programme, orders, growth, now)
+                ev = replay(versions, orders, growth, now)
             from_tier = (
-                current[0].effective(programme, now) if current else programme.ladder.tiers[0].code
+                current[0].effective(programme, now)
+                if current and current[0].programme_version == programme.version
+                else current[0].earned_tier
+                if current
+                else programme.ladder.tiers[0].code
             )
             change = Change(
                 from_tier,
@@ -522,7 +551,9 @@ class TieringHandlers:
                 now,
                 {"merge_id": unmerged.merge_id},
             )
-            await self._store(uow, member_id, programme, Evaluation(ev.state, [change]), now)
+            await self._store(
+                uow, member_id, programme, Evaluation(ev.state, [change]), now, versions
+            )
 
     async def on_member_erased(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         """Forget the members of an erased cluster: per-member rows go, facts stay
@@ -788,9 +819,18 @@ class TieringHandlers:
         return view
 
 
-def _state_from_snapshot(snapshot: dict[str, object], programme: TierProgramme) -> TierState | None:
+def _state_from_snapshot(
+    snapshot: dict[str, object], versions: list[TierProgramme]
+) -> TierState | None:
+    """The tier state a merge snapshot kept, when it was decided under a stored
+    version of the brand's programme (else None: replayed from the facts)."""
     tier = snapshot.get("tier")
-    if not isinstance(tier, dict) or tier.get("programme_version") != programme.version:
+    known = {p.version for p in versions}
+    if (
+        not isinstance(tier, dict)
+        or tier.get("programme_version") not in known
+        or tier.get("programme_id") != versions[0].programme_id
+    ):
         return None
 
     def ts(key: str) -> datetime | None:
@@ -800,7 +840,7 @@ def _state_from_snapshot(snapshot: dict[str, object], programme: TierProgramme) 
     start, end = ts("period_start"), ts("period_end")
     assert start is not None and end is not None
     return TierState(
-        programme.version,
+        int(tier["programme_version"]),
         str(tier["base_tier"]),
         str(tier["earned_tier"]),
         start,

@@ -6,6 +6,7 @@ brand chosen by setting, the age bound of growth actions."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from services.tiering.domain import (
 from services.tiering.handlers import TieringHandlers
 from services.tiering.settings import TieringSettings
 
-from ..harness import Infra
+from ..harness import Infra, eventually
 
 SH = ZoneInfo("Asia/Shanghai")
 DEMO_LADDER = Ladder(
@@ -390,7 +391,12 @@ async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
     db: Database, rewards_app: Any
 ) -> None:
     from services.rewards.seed import seed_demo as seed_rewards
-    from services.tiering.benefits import BenefitDispatcher, RewardsCoupons, grant_birthdays
+    from services.tiering.benefits import (
+        BenefitDispatcher,
+        RewardsCoupons,
+        grant_birthdays,
+        run_forever,
+    )
 
     async with db.unit_of_work() as uow:
         await seed_rewards(uow.conn)  # the demo coupon templates (MJ99-30, ...)
@@ -458,5 +464,24 @@ async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
             ("upgrade_gift", "issued"),
         ]
         assert issued[0][2] and issued[0][2] != coupon_id
+
+        # The service's loop sends what the event path grants.
+        other = uuid.uuid4()
+        await brand.order(other, 60_000, at(2025, 3, 10))
+        loop = asyncio.create_task(
+            run_forever(db, dispatcher, brand.programme_id, lambda: at(2025, 3, 11), 0.05)
+        )
+
+        async def sent() -> bool:
+            async with db.reading() as uow:
+                status = await uow.conn.fetchval(
+                    "SELECT status FROM tiering.benefit_grants WHERE member_id = $1", other
+                )
+            return bool(status == "issued")
+
+        try:
+            await eventually(sent)
+        finally:
+            loop.cancel()
     finally:
         await coupons.close()
