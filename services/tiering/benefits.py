@@ -107,9 +107,18 @@ async def grant_upgrade_gifts(
     by a refund and reached again in the same period gives no second gift)."""
     written = 0
     for change in changes:
-        if change.reason not in UPGRADES or not change.moved:
+        if not change.moved:
             continue
         decided = (by_version or {}).get(change.version, programme)
+        codes = [t.code for t in decided.ladder.tiers]
+        # An offline order replayed late that lifts the member is an upgrade too.
+        lifted = change.reason == "late_order" and (
+            change.from_tier in codes
+            and change.to_tier in codes
+            and codes.index(change.to_tier) > codes.index(change.from_tier)
+        )
+        if change.reason not in UPGRADES and not lifted:
+            continue
         tier = next((t for t in decided.ladder.tiers if t.code == change.to_tier), None)
         template = tier.benefits.upgrade_gift_coupon_template if tier else None
         if not template:

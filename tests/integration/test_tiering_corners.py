@@ -465,9 +465,12 @@ async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
         ]
         assert issued[0][2] and issued[0][2] != coupon_id
 
-        # The service's loop sends what the event path grants.
+        # The service's loop sends what the event path grants; here an upgrade
+        # by an offline order replayed late (a `late_order` change).
         other = uuid.uuid4()
-        await brand.order(other, 60_000, at(2025, 3, 10))
+        await brand.order(other, 40_000, at(2025, 3, 10))
+        await brand.order(other, 20_000, at(2025, 3, 8))
+        assert [h[1:3] for h in await brand.history(other)] == [("svip", "late_order")]
         loop = asyncio.create_task(
             run_forever(db, dispatcher, brand.programme_id, lambda: at(2025, 3, 11), 0.05)
         )
