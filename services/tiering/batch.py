@@ -63,6 +63,7 @@ from .evaluation import (
     assign_relative,
     facts_for,
     in_force,
+    replay,
     window_start,
 )
 from .handlers import DEFAULT_PROGRAMME_ID, tier_changed
@@ -141,11 +142,15 @@ async def recompute(
     pause: float = 0.0,
     workers: int = 2,
     programme_id: str = DEFAULT_PROGRAMME_ID,
+    switch_programme: bool = False,
 ) -> RunResult:
     """`workers` connections take chunks side by side (2: one per core here;
     capped by the pool's size). `pause` seconds between chunks (after each
     commit, per worker) leaves the database to checkout traffic when the
-    recompute competes with it (slower, gentler)."""
+    recompute competes with it (slower, gentler). Only rows of `programme_id`
+    (the brand's) are evaluated; with `switch_programme`, rows decided under
+    another programme are judged afresh from their facts under this one (run
+    once after the brand switched programmes)."""
     if chunk_size < 1 or workers < 1 or pause < 0:
         raise ValueError("chunk_size and workers must be at least 1, pause not negative")
     now = now or datetime.now(UTC)
@@ -255,7 +260,9 @@ async def recompute(
                         moved = 0
                         if programme is not None:
                             outbox = _Outbox()
-                            moved = await _tiers_chunk(c, versions, lo, hi, now, outbox, relative)
+                            moved = await _tiers_chunk(
+                                c, versions, lo, hi, now, outbox, relative, switch_programme
+                            )
                             await outbox.flush(c)
                         t1 = time.perf_counter()
                         counts = await c.fetchrow(
@@ -604,6 +611,7 @@ async def _tiers_chunk(
     now: datetime,
     outbox: _Outbox,
     relative: tuple[int | None, int | None] | None = None,
+    switch: bool = False,
 ) -> int:
     programme = in_force(versions, now)
     ladder = programme.ladder
@@ -613,10 +621,11 @@ async def _tiers_chunk(
     # are untouched. A base-tier member's period end changes nothing visible, so
     # it is not written here: the next event or evaluation rolls it (advance()).
     complex_rows = await conn.fetch(
-        f"SELECT t.member_id, {repo.STATE_COLUMNS}, t.tier_code, t.evaluated_at,"
+        f"SELECT t.member_id, {repo.STATE_COLUMNS}, t.tier_code, t.evaluated_at, t.programme_id,"
         " coalesce(w.metric, 0) AS metric FROM tiering.member_tiers t"
         f" LEFT JOIN {WORK} w ON w.member_id = t.member_id AND w.member_id BETWEEN $1 AND $2"
-        " WHERE t.member_id > $1 AND t.member_id <= $2 AND t.programme_id = $8 AND ("
+        " WHERE t.member_id > $1 AND t.member_id <= $2 AND (t.programme_id = $8 OR $13::bool)"
+        " AND (t.programme_id <> $8 OR"
         "  (t.period_end <= $3 AND t.earned_tier <> $7) OR t.grace_until <= $3"
         "  OR t.override_until <= $3 OR t.programme_version <> $4"
         # Above their tier: at or over the next tier's threshold (NULL, so false,
@@ -639,6 +648,7 @@ async def _tiers_chunk(
         (relative or (None, None))[0],
         (relative or (None, None))[1],
         codes,
+        switch,
     )
     if not complex_rows:
         return 0
@@ -657,6 +667,26 @@ async def _tiers_chunk(
         def lookup(t: datetime, known: dict[datetime, int] = known) -> int:
             return known[t]
 
+        if row["programme_id"] != programme.programme_id:
+            # Decided under another programme (the brand switched): judged
+            # afresh from the facts under this one; one change from the tier
+            # held to the tier it gives.
+            orders, growth = await repo.load_facts(conn, member_id)
+            fresh = replay(versions, orders, growth, at)
+            after = fresh.state.effective(programme, at)
+            switched = Change(
+                row["tier_code"],
+                after,
+                "programme_change",
+                at,
+                {"from_programme": row["programme_id"], "earned_tier": fresh.state.earned_tier},
+            )
+            updates.append((member_id, fresh.state, after, at))
+            history.append((member_id, switched))
+            if switched.moved:
+                changed += 1
+                outbox.add(tier_changed(member_id, programme, switched), str(member_id))
+            continue
         try:
             if state.programme_version != programme.version:
                 raise KeyError(state.programme_version)

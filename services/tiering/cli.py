@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2,
         help="connections taking chunks side by side (1: one chunk at a time, gentlest)",
     )  # fmt: skip
+    run.add_argument(
+        "--switch-programme", action="store_true",
+        help="also judge members decided under another programme afresh under"
+        " TIERING_PROGRAMME_ID (once, after the brand switched programmes)",
+    )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("report", help="distribution after the latest run, with movement")
     return parser
@@ -71,6 +76,7 @@ async def _main(args: argparse.Namespace) -> int:
                     pause=args.pause_ms / 1000,
                     workers=workers,
                     programme_id=settings.tiering_programme_id,
+                    switch_programme=args.switch_programme,
                 )
             except RecomputeBusy as e:
                 print(str(e), file=sys.stderr)

@@ -14,12 +14,14 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import pytest
 
 from loyalty.events.v1 import events_pb2
-from servicekit.db import Database, create_pool
+from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
 from servicekit.errors import InvalidArgument
 from servicekit.events import ReceivedEvent, make_envelope
+from servicekit.migrations import upgrade
 from servicekit.protos import timestamp as ts
 from services.tiering import repository as repo
 from services.tiering.domain import (
@@ -488,3 +490,87 @@ async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
             loop.cancel()
     finally:
         await coupons.close()
+
+
+@pytest.fixture
+async def own_db(infra: Infra) -> AsyncIterator[Database]:
+    """A database of the test's own (tiering's schema): a programme switch
+    re-judges every member a database holds."""
+    name = f"loyalty_test_switch_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = with_database(infra.admin_url, name)
+    await asyncio.to_thread(upgrade, "tiering", url)
+    pool = await create_pool(url, 1, 4)
+    database = Database(pool, "tiering", "tiering")
+    yield database
+    await database.close()
+    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def test_recompute_switch_programme_judges_every_member_under_the_new_one(
+    own_db: Database,
+) -> None:
+    from services.tiering.batch import recompute
+
+    spend = Brand(own_db)
+    await spend.add_version(version(spend.programme_id, 1, at(2024, 1, 1)))
+    members = [uuid.uuid4() for _ in range(3)]
+    for n, member in enumerate(members):
+        for k in range(n + 1):
+            await spend.order(member, 60_000, at(2025, 3, 1 + k))
+    stages = Brand(own_db)
+    await stages.add_version(
+        TierProgramme(
+            stages.programme_id,
+            1,
+            at(2024, 1, 1),
+            QualifyingMetric.ORDER_COUNT,
+            1,
+            Ladder(
+                (
+                    Tier("explorer", "探索者", 0, Benefits()),
+                    Tier("advanced", "进阶者", 2, Benefits(), retention=1),
+                    Tier("expert", "达人", 3, Benefits(), retention=1),
+                )
+            ),
+        )
+    )
+
+    async def rows() -> dict[uuid.UUID, tuple[str, str]]:
+        async with own_db.reading() as uow:
+            found = await uow.conn.fetch(
+                "SELECT member_id, programme_id, tier_code FROM tiering.member_tiers"
+            )
+        return {r["member_id"]: (r["programme_id"], r["tier_code"]) for r in found}
+
+    before = await rows()
+    # Without the switch, another programme's rows are not touched.
+    await recompute(own_db, now=at(2025, 3, 10), programme_id=stages.programme_id)
+    assert await rows() == before
+    run = await recompute(
+        own_db, now=at(2025, 3, 10), programme_id=stages.programme_id, switch_programme=True
+    )
+    assert await rows() == {
+        members[0]: (stages.programme_id, "explorer"),
+        members[1]: (stages.programme_id, "advanced"),
+        members[2]: (stages.programme_id, "expert"),
+    }
+    assert run.tier_changes == 3  # svip -> explorer, vip -> advanced, vip -> expert
+    assert [h[1:3] for h in await stages.history(members[2])][-1] == ("expert", "programme_change")
+    async with own_db.reading() as uow:
+        events = await uow.conn.fetchval(
+            "SELECT count(*) FROM tiering.outbox WHERE event_type = 'loyalty.events.v1.TierChanged'"
+        )
+    assert events >= 3 + 3  # the upgrades by the event path, then the switch
+    again = await recompute(
+        own_db, now=at(2025, 3, 10, 13), programme_id=stages.programme_id, switch_programme=True
+    )
+    assert again.tier_changes == 0
