@@ -71,7 +71,7 @@ def version(
 
 @pytest.fixture(scope="module")
 async def db(infra: Infra) -> AsyncIterator[Database]:
-    pool = await create_pool(infra.database_url, 1, 8)
+    pool = await create_pool(infra.database_url, 1, 4)
     database = Database(pool, "tiering", "tiering")
     yield database
     await database.close()
@@ -442,10 +442,13 @@ async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
     coupons = RewardsCoupons(f"127.0.0.1:{rewards_app.port}", 5.0)
     dispatcher = BenefitDispatcher(db, coupons)
     try:
-        assert await dispatcher.run_once(at(2025, 3, 5)) == 1
+        # (The shared database may hold other tests' pending grants: the
+        # assertions are about this member's.)
+        await dispatcher.run_once(at(2025, 3, 5))
         [(kind, status, coupon_id)] = await grants()
         assert (kind, status) == ("upgrade_gift", "issued") and coupon_id
-        assert await dispatcher.run_once(at(2025, 3, 6)) == 0  # nothing left to send
+        await dispatcher.run_once(at(2025, 3, 6))  # nothing of this member's left to send
+        assert await grants() == [("upgrade_gift", "issued", coupon_id)]
         # A retry after a lost answer carries the same key: rewards replays it.
         key = f"upgrade_gift:{member}:{brand.programme_id}:svip:2025-01-01"
         again = await coupons.issue(key, str(member), "MJ99-30")
@@ -459,7 +462,7 @@ async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
             assert await grant_birthdays(uow.conn, programme, at(2025, 6, 30)) == 0
             assert await grant_birthdays(uow.conn, programme, at(2025, 7, 1, 9)) == 1
             assert await grant_birthdays(uow.conn, programme, at(2025, 7, 20)) == 0
-        assert await dispatcher.run_once(at(2025, 7, 1, 10)) == 1
+        await dispatcher.run_once(at(2025, 7, 1, 10))
         issued = await grants()
         assert [(k, s) for k, s, _ in issued] == [
             ("birthday", "issued"),
