@@ -597,6 +597,15 @@ def project(
     keep = 0 if rank == 0 else max(at_stake.retention_bar - kept_by_period_end, 0)
     next_tier = ladder.tiers[rank + 1] if rank + 1 < len(ladder.tiers) else None
     next_needed = max(next_tier.threshold - metric_now, 0) if next_tier else 0
+    if programme.rules.tier_mode is TierMode.RELATIVE:
+        # Held by rank, not by a figure: no "more by" to promise.
+        seg = programme.rules.segments
+        top, second = ladder.tiers[-1], ladder.tiers[-2]
+        message = (
+            f"{tier.name}: tiers go by rank at each nightly ranking (top {seg.relative_top_pct}%"
+            f" {top.name}, next {seg.relative_next_pct}% {second.name})"
+        )
+        return Projection(tier, metric_now, last_day, 0, kept_by_period_end, None, 0, message, None)
     parts = []
     day = f"{keep_by.day} {keep_by.strftime('%b')}"
     if rank:

@@ -667,6 +667,11 @@ async def erase_members(conn: Connection, member_ids: list[uuid.UUID], at: datet
     # commits (history included) before the anonymising below sees its rows.
     for table in ("tiering.member_tiers", "tiering.member_profiles", "tiering.member_spend"):
         await conn.execute(f"DELETE FROM {table} WHERE member_id = ANY($1::uuid[])", member_ids)
+    # Benefit grants name the member: pending ones are never sent, issued ones
+    # are rewards' records to anonymise (rewards follows MemberErased itself).
+    await conn.execute(
+        "DELETE FROM tiering.benefit_grants WHERE member_id = ANY($1::uuid[])", member_ids
+    )
     # Merge snapshots hold each side's tier state and registration date.
     await conn.execute(
         "DELETE FROM tiering.member_merges"

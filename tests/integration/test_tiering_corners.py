@@ -379,6 +379,10 @@ async def test_relative_mode_assigns_exactly_the_shares_ties_included(
     history = await brand.history(members[0])
     if top:
         assert history[-1][1:3] == ("vip", "relative_upgrade")
+    view = await brand.tier(members[0], at(2025, 5, 2, 12))
+    assert view.projection.message.endswith(
+        "tiers go by rank at each nightly ranking (top 15% VIP, next 30% SVIP)"
+    )
     # A second run with nothing new changes nothing.
     again = await recompute(
         db, now=at(2025, 5, 2, 13), chunk_size=7, workers=1, programme_id=brand.programme_id
@@ -491,6 +495,12 @@ async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
             await eventually(sent)
         finally:
             loop.cancel()
+
+        # Erasure forgets the grants (the coupons are rewards' to anonymise).
+        erased = events_pb2.MemberErased(member_ids=[str(member)])
+        async with db.unit_of_work() as uow:
+            await brand.handlers.on_member_erased(uow, received("member", erased, member))
+        assert await grants() == []
     finally:
         await coupons.close()
 
