@@ -51,7 +51,7 @@ from servicekit.events import make_envelope
 
 from . import outbox_sql, reports
 from . import repository as repo
-from .benefits import grant_upgrade_gifts
+from .benefits import insert_grants, upgrade_gift_rows
 from .domain import DEFAULT_RULES, QualifyingMetric, TierMode, TierProgramme
 from .evaluation import (
     Change,
@@ -658,6 +658,7 @@ async def _tiers_chunk(
     changed = 0
     updates = []
     history: list[tuple[uuid.UUID, Change]] = []
+    grants: list[tuple[str, uuid.UUID, str, str, str]] = []
     for row in complex_rows:
         member_id = row["member_id"]
         state = TierState(*(row[c] for c in state_columns))
@@ -720,8 +721,8 @@ async def _tiers_chunk(
         effective = ev.state.effective(programme, at)
         if ev.state != state or effective != row["tier_code"]:
             updates.append((member_id, ev.state, effective, at))
-        await grant_upgrade_gifts(
-            conn, member_id, programme, ev.changes, ev.state.period_start, by_version
+        grants += upgrade_gift_rows(
+            member_id, programme, ev.changes, ev.state.period_start, by_version
         )
         for change in ev.changes:
             history.append((member_id, change))
@@ -764,6 +765,8 @@ async def _tiers_chunk(
             lo,
             hi,
         )
+    # Upgrade gifts decided by this chunk, in one statement.
+    await insert_grants(conn, grants)
     if history:
         await conn.copy_records_to_table(
             "tier_history",

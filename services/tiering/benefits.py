@@ -94,18 +94,17 @@ class RewardsCoupons:
         await self._channel.close()
 
 
-async def grant_upgrade_gifts(
-    conn: Connection,
+def upgrade_gift_rows(
     member_id: uuid.UUID,
     programme: TierProgramme,
     changes: Iterable[Change],
     period_start: datetime,
     by_version: dict[int, TierProgramme] | None = None,
-) -> int:
-    """A pending grant for each upgrade to a tier with an upgrade gift, in the
-    caller's transaction; once per member, tier and period (an upgrade undone
-    by a refund and reached again in the same period gives no second gift)."""
-    written = 0
+) -> list[tuple[str, uuid.UUID, str, str, str]]:
+    """(grant_key, member, kind, template, tier) for each upgrade to a tier with
+    an upgrade gift; once per member, tier and period (an upgrade undone by a
+    refund and reached again in the same period gives no second gift)."""
+    rows = []
     for change in changes:
         if not change.moved:
             continue
@@ -127,23 +126,36 @@ async def grant_upgrade_gifts(
         # database in UTC: the key must not depend on that).
         day = period_start.astimezone(programme.rules.tz).date().isoformat()
         key = f"upgrade_gift:{member_id}:{programme.programme_id}:{change.to_tier}:{day}"
-        written += await _insert(conn, key, member_id, "upgrade_gift", template, change.to_tier)
-    return written
+        rows.append((key, member_id, "upgrade_gift", template, change.to_tier))
+    return rows
 
 
-async def _insert(
-    conn: Connection, key: str, member_id: uuid.UUID, kind: str, template: str, tier: str
-) -> int:
+async def insert_grants(conn: Connection, rows: list[tuple[str, uuid.UUID, str, str, str]]) -> int:
+    """Pending grants in one statement (the batch writes a chunk's at once);
+    a key granted before is left as it is."""
+    if not rows:
+        return 0
     status = await conn.execute(
         "INSERT INTO tiering.benefit_grants (grant_key, member_id, kind, template_id, tier_code)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (grant_key) DO NOTHING",
-        key,
-        member_id,
-        kind,
-        template,
-        tier,
+        " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[])"
+        " ON CONFLICT (grant_key) DO NOTHING",
+        *(list(column) for column in zip(*rows, strict=True)),
     )
     return int(status.rsplit(" ", 1)[1])
+
+
+async def grant_upgrade_gifts(
+    conn: Connection,
+    member_id: uuid.UUID,
+    programme: TierProgramme,
+    changes: Iterable[Change],
+    period_start: datetime,
+    by_version: dict[int, TierProgramme] | None = None,
+) -> int:
+    """upgrade_gift_rows, written in the caller's transaction."""
+    return await insert_grants(
+        conn, upgrade_gift_rows(member_id, programme, changes, period_start, by_version)
+    )
 
 
 async def grant_birthdays(conn: Connection, programme: TierProgramme, now: datetime) -> int:

@@ -337,11 +337,19 @@ async def test_relative_mode_assigns_exactly_the_shares_ties_included(
     from services.tiering.evaluation import relative_ranks
 
     brand = Brand(db)
+    # The top tier's upgrade gift: granted by the batch for each member ranked in.
+    gifted = Ladder(
+        (
+            *DEMO_LADDER.tiers[:2],
+            Tier("vip", "VIP", 150_000, Benefits(upgrade_gift_coupon_template="MJ99-30")),
+        )
+    )
     await brand.add_version(
         version(
             brand.programme_id,
             1,
             at(2024, 1, 1),
+            gifted,
             tier_mode=TierMode.RELATIVE,
             segments=SegmentRules(relative_top_pct=15, relative_next_pct=30),
         )
@@ -372,6 +380,13 @@ async def test_relative_mode_assigns_exactly_the_shares_ties_included(
     codes = {2: "vip", 1: "svip", 0: "regular"}
     assert {m: rows[m] for m in members} == {m: codes[expected[m]] for m in members}
     assert rows[idle] == "regular"
+    async with db.reading() as uow:
+        gifts = await uow.conn.fetch(
+            "SELECT member_id, tier_code FROM tiering.benefit_grants"
+            " WHERE member_id = ANY($1::uuid[])",
+            members,
+        )
+    assert sorted(g["member_id"] for g in gifts) == sorted(m for m in members if expected[m] == 2)
     # Ties share a fate: equal spends, equal tiers.
     for n in range(1, len(members)):
         if spends[n] == spends[n - 1]:
