@@ -29,6 +29,7 @@ class CredentialRegistry:
         self._max_age = max_age_seconds
         self._credentials: dict[str, Credential] = {}
         self._revoked: frozenset[str] = frozenset()
+        # None: loaded while Redis could not tell the epoch (reloaded once it can).
         self._epoch: int | None = None
         self._loaded_at = 0.0
         self._lock = asyncio.Lock()
@@ -39,17 +40,19 @@ class CredentialRegistry:
     def was_revoked(self, key_id: str) -> bool:
         return key_id in self._revoked
 
-    def is_current(self, epoch: int) -> bool:
-        return epoch == self._epoch and time.monotonic() - self._loaded_at < self._max_age
+    def is_current(self, epoch: int | None) -> bool:
+        """`epoch` None: Redis could not say; the cache serves up to its maximum age."""
+        fresh = time.monotonic() - self._loaded_at < self._max_age
+        return fresh and (epoch is None or epoch == self._epoch)
 
-    async def ensure_current(self, epoch: int) -> None:
+    async def ensure_current(self, epoch: int | None) -> None:
         if self.is_current(epoch):
             return
         async with self._lock:
             if not self.is_current(epoch):  # another request reloaded meanwhile
                 await self._load(epoch)
 
-    async def _load(self, epoch: int) -> None:
+    async def _load(self, epoch: int | None) -> None:
         async with self._pool.acquire() as conn:
             rows = await repo.active_keys(conn)
             revoked = await repo.revoked_key_ids(conn)
@@ -69,4 +72,4 @@ class CredentialRegistry:
         self._revoked = frozenset(revoked)
         self._epoch = epoch
         self._loaded_at = time.monotonic()
-        log.info("credentials loaded: %d active keys (epoch %d)", len(credentials), epoch)
+        log.info("credentials loaded: %d active keys (epoch %s)", len(credentials), epoch)

@@ -1,4 +1,5 @@
-"""The door's pure rules: request signatures, secrets at rest, scope grants,
+"""The door's pure rules: request signatures (version 2 signs the member and
+Idempotency-Key headers), secrets at rest, scope grants, in-process buckets,
 and the policy table's shape."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from gateway.auth import policy
 from gateway.auth.crypto import (
     SecretBox,
+    SignedHeaders,
     api_key,
     api_key_matches,
     new_key_id,
@@ -22,7 +24,7 @@ from gateway.auth.crypto import (
     split_api_key,
     string_to_sign,
 )
-from gateway.auth.http import AuthSettings
+from gateway.auth.signin import SignInSettings
 from gateway.auth.model import (
     ADMIN_ALL,
     ADMIN_REWARDS,
@@ -39,7 +41,7 @@ from gateway.auth.model import (
 )
 from gateway.auth.tokens import TokenIssuer
 from gateway.errors import domain_problem
-from gateway.ratelimit import Limit
+from gateway.ratelimit import Limit, LocalBuckets
 from loyalty.pos.v1 import pos_pb2
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
@@ -67,16 +69,43 @@ def test_a_signature_verifies_only_the_request_it_was_made_for(
 
 
 def test_the_string_to_sign_is_one_field_a_line() -> None:
-    text = string_to_sign("post", "/v1/x?a=1", "1700000000", "n1", b"{}").decode()
+    headers = SignedHeaders(appid="wx-shop", openid="o-1", idempotency_key="idem-1")
+    text = string_to_sign("post", "/v1/x?a=1", "1700000000", "n1", b"{}", headers).decode()
     assert text.split("\n") == [
-        "LOYALTY-HMAC-SHA256",
+        "LOYALTY-HMAC-SHA256-2",
         "POST",
         "/v1/x?a=1",
         "1700000000",
         "n1",
         # sha256 of "{}"
         "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+        "wx-shop",
+        "o-1",
+        "idem-1",
     ]
+    # Version 1 (accepted only behind AUTH_ACCEPT_SIGNATURE_V1): the six first lines.
+    legacy = string_to_sign("post", "/v1/x?a=1", "1700000000", "n1", b"{}", version=1).decode()
+    assert legacy.split("\n")[0] == "LOYALTY-HMAC-SHA256" and len(legacy.split("\n")) == 6
+
+
+@given(st.sampled_from(["appid", "openid", "idempotency_key"]), tokens)
+def test_retargeting_a_signed_request_breaks_its_signature(field: str, other: str) -> None:
+    """Changing the asserted member or the Idempotency-Key in transit is detected."""
+    sent = SignedHeaders(appid="wx-shop", openid="o-victim-not", idempotency_key="k-1")
+    signature = sign("s3cret", "GET", "/v1/m", "1", "n", b"", sent)
+    changed = SignedHeaders(**{**sent.__dict__, field: other + "-changed"})
+    assert signature_matches("s3cret", signature, "GET", "/v1/m", "1", "n", b"", sent)
+    assert not signature_matches("s3cret", signature, "GET", "/v1/m", "1", "n", b"", changed)
+    # Nor is a version 2 signature downgraded by the migration window.
+    assert not signature_matches(
+        "s3cret", signature, "GET", "/v1/m", "1", "n", b"", changed, accept_v1=True
+    )
+
+
+def test_version_1_signatures_only_behind_the_setting() -> None:
+    legacy = sign("s3cret", "GET", "/v1/m", "1", "n", b"", version=1)
+    assert not signature_matches("s3cret", legacy, "GET", "/v1/m", "1", "n", b"")
+    assert signature_matches("s3cret", legacy, "GET", "/v1/m", "1", "n", b"", accept_v1=True)
 
 
 def test_secrets_are_sealed_per_key_id() -> None:
@@ -132,12 +161,35 @@ def test_every_pos_rpc_and_no_writing_route_is_public() -> None:
 
 
 def test_a_client_rate_overrides_its_kind() -> None:
-    settings = AuthSettings(300, {k.value: Limit(10, 20) for k in ClientKind})
+    settings = SignInSettings(
+        600_000, {k.value: Limit(10, 20) for k in ClientKind}, Limit(50, 100), Limit(1, 5)
+    )
     base = Credential("k", "c", ClientKind.POS, "SH001", frozenset(), "s")
     assert settings.limit_of(base) == Limit(10, 20)
     own = Credential("k", "c", ClientKind.POS, "SH001", frozenset(), "s", 1.5, 3)
     assert settings.limit_of(own) == Limit(1.5, 3)
-    assert settings.nonce_ttl_ms == 600_000
+
+
+def test_local_buckets_refill_take_all_or_nothing_and_stay_bounded() -> None:
+    now = [0.0]
+    buckets = LocalBuckets(max_entries=3, clock=lambda: now[0])
+    slow, roomy = Limit(1, 2), Limit(100, 100)
+    assert buckets.take([("a", slow)]) == 0
+    assert buckets.take([("a", slow)]) == 0
+    assert buckets.take([("a", slow)]) == 1000  # empty: one token a second
+    # All or nothing: the roomy bucket is not charged when the slow one refuses.
+    assert buckets.take([("b", roomy), ("a", slow)]) == 1000
+    assert buckets.wait_ms("b", roomy) == 0 and "b" not in buckets._buckets
+    now[0] += 1.0
+    assert buckets.take([("a", slow)]) == 0
+    # Failures are always counted (debt of one at most), so a source keeps paying.
+    for _ in range(5):
+        buckets.spend("f", slow)
+    assert buckets.wait_ms("f", slow) == 2000
+    # A flood of new keys evicts the least recently used; memory stays bounded.
+    for n in range(100):
+        buckets.spend(f"flood-{n}", slow)
+    assert len(buckets) == 3
 
 
 def test_a_bearer_token_names_its_key_until_it_expires() -> None:
