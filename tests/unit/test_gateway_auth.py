@@ -24,7 +24,6 @@ from gateway.auth.crypto import (
     split_api_key,
     string_to_sign,
 )
-from gateway.auth.signin import SignInSettings
 from gateway.auth.model import (
     ADMIN_ALL,
     ADMIN_REWARDS,
@@ -39,6 +38,7 @@ from gateway.auth.model import (
     Unauthenticated,
     grants,
 )
+from gateway.auth.signin import SignInSettings
 from gateway.auth.tokens import TokenIssuer
 from gateway.errors import domain_problem
 from gateway.ratelimit import Limit, LocalBuckets
