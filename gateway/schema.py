@@ -84,8 +84,8 @@ idempotency_records = Table(
     CheckConstraint("state IN ('in_progress', 'done')", name="state"),
 )
 
-# One row per durable fact of the door; today "nonce_store": the nonce store
-# was initialised once, so an empty one later means it lost its data.
+# One row per durable fact of the door; today "nonce_store:<redis namespace>":
+# that nonce store was initialised once, so an empty one later lost its data.
 door_markers = Table(
     "door_markers",
     metadata,

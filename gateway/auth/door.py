@@ -114,13 +114,14 @@ class Door:
         self._pruning = asyncio.create_task(self._prune(), name="idempotency-prune")
 
     async def _open_nonce_store(self) -> None:
-        """The first start of an installation records that the nonce store
-        exists; an empty store at any later start lost its data."""
+        """The first start of an installation records that its nonce store (a
+        Redis namespace) exists; an empty store at any later start lost its data."""
         assert self.pool is not None
         async with self.pool.acquire() as conn:
             fresh = await conn.fetchval(
-                "INSERT INTO gateway.door_markers (name) VALUES ('nonce_store')"
-                " ON CONFLICT (name) DO NOTHING RETURNING true"
+                "INSERT INTO gateway.door_markers (name) VALUES ($1)"
+                " ON CONFLICT (name) DO NOTHING RETURNING true",
+                f"nonce_store:{self._s.redis_namespace}",
             )
         try:
             await self.gatekeeper.open_nonce_store(bool(fresh))
