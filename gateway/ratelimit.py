@@ -38,7 +38,8 @@ NONCE_BEFORE_EPOCH = 2
 
 # KEYS: 1 nonce, 2 client bucket, 3 store bucket, 4 revocation epoch, 5 nonce-store epoch
 # ARGV: 1 nonce ttl ms (0: no nonce), 2 client rate/s, 3 client burst,
-#       4 store rate/s (0: no store bucket), 5 store burst, 6 X-Timestamp (s)
+#       4 store rate/s (0: no store bucket), 5 store burst, 6 X-Timestamp (s),
+#       7 the gateway's clock (ms), the one X-Timestamp is checked against
 # Returns {nonce outcome, retry_after_ms (0: allowed), revocation epoch}
 _SCRIPT = """
 local epoch = tonumber(redis.call('GET', KEYS[4]) or '0')
@@ -50,8 +51,8 @@ if nonce_ttl > 0 then
   -- missing now, the store lost its data: it is empty from this moment on.
   local since = redis.call('GET', KEYS[5])
   if not since then
-    since = now
-    redis.call('SET', KEYS[5], now)
+    since = ARGV[7]
+    redis.call('SET', KEYS[5], since)
   end
   if tonumber(ARGV[6]) * 1000 <= tonumber(since) then
     return {2, 0, epoch}
@@ -178,8 +179,13 @@ class LocalBuckets:
 class Gatekeeper:
     """The per-call Redis round trip (nonce + rate limit + revocation epoch)."""
 
-    def __init__(self, redis: Redis, namespace: str) -> None:
+    def __init__(
+        self, redis: Redis, namespace: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self._redis = redis
+        # The gateway's clock: X-Timestamp is checked against it, so the
+        # nonce store's epoch is taken from it too (buckets use Redis's).
+        self._clock = clock
         self._script = redis.register_script(_SCRIPT)
         self._ns = namespace
         self.epoch_key = epoch_key(namespace)
@@ -215,6 +221,7 @@ class Gatekeeper:
             store.rate_per_second,
             store.burst,
             timestamp,
+            int(self._clock() * 1000),
         ]
         try:
             outcome, wait, epoch = await self._script(keys=keys, args=args)
@@ -235,8 +242,7 @@ class Gatekeeper:
         """At start: a nonce store without its epoch key is empty. On a fresh
         install it never held a nonce (epoch 0); otherwise it lost its data
         while no gateway ran, and only requests signed from now on are safe."""
-        t = await self._redis.time()
-        now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+        now_ms = int(self._clock() * 1000)
         if await self._redis.set(self.nonce_epoch_key, 0 if fresh_install else now_ms, nx=True):
             log.warning(
                 "nonce store epoch set to %s",
