@@ -31,8 +31,9 @@ from .tokens import TokenIssuer, token_router
 log = logging.getLogger(__name__)
 
 REDIS_CONNECTIONS = 64
-# A Redis that stopped answering costs a call this long, then the fallback.
-REDIS_SOCKET_TIMEOUT_SECONDS = 0.5
+# A Redis that refuses or drops connections is noticed at once; one that hangs
+# costs a call at most the downstream deadline, then the fallback.
+REDIS_CONNECT_TIMEOUT_SECONDS = 0.5
 
 IDEMPOTENCY_PARAMETER = {
     "name": IDEMPOTENCY_HEADER,
@@ -76,8 +77,8 @@ class Door:
                 settings.redis_url,
                 max_connections=REDIS_CONNECTIONS,
                 timeout=settings.downstream_timeout_seconds,
-                socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
-                socket_connect_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
+                socket_timeout=settings.downstream_timeout_seconds,
+                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
             )
         )
         self.gatekeeper = Gatekeeper(self.redis, settings.redis_namespace)
