@@ -89,6 +89,10 @@ return {1, 0, epoch}
 """
 
 
+# How long calls go to the fallback without trying Redis after it failed.
+SKIP_AFTER_FAILURE_SECONDS = 0.5
+
+
 def epoch_key(namespace: str) -> str:
     """Bumped by every credential change (gateway/auth/admin.py)."""
     return f"{namespace}:auth:epoch"
@@ -186,6 +190,9 @@ class Gatekeeper:
         # The gateway's clock: X-Timestamp is checked against it, so the
         # nonce store's epoch is taken from it too (buckets use Redis's).
         self._clock = clock
+        # After a failed round trip, calls skip Redis until then (monotonic):
+        # a hung Redis costs one caller its timeout, not every caller.
+        self._skip_until = 0.0
         self._script = redis.register_script(_SCRIPT)
         self._ns = namespace
         self.epoch_key = epoch_key(namespace)
@@ -223,10 +230,13 @@ class Gatekeeper:
             timestamp,
             int(self._clock() * 1000),
         ]
+        if time.monotonic() < self._skip_until:
+            raise StoreUnreachable
         try:
             outcome, wait, epoch = await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             log.warning("gatekeeper: redis unavailable: %r", exc)
+            self._skip_until = time.monotonic() + SKIP_AFTER_FAILURE_SECONDS
             raise StoreUnreachable from exc
         return Verdict(int(outcome), int(wait), int(epoch))
 

@@ -31,9 +31,6 @@ from .tokens import TokenIssuer, token_router
 log = logging.getLogger(__name__)
 
 REDIS_CONNECTIONS = 64
-# A Redis that refuses or drops connections is noticed at once; one that hangs
-# costs a call at most the downstream deadline, then the fallback.
-REDIS_CONNECT_TIMEOUT_SECONDS = 0.5
 
 IDEMPOTENCY_PARAMETER = {
     "name": IDEMPOTENCY_HEADER,
@@ -70,15 +67,17 @@ class Door:
         self._downstreams = downstreams
         self.pool = None
         # A burst of concurrent requests waits for a connection instead of
-        # failing (the default pool raises past 100 connections). Short socket
-        # timeouts: a hung Redis must not hang checkout (the POS falls back).
+        # failing (the default pool raises past 100 connections). A Redis that
+        # refuses connections is noticed at once; one that hangs costs a call at
+        # most the downstream deadline (then the POS falls back), and the
+        # gatekeeper then skips it for a moment (ratelimit.Gatekeeper).
         self.redis = Redis(
             connection_pool=BlockingConnectionPool.from_url(
                 settings.redis_url,
                 max_connections=REDIS_CONNECTIONS,
                 timeout=settings.downstream_timeout_seconds,
                 socket_timeout=settings.downstream_timeout_seconds,
-                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+                socket_connect_timeout=settings.downstream_timeout_seconds,
             )
         )
         self.gatekeeper = Gatekeeper(self.redis, settings.redis_namespace)
