@@ -184,7 +184,11 @@ class Gatekeeper:
     """The per-call Redis round trip (nonce + rate limit + revocation epoch)."""
 
     def __init__(
-        self, redis: Redis, namespace: str, clock: Callable[[], float] = time.time
+        self,
+        redis: Redis,
+        namespace: str,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = redis
         # The gateway's clock: X-Timestamp is checked against it, so the
@@ -193,6 +197,7 @@ class Gatekeeper:
         # After a failed round trip, calls skip Redis until then (monotonic):
         # a hung Redis costs one caller its timeout, not every caller.
         self._skip_until = 0.0
+        self._monotonic = monotonic
         self._script = redis.register_script(_SCRIPT)
         self._ns = namespace
         self.epoch_key = epoch_key(namespace)
@@ -230,22 +235,27 @@ class Gatekeeper:
             timestamp,
             int(self._clock() * 1000),
         ]
-        if time.monotonic() < self._skip_until:
+        if self._monotonic() < self._skip_until:
             raise StoreUnreachable
         try:
             outcome, wait, epoch = await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             log.warning("gatekeeper: redis unavailable: %r", exc)
-            self._skip_until = time.monotonic() + SKIP_AFTER_FAILURE_SECONDS
+            self._skip_until = self._monotonic() + SKIP_AFTER_FAILURE_SECONDS
             raise StoreUnreachable from exc
         return Verdict(int(outcome), int(wait), int(epoch))
 
     async def current_epoch(self) -> int | None:
-        """The revocation epoch; None when Redis does not answer."""
+        """The revocation epoch; None when Redis does not answer (or failed a
+        moment ago: an unauthenticated flood during an outage neither waits on
+        Redis nor fills the log)."""
+        if self._monotonic() < self._skip_until:
+            return None
         try:
             return int(await self._redis.get(self.epoch_key) or 0)
         except (RedisError, OSError) as exc:
             log.warning("gatekeeper: redis unavailable reading the epoch: %r", exc)
+            self._skip_until = self._monotonic() + SKIP_AFTER_FAILURE_SECONDS
             return None
 
     async def open_nonce_store(self, fresh_install: bool) -> None:

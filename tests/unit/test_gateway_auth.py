@@ -5,11 +5,13 @@ and the policy table's shape."""
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidTag
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.auth import policy
 from gateway.auth.crypto import (
@@ -41,7 +43,7 @@ from gateway.auth.model import (
 from gateway.auth.signin import SignInSettings
 from gateway.auth.tokens import TokenIssuer
 from gateway.errors import domain_problem
-from gateway.ratelimit import Limit, LocalBuckets
+from gateway.ratelimit import Gatekeeper, Limit, LocalBuckets, StoreUnreachable
 from loyalty.pos.v1 import pos_pb2
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
@@ -224,3 +226,35 @@ def test_a_rate_limited_refusal_says_when_to_retry(retry_after_ms: int, header: 
     response = domain_problem(RateLimited("slow down", retry_after_ms=retry_after_ms))
     assert response.status_code == 429
     assert response.headers["Retry-After"] == header
+
+
+class _DeadRedis:
+    """Every call fails as a refused connection would; counts the attempts."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def register_script(self, source: str) -> Any:
+        async def run(**_: Any) -> Any:
+            self.attempts += 1
+            raise RedisConnectionError("refused")
+
+        return run
+
+    async def get(self, key: str) -> Any:
+        self.attempts += 1
+        raise RedisConnectionError("refused")
+
+
+async def test_after_a_failed_round_trip_the_gatekeeper_skips_redis_for_a_moment() -> None:
+    now = [100.0]
+    redis = _DeadRedis()
+    gate = Gatekeeper(redis, "ns", monotonic=lambda: now[0])  # type: ignore[arg-type]
+    for _ in range(3):
+        with pytest.raises(StoreUnreachable):
+            await gate.admit("c", Limit(1, 1))
+        assert await gate.current_epoch() is None
+    assert redis.attempts == 1  # one caller paid for finding out
+    now[0] += 0.6
+    assert await gate.current_epoch() is None
+    assert redis.attempts == 2
