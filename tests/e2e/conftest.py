@@ -49,6 +49,8 @@ def gateway_settings(**overrides: object) -> GatewaySettings:
         # Gateways a test builds for itself (degradation, shutdown) go without
         # the door; the session gateway has it (tests/e2e/test_gateway_security.py).
         "auth_enabled": False,
+        # The machine's PostgreSQL is shared by several test runs (100 connections).
+        "door_db_pool_max": 3,
     }
     values.update(overrides)
     return GatewaySettings(**values)  # type: ignore[arg-type]

@@ -103,7 +103,10 @@ async def platform(
     await redis.start()
     namespace = f"{infra.namespace}-outage"
     settings = infra.service_settings(
-        database_url=own_database, redis_url=redis.url, redis_namespace=namespace
+        database_url=own_database,
+        redis_url=redis.url,
+        redis_namespace=namespace,
+        db_pool_max=4,  # the machine's PostgreSQL is shared by several test runs
     )
     member, rewards = build_member(settings), build_rewards(settings)
     for app in (member, rewards):
