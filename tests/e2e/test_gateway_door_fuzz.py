@@ -38,36 +38,32 @@ SCHEMAS = ("member", "rewards", "tiering", "engagement", "gateway")
 MOVING = {"outbox", "processed_events"}
 
 
-async def snapshot(database_url: str) -> dict[str, str]:
+async def snapshot(conn: asyncpg.Connection) -> dict[str, str]:
     """table -> digest of its rows, for every table of every schema."""
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        tables = await conn.fetch(
-            "SELECT table_schema, table_name FROM information_schema.tables"
-            " WHERE table_schema = ANY($1::text[]) AND table_type = 'BASE TABLE'"
-            " AND table_name <> 'alembic_version'",
-            list(SCHEMAS),
+    tables = await conn.fetch(
+        "SELECT table_schema, table_name FROM information_schema.tables"
+        " WHERE table_schema = ANY($1::text[]) AND table_type = 'BASE TABLE'"
+        " AND table_name <> 'alembic_version'",
+        list(SCHEMAS),
+    )
+    out = {}
+    for t in tables:
+        if t["table_name"] in MOVING:
+            continue
+        name = f'"{t["table_schema"]}"."{t["table_name"]}"'
+        rows = await conn.fetchval(
+            f"SELECT coalesce(string_agg(r::text, '|' ORDER BY r::text), '') FROM {name} r"
         )
-        out = {}
-        for t in tables:
-            if t["table_name"] in MOVING:
-                continue
-            name = f'"{t["table_schema"]}"."{t["table_name"]}"'
-            rows = await conn.fetchval(
-                f"SELECT coalesce(string_agg(r::text, '|' ORDER BY r::text), '') FROM {name} r"
-            )
-            out[name] = hashlib.sha256(rows.encode()).hexdigest()
-        return out
-    finally:
-        await conn.close()
+        out[name] = hashlib.sha256(rows.encode()).hexdigest()
+    return out
 
 
-async def settled(database_url: str) -> dict[str, str]:
+async def settled(conn: asyncpg.Connection) -> dict[str, str]:
     """A snapshot once background work from earlier tests has stopped moving."""
-    previous = await snapshot(database_url)
+    previous = await snapshot(conn)
     for _ in range(30):
         await asyncio.sleep(0.5)
-        current = await snapshot(database_url)
+        current = await snapshot(conn)
         if current == previous:
             return current
         previous = current
@@ -124,9 +120,14 @@ async def _door_run(
     gateway: Gateway, infra: Infra, http: httpx.AsyncClient, auth: httpx.Auth | None
 ) -> Counter[str]:
     spec = (await http.get("/openapi.json")).json()
-    before = await settled(infra.database_url)
-    answers = await asyncio.to_thread(_fuzz, spec, f"http://127.0.0.1:{gateway.http_port}", auth)
-    after = await snapshot(infra.database_url)
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        before = await settled(conn)
+        target = f"http://127.0.0.1:{gateway.http_port}"
+        answers = await asyncio.to_thread(_fuzz, spec, target, auth)
+        after = await snapshot(conn)
+    finally:
+        await conn.close()
     changed = sorted(
         name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
     )
