@@ -5,7 +5,8 @@ sign-ins are budgeted per source address; bodies and POS messages are
 bounded and refused by name; version 2 signatures cover the member and
 Idempotency-Key headers; admin scopes go to operator kinds only; and a
 Redis loss neither lets a captured request be replayed nor a retried
-mutation run twice.
+mutation run twice (Idempotency-Key records live in PostgreSQL, pruned in
+batches).
 
 Gateways here are built per test, most on a private redis-server
 (tests/e2e/redis_server.py) whose DBSIZE nothing else changes.
@@ -30,6 +31,7 @@ from gateway.auth.admin import ClientAdmin, IssuedKey
 from gateway.auth.client import HmacAuth, StoreKeyInterceptor
 from gateway.auth.crypto import SecretBox, sign
 from gateway.auth.model import ADMIN_ALL, ADMIN_REWARDS, MEMBER_ANY, PII_READ, ClientKind
+from gateway.idempotency import prune_expired
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.db import create_pool
 from servicekit.errors import InvalidArgument, error_info
@@ -429,3 +431,26 @@ async def test_no_replay_and_no_second_run_after_the_nonce_store_is_lost(
         again = await raw.post(target, content=body, headers=captured)
     assert_problem(again, 401, "NONCE_STORE_RESET")
     assert await available(http, member_id) == 5
+
+
+async def test_expired_idempotency_records_are_pruned_in_batches(gateway: Gateway) -> None:
+    assert gateway.door is not None and gateway.door.pool is not None
+    pool = gateway.door.pool
+    client = f"prune-{uuid.uuid4().hex[:6]}"
+    async with pool.acquire() as conn:
+        for n, expired in enumerate((True, True, True, False)):
+            await conn.execute(
+                "INSERT INTO gateway.idempotency_records (client_id, key_hash, fingerprint,"
+                " state, locked_until, expires_at) VALUES ($1, $2, $3, 'done', now(),"
+                " now() + $4 * interval '1 hour')",
+                client,
+                bytes([n]),
+                b"f",
+                -1 if expired else 1,
+            )
+    assert await prune_expired(pool, batch=2) >= 3
+    async with pool.acquire() as conn:
+        left = await conn.fetch(
+            "SELECT key_hash FROM gateway.idempotency_records WHERE client_id = $1", client
+        )
+    assert [bytes(r["key_hash"]) for r in left] == [bytes([3])]
