@@ -28,6 +28,7 @@ from servicekit.errors import Conflict, DomainError, InvalidArgument, Unavailabl
 
 from .auth import policy
 from .auth.http import BODY_KEY, ROUTE_KEY, RouteTable, header, read_body, replay_body
+from .auth.registry import DATABASE_ERRORS
 from .errors import domain_problem
 
 HEADER = "Idempotency-Key"
@@ -66,9 +67,6 @@ _PRUNE = f"""
 DELETE FROM {_T} WHERE ctid = ANY(ARRAY(
   SELECT ctid FROM {_T} WHERE expires_at < now() LIMIT $1))
 """
-
-# What a dropped or failed database connection raises.
-DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 async def prune_expired(pool: asyncpg.Pool, batch: int = 1000) -> int:

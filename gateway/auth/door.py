@@ -16,15 +16,15 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from servicekit.db import create_pool
 
 from ..clients import Downstreams
-from ..idempotency import DATABASE_ERRORS, MUTATING, IdempotencyMiddleware, prune_expired
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
+from ..idempotency import MUTATING, IdempotencyMiddleware, prune_expired
 from ..ratelimit import Gatekeeper, Limit, LocalBuckets
 from ..settings import GatewaySettings
 from .crypto import SIGNATURE_ALGORITHM, SecretBox
 from .http import HttpAuthMiddleware
 from .members import MemberAssertions
 from .pos import PosAuthInterceptor
-from .registry import CredentialRegistry
+from .registry import DATABASE_ERRORS, CredentialRegistry
 from .signin import SignIn, SignInSettings
 from .tokens import TokenIssuer, token_router
 

@@ -15,11 +15,18 @@ import time
 
 import asyncpg
 
+from servicekit.errors import Unavailable
+
 from . import repository as repo
 from .crypto import SecretBox
 from .model import ClientKind, Credential
 
 log = logging.getLogger(__name__)
+
+# What a dropped, refused or exhausted database connection raises.
+DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# After a failed reload, the cache in hand serves this long before the next try.
+RELOAD_RETRY_SECONDS = 1.0
 
 
 class CredentialRegistry:
@@ -49,8 +56,23 @@ class CredentialRegistry:
         if self.is_current(epoch):
             return
         async with self._lock:
-            if not self.is_current(epoch):  # another request reloaded meanwhile
+            if self.is_current(epoch):  # another request reloaded meanwhile
+                return
+            try:
                 await self._load(epoch)
+            except DATABASE_ERRORS as exc:
+                if self._loaded_at and (epoch is None or epoch == self._epoch):
+                    # Only the maximum age passed: nothing is known to have
+                    # changed, so the cache in hand keeps serving for a moment.
+                    log.warning("credential reload failed, serving the cache: %r", exc)
+                    self._loaded_at = time.monotonic() - self._max_age + RELOAD_RETRY_SECONDS
+                    return
+                # A key may have been created or revoked: no stale answer.
+                log.warning("credential reload failed: %r", exc)
+                raise Unavailable(
+                    "the gateway cannot load credentials right now; retry later",
+                    code="DEPENDENCY_UNAVAILABLE",
+                ) from None
 
     async def _load(self, epoch: int | None) -> None:
         async with self._pool.acquire() as conn:

@@ -40,11 +40,13 @@ from gateway.auth.model import (
     Unauthenticated,
     grants,
 )
+from gateway.auth.registry import CredentialRegistry
 from gateway.auth.signin import SignInSettings
 from gateway.auth.tokens import TokenIssuer
 from gateway.errors import domain_problem
 from gateway.ratelimit import Gatekeeper, Limit, LocalBuckets, StoreUnreachable
 from loyalty.pos.v1 import pos_pb2
+from servicekit.errors import Unavailable
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
 methods = st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -258,3 +260,46 @@ async def test_after_a_failed_round_trip_the_gatekeeper_skips_redis_for_a_moment
     now[0] += 0.6
     assert await gate.current_epoch() is None
     assert redis.attempts == 2
+
+
+class _FlakyPool:
+    """A pool whose connections answer (no keys) until `down` is set."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def acquire(self) -> Any:
+        pool = self
+
+        class _Conn:
+            async def __aenter__(self) -> Any:
+                if pool.down:
+                    raise OSError("connection refused")
+                return self
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+            async def fetch(self, *args: Any) -> list[Any]:
+                return []
+
+        return _Conn()
+
+
+async def test_a_failed_credential_reload_serves_the_cache_unless_the_epoch_moved() -> None:
+    pool = _FlakyPool()
+    # Stale at once: every call wants a reload.
+    registry = CredentialRegistry(pool, SecretBox(KEY), max_age_seconds=1e-9)  # type: ignore[arg-type]
+    pool.down = True
+    with pytest.raises(Unavailable):  # nothing loaded yet: nothing to serve
+        await registry.ensure_current(1)
+    pool.down = False
+    await registry.ensure_current(1)
+    pool.down = True
+    # Only the maximum age passed: the cache in hand serves, no error.
+    await registry.ensure_current(1)
+    await registry.ensure_current(None)
+    # The revocation epoch moved: a key may be revoked, so no stale answer.
+    with pytest.raises(Unavailable) as refused:
+        await registry.ensure_current(2)
+    assert refused.value.code == "DEPENDENCY_UNAVAILABLE"
