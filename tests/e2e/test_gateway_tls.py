@@ -5,6 +5,7 @@ certificate, and its certificate must name the store it acts for."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import uuid
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway import pos_cli
 from gateway.app import Gateway, build
 from gateway.auth.admin import ClientAdmin
 from gateway.auth.client import StoreKeyInterceptor
@@ -205,6 +207,12 @@ async def test_mtls_needs_a_client_certificate_naming_the_store(
         grpc.StatusCode.PERMISSION_DENIED,
         "CERTIFICATE_STORE_MISMATCH",
     )
+    # The command-line till speaks mTLS too.
+    cert, key = authority.issue(STORE, server=False)
+    args = ["--target", target, "--api-key", till.api_key, "--ca-file", str(authority.pem)]
+    args += ["--cert-file", str(cert), "--key-file", str(key)]
+    args += ["identify", "--store-id", STORE, "--card", f"C-{uuid.uuid4().hex[:10]}"]
+    assert await asyncio.to_thread(pos_cli.main, args) == 0
     # No certificate at all: the handshake fails.
     with pytest.raises(grpc.aio.AioRpcError) as anonymous:
         await identify(target, STORE, till.api_key, grpc.ssl_channel_credentials(ca))
