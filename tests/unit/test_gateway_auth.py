@@ -303,3 +303,17 @@ async def test_a_failed_credential_reload_serves_the_cache_unless_the_epoch_move
     with pytest.raises(Unavailable) as refused:
         await registry.ensure_current(2)
     assert refused.value.code == "DEPENDENCY_UNAVAILABLE"
+
+
+def test_pos_tls_needs_a_certificate_and_its_key() -> None:
+    from gateway.app import pos_server_credentials
+    from gateway.settings import GatewaySettings
+
+    assert pos_server_credentials(GatewaySettings()) is None  # plaintext unless configured
+    for half in (
+        {"pos_tls_cert_file": "/x/gateway.crt"},
+        {"pos_tls_key_file": "/x/gateway.key"},
+        {"pos_tls_client_ca_file": "/x/ca.crt"},
+    ):
+        with pytest.raises(ValueError, match="POS_TLS_CERT_FILE and POS_TLS_KEY_FILE"):
+            pos_server_credentials(GatewaySettings(**half))  # type: ignore[arg-type]
