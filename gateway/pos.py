@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 
@@ -26,6 +27,54 @@ from .clients import STORE_OPEN, Downstreams
 from .errors import DownstreamError
 
 log = logging.getLogger(__name__)
+
+
+class _TooLarge:
+    """What the deserializer hands on instead of a message over the limit."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a request message over `limit` bytes as INVALID_ARGUMENT
+    MESSAGE_TOO_LARGE (not retryable; docs/api.md), before any other check.
+    The server's own receive limit (a multiple of this) stays the last guard:
+    past it gRPC answers RESOURCE_EXHAUSTED without a reason."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner, parse = handler.unary_unary, handler.request_deserializer
+        limit = self._limit
+
+        def deserialize(data: bytes) -> Any:
+            if len(data) > limit:
+                return _TooLarge(len(data))
+            return parse(data) if parse is not None else data
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _TooLarge):
+                raise InvalidArgument(
+                    f"the request message is {request.size} bytes; at most {limit} are accepted"
+                    " (send fewer orders per call)",
+                    code="MESSAGE_TOO_LARGE",
+                )
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _required(value: str, field: str) -> None:

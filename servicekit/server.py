@@ -59,11 +59,17 @@ def _traced(details: grpc.HandlerCallDetails) -> bool:
     return not details.method.startswith(_HEALTH_PREFIX)
 
 
+# Largest request message a server receives (gRPC's own default, made
+# explicit); the gateway's POS port sets its own (gateway/settings.py).
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
 def create_grpc_server(
     max_connection_age_ms: int,
     grace_seconds: float,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     traced: bool | None = None,
+    max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the interceptors and options every server here uses.
     `interceptors` run inside those (they see DomainErrors before they become
@@ -93,6 +99,7 @@ def create_grpc_server(
             ("grpc.so_reuseport", 0),
             # Accept the clients' keepalive pings (servicekit/clients.py).
             *SERVER_KEEPALIVE_OPTIONS,
+            ("grpc.max_receive_message_length", max_receive_message_bytes),
         ],
     )
 

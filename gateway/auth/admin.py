@@ -30,7 +30,7 @@ from ..ratelimit import epoch_key
 from ..settings import GatewaySettings
 from . import repository as repo
 from .crypto import SecretBox, api_key, new_key_id, new_secret
-from .model import DEFAULT_SCOPES, KNOWN_SCOPES, ClientKind
+from .model import DEFAULT_SCOPES, KNOWN_SCOPES, OPERATOR_KINDS, ClientKind, operator_only
 
 _CLIENT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 # A WeChat app id (wx + 16 hex in practice; kept loose for test and demo apps).
@@ -147,6 +147,14 @@ class ClientAdmin:
         if unknown:
             raise InvalidArgument(
                 f"unknown scopes: {', '.join(unknown)}", code="UNKNOWN_SCOPE", field="scopes"
+            )
+        misplaced = sorted(s for s in granted if operator_only(s))
+        if misplaced and kind not in OPERATOR_KINDS:
+            raise InvalidArgument(
+                f"{', '.join(misplaced)} only for operator_console or ops_tooling clients,"
+                f" not {kind.value}",
+                code="SCOPE_NOT_FOR_KIND",
+                field="scopes",
             )
         if (rate_per_second is None) != (burst is None) or (
             rate_per_second is not None and (rate_per_second <= 0 or (burst or 0) < 1)

@@ -60,6 +60,15 @@ DEFAULT_SCOPES: dict[ClientKind, tuple[str, ...]] = {
     ClientKind.OPS_TOOLING: (MEMBER_ANY, ADMIN_ALL),
 }
 
+# Kinds that serve people operating the platform: only they may hold admin
+# scopes or pii:read (refused at registration for any other kind).
+OPERATOR_KINDS = frozenset({ClientKind.OPERATOR_CONSOLE, ClientKind.OPS_TOOLING})
+
+
+def operator_only(scope: str) -> bool:
+    return scope.startswith("admin:") or scope == PII_READ
+
+
 # A scope that stands for another, wider one.
 _IMPLIED_BY: dict[str, str] = {MEMBER_SELF: MEMBER_ANY}
 

@@ -502,6 +502,31 @@ async def test_only_a_console_asserts_an_operator_user(
     assert malformed.status_code == 422 and malformed.json()["code"] == "INVALID_OPERATOR_USER"
 
 
+async def test_an_operator_user_rewritten_in_transit_breaks_the_signature(
+    http: httpx.AsyncClient, console: httpx.AsyncClient
+) -> None:
+    """X-Operator-User names who is audited, so it is signed: a proxy that rewrites it
+    after the console signed gets 401, never an audit record under another name."""
+    member = await login(http, f"o-{uuid.uuid4().hex[:12]}")
+    pii = f"/v1/admin/members/{member}/pii"
+    untouched = await console.get(
+        pii, params={"purpose": "x"}, headers={"X-Operator-User": "li.wei"}
+    )
+    assert untouched.status_code == 200, untouched.text
+
+    async def rewrite(request: httpx.Request) -> None:  # runs after the signing
+        request.headers["X-Operator-User"] = "mallory"
+
+    async with httpx.AsyncClient(
+        base_url=console.base_url, auth=console.auth, event_hooks={"request": [rewrite]}
+    ) as tampered:
+        reply = await tampered.get(
+            pii, params={"purpose": "x"}, headers={"X-Operator-User": "li.wei"}
+        )
+    assert reply.status_code == 401
+    assert reply.json()["code"] == "SIGNATURE_INVALID"
+
+
 # ---- item 9: the gateway's member caches follow unmerge and erasure ----------------
 
 

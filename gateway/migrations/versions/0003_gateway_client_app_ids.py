@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql
 revision: str = "0003"
 # Numbered after the door's concurrent 0002 (Idempotency-Key records): when both
 # are merged, this must read "0002" so the chain has one head.
-down_revision: str | None = "0001"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
