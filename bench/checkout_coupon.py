@@ -47,6 +47,7 @@ from .cli import (
     BenchInfra,
     UnexpectedReply,
     events_drained,
+    identify_pool,
     platform_env,
     pos_channel,
     register_pos_key,
@@ -155,13 +156,15 @@ def own_ms(seconds: list[float]) -> dict[str, float | None]:
 
 
 async def issue_wallets(
-    database_url: str, template_id: str, count: int, tag: str
+    database_url: str, template_id: str, count: int, tag: str, member_ids: list[str]
 ) -> list[tuple[str, str]]:
     """`count` coupons, COUPONS_PER_MEMBER per member, issued through the use
-    case itself (in-process: setup, not measured); (member, code) pairs."""
+    case itself (in-process: setup, not measured); (member, code) pairs. The
+    members are real (enrolled at the till): checkout refuses unknown ids."""
     from services.rewards.coupons import handlers as svc
 
-    members = [uuid.uuid4() for _ in range(-(-count // COUPONS_PER_MEMBER))]
+    members = [uuid.UUID(m) for m in member_ids]
+    assert len(members) * COUPONS_PER_MEMBER >= count, "enough members for the wallets"
     pool = await create_pool(database_url, 8, 8)
     db = Database(pool, "rewards", "rewards")
     gate = asyncio.Semaphore(8)
@@ -224,17 +227,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         status="active",
                     )
                 )
+            wanted = -(-(per_phase + per_warmup) // COUPONS_PER_MEMBER)
+            say(f"enrolling {wanted} members at the till ...")
+            # CompleteOrder refuses member ids member does not know.
+            pool = await identify_pool(pos_target, args.store_id, wanted, api_key)
             say(f"issuing {per_phase + per_warmup} coupons ...")
             wallets = await issue_wallets(
-                infra.database_url, template_id, per_phase + per_warmup, f"{run_id}-issue"
+                infra.database_url, template_id, per_phase + per_warmup, f"{run_id}-issue", pool
             )
             warm_wallets, measured_wallets = wallets[:per_warmup], wallets[per_warmup:]
             async with pos_channel(pos_target, args.store_id, api_key) as channel:
                 stub = pos_pb2_grpc.PosServiceStub(channel)
 
                 def plain(i: int) -> tuple[str, str]:
-                    # A member with no coupon (rewards keys everything by member id).
-                    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{run_id}/{i}")), ""
+                    # An enrolled member, without a coupon on this checkout.
+                    return pool[i % len(pool)], ""
 
                 results: list[RunResult] = []
                 step_ms: dict[str, dict[str, dict[str, float | None]]] = {}

@@ -126,6 +126,7 @@ async def register_miniprogram(infra: BenchInfra) -> tuple[str, str]:
         ).create(
             ClientKind.MINIPROGRAM_BACKEND,
             "bench mini-program backend",
+            app_ids=[APP_ID],
             rate_per_second=UNLIMITED_RATE,
             burst=int(UNLIMITED_RATE),
         )
@@ -162,7 +163,7 @@ Get = Callable[[str, int], Awaitable[dict[str, Any]]]
 
 def signed_get(http: aiohttp.ClientSession, key_id: str, secret: str, timeout: float) -> Get:
     """GET `path` as the mini-program backend for member n (signed, asserted)."""
-    from gateway.auth.crypto import sign
+    from gateway.auth.crypto import SignedHeaders, sign
     from gateway.auth.http import KEY_ID_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 
     deadline = aiohttp.ClientTimeout(total=timeout)
@@ -176,7 +177,15 @@ def signed_get(http: aiohttp.ClientSession, key_id: str, secret: str, timeout: f
             KEY_ID_HEADER: key_id,
             TIMESTAMP_HEADER: timestamp,
             NONCE_HEADER: nonce,
-            SIGNATURE_HEADER: sign(secret, "GET", path, timestamp, nonce, b""),
+            SIGNATURE_HEADER: sign(
+                secret,
+                "GET",
+                path,
+                timestamp,
+                nonce,
+                b"",
+                SignedHeaders(appid=APP_ID, openid=openid(n)),
+            ),
         }
         async with http.get(path, headers=headers, timeout=deadline) as reply:
             if reply.status != 200:

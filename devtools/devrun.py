@@ -48,6 +48,10 @@ from .supervisor import (
 
 DEMO_STORE = "SH001"
 DEMO_PHONE = "13912345678"
+# The demo mini-program: its client may assert only this app's openids, and
+# the local fake WeChat (gateway/wechat_fake.py) accepts phone codes
+# `dev-<phone>` for it.
+DEMO_APP_ID = "wx-shop"
 T = TypeVar("T")
 
 # ---------------------------------------------------------------- infrastructure
@@ -175,7 +179,10 @@ async def demo_clients(database_url: str, redis_url: str, namespace: str) -> Dem
             ClientKind.OPERATOR_CONSOLE, "demo operator console", "demo-operator"
         )
         miniprogram = await admin.fresh_key(
-            ClientKind.MINIPROGRAM_BACKEND, "demo mini-program backend", "demo-miniprogram"
+            ClientKind.MINIPROGRAM_BACKEND,
+            "demo mini-program backend",
+            "demo-miniprogram",
+            app_ids=[DEMO_APP_ID],
         )
     finally:
         await redis.aclose()
@@ -246,6 +253,11 @@ def banner(
         f"  curl -s {http}/readyz   # probes need no key",
         "  # demo mini-program backend (acts for the member it asserts with X-Member-Openid):",
         f"  #   key id {keys.miniprogram_key_id}  secret {keys.miniprogram_secret}",
+        f"  #   app {DEMO_APP_ID} only; bind a phone with the local fake WeChat's code:",
+        f"  {py} -m gateway.auth.client --key-id {keys.miniprogram_key_id} --secret "
+        f"{keys.miniprogram_secret} --header 'Idempotency-Key: bind-1' --json "
+        f'\'{{"request_key":"bind-1","app_id":"{DEMO_APP_ID}","openid":"o-demo",'
+        f'"code":"dev-{DEMO_PHONE}"}}\' POST {http}/v1/members/bind-phone',
         "  # more clients: python -m gateway clients create --help",
         "",
         "Ctrl-C to stop.",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,22 @@ def start_postgres(data_dir: Path) -> tuple[str, Any]:
     import pgserver
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+    # Under `make test-shifted` the tests run under libfaketime; PostgreSQL must
+    # not: its deadlock and statement timers never fire there. Its clock stays
+    # real, which the shifted suite then also checks: business times come from
+    # the application's clock, never from the database's now().
+    with _without_faketime():
+        server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
     return server.get_uri(), server
+
+
+@contextmanager
+def _without_faketime() -> Iterator[None]:
+    saved = {k: os.environ.pop(k) for k in ("LD_PRELOAD", "FAKETIME") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def start_redis(data_dir: Path) -> tuple[str, Any]:

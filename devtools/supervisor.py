@@ -34,6 +34,7 @@ DEFAULT_PORTS = {
     "pos": 50050,
     "http": 8080,
     "metrics": 9464,
+    "wechat": 8099,
 }
 # Environment variables that override the ports above. The gateway reads
 # POS_GRPC_PORT and HTTP_PORT itself; the services all read GRPC_PORT, so each
@@ -47,8 +48,12 @@ PORT_ENV = {
     "pos": "POS_GRPC_PORT",
     "http": "HTTP_PORT",
     "metrics": "METRICS_PORT",
+    "wechat": "WECHAT_FAKE_PORT",
 }
 LOOPBACK = "127.0.0.1"
+# The local fake WeChat's apps (gateway/wechat_fake.py): the gateway verifies
+# the demo mini-program's phone codes against it.
+DEMO_WECHAT_APPS = '{"wx-shop": "dev-only-wechat-app-secret"}'
 # A service drains for shutdown_grace_seconds (10 by default) after SIGTERM;
 # give it that plus a margin before SIGKILL.
 STOP_GRACE_SECONDS = 15.0
@@ -134,6 +139,9 @@ class Child:
 def child_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
     env = dict(base)
     env.update(overrides)
+    # Development keys and AUTH_ENABLED=false on loopback are fine here only
+    # (servicekit/safety.py refuses them in production, the default).
+    env.setdefault("LOYALTY_ENV", "development")
     # Children print as they go, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -152,8 +160,19 @@ def platform_children(
         target = f"{LOOPBACK}:{ports[name]}"
         env = child_env(base_env, GRPC_HOST=LOOPBACK, GRPC_PORT=str(ports[name]), **addresses)
         children.append(Child(name, [python, "-m", f"services.{name}"], env, grpc_target=target))
+    wechat_apps = base_env.get("WECHAT_APPS") or DEMO_WECHAT_APPS
+    children.append(
+        Child(
+            "wechat-fake",
+            [python, "-m", "gateway.wechat_fake", "--port", str(ports["wechat"])],
+            child_env(base_env, WECHAT_APPS=wechat_apps),
+            http_ready=(LOOPBACK, ports["wechat"], "/healthz"),
+        )
+    )
     gateway_env = child_env(
         base_env,
+        WECHAT_API_BASE=f"http://{LOOPBACK}:{ports['wechat']}",
+        WECHAT_APPS=wechat_apps,
         HTTP_HOST=LOOPBACK,
         HTTP_PORT=str(ports["http"]),
         POS_GRPC_HOST=LOOPBACK,

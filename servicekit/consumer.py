@@ -79,6 +79,11 @@ class EventConsumer:
             self._routes.setdefault(stream, {})[sub.message_type.DESCRIPTOR.full_name] = sub
             self._producers[stream] = sub.producer
 
+    @property
+    def streams(self) -> dict[str, str]:
+        """Each stream this group reads, with its producing service."""
+        return dict(self._producers)
+
     async def ensure_groups(self) -> None:
         for stream in self._routes:
             try:

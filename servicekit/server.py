@@ -24,14 +24,17 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from redis.asyncio import Redis
 
+from .clients import SERVER_KEEPALIVE_OPTIONS
 from .consumer import EventConsumer
 from .db import Database, create_pool
 from .events import stream_name
 from .interceptors import DomainErrorInterceptor
 from .logs import configure_logging
+from .metrics import ServiceMetrics
 from .outbox import OutboxRelay
 from .redis_client import create_redis
 from .retention import Pruner, Retention
+from .schemacheck import SchemaGate
 from .settings import ServiceSettings
 from .telemetry import configure_tracing, tracing_recorded
 
@@ -43,6 +46,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
+# The health name of the liveness probe: SERVING while the process's event loop
+# answers, whatever its dependencies or schema (those are readiness: restarting
+# every pod while PostgreSQL is down or a migration is pending helps nobody).
+LIVENESS = "liveness"
+
 
 def _traced(details: grpc.HandlerCallDetails) -> bool:
     """Every call but health probes. The library's filters.health_check() does
@@ -51,11 +59,17 @@ def _traced(details: grpc.HandlerCallDetails) -> bool:
     return not details.method.startswith(_HEALTH_PREFIX)
 
 
+# Largest request message a server receives (gRPC's own default, made
+# explicit); the gateway's POS port sets its own (gateway/settings.py).
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
 def create_grpc_server(
     max_connection_age_ms: int,
     grace_seconds: float,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     traced: bool | None = None,
+    max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the interceptors and options every server here uses.
     `interceptors` run inside those (they see DomainErrors before they become
@@ -83,6 +97,9 @@ def create_grpc_server(
             ("grpc.max_connection_age_ms", max_connection_age_ms),
             ("grpc.max_connection_age_grace_ms", int(grace_seconds * 1000)),
             ("grpc.so_reuseport", 0),
+            # Accept the clients' keepalive pings (servicekit/clients.py).
+            *SERVER_KEEPALIVE_OPTIONS,
+            ("grpc.max_receive_message_length", max_receive_message_bytes),
         ],
     )
 
@@ -131,6 +148,9 @@ class ServiceApp:
             )
         ]
         self.port = 0
+        # Prometheus on its own port (servicekit/metrics.py); services add probes in wire().
+        self.metrics = ServiceMetrics(name)
+        self.schema_gate: SchemaGate | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
 
@@ -157,9 +177,15 @@ class ServiceApp:
             batch_size=s.outbox_batch_size,
             poll_interval=s.outbox_poll_interval_seconds,
         )
-        self.server = create_grpc_server(s.max_connection_age_ms, s.shutdown_grace_seconds)
+        self.server = create_grpc_server(
+            s.max_connection_age_ms, s.shutdown_grace_seconds, [self.metrics.interceptor()]
+        )
+        self.schema_gate = SchemaGate(
+            self.name, self.schema, f"python -m {_entry_package(self.name)} migrate"
+        )
         self._wire(self)
         await add_health_and_reflection(self.server, self.health, self.service_names, NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
@@ -168,8 +194,23 @@ class ServiceApp:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.group))
         pruner = Pruner(pool, self.retentions, s.prune_interval_seconds)
         self._tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
+        self._start_metrics()
         log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
         return self.port
+
+    def _start_metrics(self) -> None:
+        s = self.settings
+        assert self.db is not None and self.redis is not None
+        port = self.metrics.start(s.metrics_host, s.metrics_port)
+        sampler = self.metrics.sample_forever(
+            s.metrics_sample_interval_seconds,
+            self.db,
+            self.redis,
+            s.redis_namespace,
+            self.consumers,
+        )
+        self._tasks.append(asyncio.create_task(sampler, name="metrics"))
+        log.info("%s metrics on http://%s:%d/metrics", self.name, s.metrics_host, port)
 
     async def _dependencies_ok(self) -> bool:
         assert self.db is not None and self.redis is not None
@@ -177,7 +218,8 @@ class ServiceApp:
             async with asyncio.timeout(2):
                 await self.db.ping()
                 await self.redis.ping()
-            return True
+                # Never serve against a schema older than this code's head.
+                return self.schema_gate is None or await self.schema_gate.ready(self.db.pool)
         except Exception as exc:
             log.warning("%s dependencies not ready: %r", self.name, exc)
             return False
@@ -220,10 +262,15 @@ class ServiceApp:
             await self.redis.aclose()
         if self.db is not None:
             await self.db.close()
+        self.metrics.stop()
         log.info("%s stopped", self.name)
 
     async def run_until_signalled(self) -> None:
         await serve_until_signalled(self.name, self.start, self.stop)
+
+
+def _entry_package(name: str) -> str:
+    return "gateway" if name == "gateway" else f"services.{name}"
 
 
 # How long stopping background tasks may take before the stop goes on without them.

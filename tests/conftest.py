@@ -18,20 +18,11 @@ from .harness import Infra, ServiceClock, start_infra, stop_infra, wait_until_se
 # Services record no spans without an exporter (servicekit/telemetry.py); the
 # tracing tests attach in-memory exporters to the provider, so record them here.
 os.environ.setdefault("OTEL_TRACES_SAMPLER", "always_on")
+# The suite runs with the repository's development keys: development, not
+# production (servicekit/safety.py). Child processes the tests start inherit it.
+os.environ.setdefault("LOYALTY_ENV", "development")
 
 HANG_REPORT_AFTER_SECONDS = 120
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `make test-shifted` (libfaketime moves every clock of the test process
-    and the embedded servers) skip what needs PostgreSQL's timers, which do not
-    fire there."""
-    if not os.environ.get("FAKETIME"):
-        return
-    skip = pytest.mark.skip(reason="PostgreSQL's deadlock timer does not fire under libfaketime")
-    for item in items:
-        if item.get_closest_marker("postgres_timers"):
-            item.add_marker(skip)
 
 
 # A session fixture's stop (services, gateway, infrastructure) takes a few

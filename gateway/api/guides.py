@@ -1,5 +1,6 @@
 """Guide routes (guides service, docs/guides.md): WeCom's customer-contact
-callbacks (public, authenticated by WeCom's signature), and for operators:
+callbacks (public, authenticated by WeCom's signature), and for operators
+(every change audited under principal(request), never a body field):
 store staff, directory sync, resigned-staff transfer, guide links, exclusive
 bindings, order attribution, member tags and the private-domain reports."""
 
@@ -23,6 +24,7 @@ from loyalty.rewards.v1 import rewards_pb2
 from servicekit.errors import InvalidArgument
 
 from ..errors import DownstreamError
+from ..principal import principal
 from .centre import CENTRE_EXAMPLE, MemberCentre, member_centre
 from .common import MEMBER_ID_EXAMPLE, MemberId, downstreams, optional_utc, problem_response
 from .coupons import CLAIMED_COUPON_EXAMPLE, Coupon, coupon_model
@@ -46,7 +48,6 @@ StaffId = Annotated[
         pattern=r"^[A-Za-z0-9_.@\-]{1,64}$",
     ),
 ]
-Operator = Annotated[str, Field(min_length=1, max_length=128, description="Who acts (audited)")]
 Day = Annotated[str, Query(pattern=r"^\d{4}-\d{2}-\d{2}$", examples=["2026-05-01"])]
 
 ROLES = {
@@ -78,7 +79,6 @@ class StaffBody(BaseModel):
     staff_code: str = Field(
         default="", max_length=64, description="Typed at the till; default the id"
     )
-    operator: Operator
 
 
 class Staff(BaseModel):
@@ -113,10 +113,6 @@ class StaffList(BaseModel):
     staff: list[Staff]
 
 
-class SyncBody(BaseModel):
-    operator: Operator
-
-
 class SyncResult(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -132,7 +128,6 @@ class SyncResult(BaseModel):
 
 class ResignBody(BaseModel):
     takeover_staff_id: str = Field(min_length=1, max_length=64)
-    operator: Operator
 
 
 class Resigned(BaseModel):
@@ -214,7 +209,6 @@ def _binding(b: guides_pb2.Binding) -> Binding:
 class ReassignBody(BaseModel):
     staff_id: str = Field(min_length=1, max_length=64)
     reason: str = Field(default="", max_length=200)
-    operator: Operator
 
 
 class Attribution(BaseModel):
@@ -359,10 +353,6 @@ def _tags(t: guides_pb2.MemberTags) -> MemberTags:
     )
 
 
-class TagBody(BaseModel):
-    operator: Operator
-
-
 class TagBatch(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"members": 5200, "tags_added": 830, "tags_removed": 120}]}
@@ -484,7 +474,7 @@ async def put_staff(request: Request, staff_id: StaffId, body: StaffBody) -> Sta
             store_id=body.store_id,
             role=ROLES[body.role],
             staff_code=body.staff_code,
-            actor=body.operator,
+            actor=principal(request),
         ),
     )
     return _staff(reply)
@@ -497,9 +487,9 @@ async def put_staff(request: Request, staff_id: StaffId, body: StaffBody) -> Sta
     summary="Pull staff from WeCom's contact directory",
     responses=GUIDE_ERRORS,
 )
-async def sync_staff(request: Request, body: SyncBody) -> SyncResult:
+async def sync_staff(request: Request) -> SyncResult:
     r = await downstreams(request).guides.call(
-        "SyncDirectory", guides_pb2.SyncDirectoryRequest(actor=body.operator)
+        "SyncDirectory", guides_pb2.SyncDirectoryRequest(actor=principal(request))
     )
     return SyncResult(
         created=r.created, updated=r.updated, resigned=r.resigned, unchanged=r.unchanged
@@ -517,7 +507,7 @@ async def resign_staff(request: Request, staff_id: StaffId, body: ResignBody) ->
     r = await downstreams(request).guides.call(
         "ResignStaff",
         guides_pb2.ResignStaffRequest(
-            staff_id=staff_id, takeover_staff_id=body.takeover_staff_id, actor=body.operator
+            staff_id=staff_id, takeover_staff_id=body.takeover_staff_id, actor=principal(request)
         ),
     )
     return Resigned(transferred=r.transferred, failed=list(r.failed))
@@ -566,7 +556,7 @@ async def put_guide(request: Request, member_id: MemberId, body: ReassignBody) -
         guides_pb2.ReassignGuideRequest(
             member_id=str(member_id),
             staff_id=body.staff_id,
-            actor=body.operator,
+            actor=principal(request),
             reason=body.reason,
         ),
     )
@@ -684,13 +674,11 @@ async def member_tags(request: Request, member_id: MemberId) -> MemberTags:
     return _tags(r)
 
 
-async def _set_tag(
-    request: Request, member_id: uuid.UUID, tag: str, present: bool, operator: str
-) -> MemberTags:
+async def _set_tag(request: Request, member_id: uuid.UUID, tag: str, present: bool) -> MemberTags:
     r = await downstreams(request).guides.call(
         "SetManualTag",
         guides_pb2.SetManualTagRequest(
-            member_id=str(member_id), tag=tag, present=present, actor=operator
+            member_id=str(member_id), tag=tag, present=present, actor=principal(request)
         ),
     )
     return _tags(r)
@@ -703,8 +691,8 @@ async def _set_tag(
     summary="Add a manual tag (pushed to WeCom's customer tags)",
     responses=GUIDE_ERRORS,
 )
-async def put_tag(request: Request, member_id: MemberId, tag: TagPath, body: TagBody) -> MemberTags:
-    return await _set_tag(request, member_id, tag, True, body.operator)
+async def put_tag(request: Request, member_id: MemberId, tag: TagPath) -> MemberTags:
+    return await _set_tag(request, member_id, tag, True)
 
 
 @router.delete(
@@ -718,9 +706,8 @@ async def delete_tag(
     request: Request,
     member_id: MemberId,
     tag: TagPath,
-    operator: Annotated[str, Query(min_length=1, max_length=128)],
 ) -> MemberTags:
-    return await _set_tag(request, member_id, tag, False, operator)
+    return await _set_tag(request, member_id, tag, False)
 
 
 @router.post(
@@ -742,7 +729,6 @@ async def recompute_tags(request: Request, body: TagBatchBody) -> TagBatch:
 
 class BudgetBody(BaseModel):
     coupons: int = Field(ge=0, le=1_000_000)
-    operator: Operator
 
 
 class Budget(BaseModel):
@@ -784,7 +770,11 @@ async def put_budget(
     r = await downstreams(request).guides.call(
         "SetBudget",
         guides_pb2.SetBudgetRequest(
-            scope=scope, owner_id=owner_id, month=month, coupons=body.coupons, actor=body.operator
+            scope=scope,
+            owner_id=owner_id,
+            month=month,
+            coupons=body.coupons,
+            actor=principal(request),
         ),
     )
     return Budget(scope=r.scope, owner_id=r.owner_id, month=r.month, coupons=r.coupons, used=r.used)
@@ -1198,7 +1188,6 @@ class CommunityBody(BaseModel):
     store_id: str = Field(min_length=1, max_length=64)
     audience: Literal["vip", "growth", "general"]
     tiers: list[str] = Field(default_factory=list, max_length=20, description="Empty: everyone")
-    operator: Operator
 
 
 COMMUNITY_EXAMPLE: JsonDict = {
@@ -1330,7 +1319,7 @@ async def put_community(request: Request, chat_id: ChatId, body: CommunityBody) 
             store_id=body.store_id,
             audience=body.audience,
             tiers=body.tiers,
-            actor=body.operator,
+            actor=principal(request),
         ),
     )
     return _community(r)
@@ -1355,9 +1344,9 @@ async def list_communities(
     summary="Pull the groups' members from WeCom; joins and leaves are recorded and published",
     responses=GUIDE_ERRORS,
 )
-async def sync_communities(request: Request, body: SyncBody) -> CommunitySync:
+async def sync_communities(request: Request) -> CommunitySync:
     r = await downstreams(request).guides.call(
-        "SyncCommunities", guides_pb2.SyncCommunitiesRequest(actor=body.operator)
+        "SyncCommunities", guides_pb2.SyncCommunitiesRequest(actor=principal(request))
     )
     return CommunitySync(groups=r.groups, joined=r.joined, left=r.left)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from servicekit.db import Connection
@@ -42,6 +43,23 @@ async def set_fact(conn: Connection, member_id: uuid.UUID, fact: str, value: str
     )
 
 
+async def set_zone(
+    conn: Connection, member_id: uuid.UUID, profile_tz: str, store_id: str, tz: str
+) -> None:
+    """What member says (profile zone, registration store) and the zone it
+    resolves to, which quiet hours and caps read."""
+    await conn.execute(
+        "INSERT INTO engagement.member_facts (member_id, profile_tz, store_id, tz)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (member_id) DO UPDATE SET"
+        " profile_tz = excluded.profile_tz, store_id = excluded.store_id, tz = excluded.tz,"
+        " updated_at = now()",
+        member_id,
+        profile_tz,
+        store_id,
+        tz,
+    )
+
+
 async def count_order(conn: Connection, member_id: uuid.UUID) -> int:
     """Count one order (the consumer's processed_events makes redelivery harmless);
     returns the member's order count after it."""
@@ -67,13 +85,7 @@ async def load_facts(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str,
         " WHERE f.member_id = ANY($1::uuid[])",
         member_ids,
     )
-    consents: dict[str, dict[str, bool]] = {}
-    for r in await conn.fetch(
-        "SELECT member_id, channel, granted FROM engagement.consents"
-        " WHERE member_id = ANY($1::uuid[])",
-        member_ids,
-    ):
-        consents.setdefault(str(r["member_id"]), {})[r["channel"]] = r["granted"]
+    consents = await consents_of(conn, member_ids)
     tags: dict[str, set[str]] = {}
     for r in await conn.fetch(
         "SELECT member_id, tag FROM engagement.member_tags WHERE member_id = ANY($1::uuid[])",
@@ -95,6 +107,30 @@ async def load_facts(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str,
             consents=consents.get(mid, {}),
         )
     return out
+
+
+async def consents_of(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str, dict[str, bool]]:
+    """member -> channel -> marketing consent, as known now."""
+    consents: dict[str, dict[str, bool]] = {}
+    for r in await conn.fetch(
+        "SELECT member_id, channel, granted FROM engagement.consents"
+        " WHERE member_id = ANY($1::uuid[])",
+        member_ids,
+    ):
+        consents.setdefault(str(r["member_id"]), {})[r["channel"]] = r["granted"]
+    return consents
+
+
+async def give_back_subscription_credit(
+    conn: Connection, member_id: uuid.UUID, template: str
+) -> None:
+    """A credit spent by a send that never went (suppressed at delivery)."""
+    await conn.execute(
+        "UPDATE engagement.subscription_credits SET credits = credits + 1"
+        " WHERE member_id = $1 AND template = $2",
+        member_id,
+        template,
+    )
 
 
 async def set_consent(
@@ -316,15 +352,18 @@ async def park_event(
     attributes: dict[str, str],
     occurred_at: datetime,
     reason: str,
+    parked_at: datetime,
 ) -> None:
     await conn.execute(
-        "INSERT INTO engagement.parked_events (member_id, event, attributes, occurred_at, reason)"
-        " VALUES ($1, $2, $3::jsonb, $4, $5)",
+        "INSERT INTO engagement.parked_events"
+        " (member_id, event, attributes, occurred_at, reason, parked_at)"
+        " VALUES ($1, $2, $3::jsonb, $4, $5, $6)",
         member_id,
         event,
         json.dumps(attributes),
         occurred_at,
         reason,
+        parked_at,
     )
 
 
@@ -338,3 +377,55 @@ async def take_parked(
     )
     rows = sorted(rows, key=lambda r: r["id"])
     return [(r["event"], json.loads(r["attributes"]), r["occurred_at"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class ParkedRow:
+    id: int
+    member_id: uuid.UUID
+    event: str
+    attributes: dict[str, str]
+    occurred_at: datetime
+    reason: str
+    parked_at: datetime
+
+
+async def list_parked(
+    conn: Connection, member_id: uuid.UUID | None, after_id: int, limit: int
+) -> list[ParkedRow]:
+    """Parked events oldest first (by id), after `after_id`: a keyset page."""
+    rows = await conn.fetch(
+        "SELECT id, member_id, event, attributes::text AS attributes, occurred_at, reason,"
+        " parked_at FROM engagement.parked_events"
+        " WHERE id > $1 AND ($2::uuid IS NULL OR member_id = $2) ORDER BY id LIMIT $3",
+        after_id,
+        member_id,
+        limit,
+    )
+    return [
+        ParkedRow(
+            r["id"],
+            r["member_id"],
+            r["event"],
+            json.loads(r["attributes"]),
+            r["occurred_at"],
+            r["reason"],
+            r["parked_at"],
+        )
+        for r in rows
+    ]
+
+
+async def expire_parked(conn: Connection, parked_before: datetime, limit: int) -> int:
+    """Delete up to `limit` events parked before `parked_before` (the index on
+    parked_at reads only those); returns how many."""
+    return int(
+        await conn.fetchval(
+            "WITH gone AS (DELETE FROM engagement.parked_events WHERE id IN"
+            " (SELECT id FROM engagement.parked_events WHERE parked_at < $1"
+            "  ORDER BY parked_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1)"
+            " SELECT count(*) FROM gone",
+            parked_before,
+            limit,
+        )
+    )

@@ -39,6 +39,7 @@ from .domain import (
     RewardIntent,
     SendIntent,
     TagIntent,
+    consent_refusal,
     local_day,
     run,
 )
@@ -47,7 +48,6 @@ from .ports import ConsentPort
 
 log = logging.getLogger(__name__)
 
-MARKETING = frozenset({"targeted", "general"})
 MAX_STEP_ATTEMPTS = 5
 
 
@@ -127,21 +127,24 @@ class Scheduler:
         self.batch_size = batch_size
         self._caps = caps if caps is not None else DAILY_CAPS
         self.stats = SweepStats()
-        # What the current batch claimed (to isolate a failing step).
-        self._claimed: list[scheduler_repo.DueStep] = []
 
     async def sweep_once(self, limit: int | None = None) -> int:
-        """Run one batch of due steps; returns how many timers it claimed."""
+        """Run one batch of due steps; returns how many timers it claimed.
+
+        Several sweeper tasks may share this object: what a batch claimed is
+        kept per call (never on the instance), so isolating one task's failing
+        step cannot postpone another task's."""
         limit = limit or self.batch_size
+        claimed: list[scheduler_repo.DueStep] = []
         try:
-            return await self._sweep(limit)
+            return await self._sweep(limit, claimed)
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
             self.stats.conflicts += 1
             log.warning("sweep batch rolled back by a lock conflict; its timers stay due")
             return 0
         except Exception:
             if limit == 1:
-                await self._postpone_poison(self._claimed)
+                await self._postpone_poison(claimed)
                 return 1
             log.exception("sweep batch failed; isolating the failing step")
             # Run the batch one by one so one bad step cannot block the rest.
@@ -182,12 +185,12 @@ class Scheduler:
     async def run(self, poll_interval: float) -> None:
         await poll_forever(self.sweep_once, poll_interval, log, "sweeper")
 
-    async def _sweep(self, limit: int) -> int:
+    async def _sweep(self, limit: int, claimed: list[scheduler_repo.DueStep]) -> int:
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
             conn = uow.conn
             due = await scheduler_repo.claim_due(conn, now, limit)
-            self._claimed = due
+            claimed.extend(due)
             if not due:
                 return 0
             facts = await self._consent.facts_with_consent(conn, list({d.member_id for d in due}))
@@ -228,6 +231,11 @@ class Scheduler:
         now: datetime,
         batch: _Batch,
     ) -> None:
+        if d.grp == "holdout":
+            # The holdout's measurement window is over: it ends, having been sent nothing.
+            batch.finished.append(d.enrollment_id)
+            batch.enrollments.append((d.enrollment_id, d.seq, d.variant, None, "holdout", now))
+            return
         result = run(
             journey,
             d.step_id,
@@ -316,9 +324,9 @@ class Scheduler:
             consent = member.consents.get(p.intent.channel) if member else None
             # A mini-program subscription message carries its own consent: the
             # member's tap, spent below (one credit, one message).
-            needs_grant = p.intent.message_class in MARKETING and p.intent.channel != "miniprogram"
-            if consent is False or (consent is None and needs_grant):
-                p.status, p.reason = "suppressed", "NO_CONSENT"
+            refusal = consent_refusal(p.intent.channel, p.intent.message_class, consent)
+            if refusal is not None:
+                p.status, p.reason = "suppressed", refusal
                 continue
             if not p.intent.template:  # personalised, member chose none, no fallback
                 p.status, p.reason = "suppressed", "NON_PERSONALISED"

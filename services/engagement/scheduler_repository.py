@@ -29,6 +29,7 @@ class DueStep:
     member_id: uuid.UUID
     seq: int
     variant: str | None
+    grp: str = "treatment"
 
 
 async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep]:
@@ -36,7 +37,7 @@ async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep
     valuable first; rows other sweepers hold are skipped."""
     rows = await conn.fetch(
         "SELECT t.enrollment_id, t.step_id, t.due_at, t.attempts, e.journey_id, e.version,"
-        " e.member_id, e.seq, e.variant"
+        " e.member_id, e.seq, e.variant, e.grp"
         " FROM engagement.timers t JOIN engagement.enrollments e USING (enrollment_id)"
         " WHERE t.due_at <= $1 AND NOT t.paused"
         " ORDER BY t.due_at, t.priority DESC LIMIT $2"
@@ -55,6 +56,7 @@ async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep
             r["member_id"],
             r["seq"],
             r["variant"],
+            r["grp"],
         )
         for r in rows
     ]
@@ -272,6 +274,8 @@ class OutboundRow:
     channel: str
     template: str
     attempts: int
+    message_class: str = "transactional"
+    local_day: date | None = None
 
 
 async def lease_pending_sends(
@@ -285,13 +289,22 @@ async def lease_pending_sends(
         " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
         "  WHERE status = 'pending' AND next_attempt_at <= $1"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
-        " RETURNING s.send_key, s.member_id, s.channel, s.template, s.attempts",
+        " RETURNING s.send_key, s.member_id, s.channel, s.template, s.attempts,"
+        " s.message_class, s.local_day",
         now,
         lease_until,
         limit,
     )
     return [
-        OutboundRow(r["send_key"], r["member_id"], r["channel"], r["template"], r["attempts"])
+        OutboundRow(
+            r["send_key"],
+            r["member_id"],
+            r["channel"],
+            r["template"],
+            r["attempts"],
+            r["message_class"],
+            r["local_day"],
+        )
         for r in rows
     ]
 

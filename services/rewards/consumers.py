@@ -11,6 +11,7 @@ event (even under another event id) moves nothing twice.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from loyalty.events.v1 import events_pb2
@@ -33,8 +34,12 @@ def event_time(event: ReceivedEvent, field: str) -> datetime:
 
 
 class MemberEvents:
-    def __init__(self, points: PointsLedger) -> None:
+    def __init__(
+        self, points: PointsLedger, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
         self._points = points
+        # Lazy expiry during a move runs at this clock's time (tests inject one).
+        self._clock = clock
 
     async def on_merged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         merged = event.payload
@@ -44,7 +49,7 @@ class MemberEvents:
             merged.merge_id,
             merged.survivor_member_id,
             merged.absorbed_member_id,
-            datetime.now(UTC),
+            self._clock(),
         )
         # Coupons follow the points (an UPDATE by member: replays move nothing).
         await coupon_service.merge(
@@ -67,7 +72,7 @@ class MemberEvents:
             unmerged.merge_id,
             unmerged.survivor_member_id,
             unmerged.restored_member_id,
-            datetime.now(UTC),
+            self._clock(),
         )
         await coupon_service.unmerge(
             uow.conn, unmerged.survivor_member_id, unmerged.restored_member_id

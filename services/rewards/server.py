@@ -44,6 +44,9 @@ class RewardsSettings(BaseSettings):
     # PointsExpiringSoon this many days ahead.
     expiring_soon_days: int = 30
     hold_ttl_seconds: int = 900
+    # A points-plus-cash mall exchange waits this long for its payment, then
+    # the release job gives its points and stock back.
+    mall_payment_ttl_seconds: int = 900
     # Earning rules as JSON (see earning.parse_rules); empty: the defaults
     # (1 point per whole yuan, mini-program x2, default action caps).
     earning_rules: str = ""
@@ -66,6 +69,11 @@ class RewardsSettings(BaseSettings):
             expiring_soon_days=self.coupon_expiring_soon_days,
         )
 
+    def points_mall(self, points: PointsLedger) -> PointsMall:
+        return PointsMall(
+            points, issue_coupon, payment_ttl=timedelta(seconds=self.mall_payment_ttl_seconds)
+        )
+
     def ledger_policy(self) -> LedgerPolicy:
         return LedgerPolicy(
             expiry=ExpiryPolicy.parse(self.points_expiry),
@@ -86,7 +94,7 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
     )
     consumers = MemberEvents(points)
     referrals = Referrals(points, parse_referral_rules(rewards.referral_rules), issue_coupon)
-    mall = PointsMall(points, issue_coupon)
+    mall = rewards.points_mall(points)
     orders = OrderEvents(referrals)
 
     def wire(app: ServiceApp) -> None:

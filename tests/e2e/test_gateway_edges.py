@@ -157,6 +157,8 @@ class Downstream:
 @pytest.fixture
 async def downstream() -> AsyncIterator[Downstream]:
     script = Script()
+    # A checkout first asks member whether the id is a live member (gateway/pos.py).
+    script.behaviours["member.GetMember"] = reply_with(MEMBER)
     server = grpc.aio.server(interceptors=[DomainErrorInterceptor()])
     member_pb2_grpc.add_MemberServiceServicer_to_server(FakeMember(script), server)
     rewards_pb2_grpc.add_RewardsServiceServicer_to_server(FakeRewards(script), server)

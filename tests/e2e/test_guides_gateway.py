@@ -71,6 +71,7 @@ def _idem() -> dict[str, str]:
 
 async def test_wecom_callback_door_and_admin_routes(
     guides_gateway: Gateway,
+    trusted_key: IssuedKey,
     ops: httpx.AsyncClient,
     fake_wecom: FakeWeCom,
     guides_clock: ServiceClock,
@@ -80,14 +81,16 @@ async def test_wecom_callback_door_and_admin_routes(
     staff_id = uid("g")
     put = await ops.put(
         f"/v1/admin/staff/{staff_id}",
-        json={"name": "小李", "store_id": "SH002", "role": "guide", "operator": "ops-li"},
+        json={"name": "小李", "store_id": "SH002", "role": "guide"},
         headers=_idem(),
     )
     assert put.status_code == 200, put.text
-    assert put.json()["staff_code"] == staff_id and put.json()["updated_by"] == "ops-li"
+    # Audited under the authenticated client, never a body field.
+    assert put.json()["staff_code"] == staff_id
+    assert put.json()["updated_by"] == trusted_key.client_id
     bad = await ops.put(
         f"/v1/admin/staff/{uid('g')}",
-        json={"name": "x", "store_id": "SH002", "role": "cashier", "operator": "ops-li"},
+        json={"name": "x", "store_id": "SH002", "role": "cashier"},
         headers=_idem(),
     )
     assert bad.status_code == 422
@@ -143,13 +146,9 @@ async def test_wecom_callback_door_and_admin_routes(
         return r.status_code == 200 and r.json()["staff_id"] == staff_id
 
     await eventually(guide_is_set)
-    tag = await ops.put(
-        f"/v1/admin/members/{member_id}/tags/早餐党", json={"operator": staff_id}, headers=_idem()
-    )
+    tag = await ops.put(f"/v1/admin/members/{member_id}/tags/早餐党", headers=_idem())
     assert tag.status_code == 200 and [t["tag"] for t in tag.json()["tags"]] == ["早餐党"]
-    untag = await ops.delete(
-        f"/v1/admin/members/{member_id}/tags/早餐党", params={"operator": "ops-li"}, headers=_idem()
-    )
+    untag = await ops.delete(f"/v1/admin/members/{member_id}/tags/早餐党", headers=_idem())
     assert untag.status_code == 200 and untag.json()["tags"] == []
     link = await ops.post(f"/v1/admin/staff/{staff_id}/guide-link", headers=_idem())
     assert link.status_code == 200 and link.json()["guide_ref"].startswith(f"{staff_id}.")
@@ -198,7 +197,7 @@ async def test_workstation_through_the_gateway(
     assert (
         await ops.put(
             f"/v1/admin/staff/{staff_id}",
-            json={"name": "小周", "store_id": store, "role": "guide", "operator": "ops-li"},
+            json={"name": "小周", "store_id": store, "role": "guide"},
             headers=_idem(),
         )
     ).status_code == 200
@@ -222,7 +221,7 @@ async def test_workstation_through_the_gateway(
     foreign = str(uuid.uuid4())
     bound = await ops.put(
         f"/v1/admin/members/{member}/guide",
-        json={"staff_id": staff_id, "operator": "ops-li", "reason": "test"},
+        json={"staff_id": staff_id, "reason": "test"},
         headers=_idem(),
     )
     assert bound.status_code == 200 and bound.json()["history"][0]["reason"] == "operator:test"
@@ -230,7 +229,7 @@ async def test_workstation_through_the_gateway(
     for scope, owner in (("staff", staff_id), ("store", store)):
         r = await ops.put(
             f"/v1/admin/coupon-budgets/{scope}/{owner}/{month}",
-            json={"coupons": 1, "operator": "ops-li"},
+            json={"coupons": 1},
             headers=_idem(),
         )
         assert r.status_code == 200 and r.json()["coupons"] == 1
@@ -319,21 +318,20 @@ async def test_community_routes(
             "store_id": store,
             "audience": "vip",
             "tiers": ["VIP"],
-            "operator": "ops",
         },
         headers=_idem(),
     )
     assert put.status_code == 200 and put.json()["tiers"] == ["VIP"]
     bad = await ops.put(
         f"/v1/admin/communities/{chat}",
-        json={"name": "x", "store_id": store, "audience": "gold", "operator": "ops"},
+        json={"name": "x", "store_id": store, "audience": "gold"},
         headers=_idem(),
     )
     assert bad.status_code == 422
     listed = await ops.get("/v1/admin/communities", params={"store_id": store})
     assert [c["chat_id"] for c in listed.json()["communities"]] == [chat]
     fake_wecom.groups[chat] = {uid("wm"): 1}
-    synced = await ops.post("/v1/admin/communities:sync", json={"operator": "ops"}, headers=_idem())
+    synced = await ops.post("/v1/admin/communities:sync", headers=_idem())
     assert synced.status_code == 200 and synced.json()["joined"] >= 1
     gaps = await ops.get(f"/v1/admin/stores/{store}/community-gaps")
     assert gaps.status_code == 200 and gaps.json() == {"invite": [], "misfits": []}

@@ -204,7 +204,6 @@ async def test_sql_built_envelopes_are_what_protobuf_builds(
     assert expected.producer == "tiering" and expected.HasField("occurred_at")
 
 
-@pytest.mark.postgres_timers
 async def test_a_chunk_aborted_by_a_deadlock_is_run_again(
     brands: tuple[Database, Database], caplog: pytest.LogCaptureFixture
 ) -> None:

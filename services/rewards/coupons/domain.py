@@ -299,8 +299,12 @@ def normalize_code(raw: str) -> str:
     return s.translate(str.maketrans("OIL", "011"))
 
 
-def issue_hash(template_id: str, member_id: str, reason: str) -> bytes:
+def issue_hash(template_id: str, member_id: str, reason: str, issued_by: str = "") -> bytes:
+    """Every field of an issue request that changes what is written; the
+    operator only when given, so hashes of unattributed issues stay the same."""
     body = {"v": HASH_VERSION, "template_id": template_id, "member_id": member_id, "reason": reason}
+    if issued_by:
+        body["issued_by"] = issued_by
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
 
 

@@ -186,7 +186,7 @@ async def issue_coupon(
     check_template_id(template_id)
     check_issue_key(issue_key)
     why = check_reason(reason)
-    digest = issue_hash(template_id, str(member_id), why.value)
+    digest = issue_hash(template_id, str(member_id), why.value, issued_by)
     # One round trip: a coupon already under the key, the erasure mark, the template.
     existing, erased, template = await crepo.issue_context(conn, issue_key, member_id, template_id)
     if existing is not None:
@@ -378,7 +378,7 @@ async def issue_coupons(
     template = ctx.template
     if template is None:
         raise unknown_template(template_id)
-    digests = [issue_hash(template_id, str(i.member_id), why.value) for i in items]
+    digests = [issue_hash(template_id, str(i.member_id), why.value, issued_by) for i in items]
     results: list[BulkResult | None] = [None] * len(items)
     if ctx.taken_keys:
         stored = await crepo.coupons_by_keys(conn, list(ctx.taken_keys))
@@ -679,6 +679,67 @@ async def set_template_status(
     found = await crepo.get_template(conn, template_id)
     assert found is not None
     return found
+
+
+async def set_template_limits(
+    conn: Connection, template_id: str, limits: Limits
+) -> crepo.TemplateRow:
+    """New stock, per-member limit, daily budget and shards for a template.
+    The stock never goes below what was issued (STOCK_BELOW_ISSUED): the
+    counters then hold the new total minus the issued coupons. Issues wait
+    on the template's stock counters while this runs."""
+    check_template_id(template_id)
+    limits = validate_limits(limits)
+    current = await crepo.get_template(conn, template_id, lock=True)
+    if current is None:
+        raise unknown_template(template_id)
+    if current.status is Status.ENDED:
+        raise FailedPrecondition(
+            f"coupon template {template_id} has ended", code="TEMPLATE_ENDED", field="template_id"
+        )
+    await crepo.lock_stock(conn, template_id)
+    issued = await crepo.issued_count(conn, template_id)
+    if limits.total_stock is not None and limits.total_stock < issued:
+        raise FailedPrecondition(
+            f"{issued} coupons were issued; total_stock cannot go below that",
+            code="STOCK_BELOW_ISSUED",
+            field="total_stock",
+        )
+    await crepo.set_limits(conn, template_id, limits, issued)
+    found = await crepo.get_template(conn, template_id)
+    assert found is not None
+    return found
+
+
+async def revoke_coupon(
+    conn: Connection, code: str, operator_id: str, reason: str, now: datetime
+) -> IssuedCoupon:
+    """An operator takes an issued coupon back: available -> revoked, once (a
+    second revocation replays). A coupon at a till (locked), used or expired
+    is refused with its status."""
+    (normalized,) = normalize_codes([code], "code")
+    for value, name in ((operator_id, "operator_id"), (reason, "reason")):
+        if not value.strip() or len(value) > 256 or not value.isprintable():
+            raise InvalidArgument(
+                f"{name} is required (at most 256 printable characters)",
+                code=f"INVALID_{name.upper()}",
+                field=name,
+            )
+    row = await crepo.coupon_by_code(conn, normalized, lock=True)
+    if row is None:
+        raise NotFound(f"coupon {code} does not exist", code="UNKNOWN_COUPON", field="code")
+    if row["status"] == "revoked":
+        return issued(row, replayed=True)
+    status = await crepo.revoke_coupon(conn, row["id"], now, operator_id, reason)
+    if status != "revoked":
+        codes = {"used": "COUPON_ALREADY_USED", "locked": "COUPON_LOCKED"}
+        raise FailedPrecondition(
+            f"coupon {code} is {status}: only an available coupon can be revoked",
+            code=codes.get(str(status), "COUPON_EXPIRED"),
+            field="code",
+        )
+    found = await crepo.coupon_by_code(conn, normalized)
+    return issued(found)
 
 
 async def get_template(conn: Connection, template_id: str) -> crepo.TemplateRow:
@@ -1205,5 +1266,6 @@ async def merge(conn: Connection, merge_id: str, survivor: str, absorbed: str) -
 
 
 async def unmerge(conn: Connection, survivor: str, restored: str) -> int:
-    """MemberUnmerged: coupons issued to the restored member go back (idempotent)."""
-    return await crepo.move_back(conn, parse_member(survivor), parse_member(restored))
+    """MemberUnmerged: coupons of the restored member's person go back (idempotent)."""
+    parse_member(survivor)
+    return await crepo.move_back(conn, parse_member(restored))

@@ -17,6 +17,7 @@ from typing import Any
 
 from servicekit.db import Connection
 
+from .. import merges
 from ..orders.repository import MemberState
 from .domain import Limits, Status, Terms, shard_stock
 
@@ -827,6 +828,68 @@ async def restore_coupon(conn: Connection, coupon_id: uuid.UUID) -> None:
     )
 
 
+async def revoke_coupon(
+    conn: Connection,
+    coupon_id: uuid.UUID,
+    at: datetime | None = None,
+    operator: str | None = None,
+    reason: str | None = None,
+) -> str | None:
+    """An issued coupon taken back: available -> revoked. The status it has
+    afterwards ('revoked', or what stopped it), None when it does not exist."""
+    row = await conn.fetchrow(
+        "WITH r AS (UPDATE rewards.coupons SET status = 'revoked',"
+        "  revoked_at = coalesce($2, now()), revoked_by = $3, revoke_reason = $4"
+        "  WHERE id = $1 AND status = 'available' RETURNING status)"
+        " SELECT status FROM r UNION ALL"
+        " SELECT status FROM rewards.coupons WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM r)",
+        coupon_id,
+        at,
+        operator,
+        reason,
+    )
+    return row["status"] if row else None
+
+
+async def issued_count(conn: Connection, template_id: str) -> int:
+    value = await conn.fetchval(
+        "SELECT count(*) FROM rewards.coupons WHERE template_id = $1", template_id
+    )
+    return int(value)
+
+
+async def set_limits(conn: Connection, template_id: str, limits: Limits, issued: int) -> None:
+    """New limits; the stock counters hold what is left of the new total
+    (total - issued), spread over the shards (call with the stock rows locked)."""
+    await conn.execute(
+        "UPDATE rewards.coupon_templates SET total_stock = $2, per_member_limit = $3,"
+        " daily_budget = $4, stock_shards = $5, updated_at = now() WHERE template_id = $1",
+        template_id,
+        limits.total_stock,
+        limits.per_member_limit,
+        limits.daily_budget,
+        limits.stock_shards,
+    )
+    await conn.execute("DELETE FROM rewards.coupon_stock WHERE template_id = $1", template_id)
+    if limits.total_stock is not None:
+        left = limits.total_stock - issued
+        await conn.executemany(
+            "INSERT INTO rewards.coupon_stock (template_id, shard, remaining) VALUES ($1, $2, $3)",
+            [
+                (template_id, n, part)
+                for n, part in enumerate(shard_stock(left, limits.stock_shards) if left else [0])
+            ],
+        )
+
+
+async def lock_stock(conn: Connection, template_id: str) -> None:
+    """Every stock counter of the template, in shard order (as issues take them)."""
+    await conn.execute(
+        "SELECT 1 FROM rewards.coupon_stock WHERE template_id = $1 ORDER BY shard FOR UPDATE",
+        template_id,
+    )
+
+
 # ---- lifecycle --------------------------------------------------------------------
 
 
@@ -874,12 +937,15 @@ async def move_coupons(
     return int(done.split()[-1])
 
 
-async def move_back(conn: Connection, survivor: uuid.UUID, restored: uuid.UUID) -> int:
-    """Unmerge: the survivor's coupons issued to the restored member go back to it."""
+async def move_back(conn: Connection, restored: uuid.UUID) -> int:
+    """Unmerge: the coupons issued to the restored member, or to anyone merged
+    into it (directly or through a chain, by the merges still in force), go
+    back to it, wherever later merges took them."""
     done = await conn.execute(
-        "UPDATE rewards.coupons SET member_id = issued_to, merge_id = NULL"
-        " WHERE member_id = $1 AND issued_to = $2",
-        survivor,
+        f"WITH RECURSIVE {merges.CLUSTER_CTE}"
+        " UPDATE rewards.coupons c SET member_id = $1,"
+        " merge_id = CASE WHEN c.issued_to = $1 THEN NULL ELSE c.merge_id END"
+        " WHERE c.issued_to IN (SELECT member_id FROM down) AND c.member_id <> $1",
         restored,
     )
     return int(done.split()[-1])
@@ -924,7 +990,7 @@ async def seed_templates(conn: Connection, templates: Sequence[tuple[str, Terms,
             " SET terms = EXCLUDED.terms WHERE v.terms IS DISTINCT FROM EXCLUDED.terms",
             template_id,
         )
-        if stock:
+        if stock and not await reshard_stock(conn, template_id, limits.stock_shards):
             await conn.executemany(
                 "INSERT INTO rewards.coupon_stock (template_id, shard, remaining)"
                 " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -933,3 +999,33 @@ async def seed_templates(conn: Connection, templates: Sequence[tuple[str, Terms,
                     for n, part in enumerate(shard_stock(stock, limits.stock_shards))
                 ],
             )
+
+
+async def reshard_stock(conn: Connection, template_id: str, shards: int) -> bool:
+    """Spread what is left of a template's stock over `shards` counters: the
+    total remaining is kept exactly (a shard count change must never mint
+    stock). False when the template has no stock rows yet. Locks every shard
+    row, in shard order (as a batch issue does), so no issue runs meanwhile."""
+    rows = await conn.fetch(
+        "SELECT shard, remaining FROM rewards.coupon_stock WHERE template_id = $1"
+        " ORDER BY shard FOR UPDATE",
+        template_id,
+    )
+    if not rows:
+        return False
+    changed = await conn.fetchval(
+        "UPDATE rewards.coupon_templates SET stock_shards = $2"
+        " WHERE template_id = $1 AND stock_shards <> $2 RETURNING true",
+        template_id,
+        shards,
+    )
+    if not changed:
+        return True  # the same shard count: the counters stay as they are
+    total = sum(r["remaining"] for r in rows)
+    parts = shard_stock(total, shards) if total else [0]
+    await conn.execute("DELETE FROM rewards.coupon_stock WHERE template_id = $1", template_id)
+    await conn.executemany(
+        "INSERT INTO rewards.coupon_stock (template_id, shard, remaining) VALUES ($1, $2, $3)",
+        [(template_id, n, part) for n, part in enumerate(parts)],
+    )
+    return True

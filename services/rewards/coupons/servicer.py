@@ -208,6 +208,25 @@ class CouponRpcs:
             t = await svc.set_template_status(uow.conn, request.template_id, status)
             return await self._template_reply(uow.conn, t)
 
+    async def SetCouponTemplateLimits(
+        self,
+        request: rewards_pb2.SetCouponTemplateLimitsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> rewards_pb2.CouponTemplate:
+        limits = limits_from(request.limits)
+        async with self._db.unit_of_work() as uow:
+            t = await svc.set_template_limits(uow.conn, request.template_id, limits)
+            return await self._template_reply(uow.conn, t)
+
+    async def RevokeCoupon(
+        self, request: rewards_pb2.RevokeCouponRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.Coupon:
+        async with self._db.unit_of_work() as uow:
+            c = await svc.revoke_coupon(
+                uow.conn, request.code, request.operator_id, request.reason, datetime.now(UTC)
+            )
+        return coupon_message(c)
+
     async def GetCouponTemplate(
         self, request: rewards_pb2.GetCouponTemplateRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.CouponTemplate:

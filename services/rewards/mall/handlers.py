@@ -6,14 +6,24 @@ count (conditional UPSERT), the points through the ledger's own `redeem`
 (double-entry, lots, idempotency), then the item: a coupon through
 `issue_coupon` or a goods fulfilment record. Any refusal raises, and the unit
 of work rolls everything back: stock, count and points are untouched.
+
+An item with a cash part takes two steps: the exchange *reserves* (points
+held, stock and count taken, `awaiting_payment` until `payment_due_at`); the
+backend *confirms* it with the payment reference its payment notification
+carried (the hold is posted, the coupon issued or the goods queued, once per
+reference); past the deadline the release job gives the points, stock and
+count back. An operator may reverse a completed exchange once: points (a
+credit naming the operator), stock and count back, an unused coupon revoked.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
+
+import asyncpg
 
 from servicekit.db import Connection, UnitOfWork
 from servicekit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
@@ -78,6 +88,13 @@ class Exchange:
     carrier: str = ""
     tracking_number: str = ""
     shipped_at: datetime | None = None
+    hold_id: str = ""
+    payment_due_at: datetime | None = None
+    payment_reference: str = ""
+    paid_at: datetime | None = None
+    released_at: datetime | None = None
+    reversed_at: datetime | None = None
+    reversed_by: str = ""
 
 
 def on_sale(item: repo.ItemRow, now: datetime) -> bool:
@@ -113,10 +130,19 @@ def exchange_of(row: Any, replayed: bool = False) -> Exchange:
         carrier=row["carrier"] or "",
         tracking_number=row["tracking_number"] or "",
         shipped_at=row["shipped_at"],
+        hold_id=str(row["hold_id"]) if row["hold_id"] else "",
+        payment_due_at=row["payment_due_at"],
+        payment_reference=row["payment_reference"] or "",
+        paid_at=row["paid_at"],
+        released_at=row["released_at"],
+        reversed_at=row["reversed_at"],
+        reversed_by=row["reversed_by"] or "",
     )
 
 
-FULFILMENTS = ("issued", "pending", "shipped")
+FULFILMENTS = ("issued", "pending", "shipped", "awaiting_payment", "released", "reversed")
+# How long a points-plus-cash exchange waits for its payment (REWARDS_MALL_PAYMENT_TTL_SECONDS).
+DEFAULT_PAYMENT_TTL = timedelta(minutes=15)
 
 
 def check_fulfilment(value: str) -> str | None:
@@ -136,10 +162,24 @@ def unknown_item(item_id: uuid.UUID | str) -> NotFound:
     )
 
 
+def unknown_exchange(exchange_id: str) -> NotFound:
+    return NotFound(
+        f"mall exchange {exchange_id} does not exist",
+        code="UNKNOWN_MALL_EXCHANGE",
+        field="exchange_id",
+    )
+
+
 class PointsMall:
-    def __init__(self, points: PointsLedger, issue_coupon: CouponIssuer) -> None:
+    def __init__(
+        self,
+        points: PointsLedger,
+        issue_coupon: CouponIssuer,
+        payment_ttl: timedelta = DEFAULT_PAYMENT_TTL,
+    ) -> None:
         self._points = points
         self._issue_coupon = issue_coupon
+        self.payment_ttl = payment_ttl
 
     # ---- operators -----------------------------------------------------------
 
@@ -257,9 +297,11 @@ class PointsMall:
             return exchange_of(row)
         found = await repo.exchange(conn, ident)
         if found is None:
-            raise NotFound(
-                f"mall exchange {exchange_id} does not exist",
-                code="UNKNOWN_MALL_EXCHANGE",
+            raise unknown_exchange(exchange_id)
+        if found["fulfilment"] not in ("issued", "pending", "shipped"):
+            raise FailedPrecondition(
+                f"mall exchange {exchange_id} is {found['fulfilment']}: nothing ships",
+                code="NOT_SHIPPABLE",
                 field="exchange_id",
             )
         if found["fulfilment"] == "issued":
@@ -321,18 +363,31 @@ class PointsMall:
         # A member who never earned has 0 points, not "no account": the refusal
         # is INSUFFICIENT_POINTS (and the account row rolls back with it).
         await ledger.ensure_account(conn, member)
-        spent = await self._points.redeem(
-            uow,
-            str(member),
-            spec.points_price,
-            f"mall:{exchange_id}",
-            f"mall:{item_id}",
-            now,
-        )
+        with_cash = spec.cash_fen > 0
+        if with_cash:
+            # Reserve: points held until the payment is confirmed or the deadline.
+            spent = await self._points.hold(
+                uow,
+                str(member),
+                spec.points_price,
+                f"mall:{exchange_id}",
+                f"mall:{item_id}",
+                now,
+                self.payment_ttl,
+            )
+        else:
+            spent = await self._points.redeem(
+                uow,
+                str(member),
+                spec.points_price,
+                f"mall:{exchange_id}",
+                f"mall:{item_id}",
+                now,
+            )
         # Not enough points: raised now, so the count rolls back with it.
         spend = spent.unwrap()
         coupon_id = ""
-        if spec.kind is ItemKind.COUPON:
+        if spec.kind is ItemKind.COUPON and not with_cash:
             issued = await self._issue_coupon(
                 conn,
                 template_id=spec.coupon_template_id,
@@ -365,8 +420,164 @@ class PointsMall:
                 "points_transaction_id": uuid.UUID(spend.transaction_id),
                 "coupon_id": coupon_id or None,
                 "sku": spec.sku or None,
-                "fulfilment": "issued" if spec.kind is ItemKind.COUPON else "pending",
+                "fulfilment": (
+                    "awaiting_payment"
+                    if with_cash
+                    else "issued"
+                    if spec.kind is ItemKind.COUPON
+                    else "pending"
+                ),
+                "hold_id": uuid.UUID(spend.hold_id) if with_cash else None,
+                "payment_due_at": now + self.payment_ttl if with_cash else None,
+                "counted_member_id": person[0],
             },
         )
         assert row is not None, "the key's lock is held: no one else can have inserted it"
         return exchange_of(row)
+
+    # ---- points plus cash: confirm, release, reverse ------------------------------
+
+    async def confirm_payment(
+        self,
+        uow: UnitOfWork,
+        exchange_id: str,
+        payment_reference: str,
+        now: datetime,
+        *,
+        member_id: str = "",
+    ) -> Exchange:
+        """The cash part was paid: post the held points and deliver (a coupon
+        issued, goods queued), once. The same reference again replays; another
+        reference, or one that paid another exchange, is a conflict; past the
+        deadline it is PAYMENT_TIMED_OUT (the backend refunds that payment)."""
+        ident = parse_exchange_id(exchange_id)
+        reference = check_text(
+            payment_reference, "payment_reference", "PAYMENT_REFERENCE", required=True
+        ).strip()
+        conn = uow.conn
+        row = await repo.lock_exchange(conn, ident)
+        if row is None or (
+            member_id
+            and row["member_id"]
+            not in await merges.person_of(conn, uuid.UUID(parse_member_id(member_id)))
+        ):
+            raise unknown_exchange(exchange_id)
+        if row["payment_reference"] is not None:
+            if row["payment_reference"] == reference:
+                return exchange_of(row, replayed=True)
+            raise Conflict(
+                f"mall exchange {exchange_id} was paid with another payment reference",
+                code="PAYMENT_ALREADY_CONFIRMED",
+                field="payment_reference",
+            )
+        if row["fulfilment"] != "awaiting_payment":
+            raise FailedPrecondition(
+                f"mall exchange {exchange_id} is {row['fulfilment']}: no payment is due",
+                code="PAYMENT_TIMED_OUT" if row["fulfilment"] == "released" else "NO_PAYMENT_DUE",
+                field="exchange_id",
+            )
+        if now >= row["payment_due_at"]:
+            raise FailedPrecondition(
+                f"the payment of mall exchange {exchange_id} was due by"
+                f" {row['payment_due_at'].isoformat()}",
+                code="PAYMENT_TIMED_OUT",
+                field="exchange_id",
+            )
+        other = await repo.exchange_by_payment(conn, reference)
+        if other is not None:
+            raise Conflict(
+                f"payment reference {reference} already paid mall exchange {other['id']}",
+                code="PAYMENT_REFERENCE_USED",
+                field="payment_reference",
+            )
+        posted = await self._points.post_hold(uow, str(row["hold_id"]), now)
+        posted.unwrap()
+        item = await repo.item(conn, row["item_id"])
+        assert item is not None, "an exchanged item is never deleted"
+        coupon_id: str | None = None
+        if item.spec.kind is ItemKind.COUPON:
+            issued = await self._issue_coupon(
+                conn,
+                template_id=item.spec.coupon_template_id,
+                member_id=await merges.holder_of(conn, row["member_id"]),
+                reason=COUPON_REASON_MALL,
+                issue_key=f"mall:{row['id']}",
+                now=now,
+            )
+            coupon_id = issued_coupon_id(issued)
+        try:
+            done = await repo.confirm_payment(
+                conn, ident, reference, now, "issued" if coupon_id else "pending", coupon_id
+            )
+        except asyncpg.UniqueViolationError:
+            # The same reference confirmed another exchange concurrently.
+            raise Conflict(
+                f"payment reference {reference} already paid another mall exchange",
+                code="PAYMENT_REFERENCE_USED",
+                field="payment_reference",
+            ) from None
+        assert done is not None, "locked and awaiting payment"
+        return exchange_of(done)
+
+    async def release_unpaid(self, uow: UnitOfWork, exchange_id: uuid.UUID, now: datetime) -> bool:
+        """Past its deadline, unpaid: points, stock and count back, once."""
+        conn = uow.conn
+        row = await repo.lock_exchange(conn, exchange_id)
+        if row is None or row["fulfilment"] != "awaiting_payment":
+            return False
+        if row["payment_due_at"] > now:
+            return False
+        hold = await ledger.get_hold(conn, row["hold_id"])
+        if hold is not None and hold["status"] == "held":
+            await self._points.void_hold(uow, str(row["hold_id"]), now)
+        await repo.give_back(conn, row["item_id"], row["counted_member_id"])
+        return await repo.mark_released(conn, exchange_id, now) is not None
+
+    async def reverse(
+        self, uow: UnitOfWork, exchange_id: str, operator_id: str, reason: str, now: datetime
+    ) -> Exchange:
+        """An operator takes a completed exchange back, once: the points return
+        to the member (an operator credit naming the operator and reason), one
+        unit of stock and the member's count return, an unused coupon is
+        revoked (a used one refuses the reversal). Again: replays."""
+        ident = parse_exchange_id(exchange_id)
+        operator = check_text(operator_id, "operator_id", "OPERATOR_ID", required=True)
+        why = check_text(reason, "reason", "REASON", required=True)
+        conn = uow.conn
+        row = await repo.lock_exchange(conn, ident)
+        if row is None:
+            raise unknown_exchange(exchange_id)
+        if row["reversed_at"] is not None:
+            return exchange_of(row, replayed=True)
+        if row["fulfilment"] not in ("issued", "pending", "shipped"):
+            raise FailedPrecondition(
+                f"mall exchange {exchange_id} is {row['fulfilment']}, not completed",
+                code="EXCHANGE_NOT_COMPLETED",
+                field="exchange_id",
+            )
+        if row["coupon_id"]:
+            status = await coupon_repository.revoke_coupon(conn, uuid.UUID(row["coupon_id"]))
+            # An expired coupon has nothing left to take back.
+            if status not in ("revoked", "expired"):
+                raise FailedPrecondition(
+                    f"the exchange's coupon is {status}: it cannot be taken back",
+                    code="COUPON_NOT_REVOCABLE",
+                    field="exchange_id",
+                )
+        holder = await merges.holder_of(conn, row["member_id"])
+        credited = await self._points.adjust(
+            uow,
+            str(holder),
+            row["points"],
+            operator,
+            why,
+            f"mall-reversal:{row['id']}",
+            now,
+        )
+        adjustment = credited.unwrap()
+        await repo.give_back(conn, row["item_id"], row["counted_member_id"])
+        done = await repo.mark_reversed(
+            conn, ident, now, operator, why, uuid.UUID(adjustment.transaction_id)
+        )
+        assert done is not None, "locked, completed and not reversed"
+        return exchange_of(done)

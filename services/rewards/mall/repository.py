@@ -185,7 +185,8 @@ async def count_member_exchange(
 EXCHANGE_COLUMNS = (
     "id, member_id, exchange_key, request_hash, item_id, points, cash_fen,"
     " points_transaction_id, coupon_id, sku, fulfilment, created_at, seq,"
-    " carrier, tracking_number, shipped_at"
+    " carrier, tracking_number, shipped_at, hold_id, payment_due_at, payment_reference,"
+    " paid_at, released_at, counted_member_id, reversed_at, reversed_by, reversal_reason"
 )
 
 
@@ -203,8 +204,9 @@ async def insert_exchange(conn: Connection, values: dict[str, Any]) -> Any:
     waits for the winner's commit, then gets None)."""
     return await conn.fetchrow(
         "INSERT INTO rewards.mall_exchanges (id, member_id, exchange_key, request_hash, item_id,"
-        " points, cash_fen, points_transaction_id, coupon_id, sku, fulfilment)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        " points, cash_fen, points_transaction_id, coupon_id, sku, fulfilment, hold_id,"
+        " payment_due_at, counted_member_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         f" ON CONFLICT (member_id, exchange_key) DO NOTHING RETURNING {EXCHANGE_COLUMNS}",
         values["id"],
         values["member_id"],
@@ -217,6 +219,9 @@ async def insert_exchange(conn: Connection, values: dict[str, Any]) -> Any:
         values["coupon_id"],
         values["sku"],
         values["fulfilment"],
+        values.get("hold_id"),
+        values.get("payment_due_at"),
+        values.get("counted_member_id"),
     )
 
 
@@ -260,4 +265,97 @@ async def ship_exchange(
         carrier,
         tracking,
         at,
+    )
+
+
+async def lock_exchange(conn: Connection, exchange_id: uuid.UUID) -> Any:
+    """The exchange, locked: a confirmation, a release and a reversal of one
+    exchange run one at a time."""
+    return await conn.fetchrow(
+        f"SELECT {EXCHANGE_COLUMNS} FROM rewards.mall_exchanges WHERE id = $1 FOR UPDATE",
+        exchange_id,
+    )
+
+
+async def exchange_by_payment(conn: Connection, reference: str) -> Any:
+    return await conn.fetchrow(
+        f"SELECT {EXCHANGE_COLUMNS} FROM rewards.mall_exchanges WHERE payment_reference = $1",
+        reference,
+    )
+
+
+async def confirm_payment(
+    conn: Connection,
+    exchange_id: uuid.UUID,
+    reference: str,
+    at: datetime,
+    fulfilment: str,
+    coupon_id: str | None,
+) -> Any:
+    return await conn.fetchrow(
+        "UPDATE rewards.mall_exchanges SET payment_reference = $2, paid_at = $3,"
+        " fulfilment = $4, coupon_id = $5 WHERE id = $1 AND fulfilment = 'awaiting_payment'"
+        f" RETURNING {EXCHANGE_COLUMNS}",
+        exchange_id,
+        reference,
+        at,
+        fulfilment,
+        coupon_id,
+    )
+
+
+async def due_unpaid(conn: Connection, now: datetime, limit: int) -> list[uuid.UUID]:
+    rows = await conn.fetch(
+        "SELECT id FROM rewards.mall_exchanges WHERE fulfilment = 'awaiting_payment'"
+        " AND payment_due_at <= $1 ORDER BY payment_due_at LIMIT $2",
+        now,
+        limit,
+    )
+    return [r["id"] for r in rows]
+
+
+async def give_back(conn: Connection, item_id: uuid.UUID, counted: uuid.UUID | None) -> None:
+    """One unit of stock and the member's count back (a release or a reversal)."""
+    await conn.execute(
+        "UPDATE rewards.mall_items SET stock_remaining = stock_remaining + 1"
+        " WHERE id = $1 AND stock_remaining < stock_total",
+        item_id,
+    )
+    if counted is not None:
+        await conn.execute(
+            "UPDATE rewards.mall_member_counts SET exchanged = exchanged - 1"
+            " WHERE item_id = $1 AND member_id = $2 AND exchanged > 0",
+            item_id,
+            counted,
+        )
+
+
+async def mark_released(conn: Connection, exchange_id: uuid.UUID, at: datetime) -> Any:
+    return await conn.fetchrow(
+        "UPDATE rewards.mall_exchanges SET fulfilment = 'released', released_at = $2"
+        f" WHERE id = $1 AND fulfilment = 'awaiting_payment' RETURNING {EXCHANGE_COLUMNS}",
+        exchange_id,
+        at,
+    )
+
+
+async def mark_reversed(
+    conn: Connection,
+    exchange_id: uuid.UUID,
+    at: datetime,
+    operator: str,
+    reason: str,
+    transaction_id: uuid.UUID,
+) -> Any:
+    return await conn.fetchrow(
+        "UPDATE rewards.mall_exchanges SET fulfilment = 'reversed', reversed_at = $2,"
+        " reversed_by = $3, reversal_reason = $4, reversal_transaction_id = $5"
+        " WHERE id = $1 AND reversed_at IS NULL"
+        " AND fulfilment IN ('issued', 'pending', 'shipped')"
+        f" RETURNING {EXCHANGE_COLUMNS}",
+        exchange_id,
+        at,
+        operator,
+        reason,
+        transaction_id,
     )

@@ -73,6 +73,13 @@ def exchange_message(e: Exchange) -> rewards_pb2.MallExchange:
         carrier=e.carrier,
         tracking_number=e.tracking_number,
         shipped_at=timestamp(e.shipped_at) if e.shipped_at else None,
+        hold_id=e.hold_id,
+        payment_due_at=timestamp(e.payment_due_at) if e.payment_due_at else None,
+        payment_reference=e.payment_reference,
+        paid_at=timestamp(e.paid_at) if e.paid_at else None,
+        released_at=timestamp(e.released_at) if e.released_at else None,
+        reversed_at=timestamp(e.reversed_at) if e.reversed_at else None,
+        reversed_by=e.reversed_by,
     )
 
 
@@ -153,3 +160,25 @@ class MallRpcs:
                 datetime.now(UTC),
             )
         return exchange_message(shipped)
+
+    async def ConfirmMallExchange(
+        self, request: rewards_pb2.ConfirmMallExchangeRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.MallExchange:
+        async with self._db.unit_of_work() as uow:
+            done = await self._mall.confirm_payment(
+                uow,
+                request.exchange_id,
+                request.payment_reference,
+                datetime.now(UTC),
+                member_id=request.member_id,
+            )
+        return exchange_message(done)
+
+    async def ReverseMallExchange(
+        self, request: rewards_pb2.ReverseMallExchangeRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.MallExchange:
+        async with self._db.unit_of_work() as uow:
+            done = await self._mall.reverse(
+                uow, request.exchange_id, request.operator_id, request.reason, datetime.now(UTC)
+            )
+        return exchange_message(done)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from servicekit.errors import InvalidArgument
 
@@ -325,3 +327,61 @@ def plan_settlement(
         points=rule.points_for(valid.paid_amount_fen),
         rule=rule,
     )
+
+
+# ---- stores (operator-managed data) ---------------------------------------------------
+
+STORE_STATUSES = ("active", "closed")
+MAX_STORE_TEXT = 200
+
+
+def check_store(
+    store_id: str,
+    name: str,
+    city: str,
+    address: str,
+    time_zone: str,
+    latitude: float,
+    longitude: float,
+) -> None:
+    """A store as an operator writes it; the first bad field is named."""
+    parse_store_id(store_id)
+    if not store_id.replace("-", "").replace("_", "").isalnum() or not store_id.isascii():
+        raise InvalidArgument(
+            "store_id: ASCII letters, digits, '-' and '_' only",
+            code="INVALID_STORE_ID",
+            field="store_id",
+        )
+    for value, field in ((name, "name"), (city, "city")):
+        _check_text(value, field, field.upper(), MAX_STORE_TEXT)
+    if address:
+        _check_text(address, "address", "ADDRESS", MAX_STORE_TEXT)
+    try:
+        ZoneInfo(time_zone)
+    except (ValueError, ZoneInfoNotFoundError):
+        raise InvalidArgument(
+            f"time_zone {time_zone!r} is not an IANA time zone (e.g. Asia/Shanghai)",
+            code="INVALID_TIME_ZONE",
+            field="time_zone",
+        ) from None
+    bounds: tuple[tuple[float, str, float], ...] = (
+        (latitude, "latitude", 90.0),
+        (longitude, "longitude", 180.0),
+    )
+    for degrees, axis, bound in bounds:
+        if not (math.isfinite(degrees) and -bound <= degrees <= bound):
+            raise InvalidArgument(
+                f"{axis} must be WGS-84 degrees within ±{bound:g}",
+                code="INVALID_LOCATION",
+                field=axis,
+            )
+
+
+def parse_store_status(raw: str) -> str:
+    if raw not in STORE_STATUSES:
+        raise InvalidArgument(
+            f"status must be one of {', '.join(STORE_STATUSES)}",
+            code="INVALID_STORE_STATUS",
+            field="status",
+        )
+    return raw

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from loyalty.common.v1 import common_pb2
 from loyalty.events.v1 import events_pb2
@@ -14,6 +15,7 @@ from servicekit.db import UnitOfWork
 from servicekit.errors import Conflict, DomainError, NotFound
 from servicekit.protos import timestamp
 
+from .. import merges
 from ..coupons import handlers as coupon_service
 from ..coupons import repository as coupon_repository
 from ..coupons.domain import spread
@@ -35,7 +37,9 @@ from .domain import (
     OrderLimits,
     OrderRequest,
     Settlement,
+    check_store,
     parse_store_id,
+    parse_store_status,
     plan_settlement,
 )
 from .repository import StoreRecord
@@ -93,14 +97,23 @@ class RewardsHandlers:
         assert order.channel is not None, "validated orders have a channel"
         conn = uow.conn
         order_id = uuid.uuid4()
-        member_id = uuid.UUID(order.member_id)
+        # An absorbed (merged) id is credited to its survivor: the merges in
+        # force, as MemberMerged recorded them (the request's hash keeps the
+        # id the till sent, so its retries still match).
+        member_id = await merges.holder_of(conn, uuid.UUID(order.member_id))
         now = now or datetime.now(UTC)
         ordered_at = order.ordered_at or now
         # One read for the tier (and its multiplier) and the erasure mark; an
         # erased member's order is refused before anything is written.
         state = await repo.member_state(conn, member_id)
-        if state.erased:
-            raise member_erased(member_id)
+        if state.erased or (
+            member_id != uuid.UUID(order.member_id)
+            and await repo.is_erased(conn, uuid.UUID(order.member_id))
+        ):
+            raise member_erased(uuid.UUID(order.member_id))
+        # From here on (coupons, events) the order is the survivor's.
+        order = replace(order, member_id=str(member_id))
+        assert order.channel is not None
         claimed = await repo.claim_order(
             conn,
             repo.NewOrder(
@@ -272,11 +285,45 @@ class RewardsHandlers:
         if outcome.value is None:
             return outcome, []
         order_id = uuid.UUID(outcome.value.order_id)
-        refunded, _, _ = await ledger.refunds_so_far(uow.conn, order_id)
+        refunded, _, _, _ = await ledger.refunds_so_far(uow.conn, order_id)
         paid = await coupon_repository.order_paid_amount(uow.conn, order_id)
         return outcome, await coupon_service.restore_for_refund(
             uow.conn, order_id, paid, refunded, now
         )
+
+    async def put_store(self, uow: UnitOfWork, store: StoreRecord) -> StoreRecord:
+        """Create or update a store (operators); validated before anything is written."""
+        check_store(
+            store.store_id,
+            store.name,
+            store.city,
+            store.address,
+            store.time_zone,
+            float(store.latitude),
+            float(store.longitude),
+        )
+        parse_store_status(store.status)
+        # Six decimals, as stored (about 0.1 m).
+        exact = replace(
+            store,
+            latitude=Decimal(str(store.latitude)).quantize(Decimal("0.000001")),
+            longitude=Decimal(str(store.longitude)).quantize(Decimal("0.000001")),
+        )
+        await repo.upsert_stores(uow.conn, [exact])
+        return await self.get_store(uow, store.store_id)
+
+    async def set_store_status(self, uow: UnitOfWork, store_id: str, status: str) -> StoreRecord:
+        """Close a store (it settles no new orders; refunds of its orders go on)
+        or open it again."""
+        parse_store_id(store_id)
+        if not await repo.set_store_status(uow.conn, store_id, parse_store_status(status)):
+            raise NotFound(
+                f"store {store_id} does not exist", code="UNKNOWN_STORE", field="store_id"
+            )
+        return await self.get_store(uow, store_id)
+
+    async def list_stores(self, uow: UnitOfWork) -> list[StoreRecord]:
+        return await repo.list_stores(uow.conn)
 
     async def get_store(self, uow: UnitOfWork, store_id: str) -> StoreRecord:
         parse_store_id(store_id)

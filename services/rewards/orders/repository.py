@@ -102,6 +102,7 @@ class StoreRecord:
     latitude: Decimal
     longitude: Decimal
     status: str
+    time_zone: str = "Asia/Shanghai"
 
 
 def lines_json(lines: tuple[OrderLine, ...]) -> str:
@@ -272,27 +273,54 @@ async def find_order(conn: Connection, store_id: str, pos_transaction_id: str) -
 
 async def get_store(conn: Connection, store_id: str) -> StoreRecord | None:
     row = await conn.fetchrow(
-        "SELECT store_id, name, city, address, latitude, longitude, status"
+        "SELECT store_id, name, city, address, latitude, longitude, status, time_zone"
         " FROM rewards.stores WHERE store_id = $1",
         store_id,
     )
     return StoreRecord(**dict(row)) if row else None
 
 
+async def list_stores(conn: Connection) -> list[StoreRecord]:
+    rows = await conn.fetch(
+        "SELECT store_id, name, city, address, latitude, longitude, status, time_zone"
+        " FROM rewards.stores ORDER BY store_id"
+    )
+    return [StoreRecord(**dict(r)) for r in rows]
+
+
+async def set_store_status(conn: Connection, store_id: str, status: str) -> bool:
+    done = await conn.fetchval(
+        "UPDATE rewards.stores SET status = $2 WHERE store_id = $1 RETURNING true",
+        store_id,
+        status,
+    )
+    return bool(done)
+
+
 async def upsert_stores(conn: Connection, stores: list[StoreRecord]) -> None:
     """Insert or refresh stores; unchanged rows are left alone (no dead tuples)."""
     await conn.executemany(
         "INSERT INTO rewards.stores AS s"
-        " (store_id, name, city, address, latitude, longitude, status)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " (store_id, name, city, address, latitude, longitude, status, time_zone)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         " ON CONFLICT (store_id) DO UPDATE SET"
         " name = EXCLUDED.name, city = EXCLUDED.city, address = EXCLUDED.address,"
-        " latitude = EXCLUDED.latitude, longitude = EXCLUDED.longitude, status = EXCLUDED.status"
-        " WHERE (s.name, s.city, s.address, s.latitude, s.longitude, s.status)"
+        " latitude = EXCLUDED.latitude, longitude = EXCLUDED.longitude, status = EXCLUDED.status,"
+        " time_zone = EXCLUDED.time_zone"
+        " WHERE (s.name, s.city, s.address, s.latitude, s.longitude, s.status, s.time_zone)"
         " IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.city, EXCLUDED.address,"
-        " EXCLUDED.latitude, EXCLUDED.longitude, EXCLUDED.status)",
+        " EXCLUDED.latitude, EXCLUDED.longitude, EXCLUDED.status, EXCLUDED.time_zone)",
         [
-            (s.store_id, s.name, s.city, s.address, s.latitude, s.longitude, s.status)
+            (
+                s.store_id,
+                s.name,
+                s.city,
+                s.address,
+                s.latitude,
+                s.longitude,
+                s.status,
+                s.time_zone,
+            )
             for s in stores
         ],
     )

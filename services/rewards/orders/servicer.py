@@ -5,6 +5,7 @@ RewardsService stays one service."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import grpc
 
@@ -81,6 +82,7 @@ def store_message(store: StoreRecord) -> rewards_pb2.Store:
         latitude=float(store.latitude),
         longitude=float(store.longitude),
         status=store.status,
+        time_zone=store.time_zone,
     )
 
 
@@ -129,6 +131,38 @@ class OrderRpcs:
             points_restored=r.points_restored,
             coupons=restorations(coupons),
         )
+
+    async def PutStore(
+        self, request: rewards_pb2.PutStoreRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.Store:
+        m = request.store
+        record = StoreRecord(
+            store_id=m.store_id,
+            name=m.name,
+            city=m.city,
+            address=m.address,
+            latitude=Decimal(str(m.latitude)),
+            longitude=Decimal(str(m.longitude)),
+            status=m.status or "active",
+            time_zone=m.time_zone or "Asia/Shanghai",
+        )
+        async with self._db.unit_of_work() as uow:
+            store = await self._handlers.put_store(uow, record)
+        return store_message(store)
+
+    async def SetStoreStatus(
+        self, request: rewards_pb2.SetStoreStatusRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.Store:
+        async with self._db.unit_of_work() as uow:
+            store = await self._handlers.set_store_status(uow, request.store_id, request.status)
+        return store_message(store)
+
+    async def ListStores(
+        self, request: rewards_pb2.ListStoresRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.Stores:
+        async with self._db.unit_of_work() as uow:
+            stores = await self._handlers.list_stores(uow)
+        return rewards_pb2.Stores(stores=[store_message(s) for s in stores])
 
     async def GetStore(
         self, request: rewards_pb2.GetStoreRequest, context: grpc.aio.ServicerContext

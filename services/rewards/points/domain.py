@@ -160,9 +160,10 @@ def refund_points_due(
 ) -> int:
     """Points this refund reverses: proportional to the amount, computed on the
     cumulative refund so partial refunds never add up to more (or, once the
-    whole order is refunded, less) than the order earned."""
+    whole order is refunded, less) than the order earned. An order nothing was
+    paid on (coupons and points covered it) is refunded in full at once."""
     if paid_amount_fen == 0:
-        return 0
+        return max(0, points_earned - due_before)
     target = points_earned * (refunded_before_fen + refund_fen) // paid_amount_fen
     return max(0, min(points_earned, target) - due_before)
 

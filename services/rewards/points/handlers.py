@@ -8,7 +8,8 @@ pure rules in domain.py and writes with `repository.post`.
 A refusal that depends on state (not enough points, refund larger than the
 order) is stored under the key and the unit of work commits it: use cases
 return an `Outcome`, and the servicer raises its error only after the commit,
-so a retry replays the same refusal.
+so a retry replays the same refusal. (Not a refund whose order has not
+arrived yet: its key is given back, so the retry after the order applies.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from servicekit.errors import (
 )
 from servicekit.protos import timestamp
 
+from .. import merges
 from ..orders import repository as repo
 from ..orders.domain import parse_member_id, parse_store_id
 from . import repository as ledger
@@ -49,7 +51,7 @@ from .domain import (
     refund_points_due,
     request_hash,
 )
-from .earning import EarningRules, period_start
+from .earning import EarningRules, Period, period_start
 from .repository import Balance, BalanceDelta, Entry, LotChange, NewLot, Posting
 
 T = TypeVar("T")
@@ -176,9 +178,16 @@ def _uuid(member_id: str, field: str = "member_id") -> uuid.UUID:
     return uuid.UUID(parse_member_id(member_id, field))
 
 
-def insufficient(member_id: uuid.UUID, wanted: int, available: int, field: str) -> DomainError:
+def spendable(balance: Balance) -> int:
+    """What a member may spend: available points net of debt (docs/ledger.md,
+    "Debt": a member who owes points spends only what exceeds the debt)."""
+    return max(0, balance.available - balance.debt)
+
+
+def insufficient(member_id: uuid.UUID, wanted: int, balance: Balance, field: str) -> DomainError:
+    owed = f" ({balance.debt} owed as debt)" if balance.debt else ""
     return FailedPrecondition(
-        f"member {member_id} has {available} points available, {wanted} requested",
+        f"member {member_id} has {spendable(balance)} points to spend{owed}, {wanted} requested",
         code="INSUFFICIENT_POINTS",
         field=field,
     )
@@ -334,6 +343,7 @@ class PointsLedger:
         idempotency_key: str,
         reference: str,
         now: datetime,
+        ttl: timedelta | None = None,
     ) -> tuple[uuid.UUID, int, str, list[Take]] | Outcome[Spend]:
         """What a redemption and a hold share: validate, claim the key, lock and
         maintain the member and pick the lots; an Outcome is a replay or a refusal."""
@@ -341,18 +351,20 @@ class PointsLedger:
         rkey = f"{operation}:{check_key(idempotency_key)}"
         check_text(reference, "reference", "REFERENCE", required=False)
         await refuse_erased(conn, member)
-        _, stored = await self._claim(
-            conn, rkey, operation, {"member_id": str(member), "points": points, "ref": reference}
-        )
+        body: dict[str, object] = {"member_id": str(member), "points": points, "ref": reference}
+        if ttl is not None:
+            # Only when given, so hashes of holds on the default time-out stay the same.
+            body["ttl_ms"] = ttl // timedelta(milliseconds=1)
+        _, stored = await self._claim(conn, rkey, operation, body)
         if stored is not None:
             return self._replay(stored, Spend.from_doc)
         state = await self.maintain(conn, member, now)
         if state is None:
             return await self._reject(conn, rkey, no_account(member))
-        takes = allocate(state.lots, points, now)
+        takes = allocate(state.lots, points, now) if points <= spendable(state.balance) else None
         if takes is None:
             return await self._reject(
-                conn, rkey, insufficient(member, points, state.balance.available, "points")
+                conn, rkey, insufficient(member, points, state.balance, "points")
             )
         return member, points, rkey, takes
 
@@ -424,10 +436,10 @@ class PointsLedger:
         """Points spent as part of a checkout (the order's key is the idempotency key)."""
         state = await self.maintain(conn, member, now)
         if state is None:
-            return insufficient(member, points, 0, "points_to_redeem")
-        takes = allocate(state.lots, points, now)
+            return insufficient(member, points, Balance(), "points_to_redeem")
+        takes = allocate(state.lots, points, now) if points <= spendable(state.balance) else None
         if takes is None:
-            return insufficient(member, points, state.balance.available, "points_to_redeem")
+            return insufficient(member, points, state.balance, "points_to_redeem")
         return await self._post_redeem(
             conn, member, points, takes, f"redeem:order:{order_id}", None, order_id
         )
@@ -445,7 +457,7 @@ class PointsLedger:
         ttl: timedelta | None = None,
     ) -> Outcome[Spend]:
         start = await self._start_spend(
-            uow.conn, "hold", member_id, points, idempotency_key, reference, now
+            uow.conn, "hold", member_id, points, idempotency_key, reference, now, ttl
         )
         if isinstance(start, Outcome):
             return start
@@ -483,7 +495,7 @@ class PointsLedger:
         await ledger.finish_request(conn, rkey, "ok", spend.doc())
         return Outcome(spend)
 
-    async def _locked_hold(self, conn: Connection, hold_id: str) -> Any:
+    async def _locked_hold(self, conn: Connection, hold_id: str, member_id: str = "") -> Any:
         try:
             hid = uuid.UUID(hold_id)
         except ValueError:
@@ -491,7 +503,11 @@ class PointsLedger:
                 "hold_id is not a hold id (a UUID)", code="INVALID_HOLD_ID", field="hold_id"
             ) from None
         hold = await ledger.get_hold(conn, hid)
-        if hold is None:
+        # When the caller names a member (the mini-program's routes), another
+        # person's hold does not exist for it.
+        if hold is None or (
+            member_id and hold["member_id"] not in await merges.person_of(conn, _uuid(member_id))
+        ):
             raise NotFound(f"hold {hold_id} does not exist", code="UNKNOWN_HOLD", field="hold_id")
         # The member's lock first (as every writer takes it), then re-read the hold.
         await ledger.lock_member(conn, hold["member_id"])
@@ -519,9 +535,11 @@ class PointsLedger:
             )
         )
 
-    async def post_hold(self, uow: UnitOfWork, hold_id: str, now: datetime) -> Outcome[Spend]:
+    async def post_hold(
+        self, uow: UnitOfWork, hold_id: str, now: datetime, member_id: str = ""
+    ) -> Outcome[Spend]:
         conn = uow.conn
-        hold = await self._locked_hold(conn, hold_id)
+        hold = await self._locked_hold(conn, hold_id, member_id)
         if hold["status"] != "held":
             return await self._with_balance(conn, self._resolved(hold, "posted"))
         if hold["expires_at"] <= now:
@@ -547,9 +565,15 @@ class PointsLedger:
             ),
         )
         assert balance is not None
+        # Spent: what a refund claimed from these points stays its debt or shortfall.
+        claws, _ = await self._clawbacks(conn, hold)
+        if claws:
+            await ledger.change_clawback(conn, {lot: -c for lot, c in claws.items()})
         # Under the member's lock the hold is still 'held'; the conditional
         # update is the exactly-once guard all the same (False rolls back).
-        assert await ledger.resolve_hold(conn, hold["id"], "posted", txn, now)
+        # The call stays outside the assert (`python -O` drops asserts).
+        resolved = await ledger.resolve_hold(conn, hold["id"], "posted", txn, now)
+        assert resolved, "the member's lock serialises resolutions"
         return Outcome(
             Spend(
                 str(txn),
@@ -562,11 +586,17 @@ class PointsLedger:
         )
 
     async def void_hold(
-        self, uow: UnitOfWork, hold_id: str, now: datetime, *, timed_out: bool = False
+        self,
+        uow: UnitOfWork,
+        hold_id: str,
+        now: datetime,
+        *,
+        timed_out: bool = False,
+        member_id: str = "",
     ) -> Outcome[Spend]:
         """Void a hold (or, for the time-out job, expire one that is due)."""
         conn = uow.conn
-        hold = await self._locked_hold(conn, hold_id)
+        hold = await self._locked_hold(conn, hold_id, member_id)
         wanted = "expired" if timed_out else "voided"
         if hold["status"] != "held":
             return await self._with_balance(conn, self._resolved(hold, wanted))
@@ -591,17 +621,53 @@ class PointsLedger:
             )
         )
 
-    async def _void(self, conn: Connection, hold: Any, status: str, now: datetime) -> Spend:
-        """Give a hold's points back to the lots they came from, with their
-        original expiry (a lot that lapsed meanwhile lapses again at once)."""
-        txn = uuid.uuid4()
-        member, points = hold["member_id"], hold["points"]
+    async def _clawbacks(
+        self, conn: Connection, hold: Any
+    ) -> tuple[dict[uuid.UUID, int], list[tuple[uuid.UUID, int, Any]]]:
+        """What refunds claim back from this hold's points, by lot, and the
+        hold's takes with their lots."""
         takes = await ledger.hold_takes(conn, hold["transaction_id"])
         lots = await ledger.lots_by_id(conn, [lot for lot, _ in takes])
+        claws = {lot: min(n, lots[lot]["clawback"]) for lot, n in takes if lots[lot]["clawback"]}
+        return claws, [(lot, n, lots[lot]) for lot, n in takes]
+
+    async def _void(self, conn: Connection, hold: Any, status: str, now: datetime) -> Spend:
+        """Give a hold's points back to the lots they came from, with their
+        original expiry (a lot that lapsed meanwhile lapses again at once).
+
+        Points a refund claimed while they were held are not revived: under
+        the debt policy they repay the debt the refund booked for them (what
+        the member already repaid otherwise comes back to them), under the
+        report policy they go back to the brand."""
+        txn = uuid.uuid4()
+        member, points = hold["member_id"], hold["points"]
+        claws, takes = await self._clawbacks(conn, hold)
+        clawed = sum(claws.values())
+        repay = reverse = 0
+        if clawed and self.policy.shortfall is ShortfallPolicy.DEBT:
+            owed = await ledger.read_balance(conn, member)
+            repay = min(clawed, owed.debt if owed else 0)
+        elif clawed:
+            reverse = clawed
+        # Which lots keep what they claimed: the repaid or reversed points
+        # leave from the claiming lots, in the order of the hold's takes.
+        kept, left = {}, repay + reverse
+        for lot, _n, _row in takes:
+            kept[lot] = min(left, claws.get(lot, 0))
+            left -= kept[lot]
         changes = [
-            LotChange(lot, n, "active" if lots[lot]["status"] == "expired" else None)
-            for lot, n in takes
+            LotChange(lot, n - kept[lot], "active" if row["status"] == "expired" else None)
+            for lot, n, row in takes
+            if n - kept[lot]
         ]
+        back = points - repay - reverse
+        entries = [Entry("member_held", member, -points)]
+        if back:
+            entries.append(Entry("member_wallet", member, back))
+        if repay:
+            entries.append(Entry("member_debt", member, repay))
+        if reverse:
+            entries.append(Entry("issued_liability", None, reverse))
         balance = await ledger.post(
             conn,
             Posting(
@@ -610,17 +676,19 @@ class PointsLedger:
                 kind="hold_void",
                 idempotency_key=f"hold_void:{hold['id']}",
                 amount=points,
-                entries=[
-                    Entry("member_held", member, -points),
-                    Entry("member_wallet", member, points),
-                ],
-                balance=BalanceDelta(held=-points, available=points),
+                entries=entries,
+                balance=BalanceDelta(held=-points, available=back, debt=-repay),
                 lot_changes=changes,
                 reference=str(hold["id"]),
+                rule={"clawback": clawed, "repaid": repay, "reversed": reverse} if clawed else {},
             ),
         )
         assert balance is not None
-        assert await ledger.resolve_hold(conn, hold["id"], status, txn, now)
+        if claws:
+            await ledger.change_clawback(conn, {lot: -c for lot, c in claws.items()})
+        # The call stays outside the assert (`python -O` drops asserts).
+        resolved = await ledger.resolve_hold(conn, hold["id"], status, txn, now)
+        assert resolved, "the member's lock serialises resolutions"
         state = await self.maintain(conn, member, now)
         assert state is not None
         return Spend(
@@ -628,14 +696,26 @@ class PointsLedger:
             str(member),
             points,
             state.balance.available,
-            [(str(lot), n) for lot, n in takes],
+            [(str(lot), n) for lot, n, _row in takes],
             hold_id=str(hold["id"]),
             hold_status=status,
         )
 
-    async def void_holds_of(self, conn: Connection, member: uuid.UUID, now: datetime) -> None:
+    async def void_holds_of(
+        self,
+        conn: Connection,
+        member: uuid.UUID,
+        now: datetime,
+        lots: set[uuid.UUID] | None = None,
+    ) -> None:
+        """Void the member's open holds (only those that took from `lots`, when given)."""
         rows = await conn.fetch(
-            "SELECT id FROM rewards.points_holds WHERE member_id = $1 AND status = 'held'", member
+            "SELECT h.id FROM rewards.points_holds h WHERE h.member_id = $1 AND h.status = 'held'"
+            " AND ($2::uuid[] IS NULL OR EXISTS (SELECT 1 FROM rewards.points_lot_movements m"
+            "  WHERE m.transaction_id = h.transaction_id AND m.lot_id = ANY($2::uuid[])))"
+            " ORDER BY h.created_at, h.id",
+            member,
+            None if lots is None else list(lots),
         )
         for row in rows:
             hold = await ledger.get_hold(conn, row["id"])
@@ -655,7 +735,9 @@ class PointsLedger:
         parse_store_id(store_id)
         check_text(pos_transaction_id, "pos_transaction_id", "POS_TRANSACTION_ID", required=True)
         check_key(refund_transaction_id, "refund_transaction_id")
-        if refunded_amount_fen <= 0:
+        # Zero is allowed here only for an order nothing was paid on (checked
+        # below, once the order is read): it refunds such an order in full.
+        if refunded_amount_fen < 0:
             raise InvalidArgument(
                 "refunded_amount_fen must be positive",
                 code="INVALID_AMOUNT",
@@ -674,17 +756,38 @@ class PointsLedger:
             return self._replay(stored, Refund.from_doc)
         order = await ledger.lock_order(conn, store_id, pos_transaction_id)
         if order is None or order["status"] != "settled":
-            return await self._reject(
-                conn,
-                key,
-                NotFound(
+            # Not stored under the key: a refund may reach us before its order
+            # (an offline upload still on its way), and the POS retry after the
+            # order lands must apply. The claim is released with this commit.
+            await ledger.release_request(conn, key)
+            return Outcome(
+                error=NotFound(
                     f"no settled order {pos_transaction_id} at store {store_id}",
                     code="UNKNOWN_ORDER",
                     field="pos_transaction_id",
+                )
+            )
+        before_fen, due_before, restored_before, refund_count = await ledger.refunds_so_far(
+            conn, order["id"]
+        )
+        refundable = order["paid_amount_fen"] - before_fen
+        if refunded_amount_fen == 0 and order["paid_amount_fen"] > 0:
+            raise InvalidArgument(
+                "refunded_amount_fen must be positive",
+                code="INVALID_AMOUNT",
+                field="refunded_amount_fen",
+            )
+        if order["paid_amount_fen"] == 0 and refund_count:
+            # An order paid entirely with coupons or points is refunded once, in full.
+            return await self._reject(
+                conn,
+                key,
+                InvalidArgument(
+                    "this order was already refunded in full",
+                    code="REFUND_EXCEEDS_ORDER",
+                    field="refunded_amount_fen",
                 ),
             )
-        before_fen, due_before, restored_before = await ledger.refunds_so_far(conn, order["id"])
-        refundable = order["paid_amount_fen"] - before_fen
         if refunded_amount_fen > refundable:
             return await self._reject(
                 conn,
@@ -712,6 +815,18 @@ class PointsLedger:
             restored_before,
         )
         refund_id = uuid.uuid4()
+        if due and self.rules.daily_cap is not None:
+            # The points this refund reverses no longer count against the
+            # day's cap (nor, once the order is refunded in full, the order).
+            whole = before_fen + refunded_amount_fen >= order["paid_amount_fen"]
+            await ledger.give_back_to_cap(
+                conn,
+                order["member_id"],
+                "orders",
+                period_start(Period.DAY, order["ordered_at"]),
+                due,
+                1 if whole else 0,
+            )
         # The order's points live where its lot is now (a merge moves them).
         # A merge moves lots under both members' locks, so once the lot is
         # seen at the member whose lock we hold, it stays there.
@@ -737,6 +852,14 @@ class PointsLedger:
                 debt = due - taken
             else:
                 shortfall = due - taken
+            if live and due > taken:
+                # Held points are not the member's to keep: what the lot cannot
+                # give because an open hold has it is claimed back from that
+                # hold (a void reverses it; a post leaves the debt or shortfall).
+                unclaimed = await ledger.held_from_lot(conn, live["id"]) - live["clawback"]
+                clawed = max(0, min(due - taken, unclaimed))
+                if clawed:
+                    await ledger.change_clawback(conn, {live["id"]: clawed})
             account = "member_pending" if lot_status == "pending" else "member_wallet"
             entries: list[Entry] = []
             if taken or debt:
@@ -746,12 +869,16 @@ class PointsLedger:
             if debt:
                 entries.append(Entry("member_debt", member, -debt))
             new_lots = []
+            # Restored points repay debt first (docs/ledger.md, "Debt"),
+            # including the debt this refund books.
+            repay = min(restore, state.balance.debt + debt)
             if restore:
-                entries += [
-                    Entry("redeemed", None, -restore),
-                    Entry("member_wallet", member, restore),
-                ]
-                new_lots = await self._restored_lots(conn, order["id"], restore, now)
+                entries.append(Entry("redeemed", None, -restore))
+                if restore - repay:
+                    entries.append(Entry("member_wallet", member, restore - repay))
+                    new_lots = await self._restored_lots(conn, order["id"], restore - repay, now)
+                if repay:
+                    entries.append(Entry("member_debt", member, repay))
             if entries:
                 txn_id = uuid.uuid4()
                 balance = await ledger.post(
@@ -764,9 +891,11 @@ class PointsLedger:
                         amount=taken + debt + restore,
                         entries=entries,
                         balance=BalanceDelta(
-                            available=(-taken if account == "member_wallet" else 0) + restore,
+                            available=(-taken if account == "member_wallet" else 0)
+                            + restore
+                            - repay,
                             pending=-taken if account == "member_pending" else 0,
-                            debt=debt,
+                            debt=debt - repay,
                         ),
                         lot_changes=[LotChange(live["id"], -taken)] if live and taken else [],
                         new_lots=new_lots,
@@ -996,7 +1125,7 @@ class PointsLedger:
             takes = allocate(state.lots, -points, now)
             if takes is None:
                 return await self._reject(
-                    conn, key, insufficient(member, -points, state.balance.available, "points")
+                    conn, key, insufficient(member, -points, state.balance, "points")
                 )
             entries, changes = spend_entries(takes, member, "adjustments", -points)
             posting = Posting(
@@ -1067,13 +1196,7 @@ class PointsLedger:
         for member in sorted((source, target)):
             await ledger.ensure_account(conn, member)
             await ledger.lock_member(conn, member)
-        # In-flight checkouts of the members whose lots move are cancelled first.
-        await self.void_holds_of(conn, source, now)
-        state = await self.maintain(conn, source, now)
-        await self.maintain(conn, target, now)
-        assert state is not None
-        lots = state.lots
-        debt = state.balance.debt
+        moved: set[uuid.UUID] | None = None
         if from_merge is not None:
             moved = {
                 r["id"]
@@ -1081,6 +1204,17 @@ class PointsLedger:
                     "SELECT id FROM rewards.points_lots WHERE transaction_id = $1", from_merge
                 )
             }
+        # In-flight checkouts that took from the lots that move are cancelled
+        # first (a merge moves all the absorbed member's lots; an unmerge only
+        # what the merge brought: the survivor's own checkouts go on).
+        await self.void_holds_of(conn, source, now, moved)
+        state = await self.maintain(conn, source, now)
+        await self.maintain(conn, target, now)
+        assert state is not None
+        lots = state.lots
+        debt = state.balance.debt
+        if from_merge is not None:
+            assert moved is not None
             lots = [lot for lot in lots if lot.lot_id in moved]
             merged_debt = await conn.fetchval(
                 "SELECT coalesce(sum(amount), 0) FROM rewards.points_entries"

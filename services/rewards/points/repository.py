@@ -149,7 +149,7 @@ async def open_lots(conn: Connection, member_id: uuid.UUID) -> list[Lot]:
 async def lots_by_id(conn: Connection, lot_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
     rows = await conn.fetch(
         "SELECT id, member_id, remaining, points, status, expires_at, activates_at, earned_at,"
-        " root_lot_id FROM rewards.points_lots WHERE id = ANY($1::uuid[])",
+        " root_lot_id, clawback FROM rewards.points_lots WHERE id = ANY($1::uuid[])",
         list(lot_ids),
     )
     return {r["id"]: r for r in rows}
@@ -158,8 +158,8 @@ async def lots_by_id(conn: Connection, lot_ids: Sequence[uuid.UUID]) -> dict[uui
 async def live_lot(conn: Connection, root_lot_id: uuid.UUID) -> Any:
     """The lot that holds a chain's points now (a merge moves points to a new lot)."""
     return await conn.fetchrow(
-        "SELECT id, member_id, remaining, points, status, expires_at FROM rewards.points_lots"
-        " WHERE root_lot_id = $1 AND status IN ('active', 'pending')"
+        "SELECT id, member_id, remaining, points, status, expires_at, clawback"
+        " FROM rewards.points_lots WHERE root_lot_id = $1 AND status IN ('active', 'pending')"
         " ORDER BY created_at DESC, id LIMIT 1",
         root_lot_id,
     )
@@ -214,7 +214,10 @@ SELECT available, pending, held, debt, lifetime_earned FROM bal
 async def post(conn: Connection, p: Posting) -> Balance | None:
     """Write one ledger transaction; None (and nothing written) when a balance
     limit would be crossed or the member has no account."""
-    assert sum(e.amount for e in p.entries) == 0, "entries must sum to zero"
+    # The first line of defence; the database refuses an unbalanced
+    # transaction at commit (migration 0009) and the audit checks it again.
+    if sum(e.amount for e in p.entries) != 0:
+        raise ValueError(f"entries of {p.kind} transaction {p.transaction_id} do not sum to zero")
     b = p.balance
     row = await conn.fetchrow(
         POST_SQL,
@@ -312,6 +315,12 @@ async def claim_request(
     )
 
 
+async def release_request(conn: Connection, key: str) -> None:
+    """Give a claimed key back (nothing is stored under it): the next call with
+    it runs afresh. Concurrent claimers waiting on the key then claim it."""
+    await conn.execute("DELETE FROM rewards.ledger_requests WHERE idempotency_key = $1", key)
+
+
 async def finish_request(
     conn: Connection, key: str, outcome: str, response: dict[str, Any]
 ) -> None:
@@ -382,6 +391,27 @@ async def hold_takes(conn: Connection, transaction_id: uuid.UUID) -> list[tuple[
     return [(r["lot_id"], r["points"]) for r in rows]
 
 
+async def held_from_lot(conn: Connection, lot_id: uuid.UUID) -> int:
+    """Points open holds took from a lot (call under the member's lock)."""
+    value = await conn.fetchval(
+        "SELECT coalesce(sum(-m.amount), 0)::bigint FROM rewards.points_holds h"
+        " JOIN rewards.points_lot_movements m ON m.transaction_id = h.transaction_id"
+        " WHERE h.status = 'held' AND m.lot_id = $1",
+        lot_id,
+    )
+    return int(value)
+
+
+async def change_clawback(conn: Connection, changes: dict[uuid.UUID, int]) -> None:
+    """Add to (or, negative, settle) what refunds claim back from lots' held points."""
+    await conn.execute(
+        "UPDATE rewards.points_lots l SET clawback = l.clawback + c.delta"
+        " FROM unnest($1::uuid[], $2::bigint[]) AS c(lot_id, delta) WHERE l.id = c.lot_id",
+        list(changes),
+        list(changes.values()),
+    )
+
+
 async def timed_out_holds(conn: Connection, now: datetime, limit: int) -> list[uuid.UUID]:
     rows = await conn.fetch(
         "SELECT id FROM rewards.points_holds WHERE status = 'held' AND expires_at <= $1"
@@ -398,22 +428,24 @@ async def timed_out_holds(conn: Connection, now: datetime, limit: int) -> list[u
 async def lock_order(conn: Connection, store_id: str, pos_transaction_id: str) -> Any:
     """The order, locked: refunds of one order run one at a time."""
     return await conn.fetchrow(
-        "SELECT id, member_id, paid_amount_fen, points_earned, points_redeemed, status"
-        " FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2 FOR UPDATE",
+        "SELECT id, member_id, paid_amount_fen, points_earned, points_redeemed, status,"
+        " ordered_at FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2"
+        " FOR UPDATE",
         store_id,
         pos_transaction_id,
     )
 
 
-async def refunds_so_far(conn: Connection, order_id: uuid.UUID) -> tuple[int, int, int]:
-    """Fen refunded, points reversed (due) and points restored so far."""
+async def refunds_so_far(conn: Connection, order_id: uuid.UUID) -> tuple[int, int, int, int]:
+    """Fen refunded, points reversed (due), points restored and refunds so far."""
     row = await conn.fetchrow(
         "SELECT coalesce(sum(refunded_amount_fen), 0) AS fen, coalesce(sum(points_due), 0) AS pts,"
-        " coalesce(sum(points_restored), 0) AS restored FROM rewards.refunds WHERE order_id = $1",
+        " coalesce(sum(points_restored), 0) AS restored, count(*) AS n"
+        " FROM rewards.refunds WHERE order_id = $1",
         order_id,
     )
     assert row is not None
-    return int(row["fen"]), int(row["pts"]), int(row["restored"])
+    return int(row["fen"]), int(row["pts"]), int(row["restored"]), int(row["n"])
 
 
 async def order_redemption_lots(conn: Connection, order_id: uuid.UUID) -> list[Any]:
@@ -482,6 +514,27 @@ async def count_against_cap(
         granted,
     )
     return granted, True
+
+
+async def give_back_to_cap(
+    conn: Connection,
+    member_id: uuid.UUID,
+    counter: str,
+    period: datetime,
+    points: int,
+    actions: int,
+) -> None:
+    """A refund returns what its order counted against a per-period cap."""
+    await conn.execute(
+        "UPDATE rewards.earn_counters SET points = greatest(0, points - $4),"
+        " actions = greatest(0, actions - $5)"
+        " WHERE member_id = $1 AND counter = $2 AND period_start = $3",
+        member_id,
+        counter,
+        period,
+        points,
+        actions,
+    )
 
 
 # ---- jobs -------------------------------------------------------------------

@@ -146,14 +146,18 @@ class PointsRpcs:
         self, request: rewards_pb2.HoldRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.PointsMovement:
         async with self._db.unit_of_work() as uow:
-            outcome = await self._points.post_hold(uow, request.hold_id, datetime.now(UTC))
+            outcome = await self._points.post_hold(
+                uow, request.hold_id, datetime.now(UTC), request.member_id
+            )
         return movement(outcome.unwrap())
 
     async def VoidHold(
         self, request: rewards_pb2.HoldRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.PointsMovement:
         async with self._db.unit_of_work() as uow:
-            outcome = await self._points.void_hold(uow, request.hold_id, datetime.now(UTC))
+            outcome = await self._points.void_hold(
+                uow, request.hold_id, datetime.now(UTC), member_id=request.member_id
+            )
         return movement(outcome.unwrap())
 
     async def AdjustPoints(

@@ -320,6 +320,18 @@ class Referrals:
                 refusals=refusals,
             )
 
+    async def of_invitee(self, uow: UnitOfWork, invitee_id: str) -> ReferralView:
+        """The member's own referral as an invitee (its person's: the first
+        accepted by any merged id), with its rewards; NOT_FOUND NOT_REFERRED."""
+        invitee = uuid.UUID(parse_member_id(invitee_id))
+        person = await merges.person_of(uow.conn, invitee)
+        row = await repo.referral_of_invitee(uow.conn, person)
+        if row is None:
+            raise NotFound(
+                f"member {invitee_id} was not referred", code="NOT_REFERRED", field="member_id"
+            )
+        return _view(row, await repo.rewards_of(uow.conn, [row["id"]]))
+
     async def list_of_inviter(
         self, uow: UnitOfWork, inviter_id: str, before: int | None, size: int
     ) -> tuple[list[ReferralView], int | None]:

@@ -81,6 +81,13 @@ class ReferralRpcs:
             next_cursor=str(next_seq) if next_seq is not None else "",
         )
 
+    async def GetInviteeReferral(
+        self, request: rewards_pb2.GetInviteeReferralRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.Referral:
+        async with self._db.unit_of_work() as uow:
+            view = await self._referrals.of_invitee(uow, request.member_id)
+        return referral_message(view)
+
     async def GetFissionReport(
         self, request: rewards_pb2.GetFissionReportRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.FissionReport:
