@@ -205,13 +205,16 @@ async def lock_members(conn: Connection, member_ids: Iterable[str]) -> dict[str,
 # ---- members -----------------------------------------------------------------
 
 
-async def insert_member(conn: Connection, source: str) -> MemberRecord:
+async def insert_member(conn: Connection, source: str, at: datetime) -> MemberRecord:
+    # `at` is the service's clock, not the database's now(): registration times are
+    # compared with the services' clocks (a referral's accept window, lifecycle days).
     row = await conn.fetchrow(
-        "INSERT INTO member.members (id, member_number, registration_source)"
-        " VALUES ($1, nextval('member.member_number_seq')::text, $2)"
+        "INSERT INTO member.members (id, member_number, registration_source, registered_at)"
+        " VALUES ($1, nextval('member.member_number_seq')::text, $2, $3)"
         " RETURNING id, member_number, registered_at, phone_masked",
         uuid.uuid4(),
         source,
+        at,
     )
     return _record(row)
 
@@ -863,17 +866,21 @@ async def add_consent(
     granted: bool,
     source: str,
     actor: str,
+    at: datetime,
 ) -> datetime:
-    """Returns when the choice was recorded (the event carries it)."""
+    """Returns when the choice was recorded (the event carries it): `at`, the
+    service's clock, as every other time the service compares."""
     return await conn.fetchval(  # type: ignore[no-any-return]
-        "INSERT INTO member.consent_records (member_id, purpose, channel, granted, source, actor)"
-        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING recorded_at",
+        "INSERT INTO member.consent_records"
+        " (member_id, purpose, channel, granted, source, actor, recorded_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING recorded_at",
         _uuid(member_id),
         purpose.value,
         channel.value,
         granted,
         source,
         actor,
+        at,
     )
 
 
