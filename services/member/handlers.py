@@ -568,7 +568,7 @@ class MemberHandlers:
         repointed = await repo.repoint(conn, absorbed, survivor)
         await repo.set_merged_into(conn, absorbed, survivor)
         record = await repo.insert_merge(
-            conn, survivor, absorbed, rule, evidence, actor, review_id, moved, repointed
+            conn, survivor, absorbed, rule, evidence, actor, review_id, moved, repointed, self.now()
         )
         await repo.refresh_phone_masked(conn, [survivor, absorbed])
         await cache.touch(conn, [survivor, absorbed])
@@ -669,7 +669,7 @@ class MemberHandlers:
         consent_before = await self._consent_state(conn, merge.survivor_id)
         await repo.move_back(conn, merge)
         await repo.set_merged_into(conn, merge.absorbed_id, None)
-        unmerged_at = await repo.mark_unmerged(conn, merge.merge_id, operator, reason)
+        unmerged_at = await repo.mark_unmerged(conn, merge.merge_id, operator, reason, self.now())
         await repo.add_do_not_merge(
             conn, [(merge.survivor_id, merge.absorbed_id)], f"unmerge:{merge.merge_id}"
         )
