@@ -128,7 +128,15 @@ class ServiceApp:
                 f"{self.schema}.processed_events",
                 "processed_at",
                 timedelta(hours=settings.processed_events_retention_hours),
-            )
+            ),
+            # Published events kept for replays; never the newest, which
+            # carries the sequence on (servicekit/outbox.py).
+            Retention(
+                f"{self.schema}.outbox",
+                "published_at",
+                timedelta(days=settings.outbox_retention_days),
+                where=f"seq < (SELECT max(seq) FROM {self.schema}.outbox)",
+            ),
         ]
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -139,6 +147,9 @@ class ServiceApp:
         return [s.full_name for s in self.services]
 
     def add_consumer(self, consumer: EventConsumer) -> None:
+        consumer.configure_gaps(
+            self.settings.event_gap_grace_seconds, self.settings.event_check_interval_seconds
+        )
         self.consumers.append(consumer)
 
     async def start(self) -> int:
