@@ -223,11 +223,13 @@ class EventConsumer:
         labels = (self.group, producer)
         async with self._db.unit_of_work() as uow:
             conn = uow.conn
-            await conn.execute(
+            if await conn.fetchval(
                 f"INSERT INTO {schema}.event_cursors (consumer, producer) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING",
+                " ON CONFLICT DO NOTHING RETURNING true",
                 *labels,
-            )
+            ):
+                lost = False  # a group running for the first time lost nothing
+
             cur = await conn.fetchrow(
                 "SELECT applied_seq, replay_from, gaps_found, gaps_healed,"
                 " extract(epoch FROM now() - progressed_at)::float8 AS stalled,"
