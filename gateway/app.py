@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 import grpc
 import uvicorn
@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.server import (
+    Drain,
     add_health_and_reflection,
     create_grpc_server,
     serve_until_signalled,
@@ -74,6 +75,7 @@ class Gateway:
         self.http_app: FastAPI | None = None
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
+        self.drain = Drain()
         self.http_server: _EmbeddedUvicorn | None = None
         self.http_port = 0
         self.pos_grpc_port = 0
@@ -124,6 +126,7 @@ class Gateway:
                 ),
                 *([self.door.pos_interceptor()] if self.door else []),
             ],
+            drain=self.drain,
         )
         offline = OfflinePolicy(
             max_batch=s.offline_max_batch, max_age_hours=s.offline_max_age_hours
@@ -167,17 +170,31 @@ class Gateway:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        """Graceful: NOT_SERVING and /readyz 503 first, drain both servers
-        together, then close the downstream channels."""
+        """Graceful: NOT_SERVING and /readyz 503 first; after the shutdown
+        delay (balancers stop sending) both servers drain together: new POS
+        calls are refused with UNAVAILABLE (never CANCELLED) and HTTP stops
+        accepting, while calls in progress finish within the grace; then the
+        downstream channels close."""
         if self._stopped:
             return
         self._stopped = True
+        loop = asyncio.get_running_loop()
         if self.http_app is not None:
             self.http_app.state.draining = True
         await self.health.enter_graceful_shutdown()
-        drains = []
+        if self.settings.shutdown_delay_seconds > 0 and self.grpc_server is not None:
+            await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        grace = self.settings.shutdown_grace_seconds
+        deadline = loop.time() + grace
+
+        async def drain_grpc() -> None:
+            assert self.grpc_server is not None
+            await self.drain.drain(grace)
+            await self.grpc_server.stop(max(0.1, deadline - loop.time()))
+
+        drains: list[Awaitable[object]] = []
         if self.grpc_server is not None:
-            drains.append(self.grpc_server.stop(self.settings.shutdown_grace_seconds))
+            drains.append(drain_grpc())
         if self.http_server is not None and self._http_task is not None:
             self.http_server.should_exit = True
             drains.append(self._http_task)

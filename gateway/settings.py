@@ -30,6 +30,9 @@ class GatewaySettings(CommonSettings):
     # On SIGTERM: NOT_SERVING / 503 on /readyz first, then in-flight requests
     # get this long to finish.
     shutdown_grace_seconds: float = 10.0
+    # Between reporting NOT_SERVING (/readyz 503) and refusing new calls, so
+    # load balancers stop sending first; 0 in tests.
+    shutdown_delay_seconds: float = Field(default=3.0, ge=0)
     # Recycle POS connections so new gateway pods behind a ClusterIP get traffic.
     max_connection_age_ms: int = 300_000
     # Prometheus /metrics on its own port, never the public one (gateway/metrics.py).

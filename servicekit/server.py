@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 
 from .consumer import EventConsumer
 from .db import Database, create_pool
+from .errors import to_rpc_status
 from .events import stream_name
 from .interceptors import DomainErrorInterceptor
 from .logs import configure_logging
@@ -51,11 +52,87 @@ def _traced(details: grpc.HandlerCallDetails) -> bool:
     return not details.method.startswith(_HEALTH_PREFIX)
 
 
+class Drain(grpc.aio.ServerInterceptor):
+    """Graceful shutdown of unary calls, ahead of grpc.aio's own.
+
+    `server.stop(grace)` alone cancelled accepted calls: under a burst, POS
+    calls still in their handlers when the server's shutdown completed were
+    answered CANCELLED, which a POS may not retry (issue 14: 14 / 44 / 144 of
+    bursts of 20 / 60 / 150). So the process first drains here: from
+    `drain()` on, a new unary call is refused with UNAVAILABLE and a zero
+    retry delay (the caller retries at once, on another instance), and
+    `drain()` returns when the calls in progress are done; only then does the
+    server stop. Health checks pass (they report NOT_SERVING); streams
+    (Watch, reflection) are left to `server.stop(grace)`."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or handler.unary_unary is None
+            or handler_call_details.method.startswith(_HEALTH_PREFIX)
+        ):
+            return handler
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.draining:
+                status = to_rpc_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down; retry",
+                    "SHUTTING_DOWN",
+                    retry_after_seconds=0,
+                )
+                context.set_code(status.code)
+                context.set_details(status.details)
+                context.set_trailing_metadata(status.trailing_metadata)
+                return None
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                return await inner(request, context)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new unary calls; wait up to `timeout` for those in progress."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            log.warning("%d calls still in progress after %.1fs", self._in_flight, timeout)
+            return False
+
+
 def create_grpc_server(
     max_connection_age_ms: int,
     grace_seconds: float,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     traced: bool | None = None,
+    drain: Drain | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the interceptors and options every server here uses.
     `interceptors` run inside those (they see DomainErrors before they become
@@ -64,7 +141,7 @@ def create_grpc_server(
     unsampled spans: with the client interceptors (clients.create_channel),
     0.5-0.9 ms of the gateway's CPU per POS identify (one server call, three
     client calls; docs/identity.md). Without it, a call's log lines carry no
-    trace id."""
+    trace id. `drain` (a Drain) makes the server's shutdown graceful."""
     tracing: list[grpc.aio.ServerInterceptor] = []
     if tracing_recorded() if traced is None else traced:
         # Health probes stay out of traces; the filter also keeps the
@@ -73,6 +150,8 @@ def create_grpc_server(
         tracing.append(aio_server_interceptor(filter_=_traced))
     return grpc.aio.server(
         interceptors=[
+            # Outermost: a refused call costs nothing else.
+            *([drain] if drain is not None else []),
             *tracing,
             DomainErrorInterceptor(),
             *interceptors,
@@ -120,6 +199,7 @@ class ServiceApp:
         self.db: Database | None = None
         self.redis: Redis | None = None
         self.health = health.aio.HealthServicer()
+        self.drain = Drain()
         self.consumers: list[EventConsumer] = []
         self.relay: OutboxRelay | None = None
         # Tables kept bounded by the pruner; services add their own.
@@ -168,7 +248,9 @@ class ServiceApp:
             batch_size=s.outbox_batch_size,
             poll_interval=s.outbox_poll_interval_seconds,
         )
-        self.server = create_grpc_server(s.max_connection_age_ms, s.shutdown_grace_seconds)
+        self.server = create_grpc_server(
+            s.max_connection_age_ms, s.shutdown_grace_seconds, drain=self.drain
+        )
         self._wire(self)
         await add_health_and_reflection(self.server, self.health, self.service_names, NOT_SERVING)
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
@@ -207,10 +289,14 @@ class ServiceApp:
             )
 
     async def stop(self) -> None:
-        """Graceful: NOT_SERVING first, drain in-flight calls, then close resources."""
+        """Graceful: NOT_SERVING first, wait for balancers to notice, refuse new
+        calls (UNAVAILABLE) and let in-flight ones finish within the grace,
+        stop the server; then let the relay finish its batch and the consumers
+        apply and acknowledge their read, and only then close resources."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        loop = asyncio.get_running_loop()
         for task in self._tasks:
             if task.get_name() == "health":
                 task.cancel()
@@ -218,10 +304,18 @@ class ServiceApp:
         if self.settings.shutdown_delay_seconds > 0:
             # Let load balancers and watching clients see NOT_SERVING first.
             await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        deadline = loop.time() + self.settings.shutdown_grace_seconds
+        await self.drain.drain(self.settings.shutdown_grace_seconds)
         if self.server is not None:
-            await self.server.stop(self.settings.shutdown_grace_seconds)
+            await self.server.stop(max(0.1, deadline - loop.time()))
+        # Background loops leave at their next turn, the work in hand done.
         for consumer in self.consumers:
             consumer.stop()
+        if self.relay is not None:
+            self.relay.stop()
+        loops = [t for t in self._tasks if t.get_name() in self._loop_names()]
+        if loops:
+            await asyncio.wait(loops, timeout=max(TASK_STOP_SECONDS, deadline - loop.time()))
         await stop_tasks(self.name, self._tasks)
         if self.relay is not None and self.db is not None:
             # Publish what committed during the drain, so nothing waits for a restart.
@@ -232,6 +326,9 @@ class ServiceApp:
         if self.db is not None:
             await self.db.close()
         log.info("%s stopped", self.name)
+
+    def _loop_names(self) -> set[str]:
+        return {"outbox-relay", *(c.group for c in self.consumers)}
 
     async def run_until_signalled(self) -> None:
         await serve_until_signalled(self.name, self.start, self.stop)

@@ -27,6 +27,7 @@ async def test_sigterm_drains_and_exits_zero(infra: Infra) -> None:
         "REDIS_NAMESPACE": infra.namespace,
         "GRPC_PORT": str(port),
         "SHUTDOWN_GRACE_SECONDS": "2",
+        "SHUTDOWN_DELAY_SECONDS": "0",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
