@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+from servicekit.dependencies import DependencyWatch, Probe, ping
 from servicekit.server import (
     Drain,
     add_health_and_reflection,
@@ -86,6 +87,8 @@ class Gateway:
         # only when auth is disabled for a benchmark baseline.
         self.door: Door | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.dependencies: DependencyWatch | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -97,6 +100,7 @@ class Gateway:
                 self.door = Door(s, self.downstreams)
                 await self.door.open()
             self.http_app = create_app(self.downstreams, metrics=self.metrics, door=self.door)
+            await self._watch_dependencies(self.downstreams)
             self.metrics_port = self.metrics.start(s.metrics_host, s.metrics_port)
             await self._start_grpc(self.downstreams)
             await self._start_http(self.http_app)
@@ -112,6 +116,28 @@ class Gateway:
             s.metrics_host,
             self.metrics_port,
         )
+
+    async def _watch_dependencies(self, downstreams: Downstreams) -> None:
+        """Probe every dependency now and then periodically: for /readyz/detail
+        and metrics only (readiness is the gateway's own: gateway/http.py)."""
+        assert self.http_app is not None
+        probes: dict[str, Probe] = dict(downstreams.probes())
+        door = self.door
+        if door is not None:
+            probes["redis"] = lambda: ping(door.redis.ping)
+            if door.pool is not None:
+                pool = door.pool
+                probes["postgres"] = lambda: ping(lambda: pool.fetchval("SELECT 1"))
+        watch = DependencyWatch(
+            probes,
+            self.settings.dependency_check_interval_seconds,
+            self.settings.readiness_timeout_seconds,
+            registry=self.metrics.registry,
+        )
+        await watch.check()
+        self.dependencies = watch
+        self.http_app.state.dependencies = watch
+        self._watch_task = asyncio.create_task(watch.run(), name="dependencies")
 
     async def _start_grpc(self, downstreams: Downstreams) -> None:
         s = self.settings
@@ -202,6 +228,10 @@ class Gateway:
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 log.warning("gateway drain: %r", result)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         if self.downstreams is not None:
             await self.downstreams.close()
         if self.door is not None:

@@ -22,10 +22,12 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
 from .consumer import EventConsumer
 from .db import Database, create_pool
+from .dependencies import UP_STATUSES, DependencyWatch, ping
 from .errors import to_rpc_status
 from .events import stream_name
 from .interceptors import DomainErrorInterceptor
@@ -43,6 +45,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Health service names under which a service reports each dependency's state.
+DEPENDENCY_PREFIX = "loyalty.dependency."
 
 
 def _traced(details: grpc.HandlerCallDetails) -> bool:
@@ -200,6 +204,7 @@ class ServiceApp:
         self.redis: Redis | None = None
         self.health = health.aio.HealthServicer()
         self.drain = Drain()
+        self.dependencies: DependencyWatch | None = None
         self.consumers: list[EventConsumer] = []
         self.relay: OutboxRelay | None = None
         # Tables kept bounded by the pruner; services add their own.
@@ -253,6 +258,11 @@ class ServiceApp:
         )
         self._wire(self)
         await add_health_and_reflection(self.server, self.health, self.service_names, NOT_SERVING)
+        for dependency in ("postgres", "redis"):
+            await self.health.set(f"{DEPENDENCY_PREFIX}{dependency}", NOT_SERVING)
+        if s.service_metrics_port is not None:
+            # Event gaps and lag, dependency state (prometheus_client's registry).
+            start_http_server(s.service_metrics_port, addr=s.grpc_host)
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
@@ -264,22 +274,31 @@ class ServiceApp:
         log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
         return self.port
 
-    async def _dependencies_ok(self) -> bool:
-        assert self.db is not None and self.redis is not None
-        try:
-            async with asyncio.timeout(2):
-                await self.db.ping()
-                await self.redis.ping()
-            return True
-        except Exception as exc:
-            log.warning("%s dependencies not ready: %r", self.name, exc)
-            return False
+    async def _dependency_changed(self, name: str, state: str) -> None:
+        await self.health.set(
+            f"{DEPENDENCY_PREFIX}{name}", SERVING if state in UP_STATUSES else NOT_SERVING
+        )
 
     async def _watch_health(self) -> None:
+        """Ready (SERVING) while the database answers: what every call needs.
+        Redis is watched and reported (`loyalty.dependency.redis`, metrics)
+        but not part of readiness: without it calls still work (events wait
+        in the outbox) and a Redis outage must not take every replica out."""
+        assert self.db is not None and self.redis is not None
+        db, redis = self.db, self.redis
+        watch = DependencyWatch(
+            {"postgres": lambda: ping(db.ping), "redis": lambda: ping(redis.ping)},
+            self.settings.health_check_interval_seconds,
+            on_change=self._dependency_changed,
+        )
+        self.dependencies = watch
         current = None
         while True:
-            status = SERVING if await self._dependencies_ok() else NOT_SERVING
+            states = await watch.check()
+            status = SERVING if states["postgres"] in UP_STATUSES else NOT_SERVING
             if status != current:
+                if status == NOT_SERVING:
+                    log.warning("%s not ready: its database does not answer", self.name)
                 for svc in ["", *self.service_names]:
                     await self.health.set(svc, status)
                 current = status
