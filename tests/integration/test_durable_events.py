@@ -25,6 +25,7 @@ from loyalty.events.v1 import events_pb2
 from servicekit.consumer import GAPS_FOUND, GAPS_HEALED, EventConsumer, Subscription
 from servicekit.db import Database, UnitOfWork, create_pool
 from servicekit.events import SEQ_FIELD, ReceivedEvent, head_key, stream_name
+from servicekit.eventstatus import events_status
 from servicekit.outbox import OutboxRelay
 from servicekit.redis_client import create_redis
 from servicekit.retention import Pruner, Retention
@@ -226,6 +227,13 @@ async def test_a_gap_in_the_middle_is_found_and_healed(
     assert (state["gaps_found"], state["gaps_healed"], state["replay_from"]) == (1, 1, None)
     assert GAPS_FOUND.labels(group, producer)._value.get() == found + 1
     assert GAPS_HEALED.labels(group, producer)._value.get() == healed + 1
+
+    # `events status` of the service whose schema holds the cursor shows it.
+    status = await events_status("tiering", infra.service_settings())
+    (mine,) = [c for c in status.cursors if c.consumer == group]
+    assert (mine.applied, mine.gaps_found, mine.gaps_healed, mine.replay_from) == (4, 1, 1, None)
+    row = next(line for line in status.render().splitlines() if line.startswith(group))
+    assert row.split()[1:] == [producer, "4", "4", "0", "1", "1", "-"]
 
 
 async def _replay_asked(db: Database, group: str, producer: str, seq: int) -> bool:
