@@ -12,9 +12,10 @@ PROTO_STAMP := protos/.generated
 # Extra arguments: make test PYTEST_ARGS='-k rewards -x'; make bench BENCH_ARGS='--rate 400'
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+FAULTS_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint proto bench migrate seed clean install
+.PHONY: help run test lint proto bench faults migrate seed clean install
 
 help:
 	@echo "make run      start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate,"
@@ -22,6 +23,8 @@ help:
 	@echo "make test     lint (ruff, mypy) and the whole test suite"
 	@echo "make bench    open-loop benchmark of the POS checkout path (BENCH_ARGS='--rate 400')"
 	@echo "              other scenarios: BENCH_ARGS='identify ...' (list: .venv/bin/python -m bench list)"
+	@echo "make faults   fault suite: kill, restart and wipe parts under POS load, check with SQL"
+	@echo "              (FAULTS_ARGS='--quick' for the reduced run, '--write-docs' for the table)"
 	@echo "make migrate  migrate every schema;  make seed  seed the demo brand"
 	@echo "make lint | proto | install | clean"
 
@@ -66,6 +69,9 @@ test: lint
 
 bench: $(PROTO_STAMP)
 	$(PY) -m servicekit.devrun bench -- $(BENCH_ARGS)
+
+faults: $(PROTO_STAMP)
+	$(PY) -m bench faults $(FAULTS_ARGS)
 
 clean:
 	rm -rf .data $(PROTO_STAMP) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -56,6 +56,10 @@ def _traced(details: grpc.HandlerCallDetails) -> bool:
     return not details.method.startswith(_HEALTH_PREFIX)
 
 
+# How long a drained server keeps refusing calls before it stops (Drain.drain).
+DISPATCH_SECONDS = 0.3
+
+
 class Drain(grpc.aio.ServerInterceptor):
     """Graceful shutdown of unary calls, ahead of grpc.aio's own.
 
@@ -123,12 +127,19 @@ class Drain(grpc.aio.ServerInterceptor):
     async def drain(self, timeout: float) -> bool:
         """Refuse new unary calls; wait up to `timeout` for those in progress."""
         self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
         except TimeoutError:
             log.warning("%d calls still in progress after %.1fs", self._in_flight, timeout)
             return False
+        # Calls the server received but has not handed to Python yet are
+        # cancelled by its stop (CANCELLED at the caller): under a burst the
+        # event loop lags behind, so give it a moment to take them (and refuse
+        # them) first.
+        await asyncio.sleep(max(0.0, min(DISPATCH_SECONDS, deadline - loop.time())))
+        return True
 
 
 def create_grpc_server(
