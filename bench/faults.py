@@ -89,6 +89,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="reduced run: kill -9 rewards, the Redis wipe with a lagging consumer (5 s),"
         " a PostgreSQL restart and the SIGTERM burst (60 calls)",
     )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the smallest run (the test suite's): the Redis wipe with a lagging consumer (3 s),"
+        " a PostgreSQL restart and the SIGTERM burst (60 calls), no kills",
+    )
+    p.add_argument("--data-dir", type=Path, default=DATA, help="where PostgreSQL and logs live")
     p.add_argument("--write-docs", action="store_true", help="put the table in docs/operations.md")
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
     return p.parse_args(argv)
@@ -317,14 +324,14 @@ class FaultResult:
 class Suite:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.pg = OwnPostgres(DATA / "pg")
-        self.redis = OwnRedis(DATA / "redis")
+        self.pg = OwnPostgres(args.data_dir / "pg")
+        self.redis = OwnRedis(args.data_dir / "redis")
         self.namespace = f"faults-{uuid.uuid4().hex[:8]}"
         self.ports = devrun.free_ports()
         self.platform: devrun.Platform | None = None
         self.children: dict[str, devrun.Child] = {}
         self.results: list[FaultResult] = []
-        self.log_dir = DATA / "logs"
+        self.log_dir = args.data_dir / "logs"
 
     def env(self) -> dict[str, str]:
         return devrun.child_env(
@@ -628,6 +635,8 @@ async def running_load(load: Load) -> AsyncIterator[None]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         args.redis_outage, args.lag, args.burst = 5.0, 4.0, 60
+    if args.smoke:
+        args.redis_outage, args.lag, args.burst = 3.0, 3.0, 60
     suite = Suite(args)
     from bench.cli import identify_pool, pos_channel
 
@@ -640,7 +649,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
             load = Load(pos_pb2_grpc.PosServiceStub(channel), members, args.rate)
             async with running_load(load):
-                kills = ["rewards"] if args.quick else [*devrun.SERVICES, "gateway"]
+                kills = (
+                    []
+                    if args.smoke
+                    else ["rewards"]
+                    if args.quick
+                    else [*devrun.SERVICES, "gateway"]
+                )
                 for name in kills:
                     await suite.phase(load, f"kill -9 {name}", suite.kill9(name))
                 await suite.phase(
