@@ -166,12 +166,15 @@ class OwnPostgres:
 
     def restart(self) -> None:
         """pg_ctl restart -m fast: every connection is closed by the server."""
+        self.pg_ctl("restart")
+
+    def pg_ctl(self, action: str) -> None:
         from pgserver import _commands
 
         # pgserver's own pg_ctl (made at import), run as the user it runs postgres as.
         pg_ctl = _commands.__dict__["pg_ctl"]
         pg_ctl(
-            ["-w", "-m", "fast", "restart"],
+            ["-w", "-m", "fast", action],
             pgdata=self.server.pgdata,
             user=self.server.system_user,
             timeout=60,
@@ -179,6 +182,10 @@ class OwnPostgres:
 
     def stop(self) -> None:
         if self.server is not None:
+            # pg_ctl itself: pgserver's cleanup stops only the postmaster it
+            # started, and a restart replaced it.
+            with contextlib.suppress(Exception):
+                self.pg_ctl("stop")
             with contextlib.suppress(Exception):
                 self.server.cleanup()
             self.server = None

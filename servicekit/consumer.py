@@ -250,6 +250,7 @@ class EventConsumer:
                     producer,
                 )
                 applied = floor - 1
+                replay_from = None  # nothing left to heal it with
             seqs = await conn.fetch(
                 f"SELECT seq FROM {schema}.processed_events"
                 " WHERE consumer = $1 AND producer = $2 AND seq > $3 ORDER BY seq LIMIT $4",
@@ -335,7 +336,10 @@ class EventConsumer:
     async def _in_flight(self, stream: str, seq: int) -> bool:
         """Whether event `seq` may still arrive on its own: the group has not
         read the whole stream yet, or the event is pending (failed, retrying)."""
-        groups = await self._redis.xinfo_groups(stream)
+        try:
+            groups = await self._redis.xinfo_groups(stream)
+        except ResponseError:  # no such stream (lost): nothing can arrive on its own
+            return False
         mine = [g for g in groups if _text(g["name"]) == self.group]
         if not mine:
             return False
