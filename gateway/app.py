@@ -26,6 +26,7 @@ from servicekit.server import (
     add_health_and_reflection,
     create_grpc_server,
     serve_until_signalled,
+    stop_server,
 )
 from servicekit.telemetry import configure_tracing
 
@@ -204,23 +205,15 @@ class Gateway:
         if self._stopped:
             return
         self._stopped = True
-        loop = asyncio.get_running_loop()
         if self.http_app is not None:
             self.http_app.state.draining = True
         await self.health.enter_graceful_shutdown()
         if self.settings.shutdown_delay_seconds > 0 and self.grpc_server is not None:
             await asyncio.sleep(self.settings.shutdown_delay_seconds)
         grace = self.settings.shutdown_grace_seconds
-        deadline = loop.time() + grace
-
-        async def drain_grpc() -> None:
-            assert self.grpc_server is not None
-            await self.drain.drain(grace)
-            await self.grpc_server.stop(max(0.1, deadline - loop.time()))
-
         drains: list[Awaitable[object]] = []
         if self.grpc_server is not None:
-            drains.append(drain_grpc())
+            drains.append(stop_server(self.grpc_server, self.drain, grace))
         if self.http_server is not None and self._http_task is not None:
             self.http_server.should_exit = True
             drains.append(self._http_task)

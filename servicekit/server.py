@@ -56,8 +56,10 @@ def _traced(details: grpc.HandlerCallDetails) -> bool:
     return not details.method.startswith(_HEALTH_PREFIX)
 
 
-# How long a drained server keeps refusing calls before it stops (Drain.drain).
-DISPATCH_SECONDS = 0.3
+# A drained server stops once no call has arrived for QUIET_SECONDS, waiting
+# at most QUIET_MAX_SECONDS for such a moment (Drain.drain).
+QUIET_SECONDS = 0.1
+QUIET_MAX_SECONDS = 1.0
 
 
 class Drain(grpc.aio.ServerInterceptor):
@@ -66,18 +68,31 @@ class Drain(grpc.aio.ServerInterceptor):
     `server.stop(grace)` alone cancelled accepted calls: under a burst, POS
     calls still in their handlers when the server's shutdown completed were
     answered CANCELLED, which a POS may not retry (issue 14: 14 / 44 / 144 of
-    bursts of 20 / 60 / 150). So the process first drains here: from
-    `drain()` on, a new unary call is refused with UNAVAILABLE and a zero
-    retry delay (the caller retries at once, on another instance), and
-    `drain()` returns when the calls in progress are done; only then does the
-    server stop. Health checks pass (they report NOT_SERVING); streams
-    (Watch, reflection) are left to `server.stop(grace)`."""
+    bursts of 20 / 60 / 150). So the process drains here first:
+
+    1. `drain()`: calls in progress finish (within the grace); a call arriving
+       now is held, not refused, so its caller does not come straight back
+       (a refused till retries at once: a storm that never lets the server
+       go quiet).
+    2. It then waits for a moment without arrivals (at most a second): grpc
+       core cancels the calls it received but has not handed to Python yet
+       when the server stops (CANCELLED at the caller), so the server stops
+       when that queue is most likely empty.
+    3. The owner starts `server.stop()` (no new calls: the callers get
+       UNAVAILABLE), then `release()`: the held calls are answered
+       UNAVAILABLE `SHUTTING_DOWN` with a zero retry delay (retry at once,
+       on another instance), never CANCELLED.
+
+    Health checks pass (they report NOT_SERVING); streams (Watch, reflection)
+    are left to `server.stop(grace)`."""
 
     def __init__(self) -> None:
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._released = asyncio.Event()
+        self._last_call = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -98,7 +113,9 @@ class Drain(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._last_call = asyncio.get_running_loop().time()
             if self.draining:
+                await self._released.wait()
                 status = to_rpc_status(
                     grpc.StatusCode.UNAVAILABLE,
                     "the server is shutting down; retry",
@@ -125,7 +142,8 @@ class Drain(grpc.aio.ServerInterceptor):
         )
 
     async def drain(self, timeout: float) -> bool:
-        """Refuse new unary calls; wait up to `timeout` for those in progress."""
+        """Hold new unary calls; wait up to `timeout` for those in progress,
+        then for a quiet moment. False if calls were still in progress."""
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -134,12 +152,27 @@ class Drain(grpc.aio.ServerInterceptor):
         except TimeoutError:
             log.warning("%d calls still in progress after %.1fs", self._in_flight, timeout)
             return False
-        # Calls the server received but has not handed to Python yet are
-        # cancelled by its stop (CANCELLED at the caller): under a burst the
-        # event loop lags behind, so give it a moment to take them (and refuse
-        # them) first.
-        await asyncio.sleep(max(0.0, min(DISPATCH_SECONDS, deadline - loop.time())))
+        give_up = min(deadline, loop.time() + QUIET_MAX_SECONDS)
+        # Polled: the arrivals are what is measured, no event marks their absence.
+        while (quiet := loop.time() - self._last_call) < QUIET_SECONDS and loop.time() < give_up:  # noqa: ASYNC110
+            await asyncio.sleep(min(QUIET_SECONDS - quiet, give_up - loop.time()))
         return True
+
+    def release(self) -> None:
+        """Answer the held calls (call once the server's stop has begun)."""
+        self._released.set()
+
+
+async def stop_server(server: grpc.aio.Server, drain: Drain, grace: float) -> None:
+    """Drain, then stop `server` within `grace` in all (the order Drain needs)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    await drain.drain(grace)
+    stopping = asyncio.ensure_future(server.stop(max(0.1, deadline - loop.time())))
+    # Let the stop begin (the server takes no new call) before answering the held ones.
+    await asyncio.sleep(0.01)
+    drain.release()
+    await stopping
 
 
 def create_grpc_server(
@@ -335,9 +368,8 @@ class ServiceApp:
             # Let load balancers and watching clients see NOT_SERVING first.
             await asyncio.sleep(self.settings.shutdown_delay_seconds)
         deadline = loop.time() + self.settings.shutdown_grace_seconds
-        await self.drain.drain(self.settings.shutdown_grace_seconds)
         if self.server is not None:
-            await self.server.stop(max(0.1, deadline - loop.time()))
+            await stop_server(self.server, self.drain, self.settings.shutdown_grace_seconds)
         # Background loops leave at their next turn, the work in hand done.
         for consumer in self.consumers:
             consumer.stop()
