@@ -59,20 +59,34 @@ async def outbox_db(db: Database, names: tuple[str, str]) -> AsyncIterator[Datab
     """A private outbox (the real table's shape), so no running service's relay claims it."""
     schema = f"dur_{uuid.uuid4().hex[:8]}"
     await db.pool.execute(
-        f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.outbox (LIKE tiering.outbox INCLUDING ALL)"
+        f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.outbox (LIKE tiering.outbox INCLUDING ALL);"
+        f" CREATE TABLE {schema}.effects (order_id text NOT NULL)"
     )
     yield Database(db.pool, schema, names[0])
     await db.pool.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 class Applied:
-    """A handler counting what it applied, per order id."""
+    """A handler recording what it applied, per order id, in the test's own
+    table: in the event's transaction, so only committed effects count (a
+    read cancelled by a stop rolls back and is applied again)."""
 
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+    def __init__(self, db: Database, schema: str) -> None:
+        self._db = db
+        self._table = f"{schema}.effects"
 
     async def __call__(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
-        self.counts[event.payload.order_id] += 1  # type: ignore[attr-defined]
+        await uow.conn.execute(
+            f"INSERT INTO {self._table} (order_id) VALUES ($1)",
+            event.payload.order_id,  # type: ignore[attr-defined]
+        )
+
+    async def counts(self) -> Counter[str]:
+        rows = await self._db.pool.fetch(f"SELECT order_id FROM {self._table}")
+        return Counter(r["order_id"] for r in rows)
+
+    async def has(self, n: int) -> bool:
+        return len(await self.counts()) == n
 
 
 def make_consumer(
@@ -97,9 +111,12 @@ async def running(*loops: EventConsumer | OutboxRelay) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # As ServiceApp.stop does: each loop finishes the work in hand and
+        # leaves (a cancel would roll back a relay's batch after its XADD).
         for loop in loops:
             loop.stop()
-        for task in tasks:
+        _, late = await asyncio.wait(tasks, timeout=10)
+        for task in late:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=10)
@@ -161,13 +178,13 @@ async def test_no_event_lost_when_redis_loses_the_stream_while_the_consumer_lags
 ) -> None:
     producer, group = names
     stream = stream_name(infra.namespace, producer)
-    applied = Applied()
+    applied = Applied(db, outbox_db.schema)
     relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
     consumer = make_consumer(group, db, redis, infra, producer, applied)
 
     await emit(outbox_db, "a1", "a2", "a3")
     async with running(relay, consumer):
-        await eventually(lambda: len(applied.counts) == 3)
+        await eventually(lambda: applied.has(3))
     # The consumer is down: a backlog builds up in the stream...
     await emit(outbox_db, "b1", "b2", "b3", "b4")
     await relay.publish_pending()
@@ -180,12 +197,11 @@ async def test_no_event_lost_when_redis_loses_the_stream_while_the_consumer_lags
     relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
     consumer = make_consumer(group, db, redis, infra, producer, applied)
     async with running(relay, consumer):
-        await eventually(lambda: len(applied.counts) == 9)
+        await eventually(lambda: applied.has(9))
         await eventually(lambda: _cursor_at(db, group, producer, 9))
 
     expected = {"a1", "a2", "a3", "b1", "b2", "b3", "b4", "c1", "c2"}
-    assert set(applied.counts) == expected
-    assert all(n == 1 for n in applied.counts.values()), applied.counts
+    assert await applied.counts() == Counter(expected)
 
 
 async def _cursor_at(db: Database, group: str, producer: str, seq: int) -> bool:
@@ -204,7 +220,7 @@ async def test_a_gap_in_the_middle_is_found_and_healed(
     asks for a replay, counts the gap found and, once applied, healed."""
     producer, group = names
     stream = stream_name(infra.namespace, producer)
-    applied = Applied()
+    applied = Applied(db, outbox_db.schema)
     relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
     await emit(outbox_db, "o1", "o2", "o3", "o4")
     await relay.publish_pending()
@@ -215,14 +231,13 @@ async def test_a_gap_in_the_middle_is_found_and_healed(
 
     consumer = make_consumer(group, db, redis, infra, producer, applied)
     async with running(consumer):
-        await eventually(lambda: len(applied.counts) == 3)
+        await eventually(lambda: applied.has(3))
         await eventually(lambda: _replay_asked(db, group, producer, 2))
         # Only now the relay runs: the replay is what brings o2 back.
         async with running(relay):
             await eventually(lambda: _cursor_at(db, group, producer, 4))
 
-    assert set(applied.counts) == {"o1", "o2", "o3", "o4"}
-    assert all(n == 1 for n in applied.counts.values()), applied.counts
+    assert await applied.counts() == Counter({"o1": 1, "o2": 1, "o3": 1, "o4": 1})
     state = await cursor(db, group, producer)
     assert (state["gaps_found"], state["gaps_healed"], state["replay_from"]) == (1, 1, None)
     assert GAPS_FOUND.labels(group, producer)._value.get() == found + 1
@@ -250,7 +265,7 @@ async def test_events_lost_at_the_tail_are_found_by_the_producers_head(
     """No later event shows a gap at the tail: the producer's head does."""
     producer, group = names
     stream = stream_name(infra.namespace, producer)
-    applied = Applied()
+    applied = Applied(db, outbox_db.schema)
     relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
     await emit(outbox_db, "t1", "t2", "t3")
     await relay.publish_pending()
@@ -259,7 +274,7 @@ async def test_events_lost_at_the_tail_are_found_by_the_producers_head(
     consumer = make_consumer(group, db, redis, infra, producer, applied)
     async with running(consumer, relay):
         await eventually(lambda: _cursor_at(db, group, producer, 3))
-    assert applied.counts == Counter({"t1": 1, "t2": 1, "t3": 1})
+    assert await applied.counts() == Counter({"t1": 1, "t2": 1, "t3": 1})
 
 
 async def test_a_pending_event_is_not_mistaken_for_a_gap(
@@ -284,7 +299,7 @@ async def test_a_pending_event_is_not_mistaken_for_a_gap(
                 raise RuntimeError("not yet")
             await super().__call__(uow, event)
 
-    applied = Flaky()
+    applied = Flaky(db, outbox_db.schema)
     await emit(outbox_db, "slow", "next")
     await relay.publish_pending()
     consumer = make_consumer(group, db, redis, infra, producer, applied)
@@ -292,7 +307,7 @@ async def test_a_pending_event_is_not_mistaken_for_a_gap(
     # Retried only after 1 s: the cursor stands still meanwhile.
     consumer._retry_after_ms = 1_000
     async with running(consumer):
-        await eventually(lambda: applied.counts["next"] == 1)
+        await eventually(lambda: applied.has(1))
         await asyncio.sleep(0.5)
         assert (await cursor(db, group, producer))["replay_from"] is None
         await eventually(lambda: _cursor_at(db, group, producer, 2), timeout=10)
