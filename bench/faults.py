@@ -44,7 +44,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,6 +104,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------ infrastructure
 
 
+def without_faketime(env: Mapping[str, str]) -> dict[str, str]:
+    """redis-server cannot run under libfaketime (the test suite may run under
+    `faketime '+365d'`): it fails on its own clock calls."""
+    return {k: v for k, v in env.items() if k != "LD_PRELOAD" and not k.startswith("FAKETIME")}
+
+
 class OwnRedis:
     """A redis-server this run started on a free loopback port, without
     persistence: a restart comes back empty, as the issue's deployment did."""
@@ -127,6 +133,7 @@ class OwnRedis:
             *("--appendonly", "no", "--dir", str(self.workdir)),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            env=without_faketime(os.environ),
         )
         from redis.asyncio import Redis
 

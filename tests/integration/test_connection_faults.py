@@ -14,6 +14,7 @@ loopback port and stops by pid.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import tempfile
@@ -91,6 +92,14 @@ async def test_a_connection_broken_mid_transaction_raises_its_own_error_and_leav
         assert await uow.conn.fetchval("SELECT 1") == 1
 
 
+def _without_faketime() -> dict[str, str]:
+    """redis-server cannot run under libfaketime (the suite may run under
+    `faketime '+365d'`): it fails on its own clock calls."""
+    return {
+        k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("FAKETIME")
+    }
+
+
 def _start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
@@ -108,6 +117,7 @@ def _start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=_without_faketime(),
     )
 
 
