@@ -73,6 +73,11 @@ GAPS_HEALED = Counter(
     "Gaps in a producer's event sequence filled by a replay",
     ["consumer", "producer"],
 )
+STREAMS_LOST = Counter(
+    "loyalty_event_streams_lost",
+    "A consumer group found its stream or group gone (Redis lost data) and asked for a replay",
+    ["consumer", "producer"],
+)
 CONSUMER_LAG = Gauge(
     "loyalty_event_consumer_lag",
     "Events a consumer group has not applied yet: producer's last sequence minus the cursor",
@@ -280,6 +285,7 @@ class EventConsumer:
             ask = False
             if lost:
                 ask = True
+                STREAMS_LOST.labels(*labels).inc()
                 if applied < published and replay_from is None:
                     replay_from = applied + 1
                     found += 1

@@ -22,7 +22,13 @@ import pytest
 from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
-from servicekit.consumer import GAPS_FOUND, GAPS_HEALED, EventConsumer, Subscription
+from servicekit.consumer import (
+    GAPS_FOUND,
+    GAPS_HEALED,
+    STREAMS_LOST,
+    EventConsumer,
+    Subscription,
+)
 from servicekit.db import Database, UnitOfWork, create_pool
 from servicekit.events import SEQ_FIELD, ReceivedEvent, head_key, stream_name
 from servicekit.eventstatus import events_status
@@ -193,6 +199,7 @@ async def test_no_event_lost_when_redis_loses_the_stream_while_the_consumer_lags
     await redis.delete(stream, head_key(stream))
     await emit(outbox_db, "c1", "c2")
 
+    lost_before = STREAMS_LOST.labels(group, producer)._value.get()
     # Both restart (new processes, the same group and producer).
     relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
     consumer = make_consumer(group, db, redis, infra, producer, applied)
@@ -202,6 +209,7 @@ async def test_no_event_lost_when_redis_loses_the_stream_while_the_consumer_lags
 
     expected = {"a1", "a2", "a3", "b1", "b2", "b3", "b4", "c1", "c2"}
     assert await applied.counts() == Counter(expected)
+    assert STREAMS_LOST.labels(group, producer)._value.get() == lost_before + 1
 
 
 async def _cursor_at(db: Database, group: str, producer: str, seq: int) -> bool:
