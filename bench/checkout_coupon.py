@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from servicekit import devrun
+from devtools import devrun, supervisor
 from servicekit.db import Database, create_pool
 
 from .cli import (
@@ -47,6 +47,7 @@ from .cli import (
     BenchInfra,
     UnexpectedReply,
     events_drained,
+    identify_pool,
     platform_env,
     pos_channel,
     register_pos_key,
@@ -155,13 +156,15 @@ def own_ms(seconds: list[float]) -> dict[str, float | None]:
 
 
 async def issue_wallets(
-    database_url: str, template_id: str, count: int, tag: str
+    database_url: str, template_id: str, count: int, tag: str, member_ids: list[str]
 ) -> list[tuple[str, str]]:
     """`count` coupons, COUPONS_PER_MEMBER per member, issued through the use
-    case itself (in-process: setup, not measured); (member, code) pairs."""
-    from services.rewards import coupon_service as svc
+    case itself (in-process: setup, not measured); (member, code) pairs. The
+    members are real (enrolled at the till): checkout refuses unknown ids."""
+    from services.rewards.coupons import handlers as svc
 
-    members = [uuid.uuid4() for _ in range(-(-count // COUPONS_PER_MEMBER))]
+    members = [uuid.UUID(m) for m in member_ids]
+    assert len(members) * COUPONS_PER_MEMBER >= count, "enough members for the wallets"
     pool = await create_pool(database_url, 8, 8)
     db = Database(pool, "rewards", "rewards")
     gate = asyncio.Semaphore(8)
@@ -202,13 +205,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         say("migrating and seeding ...")
         await asyncio.to_thread(devrun.migrate, infra.database_url)
         await devrun.seed(infra.database_url)
-        ports = devrun.free_ports()
-        pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
+        ports = supervisor.free_ports()
+        pos_target = f"{supervisor.LOOPBACK}:{ports['pos']}"
         api_key = await register_pos_key(infra, args.store_id)
-        children = devrun.platform_children(ports, platform_env(infra))
+        children = supervisor.platform_children(ports, platform_env(infra))
         template_id = f"BENCH-CHK-{run_id[-6:]}"
         async with started(children, BENCH_DATA / "logs" / run_id):
-            rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
+            rewards_target = f"{supervisor.LOOPBACK}:{ports['rewards']}"
             async with grpc.aio.insecure_channel(rewards_target) as rewards_channel:
                 await rewards_pb2_grpc.RewardsServiceStub(rewards_channel).CreateCouponTemplate(
                     rewards_pb2.CreateCouponTemplateRequest(
@@ -224,17 +227,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         status="active",
                     )
                 )
+            wanted = -(-(per_phase + per_warmup) // COUPONS_PER_MEMBER)
+            say(f"enrolling {wanted} members at the till ...")
+            # CompleteOrder refuses member ids member does not know.
+            pool = await identify_pool(pos_target, args.store_id, wanted, api_key)
             say(f"issuing {per_phase + per_warmup} coupons ...")
             wallets = await issue_wallets(
-                infra.database_url, template_id, per_phase + per_warmup, f"{run_id}-issue"
+                infra.database_url, template_id, per_phase + per_warmup, f"{run_id}-issue", pool
             )
             warm_wallets, measured_wallets = wallets[:per_warmup], wallets[per_warmup:]
             async with pos_channel(pos_target, args.store_id, api_key) as channel:
                 stub = pos_pb2_grpc.PosServiceStub(channel)
 
                 def plain(i: int) -> tuple[str, str]:
-                    # A member with no coupon (rewards keys everything by member id).
-                    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{run_id}/{i}")), ""
+                    # An enrolled member, without a coupon on this checkout.
+                    return pool[i % len(pool)], ""
 
                 results: list[RunResult] = []
                 step_ms: dict[str, dict[str, dict[str, float | None]]] = {}

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 
-from servicekit import devrun, embedded
+from devtools import devrun, embedded, supervisor
 from servicekit.db import asyncpg_dsn, with_database
 from servicekit.settings import ServiceSettings
 
@@ -125,7 +125,7 @@ def require_local(url: str, variable: str) -> None:
     hosts += [q.split("=", 1)[1] for q in parts.query.split("&") if q.startswith("host=")]
     for host in hosts:
         if not (host in LOCAL_HOSTS or host.startswith(("/", "127."))):
-            raise devrun.DevrunError(
+            raise supervisor.DevrunError(
                 f"{variable} points at {host}; the benchmark only runs against this machine"
                 " (loopback or a unix socket). Unset it to use embedded servers."
             )
@@ -283,8 +283,10 @@ async def identify_pool(pos_target: str, store_id: str, count: int, api_key: str
 
 
 @contextlib.asynccontextmanager
-async def started(children: list[devrun.Child], log_dir: Path) -> AsyncIterator[devrun.Platform]:
-    platform = devrun.Platform(children, log_dir=log_dir)
+async def started(
+    children: list[supervisor.Child], log_dir: Path
+) -> AsyncIterator[supervisor.Platform]:
+    platform = supervisor.Platform(children, log_dir=log_dir)
     try:
         await platform.spawn()
         took = await platform.wait_ready(90)
@@ -319,7 +321,7 @@ async def events_drained(infra: BenchInfra, timeout: float = 180.0) -> float:
             if not behind:
                 return time.monotonic() - started_at
             if time.monotonic() - started_at > timeout:
-                raise devrun.DevrunError(
+                raise supervisor.DevrunError(
                     f"{behind} consumer groups still behind after {timeout:.0f}s"
                 )
             await asyncio.sleep(0.5)
@@ -348,7 +350,7 @@ async def measure(
             f"{name} warm-up", call_for("w"), args.rate, args.warmup, timeout=backstop(args)
         )
         if warm.ok == 0:
-            raise devrun.DevrunError(f"{name}: every warm-up request failed: {warm.errors}")
+            raise supervisor.DevrunError(f"{name}: every warm-up request failed: {warm.errors}")
     say(f"measuring {name}: {args.rate:g}/s for {args.duration:g}s ...")
     before = await meter.snapshot() if meter is not None else None
     result = await open_loop(name, call_for("m"), args.rate, args.duration, timeout=backstop(args))
@@ -365,17 +367,17 @@ async def measure(
 async def measure_echo(args: argparse.Namespace, log_dir: Path) -> RunResult:
     """The empty-gRPC baseline: an echo server in its own process, measured
     like the slice (the floor of one hop on this machine)."""
-    echo_port = devrun.free_port()
-    echo = devrun.Child(
+    echo_port = supervisor.free_port()
+    echo = supervisor.Child(
         "echo",
         [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)],
-        devrun.child_env(os.environ),
-        grpc_target=f"{devrun.LOOPBACK}:{echo_port}",
+        supervisor.child_env(os.environ),
+        grpc_target=f"{supervisor.LOOPBACK}:{echo_port}",
     )
     async with (
         started([echo], log_dir) as platform,
         metered(platform) as meter,
-        grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{echo_port}") as channel,
+        grpc.aio.insecure_channel(f"{supervisor.LOOPBACK}:{echo_port}") as channel,
     ):
         ping = channel.unary_unary(ECHO_METHOD)
 
@@ -387,7 +389,7 @@ async def measure_echo(args: argparse.Namespace, log_dir: Path) -> RunResult:
 
 @contextlib.asynccontextmanager
 async def metered(
-    platform: devrun.Platform | None, infra: BenchInfra | None = None
+    platform: supervisor.Platform | None, infra: BenchInfra | None = None
 ) -> AsyncIterator[CpuMeter]:
     """A CPU meter over the platform's processes (and, given `infra`, its
     database's backends and Redis)."""
@@ -410,7 +412,7 @@ def platform_env(infra: BenchInfra) -> dict[str, str]:
     bench drives one store at hundreds of orders a second (a real store does
     about one a minute), so the per-store bucket is opened wide; the Redis
     round trip that checks it is still paid."""
-    return devrun.child_env(
+    return supervisor.child_env(
         os.environ,
         DATABASE_URL=infra.database_url,
         REDIS_URL=infra.redis_url,
@@ -420,27 +422,28 @@ def platform_env(infra: BenchInfra) -> dict[str, str]:
     )
 
 
-def gateway_without_auth(ports: dict[str, int], base_env: dict[str, str]) -> devrun.Child:
+def gateway_without_auth(ports: dict[str, int], base_env: dict[str, str]) -> supervisor.Child:
     """A second gateway in front of the same services, with AUTH_ENABLED=false:
     the same call through it is the baseline of the door's overhead."""
     addresses = {
-        f"{name.upper()}_ADDR": f"{devrun.LOOPBACK}:{ports[name]}" for name in devrun.SERVICES
+        f"{name.upper()}_ADDR": f"{supervisor.LOOPBACK}:{ports[name]}"
+        for name in supervisor.SERVICES
     }
-    env = devrun.child_env(
+    env = supervisor.child_env(
         base_env,
         AUTH_ENABLED="false",
-        HTTP_HOST=devrun.LOOPBACK,
+        HTTP_HOST=supervisor.LOOPBACK,
         HTTP_PORT=str(ports["http_noauth"]),
-        POS_GRPC_HOST=devrun.LOOPBACK,
+        POS_GRPC_HOST=supervisor.LOOPBACK,
         POS_GRPC_PORT=str(ports["pos_noauth"]),
         METRICS_PORT=str(ports["metrics_noauth"]),
         **addresses,
     )
-    return devrun.Child(
+    return supervisor.Child(
         "gateway-noauth",
         [sys.executable, "-m", "gateway"],
         env,
-        http_ready=(devrun.LOOPBACK, ports["http_noauth"], "/readyz"),
+        http_ready=(supervisor.LOOPBACK, ports["http_noauth"], "/readyz"),
         tier=1,
     )
 
@@ -607,15 +610,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await devrun.seed(infra.database_url)
         pg_version = await server_version(infra.database_url)
 
-        ports = devrun.free_ports()
-        extra = devrun.free_ports()
+        ports = supervisor.free_ports()
+        extra = supervisor.free_ports()
         ports.update(
             http_noauth=extra["http"], pos_noauth=extra["pos"], metrics_noauth=extra["metrics"]
         )
         base = platform_env(infra)
-        pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
+        pos_target = f"{supervisor.LOOPBACK}:{ports['pos']}"
         api_key = await register_pos_key(infra, args.store_id)
-        children = [*devrun.platform_children(ports, base), gateway_without_auth(ports, base)]
+        children = [*supervisor.platform_children(ports, base), gateway_without_auth(ports, base)]
         async with started(children, log_dir) as platform, metered(platform, infra) as meter:
             members = await identify_pool(pos_target, args.store_id, args.members, api_key)
             say(f"identified {len(members)} members at {args.store_id}")
@@ -638,7 +641,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # The same call, through the gateway without the door, once the
             # first row's events are consumed (it must not pay for them).
             await events_drained(infra)
-            noauth_target = f"{devrun.LOOPBACK}:{ports['pos_noauth']}"
+            noauth_target = f"{supervisor.LOOPBACK}:{ports['pos_noauth']}"
             async with grpc.aio.insecure_channel(noauth_target) as channel:
                 open_stub = pos_pb2_grpc.PosServiceStub(channel)
 
@@ -739,7 +742,7 @@ def run_and_report(
     began = time.monotonic()
     try:
         report = asyncio.run(run(args))
-    except devrun.DevrunError as exc:
+    except supervisor.DevrunError as exc:
         if prog:
             print(f"{prog}: {exc}", file=sys.stderr)
         else:
@@ -776,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
             report = asyncio.run(guarded())
         else:
             report = uvloop.run(guarded())
-    except devrun.DevrunError as exc:
+    except supervisor.DevrunError as exc:
         say(f"error: {exc}")
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -47,7 +47,7 @@ from typing import Any
 import asyncpg
 import grpc
 
-from servicekit import devrun
+from devtools import devrun, supervisor
 from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.settings import ServiceSettings
 
@@ -115,16 +115,16 @@ async def measure_echo_cpu(
     monitor: asyncpg.Connection, args: argparse.Namespace, log_dir: Path
 ) -> tuple[RunResult, dict[str, Any]]:
     """The empty-gRPC baseline (as bench/cli.py's), with the echo server's CPU."""
-    port = devrun.free_port()
-    echo = devrun.Child(
+    port = supervisor.free_port()
+    echo = supervisor.Child(
         "echo",
         [sys.executable, "-m", "bench.echo_server", "--port", str(port)],
-        devrun.child_env(os.environ),
-        grpc_target=f"{devrun.LOOPBACK}:{port}",
+        supervisor.child_env(os.environ),
+        grpc_target=f"{supervisor.LOOPBACK}:{port}",
     )
     async with (
         started([echo], log_dir),
-        grpc.aio.insecure_channel(f"{devrun.LOOPBACK}:{port}") as channel,
+        grpc.aio.insecure_channel(f"{supervisor.LOOPBACK}:{port}") as channel,
     ):
         ping = channel.unary_unary(ECHO_METHOD)
 
@@ -210,7 +210,7 @@ async def run_bulk(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
-    from services.rewards import coupon_service as svc
+    from services.rewards.coupons import handlers as svc
 
     started_at = datetime.now(UTC)
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -229,9 +229,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         say("migrating and seeding ...")
         await asyncio.to_thread(devrun.migrate, infra.database_url)
         await devrun.seed(infra.database_url)
-        ports = devrun.free_ports()
-        rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
-        children = devrun.platform_children(ports, platform_env(infra))
+        ports = supervisor.free_ports()
+        rewards_target = f"{supervisor.LOOPBACK}:{ports['rewards']}"
+        children = supervisor.platform_children(ports, platform_env(infra))
         template_id = f"BENCH-{run_id[-6:]}"
         monitor = await asyncpg.connect(asyncpg_dsn(infra.database_url))
         async with started(children, log_dir) as platform:

@@ -6,7 +6,7 @@ every fault (docs/operations.md, "Fault suite").
    each run) and its own Redis (a `redis-server` on a free loopback port,
    without persistence, like a default deployment: a restart comes back
    empty), migrates, seeds, registers a POS key, then the four services and
-   the gateway as real processes (servicekit/devrun.py), each on a free port.
+   the gateway as real processes (devtools/supervisor.py), each on a free port.
 2. Drives CompleteOrder at --rate per second through the gateway with a
    retrying client: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are
    retried with the same pos_transaction_id (as a till does) until they
@@ -53,7 +53,7 @@ from typing import Any
 import asyncpg
 import grpc
 
-from servicekit import devrun, embedded
+from devtools import devrun, embedded, supervisor
 from servicekit.db import asyncpg_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,21 +115,21 @@ class OwnRedis:
     persistence: a restart comes back empty, as the issue's deployment did."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = devrun.free_port()
+        self.port = supervisor.free_port()
         self.workdir = workdir
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{devrun.LOOPBACK}:{self.port}/0"
+        return f"redis://{supervisor.LOOPBACK}:{self.port}/0"
 
     async def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise devrun.DevrunError("the fault suite needs redis-server on PATH")
+            raise supervisor.DevrunError("the fault suite needs redis-server on PATH")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            *(binary, "--bind", devrun.LOOPBACK, "--port", str(self.port), "--save", ""),
+            *(binary, "--bind", supervisor.LOOPBACK, "--port", str(self.port), "--save", ""),
             *("--appendonly", "no", "--dir", str(self.workdir)),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -146,7 +146,7 @@ class OwnRedis:
                 await asyncio.sleep(0.02)
         finally:
             await client.aclose()
-        raise devrun.DevrunError("redis-server did not start")
+        raise supervisor.DevrunError("redis-server did not start")
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -341,14 +341,14 @@ class Suite:
         self.pg = OwnPostgres(args.data_dir / "pg")
         self.redis = OwnRedis(args.data_dir / "redis")
         self.namespace = f"faults-{uuid.uuid4().hex[:8]}"
-        self.ports = devrun.free_ports()
-        self.platform: devrun.Platform | None = None
-        self.children: dict[str, devrun.Child] = {}
+        self.ports = supervisor.free_ports()
+        self.platform: supervisor.Platform | None = None
+        self.children: dict[str, supervisor.Child] = {}
         self.results: list[FaultResult] = []
         self.log_dir = args.data_dir / "logs"
 
     def env(self) -> dict[str, str]:
-        return devrun.child_env(
+        return supervisor.child_env(
             os.environ,
             DATABASE_URL=self.pg.url,
             REDIS_URL=self.redis.url,
@@ -373,9 +373,9 @@ class Suite:
         await devrun.seed(self.pg.url)
         api_key = await self._pos_key()
         shutil.rmtree(self.log_dir, ignore_errors=True)
-        children = devrun.platform_children(self.ports, self.env())
+        children = supervisor.platform_children(self.ports, self.env())
         self.children = {c.name: c for c in children}
-        self.platform = devrun.Platform(children, log_dir=self.log_dir)
+        self.platform = supervisor.Platform(children, log_dir=self.log_dir)
         await self.platform.spawn()
         took = await self.platform.wait_ready(120)
         say(f"platform ready in {took:.1f}s (logs: {self.log_dir})")
@@ -410,7 +410,7 @@ class Suite:
         child = self.children[name]
         if child.log_file is not None:
             child.log_file.close()
-        await devrun.Platform([child], log_dir=self.log_dir).spawn()
+        await supervisor.Platform([child], log_dir=self.log_dir).spawn()
 
     def signal_child(self, name: str, sig: int) -> None:
         proc = self.children[name].proc
@@ -426,7 +426,9 @@ class Suite:
     async def all_ready(self, timeout: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            ready = await asyncio.gather(*(devrun.child_ready(c) for c in self.children.values()))
+            ready = await asyncio.gather(
+                *(supervisor.child_ready(c) for c in self.children.values())
+            )
             if all(ready):
                 return True
             await asyncio.sleep(0.3)
@@ -628,7 +630,7 @@ def table(results: list[FaultResult]) -> str:
 def write_docs(text: str) -> None:
     doc = DOC.read_text()
     if DOC_BEGIN not in doc or DOC_END not in doc:
-        raise devrun.DevrunError(f"{DOC} has no {DOC_BEGIN} ... {DOC_END} section")
+        raise supervisor.DevrunError(f"{DOC} has no {DOC_BEGIN} ... {DOC_END} section")
     before, rest = doc.split(DOC_BEGIN, 1)
     _, after = rest.split(DOC_END, 1)
     DOC.write_text(f"{before}{DOC_BEGIN}\n{text}\n{DOC_END}{after}")
@@ -656,7 +658,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         api_key = await suite.start()
-        pos_target = f"{devrun.LOOPBACK}:{suite.ports['pos']}"
+        pos_target = f"{supervisor.LOOPBACK}:{suite.ports['pos']}"
         members = await identify_pool(pos_target, STORE, args.members, api_key)
         async with pos_channel(pos_target, STORE, api_key) as channel:
             from loyalty.pos.v1 import pos_pb2_grpc
@@ -668,7 +670,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if args.smoke
                     else ["rewards"]
                     if args.quick
-                    else [*devrun.SERVICES, "gateway"]
+                    else [*supervisor.SERVICES, "gateway"]
                 )
                 for name in kills:
                     await suite.phase(load, f"kill -9 {name}", suite.kill9(name))

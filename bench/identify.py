@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from servicekit import devrun
+from devtools import devrun, supervisor
 
 from .cli import (
     BENCH_DATA,
@@ -168,14 +168,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(devrun.migrate, infra.database_url)
         await devrun.seed(infra.database_url)
         pg_version = await server_version(infra.database_url)
-        ports = devrun.free_ports()
+        ports = supervisor.free_ports()
         base = platform_env(infra)
-        pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
-        member_target = f"{devrun.LOOPBACK}:{ports['member']}"
+        pos_target = f"{supervisor.LOOPBACK}:{ports['pos']}"
+        member_target = f"{supervisor.LOOPBACK}:{ports['member']}"
         results: list[RunResult] = []
         api_key = await register_pos_key(infra, args.store_id)
         async with (
-            started(devrun.platform_children(ports, base), log_dir) as platform,
+            started(supervisor.platform_children(ports, base), log_dir) as platform,
             metered(platform, infra) as meter,
         ):
             members = await identify_pool(pos_target, args.store_id, args.members, api_key)

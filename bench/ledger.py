@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 
-from servicekit import devrun
+from devtools import devrun, supervisor
 from servicekit.settings import ServiceSettings
 
 from .cli import (
@@ -175,12 +175,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         say("migrating and seeding ...")
         await asyncio.to_thread(devrun.migrate, infra.database_url)
         await devrun.seed(infra.database_url)
-        ports = devrun.free_ports()
+        ports = supervisor.free_ports()
         base = platform_env(infra)
-        pos_target = f"{devrun.LOOPBACK}:{ports['pos']}"
-        rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
+        pos_target = f"{supervisor.LOOPBACK}:{ports['pos']}"
+        rewards_target = f"{supervisor.LOOPBACK}:{ports['rewards']}"
         api_key = await register_pos_key(infra, args.store_id)
-        async with started(devrun.platform_children(ports, base), log_dir):
+        async with started(supervisor.platform_children(ports, base), log_dir):
             members = await identify_pool(pos_target, args.store_id, args.members, api_key)
             async with (
                 grpc.aio.insecure_channel(rewards_target) as rch,

@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import grpc
 
-from servicekit import devrun
+from devtools import devrun, supervisor
 from servicekit.db import asyncpg_dsn
 
 from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, run_and_report, say, started
@@ -61,9 +61,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         say("migrating and seeding ...")
         await asyncio.to_thread(devrun.migrate, infra.database_url)
         await devrun.seed(infra.database_url)
-        ports = devrun.free_ports()
-        rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
-        children = devrun.platform_children(ports, platform_env(infra))
+        ports = supervisor.free_ports()
+        rewards_target = f"{supervisor.LOOPBACK}:{ports['rewards']}"
+        children = supervisor.platform_children(ports, platform_env(infra))
         async with started(children, BENCH_DATA / "logs" / run_id):
             # Rewards keys everything by member id: no need to enrol through member.
             members = [str(uuid.uuid4()) for _ in range(args.members)]

@@ -49,7 +49,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from servicekit import devrun
+from devtools import devrun, supervisor
 
 from .cli import (
     BENCH_DATA,
@@ -126,6 +126,7 @@ async def register_miniprogram(infra: BenchInfra) -> tuple[str, str]:
         ).create(
             ClientKind.MINIPROGRAM_BACKEND,
             "bench mini-program backend",
+            app_ids=[APP_ID],
             rate_per_second=UNLIMITED_RATE,
             burst=int(UNLIMITED_RATE),
         )
@@ -151,7 +152,7 @@ async def enrol(http: httpx.AsyncClient, count: int, run_id: str) -> list[str]:
                 json={"request_key": f"{run_id}-{n}", "app_id": APP_ID, "openid": openid(n)},
             )
         if reply.status_code != 200:
-            raise devrun.DevrunError(f"enrolling a member: {reply.status_code} {reply.text}")
+            raise supervisor.DevrunError(f"enrolling a member: {reply.status_code} {reply.text}")
         return str(reply.json()["member"]["member_id"])
 
     return list(await asyncio.gather(*(one(n) for n in range(count))))
@@ -162,7 +163,7 @@ Get = Callable[[str, int], Awaitable[dict[str, Any]]]
 
 def signed_get(http: aiohttp.ClientSession, key_id: str, secret: str, timeout: float) -> Get:
     """GET `path` as the mini-program backend for member n (signed, asserted)."""
-    from gateway.auth.crypto import sign
+    from gateway.auth.crypto import SignedHeaders, sign
     from gateway.auth.http import KEY_ID_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 
     deadline = aiohttp.ClientTimeout(total=timeout)
@@ -176,7 +177,15 @@ def signed_get(http: aiohttp.ClientSession, key_id: str, secret: str, timeout: f
             KEY_ID_HEADER: key_id,
             TIMESTAMP_HEADER: timestamp,
             NONCE_HEADER: nonce,
-            SIGNATURE_HEADER: sign(secret, "GET", path, timestamp, nonce, b""),
+            SIGNATURE_HEADER: sign(
+                secret,
+                "GET",
+                path,
+                timestamp,
+                nonce,
+                b"",
+                SignedHeaders(appid=APP_ID, openid=openid(n)),
+            ),
         }
         async with http.get(path, headers=headers, timeout=deadline) as reply:
             if reply.status != 200:
@@ -263,16 +272,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(devrun.migrate, infra.database_url)
         await devrun.seed(infra.database_url)
         pg_version = await server_version(infra.database_url)
-        ports = devrun.free_ports()
-        extra = devrun.free_ports()
+        ports = supervisor.free_ports()
+        extra = supervisor.free_ports()
         ports.update(
             http_noauth=extra["http"], pos_noauth=extra["pos"], metrics_noauth=extra["metrics"]
         )
         base = platform_env(infra)
         key_id, secret = await register_miniprogram(infra)
-        base_url = f"http://{devrun.LOOPBACK}:{ports['http']}"
-        noauth_url = f"http://{devrun.LOOPBACK}:{ports['http_noauth']}"
-        children = [*devrun.platform_children(ports, base), gateway_without_auth(ports, base)]
+        base_url = f"http://{supervisor.LOOPBACK}:{ports['http']}"
+        noauth_url = f"http://{supervisor.LOOPBACK}:{ports['http_noauth']}"
+        children = [*supervisor.platform_children(ports, base), gateway_without_auth(ports, base)]
         results: list[RunResult] = []
         async with (
             started(children, log_dir) as platform,

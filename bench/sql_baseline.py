@@ -22,10 +22,10 @@ from loyalty.common.v1 import common_pb2
 from loyalty.events.v1 import events_pb2
 from servicekit.db import Database, create_pool
 from servicekit.protos import timestamp
-from services.rewards import repository as repo
-from services.rewards.domain import BASE_EARNING_RULE, OrderLine
-from services.rewards.points import PointsLedger
-from services.rewards.policy import DEFAULT_POLICY
+from services.rewards.orders import repository as repo
+from services.rewards.orders.domain import BASE_EARNING_RULE, OrderLine
+from services.rewards.points.domain import DEFAULT_POLICY
+from services.rewards.points.handlers import PointsLedger
 
 PAID_FEN = 3200
 GROSS_FEN = 3600

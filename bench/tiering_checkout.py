@@ -39,7 +39,7 @@ from typing import Any
 import asyncpg
 import grpc
 
-from servicekit import devrun
+from devtools import devrun, supervisor
 from servicekit.db import asyncpg_dsn
 
 from .cli import (
@@ -204,7 +204,7 @@ async def during_recompute(
     output, _ = await done
     seconds = time.perf_counter() - tick
     if process.returncode != 0:
-        raise devrun.DevrunError(f"recompute failed:\n{output.decode(errors='replace')}")
+        raise supervisor.DevrunError(f"recompute failed:\n{output.decode(errors='replace')}")
     lines = output.decode(errors="replace").strip().splitlines()
     # The CLI's "run N: ..." line (warnings, e.g. a chunk retried, come before it).
     summary = [line for line in lines if line.startswith("run ")] or lines or [""]
@@ -231,10 +231,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         now = datetime.now(UTC).replace(microsecond=0)
         say(f"loading {args.members:,} tiering members / {args.orders:,} orders ...")
         loaded = await load(infra.database_url, args.members, args.orders, now, args.seed)
-        ports = devrun.free_ports()
+        ports = supervisor.free_ports()
         env = platform_env(infra)
-        rewards_target = f"{devrun.LOOPBACK}:{ports['rewards']}"
-        platform = devrun.Platform(devrun.platform_children(ports, env), log_dir=log_dir)
+        rewards_target = f"{supervisor.LOOPBACK}:{ports['rewards']}"
+        platform = supervisor.Platform(supervisor.platform_children(ports, env), log_dir=log_dir)
         try:
             await platform.spawn()
             await platform.wait_ready(90)

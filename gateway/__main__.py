@@ -15,9 +15,15 @@ from .app import NAME, build
 from .auth.admin import main as clients_main
 from .settings import GatewaySettings
 
+USAGE = "usage: python -m gateway [serve | migrate | check-migrations | clients ...]"
+
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else "serve"
+    if command != "clients" and any(a in ("-h", "--help") for a in sys.argv[1:]):
+        # Before anything runs: `migrate --help` must not migrate.
+        print(f"{USAGE}\n\n{__doc__}")
+        return
     if command == "clients":
         s = GatewaySettings()
         sys.exit(
@@ -34,7 +40,7 @@ def main() -> None:
             print(change)
         sys.exit(1 if diff else 0)
     if command != "serve":
-        sys.exit("usage: python -m gateway [serve | migrate | check-migrations | clients ...]")
+        sys.exit(USAGE)
     settings = GatewaySettings()
     configure_logging(NAME, settings.log_level, settings.log_json)
     gateway = build(settings)

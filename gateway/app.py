@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.dependencies import DependencyWatch, Probe, ping
+from servicekit.safety import refuse_unsafe
 from servicekit.server import (
     Drain,
     add_health_and_reflection,
@@ -35,7 +36,8 @@ from .clients import Downstreams
 from .http import create_app
 from .metrics import GatewayMetrics, GrpcObserver, pos_client_of
 from .offline import OfflinePolicy
-from .pos import PosServicer
+from .pos import MessageSizeInterceptor, PosServicer
+from .safety import production_problems
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,32 @@ NAME = "gateway"
 POS_SERVICE = pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# The POS port's gRPC receive limit, as a multiple of POS_MAX_MESSAGE_BYTES:
+# between the two a message is read and refused as MESSAGE_TOO_LARGE.
+POS_HARD_LIMIT_FACTOR = 4
+
+
+def pos_server_credentials(s: GatewaySettings) -> grpc.ServerCredentials | None:
+    """TLS for the POS port when a certificate and key are configured; with a
+    client CA, client certificates are required (mTLS). None: plaintext."""
+    if not (s.pos_tls_cert_file or s.pos_tls_key_file or s.pos_tls_client_ca_file):
+        return None
+    if not (s.pos_tls_cert_file and s.pos_tls_key_file):
+        raise ValueError(
+            "POS TLS needs both POS_TLS_CERT_FILE and POS_TLS_KEY_FILE"
+            " (POS_TLS_CLIENT_CA_FILE only adds client certificates)"
+        )
+    with open(s.pos_tls_key_file, "rb") as key, open(s.pos_tls_cert_file, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if s.pos_tls_client_ca_file:
+        with open(s.pos_tls_client_ca_file, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -100,7 +128,12 @@ class Gateway:
             if s.auth_enabled:
                 self.door = Door(s, self.downstreams)
                 await self.door.open()
-            self.http_app = create_app(self.downstreams, metrics=self.metrics, door=self.door)
+            self.http_app = create_app(
+                self.downstreams,
+                metrics=self.metrics,
+                door=self.door,
+                max_body_bytes=s.http_max_body_bytes,
+            )
             await self._watch_dependencies(self.downstreams)
             self.metrics_port = self.metrics.start(s.metrics_host, s.metrics_port)
             await self._start_grpc(self.downstreams)
@@ -145,15 +178,19 @@ class Gateway:
         server = create_grpc_server(
             s.max_connection_age_ms,
             s.shutdown_grace_seconds,
-            # The door inside the observer: refused calls are counted too.
+            # The door inside the observer: refused calls are counted too. The
+            # size check first: an oversized message is refused by name.
             [
                 GrpcObserver(
                     self.metrics,
                     pos_client_of(self.door.registry) if self.door and self.door.registry else None,
                 ),
+                MessageSizeInterceptor(s.pos_max_message_bytes),
                 *([self.door.pos_interceptor()] if self.door else []),
             ],
             drain=self.drain,
+            # gRPC's own limit, past which it answers RESOURCE_EXHAUSTED unnamed.
+            max_receive_message_bytes=POS_HARD_LIMIT_FACTOR * s.pos_max_message_bytes,
         )
         offline = OfflinePolicy(
             max_batch=s.offline_max_batch, max_age_hours=s.offline_max_age_hours
@@ -161,7 +198,13 @@ class Gateway:
         pos_pb2_grpc.add_PosServiceServicer_to_server(PosServicer(downstreams, offline), server)
         # Health is registered NOT_SERVING and flipped once the server is up.
         await add_health_and_reflection(server, self.health, [POS_SERVICE], NOT_SERVING)
-        port = server.add_insecure_port(f"{s.pos_grpc_host}:{s.pos_grpc_port}")
+        address = f"{s.pos_grpc_host}:{s.pos_grpc_port}"
+        credentials = pos_server_credentials(s)
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
         if port == 0:
             raise OSError(f"cannot bind POS gRPC on {s.pos_grpc_host}:{s.pos_grpc_port}")
         self.grpc_server = server
@@ -239,4 +282,6 @@ class Gateway:
 
 
 def build(settings: GatewaySettings) -> Gateway:
+    # Nothing is bound or served with a development secret in production.
+    refuse_unsafe(NAME, settings.loyalty_env, production_problems(settings))
     return Gateway(settings)

@@ -27,6 +27,7 @@ from servicekit.clients import create_channel
 
 from .errors import UNAVAILABLE_MESSAGE, DownstreamError, from_rpc_error
 from .settings import GatewaySettings
+from .wechat import WeChatApi
 
 Reply = TypeVar("Reply")
 _C = TypeVar("_C", bound="_Client")
@@ -391,6 +392,27 @@ class EngagementClient(_Client):
             engagement_pb2.UnsubscribeRequest(member_id=member_id, channels=channels),
         )
 
+    async def list_parked_events(
+        self, request: engagement_pb2.ListParkedEventsRequest
+    ) -> engagement_pb2.ListParkedEventsResponse:
+        return await self._call(self._stub.ListParkedEvents, request)
+
+    async def replay_parked_events(
+        self, member_id: str
+    ) -> engagement_pb2.ReplayParkedEventsResponse:
+        return await self._call(
+            self._stub.ReplayParkedEvents,
+            engagement_pb2.ReplayParkedEventsRequest(member_id=member_id),
+        )
+
+    async def expire_parked_events(
+        self, older_than_days: int
+    ) -> engagement_pb2.ExpireParkedEventsResponse:
+        return await self._call(
+            self._stub.ExpireParkedEvents,
+            engagement_pb2.ExpireParkedEventsRequest(older_than_days=older_than_days),
+        )
+
 
 class Downstreams:
     """Every downstream client of the process. A service whose address is empty
@@ -410,6 +432,12 @@ class Downstreams:
             for cls, target in candidates
             if target.strip()
         }
+        # Not gRPC, but a downstream all the same: WeChat, for phone codes.
+        self.wechat = WeChatApi(
+            settings.wechat_api_base,
+            settings.wechat_apps,
+            timeout_seconds=settings.wechat_timeout_seconds,
+        )
 
     def _get(self, cls: type[_C]) -> _C:
         client = self._clients.get(cls)
@@ -460,3 +488,5 @@ class Downstreams:
         for client in self._clients.values():
             with contextlib.suppress(Exception):
                 await client.close()
+        with contextlib.suppress(Exception):
+            await self.wechat.close()

@@ -60,6 +60,7 @@ TITLES: dict[int, str] = {
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
+    413: "Content too large",
     422: "Invalid request",
     429: "Too many requests",
     500: "Internal error",

@@ -18,15 +18,75 @@ from fastapi.openapi.utils import get_fields_from_routes, get_openapi
 from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servicekit.server import tracing_recorded
 
-from .api import centre, coupons, engagement, mall, members, points, referrals, tiers
+from .api import centre, coupons, engagement, mall, members, points, referrals, stores, tiers
 from .api.common import problem_response
 from .auth.door import Door
 from .clients import Downstreams
 from .errors import PROBLEM_JSON, Problem, install_http_handlers, problem
 from .metrics import GatewayMetrics, HttpObserver
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+class BodyLimitMiddleware:
+    """Reads the request body up to `max_bytes`, before authentication or any
+    route: a larger one is refused with 413 BODY_TOO_LARGE, from its
+    Content-Length without reading it, or as soon as the stream passes the
+    limit. The body read is handed on as one message."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self._max = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and (not declared.isdigit() or int(declared) > self._max):
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                # The client went away: nothing to serve.
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem(
+            413,
+            "BODY_TOO_LARGE",
+            f"the request body is larger than {self._max} bytes",
+        )
+        # The rest of the body is not read: close rather than drain it.
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
 
 MEMBER_ID_EXAMPLE = "0b6a3c1e-5d7f-4b8e-9a2c-1f3e5d7a9b0c"
 
@@ -107,6 +167,7 @@ def create_app(
     metrics: GatewayMetrics | None = None,
     door: Door | None = None,
     traced: bool | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The HTTP app. `app.state.draining = True` makes /readyz answer 503 so a
     load balancer stops sending traffic before the process stops. `traced`
@@ -185,12 +246,15 @@ def create_app(
         referrals.router,
         mall.router,
         coupons.router,
+        stores.router,
     ):
         app.include_router(router)
     _serve_problems_in_openapi(app)
     if door is not None:
         # Inside the metrics observer: refused requests are counted and logged too.
         door.install(app)
+    # Outside the door: a body is bounded before it is read for a signature.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if metrics is not None:
         # Inside the tracing middleware below, so access lines carry the trace id.
         app.add_middleware(HttpObserver, metrics=metrics)
@@ -260,8 +324,10 @@ def _serve_problems_in_openapi(app: FastAPI) -> None:
 # (mutations), and the platform failing.
 _COMMON_PROBLEMS = {
     "401": "Missing, malformed, expired, replayed or revoked credentials",
+    "413": "The request body is larger than the gateway accepts (BODY_TOO_LARGE)",
     "403": "The client lacks the scope, or acts for another member or store",
-    "429": "Rate limit reached; retry after the Retry-After header",
+    "429": "Rate limit reached, or too many failed sign-ins from this address; "
+    "retry after the Retry-After header",
     "500": "Internal error (nothing internal in the body)",
     "503": "A backing service is unavailable; retry later",
 }

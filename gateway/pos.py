@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 
@@ -26,6 +27,54 @@ from .clients import STORE_OPEN, Downstreams
 from .errors import DownstreamError
 
 log = logging.getLogger(__name__)
+
+
+class _TooLarge:
+    """What the deserializer hands on instead of a message over the limit."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a request message over `limit` bytes as INVALID_ARGUMENT
+    MESSAGE_TOO_LARGE (not retryable; docs/api.md), before any other check.
+    The server's own receive limit (a multiple of this) stays the last guard:
+    past it gRPC answers RESOURCE_EXHAUSTED without a reason."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner, parse = handler.unary_unary, handler.request_deserializer
+        limit = self._limit
+
+        def deserialize(data: bytes) -> Any:
+            if len(data) > limit:
+                return _TooLarge(len(data))
+            return parse(data) if parse is not None else data
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _TooLarge):
+                raise InvalidArgument(
+                    f"the request message is {request.size} bytes; at most {limit} are accepted"
+                    " (send fewer orders per call)",
+                    code="MESSAGE_TOO_LARGE",
+                )
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _required(value: str, field: str) -> None:
@@ -129,6 +178,22 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
     ) -> pos_pb2.CompleteOrderResponse:
         return await self._complete(request)
 
+    async def _known_member(self, member_id: str) -> None:
+        """Refuse an order for a member id member does not know (NOT_FOUND
+        UNKNOWN_MEMBER) or erased (NOT_FOUND MEMBER_ERASED) before anything is
+        written. An absorbed id is fine: rewards credits its survivor (it
+        follows merges itself, so the request and its idempotency hash stay
+        what the till sent). With member unreachable the till still sells:
+        rewards settles on what it knows (it refuses erased members itself)
+        and the answer says member is degraded."""
+        try:
+            await self._down.member.get_member(member_id)
+        except DownstreamError as exc:
+            if exc.status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                log.warning("complete order: member unreachable, %s not checked", member_id)
+                return
+            raise
+
     async def UploadOfflineOrders(
         self, request: pos_pb2.UploadOfflineOrdersRequest, context: grpc.aio.ServicerContext
     ) -> pos_pb2.UploadOfflineOrdersResponse:
@@ -143,6 +208,7 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         _required(request.store_id, "store_id")
         _required(request.pos_transaction_id, "pos_transaction_id")
         _required(request.member_id, "member_id")
+        await self._known_member(request.member_id)
         downstream = rewards_pb2.CompleteOrderRequest(
             store_id=request.store_id,
             pos_transaction_id=request.pos_transaction_id,

@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         "`python -m gateway clients create --kind pos --store-id ...` prints one",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="call deadline in seconds")
+    # TLS (docs/api.md, POS): the CA that signed the gateway's certificate and,
+    # for mTLS, this till's certificate (naming its store) and key.
+    parser.add_argument("--ca-file", default="", help="PEM CA of the gateway: connect with TLS")
+    parser.add_argument("--cert-file", default="", help="PEM client certificate (mTLS)")
+    parser.add_argument("--key-file", default="", help="PEM client key (mTLS)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     identify = commands.add_parser(
@@ -81,13 +86,38 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
     )
 
 
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if not args.ca_file:
+        return None
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        read(args.ca_file), read(args.key_file), read(args.cert_file)
+    )
+
+
 async def _call(
-    target: str, method: str, request: Message, timeout: float, api_key: str = ""
+    target: str,
+    method: str,
+    request: Message,
+    timeout: float,
+    api_key: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Message:
     # The store key goes with the store the request names (x-store-id / x-api-key).
     store_id = getattr(request, "store_id", "")
     interceptors = [StoreKeyInterceptor(store_id, api_key)] if api_key else None
-    async with grpc.aio.insecure_channel(target, interceptors=interceptors) as channel:
+    channel = (
+        grpc.aio.secure_channel(target, credentials, interceptors=interceptors)
+        if credentials is not None
+        else grpc.aio.insecure_channel(target, interceptors=interceptors)
+    )
+    async with channel:
         stub = pos_pb2_grpc.PosServiceStub(channel)
         return await getattr(stub, method)(request, timeout=timeout)  # type: ignore[no-any-return]
 
@@ -96,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     method, request = _request(args)
     try:
-        reply = asyncio.run(_call(args.target, method, request, args.timeout, args.api_key))
+        reply = asyncio.run(
+            _call(args.target, method, request, args.timeout, args.api_key, _credentials(args))
+        )
     except grpc.aio.AioRpcError as exc:
         code, field = error_info(exc)
         error = {"status": exc.code().name, "code": code, "message": exc.details(), "field": field}

@@ -1,40 +1,66 @@
-"""Token buckets in Redis, and the one round trip every authenticated call
-makes: in a single Lua script (atomic, so two gateway instances never both
-spend the last token), it records the nonce (SET NX), takes a token from the
-client's bucket and, for a POS, from its store's bucket, and reads the
-credential revocation epoch.
+"""Token buckets in Redis, and the one round trip a verified call makes: in a
+single Lua script (atomic, so two gateway instances never both spend the last
+token), it checks the nonce store's epoch, records the nonce (SET NX), takes
+a token from the client's bucket and, for a POS, from its store's bucket, and
+reads the credential revocation epoch.
 
 A bucket holds `burst` tokens and refills at `rate` per second; time is
 Redis's own clock (TIME), so gateway instances with skewed clocks agree.
+
+The script runs only for a principal whose signature / key was verified
+(gateway/auth/signin.py): unauthenticated traffic never writes to Redis.
+
+Also here: `LocalBuckets`, the same bucket in process memory, bounded. It is
+the budget of failed sign-ins per source address, and the fallback for
+calls that need no nonce (POS, bearer tokens) while Redis is unreachable.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from servicekit.errors import Unavailable
-
 log = logging.getLogger(__name__)
 
-# KEYS: 1 nonce, 2 client bucket, 3 store bucket, 4 revocation epoch
+# Nonce outcomes of the script.
+NONCE_FRESH = 1
+NONCE_REPLAYED = 0
+# X-Timestamp is not after the moment the nonce store was last known empty:
+# a nonce recorded before a Redis loss may be gone, so the request may be a replay.
+NONCE_BEFORE_EPOCH = 2
+
+# KEYS: 1 nonce, 2 client bucket, 3 store bucket, 4 revocation epoch, 5 nonce-store epoch
 # ARGV: 1 nonce ttl ms (0: no nonce), 2 client rate/s, 3 client burst,
-#       4 store rate/s (0: no store bucket), 5 store burst
-# Returns {nonce_fresh 0/1, retry_after_ms (0: allowed), epoch}
+#       4 store rate/s (0: no store bucket), 5 store burst, 6 X-Timestamp (s),
+#       7 the gateway's clock (ms), the one X-Timestamp is checked against
+# Returns {nonce outcome, retry_after_ms (0: allowed), revocation epoch}
 _SCRIPT = """
 local epoch = tonumber(redis.call('GET', KEYS[4]) or '0')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nonce_ttl = tonumber(ARGV[1])
 if nonce_ttl > 0 then
+  -- The nonce store's epoch is set when the gateway starts (Gatekeeper.open);
+  -- missing now, the store lost its data: it is empty from this moment on.
+  local since = redis.call('GET', KEYS[5])
+  if not since then
+    since = ARGV[7]
+    redis.call('SET', KEYS[5], since)
+  end
+  if tonumber(ARGV[6]) * 1000 <= tonumber(since) then
+    return {2, 0, epoch}
+  end
   if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', nonce_ttl) then
     return {0, 0, epoch}
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function peek(key, rate, burst)
   local s = redis.call('HMGET', key, 'tokens', 'ts')
   local tokens, ts = tonumber(s[1]), tonumber(s[2])
@@ -63,9 +89,18 @@ return {1, 0, epoch}
 """
 
 
+# How long calls go to the fallback without trying Redis after it failed.
+SKIP_AFTER_FAILURE_SECONDS = 0.5
+
+
 def epoch_key(namespace: str) -> str:
     """Bumped by every credential change (gateway/auth/admin.py)."""
     return f"{namespace}:auth:epoch"
+
+
+def nonce_epoch_key(namespace: str) -> str:
+    """Unix ms since which the nonce store is known complete (no expiry)."""
+    return f"{namespace}:auth:nonce-epoch"
 
 
 @dataclass(frozen=True)
@@ -76,9 +111,13 @@ class Limit:
 
 @dataclass(frozen=True)
 class Verdict:
-    nonce_fresh: bool
+    nonce: int
     retry_after_ms: int
-    epoch: int
+    epoch: int | None
+
+    @property
+    def nonce_fresh(self) -> bool:
+        return self.nonce == NONCE_FRESH
 
     @property
     def allowed(self) -> bool:
@@ -90,14 +129,79 @@ class Verdict:
         return max(1, math.ceil(self.retry_after_ms / 1000))
 
 
+class StoreUnreachable(Exception):
+    """Redis did not answer the gatekeeper's round trip."""
+
+
+class LocalBuckets:
+    """Token buckets in this process, at most `max_entries` of them (the least
+    recently used go first, so a flood of new keys cannot grow memory)."""
+
+    def __init__(
+        self, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._max = max_entries
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _tokens(self, key: str, limit: Limit, now: float) -> float:
+        found = self._buckets.get(key)
+        if found is None:
+            return float(limit.burst)
+        tokens, at = found
+        return min(float(limit.burst), tokens + (now - at) * limit.rate_per_second)
+
+    def wait_ms(self, key: str, limit: Limit) -> int:
+        """0 when a token is there; otherwise how long until one is (takes nothing)."""
+        tokens = self._tokens(key, limit, self._clock())
+        if tokens >= 1:
+            return 0
+        return max(1, math.ceil((1 - tokens) * 1000 / limit.rate_per_second))
+
+    def spend(self, key: str, limit: Limit) -> None:
+        """Take a token (or go into debt by one: a failure is always counted)."""
+        now = self._clock()
+        tokens = self._tokens(key, limit, now)
+        self._buckets[key] = (max(tokens - 1, -1.0), now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+
+    def take(self, pairs: list[tuple[str, Limit]]) -> int:
+        """All or nothing over several buckets: 0 and one token from each, or
+        the longest wait and nothing taken."""
+        wait = max((self.wait_ms(key, limit) for key, limit in pairs), default=0)
+        if wait == 0:
+            for key, limit in pairs:
+                self.spend(key, limit)
+        return wait
+
+
 class Gatekeeper:
     """The per-call Redis round trip (nonce + rate limit + revocation epoch)."""
 
-    def __init__(self, redis: Redis, namespace: str) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        namespace: str,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._redis = redis
+        # The gateway's clock: X-Timestamp is checked against it, so the
+        # nonce store's epoch is taken from it too (buckets use Redis's).
+        self._clock = clock
+        # After a failed round trip, calls skip Redis until then (monotonic):
+        # a hung Redis costs one caller its timeout, not every caller.
+        self._skip_until = 0.0
+        self._monotonic = monotonic
         self._script = redis.register_script(_SCRIPT)
         self._ns = namespace
         self.epoch_key = epoch_key(namespace)
+        self.nonce_epoch_key = nonce_epoch_key(namespace)
 
     async def admit(
         self,
@@ -106,11 +210,13 @@ class Gatekeeper:
         *,
         nonce: str = "",
         nonce_ttl_ms: int = 0,
+        timestamp: int = 0,
         store_id: str = "",
         store_limit: Limit | None = None,
     ) -> Verdict:
-        """`client_limit` None: the client is not known yet (only the epoch and
-        the nonce matter). `nonce` is already scoped by the caller's key id."""
+        """Only for a verified principal. `nonce` is already scoped by the
+        caller's key id; `timestamp` is its X-Timestamp (seconds). Raises
+        StoreUnreachable when Redis does not answer."""
         client = client_limit or Limit(0, 0)
         store = store_limit if store_id and store_limit else Limit(0, 0)
         keys = [
@@ -118,6 +224,7 @@ class Gatekeeper:
             f"{self._ns}:rl:client:{client_id}",
             f"{self._ns}:rl:store:{store_id}",
             self.epoch_key,
+            self.nonce_epoch_key,
         ]
         args = [
             nonce_ttl_ms if nonce else 0,
@@ -125,17 +232,39 @@ class Gatekeeper:
             client.burst,
             store.rate_per_second,
             store.burst,
+            timestamp,
+            int(self._clock() * 1000),
         ]
+        if self._monotonic() < self._skip_until:
+            raise StoreUnreachable
         try:
-            fresh, wait, epoch = await self._script(keys=keys, args=args)
+            outcome, wait, epoch = await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            # Fail closed: without Redis no nonce or limit can be checked.
             log.warning("gatekeeper: redis unavailable: %r", exc)
-            raise Unavailable(
-                "the gateway cannot check credentials right now; retry later",
-                code="DEPENDENCY_UNAVAILABLE",
-            ) from None
-        return Verdict(bool(fresh), int(wait), int(epoch))
+            self._skip_until = self._monotonic() + SKIP_AFTER_FAILURE_SECONDS
+            raise StoreUnreachable from exc
+        return Verdict(int(outcome), int(wait), int(epoch))
 
-    async def current_epoch(self) -> int:
-        return int(await self._redis.get(self.epoch_key) or 0)
+    async def current_epoch(self) -> int | None:
+        """The revocation epoch; None when Redis does not answer (or failed a
+        moment ago: an unauthenticated flood during an outage neither waits on
+        Redis nor fills the log)."""
+        if self._monotonic() < self._skip_until:
+            return None
+        try:
+            return int(await self._redis.get(self.epoch_key) or 0)
+        except (RedisError, OSError) as exc:
+            log.warning("gatekeeper: redis unavailable reading the epoch: %r", exc)
+            self._skip_until = self._monotonic() + SKIP_AFTER_FAILURE_SECONDS
+            return None
+
+    async def open_nonce_store(self, fresh_install: bool) -> None:
+        """At start: a nonce store without its epoch key is empty. On a fresh
+        install it never held a nonce (epoch 0); otherwise it lost its data
+        while no gateway ran, and only requests signed from now on are safe."""
+        now_ms = int(self._clock() * 1000)
+        if await self._redis.set(self.nonce_epoch_key, 0 if fresh_install else now_ms, nx=True):
+            log.warning(
+                "nonce store epoch set to %s",
+                "0 (fresh install)" if fresh_install else f"{now_ms} (the store was empty)",
+            )

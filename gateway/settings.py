@@ -47,6 +47,15 @@ class GatewaySettings(CommonSettings):
     # be (its ordered_at) before it is refused as ORDER_TOO_OLD.
     offline_max_batch: int = Field(default=500, ge=1, le=5000)
     offline_max_age_hours: float = Field(default=72.0, gt=0)
+    # Largest HTTP request body read (413 BODY_TOO_LARGE beyond, before
+    # authentication), and largest POS gRPC message (MESSAGE_TOO_LARGE beyond).
+    http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    pos_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # TLS on the POS port: both paths set -> TLS; plus a CA -> client
+    # certificates required (mTLS), each naming its store (CN or a SAN).
+    pos_tls_cert_file: str = ""
+    pos_tls_key_file: str = ""
+    pos_tls_client_ca_file: str = ""
     # ---- the door (gateway/auth, docs/api.md "Authentication")
     # Off only for the benchmark's baseline gateway: never in a deployment.
     auth_enabled: bool = True
@@ -54,6 +63,17 @@ class GatewaySettings(CommonSettings):
     auth_secret_key: str = "ZGV2LW9ubHktZ2F0ZXdheS1rZXktY2hhbmdlLW1lLTE="
     # A signed request's X-Timestamp may be this far from the gateway's clock.
     auth_clock_skew_seconds: int = Field(default=300, ge=1)
+    # Accept LOYALTY-HMAC-SHA256 (version 1, which does not sign the member and
+    # Idempotency-Key headers) besides version 2: only during a migration window.
+    auth_accept_signature_v1: bool = False
+    # Failed sign-ins per source address (in process, at most
+    # auth_failure_sources addresses remembered): past the burst, 429
+    # AUTH_FAILURES_LIMITED before any lookup.
+    auth_failure_rate_per_second: float = Field(default=20.0, gt=0)
+    auth_failure_burst: int = Field(default=200, ge=1)
+    auth_failure_sources: int = Field(default=10_000, ge=1)
+    # The door's PostgreSQL pool: credential reloads and Idempotency-Key records.
+    door_db_pool_max: int = Field(default=10, ge=2)
     # The credential cache is reloaded on a revocation epoch change, and at
     # least this often.
     credential_max_age_seconds: float = Field(default=30.0, gt=0)
@@ -70,11 +90,22 @@ class GatewaySettings(CommonSettings):
     # Every store's bucket, whichever of its POS keys calls.
     store_rate_per_second: float = Field(default=50.0, gt=0)
     store_burst: int = Field(default=100, ge=1)
-    # Idempotency records (Redis): replayable this long; a request in progress
-    # holds its key at most this long.
+    # Idempotency records (PostgreSQL): replayable this long; a request in
+    # progress holds its key at most this long; expired ones are pruned this often.
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
     idempotency_in_progress_seconds: int = Field(default=60, ge=1)
+    idempotency_prune_interval_seconds: float = Field(default=300.0, gt=0)
     # Bearer tokens from POST /v1/auth/token live this long.
     token_ttl_seconds: int = Field(default=900, ge=60, le=86_400)
     # Mini-program member assertion: openid -> member id is remembered this long.
     member_assertion_ttl_seconds: float = Field(default=60.0, gt=0)
+
+    # ---- identity (docs/identity.md "Trust boundaries"; kept apart from the door's block)
+    # WeChat API (gateway/wechat.py): phone codes from bind-phone are exchanged
+    # here for the phone WeChat verified. `make run` and the tests point it at
+    # the local fake (gateway/wechat_fake.py).
+    wechat_api_base: str = "https://api.weixin.qq.com"
+    # App id -> app secret of every mini-program whose phone codes the gateway
+    # checks, as JSON (WECHAT_APPS='{"wx123": "secret"}'), from a Secret.
+    wechat_apps: dict[str, str] = Field(default_factory=dict)
+    wechat_timeout_seconds: float = Field(default=3.0, gt=0)

@@ -62,7 +62,8 @@ tracer = trace.get_tracer(__name__)
 
 Handler = Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]]
 
-# Process-wide (prometheus_client's default registry; SERVICE_METRICS_PORT serves it).
+# Process-wide (prometheus_client's default registry; each service's metrics port
+# serves it beside the service's own registry: servicekit/metrics.py).
 GAPS_FOUND = Counter(
     "loyalty_event_gaps_found",
     "Gaps in a producer's event sequence found by a consumer group (a replay was asked for)",
@@ -145,6 +146,11 @@ class EventConsumer:
             stream = stream_name(namespace, sub.producer)
             self._routes.setdefault(stream, {})[sub.message_type.DESCRIPTOR.full_name] = sub
             self._producers[stream] = sub.producer
+
+    @property
+    def streams(self) -> dict[str, str]:
+        """Each stream this group reads, with its producing service."""
+        return dict(self._producers)
 
     async def ensure_groups(self) -> list[str]:
         """Create missing groups (and streams); returns the streams whose group was created."""

@@ -22,9 +22,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
+from .clients import SERVER_KEEPALIVE_OPTIONS
 from .consumer import EventConsumer
 from .db import Database, create_pool
 from .dependencies import UP_STATUSES, DependencyWatch, ping
@@ -32,9 +32,11 @@ from .errors import to_rpc_status
 from .events import stream_name
 from .interceptors import DomainErrorInterceptor
 from .logs import configure_logging
+from .metrics import ServiceMetrics
 from .outbox import OutboxRelay
 from .redis_client import create_redis
 from .retention import Pruner, Retention
+from .schemacheck import SchemaGate
 from .settings import ServiceSettings
 from .telemetry import configure_tracing, tracing_recorded
 
@@ -47,6 +49,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # Health service names under which a service reports each dependency's state.
 DEPENDENCY_PREFIX = "loyalty.dependency."
+
+# The health name of the liveness probe: SERVING while the process's event loop
+# answers, whatever its dependencies or schema (those are readiness: restarting
+# every pod while PostgreSQL is down or a migration is pending helps nobody).
+LIVENESS = "liveness"
 
 
 def _traced(details: grpc.HandlerCallDetails) -> bool:
@@ -175,12 +182,18 @@ async def stop_server(server: grpc.aio.Server, drain: Drain, grace: float) -> No
     await stopping
 
 
+# Largest request message a server receives (gRPC's own default, made
+# explicit); the gateway's POS port sets its own (gateway/settings.py).
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
 def create_grpc_server(
     max_connection_age_ms: int,
     grace_seconds: float,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     traced: bool | None = None,
     drain: Drain | None = None,
+    max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the interceptors and options every server here uses.
     `interceptors` run inside those (they see DomainErrors before they become
@@ -210,6 +223,9 @@ def create_grpc_server(
             ("grpc.max_connection_age_ms", max_connection_age_ms),
             ("grpc.max_connection_age_grace_ms", int(grace_seconds * 1000)),
             ("grpc.so_reuseport", 0),
+            # Accept the clients' keepalive pings (servicekit/clients.py).
+            *SERVER_KEEPALIVE_OPTIONS,
+            ("grpc.max_receive_message_length", max_receive_message_bytes),
         ],
     )
 
@@ -268,6 +284,9 @@ class ServiceApp:
             ),
         ]
         self.port = 0
+        # Prometheus on its own port (servicekit/metrics.py); services add probes in wire().
+        self.metrics = ServiceMetrics(name)
+        self.schema_gate: SchemaGate | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
 
@@ -298,15 +317,19 @@ class ServiceApp:
             poll_interval=s.outbox_poll_interval_seconds,
         )
         self.server = create_grpc_server(
-            s.max_connection_age_ms, s.shutdown_grace_seconds, drain=self.drain
+            s.max_connection_age_ms,
+            s.shutdown_grace_seconds,
+            [self.metrics.interceptor()],
+            drain=self.drain,
+        )
+        self.schema_gate = SchemaGate(
+            self.name, self.schema, f"python -m {_entry_package(self.name)} migrate"
         )
         self._wire(self)
         await add_health_and_reflection(self.server, self.health, self.service_names, NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
         for dependency in ("postgres", "redis"):
             await self.health.set(f"{DEPENDENCY_PREFIX}{dependency}", NOT_SERVING)
-        if s.service_metrics_port is not None:
-            # Event gaps and lag, dependency state (prometheus_client's registry).
-            start_http_server(s.service_metrics_port, addr=s.grpc_host)
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
@@ -315,6 +338,7 @@ class ServiceApp:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.group))
         pruner = Pruner(pool, self.retentions, s.prune_interval_seconds)
         self._tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
+        self._start_metrics()
         log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
         return self.port
 
@@ -322,6 +346,29 @@ class ServiceApp:
         await self.health.set(
             f"{DEPENDENCY_PREFIX}{name}", SERVING if state in UP_STATUSES else NOT_SERVING
         )
+
+    async def _schema_at_head(self, db: Database) -> bool:
+        if self.schema_gate is None:
+            return True
+        try:
+            return await self.schema_gate.ready(db.pool)
+        except Exception as exc:  # the database went away between the probes
+            log.warning("%s: schema check failed: %r", self.name, exc)
+            return False
+
+    def _start_metrics(self) -> None:
+        s = self.settings
+        assert self.db is not None and self.redis is not None
+        port = self.metrics.start(s.metrics_host, s.metrics_port)
+        sampler = self.metrics.sample_forever(
+            s.metrics_sample_interval_seconds,
+            self.db,
+            self.redis,
+            s.redis_namespace,
+            self.consumers,
+        )
+        self._tasks.append(asyncio.create_task(sampler, name="metrics"))
+        log.info("%s metrics on http://%s:%d/metrics", self.name, s.metrics_host, port)
 
     async def _watch_health(self) -> None:
         """Ready (SERVING) while the database answers: what every call needs.
@@ -339,9 +386,12 @@ class ServiceApp:
         current = None
         while True:
             states = await watch.check()
-            status = SERVING if states["postgres"] in UP_STATUSES else NOT_SERVING
+            database_up = states["postgres"] in UP_STATUSES
+            # Never serve against a schema older than this code's head (the gate logs why).
+            at_head = database_up and await self._schema_at_head(db)
+            status = SERVING if at_head else NOT_SERVING
             if status != current:
-                if status == NOT_SERVING:
+                if not database_up:
                     log.warning("%s not ready: its database does not answer", self.name)
                 for svc in ["", *self.service_names]:
                     await self.health.set(svc, status)
@@ -387,6 +437,7 @@ class ServiceApp:
             await self.redis.aclose()
         if self.db is not None:
             await self.db.close()
+        self.metrics.stop()
         log.info("%s stopped", self.name)
 
     def _loop_names(self) -> set[str]:
@@ -394,6 +445,10 @@ class ServiceApp:
 
     async def run_until_signalled(self) -> None:
         await serve_until_signalled(self.name, self.start, self.stop)
+
+
+def _entry_package(name: str) -> str:
+    return "gateway" if name == "gateway" else f"services.{name}"
 
 
 # How long stopping background tasks may take before the stop goes on without them.

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# `make run` writes the URLs of the servers it started here (and removes the file
+# when it stops), so an operator command run in another terminal of the same
+# checkout (`python -m services.rewards audit`, `python -m gateway clients ...`)
+# reaches those servers instead of falling back to 127.0.0.1:5432/6379, which may
+# be another live server. Real environment variables always win; where the file
+# does not exist (a container, CI) it changes nothing.
+DEV_ENV_FILE = Path(
+    os.environ.get(
+        "LOYALTY_DEV_ENV_FILE",
+        Path(__file__).resolve().parent.parent / ".data" / "run" / "platform.env",
+    )
+)
 
 
 class CommonSettings(BaseSettings):
     """What every process reads: where the data lives and how to report."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_file=DEV_ENV_FILE, extra="ignore", frozen=True)
+
+    # production (the default for `python -m ...`) refuses development secrets
+    # at start (servicekit/safety.py); make run, the benchmark and the tests
+    # set development.
+    loyalty_env: Literal["development", "production"] = "production"
 
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/postgres",
@@ -36,12 +58,15 @@ class ServiceSettings(CommonSettings):
     shutdown_grace_seconds: float = 10.0
     # Between reporting NOT_SERVING and refusing new calls, so balancers notice.
     shutdown_delay_seconds: float = Field(default=3.0, ge=0)
-    # Prometheus metrics (event gaps and lag, dependency state) on their own
-    # port; unset: not served.
-    service_metrics_port: int | None = None
     # Recycle client connections so a ClusterIP Service rebalances new pods.
     max_connection_age_ms: int = 300_000
     health_check_interval_seconds: float = 5.0
+    # Prometheus /metrics on its own port (servicekit/metrics.py); 0 binds any
+    # free port (dev and tests; the bound port is logged). 0.0.0.0 in a pod.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Outbox, consumer lag, dead letters and pool use are read this often.
+    metrics_sample_interval_seconds: float = Field(default=15.0, gt=0)
     outbox_poll_interval_seconds: float = 1.0
     outbox_batch_size: int = 500
     # An event a consumer fails on is retried this many times, then dead-lettered.

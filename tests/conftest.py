@@ -18,8 +18,13 @@ from .harness import Infra, ServiceClock, start_infra, stop_infra, wait_until_se
 # Services record no spans without an exporter (servicekit/telemetry.py); the
 # tracing tests attach in-memory exporters to the provider, so record them here.
 os.environ.setdefault("OTEL_TRACES_SAMPLER", "always_on")
+# The suite runs with the repository's development keys: development, not
+# production (servicekit/safety.py). Child processes the tests start inherit it.
+os.environ.setdefault("LOYALTY_ENV", "development")
 
 HANG_REPORT_AFTER_SECONDS = 120
+
+
 # A session fixture's stop (services, gateway, infrastructure) takes a few
 # seconds at most; longer, and where every task waits is printed.
 STOP_REPORT_AFTER_SECONDS = 30

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import asyncpg
 from redis.asyncio import Redis
 
-from servicekit import embedded
+from devtools import embedded
+from devtools.supervisor import grpc_serving
 from servicekit.db import asyncpg_dsn, with_database
-from servicekit.devrun import grpc_serving
 from servicekit.migrations import SERVICES, upgrade
 from servicekit.settings import ServiceSettings
 

@@ -14,6 +14,7 @@ from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
 
+from ..principal import principal
 from .common import (
     MEMBER_ERRORS,
     MEMBER_ID_EXAMPLE,
@@ -56,7 +57,7 @@ GRANT_KEY_PREFIX = "grant:"
 REWARDS_KEY_MAX = 128
 GRANT_KEY_MAX = 120  # <= 128 - len("grant:")
 CLAIM_KEY_MAX = REWARDS_KEY_MAX - len("claim:") - 36 - 1
-# The service's own bounds (services/rewards/coupons.py), so an absurd number
+# The service's own bounds (services/rewards/coupons/domain.py), so an absurd number
 # is a 422 here rather than an overflow on the way.
 MAX_FEN = 1_000_000
 MAX_COUNT = 100_000_000
@@ -152,7 +153,6 @@ class NewTemplate(BaseModel):
                     },
                     "limits": {"total_stock": 100000, "per_member_limit": 1, "stock_shards": 8},
                     "status": "active",
-                    "created_by": "ops@brand",
                 }
             ]
         },
@@ -162,7 +162,6 @@ class NewTemplate(BaseModel):
     terms: CouponTerms
     limits: CouponLimits = Field(default_factory=CouponLimits)
     status: Literal["draft", "active"] = "draft"
-    created_by: str = Field(default="", max_length=256)
 
 
 class NewVersion(BaseModel):
@@ -172,7 +171,6 @@ class NewVersion(BaseModel):
     expected_version: int = Field(
         default=0, ge=0, le=2**31 - 1, description="0: any; else must match"
     )
-    created_by: str = Field(default="", max_length=256)
 
 
 class TemplateStatus(BaseModel):
@@ -408,14 +406,12 @@ class Grant(Claim):
                     "template_id": "SORRY-20",
                     "member_id": MEMBER_ID_EXAMPLE,
                     "issue_key": "ticket-8812",
-                    "operator_id": "ops@brand",
                 }
             ]
         },
     )
 
     member_id: uuid.UUID
-    operator_id: str = Field(min_length=1, max_length=256)
     issue_key: str = Field(
         min_length=1,
         max_length=GRANT_KEY_MAX,
@@ -435,7 +431,7 @@ class IssueItem(BaseModel):
     )
 
 
-# As rewards' IssueCoupons (services/rewards/coupon_service.MAX_BATCH).
+# As rewards' IssueCoupons (services/rewards/coupons/handlers.MAX_BATCH).
 MAX_BATCH = 1_000
 
 
@@ -446,7 +442,6 @@ class BulkIssue(BaseModel):
             "examples": [
                 {
                     "reason": "registration",
-                    "operator_id": "ops@brand",
                     "items": [
                         {
                             "member_id": MEMBER_ID_EXAMPLE,
@@ -468,7 +463,6 @@ class BulkIssue(BaseModel):
         description="Served in this order (the first get the last stock); keys distinct",
     )
     reason: Literal["operator_grant", "registration", "tier_benefit", "journey"] = "operator_grant"
-    operator_id: str = Field(min_length=1, max_length=256)
 
 
 class IssueResult(BaseModel):
@@ -681,7 +675,7 @@ async def create_template(body: NewTemplate, request: Request) -> CouponTemplate
             terms=terms_message(body.terms),
             limits=rewards_pb2.CouponLimits(**body.limits.model_dump()),
             status=body.status,
-            created_by=body.created_by,
+            created_by=principal(request),
         ),
     )
     return template_model(reply)
@@ -742,7 +736,7 @@ async def new_version(
             template_id=template_id,
             terms=terms_message(body.terms),
             expected_version=body.expected_version,
-            created_by=body.created_by,
+            created_by=principal(request),
         ),
     )
     return template_model(reply)
@@ -803,7 +797,7 @@ async def grant(body: Grant, request: Request) -> Coupon:
             member_id=str(body.member_id),
             reason="operator_grant",
             issue_key=GRANT_KEY_PREFIX + body.issue_key,
-            issued_by=body.operator_id,
+            issued_by=principal(request),
         ),
     )
     return coupon_model(reply)
@@ -832,7 +826,7 @@ async def issue_many(template_id: TemplateId, body: BulkIssue, request: Request)
         rewards_pb2.IssueCouponsRequest(
             template_id=template_id,
             reason=body.reason,
-            issued_by=body.operator_id,
+            issued_by=principal(request),
             items=[
                 rewards_pb2.IssueCouponsItem(
                     member_id=str(i.member_id), issue_key=GRANT_KEY_PREFIX + i.issue_key
@@ -860,3 +854,65 @@ async def issue_many(template_id: TemplateId, body: BulkIssue, request: Request)
             for item, r in zip(body.items, reply.results, strict=True)
         ],
     )
+
+
+@router.put(
+    "/v1/admin/coupon-templates/{template_id}/limits",
+    response_model=CouponTemplate,
+    tags=["admin"],
+    summary="Change a template's stock, per-member limit, daily budget or shards",
+    responses=TEMPLATE_ERRORS
+    | {
+        409: problem_response(
+            "STOCK_BELOW_ISSUED (total_stock below the coupons already issued), TEMPLATE_ENDED"
+        )
+    },
+)
+async def set_limits(
+    template_id: TemplateId, body: CouponLimits, request: Request
+) -> CouponTemplate:
+    reply = await downstreams(request).rewards.call(
+        "SetCouponTemplateLimits",
+        rewards_pb2.SetCouponTemplateLimitsRequest(
+            template_id=template_id, limits=rewards_pb2.CouponLimits(**body.model_dump())
+        ),
+        {"limits.total_stock": "total_stock", "limits.": ""},
+    )
+    return template_model(reply)
+
+
+class Revocation(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"reason": "issued in error"}]},
+    )
+
+    reason: str = Field(min_length=1, max_length=256)
+
+
+@router.post(
+    "/v1/admin/coupons/{code}/revoke",
+    response_model=Coupon,
+    tags=["admin"],
+    summary="Take an issued coupon back (available -> revoked), once",
+    responses={
+        404: problem_response("UNKNOWN_COUPON"),
+        409: problem_response(
+            "COUPON_LOCKED (at a till now), COUPON_ALREADY_USED, COUPON_EXPIRED;"
+            " a second revocation replays the first"
+        ),
+        422: problem_response("Malformed code or revocation; `field` names the culprit"),
+    },
+)
+async def revoke(
+    code: Annotated[str, Path(min_length=1, max_length=64, description="The coupon's code")],
+    body: Revocation,
+    request: Request,
+) -> Coupon:
+    reply = await downstreams(request).rewards.call(
+        "RevokeCoupon",
+        rewards_pb2.RevokeCouponRequest(
+            code=code, operator_id=principal(request), reason=body.reason
+        ),
+    )
+    return coupon_model(reply)

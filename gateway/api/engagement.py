@@ -1,5 +1,6 @@
 """Engagement routes: mini-program event ingestion and unsubscribe; operators
-publish, pause and resume journeys and read their metrics (engagement service)."""
+publish, pause and resume journeys, read their metrics, and list, replay or
+expire parked events (engagement service)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from loyalty.engagement.v1 import engagement_pb2
+from loyalty.member.v1 import member_pb2
+from servicekit.protos import to_datetime
 
 from .common import (
     MEMBER_ERRORS,
@@ -91,13 +94,27 @@ class Unsubscribe(BaseModel):
     )
 
 
+ALL_CHANNELS = ("wecom", "sms", "miniprogram", "app_push")
+MEMBER_CONSENT_CHANNELS = {
+    "wecom": member_pb2.CONSENT_CHANNEL_WECOM,
+    "sms": member_pb2.CONSENT_CHANNEL_SMS,
+    "miniprogram": member_pb2.CONSENT_CHANNEL_MINI_PROGRAM,
+    "app_push": member_pb2.CONSENT_CHANNEL_APP_PUSH,
+}
+# Where member's consent history says the refusal came from.
+UNSUBSCRIBE_SOURCE = "mini-program:unsubscribe"
+
+
 class Unsubscribed(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"member_id": MEMBER_ID_EXAMPLE, "channels": ["sms"]}]}
     )
 
     member_id: str
-    channels: list[str]
+    channels: list[str] = Field(
+        description="Every channel the member now refuses marketing on, as the member "
+        "service records it (this request's and earlier refusals)"
+    )
 
 
 class Published(BaseModel):
@@ -270,17 +287,40 @@ async def ingest_event(member_id: MemberId, event: MemberEvent, request: Request
     "/v1/members/{member_id}/unsubscribe",
     response_model=Unsubscribed,
     tags=["engagement"],
-    summary="Stop marketing messages on some or all channels",
+    summary="Stop marketing messages on some or all channels (recorded in the member's "
+    "consent history)",
     responses=MEMBER_ERRORS,
 )
 async def unsubscribe(
     member_id: MemberId, request: Request, body: Unsubscribe | None = None
 ) -> Unsubscribed:
     channels: list[str] = [str(c) for c in body.channels] if body else []
-    await downstreams(request).engagement.unsubscribe(str(member_id), channels)
+    # Consent is member's (one record, with its history): the refusal is
+    # recorded there, and engagement follows member's ConsentChanged events
+    # (it re-checks consent when each message is delivered).
+    profile: member_pb2.Profile | None = None
+    for channel in dict.fromkeys(channels or ALL_CHANNELS):
+        profile = await downstreams(request).member.call(
+            "SetConsent",
+            member_pb2.SetConsentRequest(
+                member_id=str(member_id),
+                purpose=member_pb2.CONSENT_PURPOSE_MARKETING,
+                channel=MEMBER_CONSENT_CHANNELS[channel],
+                granted=False,
+                source=UNSUBSCRIBE_SOURCE,
+                actor="member",
+            ),
+        )
+    assert profile is not None
+    # The answer is member's record, not an echo of the request.
+    refused = {
+        c.channel
+        for c in profile.consents
+        if c.purpose == member_pb2.CONSENT_PURPOSE_MARKETING and not c.granted and c.source
+    }
     return Unsubscribed(
         member_id=str(member_id),
-        channels=channels or ["wecom", "sms", "miniprogram", "app_push"],
+        channels=[c for c in ALL_CHANNELS if MEMBER_CONSENT_CHANNELS[c] in refused],
     )
 
 
@@ -441,3 +481,136 @@ def _lift(m: engagement_pb2.Lift) -> Lift:
         ci_low=m.ci_low,
         ci_high=m.ci_high,
     )
+
+
+# ---- parked events (operators) ---------------------------------------------------
+
+
+class ParkedEvent(BaseModel):
+    id: int
+    member_id: str
+    event: str
+    attributes: dict[str, str]
+    occurred_at: datetime | None
+    reason: str = Field(description="Why it was parked, e.g. UNKNOWN_MEMBER")
+    parked_at: datetime | None
+
+
+class ParkedEvents(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {
+                            "id": 41,
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "event": "cart_abandoned",
+                            "attributes": {},
+                            "occurred_at": "2026-12-01T02:00:00Z",
+                            "reason": "UNKNOWN_MEMBER",
+                            "parked_at": "2026-12-01T02:00:01Z",
+                        }
+                    ],
+                    "next_page_token": None,
+                }
+            ]
+        }
+    )
+
+    events: list[ParkedEvent]
+    next_page_token: str | None = Field(description="Null on the last page")
+
+
+class Replayed(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"replayed": 2, "enrolled_journeys": ["cart-abandoned"]}]}
+    )
+
+    replayed: int
+    enrolled_journeys: list[str]
+
+
+class ExpireParked(BaseModel):
+    older_than_days: int | None = Field(
+        default=None, ge=1, le=3650, description="Default: the service's ENGAGEMENT_PARKED_TTL_DAYS"
+    )
+
+
+class Expired(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"expired": 12}]})
+
+    expired: int
+
+
+PARKED_ERRORS: dict[int | str, dict[str, Any]] = {
+    422: problem_response("Bad member id, page size or token; `field` names it"),
+    404: problem_response("No such member, or nothing parked for it"),
+    503: problem_response("The engagement or member service is unavailable; retry later"),
+}
+
+
+@router.get(
+    "/v1/admin/parked-events",
+    response_model=ParkedEvents,
+    tags=["journeys"],
+    summary="Events kept for members engagement does not know yet, oldest first",
+    responses=PARKED_ERRORS,
+)
+async def list_parked_events(
+    request: Request,
+    member_id: Annotated[uuid.UUID | None, Query(description="One member's only")] = None,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
+    page_token: Annotated[str, Query(max_length=40)] = "",
+) -> ParkedEvents:
+    reply = await downstreams(request).engagement.list_parked_events(
+        engagement_pb2.ListParkedEventsRequest(
+            member_id=str(member_id) if member_id else "",
+            page_size=page_size,
+            page_token=page_token,
+        )
+    )
+    return ParkedEvents(
+        events=[
+            ParkedEvent(
+                id=e.id,
+                member_id=e.member_id,
+                event=e.event,
+                attributes=dict(e.attributes),
+                occurred_at=to_datetime(e.occurred_at),
+                reason=e.reason,
+                parked_at=to_datetime(e.parked_at),
+            )
+            for e in reply.events
+        ],
+        next_page_token=reply.next_page_token or None,
+    )
+
+
+@router.post(
+    "/v1/admin/parked-events/{member_id}/replay",
+    response_model=Replayed,
+    tags=["journeys"],
+    summary="Replay a member's parked events once the member service confirms the member",
+    responses=PARKED_ERRORS,
+)
+async def replay_parked_events(member_id: MemberId, request: Request) -> Replayed:
+    ds = downstreams(request)
+    # The member service is the judge of who exists: an unknown or erased id
+    # is refused there (404) and its events stay parked until they expire.
+    await ds.member.get_member(str(member_id))
+    reply = await ds.engagement.replay_parked_events(str(member_id))
+    return Replayed(replayed=reply.replayed, enrolled_journeys=list(reply.enrolled_journeys))
+
+
+@router.post(
+    "/v1/admin/parked-events/expire",
+    response_model=Expired,
+    tags=["journeys"],
+    summary="Delete parked events older than a number of days",
+    responses=PARKED_ERRORS,
+)
+async def expire_parked_events(request: Request, body: ExpireParked | None = None) -> Expired:
+    days = body.older_than_days if body and body.older_than_days else 0
+    reply = await downstreams(request).engagement.expire_parked_events(days)
+    return Expired(expired=reply.expired)

@@ -13,6 +13,7 @@ from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
 
+from ..principal import principal
 from .common import (
     MEMBER_ERRORS,
     MEMBER_ID_EXAMPLE,
@@ -235,12 +236,24 @@ class MallExchange(BaseModel):
     points_transaction_id: str
     coupon_id: str | None
     sku: str | None
-    fulfilment: str = Field(description="issued (coupon), pending or shipped (goods)")
+    fulfilment: str = Field(
+        description="issued (coupon), pending or shipped (goods); awaiting_payment (points"
+        " plus cash, reserved), released (unpaid in time), reversed (taken back)"
+    )
     created_at: datetime
     replayed: bool
     carrier: str | None = Field(None, description="Goods, once shipped")
     tracking_number: str | None = Field(None, description="Goods, once shipped")
     shipped_at: datetime | None = None
+    hold_id: str | None = Field(None, description="Points plus cash: the points held")
+    payment_due_at: datetime | None = Field(
+        None, description="Points plus cash: confirm the payment before this, or it is released"
+    )
+    payment_reference: str | None = Field(None, description="Once the payment is confirmed")
+    paid_at: datetime | None = None
+    released_at: datetime | None = Field(None, description="Unpaid in time: points, stock back")
+    reversed_at: datetime | None = Field(None, description="Taken back by an operator")
+    reversed_by: str | None = None
 
 
 class Shipment(BaseModel):
@@ -324,6 +337,13 @@ def exchange_model(e: rewards_pb2.MallExchange) -> MallExchange:
         carrier=e.carrier or None,
         tracking_number=e.tracking_number or None,
         shipped_at=optional_utc(e, "shipped_at"),
+        hold_id=e.hold_id or None,
+        payment_due_at=optional_utc(e, "payment_due_at"),
+        payment_reference=e.payment_reference or None,
+        paid_at=optional_utc(e, "paid_at"),
+        released_at=optional_utc(e, "released_at"),
+        reversed_at=optional_utc(e, "reversed_at"),
+        reversed_by=e.reversed_by or None,
     )
 
 
@@ -418,7 +438,10 @@ ExchangeId = Annotated[
 )
 async def admin_list_exchanges(
     request: Request,
-    fulfilment: Annotated[Literal["issued", "pending", "shipped"] | None, Query()] = None,
+    fulfilment: Annotated[
+        Literal["issued", "pending", "shipped", "awaiting_payment", "released", "reversed"] | None,
+        Query(),
+    ] = None,
     page_size: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str, Query(max_length=20)] = "",
 ) -> MallExchanges:
@@ -515,3 +538,82 @@ async def set_item_status(item_id: ItemId, body: MallItemStatus, request: Reques
         rewards_pb2.SetMallItemStatusRequest(item_id=str(item_id), status=body.status),
     )
     return item_model(reply)
+
+
+class Payment(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"payment_reference": "wxpay-4200001234202605010001"}]},
+    )
+
+    payment_reference: str = Field(
+        min_length=1,
+        max_length=256,
+        description="The reference the backend's payment notification carried for the cash part",
+    )
+
+
+@router.post(
+    "/v1/members/{member_id}/mall/exchanges/{exchange_id}/payment",
+    response_model=MallExchange,
+    tags=["mall"],
+    summary="The cash part was paid: deliver the reserved exchange (once per payment)",
+    responses=MEMBER_ERRORS
+    | {
+        404: problem_response("UNKNOWN_MALL_EXCHANGE (or another member's)"),
+        409: problem_response(
+            "PAYMENT_TIMED_OUT (released: refund the payment), NO_PAYMENT_DUE,"
+            " PAYMENT_ALREADY_CONFIRMED (another reference), PAYMENT_REFERENCE_USED (the"
+            " reference paid another exchange); the same reference again replays"
+        ),
+    },
+)
+async def confirm_payment(
+    member_id: MemberId, exchange_id: ExchangeId, body: Payment, request: Request
+) -> MallExchange:
+    reply = await downstreams(request).rewards.call(
+        "ConfirmMallExchange",
+        rewards_pb2.ConfirmMallExchangeRequest(
+            exchange_id=str(exchange_id),
+            payment_reference=body.payment_reference,
+            member_id=str(member_id),
+        ),
+    )
+    return exchange_model(reply)
+
+
+class Reversal(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"reason": "damaged parcel"}]},
+    )
+
+    reason: str = Field(min_length=1, max_length=256)
+
+
+@router.post(
+    "/v1/admin/mall/exchanges/{exchange_id}/reverse",
+    response_model=MallExchange,
+    tags=["admin"],
+    summary="Take a completed exchange back, once: points, stock and count return",
+    responses={
+        404: problem_response("UNKNOWN_MALL_EXCHANGE"),
+        409: problem_response(
+            "EXCHANGE_NOT_COMPLETED (awaiting payment or released), COUPON_NOT_REVOCABLE"
+            " (its coupon was used); a second reversal replays the first"
+        ),
+        422: problem_response("Malformed reversal; `field` names the culprit"),
+    },
+)
+async def reverse_exchange(
+    exchange_id: ExchangeId, body: Reversal, request: Request
+) -> MallExchange:
+    reply = await downstreams(request).rewards.call(
+        "ReverseMallExchange",
+        rewards_pb2.ReverseMallExchangeRequest(
+            exchange_id=str(exchange_id),
+            operator_id=principal(request),
+            reason=body.reason,
+        ),
+    )
+    return exchange_model(reply)

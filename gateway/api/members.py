@@ -3,8 +3,7 @@
 Mini-program: login/identify (openid + unionid), phone binding, profile,
 consent, member code. Operators, under /v1/admin/...: the OneID review
 queue, merge, unmerge, erasure, quarantined identifiers and audited PII
-reads. Authentication and scopes arrive with issue 8; until then the admin
-routes must only be reachable from the operators' network (docs/identity.md).
+reads, each audited under the authenticated principal (gateway/principal.py).
 """
 
 from __future__ import annotations
@@ -14,14 +13,25 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonDict
 
 from loyalty.member.v1 import member_pb2
+from servicekit.errors import InvalidArgument, PermissionDenied
 from servicekit.protos import to_datetime
 
+from ..auth.model import ClientKind, Credential
 from ..clients import identifier_fields
-from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
+from ..errors import DownstreamError
+from ..principal import principal
+from .common import (
+    MEMBER_ERRORS,
+    MEMBER_ID_EXAMPLE,
+    MemberId,
+    downstreams,
+    problem_response,
+    utc,
+)
 
 # Every route here is about a member (or a merge of members): one error table.
 router = APIRouter(responses=MEMBER_ERRORS)
@@ -121,6 +131,9 @@ async def get_spend(member_id: MemberId, request: Request) -> MemberSpend:
 
 # ---- OneID: mini-program login and phone binding ---------------------------
 
+# bind-phone's answer when the phone belongs to another member it did not merge.
+PHONE_OWNED_ELSEWHERE = "PHONE_OWNED_ELSEWHERE"
+
 RequestKey = Annotated[
     str,
     Field(
@@ -165,16 +178,23 @@ class Identified(BaseModel):
                     "ignored": [],
                     "replayed": False,
                 },
-                # bind-phone: merging would give one member two verified
-                # phones, so an operator reviews it; meanwhile the member of
-                # the phone answers (it outranks the openid).
+                # bind-phone: the phone belongs to another member and merging
+                # would break a limit (two unionids), so an operator reviews
+                # it; meanwhile the caller gets its own member, never the
+                # other one, and the phone stays where it was.
                 {
-                    "member": MEMBER_EXAMPLE,
+                    "member": {
+                        "member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                        "member_number": "10583317",
+                        "phone_masked": "",
+                        "registered_at": "2026-04-12T09:41:27Z",
+                    },
                     "created": False,
                     "merged_member_ids": [],
                     "review_id": REVIEW_ID_EXAMPLE,
-                    "ignored": [{"field": "openid", "reason": "OWNED_ELSEWHERE"}],
+                    "ignored": [{"field": "phone", "reason": "OWNED_ELSEWHERE"}],
                     "replayed": False,
+                    "conflict": "PHONE_OWNED_ELSEWHERE",
                 },
             ]
         }
@@ -188,23 +208,66 @@ class Identified(BaseModel):
     )
     ignored: list[IgnoredIdentifier]
     replayed: bool = Field(description="True when this answers a retry of the same request_key")
+    conflict: str | None = Field(
+        default=None,
+        description="bind-phone: PHONE_OWNED_ELSEWHERE when the phone stays with another "
+        "member; `member` is then still the caller's own",
+    )
+
+
+# What a mini-program sends when it has no unionid: an empty string or the
+# string form of JavaScript's null/undefined. Absent, not an identifier.
+PLACEHOLDERS = frozenset({"", "null", "undefined", "none", "nil", "nan"})
 
 
 class LoginRequest(BaseModel):
     request_key: RequestKey
     app_id: str = Field(min_length=1, max_length=64, description="Mini-program appid")
     openid: str = Field(min_length=1, max_length=128)
-    unionid: str | None = Field(default=None, max_length=128, description="When WeChat gave one")
+    unionid: str | None = Field(
+        default=None,
+        max_length=128,
+        description='When WeChat gave one; "", "null" and "undefined" count as absent',
+    )
+
+    @field_validator("unionid")
+    @classmethod
+    def _placeholder_is_absent(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() in PLACEHOLDERS:
+            return None
+        return value
 
 
 class BindPhoneRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_key": "bind-2b7e41",
+                    "app_id": "wx8d5f0c1a2b3c4d5e",
+                    "openid": "oGZUI0egBJY1zhBYw2KhdUfwVJJE",
+                    "code": "e31968a7f94cc5ee25fafc2aef2773f0bb8c3937b22520eb8ee345274d00c144",
+                }
+            ]
+        }
+    )
+
     request_key: RequestKey
     app_id: str = Field(min_length=1, max_length=64)
     openid: str = Field(min_length=1, max_length=128)
-    phone: str = Field(
+    code: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="WeChat's phone-number code (getPhoneNumber): the gateway asks WeChat "
+        "for the phone, which is then verified and may merge",
+    )
+    phone: str | None = Field(
+        default=None,
         min_length=1,
         max_length=32,
-        description="From WeChat phone authorisation (verified), e.g. 13912345678",
+        description="A phone the backend only asserts (e.g. typed by the member): attached "
+        "unverified, never merges; give `code` or `phone`, not both",
     )
 
 
@@ -228,6 +291,28 @@ def _identified(reply: member_pb2.IdentifyMemberResponse, names: list[str]) -> I
     )
 
 
+def _require_app(request: Request, app_id: str) -> None:
+    """A mini-program backend speaks only for the WeChat apps it was registered
+    with (`clients create --app-id`); other kinds are not bound to apps."""
+    credential: Credential | None = getattr(request.state, "credential", None)
+    if (
+        credential is not None
+        and credential.kind is ClientKind.MINIPROGRAM_BACKEND
+        and app_id not in credential.app_ids
+    ):
+        raise PermissionDenied(
+            f"client {credential.client_id} is not registered for app {app_id}",
+            code="APP_NOT_BOUND",
+            field="app_id",
+        )
+
+
+def _openid(body: LoginRequest | BindPhoneRequest) -> member_pb2.Identifier:
+    return member_pb2.Identifier(
+        type=member_pb2.IDENTIFIER_TYPE_WECHAT_OPENID, value=body.openid, namespace=body.app_id
+    )
+
+
 @router.post(
     "/v1/members/identify",
     response_model=Identified,
@@ -235,11 +320,8 @@ def _identified(reply: member_pb2.IdentifyMemberResponse, names: list[str]) -> I
     summary="Mini-program login: the member of an openid (and unionid), enrolled if new",
 )
 async def identify(body: LoginRequest, request: Request) -> Identified:
-    idents = [
-        member_pb2.Identifier(
-            type=member_pb2.IDENTIFIER_TYPE_WECHAT_OPENID, value=body.openid, namespace=body.app_id
-        )
-    ]
+    _require_app(request, body.app_id)
+    idents = [_openid(body)]
     names = ["openid"]
     if body.unionid is not None:
         # Issued by WeChat for this login: proof, so it may merge.
@@ -259,22 +341,68 @@ async def identify(body: LoginRequest, request: Request) -> Identified:
     "/v1/members/bind-phone",
     response_model=Identified,
     tags=["members"],
-    summary="Phone authorisation: bind a verified phone, merging the member that already has it",
+    summary="Phone authorisation: bind the phone WeChat verified (merging the member that "
+    "already has it), or attach an unverified one",
+    responses={
+        403: problem_response("The client is not registered for this app (APP_NOT_BOUND)"),
+    },
 )
 async def bind_phone(body: BindPhoneRequest, request: Request) -> Identified:
+    _require_app(request, body.app_id)
+    if (body.code is None) == (body.phone is None):
+        raise InvalidArgument(
+            "give exactly one of code (WeChat's phone code) or phone (unverified)",
+            code="CODE_OR_PHONE_REQUIRED",
+            field="code",
+        )
+    down = downstreams(request)
+    source = f"mini-program:{body.app_id}"
+    openid = _openid(body)
+    if body.code is not None:
+        # Proven: WeChat says this WeChat user holds this phone. May merge.
+        phone = await down.wechat.verified_phone(body.app_id, body.code)
+        verified = True
+    else:
+        # Only asserted by the backend: attach-only, never a merge key. The
+        # openid must first be a member of its own, or identify would attach
+        # it to whoever holds the phone (the highest-priority owner).
+        assert body.phone is not None
+        phone, verified = body.phone, False
+        await down.member.identify(
+            [openid], source, f"{body.request_key}:login", identifier_fields(["openid"])
+        )
     idents = [
+        openid,
         member_pb2.Identifier(
-            type=member_pb2.IDENTIFIER_TYPE_WECHAT_OPENID, value=body.openid, namespace=body.app_id
-        ),
-        member_pb2.Identifier(
-            type=member_pb2.IDENTIFIER_TYPE_PHONE, value=body.phone, verified=True
+            type=member_pb2.IDENTIFIER_TYPE_PHONE, value=phone, verified=verified
         ),
     ]
     names = ["openid", "phone"]
-    reply = await downstreams(request).member.identify(
-        idents, f"mini-program:{body.app_id}", body.request_key, identifier_fields(names)
+    reply = await down.member.identify(idents, source, body.request_key, identifier_fields(names))
+    if not any(i.index == 0 for i in reply.ignored):
+        return _identified(reply, names)
+    # The phone's member answered, not the openid's: the phone stays with that
+    # other member. Answer with the caller's own member, never the other one.
+    try:
+        own = await down.member.resolve_member(openid, {"identifier.value": "openid"})
+    except DownstreamError as exc:
+        if exc.code != "UNKNOWN_IDENTIFIER":
+            raise
+        # The openid could not be attached there (a limit): it enrols on its own.
+        own = (
+            await down.member.identify(
+                [openid], source, f"{body.request_key}:own", identifier_fields(["openid"])
+            )
+        ).member
+    return Identified(
+        member=_member(own),
+        created=False,
+        merged_member_ids=[],
+        review_id=reply.review_id or None,
+        ignored=[IgnoredIdentifier(field="phone", reason="OWNED_ELSEWHERE")],
+        replayed=reply.replayed,
+        conflict=PHONE_OWNED_ELSEWHERE,
     )
-    return _identified(reply, names)
 
 
 # ---- profile and consent -----------------------------------------------------
@@ -385,6 +513,11 @@ class Profile(BaseModel):
     personalisation_allowed: bool = Field(
         description="False is the member's 'no personalisation' choice (and the default)"
     )
+    time_zone: str | None = Field(
+        default=None,
+        description="The member's IANA zone (journeys' quiet hours and caps); null: the "
+        "registration store's",
+    )
 
 
 class ProfileUpdate(BaseModel):
@@ -394,6 +527,7 @@ class ProfileUpdate(BaseModel):
     registration_store_id: str | None = Field(default=None, max_length=64)
     acquisition_channel: str | None = Field(default=None, max_length=64)
     acquisition_campaign: str | None = Field(default=None, max_length=64)
+    time_zone: str | None = Field(default=None, max_length=64, examples=["Europe/London"])
     source: str = Field(min_length=1, max_length=128, examples=["mini-program"])
     verified: bool = Field(default=True, description="The member entered or confirmed it")
 
@@ -447,6 +581,7 @@ def _profile(p: member_pb2.Profile) -> Profile:
         acquisition_campaign=p.acquisition_campaign or None,
         consents=[_consent(c) for c in p.consents],
         personalisation_allowed=p.personalisation_allowed,
+        time_zone=p.time_zone or None,
     )
 
 
@@ -554,9 +689,10 @@ async def member_code(member_id: MemberId, request: Request) -> MemberCode:
     )
 
 
-# ---- operators (/v1/admin; auth arrives with issue 8) --------------------------
+# ---- operators (/v1/admin) -------------------------------------------------------
+# Who acts is never a body field: every record names principal(request), the
+# authenticated client (and the console's X-Operator-User); gateway/principal.py.
 
-Operator = Annotated[str, Field(min_length=1, max_length=128, description="Who acts (audited)")]
 AnyId = Annotated[uuid.UUID, Path(description="A UUID")]
 
 
@@ -623,13 +759,11 @@ class MergeReviews(BaseModel):
 
 
 class Decision(BaseModel):
-    operator: Operator
     note: str = Field(default="", max_length=500)
 
 
 class MergeRequest(BaseModel):
     member_ids: list[uuid.UUID] = Field(min_length=2, max_length=20)
-    operator: Operator
     reason: str = Field(min_length=1, max_length=500)
 
 
@@ -668,7 +802,6 @@ class Merged(BaseModel):
 
 
 class UnmergeRequest(BaseModel):
-    operator: Operator
     reason: str = Field(min_length=1, max_length=500)
 
 
@@ -684,7 +817,6 @@ class Unmerged(BaseModel):
 
 
 class EraseRequest(BaseModel):
-    operator: Operator
     reason: str = Field(min_length=1, max_length=500, examples=["PIPL request #1234"])
 
 
@@ -802,7 +934,7 @@ async def _decide(
     reply = await downstreams(request).member.call(
         method,
         member_pb2.DecideMergeReviewRequest(
-            review_id=str(review_id), operator=body.operator, note=body.note
+            review_id=str(review_id), operator=principal(request), note=body.note
         ),
     )
     return _review(reply)
@@ -838,7 +970,9 @@ async def merge_members(body: MergeRequest, request: Request) -> Merged:
     reply = await downstreams(request).member.call(
         "MergeMembers",
         member_pb2.MergeMembersRequest(
-            member_ids=[str(m) for m in body.member_ids], operator=body.operator, reason=body.reason
+            member_ids=[str(m) for m in body.member_ids],
+            operator=principal(request),
+            reason=body.reason,
         ),
     )
     return Merged(
@@ -867,7 +1001,7 @@ async def unmerge(merge_id: AnyId, body: UnmergeRequest, request: Request) -> Un
     reply = await downstreams(request).member.call(
         "UnmergeMember",
         member_pb2.UnmergeMemberRequest(
-            merge_id=str(merge_id), operator=body.operator, reason=body.reason
+            merge_id=str(merge_id), operator=principal(request), reason=body.reason
         ),
     )
     return Unmerged(survivor=_member(reply.survivor), restored=_member(reply.restored))
@@ -883,7 +1017,7 @@ async def erase(member_id: MemberId, body: EraseRequest, request: Request) -> Er
     reply = await downstreams(request).member.call(
         "EraseMember",
         member_pb2.EraseMemberRequest(
-            member_id=str(member_id), operator=body.operator, reason=body.reason
+            member_id=str(member_id), operator=principal(request), reason=body.reason
         ),
     )
     return Erased(
@@ -901,11 +1035,13 @@ async def erase(member_id: MemberId, body: EraseRequest, request: Request) -> Er
 async def member_pii(
     member_id: MemberId,
     request: Request,
-    accessor: Annotated[str, Query(min_length=1, max_length=128)],
-    purpose: Annotated[str, Query(min_length=1, max_length=500)],
+    purpose: Annotated[
+        str, Query(min_length=1, max_length=500, description="Why (audited, free text)")
+    ],
 ) -> MemberWithPii:
+    # The accessor in the audit is who signed the request, not a parameter.
     reply = await downstreams(request).member.get_member(
-        str(member_id), accessor=accessor, purpose=purpose
+        str(member_id), accessor=principal(request), purpose=purpose
     )
     return MemberWithPii(**_member(reply).model_dump(), phone=reply.phone or None)
 

@@ -3,18 +3,27 @@ expiring points for the mini-program; adjustments and liability for operators.""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
 
 from ..clients import Downstreams
-from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams, utc
+from ..principal import principal
+from .common import (
+    MEMBER_ERRORS,
+    MEMBER_ID_EXAMPLE,
+    MemberId,
+    downstreams,
+    problem_response,
+    utc,
+)
 
 router = APIRouter()
 
@@ -127,8 +136,11 @@ class ExpiringPoints(BaseModel):
 
 class Adjustment(BaseModel):
     points: int = Field(description="Positive credits, negative debits; never 0")
-    operator_id: str = Field(min_length=1, max_length=256)
-    reason: str = Field(min_length=1, max_length=256)
+    reason: str = Field(
+        min_length=1,
+        max_length=256,
+        description="Free text; who acted is the authenticated client (and X-Operator-User)",
+    )
     idempotency_key: str = Field(min_length=1, max_length=128)
 
 
@@ -301,7 +313,7 @@ async def get_expiring(
     "/v1/admin/members/{member_id}/points/adjustments",
     response_model=AdjustmentResult,
     tags=["admin"],
-    summary="Credit or debit a member's points, with reason and operator",
+    summary="Credit or debit a member's points, with a reason; the caller is audited",
     responses=MEMBER_ERRORS,
 )
 async def adjust(member_id: MemberId, body: Adjustment, request: Request) -> AdjustmentResult:
@@ -309,7 +321,7 @@ async def adjust(member_id: MemberId, body: Adjustment, request: Request) -> Adj
         rewards_pb2.AdjustPointsRequest(
             member_id=str(member_id),
             points=body.points,
-            operator_id=body.operator_id,
+            operator_id=principal(request),
             reason=body.reason,
             idempotency_key=body.idempotency_key,
         )
@@ -346,3 +358,153 @@ async def liability(
         expired=reply.expired,
         adjusted=reply.adjusted,
     )
+
+
+class Action(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"action": "check_in", "idempotency_key": "ci-20260501"}]},
+    )
+
+    # Referral points are granted by the referral programme, never claimed.
+    action: Literal["check_in", "review", "tea_residue"]
+    idempotency_key: str = Field(min_length=1, max_length=128)
+
+
+class Movement(BaseModel):
+    """Points moved by an action, a hold, a post or a void."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "transaction_id": "7d6c5b4a-3f2e-4d1c-8b0a-9f8e7d6c5b4a",
+                    "member_id": MEMBER_ID_EXAMPLE,
+                    "points": 30,
+                    "available": 70,
+                    "hold_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
+                    "hold_status": "held",
+                    "hold_expires_at": "2026-05-01T04:15:00Z",
+                    "replayed": False,
+                }
+            ]
+        }
+    )
+
+    transaction_id: str
+    member_id: str
+    points: int
+    available: int = Field(description="Available right after (for a replay: now)")
+    hold_id: str | None = None
+    hold_status: str | None = Field(None, description="held, posted, voided, expired")
+    hold_expires_at: datetime | None = None
+    replayed: bool
+
+
+def movement_model(m: rewards_pb2.PointsMovement) -> Movement:
+    return Movement(
+        transaction_id=m.transaction_id,
+        member_id=m.member_id,
+        points=m.points,
+        available=m.available,
+        hold_id=m.hold_id or None,
+        hold_status=m.hold_status or None,
+        hold_expires_at=utc(m.hold_expires_at) if m.HasField("hold_expires_at") else None,
+        replayed=m.replayed,
+    )
+
+
+@router.post(
+    "/v1/members/{member_id}/points/actions",
+    response_model=Movement,
+    tags=["points"],
+    summary="Points for a check-in, a review or tea residue returned (per-period caps apply)",
+    responses=MEMBER_ERRORS
+    | {409: problem_response("ACTION_CAP_REACHED, MEMBER_ERASED, IDEMPOTENCY_KEY_REUSED")},
+)
+async def record_action(member_id: MemberId, body: Action, request: Request) -> Movement:
+    reply = await downstreams(request).rewards.call(
+        "RecordAction",
+        rewards_pb2.RecordActionRequest(
+            member_id=str(member_id), action=body.action, idempotency_key=body.idempotency_key
+        ),
+    )
+    return movement_model(reply)
+
+
+class HoldBody(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "points": 30,
+                    "idempotency_key": "mp-cart-7f3a",
+                    "reference": "mini-program order 7f3a",
+                    "ttl_seconds": 900,
+                }
+            ]
+        },
+    )
+
+    points: int = Field(ge=1, description="Points to reserve")
+    idempotency_key: str = Field(min_length=1, max_length=128)
+    reference: str = Field("", max_length=256)
+    ttl_seconds: int = Field(0, ge=0, description="0: the service's default time-out")
+
+
+@router.post(
+    "/v1/members/{member_id}/points/holds",
+    response_model=Movement,
+    tags=["points"],
+    summary="Reserve points for a mini-program checkout (then post or void it)",
+    responses=MEMBER_ERRORS
+    | {409: problem_response("INSUFFICIENT_POINTS, MEMBER_ERASED, IDEMPOTENCY_KEY_REUSED")},
+)
+async def hold(member_id: MemberId, body: HoldBody, request: Request) -> Movement:
+    reply = await downstreams(request).rewards.call(
+        "HoldPoints",
+        rewards_pb2.HoldPointsRequest(
+            member_id=str(member_id),
+            points=body.points,
+            idempotency_key=body.idempotency_key,
+            reference=body.reference,
+            ttl_seconds=body.ttl_seconds,
+        ),
+    )
+    return movement_model(reply)
+
+
+HoldId = Annotated[uuid.UUID, Path(description="The hold's id (a UUID)")]
+HOLD_ERRORS = MEMBER_ERRORS | {
+    404: problem_response("UNKNOWN_HOLD (or another member's)"),
+    409: problem_response("HOLD_POSTED, HOLD_VOIDED, HOLD_EXPIRED; the same step again replays"),
+}
+
+
+@router.post(
+    "/v1/members/{member_id}/points/holds/{hold_id}/post",
+    response_model=Movement,
+    tags=["points"],
+    summary="Spend a reservation, once (the order was paid)",
+    responses=HOLD_ERRORS,
+)
+async def post_hold(member_id: MemberId, hold_id: HoldId, request: Request) -> Movement:
+    reply = await downstreams(request).rewards.call(
+        "PostHold", rewards_pb2.HoldRequest(hold_id=str(hold_id), member_id=str(member_id))
+    )
+    return movement_model(reply)
+
+
+@router.post(
+    "/v1/members/{member_id}/points/holds/{hold_id}/void",
+    response_model=Movement,
+    tags=["points"],
+    summary="Give a reservation back (the order was cancelled), once",
+    responses=HOLD_ERRORS,
+)
+async def void_hold(member_id: MemberId, hold_id: HoldId, request: Request) -> Movement:
+    reply = await downstreams(request).rewards.call(
+        "VoidHold", rewards_pb2.HoldRequest(hold_id=str(hold_id), member_id=str(member_id))
+    )
+    return movement_model(reply)

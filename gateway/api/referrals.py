@@ -290,6 +290,20 @@ async def accept_invite(member_id: MemberId, body: AcceptInvite, request: Reques
 
 
 @router.get(
+    "/v1/members/{member_id}/referral",
+    response_model=Referral,
+    tags=["referral"],
+    summary="The member's own referral as an invitee, with its rewards' status",
+    responses=MEMBER_ERRORS | {404: problem_response("NOT_REFERRED: nobody invited this member")},
+)
+async def get_own_referral(member_id: MemberId, request: Request) -> Referral:
+    reply = await downstreams(request).rewards.call(
+        "GetInviteeReferral", rewards_pb2.GetInviteeReferralRequest(member_id=str(member_id))
+    )
+    return referral_model(reply)
+
+
+@router.get(
     "/v1/members/{member_id}/referrals",
     response_model=Referrals,
     tags=["referral"],

@@ -19,15 +19,17 @@ from typing import Any
 import grpc
 import httpx
 
-from .crypto import sign
+from .crypto import SignedHeaders, sign
 from .http import KEY_ID_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class HmacAuth(httpx.Auth):
-    """Signs every request; gives mutating requests an Idempotency-Key unless
-    the caller set one (set your own to make a retry replay the first answer)."""
+    """Signs every request (LOYALTY-HMAC-SHA256-2: the member headers and the
+    Idempotency-Key are signed too, so set them before the request is sent);
+    gives mutating requests an Idempotency-Key unless the caller set one (set
+    your own to make a retry replay the first answer)."""
 
     requires_request_body = True
 
@@ -45,8 +47,14 @@ class HmacAuth(httpx.Auth):
         request.headers[KEY_ID_HEADER] = self.key_id
         request.headers[TIMESTAMP_HEADER] = timestamp
         request.headers[NONCE_HEADER] = nonce
+        signed = SignedHeaders(
+            appid=request.headers.get("x-member-appid", ""),
+            openid=request.headers.get("x-member-openid", ""),
+            idempotency_key=request.headers.get("idempotency-key", ""),
+            operator_user=request.headers.get("x-operator-user", ""),
+        )
         request.headers[SIGNATURE_HEADER] = sign(
-            self.secret, request.method, target, timestamp, nonce, request.content
+            self.secret, request.method, target, timestamp, nonce, request.content, signed
         )
         yield request
 

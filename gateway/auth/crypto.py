@@ -12,10 +12,15 @@ import hashlib
 import hmac
 import os
 import secrets
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-SIGNATURE_ALGORITHM = "LOYALTY-HMAC-SHA256"
+# Version 2 also signs the headers that change a request's meaning (the member
+# it acts for, its Idempotency-Key); version 1 is accepted only behind
+# AUTH_ACCEPT_SIGNATURE_V1, for a migration window.
+SIGNATURE_ALGORITHM = "LOYALTY-HMAC-SHA256-2"
+SIGNATURE_ALGORITHM_V1 = "LOYALTY-HMAC-SHA256"
 _NONCE_BYTES = 12
 
 
@@ -50,24 +55,76 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def string_to_sign(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:
+@dataclass(frozen=True)
+class SignedHeaders:
+    """The headers version 2 signs; empty when not sent."""
+
+    appid: str = ""
+    openid: str = ""
+    idempotency_key: str = ""
+    # The console's operator user: it names who is audited, so it is signed too.
+    operator_user: str = ""
+
+
+NO_HEADERS = SignedHeaders()
+
+
+def string_to_sign(
+    method: str,
+    path: str,
+    timestamp: str,
+    nonce: str,
+    body: bytes,
+    headers: SignedHeaders = NO_HEADERS,
+    *,
+    version: int = 2,
+) -> bytes:
     """What the caller signs: one field a line. `path` is the request target as
-    sent: the path and, when present, "?" and the query string."""
-    return "\n".join(
-        [SIGNATURE_ALGORITHM, method.upper(), path, timestamp, nonce, body_digest(body)]
-    ).encode()
+    sent: the path and, when present, "?" and the query string. Version 2 adds
+    X-Member-Appid, X-Member-Openid, Idempotency-Key and X-Operator-User (empty
+    lines when absent)."""
+    fields = [method.upper(), path, timestamp, nonce, body_digest(body)]
+    if version == 1:
+        return "\n".join([SIGNATURE_ALGORITHM_V1, *fields]).encode()
+    extra = [headers.appid, headers.openid, headers.idempotency_key, headers.operator_user]
+    return "\n".join([SIGNATURE_ALGORITHM, *fields, *extra]).encode()
 
 
-def sign(secret: str, method: str, path: str, timestamp: str, nonce: str, body: bytes) -> str:
-    message = string_to_sign(method, path, timestamp, nonce, body)
+def sign(
+    secret: str,
+    method: str,
+    path: str,
+    timestamp: str,
+    nonce: str,
+    body: bytes,
+    headers: SignedHeaders = NO_HEADERS,
+    *,
+    version: int = 2,
+) -> str:
+    message = string_to_sign(method, path, timestamp, nonce, body, headers, version=version)
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 def signature_matches(
-    secret: str, signature: str, method: str, path: str, timestamp: str, nonce: str, body: bytes
+    secret: str,
+    signature: str,
+    method: str,
+    path: str,
+    timestamp: str,
+    nonce: str,
+    body: bytes,
+    headers: SignedHeaders = NO_HEADERS,
+    *,
+    accept_v1: bool = False,
 ) -> bool:
-    expected = sign(secret, method, path, timestamp, nonce, body)
-    return hmac.compare_digest(expected, signature.strip().lower())
+    presented = signature.strip().lower()
+    expected = sign(secret, method, path, timestamp, nonce, body, headers)
+    if hmac.compare_digest(expected, presented):
+        return True
+    if not accept_v1:
+        return False
+    legacy = sign(secret, method, path, timestamp, nonce, body, version=1)
+    return hmac.compare_digest(legacy, presented)
 
 
 def api_key(key_id: str, secret: str) -> str:

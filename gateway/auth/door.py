@@ -1,10 +1,13 @@
-"""Wiring of the door: one Postgres pool (credential reloads only), one Redis
-client (nonces, buckets, epoch, idempotency records), and the pieces the HTTP
-app and the POS server install."""
+"""Wiring of the door: one Postgres pool (credential reloads, Idempotency-Key
+records, the nonce-store marker), one Redis client (nonces, buckets, epochs),
+the one sign-in sequence (signin.py), and the pieces the HTTP app and the POS
+server install."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,15 +17,18 @@ from servicekit.db import create_pool
 
 from ..clients import Downstreams
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
-from ..idempotency import MUTATING, IdempotencyMiddleware
-from ..ratelimit import Gatekeeper, Limit
+from ..idempotency import MUTATING, IdempotencyMiddleware, prune_expired
+from ..ratelimit import Gatekeeper, Limit, LocalBuckets
 from ..settings import GatewaySettings
-from .crypto import SecretBox
-from .http import AuthSettings, HttpAuthMiddleware
+from .crypto import SIGNATURE_ALGORITHM, SecretBox
+from .http import HttpAuthMiddleware
 from .members import MemberAssertions
 from .pos import PosAuthInterceptor
-from .registry import CredentialRegistry
+from .registry import DATABASE_ERRORS, CredentialRegistry
+from .signin import SignIn, SignInSettings
 from .tokens import TokenIssuer, token_router
+
+log = logging.getLogger(__name__)
 
 REDIS_CONNECTIONS = 64
 
@@ -47,8 +53,10 @@ SECURITY_SCHEMES = {
         (
             "signature",
             "X-Signature",
-            "hex HMAC-SHA256 of LOYALTY-HMAC-SHA256, method, path?query, timestamp, nonce, "
-            "sha256(body) hex, joined by newlines",
+            f"hex HMAC-SHA256 of {SIGNATURE_ALGORITHM}, method, path?query, timestamp, "
+            "nonce, sha256(body) hex, X-Member-Appid, X-Member-Openid, Idempotency-Key, "
+            "X-Operator-User "
+            "(empty when absent), joined by newlines",
         ),
     )
 }
@@ -60,53 +68,104 @@ class Door:
         self._downstreams = downstreams
         self.pool = None
         # A burst of concurrent requests waits for a connection instead of
-        # failing (the default pool raises past 100 connections).
+        # failing (the default pool raises past 100 connections). A Redis that
+        # refuses connections is noticed at once; one that hangs costs a call at
+        # most the downstream deadline (then the POS falls back), and the
+        # gatekeeper then skips it for a moment (ratelimit.Gatekeeper).
         self.redis = Redis(
             connection_pool=BlockingConnectionPool.from_url(
                 settings.redis_url,
                 max_connections=REDIS_CONNECTIONS,
                 timeout=settings.downstream_timeout_seconds,
+                socket_timeout=settings.downstream_timeout_seconds,
+                socket_connect_timeout=settings.downstream_timeout_seconds,
             )
         )
         self.gatekeeper = Gatekeeper(self.redis, settings.redis_namespace)
-        self.auth_settings = AuthSettings(
-            settings.auth_clock_skew_seconds,
-            {kind: Limit(rate, burst) for kind, (rate, burst) in settings.rate_limits.items()},
+        self.signin_settings = SignInSettings(
+            # A nonce only needs remembering while its timestamp is acceptable.
+            nonce_ttl_ms=2 * settings.auth_clock_skew_seconds * 1000,
+            kind_limits={
+                kind: Limit(rate, burst) for kind, (rate, burst) in settings.rate_limits.items()
+            },
+            store_limit=Limit(settings.store_rate_per_second, settings.store_burst),
+            failure_limit=Limit(settings.auth_failure_rate_per_second, settings.auth_failure_burst),
         )
-        self.members = MemberAssertions(downstreams, settings.member_assertion_ttl_seconds)
+        self.members = MemberAssertions(
+            downstreams,
+            settings.member_assertion_ttl_seconds,
+            redis=self.redis,
+            namespace=settings.redis_namespace,
+        )
         self.registry: CredentialRegistry | None = None
+        self.signin: SignIn | None = None
         self.tokens = TokenIssuer(settings.auth_secret_key, settings.token_ttl_seconds)
+        self._pruning: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         s = self._s
-        self.pool = await create_pool(s.database_url, min_size=1, max_size=2)
+        self.pool = await create_pool(s.database_url, min_size=1, max_size=s.door_db_pool_max)
         self.registry = CredentialRegistry(
             self.pool, SecretBox(s.auth_secret_key), s.credential_max_age_seconds
         )
+        self.signin = SignIn(
+            self.registry,
+            self.gatekeeper,
+            self.signin_settings,
+            failures=LocalBuckets(s.auth_failure_sources),
+        )
         # Load now, so the first request does not pay for it.
         await self.registry.ensure_current(await self.gatekeeper.current_epoch())
+        await self._open_nonce_store()
+        self._pruning = asyncio.create_task(self._prune(), name="idempotency-prune")
+
+    async def _open_nonce_store(self) -> None:
+        """The first start of an installation records that its nonce store (a
+        Redis namespace) exists; an empty store at any later start lost its data."""
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            fresh = await conn.fetchval(
+                "INSERT INTO gateway.door_markers (name) VALUES ($1)"
+                " ON CONFLICT (name) DO NOTHING RETURNING true",
+                f"nonce_store:{self._s.redis_namespace}",
+            )
+        try:
+            await self.gatekeeper.open_nonce_store(bool(fresh))
+        except Exception as exc:  # Redis down at start: the script sets it later
+            log.warning("nonce store epoch not set at start: %r", exc)
+
+    async def _prune(self) -> None:
+        assert self.pool is not None
+        while True:
+            await asyncio.sleep(self._s.idempotency_prune_interval_seconds)
+            try:
+                pruned = await prune_expired(self.pool)
+            except DATABASE_ERRORS as exc:
+                log.warning("idempotency prune failed: %r", exc)
+                continue
+            if pruned:
+                log.info("idempotency records pruned: %d", pruned)
 
     def install(self, app: FastAPI) -> None:
         """Added innermost-first: the auth middleware runs before idempotency."""
-        assert self.registry is not None, "open() first"
+        assert self.registry is not None and self.pool is not None, "open() first"
         s = self._s
         app.include_router(token_router(self))
         app.add_middleware(
             IdempotencyMiddleware,
-            redis=self.redis,
-            namespace=s.redis_namespace,
+            pool=self.pool,
             ttl_seconds=s.idempotency_ttl_seconds,
             in_progress_seconds=s.idempotency_in_progress_seconds,
             router_app=app,
         )
         app.add_middleware(
             HttpAuthMiddleware,
-            registry=self.registry,
-            gatekeeper=self.gatekeeper,
+            signin=self.signin,
             members=self.members,
-            settings=self.auth_settings,
             tokens=self.tokens,
             router_app=app,
+            clock_skew_seconds=s.auth_clock_skew_seconds,
+            accept_signature_v1=s.auth_accept_signature_v1,
         )
         self._document(app)
 
@@ -129,16 +188,16 @@ class Door:
         app.openapi = openapi  # type: ignore[method-assign]
 
     def pos_interceptor(self) -> PosAuthInterceptor:
-        assert self.registry is not None, "open() first"
-        s = self._s
+        assert self.signin is not None, "open() first"
         return PosAuthInterceptor(
-            self.registry,
-            self.gatekeeper,
-            self.auth_settings,
-            Limit(s.store_rate_per_second, s.store_burst),
+            self.signin, require_client_certificate=bool(self._s.pos_tls_client_ca_file)
         )
 
     async def close(self, timeout: float = 5.0) -> None:
+        if self._pruning is not None:
+            self._pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruning
         await self.redis.aclose()
         if self.pool is not None:
             # A connection never released (a task cancelled mid-reload) must not hang shutdown.

@@ -1,10 +1,10 @@
 """The HTTP door: an ASGI middleware in front of every route.
 
 For each request: find the route template, look its scope up in the policy
-(fail-closed), authenticate the signed request (key id, timestamp window,
-HMAC over method / target / timestamp / nonce / body hash), and in one Redis
-round trip record the nonce, take a rate-limit token and read the
-revocation epoch. Then the scope, and for a member:self-only caller the
+(fail-closed), sign the caller in (gateway/auth/signin.py: bounded headers,
+key lookup, HMAC over method / target / timestamp / nonce / body hash and the
+member and Idempotency-Key headers, then nonce and rate limit for the
+verified client only). Then the scope, and for a member:self-only caller the
 asserted member. Refusals are DomainErrors rendered by gateway/errors.py, so
 they look like every other error, and nothing downstream is called.
 
@@ -15,7 +15,7 @@ middleware and the routes (`request.state.credential`).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.routing import iter_route_contexts
@@ -25,26 +25,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from servicekit.errors import DomainError, PermissionDenied
 
 from ..errors import domain_problem
-from ..ratelimit import Gatekeeper, Limit
+from ..principal import OPERATOR_USER_HEADER
 from . import policy
-from .crypto import signature_matches
+from .crypto import SignedHeaders, signature_matches
 from .members import APPID_HEADER, OPENID_HEADER, MemberAssertions
-from .model import (
-    MEMBER_SELF,
-    Credential,
-    RateLimited,
-    Unauthenticated,
-    acts_as_member_only,
-    grants,
-)
-from .registry import CredentialRegistry
+from .model import MEMBER_SELF, Credential, Unauthenticated, acts_as_member_only, grants
+from .signin import MAX_NONCE, Attempt, SignIn, bound_key_id
 from .tokens import TokenIssuer
 
 KEY_ID_HEADER = "x-key-id"
 TIMESTAMP_HEADER = "x-timestamp"
 NONCE_HEADER = "x-nonce"
 SIGNATURE_HEADER = "x-signature"
-_MAX_NONCE = 128
+IDEMPOTENCY_HEADER = "idempotency-key"
 
 # Where this middleware leaves the buffered body and the matched route for the
 # idempotency middleware behind it.
@@ -110,6 +103,13 @@ def replay_body(body: bytes, then: Receive) -> Receive:
     return receive
 
 
+def source_address(scope: Scope) -> str:
+    """The peer's address (behind an ingress: the ingress's, unless it is
+    configured to pass the client's address through, docs/api.md)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 def header(scope: Scope, name: str) -> str:
     wanted = name.encode()
     for key, value in scope["headers"]:
@@ -118,44 +118,27 @@ def header(scope: Scope, name: str) -> str:
     return ""
 
 
-class AuthSettings:
-    def __init__(
-        self,
-        clock_skew_seconds: int,
-        kind_limits: dict[str, Limit],
-    ) -> None:
-        self.clock_skew_seconds = clock_skew_seconds
-        # A nonce only needs remembering while its timestamp is acceptable.
-        self.nonce_ttl_ms = 2 * clock_skew_seconds * 1000
-        self.kind_limits = kind_limits
-
-    def limit_of(self, credential: Credential) -> Limit:
-        if credential.rate_per_second is not None and credential.burst is not None:
-            return Limit(credential.rate_per_second, credential.burst)
-        return self.kind_limits[credential.kind.value]
-
-
 class HttpAuthMiddleware:
     def __init__(
         self,
         app: ASGIApp,
         *,
-        registry: CredentialRegistry,
-        gatekeeper: Gatekeeper,
+        signin: SignIn,
         members: MemberAssertions,
-        settings: AuthSettings,
         tokens: TokenIssuer,
         router_app: Any,
-        clock: Any = time.time,
+        clock_skew_seconds: int,
+        accept_signature_v1: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.app = app
         # The FastAPI app whose routes are matched (this middleware wraps its router).
         self._routes = RouteTable(router_app)
-        self._registry = registry
-        self._gate = gatekeeper
+        self._signin = signin
         self._members = members
-        self._settings = settings
         self._tokens = tokens
+        self._skew = clock_skew_seconds
+        self._accept_v1 = accept_signature_v1
         self._clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,6 +152,7 @@ class HttpAuthMiddleware:
             await self.app(scope, receive, send)
             return
         template, params = matched
+        # Bounded by the body-size middleware outside this one (gateway/http.py).
         body = await read_body(receive)
         try:
             credential = await self._authorise(scope, method, template, params, body)
@@ -196,7 +180,7 @@ class HttpAuthMiddleware:
             raise PermissionDenied(f"this route needs the scope {needed}", code="SCOPE_MISSING")
         if needed == MEMBER_SELF and acts_as_member_only(credential.scopes):
             asserted = await self._members.asserted(
-                header(scope, APPID_HEADER), header(scope, OPENID_HEADER)
+                header(scope, APPID_HEADER), header(scope, OPENID_HEADER), credential
             )
             if "member_id" in params:
                 await self._members.require_same(str(params["member_id"]), asserted)
@@ -205,8 +189,18 @@ class HttpAuthMiddleware:
 
     async def _authenticate(self, scope: Scope, method: str, body: bytes) -> Credential:
         authorization = header(scope, "authorization")
+        source = source_address(scope)
         if authorization[:7].lower() == "bearer ":
-            return await self._bearer(authorization[7:])
+            return await self._signin.sign_in(source, lambda: self._bearer(authorization[7:]))
+        return await self._signin.sign_in(source, lambda: self._signed(scope, method, body))
+
+    def _bearer(self, token: str) -> Attempt:
+        """A token this gateway issued: no signature, no nonce (it is replayable
+        until it expires, which is why it is short-lived); key and limit as usual."""
+        key_id = self._tokens.verify(token)
+        return Attempt(key_id=key_id, verify=lambda credential: None, key_field="authorization")
+
+    def _signed(self, scope: Scope, method: str, body: bytes) -> Attempt:
         key_id = header(scope, KEY_ID_HEADER)
         timestamp = header(scope, TIMESTAMP_HEADER)
         nonce = header(scope, NONCE_HEADER)
@@ -216,90 +210,56 @@ class HttpAuthMiddleware:
                 "sign the request: X-Key-Id, X-Timestamp, X-Nonce and X-Signature are required",
                 code="CREDENTIALS_MISSING",
             )
-        try:
-            sent_at = int(timestamp)
-        except ValueError:
+        bound_key_id(key_id, KEY_ID_HEADER)
+        if len(nonce) > MAX_NONCE or not nonce.isprintable():
             raise Unauthenticated(
-                "X-Timestamp is Unix time in whole seconds",
-                code="TIMESTAMP_STALE",
-                field=TIMESTAMP_HEADER,
-            ) from None
-        if abs(self._clock() - sent_at) > self._settings.clock_skew_seconds:
-            raise Unauthenticated(
-                f"X-Timestamp is more than {self._settings.clock_skew_seconds} s from now",
-                code="TIMESTAMP_STALE",
-                field=TIMESTAMP_HEADER,
-            )
-        if len(nonce) > _MAX_NONCE:
-            raise Unauthenticated(
-                f"X-Nonce is longer than {_MAX_NONCE} characters",
+                f"X-Nonce must be at most {MAX_NONCE} printable characters",
                 code="NONCE_INVALID",
                 field=NONCE_HEADER,
             )
-        cached = self._registry.get(key_id)
-        verdict = await self._gate.admit(
-            cached.client_id if cached else key_id,
-            self._settings.limit_of(cached) if cached else None,
-            nonce=f"{key_id}:{nonce}",
-            nonce_ttl_ms=self._settings.nonce_ttl_ms,
-        )
-        await self._registry.ensure_current(verdict.epoch)
-        credential = self._registry.get(key_id)
-        if cached is None and credential is not None and verdict.nonce_fresh:
-            # A key new to this instance: its bucket was not charged above.
-            charged = await self._gate.admit(
-                credential.client_id, self._settings.limit_of(credential)
-            )
-            verdict = replace(verdict, retry_after_ms=charged.retry_after_ms)
-        if credential is None:
-            revoked = self._registry.was_revoked(key_id)
+        if len(timestamp) > 12 or not timestamp.isdigit():
             raise Unauthenticated(
-                "this key was revoked" if revoked else "unknown key",
-                code="KEY_REVOKED" if revoked else "KEY_UNKNOWN",
-                field=KEY_ID_HEADER,
+                "X-Timestamp must be Unix time in seconds",
+                code="TIMESTAMP_INVALID",
+                field=TIMESTAMP_HEADER,
+            )
+        sent_at = int(timestamp)
+        if abs(self._clock() - sent_at) > self._skew:
+            raise Unauthenticated(
+                f"X-Timestamp is more than {self._skew} s from now",
+                code="TIMESTAMP_STALE",
+                field=TIMESTAMP_HEADER,
             )
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        if not signature_matches(
-            credential.secret, signature, method, target, timestamp, nonce, body
-        ):
-            raise Unauthenticated(
-                "the signature does not match", code="SIGNATURE_INVALID", field=SIGNATURE_HEADER
-            )
-        if not verdict.nonce_fresh:
-            raise Unauthenticated(
-                "this nonce was already used", code="NONCE_REPLAYED", field=NONCE_HEADER
-            )
-        if not verdict.allowed:
-            raise RateLimited(
-                f"rate limit of client {credential.client_id} reached; retry later",
-                retry_after_ms=verdict.retry_after_ms,
-            )
-        return credential
+        signed = SignedHeaders(
+            appid=header(scope, APPID_HEADER),
+            openid=header(scope, OPENID_HEADER),
+            idempotency_key=header(scope, IDEMPOTENCY_HEADER),
+            operator_user=header(scope, OPERATOR_USER_HEADER),
+        )
 
-    async def _bearer(self, token: str) -> Credential:
-        """A token this gateway issued: no signature, no nonce (it is replayable
-        until it expires, which is why it is short-lived); key and limit as usual."""
-        key_id = self._tokens.verify(token)
-        cached = self._registry.get(key_id)
-        limit = self._settings.limit_of(cached) if cached else None
-        verdict = await self._gate.admit(cached.client_id if cached else key_id, limit)
-        await self._registry.ensure_current(verdict.epoch)
-        credential = self._registry.get(key_id)
-        if credential is None:
-            raise Unauthenticated(
-                "the key this token was issued for was revoked",
-                code="KEY_REVOKED",
-                field="authorization",
-            )
-        if cached is None:
-            verdict = await self._gate.admit(
-                credential.client_id, self._settings.limit_of(credential)
-            )
-        if not verdict.allowed:
-            raise RateLimited(
-                f"rate limit of client {credential.client_id} reached; retry later",
-                retry_after_ms=verdict.retry_after_ms,
-            )
-        return credential
+        def verify(credential: Credential) -> None:
+            if not signature_matches(
+                credential.secret,
+                signature,
+                method,
+                target,
+                timestamp,
+                nonce,
+                body,
+                signed,
+                accept_v1=self._accept_v1,
+            ):
+                raise Unauthenticated(
+                    "the signature does not match", code="SIGNATURE_INVALID", field=SIGNATURE_HEADER
+                )
+
+        return Attempt(
+            key_id=key_id,
+            verify=verify,
+            key_field=KEY_ID_HEADER,
+            nonce=f"{key_id}:{nonce}",
+            timestamp=sent_at,
+        )

@@ -6,21 +6,35 @@ member per request: the one it asserts with `X-Member-Openid` and
 through the member service (ResolveMember, read-only) and requires the
 request's {member_id} to be that member or a member merged into it.
 
-Both answers are cached briefly: a member-centre page makes several calls in
-a row, and an openid's owner changes only by merge (the survivor still
-matches) or erasure (refused by the member service within the TTL).
+Both answers are cached briefly (a member-centre page makes several calls in
+a row), tagged with the member service's identity epoch: a Redis counter the
+member service bumps around every commit of a merge, unmerge or erasure
+(services/member/cache.py). Each request reads the epoch (one GET) and uses
+an entry only if it was filled under the current epoch, so a split or an
+erasure takes effect on the next request. Without Redis nothing is served
+from these caches (every request asks the member service).
+
+A mini-program backend speaks only for its registered WeChat apps: an
+assertion for another app is refused (APP_NOT_BOUND) before any lookup.
 """
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from cachetools import TTLCache
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from loyalty.member.v1 import member_pb2
 from servicekit.errors import DomainError, PermissionDenied
 
 from ..clients import Downstreams
 from ..errors import DownstreamError
+from .model import ClientKind, Credential
+
+log = logging.getLogger(__name__)
 
 OPENID_HEADER = "x-member-openid"
 # What the member service answers for an openid that names nobody (or junk).
@@ -32,13 +46,43 @@ _NOT_A_MEMBER = (
 APPID_HEADER = "x-member-appid"
 
 
-class MemberAssertions:
-    def __init__(self, downstreams: Downstreams, ttl_seconds: float = 60.0) -> None:
-        self._down = downstreams
-        self._by_openid: TTLCache[tuple[str, str], str] = TTLCache(100_000, ttl_seconds)
-        self._root_of: TTLCache[str, str] = TTLCache(100_000, ttl_seconds)
+def identity_epoch_key(namespace: str) -> str:
+    """The member service's identity epoch (services/member/cache.py bumps it;
+    the same name there)."""
+    return f"{namespace}:member:identity-epoch"
 
-    async def asserted(self, app_id: str, openid: str) -> str:
+
+class MemberAssertions:
+    def __init__(
+        self,
+        downstreams: Downstreams,
+        ttl_seconds: float = 60.0,
+        *,
+        redis: Redis | None = None,
+        namespace: str = "loyalty",
+    ) -> None:
+        self._down = downstreams
+        # Values are (epoch they were filled under, answer).
+        self._by_openid: TTLCache[tuple[str, str], tuple[bytes, str]] = TTLCache(
+            100_000, ttl_seconds
+        )
+        self._root_of: TTLCache[str, tuple[bytes, str]] = TTLCache(100_000, ttl_seconds)
+        self._redis = redis
+        self._epoch_key = identity_epoch_key(namespace)
+
+    async def _epoch(self) -> bytes | None:
+        """The current identity epoch; None when it cannot be read (then the
+        caches are not used: the member service answers)."""
+        if self._redis is None:
+            return None
+        try:
+            value = await self._redis.get(self._epoch_key)
+        except (RedisError, OSError) as exc:
+            log.warning("identity epoch unreadable, not using the member caches: %r", exc)
+            return None
+        return str(value).encode() if isinstance(value, str) else (value or b"0")
+
+    async def asserted(self, app_id: str, openid: str, credential: Credential | None = None) -> str:
         """The member id the caller asserts; PermissionDenied when it names none."""
         if not app_id.strip() or not openid.strip():
             raise PermissionDenied(
@@ -46,8 +90,22 @@ class MemberAssertions:
                 code="MEMBER_ASSERTION_REQUIRED",
                 field=OPENID_HEADER,
             )
+        if (
+            credential is not None
+            and credential.kind is ClientKind.MINIPROGRAM_BACKEND
+            and app_id not in credential.app_ids
+        ):
+            raise PermissionDenied(
+                f"client {credential.client_id} is not registered for app {app_id}",
+                code="APP_NOT_BOUND",
+                field=APPID_HEADER,
+            )
+        epoch = await self._epoch()
         cache_key = (app_id, openid)
-        member_id = self._by_openid.get(cache_key)
+        cached = self._by_openid.get(cache_key)
+        member_id = (
+            cached[1] if cached is not None and epoch is not None and cached[0] == epoch else None
+        )
         if member_id is None:
             identifier = member_pb2.Identifier(
                 type=member_pb2.IDENTIFIER_TYPE_WECHAT_OPENID, value=openid, namespace=app_id
@@ -63,14 +121,19 @@ class MemberAssertions:
                     ) from None
                 raise
             member_id = member.member_id
-            self._by_openid[cache_key] = member_id
+            if epoch is not None:
+                self._by_openid[cache_key] = (epoch, member_id)
         return member_id
 
     async def require_same(self, path_member_id: str, asserted: str) -> None:
         """The path's member is the asserted one, or was merged into it."""
         if path_member_id == asserted:
             return
-        root = self._root_of.get(path_member_id)
+        epoch = await self._epoch()
+        cached = self._root_of.get(path_member_id)
+        root = (
+            cached[1] if cached is not None and epoch is not None and cached[0] == epoch else None
+        )
         if root is None:
             try:
                 root = (await self._down.member.get_member(path_member_id)).member_id
@@ -79,7 +142,8 @@ class MemberAssertions:
                     raise
                 # Unknown, erased or malformed: to this caller simply not its member.
                 root = ""
-            self._root_of[path_member_id] = root
+            if epoch is not None:
+                self._root_of[path_member_id] = (epoch, root)
         if root != asserted:
             raise PermissionDenied(
                 "the request names another member than the one asserted",

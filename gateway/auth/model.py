@@ -60,6 +60,15 @@ DEFAULT_SCOPES: dict[ClientKind, tuple[str, ...]] = {
     ClientKind.OPS_TOOLING: (MEMBER_ANY, ADMIN_ALL),
 }
 
+# Kinds that serve people operating the platform: only they may hold admin
+# scopes or pii:read (refused at registration for any other kind).
+OPERATOR_KINDS = frozenset({ClientKind.OPERATOR_CONSOLE, ClientKind.OPS_TOOLING})
+
+
+def operator_only(scope: str) -> bool:
+    return scope.startswith("admin:") or scope == PII_READ
+
+
 # A scope that stands for another, wider one.
 _IMPLIED_BY: dict[str, str] = {MEMBER_SELF: MEMBER_ANY}
 
@@ -90,6 +99,8 @@ class Credential:
     secret: str
     rate_per_second: float | None = None
     burst: int | None = None
+    # miniprogram_backend only: the WeChat app ids it may speak for.
+    app_ids: frozenset[str] = frozenset()
 
 
 class Unauthenticated(DomainError):

@@ -103,11 +103,30 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("PUT", f"{_A}/members/{{member_id}}/tier-override"): ADMIN_TIERS,
     ("DELETE", f"{_A}/members/{{member_id}}/tier-override"): ADMIN_TIERS,
     ("GET", f"{_A}/reports/tier-distribution"): ADMIN_TIERS,
+    ("GET", f"{_A}/parked-events"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/parked-events/{{member_id}}/replay"): ADMIN_JOURNEYS,
+    ("POST", f"{_A}/parked-events/expire"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/pause"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,
     ("GET", f"{_A}/journeys/{{journey_id}}/metrics"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/launch-near-store"): ADMIN_JOURNEYS,
+    # ---- rewards routes of issue 13 (money): points-plus-cash mall payments
+    ("POST", f"{_M}/mall/exchanges/{{exchange_id}}/payment"): MEMBER_SELF,
+    ("POST", f"{_A}/mall/exchanges/{{exchange_id}}/reverse"): ADMIN_REWARDS,
+    # ... non-order actions, two-phase holds, the invitee's own referral
+    ("POST", f"{_M}/points/actions"): MEMBER_SELF,
+    ("POST", f"{_M}/points/holds"): MEMBER_SELF,
+    ("POST", f"{_M}/points/holds/{{hold_id}}/post"): MEMBER_SELF,
+    ("POST", f"{_M}/points/holds/{{hold_id}}/void"): MEMBER_SELF,
+    ("GET", f"{_M}/referral"): MEMBER_SELF,
+    # ... coupon revocation and template limits
+    ("POST", f"{_A}/coupons/{{code}}/revoke"): ADMIN_REWARDS,
+    ("PUT", f"{_A}/coupon-templates/{{template_id}}/limits"): ADMIN_REWARDS,
+    # ... stores as operator-managed data
+    ("GET", f"{_A}/stores"): ADMIN_REWARDS,
+    ("PUT", f"{_A}/stores/{{store_id}}"): ADMIN_REWARDS,
+    ("PUT", f"{_A}/stores/{{store_id}}/status"): ADMIN_REWARDS,
 }
 
 POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"

@@ -1,12 +1,13 @@
 """The POS door: a grpc.aio server interceptor on the gateway's PosService.
 
 A POS sends `x-store-id` and `x-api-key` ("<key_id>.<secret>") in call
-metadata. The key must belong to a live pos client bound to that store, the
-RPC's scope must be granted (policy.RPC_SCOPES, fail-closed), and the
-request's own store_id must be the same store: a POS acts only for itself.
-Rate limits: the client's bucket and the store's bucket, in the same Redis
-round trip that reads the revocation epoch. RESOURCE_EXHAUSTED carries
-google.rpc.RetryInfo and a `retry-after-ms` trailer.
+metadata. The key must belong to a live pos client bound to that store (and,
+with mTLS, the client certificate must name that store), the RPC's scope must
+be granted (policy.RPC_SCOPES, fail-closed), and the request's own store_id
+must be the same store: a POS acts only for itself. The sign-in sequence is
+gateway/auth/signin.py's: only a verified store key charges the client's and
+the store's buckets. RESOURCE_EXHAUSTED carries google.rpc.RetryInfo and a
+`retry-after-ms` trailer.
 
 Health and reflection stay open (probes carry no keys).
 """
@@ -24,12 +25,10 @@ from grpc_status import rpc_status
 from servicekit.errors import ERROR_DOMAIN, DomainError, PermissionDenied, to_rpc_status
 
 from ..metrics import grpc_client_id
-from ..ratelimit import Gatekeeper, Limit
 from . import policy
 from .crypto import api_key_matches, split_api_key
-from .http import AuthSettings
 from .model import ClientKind, Credential, RateLimited, Unauthenticated, grants
-from .registry import CredentialRegistry
+from .signin import Attempt, SignIn, bound_key_id
 
 STORE_METADATA = "x-store-id"
 KEY_METADATA = "x-api-key"
@@ -41,6 +40,26 @@ def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
         if key == name:
             return value if isinstance(value, str) else value.decode()
     return ""
+
+
+def peer_address(context: grpc.aio.ServicerContext) -> str:
+    """ "ipv4:127.0.0.1:5123" -> "127.0.0.1"; "ipv6:[::1]:5123" -> "[::1]"."""
+    peer = context.peer() or "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0] or rest
+    return peer
+
+
+def certificate_names(context: grpc.aio.ServicerContext) -> set[str]:
+    """The verified client certificate's common name and subject alt names
+    (empty without mTLS)."""
+    auth = context.auth_context() or {}
+    names = set()
+    for prop in ("x509_common_name", "x509_subject_alternative_name"):
+        for value in auth.get(prop, ()):
+            names.add(value.decode() if isinstance(value, bytes) else str(value))
+    return names
 
 
 def _rate_limited_abort(exc: RateLimited) -> tuple[grpc.StatusCode, str, tuple[Any, ...]]:
@@ -61,17 +80,10 @@ def _rate_limited_abort(exc: RateLimited) -> tuple[grpc.StatusCode, str, tuple[A
 
 
 class PosAuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(
-        self,
-        registry: CredentialRegistry,
-        gatekeeper: Gatekeeper,
-        settings: AuthSettings,
-        store_limit: Limit,
-    ) -> None:
-        self._registry = registry
-        self._gate = gatekeeper
-        self._settings = settings
-        self._store_limit = store_limit
+    def __init__(self, signin: SignIn, *, require_client_certificate: bool = False) -> None:
+        self._signin = signin
+        # mTLS: the certificate the till presented must name its store.
+        self._require_cert = require_client_certificate
 
     async def intercept_service(
         self,
@@ -109,60 +121,47 @@ class PosAuthInterceptor(grpc.aio.ServerInterceptor):
         needed = policy.rpc_scope(method)
         if needed is None:
             raise PermissionDenied(f"{method} is not open to any client", code="RPC_NOT_IN_POLICY")
-        store_id = _metadata(context, STORE_METADATA)
-        key_id, secret = split_api_key(_metadata(context, KEY_METADATA))
-        if not store_id or not key_id or not secret:
-            raise Unauthenticated(
-                "send x-store-id and x-api-key metadata", code="CREDENTIALS_MISSING"
-            )
-        cached = self._registry.get(key_id)
-        verdict = await self._gate.admit(
-            cached.client_id if cached else key_id,
-            self._settings.limit_of(cached) if cached else None,
-            store_id=store_id,
-            store_limit=self._store_limit if cached else None,
-        )
-        await self._registry.ensure_current(verdict.epoch)
-        credential = self._registry.get(key_id)
-        if cached is None and credential is not None:
-            # A key new to this instance: its buckets were not charged above.
-            verdict = await self._gate.admit(
-                credential.client_id,
-                self._settings.limit_of(credential),
-                store_id=store_id,
-                store_limit=self._store_limit,
-            )
-        if credential is None:
-            revoked = self._registry.was_revoked(key_id)
-            raise Unauthenticated(
-                "this key was revoked" if revoked else "unknown key",
-                code="KEY_REVOKED" if revoked else "KEY_UNKNOWN",
-                field=KEY_METADATA,
-            )
-        if not api_key_matches(credential.secret, secret):
-            raise Unauthenticated(
-                "the api key does not match", code="KEY_INVALID", field=KEY_METADATA
-            )
-        if credential.kind is not ClientKind.POS or credential.store_id != store_id:
-            raise PermissionDenied(
-                f"this key does not act for store {store_id}",
-                code="STORE_MISMATCH",
-                field=STORE_METADATA,
-            )
+
+        def parse() -> Attempt:
+            store_id = _metadata(context, STORE_METADATA)
+            key_id, secret = split_api_key(_metadata(context, KEY_METADATA))
+            if not store_id or not key_id or not secret:
+                raise Unauthenticated(
+                    "send x-store-id and x-api-key metadata", code="CREDENTIALS_MISSING"
+                )
+            bound_key_id(key_id, KEY_METADATA)
+            if self._require_cert and store_id not in certificate_names(context):
+                raise PermissionDenied(
+                    f"the client certificate is not for store {store_id}",
+                    code="CERTIFICATE_STORE_MISMATCH",
+                    field=STORE_METADATA,
+                )
+
+            def verify(credential: Credential) -> None:
+                if not api_key_matches(credential.secret, secret):
+                    raise Unauthenticated(
+                        "the api key does not match", code="KEY_INVALID", field=KEY_METADATA
+                    )
+                # Another store's (or a non-POS) key never charges this store's bucket.
+                if credential.kind is not ClientKind.POS or credential.store_id != store_id:
+                    raise PermissionDenied(
+                        f"this key does not act for store {store_id}",
+                        code="STORE_MISMATCH",
+                        field=STORE_METADATA,
+                    )
+
+            return Attempt(key_id=key_id, verify=verify, key_field=KEY_METADATA, store_id=store_id)
+
+        credential = await self._signin.sign_in(peer_address(context), parse)
         if not grants(credential.scopes, needed):
             raise PermissionDenied(f"this RPC needs the scope {needed}", code="SCOPE_MISSING")
         # Every PosService request names its store; it must be the caller's. An
         # empty one acts for no store: the RPC itself refuses it (STORE_ID_REQUIRED).
         named = getattr(request, "store_id", None)
-        if named is None or (named and named != store_id):
+        if named is None or (named and named != credential.store_id):
             raise PermissionDenied(
                 "store_id must be the store this POS is registered for",
                 code="STORE_MISMATCH",
                 field="store_id",
-            )
-        if not verdict.allowed:
-            raise RateLimited(
-                f"rate limit of store {store_id} reached; retry later",
-                retry_after_ms=verdict.retry_after_ms,
             )
         return credential

@@ -21,6 +21,7 @@ class ClientRow:
     created_at: datetime
     revoked_at: datetime | None
     active_keys: list[str]
+    app_ids: list[str]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ActiveKeyRow:
     scopes: list[str]
     rate_per_second: float | None
     burst: int | None
+    app_ids: list[str]
 
 
 async def insert_client(
@@ -44,11 +46,12 @@ async def insert_client(
     scopes: list[str],
     rate_per_second: float | None,
     burst: int | None,
+    app_ids: list[str] | None = None,
 ) -> bool:
     """False when the client id is taken."""
     status = await conn.execute(
         "INSERT INTO gateway.clients (client_id, kind, name, store_id, scopes,"
-        " rate_per_second, burst) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " rate_per_second, burst, app_ids) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         " ON CONFLICT (client_id) DO NOTHING",
         client_id,
         kind,
@@ -57,6 +60,7 @@ async def insert_client(
         scopes,
         rate_per_second,
         burst,
+        app_ids or [],
     )
     return bool(status.endswith(" 1"))
 
@@ -68,6 +72,21 @@ async def lock_live_client(conn: Connection, client_id: str) -> bool:
         client_id,
     )
     return found is not None
+
+
+async def live_client_kind(conn: Connection, client_id: str) -> str | None:
+    """The kind of a client that exists and is not revoked, locked."""
+    kind = await conn.fetchval(
+        "SELECT kind FROM gateway.clients WHERE client_id = $1 AND revoked_at IS NULL FOR UPDATE",
+        client_id,
+    )
+    return None if kind is None else str(kind)
+
+
+async def set_app_ids(conn: Connection, client_id: str, app_ids: list[str]) -> None:
+    await conn.execute(
+        "UPDATE gateway.clients SET app_ids = $2 WHERE client_id = $1", client_id, app_ids
+    )
 
 
 async def insert_key(conn: Connection, key_id: str, client_id: str, cipher: bytes) -> None:
@@ -123,13 +142,14 @@ def _client(r: Any) -> ClientRow:
         created_at=r["created_at"],
         revoked_at=r["revoked_at"],
         active_keys=list(r["active_keys"]),
+        app_ids=list(r["app_ids"]),
     )
 
 
 async def active_keys(conn: Connection) -> list[ActiveKeyRow]:
     rows = await conn.fetch(
         "SELECT k.key_id, k.secret_cipher, c.client_id, c.kind, c.store_id, c.scopes,"
-        " c.rate_per_second, c.burst FROM gateway.client_keys k"
+        " c.rate_per_second, c.burst, c.app_ids FROM gateway.client_keys k"
         " JOIN gateway.clients c ON c.client_id = k.client_id"
         " WHERE k.revoked_at IS NULL AND c.revoked_at IS NULL"
     )
@@ -143,6 +163,7 @@ async def active_keys(conn: Connection) -> list[ActiveKeyRow]:
             scopes=list(r["scopes"]),
             rate_per_second=r["rate_per_second"],
             burst=r["burst"],
+            app_ids=list(r["app_ids"]),
         )
         for r in rows
     ]

@@ -19,7 +19,8 @@ from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel, Field
 
 from .crypto import api_key_matches
-from .model import ClientKind, RateLimited, Unauthenticated
+from .model import ClientKind, Credential, Unauthenticated
+from .signin import Attempt, SignIn, bound_key_id
 
 PREFIX = "lt1"
 _LABEL = b"loyalty gateway bearer tokens v1"
@@ -90,33 +91,28 @@ def token_router(door: Any) -> APIRouter:
         summary="Exchange a key id and secret for a short-lived bearer token",
     )
     async def token(body: Annotated[TokenRequest, Body()], request: Request) -> TokenResponse:
-        registry, gate, settings = door.registry, door.gatekeeper, door.auth_settings
-        cached = registry.get(body.key_id)
-        verdict = await gate.admit(
-            cached.client_id if cached else body.key_id,
-            settings.limit_of(cached) if cached else None,
-        )
-        await registry.ensure_current(verdict.epoch)
-        credential = registry.get(body.key_id)
-        if credential is None:
-            revoked = registry.was_revoked(body.key_id)
-            raise Unauthenticated(
-                "this key was revoked" if revoked else "unknown key",
-                code="KEY_REVOKED" if revoked else "KEY_UNKNOWN",
-                field="key_id",
+        def parse() -> Attempt:
+            def verify(credential: Credential) -> None:
+                if not api_key_matches(credential.secret, body.secret):
+                    raise Unauthenticated(
+                        "the secret does not match", code="KEY_INVALID", field="secret"
+                    )
+                if credential.kind is ClientKind.POS:
+                    raise Unauthenticated(
+                        "a POS authenticates with its store key in call metadata",
+                        code="KEY_INVALID",
+                        field="key_id",
+                    )
+
+            return Attempt(
+                key_id=bound_key_id(body.key_id, "key_id"), verify=verify, key_field="key_id"
             )
-        if not api_key_matches(credential.secret, body.secret):
-            raise Unauthenticated("the secret does not match", code="KEY_INVALID", field="secret")
-        if credential.kind is ClientKind.POS:
-            raise Unauthenticated(
-                "a POS authenticates with its store key in call metadata",
-                code="KEY_INVALID",
-                field="key_id",
-            )
-        if not verdict.allowed:
-            raise RateLimited(
-                "too many token requests; retry later", retry_after_ms=verdict.retry_after_ms
-            )
+
+        # The same sequence as every request (gateway/auth/signin.py): a guessed
+        # secret costs the source's failure budget; a right one, the client's bucket.
+        signin: SignIn = door.signin
+        source = request.client.host if request.client else "unknown"
+        credential = await signin.sign_in(source, parse)
         issuer: TokenIssuer = door.tokens
         return TokenResponse(
             access_token=issuer.issue(credential.key_id),

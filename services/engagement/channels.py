@@ -16,15 +16,16 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
 
-from servicekit.db import Database
+from servicekit.db import Connection, Database
 
-from . import repository as repo
-from .domain import Clock
+from . import facts_repository as facts_repo
+from . import scheduler_repository as scheduler_repo
+from .domain import DAILY_CAPS, Clock, consent_refusal
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,11 @@ class Dispatcher:
         retry_base: timedelta = timedelta(seconds=5),
         retry_cap: timedelta = timedelta(minutes=10),
         resolver: AddressPort | None = None,
+        caps: dict[str, int] | None = None,
     ) -> None:
         self._db = db
+        # The capped classes: a send suppressed at delivery gives its slot back.
+        self._caps = caps if caps is not None else DAILY_CAPS
         self._clock = clock
         self.providers = providers
         self._resolver = resolver
@@ -255,11 +259,19 @@ class Dispatcher:
     async def dispatch_once(self) -> int:
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
-            rows = await repo.lease_pending_sends(uow.conn, now, now + self._lease, self._batch)
+            leased = await scheduler_repo.lease_pending_sends(
+                uow.conn, now, now + self._lease, self._batch
+            )
+            # Consent as it is now, not as it was when the send was written: a
+            # send that waited (quiet hours, a retry's back-off) does not go
+            # after the member refused the channel.
+            rows = await self._drop_refused(uow.conn, leased, now)
             ids = list({r.member_id for r in rows if r.member_id is not None})
-            addresses = await repo.addresses(uow.conn, ids) if ids else {}
-        if not rows:
+            addresses = await facts_repo.addresses(uow.conn, ids) if ids else {}
+        if not leased:
             return 0
+        if not rows:
+            return len(leased)
         deliveries = await asyncio.gather(
             *(self._deliver(r, addresses) for r in rows), return_exceptions=True
         )
@@ -274,11 +286,38 @@ class Dispatcher:
                 status = "delivered" if d.status == "delivered" else "failed"
                 results.append((row.send_key, status, d.reason, d.provider_ref, None))
         async with self._db.unit_of_work() as uow:
-            await repo.record_deliveries(uow.conn, results, done)
+            await scheduler_repo.record_deliveries(uow.conn, results, done)
         return len(rows)
 
+    async def _drop_refused(
+        self, conn: Connection, rows: list[scheduler_repo.OutboundRow], now: datetime
+    ) -> list[scheduler_repo.OutboundRow]:
+        """Record as suppressed (NO_CONSENT) the leased sends the member's
+        consent no longer allows, giving back what they held: the day's cap
+        slot and a mini-program subscription credit. Returns the rest."""
+        ids = list({r.member_id for r in rows if r.member_id is not None})
+        consents = await facts_repo.consents_of(conn, ids) if ids else {}
+        keep: list[scheduler_repo.OutboundRow] = []
+        refused: list[tuple[str, str, str, str, datetime | None]] = []
+        for r in rows:
+            member = str(r.member_id) if r.member_id else ""
+            reason = consent_refusal(
+                r.channel, r.message_class, consents.get(member, {}).get(r.channel)
+            )
+            if reason is None or r.member_id is None:
+                keep.append(r)
+                continue
+            refused.append((r.send_key, "suppressed", reason, "", None))
+            if r.message_class in self._caps and r.local_day is not None:
+                await scheduler_repo.release_cap(conn, r.member_id, r.local_day, r.message_class)
+            if r.channel == "miniprogram":
+                await facts_repo.give_back_subscription_credit(conn, r.member_id, r.template)
+        if refused:
+            await scheduler_repo.record_deliveries(conn, refused, now)
+        return keep
+
     async def _deliver(
-        self, row: repo.OutboundRow, addresses: dict[tuple[str, str], str]
+        self, row: scheduler_repo.OutboundRow, addresses: dict[tuple[str, str], str]
     ) -> Delivery:
         provider = self.providers.get(row.channel)
         if provider is None:

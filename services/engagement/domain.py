@@ -22,6 +22,7 @@ DEFAULT_TZ = "Asia/Shanghai"
 DAILY_CAPS = {"targeted": 1, "general": 1}
 # Quiet hours hold back marketing only; a receipt is not marketing.
 QUIET_CLASSES = frozenset({"targeted", "general"})
+MARKETING = QUIET_CLASSES
 MAX_STEPS_PER_RUN = 50
 
 
@@ -49,6 +50,15 @@ class FakeClock:
 
     def set(self, value: datetime) -> None:
         self._now = value
+
+
+def is_zone(name: str) -> bool:
+    """An IANA zone name the standard library knows."""
+    try:
+        ZoneInfo(name)
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def zone(name: str | None) -> ZoneInfo:
@@ -147,6 +157,19 @@ def holds(cond: Condition, facts: MemberFacts) -> bool:
     return value >= cond.value if cond.op == "gte" else value <= cond.value
 
 
+def consent_refusal(channel: str, message_class: str, consent: bool | None) -> str | None:
+    """Why a message may not go given the member's consent on its channel as
+    known now (None: it may). Asked when the send is written and again when it
+    is delivered. An explicit refusal (unsubscribe) stops every class; marketing
+    needs an explicit grant, except a mini-program subscription message, whose
+    consent is the member's tap (a credit)."""
+    if consent is False:
+        return "NO_CONSENT"
+    if consent is None and message_class in MARKETING and channel != "miniprogram":
+        return "NO_CONSENT"
+    return None
+
+
 # ---- intents: what a run of the interpreter asks for ----------------------
 
 
@@ -209,18 +232,20 @@ def run(
     """Run steps from `step_id` until a wait, quiet hours, or the end."""
     result = RunResult([], seq, variant=variant)
     current: str | None = step_id
-    first = True
+    # Every step of this run is as late as the timer that started it: a send
+    # reached through a branch, tag or reward step is as stale as a first one.
+    late_by = now - due_at
     for _ in range(MAX_STEPS_PER_RUN):
         if current is None:
             result.completed = True
             return result
         step = journey.step(current)
         if step.type == "send":
-            if first and step.drop_if_late is not None and now - due_at > step.drop_if_late:
+            if step.drop_if_late is not None and late_by > step.drop_if_late:
                 # Stale (e.g. the journey was paused): skip it, never flood.
                 result.seq += 1
                 result.intents.append(DroppedIntent(step.id, result.seq))
-                current, first = step.next, False
+                current = step.next
                 continue
             if step.message_class in QUIET_CLASSES and quiet.is_quiet(now, facts.tz):
                 result.next_step = step.id
@@ -271,7 +296,6 @@ def run(
             result.seq += 1
             result.completed = True
             return result
-        first = False
     # Validation forbids cycles without a wait; this is a safety net only.
     raise RuntimeError(f"journey {journey.journey_id} ran {MAX_STEPS_PER_RUN} steps without a wait")
 

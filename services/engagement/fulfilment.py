@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from servicekit.db import Database
 
-from . import repository as repo
+from . import scheduler_repository as scheduler_repo
 from .channels import as_delivery, backoff, poll_forever
 from .domain import Clock
 from .ports import RewardsPort
@@ -42,7 +42,9 @@ class RewardDispatcher:
     async def dispatch_once(self) -> int:
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
-            rows = await repo.lease_reward_requests(uow.conn, now, now + self._lease, self._batch)
+            rows = await scheduler_repo.lease_reward_requests(
+                uow.conn, now, now + self._lease, self._batch
+            )
         if not rows:
             return 0
         outcomes = await asyncio.gather(
@@ -61,7 +63,7 @@ class RewardDispatcher:
                 log.warning("reward request %s failed: %s", row.request_key, outcome.reason)
                 results.append((row.request_key, "failed", outcome.reason, None))
         async with self._db.unit_of_work() as uow:
-            await repo.record_reward_results(uow.conn, results)
+            await scheduler_repo.record_reward_results(uow.conn, results)
         return len(rows)
 
     async def run(self, poll_interval: float) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from servicekit.db import UnitOfWork
 from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound, parse_member_id
 
+from . import facts_repository as facts_repo
 from . import repository as repo
 from .domain import (
     DEFAULT_TZ,
@@ -21,12 +22,14 @@ from .domain import (
     birthday_month_key,
     bounding_box,
     bucket,
+    is_zone,
     lift,
     local_day,
     parse_coordinates,
     schedule_time,
 )
 from .journey import CHANNELS, EVENTS, Journey, parse_journey
+from .ports import ConsentRecorder, StoreZones
 from .scheduler import JourneyCache
 
 # Events the mini-program reports through the gateway: about members this
@@ -52,6 +55,12 @@ MEMBER_CHANNELS = {
     "mini_program": "miniprogram",
     "app_push": "app_push",
 }
+# Pages of parked events for operators; expiry bounds.
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+MAX_PARKED_DAYS = 3650
+# Where an unsubscribe through engagement says it came from (member's history).
+UNSUBSCRIBE_SOURCE = "engagement:unsubscribe"
 # A location older than this does not put a member in a store's audience.
 LOCATION_FRESH_FOR = timedelta(days=7)
 MAX_RADIUS_M = 50_000
@@ -104,10 +113,21 @@ class Ingested:
 
 
 class EngagementHandlers:
-    def __init__(self, clock: Clock, quiet: QuietHours, journeys: JourneyCache) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        quiet: QuietHours,
+        journeys: JourneyCache,
+        consent: ConsentRecorder | None = None,
+        stores: StoreZones | None = None,
+    ) -> None:
         self.clock = clock
         self.quiet = quiet
         self.journeys = journeys
+        # Where members' consent choices are recorded (member); None: not wired.
+        self.consent = consent
+        # Stores' time zones (rewards), the fallback of a member's zone.
+        self.stores = stores
 
     # ---- operators ----------------------------------------------------------
 
@@ -178,9 +198,8 @@ class EngagementHandlers:
 
     # ---- members' choices ------------------------------------------------------
 
-    async def set_consent(
-        self, uow: UnitOfWork, member_id: str, channels: list[str], granted: bool, source: str
-    ) -> None:
+    @staticmethod
+    def _channels(member_id: str, channels: list[str]) -> uuid.UUID:
         mid = parse_member_id(member_id)
         for n, c in enumerate(channels):
             if c not in CHANNELS:
@@ -189,17 +208,61 @@ class EngagementHandlers:
                 )
         if not channels:
             raise InvalidArgument("at least one channel", code="NO_CHANNEL", field="channels")
-        await repo.ensure_member(uow.conn, mid)
-        await repo.set_consent(uow.conn, mid, channels, granted, source, self.clock.now())
+        return mid
+
+    def _recorder(self) -> ConsentRecorder:
+        if self.consent is None:
+            raise FailedPrecondition(
+                "consent is recorded by the member service, and MEMBER_ADDR is not set",
+                code="MEMBER_NOT_CONFIGURED",
+                field="member_id",
+            )
+        return self.consent
+
+    async def set_consent(
+        self, uow: UnitOfWork, member_id: str, channels: list[str], granted: bool, source: str
+    ) -> None:
+        """Write the local projection only (tests, bench, seeding): a member's
+        real choice goes through record_consent, to member."""
+        mid = self._channels(member_id, channels)
+        await facts_repo.ensure_member(uow.conn, mid)
+        await facts_repo.set_consent(uow.conn, mid, channels, granted, source, self.clock.now())
+
+    async def record_consent(
+        self, uow: UnitOfWork, member_id: str, channels: list[str], granted: bool, source: str
+    ) -> None:
+        """A member's marketing choice per channel: recorded at member (the one
+        source of truth, with history), then applied here with member's
+        recorded_at (the ConsentChanged that follows changes nothing)."""
+        mid = self._channels(member_id, channels)
+        recorder = self._recorder()
+        await facts_repo.ensure_member(uow.conn, mid)
+        for c in channels:
+            at = await recorder.record(str(mid), "marketing", c, granted, source)
+            await facts_repo.apply_consent(uow.conn, mid, [c], granted, f"member:{source}", at)
 
     async def unsubscribe(self, uow: UnitOfWork, member_id: str, channels: list[str]) -> None:
-        """An empty list means every channel."""
-        await self.set_consent(uow, member_id, channels or sorted(CHANNELS), False, "unsubscribe")
+        """Refuse marketing on `channels` (empty: every channel), through member."""
+        await self.record_consent(
+            uow, member_id, channels or sorted(CHANNELS), False, UNSUBSCRIBE_SOURCE
+        )
 
     async def set_non_personalised(self, uow: UnitOfWork, member_id: str, value: bool) -> None:
+        """The local projection only (tests, bench); see record_non_personalised."""
         mid = parse_member_id(member_id)
-        await repo.ensure_member(uow.conn, mid)
-        await repo.set_non_personalised(uow.conn, mid, value, self.clock.now())
+        await facts_repo.ensure_member(uow.conn, mid)
+        await facts_repo.set_non_personalised(uow.conn, mid, value, self.clock.now())
+
+    async def record_non_personalised(
+        self, uow: UnitOfWork, member_id: str, value: bool, source: str
+    ) -> None:
+        """The "no personalisation" choice is member's personalisation consent
+        refused: recorded there, then applied here."""
+        mid = parse_member_id(member_id)
+        recorder = self._recorder()
+        await facts_repo.ensure_member(uow.conn, mid)
+        at = await recorder.record(str(mid), "personalisation", "", not value, source)
+        await facts_repo.apply_non_personalised(uow.conn, mid, value, at)
 
     async def on_consent_changed(
         self,
@@ -220,11 +283,11 @@ class EngagementHandlers:
                 log.warning("consent for unknown channel %r ignored", channel)
                 return
             channels = [MEMBER_CHANNELS[channel]] if channel else sorted(CHANNELS)
-            await repo.apply_consent(
+            await facts_repo.apply_consent(
                 uow.conn, mid, channels, granted, f"member:{source}", recorded_at
             )
         elif purpose == "personalisation":
-            await repo.apply_non_personalised(uow.conn, mid, not granted, recorded_at)
+            await facts_repo.apply_non_personalised(uow.conn, mid, not granted, recorded_at)
         else:
             log.warning("consent for unknown purpose %r ignored", purpose)
 
@@ -246,31 +309,116 @@ class EngagementHandlers:
         now = self.clock.now()
         at = occurred_at or now
         conn = uow.conn
-        if event in INGESTED_EVENTS and not await repo.member_known(conn, mid):
-            await repo.park_event(conn, mid, event, attributes, at, "UNKNOWN_MEMBER")
+        if event in INGESTED_EVENTS and not await facts_repo.member_known(conn, mid):
+            await facts_repo.park_event(conn, mid, event, attributes, at, "UNKNOWN_MEMBER", now)
             return Ingested(True, [])
         if event == "subscription_tap":
             # The credit is the member's consent to exactly one such message.
-            await repo.add_subscription_credit(conn, mid, attributes["template"])
+            await facts_repo.add_subscription_credit(conn, mid, attributes["template"])
             if attributes.get("openid"):
-                await repo.set_address(conn, mid, "miniprogram", attributes["openid"])
+                await facts_repo.set_address(conn, mid, "miniprogram", attributes["openid"])
         elif event == "location_reported":
             # Kept only with the member's consent to its use; otherwise forgotten.
             if coords is None:
-                await repo.clear_location(conn, mid)
+                await facts_repo.clear_location(conn, mid)
             else:
-                await repo.set_location(conn, mid, coords[0], coords[1], at)
+                await facts_repo.set_location(conn, mid, coords[0], coords[1], at)
         enrolled: list[str] = []
         if event not in INGESTED_EVENTS:
-            # The member is known now (registration, or any event from a service
-            # that knows them): first replay what was parked for them, in order,
-            # since it happened before this event.
-            await repo.ensure_member(conn, mid)
-            for parked, attrs, parked_at in await repo.take_parked(conn, mid):
-                replay = await self.ingest(uow, parked, str(mid), attrs, parked_at)
-                enrolled += replay.enrolled
+            enrolled += await self._introduce(uow, mid)
         enrolled += await self._on_event(uow, event, mid, attributes, now)
         return Ingested(False, enrolled)
+
+    async def _introduce(self, uow: UnitOfWork, mid: uuid.UUID) -> list[str]:
+        """The member is known now (registration, or any event from a service
+        that knows them): first replay what was parked for them, in order,
+        since it happened before the introducing event."""
+        await facts_repo.ensure_member(uow.conn, mid)
+        enrolled: list[str] = []
+        for parked, attrs, parked_at in await facts_repo.take_parked(uow.conn, mid):
+            enrolled += (await self.ingest(uow, parked, str(mid), attrs, parked_at)).enrolled
+        return enrolled
+
+    # ---- the member's time zone ---------------------------------------------------
+
+    async def on_zone_set(
+        self, uow: UnitOfWork, member_id: str, time_zone: str, store_id: str
+    ) -> str:
+        """Member's MemberZoneSet: the member's zone is the profile's, else the
+        registration store's (asked of the store port), else DEFAULT_TZ. Quiet
+        hours, the daily caps' local day and local-time waits use it. Returns
+        the zone applied."""
+        mid = parse_member_id(member_id)
+        resolved = ""
+        if time_zone:
+            if is_zone(time_zone):
+                resolved = time_zone
+            else:  # member validates; an old or foreign value must not break delivery
+                log.warning("member %s: time zone %r unknown, ignored", mid, time_zone)
+        if not resolved and store_id and self.stores is not None:
+            found = await self.stores.zone_of(store_id)
+            resolved = found if found and is_zone(found) else ""
+        resolved = resolved or DEFAULT_TZ
+        await facts_repo.set_zone(uow.conn, mid, time_zone, store_id, resolved)
+        await self._introduce(uow, mid)  # member knows this member
+        return resolved
+
+    # ---- parked events (operators) --------------------------------------------
+
+    async def list_parked(
+        self, uow: UnitOfWork, member_id: str, page_size: int, page_token: str
+    ) -> tuple[list[facts_repo.ParkedRow], str]:
+        """A page of parked events (oldest first) and the next page's token."""
+        mid = parse_member_id(member_id) if member_id else None
+        size = page_size or DEFAULT_PAGE
+        if not 1 <= size <= MAX_PAGE:
+            raise InvalidArgument(
+                f"page_size must be 1..{MAX_PAGE}", code="INVALID_PAGE_SIZE", field="page_size"
+            )
+        after = 0
+        if page_token:
+            try:
+                after = int(page_token)
+            except ValueError:
+                after = -1
+            if after < 0:
+                raise InvalidArgument(
+                    "page_token is not one this service gave",
+                    code="INVALID_PAGE_TOKEN",
+                    field="page_token",
+                )
+        rows = await facts_repo.list_parked(uow.conn, mid, after, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return rows, (str(rows[-1].id) if more else "")
+
+    async def replay_parked(self, uow: UnitOfWork, member_id: str) -> tuple[int, list[str]]:
+        """An operator vouches that the member exists: it becomes known here
+        and its parked events are replayed in order, as on registration."""
+        mid = parse_member_id(member_id)
+        parked = await facts_repo.take_parked(uow.conn, mid)
+        if not parked:
+            raise NotFound(
+                "no parked events for this member", code="NO_PARKED_EVENTS", field="member_id"
+            )
+        await facts_repo.ensure_member(uow.conn, mid)
+        enrolled: list[str] = []
+        for event, attrs, at in parked:
+            enrolled += (await self.ingest(uow, event, str(mid), attrs, at)).enrolled
+        return len(parked), enrolled
+
+    async def expire_parked(
+        self, uow: UnitOfWork, older_than: timedelta, limit: int = 10_000
+    ) -> int:
+        """Delete (a batch of) events parked longer than `older_than`: a member
+        never introduced in that time is not coming (or was never real)."""
+        if not timedelta(days=1) <= older_than <= timedelta(days=MAX_PARKED_DAYS):
+            raise InvalidArgument(
+                f"older_than_days must be 1..{MAX_PARKED_DAYS}",
+                code="INVALID_AGE",
+                field="older_than_days",
+            )
+        return await facts_repo.expire_parked(uow.conn, self.clock.now() - older_than, limit)
 
     async def near_store_audience(
         self, uow: UnitOfWork, journey_id: str, latitude: float, longitude: float, radius_m: int
@@ -304,7 +452,7 @@ class EngagementHandlers:
             )
         since = self.clock.now() - LOCATION_FRESH_FOR
         box = bounding_box(latitude, longitude, radius_m)
-        return await repo.members_near(uow.conn, box, latitude, longitude, radius_m, since)
+        return await facts_repo.members_near(uow.conn, box, latitude, longitude, radius_m, since)
 
     async def enter_near_store(
         self, uow: UnitOfWork, journey_id: str, store_id: str, members: list[uuid.UUID]
@@ -315,7 +463,7 @@ class EngagementHandlers:
         if state is None or state.status != "active":
             return 0
         journey = await self.journeys.get(conn, journey_id, state.live_version)
-        facts = await repo.load_facts(conn, members)
+        facts = await facts_repo.load_facts(conn, members)
         now = self.clock.now()
         entered = 0
         for mid in members:
@@ -333,25 +481,25 @@ class EngagementHandlers:
         await repo.lock_member_timers(conn, [mid])
         events = [event]
         if event == "member_registered":
-            await repo.ensure_member(conn, mid)
+            await facts_repo.ensure_member(conn, mid)
         elif event == "order_completed":
-            count = await repo.count_order(conn, mid)
+            count = await facts_repo.count_order(conn, mid)
             await repo.mark_converted(conn, mid, now)
             if count == 1:
                 events.append("first_order")
         elif event == "tier_changed":
-            await repo.set_fact(conn, mid, "tier", attrs.get("to_tier", ""))
+            await facts_repo.set_fact(conn, mid, "tier", attrs.get("to_tier", ""))
         elif event == "segment_changed":
-            await repo.set_fact(conn, mid, "segment", attrs.get("to_segment", ""))
+            await facts_repo.set_fact(conn, mid, "segment", attrs.get("to_segment", ""))
         elif event == "lifecycle_stage_changed":
-            await repo.set_fact(conn, mid, "stage", attrs.get("to_stage", ""))
+            await facts_repo.set_fact(conn, mid, "stage", attrs.get("to_stage", ""))
         else:
-            await repo.ensure_member(conn, mid)
+            await facts_repo.ensure_member(conn, mid)
         live = await repo.live_enrollments(conn, mid)
         entries = [await repo.entry_journeys(conn, name) for name in events]
         if not live and not any(entries):
             return []  # most orders: nothing to move on, nothing to enter
-        facts = (await repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))
+        facts = (await facts_repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))
         # Live enrollments: a goal exits them, an awaited event moves them on.
         for enr in live:
             journey = await self.journeys.get(conn, enr.journey_id, enr.version)
@@ -404,23 +552,30 @@ class EngagementHandlers:
                     return False
         holdout = bucket(str(mid), f"holdout:{journey.journey_id}") < journey.holdout_percent * 100
         enrollment_id = uuid.uuid4()
+        # A holdout member is live like a treated one (one live enrollment per
+        # member per journey, the same re-entry rules), for the goal's
+        # measurement window: its timer ends it then, sending nothing.
         inserted = await repo.insert_enrollment(
             conn,
             enrollment_id,
             journey.journey_id,
             version,
             mid,
-            "holdout" if holdout else "active",
+            "active",
             "holdout" if holdout else "treatment",
             journey.conversion_days,
             now,
         )
-        if inserted and not holdout:
+        if not inserted:
+            return False
+        if holdout:
+            due = now + timedelta(days=journey.conversion_days)
+        else:
             due = schedule_time(journey, journey.start, now, facts, self.quiet)
-            await repo.upsert_timer(
-                conn, enrollment_id, journey.journey_id, journey.start, due, False, journey.priority
-            )
-        return inserted
+        await repo.upsert_timer(
+            conn, enrollment_id, journey.journey_id, journey.start, due, False, journey.priority
+        )
+        return True
 
     # ---- birthday month ----------------------------------------------------------
 
@@ -432,7 +587,7 @@ class EngagementHandlers:
                 code="INVALID_BIRTHDAY",
                 field="month",
             )
-        await repo.set_birthday(uow.conn, mid, month, day)
+        await facts_repo.set_birthday(uow.conn, mid, month, day)
 
     async def enter_birthday_month(self, uow: UnitOfWork, limit: int = 500) -> int:
         """One batch of the daily birthday-month entry: members whose birthday
@@ -440,7 +595,7 @@ class EngagementHandlers:
         it yet. On the 1st that is the month's members; on other days only
         those whose birthday was set since. Returns how many entered."""
         today = local_day(self.clock.now(), DEFAULT_TZ)
-        claimed = await repo.claim_birthdays(
+        claimed = await facts_repo.claim_birthdays(
             uow.conn, today.month, birthday_month_key(today), limit
         )
         for mid, day in claimed:

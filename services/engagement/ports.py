@@ -1,12 +1,14 @@
 """Ports: what engagement needs from other services, and today's adapters.
 
-- Consent by channel and purpose lives in the member service (issue 3).
-  `LocalConsent` reads the engagement schema's consent projection, fed by
-  member's ConsentChanged events (last write wins by recorded_at) and still
-  written by the engagement RPCs (unsubscribe, SetConsent, SetNonPersonalised,
-  a mini-program subscription tap). The scheduler
-  asks the port for a whole batch at once, inside the batch transaction, so
-  the answer is the one in force at send time.
+- Consent by channel and purpose lives in the member service (issue 3), the
+  one source of truth with its history. `LocalConsent` reads the engagement
+  schema's consent projection, fed by member's ConsentChanged events (last
+  write wins by recorded_at). A choice made through engagement's RPCs
+  (Unsubscribe, SetConsent, SetNonPersonalised) is recorded at member first
+  (`MemberConsent`, MEMBER_ADDR) and then applied to the projection with
+  member's recorded_at, so the event that follows changes nothing. The
+  scheduler and the dispatcher ask for a whole batch at once, inside their
+  transaction, so the answer is the one in force at send time.
 - Addresses: the SMS phone and the WeCom external_userid stay in the member
   service (encrypted). `MemberAddresses` asks member for the one address a
   send needs, when it is sent (GetMember / ListIdentities with include_pii,
@@ -26,7 +28,9 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from datetime import UTC, datetime
 from typing import Protocol
 
 import grpc
@@ -35,9 +39,16 @@ from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.clients import create_channel
 from servicekit.db import Connection
-from servicekit.errors import error_info
+from servicekit.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    error_info,
+)
 
-from . import repository as repo
+from . import facts_repository as facts_repo
+from . import scheduler_repository as scheduler_repo
 from .channels import Delivery
 from .domain import MemberFacts
 
@@ -81,11 +92,134 @@ class LocalConsent:
     async def facts_with_consent(
         self, conn: Connection, member_ids: list[uuid.UUID]
     ) -> dict[str, MemberFacts]:
-        return await repo.load_facts(conn, member_ids)
+        return await facts_repo.load_facts(conn, member_ids)
+
+
+class ConsentRecorder(Protocol):
+    async def record(
+        self, member_id: str, purpose: str, channel: str, granted: bool, source: str
+    ) -> datetime:
+        """Record a member's choice where consent lives; returns its recorded_at.
+        `channel` is this service's name ("" = not per channel)."""
+        ...
+
+
+# This service's channel names -> member's consent channels.
+MEMBER_CONSENT_CHANNELS = {
+    "wecom": member_pb2.CONSENT_CHANNEL_WECOM,
+    "sms": member_pb2.CONSENT_CHANNEL_SMS,
+    "miniprogram": member_pb2.CONSENT_CHANNEL_MINI_PROGRAM,
+    "app_push": member_pb2.CONSENT_CHANNEL_APP_PUSH,
+    "": member_pb2.CONSENT_CHANNEL_ALL,
+}
+MEMBER_CONSENT_PURPOSES = {
+    "marketing": member_pb2.CONSENT_PURPOSE_MARKETING,
+    "personalisation": member_pb2.CONSENT_PURPOSE_PERSONALISATION,
+}
+
+
+class MemberConsent:
+    """Records consent choices in the member service (SetConsent: history kept,
+    ConsentChanged emitted). Member's refusals come back as engagement errors
+    with member's code (unknown or erased member, bad channel); a transport
+    failure is UNAVAILABLE, for the caller to retry."""
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self._channel = create_channel(target)
+        self._stub = member_pb2_grpc.MemberServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def record(
+        self, member_id: str, purpose: str, channel: str, granted: bool, source: str
+    ) -> datetime:
+        want_purpose = MEMBER_CONSENT_PURPOSES[purpose]
+        want_channel = MEMBER_CONSENT_CHANNELS[channel]
+        try:
+            profile = await self._stub.SetConsent(
+                member_pb2.SetConsentRequest(
+                    member_id=member_id,
+                    purpose=want_purpose,
+                    channel=want_channel,
+                    granted=granted,
+                    source=source,
+                    actor="member",
+                ),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            code, field = error_info(exc)
+            message = f"the member service refused the consent choice: {exc.details()}"
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                raise NotFound(message, code=code, field="member_id") from None
+            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(message, code=code, field=field) from None
+            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(message, code=code, field=field) from None
+            raise Unavailable(
+                f"the member service is unavailable: {exc.code().name}", code="MEMBER_UNAVAILABLE"
+            ) from None
+        for c in profile.consents:
+            if (
+                c.purpose == want_purpose
+                and c.channel == want_channel
+                and c.HasField("recorded_at")
+            ):
+                return c.recorded_at.ToDatetime(tzinfo=UTC)
+        return datetime.now(UTC)  # not echoed (never expected): now is the latest
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class StoreZones(Protocol):
+    async def zone_of(self, store_id: str) -> str:
+        """The store's IANA time zone; "" when unknown (no such store, no zone)."""
+        ...
+
+
+class RewardsStoreZones:
+    """Stores are rewards' data: a store's zone is read from its GetStore.
+
+    Rewards' `Store` message carries no zone yet (stores as operator-managed
+    data with a zone is issue 13 item 26); until it does, every answer is ""
+    and members without a profile zone keep the default. The field is looked
+    up by name so no change is needed here when it arrives. Answers are kept
+    for `ttl_seconds` (a store's zone hardly ever changes)."""
+
+    FIELD = "time_zone"
+
+    def __init__(self, target: str, timeout: float, ttl_seconds: float = 3600.0) -> None:
+        self._channel = create_channel(target)
+        self._stub = rewards_pb2_grpc.RewardsServiceStub(self._channel)
+        self._timeout = timeout
+        self._ttl = ttl_seconds
+        self._cache: dict[str, tuple[float, str]] = {}
+
+    async def zone_of(self, store_id: str) -> str:
+        now = time.monotonic()
+        hit = self._cache.get(store_id)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        try:
+            store = await self._stub.GetStore(
+                rewards_pb2.GetStoreRequest(store_id=store_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                self._cache[store_id] = (now, "")
+                return ""
+            raise  # transient: the event is retried
+        field = store.DESCRIPTOR.fields_by_name.get(self.FIELD)
+        found = str(getattr(store, self.FIELD)) if field is not None else ""
+        self._cache[store_id] = (now, found)
+        return found
+
+    async def close(self) -> None:
+        await self._channel.close()
 
 
 class RewardsPort(Protocol):
-    async def fulfil(self, request: repo.RewardRequestRow) -> Delivery:
+    async def fulfil(self, request: scheduler_repo.RewardRequestRow) -> Delivery:
         """delivered (done), retry (transient) or failed (permanent, with the code)."""
         ...
 
@@ -96,7 +230,7 @@ class RewardsGrpc:
         self._stub = rewards_pb2_grpc.RewardsServiceStub(self._channel)
         self._timeout = timeout
 
-    async def fulfil(self, request: repo.RewardRequestRow) -> Delivery:
+    async def fulfil(self, request: scheduler_repo.RewardRequestRow) -> Delivery:
         if request.member_id is None:
             return Delivery("failed", reason="MEMBER_ERASED")
         try:

@@ -23,7 +23,9 @@ import asyncpg
 
 from servicekit.db import Connection, Database
 
+from . import facts_repository as facts_repo
 from . import repository as repo
+from . import scheduler_repository as scheduler_repo
 from .channels import new_send_key, poll_forever
 from .domain import (
     DAILY_CAPS,
@@ -34,6 +36,7 @@ from .domain import (
     RewardIntent,
     SendIntent,
     TagIntent,
+    consent_refusal,
     local_day,
     run,
 )
@@ -42,7 +45,6 @@ from .ports import ConsentPort
 
 log = logging.getLogger(__name__)
 
-MARKETING = frozenset({"targeted", "general"})
 MAX_STEP_ATTEMPTS = 5
 
 
@@ -78,7 +80,7 @@ class SweepStats:
 
 @dataclass
 class _Pending:
-    due: repo.DueStep
+    due: scheduler_repo.DueStep
     journey: Journey
     intent: SendIntent
     day: date
@@ -90,7 +92,7 @@ class _Pending:
 @dataclass
 class _Batch:
     sends: list[_Pending] = field(default_factory=list)
-    dropped: list[repo.SendRow] = field(default_factory=list)
+    dropped: list[scheduler_repo.SendRow] = field(default_factory=list)
     rewards: list[tuple[str, uuid.UUID, uuid.UUID, str, str, int, datetime]] = field(
         default_factory=list
     )
@@ -121,21 +123,24 @@ class Scheduler:
         self.batch_size = batch_size
         self._caps = caps if caps is not None else DAILY_CAPS
         self.stats = SweepStats()
-        # What the current batch claimed (to isolate a failing step).
-        self._claimed: list[repo.DueStep] = []
 
     async def sweep_once(self, limit: int | None = None) -> int:
-        """Run one batch of due steps; returns how many timers it claimed."""
+        """Run one batch of due steps; returns how many timers it claimed.
+
+        Several sweeper tasks may share this object: what a batch claimed is
+        kept per call (never on the instance), so isolating one task's failing
+        step cannot postpone another task's."""
         limit = limit or self.batch_size
+        claimed: list[scheduler_repo.DueStep] = []
         try:
-            return await self._sweep(limit)
+            return await self._sweep(limit, claimed)
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
             self.stats.conflicts += 1
             log.warning("sweep batch rolled back by a lock conflict; its timers stay due")
             return 0
         except Exception:
             if limit == 1:
-                await self._postpone_poison(self._claimed)
+                await self._postpone_poison(claimed)
                 return 1
             log.exception("sweep batch failed; isolating the failing step")
             # Run the batch one by one so one bad step cannot block the rest.
@@ -147,14 +152,14 @@ class Scheduler:
                 done += n
             return done
 
-    async def _postpone_poison(self, claimed: list[repo.DueStep]) -> None:
+    async def _postpone_poison(self, claimed: list[scheduler_repo.DueStep]) -> None:
         """The step that just failed alone: try it later, give up after a few tries."""
         if not claimed:
             return
         d = claimed[0]
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
-            attempts = await repo.postpone_timer(
+            attempts = await scheduler_repo.postpone_timer(
                 uow.conn, d, now + timedelta(minutes=2 ** min(d.attempts, 10))
             )
             if attempts == 0:
@@ -176,12 +181,12 @@ class Scheduler:
     async def run(self, poll_interval: float) -> None:
         await poll_forever(self.sweep_once, poll_interval, log, "sweeper")
 
-    async def _sweep(self, limit: int) -> int:
+    async def _sweep(self, limit: int, claimed: list[scheduler_repo.DueStep]) -> int:
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
             conn = uow.conn
-            due = await repo.claim_due(conn, now, limit)
-            self._claimed = due
+            due = await scheduler_repo.claim_due(conn, now, limit)
+            claimed.extend(due)
             if not due:
                 return 0
             facts = await self._consent.facts_with_consent(conn, list({d.member_id for d in due}))
@@ -191,19 +196,29 @@ class Scheduler:
                 member = facts.get(str(d.member_id)) or MemberFacts(str(d.member_id))
                 self._run_one(d, journey, member, now, batch)
             await self._decide_sends(conn, batch, facts, now)
-            await repo.insert_sends(conn, [self._send_row(p, now) for p in batch.sends])
-            await repo.insert_sends(conn, batch.dropped)
-            await repo.insert_reward_requests(conn, batch.rewards)
-            await repo.add_tags(conn, batch.tags)
-            await repo.move_timers(conn, batch.moves)
-            await repo.delete_timers(conn, batch.finished)
-            await repo.update_enrollments(conn, batch.enrollments)
+            await scheduler_repo.insert_sends(conn, [self._send_row(p, now) for p in batch.sends])
+            await scheduler_repo.insert_sends(conn, batch.dropped)
+            await scheduler_repo.insert_reward_requests(conn, batch.rewards)
+            await facts_repo.add_tags(conn, batch.tags)
+            await scheduler_repo.move_timers(conn, batch.moves)
+            await scheduler_repo.delete_timers(conn, batch.finished)
+            await scheduler_repo.update_enrollments(conn, batch.enrollments)
         self.stats.steps += len(due)
         return len(due)
 
     def _run_one(
-        self, d: repo.DueStep, journey: Journey, member: MemberFacts, now: datetime, batch: _Batch
+        self,
+        d: scheduler_repo.DueStep,
+        journey: Journey,
+        member: MemberFacts,
+        now: datetime,
+        batch: _Batch,
     ) -> None:
+        if d.grp == "holdout":
+            # The holdout's measurement window is over: it ends, having been sent nothing.
+            batch.finished.append(d.enrollment_id)
+            batch.enrollments.append((d.enrollment_id, d.seq, d.variant, None, "holdout", now))
+            return
         result = run(
             journey,
             d.step_id,
@@ -222,7 +237,7 @@ class Scheduler:
                 step = journey.step(intent.step_id)
                 self.stats.dropped += 1
                 batch.dropped.append(
-                    repo.SendRow(
+                    scheduler_repo.SendRow(
                         new_send_key(d.enrollment_id, intent.seq),
                         d.enrollment_id,
                         d.journey_id,
@@ -281,9 +296,9 @@ class Scheduler:
             consent = member.consents.get(p.intent.channel) if member else None
             # A mini-program subscription message carries its own consent: the
             # member's tap, spent below (one credit, one message).
-            needs_grant = p.intent.message_class in MARKETING and p.intent.channel != "miniprogram"
-            if consent is False or (consent is None and needs_grant):
-                p.status, p.reason = "suppressed", "NO_CONSENT"
+            refusal = consent_refusal(p.intent.channel, p.intent.message_class, consent)
+            if refusal is not None:
+                p.status, p.reason = "suppressed", refusal
                 continue
             if not p.intent.template:  # personalised, member chose none, no fallback
                 p.status, p.reason = "suppressed", "NON_PERSONALISED"
@@ -293,7 +308,7 @@ class Scheduler:
         wants = [
             (m, d, cls, len(items), self._caps[cls]) for (m, d, cls), items in contested.items()
         ]
-        granted = await repo.reserve_caps(conn, wants)
+        granted = await scheduler_repo.reserve_caps(conn, wants)
         losers: dict[tuple[uuid.UUID, date, str], list[_Pending]] = {}
         for (m, d, cls), items in contested.items():
             slots = granted.get((str(m), d, cls), 0)
@@ -305,7 +320,7 @@ class Scheduler:
                 losers[(m, d, cls)] = items[slots:]
         # A budget spent earlier today by a less valuable, not yet delivered
         # send is taken back for the best loser here ("priority wins").
-        freed = await repo.preempt_holders(
+        freed = await scheduler_repo.preempt_holders(
             conn,
             [(m, d, cls, items[0].journey.priority) for (m, d, cls), items in losers.items()],
             now,
@@ -318,10 +333,14 @@ class Scheduler:
         for p in batch.sends:
             if p.status != "pending" or p.intent.channel != "miniprogram":
                 continue
-            if not await repo.take_subscription_credit(conn, p.due.member_id, p.intent.template):
+            if not await facts_repo.take_subscription_credit(
+                conn, p.due.member_id, p.intent.template
+            ):
                 p.status, p.reason = "suppressed", "NO_SUBSCRIPTION_CREDIT"
                 if p.intent.message_class in self._caps:
-                    await repo.release_cap(conn, p.due.member_id, p.day, p.intent.message_class)
+                    await scheduler_repo.release_cap(
+                        conn, p.due.member_id, p.day, p.intent.message_class
+                    )
         for p in batch.sends:
             if p.status == "pending":
                 self.stats.sent += 1
@@ -331,8 +350,8 @@ class Scheduler:
                 self.stats.suppressed += 1
 
     @staticmethod
-    def _send_row(p: _Pending, now: datetime) -> repo.SendRow:
-        return repo.SendRow(
+    def _send_row(p: _Pending, now: datetime) -> scheduler_repo.SendRow:
+        return scheduler_repo.SendRow(
             new_send_key(p.due.enrollment_id, p.intent.seq),
             p.due.enrollment_id,
             p.due.journey_id,

@@ -202,7 +202,11 @@ member_facts = Table(
     "member_facts",
     metadata,
     Column("member_id", Uuid, primary_key=True),
+    # The zone quiet hours and caps use: the profile's, else the registration
+    # store's, else Asia/Shanghai (member's MemberZoneSet).
     Column("tz", Text, nullable=False, server_default="Asia/Shanghai"),
+    Column("profile_tz", Text, nullable=False, server_default=""),
+    Column("store_id", Text, nullable=False, server_default=""),
     Column("tier", Text, nullable=False, server_default=""),
     Column("segment", Text, nullable=False, server_default=""),
     Column("stage", Text, nullable=False, server_default=""),
@@ -252,6 +256,8 @@ parked_events = Table(
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("reason", Text, nullable=False),
     Column("parked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Expiry reads only what is old enough (ENGAGEMENT_PARKED_TTL_DAYS).
+    Index("ix_parked_events_parked_at", "parked_at"),
 )
 
 # Last-known location, kept only while the member consents to its use

@@ -26,7 +26,13 @@ from .domain import Clock, QuietHours, SystemClock
 from .fulfilment import RewardDispatcher
 from .handlers import EngagementHandlers
 from .journey import parse_local_time
-from .ports import LocalConsent, MemberAddresses, RewardsGrpc
+from .ports import (
+    LocalConsent,
+    MemberAddresses,
+    MemberConsent,
+    RewardsGrpc,
+    RewardsStoreZones,
+)
 from .scheduler import JourneyCache, Scheduler
 from .schema import SCHEMA
 from .servicer import EngagementServicer
@@ -45,6 +51,8 @@ class EngagementApp(ServiceApp):
     http_client: httpx.AsyncClient | None = None
     rewards: RewardsGrpc | None = None
     member: MemberAddresses | None = None
+    member_consent: MemberConsent | None = None
+    store_zones: RewardsStoreZones | None = None
     reward_dispatcher: RewardDispatcher | None = None
 
     def __init__(
@@ -55,6 +63,8 @@ class EngagementApp(ServiceApp):
         poll: float,
         dispatch_poll: float,
         birthday_poll: float,
+        parked_ttl_days: int = 30,
+        parked_expiry_poll: float = 3600.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -63,6 +73,8 @@ class EngagementApp(ServiceApp):
         self._poll = poll
         self._dispatch_poll = dispatch_poll
         self._birthday_poll = birthday_poll
+        self._parked_ttl_days = parked_ttl_days
+        self._parked_expiry_poll = parked_expiry_poll
         self._worker_tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -83,6 +95,14 @@ class EngagementApp(ServiceApp):
                     name="birthday-entry",
                 )
             )
+            self._worker_tasks.append(
+                asyncio.create_task(
+                    poll_forever(
+                        self.expire_parked_once, self._parked_expiry_poll, log, "parked expiry"
+                    ),
+                    name="parked-expiry",
+                )
+            )
             if self.reward_dispatcher is not None:
                 self._worker_tasks.append(
                     asyncio.create_task(
@@ -97,6 +117,15 @@ class EngagementApp(ServiceApp):
         async with self.db.unit_of_work() as uow:
             return await self.handlers.enter_birthday_month(uow)
 
+    async def expire_parked_once(self) -> int:
+        """Delete one batch of events parked longer than ENGAGEMENT_PARKED_TTL_DAYS."""
+        assert self.db is not None
+        async with self.db.unit_of_work() as uow:
+            n = await self.handlers.expire_parked(uow, timedelta(days=self._parked_ttl_days))
+        if n:
+            log.info("expired %d parked events (older than %d days)", n, self._parked_ttl_days)
+        return n
+
     async def stop(self) -> None:
         await stop_tasks(self.name, self._worker_tasks)
         self._worker_tasks.clear()
@@ -106,6 +135,10 @@ class EngagementApp(ServiceApp):
             await self.rewards.close()
         if self.member is not None:
             await self.member.close()
+        if self.member_consent is not None:
+            await self.member_consent.close()
+        if self.store_zones is not None:
+            await self.store_zones.close()
         await super().stop()
 
 
@@ -113,13 +146,17 @@ def _attrs(msg: Message, *names: str) -> dict[str, str]:
     return {n: str(getattr(msg, n)) for n in names}
 
 
-def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementApp:
-    s = EngagementSettings(**settings.model_dump())
-    clock = clock or SystemClock()
+def build_quiet(s: EngagementSettings) -> QuietHours:
     start, end = parse_local_time(s.quiet_start), parse_local_time(s.quiet_end)
     if start is None or end is None:
         raise ValueError("QUIET_START / QUIET_END must be HH:MM")
-    quiet = QuietHours(start, end, timedelta(minutes=s.quiet_jitter_minutes))
+    return QuietHours(start, end, timedelta(minutes=s.quiet_jitter_minutes))
+
+
+def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementApp:
+    s = EngagementSettings(**settings.model_dump())
+    clock = clock or SystemClock()
+    quiet = build_quiet(s)
     journeys = JourneyCache()
     handlers = EngagementHandlers(clock, quiet, journeys)
 
@@ -156,6 +193,10 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         p: Any = received.payload
         await handlers.on_birthday_set(uow, p.member_id, p.month, p.day)
 
+    async def zone_set(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        p: Any = received.payload
+        await handlers.on_zone_set(uow, p.member_id, p.time_zone, p.registration_store_id)
+
     async def erased(uow: UnitOfWork, received: ReceivedEvent) -> None:
         p: Any = received.payload
         await handlers.on_erased(uow, list(p.member_ids))
@@ -174,6 +215,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         Subscription("member", events_pb2.MemberErased, erased),
         Subscription("member", events_pb2.ConsentChanged, consent_changed),
         Subscription("member", events_pb2.BirthdaySet, birthday_set),
+        Subscription("member", events_pb2.MemberZoneSet, zone_set),
         Subscription(
             "rewards",
             events_pb2.OrderCompleted,
@@ -224,6 +266,9 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         app.handlers = handlers
         if s.member_addr.strip():
             app.member = MemberAddresses(s.member_addr, s.member_timeout_seconds)
+            # Consent choices made through engagement are recorded at member.
+            app.member_consent = MemberConsent(s.member_addr, s.member_timeout_seconds)
+            handlers.consent = app.member_consent
         app.scheduler = Scheduler(
             app.db, clock, LocalConsent(), quiet, journeys, batch_size=s.engagement_batch_size
         )
@@ -240,10 +285,25 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             resolver=app.member,
         )
         if s.rewards_addr.strip():
+            app.store_zones = RewardsStoreZones(s.rewards_addr, s.rewards_timeout_seconds)
+            handlers.stores = app.store_zones
             app.rewards = RewardsGrpc(s.rewards_addr, s.rewards_timeout_seconds)
             app.reward_dispatcher = RewardDispatcher(app.db, clock, app.rewards)
         engagement_pb2_grpc.add_EngagementServiceServicer_to_server(
-            EngagementServicer(app.db, handlers), app.server
+            EngagementServicer(app.db, handlers, s.engagement_parked_ttl_days), app.server
+        )
+        db = app.db
+
+        async def due_backlog() -> float:
+            # Steps already due and not yet run: the sweepers are falling behind.
+            n = await db.pool.fetchval(
+                f"SELECT count(*) FROM {SCHEMA}.timers WHERE NOT paused AND due_at <= $1",
+                clock.now(),
+            )
+            return float(n)
+
+        app.metrics.add_probe(
+            "engagement_scheduler_due_timers", "Journey steps due and not yet run", due_backlog
         )
         app.add_consumer(
             EventConsumer(
@@ -268,4 +328,6 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         poll=s.engagement_poll_seconds,
         dispatch_poll=s.engagement_dispatch_poll_seconds,
         birthday_poll=s.engagement_birthday_poll_seconds,
+        parked_ttl_days=s.engagement_parked_ttl_days,
+        parked_expiry_poll=s.engagement_parked_expiry_poll_seconds,
     )

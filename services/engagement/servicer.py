@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import grpc
 
 from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
 from servicekit.db import Database
 from servicekit.errors import InvalidArgument
-from servicekit.protos import to_datetime
+from servicekit.protos import timestamp, to_datetime
 
 from .domain import DEFAULT_RADIUS_M, Lift
 from .handlers import EngagementHandlers
@@ -31,9 +32,12 @@ def lift_message(value: Lift | None) -> engagement_pb2.Lift | None:
 
 
 class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
-    def __init__(self, db: Database, handlers: EngagementHandlers) -> None:
+    def __init__(
+        self, db: Database, handlers: EngagementHandlers, parked_ttl_days: int = 30
+    ) -> None:
         self._db = db
         self._handlers = handlers
+        self._parked_ttl_days = parked_ttl_days
 
     async def PublishJourney(
         self, request: engagement_pb2.PublishJourneyRequest, context: grpc.aio.ServicerContext
@@ -143,12 +147,12 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
         self, request: engagement_pb2.SetConsentRequest, context: grpc.aio.ServicerContext
     ) -> engagement_pb2.SetConsentResponse:
         async with self._db.unit_of_work() as uow:
-            await self._handlers.set_consent(
+            await self._handlers.record_consent(
                 uow,
                 request.member_id,
                 list(request.channels),
                 request.granted,
-                request.source or "api",
+                request.source or "engagement:api",
             )
         return engagement_pb2.SetConsentResponse()
 
@@ -156,8 +160,8 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
         self, request: engagement_pb2.SetNonPersonalisedRequest, context: grpc.aio.ServicerContext
     ) -> engagement_pb2.SetNonPersonalisedResponse:
         async with self._db.unit_of_work() as uow:
-            await self._handlers.set_non_personalised(
-                uow, request.member_id, request.non_personalised
+            await self._handlers.record_non_personalised(
+                uow, request.member_id, request.non_personalised, "engagement:api"
             )
         return engagement_pb2.SetNonPersonalisedResponse()
 
@@ -182,3 +186,49 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
                     audience[start : start + LAUNCH_CHUNK],
                 )
         return engagement_pb2.LaunchNearStoreResponse(audience=len(audience), entered=entered)
+
+    async def ListParkedEvents(
+        self, request: engagement_pb2.ListParkedEventsRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.ListParkedEventsResponse:
+        async with self._db.unit_of_work() as uow:
+            rows, token = await self._handlers.list_parked(
+                uow, request.member_id, request.page_size, request.page_token
+            )
+        return engagement_pb2.ListParkedEventsResponse(
+            events=[
+                engagement_pb2.ParkedEvent(
+                    id=r.id,
+                    member_id=str(r.member_id),
+                    event=r.event,
+                    attributes=r.attributes,
+                    occurred_at=timestamp(r.occurred_at),
+                    reason=r.reason,
+                    parked_at=timestamp(r.parked_at),
+                )
+                for r in rows
+            ],
+            next_page_token=token,
+        )
+
+    async def ReplayParkedEvents(
+        self, request: engagement_pb2.ReplayParkedEventsRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.ReplayParkedEventsResponse:
+        async with self._db.unit_of_work() as uow:
+            replayed, enrolled = await self._handlers.replay_parked(uow, request.member_id)
+        return engagement_pb2.ReplayParkedEventsResponse(
+            replayed=replayed, enrolled_journeys=enrolled
+        )
+
+    async def ExpireParkedEvents(
+        self, request: engagement_pb2.ExpireParkedEventsRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.ExpireParkedEventsResponse:
+        days = request.older_than_days or self._parked_ttl_days
+        expired = 0
+        # Batches in short transactions until nothing older is left.
+        while True:
+            async with self._db.unit_of_work() as uow:
+                n = await self._handlers.expire_parked(uow, timedelta(days=days))
+            expired += n
+            if n == 0:
+                break
+        return engagement_pb2.ExpireParkedEventsResponse(expired=expired)

@@ -14,6 +14,10 @@ class EngagementSettings(ServiceSettings):
     # How often the birthday-month entry looks for members to enter (it only
     # finds work on the 1st of a month or after a birthday was set).
     engagement_birthday_poll_seconds: float = 600.0
+    # Events parked for a member never introduced are deleted after this many
+    # days; the expiry runs every ENGAGEMENT_PARKED_EXPIRY_POLL_SECONDS.
+    engagement_parked_ttl_days: int = 30
+    engagement_parked_expiry_poll_seconds: float = 3600.0
     # False: no background sweeper or dispatcher (tests drive them by hand).
     engagement_workers: bool = True
     quiet_start: str = "21:00"

@@ -26,6 +26,13 @@ it after step 2 (the generation moved), nor between 1 and 2 (the fence is
 there). If step 2 fails, the fences expire on their own and entries of the
 touched identifiers simply stay unfilled until then.
 
+A merge, unmerge or erasure also bumps the **identity epoch** (a counter the
+gateway reads on each mini-program request: gateway/auth/members.py keeps
+openid -> member and member -> survivor answers only while it is unchanged),
+in step 1 (so the gateway stops trusting what it cached before the commit)
+and again in step 2 (so an answer it re-read while the commit was under way
+is not kept either).
+
 Reads fail open: without Redis, ResolveMember reads Postgres as before.
 Entries expire after ENTRY_TTL_SECONDS anyway, a bound on any staleness a
 lost invalidation could leave.
@@ -65,21 +72,32 @@ if (redis.call('GET', KEYS[2]) or '0') == ARGV[1] and redis.call('EXISTS', KEYS[
 end
 return 0
 """
-# KEYS: the entries; ARGV: 1 fence ttl s
+# KEYS: 1 identity epoch, 2.. the entries; ARGV: 1 fence ttl s, 2 '1' to bump the epoch
 _FENCE = """
-for _, key in ipairs(KEYS) do
-  redis.call('SET', key, '-', 'EX', ARGV[1])
+if ARGV[2] == '1' then
+  redis.call('INCR', KEYS[1])
 end
-return #KEYS
-"""
-# KEYS: 1 generation, 2.. the entries
-_RELEASE = """
-redis.call('INCR', KEYS[1])
 for i = 2, #KEYS do
-  redis.call('DEL', KEYS[i])
+  redis.call('SET', KEYS[i], '-', 'EX', ARGV[1])
 end
 return #KEYS - 1
 """
+# KEYS: 1 generation, 2 identity epoch, 3.. the entries; ARGV: 1 '1' to bump the epoch
+_RELEASE = """
+redis.call('INCR', KEYS[1])
+if ARGV[1] == '1' then
+  redis.call('INCR', KEYS[2])
+end
+for i = 3, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+return #KEYS - 2
+"""
+
+
+def identity_epoch_key(namespace: str) -> str:
+    """Read by the gateway (gateway/auth/members.py, the same name there)."""
+    return f"{namespace}:member:identity-epoch"
 
 
 @dataclass(frozen=True)
@@ -117,6 +135,7 @@ class ResolveCache:
         self._redis = redis
         self._prefix = f"{namespace}:member:resolve:"
         self._generation = f"{namespace}:member:resolve-generation"
+        self._epoch = identity_epoch_key(namespace)
         self._ttl = ttl_seconds
         self._fence_ttl = fence_ttl_seconds
         self._fill = redis.register_script(_FILL)
@@ -150,14 +169,16 @@ class ResolveCache:
         except (RedisError, OSError) as exc:
             log.warning("resolve cache: fill failed: %r", exc)
 
-    async def fence(self, hashes: Iterable[bytes]) -> None:
+    async def fence(self, hashes: Iterable[bytes], regrouped: bool = False) -> None:
         """Before COMMIT: raises Unavailable (the transaction rolls back) if Redis
         cannot be told."""
         keys = sorted({self.key(h) for h in hashes})
-        if not keys:
+        if not keys and not regrouped:
             return
         try:
-            await self._fence(keys=keys, args=[self._fence_ttl])
+            await self._fence(
+                keys=[self._epoch, *keys], args=[self._fence_ttl, "1" if regrouped else "0"]
+            )
         except (RedisError, OSError) as exc:
             log.warning("resolve cache: cannot fence %d entries: %r", len(keys), exc)
             raise Unavailable(
@@ -165,11 +186,13 @@ class ResolveCache:
                 code="DEPENDENCY_UNAVAILABLE",
             ) from None
 
-    async def release(self, hashes: Iterable[bytes]) -> None:
+    async def release(self, hashes: Iterable[bytes], regrouped: bool = False) -> None:
         """After COMMIT: best effort (the fences expire on their own)."""
         keys = sorted({self.key(h) for h in hashes})
         try:
-            await self._release(keys=[self._generation, *keys])
+            await self._release(
+                keys=[self._generation, self._epoch, *keys], args=["1" if regrouped else "0"]
+            )
         except (RedisError, OSError) as exc:
             log.warning(
                 "resolve cache: release failed, fences expire in %ds: %r", self._fence_ttl, exc
@@ -180,9 +203,11 @@ class ResolveCache:
 class Touched:
     members: set[str] = field(default_factory=set)
     hashes: set[bytes] = field(default_factory=set)
+    # A merge, unmerge or erasure: who is whom changed (the identity epoch moves).
+    regrouped: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.members or self.hashes)
+        return bool(self.members or self.hashes or self.regrouped)
 
 
 _touched: ContextVar[Touched | None] = ContextVar("member_cache_touched", default=None)
@@ -203,6 +228,14 @@ async def touch(
     touched.hashes |= set(hashes)
     if ids:
         touched.hashes |= set(await repo.identity_hashes(conn, ids))
+
+
+def regroup() -> None:
+    """Record that this transaction merges, unmerges or erases members: the
+    gateway's openid and survivor answers must not outlive its commit."""
+    touched = _touched.get()
+    if touched is not None:
+        touched.regrouped = True
 
 
 class MemberUnitOfWork:
@@ -226,8 +259,8 @@ class MemberUnitOfWork:
                 yield uow
                 if touched:
                     touched.hashes |= set(await repo.identity_hashes(uow.conn, touched.members))
-                    await self._cache.fence(touched.hashes)
+                    await self._cache.fence(touched.hashes, touched.regrouped)
         finally:
             _touched.reset(token)
         if touched:
-            await self._cache.release(touched.hashes)
+            await self._cache.release(touched.hashes, touched.regrouped)

@@ -8,6 +8,7 @@ import hmac
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
@@ -180,6 +181,7 @@ PROFILE_FIELDS = (
     "registration_store_id",
     "acquisition_channel",
     "acquisition_campaign",
+    "time_zone",
 )
 MAX_PROFILE_VALUE = 64
 
@@ -192,6 +194,15 @@ class Observation:
     source: str
     verified: bool
     observed_at: datetime
+
+
+def is_time_zone(name: str) -> bool:
+    """An IANA zone name the standard library knows (e.g. "Europe/London")."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return "/" in name or name == "UTC"
 
 
 def effective_profile(observations: list[Observation]) -> dict[str, str]:
@@ -307,36 +318,32 @@ def effective_consent(
 
 # ---- dynamic member code ---------------------------------------------------
 
-CODE_WINDOW_SECONDS = 30
-# A code is accepted in its own window and the next: valid 30 to 60 seconds.
-CODE_WINDOWS_ACCEPTED = 2
+# Every issue is a fresh code (a random part), redeemable once within its
+# lifetime; the mini-program asks for another after CODE_REFRESH_SECONDS, or
+# right after a scan.
+CODE_LIFETIME_SECONDS = 60
+CODE_REFRESH_SECONDS = 30
 CODE_PREFIX = "8"
 CODE_LENGTH = 20
-_NUMBER_DIGITS = 10
+_NONCE_DIGITS = 11
 _MAC_DIGITS = 8
 
 
-class CodeVerdict(enum.StrEnum):
-    VALID = "valid"
-    EXPIRED = "expired"
-    FORGED = "forged"
-
-
-def _code_mac(secret: bytes, member_number: str, window: int) -> str:
-    digest = hmac.new(secret, f"member-code|{member_number}|{window}".encode(), hashlib.sha256)
+def _code_mac(secret: bytes, nonce: str) -> str:
+    digest = hmac.new(secret, f"member-code|{nonce}".encode(), hashlib.sha256)
     return f"{int.from_bytes(digest.digest()[:8], 'big') % 10**_MAC_DIGITS:0{_MAC_DIGITS}d}"
 
 
-def member_code(secret: bytes, member_number: str, window: int) -> str:
-    """20 digits: prefix, window digit, member number, truncated HMAC."""
-    return (
-        f"{CODE_PREFIX}{window % 10}{int(member_number):0{_NUMBER_DIGITS}d}"
-        f"{_code_mac(secret, member_number, window)}"
-    )
+def member_code(secret: bytes, nonce: int) -> str:
+    """20 digits: prefix, 11 random digits, 8 digits of HMAC over them. The
+    HMAC lets a forgery be refused before any lookup; the random part is the
+    key of the issued code (member.member_codes, by keyed hash)."""
+    digits = f"{nonce % 10**_NONCE_DIGITS:0{_NONCE_DIGITS}d}"
+    return f"{CODE_PREFIX}{digits}{_code_mac(secret, digits)}"
 
 
-def parse_member_code(code: str) -> tuple[int, str, str]:
-    """(window digit, member number, mac) of a well-formed code."""
+def parse_member_code(code: str) -> tuple[str, str]:
+    """(random part, mac) of a well-formed code."""
     text = code.strip()
     if len(text) != CODE_LENGTH or not text.isdigit() or not text.startswith(CODE_PREFIX):
         raise InvalidArgument(
@@ -344,17 +351,10 @@ def parse_member_code(code: str) -> tuple[int, str, str]:
             code="MALFORMED_MEMBER_CODE",
             field="code",
         )
-    number = str(int(text[2 : 2 + _NUMBER_DIGITS]))
-    return int(text[1]), number, text[2 + _NUMBER_DIGITS :]
+    return text[1 : 1 + _NONCE_DIGITS], text[1 + _NONCE_DIGITS :]
 
 
-def check_member_code(secret: bytes, code: str, now_window: int) -> tuple[CodeVerdict, str]:
-    """(verdict, member number). The window digit names one window among the
-    last ten; a valid MAC for an older one than accepted is expired."""
-    digit, number, mac = parse_member_code(code)
-    window = now_window - ((now_window - digit) % 10)
-    if not hmac.compare_digest(_code_mac(secret, number, window), mac):
-        return CodeVerdict.FORGED, number
-    if now_window - window >= CODE_WINDOWS_ACCEPTED:
-        return CodeVerdict.EXPIRED, number
-    return CodeVerdict.VALID, number
+def member_code_is_genuine(secret: bytes, code: str) -> bool:
+    """This brand made the code (its HMAC matches); MALFORMED_MEMBER_CODE if not 20 digits."""
+    nonce, mac = parse_member_code(code)
+    return hmac.compare_digest(_code_mac(secret, nonce), mac)

@@ -20,6 +20,7 @@ import base64
 import binascii
 import itertools
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -36,15 +37,15 @@ from servicekit.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 
 from . import cache
 from . import repository as repo
 from .domain import (
-    CODE_WINDOW_SECONDS,
-    CODE_WINDOWS_ACCEPTED,
+    CODE_LIFETIME_SECONDS,
+    CODE_REFRESH_SECONDS,
     MAX_PROFILE_VALUE,
-    CodeVerdict,
     ConsentChannel,
     ConsentPurpose,
     ConsentRecord,
@@ -53,24 +54,33 @@ from .domain import (
     IdType,
     ObservedIdentifier,
     check_consent_key,
-    check_member_code,
     choose_survivor,
     consent_changes,
     effective_consent,
     effective_profile,
     event_channel,
+    is_time_zone,
     limit_violations,
     mask,
     member_code,
+    member_code_is_genuine,
 )
 from .pii import PiiVault
 from .policy import IdentityPolicy
 from .repository import IdentityRow, MemberRecord, MergeRow, ReviewRow
 
+# Issued member codes are kept this long after they expire (so a late scan is
+# told EXPIRED, not INVALID), then pruned.
+CODE_FORGET_AFTER_SECONDS = 600
+
 MAX_IDENTIFIERS_PER_CALL = 10
 MAX_TEXT = 128
 
 Ref = tuple[str, str, bytes]
+
+
+# A change to one of these is announced as MemberZoneSet (engagement's zone).
+ZONE_FIELDS = frozenset({"time_zone", "registration_store_id"})
 
 
 class LostRace(Exception):
@@ -167,6 +177,11 @@ class MemberHandlers:
         self._code_secret = code_secret
         self._clock = clock
 
+    def now(self) -> datetime:
+        """The service's clock: every time the service writes and compares comes
+        from here, never from the database's now()."""
+        return datetime.fromtimestamp(self._clock(), UTC)
+
     # ---- helpers --------------------------------------------------------------
 
     def _row(self, ident: ObservedIdentifier) -> IdentityRow:
@@ -221,8 +236,11 @@ class MemberHandlers:
         source: str,
         request_key: str,
         reenrol: bool = False,
+        quarantined_types: list[str] | None = None,
     ) -> Identified:
-        """Find the member owning the identifiers, enrol one, or merge several."""
+        """Find the member owning the identifiers, enrol one, or merge several.
+        The types of identifiers this call quarantined are appended to
+        `quarantined_types` (the servicer counts them once the call committed)."""
         request_key = _required_text(request_key, "request_key")
         if not observed:
             raise InvalidArgument(
@@ -320,7 +338,21 @@ class MemberHandlers:
                 continue
             prospective = links.get(ref, set()) | call_roots
             if len(prospective) > self.policy.quarantine_after_members:
-                await repo.quarantine(conn, rows[ident.key], len(prospective))
+                row = rows[ident.key]
+                at = await repo.quarantine(conn, row, len(prospective))
+                if at is not None:
+                    # Reported, not only listed: an alert can fire on it.
+                    await uow.emit(
+                        events_pb2.IdentifierQuarantined(
+                            identifier_type=row.id_type,
+                            namespace=row.namespace,
+                            value_masked=row.value_masked,
+                            linked_members=len(prospective),
+                            quarantined_at=_ts(at),
+                        )
+                    )
+                    if quarantined_types is not None:
+                        quarantined_types.append(row.id_type)
                 # It resolves nobody from now on.
                 await cache.touch(conn, hashes=[rows[ident.key].value_hash])
                 quarantined.add(ref)
@@ -399,7 +431,7 @@ class MemberHandlers:
         elif roots:
             target = self._by_priority(best, states)
         else:
-            member = await repo.insert_member(conn, source)
+            member = await repo.insert_member(conn, source, self.now())
             target = member.member_id
             created = True
             number_ident = ObservedIdentifier(IdType.MEMBER_NUMBER, member.member_number, "", True)
@@ -540,6 +572,7 @@ class MemberHandlers:
         )
         await repo.refresh_phone_masked(conn, [survivor, absorbed])
         await cache.touch(conn, [survivor, absorbed])
+        cache.regroup()
         await uow.emit(
             events_pb2.MemberMerged(
                 merge_id=record.merge_id,
@@ -642,6 +675,7 @@ class MemberHandlers:
         )
         await repo.refresh_phone_masked(conn, [merge.survivor_id, merge.absorbed_id])
         await cache.touch(conn, [merge.survivor_id, merge.absorbed_id])
+        cache.regroup()
         await uow.emit(
             events_pb2.MemberUnmerged(
                 merge_id=merge.merge_id,
@@ -861,12 +895,29 @@ class MemberHandlers:
                         code="INVALID_BIRTHDAY",
                         field="birthday",
                     )
+            if name == "time_zone" and value and not is_time_zone(value):
+                raise InvalidArgument(
+                    "time_zone is an IANA zone name, e.g. Asia/Shanghai",
+                    code="INVALID_TIME_ZONE",
+                    field="time_zone",
+                )
             clean[name] = value
         root = await self._live_root(uow.conn, member_id)
         await repo.add_observations(uow.conn, root, clean, source, verified)
         profile = await self.profile(uow, root)
         if "birthday" in clean:
             await self._emit_birthday(uow, root, profile.fields.get("birthday", ""))
+        if ZONE_FIELDS & clean.keys():
+            # Engagement's quiet hours and caps follow the member's zone.
+            await uow.emit(
+                events_pb2.MemberZoneSet(
+                    member_id=root,
+                    time_zone=profile.fields.get("time_zone", ""),
+                    registration_store_id=profile.fields.get("registration_store_id", ""),
+                    recorded_at=_ts(datetime.now(UTC)),
+                ),
+                member_id=root,
+            )
         return profile
 
     async def _emit_birthday(self, uow: UnitOfWork, member_id: str, birthday: str) -> None:
@@ -897,7 +948,9 @@ class MemberHandlers:
         source = _required_text(source, "source")
         actor = _required_text(actor, "actor")
         root = await self._live_root(uow.conn, member_id)
-        at = await repo.add_consent(uow.conn, root, purpose, channel, granted, source, actor)
+        at = await repo.add_consent(
+            uow.conn, root, purpose, channel, granted, source, actor, self.now()
+        )
         # A choice on the root is its effective answer (the latest after any merge).
         await self._emit_consent(uow, root, purpose, channel, granted, source, at)
         return await self.profile(uow, root)
@@ -959,6 +1012,7 @@ class MemberHandlers:
         await repo.suppress(conn, hashes)
         # Before the identities are deleted: their entries must go.
         await cache.touch(conn, cluster)
+        cache.regroup()
         await repo.erase_cluster(conn, cluster)
         await repo.audit_pii_read(conn, root, operator, f"erasure: {reason}", ["erasure"])
         await uow.emit(
@@ -969,21 +1023,24 @@ class MemberHandlers:
 
     # ---- dynamic member code ---------------------------------------------------
 
-    def _window(self) -> int:
-        return int(self._clock() // CODE_WINDOW_SECONDS)
-
     async def issue_code(self, uow: UnitOfWork, member_id: str) -> IssuedCode:
+        """A fresh code on every call (never the one shown before, which may
+        have been scanned already), good once for CODE_LIFETIME_SECONDS."""
         root = await self._live_root(uow.conn, member_id)
-        member = await self._member(uow.conn, root)
         now = self._clock()
-        window = int(now // CODE_WINDOW_SECONDS)
-        expires = (window + CODE_WINDOWS_ACCEPTED) * CODE_WINDOW_SECONDS
-        refresh = max(1, int((window + 1) * CODE_WINDOW_SECONDS - now))
-        return IssuedCode(
-            member_code(self._code_secret, member.member_number, window),
-            datetime.fromtimestamp(expires, UTC),
-            refresh,
-        )
+        expires_at = datetime.fromtimestamp(now + CODE_LIFETIME_SECONDS, UTC)
+        # Forgotten a while after they expire: an older code is simply unknown.
+        prune_before = datetime.fromtimestamp(now - CODE_FORGET_AFTER_SECONDS, UTC)
+        for _ in range(3):
+            code = member_code(self._code_secret, secrets.randbelow(10**11))
+            if await repo.insert_member_code(
+                uow.conn, self._code_hash(code), root, expires_at, prune_before
+            ):
+                return IssuedCode(code, expires_at, CODE_REFRESH_SECONDS)
+        raise Unavailable("could not draw a fresh member code; retry", code="MEMBER_CODE_BUSY")
+
+    def _code_hash(self, code: str) -> bytes:
+        return self._vault.lookup_hash(f"member-code|{code.strip()}")
 
     def refuse_junk(self, ident: ObservedIdentifier) -> None:
         """Junk names nobody, even if it was stored (or its answer cached)
@@ -1010,33 +1067,34 @@ class MemberHandlers:
 
     async def redeem_code(self, uow: UnitOfWork, code: str, source: str) -> MemberRecord:
         source = _required_text(source, "source")
-        verdict, number = check_member_code(self._code_secret, code, self._window())
-        if verdict is CodeVerdict.FORGED:
+        if not member_code_is_genuine(self._code_secret, code):
             raise InvalidArgument(
                 "code is not a member code this brand issued",
                 code="MEMBER_CODE_INVALID",
                 field="code",
             )
-        if verdict is CodeVerdict.EXPIRED:
+        now = self.now()
+        code_hash = self._code_hash(code)
+        member_id = await repo.use_member_code(uow.conn, code_hash, now, source)
+        if member_id is None:
+            state = await repo.member_code_state(uow.conn, code_hash)
+            if state is None:
+                raise InvalidArgument(
+                    "code is not a member code this brand issued",
+                    code="MEMBER_CODE_INVALID",
+                    field="code",
+                )
+            used_at, expires_at = state
+            if used_at is not None:
+                raise FailedPrecondition(
+                    "code was already used; ask the member to refresh it",
+                    code="MEMBER_CODE_USED",
+                    field="code",
+                )
             raise FailedPrecondition(
-                "code has expired; ask the member to refresh it",
+                f"code expired at {expires_at.isoformat()}; ask the member to refresh it",
                 code="MEMBER_CODE_EXPIRED",
                 field="code",
             )
-        member_id = await repo.member_by_number(uow.conn, number)
-        if member_id is None:
-            raise InvalidArgument(
-                "code is not a member code this brand issued",
-                code="MEMBER_CODE_INVALID",
-                field="code",
-            )
         root = await self._live_root(uow.conn, member_id, "code")
-        if not await repo.use_member_code(
-            uow.conn, self._vault.lookup_hash(f"member-code|{code.strip()}"), root, source
-        ):
-            raise FailedPrecondition(
-                "code was already used; ask the member to refresh it",
-                code="MEMBER_CODE_USED",
-                field="code",
-            )
         return await self._member(uow.conn, root)

@@ -205,13 +205,16 @@ async def lock_members(conn: Connection, member_ids: Iterable[str]) -> dict[str,
 # ---- members -----------------------------------------------------------------
 
 
-async def insert_member(conn: Connection, source: str) -> MemberRecord:
+async def insert_member(conn: Connection, source: str, at: datetime) -> MemberRecord:
+    # `at` is the service's clock, not the database's now(): registration times are
+    # compared with the services' clocks (a referral's accept window, lifecycle days).
     row = await conn.fetchrow(
-        "INSERT INTO member.members (id, member_number, registration_source)"
-        " VALUES ($1, nextval('member.member_number_seq')::text, $2)"
+        "INSERT INTO member.members (id, member_number, registration_source, registered_at)"
+        " VALUES ($1, nextval('member.member_number_seq')::text, $2, $3)"
         " RETURNING id, member_number, registered_at, phone_masked",
         uuid.uuid4(),
         source,
+        at,
     )
     return _record(row)
 
@@ -462,17 +465,19 @@ async def insert_links(conn: Connection, links: list[tuple[tuple[str, str, bytes
     )
 
 
-async def quarantine(conn: Connection, row: IdentityRow, linked_members: int) -> None:
-    await conn.execute(
+async def quarantine(conn: Connection, row: IdentityRow, linked_members: int) -> datetime | None:
+    """When it was quarantined; None if it already was."""
+    quarantined_at: datetime | None = await conn.fetchval(
         "INSERT INTO member.quarantined_identifiers"
         " (id_type, namespace, value_hash, value_masked, linked_members)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING quarantined_at",
         row.id_type,
         row.namespace,
         row.value_hash,
         row.value_masked,
         linked_members,
     )
+    return quarantined_at
 
 
 async def list_quarantined(
@@ -861,17 +866,21 @@ async def add_consent(
     granted: bool,
     source: str,
     actor: str,
+    at: datetime,
 ) -> datetime:
-    """Returns when the choice was recorded (the event carries it)."""
+    """Returns when the choice was recorded (the event carries it): `at`, the
+    service's clock, as every other time the service compares."""
     return await conn.fetchval(  # type: ignore[no-any-return]
-        "INSERT INTO member.consent_records (member_id, purpose, channel, granted, source, actor)"
-        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING recorded_at",
+        "INSERT INTO member.consent_records"
+        " (member_id, purpose, channel, granted, source, actor, recorded_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING recorded_at",
         _uuid(member_id),
         purpose.value,
         channel.value,
         granted,
         source,
         actor,
+        at,
     )
 
 
@@ -923,7 +932,7 @@ async def erase_cluster(conn: Connection, member_ids: list[str]) -> None:
     await conn.execute(
         "DELETE FROM member.identify_requests WHERE member_id = ANY($1::uuid[])", ids
     )
-    await conn.execute("DELETE FROM member.member_code_uses WHERE member_id = ANY($1::uuid[])", ids)
+    await conn.execute("DELETE FROM member.member_codes WHERE member_id = ANY($1::uuid[])", ids)
     await conn.execute(
         "UPDATE member.merges SET status = 'erased', evidence = '[]'::jsonb"
         " WHERE survivor_id = ANY($1::uuid[]) OR absorbed_id = ANY($1::uuid[])",
@@ -942,17 +951,45 @@ async def erase_cluster(conn: Connection, member_ids: list[str]) -> None:
     )
 
 
-async def use_member_code(conn: Connection, code_hash: bytes, member_id: str, source: str) -> bool:
-    """True the first time a code is redeemed."""
-    # Codes live a minute; remembering ten is plenty and keeps the table small.
-    await conn.execute(
-        "DELETE FROM member.member_code_uses WHERE used_at < now() - interval '10 minutes'"
-    )
+async def insert_member_code(
+    conn: Connection,
+    code_hash: bytes,
+    member_id: str,
+    expires_at: datetime,
+    prune_before: datetime,
+) -> bool:
+    """Record an issued code; False if that code is already taken (draw another)."""
+    await conn.execute("DELETE FROM member.member_codes WHERE expires_at < $1", prune_before)
     inserted = await conn.fetchval(
-        "INSERT INTO member.member_code_uses (code_hash, member_id, source) VALUES ($1, $2, $3)"
+        "INSERT INTO member.member_codes (code_hash, member_id, expires_at) VALUES ($1, $2, $3)"
         " ON CONFLICT DO NOTHING RETURNING true",
         code_hash,
         _uuid(member_id),
-        source,
+        expires_at,
     )
     return bool(inserted)
+
+
+async def use_member_code(
+    conn: Connection, code_hash: bytes, now: datetime, source: str
+) -> str | None:
+    """The member of an issued, unused, unexpired code, now marked used (one
+    statement: two concurrent scans cannot both have it); None otherwise."""
+    member_id = await conn.fetchval(
+        "UPDATE member.member_codes SET used_at = $2, used_by = $3"
+        " WHERE code_hash = $1 AND used_at IS NULL AND expires_at > $2 RETURNING member_id",
+        code_hash,
+        now,
+        source,
+    )
+    return None if member_id is None else str(member_id)
+
+
+async def member_code_state(
+    conn: Connection, code_hash: bytes
+) -> tuple[datetime | None, datetime] | None:
+    """(used_at, expires_at) of an issued code; None when it is unknown."""
+    row = await conn.fetchrow(
+        "SELECT used_at, expires_at FROM member.member_codes WHERE code_hash = $1", code_hash
+    )
+    return None if row is None else (row["used_at"], row["expires_at"])

@@ -219,16 +219,18 @@ suppressed_identifiers = Table(
     Column("erased_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
-# Dynamic member codes already redeemed (single use).
-member_code_uses = Table(
-    "member_code_uses",
+# Dynamic member codes issued (a fresh one per issue), each redeemable once
+# before it expires; pruned a while after expiry.
+member_codes = Table(
+    "member_codes",
     metadata,
+    # Keyed hash of the code (PiiVault.lookup_hash): the table never holds a code.
     Column("code_hash", LargeBinary, primary_key=True),
-    Column("member_id", Uuid, nullable=False),
-    Column("source", Text, nullable=False),
-    Column(
-        "used_at", DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
-    ),
+    Column("member_id", Uuid, nullable=False, index=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+    # Where it was scanned, e.g. "pos:SH001".
+    Column("used_by", Text, nullable=True),
 )
 
 outbox, processed_events = add_event_tables(metadata)

@@ -6,26 +6,30 @@ from datetime import timedelta
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from servicekit.retention import Retention
+from servicekit.safety import refuse_unsafe
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
 from .cache import ResolveCache
 from .handlers import MemberHandlers
+from .metrics import MemberMetrics
 from .pii import PiiVault, parse_keyring
 from .policy import load_policy
 from .schema import SCHEMA
 from .servicer import MemberServicer
-from .settings import member_settings
+from .settings import member_settings, production_problems
 
 NAME = "member"
 
 
 def build(settings: ServiceSettings) -> ServiceApp:
     s = member_settings(settings)
+    refuse_unsafe(NAME, s.loyalty_env, production_problems(s))
     # Bad keys or a bad policy stop the process here, before it serves anything.
     vault = PiiVault(s.pii_key, parse_keyring(s.pii_encryption_keys), s.pii_active_key_id)
     policy = load_policy(s.identity_policy_path or None)
     handlers = MemberHandlers(vault, policy, s.member_code_secret.encode())
+    metrics = MemberMetrics()
 
     def wire(app: ServiceApp) -> None:
         assert app.db is not None and app.server is not None and app.redis is not None
@@ -35,8 +39,11 @@ def build(settings: ServiceSettings) -> ServiceApp:
             else None
         )
         member_pb2_grpc.add_MemberServiceServicer_to_server(
-            MemberServicer(app.db, handlers, s.identify_max_attempts, cache), app.server
+            MemberServicer(app.db, handlers, s.identify_max_attempts, cache, metrics),
+            app.server,
         )
+        if s.member_metrics_port is not None:
+            metrics.start(s.member_metrics_host, s.member_metrics_port)
 
     app = ServiceApp(
         NAME,
@@ -45,6 +52,8 @@ def build(settings: ServiceSettings) -> ServiceApp:
         wire=wire,
         schema=SCHEMA,
     )
+    # For tests and the process's own use; served when METRICS_PORT is set.
+    app.member_metrics = metrics  # type: ignore[attr-defined]
     app.retentions.append(
         Retention(
             f"{SCHEMA}.identify_requests",

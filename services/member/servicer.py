@@ -17,7 +17,8 @@ from servicekit.protos import timestamp
 
 from .cache import MemberUnitOfWork, ResolveCache
 from .domain import PROFILE_FIELDS, ConsentChannel, ConsentPurpose, ConsentRecord, IdType, normalise
-from .handlers import LostRace, MemberHandlers, Profile
+from .handlers import Identified, LostRace, MemberHandlers, Profile
+from .metrics import MemberMetrics
 from .repository import MemberRecord, MergeRow, ReviewRow
 
 ID_TYPES = {
@@ -121,6 +122,7 @@ def profile_message(profile: Profile) -> member_pb2.Profile:
         acquisition_campaign=f.get("acquisition_campaign", ""),
         consents=[consent_message(r) for r in profile.consents.values()],
         personalisation_allowed=profile.personalisation_allowed,
+        time_zone=f.get("time_zone", ""),
     )
 
 
@@ -134,7 +136,9 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         handlers: MemberHandlers,
         max_attempts: int = 6,
         cache: ResolveCache | None = None,
+        metrics: MemberMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or MemberMetrics()
         self._db = db
         self._handlers = handlers
         self._max_attempts = max_attempts
@@ -185,13 +189,22 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 field="request_key",
             )
         source = request.source.strip() or "unknown"
+        # One list per attempt: only the committed (last) attempt counts.
+        attempts: list[list[str]] = []
+
+        def attempt(uow: UnitOfWork) -> Awaitable[Identified]:
+            attempts.append([])
+            return self._handlers.identify(
+                uow, observed, source, request.request_key, request.reenrol, attempts[-1]
+            )
+
         result = await self._in_transaction(
-            lambda uow: self._handlers.identify(
-                uow, observed, source, request.request_key, request.reenrol
-            ),
+            attempt,
             "identify kept losing races to concurrent calls; retry",
             "IDENTIFY_CONTENDED",
         )
+        for quarantined_type in attempts[-1]:
+            self._metrics.quarantined.labels(identifier_type=quarantined_type).inc()
         if result.refusal is not None:
             raise result.refusal
         assert result.member is not None

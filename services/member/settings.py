@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from servicekit.safety import secret_problem
 from servicekit.settings import ServiceSettings
 
 from .cache import ENTRY_TTL_SECONDS
@@ -29,6 +30,33 @@ class MemberSettings(ServiceSettings):
     # ResolveMember answers (identifier -> member) kept in Redis this long;
     # 0 turns the cache off (services/member/cache.py).
     resolve_cache_ttl_seconds: int = Field(default=ENTRY_TTL_SECONDS, ge=0, le=86_400)
+    # Prometheus /metrics (services/member/metrics.py) on its own port; unset:
+    # not served. 0 binds any free port. Named apart from the gateway's
+    # METRICS_PORT, which `make run` hands to every child.
+    member_metrics_host: str = "127.0.0.1"
+    member_metrics_port: int | None = Field(default=None, ge=0, le=65_535)
+
+
+def production_problems(s: MemberSettings) -> list[str]:
+    """The member service's secrets that may not reach production (servicekit/safety.py)."""
+    problems = [
+        secret_problem(
+            "PII_KEY", s.pii_key, [_default("pii_key", ServiceSettings)], base64_key=True
+        ),
+        secret_problem(
+            "MEMBER_CODE_SECRET", s.member_code_secret, [_default("member_code_secret")]
+        ),
+    ]
+    for entry in filter(None, (e.strip() for e in s.pii_encryption_keys.split(","))):
+        key_id, _, key = entry.partition(":")
+        problems.append(
+            secret_problem(f"PII_ENCRYPTION_KEYS ({key_id.strip()})", key.strip(), base64_key=True)
+        )
+    return [p for p in problems if p is not None]
+
+
+def _default(name: str, cls: type[ServiceSettings] = MemberSettings) -> str:
+    return str(cls.model_fields[name].default)
 
 
 def member_settings(settings: ServiceSettings) -> MemberSettings:

@@ -1,1 +1,3 @@
-"""Rewards service: stores, orders settled at checkout, the points ledger, coupons."""
+"""Rewards service: five bounded contexts in one gRPC service, each a subpackage
+of the same shape (servicer -> handlers -> domain -> repository, jobs where it has
+scheduled commands): orders/, points/, coupons/, referral/, mall/."""

@@ -7,6 +7,9 @@ Operator commands (against DATABASE_URL, one run each, safe to repeat):
   void-timed-out-holds  void holds that were neither posted nor voided in time
   expire-coupons        mark lapsed coupons expired
   announce-expiring-coupons  emit CouponExpiringSoon for coupons lapsing soon
+  release-unpaid-mall-exchanges  give back points and stock of points-plus-cash
+                        exchanges whose payment did not arrive in time
+  stores put|close|open|list   the brand's stores (operator-managed data)
 """
 
 import sys
@@ -22,10 +25,12 @@ JOBS = (
     "void-timed-out-holds",
     "expire-coupons",
     "announce-expiring-coupons",
+    "release-unpaid-mall-exchanges",
+    "stores",
 )
 
 if len(sys.argv) > 1 and sys.argv[1] in JOBS:
-    from .jobs import run_job
+    from .cli import run_job
 
     sys.exit(run_job(sys.argv[1], sys.argv[2:]))
 main("rewards", build)

@@ -11,17 +11,19 @@ event (even under another event id) moves nothing twice.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
 from servicekit.events import ReceivedEvent
 
-from . import coupon_service
-from . import growth_repository as growth_repo
-from . import repository as repo
-from .points import PointsLedger
-from .referral_service import Referrals
+from . import merges
+from .coupons import handlers as coupon_service
+from .orders import repository as repo
+from .points.handlers import PointsLedger
+from .referral import repository as referral_repo
+from .referral.handlers import Referrals
 
 
 def event_time(event: ReceivedEvent, field: str) -> datetime:
@@ -32,8 +34,12 @@ def event_time(event: ReceivedEvent, field: str) -> datetime:
 
 
 class MemberEvents:
-    def __init__(self, points: PointsLedger) -> None:
+    def __init__(
+        self, points: PointsLedger, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
         self._points = points
+        # Lazy expiry during a move runs at this clock's time (tests inject one).
+        self._clock = clock
 
     async def on_merged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         merged = event.payload
@@ -43,14 +49,14 @@ class MemberEvents:
             merged.merge_id,
             merged.survivor_member_id,
             merged.absorbed_member_id,
-            datetime.now(UTC),
+            self._clock(),
         )
         # Coupons follow the points (an UPDATE by member: replays move nothing).
         await coupon_service.merge(
             uow.conn, merged.merge_id, merged.survivor_member_id, merged.absorbed_member_id
         )
         # Invite codes, referrals and mall limits are read through the merge.
-        await growth_repo.record_merge(
+        await merges.record_merge(
             uow.conn,
             merged.merge_id,
             uuid.UUID(merged.absorbed_member_id),
@@ -66,14 +72,12 @@ class MemberEvents:
             unmerged.merge_id,
             unmerged.survivor_member_id,
             unmerged.restored_member_id,
-            datetime.now(UTC),
+            self._clock(),
         )
         await coupon_service.unmerge(
             uow.conn, unmerged.survivor_member_id, unmerged.restored_member_id
         )
-        await growth_repo.record_unmerge(
-            uow.conn, unmerged.merge_id, event_time(event, "unmerged_at")
-        )
+        await merges.record_unmerge(uow.conn, unmerged.merge_id, event_time(event, "unmerged_at"))
 
 
 async def on_tier_changed(uow: UnitOfWork, event: ReceivedEvent) -> None:
@@ -101,7 +105,7 @@ async def on_member_erased(uow: UnitOfWork, event: ReceivedEvent) -> None:
     members = [uuid.UUID(m) for m in erased.member_ids]
     await repo.record_erasure(uow.conn, members, at)
     # Device and identifier fingerprints are about the person, not money: gone.
-    await growth_repo.forget_fingerprints(uow.conn, members)
+    await referral_repo.forget_fingerprints(uow.conn, members)
 
 
 class OrderEvents:

@@ -1,8 +1,10 @@
-"""Tables of the rewards schema (Alembic reads this; queries live in repository.py).
+"""Tables of the rewards schema (Alembic reads this; queries live in each context's repository.py).
 
 CHECK constraints are declared here for the record and written by hand in the
 migrations (Alembic does not compare them). The points journal is append-only:
-migration 0001 adds triggers that reject UPDATE and DELETE on it.
+migration 0001 adds triggers that reject UPDATE and DELETE on it; migration
+0009 adds a deferred constraint trigger that refuses, at commit, a transaction
+whose entries do not sum to zero.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ stores = Table(
     Column("latitude", Numeric(9, 6), nullable=False),
     Column("longitude", Numeric(9, 6), nullable=False),
     Column("status", Text, nullable=False, server_default="active"),
+    # IANA zone of the store's clock (quiet hours, business day; migration 0011).
+    Column("time_zone", Text, nullable=False, server_default="Asia/Shanghai"),
     created_at(),
     CheckConstraint("char_length(store_id) BETWEEN 1 AND 32", name="store_id_length"),
     CheckConstraint("status IN ('active', 'closed')", name="status_known"),
@@ -221,8 +225,12 @@ points_lots = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     # Set once PointsExpiringSoon was emitted for this lot.
     Column("expiry_notified_at", DateTime(timezone=True)),
+    # Points a refund claimed from this lot while an open hold had them: a
+    # void of that hold reverses them, a post settles the claim.
+    Column("clawback", BigInteger, nullable=False, server_default="0"),
     created_at(),
     Index(None, "member_id", "status", "expires_at"),
+    CheckConstraint("clawback >= 0", name="clawback_nonnegative"),
     CheckConstraint("points > 0", name="points_positive"),
     CheckConstraint("remaining >= 0 AND remaining <= points", name="remaining_within_points"),
     CheckConstraint("status IN ('pending', 'active', 'expired', 'moved')", name="status_known"),
@@ -281,7 +289,8 @@ refunds = Table(
     Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
     created_at(),
     UniqueConstraint("store_id", "refund_transaction_id"),
-    CheckConstraint("refunded_amount_fen > 0", name="refunded_amount_positive"),
+    # 0 only for an order nothing was paid on, refunded in full (migration 0009).
+    CheckConstraint("refunded_amount_fen >= 0", name="refunded_amount_nonnegative"),
     CheckConstraint(
         "points_due = points_reversed + points_debt + points_shortfall", name="points_add_up"
     ),
@@ -314,11 +323,11 @@ points_holds = Table(
     ),
 )
 
-# Coupons (coupon_repository.py; rules in coupons.py). A template's current
+# Coupons (coupons/repository.py; rules in coupons/domain.py). A template's current
 # terms are denormalised here for listing; every version's terms are kept in
 # coupon_template_versions and an issued coupon points at its version.
 COUPON_KINDS = ("amount_off", "percent_off", "free_item", "fixed_price", "first_order_price")
-COUPON_STATUSES = ("available", "locked", "used", "expired")
+COUPON_STATUSES = ("available", "locked", "used", "expired", "revoked")
 
 coupon_templates = Table(
     "coupon_templates",
@@ -425,6 +434,10 @@ coupons = Table(
     Index(None, "status", "expires_at"),
     Index(None, "template_id", "status"),
     Index(None, "order_id"),
+    # An operator took the coupon back (status 'revoked', migration 0010).
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("revoked_by", Text),
+    Column("revoke_reason", Text),
     CheckConstraint(
         f"status IN ({', '.join(repr(s) for s in COUPON_STATUSES)})", name="status_known"
     ),
@@ -479,7 +492,7 @@ earn_counters = Table(
 
 outbox, processed_events = add_event_tables(metadata)
 
-# ---- referral (referral.py, referral_service.py) -----------------------------
+# ---- referral (referral/) ---------------------------------------------------
 
 # One invite code per member, made on first ask and never changed.
 invite_codes = Table(
@@ -569,7 +582,7 @@ member_merges = Table(
     Index(None, "survivor_id", "merged_at"),
 )
 
-# ---- points mall (mall.py, mall_service.py) ---------------------------------
+# ---- points mall (mall/) ----------------------------------------------------
 
 mall_items = Table(
     "mall_items",
@@ -632,14 +645,34 @@ mall_exchanges = Table(
     Column("carrier", Text),
     Column("tracking_number", Text),
     Column("shipped_at", DateTime(timezone=True)),
+    # Points plus cash (migration 0010): the points held until the payment is
+    # confirmed (payment_reference, unique) or the deadline releases them.
+    Column("hold_id", Uuid),
+    Column("payment_due_at", DateTime(timezone=True)),
+    Column("payment_reference", Text),
+    Column("paid_at", DateTime(timezone=True)),
+    Column("released_at", DateTime(timezone=True)),
+    # Whose per-member count the exchange took (given back on release/reversal).
+    Column("counted_member_id", Uuid),
+    # An operator's reversal: points and stock back, once.
+    Column("reversed_at", DateTime(timezone=True)),
+    Column("reversed_by", Text),
+    Column("reversal_reason", Text),
+    Column("reversal_transaction_id", Uuid),
     UniqueConstraint("member_id", "exchange_key"),
     Index(None, "member_id", "seq"),
     # The operators' queue: pending goods, oldest first.
     Index(None, "fulfilment", "seq"),
-    CheckConstraint("fulfilment IN ('issued', 'pending', 'shipped')", name="fulfilment_known"),
+    Index(None, "payment_reference", unique=True),
+    Index(None, "fulfilment", "payment_due_at"),
     CheckConstraint(
-        "(fulfilment = 'shipped') = (shipped_at IS NOT NULL AND carrier IS NOT NULL"
-        " AND tracking_number IS NOT NULL)",
+        "fulfilment IN ('issued', 'pending', 'shipped', 'awaiting_payment', 'released',"
+        " 'reversed')",
+        name="fulfilment_known",
+    ),
+    CheckConstraint(
+        "fulfilment = 'reversed' OR (fulfilment = 'shipped') = (shipped_at IS NOT NULL"
+        " AND carrier IS NOT NULL AND tracking_number IS NOT NULL)",
         name="shipped_has_shipment",
     ),
 )

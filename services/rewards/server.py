@@ -13,16 +13,15 @@ from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
 from .consumers import MemberEvents, OrderEvents, on_member_erased, on_tier_changed
-from .coupon_service import CouponPolicy, issue_coupon
-from .domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
-from .earning import parse_rules
-from .growth_servicer import Growth
-from .handlers import RewardsHandlers
-from .mall_service import PointsMall
-from .points import PointsLedger
-from .policy import ExpiryPolicy, LedgerPolicy, ShortfallPolicy
-from .referral import parse_referral_rules
-from .referral_service import Referrals
+from .coupons.handlers import CouponPolicy, issue_coupon
+from .mall.handlers import PointsMall
+from .orders.domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
+from .orders.handlers import RewardsHandlers
+from .points.domain import ExpiryPolicy, LedgerPolicy, ShortfallPolicy
+from .points.earning import parse_rules
+from .points.handlers import PointsLedger
+from .referral.domain import parse_referral_rules
+from .referral.handlers import Referrals
 from .schema import SCHEMA
 from .servicer import RewardsServicer
 
@@ -45,6 +44,9 @@ class RewardsSettings(BaseSettings):
     # PointsExpiringSoon this many days ahead.
     expiring_soon_days: int = 30
     hold_ttl_seconds: int = 900
+    # A points-plus-cash mall exchange waits this long for its payment, then
+    # the release job gives its points and stock back.
+    mall_payment_ttl_seconds: int = 900
     # Earning rules as JSON (see earning.parse_rules); empty: the defaults
     # (1 point per whole yuan, mini-program x2, default action caps).
     earning_rules: str = ""
@@ -67,6 +69,11 @@ class RewardsSettings(BaseSettings):
             expiring_soon_days=self.coupon_expiring_soon_days,
         )
 
+    def points_mall(self, points: PointsLedger) -> PointsMall:
+        return PointsMall(
+            points, issue_coupon, payment_ttl=timedelta(seconds=self.mall_payment_ttl_seconds)
+        )
+
     def ledger_policy(self) -> LedgerPolicy:
         return LedgerPolicy(
             expiry=ExpiryPolicy.parse(self.points_expiry),
@@ -87,13 +94,13 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
     )
     consumers = MemberEvents(points)
     referrals = Referrals(points, parse_referral_rules(rewards.referral_rules), issue_coupon)
-    growth = Growth(referrals, PointsMall(points, issue_coupon))
+    mall = rewards.points_mall(points)
     orders = OrderEvents(referrals)
 
     def wire(app: ServiceApp) -> None:
         assert app.db is not None and app.server is not None and app.redis is not None
         rewards_pb2_grpc.add_RewardsServiceServicer_to_server(
-            RewardsServicer(app.db, handlers, growth), app.server
+            RewardsServicer(app.db, handlers, referrals, mall), app.server
         )
         app.add_consumer(
             EventConsumer(

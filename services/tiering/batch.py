@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -50,13 +51,19 @@ from servicekit.events import make_envelope
 
 from . import outbox_sql, reports
 from . import repository as repo
-from .domain import DEFAULT_RULES, QualifyingMetric, TierProgramme
+from .benefits import insert_grants, upgrade_gift_rows
+from .domain import DEFAULT_RULES, QualifyingMetric, TierMode, TierProgramme
 from .evaluation import (
     Change,
+    Evaluation,
     TierState,
     add_months,
     advance,
-    facts_metric,
+    advance_versions,
+    assign_relative,
+    facts_for,
+    in_force,
+    replay,
     window_start,
 )
 from .handlers import DEFAULT_PROGRAMME_ID, tier_changed
@@ -134,11 +141,16 @@ async def recompute(
     progress: Progress | None = None,
     pause: float = 0.0,
     workers: int = 2,
+    programme_id: str = DEFAULT_PROGRAMME_ID,
+    switch_programme: bool = False,
 ) -> RunResult:
     """`workers` connections take chunks side by side (2: one per core here;
     capped by the pool's size). `pause` seconds between chunks (after each
     commit, per worker) leaves the database to checkout traffic when the
-    recompute competes with it (slower, gentler)."""
+    recompute competes with it (slower, gentler). Only rows of `programme_id`
+    (the brand's) are evaluated; with `switch_programme`, rows decided under
+    another programme are judged afresh from their facts under this one (run
+    once after the brand switched programmes)."""
     if chunk_size < 1 or workers < 1 or pause < 0:
         raise ValueError("chunk_size and workers must be at least 1, pause not negative")
     now = now or datetime.now(UTC)
@@ -168,7 +180,10 @@ async def recompute(
             " RETURNING run_id",
             now,
         )
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        # The brand's programme (TIERING_PROGRAMME_ID): only its members' rows
+        # are evaluated; earlier versions decide the periods they were in force.
+        versions = await repo.programme_versions(conn, programme_id, now)
+        programme = in_force(versions, now) if versions else None
         rules = programme.rules if programme else DEFAULT_RULES
         tick = time.perf_counter()
         total, chunks = await _chunks(conn, chunk_size)
@@ -216,6 +231,11 @@ async def recompute(
             cuts, ranks = await asyncio.gather(_cuts(conns[0]), _rank_bounds(conns[1], top, second))
         else:
             cuts, ranks = await _cuts(conn), await _rank_bounds(conn, top, second)
+        relative = (
+            await _relative_bounds(conn, programme)
+            if programme is not None and programme.rules.tier_mode is TierMode.RELATIVE
+            else None
+        )
         result.phases["aggregate"] = time.perf_counter() - tick
 
         profile_sql = _profile_update_sql(programme, rules.segments, top, second)
@@ -240,7 +260,9 @@ async def recompute(
                         moved = 0
                         if programme is not None:
                             outbox = _Outbox()
-                            moved = await _tiers_chunk(c, programme, lo, hi, now, outbox)
+                            moved = await _tiers_chunk(
+                                c, versions, lo, hi, now, outbox, relative, switch_programme
+                            )
                             await outbox.flush(c)
                         t1 = time.perf_counter()
                         counts = await c.fetchrow(
@@ -550,14 +572,48 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
 # ---- tiers -------------------------------------------------------------------------------
 
 
+def _relative_target_sql(metric: str) -> str:
+    """The tier code the ranking gives ($10, $11: the lowest metric in the top
+    and in the second share, NULL for an empty share; $12 the ladder's codes)."""
+    return (
+        f"(CASE WHEN {metric} > 0 AND {metric} >= $10::bigint THEN ($12::text[])[3]"
+        f" WHEN {metric} > 0 AND {metric} >= $11::bigint THEN ($12::text[])[2]"
+        " ELSE ($12::text[])[1] END)"
+    )
+
+
+async def _relative_bounds(
+    conn: asyncpg.Connection, programme: TierProgramme
+) -> tuple[int | None, int | None]:
+    """Relative mode: the lowest metric inside the top share and inside the
+    top + next share, over the programme's members with a metric (ties share
+    one fate: a member is in a share when the members at or above its metric
+    are at most that share; evaluation.relative_ranks is the same rule)."""
+    seg = programme.rules.segments
+    row = await conn.fetchrow(
+        "WITH r AS (SELECT w.metric, count(*) OVER (ORDER BY w.metric DESC) AS at_least,"
+        f" count(*) OVER () AS n FROM {WORK} w JOIN tiering.member_tiers t"
+        " ON t.member_id = w.member_id AND t.programme_id = $1 WHERE w.metric > 0)"
+        " SELECT min(metric) FILTER (WHERE at_least * 100 <= n * $2) AS top,"
+        " min(metric) FILTER (WHERE at_least * 100 <= n * $3) AS second FROM r",
+        programme.programme_id,
+        seg.relative_top_pct,
+        seg.relative_top_pct + seg.relative_next_pct,
+    )
+    return row["top"], row["second"]
+
+
 async def _tiers_chunk(
     conn: asyncpg.Connection,
-    programme: TierProgramme,
+    versions: list[TierProgramme],
     lo: uuid.UUID,
     hi: uuid.UUID,
     now: datetime,
     outbox: _Outbox,
+    relative: tuple[int | None, int | None] | None = None,
+    switch: bool = False,
 ) -> int:
+    programme = in_force(versions, now)
     ladder = programme.ladder
     codes = [t.code for t in ladder.tiers]
     thresholds = [t.threshold for t in ladder.tiers]
@@ -565,15 +621,18 @@ async def _tiers_chunk(
     # are untouched. A base-tier member's period end changes nothing visible, so
     # it is not written here: the next event or evaluation rolls it (advance()).
     complex_rows = await conn.fetch(
-        f"SELECT t.member_id, {repo.STATE_COLUMNS}, t.tier_code, t.evaluated_at,"
+        f"SELECT t.member_id, {repo.STATE_COLUMNS}, t.tier_code, t.evaluated_at, t.programme_id,"
         " coalesce(w.metric, 0) AS metric FROM tiering.member_tiers t"
         f" LEFT JOIN {WORK} w ON w.member_id = t.member_id AND w.member_id BETWEEN $1 AND $2"
-        " WHERE t.member_id > $1 AND t.member_id <= $2 AND ("
+        " WHERE t.member_id > $1 AND t.member_id <= $2 AND (t.programme_id = $8 OR $13::bool)"
+        " AND (t.programme_id <> $8 OR"
         "  (t.period_end <= $3 AND t.earned_tier <> $7) OR t.grace_until <= $3"
         "  OR t.override_until <= $3 OR t.programme_version <> $4"
         # Above their tier: at or over the next tier's threshold (NULL, so false,
         # for the top tier and for a code the ladder lacks).
-        "  OR coalesce(w.metric, 0) >= ($6::bigint[])[array_position($5::text[], t.earned_tier)])"
+        "  OR coalesce(w.metric, 0) >= ($6::bigint[])[array_position($5::text[], t.earned_tier)]"
+        # Relative mode: the rank's tier differs from the one held.
+        f"  OR ($9::bool AND t.earned_tier <> {_relative_target_sql('coalesce(w.metric, 0)')}))"
         # Locked (in member order): an erasure of one of these members waits for
         # the chunk to commit.
         " ORDER BY t.member_id FOR UPDATE OF t",
@@ -584,14 +643,22 @@ async def _tiers_chunk(
         codes[:-1],
         thresholds[1:],
         codes[0],
+        programme.programme_id,
+        relative is not None,
+        (relative or (None, None))[0],
+        (relative or (None, None))[1],
+        codes,
+        switch,
     )
     if not complex_rows:
         return 0
     points = await _boundary_metrics(conn, programme, complex_rows, now)
+    by_version = {p.version: p for p in versions}
     state_columns = [c.strip() for c in repo.STATE_COLUMNS.split(",")]
     changed = 0
     updates = []
     history: list[tuple[uuid.UUID, Change]] = []
+    grants: list[tuple[str, uuid.UUID, str, str, str]] = []
     for row in complex_rows:
         member_id = row["member_id"]
         state = TierState(*(row[c] for c in state_columns))
@@ -601,27 +668,68 @@ async def _tiers_chunk(
         def lookup(t: datetime, known: dict[datetime, int] = known) -> int:
             return known[t]
 
+        if row["programme_id"] != programme.programme_id:
+            # Decided under another programme (the brand switched): judged
+            # afresh from the facts under this one; one change from the tier
+            # held to the tier it gives.
+            orders, growth = await repo.load_facts(conn, member_id)
+            fresh = replay(versions, orders, growth, at)
+            after = fresh.state.effective(programme, at)
+            switched = Change(
+                row["tier_code"],
+                after,
+                "programme_change",
+                at,
+                {"from_programme": row["programme_id"], "earned_tier": fresh.state.earned_tier},
+            )
+            updates.append((member_id, fresh.state, after, at))
+            history.append((member_id, switched))
+            if switched.moved:
+                changed += 1
+                outbox.add(tier_changed(member_id, programme, switched), str(member_id))
+            continue
         try:
+            if state.programme_version != programme.version:
+                raise KeyError(state.programme_version)
             ev = advance(programme, state, at, lookup)
         except KeyError:
-            # More than one period passed since the last run: evaluate on the facts.
-            orders, growth = await repo.load_facts(
-                conn, member_id, window_start(programme, min(state.period_start, at))
+            # More than one period passed since the last run, or a version
+            # change to cross (each period under the version in force then):
+            # evaluate on the facts.
+            pending = state.programme_version != programme.version
+            since = None if pending else window_start(programme, min(state.period_start, at))
+            orders, growth = await repo.load_facts(conn, member_id, since)
+            ev = advance_versions(versions, state, at, functools.partial(facts_for, orders, growth))
+        if relative is not None:
+            top, second = relative
+            metric = row["metric"]
+            rank = (
+                2
+                if metric > 0 and top is not None and metric >= top
+                else 1
+                if metric > 0 and second is not None and metric >= second
+                else 0
             )
-            ev = advance(
+            ranked = assign_relative(
                 programme,
-                state,
+                ev.state,
+                rank,
                 at,
-                facts_metric(programme, orders, growth),
+                {"metric": metric, "top_from": top, "second_from": second},
             )
+            ev = Evaluation(ranked.state, ev.changes + ranked.changes)
         effective = ev.state.effective(programme, at)
         if ev.state != state or effective != row["tier_code"]:
             updates.append((member_id, ev.state, effective, at))
+        grants += upgrade_gift_rows(
+            member_id, programme, ev.changes, ev.state.period_start, by_version
+        )
         for change in ev.changes:
             history.append((member_id, change))
             if change.moved:
                 changed += 1
-                outbox.add(tier_changed(member_id, programme, change), str(member_id))
+                decided = by_version.get(change.version, programme)
+                outbox.add(tier_changed(member_id, decided, change), str(member_id))
     if updates:
         await conn.execute(
             "UPDATE tiering.member_tiers t SET programme_id = $2, tier_code = u.tier_code,"
@@ -657,6 +765,8 @@ async def _tiers_chunk(
             lo,
             hi,
         )
+    # Upgrade gifts decided by this chunk, in one statement.
+    await insert_grants(conn, grants)
     if history:
         await conn.copy_records_to_table(
             "tier_history",

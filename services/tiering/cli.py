@@ -8,11 +8,11 @@ import sys
 from datetime import UTC, datetime
 
 from servicekit.db import Database, create_pool
-from servicekit.settings import ServiceSettings
 
 from . import reports
 from .batch import RecomputeBusy, bar, recompute
 from .schema import SCHEMA
+from .settings import TieringSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers", type=int, default=2,
         help="connections taking chunks side by side (1: one chunk at a time, gentlest)",
+    )  # fmt: skip
+    run.add_argument(
+        "--switch-programme", action="store_true",
+        help="also judge members decided under another programme afresh under"
+        " TIERING_PROGRAMME_ID (once, after the brand switched programmes)",
     )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("report", help="distribution after the latest run, with movement")
@@ -56,7 +61,7 @@ def run(argv: list[str]) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    settings = ServiceSettings()
+    settings = TieringSettings()
     workers = getattr(args, "workers", 1)
     pool = await create_pool(settings.database_url, min_size=1, max_size=max(workers, 1))
     db = Database(pool, SCHEMA, "tiering")
@@ -70,6 +75,8 @@ async def _main(args: argparse.Namespace) -> int:
                     progress=None if args.quiet else bar,
                     pause=args.pause_ms / 1000,
                     workers=workers,
+                    programme_id=settings.tiering_programme_id,
+                    switch_programme=args.switch_programme,
                 )
             except RecomputeBusy as e:
                 print(str(e), file=sys.stderr)

@@ -139,6 +139,14 @@ class DowngradeRule(enum.StrEnum):
     TO_METRIC = "to_metric"  # straight to the tier the metric supports
 
 
+class TierMode(enum.StrEnum):
+    # Thresholds: a tier is reached by the metric (upgrade at once, kept by retention).
+    THRESHOLD = "threshold"
+    # Relative VIP (the plan's pyramid): the top share of members by the metric
+    # holds the top tier, the next share the second, re-ranked at each batch run.
+    RELATIVE = "relative"
+
+
 class GrowthAction(enum.StrEnum):
     CHECK_IN = "check_in"
     REVIEW = "review"
@@ -201,6 +209,7 @@ class ProgrammeRules:
         default_factory=lambda: dict(DEFAULT_ACTIONS)
     )
     segments: SegmentRules = SegmentRules()
+    tier_mode: TierMode = TierMode.THRESHOLD
 
     @property
     def tz(self) -> ZoneInfo:
@@ -218,6 +227,7 @@ class ProgrammeRules:
                 "actions": {a.value: r.to_json() for a, r in sorted(self.actions.items())},
             },
             "segments": self.segments.to_json(),
+            "tier_mode": self.tier_mode.value,
         }
 
 
@@ -261,6 +271,13 @@ class TierProgramme:
                     f" {below.threshold}, which the to_metric downgrade rule cannot honour"
                 )
 
+        if self.rules.tier_mode is TierMode.RELATIVE and len(self.ladder.tiers) != 3:
+            raise LadderError(
+                "ladder must have 3 tiers in relative mode (base, the next share, the top"
+                f" share), got {len(self.ladder.tiers)}",
+                "rules.tier_mode",
+            )
+
     def tier(self, code: str) -> Tier:
         return self.ladder.tiers[self.ladder.rank(code)]
 
@@ -274,7 +291,9 @@ def parse_rules(raw: object) -> ProgrammeRules:
     _reject_unknown(
         "rules",
         raw,
-        frozenset({"period", "downgrade", "grace_days", "timezone", "growth", "segments"}),
+        frozenset(
+            {"period", "downgrade", "grace_days", "timezone", "growth", "segments", "tier_mode"}
+        ),
     )
     if "period" not in raw:
         raise LadderError(
@@ -354,7 +373,15 @@ def parse_rules(raw: object) -> ProgrammeRules:
             _integer(f"{where}.cap", spec.get("cap", 0)),
             per,
         )
+    mode_raw = raw.get("tier_mode", TierMode.THRESHOLD.value)
+    try:
+        tier_mode = TierMode(mode_raw)
+    except ValueError:
+        raise LadderError(
+            f"rules.tier_mode {mode_raw!r} is not one of threshold, relative"
+        ) from None
     return ProgrammeRules(
+        tier_mode=tier_mode,
         period_unit=unit,
         period_length=length,
         downgrade=downgrade,

@@ -21,7 +21,7 @@ The model (docs/tiers.md has a worked example):
 from __future__ import annotations
 
 import calendar
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -31,6 +31,7 @@ from .domain import (
     PeriodUnit,
     QualifyingMetric,
     Tier,
+    TierMode,
     TierProgramme,
 )
 
@@ -46,6 +47,8 @@ EVENT_REASON = {
     "programme_change": "programme_change",
     "merge": "merge",
     "unmerge": "merge",
+    "relative_upgrade": "upgrade",
+    "relative_downgrade": "downgrade",
 }
 
 
@@ -118,6 +121,8 @@ class Change:
     reason: str
     at: datetime
     figures: dict[str, Any] = field(default_factory=dict)
+    # The programme version that decided it (0: the caller's programme).
+    version: int = 0
 
     @property
     def moved(self) -> bool:
@@ -177,38 +182,11 @@ def advance(
             )
         st = new
 
+    relative = programme.rules.tier_mode is TierMode.RELATIVE
     if st.programme_version != programme.version:
-        m = metric_at(now)
-        codes = {t.code for t in ladder.tiers}
-        earned = st.earned_tier if st.earned_tier in codes else ladder.tier_for(m).code
-        start, end = period_bounds(programme, now)
-        override_ok = st.override_tier in codes
-        # Compare under the old codes: a tier the new ladder lacks is a change.
-        before = st.effective(programme, now) if st.earned_tier in codes else st.earned_tier
-        st = replace(
-            st,
-            programme_version=programme.version,
-            base_tier=earned,
-            earned_tier=earned,
-            period_start=start,
-            period_end=end,
-            peak=m,
-            grace_until=None,
-            override_tier=st.override_tier if override_ok else None,
-            override_until=st.override_until if override_ok else None,
-            override_reason=st.override_reason if override_ok else None,
-        )
-        after = st.effective(programme, now)
-        if before != after:
-            changes.append(
-                Change(
-                    before,
-                    after,
-                    "programme_change",
-                    now,
-                    {"metric": m, "version": programme.version},
-                )
-            )
+        # No record of the version the state was decided under: switch now.
+        st, switched = change_programme(programme, st, now, metric_at)
+        changes.extend(switched)
 
     while True:
         if st.grace_until is not None and st.grace_until <= now:
@@ -234,7 +212,8 @@ def advance(
                 "retention_bar": tier.retention_bar,
                 "period_end": last_local_day(b, programme).isoformat(),
             }
-            if ladder.rank(tier.code) == 0:
+            if ladder.rank(tier.code) == 0 or relative:
+                # Relative mode: the rank decides (assign_relative), not the bars.
                 st = replace(rolled, base_tier=tier.code)
             elif m >= tier.retention_bar:
                 move(replace(rolled, base_tier=tier.code), "retained", b, figures)
@@ -266,7 +245,7 @@ def advance(
 
     held_rank = max(ladder.rank(st.base_tier), ladder.rank(ladder.tier_for(new_peak).code))
     earned_rank = ladder.rank(st.earned_tier)
-    if held_rank != earned_rank:
+    if held_rank != earned_rank and not relative:
         reached = ladder.tiers[max(held_rank, earned_rank)]
         move(
             replace(st, earned_tier=ladder.tiers[held_rank].code),
@@ -292,6 +271,172 @@ def advance(
                 )
             )
     return Evaluation(st, changes)
+
+
+def change_programme(
+    programme: TierProgramme,
+    state: TierState,
+    at: datetime,
+    metric_at: MetricAt,
+    previous: TierProgramme | None = None,
+) -> tuple[TierState, list[Change]]:
+    """A new programme version takes over at `at`: a tier code the new ladder
+    keeps stays (and becomes the base of the new period), a code it lacks is
+    re-evaluated on the metric; an override on a kept code stays. `previous`,
+    the version the state was decided under, ranks the tier held before."""
+    ladder = programme.ladder
+    st = state
+    m = metric_at(at)
+    codes = {t.code for t in ladder.tiers}
+    earned = st.earned_tier if st.earned_tier in codes else ladder.tier_for(m).code
+    start, end = period_bounds(programme, at)
+    override_ok = st.override_tier in codes
+    # Compare under the old codes: a tier the new ladder lacks is a change.
+    if previous is not None:
+        before = st.effective(previous, at)
+    elif st.earned_tier not in codes:
+        before = st.earned_tier
+    elif st.override_tier and not override_ok and st.override_until and st.override_until > at:
+        before = st.override_tier  # a floor the new ladder cannot rank
+    else:
+        before = st.effective(programme, at)
+    st = replace(
+        st,
+        programme_version=programme.version,
+        base_tier=earned,
+        earned_tier=earned,
+        period_start=start,
+        period_end=end,
+        peak=m,
+        grace_until=None,
+        override_tier=st.override_tier if override_ok else None,
+        override_until=st.override_until if override_ok else None,
+        override_reason=st.override_reason if override_ok else None,
+    )
+    after = st.effective(programme, at)
+    changes = []
+    if before != after:
+        changes.append(
+            Change(
+                before, after, "programme_change", at, {"metric": m, "version": programme.version}
+            )
+        )
+    return st, changes
+
+
+# ---- programme versions ------------------------------------------------------------
+
+# Every stored version of one programme, or just one (the single-version callers).
+Versions = TierProgramme | Sequence[TierProgramme]
+
+
+def timeline(versions: Versions) -> tuple[TierProgramme, ...]:
+    """The versions in the order they take over: by effective_from, then version;
+    a version another replaces at the same instant never is in force."""
+    if isinstance(versions, TierProgramme):
+        return (versions,)
+    ordered = sorted(versions, key=lambda p: (p.effective_from, p.version))
+    return tuple(
+        p
+        for n, p in enumerate(ordered)
+        if n + 1 == len(ordered) or ordered[n + 1].effective_from != p.effective_from
+    )
+
+
+def in_force(versions: Versions, at: datetime) -> TierProgramme:
+    """The version in force at `at` (the earliest when `at` precedes them all:
+    facts older than the programme are judged by its first version)."""
+    line = timeline(versions)
+    found = line[0]
+    for p in line:
+        if p.effective_from <= at:
+            found = p
+    return found
+
+
+def advance_versions(
+    versions: Versions,
+    state: TierState,
+    now: datetime,
+    metric_for: Callable[[TierProgramme], MetricAt],
+) -> Evaluation:
+    """`advance` across programme versions: each period is decided under the
+    version in force then. The state is brought up to each later version's
+    effective_from under its own version (period ends, grace, upgrades), the
+    next version takes over at that instant, and so on up to `now`. So a
+    refund or a late order after a version change, replayed from the facts,
+    decides the past exactly as it was decided then."""
+    line = timeline(versions)
+    current = next((p for p in line if p.version == state.programme_version), None)
+    if current is None:
+        # A version no longer stored (or never in force): switch at `now`.
+        latest = in_force(line, now)
+        return advance(latest, state, now, metric_for(latest))
+    changes: list[Change] = []
+    st = state
+
+    def decided_by(programme: TierProgramme, made: list[Change]) -> list[Change]:
+        return [replace(c, version=c.version or programme.version) for c in made]
+
+    for nxt in line[line.index(current) + 1 :]:
+        if nxt.effective_from > now:
+            break
+        ev = advance(current, st, nxt.effective_from, metric_for(current))
+        changes.extend(decided_by(current, ev.changes))
+        st, switched = change_programme(
+            nxt, ev.state, nxt.effective_from, metric_for(nxt), previous=current
+        )
+        changes.extend(decided_by(nxt, switched))
+        current = nxt
+    ev = advance(current, st, now, metric_for(current))
+    return Evaluation(ev.state, changes + decided_by(current, ev.changes))
+
+
+def relative_ranks(metrics: Mapping[Any, int], top_pct: int, next_pct: int) -> dict[Any, int]:
+    """Relative VIP: 2 for the top share of members by metric, 1 for the next
+    share, 0 for the rest; members with no metric (0) are not ranked.
+
+    Ties share one fate: a member is in the top share when the members whose
+    metric is at least theirs (themselves and their ties included) are at most
+    top_pct% of the ranked members, so the share is never exceeded and two
+    members with the same figure never land in different tiers. Integer
+    arithmetic: count * 100 <= ranked * pct."""
+    ranked = sorted((m for m in metrics.values() if m > 0), reverse=True)
+    n = len(ranked)
+    at_least: dict[int, int] = {}
+    for position, value in enumerate(ranked, start=1):
+        at_least[value] = position  # the last position of a tie: the count >= value
+    out = {}
+    for member, value in metrics.items():
+        count = at_least.get(value, 0) if value > 0 else 0
+        if count and count * 100 <= n * top_pct:
+            out[member] = 2
+        elif count and count * 100 <= n * (top_pct + next_pct):
+            out[member] = 1
+        else:
+            out[member] = 0
+    return out
+
+
+def assign_relative(
+    programme: TierProgramme, state: TierState, rank: int, at: datetime, figures: dict[str, Any]
+) -> Evaluation:
+    """Relative mode: the tier the ranking gives (rank 2 top, 1 second, 0 base)."""
+    tiers = programme.ladder.tiers
+    code = tiers[len(tiers) - 1 - (2 - rank)].code if rank else tiers[0].code
+    if code == state.earned_tier:
+        return Evaluation(state, [])
+    new = replace(state, base_tier=code, earned_tier=code, grace_until=None)
+    before, after = state.effective(programme, at), new.effective(programme, at)
+    up = programme.ladder.rank(code) > programme.ladder.rank(state.earned_tier)
+    change = Change(
+        before,
+        after,
+        "relative_upgrade" if up else "relative_downgrade",
+        at,
+        {**figures, "earned_tier": code},
+    )
+    return Evaluation(new, [change])
 
 
 def set_override(
@@ -382,6 +527,13 @@ def facts_metric(
     return metric
 
 
+def facts_for(
+    orders: list[OrderFact], growth: list[GrowthFact], programme: TierProgramme
+) -> MetricAt:
+    """facts_metric with the facts first: M(t) under whichever version asks."""
+    return facts_metric(programme, orders, growth)
+
+
 def order_growth(programme: TierProgramme, net_fen: int) -> int:
     """Growth value an order of `net_fen` earns (1 per yuan by default, capped)."""
     points = max(net_fen, 0) // programme.rules.order_fen_per_point
@@ -397,14 +549,23 @@ class Projection:
     tier: Tier
     metric: int
     period_last_day: date
-    # What the member still needs by period_last_day to keep the tier (0: kept
+    # What the member still needs by keep_by to keep the tier (0: kept
     # already, or the base tier, which cannot be lost).
     keep_needed: int
-    # Figures already counted that will still be in the window at the period end.
+    # Figures already counted that will still be in the window at keep_by.
     kept_by_period_end: int
     next_tier: Tier | None
     next_needed: int
     message: str
+    # The last local day to keep the tier: the period's last day, or in grace
+    # the grace's last day (the period that was missed has ended already).
+    keep_by: date | None = None
+
+
+def keep_deadline(state: TierState) -> datetime:
+    """When the tier is next judged: the grace's end while in grace (the bar
+    met before it keeps the tier), else the period end."""
+    return state.grace_until if state.grace_until is not None else state.period_end
 
 
 def metric_text(programme: TierProgramme, amount: int) -> str:
@@ -430,11 +591,23 @@ def project(
     tier = programme.tier(state.effective(programme, now))
     rank = ladder.rank(tier.code)
     last_day = last_local_day(state.period_end, programme)
-    keep = 0 if rank == 0 else max(tier.retention_bar - kept_by_period_end, 0)
+    keep_by = last_local_day(keep_deadline(state), programme)
+    # In grace the bar is the earned tier's (an override above it is not at stake).
+    at_stake = programme.tier(state.earned_tier) if state.grace_until is not None else tier
+    keep = 0 if rank == 0 else max(at_stake.retention_bar - kept_by_period_end, 0)
     next_tier = ladder.tiers[rank + 1] if rank + 1 < len(ladder.tiers) else None
     next_needed = max(next_tier.threshold - metric_now, 0) if next_tier else 0
+    if programme.rules.tier_mode is TierMode.RELATIVE:
+        # Held by rank, not by a figure: no "more by" to promise.
+        seg = programme.rules.segments
+        top, second = ladder.tiers[-1], ladder.tiers[-2]
+        message = (
+            f"{tier.name}: tiers go by rank at each nightly ranking (top {seg.relative_top_pct}%"
+            f" {top.name}, next {seg.relative_next_pct}% {second.name})"
+        )
+        return Projection(tier, metric_now, last_day, 0, kept_by_period_end, None, 0, message, None)
     parts = []
-    day = f"{last_day.day} {last_day.strftime('%b')}"
+    day = f"{keep_by.day} {keep_by.strftime('%b')}"
     if rank:
         parts.append(
             f"{metric_text(programme, keep)} more by {day} keeps {tier.name}"
@@ -452,6 +625,7 @@ def project(
         next_tier,
         next_needed,
         "; ".join(parts),
+        keep_by,
     )
 
 
@@ -459,20 +633,22 @@ def project(
 
 
 def replay(
-    programme: TierProgramme,
+    versions: Versions,
     orders: list[OrderFact],
     growth: list[GrowthFact],
     until: datetime,
     keep: TierState | None = None,
 ) -> Evaluation:
     """Recompute a member from facts alone: evaluate at every fact time in order,
-    then at `until`. Used when a late fact (an offline order replayed into the
-    past, a refund) changes the past, and as the definition the incremental
-    path must agree with."""
+    then at `until`, each moment under the programme version in force then.
+    Used when a late fact (an offline order replayed into the past, a refund)
+    changes the past, and as the definition the incremental path must agree
+    with."""
     times = sorted(
         {o.at for o in orders if o.at <= until} | {g.at for g in growth if g.at <= until}
     )
-    st = fresh_state(programme, times[0] if times else until)
+    first = times[0] if times else until
+    st = fresh_state(in_force(versions, first), first)
     if keep is not None:
         st = replace(
             st,
@@ -481,12 +657,12 @@ def replay(
             override_reason=keep.override_reason,
         )
 
-    def metric(t: datetime) -> int:
-        return metric_from_facts(programme, orders, growth, t)
+    def metric_for(programme: TierProgramme) -> MetricAt:
+        return facts_metric(programme, orders, growth)
 
     changes: list[Change] = []
     for t in [*times, until]:
-        ev = advance(programme, st, t, metric)
+        ev = advance_versions(versions, st, t, metric_for)
         st = ev.state
         changes.extend(ev.changes)
     return Evaluation(st, changes)
@@ -498,7 +674,7 @@ def needs_replay(state: TierState | None, fact_at: datetime, evaluated_at: datet
 
 
 def reconcile(
-    programme: TierProgramme,
+    versions: Versions,
     old: TierState,
     orders: list[OrderFact],
     growth: list[GrowthFact],
@@ -506,9 +682,13 @@ def reconcile(
     reason: str,
 ) -> Evaluation:
     """Replay a member after a late fact and describe the net movement as one
-    change (`reason`: "refund", "late_order"), keeping the operator's override."""
-    ev = replay(programme, orders, growth, now, keep=old)
-    before = old.effective(programme, now) if old.programme_version == programme.version else None
+    change (`reason`: "refund", "late_order"), keeping the operator's override.
+    Each period is replayed under the version in force then, so a fact after a
+    version change does not re-decide earlier periods under today's rules."""
+    programme = in_force(versions, now)
+    ev = replay(versions, orders, growth, now, keep=old)
+    decided = next((p for p in timeline(versions) if p.version == old.programme_version), None)
+    before = old.effective(decided, now) if decided is not None else None
     after = ev.state.effective(programme, now)
     changes = []
     if before is not None and before != after:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -16,6 +17,7 @@ from servicekit.events import ReceivedEvent
 from servicekit.protos import timestamp, to_datetime
 
 from . import repository as repo
+from .benefits import grant_upgrade_gifts
 from .domain import (
     DEFAULT_RULES,
     CapPer,
@@ -35,8 +37,12 @@ from .evaluation import (
     Projection,
     TierState,
     advance,
+    advance_versions,
+    facts_for,
     facts_metric,
     fresh_state,
+    in_force,
+    keep_deadline,
     metric_from_facts,
     order_growth,
     project,
@@ -49,8 +55,10 @@ from .repository import SpendRecord
 
 log = logging.getLogger(__name__)
 
-# The programme every member is evaluated on until programmes per segment exist.
+# The brand's programme unless TIERING_PROGRAMME_ID names another (settings.py).
 DEFAULT_PROGRAMME_ID = "default"
+# How late a growth action may be reported unless configured (settings.py).
+DEFAULT_GROWTH_MAX_AGE = timedelta(hours=24)
 # A programme version may start a little in the past (operator clock skew),
 # never earlier: that would rewrite decisions already taken.
 PUBLISH_SKEW = timedelta(minutes=5)
@@ -169,8 +177,16 @@ def build_programme(
 
 
 class TieringHandlers:
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        programme_id: str = DEFAULT_PROGRAMME_ID,
+        growth_max_age: timedelta = DEFAULT_GROWTH_MAX_AGE,
+    ) -> None:
         self._clock: Clock = clock or (lambda: datetime.now(UTC))
+        # Every member is evaluated on this one programme (one per brand).
+        self.programme_id = programme_id
+        self._growth_max_age = growth_max_age
 
     def now(self) -> datetime:
         return self._clock()
@@ -204,28 +220,36 @@ class TieringHandlers:
         replays the member from facts. History rows and TierChanged events are
         written in the caller's transaction."""
         conn = uow.conn
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, max(at, self.now()))
-        if programme is None:
+        versions = await repo.programme_versions(conn, self.programme_id, max(at, self.now()))
+        if not versions:
             return None
-        locked = await repo.lock_tier_state(conn, member_id)
+        # A row decided under another programme (the brand switched) starts afresh.
+        locked = await repo.lock_tier_state(conn, member_id, self.programme_id)
         state, evaluated_at = locked if locked else (None, None)
         if state is not None and evaluated_at is not None and (reason or at < evaluated_at):
             now = max(at, evaluated_at)
             orders, growth = await repo.load_facts(conn, member_id)
-            ev = reconcile(programme, state, orders, growth, now, reason or "late_order")
+            ev = reconcile(versions, state, orders, growth, now, reason or "late_order")
+        elif state is None:
+            # A first fact, or a row decided under another programme (the brand
+            # switched): from the facts, under the versions in force at each.
+            now = at
+            orders, growth = await repo.load_facts(conn, member_id)
+            ev = replay(versions, orders, growth, at)
         else:
             now = at
-            start = state or fresh_state(programme, at)
-            orders, growth = await repo.load_facts(
-                conn, member_id, window_start(programme, min(start.period_start, at))
+            start = state
+            pending = start.programme_version != in_force(versions, at).version
+            # A version change to cross: its metric may differ, read every fact.
+            since = (
+                None
+                if pending
+                else window_start(in_force(versions, at), min(start.period_start, at))
             )
-            ev = advance(
-                programme,
-                start,
-                at,
-                facts_metric(programme, orders, growth),
-            )
-        await self._store(uow, member_id, programme, ev, now)
+            orders, growth = await repo.load_facts(conn, member_id, since)
+            ev = advance_versions(versions, start, at, lambda p: facts_metric(p, orders, growth))
+        programme = in_force(versions, now)
+        await self._store(uow, member_id, programme, ev, now, versions)
         return programme, ev.state
 
     async def _store(
@@ -235,13 +259,38 @@ class TieringHandlers:
         programme: TierProgramme,
         ev: Evaluation,
         now: datetime,
+        versions: list[TierProgramme] | None = None,
     ) -> None:
         await repo.save_tier_state(
             uow.conn, member_id, programme, ev.state, ev.state.effective(programme, now), now
         )
         await repo.insert_history(uow.conn, member_id, programme, ev.changes)
+        # Each event carries the benefits of the version that decided it.
+        by_version = {p.version: p for p in versions or ()}
         for change in ev.moved:
-            await emit_tier_changed(uow, member_id, programme, change)
+            decided = by_version.get(change.version, programme)
+            await emit_tier_changed(uow, member_id, decided, change)
+        await grant_upgrade_gifts(
+            uow.conn, member_id, programme, ev.changes, ev.state.period_start, by_version
+        )
+
+    async def on_birthday_set(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """The member's birthday (month and day), for the tier's birthday coupon."""
+        birthday = event.payload
+        assert isinstance(birthday, events_pb2.BirthdaySet)
+        member_id = _event_member(birthday.member_id, "BirthdaySet")
+        if member_id is None or await self._erased(uow, member_id):
+            return
+        month, day = (birthday.month, birthday.day) if birthday.month else (None, None)
+        await uow.conn.execute(
+            "INSERT INTO tiering.member_profiles AS p (member_id, birth_month, birth_day)"
+            " VALUES ($1, $2, $3) ON CONFLICT (member_id) DO UPDATE SET"
+            " birth_month = excluded.birth_month, birth_day = excluded.birth_day,"
+            " updated_at = now()",
+            member_id,
+            month,
+            day,
+        )
 
     # ---- events ---------------------------------------------------------------------
 
@@ -269,10 +318,8 @@ class TieringHandlers:
             to_datetime(order.ordered_at) or to_datetime(event.envelope.occurred_at) or self.now()
         )
         conn = uow.conn
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, ordered_at)
-        rules_programme = programme or await repo.programme_at(
-            conn, DEFAULT_PROGRAMME_ID, self.now()
-        )
+        programme = await repo.programme_at(conn, self.programme_id, ordered_at)
+        rules_programme = programme or await repo.programme_at(conn, self.programme_id, self.now())
         growth = (
             order_growth(rules_programme, order.paid_amount_fen)
             if rules_programme
@@ -318,8 +365,8 @@ class TieringHandlers:
             return  # the order's member was erased (a merge may have moved the order)
         owner = order.member_id
         refunded = min(order.paid_fen, order.refunded_fen + refund.refunded_amount_fen)
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, order.ordered_at)
-        programme = programme or await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, self.now())
+        programme = await repo.programme_at(conn, self.programme_id, order.ordered_at)
+        programme = programme or await repo.programme_at(conn, self.programme_id, self.now())
         net = order.paid_fen - refunded
         growth = (
             order_growth(programme, net) if programme else net // DEFAULT_RULES.order_fen_per_point
@@ -367,10 +414,29 @@ class TieringHandlers:
             log.info("%s: a side was erased; nothing to merge", what)
             return
         now = max(self.now(), to_datetime(merged.merged_at) or self.now())
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        versions = await repo.programme_versions(conn, self.programme_id, now)
+        programme = in_force(versions, now) if versions else None
         # Survivor first, then absorbed: a fixed lock order between the two.
-        kept = await repo.lock_tier_state(conn, survivor)
-        gone = await repo.lock_tier_state(conn, absorbed)
+        kept = await repo.lock_tier_state(conn, survivor, self.programme_id)
+        gone = await repo.lock_tier_state(conn, absorbed, self.programme_id)
+        caught_up: list[Change] = []
+        if programme is not None:
+            # A side last decided under an earlier version is brought up to now
+            # first (each period under its own version), on its own facts.
+            for side, member in ((kept, survivor), (gone, absorbed)):
+                if side is not None and side[0].programme_version != programme.version:
+                    orders, growth = await repo.load_facts(conn, member)
+                    ev = advance_versions(
+                        versions,
+                        side[0],
+                        max(now, side[1]),
+                        functools.partial(facts_for, orders, growth),
+                    )
+                    if member == survivor:
+                        kept = (ev.state, max(now, side[1]))
+                        caught_up = ev.changes
+                    else:
+                        gone = (ev.state, max(now, side[1]))
         await repo.insert_merge(
             conn,
             merged.merge_id,
@@ -418,7 +484,12 @@ class TieringHandlers:
             {"merge_id": merged.merge_id, "absorbed_member_id": str(absorbed)},
         )
         await self._store(
-            uow, survivor, programme, Evaluation(ev.state, [merge_change, *ev.changes]), at
+            uow,
+            survivor,
+            programme,
+            Evaluation(ev.state, [*caught_up, merge_change, *ev.changes]),
+            at,
+            versions,
         )
         log.info("merge %s: survivor %s now %s", merged.merge_id, survivor, after)
 
@@ -448,27 +519,30 @@ class TieringHandlers:
                 conn, restored, datetime.fromisoformat(snapshot["registered_at"])
             )
         await repo.mark_unmerged(conn, unmerged.merge_id, now)
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
-        if programme is None:
+        versions = await repo.programme_versions(conn, self.programme_id, now)
+        if not versions:
             return
+        programme = in_force(versions, now)
         for member_id, before_json, current in (
             (restored, snapshot, None),
             (survivor, merge["survivor_before"], survivor_state),
         ):
-            state = _state_from_snapshot(before_json, programme) or fresh_state(programme, now)
+            state = _state_from_snapshot(before_json, versions)
             orders, growth = await repo.load_facts(conn, member_id)
-            if before_json.get("tier") is not None:
-                # Back where it was, then what time and its own facts changed since.
-                ev = advance(
-                    programme,
-                    state,
-                    now,
-                    facts_metric(programme, orders, growth),
+            if state is not None:
+                # Back where it was, then what time and its own facts changed since
+                # (each period under the version in force then).
+                ev = advance_versions(
+                    versions, state, now, functools.partial(facts_for, orders, growth)
                 )
             else:
-                ev = replay(programme, orders, growth, now)
+                ev = replay(versions, orders, growth, now)
             from_tier = (
-                current[0].effective(programme, now) if current else programme.ladder.tiers[0].code
+                current[0].effective(programme, now)
+                if current and current[0].programme_version == programme.version
+                else current[0].earned_tier
+                if current
+                else programme.ladder.tiers[0].code
             )
             change = Change(
                 from_tier,
@@ -477,7 +551,9 @@ class TieringHandlers:
                 now,
                 {"merge_id": unmerged.merge_id},
             )
-            await self._store(uow, member_id, programme, Evaluation(ev.state, [change]), now)
+            await self._store(
+                uow, member_id, programme, Evaluation(ev.state, [change]), now, versions
+            )
 
     async def on_member_erased(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         """Forget the members of an erased cluster: per-member rows go, facts stay
@@ -508,7 +584,7 @@ class TieringHandlers:
         view = await self._tier_view(uow, key)
         if view is None:
             raise NotFound(
-                f"no tier programme {DEFAULT_PROGRAMME_ID!r} is in force",
+                f"no tier programme {self.programme_id!r} is in force",
                 code="NO_PROGRAMME",
             )
         return view
@@ -518,25 +594,29 @@ class TieringHandlers:
         the next event persist what time alone changes)."""
         conn = uow.conn
         now = self.now()
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
-        if programme is None:
+        versions = await repo.programme_versions(conn, self.programme_id, now)
+        if not versions:
             return None
+        programme = in_force(versions, now)
         row = await repo.tier_row(conn, member_id)
-        state = (
-            TierState(*(row[c.strip()] for c in repo.STATE_COLUMNS.split(",")))
-            if row
-            else fresh_state(programme, now)
-        )
-        orders, growth = await repo.load_facts(
-            conn, member_id, window_start(programme, min(state.period_start, now))
-        )
-        ev = advance(programme, state, now, facts_metric(programme, orders, growth))
+        if row is not None and row["programme_id"] == self.programme_id:
+            state = TierState(*(row[c.strip()] for c in repo.STATE_COLUMNS.split(",")))
+            pending = state.programme_version != programme.version
+            since = None if pending else window_start(programme, min(state.period_start, now))
+            orders, growth = await repo.load_facts(conn, member_id, since)
+            ev = advance_versions(versions, state, now, lambda p: facts_metric(p, orders, growth))
+        else:
+            # Never evaluated, or decided under another programme: from the facts.
+            orders, growth = await repo.load_facts(conn, member_id)
+            ev = replay(versions, orders, growth, now)
         metric = metric_from_facts(programme, orders, growth, now)
-        # What already counts and will still be inside the window at the period end.
+        # What already counts and will still be inside the window when the tier
+        # is next judged: the period end, or the grace's end while in grace.
+        deadline = keep_deadline(ev.state)
         kept = metric_from_facts(
             programme,
-            [o for o in orders if o.at > window_start(programme, ev.state.period_end)],
-            [g for g in growth if g.at > window_start(programme, ev.state.period_end)],
+            [o for o in orders if o.at > window_start(programme, deadline)],
+            [g for g in growth if g.at > window_start(programme, deadline)],
             now,
         )
         lo = window_start(programme, now)
@@ -590,9 +670,19 @@ class TieringHandlers:
             raise InvalidArgument(
                 "occurred_at is in the future", code="INVALID_OCCURRED_AT", field="occurred_at"
             )
+        if at < now - self._growth_max_age:
+            # Caps are per local day: an unbounded past would let a client
+            # backfill a check-in for every past day.
+            hours = self._growth_max_age.total_seconds() / 3600
+            raise InvalidArgument(
+                f"occurred_at {at.isoformat()} is more than {hours:g} hours ago; growth actions"
+                f" are accepted up to {hours:g} hours after they happen",
+                code="OCCURRED_AT_TOO_OLD",
+                field="occurred_at",
+            )
         conn = uow.conn
         await self._not_erased(uow, key)
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        programme = await repo.programme_at(conn, self.programme_id, now)
         rules = programme.rules if programme else DEFAULT_RULES
         rule = rules.actions[kind]
         # Scoped per (member, action) so a cap check and its insert are atomic.
@@ -619,7 +709,7 @@ class TieringHandlers:
     async def programme(
         self, uow: UnitOfWork, programme_id: str, at: datetime | None
     ) -> tuple[TierProgramme, str]:
-        pid = programme_id.strip() or DEFAULT_PROGRAMME_ID
+        pid = programme_id.strip() or self.programme_id
         found = await repo.programme_at(uow.conn, pid, at or self.now())
         if found is None:
             raise NotFound(
@@ -696,7 +786,7 @@ class TieringHandlers:
         key = parse_member_id(member_id)
         now = self.now()
         conn = uow.conn
-        programme = await repo.programme_at(conn, DEFAULT_PROGRAMME_ID, now)
+        programme = await repo.programme_at(conn, self.programme_id, now)
         if programme is None:
             raise NotFound("no tier programme is in force", code="NO_PROGRAMME")
         code = tier_code.strip()
@@ -729,9 +819,18 @@ class TieringHandlers:
         return view
 
 
-def _state_from_snapshot(snapshot: dict[str, object], programme: TierProgramme) -> TierState | None:
+def _state_from_snapshot(
+    snapshot: dict[str, object], versions: list[TierProgramme]
+) -> TierState | None:
+    """The tier state a merge snapshot kept, when it was decided under a stored
+    version of the brand's programme (else None: replayed from the facts)."""
     tier = snapshot.get("tier")
-    if not isinstance(tier, dict) or tier.get("programme_version") != programme.version:
+    known = {p.version for p in versions}
+    if (
+        not isinstance(tier, dict)
+        or tier.get("programme_version") not in known
+        or tier.get("programme_id") != versions[0].programme_id
+    ):
         return None
 
     def ts(key: str) -> datetime | None:
@@ -741,7 +840,7 @@ def _state_from_snapshot(snapshot: dict[str, object], programme: TierProgramme) 
     start, end = ts("period_start"), ts("period_end")
     assert start is not None and end is not None
     return TierState(
-        programme.version,
+        int(tier["programme_version"]),
         str(tier["base_tier"]),
         str(tier["earned_tier"]),
         start,

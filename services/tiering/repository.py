@@ -123,6 +123,21 @@ async def programme_at(conn: Connection, programme_id: str, at: datetime) -> Tie
     return None if row is None else _programme(row)
 
 
+async def programme_versions(
+    conn: Connection, programme_id: str, at: datetime
+) -> list[TierProgramme]:
+    """Every version of a programme that took effect by `at`, oldest first: a
+    member's periods are each decided under the version in force then."""
+    rows = await conn.fetch(
+        f"SELECT {PROGRAMME_COLUMNS} FROM tiering.tier_programmes"
+        " WHERE programme_id = $1 AND effective_from <= $2"
+        " ORDER BY effective_from, version",
+        programme_id,
+        at,
+    )
+    return [_programme(r) for r in rows]
+
+
 async def programme_version(
     conn: Connection, programme_id: str, version: int
 ) -> TierProgramme | None:
@@ -340,15 +355,19 @@ def _state(row: asyncpg.Record) -> TierState:
 
 
 async def lock_tier_state(
-    conn: Connection, member_id: uuid.UUID
+    conn: Connection, member_id: uuid.UUID, programme_id: str | None = None
 ) -> tuple[TierState, datetime] | None:
-    """The member's state and when it was last evaluated, locked for this transaction."""
+    """The member's state and when it was last evaluated, locked for this
+    transaction. With `programme_id`, a row decided under another programme
+    (the brand switched programmes) is locked but answered as None."""
     row = await conn.fetchrow(
-        f"SELECT {STATE_COLUMNS}, evaluated_at FROM tiering.member_tiers"
+        f"SELECT {STATE_COLUMNS}, evaluated_at, programme_id FROM tiering.member_tiers"
         " WHERE member_id = $1 FOR UPDATE",
         member_id,
     )
-    return None if row is None else (_state(row), row["evaluated_at"])
+    if row is None or (programme_id is not None and row["programme_id"] != programme_id):
+        return None
+    return _state(row), row["evaluated_at"]
 
 
 async def tier_row(conn: Connection, member_id: uuid.UUID) -> dict[str, Any] | None:
@@ -416,7 +435,8 @@ def history_record(
         change.reason,
         json.dumps(change.figures, ensure_ascii=False, default=str),
         programme.programme_id,
-        programme.version,
+        # The version that decided the change (an earlier one, replayed).
+        change.version or programme.version,
         change.at,
     )
 
@@ -647,6 +667,11 @@ async def erase_members(conn: Connection, member_ids: list[uuid.UUID], at: datet
     # commits (history included) before the anonymising below sees its rows.
     for table in ("tiering.member_tiers", "tiering.member_profiles", "tiering.member_spend"):
         await conn.execute(f"DELETE FROM {table} WHERE member_id = ANY($1::uuid[])", member_ids)
+    # Benefit grants name the member: pending ones are never sent, issued ones
+    # are rewards' records to anonymise (rewards follows MemberErased itself).
+    await conn.execute(
+        "DELETE FROM tiering.benefit_grants WHERE member_id = ANY($1::uuid[])", member_ids
+    )
     # Merge snapshots hold each side's tier state and registration date.
     await conn.execute(
         "DELETE FROM tiering.member_merges"

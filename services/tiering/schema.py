@@ -18,6 +18,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -179,7 +180,37 @@ member_profiles = Table(
     Column("stage", Text),
     Column("relative_tier", Text),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # From member's BirthdaySet (month and day only), for the birthday coupon.
+    Column("birth_month", SmallInteger),
+    Column("birth_day", SmallInteger),
     postgresql_with={"fillfactor": 70},
+)
+
+# Tier benefits to issue through rewards (benefits.py): one row per upgrade gift
+# (member, tier, period) and per birthday coupon (member, year); the key is
+# rewards' issue key, so a retried issue replays instead of giving twice.
+benefit_grants = Table(
+    "benefit_grants",
+    metadata,
+    Column("grant_key", Text, primary_key=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("template_id", Text, nullable=False),
+    Column("tier_code", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("coupon_id", Text),
+    Column("failure", Text),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("kind IN ('upgrade_gift', 'birthday')", name="kind_known"),
+    CheckConstraint("status IN ('pending', 'issued', 'failed')", name="status_known"),
+    Index(
+        "ix_benefit_grants_pending",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+    ),
 )
 
 # One row per batch recompute, with the distribution it left behind.

@@ -22,10 +22,12 @@ from gateway.auth.client import HmacAuth
 from gateway.auth.crypto import SecretBox
 from gateway.auth.model import ClientKind
 from gateway.settings import GatewaySettings
+from gateway.wechat_fake import FakeWeChat, FakeWeChatServer
 from loyalty.pos.v1 import pos_pb2_grpc
 from servicekit.db import asyncpg_dsn, create_pool
 from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
+from services.rewards.points.audit import audit_ledger
 from tests.conftest import stopping
 from tests.harness import Infra
 
@@ -50,6 +52,8 @@ def gateway_settings(**overrides: object) -> GatewaySettings:
         # Gateways a test builds for itself (degradation, shutdown) go without
         # the door; the session gateway has it (tests/e2e/test_gateway_security.py).
         "auth_enabled": False,
+        # The machine's PostgreSQL is shared by several test runs (100 connections).
+        "door_db_pool_max": 3,
     }
     values.update(overrides)
     return GatewaySettings(**values)  # type: ignore[arg-type]
@@ -64,7 +68,7 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="session")
 async def demo_stores(infra: Infra, rewards_app: ServiceApp) -> list[str]:
-    from services.rewards import repository as rewards_repo
+    from services.rewards.orders import repository as rewards_repo
     from services.rewards.seed import DEMO_STORES, seed_demo
 
     conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
@@ -89,6 +93,19 @@ async def demo_stores(infra: Infra, rewards_app: ServiceApp) -> list[str]:
     return [s.store_id for s in DEMO_STORES]
 
 
+# The mini-program apps the session gateway holds WeChat credentials for.
+WECHAT_APPS = {"wx-shop": "e2e-wechat-secret-shop", "wx-other": "e2e-wechat-secret-other"}
+
+
+@pytest.fixture(scope="session")
+async def wechat() -> AsyncIterator[FakeWeChatServer]:
+    """The local fake of WeChat's API (gateway/wechat_fake.py) on a loopback port."""
+    server = FakeWeChatServer(FakeWeChat(apps=dict(WECHAT_APPS)))
+    await server.start()
+    yield server
+    await server.stop()
+
+
 @pytest.fixture(scope="session")
 async def gateway(
     infra: Infra,
@@ -96,9 +113,12 @@ async def gateway(
     rewards_app: ServiceApp,
     tiering_app: ServiceApp,
     demo_stores: list[str],
+    wechat: FakeWeChatServer,
 ) -> AsyncIterator[Gateway]:
     gw = build(
         gateway_settings(
+            wechat_api_base=wechat.base_url,
+            wechat_apps=WECHAT_APPS,
             member_addr=f"127.0.0.1:{member_app.port}",
             rewards_addr=f"127.0.0.1:{rewards_app.port}",
             tiering_addr=f"127.0.0.1:{tiering_app.port}",
@@ -106,6 +126,10 @@ async def gateway(
             database_url=infra.database_url,
             redis_url=infra.redis_url,
             redis_namespace=infra.namespace,
+            # The contract fuzz's unauthenticated runs fail thousands of sign-ins
+            # from 127.0.0.1; the budget itself is tested on gateways of its own
+            # (tests/e2e/test_gateway_door.py).
+            auth_failure_burst=1_000_000,
         )
     )
     await gw.start()
@@ -159,3 +183,20 @@ async def pos(
         f"127.0.0.1:{gateway.pos_grpc_port}", interceptors=[PerStoreKeyInterceptor(store_keys)]
     ) as channel:
         yield pos_pb2_grpc.PosServiceStub(channel)
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def ledger_audit(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After every end-to-end module that ran the rewards service: the whole
+    points ledger audits clean (what `python -m services.rewards audit` checks)."""
+    yield
+    infra = request.getfixturevalue("infra")
+    c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        # Before any module started rewards, there is no ledger to audit yet.
+        if await c.fetchval("SELECT to_regclass('rewards.points_transactions') IS NULL"):
+            return
+        report = await audit_ledger(c)
+    finally:
+        await c.close()
+    assert report.ok, report

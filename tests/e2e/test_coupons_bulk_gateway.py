@@ -40,7 +40,6 @@ async def test_a_list_is_issued_per_member_and_a_resend_replays_the_codes(
     members = [str(uuid.uuid4()) for _ in range(4)]
     body = {
         "reason": "registration",
-        "operator_id": "ops@brand",
         "items": [{"member_id": m, "issue_key": f"{template_id}-{m}"} for m in members],
     }
     path = f"/v1/admin/coupon-templates/{template_id}/issue"
@@ -74,7 +73,6 @@ async def test_a_malformed_batch_is_refused_whole(http: httpx.AsyncClient) -> No
     dup = await http.post(
         path,
         json={
-            "operator_id": "ops@brand",
             "items": [
                 {"member_id": member, "issue_key": "k"},
                 {"member_id": str(uuid.uuid4()), "issue_key": "k"},
@@ -89,14 +87,13 @@ async def test_a_malformed_batch_is_refused_whole(http: httpx.AsyncClient) -> No
     too_many = await http.post(
         path,
         json={
-            "operator_id": "ops@brand",
             "items": [{"member_id": member, "issue_key": f"k{n}"} for n in range(1001)],
         },
     )
     assert too_many.status_code == 422
     unknown = await http.post(
         f"/v1/admin/coupon-templates/{template_id}-NOPE/issue",
-        json={"operator_id": "ops@brand", "items": [{"member_id": member, "issue_key": "x"}]},
+        json={"items": [{"member_id": member, "issue_key": "x"}]},
     )
     assert (unknown.status_code, unknown.json()["code"]) == (404, "UNKNOWN_TEMPLATE")
     report = await http.get(f"/v1/admin/coupon-templates/{template_id}/report")

@@ -52,7 +52,6 @@ async def test_claim_preview_lock_redeem_refund_report(
             },
             "limits": {"total_stock": 10, "per_member_limit": 1},
             "status": "active",
-            "created_by": "ops@brand",
         },
     )
     assert created.status_code == 201, created.text
@@ -158,7 +157,6 @@ async def test_claim_preview_lock_redeem_refund_report(
             "template_id": template_id,
             "member_id": member,
             "issue_key": "g1",
-            "operator_id": "ops@brand",
         },
     )
     assert (granted.status_code, granted.json()["code"]) == (409, "TEMPLATE_PAUSED")

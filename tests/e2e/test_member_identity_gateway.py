@@ -11,6 +11,7 @@ import grpc
 import httpx
 import pytest
 
+from gateway.wechat_fake import FakeWeChatServer
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.errors import error_info
 
@@ -38,7 +39,7 @@ async def login(http: httpx.AsyncClient, openid: str, unionid: str | None = None
 
 
 async def test_login_bind_phone_then_pos_finds_the_same_member(
-    http: httpx.AsyncClient, pos: Pos
+    http: httpx.AsyncClient, pos: Pos, wechat: FakeWeChatServer
 ) -> None:
     t = uuid.uuid4().hex[:10]
     phone = new_phone()
@@ -52,7 +53,12 @@ async def test_login_bind_phone_then_pos_finds_the_same_member(
     assert at_till.member_id != member_id
     bound = await http.post(
         "/v1/members/bind-phone",
-        json={"request_key": key(), "app_id": "wx-shop", "openid": f"o-{t}", "phone": phone},
+        json={
+            "request_key": key(),
+            "app_id": "wx-shop",
+            "openid": f"o-{t}",
+            "code": wechat.fake.issue_code("wx-shop", phone),
+        },
     )
     assert bound.status_code == 200, bound.text
     body = bound.json()
@@ -125,18 +131,30 @@ async def test_profile_and_consent_over_http(http: httpx.AsyncClient) -> None:
     ]
 
 
-async def test_operators_review_unmerge_pii_and_erase(http: httpx.AsyncClient) -> None:
+async def test_operators_review_unmerge_pii_and_erase(
+    http: httpx.AsyncClient, wechat: FakeWeChatServer
+) -> None:
     t = uuid.uuid4().hex[:10]
     phone_a, phone_b = new_phone(), new_phone()
     a = await login(http, f"oa-{t}", f"ua-{t}")
     await http.post(
         "/v1/members/bind-phone",
-        json={"request_key": key(), "app_id": "wx-shop", "openid": f"oa-{t}", "phone": phone_a},
+        json={
+            "request_key": key(),
+            "app_id": "wx-shop",
+            "openid": f"oa-{t}",
+            "code": wechat.fake.issue_code("wx-shop", phone_a),
+        },
     )
     b = await login(http, f"ob-{t}")
     await http.post(
         "/v1/members/bind-phone",
-        json={"request_key": key(), "app_id": "wx-shop", "openid": f"ob-{t}", "phone": phone_b},
+        json={
+            "request_key": key(),
+            "app_id": "wx-shop",
+            "openid": f"ob-{t}",
+            "code": wechat.fake.issue_code("wx-shop", phone_b),
+        },
     )
     # b's openid now shows up with a's unionid: two verified phones -> review.
     linked = await http.post(
@@ -147,26 +165,18 @@ async def test_operators_review_unmerge_pii_and_erase(http: httpx.AsyncClient) -
     assert review_id
     queue = (await http.get("/v1/admin/merge-reviews", params={"page_size": 500})).json()
     assert review_id in {r["review_id"] for r in queue["reviews"]}
-    approved = await http.post(
-        f"/v1/admin/merge-reviews/{review_id}/approve", json={"operator": "op-1", "note": "ok"}
-    )
+    approved = await http.post(f"/v1/admin/merge-reviews/{review_id}/approve", json={"note": "ok"})
     assert approved.status_code == 200, approved.text
     (merge_id,) = approved.json()["merge_ids"]
-    undone = await http.post(
-        f"/v1/admin/merges/{merge_id}/unmerge", json={"operator": "op-1", "reason": "wrong"}
-    )
+    undone = await http.post(f"/v1/admin/merges/{merge_id}/unmerge", json={"reason": "wrong"})
     assert undone.status_code == 200, undone.text
     assert undone.json()["restored"]["member_id"] == b["member"]["member_id"]
     a_id = a["member"]["member_id"]
-    pii = await http.get(
-        f"/v1/admin/members/{a_id}/pii", params={"accessor": "op-1", "purpose": "call back"}
-    )
+    pii = await http.get(f"/v1/admin/members/{a_id}/pii", params={"purpose": "call back"})
     assert pii.json()["phone"] == f"+86{phone_a}"
     missing = await http.get(f"/v1/admin/members/{a_id}/pii")
     assert missing.status_code == 422
-    erased = await http.post(
-        f"/v1/admin/members/{a_id}/erase", json={"operator": "dpo", "reason": "PIPL #7"}
-    )
+    erased = await http.post(f"/v1/admin/members/{a_id}/erase", json={"reason": "PIPL #7"})
     assert erased.status_code == 200 and erased.json()["erased_member_ids"] == [a_id]
     gone = await http.get(f"/v1/members/{a_id}")
     assert gone.status_code == 404 and gone.json()["code"] == "MEMBER_ERASED"

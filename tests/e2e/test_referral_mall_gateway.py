@@ -16,7 +16,7 @@ import pytest
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.db import asyncpg_dsn
-from services.rewards.referral import fingerprint
+from services.rewards.referral.domain import fingerprint
 from tests.harness import Infra, eventually
 
 pytestmark = pytest.mark.e2e
@@ -149,7 +149,18 @@ async def test_invite_first_order_reward_then_mall(
     replay = await http.post(f"/v1/members/{inviter}/mall/exchanges", json=body)
     assert first.status_code == 200 and replay.json()["replayed"] is True
     assert replay.json()["exchange_id"] == first.json()["exchange_id"]
-    assert first.json()["cash_fen"] == 990 and first.json()["fulfilment"] == "pending"
+    # Points plus cash: reserved until the backend confirms the payment.
+    assert first.json()["cash_fen"] == 990 and first.json()["fulfilment"] == "awaiting_payment"
+    pay_path = f"/v1/members/{inviter}/mall/exchanges/{first.json()['exchange_id']}/payment"
+    paid = await http.post(pay_path, json={"payment_reference": "wxpay-e2e-1"})
+    assert paid.status_code == 200, paid.text
+    assert paid.json()["fulfilment"] == "pending" and paid.json()["paid_at"]
+    assert (await http.post(pay_path, json={"payment_reference": "wxpay-e2e-1"})).json()[
+        "replayed"
+    ] is True
+    other_payment = await http.post(pay_path, json={"payment_reference": "wxpay-e2e-2"})
+    assert other_payment.status_code == 409
+    assert other_payment.json()["code"] == "PAYMENT_ALREADY_CONFIRMED"
     sold_out = await http.post(
         f"/v1/members/{invitee}/mall/exchanges", json={"item_id": goods_id, "exchange_key": "g-1"}
     )
@@ -171,6 +182,16 @@ async def test_invite_first_order_reward_then_mall(
         f"/v1/admin/mall/exchanges/{got_coupon.json()['exchange_id']}/ship", json=parcel
     )
     assert not_goods.status_code == 409 and not_goods.json()["code"] == "NOT_GOODS"
+    # An operator takes the coupon exchange back, once: its 40 points return.
+    before = (await http.get(f"/v1/members/{inviter}/points")).json()["available"]
+    reverse_path = f"/v1/admin/mall/exchanges/{got_coupon.json()['exchange_id']}/reverse"
+    reversal = {"reason": "wrong item"}
+    taken_back = await http.post(reverse_path, json=reversal)
+    assert taken_back.status_code == 200, taken_back.text
+    assert taken_back.json()["fulfilment"] == "reversed"
+    assert (await http.post(reverse_path, json=reversal)).json()["replayed"] is True
+    after = (await http.get(f"/v1/members/{inviter}/points")).json()["available"]
+    assert after == before + 40
 
     mine = (await http.get(f"/v1/members/{inviter}/mall/exchanges", params={"page_size": 1})).json()
     assert len(mine["exchanges"]) == 1 and mine["next_cursor"]

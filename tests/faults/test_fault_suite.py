@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 from bench import faults
-from servicekit import embedded
+from devtools import embedded
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")

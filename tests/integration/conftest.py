@@ -1,6 +1,7 @@
 """Fixtures shared by the rewards integration modules: a seeded Database and a
-plain asyncpg connection, one each per module. A module that defines its own
-`db` or `conn` keeps it (module fixtures override these)."""
+plain asyncpg connection, one each per module (a module that defines its own
+`db` or `conn` keeps it: module fixtures override these), and the ledger audit
+after every rewards module (`ledger_audit`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncpg
 import pytest
 
 from servicekit.db import Database, asyncpg_dsn, create_pool
+from services.rewards.points.audit import audit_ledger
 from services.rewards.seed import seed_demo
 
 from ..harness import Infra
@@ -31,3 +33,20 @@ async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
     c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     yield c
     await c.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def ledger_audit(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Once a rewards module is done, the whole points ledger must audit clean
+    (every invariant, every member: what `python -m services.rewards audit`
+    checks), whatever the module's own tests asserted."""
+    yield
+    if not request.module.__name__.rsplit(".", 1)[-1].startswith("test_rewards_"):
+        return
+    infra = request.getfixturevalue("infra")
+    c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        report = await audit_ledger(c)
+    finally:
+        await c.close()
+    assert report.ok, report

@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from devtools.supervisor import free_port
 from servicekit.db import Database, asyncpg_dsn, create_pool
-from servicekit.devrun import free_port
 from servicekit.errors import is_connection_error
 from servicekit.redis_client import create_redis
 

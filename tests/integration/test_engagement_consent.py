@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import timestamp_pb2
 from redis.asyncio import Redis
 
@@ -18,12 +19,13 @@ from loyalty.events.v1 import events_pb2
 from loyalty.member.v1 import member_pb2 as pb
 from loyalty.member.v1 import member_pb2_grpc
 from servicekit.db import Database
+from servicekit.errors import FailedPrecondition, NotFound
 from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
 from servicekit.server import ServiceApp
 from services.engagement import repository as repo
 from services.engagement.domain import FakeClock, QuietHours
 from services.engagement.handlers import EngagementHandlers
-from services.engagement.ports import LocalConsent
+from services.engagement.ports import LocalConsent, MemberConsent
 from services.engagement.scheduler import JourneyCache, Scheduler
 from tests.harness import Infra, eventually
 
@@ -214,8 +216,55 @@ async def test_an_older_choice_never_overwrites_a_newer_one(
         "SELECT non_personalised FROM engagement.preferences WHERE member_id = $1",
         uuid.UUID(member),
     )
-    # Engagement's own RPC still records a choice (now, so it is the latest).
-    async with db.unit_of_work() as uow:
-        await engagement_app.handlers.unsubscribe(uow, member, ["sms"])  # type: ignore[attr-defined]
-    row = await consent_row(db, member, "sms")
-    assert row["granted"] is False and row["source"] == "unsubscribe"
+
+
+async def test_unsubscribe_through_engagement_is_recorded_by_member(
+    member_app: ServiceApp, engagement_app: ServiceApp, member_channel: grpc.aio.Channel
+) -> None:
+    """Engagement's Unsubscribe / SetConsent / SetNonPersonalised record the
+    choice at member (history kept, ConsentChanged emitted) and apply member's
+    answer to the projection at once; without member they refuse."""
+    db = engagement_app.db
+    assert db is not None
+    stub = member_pb2_grpc.MemberServiceStub(member_channel)
+    member = (await identify(stub, ident(CARD, f"eu-{tag()}"))).member.member_id
+    recorder = MemberConsent(f"127.0.0.1:{member_app.port}", 5.0)
+    handlers = EngagementHandlers(FakeClock(START), QuietHours(), JourneyCache(), recorder)
+    try:
+        async with db.unit_of_work() as uow:
+            await handlers.record_consent(uow, member, ["sms", "wecom"], True, "mini-program")
+        async with db.unit_of_work() as uow:
+            await handlers.unsubscribe(uow, member, ["sms"])
+        async with db.unit_of_work() as uow:
+            await handlers.record_non_personalised(uow, member, True, "mini-program")
+        history = await stub.ListConsentHistory(pb.ListConsentHistoryRequest(member_id=member))
+        assert [
+            (pb.ConsentChannel.Name(r.channel), r.granted, r.source) for r in history.records
+        ] == [
+            ("CONSENT_CHANNEL_SMS", True, "mini-program"),
+            ("CONSENT_CHANNEL_WECOM", True, "mini-program"),
+            ("CONSENT_CHANNEL_SMS", False, "engagement:unsubscribe"),
+            ("CONSENT_CHANNEL_ALL", False, "mini-program"),
+        ]
+        # Applied here at once, with member's time (the event that follows is a no-op).
+        sms = await consent_row(db, member, "sms")
+        assert sms["granted"] is False and sms["source"] == "member:engagement:unsubscribe"
+        assert sms["updated_at"] == history.records[2].recorded_at.ToDatetime(tzinfo=UTC)
+        assert (await consent_row(db, member, "wecom"))["granted"] is True
+        assert await db.pool.fetchval(
+            "SELECT non_personalised FROM engagement.preferences WHERE member_id = $1",
+            uuid.UUID(member),
+        )
+        # Member's refusal is engagement's: an unknown member, nothing written.
+        stranger = str(uuid.uuid4())
+        with pytest.raises(NotFound):
+            async with db.unit_of_work() as uow:
+                await handlers.unsubscribe(uow, stranger, [])
+        assert await consent_row(db, stranger, "sms") is None
+        unwired = EngagementHandlers(FakeClock(START), QuietHours(), JourneyCache())
+        with pytest.raises(FailedPrecondition) as info:
+            async with db.unit_of_work() as uow:
+                await unwired.unsubscribe(uow, member, ["wecom"])
+        assert info.value.code == "MEMBER_NOT_CONFIGURED"
+    finally:
+        await recorder.close()

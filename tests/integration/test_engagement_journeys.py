@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,14 +26,16 @@ import pytest
 
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.db import Database, create_pool
-from servicekit.errors import InvalidArgument
+from servicekit.errors import InvalidArgument, NotFound
 from servicekit.server import ServiceApp
 from services.engagement import repository as repo
+from services.engagement import scheduler_repository as scheduler_repo
 from services.engagement.channels import (
     AppPushProvider,
     Delivery,
     Dispatcher,
     LocalSink,
+    MiniProgramProvider,
     Outbound,
 )
 from services.engagement.domain import FakeClock, QuietHours
@@ -484,15 +490,28 @@ async def test_holdout_members_receive_nothing_and_lift_is_measured(env: Env) ->
     for m in members:
         sent = await env.templates(m)
         assert sent == ([] if groups[m] == "holdout" else ["cart-discount"])
-    for m in members[:10]:
+    treated = [m for m in members if groups[m] == "treatment"]
+    held = [m for m in members if groups[m] == "holdout"]
+    # Chosen conversions: 6 treated members and 1 holdout member order.
+    for m in treated[:6] + held[:1]:
         await env.event("order_completed", m, order_id=m)
     metrics = await metrics_of(env, "cart-holdout")
-    assert metrics.treated + metrics.holdout == 30
-    assert metrics.treated_converted + metrics.holdout_converted == 10
-    assert (
-        metrics.lift is not None
-        and metrics.lift.ci_low <= metrics.lift.lift <= metrics.lift.ci_high
-    )
+    assert (metrics.treated, metrics.holdout) == (len(treated), len(held))
+    assert (metrics.treated_converted, metrics.holdout_converted) == (6, 1)
+    assert_lift(metrics.lift, 6, len(treated), 1, len(held))
+
+
+def assert_lift(found: Any, conv: int, n: int, held_conv: int, held_n: int) -> None:
+    """The lift reported is the difference of the two conversion rates with a
+    95% Wald interval (computed here from the counts, independently)."""
+    p1, p0 = conv / n, held_conv / held_n
+    half = 1.96 * math.sqrt(p1 * (1 - p1) / n + p0 * (1 - p0) / held_n)
+    assert found is not None
+    assert found.treated_rate == pytest.approx(p1)
+    assert found.holdout_rate == pytest.approx(p0)
+    assert found.lift == pytest.approx(p1 - p0)
+    assert found.ci_low == pytest.approx(p1 - p0 - half)
+    assert found.ci_high == pytest.approx(p1 - p0 + half)
 
 
 async def test_consent_unsubscribe_credits_and_non_personalised(env: Env) -> None:
@@ -528,9 +547,8 @@ async def test_consent_unsubscribe_credits_and_non_personalised(env: Env) -> Non
     await env.event("check_in", tapped)
     await env.scheduler.run_until_idle()
     assert ("mp-tpl", "suppressed") in [(t, s) for _, t, s in await env.sends(tapped)]
-    # Unsubscribed: nothing more on that channel.
-    async with env.db.unit_of_work() as uow:
-        await env.handlers.unsubscribe(uow, tapped, ["wecom"])
+    # Unsubscribed (member's ConsentChanged): nothing more on that channel.
+    await _refuse(env, tapped, "wecom")
     env.clock.advance(timedelta(days=1))
     await env.event("check_in", tapped)
     await env.scheduler.run_until_idle()
@@ -652,7 +670,7 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
     crashing = Scheduler(
         env.db, env.clock, LocalConsent(), QuietHours(), env.journeys, batch_size=50
     )
-    real_move = repo.move_timers
+    real_move = scheduler_repo.move_timers
     calls = 0
 
     async def crash_on_second_batch(*args: Any) -> None:
@@ -663,11 +681,11 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
             raise asyncio.CancelledError  # ...then the worker is killed
         await real_move(*args)
 
-    monkeypatch.setattr(repo, "move_timers", crash_on_second_batch)
+    monkeypatch.setattr(scheduler_repo, "move_timers", crash_on_second_batch)
     with pytest.raises(asyncio.CancelledError):
         for _ in range(5):
             await crashing.sweep_once()
-    monkeypatch.setattr(repo, "move_timers", real_move)
+    monkeypatch.setattr(scheduler_repo, "move_timers", real_move)
     # A fresh worker (the restart) finishes the job.
     await Scheduler(env.db, env.clock, LocalConsent(), QuietHours(), env.journeys).run_until_idle()
     keys = await env.db.pool.fetch(
@@ -680,15 +698,17 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
     # The dispatcher dies after the provider accepted, before recording it.
     provider = CountingProvider()
     dispatcher = Dispatcher(env.db, env.clock, {"wecom": provider}, {}, batch_size=500)
-    real_record = repo.record_deliveries
+    real_record = scheduler_repo.record_deliveries
 
     async def die(*args: Any) -> None:
+        if not provider.calls:  # sends refused before delivery are recorded as usual
+            return await real_record(*args)
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(repo, "record_deliveries", die)
+    monkeypatch.setattr(scheduler_repo, "record_deliveries", die)
     with pytest.raises(asyncio.CancelledError):
         await dispatcher.dispatch_once()
-    monkeypatch.setattr(repo, "record_deliveries", real_record)
+    monkeypatch.setattr(scheduler_repo, "record_deliveries", real_record)
     ours = {
         r["send_key"]
         for r in await env.db.pool.fetch(
@@ -847,7 +867,11 @@ async def test_ab_split_variants_are_measured_against_the_holdout(env: Env) -> N
             t for m in members for t in await env.templates(m) if t == f"copy-{name.lower()}"
         ]
         assert len(templates) == v.entered
-        assert v.lift is not None
+        converted = [m for m in members[:12] if f"copy-{name.lower()}" in await env.templates(m)]
+        assert v.converted == len(converted)
+        assert_lift(v.lift, v.converted, v.entered, metrics.holdout_converted, metrics.holdout)
+    unsent = [m for m in members[:12] if not await env.templates(m)]
+    assert metrics.holdout_converted == len(unsent)
 
 
 async def test_reward_steps_reach_the_rewards_service_once(
@@ -1121,3 +1145,364 @@ async def test_a_failing_step_is_isolated_retried_then_given_up(
     )
     assert status == "failed"
     assert await env.sends(poison) == []
+
+
+class _GatedConsent:
+    """LocalConsent with hooks: a batch holding `gated` waits for `go` and then
+    fails (a poison step); a batch holding `signal` sets `go` (another sweeper
+    task of the same Scheduler claimed its own step meanwhile)."""
+
+    def __init__(self, gated: str, signal: str) -> None:
+        self.gated, self.signal = gated, signal
+        self.waiting, self.go = asyncio.Event(), asyncio.Event()
+        self._local = LocalConsent()
+
+    async def facts_with_consent(self, conn: Any, member_ids: list[uuid.UUID]) -> Any:
+        ids = {str(m) for m in member_ids}
+        if self.gated in ids:
+            self.waiting.set()
+            await self.go.wait()
+            raise RuntimeError("poison step")
+        if self.signal in ids:
+            self.go.set()
+        return await self._local.facts_with_consent(conn, member_ids)
+
+
+async def test_sweeper_tasks_sharing_a_scheduler_isolate_their_own_failing_step(
+    env: Env,
+) -> None:
+    """Two sweeper tasks of one Scheduler (as the server runs them): the task
+    whose step fails postpones that step, not the step the other task claimed."""
+    await env.publish(CART)
+    poison, healthy = await env.member(), await env.member()
+    await env.event("cart_abandoned", poison)
+    env.clock.advance(timedelta(minutes=1))  # the poison step is due first: claimed first
+    await env.event("cart_abandoned", healthy)
+    await env.scheduler.run_until_idle()  # both wait for their reminder now
+    env.clock.advance(timedelta(hours=2))
+    gate = _GatedConsent(poison, healthy)
+    shared = Scheduler(env.db, env.clock, gate, QuietHours(), env.journeys)  # type: ignore[arg-type]
+    first = asyncio.create_task(shared.sweep_once(1))
+    await gate.waiting.wait()  # the first task holds the poison step
+    await shared.sweep_once(1)  # the second task claims and runs the healthy one
+    await first
+
+    async def timer(member: str) -> Any:
+        return await env.db.pool.fetchrow(
+            "SELECT t.step_id, t.attempts, t.due_at FROM engagement.timers t"
+            " JOIN engagement.enrollments e USING (enrollment_id) WHERE e.member_id = $1",
+            uuid.UUID(member),
+        )
+
+    postponed = await timer(poison)
+    assert postponed is not None and postponed["attempts"] == 1
+    assert postponed["due_at"] > env.clock.now()
+    assert await timer(healthy) is None  # ran to the end, untouched by the failure
+    assert await env.templates(healthy) == ["cart-discount"]
+
+
+async def _refuse(env: Env, member: str, channel: str) -> None:
+    """The member refuses marketing on a channel (member's ConsentChanged)."""
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.on_consent_changed(
+            uow, member, "marketing", channel, False, "mini-program", env.clock.now()
+        )
+
+
+async def test_consent_is_checked_again_when_a_pending_send_is_delivered(loud: Env) -> None:
+    """A send written as pending, or waiting in a retry's back-off, does not go
+    out after the member unsubscribes; its cap slot and mini-program credit are
+    given back."""
+    env = loud
+    await env.publish(
+        {
+            "id": "late-refusal",
+            "priority": 10,
+            "entry": {"event": "check_in"},
+            "reentry": {"policy": "after_exit"},
+            "start": "push",
+            "steps": {
+                "push": send("push", "push-offer", "mp", channel="app_push"),
+                "mp": send("mp", "mp-news", "end", cls="transactional", channel="miniprogram"),
+                "end": {"type": "exit"},
+            },
+        }
+    )
+    waiting, retrying = await env.member(), await env.member()
+    for m in (waiting, retrying):
+        await env.event("subscription_tap", m, template="mp-news", openid=f"o-{m}")
+        await env.event("check_in", m)
+    await env.scheduler.run_until_idle()
+    assert sorted(t for _, t, s in await env.sends(waiting) if s == "pending") == [
+        "mp-news",
+        "push-offer",
+    ]
+    calls: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body.get("to") not in (waiting, retrying) and body.get("touser") not in (
+            f"o-{waiting}",
+            f"o-{retrying}",
+        ):
+            return httpx.Response(400)  # another test's leftover
+        calls.append(str(body.get("to") or body.get("touser")))
+        return httpx.Response(503)  # the provider is down: back-off
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    providers: dict[str, Any] = {
+        "app_push": AppPushProvider("https://push.test", client),
+        "miniprogram": MiniProgramProvider("https://mp.test", client),
+    }
+    dispatcher = Dispatcher(env.db, env.clock, providers, {})
+    # `retrying`'s sends were tried once and wait in back-off; `waiting`'s were
+    # never tried (its member refuses before the dispatcher runs).
+    await _refuse(env, waiting, "")
+    calls.clear()
+    await dispatcher.dispatch_once()
+    assert sorted(calls) == sorted([retrying, f"o-{retrying}"])
+    await _refuse(env, retrying, "")
+    env.clock.advance(timedelta(minutes=5))
+    while await dispatcher.dispatch_once():
+        pass
+    assert sorted(calls) == sorted([retrying, f"o-{retrying}"])  # nothing after the refusal
+    await client.aclose()
+    for m in (waiting, retrying):
+        rows = await env.db.pool.fetch(
+            "SELECT status, reason FROM engagement.sends WHERE member_id = $1", uuid.UUID(m)
+        )
+        assert {(r["status"], r["reason"]) for r in rows} == {("suppressed", "NO_CONSENT")}
+        used = await env.db.pool.fetchval(
+            "SELECT sum(used) FROM engagement.cap_usage WHERE member_id = $1", uuid.UUID(m)
+        )
+        assert used == 0  # the day's targeted slot is free again
+        credits = await env.db.pool.fetchval(
+            "SELECT credits FROM engagement.subscription_credits WHERE member_id = $1",
+            uuid.UUID(m),
+        )
+        assert credits == 1  # the tap was not spent on a message that never went
+
+
+async def test_holdout_members_have_one_live_enrollment_like_treated_ones(env: Env) -> None:
+    """With after_exit re-entry, a holdout member's repeated events do not
+    enter again while its enrollment is live (its goal's window); afterwards
+    it may re-enter, as a treated member may after its run ends."""
+    await env.publish({**CART, "id": "cart-held", "holdout_percent": 50})
+    members = [await env.member() for _ in range(12)]
+    for _ in range(3):
+        for m in members:
+            await env.event("cart_abandoned", m)
+        await env.advance(minutes=10)
+    rows = await env.db.pool.fetch(
+        "SELECT member_id, grp, count(*) AS n FROM engagement.enrollments WHERE journey_id = $1"
+        " GROUP BY member_id, grp",
+        env.jid("cart-held"),
+    )
+    groups = {str(r["member_id"]): r["grp"] for r in rows}
+    assert set(groups.values()) == {"holdout", "treatment"}
+    assert all(r["n"] == 1 for r in rows), [(r["grp"], r["n"]) for r in rows]
+    metrics = await metrics_of(env, "cart-held")
+    assert (metrics.treated, metrics.holdout) == (
+        sum(g == "treatment" for g in groups.values()),
+        sum(g == "holdout" for g in groups.values()),
+    )
+    held = [m for m in members if groups[m] == "holdout"]
+    # The goal's window (1 day) ends: the holdout enrollments end, nothing sent.
+    await env.advance(days=1)
+    for m in held:
+        assert await env.sends(m) == []
+        status = await env.db.pool.fetchval(
+            "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(m)
+        )
+        assert status == "holdout"
+        assert env.jid("cart-held") in await env.event("cart_abandoned", m)
+
+
+async def test_operators_list_replay_and_expire_parked_events(env: Env, infra: Infra) -> None:
+    """Parked events are not kept forever: operators page through them, replay
+    a member the member service vouches for, and old ones expire."""
+    await env.publish(CART)
+    known_later, never = str(uuid.uuid4()), str(uuid.uuid4())
+    await env.event("cart_abandoned", known_later)
+    await env.event("page_view", known_later, page="menu")
+    env.clock.advance(timedelta(days=1))
+    await env.event("cart_abandoned", never)
+
+    async def page(member: str = "", size: int = 0, token: str = "") -> Any:
+        async with env.db.unit_of_work() as uow:
+            return await env.handlers.list_parked(uow, member, size, token)
+
+    mine, token = await page(known_later)
+    assert [(r.event, r.attributes) for r in mine] == [
+        ("cart_abandoned", {}),
+        ("page_view", {"page": "menu"}),
+    ]
+    assert token == "" and mine[0].parked_at == START
+    first, token = await page(known_later, size=1)
+    second, last = await page(known_later, size=1, token=token)
+    assert [first[0].event, second[0].event, last] == ["cart_abandoned", "page_view", ""]
+    for bad in ({"size": 501}, {"token": "x"}):
+        with pytest.raises(InvalidArgument) as info:
+            await page(known_later, **bad)  # type: ignore[arg-type]
+        assert info.value.field in ("page_size", "page_token")
+
+    # The member registered while engagement missed the event: an operator replays.
+    async with env.db.unit_of_work() as uow:
+        replayed, enrolled = await env.handlers.replay_parked(uow, known_later)
+        await env.handlers.set_consent(uow, known_later, ALL, True, "test")
+    assert (replayed, enrolled) == (2, [env.jid("cart")])
+    assert (await page(known_later))[0] == []
+    with pytest.raises(NotFound):
+        async with env.db.unit_of_work() as uow:
+            await env.handlers.replay_parked(uow, known_later)
+    await env.advance(hours=2)
+    assert await env.templates(known_later) == ["cart-discount"]
+
+    # Expiry: what was parked more than 30 days ago goes, nothing younger.
+    env.clock.set(START + timedelta(days=30, hours=12))
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.expire_parked(uow, timedelta(days=30))
+    assert [r.event for r in (await page(never))[0]] == ["cart_abandoned"]
+    env.clock.set(START + timedelta(days=31, hours=1))
+    async with env.db.unit_of_work() as uow:
+        assert await env.handlers.expire_parked(uow, timedelta(days=30)) >= 1
+    assert (await page(never))[0] == []
+    with pytest.raises(InvalidArgument):
+        async with env.db.unit_of_work() as uow:
+            await env.handlers.expire_parked(uow, timedelta(hours=1))
+
+    # The command-line tool reads the same table.
+    stray = str(uuid.uuid4())
+    await env.event("check_in", stray)
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.engagement", "parked-list", "--member", stray],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": infra.database_url},
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(x["member_id"], x["event"], x["reason"]) for x in lines] == [
+        (stray, "check_in", "UNKNOWN_MEMBER")
+    ]
+
+
+class _Stores:
+    """Store zones as rewards would answer (a fake StoreZones port)."""
+
+    def __init__(self, zones: dict[str, str]) -> None:
+        self.zones = zones
+
+    async def zone_of(self, store_id: str) -> str:
+        return self.zones.get(store_id, "")
+
+
+async def _zone(env: Env, member: str, profile_tz: str, store_id: str = "") -> str:
+    async with env.db.unit_of_work() as uow:
+        return await env.handlers.on_zone_set(uow, member, profile_tz, store_id)
+
+
+async def test_a_member_in_another_zone_gets_its_own_local_day_for_caps(loud: Env) -> None:
+    """The daily cap turns at the member's midnight: London's midnight is 08:00
+    in Shanghai, where the day has long begun."""
+    env = loud
+    await env.publish(one_shot("zone-cap", 50, "offer"))
+    london, shanghai = await env.member(), await env.member()
+    assert await _zone(env, london, "Europe/London") == "Europe/London"
+    env.clock.set(datetime(2030, 3, 4, 23, 50, tzinfo=UTC))  # London 23:50; Shanghai 07:50 (5th)
+    for m in (london, shanghai):
+        await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    env.clock.set(datetime(2030, 3, 5, 0, 10, tzinfo=UTC))  # London 00:10 (5th); Shanghai 08:10
+    for m in (london, shanghai):
+        await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    assert [s for *_, s in await env.sends(london)] == ["pending", "pending"]
+    assert [s for *_, s in await env.sends(shanghai)] == ["pending", "capped"]
+    days = await env.db.pool.fetch(
+        "SELECT local_day FROM engagement.cap_usage WHERE member_id = $1 ORDER BY local_day",
+        uuid.UUID(london),
+    )
+    assert [r["local_day"].isoformat() for r in days] == ["2030-03-04", "2030-03-05"]
+
+
+async def test_quiet_hours_follow_the_members_zone_profile_then_store(env: Env) -> None:
+    env.handlers.stores = _Stores({"LDN01": "Europe/London", "SH001": "Asia/Shanghai"})
+    await env.publish(one_shot("zone-quiet", 50, "offer"))
+    by_profile, by_store, shanghai = await env.member(), await env.member(), await env.member()
+    assert await _zone(env, by_profile, "Europe/London", "SH001") == "Europe/London"
+    assert await _zone(env, by_store, "", "LDN01") == "Europe/London"
+    # A zone member would not have accepted (an old value) falls back to the store's.
+    assert await _zone(env, shanghai, "Mars/Olympus", "SH001") == "Asia/Shanghai"
+    # 14:00 UTC: 22:00 in Shanghai (quiet), 14:00 in London (not).
+    env.clock.set(datetime(2030, 3, 4, 14, 0, tzinfo=UTC))
+    for m in (by_profile, by_store, shanghai):
+        await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    assert await env.templates(by_profile) == ["offer"]
+    assert await env.templates(by_store) == ["offer"]
+    assert await env.templates(shanghai) == []
+    # 02:00 UTC next day: 10:00 in Shanghai (the held one goes), 02:00 in London (quiet).
+    env.clock.set(datetime(2030, 3, 5, 2, 0, tzinfo=UTC))
+    await env.scheduler.run_until_idle()
+    assert await env.templates(shanghai) == ["offer"]
+    for m in (by_profile, by_store, shanghai):
+        await env.event("page_view", m)
+    await env.scheduler.run_until_idle()
+    assert await env.templates(by_profile) == ["offer"]  # held until 09:00 London
+    held = await env.db.pool.fetchval(
+        "SELECT t.due_at FROM engagement.timers t JOIN engagement.enrollments e"
+        " USING (enrollment_id) WHERE e.member_id = $1",
+        uuid.UUID(by_profile),
+    )
+    morning = datetime(2030, 3, 5, 9, 0, tzinfo=UTC)  # 09:00 in London (GMT in March)
+    assert morning <= held < morning + timedelta(minutes=30)
+    env.clock.set(morning + timedelta(minutes=30))
+    await env.scheduler.run_until_idle()
+    assert await env.templates(by_profile) == ["offer", "offer"]
+
+
+async def test_a_resumed_journey_drops_a_stale_send_behind_a_branch_and_a_reward(
+    env: Env,
+) -> None:
+    """After a pause, a send reached through a branch and a coupon step is as
+    stale as the timer that leads to it: dropped, while the coupon (not a
+    message) is still given and the member moves on."""
+    await env.publish(
+        {
+            "id": "resume-deep",
+            "priority": 60,
+            "entry": {"event": "cart_abandoned"},
+            "start": "wait",
+            "steps": {
+                "wait": {"type": "wait", "duration": "2h", "next": "vip"},
+                "vip": {
+                    "type": "branch",
+                    "cases": [{"if": {"fact": "tier", "op": "eq", "value": "SVIP"}, "next": "end"}],
+                    "next": "gift",
+                },
+                "gift": {"type": "issue_coupon", "coupon": "CART-5", "next": "remind"},
+                "remind": send("remind", "cart-discount", "end", drop_if_late="6h"),
+                "end": {"type": "exit"},
+            },
+        }
+    )
+    m = await env.member()
+    await env.event("cart_abandoned", m)
+    await env.scheduler.run_until_idle()
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.set_status(uow, env.jid("resume-deep"), "paused")
+    await env.advance(days=2)
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.set_status(uow, env.jid("resume-deep"), "active")
+    await env.scheduler.run_until_idle()
+    assert await env.sends(m) == [(env.jid("resume-deep"), "cart-discount", "dropped")]
+    coupons = await env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.reward_requests WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert coupons == 1
+    status = await env.db.pool.fetchval(
+        "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert status == "completed"

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from servicekit.db import create_pool, with_retries
 from servicekit.errors import DomainError, InvalidArgument, NotFound
-from services.rewards import coupon_service as svc
-from services.rewards.coupons import Kind, Limits, Status, Terms, issue_hash
+from services.rewards.coupons import handlers as svc
+from services.rewards.coupons.domain import Kind, Limits, Status, Terms, issue_hash
 from services.rewards.seed import seed_demo
 
 from ..harness import Infra

@@ -19,8 +19,8 @@ from loyalty.events.v1 import events_pb2
 from servicekit.db import create_pool
 from servicekit.errors import Conflict, DomainError
 from servicekit.events import ENVELOPE_FIELD, stream_name
-from services.rewards import coupon_service as svc
-from services.rewards.coupons import Kind, Limits, Status, Terms
+from services.rewards.coupons import handlers as svc
+from services.rewards.coupons.domain import Kind, Limits, Status, Terms
 
 from ..harness import Infra
 

@@ -20,8 +20,8 @@ from loyalty.events.v1 import events_pb2
 from servicekit.db import create_pool
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from servicekit.events import ENVELOPE_FIELD, stream_name
-from services.rewards import coupon_service as svc
-from services.rewards.coupons import CODE_ALPHABET, CODE_LENGTH, Kind, Limits, Status, Terms
+from services.rewards.coupons import handlers as svc
+from services.rewards.coupons.domain import CODE_ALPHABET, CODE_LENGTH, Kind, Limits, Status, Terms
 from services.rewards.seed import seed_demo
 
 from ..harness import Infra
@@ -209,14 +209,15 @@ async def test_inactive_template_refuses_and_writes_nothing(
 
 async def test_bad_input_is_refused_with_the_field_named(pool: asyncpg.Pool) -> None:
     template_id = await make_template(pool, Limits(total_stock=5))
+    members = [uuid.uuid4() for _ in range(4)]
     with pytest.raises(NotFound) as nf:
-        await issue(pool, "NO-SUCH-TEMPLATE", uuid.uuid4())
+        await issue(pool, "NO-SUCH-TEMPLATE", members[0])
     assert nf.value.code == "UNKNOWN_TEMPLATE"
     with pytest.raises(InvalidArgument) as bad:
-        await issue(pool, template_id, uuid.uuid4(), reason="because")
+        await issue(pool, template_id, members[1], reason="because")
     assert (bad.value.code, bad.value.field) == ("UNKNOWN_REASON", "reason")
     with pytest.raises(InvalidArgument) as empty:
-        await issue(pool, template_id, uuid.uuid4(), key=" ")
+        await issue(pool, template_id, members[2], key=" ")
     assert empty.value.field == "issue_key"
     lapsed = await make_template(
         pool,
@@ -228,9 +229,18 @@ async def test_bad_input_is_refused_with_the_field_named(pool: asyncpg.Pool) -> 
         ),
     )
     with pytest.raises(FailedPrecondition) as exp:
-        await issue(pool, lapsed, uuid.uuid4())
+        await issue(pool, lapsed, members[3])
     assert exp.value.code == "TEMPLATE_EXPIRED"
+    # Nothing written: on the template each refusal named (the lapsed one
+    # too), nor for any of the members (an issue's event goes in with its coupon).
     assert await counts(pool, template_id) == (0, 5)
+    assert await counts(pool, lapsed) == (0, None)
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM rewards.coupons WHERE member_id = ANY($1::uuid[])", members
+        )
+        == 0
+    )
 
 
 async def test_erased_member_gets_no_coupon(pool: asyncpg.Pool) -> None:

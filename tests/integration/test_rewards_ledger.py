@@ -20,12 +20,12 @@ import pytest
 from loyalty.events.v1 import events_pb2
 from servicekit.db import Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from services.rewards.audit import audit_ledger
-from services.rewards.domain import Channel, OrderRequest
-from services.rewards.handlers import RewardsHandlers
-from services.rewards.jobs import announce_expiring, expire_due, void_timed_out_holds
-from services.rewards.points import PointsLedger
-from services.rewards.policy import ExpiryKind, ExpiryPolicy, LedgerPolicy, ShortfallPolicy
+from services.rewards.orders.domain import Channel, OrderRequest
+from services.rewards.orders.handlers import RewardsHandlers
+from services.rewards.points.audit import audit_ledger
+from services.rewards.points.domain import ExpiryKind, ExpiryPolicy, LedgerPolicy, ShortfallPolicy
+from services.rewards.points.handlers import PointsLedger
+from services.rewards.points.jobs import announce_expiring, expire_due, void_timed_out_holds
 
 T0 = datetime(2025, 3, 1, 4, 0, tzinfo=UTC)
 DAYS30 = LedgerPolicy(expiry=ExpiryPolicy(ExpiryKind.DAYS, 30))

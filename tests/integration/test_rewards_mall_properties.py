@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.errors import DomainError
-from services.rewards.audit import audit_ledger
-from services.rewards.mall import ItemKind, ItemSpec, ItemStatus
-from services.rewards.mall_service import PointsMall
-from services.rewards.points import PointsLedger
+from services.rewards.mall.domain import ItemKind, ItemSpec, ItemStatus
+from services.rewards.mall.handlers import PointsMall
+from services.rewards.points.audit import audit_ledger
+from services.rewards.points.handlers import PointsLedger
 
 from ..harness import Infra
 

@@ -14,8 +14,8 @@ import pytest
 
 from servicekit.db import Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from services.rewards.mall import ItemKind
-from services.rewards.mall_service import Exchange
+from services.rewards.mall.domain import ItemKind
+from services.rewards.mall.handlers import Exchange
 
 from .test_rewards_mall import NOW, Mall, coupon_template, new_member
 

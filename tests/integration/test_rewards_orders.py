@@ -20,7 +20,7 @@ from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
 from servicekit.events import ENVELOPE_FIELD, stream_name
-from services.rewards.audit import audit_ledger
+from services.rewards.points.audit import audit_ledger
 from services.rewards.seed import seed_demo
 
 from ..harness import Infra, eventually

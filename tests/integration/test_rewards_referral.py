@@ -23,12 +23,12 @@ from servicekit.db import Connection, Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFound, error_info
 from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
 from servicekit.protos import timestamp
-from services.rewards.coupon_service import issue_coupon
-from services.rewards.domain import Channel, OrderRequest
-from services.rewards.handlers import RewardsHandlers
-from services.rewards.points import PointsLedger
-from services.rewards.referral import ReferralRules, RewardSpec, StepRewards
-from services.rewards.referral_service import Referrals, ReferralView
+from services.rewards.coupons.handlers import issue_coupon
+from services.rewards.orders.domain import Channel, OrderRequest
+from services.rewards.orders.handlers import RewardsHandlers
+from services.rewards.points.handlers import PointsLedger
+from services.rewards.referral.domain import ReferralRules, RewardSpec, StepRewards
+from services.rewards.referral.handlers import Referrals, ReferralView
 
 from ..harness import Infra, eventually
 

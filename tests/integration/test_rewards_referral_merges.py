@@ -21,9 +21,10 @@ from servicekit.db import Database
 from servicekit.errors import Conflict, DomainError
 from servicekit.events import ReceivedEvent, make_envelope
 from servicekit.protos import timestamp
-from services.rewards import growth_repository as repo
+from services.rewards import merges
 from services.rewards.consumers import MemberEvents
-from services.rewards.points import PointsLedger
+from services.rewards.points.handlers import PointsLedger
+from services.rewards.referral import repository as repo
 
 from .test_rewards_mall import Mall
 from .test_rewards_referral import NOW, Programme, new_member
@@ -58,7 +59,7 @@ async def unmerge(db: Database, merge_id: str, survivor: str, restored: str) -> 
 
 async def holder(db: Database, member: str) -> str:
     async with db.unit_of_work() as uow:
-        return str(await repo.holder_of(uow.conn, uuid.UUID(member)))
+        return str(await merges.holder_of(uow.conn, uuid.UUID(member)))
 
 
 async def invitees_of(p: Programme, inviter: str) -> set[str]:
@@ -154,7 +155,7 @@ async def test_the_inviter_cap_counts_every_merged_id(db: Database) -> None:
         assert await repo.count_inviter_reward(uow.conn, [absorbed], period, 3)
     await merge(db, str(survivor), str(absorbed))
     async with db.unit_of_work() as uow:
-        person = await repo.person_of(uow.conn, absorbed)
+        person = await merges.person_of(uow.conn, absorbed)
         assert person == [survivor, absorbed]
         # Two before the merge + one now = the cap of 3; the fourth is refused.
         assert await repo.count_inviter_reward(uow.conn, person, period, 3)

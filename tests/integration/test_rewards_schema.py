@@ -100,6 +100,17 @@ async def _journal_row(db: asyncpg.Connection) -> uuid.UUID:
             txn_id,
             member,
         )
+        # Its lot too, so the ledger audit after the module stays clean.
+        lot = uuid.uuid4()
+        await db.execute(
+            "INSERT INTO rewards.points_lots (id, member_id, transaction_id, root_lot_id,"
+            " order_id, points, remaining, status, earned_at, expires_at)"
+            " VALUES ($1, $2, $3, $1, $4, 5, 5, 'active', now(), now() + interval '1 year')",
+            lot,
+            member,
+            txn_id,
+            order_id,
+        )
         await db.execute(
             "INSERT INTO rewards.points_balances (member_id, available, lifetime_earned)"
             " VALUES ($1, 5, 5)",

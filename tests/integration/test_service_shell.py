@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from servicekit.devrun import free_port
+from devtools.supervisor import free_port
 from servicekit.server import ServiceApp
 from services.engagement.server import build
 

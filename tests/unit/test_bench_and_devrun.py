@@ -9,7 +9,7 @@ import pytest
 
 from bench.cpu import CpuMeter, cpu_table, process_cpu_seconds
 from bench.loadgen import DROPPED, open_loop, percentile
-from servicekit import devrun
+from devtools import supervisor
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -68,42 +68,42 @@ async def test_open_loop_drops_beyond_max_in_flight() -> None:
 
 
 async def test_platform_waits_for_health_and_stops_children() -> None:
-    port = devrun.free_port()
-    child = devrun.Child(
+    port = supervisor.free_port()
+    child = supervisor.Child(
         "echo",
         [sys.executable, "-m", "bench.echo_server", "--port", str(port)],
-        devrun.child_env({}),
+        supervisor.child_env({}),
         grpc_target=f"127.0.0.1:{port}",
     )
-    platform = devrun.Platform([child])
+    platform = supervisor.Platform([child])
     await platform.spawn()
     try:
         await platform.wait_ready(20)
-        assert await devrun.grpc_serving(f"127.0.0.1:{port}")
+        assert await supervisor.grpc_serving(f"127.0.0.1:{port}")
     finally:
         await platform.stop(grace=5)
     assert child.returncode == 0  # SIGTERM led to a clean exit
 
 
 async def test_platform_reports_a_child_that_dies_during_startup() -> None:
-    child = devrun.Child(
+    child = supervisor.Child(
         "broken",
         [sys.executable, "-c", "raise SystemExit(3)"],
-        devrun.child_env({}),
-        grpc_target=f"127.0.0.1:{devrun.free_port()}",
+        supervisor.child_env({}),
+        grpc_target=f"127.0.0.1:{supervisor.free_port()}",
     )
-    platform = devrun.Platform([child])
+    platform = supervisor.Platform([child])
     await platform.spawn()
-    with pytest.raises(devrun.DevrunError, match="broken exited with code 3"):
+    with pytest.raises(supervisor.DevrunError, match="broken exited with code 3"):
         await platform.wait_ready(20)
     await platform.stop()
 
 
 def test_port_overrides_come_from_the_environment() -> None:
-    ports = devrun.ports_from_env({"MEMBER_GRPC_PORT": "6051", "HTTP_PORT": "9090"})
+    ports = supervisor.ports_from_env({"MEMBER_GRPC_PORT": "6051", "HTTP_PORT": "9090"})
     assert ports["member"] == 6051 and ports["http"] == 9090 and ports["rewards"] == 50054
-    with pytest.raises(devrun.DevrunError, match="MEMBER_GRPC_PORT"):
-        devrun.ports_from_env({"MEMBER_GRPC_PORT": "x"})
+    with pytest.raises(supervisor.DevrunError, match="MEMBER_GRPC_PORT"):
+        supervisor.ports_from_env({"MEMBER_GRPC_PORT": "x"})
 
 
 async def test_cpu_meter_charges_a_busy_process_per_call_and_an_idle_one_nothing() -> None:

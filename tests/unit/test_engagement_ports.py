@@ -14,7 +14,7 @@ from loyalty.rewards.v1 import rewards_pb2
 from servicekit.errors import to_rpc_status
 from services.engagement.channels import Delivery
 from services.engagement.ports import RewardsGrpc, classify_refusal
-from services.engagement.repository import RewardRequestRow
+from services.engagement.scheduler_repository import RewardRequestRow
 
 MEMBER = uuid.uuid4()
 

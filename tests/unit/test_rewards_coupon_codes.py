@@ -3,7 +3,7 @@ position must still range over the whole alphabet."""
 
 from __future__ import annotations
 
-from services.rewards.coupons import CODE_ALPHABET, CODE_LENGTH, new_code
+from services.rewards.coupons.domain import CODE_ALPHABET, CODE_LENGTH, new_code
 
 
 def test_every_position_takes_every_symbol() -> None:

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from servicekit.errors import InvalidArgument
-from services.rewards.coupons import (
+from services.rewards.coupons.domain import (
     CODE_ALPHABET,
     CODE_LENGTH,
     Cart,
@@ -124,7 +124,7 @@ def test_one_coupon_per_order_unless_stackable_and_never_beyond_the_cart() -> No
 
 
 def test_best_prefers_the_largest_then_the_first() -> None:
-    from services.rewards.coupons import Verdict
+    from services.rewards.coupons.domain import Verdict
 
     assert best({"A": Verdict(100), "B": Verdict(300), "C": Verdict(300)}) == "B"
     assert best({"A": Verdict(0, "BELOW_THRESHOLD")}) == ""

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from servicekit.errors import InvalidArgument
-from services.rewards.domain import (
+from services.rewards.orders.domain import (
     BASE_EARNING_RULE,
     DEFAULT_LIMITS,
     DEFAULT_MAX_PAID_AMOUNT_FEN,

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.rewards.mall import (
+from services.rewards.mall.domain import (
     TRANSITIONS,
     ItemKind,
     ItemSpec,

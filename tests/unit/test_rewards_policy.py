@@ -9,15 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from servicekit.errors import InvalidArgument
-from services.rewards.domain import Channel, OrderLine, OrderRequest
-from services.rewards.earning import (
-    Campaign,
-    EarningRules,
-    Period,
-    parse_rules,
-    period_start,
-)
-from services.rewards.policy import (
+from services.rewards.orders.domain import Channel, OrderLine, OrderRequest
+from services.rewards.points.domain import (
     BUSINESS_TZ,
     ExpiryKind,
     ExpiryPolicy,
@@ -28,6 +21,13 @@ from services.rewards.policy import (
     due_for_expiry,
     refund_points_due,
     request_hash,
+)
+from services.rewards.points.earning import (
+    Campaign,
+    EarningRules,
+    Period,
+    parse_rules,
+    period_start,
 )
 
 NOW = datetime(2026, 6, 15, 12, tzinfo=UTC)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from servicekit.errors import InvalidArgument
-from services.rewards.referral import (
+from services.rewards.referral.domain import (
     INVITE_ALPHABET,
     INVITE_CODE_LENGTH,
     Acceptance,

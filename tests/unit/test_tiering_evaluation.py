@@ -33,6 +33,7 @@ from services.tiering.evaluation import (
     period_bounds,
     project,
     reconcile,
+    relative_ranks,
     replay,
     set_override,
 )
@@ -231,6 +232,28 @@ def test_version_change_mid_year() -> None:
     assert svip.state is not None and svip.state.programme_version == 2
 
 
+def test_refund_after_a_version_change_is_replayed_under_the_versions_in_force() -> None:
+    # v2 (from 1 July 2025) raises SVIP to ¥800: the ¥600 member kept SVIP at the
+    # change; a ¥10 refund in August must not re-decide March under v2.
+    v1 = programme()
+    raised = Ladder(
+        (
+            LADDER.tiers[0],
+            replace(LADDER.tiers[1], threshold=80_000, retention=60_000),
+            replace(LADDER.tiers[2], threshold=200_000, retention=150_000),
+        )
+    )
+    v2 = replace(v1, version=2, effective_from=at(2025, 7, 1, 0), ladder=raised)
+    orders = [OrderFact("o1", at(2025, 3, 1), 60_000)]
+    kept = replay([v1, v2], orders, [], at(2025, 7, 2))
+    assert (kept.state.effective(v2, at(2025, 7, 2)), kept.state.programme_version) == ("svip", 2)
+    refunded = [replace(orders[0], refunded_fen=1_000)]
+    ev = reconcile([v1, v2], kept.state, refunded, [], at(2025, 8, 1), "refund")
+    assert ev.state.effective(v2, at(2025, 8, 1)) == "svip" and ev.changes == []
+    # Under v2 alone (what the refund did before) the member lost SVIP.
+    assert replay(v2, refunded, [], at(2025, 8, 1)).state.earned_tier == "regular"
+
+
 @pytest.mark.parametrize(
     ("rule", "after"), [(DowngradeRule.ONE_LEVEL, "svip"), (DowngradeRule.TO_METRIC, "regular")]
 )
@@ -370,3 +393,38 @@ def test_the_worked_example_in_the_docs() -> None:
     refunded.order("o1", at(2024, 12, 20), 40_000)
     refunded.order("o2", at(2025, 6, 1), 12_000)
     assert refunded.refund("o2", 12_000, at(2025, 6, 3)) == "regular"
+
+
+# ---- relative VIP ranks ---------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    metrics=st.lists(st.integers(0, 12), max_size=60),
+    top=st.integers(0, 60),
+    following=st.integers(0, 40),
+)
+def test_relative_ranks_are_the_largest_tie_closed_shares(
+    metrics: list[int], top: int, following: int
+) -> None:
+    """An independent statement of the rule: each share is the largest set of
+    the best members, closed under ties, holding at most its percentage of the
+    ranked (metric > 0) members."""
+    ranks = relative_ranks(dict(enumerate(metrics)), top, following)
+    ranked = [m for m in metrics if m > 0]
+    n = len(ranked)
+    for share, pct in ((2, top), (1, top + following)):
+        inside = [metrics[k] for k, r in ranks.items() if r >= share]
+        assert len(inside) * 100 <= n * pct
+        assert all(m > 0 for m in inside)
+        # Closed under ties and at the top: everyone better or equal is inside.
+        if inside:
+            assert sorted(inside, reverse=True) == sorted(
+                (m for m in ranked if m >= min(inside)), reverse=True
+            )
+        # Largest: the next tie group would not fit.
+        outside = [m for m in ranked if not inside or m < min(inside)]
+        if outside:
+            nxt = max(outside)
+            assert (len(inside) + metrics.count(nxt)) * 100 > n * pct
+    assert all(ranks[k] == 0 for k, m in enumerate(metrics) if m == 0)

@@ -1,0 +1,127 @@
+"""The operator commands of `python -m services.rewards` (audit, expiry,
+announcements, hold time-outs, unpaid mall exchanges): which job each name
+runs, against DATABASE_URL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from servicekit.db import Database, create_pool
+from servicekit.errors import DomainError
+from servicekit.settings import ServiceSettings
+
+from .coupons.jobs import announce_expiring_coupons, expire_coupons
+from .mall.jobs import release_unpaid
+from .orders.handlers import RewardsHandlers
+from .orders.repository import StoreRecord
+from .points.audit import audit_ledger
+from .points.earning import parse_rules
+from .points.handlers import PointsLedger
+from .points.jobs import announce_expiring, expire_due, void_timed_out_holds
+from .server import RewardsSettings
+
+
+async def _run(command: str) -> int:
+    settings = ServiceSettings()
+    rewards = RewardsSettings()
+    points = PointsLedger(rewards.ledger_policy(), parse_rules(rewards.earning_rules))
+    pool = await create_pool(settings.database_url, 1, 4)
+    db = Database(pool, "rewards", "rewards")
+    now = datetime.now(UTC)
+    try:
+        if command == "audit":
+            async with pool.acquire() as conn:
+                report = await audit_ledger(conn)
+            print(json.dumps(asdict(report) | {"ok": report.ok}, indent=2))
+            return 0 if report.ok else 1
+        if command == "expire-coupons":
+            print(f"{command}: {await expire_coupons(db, now)}")
+            return 0
+        if command == "release-unpaid-mall-exchanges":
+            print(f"{command}: {await release_unpaid(db, rewards.points_mall(points), now)}")
+            return 0
+        if command == "announce-expiring-coupons":
+            n = await announce_expiring_coupons(db, rewards.coupon_policy(), now)
+            print(f"{command}: {n}")
+            return 0
+        jobs = {
+            "expire": expire_due,
+            "announce-expiring": announce_expiring,
+            "void-timed-out-holds": void_timed_out_holds,
+        }
+        n = await jobs[command](db, points, now)
+        print(f"{command}: {n}")
+        return 0
+    finally:
+        await db.close()
+
+
+def _stores_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.rewards stores",
+        description="Stores are operator-managed data: create or update, close, reopen, list.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    put = sub.add_parser("put", help="create or update a store")
+    put.add_argument("store_id")
+    put.add_argument("--name", required=True)
+    put.add_argument("--city", required=True)
+    put.add_argument("--address", default="")
+    put.add_argument("--time-zone", default="Asia/Shanghai")
+    put.add_argument("--latitude", type=float, required=True)
+    put.add_argument("--longitude", type=float, required=True)
+    for action in ("close", "open"):
+        sub.add_parser(action, help=f"{action} a store").add_argument("store_id")
+    sub.add_parser("list", help="every store, by code")
+    return parser
+
+
+async def _stores(args: argparse.Namespace) -> int:
+    settings = ServiceSettings()
+    pool = await create_pool(settings.database_url, 1, 2)
+    db = Database(pool, "rewards", "rewards")
+    handlers = RewardsHandlers()
+    try:
+        async with db.unit_of_work() as uow:
+            if args.action == "put":
+                stores = [
+                    await handlers.put_store(
+                        uow,
+                        StoreRecord(
+                            store_id=args.store_id,
+                            name=args.name,
+                            city=args.city,
+                            address=args.address,
+                            latitude=Decimal(str(args.latitude)),
+                            longitude=Decimal(str(args.longitude)),
+                            status="active",
+                            time_zone=args.time_zone,
+                        ),
+                    )
+                ]
+            elif args.action in ("close", "open"):
+                status = "closed" if args.action == "close" else "active"
+                stores = [await handlers.set_store_status(uow, args.store_id, status)]
+            else:
+                stores = await handlers.list_stores(uow)
+    except DomainError as exc:
+        error = {"code": exc.code, "message": exc.message, "field": exc.field}
+        print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
+        return 1
+    finally:
+        await db.close()
+    print(json.dumps([asdict(s) for s in stores], ensure_ascii=False, indent=2, default=str))
+    return 0
+
+
+def run_job(command: str, argv: list[str]) -> int:
+    if command == "stores":
+        return asyncio.run(_stores(_stores_parser().parse_args(argv)))
+    argparse.ArgumentParser(prog=f"python -m services.rewards {command}").parse_args(argv)
+    return asyncio.run(_run(command))

@@ -1,0 +1,324 @@
+"""Use cases of stores and orders, each given a unit of work: prepare and
+complete a POS order (points spent and earned, coupons redeemed, in one
+transaction), refund it, look up a store."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from loyalty.common.v1 import common_pb2
+from loyalty.events.v1 import events_pb2
+from servicekit.db import UnitOfWork
+from servicekit.errors import Conflict, DomainError, NotFound
+from servicekit.protos import timestamp
+
+from .. import merges
+from ..coupons import handlers as coupon_service
+from ..coupons import repository as coupon_repository
+from ..coupons.domain import spread
+from ..coupons.handlers import CouponPolicy
+from ..points import repository as ledger
+from ..points.earning import Period, period_start
+from ..points.handlers import (
+    Outcome,
+    PointsLedger,
+    Refund,
+    error_doc,
+    error_from_doc,
+    member_erased,
+)
+from . import repository as repo
+from .domain import (
+    DEFAULT_LIMITS,
+    Channel,
+    OrderLimits,
+    OrderRequest,
+    Settlement,
+    check_store,
+    parse_store_id,
+    parse_store_status,
+    plan_settlement,
+)
+from .repository import StoreRecord
+
+CHANNEL_TO_PROTO = {
+    Channel.STORE: common_pb2.CHANNEL_STORE,
+    Channel.MINI_PROGRAM: common_pb2.CHANNEL_MINI_PROGRAM,
+    Channel.DELIVERY: common_pb2.CHANNEL_DELIVERY,
+}
+
+
+@dataclass(frozen=True)
+class OrderResult:
+    order_id: str
+    points_earned: int
+    points_balance: int
+    replayed: bool
+    points_redeemed: int = 0
+    coupon_discount_fen: int = 0
+
+
+def earn_idempotency_key(order_id: uuid.UUID | str) -> str:
+    """One earn transaction per order, however often the order is retried."""
+    return f"earn:order:{order_id}"
+
+
+class RewardsHandlers:
+    def __init__(
+        self,
+        limits: OrderLimits = DEFAULT_LIMITS,
+        points: PointsLedger | None = None,
+        coupon_policy: CouponPolicy | None = None,
+    ) -> None:
+        self._limits = limits
+        self.points = points or PointsLedger()
+        self.coupon_policy = coupon_policy or CouponPolicy()
+
+    def prepare_order(self, order: OrderRequest, now: datetime | None = None) -> Settlement:
+        """Validate and price an order (at the base tier); no I/O, so bad input
+        never opens a transaction."""
+        # The base rule is the earning rules' own, so the settlement names the
+        # rule the points were actually priced with.
+        rules = self.points.rules
+        planned = plan_settlement(order, self._limits, rules.base)
+        at = planned.order.ordered_at or now or datetime.now(UTC)
+        priced = rules.order_points(planned.order, at, None)
+        return replace(planned, points=priced.points, rule_doc=priced.rule)
+
+    async def complete_order(
+        self, uow: UnitOfWork, settlement: Settlement, now: datetime | None = None
+    ) -> Outcome[OrderResult]:
+        """Settle an order once; a retry with the same body replays the first
+        result (or the first refusal: not enough points is stored on the order)."""
+        order = settlement.order
+        assert order.channel is not None, "validated orders have a channel"
+        conn = uow.conn
+        order_id = uuid.uuid4()
+        # An absorbed (merged) id is credited to its survivor: the merges in
+        # force, as MemberMerged recorded them (the request's hash keeps the
+        # id the till sent, so its retries still match).
+        member_id = await merges.holder_of(conn, uuid.UUID(order.member_id))
+        now = now or datetime.now(UTC)
+        ordered_at = order.ordered_at or now
+        # One read for the tier (and its multiplier) and the erasure mark; an
+        # erased member's order is refused before anything is written.
+        state = await repo.member_state(conn, member_id)
+        if state.erased or (
+            member_id != uuid.UUID(order.member_id)
+            and await repo.is_erased(conn, uuid.UUID(order.member_id))
+        ):
+            raise member_erased(uuid.UUID(order.member_id))
+        # From here on (coupons, events) the order is the survivor's.
+        order = replace(order, member_id=str(member_id))
+        assert order.channel is not None
+        claimed = await repo.claim_order(
+            conn,
+            repo.NewOrder(
+                order_id=order_id,
+                store_id=order.store_id,
+                pos_transaction_id=order.pos_transaction_id,
+                member_id=member_id,
+                channel=order.channel.value,
+                paid_amount_fen=order.paid_amount_fen,
+                gross_amount_fen=order.gross_amount_fen or None,
+                lines=order.lines,
+                ordered_at=ordered_at,
+                request_hash=settlement.request_hash,
+                points_earned=settlement.points,
+                points_redeemed=order.points_to_redeem,
+            ),
+        )
+        if not claimed:
+            return await self._replay(uow, settlement)
+        if order.points_to_redeem:
+            # Spent before this order's own points land: they are not spendable yet.
+            spent = await self.points.redeem_for_order(
+                conn, member_id, order.points_to_redeem, order_id, now
+            )
+            if isinstance(spent, DomainError):
+                await repo.reject_order(conn, order_id, error_doc(spent))
+                return Outcome(error=spent)
+        coupon_discount, earning_order = 0, order
+        if order.coupon_codes:
+            # After the points: a refusal raises and takes the whole order back.
+            coupon_discount = await coupon_service.redeem_for_order(
+                conn, order_id=order_id, order=order, policy=self.coupon_policy, now=now
+            )
+            # Points accrue on what was paid on each line, after coupons and points.
+            paid_lines = spread(
+                [line.paid_amount_fen for line in order.lines],
+                order.gross_amount_fen - order.paid_amount_fen,
+            )
+            earning_order = replace(
+                order,
+                lines=tuple(
+                    replace(line, paid_amount_fen=fen)
+                    for line, fen in zip(order.lines, paid_lines, strict=True)
+                ),
+            )
+        policy, rules = self.points.policy, self.points.rules
+        points, rule = settlement.points, settlement.rule_doc or settlement.rule.describe()
+        if rules.needs_tier or state.tier_code is not None or order.coupon_codes:
+            priced = rules.order_points(
+                earning_order, ordered_at, state.tier_code, state.multiplier_bp
+            )
+            points, rule = priced.points, priced.rule
+        if rules.daily_cap is not None and points:
+            granted, _ = await ledger.count_against_cap(
+                conn,
+                member_id,
+                "orders",
+                period_start(Period.DAY, ordered_at),
+                points,
+                rules.daily_cap,
+            )
+            if granted < points:
+                rule = rule | {"daily_cap": rules.daily_cap, "capped_from": points}
+                points = granted
+        balance = await repo.record_earning(
+            conn,
+            repo.Earning(
+                transaction_id=uuid.uuid4(),
+                member_id=member_id,
+                order_id=order_id,
+                idempotency_key=earn_idempotency_key(order_id),
+                points=points,
+                rule=rule,
+                lot_id=uuid.uuid4(),
+                earned_at=ordered_at,
+                expires_at=policy.expiry.expires_at(ordered_at),
+                activates_at=policy.activates_at(ordered_at),
+            ),
+        )
+        await uow.emit(
+            events_pb2.OrderCompleted(
+                order_id=str(order_id),
+                member_id=order.member_id,
+                store_id=order.store_id,
+                pos_transaction_id=order.pos_transaction_id,
+                channel=CHANNEL_TO_PROTO[order.channel],
+                paid_amount_fen=order.paid_amount_fen,
+                gross_amount_fen=order.gross_amount_fen,
+                points_earned=points,
+                ordered_at=timestamp(ordered_at),
+            ),
+            member_id=order.member_id,
+        )
+        return Outcome(
+            OrderResult(
+                str(order_id),
+                points,
+                balance.available,
+                replayed=False,
+                points_redeemed=order.points_to_redeem,
+                coupon_discount_fen=coupon_discount,
+            )
+        )
+
+    async def _replay(self, uow: UnitOfWork, settlement: Settlement) -> Outcome[OrderResult]:
+        order = settlement.order
+        found = await repo.find_order(uow.conn, order.store_id, order.pos_transaction_id)
+        if found.order is None:
+            if found.store_status != "active":
+                state = "is closed" if found.store_status else "does not exist"
+                raise NotFound(
+                    f"store {order.store_id} {state}", code="UNKNOWN_STORE", field="store_id"
+                )
+            # Neither settled nor refused: the store turned active after our
+            # insert looked at it (it only settles for active stores). A retry
+            # sees the store as it is now.
+            raise Conflict(
+                "the order was being settled concurrently; retry",
+                code="CONCURRENT_SETTLEMENT",
+                field="pos_transaction_id",
+            )
+        if found.order.request_hash != settlement.request_hash:
+            raise Conflict(
+                f"pos_transaction_id {order.pos_transaction_id} was already used at store"
+                f" {order.store_id} for a different order",
+                code="IDEMPOTENCY_KEY_REUSED",
+                field="pos_transaction_id",
+            )
+        if found.order.rejection is not None:
+            return Outcome(error=error_from_doc(found.order.rejection))
+        return Outcome(
+            OrderResult(
+                found.order.order_id,
+                found.order.points_earned,
+                found.order.points_balance_after,
+                replayed=True,
+                points_redeemed=found.order.points_redeemed,
+                coupon_discount_fen=await coupon_repository.order_coupon_discount(
+                    uow.conn, uuid.UUID(found.order.order_id)
+                ),
+            )
+        )
+
+    async def refund_order(
+        self,
+        uow: UnitOfWork,
+        store_id: str,
+        pos_transaction_id: str,
+        refund_transaction_id: str,
+        refunded_amount_fen: int,
+        now: datetime,
+    ) -> tuple[Outcome[Refund], list[coupon_service.Restoration]]:
+        """Reverse the order's points, then give its coupons back when the
+        order is refunded in full (in the same transaction; idempotent)."""
+        outcome = await self.points.refund_order(
+            uow, store_id, pos_transaction_id, refund_transaction_id, refunded_amount_fen, now
+        )
+        if outcome.value is None:
+            return outcome, []
+        order_id = uuid.UUID(outcome.value.order_id)
+        refunded, _, _, _ = await ledger.refunds_so_far(uow.conn, order_id)
+        paid = await coupon_repository.order_paid_amount(uow.conn, order_id)
+        return outcome, await coupon_service.restore_for_refund(
+            uow.conn, order_id, paid, refunded, now
+        )
+
+    async def put_store(self, uow: UnitOfWork, store: StoreRecord) -> StoreRecord:
+        """Create or update a store (operators); validated before anything is written."""
+        check_store(
+            store.store_id,
+            store.name,
+            store.city,
+            store.address,
+            store.time_zone,
+            float(store.latitude),
+            float(store.longitude),
+        )
+        parse_store_status(store.status)
+        # Six decimals, as stored (about 0.1 m).
+        exact = replace(
+            store,
+            latitude=Decimal(str(store.latitude)).quantize(Decimal("0.000001")),
+            longitude=Decimal(str(store.longitude)).quantize(Decimal("0.000001")),
+        )
+        await repo.upsert_stores(uow.conn, [exact])
+        return await self.get_store(uow, store.store_id)
+
+    async def set_store_status(self, uow: UnitOfWork, store_id: str, status: str) -> StoreRecord:
+        """Close a store (it settles no new orders; refunds of its orders go on)
+        or open it again."""
+        parse_store_id(store_id)
+        if not await repo.set_store_status(uow.conn, store_id, parse_store_status(status)):
+            raise NotFound(
+                f"store {store_id} does not exist", code="UNKNOWN_STORE", field="store_id"
+            )
+        return await self.get_store(uow, store_id)
+
+    async def list_stores(self, uow: UnitOfWork) -> list[StoreRecord]:
+        return await repo.list_stores(uow.conn)
+
+    async def get_store(self, uow: UnitOfWork, store_id: str) -> StoreRecord:
+        parse_store_id(store_id)
+        store = await repo.get_store(uow.conn, store_id)
+        if store is None:
+            raise NotFound(
+                f"store {store_id} does not exist", code="UNKNOWN_STORE", field="store_id"
+            )
+        return store

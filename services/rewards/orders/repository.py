@@ -1,0 +1,393 @@
+"""SQL of stores and orders (asyncpg; statements are schema-qualified), and the
+local projections of members the other contexts read (tier, erasure).
+
+Every function takes a plain asyncpg connection, so the benchmark runs the
+very statements the service runs. CompleteOrder is, inside one transaction:
+
+1. `claim_order`    - INSERT ... SELECT FROM stores ... ON CONFLICT DO NOTHING
+                      RETURNING: settles the order only for an active store, and
+                      the unique (store_id, pos_transaction_id) key picks exactly
+                      one winner among concurrent retries (losers wait, then get
+                      no row).
+   (when the order spends points: the member's lock, lazy expiry, and one
+   `ledger.post` statement for the redemption; see points/handlers.py)
+2. `record_earning` - one CTE statement: ledger transaction + its entries + the
+                      lot + balance upsert (repaying debt first) + the order's
+                      balance-after.
+3. the outbox INSERT of OrderCompleted (`UnitOfWork.emit`).
+
+A call that claims nothing runs `find_order` instead: the winner's row (a
+replay, or a different body: conflict) or the store's status (unknown/closed).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from servicekit.db import Connection
+
+from .domain import OrderLine
+
+
+@dataclass(frozen=True)
+class NewOrder:
+    order_id: uuid.UUID
+    store_id: str
+    pos_transaction_id: str
+    member_id: uuid.UUID
+    channel: str
+    paid_amount_fen: int
+    gross_amount_fen: int | None
+    lines: tuple[OrderLine, ...]
+    ordered_at: datetime
+    request_hash: bytes
+    points_earned: int
+    points_redeemed: int = 0
+
+
+@dataclass(frozen=True)
+class Earning:
+    """The ledger side of a settled order."""
+
+    transaction_id: uuid.UUID
+    member_id: uuid.UUID
+    order_id: uuid.UUID
+    idempotency_key: str
+    points: int
+    rule: dict[str, object]
+    # The lot the points land in, and its clock.
+    lot_id: uuid.UUID
+    earned_at: datetime
+    expires_at: datetime
+    # Set when points stay pending until then (refund window).
+    activates_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class BalanceRecord:
+    member_id: str
+    available: int
+    lifetime_earned: int
+
+
+@dataclass(frozen=True)
+class SettledOrder:
+    order_id: str
+    request_hash: bytes
+    points_earned: int
+    points_balance_after: int
+    points_redeemed: int = 0
+    status: str = "settled"
+    rejection: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class OrderLookup:
+    """What exists under an idempotency key: the store's status and the order, if any."""
+
+    store_status: str | None
+    order: SettledOrder | None
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    store_id: str
+    name: str
+    city: str
+    address: str
+    latitude: Decimal
+    longitude: Decimal
+    status: str
+    time_zone: str = "Asia/Shanghai"
+
+
+def lines_json(lines: tuple[OrderLine, ...]) -> str:
+    return json.dumps(
+        [
+            {
+                "sku": line.sku,
+                "name": line.name,
+                "category": line.category,
+                "quantity": line.quantity,
+                "paid_amount_fen": line.paid_amount_fen,
+            }
+            for line in lines
+        ],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+CLAIM_ORDER_SQL = """
+INSERT INTO rewards.orders (
+    id, store_id, pos_transaction_id, member_id, channel, paid_amount_fen,
+    gross_amount_fen, lines, ordered_at, request_hash, points_earned, points_redeemed)
+SELECT $1::uuid, s.store_id, $3::text, $4::uuid, $5::text, $6::bigint,
+       $7::bigint, $8::jsonb, $9::timestamptz, $10::bytea, $11::bigint, $12::bigint
+FROM rewards.stores s
+WHERE s.store_id = $2::text AND s.status = 'active'
+ON CONFLICT (store_id, pos_transaction_id) DO NOTHING
+RETURNING id
+"""
+
+
+async def claim_order(conn: Connection, order: NewOrder) -> bool:
+    """Insert the order if its key is free and its store is active; True if inserted."""
+    inserted = await conn.fetchval(
+        CLAIM_ORDER_SQL,
+        order.order_id,
+        order.store_id,
+        order.pos_transaction_id,
+        order.member_id,
+        order.channel,
+        order.paid_amount_fen,
+        order.gross_amount_fen,
+        lines_json(order.lines),
+        order.ordered_at,
+        order.request_hash,
+        order.points_earned,
+        order.points_redeemed,
+    )
+    return inserted is not None
+
+
+async def reject_order(conn: Connection, order_id: uuid.UUID, rejection: dict[str, str]) -> None:
+    """Store a refusal on the claimed order: retries of the same body replay it."""
+    await conn.execute(
+        "UPDATE rewards.orders SET status = 'rejected', points_earned = 0, points_redeemed = 0,"
+        " rejection = $2::jsonb WHERE id = $1",
+        order_id,
+        json.dumps(rejection, sort_keys=True),
+    )
+
+
+# Entries are derived from the one amount in a single statement, so they sum
+# to zero by construction. The balance row is locked first (`cur`): debt left
+# by an earlier refund is repaid out of this earn before anything is credited,
+# and the rest becomes a lot (pending during the refund window, if configured)
+# with its expiry. A zero-point order writes no transaction but still upserts
+# the balance (to return it) and records balance-after on the order.
+RECORD_EARNING_SQL = """
+WITH cur AS (
+    SELECT debt FROM rewards.points_balances WHERE member_id = $2::uuid FOR UPDATE
+), calc AS (
+    SELECT CASE WHEN $8::bool THEN 0
+                ELSE least(coalesce((SELECT debt FROM cur), 0), $5::bigint) END AS repay
+), txn AS (
+    INSERT INTO rewards.points_transactions
+        (id, member_id, kind, order_id, idempotency_key, amount, rule)
+    SELECT $1::uuid, $2::uuid, 'earn', $3::uuid, $4::text, $5::bigint, $6::jsonb
+    WHERE $5::bigint > 0
+    RETURNING id, member_id, amount
+), entries AS (
+    INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)
+    SELECT id, CASE WHEN $8::bool THEN 'member_pending' ELSE 'member_wallet' END, member_id,
+           amount - calc.repay
+    FROM txn, calc WHERE amount > calc.repay
+    UNION ALL
+    SELECT id, 'member_debt', member_id, calc.repay FROM txn, calc WHERE calc.repay > 0
+    UNION ALL
+    SELECT id, 'issued_liability', NULL, -amount FROM txn
+), lot AS (
+    INSERT INTO rewards.points_lots
+        (id, member_id, transaction_id, root_lot_id, order_id, points, remaining, status,
+         earned_at, activates_at, expires_at)
+    SELECT $7::uuid, member_id, id, $7::uuid, $3::uuid, amount - calc.repay,
+           amount - calc.repay, CASE WHEN $8::bool THEN 'pending' ELSE 'active' END,
+           $9::timestamptz, $10::timestamptz, $11::timestamptz
+    FROM txn, calc WHERE amount > calc.repay
+), balance AS (
+    INSERT INTO rewards.points_balances AS b
+        (member_id, available, pending, lifetime_earned, updated_at)
+    VALUES ($2::uuid,
+            CASE WHEN $8::bool THEN 0 ELSE $5::bigint END,
+            CASE WHEN $8::bool THEN $5::bigint ELSE 0 END,
+            $5::bigint, now())
+    ON CONFLICT (member_id) DO UPDATE
+    SET available = b.available + EXCLUDED.available - (SELECT repay FROM calc),
+        pending = b.pending + EXCLUDED.pending,
+        debt = b.debt - (SELECT repay FROM calc),
+        lifetime_earned = b.lifetime_earned + EXCLUDED.lifetime_earned,
+        updated_at = EXCLUDED.updated_at
+    RETURNING available, lifetime_earned
+), settled AS (
+    -- The final points (tier multiplier, daily cap) replace the claim's estimate.
+    UPDATE rewards.orders
+    SET points_balance_after = (SELECT available FROM balance), points_earned = $5::bigint
+    WHERE id = $3::uuid
+)
+SELECT available, lifetime_earned FROM balance
+"""
+
+
+async def record_earning(conn: Connection, earning: Earning) -> BalanceRecord:
+    """Journal the points of a just-claimed order and move the balance, in one statement."""
+    row = await conn.fetchrow(
+        RECORD_EARNING_SQL,
+        earning.transaction_id,
+        earning.member_id,
+        earning.order_id,
+        earning.idempotency_key,
+        earning.points,
+        json.dumps(earning.rule, sort_keys=True),
+        earning.lot_id,
+        earning.activates_at is not None,
+        earning.earned_at,
+        earning.activates_at,
+        earning.expires_at,
+    )
+    assert row is not None
+    return BalanceRecord(str(earning.member_id), row["available"], row["lifetime_earned"])
+
+
+FIND_ORDER_SQL = """
+SELECT s.status AS store_status, o.id, o.request_hash, o.points_earned, o.points_balance_after,
+       o.points_redeemed, o.status, o.rejection
+FROM (SELECT $1::text AS store_id, $2::text AS pos_transaction_id) AS q
+LEFT JOIN rewards.stores s ON s.store_id = q.store_id
+LEFT JOIN rewards.orders o
+    ON o.store_id = q.store_id AND o.pos_transaction_id = q.pos_transaction_id
+"""
+
+
+async def find_order(conn: Connection, store_id: str, pos_transaction_id: str) -> OrderLookup:
+    row = await conn.fetchrow(FIND_ORDER_SQL, store_id, pos_transaction_id)
+    assert row is not None  # the VALUES side always yields one row
+    order = None
+    if row["id"] is not None:
+        order = SettledOrder(
+            order_id=str(row["id"]),
+            request_hash=bytes(row["request_hash"]),
+            points_earned=row["points_earned"],
+            points_balance_after=row["points_balance_after"],
+            points_redeemed=row["points_redeemed"],
+            status=row["status"],
+            rejection=json.loads(row["rejection"]) if row["rejection"] else None,
+        )
+    return OrderLookup(row["store_status"], order)
+
+
+async def get_store(conn: Connection, store_id: str) -> StoreRecord | None:
+    row = await conn.fetchrow(
+        "SELECT store_id, name, city, address, latitude, longitude, status, time_zone"
+        " FROM rewards.stores WHERE store_id = $1",
+        store_id,
+    )
+    return StoreRecord(**dict(row)) if row else None
+
+
+async def list_stores(conn: Connection) -> list[StoreRecord]:
+    rows = await conn.fetch(
+        "SELECT store_id, name, city, address, latitude, longitude, status, time_zone"
+        " FROM rewards.stores ORDER BY store_id"
+    )
+    return [StoreRecord(**dict(r)) for r in rows]
+
+
+async def set_store_status(conn: Connection, store_id: str, status: str) -> bool:
+    done = await conn.fetchval(
+        "UPDATE rewards.stores SET status = $2 WHERE store_id = $1 RETURNING true",
+        store_id,
+        status,
+    )
+    return bool(done)
+
+
+async def upsert_stores(conn: Connection, stores: list[StoreRecord]) -> None:
+    """Insert or refresh stores; unchanged rows are left alone (no dead tuples)."""
+    await conn.executemany(
+        "INSERT INTO rewards.stores AS s"
+        " (store_id, name, city, address, latitude, longitude, status, time_zone)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " ON CONFLICT (store_id) DO UPDATE SET"
+        " name = EXCLUDED.name, city = EXCLUDED.city, address = EXCLUDED.address,"
+        " latitude = EXCLUDED.latitude, longitude = EXCLUDED.longitude, status = EXCLUDED.status,"
+        " time_zone = EXCLUDED.time_zone"
+        " WHERE (s.name, s.city, s.address, s.latitude, s.longitude, s.status, s.time_zone)"
+        " IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.city, EXCLUDED.address,"
+        " EXCLUDED.latitude, EXCLUDED.longitude, EXCLUDED.status, EXCLUDED.time_zone)",
+        [
+            (
+                s.store_id,
+                s.name,
+                s.city,
+                s.address,
+                s.latitude,
+                s.longitude,
+                s.status,
+                s.time_zone,
+            )
+            for s in stores
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class MemberState:
+    """What checkout needs about a member besides the order: the tier last
+    reported by tiering (and its multiplier, when the event carried one) and
+    whether the member was erased."""
+
+    tier_code: str | None
+    multiplier_bp: int | None
+    erased: bool
+
+
+async def member_state(conn: Connection, member_id: uuid.UUID) -> MemberState:
+    row = await conn.fetchrow(
+        "SELECT t.tier_code, t.points_multiplier_bp,"
+        " EXISTS (SELECT 1 FROM rewards.erased_members e WHERE e.member_id = $1) AS erased"
+        " FROM (SELECT 1) one"
+        " LEFT JOIN rewards.member_tiers t ON t.member_id = $1",
+        member_id,
+    )
+    assert row is not None
+    return MemberState(row["tier_code"], row["points_multiplier_bp"], row["erased"])
+
+
+async def record_tier(
+    conn: Connection,
+    member_id: uuid.UUID,
+    tier_code: str,
+    changed_at: datetime,
+    multiplier_bp: int | None = None,
+) -> None:
+    """Project a TierChanged event; an older event never overwrites a newer one.
+    A newer event without a multiplier clears the stored one (the configured
+    multiplier of its tier code applies)."""
+    await conn.execute(
+        "INSERT INTO rewards.member_tiers AS t"
+        " (member_id, tier_code, changed_at, points_multiplier_bp)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (member_id) DO UPDATE"
+        " SET tier_code = EXCLUDED.tier_code, changed_at = EXCLUDED.changed_at,"
+        " points_multiplier_bp = EXCLUDED.points_multiplier_bp"
+        " WHERE t.changed_at <= EXCLUDED.changed_at",
+        member_id,
+        tier_code,
+        changed_at,
+        multiplier_bp,
+    )
+
+
+async def is_erased(conn: Connection, member_id: uuid.UUID) -> bool:
+    erased: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM rewards.erased_members WHERE member_id = $1)", member_id
+    )
+    return erased
+
+
+async def record_erasure(conn: Connection, member_ids: list[uuid.UUID], erased_at: datetime) -> int:
+    """Record erased members once (a redelivered event keeps the first time);
+    returns how many were new."""
+    rows = await conn.fetch(
+        "INSERT INTO rewards.erased_members (member_id, erased_at)"
+        " SELECT DISTINCT unnest($1::uuid[]), $2::timestamptz"
+        " ON CONFLICT (member_id) DO NOTHING RETURNING member_id",
+        member_ids,
+        erased_at,
+    )
+    return len(rows)

@@ -1,0 +1,173 @@
+"""The door under the contract fuzz (schemathesis, issue 15's Proof): every
+operation of /openapi.json, engagement's included, 25 generated requests
+each, sent once with no credentials and once signed by a client without the
+operation's scope. Every answer is 401 (resp. 403), or the router's 404 for
+a generated path that names no route, and no table of any service changes.
+
+Schemathesis drives the live gateway from a worker thread, as in
+tests/e2e/test_gateway_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis.specs.openapi.schemas import OpenApiSchema
+
+from gateway.app import Gateway
+from gateway.auth import policy
+from gateway.auth.admin import ClientAdmin
+from gateway.auth.client import HmacAuth
+from gateway.auth.model import MEMBER_SELF, ClientKind
+from servicekit.db import asyncpg_dsn
+from tests.harness import Infra
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = 25
+SCHEMAS = ("member", "rewards", "tiering", "engagement", "gateway")
+# Written by background work (relays, consumers), not by requests.
+MOVING = {"outbox", "processed_events"}
+
+
+async def snapshot(conn: asyncpg.Connection) -> dict[str, str]:
+    """table -> digest of its rows, for every table of every schema."""
+    tables = await conn.fetch(
+        "SELECT table_schema, table_name FROM information_schema.tables"
+        " WHERE table_schema = ANY($1::text[]) AND table_type = 'BASE TABLE'"
+        " AND table_name <> 'alembic_version'",
+        list(SCHEMAS),
+    )
+    out = {}
+    for t in tables:
+        if t["table_name"] in MOVING:
+            continue
+        name = f'"{t["table_schema"]}"."{t["table_name"]}"'
+        rows = await conn.fetchval(
+            f"SELECT coalesce(string_agg(r::text, '|' ORDER BY r::text), '') FROM {name} r"
+        )
+        out[name] = hashlib.sha256(rows.encode()).hexdigest()
+    return out
+
+
+async def settled(conn: asyncpg.Connection) -> dict[str, str]:
+    """A snapshot once background work from earlier tests has stopped moving."""
+    previous = await snapshot(conn)
+    for _ in range(30):
+        await asyncio.sleep(0.5)
+        current = await snapshot(conn)
+        if current == previous:
+            return current
+        previous = current
+    raise AssertionError("the database did not settle")
+
+
+def _run_operation(
+    operation: Any, client: httpx.Client, base_url: str, answers: Counter[str]
+) -> None:
+    label = f"op {operation.method.upper()} {operation.path}"
+
+    @given(case=operation.as_strategy())
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+    )
+    def run(case: Any) -> None:
+        kwargs = case.as_transport_kwargs(base_url=base_url)
+        reply = client.send(
+            client.build_request(
+                kwargs["method"],
+                kwargs["url"],
+                params=kwargs.get("params"),
+                headers=kwargs.get("headers"),
+                json=kwargs.get("json"),
+                content=kwargs.get("data"),
+            )
+        )
+        code = reply.json().get("code", "") if reply.content else ""
+        answers[f"{reply.status_code} {code}"] += 1
+        answers[label] += 1
+
+    run()
+
+
+def _fuzz(spec: dict[str, Any], base_url: str, auth: httpx.Auth | None) -> Counter[str]:
+    schema = schemathesis.openapi.from_dict(spec)
+    assert isinstance(schema, OpenApiSchema)
+    answers: Counter[str] = Counter()
+    operations = [result.ok() for result in schema.get_all_operations()]
+    door_operations = [op for op in operations if not policy.is_public(op.method.upper(), op.path)]
+    assert len(door_operations) >= 60, "every route is in the spec"
+    with httpx.Client(base_url=base_url, auth=auth, timeout=10) as client:
+        for operation in door_operations:
+            _run_operation(operation, client, base_url, answers)
+    return answers
+
+
+async def _door_run(
+    gateway: Gateway, infra: Infra, http: httpx.AsyncClient, auth: httpx.Auth | None
+) -> Counter[str]:
+    spec = (await http.get("/openapi.json")).json()
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        before = await settled(conn)
+        target = f"http://127.0.0.1:{gateway.http_port}"
+        answers = await asyncio.to_thread(_fuzz, spec, target, auth)
+        after = await snapshot(conn)
+    finally:
+        await conn.close()
+    changed = sorted(
+        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+    )
+    assert changed == [], f"refused requests wrote to {changed}"
+    per_operation = [v for k, v in answers.items() if k.startswith("op ")]
+    # Hypothesis stops early only when an operation has fewer distinct inputs.
+    assert len(per_operation) >= 60 and min(per_operation) >= 1
+    print(f"\n{len(per_operation)} operations, {sum(per_operation)} requests")
+    return Counter({k: v for k, v in answers.items() if not k.startswith("op ")})
+
+
+# ~2 minutes each on a shared 2-core machine: hypothesis generating 25 bodies
+# for each of ~80 operations.
+@pytest.mark.timeout(600)
+async def test_unauthenticated_fuzz_is_refused_and_writes_nothing(
+    gateway: Gateway, infra: Infra, http: httpx.AsyncClient
+) -> None:
+    statuses = await _door_run(gateway, infra, http, None)
+    print(f"\nunauthenticated fuzz: {dict(statuses)}")
+    refused = {k for k in statuses if k.startswith("401 ")}
+    assert refused and set(statuses) <= refused | {"404 NOT_FOUND"}, statuses
+    assert sum(statuses[k] for k in refused) > 0.9 * sum(statuses.values())
+
+
+@pytest.mark.timeout(600)
+async def test_wrong_scope_fuzz_is_forbidden_and_writes_nothing(
+    gateway: Gateway, infra: Infra, http: httpx.AsyncClient, client_admin: ClientAdmin
+) -> None:
+    """A mini-program client holding only member:self and asserting no member:
+    no operation is open to it."""
+    weak = await client_admin.create(
+        ClientKind.MINIPROGRAM_BACKEND,
+        "fuzz without scopes",
+        scopes=[MEMBER_SELF],
+        app_ids=["wx-fuzz"],
+        rate_per_second=1_000_000.0,
+        burst=1_000_000,
+    )
+    statuses = await _door_run(gateway, infra, http, HmacAuth(weak.key_id, weak.secret))
+    print(f"\nwrong-scope fuzz: {dict(statuses)}")
+    forbidden = {k for k in statuses if k.startswith("403 ")}
+    assert forbidden and set(statuses) <= forbidden | {"404 NOT_FOUND"}, statuses
+    assert sum(statuses[k] for k in forbidden) > 0.9 * sum(statuses.values())
