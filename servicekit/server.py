@@ -322,8 +322,10 @@ class ServiceApp:
             [self.metrics.interceptor()],
             drain=self.drain,
         )
+        # The schema's own service owns its migrations (the same name for every
+        # service; a test app may serve another's schema).
         self.schema_gate = SchemaGate(
-            self.name, self.schema, f"python -m {_entry_package(self.name)} migrate"
+            self.schema, self.schema, f"python -m {_entry_package(self.schema)} migrate"
         )
         self._wire(self)
         await add_health_and_reflection(self.server, self.health, self.service_names, NOT_SERVING)
