@@ -12,9 +12,10 @@ PROTO_STAMP := protos/.generated
 # Extra arguments: make test PYTEST_ARGS='-k rewards -x'; make bench BENCH_ARGS='--rate 400'
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+FAULTS_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-shifted lint proto bench migrate seed clean install image image-smoke
+.PHONY: help run test test-shifted lint proto bench faults migrate seed clean install image image-smoke
 
 help:
 	@echo "make run      start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate,"
@@ -23,6 +24,8 @@ help:
 	@echo "make test-shifted  the suite with every clock a year ahead (needs Debian's faketime)"
 	@echo "make bench    open-loop benchmark of the POS checkout path (BENCH_ARGS='--rate 400')"
 	@echo "              other scenarios: BENCH_ARGS='identify ...' (list: .venv/bin/python -m bench list)"
+	@echo "make faults   fault suite: kill, restart and wipe parts under POS load, check with SQL"
+	@echo "              (FAULTS_ARGS='--quick' for the reduced run, '--write-docs' for the table)"
 	@echo "make migrate  migrate every schema;  make seed  seed the demo brand"
 	@echo "make image    build the container image with buildah (BASE_IMAGE=..., IMAGE=..., IMAGE_TAG=...)"
 	@echo "make image-smoke  build a Debian base with debootstrap, the image on it, then migrate"
@@ -91,6 +94,9 @@ test-shifted: $(PROTO_STAMP)
 
 bench: $(PROTO_STAMP)
 	$(PY) -m devtools.devrun bench -- $(BENCH_ARGS)
+
+faults: $(PROTO_STAMP)
+	$(PY) -m bench faults $(FAULTS_ARGS)
 
 clean:
 	rm -rf .data $(TOOLS_VENV) $(PROTO_STAMP) .mypy_cache .ruff_cache .pytest_cache .hypothesis

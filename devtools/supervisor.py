@@ -144,6 +144,8 @@ def child_env(base: Mapping[str, str], **overrides: str) -> dict[str, str]:
     env.setdefault("LOYALTY_ENV", "development")
     # Children print as they go, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"
+    # No load balancer on one machine: drain at once on SIGTERM.
+    env.setdefault("SHUTDOWN_DELAY_SECONDS", "0")
     return env
 
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 import grpc
 import uvicorn
@@ -20,11 +20,14 @@ from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
+from servicekit.dependencies import DependencyWatch, Probe, ping
 from servicekit.safety import refuse_unsafe
 from servicekit.server import (
+    Drain,
     add_health_and_reflection,
     create_grpc_server,
     serve_until_signalled,
+    stop_server,
 )
 from servicekit.telemetry import configure_tracing
 
@@ -102,6 +105,7 @@ class Gateway:
         self.http_app: FastAPI | None = None
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
+        self.drain = Drain()
         self.http_server: _EmbeddedUvicorn | None = None
         self.http_port = 0
         self.pos_grpc_port = 0
@@ -112,6 +116,8 @@ class Gateway:
         # only when auth is disabled for a benchmark baseline.
         self.door: Door | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.dependencies: DependencyWatch | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -128,6 +134,7 @@ class Gateway:
                 door=self.door,
                 max_body_bytes=s.http_max_body_bytes,
             )
+            await self._watch_dependencies(self.downstreams)
             self.metrics_port = self.metrics.start(s.metrics_host, s.metrics_port)
             await self._start_grpc(self.downstreams)
             await self._start_http(self.http_app)
@@ -144,6 +151,28 @@ class Gateway:
             self.metrics_port,
         )
 
+    async def _watch_dependencies(self, downstreams: Downstreams) -> None:
+        """Probe every dependency now and then periodically: for /readyz/detail
+        and metrics only (readiness is the gateway's own: gateway/http.py)."""
+        assert self.http_app is not None
+        probes: dict[str, Probe] = dict(downstreams.probes())
+        door = self.door
+        if door is not None:
+            probes["redis"] = lambda: ping(door.redis.ping)
+            if door.pool is not None:
+                pool = door.pool
+                probes["postgres"] = lambda: ping(lambda: pool.fetchval("SELECT 1"))
+        watch = DependencyWatch(
+            probes,
+            self.settings.dependency_check_interval_seconds,
+            self.settings.readiness_timeout_seconds,
+            registry=self.metrics.registry,
+        )
+        await watch.check()
+        self.dependencies = watch
+        self.http_app.state.dependencies = watch
+        self._watch_task = asyncio.create_task(watch.run(), name="dependencies")
+
     async def _start_grpc(self, downstreams: Downstreams) -> None:
         s = self.settings
         server = create_grpc_server(
@@ -159,6 +188,7 @@ class Gateway:
                 MessageSizeInterceptor(s.pos_max_message_bytes),
                 *([self.door.pos_interceptor()] if self.door else []),
             ],
+            drain=self.drain,
             # gRPC's own limit, past which it answers RESOURCE_EXHAUSTED unnamed.
             max_receive_message_bytes=POS_HARD_LIMIT_FACTOR * s.pos_max_message_bytes,
         )
@@ -210,17 +240,23 @@ class Gateway:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        """Graceful: NOT_SERVING and /readyz 503 first, drain both servers
-        together, then close the downstream channels."""
+        """Graceful: NOT_SERVING and /readyz 503 first; after the shutdown
+        delay (balancers stop sending) both servers drain together: new POS
+        calls are refused with UNAVAILABLE (never CANCELLED) and HTTP stops
+        accepting, while calls in progress finish within the grace; then the
+        downstream channels close."""
         if self._stopped:
             return
         self._stopped = True
         if self.http_app is not None:
             self.http_app.state.draining = True
         await self.health.enter_graceful_shutdown()
-        drains = []
+        if self.settings.shutdown_delay_seconds > 0 and self.grpc_server is not None:
+            await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        grace = self.settings.shutdown_grace_seconds
+        drains: list[Awaitable[object]] = []
         if self.grpc_server is not None:
-            drains.append(self.grpc_server.stop(self.settings.shutdown_grace_seconds))
+            drains.append(stop_server(self.grpc_server, self.drain, grace))
         if self.http_server is not None and self._http_task is not None:
             self.http_server.should_exit = True
             drains.append(self._http_task)
@@ -228,6 +264,10 @@ class Gateway:
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 log.warning("gateway drain: %r", result)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         if self.downstreams is not None:
             await self.downstreams.close()
         if self.door is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -486,6 +487,13 @@ class Downstreams:
         return sorted(
             c.name for cls, c in self._clients.items() if cls in optional and c.degraded()
         )
+
+    def probes(self) -> dict[str, Callable[[], Awaitable[str]]]:
+        """A health probe per deployed downstream (servicekit.dependencies)."""
+        return {
+            c.name: functools.partial(c.health, self.readiness_timeout)
+            for c in self._clients.values()
+        }
 
     async def health(self) -> dict[str, str]:
         """Each deployed downstream's health status, asked concurrently."""

@@ -25,7 +25,15 @@ from grpc_status import rpc_status
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from servicekit.errors import ERROR_DOMAIN, DomainError, error_info
+from servicekit.errors import (
+    CONNECTION_ERRORS,
+    ERROR_DOMAIN,
+    RETRY_AFTER_SECONDS,
+    UNAVAILABLE_CODE,
+    DomainError,
+    error_info,
+    is_connection_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +179,15 @@ def domain_problem(exc: DomainError) -> JSONResponse:
     if isinstance(retry_after_ms, int):
         # Whole seconds, rounded up: a client waiting that long is admitted.
         response.headers["Retry-After"] = str(max(1, -(-retry_after_ms // 1000)))
+    elif status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+def unavailable_problem() -> JSONResponse:
+    """A connection-level failure of the gateway's own PostgreSQL or Redis."""
+    response = problem(503, UNAVAILABLE_CODE, UNAVAILABLE_MESSAGE)
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
 
 
@@ -205,6 +222,9 @@ def install_http_handlers(app: FastAPI) -> None:
         return problem(exc.status_code, code, detail)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_connection_error(exc):
+            log.warning("%s %s: dependency unavailable: %r", request.method, request.url.path, exc)
+            return unavailable_problem()
         if isinstance(exc, ValueError) and str(exc).startswith(PROTOBUF_RANGE_ERROR):
             # A request number the route's model left unbounded, too large for
             # the downstream field (int32/int64): the caller's mistake, not ours.
@@ -221,4 +241,8 @@ def install_http_handlers(app: FastAPI) -> None:
     # normal 422), but the catch-all Exception handler at the outermost layer,
     # after every middleware has been unwound by the exception.
     app.add_exception_handler(ValueError, on_unexpected)
+    # Connection-level failures of PostgreSQL and Redis, inside the middleware
+    # stack too: 503 with Retry-After, like a downstream that is unavailable.
+    for error_class in CONNECTION_ERRORS:
+        app.add_exception_handler(error_class, on_unexpected)
     app.add_exception_handler(Exception, on_unexpected)

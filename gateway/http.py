@@ -9,6 +9,7 @@ application/problem+json (gateway/errors.py).
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Request
@@ -137,6 +138,34 @@ class Readiness(BaseModel):
     )
 
 
+class DependencyDetail(BaseModel):
+    """/readyz/detail: what each dependency answered its last probe."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "dependencies": {
+                        "member": "SERVING",
+                        "rewards": "SERVING",
+                        "tiering": "UNREACHABLE",
+                        "postgres": "UP",
+                        "redis": "DOWN",
+                    },
+                    "checked_at": "2026-12-04T17:00:00Z",
+                }
+            ]
+        }
+    )
+
+    status: str = Field(description="ready or shutting_down (the gateway's own readiness)")
+    dependencies: dict[str, str] = Field(
+        description="Per dependency: SERVING / NOT_SERVING / UNREACHABLE (services), UP / DOWN"
+    )
+    checked_at: datetime | None = Field(description="When the dependencies were last probed")
+
+
 class NotReady(Problem):
     downstreams: dict[str, str] = Field(
         default_factory=dict,
@@ -174,23 +203,47 @@ def create_app(
     async def healthz() -> Liveness:
         return Liveness(status="ok")
 
+    async def dependency_states(request: Request) -> dict[str, str]:
+        watch = getattr(request.app.state, "dependencies", None)
+        if watch is None:  # an app without its Gateway (tests): ask now
+            return await request.app.state.downstreams.health()  # type: ignore[no-any-return]
+        return dict(watch.states)
+
     @app.get(
         "/readyz",
         response_model=Readiness,
         tags=["probes"],
-        summary="Readiness: every downstream reports SERVING",
-        responses={503: problem_response("Not ready; lists each downstream's status", NotReady)},
+        summary="Readiness: the gateway itself can serve (not its dependencies)",
+        responses={503: problem_response("Shutting down", NotReady)},
     )
     async def readyz(request: Request) -> Readiness | JSONResponse:
+        # Only what the gateway needs itself: it is up (listeners bound, the
+        # credential cache loaded at start) and not draining. A dependency
+        # that is down fails the calls that need it, not the probe: one
+        # service's outage must not take every gateway replica out of the
+        # balancer (servicekit/dependencies.py). Its state is listed here and
+        # on /readyz/detail and the loyalty_dependency_up metric.
         if request.app.state.draining:
             return problem(503, "SHUTTING_DOWN", "the gateway is shutting down")
-        statuses = await request.app.state.downstreams.health()
-        down = sorted(name for name, status in statuses.items() if status != "SERVING")
-        if down:
-            return problem(
-                503, "NOT_READY", f"not serving: {', '.join(down)}", downstreams=statuses
-            )
-        return Readiness(status="ready", downstreams=statuses)
+        states = await dependency_states(request)
+        names = set(request.app.state.downstreams.probes())
+        return Readiness(
+            status="ready", downstreams={k: v for k, v in states.items() if k in names}
+        )
+
+    @app.get(
+        "/readyz/detail",
+        response_model=DependencyDetail,
+        tags=["probes"],
+        summary="Each dependency's state at its last probe (for dashboards, not probes)",
+    )
+    async def readyz_detail(request: Request) -> DependencyDetail:
+        watch = getattr(request.app.state, "dependencies", None)
+        return DependencyDetail(
+            status="shutting_down" if request.app.state.draining else "ready",
+            dependencies=await dependency_states(request),
+            checked_at=watch.checked_at if watch is not None else None,
+        )
 
     # Requests are matched against the routes in order, twice (the door, then
     # the router), so the member centre's reads come first. No two routes

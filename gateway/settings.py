@@ -27,11 +27,18 @@ class GatewaySettings(CommonSettings):
     # Deadline on every downstream call; a slow or dead service costs a caller
     # at most this long, then UNAVAILABLE / 503.
     downstream_timeout_seconds: float = Field(default=2.0, gt=0)
-    # /readyz asks every downstream's health service, each within this long.
+    # Every dependency (downstreams, PostgreSQL, Redis) is probed this often,
+    # each within readiness_timeout_seconds; /readyz/detail and the
+    # loyalty_dependency_up metric show the answers (readiness does not
+    # depend on them: servicekit/dependencies.py).
+    dependency_check_interval_seconds: float = Field(default=5.0, gt=0)
     readiness_timeout_seconds: float = Field(default=1.0, gt=0)
     # On SIGTERM: NOT_SERVING / 503 on /readyz first, then in-flight requests
     # get this long to finish.
     shutdown_grace_seconds: float = 10.0
+    # Between reporting NOT_SERVING (/readyz 503) and refusing new calls, so
+    # load balancers stop sending first; 0 in tests.
+    shutdown_delay_seconds: float = Field(default=3.0, ge=0)
     # Recycle POS connections so new gateway pods behind a ClusterIP get traffic.
     max_connection_age_ms: int = 300_000
     # Prometheus /metrics on its own port, never the public one (gateway/metrics.py).

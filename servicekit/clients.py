@@ -55,5 +55,11 @@ def create_channel(target: str, traced: bool | None = None) -> grpc.aio.Channel:
             ("grpc.service_config", SERVICE_CONFIG),
             *CLIENT_KEEPALIVE_OPTIONS,
             ("grpc.enable_retries", 0),
+            # Reconnect within a second of a restarted service: the defaults
+            # (1 s, growing to 120 s) kept the gateway failing for seconds
+            # after rewards was back (fault suite, docs/operations.md).
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ],
     )

@@ -10,6 +10,17 @@ handler fails stays pending and is retried after `retry_after_ms`; after
 `max_attempts` deliveries it is parked on a dead-letter stream with the error
 and acknowledged, so one poison event never blocks the rest. An event read
 alone gets a transaction of its own (no savepoint to pay for).
+
+Durable events (servicekit/outbox.py): every entry carries its producer's
+sequence number, and processed_events records it (events of types this group
+does not handle and dead-lettered ones too, so the sequence has no holes of
+its own making). `event_cursors` holds, per producer, the highest contiguous
+sequence applied. A cursor that stands still for `gap_grace_seconds` while
+events past it exist (applied, or published by the producer's `head`), with
+the missing one neither pending nor still unread in the stream, is a gap: the
+consumer asks the producer's relay to replay from there, and logs and counts
+it (gap found, gap healed: metrics below). A stream or group that vanished
+(NOGROUP, Redis restarted empty or failed over) asks for a replay at once.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import contextlib
 import logging
 import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,19 +38,71 @@ from typing import Any
 from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from loyalty.events.v1 import events_pb2
 
 from .db import Database, UnitOfWork
-from .events import ENVELOPE_FIELD, ReceivedEvent, dead_letter_stream, stream_name, unpack
+from .events import (
+    ENVELOPE_FIELD,
+    SEQ_FIELD,
+    ReceivedEvent,
+    dead_letter_stream,
+    head_key,
+    replay_key,
+    stream_name,
+    unpack,
+)
 from .telemetry import extract_context
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 Handler = Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]]
+
+# Process-wide (prometheus_client's default registry; each service's metrics port
+# serves it beside the service's own registry: servicekit/metrics.py).
+GAPS_FOUND = Counter(
+    "loyalty_event_gaps_found",
+    "Gaps in a producer's event sequence found by a consumer group (a replay was asked for)",
+    ["consumer", "producer"],
+)
+GAPS_HEALED = Counter(
+    "loyalty_event_gaps_healed",
+    "Gaps in a producer's event sequence filled by a replay",
+    ["consumer", "producer"],
+)
+STREAMS_LOST = Counter(
+    "loyalty_event_streams_lost",
+    "A consumer group found its stream or group gone (Redis lost data) and asked for a replay",
+    ["consumer", "producer"],
+)
+CONSUMER_LAG = Gauge(
+    "loyalty_event_consumer_lag",
+    "Events a consumer group has not applied yet: producer's last sequence minus the cursor",
+    ["consumer", "producer"],
+)
+# A walk of the cursor reads at most this many applied sequence numbers.
+CURSOR_WALK_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class CursorStatus:
+    """One consumer group's position on one producer's sequence."""
+
+    consumer: str
+    producer: str
+    applied: int
+    published: int  # the producer's head as last seen (0: unknown)
+    replay_from: int | None
+    gaps_found: int
+    gaps_healed: int
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.published - self.applied)
 
 
 @dataclass(frozen=True)
@@ -60,6 +124,8 @@ class EventConsumer:
         retry_after_ms: int = 2_000,
         block_ms: int = 1_000,
         batch_size: int = 100,
+        gap_grace_seconds: float = 5.0,
+        check_interval_seconds: float = 1.0,
     ) -> None:
         self.group = group
         self._db = db
@@ -69,6 +135,8 @@ class EventConsumer:
         self._retry_after_ms = retry_after_ms
         self._block_ms = block_ms
         self._batch_size = batch_size
+        self._gap_grace = gap_grace_seconds
+        self._check_interval = check_interval_seconds
         self._consumer_name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._stopping = False
         # stream -> {event type -> subscription}
@@ -84,23 +152,39 @@ class EventConsumer:
         """Each stream this group reads, with its producing service."""
         return dict(self._producers)
 
-    async def ensure_groups(self) -> None:
+    async def ensure_groups(self) -> list[str]:
+        """Create missing groups (and streams); returns the streams whose group was created."""
+        created = []
         for stream in self._routes:
             try:
                 # "0": a new group starts from the beginning of the stream, so
                 # events published before this consumer first ran are not lost.
                 await self._redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+                created.append(stream)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        return created
+
+    async def _recreate_groups(self) -> None:
+        """A group made now is new or was lost with Redis's data: ask each of
+        their producers to replay what this group has not applied."""
+        for stream in await self.ensure_groups():
+            await self.check_cursor(stream, lost=True)
 
     async def run(self) -> None:
-        await self.ensure_groups()
+        started = False
         streams = dict.fromkeys(self._routes, ">")
-        last_retry = 0.0
+        last_retry = last_check = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
+                if not started:  # here, not before the loop: Redis may be down at start
+                    await self._recreate_groups()
+                    started = True
+                if loop.time() - last_check >= self._check_interval:
+                    last_check = loop.time()
+                    await self.check_cursors()
                 replies: Any = await self._redis.xreadgroup(
                     self.group,
                     self._consumer_name,
@@ -116,14 +200,178 @@ class EventConsumer:
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # stream deleted under us: recreate
-                    await self.ensure_groups()
+                if "NOGROUP" in str(exc):  # stream or group lost under us: recreate
+                    log.warning("event consumer %s: %s; recreating its groups", self.group, exc)
+                    with contextlib.suppress(Exception):
+                        await self._recreate_groups()
                     continue
                 log.exception("event consumer %s failed; retrying", self.group)
                 await asyncio.sleep(1)
             except Exception:
                 log.exception("event consumer %s failed; retrying", self.group)
                 await asyncio.sleep(1)
+
+    def configure_gaps(self, grace_seconds: float, check_interval_seconds: float) -> None:
+        self._gap_grace = grace_seconds
+        self._check_interval = check_interval_seconds
+
+    async def check_cursors(self) -> None:
+        for stream in self._routes:
+            await self.check_cursor(stream)
+
+    async def _head(self, stream: str) -> tuple[int, int]:
+        """The producer's (last published, oldest kept) sequence; 0s when unknown."""
+        raw = await self._redis.hmget(head_key(stream), [b"head", b"floor"])
+        return (int(raw[0]) if raw[0] else 0, int(raw[1]) if raw[1] else 0)
+
+    async def check_cursor(self, stream: str, lost: bool = False) -> CursorStatus:
+        """Move the cursor over what is applied; find and heal gaps (module
+        docstring). `lost`: the stream or group was just recreated, so ask for
+        a replay from the cursor at once."""
+        producer = self._producers[stream]
+        head, floor = await self._head(stream)
+        schema = self._db.schema
+        labels = (self.group, producer)
+        async with self._db.unit_of_work() as uow:
+            conn = uow.conn
+            if await conn.fetchval(
+                f"INSERT INTO {schema}.event_cursors (consumer, producer) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                *labels,
+            ):
+                lost = False  # a group running for the first time lost nothing
+
+            cur = await conn.fetchrow(
+                "SELECT applied_seq, replay_from, gaps_found, gaps_healed,"
+                " extract(epoch FROM now() - progressed_at)::float8 AS stalled,"
+                " extract(epoch FROM now() - replay_requested_at)::float8 AS asked"
+                f" FROM {schema}.event_cursors WHERE consumer = $1 AND producer = $2 FOR UPDATE",
+                *labels,
+            )
+            assert cur is not None
+            applied = start = cur["applied_seq"]
+            replay_from, found, healed = cur["replay_from"], cur["gaps_found"], cur["gaps_healed"]
+            if floor and applied < floor - 1:
+                log.error(
+                    "consumer %s: events %d..%d of %s are past the producer's retention;"
+                    " they cannot be replayed and are skipped",
+                    self.group,
+                    applied + 1,
+                    floor - 1,
+                    producer,
+                )
+                applied = floor - 1
+                replay_from = None  # nothing left to heal it with
+            seqs = await conn.fetch(
+                f"SELECT seq FROM {schema}.processed_events"
+                " WHERE consumer = $1 AND producer = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+                *labels,
+                applied,
+                CURSOR_WALK_ROWS,
+            )
+            for row in seqs:
+                if row["seq"] != applied + 1:
+                    break
+                applied += 1
+            published = max(head, seqs[-1]["seq"] if seqs else 0, applied)
+            progressed = applied > start or applied >= published
+            if replay_from is not None and applied >= replay_from:
+                healed += 1
+                GAPS_HEALED.labels(*labels).inc()
+                log.warning(
+                    "event gap healed: consumer %s, producer %s, from seq %d;"
+                    " cursor now %d after standing %.1fs",
+                    self.group,
+                    producer,
+                    replay_from,
+                    applied,
+                    cur["stalled"],
+                )
+                replay_from = None
+            ask = False
+            if lost:
+                ask = True
+                STREAMS_LOST.labels(*labels).inc()
+                if applied < published and replay_from is None:
+                    replay_from = applied + 1
+                    found += 1
+                    GAPS_FOUND.labels(*labels).inc()
+                log.warning(
+                    "consumer %s: stream of %s or its group was lost; asking for a replay"
+                    " from seq %d (producer's head %d)",
+                    self.group,
+                    producer,
+                    applied + 1,
+                    head,
+                )
+            elif (
+                not progressed
+                and cur["stalled"] >= self._gap_grace
+                and (cur["asked"] is None or cur["asked"] >= self._gap_grace)
+                and not await self._in_flight(stream, applied + 1)
+            ):
+                ask = True
+                if replay_from is None:
+                    replay_from = applied + 1
+                    found += 1
+                    GAPS_FOUND.labels(*labels).inc()
+                log.warning(
+                    "event gap found: consumer %s, producer %s: seq %d missing"
+                    " (cursor %d, producer at %d); asking for a replay",
+                    self.group,
+                    producer,
+                    applied + 1,
+                    applied,
+                    published,
+                )
+            await conn.execute(
+                f"UPDATE {schema}.event_cursors SET applied_seq = $3,"
+                " progressed_at = CASE WHEN $4 THEN now() ELSE progressed_at END,"
+                " replay_from = $5,"
+                " replay_requested_at = CASE WHEN $6 THEN now()"
+                "  WHEN $5::bigint IS NULL THEN NULL ELSE replay_requested_at END,"
+                " gaps_found = $7, gaps_healed = $8"
+                " WHERE consumer = $1 AND producer = $2",
+                *labels,
+                applied,
+                progressed,
+                replay_from,
+                ask,
+                found,
+                healed,
+            )
+        if ask:
+            await self._redis.rpush(replay_key(stream), f"{self.group} {applied + 1}".encode())
+        CONSUMER_LAG.labels(*labels).set(max(0, published - applied))
+        return CursorStatus(self.group, producer, applied, published, replay_from, found, healed)
+
+    async def _in_flight(self, stream: str, seq: int) -> bool:
+        """Whether event `seq` may still arrive on its own: the group has not
+        read the whole stream yet, or the event is pending (failed, retrying)."""
+        try:
+            groups = await self._redis.xinfo_groups(stream)
+        except ResponseError:  # no such stream (lost): nothing can arrive on its own
+            return False
+        mine = [g for g in groups if _text(g["name"]) == self.group]
+        if not mine:
+            return False
+        # An entry the group has not read yet (XINFO GROUPS' `lag` needs Redis 7,
+        # and the last generated id still names a deleted entry).
+        delivered = _text(mine[0]["last-delivered-id"])
+        if await self._redis.xrange(stream, min=f"({delivered}", max="+", count=1):
+            return True
+        pending = await self._redis.xpending_range(
+            stream, self.group, min="-", max="+", count=self._batch_size
+        )
+        if len(pending) >= self._batch_size:
+            return True  # too many to look at: wait for them
+        if not pending:
+            return False
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for p in pending:
+                pipe.xrange(stream, min=p["message_id"], max=p["message_id"], count=1)
+            found = await pipe.execute()
+        return any(entries and _seq(entries[0][1]) == seq for entries in found)
 
     def stop(self) -> None:
         """Leave the loop after the current read. Cancelling the task is not
@@ -157,11 +405,13 @@ class EventConsumer:
     async def _deliver_batch(self, stream: str, entries: list[tuple[Any, Any]]) -> None:
         """Handle one read's entries in one transaction (in member order when
         every entry names its member), then acknowledge them."""
-        routed: list[tuple[str, events_pb2.EventEnvelope, Subscription]] = []
+        routed: list[tuple[str, events_pb2.EventEnvelope, Subscription, int | None]] = []
         done: list[str] = []  # entries to acknowledge after the commit
+        skipped: list[tuple[str, int]] = []  # (event id, seq) of events not for this group
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
             raw = fields.get(ENVELOPE_FIELD)
+            seq = _seq(fields)
             envelope = events_pb2.EventEnvelope()
             try:
                 if raw is None:
@@ -169,15 +419,17 @@ class EventConsumer:
                 envelope.ParseFromString(raw)
             except Exception as exc:
                 await self._dead_letter(
-                    stream, entry_id, raw or b"", f"unreadable envelope: {exc}", 1
+                    stream, entry_id, raw or b"", f"unreadable envelope: {exc}", 1, seq
                 )
                 continue
             sub = self._routes.get(stream, {}).get(envelope.event_type)
             if sub is None:  # an event this consumer does not care about
                 done.append(entry_id)
+                if seq is not None:
+                    skipped.append((envelope.event_id, seq))
             else:
-                routed.append((entry_id, envelope, sub))
-        if all(envelope.member_id for _, envelope, _ in routed):
+                routed.append((entry_id, envelope, sub, seq))
+        if all(envelope.member_id for _, envelope, _, _ in routed):
             # Lock members in id order, as every batch job does (tiering's
             # recompute chunks): a read's transaction holds its members' rows
             # until it commits, and in arrival order it could deadlock with a
@@ -185,16 +437,34 @@ class EventConsumer:
             # may depend on the order across members).
             routed.sort(key=lambda r: r[1].member_id)
         if len(routed) == 1:  # alone: its own transaction, no savepoint to pay for
-            entry_id, envelope, sub = routed[0]
-            if await self._handle(None, stream, entry_id, envelope, sub):
+            entry_id, envelope, sub, seq = routed[0]
+            if await self._handle(None, stream, entry_id, envelope, sub, seq):
                 done.append(entry_id)
         elif routed:
             async with self._db.unit_of_work() as batch:
-                for entry_id, envelope, sub in routed:
-                    if await self._handle(batch, stream, entry_id, envelope, sub):
+                for entry_id, envelope, sub, seq in routed:
+                    if await self._handle(batch, stream, entry_id, envelope, sub, seq):
                         done.append(entry_id)
+                if skipped:
+                    await self._record_skipped(batch.conn, stream, skipped)
+                    skipped = []
+        if skipped:
+            async with self._db.pool.acquire() as conn:
+                await self._record_skipped(conn, stream, skipped)
         if done:
             await self._redis.xack(stream, self.group, *done)
+
+    async def _record_skipped(self, conn: Any, stream: str, skipped: list[tuple[str, int]]) -> None:
+        """Events of types this group does not handle still count on the cursor."""
+        await conn.execute(
+            f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id, producer, seq)"
+            " SELECT $1, e, $2, s FROM unnest($3::uuid[], $4::bigint[]) AS t(e, s)"
+            " ON CONFLICT DO NOTHING",
+            self.group,
+            self._producers[stream],
+            [event_id for event_id, _ in skipped],
+            [seq for _, seq in skipped],
+        )
 
     @contextlib.asynccontextmanager
     async def _isolated(self, batch: UnitOfWork | None) -> AsyncIterator[UnitOfWork]:
@@ -213,6 +483,7 @@ class EventConsumer:
         entry_id: str,
         envelope: events_pb2.EventEnvelope,
         sub: Subscription,
+        seq: int | None = None,
     ) -> bool:
         """Apply one event in its own transaction (see `_isolated`); False if
         it failed (its effects rolled back, the entry left pending or
@@ -229,10 +500,13 @@ class EventConsumer:
                 )
                 async with self._isolated(batch) as uow:
                     first_time = await uow.conn.fetchval(
-                        f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id)"
-                        " VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
+                        f"INSERT INTO {self._db.schema}.processed_events"
+                        " (consumer, event_id, producer, seq)"
+                        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
                         self.group,
                         envelope.event_id,
+                        sub.producer if seq is not None else None,
+                        seq,
                     )
                     if first_time:
                         await sub.handler(uow, event)
@@ -243,7 +517,7 @@ class EventConsumer:
             attempts = await self._delivery_count(stream, entry_id)
             if attempts >= self._max_attempts:
                 await self._dead_letter(
-                    stream, entry_id, envelope.SerializeToString(), repr(exc), attempts
+                    stream, entry_id, envelope.SerializeToString(), repr(exc), attempts, seq
                 )
             else:
                 log.warning(
@@ -265,10 +539,28 @@ class EventConsumer:
         return int(pending[0]["times_delivered"]) if pending else self._max_attempts
 
     async def _dead_letter(
-        self, stream: str, entry_id: str, envelope: bytes, error: str, attempts: int
+        self,
+        stream: str,
+        entry_id: str,
+        envelope: bytes,
+        error: str,
+        attempts: int,
+        seq: int | None = None,
     ) -> None:
         dlq = dead_letter_stream(self._namespace, self._producers[stream], self.group)
         log.error("event %s on %s dead-lettered to %s: %s", entry_id, stream, dlq, error)
+        if seq is not None:
+            # Its number counts as settled (the dead-letter stream explains it),
+            # under an id of its own: the event itself stays unprocessed, so a
+            # redrive from the dead-letter stream still applies it.
+            await self._db.pool.execute(
+                f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id, producer, seq)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                self.group,
+                uuid.uuid4(),
+                self._producers[stream],
+                seq,
+            )
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
                 dlq,
@@ -282,6 +574,15 @@ class EventConsumer:
             )
             pipe.xack(stream, self.group, entry_id)
             await pipe.execute()
+
+
+def _seq(fields: dict[bytes, bytes]) -> int | None:
+    """The producer's sequence number of an entry (None: published before sequences)."""
+    raw = fields.get(SEQ_FIELD)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 def _text(value: bytes | str) -> str:

@@ -12,6 +12,7 @@ rolls back on any exception. Business code never commits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from google.protobuf.message import Message
 
+from .errors import PG_CONNECTION_ERRORS
 from .events import make_envelope
 
 Connection = asyncpg.Connection
@@ -86,17 +88,28 @@ class UnitOfWork:
         return self._conn  # type: ignore[no-any-return]
 
     async def __aenter__(self) -> UnitOfWork:
-        self._conn = await self._pool.acquire()
-        if not self._transactional:
-            return self
-        try:
-            self._tx = self._conn.transaction()
-            await self._tx.start()
-        except BaseException:
-            await self._pool.release(self._conn)
-            self._conn = None
-            raise
-        return self
+        # Every idle connection may be one the server closed (a restart): at
+        # most the whole pool, then one freshly connected.
+        attempts = self._pool.get_max_size() + 1
+        for attempt in range(attempts):
+            self._conn = await self._pool.acquire()
+            if not self._transactional:
+                return self
+            try:
+                self._tx = self._conn.transaction()
+                await self._tx.start()
+                return self
+            except PG_CONNECTION_ERRORS:
+                # A pooled connection the server closed: nothing was done on
+                # it yet, so drop it and take another.
+                await self._discard()
+                if attempt == attempts - 1:
+                    raise
+            except BaseException:
+                await self._pool.release(self._conn)
+                self._conn = None
+                raise
+        raise AssertionError("unreachable")
 
     async def __aexit__(
         self,
@@ -104,6 +117,11 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None and isinstance(exc, PG_CONNECTION_ERRORS):
+            # The connection is broken: a ROLLBACK on it would only fail again
+            # (and hide `exc`); the server rolls back when the socket goes.
+            await self._discard()
+            return
         try:
             if self._tx is None:
                 pass  # reads only: nothing to end
@@ -113,9 +131,27 @@ class UnitOfWork:
                     self._on_commit()
             else:
                 await self._tx.rollback()
-        finally:
-            await self._pool.release(self._conn)
-            self._conn = None
+        except PG_CONNECTION_ERRORS:
+            await self._discard()
+            if exc is None:
+                raise  # a COMMIT whose outcome is unknown: the caller retries (idempotently)
+            return  # the rollback failed with the connection: `exc` goes on
+        except BaseException:
+            await self._discard()
+            raise
+        await self._pool.release(self._conn)
+        self._conn = None
+
+    async def _discard(self) -> None:
+        """Close the connection for good and give its slot back to the pool."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # Either may find the pool already took the closed connection back.
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        with contextlib.suppress(Exception):
+            await self._pool.release(conn)
 
     async def emit(self, payload: Message, member_id: str = "") -> str:
         """Write an event to this service's outbox, inside the current transaction."""

@@ -1,4 +1,5 @@
-"""The one entrypoint shape: `python -m services.<name> [serve|migrate|check-migrations]`."""
+"""The one entrypoint shape:
+`python -m services.<name> [serve|migrate|check-migrations|events status]`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from .eventstatus import print_events_status
 from .migrations import pending_changes, upgrade
 from .server import ServiceApp, run_service
 from .settings import ServiceSettings
@@ -17,10 +19,17 @@ def main(name: str, build: Callable[[ServiceSettings], ServiceApp]) -> None:
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "migrate", "check-migrations"],
-        help="serve gRPC (default); migrate the schema to head; check models match migrations",
+        choices=["serve", "migrate", "check-migrations", "events"],
+        help="serve gRPC (default); migrate the schema to head; check models match"
+        " migrations; events status: sequences published and applied, lag, gaps",
     )
+    parser.add_argument("action", nargs="?", choices=["status"], help="for events: status")
     args = parser.parse_args()
+    if args.command == "events":
+        if args.action != "status":
+            parser.error("events needs an action: events status")
+        print_events_status(name, ServiceSettings())
+        return
     if args.command == "serve":
         run_service(build, name)
     elif args.command == "migrate":

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import uuid
 
+import asyncpg
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError as RedisReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 ERROR_DOMAIN = "loyalty"
 
@@ -71,6 +75,49 @@ class Unavailable(DomainError):
     default_code = "UNAVAILABLE"
 
 
+# Failures of the connection to PostgreSQL or Redis, not of the request: a
+# broken socket, a server restarting or shutting down, a pool connection left
+# unusable, a failover (writes to a replica). Callers get UNAVAILABLE with a
+# retry hint; the connection leaves the pool (servicekit/db.py).
+PG_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    OSError,  # ConnectionRefusedError, ConnectionResetError, TimeoutError
+    asyncpg.PostgresConnectionError,  # class 08, ConnectionDoesNotExistError
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ReadOnlySQLTransactionError,  # connected to a former primary after a failover
+    asyncpg.InterfaceError,  # "connection is closed", "connection was released"
+    # A FATAL ErrorResponse (server shutting down) that reached a connection
+    # idle in the pool leaves asyncpg's protocol expecting a ReadyForQuery
+    # that never comes: the next statement fails with "cannot switch to state
+    # N; another operation (2) is in progress" (docs/operations.md).
+    asyncpg.InternalClientError,
+)
+REDIS_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    RedisConnectionError,  # includes BusyLoadingError (a replica loading)
+    RedisTimeoutError,
+    RedisReadOnlyError,  # a replica after a failover
+)
+CONNECTION_ERRORS = PG_CONNECTION_ERRORS + REDIS_CONNECTION_ERRORS
+# Seconds a caller should wait before retrying a connection-level failure.
+RETRY_AFTER_SECONDS = 1
+UNAVAILABLE_CODE = "DEPENDENCY_UNAVAILABLE"
+UNAVAILABLE_MESSAGE = "a dependency of the service is unavailable; retry later"
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was explicitly raised from) is a connection-level failure."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:
+        if isinstance(current, CONNECTION_ERRORS):
+            return True
+        current = current.__cause__
+        seen += 1
+    return False
+
+
 def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
     """A member id from a request, or InvalidArgument naming `field`."""
     try:
@@ -81,15 +128,39 @@ def parse_member_id(value: str, field: str = "member_id") -> uuid.UUID:
         ) from None
 
 
-def to_rpc_status(status: grpc.StatusCode, message: str, code: str, field: str = "") -> grpc.Status:
-    """Build a grpc.Status carrying google.rpc.ErrorInfo {reason=code, metadata.field}."""
+def to_rpc_status(
+    status: grpc.StatusCode,
+    message: str,
+    code: str,
+    field: str = "",
+    retry_after_seconds: float | None = None,
+) -> grpc.Status:
+    """Build a grpc.Status carrying google.rpc.ErrorInfo {reason=code, metadata.field}
+    (and google.rpc.RetryInfo when the caller should retry after a delay)."""
     info = error_details_pb2.ErrorInfo(reason=code, domain=ERROR_DOMAIN)
     if field:
         info.metadata["field"] = field
     detail = any_pb2.Any()
     detail.Pack(info)
-    proto = status_pb2.Status(code=status.value[0], message=message, details=[detail])
+    details = [detail]
+    if retry_after_seconds is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(int(retry_after_seconds * 1000))
+        packed = any_pb2.Any()
+        packed.Pack(retry)
+        details.append(packed)
+    proto = status_pb2.Status(code=status.value[0], message=message, details=details)
     return rpc_status.to_status(proto)
+
+
+def unavailable_status() -> grpc.Status:
+    """What a caller sees for a connection-level failure: retry in a second."""
+    return to_rpc_status(
+        grpc.StatusCode.UNAVAILABLE,
+        UNAVAILABLE_MESSAGE,
+        UNAVAILABLE_CODE,
+        retry_after_seconds=RETRY_AFTER_SECONDS,
+    )
 
 
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, str]:

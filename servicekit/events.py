@@ -15,11 +15,23 @@ from .telemetry import inject_context
 
 # Streams entries carry the serialized envelope under this field.
 ENVELOPE_FIELD = b"envelope"
+# ... and the producer's sequence number (servicekit/outbox.py), in decimal.
+SEQ_FIELD = b"seq"
 
 
 def stream_name(namespace: str, producer: str) -> str:
     """One stream per producing service, e.g. "loyalty:events:rewards"."""
     return f"{namespace}:events:{producer}"
+
+
+def head_key(stream: str) -> str:
+    """Hash the relay keeps: `head` (last sequence published), `floor` (oldest kept)."""
+    return f"{stream}:head"
+
+
+def replay_key(stream: str) -> str:
+    """List of "group from_seq" requests the producer's relay serves."""
+    return f"{stream}:replay"
 
 
 def dead_letter_stream(namespace: str, producer: str, group: str) -> str:

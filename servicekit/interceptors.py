@@ -8,23 +8,16 @@ from typing import Any
 
 import asyncpg
 import grpc
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import DomainError, to_rpc_status
+from .errors import (
+    RETRY_AFTER_SECONDS,
+    DomainError,
+    is_connection_error,
+    to_rpc_status,
+    unavailable_status,
+)
 
 log = logging.getLogger(__name__)
-
-# Infrastructure failures a caller can retry: reported as UNAVAILABLE.
-_UNAVAILABLE = (
-    OSError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    RedisConnectionError,
-    RedisTimeoutError,
-)
 
 # Raised by PostgreSQL for text the database encoding cannot hold.
 _UNSTORABLE_TEXT = (
@@ -60,7 +53,11 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return await inner(request, context)
             except DomainError as exc:
-                await _abort(context, to_rpc_status(exc.status, exc.message, exc.code, exc.field))
+                # UNAVAILABLE (here, or a downstream's passed on) says when to retry.
+                retry = RETRY_AFTER_SECONDS if exc.status == grpc.StatusCode.UNAVAILABLE else None
+                await _abort(
+                    context, to_rpc_status(exc.status, exc.message, exc.code, exc.field, retry)
+                )
             except grpc.aio.AbortError:
                 raise
             except _UNSTORABLE_TEXT as exc:
@@ -75,17 +72,12 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
                         "INVALID_CHARACTERS",
                     ),
                 )
-            except _UNAVAILABLE as exc:
-                log.warning("%s: dependency unavailable: %r", method, exc)
-                await _abort(
-                    context,
-                    to_rpc_status(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "a dependency of the service is unavailable; retry later",
-                        "DEPENDENCY_UNAVAILABLE",
-                    ),
-                )
-            except Exception:
+            except Exception as exc:
+                if is_connection_error(exc):
+                    # Infrastructure a caller can retry: UNAVAILABLE with a hint.
+                    log.warning("%s: dependency unavailable: %r", method, exc)
+                    await _abort(context, unavailable_status())
+                    return None
                 # Log the details here; the caller gets no stack trace or address.
                 log.exception("%s failed", method)
                 await _abort(

@@ -21,14 +21,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from threading import Thread
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Metric,
+    start_http_server,
+)
 
 from .errors import DomainError
 from .events import dead_letter_stream
@@ -71,6 +79,17 @@ def split_method(full: str) -> tuple[str, str]:
 class Probe:
     gauge: Gauge
     read: Callable[[], Awaitable[float]]
+
+
+class _Registries:
+    """A collector over several registries, so one HTTP endpoint serves them all."""
+
+    def __init__(self, *registries: CollectorRegistry) -> None:
+        self._registries = registries
+
+    def collect(self) -> Iterator[Metric]:
+        for registry in self._registries:
+            yield from registry.collect()
 
 
 class ServiceMetrics:
@@ -226,8 +245,13 @@ class ServiceMetrics:
     # ---- serving --------------------------------------------------------------
 
     def start(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port (0: a free port); returns the bound port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics on host:port (0: a free port); returns the bound port.
+        The port serves this service's registry and the process-wide one
+        (event gaps and lag, dependency state: servicekit/consumer.py,
+        servicekit/dependencies.py), so a pod has one metrics port."""
+        served = CollectorRegistry(auto_describe=False)
+        served.register(_Registries(self.registry, REGISTRY))
+        server, thread = start_http_server(port, addr=host, registry=served)
         self._server, self._thread = server, thread
         self.port = int(server.server_port)
         return self.port

@@ -1,27 +1,56 @@
 """Outbox relay: moves committed events from a service's outbox table to its
-Redis stream.
+Redis stream, numbered, and keeps them so a consumer can ask for them again.
 
-At-least-once: an event is deleted from the outbox only after XADD succeeded,
-in the same transaction that locked it, so a crash in between publishes it
-again and consumers drop the duplicate by event id. Several replicas can run
-the relay at once: rows are claimed with FOR UPDATE SKIP LOCKED.
+Durable events (docs/architecture.md "Events"): Redis is not the only copy.
+
+1. Sequence: committed rows without a number get the next ones of the
+   producer's gap-free sequence, in id order, in a transaction of their own
+   under an advisory lock (one relay numbers at a time; replicas wait their
+   turn). Numbers are given only to committed rows and the numbering commits
+   before anything is published, so a number always names one event.
+2. Publish: numbered, unpublished rows are XADDed in sequence order with their
+   number (the `seq` field beside the envelope), then marked published. A
+   crash in between publishes them again; consumers drop the duplicate by
+   event id.
+3. Keep: published rows stay for `OUTBOX_RETENTION_DAYS` (the pruner deletes
+   them in batches, never the newest, which carries the sequence on).
+4. Replay: a consumer that finds a gap (or finds its stream or group gone
+   after Redis lost data) pushes "group from_seq" onto `<stream>:replay`; the
+   relay publishes every kept event from there on again.
+
+The relay also keeps `<stream>:head` (a hash: `head`, the last number
+published, and `floor`, the oldest kept), so a consumer notices events lost
+at the tail of the stream, where no later event shows the gap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from .db import Database
-from .events import ENVELOPE_FIELD
+from .events import ENVELOPE_FIELD, SEQ_FIELD, head_key, replay_key
 
 log = logging.getLogger(__name__)
 
 # Streams are trimmed approximately to this many entries; consumers keep up
 # long before that, and the dead-letter streams keep what failed.
 STREAM_MAX_LEN = 1_000_000
+# Replay requests are served and the head refreshed at most this often.
+UPKEEP_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """What `events status` shows for a producer."""
+
+    last_published: int
+    unpublished: int
+    kept: int
+    floor: int
 
 
 class OutboxRelay:
@@ -38,46 +67,169 @@ class OutboxRelay:
         self._stream = stream
         self._batch_size = batch_size
         self._poll_interval = poll_interval
+        self._table = f"{db.schema}.outbox"
+        # One relay numbers and publishes at a time (advisory lock, per schema).
+        self._lock_name = f"outbox:{db.schema}"
+        self._stopping = False
+        self._last_upkeep = 0.0
+
+    async def sequence_pending(self) -> int:
+        """Number one batch of committed rows; how many got a number (0 when
+        another replica holds the lock)."""
+        async with self._db.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))", self._lock_name
+            ):
+                return 0
+            status = await conn.execute(
+                f"WITH todo AS (SELECT id FROM {self._table} WHERE seq IS NULL"
+                "  ORDER BY id LIMIT $1 FOR UPDATE),"
+                f" base AS (SELECT coalesce(max(seq), 0) AS last FROM {self._table}),"
+                " numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM todo)"
+                f" UPDATE {self._table} o SET seq = base.last + numbered.n"
+                " FROM numbered, base WHERE o.id = numbered.id",
+                self._batch_size,
+            )
+            return int(status.split()[-1])
 
     async def publish_pending(self) -> int:
-        """Publish one batch; returns how many events went out."""
+        """Number and publish one batch; returns how many events went out."""
+        await self.sequence_pending()
         async with self._db.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))", self._lock_name
+            ):
+                return 0
             rows = await conn.fetch(
-                f"SELECT id, envelope FROM {self._db.schema}.outbox"
-                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                f"SELECT seq, envelope FROM {self._table}"
+                " WHERE seq IS NOT NULL AND published_at IS NULL ORDER BY seq LIMIT $1",
                 self._batch_size,
             )
             if not rows:
                 return 0
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for row in rows:
-                    pipe.xadd(
-                        self._stream,
-                        {ENVELOPE_FIELD: bytes(row["envelope"])},
-                        maxlen=STREAM_MAX_LEN,
-                        approximate=True,
-                    )
-                await pipe.execute()
+            await self._xadd(rows, head=rows[-1]["seq"])
             await conn.execute(
-                f"DELETE FROM {self._db.schema}.outbox WHERE id = ANY($1::bigint[])",
-                [row["id"] for row in rows],
+                f"UPDATE {self._table} SET published_at = now() WHERE seq = ANY($1::bigint[])",
+                [row["seq"] for row in rows],
             )
             return len(rows)
 
+    async def _xadd(self, rows: list, head: int | None = None) -> None:  # type: ignore[type-arg]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.xadd(
+                    self._stream,
+                    {ENVELOPE_FIELD: bytes(row["envelope"]), SEQ_FIELD: str(row["seq"]).encode()},
+                    maxlen=STREAM_MAX_LEN,
+                    approximate=True,
+                )
+            if head is not None:
+                pipe.hset(head_key(self._stream), b"head", str(head).encode())
+            await pipe.execute()
+
+    async def publish_head(self) -> None:
+        """Refresh `<stream>:head` (after a Redis loss it is gone until then)."""
+        row = await self._db.pool.fetchrow(
+            f"SELECT (SELECT max(seq) FROM {self._table} WHERE published_at IS NOT NULL) AS head,"
+            f" (SELECT min(seq) FROM {self._table}) AS floor"
+        )
+        if row is None or row["head"] is None:
+            return
+        await self._redis.hset(
+            head_key(self._stream),
+            mapping={b"head": str(row["head"]).encode(), b"floor": str(row["floor"]).encode()},
+        )
+
+    async def serve_replays(self) -> int:
+        """Publish again what consumers asked for; returns how many events went out."""
+        key = replay_key(self._stream)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lrange(key, 0, -1)
+            pipe.delete(key)
+            requests, _ = await pipe.execute()
+        if not requests:
+            return 0
+        asks: list[tuple[str, int]] = []
+        for raw in requests:
+            group, _, seq = raw.decode().rpartition(" ")
+            try:
+                asks.append((group, int(seq)))
+            except ValueError:
+                log.warning("ignoring malformed replay request %r on %s", raw, key)
+        if not asks:
+            return 0
+        start = min(seq for _, seq in asks)
+        sent = 0
+        position = start
+        while True:
+            rows = await self._db.pool.fetch(
+                f"SELECT seq, envelope FROM {self._table}"
+                " WHERE seq >= $1 AND published_at IS NOT NULL ORDER BY seq LIMIT $2",
+                position,
+                self._batch_size,
+            )
+            if not rows:
+                break
+            if sent == 0 and rows[0]["seq"] > start:
+                log.error(
+                    "replay of %s from seq %d asked by %s: seqs %d..%d are past retention",
+                    self._stream,
+                    start,
+                    ", ".join(sorted({g for g, _ in asks})),
+                    start,
+                    rows[0]["seq"] - 1,
+                )
+            await self._xadd(rows)
+            sent += len(rows)
+            position = rows[-1]["seq"] + 1
+            if len(rows) < self._batch_size:
+                break
+        log.warning(
+            "replayed %d events of %s from seq %d for %s",
+            sent,
+            self._stream,
+            start,
+            ", ".join(sorted({g for g, _ in asks})),
+        )
+        return sent
+
+    async def status(self) -> OutboxStatus:
+        row = await self._db.pool.fetchrow(
+            f"SELECT coalesce(max(seq) FILTER (WHERE published_at IS NOT NULL), 0) AS last,"
+            " count(*) FILTER (WHERE published_at IS NULL) AS unpublished,"
+            " count(*) FILTER (WHERE published_at IS NOT NULL) AS kept,"
+            f" coalesce(min(seq), 0) AS floor FROM {self._table}"
+        )
+        assert row is not None
+        return OutboxStatus(row["last"], row["unpublished"], row["kept"], row["floor"])
+
+    def stop(self) -> None:
+        """Leave the loop once the batch in hand is published (graceful shutdown)."""
+        self._stopping = True
+        self._db.outbox_wakeup.set()
+
     async def run(self) -> None:
         wakeup = self._db.outbox_wakeup
-        while True:
+        while not self._stopping:
             # Cleared before publishing: a commit landing meanwhile sets it again,
             # so the wait below returns at once instead of sleeping on it.
             wakeup.clear()
             try:
-                while await self.publish_pending() == self._batch_size:
+                while await self.publish_pending() == self._batch_size and not self._stopping:
                     pass
+                now = asyncio.get_running_loop().time()
+                if not self._stopping and now - self._last_upkeep >= UPKEEP_SECONDS:
+                    # Not after every batch: under load the loop turns per commit.
+                    self._last_upkeep = now
+                    await self.serve_replays()
+                    await self.publish_head()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("outbox relay failed; retrying")
+            except Exception as exc:
+                log.warning("outbox relay failed; retrying: %r", exc)
                 await asyncio.sleep(self._poll_interval)
+            if self._stopping:
+                break
             try:
                 await asyncio.wait_for(wakeup.wait(), timeout=self._poll_interval)
             except TimeoutError:

@@ -32,6 +32,8 @@ class Retention:
     table: str  # schema-qualified, e.g. "rewards.processed_events"
     column: str  # a timestamptz column, indexed
     keep: timedelta
+    # Extra SQL condition on the rows to delete (the outbox keeps its newest row).
+    where: str = ""
 
 
 class Pruner:
@@ -59,7 +61,8 @@ class Pruner:
                 status = await self._pool.execute(
                     f"DELETE FROM {r.table} WHERE ctid = ANY(ARRAY("
                     f"SELECT ctid FROM {r.table} WHERE {r.column} < $1"
-                    " LIMIT $2 FOR UPDATE SKIP LOCKED))",
+                    + (f" AND ({r.where})" if r.where else "")
+                    + " LIMIT $2 FOR UPDATE SKIP LOCKED))",
                     cutoff,
                     self._batch,
                 )

@@ -27,6 +27,8 @@ from redis.asyncio import Redis
 from .clients import SERVER_KEEPALIVE_OPTIONS
 from .consumer import EventConsumer
 from .db import Database, create_pool
+from .dependencies import UP_STATUSES, DependencyWatch, ping
+from .errors import to_rpc_status
 from .events import stream_name
 from .interceptors import DomainErrorInterceptor
 from .logs import configure_logging
@@ -45,6 +47,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Health service names under which a service reports each dependency's state.
+DEPENDENCY_PREFIX = "loyalty.dependency."
 
 # The health name of the liveness probe: SERVING while the process's event loop
 # answers, whatever its dependencies or schema (those are readiness: restarting
@@ -59,6 +63,125 @@ def _traced(details: grpc.HandlerCallDetails) -> bool:
     return not details.method.startswith(_HEALTH_PREFIX)
 
 
+# A drained server stops once no call has arrived for QUIET_SECONDS, waiting
+# at most QUIET_MAX_SECONDS for such a moment (Drain.drain).
+QUIET_SECONDS = 0.1
+QUIET_MAX_SECONDS = 1.0
+
+
+class Drain(grpc.aio.ServerInterceptor):
+    """Graceful shutdown of unary calls, ahead of grpc.aio's own.
+
+    `server.stop(grace)` alone cancelled accepted calls: under a burst, POS
+    calls still in their handlers when the server's shutdown completed were
+    answered CANCELLED, which a POS may not retry (issue 14: 14 / 44 / 144 of
+    bursts of 20 / 60 / 150). So the process drains here first:
+
+    1. `drain()`: calls in progress finish (within the grace); a call arriving
+       now is held, not refused, so its caller does not come straight back
+       (a refused till retries at once: a storm that never lets the server
+       go quiet).
+    2. It then waits for a moment without arrivals (at most a second): grpc
+       core cancels the calls it received but has not handed to Python yet
+       when the server stops (CANCELLED at the caller), so the server stops
+       when that queue is most likely empty.
+    3. The owner starts `server.stop()` (no new calls: the callers get
+       UNAVAILABLE), then `release()`: the held calls are answered
+       UNAVAILABLE `SHUTTING_DOWN` with a zero retry delay (retry at once,
+       on another instance), never CANCELLED.
+
+    Health checks pass (they report NOT_SERVING); streams (Watch, reflection)
+    are left to `server.stop(grace)`."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._released = asyncio.Event()
+        self._last_call = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or handler.unary_unary is None
+            or handler_call_details.method.startswith(_HEALTH_PREFIX)
+        ):
+            return handler
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._last_call = asyncio.get_running_loop().time()
+            if self.draining:
+                await self._released.wait()
+                status = to_rpc_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down; retry",
+                    "SHUTTING_DOWN",
+                    retry_after_seconds=0,
+                )
+                context.set_code(status.code)
+                context.set_details(status.details)
+                context.set_trailing_metadata(status.trailing_metadata)
+                return None
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                return await inner(request, context)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def drain(self, timeout: float) -> bool:
+        """Hold new unary calls; wait up to `timeout` for those in progress,
+        then for a quiet moment. False if calls were still in progress."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("%d calls still in progress after %.1fs", self._in_flight, timeout)
+            return False
+        give_up = min(deadline, loop.time() + QUIET_MAX_SECONDS)
+        # Polled: the arrivals are what is measured, no event marks their absence.
+        while (quiet := loop.time() - self._last_call) < QUIET_SECONDS and loop.time() < give_up:  # noqa: ASYNC110
+            await asyncio.sleep(min(QUIET_SECONDS - quiet, give_up - loop.time()))
+        return True
+
+    def release(self) -> None:
+        """Answer the held calls (call once the server's stop has begun)."""
+        self._released.set()
+
+
+async def stop_server(server: grpc.aio.Server, drain: Drain, grace: float) -> None:
+    """Drain, then stop `server` within `grace` in all (the order Drain needs)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    await drain.drain(grace)
+    stopping = asyncio.ensure_future(server.stop(max(0.1, deadline - loop.time())))
+    # Let the stop begin (the server takes no new call) before answering the held ones.
+    await asyncio.sleep(0.01)
+    drain.release()
+    await stopping
+
+
 # Largest request message a server receives (gRPC's own default, made
 # explicit); the gateway's POS port sets its own (gateway/settings.py).
 MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -69,6 +192,7 @@ def create_grpc_server(
     grace_seconds: float,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     traced: bool | None = None,
+    drain: Drain | None = None,
     max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the interceptors and options every server here uses.
@@ -78,7 +202,7 @@ def create_grpc_server(
     unsampled spans: with the client interceptors (clients.create_channel),
     0.5-0.9 ms of the gateway's CPU per POS identify (one server call, three
     client calls; docs/identity.md). Without it, a call's log lines carry no
-    trace id."""
+    trace id. `drain` (a Drain) makes the server's shutdown graceful."""
     tracing: list[grpc.aio.ServerInterceptor] = []
     if tracing_recorded() if traced is None else traced:
         # Health probes stay out of traces; the filter also keeps the
@@ -87,6 +211,8 @@ def create_grpc_server(
         tracing.append(aio_server_interceptor(filter_=_traced))
     return grpc.aio.server(
         interceptors=[
+            # Outermost: a refused call costs nothing else.
+            *([drain] if drain is not None else []),
             *tracing,
             DomainErrorInterceptor(),
             *interceptors,
@@ -137,6 +263,8 @@ class ServiceApp:
         self.db: Database | None = None
         self.redis: Redis | None = None
         self.health = health.aio.HealthServicer()
+        self.drain = Drain()
+        self.dependencies: DependencyWatch | None = None
         self.consumers: list[EventConsumer] = []
         self.relay: OutboxRelay | None = None
         # Tables kept bounded by the pruner; services add their own.
@@ -145,7 +273,15 @@ class ServiceApp:
                 f"{self.schema}.processed_events",
                 "processed_at",
                 timedelta(hours=settings.processed_events_retention_hours),
-            )
+            ),
+            # Published events kept for replays; never the newest, which
+            # carries the sequence on (servicekit/outbox.py).
+            Retention(
+                f"{self.schema}.outbox",
+                "published_at",
+                timedelta(days=settings.outbox_retention_days),
+                where=f"seq < (SELECT max(seq) FROM {self.schema}.outbox)",
+            ),
         ]
         self.port = 0
         # Prometheus on its own port (servicekit/metrics.py); services add probes in wire().
@@ -159,6 +295,9 @@ class ServiceApp:
         return [s.full_name for s in self.services]
 
     def add_consumer(self, consumer: EventConsumer) -> None:
+        consumer.configure_gaps(
+            self.settings.event_gap_grace_seconds, self.settings.event_check_interval_seconds
+        )
         self.consumers.append(consumer)
 
     async def start(self) -> int:
@@ -178,14 +317,21 @@ class ServiceApp:
             poll_interval=s.outbox_poll_interval_seconds,
         )
         self.server = create_grpc_server(
-            s.max_connection_age_ms, s.shutdown_grace_seconds, [self.metrics.interceptor()]
+            s.max_connection_age_ms,
+            s.shutdown_grace_seconds,
+            [self.metrics.interceptor()],
+            drain=self.drain,
         )
+        # The schema's own service owns its migrations (the same name for every
+        # service; a test app may serve another's schema).
         self.schema_gate = SchemaGate(
-            self.name, self.schema, f"python -m {_entry_package(self.name)} migrate"
+            self.schema, self.schema, f"python -m {_entry_package(self.schema)} migrate"
         )
         self._wire(self)
         await add_health_and_reflection(self.server, self.health, self.service_names, NOT_SERVING)
         await self.health.set(LIVENESS, SERVING)
+        for dependency in ("postgres", "redis"):
+            await self.health.set(f"{DEPENDENCY_PREFIX}{dependency}", NOT_SERVING)
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
@@ -197,6 +343,20 @@ class ServiceApp:
         self._start_metrics()
         log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
         return self.port
+
+    async def _dependency_changed(self, name: str, state: str) -> None:
+        await self.health.set(
+            f"{DEPENDENCY_PREFIX}{name}", SERVING if state in UP_STATUSES else NOT_SERVING
+        )
+
+    async def _schema_at_head(self, db: Database) -> bool:
+        if self.schema_gate is None:
+            return True
+        try:
+            return await self.schema_gate.ready(db.pool)
+        except Exception as exc:  # the database went away between the probes
+            log.warning("%s: schema check failed: %r", self.name, exc)
+            return False
 
     def _start_metrics(self) -> None:
         s = self.settings
@@ -212,23 +372,29 @@ class ServiceApp:
         self._tasks.append(asyncio.create_task(sampler, name="metrics"))
         log.info("%s metrics on http://%s:%d/metrics", self.name, s.metrics_host, port)
 
-    async def _dependencies_ok(self) -> bool:
-        assert self.db is not None and self.redis is not None
-        try:
-            async with asyncio.timeout(2):
-                await self.db.ping()
-                await self.redis.ping()
-                # Never serve against a schema older than this code's head.
-                return self.schema_gate is None or await self.schema_gate.ready(self.db.pool)
-        except Exception as exc:
-            log.warning("%s dependencies not ready: %r", self.name, exc)
-            return False
-
     async def _watch_health(self) -> None:
+        """Ready (SERVING) while the database answers: what every call needs.
+        Redis is watched and reported (`loyalty.dependency.redis`, metrics)
+        but not part of readiness: without it calls still work (events wait
+        in the outbox) and a Redis outage must not take every replica out."""
+        assert self.db is not None and self.redis is not None
+        db, redis = self.db, self.redis
+        watch = DependencyWatch(
+            {"postgres": lambda: ping(db.ping), "redis": lambda: ping(redis.ping)},
+            self.settings.health_check_interval_seconds,
+            on_change=self._dependency_changed,
+        )
+        self.dependencies = watch
         current = None
         while True:
-            status = SERVING if await self._dependencies_ok() else NOT_SERVING
+            states = await watch.check()
+            database_up = states["postgres"] in UP_STATUSES
+            # Never serve against a schema older than this code's head (the gate logs why).
+            at_head = database_up and await self._schema_at_head(db)
+            status = SERVING if at_head else NOT_SERVING
             if status != current:
+                if not database_up:
+                    log.warning("%s not ready: its database does not answer", self.name)
                 for svc in ["", *self.service_names]:
                     await self.health.set(svc, status)
                 current = status
@@ -238,10 +404,14 @@ class ServiceApp:
             )
 
     async def stop(self) -> None:
-        """Graceful: NOT_SERVING first, drain in-flight calls, then close resources."""
+        """Graceful: NOT_SERVING first, wait for balancers to notice, refuse new
+        calls (UNAVAILABLE) and let in-flight ones finish within the grace,
+        stop the server; then let the relay finish its batch and the consumers
+        apply and acknowledge their read, and only then close resources."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        loop = asyncio.get_running_loop()
         for task in self._tasks:
             if task.get_name() == "health":
                 task.cancel()
@@ -249,10 +419,17 @@ class ServiceApp:
         if self.settings.shutdown_delay_seconds > 0:
             # Let load balancers and watching clients see NOT_SERVING first.
             await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        deadline = loop.time() + self.settings.shutdown_grace_seconds
         if self.server is not None:
-            await self.server.stop(self.settings.shutdown_grace_seconds)
+            await stop_server(self.server, self.drain, self.settings.shutdown_grace_seconds)
+        # Background loops leave at their next turn, the work in hand done.
         for consumer in self.consumers:
             consumer.stop()
+        if self.relay is not None:
+            self.relay.stop()
+        loops = [t for t in self._tasks if t.get_name() in self._loop_names()]
+        if loops:
+            await asyncio.wait(loops, timeout=max(TASK_STOP_SECONDS, deadline - loop.time()))
         await stop_tasks(self.name, self._tasks)
         if self.relay is not None and self.db is not None:
             # Publish what committed during the drain, so nothing waits for a restart.
@@ -264,6 +441,9 @@ class ServiceApp:
             await self.db.close()
         self.metrics.stop()
         log.info("%s stopped", self.name)
+
+    def _loop_names(self) -> set[str]:
+        return {"outbox-relay", *(c.group for c in self.consumers)}
 
     async def run_until_signalled(self) -> None:
         await serve_until_signalled(self.name, self.start, self.stop)

@@ -57,7 +57,7 @@ class ServiceSettings(CommonSettings):
     # On SIGTERM: report NOT_SERVING, then let in-flight calls finish this long.
     shutdown_grace_seconds: float = 10.0
     # Between reporting NOT_SERVING and refusing new calls, so balancers notice.
-    shutdown_delay_seconds: float = 0.0
+    shutdown_delay_seconds: float = Field(default=3.0, ge=0)
     # Recycle client connections so a ClusterIP Service rebalances new pods.
     max_connection_age_ms: int = 300_000
     health_check_interval_seconds: float = 5.0
@@ -72,6 +72,13 @@ class ServiceSettings(CommonSettings):
     # An event a consumer fails on is retried this many times, then dead-lettered.
     event_max_attempts: int = 5
     event_retry_after_ms: int = 2_000
+    # Durable events (servicekit/outbox.py, servicekit/consumer.py): published
+    # events stay in the outbox this long, so a consumer can ask for them again.
+    outbox_retention_days: float = Field(default=7.0, gt=0)
+    # A consumer's cursor standing still this long while later events exist is
+    # a gap: it asks the producer to replay. Checked every check interval.
+    event_gap_grace_seconds: float = Field(default=5.0, ge=0)
+    event_check_interval_seconds: float = Field(default=1.0, gt=0)
     # processed_events rows (consumer dedup) are kept this long, then pruned
     # every prune_interval_seconds (servicekit/retention.py says why it is safe).
     processed_events_retention_hours: float = Field(default=168.0, gt=0)

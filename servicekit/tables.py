@@ -15,6 +15,7 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
+    text,
 )
 
 # Predictable constraint names, so Alembic migrations can refer to them.
@@ -33,7 +34,8 @@ def service_metadata(schema: str) -> MetaData:
 
 
 def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
-    """The transactional outbox and the consumer's processed-event log."""
+    """The transactional outbox, the consumer's processed-event log and its
+    per-producer cursors (durable events: docs/architecture.md "Events")."""
     outbox = Table(
         "outbox",
         metadata,
@@ -42,6 +44,17 @@ def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("event_type", Text, nullable=False),
         Column("envelope", LargeBinary, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        # Given by the relay in commit order, gap-free per producer (servicekit/outbox.py).
+        Column("seq", BigInteger, nullable=True, unique=True),
+        # Set once in Redis; the row is kept for the retention window after that.
+        Column("published_at", DateTime(timezone=True), nullable=True),
+        Index("ix_outbox_unsequenced", "id", postgresql_where=text("seq IS NULL")),
+        Index(
+            "ix_outbox_unpublished",
+            "seq",
+            postgresql_where=text("seq IS NOT NULL AND published_at IS NULL"),
+        ),
+        Index(None, "published_at"),
     )
     processed = Table(
         "processed_events",
@@ -49,8 +62,30 @@ def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("consumer", Text, nullable=False),
         Column("event_id", Uuid, nullable=False),
         Column("processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        # Which producer's sequence the event had (NULL: published before sequences).
+        Column("producer", Text, nullable=True),
+        Column("seq", BigInteger, nullable=True),
         PrimaryKeyConstraint("consumer", "event_id"),
         # The pruner deletes by age (servicekit/retention.py).
         Index(None, "processed_at"),
+        # The cursor walks a consumer's applied sequence numbers (servicekit/consumer.py).
+        Index(None, "consumer", "producer", "seq"),
+    )
+    Table(
+        "event_cursors",
+        metadata,
+        Column("consumer", Text, nullable=False),
+        Column("producer", Text, nullable=False),
+        # Every event up to here is applied (or dead-lettered, or not subscribed to).
+        Column("applied_seq", BigInteger, nullable=False, server_default="0"),
+        # Last time applied_seq moved or caught up with the producer: a gap is
+        # a cursor that stands still while events past it exist.
+        Column("progressed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        # An open gap: the first missing sequence number and when its replay was asked for.
+        Column("replay_from", BigInteger, nullable=True),
+        Column("replay_requested_at", DateTime(timezone=True), nullable=True),
+        Column("gaps_found", BigInteger, nullable=False, server_default="0"),
+        Column("gaps_healed", BigInteger, nullable=False, server_default="0"),
+        PrimaryKeyConstraint("consumer", "producer"),
     )
     return outbox, processed

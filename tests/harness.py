@@ -49,6 +49,10 @@ class Infra:
             "outbox_poll_interval_seconds": 0.2,
             "event_retry_after_ms": 200,
             "event_max_attempts": 3,
+            # No load balancer to wait for; gaps are looked for quickly.
+            "shutdown_delay_seconds": 0.0,
+            "event_gap_grace_seconds": 0.5,
+            "event_check_interval_seconds": 0.2,
         }
         values.update(overrides)
         return ServiceSettings(**values)  # type: ignore[arg-type]

@@ -177,6 +177,11 @@ class MemberHandlers:
         self._code_secret = code_secret
         self._clock = clock
 
+    def now(self) -> datetime:
+        """The service's clock: every time the service writes and compares comes
+        from here, never from the database's now()."""
+        return datetime.fromtimestamp(self._clock(), UTC)
+
     # ---- helpers --------------------------------------------------------------
 
     def _row(self, ident: ObservedIdentifier) -> IdentityRow:
@@ -426,7 +431,7 @@ class MemberHandlers:
         elif roots:
             target = self._by_priority(best, states)
         else:
-            member = await repo.insert_member(conn, source)
+            member = await repo.insert_member(conn, source, self.now())
             target = member.member_id
             created = True
             number_ident = ObservedIdentifier(IdType.MEMBER_NUMBER, member.member_number, "", True)
@@ -563,7 +568,7 @@ class MemberHandlers:
         repointed = await repo.repoint(conn, absorbed, survivor)
         await repo.set_merged_into(conn, absorbed, survivor)
         record = await repo.insert_merge(
-            conn, survivor, absorbed, rule, evidence, actor, review_id, moved, repointed
+            conn, survivor, absorbed, rule, evidence, actor, review_id, moved, repointed, self.now()
         )
         await repo.refresh_phone_masked(conn, [survivor, absorbed])
         await cache.touch(conn, [survivor, absorbed])
@@ -664,7 +669,7 @@ class MemberHandlers:
         consent_before = await self._consent_state(conn, merge.survivor_id)
         await repo.move_back(conn, merge)
         await repo.set_merged_into(conn, merge.absorbed_id, None)
-        unmerged_at = await repo.mark_unmerged(conn, merge.merge_id, operator, reason)
+        unmerged_at = await repo.mark_unmerged(conn, merge.merge_id, operator, reason, self.now())
         await repo.add_do_not_merge(
             conn, [(merge.survivor_id, merge.absorbed_id)], f"unmerge:{merge.merge_id}"
         )
@@ -943,7 +948,9 @@ class MemberHandlers:
         source = _required_text(source, "source")
         actor = _required_text(actor, "actor")
         root = await self._live_root(uow.conn, member_id)
-        at = await repo.add_consent(uow.conn, root, purpose, channel, granted, source, actor)
+        at = await repo.add_consent(
+            uow.conn, root, purpose, channel, granted, source, actor, self.now()
+        )
         # A choice on the root is its effective answer (the latest after any merge).
         await self._emit_consent(uow, root, purpose, channel, granted, source, at)
         return await self.profile(uow, root)
@@ -1066,7 +1073,7 @@ class MemberHandlers:
                 code="MEMBER_CODE_INVALID",
                 field="code",
             )
-        now = datetime.fromtimestamp(self._clock(), UTC)
+        now = self.now()
         code_hash = self._code_hash(code)
         member_id = await repo.use_member_code(uow.conn, code_hash, now, source)
         if member_id is None:

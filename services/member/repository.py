@@ -205,13 +205,16 @@ async def lock_members(conn: Connection, member_ids: Iterable[str]) -> dict[str,
 # ---- members -----------------------------------------------------------------
 
 
-async def insert_member(conn: Connection, source: str) -> MemberRecord:
+async def insert_member(conn: Connection, source: str, at: datetime) -> MemberRecord:
+    # `at` is the service's clock, not the database's now(): registration times are
+    # compared with the services' clocks (a referral's accept window, lifecycle days).
     row = await conn.fetchrow(
-        "INSERT INTO member.members (id, member_number, registration_source)"
-        " VALUES ($1, nextval('member.member_number_seq')::text, $2)"
+        "INSERT INTO member.members (id, member_number, registration_source, registered_at)"
+        " VALUES ($1, nextval('member.member_number_seq')::text, $2, $3)"
         " RETURNING id, member_number, registered_at, phone_masked",
         uuid.uuid4(),
         source,
+        at,
     )
     return _record(row)
 
@@ -613,11 +616,14 @@ async def insert_merge(
     review_id: str | None,
     moved: list[int],
     repointed: list[str],
+    at: datetime,
 ) -> MergeRow:
+    # `at` is the service's clock: consent survivorship compares it with the
+    # consent records' times, which come from the same clock.
     row = await conn.fetchrow(
         "INSERT INTO member.merges (id, survivor_id, absorbed_id, rule, evidence, actor,"
-        " review_id, moved_identity_ids, repointed_member_ids)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
+        " review_id, moved_identity_ids, repointed_member_ids, merged_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
         uuid.uuid4(),
         _uuid(survivor_id),
         _uuid(absorbed_id),
@@ -627,6 +633,7 @@ async def insert_merge(
         _uuid(review_id) if review_id else None,
         moved,
         _uuids(repointed),
+        at,
     )
     return _merge_row(row)
 
@@ -686,13 +693,16 @@ async def move_back(conn: Connection, merge: MergeRow) -> tuple[list[int], list[
     return sorted(r["id"] for r in ids), sorted(str(r["id"]) for r in members)
 
 
-async def mark_unmerged(conn: Connection, merge_id: str, operator: str, reason: str) -> datetime:
+async def mark_unmerged(
+    conn: Connection, merge_id: str, operator: str, reason: str, at: datetime
+) -> datetime:
     return await conn.fetchval(  # type: ignore[no-any-return]
-        "UPDATE member.merges SET status = 'unmerged', unmerged_at = now(), unmerged_by = $2,"
+        "UPDATE member.merges SET status = 'unmerged', unmerged_at = $4, unmerged_by = $2,"
         " unmerge_reason = $3 WHERE id = $1 RETURNING unmerged_at",
         _uuid(merge_id),
         operator,
         reason,
+        at,
     )
 
 
@@ -863,17 +873,21 @@ async def add_consent(
     granted: bool,
     source: str,
     actor: str,
+    at: datetime,
 ) -> datetime:
-    """Returns when the choice was recorded (the event carries it)."""
+    """Returns when the choice was recorded (the event carries it): `at`, the
+    service's clock, as every other time the service compares."""
     return await conn.fetchval(  # type: ignore[no-any-return]
-        "INSERT INTO member.consent_records (member_id, purpose, channel, granted, source, actor)"
-        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING recorded_at",
+        "INSERT INTO member.consent_records"
+        " (member_id, purpose, channel, granted, source, actor, recorded_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING recorded_at",
         _uuid(member_id),
         purpose.value,
         channel.value,
         granted,
         source,
         actor,
+        at,
     )
 
 

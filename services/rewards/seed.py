@@ -89,6 +89,41 @@ DEMO_COUPON_TEMPLATES = [
         ),
         Limits(per_member_limit=1),
     ),
+    # The demo tier programme's benefits (services/tiering/seed.py), which
+    # tiering issues through rewards: a birthday drink for SVIP, a drink and a
+    # gift for VIP, and a welcome gift when a member reaches VIP.
+    DemoTemplate(
+        "birthday-drink",
+        Terms(
+            name="生日饮品",
+            kind=Kind.FREE_ITEM,
+            categories=("drink",),
+            max_price_fen=3500,
+            valid_days=30,
+        ),
+        Limits(),
+    ),
+    DemoTemplate(
+        "birthday-drink-and-gift",
+        Terms(
+            name="生日饮品+礼物",
+            kind=Kind.FREE_ITEM,
+            categories=("drink", "gift"),
+            valid_days=30,
+        ),
+        Limits(),
+    ),
+    DemoTemplate(
+        "vip-welcome-gift",
+        Terms(
+            name="VIP 升级礼: 满50减20",
+            kind=Kind.AMOUNT_OFF,
+            threshold_fen=5000,
+            discount_fen=2000,
+            valid_days=30,
+        ),
+        Limits(),
+    ),
 ]
 
 

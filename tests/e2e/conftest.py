@@ -47,6 +47,7 @@ def gateway_settings(**overrides: object) -> GatewaySettings:
         "engagement_addr": "",  # not part of this slice: readiness ignores it
         "downstream_timeout_seconds": 2.0,
         "shutdown_grace_seconds": 1.0,
+        "shutdown_delay_seconds": 0.0,
         "log_json": False,
         # Gateways a test builds for itself (degradation, shutdown) go without
         # the door; the session gateway has it (tests/e2e/test_gateway_security.py).

@@ -497,22 +497,40 @@ async def test_http_maps_statuses_and_keeps_integers_exact(
     }
 
 
-async def test_readyz_names_what_is_not_serving(doors: Doors, downstream: Downstream) -> None:
+async def test_readyz_stays_ready_and_names_what_is_not_serving(
+    doors: Doors, downstream: Downstream
+) -> None:
     reply = await doors.http.get("/readyz")
     assert reply.status_code == 200, reply.text
 
     await downstream.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert doors.gateway.dependencies is not None
+    await doors.gateway.dependencies.check()  # the periodic probe, now
     reply = await doors.http.get("/readyz")
-    assert reply.status_code == 503
-    assert reply.headers["content-type"] == PROBLEM_JSON
-    body = reply.json()
-    assert body["code"] == "NOT_READY"
-    assert body["downstreams"] == {
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["downstreams"] == {
         "member": "NOT_SERVING",
         "rewards": "NOT_SERVING",
         "tiering": "NOT_SERVING",
     }
-    assert "member" in body["detail"]
+    detail = await doors.http.get("/readyz/detail")
+    assert detail.status_code == 200
+    assert detail.json()["dependencies"] == {
+        "member": "NOT_SERVING",
+        "rewards": "NOT_SERVING",
+        "tiering": "NOT_SERVING",
+    }
+    scraped = (await doors.http.get(f"http://127.0.0.1:{doors.gateway.metrics_port}/metrics")).text
+    assert 'loyalty_dependency_up{dependency="member"} 0.0' in scraped
+
+
+async def test_readyz_is_503_while_shutting_down(downstream: Downstream) -> None:
+    async with open_gateway(downstream) as d:
+        assert d.gateway.http_app is not None
+        d.gateway.http_app.state.draining = True
+        reply = await d.http.get("/readyz")
+        assert reply.status_code == 503
+        assert reply.json()["code"] == "SHUTTING_DOWN"
 
 
 async def test_stop_drains_in_flight_calls(downstream: Downstream) -> None:

@@ -27,6 +27,7 @@ async def test_sigterm_drains_and_exits_zero(infra: Infra) -> None:
         "REDIS_NAMESPACE": infra.namespace,
         "GRPC_PORT": str(port),
         "SHUTDOWN_GRACE_SECONDS": "2",
+        "SHUTDOWN_DELAY_SECONDS": "0",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -50,3 +51,27 @@ async def test_sigterm_drains_and_exits_zero(infra: Infra) -> None:
     # JSON log lines: every line parses and names the service.
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert lines and all(line["service"] == "member" for line in lines)
+
+
+async def test_events_status_prints_the_producer_and_its_consumers(infra: Infra) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": infra.database_url,
+        "REDIS_URL": infra.redis_url,
+        "REDIS_NAMESPACE": infra.namespace,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.tiering",
+        "events",
+        "status",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    text = output.decode()
+    assert proc.returncode == 0, text
+    assert text.startswith("producer tiering: last published seq"), text
+    assert "consumer" in text and "lag" in text and "gaps found" in text, text

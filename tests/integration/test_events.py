@@ -25,6 +25,7 @@ from servicekit.consumer import EventConsumer, Subscription
 from servicekit.db import Database, UnitOfWork, create_pool
 from servicekit.events import (
     ENVELOPE_FIELD,
+    SEQ_FIELD,
     ReceivedEvent,
     dead_letter_stream,
     make_envelope,
@@ -219,7 +220,7 @@ async def outbox_db(db: Database) -> AsyncIterator[Database]:
     await db.pool.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-async def test_relay_crash_between_xadd_and_delete_yields_one_effect(
+async def test_relay_crash_between_xadd_and_marking_published_yields_one_effect(
     db: Database, outbox_db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
 ) -> None:
     producer, group = names
@@ -228,26 +229,31 @@ async def test_relay_crash_between_xadd_and_delete_yields_one_effect(
     async with outbox_db.unit_of_work() as uow:
         event_id = await uow.emit(events_pb2.OrderCompleted(order_id="o-crash"))
 
-    # The relay XADDs, then its DELETE fails: the transaction rolls back and the
-    # row stays, exactly as if the process died between the two.
+    # The relay XADDs, then marking the row published fails: the transaction
+    # rolls back and the row stays unpublished, exactly as if the process died
+    # between the two.
     await db.pool.execute(
         f"CREATE FUNCTION {schema}.crash() RETURNS trigger LANGUAGE plpgsql AS"
         " $$ BEGIN RAISE EXCEPTION 'simulated crash after XADD'; END $$;"
-        f" CREATE TRIGGER crash BEFORE DELETE ON {schema}.outbox"
+        f" CREATE TRIGGER crash BEFORE UPDATE OF published_at ON {schema}.outbox"
         f" FOR EACH ROW EXECUTE FUNCTION {schema}.crash();"
     )
     relay = OutboxRelay(outbox_db, redis, stream)
     with pytest.raises(asyncpg.exceptions.RaiseError, match="simulated crash"):
         await relay.publish_pending()
-    assert await db.pool.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 1
+    unpublished = f"SELECT count(*) FROM {schema}.outbox WHERE published_at IS NULL"
+    assert await db.pool.fetchval(unpublished) == 1
 
-    # The restarted relay publishes the same row again, and this time deletes it.
+    # The restarted relay publishes the same row again (same number), and this
+    # time marks it; the row is kept for replays.
     await db.pool.execute(f"DROP TRIGGER crash ON {schema}.outbox")
     assert await relay.publish_pending() == 1
-    assert await db.pool.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 0
+    assert await db.pool.fetchval(unpublished) == 0
+    assert await db.pool.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 1
     published = await redis.xrange(stream)
     envelopes = [events_pb2.EventEnvelope.FromString(f[ENVELOPE_FIELD]) for _, f in published]
     assert [e.event_id for e in envelopes] == [event_id, event_id]
+    assert [f[SEQ_FIELD] for _, f in published] == [b"1", b"1"]
 
     calls = 0
 

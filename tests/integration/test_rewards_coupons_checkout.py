@@ -376,9 +376,12 @@ async def test_expiry_lazily_and_by_the_job(
     member = str(uuid.uuid4())
     c = await coupon(stub, await template(stub, valid_days=0, valid_hours=1), member)
     # Pretend the hour is over: the wallet reads it expired before any job ran.
+    # (Moved back from its own times, not the database's now(): the service's
+    # clock is the one that counts, and under make test-shifted they differ.)
     await db.execute(
         "UPDATE rewards.coupons SET issued_at = issued_at - interval '2 hours',"
-        " valid_from = valid_from - interval '2 hours', expires_at = now() - interval '1 hour'"
+        " valid_from = valid_from - interval '2 hours',"
+        " expires_at = expires_at - interval '2 hours'"
         " WHERE code = $1",
         c.code,
     )
@@ -463,9 +466,10 @@ async def test_a_lapsed_lock_frees_the_coupon_for_another_order(
             code=c.code, member_id=member, store_id="SH001", pos_transaction_id="ABANDONED"
         )
     )
-    # The abandoned sale's lock runs out (REWARDS_COUPON_LOCK_SECONDS later).
+    # The abandoned sale's lock runs out (REWARDS_COUPON_LOCK_SECONDS later; moved
+    # back from its own time, not the database's now(), which is not the service's).
     await db.execute(
-        "UPDATE rewards.coupons SET locked_until = now() - interval '1 second' WHERE code = $1",
+        "UPDATE rewards.coupons SET locked_until = locked_until - interval '1 day' WHERE code = $1",
         c.code,
     )
     wallet = await stub.ListMemberCoupons(

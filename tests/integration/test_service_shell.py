@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from devtools.supervisor import free_port
 from servicekit.server import ServiceApp
 from services.engagement.server import build
 
@@ -82,6 +83,21 @@ async def test_service_without_a_database_stays_not_serving(infra: Infra) -> Non
                 assert await check(channel, "") == NOT_SERVING
                 assert await check(channel, ENGAGEMENT) == NOT_SERVING
                 await asyncio.sleep(0.3)
+
+
+async def test_service_without_redis_is_ready_and_reports_redis_down(infra: Infra) -> None:
+    """Readiness is the database only: without Redis calls still work (events
+    wait in the outbox); Redis's state is reported on its own."""
+    app = build(infra.service_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    async with started(app):
+        target = f"127.0.0.1:{app.port}"
+        await wait_until_serving(target, ENGAGEMENT)
+        async with grpc.aio.insecure_channel(target) as channel:
+            assert await check(channel, "") == SERVING
+            assert await check(channel, "loyalty.dependency.postgres") == SERVING
+            assert await check(channel, "loyalty.dependency.redis") == NOT_SERVING
+        assert app.dependencies is not None
+        assert app.dependencies.states == {"postgres": "UP", "redis": "DOWN"}
 
 
 async def _refused(target: str) -> bool:
