@@ -55,8 +55,12 @@ async def test_seed_is_idempotent(db: asyncpg.Connection) -> None:
     assert {t["template_id"]: t["kind"] for t in templates} == {
         "MJ99-30": "amount_off",
         "FIRST-CUP-HALF": "first_order_price",
+        # The demo tier programmes' benefits (tests/unit/test_demo_seeds.py).
+        "birthday-drink": "free_item",
+        "birthday-drink-and-gift": "free_item",
+        "vip-welcome-gift": "amount_off",
     }
-    manjian = next(t for t in templates if t["kind"] == "amount_off")
+    manjian = next(t for t in templates if t["template_id"] == "MJ99-30")
     assert manjian["name"] == "满99减30"
     assert '"threshold_fen": 9900' in manjian["spec"]
     assert '"discount_fen": 3000' in manjian["spec"]
