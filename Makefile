@@ -21,7 +21,7 @@ help:
 	@echo "make run      start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate,"
 	@echo "              seed the demo brand, run every service and the gateway; Ctrl-C stops"
 	@echo "make test     lint (ruff, mypy) and the whole test suite"
-	@echo "make test-shifted  the suite with every clock a year ahead (needs Debian's faketime)"
+	@echo "make test-shifted  the suite with the clock a year ahead (needs Debian's faketime)"
 	@echo "make bench    open-loop benchmark of the POS checkout path (BENCH_ARGS='--rate 400')"
 	@echo "              other scenarios: BENCH_ARGS='identify ...' (list: .venv/bin/python -m bench list)"
 	@echo "make faults   fault suite: kill, restart and wipe parts under POS load, check with SQL"
@@ -88,7 +88,7 @@ test: lint $(TOOLS_STAMP)
 # also checks that business times come from the application's clock, not the
 # database's now(). CI runs it after `make test`.
 SHIFT ?= +365d
-test-shifted: $(PROTO_STAMP)
+test-shifted: $(PROTO_STAMP) $(TOOLS_STAMP)
 	@command -v faketime >/dev/null 2>&1 || { echo "make test-shifted needs libfaketime: apt-get install faketime"; exit 1; }
 	faketime -f '$(SHIFT)' $(PY) -m pytest $(PYTEST_ARGS)
 
