@@ -214,10 +214,12 @@ async def take_stock(conn: Connection, template_id: str, shards: int, skip: int 
     if taken:
         return True
     start = random.randrange(shards)
-    for n in range(shards):
-        shard = (start + n) % shards
-        if shard == skip:
-            continue
+    others = [(start + n) % shards for n in range(shards) if (start + n) % shards != skip]
+    # The shard tried first goes last, waiting too: it was found empty while
+    # another claim held a unit of it, and that claim may have rolled back (a
+    # deadlock retried, a refusal after the stock step), giving the unit back.
+    # Waiting on a row this transaction already holds does not block.
+    for shard in [*others, *([skip] if 0 <= skip < shards else [])]:
         taken = await conn.fetchval(
             "UPDATE rewards.coupon_stock SET remaining = remaining - 1"
             " WHERE template_id = $1 AND shard = $2 AND remaining > 0 RETURNING true",
