@@ -18,12 +18,11 @@ from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp
 
 from ..orders.domain import parse_member_id
+from ..wire import page
 from . import repository as ledger
 from .handlers import Adjustment, PointsLedger, Spend
 from .repository import Balance
 
-DEFAULT_PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
 # A checkout hold longer than a day is a bug in the caller.
 MAX_HOLD_SECONDS = 86_400
 
@@ -179,20 +178,7 @@ class PointsRpcs:
         self, request: rewards_pb2.GetPointsHistoryRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.PointsHistory:
         member = uuid.UUID(parse_member_id(request.member_id))
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        if not 1 <= size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be between 1 and {MAX_PAGE_SIZE}",
-                code="INVALID_PAGE_SIZE",
-                field="page_size",
-            )
-        before = None
-        if request.cursor:
-            if not request.cursor.isdigit() or len(request.cursor) > 18:
-                raise InvalidArgument(
-                    "cursor is not one this API returned", code="INVALID_CURSOR", field="cursor"
-                )
-            before = int(request.cursor)
+        size, before = page(request.page_size, request.cursor)
         async with self._db.unit_of_work() as uow:
             rows = await ledger.history(uow.conn, member, before, size + 1)
         more = len(rows) > size
