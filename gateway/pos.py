@@ -184,8 +184,9 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         written. An absorbed id is fine: rewards credits its survivor (it
         follows merges itself, so the request and its idempotency hash stay
         what the till sent). With member unreachable the till still sells:
-        rewards settles on what it knows (it refuses erased members itself)
-        and the answer says member is degraded."""
+        rewards settles on what it knows (it refuses erased members itself);
+        the skipped check is logged (the reply's `degraded` list names only
+        tiering and engagement, gateway/clients.py)."""
         try:
             await self._down.member.get_member(member_id)
         except DownstreamError as exc:
