@@ -22,9 +22,11 @@ from loyalty.common.v1 import common_pb2
 from loyalty.events.v1 import events_pb2
 from servicekit.db import Database, create_pool
 from servicekit.protos import timestamp
+from services.rewards import members
+from services.rewards.kernel import OrderLine
 from services.rewards.orders import repository as repo
-from services.rewards.orders.domain import BASE_EARNING_RULE, OrderLine
 from services.rewards.points.domain import DEFAULT_POLICY
+from services.rewards.points.earning import BASE_EARNING_RULE
 from services.rewards.points.handlers import PointsLedger
 
 PAID_FEN = 3200
@@ -86,7 +88,7 @@ class RewardsSqlBaseline:
         ordered_at = datetime.now(UTC)
         async with self._db.unit_of_work() as uow:
             # The checkout reads tier, multiplier and erasure first, as the service does.
-            await repo.member_state(uow.conn, member_id)
+            await members.member_state(uow.conn, member_id)
             claimed = await repo.claim_order(
                 uow.conn,
                 repo.NewOrder(

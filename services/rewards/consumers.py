@@ -18,9 +18,8 @@ from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
 from servicekit.events import ReceivedEvent
 
-from . import merges
+from . import members, merges
 from .coupons import handlers as coupon_service
-from .orders import repository as repo
 from .points.handlers import PointsLedger
 from .referral import repository as referral_repo
 from .referral.handlers import Referrals
@@ -84,7 +83,7 @@ async def on_tier_changed(uow: UnitOfWork, event: ReceivedEvent) -> None:
     changed = event.payload
     assert isinstance(changed, events_pb2.TierChanged)
     at = event_time(event, "changed_at")
-    await repo.record_tier(
+    await members.record_tier(
         uow.conn,
         uuid.UUID(changed.member_id),
         changed.to_tier,
@@ -102,10 +101,10 @@ async def on_member_erased(uow: UnitOfWork, event: ReceivedEvent) -> None:
     erased = event.payload
     assert isinstance(erased, events_pb2.MemberErased)
     at = event_time(event, "erased_at")
-    members = [uuid.UUID(m) for m in erased.member_ids]
-    await repo.record_erasure(uow.conn, members, at)
+    erased_ids = [uuid.UUID(m) for m in erased.member_ids]
+    await members.record_erasure(uow.conn, erased_ids, at)
     # Device and identifier fingerprints are about the person, not money: gone.
-    await referral_repo.forget_fingerprints(uow.conn, members)
+    await referral_repo.forget_fingerprints(uow.conn, erased_ids)
 
 
 class OrderEvents:

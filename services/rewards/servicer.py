@@ -30,5 +30,6 @@ class RewardsServicer(
         self._db = db
         self._handlers = handlers
         self._points = handlers.points
+        self._coupon_policy = handlers.coupon_policy
         self._referrals = referrals
         self._mall = mall

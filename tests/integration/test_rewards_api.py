@@ -22,7 +22,7 @@ from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.errors import error_info
 from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
-from services.rewards.orders.domain import Channel, OrderRequest
+from services.rewards.kernel import Channel, OrderRequest
 from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.audit import audit_ledger
 from services.rewards.points.earning import EarningRules

@@ -20,7 +20,7 @@ import pytest
 from loyalty.events.v1 import events_pb2
 from servicekit.db import Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from services.rewards.orders.domain import Channel, OrderRequest
+from services.rewards.kernel import Channel, OrderRequest
 from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.audit import audit_ledger
 from services.rewards.points.domain import ExpiryKind, ExpiryPolicy, LedgerPolicy, ShortfallPolicy

@@ -26,7 +26,7 @@ from services.rewards.consumers import MemberEvents
 from services.rewards.coupons import handlers as coupons
 from services.rewards.coupons import repository as crepo
 from services.rewards.coupons.domain import Kind, Limits, Status, Terms
-from services.rewards.orders.domain import Channel, OrderRequest
+from services.rewards.kernel import Channel, OrderRequest
 from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.audit import audit_ledger
 from services.rewards.points.domain import ExpiryKind, ExpiryPolicy, LedgerPolicy, ShortfallPolicy

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.errors import DomainError
-from services.rewards.orders.domain import Channel, OrderRequest
+from services.rewards.kernel import Channel, OrderRequest
 from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.audit import audit_ledger
 from services.rewards.points.domain import (

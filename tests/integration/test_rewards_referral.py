@@ -24,7 +24,7 @@ from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFoun
 from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
 from servicekit.protos import timestamp
 from services.rewards.coupons.handlers import issue_coupon
-from services.rewards.orders.domain import Channel, OrderRequest
+from services.rewards.kernel import Channel, OrderRequest
 from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.handlers import PointsLedger
 from services.rewards.referral.domain import ReferralRules, RewardSpec, StepRewards

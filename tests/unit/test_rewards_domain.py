@@ -11,22 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from servicekit.errors import InvalidArgument
+from services.rewards.kernel import Channel, OrderLine, OrderRequest, parse_member_id
 from services.rewards.orders.domain import (
-    BASE_EARNING_RULE,
     DEFAULT_LIMITS,
     DEFAULT_MAX_PAID_AMOUNT_FEN,
-    Channel,
-    EarningRule,
     OrderLimits,
-    OrderLine,
-    OrderRequest,
-    Rounding,
     canonical_request,
-    parse_member_id,
     plan_settlement,
     request_hash,
     validate_order,
 )
+from services.rewards.points.earning import BASE_EARNING_RULE, EarningRule, Rounding
 
 MEMBER = "5b0c7c8e-1f4a-4c55-9a57-0f1f8f4a2b10"
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from servicekit.errors import InvalidArgument
-from services.rewards.orders.domain import Channel, OrderLine, OrderRequest
+from services.rewards.kernel import Channel, OrderLine, OrderRequest
 from services.rewards.points.domain import (
     BUSINESS_TZ,
     ExpiryKind,

@@ -34,7 +34,7 @@ from servicekit.errors import Conflict, DomainError, FailedPrecondition, Invalid
 from servicekit.events import make_envelope
 from servicekit.protos import timestamp
 
-from ..orders.domain import Channel, OrderLine, OrderRequest, parse_member_id, parse_store_id
+from ..kernel import Channel, OrderLine, OrderRequest, parse_member_id, parse_store_id
 from ..points.domain import BUSINESS_TZ, check_text
 from ..points.earning import EarningRules
 from . import repository as crepo

@@ -18,7 +18,7 @@ from typing import Any
 from servicekit.db import Connection
 
 from .. import merges
-from ..orders.repository import MemberState
+from ..members import MemberState
 from .domain import Limits, Status, Terms, shard_stock
 
 COUPON_COLUMNS = (

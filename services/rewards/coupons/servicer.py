@@ -18,8 +18,8 @@ from servicekit.db import Database, with_retries
 from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp
 
-from ..orders.domain import Channel, OrderLine
-from ..orders.handlers import RewardsHandlers
+from ..kernel import Channel, OrderLine
+from ..points.handlers import PointsLedger
 from ..wire import optional_time, set_time
 from ..wire import page as _page
 from . import handlers as svc
@@ -162,7 +162,8 @@ class CouponRpcs:
     """The coupon RPCs of RewardsService (mixed into RewardsServicer)."""
 
     _db: Database
-    _handlers: RewardsHandlers
+    _points: PointsLedger
+    _coupon_policy: svc.CouponPolicy
 
     async def _template_reply(self, conn: Any, t: TemplateRow) -> rewards_pb2.CouponTemplate:
         remaining = None
@@ -377,8 +378,8 @@ class CouponRpcs:
                 gross_fen=request.gross_amount_fen,
                 codes=list(request.coupon_codes),
                 points_to_redeem=request.points_to_redeem,
-                rules=self._handlers.points.rules,
-                policy=self._handlers.coupon_policy,
+                rules=self._points.rules,
+                policy=self._coupon_policy,
                 now=datetime.now(UTC),
             )
         return rewards_pb2.PreviewCheckoutResponse(
@@ -416,7 +417,7 @@ class CouponRpcs:
                 member_id=member,
                 store_id=request.store_id,
                 pos_transaction_id=request.pos_transaction_id,
-                policy=self._handlers.coupon_policy,
+                policy=self._coupon_policy,
                 now=datetime.now(UTC),
             )
         return coupon_message(c)

@@ -30,7 +30,7 @@ from servicekit.errors import Conflict, FailedPrecondition, InvalidArgument, Not
 
 from .. import merges
 from ..coupons import repository as coupon_repository
-from ..orders.domain import parse_member_id
+from ..kernel import parse_member_id
 from ..points import repository as ledger
 from ..points.domain import check_key, check_text, request_hash
 from ..points.handlers import PointsLedger, refuse_erased

@@ -1,24 +1,30 @@
-"""Pure checkout rules: order validation, the earning rule, and the canonical
-request hash that makes CompleteOrder idempotent. No I/O."""
+"""Pure checkout rules: order validation, the settlement it plans (with the
+earning rule of points/earning.py), and the canonical request hash that makes
+CompleteOrder idempotent. No I/O. The order's own types and the id parsers
+are the rooms' shared kernel (services/rewards/kernel.py)."""
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import math
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from servicekit.errors import InvalidArgument
 
-FEN_PER_YUAN = 100
+from ..kernel import (
+    OrderRequest,
+    check_bounded_text,
+    parse_member_id,
+    parse_store_id,
+)
+from ..points.earning import BASE_EARNING_RULE, EarningRule
+
 # ¥10,000: far above any real tea order, low enough to stop a fat-fingered POS.
 DEFAULT_MAX_PAID_AMOUNT_FEN = 1_000_000
 MAX_POS_TRANSACTION_ID_LENGTH = 64
-MAX_STORE_ID_LENGTH = 32
 MAX_LINES = 200
 MAX_LINE_QUANTITY = 9_999
 MAX_LINE_TEXT_LENGTH = 128
@@ -27,98 +33,12 @@ MAX_POINTS_TO_REDEEM = 10_000_000
 REQUEST_HASH_VERSION = 1
 
 
-class Channel(enum.StrEnum):
-    STORE = "store"
-    MINI_PROGRAM = "mini_program"
-    DELIVERY = "delivery"
-
-
-@dataclass(frozen=True)
-class OrderLine:
-    sku: str
-    name: str
-    category: str
-    quantity: int
-    paid_amount_fen: int
-
-
-@dataclass(frozen=True)
-class OrderRequest:
-    """An order as the till reported it (after protobuf mapping, before validation)."""
-
-    store_id: str
-    pos_transaction_id: str
-    member_id: str
-    channel: Channel | None
-    paid_amount_fen: int
-    # 0 means "not given" (proto3 cannot tell 0 from unset).
-    gross_amount_fen: int = 0
-    lines: tuple[OrderLine, ...] = ()
-    # None means "not given": the server's clock applies, but the hash keeps None
-    # so a retry without a timestamp still matches.
-    ordered_at: datetime | None = None
-    # Points the member spends on this order (0: none).
-    points_to_redeem: int = 0
-    # Coupons used on this order; then the lines carry amounts before the
-    # coupons and add up to gross_amount_fen (rewards computes the discount).
-    coupon_codes: tuple[str, ...] = ()
-    # Guide attribution hints, passed through to OrderCompleted (services/guides);
-    # not in the request hash: they change nothing rewards settles.
-    staff_code: str = ""
-    guide_ref: str = ""
-
-
 @dataclass(frozen=True)
 class OrderLimits:
     max_paid_amount_fen: int = DEFAULT_MAX_PAID_AMOUNT_FEN
 
 
 DEFAULT_LIMITS = OrderLimits()
-
-
-class Rounding(enum.StrEnum):
-    FLOOR = "floor"  # only whole yuan earn: ¥9.99 -> 9 yuan
-    HALF_UP = "half_up"  # ¥9.50 -> 10 yuan
-
-
-@dataclass(frozen=True)
-class EarningRule:
-    """Points for an amount paid: whole yuan (after rounding) times a base rate.
-
-    The name is recorded on every ledger transaction, so a later change of rule
-    (tier or channel multipliers, campaigns) stays traceable per transaction.
-    """
-
-    name: str
-    points_per_yuan: int = 1
-    rounding: Rounding = Rounding.FLOOR
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("an earning rule needs a name")
-        if self.points_per_yuan < 0:
-            raise ValueError("points_per_yuan must be >= 0")
-
-    def points_for(self, paid_amount_fen: int) -> int:
-        if paid_amount_fen < 0:
-            raise ValueError("paid_amount_fen must be >= 0")
-        if self.rounding is Rounding.FLOOR:
-            yuan = paid_amount_fen // FEN_PER_YUAN
-        else:
-            yuan = (paid_amount_fen + FEN_PER_YUAN // 2) // FEN_PER_YUAN
-        return yuan * self.points_per_yuan
-
-    def describe(self) -> dict[str, object]:
-        """What the ledger stores about the rule that produced a transaction."""
-        return {
-            "name": self.name,
-            "points_per_yuan": self.points_per_yuan,
-            "rounding": self.rounding.value,
-        }
-
-
-# 1 point per whole ¥1 paid (the plan's default).
-BASE_EARNING_RULE = EarningRule(name="base_1pt_per_yuan")
 
 
 @dataclass(frozen=True)
@@ -131,36 +51,6 @@ class Settlement:
     rule: EarningRule
     # What decided `points` (multipliers, campaigns), stored on the transaction.
     rule_doc: dict[str, object] | None = None
-
-
-def parse_member_id(raw: str, field: str = "member_id") -> str:
-    """The canonical (lower-case, hyphenated) form of a member id."""
-    if not raw.strip():
-        raise InvalidArgument(f"{field} is required", code="MEMBER_ID_REQUIRED", field=field)
-    try:
-        return str(uuid.UUID(raw.strip()))
-    except ValueError:
-        raise InvalidArgument(
-            f"{field} is not a member id (a UUID)", code="INVALID_MEMBER_ID", field=field
-        ) from None
-
-
-def parse_store_id(raw: str, field: str = "store_id") -> str:
-    _check_text(raw, field, "STORE_ID", MAX_STORE_ID_LENGTH)
-    return raw
-
-
-def _check_text(value: str, field: str, code: str, max_length: int) -> None:
-    if not value.strip():
-        raise InvalidArgument(f"{field} is required", code=f"{code}_REQUIRED", field=field)
-    if len(value) > max_length:
-        raise InvalidArgument(
-            f"{field} is longer than {max_length} characters", code=f"{code}_TOO_LONG", field=field
-        )
-    if not value.isprintable():
-        raise InvalidArgument(
-            f"{field} contains control characters", code=f"{code}_NOT_PRINTABLE", field=field
-        )
 
 
 def _check_amount(value: int, field: str) -> None:
@@ -213,7 +103,7 @@ def validate_order(order: OrderRequest, limits: OrderLimits = DEFAULT_LIMITS) ->
 
     Checks run in a fixed order, so one bad request always reports the same field.
     """
-    _check_text(
+    check_bounded_text(
         order.pos_transaction_id,
         "pos_transaction_id",
         "POS_TRANSACTION_ID",
@@ -353,9 +243,9 @@ def check_store(
             field="store_id",
         )
     for value, field in ((name, "name"), (city, "city")):
-        _check_text(value, field, field.upper(), MAX_STORE_TEXT)
+        check_bounded_text(value, field, field.upper(), MAX_STORE_TEXT)
     if address:
-        _check_text(address, "address", "ADDRESS", MAX_STORE_TEXT)
+        check_bounded_text(address, "address", "ADDRESS", MAX_STORE_TEXT)
     try:
         ZoneInfo(time_zone)
     except (ValueError, ZoneInfoNotFoundError):

@@ -15,11 +15,12 @@ from servicekit.db import UnitOfWork
 from servicekit.errors import Conflict, DomainError, NotFound
 from servicekit.protos import timestamp
 
-from .. import merges
+from .. import members, merges
 from ..coupons import handlers as coupon_service
 from ..coupons import repository as coupon_repository
 from ..coupons.domain import spread
 from ..coupons.handlers import CouponPolicy
+from ..kernel import Channel, OrderRequest, parse_store_id
 from ..points import repository as ledger
 from ..points.earning import Period, period_start
 from ..points.handlers import (
@@ -33,12 +34,9 @@ from ..points.handlers import (
 from . import repository as repo
 from .domain import (
     DEFAULT_LIMITS,
-    Channel,
     OrderLimits,
-    OrderRequest,
     Settlement,
     check_store,
-    parse_store_id,
     parse_store_status,
     plan_settlement,
 )
@@ -105,10 +103,10 @@ class RewardsHandlers:
         ordered_at = order.ordered_at or now
         # One read for the tier (and its multiplier) and the erasure mark; an
         # erased member's order is refused before anything is written.
-        state = await repo.member_state(conn, member_id)
+        state = await members.member_state(conn, member_id)
         if state.erased or (
             member_id != uuid.UUID(order.member_id)
-            and await repo.is_erased(conn, uuid.UUID(order.member_id))
+            and await members.is_erased(conn, uuid.UUID(order.member_id))
         ):
             raise member_erased(uuid.UUID(order.member_id))
         # From here on (coupons, events) the order is the survivor's.

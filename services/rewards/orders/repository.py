@@ -1,5 +1,6 @@
-"""SQL of stores and orders (asyncpg; statements are schema-qualified), and the
-local projections of members the other contexts read (tier, erasure).
+"""SQL of stores and orders (asyncpg; statements are schema-qualified). The
+local projection of members the contexts share (tier, erasure) is
+`services/rewards/members.py`.
 
 Every function takes a plain asyncpg connection, so the benchmark runs the
 very statements the service runs. CompleteOrder is, inside one transaction:
@@ -30,7 +31,7 @@ from decimal import Decimal
 
 from servicekit.db import Connection
 
-from .domain import OrderLine
+from ..kernel import OrderLine
 
 
 @dataclass(frozen=True)
@@ -324,70 +325,3 @@ async def upsert_stores(conn: Connection, stores: list[StoreRecord]) -> None:
             for s in stores
         ],
     )
-
-
-@dataclass(frozen=True)
-class MemberState:
-    """What checkout needs about a member besides the order: the tier last
-    reported by tiering (and its multiplier, when the event carried one) and
-    whether the member was erased."""
-
-    tier_code: str | None
-    multiplier_bp: int | None
-    erased: bool
-
-
-async def member_state(conn: Connection, member_id: uuid.UUID) -> MemberState:
-    row = await conn.fetchrow(
-        "SELECT t.tier_code, t.points_multiplier_bp,"
-        " EXISTS (SELECT 1 FROM rewards.erased_members e WHERE e.member_id = $1) AS erased"
-        " FROM (SELECT 1) one"
-        " LEFT JOIN rewards.member_tiers t ON t.member_id = $1",
-        member_id,
-    )
-    assert row is not None
-    return MemberState(row["tier_code"], row["points_multiplier_bp"], row["erased"])
-
-
-async def record_tier(
-    conn: Connection,
-    member_id: uuid.UUID,
-    tier_code: str,
-    changed_at: datetime,
-    multiplier_bp: int | None = None,
-) -> None:
-    """Project a TierChanged event; an older event never overwrites a newer one.
-    A newer event without a multiplier clears the stored one (the configured
-    multiplier of its tier code applies)."""
-    await conn.execute(
-        "INSERT INTO rewards.member_tiers AS t"
-        " (member_id, tier_code, changed_at, points_multiplier_bp)"
-        " VALUES ($1, $2, $3, $4) ON CONFLICT (member_id) DO UPDATE"
-        " SET tier_code = EXCLUDED.tier_code, changed_at = EXCLUDED.changed_at,"
-        " points_multiplier_bp = EXCLUDED.points_multiplier_bp"
-        " WHERE t.changed_at <= EXCLUDED.changed_at",
-        member_id,
-        tier_code,
-        changed_at,
-        multiplier_bp,
-    )
-
-
-async def is_erased(conn: Connection, member_id: uuid.UUID) -> bool:
-    erased: bool = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM rewards.erased_members WHERE member_id = $1)", member_id
-    )
-    return erased
-
-
-async def record_erasure(conn: Connection, member_ids: list[uuid.UUID], erased_at: datetime) -> int:
-    """Record erased members once (a redelivered event keeps the first time);
-    returns how many were new."""
-    rows = await conn.fetch(
-        "INSERT INTO rewards.erased_members (member_id, erased_at)"
-        " SELECT DISTINCT unnest($1::uuid[]), $2::timestamptz"
-        " ON CONFLICT (member_id) DO NOTHING RETURNING member_id",
-        member_ids,
-        erased_at,
-    )
-    return len(rows)

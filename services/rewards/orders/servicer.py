@@ -17,8 +17,8 @@ from servicekit.protos import to_datetime
 
 from ..coupons.handlers import Restoration
 from ..coupons.servicer import restorations
+from ..kernel import Channel, OrderLine, OrderRequest
 from ..points.handlers import Outcome, Refund
-from .domain import Channel, OrderLine, OrderRequest
 from .handlers import OrderResult, RewardsHandlers
 from .repository import StoreRecord
 

@@ -23,10 +23,56 @@ from typing import Any
 
 from servicekit.errors import InvalidArgument
 
-from ..orders.domain import BASE_EARNING_RULE, EarningRule, OrderRequest, Rounding
+from ..kernel import OrderRequest
 from .domain import BUSINESS_TZ
 
 BP = 10_000  # basis points: 10000 = x1
+FEN_PER_YUAN = 100
+
+
+class Rounding(enum.StrEnum):
+    FLOOR = "floor"  # only whole yuan earn: ¥9.99 -> 9 yuan
+    HALF_UP = "half_up"  # ¥9.50 -> 10 yuan
+
+
+@dataclass(frozen=True)
+class EarningRule:
+    """Points for an amount paid: whole yuan (after rounding) times a base rate.
+
+    The name is recorded on every ledger transaction, so a later change of rule
+    (tier or channel multipliers, campaigns) stays traceable per transaction.
+    """
+
+    name: str
+    points_per_yuan: int = 1
+    rounding: Rounding = Rounding.FLOOR
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("an earning rule needs a name")
+        if self.points_per_yuan < 0:
+            raise ValueError("points_per_yuan must be >= 0")
+
+    def points_for(self, paid_amount_fen: int) -> int:
+        if paid_amount_fen < 0:
+            raise ValueError("paid_amount_fen must be >= 0")
+        if self.rounding is Rounding.FLOOR:
+            yuan = paid_amount_fen // FEN_PER_YUAN
+        else:
+            yuan = (paid_amount_fen + FEN_PER_YUAN // 2) // FEN_PER_YUAN
+        return yuan * self.points_per_yuan
+
+    def describe(self) -> dict[str, object]:
+        """What the ledger stores about the rule that produced a transaction."""
+        return {
+            "name": self.name,
+            "points_per_yuan": self.points_per_yuan,
+            "rounding": self.rounding.value,
+        }
+
+
+# 1 point per whole ¥1 paid (the plan's default).
+BASE_EARNING_RULE = EarningRule(name="base_1pt_per_yuan")
 
 
 class Period(enum.StrEnum):

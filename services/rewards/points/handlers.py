@@ -31,9 +31,8 @@ from servicekit.errors import (
 )
 from servicekit.protos import timestamp
 
-from .. import merges
-from ..orders import repository as repo
-from ..orders.domain import parse_member_id, parse_store_id
+from .. import members, merges
+from ..kernel import parse_member_id, parse_store_id
 from . import repository as ledger
 from .domain import (
     DEFAULT_POLICY,
@@ -208,7 +207,7 @@ def member_erased(member_id: uuid.UUID, field: str = "member_id") -> DomainError
 async def refuse_erased(conn: Connection, member_id: uuid.UUID) -> None:
     """Refuse a write for an erased member (MemberErased) before anything is
     written, so no new record is created about them."""
-    if await repo.is_erased(conn, member_id):
+    if await members.is_erased(conn, member_id):
         raise member_erased(member_id)
 
 

@@ -17,7 +17,7 @@ from servicekit.db import Database
 from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp
 
-from ..orders.domain import parse_member_id
+from ..kernel import parse_member_id
 from ..wire import page
 from . import repository as ledger
 from .handlers import Adjustment, PointsLedger, Spend

@@ -20,8 +20,8 @@ from servicekit.db import UnitOfWork
 from servicekit.errors import Conflict, DomainError, InvalidArgument, NotFound
 
 from .. import merges
+from ..kernel import parse_member_id
 from ..mall.handlers import CouponIssuer, issued_coupon_id
-from ..orders.domain import parse_member_id
 from ..points.earning import period_start
 from ..points.handlers import PointsLedger, refuse_erased
 from . import repository as repo
