@@ -216,11 +216,24 @@ async def test_bad_redemptions_write_nothing(
     assert await conn.fetchval("SELECT count(*) FROM rewards.ledger_requests") == count
 
 
-async def test_unknown_member_cannot_redeem(db: Database, conn: asyncpg.Connection) -> None:
+@pytest.mark.parametrize(
+    ("operation", "args"),
+    [
+        ("redeem", (5, "u-key", "", T0)),
+        ("hold", (5, "u-key", "", T0)),
+        ("adjust", (-5, "ops-1", "goodwill reversal", "u-key", T0)),
+    ],
+)
+async def test_a_member_who_never_earned_has_nothing_to_spend(
+    db: Database, conn: asyncpg.Connection, operation: str, args: tuple[Any, ...]
+) -> None:
+    # Rewards cannot tell a member who never earned from no member at all (member
+    # says who exists): a spend or debit is the insufficient-balance refusal, not
+    # 404 UNKNOWN_MEMBER for a member who exists.
     member = new_member()
-    with pytest.raises(NotFound) as caught:
-        await Ledger(db).call("redeem", member, 5, "u-" + member, "", T0)
-    assert caught.value.code == "UNKNOWN_MEMBER"
+    with pytest.raises(FailedPrecondition) as caught:
+        await Ledger(db).call(operation, member, *args)
+    assert (caught.value.code, caught.value.field) == ("INSUFFICIENT_POINTS", "points")
     assert await balance(conn, member) == {"available": 0, "pending": 0, "held": 0, "debt": 0}
 
 

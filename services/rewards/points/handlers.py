@@ -192,10 +192,6 @@ def insufficient(member_id: uuid.UUID, wanted: int, balance: Balance, field: str
     )
 
 
-def no_account(member_id: uuid.UUID, field: str = "member_id") -> DomainError:
-    return NotFound(f"member {member_id} has no points account", code="UNKNOWN_MEMBER", field=field)
-
-
 def member_erased(member_id: uuid.UUID, field: str = "member_id") -> DomainError:
     return FailedPrecondition(
         f"member {member_id} was erased; no further points can be written",
@@ -359,7 +355,9 @@ class PointsLedger:
             return self._replay(stored, Spend.from_doc)
         state = await self.maintain(conn, member, now)
         if state is None:
-            return await self._reject(conn, rkey, no_account(member))
+            # Rewards cannot tell a member who never earned from no member: for
+            # both, nothing is there to spend (member checks who exists).
+            return await self._reject(conn, rkey, insufficient(member, points, Balance(), "points"))
         takes = allocate(state.lots, points, now) if points <= spendable(state.balance) else None
         if takes is None:
             return await self._reject(
@@ -1101,7 +1099,8 @@ class PointsLedger:
             await ledger.ensure_account(conn, member)
         state = await self.maintain(conn, member, now)
         if state is None:
-            return await self._reject(conn, key, no_account(member))
+            # A debit of a member who never earned: nothing to take.
+            return await self._reject(conn, key, insufficient(member, -points, Balance(), "points"))
         txn = uuid.uuid4()
         if points > 0:
             lot = NewLot(uuid.uuid4(), points, "active", now, self.policy.expiry.expires_at(now))
