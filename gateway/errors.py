@@ -12,6 +12,7 @@ slow downstream is UNAVAILABLE, never a hang and never its address.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -200,6 +201,44 @@ def _field_of(loc: Sequence[int | str]) -> str:
     return out
 
 
+def _path_of(doc: Any, value: int, at: str = "") -> str | None:
+    """The request field ("lines[0].quantity") holding the integer `value`, first in order."""
+    if isinstance(doc, dict):
+        for key, item in doc.items():
+            found = _path_of(item, value, f"{at}.{key}" if at else str(key))
+            if found is not None:
+                return found
+    elif isinstance(doc, list):
+        for n, item in enumerate(doc):
+            found = _path_of(item, value, f"{at}[{n}]")
+            if found is not None:
+                return found
+    elif isinstance(doc, int) and not isinstance(doc, bool) and doc == value:
+        return at
+    return None
+
+
+async def _out_of_range_field(request: Request, message: str) -> str:
+    """The field whose number protobuf refused: its message ("Value out of range:
+    N") names the value only, so the value is looked up in what the caller sent
+    (query, path, JSON body). Empty when it cannot be told."""
+    try:
+        value = int(message.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return ""
+    for name, raw in [*request.query_params.multi_items(), *request.path_params.items()]:
+        try:
+            if int(str(raw)) == value:
+                return str(name)
+        except ValueError:
+            continue
+    try:
+        doc = json.loads(await request.body() or b"null")
+    except (ValueError, RuntimeError):
+        return ""
+    return _path_of(doc, value) or ""
+
+
 def install_http_handlers(app: FastAPI) -> None:
     """FastAPI's own errors (validation, unknown route) speak problem+json too."""
 
@@ -228,7 +267,11 @@ def install_http_handlers(app: FastAPI) -> None:
         if isinstance(exc, ValueError) and str(exc).startswith(PROTOBUF_RANGE_ERROR):
             # A request number the route's model left unbounded, too large for
             # the downstream field (int32/int64): the caller's mistake, not ours.
-            return problem(422, "OUT_OF_RANGE", "a number in the request is out of range")
+            field = await _out_of_range_field(request, str(exc))
+            detail = (
+                f"{field} is out of range" if field else "a number in the request is out of range"
+            )
+            return problem(422, "OUT_OF_RANGE", detail, field)
         # Logged here with the stack; the caller learns nothing internal.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return problem(500, "INTERNAL", INTERNAL_MESSAGE)

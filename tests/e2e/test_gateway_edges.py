@@ -628,3 +628,25 @@ async def test_pos_health_watch_and_reflection(downstream: Downstream) -> None:
             second = await watch.read()
             assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
             await stopping
+
+
+@pytest.mark.parametrize(
+    ("target", "body", "field"),
+    [
+        ("/v1/admin/members/{member}/points/adjustments", {"points": 2**70}, "points"),
+        ("/v1/admin/members/{member}/points/adjustments", {"points": -(2**70)}, "points"),
+    ],
+)
+async def test_a_number_too_large_for_the_service_names_its_field(
+    doors: Doors, downstream: Downstream, target: str, body: dict[str, Any], field: str
+) -> None:
+    # The route's model takes any integer; protobuf refuses it when the request
+    # to rewards is built. The caller must learn which field, like any 422.
+    reply = await doors.http.post(
+        target.format(member=MEMBER_ID),
+        json={"reason": "goodwill", "idempotency_key": str(uuid.uuid4()), **body},
+        headers={"Idempotency-Key": str(uuid.uuid4())},
+    )
+    assert reply.status_code == 422, reply.text
+    assert (reply.json()["code"], reply.json()["field"]) == ("OUT_OF_RANGE", field)
+    assert "rewards.AdjustPoints" not in downstream.script.requests
