@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from servicekit.error_codes import HTTP_STATUS  # gRPC status -> HTTP; unlisted: 500
 from servicekit.errors import (
     CONNECTION_ERRORS,
     ERROR_DOMAIN,
@@ -39,21 +40,6 @@ from servicekit.errors import (
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-
-# gRPC status -> HTTP status. Anything not listed is a 500 "internal error".
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.INVALID_ARGUMENT: 422,
-    grpc.StatusCode.OUT_OF_RANGE: 422,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
 
 TITLES: dict[int, str] = {
     401: "Unauthenticated",
@@ -87,8 +73,8 @@ class DownstreamError(DomainError):
     def __init__(
         self, status: grpc.StatusCode, message: str, *, code: str, field: str = ""
     ) -> None:
+        self.status = status  # before the registry check in DomainError
         super().__init__(message, code=code, field=field)
-        self.status = status
 
 
 def _carries_error_info(error: grpc.aio.AioRpcError) -> bool:

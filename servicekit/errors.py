@@ -19,6 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import error_codes
+
 ERROR_DOMAIN = "loyalty"
 
 
@@ -31,6 +33,8 @@ class DomainError(Exception):
         self.message = message
         self.code = code or self.default_code
         self.field = field
+        # Every code a caller can get is in the registry, with this status.
+        error_codes.check(self.code, self.status)
 
 
 class InvalidArgument(DomainError):

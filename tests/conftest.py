@@ -21,6 +21,9 @@ os.environ.setdefault("OTEL_TRACES_SAMPLER", "always_on")
 # The suite runs with the repository's development keys: development, not
 # production (servicekit/safety.py). Child processes the tests start inherit it.
 os.environ.setdefault("LOYALTY_ENV", "development")
+# An error code the registry (servicekit/error_codes.py) does not hold, or holds
+# under another status, fails the test that raises it.
+os.environ.setdefault("LOYALTY_STRICT_ERROR_CODES", "1")
 
 HANG_REPORT_AFTER_SECONDS = 120
 

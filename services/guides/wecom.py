@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from servicekit.errors import Unavailable
+from servicekit.errors import PermissionDenied, Unavailable
 
 FAKE_BASE = "fake"
 FAKE_URL = "https://wecom.fake/cgi-bin"
@@ -136,7 +136,9 @@ class WeComApi:
         reply = await self._call("GET", "/auth/getuserinfo", code=code)
         user = str(reply.get("userid") or reply.get("UserId") or "")
         if not user:
-            raise WeComError("the OAuth code is not a member of the corp", code="NOT_STAFF")
+            # A refusal, not an outage (WeComError is UNAVAILABLE): the caller
+            # answers it as INVALID_OAUTH_CODE.
+            raise PermissionDenied("the OAuth code is not a member of the corp", code="NOT_STAFF")
         return user
 
     async def group_members(self, chat_id: str) -> dict[str, int]:

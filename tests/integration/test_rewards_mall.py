@@ -37,9 +37,7 @@ class Refusing:
 
     async def __call__(self, conn: Connection, **kwargs: Any) -> Any:
         self.calls += 1
-        raise FailedPrecondition(
-            "template is paused", code="TEMPLATE_NOT_ACTIVE", field="template_id"
-        )
+        raise FailedPrecondition("template is paused", code="TEMPLATE_PAUSED", field="template_id")
 
 
 class Issuing:
@@ -186,7 +184,7 @@ async def test_failed_issuance_leaves_points_stock_and_count_untouched(
     for _ in range(2):  # the retry meets the same refusal, and still nothing is written
         with pytest.raises(FailedPrecondition) as caught:
             await mall.exchange(member, item, "fails")
-        assert caught.value.code == "TEMPLATE_NOT_ACTIVE"
+        assert caught.value.code == "TEMPLATE_PAUSED"
     assert issuer.calls == 2
     assert await available(conn, member) == 500
     assert await redeem_count(conn, member) == 0

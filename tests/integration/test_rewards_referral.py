@@ -52,9 +52,7 @@ class Coupons:
 
     async def __call__(self, conn: Connection, **kw: Any) -> Any:
         if kw["template_id"] == "SOLD-OUT":
-            raise FailedPrecondition(
-                "out of stock", code="TEMPLATE_OUT_OF_STOCK", field="template_id"
-            )
+            raise FailedPrecondition("out of stock", code="OUT_OF_STOCK", field="template_id")
         coupon_id = self.issued.setdefault(kw["issue_key"], str(uuid.uuid4()))
 
         class Issued:
@@ -275,7 +273,7 @@ async def test_a_refused_coupon_keeps_the_points_part(db: Database) -> None:
     view = await p.accept(new_member(), await p.code(new_member()))
     (reward,) = view.rewards
     assert reward.status == "partial" and reward.points == 100
-    assert reward.refusals == [{"code": "TEMPLATE_OUT_OF_STOCK", "message": "out of stock"}]
+    assert reward.refusals == [{"code": "OUT_OF_STOCK", "message": "out of stock"}]
 
 
 async def test_fission_report_counts_two_generations(db: Database) -> None:

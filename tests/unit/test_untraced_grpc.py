@@ -19,7 +19,7 @@ METHOD = "/test.Untraced/Call"
 
 async def _call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     if request == b"missing":
-        raise NotFound("nothing here", code="NOTHING_HERE", field="request")
+        raise NotFound("nothing here", code="NOT_FOUND", field="request")
     return b"ok:" + request
 
 
@@ -41,7 +41,7 @@ async def test_an_untraced_server_answers_and_maps_domain_errors() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call(b"missing", timeout=5)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        assert error_info(caught.value) == ("NOTHING_HERE", "request")
+        assert error_info(caught.value) == ("NOT_FOUND", "request")
     finally:
         await channel.close()
         await server.stop(None)
