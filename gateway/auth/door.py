@@ -12,6 +12,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from servicekit.db import create_pool
 
@@ -31,6 +34,8 @@ from .tokens import TokenIssuer, token_router
 log = logging.getLogger(__name__)
 
 REDIS_CONNECTIONS = 64
+# A stale connection's command is sent again this many times, on a new connection.
+STALE_CONNECTION_RETRIES = 1
 
 IDEMPOTENCY_PARAMETER = {
     "name": IDEMPOTENCY_HEADER,
@@ -62,25 +67,40 @@ SECURITY_SCHEMES = {
 }
 
 
+def door_redis(settings: GatewaySettings) -> Redis:
+    """The door's Redis client. A burst of concurrent requests waits for a
+    connection instead of failing (the default pool raises past 100
+    connections). A Redis that refuses connections is noticed at once; one that
+    hangs costs a call at most the downstream deadline (then the POS falls
+    back), and the gatekeeper then skips it for a moment (ratelimit.Gatekeeper).
+
+    A pooled connection left stale by a Redis restart ("Connection closed by
+    server") reconnects and sends its command again, once and at once: without
+    it each stale connection failed one call after Redis came back, and each
+    such failure made the gatekeeper skip Redis for another moment, so signed
+    HTTP requests were refused (503 NONCE_STORE_UNAVAILABLE) for seconds after
+    the restart, one stale connection per skip window. Not a timeout, nor with
+    a back-off: a hung or refusing Redis must still fail fast.
+    """
+    return Redis(
+        connection_pool=BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=settings.downstream_timeout_seconds,
+            socket_timeout=settings.downstream_timeout_seconds,
+            socket_connect_timeout=settings.downstream_timeout_seconds,
+            retry=Retry(NoBackoff(), STALE_CONNECTION_RETRIES, (RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError],
+        )
+    )
+
+
 class Door:
     def __init__(self, settings: GatewaySettings, downstreams: Downstreams) -> None:
         self._s = settings
         self._downstreams = downstreams
         self.pool = None
-        # A burst of concurrent requests waits for a connection instead of
-        # failing (the default pool raises past 100 connections). A Redis that
-        # refuses connections is noticed at once; one that hangs costs a call at
-        # most the downstream deadline (then the POS falls back), and the
-        # gatekeeper then skips it for a moment (ratelimit.Gatekeeper).
-        self.redis = Redis(
-            connection_pool=BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=REDIS_CONNECTIONS,
-                timeout=settings.downstream_timeout_seconds,
-                socket_timeout=settings.downstream_timeout_seconds,
-                socket_connect_timeout=settings.downstream_timeout_seconds,
-            )
-        )
+        self.redis = door_redis(settings)
         self.gatekeeper = Gatekeeper(self.redis, settings.redis_namespace)
         self.signin_settings = SignInSettings(
             # A nonce only needs remembering while its timestamp is acceptable.
