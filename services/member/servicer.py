@@ -17,9 +17,13 @@ from servicekit.protos import timestamp
 
 from .cache import MemberUnitOfWork, ResolveCache
 from .domain import PROFILE_FIELDS, ConsentChannel, ConsentPurpose, ConsentRecord, IdType, normalise
-from .handlers import Identified, LostRace, MemberHandlers, Profile
+from .handlers import MemberHandlers
+from .handlers_common import LostRace
 from .metrics import MemberMetrics
-from .repository import MemberRecord, MergeRow, ReviewRow
+from .oneid_handlers import Identified
+from .oneid_repository import MergeRow, ReviewRow
+from .profile_handlers import Profile
+from .repository import MemberRecord
 
 ID_TYPES = {
     member_pb2.IDENTIFIER_TYPE_PHONE: IdType.PHONE,
