@@ -145,6 +145,12 @@ RequestKey = Annotated[
 ]
 
 
+class CausedMerge(BaseModel):
+    merge_id: str = Field(description="Pass to /v1/admin/merges/{merge_id}/unmerge to undo it")
+    absorbed_member_id: str = Field(description="The member merged into `member`")
+    rule: str = Field(description='Why it merged, e.g. "identify:phone" (the merge key)')
+
+
 class IgnoredIdentifier(BaseModel):
     field: str = Field(description="The request field that was not used")
     reason: str = Field(description="JUNK, QUARANTINED, LIMIT or OWNED_ELSEWHERE")
@@ -174,6 +180,13 @@ class Identified(BaseModel):
                     "member": MEMBER_EXAMPLE,
                     "created": False,
                     "merged_member_ids": [ABSORBED_MEMBER_ID_EXAMPLE],
+                    "merges": [
+                        {
+                            "merge_id": MERGE_ID_EXAMPLE,
+                            "absorbed_member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                            "rule": "identify:phone",
+                        }
+                    ],
                     "review_id": None,
                     "ignored": [],
                     "replayed": False,
@@ -203,6 +216,9 @@ class Identified(BaseModel):
     member: Member
     created: bool = Field(description="True when this call enrolled the member")
     merged_member_ids: list[str] = Field(description="Members merged into `member` by this call")
+    merges: list[CausedMerge] = Field(
+        default_factory=list, description="The merges this call made, by id and rule"
+    )
     review_id: str | None = Field(
         description="Set when the identifiers linked members an operator must review"
     )
@@ -285,6 +301,10 @@ def _identified(reply: member_pb2.IdentifyMemberResponse, names: list[str]) -> I
         member=_member(reply.member),
         created=reply.created,
         merged_member_ids=list(reply.merged_member_ids),
+        merges=[
+            CausedMerge(merge_id=m.merge_id, absorbed_member_id=m.absorbed_member_id, rule=m.rule)
+            for m in reply.merges
+        ],
         review_id=reply.review_id or None,
         ignored=[IgnoredIdentifier(field=names[i.index], reason=i.reason) for i in reply.ignored],
         replayed=reply.replayed,
@@ -771,9 +791,47 @@ class MergeRecord(BaseModel):
     merge_id: str
     survivor_member_id: str
     absorbed_member_id: str
-    rule: str
-    evidence: list[str]
+    rule: str = Field(description='"identify:<type>" (automatic), "operator" or "review"')
+    evidence: list[str] = Field(description="Masked identifiers, or the operator's reason")
     merged_at: datetime
+
+
+class MemberMerge(MergeRecord):
+    automatic: bool = Field(description="Merged by identify under the identity policy")
+    actor: str = Field(description="The identify call's source, or the operator")
+    status: Literal["active", "unmerged", "erased"]
+    unmerged_at: datetime | None
+    unmerged_by: str | None
+    unmerge_reason: str | None
+
+
+class MemberMerges(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "merges": [
+                        {
+                            "merge_id": MERGE_ID_EXAMPLE,
+                            "survivor_member_id": MEMBER_ID_EXAMPLE,
+                            "absorbed_member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                            "rule": "identify:phone",
+                            "evidence": [OPENID_EVIDENCE, PHONE_EVIDENCE],
+                            "merged_at": "2026-05-04T02:10:45Z",
+                            "automatic": True,
+                            "actor": "mini-program:wx8d5f0c1a2b3c4d5e",
+                            "status": "unmerged",
+                            "unmerged_at": "2026-05-05T08:00:12Z",
+                            "unmerged_by": "ops-li",
+                            "unmerge_reason": "recycled phone number",
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
+    merges: list[MemberMerge] = Field(description="Newest first, reversed ones included")
 
 
 class Merged(BaseModel):
@@ -1005,6 +1063,37 @@ async def unmerge(merge_id: AnyId, body: UnmergeRequest, request: Request) -> Un
         ),
     )
     return Unmerged(survivor=_member(reply.survivor), restored=_member(reply.restored))
+
+
+@router.get(
+    "/v1/admin/members/{member_id}/merges",
+    response_model=MemberMerges,
+    tags=["admin"],
+    summary="Every merge of the member's cluster, automatic or not, to find one to unmerge",
+)
+async def member_merges(member_id: MemberId, request: Request) -> MemberMerges:
+    reply = await downstreams(request).member.call(
+        "ListMemberMerges", member_pb2.ListMemberMergesRequest(member_id=str(member_id))
+    )
+    return MemberMerges(
+        merges=[
+            MemberMerge(
+                merge_id=m.merge_id,
+                survivor_member_id=m.survivor_member_id,
+                absorbed_member_id=m.absorbed_member_id,
+                rule=m.rule,
+                evidence=list(m.evidence),
+                merged_at=utc(m.merged_at),
+                automatic=m.automatic,
+                actor=m.actor,
+                status=m.status,  # type: ignore[arg-type]
+                unmerged_at=to_datetime(m.unmerged_at),
+                unmerged_by=m.unmerged_by or None,
+                unmerge_reason=m.unmerge_reason or None,
+            )
+            for m in reply.merges
+        ]
+    )
 
 
 @router.post(

@@ -68,6 +68,7 @@ from .handlers_common import (
 from .oneid_repository import IdentityRow, MergeRow, ReviewRow
 from .profile_handlers import consent_state, emit_consent
 from .repository import MemberRecord
+from .velocity import Burst
 
 # Issued member codes are kept this long after they expire (so a late scan is
 # told EXPIRED, not INVALID), then pruned.
@@ -87,6 +88,8 @@ class Identified:
     # (index in the request, reason)
     ignored: list[tuple[int, str]] = field(default_factory=list)
     replayed: bool = False
+    # The merges this call made (survivor = member), for the answer to name.
+    merges: list[MergeRow] = field(default_factory=list)
     # Raised by the caller after commit: the call's own writes (a quarantine)
     # must persist even though it resolves no member.
     refusal: DomainError | None = None
@@ -300,6 +303,7 @@ class OneIdHandlers(HandlersBase):
 
         created = False
         merged: list[str] = []
+        merges: list[MergeRow] = []
         review_id = ""
         target: str
         if len(roots) > 1 and merge_keys:
@@ -325,10 +329,11 @@ class OneIdHandlers(HandlersBase):
                 key_type = max(merge_keys, key=self._priority).id_type
                 for absorbed in roots:
                     if absorbed != survivor:
-                        await self._merge(
+                        record = await self._merge(
                             uow, survivor, absorbed, f"identify:{key_type}", evidence, source, None
                         )
                         merged.append(absorbed)
+                        merges.append(record)
                 target = survivor
         elif roots:
             target = self._by_priority(best, states)
@@ -402,10 +407,17 @@ class OneIdHandlers(HandlersBase):
             request_hash,
             target,
             created,
-            {"merged": merged, "review_id": review_id, "ignored": ignored},
+            {
+                "merged": merged,
+                "review_id": review_id,
+                "ignored": ignored,
+                "merge_ids": [m.merge_id for m in merges],
+            },
         ):
             raise LostRace()
-        return Identified(await self._member(conn, target), created, merged, review_id, ignored)
+        return Identified(
+            await self._member(conn, target), created, merged, review_id, ignored, merges=merges
+        )
 
     def _plain_lookup(
         self,
@@ -449,6 +461,8 @@ class OneIdHandlers(HandlersBase):
             str(outcome.get("review_id", "")),
             [(int(n), str(r)) for n, r in outcome.get("ignored", [])],
             replayed=True,
+            # Answers recorded before merges were named carry none.
+            merges=await oneid_repo.merges_by_id(conn, list(outcome.get("merge_ids", []))),
         )
 
     # ---- merge / unmerge --------------------------------------------------------
@@ -605,6 +619,71 @@ class OneIdHandlers(HandlersBase):
             await self._member(conn, merge.survivor_id),
             await self._member(conn, merge.absorbed_id),
         )
+
+    async def list_merges(self, uow: UnitOfWork, member_id: str) -> list[MergeRow]:
+        """Every merge of the member's cluster (and of the given id itself, which
+        may have been restored by an unmerge since), newest first."""
+        conn = uow.conn
+        asked = parse_member_id(member_id)
+        root = await self._live_root(conn, asked)
+        members = sorted({asked, *await repo.cluster_of(conn, root)})
+        return await oneid_repo.merges_involving(conn, members)
+
+    # ---- velocity flags ---------------------------------------------------------
+
+    async def flag_velocity(
+        self, uow: UnitOfWork, burst: Burst, member_id: str, window_seconds: int
+    ) -> oneid_repo.VelocityFlagRow:
+        """Record a burst the velocity watch saw start, and announce it. The
+        identifier keeps resolving: a flag is for an operator, not a block."""
+        s = burst.sighting
+        flag = await oneid_repo.insert_velocity_flag(
+            uow.conn,
+            s.id_type,
+            s.namespace,
+            s.value_hash,
+            s.value_masked,
+            member_id,
+            burst.store_ids,
+            window_seconds,
+            burst.at,
+        )
+        await uow.emit(
+            events_pb2.IdentifierVelocityFlagged(
+                flag_id=flag.flag_id,
+                identifier_type=flag.id_type,
+                namespace=flag.namespace,
+                value_masked=flag.value_masked,
+                member_id=flag.member_id,
+                store_count=flag.store_count,
+                store_ids=flag.store_ids,
+                window_seconds=flag.window_seconds,
+                flagged_at=timestamp(flag.flagged_at),
+            ),
+            member_id=flag.member_id,
+        )
+        return flag
+
+    async def list_velocity_flags(
+        self, uow: UnitOfWork, page_size: int, page_token: str = ""
+    ) -> tuple[list[oneid_repo.VelocityFlagRow], str]:
+        """A page, newest flag first, and the next page's token ("": last)."""
+        limit = page_limit(page_size, 100)
+        after = None
+        if page_token:
+            try:
+                stamp, flag_id = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after = (datetime.fromisoformat(stamp), str(uuid.UUID(flag_id)))
+            except (ValueError, TypeError, binascii.Error):
+                raise bad_page_token() from None
+        rows = await oneid_repo.list_velocity_flags(uow.conn, limit + 1, after)
+        if len(rows) <= limit:
+            return rows, ""
+        last = rows[limit - 1]
+        token = base64.urlsafe_b64encode(
+            json.dumps([last.flagged_at.isoformat(), last.flag_id]).encode()
+        ).decode()
+        return rows[:limit], token
 
     # ---- review queue -----------------------------------------------------------
 

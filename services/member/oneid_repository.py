@@ -66,6 +66,15 @@ class MergeRow:
     merged_at: datetime
     moved_identity_ids: list[int]
     repointed_member_ids: list[str]
+    actor: str = ""
+    unmerged_at: datetime | None = None
+    unmerged_by: str = ""
+    unmerge_reason: str = ""
+
+    @property
+    def automatic(self) -> bool:
+        """Merged by identify under the identity policy, not by a person."""
+        return self.rule.startswith("identify:")
 
 
 @dataclass(frozen=True)
@@ -447,7 +456,30 @@ def _merge_row(row: Any) -> MergeRow:
         merged_at=row["merged_at"],
         moved_identity_ids=list(row["moved_identity_ids"]),
         repointed_member_ids=[str(m) for m in row["repointed_member_ids"]],
+        actor=row["actor"],
+        unmerged_at=row["unmerged_at"],
+        unmerged_by=row["unmerged_by"] or "",
+        unmerge_reason=row["unmerge_reason"] or "",
     )
+
+
+async def merges_by_id(conn: Connection, merge_ids: list[str]) -> list[MergeRow]:
+    rows = await conn.fetch(
+        "SELECT * FROM member.merges WHERE id = ANY($1::uuid[]) ORDER BY merged_at, id",
+        as_uuids(merge_ids),
+    )
+    return [_merge_row(r) for r in rows]
+
+
+async def merges_involving(conn: Connection, member_ids: list[str]) -> list[MergeRow]:
+    """Merges where any of these members survived or was absorbed, newest first."""
+    rows = await conn.fetch(
+        "SELECT * FROM member.merges"
+        " WHERE survivor_id = ANY($1::uuid[]) OR absorbed_id = ANY($1::uuid[])"
+        " ORDER BY merged_at DESC, id DESC",
+        as_uuids(member_ids),
+    )
+    return [_merge_row(r) for r in rows]
 
 
 async def get_merge(conn: Connection, merge_id: str, for_update: bool = False) -> MergeRow | None:
@@ -676,3 +708,82 @@ async def member_code_state(
         "SELECT used_at, expires_at FROM member.member_codes WHERE code_hash = $1", code_hash
     )
     return None if row is None else (row["used_at"], row["expires_at"])
+
+
+# ---- velocity flags ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VelocityFlagRow:
+    flag_id: str
+    id_type: str
+    namespace: str
+    value_masked: str
+    member_id: str
+    store_count: int
+    store_ids: list[str]
+    window_seconds: int
+    flagged_at: datetime
+
+
+def _velocity_flag(row: Any) -> VelocityFlagRow:
+    return VelocityFlagRow(
+        flag_id=str(row["id"]),
+        id_type=row["id_type"],
+        namespace=row["namespace"],
+        value_masked=row["value_masked"],
+        member_id=str(row["member_id"]),
+        store_count=row["store_count"],
+        store_ids=list(row["store_ids"]),
+        window_seconds=row["window_seconds"],
+        flagged_at=row["flagged_at"],
+    )
+
+
+async def insert_velocity_flag(
+    conn: Connection,
+    id_type: str,
+    namespace: str,
+    value_hash: bytes,
+    value_masked: str,
+    member_id: str,
+    store_ids: list[str],
+    window_seconds: int,
+    at: datetime,
+) -> VelocityFlagRow:
+    row = await conn.fetchrow(
+        "INSERT INTO member.velocity_flags (id, id_type, namespace, value_hash, value_masked,"
+        " member_id, store_count, store_ids, window_seconds, flagged_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+        uuid.uuid4(),
+        id_type,
+        namespace,
+        value_hash,
+        value_masked,
+        as_uuid(member_id),
+        len(store_ids),
+        store_ids,
+        window_seconds,
+        at,
+    )
+    return _velocity_flag(row)
+
+
+async def list_velocity_flags(
+    conn: Connection, limit: int, after: tuple[datetime, str] | None
+) -> list[VelocityFlagRow]:
+    """Newest first; `after` is the (flagged_at, id) of the previous page's last."""
+    if after is None:
+        rows = await conn.fetch(
+            "SELECT * FROM member.velocity_flags ORDER BY flagged_at DESC, id DESC LIMIT $1",
+            limit,
+        )
+    else:
+        rows = await conn.fetch(
+            "SELECT * FROM member.velocity_flags WHERE (flagged_at, id) < ($2, $3)"
+            " ORDER BY flagged_at DESC, id DESC LIMIT $1",
+            limit,
+            after[0],
+            as_uuid(after[1]),
+        )
+    return [_velocity_flag(r) for r in rows]
