@@ -131,7 +131,6 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             raise NotFound(f"store {store_id} is closed", code="UNKNOWN_STORE", field="store_id")
         source = f"pos:{store_id}"
         created = False
-        merges: list[pos_pb2.IdentifyMerge] = []
         if key == "member_code":
             # Resolves once; never enrols (the code names an existing member).
             member = await self._down.member.redeem_member_code(
@@ -150,13 +149,8 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             # The store goes along: member counts the stores each identifier is
             # presented at (velocity flag).
             identified = await self._down.member.find_or_enrol(ident, source, key, store_id)
+            # One identifier links at most one member: a POS identify never merges.
             member, created = identified.member, identified.created
-            merges = [
-                pos_pb2.IdentifyMerge(
-                    merge_id=m.merge_id, absorbed_member_id=m.absorbed_member_id, rule=m.rule
-                )
-                for m in identified.merges
-            ]
         # The tier is asked alongside the balance, and is best effort.
         balance, tier = await asyncio.gather(
             self._down.rewards.get_points_balance(member.member_id),
@@ -171,7 +165,6 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             tier_code=tier[0],
             tier_name=tier[1],
             degraded=self._down.degraded(),
-            merges=merges,
         )
 
     async def _member_tier(self, member_id: str) -> tuple[str, str]:

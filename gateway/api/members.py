@@ -1166,3 +1166,80 @@ async def quarantined(
         ],
         next_cursor=reply.next_page_token or None,
     )
+
+
+class VelocityFlag(BaseModel):
+    flag_id: str
+    type: str = Field(description="phone, pos_card, ...")
+    namespace: str
+    value_masked: str = Field(description="The identifier, masked: never the value")
+    member_id: str = Field(description="The member it resolved to when flagged")
+    store_count: int = Field(description="Distinct stores within the window at the flag")
+    store_ids: list[str]
+    window_seconds: int
+    flagged_at: datetime
+
+
+class VelocityFlags(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "flags": [
+                        {
+                            "flag_id": "5c0f8e2a-7b1d-4c3e-9a6f-2d4b8e1c7a90",
+                            "type": "phone",
+                            "namespace": "",
+                            "value_masked": "139****5678",
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "store_count": 5,
+                            "store_ids": ["SH001", "SH002", "SH003", "SH004", "SH005"],
+                            "window_seconds": 600,
+                            "flagged_at": "2026-05-06T11:03:52Z",
+                        }
+                    ],
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )
+
+    flags: list[VelocityFlag]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
+
+
+@router.get(
+    "/v1/admin/velocity-flags",
+    response_model=VelocityFlags,
+    tags=["admin"],
+    summary="Identifiers presented at too many stores too fast (flagged, still served)",
+)
+async def velocity_flags(
+    request: Request,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str, Query(max_length=500)] = "",
+) -> VelocityFlags:
+    reply = await downstreams(request).member.call(
+        "ListVelocityFlags",
+        member_pb2.ListVelocityFlagsRequest(page_size=page_size, page_token=cursor),
+        {"page_token": "cursor"},
+    )
+    return VelocityFlags(
+        flags=[
+            VelocityFlag(
+                flag_id=f.flag_id,
+                type=member_pb2.IdentifierType.Name(f.type)
+                .removeprefix("IDENTIFIER_TYPE_")
+                .lower(),
+                namespace=f.namespace,
+                value_masked=f.value_masked,
+                member_id=f.member_id,
+                store_count=f.store_count,
+                store_ids=list(f.store_ids),
+                window_seconds=f.window_seconds,
+                flagged_at=utc(f.flagged_at),
+            )
+            for f in reply.flags
+        ],
+        next_cursor=reply.next_page_token or None,
+    )
