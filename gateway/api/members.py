@@ -945,6 +945,18 @@ class QuarantineList(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
 
 
+# The operators' cursor-paged lists of identifiers (quarantined, velocity flags).
+OperatorPageSize = Annotated[int, Query(ge=1, le=500)]
+OperatorCursor = Annotated[
+    str, Query(max_length=500, description="The previous page's next_cursor, as it was")
+]
+
+
+def _type_name(identifier_type: int) -> str:
+    """IDENTIFIER_TYPE_POS_CARD -> "pos_card" (the member service's type names)."""
+    return member_pb2.IdentifierType.Name(identifier_type).removeprefix("IDENTIFIER_TYPE_").lower()
+
+
 def _review(r: member_pb2.MergeReview) -> MergeReview:
     return MergeReview(
         review_id=r.review_id,
@@ -1086,7 +1098,7 @@ async def member_merges(member_id: MemberId, request: Request) -> MemberMerges:
                 merged_at=utc(m.merged_at),
                 automatic=m.automatic,
                 actor=m.actor,
-                status=m.status,  # type: ignore[arg-type]
+                status=m.status,
                 unmerged_at=to_datetime(m.unmerged_at),
                 unmerged_by=m.unmerged_by or None,
                 unmerge_reason=m.unmerge_reason or None,
@@ -1143,8 +1155,8 @@ async def member_pii(
 )
 async def quarantined(
     request: Request,
-    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str, Query(max_length=500)] = "",
+    page_size: OperatorPageSize = 100,
+    cursor: OperatorCursor = "",
 ) -> QuarantineList:
     reply = await downstreams(request).member.call(
         "ListQuarantinedIdentifiers",
@@ -1154,9 +1166,7 @@ async def quarantined(
     return QuarantineList(
         identifiers=[
             Quarantined(
-                type=member_pb2.IdentifierType.Name(q.type)
-                .removeprefix("IDENTIFIER_TYPE_")
-                .lower(),
+                type=_type_name(q.type),
                 namespace=q.namespace,
                 value_masked=q.value_masked,
                 linked_members=q.linked_members,
@@ -1216,8 +1226,8 @@ class VelocityFlags(BaseModel):
 )
 async def velocity_flags(
     request: Request,
-    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str, Query(max_length=500)] = "",
+    page_size: OperatorPageSize = 100,
+    cursor: OperatorCursor = "",
 ) -> VelocityFlags:
     reply = await downstreams(request).member.call(
         "ListVelocityFlags",
@@ -1228,9 +1238,7 @@ async def velocity_flags(
         flags=[
             VelocityFlag(
                 flag_id=f.flag_id,
-                type=member_pb2.IdentifierType.Name(f.type)
-                .removeprefix("IDENTIFIER_TYPE_")
-                .lower(),
+                type=_type_name(f.type),
                 namespace=f.namespace,
                 value_masked=f.value_masked,
                 member_id=f.member_id,

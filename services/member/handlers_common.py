@@ -7,6 +7,9 @@ servicer retry a transaction whose reads moved before it could lock them.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -65,6 +68,23 @@ def bad_page_token() -> InvalidArgument:
     return InvalidArgument(
         "page_token is not one this API returned", code="INVALID_PAGE_TOKEN", field="page_token"
     )
+
+
+def encode_page_token(boundary: list[str]) -> str:
+    """An opaque page token carrying the last row's key (JSON inside: a
+    namespace may hold any character)."""
+    return base64.urlsafe_b64encode(json.dumps(boundary).encode()).decode()
+
+
+def decode_page_token(token: str, size: int) -> list[str]:
+    """The key an encode_page_token() carried; INVALID_PAGE_TOKEN for anything else."""
+    try:
+        values = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, TypeError, binascii.Error):
+        raise bad_page_token() from None
+    if not isinstance(values, list) or len(values) != size:
+        raise bad_page_token()
+    return [str(v) for v in values]
 
 
 def parse_member_id(member_id: str, field_name: str = "member_id") -> str:

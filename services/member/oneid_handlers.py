@@ -18,10 +18,7 @@ Identify (OneID) in one transaction:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
-import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -60,6 +57,8 @@ from .handlers_common import (
     HandlersBase,
     LostRace,
     bad_page_token,
+    decode_page_token,
+    encode_page_token,
     page_limit,
     parse_member_id,
     required_text,
@@ -671,19 +670,16 @@ class OneIdHandlers(HandlersBase):
         limit = page_limit(page_size, 100)
         after = None
         if page_token:
+            stamp, flag_id = decode_page_token(page_token, 2)
             try:
-                stamp, flag_id = json.loads(base64.urlsafe_b64decode(page_token.encode()))
                 after = (datetime.fromisoformat(stamp), str(uuid.UUID(flag_id)))
-            except (ValueError, TypeError, binascii.Error):
+            except ValueError:
                 raise bad_page_token() from None
         rows = await oneid_repo.list_velocity_flags(uow.conn, limit + 1, after)
         if len(rows) <= limit:
             return rows, ""
         last = rows[limit - 1]
-        token = base64.urlsafe_b64encode(
-            json.dumps([last.flagged_at.isoformat(), last.flag_id]).encode()
-        ).decode()
-        return rows[:limit], token
+        return rows[:limit], encode_page_token([last.flagged_at.isoformat(), last.flag_id])
 
     # ---- review queue -----------------------------------------------------------
 
@@ -762,28 +758,22 @@ class OneIdHandlers(HandlersBase):
         limit = page_limit(page_size, 100)
         after = None
         if page_token:
+            stamp, id_type, namespace, value_hash = decode_page_token(page_token, 4)
             try:
-                stamp, id_type, namespace, value_hash = json.loads(
-                    base64.urlsafe_b64decode(page_token.encode())
-                )
                 after = (
                     datetime.fromisoformat(stamp),
-                    str(id_type),
-                    str(namespace),
+                    id_type,
+                    namespace,
                     bytes.fromhex(value_hash),
                 )
-            except (ValueError, TypeError, binascii.Error):
+            except ValueError:
                 raise bad_page_token() from None
         rows = await oneid_repo.list_quarantined(uow.conn, limit + 1, after)
         if len(rows) <= limit:
             return rows, ""
         last = rows[limit - 1]
-        # Opaque to callers; a namespace may hold any character, so JSON.
         boundary = [last.quarantined_at.isoformat(), last.id_type, last.namespace]
-        token = base64.urlsafe_b64encode(
-            json.dumps([*boundary, last.value_hash.hex()]).encode()
-        ).decode()
-        return rows[:limit], token
+        return rows[:limit], encode_page_token([*boundary, last.value_hash.hex()])
 
     # ---- dynamic member code ---------------------------------------------------
 

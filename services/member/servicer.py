@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -298,25 +299,32 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         fails the call: the member is served either way."""
         if self._velocity is None:
             return
+        # One per identifier (a call may repeat one); junk and member numbers
+        # (printed on receipts, never typed for strangers) are not counted.
         sightings = {
-            self._handlers.lookup_hash(o): Sighting(
-                o.id_type.value,
-                o.namespace,
-                self._handlers.lookup_hash(o),
-                mask(o.id_type, o.value),
+            s.value_hash: s
+            for s in (
+                Sighting(
+                    o.id_type.value,
+                    o.namespace,
+                    self._handlers.lookup_hash(o),
+                    mask(o.id_type, o.value),
+                )
+                for o in observed
+                if o.id_type is not IdType.MEMBER_NUMBER
+                and not self._handlers.policy.is_junk(o.id_type, o.value)
             )
-            for o in observed
-            if o.id_type is not IdType.MEMBER_NUMBER
-            and not self._handlers.policy.is_junk(o.id_type, o.value)
         }
         velocity = self._velocity
         for burst in await velocity.observe(list(sightings.values()), store_id.strip()):
             try:
-                await self._in_transaction(
-                    lambda uow, b=burst: self._handlers.flag_velocity(  # type: ignore[misc]
-                        uow, b, member_id, velocity.window_seconds
-                    )
+                flag = functools.partial(
+                    self._handlers.flag_velocity,
+                    burst=burst,
+                    member_id=member_id,
+                    window_seconds=velocity.window_seconds,
                 )
+                await self._in_transaction(flag)
             except Exception:
                 log.exception("velocity flag not written; the next sighting flags again")
                 await velocity.forget(burst)

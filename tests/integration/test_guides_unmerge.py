@@ -12,13 +12,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from loyalty.events.v1 import events_pb2
-from servicekit.db import Database, create_pool
+from servicekit.db import Database
 from servicekit.events import ReceivedEvent, make_envelope
 from services.guides.handlers import GuidesHandlers
-from services.guides.server import build
-from services.guides.settings import GuidesSettings
 
 from ..harness import Infra, ServiceClock
+from .guides_support import guides_handlers
 
 T0 = datetime(2026, 4, 1, 9, 0, tzinfo=UTC)
 
@@ -32,21 +31,37 @@ def clock() -> ServiceClock:
 async def guides(
     infra: Infra, clock: ServiceClock
 ) -> AsyncIterator[tuple[GuidesHandlers, Database]]:
-    settings = GuidesSettings(**infra.service_settings().model_dump(), member_addr="127.0.0.1:1")
-    app = build(settings, clock=clock)
-    pool = await create_pool(infra.database_url, 1, 4)
-    yield app.handlers, Database(pool, "guides", "guides")
-    await pool.close()
-    await app.handlers.wecom.close()
-    await app.handlers.members.close()
-    if app.handlers.coupons is not None:
-        await app.handlers.coupons.close()
+    async with guides_handlers(infra, clock) as pair:
+        yield pair
 
 
 def received(payload: object, member_id: str) -> ReceivedEvent:
     # A fresh envelope (event id) each time: what a redelivery after a replay carries.
     envelope = make_envelope("member", payload, member_id)  # type: ignore[arg-type]
     return ReceivedEvent("s", "0-1", envelope, payload)  # type: ignore[arg-type]
+
+
+async def merge(
+    h: GuidesHandlers, db: Database, merge_id: str, survivor: uuid.UUID, absorbed: uuid.UUID
+) -> None:
+    payload = events_pb2.MemberMerged(
+        merge_id=merge_id,
+        survivor_member_id=str(survivor),
+        absorbed_member_id=str(absorbed),
+        rule="identify:phone",
+    )
+    async with db.unit_of_work() as uow:
+        await h.on_member_merged(uow, received(payload, str(survivor)))
+
+
+async def unmerge(
+    h: GuidesHandlers, db: Database, merge_id: str, survivor: uuid.UUID, restored: uuid.UUID
+) -> None:
+    payload = events_pb2.MemberUnmerged(
+        merge_id=merge_id, survivor_member_id=str(survivor), restored_member_id=str(restored)
+    )
+    async with db.unit_of_work() as uow:
+        await h.on_member_unmerged(uow, received(payload, str(survivor)))
 
 
 async def state(db: Database, member: uuid.UUID) -> dict[str, object]:
@@ -142,19 +157,7 @@ async def test_an_unmerge_moves_back_exactly_what_the_merge_moved(
     merge_id = str(uuid.uuid4())
 
     with clock.pinned(T0 + timedelta(days=1)):
-        async with db.unit_of_work() as uow:
-            await h.on_member_merged(
-                uow,
-                received(
-                    events_pb2.MemberMerged(
-                        merge_id=merge_id,
-                        survivor_member_id=str(survivor),
-                        absorbed_member_id=str(absorbed),
-                        rule="identify:phone",
-                    ),
-                    str(survivor),
-                ),
-            )
+        await merge(h, db, merge_id, survivor, absorbed)
     merged = await state(db, survivor)
     assert merged["contacts"] == sorted([f"wa-{t}", f"ws-{t}"])
     assert merged["guide"] is not None and merged["guide"][0] == first_guide  # type: ignore[index]
@@ -174,14 +177,8 @@ async def test_an_unmerge_moves_back_exactly_what_the_merge_moved(
             survivor,
         )
 
-    unmerged = events_pb2.MemberUnmerged(
-        merge_id=merge_id,
-        survivor_member_id=str(survivor),
-        restored_member_id=str(absorbed),
-    )
     with clock.pinned(T0 + timedelta(days=2)):
-        async with db.unit_of_work() as uow:
-            await h.on_member_unmerged(uow, received(unmerged, str(survivor)))
+        await unmerge(h, db, merge_id, survivor, absorbed)
     after = {m: await state(db, m) for m in (survivor, absorbed)}
     assert after[absorbed] == before[absorbed]
     assert after[survivor] == before[survivor] | {"contacts": sorted([f"wn-{t}", f"ws-{t}"])}
@@ -193,8 +190,7 @@ async def test_an_unmerge_moves_back_exactly_what_the_merge_moved(
             [survivor, absorbed],
         )
     with clock.pinned(T0 + timedelta(days=3)):
-        async with db.unit_of_work() as uow:
-            await h.on_member_unmerged(uow, received(unmerged, str(survivor)))
+        await unmerge(h, db, merge_id, survivor, absorbed)
     assert {m: await state(db, m) for m in (survivor, absorbed)} == after
     async with db.reading() as uow:
         assert (
@@ -219,31 +215,9 @@ async def test_a_guide_the_merge_gave_a_guideless_survivor_is_taken_back(
             await h.reassign_guide(uow, str(absorbed), guide, "op", "")
     merge_id = str(uuid.uuid4())
     with clock.pinned(T0 + timedelta(hours=1)):
-        async with db.unit_of_work() as uow:
-            await h.on_member_merged(
-                uow,
-                received(
-                    events_pb2.MemberMerged(
-                        merge_id=merge_id,
-                        survivor_member_id=str(survivor),
-                        absorbed_member_id=str(absorbed),
-                    ),
-                    str(survivor),
-                ),
-            )
+        await merge(h, db, merge_id, survivor, absorbed)
     assert (await state(db, survivor))["guide"] is not None
     with clock.pinned(T0 + timedelta(hours=2)):
-        async with db.unit_of_work() as uow:
-            await h.on_member_unmerged(
-                uow,
-                received(
-                    events_pb2.MemberUnmerged(
-                        merge_id=merge_id,
-                        survivor_member_id=str(survivor),
-                        restored_member_id=str(absorbed),
-                    ),
-                    str(survivor),
-                ),
-            )
+        await unmerge(h, db, merge_id, survivor, absorbed)
     assert (await state(db, survivor))["guide"] is None
     assert (await state(db, absorbed))["guide"] == (guide, T0)
