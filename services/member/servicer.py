@@ -154,6 +154,21 @@ def profile_message(profile: Profile) -> member_pb2.Profile:
 
 T = TypeVar("T")
 
+# A brand's store code (the gateway checked the store exists); longer is not one.
+MAX_STORE_ID = 64
+
+
+def _store_id(value: str) -> str:
+    """The store a till named, for the velocity watch; "" when none."""
+    store_id = value.strip()
+    if len(store_id) > MAX_STORE_ID:
+        raise InvalidArgument(
+            f"store_id is longer than {MAX_STORE_ID} characters",
+            code="VALUE_TOO_LONG",
+            field="store_id",
+        )
+    return store_id
+
 
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     def __init__(
@@ -197,6 +212,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def IdentifyMember(
         self, request: member_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.IdentifyMemberResponse:
+        store_id = _store_id(request.store_id)
         observed = []
         for n, ident in enumerate(request.identifiers):
             field = f"identifiers[{n}]"
@@ -236,8 +252,8 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         if result.refusal is not None:
             raise result.refusal
         assert result.member is not None
-        if request.store_id and not result.replayed:
-            await self._count_stores(observed, request.store_id, result.member.member_id)
+        if store_id and not result.replayed:
+            await self._count_stores(observed, store_id, result.member.member_id)
         return member_pb2.IdentifyMemberResponse(
             member=member_message(result.member),
             created=result.created,
@@ -260,6 +276,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ResolveMember(
         self, request: member_pb2.ResolveMemberRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.Member:
+        store_id = _store_id(request.store_id)
         ident = request.identifier
         id_type = ID_TYPES.get(ident.type)
         if id_type is None:
@@ -270,8 +287,8 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             )
         observed = normalise(id_type, ident.value, ident.namespace, False, "identifier.value")
         member = await self._resolve(observed)
-        if request.store_id:
-            await self._count_stores([observed], request.store_id, member.member_id)
+        if store_id:
+            await self._count_stores([observed], store_id, member.member_id)
         return member_message(member)
 
     async def _resolve(self, observed: ObservedIdentifier) -> MemberRecord:
@@ -316,7 +333,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             )
         }
         velocity = self._velocity
-        for burst in await velocity.observe(list(sightings.values()), store_id.strip()):
+        for burst in await velocity.observe(list(sightings.values()), store_id):
             try:
                 flag = functools.partial(
                     self._handlers.flag_velocity,

@@ -260,6 +260,30 @@ async def test_twenty_tills_at_once_flag_one_burst(stub: Stub, member_clock: Ser
     assert len(flags) == 1 and flags[0].store_count == 5
 
 
+async def test_an_overlong_store_is_refused_before_anything_is_read(stub: Stub) -> None:
+    phone = mobile()
+    for call in (
+        stub.ResolveMember(
+            pb.ResolveMemberRequest(identifier=ident(PHONE, phone), store_id="S" * 65)
+        ),
+        stub.IdentifyMember(
+            pb.IdentifyMemberRequest(
+                identifiers=[ident(PHONE, phone)],
+                source="pos",
+                request_key=str(uuid.uuid4()),
+                store_id="S" * 65,
+            )
+        ),
+    ):
+        err = await failure(call)
+        assert error_info(err) == ("VALUE_TOO_LONG", "store_id")
+    # Nothing was enrolled by the refused identify.
+    unknown = await failure(
+        stub.ResolveMember(pb.ResolveMemberRequest(identifier=ident(PHONE, phone)))
+    )
+    assert error_info(unknown)[0] == "UNKNOWN_IDENTIFIER"
+
+
 async def test_the_flag_list_pages_and_refuses_a_foreign_token(stub: Stub) -> None:
     first = await stub.ListVelocityFlags(pb.ListVelocityFlagsRequest(page_size=1))
     assert len(first.flags) <= 1
