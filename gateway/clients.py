@@ -107,23 +107,25 @@ class MemberClient(_Client):
         source: str,
         request_key: str,
         fields: Mapping[str, str] | None = None,
+        store_id: str = "",
     ) -> member_pb2.IdentifyMemberResponse:
-        """Find, enrol or merge (OneID); idempotent under request_key."""
+        """Find, enrol or merge (OneID); idempotent under request_key. A store
+        (POS) is counted by member's velocity watch."""
         request = member_pb2.IdentifyMemberRequest(
-            identifiers=identifiers, source=source, request_key=request_key
+            identifiers=identifiers, source=source, request_key=request_key, store_id=store_id
         )
         return await self._call(self._stub.IdentifyMember, request, fields)
 
     async def _identify_one(
-        self, ident: member_pb2.Identifier, source: str, field: str
+        self, ident: member_pb2.Identifier, source: str, field: str, store_id: str = ""
     ) -> member_pb2.IdentifyMemberResponse:
         """One identifier the caller sent as `field`: the member service's own
         field names are mapped back to it. A new request (a fresh key)."""
         fields = identifier_fields([field])
-        return await self.identify([ident], source, str(uuid.uuid4()), fields)
+        return await self.identify([ident], source, str(uuid.uuid4()), fields, store_id)
 
     async def find_or_enrol(
-        self, ident: member_pb2.Identifier, source: str, field: str
+        self, ident: member_pb2.Identifier, source: str, field: str, store_id: str = ""
     ) -> member_pb2.IdentifyMemberResponse:
         """The POS's identify of one attach-only identifier (a typed phone, a
         card): a known one is a ResolveMember read (served from member's Redis
@@ -134,12 +136,12 @@ class MemberClient(_Client):
         key was never repeated."""
         try:
             member = await self.resolve_member(
-                ident, {"identifier.value": field, "identifier": field}
+                ident, {"identifier.value": field, "identifier": field}, store_id
             )
         except DownstreamError as exc:
             if exc.code != "UNKNOWN_IDENTIFIER":
                 raise
-            return await self._identify_one(ident, source, field)
+            return await self._identify_one(ident, source, field, store_id)
         return member_pb2.IdentifyMemberResponse(member=member, created=False)
 
     async def redeem_member_code(
@@ -174,10 +176,14 @@ class MemberClient(_Client):
         )[:MAX_ABUSE_FINGERPRINTS]
 
     async def resolve_member(
-        self, identifier: member_pb2.Identifier, fields: Mapping[str, str] | None = None
+        self,
+        identifier: member_pb2.Identifier,
+        fields: Mapping[str, str] | None = None,
+        store_id: str = "",
     ) -> member_pb2.Member:
-        """The live member owning one identifier; never enrols (NOT_FOUND if none)."""
-        request = member_pb2.ResolveMemberRequest(identifier=identifier)
+        """The live member owning one identifier; never enrols (NOT_FOUND if none).
+        A store (POS) is counted by member's velocity watch."""
+        request = member_pb2.ResolveMemberRequest(identifier=identifier, store_id=store_id)
         return await self._call(self._stub.ResolveMember, request, fields)
 
     async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:

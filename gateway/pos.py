@@ -146,7 +146,10 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
                     type=member_pb2.IDENTIFIER_TYPE_PHONE, value=request.phone, verified=False
                 )
             )
-            identified = await self._down.member.find_or_enrol(ident, source, key)
+            # The store goes along: member counts the stores each identifier is
+            # presented at (velocity flag).
+            identified = await self._down.member.find_or_enrol(ident, source, key, store_id)
+            # One identifier links at most one member: a POS identify never merges.
             member, created = identified.member, identified.created
         # The tier is asked alongside the balance, and is best effort.
         balance, tier = await asyncio.gather(

@@ -85,10 +85,16 @@ async def _serve(app: ServiceApp) -> AsyncIterator[ServiceApp]:
 
 
 @pytest.fixture(scope="session")
-async def member_app(infra: Infra) -> AsyncIterator[ServiceApp]:
+def member_clock() -> ServiceClock:
+    """The member service's velocity watch reads it (tests pin it)."""
+    return ServiceClock()
+
+
+@pytest.fixture(scope="session")
+async def member_app(infra: Infra, member_clock: ServiceClock) -> AsyncIterator[ServiceApp]:
     from services.member.server import build
 
-    async for app in _serve(build(infra.service_settings())):
+    async for app in _serve(build(infra.service_settings(), clock=member_clock)):
         yield app
 
 

@@ -145,6 +145,12 @@ RequestKey = Annotated[
 ]
 
 
+class CausedMerge(BaseModel):
+    merge_id: str = Field(description="Pass to /v1/admin/merges/{merge_id}/unmerge to undo it")
+    absorbed_member_id: str = Field(description="The member merged into `member`")
+    rule: str = Field(description='Why it merged, e.g. "identify:phone" (the merge key)')
+
+
 class IgnoredIdentifier(BaseModel):
     field: str = Field(description="The request field that was not used")
     reason: str = Field(description="JUNK, QUARANTINED, LIMIT or OWNED_ELSEWHERE")
@@ -174,6 +180,13 @@ class Identified(BaseModel):
                     "member": MEMBER_EXAMPLE,
                     "created": False,
                     "merged_member_ids": [ABSORBED_MEMBER_ID_EXAMPLE],
+                    "merges": [
+                        {
+                            "merge_id": MERGE_ID_EXAMPLE,
+                            "absorbed_member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                            "rule": "identify:phone",
+                        }
+                    ],
                     "review_id": None,
                     "ignored": [],
                     "replayed": False,
@@ -203,6 +216,9 @@ class Identified(BaseModel):
     member: Member
     created: bool = Field(description="True when this call enrolled the member")
     merged_member_ids: list[str] = Field(description="Members merged into `member` by this call")
+    merges: list[CausedMerge] = Field(
+        default_factory=list, description="The merges this call made, by id and rule"
+    )
     review_id: str | None = Field(
         description="Set when the identifiers linked members an operator must review"
     )
@@ -285,6 +301,10 @@ def _identified(reply: member_pb2.IdentifyMemberResponse, names: list[str]) -> I
         member=_member(reply.member),
         created=reply.created,
         merged_member_ids=list(reply.merged_member_ids),
+        merges=[
+            CausedMerge(merge_id=m.merge_id, absorbed_member_id=m.absorbed_member_id, rule=m.rule)
+            for m in reply.merges
+        ],
         review_id=reply.review_id or None,
         ignored=[IgnoredIdentifier(field=names[i.index], reason=i.reason) for i in reply.ignored],
         replayed=reply.replayed,
@@ -771,9 +791,47 @@ class MergeRecord(BaseModel):
     merge_id: str
     survivor_member_id: str
     absorbed_member_id: str
-    rule: str
-    evidence: list[str]
+    rule: str = Field(description='"identify:<type>" (automatic), "operator" or "review"')
+    evidence: list[str] = Field(description="Masked identifiers, or the operator's reason")
     merged_at: datetime
+
+
+class MemberMerge(MergeRecord):
+    automatic: bool = Field(description="Merged by identify under the identity policy")
+    actor: str = Field(description="The identify call's source, or the operator")
+    status: Literal["active", "unmerged", "erased"]
+    unmerged_at: datetime | None
+    unmerged_by: str | None
+    unmerge_reason: str | None
+
+
+class MemberMerges(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "merges": [
+                        {
+                            "merge_id": MERGE_ID_EXAMPLE,
+                            "survivor_member_id": MEMBER_ID_EXAMPLE,
+                            "absorbed_member_id": ABSORBED_MEMBER_ID_EXAMPLE,
+                            "rule": "identify:phone",
+                            "evidence": [OPENID_EVIDENCE, PHONE_EVIDENCE],
+                            "merged_at": "2026-05-04T02:10:45Z",
+                            "automatic": True,
+                            "actor": "mini-program:wx8d5f0c1a2b3c4d5e",
+                            "status": "unmerged",
+                            "unmerged_at": "2026-05-05T08:00:12Z",
+                            "unmerged_by": "ops-li",
+                            "unmerge_reason": "recycled phone number",
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
+    merges: list[MemberMerge] = Field(description="Newest first, reversed ones included")
 
 
 class Merged(BaseModel):
@@ -885,6 +943,18 @@ class QuarantineList(BaseModel):
 
     identifiers: list[Quarantined]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
+
+
+# The operators' cursor-paged lists of identifiers (quarantined, velocity flags).
+OperatorPageSize = Annotated[int, Query(ge=1, le=500)]
+OperatorCursor = Annotated[
+    str, Query(max_length=500, description="The previous page's next_cursor, as it was")
+]
+
+
+def _type_name(identifier_type: int) -> str:
+    """IDENTIFIER_TYPE_POS_CARD -> "pos_card" (the member service's type names)."""
+    return member_pb2.IdentifierType.Name(identifier_type).removeprefix("IDENTIFIER_TYPE_").lower()
 
 
 def _review(r: member_pb2.MergeReview) -> MergeReview:
@@ -1007,6 +1077,37 @@ async def unmerge(merge_id: AnyId, body: UnmergeRequest, request: Request) -> Un
     return Unmerged(survivor=_member(reply.survivor), restored=_member(reply.restored))
 
 
+@router.get(
+    "/v1/admin/members/{member_id}/merges",
+    response_model=MemberMerges,
+    tags=["admin"],
+    summary="Every merge of the member's cluster, automatic or not, to find one to unmerge",
+)
+async def member_merges(member_id: MemberId, request: Request) -> MemberMerges:
+    reply = await downstreams(request).member.call(
+        "ListMemberMerges", member_pb2.ListMemberMergesRequest(member_id=str(member_id))
+    )
+    return MemberMerges(
+        merges=[
+            MemberMerge(
+                merge_id=m.merge_id,
+                survivor_member_id=m.survivor_member_id,
+                absorbed_member_id=m.absorbed_member_id,
+                rule=m.rule,
+                evidence=list(m.evidence),
+                merged_at=utc(m.merged_at),
+                automatic=m.automatic,
+                actor=m.actor,
+                status=m.status,
+                unmerged_at=to_datetime(m.unmerged_at),
+                unmerged_by=m.unmerged_by or None,
+                unmerge_reason=m.unmerge_reason or None,
+            )
+            for m in reply.merges
+        ]
+    )
+
+
 @router.post(
     "/v1/admin/members/{member_id}/erase",
     response_model=Erased,
@@ -1054,8 +1155,8 @@ async def member_pii(
 )
 async def quarantined(
     request: Request,
-    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str, Query(max_length=500)] = "",
+    page_size: OperatorPageSize = 100,
+    cursor: OperatorCursor = "",
 ) -> QuarantineList:
     reply = await downstreams(request).member.call(
         "ListQuarantinedIdentifiers",
@@ -1065,15 +1166,88 @@ async def quarantined(
     return QuarantineList(
         identifiers=[
             Quarantined(
-                type=member_pb2.IdentifierType.Name(q.type)
-                .removeprefix("IDENTIFIER_TYPE_")
-                .lower(),
+                type=_type_name(q.type),
                 namespace=q.namespace,
                 value_masked=q.value_masked,
                 linked_members=q.linked_members,
                 quarantined_at=utc(q.quarantined_at),
             )
             for q in reply.identifiers
+        ],
+        next_cursor=reply.next_page_token or None,
+    )
+
+
+class VelocityFlag(BaseModel):
+    flag_id: str
+    type: str = Field(description="phone, pos_card, ...")
+    namespace: str
+    value_masked: str = Field(description="The identifier, masked: never the value")
+    member_id: str = Field(description="The member it resolved to when flagged")
+    store_count: int = Field(description="Distinct stores within the window at the flag")
+    store_ids: list[str]
+    window_seconds: int
+    flagged_at: datetime
+
+
+class VelocityFlags(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "flags": [
+                        {
+                            "flag_id": "5c0f8e2a-7b1d-4c3e-9a6f-2d4b8e1c7a90",
+                            "type": "phone",
+                            "namespace": "",
+                            "value_masked": "139****5678",
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "store_count": 5,
+                            "store_ids": ["SH001", "SH002", "SH003", "SH004", "SH005"],
+                            "window_seconds": 600,
+                            "flagged_at": "2026-05-06T11:03:52Z",
+                        }
+                    ],
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )
+
+    flags: list[VelocityFlag]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
+
+
+@router.get(
+    "/v1/admin/velocity-flags",
+    response_model=VelocityFlags,
+    tags=["admin"],
+    summary="Identifiers presented at too many stores too fast (flagged, still served)",
+)
+async def velocity_flags(
+    request: Request,
+    page_size: OperatorPageSize = 100,
+    cursor: OperatorCursor = "",
+) -> VelocityFlags:
+    reply = await downstreams(request).member.call(
+        "ListVelocityFlags",
+        member_pb2.ListVelocityFlagsRequest(page_size=page_size, page_token=cursor),
+        {"page_token": "cursor"},
+    )
+    return VelocityFlags(
+        flags=[
+            VelocityFlag(
+                flag_id=f.flag_id,
+                type=_type_name(f.type),
+                namespace=f.namespace,
+                value_masked=f.value_masked,
+                member_id=f.member_id,
+                store_count=f.store_count,
+                store_ids=list(f.store_ids),
+                window_seconds=f.window_seconds,
+                flagged_at=utc(f.flagged_at),
+            )
+            for f in reply.flags
         ],
         next_cursor=reply.next_page_token or None,
     )

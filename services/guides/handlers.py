@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -705,17 +706,24 @@ class GuidesHandlers:
             await repo.lock_member(uow.conn, m)
         before = await self._visible_tags(uow, survivor)
         had_tags = bool(await self._visible_tags(uow, absorbed))
-        await repo.merge_member_rows(uow.conn, survivor, absorbed)
+        await repo.merge_member_rows(uow.conn, p.merge_id, survivor, absorbed)
         kept = await repo.get_binding(uow.conn, survivor)
         moved = await repo.get_binding(uow.conn, absorbed)
         if moved is not None:
             await repo.delete_binding(uow.conn, absorbed)
+            bindings: list[tuple[str, str, dict[str, Any]]] = [
+                ("binding", "absorbed", _binding_detail(moved))
+            ]
             if kept is None or moved.bound_at < kept.bound_at:
                 staff = await repo.get_staff(uow.conn, moved.staff_id)
                 if staff is not None:
                     await self._rebind(
                         uow, survivor, kept.staff_id if kept else "", staff, "merge", "oneid", now
                     )
+                    # What the survivor had before (staff "" when none).
+                    had = _binding_detail(kept) if kept else {"staff_id": ""}
+                    bindings.append(("binding", "survivor", had | {"merged_to": staff.staff_id}))
+            await repo.record_merge_moves(uow.conn, p.merge_id, bindings)
         await repo.audit(
             uow.conn, "oneid", "member_merged", f"member:{survivor}",
             {"absorbed": str(absorbed), "merge_id": p.merge_id}, now,
@@ -727,6 +735,99 @@ class GuidesHandlers:
                 member_id=str(absorbed),
             )
         await self.refresh_rule_tags(uow, survivor)
+
+    async def on_member_unmerged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """OneID reversed a merge: exactly what that merge moved here goes back
+        to the restored member (contacts, orders, notes, tags, its binding), and
+        the survivor gets back the guide it had if the merge replaced it and
+        nobody rebound it since. Rule tags are then recomputed for both from
+        their own orders. A merge applied before moves were recorded, or an
+        unmerge applied already, finds nothing to move."""
+        p = event.payload
+        assert isinstance(p, events_pb2.MemberUnmerged)
+        survivor, restored = uuid.UUID(p.survivor_member_id), uuid.UUID(p.restored_member_id)
+        now = self.clock()
+        for m in sorted((survivor, restored)):
+            await repo.lock_member(uow.conn, m)
+        moves = await repo.merge_moves(uow.conn, p.merge_id)
+        if not moves:
+            log.info("unmerge %s: no moves recorded here, nothing to move back", p.merge_id)
+            return
+        before = {m: await self._visible_tags(uow, m) for m in (survivor, restored)}
+        await repo.unmerge_member_rows(uow.conn, moves, survivor, restored)
+        bindings = dict(moves.get("binding", []))
+        replaced = bindings.get("survivor")
+        current = await repo.get_binding(uow.conn, survivor)
+        if replaced is not None and current is not None:
+            if current.staff_id == replaced["merged_to"]:
+                if replaced["staff_id"]:
+                    await self._restore_binding(uow, survivor, current.staff_id, replaced, now)
+                else:
+                    await repo.drop_binding(uow.conn, survivor, current.staff_id, "oneid", now)
+                    await self._announce_binding(uow, survivor, current.staff_id, "", "", now)
+        own = bindings.get("absorbed")
+        if own is not None and await repo.get_binding(uow.conn, restored) is None:
+            await self._restore_binding(uow, restored, "", own, now)
+        await repo.audit(
+            uow.conn, "oneid", "member_unmerged", f"member:{survivor}",
+            {"restored": str(restored), "merge_id": p.merge_id}, now,
+        )  # fmt: skip
+        await repo.forget_merge_moves(uow.conn, p.merge_id)
+        for m in (survivor, restored):
+            await self.refresh_rule_tags(uow, m)
+            await self._tags_changed(uow, m, before[m], now)
+
+    async def _restore_binding(
+        self,
+        uow: UnitOfWork,
+        member_id: uuid.UUID,
+        from_staff: str,
+        binding: dict[str, Any],
+        now: datetime,
+    ) -> None:
+        bound_at = datetime.fromisoformat(binding["bound_at"])
+        await repo.restore_binding(
+            uow.conn,
+            member_id,
+            from_staff,
+            binding["staff_id"],
+            binding["store_id"],
+            bound_at,
+            "oneid",
+            now,
+        )
+        await self._announce_binding(
+            uow, member_id, from_staff, binding["staff_id"], binding["store_id"], now
+        )
+
+    async def _announce_binding(
+        self,
+        uow: UnitOfWork,
+        member_id: uuid.UUID,
+        from_staff: str,
+        to_staff: str,
+        store_id: str,
+        now: datetime,
+    ) -> None:
+        await repo.audit(
+            uow.conn,
+            "oneid",
+            "guide_bound",
+            f"member:{member_id}",
+            {"from": from_staff, "to": to_staff, "reason": "unmerge"},
+            now,
+        )
+        await uow.emit(
+            events_pb2.GuideBound(
+                member_id=str(member_id),
+                from_staff_id=from_staff,
+                to_staff_id=to_staff,
+                store_id=store_id,
+                reason="unmerge",
+                bound_at=timestamp(now),
+            ),
+            member_id=str(member_id),
+        )
 
     async def on_journey_tagged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         """A journey's `tag` step writes into the one tag model (source "journey")."""
@@ -1259,3 +1360,11 @@ def _json_list(value: object) -> list[tuple[str, int]]:
     """A JSONB [[category, quantity], ...] as asyncpg returns it (text)."""
     data = json.loads(value) if isinstance(value, str) else value
     return [(str(c), int(q)) for c, q in data]  # type: ignore[union-attr]
+
+
+def _binding_detail(binding: repo.BindingRow) -> dict[str, Any]:
+    return {
+        "staff_id": binding.staff_id,
+        "store_id": binding.store_id,
+        "bound_at": binding.bound_at.isoformat(),
+    }

@@ -304,3 +304,19 @@ task_targets = Table(
     Column("status", Text, nullable=False, server_default="pending"),
     PrimaryKeyConstraint("task_id", "member_id"),
 )
+
+# What a OneID merge moved from the absorbed member to the survivor, so the
+# unmerge moves exactly that back (not what the survivor gained since):
+# contact (external_userid), order (order id), note (note id), tag
+# ("source:tag", detail: set_by, set_at, whether the merge added it to the
+# survivor), binding ("absorbed": its binding; "survivor": the survivor's
+# binding the merge replaced, detail.staff_id "" when it had none).
+merge_moves = Table(
+    "merge_moves",
+    metadata,
+    Column("merge_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("ref", Text, nullable=False),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    PrimaryKeyConstraint("merge_id", "kind", "ref"),
+)

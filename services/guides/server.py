@@ -170,6 +170,7 @@ def build(
                         "engagement", events_pb2.JourneyTagged, handlers.on_journey_tagged
                     ),
                     Subscription("member", events_pb2.MemberMerged, handlers.on_member_merged),
+                    Subscription("member", events_pb2.MemberUnmerged, handlers.on_member_unmerged),
                     Subscription("tiering", events_pb2.TierChanged, handlers.on_tier_changed),
                     Subscription(
                         "engagement",

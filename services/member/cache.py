@@ -54,7 +54,7 @@ from redis.exceptions import RedisError
 from servicekit.db import Connection, Database, UnitOfWork
 from servicekit.errors import Unavailable
 
-from . import repository as repo
+from . import oneid_repository as oneid_repo
 from .repository import MemberRecord
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ async def touch(
     touched.members |= ids
     touched.hashes |= set(hashes)
     if ids:
-        touched.hashes |= set(await repo.identity_hashes(conn, ids))
+        touched.hashes |= set(await oneid_repo.identity_hashes(conn, ids))
 
 
 def regroup() -> None:
@@ -258,7 +258,9 @@ class MemberUnitOfWork:
             async with self._db.unit_of_work() as uow:
                 yield uow
                 if touched:
-                    touched.hashes |= set(await repo.identity_hashes(uow.conn, touched.members))
+                    touched.hashes |= set(
+                        await oneid_repo.identity_hashes(uow.conn, touched.members)
+                    )
                     await self._cache.fence(touched.hashes, touched.regrouped)
         finally:
             _touched.reset(token)

@@ -1,10 +1,11 @@
 """Prometheus metrics of the member service, served on their own port
 (MEMBER_METRICS_PORT; unset: not served, the counters still count).
 
-Today one counter: identifiers quarantined (issue 15 item 14), so an alert can
-fire when a staff card or a shared phone starts linking strangers. Counted
-after the quarantining call committed; the IdentifierQuarantined event leaves
-through the outbox in the same transaction.
+Identifiers quarantined (issue 15 item 14), so an alert can fire when a staff
+card or a shared phone starts linking strangers, and identifiers flagged by
+the velocity watch (presented at too many stores too fast). Each counted after
+its call committed; the IdentifierQuarantined / IdentifierVelocityFlagged
+event leaves through the outbox in the same transaction.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ class MemberMetrics:
         self.quarantined = Counter(
             "member_identifiers_quarantined_total",
             "Identifiers that crossed the quarantine threshold, by identifier type",
+            ["identifier_type"],
+            registry=self.registry,
+        )
+        self.velocity_flagged = Counter(
+            "member_identifiers_velocity_flagged_total",
+            "Identifiers presented at too many stores within the velocity window",
             ["identifier_type"],
             registry=self.registry,
         )

@@ -233,4 +233,25 @@ member_codes = Table(
     Column("used_by", Text, nullable=True),
 )
 
+# Identifiers presented at too many stores within the velocity window
+# (services/member/velocity.py counts in Redis; a flag is written here once
+# per burst, with the IdentifierVelocityFlagged event). Flag, never block.
+velocity_flags = Table(
+    "velocity_flags",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("id_type", Text, nullable=False),
+    Column("namespace", Text, nullable=False),
+    # Keyed hash (PiiVault.lookup_hash) and masked value: never the identifier.
+    Column("value_hash", LargeBinary, nullable=False, index=True),
+    Column("value_masked", Text, nullable=False),
+    Column("member_id", Uuid, nullable=False),
+    Column("store_count", Integer, nullable=False),
+    Column("store_ids", ARRAY(Text), nullable=False),
+    Column("window_seconds", Integer, nullable=False),
+    # The service's clock, never the database's.
+    Column("flagged_at", DateTime(timezone=True), nullable=False),
+    Index(None, "flagged_at", "id"),
+)
+
 outbox, processed_events = add_event_tables(metadata)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from servicekit.retention import Retention
@@ -18,11 +19,17 @@ from .policy import load_policy
 from .schema import SCHEMA
 from .servicer import MemberServicer
 from .settings import member_settings, production_problems
+from .velocity import VelocityWatch
 
 NAME = "member"
 
 
-def build(settings: ServiceSettings) -> ServiceApp:
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def build(settings: ServiceSettings, clock: Callable[[], datetime] = _now) -> ServiceApp:
+    """`clock` is the velocity watch's (tests pin it)."""
     s = member_settings(settings)
     refuse_unsafe(NAME, s.loyalty_env, production_problems(s))
     # Bad keys or a bad policy stop the process here, before it serves anything.
@@ -38,8 +45,11 @@ def build(settings: ServiceSettings) -> ServiceApp:
             if s.resolve_cache_ttl_seconds > 0
             else None
         )
+        velocity = VelocityWatch(
+            app.redis, s.redis_namespace, s.velocity_stores, s.velocity_window_seconds, clock
+        )
         member_pb2_grpc.add_MemberServiceServicer_to_server(
-            MemberServicer(app.db, handlers, s.identify_max_attempts, cache, metrics),
+            MemberServicer(app.db, handlers, s.identify_max_attempts, cache, metrics, velocity),
             app.server,
         )
         if s.member_metrics_port is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -16,10 +18,26 @@ from servicekit.errors import InvalidArgument, Unavailable
 from servicekit.protos import timestamp
 
 from .cache import MemberUnitOfWork, ResolveCache
-from .domain import PROFILE_FIELDS, ConsentChannel, ConsentPurpose, ConsentRecord, IdType, normalise
-from .handlers import Identified, LostRace, MemberHandlers, Profile
+from .domain import (
+    PROFILE_FIELDS,
+    ConsentChannel,
+    ConsentPurpose,
+    ConsentRecord,
+    IdType,
+    ObservedIdentifier,
+    mask,
+    normalise,
+)
+from .handlers import MemberHandlers
+from .handlers_common import LostRace
 from .metrics import MemberMetrics
-from .repository import MemberRecord, MergeRow, ReviewRow
+from .oneid_handlers import Identified
+from .oneid_repository import MergeRow, ReviewRow
+from .profile_handlers import Profile
+from .repository import MemberRecord
+from .velocity import Sighting, VelocityWatch
+
+log = logging.getLogger(__name__)
 
 ID_TYPES = {
     member_pb2.IDENTIFIER_TYPE_PHONE: IdType.PHONE,
@@ -73,14 +91,22 @@ def member_message(member: MemberRecord, phone: str = "") -> member_pb2.Member:
 
 
 def merge_message(row: MergeRow) -> member_pb2.MergeRecord:
-    return member_pb2.MergeRecord(
+    message = member_pb2.MergeRecord(
         merge_id=row.merge_id,
         survivor_member_id=row.survivor_id,
         absorbed_member_id=row.absorbed_id,
         rule=row.rule,
         evidence=row.evidence,
         merged_at=timestamp(row.merged_at),
+        status=row.status,
+        automatic=row.automatic,
+        actor=row.actor,
+        unmerged_by=row.unmerged_by,
+        unmerge_reason=row.unmerge_reason,
     )
+    if row.unmerged_at is not None:
+        message.unmerged_at.CopyFrom(timestamp(row.unmerged_at))
+    return message
 
 
 def review_message(row: ReviewRow) -> member_pb2.MergeReview:
@@ -128,6 +154,21 @@ def profile_message(profile: Profile) -> member_pb2.Profile:
 
 T = TypeVar("T")
 
+# A brand's store code (the gateway checked the store exists); longer is not one.
+MAX_STORE_ID = 64
+
+
+def _store_id(value: str) -> str:
+    """The store a till named, for the velocity watch; "" when none."""
+    store_id = value.strip()
+    if len(store_id) > MAX_STORE_ID:
+        raise InvalidArgument(
+            f"store_id is longer than {MAX_STORE_ID} characters",
+            code="VALUE_TOO_LONG",
+            field="store_id",
+        )
+    return store_id
+
 
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     def __init__(
@@ -137,8 +178,10 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         max_attempts: int = 6,
         cache: ResolveCache | None = None,
         metrics: MemberMetrics | None = None,
+        velocity: VelocityWatch | None = None,
     ) -> None:
         self._metrics = metrics or MemberMetrics()
+        self._velocity = velocity
         self._db = db
         self._handlers = handlers
         self._max_attempts = max_attempts
@@ -169,6 +212,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def IdentifyMember(
         self, request: member_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.IdentifyMemberResponse:
+        store_id = _store_id(request.store_id)
         observed = []
         for n, ident in enumerate(request.identifiers):
             field = f"identifiers[{n}]"
@@ -208,6 +252,8 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         if result.refusal is not None:
             raise result.refusal
         assert result.member is not None
+        if store_id and not result.replayed:
+            await self._count_stores(observed, store_id, result.member.member_id)
         return member_pb2.IdentifyMemberResponse(
             member=member_message(result.member),
             created=result.created,
@@ -215,6 +261,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             review_id=result.review_id,
             ignored=[member_pb2.IgnoredIdentifier(index=n, reason=r) for n, r in result.ignored],
             replayed=result.replayed,
+            merges=[merge_message(m) for m in result.merges],
         )
 
     async def GetMember(
@@ -229,6 +276,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ResolveMember(
         self, request: member_pb2.ResolveMemberRequest, context: grpc.aio.ServicerContext
     ) -> member_pb2.Member:
+        store_id = _store_id(request.store_id)
         ident = request.identifier
         id_type = ID_TYPES.get(ident.type)
         if id_type is None:
@@ -238,9 +286,15 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 field="identifier.type",
             )
         observed = normalise(id_type, ident.value, ident.namespace, False, "identifier.value")
+        member = await self._resolve(observed)
+        if store_id:
+            await self._count_stores([observed], store_id, member.member_id)
+        return member_message(member)
+
+    async def _resolve(self, observed: ObservedIdentifier) -> MemberRecord:
         if self._cache is None:
             async with self._unit_of_work() as uow:
-                return member_message(await self._handlers.resolve_identifier(uow, observed))
+                return await self._handlers.resolve_identifier(uow, observed)
         # The POS identify of a known member lands here first (gateway/pos.py).
         # The blocklist first: an answer cached before it listed a value stays
         # in Redis until its TTL.
@@ -248,11 +302,51 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         value_hash = self._handlers.lookup_hash(observed)
         cached = await self._cache.get(value_hash)
         if isinstance(cached, MemberRecord):
-            return member_message(cached)
+            return cached
         async with self._unit_of_work() as uow:
             member = await self._handlers.resolve_identifier(uow, observed)
         await self._cache.fill(value_hash, member, cached)
-        return member_message(member)
+        return member
+
+    async def _count_stores(
+        self, observed: list[ObservedIdentifier], store_id: str, member_id: str
+    ) -> None:
+        """The velocity watch counts the store for each identifier the till
+        presented; a burst it sees start is flagged (row, event, metric). Never
+        fails the call: the member is served either way."""
+        if self._velocity is None:
+            return
+        # One per identifier (a call may repeat one); junk and member numbers
+        # (printed on receipts, never typed for strangers) are not counted.
+        sightings = {
+            s.value_hash: s
+            for s in (
+                Sighting(
+                    o.id_type.value,
+                    o.namespace,
+                    self._handlers.lookup_hash(o),
+                    mask(o.id_type, o.value),
+                )
+                for o in observed
+                if o.id_type is not IdType.MEMBER_NUMBER
+                and not self._handlers.policy.is_junk(o.id_type, o.value)
+            )
+        }
+        velocity = self._velocity
+        for burst in await velocity.observe(list(sightings.values()), store_id):
+            try:
+                flag = functools.partial(
+                    self._handlers.flag_velocity,
+                    burst=burst,
+                    member_id=member_id,
+                    window_seconds=velocity.window_seconds,
+                )
+                await self._in_transaction(flag)
+            except Exception:
+                log.exception("velocity flag not written; the next sighting flags again")
+                await velocity.forget(burst)
+                continue
+            self._metrics.velocity_flagged.labels(identifier_type=burst.sighting.id_type).inc()
 
     async def ListIdentities(
         self, request: member_pb2.ListIdentitiesRequest, context: grpc.aio.ServicerContext
@@ -352,6 +446,38 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                     value_masked=r.value_masked,
                     linked_members=r.linked_members,
                     quarantined_at=timestamp(r.quarantined_at),
+                )
+                for r in rows
+            ],
+        )
+
+    async def ListMemberMerges(
+        self, request: member_pb2.ListMemberMergesRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.ListMemberMergesResponse:
+        async with self._unit_of_work() as uow:
+            rows = await self._handlers.list_merges(uow, request.member_id)
+        return member_pb2.ListMemberMergesResponse(merges=[merge_message(r) for r in rows])
+
+    async def ListVelocityFlags(
+        self, request: member_pb2.ListVelocityFlagsRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.ListVelocityFlagsResponse:
+        async with self._unit_of_work() as uow:
+            rows, token = await self._handlers.list_velocity_flags(
+                uow, request.page_size, request.page_token
+            )
+        return member_pb2.ListVelocityFlagsResponse(
+            next_page_token=token,
+            flags=[
+                member_pb2.VelocityFlag(
+                    flag_id=r.flag_id,
+                    type=PROTO_ID_TYPES[IdType(r.id_type)],
+                    namespace=r.namespace,
+                    value_masked=r.value_masked,
+                    member_id=r.member_id,
+                    store_count=r.store_count,
+                    store_ids=r.store_ids,
+                    window_seconds=r.window_seconds,
+                    flagged_at=timestamp(r.flagged_at),
                 )
                 for r in rows
             ],

@@ -30,6 +30,12 @@ class MemberSettings(ServiceSettings):
     # ResolveMember answers (identifier -> member) kept in Redis this long;
     # 0 turns the cache off (services/member/cache.py).
     resolve_cache_ttl_seconds: int = Field(default=ENTRY_TTL_SECONDS, ge=0, le=86_400)
+    # Velocity flag (services/member/velocity.py): an identifier presented at
+    # this many distinct stores within this many seconds is flagged (event,
+    # metric, operator list) and still served. 5 stores in 10 minutes: no
+    # customer crosses a city that fast; a phone typed for strangers does.
+    velocity_stores: int = Field(default=5, ge=2, le=1000)
+    velocity_window_seconds: int = Field(default=600, ge=1, le=86_400)
     # Prometheus /metrics (services/member/metrics.py) on its own port; unset:
     # not served. 0 binds any free port. Named apart from the gateway's
     # METRICS_PORT, which `make run` hands to every child.

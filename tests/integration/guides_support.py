@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import grpc
 
 from loyalty.guides.v1 import guides_pb2, guides_pb2_grpc
+from servicekit.db import Database, create_pool
+from services.guides.handlers import GuidesHandlers
+from services.guides.server import build
 from services.guides.settings import GuidesSettings
 from services.guides.wecom_crypto import WeComCrypto
 
-from ..harness import ServiceClock
+from ..harness import Infra, ServiceClock
 
 
 def wecom_crypto(corp_id: str) -> WeComCrypto:
@@ -93,3 +98,22 @@ def rpc_reason(err: grpc.aio.AioRpcError) -> str:
     from servicekit.errors import error_info
 
     return error_info(err)[0]
+
+
+@contextlib.asynccontextmanager
+async def guides_handlers(
+    infra: Infra, clock: ServiceClock
+) -> AsyncIterator[tuple[GuidesHandlers, Database]]:
+    """The guides use cases on their own pool, unserved (no consumer, no loops):
+    a test hands them events itself, on a pinned clock."""
+    settings = GuidesSettings(**infra.service_settings().model_dump(), member_addr="127.0.0.1:1")
+    app = build(settings, clock=clock)
+    pool = await create_pool(infra.database_url, 1, 4)
+    try:
+        yield app.handlers, Database(pool, "guides", "guides")
+    finally:
+        await pool.close()
+        await app.handlers.wecom.close()
+        await app.handlers.members.close()
+        if app.handlers.coupons is not None:
+            await app.handlers.coupons.close()

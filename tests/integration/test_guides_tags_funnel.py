@@ -14,16 +14,15 @@ import pytest
 
 from loyalty.common.v1 import common_pb2
 from loyalty.events.v1 import events_pb2
-from servicekit.db import Database, create_pool
+from servicekit.db import Database
 from servicekit.events import ReceivedEvent, make_envelope
 from servicekit.protos import timestamp
 from services.guides import domain
 from services.guides import repository as repo
 from services.guides.handlers import GuidesHandlers
-from services.guides.server import build
-from services.guides.settings import GuidesSettings
 
 from ..harness import Infra, ServiceClock
+from .guides_support import guides_handlers
 
 NOW = datetime(2026, 6, 30, 12, 0, tzinfo=UTC)
 TZ = ZoneInfo("Asia/Shanghai")
@@ -41,15 +40,8 @@ def clock() -> ServiceClock:
 async def handlers(
     infra: Infra, clock: ServiceClock
 ) -> AsyncIterator[tuple[GuidesHandlers, Database]]:
-    settings = GuidesSettings(**infra.service_settings().model_dump(), member_addr="127.0.0.1:1")
-    app = build(settings, clock=clock)
-    pool = await create_pool(infra.database_url, 1, 4)
-    yield app.handlers, Database(pool, "guides", "guides")
-    await pool.close()
-    await app.handlers.wecom.close()
-    await app.handlers.members.close()
-    if app.handlers.coupons is not None:
-        await app.handlers.coupons.close()
+    async with guides_handlers(infra, clock) as pair:
+        yield pair
 
 
 def _event(payload: object, member_id: str) -> ReceivedEvent:

@@ -15,7 +15,8 @@ from loyalty.member.v1 import member_pb2 as pb
 from servicekit.db import Database, create_pool
 from servicekit.errors import FailedPrecondition, InvalidArgument
 from services.member.domain import CODE_LIFETIME_SECONDS
-from services.member.handlers import CODE_FORGET_AFTER_SECONDS, MemberHandlers
+from services.member.handlers import MemberHandlers
+from services.member.oneid_handlers import CODE_FORGET_AFTER_SECONDS
 from services.member.pii import PiiVault
 from services.member.policy import load_policy
 
