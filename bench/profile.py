@@ -4,8 +4,9 @@ With BENCH_PROFILE set (process names as the CPU table shows them, comma
 separated, or `all`), every scenario's measured run is also sampled by py-spy
 (a dev dependency): one `py-spy record` per named process attaches by pid when
 the CPU meter takes its first snapshot and stops (SIGINT, which makes py-spy
-write its SVG) when the per-call figures are read. The SVGs go to
-bench/profiles/ (git-ignored), one per process and measured run. The CPU
+write its file) when the per-call figures are read. The SVGs (or, with
+BENCH_PROFILE_FORMAT=raw, collapsed stacks) go to bench/profiles/
+(git-ignored), one per process and measured run. The CPU
 figures of a profiled run include the sampler's pauses: read costs from an
 unprofiled run, and where they go from the flame graph.
 """
@@ -24,6 +25,9 @@ from pathlib import Path
 
 PROFILE_ENV = "BENCH_PROFILE"
 PROFILE_RATE_ENV = "BENCH_PROFILE_RATE"
+# flamegraph (SVG, the default), raw (collapsed stacks, for grep and scripts) or speedscope.
+PROFILE_FORMAT_ENV = "BENCH_PROFILE_FORMAT"
+SUFFIXES = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # Samples per second per process: enough for a 20 s run, light on a shared machine.
 DEFAULT_RATE = 200
@@ -72,8 +76,11 @@ class Profiler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         rate = os.environ.get(PROFILE_RATE_ENV, str(DEFAULT_RATE))
+        form = os.environ.get(PROFILE_FORMAT_ENV, "flamegraph")
+        if form not in SUFFIXES:
+            raise ValueError(f"{PROFILE_FORMAT_ENV} is one of {', '.join(SUFFIXES)}, not {form!r}")
         for name, pid in self.targets.items():
-            out = self.out_dir / f"{stamp}-{name}.svg"
+            out = self.out_dir / f"{stamp}-{name}.{SUFFIXES[form]}"
             proc = subprocess.Popen(
                 [
                     py_spy(),
@@ -85,7 +92,7 @@ class Profiler:
                     "--output",
                     str(out),
                     "--format",
-                    "flamegraph",
+                    form,
                     # Sample without pausing the process: the run stays the run measured.
                     "--nonblocking",
                 ],
