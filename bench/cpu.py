@@ -16,6 +16,7 @@ that work.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 from collections.abc import Mapping
@@ -88,7 +89,8 @@ class CpuMeter:
 
     async def close(self) -> None:
         if self.profiler is not None:
-            self.profiler.stop()
+            # py-spy writes its file as it stops: not on the event loop.
+            await asyncio.to_thread(self.profiler.stop)
         if self.monitor is not None:
             await self.monitor.close()
             self.monitor = None
@@ -126,7 +128,8 @@ class CpuMeter:
         """CPU ms per completed call since `before`, by process, with a total."""
         after = await self._read()
         if self.profiler is not None:
-            self.profiler.stop()
+            # py-spy writes its file as it stops: not on the event loop.
+            await asyncio.to_thread(self.profiler.stop)
         used = {name: t - before.processes.get(name, 0.0) for name, t in after.processes.items()}
         # A backend opened during the run counts from zero; one closed during
         # the run is lost (pools keep theirs open, so this is rare).
