@@ -197,7 +197,11 @@ class Gateway:
             max_batch=s.offline_max_batch, max_age_hours=s.offline_max_age_hours
         )
         # The door's Redis holds the identity epoch the member check is cached under.
-        known = KnownMembers(self.door.redis, s.redis_namespace) if self.door else None
+        known = (
+            KnownMembers(self.door.redis, s.redis_namespace, s.known_member_ttl_seconds)
+            if self.door and s.known_member_ttl_seconds > 0
+            else None
+        )
         pos_pb2_grpc.add_PosServiceServicer_to_server(
             PosServicer(downstreams, offline, known), server
         )

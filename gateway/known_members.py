@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from cachetools import TTLCache
 from redis.asyncio import Redis
@@ -47,11 +48,12 @@ class KnownMembers:
         namespace: str,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         size: int = DEFAULT_SIZE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = redis
         self._key = identity_epoch_key(namespace)
         # member id -> the epoch member confirmed it under.
-        self._confirmed: TTLCache[str, bytes] = TTLCache(size, ttl_seconds)
+        self._confirmed: TTLCache[str, bytes] = TTLCache(size, ttl_seconds, timer=clock)
         self._skip_until = 0.0
 
     async def epoch(self) -> bytes | None:
