@@ -110,14 +110,25 @@ def test_port_overrides_come_from_the_environment() -> None:
 
 
 async def test_cpu_meter_charges_a_busy_process_per_call_and_an_idle_one_nothing() -> None:
-    idle = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)")
+    # Each says "up" once the interpreter has started: on a loaded machine
+    # the start itself took long enough to be counted against the idle one.
+    idle = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time; print('up', flush=True); time.sleep(30)",
+        stdout=asyncio.subprocess.PIPE,
+    )
     busy = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(30)",
+        "import time\nprint('up', flush=True)\nend = time.process_time() + 0.4\n"
+        "while time.process_time() < end: pass\ntime.sleep(30)",
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
-        await asyncio.sleep(0.2)  # both started; the busy one is burning CPU
+        for child in (idle, busy):
+            assert child.stdout is not None
+            assert await child.stdout.readline() == b"up\n"
         meter = await CpuMeter.open({"idle": idle.pid, "busy": busy.pid})
         before = await meter.snapshot()
         await asyncio.sleep(0.6)
