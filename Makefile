@@ -12,10 +12,12 @@ PROTO_STAMP := protos/.generated
 # Extra arguments: make test PYTEST_ARGS='-k rewards -x'; make bench BENCH_ARGS='--rate 400'
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# make profile PROFILE=gateway,rewards BENCH_ARGS='identify ...' (process names as in the CPU table, or all)
+PROFILE ?= gateway,rewards
 FAULTS_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-shifted lint proto bench faults migrate seed clean install image image-smoke
+.PHONY: help run test test-shifted lint proto bench profile faults migrate seed clean install image image-smoke
 
 help:
 	@echo "make run      start PostgreSQL/Redis (embedded unless DATABASE_URL/REDIS_URL), migrate,"
@@ -24,6 +26,8 @@ help:
 	@echo "make test-shifted  the suite with the clock a year ahead (needs Debian's faketime)"
 	@echo "make bench    open-loop benchmark of the POS checkout path (BENCH_ARGS='--rate 400')"
 	@echo "              other scenarios: BENCH_ARGS='identify ...' (list: .venv/bin/python -m bench list)"
+	@echo "make profile  a bench scenario with py-spy flame graphs of its measured run, as SVG"
+	@echo "              in bench/profiles/ (PROFILE=gateway,rewards | all; BENCH_ARGS as for bench)"
 	@echo "make faults   fault suite: kill, restart and wipe parts under POS load, check with SQL"
 	@echo "              (FAULTS_ARGS='--quick' for the reduced run, '--write-docs' for the table)"
 	@echo "make migrate  migrate every schema;  make seed  seed the demo brand"
@@ -94,6 +98,10 @@ test-shifted: $(PROTO_STAMP) $(TOOLS_STAMP)
 
 bench: $(PROTO_STAMP)
 	$(PY) -m devtools.devrun bench -- $(BENCH_ARGS)
+
+# The same run as `make bench`, sampled by py-spy while it measures (bench/profile.py).
+profile: $(PROTO_STAMP)
+	BENCH_PROFILE='$(PROFILE)' $(PY) -m devtools.devrun bench -- $(BENCH_ARGS)
 
 faults: $(PROTO_STAMP)
 	$(PY) -m bench faults $(FAULTS_ARGS)

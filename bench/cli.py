@@ -311,7 +311,10 @@ async def events_drained(infra: BenchInfra, timeout: float = 180.0) -> float:
     try:
         while True:
             behind = 0
-            async for key in redis.scan_iter(match=f"{infra.namespace}:events:*", count=100):
+            # Streams only: the relay's `:head` hash and `:replay` list live beside them.
+            async for key in redis.scan_iter(
+                match=f"{infra.namespace}:events:*", count=100, _type="STREAM"
+            ):
                 if b":dlq:" in key:  # dead letters are nobody's to consume
                     continue
                 last = (await redis.xinfo_stream(key))["last-generated-id"]

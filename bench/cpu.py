@@ -16,6 +16,7 @@ that work.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 from servicekit.db import asyncpg_dsn
+
+from .profile import Profiler, wanted
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LOAD_GENERATOR = "loadgen"
@@ -65,6 +68,8 @@ class CpuMeter:
     processes: dict[str, int]  # name -> pid
     monitor: asyncpg.Connection | None = None
     redis: Redis | None = None
+    # `make profile` (bench/profile.py): samples the measured run's processes.
+    profiler: Profiler | None = None
 
     @classmethod
     async def open(
@@ -74,9 +79,18 @@ class CpuMeter:
         redis_url: str | None = None,
     ) -> CpuMeter:
         monitor = await asyncpg.connect(asyncpg_dsn(database_url)) if database_url else None
-        return cls(dict(processes), monitor, Redis.from_url(redis_url) if redis_url else None)
+        targets = wanted(processes)
+        return cls(
+            dict(processes),
+            monitor,
+            Redis.from_url(redis_url) if redis_url else None,
+            Profiler(targets) if targets else None,
+        )
 
     async def close(self) -> None:
+        if self.profiler is not None:
+            # py-spy writes its file as it stops: not on the event loop.
+            await asyncio.to_thread(self.profiler.stop)
         if self.monitor is not None:
             await self.monitor.close()
             self.monitor = None
@@ -85,6 +99,13 @@ class CpuMeter:
             self.redis = None
 
     async def snapshot(self) -> CpuSnapshot:
+        """The counters now: the start of a measured run (profiling, if asked, starts here)."""
+        taken = await self._read()
+        if self.profiler is not None:
+            self.profiler.start()
+        return taken
+
+    async def _read(self) -> CpuSnapshot:
         backends: dict[int, float] = {}
         if self.monitor is not None:
             rows = await self.monitor.fetch(
@@ -105,7 +126,10 @@ class CpuMeter:
 
     async def per_call(self, before: CpuSnapshot, calls: int) -> dict[str, float]:
         """CPU ms per completed call since `before`, by process, with a total."""
-        after = await self.snapshot()
+        after = await self._read()
+        if self.profiler is not None:
+            # py-spy writes its file as it stops: not on the event loop.
+            await asyncio.to_thread(self.profiler.stop)
         used = {name: t - before.processes.get(name, 0.0) for name, t in after.processes.items()}
         # A backend opened during the run counts from zero; one closed during
         # the run is lost (pools keep theirs open, so this is rare).

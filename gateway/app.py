@@ -34,6 +34,7 @@ from servicekit.telemetry import configure_tracing
 from .auth.door import Door
 from .clients import Downstreams
 from .http import create_app
+from .known_members import KnownMembers
 from .metrics import GatewayMetrics, GrpcObserver, pos_client_of
 from .offline import OfflinePolicy
 from .pos import MessageSizeInterceptor, PosServicer
@@ -195,7 +196,15 @@ class Gateway:
         offline = OfflinePolicy(
             max_batch=s.offline_max_batch, max_age_hours=s.offline_max_age_hours
         )
-        pos_pb2_grpc.add_PosServiceServicer_to_server(PosServicer(downstreams, offline), server)
+        # The door's Redis holds the identity epoch the member check is cached under.
+        known = (
+            KnownMembers(self.door.redis, s.redis_namespace, s.known_member_ttl_seconds)
+            if self.door and s.known_member_ttl_seconds > 0
+            else None
+        )
+        pos_pb2_grpc.add_PosServiceServicer_to_server(
+            PosServicer(downstreams, offline, known), server
+        )
         # Health is registered NOT_SERVING and flipped once the server is up.
         await add_health_and_reflection(server, self.health, [POS_SERVICE], NOT_SERVING)
         address = f"{s.pos_grpc_host}:{s.pos_grpc_port}"

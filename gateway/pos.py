@@ -25,6 +25,7 @@ from servicekit.errors import InvalidArgument, NotFound
 from . import offline
 from .clients import STORE_OPEN, Downstreams
 from .errors import DownstreamError
+from .known_members import KnownMembers
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,15 @@ def _coupon_lock(reply: rewards_pb2.Coupon) -> pos_pb2.CouponLock:
 
 class PosServicer(pos_pb2_grpc.PosServiceServicer):
     def __init__(
-        self, downstreams: Downstreams, offline_policy: offline.OfflinePolicy | None = None
+        self,
+        downstreams: Downstreams,
+        offline_policy: offline.OfflinePolicy | None = None,
+        known_members: KnownMembers | None = None,
     ) -> None:
         self._down = downstreams
         self._offline = offline_policy or offline.OfflinePolicy()
+        # Without one (no Redis to read the identity epoch from), every order asks member.
+        self._known = known_members or KnownMembers(None, "")
 
     async def IdentifyMember(
         self, request: pos_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
@@ -124,8 +130,11 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
                 field="phone",
             )
         store_id = request.store_id
-        # The store first: an unknown or closed store enrols nobody.
-        store = await self._down.rewards.get_store(store_id)
+        # The store first: an unknown or closed store enrols nobody. The
+        # identity epoch alongside, before member is asked (gateway/known_members.py).
+        store, epoch = await asyncio.gather(
+            self._down.rewards.get_store(store_id), self._known.epoch()
+        )
         if store.status != STORE_OPEN:
             # The same answer rewards gives a closed store at checkout.
             raise NotFound(f"store {store_id} is closed", code="UNKNOWN_STORE", field="store_id")
@@ -151,6 +160,8 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             identified = await self._down.member.find_or_enrol(ident, source, key, store_id)
             # One identifier links at most one member: a POS identify never merges.
             member, created = identified.member, identified.created
+        # The order that follows for this member needs no member call.
+        self._known.remember(epoch, member.member_id)
         # The tier is asked alongside the balance, and is best effort.
         balance, tier = await asyncio.gather(
             self._down.rewards.get_points_balance(member.member_id),
@@ -181,22 +192,28 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
     ) -> pos_pb2.CompleteOrderResponse:
         return await self._complete(request)
 
-    async def _known_member(self, member_id: str) -> None:
+    async def _known_member(self, member_id: str) -> bool:
         """Refuse an order for a member id member does not know (NOT_FOUND
         UNKNOWN_MEMBER) or erased (NOT_FOUND MEMBER_ERASED) before anything is
         written. An absorbed id is fine: rewards credits its survivor (it
         follows merges itself, so the request and its idempotency hash stay
-        what the till sent). With member unreachable the till still sells:
-        rewards settles on what it knows (it refuses erased members itself);
-        the skipped check is logged (the reply's `degraded` list names only
-        tiering and engagement, gateway/clients.py)."""
+        what the till sent). An id member confirmed under the current
+        identity epoch (an identify, an earlier order) is not asked again
+        (gateway/known_members.py). With member unreachable the till still
+        sells: rewards settles on what it knows (it refuses erased members
+        itself); False then, and the reply's `degraded` list names member."""
+        epoch = await self._known.epoch()
+        if self._known.confirmed(epoch, member_id):
+            return True
         try:
             await self._down.member.get_member(member_id)
         except DownstreamError as exc:
             if exc.status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 log.warning("complete order: member unreachable, %s not checked", member_id)
-                return
+                return False
             raise
+        self._known.remember(epoch, member_id)
+        return True
 
     async def UploadOfflineOrders(
         self, request: pos_pb2.UploadOfflineOrdersRequest, context: grpc.aio.ServicerContext
@@ -212,7 +229,7 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         _required(request.store_id, "store_id")
         _required(request.pos_transaction_id, "pos_transaction_id")
         _required(request.member_id, "member_id")
-        await self._known_member(request.member_id)
+        member_checked = await self._known_member(request.member_id)
         downstream = rewards_pb2.CompleteOrderRequest(
             store_id=request.store_id,
             pos_transaction_id=request.pos_transaction_id,
@@ -235,8 +252,13 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             points_balance=reply.points_balance,
             replayed=reply.replayed,
             # Rewards prices on its own tier projection, so a checkout never
-            # waits on tiering; the till is told what may be stale.
-            degraded=self._down.degraded(),
+            # waits on tiering; the till is told what may be stale, and that
+            # the member check was skipped.
+            degraded=(
+                self._down.degraded()
+                if member_checked
+                else sorted(["member", *self._down.degraded()])
+            ),
             coupon_discount_fen=reply.coupon_discount_fen,
         )
 

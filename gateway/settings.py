@@ -101,6 +101,11 @@ class GatewaySettings(CommonSettings):
     token_ttl_seconds: int = Field(default=900, ge=60, le=86_400)
     # Mini-program member assertion: openid -> member id is remembered this long.
     member_assertion_ttl_seconds: float = Field(default=60.0, gt=0)
+    # POS CompleteOrder's member check: an id member confirmed is not asked
+    # again for this long while member's identity epoch stands
+    # (gateway/known_members.py); 0 asks member for every order (needed when
+    # member runs with RESOLVE_CACHE_TTL_SECONDS=0: it then bumps no epoch).
+    known_member_ttl_seconds: float = Field(default=300.0, ge=0)
 
     # ---- identity (docs/identity.md "Trust boundaries"; kept apart from the door's block)
     # WeChat API (gateway/wechat.py): phone codes from bind-phone are exchanged

@@ -46,7 +46,7 @@ from typing import Any
 import asyncpg
 
 from loyalty.events.v1 import events_pb2
-from servicekit.db import Database
+from servicekit.db import Database, session_state_changed
 from servicekit.events import make_envelope
 
 from . import outbox_sql, reports
@@ -159,6 +159,8 @@ async def recompute(
     workers = min(workers, db.pool.get_max_size())
     async with db.pool.acquire() as conn, contextlib.AsyncExitStack() as stack:
         # One run at a time: two would both see a row as changed and both emit its event.
+        # A session lock and session settings: the pool resets these connections on release.
+        session_state_changed(conn)
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
             raise RecomputeBusy(
                 "another tiering recompute is running (it holds advisory lock"
@@ -169,6 +171,7 @@ async def recompute(
         for _ in range(workers - 1):
             conns.append(await stack.enter_async_context(db.pool.acquire()))
         for c in conns:
+            session_state_changed(c)
             await _batch_session(c)
             stack.push_async_callback(
                 _quietly, c, "RESET work_mem; RESET jit; RESET plan_cache_mode"

@@ -122,6 +122,11 @@ async def test_a_stopped_member_service_fails_fast_while_rewards_answers(
             assert_problem(reply, 503, "DEPENDENCY_UNAVAILABLE")
             # Rewards alone still answers what is its own.
             assert (await http.get(f"/v1/members/{uuid.uuid4()}/points")).status_code == 200
+            # The till still sells (rewards settles on what it knows), and the
+            # reply says the member check was skipped.
+            order = await complete(stub, str(uuid.uuid4()), paid_fen=1200)
+            assert order.points_earned == 12
+            assert list(order.degraded) == ["member", "tiering"]
     finally:
         await gw.stop()
 

@@ -13,6 +13,7 @@ import pytest
 
 from loyalty.pos.v1 import pos_pb2_grpc
 from servicekit.errors import error_info
+from servicekit.server import ServiceApp
 from tests.harness import eventually
 
 from .test_pos_slice import complete, identify, new_phone, new_txn, points, rpc_error
@@ -80,3 +81,38 @@ async def _merged_in_rewards(
     before = (await points(http, survivor))["available"]
     await complete(pos, absorbed, paid_fen=100)
     return bool((await points(http, survivor))["available"] > before)
+
+
+def _member_checks(member_app: ServiceApp) -> float:
+    """GetMember calls member has answered, whatever their outcome."""
+    registry = member_app.metrics.registry
+    return sum(
+        registry.get_sample_value(
+            "grpc_server_handled_total",
+            {
+                "grpc_service": "loyalty.member.v1.MemberService",
+                "grpc_method": "GetMember",
+                "grpc_code": code.name,
+            },
+        )
+        or 0.0
+        for code in grpc.StatusCode
+    )
+
+
+async def test_the_member_check_is_not_asked_again_until_an_erasure(
+    pos: pos_pb2_grpc.PosServiceStub, http: httpx.AsyncClient, member_app: ServiceApp
+) -> None:
+    """The gateway keeps what member confirmed under the identity epoch
+    (gateway/known_members.py): the identified member's orders cost no member
+    call; an erasure moves the epoch, so the next order asks and is refused."""
+    member = await identify(pos, new_phone())
+    before = _member_checks(member_app)
+    await complete(pos, member.member_id, paid_fen=1000)
+    await complete(pos, member.member_id, paid_fen=1000)
+    assert _member_checks(member_app) == before
+    erased = await http.post(f"/v1/admin/members/{member.member_id}/erase", json={"reason": "PIPL"})
+    assert erased.status_code == 200, erased.text
+    err = await rpc_error(complete(pos, member.member_id, paid_fen=1800))
+    assert error_info(err) == ("MEMBER_ERASED", "member_id")
+    assert _member_checks(member_app) == before + 1

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import pytest
 
 from bench.cpu import CpuMeter, cpu_table, process_cpu_seconds
 from bench.loadgen import DROPPED, open_loop, percentile
+from bench.profile import wanted
+from bench.scaleout import replicated_children
 from devtools import supervisor
 
 
@@ -107,14 +110,25 @@ def test_port_overrides_come_from_the_environment() -> None:
 
 
 async def test_cpu_meter_charges_a_busy_process_per_call_and_an_idle_one_nothing() -> None:
-    idle = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)")
+    # Each says "up" once the interpreter has started: on a loaded machine
+    # the start itself took long enough to be counted against the idle one.
+    idle = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time; print('up', flush=True); time.sleep(30)",
+        stdout=asyncio.subprocess.PIPE,
+    )
     busy = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(30)",
+        "import time\nprint('up', flush=True)\nend = time.process_time() + 0.4\n"
+        "while time.process_time() < end: pass\ntime.sleep(30)",
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
-        await asyncio.sleep(0.2)  # both started; the busy one is burning CPU
+        for child in (idle, busy):
+            assert child.stdout is not None
+            assert await child.stdout.readline() == b"up\n"
         meter = await CpuMeter.open({"idle": idle.pid, "busy": busy.pid})
         before = await meter.snapshot()
         await asyncio.sleep(0.6)
@@ -144,3 +158,57 @@ def test_cpu_table_shows_only_processes_that_worked() -> None:
     assert slice_row.split()[-3:] == ["2.500", "0.000", "2.500"]
     assert baseline_row.split()[-3:] == ["0.000", "0.400", "0.400"]
     assert cpu_table([]) == ""
+
+
+def test_bench_profile_names_the_processes_asked_for() -> None:
+    names = {"gateway": 10, "rewards": 11, "member": 12}
+    assert wanted(names, "") == {}
+    assert wanted(names, "all") == names
+    assert wanted(names, "rewards, gateway") == {"rewards": 11, "gateway": 10}
+    # A run without the named process (a baseline's own server) profiles nothing.
+    assert wanted({"echo": 13}, "rewards") == {}
+
+
+async def test_the_cpu_meter_profiles_the_measured_run_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make profile`: py-spy attaches at the run's first snapshot and writes
+    its file when the per-call figures are read."""
+    monkeypatch.setenv("BENCH_PROFILE", "busy")
+    monkeypatch.setenv("BENCH_PROFILE_FORMAT", "raw")
+    monkeypatch.setenv("BENCH_PROFILE_RATE", "100")
+    busy = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time\ndef spin_for_the_profiler():\n"
+        "    end = time.monotonic() + 30\n"
+        "    while time.monotonic() < end: pass\nspin_for_the_profiler()",
+    )
+    try:
+        meter = await CpuMeter.open({"busy": busy.pid})
+        assert meter.profiler is not None
+        meter.profiler.out_dir = tmp_path
+        before = await meter.snapshot()
+        await asyncio.sleep(1.5)
+        await meter.per_call(before, calls=1)
+        await meter.close()
+    finally:
+        busy.kill()
+        await busy.wait()
+    [written] = await asyncio.to_thread(lambda: list(tmp_path.glob("*-busy.txt")))
+    assert "spin_for_the_profiler" in await asyncio.to_thread(written.read_text)
+
+
+def test_scaleout_runs_n_gateways_and_n_rewards_behind_round_robin_targets() -> None:
+    children, pos_ports = replicated_children(2, {"PATH": "/usr/bin"})
+    by_name = {c.name: c for c in children}
+    assert {"gateway", "gateway-2", "rewards", "rewards-2"} <= set(by_name)
+    rewards_ports = [by_name[n].env["GRPC_PORT"] for n in ("rewards", "rewards-2")]
+    assert len(set(rewards_ports)) == 2
+    target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in rewards_ports)
+    # Every process reaches rewards through both of them.
+    assert all(c.env["REWARDS_ADDR"] == target for c in children)
+    assert len(set(pos_ports)) == 2
+    assert by_name["gateway-2"].env["POS_GRPC_PORT"] == str(pos_ports[1])
+    assert by_name["gateway"].env["HTTP_PORT"] != by_name["gateway-2"].env["HTTP_PORT"]
+    assert replicated_children(1, {})[0][-1].name == "gateway"  # one of each: as make bench
