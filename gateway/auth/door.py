@@ -11,9 +11,9 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
 
 from servicekit.db import create_pool
+from servicekit.redis_client import create_bounded_redis
 
 from ..clients import Downstreams
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -72,14 +72,8 @@ class Door:
         # refuses connections is noticed at once; one that hangs costs a call at
         # most the downstream deadline (then the POS falls back), and the
         # gatekeeper then skips it for a moment (ratelimit.Gatekeeper).
-        self.redis = Redis(
-            connection_pool=BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=REDIS_CONNECTIONS,
-                timeout=settings.downstream_timeout_seconds,
-                socket_timeout=settings.downstream_timeout_seconds,
-                socket_connect_timeout=settings.downstream_timeout_seconds,
-            )
+        self.redis = create_bounded_redis(
+            settings.redis_url, REDIS_CONNECTIONS, settings.downstream_timeout_seconds
         )
         self.gatekeeper = Gatekeeper(self.redis, settings.redis_namespace)
         self.signin_settings = SignInSettings(
@@ -129,8 +123,11 @@ class Door:
                 " ON CONFLICT (name) DO NOTHING RETURNING true",
                 f"nonce_store:{self._s.redis_namespace}",
             )
+            client_ids = [
+                r["client_id"] for r in await conn.fetch("SELECT client_id FROM gateway.clients")
+            ]
         try:
-            await self.gatekeeper.open_nonce_store(bool(fresh))
+            await self.gatekeeper.open_nonce_store(bool(fresh), client_ids)
         except Exception as exc:  # Redis down at start: the script sets it later
             log.warning("nonce store epoch not set at start: %r", exc)
 
