@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from loyalty.member.v1 import member_pb2 as pb
 from servicekit.errors import NotFound, Unavailable, error_info
+from servicekit.events import stream_name
 from servicekit.redis_client import RedisClient, create_redis
 from servicekit.server import ServiceApp
 from services.member import cache as member_cache
@@ -29,7 +30,8 @@ from services.member.repository import MemberRecord
 from services.member.servicer import MemberServicer
 from services.member.settings import member_settings
 
-from ..harness import Infra
+from ..harness import Infra, eventually, wait_until_serving
+from ..redis_servers import RedisClusterServers
 from .test_member_oneid import CARD, OPENID, PHONE, Stub, failure, ident, identify, mobile, tag
 
 
@@ -281,3 +283,36 @@ async def test_reads_fall_back_to_postgres_without_redis() -> None:
         await cache.fill(value_hash, _record(), Miss(b"0"))  # logged, not raised
     finally:
         await dead.aclose()
+
+
+async def test_the_member_service_runs_on_a_redis_cluster(
+    redis_cluster: RedisClusterServers, infra: Infra
+) -> None:
+    """A whole service takes REDIS_URL=redis+cluster://... as it takes one
+    Redis (servicekit's factory): its outbox relay publishes to its stream, its
+    resolve cache fills and is invalidated, all on the cluster."""
+    from services.member.server import build
+
+    namespace = f"{infra.namespace}-cl-{tag()}"
+    app = build(infra.service_settings(redis_url=redis_cluster.url, redis_namespace=namespace))
+    port = await app.start()
+    client = create_redis(redis_cluster.url)
+    try:
+        await wait_until_serving(f"127.0.0.1:{port}")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = Stub(channel)
+            card = ident(CARD, f"c-{tag()}")
+            member = (await identify(stub, card)).member
+            assert (await resolve(stub, card)).member_id == member.member_id
+            assert (await resolve(stub, card)).member_id == member.member_id
+            entries = [
+                k
+                async for k in client.scan_iter(match=f"{{{namespace}:member:resolve:*")
+                if not k.endswith(b":generation")
+            ]
+            assert len(entries) == 1  # the answer is cached on the cluster
+            stream = stream_name(namespace, "member")
+            assert await eventually(lambda: client.xlen(stream))  # the relay published
+    finally:
+        await client.aclose()
+        await app.stop()
