@@ -284,6 +284,12 @@ class Gatekeeper:
             raise StoreUnreachable from exc
         return Verdict(int(outcome), int(wait), int(epoch or 0))
 
+    async def load_script(self) -> None:
+        """Load the script on every node before traffic does: otherwise a
+        burst's first calls all find it missing (NOSCRIPT) and all load it,
+        every call to every node of a cluster at once."""
+        self._script.sha = await self._redis.script_load(_SCRIPT)
+
     async def current_epoch(self) -> int | None:
         """The revocation epoch; None when Redis does not answer (or failed a
         moment ago: an unauthenticated flood during an outage neither waits on

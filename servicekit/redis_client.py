@@ -10,6 +10,8 @@ command or script touches in one slot), so the same keys serve both.
 
 from __future__ import annotations
 
+import asyncio
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,7 +20,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError, MaxConnectionsError, TimeoutError
 
 # What every Redis-using class accepts: the two clients share the command API
 # the platform uses (streams, scripts, pipelines of one slot).
@@ -90,19 +92,51 @@ def create_redis(url: str) -> RedisClient:
     return Redis.from_url(url, decode_responses=False, **connection_options())
 
 
+# Set while a task holds one of a bounded client's turns.
+_holding: ContextVar[bool] = ContextVar("redis_turn_held", default=False)
+
+
+class _BoundedRedisCluster(RedisCluster):
+    """A cluster client with at most `max_in_flight` commands under way; the
+    next waits up to `wait_timeout` for one to finish. redis-py's cluster
+    client has no waiting pool: past its per-node bound it refuses at once."""
+
+    def __init__(self, *args: Any, max_in_flight: int, wait_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._wait_timeout = wait_timeout
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if _holding.get():  # a command sent by one under way (a script's load): its turn
+            return await super().execute_command(*args, **kwargs)
+        try:
+            await asyncio.wait_for(self._in_flight.acquire(), self._wait_timeout)
+        except TimeoutError:
+            raise MaxConnectionsError(
+                f"no Redis connection free within {self._wait_timeout}s"
+            ) from None
+        token = _holding.set(True)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            _holding.reset(token)
+            self._in_flight.release()
+
+
 def create_bounded_redis(url: str, max_connections: int, timeout: float) -> RedisClient:
-    """The gateway's client: at most `max_connections` (per node, on a
-    cluster), every command within `timeout`. On one Redis a burst waits up to
-    `timeout` for a free connection; redis-py's cluster client has no waiting
-    pool and refuses the call past the bound (the caller's fallback answers)."""
+    """The gateway's client: at most `max_connections` commands under way (one
+    connection each), every command within `timeout`; a burst waits up to
+    `timeout` for a free connection instead of failing."""
     if is_cluster(url):
         plain, others = _cluster_seeds(url)
-        return RedisCluster.from_url(
+        return _BoundedRedisCluster.from_url(
             plain,
             startup_nodes=others or None,
             max_connections=max_connections,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            max_in_flight=max_connections,
+            wait_timeout=timeout,
         )
     return Redis(
         connection_pool=BlockingConnectionPool.from_url(

@@ -111,6 +111,10 @@ class Door:
         # Load now, so the first request does not pay for it.
         await self.registry.ensure_current(await self.gatekeeper.current_epoch())
         await self._open_nonce_store()
+        try:
+            await self.gatekeeper.load_script()
+        except Exception as exc:  # Redis down at start: the first call loads it
+            log.warning("gatekeeper script not loaded at start: %r", exc)
         self._pruning = asyncio.create_task(self._prune(), name="idempotency-prune")
 
     async def _open_nonce_store(self) -> None:
