@@ -514,7 +514,7 @@ class Suite:
         client = Redis.from_url(self.redis.url)
         try:
             total = 0
-            async for key in client.scan_iter(match=f"{self.namespace}:events:*:dlq:*"):
+            async for key in client.scan_iter(match=f"{{{self.namespace}:events:*}}:dlq:*"):
                 total += int(await client.xlen(key))
             return total
         finally:

@@ -1,8 +1,15 @@
 """Token buckets in Redis, and the one round trip a verified call makes: in a
 single Lua script (atomic, so two gateway instances never both spend the last
-token), it checks the nonce store's epoch, records the nonce (SET NX), takes
-a token from the client's bucket and, for a POS, from its store's bucket, and
-reads the credential revocation epoch.
+token), it checks the nonce store's epoch, records the nonce (SET NX) and
+takes a token from the client's bucket and, for a POS, from its store's
+bucket; the credential revocation epoch is read beside it, concurrently.
+
+Redis Cluster: the keys of one script share a hash tag, so one slot: the
+store's for a POS call (`{<ns>:auth:store:<store>}`: its bucket and the POS
+client's), the client's otherwise (`{<ns>:auth:client:<client>}`: its bucket,
+its nonces and its nonce-store epoch). The revocation epoch is one key of its
+own, read by a GET of its own. So callers spread over the slots, and no
+script touches two.
 
 A bucket holds `burst` tokens and refills at `rate` per second; time is
 Redis's own clock (TIME), so gateway instances with skewed clocks agree.
@@ -17,15 +24,18 @@ calls that need no nonce (POS, bearer tokens) while Redis is unreachable.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from servicekit.redis_client import RedisClient, tagged
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +46,29 @@ NONCE_REPLAYED = 0
 # a nonce recorded before a Redis loss may be gone, so the request may be a replay.
 NONCE_BEFORE_EPOCH = 2
 
-# KEYS: 1 nonce, 2 client bucket, 3 store bucket, 4 revocation epoch, 5 nonce-store epoch
+# KEYS (one hash tag, gate_keys): 1 nonce, 2 client bucket, 3 store bucket,
+#       4 the nonce-store epoch of the tag
 # ARGV: 1 nonce ttl ms (0: no nonce), 2 client rate/s, 3 client burst,
 #       4 store rate/s (0: no store bucket), 5 store burst, 6 X-Timestamp (s),
 #       7 the gateway's clock (ms), the one X-Timestamp is checked against
-# Returns {nonce outcome, retry_after_ms (0: allowed), revocation epoch}
+# Returns {nonce outcome, retry_after_ms (0: allowed)}
 _SCRIPT = """
-local epoch = tonumber(redis.call('GET', KEYS[4]) or '0')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nonce_ttl = tonumber(ARGV[1])
 if nonce_ttl > 0 then
   -- The nonce store's epoch is set when the gateway starts (Gatekeeper.open);
   -- missing now, the store lost its data: it is empty from this moment on.
-  local since = redis.call('GET', KEYS[5])
+  local since = redis.call('GET', KEYS[4])
   if not since then
     since = ARGV[7]
-    redis.call('SET', KEYS[5], since)
+    redis.call('SET', KEYS[4], since)
   end
   if tonumber(ARGV[6]) * 1000 <= tonumber(since) then
-    return {2, 0, epoch}
+    return {2, 0}
   end
   if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', nonce_ttl) then
-    return {0, 0, epoch}
+    return {0, 0}
   end
 end
 local function peek(key, rate, burst)
@@ -79,13 +89,13 @@ for i, key in ipairs({KEYS[2], KEYS[3]}) do
     buckets[#buckets + 1] = {key, tokens, rate, burst}
   end
 end
-if wait > 0 then return {1, wait, epoch} end
+if wait > 0 then return {1, wait} end
 for _, b in ipairs(buckets) do
   -- string.format keeps the fraction: a bucket refills continuously
   redis.call('HSET', b[1], 'tokens', string.format('%.6f', b[2] - 1), 'ts', now)
   redis.call('PEXPIRE', b[1], math.ceil(b[4] * 1000 / b[3]) + 1000)
 end
-return {1, 0, epoch}
+return {1, 0}
 """
 
 
@@ -98,9 +108,35 @@ def epoch_key(namespace: str) -> str:
     return f"{namespace}:auth:epoch"
 
 
-def nonce_epoch_key(namespace: str) -> str:
-    """Unix ms since which the nonce store is known complete (no expiry)."""
+def legacy_nonce_epoch_key(namespace: str) -> str:
+    """The one nonce-store epoch of earlier versions: read once at start, so
+    the per-client epochs carry its value on."""
     return f"{namespace}:auth:nonce-epoch"
+
+
+def gate_tag(namespace: str, client_id: str, store_id: str = "") -> str:
+    """The hash tag of one call's keys: its store's for a POS call, else its client's."""
+    return tagged(
+        f"{namespace}:auth:store:{store_id}" if store_id else f"{namespace}:auth:client:{client_id}"
+    )
+
+
+def nonce_epoch_key(namespace: str, client_id: str) -> str:
+    """Unix ms since which the client's nonces are known complete (no expiry).
+    One per client, in the slot of its nonces: a cluster node that lost its
+    data lost the epochs of the clients it held with their nonces."""
+    return f"{gate_tag(namespace, client_id)}:nonce-epoch"
+
+
+def gate_keys(namespace: str, client_id: str, nonce: str, store_id: str) -> list[str]:
+    """The script's KEYS for one call, all under one hash tag."""
+    tag = gate_tag(namespace, client_id, store_id)
+    return [
+        f"{tag}:nonce:{nonce}",
+        f"{tag}:rl:client:{client_id}",
+        f"{tag}:rl:store",
+        f"{tag}:nonce-epoch",
+    ]
 
 
 @dataclass(frozen=True)
@@ -185,7 +221,7 @@ class Gatekeeper:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -201,7 +237,6 @@ class Gatekeeper:
         self._script = redis.register_script(_SCRIPT)
         self._ns = namespace
         self.epoch_key = epoch_key(namespace)
-        self.nonce_epoch_key = nonce_epoch_key(namespace)
 
     async def admit(
         self,
@@ -219,13 +254,7 @@ class Gatekeeper:
         StoreUnreachable when Redis does not answer."""
         client = client_limit or Limit(0, 0)
         store = store_limit if store_id and store_limit else Limit(0, 0)
-        keys = [
-            f"{self._ns}:auth:nonce:{nonce}",
-            f"{self._ns}:rl:client:{client_id}",
-            f"{self._ns}:rl:store:{store_id}",
-            self.epoch_key,
-            self.nonce_epoch_key,
-        ]
+        keys = gate_keys(self._ns, client_id, nonce, store_id)
         args = [
             nonce_ttl_ms if nonce else 0,
             client.rate_per_second,
@@ -238,12 +267,28 @@ class Gatekeeper:
         if self._monotonic() < self._skip_until:
             raise StoreUnreachable
         try:
-            outcome, wait, epoch = await self._script(keys=keys, args=args)
+            # Concurrent, not in the script: the epoch is one key for every
+            # client, so in a cluster it lives in another slot than theirs.
+            replies: tuple[Any, ...] = await asyncio.gather(
+                self._script(keys=keys, args=args),
+                self._redis.get(self.epoch_key),
+                return_exceptions=True,  # both awaited, whichever fails
+            )
+            for failed in replies:
+                if isinstance(failed, BaseException):
+                    raise failed
+            (outcome, wait), epoch = replies
         except (RedisError, OSError) as exc:
             log.warning("gatekeeper: redis unavailable: %r", exc)
             self._skip_until = self._monotonic() + SKIP_AFTER_FAILURE_SECONDS
             raise StoreUnreachable from exc
-        return Verdict(int(outcome), int(wait), int(epoch))
+        return Verdict(int(outcome), int(wait), int(epoch or 0))
+
+    async def load_script(self) -> None:
+        """Load the script on every node before traffic does: otherwise a
+        burst's first calls all find it missing (NOSCRIPT) and all load it,
+        every call to every node of a cluster at once."""
+        self._script.sha = await self._redis.script_load(_SCRIPT)
 
     async def current_epoch(self) -> int | None:
         """The revocation epoch; None when Redis does not answer (or failed a
@@ -258,13 +303,35 @@ class Gatekeeper:
             self._skip_until = self._monotonic() + SKIP_AFTER_FAILURE_SECONDS
             return None
 
-    async def open_nonce_store(self, fresh_install: bool) -> None:
-        """At start: a nonce store without its epoch key is empty. On a fresh
-        install it never held a nonce (epoch 0); otherwise it lost its data
-        while no gateway ran, and only requests signed from now on are safe."""
+    async def open_nonce_store(self, fresh_install: bool, client_ids: Iterable[str]) -> None:
+        """At start: a client's nonces without its epoch key are lost (or it
+        never had any). On a fresh install none existed (epoch 0); after an
+        upgrade each client takes the earlier single epoch; otherwise the
+        store lost its data while no gateway ran, and only requests signed
+        from now on are safe. Existing epochs are kept (SET NX)."""
+        legacy = await self._redis.get(legacy_nonce_epoch_key(self._ns))
         now_ms = int(self._clock() * 1000)
-        if await self._redis.set(self.nonce_epoch_key, 0 if fresh_install else now_ms, nx=True):
+        since = 0 if fresh_install else int(legacy) if legacy is not None else now_ms
+        ids = sorted(set(client_ids))
+        set_now = 0
+        if ids:
+            # Not a transaction: each SET has its own slot; a cluster pipeline
+            # sends each node its share.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for client_id in ids:
+                    pipe.set(nonce_epoch_key(self._ns, client_id), since, nx=True)
+                set_now = sum(1 for done in await pipe.execute() if done)
+        if legacy is not None:
+            # Carried over once: a client whose epoch goes missing later lost it.
+            await self._redis.delete(legacy_nonce_epoch_key(self._ns))
+        if set_now:
             log.warning(
-                "nonce store epoch set to %s",
-                "0 (fresh install)" if fresh_install else f"{now_ms} (the store was empty)",
+                "nonce store epoch set to %s for %d of %d clients",
+                "0 (fresh install)" if fresh_install else f"{since}",
+                set_now,
+                len(ids),
             )
+
+    async def open_client(self, client_id: str) -> None:
+        """A new client has no nonce to lose: its epoch is 0 (kept if set)."""
+        await self._redis.set(nonce_epoch_key(self._ns, client_id), 0, nx=True)

@@ -39,7 +39,7 @@ from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from loyalty.events.v1 import events_pb2
@@ -55,6 +55,7 @@ from .events import (
     stream_name,
     unpack,
 )
+from .redis_client import RedisClient, slot_of
 from .telemetry import extract_context
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class EventConsumer:
         self,
         group: str,
         db: Database,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         subscriptions: list[Subscription],
         max_attempts: int = 5,
@@ -172,9 +173,42 @@ class EventConsumer:
         for stream in await self.ensure_groups():
             await self.check_cursor(stream, lost=True)
 
+    def read_sets(self) -> list[list[str]]:
+        """The streams one XREADGROUP reads together: all of them on one Redis;
+        on a Redis Cluster those of one hash slot (a command may not span
+        slots, and each producer's stream has a slot of its own)."""
+        if not isinstance(self._redis, RedisCluster):
+            return [list(self._routes)]
+        by_slot: dict[int, list[str]] = {}
+        for stream in self._routes:
+            by_slot.setdefault(slot_of(stream), []).append(stream)
+        return list(by_slot.values())
+
     async def run(self) -> None:
+        reads = self.read_sets()
+        if len(reads) == 1:
+            await self._read_loop(reads[0], upkeep=True)
+            return
+        # A reader per slot, each blocking on its own streams, so an event on
+        # one never waits for another's read to time out; the first reader
+        # also looks after cursors and retries.
+        readers = [
+            asyncio.create_task(
+                self._read_loop(streams, upkeep=i == 0), name=f"{self.group}-read-{i}"
+            )
+            for i, streams in enumerate(reads)
+        ]
+        try:
+            await asyncio.gather(*readers)
+        finally:
+            for reader in readers:
+                reader.cancel()
+            # Bounded: a cancel lost inside XREADGROUP ends with stop() or the pool's close.
+            await asyncio.wait(readers, timeout=self._block_ms / 1000 + 1)
+
+    async def _read_loop(self, streams: list[str], upkeep: bool) -> None:
         started = False
-        streams = dict.fromkeys(self._routes, ">")
+        reading = dict.fromkeys(streams, ">")
         last_retry = last_check = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping:
@@ -182,19 +216,19 @@ class EventConsumer:
                 if not started:  # here, not before the loop: Redis may be down at start
                     await self._recreate_groups()
                     started = True
-                if loop.time() - last_check >= self._check_interval:
+                if upkeep and loop.time() - last_check >= self._check_interval:
                     last_check = loop.time()
                     await self.check_cursors()
                 replies: Any = await self._redis.xreadgroup(
                     self.group,
                     self._consumer_name,
-                    streams,  # type: ignore[arg-type]
+                    reading,  # type: ignore[arg-type]
                     count=self._batch_size,
                     block=self._block_ms,
                 )
                 for stream, entries in replies or []:
                     await self._deliver_batch(_text(stream), entries)
-                if loop.time() - last_retry >= self._retry_after_ms / 1000:
+                if upkeep and loop.time() - last_retry >= self._retry_after_ms / 1000:
                     last_retry = loop.time()
                     await self.retry_pending()
             except asyncio.CancelledError:

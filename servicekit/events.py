@@ -11,12 +11,20 @@ from google.protobuf.message import Message
 
 from loyalty.events.v1 import events_pb2
 
+from .redis_client import tagged
 from .telemetry import inject_context
 
 # Streams entries carry the serialized envelope under this field.
 ENVELOPE_FIELD = b"envelope"
 # ... and the producer's sequence number (servicekit/outbox.py), in decimal.
 SEQ_FIELD = b"seq"
+
+
+# Redis Cluster layout: a stream's name has no hash tag, so its slot is that
+# of the whole name; every key beside it is tagged with that name, `{<stream>}`,
+# which hashes to the same slot. So the dead-lettering MULTI (XADD to the
+# dead-letter stream + XACK on the stream) stays in one slot, and each
+# producer's stream (with its keys) lands on its own slot.
 
 
 def stream_name(namespace: str, producer: str) -> str:
@@ -26,16 +34,17 @@ def stream_name(namespace: str, producer: str) -> str:
 
 def head_key(stream: str) -> str:
     """Hash the relay keeps: `head` (last sequence published), `floor` (oldest kept)."""
-    return f"{stream}:head"
+    return f"{tagged(stream)}:head"
 
 
 def replay_key(stream: str) -> str:
     """List of "group from_seq" requests the producer's relay serves."""
-    return f"{stream}:replay"
+    return f"{tagged(stream)}:replay"
 
 
 def dead_letter_stream(namespace: str, producer: str, group: str) -> str:
-    return f"{namespace}:events:{producer}:dlq:{group}"
+    """E.g. "{loyalty:events:rewards}:dlq:tiering": in its source stream's slot."""
+    return f"{tagged(stream_name(namespace, producer))}:dlq:{group}"
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:

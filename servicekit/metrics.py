@@ -42,10 +42,9 @@ from .errors import DomainError
 from .events import dead_letter_stream
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from .consumer import EventConsumer
     from .db import Database
+    from .redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ class ServiceMetrics:
         self._probes.append(Probe(Gauge(name, documentation, registry=self.registry), read))
 
     async def sample(
-        self, db: Database, redis: Redis, namespace: str, consumers: list[EventConsumer]
+        self, db: Database, redis: RedisClient, namespace: str, consumers: list[EventConsumer]
     ) -> None:
         """Read every sampled gauge once; a failing part is counted and skipped."""
         parts: list[Awaitable[None]] = [
@@ -212,7 +211,7 @@ class ServiceMetrics:
         self.outbox_lag.set(float(row["age"]))
 
     async def _sample_consumers(
-        self, redis: Redis, namespace: str, consumers: list[EventConsumer]
+        self, redis: RedisClient, namespace: str, consumers: list[EventConsumer]
     ) -> None:
         for consumer in consumers:
             for stream, producer in consumer.streams.items():
@@ -234,7 +233,7 @@ class ServiceMetrics:
         self,
         interval: float,
         db: Database,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         consumers: list[EventConsumer],
     ) -> None:

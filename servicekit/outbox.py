@@ -29,10 +29,9 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from .db import Database
 from .events import ENVELOPE_FIELD, SEQ_FIELD, head_key, replay_key
+from .redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class OutboxRelay:
     def __init__(
         self,
         db: Database,
-        redis: Redis,
+        redis: RedisClient,
         stream: str,
         batch_size: int = 500,
         poll_interval: float = 1.0,

@@ -22,7 +22,6 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from redis.asyncio import Redis
 
 from .clients import SERVER_KEEPALIVE_OPTIONS
 from .consumer import EventConsumer
@@ -34,7 +33,7 @@ from .interceptors import DomainErrorInterceptor
 from .logs import configure_logging
 from .metrics import ServiceMetrics
 from .outbox import OutboxRelay
-from .redis_client import create_redis
+from .redis_client import RedisClient, create_redis
 from .retention import Pruner, Retention
 from .schemacheck import SchemaGate
 from .settings import ServiceSettings
@@ -261,7 +260,7 @@ class ServiceApp:
         self._wire = wire
         self.server: grpc.aio.Server | None = None
         self.db: Database | None = None
-        self.redis: Redis | None = None
+        self.redis: RedisClient | None = None
         self.health = health.aio.HealthServicer()
         self.drain = Drain()
         self.dependencies: DependencyWatch | None = None

@@ -14,6 +14,7 @@ import pytest
 from servicekit.server import ServiceApp
 
 from .harness import Infra, ServiceClock, start_infra, stop_infra, wait_until_serving
+from .redis_servers import RedisClusterServers
 
 # Services record no spans without an exporter (servicekit/telemetry.py); the
 # tracing tests attach in-memory exporters to the provider, so record them here.
@@ -75,6 +76,28 @@ async def infra() -> AsyncIterator[Infra]:
     started = await start_infra()
     yield started
     await stopping("infrastructure", stop_infra(started))
+
+
+@pytest.fixture(scope="session")
+async def redis_cluster() -> AsyncIterator[RedisClusterServers]:
+    """A private three-node Redis Cluster, started for the first test that asks."""
+    cluster = RedisClusterServers()
+    await cluster.start()
+    yield cluster
+    await stopping("redis cluster", cluster.stop())
+
+
+# The suites of the Redis access layer (events, gateway door, member cache)
+# run on one Redis and on a Redis Cluster: a module's `redis_url` fixture.
+REDIS_KINDS = ["single", "cluster"]
+
+
+@pytest.fixture(params=REDIS_KINDS)
+def redis_url(request: pytest.FixtureRequest, infra: Infra) -> str:
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    return infra.redis_url
 
 
 async def _serve(app: ServiceApp) -> AsyncIterator[ServiceApp]:

@@ -102,9 +102,11 @@ async def start_infra() -> Infra:
 async def stop_infra(infra: Infra) -> None:
     redis = Redis.from_url(infra.redis_url)
     try:
-        keys = [k async for k in redis.scan_iter(match=f"{infra.namespace}:*", count=1000)]
-        if keys:
-            await redis.delete(*keys)
+        # Keys start with the namespace, or with a hash tag that does ("{ns:...}").
+        for pattern in (f"{infra.namespace}:*", f"{{{infra.namespace}:*"):
+            keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
+            if keys:
+                await redis.delete(*keys)
     finally:
         await redis.aclose()
     admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))

@@ -18,15 +18,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import asyncpg
-from redis.asyncio import Redis
 
 from loyalty.rewards.v1 import rewards_pb2
 from servicekit.db import create_pool
 from servicekit.errors import AlreadyExists, DomainError, InvalidArgument, NotFound
-from servicekit.redis_client import create_redis
+from servicekit.redis_client import RedisClient, create_redis
 
 from ..clients import STORE_OPEN, RewardsClient
-from ..ratelimit import epoch_key
+from ..ratelimit import epoch_key, nonce_epoch_key
 from ..settings import GatewaySettings
 from . import repository as repo
 from .crypto import SecretBox, api_key, new_key_id, new_secret
@@ -96,7 +95,7 @@ class ClientAdmin:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        redis: Redis,
+        redis: RedisClient,
         box: SecretBox,
         namespace: str,
         store_exists: StoreCheck | None = None,
@@ -184,6 +183,9 @@ class ClientAdmin:
                     f"client {client_id} exists", code="CLIENT_EXISTS", field="client_id"
                 )
             await repo.insert_key(conn, key_id, client_id, self._box.seal(key_id, secret))
+        # Before the epoch moves (gateways load the key then): a new client has
+        # no nonce a lost store could forget (ratelimit.nonce_epoch_key).
+        await self._redis.set(nonce_epoch_key(self._namespace, client_id), 0, nx=True)
         await self._changed()
         return IssuedKey(client_id, key_id, secret, api_key(key_id, secret))
 

@@ -11,12 +11,9 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from servicekit.db import create_pool
+from servicekit.redis_client import RedisClient, create_bounded_redis
 
 from ..clients import Downstreams
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -67,7 +64,7 @@ SECURITY_SCHEMES = {
 }
 
 
-def door_redis(settings: GatewaySettings) -> Redis:
+def door_redis(settings: GatewaySettings) -> RedisClient:
     """The door's Redis client. A burst of concurrent requests waits for a
     connection instead of failing (the default pool raises past 100
     connections). A Redis that refuses connections is noticed at once; one that
@@ -82,16 +79,11 @@ def door_redis(settings: GatewaySettings) -> Redis:
     the restart, one stale connection per skip window. Not a timeout, nor with
     a back-off: a hung or refusing Redis must still fail fast.
     """
-    return Redis(
-        connection_pool=BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=REDIS_CONNECTIONS,
-            timeout=settings.downstream_timeout_seconds,
-            socket_timeout=settings.downstream_timeout_seconds,
-            socket_connect_timeout=settings.downstream_timeout_seconds,
-            retry=Retry(NoBackoff(), STALE_CONNECTION_RETRIES, (RedisConnectionError,)),
-            retry_on_error=[RedisConnectionError],
-        )
+    return create_bounded_redis(
+        settings.redis_url,
+        REDIS_CONNECTIONS,
+        settings.downstream_timeout_seconds,
+        stale_connection_retries=STALE_CONNECTION_RETRIES,
     )
 
 
@@ -137,6 +129,10 @@ class Door:
         # Load now, so the first request does not pay for it.
         await self.registry.ensure_current(await self.gatekeeper.current_epoch())
         await self._open_nonce_store()
+        try:
+            await self.gatekeeper.load_script()
+        except Exception as exc:  # Redis down at start: the first call loads it
+            log.warning("gatekeeper script not loaded at start: %r", exc)
         self._pruning = asyncio.create_task(self._prune(), name="idempotency-prune")
 
     async def _open_nonce_store(self) -> None:
@@ -149,8 +145,11 @@ class Door:
                 " ON CONFLICT (name) DO NOTHING RETURNING true",
                 f"nonce_store:{self._s.redis_namespace}",
             )
+            client_ids = [
+                r["client_id"] for r in await conn.fetch("SELECT client_id FROM gateway.clients")
+            ]
         try:
-            await self.gatekeeper.open_nonce_store(bool(fresh))
+            await self.gatekeeper.open_nonce_store(bool(fresh), client_ids)
         except Exception as exc:  # Redis down at start: the script sets it later
             log.warning("nonce store epoch not set at start: %r", exc)
 

@@ -24,11 +24,11 @@ import logging
 
 import grpc
 from cachetools import TTLCache
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from loyalty.member.v1 import member_pb2
 from servicekit.errors import DomainError, PermissionDenied
+from servicekit.redis_client import RedisClient
 
 from ..clients import Downstreams
 from ..errors import DownstreamError
@@ -58,7 +58,7 @@ class MemberAssertions:
         downstreams: Downstreams,
         ttl_seconds: float = 60.0,
         *,
-        redis: Redis | None = None,
+        redis: RedisClient | None = None,
         namespace: str = "loyalty",
     ) -> None:
         self._down = downstreams

@@ -33,6 +33,14 @@ in step 1 (so the gateway stops trusting what it cached before the commit)
 and again in step 2 (so an answer it re-read while the commit was under way
 is not kept either).
 
+Redis Cluster: entries are spread over 256 shards by the first byte of their
+lookup hash; a shard's entries and its generation counter share one hash tag
+(`{<ns>:member:resolve:<2 hex>}`), so a fill (entry + generation) and a
+release (generation + fences) each touch one slot. The generation is per
+shard: a filler only ever races with commits touching its own entry, which
+bump that entry's shard. Fences and releases go out per shard, concurrently;
+the identity epoch is a key of its own, bumped beside them.
+
 Reads fail open: without Redis, ResolveMember reads Postgres as before.
 Entries expire after ENTRY_TTL_SECONDS anyway, a bound on any staleness a
 lost invalidation could leave.
@@ -40,19 +48,20 @@ lost invalidation could leave.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from servicekit.db import Connection, Database, UnitOfWork
 from servicekit.errors import Unavailable
+from servicekit.redis_client import RedisClient, tagged
 
 from . import oneid_repository as oneid_repo
 from .repository import MemberRecord
@@ -72,26 +81,20 @@ if (redis.call('GET', KEYS[2]) or '0') == ARGV[1] and redis.call('EXISTS', KEYS[
 end
 return 0
 """
-# KEYS: 1 identity epoch, 2.. the entries; ARGV: 1 fence ttl s, 2 '1' to bump the epoch
+# KEYS: the entries of one shard; ARGV: 1 fence ttl s
 _FENCE = """
-if ARGV[2] == '1' then
-  redis.call('INCR', KEYS[1])
-end
-for i = 2, #KEYS do
+for i = 1, #KEYS do
   redis.call('SET', KEYS[i], '-', 'EX', ARGV[1])
 end
-return #KEYS - 1
+return #KEYS
 """
-# KEYS: 1 generation, 2 identity epoch, 3.. the entries; ARGV: 1 '1' to bump the epoch
+# KEYS: 1 the shard's generation, 2.. its entries
 _RELEASE = """
 redis.call('INCR', KEYS[1])
-if ARGV[1] == '1' then
-  redis.call('INCR', KEYS[2])
-end
-for i = 3, #KEYS do
+for i = 2, #KEYS do
   redis.call('DEL', KEYS[i])
 end
-return #KEYS - 2
+return #KEYS - 1
 """
 
 
@@ -127,14 +130,13 @@ def _decode(raw: bytes | str) -> MemberRecord:
 class ResolveCache:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         ttl_seconds: int = ENTRY_TTL_SECONDS,
         fence_ttl_seconds: int = FENCE_TTL_SECONDS,
     ) -> None:
         self._redis = redis
-        self._prefix = f"{namespace}:member:resolve:"
-        self._generation = f"{namespace}:member:resolve-generation"
+        self._namespace = namespace
         self._epoch = identity_epoch_key(namespace)
         self._ttl = ttl_seconds
         self._fence_ttl = fence_ttl_seconds
@@ -142,13 +144,35 @@ class ResolveCache:
         self._fence = redis.register_script(_FENCE)
         self._release = redis.register_script(_RELEASE)
 
+    def shard(self, value_hash: bytes) -> str:
+        """The hash tag of an entry's shard (the entry and its generation)."""
+        return tagged(f"{self._namespace}:member:resolve:{value_hash[:1].hex()}")
+
     def key(self, value_hash: bytes) -> str:
         # The lookup hash already covers type, namespace and value (domain key).
-        return self._prefix + value_hash.hex()
+        return f"{self.shard(value_hash)}:{value_hash.hex()}"
+
+    def generation_key(self, value_hash: bytes) -> str:
+        return f"{self.shard(value_hash)}:generation"
+
+    def _by_shard(self, hashes: Iterable[bytes]) -> dict[str, tuple[str, list[str]]]:
+        """shard -> (its generation key, its entries' keys, sorted)."""
+        shards: dict[str, tuple[str, list[str]]] = {}
+        for h in sorted(set(hashes)):
+            shards.setdefault(self.shard(h), (self.generation_key(h), []))[1].append(self.key(h))
+        return shards
+
+    async def _all(self, calls: list[Awaitable[object]]) -> None:
+        """Await every call (concurrently); then raise the first failure."""
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def get(self, value_hash: bytes) -> MemberRecord | Miss:
         try:
-            raw, generation = await self._redis.mget(self.key(value_hash), self._generation)
+            raw, generation = await self._redis.mget(
+                self.key(value_hash), self.generation_key(value_hash)
+            )
         except (RedisError, OSError) as exc:
             log.warning("resolve cache unavailable, reading Postgres: %r", exc)
             return Miss(None)
@@ -163,7 +187,7 @@ class ResolveCache:
             return
         try:
             await self._fill(
-                keys=[self.key(value_hash), self._generation],
+                keys=[self.key(value_hash), self.generation_key(value_hash)],
                 args=[miss.generation, _encode(member), self._ttl],
             )
         except (RedisError, OSError) as exc:
@@ -172,15 +196,18 @@ class ResolveCache:
     async def fence(self, hashes: Iterable[bytes], regrouped: bool = False) -> None:
         """Before COMMIT: raises Unavailable (the transaction rolls back) if Redis
         cannot be told."""
-        keys = sorted({self.key(h) for h in hashes})
-        if not keys and not regrouped:
+        shards = self._by_shard(hashes)
+        calls: list[Awaitable[object]] = [
+            self._fence(keys=keys, args=[self._fence_ttl]) for _, keys in shards.values()
+        ]
+        if regrouped:
+            calls.append(self._redis.incr(self._epoch))
+        if not calls:
             return
         try:
-            await self._fence(
-                keys=[self._epoch, *keys], args=[self._fence_ttl, "1" if regrouped else "0"]
-            )
+            await self._all(calls)
         except (RedisError, OSError) as exc:
-            log.warning("resolve cache: cannot fence %d entries: %r", len(keys), exc)
+            log.warning("resolve cache: cannot fence %d shards: %r", len(shards), exc)
             raise Unavailable(
                 "the member cache cannot be invalidated right now; retry later",
                 code="DEPENDENCY_UNAVAILABLE",
@@ -188,11 +215,14 @@ class ResolveCache:
 
     async def release(self, hashes: Iterable[bytes], regrouped: bool = False) -> None:
         """After COMMIT: best effort (the fences expire on their own)."""
-        keys = sorted({self.key(h) for h in hashes})
+        shards = self._by_shard(hashes)
+        calls: list[Awaitable[object]] = [
+            self._release(keys=[generation, *keys]) for generation, keys in shards.values()
+        ]
+        if regrouped:
+            calls.append(self._redis.incr(self._epoch))
         try:
-            await self._release(
-                keys=[self._generation, self._epoch, *keys], args=["1" if regrouped else "0"]
-            )
+            await self._all(calls)
         except (RedisError, OSError) as exc:
             log.warning(
                 "resolve cache: release failed, fences expire in %ds: %r", self._fence_ttl, exc

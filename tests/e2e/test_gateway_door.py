@@ -39,8 +39,8 @@ from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
 from tests.harness import Infra
 
+from ..redis_servers import RedisServer
 from .conftest import gateway_settings
-from .redis_server import RedisServer
 from .test_gateway_security import (
     adjustment,
     assert_problem,

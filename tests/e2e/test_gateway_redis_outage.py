@@ -46,9 +46,9 @@ from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
 from tests.harness import Infra, wait_until_serving
 
+from ..redis_servers import RedisServer
 from .conftest import gateway_settings
 from .doors import UNLIMITED
-from .redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 

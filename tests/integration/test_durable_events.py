@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from servicekit.consumer import (
@@ -33,7 +32,7 @@ from servicekit.db import Database, UnitOfWork, create_pool
 from servicekit.events import SEQ_FIELD, ReceivedEvent, head_key, stream_name
 from servicekit.eventstatus import events_status
 from servicekit.outbox import OutboxRelay
-from servicekit.redis_client import create_redis
+from servicekit.redis_client import RedisClient, create_redis
 from servicekit.retention import Pruner, Retention
 
 from ..harness import Infra, eventually
@@ -48,8 +47,9 @@ async def db(infra: Infra) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def redis(infra: Infra) -> AsyncIterator[Redis]:
-    client = create_redis(infra.redis_url)
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    """One Redis, then a Redis Cluster (tests/conftest.py `redis_url`)."""
+    client = create_redis(redis_url)
     yield client
     await client.aclose()
 
@@ -96,7 +96,7 @@ class Applied:
 
 
 def make_consumer(
-    group: str, db: Database, redis: Redis, infra: Infra, producer: str, handler: Applied
+    group: str, db: Database, redis: RedisClient, infra: Infra, producer: str, handler: Applied
 ) -> EventConsumer:
     return EventConsumer(
         group,
@@ -145,7 +145,7 @@ async def cursor(db: Database, group: str, producer: str) -> dict[str, int]:
 
 
 async def test_sequence_is_gap_free_under_concurrent_commits_and_rollbacks(
-    outbox_db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     """Identity values of rolled-back rows and commits out of id order leave
     no hole in the numbers: each committed event gets exactly one of 1..N."""
@@ -178,7 +178,7 @@ async def test_sequence_is_gap_free_under_concurrent_commits_and_rollbacks(
 async def test_no_event_lost_when_redis_loses_the_stream_while_the_consumer_lags(
     db: Database,
     outbox_db: Database,
-    redis: Redis,
+    redis: RedisClient,
     infra: Infra,
     names: tuple[str, str],
 ) -> None:
@@ -219,9 +219,10 @@ async def _cursor_at(db: Database, group: str, producer: str, seq: int) -> bool:
 async def test_a_gap_in_the_middle_is_found_and_healed(
     db: Database,
     outbox_db: Database,
-    redis: Redis,
+    redis: RedisClient,
     infra: Infra,
     names: tuple[str, str],
+    redis_url: str,
 ) -> None:
     """An entry lost from the middle of the stream (a failover dropped it):
     the cursor stops before it while later events are applied; the consumer
@@ -252,7 +253,7 @@ async def test_a_gap_in_the_middle_is_found_and_healed(
     assert GAPS_HEALED.labels(group, producer)._value.get() == healed + 1
 
     # `events status` of the service whose schema holds the cursor shows it.
-    status = await events_status("tiering", infra.service_settings())
+    status = await events_status("tiering", infra.service_settings(redis_url=redis_url))
     (mine,) = [c for c in status.cursors if c.consumer == group]
     assert (mine.applied, mine.gaps_found, mine.gaps_healed, mine.replay_from) == (4, 1, 1, None)
     row = next(line for line in status.render().splitlines() if line.startswith(group))
@@ -266,7 +267,7 @@ async def _replay_asked(db: Database, group: str, producer: str, seq: int) -> bo
 async def test_events_lost_at_the_tail_are_found_by_the_producers_head(
     db: Database,
     outbox_db: Database,
-    redis: Redis,
+    redis: RedisClient,
     infra: Infra,
     names: tuple[str, str],
 ) -> None:
@@ -288,7 +289,7 @@ async def test_events_lost_at_the_tail_are_found_by_the_producers_head(
 async def test_a_pending_event_is_not_mistaken_for_a_gap(
     db: Database,
     outbox_db: Database,
-    redis: Redis,
+    redis: RedisClient,
     infra: Infra,
     names: tuple[str, str],
 ) -> None:
@@ -323,7 +324,7 @@ async def test_a_pending_event_is_not_mistaken_for_a_gap(
 
 
 async def test_published_events_are_kept_for_the_retention_window_and_the_newest_always(
-    outbox_db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     stream = stream_name(infra.namespace, names[0])
     relay = OutboxRelay(outbox_db, redis, stream)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 from google.protobuf.message import Message
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from loyalty.events.v1 import events_pb2
 from servicekit.consumer import EventConsumer, Subscription
@@ -32,7 +32,7 @@ from servicekit.events import (
     stream_name,
 )
 from servicekit.outbox import OutboxRelay
-from servicekit.redis_client import create_redis
+from servicekit.redis_client import RedisClient, create_redis, slot_of
 
 from ..harness import Infra, eventually
 
@@ -48,8 +48,9 @@ async def db(infra: Infra) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def redis(infra: Infra) -> AsyncIterator[Redis]:
-    client = create_redis(infra.redis_url)
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    """One Redis, then a Redis Cluster (tests/conftest.py `redis_url`)."""
+    client = create_redis(redis_url)
     yield client
     await client.aclose()
 
@@ -78,7 +79,7 @@ async def running(consumer: EventConsumer) -> AsyncIterator[None]:
 def consumer_for(
     group: str,
     db: Database,
-    redis: Redis,
+    redis: RedisClient,
     infra: Infra,
     producer: str,
     handler: Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]],
@@ -95,14 +96,14 @@ def consumer_for(
     )
 
 
-async def xadd(redis: Redis, stream: str, producer: str, payload: Message) -> tuple[str, str]:
+async def xadd(redis: RedisClient, stream: str, producer: str, payload: Message) -> tuple[str, str]:
     """Publish like the relay does; returns (entry id, event id)."""
     envelope = make_envelope(producer, payload, str(uuid.uuid4()))
     entry = await redis.xadd(stream, {ENVELOPE_FIELD: envelope.SerializeToString()})
     return entry.decode(), envelope.event_id
 
 
-async def pending_count(redis: Redis, stream: str, group: str) -> int:
+async def pending_count(redis: RedisClient, stream: str, group: str) -> int:
     return int((await redis.xpending(stream, group))["pending"])
 
 
@@ -114,7 +115,7 @@ async def processed(db: Database, group: str) -> set[str]:
 
 
 async def test_poison_event_is_dead_lettered_and_the_next_event_still_flows(
-    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     producer, group = names
     stream = stream_name(infra.namespace, producer)
@@ -154,7 +155,7 @@ async def test_poison_event_is_dead_lettered_and_the_next_event_still_flows(
 
 
 async def test_unknown_event_type_is_acknowledged_and_skipped(
-    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     producer, group = names
     stream = stream_name(infra.namespace, producer)
@@ -179,7 +180,7 @@ async def test_unknown_event_type_is_acknowledged_and_skipped(
     assert good_event in await processed(db, group)
 
 
-async def _drained(redis: Redis, stream: str, group: str) -> bool:
+async def _drained(redis: RedisClient, stream: str, group: str) -> bool:
     """The group has read the whole stream and acknowledged everything it read."""
     groups = [g for g in await redis.xinfo_groups(stream) if g["name"].decode() == group]
     if not groups:  # the consumer has not created its group yet
@@ -189,7 +190,7 @@ async def _drained(redis: Redis, stream: str, group: str) -> bool:
 
 
 async def test_unreadable_entry_is_dead_lettered_at_once(
-    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     producer, group = names
     stream = stream_name(infra.namespace, producer)
@@ -221,7 +222,7 @@ async def outbox_db(db: Database) -> AsyncIterator[Database]:
 
 
 async def test_relay_crash_between_xadd_and_marking_published_yields_one_effect(
-    db: Database, outbox_db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     producer, group = names
     stream = stream_name(infra.namespace, producer)
@@ -276,7 +277,7 @@ async def test_relay_crash_between_xadd_and_marking_published_yields_one_effect(
 
 
 async def test_one_read_shares_one_commit_and_a_failing_event_rolls_back_alone(
-    db: Database, outbox_db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     """Events read together are applied in one transaction (one COMMIT for the
     lot), each in its own savepoint: the poison event's write is undone, its
@@ -332,7 +333,7 @@ async def test_a_reading_unit_of_work_has_no_transaction_and_cannot_emit(db: Dat
 
 
 async def test_a_read_is_applied_in_member_order_keeping_each_members_own_order(
-    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     """Members are locked in id order, like the batch jobs' chunks (no
     deadlock between them); one member's events stay in their order."""
@@ -354,7 +355,7 @@ async def test_a_read_is_applied_in_member_order_keeping_each_members_own_order(
 
 
 async def test_a_stopped_consumer_leaves_its_loop_without_being_cancelled(
-    db: Database, redis: Redis, infra: Infra, names: tuple[str, str]
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     """A cancellation redis-py misses inside XREADGROUP must not keep the loop
     (and the process) alive: stop() ends it at the next read."""
@@ -369,3 +370,43 @@ async def test_a_stopped_consumer_leaves_its_loop_without_being_cancelled(
     consumer.stop()
     await asyncio.wait_for(task, timeout=5)  # returns on its own: no cancel() here
     assert task.done() and not task.cancelled() and task.exception() is None
+
+
+async def test_a_group_reading_several_producers_gets_every_stream_s_events(
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """Each producer's stream has a slot of its own on a cluster, where one
+    XREADGROUP may not span slots: the group reads them with one reader per
+    slot (one read for all on a single Redis) and misses none."""
+    first, group = names
+    second = f"{first}-b"
+    producers = [first, second]
+    streams = [stream_name(infra.namespace, p) for p in producers]
+    seen: list[str] = []
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        seen.append(event.payload.order_id)  # type: ignore[attr-defined]
+
+    consumer = EventConsumer(
+        group,
+        db,
+        redis,
+        infra.namespace,
+        [Subscription(p, events_pb2.OrderCompleted, handler) for p in producers],
+        max_attempts=MAX_ATTEMPTS,
+        retry_after_ms=100,
+        block_ms=50,
+    )
+    reads = consumer.read_sets()
+    assert sorted(s for read in reads for s in read) == sorted(streams)
+    for read in reads:  # no read spans two slots
+        assert len({slot_of(s) for s in read}) == 1 or not isinstance(redis, RedisCluster)
+    if isinstance(redis, RedisCluster) and slot_of(streams[0]) != slot_of(streams[1]):
+        assert len(reads) == 2
+    async with running(consumer):
+        for i, (producer, stream) in enumerate(zip(producers, streams, strict=True)):
+            await xadd(redis, stream, producer, events_pb2.OrderCompleted(order_id=f"o-{i}"))
+        await eventually(lambda: sorted(seen) == ["o-0", "o-1"])
+        for stream in streams:
+            await eventually(lambda stream=stream: _drained(redis, stream, group))
+    assert sorted(seen) == ["o-0", "o-1"]

@@ -17,6 +17,8 @@ from redis.asyncio import Redis
 
 from loyalty.member.v1 import member_pb2 as pb
 from servicekit.errors import NotFound, Unavailable, error_info
+from servicekit.events import stream_name
+from servicekit.redis_client import RedisClient, create_redis
 from servicekit.server import ServiceApp
 from services.member import cache as member_cache
 from services.member.cache import MemberUnitOfWork, Miss, ResolveCache
@@ -28,7 +30,8 @@ from services.member.repository import MemberRecord
 from services.member.servicer import MemberServicer
 from services.member.settings import member_settings
 
-from ..harness import Infra
+from ..harness import Infra, eventually, wait_until_serving
+from ..redis_servers import RedisClusterServers
 from .test_member_oneid import CARD, OPENID, PHONE, Stub, failure, ident, identify, mobile, tag
 
 
@@ -54,8 +57,18 @@ async def redis(infra: Infra) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def entry_keys_of(infra: Infra) -> str:
-    return f"{infra.namespace}:member:resolve:*"
+@pytest.fixture
+async def any_redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    """The cache protocol on one Redis, then on a Redis Cluster."""
+    client = create_redis(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def entry_keys(redis: Redis, infra: Infra) -> set[bytes]:
+    """The cached entries (each shard's generation counter aside)."""
+    keys = await redis.keys(f"{{{infra.namespace}:member:resolve:*")
+    return {k for k in keys if not k.endswith(b":generation")}
 
 
 async def test_a_known_identifier_is_answered_from_redis(
@@ -63,9 +76,9 @@ async def test_a_known_identifier_is_answered_from_redis(
 ) -> None:
     card = ident(CARD, f"c-{tag()}")
     member = (await identify(stub, card)).member
-    before = set(await redis.keys(entry_keys_of(infra)))
+    before = await entry_keys(redis, infra)
     assert (await resolve(stub, card)).member_id == member.member_id
-    (key,) = set(await redis.keys(entry_keys_of(infra))) - before
+    (key,) = await entry_keys(redis, infra) - before
     # Overwrite the entry: the next answer comes from it, not from Postgres.
     forged = str(uuid.uuid4())
     await redis.set(
@@ -77,9 +90,9 @@ async def test_a_known_identifier_is_answered_from_redis(
 
 
 async def test_no_entry_for_an_unknown_identifier(stub: Stub, redis: Redis, infra: Infra) -> None:
-    before = set(await redis.keys(entry_keys_of(infra)))
+    before = await entry_keys(redis, infra)
     await unknown(stub, ident(CARD, f"nobody-{tag()}"))
-    assert set(await redis.keys(entry_keys_of(infra))) == before
+    assert await entry_keys(redis, infra) == before
 
 
 async def test_merge_and_unmerge_are_seen_at_once(stub: Stub) -> None:
@@ -154,8 +167,10 @@ def _record() -> MemberRecord:
     return MemberRecord(str(uuid.uuid4()), "M1", datetime(2026, 1, 1, tzinfo=UTC), "")
 
 
-async def test_an_answer_read_before_a_commit_is_not_filled(redis: Redis, infra: Infra) -> None:
-    cache = ResolveCache(redis, f"{infra.namespace}-unit-{tag()}")
+async def test_an_answer_read_before_a_commit_is_not_filled(
+    any_redis: RedisClient, infra: Infra
+) -> None:
+    cache = ResolveCache(any_redis, f"{infra.namespace}-unit-{tag()}")
     value_hash = uuid.uuid4().bytes
     miss = await cache.get(value_hash)
     assert isinstance(miss, Miss) and miss.generation is not None
@@ -171,13 +186,38 @@ async def test_an_answer_read_before_a_commit_is_not_filled(redis: Redis, infra:
     assert await cache.get(value_hash) == record
 
 
-async def test_a_fill_never_replaces_a_fence(redis: Redis, infra: Infra) -> None:
-    cache = ResolveCache(redis, f"{infra.namespace}-unit-{tag()}")
+async def test_a_fill_never_replaces_a_fence(any_redis: RedisClient, infra: Infra) -> None:
+    cache = ResolveCache(any_redis, f"{infra.namespace}-unit-{tag()}")
     value_hash = uuid.uuid4().bytes
     miss = await cache.get(value_hash)
     await cache.fence([value_hash])
     await cache.fill(value_hash, _record(), miss)
-    assert await redis.get(cache.key(value_hash)) == member_cache.FENCE
+    assert await any_redis.get(cache.key(value_hash)) == member_cache.FENCE
+
+
+async def test_a_write_over_several_shards_fences_and_releases_each(
+    any_redis: RedisClient, infra: Infra
+) -> None:
+    """A merge touches identifiers in several shards (several slots on a
+    cluster): each is fenced before the commit, each shard's generation moves
+    after it (so a fill read before it fails), and the identity epoch moves
+    at both steps."""
+    namespace = f"{infra.namespace}-unit-{tag()}"
+    cache = ResolveCache(any_redis, namespace)
+    hashes = [bytes([first]) + uuid.uuid4().bytes for first in (0x00, 0x5A, 0xC3)]
+    assert len({cache.shard(h) for h in hashes}) == 3
+    misses = [await cache.get(h) for h in hashes]
+    epoch = member_cache.identity_epoch_key(namespace)
+    await cache.fence(hashes, regrouped=True)
+    assert [await any_redis.get(cache.key(h)) for h in hashes] == [member_cache.FENCE] * 3
+    assert await any_redis.get(epoch) == b"1"
+    await cache.release(hashes, regrouped=True)
+    assert [await any_redis.get(cache.key(h)) for h in hashes] == [None] * 3
+    assert await any_redis.get(epoch) == b"2"
+    for h, miss in zip(hashes, misses, strict=True):
+        assert await any_redis.get(cache.generation_key(h)) == b"1"
+        await cache.fill(h, _record(), miss)  # read before the commit: refused
+        assert isinstance(await cache.get(h), Miss)
 
 
 async def test_a_write_the_cache_cannot_hear_of_is_rolled_back(
@@ -243,3 +283,36 @@ async def test_reads_fall_back_to_postgres_without_redis() -> None:
         await cache.fill(value_hash, _record(), Miss(b"0"))  # logged, not raised
     finally:
         await dead.aclose()
+
+
+async def test_the_member_service_runs_on_a_redis_cluster(
+    redis_cluster: RedisClusterServers, infra: Infra
+) -> None:
+    """A whole service takes REDIS_URL=redis+cluster://... as it takes one
+    Redis (servicekit's factory): its outbox relay publishes to its stream, its
+    resolve cache fills and is invalidated, all on the cluster."""
+    from services.member.server import build
+
+    namespace = f"{infra.namespace}-cl-{tag()}"
+    app = build(infra.service_settings(redis_url=redis_cluster.url, redis_namespace=namespace))
+    port = await app.start()
+    client = create_redis(redis_cluster.url)
+    try:
+        await wait_until_serving(f"127.0.0.1:{port}")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = Stub(channel)
+            card = ident(CARD, f"c-{tag()}")
+            member = (await identify(stub, card)).member
+            assert (await resolve(stub, card)).member_id == member.member_id
+            assert (await resolve(stub, card)).member_id == member.member_id
+            entries = [
+                k
+                async for k in client.scan_iter(match=f"{{{namespace}:member:resolve:*")
+                if not k.endswith(b":generation")
+            ]
+            assert len(entries) == 1  # the answer is cached on the cluster
+            stream = stream_name(namespace, "member")
+            assert await eventually(lambda: client.xlen(stream))  # the relay published
+    finally:
+        await client.aclose()
+        await app.stop()

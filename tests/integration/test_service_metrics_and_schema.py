@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
 from servicekit.db import asyncpg_dsn, with_database
+from servicekit.events import dead_letter_stream
 from servicekit.migrations import alembic_config, upgrade
 from servicekit.schemacheck import code_revisions
 from servicekit.server import ServiceApp
@@ -117,7 +118,7 @@ async def test_a_service_serves_rpc_and_state_metrics_on_its_own_port(infra: Inf
         assert (
             find(samples, "event_consumer_pending_events", stream=stream, group="engagement") == 0
         )
-        dlq = f"{namespace}:events:rewards:dlq:engagement"
+        dlq = dead_letter_stream(namespace, "rewards", "engagement")
         assert find(samples, "event_dead_letters", stream=dlq) == 0
     # The port is released with the service.
     with pytest.raises(OSError):

@@ -63,7 +63,7 @@ def test_unpack_refuses_the_wrong_type() -> None:
 
 def test_stream_names_are_namespaced() -> None:
     assert stream_name("ns", "rewards") == "ns:events:rewards"
-    assert dead_letter_stream("ns", "rewards", "tiering") == "ns:events:rewards:dlq:tiering"
+    assert dead_letter_stream("ns", "rewards", "tiering") == "{ns:events:rewards}:dlq:tiering"
 
 
 def test_log_records_carry_the_active_trace_id() -> None:
