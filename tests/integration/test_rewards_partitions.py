@@ -19,7 +19,6 @@ from typing import Any
 import asyncpg
 import pytest
 
-from servicekit.db import asyncpg_dsn
 from servicekit.errors import DomainError
 from servicekit.partitions import (
     PartitionedTable,
