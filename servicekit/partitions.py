@@ -131,9 +131,10 @@ async def stray_months(conn: asyncpg.Connection, table: PartitionedTable) -> dic
 
 async def _create_month(
     conn: asyncpg.Connection, table: PartitionedTable, month: datetime
-) -> tuple[str, int]:
+) -> int | None:
     """Build the month's partition beside the table, move its strays out of the
-    default partition into it, attach it; one transaction. Rows moved."""
+    default partition into it, attach it; one transaction. Rows moved, or None
+    when another run (a replica, the CronJob) made it first."""
     name = table.partition_name(month)
     lower, upper = month, add_months(month, 1)
     qualified = f"{table.schema}.{name}"
@@ -141,6 +142,10 @@ async def _create_month(
     in_range = f"{table.column} >= $1 AND {table.column} < $2"
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        # Runs of the job (every replica at start-up, the CronJob) take turns.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table.qualified)
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified):
+            return None
         await conn.execute(
             f"CREATE TABLE {qualified}"
             f" (LIKE {table.qualified} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
@@ -151,7 +156,6 @@ async def _create_month(
             f" CHECK ({table.column} >= '{lower.isoformat()}'"
             f" AND {table.column} < '{upper.isoformat()}')"
         )
-        moved = 0
         status = await conn.execute(
             f"INSERT INTO {qualified} SELECT * FROM {default} WHERE {in_range}", lower, upper
         )
@@ -167,7 +171,7 @@ async def _create_month(
             f" FOR VALUES FROM ('{lower.isoformat()}') TO ('{upper.isoformat()}')"
         )
         await conn.execute(f"ALTER TABLE {qualified} DROP CONSTRAINT {name}_range")
-    return name, moved
+    return moved
 
 
 async def ensure_partitions(
@@ -187,7 +191,10 @@ async def ensure_partitions(
     wanted = {add_months(this_month, i) for i in range(ahead + 1)}
     wanted |= set(await stray_months(conn, table))
     for month in sorted(wanted - existing):
-        name, moved = await _create_month(conn, table, month)
+        moved = await _create_month(conn, table, month)
+        if moved is None:
+            continue
+        name = table.partition_name(month)
         report.created.append(name)
         if moved:
             report.moved[name] = moved
