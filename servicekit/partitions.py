@@ -129,7 +129,7 @@ async def stray_months(conn: asyncpg.Connection, table: PartitionedTable) -> dic
     return {r["month"].replace(tzinfo=UTC): r["n"] for r in rows}
 
 
-async def _create_month(
+async def create_month(
     conn: asyncpg.Connection, table: PartitionedTable, month: datetime
 ) -> int | None:
     """Build the month's partition beside the table, move its strays out of the
@@ -191,7 +191,7 @@ async def ensure_partitions(
     wanted = {add_months(this_month, i) for i in range(ahead + 1)}
     wanted |= set(await stray_months(conn, table))
     for month in sorted(wanted - existing):
-        moved = await _create_month(conn, table, month)
+        moved = await create_month(conn, table, month)
         if moved is None:
             continue
         name = table.partition_name(month)
