@@ -19,15 +19,18 @@ from typing import Any
 import asyncpg
 import pytest
 
+from servicekit.db import create_pool
 from servicekit.errors import DomainError
 from servicekit.partitions import (
     PartitionedTable,
+    PartitionKeeper,
     add_months,
     detach_partition,
     ensure_partitions,
     list_partitions,
     month_start,
 )
+from servicekit.server import ServiceApp
 from services.rewards.partitions import JOURNAL
 from services.rewards.points import repository as ledger
 from services.rewards.points.audit import CHECKS, audit_ledger
@@ -341,3 +344,22 @@ async def test_the_audit_reads_every_partition_so_none_is_detachable(
         # Balances are the sum of the whole journal: every partition is read,
         # which is what the detach command's refusal protects.
         assert scanned == attached, sql
+
+
+async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
+    rewards_app: ServiceApp, infra: Infra
+) -> None:
+    # The service wires the journal into its keeper, which runs at start-up.
+    assert rewards_app.partitioned == [JOURNAL]
+    assert "partitions" in {t.get_name() for t in rewards_app._tasks if not t.done()}
+    pool = await create_pool(infra.database_url, 1, 1)
+    try:
+        keeper = PartitionKeeper(pool, rewards_app.partitioned, ahead=8, interval_seconds=3600)
+        [report] = await keeper.ensure_once()
+        async with pool.acquire() as c:
+            now = await db_now(c)
+            names = {p.name for p in await list_partitions(c, JOURNAL)}
+    finally:
+        await pool.close()
+    assert report.strays_left == 0
+    assert {JOURNAL.partition_name(add_months(month_start(now), i)) for i in range(9)} <= names
