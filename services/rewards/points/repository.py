@@ -622,7 +622,7 @@ WITH mine AS (
     FROM rewards.points_transactions t
     JOIN rewards.points_entries e ON e.transaction_id = t.id
     WHERE t.member_id = $1 OR t.counterpart_member_id = $1
-    GROUP BY t.seq, t.id
+    GROUP BY t.seq, t.id, t.created_at
 ), running AS (
     SELECT *, sum(delta) OVER (ORDER BY seq)::bigint AS balance_after FROM mine
 )

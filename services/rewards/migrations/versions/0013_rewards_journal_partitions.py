@@ -7,8 +7,9 @@ the foreign keys that pointed at the journal point at that table
 
 Existing rows are moved in this migration's transaction: the table is renamed,
 the partitioned table is created with a partition per month the data covers
-(and three ahead, and a default), rows are copied through the trigger (which
-fills the key table) and the old table dropped. Lock: ACCESS EXCLUSIVE on
+(and three ahead, and a default), rows and their keys are copied set-based,
+then the keys' and the journal's constraints, indexes and triggers are built,
+and the old table dropped. Lock: ACCESS EXCLUSIVE on
 points_transactions for the whole copy (writes and reads of the journal wait),
 SHARE ROW EXCLUSIVE on the tables whose foreign keys are re-pointed.
 
@@ -81,11 +82,12 @@ $$
 def upgrade() -> None:
     for table, column in REFERRERS:
         op.execute(
-            f"ALTER TABLE rewards.{table}"
-            f" DROP CONSTRAINT fk_{table}_{column}_points_transactions"
+            f"ALTER TABLE rewards.{table} DROP CONSTRAINT fk_{table}_{column}_points_transactions"
         )
     op.execute("LOCK TABLE rewards.points_transactions IN ACCESS EXCLUSIVE MODE")
-    op.execute("ALTER TABLE rewards.points_transactions RENAME TO points_transactions_unpartitioned")
+    op.execute(
+        "ALTER TABLE rewards.points_transactions RENAME TO points_transactions_unpartitioned"
+    )
     for name in (
         "pk_points_transactions",
         "uq_points_transactions_idempotency_key",
@@ -105,12 +107,11 @@ def upgrade() -> None:
             "ALTER TABLE rewards.points_transactions_unpartitioned"
             f" DROP CONSTRAINT ck_points_transactions_{name}"
         )
+    # Constraints and indexes come after the copy: built once, sorted, instead
+    # of row by row (and the trigger too: the copy writes the keys set-based).
     op.execute(
         "CREATE TABLE rewards.points_transaction_keys ("
-        " id uuid NOT NULL CONSTRAINT pk_points_transaction_keys PRIMARY KEY,"
-        " idempotency_key text NOT NULL"
-        " CONSTRAINT uq_points_transaction_keys_idempotency_key UNIQUE,"
-        " created_at timestamptz NOT NULL)"
+        " id uuid NOT NULL, idempotency_key text NOT NULL, created_at timestamptz NOT NULL)"
     )
     # The key table is part of the journal: append-only like it.
     op.execute(
@@ -119,9 +120,7 @@ def upgrade() -> None:
         " EXECUTE FUNCTION rewards.forbid_journal_change()"
     )
     # The sequence continues the identity's numbers (history cursors stay valid).
-    op.execute(
-        "CREATE SEQUENCE rewards.points_transactions_seq AS bigint START WITH 1"
-    )
+    op.execute("CREATE SEQUENCE rewards.points_transactions_seq AS bigint START WITH 1")
     op.execute(
         "SELECT setval('rewards.points_transactions_seq',"
         " coalesce((SELECT max(seq) FROM rewards.points_transactions_unpartitioned), 0) + 1,"
@@ -129,13 +128,11 @@ def upgrade() -> None:
     )
     op.execute(
         "CREATE TABLE rewards.points_transactions ("
-        " id uuid NOT NULL, member_id uuid NOT NULL, kind text NOT NULL, order_id uuid"
-        " CONSTRAINT fk_points_transactions_order_id_orders REFERENCES rewards.orders (id),"
+        " id uuid NOT NULL, member_id uuid NOT NULL, kind text NOT NULL, order_id uuid,"
         " idempotency_key text NOT NULL, amount bigint NOT NULL, rule jsonb NOT NULL,"
         " created_at timestamptz NOT NULL DEFAULT now(),"
         " seq bigint NOT NULL DEFAULT nextval('rewards.points_transactions_seq'),"
         " counterpart_member_id uuid, reference text, operator_id text, reason text,"
-        " CONSTRAINT pk_points_transactions PRIMARY KEY (id, created_at),"
         " CONSTRAINT ck_points_transactions_kind_known CHECK (kind IN ('earn', 'redeem',"
         " 'expire', 'refund', 'hold', 'hold_post', 'hold_void', 'adjust', 'activate', 'merge',"
         " 'unmerge')),"
@@ -144,15 +141,36 @@ def upgrade() -> None:
         " CHECK (kind <> 'adjust' OR (operator_id IS NOT NULL AND reason IS NOT NULL))"
         ") PARTITION BY RANGE (created_at)"
     )
-    op.execute("ALTER SEQUENCE rewards.points_transactions_seq OWNED BY rewards.points_transactions.seq")
-    for columns in ("member_id", "order_id", "counterpart_member_id", "member_id, seq"):
-        name = "ix_points_transactions_" + columns.replace(", ", "_")
-        op.execute(f"CREATE INDEX {name} ON rewards.points_transactions ({columns})")
+    op.execute(
+        "ALTER SEQUENCE rewards.points_transactions_seq OWNED BY rewards.points_transactions.seq"
+    )
     op.execute(
         "CREATE TABLE rewards.points_transactions_default"
         " PARTITION OF rewards.points_transactions DEFAULT"
     )
     op.execute(MONTHLY_PARTITIONS)
+    op.execute(
+        f"INSERT INTO rewards.points_transactions ({COLUMNS})"
+        f" SELECT {COLUMNS} FROM rewards.points_transactions_unpartitioned"
+    )
+    op.execute(
+        "INSERT INTO rewards.points_transaction_keys (id, idempotency_key, created_at)"
+        " SELECT id, idempotency_key, created_at FROM rewards.points_transactions_unpartitioned"
+    )
+    op.execute(
+        "ALTER TABLE rewards.points_transaction_keys"
+        " ADD CONSTRAINT pk_points_transaction_keys PRIMARY KEY (id),"
+        " ADD CONSTRAINT uq_points_transaction_keys_idempotency_key UNIQUE (idempotency_key)"
+    )
+    op.execute(
+        "ALTER TABLE rewards.points_transactions"
+        " ADD CONSTRAINT pk_points_transactions PRIMARY KEY (id, created_at),"
+        " ADD CONSTRAINT fk_points_transactions_order_id_orders FOREIGN KEY (order_id)"
+        " REFERENCES rewards.orders (id)"
+    )
+    for columns in ("member_id", "order_id", "counterpart_member_id", "member_id, seq"):
+        name = "ix_points_transactions_" + columns.replace(", ", "_")
+        op.execute(f"CREATE INDEX {name} ON rewards.points_transactions ({columns})")
     op.execute(CLAIM_KEY)
     op.execute(
         "CREATE TRIGGER points_transactions_key BEFORE INSERT ON rewards.points_transactions"
@@ -164,10 +182,6 @@ def upgrade() -> None:
         "CREATE TRIGGER points_transactions_append_only BEFORE UPDATE OR DELETE"
         " ON rewards.points_transactions FOR EACH ROW"
         " EXECUTE FUNCTION rewards.forbid_journal_change()"
-    )
-    op.execute(
-        f"INSERT INTO rewards.points_transactions ({COLUMNS})"
-        f" SELECT {COLUMNS} FROM rewards.points_transactions_unpartitioned ORDER BY seq"
     )
     op.execute("DROP TABLE rewards.points_transactions_unpartitioned")
     for table, column in REFERRERS:
