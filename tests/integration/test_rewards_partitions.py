@@ -18,9 +18,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+from alembic import command
 
-from servicekit.db import create_pool
+from servicekit.db import asyncpg_dsn, create_pool, with_database
 from servicekit.errors import DomainError
+from servicekit.migrations import alembic_config
 from servicekit.partitions import (
     PartitionedTable,
     PartitionKeeper,
@@ -363,3 +365,91 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
         await pool.close()
     assert report.strays_left == 0
     assert {JOURNAL.partition_name(add_months(month_start(now), i)) for i in range(9)} <= names
+
+
+@pytest.fixture
+async def scratch_url(infra: Infra) -> AsyncIterator[str]:
+    """A database of its own, for a migration run over existing rows."""
+    name = f"partitions_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield with_database(infra.database_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_migration_moves_a_deployed_journal_into_partitions(scratch_url: str) -> None:
+    def migrate(revision: str) -> None:
+        command.upgrade(alembic_config("rewards", scratch_url), revision)
+
+    await asyncio.to_thread(migrate, "0012_rewards_durable_events")
+    conn = await asyncpg.connect(asyncpg_dsn(scratch_url))
+    try:
+        member = uuid.uuid4()
+        written = [
+            (uuid.uuid4(), f"old:{i}", datetime(2025, month, 10, tzinfo=UTC))
+            for i, month in enumerate((3, 3, 4))
+        ]
+        for txn, key, at in written:
+            await conn.execute(
+                "INSERT INTO rewards.points_transactions"
+                " (id, member_id, kind, idempotency_key, amount, rule, created_at)"
+                " VALUES ($1, $2, 'earn', $3, 10, '{}', $4)",
+                txn,
+                member,
+                key,
+                at,
+            )
+            await conn.execute(
+                "INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)"
+                " VALUES ($1, 'member_wallet', $2, 10), ($1, 'issued_liability', NULL, -10)",
+                txn,
+                member,
+            )
+        seqs = await conn.fetch("SELECT id, seq FROM rewards.points_transactions ORDER BY seq")
+        await asyncio.to_thread(migrate, "head")
+        rows = await conn.fetch(
+            "SELECT id, seq, tableoid::regclass::text AS part FROM rewards.points_transactions"
+            " ORDER BY seq"
+        )
+        # Same rows, same sequence numbers, each in its month.
+        assert [(r["id"], r["seq"]) for r in rows] == [(r["id"], r["seq"]) for r in seqs]
+        assert [r["part"] for r in rows] == [
+            "rewards.points_transactions_p202503",
+            "rewards.points_transactions_p202503",
+            "rewards.points_transactions_p202504",
+        ]
+        keys = await conn.fetch(
+            "SELECT id, idempotency_key, created_at FROM rewards.points_transaction_keys"
+            " ORDER BY idempotency_key"
+        )
+        assert [tuple(k) for k in keys] == written
+        # The guarantees hold on the converted data: a used key is refused in
+        # any month, new rows continue the sequence, entries need a journal key.
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "INSERT INTO rewards.points_transactions"
+                " (id, member_id, kind, idempotency_key, amount, rule)"
+                " VALUES ($1, $2, 'earn', 'old:2', 10, '{}')",
+                uuid.uuid4(),
+                member,
+            )
+        fresh = await conn.fetchval(
+            "INSERT INTO rewards.points_transactions"
+            " (id, member_id, kind, idempotency_key, amount, rule)"
+            " VALUES ($1, $2, 'earn', 'new:1', 10, '{}') RETURNING seq",
+            uuid.uuid4(),
+            member,
+        )
+        assert fresh > max(r["seq"] for r in rows)
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(
+                "INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)"
+                " VALUES ($1, 'member_wallet', $2, 1)",
+                uuid.uuid4(),
+                member,
+            )
+    finally:
+        await conn.close()
