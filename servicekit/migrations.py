@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command, context
@@ -46,15 +47,38 @@ def metadata_of(service: str) -> MetaData:
     return importlib.import_module(f"{_package(service)}.schema").metadata  # type: ignore[no-any-return]
 
 
+def _partitions(connection: Connection, schema: str) -> set[str]:
+    """The partitions of the schema's partitioned tables: the models declare the
+    parent only (servicekit/partitions.py makes the partitions)."""
+    rows = connection.execute(
+        text(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = :schema AND c.relispartition"
+        ),
+        {"schema": schema},
+    )
+    return {r[0] for r in rows}
+
+
+def _include_name(schema: str, partitions: set[str]) -> Callable[[str | None, str, object], bool]:
+    def include(name: str | None, type_: str, parent: object) -> bool:
+        if type_ == "schema":
+            return name == schema
+        return not (type_ == "table" and name in partitions)
+
+    return include
+
+
 def _configure(connection: Connection, metadata: MetaData) -> None:
     schema = metadata.schema
+    assert schema is not None
     connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
     context.configure(
         connection=connection,
         target_metadata=metadata,
         version_table_schema=schema,
         include_schemas=True,
-        include_name=lambda name, type_, parent: type_ != "schema" or name == schema,
+        include_name=_include_name(schema, _partitions(connection, schema)),
         compare_type=True,
     )
     with context.begin_transaction():
@@ -89,13 +113,14 @@ def pending_changes(service: str, database_url: str) -> list[object]:
     metadata = metadata_of(service)
     engine = create_async_engine(sqlalchemy_url(database_url))
     schema = metadata.schema
+    assert schema is not None
 
     def diff(connection: Connection) -> list[object]:
         ctx = MigrationContext.configure(
             connection,
             opts={
                 "include_schemas": True,
-                "include_name": lambda name, type_, parent: type_ != "schema" or name == schema,
+                "include_name": _include_name(schema, _partitions(connection, schema)),
                 "compare_type": True,
                 "version_table_schema": schema,
             },

@@ -33,6 +33,7 @@ from .interceptors import DomainErrorInterceptor
 from .logs import configure_logging
 from .metrics import ServiceMetrics
 from .outbox import OutboxRelay
+from .partitions import PartitionedTable, PartitionKeeper
 from .redis_client import RedisClient, create_redis
 from .retention import Pruner, Retention
 from .schemacheck import SchemaGate
@@ -282,6 +283,9 @@ class ServiceApp:
                 where=f"seq < (SELECT max(seq) FROM {self.schema}.outbox)",
             ),
         ]
+        # Tables partitioned by month: partitions made ahead at start-up and
+        # every interval (servicekit/partitions.py); services add their own.
+        self.partitioned: list[PartitionedTable] = []
         self.port = 0
         # Prometheus on its own port (servicekit/metrics.py); services add probes in wire().
         self.metrics = ServiceMetrics(name)
@@ -339,6 +343,11 @@ class ServiceApp:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.group))
         pruner = Pruner(pool, self.retentions, s.prune_interval_seconds)
         self._tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
+        if self.partitioned:
+            keeper = PartitionKeeper(
+                pool, self.partitioned, s.partitions_ahead_months, s.partitions_interval_seconds
+            )
+            self._tasks.append(asyncio.create_task(keeper.run(), name="partitions"))
         self._start_metrics()
         log.info("%s listening on %s:%d", self.name, s.grpc_host, self.port)
         return self.port

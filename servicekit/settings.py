@@ -83,5 +83,9 @@ class ServiceSettings(CommonSettings):
     # every prune_interval_seconds (servicekit/retention.py says why it is safe).
     processed_events_retention_hours: float = Field(default=168.0, gt=0)
     prune_interval_seconds: float = Field(default=3600.0, gt=0)
+    # Time-partitioned tables (servicekit/partitions.py): months of partitions
+    # made ahead at start-up and every interval (the CronJob does the same).
+    partitions_ahead_months: int = Field(default=3, ge=0)
+    partitions_interval_seconds: float = Field(default=21600.0, gt=0)
     # Key for hashing and encrypting personal data (phone); base64 32 bytes.
     pii_key: str = "ZGV2LW9ubHktcGlpLWtleS1jaGFuZ2UtbWUtMzJieXQ="

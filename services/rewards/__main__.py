@@ -10,6 +10,9 @@ Operator commands (against DATABASE_URL, one run each, safe to repeat):
   release-unpaid-mall-exchanges  give back points and stock of points-plus-cash
                         exchanges whose payment did not arrive in time
   stores put|close|open|list   the brand's stores (operator-managed data)
+  partitions ensure [--ahead N]|list|detach NAME   the journal's time partitions
+                        (made ahead; strays moved out of the default; detach refuses
+                        what the ledger audit needs)
 """
 
 import sys
@@ -27,6 +30,7 @@ JOBS = (
     "announce-expiring-coupons",
     "release-unpaid-mall-exchanges",
     "stores",
+    "partitions",
 )
 
 if len(sys.argv) > 1 and sys.argv[1] in JOBS:

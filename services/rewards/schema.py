@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -127,7 +128,23 @@ orders = Table(
     CheckConstraint("status IN ('settled', 'rejected')", name="status_known"),
 )
 
+# Global uniqueness of the journal (id, idempotency key) and the target of every
+# foreign key to it: the journal is partitioned by time, and PostgreSQL's unique
+# indexes on a partitioned table must contain the partition key. A BEFORE INSERT
+# trigger on points_transactions writes this row in the same statement
+# (migration 0013); append-only like the journal.
+points_transaction_keys = Table(
+    "points_transaction_keys",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    # The journal row's created_at: which partition holds it.
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 # Double-entry points journal: one row per movement, its entries sum to zero.
+# Partitioned by month of created_at (migration 0013; partitions made ahead by
+# `python -m services.rewards partitions ensure`, docs/operations.md).
 points_transactions = Table(
     "points_transactions",
     metadata,
@@ -135,15 +152,29 @@ points_transactions = Table(
     Column("member_id", Uuid, nullable=False, index=True),
     Column("kind", Text, nullable=False),
     Column("order_id", Uuid, ForeignKey(orders.c.id), index=True),
-    # One transaction per business fact (e.g. "earn:<order id>"), whoever retries.
-    Column("idempotency_key", Text, nullable=False, unique=True),
+    # One transaction per business fact (e.g. "earn:<order id>"), whoever
+    # retries: unique in points_transaction_keys.
+    Column("idempotency_key", Text, nullable=False),
     # Magnitude of the movement; the entries carry the signs.
     Column("amount", BigInteger, nullable=False),
     # The earning rule (name, rate, rounding) that produced the amount.
     Column("rule", JSONB, nullable=False),
-    created_at(),
-    # Commit-independent order of a member's history (cursor pagination).
-    Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    # The partition key (with id, the primary key: PostgreSQL requires it there).
+    Column(
+        "created_at",
+        DateTime(timezone=True),
+        primary_key=True,
+        nullable=False,
+        server_default=func.now(),
+    ),
+    # Commit-independent order of a member's history (cursor pagination); one
+    # sequence for every partition, so unique without a global index.
+    Column(
+        "seq",
+        BigInteger,
+        nullable=False,
+        server_default=text("nextval('rewards.points_transactions_seq'::regclass)"),
+    ),
     # The other member of a merge/unmerge (its wallet entries are in this transaction).
     Column("counterpart_member_id", Uuid, index=True),
     # What the operation refers to: a refund id, a hold id, a caller's reference.
@@ -160,6 +191,7 @@ points_transactions = Table(
         "kind <> 'adjust' OR (operator_id IS NOT NULL AND reason IS NOT NULL)",
         name="adjust_has_operator_and_reason",
     ),
+    postgresql_partition_by="RANGE (created_at)",
 )
 
 points_entries = Table(
@@ -167,7 +199,7 @@ points_entries = Table(
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column(
-        "transaction_id", Uuid, ForeignKey(points_transactions.c.id), nullable=False, index=True
+        "transaction_id", Uuid, ForeignKey(points_transaction_keys.c.id), nullable=False, index=True
     ),
     # member_wallet: the member's spendable points (+ credits the member);
     # issued_liability: the brand's side of every point issued.
@@ -211,7 +243,7 @@ points_lots = Table(
     Column("id", Uuid, primary_key=True),
     Column("member_id", Uuid, nullable=False),
     # The transaction that created the lot (earn, adjust, merge, unmerge).
-    Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id), nullable=False),
+    Column("transaction_id", Uuid, ForeignKey(points_transaction_keys.c.id), nullable=False),
     # The lot this one was moved from (merge/unmerge) and the first lot of the chain.
     Column("origin_lot_id", Uuid),
     Column("root_lot_id", Uuid, nullable=False, index=True),
@@ -245,7 +277,7 @@ points_lot_movements = Table(
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column(
-        "transaction_id", Uuid, ForeignKey(points_transactions.c.id), nullable=False, index=True
+        "transaction_id", Uuid, ForeignKey(points_transaction_keys.c.id), nullable=False, index=True
     ),
     Column("lot_id", Uuid, ForeignKey(points_lots.c.id), nullable=False, index=True),
     Column("amount", BigInteger, nullable=False),
@@ -286,7 +318,7 @@ refunds = Table(
     Column("points_shortfall", BigInteger, nullable=False),
     # Points the order redeemed, given back in proportion (original expiry).
     Column("points_restored", BigInteger, nullable=False, server_default="0"),
-    Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
+    Column("transaction_id", Uuid, ForeignKey(points_transaction_keys.c.id)),
     created_at(),
     UniqueConstraint("store_id", "refund_transaction_id"),
     # 0 only for an order nothing was paid on, refunded in full (migration 0009).
@@ -311,8 +343,8 @@ points_holds = Table(
     Column("status", Text, nullable=False),
     Column("reference", Text),
     Column("expires_at", DateTime(timezone=True), nullable=False),
-    Column("transaction_id", Uuid, ForeignKey(points_transactions.c.id), nullable=False),
-    Column("resolution_transaction_id", Uuid, ForeignKey(points_transactions.c.id)),
+    Column("transaction_id", Uuid, ForeignKey(points_transaction_keys.c.id), nullable=False),
+    Column("resolution_transaction_id", Uuid, ForeignKey(points_transaction_keys.c.id)),
     created_at(),
     Column("resolved_at", DateTime(timezone=True)),
     Index(None, "status", "expires_at"),

@@ -17,6 +17,7 @@ from .coupons.handlers import CouponPolicy, issue_coupon
 from .mall.handlers import PointsMall
 from .orders.domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
 from .orders.handlers import RewardsHandlers
+from .partitions import PARTITIONED_TABLES
 from .points.domain import ExpiryPolicy, LedgerPolicy, ShortfallPolicy
 from .points.earning import parse_rules
 from .points.handlers import PointsLedger
@@ -102,6 +103,7 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
         rewards_pb2_grpc.add_RewardsServiceServicer_to_server(
             RewardsServicer(app.db, handlers, referrals, mall), app.server
         )
+        app.partitioned.extend(PARTITIONED_TABLES)
         app.add_consumer(
             EventConsumer(
                 "rewards-ledger-events",

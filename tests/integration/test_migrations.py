@@ -26,10 +26,12 @@ async def test_each_service_owns_its_schema(infra: Infra, service: str) -> None:
     assert metadata.schema == service
     conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     try:
+        # Partitions are the parent's storage (servicekit/partitions.py), not tables of their own.
         tables = {
-            r["table_name"]
+            r["relname"]
             for r in await conn.fetch(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition",
                 service,
             )
         }

@@ -827,7 +827,7 @@ class PointsLedger:
         # The order's points live where its lot is now (a merge moves them).
         # A merge moves lots under both members' locks, so once the lot is
         # seen at the member whose lock we hold, it stays there.
-        root = await ledger.order_lot(conn, order["id"])
+        root = await ledger.order_lot(conn, order["id"], order["created_at"])
         live = await ledger.live_lot(conn, root["id"]) if root else None
         member = live["member_id"] if live is not None else order["member_id"]
         while True:
@@ -873,7 +873,9 @@ class PointsLedger:
                 entries.append(Entry("redeemed", None, -restore))
                 if restore - repay:
                     entries.append(Entry("member_wallet", member, restore - repay))
-                    new_lots = await self._restored_lots(conn, order["id"], restore - repay, now)
+                    new_lots = await self._restored_lots(
+                        conn, order["id"], order["created_at"], restore - repay, now
+                    )
                 if repay:
                     entries.append(Entry("member_debt", member, repay))
             if entries:
@@ -951,11 +953,16 @@ class PointsLedger:
         return Outcome(result)
 
     async def _restored_lots(
-        self, conn: Connection, order_id: uuid.UUID, points: int, now: datetime
+        self,
+        conn: Connection,
+        order_id: uuid.UUID,
+        order_created_at: datetime,
+        points: int,
+        now: datetime,
     ) -> list[NewLot]:
         """New lots for redeemed points given back, each with the expiry of the
         lot it was spent from (latest-expiring first) and a link to it."""
-        spent = await ledger.order_redemption_lots(conn, order_id)
+        spent = await ledger.order_redemption_lots(conn, order_id, order_created_at)
         lots = []
         left = points
         for row in spent:
@@ -1167,10 +1174,7 @@ class PointsLedger:
             _uuid(survivor_id, "survivor_member_id"),
             _uuid(restored_id, "restored_member_id"),
         )
-        merge_txn = await uow.conn.fetchrow(
-            "SELECT id FROM rewards.points_transactions WHERE idempotency_key = $1",
-            f"merge:{merge_id}",
-        )
+        merge_txn = await ledger.transaction_with_key(uow.conn, f"merge:{merge_id}")
         if merge_txn is None:
             return False  # the merge moved nothing (or never reached us)
         return await self._move(
@@ -1187,9 +1191,7 @@ class PointsLedger:
         from_merge: uuid.UUID | None,
         now: datetime,
     ) -> bool:
-        if await conn.fetchval(
-            "SELECT 1 FROM rewards.points_transactions WHERE idempotency_key = $1", key
-        ):
+        if await ledger.transaction_with_key(conn, key) is not None:
             return False
         for member in sorted((source, target)):
             await ledger.ensure_account(conn, member)

@@ -429,7 +429,7 @@ async def lock_order(conn: Connection, store_id: str, pos_transaction_id: str) -
     """The order, locked: refunds of one order run one at a time."""
     return await conn.fetchrow(
         "SELECT id, member_id, paid_amount_fen, points_earned, points_redeemed, status,"
-        " ordered_at FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2"
+        " ordered_at, created_at FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2"
         " FOR UPDATE",
         store_id,
         pos_transaction_id,
@@ -448,26 +448,44 @@ async def refunds_so_far(conn: Connection, order_id: uuid.UUID) -> tuple[int, in
     return int(row["fen"]), int(row["pts"]), int(row["restored"]), int(row["n"])
 
 
-async def order_redemption_lots(conn: Connection, order_id: uuid.UUID) -> list[Any]:
+# An order's earn and redemption are journalled by the transaction that
+# claimed the order (or a later one), so never before the order's created_at
+# (both are the database's now()): the bound prunes the journal's older
+# partitions from a refund's reads.
+ORDER_REDEMPTION_LOTS_SQL = """
+SELECT m.lot_id, -m.amount AS points, l.earned_at, l.expires_at, l.root_lot_id
+FROM rewards.points_transactions t
+JOIN rewards.points_lot_movements m ON m.transaction_id = t.id
+JOIN rewards.points_lots l ON l.id = m.lot_id
+WHERE t.order_id = $1 AND t.kind = 'redeem' AND t.created_at >= $2
+ORDER BY l.expires_at DESC, l.id
+"""
+
+ORDER_LOT_SQL = """
+SELECT l.id FROM rewards.points_lots l
+JOIN rewards.points_transactions t ON t.id = l.transaction_id
+WHERE t.order_id = $1 AND t.kind = 'earn' AND t.created_at >= $2 AND l.origin_lot_id IS NULL
+"""
+
+
+async def order_redemption_lots(
+    conn: Connection, order_id: uuid.UUID, order_created_at: datetime
+) -> list[Any]:
     """The lots an order's redemption spent from, latest-expiring first."""
-    return await conn.fetch(
-        "SELECT m.lot_id, -m.amount AS points, l.earned_at, l.expires_at, l.root_lot_id"
-        " FROM rewards.points_transactions t"
-        " JOIN rewards.points_lot_movements m ON m.transaction_id = t.id"
-        " JOIN rewards.points_lots l ON l.id = m.lot_id"
-        " WHERE t.order_id = $1 AND t.kind = 'redeem'"
-        " ORDER BY l.expires_at DESC, l.id",
-        order_id,
-    )
+    return await conn.fetch(ORDER_REDEMPTION_LOTS_SQL, order_id, order_created_at)
 
 
-async def order_lot(conn: Connection, order_id: uuid.UUID) -> Any:
+async def order_lot(conn: Connection, order_id: uuid.UUID, order_created_at: datetime) -> Any:
     """The lot the order's earn created (its root; `live_lot` finds where it is now)."""
+    return await conn.fetchrow(ORDER_LOT_SQL, order_id, order_created_at)
+
+
+async def transaction_with_key(conn: Connection, idempotency_key: str) -> Any:
+    """The journal transaction written under a key (id, created_at), or None:
+    the key table answers without searching the journal's partitions."""
     return await conn.fetchrow(
-        "SELECT l.id FROM rewards.points_lots l"
-        " JOIN rewards.points_transactions t ON t.id = l.transaction_id"
-        " WHERE t.order_id = $1 AND t.kind = 'earn' AND l.origin_lot_id IS NULL",
-        order_id,
+        "SELECT id, created_at FROM rewards.points_transaction_keys WHERE idempotency_key = $1",
+        idempotency_key,
     )
 
 
@@ -604,7 +622,7 @@ WITH mine AS (
     FROM rewards.points_transactions t
     JOIN rewards.points_entries e ON e.transaction_id = t.id
     WHERE t.member_id = $1 OR t.counterpart_member_id = $1
-    GROUP BY t.seq, t.id
+    GROUP BY t.seq, t.id, t.created_at
 ), running AS (
     SELECT *, sum(delta) OVER (ORDER BY seq)::bigint AS balance_after FROM mine
 )
