@@ -189,8 +189,10 @@ METRICS: tuple[Metric, ...] = (
         "referral",
         "Abuse refusals",
         "风控拦截",
-        "Referral reward parts refused within the range (the inviter's cap, a merge that"
-        " made it a self referral, coupon stock...), by reason code.",
+        "Invites refused as abuse at acceptance within the range (self referral, a"
+        " referral cycle, a device or identifier already behind another invitee, an"
+        " existing member), and referral reward parts refused (the inviter's cap, a merge"
+        " that made it a self referral, coupon stock...), by reason code.",
     ),
     Metric(
         "journey_funnel",

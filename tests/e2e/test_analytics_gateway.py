@@ -233,6 +233,22 @@ async def test_a_region_resolves_to_its_stores_and_counts_their_orders(
     assert both.json()["filter"]["store_ids"] == []
     assert both.json()["orders"]["orders"] == 0
 
+    # A member accepting their own invite is refused, and counted as abuse.
+    async def self_referrals() -> int:
+        reply = await viewer.get("/v1/admin/analytics/referral", params=span)
+        by_reason = {c["key"]: c["count"] for c in reply.json()["refusals_by_reason"]}
+        return by_reason.get("SELF_REFERRAL", 0)
+
+    before = await self_referrals()
+    own = (await http.get(f"/v1/members/{a}/invite-code")).json()["code"]
+    refused = await http.post(
+        f"/v1/members/{a}/referral",
+        json={"invite_code": own},
+        headers={"Idempotency-Key": str(uuid.uuid4())},
+    )
+    assert refused.status_code == 409 and refused.json()["code"] == "SELF_REFERRAL"
+    assert await self_referrals() == before + 1
+
     points = await viewer.get("/v1/admin/analytics/points", params=span | {"region": city})
     assert sum(d["earned"] for d in points.json()["by_day"]) == earned > 0
     assert isinstance(date.fromisoformat(points.json()["by_day"][0]["day"]), date)

@@ -180,7 +180,9 @@ inv AS (
     FROM acc GROUP BY inviter_id
 ),
 refused AS (
-    SELECT e.value ->> 'code' AS code
+    SELECT code FROM rewards.referral_refusals WHERE refused_at >= $1 AND refused_at < $2
+    UNION ALL
+    SELECT e.value ->> 'code'
     FROM rewards.referral_rewards w, jsonb_array_elements(w.refusals) e
     WHERE w.created_at >= $1 AND w.created_at < $2 AND w.status IN ('refused', 'partial')
 )
