@@ -126,6 +126,8 @@ orders = Table(
     CheckConstraint("points_redeemed >= 0", name="points_redeemed_nonnegative"),
     CheckConstraint("coupon_discount_fen >= 0", name="coupon_discount_nonnegative"),
     CheckConstraint("status IN ('settled', 'rejected')", name="status_known"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "ordered_at"),
 )
 
 # Global uniqueness of the journal (id, idempotency key) and the target of every
@@ -191,6 +193,8 @@ points_transactions = Table(
         "kind <> 'adjust' OR (operator_id IS NOT NULL AND reason IS NOT NULL)",
         name="adjust_has_operator_and_reason",
     ),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "created_at"),
     postgresql_partition_by="RANGE (created_at)",
 )
 
@@ -479,6 +483,10 @@ coupons = Table(
     ),
     CheckConstraint("expires_at > valid_from", name="validity_window"),
     CheckConstraint("octet_length(request_hash) = 32", name="request_hash_sha256"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "issued_at"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "redeemed_at"),
 )
 
 # Local projection of tiering's TierChanged events: the tier multiplier at
@@ -533,6 +541,8 @@ invite_codes = Table(
     Column("member_id", Uuid, primary_key=True),
     Column("code", Text, nullable=False, unique=True),
     created_at(),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "created_at"),
 )
 
 # An invitee is linked once (unique invitee_id), whoever asks again.
@@ -572,6 +582,24 @@ referral_rewards = Table(
     CheckConstraint("step IN ('registration', 'first_order')", name="step_known"),
     CheckConstraint("role IN ('inviter', 'invitee')", name="role_known"),
     CheckConstraint("status IN ('granted', 'partial', 'refused')", name="status_known"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "created_at"),
+)
+
+# Invites refused at acceptance as abuse (self referral, a cycle, a device or
+# identifier already behind another invitee, an existing member): one row per
+# refused attempt, for the referral dashboard (the refused accept writes
+# nothing else; this row is written after its rollback).
+referral_refusals = Table(
+    "referral_refusals",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("code", Text, nullable=False),
+    Column("invite_code", Text, nullable=False),
+    Column("inviter_id", Uuid),
+    Column("invitee_id", Uuid, nullable=False),
+    Column("refused_at", DateTime(timezone=True), nullable=False),
+    Index(None, "refused_at"),
 )
 
 # SHA-256 of device ids and identifier hashes seen on each side of a referral
