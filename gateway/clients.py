@@ -347,6 +347,11 @@ class TieringClient(_Client):
             self._stub.GetDistributionReport, tiering_pb2.GetDistributionReportRequest()
         )
 
+    async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
+        """Any other TieringService RPC by name (the analytics dashboards); same
+        deadline and error mapping."""
+        return await self._call(getattr(self._stub, method), request, fields)
+
 
 class EngagementClient(_Client):
     def __init__(self, target: str, timeout: float) -> None:
@@ -413,6 +418,11 @@ class EngagementClient(_Client):
             self._stub.ExpireParkedEvents,
             engagement_pb2.ExpireParkedEventsRequest(older_than_days=older_than_days),
         )
+
+    async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
+        """Any other EngagementService RPC by name (the analytics dashboards); same
+        deadline and error mapping."""
+        return await self._call(getattr(self._stub, method), request, fields)
 
 
 class GuidesClient(_Client):

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from servicekit.server import tracing_recorded
 
 from .api import (
+    analytics,
     centre,
     coupons,
     engagement,
@@ -259,6 +260,7 @@ def create_app(
         coupons.router,
         stores.router,
         guides.router,
+        analytics.router,
     ):
         app.include_router(router)
     _serve_problems_in_openapi(app)

@@ -29,6 +29,8 @@ ADMIN_REWARDS = "admin:rewards"
 ADMIN_TIERS = "admin:tiers"
 ADMIN_JOURNEYS = "admin:journeys"
 ADMIN_GUIDES = "admin:guides"
+# Read-only dashboards (/v1/admin/analytics/...): the console's "viewer" role.
+ADMIN_ANALYTICS = "admin:analytics"
 # The WeCom sidebar's backend: the guide's workstation routes (each call also
 # carries the guide's own session from WeCom's OAuth, docs/guides.md).
 GUIDES_WORKSTATION = "guides:workstation"
@@ -46,6 +48,7 @@ KNOWN_SCOPES = frozenset(
         ADMIN_TIERS,
         ADMIN_JOURNEYS,
         ADMIN_GUIDES,
+        ADMIN_ANALYTICS,
         GUIDES_WORKSTATION,
         ADMIN_ALL,
     }
@@ -63,6 +66,7 @@ DEFAULT_SCOPES: dict[ClientKind, tuple[str, ...]] = {
         ADMIN_TIERS,
         ADMIN_JOURNEYS,
         ADMIN_GUIDES,
+        ADMIN_ANALYTICS,
     ),
     ClientKind.OPS_TOOLING: (MEMBER_ANY, ADMIN_ALL),
 }

@@ -9,6 +9,7 @@ descriptor and fails on any gap). Add the entry with the route.
 from __future__ import annotations
 
 from .model import (
+    ADMIN_ANALYTICS,
     ADMIN_GUIDES,
     ADMIN_JOURNEYS,
     ADMIN_MEMBERS,
@@ -163,6 +164,15 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/workstation/members/{member_id}/tags/{tag}"): GUIDES_WORKSTATION,
     ("POST", "/v1/workstation/members/{member_id}/notes"): GUIDES_WORKSTATION,
     ("POST", "/v1/workstation/members/{member_id}/coupons"): GUIDES_WORKSTATION,
+    # ---- operator dashboards (gateway/api/analytics.py), read-only
+    ("GET", f"{_A}/analytics/overview"): ADMIN_ANALYTICS,
+    ("GET", f"{_A}/analytics/tiers"): ADMIN_ANALYTICS,
+    ("GET", f"{_A}/analytics/segments"): ADMIN_ANALYTICS,
+    ("GET", f"{_A}/analytics/lifecycle"): ADMIN_ANALYTICS,
+    ("GET", f"{_A}/analytics/points"): ADMIN_ANALYTICS,
+    ("GET", f"{_A}/analytics/coupons"): ADMIN_ANALYTICS,
+    ("GET", f"{_A}/analytics/referral"): ADMIN_ANALYTICS,
+    ("GET", f"{_A}/analytics/journeys"): ADMIN_ANALYTICS,
 }
 
 POS_SERVICE_PREFIX = "/loyalty.pos.v1.PosService/"

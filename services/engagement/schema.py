@@ -86,6 +86,8 @@ enrollments = Table(
         postgresql_where=text("status = 'active'"),
     ),
     Index("ix_enrollments_journey_id", "journey_id", "version"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "entered_at"),
 )
 
 # One timer per waiting enrollment: the step to run and when.
@@ -142,6 +144,8 @@ sends = Table(
         postgresql_where=text("status = 'pending'"),
     ),
     Index("ix_sends_journey", "journey_id", "step_id", "status"),
+    # The journeys dashboard joins sends to the range's enrollments.
+    Index(None, "enrollment_id"),
 )
 
 # The day's budget per member and class, reserved with one conditional upsert.

@@ -7,11 +7,14 @@ from datetime import timedelta
 
 import grpc
 
+from loyalty.common.v1 import common_pb2
 from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
+from servicekit.analytics import day_range
 from servicekit.db import Database
 from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp, to_datetime
 
+from .analytics import journey_funnels
 from .domain import DEFAULT_RADIUS_M, Lift
 from .handlers import EngagementHandlers
 
@@ -65,6 +68,39 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
         self, request: engagement_pb2.JourneyRef, context: grpc.aio.ServicerContext
     ) -> engagement_pb2.JourneyStatus:
         return await self._status(request.journey_id, "active")
+
+    async def GetJourneyAnalytics(
+        self, request: common_pb2.AnalyticsFilter, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.JourneyAnalytics:
+        r = day_range(request)
+        async with self._db.reading() as uow:
+            funnels = await journey_funnels(uow.conn, r)
+        reply = engagement_pb2.JourneyAnalytics()
+        for f in funnels:
+            j = reply.journeys.add(
+                journey_id=f.journey_id,
+                status=f.status,
+                entered=f.entered,
+                converted=f.converted,
+                treated=f.treated,
+                holdout=f.holdout,
+                treated_converted=f.treated_converted,
+                holdout_converted=f.holdout_converted,
+                steps=[
+                    engagement_pb2.JourneyStepFunnel(
+                        step_id=s.step_id,
+                        entered=s.entered,
+                        sent=[common_pb2.KeyCount(key=k, count=n) for k, n in s.sent.items()],
+                        converted=s.converted,
+                    )
+                    for s in f.steps
+                ],
+                has_lift=f.lift is not None,
+            )
+            lifted = lift_message(f.lift)
+            if lifted is not None:
+                j.lift.CopyFrom(lifted)
+        return reply
 
     async def GetJourneyMetrics(
         self, request: engagement_pb2.JourneyRef, context: grpc.aio.ServicerContext

@@ -47,6 +47,8 @@ members = Table(
     # "active" or "erased" (a tombstone: the id stays, nothing personal does).
     Column("status", Text, nullable=False, server_default="active"),
     Column("erased_at", DateTime(timezone=True)),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "registered_at"),
 )
 
 identities = Table(

@@ -10,11 +10,14 @@ from typing import TypeVar
 import asyncpg
 import grpc
 
+from loyalty.common.v1 import common_pb2
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
+from servicekit.analytics import day_range
 from servicekit.db import Database, UnitOfWork
 from servicekit.errors import InvalidArgument, Unavailable
 from servicekit.protos import timestamp
 
+from .analytics import member_counts
 from .cache import MemberUnitOfWork, ResolveCache
 from .domain import PROFILE_FIELDS, ConsentChannel, ConsentPurpose, ConsentRecord, IdType, normalise
 from .handlers import Identified, LostRace, MemberHandlers, Profile
@@ -358,6 +361,20 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         )
 
     # ---- profile and consent -------------------------------------------------
+
+    async def GetMemberAnalytics(
+        self, request: common_pb2.AnalyticsFilter, context: grpc.aio.ServicerContext
+    ) -> member_pb2.MemberAnalytics:
+        r = day_range(request)
+        async with self._db.reading() as uow:
+            c = await member_counts(uow.conn, r)
+        return member_pb2.MemberAnalytics(
+            total=c.total,
+            new_members=c.new_members,
+            new_by_day=[common_pb2.KeyCount(key=k, count=n) for k, n in c.new_by_day],
+            new_by_channel=[common_pb2.KeyCount(key=k, count=n) for k, n in c.new_by_channel],
+            new_by_store=[common_pb2.KeyCount(key=k, count=n) for k, n in c.new_by_store],
+        )
 
     async def GetProfile(
         self, request: member_pb2.GetProfileRequest, context: grpc.aio.ServicerContext

@@ -125,6 +125,8 @@ orders = Table(
     CheckConstraint("points_redeemed >= 0", name="points_redeemed_nonnegative"),
     CheckConstraint("coupon_discount_fen >= 0", name="coupon_discount_nonnegative"),
     CheckConstraint("status IN ('settled', 'rejected')", name="status_known"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "ordered_at"),
 )
 
 # Double-entry points journal: one row per movement, its entries sum to zero.
@@ -160,6 +162,8 @@ points_transactions = Table(
         "kind <> 'adjust' OR (operator_id IS NOT NULL AND reason IS NOT NULL)",
         name="adjust_has_operator_and_reason",
     ),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "created_at"),
 )
 
 points_entries = Table(
@@ -447,6 +451,10 @@ coupons = Table(
     ),
     CheckConstraint("expires_at > valid_from", name="validity_window"),
     CheckConstraint("octet_length(request_hash) = 32", name="request_hash_sha256"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "issued_at"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "redeemed_at"),
 )
 
 # Local projection of tiering's TierChanged events: the tier multiplier at
@@ -501,6 +509,8 @@ invite_codes = Table(
     Column("member_id", Uuid, primary_key=True),
     Column("code", Text, nullable=False, unique=True),
     created_at(),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "created_at"),
 )
 
 # An invitee is linked once (unique invitee_id), whoever asks again.
@@ -540,6 +550,8 @@ referral_rewards = Table(
     CheckConstraint("step IN ('registration', 'first_order')", name="step_known"),
     CheckConstraint("role IN ('inviter', 'invitee')", name="role_known"),
     CheckConstraint("status IN ('granted', 'partial', 'refused')", name="status_known"),
+    # The dashboards' range scans (servicekit/metrics_definitions.py).
+    Index(None, "created_at"),
 )
 
 # SHA-256 of device ids and identifier hashes seen on each side of a referral

@@ -6,6 +6,7 @@ from __future__ import annotations
 from loyalty.rewards.v1 import rewards_pb2_grpc
 from servicekit.db import Database
 
+from .analytics.servicer import AnalyticsRpcs
 from .coupons.servicer import CouponRpcs
 from .mall.handlers import PointsMall
 from .mall.servicer import MallRpcs
@@ -22,6 +23,7 @@ class RewardsServicer(
     CouponRpcs,
     ReferralRpcs,
     MallRpcs,
+    AnalyticsRpcs,
     rewards_pb2_grpc.RewardsServiceServicer,
 ):
     def __init__(

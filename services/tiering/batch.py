@@ -560,6 +560,9 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
         " JOIN kinds k USING (kind)),"
         f" events AS MATERIALIZED (SELECT {event_id} AS event_id, m.member, p.event_type,"
         " p.before, p.after FROM moved m JOIN pairs p USING (kind, old, new)),"
+        # The stage moves, counted for the lifecycle dashboard (analytics.py).
+        " transitions AS (INSERT INTO tiering.stage_transitions (as_of, from_stage, to_stage,"
+        " members) SELECT $3, old, new, count(*) FROM moved WHERE kind = 2 GROUP BY old, new),"
         " written AS (INSERT INTO tiering.outbox (event_id, event_type, envelope)"
         " SELECT event_id::uuid, event_type,"
         f" {outbox_sql.row_sql('before', 'event_id', 'member', 'after')}"

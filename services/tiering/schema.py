@@ -162,6 +162,8 @@ tier_history = Table(
     Column("changed_at", DateTime(timezone=True), nullable=False),
     Column("merged_from", Uuid),
     Index("ix_tier_history_member", "member_id", "entry_id"),
+    # The tiers dashboard's range and "since the last recompute" scans (migration 0009).
+    Index("ix_tier_history_changed_at", "changed_at"),
 )
 
 # RFM scores, segment and lifecycle stage, written by the batch recompute.
@@ -211,6 +213,20 @@ benefit_grants = Table(
         "next_attempt_at",
         postgresql_where=text("status = 'pending'"),
     ),
+)
+
+# Lifecycle stage moves each recompute made (batch.py's profile statement, one
+# row per chunk and move): the lifecycle dashboard's transitions over time.
+stage_transitions = Table(
+    "stage_transitions",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    # The recompute's as_of (the application's clock).
+    Column("as_of", DateTime(timezone=True), nullable=False),
+    Column("from_stage", Text, nullable=False),
+    Column("to_stage", Text, nullable=False),
+    Column("members", BigInteger, nullable=False),
+    Index(None, "as_of"),
 )
 
 # One row per batch recompute, with the distribution it left behind.

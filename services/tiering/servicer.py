@@ -6,13 +6,16 @@ import json
 
 import grpc
 
+from loyalty.common.v1 import common_pb2
 from loyalty.tiering.v1 import tiering_pb2, tiering_pb2_grpc
+from servicekit.analytics import day_range
 from servicekit.db import Database
 from servicekit.protos import timestamp, to_datetime
 
-from . import reports
+from . import analytics, reports
 from .domain import Tier, TierProgramme
 from .handlers import MemberTierView, TieringHandlers, build_programme
+from .repository import programme_at
 
 
 def tier_info(tier: Tier) -> tiering_pb2.TierInfo:
@@ -195,6 +198,42 @@ class TieringServicer(tiering_pb2_grpc.TieringServiceServicer):
                 request.reason,
             )
         return member_tier_reply(view)
+
+    async def GetTierAnalytics(
+        self, request: common_pb2.AnalyticsFilter, context: grpc.aio.ServicerContext
+    ) -> tiering_pb2.TierAnalytics:
+        r = day_range(request)
+        now = self._handlers.now()
+        pid = self._handlers.programme_id
+        async with self._db.reading() as uow:
+            programme = await programme_at(uow.conn, pid, now)
+            t = await analytics.tier_figures(uow.conn, r, pid, programme, now)
+        reply = tiering_pb2.TierAnalytics(
+            distribution=[common_pb2.KeyCount(key=k, count=n) for k, n in t.distribution],
+            in_grace=t.in_grace,
+            up=t.up,
+            down=t.down,
+            kept=t.kept,
+            flows=[tiering_pb2.TierFlow(**f) for f in t.flows],
+            by_day=[tiering_pb2.TierDay(**d) for d in t.by_day],
+            projections=[tiering_pb2.TierProjection(**p) for p in t.projections],
+        )
+        if t.movements_since is not None:
+            reply.movements_since.CopyFrom(timestamp(t.movements_since))
+        return reply
+
+    async def GetSegmentAnalytics(
+        self, request: common_pb2.AnalyticsFilter, context: grpc.aio.ServicerContext
+    ) -> tiering_pb2.SegmentAnalytics:
+        r = day_range(request)
+        async with self._db.reading() as uow:
+            s = await analytics.segment_figures(uow.conn, r)
+        return tiering_pb2.SegmentAnalytics(
+            rfm=[tiering_pb2.RfmCell(**c) for c in s["rfm"]],
+            segments=[common_pb2.KeyCount(**k) for k in s["segments"]],
+            stages=[common_pb2.KeyCount(**k) for k in s["stages"]],
+            transitions=[tiering_pb2.StageTransition(**t) for t in s["transitions"]],
+        )
 
     async def GetDistributionReport(
         self,

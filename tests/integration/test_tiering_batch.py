@@ -198,6 +198,22 @@ async def test_segments_and_stages_change_events_and_report(
         await eventually(lambda m=other: _stored_is(conn, m, "regular"))
     moved = await recompute(tiering_app.db, now=now + timedelta(seconds=2))
     assert moved.segment_changes >= 1 and moved.stage_changes >= 1
+    # The lifecycle dashboard's transitions: as many as the stage events, at
+    # the run's as_of; the rerun that moved nothing recorded none.
+    transitions = {
+        (r["from_stage"], r["to_stage"]): r["n"]
+        for r in await conn.fetch(
+            "SELECT from_stage, to_stage, sum(members)::bigint AS n"
+            " FROM tiering.stage_transitions WHERE as_of = $1 GROUP BY 1, 2",
+            now + timedelta(seconds=2),
+        )
+    }
+    assert sum(transitions.values()) == moved.stage_changes
+    assert transitions[("churned", "active")] >= 1
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM tiering.stage_transitions WHERE as_of = $1",
+        now + timedelta(seconds=1),
+    )
     stage_events = await eventually(
         lambda: _kind(redis, infra, sleeper, "LifecycleStageChanged"), timeout=10
     )

@@ -1,0 +1,1 @@
+"""Operator dashboards' aggregates of rewards' data (orders, points, coupons, referral)."""
