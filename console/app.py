@@ -16,9 +16,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import date, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pyotp
@@ -28,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from redis.asyncio import Redis
 
+from gateway.api.analytics import BRAND_TIME_ZONE
 from servicekit.db import create_pool
 from servicekit.errors import DomainError
 from servicekit.redis_client import create_redis
@@ -376,7 +378,8 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         session = await signed_in(request, Right.DASHBOARDS)
         if name not in DASHBOARDS:
             raise Refused(404, "dash.no_data")
-        today = date.fromtimestamp(console.clock())
+        # The brand's day (the analytics API's days are Asia/Shanghai days).
+        today = datetime.fromtimestamp(console.clock(), ZoneInfo(BRAND_TIME_ZONE)).date()
         filters = {
             "from": request.query_params.get("from") or (today - timedelta(days=30)).isoformat(),
             "to": request.query_params.get("to") or today.isoformat(),

@@ -19,7 +19,7 @@ from .settings import ConsoleSettings
 
 @dataclass
 class GatewayError(Exception):
-    """The gateway's refusal, as its {"error": {...}} body says it."""
+    """The gateway's refusal, as its problem+json body says it (gateway/errors.py)."""
 
     status: int
     code: str
@@ -70,13 +70,9 @@ class Gateway:
         )
         if reply.status_code >= 400:
             try:
-                error = reply.json()["error"]
+                problem = reply.json()
+                code, detail = str(problem["code"]), str(problem.get("detail", ""))
             except (ValueError, KeyError, TypeError):
-                error = {"code": "GATEWAY_ERROR", "message": reply.text[:300]}
-            raise GatewayError(
-                reply.status_code,
-                str(error.get("code", "")),
-                str(error.get("message", "")),
-                error.get("field"),
-            )
+                problem, code, detail = {}, "GATEWAY_ERROR", reply.text[:300]
+            raise GatewayError(reply.status_code, code, detail, problem.get("field") or None)
         return reply.json() if reply.content else None
