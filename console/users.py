@@ -94,6 +94,24 @@ async def create(
     return password
 
 
+async def reset(conn: asyncpg.Connection, username: str, roles: list[str]) -> str:
+    """`make run`'s demo operator: created, or given a new one-time password
+    (and these roles) if it exists; returns the password, shown once."""
+    check_username(username)
+    roles = check_roles(roles)
+    password = one_time_password()
+    await conn.execute(
+        "INSERT INTO console.operators (username, password_hash, roles, must_change_password)"
+        " VALUES ($1, $2, $3, true) ON CONFLICT (username) DO UPDATE SET"
+        " password_hash = EXCLUDED.password_hash, roles = EXCLUDED.roles,"
+        " must_change_password = true, disabled_at = NULL",
+        username,
+        _HASHER.hash(password),
+        roles,
+    )
+    return password
+
+
 async def verify(conn: asyncpg.Connection, username: str, password: str) -> Operator | None:
     """The operator when the password is right and the account enabled; None otherwise."""
     row = await conn.fetchrow(

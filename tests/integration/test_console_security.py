@@ -309,3 +309,21 @@ async def test_users_create_refuses_bad_names_roles_and_duplicates(
     await users.create(conn, name, ["viewer"])
     with pytest.raises(AlreadyExists):
         await users.create(conn, name, ["viewer"])
+
+
+async def test_the_demo_operator_gets_a_new_one_time_password_each_run(
+    console: ConsoleServer, conn: asyncpg.Connection
+) -> None:
+    name = f"demo-{uuid.uuid4().hex[:6]}"
+    first = await users.reset(conn, name, ["viewer"])
+    await users.set_password(conn, name, PASSWORD)
+    second = await users.reset(conn, name, ["viewer", "marketer"])
+    assert second != first
+    async with browser(console) as client:
+        assert (await log_in(client, name, PASSWORD)).status_code == 401
+        assert (await log_in(client, name, first)).status_code == 401
+        reply = await log_in(client, name, second)
+        assert reply.headers["location"] == "/account/password"
+    assert (await users.get(conn, name)) == users.Operator(
+        name, ("marketer", "viewer"), None, must_change_password=True
+    )
