@@ -151,13 +151,14 @@ async def operators(infra: Infra) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-async def activity(pos: pos_pb2_grpc.PosServiceStub) -> list[str]:
-    """Members and orders at two stores, so the overview and points have numbers."""
+async def activity(pos: pos_pb2_grpc.PosServiceStub) -> list[tuple[str, str]]:
+    """Members (id, phone) and orders at two stores, so the overview and points have numbers."""
     members = []
     for i in range(4):
-        reply = await identify(pos, new_phone(), store_id="SH001" if i % 2 else "SH002")
+        phone = new_phone()
+        reply = await identify(pos, phone, store_id="SH001" if i % 2 else "SH002")
         member_id = reply.member_id
-        members.append(member_id)
+        members.append((member_id, phone))
         for paid in (1800, 3200)[: 1 + i % 2]:
             await complete(pos, member_id, paid, store_id="SH001" if i % 2 else "SH002")
     return members
@@ -228,7 +229,7 @@ async def test_every_dashboard_renders_the_numbers_the_api_answers(
     console_gateway: Gateway,
     operators: dict[str, str],
     role_keys: dict[str, GatewayKey],
-    activity: list[str],
+    activity: list[tuple[str, str]],
 ) -> None:
     page = await signed_in_page(browser, console, operators["viewer"])
     viewer = role_keys["viewer"]
@@ -385,4 +386,86 @@ async def test_a_viewer_sees_no_action_and_a_forged_post_is_refused(
         )
     assert refused.status_code == 403
     assert refused.json()["code"] == "SCOPE_MISSING"
+    await page.close()
+
+
+async def test_a_marketer_creates_pauses_and_restocks_a_coupon_template_in_yuan(
+    browser: Browser,
+    console: ConsoleServer,
+    operators: dict[str, str],
+    http: httpx.AsyncClient,
+) -> None:
+    template_id = f"CONSOLE-{uuid.uuid4().hex[:6].upper()}"
+    page = await signed_in_page(browser, console, operators["marketer"])
+    # A marketer's controls are coupons, journeys and events; not the member queues.
+    nav = await page.locator("header nav a").all_inner_texts()
+    assert len(nav) == 4
+    assert await page.locator("header nav a[href='/merge-reviews']").count() == 0
+    await page.goto(f"{console.url}/coupons")
+    form = page.locator("#coupon-form")
+    await form.locator("input[name=template_id]").fill(template_id)
+    await form.locator("input[name=name]").fill("控制台满20减5.5")
+    await form.locator("input[name=threshold_yuan]").fill("20.00")
+    await form.locator("input[name=discount_yuan]").fill("5.50")
+    await form.locator("input[name=total_stock]").fill("100")
+    await form.locator("input[name=status]").check()
+    await form.locator("button[type=submit]").click()
+    await page.wait_for_url(re.compile(r"/coupons$"))
+    row = page.locator(f"tr[data-template-id='{template_id}']")
+    assert "¥5.50" in await row.inner_text() and "¥20.00" in await row.inner_text()
+    created = (await http.get(f"/v1/admin/coupon-templates/{template_id}")).json()
+    assert created["terms"]["discount_fen"] == 550
+    assert created["terms"]["threshold_fen"] == 2000
+    assert created["status"] == "active" and created["limits"]["total_stock"] == 100
+    await row.locator("form[action$='/status'] button").click()
+    await page.wait_for_url(re.compile(r"/coupons$"))
+    await row.locator("form[action$='/stock'] input[name=total_stock]").fill("60")
+    await row.locator("form[action$='/stock'] button").click()
+    await page.wait_for_url(re.compile(r"/coupons$"))
+    await screenshot(page, "coupons")
+    changed = (await http.get(f"/v1/admin/coupon-templates/{template_id}")).json()
+    assert changed["status"] == "paused"
+    assert changed["limits"]["total_stock"] == 60
+    # Three decimals of a yuan are refused, naming the problem; nothing is created.
+    await form.locator("input[name=template_id]").fill(f"{template_id}-X")
+    await form.locator("input[name=name]").fill("bad")
+    await form.locator("input[name=discount_yuan]").fill("5.555")
+    await form.locator("button[type=submit]").click()
+    assert "INVALID_FORM" in await page.inner_text("main")
+    missing = await http.get(f"/v1/admin/coupon-templates/{template_id}-X")
+    assert missing.status_code == 404
+    await page.close()
+
+
+async def test_member_admin_adjusts_points_and_only_a_pii_reader_unmasks_the_phone(
+    browser: Browser,
+    console: ConsoleServer,
+    operators: dict[str, str],
+    http: httpx.AsyncClient,
+    activity: list[tuple[str, str]],
+) -> None:
+    member_id, phone = activity[0]
+    before = (await http.get(f"/v1/members/{member_id}/points")).json()["available"]
+    page = await signed_in_page(browser, console, operators["member_admin"])
+    await page.goto(f"{console.url}/members?member_id={member_id}")
+    shown = await page.inner_text("#phone")
+    assert shown != phone and "*" in shown and shown[-4:] == phone[-4:]
+    assert await page.locator("#unmask-form").count() == 0
+    await page.fill("#adjust-form input[name=points]", "15")
+    await page.fill("#adjust-form input[name=reason]", "goodwill: long queue")
+    await page.click("#adjust-form button[type=submit]")
+    await page.wait_for_selector("#adjusted")
+    after = (await http.get(f"/v1/members/{member_id}/points")).json()["available"]
+    assert after == before + 15
+    assert str(after) in await page.inner_text("#adjusted")
+    await screenshot(page, "member-adjusted")
+    await page.close()
+
+    page = await signed_in_page(browser, console, operators["pii_reader"])
+    await page.goto(f"{console.url}/members?member_id={member_id}")
+    assert await page.locator("#adjust-form").count() == 0
+    await page.fill("#unmask-form input[name=purpose]", "member called about points")
+    await page.click("#unmask-form button[type=submit]")
+    assert await page.inner_text("#phone") == f"+86{phone}"
+    await screenshot(page, "member-unmasked")
     await page.close()
