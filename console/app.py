@@ -37,7 +37,7 @@ from servicekit.redis_client import create_redis
 from . import users
 from .charts import DASHBOARDS, dashboard_view
 from .gateway_client import Gateway, GatewayError, NoClientForRole
-from .i18n import LOCALES, fen_from_yuan, translate, yuan
+from .i18n import LOCALES, fen_from_yuan, series_labels, translate, yuan
 from .roles import Right, rights_of, role_for
 from .sessions import COOKIE, Session, SessionStore
 from .settings import ConsoleSettings
@@ -402,7 +402,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             filters=filters,
             view=view,
             error=error,
-            api_json=json.dumps(data, ensure_ascii=False) if data is not None else "",
+            series_labels=series_labels(locale_of(session)),
         )
 
     # ---- merge reviews ------------------------------------------------------------

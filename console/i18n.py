@@ -112,6 +112,44 @@ CATALOGUE: dict[str, tuple[str, str]] = {
 }
 
 
+# The API's field names as chart legends (charts carry the API's names and numbers).
+SERIES: dict[str, tuple[str, str]] = {
+    "count": ("人数", "Members"),
+    "members": ("人数", "Members"),
+    "orders": ("订单数", "Orders"),
+    "spend_fen": ("消费（元）", "Spend (yuan)"),
+    "up": ("升级", "Up"),
+    "down": ("降级", "Down"),
+    "at_risk": ("有降级风险", "At risk"),
+    "near_next": ("接近升级", "Near next tier"),
+    "avg_spend_fen": ("平均消费（元）", "Average spend (yuan)"),
+    "earned": ("获得", "Earned"),
+    "spent": ("使用", "Spent"),
+    "expired": ("过期", "Expired"),
+    "issued": ("发放", "Issued"),
+    "locked": ("锁定", "Locked"),
+    "redeemed": ("核销", "Redeemed"),
+    "redemption_rate": ("核销率", "Redemption rate"),
+    "discount_fen": ("优惠金额（元）", "Discount (yuan)"),
+    "accepted": ("接受邀请", "Accepted"),
+    "first_orders": ("首单", "First orders"),
+    "entered": ("进入", "Entered"),
+    "converted": ("转化", "Converted"),
+    "sent.pending": ("发送中", "Sent: pending"),
+    "sent.delivered": ("已送达", "Sent: delivered"),
+    "sent.failed": ("发送失败", "Sent: failed"),
+    "sent.capped": ("频控拦截", "Sent: capped"),
+    "sent.suppressed": ("已屏蔽", "Sent: suppressed"),
+    "sent.dropped": ("已丢弃", "Sent: dropped"),
+    "sent.no_credit": ("额度不足", "Sent: no credit"),
+    "sent.unknown": ("状态未知", "Sent: unknown"),
+}
+
+
+def series_labels(locale: str) -> dict[str, str]:
+    return {k: (v[1] if locale == "en" else v[0]) for k, v in SERIES.items()}
+
+
 def translate(locale: str, key: str) -> str:
     texts = CATALOGUE.get(key)
     if texts is None:

@@ -3,6 +3,8 @@
 // locally (/assets/echarts, from the installed package; no CDN).
 import { echarts } from "/assets/echarts/index.js";
 
+const labels = JSON.parse(document.getElementById("series-labels")?.textContent || "{}");
+const label = (name) => labels[name] || name;
 const yuan = (fen) => "¥" + (fen / 100).toFixed(2);
 const isFen = (name) => name.endsWith("_fen");
 const isRate = (name) => name.endsWith("_rate");
@@ -45,7 +47,7 @@ function option(kind, data) {
       ? [{ type: "value" }, { type: "value", axisLabel: { formatter: yuan } }]
       : [{ type: "value", axisLabel: { formatter: fmt(names[0] || "") } }],
     series: names.map((name) => ({
-      name,
+      name: label(name),
       type: kind === "line" ? "line" : "bar",
       stack: kind === "pivot" ? "all" : undefined,
       yAxisIndex: money.length && money.length < names.length && isFen(name) ? 1 : 0,
