@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -124,6 +125,34 @@ async def seed(database_url: str) -> None:
                 await step(conn)
     finally:
         await conn.close()
+
+
+async def seed_activity(database_url: str, now: datetime | None = None) -> None:
+    """The demo brand's last 90 days (servicekit/demo.py), so every dashboard
+    has something on first start: members, orders and points through rewards'
+    ledger, coupons issued and redeemed, referrals, tiers and lifecycle moves
+    (two tiering recomputes), a journey with a holdout. Each service's seed
+    writes its own schema; idempotent (a second run adds nothing). Not part of
+    `seed` (benchmarks and the fault suite start from the bare brand)."""
+    from servicekit.db import Database, create_pool
+    from servicekit.demo import activity
+    from services.engagement.seed import seed_demo_journey
+    from services.member.seed import seed_demo_members
+    from services.rewards.seed import DEMO_STORES, seed_demo_activity
+    from services.tiering.seed import seed_demo_activity as seed_tiering_activity
+
+    now = now or datetime.now(UTC)
+    demo = activity(now, [s.store_id for s in DEMO_STORES])
+    pool = await create_pool(database_url, 1, 4)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await seed_demo_members(conn, demo.members)
+        order_ids = await seed_demo_activity(Database(pool, "rewards", "rewards"), demo)
+        await seed_tiering_activity(Database(pool, "tiering", "tiering"), demo, order_ids, now)
+        async with pool.acquire() as conn, conn.transaction():
+            await seed_demo_journey(conn, demo, now)
+    finally:
+        await pool.close()
 
 
 # -------------------------------------------------------------------------- run
@@ -368,6 +397,8 @@ async def _run(args: argparse.Namespace) -> int:
                 return 0
             say("seeding the demo brand ...")
             await seed(infra.database_url)
+            say("seeding 90 days of demo activity (first start only) ...")
+            await seed_activity(infra.database_url)
             if stop.is_set():
                 return 0
             namespace = env.get("REDIS_NAMESPACE", "loyalty")
@@ -458,8 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             say("migrating all schemas ...")
             migrate(infra.database_url)
             if args.command == "seed":
-                say("seeding the demo brand ...")
+                say("seeding the demo brand and its activity ...")
                 asyncio.run(seed(infra.database_url))
+                asyncio.run(seed_activity(infra.database_url))
             say("done")
         finally:
             infra.stop()

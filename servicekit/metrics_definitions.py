@@ -37,7 +37,7 @@ METRICS: tuple[Metric, ...] = (
         "New members",
         "新增会员",
         "Members registered within the range, per day, by acquisition channel (the"
-        " registration source) and by registration store.",
+        " profile's, else the registration source) and by registration store.",
     ),
     Metric(
         "active_members_30d",
@@ -139,9 +139,11 @@ METRICS: tuple[Metric, ...] = (
         "points",
         "Earned, spent, expired",
         "积分发放、使用、过期",
-        "Points earned (orders, actions, referral rewards, positive adjustments), spent"
-        " (redemptions, mall) and expired per day within the range; with a store filter,"
-        " only points earned or spent on orders at those stores.",
+        "Points earned (earn transactions: orders, actions, referral rewards), spent"
+        " (redemptions, posted holds) and expired per day within the range; points of an"
+        " order count on the order's day, others on the day they were written. With a"
+        " store filter, only points earned or spent on orders at those stores (expiries"
+        " stay brand-wide).",
     ),
     Metric(
         "coupon_funnel",
@@ -187,8 +189,10 @@ METRICS: tuple[Metric, ...] = (
         "referral",
         "Abuse refusals",
         "风控拦截",
-        "Referral rewards refused within the range (same device or identifier fingerprint,"
-        " self referral, caps), by reason.",
+        "Invites refused as abuse at acceptance within the range (self referral, a"
+        " referral cycle, a device or identifier already behind another invitee, an"
+        " existing member), and referral reward parts refused (the inviter's cap, a merge"
+        " that made it a self referral, coupon stock...), by reason code.",
     ),
     Metric(
         "journey_funnel",

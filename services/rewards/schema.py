@@ -554,6 +554,22 @@ referral_rewards = Table(
     Index(None, "created_at"),
 )
 
+# Invites refused at acceptance as abuse (self referral, a cycle, a device or
+# identifier already behind another invitee, an existing member): one row per
+# refused attempt, for the referral dashboard (the refused accept writes
+# nothing else; this row is written after its rollback).
+referral_refusals = Table(
+    "referral_refusals",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("code", Text, nullable=False),
+    Column("invite_code", Text, nullable=False),
+    Column("inviter_id", Uuid),
+    Column("invitee_id", Uuid, nullable=False),
+    Column("refused_at", DateTime(timezone=True), nullable=False),
+    Index(None, "refused_at"),
+)
+
 # SHA-256 of device ids and identifier hashes seen on each side of a referral
 # (never the raw values): one device behind many invitees is refused.
 referral_fingerprints = Table(

@@ -2,19 +2,33 @@
 
 `seed_demo` upserts, so running it again (every `make run`, every test
 session) leaves the same rows; it never touches orders or the ledger.
+`seed_demo_activity` (make run only) gives the demo members 90 days of
+history through rewards' own ledger and coupon paths.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 import asyncpg
 
+from servicekit.db import Database
+from servicekit.demo import ORDER_PREFIX, Activity, DemoOrder
+
 from .coupons import repository as coupon_repository
 from .coupons.domain import Kind, Limits, Terms
+from .coupons.handlers import BulkItem, issue_coupons
 from .orders import repository as repo
+from .orders.domain import Channel, OrderLine, OrderRequest
+from .orders.handlers import RewardsHandlers
 from .orders.repository import StoreRecord
+from .points.earning import parse_rules
+from .points.handlers import PointsLedger
+from .server import RewardsSettings
 
 DEMO_STORES = [
     StoreRecord(
@@ -133,3 +147,140 @@ async def seed_demo(conn: asyncpg.Connection) -> None:
         await coupon_repository.seed_templates(
             conn, [(t.template_id, t.terms, t.limits) for t in DEMO_COUPON_TEMPLATES]
         )
+
+
+# ---- demo activity (make run; servicekit/demo.py) ---------------------------------
+
+WELCOME_TEMPLATE = "MJ99-30"
+WELCOME_GROSS_FEN = 12_000
+
+
+async def seed_demo_activity(db: Database, activity: Activity) -> dict[str, uuid.UUID]:
+    """The demo members' history through rewards' own paths: a welcome coupon
+    issued to each at registration (the bulk issue path), every order settled
+    by the ledger as the till would (points earned, points and coupons spent),
+    referrals among them with the refusals the rules would have made. Times
+    are the history's (the orders', the coupons'). Idempotent: a second run finds demo
+    orders settled and adds nothing. Answers the demo orders' ids by
+    POS transaction id (tiering's and engagement's seeds take them from here)."""
+    if not activity.orders:
+        return {}
+    async with db.reading() as uow:
+        if await uow.conn.fetchval(
+            "SELECT 1 FROM rewards.orders WHERE pos_transaction_id LIKE $1 LIMIT 1",
+            f"{ORDER_PREFIX}%",
+        ):
+            return await _demo_order_ids(uow.conn)
+    settings = RewardsSettings()
+    points = PointsLedger(settings.ledger_policy(), parse_rules(settings.earning_rules))
+    handlers = RewardsHandlers(points=points, coupon_policy=settings.coupon_policy())
+    codes = await _issue_welcome_coupons(db, activity)
+    for o in activity.orders:
+        code = codes.get(o.member_id) if o.with_coupon else None
+        gross = WELCOME_GROSS_FEN if code else o.paid_fen + o.points_to_redeem
+        request = OrderRequest(
+            store_id=o.store_id,
+            pos_transaction_id=o.pos_transaction_id,
+            member_id=str(o.member_id),
+            channel=Channel.STORE,
+            paid_amount_fen=o.paid_fen,
+            gross_amount_fen=gross,
+            # With coupons the lines carry amounts before them, else what was paid.
+            lines=(OrderLine("TEA-01", "招牌奶茶", "drink", 1, gross if code else o.paid_fen),),
+            ordered_at=o.ordered_at,
+            points_to_redeem=o.points_to_redeem,
+            coupon_codes=(code,) if code else (),
+        )
+        settlement = handlers.prepare_order(request, o.ordered_at)
+        async with db.unit_of_work() as uow:
+            outcome = await handlers.complete_order(uow, settlement, o.ordered_at)
+        outcome.unwrap()
+    async with db.unit_of_work() as uow:
+        await _seed_referrals(uow.conn, activity)
+        return await _demo_order_ids(uow.conn)
+
+
+async def _demo_order_ids(conn: asyncpg.Connection) -> dict[str, uuid.UUID]:
+    rows = await conn.fetch(
+        "SELECT pos_transaction_id, id FROM rewards.orders WHERE pos_transaction_id LIKE $1",
+        f"{ORDER_PREFIX}%",
+    )
+    return {r["pos_transaction_id"]: r["id"] for r in rows}
+
+
+async def _issue_welcome_coupons(db: Database, activity: Activity) -> dict[uuid.UUID, str]:
+    """One 满99减30 per member, issued when they registered (the bulk path,
+    one item each: its time is the batch's)."""
+    codes: dict[uuid.UUID, str] = {}
+    for m in activity.members:
+        async with db.unit_of_work() as uow:
+            [result] = await issue_coupons(
+                uow.conn,
+                template_id=WELCOME_TEMPLATE,
+                reason="registration",
+                items=[BulkItem(m.member_id, f"demo-welcome:{m.member_id}")],
+                now=m.registered_at,
+                issued_by="demo-seed",
+            )
+        if result.coupon is not None:
+            codes[m.member_id] = result.coupon.code
+    return codes
+
+
+# Refusals a referral programme makes (docs/referral-and-mall.md), for the
+# demo's abuse chart: the inviter's monthly cap, a merge that found both sides
+# to be one person.
+DEMO_REFUSALS = ("INVITER_REWARD_CAP_REACHED", "SELF_REFERRAL")
+
+
+async def _seed_referrals(conn: asyncpg.Connection, activity: Activity) -> None:
+    """Every fifth member invited by an earlier one (twelve inviters), accepted
+    when they registered, first order linked when they made one; a few
+    reward refusals. Rewards granted are not invented: only refusals are rows."""
+    members = sorted(activity.members, key=lambda m: m.registered_at)
+    inviters = members[:12]
+    first_orders: dict[uuid.UUID, DemoOrder] = {}
+    for o in activity.orders:
+        first_orders.setdefault(o.member_id, o)
+    rows = []
+    for n, invitee in enumerate(members[12::5]):
+        inviter = inviters[n % len(inviters)]
+        if inviter.registered_at >= invitee.registered_at:
+            continue
+        first = first_orders.get(invitee.member_id)
+        rows.append((inviter, invitee, first))
+    await conn.executemany(
+        "INSERT INTO rewards.invite_codes (member_id, code, created_at) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING",
+        [
+            (i.member_id, f"D{i.number:05d}", i.registered_at + timedelta(hours=1))
+            for i in {r[0].member_id: r[0] for r in rows}.values()
+        ],
+    )
+    for n, (inviter, invitee, first) in enumerate(rows):
+        referral_id = uuid.uuid5(invitee.member_id, "demo-referral")
+        await conn.execute(
+            "INSERT INTO rewards.referrals (id, inviter_id, invitee_id, invite_code,"
+            " invitee_registered_at, accepted_at, first_order_id, first_order_at)"
+            " SELECT $1, $2, $3, $4, $5, $5, o.id, o.ordered_at FROM (SELECT 1) x"
+            " LEFT JOIN rewards.orders o ON o.store_id = $6 AND o.pos_transaction_id = $7"
+            " ON CONFLICT DO NOTHING",
+            referral_id,
+            inviter.member_id,
+            invitee.member_id,
+            f"D{inviter.number:05d}",
+            invitee.registered_at,
+            first.store_id if first else "",
+            first.pos_transaction_id if first else "",
+        )
+        if n % 4 == 3:
+            code = DEMO_REFUSALS[n % 8 // 4]
+            await conn.execute(
+                "INSERT INTO rewards.referral_rewards (referral_id, step, role, member_id,"
+                " status, refusals, created_at) VALUES ($1, 'registration', 'inviter', $2,"
+                " 'refused', $3::jsonb, $4) ON CONFLICT DO NOTHING",
+                referral_id,
+                inviter.member_id,
+                json.dumps([{"code": code, "message": "demo"}]),
+                invitee.registered_at,
+            )

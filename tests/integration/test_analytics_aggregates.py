@@ -501,6 +501,16 @@ async def test_referral_analytics(conn: asyncpg.Connection) -> None:
     await reward(r3, "granted", [], local(5))
     await reward(r4, "refused", ["SELF_REFERRAL"], local(10, month=2))
 
+    # Refused at acceptance (the accept rolled back; the refusal row stays).
+    await conn.execute(
+        "INSERT INTO rewards.referral_refusals (code, invite_code, inviter_id, invitee_id,"
+        " refused_at) VALUES ('FINGERPRINT_ALREADY_USED', 'code', $1, $2, $3),"
+        " ('FINGERPRINT_ALREADY_USED', 'code', $1, $2, $4)",
+        x,
+        uuid.uuid4(),
+        local(6),
+        local(11, 0, 1),  # the day after the range
+    )
     a = await rewards.referral_analytics(conn, rng())
     assert {k: a[k] for k in ("invites", "accepted", "first_orders", "inviters")} == {
         "invites": 2,
@@ -512,9 +522,10 @@ async def test_referral_analytics(conn: asyncpg.Connection) -> None:
         {"member_id": str(x), "accepted": 2, "first_orders": 1},
         {"member_id": str(y), "accepted": 1, "first_orders": 1},
     ]
-    assert a["abuse_refusals"] == 2
+    assert a["abuse_refusals"] == 3
     assert a["refusals_by_reason"] == [
         {"key": "COUPON_OUT_OF_STOCK", "count": 1},
+        {"key": "FINGERPRINT_ALREADY_USED", "count": 1},
         {"key": "INVITER_REWARD_CAP_REACHED", "count": 1},
     ]
     empty = await rewards.referral_analytics(

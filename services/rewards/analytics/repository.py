@@ -69,14 +69,22 @@ async def order_analytics(conn: asyncpg.Connection, r: DayRange) -> dict[str, An
 
 # Earned = earn transactions; spent = redemptions and posted holds; expired =
 # expiry transactions (brand-wide: an expiry belongs to no order, so no store).
+# A transaction of an order counts on the order's day (an offline order's
+# points are written when it is uploaded, its business day is the order's);
+# any other on its own.
 _POINTS = f"""
 WITH t AS (
-    SELECT t.kind, t.amount, (t.created_at AT TIME ZONE $5)::date AS day
+    SELECT t.kind, t.amount, (o.ordered_at AT TIME ZONE $5)::date AS day
+    FROM rewards.orders o JOIN rewards.points_transactions t ON t.order_id = o.id
+    WHERE o.ordered_at >= $1 AND o.ordered_at < $2
+      AND t.kind IN ('earn', 'redeem', 'hold_post')
+      AND {_STORE.format(col="o.store_id")}
+    UNION ALL
+    SELECT t.kind, t.amount, (t.created_at AT TIME ZONE $5)::date
     FROM rewards.points_transactions t
-    LEFT JOIN rewards.orders o ON o.id = t.order_id
-    WHERE t.created_at >= $1 AND t.created_at < $2
+    WHERE t.created_at >= $1 AND t.created_at < $2 AND t.order_id IS NULL
       AND t.kind IN ('earn', 'redeem', 'hold_post', 'expire')
-      AND (t.kind = 'expire' OR {_STORE.format(col="o.store_id")})
+      AND (t.kind = 'expire' OR NOT $3::boolean)
 ),
 per_day AS (
     SELECT d.day,
@@ -172,7 +180,9 @@ inv AS (
     FROM acc GROUP BY inviter_id
 ),
 refused AS (
-    SELECT e.value ->> 'code' AS code
+    SELECT code FROM rewards.referral_refusals WHERE refused_at >= $1 AND refused_at < $2
+    UNION ALL
+    SELECT e.value ->> 'code'
     FROM rewards.referral_rewards w, jsonb_array_elements(w.refusals) e
     WHERE w.created_at >= $1 AND w.created_at < $2 AND w.status IN ('refused', 'partial')
 )

@@ -28,6 +28,11 @@ INVITE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"
 INVITE_CODE_LENGTH = 8
 MAX_DEVICE_ID_LENGTH = 128
 MAX_FINGERPRINTS = 8
+# Refusals at acceptance that are abuse, counted for the referral dashboard
+# (rewards.referral_refusals); a malformed request or unknown code is not.
+ABUSE_REFUSALS = frozenset(
+    {"SELF_REFERRAL", "REFERRAL_CYCLE", "FINGERPRINT_ALREADY_USED", "INVITEE_ALREADY_MEMBER"}
+)
 
 
 class Step(enum.StrEnum):

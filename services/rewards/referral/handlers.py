@@ -134,6 +134,16 @@ class Referrals:
                 row = await repo.invite_code_of(conn, person)
         return InviteCode(str(member), row["code"], row["created_at"])
 
+    async def record_refusal(
+        self, uow: UnitOfWork, invitee_id: str, invite_code: str, code: str, now: datetime
+    ) -> None:
+        """Count an invite refused as abuse (ABUSE_REFUSALS), after the refused
+        accept rolled back: the referral dashboard's abuse refusals."""
+        invitee = uuid.UUID(parse_member_id(invitee_id))
+        normalised = normalise_invite_code(invite_code)
+        inviter = await repo.inviter_of_code(uow.conn, normalised)
+        await repo.insert_refusal(uow.conn, code, normalised, inviter, invitee, now)
+
     async def accept(
         self,
         uow: UnitOfWork,

@@ -49,6 +49,25 @@ async def inviter_of_code(conn: Connection, code: str) -> uuid.UUID | None:
     return value  # type: ignore[no-any-return]
 
 
+async def insert_refusal(
+    conn: Connection,
+    code: str,
+    invite_code: str,
+    inviter: uuid.UUID | None,
+    invitee: uuid.UUID,
+    at: datetime,
+) -> None:
+    await conn.execute(
+        "INSERT INTO rewards.referral_refusals (code, invite_code, inviter_id, invitee_id,"
+        " refused_at) VALUES ($1, $2, $3, $4, $5)",
+        code,
+        invite_code,
+        inviter,
+        invitee,
+        at,
+    )
+
+
 REFERRAL_COLUMNS = (
     "id, inviter_id, invitee_id, invite_code, invitee_registered_at, accepted_at,"
     " first_order_id, first_order_at, seq"

@@ -9,10 +9,11 @@ import grpc
 
 from loyalty.rewards.v1 import rewards_pb2
 from servicekit.db import Database
-from servicekit.errors import InvalidArgument
+from servicekit.errors import DomainError, InvalidArgument
 from servicekit.protos import timestamp
 
 from ..wire import optional_time, page, set_time
+from .domain import ABUSE_REFUSALS
 from .handlers import Referrals, ReferralView
 
 
@@ -56,16 +57,25 @@ class ReferralRpcs:
     async def AcceptReferral(
         self, request: rewards_pb2.AcceptReferralRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.Referral:
-        async with self._db.unit_of_work() as uow:
-            view = await self._referrals.accept(
-                uow,
-                request.invitee_member_id,
-                request.invite_code,
-                invitee_registered_at=optional_time(request, "invitee_registered_at"),
-                device_id=request.device_id,
-                identifier_hashes=list(request.identifier_hashes),
-                now=datetime.now(UTC),
-            )
+        now = datetime.now(UTC)
+        try:
+            async with self._db.unit_of_work() as uow:
+                view = await self._referrals.accept(
+                    uow,
+                    request.invitee_member_id,
+                    request.invite_code,
+                    invitee_registered_at=optional_time(request, "invitee_registered_at"),
+                    device_id=request.device_id,
+                    identifier_hashes=list(request.identifier_hashes),
+                    now=now,
+                )
+        except DomainError as refused:
+            if refused.code in ABUSE_REFUSALS:
+                async with self._db.unit_of_work() as uow:
+                    await self._referrals.record_refusal(
+                        uow, request.invitee_member_id, request.invite_code, refused.code, now
+                    )
+            raise
         return referral_message(view)
 
     async def ListReferrals(
