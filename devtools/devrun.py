@@ -53,6 +53,8 @@ DEMO_PHONE = "13912345678"
 # the local fake WeChat (gateway/wechat_fake.py) accepts phone codes
 # `dev-<phone>` for it.
 DEMO_APP_ID = "wx-shop"
+# The console's demo operator: every role; a new one-time password each run.
+DEMO_OPERATOR = "demo-admin"
 T = TypeVar("T")
 
 # ---------------------------------------------------------------- infrastructure
@@ -221,6 +223,55 @@ async def demo_clients(database_url: str, redis_url: str, namespace: str) -> Dem
     )
 
 
+@dataclass
+class ConsoleSetup:
+    """The console's gateway clients (one per role) and its demo operator."""
+
+    gateway_clients_json: str
+    operator: str
+    one_time_password: str
+
+
+async def console_setup(database_url: str, redis_url: str, namespace: str) -> ConsoleSetup:
+    """Registers the console's per-role gateway clients (each holding only its
+    role's scopes, docs/console.md) and gives the demo operator a one-time password."""
+    import json
+
+    import asyncpg
+
+    from console import users
+    from console.roles import SCOPES, Role
+    from gateway.auth.admin import ClientAdmin
+    from gateway.auth.crypto import SecretBox
+    from gateway.auth.model import ClientKind
+    from gateway.settings import GatewaySettings
+    from servicekit.db import create_pool
+    from servicekit.redis_client import create_redis
+
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    redis = create_redis(redis_url)
+    admin = ClientAdmin(pool, redis, SecretBox(GatewaySettings().auth_secret_key), namespace)
+    clients: dict[str, dict[str, str]] = {}
+    try:
+        for role in Role:
+            issued = await admin.fresh_key(
+                ClientKind.OPERATOR_CONSOLE,
+                f"console, role {role.value}",
+                f"console-{role.value.replace('_', '-')}",
+                scopes=SCOPES[role],
+            )
+            clients[role.value] = {"key_id": issued.key_id, "secret": issued.secret}
+    finally:
+        await redis.aclose()
+        await pool.close()
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        password = await users.reset(conn, DEMO_OPERATOR, [r.value for r in Role])
+    finally:
+        await conn.close()
+    return ConsoleSetup(json.dumps(clients), DEMO_OPERATOR, password)
+
+
 async def identify_demo_member(pos_target: str, api_key: str) -> str:
     """Identify (enrol on first run) the demo member through the gateway, as a POS would."""
     from gateway.auth.client import StoreKeyInterceptor
@@ -235,7 +286,12 @@ async def identify_demo_member(pos_target: str, api_key: str) -> str:
 
 
 def banner(
-    ports: Mapping[str, int], infra: Infra, member_id: str | None, note: str, keys: DemoKeys
+    ports: Mapping[str, int],
+    infra: Infra,
+    member_id: str | None,
+    note: str,
+    keys: DemoKeys,
+    console: ConsoleSetup | None = None,
 ) -> str:
     py = _python_for_display()
     http = f"http://{LOOPBACK}:{ports['http']}"
@@ -254,6 +310,11 @@ def banner(
         f"  gateway HTTP    {http}   (API docs {http}/docs, spec {http}/openapi.json)",
         f"  gateway POS     {pos}   (gRPC loyalty.pos.v1.PosService)",
     ]
+    if console is not None:
+        lines += [
+            f"  console         http://{LOOPBACK}:{ports['console']}   (operator console:"
+            f" user {console.operator}, one-time password {console.one_time_password})",
+        ]
     lines += [
         f"  {name:<15} {LOOPBACK}:{ports[name]}   (gRPC, health + reflection)" for name in SERVICES
     ]
@@ -345,6 +406,7 @@ async def _run(args: argparse.Namespace) -> int:
             say(f"operator commands in this checkout now reach these servers ({DEV_ENV_FILE})")
             say("registering demo clients (new keys each run) ...")
             keys = await demo_clients(infra.database_url, infra.redis_url, namespace)
+            console = await console_setup(infra.database_url, infra.redis_url, namespace)
             base = child_env(
                 env,
                 DATABASE_URL=infra.database_url,
@@ -353,7 +415,13 @@ async def _run(args: argparse.Namespace) -> int:
                 # Readable lines in a terminal; JSON stays the production default.
                 LOG_JSON=env.get("LOG_JSON", "false"),
             )
-            platform = Platform(platform_children(ports, base))
+            platform = Platform(
+                platform_children(
+                    ports,
+                    base,
+                    console_env={"CONSOLE_GATEWAY_CLIENTS": console.gateway_clients_json},
+                )
+            )
             await platform.spawn()
             say(f"started {len(platform.children)} processes; waiting until all are ready ...")
             took = await _until(stop, platform.wait_ready(args.timeout))
@@ -369,7 +437,7 @@ async def _run(args: argparse.Namespace) -> int:
                 )
             except grpc.aio.AioRpcError as exc:
                 note = f"{exc.code().name}: {exc.details()}"
-            print(banner(ports, infra, member_id, note, keys), flush=True)
+            print(banner(ports, infra, member_id, note, keys, console), flush=True)
 
             dead = await _until(stop, platform.wait_any_exit())
             if dead is not None:

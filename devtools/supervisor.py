@@ -35,6 +35,7 @@ DEFAULT_PORTS = {
     "http": 8080,
     "metrics": 9464,
     "wechat": 8099,
+    "console": 8090,
 }
 # Environment variables that override the ports above. The gateway reads
 # POS_GRPC_PORT and HTTP_PORT itself; the services all read GRPC_PORT, so each
@@ -49,6 +50,7 @@ PORT_ENV = {
     "http": "HTTP_PORT",
     "metrics": "METRICS_PORT",
     "wechat": "WECHAT_FAKE_PORT",
+    "console": "CONSOLE_PORT",
 }
 LOOPBACK = "127.0.0.1"
 # The local fake WeChat's apps (gateway/wechat_fake.py): the gateway verifies
@@ -153,8 +155,10 @@ def platform_children(
     ports: Mapping[str, int],
     base_env: Mapping[str, str],
     python: str = sys.executable,
+    console_env: Mapping[str, str] | None = None,
 ) -> list[Child]:
-    """The five services and the gateway, wired to each other on loopback."""
+    """The five services and the gateway, wired to each other on loopback; and
+    the operator console (a client of the gateway) when `console_env` is given."""
     children = []
     # Every process learns every service's address (engagement calls rewards, ...).
     addresses = {f"{name.upper()}_ADDR": f"{LOOPBACK}:{ports[name]}" for name in SERVICES}
@@ -191,6 +195,23 @@ def platform_children(
             tier=1,
         )
     )
+    if console_env is not None:
+        env = child_env(
+            base_env,
+            CONSOLE_HOST=LOOPBACK,
+            CONSOLE_PORT=str(ports["console"]),
+            CONSOLE_GATEWAY_URL=f"http://{LOOPBACK}:{ports['http']}",
+            **console_env,
+        )
+        children.append(
+            Child(
+                "console",
+                [python, "-m", "console"],
+                env,
+                http_ready=(LOOPBACK, ports["console"], "/healthz"),
+                tier=2,
+            )
+        )
     return children
 
 

@@ -24,13 +24,16 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from .db import sqlalchemy_url
 
 ROOT = Path(__file__).resolve().parent.parent
-# The gateway keeps its own schema too (clients and keys), migrated the same way.
-SERVICES = ("member", "tiering", "engagement", "rewards", "guides", "gateway")
+# The gateway keeps its own schema too (clients and keys), migrated the same way;
+# so does the operator console (its operator accounts).
+SERVICES = ("member", "tiering", "engagement", "rewards", "guides", "gateway", "console")
+# Schema owners that are top-level packages rather than services.<name>.
+TOP_LEVEL_OWNERS = frozenset({"gateway", "console"})
 
 
 def _package(service: str) -> str:
     """The Python package holding `schema.py` and `migrations/` of a schema owner."""
-    return "gateway" if service == "gateway" else f"services.{service}"
+    return service if service in TOP_LEVEL_OWNERS else f"services.{service}"
 
 
 def alembic_config(service: str, database_url: str) -> Config:

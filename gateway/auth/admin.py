@@ -240,10 +240,11 @@ class ClientAdmin:
         *,
         store_id: str = "",
         app_ids: Sequence[str] = (),
+        scopes: Sequence[str] = (),
     ) -> IssuedKey:
-        """For `make run`: the client, created if new, with one new key and its
-        older keys revoked (a secret cannot be shown again, so a restart issues
-        another)."""
+        """For `make run`: the client, created if new (with `scopes`, or its
+        kind's defaults), with one new key and its older keys revoked (a secret
+        cannot be shown again, so a restart issues another)."""
         existing = {c.client_id: c for c in await self.list()}.get(client_id)
         if existing is None or existing.revoked_at is not None:
             if existing is not None:
@@ -251,7 +252,7 @@ class ClientAdmin:
                     f"client {client_id} was revoked", code="CLIENT_REVOKED", field="client_id"
                 )
             return await self.create(
-                kind, name, client_id=client_id, store_id=store_id, app_ids=app_ids
+                kind, name, client_id=client_id, store_id=store_id, app_ids=app_ids, scopes=scopes
             )
         issued = await self.rotate(client_id)
         for key_id in existing.active_keys:

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from servicekit.migrations import SERVICES
+from servicekit.migrations import SERVICES, TOP_LEVEL_OWNERS
 from servicekit.server import TASK_STOP_SECONDS
 
 from .manifests import ROOT, WORKLOADS, Obj, Render, containers, overlays, pod_spec
@@ -207,7 +207,7 @@ def test_one_migration_job_migrates_every_schema_in_order_before_the_rollout(
     annotations = job["metadata"]["annotations"]
     assert annotations["argocd.argoproj.io/hook"] == "PreSync"
     order = [c["args"] for c in containers(job)]
-    expected = [["gateway" if s == "gateway" else f"services.{s}", "migrate"] for s in SERVICES]
+    expected = [[s if s in TOP_LEVEL_OWNERS else f"services.{s}", "migrate"] for s in SERVICES]
     assert order == expected
 
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 from pydantic_settings import BaseSettings
 
+from console.settings import ConsoleSettings
 from gateway.settings import GatewaySettings
 from servicekit.settings import ServiceSettings
 from services.engagement.settings import EngagementSettings
@@ -29,6 +30,7 @@ IDS = [r.name for r in RENDERS]
 # The settings classes each entry module reads (its __main__ and commands).
 SETTINGS: dict[str, tuple[type[BaseSettings], ...]] = {
     "gateway": (GatewaySettings,),
+    "console": (ConsoleSettings,),
     "services.member": (MemberSettings,),
     "services.tiering": (ServiceSettings,),
     "services.engagement": (EngagementSettings,),
@@ -45,6 +47,8 @@ OTEL_STANDARD = {
 # defaults of these are refused or unsafe there): docs/deploy.md, Secrets.
 REQUIRED_SECRETS = {
     "gateway": {"DATABASE_URL", "REDIS_URL", "AUTH_SECRET_KEY"},
+    # The console's gateway keys (one client per role, docs/console.md).
+    "console": {"DATABASE_URL", "REDIS_URL", "CONSOLE_GATEWAY_CLIENTS"},
     "services.member": {"DATABASE_URL", "REDIS_URL", "PII_KEY", "MEMBER_CODE_SECRET"},
     "services.tiering": {"DATABASE_URL", "REDIS_URL"},
     "services.engagement": {"DATABASE_URL", "REDIS_URL"},
@@ -58,6 +62,7 @@ SECRET_KEYS = {
     "PII_ENCRYPTION_KEYS",
     "MEMBER_CODE_SECRET",
     "AUTH_SECRET_KEY",
+    "CONSOLE_GATEWAY_CLIENTS",
     # The guides CronJobs' WeCom app (docs/guides.md); optional references.
     "WECOM_CORP_ID",
     "WECOM_SECRET",

@@ -1,0 +1,173 @@
+"""The console's one text catalogue: every UI string in zh-CN (the default:
+operators work in Chinese) and en, looked up by key; and money on screen
+(the API speaks fen, operators read yuan with two decimals)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+LOCALES = ("zh-CN", "en")
+
+CATALOGUE: dict[str, tuple[str, str]] = {
+    # key: (zh-CN, en)
+    "app.title": ("会员运营控制台", "Loyalty operator console"),
+    "login.title": ("登录", "Sign in"),
+    "login.username": ("用户名", "Username"),
+    "login.password": ("密码", "Password"),
+    "login.totp": ("动态验证码（如已启用）", "Authenticator code (if enrolled)"),
+    "login.submit": ("登录", "Sign in"),
+    "login.failed": ("用户名或密码错误", "Wrong username or password"),
+    "login.totp_failed": ("动态验证码错误", "Wrong authenticator code"),
+    "login.locked": (
+        "登录失败次数过多，账号或地址已暂时锁定，请稍后再试",
+        "Too many failed sign-ins: this account or address is locked for a while",
+    ),
+    "login.expired": ("会话已过期，请重新登录", "Your session ended; please sign in again"),
+    "logout": ("退出", "Sign out"),
+    "password.title": ("设置新密码", "Choose a new password"),
+    "password.help": (
+        "一次性密码只能用于首次登录，请设置至少12位的新密码",
+        "The one-time password works once: choose a new one of at least 12 characters",
+    ),
+    "password.new": ("新密码", "New password"),
+    "password.submit": ("保存", "Save"),
+    "forbidden": ("您的角色无权执行此操作", "Your role may not do this"),
+    "csrf": ("表单已失效，请刷新页面后重试", "This form expired; reload the page and try again"),
+    "error.gateway": ("网关拒绝了请求", "The gateway refused the request"),
+    "nav.dashboards": ("数据看板", "Dashboards"),
+    "nav.merge_reviews": ("合并审核", "Merge reviews"),
+    "nav.quarantine": ("隔离标识", "Quarantined identifiers"),
+    "nav.members": ("会员查询", "Member lookup"),
+    "nav.coupons": ("优惠券模板", "Coupon templates"),
+    "nav.journeys": ("旅程", "Journeys"),
+    "nav.events": ("挂起事件", "Parked events"),
+    "dash.overview": ("概览", "Overview"),
+    "dash.tiers": ("等级", "Tiers"),
+    "dash.segments": ("RFM 分群", "RFM segments"),
+    "dash.lifecycle": ("生命周期", "Lifecycle"),
+    "dash.points": ("积分", "Points"),
+    "dash.coupons": ("优惠券", "Coupons"),
+    "dash.referral": ("裂变推荐", "Referral"),
+    "dash.journeys": ("旅程转化", "Journeys"),
+    "filter.from": ("开始日期", "From"),
+    "filter.to": ("结束日期", "To"),
+    "filter.store": ("门店", "Store"),
+    "filter.region": ("区域", "Region"),
+    "filter.apply": ("查询", "Apply"),
+    "dash.no_data": ("该条件下没有数据", "No data for this filter"),
+    "dash.unavailable": ("数据暂不可用", "Figures unavailable"),
+    "reviews.members": ("涉及会员", "Members"),
+    "reviews.evidence": ("证据（已脱敏）", "Evidence (masked)"),
+    "reviews.reason": ("原因", "Reason"),
+    "reviews.note": ("审核说明", "Note"),
+    "reviews.approve": ("批准合并", "Approve merge"),
+    "reviews.reject": ("拒绝", "Reject"),
+    "reviews.empty": ("没有待审核的合并", "No merge awaits review"),
+    "reviews.decided": ("已处理", "Decided"),
+    "quarantine.type": ("类型", "Type"),
+    "quarantine.value": ("标识（已脱敏）", "Identifier (masked)"),
+    "quarantine.linked": ("关联会员数", "Linked members"),
+    "quarantine.at": ("隔离时间", "Quarantined at"),
+    "quarantine.empty": ("没有隔离的标识", "No quarantined identifier"),
+    "members.id": ("会员ID", "Member id"),
+    "members.lookup": ("查询", "Look up"),
+    "members.number": ("会员号", "Member number"),
+    "members.phone": ("手机号", "Phone"),
+    "members.registered": ("注册时间", "Registered"),
+    "members.unmask": ("查看完整手机号（将被审计）", "Show the full phone (audited)"),
+    "members.purpose": ("查看原因", "Purpose"),
+    "members.adjust": ("手工调整积分", "Adjust points"),
+    "members.points": ("积分（正数增加，负数扣减）", "Points (+ credit, − debit)"),
+    "members.adjust_reason": ("调整原因", "Reason"),
+    "members.adjusted": ("积分已调整，可用积分", "Points adjusted; available"),
+    "coupons.id": ("模板ID", "Template id"),
+    "coupons.name": ("名称", "Name"),
+    "coupons.status": ("状态", "Status"),
+    "coupons.stock": ("总库存（0 为不限）", "Total stock (0: unlimited)"),
+    "coupons.remaining": ("剩余库存", "Remaining"),
+    "coupons.threshold": ("门槛（元）", "Threshold (yuan)"),
+    "coupons.discount": ("减免（元）", "Discount (yuan)"),
+    "coupons.valid_days": ("有效天数", "Valid days"),
+    "coupons.create": ("新建满减券模板", "New amount-off template"),
+    "coupons.pause": ("暂停", "Pause"),
+    "coupons.activate": ("启用", "Activate"),
+    "coupons.set_stock": ("修改库存", "Change stock"),
+    "journeys.id": ("旅程ID", "Journey id"),
+    "journeys.show": ("查看", "Show"),
+    "journeys.publish": ("发布旅程（JSON 定义）", "Publish a journey (JSON definition)"),
+    "journeys.pause": ("暂停", "Pause"),
+    "journeys.resume": ("恢复", "Resume"),
+    "journeys.entered": ("进入", "Entered"),
+    "journeys.sent": ("已发送", "Sent"),
+    "journeys.converted": ("转化", "Converted"),
+    "events.member": ("会员ID", "Member id"),
+    "events.event": ("事件", "Event"),
+    "events.reason": ("挂起原因", "Reason"),
+    "events.parked_at": ("挂起时间", "Parked at"),
+    "events.replay": ("重放", "Replay"),
+    "events.empty": ("没有挂起的事件", "No parked event"),
+    "events.replayed": ("已重放事件数", "Events replayed"),
+    "done": ("操作成功", "Done"),
+    "lang.switch": ("English", "中文"),
+}
+
+
+# The API's field names as chart legends (charts carry the API's names and numbers).
+SERIES: dict[str, tuple[str, str]] = {
+    "count": ("人数", "Members"),
+    "members": ("人数", "Members"),
+    "orders": ("订单数", "Orders"),
+    "spend_fen": ("消费（元）", "Spend (yuan)"),
+    "up": ("升级", "Up"),
+    "down": ("降级", "Down"),
+    "at_risk": ("有降级风险", "At risk"),
+    "near_next": ("接近升级", "Near next tier"),
+    "avg_spend_fen": ("平均消费（元）", "Average spend (yuan)"),
+    "earned": ("获得", "Earned"),
+    "spent": ("使用", "Spent"),
+    "expired": ("过期", "Expired"),
+    "issued": ("发放", "Issued"),
+    "locked": ("锁定", "Locked"),
+    "redeemed": ("核销", "Redeemed"),
+    "redemption_rate": ("核销率", "Redemption rate"),
+    "discount_fen": ("优惠金额（元）", "Discount (yuan)"),
+    "accepted": ("接受邀请", "Accepted"),
+    "first_orders": ("首单", "First orders"),
+    "entered": ("进入", "Entered"),
+    "converted": ("转化", "Converted"),
+    "sent.pending": ("发送中", "Sent: pending"),
+    "sent.delivered": ("已送达", "Sent: delivered"),
+    "sent.failed": ("发送失败", "Sent: failed"),
+    "sent.capped": ("频控拦截", "Sent: capped"),
+    "sent.suppressed": ("已屏蔽", "Sent: suppressed"),
+    "sent.dropped": ("已丢弃", "Sent: dropped"),
+    "sent.no_credit": ("额度不足", "Sent: no credit"),
+    "sent.unknown": ("状态未知", "Sent: unknown"),
+}
+
+
+def series_labels(locale: str) -> dict[str, str]:
+    return {k: (v[1] if locale == "en" else v[0]) for k, v in SERIES.items()}
+
+
+def translate(locale: str, key: str) -> str:
+    texts = CATALOGUE.get(key)
+    if texts is None:
+        return key
+    return texts[1] if locale == "en" else texts[0]
+
+
+def yuan(fen: int | float | None) -> str:
+    """1800 fen -> "¥18.00" (exact: Decimal, never float arithmetic)."""
+    if fen is None:
+        return "—"
+    return f"¥{(Decimal(int(fen)) / 100).quantize(Decimal('0.01')):,}"
+
+
+def fen_from_yuan(text: str) -> int:
+    """ "18.5" -> 1850; refuses more than two decimals."""
+    value = Decimal(text.strip())
+    fen = value * 100
+    if fen != fen.to_integral_value():
+        raise ValueError(f"{text!r}: at most two decimals")
+    return int(fen)

@@ -1,0 +1,28 @@
+"""Tables of the console's own schema: operator accounts (Alembic reads this;
+queries live in console/users.py). Sessions and log-in counters are in Redis
+(console/sessions.py, console/throttle.py): they expire, accounts must not."""
+
+from __future__ import annotations
+
+from sqlalchemy import ARRAY, Boolean, Column, DateTime, Table, Text, func
+
+from servicekit.tables import service_metadata
+
+SCHEMA = "console"
+
+metadata = service_metadata(SCHEMA)
+
+operators = Table(
+    "operators",
+    metadata,
+    Column("username", Text, primary_key=True),
+    # Argon2id, PHC string form ($argon2id$v=19$m=...,t=...,p=...$salt$hash).
+    Column("password_hash", Text, nullable=False),
+    Column("roles", ARRAY(Text), nullable=False),
+    # Base32 TOTP secret when the operator enrolled a second factor.
+    Column("totp_secret", Text, nullable=True),
+    # A one-time password from `users create` must be replaced at first log-in.
+    Column("must_change_password", Boolean, nullable=False, server_default="true"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+)

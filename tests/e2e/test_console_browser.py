@@ -1,0 +1,471 @@
+"""The operator console in a real browser (Playwright driving Debian's
+chromium), in front of the e2e services and a gateway with the session
+gateway's door: log in, every dashboard renders and its charts carry exactly
+the numbers the analytics API answers for the same filter, a merge review
+approved from the queue leaves it (audited under the operator's name), a
+viewer sees no action and a forged POST is refused 403 (and the gateway
+refuses the viewer's client the route anyway). Each test saves a screenshot
+of its page under tests/e2e/console-screenshots/ (git-ignored);
+CONSOLE_DOCS_SCREENSHOTS=1 also writes the dashboards' to docs/console/."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from console import users
+from console.charts import DASHBOARDS, pick
+from console.roles import SCOPES, Role
+from console.server import ConsoleServer
+from console.settings import ConsoleSettings, GatewayKey
+from gateway.app import Gateway, build
+from gateway.auth.admin import ClientAdmin, IssuedKey
+from gateway.auth.client import HmacAuth
+from gateway.auth.model import ClientKind
+from gateway.wechat_fake import FakeWeChatServer
+from loyalty.pos.v1 import pos_pb2_grpc
+from servicekit.db import asyncpg_dsn
+from servicekit.server import ServiceApp
+
+from ..harness import Infra
+from .conftest import WECHAT_APPS, gateway_settings
+from .doors import UNLIMITED
+from .test_member_identity_gateway import key, login
+from .test_pos_slice import complete, identify, new_phone
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = Path(__file__).resolve().parent / "console-screenshots"
+DOCS_SHOTS = ROOT / "docs" / "console"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PASSWORD = "console-e2e-password"
+
+
+@pytest.fixture(scope="module")
+async def console_gateway(
+    infra: Infra,
+    gateway: Gateway,
+    member_app: ServiceApp,
+    rewards_app: ServiceApp,
+    tiering_app: ServiceApp,
+    engagement_app: ServiceApp,
+    wechat: FakeWeChatServer,
+) -> AsyncIterator[Gateway]:
+    """The session gateway's door (same client store) in front of every service
+    the console's pages ask, engagement included (the session gateway goes without)."""
+    gw = build(
+        gateway_settings(
+            member_addr=f"127.0.0.1:{member_app.port}",
+            rewards_addr=f"127.0.0.1:{rewards_app.port}",
+            tiering_addr=f"127.0.0.1:{tiering_app.port}",
+            engagement_addr=f"127.0.0.1:{engagement_app.port}",
+            wechat_api_base=wechat.base_url,
+            wechat_apps=WECHAT_APPS,
+            auth_enabled=True,
+            auth_secret_key=gateway.settings.auth_secret_key,
+            database_url=infra.database_url,
+            redis_url=infra.redis_url,
+            redis_namespace=infra.namespace,
+        )
+    )
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture(scope="module")
+async def role_clients(client_admin: ClientAdmin) -> dict[str, IssuedKey]:
+    """One operator_console client per role, holding only that role's scopes."""
+    issued: dict[str, IssuedKey] = {}
+    for role in Role:
+        issued[role.value] = await client_admin.create(
+            ClientKind.OPERATOR_CONSOLE,
+            f"console {role.value}",
+            client_id=f"console-{role.value.replace('_', '-')}-{uuid.uuid4().hex[:4]}",
+            scopes=SCOPES[role],
+            **UNLIMITED,  # type: ignore[arg-type]
+        )
+    return issued
+
+
+@pytest.fixture(scope="module")
+def role_keys(role_clients: dict[str, IssuedKey]) -> dict[str, GatewayKey]:
+    return {r: GatewayKey(key_id=k.key_id, secret=k.secret) for r, k in role_clients.items()}
+
+
+@pytest.fixture(scope="module")
+async def console(
+    infra: Infra, console_gateway: Gateway, role_keys: dict[str, GatewayKey]
+) -> AsyncIterator[ConsoleServer]:
+    server = ConsoleServer(
+        ConsoleSettings(
+            database_url=infra.database_url,
+            redis_url=infra.redis_url,
+            redis_namespace=infra.namespace,
+            console_host="127.0.0.1",
+            console_port=0,
+            console_gateway_url=f"http://127.0.0.1:{console_gateway.http_port}",
+            console_gateway_clients=role_keys,
+            log_json=False,
+        )
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def operators(infra: Infra) -> dict[str, str]:
+    """Role -> the username of an operator holding only that role (password PASSWORD)."""
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    names: dict[str, str] = {}
+    try:
+        for role in (*Role, "admin"):
+            name = f"{role}-{uuid.uuid4().hex[:6]}"
+            roles = [r.value for r in Role] if role == "admin" else [str(role)]
+            await users.create(conn, name, roles)
+            await users.set_password(conn, name, PASSWORD)
+            names[str(role)] = name
+    finally:
+        await conn.close()
+    return names
+
+
+@pytest.fixture(scope="module")
+async def activity(pos: pos_pb2_grpc.PosServiceStub) -> list[tuple[str, str]]:
+    """Members (id, phone) and orders at two stores, so the overview and points have numbers."""
+    members = []
+    for i in range(4):
+        phone = new_phone()
+        reply = await identify(pos, phone, store_id="SH001" if i % 2 else "SH002")
+        member_id = reply.member_id
+        members.append((member_id, phone))
+        for paid in (1800, 3200)[: 1 + i % 2]:
+            await complete(pos, member_id, paid, store_id="SH001" if i % 2 else "SH002")
+    return members
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        launched = await p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield launched
+        await launched.close()
+
+
+async def signed_in_page(browser: Browser, console: ConsoleServer, username: str) -> Page:
+    page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+    await page.goto(f"{console.url}/login")
+    await page.fill("input[name=username]", username)
+    await page.fill("input[name=password]", PASSWORD)
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_url(re.compile(r"/dashboards/overview"))
+    return page
+
+
+async def screenshot(page: Page, name: str, *, docs: bool = False) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    if docs and os.environ.get("CONSOLE_DOCS_SCREENSHOTS"):
+        DOCS_SHOTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(DOCS_SHOTS / f"{name}.png"), full_page=True)
+
+
+def expected_chart(kind: str, items: list[dict[str, Any]], shown: dict[str, Any]) -> None:
+    """The chart's numbers are the API's, item for item (computed here from the
+    answer, not by the console's code)."""
+    if kind == "sankey":
+        assert shown["links"] == [[i["from_tier"], i["to_tier"], i["members"]] for i in items]
+        return
+    if kind == "heatmap":
+        assert shown["points"] == [
+            [i["r"], i["f"], i["members"], i["avg_spend_fen"]] for i in items
+        ]
+        return
+    if kind == "pivot":
+        totals: dict[tuple[str, str], int] = {}
+        for i in items:
+            pair = (f"{i['from_stage']}→{i['to_stage']}", str(i["day"]))
+            totals[pair] = totals.get(pair, 0) + i["members"]
+        got = {
+            (name, day): value
+            for name, values in shown["series"].items()
+            for day, value in zip(shown["x"], values, strict=True)
+            if value
+        }
+        assert got == totals
+        return
+    assert len(shown["x"]) == len(items)
+    for x, item in zip(shown["x"], items, strict=True):
+        assert x in {str(v) for v in item.values()}
+    for field, values in shown["series"].items():
+        assert values == [pick(i, field) for i in items], field
+
+
+async def test_every_dashboard_renders_the_numbers_the_api_answers(
+    browser: Browser,
+    console: ConsoleServer,
+    console_gateway: Gateway,
+    operators: dict[str, str],
+    role_keys: dict[str, GatewayKey],
+    activity: list[tuple[str, str]],
+) -> None:
+    page = await signed_in_page(browser, console, operators["viewer"])
+    viewer = role_keys["viewer"]
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{console_gateway.http_port}",
+        auth=HmacAuth(viewer.key_id, viewer.secret),
+        timeout=10,
+    ) as api:
+        for name in DASHBOARDS:
+            await page.goto(f"{console.url}/dashboards/{name}")
+            await page.wait_for_selector("body[data-charts-ready='1']")
+            assert await page.locator("#dashboard-error").count() == 0
+            filters = {
+                f: await page.input_value(f"#filters input[name={f}]")
+                for f in ("from", "to", "store", "region")
+            }
+            answer = (
+                await api.get(
+                    f"/v1/admin/analytics/{name}",
+                    params={k: v for k, v in filters.items() if v},
+                )
+            ).json()
+            charts = page.locator(".chart")
+            assert await charts.count() >= (1 if name != "journeys" else 0)
+            for index in range(await charts.count()):
+                chart = charts.nth(index)
+                source = await chart.get_attribute("data-source")
+                kind = await chart.get_attribute("data-kind")
+                shown = json.loads(await chart.get_attribute("data-chart") or "")
+                assert source and kind
+                expected_chart(kind, pick(answer, source) or [], shown)
+                rendered = await chart.get_attribute("data-rendered")
+                if rendered == "chart":
+                    assert await chart.locator("canvas").count() == 1
+                else:
+                    assert rendered == "empty"
+            for kpi in await page.locator(".kpi").all():
+                path = await kpi.get_attribute("data-path")
+                assert path and await kpi.get_attribute("data-value") == str(pick(answer, path))
+            await screenshot(page, f"dashboard-{name}", docs=True)
+        # The store filter reaches the API: the page's numbers are the filtered answer's.
+        await page.goto(f"{console.url}/dashboards/overview?store=SH001")
+        await page.wait_for_selector("body[data-charts-ready='1']")
+        shown_orders = await page.locator(".kpi[data-path='orders.orders']").get_attribute(
+            "data-value"
+        )
+        filters = {f: await page.input_value(f"#filters input[name={f}]") for f in ("from", "to")}
+        only = (
+            await api.get("/v1/admin/analytics/overview", params={**filters, "store": "SH001"})
+        ).json()
+        everywhere = (await api.get("/v1/admin/analytics/overview", params=filters)).json()
+    assert shown_orders == str(only["orders"]["orders"])
+    # This module's activity is in both: SH001's orders are some, not all, of the brand's.
+    assert 0 < only["orders"]["orders"] < everywhere["orders"]["orders"]
+    await page.close()
+
+
+async def merge_review(http: httpx.AsyncClient, wechat: FakeWeChatServer) -> str:
+    """Two members with verified phones linked by one unionid: a review (as in
+    tests/e2e/test_member_identity_gateway.py)."""
+    t = uuid.uuid4().hex[:10]
+    await login(http, f"oa-{t}", f"ua-{t}")
+    for openid in (f"oa-{t}", f"ob-{t}"):
+        if openid.startswith("ob"):
+            await login(http, openid)
+        await http.post(
+            "/v1/members/bind-phone",
+            json={
+                "request_key": key(),
+                "app_id": "wx-shop",
+                "openid": openid,
+                "code": wechat.fake.issue_code("wx-shop", new_phone()),
+            },
+        )
+    linked = await http.post(
+        "/v1/members/identify",
+        json={"request_key": key(), "app_id": "wx-shop", "openid": f"ob-{t}", "unionid": f"ua-{t}"},
+    )
+    review_id = linked.json()["review_id"]
+    assert review_id
+    return str(review_id)
+
+
+async def test_a_member_admin_approves_a_merge_review_and_it_leaves_the_queue(
+    browser: Browser,
+    console: ConsoleServer,
+    operators: dict[str, str],
+    role_clients: dict[str, IssuedKey],
+    http: httpx.AsyncClient,
+    wechat: FakeWeChatServer,
+) -> None:
+    review_id = await merge_review(http, wechat)
+    page = await signed_in_page(browser, console, operators["member_admin"])
+    await page.goto(f"{console.url}/merge-reviews")
+    row = page.locator(f"tr.review[data-review-id='{review_id}']")
+    assert await row.count() == 1
+    # The evidence shown is masked: no full phone number on the page.
+    assert not re.search(r"1\d{10}", await row.inner_text())
+    await row.locator("form[action$='/approve'] input[name=note]").fill("same person, new phone")
+    await row.locator("button.approve").click()
+    await page.wait_for_url(re.compile(r"/merge-reviews\?done="))
+    assert await page.locator(f"tr.review[data-review-id='{review_id}']").count() == 0
+    await screenshot(page, "merge-review-approved")
+    approved = (
+        await http.get("/v1/admin/merge-reviews", params={"status": "approved", "page_size": 500})
+    ).json()["reviews"]
+    (decided,) = [r for r in approved if r["review_id"] == review_id]
+    # The audit names the person: the member admin role's client and the operator.
+    client_id = role_clients["member_admin"].client_id
+    assert decided["decided_by"] == f"{client_id}/{operators['member_admin']}"
+    assert decided["note"] == "same person, new phone"
+    await page.close()
+
+
+async def test_a_viewer_sees_no_action_and_a_forged_post_is_refused(
+    browser: Browser,
+    console: ConsoleServer,
+    console_gateway: Gateway,
+    operators: dict[str, str],
+    role_keys: dict[str, GatewayKey],
+    http: httpx.AsyncClient,
+    wechat: FakeWeChatServer,
+) -> None:
+    review_id = await merge_review(http, wechat)
+    page = await signed_in_page(browser, console, operators["viewer"])
+    # No control of any action anywhere: navigation nor forms.
+    for path in ("/dashboards/overview", "/dashboards/coupons"):
+        await page.goto(f"{console.url}{path}")
+        assert await page.locator("header nav a").count() == 1  # dashboards only
+        assert await page.locator("main form[method=post]").count() == 0
+    await screenshot(page, "viewer-dashboard")
+    # The queue's page itself is refused.
+    reply = await page.goto(f"{console.url}/merge-reviews")
+    assert reply is not None and reply.status == 403
+    # A forged POST from the viewer's own signed-in browser, with a valid CSRF token.
+    token = await page.locator("header input[name=csrf_token]").first.get_attribute("value")
+    forged = await page.request.post(
+        f"{console.url}/merge-reviews/{review_id}/approve",
+        form={"csrf_token": token or "", "note": "forged"},
+    )
+    assert forged.status == 403
+    await screenshot(page, "viewer-forged-post")
+    # Still pending; and the gateway itself refuses the viewer's client the route.
+    pending = (await http.get("/v1/admin/merge-reviews", params={"page_size": 500})).json()
+    assert review_id in {r["review_id"] for r in pending["reviews"]}
+    viewer = role_keys["viewer"]
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{console_gateway.http_port}",
+        auth=HmacAuth(viewer.key_id, viewer.secret),
+        timeout=10,
+    ) as as_viewer:
+        refused = await as_viewer.post(
+            f"/v1/admin/merge-reviews/{review_id}/approve", json={"note": "bypassing the console"}
+        )
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "SCOPE_MISSING"
+    await page.close()
+
+
+async def test_a_marketer_creates_pauses_and_restocks_a_coupon_template_in_yuan(
+    browser: Browser,
+    console: ConsoleServer,
+    operators: dict[str, str],
+    http: httpx.AsyncClient,
+) -> None:
+    template_id = f"CONSOLE-{uuid.uuid4().hex[:6].upper()}"
+    page = await signed_in_page(browser, console, operators["marketer"])
+    # A marketer's controls are coupons, journeys and events; not the member queues.
+    nav = await page.locator("header nav a").all_inner_texts()
+    assert len(nav) == 4
+    assert await page.locator("header nav a[href='/merge-reviews']").count() == 0
+    await page.goto(f"{console.url}/coupons")
+    form = page.locator("#coupon-form")
+    await form.locator("input[name=template_id]").fill(template_id)
+    await form.locator("input[name=name]").fill("控制台满20减5.5")
+    await form.locator("input[name=threshold_yuan]").fill("20.00")
+    await form.locator("input[name=discount_yuan]").fill("5.50")
+    await form.locator("input[name=total_stock]").fill("100")
+    await form.locator("input[name=status]").check()
+    await form.locator("button[type=submit]").click()
+    await page.wait_for_url(re.compile(r"/coupons$"))
+    row = page.locator(f"tr[data-template-id='{template_id}']")
+    assert "¥5.50" in await row.inner_text() and "¥20.00" in await row.inner_text()
+    created = (await http.get(f"/v1/admin/coupon-templates/{template_id}")).json()
+    assert created["terms"]["discount_fen"] == 550
+    assert created["terms"]["threshold_fen"] == 2000
+    assert created["status"] == "active" and created["limits"]["total_stock"] == 100
+    await row.locator("form[action$='/status'] button").click()
+    await page.wait_for_url(re.compile(r"/coupons$"))
+    await row.locator("form[action$='/stock'] input[name=total_stock]").fill("60")
+    await row.locator("form[action$='/stock'] button").click()
+    await page.wait_for_url(re.compile(r"/coupons$"))
+    await screenshot(page, "coupons")
+    changed = (await http.get(f"/v1/admin/coupon-templates/{template_id}")).json()
+    assert changed["status"] == "paused"
+    assert changed["limits"]["total_stock"] == 60
+    # Three decimals of a yuan are refused, naming the problem; nothing is created.
+    await form.locator("input[name=template_id]").fill(f"{template_id}-X")
+    await form.locator("input[name=name]").fill("bad")
+    await form.locator("input[name=discount_yuan]").fill("5.555")
+    await form.locator("button[type=submit]").click()
+    assert "INVALID_FORM" in await page.inner_text("main")
+    missing = await http.get(f"/v1/admin/coupon-templates/{template_id}-X")
+    assert missing.status_code == 404
+    await page.close()
+
+
+async def test_member_admin_adjusts_points_and_only_a_pii_reader_unmasks_the_phone(
+    browser: Browser,
+    console: ConsoleServer,
+    operators: dict[str, str],
+    http: httpx.AsyncClient,
+    activity: list[tuple[str, str]],
+) -> None:
+    member_id, phone = activity[0]
+    before = (await http.get(f"/v1/members/{member_id}/points")).json()["available"]
+    page = await signed_in_page(browser, console, operators["member_admin"])
+    await page.goto(f"{console.url}/members?member_id={member_id}")
+    shown = await page.inner_text("#phone")
+    assert shown != phone and "*" in shown and shown[-4:] == phone[-4:]
+    assert await page.locator("#unmask-form").count() == 0
+    await page.fill("#adjust-form input[name=points]", "15")
+    await page.fill("#adjust-form input[name=reason]", "goodwill: long queue")
+    await page.click("#adjust-form button[type=submit]")
+    await page.wait_for_selector("#adjusted")
+    after = (await http.get(f"/v1/members/{member_id}/points")).json()["available"]
+    assert after == before + 15
+    assert str(after) in await page.inner_text("#adjusted")
+    await screenshot(page, "member-adjusted")
+    await page.close()
+
+    page = await signed_in_page(browser, console, operators["pii_reader"])
+    await page.goto(f"{console.url}/members?member_id={member_id}")
+    assert await page.locator("#adjust-form").count() == 0
+    await page.fill("#unmask-form input[name=purpose]", "member called about points")
+    await page.click("#unmask-form button[type=submit]")
+    assert await page.inner_text("#phone") == f"+86{phone}"
+    await screenshot(page, "member-unmasked")
+    await page.close()
