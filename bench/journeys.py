@@ -56,6 +56,7 @@ def journey(journey_id: str, priority: int) -> dict[str, Any]:
                 "type": "send",
                 "channel": "wecom",
                 "template": f"{journey_id}-offer",
+                "text": "An offer for you",
                 "class": "targeted",
                 "next": "end",
             },

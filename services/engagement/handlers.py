@@ -565,6 +565,7 @@ class EngagementHandlers:
             "holdout" if holdout else "treatment",
             journey.conversion_days,
             now,
+            attrs,
         )
         if not inserted:
             return False

@@ -79,6 +79,8 @@ def check_in_journey(journey_id: str) -> dict[str, Any]:
                 "type": "send",
                 "channel": "app_push",
                 "template": "check-in-thanks",
+                "title": "Thanks",
+                "body": "Thanks for checking in",
                 "class": "transactional",
                 "next": "end",
             },
