@@ -463,16 +463,18 @@ class UnknownSend:
 
 
 async def unknown_sends(
-    conn: Connection, journey_id: str, after: datetime | None, limit: int
+    conn: Connection, journey_id: str, after: tuple[datetime, str] | None, limit: int
 ) -> list[UnknownSend]:
-    """A journey's sends whose outcome is unknown, oldest first (keyset paging on updated_at)."""
+    """A journey's sends whose outcome is unknown, oldest first; `after` is the
+    last row of the previous page (updated_at, send_key)."""
     rows = await conn.fetch(
         "SELECT send_key, step_id, channel, member_id, reason, attempts, updated_at"
         " FROM engagement.sends WHERE journey_id = $1 AND status = 'unknown'"
-        " AND ($2::timestamptz IS NULL OR updated_at > $2)"
-        " ORDER BY updated_at, send_key LIMIT $3",
+        " AND ($2::timestamptz IS NULL OR (updated_at, send_key) > ($2, $3))"
+        " ORDER BY updated_at, send_key LIMIT $4",
         journey_id,
-        after,
+        after[0] if after else None,
+        after[1] if after else "",
         limit,
     )
     return [

@@ -157,7 +157,11 @@ def build_quiet(s: EngagementSettings) -> QuietHours:
 
 
 def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementApp:
-    s = EngagementSettings(**settings.model_dump())
+    s = (
+        settings
+        if isinstance(settings, EngagementSettings)
+        else EngagementSettings(**settings.model_dump())
+    )
     clock = clock or SystemClock()
     quiet = build_quiet(s)
     journeys = JourneyCache()
