@@ -101,6 +101,10 @@ class ProviderFakes:
                 raise RuntimeError("provider fakes stopped during startup")
             await asyncio.sleep(0.01)
 
+    async def serve_forever(self) -> None:
+        """Serve until SIGINT / SIGTERM (uvicorn's own signal handling)."""
+        await self._server.serve(sockets=[self._sock])
+
     async def stop(self) -> None:
         self._server.should_exit = True
         if self._task is not None:

@@ -43,23 +43,30 @@ class FakeStack:
 
     def settings(self) -> dict[str, Any]:
         """Engagement settings (lower-case names) that send through these fakes."""
-        return {
-            "wechat_api_base": self.server.url("wechat"),
-            "wechat_app_id": WECHAT_APP_ID,
-            "wechat_app_secret": WECHAT_APP_SECRET,
-            "wecom_api_base": self.server.url("wecom"),
-            "wecom_corp_id": WECOM_CORP_ID,
-            "wecom_corp_secret": WECOM_CORP_SECRET,
-            "sms_endpoint": self.server.url("sms", "/"),
-            "sms_access_key_id": SMS_KEY_ID,
-            "sms_access_key_secret": SMS_KEY_SECRET,
-            "sms_sign_name": SMS_SIGN_NAME,
-            "app_push_endpoint": self.server.url("push", "/"),
-            "app_push_token": PUSH_TOKEN,
-        }
+        return engagement_settings(self.server.base_url)
 
-    def environment(self) -> dict[str, str]:
-        return {k.upper(): str(v) for k, v in self.settings().items()}
+
+def engagement_settings(base_url: str) -> dict[str, Any]:
+    """The engagement settings that point every channel at fakes served at base_url."""
+    return {
+        "wechat_api_base": f"{base_url}/wechat",
+        "wechat_app_id": WECHAT_APP_ID,
+        "wechat_app_secret": WECHAT_APP_SECRET,
+        "wecom_api_base": f"{base_url}/wecom",
+        "wecom_corp_id": WECOM_CORP_ID,
+        "wecom_corp_secret": WECOM_CORP_SECRET,
+        "sms_endpoint": f"{base_url}/sms/",
+        "sms_access_key_id": SMS_KEY_ID,
+        "sms_access_key_secret": SMS_KEY_SECRET,
+        "sms_sign_name": SMS_SIGN_NAME,
+        "app_push_endpoint": f"{base_url}/push/",
+        "app_push_token": PUSH_TOKEN,
+    }
+
+
+def engagement_environment(base_url: str) -> dict[str, str]:
+    """The same as environment variables (`make run`'s engagement process)."""
+    return {k.upper(): str(v) for k, v in engagement_settings(base_url).items()}
 
 
 def build_stack(
