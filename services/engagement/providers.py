@@ -97,6 +97,9 @@ class TokenCache:
         self._lock_ttl_ms = int(lock_ttl.total_seconds() * 1000)
         self._poll = poll
         self._local = asyncio.Lock()
+        # This process's copy, so a send costs no Redis round trip; a token
+        # another replica replaced is noticed by its 40001 (refresh reads Redis).
+        self._memo: Token | None = None
         # How many tokens this replica fetched (tests, metrics).
         self.fetches = 0
 
@@ -110,45 +113,58 @@ class TokenCache:
         data = json.loads(raw)
         return Token(str(data["token"]), float(data["expires_at"]))
 
+    def _fresh(self, token: Token | None) -> bool:
+        return token is not None and token.expires_at - self._margin > self._now()
+
     async def get(self) -> str:
-        found = await self._cached()
-        if found is not None and found.expires_at - self._margin > self._now():
-            return found.value
-        return await self.refresh(found.value if found else None, force=False)
+        if self._memo is not None and self._fresh(self._memo):
+            return self._memo.value
+        async with self._local:  # one Redis read per process, not one per send
+            if self._memo is not None and self._fresh(self._memo):
+                return self._memo.value
+            found = await self._cached()
+            if found is not None and self._fresh(found):
+                self._memo = found
+                return found.value
+            return await self._refresh_locked(found.value if found else None, force=False)
 
     async def refresh(self, stale: str | None, force: bool = True) -> str:
-        """A token other than `stale`: the cached one if another replica already
-        replaced it, else a new one from the provider (one replica at a time)."""
-        async with self._local:  # one waiter per process, the rest queue here
-            deadline = self._now() + self._lock_ttl_ms / 1000 * 2
-            while True:
-                found = await self._cached()
-                if (
-                    found is not None
-                    and found.value != stale
-                    and found.expires_at - self._margin > self._now()
-                ):
-                    return found.value
-                me = secrets.token_hex(8)
-                if await self._redis.set(self._lock_key, me, nx=True, px=self._lock_ttl_ms):
-                    try:
-                        found = await self._cached()
-                        if (
-                            found is not None
-                            and found.value != stale
-                            and found.expires_at - self._margin > self._now()
-                        ):
-                            return found.value
-                        value, expires_in = await self._fetch(force and stale is not None)
-                        self.fetches += 1
-                        token = {"token": value, "expires_at": self._now() + expires_in}
-                        await self._redis.set(self._key, json.dumps(token), ex=max(1, expires_in))
-                        return value
-                    finally:
-                        await self._release(me)
-                if self._now() > deadline:
-                    raise TokenError("TOKEN_LOCK_TIMEOUT", "no replica finished refreshing")
-                await asyncio.sleep(self._poll)
+        """A token other than `stale`: the cached one if another task or replica
+        already replaced it, else a new one from the provider (one replica at a time)."""
+        async with self._local:  # the process's other tasks queue here
+            memo = self._memo
+            if memo is not None and memo.value != stale and self._fresh(memo):
+                return memo.value
+            return await self._refresh_locked(stale, force)
+
+    async def _refresh_locked(self, stale: str | None, force: bool) -> str:
+        # Waiting is measured on the event loop's clock (the service clock may be a fake).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._lock_ttl_ms / 1000 * 2
+        while True:
+            found = await self._cached()
+            if found is not None and found.value != stale and self._fresh(found):
+                self._memo = found
+                return found.value
+            me = secrets.token_hex(8)
+            if await self._redis.set(self._lock_key, me, nx=True, px=self._lock_ttl_ms):
+                try:
+                    found = await self._cached()
+                    if found is not None and found.value != stale and self._fresh(found):
+                        self._memo = found
+                        return found.value
+                    value, expires_in = await self._fetch(force and stale is not None)
+                    self.fetches += 1
+                    token = Token(value, self._now() + expires_in)
+                    stored = {"token": value, "expires_at": token.expires_at}
+                    await self._redis.set(self._key, json.dumps(stored), ex=max(1, expires_in))
+                    self._memo = token
+                    return value
+                finally:
+                    await self._release(me)
+            if loop.time() > deadline:
+                raise TokenError("TOKEN_LOCK_TIMEOUT", "no replica finished refreshing")
+            await asyncio.sleep(self._poll)
 
     async def _release(self, me: str) -> None:
         # Delete the lock only if it is still ours (it may have timed out).
