@@ -5,13 +5,19 @@ every member is enrolled in two journeys whose first step is a targeted WeCom
 send, so each member's daily "1 targeted" budget is contested by two steps
 (priority must win), and 10% of members have no marketing consent (their sends
 must be suppressed). Then --workers sweepers (the service's own Scheduler, as
-concurrent tasks on one pool) run until nothing is due, and the result is
-checked in SQL:
+concurrent tasks on one pool) run until nothing is due while --dispatchers
+dispatchers (the service's own, with the real WeCom provider) deliver the
+sends through the WeCom fake (devtools/provider_fakes, in this process: its
+CPU is counted too) until nothing is pending; the figure is due steps per
+second including that dispatch. `--dispatchers 0` measures sweeping alone.
+The result is checked in SQL and against the fake:
 
 - every due step ran (no timer left, every enrollment completed);
 - zero duplicate sends (at most one send row per enrollment and step);
 - zero cap violations (at most one targeted send per member per local day);
-- zero sends without consent.
+- zero sends without consent;
+- every send the sweep decided reached the fake exactly once (delivered rows
+  = WeCom tasks created; nothing left pending, sending or unknown).
 
 Prints a table and writes bench/results/journeys-<UTC timestamp>.json.
 Counts are a flag (--steps); report the size you ran. The machine may be
@@ -32,12 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
+from redis.asyncio import Redis
 
+from devtools import embedded
+from devtools.provider_fakes.stack import build_stack
 from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
 from servicekit.migrations import upgrade
+from services.engagement.channels import Dispatcher
 from services.engagement.domain import FakeClock, QuietHours
 from services.engagement.ports import LocalConsent
+from services.engagement.providers import build_providers
 from services.engagement.scheduler import JourneyCache, Scheduler
+from services.engagement.settings import EngagementSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -56,6 +69,7 @@ def journey(journey_id: str, priority: int) -> dict[str, Any]:
                 "type": "send",
                 "channel": "wecom",
                 "template": f"{journey_id}-offer",
+                "text": "An offer for you",
                 "class": "targeted",
                 "next": "end",
             },
@@ -73,6 +87,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="concurrent sweepers (4)")
     p.add_argument("--batch", type=int, default=1000, help="steps claimed per transaction (1000)")
     p.add_argument("--no-consent-percent", type=int, default=10, help="members without consent")
+    p.add_argument(
+        "--dispatchers", type=int, default=2, help="dispatchers through the fakes (2; 0 = none)"
+    )
     p.add_argument("--target-seconds", type=float, default=120.0)
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--keep-database", action="store_true")
@@ -144,6 +161,13 @@ async def seed(conn: asyncpg.Connection, steps: int, no_consent_percent: int) ->
         columns=["enrollment_id", "journey_id", "step_id", "due_at", "priority"],
         records=timers,
     )
+    # The WeCom contact of each member (what member would answer at send time).
+    await conn.copy_records_to_table(
+        "channel_addresses",
+        schema_name="engagement",
+        columns=["member_id", "channel", "address"],
+        records=[(m, "wecom", f"wm-{m.hex[:16]}") for m in members],
+    )
     await conn.execute("ANALYZE engagement.timers; ANALYZE engagement.enrollments;")
     return len(timers)
 
@@ -156,7 +180,15 @@ async def verify(conn: asyncpg.Connection) -> dict[str, int]:
             "SELECT count(*) FROM engagement.enrollments WHERE status <> 'completed'"
         ),
         "send_rows": await q("SELECT count(*) FROM engagement.sends"),
-        "sent": await q("SELECT count(*) FROM engagement.sends WHERE status = 'pending'"),
+        "sent": await q(
+            "SELECT count(*) FROM engagement.sends WHERE status IN ('pending', 'sending',"
+            " 'delivered', 'failed', 'unknown')"
+        ),
+        "delivered": await q("SELECT count(*) FROM engagement.sends WHERE status = 'delivered'"),
+        "not_settled": await q(
+            "SELECT count(*) FROM engagement.sends WHERE status IN ('pending', 'sending',"
+            " 'unknown', 'failed')"
+        ),
         "capped": await q("SELECT count(*) FROM engagement.sends WHERE status = 'capped'"),
         "suppressed": await q("SELECT count(*) FROM engagement.sends WHERE status = 'suppressed'"),
         "duplicate_sends": await q(
@@ -165,17 +197,22 @@ async def verify(conn: asyncpg.Connection) -> dict[str, int]:
         ),
         "cap_violations": await q(
             "SELECT count(*) FROM (SELECT member_id, local_day FROM engagement.sends"
-            " WHERE status = 'pending' AND message_class = 'targeted'"
+            " WHERE status IN ('pending', 'sending', 'delivered') AND message_class = 'targeted'"
             " GROUP BY 1, 2 HAVING count(*) > 1) v"
         ),
         "sent_without_consent": await q(
-            "SELECT count(*) FROM engagement.sends s WHERE s.status = 'pending' AND NOT EXISTS"
+            "SELECT count(*) FROM engagement.sends s"
+            " WHERE s.status IN ('pending', 'sending', 'delivered') AND NOT EXISTS"
             " (SELECT 1 FROM engagement.consents c WHERE c.member_id = s.member_id"
             "  AND c.channel = s.channel AND c.granted)"
         ),
+        # A lower-priority send that kept the slot. Without dispatch it must be
+        # zero; with dispatch running alongside, a low send already delivered
+        # before the high one was decided keeps its slot (docs/journeys.md:
+        # "once delivered, a message is not taken back"), so it is reported.
         "low_priority_won": await q(
             "SELECT count(*) FROM engagement.sends s WHERE s.journey_id = 'bench-low'"
-            " AND s.status = 'pending'"
+            " AND s.status IN ('pending', 'sending', 'delivered')"
         ),
     }
 
@@ -192,7 +229,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         steps = await seed(conn, args.steps, args.no_consent_percent)
         say(f"seeded {steps:,} due steps in {time.perf_counter() - t0:.1f}s")
-        pool = await create_pool(url, args.workers, args.workers + 1)
+        pool = await create_pool(url, args.workers, args.workers + args.dispatchers + 1)
         db = Database(pool, "engagement", "engagement")
         clock = FakeClock(NOW)
         journeys = JourneyCache()
@@ -200,11 +237,52 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             Scheduler(db, clock, LocalConsent(), QuietHours(), journeys, batch_size=args.batch)
             for _ in range(args.workers)
         ]
-        t0 = time.perf_counter()
-        await asyncio.gather(*(s.run_until_idle(max_batches=10**9) for s in sweepers))
-        elapsed = time.perf_counter() - t0
+        fakes = build_stack(clock=lambda: clock.now().timestamp(), strict=False)
+        await fakes.server.start()
+        redis_url = os.environ.get("REDIS_URL")
+        servers = (
+            None if redis_url else await asyncio.to_thread(embedded.start, "bench", base, None)
+        )
+        redis = Redis.from_url(redis_url or (servers.redis_url if servers else ""))
+        client = httpx.AsyncClient(timeout=5, limits=httpx.Limits(max_connections=200))
+        settings = EngagementSettings(**fakes.settings(), redis_namespace=f"bench-{name}")
+        providers = build_providers(settings, client, redis, clock)
+        dispatchers = [
+            Dispatcher(db, clock, providers, {}, batch_size=200) for _ in range(args.dispatchers)
+        ]
+        swept = asyncio.Event()
+
+        async def sweep(s: Scheduler) -> None:
+            await s.run_until_idle(max_batches=10**9)
+
+        async def dispatch(d: Dispatcher) -> None:
+            while True:
+                n = await d.dispatch_once()
+                if n == 0:
+                    if swept.is_set() and await d.dispatch_once() == 0:
+                        return
+                    await asyncio.sleep(0.01)
+
+        async def sweep_all() -> None:
+            await asyncio.gather(*(sweep(s) for s in sweepers))
+            swept.set()
+
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            await asyncio.gather(sweep_all(), *(dispatch(d) for d in dispatchers))
+            elapsed = time.perf_counter() - t0
+            # This process's CPU (sweepers, dispatchers, providers and the fakes;
+            # PostgreSQL's is not counted): steadier than wall time on a shared machine.
+            cpu = time.process_time() - cpu0
+        finally:
+            await client.aclose()
+            await redis.aclose()
+            await fakes.server.stop()
+            if servers is not None:
+                await asyncio.to_thread(servers.stop)
         await db.close()
         checks = await verify(conn)
+        checks["provider_tasks"] = len(fakes.wecom.tasks)
         await conn.close()
     finally:
         if not args.keep_database:
@@ -217,7 +295,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         and checks["duplicate_sends"] == 0
         and checks["cap_violations"] == 0
         and checks["sent_without_consent"] == 0
-        and checks["low_priority_won"] == 0
+        and (args.dispatchers > 0 or checks["low_priority_won"] == 0)
+        and (
+            args.dispatchers == 0
+            or (
+                checks["not_settled"] == 0
+                and checks["delivered"] == checks["sent"] == checks["provider_tasks"]
+            )
+        )
     )
     return {
         "scenario": "journeys",
@@ -226,7 +311,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "processed": processed,
         "workers": args.workers,
         "batch": args.batch,
+        "dispatchers": args.dispatchers,
         "seconds": round(elapsed, 2),
+        "process_cpu_seconds": round(cpu, 2),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "steps_per_second": round(processed / elapsed, 1) if elapsed else None,
         "target_seconds": args.target_seconds,
         "within_target": elapsed <= args.target_seconds * steps / 1_000_000,
@@ -245,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'due steps':<28}{result['steps']:>14,}")
     print(f"{'sweepers x batch':<28}{result['workers']:>8} x {result['batch']:<4}")
+    print(f"{'dispatchers (via fakes)':<28}{result['dispatchers']:>14}")
     print(f"{'seconds':<28}{result['seconds']:>14}")
     print(f"{'steps/s':<28}{result['steps_per_second']:>14,}")
+    print(f"{'process CPU seconds':<28}{result['process_cpu_seconds']:>14}")
+    print(f"{'load average (1 min)':<28}{result['load_average_1m']:>14}")
     print(f"{'batch conflicts (retried)':<28}{result['batch_conflicts']:>14,}")
     for key, value in result["checks"].items():
         print(f"{key:<28}{value:>14,}")

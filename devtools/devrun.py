@@ -348,6 +348,18 @@ def banner(
         f"{keys.miniprogram_secret} --header 'Idempotency-Key: bind-1' --json "
         f'\'{{"request_key":"bind-1","app_id":"{DEMO_APP_ID}","openid":"o-demo",'
         f'"code":"dev-{DEMO_PHONE}"}}\' POST {http}/v1/members/bind-phone',
+        "  # a journey through the channel providers' fakes (the production send path):",
+        f"  {py} -m gateway.auth.client --key-id {keys.operator_key_id} --secret "
+        f'{keys.operator_secret} --json "$(cat devtools/provider_fakes/demo_journey.json)" '
+        f"POST {http}/v1/admin/journeys",
+        f"  {py} -m gateway.auth.client --key-id {keys.miniprogram_key_id} --secret "
+        f"{keys.miniprogram_secret} --header 'X-Member-Appid: {DEMO_APP_ID}' "
+        "--header 'X-Member-Openid: o-demo' --json "
+        f'\'{{"event_id":"\'$({py} -c "import uuid; print(uuid.uuid4())")\'",'
+        '"type":"check_in","attributes":{"store_id":"SH001"}}\' '
+        f"POST {http}/v1/members/{mid}/events",
+        f"  {signed} {http}/v1/admin/journeys/demo-check-in/sends"
+        "   # app_push delivered; sms sending, then delivered by its report",
         "  # more clients: python -m gateway clients create --help",
         "",
         "Ctrl-C to stop.",

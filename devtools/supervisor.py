@@ -23,6 +23,8 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.provider_fakes.stack import engagement_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("member", "tiering", "engagement", "rewards", "guides")
 DEFAULT_PORTS = {
@@ -36,6 +38,7 @@ DEFAULT_PORTS = {
     "metrics": 9464,
     "wechat": 8099,
     "console": 8090,
+    "providers": 8098,
 }
 # Environment variables that override the ports above. The gateway reads
 # POS_GRPC_PORT and HTTP_PORT itself; the services all read GRPC_PORT, so each
@@ -51,11 +54,14 @@ PORT_ENV = {
     "metrics": "METRICS_PORT",
     "wechat": "WECHAT_FAKE_PORT",
     "console": "CONSOLE_PORT",
+    "providers": "PROVIDER_FAKES_PORT",
 }
 LOOPBACK = "127.0.0.1"
 # The local fake WeChat's apps (gateway/wechat_fake.py): the gateway verifies
 # the demo mini-program's phone codes against it.
 DEMO_WECHAT_APPS = '{"wx-shop": "dev-only-wechat-app-secret"}'
+# The token of the SMS delivery-report URL the provider fakes push to (dev only).
+DEMO_SMS_RECEIPT_TOKEN = "dev-only-sms-receipt-token"
 # A service drains for shutdown_grace_seconds (10 by default) after SIGTERM;
 # give it that plus a margin before SIGKILL.
 STOP_GRACE_SECONDS = 15.0
@@ -162,10 +168,36 @@ def platform_children(
     children = []
     # Every process learns every service's address (engagement calls rewards, ...).
     addresses = {f"{name.upper()}_ADDR": f"{LOOPBACK}:{ports[name]}" for name in SERVICES}
+    # Engagement sends through the channel providers' fakes (devtools/provider_fakes),
+    # the same code a production send runs.
+    fakes = f"http://{LOOPBACK}:{ports['providers']}"
+    channels = engagement_environment(fakes)
     for name in SERVICES:
         target = f"{LOOPBACK}:{ports[name]}"
-        env = child_env(base_env, GRPC_HOST=LOOPBACK, GRPC_PORT=str(ports[name]), **addresses)
+        extra = channels if name == "engagement" else {}
+        env = child_env(
+            base_env, GRPC_HOST=LOOPBACK, GRPC_PORT=str(ports[name]), **addresses, **extra
+        )
         children.append(Child(name, [python, "-m", f"services.{name}"], env, grpc_target=target))
+    receipts = (
+        f"http://{LOOPBACK}:{ports['http']}/v1/callbacks/sms/aliyun?token={DEMO_SMS_RECEIPT_TOKEN}"
+    )
+    children.append(
+        Child(
+            "providers",
+            [
+                python,
+                "-m",
+                "devtools.provider_fakes",
+                "--port",
+                str(ports["providers"]),
+                "--report-url",
+                receipts,
+            ],
+            child_env(base_env),
+            http_ready=(LOOPBACK, ports["providers"], "/healthz"),
+        )
+    )
     wechat_apps = base_env.get("WECHAT_APPS") or DEMO_WECHAT_APPS
     children.append(
         Child(
@@ -179,6 +211,7 @@ def platform_children(
         base_env,
         WECHAT_API_BASE=f"http://{LOOPBACK}:{ports['wechat']}",
         WECHAT_APPS=wechat_apps,
+        SMS_RECEIPT_TOKEN=DEMO_SMS_RECEIPT_TOKEN,
         HTTP_HOST=LOOPBACK,
         HTTP_PORT=str(ports["http"]),
         POS_GRPC_HOST=LOOPBACK,

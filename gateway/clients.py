@@ -386,6 +386,21 @@ class EngagementClient(_Client):
             self._stub.GetJourneyMetrics, engagement_pb2.JourneyRef(journey_id=journey_id)
         )
 
+    async def journey_sends(self, journey_id: str) -> engagement_pb2.JourneySends:
+        return await self._call(
+            self._stub.GetJourneySends, engagement_pb2.JourneyRef(journey_id=journey_id)
+        )
+
+    async def unknown_sends(
+        self, request: engagement_pb2.ListUnknownSendsRequest
+    ) -> engagement_pb2.ListUnknownSendsResponse:
+        return await self._call(self._stub.ListUnknownSends, request)
+
+    async def apply_sms_receipts(
+        self, request: engagement_pb2.ApplySmsReceiptsRequest
+    ) -> engagement_pb2.ApplySmsReceiptsResponse:
+        return await self._call(self._stub.ApplySmsReceipts, request)
+
     async def ingest_event(
         self, request: engagement_pb2.IngestEventRequest
     ) -> engagement_pb2.IngestEventResponse:
@@ -467,6 +482,8 @@ class Downstreams:
             settings.wechat_apps,
             timeout_seconds=settings.wechat_timeout_seconds,
         )
+        # What the SMS provider's delivery-report URL carries (never logged).
+        self.sms_receipt_token = settings.sms_receipt_token.get_secret_value()
 
     def _get(self, cls: type[_C]) -> _C:
         client = self._clients.get(cls)

@@ -4,7 +4,7 @@ Kubernetes manifests rely on exactly these names."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from servicekit.settings import CommonSettings
 
@@ -116,3 +116,6 @@ class GatewaySettings(CommonSettings):
     # checks, as JSON (WECHAT_APPS='{"wx123": "secret"}'), from a Secret.
     wechat_apps: dict[str, str] = Field(default_factory=dict)
     wechat_timeout_seconds: float = Field(default=3.0, gt=0)
+    # The token in the SMS delivery-report URL configured at Aliyun
+    # (POST /v1/callbacks/sms/aliyun?token=...), from a Secret; empty = reports refused.
+    sms_receipt_token: SecretStr = SecretStr("")

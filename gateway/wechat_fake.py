@@ -1,5 +1,7 @@
 """A local fake of the two WeChat API calls the gateway makes (gateway/wechat.py):
-`GET /cgi-bin/token` and `POST /wxa/business/getuserphonenumber`. For tests
+`GET /cgi-bin/token` and `POST /wxa/business/getuserphonenumber`; plus the
+stable token (`POST /cgi-bin/stable_token`) engagement's subscribe messages
+use (devtools/provider_fakes/wechat.py serves those on top of this). For tests
 and `make run` only; it answers in WeChat's shapes and errcodes.
 
 Phone codes are single-use and expire after 5 minutes, as WeChat's do. Tests
@@ -39,6 +41,8 @@ class FakeWeChat:
     # What the fake saw, for tests: how many tokens it issued.
     token_requests: int = 0
     phone_requests: int = 0
+    stable_token_requests: int = 0
+    _expired: set[str] = field(default_factory=set)
     _tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
     _codes: dict[str, tuple[str, str, float]] = field(default_factory=dict)
 
@@ -61,6 +65,44 @@ class FakeWeChat:
         value = f"fake-{secrets.token_hex(12)}"
         self._tokens[value] = (appid, self.clock() + self.token_lifetime_seconds)
         return {"access_token": value, "expires_in": self.token_lifetime_seconds}
+
+    def stable_token(self, appid: str, secret: str, force_refresh: bool) -> dict[str, Any]:
+        """`POST /cgi-bin/stable_token`: the app's current token while it is
+        valid; a new one (the old one stops working) when forced or expired."""
+        self.stable_token_requests += 1
+        if appid not in self.apps:
+            return {"errcode": 40013, "errmsg": "invalid appid"}
+        if not secrets.compare_digest(self.apps[appid], secret):
+            return {"errcode": 40125, "errmsg": "invalid appsecret"}
+        now = self.clock()
+        current = [(v, exp) for v, (a, exp) in self._tokens.items() if a == appid and exp > now]
+        if current and not force_refresh:
+            value, exp = current[-1]
+            return {"access_token": value, "expires_in": int(exp - now)}
+        for value, _ in current:
+            del self._tokens[value]
+        value = f"fake-{secrets.token_hex(12)}"
+        self._tokens[value] = (appid, now + self.token_lifetime_seconds)
+        return {"access_token": value, "expires_in": self.token_lifetime_seconds}
+
+    def token_error(self, access_token: str) -> dict[str, Any] | None:
+        """None when the token is good, else WeChat's answer (40001 unknown, 42001 expired)."""
+        owner = self._tokens.get(access_token)
+        if owner is None:
+            if access_token in self._expired:
+                return {"errcode": 42001, "errmsg": "access_token expired"}
+            return {"errcode": 40001, "errmsg": "invalid credential, access_token is invalid"}
+        if owner[1] <= self.clock():
+            return {"errcode": 42001, "errmsg": "access_token expired"}
+        return None
+
+    def expire_token(self, access_token: str) -> None:
+        """One token expires now (42001 from then on)."""
+        if self._tokens.pop(access_token, None) is not None:
+            self._expired.add(access_token)
+
+    def app_of(self, access_token: str) -> str:
+        return self._tokens[access_token][0]
 
     def phone_number(self, access_token: str, code: str) -> dict[str, Any]:
         self.phone_requests += 1
@@ -99,6 +141,17 @@ class FakeWeChat:
             if grant_type != "client_credential":
                 return {"errcode": 40002, "errmsg": "invalid grant_type"}
             return self.token(appid, secret)
+
+        @api.post("/cgi-bin/stable_token")
+        async def stable_token(request: Request) -> dict[str, Any]:
+            body = await request.json()
+            if body.get("grant_type") != "client_credential":
+                return {"errcode": 40002, "errmsg": "invalid grant_type"}
+            return self.stable_token(
+                str(body.get("appid", "")),
+                str(body.get("secret", "")),
+                bool(body.get("force_refresh", False)),
+            )
 
         @api.post("/wxa/business/getuserphonenumber")
         async def phone(request: Request, access_token: str = "") -> dict[str, Any]:

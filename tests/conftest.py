@@ -7,6 +7,7 @@ import inspect
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -143,10 +144,24 @@ async def tiering_app(infra: Infra, tiering_clock: ServiceClock) -> AsyncIterato
 
 
 @pytest.fixture(scope="session")
-async def engagement_app(infra: Infra) -> AsyncIterator[ServiceApp]:
-    from services.engagement.server import build
+async def provider_fakes() -> AsyncIterator[Any]:
+    """The channel providers' fakes (devtools/provider_fakes), lenient: every
+    openid has credit, every WeCom contact is a customer."""
+    from devtools.provider_fakes.stack import build_stack
 
-    async for app in _serve(build(infra.service_settings())):
+    stack = build_stack(strict=False)
+    await stack.server.start()
+    yield stack
+    await stack.server.stop()
+
+
+@pytest.fixture(scope="session")
+async def engagement_app(infra: Infra, provider_fakes: Any) -> AsyncIterator[ServiceApp]:
+    from services.engagement.server import build
+    from services.engagement.settings import EngagementSettings
+
+    settings = {**infra.service_settings().model_dump(), **provider_fakes.settings()}
+    async for app in _serve(build(EngagementSettings(**settings))):
         yield app
 
 

@@ -1,12 +1,14 @@
 """Engagement routes: mini-program event ingestion and unsubscribe; operators
-publish, pause and resume journeys, read their metrics, and list, replay or
-expire parked events (engagement service)."""
+publish, pause and resume journeys, read their metrics and their sends (by
+status and provider code, and the unknown ones), and list, replay or expire
+parked events; the SMS provider's delivery reports (engagement service)."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query, Request
@@ -15,6 +17,7 @@ from pydantic.config import JsonDict
 
 from loyalty.engagement.v1 import engagement_pb2
 from loyalty.member.v1 import member_pb2
+from servicekit.errors import PermissionDenied
 from servicekit.protos import to_datetime
 
 from .common import (
@@ -614,3 +617,160 @@ async def expire_parked_events(request: Request, body: ExpireParked | None = Non
     days = body.older_than_days if body and body.older_than_days else 0
     reply = await downstreams(request).engagement.expire_parked_events(days)
     return Expired(expired=reply.expired)
+
+
+# ---- channel sends: what operators see, and the SMS delivery reports --------------
+
+
+class SendCountRow(BaseModel):
+    step_id: str
+    channel: str
+    status: str = Field(
+        description="pending | sending | delivered | failed | no_credit | unknown | capped"
+        " | suppressed | dropped (docs/journeys.md, Channels)"
+    )
+    error_code: str = Field(description="The provider's code (errcode, SMS Code); empty if none")
+    count: int
+
+
+class JourneySendCounts(BaseModel):
+    journey_id: str
+    counts: list[SendCountRow]
+
+
+@router.get(
+    "/v1/admin/journeys/{journey_id}/sends",
+    response_model=JourneySendCounts,
+    tags=["journeys"],
+    summary="The journey's sends by step, channel, status and provider error code",
+    responses=JOURNEY_ERRORS,
+)
+async def journey_sends(journey_id: JourneyId, request: Request) -> JourneySendCounts:
+    reply = await downstreams(request).engagement.journey_sends(journey_id)
+    return JourneySendCounts(
+        journey_id=reply.journey_id,
+        counts=[
+            SendCountRow(
+                step_id=c.step_id,
+                channel=c.channel,
+                status=c.status,
+                error_code=c.error_code,
+                count=c.count,
+            )
+            for c in reply.counts
+        ],
+    )
+
+
+class UnknownSendRow(BaseModel):
+    send_key: str
+    step_id: str
+    channel: str
+    member_id: str
+    reason: str = Field(description="What left it unknown: a time-out, a dropped connection, ...")
+    attempts: int
+    updated_at: datetime
+
+
+class UnknownSends(BaseModel):
+    sends: list[UnknownSendRow]
+    next_page_token: str | None = None
+
+
+@router.get(
+    "/v1/admin/journeys/{journey_id}/sends/unknown",
+    response_model=UnknownSends,
+    tags=["journeys"],
+    summary="Sends whose outcome nobody knows (never resent automatically), oldest first",
+    responses=JOURNEY_ERRORS,
+)
+async def unknown_sends(
+    journey_id: JourneyId,
+    request: Request,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
+    page_token: Annotated[str, Query(max_length=200)] = "",
+) -> UnknownSends:
+    reply = await downstreams(request).engagement.unknown_sends(
+        engagement_pb2.ListUnknownSendsRequest(
+            journey_id=journey_id, page_size=page_size, page_token=page_token
+        )
+    )
+    return UnknownSends(
+        sends=[
+            UnknownSendRow(
+                send_key=u.send_key,
+                step_id=u.step_id,
+                channel=u.channel,
+                member_id=u.member_id,
+                reason=u.reason,
+                attempts=u.attempts,
+                updated_at=to_datetime(u.updated_at) or datetime.min.replace(tzinfo=UTC),
+            )
+            for u in reply.sends
+        ],
+        next_page_token=reply.next_page_token or None,
+    )
+
+
+class SmsReport(BaseModel):
+    """One item of Aliyun's SmsReport push (extra fields are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    biz_id: str = Field(min_length=1, max_length=64)
+    out_id: str = Field(min_length=1, max_length=128)
+    success: bool
+    err_code: str = Field(default="", max_length=64)
+    report_time: str = Field(default="", max_length=32, description="yyyy-MM-dd HH:mm:ss, UTC+8")
+
+
+MAX_REPORTS = 1000
+
+
+@router.post(
+    "/v1/callbacks/sms/aliyun",
+    tags=["journeys"],
+    summary="Aliyun SMS delivery reports (SmsReport batch push); answers {code: 0}",
+    description="Authenticated by the token in the URL configured at Aliyun "
+    "(`SMS_RECEIPT_TOKEN`). Each report settles its send once (matched by OutId and "
+    "BizId); a repeated push changes nothing.",
+    responses={403: problem_response("Wrong or missing token"), 503: problem_response("Retry")},
+)
+async def sms_reports(
+    request: Request,
+    reports: Annotated[list[SmsReport], Body(max_length=MAX_REPORTS)],
+    token: Annotated[str, Query(max_length=200)] = "",
+) -> dict[str, Any]:
+    expected = downstreams(request).sms_receipt_token
+    if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise PermissionDenied(
+            "the delivery-report token is wrong", code="BAD_CALLBACK_TOKEN", field="token"
+        )
+    reply = await downstreams(request).engagement.apply_sms_receipts(
+        engagement_pb2.ApplySmsReceiptsRequest(
+            receipts=[
+                engagement_pb2.SmsReceipt(
+                    out_id=r.out_id,
+                    biz_id=r.biz_id,
+                    success=r.success,
+                    err_code=r.err_code,
+                    reported_at=_report_time(r.report_time),
+                )
+                for r in reports
+            ]
+        )
+    )
+    # Aliyun's expected answer; anything else makes it push again.
+    return {"code": 0, "msg": "成功", "applied": reply.applied}
+
+
+def _report_time(text: str) -> Any:
+    """Aliyun reports in Beijing time, without a zone."""
+    try:
+        at = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_BEIJING)
+    except ValueError:
+        return None
+    return optional_timestamp(at)
+
+
+_BEIJING = timezone(timedelta(hours=8))

@@ -38,6 +38,9 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         # encrypted body (services/guides/wecom_crypto.py), not by a client key.
         ("GET", "/v1/wecom/callback"),
         ("POST", "/v1/wecom/callback"),
+        # Aliyun's SMS delivery reports: authenticated by the callback token
+        # configured with the URL (SMS_RECEIPT_TOKEN, gateway/api/engagement.py).
+        ("POST", "/v1/callbacks/sms/aliyun"),
     }
 )
 
@@ -119,6 +122,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", f"{_A}/journeys/{{journey_id}}/pause"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,
     ("GET", f"{_A}/journeys/{{journey_id}}/metrics"): ADMIN_JOURNEYS,
+    ("GET", f"{_A}/journeys/{{journey_id}}/sends"): ADMIN_JOURNEYS,
+    ("GET", f"{_A}/journeys/{{journey_id}}/sends/unknown"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/launch-near-store"): ADMIN_JOURNEYS,
     # ---- rewards routes of issue 13 (money): points-plus-cash mall payments
     ("POST", f"{_M}/mall/exchanges/{{exchange_id}}/payment"): MEMBER_SELF,

@@ -1,11 +1,20 @@
-"""Channel providers and the dispatcher that delivers committed sends.
+"""Channel adapters and the dispatcher that delivers committed sends.
 
-A send row is written by the scheduler (with its cap reservation) before any
-provider is called. The dispatcher leases pending rows, calls the provider
-with the send key as the idempotency key, and records the outcome. A crash
-between the provider call and the status update leaves the lease to expire;
-the retry carries the same key, so the provider drops the duplicate: each
-send is effectively once.
+A send row is written by the scheduler (with its cap reservation and its
+rendered template) before any provider is called. The dispatcher moves due
+sends `pending -> sending` in one transaction that re-reads consent, calls
+each send's provider once, and records what happened:
+
+    pending -> sending -> delivered | failed(code) | no_credit | unknown
+
+Providers have no idempotency key, so a call whose outcome is uncertain (a
+time-out after the request left, a dropped connection, a dispatcher that died
+mid-call) is `unknown` and is not sent again automatically: at most once for
+uncertain outcomes (a channel can be configured to resend them; default off).
+A definite refusal that may pass later (rate limit, busy) goes back to
+`pending` with back-off. An SMS the provider accepted stays `sending` until
+its delivery report settles it (apply_receipts). The providers themselves
+live in providers.py.
 """
 
 from __future__ import annotations
@@ -15,11 +24,9 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
-
-import httpx
 
 from servicekit.db import Connection, Database
 
@@ -29,7 +36,7 @@ from .domain import DAILY_CAPS, Clock, consent_refusal
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
+CHANNELS = ("wecom", "sms", "miniprogram", "app_push")
 
 
 @dataclass(frozen=True)
@@ -39,13 +46,20 @@ class Outbound:
     channel: str
     template: str
     address: str
+    # The rendered provider content (templates.render).
+    payload: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Delivery:
-    status: str  # delivered | retry | failed
+    # delivered | accepted (awaiting a receipt) | retry | failed | no_credit | unknown
+    status: str
     provider_ref: str = ""
     reason: str = ""
+    # The provider's own code (errcode, SMS Code, HTTP_503, ...).
+    code: str = ""
+    # For a retry: not before this (e.g. the end of a per-phone window).
+    retry_at: datetime | None = None
 
 
 class Provider(Protocol):
@@ -65,116 +79,39 @@ class AddressPort(Protocol):
         ...
 
 
-class HttpProvider:
-    """Calls a configurable endpoint in the provider's request shape.
-    2xx delivered; 408/429/5xx and transport errors are retried; other 4xx fail."""
-
-    channel = ""
-
-    def __init__(self, endpoint: str, client: httpx.AsyncClient) -> None:
-        self._endpoint = endpoint
-        self._client = client
-
-    def body(self, m: Outbound) -> dict[str, Any]:
-        raise NotImplementedError
-
-    async def send(self, message: Outbound) -> Delivery:
-        if not message.address:
-            return Delivery("failed", reason="NO_ADDRESS")
-        try:
-            reply = await self._client.post(
-                self._endpoint,
-                json=self.body(message),
-                headers={IDEMPOTENCY_HEADER: message.send_key},
-            )
-        except httpx.HTTPError as exc:
-            return Delivery("retry", reason=f"TRANSPORT: {type(exc).__name__}")
-        if reply.is_success:
-            ref = ""
-            try:
-                data = reply.json()
-                ref = str(data.get("msgid") or data.get("BizId") or data.get("id") or "")
-            except ValueError:
-                pass
-            return Delivery("delivered", provider_ref=ref)
-        if reply.status_code in (408, 429) or reply.status_code >= 500:
-            return Delivery("retry", reason=f"HTTP {reply.status_code}")
-        return Delivery("failed", reason=f"HTTP {reply.status_code}")
-
-
-class WeComProvider(HttpProvider):
-    """WeCom "add_msg_template" to one external contact."""
-
-    channel = "wecom"
-
-    def body(self, m: Outbound) -> dict[str, Any]:
-        return {
-            "chat_type": "single",
-            "external_userid": [m.address],
-            "text": {"content": m.template},
-            "msgid_hint": m.send_key,
-        }
-
-
-class SmsProvider(HttpProvider):
-    """An Aliyun-style SendSms request; OutId carries the idempotency key."""
-
-    channel = "sms"
-
-    def body(self, m: Outbound) -> dict[str, Any]:
-        return {
-            "PhoneNumbers": m.address,
-            "SignName": "loyalty",
-            "TemplateCode": m.template,
-            "TemplateParam": "{}",
-            "OutId": m.send_key,
-        }
-
-
-class MiniProgramProvider(HttpProvider):
-    """WeChat subscribeMessage.send (a credit was spent when the send was written)."""
-
-    channel = "miniprogram"
-
-    def body(self, m: Outbound) -> dict[str, Any]:
-        return {"touser": m.address, "template_id": m.template, "page": "pages/index", "data": {}}
-
-
-class AppPushProvider(HttpProvider):
-    channel = "app_push"
-
-    def body(self, m: Outbound) -> dict[str, Any]:
-        return {"to": m.address, "template": m.template, "idempotency_key": m.send_key}
-
-
 class LocalSink:
-    """What `make run` uses when no endpoint is configured: records and logs
-    what would have been sent, deduplicating by idempotency key like a provider."""
+    """Records and logs what would have been sent, for tests that are not about
+    providers; it needs no address. Deployments and `make run` use the real
+    providers (pointed at devtools/provider_fakes in `make run`)."""
+
+    needs_address = False
 
     def __init__(self, channel: str, keep: int = 1000) -> None:
         self.channel = channel
         self.sent: deque[Outbound] = deque(maxlen=keep)
-        self._keys: set[str] = set()
 
     async def send(self, message: Outbound) -> Delivery:
-        if message.send_key not in self._keys:
-            self._keys.add(message.send_key)
-            self.sent.append(message)
-            log.info(
-                "local sink: would send %s template=%s to member=%s",
-                message.channel,
-                message.template,
-                message.member_id,
-            )
+        self.sent.append(message)
+        log.info(
+            "local sink: would send %s template=%s to member=%s",
+            message.channel,
+            message.template,
+            message.member_id,
+        )
         return Delivery("delivered", provider_ref=f"sink:{message.send_key}")
 
 
-PROVIDERS: dict[str, type[HttpProvider]] = {
-    "wecom": WeComProvider,
-    "sms": SmsProvider,
-    "miniprogram": MiniProgramProvider,
-    "app_push": AppPushProvider,
-}
+class NotConfigured:
+    """A channel with no provider credentials: its sends fail, visibly, with
+    CHANNEL_NOT_CONFIGURED (never a pretend delivery)."""
+
+    needs_address = False
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+
+    async def send(self, message: Outbound) -> Delivery:
+        return Delivery("failed", reason="CHANNEL_NOT_CONFIGURED", code="CHANNEL_NOT_CONFIGURED")
 
 
 class RateLimiter:
@@ -242,6 +179,7 @@ class Dispatcher:
         retry_cap: timedelta = timedelta(minutes=10),
         resolver: AddressPort | None = None,
         caps: dict[str, int] | None = None,
+        resend_unknown: frozenset[str] = frozenset(),
     ) -> None:
         self._db = db
         # The capped classes: a send suppressed at delivery gives its slot back.
@@ -255,39 +193,70 @@ class Dispatcher:
         self._max_attempts = max_attempts
         self._retry_base = retry_base
         self._retry_cap = retry_cap
+        # Channels whose uncertain outcomes go back to pending (default: none).
+        self._resend_unknown = resend_unknown
 
     async def dispatch_once(self) -> int:
         now = self._clock.now()
         async with self._db.unit_of_work() as uow:
+            expired = await scheduler_repo.expire_in_flight(
+                uow.conn, now, sorted(self._resend_unknown), self._batch
+            )
             leased = await scheduler_repo.lease_pending_sends(
                 uow.conn, now, now + self._lease, self._batch
             )
-            # Consent as it is now, not as it was when the send was written: a
-            # send that waited (quiet hours, a retry's back-off) does not go
+            # Consent as it is now, in the step that moves pending -> sending:
+            # a send that waited (quiet hours, a retry's back-off) does not go
             # after the member refused the channel.
             rows = await self._drop_refused(uow.conn, leased, now)
             ids = list({r.member_id for r in rows if r.member_id is not None})
             addresses = await facts_repo.addresses(uow.conn, ids) if ids else {}
         if not leased:
-            return 0
+            return expired
         if not rows:
             return len(leased)
         deliveries = await asyncio.gather(
             *(self._deliver(r, addresses) for r in rows), return_exceptions=True
         )
         done = self._clock.now()
-        results: list[tuple[str, str, str, str, Any]] = []
-        for row, outcome in zip(rows, deliveries, strict=True):
-            d = as_delivery(outcome)
-            if d.status == "retry" and row.attempts < self._max_attempts:
-                nxt = done + backoff(row.attempts, self._retry_base, self._retry_cap)
-                results.append((row.send_key, "pending", d.reason, d.provider_ref, nxt))
-            else:
-                status = "delivered" if d.status == "delivered" else "failed"
-                results.append((row.send_key, status, d.reason, d.provider_ref, None))
+        results = [
+            self._outcome(row, as_delivery(outcome), done)
+            for row, outcome in zip(rows, deliveries, strict=True)
+        ]
         async with self._db.unit_of_work() as uow:
-            await scheduler_repo.record_deliveries(uow.conn, results, done)
+            await scheduler_repo.record_outcomes(uow.conn, results, done)
+            for row, r in zip(rows, results, strict=True):
+                if r.status == "no_credit" and row.member_id is not None:
+                    # WeChat says the member has no credit for this template:
+                    # our count was wrong, the provider's is the truth.
+                    await facts_repo.clear_subscription_credits(
+                        uow.conn, row.member_id, row.template
+                    )
         return len(rows)
+
+    def _outcome(
+        self, row: scheduler_repo.OutboundRow, d: Delivery, done: datetime
+    ) -> scheduler_repo.Outcome:
+        def final(status: str) -> scheduler_repo.Outcome:
+            return scheduler_repo.Outcome(row.send_key, status, d.reason, d.provider_ref, d.code)
+
+        if d.status == "accepted":
+            # Taken by the provider; the delivery report settles it (no lease).
+            return scheduler_repo.Outcome(
+                row.send_key, "sending", "ACCEPTED", d.provider_ref, "", None
+            )
+        if d.status == "unknown" and row.channel in self._resend_unknown:
+            d = Delivery("retry", d.provider_ref, d.reason, d.code)
+        if d.status == "retry":
+            if row.attempts >= self._max_attempts:
+                return final("failed")
+            nxt = done + backoff(row.attempts, self._retry_base, self._retry_cap)
+            if d.retry_at is not None:
+                nxt = max(nxt, d.retry_at)
+            return scheduler_repo.Outcome(row.send_key, "pending", d.reason, "", d.code, nxt)
+        if d.status in ("delivered", "failed", "no_credit", "unknown"):
+            return final(d.status)
+        return final("failed")
 
     async def _drop_refused(
         self, conn: Connection, rows: list[scheduler_repo.OutboundRow], now: datetime
@@ -298,7 +267,7 @@ class Dispatcher:
         ids = list({r.member_id for r in rows if r.member_id is not None})
         consents = await facts_repo.consents_of(conn, ids) if ids else {}
         keep: list[scheduler_repo.OutboundRow] = []
-        refused: list[tuple[str, str, str, str, datetime | None]] = []
+        refused: list[scheduler_repo.Outcome] = []
         for r in rows:
             member = str(r.member_id) if r.member_id else ""
             reason = consent_refusal(
@@ -307,13 +276,13 @@ class Dispatcher:
             if reason is None or r.member_id is None:
                 keep.append(r)
                 continue
-            refused.append((r.send_key, "suppressed", reason, "", None))
+            refused.append(scheduler_repo.Outcome(r.send_key, "suppressed", reason))
             if r.message_class in self._caps and r.local_day is not None:
                 await scheduler_repo.release_cap(conn, r.member_id, r.local_day, r.message_class)
             if r.channel == "miniprogram":
                 await facts_repo.give_back_subscription_credit(conn, r.member_id, r.template)
         if refused:
-            await scheduler_repo.record_deliveries(conn, refused, now)
+            await scheduler_repo.record_outcomes(conn, refused, now)
         return keep
 
     async def _deliver(
@@ -321,7 +290,7 @@ class Dispatcher:
     ) -> Delivery:
         provider = self.providers.get(row.channel)
         if provider is None:
-            return Delivery("failed", reason="NO_PROVIDER")
+            return Delivery("failed", reason="NO_PROVIDER", code="NO_PROVIDER")
         member = str(row.member_id) if row.member_id else ""
         address = addresses.get((member, row.channel), "")
         if not address and row.channel == "app_push":
@@ -329,7 +298,7 @@ class Dispatcher:
         if (
             not address
             and member
-            and isinstance(provider, HttpProvider)  # the local sink needs no address
+            and getattr(provider, "needs_address", True)
             and self._resolver is not None
             and row.channel in self._resolver.channels
         ):
@@ -341,22 +310,11 @@ class Dispatcher:
         if limiter is not None:
             await limiter.acquire()
         return await provider.send(
-            Outbound(row.send_key, member, row.channel, row.template, address)
+            Outbound(row.send_key, member, row.channel, row.template, address, row.payload)
         )
 
     async def run(self, poll_interval: float) -> None:
         await poll_forever(self.dispatch_once, poll_interval, log, "dispatcher")
-
-
-def build_providers(
-    endpoints: dict[str, str], client: httpx.AsyncClient | None
-) -> dict[str, Provider]:
-    """An HTTP provider where an endpoint is configured, the local sink elsewhere."""
-    out: dict[str, Provider] = {}
-    for channel, cls in PROVIDERS.items():
-        url = endpoints.get(channel, "")
-        out[channel] = cls(url, client) if url and client is not None else LocalSink(channel)
-    return out
 
 
 def new_send_key(enrollment_id: uuid.UUID, seq: int) -> str:

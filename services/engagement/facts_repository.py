@@ -133,6 +133,18 @@ async def give_back_subscription_credit(
     )
 
 
+async def clear_subscription_credits(conn: Connection, member_id: uuid.UUID, template: str) -> None:
+    """WeChat answered 43101 (no credit left for this template): the taps we
+    counted were used or withdrawn on the member's side; WeChat's count wins,
+    so later sends are suppressed here (NO_SUBSCRIPTION_CREDIT) until a new tap."""
+    await conn.execute(
+        "UPDATE engagement.subscription_credits SET credits = 0"
+        " WHERE member_id = $1 AND template = $2",
+        member_id,
+        template,
+    )
+
+
 async def set_consent(
     conn: Connection,
     member_id: uuid.UUID,

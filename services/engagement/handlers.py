@@ -13,6 +13,7 @@ from servicekit.errors import FailedPrecondition, InvalidArgument, NotFound, par
 
 from . import facts_repository as facts_repo
 from . import repository as repo
+from . import scheduler_repository as scheduler_repo
 from .domain import (
     DEFAULT_TZ,
     Clock,
@@ -392,6 +393,59 @@ class EngagementHandlers:
         rows = rows[:size]
         return rows, (str(rows[-1].id) if more else "")
 
+    async def _known_journey(self, uow: UnitOfWork, journey_id: str) -> None:
+        if await repo.journey_state(uow.conn, journey_id) is None:
+            raise NotFound(
+                f"journey {journey_id!r} does not exist", code="UNKNOWN_JOURNEY", field="journey_id"
+            )
+
+    async def journey_sends(
+        self, uow: UnitOfWork, journey_id: str
+    ) -> list[scheduler_repo.SendCount]:
+        """Operators: the journey's sends by step, channel, status and provider code."""
+        await self._known_journey(uow, journey_id)
+        return await scheduler_repo.send_counts(uow.conn, journey_id)
+
+    async def unknown_sends(
+        self, uow: UnitOfWork, journey_id: str, page_size: int, page_token: str
+    ) -> tuple[list[scheduler_repo.UnknownSend], str]:
+        """Operators: a page of the journey's unknown sends and the next page's token."""
+        size = page_size or DEFAULT_PAGE
+        if not 1 <= size <= MAX_PAGE:
+            raise InvalidArgument(
+                f"page_size must be 1..{MAX_PAGE}", code="INVALID_PAGE_SIZE", field="page_size"
+            )
+        after: tuple[datetime, str] | None = None
+        if page_token:
+            at, _, key = page_token.partition("|")
+            try:
+                after = (datetime.fromisoformat(at), key)
+            except ValueError:
+                after = None
+            if after is None or not key or after[0].tzinfo is None:
+                raise InvalidArgument(
+                    "page_token is not one this service gave",
+                    code="INVALID_PAGE_TOKEN",
+                    field="page_token",
+                )
+        await self._known_journey(uow, journey_id)
+        rows = await scheduler_repo.unknown_sends(uow.conn, journey_id, after, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        token = f"{rows[-1].updated_at.isoformat()}|{rows[-1].send_key}" if more else ""
+        return rows, token
+
+    async def apply_sms_receipts(
+        self, uow: UnitOfWork, receipts: list[scheduler_repo.Receipt]
+    ) -> int:
+        """Delivery reports (verified by the gateway): each settles its send once."""
+        for r in receipts:
+            if not r.send_key or not r.provider_ref:
+                raise InvalidArgument(
+                    "a receipt needs out_id and biz_id", code="INVALID_RECEIPT", field="receipts"
+                )
+        return await scheduler_repo.apply_receipts(uow.conn, receipts, self.clock.now())
+
     async def replay_parked(self, uow: UnitOfWork, member_id: str) -> tuple[int, list[str]]:
         """An operator vouches that the member exists: it becomes known here
         and its parked events are replayed in order, as on registration."""
@@ -565,6 +619,7 @@ class EngagementHandlers:
             "holdout" if holdout else "treatment",
             journey.conversion_days,
             now,
+            attrs,
         )
         if not inserted:
             return False

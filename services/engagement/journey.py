@@ -16,6 +16,8 @@ from typing import Any
 
 from servicekit.errors import InvalidArgument
 
+from .templates import check_content
+
 # Events a journey can be entered by, wait for, or exit on (a goal).
 EVENTS = frozenset(
     {
@@ -103,6 +105,8 @@ class Step:
     personalised: bool = False
     fallback_template: str = ""
     drop_if_late: timedelta | None = None
+    # The provider content with its {variables} (templates.py), checked on publish.
+    content: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     # issue_coupon / award_points / tag
     coupon: str = ""
     points: int = 0
@@ -297,6 +301,7 @@ def _parse_step(step_id: str, raw: object, path: str, errors: _Errors) -> Step |
         cls = raw.get("class", "targeted")
         if cls not in MESSAGE_CLASSES:
             errors.add(f"{path}.class", "UNKNOWN_MESSAGE_CLASS", f"unknown class {cls!r}")
+        content = check_content(str(channel), raw, path, errors) if channel in CHANNELS else {}
         drop = raw.get("drop_if_late")
         drop_td = parse_duration(drop) if drop is not None else None
         if drop is not None and drop_td is None:
@@ -311,6 +316,7 @@ def _parse_step(step_id: str, raw: object, path: str, errors: _Errors) -> Step |
             personalised=bool(raw.get("personalised", False)),
             fallback_template=str(raw.get("fallback_template", "")),
             drop_if_late=drop_td,
+            content=content,
         )
     if kind == "issue_coupon":
         coupon = raw.get("coupon")

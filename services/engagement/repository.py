@@ -162,12 +162,14 @@ async def insert_enrollment(
     grp: str,
     conversion_days: int,
     entered_at: datetime,
+    entry_attributes: dict[str, str] | None = None,
 ) -> bool:
     """False when the member already has a live enrollment in this journey."""
     inserted = await conn.fetchval(
         "INSERT INTO engagement.enrollments (enrollment_id, journey_id, version, member_id,"
-        " status, grp, conversion_days, entered_at, ended_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $5::text = 'active' THEN NULL ELSE $8::timestamptz END)"
+        " status, grp, conversion_days, entered_at, ended_at, entry_attributes)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $5::text = 'active' THEN NULL ELSE $8::timestamptz END,"
+        " $9::jsonb)"
         " ON CONFLICT (journey_id, member_id) WHERE status = 'active' DO NOTHING RETURNING true",
         enrollment_id,
         journey_id,
@@ -177,6 +179,7 @@ async def insert_enrollment(
         grp,
         conversion_days,
         entered_at,
+        json.dumps(entry_attributes or {}),
     )
     return bool(inserted)
 

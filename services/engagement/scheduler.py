@@ -18,6 +18,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -45,6 +46,7 @@ from .domain import (
 )
 from .journey import Journey, parse_journey
 from .ports import ConsentPort
+from .templates import RenderError, render
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class SweepStats:
     suppressed: int = 0
     dropped: int = 0
     deferred: int = 0
+    # Sends whose template could not be filled for the member.
+    failed: int = 0
     # Batches rolled back by a deadlock or serialization failure (retried later).
     conflicts: int = 0
 
@@ -90,6 +94,9 @@ class _Pending:
     status: str = "pending"
     reason: str = ""
     variant: str | None = None
+    member: MemberFacts | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    error_code: str = ""
 
 
 @dataclass
@@ -249,7 +256,9 @@ class Scheduler:
         day = local_day(now, member.tz)
         for intent in result.intents:
             if isinstance(intent, SendIntent):
-                batch.sends.append(_Pending(d, journey, intent, day, variant=result.variant))
+                batch.sends.append(
+                    _Pending(d, journey, intent, day, variant=result.variant, member=member)
+                )
             elif isinstance(intent, DroppedIntent):
                 step = journey.step(intent.step_id)
                 self.stats.dropped += 1
@@ -320,6 +329,8 @@ class Scheduler:
         # channel; anything explicitly refused (unsubscribe) is never sent.
         contested: dict[tuple[uuid.UUID, date, str], list[_Pending]] = defaultdict(list)
         for p in batch.sends:
+            if not self._render(p, now):
+                continue
             member = facts.get(str(p.due.member_id))
             consent = member.consents.get(p.intent.channel) if member else None
             # A mini-program subscription message carries its own consent: the
@@ -372,10 +383,36 @@ class Scheduler:
         for p in batch.sends:
             if p.status == "pending":
                 self.stats.sent += 1
+            elif p.status == "failed":
+                self.stats.failed += 1
             elif p.status == "capped":
                 self.stats.capped += 1
             else:
                 self.stats.suppressed += 1
+
+    @staticmethod
+    def _render(p: _Pending, now: datetime) -> bool:
+        """Fill the step's template for this member now, so a send that cannot
+        be filled (the event carried no such value) fails here, spending no cap
+        slot or credit, and the dispatcher sends exactly what was decided."""
+        if not p.intent.template:
+            return True  # suppressed below (non-personalised, no fallback)
+        step = p.journey.step(p.intent.step_id)
+        member = p.member or MemberFacts(str(p.due.member_id))
+        facts = {"tier": member.tier, "member_id": member.member_id}
+        try:
+            p.payload = render(
+                p.intent.channel,
+                p.intent.template,
+                step.content,
+                p.due.entry_attributes,
+                facts,
+                now,
+            )
+        except RenderError as exc:
+            p.status, p.reason, p.error_code = "failed", f"BAD_TEMPLATE_DATA: {exc}", exc.code
+            return False
+        return True
 
     @staticmethod
     def _send_row(p: _Pending, now: datetime) -> scheduler_repo.SendRow:
@@ -395,4 +432,6 @@ class Scheduler:
             p.reason,
             p.variant,
             now,
+            p.payload if p.status == "pending" else {},
+            p.error_code,
         )

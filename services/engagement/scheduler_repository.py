@@ -9,8 +9,9 @@ thousand due steps costs a handful of round trips.
 
 from __future__ import annotations
 
+import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from servicekit.db import Connection
@@ -30,6 +31,8 @@ class DueStep:
     seq: int
     variant: str | None
     grp: str = "treatment"
+    # The entering event's attributes (template variables).
+    entry_attributes: dict[str, str] = field(default_factory=dict)
 
 
 async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep]:
@@ -37,7 +40,7 @@ async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep
     valuable first; rows other sweepers hold are skipped."""
     rows = await conn.fetch(
         "SELECT t.enrollment_id, t.step_id, t.due_at, t.attempts, e.journey_id, e.version,"
-        " e.member_id, e.seq, e.variant, e.grp"
+        " e.member_id, e.seq, e.variant, e.grp, e.entry_attributes::text AS attrs"
         " FROM engagement.timers t JOIN engagement.enrollments e USING (enrollment_id)"
         " WHERE t.due_at <= $1 AND NOT t.paused"
         " ORDER BY t.due_at, t.priority DESC LIMIT $2"
@@ -57,6 +60,7 @@ async def claim_due(conn: Connection, now: datetime, limit: int) -> list[DueStep
             r["seq"],
             r["variant"],
             r["grp"],
+            json.loads(r["attrs"] or "{}"),
         )
         for r in rows
     ]
@@ -151,6 +155,11 @@ class SendRow:
     reason: str
     variant: str | None
     created_at: datetime
+    # The rendered provider content (templates.render); empty for sends that never go.
+    payload: dict[str, object] = field(default_factory=dict)
+    # The reason's machine code when a send is written already failed (a template
+    # that cannot be filled for this member).
+    error_code: str = ""
 
 
 async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
@@ -175,6 +184,8 @@ async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
                     s.reason,
                     s.variant,
                     s.created_at,
+                    json.dumps(s.payload, ensure_ascii=False),
+                    s.error_code,
                 )
                 for s in sends
             ],
@@ -184,13 +195,13 @@ async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
     await conn.execute(
         "INSERT INTO engagement.sends (send_key, enrollment_id, journey_id, version, step_id,"
         " member_id, channel, template, message_class, priority, local_day, status, reason,"
-        " variant, created_at, updated_at, next_attempt_at)"
+        " variant, created_at, updated_at, next_attempt_at, payload, error_code)"
         " SELECT k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, c,"
-        "  CASE WHEN st = 'pending' THEN c END"
+        "  CASE WHEN st = 'pending' THEN c END, pl::jsonb, ec"
         " FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::uuid[],"
         "  $7::text[], $8::text[], $9::text[], $10::int[], $11::date[], $12::text[], $13::text[],"
-        "  $14::text[], $15::timestamptz[])"
-        "  AS u(k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c)"
+        "  $14::text[], $15::timestamptz[], $16::text[], $17::text[])"
+        "  AS u(k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, pl, ec)"
         " ON CONFLICT (send_key) DO NOTHING",
         *[list(c) for c in cols],
     )
@@ -276,21 +287,47 @@ class OutboundRow:
     attempts: int
     message_class: str = "transactional"
     local_day: date | None = None
+    payload: dict[str, object] = field(default_factory=dict)
+
+
+async def expire_in_flight(
+    conn: Connection, now: datetime, resend_channels: list[str], limit: int
+) -> int:
+    """Sends whose dispatcher died during the provider call (their lease ran out
+    while `sending`, no provider answer recorded): nobody knows whether the
+    provider took them, and providers have no idempotency key, so they become
+    `unknown` and are not sent again; on a channel configured to resend
+    uncertain outcomes they go back to `pending`. An accepted SMS waiting for
+    its receipt has no lease (next_attempt_at NULL) and is not touched."""
+    rows = await conn.fetch(
+        "UPDATE engagement.sends s SET"
+        " status = CASE WHEN s.channel = ANY($2::text[]) THEN 'pending' ELSE 'unknown' END,"
+        " reason = 'LEASE_EXPIRED', updated_at = $1,"
+        " next_attempt_at = CASE WHEN s.channel = ANY($2::text[]) THEN $1 END"
+        " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
+        "  WHERE status = 'sending' AND next_attempt_at <= $1"
+        "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+        " RETURNING s.send_key",
+        now,
+        resend_channels,
+        limit,
+    )
+    return len(rows)
 
 
 async def lease_pending_sends(
     conn: Connection, now: datetime, lease_until: datetime, limit: int
 ) -> list[OutboundRow]:
-    """Take due pending sends for delivery; the lease (next_attempt_at) lets a
-    crashed dispatcher's sends be retried, with the same idempotency key."""
+    """Move due pending sends to `sending` for one provider call each; the
+    lease (next_attempt_at) is how a dead dispatcher's calls are found."""
     rows = await conn.fetch(
-        "UPDATE engagement.sends s SET attempts = s.attempts + 1, next_attempt_at = $2,"
-        " updated_at = $1"
+        "UPDATE engagement.sends s SET status = 'sending', attempts = s.attempts + 1,"
+        " next_attempt_at = $2, updated_at = $1"
         " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
         "  WHERE status = 'pending' AND next_attempt_at <= $1"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
         " RETURNING s.send_key, s.member_id, s.channel, s.template, s.attempts,"
-        " s.message_class, s.local_day",
+        " s.message_class, s.local_day, s.payload::text AS payload",
         now,
         lease_until,
         limit,
@@ -304,26 +341,154 @@ async def lease_pending_sends(
             r["attempts"],
             r["message_class"],
             r["local_day"],
+            json.loads(r["payload"] or "{}"),
         )
         for r in rows
     ]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one dispatch attempt ended in, as recorded."""
+
+    send_key: str
+    status: str  # pending (retry) | sending (accepted, awaiting a receipt) | final statuses
+    reason: str = ""
+    provider_ref: str = ""
+    error_code: str = ""
+    next_attempt_at: datetime | None = None
 
 
 async def record_deliveries(
     conn: Connection, results: list[tuple[str, str, str, str, datetime | None]], now: datetime
 ) -> None:
     """(send_key, status, reason, provider_ref, next_attempt_at) for each."""
+    await record_outcomes(
+        conn, [Outcome(k, st, r, ref, "", n) for k, st, r, ref, n in results], now
+    )
+
+
+async def record_outcomes(conn: Connection, results: list[Outcome], now: datetime) -> None:
+    """Only a send still in flight (pending or sending) takes an outcome: a
+    receipt or an operator that settled it first is never overwritten."""
     if results:
-        cols = [list(c) for c in zip(*results, strict=True)]
         await conn.execute(
-            "UPDATE engagement.sends s SET status = u.st, reason = u.r, provider_ref = u.ref,"
-            " next_attempt_at = u.nxt, updated_at = $6"
-            " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])"
-            "  AS u(k, st, r, ref, nxt)"
-            " WHERE s.send_key = u.k AND s.status = 'pending'",
-            *cols,
+            "UPDATE engagement.sends s SET status = u.st, reason = u.r,"
+            " provider_ref = nullif(u.ref, ''), error_code = u.ec,"
+            " next_attempt_at = u.nxt, updated_at = $7"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+            "  $6::timestamptz[]) AS u(k, st, r, ref, ec, nxt)"
+            " WHERE s.send_key = u.k AND s.status IN ('pending', 'sending')",
+            [o.send_key for o in results],
+            [o.status for o in results],
+            [o.reason for o in results],
+            [o.provider_ref for o in results],
+            [o.error_code for o in results],
+            [o.next_attempt_at for o in results],
             now,
         )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A provider's delivery report of one SMS (Aliyun SmsReport)."""
+
+    send_key: str  # the OutId we sent
+    provider_ref: str  # the BizId the provider answered
+    delivered: bool
+    error_code: str = ""
+    reported_at: datetime | None = None
+
+
+async def apply_receipts(conn: Connection, receipts: list[Receipt], now: datetime) -> int:
+    """Settle SMS sends from their delivery reports, once: a report applies to
+    a send still `sending` (accepted) or `unknown` (the call's answer was lost,
+    the report says what happened) whose provider reference matches; a
+    repeated report finds it settled and changes nothing. Returns how many applied."""
+    if not receipts:
+        return 0
+    rows = await conn.fetch(
+        "UPDATE engagement.sends s SET"
+        " status = CASE WHEN u.ok THEN 'delivered' ELSE 'failed' END,"
+        " error_code = CASE WHEN u.ok THEN '' ELSE u.ec END,"
+        " reason = CASE WHEN u.ok THEN 'RECEIPT' ELSE 'RECEIPT: ' || u.ec END,"
+        " provider_ref = u.ref, receipt_at = coalesce(u.at, $6), next_attempt_at = NULL,"
+        " updated_at = $6"
+        " FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[])"
+        "  AS u(k, ref, ok, ec, at)"
+        " WHERE s.send_key = u.k AND s.channel = 'sms' AND s.status IN ('sending', 'unknown')"
+        " AND (s.provider_ref IS NULL OR s.provider_ref = u.ref)"
+        " RETURNING s.send_key",
+        [r.send_key for r in receipts],
+        [r.provider_ref for r in receipts],
+        [r.delivered for r in receipts],
+        [r.error_code for r in receipts],
+        [r.reported_at for r in receipts],
+        now,
+    )
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class SendCount:
+    step_id: str
+    channel: str
+    status: str
+    error_code: str
+    count: int
+
+
+async def send_counts(conn: Connection, journey_id: str) -> list[SendCount]:
+    """Sends of a journey by step, channel, status and provider error code."""
+    rows = await conn.fetch(
+        "SELECT step_id, channel, status, error_code, count(*) AS n FROM engagement.sends"
+        " WHERE journey_id = $1 GROUP BY step_id, channel, status, error_code"
+        " ORDER BY step_id, channel, status, error_code",
+        journey_id,
+    )
+    return [
+        SendCount(r["step_id"], r["channel"], r["status"], r["error_code"], r["n"]) for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class UnknownSend:
+    send_key: str
+    step_id: str
+    channel: str
+    member_id: uuid.UUID | None
+    reason: str
+    attempts: int
+    updated_at: datetime
+
+
+async def unknown_sends(
+    conn: Connection, journey_id: str, after: tuple[datetime, str] | None, limit: int
+) -> list[UnknownSend]:
+    """A journey's sends whose outcome is unknown, oldest first; `after` is the
+    last row of the previous page (updated_at, send_key)."""
+    rows = await conn.fetch(
+        "SELECT send_key, step_id, channel, member_id, reason, attempts, updated_at"
+        " FROM engagement.sends WHERE journey_id = $1 AND status = 'unknown'"
+        " AND ($2::timestamptz IS NULL OR (updated_at, send_key) > ($2, $3))"
+        " ORDER BY updated_at, send_key LIMIT $4",
+        journey_id,
+        after[0] if after else None,
+        after[1] if after else "",
+        limit,
+    )
+    return [
+        UnknownSend(
+            r["send_key"],
+            r["step_id"],
+            r["channel"],
+            r["member_id"],
+            r["reason"],
+            r["attempts"],
+            r["updated_at"],
+        )
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True)

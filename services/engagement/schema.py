@@ -78,6 +78,8 @@ enrollments = Table(
     Column("entered_at", DateTime(timezone=True), nullable=False),
     Column("ended_at", DateTime(timezone=True)),
     Column("converted_at", DateTime(timezone=True)),
+    # The entering event's attributes: the variables its message templates read.
+    Column("entry_attributes", JSONB, nullable=False, server_default="{}"),
     Index(
         "uq_enrollments_live",
         "journey_id",
@@ -125,7 +127,8 @@ sends = Table(
     Column("message_class", Text, nullable=False),
     Column("priority", Integer, nullable=False),
     Column("local_day", Date, nullable=False),
-    # pending | delivered | failed | capped | suppressed | dropped
+    # pending -> sending -> delivered | failed | no_credit | unknown (docs/journeys.md);
+    # or capped | suppressed | dropped, decided before any provider call.
     Column("status", Text, nullable=False),
     Column("reason", Text, nullable=False, server_default=""),
     Column("variant", Text),
@@ -134,6 +137,15 @@ sends = Table(
     Column("provider_ref", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The provider request's content, rendered from the step's template when written.
+    Column("payload", JSONB, nullable=False, server_default="{}"),
+    # The provider's own code of a failure (errcode, SMS Code, receipt err_code).
+    Column("error_code", Text, nullable=False, server_default=""),
+    Column("receipt_at", DateTime(timezone=True)),
+    Index("ix_sends_in_flight", "next_attempt_at", postgresql_where=text("status = 'sending'")),
+    Index(
+        "ix_sends_unknown", "journey_id", "updated_at", postgresql_where=text("status = 'unknown'")
+    ),
     Index("ix_sends_dispatch", "next_attempt_at", postgresql_where=text("status = 'pending'")),
     # The holder of a member's daily slot, for preemption by a more valuable send.
     Index(

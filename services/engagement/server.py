@@ -23,7 +23,7 @@ from servicekit.server import ServiceApp, stop_tasks
 from servicekit.settings import ServiceSettings
 
 from . import facts_repository as facts_repo
-from .channels import Dispatcher, build_providers, poll_forever
+from .channels import Dispatcher, poll_forever
 from .domain import Clock, QuietHours, SystemClock
 from .fulfilment import RewardDispatcher
 from .handlers import EngagementHandlers
@@ -35,6 +35,7 @@ from .ports import (
     RewardsGrpc,
     RewardsStoreZones,
 )
+from .providers import build_providers, resend_unknown
 from .scheduler import JourneyCache, Scheduler
 from .schema import SCHEMA
 from .servicer import EngagementServicer
@@ -156,7 +157,11 @@ def build_quiet(s: EngagementSettings) -> QuietHours:
 
 
 def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementApp:
-    s = EngagementSettings(**settings.model_dump())
+    s = (
+        settings
+        if isinstance(settings, EngagementSettings)
+        else EngagementSettings(**settings.model_dump())
+    )
     clock = clock or SystemClock()
     quiet = build_quiet(s)
     journeys = JourneyCache()
@@ -263,14 +268,8 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
     def wire(app: ServiceApp) -> None:
         assert isinstance(app, EngagementApp)
         assert app.db is not None and app.redis is not None and app.server is not None
-        endpoints = {
-            "wecom": s.wecom_endpoint,
-            "sms": s.sms_endpoint,
-            "miniprogram": s.miniprogram_endpoint,
-            "app_push": s.app_push_endpoint,
-        }
-        if any(endpoints.values()):
-            app.http_client = httpx.AsyncClient(timeout=s.provider_timeout_seconds)
+        # One client for every provider; its time-out bounds a call (then: unknown).
+        app.http_client = httpx.AsyncClient(timeout=s.provider_timeout_seconds)
         app.handlers = handlers
         if s.member_addr.strip():
             app.member = MemberAddresses(s.member_addr, s.member_timeout_seconds)
@@ -283,7 +282,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         app.dispatcher = Dispatcher(
             app.db,
             clock,
-            build_providers(endpoints, app.http_client),
+            build_providers(s, app.http_client, app.redis, clock),
             {
                 "wecom": s.wecom_rate_per_second,
                 "sms": s.sms_rate_per_second,
@@ -291,6 +290,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
                 "app_push": s.app_push_rate_per_second,
             },
             resolver=app.member,
+            resend_unknown=resend_unknown(s),
         )
         if s.rewards_addr.strip():
             app.store_zones = RewardsStoreZones(s.rewards_addr, s.rewards_timeout_seconds)

@@ -17,6 +17,7 @@ from servicekit.protos import timestamp, to_datetime
 from .analytics import journey_funnels
 from .domain import DEFAULT_RADIUS_M, Lift
 from .handlers import EngagementHandlers
+from .scheduler_repository import Receipt
 
 LAUNCH_CHUNK = 500
 STEP_STATUSES = ("delivered", "failed", "capped", "suppressed", "dropped")
@@ -268,3 +269,64 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
             if n == 0:
                 break
         return engagement_pb2.ExpireParkedEventsResponse(expired=expired)
+
+    async def GetJourneySends(
+        self, request: engagement_pb2.JourneyRef, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.JourneySends:
+        async with self._db.unit_of_work() as uow:
+            counts = await self._handlers.journey_sends(uow, request.journey_id)
+        return engagement_pb2.JourneySends(
+            journey_id=request.journey_id,
+            counts=[
+                engagement_pb2.SendCount(
+                    step_id=c.step_id,
+                    channel=c.channel,
+                    status=c.status,
+                    error_code=c.error_code,
+                    count=c.count,
+                )
+                for c in counts
+            ],
+        )
+
+    async def ListUnknownSends(
+        self, request: engagement_pb2.ListUnknownSendsRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.ListUnknownSendsResponse:
+        async with self._db.unit_of_work() as uow:
+            rows, token = await self._handlers.unknown_sends(
+                uow, request.journey_id, request.page_size, request.page_token
+            )
+        return engagement_pb2.ListUnknownSendsResponse(
+            sends=[
+                engagement_pb2.UnknownSend(
+                    send_key=r.send_key,
+                    step_id=r.step_id,
+                    channel=r.channel,
+                    member_id=str(r.member_id) if r.member_id else "",
+                    reason=r.reason,
+                    attempts=r.attempts,
+                    updated_at=timestamp(r.updated_at),
+                )
+                for r in rows
+            ],
+            next_page_token=token,
+        )
+
+    async def ApplySmsReceipts(
+        self, request: engagement_pb2.ApplySmsReceiptsRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.ApplySmsReceiptsResponse:
+        receipts = [
+            Receipt(
+                r.out_id,
+                r.biz_id,
+                r.success,
+                r.err_code,
+                to_datetime(r.reported_at) if r.HasField("reported_at") else None,
+            )
+            for r in request.receipts
+        ]
+        async with self._db.unit_of_work() as uow:
+            applied = await self._handlers.apply_sms_receipts(uow, receipts)
+        return engagement_pb2.ApplySmsReceiptsResponse(
+            applied=applied, ignored=len(receipts) - applied
+        )

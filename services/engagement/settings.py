@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import SecretStr
+
 from servicekit.settings import ServiceSettings
 
 
@@ -23,11 +25,35 @@ class EngagementSettings(ServiceSettings):
     quiet_start: str = "21:00"
     quiet_end: str = "09:00"
     quiet_jitter_minutes: int = 30
-    # Provider endpoints; empty = the local sink (records what would be sent).
-    wecom_endpoint: str = ""
-    sms_endpoint: str = ""
-    miniprogram_endpoint: str = ""
+    # Channel providers (docs/journeys.md, "Channels"). Endpoints are settings
+    # so tests and `make run` point them at devtools/provider_fakes. A channel
+    # without credentials fails its sends with CHANNEL_NOT_CONFIGURED.
+    # Credentials come from the Secret (deploy/k8s), are SecretStr and never logged.
+    wechat_api_base: str = "https://api.weixin.qq.com"
+    wechat_app_id: str = ""
+    wechat_app_secret: SecretStr = SecretStr("")
+    # formal | trial | developer: which mini-program build a message opens.
+    miniprogram_state: str = "formal"
+    wecom_api_base: str = "https://qyapi.weixin.qq.com"
+    wecom_corp_id: str = ""
+    wecom_corp_secret: SecretStr = SecretStr("")
+    # The staff userid named as sender (optional for 1-to-1 tasks).
+    wecom_sender: str = ""
+    sms_endpoint: str = "https://dysmsapi.aliyuncs.com/"
+    sms_access_key_id: str = ""
+    sms_access_key_secret: SecretStr = SecretStr("")
+    sms_sign_name: str = ""
+    sms_region_id: str = "cn-hangzhou"
+    # Per phone: count/seconds windows checked before calling (carriers' usual limits).
+    sms_phone_limits: str = "1/60,5/3600,10/86400"
     app_push_endpoint: str = ""
+    app_push_token: SecretStr = SecretStr("")
+    # Uncertain outcomes (time-out after sending, dropped connection) are not
+    # resent unless the channel says so here (at most once by default).
+    wecom_resend_unknown: bool = False
+    sms_resend_unknown: bool = False
+    miniprogram_resend_unknown: bool = False
+    app_push_resend_unknown: bool = False
     provider_timeout_seconds: float = 5.0
     # The rewards service (coupons, points for journey steps); empty = not
     # wired: reward requests stay pending.

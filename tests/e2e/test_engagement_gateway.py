@@ -25,6 +25,8 @@ from .conftest import gateway_settings
 
 pytestmark = pytest.mark.e2e
 
+RECEIPT_TOKEN = "e2e-receipt-token"
+
 
 @pytest.fixture(scope="module")
 async def eng_gateway(
@@ -40,6 +42,7 @@ async def eng_gateway(
             rewards_addr=f"127.0.0.1:{rewards_app.port}",
             tiering_addr=f"127.0.0.1:{tiering_app.port}",
             engagement_addr=f"127.0.0.1:{engagement_app.port}",
+            sms_receipt_token=RECEIPT_TOKEN,
         )
     )
     await gw.start()
@@ -79,6 +82,8 @@ def check_in_journey(journey_id: str) -> dict[str, Any]:
                 "type": "send",
                 "channel": "app_push",
                 "template": "check-in-thanks",
+                "title": "Thanks",
+                "body": "Thanks for checking in",
                 "class": "transactional",
                 "next": "end",
             },
@@ -116,6 +121,18 @@ async def test_publish_ingest_send_metrics_pause_resume(
 
     metrics = await eventually(delivered, timeout=15, interval=0.2)
     assert metrics["status"] == "active" and metrics["lift"] is None
+    # Operators see the sends by status and provider code: it went through the
+    # push provider's fake (devtools/provider_fakes), the production code path.
+    sends = (await api.get(f"/v1/admin/journeys/{journey_id}/sends")).json()
+    assert {
+        "step_id": "thanks",
+        "channel": "app_push",
+        "status": "delivered",
+        "error_code": "",
+        "count": 1,
+    } in sends["counts"]
+    unknown = (await api.get(f"/v1/admin/journeys/{journey_id}/sends/unknown")).json()
+    assert unknown == {"sends": [], "next_page_token": None}
 
     paused = await api.post(f"/v1/admin/journeys/{journey_id}/pause")
     assert paused.json() == {"journey_id": journey_id, "status": "paused", "live_version": 1}
@@ -269,3 +286,29 @@ async def test_operators_list_replay_and_expire_parked_events(
     assert len(still.json()["events"]) == 2  # parked seconds ago: kept
     invalid = await api.post("/v1/admin/parked-events/expire", json={"older_than_days": 0})
     assert invalid.status_code == 422
+
+
+async def test_sms_delivery_reports_need_the_callback_token(api: httpx.AsyncClient) -> None:
+    report = [
+        {
+            "phone_number": "13900000000",
+            "send_time": "2030-01-01 10:00:00",
+            "report_time": "2030-01-01 10:00:05",
+            "success": True,
+            "err_code": "DELIVERED",
+            "err_msg": "用户接收成功",
+            "sms_size": "1",
+            "biz_id": "900^1",
+            "out_id": f"{uuid.uuid4()}:1",
+        }
+    ]
+    forged = await api.post("/v1/callbacks/sms/aliyun?token=guess", json=report)
+    assert forged.status_code == 403
+    assert forged.json()["code"] == "BAD_CALLBACK_TOKEN"
+    # The right token, a report of no send waiting: accepted (Aliyun stops
+    # pushing it) and nothing changes.
+    ok = await api.post(f"/v1/callbacks/sms/aliyun?token={RECEIPT_TOKEN}", json=report)
+    assert ok.status_code == 200, ok.text
+    assert ok.json() == {"code": 0, "msg": "成功", "applied": 0}
+    missing = await api.get("/v1/admin/journeys/no-such-journey/sends")
+    assert missing.status_code == 404

@@ -4,7 +4,6 @@ pii_access_log with the send key as purpose, and engagement stores none of it.""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -13,14 +12,18 @@ import asyncpg
 import grpc
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from devtools.provider_fakes.stack import build_stack
 from loyalty.member.v1 import member_pb2 as pb
 from loyalty.member.v1 import member_pb2_grpc
 from servicekit.db import Database, asyncpg_dsn
 from servicekit.server import ServiceApp
-from services.engagement.channels import Delivery, Dispatcher, SmsProvider, WeComProvider
+from services.engagement.channels import Delivery, Dispatcher
 from services.engagement.domain import FakeClock, QuietHours
 from services.engagement.ports import MemberAddresses
+from services.engagement.providers import build_providers
+from services.engagement.settings import EngagementSettings
 from tests.harness import Infra
 
 from .test_engagement_journeys import ALL, Env, _pause_all, db, make_env, send
@@ -51,18 +54,6 @@ async def addresses(member_app: ServiceApp) -> AsyncIterator[MemberAddresses]:
     port = MemberAddresses(f"127.0.0.1:{member_app.port}", 5.0)
     yield port
     await port.close()
-
-
-class Recorder:
-    """Stands in for the SMS and WeCom providers' HTTP endpoints."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, object]] = []
-        self.client = httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        self.bodies.append(json.loads(request.content))
-        return httpx.Response(200, json={"msgid": "m-1"})
 
 
 async def enrolled_member(
@@ -101,7 +92,7 @@ async def test_sms_and_wecom_sends_read_the_address_from_member_audited(
             "entry": {"event": "cart_abandoned"},
             "start": "sms",
             "steps": {
-                "sms": send("sms", "cart-sms", "wecom", cls="transactional", channel="sms"),
+                "sms": send("sms", "SMS_OFFER", "wecom", cls="transactional", channel="sms"),
                 "wecom": send("wecom", "cart-wecom", "end", cls="transactional"),
                 "end": {"type": "exit"},
             },
@@ -122,21 +113,36 @@ async def test_sms_and_wecom_sends_read_the_address_from_member_audited(
         )
     }
     assert set(keys) == {"sms", "wecom"}
-    http = Recorder()
-    providers = {
-        "sms": SmsProvider("https://sms.test/send", http.client),
-        "wecom": WeComProvider("https://wecom.test/send", http.client),
-    }
-    dispatcher = Dispatcher(env.db, env.clock, providers, {}, batch_size=500, resolver=addresses)
-    while await dispatcher.dispatch_once():
-        pass
-    mine = {str(b.get("OutId") or b.get("msgid_hint")): b for b in http.bodies}
-    assert str(mine[keys["sms"]]["PhoneNumbers"]).endswith(phone)
-    assert mine[keys["wecom"]]["external_userid"] == [external]
+    # The provider fakes (devtools/provider_fakes) behind the real providers.
+    fakes = build_stack(clock=lambda: env.clock.now().timestamp(), strict=False)
+    await fakes.server.start()
+    redis = Redis.from_url(infra.redis_url)
+    client = httpx.AsyncClient()
+    try:
+        settings = EngagementSettings(**fakes.settings(), redis_namespace=f"{infra.namespace}:a")
+        providers = build_providers(settings, client, redis, env.clock)
+        dispatcher = Dispatcher(
+            env.db, env.clock, providers, {}, batch_size=500, resolver=addresses
+        )
+        while await dispatcher.dispatch_once():
+            pass
+    finally:
+        await client.aclose()
+        await redis.aclose()
+        await fakes.server.stop()
+    sms = {a.out_id: a for a in fakes.sms.accepted}
+    assert sms[keys["sms"]].phone == phone
+    tasks = [t["body"] for t in fakes.wecom.tasks.values()]
+    assert [t["external_userid"] for t in tasks] == [[external]]
     statuses = await env.db.pool.fetch(
-        "SELECT status FROM engagement.sends WHERE member_id = $1", uuid.UUID(member)
+        "SELECT channel, status FROM engagement.sends WHERE member_id = $1 ORDER BY channel",
+        uuid.UUID(member),
     )
-    assert [r["status"] for r in statuses] == ["delivered", "delivered"]
+    # The SMS waits for its delivery report; the WeCom task was created.
+    assert [(r["channel"], r["status"]) for r in statuses] == [
+        ("sms", "sending"),
+        ("wecom", "delivered"),
+    ]
     # Each read is audited in member, naming the send it was for.
     assert sorted(await audit(infra, member)) == sorted(
         [

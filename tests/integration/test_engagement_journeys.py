@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-import httpx
 import pytest
 
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
@@ -31,11 +30,9 @@ from servicekit.server import ServiceApp
 from services.engagement import repository as repo
 from services.engagement import scheduler_repository as scheduler_repo
 from services.engagement.channels import (
-    AppPushProvider,
     Delivery,
     Dispatcher,
     LocalSink,
-    MiniProgramProvider,
     Outbound,
 )
 from services.engagement.domain import FakeClock, QuietHours
@@ -149,8 +146,18 @@ def send(
         "template": template,
         "class": cls,
         "next": nxt,
+        **CONTENT[channel],
         **kw,
     }
+
+
+# Provider content of each channel (templates.py), fit for every member.
+CONTENT: dict[str, dict[str, Any]] = {
+    "wecom": {"text": "A message from your store"},
+    "sms": {"params": {}},
+    "miniprogram": {"data": {"thing1": "Your offer", "date2": "{today}"}, "page": "pages/index"},
+    "app_push": {"title": "Hello", "body": "A message from your store"},
+}
 
 
 NEW_MEMBER = {
@@ -645,8 +652,25 @@ async def test_merge_moves_enrollments_and_caps_unmerge_moves_them_back_erase_st
     assert left == 0
 
 
+class ScriptedProvider:
+    """Answers each call with the next of `replies` (the last one repeats) and
+    records who it was for; "only" limits it to this test's members."""
+
+    def __init__(self, channel: str, replies: list[Delivery], only: set[str]) -> None:
+        self.channel = channel
+        self.replies = replies
+        self.only = only
+        self.calls: list[Outbound] = []
+
+    async def send(self, message: Outbound) -> Delivery:
+        if message.member_id not in self.only:
+            return Delivery("failed", reason="ANOTHER_TESTS_SEND")
+        self.calls.append(message)
+        return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+
+
 class CountingProvider:
-    """A provider that dedups by idempotency key, like the real ones, and counts calls."""
+    """A provider that counts calls (providers have no idempotency key)."""
 
     channel = "wecom"
 
@@ -698,17 +722,17 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
     # The dispatcher dies after the provider accepted, before recording it.
     provider = CountingProvider()
     dispatcher = Dispatcher(env.db, env.clock, {"wecom": provider}, {}, batch_size=500)
-    real_record = scheduler_repo.record_deliveries
+    real_record = scheduler_repo.record_outcomes
 
     async def die(*args: Any) -> None:
         if not provider.calls:  # sends refused before delivery are recorded as usual
             return await real_record(*args)
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(scheduler_repo, "record_deliveries", die)
+    monkeypatch.setattr(scheduler_repo, "record_outcomes", die)
     with pytest.raises(asyncio.CancelledError):
         await dispatcher.dispatch_once()
-    monkeypatch.setattr(scheduler_repo, "record_deliveries", real_record)
+    monkeypatch.setattr(scheduler_repo, "record_outcomes", real_record)
     ours = {
         r["send_key"]
         for r in await env.db.pool.fetch(
@@ -716,18 +740,19 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
         )
     }
     assert len([k for k in provider.calls if k in ours]) == 120
-    env.clock.advance(timedelta(minutes=2))  # the lease expires; the retry carries the same keys
+    # The lease expires: nobody knows whether the provider took them, and it
+    # has no idempotency key, so they are `unknown` and never sent again.
+    env.clock.advance(timedelta(minutes=2))
     while await dispatcher.dispatch_once():
         pass
-    retried = [k for k in provider.calls if k in ours]
-    assert len(retried) == 240 and len(set(retried)) == 120
-    # Delivered once each: the provider dropped the retried keys.
-    assert len([m for m in provider.sink.sent if m.send_key in ours]) == 120
-    delivered = await env.db.pool.fetchval(
-        "SELECT count(*) FROM engagement.sends WHERE journey_id = $1 AND status = 'delivered'",
+    called = [k for k in provider.calls if k in ours]
+    assert len(called) == 120 and len(set(called)) == 120
+    unknown = await env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.sends WHERE journey_id = $1 AND status = 'unknown'"
+        " AND reason = 'LEASE_EXPIRED'",
         env.jid("cart"),
     )
-    assert delivered == 120
+    assert unknown == 120
 
 
 async def test_dispatcher_retries_with_backoff_then_records_delivery(
@@ -751,20 +776,16 @@ async def test_dispatcher_retries_with_backoff_then_records_delivery(
     mine = await env.db.pool.fetchval(
         "SELECT send_key FROM engagement.sends WHERE member_id = $1", uuid.UUID(m)
     )
-    replies = iter([503, 503, 200])
-    keys: list[str] = []
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        key = request.headers["Idempotency-Key"]
-        if key != mine:  # another test's leftover: not this provider's business
-            return httpx.Response(400)
-        keys.append(key)
-        return httpx.Response(next(replies), json={"id": "push-1"})
-
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
-    dispatcher = Dispatcher(
-        env.db, env.clock, {"app_push": AppPushProvider("https://push.test", client)}, {}
+    provider = ScriptedProvider(
+        "app_push",
+        [
+            Delivery("retry", reason="HTTP 503", code="HTTP_503"),
+            Delivery("retry", reason="HTTP 503", code="HTTP_503"),
+            Delivery("delivered", provider_ref="push-1"),
+        ],
+        {m},
     )
+    dispatcher = Dispatcher(env.db, env.clock, {"app_push": provider}, {})
 
     async def state() -> tuple[str, int, str | None]:
         row = await env.db.pool.fetchrow(
@@ -783,8 +804,7 @@ async def test_dispatcher_retries_with_backoff_then_records_delivery(
     env.clock.advance(timedelta(seconds=10))
     await dispatcher.dispatch_once()
     assert await state() == ("delivered", 3, "push-1")
-    assert keys == [mine] * 3  # one idempotency key throughout
-    await client.aclose()
+    assert [c.send_key for c in provider.calls] == [mine] * 3
 
 
 NO_ACTION_48H = {
@@ -1237,36 +1257,28 @@ async def test_consent_is_checked_again_when_a_pending_send_is_delivered(loud: E
         "mp-news",
         "push-offer",
     ]
-    calls: list[str] = []
+    # The providers are down (a definite refusal): back-off.
+    down = [Delivery("retry", reason="HTTP 503", code="HTTP_503")]
+    push = ScriptedProvider("app_push", down, {waiting, retrying})
+    mp = ScriptedProvider("miniprogram", down, {waiting, retrying})
+    providers: dict[str, Any] = {"app_push": push, "miniprogram": mp}
 
-    def handle(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        if body.get("to") not in (waiting, retrying) and body.get("touser") not in (
-            f"o-{waiting}",
-            f"o-{retrying}",
-        ):
-            return httpx.Response(400)  # another test's leftover
-        calls.append(str(body.get("to") or body.get("touser")))
-        return httpx.Response(503)  # the provider is down: back-off
+    def called() -> list[str]:
+        return sorted([c.address for c in push.calls] + [c.address for c in mp.calls])
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
-    providers: dict[str, Any] = {
-        "app_push": AppPushProvider("https://push.test", client),
-        "miniprogram": MiniProgramProvider("https://mp.test", client),
-    }
     dispatcher = Dispatcher(env.db, env.clock, providers, {})
     # `retrying`'s sends were tried once and wait in back-off; `waiting`'s were
     # never tried (its member refuses before the dispatcher runs).
     await _refuse(env, waiting, "")
-    calls.clear()
+    push.calls.clear()
+    mp.calls.clear()
     await dispatcher.dispatch_once()
-    assert sorted(calls) == sorted([retrying, f"o-{retrying}"])
+    assert called() == sorted([retrying, f"o-{retrying}"])
     await _refuse(env, retrying, "")
     env.clock.advance(timedelta(minutes=5))
     while await dispatcher.dispatch_once():
         pass
-    assert sorted(calls) == sorted([retrying, f"o-{retrying}"])  # nothing after the refusal
-    await client.aclose()
+    assert called() == sorted([retrying, f"o-{retrying}"])  # nothing after the refusal
     for m in (waiting, retrying):
         rows = await env.db.pool.fetch(
             "SELECT status, reason FROM engagement.sends WHERE member_id = $1", uuid.UUID(m)

@@ -1,104 +1,149 @@
-"""Channel providers: request shapes, idempotency keys, retry classification,
-rate limits and backoff (httpx MockTransport stands in for the providers)."""
+"""Channel adapters without a network: the Aliyun request signature against
+Aliyun's published example, errcode and transport classification, settings
+choosing providers, retries, rate limits and backoff."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from devtools.provider_fakes.aliyun_sms import expected_signature
 from services.engagement.channels import (
-    IDEMPOTENCY_HEADER,
-    AppPushProvider,
     Delivery,
     LocalSink,
-    MiniProgramProvider,
+    NotConfigured,
     Outbound,
     RateLimiter,
-    SmsProvider,
-    WeComProvider,
     as_delivery,
     backoff,
-    build_providers,
     poll_forever,
 )
+from services.engagement.domain import FakeClock
+from services.engagement.providers import (
+    AliyunSmsProvider,
+    HttpPushProvider,
+    WeChatSubscribeProvider,
+    aliyun_signature,
+    build_providers,
+    parse_phone_limits,
+    transport_outcome,
+)
+from services.engagement.settings import EngagementSettings
 
+START = datetime(2030, 1, 1, tzinfo=UTC)
 MESSAGE = Outbound("e1:3", "m1", "wecom", "cart-discount", "wm-external-1")
 
-
-def recorder(
-    status: int = 200, body: dict[str, str] | None = None
-) -> tuple[list[httpx.Request], httpx.AsyncClient]:
-    seen: list[httpx.Request] = []
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(status, json=body or {})
-
-    return seen, httpx.AsyncClient(transport=httpx.MockTransport(handle))
-
-
-async def test_wecom_request_shape_and_idempotency_key() -> None:
-    seen, client = recorder(body={"msgid": "abc"})
-    result = await WeComProvider("https://wecom.test/send", client).send(MESSAGE)
-    assert result.status == "delivered" and result.provider_ref == "abc"
-    request = seen[0]
-    assert request.headers[IDEMPOTENCY_HEADER] == "e1:3"
-    assert json.loads(request.content) == {
-        "chat_type": "single",
-        "external_userid": ["wm-external-1"],
-        "text": {"content": "cart-discount"},
-        "msgid_hint": "e1:3",
-    }
+# Aliyun's published SendSms signature example (AccessKey testId / testSecret).
+ALIYUN_EXAMPLE = {
+    "AccessKeyId": "testId",
+    "Action": "SendSms",
+    "Format": "XML",
+    "OutId": "123",
+    "PhoneNumbers": "15300000001",
+    "RegionId": "cn-hangzhou",
+    "SignName": "阿里云短信测试专用",
+    "SignatureMethod": "HMAC-SHA1",
+    "SignatureNonce": "45e25e9b-0a6f-4070-8c85-2956eda1b466",
+    "SignatureVersion": "1.0",
+    "TemplateCode": "SMS_71390007",
+    "TemplateParam": '{"customer":"test"}',
+    "Timestamp": "2017-07-12T02:42:19Z",
+    "Version": "2017-05-25",
+}
 
 
-async def test_other_providers_shapes() -> None:
-    seen, client = recorder()
-    msg = Outbound("e2:1", "m2", "sms", "SMS_1234", "13900001111")
-    await SmsProvider("https://sms.test", client).send(msg)
-    assert json.loads(seen[-1].content)["OutId"] == "e2:1"
-    assert json.loads(seen[-1].content)["PhoneNumbers"] == "13900001111"
-    await MiniProgramProvider("https://mp.test", client).send(msg)
-    assert json.loads(seen[-1].content)["touser"] == "13900001111"
-    await AppPushProvider("https://push.test", client).send(msg)
-    assert json.loads(seen[-1].content)["idempotency_key"] == "e2:1"
+def test_aliyun_signature_matches_the_published_example() -> None:
+    assert aliyun_signature("GET", ALIYUN_EXAMPLE, "testSecret") == "zJDF+Lrzhj/ThnlvIToysFRq6t4="
+    # The fake checks requests with its own implementation (Aliyun's Java sample).
+    assert expected_signature("GET", ALIYUN_EXAMPLE, "testSecret") == "zJDF+Lrzhj/ThnlvIToysFRq6t4="
+    assert aliyun_signature("POST", ALIYUN_EXAMPLE, "testSecret") != "zJDF+Lrzhj/ThnlvIToysFRq6t4="
+
+
+def test_sms_request_carries_sign_template_params_and_the_send_key() -> None:
+    client = httpx.AsyncClient()
+    provider = AliyunSmsProvider(
+        "https://sms.test/", "kid", "ksecret", client, FakeClock(START), "茶饮"
+    )
+    message = Outbound(
+        "e1:3",
+        "m1",
+        "sms",
+        "SMS_1",
+        "+8613900001111",
+        {"template_code": "SMS_1", "sign_name": "", "params": {"points": "300"}},
+    )
+    params = provider.params(message, "nonce-1", "2030-01-01T00:00:00Z")
+    assert params["PhoneNumbers"] == "13900001111"
+    assert (params["SignName"], params["TemplateCode"], params["OutId"]) == (
+        "茶饮",
+        "SMS_1",
+        "e1:3",
+    )
+    assert params["TemplateParam"] == '{"points":"300"}'
+    signature = params.pop("Signature")
+    assert signature == aliyun_signature("POST", params, "ksecret")
 
 
 @pytest.mark.parametrize(
-    ("status", "outcome"), [(200, "delivered"), (429, "retry"), (503, "retry"), (400, "failed")]
+    ("errcode", "status"),
+    [(0, "delivered"), (43101, "no_credit"), (45009, "retry"), (-1, "retry"), (47003, "failed")],
 )
-async def test_status_classification(status: int, outcome: str) -> None:
-    _, client = recorder(status)
-    assert (await WeComProvider("https://wecom.test", client).send(MESSAGE)).status == outcome
+def test_wechat_errcodes(errcode: int, status: str) -> None:
+    got = WeChatSubscribeProvider._classify({"errcode": errcode, "errmsg": "x", "msgid": 7})
+    assert got.status == status
+    assert got.code == ("" if errcode == 0 else str(errcode))
 
 
-async def test_transport_errors_are_retried_and_a_missing_address_fails() -> None:
-    def boom(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    client = httpx.AsyncClient(transport=httpx.MockTransport(boom))
-    provider = WeComProvider("https://wecom.test", client)
-    assert (await provider.send(MESSAGE)).status == "retry"
-    no_address = Outbound("e1:4", "m1", "wecom", "t", "")
-    assert (await provider.send(no_address)).reason == "NO_ADDRESS"
+def test_a_request_that_never_left_is_retried_one_that_may_have_is_unknown() -> None:
+    request = httpx.Request("POST", "https://x.test")
+    assert transport_outcome(httpx.ConnectError("refused", request=request)).status == "retry"
+    assert transport_outcome(httpx.ReadTimeout("slow", request=request)).status == "unknown"
+    dropped = httpx.RemoteProtocolError("peer closed", request=request)
+    assert transport_outcome(dropped).status == "unknown"
 
 
-async def test_local_sink_records_each_key_once() -> None:
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(200, "delivered"), (429, "retry"), (503, "retry"), (502, "unknown"), (400, "failed")],
+)
+async def test_app_push_contract(status: int, outcome: str) -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == "Bearer t"
+        return httpx.Response(status, json={"id": "p1"})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    provider = HttpPushProvider("https://push.test", "t", client)
+    message = Outbound("e1:3", "m1", "app_push", "t", "m1", {"title": "a", "body": "b"})
+    assert (await provider.send(message)).status == outcome
+
+
+def test_phone_limits_setting() -> None:
+    assert parse_phone_limits("1/60, 5/3600,10/86400") == [(1, 60), (5, 3600), (10, 86400)]
+    assert parse_phone_limits("") == []
+    with pytest.raises(ValueError, match="count/seconds"):
+        parse_phone_limits("5 per hour")
+
+
+async def test_credentials_choose_providers_and_the_rest_fail_visibly() -> None:
+    settings = EngagementSettings(sms_access_key_id="k", sms_access_key_secret="s")
+    redis = Redis.from_url("redis://127.0.0.1:1/0")  # never called here
+    providers = build_providers(settings, httpx.AsyncClient(), redis, FakeClock(START))
+    assert isinstance(providers["sms"], AliyunSmsProvider)
+    assert isinstance(providers["wecom"], NotConfigured)
+    failed = await providers["wecom"].send(MESSAGE)
+    assert (failed.status, failed.code) == ("failed", "CHANNEL_NOT_CONFIGURED")
+    assert "s" not in repr(settings.sms_access_key_secret).replace("SecretStr", "")
+
+
+async def test_local_sink_records_what_it_was_given() -> None:
     sink = LocalSink("wecom")
-    await sink.send(MESSAGE)
-    await sink.send(MESSAGE)
+    assert (await sink.send(MESSAGE)).status == "delivered"
     assert list(sink.sent) == [MESSAGE]
-
-
-def test_endpoints_choose_http_providers_and_the_rest_fall_back_to_the_sink() -> None:
-    client = httpx.AsyncClient()
-    providers = build_providers({"sms": "https://sms.test"}, client)
-    assert isinstance(providers["sms"], SmsProvider)
-    assert isinstance(providers["wecom"], LocalSink)
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:

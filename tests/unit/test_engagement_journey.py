@@ -41,6 +41,7 @@ CART: dict[str, Any] = {
             "type": "send",
             "channel": "wecom",
             "template": "cart-reminder",
+            "text": "Your cart is waiting",
             "class": "targeted",
             "drop_if_late": "6h",
             "next": "done",

@@ -165,10 +165,12 @@ def test_every_pos_rpc_and_no_writing_route_is_public() -> None:
         assert "store_id" in method.input_type.fields_by_name, full
     assert policy.rpc_scope("/loyalty.pos.v1.PosService/Unknown") is None
     # Nothing public writes without proof: the token exchange checks the key in
-    # its body, WeCom's callback WeCom's signature (services/guides/wecom_crypto.py).
+    # its body, WeCom's callback WeCom's signature (services/guides/wecom_crypto.py),
+    # the SMS delivery reports the callback token configured with their URL.
     assert {r for r in policy.PUBLIC_ROUTES if r[0] != "GET"} == {
         ("POST", "/v1/auth/token"),
         ("POST", "/v1/wecom/callback"),
+        ("POST", "/v1/callbacks/sms/aliyun"),
     }
     assert set(policy.ROUTE_SCOPES.values()) <= KNOWN_SCOPES
     assert set(policy.RPC_SCOPES.values()) <= KNOWN_SCOPES

@@ -1,0 +1,428 @@
+"""Channel sends through the real provider code against the local provider fakes
+(devtools/provider_fakes): WeChat subscribe messages (shared token, refreshed
+once across replicas, 43101, rate limits), WeCom tasks and their results,
+Aliyun SMS (signature, per-phone guard, delivery reports applied once), app
+push, and the at-most-once rule for uncertain outcomes (time-out, dropped
+connection, a dispatcher killed mid-call), on the real schema with a
+controllable clock."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from devtools.provider_fakes.stack import FakeStack, build_stack
+from servicekit.db import Database
+from servicekit.errors import InvalidArgument
+from services.engagement import facts_repository as facts_repo
+from services.engagement import scheduler_repository as scheduler_repo
+from services.engagement.channels import Dispatcher
+from services.engagement.domain import FakeClock, QuietHours
+from services.engagement.providers import build_providers
+from services.engagement.settings import EngagementSettings
+from tests.harness import Infra
+
+from .test_engagement_journeys import ALL, Env, _pause_all, db, make_env
+
+__all__ = ["db"]
+
+# Wednesday 2030-07-03 11:00 in Shanghai: no quiet hours.
+NOON = datetime(2030, 7, 3, 3, 0, tzinfo=UTC)
+
+
+@dataclass
+class Rig:
+    env: Env
+    fakes: FakeStack
+    redis: Redis
+    namespace: str
+    settings: EngagementSettings
+    clients: list[httpx.AsyncClient]
+
+    def dispatcher(self, timeout: float = 5.0, **kw: Any) -> Dispatcher:
+        """One replica: its own HTTP client and token caches, the shared Redis."""
+        client = httpx.AsyncClient(timeout=timeout)
+        self.clients.append(client)
+        providers = build_providers(self.settings, client, self.redis, self.env.clock)
+        return Dispatcher(self.env.db, self.env.clock, providers, {}, batch_size=500, **kw)
+
+    async def journey(self, name: str, channel: str, **content: Any) -> None:
+        content.setdefault("template", f"{name}-template")
+        await self.env.publish(
+            {
+                "id": name,
+                "priority": 50,
+                "entry": {"event": "check_in"},
+                "start": "s",
+                "steps": {
+                    "s": {
+                        "type": "send",
+                        "channel": channel,
+                        "class": "transactional",
+                        "next": "end",
+                        **content,
+                    },
+                    "end": {"type": "exit"},
+                },
+            }
+        )
+
+    async def member(
+        self, openid: str = "", template: str = "", phone: str = "", **attrs: str
+    ) -> str:
+        m = str(uuid.uuid4())
+        async with self.env.db.unit_of_work() as uow:
+            await self.env.handlers.ingest(uow, "member_registered", m, {})
+            await self.env.handlers.set_consent(uow, m, ALL, True, "test")
+            if openid:
+                await self.env.handlers.ingest(
+                    uow, "subscription_tap", m, {"template": template, "openid": openid}
+                )
+            if phone:  # what member would answer; here a stored address
+                await facts_repo.set_address(uow.conn, uuid.UUID(m), "sms", phone)
+        await self.env.event("check_in", m, **attrs)
+        await self.env.scheduler.run_until_idle()
+        return m
+
+    async def send_row(self, member: str) -> dict[str, Any]:
+        row = await self.env.db.pool.fetchrow(
+            "SELECT send_key, status, reason, error_code, provider_ref, attempts,"
+            " next_attempt_at, receipt_at FROM engagement.sends WHERE member_id = $1",
+            uuid.UUID(member),
+        )
+        assert row is not None
+        return dict(row)
+
+
+@pytest.fixture
+async def rig(db: Database, infra: Infra) -> AsyncIterator[Rig]:
+    await _pause_all(db)
+    clock = FakeClock(NOON)
+    fakes = build_stack(clock=lambda: clock.now().timestamp())
+    fakes.wechat.faults.slow_seconds = 1.0
+    await fakes.server.start()
+    namespace = f"{infra.namespace}:channels:{uuid.uuid4().hex[:6]}"
+    redis = Redis.from_url(infra.redis_url)
+    settings = EngagementSettings(
+        **{**fakes.settings(), "redis_namespace": namespace, "sms_phone_limits": "1/60,2/3600"}
+    )
+    rig = Rig(make_env(db, clock, QuietHours()), fakes, redis, namespace, settings, [])
+    yield rig
+    for c in rig.clients:
+        await c.aclose()
+    await redis.aclose()
+    await fakes.server.stop()
+    await _pause_all(db)
+
+
+MP = {
+    "template": "tmpl-points-expiring",
+    "data": {"thing1": "Points expiring", "number2": "{points}", "date3": "{points_expire_on}"},
+    "page": "pages/points/index?from=journey",
+}
+
+
+async def test_token_expiry_mid_run_two_replicas_refresh_it_once(rig: Rig) -> None:
+    await rig.journey("mp-expiry", "miniprogram", **MP)
+    members = []
+    for _ in range(12):
+        openid = f"o-{uuid.uuid4().hex[:10]}"
+        rig.fakes.wechat.grant(openid, "tmpl-points-expiring")
+        members.append(
+            await rig.member(openid, "tmpl-points-expiring", points="120", expires_on="2030-07-31")
+        )
+    first, rest = members[0], members[1:]
+    # Replica A sends one message: the first token is fetched.
+    a, b = rig.dispatcher(), rig.dispatcher()
+    await rig.env.db.pool.execute(
+        "UPDATE engagement.sends SET next_attempt_at = $2 WHERE member_id <> $1"
+        " AND status = 'pending' AND journey_id = $3",
+        uuid.UUID(first),
+        NOON + timedelta(seconds=1),
+        rig.env.jid("mp-expiry"),
+    )
+    await a.dispatch_once()
+    assert (await rig.send_row(first))["status"] == "delivered"
+    assert rig.fakes.wechat.wechat.stable_token_requests == 1
+    sent = rig.fakes.wechat.sent[-1]
+    assert sent["data"] == {
+        "thing1": {"value": "Points expiring"},
+        "number2": {"value": "120"},
+        "date3": {"value": "2030-07-31"},
+    }
+    assert sent["page"] == "pages/points/index?from=journey"
+    assert sent["miniprogram_state"] == "formal"
+    # The token expires at WeChat; both replicas hit 42001 in the same instant.
+    token = next(iter(rig.fakes.wechat.wechat._tokens))
+    rig.fakes.wechat.wechat.expire_token(token)
+    rig.env.clock.advance(timedelta(seconds=2))
+    # Each replica leases its own half (SKIP LOCKED), concurrently.
+    a._batch = b._batch = 6
+    await asyncio.gather(a.dispatch_once(), b.dispatch_once())
+    statuses = [(await rig.send_row(m))["status"] for m in rest]
+    assert statuses == ["delivered"] * len(rest)
+    # One refresh for both replicas and all their concurrent sends.
+    assert rig.fakes.wechat.wechat.stable_token_requests == 2
+    assert len(rig.fakes.wechat.sent) == 12
+
+
+async def test_no_credit_at_wechat_marks_no_credit_and_consumes_nothing(rig: Rig) -> None:
+    await rig.journey("mp-credit", "miniprogram", **MP)
+    openid = f"o-{uuid.uuid4().hex[:10]}"  # never granted at the fake: WeChat says 43101
+    m = await rig.member(openid, "tmpl-points-expiring", points="5", expires_on="2030-07-31")
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["error_code"]) == ("no_credit", "43101")
+    assert rig.fakes.wechat.sent == []
+    credits = await rig.env.db.pool.fetchval(
+        "SELECT credits FROM engagement.subscription_credits WHERE member_id = $1",
+        uuid.UUID(m),
+    )
+    assert credits == 0
+
+
+async def test_rate_limited_sends_back_off_then_go(rig: Rig) -> None:
+    await rig.journey("mp-rate", "miniprogram", **MP)
+    openid = f"o-{uuid.uuid4().hex[:10]}"
+    rig.fakes.wechat.grant(openid, "tmpl-points-expiring")
+    m = await rig.member(openid, "tmpl-points-expiring", points="5", expires_on="2030-07-31")
+    rig.fakes.wechat.faults.add("rate_limit")
+    d = rig.dispatcher()
+    await d.dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["error_code"]) == ("pending", "45009")
+    assert row["next_attempt_at"] == NOON + timedelta(seconds=5)
+    await d.dispatch_once()  # not due yet
+    assert (await rig.send_row(m))["attempts"] == 1
+    rig.env.clock.advance(timedelta(seconds=5))
+    await d.dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["attempts"]) == ("delivered", 2)
+    assert len(rig.fakes.wechat.sent) == 1
+
+
+@pytest.mark.parametrize("fault", ["slow", "drop"])
+async def test_an_uncertain_outcome_is_unknown_and_never_resent(rig: Rig, fault: str) -> None:
+    await rig.journey(f"push-{fault}", "app_push", title="Hi", body="Your points: {points}")
+    rig.fakes.push.faults.slow_seconds = 1.0
+    rig.fakes.push.faults.add(fault)
+    m = await rig.member(points="42")
+    d = rig.dispatcher(timeout=0.3)
+    await d.dispatch_once()
+    row = await rig.send_row(m)
+    assert row["status"] == "unknown"
+    assert row["error_code"] in ("ReadTimeout", "RemoteProtocolError")
+    # The provider did take it: resending would have sent it twice.
+    assert [s["body"] for s in rig.fakes.push.sent] == ["Your points: 42"]
+    rig.env.clock.advance(timedelta(days=1))
+    while await d.dispatch_once():
+        pass
+    assert (await rig.send_row(m))["status"] == "unknown"
+    assert len(rig.fakes.push.sent) == 1
+    # Operators see it.
+    unknown = await scheduler_repo.unknown_sends(
+        rig.env.db.pool, rig.env.jid(f"push-{fault}"), None, 10
+    )
+    assert [u.send_key for u in unknown] == [row["send_key"]]
+
+
+async def test_a_channel_configured_to_resend_uncertain_outcomes_does(rig: Rig) -> None:
+    await rig.journey("push-resend", "app_push", title="Hi", body="Hello")
+    rig.fakes.push.faults.add("drop")
+    m = await rig.member()
+    d = rig.dispatcher(resend_unknown=frozenset({"app_push"}))
+    await d.dispatch_once()
+    assert (await rig.send_row(m))["status"] == "pending"
+    rig.env.clock.advance(timedelta(seconds=5))
+    await d.dispatch_once()
+    assert (await rig.send_row(m))["status"] == "delivered"
+    assert len(rig.fakes.push.sent) == 2  # the price of resending: twice
+
+
+async def test_a_dispatcher_killed_mid_call_leaves_the_send_unknown(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rig.journey("push-crash", "app_push", title="Hi", body="Hello")
+    m = await rig.member()
+    d = rig.dispatcher()
+    real = scheduler_repo.record_outcomes
+
+    async def die(*args: Any) -> None:
+        raise asyncio.CancelledError  # killed after the provider answered
+
+    monkeypatch.setattr(scheduler_repo, "record_outcomes", die)
+    with pytest.raises(asyncio.CancelledError):
+        await d.dispatch_once()
+    monkeypatch.setattr(scheduler_repo, "record_outcomes", real)
+    assert (await rig.send_row(m))["status"] == "sending"
+    rig.env.clock.advance(timedelta(minutes=2))  # the lease runs out
+    await d.dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["reason"]) == ("unknown", "LEASE_EXPIRED")
+    while await d.dispatch_once():
+        pass
+    assert len(rig.fakes.push.sent) == 1
+
+
+async def test_consent_withdrawn_between_pending_and_delivery_sends_nothing(rig: Rig) -> None:
+    await rig.journey("sms-consent", "sms", template="SMS_OFFER", params={})
+    m = await rig.member(phone="13900000001")
+    assert (await rig.send_row(m))["status"] == "pending"
+    async with rig.env.db.unit_of_work() as uow:
+        await facts_repo.set_consent(
+            uow.conn, uuid.UUID(m), ["sms"], False, "test", rig.env.clock.now()
+        )
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["reason"]) == ("suppressed", "NO_CONSENT")
+    assert rig.fakes.sms.requests == 0
+
+
+async def test_sms_is_signed_accepted_then_settled_once_by_its_report(rig: Rig) -> None:
+    await rig.journey(
+        "sms-points", "sms", template="SMS_POINTS_EXPIRING", params={"points": "{points}"}
+    )
+    m = await rig.member(phone="13900000002", points="300")
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    accepted = rig.fakes.sms.accepted[-1]
+    # The fake checked the signature, timestamp and nonce before accepting.
+    assert (row["status"], row["provider_ref"]) == ("sending", accepted.biz_id)
+    assert (accepted.out_id, accepted.params) == (row["send_key"], {"points": "300"})
+    report = rig.fakes.sms.report(accepted)
+    receipt = scheduler_repo.Receipt(report["out_id"], report["biz_id"], report["success"])
+    now = rig.env.clock.now()
+    async with rig.env.db.unit_of_work() as uow:
+        assert await scheduler_repo.apply_receipts(uow.conn, [receipt], now) == 1
+    async with rig.env.db.unit_of_work() as uow:  # the provider pushes it again
+        assert await scheduler_repo.apply_receipts(uow.conn, [receipt], now) == 0
+    row = await rig.send_row(m)
+    assert (row["status"], row["receipt_at"]) == ("delivered", now)
+
+
+async def test_sms_per_phone_guard_holds_the_second_message_before_calling(rig: Rig) -> None:
+    await rig.journey("sms-guard", "sms", template="SMS_OFFER", params={})
+    await rig.journey("sms-guard2", "sms", template="SMS_OFFER", params={})
+    m = str(uuid.uuid4())
+    async with rig.env.db.unit_of_work() as uow:
+        await rig.env.handlers.ingest(uow, "member_registered", m, {})
+        await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
+        await facts_repo.set_address(uow.conn, uuid.UUID(m), "sms", "13900000003")
+    await rig.env.event("check_in", m)
+    await rig.env.scheduler.run_until_idle()
+    d = rig.dispatcher()
+    await d.dispatch_once()
+    rows = await rig.env.db.pool.fetch(
+        "SELECT status, reason, next_attempt_at FROM engagement.sends WHERE member_id = $1"
+        " ORDER BY status",
+        uuid.UUID(m),
+    )
+    assert [r["status"] for r in rows] == ["pending", "sending"]
+    # 1 a minute: the next minute's start, and the provider never saw it.
+    assert rows[0]["reason"] == "PHONE_RATE_LIMITED"
+    assert rows[0]["next_attempt_at"] == NOON + timedelta(minutes=1)
+    assert rig.fakes.sms.requests == 1
+
+
+async def test_a_receipt_of_failure_records_the_carrier_code(rig: Rig) -> None:
+    await rig.journey("sms-fail", "sms", template="SMS_OFFER", params={})
+    m = await rig.member(phone="13900000004")
+    await rig.dispatcher().dispatch_once()
+    report = rig.fakes.sms.report(rig.fakes.sms.accepted[-1], success=False, err_code="MK:0001")
+    async with rig.env.db.unit_of_work() as uow:
+        receipt = scheduler_repo.Receipt(report["out_id"], report["biz_id"], False, "MK:0001")
+        await scheduler_repo.apply_receipts(uow.conn, [receipt], rig.env.clock.now())
+    row = await rig.send_row(m)
+    assert (row["status"], row["error_code"]) == ("failed", "MK:0001")
+
+
+async def test_sms_provider_refusals_fail_with_their_code(rig: Rig) -> None:
+    await rig.journey("sms-bad", "sms", template="SMS_NOT_REGISTERED", params={})
+    m = await rig.member(phone="13900000005")
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["error_code"]) == ("failed", "isv.SMS_TEMPLATE_ILLEGAL")
+
+
+async def test_wecom_task_keeps_its_msgid_and_its_result_is_readable(rig: Rig) -> None:
+    await rig.journey(
+        "wecom-task",
+        "wecom",
+        template="cart",
+        text="Hi, your {tier:16} perks are waiting",
+        miniprogram={
+            "title": "Open",
+            "appid": "wxfakeapp0001",
+            "page": "pages/index",
+            "pic_media_id": "MEDIA1",
+        },
+    )
+    customer, stranger = f"wm-{uuid.uuid4().hex[:8]}", f"wm-{uuid.uuid4().hex[:8]}"
+    assert rig.fakes.wecom.customers is not None
+    rig.fakes.wecom.customers.add(customer)
+    members = []
+    for external in (customer, stranger):
+        m = str(uuid.uuid4())
+        async with rig.env.db.unit_of_work() as uow:
+            await rig.env.handlers.ingest(uow, "member_registered", m, {})
+            await rig.env.handlers.ingest(uow, "tier_changed", m, {"to_tier": "GOLD"})
+            await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
+            await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
+        await rig.env.event("check_in", m)
+        members.append(m)
+    await rig.env.scheduler.run_until_idle()
+    rig.fakes.wecom.faults.add("expired_token")  # the first call finds its token expired
+    d = rig.dispatcher()
+    await d.dispatch_once()
+    ok, refused = [await rig.send_row(m) for m in members]
+    assert ok["status"] == "delivered" and ok["provider_ref"].startswith("msg")
+    assert (refused["status"], refused["error_code"]) == ("failed", "FAIL_LIST")
+    task = rig.fakes.wecom.tasks[ok["provider_ref"]]["body"]
+    assert task["text"] == {"content": "Hi, your GOLD perks are waiting"}
+    assert task["attachments"][0]["miniprogram"]["page"] == "pages/index"
+    wecom = d.providers["wecom"]
+    results = await wecom.send_result(ok["provider_ref"], "")  # type: ignore[attr-defined]
+    assert [(r["external_userid"], r["status"]) for r in results] == [(customer, 0)]
+    rig.fakes.wecom.confirm(ok["provider_ref"])
+    results = await wecom.send_result(ok["provider_ref"], "")  # type: ignore[attr-defined]
+    assert [r["status"] for r in results] == [1]
+
+
+async def test_a_template_the_event_cannot_fill_fails_when_written(rig: Rig) -> None:
+    await rig.journey("push-missing", "app_push", title="Hi", body="Points: {points}")
+    m = await rig.member()  # the check-in carries no points
+    row = await rig.send_row(m)
+    assert (row["status"], row["error_code"]) == ("failed", "MISSING_VARIABLE")
+
+
+async def test_app_push_with_a_wrong_token_fails_visibly(rig: Rig) -> None:
+    await rig.journey("push-auth", "app_push", title="Hi", body="Hello")
+    m = await rig.member()
+    rig.fakes.push.token = "rotated"
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["error_code"]) == ("failed", "HTTP_401")
+
+
+async def test_publishing_an_over_long_thing_is_refused_naming_the_field(rig: Rig) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await rig.journey(
+            "mp-long",
+            "miniprogram",
+            template="tmpl-offer",
+            data={"thing1": "A much too long description of the offer", "date2": "{today}"},
+        )
+    assert caught.value.code == "TEMPLATE_VALUE_TOO_LONG"
+    assert caught.value.field == "definition.steps.s.data.thing1"
+    published = await rig.env.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.journeys WHERE journey_id = $1", rig.env.jid("mp-long")
+    )
+    assert published == 0
