@@ -27,12 +27,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from redis.asyncio import Redis
 
 from gateway.api.analytics import BRAND_TIME_ZONE
 from servicekit.db import create_pool
 from servicekit.errors import DomainError
-from servicekit.redis_client import create_redis
+from servicekit.redis_client import RedisClient, create_redis
 
 from . import users
 from .charts import DASHBOARDS, dashboard_view
@@ -79,7 +78,7 @@ class Console:
         self.settings = settings
         self.clock = clock
         self.pool: asyncpg.Pool | None = None
-        self.redis: Redis | None = None
+        self.redis: RedisClient | None = None
         self.sessions: SessionStore
         self.throttle: LoginThrottle
         self.gateway: Gateway

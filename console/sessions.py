@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from redis.asyncio import Redis
+from servicekit.redis_client import RedisClient
 
 COOKIE = "console_session"
 
@@ -38,7 +38,7 @@ class Session:
 class SessionStore:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         *,
         idle_seconds: int,

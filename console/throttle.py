@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 
-from redis.asyncio import Redis
+from servicekit.redis_client import RedisClient
 
 
 class LoginThrottle:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         *,
         per_account: int,
@@ -31,17 +31,21 @@ class LoginThrottle:
 
     async def locked(self, username: str, address: str) -> bool:
         account_key, address_key = self._keys(username, address)
-        account, by_address = await self._redis.mget(account_key, address_key)
+        # Two GETs, not one MGET: the account and the address are different
+        # subjects, so on a Redis Cluster their keys live in different slots.
+        account = await self._redis.get(account_key)
+        by_address = await self._redis.get(address_key)
         return int(account or 0) >= self.per_account or int(by_address or 0) >= self.per_address
 
     async def failed(self, username: str, address: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for key in self._keys(username, address):
+        # One MULTI per key (each key is its own cluster slot).
+        for key in self._keys(username, address):
+            async with self._redis.pipeline(transaction=True) as pipe:
                 # The window starts at the first failure: SET NX gives the key its
                 # TTL only when it is new, so later failures do not slide it.
                 pipe.set(key, 0, ex=self.window_seconds, nx=True)
                 pipe.incr(key)
-            await pipe.execute()
+                await pipe.execute()
 
     async def succeeded(self, username: str, address: str) -> None:
         account_key, _ = self._keys(username, address)

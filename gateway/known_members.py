@@ -27,8 +27,9 @@ import time
 from collections.abc import Callable
 
 from cachetools import TTLCache
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from servicekit.redis_client import RedisClient
 
 from .auth.members import identity_epoch_key
 from .ratelimit import SKIP_AFTER_FAILURE_SECONDS
@@ -44,7 +45,7 @@ DEFAULT_SIZE = 200_000
 class KnownMembers:
     def __init__(
         self,
-        redis: Redis | None,
+        redis: RedisClient | None,
         namespace: str,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         size: int = DEFAULT_SIZE,

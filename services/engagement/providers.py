@@ -29,7 +29,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from redis.asyncio import Redis
+
+from servicekit.redis_client import RedisClient
 
 from .channels import Delivery, Outbound
 from .domain import Clock
@@ -80,7 +81,7 @@ class TokenCache:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         key: str,
         fetch: TokenFetch,
         clock: Clock,
@@ -205,7 +206,7 @@ class WeChatSubscribeProvider:
         app_id: str,
         app_secret: str,
         client: httpx.AsyncClient,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         clock: Clock,
         miniprogram_state: str = "formal",
@@ -337,7 +338,7 @@ class WeComContactProvider:
         corp_id: str,
         corp_secret: str,
         client: httpx.AsyncClient,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         clock: Clock,
         sender: str = "",
@@ -471,7 +472,9 @@ class PhoneGuard:
         " redis.call('EXPIRE', KEYS[i], ARGV[#KEYS + i]) end return 0"
     )
 
-    def __init__(self, redis: Redis, namespace: str, limits: list[tuple[int, int]], clock: Clock):
+    def __init__(
+        self, redis: RedisClient, namespace: str, limits: list[tuple[int, int]], clock: Clock
+    ):
         self._redis = redis
         self._ns = namespace
         self._limits = limits  # (count, window seconds)
@@ -483,7 +486,8 @@ class PhoneGuard:
             return None
         now = self._clock.now().timestamp()
         digest = hashlib.sha256(phone.encode()).hexdigest()[:32]
-        keys = [f"{self._ns}:sms-phone:{digest}:{w}:{int(now // w)}" for _, w in self._limits]
+        # The phone's digest is the hash tag: the script's keys share a cluster slot.
+        keys = [f"{self._ns}:sms-phone:{{{digest}}}:{w}:{int(now // w)}" for _, w in self._limits]
         args = [str(n) for n, _ in self._limits] + [str(w) for _, w in self._limits]
         hit = int(await self._redis.eval(self._SCRIPT, len(keys), *keys, *args))
         if hit == 0:
@@ -629,7 +633,7 @@ class HttpPushProvider:
 
 
 def build_providers(
-    settings: Any, client: httpx.AsyncClient, redis: Redis, clock: Clock
+    settings: Any, client: httpx.AsyncClient, redis: RedisClient, clock: Clock
 ) -> dict[str, Any]:
     """The provider of each channel from the engagement settings; a channel
     without credentials gets NotConfigured (its sends fail, visibly)."""

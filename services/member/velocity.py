@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from servicekit.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Burst:
 class VelocityWatch:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         namespace: str,
         stores: int,
         window_seconds: int,
@@ -100,8 +101,9 @@ class VelocityWatch:
         self._observe = redis.register_script(_OBSERVE)
 
     def _keys(self, sighting: Sighting) -> list[str]:
-        # The lookup hash already covers type, namespace and value.
-        key = self._prefix + sighting.value_hash.hex()
+        # The lookup hash already covers type, namespace and value; as the hash
+        # tag it puts both keys the script touches in one Redis Cluster slot.
+        key = self._prefix + "{" + sighting.value_hash.hex() + "}"
         return [key + ":stores", key + ":burst"]
 
     async def observe(self, sightings: list[Sighting], store_id: str) -> list[Burst]:

@@ -22,8 +22,9 @@ from servicekit.demo import ORDER_PREFIX, Activity, DemoOrder
 from .coupons import repository as coupon_repository
 from .coupons.domain import Kind, Limits, Terms
 from .coupons.handlers import BulkItem, issue_coupons
+from .kernel import Channel, OrderLine
 from .orders import repository as repo
-from .orders.domain import Channel, OrderLine, OrderRequest
+from .orders.domain import OrderRequest
 from .orders.handlers import RewardsHandlers
 from .orders.repository import StoreRecord
 from .points.earning import parse_rules

@@ -108,3 +108,49 @@ def test_cluster_urls_name_their_nodes() -> None:
         create_redis("redis+cluster://10.0.0.1:7000/3")
     with pytest.raises(ValueError, match="not host:port"):
         create_redis("redis+cluster://10.0.0.1:7000,nohost/0")
+
+
+class _EvalRecorder:
+    """Records the KEYS of every EVAL (the SMS phone guard's calls)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        self.calls.append([str(k) for k in keys_and_args[:numkeys]])
+        return 0
+
+
+async def test_the_velocity_watch_script_keys_share_one_slot_per_identifier() -> None:
+    from services.member.velocity import Sighting, VelocityWatch
+
+    recorder = _ScriptRecorder()
+    watch = VelocityWatch(
+        recorder,  # type: ignore[arg-type]
+        "loyalty",
+        stores=5,
+        window_seconds=600,
+        clock=lambda: datetime(2026, 3, 1, tzinfo=UTC),
+    )
+    for n in range(50):
+        sighting = Sighting("phone", "cn", uuid.uuid4().bytes, f"138****{n:04d}")
+        await watch.observe([sighting], "S001")
+    assert all(_one_slot(keys) and len(keys) == 2 for keys in recorder.calls)
+    assert len({slot_of(keys[0]) for keys in recorder.calls}) > 40  # spread by identifier
+
+
+async def test_the_sms_phone_guard_keys_share_one_slot_per_phone() -> None:
+    from services.engagement.domain import FakeClock
+    from services.engagement.providers import PhoneGuard
+
+    recorder = _EvalRecorder()
+    guard = PhoneGuard(
+        recorder,  # type: ignore[arg-type]
+        "loyalty",
+        [(1, 60), (5, 3600), (10, 86400)],
+        FakeClock(datetime(2026, 3, 1, 9, tzinfo=UTC)),
+    )
+    for n in range(50):
+        assert await guard.admit(f"+86138{n:08d}") is None
+    assert all(_one_slot(keys) and len(keys) == 3 for keys in recorder.calls)
+    assert len({slot_of(keys[0]) for keys in recorder.calls}) > 40
