@@ -16,8 +16,8 @@ from gateway.auth.door import door_redis
 from gateway.ratelimit import Gatekeeper, Limit, Verdict
 from tests.harness import Infra
 
+from ..redis_servers import RedisServer
 from .conftest import gateway_settings
-from .redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
