@@ -3,8 +3,8 @@ the provider's error code and when a delivery receipt was applied; the status
 gains `sending`, `no_credit` and `unknown`. An enrollment keeps the attributes
 of the event that entered it (the variables of its templates).
 
-Revision ID: 0009_engagement_channels
-Revises: 0008_engagement_durable_events
+Revision ID: 0010_engagement_channels
+Revises: 0009_engagement_analytics
 Create Date: 2026-12-04 20:45:00.000000
 """
 
@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0009_engagement_channels"
-down_revision: str | None = "0008_engagement_durable_events"
+revision: str = "0010_engagement_channels"
+down_revision: str | None = "0009_engagement_analytics"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
