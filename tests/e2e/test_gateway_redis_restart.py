@@ -45,7 +45,7 @@ async def test_no_call_fails_on_a_stale_connection_once_redis_is_back(
 ) -> None:
     redis = door_redis(gateway_settings(redis_url=redis_server.url))
     gate = Gatekeeper(redis, f"restart-{uuid.uuid4().hex[:8]}")
-    await gate.open_nonce_store(fresh_install=True)
+    await gate.open_nonce_store(fresh_install=True, client_ids=["client"])
     try:
         # Calls at once: each takes a connection of its own, so the pool holds several.
         await asyncio.gather(*(admit(gate, f"before-{n}") for n in range(CONNECTIONS)))
