@@ -201,7 +201,7 @@ METRICS: tuple[Metric, ...] = (
         "Journey funnel",
         "旅程漏斗",
         "Per journey and step: enrollments that entered within the range, the messages"
-        " their steps wrote by send status (pending, delivered, failed, capped, suppressed,"
+        " their steps wrote by send status (pending, sending, delivered, failed, capped, suppressed,"
         " dropped, no_credit, unknown), and the enrollments that converted (ordered within"
         " their conversion window).",
     ),

@@ -20,6 +20,7 @@ from .domain import Lift, lift
 # Every status a send can end in, in funnel order; listed even when 0.
 SEND_STATUSES = (
     "pending",
+    "sending",
     "delivered",
     "failed",
     "capped",
