@@ -49,7 +49,8 @@ STORE = "BENCH01"
 
 LOAD_KEYS = """
 INSERT INTO rewards.points_transaction_keys (id, idempotency_key, created_at)
-SELECT lpad(to_hex(g), 32, '0')::uuid, 'bench:' || g, $3::timestamptz + (g - 1) * $4::interval
+SELECT lpad(to_hex(g), 32, '0')::uuid, 'bench:' || g,
+       $3::timestamptz + (g % $5) * interval '1 month' + (g / $5) * $4::interval
 FROM generate_series($1::bigint, $2::bigint) g
 """
 
@@ -57,7 +58,8 @@ LOAD_JOURNAL = """
 INSERT INTO rewards.points_transactions
     (id, member_id, kind, idempotency_key, amount, rule, created_at, seq)
 SELECT lpad(to_hex(g), 32, '0')::uuid, md5('m' || (g % $5))::uuid, 'earn', 'bench:' || g, 10,
-       '{"rule": "bench"}', $3::timestamptz + (g - 1) * $4::interval, g
+       '{"rule": "bench"}',
+       $3::timestamptz + (g % $6) * interval '1 month' + (g / $6) * $4::interval, g
 FROM generate_series($1::bigint, $2::bigint) g
 """
 
@@ -96,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     args.members = args.members or max(1, args.rows // 20)
+    if args.members > args.rows:
+        parser.error("--members must not exceed --rows")
     return args
 
 
@@ -132,9 +136,9 @@ async def load(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[str, 
             "SELECT to_regclass($1) IS NOT NULL", f"rewards.{JOURNAL.partition_name(month)}"
         ):
             await create_month(conn, JOURNAL, month)
-    # Rows evenly over [first month, one hour ago).
-    span = (now - timedelta(hours=1)) - first
-    step = span / args.rows
+    # Row g goes to month g % months (so however far the load gets, every
+    # month has rows), spread over the month's first 28 days.
+    step = timedelta(days=28) / max(1, args.rows // args.months)
     await conn.execute("SET session_replication_role = replica")
     started = time.perf_counter()
     for name, _ in SECONDARY_INDEXES:
@@ -144,8 +148,8 @@ async def load(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[str, 
     while loaded < args.rows and time.perf_counter() - started < args.budget / 2:
         lo, hi = loaded + 1, min(args.rows, loaded + args.chunk)
         async with conn.transaction():
-            await conn.execute(LOAD_KEYS, lo, hi, first, step)
-            await conn.execute(LOAD_JOURNAL, lo, hi, first, step, args.members)
+            await conn.execute(LOAD_KEYS, lo, hi, first, step, args.months)
+            await conn.execute(LOAD_JOURNAL, lo, hi, first, step, args.members, args.months)
             await conn.execute(LOAD_ENTRIES, lo, hi, args.members)
         loaded = hi
         took = time.perf_counter() - started
@@ -157,21 +161,29 @@ async def load(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[str, 
     load_seconds = time.perf_counter() - started
     await conn.execute("SET session_replication_role = origin")
     await conn.execute("SELECT setval('rewards.points_transactions_seq', $1)", loaded + 1)
-    # Balances equal to the loaded journal, so the audit's member checks are real.
+    # Balances and one lot per member equal to the loaded journal (member j
+    # has rows j, j + members, ...; its first is j, or `members` for j = 0),
+    # computed, not aggregated: the audit's member checks then hold.
+    members = args.members = min(args.members, loaded)
+    counts = (
+        " FROM (SELECT j, CASE WHEN j = 0 THEN $2 / $1 ELSE ($2 - j) / $1 + 1 END AS c"
+        " FROM generate_series(0, $1 - 1) j) x"
+    )
     await conn.execute(
         "INSERT INTO rewards.points_balances (member_id, available, lifetime_earned)"
-        " SELECT member_id, sum(amount), sum(amount) FROM rewards.points_entries"
-        " WHERE account = 'member_wallet' GROUP BY member_id"
+        " SELECT md5('m' || j)::uuid, 10 * c, 10 * c" + counts,
+        members,
+        loaded,
     )
-    # One lot per member holding its balance: the audit's lot checks hold too.
     await conn.execute(
         "INSERT INTO rewards.points_lots (id, member_id, transaction_id, root_lot_id, points,"
         " remaining, status, earned_at, expires_at)"
-        " SELECT x.u, b.member_id, lpad(to_hex(CASE WHEN j = 0 THEN $1 ELSE j END), 32, '0')::uuid,"
-        " x.u, b.available, b.available, 'active', now(), now() + interval '10 years'"
-        " FROM generate_series(0, $1 - 1) j CROSS JOIN LATERAL (SELECT md5('lot' || j)::uuid AS u) x"
-        " JOIN rewards.points_balances b ON b.member_id = md5('m' || j)::uuid",
-        args.members,
+        " SELECT md5('lot' || j)::uuid, md5('m' || j)::uuid,"
+        " lpad(to_hex(CASE WHEN j = 0 THEN $1 ELSE j END), 32, '0')::uuid,"
+        " md5('lot' || j)::uuid, 10 * c, 10 * c, 'active', now(), now() + interval '10 years'"
+        + counts,
+        members,
+        loaded,
     )
     say("analyzing ...")
     await conn.execute("ANALYZE rewards.points_transactions")
