@@ -246,7 +246,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             None if redis_url else await asyncio.to_thread(embedded.start, "bench", base, None)
         )
         redis = Redis.from_url(redis_url or (servers.redis_url if servers else ""))
-        client = httpx.AsyncClient(timeout=5, limits=httpx.Limits(max_connections=200))
+        # As many connections as calls in flight (dispatchers x their batch).
+        connections = max(1, args.dispatchers) * 200
+        client = httpx.AsyncClient(timeout=5, limits=httpx.Limits(max_connections=connections))
         settings = EngagementSettings(**fakes.settings(), redis_namespace=f"bench-{name}")
         providers = build_providers(settings, client, redis, clock)
         dispatchers = [
@@ -262,7 +264,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 n = await d.dispatch_once()
                 if n == 0:
                     if swept.is_set() and await d.dispatch_once() == 0:
-                        return
+                        waiting = await pool.fetchval(
+                            "SELECT count(*) FROM engagement.sends WHERE status = 'pending'"
+                        )
+                        if not waiting:
+                            return
+                        # Retries wait out their back-off on the service clock.
+                        clock.advance(timedelta(minutes=10))
                     await asyncio.sleep(0.01)
 
         async def sweep_all() -> None:
