@@ -42,3 +42,6 @@ def configure_logging(service: str, level: str = "INFO", json: bool = True) -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request's URL at INFO, query string included: provider
+    # access tokens and WeChat's app secret travel there (never logged).
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

@@ -634,6 +634,32 @@ class SendCountRow(BaseModel):
 
 
 class JourneySendCounts(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "journey_id": "points-expiring",
+                    "counts": [
+                        {
+                            "step_id": "tell",
+                            "channel": "miniprogram",
+                            "status": "delivered",
+                            "error_code": "",
+                            "count": 812,
+                        },
+                        {
+                            "step_id": "tell",
+                            "channel": "miniprogram",
+                            "status": "no_credit",
+                            "error_code": "43101",
+                            "count": 37,
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
     journey_id: str
     counts: list[SendCountRow]
 
@@ -673,6 +699,27 @@ class UnknownSendRow(BaseModel):
 
 
 class UnknownSends(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "sends": [
+                        {
+                            "send_key": "9b2f3c1e-5d7a-4e8b-8f0a-1c2d3e4f5a6b:2",
+                            "step_id": "tell",
+                            "channel": "sms",
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "reason": "NO_ANSWER: ReadTimeout",
+                            "attempts": 1,
+                            "updated_at": "2026-12-04T10:00:05Z",
+                        }
+                    ],
+                    "next_page_token": None,
+                }
+            ]
+        }
+    )
+
     sends: list[UnknownSendRow]
     next_page_token: str | None = None
 
@@ -727,9 +774,22 @@ class SmsReport(BaseModel):
 MAX_REPORTS = 1000
 
 
+class SmsReportAck(BaseModel):
+    """Aliyun's expected answer (anything else makes it push again)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"code": 0, "msg": "成功", "applied": 1}]}
+    )
+
+    code: int
+    msg: str
+    applied: int = Field(description="Reports that settled a send; repeats change nothing")
+
+
 @router.post(
     "/v1/callbacks/sms/aliyun",
     tags=["journeys"],
+    response_model=SmsReportAck,
     summary="Aliyun SMS delivery reports (SmsReport batch push); answers {code: 0}",
     description="Authenticated by the token in the URL configured at Aliyun "
     "(`SMS_RECEIPT_TOKEN`). Each report settles its send once (matched by OutId and "
@@ -740,7 +800,7 @@ async def sms_reports(
     request: Request,
     reports: Annotated[list[SmsReport], Body(max_length=MAX_REPORTS)],
     token: Annotated[str, Query(max_length=200)] = "",
-) -> dict[str, Any]:
+) -> SmsReportAck:
     expected = downstreams(request).sms_receipt_token
     if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
         raise PermissionDenied(
@@ -761,7 +821,7 @@ async def sms_reports(
         )
     )
     # Aliyun's expected answer; anything else makes it push again.
-    return {"code": 0, "msg": "成功", "applied": reply.applied}
+    return SmsReportAck(code=0, msg="成功", applied=reply.applied)
 
 
 def _report_time(text: str) -> Any:

@@ -73,6 +73,11 @@ class Published:
     version: int
 
 
+# A send counts as sent once written past the cap and consent checks, whatever
+# the provider then made of it (docs/journeys.md, Channels).
+SENT_STATUSES = ("pending", "sending", "delivered", "failed", "no_credit", "unknown")
+
+
 @dataclass(frozen=True)
 class StepMetrics:
     step_id: str
@@ -185,7 +190,7 @@ class EngagementHandlers:
             treated_converted=t["treated_conv"],
             holdout_converted=t["holdout_conv"],
             # A send is "sent" once written past the cap and consent checks.
-            sent=totals["pending"] + totals["delivered"] + totals["failed"],
+            sent=sum(totals.get(k, 0) for k in SENT_STATUSES),
             capped=totals["capped"],
             suppressed=totals["suppressed"],
             dropped=totals["dropped"],

@@ -359,15 +359,6 @@ class Outcome:
     next_attempt_at: datetime | None = None
 
 
-async def record_deliveries(
-    conn: Connection, results: list[tuple[str, str, str, str, datetime | None]], now: datetime
-) -> None:
-    """(send_key, status, reason, provider_ref, next_attempt_at) for each."""
-    await record_outcomes(
-        conn, [Outcome(k, st, r, ref, "", n) for k, st, r, ref, n in results], now
-    )
-
-
 async def record_outcomes(conn: Connection, results: list[Outcome], now: datetime) -> None:
     """Only a send still in flight (pending or sending) takes an outcome: a
     receipt or an operator that settled it first is never overwritten."""

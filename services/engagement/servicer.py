@@ -16,7 +16,7 @@ from servicekit.protos import timestamp, to_datetime
 
 from .analytics import journey_funnels
 from .domain import DEFAULT_RADIUS_M, Lift
-from .handlers import EngagementHandlers
+from .handlers import SENT_STATUSES, EngagementHandlers
 from .scheduler_repository import Receipt
 
 LAUNCH_CHUNK = 500
@@ -125,7 +125,7 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
             steps=[
                 engagement_pb2.StepMetrics(
                     step_id=s.step_id,
-                    sent=sum(s.counts.get(k, 0) for k in ("pending", "delivered", "failed")),
+                    sent=sum(s.counts.get(k, 0) for k in SENT_STATUSES),
                     **{k: s.counts.get(k, 0) for k in STEP_STATUSES},
                 )
                 for s in m.steps

@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from devtools.provider_fakes.aliyun_sms import expected_signature
+from servicekit.logs import configure_logging
 from services.engagement.channels import (
     Delivery,
     LocalSink,
@@ -183,3 +184,17 @@ async def test_poll_loop_survives_a_failing_round_and_stops_when_cancelled() -> 
     with pytest.raises(asyncio.CancelledError):
         await poll_forever(step, 0.0, logging.getLogger("test"), "worker")
     assert rounds == [0, 1, 2]
+
+
+def test_request_urls_carrying_tokens_are_not_logged() -> None:
+    """httpx logs each request's URL (access_token, WeChat's secret) at INFO;
+    the services' logging keeps it to warnings."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("httpx").level)
+    try:
+        configure_logging("engagement", "INFO", json=False)
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+        assert logging.getLogger("services").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("httpx").setLevel(saved[2])
