@@ -337,9 +337,11 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         if form.get("locale") in LOCALES:
             session.locale = form["locale"]
             await console.sessions.save(session)
-        return RedirectResponse(
-            form.get("next", "/") if form.get("next", "/").startswith("/") else "/", status_code=303
-        )
+        # Back to the page the switch was on: a path of this site only, never
+        # "//host" or "/\\host" (another site, as browsers read them).
+        target = form.get("next", "/")
+        local = target.startswith("/") and not target.startswith(("//", "/\\"))
+        return RedirectResponse(target if local else "/", status_code=303)
 
     @app.get("/account/password")
     async def password_form(request: Request) -> Response:

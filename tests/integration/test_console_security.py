@@ -327,3 +327,24 @@ async def test_the_demo_operator_gets_a_new_one_time_password_each_run(
     assert (await users.get(conn, name)) == users.Operator(
         name, ("marketer", "viewer"), None, must_change_password=True
     )
+
+
+async def test_the_language_switch_changes_the_text_and_redirects_only_within_the_site(
+    console: ConsoleServer, conn: asyncpg.Connection
+) -> None:
+    name = await operator(conn, ["viewer"])
+    async with browser(console) as client:
+        await log_in(client, name)
+        page = await client.get("/account/password")
+        assert "设置新密码" in page.text
+        token = csrf(page.text)
+        for target in ("//evil.example/x", "/\\evil.example", "https://evil.example/"):
+            reply = await client.post(
+                "/locale", data={"csrf_token": token, "locale": "en", "next": target}
+            )
+            assert reply.status_code == 303 and reply.headers["location"] == "/"
+        back = await client.post(
+            "/locale", data={"csrf_token": token, "locale": "en", "next": "/account/password"}
+        )
+        assert back.headers["location"] == "/account/password"
+        assert "Choose a new password" in (await client.get("/account/password")).text
