@@ -34,11 +34,17 @@ Reply = TypeVar("Reply")
 _C = TypeVar("_C", bound="_Client")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# A dashboard's aggregate over a long range may take seconds at scale
+# (docs/operations.md): this many times the usual downstream deadline.
+ANALYTICS_DEADLINE_FACTOR = 5
 # Rewards takes at most 8 identifier hashes per referral party.
 MAX_ABUSE_FINGERPRINTS = 8
 
 
 class _Client:
+    # The service's generated stub, made by each client.
+    _stub: Any
+
     def __init__(self, name: str, target: str, timeout: float) -> None:
         self.name = name
         self.target = target
@@ -62,6 +68,16 @@ class _Client:
             raise error from None
         self.unavailable = False
         return reply
+
+    async def analytics(self, method: str, request: Any) -> Any:
+        """A dashboard's Get*Analytics RPC: aggregates over up to a year of
+        history, so ANALYTICS_DEADLINE_FACTOR times the usual deadline (a read:
+        nothing is lost when it is cut off)."""
+
+        def rpc(req: Any, timeout: float) -> Any:
+            return getattr(self._stub, method)(req, timeout=timeout * ANALYTICS_DEADLINE_FACTOR)
+
+        return await self._call(rpc, request)
 
     def degraded(self) -> bool:
         """Not answering: the channel is failing to connect, or the last call was

@@ -129,7 +129,8 @@ METRICS: tuple[Metric, ...] = (
         "points",
         "Points liability",
         "积分负债",
-        "Outstanding = points members can spend now; pending = earned points not yet"
+        "Outstanding = points members hold now (spendable, and reserved by open holds);"
+        " pending = earned points not yet"
         " active; expiring = active lots whose remaining points expire within the next 30"
         " days. In points and in fen at the brand's points value (fen per point). Brand-wide:"
         " points are not held per store.",

@@ -602,7 +602,8 @@ async def overview(
     resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
     d = downstreams(request)
     members, orders = await asyncio.gather(
-        d.member.call("GetMemberAnalytics", wire), d.rewards.call("GetOrderAnalytics", wire)
+        d.member.analytics("GetMemberAnalytics", wire),
+        d.rewards.analytics("GetOrderAnalytics", wire),
     )
     return Overview(
         filter=resolved,
@@ -647,7 +648,7 @@ async def tiers(
     region: Region = None,
 ) -> Tiers:
     resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
-    t = await downstreams(request).tiering.call("GetTierAnalytics", wire)
+    t = await downstreams(request).tiering.analytics("GetTierAnalytics", wire)
     return Tiers(
         filter=resolved,
         distribution=counts(t.distribution),
@@ -685,7 +686,7 @@ async def segments(
     region: Region = None,
 ) -> Segments:
     resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
-    s = await downstreams(request).tiering.call("GetSegmentAnalytics", wire)
+    s = await downstreams(request).tiering.analytics("GetSegmentAnalytics", wire)
     return Segments(
         filter=resolved,
         rfm=[
@@ -710,7 +711,7 @@ async def lifecycle(
     region: Region = None,
 ) -> Lifecycle:
     resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
-    s = await downstreams(request).tiering.call("GetSegmentAnalytics", wire)
+    s = await downstreams(request).tiering.analytics("GetSegmentAnalytics", wire)
     return Lifecycle(
         filter=resolved,
         stages=counts(s.stages),
@@ -741,7 +742,7 @@ async def points(
     region: Region = None,
 ) -> Points:
     resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
-    p = await downstreams(request).rewards.call("GetPointsAnalytics", wire)
+    p = await downstreams(request).rewards.analytics("GetPointsAnalytics", wire)
     value = p.points_value_fen
     return Points(
         filter=resolved,
@@ -779,7 +780,7 @@ async def coupons(
     region: Region = None,
 ) -> Coupons:
     resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
-    c = await downstreams(request).rewards.call("GetCouponAnalytics", wire)
+    c = await downstreams(request).rewards.analytics("GetCouponAnalytics", wire)
     return Coupons(
         filter=resolved,
         templates=[
@@ -826,7 +827,7 @@ async def referral(
     region: Region = None,
 ) -> Referral:
     resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
-    r = await downstreams(request).rewards.call("GetReferralAnalytics", wire)
+    r = await downstreams(request).rewards.analytics("GetReferralAnalytics", wire)
     return Referral(
         filter=resolved,
         invites=r.invites,
@@ -858,7 +859,7 @@ async def journeys(
     region: Region = None,
 ) -> Journeys:
     resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
-    j = await downstreams(request).engagement.call("GetJourneyAnalytics", wire)
+    j = await downstreams(request).engagement.analytics("GetJourneyAnalytics", wire)
     return Journeys(
         filter=resolved,
         journeys=[

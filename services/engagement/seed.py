@@ -76,6 +76,14 @@ async def seed_demo_journey(conn: asyncpg.Connection, activity: Activity, now: d
     )
     if not published:
         return  # seeded before: its history stays as it was
+    # The members as engagement knows them (no MemberRegistered went out for
+    # history): their store; their order counts come with OrderCompleted.
+    await conn.execute(
+        "INSERT INTO engagement.member_facts (member_id, store_id)"
+        " SELECT * FROM unnest($1::uuid[], $2::text[]) ON CONFLICT DO NOTHING",
+        [m.member_id for m in activity.members],
+        [m.store_id for m in activity.members],
+    )
     await conn.execute(
         "INSERT INTO engagement.journey_state (journey_id, live_version, entry_event, status)"
         " VALUES ($1, 1, $2, 'active') ON CONFLICT DO NOTHING",

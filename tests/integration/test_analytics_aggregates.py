@@ -317,8 +317,9 @@ async def test_points_analytics(conn: asyncpg.Connection, orders: Orders) -> Non
     await _txn(conn, b, "earn", 999, local(12, 10))  # after the range
     await _txn(conn, b, "activate", 10, local(6, 10))  # not a flow
     await conn.executemany(
-        "INSERT INTO rewards.points_balances (member_id, available, pending) VALUES ($1, $2, $3)",
-        [(a, 70, 10), (b, 5, 0)],
+        "INSERT INTO rewards.points_balances (member_id, available, pending, held)"
+        " VALUES ($1, $2, $3, $4)",
+        [(a, 70, 10, 0), (b, 5, 0, 3)],
     )
     await _lot(conn, earn, "active", 40, NOW + timedelta(days=10))
     await _lot(conn, earn, "active", 30, NOW + timedelta(days=40))
@@ -327,7 +328,8 @@ async def test_points_analytics(conn: asyncpg.Connection, orders: Orders) -> Non
     await _lot(conn, earn, "active", 25, NOW - timedelta(days=1))
 
     p = await rewards.points_analytics(conn, rng(), NOW)
-    assert (p["outstanding_points"], p["pending_points"], p["expiring_30d_points"]) == (75, 10, 40)
+    # Held points (an open checkout hold) are still owed: outstanding.
+    assert (p["outstanding_points"], p["pending_points"], p["expiring_30d_points"]) == (78, 10, 40)
     assert [d["day"] for d in p["by_day"]] == days()
     flows = {d["day"]: (d["earned"], d["spent"], d["expired"]) for d in p["by_day"]}
     assert {k: v for k, v in flows.items() if v != (0, 0, 0)} == {

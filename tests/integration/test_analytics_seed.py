@@ -122,7 +122,8 @@ async def test_the_history_went_through_the_ledger_and_a_rerun_adds_nothing(
                 " (SELECT count(*) FROM tiering.orders),"
                 " (SELECT count(*) FROM tiering.recompute_runs),"
                 " (SELECT count(*) FROM engagement.enrollments),"
-                " (SELECT count(*) FROM engagement.sends)"
+                " (SELECT count(*) FROM engagement.sends),"
+                " (SELECT count(*) FROM engagement.member_facts)"
             )
             or ()
         )

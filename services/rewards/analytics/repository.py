@@ -95,7 +95,8 @@ per_day AS (
     GROUP BY d.day
 )
 SELECT json_build_object(
-    'outstanding_points', (SELECT coalesce(sum(available), 0) FROM rewards.points_balances),
+    'outstanding_points', (SELECT coalesce(sum(available + held), 0)
+                           FROM rewards.points_balances),
     'pending_points', (SELECT coalesce(sum(pending), 0) FROM rewards.points_balances),
     'expiring_30d_points', (SELECT coalesce(sum(remaining), 0) FROM rewards.points_lots
                             WHERE status = 'active' AND remaining > 0
