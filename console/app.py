@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -53,6 +54,11 @@ def echarts_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the nicegui package (which ships ECharts) is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "elements" / "echart" / "dist"
+
+
+def segment(value: str) -> str:
+    """An id typed by an operator as one URL path segment ("/", "?" and "#" escaped)."""
+    return quote(value, safe="")
 
 
 class Refused(Exception):
@@ -557,7 +563,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             session,
             Right.COUPONS,
             "PUT",
-            f"/v1/admin/coupon-templates/{template_id}/status",
+            f"/v1/admin/coupon-templates/{segment(template_id)}/status",
             json={"status": form.get("status", "")},
         )
         return RedirectResponse("/coupons", status_code=303)
@@ -566,7 +572,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
     async def coupon_stock(request: Request, template_id: str) -> Response:
         session, form = await acting(request, Right.COUPONS)
         current_ = await call(
-            session, Right.COUPONS, "GET", f"/v1/admin/coupon-templates/{template_id}"
+            session, Right.COUPONS, "GET", f"/v1/admin/coupon-templates/{segment(template_id)}"
         )
         limits = dict(current_["limits"])
         try:
@@ -577,7 +583,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             session,
             Right.COUPONS,
             "PUT",
-            f"/v1/admin/coupon-templates/{template_id}/limits",
+            f"/v1/admin/coupon-templates/{segment(template_id)}/limits",
             json=limits,
         )
         return RedirectResponse("/coupons", status_code=303)
@@ -591,7 +597,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         metrics = None
         if journey_id:
             metrics = await call(
-                session, Right.JOURNEYS, "GET", f"/v1/admin/journeys/{journey_id}/metrics"
+                session, Right.JOURNEYS, "GET", f"/v1/admin/journeys/{segment(journey_id)}/metrics"
             )
         return page(request, "journeys.html", session, journey_id=journey_id, metrics=metrics)
 
@@ -611,7 +617,9 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         session, _ = await acting(request, Right.JOURNEYS)
         if action not in ("pause", "resume"):
             raise Refused(404, "forbidden")
-        await call(session, Right.JOURNEYS, "POST", f"/v1/admin/journeys/{journey_id}/{action}")
+        await call(
+            session, Right.JOURNEYS, "POST", f"/v1/admin/journeys/{segment(journey_id)}/{action}"
+        )
         return RedirectResponse(f"/journeys?journey_id={journey_id}", status_code=303)
 
     # ---- parked events -------------------------------------------------------------------------

@@ -65,3 +65,10 @@ def test_each_right_acts_through_the_least_powerful_role_holding_it() -> None:
     assert [r for r in Role if "pii:read" in SCOPES[r]] == [Role.PII_READER]
     assert [r for r in Role if Right.UNMASK in RIGHTS[r]] == [Role.PII_READER]
     assert SCOPES[Role.VIEWER] == ("admin:analytics",)
+
+
+def test_an_id_typed_by_an_operator_stays_one_path_segment() -> None:
+    from console.app import segment
+
+    assert segment("MJ99-30") == "MJ99-30"
+    assert segment("a/../b?x=1#y") == "a%2F..%2Fb%3Fx%3D1%23y"
