@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -52,6 +53,11 @@ def echarts_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the nicegui package (which ships ECharts) is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "elements" / "echart" / "dist"
+
+
+def segment(value: str) -> str:
+    """An id typed by an operator as one URL path segment ("/", "?" and "#" escaped)."""
+    return quote(value, safe="")
 
 
 class Refused(Exception):
@@ -336,9 +342,11 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         if form.get("locale") in LOCALES:
             session.locale = form["locale"]
             await console.sessions.save(session)
-        return RedirectResponse(
-            form.get("next", "/") if form.get("next", "/").startswith("/") else "/", status_code=303
-        )
+        # Back to the page the switch was on: a path of this site only, never
+        # "//host" or "/\\host" (another site, as browsers read them).
+        target = form.get("next", "/")
+        local = target.startswith("/") and not target.startswith(("//", "/\\"))
+        return RedirectResponse(target if local else "/", status_code=303)
 
     @app.get("/account/password")
     async def password_form(request: Request) -> Response:
@@ -554,7 +562,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             session,
             Right.COUPONS,
             "PUT",
-            f"/v1/admin/coupon-templates/{template_id}/status",
+            f"/v1/admin/coupon-templates/{segment(template_id)}/status",
             json={"status": form.get("status", "")},
         )
         return RedirectResponse("/coupons", status_code=303)
@@ -563,7 +571,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
     async def coupon_stock(request: Request, template_id: str) -> Response:
         session, form = await acting(request, Right.COUPONS)
         current_ = await call(
-            session, Right.COUPONS, "GET", f"/v1/admin/coupon-templates/{template_id}"
+            session, Right.COUPONS, "GET", f"/v1/admin/coupon-templates/{segment(template_id)}"
         )
         limits = dict(current_["limits"])
         try:
@@ -574,7 +582,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             session,
             Right.COUPONS,
             "PUT",
-            f"/v1/admin/coupon-templates/{template_id}/limits",
+            f"/v1/admin/coupon-templates/{segment(template_id)}/limits",
             json=limits,
         )
         return RedirectResponse("/coupons", status_code=303)
@@ -588,7 +596,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         metrics = None
         if journey_id:
             metrics = await call(
-                session, Right.JOURNEYS, "GET", f"/v1/admin/journeys/{journey_id}/metrics"
+                session, Right.JOURNEYS, "GET", f"/v1/admin/journeys/{segment(journey_id)}/metrics"
             )
         return page(request, "journeys.html", session, journey_id=journey_id, metrics=metrics)
 
@@ -608,7 +616,9 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         session, _ = await acting(request, Right.JOURNEYS)
         if action not in ("pause", "resume"):
             raise Refused(404, "forbidden")
-        await call(session, Right.JOURNEYS, "POST", f"/v1/admin/journeys/{journey_id}/{action}")
+        await call(
+            session, Right.JOURNEYS, "POST", f"/v1/admin/journeys/{segment(journey_id)}/{action}"
+        )
         return RedirectResponse(f"/journeys?journey_id={journey_id}", status_code=303)
 
     # ---- parked events -------------------------------------------------------------------------

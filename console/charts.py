@@ -209,7 +209,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "orders.by_day",
             "day",
             ("orders", "spend_fen"),
-            "spend",
+            "orders",
         ),
         Chart(
             "orders-by-store",
@@ -218,7 +218,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "orders.by_store",
             "store_id",
             ("orders", "spend_fen"),
-            "spend",
+            "orders",
         ),
     ),
     "tiers": (
@@ -236,7 +236,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "movements.flows",
             "from_tier->to_tier",
             ("members",),
-            "movements",
+            "tier_movements",
         ),
         Chart(
             "moves-by-day",
@@ -245,7 +245,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "by_day",
             "day",
             ("up", "down"),
-            "movements",
+            "tier_changes_per_day",
         ),
         Chart(
             "projections",
@@ -254,7 +254,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "projections",
             "tier",
             ("members", "at_risk", "near_next"),
-            "projections",
+            "tier_projections",
         ),
     ),
     "segments": (
@@ -265,7 +265,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "rfm",
             "r,f",
             ("members", "avg_spend_fen"),
-            "rfm",
+            "rfm_heatmap",
         ),
         Chart(
             "segments",
@@ -301,7 +301,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "by_day",
             "day",
             ("earned", "spent", "expired"),
-            "points_flow",
+            "points_flows",
         ),
     ),
     "coupons": (
@@ -321,7 +321,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "by_day",
             "day",
             ("redemption_rate",),
-            "redemption_rate",
+            "coupon_redemption_rate",
         ),
         Chart(
             "by-store",
@@ -330,7 +330,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "by_store",
             "store_id",
             ("redeemed", "discount_fen"),
-            "coupon_redemptions",
+            "coupon_by_store",
         ),
     ),
     "referral": (
@@ -341,7 +341,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
             "top_inviters",
             "member_id",
             ("accepted", "first_orders"),
-            "top_inviters",
+            "referral_invites",
         ),
         Chart(
             "refusals",

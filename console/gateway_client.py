@@ -61,13 +61,20 @@ class Gateway:
         client = self._clients.get(role)
         if client is None:
             raise NoClientForRole(f"no gateway client configured for role {role.value}")
-        reply = await client.request(
-            method,
-            path,
-            params={k: v for k, v in (params or {}).items() if v not in ("", None)},
-            json=json,
-            headers={OPERATOR_USER_HEADER: operator},
-        )
+        try:
+            reply = await client.request(
+                method,
+                path,
+                params={k: v for k, v in (params or {}).items() if v not in ("", None)},
+                json=json,
+                headers={OPERATOR_USER_HEADER: operator},
+            )
+        except httpx.TransportError as exc:
+            # Not sent, or no answer: the page says so (a retry of a form post
+            # replays through its Idempotency-Key where the route has one).
+            raise GatewayError(
+                503, "GATEWAY_UNREACHABLE", f"the gateway did not answer: {type(exc).__name__}"
+            ) from None
         if reply.status_code >= 400:
             try:
                 problem = reply.json()

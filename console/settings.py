@@ -22,7 +22,9 @@ class ConsoleSettings(CommonSettings):
     console_port: int = 8090
     # Where the gateway's HTTP API is; the console reaches the platform only there.
     console_gateway_url: str = "http://127.0.0.1:8080"
-    console_gateway_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Above the gateway's longest answer: a dashboard may take 5 downstream
+    # deadlines (ANALYTICS_DEADLINE_FACTOR x DOWNSTREAM_TIMEOUT_SECONDS, 10 s).
+    console_gateway_timeout_seconds: float = Field(default=15.0, gt=0)
     # Role -> the gateway client that acts for it (JSON in the environment:
     # {"viewer": {"key_id": ..., "secret": ...}, "marketer": ..., ...}); each
     # client holds only its role's scopes, so the gateway refuses what a role lacks.

@@ -32,7 +32,11 @@ function option(kind, data) {
       tooltip: { formatter: (p) => `R${p.value[0] + 1} F${p.value[1] + 1}: ${p.value[2]} · ${yuan(p.value[3])}` },
       xAxis: { type: "category", data: axis, name: "R" },
       yAxis: { type: "category", data: axis, name: "F" },
-      visualMap: { min: 0, max, calculable: true, orient: "horizontal", left: "center", bottom: 0 },
+      // Colour by the member count (dimension 2), not by the last dimension (average spend).
+      visualMap: {
+        min: 0, max, dimension: 2, calculable: true, orient: "horizontal", left: "center", bottom: 0,
+        inRange: { color: ["#e6f4ee", "#0b6e4f"] },
+      },
       series: [{ type: "heatmap", data: data.points.map((p) => [p[0] - 1, p[1] - 1, p[2], p[3]]), label: { show: true } }],
     };
   }

@@ -40,6 +40,7 @@ from servicekit.server import ServiceApp
 from ..harness import Infra
 from .conftest import WECHAT_APPS, gateway_settings
 from .doors import UNLIMITED
+from .test_engagement_gateway import check_in_journey
 from .test_member_identity_gateway import key, login
 from .test_pos_slice import complete, identify, new_phone
 
@@ -468,4 +469,53 @@ async def test_member_admin_adjusts_points_and_only_a_pii_reader_unmasks_the_pho
     await page.click("#unmask-form button[type=submit]")
     assert await page.inner_text("#phone") == f"+86{phone}"
     await screenshot(page, "member-unmasked")
+    await page.close()
+
+
+async def test_a_marketer_publishes_pauses_and_resumes_a_journey_and_sees_parked_events(
+    browser: Browser,
+    console: ConsoleServer,
+    console_gateway: Gateway,
+    operators: dict[str, str],
+    trusted_key: IssuedKey,
+) -> None:
+    journey_id = f"console-{uuid.uuid4().hex[:8]}"
+    page = await signed_in_page(browser, console, operators["marketer"])
+    await page.goto(f"{console.url}/journeys")
+    await page.fill(
+        "#journey-form textarea[name=definition]", json.dumps(check_in_journey(journey_id))
+    )
+    await page.click("#journey-form button[type=submit]")
+    await page.wait_for_url(re.compile(rf"/journeys\?journey_id={journey_id}$"))
+    assert await page.inner_text("#journey .status") == "active"
+    for action, status in (("pause", "paused"), ("resume", "active")):
+        await page.click(f"form[action='/journeys/{journey_id}/{action}'] button")
+        await page.wait_for_url(re.compile(rf"/journeys\?journey_id={journey_id}$"))
+        assert await page.inner_text("#journey .status") == status
+    await screenshot(page, "journey")
+    # A malformed definition is refused with the reason, nothing published.
+    await page.fill("#journey-form textarea[name=definition]", "{not json")
+    await page.click("#journey-form button[type=submit]")
+    assert "INVALID_JSON" in await page.inner_text("main")
+
+    # An event for a member nobody knows yet is parked; the marketer sees it and
+    # its replay is refused by the member service (the member does not exist).
+    stranger = str(uuid.uuid4())
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{console_gateway.http_port}",
+        auth=HmacAuth(trusted_key.key_id, trusted_key.secret),
+        timeout=10,
+    ) as api:
+        parked = await api.post(
+            f"/v1/members/{stranger}/events",
+            json={"event_id": str(uuid.uuid4()), "type": "check_in"},
+        )
+        assert parked.json()["parked"] is True
+    await page.goto(f"{console.url}/events")
+    assert stranger in await page.inner_text("#events")
+    await screenshot(page, "parked-events")
+    await page.click(f"form[action='/events/{stranger}/replay'] button")
+    assert "UNKNOWN_MEMBER" in await page.inner_text("main")
+    await page.goto(f"{console.url}/events")
+    assert stranger in await page.inner_text("#events")
     await page.close()

@@ -20,7 +20,7 @@ import pytest
 from console import users
 from console.server import ConsoleServer
 from console.sessions import COOKIE
-from console.settings import ConsoleSettings
+from console.settings import ConsoleSettings, GatewayKey
 from servicekit.db import asyncpg_dsn
 from tests.harness import Infra
 
@@ -327,3 +327,42 @@ async def test_the_demo_operator_gets_a_new_one_time_password_each_run(
     assert (await users.get(conn, name)) == users.Operator(
         name, ("marketer", "viewer"), None, must_change_password=True
     )
+
+
+async def test_the_language_switch_changes_the_text_and_redirects_only_within_the_site(
+    console: ConsoleServer, conn: asyncpg.Connection
+) -> None:
+    name = await operator(conn, ["viewer"])
+    async with browser(console) as client:
+        await log_in(client, name)
+        page = await client.get("/account/password")
+        assert "设置新密码" in page.text
+        token = csrf(page.text)
+        for target in ("//evil.example/x", "/\\evil.example", "https://evil.example/"):
+            reply = await client.post(
+                "/locale", data={"csrf_token": token, "locale": "en", "next": target}
+            )
+            assert reply.status_code == 303 and reply.headers["location"] == "/"
+        back = await client.post(
+            "/locale", data={"csrf_token": token, "locale": "en", "next": "/account/password"}
+        )
+        assert back.headers["location"] == "/account/password"
+        assert "Choose a new password" in (await client.get("/account/password")).text
+
+
+async def test_an_unreachable_gateway_is_a_page_saying_so_not_a_crash(
+    infra: Infra, clock: FakeClock, conn: asyncpg.Connection
+) -> None:
+    name = await operator(conn, ["viewer", "member_admin"])
+    keys = {
+        "viewer": GatewayKey(key_id="k_unused", secret="unused"),
+        "member_admin": GatewayKey(key_id="k_unused2", secret="unused"),
+    }
+    async with own_console(infra, clock, console_gateway_clients=keys) as server:
+        async with browser(server) as client:
+            await log_in(client, name)
+            dashboard = await client.get("/dashboards/overview")
+            assert dashboard.status_code == 200
+            assert "GATEWAY_UNREACHABLE" in dashboard.text
+            queue = await client.get("/merge-reviews")
+            assert queue.status_code == 502 and "GATEWAY_UNREACHABLE" in queue.text
