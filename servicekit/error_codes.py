@@ -70,6 +70,69 @@ ERROR_CODES: dict[str, ErrorCode] = {
     e.code: e
     for e in (
         _c("ACCESSOR_REQUIRED", "accessor is required", _S.INVALID_ARGUMENT),
+        _c("RANGE_TOO_LONG", "a dashboard range longer than … days", _S.INVALID_ARGUMENT),
+        _c(
+            "INVALID_USERNAME",
+            "username: 1 to 64 letters, digits, '_', '.', '@', '-'",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "PASSWORD_TOO_SHORT",
+            "the new password needs at least … characters",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c("OPERATOR_EXISTS", "a console operator of this name exists", _S.ALREADY_EXISTS),
+        _c("UNKNOWN_REGION", "no store in region …", _S.NOT_FOUND),
+        _c("INVALID_AHEAD", "ahead must be 0 or more months", _S.INVALID_ARGUMENT),
+        _c("UNKNOWN_PARTITION", "… is not a partition of …", _S.NOT_FOUND),
+        _c(
+            "PARTITION_IS_DEFAULT",
+            "the default partition catches strays and is never detached",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "PARTITION_NEEDED_BY_AUDIT",
+            "the ledger audit reads every journal partition: none is detached",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "PARTITION_TOO_RECENT",
+            "the partition ends inside the months the table keeps",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c("BAD_CALLBACK_TOKEN", "the delivery-report token is wrong", _S.PERMISSION_DENIED),
+        _c("INVALID_RECEIPT", "a delivery report needs out_id and biz_id", _S.INVALID_ARGUMENT),
+        _c(
+            "INVALID_TEMPLATE_VALUE",
+            "a journey's template value is not a string",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "UNKNOWN_TEMPLATE_VARIABLE",
+            "a journey's template names an unknown variable",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "TEMPLATE_FIELD_TYPE",
+            "a template value cannot fill the provider field's type (thing, number, date...)",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "TEMPLATE_VALUE_TOO_LONG",
+            "a template value can exceed the provider field's length for some member",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "MISSING_TEMPLATE_DATA",
+            "a send step's content lacks a field its channel needs",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "UNKNOWN_KEYWORD_TYPE",
+            "a WeChat subscribe-message keyword of an unknown type",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c("INVALID_SIGN_NAME", "sign_name: up to 12 characters", _S.INVALID_ARGUMENT),
         _c("ACTION_CAP_REACHED", "… earns at most … time(s) per …", _S.FAILED_PRECONDITION),
         _c("ACTOR_REQUIRED", "actor is required", _S.INVALID_ARGUMENT),
         _c(
