@@ -8,8 +8,9 @@ Redis Cluster: the keys of one script share a hash tag, so one slot: the
 store's for a POS call (`{<ns>:auth:store:<store>}`: its bucket and the POS
 client's), the client's otherwise (`{<ns>:auth:client:<client>}`: its bucket,
 its nonces and its nonce-store epoch). The revocation epoch is one key of its
-own, read by a GET of its own. So callers spread over the slots, and no
-script touches two.
+own: on one Redis the script reads it too (one round trip), on a cluster a
+GET of its own goes beside the script. So callers spread over the slots, and
+no script touches two.
 
 A bucket holds `burst` tokens and refills at `rate` per second; time is
 Redis's own clock (TIME), so gateway instances with skewed clocks agree.
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from servicekit.redis_client import RedisClient, tagged
@@ -47,12 +49,17 @@ NONCE_REPLAYED = 0
 NONCE_BEFORE_EPOCH = 2
 
 # KEYS (one hash tag, gate_keys): 1 nonce, 2 client bucket, 3 store bucket,
-#       4 the nonce-store epoch of the tag
+#       4 the nonce-store epoch of the tag; on one Redis only, 5 the revocation
+#       epoch (read here: no second command; a cluster reads it with a GET)
 # ARGV: 1 nonce ttl ms (0: no nonce), 2 client rate/s, 3 client burst,
 #       4 store rate/s (0: no store bucket), 5 store burst, 6 X-Timestamp (s),
 #       7 the gateway's clock (ms), the one X-Timestamp is checked against
-# Returns {nonce outcome, retry_after_ms (0: allowed)}
+# Returns {nonce outcome, retry_after_ms (0: allowed), revocation epoch or -1}
 _SCRIPT = """
+local epoch = -1
+if #KEYS >= 5 then
+  epoch = tonumber(redis.call('GET', KEYS[5]) or '0')
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nonce_ttl = tonumber(ARGV[1])
@@ -65,10 +72,10 @@ if nonce_ttl > 0 then
     redis.call('SET', KEYS[4], since)
   end
   if tonumber(ARGV[6]) * 1000 <= tonumber(since) then
-    return {2, 0}
+    return {2, 0, epoch}
   end
   if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', nonce_ttl) then
-    return {0, 0}
+    return {0, 0, epoch}
   end
 end
 local function peek(key, rate, burst)
@@ -89,13 +96,13 @@ for i, key in ipairs({KEYS[2], KEYS[3]}) do
     buckets[#buckets + 1] = {key, tokens, rate, burst}
   end
 end
-if wait > 0 then return {1, wait} end
+if wait > 0 then return {1, wait, epoch} end
 for _, b in ipairs(buckets) do
   -- string.format keeps the fraction: a bucket refills continuously
   redis.call('HSET', b[1], 'tokens', string.format('%.6f', b[2] - 1), 'ts', now)
   redis.call('PEXPIRE', b[1], math.ceil(b[4] * 1000 / b[3]) + 1000)
 end
-return {1, 0}
+return {1, 0, epoch}
 """
 
 
@@ -225,6 +232,7 @@ class Gatekeeper:
         namespace: str,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        epoch_in_script: bool | None = None,
     ) -> None:
         self._redis = redis
         # The gateway's clock: X-Timestamp is checked against it, so the
@@ -237,6 +245,11 @@ class Gatekeeper:
         self._script = redis.register_script(_SCRIPT)
         self._ns = namespace
         self.epoch_key = epoch_key(namespace)
+        # On one Redis the script reads the revocation epoch; on a cluster it
+        # is in another slot than the call's keys.
+        self.epoch_in_script = (
+            not isinstance(redis, RedisCluster) if epoch_in_script is None else epoch_in_script
+        )
 
     async def admit(
         self,
@@ -267,17 +280,20 @@ class Gatekeeper:
         if self._monotonic() < self._skip_until:
             raise StoreUnreachable
         try:
-            # Concurrent, not in the script: the epoch is one key for every
-            # client, so in a cluster it lives in another slot than theirs.
-            replies: tuple[Any, ...] = await asyncio.gather(
-                self._script(keys=keys, args=args),
-                self._redis.get(self.epoch_key),
-                return_exceptions=True,  # both awaited, whichever fails
-            )
-            for failed in replies:
-                if isinstance(failed, BaseException):
-                    raise failed
-            (outcome, wait), epoch = replies
+            if self.epoch_in_script:
+                outcome, wait, epoch = await self._script(keys=[*keys, self.epoch_key], args=args)
+            else:
+                # Concurrent, not in the script: the epoch is one key for every
+                # client, so in a cluster it lives in another slot than theirs.
+                replies: tuple[Any, ...] = await asyncio.gather(
+                    self._script(keys=keys, args=args),
+                    self._redis.get(self.epoch_key),
+                    return_exceptions=True,  # both awaited, whichever fails
+                )
+                for failed in replies:
+                    if isinstance(failed, BaseException):
+                        raise failed
+                (outcome, wait, _), epoch = replies
         except (RedisError, OSError) as exc:
             log.warning("gatekeeper: redis unavailable: %r", exc)
             self._skip_until = self._monotonic() + SKIP_AFTER_FAILURE_SECONDS

@@ -9,7 +9,7 @@ mutation run twice (Idempotency-Key records live in PostgreSQL, pruned in
 batches).
 
 Gateways here are built per test, most on a private redis-server
-(tests/e2e/redis_server.py) whose DBSIZE nothing else changes.
+(tests/redis_servers.py) whose DBSIZE nothing else changes.
 """
 
 from __future__ import annotations

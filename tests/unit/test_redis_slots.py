@@ -33,7 +33,7 @@ class _ScriptRecorder:
     def register_script(self, source: str) -> Any:
         async def run(keys: list[str], args: list[Any] | None = None) -> Any:
             self.calls.append(list(keys))
-            return [1, 0]
+            return [1, 0, -1]
 
         return run
 
@@ -66,7 +66,8 @@ def test_a_stream_and_its_keys_share_its_slot_and_streams_spread() -> None:
 
 async def test_each_gatekeeper_script_call_stays_in_one_slot() -> None:
     recorder = _ScriptRecorder()
-    gate = Gatekeeper(recorder, "loyalty")  # type: ignore[arg-type]
+    # As on a cluster: the revocation epoch (another slot) is not a script key.
+    gate = Gatekeeper(recorder, "loyalty", epoch_in_script=False)  # type: ignore[arg-type]
     clients = [f"pos-{uuid.uuid4().hex[:8]}" for _ in range(50)]
     for i, client in enumerate(clients):
         await gate.admit(client, Limit(10, 10), nonce=f"k_{i}:n{i}", nonce_ttl_ms=600_000)
