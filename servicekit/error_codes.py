@@ -215,6 +215,16 @@ ERROR_CODES: dict[str, ErrorCode] = {
             "items[…].issue_key repeats items[…].issue_key; each coupon needs its own key",
             _S.INVALID_ARGUMENT,
         ),
+        _c(
+            "DUPLICATE_IDEMPOTENCY_KEY",
+            "lines[…].idempotency_key repeats an earlier line's key; each earn needs its own",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "EARN_ALREADY_EXPIRED",
+            "points earned at occurred_at would already have expired (a bulk earn line)",
+            _S.INVALID_ARGUMENT,
+        ),
         _c("EMPTY_IDENTIFIER", "the field is empty", _S.INVALID_ARGUMENT),
         _c("EXCHANGE_ID_REQUIRED", "the field is required", _S.INVALID_ARGUMENT),
         _c("EXCHANGE_NOT_COMPLETED", "mall exchange … is …, not completed", _S.FAILED_PRECONDITION),

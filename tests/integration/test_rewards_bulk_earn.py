@@ -1,0 +1,214 @@
+"""Bulk earn (points/bulk.py, the BulkEarnPoints RPC's use case) against real
+PostgreSQL: per-line outcomes, a re-sent batch that applies nothing twice,
+mixed valid and invalid lines, merged ids credited to their survivor, lazy
+expiry before crediting, batches racing each other and single earns on the
+same members (no lost update), and the audit after each scenario.
+
+The use case is called inside a unit of work, as the servicer does, with an
+explicit clock."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from servicekit.db import Database, with_retries
+from servicekit.errors import InvalidArgument
+from services.rewards import members, merges
+from services.rewards.points.bulk import MAX_BATCH, EarnLine, LineResult, bulk_earn
+from services.rewards.points.handlers import PointsLedger
+
+from .test_rewards_ledger import DAYS30, Ledger, assert_audit, balance, new_member
+
+T0 = datetime(2025, 3, 1, 4, 0, tzinfo=UTC)
+DB_POOL_MAX = 16
+
+
+async def post(
+    db: Database, lines: list[EarnLine], now: datetime = T0, operator: str = "ops-1"
+) -> list[LineResult]:
+    points = PointsLedger(DAYS30)
+
+    async def attempt() -> list[LineResult]:
+        async with db.unit_of_work() as uow:
+            return await bulk_earn(uow.conn, points, lines, operator, now)
+
+    result: list[LineResult] = await with_retries(attempt)
+    return result
+
+
+def line(member: str, points: int, key: str | None = None, **kw: object) -> EarnLine:
+    return EarnLine(
+        member_id=member,
+        points=points,
+        reason=str(kw.get("reason", "offline upload 2025-03")),
+        idempotency_key=key or f"k-{uuid.uuid4().hex}",
+        occurred_at=kw.get("occurred_at", T0 - timedelta(hours=1)),  # type: ignore[arg-type]
+    )
+
+
+async def journal_count(conn: asyncpg.Connection, *members_: str) -> int:
+    n: int = await conn.fetchval(
+        "SELECT count(*) FROM rewards.points_transactions WHERE member_id = ANY($1::uuid[])",
+        [uuid.UUID(m) for m in members_],
+    )
+    return n
+
+
+async def test_a_batch_applies_once_and_a_resent_batch_replays(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    a, b = new_member(), new_member()
+    lines = [line(a, 100), line(b, 40), line(a, 25)]
+    first = await post(db, lines)
+    assert [r.outcome for r in first] == ["applied"] * 3
+    # Running balance per member, line by line.
+    assert [r.available for r in first] == [100, 40, 125]
+    assert (await balance(conn, a))["available"] == 125
+    again = await post(db, lines, now=T0 + timedelta(minutes=5))
+    assert [r.outcome for r in again] == ["replayed"] * 3
+    assert [r.transaction_id for r in again] == [r.transaction_id for r in first]
+    assert (await balance(conn, a))["available"] == 125
+    assert (await balance(conn, b))["available"] == 40
+    assert await journal_count(conn, a, b) == 3
+    # One lot per line, earned when the line says, expiring from then.
+    lots = await conn.fetch(
+        "SELECT points, earned_at, expires_at FROM rewards.points_lots WHERE member_id = $1"
+        " ORDER BY points",
+        uuid.UUID(a),
+    )
+    assert [r["points"] for r in lots] == [25, 100]
+    assert all(r["earned_at"] == T0 - timedelta(hours=1) for r in lots)
+    assert all(r["expires_at"] == T0 - timedelta(hours=1) + timedelta(days=30) for r in lots)
+    lifetime = await conn.fetchval(
+        "SELECT lifetime_earned FROM rewards.points_balances WHERE member_id = $1", uuid.UUID(a)
+    )
+    assert lifetime == 125
+    await assert_audit(conn, a, b)
+
+
+async def test_mixed_lines_apply_the_valid_and_refuse_the_rest_by_code(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    good, erased, reused = new_member(), new_member(), new_member()
+    async with db.unit_of_work() as uow:
+        await members.record_erasure(uow.conn, [uuid.UUID(erased)], T0 - timedelta(days=1))
+    await post(db, [line(reused, 10, key="shared-" + reused)])
+    results = await post(
+        db,
+        [
+            line(good, 50),
+            line("not-a-member", 10),
+            line(good, 0),
+            line(good, 10, reason=" "),
+            line(good, 10, occurred_at=T0 + timedelta(days=1)),
+            line(good, 10, occurred_at=T0 - timedelta(days=31)),
+            line(erased, 10),
+            line(reused, 11, key="shared-" + reused),
+            line(good, 7),
+        ],
+    )
+    assert [(r.outcome, r.code) for r in results] == [
+        ("applied", ""),
+        ("refused", "INVALID_MEMBER_ID"),
+        ("refused", "INVALID_POINTS"),
+        ("refused", "REASON_REQUIRED"),
+        ("refused", "INVALID_OCCURRED_AT"),
+        ("refused", "EARN_ALREADY_EXPIRED"),
+        ("refused", "MEMBER_ERASED"),
+        ("refused", "IDEMPOTENCY_KEY_REUSED"),
+        ("applied", ""),
+    ]
+    assert all(r.message for r in results if r.outcome == "refused")
+    assert (await balance(conn, good))["available"] == 57
+    assert (await balance(conn, reused))["available"] == 10
+    # Nothing at all was written for the erased member.
+    assert await journal_count(conn, erased) == 0
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM rewards.points_balances WHERE member_id = $1", uuid.UUID(erased)
+        )
+        == 0
+    )
+    await assert_audit(conn, good, erased, reused)
+
+
+async def test_whole_batch_errors_write_nothing(db: Database, conn: asyncpg.Connection) -> None:
+    member = new_member()
+    with pytest.raises(InvalidArgument) as caught:
+        await post(db, [line(member, 5, key="same"), line(member, 6, key="same")])
+    assert caught.value.code == "DUPLICATE_IDEMPOTENCY_KEY"
+    assert caught.value.field == "lines[1].idempotency_key"
+    for size in (0, MAX_BATCH + 1):
+        with pytest.raises(InvalidArgument) as caught:
+            await post(db, [line(member, 1) for _ in range(size)])
+        assert caught.value.code == "INVALID_BATCH_SIZE"
+    with pytest.raises(InvalidArgument) as caught:
+        await post(db, [line(member, 5)], operator="")
+    assert caught.value.code == "OPERATOR_ID_REQUIRED"
+    assert await journal_count(conn, member) == 0
+
+
+async def test_an_absorbed_id_is_credited_to_its_survivor(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    survivor, absorbed = new_member(), new_member()
+    async with db.unit_of_work() as uow:
+        await merges.record_merge(
+            uow.conn, str(uuid.uuid4()), uuid.UUID(absorbed), uuid.UUID(survivor), T0
+        )
+    results = await post(db, [line(absorbed, 30), line(survivor, 5)])
+    assert [(r.outcome, r.member_id) for r in results] == [
+        ("applied", survivor),
+        ("applied", survivor),
+    ]
+    assert (await balance(conn, survivor))["available"] == 35
+    assert (await balance(conn, absorbed))["available"] == 0
+    await assert_audit(conn, survivor, absorbed)
+
+
+async def test_due_lots_expire_before_the_batch_credits(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    ledger, member = Ledger(db), new_member()
+    await ledger.earn(member, 2_000, T0)  # 20 points, lapse on day 30
+    later = T0 + timedelta(days=40)
+    [result] = await post(db, [line(member, 8, occurred_at=later)], now=later)
+    assert result.available == 8
+    kinds = await conn.fetch(
+        "SELECT kind, amount FROM rewards.points_transactions WHERE member_id = $1 ORDER BY seq",
+        uuid.UUID(member),
+    )
+    assert [(r["kind"], r["amount"]) for r in kinds] == [("earn", 20), ("expire", 20), ("earn", 8)]
+    await assert_audit(conn, member)
+
+
+async def test_batches_and_single_earns_on_the_same_members_lose_nothing(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    ledger = Ledger(db)
+    people = [new_member() for _ in range(5)]
+    batches = [
+        # Members in different orders per batch: the locks are taken sorted.
+        [line(m, 10 + b) for m in (people if b % 2 else list(reversed(people)))]
+        for b in range(6)
+    ]
+
+    async def single(m: str, n: int) -> None:
+        await ledger.call("adjust", m, 3, "ops-2", "goodwill", f"s-{m}-{n}", T0)
+
+    await asyncio.gather(
+        *(post(db, batch) for batch in batches),
+        *(single(m, n) for m in people for n in range(4)),
+        # A re-sent batch racing its first send applies once.
+        post(db, batches[0]),
+    )
+    expected = sum(10 + b for b in range(6)) + 4 * 3
+    for m in people:
+        assert (await balance(conn, m))["available"] == expected
+    assert await journal_count(conn, *people) == len(people) * (6 + 4)
+    await assert_audit(conn, *people)
