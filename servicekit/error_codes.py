@@ -311,6 +311,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
         _c("INVALID_BUDGET", "coupons must be 0..1000000", _S.INVALID_ARGUMENT),
         _c("INVALID_CALLBACK", "createTime is not a number", _S.INVALID_ARGUMENT),
         _c(
+            "INVALID_CSV_HEADER",
+            "the CSV's header lacks a required column (a bulk earn upload)",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
             "INVALID_CARRIER",
             "carrier is too long or has control characters (e.g. a NUL byte)",
             _S.INVALID_ARGUMENT,

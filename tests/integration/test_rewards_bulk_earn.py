@@ -10,18 +10,21 @@ explicit clock."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from servicekit.db import Database, with_retries
 from servicekit.errors import InvalidArgument
-from services.rewards import members, merges
-from services.rewards.points.bulk import MAX_BATCH, EarnLine, LineResult, bulk_earn
+from services.rewards import cli, members, merges
+from services.rewards.points.bulk import MAX_BATCH, EarnLine, LineResult, bulk_earn, read_csv
 from services.rewards.points.handlers import PointsLedger
 
+from ..harness import Infra
 from .test_rewards_ledger import DAYS30, Ledger, assert_audit, balance, new_member
 
 T0 = datetime(2025, 3, 1, 4, 0, tzinfo=UTC)
@@ -89,6 +92,23 @@ async def test_a_batch_applies_once_and_a_resent_batch_replays(
     )
     assert lifetime == 125
     await assert_audit(conn, a, b)
+
+
+async def test_lines_without_a_time_earn_now_and_replay_later(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    member = new_member()
+    lines = [line(member, 12, occurred_at=None), line(member, 3, occurred_at=None)]
+    assert [r.outcome for r in await post(db, lines)] == ["applied", "applied"]
+    earned = await conn.fetch(
+        "SELECT earned_at FROM rewards.points_lots WHERE member_id = $1", uuid.UUID(member)
+    )
+    assert {r["earned_at"] for r in earned} == {T0}
+    # The retry comes an hour later: still the same lines.
+    again = await post(db, lines, now=T0 + timedelta(hours=1))
+    assert [r.outcome for r in again] == ["replayed", "replayed"]
+    assert (await balance(conn, member))["available"] == 15
+    await assert_audit(conn, member)
 
 
 async def test_mixed_lines_apply_the_valid_and_refuse_the_rest_by_code(
@@ -212,3 +232,59 @@ async def test_batches_and_single_earns_on_the_same_members_lose_nothing(
         assert (await balance(conn, m))["available"] == expected
     assert await journal_count(conn, *people) == len(people) * (6 + 4)
     await assert_audit(conn, *people)
+
+
+def test_a_csv_upload_reads_into_lines_and_names_bad_rows() -> None:
+    member = new_member()
+    rows = [
+        "member_id,points,reason,idempotency_key,occurred_at",
+        f"{member},12,upload A,a-1,2025-03-01T09:00:00+08:00",
+        f"{member},twelve,upload A,a-2,",
+        f"{member},5,upload A,a-3,yesterday",
+        f"{member},5,upload A,a-4,",
+    ]
+    read = list(read_csv(rows))
+    assert [r.row for r in read] == [1, 2, 3, 4]
+    first = read[0].line
+    assert first is not None and first.points == 12
+    assert first.occurred_at == datetime(2025, 3, 1, 1, 0, tzinfo=UTC)
+    assert [r.refusal.code if r.refusal else None for r in read] == [
+        None,
+        "INVALID_POINTS",
+        "INVALID_OCCURRED_AT",
+        None,
+    ]
+    assert read[3].line is not None and read[3].line.occurred_at is None
+    with pytest.raises(InvalidArgument) as caught:
+        list(read_csv(["member,points", "x,1"]))
+    assert caught.value.code == "INVALID_CSV_HEADER"
+
+
+async def test_the_cli_posts_a_csv_in_chunks_and_a_rerun_replays(
+    infra: Infra,
+    conn: asyncpg.Connection,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", infra.database_url)
+    member, other = new_member(), new_member()
+    upload = tmp_path / "earns.csv"
+    upload.write_text(
+        "member_id,points,reason,idempotency_key,occurred_at\n"
+        + "".join(f"{member},{n},store upload,u-{member}-{n},\n" for n in range(1, 6))
+        + f"{other},x,store upload,u-{other},\n",
+        encoding="utf-8",
+    )
+    argv = [str(upload), "--operator", "ops-csv", "--chunk", "2"]
+    assert await cli._bulk_earn(cli._bulk_earn_parser().parse_args(argv)) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["applied"], report["replayed"], report["refused"]) == (5, 0, 1)
+    assert report["refused_rows"][0]["row"] == 6
+    assert report["refused_rows"][0]["code"] == "INVALID_POINTS"
+    assert (await balance(conn, member))["available"] == 15
+    assert await cli._bulk_earn(cli._bulk_earn_parser().parse_args(argv)) == 1
+    again = json.loads(capsys.readouterr().out)
+    assert (again["applied"], again["replayed"]) == (0, 5)
+    assert (await balance(conn, member))["available"] == 15
+    await assert_audit(conn, member, other)

@@ -21,9 +21,10 @@ Single earns (RecordAction, AdjustPoints) emit no event; neither does this.
 
 from __future__ import annotations
 
+import csv
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -140,7 +141,9 @@ def _parse(n: int, line: EarnLine, operator_id: str, now: datetime, ledger_: Poi
         "member_id": str(member),
         "points": points,
         "reason": reason,
-        "occurred_at": at.isoformat(),
+        # As sent: a line without a time means "now", and its retry later is
+        # the same line.
+        "occurred_at": line.occurred_at.isoformat() if line.occurred_at else None,
         "operator": operator_id,
     }
     return _Parsed(n, member, points, reason, key, at, request_hash(OPERATION, body))
@@ -411,3 +414,72 @@ async def _post(
         [delta[m][2] for m in members],
     )
     assert written == len(todo), "every claimed line is journalled"
+
+
+# ---- CSV uploads (`python -m services.rewards bulk-earn FILE`) -------------------
+
+CSV_COLUMNS = ("member_id", "points", "reason", "idempotency_key", "occurred_at")
+
+
+@dataclass(frozen=True)
+class CsvLine:
+    """A CSV row as a line to post, or why it cannot be one (row = 1-based data row)."""
+
+    row: int
+    line: EarnLine | None
+    refusal: LineResult | None = None
+
+
+def read_csv(rows: Iterable[str]) -> Iterator[CsvLine]:
+    """Rows of `member_id,points,reason,idempotency_key[,occurred_at]` (a header
+    first; occurred_at ISO 8601 with an offset, empty: now)."""
+    reader = csv.DictReader(rows)
+    missing = [c for c in CSV_COLUMNS[:4] if c not in (reader.fieldnames or [])]
+    if missing:
+        raise InvalidArgument(
+            f"the CSV header lacks {', '.join(missing)} (columns: {', '.join(CSV_COLUMNS)})",
+            code="INVALID_CSV_HEADER",
+            field="file",
+        )
+    for n, rec in enumerate(reader, start=1):
+        try:
+            points = int(rec["points"] or "")
+        except ValueError:
+            yield CsvLine(
+                n,
+                None,
+                _refused(
+                    InvalidArgument(
+                        f"points {rec['points']!r} is not a whole number",
+                        code="INVALID_POINTS",
+                        field="points",
+                    )
+                ),
+            )
+            continue
+        raw_at = (rec.get("occurred_at") or "").strip()
+        try:
+            at = datetime.fromisoformat(raw_at) if raw_at else None
+        except ValueError:
+            yield CsvLine(
+                n,
+                None,
+                _refused(
+                    InvalidArgument(
+                        f"occurred_at {raw_at!r} is not an ISO 8601 time",
+                        code="INVALID_OCCURRED_AT",
+                        field="occurred_at",
+                    )
+                ),
+            )
+            continue
+        yield CsvLine(
+            n,
+            EarnLine(
+                rec["member_id"] or "",
+                points,
+                rec["reason"] or "",
+                rec["idempotency_key"] or "",
+                at,
+            ),
+        )
