@@ -168,8 +168,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     resent = await stub.BulkEarnPoints(
                         batch(members, f"{run_id}-m", 0, args.batch_size), timeout=args.timeout
                     )
+                # Every invariant, every member, once the load has stopped.
+                audit = await audit_ledger(monitor)
                 await meter.close()
-            audit = await audit_ledger(monitor)
             pg = await server_version(infra.database_url)
         finally:
             if not monitor.is_closed():

@@ -22,6 +22,7 @@ from servicekit.db import Database, with_retries
 from servicekit.errors import InvalidArgument
 from services.rewards import cli, members, merges
 from services.rewards.points.bulk import MAX_BATCH, EarnLine, LineResult, bulk_earn, read_csv
+from services.rewards.points.domain import LedgerPolicy, ShortfallPolicy
 from services.rewards.points.handlers import PointsLedger
 
 from ..harness import Infra
@@ -204,6 +205,30 @@ async def test_due_lots_expire_before_the_batch_credits(
         uuid.UUID(member),
     )
     assert [(r["kind"], r["amount"]) for r in kinds] == [("earn", 20), ("expire", 20), ("earn", 8)]
+    await assert_audit(conn, member)
+
+
+async def test_bulk_credits_repay_debt_first(db: Database, conn: asyncpg.Connection) -> None:
+    ledger = Ledger(db, LedgerPolicy(expiry=DAYS30.expiry, shortfall=ShortfallPolicy.DEBT))
+    member, txn = new_member(), f"S-{uuid.uuid4().hex[:12]}"
+    await ledger.earn(member, 10_000, T0, txn=txn)  # 100
+    now = T0 + timedelta(days=1)
+    await ledger.call("redeem", member, 80, "s-" + member, "", now)
+    await ledger.call("refund_order", "SH001", txn, txn + "-r", 10_000, now)
+    assert (await balance(conn, member))["debt"] == 80
+    # 50 repays 50; of the next 50, 30 repays the rest and 20 is spendable.
+    results = await post(
+        db, [line(member, 50, occurred_at=now), line(member, 50, occurred_at=now)], now=now
+    )
+    assert [r.available for r in results] == [0, 20]
+    assert await balance(conn, member) == {"available": 20, "pending": 0, "held": 0, "debt": 0}
+    lots = await conn.fetch(
+        "SELECT l.points FROM rewards.points_lots l JOIN rewards.points_transactions t"
+        " ON t.id = l.transaction_id WHERE t.idempotency_key LIKE 'bulk_earn:%'"
+        " AND l.member_id = $1",
+        uuid.UUID(member),
+    )
+    assert [r["points"] for r in lots] == [20]
     await assert_audit(conn, member)
 
 
