@@ -570,6 +570,41 @@ class EarnResult(BaseModel):
 
 
 class BulkEarnReply(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "applied": 1,
+                    "replayed": 0,
+                    "refused": 1,
+                    "results": [
+                        {
+                            "idempotency_key": "SH001-20260503-000017",
+                            "outcome": "applied",
+                            "transaction_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "points": 120,
+                            "available": 440,
+                            "refusal": None,
+                            "detail": None,
+                        },
+                        {
+                            "idempotency_key": "SH001-20260503-000018",
+                            "outcome": "refused",
+                            "transaction_id": None,
+                            "member_id": None,
+                            "points": None,
+                            "available": None,
+                            "refusal": "MEMBER_ERASED",
+                            "detail": "member 5d2e1c4b-3a29-4f18-8e07-6d5c4b3a2918 was erased;"
+                            " no further points can be written",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
     applied: int
     replayed: int
     refused: int
