@@ -313,3 +313,27 @@ async def test_the_cli_posts_a_csv_in_chunks_and_a_rerun_replays(
     assert (again["applied"], again["replayed"]) == (0, 5)
     assert (await balance(conn, member))["available"] == 15
     await assert_audit(conn, member, other)
+
+
+async def test_a_batch_cut_off_before_commit_leaves_nothing_and_applies_when_resent(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    member = new_member()
+    lines = [line(member, 9), line(member, 4)]
+
+    class Crash(Exception):
+        pass
+
+    with pytest.raises(Crash):
+        async with db.unit_of_work() as uow:
+            await bulk_earn(uow.conn, PointsLedger(DAYS30), lines, "ops-1", T0)
+            raise Crash  # the process dies between the posting and the commit
+    assert await journal_count(conn, member) == 0
+    keys = await conn.fetchval(
+        "SELECT count(*) FROM rewards.ledger_requests WHERE idempotency_key = ANY($1::text[])",
+        [f"bulk_earn:{x.idempotency_key}" for x in lines],
+    )
+    assert keys == 0
+    assert [r.outcome for r in await post(db, lines)] == ["applied", "applied"]
+    assert (await balance(conn, member))["available"] == 13
+    await assert_audit(conn, member)
