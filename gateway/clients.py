@@ -297,6 +297,16 @@ class RewardsClient(_Client):
 
         return await self._call(rpc, request)
 
+    async def bulk_earn_points(
+        self, request: rewards_pb2.BulkEarnPointsRequest
+    ) -> rewards_pb2.BulkEarnPointsResponse:
+        """BulkEarnPoints: up to 1,000 earns in one transaction (the bulk deadline)."""
+
+        def rpc(req: Any, timeout: float) -> Any:
+            return self._stub.BulkEarnPoints(req, timeout=timeout * BULK_DEADLINE_FACTOR)
+
+        return await self._call(rpc, request)
+
     async def call(self, method: str, request: Any, fields: Mapping[str, str] | None = None) -> Any:
         """Any other RewardsService RPC by name (referral, points mall); same
         deadline and error mapping."""

@@ -278,6 +278,16 @@ ERROR_CODES: dict[str, ErrorCode] = {
             "items[…].issue_key repeats items[…].issue_key; each coupon needs its own key",
             _S.INVALID_ARGUMENT,
         ),
+        _c(
+            "DUPLICATE_IDEMPOTENCY_KEY",
+            "lines[…].idempotency_key repeats an earlier line's key; each earn needs its own",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "EARN_ALREADY_EXPIRED",
+            "points earned at occurred_at would already have expired (a bulk earn line)",
+            _S.INVALID_ARGUMENT,
+        ),
         _c("EMPTY_IDENTIFIER", "the field is empty", _S.INVALID_ARGUMENT),
         _c("EXCHANGE_ID_REQUIRED", "the field is required", _S.INVALID_ARGUMENT),
         _c("EXCHANGE_NOT_COMPLETED", "mall exchange … is …, not completed", _S.FAILED_PRECONDITION),
@@ -363,6 +373,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
         _c("INVALID_BRANCH", "a journey branch's cases are malformed", _S.INVALID_ARGUMENT),
         _c("INVALID_BUDGET", "coupons must be 0..1000000", _S.INVALID_ARGUMENT),
         _c("INVALID_CALLBACK", "createTime is not a number", _S.INVALID_ARGUMENT),
+        _c(
+            "INVALID_CSV_HEADER",
+            "the CSV's header lacks a required column (a bulk earn upload)",
+            _S.INVALID_ARGUMENT,
+        ),
         _c(
             "INVALID_CARRIER",
             "carrier is too long or has control characters (e.g. a NUL byte)",

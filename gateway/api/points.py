@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from loyalty.rewards.v1 import rewards_pb2
@@ -508,3 +508,154 @@ async def void_hold(member_id: MemberId, hold_id: HoldId, request: Request) -> M
         "VoidHold", rewards_pb2.HoldRequest(hold_id=str(hold_id), member_id=str(member_id))
     )
     return movement_model(reply)
+
+
+# As BulkEarnPoints (services/rewards/points/bulk.py MAX_BATCH).
+MAX_EARN_BATCH = 1_000
+
+
+class EarnLine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    member_id: uuid.UUID
+    points: int = Field(gt=0, le=10_000_000)
+    reason: str = Field(min_length=1, max_length=256, description="Campaign, import... no PII")
+    idempotency_key: str = Field(
+        min_length=1, max_length=128, description="This line's: sent again, applied once"
+    )
+    occurred_at: AwareDatetime | None = Field(
+        default=None, description="When the member earned (expiry counts from it); default now"
+    )
+
+
+class BulkEarn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "lines": [
+                        {
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "points": 120,
+                            "reason": "offline-upload SH001 2026-05-03",
+                            "idempotency_key": "SH001-20260503-000017",
+                            "occurred_at": "2026-05-03T11:20:00+08:00",
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+    lines: list[EarnLine] = Field(
+        min_length=1, max_length=MAX_EARN_BATCH, description="Idempotency keys distinct"
+    )
+
+
+class EarnResult(BaseModel):
+    idempotency_key: str
+    outcome: Literal["applied", "replayed", "refused"] = Field(
+        description="replayed: this key was applied before (a retry); nothing applied twice"
+    )
+    transaction_id: str | None
+    member_id: str | None = Field(description="The member credited (a merged id's survivor)")
+    points: int | None
+    available: int | None = Field(description="The member's available points after this line")
+    refusal: str | None = Field(
+        description="Why not: MEMBER_ERASED, IDEMPOTENCY_KEY_REUSED, INVALID_OCCURRED_AT,"
+        " EARN_ALREADY_EXPIRED, INVALID_POINTS, REASON_REQUIRED, ..."
+    )
+    detail: str | None
+
+
+class BulkEarnReply(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "applied": 1,
+                    "replayed": 0,
+                    "refused": 1,
+                    "results": [
+                        {
+                            "idempotency_key": "SH001-20260503-000017",
+                            "outcome": "applied",
+                            "transaction_id": "2b3c4d5e-6f70-4a8b-9c0d-1e2f3a4b5c6d",
+                            "member_id": MEMBER_ID_EXAMPLE,
+                            "points": 120,
+                            "available": 440,
+                            "refusal": None,
+                            "detail": None,
+                        },
+                        {
+                            "idempotency_key": "SH001-20260503-000018",
+                            "outcome": "refused",
+                            "transaction_id": None,
+                            "member_id": None,
+                            "points": None,
+                            "available": None,
+                            "refusal": "MEMBER_ERASED",
+                            "detail": "member 5d2e1c4b-3a29-4f18-8e07-6d5c4b3a2918 was erased;"
+                            " no further points can be written",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
+    applied: int
+    replayed: int
+    refused: int
+    results: list[EarnResult]
+
+
+@router.post(
+    "/v1/admin/points/earns",
+    response_model=BulkEarnReply,
+    tags=["admin"],
+    summary="Credit up to 1,000 earns at once (offline uploads, imports, batch campaigns)",
+    description="Each line is applied, replayed (its idempotency_key was applied before) or"
+    " refused with a code; a refused line writes nothing. Sending the batch again is safe."
+    " Merged member ids are credited to their survivor (docs/ledger.md, bulk earn).",
+    responses={
+        422: problem_response(
+            "Malformed batch, nothing written: `field` names the line"
+            " (DUPLICATE_IDEMPOTENCY_KEY on lines[3].idempotency_key, ...)"
+        ),
+    },
+)
+async def bulk_earn(body: BulkEarn, request: Request) -> BulkEarnReply:
+    lines = []
+    for line in body.lines:
+        msg = rewards_pb2.BulkEarnLine(
+            member_id=str(line.member_id),
+            points=line.points,
+            reason=line.reason,
+            idempotency_key=line.idempotency_key,
+        )
+        if line.occurred_at is not None:
+            msg.occurred_at.FromDatetime(line.occurred_at)
+        lines.append(msg)
+    reply = await downstreams(request).rewards.bulk_earn_points(
+        rewards_pb2.BulkEarnPointsRequest(operator_id=principal(request), lines=lines)
+    )
+    return BulkEarnReply(
+        applied=reply.applied,
+        replayed=reply.replayed,
+        refused=reply.refused,
+        results=[
+            EarnResult(
+                idempotency_key=line.idempotency_key,
+                outcome=r.outcome,  # type: ignore[arg-type]
+                transaction_id=r.transaction_id or None,
+                member_id=r.member_id or None,
+                points=r.points if r.outcome != "refused" else None,
+                available=r.available if r.outcome != "refused" else None,
+                refusal=r.refusal or None,
+                detail=r.detail or None,
+            )
+            for line, r in zip(body.lines, reply.results, strict=True)
+        ],
+    )

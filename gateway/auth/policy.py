@@ -94,6 +94,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", f"{_A}/velocity-flags"): ADMIN_MEMBERS,
     ("POST", f"{_A}/members/{{member_id}}/points/adjustments"): ADMIN_REWARDS,
     ("GET", f"{_A}/points/liability"): ADMIN_REWARDS,
+    ("POST", f"{_A}/points/earns"): ADMIN_REWARDS,
     ("GET", f"{_A}/mall/exchanges"): ADMIN_REWARDS,
     ("POST", f"{_A}/mall/exchanges/{{exchange_id}}/ship"): ADMIN_REWARDS,
     ("GET", f"{_A}/mall/items"): ADMIN_REWARDS,

@@ -10,6 +10,8 @@ Operator commands (against DATABASE_URL, one run each, safe to repeat):
   release-unpaid-mall-exchanges  give back points and stock of points-plus-cash
                         exchanges whose payment did not arrive in time
   stores put|close|open|list   the brand's stores (operator-managed data)
+  bulk-earn FILE --operator NAME   post a CSV of earns (member_id,points,reason,
+                        idempotency_key[,occurred_at]) in chunks of 1,000; re-run safe
   partitions ensure [--ahead N]|list|detach NAME   the journal's time partitions
                         (made ahead; strays moved out of the default; detach refuses
                         what the ledger audit needs)
@@ -31,6 +33,7 @@ JOBS = (
     "release-unpaid-mall-exchanges",
     "stores",
     "partitions",
+    "bulk-earn",
 )
 
 if len(sys.argv) > 1 and sys.argv[1] in JOBS:

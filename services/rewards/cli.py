@@ -1,18 +1,20 @@
 """The operator commands of `python -m services.rewards` (audit, expiry,
-announcements, hold time-outs, unpaid mall exchanges, partitions): which job each name
+announcements, hold time-outs, unpaid mall exchanges, partitions, CSV bulk earns): which job each name
 runs, against DATABASE_URL."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
-from servicekit.db import Database, create_pool
+from servicekit.db import Database, create_pool, with_retries
 from servicekit.errors import DomainError, InvalidArgument
 from servicekit.partitions import detach_partition, ensure_partitions, list_partitions
 from servicekit.settings import ServiceSettings
@@ -22,6 +24,7 @@ from .mall.jobs import release_unpaid
 from .orders.handlers import RewardsHandlers
 from .orders.repository import StoreRecord
 from .partitions import DEFAULT_AHEAD_MONTHS, PARTITIONED_TABLES
+from .points import bulk
 from .points.audit import audit_ledger
 from .points.earning import parse_rules
 from .points.handlers import PointsLedger
@@ -174,7 +177,76 @@ async def _partitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bulk_earn_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.rewards bulk-earn",
+        description="Post a CSV of earns (member_id,points,reason,idempotency_key[,occurred_at])"
+        " in chunks, one transaction each; safe to run again (applied lines replay).",
+    )
+    parser.add_argument("file", help="CSV with a header row")
+    parser.add_argument("--operator", required=True, help="who posts it (journalled)")
+    parser.add_argument("--chunk", type=int, default=bulk.MAX_BATCH, help="lines per transaction")
+    return parser
+
+
+async def _bulk_earn(args: argparse.Namespace) -> int:
+    """Chunks of the file through the same use case as BulkEarnPoints; a JSON
+    summary with every refused row; exit 1 when any row was refused."""
+    if not 1 <= args.chunk <= bulk.MAX_BATCH:
+        print(f"--chunk must be 1..{bulk.MAX_BATCH}", file=sys.stderr)
+        return 2
+    rewards = RewardsSettings()
+    points = PointsLedger(rewards.ledger_policy(), parse_rules(rewards.earning_rules))
+    pool = await create_pool(ServiceSettings().database_url, 1, 2)
+    db = Database(pool, "rewards", "rewards")
+    counts = {"applied": 0, "replayed": 0, "refused": 0}
+    refused: list[dict[str, object]] = []
+
+    def refuse(row: int, result: bulk.LineResult) -> None:
+        counts["refused"] += 1
+        refused.append({"row": row, "code": result.code, "message": result.message})
+
+    async def post(chunk: list[bulk.CsvLine]) -> None:
+        lines = [c.line for c in chunk if c.line is not None]
+
+        async def attempt() -> list[bulk.LineResult]:
+            async with db.unit_of_work() as uow:
+                return await bulk.bulk_earn(
+                    uow.conn, points, lines, args.operator, datetime.now(UTC)
+                )
+
+        for c, result in zip(chunk, await with_retries(attempt), strict=True):
+            if result.outcome == "refused":
+                refuse(c.row, result)
+            else:
+                counts[result.outcome] += 1
+
+    try:
+        text = await asyncio.to_thread(Path(args.file).read_text, encoding="utf-8")
+        chunk: list[bulk.CsvLine] = []
+        for item in bulk.read_csv(io.StringIO(text, newline="")):
+            if item.refusal is not None:
+                refuse(item.row, item.refusal)
+                continue
+            chunk.append(item)
+            if len(chunk) == args.chunk:
+                await post(chunk)
+                chunk = []
+        if chunk:
+            await post(chunk)
+    except DomainError as exc:
+        error = {"code": exc.code, "message": exc.message, "field": exc.field}
+        print(json.dumps({"error": error, **counts}, ensure_ascii=False), file=sys.stderr)
+        return 1
+    finally:
+        await db.close()
+    print(json.dumps({**counts, "refused_rows": refused}, ensure_ascii=False, indent=2))
+    return 1 if refused else 0
+
+
 def run_job(command: str, argv: list[str]) -> int:
+    if command == "bulk-earn":
+        return asyncio.run(_bulk_earn(_bulk_earn_parser().parse_args(argv)))
     if command == "stores":
         return asyncio.run(_stores(_stores_parser().parse_args(argv)))
     if command == "partitions":

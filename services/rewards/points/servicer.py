@@ -13,12 +13,13 @@ from typing import Any
 import grpc
 
 from loyalty.rewards.v1 import rewards_pb2
-from servicekit.db import Database
+from servicekit.db import Database, with_retries
 from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp
 
 from ..kernel import parse_member_id
 from ..wire import page
+from . import bulk
 from . import repository as ledger
 from .handlers import Adjustment, PointsLedger, Spend
 from .repository import Balance
@@ -233,6 +234,54 @@ class PointsRpcs:
                 uow, request.member_id, request.action, request.idempotency_key, datetime.now(UTC)
             )
         return adjustment_movement(outcome.unwrap())
+
+    async def BulkEarnPoints(
+        self, request: rewards_pb2.BulkEarnPointsRequest, context: grpc.aio.ServicerContext
+    ) -> rewards_pb2.BulkEarnPointsResponse:
+        # Before converting the lines of a batch refused anyway.
+        bulk.check_batch_size(len(request.lines))
+        lines = [
+            bulk.EarnLine(
+                member_id=line.member_id,
+                points=line.points,
+                reason=line.reason,
+                idempotency_key=line.idempotency_key,
+                occurred_at=line.occurred_at.ToDatetime(tzinfo=UTC)
+                if line.HasField("occurred_at")
+                else None,
+            )
+            for line in request.lines
+        ]
+
+        async def attempt() -> list[bulk.LineResult]:
+            async with self._db.unit_of_work() as uow:
+                return await bulk.bulk_earn(
+                    uow.conn, self._points, lines, request.operator_id, datetime.now(UTC)
+                )
+
+        # A deadlock with a concurrent writer ends one of them; the batch runs
+        # again (its keys that the other applied meanwhile replay).
+        results: list[bulk.LineResult] = await with_retries(attempt)
+        counts = {
+            o: sum(r.outcome == o for r in results) for o in ("applied", "replayed", "refused")
+        }
+        return rewards_pb2.BulkEarnPointsResponse(
+            results=[
+                rewards_pb2.BulkEarnResult(
+                    outcome=r.outcome,
+                    transaction_id=r.transaction_id,
+                    member_id=r.member_id,
+                    points=r.points,
+                    available=r.available,
+                    refusal=r.code,
+                    detail=r.message,
+                )
+                for r in results
+            ],
+            applied=counts["applied"],
+            replayed=counts["replayed"],
+            refused=counts["refused"],
+        )
 
     def _horizon_days(self, days: int, field: str) -> int:
         if days < 0 or days > 3660:
