@@ -39,7 +39,7 @@ STEMS = {
 NOT_ERROR_CODES = {
     *("GET", "POST", "PUT", "PATCH", "DELETE"),
     *("CASE", "COPY", "CREATE", "FILTER", "HASH", "LIMIT", "MATERIALIZED", "UNLOGGED"),
-    *("UPDATE", "WHERE", "INFO", "XADD", "XAUTOCLAIM", "NOGROUP", "JUNK", "DOWN"),
+    *("UPDATE", "WHERE", "INFO", "XADD", "XAUTOCLAIM", "NOGROUP", "JUNK", "DOWN", "CROSSSLOT"),
     *("SERVING", "NOT_SERVING", "APPLIED", "REPLAYED", "REJECTED", "NOT_ATTEMPTED"),
     *("CONNECTION_ERRORS", "ISSUE_SQL", "REDEEM_SQL", "SH001", "REWARDS_", "UNREACHABLE"),
     # OpenTelemetry's and the fakes' own environment variables.
