@@ -49,7 +49,13 @@ REQUIRED_SECRETS = {
     "services.tiering": {"DATABASE_URL", "REDIS_URL"},
     "services.engagement": {"DATABASE_URL", "REDIS_URL"},
     "services.rewards": {"DATABASE_URL", "REDIS_URL"},
-    "services.guides": {"DATABASE_URL", "REDIS_URL"},
+    "services.guides": {
+        "DATABASE_URL",
+        "REDIS_URL",
+        *("WECOM_CORP_ID", "WECOM_SECRET", "WECOM_API_BASE"),
+        *("WECOM_CALLBACK_TOKEN", "WECOM_ENCODING_AES_KEY"),
+        *("GUIDE_LINK_SECRET", "WORKSTATION_SECRET"),
+    },
 }
 SECRET_KEYS = {
     "DATABASE_URL",
@@ -58,10 +64,16 @@ SECRET_KEYS = {
     "PII_ENCRYPTION_KEYS",
     "MEMBER_CODE_SECRET",
     "AUTH_SECRET_KEY",
-    # The guides CronJobs' WeCom app (docs/guides.md); optional references.
+    # The WeCom app (docs/guides.md): required by the guides Deployment,
+    # optional references of its CronJobs.
     "WECOM_CORP_ID",
     "WECOM_SECRET",
     "WECOM_API_BASE",
+    # The guides service's WeCom callback key and its own HMAC keys.
+    "WECOM_CALLBACK_TOKEN",
+    "WECOM_ENCODING_AES_KEY",
+    "GUIDE_LINK_SECRET",
+    "WORKSTATION_SECRET",
 }
 
 
