@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         "sync-directory", parents=[common], help="pull staff from WeCom's contact directory"
     )
     sub.add_parser(
-        "sync-communities", parents=[common], help="pull community group members from WeCom"
+        "sync-communities",
+        parents=[common],
+        help="find the group chats staff own in WeCom, pull their members",
     )
     resign = sub.add_parser(
         "resign", parents=[common], help="a staff member left: transfer their customers"

@@ -1184,8 +1184,27 @@ class GuidesHandlers:
         return await repo.communities(uow.conn, store_id.strip())
 
     async def sync_communities(self, db: Database, actor: str) -> tuple[int, int, int]:
-        """Every defined group's customers from WeCom, diffed against the last
-        sync: joins and leaves are recorded, and published for members we know."""
+        """Every group's customers from WeCom, diffed against the last sync:
+        joins and leaves are recorded, and published for members we know. The
+        groups are those operators defined and those WeCom lists as owned by
+        an active staff member (groupchat/list): a group found there and not
+        yet defined is added for its owner's store, audience general, for an
+        operator to classify (a defined group's definition is kept)."""
+        async with db.reading() as uow:
+            staff = [s for s in await repo.list_staff(uow.conn, "") if s.status == "active"]
+        store_of = {s.staff_id: s.store_id for s in staff}
+        owned = await self.wecom.owned_group_chats(sorted(store_of)) if store_of else []
+        async with db.unit_of_work() as uow:
+            known = {g["chat_id"] for g in await repo.communities(uow.conn)}
+            for chat_id in sorted(set(owned) - known):
+                owner = await self.wecom.group_owner(chat_id)
+                if owner not in store_of:
+                    continue
+                await repo.add_community(uow.conn, chat_id, store_of[owner], "general", actor)
+                await repo.audit(
+                    uow.conn, actor, "community_found", f"community:{chat_id}",
+                    {"store_id": store_of[owner], "owner": owner}, self.clock(),
+                )  # fmt: skip
         async with db.reading() as uow:
             groups = await repo.communities(uow.conn)
         joined = left = 0

@@ -905,6 +905,20 @@ async def upsert_community(
     )
 
 
+async def add_community(
+    conn: Connection, chat_id: str, store_id: str, audience: str, by: str
+) -> None:
+    """A group WeCom listed: added once, never over an operator's definition."""
+    await conn.execute(
+        f"INSERT INTO {S}.communities ({_COMMUNITY_COLS}) VALUES ($1, $1, $2, $3, '{{}}', $4)"
+        " ON CONFLICT (chat_id) DO NOTHING",
+        chat_id,
+        store_id,
+        audience,
+        by,
+    )
+
+
 async def communities(conn: Connection, store_id: str = "") -> list[Any]:
     return list(
         await conn.fetch(

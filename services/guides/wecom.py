@@ -22,6 +22,11 @@ FAKE_BASE = "fake"
 FAKE_URL = "https://wecom.fake/cgi-bin"
 
 
+# WeCom's limits of groupchat/list: at most 100 owners per call, 1000 chats per page.
+GROUP_OWNERS_PER_CALL = 100
+GROUP_CHATS_PER_PAGE = 1000
+
+
 @dataclass(frozen=True)
 class DirectoryUser:
     staff_id: str
@@ -140,6 +145,38 @@ class WeComApi:
             # answers it as INVALID_OAUTH_CODE.
             raise PermissionDenied("the OAuth code is not a member of the corp", code="NOT_STAFF")
         return user
+
+    async def owned_group_chats(self, owners: list[str]) -> list[str]:
+        """The customer group chats these staff members own (groupchat/list,
+        every status, page by page): their chat ids."""
+        chats: list[str] = []
+        for start in range(0, len(owners), GROUP_OWNERS_PER_CALL):
+            cursor = ""
+            while True:
+                reply = await self._call(
+                    "POST",
+                    "/externalcontact/groupchat/list",
+                    {
+                        "status_filter": 0,
+                        "owner_filter": {
+                            "userid_list": owners[start : start + GROUP_OWNERS_PER_CALL]
+                        },
+                        "cursor": cursor,
+                        "limit": GROUP_CHATS_PER_PAGE,
+                    },
+                )
+                chats += [g["chat_id"] for g in reply.get("group_chat_list", [])]
+                cursor = str(reply.get("next_cursor") or "")
+                if not cursor:
+                    break
+        return chats
+
+    async def group_owner(self, chat_id: str) -> str:
+        """The staff member who owns a customer group chat (groupchat/get)."""
+        reply = await self._call(
+            "POST", "/externalcontact/groupchat/get", {"chat_id": chat_id, "need_name": 0}
+        )
+        return str(reply.get("group_chat", {}).get("owner", ""))
 
     async def group_members(self, chat_id: str) -> dict[str, int]:
         """A customer group chat's customers: external_userid -> join time (unix)."""
@@ -266,6 +303,8 @@ class FakeWeCom:
     oauth_codes: dict[str, str] = field(default_factory=dict)
     # chat_id -> {external_userid: join time}
     groups: dict[str, dict[str, int]] = field(default_factory=dict)
+    # chat_id -> the staff member who owns the group (groupchat/list).
+    group_owners: dict[str, str] = field(default_factory=dict)
     # msgid -> the task as sent, and per customer the send status (0 until the guide sends)
     msg_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -312,6 +351,20 @@ class FakeWeCom:
             if user is None:
                 return httpx.Response(200, json={"errcode": 40029, "errmsg": "invalid code"})
             return httpx.Response(200, json={"errcode": 0, "userid": user})
+        if path == "/externalcontact/groupchat/list":
+            owners = set(body.get("owner_filter", {}).get("userid_list", []))
+            owned = sorted(c for c, o in self.group_owners.items() if not owners or o in owners)
+            start, limit = int(body.get("cursor") or 0), int(body.get("limit", 100))
+            page = owned[start : start + limit]
+            more = start + limit < len(owned)
+            return httpx.Response(
+                200,
+                json={
+                    "errcode": 0,
+                    "group_chat_list": [{"chat_id": c, "status": 0} for c in page],
+                    "next_cursor": str(start + limit) if more else "",
+                },
+            )
         if path == "/externalcontact/groupchat/get":
             chat = self.groups.get(body.get("chat_id", ""))
             if chat is None:
@@ -321,7 +374,11 @@ class FakeWeCom:
                 200,
                 json={
                     "errcode": 0,
-                    "group_chat": {"chat_id": body["chat_id"], "member_list": members},
+                    "group_chat": {
+                        "chat_id": body["chat_id"],
+                        "owner": self.group_owners.get(body["chat_id"], ""),
+                        "member_list": members,
+                    },
                 },
             )
         if path == "/externalcontact/add_msg_template":

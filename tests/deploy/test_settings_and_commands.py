@@ -53,7 +53,13 @@ REQUIRED_SECRETS = {
     "services.tiering": {"DATABASE_URL", "REDIS_URL"},
     "services.engagement": {"DATABASE_URL", "REDIS_URL"},
     "services.rewards": {"DATABASE_URL", "REDIS_URL"},
-    "services.guides": {"DATABASE_URL", "REDIS_URL"},
+    "services.guides": {
+        "DATABASE_URL",
+        "REDIS_URL",
+        *("WECOM_CORP_ID", "WECOM_SECRET", "WECOM_API_BASE"),
+        *("WECOM_CALLBACK_TOKEN", "WECOM_ENCODING_AES_KEY"),
+        *("GUIDE_LINK_SECRET", "WORKSTATION_SECRET"),
+    },
 }
 SECRET_KEYS = {
     "DATABASE_URL",
@@ -63,7 +69,7 @@ SECRET_KEYS = {
     "MEMBER_CODE_SECRET",
     "AUTH_SECRET_KEY",
     "CONSOLE_GATEWAY_CLIENTS",
-    # The guides CronJobs' WeCom app (docs/guides.md); optional references.
+    # The WeCom app (docs/guides.md): required by the guides Deployment, optional in its CronJobs.
     "WECOM_CORP_ID",
     "WECOM_SECRET",
     "WECOM_API_BASE",
@@ -75,6 +81,11 @@ SECRET_KEYS = {
     "SMS_ACCESS_KEY_SECRET",
     "APP_PUSH_TOKEN",
     "SMS_RECEIPT_TOKEN",
+    # The guides service's WeCom callback key and its own HMAC keys.
+    "WECOM_CALLBACK_TOKEN",
+    "WECOM_ENCODING_AES_KEY",
+    "GUIDE_LINK_SECRET",
+    "WORKSTATION_SECRET",
 }
 # References that may be absent from the Secret.
 OPTIONAL_SECRETS = {

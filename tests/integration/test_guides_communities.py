@@ -201,3 +201,62 @@ async def test_joins_and_leaves_are_published(
     finally:
         await conn.close()
         await redis.aclose()
+
+
+async def test_groups_staff_own_are_found_in_wecom_and_their_joins_and_leaves_applied(
+    guides_channel: grpc.aio.Channel,
+    fake_wecom: FakeWeCom,
+    guides_clock: ServiceClock,
+    infra: Infra,
+) -> None:
+    # No operator defines this group: WeCom's group-chat list names it as the guide's.
+    stub = guides_pb2_grpc.GuidesServiceStub(guides_channel)
+    store = uid("CL")
+    guide = await new_staff(stub, store)
+    chat, a, b, c = uid("wrL"), uid("wm"), uid("wm"), uid("wm")
+    t0 = int(guides_clock().timestamp())
+    fake_wecom.group_owners[chat] = guide.staff_id
+    fake_wecom.groups[chat] = {a: t0 - 60, b: t0 - 30}
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+
+    async def members() -> dict[str, tuple[object, object]]:
+        rows = await conn.fetch(
+            "SELECT external_userid, joined_at, left_at FROM guides.community_members"
+            " WHERE chat_id = $1",
+            chat,
+        )
+        return {r["external_userid"]: (r["joined_at"], r["left_at"]) for r in rows}
+
+    try:
+        await stub.SyncCommunities(guides_pb2.SyncCommunitiesRequest(actor="op"), timeout=10)
+        group = await conn.fetchrow(
+            "SELECT store_id, audience FROM guides.communities WHERE chat_id = $1", chat
+        )
+        assert (group["store_id"], group["audience"]) == (store, "general")
+        first = await members()
+        assert set(first) == {a, b} and all(left is None for _, left in first.values())
+
+        # In WeCom, b leaves and c joins.
+        fake_wecom.groups[chat] = {a: t0 - 60, c: t0 + 5}
+        await stub.SyncCommunities(guides_pb2.SyncCommunitiesRequest(actor="op"), timeout=10)
+        second = await members()
+        assert second[a] == first[a]  # unchanged
+        assert second[b][0] == first[b][0] and second[b][1] is not None  # left
+        assert second[c][1] is None  # joined
+        # A sync with nothing new changes nothing (idempotent).
+        await stub.SyncCommunities(guides_pb2.SyncCommunitiesRequest(actor="op"), timeout=10)
+        assert await members() == second
+        # An operator's classification is kept by later syncs.
+        await stub.UpsertCommunity(
+            guides_pb2.Community(
+                chat_id=chat, name="VIP群", store_id=store, audience="vip", actor="op"
+            ),
+            timeout=5,
+        )
+        await stub.SyncCommunities(guides_pb2.SyncCommunitiesRequest(actor="op"), timeout=10)
+        assert (
+            await conn.fetchval("SELECT audience FROM guides.communities WHERE chat_id = $1", chat)
+            == "vip"
+        )
+    finally:
+        await conn.close()
