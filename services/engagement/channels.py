@@ -13,8 +13,10 @@ mid-call) is `unknown` and is not sent again automatically: at most once for
 uncertain outcomes (a channel can be configured to resend them; default off).
 A definite refusal that may pass later (rate limit, busy) goes back to
 `pending` with back-off. An SMS the provider accepted stays `sending` until
-its delivery report settles it (apply_receipts). The providers themselves
-live in providers.py.
+its delivery report settles it (apply_receipts), or becomes `unknown`
+(NO_RECEIPT, never resent) when no report came within the receipt cut-off. A
+WeCom task stays `sending` (TASK_CREATED) until wecom_results.py reads what the
+staff member did. The providers themselves live in providers.py.
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ class Dispatcher:
         resolver: AddressPort | None = None,
         caps: dict[str, int] | None = None,
         resend_unknown: frozenset[str] = frozenset(),
+        receipt_cutoff: timedelta = timedelta(hours=72),
     ) -> None:
         self._db = db
         # The capped classes: a send suppressed at delivery gives its slot back.
@@ -195,6 +198,8 @@ class Dispatcher:
         self._retry_cap = retry_cap
         # Channels whose uncertain outcomes go back to pending (default: none).
         self._resend_unknown = resend_unknown
+        # An accepted send whose delivery report has not come by then is `unknown`.
+        self._receipt_cutoff = receipt_cutoff
 
     async def dispatch_once(self) -> int:
         now = self._clock.now()
@@ -241,9 +246,21 @@ class Dispatcher:
             return scheduler_repo.Outcome(row.send_key, status, d.reason, d.provider_ref, d.code)
 
         if d.status == "accepted":
-            # Taken by the provider; the delivery report settles it (no lease).
+            if d.reason == scheduler_repo.TASK_CREATED:
+                # A WeCom task the staff member still has to send: the results
+                # job (wecom_results.py) settles it; first look at once.
+                return scheduler_repo.Outcome(
+                    row.send_key, "sending", d.reason, d.provider_ref, "", done
+                )
+            # Taken by the provider; the delivery report settles it, or, when
+            # none came by the cut-off, expire_in_flight makes it `unknown`.
             return scheduler_repo.Outcome(
-                row.send_key, "sending", "ACCEPTED", d.provider_ref, "", None
+                row.send_key,
+                "sending",
+                scheduler_repo.ACCEPTED,
+                d.provider_ref,
+                "",
+                done + self._receipt_cutoff,
             )
         if d.status == "unknown" and row.channel in self._resend_unknown:
             d = Delivery("retry", d.provider_ref, d.reason, d.code)

@@ -290,6 +290,11 @@ class OutboundRow:
     payload: dict[str, object] = field(default_factory=dict)
 
 
+# The reasons of a send left `sending` on purpose after the provider call.
+ACCEPTED = "ACCEPTED"  # an SMS the provider took: its delivery report settles it
+TASK_CREATED = "TASK_CREATED"  # a WeCom task: the staff member's send settles it
+
+
 async def expire_in_flight(
     conn: Connection, now: datetime, resend_channels: list[str], limit: int
 ) -> int:
@@ -297,20 +302,29 @@ async def expire_in_flight(
     while `sending`, no provider answer recorded): nobody knows whether the
     provider took them, and providers have no idempotency key, so they become
     `unknown` and are not sent again; on a channel configured to resend
-    uncertain outcomes they go back to `pending`. An accepted SMS waiting for
-    its receipt has no lease (next_attempt_at NULL) and is not touched."""
+    uncertain outcomes they go back to `pending`.
+
+    An accepted SMS waits for its delivery report until its receipt cut-off
+    (next_attempt_at): past it, it is `unknown` (NO_RECEIPT) on every channel,
+    since the provider did take it (a late report still settles it). A WeCom
+    task (TASK_CREATED) is left to the task results job."""
     rows = await conn.fetch(
         "UPDATE engagement.sends s SET"
-        " status = CASE WHEN s.channel = ANY($2::text[]) THEN 'pending' ELSE 'unknown' END,"
-        " reason = 'LEASE_EXPIRED', updated_at = $1,"
-        " next_attempt_at = CASE WHEN s.channel = ANY($2::text[]) THEN $1 END"
+        " status = CASE WHEN s.reason <> $4 AND s.channel = ANY($2::text[])"
+        "  THEN 'pending' ELSE 'unknown' END,"
+        " reason = CASE WHEN s.reason = $4 THEN 'NO_RECEIPT' ELSE 'LEASE_EXPIRED' END,"
+        " updated_at = $1,"
+        " next_attempt_at = CASE WHEN s.reason <> $4 AND s.channel = ANY($2::text[])"
+        "  THEN $1 END"
         " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
-        "  WHERE status = 'sending' AND next_attempt_at <= $1"
+        "  WHERE status = 'sending' AND next_attempt_at <= $1 AND reason <> $5"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
         " RETURNING s.send_key",
         now,
         resend_channels,
         limit,
+        ACCEPTED,
+        TASK_CREATED,
     )
     return len(rows)
 

@@ -291,6 +291,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             },
             resolver=app.member,
             resend_unknown=resend_unknown(s),
+            receipt_cutoff=timedelta(hours=s.sms_receipt_cutoff_hours),
         )
         if s.rewards_addr.strip():
             app.store_zones = RewardsStoreZones(s.rewards_addr, s.rewards_timeout_seconds)

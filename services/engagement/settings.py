@@ -46,6 +46,9 @@ class EngagementSettings(ServiceSettings):
     sms_region_id: str = "cn-hangzhou"
     # Per phone: count/seconds windows checked before calling (carriers' usual limits).
     sms_phone_limits: str = "1/60,5/3600,10/86400"
+    # An accepted SMS whose delivery report has not come after this many hours
+    # is `unknown` (NO_RECEIPT, never resent): Aliyun pushes reports for 72 h.
+    sms_receipt_cutoff_hours: float = 72.0
     app_push_endpoint: str = ""
     app_push_token: SecretStr = SecretStr("")
     # Uncertain outcomes (time-out after sending, dropped connection) are not

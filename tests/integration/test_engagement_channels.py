@@ -426,3 +426,41 @@ async def test_publishing_an_over_long_thing_is_refused_naming_the_field(rig: Ri
         "SELECT count(*) FROM engagement.journeys WHERE journey_id = $1", rig.env.jid("mp-long")
     )
     assert published == 0
+
+
+async def test_an_accepted_sms_without_a_report_becomes_unknown_at_the_cutoff(rig: Rig) -> None:
+    await rig.journey("sms-silent", "sms", template="SMS_OFFER", params={})
+    m = await rig.member(phone="13900000006")
+    d = rig.dispatcher(receipt_cutoff=timedelta(hours=72), resend_unknown=frozenset({"sms"}))
+    await d.dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["reason"]) == ("sending", "ACCEPTED")
+    assert row["next_attempt_at"] == NOON + timedelta(hours=72)
+    rig.env.clock.advance(timedelta(hours=72) - timedelta(seconds=1))
+    await d.dispatch_once()  # still within the provider's report window
+    assert (await rig.send_row(m))["status"] == "sending"
+    rig.env.clock.advance(timedelta(seconds=1))
+    await d.dispatch_once()
+    row = await rig.send_row(m)
+    # Unknown even on a channel that resends uncertain calls: the provider took it.
+    assert (row["status"], row["reason"], row["next_attempt_at"]) == ("unknown", "NO_RECEIPT", None)
+    rig.env.clock.advance(timedelta(days=1))
+    while await d.dispatch_once():
+        pass
+    assert [a.out_id for a in rig.fakes.sms.accepted if a.phone == "13900000006"] == [
+        row["send_key"]
+    ]
+    # Counted and listed for operators like other unknown sends.
+    counts = await scheduler_repo.send_counts(rig.env.db.pool, rig.env.jid("sms-silent"))
+    assert [(c.status, c.count) for c in counts] == [("unknown", 1)]
+    unknown = await scheduler_repo.unknown_sends(
+        rig.env.db.pool, rig.env.jid("sms-silent"), None, 10
+    )
+    assert [(u.send_key, u.reason) for u in unknown] == [(row["send_key"], "NO_RECEIPT")]
+    # A report that comes late still says what happened.
+    accepted = next(a for a in rig.fakes.sms.accepted if a.out_id == row["send_key"])
+    report = rig.fakes.sms.report(accepted)
+    receipt = scheduler_repo.Receipt(report["out_id"], report["biz_id"], report["success"])
+    async with rig.env.db.unit_of_work() as uow:
+        assert await scheduler_repo.apply_receipts(uow.conn, [receipt], rig.env.clock.now()) == 1
+    assert (await rig.send_row(m))["status"] == "delivered"
