@@ -160,6 +160,8 @@ class SendRow:
     # The reason's machine code when a send is written already failed (a template
     # that cannot be filled for this member).
     error_code: str = ""
+    # A mini-program send: the epoch of the subscription credit it took.
+    credit_epoch: int | None = None
 
 
 async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
@@ -186,6 +188,7 @@ async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
                     s.created_at,
                     json.dumps(s.payload, ensure_ascii=False),
                     s.error_code,
+                    s.credit_epoch,
                 )
                 for s in sends
             ],
@@ -195,13 +198,13 @@ async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
     await conn.execute(
         "INSERT INTO engagement.sends (send_key, enrollment_id, journey_id, version, step_id,"
         " member_id, channel, template, message_class, priority, local_day, status, reason,"
-        " variant, created_at, updated_at, next_attempt_at, payload, error_code)"
+        " variant, created_at, updated_at, next_attempt_at, payload, error_code, credit_epoch)"
         " SELECT k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, c,"
-        "  CASE WHEN st = 'pending' THEN c END, pl::jsonb, ec"
+        "  CASE WHEN st = 'pending' THEN c END, pl::jsonb, ec, ce"
         " FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::uuid[],"
         "  $7::text[], $8::text[], $9::text[], $10::int[], $11::date[], $12::text[], $13::text[],"
-        "  $14::text[], $15::timestamptz[], $16::text[], $17::text[])"
-        "  AS u(k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, pl, ec)"
+        "  $14::text[], $15::timestamptz[], $16::text[], $17::text[], $18::int[])"
+        "  AS u(k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, pl, ec, ce)"
         " ON CONFLICT (send_key) DO NOTHING",
         *[list(c) for c in cols],
     )
@@ -288,6 +291,7 @@ class OutboundRow:
     message_class: str = "transactional"
     local_day: date | None = None
     payload: dict[str, object] = field(default_factory=dict)
+    credit_epoch: int | None = None
 
 
 # The reasons of a send left `sending` on purpose after the provider call.
@@ -341,7 +345,7 @@ async def lease_pending_sends(
         "  WHERE status = 'pending' AND next_attempt_at <= $1"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
         " RETURNING s.send_key, s.member_id, s.channel, s.template, s.attempts,"
-        " s.message_class, s.local_day, s.payload::text AS payload",
+        " s.message_class, s.local_day, s.payload::text AS payload, s.credit_epoch",
         now,
         lease_until,
         limit,
@@ -356,9 +360,17 @@ async def lease_pending_sends(
             r["message_class"],
             r["local_day"],
             json.loads(r["payload"] or "{}"),
+            r["credit_epoch"],
         )
         for r in rows
     ]
+
+
+async def set_credit_epoch(conn: Connection, send_key: str, epoch: int) -> None:
+    """A send whose voided credit was replaced by a fresh one (a tap since)."""
+    await conn.execute(
+        "UPDATE engagement.sends SET credit_epoch = $2 WHERE send_key = $1", send_key, epoch
+    )
 
 
 @dataclass(frozen=True)

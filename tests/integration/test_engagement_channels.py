@@ -464,3 +464,72 @@ async def test_an_accepted_sms_without_a_report_becomes_unknown_at_the_cutoff(ri
     async with rig.env.db.unit_of_work() as uow:
         assert await scheduler_repo.apply_receipts(uow.conn, [receipt], rig.env.clock.now()) == 1
     assert (await rig.send_row(m))["status"] == "delivered"
+
+
+async def test_a_credit_wechat_voided_after_the_send_was_written_is_no_credit_uncalled(
+    rig: Rig,
+) -> None:
+    await rig.journey("mp-void-a", "miniprogram", **MP)
+    await rig.journey("mp-void-b", "miniprogram", **MP)
+    template = "tmpl-points-expiring"
+    members, openids = [], []
+    for _ in range(2):
+        openid = f"o-{uuid.uuid4().hex[:10]}"  # at WeChat: no credit (the taps were used)
+        m = str(uuid.uuid4())
+        async with rig.env.db.unit_of_work() as uow:
+            await rig.env.handlers.ingest(uow, "member_registered", m, {})
+            await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
+            for _ in range(2):  # two taps counted here: one credit for each journey
+                await rig.env.handlers.ingest(
+                    uow, "subscription_tap", m, {"template": template, "openid": openid}
+                )
+        await rig.env.event("check_in", m, points="5", expires_on="2030-07-31")
+        members.append(m)
+        openids.append(openid)
+    await rig.env.scheduler.run_until_idle()
+    # Journey b's sends wait a second; both sends of each member hold a credit.
+    await rig.env.db.pool.execute(
+        "UPDATE engagement.sends SET next_attempt_at = $2 WHERE journey_id = $1",
+        rig.env.jid("mp-void-b"),
+        NOON + timedelta(seconds=1),
+    )
+    d = rig.dispatcher()
+    while await d.dispatch_once():
+        pass
+    for m in members:
+        rows = await rig.env.db.pool.fetch(
+            "SELECT journey_id, status, error_code FROM engagement.sends WHERE member_id = $1"
+            " ORDER BY journey_id",
+            uuid.UUID(m),
+        )
+        assert [(r["status"], r["error_code"]) for r in rows] == [
+            ("no_credit", "43101"),
+            ("pending", ""),
+        ]
+    # The second member taps again (a fresh credit, here and at WeChat).
+    async with rig.env.db.unit_of_work() as uow:
+        await rig.env.handlers.ingest(
+            uow, "subscription_tap", members[1], {"template": template, "openid": openids[1]}
+        )
+    rig.fakes.wechat.grant(openids[1], template)
+    calls = rig.fakes.wechat.send_requests
+    rig.env.clock.advance(timedelta(seconds=1))
+    await d.dispatch_once()
+    voided, retapped = [
+        await rig.env.db.pool.fetchrow(
+            "SELECT status, reason FROM engagement.sends WHERE member_id = $1 AND journey_id = $2",
+            uuid.UUID(m),
+            rig.env.jid("mp-void-b"),
+        )
+        for m in members
+    ]
+    # The first member's credit was voided by WeChat's 43101: no call at all.
+    assert (voided["status"], voided["reason"]) == ("no_credit", "CREDIT_VOIDED")
+    assert retapped["status"] == "delivered"
+    assert rig.fakes.wechat.send_requests == calls + 1
+    assert [s["touser"] for s in rig.fakes.wechat.sent] == [openids[1]]
+    left = await rig.env.db.pool.fetchval(
+        "SELECT credits FROM engagement.subscription_credits WHERE member_id = $1",
+        uuid.UUID(members[1]),
+    )
+    assert left == 0
