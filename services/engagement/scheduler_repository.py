@@ -407,6 +407,48 @@ async def record_outcomes(conn: Connection, results: list[Outcome], now: datetim
 
 
 @dataclass(frozen=True)
+class WeComTask:
+    """A WeCom send whose task waits for the staff member."""
+
+    send_key: str
+    msgid: str
+    # When the task was created (the send's updated_at, which waiting keeps).
+    created_at: datetime
+
+
+async def lease_wecom_tasks(
+    conn: Connection, now: datetime, lease_until: datetime, limit: int
+) -> list[WeComTask]:
+    """Due waiting WeCom tasks, leased to one results reader for a while (a
+    reader that dies leaves them to be read again: reading changes nothing).
+    updated_at is left alone: it is when the task was created."""
+    rows = await conn.fetch(
+        "UPDATE engagement.sends s SET next_attempt_at = $2"
+        " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
+        "  WHERE status = 'sending' AND next_attempt_at <= $1 AND reason = $4"
+        "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+        " RETURNING s.send_key, s.provider_ref, s.updated_at",
+        now,
+        lease_until,
+        limit,
+        TASK_CREATED,
+    )
+    return [WeComTask(r["send_key"], r["provider_ref"] or "", r["updated_at"]) for r in rows]
+
+
+async def postpone_wecom_tasks(conn: Connection, keys: list[str], at: datetime) -> None:
+    """Tasks the staff member has not sent yet: look again at `at`."""
+    if keys:
+        await conn.execute(
+            "UPDATE engagement.sends SET next_attempt_at = $2"
+            " WHERE send_key = ANY($1::text[]) AND status = 'sending' AND reason = $3",
+            keys,
+            at,
+            TASK_CREATED,
+        )
+
+
+@dataclass(frozen=True)
 class Receipt:
     """A provider's delivery report of one SMS (Aliyun SmsReport)."""
 

@@ -39,6 +39,13 @@ class EngagementSettings(ServiceSettings):
     wecom_corp_secret: SecretStr = SecretStr("")
     # The staff userid named as sender (optional for 1-to-1 tasks).
     wecom_sender: str = ""
+    # A WeCom send waits (`sending`, TASK_CREATED) until its task's result says
+    # the staff member sent it; read every WECOM_RESULT_RECHECK_MINUTES per
+    # task (the job wakes every WECOM_RESULTS_POLL_SECONDS). Not sent within
+    # WECOM_TASK_LIFE_HOURS: `failed` NOT_SENT_BY_STAFF (the brand's choice).
+    wecom_task_life_hours: float = 72.0
+    wecom_result_recheck_minutes: float = 10.0
+    wecom_results_poll_seconds: float = 60.0
     sms_endpoint: str = "https://dysmsapi.aliyuncs.com/"
     sms_access_key_id: str = ""
     sms_access_key_secret: SecretStr = SecretStr("")

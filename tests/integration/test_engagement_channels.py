@@ -22,12 +22,14 @@ from redis.asyncio import Redis
 from devtools.provider_fakes.stack import FakeStack, build_stack
 from servicekit.db import Database
 from servicekit.errors import InvalidArgument
+from services.engagement import cli
 from services.engagement import facts_repository as facts_repo
 from services.engagement import scheduler_repository as scheduler_repo
 from services.engagement.channels import Dispatcher
 from services.engagement.domain import FakeClock, QuietHours
 from services.engagement.providers import build_providers
 from services.engagement.settings import EngagementSettings
+from services.engagement.wecom_results import WeComResults
 from tests.harness import Infra
 
 from .test_engagement_journeys import ALL, Env, _pause_all, db, make_env
@@ -112,7 +114,12 @@ async def rig(db: Database, infra: Infra) -> AsyncIterator[Rig]:
     namespace = f"{infra.namespace}:channels:{uuid.uuid4().hex[:6]}"
     redis = Redis.from_url(infra.redis_url)
     settings = EngagementSettings(
-        **{**fakes.settings(), "redis_namespace": namespace, "sms_phone_limits": "1/60,2/3600"}
+        **{
+            **fakes.settings(),
+            "redis_namespace": namespace,
+            "redis_url": infra.redis_url,
+            "sms_phone_limits": "1/60,2/3600",
+        }
     )
     rig = Rig(make_env(db, clock, QuietHours()), fakes, redis, namespace, settings, [])
     yield rig
@@ -383,7 +390,9 @@ async def test_wecom_task_keeps_its_msgid_and_its_result_is_readable(rig: Rig) -
     d = rig.dispatcher()
     await d.dispatch_once()
     ok, refused = [await rig.send_row(m) for m in members]
-    assert ok["status"] == "delivered" and ok["provider_ref"].startswith("msg")
+    # A task exists; the staff member has not sent it: not delivered yet.
+    assert (ok["status"], ok["reason"]) == ("sending", "TASK_CREATED")
+    assert ok["provider_ref"].startswith("msg")
     assert (refused["status"], refused["error_code"]) == ("failed", "FAIL_LIST")
     task = rig.fakes.wecom.tasks[ok["provider_ref"]]["body"]
     assert task["text"] == {"content": "Hi, your GOLD perks are waiting"}
@@ -533,3 +542,92 @@ async def test_a_credit_wechat_voided_after_the_send_was_written_is_no_credit_un
         uuid.UUID(members[1]),
     )
     assert left == 0
+
+
+async def test_wecom_sends_are_settled_by_what_the_staff_member_did(rig: Rig) -> None:
+    await rig.journey("wecom-settle", "wecom", template="hello", text="Hello")
+    assert rig.fakes.wecom.customers is not None
+    members, contacts = [], []
+    for _ in range(3):
+        external = f"wm-{uuid.uuid4().hex[:8]}"
+        rig.fakes.wecom.customers.add(external)
+        m = str(uuid.uuid4())
+        async with rig.env.db.unit_of_work() as uow:
+            await rig.env.handlers.ingest(uow, "member_registered", m, {})
+            await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
+            await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
+        await rig.env.event("check_in", m)
+        members.append(m)
+        contacts.append(external)
+    await rig.env.scheduler.run_until_idle()
+    d = rig.dispatcher()
+    await d.dispatch_once()
+    rows = [await rig.send_row(m) for m in members]
+    assert {(r["status"], r["reason"]) for r in rows} == {("sending", "TASK_CREATED")}
+    results = WeComResults(
+        rig.env.db,
+        rig.env.clock,
+        d.providers["wecom"],  # type: ignore[arg-type]
+        task_life=timedelta(hours=24),
+        poll=timedelta(minutes=10),
+    )
+    # Nobody pressed send yet: every send waits, to be read again in 10 minutes.
+    await results.settle_once()
+    rows = [await rig.send_row(m) for m in members]
+    assert [r["status"] for r in rows] == ["sending"] * 3
+    assert {r["next_attempt_at"] for r in rows} == {NOON + timedelta(minutes=10)}
+    # The dispatcher's lease sweep leaves a waiting task alone.
+    rig.env.clock.advance(timedelta(minutes=10))
+    await d.dispatch_once()
+    assert [(await rig.send_row(m))["status"] for m in members] == ["sending"] * 3
+    # The staff member sends the first; WeCom says the second is not their friend.
+    rig.fakes.wecom.confirm(rows[0]["provider_ref"])
+    rig.fakes.wecom.set_status(rows[1]["provider_ref"], contacts[1], 2)
+    await results.settle_once()
+    first, second, third = [await rig.send_row(m) for m in members]
+    assert (first["status"], first["reason"]) == ("delivered", "SENT_BY_STAFF")
+    assert (second["status"], second["error_code"]) == ("failed", "NOT_A_FRIEND")
+    assert third["status"] == "sending"
+    # The third is never sent within the task's life.
+    rig.env.clock.advance(timedelta(hours=24))
+    while await results.settle_once():
+        pass
+    third = await rig.send_row(members[2])
+    assert (third["status"], third["error_code"]) == ("failed", "NOT_SENT_BY_STAFF")
+    # A settled send is not read or changed again.
+    rig.fakes.wecom.confirm(third["provider_ref"])
+    rig.env.clock.advance(timedelta(hours=1))
+    while await results.settle_once():
+        pass
+    assert (await rig.send_row(members[2]))["status"] == "failed"
+    # Operators see the per-journey outcome on the sends route.
+    async with rig.env.db.unit_of_work() as uow:
+        counts = await rig.env.handlers.journey_sends(uow, rig.env.jid("wecom-settle"))
+    assert sorted((c.status, c.error_code, c.count) for c in counts) == [
+        ("delivered", "", 1),
+        ("failed", "NOT_A_FRIEND", 1),
+        ("failed", "NOT_SENT_BY_STAFF", 1),
+    ]
+
+
+async def test_the_wecom_results_command_settles_due_tasks(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await rig.journey("wecom-cli", "wecom", template="hello", text="Hello")
+    assert rig.fakes.wecom.customers is not None
+    external = f"wm-{uuid.uuid4().hex[:8]}"
+    rig.fakes.wecom.customers.add(external)
+    m = str(uuid.uuid4())
+    async with rig.env.db.unit_of_work() as uow:
+        await rig.env.handlers.ingest(uow, "member_registered", m, {})
+        await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
+        await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
+    await rig.env.event("check_in", m)
+    await rig.env.scheduler.run_until_idle()
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    rig.fakes.wecom.confirm(row["provider_ref"])
+    assert await cli._wecom_results(rig.settings, rig.env.db, rig.env.clock) == 0
+    assert '"read": ' in capsys.readouterr().out
+    row = await rig.send_row(m)
+    assert (row["status"], row["reason"]) == ("delivered", "SENT_BY_STAFF")
