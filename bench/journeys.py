@@ -18,7 +18,10 @@ The result is checked in SQL and against the fake:
 - zero sends without consent;
 - every send the sweep decided is settled: delivered, or `unknown` when the
   fake answered after the time-out (a loaded machine); WeCom tasks created are
-  at least the delivered and at most delivered + unknown (never twice).
+  at least the delivered and at most delivered + unknown (never twice). A
+  WeCom send is delivered when its task's result says the staff member sent
+  it: after the timed run the fake's staff send every task and the results
+  job (wecom_results.py) settles them.
 
 Prints a table and writes bench/results/journeys-<UTC timestamp>.json.
 Counts are a flag (--steps); report the size you ran. The machine may be
@@ -52,6 +55,7 @@ from services.engagement.ports import LocalConsent
 from services.engagement.providers import build_providers
 from services.engagement.scheduler import JourneyCache, Scheduler
 from services.engagement.settings import EngagementSettings
+from services.engagement.wecom_results import build_wecom_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -284,6 +288,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # This process's CPU (sweepers, dispatchers, providers and the fakes;
             # PostgreSQL's is not counted): steadier than wall time on a shared machine.
             cpu = time.process_time() - cpu0
+            # The staff members send every task (the fake's confirm) and the
+            # results job settles them, after the timed run.
+            for msgid in list(fakes.wecom.tasks):
+                fakes.wecom.confirm(msgid)
+            results = build_wecom_results(settings, db, clock, providers)
+            assert results is not None
+            while await results.settle_once():
+                pass
         finally:
             await client.aclose()
             await redis.aclose()

@@ -7,7 +7,8 @@ access token (40014 unknown, 42001 expired), chat_type, a non-empty
 external_userid list (40063), text or attachments (40063), text content at
 most 4000 bytes (40058); a contact that is not the corp's customer lands in
 `fail_list`. A task is created per call (its msgid); every contact's status is
-0 (not sent) until `confirm(msgid)` (the staff member pressed send) makes it 1.
+0 (not sent) until `confirm(msgid)` (the staff member pressed send) makes it 1,
+or a test sets one contact's result (`set_status`: 2 not a friend, 3 limit).
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ class FakeWeCom:
         """The staff member sent the task from their WeCom client."""
         for contact in self.tasks[msgid]["status"]:
             self.tasks[msgid]["status"][contact] = 1
+
+    def set_status(self, msgid: str, contact: str, status: int) -> None:
+        """One contact's result: 0 not sent, 1 sent, 2 not a friend, 3 over the
+        contact's limit (what WeCom reports when the staff member tried)."""
+        if status not in (0, 1, 2, 3):
+            raise ValueError(f"WeCom send status {status} does not exist")
+        self.tasks[msgid]["status"][contact] = status
 
     def send_result(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
         refused = self._token_error(token)

@@ -1,7 +1,7 @@
 """`python -m services.engagement` serves; `python -m services.engagement migrate` migrates.
 
-Operator commands for parked events (services/engagement/cli.py):
-  parked-list, parked-replay MEMBER_ID, parked-expire
+Operator commands (services/engagement/cli.py): parked-list,
+parked-replay MEMBER_ID, parked-expire, wecom-results
 """
 
 import sys
@@ -10,7 +10,7 @@ from servicekit.entrypoint import main
 
 from .server import build
 
-if len(sys.argv) > 1 and sys.argv[1].startswith("parked-"):
+if len(sys.argv) > 1 and sys.argv[1].startswith(("parked-", "wecom-")):
     from .cli import COMMANDS, run_command
 
     if sys.argv[1] in COMMANDS:

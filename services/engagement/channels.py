@@ -13,8 +13,10 @@ mid-call) is `unknown` and is not sent again automatically: at most once for
 uncertain outcomes (a channel can be configured to resend them; default off).
 A definite refusal that may pass later (rate limit, busy) goes back to
 `pending` with back-off. An SMS the provider accepted stays `sending` until
-its delivery report settles it (apply_receipts). The providers themselves
-live in providers.py.
+its delivery report settles it (apply_receipts), or becomes `unknown`
+(NO_RECEIPT, never resent) when no report came within the receipt cut-off. A
+WeCom task stays `sending` (TASK_CREATED) until wecom_results.py reads what the
+staff member did. The providers themselves live in providers.py.
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ class Dispatcher:
         resolver: AddressPort | None = None,
         caps: dict[str, int] | None = None,
         resend_unknown: frozenset[str] = frozenset(),
+        receipt_cutoff: timedelta = timedelta(hours=72),
     ) -> None:
         self._db = db
         # The capped classes: a send suppressed at delivery gives its slot back.
@@ -195,6 +198,8 @@ class Dispatcher:
         self._retry_cap = retry_cap
         # Channels whose uncertain outcomes go back to pending (default: none).
         self._resend_unknown = resend_unknown
+        # An accepted send whose delivery report has not come by then is `unknown`.
+        self._receipt_cutoff = receipt_cutoff
 
     async def dispatch_once(self) -> int:
         now = self._clock.now()
@@ -209,6 +214,9 @@ class Dispatcher:
             # a send that waited (quiet hours, a retry's back-off) does not go
             # after the member refused the channel.
             rows = await self._drop_refused(uow.conn, leased, now)
+            # Credits too: a mini-program send whose credit WeChat has voided
+            # since it was written (43101 on another send) is no_credit here.
+            rows = await self._drop_voided_credits(uow.conn, rows, now)
             ids = list({r.member_id for r in rows if r.member_id is not None})
             addresses = await facts_repo.addresses(uow.conn, ids) if ids else {}
         if not leased:
@@ -241,9 +249,21 @@ class Dispatcher:
             return scheduler_repo.Outcome(row.send_key, status, d.reason, d.provider_ref, d.code)
 
         if d.status == "accepted":
-            # Taken by the provider; the delivery report settles it (no lease).
+            if d.reason == scheduler_repo.TASK_CREATED:
+                # A WeCom task the staff member still has to send: the results
+                # job (wecom_results.py) settles it; first look at once.
+                return scheduler_repo.Outcome(
+                    row.send_key, "sending", d.reason, d.provider_ref, "", done
+                )
+            # Taken by the provider; the delivery report settles it, or, when
+            # none came by the cut-off, expire_in_flight makes it `unknown`.
             return scheduler_repo.Outcome(
-                row.send_key, "sending", "ACCEPTED", d.provider_ref, "", None
+                row.send_key,
+                "sending",
+                scheduler_repo.ACCEPTED,
+                d.provider_ref,
+                "",
+                done + self._receipt_cutoff,
             )
         if d.status == "unknown" and row.channel in self._resend_unknown:
             d = Delivery("retry", d.provider_ref, d.reason, d.code)
@@ -280,10 +300,46 @@ class Dispatcher:
             if r.message_class in self._caps and r.local_day is not None:
                 await scheduler_repo.release_cap(conn, r.member_id, r.local_day, r.message_class)
             if r.channel == "miniprogram":
-                await facts_repo.give_back_subscription_credit(conn, r.member_id, r.template)
+                await facts_repo.give_back_subscription_credit(
+                    conn, r.member_id, r.template, r.credit_epoch
+                )
         if refused:
             await scheduler_repo.record_outcomes(conn, refused, now)
         return keep
+
+    async def _drop_voided_credits(
+        self, conn: Connection, rows: list[scheduler_repo.OutboundRow], now: datetime
+    ) -> list[scheduler_repo.OutboundRow]:
+        """A mini-program send holds the subscription credit it took when it
+        was written, in that credit's epoch. When WeChat has since said the
+        member has none left for the template (43101 to another send: the
+        epoch moved on), the held credit is void: the send takes a fresh one
+        (a tap since), or ends `no_credit` without calling WeChat, giving back
+        its cap slot. A member with no credit row (erased) has none."""
+        held = [r for r in rows if r.channel == "miniprogram" and r.member_id is not None]
+        if not held:
+            return rows
+        epochs = await facts_repo.credit_epochs(
+            conn, list({(r.member_id, r.template) for r in held if r.member_id is not None})
+        )
+        void: set[str] = set()
+        outcomes: list[scheduler_repo.Outcome] = []
+        for r in held:
+            assert r.member_id is not None
+            current = epochs.get((str(r.member_id), r.template))
+            if current is not None and current == (r.credit_epoch or 0):
+                continue
+            fresh = await facts_repo.take_subscription_credit(conn, r.member_id, r.template)
+            if fresh is not None:
+                await scheduler_repo.set_credit_epoch(conn, r.send_key, fresh)
+                continue
+            void.add(r.send_key)
+            outcomes.append(scheduler_repo.Outcome(r.send_key, "no_credit", "CREDIT_VOIDED"))
+            if r.message_class in self._caps and r.local_day is not None:
+                await scheduler_repo.release_cap(conn, r.member_id, r.local_day, r.message_class)
+        if outcomes:
+            await scheduler_repo.record_outcomes(conn, outcomes, now)
+        return [r for r in rows if r.send_key not in void]
 
     async def _deliver(
         self, row: scheduler_repo.OutboundRow, addresses: dict[tuple[str, str], str]

@@ -122,23 +122,26 @@ async def consents_of(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str
 
 
 async def give_back_subscription_credit(
-    conn: Connection, member_id: uuid.UUID, template: str
+    conn: Connection, member_id: uuid.UUID, template: str, epoch: int | None
 ) -> None:
-    """A credit spent by a send that never went (suppressed at delivery)."""
+    """A credit spent by a send that never went (suppressed at delivery),
+    unless WeChat has voided the credits since it was taken (a newer epoch)."""
     await conn.execute(
         "UPDATE engagement.subscription_credits SET credits = credits + 1"
-        " WHERE member_id = $1 AND template = $2",
+        " WHERE member_id = $1 AND template = $2 AND epoch = coalesce($3::int, 0)",
         member_id,
         template,
+        epoch,
     )
 
 
 async def clear_subscription_credits(conn: Connection, member_id: uuid.UUID, template: str) -> None:
     """WeChat answered 43101 (no credit left for this template): the taps we
     counted were used or withdrawn on the member's side; WeChat's count wins,
-    so later sends are suppressed here (NO_SUBSCRIPTION_CREDIT) until a new tap."""
+    so later sends are suppressed here (NO_SUBSCRIPTION_CREDIT) until a new tap.
+    The epoch moves on: credits pending sends took before now are void too."""
     await conn.execute(
-        "UPDATE engagement.subscription_credits SET credits = 0"
+        "UPDATE engagement.subscription_credits SET credits = 0, epoch = epoch + 1"
         " WHERE member_id = $1 AND template = $2",
         member_id,
         template,
@@ -224,16 +227,33 @@ async def add_subscription_credit(conn: Connection, member_id: uuid.UUID, templa
     )
 
 
-async def take_subscription_credit(conn: Connection, member_id: uuid.UUID, template: str) -> bool:
-    """Atomic: a credit is spent by at most one send."""
-    return bool(
-        await conn.fetchval(
-            "UPDATE engagement.subscription_credits SET credits = credits - 1"
-            " WHERE member_id = $1 AND template = $2 AND credits > 0 RETURNING true",
-            member_id,
-            template,
-        )
+async def take_subscription_credit(
+    conn: Connection, member_id: uuid.UUID, template: str
+) -> int | None:
+    """Atomic: a credit is spent by at most one send. Returns the credits'
+    epoch the send holds it in (kept on the send), None when there is none."""
+    epoch = await conn.fetchval(
+        "UPDATE engagement.subscription_credits SET credits = credits - 1"
+        " WHERE member_id = $1 AND template = $2 AND credits > 0 RETURNING epoch",
+        member_id,
+        template,
     )
+    return None if epoch is None else int(epoch)
+
+
+async def credit_epochs(
+    conn: Connection, keys: list[tuple[uuid.UUID, str]]
+) -> dict[tuple[str, str], int]:
+    """The current credit epoch of each (member, template) that has a row."""
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        "SELECT c.member_id, c.template, c.epoch FROM engagement.subscription_credits c"
+        " JOIN unnest($1::uuid[], $2::text[]) AS k(m, t) ON c.member_id = k.m AND c.template = k.t",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {(str(r["member_id"]), r["template"]): r["epoch"] for r in rows}
 
 
 async def set_address(conn: Connection, member_id: uuid.UUID, channel: str, address: str) -> None:

@@ -34,6 +34,7 @@ from servicekit.redis_client import RedisClient
 
 from .channels import Delivery, Outbound
 from .domain import Clock
+from .scheduler_repository import TASK_CREATED
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +328,9 @@ class WeComContactProvider:
     """`POST /cgi-bin/externalcontact/add_msg_template` for one external contact
     (chat_type single): text and an optional mini-program card. The answer's
     msgid is kept as the provider reference: WeCom creates a task the staff
-    member confirms in their client, and `send_result` reads per-contact
-    outcomes later (get_groupmsg_send_result)."""
+    member confirms in their client, so the send stays `sending`
+    (TASK_CREATED) and `send_result` reads per-contact outcomes later
+    (get_groupmsg_send_result, wecom_results.py)."""
 
     channel = "wecom"
 
@@ -347,7 +349,7 @@ class WeComContactProvider:
         self._corp_id = corp_id
         self._secret = corp_secret
         self._client = client
-        self._sender = sender
+        self.sender = sender
         self.tokens = TokenCache(
             redis, f"{namespace}:provider-token:wecom:{corp_id}", self._fetch, clock
         )
@@ -366,8 +368,8 @@ class WeComContactProvider:
     def body(self, m: Outbound) -> dict[str, Any]:
         p = m.payload
         out: dict[str, Any] = {"chat_type": "single", "external_userid": [m.address]}
-        if self._sender:
-            out["sender"] = self._sender
+        if self.sender:
+            out["sender"] = self.sender
         if p.get("text"):
             out["text"] = {"content": p["text"]}
         card = p.get("miniprogram")
@@ -390,7 +392,11 @@ class WeComContactProvider:
             if address in (data.get("fail_list") or []):
                 # Not this sender's customer, or over WeCom's per-customer limit.
                 return Delivery("failed", reason="FAIL_LIST", code="FAIL_LIST")
-            return Delivery("delivered", provider_ref=str(data.get("msgid", "")))
+            # A task the staff member still has to send from their client:
+            # not delivered yet (wecom_results.py reads what they did).
+            return Delivery(
+                "accepted", provider_ref=str(data.get("msgid", "")), reason=TASK_CREATED
+            )
 
         return await _token_call(
             self.tokens,

@@ -97,6 +97,8 @@ class _Pending:
     member: MemberFacts | None = None
     payload: dict[str, Any] = field(default_factory=dict)
     error_code: str = ""
+    # A mini-program send: the epoch of the subscription credit it took.
+    credit_epoch: int | None = None
 
 
 @dataclass
@@ -372,9 +374,10 @@ class Scheduler:
         for p in batch.sends:
             if p.status != "pending" or p.intent.channel != "miniprogram":
                 continue
-            if not await facts_repo.take_subscription_credit(
+            p.credit_epoch = await facts_repo.take_subscription_credit(
                 conn, p.due.member_id, p.intent.template
-            ):
+            )
+            if p.credit_epoch is None:
                 p.status, p.reason = "suppressed", "NO_SUBSCRIPTION_CREDIT"
                 if p.intent.message_class in self._caps:
                     await scheduler_repo.release_cap(
@@ -434,4 +437,5 @@ class Scheduler:
             now,
             p.payload if p.status == "pending" else {},
             p.error_code,
+            p.credit_epoch,
         )

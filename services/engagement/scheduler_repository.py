@@ -160,6 +160,8 @@ class SendRow:
     # The reason's machine code when a send is written already failed (a template
     # that cannot be filled for this member).
     error_code: str = ""
+    # A mini-program send: the epoch of the subscription credit it took.
+    credit_epoch: int | None = None
 
 
 async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
@@ -186,6 +188,7 @@ async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
                     s.created_at,
                     json.dumps(s.payload, ensure_ascii=False),
                     s.error_code,
+                    s.credit_epoch,
                 )
                 for s in sends
             ],
@@ -195,13 +198,13 @@ async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
     await conn.execute(
         "INSERT INTO engagement.sends (send_key, enrollment_id, journey_id, version, step_id,"
         " member_id, channel, template, message_class, priority, local_day, status, reason,"
-        " variant, created_at, updated_at, next_attempt_at, payload, error_code)"
+        " variant, created_at, updated_at, next_attempt_at, payload, error_code, credit_epoch)"
         " SELECT k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, c,"
-        "  CASE WHEN st = 'pending' THEN c END, pl::jsonb, ec"
+        "  CASE WHEN st = 'pending' THEN c END, pl::jsonb, ec, ce"
         " FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::uuid[],"
         "  $7::text[], $8::text[], $9::text[], $10::int[], $11::date[], $12::text[], $13::text[],"
-        "  $14::text[], $15::timestamptz[], $16::text[], $17::text[])"
-        "  AS u(k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, pl, ec)"
+        "  $14::text[], $15::timestamptz[], $16::text[], $17::text[], $18::int[])"
+        "  AS u(k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, pl, ec, ce)"
         " ON CONFLICT (send_key) DO NOTHING",
         *[list(c) for c in cols],
     )
@@ -288,6 +291,12 @@ class OutboundRow:
     message_class: str = "transactional"
     local_day: date | None = None
     payload: dict[str, object] = field(default_factory=dict)
+    credit_epoch: int | None = None
+
+
+# The reasons of a send left `sending` on purpose after the provider call.
+ACCEPTED = "ACCEPTED"  # an SMS the provider took: its delivery report settles it
+TASK_CREATED = "TASK_CREATED"  # a WeCom task: the staff member's send settles it
 
 
 async def expire_in_flight(
@@ -297,20 +306,29 @@ async def expire_in_flight(
     while `sending`, no provider answer recorded): nobody knows whether the
     provider took them, and providers have no idempotency key, so they become
     `unknown` and are not sent again; on a channel configured to resend
-    uncertain outcomes they go back to `pending`. An accepted SMS waiting for
-    its receipt has no lease (next_attempt_at NULL) and is not touched."""
+    uncertain outcomes they go back to `pending`.
+
+    An accepted SMS waits for its delivery report until its receipt cut-off
+    (next_attempt_at): past it, it is `unknown` (NO_RECEIPT) on every channel,
+    since the provider did take it (a late report still settles it). A WeCom
+    task (TASK_CREATED) is left to the task results job."""
     rows = await conn.fetch(
         "UPDATE engagement.sends s SET"
-        " status = CASE WHEN s.channel = ANY($2::text[]) THEN 'pending' ELSE 'unknown' END,"
-        " reason = 'LEASE_EXPIRED', updated_at = $1,"
-        " next_attempt_at = CASE WHEN s.channel = ANY($2::text[]) THEN $1 END"
+        " status = CASE WHEN s.reason <> $4 AND s.channel = ANY($2::text[])"
+        "  THEN 'pending' ELSE 'unknown' END,"
+        " reason = CASE WHEN s.reason = $4 THEN 'NO_RECEIPT' ELSE 'LEASE_EXPIRED' END,"
+        " updated_at = $1,"
+        " next_attempt_at = CASE WHEN s.reason <> $4 AND s.channel = ANY($2::text[])"
+        "  THEN $1 END"
         " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
-        "  WHERE status = 'sending' AND next_attempt_at <= $1"
+        "  WHERE status = 'sending' AND next_attempt_at <= $1 AND reason <> $5"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
         " RETURNING s.send_key",
         now,
         resend_channels,
         limit,
+        ACCEPTED,
+        TASK_CREATED,
     )
     return len(rows)
 
@@ -327,7 +345,7 @@ async def lease_pending_sends(
         "  WHERE status = 'pending' AND next_attempt_at <= $1"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
         " RETURNING s.send_key, s.member_id, s.channel, s.template, s.attempts,"
-        " s.message_class, s.local_day, s.payload::text AS payload",
+        " s.message_class, s.local_day, s.payload::text AS payload, s.credit_epoch",
         now,
         lease_until,
         limit,
@@ -342,9 +360,17 @@ async def lease_pending_sends(
             r["message_class"],
             r["local_day"],
             json.loads(r["payload"] or "{}"),
+            r["credit_epoch"],
         )
         for r in rows
     ]
+
+
+async def set_credit_epoch(conn: Connection, send_key: str, epoch: int) -> None:
+    """A send whose voided credit was replaced by a fresh one (a tap since)."""
+    await conn.execute(
+        "UPDATE engagement.sends SET credit_epoch = $2 WHERE send_key = $1", send_key, epoch
+    )
 
 
 @dataclass(frozen=True)
@@ -377,6 +403,48 @@ async def record_outcomes(conn: Connection, results: list[Outcome], now: datetim
             [o.error_code for o in results],
             [o.next_attempt_at for o in results],
             now,
+        )
+
+
+@dataclass(frozen=True)
+class WeComTask:
+    """A WeCom send whose task waits for the staff member."""
+
+    send_key: str
+    msgid: str
+    # When the task was created (the send's updated_at, which waiting keeps).
+    created_at: datetime
+
+
+async def lease_wecom_tasks(
+    conn: Connection, now: datetime, lease_until: datetime, limit: int
+) -> list[WeComTask]:
+    """Due waiting WeCom tasks, leased to one results reader for a while (a
+    reader that dies leaves them to be read again: reading changes nothing).
+    updated_at is left alone: it is when the task was created."""
+    rows = await conn.fetch(
+        "UPDATE engagement.sends s SET next_attempt_at = $2"
+        " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
+        "  WHERE status = 'sending' AND next_attempt_at <= $1 AND reason = $4"
+        "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+        " RETURNING s.send_key, s.provider_ref, s.updated_at",
+        now,
+        lease_until,
+        limit,
+        TASK_CREATED,
+    )
+    return [WeComTask(r["send_key"], r["provider_ref"] or "", r["updated_at"]) for r in rows]
+
+
+async def postpone_wecom_tasks(conn: Connection, keys: list[str], at: datetime) -> None:
+    """Tasks the staff member has not sent yet: look again at `at`."""
+    if keys:
+        await conn.execute(
+            "UPDATE engagement.sends SET next_attempt_at = $2"
+            " WHERE send_key = ANY($1::text[]) AND status = 'sending' AND reason = $3",
+            keys,
+            at,
+            TASK_CREATED,
         )
 
 

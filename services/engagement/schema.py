@@ -142,6 +142,8 @@ sends = Table(
     # The provider's own code of a failure (errcode, SMS Code, receipt err_code).
     Column("error_code", Text, nullable=False, server_default=""),
     Column("receipt_at", DateTime(timezone=True)),
+    # A mini-program send: the member's credit epoch its credit was taken in.
+    Column("credit_epoch", Integer),
     Index("ix_sends_in_flight", "next_attempt_at", postgresql_where=text("status = 'sending'")),
     Index(
         "ix_sends_unknown", "journey_id", "updated_at", postgresql_where=text("status = 'unknown'")
@@ -201,6 +203,9 @@ subscription_credits = Table(
     Column("member_id", Uuid, nullable=False),
     Column("template", Text, nullable=False),
     Column("credits", Integer, nullable=False),
+    # Bumped when WeChat says the credits are gone (43101): a pending send
+    # holding a credit of an older epoch holds nothing.
+    Column("epoch", Integer, nullable=False, server_default="0"),
     PrimaryKeyConstraint("member_id", "template"),
 )
 

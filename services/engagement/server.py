@@ -40,6 +40,7 @@ from .scheduler import JourneyCache, Scheduler
 from .schema import SCHEMA
 from .servicer import EngagementServicer
 from .settings import EngagementSettings
+from .wecom_results import WeComResults, build_wecom_results
 
 NAME = "engagement"
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class EngagementApp(ServiceApp):
     member_consent: MemberConsent | None = None
     store_zones: RewardsStoreZones | None = None
     reward_dispatcher: RewardDispatcher | None = None
+    # Settles WeCom sends from their tasks' results (when WeCom is configured).
+    wecom_results: WeComResults | None = None
 
     def __init__(
         self,
@@ -68,6 +71,7 @@ class EngagementApp(ServiceApp):
         birthday_poll: float,
         parked_ttl_days: int = 30,
         parked_expiry_poll: float = 3600.0,
+        wecom_results_poll: float = 60.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -78,6 +82,7 @@ class EngagementApp(ServiceApp):
         self._birthday_poll = birthday_poll
         self._parked_ttl_days = parked_ttl_days
         self._parked_expiry_poll = parked_expiry_poll
+        self._wecom_results_poll = wecom_results_poll
         self._worker_tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -106,6 +111,12 @@ class EngagementApp(ServiceApp):
                     name="parked-expiry",
                 )
             )
+            if self.wecom_results is not None:
+                self._worker_tasks.append(
+                    asyncio.create_task(
+                        self.wecom_results.run(self._wecom_results_poll), name="wecom-results"
+                    )
+                )
             if self.reward_dispatcher is not None:
                 self._worker_tasks.append(
                     asyncio.create_task(
@@ -291,7 +302,9 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             },
             resolver=app.member,
             resend_unknown=resend_unknown(s),
+            receipt_cutoff=timedelta(hours=s.sms_receipt_cutoff_hours),
         )
+        app.wecom_results = build_wecom_results(s, app.db, clock, app.dispatcher.providers)
         if s.rewards_addr.strip():
             app.store_zones = RewardsStoreZones(s.rewards_addr, s.rewards_timeout_seconds)
             handlers.stores = app.store_zones
@@ -338,4 +351,5 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         birthday_poll=s.engagement_birthday_poll_seconds,
         parked_ttl_days=s.engagement_parked_ttl_days,
         parked_expiry_poll=s.engagement_parked_expiry_poll_seconds,
+        wecom_results_poll=s.wecom_results_poll_seconds,
     )

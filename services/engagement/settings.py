@@ -39,6 +39,13 @@ class EngagementSettings(ServiceSettings):
     wecom_corp_secret: SecretStr = SecretStr("")
     # The staff userid named as sender (optional for 1-to-1 tasks).
     wecom_sender: str = ""
+    # A WeCom send waits (`sending`, TASK_CREATED) until its task's result says
+    # the staff member sent it; read every WECOM_RESULT_RECHECK_MINUTES per
+    # task (the job wakes every WECOM_RESULTS_POLL_SECONDS). Not sent within
+    # WECOM_TASK_LIFE_HOURS: `failed` NOT_SENT_BY_STAFF (the brand's choice).
+    wecom_task_life_hours: float = 72.0
+    wecom_result_recheck_minutes: float = 10.0
+    wecom_results_poll_seconds: float = 60.0
     sms_endpoint: str = "https://dysmsapi.aliyuncs.com/"
     sms_access_key_id: str = ""
     sms_access_key_secret: SecretStr = SecretStr("")
@@ -46,6 +53,9 @@ class EngagementSettings(ServiceSettings):
     sms_region_id: str = "cn-hangzhou"
     # Per phone: count/seconds windows checked before calling (carriers' usual limits).
     sms_phone_limits: str = "1/60,5/3600,10/86400"
+    # An accepted SMS whose delivery report has not come after this many hours
+    # is `unknown` (NO_RECEIPT, never resent): Aliyun pushes reports for 72 h.
+    sms_receipt_cutoff_hours: float = 72.0
     app_push_endpoint: str = ""
     app_push_token: SecretStr = SecretStr("")
     # Uncertain outcomes (time-out after sending, dropped connection) are not

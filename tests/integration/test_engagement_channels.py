@@ -22,12 +22,14 @@ from redis.asyncio import Redis
 from devtools.provider_fakes.stack import FakeStack, build_stack
 from servicekit.db import Database
 from servicekit.errors import InvalidArgument
+from services.engagement import cli
 from services.engagement import facts_repository as facts_repo
 from services.engagement import scheduler_repository as scheduler_repo
 from services.engagement.channels import Dispatcher
 from services.engagement.domain import FakeClock, QuietHours
 from services.engagement.providers import build_providers
 from services.engagement.settings import EngagementSettings
+from services.engagement.wecom_results import WeComResults
 from tests.harness import Infra
 
 from .test_engagement_journeys import ALL, Env, _pause_all, db, make_env
@@ -112,7 +114,12 @@ async def rig(db: Database, infra: Infra) -> AsyncIterator[Rig]:
     namespace = f"{infra.namespace}:channels:{uuid.uuid4().hex[:6]}"
     redis = Redis.from_url(infra.redis_url)
     settings = EngagementSettings(
-        **{**fakes.settings(), "redis_namespace": namespace, "sms_phone_limits": "1/60,2/3600"}
+        **{
+            **fakes.settings(),
+            "redis_namespace": namespace,
+            "redis_url": infra.redis_url,
+            "sms_phone_limits": "1/60,2/3600",
+        }
     )
     rig = Rig(make_env(db, clock, QuietHours()), fakes, redis, namespace, settings, [])
     yield rig
@@ -383,7 +390,9 @@ async def test_wecom_task_keeps_its_msgid_and_its_result_is_readable(rig: Rig) -
     d = rig.dispatcher()
     await d.dispatch_once()
     ok, refused = [await rig.send_row(m) for m in members]
-    assert ok["status"] == "delivered" and ok["provider_ref"].startswith("msg")
+    # A task exists; the staff member has not sent it: not delivered yet.
+    assert (ok["status"], ok["reason"]) == ("sending", "TASK_CREATED")
+    assert ok["provider_ref"].startswith("msg")
     assert (refused["status"], refused["error_code"]) == ("failed", "FAIL_LIST")
     task = rig.fakes.wecom.tasks[ok["provider_ref"]]["body"]
     assert task["text"] == {"content": "Hi, your GOLD perks are waiting"}
@@ -426,3 +435,199 @@ async def test_publishing_an_over_long_thing_is_refused_naming_the_field(rig: Ri
         "SELECT count(*) FROM engagement.journeys WHERE journey_id = $1", rig.env.jid("mp-long")
     )
     assert published == 0
+
+
+async def test_an_accepted_sms_without_a_report_becomes_unknown_at_the_cutoff(rig: Rig) -> None:
+    await rig.journey("sms-silent", "sms", template="SMS_OFFER", params={})
+    m = await rig.member(phone="13900000006")
+    d = rig.dispatcher(receipt_cutoff=timedelta(hours=72), resend_unknown=frozenset({"sms"}))
+    await d.dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["reason"]) == ("sending", "ACCEPTED")
+    assert row["next_attempt_at"] == NOON + timedelta(hours=72)
+    rig.env.clock.advance(timedelta(hours=72) - timedelta(seconds=1))
+    await d.dispatch_once()  # still within the provider's report window
+    assert (await rig.send_row(m))["status"] == "sending"
+    rig.env.clock.advance(timedelta(seconds=1))
+    await d.dispatch_once()
+    row = await rig.send_row(m)
+    # Unknown even on a channel that resends uncertain calls: the provider took it.
+    assert (row["status"], row["reason"], row["next_attempt_at"]) == ("unknown", "NO_RECEIPT", None)
+    rig.env.clock.advance(timedelta(days=1))
+    while await d.dispatch_once():
+        pass
+    assert [a.out_id for a in rig.fakes.sms.accepted if a.phone == "13900000006"] == [
+        row["send_key"]
+    ]
+    # Counted and listed for operators like other unknown sends.
+    counts = await scheduler_repo.send_counts(rig.env.db.pool, rig.env.jid("sms-silent"))
+    assert [(c.status, c.count) for c in counts] == [("unknown", 1)]
+    unknown = await scheduler_repo.unknown_sends(
+        rig.env.db.pool, rig.env.jid("sms-silent"), None, 10
+    )
+    assert [(u.send_key, u.reason) for u in unknown] == [(row["send_key"], "NO_RECEIPT")]
+    # A report that comes late still says what happened.
+    accepted = next(a for a in rig.fakes.sms.accepted if a.out_id == row["send_key"])
+    report = rig.fakes.sms.report(accepted)
+    receipt = scheduler_repo.Receipt(report["out_id"], report["biz_id"], report["success"])
+    async with rig.env.db.unit_of_work() as uow:
+        assert await scheduler_repo.apply_receipts(uow.conn, [receipt], rig.env.clock.now()) == 1
+    assert (await rig.send_row(m))["status"] == "delivered"
+
+
+async def test_a_credit_wechat_voided_after_the_send_was_written_is_no_credit_uncalled(
+    rig: Rig,
+) -> None:
+    await rig.journey("mp-void-a", "miniprogram", **MP)
+    await rig.journey("mp-void-b", "miniprogram", **MP)
+    template = "tmpl-points-expiring"
+    members, openids = [], []
+    for _ in range(2):
+        openid = f"o-{uuid.uuid4().hex[:10]}"  # at WeChat: no credit (the taps were used)
+        m = str(uuid.uuid4())
+        async with rig.env.db.unit_of_work() as uow:
+            await rig.env.handlers.ingest(uow, "member_registered", m, {})
+            await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
+            for _ in range(2):  # two taps counted here: one credit for each journey
+                await rig.env.handlers.ingest(
+                    uow, "subscription_tap", m, {"template": template, "openid": openid}
+                )
+        await rig.env.event("check_in", m, points="5", expires_on="2030-07-31")
+        members.append(m)
+        openids.append(openid)
+    await rig.env.scheduler.run_until_idle()
+    # Journey b's sends wait a second; both sends of each member hold a credit.
+    await rig.env.db.pool.execute(
+        "UPDATE engagement.sends SET next_attempt_at = $2 WHERE journey_id = $1",
+        rig.env.jid("mp-void-b"),
+        NOON + timedelta(seconds=1),
+    )
+    d = rig.dispatcher()
+    while await d.dispatch_once():
+        pass
+    for m in members:
+        rows = await rig.env.db.pool.fetch(
+            "SELECT journey_id, status, error_code FROM engagement.sends WHERE member_id = $1"
+            " ORDER BY journey_id",
+            uuid.UUID(m),
+        )
+        assert [(r["status"], r["error_code"]) for r in rows] == [
+            ("no_credit", "43101"),
+            ("pending", ""),
+        ]
+    # The second member taps again (a fresh credit, here and at WeChat).
+    async with rig.env.db.unit_of_work() as uow:
+        await rig.env.handlers.ingest(
+            uow, "subscription_tap", members[1], {"template": template, "openid": openids[1]}
+        )
+    rig.fakes.wechat.grant(openids[1], template)
+    calls = rig.fakes.wechat.send_requests
+    rig.env.clock.advance(timedelta(seconds=1))
+    await d.dispatch_once()
+    voided, retapped = [
+        await rig.env.db.pool.fetchrow(
+            "SELECT status, reason FROM engagement.sends WHERE member_id = $1 AND journey_id = $2",
+            uuid.UUID(m),
+            rig.env.jid("mp-void-b"),
+        )
+        for m in members
+    ]
+    # The first member's credit was voided by WeChat's 43101: no call at all.
+    assert (voided["status"], voided["reason"]) == ("no_credit", "CREDIT_VOIDED")
+    assert retapped["status"] == "delivered"
+    assert rig.fakes.wechat.send_requests == calls + 1
+    assert [s["touser"] for s in rig.fakes.wechat.sent] == [openids[1]]
+    left = await rig.env.db.pool.fetchval(
+        "SELECT credits FROM engagement.subscription_credits WHERE member_id = $1",
+        uuid.UUID(members[1]),
+    )
+    assert left == 0
+
+
+async def test_wecom_sends_are_settled_by_what_the_staff_member_did(rig: Rig) -> None:
+    await rig.journey("wecom-settle", "wecom", template="hello", text="Hello")
+    assert rig.fakes.wecom.customers is not None
+    members, contacts = [], []
+    for _ in range(3):
+        external = f"wm-{uuid.uuid4().hex[:8]}"
+        rig.fakes.wecom.customers.add(external)
+        m = str(uuid.uuid4())
+        async with rig.env.db.unit_of_work() as uow:
+            await rig.env.handlers.ingest(uow, "member_registered", m, {})
+            await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
+            await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
+        await rig.env.event("check_in", m)
+        members.append(m)
+        contacts.append(external)
+    await rig.env.scheduler.run_until_idle()
+    d = rig.dispatcher()
+    await d.dispatch_once()
+    rows = [await rig.send_row(m) for m in members]
+    assert {(r["status"], r["reason"]) for r in rows} == {("sending", "TASK_CREATED")}
+    results = WeComResults(
+        rig.env.db,
+        rig.env.clock,
+        d.providers["wecom"],  # type: ignore[arg-type]
+        task_life=timedelta(hours=24),
+        poll=timedelta(minutes=10),
+    )
+    # Nobody pressed send yet: every send waits, to be read again in 10 minutes.
+    await results.settle_once()
+    rows = [await rig.send_row(m) for m in members]
+    assert [r["status"] for r in rows] == ["sending"] * 3
+    assert {r["next_attempt_at"] for r in rows} == {NOON + timedelta(minutes=10)}
+    # The dispatcher's lease sweep leaves a waiting task alone.
+    rig.env.clock.advance(timedelta(minutes=10))
+    await d.dispatch_once()
+    assert [(await rig.send_row(m))["status"] for m in members] == ["sending"] * 3
+    # The staff member sends the first; WeCom says the second is not their friend.
+    rig.fakes.wecom.confirm(rows[0]["provider_ref"])
+    rig.fakes.wecom.set_status(rows[1]["provider_ref"], contacts[1], 2)
+    await results.settle_once()
+    first, second, third = [await rig.send_row(m) for m in members]
+    assert (first["status"], first["reason"]) == ("delivered", "SENT_BY_STAFF")
+    assert (second["status"], second["error_code"]) == ("failed", "NOT_A_FRIEND")
+    assert third["status"] == "sending"
+    # The third is never sent within the task's life.
+    rig.env.clock.advance(timedelta(hours=24))
+    while await results.settle_once():
+        pass
+    third = await rig.send_row(members[2])
+    assert (third["status"], third["error_code"]) == ("failed", "NOT_SENT_BY_STAFF")
+    # A settled send is not read or changed again.
+    rig.fakes.wecom.confirm(third["provider_ref"])
+    rig.env.clock.advance(timedelta(hours=1))
+    while await results.settle_once():
+        pass
+    assert (await rig.send_row(members[2]))["status"] == "failed"
+    # Operators see the per-journey outcome on the sends route.
+    async with rig.env.db.unit_of_work() as uow:
+        counts = await rig.env.handlers.journey_sends(uow, rig.env.jid("wecom-settle"))
+    assert sorted((c.status, c.error_code, c.count) for c in counts) == [
+        ("delivered", "", 1),
+        ("failed", "NOT_A_FRIEND", 1),
+        ("failed", "NOT_SENT_BY_STAFF", 1),
+    ]
+
+
+async def test_the_wecom_results_command_settles_due_tasks(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await rig.journey("wecom-cli", "wecom", template="hello", text="Hello")
+    assert rig.fakes.wecom.customers is not None
+    external = f"wm-{uuid.uuid4().hex[:8]}"
+    rig.fakes.wecom.customers.add(external)
+    m = str(uuid.uuid4())
+    async with rig.env.db.unit_of_work() as uow:
+        await rig.env.handlers.ingest(uow, "member_registered", m, {})
+        await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
+        await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
+    await rig.env.event("check_in", m)
+    await rig.env.scheduler.run_until_idle()
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    rig.fakes.wecom.confirm(row["provider_ref"])
+    assert await cli._wecom_results(rig.settings, rig.env.db, rig.env.clock) == 0
+    assert '"read": ' in capsys.readouterr().out
+    row = await rig.send_row(m)
+    assert (row["status"], row["reason"]) == ("delivered", "SENT_BY_STAFF")

@@ -28,13 +28,16 @@ from services.engagement.domain import FakeClock
 from services.engagement.providers import (
     AliyunSmsProvider,
     HttpPushProvider,
+    TokenError,
     WeChatSubscribeProvider,
     aliyun_signature,
     build_providers,
     parse_phone_limits,
     transport_outcome,
 )
+from services.engagement.scheduler_repository import WeComTask
 from services.engagement.settings import EngagementSettings
+from services.engagement.wecom_results import WeComResults
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
 MESSAGE = Outbound("e1:3", "m1", "wecom", "cart-discount", "wm-external-1")
@@ -198,3 +201,33 @@ def test_request_urls_carrying_tokens_are_not_logged() -> None:
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
         logging.getLogger("httpx").setLevel(saved[2])
+
+
+@pytest.mark.parametrize(
+    ("answer", "age_hours", "expected"),
+    [
+        ([{"status": 1}], 1, ("delivered", "")),
+        ([{"status": 2}], 1, ("failed", "NOT_A_FRIEND")),
+        ([{"status": 3}], 1, ("failed", "CONTACT_LIMIT")),
+        ([{"status": 0}], 71, None),
+        ([], 71, None),
+        ([{"status": 0}], 72, ("failed", "NOT_SENT_BY_STAFF")),
+        (TokenError("41063", "msgid not found"), 71, None),
+        (TokenError("41063", "msgid not found"), 72, ("failed", "41063")),
+        (httpx.ConnectError("refused"), 72, ("failed", "ConnectError")),
+    ],
+)
+def test_a_wecom_task_result_settles_its_send(
+    answer: list[dict[str, int]] | BaseException,
+    age_hours: int,
+    expected: tuple[str, str] | None,
+) -> None:
+    created = datetime(2030, 7, 3, 3, 0, tzinfo=UTC)
+    job = WeComResults(None, FakeClock(created), None, task_life=timedelta(hours=72))  # type: ignore[arg-type]
+    task = WeComTask("e:1", "msg1", created)
+    outcome = job._settle(task, answer, created + timedelta(hours=age_hours))
+    if expected is None:
+        assert outcome is None  # waits, read again later
+    else:
+        assert outcome is not None
+        assert (outcome.status, outcome.error_code, outcome.provider_ref) == (*expected, "msg1")

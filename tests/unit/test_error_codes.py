@@ -55,6 +55,12 @@ NOT_ERROR_CODES = {
     # never an answer to a caller: engagement's own codes and providers' HTTP codes.
     *("CHANNEL_NOT_CONFIGURED", "NO_PROVIDER", "TOKEN_UNREACHABLE", "FAIL_LIST"),
     *("PHONE_RATE_LIMITED", "LEASE_EXPIRED", "MISSING_VARIABLE", "HTTP_401", "HTTP_429"),
+    # ...and the waiting sends' reasons and settlements (SMS receipt cut-off,
+    # WeCom task results, a mini-program credit WeChat voided).
+    *("NO_RECEIPT", "TASK_CREATED", "SENT_BY_STAFF", "NOT_SENT_BY_STAFF", "CREDIT_VOIDED"),
+    *("NOT_A_FRIEND", "CONTACT_LIMIT"),
+    # Redis Cluster's error for keys in different slots (docs/operations.md).
+    "CROSSSLOT",
     # Names of constants and make variables the docs mention.
     *("VARIABLES", "ANALYTICS_DEADLINE_FACTOR", "PROFILE", "BENCH_ARGS", "BENCH_PROFILE_RATE"),
 }
