@@ -39,7 +39,9 @@ STEMS = {
 NOT_ERROR_CODES = {
     *("GET", "POST", "PUT", "PATCH", "DELETE"),
     *("CASE", "COPY", "CREATE", "FILTER", "HASH", "LIMIT", "MATERIALIZED", "UNLOGGED"),
-    *("UPDATE", "WHERE", "INFO", "XADD", "XAUTOCLAIM", "NOGROUP", "JUNK", "DOWN", "CROSSSLOT"),
+    *("UPDATE", "WHERE", "INFO", "XADD", "XAUTOCLAIM", "NOGROUP", "JUNK", "DOWN"),
+    # Redis Cluster's error for keys in different slots (docs/operations.md).
+    "CROSSSLOT",
     *("SERVING", "NOT_SERVING", "APPLIED", "REPLAYED", "REJECTED", "NOT_ATTEMPTED"),
     *("CONNECTION_ERRORS", "ISSUE_SQL", "REDEEM_SQL", "SH001", "REWARDS_", "UNREACHABLE"),
     # OpenTelemetry's and the fakes' own environment variables.
@@ -59,8 +61,6 @@ NOT_ERROR_CODES = {
     # WeCom task results, a mini-program credit WeChat voided).
     *("NO_RECEIPT", "TASK_CREATED", "SENT_BY_STAFF", "NOT_SENT_BY_STAFF", "CREDIT_VOIDED"),
     *("NOT_A_FRIEND", "CONTACT_LIMIT"),
-    # Redis Cluster's error for keys in different slots (docs/operations.md).
-    "CROSSSLOT",
     # Names of constants and make variables the docs mention.
     *("VARIABLES", "ANALYTICS_DEADLINE_FACTOR", "PROFILE", "BENCH_ARGS", "BENCH_PROFILE_RATE"),
 }
