@@ -484,6 +484,21 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             request, session, request.query_params.get("member_id", "").strip()
         )
 
+    @app.post("/members/lookup")
+    async def find_member(request: Request) -> Response:
+        session, form = await acting(request, Right.FIND_MEMBERS)
+        kind = form.get("kind", "")
+        value = form.get("value", "").strip()
+        if kind not in ("phone", "member_number") or not value:
+            return await member_page(
+                request, session, "", 400, error="kind: phone or member_number, and a value"
+            )
+        found = await call(
+            session, Right.FIND_MEMBERS, "POST", "/v1/admin/members/lookup", json={kind: value}
+        )
+        # To the member's page by id: the identifier never enters a URL.
+        return RedirectResponse(f"/members?member_id={found['member_id']}", status_code=303)
+
     @app.post("/members/{member_id}/unmask")
     async def unmask(request: Request, member_id: uuid.UUID) -> Response:
         session, form = await acting(request, Right.UNMASK)

@@ -23,6 +23,9 @@ class Right(StrEnum):
     MERGE_REVIEWS = "merge_reviews"
     QUARANTINE = "quarantine"
     MEMBERS = "members"
+    # Finding a member by phone or member number: the gateway's lookup route
+    # is admin:members, which only the member admin's client holds.
+    FIND_MEMBERS = "find_members"
     ADJUST_POINTS = "adjust_points"
     UNMASK = "unmask"
 
@@ -38,6 +41,7 @@ RIGHTS: dict[Role, frozenset[Right]] = {
             Right.MERGE_REVIEWS,
             Right.QUARANTINE,
             Right.MEMBERS,
+            Right.FIND_MEMBERS,
             Right.ADJUST_POINTS,
         }
     ),

@@ -819,6 +819,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
         _c("PERMISSION_DENIED", "the caller may not do this", _S.PERMISSION_DENIED),
         _c("PHONE_CODE_INVALID", "this phone code was issued to another app", _S.INVALID_ARGUMENT),
         _c(
+            "PHONE_OR_MEMBER_NUMBER_REQUIRED",
+            "give exactly one of phone or member_number",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
             "PHONE_REQUIRED",
             "a member key is required: phone, member_code or card",
             _S.INVALID_ARGUMENT,

@@ -90,6 +90,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", f"{_A}/merges/{{merge_id}}/unmerge"): ADMIN_MEMBERS,
     ("POST", f"{_A}/members/{{member_id}}/erase"): ADMIN_MEMBERS,
     ("GET", f"{_A}/quarantined-identifiers"): ADMIN_MEMBERS,
+    ("POST", f"{_A}/members/lookup"): ADMIN_MEMBERS,
     ("GET", f"{_A}/members/{{member_id}}/merges"): ADMIN_MEMBERS,
     ("GET", f"{_A}/velocity-flags"): ADMIN_MEMBERS,
     ("POST", f"{_A}/members/{{member_id}}/points/adjustments"): ADMIN_REWARDS,

@@ -448,6 +448,24 @@ async def test_member_admin_adjusts_points_and_only_a_pii_reader_unmasks_the_pho
     member_id, phone = activity[0]
     before = (await http.get(f"/v1/members/{member_id}/points")).json()["available"]
     page = await signed_in_page(browser, console, operators["member_admin"])
+    # Found by phone: the page of that member opens (by id; the phone is in no URL).
+    await page.goto(f"{console.url}/members")
+    await page.select_option("#find-form select[name=kind]", "phone")
+    await page.fill("#find-form input[name=value]", phone)
+    await page.click("#find-form button[type=submit]")
+    await page.wait_for_url(re.compile(rf"/members\?member_id={member_id}$"))
+    number = await page.inner_text("#member-number")
+    await screenshot(page, "member-found-by-phone")
+    # ... and by member number; a phone nobody owns is named as such.
+    await page.goto(f"{console.url}/members")
+    await page.select_option("#find-form select[name=kind]", "member_number")
+    await page.fill("#find-form input[name=value]", number)
+    await page.click("#find-form button[type=submit]")
+    await page.wait_for_url(re.compile(rf"/members\?member_id={member_id}$"))
+    await page.goto(f"{console.url}/members")
+    await page.fill("#find-form input[name=value]", new_phone())
+    await page.click("#find-form button[type=submit]")
+    assert "UNKNOWN_IDENTIFIER" in await page.inner_text("main")
     await page.goto(f"{console.url}/members?member_id={member_id}")
     shown = await page.inner_text("#phone")
     assert shown != phone and "*" in shown and shown[-4:] == phone[-4:]
@@ -465,6 +483,15 @@ async def test_member_admin_adjusts_points_and_only_a_pii_reader_unmasks_the_pho
     page = await signed_in_page(browser, console, operators["pii_reader"])
     await page.goto(f"{console.url}/members?member_id={member_id}")
     assert await page.locator("#adjust-form").count() == 0
+    # The PII reader's client lacks admin:members: no lookup by phone offered,
+    # and a forged one is refused before the gateway.
+    assert await page.locator("#find-form").count() == 0
+    token = await page.locator("header input[name=csrf_token]").first.get_attribute("value")
+    forged = await page.request.post(
+        f"{console.url}/members/lookup",
+        form={"csrf_token": token or "", "kind": "phone", "value": phone},
+    )
+    assert forged.status == 403
     await page.fill("#unmask-form input[name=purpose]", "member called about points")
     await page.click("#unmask-form button[type=submit]")
     assert await page.inner_text("#phone") == f"+86{phone}"
