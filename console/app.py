@@ -608,12 +608,28 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
     async def journeys(request: Request) -> Response:
         session = await signed_in(request, Right.JOURNEYS)
         journey_id = request.query_params.get("journey_id", "").strip()
+        page_token = request.query_params.get("page_token", "")
+        listed = await call(
+            session,
+            Right.JOURNEYS,
+            "GET",
+            "/v1/admin/journeys",
+            params={"page_size": "100", "page_token": page_token},
+        )
         metrics = None
         if journey_id:
             metrics = await call(
                 session, Right.JOURNEYS, "GET", f"/v1/admin/journeys/{segment(journey_id)}/metrics"
             )
-        return page(request, "journeys.html", session, journey_id=journey_id, metrics=metrics)
+        return page(
+            request,
+            "journeys.html",
+            session,
+            journey_id=journey_id,
+            metrics=metrics,
+            journeys=listed["journeys"],
+            next_page_token=listed["next_page_token"] or "",
+        )
 
     @app.post("/journeys")
     async def publish_journey(request: Request) -> Response:

@@ -119,6 +119,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", f"{_A}/parked-events"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/parked-events/{{member_id}}/replay"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/parked-events/expire"): ADMIN_JOURNEYS,
+    ("GET", f"{_A}/journeys"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/pause"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,
