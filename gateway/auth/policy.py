@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .model import (
     ADMIN_ANALYTICS,
+    ADMIN_EVENTS,
     ADMIN_GUIDES,
     ADMIN_JOURNEYS,
     ADMIN_MEMBERS,
@@ -119,6 +120,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", f"{_A}/parked-events"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/parked-events/{{member_id}}/replay"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/parked-events/expire"): ADMIN_JOURNEYS,
+    ("GET", f"{_A}/dead-letters"): ADMIN_EVENTS,
+    ("POST", f"{_A}/dead-letters/redrive"): ADMIN_EVENTS,
     ("GET", f"{_A}/journeys"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/pause"): ADMIN_JOURNEYS,
