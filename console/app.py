@@ -674,4 +674,32 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         )
         return RedirectResponse(f"/events?replayed={reply['replayed']}", status_code=303)
 
+    # ---- dead-lettered stream events -------------------------------------------------------------
+
+    @app.get("/dead-letters")
+    async def dead_letters(request: Request) -> Response:
+        session = await signed_in(request, Right.DEAD_LETTERS)
+        data = await call(session, Right.DEAD_LETTERS, "GET", "/v1/admin/dead-letters")
+        return page(
+            request,
+            "dead_letters.html",
+            session,
+            letters=data["dead_letters"],
+            redriven=request.query_params.get("redriven", ""),
+        )
+
+    @app.post("/dead-letters/redrive")
+    async def redrive(request: Request) -> Response:
+        session, form = await acting(request, Right.DEAD_LETTERS)
+        reply = await call(
+            session,
+            Right.DEAD_LETTERS,
+            "POST",
+            "/v1/admin/dead-letters/redrive",
+            json={k: form.get(k, "") for k in ("stream", "group", "id")},
+        )
+        return RedirectResponse(
+            f"/dead-letters?redriven={quote(reply['published_id'])}", status_code=303
+        )
+
     return app

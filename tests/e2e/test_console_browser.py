@@ -10,10 +10,12 @@ CONSOLE_DOCS_SCREENSHOTS=1 also writes the dashboards' to docs/console/."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,22 @@ from gateway.auth.admin import ClientAdmin, IssuedKey
 from gateway.auth.client import HmacAuth
 from gateway.auth.model import ClientKind
 from gateway.wechat_fake import FakeWeChatServer
+from loyalty.events.v1 import events_pb2
 from loyalty.pos.v1 import pos_pb2_grpc
-from servicekit.db import asyncpg_dsn
+from servicekit.consumer import EventConsumer, Subscription
+from servicekit.db import Database, UnitOfWork, asyncpg_dsn, create_pool
+from servicekit.deadletters import redrive_audit_stream
+from servicekit.events import (
+    ENVELOPE_FIELD,
+    ReceivedEvent,
+    dead_letter_stream,
+    make_envelope,
+    stream_name,
+)
+from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
 
-from ..harness import Infra
+from ..harness import Infra, eventually
 from .conftest import WECHAT_APPS, gateway_settings
 from .doors import UNLIMITED
 from .test_engagement_gateway import check_in_journey
@@ -558,3 +571,75 @@ async def test_a_marketer_publishes_pauses_and_resumes_a_journey_and_sees_parked
     await page.goto(f"{console.url}/events")
     assert stranger in await page.inner_text("#events")
     await page.close()
+
+
+async def test_a_member_admin_replays_a_dead_letter_and_it_is_applied_once(
+    browser: Browser,
+    console: ConsoleServer,
+    operators: dict[str, str],
+    role_clients: dict[str, IssuedKey],
+    infra: Infra,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    producer, group = f"console-{tag}", f"grp-{tag}"
+    stream = stream_name(infra.namespace, producer)
+    calls: Counter[str] = Counter()
+    broken = True
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        calls[event.envelope.event_id] += 1
+        if broken:
+            raise RuntimeError("tier table missing")
+
+    pool = await create_pool(infra.database_url, 1, 2)
+    db = Database(pool, "tiering", "console-dlq")
+    redis = create_redis(infra.redis_url)
+    consumer = EventConsumer(
+        group,
+        db,
+        redis,
+        infra.namespace,
+        [Subscription(producer, events_pb2.OrderCompleted, handler)],
+        max_attempts=2,
+        retry_after_ms=100,
+        block_ms=50,
+    )
+    envelope = make_envelope(producer, events_pb2.OrderCompleted(order_id="o1"), str(uuid.uuid4()))
+    await redis.xadd(stream, {ENVELOPE_FIELD: envelope.SerializeToString()})
+    task = asyncio.create_task(consumer.run())
+    try:
+        dlq = dead_letter_stream(infra.namespace, producer, group)
+        await eventually(lambda: redis.xrange(dlq), timeout=15)
+        # Only the member admin is offered the page.
+        page = await signed_in_page(browser, console, operators["marketer"])
+        assert await page.locator("header nav a[href='/dead-letters']").count() == 0
+        reply = await page.goto(f"{console.url}/dead-letters")
+        assert reply is not None and reply.status == 403
+        await page.close()
+
+        page = await signed_in_page(browser, console, operators["member_admin"])
+        await page.goto(f"{console.url}/dead-letters")
+        row = page.locator(f"#dead-letters tr[data-event='{envelope.event_id}']")
+        text = await row.inner_text()
+        assert stream in text and group in text and "OrderCompleted" in text
+        assert "tier table missing" in await row.locator(".error").inner_text()
+        await screenshot(page, "dead-letters")
+        broken = False  # the cause is fixed
+        await row.locator("button[type=submit]").click()
+        await page.wait_for_selector("#redriven")
+        assert await row.count() == 0
+        await eventually(lambda: calls[envelope.event_id] == 3, timeout=15)
+        await asyncio.sleep(0.5)  # time for a second delivery to show
+        assert calls[envelope.event_id] == 3  # two failures, then applied once
+        audit = await redis.xrange(redrive_audit_stream(stream))
+        client_id = role_clients["member_admin"].client_id
+        assert [f[b"operator"] for _, f in audit] == [
+            f"{client_id}/{operators['member_admin']}".encode()
+        ]
+        await page.close()
+    finally:
+        consumer.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await redis.aclose()
+        await db.close()
