@@ -484,6 +484,21 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             request, session, request.query_params.get("member_id", "").strip()
         )
 
+    @app.post("/members/lookup")
+    async def find_member(request: Request) -> Response:
+        session, form = await acting(request, Right.FIND_MEMBERS)
+        kind = form.get("kind", "")
+        value = form.get("value", "").strip()
+        if kind not in ("phone", "member_number") or not value:
+            return await member_page(
+                request, session, "", 400, error="kind: phone or member_number, and a value"
+            )
+        found = await call(
+            session, Right.FIND_MEMBERS, "POST", "/v1/admin/members/lookup", json={kind: value}
+        )
+        # To the member's page by id: the identifier never enters a URL.
+        return RedirectResponse(f"/members?member_id={found['member_id']}", status_code=303)
+
     @app.post("/members/{member_id}/unmask")
     async def unmask(request: Request, member_id: uuid.UUID) -> Response:
         session, form = await acting(request, Right.UNMASK)
@@ -593,12 +608,28 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
     async def journeys(request: Request) -> Response:
         session = await signed_in(request, Right.JOURNEYS)
         journey_id = request.query_params.get("journey_id", "").strip()
+        page_token = request.query_params.get("page_token", "")
+        listed = await call(
+            session,
+            Right.JOURNEYS,
+            "GET",
+            "/v1/admin/journeys",
+            params={"page_size": "100", "page_token": page_token},
+        )
         metrics = None
         if journey_id:
             metrics = await call(
                 session, Right.JOURNEYS, "GET", f"/v1/admin/journeys/{segment(journey_id)}/metrics"
             )
-        return page(request, "journeys.html", session, journey_id=journey_id, metrics=metrics)
+        return page(
+            request,
+            "journeys.html",
+            session,
+            journey_id=journey_id,
+            metrics=metrics,
+            journeys=listed["journeys"],
+            next_page_token=listed["next_page_token"] or "",
+        )
 
     @app.post("/journeys")
     async def publish_journey(request: Request) -> Response:
@@ -642,5 +673,33 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             session, Right.EVENTS, "POST", f"/v1/admin/parked-events/{member_id}/replay"
         )
         return RedirectResponse(f"/events?replayed={reply['replayed']}", status_code=303)
+
+    # ---- dead-lettered stream events -------------------------------------------------------------
+
+    @app.get("/dead-letters")
+    async def dead_letters(request: Request) -> Response:
+        session = await signed_in(request, Right.DEAD_LETTERS)
+        data = await call(session, Right.DEAD_LETTERS, "GET", "/v1/admin/dead-letters")
+        return page(
+            request,
+            "dead_letters.html",
+            session,
+            letters=data["dead_letters"],
+            redriven=request.query_params.get("redriven", ""),
+        )
+
+    @app.post("/dead-letters/redrive")
+    async def redrive(request: Request) -> Response:
+        session, form = await acting(request, Right.DEAD_LETTERS)
+        reply = await call(
+            session,
+            Right.DEAD_LETTERS,
+            "POST",
+            "/v1/admin/dead-letters/redrive",
+            json={k: form.get(k, "") for k in ("stream", "group", "id")},
+        )
+        return RedirectResponse(
+            f"/dead-letters?redriven={quote(reply['published_id'])}", status_code=303
+        )
 
     return app

@@ -23,7 +23,12 @@ class Right(StrEnum):
     MERGE_REVIEWS = "merge_reviews"
     QUARANTINE = "quarantine"
     MEMBERS = "members"
+    # Finding a member by phone or member number: the gateway's lookup route
+    # is admin:members, which only the member admin's client holds.
+    FIND_MEMBERS = "find_members"
     ADJUST_POINTS = "adjust_points"
+    # Dead-lettered stream events and their redrive (gateway scope admin:events).
+    DEAD_LETTERS = "dead_letters"
     UNMASK = "unmask"
 
 
@@ -38,7 +43,9 @@ RIGHTS: dict[Role, frozenset[Right]] = {
             Right.MERGE_REVIEWS,
             Right.QUARANTINE,
             Right.MEMBERS,
+            Right.FIND_MEMBERS,
             Right.ADJUST_POINTS,
+            Right.DEAD_LETTERS,
         }
     ),
     Role.PII_READER: frozenset({Right.DASHBOARDS, Right.MEMBERS, Right.UNMASK}),
@@ -50,7 +57,13 @@ RIGHTS: dict[Role, frozenset[Right]] = {
 SCOPES: dict[Role, tuple[str, ...]] = {
     Role.VIEWER: (ADMIN_ANALYTICS,),
     Role.MARKETER: (ADMIN_ANALYTICS, "admin:rewards", "admin:journeys"),
-    Role.MEMBER_ADMIN: (ADMIN_ANALYTICS, "admin:members", "admin:rewards", "member:any"),
+    Role.MEMBER_ADMIN: (
+        ADMIN_ANALYTICS,
+        "admin:members",
+        "admin:rewards",
+        "member:any",
+        "admin:events",
+    ),
     Role.PII_READER: (ADMIN_ANALYTICS, "member:any", "pii:read"),
 }
 

@@ -445,6 +445,11 @@ class EngagementClient(_Client):
             engagement_pb2.UnsubscribeRequest(member_id=member_id, channels=channels),
         )
 
+    async def list_journeys(
+        self, request: engagement_pb2.ListJourneysRequest
+    ) -> engagement_pb2.ListJourneysResponse:
+        return await self._call(self._stub.ListJourneys, request)
+
     async def list_parked_events(
         self, request: engagement_pb2.ListParkedEventsRequest
     ) -> engagement_pb2.ListParkedEventsResponse:

@@ -27,6 +27,7 @@ from .api import (
     centre,
     coupons,
     engagement,
+    events,
     guides,
     mall,
     members,
@@ -198,6 +199,8 @@ def create_app(
     )
     app.state.downstreams = downstreams
     app.state.draining = False
+    # The door's Redis serves the dead-letter routes too (gateway/api/events.py).
+    app.state.door = door
     install_http_handlers(app)
 
     @app.get("/healthz", response_model=Liveness, tags=["probes"], summary="Liveness")
@@ -261,6 +264,7 @@ def create_app(
         stores.router,
         guides.router,
         analytics.router,
+        events.router,
     ):
         app.include_router(router)
     _serve_problems_in_openapi(app)

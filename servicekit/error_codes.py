@@ -83,6 +83,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
         ),
         _c("OPERATOR_EXISTS", "a console operator of this name exists", _S.ALREADY_EXISTS),
         _c("UNKNOWN_REGION", "no store in region …", _S.NOT_FOUND),
+        _c(
+            "INVALID_DEAD_LETTER_REF",
+            "stream, group or id of a dead letter is malformed",
+            _S.INVALID_ARGUMENT,
+        ),
         _c("INVALID_AHEAD", "ahead must be 0 or more months", _S.INVALID_ARGUMENT),
         _c("UNKNOWN_PARTITION", "… is not a partition of …", _S.NOT_FOUND),
         _c(
@@ -834,6 +839,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
         _c("PERMISSION_DENIED", "the caller may not do this", _S.PERMISSION_DENIED),
         _c("PHONE_CODE_INVALID", "this phone code was issued to another app", _S.INVALID_ARGUMENT),
         _c(
+            "PHONE_OR_MEMBER_NUMBER_REQUIRED",
+            "give exactly one of phone or member_number",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
             "PHONE_REQUIRED",
             "a member key is required: phone, member_code or card",
             _S.INVALID_ARGUMENT,
@@ -966,6 +976,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
         _c("UNKNOWN_EVENT", "unknown event …", _S.INVALID_ARGUMENT),
         _c("UNKNOWN_FACT", "a journey condition names an unknown fact", _S.INVALID_ARGUMENT),
         _c("UNKNOWN_HOLD", "hold … does not exist", _S.NOT_FOUND),
+        _c("UNKNOWN_DEAD_LETTER", "no such dead letter (or it was redriven)", _S.NOT_FOUND),
         _c("UNKNOWN_IDENTIFIER", "no member owns this identifier", _S.NOT_FOUND),
         _c("UNKNOWN_IDENTIFIER_TYPE", "identifier.type is missing or unknown", _S.INVALID_ARGUMENT),
         _c("UNKNOWN_INVITE_CODE", "invite code … does not exist", _S.NOT_FOUND),

@@ -346,6 +346,80 @@ async def publish_journey(
     return Published(journey_id=reply.journey_id, version=reply.version)
 
 
+class JourneySummary(BaseModel):
+    journey_id: str
+    name: str = Field(description="The live version's name (its id when it has none)")
+    live_version: int
+    status: Literal["active", "paused"]
+    channels: list[str] = Field(description="Channels of the live version's send steps")
+    entered: int = Field(description="Enrolments of every version")
+    active: int = Field(description="Enrolments still in progress")
+    updated_at: datetime | None = Field(description="Last publish, pause or resume (UTC)")
+
+
+class JourneyList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "journeys": [
+                        {
+                            "journey_id": "cart-abandoned",
+                            "name": "Cart abandoned",
+                            "live_version": 3,
+                            "status": "active",
+                            "channels": ["miniprogram", "sms"],
+                            "entered": 1204,
+                            "active": 87,
+                            "updated_at": "2026-05-06T11:03:52Z",
+                        }
+                    ],
+                    "next_page_token": None,
+                }
+            ]
+        }
+    )
+
+    journeys: list[JourneySummary]
+    next_page_token: str | None = Field(None, description="Pass as `page_token` for the next page")
+
+
+@router.get(
+    "/v1/admin/journeys",
+    response_model=JourneyList,
+    tags=["journeys"],
+    summary="Every journey by id: live version, status, channels, enrolments",
+    responses={
+        422: problem_response("Bad page size or token; `field` names it"),
+        503: problem_response("The engagement service is unavailable; retry later"),
+    },
+)
+async def list_journeys(
+    request: Request,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
+    page_token: Annotated[str, Query(max_length=64)] = "",
+) -> JourneyList:
+    reply = await downstreams(request).engagement.list_journeys(
+        engagement_pb2.ListJourneysRequest(page_size=page_size, page_token=page_token)
+    )
+    return JourneyList(
+        journeys=[
+            JourneySummary(
+                journey_id=j.journey_id,
+                name=j.name,
+                live_version=j.live_version,
+                status=j.status,  # type: ignore[arg-type]
+                channels=list(j.channels),
+                entered=j.entered,
+                active=j.active,
+                updated_at=to_datetime(j.updated_at),
+            )
+            for j in reply.journeys
+        ],
+        next_page_token=reply.next_page_token or None,
+    )
+
+
 class LaunchNearStore(BaseModel):
     store_id: str = Field(min_length=1, max_length=32, examples=["SH001"])
     radius_m: int = Field(default=3000, ge=1, le=50_000, description="Metres (3 km default)")

@@ -1147,6 +1147,42 @@ async def member_pii(
     return MemberWithPii(**_member(reply).model_dump(), phone=reply.phone or None)
 
 
+class MemberLookup(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"phone": "13912345678"}]})
+
+    phone: str | None = Field(default=None, min_length=1, max_length=32)
+    member_number: str | None = Field(default=None, min_length=1, max_length=32)
+
+
+@router.post(
+    "/v1/admin/members/lookup",
+    response_model=Member,
+    tags=["admin"],
+    summary="The member owning a phone or member number (masked; never enrols)",
+    description="A POST so the identifier travels in the body, never in a URL or an "
+    "access log line. 404 UNKNOWN_IDENTIFIER when no member owns it.",
+)
+async def lookup_member(body: MemberLookup, request: Request) -> Member:
+    if (body.phone is None) == (body.member_number is None):
+        raise InvalidArgument(
+            "give exactly one of phone or member_number",
+            code="PHONE_OR_MEMBER_NUMBER_REQUIRED",
+            field="phone",
+        )
+    if body.phone is not None:
+        identifier = member_pb2.Identifier(type=member_pb2.IDENTIFIER_TYPE_PHONE, value=body.phone)
+        field = "phone"
+    else:
+        identifier = member_pb2.Identifier(
+            type=member_pb2.IDENTIFIER_TYPE_MEMBER_NUMBER, value=body.member_number or ""
+        )
+        field = "member_number"
+    reply = await downstreams(request).member.resolve_member(
+        identifier, {"identifier.value": field, "identifier": field}
+    )
+    return _member(reply)
+
+
 @router.get(
     "/v1/admin/quarantined-identifiers",
     response_model=QuarantineList,

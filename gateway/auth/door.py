@@ -93,6 +93,7 @@ class Door:
         self._downstreams = downstreams
         self.pool = None
         self.redis = door_redis(settings)
+        self.namespace = settings.redis_namespace
         self.gatekeeper = Gatekeeper(self.redis, settings.redis_namespace)
         self.signin_settings = SignInSettings(
             # A nonce only needs remembering while its timestamp is acceptable.

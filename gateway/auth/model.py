@@ -31,6 +31,8 @@ ADMIN_JOURNEYS = "admin:journeys"
 ADMIN_GUIDES = "admin:guides"
 # Read-only dashboards (/v1/admin/analytics/...): the console's "viewer" role.
 ADMIN_ANALYTICS = "admin:analytics"
+# Dead-lettered stream events: list and redrive (servicekit/deadletters.py).
+ADMIN_EVENTS = "admin:events"
 # The WeCom sidebar's backend: the guide's workstation routes (each call also
 # carries the guide's own session from WeCom's OAuth, docs/guides.md).
 GUIDES_WORKSTATION = "guides:workstation"
@@ -49,6 +51,7 @@ KNOWN_SCOPES = frozenset(
         ADMIN_JOURNEYS,
         ADMIN_GUIDES,
         ADMIN_ANALYTICS,
+        ADMIN_EVENTS,
         GUIDES_WORKSTATION,
         ADMIN_ALL,
     }
@@ -67,6 +70,7 @@ DEFAULT_SCOPES: dict[ClientKind, tuple[str, ...]] = {
         ADMIN_JOURNEYS,
         ADMIN_GUIDES,
         ADMIN_ANALYTICS,
+        ADMIN_EVENTS,
     ),
     ClientKind.OPS_TOOLING: (MEMBER_ANY, ADMIN_ALL),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .model import (
     ADMIN_ANALYTICS,
+    ADMIN_EVENTS,
     ADMIN_GUIDES,
     ADMIN_JOURNEYS,
     ADMIN_MEMBERS,
@@ -90,6 +91,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", f"{_A}/merges/{{merge_id}}/unmerge"): ADMIN_MEMBERS,
     ("POST", f"{_A}/members/{{member_id}}/erase"): ADMIN_MEMBERS,
     ("GET", f"{_A}/quarantined-identifiers"): ADMIN_MEMBERS,
+    ("POST", f"{_A}/members/lookup"): ADMIN_MEMBERS,
     ("GET", f"{_A}/members/{{member_id}}/merges"): ADMIN_MEMBERS,
     ("GET", f"{_A}/velocity-flags"): ADMIN_MEMBERS,
     ("POST", f"{_A}/members/{{member_id}}/points/adjustments"): ADMIN_REWARDS,
@@ -119,6 +121,9 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", f"{_A}/parked-events"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/parked-events/{{member_id}}/replay"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/parked-events/expire"): ADMIN_JOURNEYS,
+    ("GET", f"{_A}/dead-letters"): ADMIN_EVENTS,
+    ("POST", f"{_A}/dead-letters/redrive"): ADMIN_EVENTS,
+    ("GET", f"{_A}/journeys"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/pause"): ADMIN_JOURNEYS,
     ("POST", f"{_A}/journeys/{{journey_id}}/resume"): ADMIN_JOURNEYS,

@@ -29,7 +29,7 @@ from .domain import (
     parse_coordinates,
     schedule_time,
 )
-from .journey import CHANNELS, EVENTS, Journey, parse_journey
+from .journey import CHANNELS, EVENTS, JOURNEY_ID, Journey, parse_journey
 from .ports import ConsentRecorder, StoreZones
 from .scheduler import JourneyCache
 
@@ -370,6 +370,26 @@ class EngagementHandlers:
         return resolved
 
     # ---- parked events (operators) --------------------------------------------
+
+    async def list_journeys(
+        self, uow: UnitOfWork, page_size: int, page_token: str
+    ) -> tuple[list[repo.JourneySummaryRow], str]:
+        """A page of journeys by id and the next page's token (the last id)."""
+        size = page_size or DEFAULT_PAGE
+        if not 1 <= size <= MAX_PAGE:
+            raise InvalidArgument(
+                f"page_size must be 1..{MAX_PAGE}", code="INVALID_PAGE_SIZE", field="page_size"
+            )
+        if page_token and not JOURNEY_ID.match(page_token):
+            raise InvalidArgument(
+                "page_token is not one this service gave",
+                code="INVALID_PAGE_TOKEN",
+                field="page_token",
+            )
+        rows = await repo.list_journeys(uow.conn, page_token, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return rows, (rows[-1].journey_id if more else "")
 
     async def list_parked(
         self, uow: UnitOfWork, member_id: str, page_size: int, page_token: str

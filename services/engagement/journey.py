@@ -54,6 +54,7 @@ STEP_TYPES = frozenset(
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+JOURNEY_ID = _ID  # what a journey id looks like (a list's page token is one)
 MAX_STEPS = 100
 
 

@@ -100,6 +100,55 @@ async def entry_journeys(conn: Connection, event: str) -> list[tuple[str, int]]:
     return [(r["journey_id"], r["live_version"]) for r in rows]
 
 
+@dataclass(frozen=True)
+class JourneySummaryRow:
+    journey_id: str
+    name: str
+    live_version: int
+    status: str
+    channels: list[str]
+    entered: int
+    active: int
+    updated_at: datetime
+
+
+async def list_journeys(conn: Connection, after_id: str, limit: int) -> list[JourneySummaryRow]:
+    """Journeys by id after `after_id` (a keyset page), each with its live
+    version's name and send channels; the counts use the enrolment indexes
+    (journey_id, version) and the partial one on active enrolments."""
+    rows = await conn.fetch(
+        "SELECT s.journey_id, s.live_version, s.status, s.updated_at,"
+        " COALESCE(j.definition->>'name', s.journey_id) AS name,"
+        " ARRAY(SELECT DISTINCT st.value->>'channel'"
+        "  FROM jsonb_each(CASE WHEN jsonb_typeof(j.definition->'steps') = 'object'"
+        "   THEN j.definition->'steps' ELSE '{}'::jsonb END) st"
+        "  WHERE st.value->>'type' = 'send' AND st.value->>'channel' IS NOT NULL"
+        "  ORDER BY 1) AS channels,"
+        " (SELECT count(*) FROM engagement.enrollments e"
+        "   WHERE e.journey_id = s.journey_id) AS entered,"
+        " (SELECT count(*) FROM engagement.enrollments e"
+        "   WHERE e.journey_id = s.journey_id AND e.status = 'active') AS active"
+        " FROM engagement.journey_state s"
+        " JOIN engagement.journeys j ON j.journey_id = s.journey_id AND j.version = s.live_version"
+        " WHERE s.journey_id > $1 ORDER BY s.journey_id LIMIT $2",
+        after_id,
+        limit,
+    )
+    return [
+        JourneySummaryRow(
+            journey_id=r["journey_id"],
+            name=r["name"],
+            live_version=r["live_version"],
+            status=r["status"],
+            channels=list(r["channels"]),
+            entered=r["entered"],
+            active=r["active"],
+            updated_at=r["updated_at"],
+        )
+        for r in rows
+    ]
+
+
 # ---- enrollments -----------------------------------------------------------------
 
 

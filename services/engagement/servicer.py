@@ -224,6 +224,30 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
                 )
         return engagement_pb2.LaunchNearStoreResponse(audience=len(audience), entered=entered)
 
+    async def ListJourneys(
+        self, request: engagement_pb2.ListJourneysRequest, context: grpc.aio.ServicerContext
+    ) -> engagement_pb2.ListJourneysResponse:
+        async with self._db.reading() as uow:
+            rows, token = await self._handlers.list_journeys(
+                uow, request.page_size, request.page_token
+            )
+        return engagement_pb2.ListJourneysResponse(
+            journeys=[
+                engagement_pb2.JourneySummary(
+                    journey_id=r.journey_id,
+                    name=r.name,
+                    live_version=r.live_version,
+                    status=r.status,
+                    channels=r.channels,
+                    entered=r.entered,
+                    active=r.active,
+                    updated_at=timestamp(r.updated_at),
+                )
+                for r in rows
+            ],
+            next_page_token=token,
+        )
+
     async def ListParkedEvents(
         self, request: engagement_pb2.ListParkedEventsRequest, context: grpc.aio.ServicerContext
     ) -> engagement_pb2.ListParkedEventsResponse:

@@ -10,10 +10,12 @@ CONSOLE_DOCS_SCREENSHOTS=1 also writes the dashboards' to docs/console/."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,22 @@ from gateway.auth.admin import ClientAdmin, IssuedKey
 from gateway.auth.client import HmacAuth
 from gateway.auth.model import ClientKind
 from gateway.wechat_fake import FakeWeChatServer
+from loyalty.events.v1 import events_pb2
 from loyalty.pos.v1 import pos_pb2_grpc
-from servicekit.db import asyncpg_dsn
+from servicekit.consumer import EventConsumer, Subscription
+from servicekit.db import Database, UnitOfWork, asyncpg_dsn, create_pool
+from servicekit.deadletters import redrive_audit_stream
+from servicekit.events import (
+    ENVELOPE_FIELD,
+    ReceivedEvent,
+    dead_letter_stream,
+    make_envelope,
+    stream_name,
+)
+from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
 
-from ..harness import Infra
+from ..harness import Infra, eventually
 from .conftest import WECHAT_APPS, gateway_settings
 from .doors import UNLIMITED
 from .test_engagement_gateway import check_in_journey
@@ -448,6 +461,24 @@ async def test_member_admin_adjusts_points_and_only_a_pii_reader_unmasks_the_pho
     member_id, phone = activity[0]
     before = (await http.get(f"/v1/members/{member_id}/points")).json()["available"]
     page = await signed_in_page(browser, console, operators["member_admin"])
+    # Found by phone: the page of that member opens (by id; the phone is in no URL).
+    await page.goto(f"{console.url}/members")
+    await page.select_option("#find-form select[name=kind]", "phone")
+    await page.fill("#find-form input[name=value]", phone)
+    await page.click("#find-form button[type=submit]")
+    await page.wait_for_url(re.compile(rf"/members\?member_id={member_id}$"))
+    number = await page.inner_text("#member-number")
+    await screenshot(page, "member-found-by-phone")
+    # ... and by member number; a phone nobody owns is named as such.
+    await page.goto(f"{console.url}/members")
+    await page.select_option("#find-form select[name=kind]", "member_number")
+    await page.fill("#find-form input[name=value]", number)
+    await page.click("#find-form button[type=submit]")
+    await page.wait_for_url(re.compile(rf"/members\?member_id={member_id}$"))
+    await page.goto(f"{console.url}/members")
+    await page.fill("#find-form input[name=value]", new_phone())
+    await page.click("#find-form button[type=submit]")
+    assert "UNKNOWN_IDENTIFIER" in await page.inner_text("main")
     await page.goto(f"{console.url}/members?member_id={member_id}")
     shown = await page.inner_text("#phone")
     assert shown != phone and "*" in shown and shown[-4:] == phone[-4:]
@@ -465,6 +496,15 @@ async def test_member_admin_adjusts_points_and_only_a_pii_reader_unmasks_the_pho
     page = await signed_in_page(browser, console, operators["pii_reader"])
     await page.goto(f"{console.url}/members?member_id={member_id}")
     assert await page.locator("#adjust-form").count() == 0
+    # The PII reader's client lacks admin:members: no lookup by phone offered,
+    # and a forged one is refused before the gateway.
+    assert await page.locator("#find-form").count() == 0
+    token = await page.locator("header input[name=csrf_token]").first.get_attribute("value")
+    forged = await page.request.post(
+        f"{console.url}/members/lookup",
+        form={"csrf_token": token or "", "kind": "phone", "value": phone},
+    )
+    assert forged.status == 403
     await page.fill("#unmask-form input[name=purpose]", "member called about points")
     await page.click("#unmask-form button[type=submit]")
     assert await page.inner_text("#phone") == f"+86{phone}"
@@ -493,6 +533,18 @@ async def test_a_marketer_publishes_pauses_and_resumes_a_journey_and_sees_parked
         await page.wait_for_url(re.compile(rf"/journeys\?journey_id={journey_id}$"))
         assert await page.inner_text("#journey .status") == status
     await screenshot(page, "journey")
+    # The list: this journey's row with its live version and channel; pause and
+    # resume from the row itself.
+    await page.goto(f"{console.url}/journeys")
+    row = page.locator(f"#journey-list tr[data-journey='{journey_id}']")
+    assert await row.locator(".status").inner_text() == "active"
+    assert "v1" in await row.inner_text() and "app_push" in await row.inner_text()
+    for action, status in (("pause", "paused"), ("resume", "active")):
+        await row.locator(f"form[action='/journeys/{journey_id}/{action}'] button").click()
+        await page.wait_for_url(re.compile(rf"/journeys\?journey_id={journey_id}$"))
+        row = page.locator(f"#journey-list tr[data-journey='{journey_id}']")
+        assert await row.locator(".status").inner_text() == status
+    await screenshot(page, "journey-list")
     # A malformed definition is refused with the reason, nothing published.
     await page.fill("#journey-form textarea[name=definition]", "{not json")
     await page.click("#journey-form button[type=submit]")
@@ -519,3 +571,75 @@ async def test_a_marketer_publishes_pauses_and_resumes_a_journey_and_sees_parked
     await page.goto(f"{console.url}/events")
     assert stranger in await page.inner_text("#events")
     await page.close()
+
+
+async def test_a_member_admin_replays_a_dead_letter_and_it_is_applied_once(
+    browser: Browser,
+    console: ConsoleServer,
+    operators: dict[str, str],
+    role_clients: dict[str, IssuedKey],
+    infra: Infra,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    producer, group = f"console-{tag}", f"grp-{tag}"
+    stream = stream_name(infra.namespace, producer)
+    calls: Counter[str] = Counter()
+    broken = True
+
+    async def handler(uow: UnitOfWork, event: ReceivedEvent) -> None:
+        calls[event.envelope.event_id] += 1
+        if broken:
+            raise RuntimeError("tier table missing")
+
+    pool = await create_pool(infra.database_url, 1, 2)
+    db = Database(pool, "tiering", "console-dlq")
+    redis = create_redis(infra.redis_url)
+    consumer = EventConsumer(
+        group,
+        db,
+        redis,
+        infra.namespace,
+        [Subscription(producer, events_pb2.OrderCompleted, handler)],
+        max_attempts=2,
+        retry_after_ms=100,
+        block_ms=50,
+    )
+    envelope = make_envelope(producer, events_pb2.OrderCompleted(order_id="o1"), str(uuid.uuid4()))
+    await redis.xadd(stream, {ENVELOPE_FIELD: envelope.SerializeToString()})
+    task = asyncio.create_task(consumer.run())
+    try:
+        dlq = dead_letter_stream(infra.namespace, producer, group)
+        await eventually(lambda: redis.xrange(dlq), timeout=15)
+        # Only the member admin is offered the page.
+        page = await signed_in_page(browser, console, operators["marketer"])
+        assert await page.locator("header nav a[href='/dead-letters']").count() == 0
+        reply = await page.goto(f"{console.url}/dead-letters")
+        assert reply is not None and reply.status == 403
+        await page.close()
+
+        page = await signed_in_page(browser, console, operators["member_admin"])
+        await page.goto(f"{console.url}/dead-letters")
+        row = page.locator(f"#dead-letters tr[data-event='{envelope.event_id}']")
+        text = await row.inner_text()
+        assert stream in text and group in text and "OrderCompleted" in text
+        assert "tier table missing" in await row.locator(".error").inner_text()
+        await screenshot(page, "dead-letters")
+        broken = False  # the cause is fixed
+        await row.locator("button[type=submit]").click()
+        await page.wait_for_selector("#redriven")
+        assert await row.count() == 0
+        await eventually(lambda: calls[envelope.event_id] == 3, timeout=15)
+        await asyncio.sleep(0.5)  # time for a second delivery to show
+        assert calls[envelope.event_id] == 3  # two failures, then applied once
+        audit = await redis.xrange(redrive_audit_stream(stream))
+        client_id = role_clients["member_admin"].client_id
+        assert [f[b"operator"] for _, f in audit] == [
+            f"{client_id}/{operators['member_admin']}".encode()
+        ]
+        await page.close()
+    finally:
+        consumer.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await redis.aclose()
+        await db.close()

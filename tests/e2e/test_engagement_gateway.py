@@ -136,6 +136,30 @@ async def test_publish_ingest_send_metrics_pause_resume(
 
     paused = await api.post(f"/v1/admin/journeys/{journey_id}/pause")
     assert paused.json() == {"journey_id": journey_id, "status": "paused", "live_version": 1}
+    # The operators' list: every journey by id, paged; this one with its counts.
+    listed: list[dict[str, Any]] = []
+    token = ""
+    while True:
+        page = await api.get(
+            "/v1/admin/journeys",
+            params={"page_size": 3, **({"page_token": token} if token else {})},
+        )
+        assert page.status_code == 200, page.text
+        listed += page.json()["journeys"]
+        token = page.json()["next_page_token"] or ""
+        if not token:
+            break
+    row = {j["journey_id"]: j for j in listed}[journey_id]
+    assert {k: row[k] for k in ("name", "live_version", "status", "channels")} == {
+        "name": journey_id,
+        "live_version": 1,
+        "status": "paused",
+        "channels": ["app_push"],
+    }
+    assert row["entered"] >= 1
+    bad = await api.get("/v1/admin/journeys", params={"page_token": "Not One!"})
+    assert bad.status_code == 422
+    assert (bad.json()["code"], bad.json()["field"]) == ("INVALID_PAGE_TOKEN", "page_token")
     resumed = await api.post(f"/v1/admin/journeys/{journey_id}/resume")
     assert resumed.json()["status"] == "active"
 

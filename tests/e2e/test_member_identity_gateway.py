@@ -198,3 +198,38 @@ async def test_the_quarantine_list_takes_a_cursor(http: httpx.AsyncClient) -> No
         )
         assert second.status_code == 200
         assert second.json()["identifiers"] != first.json()["identifiers"]
+
+
+async def test_an_operator_finds_a_member_by_phone_or_member_number_masked(
+    http: httpx.AsyncClient, pos: Pos
+) -> None:
+    phone = new_phone()
+    at_till = await pos.IdentifyMember(
+        pos_pb2.IdentifyMemberRequest(store_id=STORE, phone=phone), timeout=10
+    )
+    by_phone = await http.post("/v1/admin/members/lookup", json={"phone": phone})
+    assert by_phone.status_code == 200, by_phone.text
+    found = by_phone.json()
+    assert found["member_id"] == at_till.member_id
+    # Masked: the answer never carries the phone itself.
+    assert found["phone_masked"] == f"{phone[:3]}****{phone[-4:]}"
+    assert phone not in by_phone.text
+    by_number = await http.post(
+        "/v1/admin/members/lookup", json={"member_number": found["member_number"]}
+    )
+    assert by_number.json()["member_id"] == at_till.member_id
+    # A phone nobody owns is not enrolled by looking it up.
+    stranger = new_phone()
+    unknown = await http.post("/v1/admin/members/lookup", json={"phone": stranger})
+    assert unknown.status_code == 404
+    assert unknown.json()["code"] == "UNKNOWN_IDENTIFIER"
+    assert (
+        await http.post("/v1/admin/members/lookup", json={"phone": stranger})
+    ).status_code == 404
+    for body in ({}, {"phone": phone, "member_number": found["member_number"]}):
+        refused = await http.post("/v1/admin/members/lookup", json=body)
+        assert refused.status_code == 422, refused.text
+        assert (refused.json()["code"], refused.json()["field"]) == (
+            "PHONE_OR_MEMBER_NUMBER_REQUIRED",
+            "phone",
+        )

@@ -594,6 +594,50 @@ async def test_events_for_unknown_members_are_parked_then_replayed(env: Env) -> 
     assert await env.templates(m) == ["cart-discount"]
 
 
+async def test_the_journey_list_pages_by_id_with_live_version_channels_and_counts(
+    env: Env,
+) -> None:
+    await env.publish(CART)
+    renamed = json.loads(json.dumps(CART))
+    renamed["name"] = "Cart abandoned"
+    renamed["steps"]["remind"] = send("remind", "cart-sms", "end", channel="sms")
+    renamed["steps"]["wait"]["next"] = "push"
+    renamed["steps"]["push"] = send("push", "cart-push", "remind", channel="app_push")
+    assert await env.publish(renamed) == 2
+    await env.publish({**one_shot("zz-one", 10, "one"), "id": "zz-one"})
+    for _ in range(2):
+        await env.event("cart_abandoned", await env.member())
+    async with env.db.unit_of_work() as uow:
+        await env.handlers.set_status(uow, env.jid("zz-one"), "paused")
+
+    # Every journey once, by id, however small the pages.
+    seen: list[Any] = []
+    token = ""
+    while True:
+        async with env.db.reading() as uow:
+            rows, token = await env.handlers.list_journeys(uow, 2, token)
+        assert len(rows) <= 2
+        seen.extend(rows)
+        if not token:
+            break
+    ids = [r.journey_id for r in seen]
+    assert ids == sorted(set(ids))
+    ours = {r.journey_id: r for r in seen if r.journey_id.endswith(env.tag)}
+    cart, one = ours[env.jid("cart")], ours[env.jid("zz-one")]
+    assert (cart.name, cart.live_version, cart.status) == ("Cart abandoned", 2, "active")
+    assert cart.channels == ["app_push", "sms"]
+    assert (cart.entered, cart.active) == (2, 2)
+    # No name: its id; paused shows as paused.
+    assert (one.name, one.live_version, one.status) == (env.jid("zz-one"), 1, "paused")
+    assert one.channels == ["wecom"] and (one.entered, one.active) == (0, 0)
+
+    for size, token, field in ((0, "not a journey id!", "page_token"), (501, "", "page_size")):
+        with pytest.raises(InvalidArgument) as info:
+            async with env.db.reading() as uow:
+                await env.handlers.list_journeys(uow, size, token)
+        assert info.value.field == field
+
+
 async def test_bad_input_writes_nothing(env: Env) -> None:
     with pytest.raises(InvalidArgument) as info:
         await env.publish({**CART, "entry": {"event": "cart_abandonned"}})
