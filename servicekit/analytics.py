@@ -46,7 +46,7 @@ class DayRange:
         return self.store_ids is not None
 
 
-def _day(value: str, field: str) -> date:
+def parse_day(value: str, field: str) -> date:
     try:
         if len(value) != 10:
             raise ValueError(value)
@@ -57,19 +57,31 @@ def _day(value: str, field: str) -> date:
         ) from None
 
 
-def day_range(f: common_pb2.AnalyticsFilter) -> DayRange:
-    first = _day(f.from_day, "from_day")
-    last = _day(f.to_day, "to_day")
+def parse_day_range(
+    from_value: str, to_value: str, from_field: str, to_field: str
+) -> tuple[date, date]:
+    """The inclusive days of a dashboard range, checked; errors name the
+    caller's own field names (the gateway's `from`/`to`, the RPC's
+    `from_day`/`to_day`)."""
+    first = parse_day(from_value, from_field)
+    last = parse_day(to_value, to_field)
     if last < first:
         raise InvalidArgument(
-            f"to_day ({last}) is before from_day ({first})", code="INVALID_RANGE", field="to_day"
+            f"{to_field} ({last}) is before {from_field} ({first})",
+            code="INVALID_RANGE",
+            field=to_field,
         )
     if (last - first).days + 1 > MAX_RANGE_DAYS:
         raise InvalidArgument(
             f"the range covers {(last - first).days + 1} days; at most {MAX_RANGE_DAYS}",
             code="RANGE_TOO_LONG",
-            field="to_day",
+            field=to_field,
         )
+    return first, last
+
+
+def day_range(f: common_pb2.AnalyticsFilter) -> DayRange:
+    first, last = parse_day_range(f.from_day, f.to_day, "from_day", "to_day")
     zone = f.time_zone or DEFAULT_TIME_ZONE
     try:
         ZoneInfo(zone)

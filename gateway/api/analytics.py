@@ -18,7 +18,8 @@ from pydantic.config import JsonDict
 
 from loyalty.common.v1 import common_pb2
 from loyalty.rewards.v1 import rewards_pb2
-from servicekit.errors import InvalidArgument, NotFound
+from servicekit.analytics import parse_day_range
+from servicekit.errors import NotFound
 from servicekit.metrics_definitions import definitions
 
 from .common import downstreams, optional_utc, problem_response
@@ -27,7 +28,6 @@ router = APIRouter()
 
 # The brand's days: every per-day series and range boundary is a local day here.
 BRAND_TIME_ZONE = "Asia/Shanghai"
-MAX_RANGE_DAYS = 366
 
 ANALYTICS_ERRORS: dict[int | str, dict[str, Any]] = {
     422: problem_response(
@@ -82,31 +82,8 @@ class Filter(BaseModel):
     model_config = ConfigDict(serialize_by_alias=True)
 
 
-def _day(value: str, field: str) -> date:
-    try:
-        if len(value) != 10:
-            raise ValueError(value)
-        return date.fromisoformat(value)
-    except ValueError:
-        raise InvalidArgument(
-            f"{field} must be a day as YYYY-MM-DD, got {value!r}", code="INVALID_DATE", field=field
-        ) from None
-
-
 def parse_range(from_value: str, to_value: str) -> tuple[date, date]:
-    first = _day(from_value, "from")
-    last = _day(to_value, "to")
-    if last < first:
-        raise InvalidArgument(
-            f"to ({last}) is before from ({first})", code="INVALID_RANGE", field="to"
-        )
-    if (last - first).days + 1 > MAX_RANGE_DAYS:
-        raise InvalidArgument(
-            f"the range covers {(last - first).days + 1} days; at most {MAX_RANGE_DAYS}",
-            code="RANGE_TOO_LONG",
-            field="to",
-        )
-    return first, last
+    return parse_day_range(from_value, to_value, "from", "to")
 
 
 async def resolve_filter(
