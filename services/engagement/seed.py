@@ -34,6 +34,8 @@ DEFINITION: dict[str, Any] = {
             "channel": "wecom",
             "template": "welcome",
             "class": "targeted",
+            # The guide's 1-to-1 WeCom message (docs/journeys.md, WeCom).
+            "text": "欢迎加入！首杯立减券已放入您的卡包，到店出示会员码即可使用。",
             "next": "wait",
         },
         "wait": {"type": "wait", "duration": "72h", "next": "nudge"},
@@ -42,6 +44,7 @@ DEFINITION: dict[str, Any] = {
             "channel": "wecom",
             "template": "first-cup-nudge",
             "class": "targeted",
+            "text": "您的首杯立减券还在等您，这周来店里尝尝新品吧。",
             "next": "end",
         },
         "end": {"type": "exit"},
