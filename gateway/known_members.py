@@ -27,11 +27,10 @@ import time
 from collections.abc import Callable
 
 from cachetools import TTLCache
-from redis.exceptions import RedisError
 
 from servicekit.redis_client import RedisClient
 
-from .auth.members import identity_epoch_key
+from .auth.members import IdentityEpoch
 from .ratelimit import SKIP_AFTER_FAILURE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -51,26 +50,13 @@ class KnownMembers:
         size: int = DEFAULT_SIZE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._redis = redis
-        self._key = identity_epoch_key(namespace)
+        self._epoch = IdentityEpoch(redis, namespace, SKIP_AFTER_FAILURE_SECONDS)
         # member id -> the epoch member confirmed it under.
         self._confirmed: TTLCache[str, bytes] = TTLCache(size, ttl_seconds, timer=clock)
-        self._skip_until = 0.0
 
     async def epoch(self) -> bytes | None:
         """The identity epoch now; None when it cannot be read (nothing is trusted)."""
-        if self._redis is None or time.monotonic() < self._skip_until:
-            return None
-        try:
-            value = await self._redis.get(self._key)
-        except (RedisError, OSError) as exc:
-            # A hanging Redis costs one order its timeout, not every order.
-            self._skip_until = time.monotonic() + SKIP_AFTER_FAILURE_SECONDS
-            log.warning("identity epoch unreadable, asking member for every order: %r", exc)
-            return None
-        if isinstance(value, str):
-            return value.encode()
-        return value or b"0"
+        return await self._epoch.read()
 
     def confirmed(self, epoch: bytes | None, member_id: str) -> bool:
         """Member confirmed this id under `epoch` (read just now)."""

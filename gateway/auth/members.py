@@ -21,6 +21,7 @@ assertion for another app is refused (APP_NOT_BOUND) before any lookup.
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 from cachetools import TTLCache
@@ -52,6 +53,33 @@ def identity_epoch_key(namespace: str) -> str:
     return f"{namespace}:member:identity-epoch"
 
 
+class IdentityEpoch:
+    """Reads the identity epoch, the tag of every member answer the gateway
+    caches (these assertions, the POS member check in gateway/known_members.py).
+    None when it cannot be read: then no cached answer is trusted. After a
+    failed read, the next `skip_after_failure` seconds do not try Redis, so a
+    hanging Redis costs one call its timeout, not every call."""
+
+    def __init__(
+        self, redis: RedisClient | None, namespace: str, skip_after_failure: float = 0.0
+    ) -> None:
+        self._redis = redis
+        self._key = identity_epoch_key(namespace)
+        self._skip_after_failure = skip_after_failure
+        self._skip_until = 0.0
+
+    async def read(self) -> bytes | None:
+        if self._redis is None or time.monotonic() < self._skip_until:
+            return None
+        try:
+            value = await self._redis.get(self._key)
+        except (RedisError, OSError) as exc:
+            self._skip_until = time.monotonic() + self._skip_after_failure
+            log.warning("identity epoch unreadable, cached member answers not used: %r", exc)
+            return None
+        return value.encode() if isinstance(value, str) else (value or b"0")
+
+
 class MemberAssertions:
     def __init__(
         self,
@@ -67,20 +95,7 @@ class MemberAssertions:
             100_000, ttl_seconds
         )
         self._root_of: TTLCache[str, tuple[bytes, str]] = TTLCache(100_000, ttl_seconds)
-        self._redis = redis
-        self._epoch_key = identity_epoch_key(namespace)
-
-    async def _epoch(self) -> bytes | None:
-        """The current identity epoch; None when it cannot be read (then the
-        caches are not used: the member service answers)."""
-        if self._redis is None:
-            return None
-        try:
-            value = await self._redis.get(self._epoch_key)
-        except (RedisError, OSError) as exc:
-            log.warning("identity epoch unreadable, not using the member caches: %r", exc)
-            return None
-        return str(value).encode() if isinstance(value, str) else (value or b"0")
+        self._epoch = IdentityEpoch(redis, namespace).read
 
     async def asserted(self, app_id: str, openid: str, credential: Credential | None = None) -> str:
         """The member id the caller asserts; PermissionDenied when it names none."""
