@@ -375,17 +375,9 @@ class EngagementHandlers:
         self, uow: UnitOfWork, page_size: int, page_token: str
     ) -> tuple[list[repo.JourneySummaryRow], str]:
         """A page of journeys by id and the next page's token (the last id)."""
-        size = page_size or DEFAULT_PAGE
-        if not 1 <= size <= MAX_PAGE:
-            raise InvalidArgument(
-                f"page_size must be 1..{MAX_PAGE}", code="INVALID_PAGE_SIZE", field="page_size"
-            )
+        size = _page_size(page_size)
         if page_token and not JOURNEY_ID.match(page_token):
-            raise InvalidArgument(
-                "page_token is not one this service gave",
-                code="INVALID_PAGE_TOKEN",
-                field="page_token",
-            )
+            raise _bad_page_token()
         rows = await repo.list_journeys(uow.conn, page_token, size + 1)
         more = len(rows) > size
         rows = rows[:size]
@@ -396,11 +388,7 @@ class EngagementHandlers:
     ) -> tuple[list[facts_repo.ParkedRow], str]:
         """A page of parked events (oldest first) and the next page's token."""
         mid = parse_member_id(member_id) if member_id else None
-        size = page_size or DEFAULT_PAGE
-        if not 1 <= size <= MAX_PAGE:
-            raise InvalidArgument(
-                f"page_size must be 1..{MAX_PAGE}", code="INVALID_PAGE_SIZE", field="page_size"
-            )
+        size = _page_size(page_size)
         after = 0
         if page_token:
             try:
@@ -408,11 +396,7 @@ class EngagementHandlers:
             except ValueError:
                 after = -1
             if after < 0:
-                raise InvalidArgument(
-                    "page_token is not one this service gave",
-                    code="INVALID_PAGE_TOKEN",
-                    field="page_token",
-                )
+                raise _bad_page_token()
         rows = await facts_repo.list_parked(uow.conn, mid, after, size + 1)
         more = len(rows) > size
         rows = rows[:size]
@@ -435,11 +419,7 @@ class EngagementHandlers:
         self, uow: UnitOfWork, journey_id: str, page_size: int, page_token: str
     ) -> tuple[list[scheduler_repo.UnknownSend], str]:
         """Operators: a page of the journey's unknown sends and the next page's token."""
-        size = page_size or DEFAULT_PAGE
-        if not 1 <= size <= MAX_PAGE:
-            raise InvalidArgument(
-                f"page_size must be 1..{MAX_PAGE}", code="INVALID_PAGE_SIZE", field="page_size"
-            )
+        size = _page_size(page_size)
         after: tuple[datetime, str] | None = None
         if page_token:
             at, _, key = page_token.partition("|")
@@ -448,11 +428,7 @@ class EngagementHandlers:
             except ValueError:
                 after = None
             if after is None or not key or after[0].tzinfo is None:
-                raise InvalidArgument(
-                    "page_token is not one this service gave",
-                    code="INVALID_PAGE_TOKEN",
-                    field="page_token",
-                )
+                raise _bad_page_token()
         await self._known_journey(uow, journey_id)
         rows = await scheduler_repo.unknown_sends(uow.conn, journey_id, after, size + 1)
         more = len(rows) > size
@@ -725,3 +701,19 @@ def _validate_attributes(event: str, attributes: dict[str, str]) -> tuple[float,
             )
         return coords
     return None
+
+
+def _page_size(page_size: int) -> int:
+    """An operator list's page size: 0 means the default."""
+    size = page_size or DEFAULT_PAGE
+    if not 1 <= size <= MAX_PAGE:
+        raise InvalidArgument(
+            f"page_size must be 1..{MAX_PAGE}", code="INVALID_PAGE_SIZE", field="page_size"
+        )
+    return size
+
+
+def _bad_page_token() -> InvalidArgument:
+    return InvalidArgument(
+        "page_token is not one this service gave", code="INVALID_PAGE_TOKEN", field="page_token"
+    )
