@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -97,6 +97,33 @@ async def start_infra() -> Infra:
     for service in only.split(",") if only else SERVICES:
         await asyncio.to_thread(upgrade, service, test_url)
     return Infra(database_url, test_url, redis_url, f"test-{run_id}", servers)
+
+
+@asynccontextmanager
+async def own_database(
+    infra: Infra, *services: str, prefix: str = "loyalty_own"
+) -> AsyncIterator[str]:
+    """A database of the caller's own on the session's server, migrated for
+    `services` (none: left empty), dropped afterwards. For a test whose process
+    must be the only one reading its tables: the session's services share
+    `infra.database_url`, and their relays and batches act on every row there."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = with_database(infra.admin_url, name)
+    try:
+        for service in services:
+            await asyncio.to_thread(upgrade, service, url)
+        yield url
+    finally:
+        admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 async def stop_infra(infra: Infra) -> None:

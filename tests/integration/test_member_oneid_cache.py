@@ -30,7 +30,7 @@ from services.member.repository import MemberRecord
 from services.member.servicer import MemberServicer
 from services.member.settings import member_settings
 
-from ..harness import Infra, eventually, wait_until_serving
+from ..harness import Infra, eventually, own_database, wait_until_serving
 from ..redis_servers import RedisClusterServers
 from .test_member_oneid import CARD, OPENID, PHONE, Stub, failure, ident, identify, mobile, tag
 
@@ -291,10 +291,23 @@ async def test_the_member_service_runs_on_a_redis_cluster(
     """A whole service takes REDIS_URL=redis+cluster://... as it takes one
     Redis (servicekit's factory): its outbox relay publishes to its stream, its
     resolve cache fills and is invalidated, all on the cluster."""
+    namespace = f"{infra.namespace}-cl-{tag()}"
+    # Its own database: on the shared one the session's member service relays
+    # the same outbox, and could publish this test's event to its own stream.
+    async with own_database(infra, "member") as database_url:
+        await _serve_member_on_cluster(redis_cluster, infra, database_url, namespace)
+
+
+async def _serve_member_on_cluster(
+    redis_cluster: RedisClusterServers, infra: Infra, database_url: str, namespace: str
+) -> None:
     from services.member.server import build
 
-    namespace = f"{infra.namespace}-cl-{tag()}"
-    app = build(infra.service_settings(redis_url=redis_cluster.url, redis_namespace=namespace))
+    app = build(
+        infra.service_settings(
+            database_url=database_url, redis_url=redis_cluster.url, redis_namespace=namespace
+        )
+    )
     port = await app.start()
     client = create_redis(redis_cluster.url)
     try:

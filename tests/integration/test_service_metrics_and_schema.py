@@ -12,7 +12,6 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
 import grpc
 import pytest
 from alembic.script import ScriptDirectory
@@ -20,14 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
-from servicekit.db import asyncpg_dsn, with_database
 from servicekit.events import dead_letter_stream
 from servicekit.migrations import alembic_config, upgrade
 from servicekit.schemacheck import code_revisions
 from servicekit.server import ServiceApp
 from services.engagement.server import build
 
-from ..harness import Infra, eventually, wait_until_serving
+from ..harness import Infra, eventually, own_database, wait_until_serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -135,18 +133,8 @@ async def _health(port: int) -> int:
 
 @pytest.fixture
 async def fresh_database_url(infra: Infra) -> AsyncIterator[str]:
-    name = f"loyalty_schema_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield with_database(infra.admin_url, name)
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with own_database(infra, prefix="loyalty_schema") as url:
+        yield url
 
 
 async def test_a_service_stays_not_serving_until_its_schema_is_at_head(

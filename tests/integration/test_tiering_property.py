@@ -11,23 +11,20 @@ the replay gives."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import asyncpg
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from loyalty.events.v1 import events_pb2
-from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
+from servicekit.db import Database, create_pool
 from servicekit.errors import DomainError
 from servicekit.events import ReceivedEvent, make_envelope
-from servicekit.migrations import upgrade
 from servicekit.protos import timestamp as ts
 from services.tiering import repository as repo
 from services.tiering.batch import recompute
@@ -44,7 +41,7 @@ from services.tiering.domain import (
 from services.tiering.evaluation import TierState, advance_versions, facts_metric, replay
 from services.tiering.handlers import TieringHandlers
 
-from ..harness import Infra
+from ..harness import Infra, own_database
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -81,23 +78,11 @@ async def db(infra: Infra) -> AsyncIterator[Database]:
     schema only): the batch recomputes every member a database holds at each
     tick, and the shared one, full of other tests' members, made each example
     slow."""
-    name = f"loyalty_test_prop_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = with_database(infra.admin_url, name)
-    await asyncio.to_thread(upgrade, "tiering", url)
-    pool = await create_pool(url, 1, 6)
-    database = Database(pool, "tiering", "tiering")
-    yield database
-    await database.close()
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with own_database(infra, "tiering", prefix="loyalty_test_prop") as url:
+        pool = await create_pool(url, 1, 6)
+        database = Database(pool, "tiering", "tiering")
+        yield database
+        await database.close()
 
 
 class Clock:
