@@ -24,7 +24,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -39,12 +38,12 @@ from gateway.auth.crypto import SecretBox
 from gateway.auth.model import ClientKind
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
-from servicekit.db import asyncpg_dsn, create_pool, with_database
+from servicekit.db import asyncpg_dsn, create_pool
 from servicekit.errors import error_info
-from servicekit.migrations import upgrade
 from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
 from tests.harness import Infra, wait_until_serving
+from tests.harness import own_database as own_database_of
 
 from ..redis_servers import RedisServer
 from .conftest import gateway_settings
@@ -70,26 +69,15 @@ class Platform:
 async def own_database(infra: Infra) -> AsyncIterator[str]:
     from services.rewards.seed import seed_demo
 
-    name = f"{urlsplit(infra.database_url).path.lstrip('/')}_outage"
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = with_database(infra.admin_url, name)
-    for service in ("member", "rewards", "gateway"):
-        await asyncio.to_thread(upgrade, service, url)
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        await seed_demo(conn)
-    finally:
-        await conn.close()
-    yield url
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with own_database_of(
+        infra, "member", "rewards", "gateway", prefix="loyalty_outage"
+    ) as url:
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            await seed_demo(conn)
+        finally:
+            await conn.close()
+        yield url
 
 
 @pytest.fixture
