@@ -196,7 +196,8 @@ async def _bulk_earn(args: argparse.Namespace) -> int:
         print(f"--chunk must be 1..{bulk.MAX_BATCH}", file=sys.stderr)
         return 2
     rewards = RewardsSettings()
-    points = PointsLedger(rewards.ledger_policy(), parse_rules(rewards.earning_rules))
+    # With MEMBER_ADDR, every id is put to the member service first.
+    points = rewards.points_ledger()
     pool = await create_pool(ServiceSettings().database_url, 1, 2)
     db = Database(pool, "rewards", "rewards")
     counts = {"applied": 0, "replayed": 0, "refused": 0}

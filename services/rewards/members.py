@@ -1,15 +1,24 @@
 """Rewards' local projection of members, which checkout, the ledger and the
 coupon wallet all read: the tier tiering last reported (and its points
 multiplier) and the members erased. Written by the consumers of TierChanged
-and MemberErased (consumers.py); SQL only (asyncpg, schema-qualified)."""
+and MemberErased (consumers.py); SQL only (asyncpg, schema-qualified). And
+which ids are members' at all: the member service answers (MemberGrpc)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
+import grpc
+
+from loyalty.member.v1 import member_pb2, member_pb2_grpc
+from servicekit.clients import create_channel
 from servicekit.db import Connection
+from servicekit.errors import DomainError, FailedPrecondition, NotFound, Unavailable, error_info
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,13 @@ async def is_erased(conn: Connection, member_id: uuid.UUID) -> bool:
 
 async def record_erasure(conn: Connection, member_ids: list[uuid.UUID], erased_at: datetime) -> int:
     """Record erased members once (a redelivered event keeps the first time);
-    returns how many were new."""
+    returns how many were new. Waits for the explicit credits in flight for
+    them (hold_members) and makes later ones wait for this commit, so none
+    reads the mark before it is there and writes after it."""
+    keys = sorted({_lock_key(m) for m in member_ids})
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k", keys
+    )
     rows = await conn.fetch(
         "INSERT INTO rewards.erased_members (member_id, erased_at)"
         " SELECT DISTINCT unnest($1::uuid[]), $2::timestamptz"
@@ -77,3 +92,86 @@ async def record_erasure(conn: Connection, member_ids: list[uuid.UUID], erased_a
         erased_at,
     )
     return len(rows)
+
+
+# ---- which ids are members' (the member service decides) -------------------
+#
+# Rewards keeps no registry of members, so an explicit credit (AdjustPoints,
+# bulk earn) asks the member service, as POS CompleteOrder's gateway check
+# does: an id member does not know is refused UNKNOWN_MEMBER, an erased one
+# MEMBER_ERASED; an absorbed id is fine (rewards credits its survivor through
+# the merges in force). Asked before the member locks are taken, once per
+# distinct id.
+
+MEMBER_CHECK_CONCURRENCY = 16
+
+
+class MemberDirectory(Protocol):
+    async def refusals(self, member_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, DomainError]:
+        """The ids member refuses, each with its error (UNKNOWN_MEMBER or
+        MEMBER_ERASED); raises Unavailable (MEMBER_UNAVAILABLE) when member
+        cannot answer, so nothing is credited unchecked."""
+        ...
+
+
+class MemberGrpc:
+    """The member service's GetMember (MEMBER_ADDR)."""
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self._channel = create_channel(target)
+        self._stub = member_pb2_grpc.MemberServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def _refusal(self, member_id: uuid.UUID) -> DomainError | None:
+        try:
+            await self._stub.GetMember(
+                member_pb2.GetMemberRequest(member_id=str(member_id)), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            code, _ = error_info(exc)
+            if exc.code() is grpc.StatusCode.NOT_FOUND and code == "UNKNOWN_MEMBER":
+                return NotFound(f"member {member_id} does not exist", code=code, field="member_id")
+            if exc.code() is grpc.StatusCode.NOT_FOUND and code == "MEMBER_ERASED":
+                # As rewards refuses the erased members it knows of.
+                return FailedPrecondition(
+                    f"member {member_id} was erased; no further points can be written",
+                    code=code,
+                    field="member_id",
+                )
+            raise Unavailable(
+                f"the member service is unavailable: {exc.code().name}",
+                code="MEMBER_UNAVAILABLE",
+            ) from None
+        return None
+
+    async def refusals(self, member_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, DomainError]:
+        ids = sorted(set(member_ids))
+        gate = asyncio.Semaphore(MEMBER_CHECK_CONCURRENCY)
+
+        async def one(m: uuid.UUID) -> DomainError | None:
+            async with gate:
+                return await self._refusal(m)
+
+        answers = await asyncio.gather(*(one(m) for m in ids))
+        return {m: e for m, e in zip(ids, answers, strict=True) if e is not None}
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _lock_key(member_id: uuid.UUID) -> int:
+    """Signed 64-bit advisory lock key of a member id (its first 8 bytes)."""
+    return int.from_bytes(member_id.bytes[:8], "big", signed=True)
+
+
+async def hold_members(conn: Connection, member_ids: Iterable[uuid.UUID]) -> None:
+    """Hold the members against an erasure until the transaction ends (shared:
+    writers of different members and of the same member do not wait on each
+    other). Take it before reading the erasure mark: an erasure being recorded
+    then is waited for and seen; one recorded later waits for this write."""
+    keys = sorted({_lock_key(m) for m in member_ids})
+    if keys:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k ORDER BY k",
+            keys,
+        )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loyalty.events.v1 import events_pb2
@@ -15,6 +17,7 @@ from servicekit.settings import ServiceSettings
 from .consumers import MemberEvents, OrderEvents, on_member_erased, on_tier_changed
 from .coupons.handlers import CouponPolicy, issue_coupon
 from .mall.handlers import PointsMall
+from .members import MemberDirectory, MemberGrpc
 from .orders.domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
 from .orders.handlers import RewardsHandlers
 from .partitions import PARTITIONED_TABLES
@@ -27,6 +30,7 @@ from .schema import SCHEMA
 from .servicer import RewardsServicer
 
 NAME = "rewards"
+log = logging.getLogger(__name__)
 
 
 class RewardsSettings(BaseSettings):
@@ -62,6 +66,22 @@ class RewardsSettings(BaseSettings):
     points_value_fen: int = 1
     # CouponExpiringSoon this many days ahead.
     coupon_expiring_soon_days: int = 3
+    # The member service (gRPC target): AdjustPoints and bulk earn refuse an id
+    # it does not know (UNKNOWN_MEMBER) or erased. Empty: not asked (only
+    # rewards' own erasure marks apply); set in every deployment.
+    # MEMBER_ADDR / MEMBER_TIMEOUT_SECONDS, the names every service uses.
+    member_addr: str = Field(default="", validation_alias="MEMBER_ADDR")
+    member_timeout_seconds: float = Field(default=2.0, validation_alias="MEMBER_TIMEOUT_SECONDS")
+
+    def member_directory(self) -> MemberDirectory | None:
+        if not self.member_addr.strip():
+            return None
+        return MemberGrpc(self.member_addr.strip(), self.member_timeout_seconds)
+
+    def points_ledger(self) -> PointsLedger:
+        return PointsLedger(
+            self.ledger_policy(), parse_rules(self.earning_rules), self.member_directory()
+        )
 
     def coupon_policy(self) -> CouponPolicy:
         return CouponPolicy(
@@ -87,7 +107,9 @@ class RewardsSettings(BaseSettings):
 
 def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> ServiceApp:
     rewards = rewards or RewardsSettings()
-    points = PointsLedger(rewards.ledger_policy(), parse_rules(rewards.earning_rules))
+    points = rewards.points_ledger()
+    if points.directory is None:
+        log.warning("MEMBER_ADDR is unset: adjustments and bulk earns are not checked")
     handlers = RewardsHandlers(
         OrderLimits(max_paid_amount_fen=rewards.max_order_amount_fen),
         points=points,

@@ -158,8 +158,9 @@ def test_internal_services_are_headless_and_every_client_dials_them_by_dns(
         for key, value in (cm.get("data") or {}).items()
         if key.endswith("_ADDR")
     }
-    # The gateway reaches all five; engagement and guides reach member and rewards.
-    assert len(addresses) == 9, addresses
+    # The gateway reaches all five; engagement and guides reach member and
+    # rewards; rewards reaches member.
+    assert len(addresses) == 10, addresses
     for (cm, key), value in addresses.items():
         m = DNS_TARGET.match(value)
         assert m, f"{cm} {key}={value}: not a dns:/// target"
@@ -245,7 +246,7 @@ def test_network_policies_deny_by_default_and_admit_only_each_services_callers()
     deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
     assert any(set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} for p in deny)
     expected = callers(render)
-    assert expected["member"] == {"gateway", "engagement", "guides"}, expected
+    assert expected["member"] == {"gateway", "engagement", "guides", "rewards"}, expected
     for service, who in expected.items():
         admitted: set[str] = set()
         for p in policies:

@@ -32,7 +32,7 @@ from typing import Any
 from servicekit.db import Connection
 from servicekit.errors import DomainError, InvalidArgument
 
-from .. import merges
+from .. import members, merges
 from ..kernel import parse_member_id
 from . import repository as ledger
 from .domain import check_key, check_points, check_text, request_hash
@@ -252,11 +252,34 @@ async def bulk_earn(
     if not parsed:
         return [r for r in results if r is not None]
 
-    # Survivors of merges and erasures: one read.
+    # Ids the member service does not know (or erased): refused before any lock.
+    unknown = await points_ledger.member_refusals(p.member for p in parsed)
+    known: list[_Parsed] = []
+    for p in parsed:
+        if p.member in unknown:
+            results[p.index] = _refused(unknown[p.member])
+        else:
+            known.append(p)
+    parsed = known
+    if not parsed:
+        return [r for r in results if r is not None]
+
+    # Survivors of merges and erasures: one read, under the members' holds so
+    # an erasure being recorded is waited for and seen (members.hold_members).
+    sent = {p.member for p in parsed}
+    await members.hold_members(conn, sent)
     resolved = {
         r["member_id"]: (r["holder"], r["erased"])
-        for r in await conn.fetch(RESOLVE_SQL, list({p.member for p in parsed}))
+        for r in await conn.fetch(RESOLVE_SQL, list(sent))
     }
+    survivors = {h for h, _ in resolved.values()} - sent
+    if survivors:
+        # Merged ids: their survivors too, then read again (rare).
+        await members.hold_members(conn, survivors)
+        resolved = {
+            r["member_id"]: (r["holder"], r["erased"])
+            for r in await conn.fetch(RESOLVE_SQL, list(sent))
+        }
     live: list[_Parsed] = []
     for p in parsed:
         if resolved[p.member][1]:
@@ -386,7 +409,7 @@ async def _post(
             e_account.append("member_debt")
             e_member.append(holder)
             e_amount.append(repay)
-    members = list(delta)
+    credited = list(delta)
     written = await conn.fetchval(
         POST_SQL,
         txn_ids,
@@ -408,10 +431,10 @@ async def _post(
         l_points,
         l_earned,
         l_expires,
-        members,
-        [delta[m][0] for m in members],
-        [delta[m][1] for m in members],
-        [delta[m][2] for m in members],
+        credited,
+        [delta[m][0] for m in credited],
+        [delta[m][1] for m in credited],
+        [delta[m][2] for m in credited],
     )
     assert written == len(todo), "every claimed line is journalled"
 

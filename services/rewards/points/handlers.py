@@ -15,7 +15,7 @@ arrived yet: its key is given back, so the retry after the order applies.)
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -218,10 +218,22 @@ def spend_entries(
 
 class PointsLedger:
     def __init__(
-        self, policy: LedgerPolicy = DEFAULT_POLICY, rules: EarningRules | None = None
+        self,
+        policy: LedgerPolicy = DEFAULT_POLICY,
+        rules: EarningRules | None = None,
+        directory: members.MemberDirectory | None = None,
     ) -> None:
         self.policy = policy
         self.rules = rules or EarningRules()
+        # Which ids are members' (AdjustPoints, bulk earn); None: not asked
+        # (MEMBER_ADDR unset), only rewards' own erasure marks apply.
+        self.directory = directory
+
+    async def member_refusals(self, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, DomainError]:
+        """The ids the member service refuses (unknown or erased), with the error."""
+        if self.directory is None:
+            return {}
+        return await self.directory.refusals(ids)
 
     # ---- the member's lock and lazy maintenance ------------------------------
 
@@ -1093,12 +1105,23 @@ class PointsLedger:
         check_text(reason, "reason", "REASON", required=True)
         key = f"adjust:{check_key(idempotency_key)}"
         conn = uow.conn
+        refused = (await self.member_refusals([member])).get(member)
+        if refused is not None:
+            raise refused
+        sent = member
+        # As checkout and bulk earn: an absorbed (merged) id is its survivor's
+        # (the stored request keeps the id sent, so a retry still matches).
+        await members.hold_members(conn, [sent])
+        member = await merges.holder_of(conn, sent)
+        if member != sent:
+            await members.hold_members(conn, [member])
+            await refuse_erased(conn, sent)
         await refuse_erased(conn, member)
         _, stored = await self._claim(
             conn,
             key,
             "adjust",
-            {"member_id": str(member), "points": points, "operator": operator_id, "reason": reason},
+            {"member_id": str(sent), "points": points, "operator": operator_id, "reason": reason},
         )
         if stored is not None:
             return self._replay(stored, Adjustment.from_doc)
