@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 
+from servicekit.proxies import uvicorn_proxy_options
+
 from .app import build
 from .settings import ConsoleSettings
 
@@ -40,6 +42,7 @@ class ConsoleServer:
                 lifespan="on",
                 ssl_certfile=settings.console_tls_certfile if tls else None,
                 ssl_keyfile=settings.console_tls_keyfile if tls else None,
+                **uvicorn_proxy_options(settings.console_trusted_proxies),
             )
         )
         self._task: asyncio.Task[None] | None = None

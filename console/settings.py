@@ -37,6 +37,10 @@ class ConsoleSettings(CommonSettings):
     console_login_max_failures_per_account: int = Field(default=5, gt=0)
     console_login_max_failures_per_address: int = Field(default=20, gt=0)
     console_login_window_seconds: int = Field(default=900, gt=0)
+    # Peers trusted to name the client (X-Forwarded-For/-Proto): the ingress's
+    # addresses or CIDR ranges, comma-separated. Empty (default): none, the
+    # per-address log-in limit keys on the TCP peer (servicekit/proxies.py).
+    console_trusted_proxies: str = ""
     # TLS for the console itself: cookies are then always Secure.
     console_tls_certfile: str = ""
     console_tls_keyfile: str = ""

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2
 
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.dependencies import DependencyWatch, Probe, ping
+from servicekit.proxies import uvicorn_proxy_options
 from servicekit.safety import refuse_unsafe
 from servicekit.server import (
     Drain,
@@ -237,6 +238,7 @@ class Gateway:
             access_log=False,
             timeout_graceful_shutdown=s.shutdown_grace_seconds,  # type: ignore[arg-type]
             server_header=False,
+            **uvicorn_proxy_options(s.trusted_proxies),
         )
         server = _EmbeddedUvicorn(config)
         self.http_server = server

@@ -74,6 +74,10 @@ class GatewaySettings(CommonSettings):
     auth_failure_rate_per_second: float = Field(default=20.0, gt=0)
     auth_failure_burst: int = Field(default=200, ge=1)
     auth_failure_sources: int = Field(default=10_000, ge=1)
+    # HTTP peers trusted to name the client (X-Forwarded-For/-Proto): the
+    # ingress's addresses or CIDR ranges, comma-separated. Empty (default):
+    # none, so the per-source limit keys on the TCP peer (servicekit/proxies.py).
+    trusted_proxies: str = ""
     # The door's PostgreSQL pool: credential reloads and Idempotency-Key records.
     door_db_pool_max: int = Field(default=10, ge=2)
     # The credential cache is reloaded on a revocation epoch change, and at

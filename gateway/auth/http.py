@@ -104,8 +104,9 @@ def replay_body(body: bytes, then: Receive) -> Receive:
 
 
 def source_address(scope: Scope) -> str:
-    """The peer's address (behind an ingress: the ingress's, unless it is
-    configured to pass the client's address through, docs/api.md)."""
+    """The client's address: the TCP peer, or, when the peer is one of
+    TRUSTED_PROXIES (the ingress), the client it names in X-Forwarded-For
+    (uvicorn's ProxyHeadersMiddleware has already put it here)."""
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
 

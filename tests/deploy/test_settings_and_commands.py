@@ -102,7 +102,11 @@ OPTIONAL_SECRETS = {
 
 def env_names(cls: type[BaseSettings]) -> set[str]:
     prefix = str(cls.model_config.get("env_prefix") or "")
-    return {f"{prefix}{name}".upper() for name in cls.model_fields}
+    # A field with a validation alias is read under that name, without the prefix.
+    return {
+        (f.validation_alias if isinstance(f.validation_alias, str) else f"{prefix}{name}").upper()
+        for name, f in cls.model_fields.items()
+    }
 
 
 def container_env(render: Render, c: Obj) -> dict[str, str]:

@@ -456,3 +456,49 @@ async def test_expired_idempotency_records_are_pruned_in_batches(gateway: Gatewa
             "SELECT key_hash FROM gateway.idempotency_records WHERE client_id = $1", client
         )
     assert [bytes(r["key_hash"]) for r in left] == [bytes([3])]
+
+
+async def _limited_after_guesses(door: DoorUnderTest, guesser: str, other: str) -> int:
+    """Three wrong secrets sent as from `guesser` (X-Forwarded-For); the status
+    the right secret then gets as from `other`."""
+    console = await door.admin.create(ClientKind.OPERATOR_CONSOLE, "console behind ingress")
+    async with httpx.AsyncClient(base_url=door.url, timeout=10) as raw:
+        for _ in range(3):
+            wrong = await raw.post(
+                "/v1/auth/token",
+                json={"key_id": console.key_id, "secret": "guess"},
+                headers={"X-Forwarded-For": guesser},
+            )
+            assert_problem(wrong, 401, "KEY_INVALID")
+        right = await raw.post(
+            "/v1/auth/token",
+            json={"key_id": console.key_id, "secret": console.secret},
+            headers={"X-Forwarded-For": other},
+        )
+        again = await raw.post(
+            "/v1/auth/token",
+            json={"key_id": console.key_id, "secret": console.secret},
+            headers={"X-Forwarded-For": guesser},
+        )
+        assert_problem(again, 429, "AUTH_FAILURES_LIMITED")
+        return right.status_code
+
+
+async def test_behind_a_trusted_proxy_failed_sign_ins_count_per_forwarded_client(
+    make_door: MakeDoor,
+) -> None:
+    """TRUSTED_PROXIES names the ingress (here the test's own peer): one client
+    guessing behind it does not lock out another client behind it."""
+    door = await make_door(
+        auth_failure_burst=3, auth_failure_rate_per_second=0.01, trusted_proxies="127.0.0.1"
+    )
+    assert await _limited_after_guesses(door, "203.0.113.7", "198.51.100.9") == 200
+
+
+async def test_without_trusted_proxies_a_forwarded_address_is_ignored(
+    make_door: MakeDoor,
+) -> None:
+    """Default: the TCP peer is the source, whatever X-Forwarded-For claims, so
+    a guesser cannot dodge its budget by inventing addresses."""
+    door = await make_door(auth_failure_burst=3, auth_failure_rate_per_second=0.01)
+    assert await _limited_after_guesses(door, "203.0.113.7", "198.51.100.9") == 429

@@ -232,6 +232,43 @@ async def test_failed_log_ins_from_one_address_lock_that_address_for_every_accou
         assert (await log_in(client, victim)).status_code == 429
 
 
+async def _guess_then_log_in(
+    console: ConsoleServer, victim: str, guesser: str, operator_address: str
+) -> int:
+    """Six wrong log-ins as from `guesser` (X-Forwarded-For), then the
+    victim's right one as from `operator_address`: its status."""
+    async with browser(console) as client:
+        for i in range(6):
+            client.headers["X-Forwarded-For"] = guesser
+            assert (await log_in(client, f"guess-{i}", "wrong-password-123")).status_code == 401
+        client.headers["X-Forwarded-For"] = operator_address
+        return (await log_in(client, victim)).status_code
+
+
+async def test_behind_a_trusted_ingress_the_address_limit_keys_on_the_forwarded_client(
+    infra: Infra, clock: FakeClock, conn: asyncpg.Connection
+) -> None:
+    """CONSOLE_TRUSTED_PROXIES names the ingress (here the test's own peer): an
+    attacker behind it locks out its own address, not every operator's."""
+    victim = await operator(conn, ["viewer"])
+    async with own_console(infra, clock, console_trusted_proxies="127.0.0.1") as console:
+        assert await _guess_then_log_in(console, victim, "203.0.113.7", "198.51.100.9") == 303
+        # The guesser's own address is locked, even for the right password.
+        async with browser(console) as client:
+            client.headers["X-Forwarded-For"] = "203.0.113.7"
+            assert (await log_in(client, victim)).status_code == 429
+
+
+async def test_without_trusted_proxies_the_address_limit_keys_on_the_peer(
+    infra: Infra, clock: FakeClock, conn: asyncpg.Connection
+) -> None:
+    """Default: X-Forwarded-For is ignored (anyone can send it), so made-up
+    addresses do not dodge the limit: the peer is locked."""
+    victim = await operator(conn, ["viewer"])
+    async with own_console(infra, clock) as console:
+        assert await _guess_then_log_in(console, victim, "203.0.113.7", "198.51.100.9") == 429
+
+
 async def test_an_idle_session_expires_and_so_does_an_old_one(
     console: ConsoleServer, conn: asyncpg.Connection, clock: FakeClock
 ) -> None:
