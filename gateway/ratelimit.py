@@ -37,7 +37,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from servicekit.redis_client import RedisClient, tagged
+from servicekit.redis_client import RedisClient, load_scripts, tagged
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class Gatekeeper:
         """Load the script on every node before traffic does: otherwise a
         burst's first calls all find it missing (NOSCRIPT) and all load it,
         every call to every node of a cluster at once."""
-        self._script.sha = await self._redis.script_load(_SCRIPT)
+        await load_scripts(self._redis, [self._script])
 
     async def current_epoch(self) -> int | None:
         """The revocation epoch; None when Redis does not answer (or failed a

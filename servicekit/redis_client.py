@@ -11,6 +11,8 @@ command or script touches in one slot), so the same keys serve both.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -19,12 +21,15 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError, MaxConnectionsError, TimeoutError
+from redis.exceptions import ConnectionError, MaxConnectionsError, RedisError, TimeoutError
 
 # What every Redis-using class accepts: the two clients share the command API
 # the platform uses (streams, scripts, pipelines of one slot).
 RedisClient = Redis | RedisCluster
+
+log = logging.getLogger(__name__)
 
 # redis+cluster://a:1,b:2/ -> the plain scheme of its nodes.
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -166,3 +171,22 @@ def slot_of(key: str | bytes) -> int:
 def tagged(tag: str) -> str:
     """`{tag}`: every key starting with it lands in the same cluster slot."""
     return "{" + tag + "}"
+
+
+async def load_scripts(redis: RedisClient, scripts: Iterable[AsyncScript]) -> None:
+    """Load Lua scripts before traffic does: otherwise a burst's first calls
+    all find a script missing (NOSCRIPT) and all load it, every call to every
+    node of a cluster at once. On a cluster SCRIPT LOAD goes to every primary."""
+    for script in scripts:
+        script.sha = await redis.script_load(script.script)
+
+
+async def preload_scripts(redis: RedisClient, scripts: Iterable[AsyncScript], owner: str) -> bool:
+    """load_scripts at a process's start; with Redis down it only logs (the
+    first call then loads them, as redis-py does on NOSCRIPT)."""
+    try:
+        await load_scripts(redis, scripts)
+    except (RedisError, OSError) as exc:
+        log.warning("%s: scripts not loaded at start: %r", owner, exc)
+        return False
+    return True

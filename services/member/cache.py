@@ -143,6 +143,8 @@ class ResolveCache:
         self._fill = redis.register_script(_FILL)
         self._fence = redis.register_script(_FENCE)
         self._release = redis.register_script(_RELEASE)
+        # Loaded at the service's start (servicekit.redis_client.preload_scripts).
+        self.scripts = [self._fill, self._fence, self._release]
 
     def shard(self, value_hash: bytes) -> str:
         """The hash tag of an entry's shard (the entry and its generation)."""

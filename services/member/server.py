@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
+from servicekit.redis_client import preload_scripts
 from servicekit.retention import Retention
 from servicekit.safety import refuse_unsafe
 from servicekit.server import ServiceApp
@@ -47,6 +49,14 @@ def build(settings: ServiceSettings, clock: Callable[[], datetime] = _now) -> Se
         )
         velocity = VelocityWatch(
             app.redis, s.redis_namespace, s.velocity_stores, s.velocity_window_seconds, clock
+        )
+        # The cache's and the velocity watch's Lua scripts, loaded on every
+        # node now so the first calls do not all meet NOSCRIPT (as the
+        # gateway's gatekeeper does). wire runs inside ServiceApp.start, on
+        # its loop; the task ends on its own (success, or a logged failure).
+        scripts = [*(cache.scripts if cache is not None else []), *velocity.scripts]
+        app.scripts_loaded = asyncio.get_running_loop().create_task(  # type: ignore[attr-defined]
+            preload_scripts(app.redis, scripts, NAME), name="member-scripts"
         )
         member_pb2_grpc.add_MemberServiceServicer_to_server(
             MemberServicer(app.db, handlers, s.identify_max_attempts, cache, metrics, velocity),

@@ -99,6 +99,7 @@ class VelocityWatch:
         self._prefix = f"{namespace}:member:velocity:"
         self._clock = clock
         self._observe = redis.register_script(_OBSERVE)
+        self.scripts = [self._observe]
 
     def _keys(self, sighting: Sighting) -> list[str]:
         # The lookup hash already covers type, namespace and value; as the hash

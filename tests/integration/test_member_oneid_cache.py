@@ -5,6 +5,7 @@ refuses answers read before a commit."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -329,3 +330,43 @@ async def _serve_member_on_cluster(
     finally:
         await client.aclose()
         await app.stop()
+
+
+async def test_the_member_scripts_are_on_every_cluster_node_before_the_first_call(
+    redis_cluster: RedisClusterServers, infra: Infra
+) -> None:
+    """At start the member service loads the resolve cache's and the velocity
+    watch's Lua scripts on every primary (servicekit preload_scripts, as the
+    gateway's gatekeeper), so the first calls do not each meet NOSCRIPT."""
+    from services.member import cache as cache_module
+    from services.member import velocity as velocity_module
+    from services.member.server import build
+
+    shas = [
+        hashlib.sha1(script.encode()).hexdigest()
+        for script in (
+            cache_module._FILL,
+            cache_module._FENCE,
+            cache_module._RELEASE,
+            velocity_module._OBSERVE,
+        )
+    ]
+    client = create_redis(redis_cluster.url)
+    try:
+        # Forget what earlier tests loaded (on every primary).
+        await client.script_flush()
+        assert await client.script_exists(*shas) == [False] * len(shas)
+        app = build(
+            infra.service_settings(
+                redis_url=redis_cluster.url, redis_namespace=f"{infra.namespace}-sc-{tag()}"
+            )
+        )
+        await app.start()
+        try:
+            assert await app.scripts_loaded  # type: ignore[attr-defined]
+            # No member call was made: the scripts are there on every primary.
+            assert await client.script_exists(*shas) == [True] * len(shas)
+        finally:
+            await app.stop()
+    finally:
+        await client.aclose()
