@@ -401,6 +401,14 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         except GatewayError as exc:
             data, error = None, f"{exc.code}: {exc.message}"
         view = dashboard_view(name, data) if data is not None else None
+        # Said, not silently ignored: a filter a dashboard cannot apply (no
+        # store dimension) or applies to some figures only (gateway STORE_SCOPE).
+        scope = (data or {}).get("filter") or {}
+        store_filter = (
+            scope.get("store_filter", "applied")
+            if filters["store"] or filters["region"]
+            else "applied"
+        )
         return page(
             request,
             "dashboard.html",
@@ -409,6 +417,8 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             filters=filters,
             view=view,
             error=error,
+            store_filter=store_filter,
+            store_filter_applies_to=scope.get("store_filter_applies_to", []),
             series_labels=series_labels(locale_of(session)),
         )
 

@@ -55,6 +55,14 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "filter.store": ("门店", "Store"),
     "filter.region": ("区域", "Region"),
     "filter.apply": ("查询", "Apply"),
+    "filter.not_applicable": (
+        "门店 / 区域筛选不适用于此看板：以下为全品牌数据",
+        "The store / region filter does not apply to this dashboard: brand-wide figures",
+    ),
+    "filter.partial": (
+        "门店 / 区域筛选只作用于部分数据，其余为全品牌数据。已筛选：",
+        "The store / region filter narrows only some figures; the rest are brand-wide. Filtered:",
+    ),
     "dash.no_data": ("该条件下没有数据", "No data for this filter"),
     "dash.unavailable": ("数据暂不可用", "Figures unavailable"),
     "reviews.members": ("涉及会员", "Members"),

@@ -78,8 +78,33 @@ class Filter(BaseModel):
     # The stores the filter resolved to; null = every store (no filter).
     store_ids: list[str] | None
     time_zone: str = BRAND_TIME_ZONE
+    # What the store / region filter narrows on this dashboard (STORE_SCOPE):
+    # "applied" every number, "partial" only the fields in
+    # store_filter_applies_to, "not_applicable" none (no store dimension).
+    store_filter: str = "applied"
+    store_filter_applies_to: list[str] = []
 
     model_config = ConfigDict(serialize_by_alias=True)
+
+
+# Which numbers of each dashboard have a store dimension, as the owning
+# service's SQL filters them (by_store / store_ids of AnalyticsFilter): the
+# answer says so, so a filtered view never silently shows brand-wide numbers.
+STORE_SCOPE: dict[str, tuple[str, list[str]]] = {
+    # member: new members by their enrolment store; rewards: orders by store.
+    "overview": ("applied", []),
+    # Order-linked earns and spends only; liability and expiry are brand-wide.
+    "points": ("partial", ["by_day.earned", "by_day.spent"]),
+    # Redemptions by the order's store; issuing has no store.
+    "coupons": ("partial", ["by_store"]),
+    # Tiers, segments, lifecycle, referrals and journeys are per member with
+    # no store recorded on them.
+    "tiers": ("not_applicable", []),
+    "segments": ("not_applicable", []),
+    "lifecycle": ("not_applicable", []),
+    "referral": ("not_applicable", []),
+    "journeys": ("not_applicable", []),
+}
 
 
 def parse_range(from_value: str, to_value: str) -> tuple[date, date]:
@@ -87,7 +112,12 @@ def parse_range(from_value: str, to_value: str) -> tuple[date, date]:
 
 
 async def resolve_filter(
-    request: Request, from_value: str, to_value: str, store: str | None, region: str | None
+    request: Request,
+    from_value: str,
+    to_value: str,
+    store: str | None,
+    region: str | None,
+    dashboard: str,
 ) -> tuple[Filter, common_pb2.AnalyticsFilter]:
     first, last = parse_range(from_value, to_value)
     store_ids: list[str] | None = None
@@ -105,8 +135,17 @@ async def resolve_filter(
             for code, s in known.items()
             if (not store or code == store) and (not region or s.city == region)
         )
+    scope, applies_to = STORE_SCOPE[dashboard]
     resolved = Filter.model_validate(
-        {"from": first, "to": last, "store": store, "region": region, "store_ids": store_ids}
+        {
+            "from": first,
+            "to": last,
+            "store": store,
+            "region": region,
+            "store_ids": store_ids,
+            "store_filter": scope,
+            "store_filter_applies_to": applies_to,
+        }
     )
     wire = common_pb2.AnalyticsFilter(
         from_day=first.isoformat(),
@@ -144,6 +183,8 @@ FILTER_EXAMPLE: JsonDict = {
     "region": "上海",
     "store_ids": ["SH001", "SH002"],
     "time_zone": BRAND_TIME_ZONE,
+    "store_filter": "applied",
+    "store_filter_applies_to": [],
 }
 DEFINITIONS_EXAMPLE: JsonDict = {"repurchase_rate": "Of the members who ordered within ..."}
 
@@ -576,7 +617,7 @@ async def overview(
     store: StoreCode = None,
     region: Region = None,
 ) -> Overview:
-    resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
+    resolved, wire = await resolve_filter(request, from_day, to_day, store, region, "overview")
     d = downstreams(request)
     members, orders = await asyncio.gather(
         d.member.analytics("GetMemberAnalytics", wire),
@@ -624,7 +665,7 @@ async def tiers(
     store: StoreCode = None,
     region: Region = None,
 ) -> Tiers:
-    resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
+    resolved, wire = await resolve_filter(request, from_day, to_day, store, region, "tiers")
     t = await downstreams(request).tiering.analytics("GetTierAnalytics", wire)
     return Tiers(
         filter=resolved,
@@ -662,7 +703,7 @@ async def segments(
     store: StoreCode = None,
     region: Region = None,
 ) -> Segments:
-    resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
+    resolved, wire = await resolve_filter(request, from_day, to_day, store, region, "segments")
     s = await downstreams(request).tiering.analytics("GetSegmentAnalytics", wire)
     return Segments(
         filter=resolved,
@@ -687,7 +728,7 @@ async def lifecycle(
     store: StoreCode = None,
     region: Region = None,
 ) -> Lifecycle:
-    resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
+    resolved, wire = await resolve_filter(request, from_day, to_day, store, region, "lifecycle")
     s = await downstreams(request).tiering.analytics("GetSegmentAnalytics", wire)
     return Lifecycle(
         filter=resolved,
@@ -718,7 +759,7 @@ async def points(
     store: StoreCode = None,
     region: Region = None,
 ) -> Points:
-    resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
+    resolved, wire = await resolve_filter(request, from_day, to_day, store, region, "points")
     p = await downstreams(request).rewards.analytics("GetPointsAnalytics", wire)
     value = p.points_value_fen
     return Points(
@@ -756,7 +797,7 @@ async def coupons(
     store: StoreCode = None,
     region: Region = None,
 ) -> Coupons:
-    resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
+    resolved, wire = await resolve_filter(request, from_day, to_day, store, region, "coupons")
     c = await downstreams(request).rewards.analytics("GetCouponAnalytics", wire)
     return Coupons(
         filter=resolved,
@@ -803,7 +844,7 @@ async def referral(
     store: StoreCode = None,
     region: Region = None,
 ) -> Referral:
-    resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
+    resolved, wire = await resolve_filter(request, from_day, to_day, store, region, "referral")
     r = await downstreams(request).rewards.analytics("GetReferralAnalytics", wire)
     return Referral(
         filter=resolved,
@@ -835,7 +876,7 @@ async def journeys(
     store: StoreCode = None,
     region: Region = None,
 ) -> Journeys:
-    resolved, wire = await resolve_filter(request, from_day, to_day, store, region)
+    resolved, wire = await resolve_filter(request, from_day, to_day, store, region, "journeys")
     j = await downstreams(request).engagement.analytics("GetJourneyAnalytics", wire)
     return Journeys(
         filter=resolved,

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from gateway.api.analytics import STORE_SCOPE
 from gateway.app import Gateway, build
 from gateway.auth.admin import ClientAdmin
 from gateway.auth.client import HmacAuth
@@ -131,6 +132,8 @@ async def test_a_viewer_reads_every_dashboard_and_nothing_else(
             "region": None,
             "store_ids": None,
             "time_zone": "Asia/Shanghai",
+            "store_filter": STORE_SCOPE[name][0],
+            "store_filter_applies_to": STORE_SCOPE[name][1],
         }
         assert body["definitions"] == definitions(name) and body["definitions"]
     overview = (await viewer.get("/v1/admin/analytics/overview", params=OLD)).json()
@@ -185,6 +188,31 @@ async def test_bad_filters_are_named(
         reply = await viewer.get(f"/v1/admin/analytics/{name}", params=params)
         assert reply.status_code == status, reply.text[:300]
         assert (reply.json()["code"], reply.json()["field"]) == (code, field)
+
+
+async def test_every_dashboard_says_what_the_store_filter_narrows(
+    viewer: httpx.AsyncClient, demo_stores: list[str]
+) -> None:
+    """A store filter is never silently ignored: a dashboard whose figures have
+    no store dimension says it does not apply, one that narrows some figures
+    names them."""
+    said = {}
+    for name in DASHBOARDS:
+        reply = await viewer.get(f"/v1/admin/analytics/{name}", params=OLD | {"store": "SH001"})
+        assert reply.status_code == 200, (name, reply.text)
+        f = reply.json()["filter"]
+        assert f["store_ids"] == ["SH001"]
+        said[name] = (f["store_filter"], f["store_filter_applies_to"])
+    assert said == {
+        "overview": ("applied", []),
+        "points": ("partial", ["by_day.earned", "by_day.spent"]),
+        "coupons": ("partial", ["by_store"]),
+        "tiers": ("not_applicable", []),
+        "segments": ("not_applicable", []),
+        "lifecycle": ("not_applicable", []),
+        "referral": ("not_applicable", []),
+        "journeys": ("not_applicable", []),
+    }
 
 
 async def test_a_region_resolves_to_its_stores_and_counts_their_orders(

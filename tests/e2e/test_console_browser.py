@@ -298,7 +298,66 @@ async def test_every_dashboard_renders_the_numbers_the_api_answers(
     assert shown_orders == str(only["orders"]["orders"])
     # This module's activity is in both: SH001's orders are some, not all, of the brand's.
     assert 0 < only["orders"]["orders"] < everywhere["orders"]["orders"]
+    # A store filter a dashboard cannot apply is said, not silently ignored.
+    notices = {}
+    for name in DASHBOARDS:
+        await page.goto(f"{console.url}/dashboards/{name}?store=SH001")
+        notice = page.locator("#store-filter-notice")
+        notices[name] = await notice.get_attribute("data-scope") if await notice.count() else None
+    assert notices == {
+        "overview": None,
+        "points": "partial",
+        "coupons": "partial",
+        "tiers": "not_applicable",
+        "segments": "not_applicable",
+        "lifecycle": "not_applicable",
+        "referral": "not_applicable",
+        "journeys": "not_applicable",
+    }
+    # Without a store or region there is nothing to say.
+    await page.goto(f"{console.url}/dashboards/tiers")
+    assert await page.locator("#store-filter-notice").count() == 0
     await page.close()
+
+
+async def test_a_store_filter_a_dashboard_cannot_apply_is_said(
+    console: ConsoleServer, console_gateway: Gateway, operators: dict[str, str]
+) -> None:
+    """Over plain HTTP (no browser): with a store filter, each dashboard's page
+    says whether the filter applies (gateway STORE_SCOPE), never silently
+    showing brand-wide figures as the store's; without one it says nothing."""
+    async with httpx.AsyncClient(base_url=console.url, timeout=30) as client:
+        form = await client.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert token, form.text
+        signed = await client.post(
+            "/login",
+            data={
+                "csrf_token": token.group(1),
+                "username": operators["viewer"],
+                "password": PASSWORD,
+                "totp": "",
+            },
+        )
+        assert signed.status_code == 303, signed.text
+        said = {}
+        for name in DASHBOARDS:
+            html = (await client.get(f"/dashboards/{name}", params={"store": "SH001"})).text
+            assert 'id="dashboard-error"' not in html, (name, html)
+            found = re.search(r'id="store-filter-notice" data-scope="(\w+)"', html)
+            said[name] = found.group(1) if found else None
+        unfiltered = (await client.get("/dashboards/tiers")).text
+    assert said == {
+        "overview": None,
+        "points": "partial",
+        "coupons": "partial",
+        "tiers": "not_applicable",
+        "segments": "not_applicable",
+        "lifecycle": "not_applicable",
+        "referral": "not_applicable",
+        "journeys": "not_applicable",
+    }
+    assert 'id="store-filter-notice"' not in unfiltered
 
 
 async def merge_review(http: httpx.AsyncClient, wechat: FakeWeChatServer) -> str:
