@@ -124,13 +124,14 @@ async def programme_at(conn: Connection, programme_id: str, at: datetime) -> Tie
 
 
 async def programme_versions(
-    conn: Connection, programme_id: str, at: datetime
+    conn: Connection, programme_id: str, at: datetime | None
 ) -> list[TierProgramme]:
-    """Every version of a programme that took effect by `at`, oldest first: a
-    member's periods are each decided under the version in force then."""
+    """Every version of a programme that took effect by `at` (None: all of
+    them), oldest first: a member's periods are each decided under the
+    version in force then."""
     rows = await conn.fetch(
         f"SELECT {PROGRAMME_COLUMNS} FROM tiering.tier_programmes"
-        " WHERE programme_id = $1 AND effective_from <= $2"
+        " WHERE programme_id = $1 AND ($2::timestamptz IS NULL OR effective_from <= $2)"
         " ORDER BY effective_from, version",
         programme_id,
         at,
