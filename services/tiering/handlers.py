@@ -328,7 +328,6 @@ class TieringHandlers:
         ordered_at = (
             to_datetime(order.ordered_at) or to_datetime(event.envelope.occurred_at) or self.now()
         )
-        conn = uow.conn
         programme = _latest(await self._versions(uow, ordered_at))
         rules_programme = programme or _latest(await self._versions(uow, self.now()))
         growth = (
@@ -337,16 +336,18 @@ class TieringHandlers:
             else order.paid_amount_fen // DEFAULT_RULES.order_fen_per_point
         )
         order_id = order.order_id or event.envelope.event_id
-        if not await repo.insert_order(
-            conn, order_id, member_id, ordered_at, order.paid_amount_fen, growth
+        tz = (rules_programme.rules if rules_programme else DEFAULT_RULES).tz
+        if not await repo.record_order(
+            uow.conn,
+            order_id,
+            member_id,
+            ordered_at,
+            order.paid_amount_fen,
+            growth,
+            ordered_at.astimezone(tz).date(),
         ):
             log.info("order %s already counted", order_id)
             return
-        await repo.add_order(conn, member_id, order.paid_amount_fen, ordered_at)
-        tz = (rules_programme.rules if rules_programme else DEFAULT_RULES).tz
-        await repo.insert_growth(
-            conn, member_id, "order", order_id, growth, ordered_at, ordered_at.astimezone(tz).date()
-        )
         await self.evaluate(uow, member_id, ordered_at)
 
     async def on_order_refunded(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
