@@ -1,15 +1,20 @@
 """Event consumers: Redis Streams consumer groups with exactly-once effects.
 
-Each event is handled inside a database transaction that first records
+Each event is handled inside a database transaction that also records
 (consumer, event_id) in the service's processed_events table; a redelivered
-event finds its id there and changes nothing. The events of one read share
-one transaction, each in its own savepoint: under load a read returns many
-events and the service pays one COMMIT (a WAL flush) for all of them instead
-of one per event, while a failing event still rolls back alone. An event whose
-handler fails stays pending and is retried after `retry_after_ms`; after
+event finds its id there and changes nothing. The events of one read (of every
+stream the read covers) share one transaction: one processed_events statement
+for all of them, then each new one's handler, then one COMMIT (a WAL flush) for
+the lot. A read that returns fewer events than a batch waits `linger_ms` and
+reads once more without blocking, so at tens of events a second a commit
+carries several events instead of one. If anything in that transaction fails,
+it is rolled back whole and the read is applied again one event at a time,
+each in its own savepoint (read alone: its own transaction), so a failing
+event rolls back alone while its neighbours commit; handlers must keep their
+effects in the transaction (a rolled-back batch runs them again). An event
+whose handler fails stays pending and is retried after `retry_after_ms`; after
 `max_attempts` deliveries it is parked on a dead-letter stream with the error
-and acknowledged, so one poison event never blocks the rest. An event read
-alone gets a transaction of its own (no savepoint to pay for).
+and acknowledged, so one poison event never blocks the rest.
 
 Durable events (servicekit/outbox.py): every entry carries its producer's
 sequence number, and processed_events records it (events of types this group
@@ -31,7 +36,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +118,17 @@ class Subscription:
     handler: Handler
 
 
+@dataclass(frozen=True, slots=True)
+class _Routed:
+    """One entry of a read, for a subscription of this group."""
+
+    stream: str
+    entry_id: str
+    envelope: events_pb2.EventEnvelope
+    sub: Subscription
+    seq: int | None
+
+
 class EventConsumer:
     def __init__(
         self,
@@ -127,6 +143,7 @@ class EventConsumer:
         batch_size: int = 100,
         gap_grace_seconds: float = 5.0,
         check_interval_seconds: float = 1.0,
+        linger_ms: float = 0.0,
     ) -> None:
         self.group = group
         self._db = db
@@ -138,6 +155,7 @@ class EventConsumer:
         self._batch_size = batch_size
         self._gap_grace = gap_grace_seconds
         self._check_interval = check_interval_seconds
+        self._linger = linger_ms / 1000
         self._consumer_name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._stopping = False
         # stream -> {event type -> subscription}
@@ -219,15 +237,18 @@ class EventConsumer:
                 if upkeep and loop.time() - last_check >= self._check_interval:
                     last_check = loop.time()
                     await self.check_cursors()
-                replies: Any = await self._redis.xreadgroup(
-                    self.group,
-                    self._consumer_name,
-                    reading,  # type: ignore[arg-type]
-                    count=self._batch_size,
-                    block=self._block_ms,
-                )
-                for stream, entries in replies or []:
-                    await self._deliver_batch(_text(stream), entries)
+                read = await self._read(reading, self._batch_size, self._block_ms)
+                got = sum(len(entries) for entries in read.values())
+                if got and self._linger and got < self._batch_size:
+                    # Gather what arrives within the linger into the same
+                    # commit: at tens of events a second a read otherwise
+                    # returns one event, and each paid a transaction of its own.
+                    await asyncio.sleep(self._linger)
+                    more = await self._read(reading, self._batch_size - got, None)
+                    for stream, entries in more.items():
+                        read.setdefault(stream, []).extend(entries)
+                if read:
+                    await self._deliver(read)
                 if upkeep and loop.time() - last_retry >= self._retry_after_ms / 1000:
                     last_retry = loop.time()
                     await self.retry_pending()
@@ -245,9 +266,25 @@ class EventConsumer:
                 log.exception("event consumer %s failed; retrying", self.group)
                 await asyncio.sleep(1)
 
+    async def _read(
+        self, reading: dict[str, str], count: int, block: int | None
+    ) -> dict[str, list[tuple[Any, Any]]]:
+        """One XREADGROUP: entries by stream (`block` None: answer at once)."""
+        replies: Any = await self._redis.xreadgroup(
+            self.group,
+            self._consumer_name,
+            reading,  # type: ignore[arg-type]
+            count=count,
+            block=block,
+        )
+        return {_text(stream): list(entries) for stream, entries in replies or [] if entries}
+
     def configure_gaps(self, grace_seconds: float, check_interval_seconds: float) -> None:
         self._gap_grace = grace_seconds
         self._check_interval = check_interval_seconds
+
+    def configure_linger(self, linger_ms: float) -> None:
+        self._linger = linger_ms / 1000
 
     async def check_cursors(self) -> None:
         for stream in self._routes:
@@ -432,73 +469,140 @@ class EventConsumer:
                 # PEL; 6.2 returns it without an id or fields, nothing to ack.
                 live = [(i, f) for i, f in entries if i is not None and f is not None]
                 if live:
-                    await self._deliver_batch(stream, live)
+                    await self._deliver({stream: live})
                 if start == "0-0" or not entries:
                     break
 
-    async def _deliver_batch(self, stream: str, entries: list[tuple[Any, Any]]) -> None:
-        """Handle one read's entries in one transaction (in member order when
-        every entry names its member), then acknowledge them."""
-        routed: list[tuple[str, events_pb2.EventEnvelope, Subscription, int | None]] = []
-        done: list[str] = []  # entries to acknowledge after the commit
-        skipped: list[tuple[str, int]] = []  # (event id, seq) of events not for this group
-        for raw_id, fields in entries:
-            entry_id = _text(raw_id)
-            raw = fields.get(ENVELOPE_FIELD)
-            seq = _seq(fields)
-            envelope = events_pb2.EventEnvelope()
-            try:
-                if raw is None:
-                    raise ValueError("stream entry has no envelope field")
-                envelope.ParseFromString(raw)
-            except Exception as exc:
-                await self._dead_letter(
-                    stream, entry_id, raw or b"", f"unreadable envelope: {exc}", 1, seq
-                )
-                continue
-            sub = self._routes.get(stream, {}).get(envelope.event_type)
-            if sub is None:  # an event this consumer does not care about
-                done.append(entry_id)
-                if seq is not None:
-                    skipped.append((envelope.event_id, seq))
-            else:
-                routed.append((entry_id, envelope, sub, seq))
-        if all(envelope.member_id for _, envelope, _, _ in routed):
+    async def _deliver(self, read: dict[str, list[tuple[Any, Any]]]) -> None:
+        """Handle one read's entries (of every stream it read) in one
+        transaction, in member order when every entry names its member, then
+        acknowledge them."""
+        routed: list[_Routed] = []
+        skipped: list[tuple[str, str, int]] = []  # (producer, event id, seq) not for this group
+        acks: dict[str, list[str]] = {}  # entries to acknowledge after the commit
+        for stream, entries in read.items():
+            done = acks.setdefault(stream, [])
+            routes = self._routes.get(stream, {})
+            for raw_id, fields in entries:
+                entry_id = _text(raw_id)
+                raw = fields.get(ENVELOPE_FIELD)
+                seq = _seq(fields)
+                envelope = events_pb2.EventEnvelope()
+                try:
+                    if raw is None:
+                        raise ValueError("stream entry has no envelope field")
+                    envelope.ParseFromString(raw)
+                except Exception as exc:
+                    await self._dead_letter(
+                        stream, entry_id, raw or b"", f"unreadable envelope: {exc}", 1, seq
+                    )
+                    continue
+                sub = routes.get(envelope.event_type)
+                if sub is None:  # an event this consumer does not care about
+                    done.append(entry_id)
+                    if seq is not None:
+                        skipped.append((self._producers[stream], envelope.event_id, seq))
+                else:
+                    routed.append(_Routed(stream, entry_id, envelope, sub, seq))
+        if all(r.envelope.member_id for r in routed):
             # Lock members in id order, as every batch job does (tiering's
             # recompute chunks): a read's transaction holds its members' rows
             # until it commits, and in arrival order it could deadlock with a
             # chunk. Stable: one member's events keep their order (no consumer
             # may depend on the order across members).
-            routed.sort(key=lambda r: r[1].member_id)
+            routed.sort(key=lambda r: r.envelope.member_id)
         if len(routed) == 1:  # alone: its own transaction, no savepoint to pay for
-            entry_id, envelope, sub, seq = routed[0]
-            if await self._handle(None, stream, entry_id, envelope, sub, seq):
-                done.append(entry_id)
+            r = routed[0]
+            if await self._handle(None, r, skipped):
+                acks[r.stream].append(r.entry_id)
+            elif skipped:  # rolled back with it: they still count on the cursor
+                await self._record(self._db.pool, [], skipped)
         elif routed:
-            async with self._db.unit_of_work() as batch:
-                for entry_id, envelope, sub, seq in routed:
-                    if await self._handle(batch, stream, entry_id, envelope, sub, seq):
-                        done.append(entry_id)
-                if skipped:
-                    await self._record_skipped(batch.conn, stream, skipped)
-                    skipped = []
-        if skipped:
-            async with self._db.pool.acquire() as conn:
-                await self._record_skipped(conn, stream, skipped)
-        if done:
-            await self._redis.xack(stream, self.group, *done)
+            if await self._apply_together(routed, skipped):
+                for r in routed:
+                    acks[r.stream].append(r.entry_id)
+            else:
+                await self._apply_one_by_one(routed, skipped, acks)
+        elif skipped:
+            await self._record(self._db.pool, [], skipped)
+        await self._ack({stream: ids for stream, ids in acks.items() if ids})
 
-    async def _record_skipped(self, conn: Any, stream: str, skipped: list[tuple[str, int]]) -> None:
-        """Events of types this group does not handle still count on the cursor."""
-        await conn.execute(
+    async def _ack(self, acks: dict[str, list[str]]) -> None:
+        if len(acks) == 1:
+            [(stream, ids)] = acks.items()
+            await self._redis.xack(stream, self.group, *ids)
+        elif acks:  # on a cluster the pipeline sends each stream's XACK to its node
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream, ids in acks.items():
+                    pipe.xack(stream, self.group, *ids)
+                await pipe.execute()
+
+    async def _record(
+        self, conn: Any, routed: list[_Routed], skipped: list[tuple[str, str, int]]
+    ) -> set[uuid.UUID]:
+        """Record a batch's events in processed_events in one statement (the
+        handled ones, and those of types this group does not handle, which
+        still count on the cursor); returns the ids recorded now, i.e. not
+        applied before."""
+        ids = [r.envelope.event_id for r in routed] + [e for _, e, _ in skipped]
+        producers = [r.sub.producer if r.seq is not None else None for r in routed]
+        producers += [p for p, _, _ in skipped]
+        seqs = [r.seq for r in routed] + [s for _, _, s in skipped]
+        rows = await conn.fetch(
             f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id, producer, seq)"
-            " SELECT $1, e, $2, s FROM unnest($3::uuid[], $4::bigint[]) AS t(e, s)"
-            " ON CONFLICT DO NOTHING",
+            " SELECT $1, e, p, s FROM unnest($2::uuid[], $3::text[], $4::bigint[]) AS t(e, p, s)"
+            " ON CONFLICT DO NOTHING RETURNING event_id",
             self.group,
-            self._producers[stream],
-            [event_id for event_id, _ in skipped],
-            [seq for _, seq in skipped],
+            ids,
+            producers,
+            seqs,
         )
+        return {row["event_id"] for row in rows}
+
+    async def _apply_together(
+        self, routed: list[_Routed], skipped: list[tuple[str, str, int]]
+    ) -> bool:
+        """The common case: every event of the read in one transaction with
+        one processed_events statement and no savepoints. False if anything
+        failed: the whole transaction is rolled back and nothing is recorded,
+        for `_apply_one_by_one` to find the event at fault."""
+        try:
+            async with self._db.unit_of_work() as uow:
+                fresh = await self._record(uow.conn, routed, skipped)
+                for r in routed:
+                    key = uuid.UUID(r.envelope.event_id)
+                    if key in fresh:  # not applied before, nor earlier in this read
+                        fresh.discard(key)
+                        with self._span(r):
+                            await r.sub.handler(uow, self._received(r))
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info(
+                "event consumer %s: a read of %d events failed together (%r);"
+                " applying them one by one",
+                self.group,
+                len(routed),
+                exc,
+            )
+            return False
+
+    async def _apply_one_by_one(
+        self,
+        routed: list[_Routed],
+        skipped: list[tuple[str, str, int]],
+        acks: dict[str, list[str]],
+    ) -> None:
+        """After a read failed together: each event in its own savepoint of
+        one transaction, so a failing event rolls back alone and is retried or
+        dead-lettered while its neighbours commit."""
+        async with self._db.unit_of_work() as batch:
+            for r in routed:
+                if await self._handle(batch, r):
+                    acks[r.stream].append(r.entry_id)
+            if skipped:
+                await self._record(batch.conn, [], skipped)
 
     @contextlib.asynccontextmanager
     async def _isolated(self, batch: UnitOfWork | None) -> AsyncIterator[UnitOfWork]:
@@ -510,48 +614,50 @@ class EventConsumer:
             async with batch.conn.transaction():
                 yield batch
 
+    @contextlib.contextmanager
+    def _span(self, r: _Routed) -> Iterator[None]:
+        token = otel_context.attach(extract_context(r.envelope.trace_context))
+        try:
+            with tracer.start_as_current_span(
+                f"consume {r.envelope.event_type}",
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"messaging.system": "redis", "messaging.destination.name": r.stream},
+            ):
+                yield
+        finally:
+            otel_context.detach(token)
+
+    @staticmethod
+    def _received(r: _Routed) -> ReceivedEvent:
+        return ReceivedEvent(
+            r.stream, r.entry_id, r.envelope, unpack(r.envelope, r.sub.message_type)
+        )
+
     async def _handle(
         self,
         batch: UnitOfWork | None,
-        stream: str,
-        entry_id: str,
-        envelope: events_pb2.EventEnvelope,
-        sub: Subscription,
-        seq: int | None = None,
+        r: _Routed,
+        skipped: list[tuple[str, str, int]] | None = None,
     ) -> bool:
-        """Apply one event in its own transaction (see `_isolated`); False if
-        it failed (its effects rolled back, the entry left pending or
-        dead-lettered)."""
-        token = otel_context.attach(extract_context(envelope.trace_context))
+        """Apply one event in its own transaction (see `_isolated`), recording
+        `skipped` with it; False if it failed (its effects rolled back, the
+        entry left pending or dead-lettered)."""
+        envelope = r.envelope
         try:
-            with tracer.start_as_current_span(
-                f"consume {envelope.event_type}",
-                kind=trace.SpanKind.CONSUMER,
-                attributes={"messaging.system": "redis", "messaging.destination.name": stream},
-            ):
-                event = ReceivedEvent(
-                    stream, entry_id, envelope, unpack(envelope, sub.message_type)
-                )
+            with self._span(r):
+                event = self._received(r)
                 async with self._isolated(batch) as uow:
-                    first_time = await uow.conn.fetchval(
-                        f"INSERT INTO {self._db.schema}.processed_events"
-                        " (consumer, event_id, producer, seq)"
-                        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
-                        self.group,
-                        envelope.event_id,
-                        sub.producer if seq is not None else None,
-                        seq,
-                    )
-                    if first_time:
-                        await sub.handler(uow, event)
+                    first_time = await self._record(uow.conn, [r], skipped or [])
+                    if uuid.UUID(r.envelope.event_id) in first_time:
+                        await r.sub.handler(uow, event)
             return True
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            attempts = await self._delivery_count(stream, entry_id)
+            attempts = await self._delivery_count(r.stream, r.entry_id)
             if attempts >= self._max_attempts:
                 await self._dead_letter(
-                    stream, entry_id, envelope.SerializeToString(), repr(exc), attempts, seq
+                    r.stream, r.entry_id, envelope.SerializeToString(), repr(exc), attempts, r.seq
                 )
             else:
                 log.warning(
@@ -563,8 +669,6 @@ class EventConsumer:
                     exc,
                 )
             return False
-        finally:
-            otel_context.detach(token)
 
     async def _delivery_count(self, stream: str, entry_id: str) -> int:
         pending = await self._redis.xpending_range(

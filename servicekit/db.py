@@ -111,6 +111,9 @@ class UnitOfWork:
         self._conn: Any = None
         self._tx: Any = None
         self._emitted = 0
+        # Reads that stay put for one transaction (a programme's versions),
+        # kept once for it: a consumer applies a whole read of events in one.
+        self.memo: dict[Any, Any] = {}
 
     @property
     def conn(self) -> asyncpg.Connection:

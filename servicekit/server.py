@@ -301,6 +301,7 @@ class ServiceApp:
         consumer.configure_gaps(
             self.settings.event_gap_grace_seconds, self.settings.event_check_interval_seconds
         )
+        consumer.configure_linger(self.settings.event_linger_ms)
         self.consumers.append(consumer)
 
     async def start(self) -> int:

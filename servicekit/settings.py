@@ -79,6 +79,10 @@ class ServiceSettings(CommonSettings):
     # a gap: it asks the producer to replay. Checked every check interval.
     event_gap_grace_seconds: float = Field(default=5.0, ge=0)
     event_check_interval_seconds: float = Field(default=1.0, gt=0)
+    # A consumer's read that returns less than a batch waits this long and
+    # reads again, so one commit carries the events arriving meanwhile
+    # (servicekit/consumer.py; 0: each read is applied as it comes).
+    event_linger_ms: float = Field(default=20.0, ge=0, le=1000)
     # processed_events rows (consumer dedup) are kept this long, then pruned
     # every prune_interval_seconds (servicekit/retention.py says why it is safe).
     processed_events_retention_hours: float = Field(default=168.0, gt=0)

@@ -10,6 +10,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from servicekit.db import Connection
 
@@ -407,6 +408,25 @@ async def take_parked(
         " RETURNING event, attributes::text AS attributes, occurred_at, id",
         member_id,
     )
+    return _parked_in_order(rows)
+
+
+async def introduce(
+    conn: Connection, member_id: uuid.UUID
+) -> list[tuple[str, dict[str, str], datetime]]:
+    """ensure_member and take_parked in one statement (one round trip; every
+    consumed order introduces its member)."""
+    rows = await conn.fetch(
+        "WITH known AS (INSERT INTO engagement.member_facts (member_id) VALUES ($1)"
+        " ON CONFLICT DO NOTHING)"
+        " DELETE FROM engagement.parked_events WHERE member_id = $1"
+        " RETURNING event, attributes::text AS attributes, occurred_at, id",
+        member_id,
+    )
+    return _parked_in_order(rows)
+
+
+def _parked_in_order(rows: list[Any]) -> list[tuple[str, dict[str, str], datetime]]:
     rows = sorted(rows, key=lambda r: r["id"])
     return [(r["event"], json.loads(r["attributes"]), r["occurred_at"]) for r in rows]
 

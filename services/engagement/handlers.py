@@ -339,9 +339,8 @@ class EngagementHandlers:
         """The member is known now (registration, or any event from a service
         that knows them): first replay what was parked for them, in order,
         since it happened before the introducing event."""
-        await facts_repo.ensure_member(uow.conn, mid)
         enrolled: list[str] = []
-        for parked, attrs, parked_at in await facts_repo.take_parked(uow.conn, mid):
+        for parked, attrs, parked_at in await facts_repo.introduce(uow.conn, mid):
             enrolled += (await self.ingest(uow, parked, str(mid), attrs, parked_at)).enrolled
         return enrolled
 

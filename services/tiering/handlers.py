@@ -204,6 +204,17 @@ class TieringHandlers:
                 "the member was erased", code="MEMBER_ERASED", field="member_id"
             )
 
+    async def _versions(self, uow: UnitOfWork, at: datetime) -> list[TierProgramme]:
+        """The programme's versions in force by `at`, oldest first (as
+        repo.programme_versions), read once per transaction: the consumer
+        applies a whole read of orders in one, and each order asked for them
+        two or three times."""
+        key = ("tiering.programme_versions", self.programme_id)
+        every = uow.memo.get(key)
+        if every is None:
+            every = uow.memo[key] = await repo.programme_versions(uow.conn, self.programme_id, None)
+        return [p for p in every if p.effective_from <= at]
+
     # ---- evaluation core ----------------------------------------------------------
 
     async def evaluate(
@@ -220,7 +231,7 @@ class TieringHandlers:
         replays the member from facts. History rows and TierChanged events are
         written in the caller's transaction."""
         conn = uow.conn
-        versions = await repo.programme_versions(conn, self.programme_id, max(at, self.now()))
+        versions = await self._versions(uow, max(at, self.now()))
         if not versions:
             return None
         # A row decided under another programme (the brand switched) starts afresh.
@@ -317,25 +328,26 @@ class TieringHandlers:
         ordered_at = (
             to_datetime(order.ordered_at) or to_datetime(event.envelope.occurred_at) or self.now()
         )
-        conn = uow.conn
-        programme = await repo.programme_at(conn, self.programme_id, ordered_at)
-        rules_programme = programme or await repo.programme_at(conn, self.programme_id, self.now())
+        programme = _latest(await self._versions(uow, ordered_at))
+        rules_programme = programme or _latest(await self._versions(uow, self.now()))
         growth = (
             order_growth(rules_programme, order.paid_amount_fen)
             if rules_programme
             else order.paid_amount_fen // DEFAULT_RULES.order_fen_per_point
         )
         order_id = order.order_id or event.envelope.event_id
-        if not await repo.insert_order(
-            conn, order_id, member_id, ordered_at, order.paid_amount_fen, growth
+        tz = (rules_programme.rules if rules_programme else DEFAULT_RULES).tz
+        if not await repo.record_order(
+            uow.conn,
+            order_id,
+            member_id,
+            ordered_at,
+            order.paid_amount_fen,
+            growth,
+            ordered_at.astimezone(tz).date(),
         ):
             log.info("order %s already counted", order_id)
             return
-        await repo.add_order(conn, member_id, order.paid_amount_fen, ordered_at)
-        tz = (rules_programme.rules if rules_programme else DEFAULT_RULES).tz
-        await repo.insert_growth(
-            conn, member_id, "order", order_id, growth, ordered_at, ordered_at.astimezone(tz).date()
-        )
         await self.evaluate(uow, member_id, ordered_at)
 
     async def on_order_refunded(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
@@ -365,8 +377,8 @@ class TieringHandlers:
             return  # the order's member was erased (a merge may have moved the order)
         owner = order.member_id
         refunded = min(order.paid_fen, order.refunded_fen + refund.refunded_amount_fen)
-        programme = await repo.programme_at(conn, self.programme_id, order.ordered_at)
-        programme = programme or await repo.programme_at(conn, self.programme_id, self.now())
+        programme = _latest(await self._versions(uow, order.ordered_at))
+        programme = programme or _latest(await self._versions(uow, self.now()))
         net = order.paid_fen - refunded
         growth = (
             order_growth(programme, net) if programme else net // DEFAULT_RULES.order_fen_per_point
@@ -880,3 +892,9 @@ async def emit_tier_changed(
     uow: UnitOfWork, member_id: uuid.UUID, programme: TierProgramme, change: Change
 ) -> None:
     await uow.emit(tier_changed(member_id, programme, change), member_id=str(member_id))
+
+
+def _latest(versions: list[TierProgramme]) -> TierProgramme | None:
+    """The version in force at the bound `versions` was read to (as
+    repo.programme_at: the latest effective_from, then the highest version)."""
+    return versions[-1] if versions else None

@@ -33,26 +33,6 @@ class SpendRecord:
     last_order_at: datetime | None
 
 
-async def add_order(
-    conn: Connection, member_id: uuid.UUID, paid_fen: int, ordered_at: datetime
-) -> None:
-    """Count one completed order. last_order_at only moves forward: offline
-    orders replayed by a POS arrive after newer ones."""
-    await conn.execute(
-        "INSERT INTO tiering.member_spend AS s"
-        " (member_id, total_paid_fen, order_count, last_order_at, updated_at)"
-        " VALUES ($1, $2, 1, $3, now())"
-        " ON CONFLICT (member_id) DO UPDATE SET"
-        "  total_paid_fen = s.total_paid_fen + excluded.total_paid_fen,"
-        "  order_count = s.order_count + 1,"
-        "  last_order_at = greatest(s.last_order_at, excluded.last_order_at),"
-        "  updated_at = now()",
-        member_id,
-        paid_fen,
-        ordered_at,
-    )
-
-
 async def get_spend(conn: Connection, member_id: uuid.UUID) -> SpendRecord | None:
     row = await conn.fetchrow(
         "SELECT member_id, total_paid_fen, order_count, last_order_at"
@@ -124,13 +104,14 @@ async def programme_at(conn: Connection, programme_id: str, at: datetime) -> Tie
 
 
 async def programme_versions(
-    conn: Connection, programme_id: str, at: datetime
+    conn: Connection, programme_id: str, at: datetime | None
 ) -> list[TierProgramme]:
-    """Every version of a programme that took effect by `at`, oldest first: a
-    member's periods are each decided under the version in force then."""
+    """Every version of a programme that took effect by `at` (None: all of
+    them), oldest first: a member's periods are each decided under the
+    version in force then."""
     rows = await conn.fetch(
         f"SELECT {PROGRAMME_COLUMNS} FROM tiering.tier_programmes"
-        " WHERE programme_id = $1 AND effective_from <= $2"
+        " WHERE programme_id = $1 AND ($2::timestamptz IS NULL OR effective_from <= $2)"
         " ORDER BY effective_from, version",
         programme_id,
         at,
@@ -198,18 +179,43 @@ async def insert_programme(conn: Connection, programme: TierProgramme, note: str
 # ---- facts: orders and the growth ledger ------------------------------------------
 
 
-async def insert_order(
-    conn: Connection, order_id: str, member_id: uuid.UUID, at: datetime, paid_fen: int, growth: int
+async def record_order(
+    conn: Connection,
+    order_id: str,
+    member_id: uuid.UUID,
+    at: datetime,
+    paid_fen: int,
+    growth: int,
+    local_day: date,
 ) -> bool:
-    """False when the order is known already (a second event for the same order)."""
+    """Count a completed order: its row, then, when it is new, the member's
+    spend (last_order_at only moves forward: offline orders replayed late)
+    and its growth (kind 'order'). One statement, one round trip per consumed
+    order; the three tables are distinct, so no part needs another's rows.
+    False when the order is known already."""
     inserted = await conn.fetchval(
-        "INSERT INTO tiering.orders (order_id, member_id, ordered_at, paid_fen, growth)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING RETURNING true",
+        "WITH o AS (INSERT INTO tiering.orders (order_id, member_id, ordered_at, paid_fen, growth)"
+        "  VALUES ($1::text, $2::uuid, $3::timestamptz, $4::bigint, $5::bigint)"
+        "  ON CONFLICT (order_id) DO NOTHING RETURNING member_id),"
+        " s AS (INSERT INTO tiering.member_spend AS s"
+        "  (member_id, total_paid_fen, order_count, last_order_at, updated_at)"
+        "  SELECT member_id, $4, 1, $3, now() FROM o"
+        "  ON CONFLICT (member_id) DO UPDATE SET"
+        "   total_paid_fen = s.total_paid_fen + excluded.total_paid_fen,"
+        "   order_count = s.order_count + 1,"
+        "   last_order_at = greatest(s.last_order_at, excluded.last_order_at),"
+        "   updated_at = now()),"
+        " g AS (INSERT INTO tiering.growth_ledger"
+        "  (member_id, kind, ref, points, occurred_at, local_day)"
+        "  SELECT member_id, 'order', $1, $5, $3, $6::date FROM o"
+        "  ON CONFLICT (kind, ref) DO NOTHING)"
+        " SELECT count(*) > 0 FROM o",
         order_id,
         member_id,
         at,
         paid_fen,
         growth,
+        local_day,
     )
     return bool(inserted)
 

@@ -135,7 +135,7 @@ async def test_poison_event_is_dead_lettered_and_the_next_event_still_flows(
 
     async with running(consumer_for(group, db, redis, infra, producer, handler)):
         entries = await eventually(lambda: redis.xrange(dlq), timeout=10)
-        await eventually(lambda: calls["good"] == 1)
+        await eventually(lambda: calls["good"] >= 1)
         # Parked for good: further retry rounds do not touch it again.
         await asyncio.sleep(0.5)
 
@@ -148,7 +148,11 @@ async def test_poison_event_is_dead_lettered_and_the_next_event_still_flows(
     parked = events_pb2.EventEnvelope()
     parked.ParseFromString(fields[ENVELOPE_FIELD])
     assert parked.event_id == poison_event
-    assert calls == Counter({"poison": MAX_ATTEMPTS, "good": 1})
+    # Read together first (one transaction, rolled back when the poison
+    # failed, "good" run in it if it came first), then one by one; then each
+    # retry of the poison alone. Only the commit counts: "good" once, below.
+    assert calls["poison"] == MAX_ATTEMPTS + 1
+    assert 1 <= calls["good"] <= 2
     assert await pending_count(redis, stream, group) == 0
     # The failed attempts rolled back; only the good event is recorded.
     assert await processed(db, group) == {good_event}
@@ -280,8 +284,10 @@ async def test_one_read_shares_one_commit_and_a_failing_event_rolls_back_alone(
     db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
 ) -> None:
     """Events read together are applied in one transaction (one COMMIT for the
-    lot), each in its own savepoint: the poison event's write is undone, its
-    neighbours' are kept, and each good event is applied exactly once."""
+    lot); when one fails, that transaction rolls back and the read is applied
+    again with each event in its own savepoint: the poison event's write is
+    undone, its neighbours' are kept, and each good event is applied exactly
+    once (its handler may have run once more in the rolled-back try)."""
     producer, group = names
     stream = stream_name(infra.namespace, producer)
     schema = outbox_db.schema
@@ -311,7 +317,10 @@ async def test_one_read_shares_one_commit_and_a_failing_event_rolls_back_alone(
         await eventually(lambda: redis.xrange(dlq), timeout=10)
         await eventually(lambda: _drained(redis, stream, group))
 
-    assert calls == Counter({"first": 1, "second": 1, "third": 1, "poison": MAX_ATTEMPTS})
+    # The first delivery ran the read together (up to the poison, in member
+    # order), then one by one; each retry of the poison alone runs it once.
+    assert all(1 <= calls[order] <= 2 for order in ("first", "second", "third"))
+    assert calls["poison"] == MAX_ATTEMPTS + 1
     assert transactions["first"] == transactions["second"] == transactions["third"]
     effects = await db.pool.fetch(f"SELECT order_id FROM {schema}.effects ORDER BY order_id")
     assert [r["order_id"] for r in effects] == ["first", "second", "third"]
