@@ -8,8 +8,11 @@ stable error code, latency, the calling client, and the member id or store id
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING
+
+from servicekit.logs import ENCODED_FIELDS
 
 if TYPE_CHECKING:
     from .metrics import Observation
@@ -23,13 +26,11 @@ def write(obs: Observation) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     # The JSON formatter (servicekit/logs.py) adds time, level, service and the
-    # trace id, so each line joins its trace.
-    log.info(
-        "%s %s %s",
-        obs.method,
-        obs.route,
-        obs.status,
-        extra={
+    # trace id, so each line joins its trace. The fields go pre-encoded (one C
+    # json call): the generic formatter's walk over the record's attributes was
+    # most of the line's cost, paid on every request.
+    fields = json.dumps(
+        {
             "protocol": obs.protocol,
             "method": obs.method,
             "route": obs.route,
@@ -39,5 +40,12 @@ def write(obs: Observation) -> None:
             "client": obs.client,
             "member_id": obs.member_id,
             "store_id": obs.store_id,
-        },
+        }
+    )
+    log.info(
+        "%s %s %s",
+        obs.method,
+        obs.route,
+        obs.status,
+        extra={ENCODED_FIELDS: fields[1:-1]},
     )

@@ -33,6 +33,7 @@ from servicekit.errors import DomainError
 
 from . import access_log
 from .errors import PROBLEM_JSON
+from .wrapped import WrappedHandlers
 
 if TYPE_CHECKING:
     from .auth.registry import CredentialRegistry
@@ -265,6 +266,7 @@ class GrpcObserver(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: GatewayMetrics, client_of: ClientOf | None = None) -> None:
         self.metrics = metrics
         self.client_of = client_of
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -274,10 +276,14 @@ class GrpcObserver(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        inner = handler.unary_unary
         method = str(handler_call_details.method)
         if method.startswith("/grpc.health.") or method.startswith("/grpc.reflection."):
             return handler
+        return self._wrapped.get(method, handler, lambda h: self._wrap(method, h))
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        inner = handler.unary_unary
+        assert inner is not None
         metrics = self.metrics
         client_of = self.client_of
 

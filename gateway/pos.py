@@ -26,6 +26,7 @@ from . import offline
 from .clients import STORE_OPEN, Downstreams
 from .errors import DownstreamError
 from .known_members import KnownMembers
+from .wrapped import WrappedHandlers
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -54,7 +56,11 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
+        return self._wrapped.get(str(handler_call_details.method), handler, self._wrap)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner, parse = handler.unary_unary, handler.request_deserializer
+        assert inner is not None
         limit = self._limit
 
         def deserialize(data: bytes) -> Any:

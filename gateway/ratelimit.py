@@ -10,7 +10,10 @@ client's), the client's otherwise (`{<ns>:auth:client:<client>}`: its bucket,
 its nonces and its nonce-store epoch). The revocation epoch is one key of its
 own: on one Redis the script reads it too (one round trip), on a cluster a
 GET of its own goes beside the script. So callers spread over the slots, and
-no script touches two.
+no script touches two. On one Redis the script also reads member's identity
+epoch (gateway/auth/members.py) when the door names its key: the member
+checks after admission (the POS's known members, the mini-program's member
+assertions) then need no GET of their own, one round trip fewer per call.
 
 A bucket holds `burst` tokens and refills at `rate` per second; time is
 Redis's own clock (TIME), so gateway instances with skewed clocks agree.
@@ -50,11 +53,13 @@ NONCE_BEFORE_EPOCH = 2
 
 # KEYS (one hash tag, gate_keys): 1 nonce, 2 client bucket, 3 store bucket,
 #       4 the nonce-store epoch of the tag; on one Redis only, 5 the revocation
-#       epoch (read here: no second command; a cluster reads it with a GET)
+#       epoch (read here: no second command; a cluster reads it with a GET),
+#       and 6 (optional) member's identity epoch, read for the handler
 # ARGV: 1 nonce ttl ms (0: no nonce), 2 client rate/s, 3 client burst,
 #       4 store rate/s (0: no store bucket), 5 store burst, 6 X-Timestamp (s),
 #       7 the gateway's clock (ms), the one X-Timestamp is checked against
-# Returns {nonce outcome, retry_after_ms (0: allowed), revocation epoch or -1}
+# Returns {nonce outcome, retry_after_ms (0: allowed), revocation epoch or -1,
+#          identity epoch ('0' when absent; only with KEYS[6], when admitted)}
 _SCRIPT = """
 local epoch = -1
 if #KEYS >= 5 then
@@ -101,6 +106,9 @@ for _, b in ipairs(buckets) do
   -- string.format keeps the fraction: a bucket refills continuously
   redis.call('HSET', b[1], 'tokens', string.format('%.6f', b[2] - 1), 'ts', now)
   redis.call('PEXPIRE', b[1], math.ceil(b[4] * 1000 / b[3]) + 1000)
+end
+if #KEYS >= 6 then
+  return {1, 0, epoch, redis.call('GET', KEYS[6]) or '0'}
 end
 return {1, 0, epoch}
 """
@@ -157,6 +165,8 @@ class Verdict:
     nonce: int
     retry_after_ms: int
     epoch: int | None
+    # Member's identity epoch read with the admission (None: not read).
+    identity_epoch: bytes | None = None
 
     @property
     def nonce_fresh(self) -> bool:
@@ -233,6 +243,7 @@ class Gatekeeper:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         epoch_in_script: bool | None = None,
+        identity_epoch_key: str | None = None,
     ) -> None:
         self._redis = redis
         # The gateway's clock: X-Timestamp is checked against it, so the
@@ -250,6 +261,8 @@ class Gatekeeper:
         self.epoch_in_script = (
             not isinstance(redis, RedisCluster) if epoch_in_script is None else epoch_in_script
         )
+        # Read in the script on one Redis only (another slot on a cluster).
+        self.identity_key = identity_epoch_key if self.epoch_in_script else None
 
     async def admit(
         self,
@@ -279,9 +292,15 @@ class Gatekeeper:
         ]
         if self._monotonic() < self._skip_until:
             raise StoreUnreachable
+        identity: bytes | None = None
         try:
             if self.epoch_in_script:
-                outcome, wait, epoch = await self._script(keys=[*keys, self.epoch_key], args=args)
+                keys.append(self.epoch_key)
+                if self.identity_key is not None:
+                    keys.append(self.identity_key)
+                outcome, wait, epoch, *read = await self._script(keys=keys, args=args)
+                if read:
+                    identity = read[0] if isinstance(read[0], bytes) else str(read[0]).encode()
             else:
                 # Concurrent, not in the script: the epoch is one key for every
                 # client, so in a cluster it lives in another slot than theirs.
@@ -298,7 +317,7 @@ class Gatekeeper:
             log.warning("gatekeeper: redis unavailable: %r", exc)
             self._skip_until = self._monotonic() + SKIP_AFTER_FAILURE_SECONDS
             raise StoreUnreachable from exc
-        return Verdict(int(outcome), int(wait), int(epoch or 0))
+        return Verdict(int(outcome), int(wait), int(epoch or 0), identity)
 
     async def load_script(self) -> None:
         """Load the script on every node before traffic does: otherwise a

@@ -22,7 +22,7 @@ from ..ratelimit import Gatekeeper, Limit, LocalBuckets
 from ..settings import GatewaySettings
 from .crypto import SIGNATURE_ALGORITHM, SecretBox
 from .http import HttpAuthMiddleware
-from .members import MemberAssertions
+from .members import MemberAssertions, identity_epoch_key
 from .pos import PosAuthInterceptor
 from .registry import DATABASE_ERRORS, CredentialRegistry
 from .signin import SignIn, SignInSettings
@@ -94,7 +94,11 @@ class Door:
         self.pool = None
         self.redis = door_redis(settings)
         self.namespace = settings.redis_namespace
-        self.gatekeeper = Gatekeeper(self.redis, settings.redis_namespace)
+        self.gatekeeper = Gatekeeper(
+            self.redis,
+            settings.redis_namespace,
+            identity_epoch_key=identity_epoch_key(settings.redis_namespace),
+        )
         self.signin_settings = SignInSettings(
             # A nonce only needs remembering while its timestamp is acceptable.
             nonce_ttl_ms=2 * settings.auth_clock_skew_seconds * 1000,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextvars import ContextVar
 
 import grpc
 from cachetools import TTLCache
@@ -53,6 +54,15 @@ def identity_epoch_key(namespace: str) -> str:
     return f"{namespace}:member:identity-epoch"
 
 
+# The identity epoch the door's admission script read for this request, as
+# (key, value) (gateway/ratelimit.py, one Redis only): the member checks of the
+# same request use it instead of a GET of their own. Set by every sign-in (None
+# when not read); each request is its own task, so it never outlives one.
+admitted_identity_epoch: ContextVar[tuple[str, bytes] | None] = ContextVar(
+    "admitted_identity_epoch", default=None
+)
+
+
 class IdentityEpoch:
     """Reads the identity epoch, the tag of every member answer the gateway
     caches (these assertions, the POS member check in gateway/known_members.py).
@@ -71,6 +81,11 @@ class IdentityEpoch:
     async def read(self) -> bytes | None:
         if self._redis is None or time.monotonic() < self._skip_until:
             return None
+        admitted = admitted_identity_epoch.get()
+        if admitted is not None and admitted[0] == self._key:
+            # Read by this request's admission, before any member answer the
+            # handler asks for: as current as a GET here (docs/operations.md).
+            return admitted[1]
         try:
             value = await self._redis.get(self._key)
         except (RedisError, OSError) as exc:

@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 from servicekit.errors import ERROR_DOMAIN, DomainError, PermissionDenied, to_rpc_status
 
 from ..metrics import grpc_client_id
+from ..wrapped import WrappedHandlers
 from . import policy
 from .crypto import api_key_matches, split_api_key
 from .model import ClientKind, Credential, RateLimited, Unauthenticated, grants
@@ -84,6 +85,7 @@ class PosAuthInterceptor(grpc.aio.ServerInterceptor):
         self._signin = signin
         # mTLS: the certificate the till presented must name its store.
         self._require_cert = require_client_certificate
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -94,6 +96,9 @@ class PosAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(policy.POS_SERVICE_PREFIX):
             return handler
+        return self._wrapped.get(method, handler, lambda h: self._wrap(method, h))
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
         assert inner is not None, "PosService RPCs are unary"
 

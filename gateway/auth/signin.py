@@ -38,6 +38,7 @@ from ..ratelimit import (
     StoreUnreachable,
     Verdict,
 )
+from .members import admitted_identity_epoch
 from .model import Credential, RateLimited, Unauthenticated
 from .registry import CredentialRegistry
 
@@ -155,6 +156,11 @@ class SignIn:
             )
         except StoreUnreachable:
             verdict = self._admit_locally(credential, attempt, limit, store_limit)
+        admitted_identity_epoch.set(
+            None
+            if verdict.identity_epoch is None or self._gate.identity_key is None
+            else (self._gate.identity_key, verdict.identity_epoch)
+        )
         if not self._registry.is_current(verdict.epoch):
             # Revoked meanwhile? The cache follows the epoch (or, without
             # Redis, its maximum age), then the key is looked up again.

@@ -10,8 +10,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.auth.door import REDIS_CONNECTIONS
+from gateway.auth.members import identity_epoch_key
+from gateway.auth.model import ClientKind, Credential
+from gateway.auth.signin import Attempt, SignIn, SignInSettings
+from gateway.known_members import KnownMembers
 from gateway.ratelimit import (
     NONCE_BEFORE_EPOCH,
     NONCE_FRESH,
@@ -127,3 +132,66 @@ async def test_concurrent_calls_never_take_more_than_the_buckets_hold(
     )
     assert sum(v.allowed for v in verdicts) == 30
     assert all(v.retry_after_ms > 0 for v in verdicts if not v.allowed)
+
+
+async def test_the_admission_reads_members_identity_epoch_on_one_redis(
+    redis: RedisClient, namespace: str
+) -> None:
+    """On one Redis the script hands back member's identity epoch (no GET of
+    its own for the member checks after it); on a cluster the key is in
+    another slot, so it is not read there and the checks GET it."""
+    key = identity_epoch_key(namespace)
+    gate = Gatekeeper(redis, namespace, clock=lambda: NOW, identity_epoch_key=key)
+    first = await gate.admit("a", Limit(100, 100))
+    if isinstance(redis, RedisCluster):
+        assert gate.identity_key is None and first.identity_epoch is None
+        return
+    assert first.identity_epoch == b"0"  # never bumped: absent, as IdentityEpoch reads it
+    await redis.incr(key)
+    await redis.incr(key)
+    assert (await gate.admit("a", Limit(100, 100))).identity_epoch == b"2"
+    # Without the key named (an older door), nothing is read.
+    assert (await gatekeeper(redis, namespace).admit("a", Limit(100, 100))).identity_epoch is None
+
+
+async def test_a_member_check_after_sign_in_uses_the_epoch_its_admission_read(
+    redis: RedisClient, namespace: str
+) -> None:
+    """The POS path: sign-in, then the known-members check of the same request
+    reads the epoch the admission read; another request (another task) reads
+    its own."""
+    key = identity_epoch_key(namespace)
+    gate = Gatekeeper(redis, namespace, clock=lambda: NOW, identity_epoch_key=key)
+    credential = Credential("k_1", "pos-1", ClientKind.POS, "SH1", frozenset(), "secret")
+
+    class Registry:
+        def get(self, key_id: str) -> Credential | None:
+            return credential if key_id == "k_1" else None
+
+        def is_current(self, epoch: int | None) -> bool:
+            return True
+
+    signin = SignIn(
+        Registry(),  # type: ignore[arg-type]
+        gate,
+        SignInSettings(600_000, {"pos": Limit(100, 100)}, Limit(100, 100), Limit(1, 1)),
+    )
+    known = KnownMembers(redis, namespace)
+    await redis.set(key, 5)
+
+    async def request() -> tuple[bytes | None, bytes | None]:
+        attempt = Attempt("k_1", lambda c: None, "x-api-key", store_id="SH1")
+        await signin.sign_in("127.0.0.1", lambda: attempt)
+        before = await known.epoch()
+        await redis.incr(key)  # an erasure commits meanwhile
+        return before, await known.epoch()
+
+    seen = await asyncio.create_task(request())
+    if isinstance(redis, RedisCluster):
+        assert seen == (b"5", b"6")  # each check GETs the epoch
+    else:
+        assert seen == (b"5", b"5")  # no GET: the admission's value
+        # The next request's admission reads the epoch afresh.
+        assert (await asyncio.create_task(request()))[0] == b"6"
+    # Outside any request, a GET as before.
+    assert await known.epoch() == (b"6" if isinstance(redis, RedisCluster) else b"7")
