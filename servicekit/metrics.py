@@ -19,6 +19,7 @@ A registry per ServiceApp: tests run several services in one process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -179,17 +180,20 @@ class ServiceMetrics:
     async def sample(
         self, db: Database, redis: RedisClient, namespace: str, consumers: list[EventConsumer]
     ) -> None:
-        """Read every sampled gauge once; a failing part is counted and skipped."""
-        parts: list[Awaitable[None]] = [
-            self._sample_outbox(db),
-            self._sample_consumers(redis, namespace, consumers),
-            *(self._sample_probe(p) for p in self._probes),
+        """Read every sampled gauge once; a failing part is counted and skipped.
+        Each part's coroutine is made only when it is awaited: a sampler
+        cancelled mid-sample (every service stop) otherwise left the later
+        ones never awaited (a RuntimeWarning wherever they were collected)."""
+        parts: list[Callable[[], Awaitable[None]]] = [
+            lambda: self._sample_outbox(db),
+            lambda: self._sample_consumers(redis, namespace, consumers),
+            *(functools.partial(self._sample_probe, p) for p in self._probes),
         ]
         self._sample_pool(db)
         for part in parts:
             try:
                 async with asyncio.timeout(5):
-                    await part
+                    await part()
             except Exception as exc:
                 self.sample_errors.inc()
                 log.debug("%s: metrics sampling failed: %r", self.service, exc)
