@@ -194,6 +194,7 @@ def create_grpc_server(
     traced: bool | None = None,
     drain: Drain | None = None,
     max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
+    domain_errors: bool = True,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the interceptors and options every server here uses.
     `interceptors` run inside those (they see DomainErrors before they become
@@ -202,7 +203,9 @@ def create_grpc_server(
     unsampled spans: with the client interceptors (clients.create_channel),
     0.5-0.9 ms of the gateway's CPU per POS identify (one server call, three
     client calls; docs/identity.md). Without it, a call's log lines carry no
-    trace id. `drain` (a Drain) makes the server's shutdown graceful."""
+    trace id. `drain` (a Drain) makes the server's shutdown graceful.
+    `domain_errors=False` leaves out the DomainErrorInterceptor (only the
+    server benchmark, bench/servers.py, measures a chain without it)."""
     tracing: list[grpc.aio.ServerInterceptor] = []
     if tracing_recorded() if traced is None else traced:
         # Health probes stay out of traces; the filter also keeps the
@@ -214,7 +217,7 @@ def create_grpc_server(
             # Outermost: a refused call costs nothing else.
             *([drain] if drain is not None else []),
             *tracing,
-            DomainErrorInterceptor(),
+            *([DomainErrorInterceptor()] if domain_errors else []),
             *interceptors,
         ],
         options=[

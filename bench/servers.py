@@ -1,0 +1,189 @@
+"""`python -m bench servers`: which gRPC server, and what servicekit's per-call
+plumbing costs (issue 19, "Servers").
+
+Every variant is an empty unary method (bench/echo_server.py) in a process of
+its own, driven open-loop at --rate for --duration seconds after a warm-up,
+metered by bench/cpu.py (CPU ms per call of the server process and of the load
+generator) with p50/p99:
+
+- grpc.aio on uvloop (the baseline every ratio is taken to, the same round),
+  and on the default asyncio loop;
+- grpc's synchronous server with a thread pool of each --workers size;
+- the same with the bridge the services would need (their code is asyncio:
+  each call runs a coroutine on one event-loop thread via
+  run_coroutine_threadsafe);
+- grpc.aio with servicekit's interceptor chain (Drain, DomainErrorInterceptor,
+  the metrics observer: servicekit.server.create_grpc_server, as the services
+  run it), and the chain with each interceptor removed in turn (A/B: what
+  that interceptor costs per call).
+
+--rounds N runs every variant N times, the order reversed every other round
+(A/B alternating), and reports each round beside its own baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from devtools import supervisor
+
+from .cli import RESULTS_DIR, metered, run_and_report, say, started
+from .echo_server import METHOD
+from .loadgen import open_loop
+
+BASELINE = "aio uvloop"
+CHAIN = "aio + chain"
+
+
+def variants(workers: list[int]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {
+        BASELINE: [],
+        "aio asyncio-loop": ["--loop", "asyncio"],
+    }
+    for n in workers:
+        out[f"sync pool {n}"] = ["--server", "sync", "--workers", str(n)]
+    for n in workers:
+        out[f"sync pool {n} + bridge"] = ["--server", "sync", "--workers", str(n), "--bridge"]
+    out[CHAIN] = ["--interceptors", "drain,errors,metrics"]
+    out["aio + chain - drain"] = ["--interceptors", "errors,metrics"]
+    out["aio + chain - errors"] = ["--interceptors", "drain,metrics"]
+    out["aio + chain - metrics"] = ["--interceptors", "drain,errors"]
+    return out
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench servers", description=__doc__)
+    parser.add_argument("--rate", type=float, default=500.0, help="calls per second (500)")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds (8)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds (2)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every variant (2)")
+    parser.add_argument(
+        "--workers", default="4,16", help="sync server pool sizes, comma separated (4,16)"
+    )
+    parser.add_argument(
+        "--only", default="", help="variants to run, comma separated names (default: all)"
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline (5)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.rate <= 0 or args.duration <= 0 or args.rounds < 1:
+        parser.error("--rate, --duration and --rounds must be positive")
+    return args
+
+
+async def measure_variant(
+    name: str, extra: list[str], args: argparse.Namespace, log_dir: Path
+) -> dict[str, Any]:
+    port = supervisor.free_port()
+    child = supervisor.Child(
+        "server",
+        [sys.executable, "-m", "bench.echo_server", "--port", str(port), *extra],
+        supervisor.child_env(os.environ),
+        grpc_target=f"{supervisor.LOOPBACK}:{port}",
+    )
+    async with (
+        started([child], log_dir) as platform,
+        metered(platform) as meter,
+        grpc.aio.insecure_channel(f"{supervisor.LOOPBACK}:{port}") as channel,
+    ):
+        ping = channel.unary_unary(METHOD)
+
+        def call(i: int) -> Awaitable[object]:
+            return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
+
+        if args.warmup > 0:
+            await open_loop(f"{name} warm-up", call, args.rate, args.warmup)
+        before = await meter.snapshot()
+        result = await open_loop(name, call, args.rate, args.duration, timeout=args.timeout + 1)
+        cpu = await meter.per_call(before, result.ok)
+    lat = result.latency_ms()
+    say(
+        f"  {name}: {result.ok} ok, errors {result.errors or 'none'}, server"
+        f" {cpu.get('server', 0):.3f} ms CPU/call, p50 {lat['p50']} p99 {lat['p99']} ms"
+    )
+    return {"variant": name, "args": extra, **result.summary(), "load_average": os.getloadavg()}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    log_dir = Path(RESULTS_DIR / "logs" / f"servers-{run_id}")
+    chosen = variants([int(w) for w in args.workers.split(",") if w])
+    if args.only:
+        wanted = [v.strip() for v in args.only.split(",")]
+        unknown = [w for w in wanted if w not in chosen]
+        if unknown:
+            raise supervisor.DevrunError(f"unknown variants {unknown}; one of {list(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in wanted or k == BASELINE}
+    names = list(chosen)
+    rounds: list[list[dict[str, Any]]] = []
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else list(reversed(names))
+        say(f"round {r + 1}/{args.rounds}, load average {os.getloadavg()[0]:.1f}")
+        rows = [await measure_variant(n, chosen[n], args, log_dir) for n in order]
+        base = next(row for row in rows if row["variant"] == BASELINE)
+        base_cpu = base["cpu_ms_per_call"].get("server", 0.0)
+        for row in rows:
+            cpu = row["cpu_ms_per_call"].get("server", 0.0)
+            row["server_cpu_ratio_to_baseline"] = round(cpu / base_cpu, 2) if base_cpu else None
+        rounds.append(rows)
+    return {
+        "run_id": run_id,
+        "scenario": "servers",
+        "rate_per_s": args.rate,
+        "duration_s": args.duration,
+        "rounds": rounds,
+        "summary": summary(names, rounds),
+        "_table": table(names, rounds),
+    }
+
+
+def summary(names: list[str], rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per variant, the median over rounds of server CPU ms per call and ratio."""
+    out: dict[str, Any] = {}
+    for name in names:
+        rows = [row for rnd in rounds for row in rnd if row["variant"] == name]
+        out[name] = {
+            "server_cpu_ms_per_call": statistics.median(
+                row["cpu_ms_per_call"].get("server", 0.0) for row in rows
+            ),
+            "ratio_to_baseline": statistics.median(
+                row["server_cpu_ratio_to_baseline"] or 0.0 for row in rows
+            ),
+        }
+    return out
+
+
+def table(names: list[str], rounds: list[list[dict[str, Any]]]) -> str:
+    head = (
+        f"{'variant':28} {'round':>5} {'load':>5} {'ok/s':>7} {'server ms':>9}"
+        f" {'loadgen ms':>10} {'x base':>6} {'p50 ms':>7} {'p99 ms':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for name in names:
+        for i, rnd in enumerate(rounds):
+            row = next(r for r in rnd if r["variant"] == name)
+            cpu = row["cpu_ms_per_call"]
+            lat = row["latency_ms"]
+            lines.append(
+                f"{name:28} {i + 1:>5} {row['load_average'][0]:>5.1f}"
+                f" {row['achieved_rate_per_s']:>7.0f} {cpu.get('server', 0):>9.3f}"
+                f" {cpu.get('loadgen', 0):>10.3f} {row['server_cpu_ratio_to_baseline'] or 0:>6.2f}"
+                f" {lat['p50'] or 0:>7.2f} {lat['p99'] or 0:>8.2f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    done = run_and_report(run, args, lambda r: f"servers-{r['run_id']}.json")
+    return 0 if done else 1
