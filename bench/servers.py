@@ -106,6 +106,7 @@ async def measure_variant(
         before = await meter.snapshot()
         result = await open_loop(name, call, args.rate, args.duration, timeout=args.timeout + 1)
         cpu = await meter.per_call(before, result.ok)
+        result.cpu_ms_per_call = cpu
     lat = result.latency_ms()
     say(
         f"  {name}: {result.ok} ok, errors {result.errors or 'none'}, server"
