@@ -24,7 +24,9 @@ generator) with p50/p99:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import runpy
 import statistics
 import sys
 import time
@@ -35,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from devtools import supervisor
+from devtools import devrun, supervisor
 
 from .cli import RESULTS_DIR, metered, run_and_report, say, started
 from .echo_server import METHOD
@@ -73,6 +75,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--only", default="", help="variants to run, comma separated names (default: all)"
     )
+    parser.add_argument(
+        "--services",
+        action="store_true",
+        help="also each service's read, with servicekit's chain and bare (embedded PostgreSQL)",
+    )
+    parser.add_argument(
+        "--service-rate", type=float, default=200.0, help="service reads per second (200)"
+    )
+    parser.add_argument("--no-echo", action="store_true", help="skip the empty-handler variants")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline (5)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -125,9 +136,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise supervisor.DevrunError(f"unknown variants {unknown}; one of {list(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in wanted or k == BASELINE}
-    names = list(chosen)
+    names = [] if args.no_echo else list(chosen)
     rounds: list[list[dict[str, Any]]] = []
-    for r in range(args.rounds):
+    for r in range(args.rounds if names else 0):
         order = names if r % 2 == 0 else list(reversed(names))
         say(f"round {r + 1}/{args.rounds}, load average {os.getloadavg()[0]:.1f}")
         rows = [await measure_variant(n, chosen[n], args, log_dir) for n in order]
@@ -137,14 +148,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             cpu = row["cpu_ms_per_call"].get("server", 0.0)
             row["server_cpu_ratio_to_baseline"] = round(cpu / base_cpu, 2) if base_cpu else None
         rounds.append(rows)
+    services = await measure_services(args, log_dir) if args.services else []
+    tables = [table(names, rounds)] if names else []
+    if services:
+        tables.append(services_table(services))
     return {
         "run_id": run_id,
         "scenario": "servers",
         "rate_per_s": args.rate,
+        "service_rate_per_s": args.service_rate,
         "duration_s": args.duration,
         "rounds": rounds,
         "summary": summary(names, rounds),
-        "_table": table(names, rounds),
+        "services": services,
+        "_table": "\n\n".join(tables),
     }
 
 
@@ -188,3 +205,203 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     done = run_and_report(run, args, lambda r: f"servers-{r['run_id']}.json")
     return 0 if done else 1
+
+
+# ------------------------------------------------------- the services' reads
+
+
+def host(module: str, bare: bool) -> None:
+    """Serve `module` (e.g. services.member) exactly as its entrypoint does;
+    `bare`: its gRPC server without any interceptor (no Drain, no domain-error
+    mapping, no metrics observer): the A/B of the chain on a real read."""
+    if bare:
+        from servicekit import server
+
+        full = server.create_grpc_server
+
+        def without_interceptors(
+            max_connection_age_ms: int, grace_seconds: float, *_: Any, **kwargs: Any
+        ) -> grpc.aio.Server:
+            kwargs.update(interceptors=(), traced=False, drain=None, domain_errors=False)
+            return full(max_connection_age_ms, grace_seconds, **kwargs)
+
+        # ServiceApp.start looks the factory up in its module at start.
+        server.create_grpc_server = without_interceptors  # type: ignore[assignment]
+    sys.argv = [module, "serve"]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def service_reads(member_id: str) -> dict[str, tuple[str, Any, Any]]:
+    """Per service, one read RPC the seeded brand answers OK: (method, request, reply type)."""
+    from loyalty.engagement.v1 import engagement_pb2
+    from loyalty.guides.v1 import guides_pb2
+    from loyalty.member.v1 import member_pb2
+    from loyalty.rewards.v1 import rewards_pb2
+    from loyalty.tiering.v1 import tiering_pb2
+
+    return {
+        "member": (
+            "/loyalty.member.v1.MemberService/GetMember",
+            member_pb2.GetMemberRequest(member_id=member_id),
+            member_pb2.Member,
+        ),
+        "tiering": (
+            "/loyalty.tiering.v1.TieringService/GetMemberTier",
+            tiering_pb2.GetMemberTierRequest(member_id=member_id),
+            tiering_pb2.MemberTier,
+        ),
+        "rewards": (
+            "/loyalty.rewards.v1.RewardsService/GetStore",
+            rewards_pb2.GetStoreRequest(store_id=devrun.DEMO_STORE),
+            rewards_pb2.Store,
+        ),
+        "engagement": (
+            "/loyalty.engagement.v1.EngagementService/ListJourneys",
+            engagement_pb2.ListJourneysRequest(page_size=10),
+            engagement_pb2.ListJourneysResponse,
+        ),
+        "guides": (
+            "/loyalty.guides.v1.GuidesService/ListStaff",
+            guides_pb2.ListStaffRequest(store_id=devrun.DEMO_STORE),
+            guides_pb2.ListStaffResponse,
+        ),
+    }
+
+
+async def measure_services(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+    """Each service's read through its real process, with servicekit's chain
+    (as the services run) and bare, alternating per round; CPU of that
+    service's process and of the database's backends per call."""
+    from loyalty.member.v1 import member_pb2
+
+    from .cli import BenchInfra, platform_env
+
+    run_id = f"servers-{uuid.uuid4().hex[:6]}"
+    infra = await BenchInfra.start(run_id)
+    rows: list[dict[str, Any]] = []
+    try:
+        say("migrating and seeding ...")
+        await asyncio.to_thread(devrun.migrate, infra.database_url)
+        await devrun.seed(infra.database_url)
+        base = platform_env(infra)
+        member_id = ""
+        for r in range(args.rounds):
+            order = ["chain", "bare"] if r % 2 == 0 else ["bare", "chain"]
+            for chain in order:
+                ports = supervisor.free_ports()
+                children = [
+                    c for c in supervisor.platform_children(ports, base) if c.name in SERVICE_NAMES
+                ]
+                for c in children:
+                    c.argv = [
+                        sys.executable, "-m", "bench.servers", "host", f"services.{c.name}",
+                        *(["--bare"] if chain == "bare" else []),
+                    ]  # fmt: skip
+                async with (
+                    started(children, log_dir) as platform,
+                    metered(platform, infra) as meter,
+                ):
+                    targets = {c.name: c.grpc_target for c in children}
+                    if not member_id:
+                        async with grpc.aio.insecure_channel(targets["member"]) as channel:
+                            identify = channel.unary_unary(
+                                "/loyalty.member.v1.MemberService/IdentifyMember",
+                                request_serializer=member_pb2.IdentifyMemberRequest.SerializeToString,
+                                response_deserializer=member_pb2.IdentifyMemberResponse.FromString,
+                            )
+                            reply = await identify(
+                                member_pb2.IdentifyMemberRequest(
+                                    identifiers=[
+                                        member_pb2.Identifier(
+                                            type=member_pb2.IDENTIFIER_TYPE_PHONE,
+                                            value="+8613900000001",
+                                        )
+                                    ],
+                                    source="bench",
+                                    request_key=f"{run_id}-member",
+                                ),
+                                timeout=args.timeout,
+                            )
+                            member_id = reply.member.member_id
+                    reads = service_reads(member_id)
+                    for name in SERVICE_NAMES:
+                        method, request, reply_type = reads[name]
+                        target = targets[name]
+                        assert target is not None
+                        async with grpc.aio.insecure_channel(target) as channel:
+                            read = channel.unary_unary(
+                                method,
+                                request_serializer=type(request).SerializeToString,
+                                response_deserializer=reply_type.FromString,
+                            )
+
+                            def call(
+                                i: int, read: Any = read, request: Any = request
+                            ) -> Awaitable[object]:
+                                return read(request, timeout=args.timeout)  # type: ignore[no-any-return]
+
+                            label = f"{name} {method.rsplit('/', 1)[1]} {chain}"
+                            if args.warmup > 0:
+                                await open_loop(
+                                    f"{label} warm-up", call, args.service_rate, args.warmup
+                                )
+                            before = await meter.snapshot()
+                            result = await open_loop(
+                                label,
+                                call,
+                                args.service_rate,
+                                args.duration,
+                                timeout=args.timeout + 1,
+                            )
+                            cpu = await meter.per_call(before, result.ok)
+                            result.cpu_ms_per_call = cpu
+                        lat = result.latency_ms()
+                        say(
+                            f"  {label}: {result.ok} ok, errors {result.errors or 'none'},"
+                            f" {name} {cpu.get(name, 0):.3f} ms CPU/call, p50 {lat['p50']} p99 {lat['p99']} ms"
+                        )
+                        rows.append(
+                            {
+                                "service": name,
+                                "method": method,
+                                "chain": chain,
+                                "round": r + 1,
+                                "service_cpu_ms_per_call": cpu.get(name, 0.0),
+                                **result.summary(),
+                                "load_average": os.getloadavg(),
+                            }
+                        )
+    finally:
+        await infra.cleanup()
+    return rows
+
+
+SERVICE_NAMES = ("member", "tiering", "rewards", "engagement", "guides")
+
+
+def services_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'service read':34} {'chain':>5} {'round':>5} {'load':>5} {'service ms':>10}"
+        f" {'pg ms':>6} {'p50 ms':>7} {'p99 ms':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for row in sorted(
+        rows, key=lambda r: (SERVICE_NAMES.index(r["service"]), r["chain"], r["round"])
+    ):
+        cpu = row["cpu_ms_per_call"]
+        lat = row["latency_ms"]
+        lines.append(
+            f"{row['service'] + ' ' + row['method'].rsplit('/', 1)[1]:34} {row['chain']:>5}"
+            f" {row['round']:>5} {row['load_average'][0]:>5.1f}"
+            f" {row['service_cpu_ms_per_call']:>10.3f} {cpu.get('pg backends', 0):>6.3f}"
+            f" {lat['p50'] or 0:>7.2f} {lat['p99'] or 0:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # `python -m bench.servers host services.NAME [--bare]`: a service process of this bench.
+    if len(sys.argv) >= 3 and sys.argv[1] == "host":
+        host(sys.argv[2], "--bare" in sys.argv[3:])
+    else:
+        raise SystemExit("usage: python -m bench.servers host services.NAME [--bare]")
