@@ -37,18 +37,57 @@ async def _abort(context: grpc.aio.ServicerContext, status: grpc.Status) -> None
     context.set_trailing_metadata(status.trailing_metadata)
 
 
-class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class UnaryInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps a method's unary-unary behaviour once
+    per method, not once per call. grpc.aio runs every interceptor's
+    intercept_service on every call; building a closure and a method handler
+    there each time is per-call Python that buys nothing (issue 19). The
+    wrapped handler is kept while the inner chain hands back the same handler
+    (grpc's registered handlers, or an inner UnaryInterceptor's cached one);
+    an inner interceptor that builds a new handler per call gets a new
+    wrapping per call, as before. Unknown methods are never kept (a caller
+    could otherwise grow the cache with made-up names).
+
+    Subclasses implement `wrap(method, inner)`: the wrapped behaviour, or
+    None to leave the method as it is."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap(self, method: str, inner: Behaviour) -> Behaviour | None:
+        raise NotImplementedError
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         if handler is None or handler.unary_unary is None:
             return handler
-        inner = handler.unary_unary
-        method = handler_call_details.method
+        behaviour = self.wrap(method, handler.unary_unary)
+        wrapped = (
+            handler
+            if behaviour is None
+            else grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
+
+class DomainErrorInterceptor(UnaryInterceptor):
+    def wrap(self, method: str, inner: Behaviour) -> Behaviour:
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 return await inner(request, context)
@@ -85,8 +124,4 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
                     to_rpc_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL"),
                 )
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_unary

@@ -29,7 +29,7 @@ from .db import Database, create_pool
 from .dependencies import UP_STATUSES, DependencyWatch, ping
 from .errors import to_rpc_status
 from .events import stream_name
-from .interceptors import DomainErrorInterceptor
+from .interceptors import Behaviour, DomainErrorInterceptor, UnaryInterceptor
 from .logs import configure_logging
 from .metrics import ServiceMetrics
 from .outbox import OutboxRelay
@@ -69,7 +69,7 @@ QUIET_SECONDS = 0.1
 QUIET_MAX_SECONDS = 1.0
 
 
-class Drain(grpc.aio.ServerInterceptor):
+class Drain(UnaryInterceptor):
     """Graceful shutdown of unary calls, ahead of grpc.aio's own.
 
     `server.stop(grace)` alone cancelled accepted calls: under a burst, POS
@@ -94,6 +94,7 @@ class Drain(grpc.aio.ServerInterceptor):
     are left to `server.stop(grace)`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -105,19 +106,9 @@ class Drain(grpc.aio.ServerInterceptor):
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or handler_call_details.method.startswith(_HEALTH_PREFIX)
-        ):
-            return handler
-        inner = handler.unary_unary
+    def wrap(self, method: str, inner: Behaviour) -> Behaviour | None:
+        if method.startswith(_HEALTH_PREFIX):
+            return None
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self._last_call = asyncio.get_running_loop().time()
@@ -142,11 +133,7 @@ class Drain(grpc.aio.ServerInterceptor):
                 if self._in_flight == 0:
                     self._idle.set()
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_unary
 
     async def drain(self, timeout: float) -> bool:
         """Hold new unary calls; wait up to `timeout` for those in progress,
