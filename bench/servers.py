@@ -85,6 +85,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--service-rate", type=float, default=200.0, help="service reads per second (200)"
     )
     parser.add_argument("--no-echo", action="store_true", help="skip the empty-handler variants")
+    parser.add_argument(
+        "--in-process",
+        type=int,
+        default=20_000,
+        help="calls through the interceptors alone, in this process, best of 5 (20000; 0: skip)",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="per-call deadline (5)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
