@@ -12,7 +12,9 @@ Variants, for the server comparison (bench/servers.py, issue 19):
   on one event-loop thread (run_coroutine_threadsafe): what a sync server
   would cost the services, whose code is asyncio (asyncpg, redis.asyncio).
 - `--interceptors drain,errors,metrics`: grpc.aio with servicekit's server
-  chain (servicekit.server.create_grpc_server), any subset, in that order.
+  chain (servicekit.server.create_grpc_server), any subset, in that order;
+  `--servicekit-server` alone: that server (its options, servicekit imported)
+  with no interceptor.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def _echo_handlers(ping: Any) -> list[grpc.GenericRpcHandler]:
     ]
 
 
-def _aio_server(chain: list[str]) -> grpc.aio.Server:
-    if not chain:
+def _aio_server(chain: list[str], servicekit_server: bool = False) -> grpc.aio.Server:
+    if not chain and not servicekit_server:
         # Same server options that matter for latency as servicekit's services.
         return grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     from servicekit.metrics import ServiceMetrics
@@ -63,8 +65,8 @@ def _aio_server(chain: list[str]) -> grpc.aio.Server:
     )
 
 
-async def serve(host: str, port: int, chain: list[str]) -> None:
-    server = _aio_server(chain)
+async def serve(host: str, port: int, chain: list[str], servicekit_server: bool = False) -> None:
+    server = _aio_server(chain, servicekit_server)
     server.add_generic_rpc_handlers(_echo_handlers(_ping))
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
@@ -143,6 +145,11 @@ def main() -> None:
     parser.add_argument(
         "--interceptors", default="", help=f"aio: comma-separated subset of {','.join(CHAIN)}"
     )
+    parser.add_argument(
+        "--servicekit-server",
+        action="store_true",
+        help="aio: servicekit's create_grpc_server (its options, its imports) even with no interceptor",
+    )
     args = parser.parse_args()
     chain = [c for c in args.interceptors.split(",") if c]
     unknown = set(chain) - set(CHAIN)
@@ -157,9 +164,9 @@ def main() -> None:
         except ImportError:
             pass
         else:
-            uvloop.run(serve(args.host, args.port, chain))
+            uvloop.run(serve(args.host, args.port, chain, args.servicekit_server))
             return
-    asyncio.run(serve(args.host, args.port, chain))
+    asyncio.run(serve(args.host, args.port, chain, args.servicekit_server))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ generator) with p50/p99:
 - the same with the bridge the services would need (their code is asyncio:
   each call runs a coroutine on one event-loop thread via
   run_coroutine_threadsafe);
+- grpc.aio made by servicekit (create_grpc_server's options, servicekit
+  imported) with no interceptor;
 - grpc.aio with servicekit's interceptor chain (Drain, DomainErrorInterceptor,
   the metrics observer: servicekit.server.create_grpc_server, as the services
   run it), and the chain with each interceptor removed in turn (A/B: what
@@ -57,6 +59,7 @@ def variants(workers: list[int]) -> dict[str, list[str]]:
         out[f"sync pool {n}"] = ["--server", "sync", "--workers", str(n)]
     for n in workers:
         out[f"sync pool {n} + bridge"] = ["--server", "sync", "--workers", str(n), "--bridge"]
+    out["aio servicekit no chain"] = ["--servicekit-server"]
     out[CHAIN] = ["--interceptors", "drain,errors,metrics"]
     out["aio + chain - drain"] = ["--interceptors", "errors,metrics"]
     out["aio + chain - errors"] = ["--interceptors", "drain,metrics"]
