@@ -29,7 +29,12 @@ from .db import Database, create_pool
 from .dependencies import UP_STATUSES, DependencyWatch, ping
 from .errors import to_rpc_status
 from .events import stream_name
-from .interceptors import Behaviour, DomainErrorInterceptor, UnaryInterceptor
+from .interceptors import (
+    Behaviour,
+    DomainErrorInterceptor,
+    UnaryInterceptor,
+    wrap_at_registration,
+)
 from .logs import configure_logging
 from .metrics import ServiceMetrics
 from .outbox import OutboxRelay
@@ -199,14 +204,18 @@ def create_grpc_server(
         # tracing interceptor away from Watch, which streams with
         # context.write() (the interceptor expects a generator).
         tracing.append(aio_server_interceptor(filter_=_traced))
-    return grpc.aio.server(
-        interceptors=[
-            # Outermost: a refused call costs nothing else.
-            *([drain] if drain is not None else []),
-            *tracing,
-            *([DomainErrorInterceptor()] if domain_errors else []),
-            *interceptors,
-        ],
+    chain = [
+        # Outermost: a refused call costs nothing else.
+        *([drain] if drain is not None else []),
+        *tracing,
+        *([DomainErrorInterceptor()] if domain_errors else []),
+        *interceptors,
+    ]
+    # servicekit's own interceptors only (the services): applied as handlers
+    # are registered, not by grpc.aio's per-call interceptor path (wrap_at_registration).
+    registered = all(isinstance(i, UnaryInterceptor) for i in chain)
+    server = grpc.aio.server(
+        interceptors=None if registered else chain,
         options=[
             # Clients reconnect periodically, so a ClusterIP Service spreads
             # long-lived HTTP/2 connections over new pods.
@@ -218,6 +227,9 @@ def create_grpc_server(
             ("grpc.max_receive_message_length", max_receive_message_bytes),
         ],
     )
+    if registered:
+        wrap_at_registration(server, chain)  # type: ignore[arg-type]
+    return server
 
 
 async def add_health_and_reflection(

@@ -85,3 +85,55 @@ async def test_health_calls_pass_through_drain_and_metrics_unwrapped() -> None:
             continuation, Details("/grpc.health.v1.Health/Check")
         )
         assert got is handler
+
+
+async def test_servicekit_server_applies_its_chain_to_registered_and_generic_handlers() -> None:
+    """create_grpc_server with servicekit's own interceptors applies them as
+    handlers are registered (no grpc.aio interceptor path per call): a
+    DomainError still becomes its status, the metrics observe every call, and
+    Drain counts the calls in flight."""
+    from servicekit.errors import NotFound
+    from servicekit.server import create_grpc_server
+
+    metrics = ServiceMetrics("registered")
+    drain = Drain()
+    seen_in_flight: list[int] = []
+
+    async def ok(request: bytes, context: Any) -> bytes:
+        seen_in_flight.append(drain.in_flight)
+        return b"ok"
+
+    async def fail(request: bytes, context: Any) -> bytes:
+        raise NotFound("no such thing")
+
+    server = create_grpc_server(60_000, 0.5, [metrics.interceptor()], traced=False, drain=drain)
+    server.add_registered_method_handlers(
+        "t.Registered", {"Ok": grpc.unary_unary_rpc_method_handler(ok)}
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "t.Generic", {"Fail": grpc.unary_unary_rpc_method_handler(fail)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await channel.unary_unary("/t.Registered/Ok")(b"") == b"ok"
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await channel.unary_unary("/t.Generic/Fail")(b"")
+    finally:
+        await server.stop(None)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert failed.value.details() == "no such thing"
+    assert seen_in_flight == [1]
+    handled = {
+        (s.labels["grpc_method"], s.labels["grpc_code"]): s.value
+        for family in metrics.registry.collect()
+        if family.name == "grpc_server_handled"
+        for s in family.samples
+        if s.name == "grpc_server_handled_total"
+    }
+    assert handled == {("Ok", "OK"): 1.0, ("Fail", "NOT_FOUND"): 1.0}
