@@ -19,6 +19,7 @@ A registry per ServiceApp: tests run several services in one process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -40,6 +41,7 @@ from prometheus_client import (
 
 from .errors import DomainError
 from .events import dead_letter_stream
+from .interceptors import Behaviour, UnaryInterceptor
 
 if TYPE_CHECKING:
     from .consumer import EventConsumer
@@ -179,17 +181,20 @@ class ServiceMetrics:
     async def sample(
         self, db: Database, redis: RedisClient, namespace: str, consumers: list[EventConsumer]
     ) -> None:
-        """Read every sampled gauge once; a failing part is counted and skipped."""
-        parts: list[Awaitable[None]] = [
-            self._sample_outbox(db),
-            self._sample_consumers(redis, namespace, consumers),
-            *(self._sample_probe(p) for p in self._probes),
+        """Read every sampled gauge once; a failing part is counted and skipped.
+        Each part's coroutine is made only when it is awaited: a sampler
+        cancelled mid-sample (every service stop) otherwise left the later
+        ones never awaited (a RuntimeWarning wherever they were collected)."""
+        parts: list[Callable[[], Awaitable[None]]] = [
+            lambda: self._sample_outbox(db),
+            lambda: self._sample_consumers(redis, namespace, consumers),
+            *(functools.partial(self._sample_probe, p) for p in self._probes),
         ]
         self._sample_pool(db)
         for part in parts:
             try:
                 async with asyncio.timeout(5):
-                    await part
+                    await part()
             except Exception as exc:
                 self.sample_errors.inc()
                 log.debug("%s: metrics sampling failed: %r", self.service, exc)
@@ -269,23 +274,17 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class _RpcObserver(grpc.aio.ServerInterceptor):
+class _RpcObserver(UnaryInterceptor):
     """One observation per unary RPC. Sits inside the DomainErrorInterceptor,
     so a DomainError is seen with its own status before it becomes the call's."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
+        super().__init__()
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = str(handler_call_details.method)
-        if handler is None or handler.unary_unary is None or method.startswith(_UNOBSERVED):
-            return handler
-        inner = handler.unary_unary
+    def wrap(self, method: str, inner: Behaviour) -> Behaviour | None:
+        if method.startswith(_UNOBSERVED):
+            return None
         observe = self.metrics.observe
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -312,11 +311,7 @@ class _RpcObserver(grpc.aio.ServerInterceptor):
             finally:
                 observe(method, _status(code), time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_unary
 
 
 def _status(code: object) -> grpc.StatusCode:

@@ -29,7 +29,12 @@ from .db import Database, create_pool
 from .dependencies import UP_STATUSES, DependencyWatch, ping
 from .errors import to_rpc_status
 from .events import stream_name
-from .interceptors import DomainErrorInterceptor
+from .interceptors import (
+    Behaviour,
+    DomainErrorInterceptor,
+    UnaryInterceptor,
+    wrap_at_registration,
+)
 from .logs import configure_logging
 from .metrics import ServiceMetrics
 from .outbox import OutboxRelay
@@ -69,7 +74,7 @@ QUIET_SECONDS = 0.1
 QUIET_MAX_SECONDS = 1.0
 
 
-class Drain(grpc.aio.ServerInterceptor):
+class Drain(UnaryInterceptor):
     """Graceful shutdown of unary calls, ahead of grpc.aio's own.
 
     `server.stop(grace)` alone cancelled accepted calls: under a burst, POS
@@ -94,6 +99,7 @@ class Drain(grpc.aio.ServerInterceptor):
     are left to `server.stop(grace)`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -105,19 +111,9 @@ class Drain(grpc.aio.ServerInterceptor):
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or handler_call_details.method.startswith(_HEALTH_PREFIX)
-        ):
-            return handler
-        inner = handler.unary_unary
+    def wrap(self, method: str, inner: Behaviour) -> Behaviour | None:
+        if method.startswith(_HEALTH_PREFIX):
+            return None
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self._last_call = asyncio.get_running_loop().time()
@@ -142,11 +138,7 @@ class Drain(grpc.aio.ServerInterceptor):
                 if self._in_flight == 0:
                     self._idle.set()
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return unary_unary
 
     async def drain(self, timeout: float) -> bool:
         """Hold new unary calls; wait up to `timeout` for those in progress,
@@ -194,6 +186,7 @@ def create_grpc_server(
     traced: bool | None = None,
     drain: Drain | None = None,
     max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
+    domain_errors: bool = True,
 ) -> grpc.aio.Server:
     """A grpc.aio server with the interceptors and options every server here uses.
     `interceptors` run inside those (they see DomainErrors before they become
@@ -202,21 +195,27 @@ def create_grpc_server(
     unsampled spans: with the client interceptors (clients.create_channel),
     0.5-0.9 ms of the gateway's CPU per POS identify (one server call, three
     client calls; docs/identity.md). Without it, a call's log lines carry no
-    trace id. `drain` (a Drain) makes the server's shutdown graceful."""
+    trace id. `drain` (a Drain) makes the server's shutdown graceful.
+    `domain_errors=False` leaves out the DomainErrorInterceptor (only the
+    server benchmark, bench/servers.py, measures a chain without it)."""
     tracing: list[grpc.aio.ServerInterceptor] = []
     if tracing_recorded() if traced is None else traced:
         # Health probes stay out of traces; the filter also keeps the
         # tracing interceptor away from Watch, which streams with
         # context.write() (the interceptor expects a generator).
         tracing.append(aio_server_interceptor(filter_=_traced))
-    return grpc.aio.server(
-        interceptors=[
-            # Outermost: a refused call costs nothing else.
-            *([drain] if drain is not None else []),
-            *tracing,
-            DomainErrorInterceptor(),
-            *interceptors,
-        ],
+    chain = [
+        # Outermost: a refused call costs nothing else.
+        *([drain] if drain is not None else []),
+        *tracing,
+        *([DomainErrorInterceptor()] if domain_errors else []),
+        *interceptors,
+    ]
+    # servicekit's own interceptors only (the services): applied as handlers
+    # are registered, not by grpc.aio's per-call interceptor path (wrap_at_registration).
+    registered = all(isinstance(i, UnaryInterceptor) for i in chain)
+    server = grpc.aio.server(
+        interceptors=None if registered else chain,
         options=[
             # Clients reconnect periodically, so a ClusterIP Service spreads
             # long-lived HTTP/2 connections over new pods.
@@ -228,6 +227,9 @@ def create_grpc_server(
             ("grpc.max_receive_message_length", max_receive_message_bytes),
         ],
     )
+    if registered:
+        wrap_at_registration(server, chain)  # type: ignore[arg-type]
+    return server
 
 
 async def add_health_and_reflection(
