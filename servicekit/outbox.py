@@ -11,8 +11,9 @@ Durable events (docs/architecture.md "Events"): Redis is not the only copy.
    one event.
 2. Publish: numbered, unpublished rows are XADDed in sequence order with their
    number (the `seq` field beside the envelope), then marked published (by
-   range, in the statement that lets the lock go). A crash in between
-   publishes them again; consumers drop the duplicate by event id.
+   range, in the query that lets the lock go; an asynchronous commit). A
+   crash in between, or one that loses the mark, publishes them again;
+   consumers drop the duplicate by event id.
 
 A turn costs three round trips to PostgreSQL and one to Redis (publish_pending).
 A commit wakes the relay, which then waits `coalesce` seconds so the commits of
@@ -105,8 +106,13 @@ class OutboxRelay:
         lock_literal = "'" + self._lock_name.replace("'", "''") + "'"
         # Sent as one simple query (one round trip): the marks commit before
         # the lock goes, so the relay that takes it next sees the range marked.
+        # Without waiting for the WAL flush: a mark lost in a PostgreSQL crash
+        # only publishes the range again (consumers drop duplicates), while
+        # the numbering, which must survive, commits synchronously. Measured:
+        # ~0.2 ms of PostgreSQL CPU less per turn (docs/operations.md).
         self._mark_sql = (
-            f"BEGIN; UPDATE {t} SET published_at = now()"
+            "BEGIN; SET LOCAL synchronous_commit = off;"
+            f" UPDATE {t} SET published_at = now()"
             " WHERE seq BETWEEN {first:d} AND {last:d} AND published_at IS NULL;"
             f" COMMIT; SELECT pg_advisory_unlock(hashtext({lock_literal}))"
         )
