@@ -42,6 +42,8 @@ NOT_ERROR_CODES = {
     *("UPDATE", "WHERE", "INFO", "XADD", "XAUTOCLAIM", "NOGROUP", "JUNK", "DOWN"),
     # Redis Cluster's error for keys in different slots (docs/operations.md).
     "CROSSSLOT",
+    # Redis's script commands and the error a script not loaded yet answers (docs/deploy.md).
+    *("EVALSHA", "NOSCRIPT"),
     *("SERVING", "NOT_SERVING", "APPLIED", "REPLAYED", "REJECTED", "NOT_ATTEMPTED"),
     *("CONNECTION_ERRORS", "ISSUE_SQL", "REDEEM_SQL", "SH001", "REWARDS_", "UNREACHABLE"),
     # OpenTelemetry's and the fakes' own environment variables.
@@ -62,7 +64,14 @@ NOT_ERROR_CODES = {
     *("NO_RECEIPT", "TASK_CREATED", "SENT_BY_STAFF", "NOT_SENT_BY_STAFF", "CREDIT_VOIDED"),
     *("NOT_A_FRIEND", "CONTACT_LIMIT"),
     # Names of constants and make variables the docs mention.
-    *("VARIABLES", "ANALYTICS_DEADLINE_FACTOR", "PROFILE", "BENCH_ARGS", "BENCH_PROFILE_RATE"),
+    *(
+        "VARIABLES",
+        "ANALYTICS_DEADLINE_FACTOR",
+        "STORE_SCOPE",
+        "PROFILE",
+        "BENCH_ARGS",
+        "BENCH_PROFILE_RATE",
+    ),
 }
 
 
