@@ -24,11 +24,18 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-UNBALANCED_SQL = """
+from servicekit.errors import FailedPrecondition
+
+# $1: the members (NULL: everyone); $2: the checkpoint's as_of the journal is
+# re-summed from (NULL: the first transaction). Journal reads filter on
+# created_at >= $2, so only the partitions from the checkpoint on are read.
+SINCE = "coalesce($2::timestamptz, '-infinity')"
+
+UNBALANCED_SQL = f"""
 SELECT t.id
 FROM rewards.points_transactions t
 LEFT JOIN rewards.points_entries e ON e.transaction_id = t.id
-WHERE $1::uuid[] IS NULL OR t.member_id = ANY($1::uuid[])
+WHERE ($1::uuid[] IS NULL OR t.member_id = ANY($1::uuid[])) AND t.created_at >= {SINCE}
 GROUP BY t.id, t.kind, t.amount, t.member_id
 HAVING count(e.id) = 0
     OR sum(e.amount) <> 0
@@ -41,19 +48,39 @@ HAVING count(e.id) = 0
 ORDER BY t.id
 """
 
-BALANCE_SQL = """
+# A member's journal figures: the checkpoint's, plus the entries of the
+# transactions written since (each found through its journal row, pruned).
+BALANCE_SQL = f"""
 WITH journal AS (
-    SELECT e.member_id,
-           coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_wallet'), 0) AS available,
-           coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_pending'), 0) AS pending,
-           coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_held'), 0) AS held,
-           -coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_debt'), 0) AS debt
-    FROM rewards.points_entries e
-    WHERE e.member_id IS NOT NULL AND ($1::uuid[] IS NULL OR e.member_id = ANY($1::uuid[]))
-    GROUP BY e.member_id
+    SELECT member_id, sum(available) AS available, sum(pending) AS pending,
+           sum(held) AS held, sum(debt) AS debt
+    FROM (
+        SELECT c.member_id, c.available, c.pending, c.held, c.debt
+        FROM rewards.points_checkpoint_balances c
+        WHERE c.as_of = $2::timestamptz
+          AND ($1::uuid[] IS NULL OR c.member_id = ANY($1::uuid[]))
+        UNION ALL
+        SELECT e.member_id,
+               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_wallet'), 0),
+               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_pending'), 0),
+               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_held'), 0),
+               -coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_debt'), 0)
+        FROM rewards.points_entries e
+        JOIN rewards.points_transactions t ON t.id = e.transaction_id AND t.created_at >= {SINCE}
+        WHERE e.member_id IS NOT NULL AND ($1::uuid[] IS NULL OR e.member_id = ANY($1::uuid[]))
+        GROUP BY e.member_id
+    ) s
+    GROUP BY member_id
 ), earned AS (
-    SELECT member_id, sum(amount) AS earned FROM rewards.points_transactions
-    WHERE kind = 'earn' AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
+    SELECT member_id, sum(earned) AS earned
+    FROM (
+        SELECT member_id, lifetime_earned AS earned FROM rewards.points_checkpoint_balances
+        WHERE as_of = $2::timestamptz AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
+        UNION ALL
+        SELECT member_id, amount FROM rewards.points_transactions
+        WHERE kind = 'earn' AND created_at >= {SINCE}
+          AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
+    ) s
     GROUP BY member_id
 ), lots AS (
     SELECT member_id,
@@ -105,21 +132,32 @@ WHERE coalesce(b.available, 0) <> coalesce(j.available, 0)
 ORDER BY 1
 """
 
-LOTS_SQL = """
+# A lot's remaining = its opening at the checkpoint (points if created before,
+# plus movements before), its points if created since, plus movements since.
+LOTS_SQL = f"""
 SELECT l.id
 FROM rewards.points_lots l
-LEFT JOIN rewards.points_lot_movements m ON m.lot_id = l.id
+JOIN rewards.points_transaction_keys lk ON lk.id = l.transaction_id
+LEFT JOIN rewards.points_checkpoint_lots c ON c.as_of = $2::timestamptz AND c.lot_id = l.id
+LEFT JOIN (
+    rewards.points_lot_movements m
+    JOIN rewards.points_transactions t ON t.id = m.transaction_id AND t.created_at >= {SINCE}
+) ON m.lot_id = l.id
 WHERE $1::uuid[] IS NULL OR l.member_id = ANY($1::uuid[])
-GROUP BY l.id, l.points, l.remaining
-HAVING l.points + coalesce(sum(m.amount), 0) <> l.remaining
+GROUP BY l.id, l.points, l.remaining, c.opening, lk.created_at
+HAVING coalesce(c.opening, 0) + CASE WHEN lk.created_at >= {SINCE} THEN l.points ELSE 0 END
+       + coalesce(sum(m.amount), 0) <> l.remaining
 ORDER BY l.id
 """
 
-ORDERS_SQL = """
+# Orders written since the checkpoint against their earn (an order and its earn
+# share a transaction, so a created_at); refunds against every order.
+ORDERS_SQL = f"""
 SELECT o.id
 FROM rewards.orders o
-LEFT JOIN rewards.points_transactions t ON t.order_id = o.id AND t.kind = 'earn'
-WHERE $1::uuid[] IS NULL OR o.member_id = ANY($1::uuid[])
+LEFT JOIN rewards.points_transactions t
+    ON t.order_id = o.id AND t.kind = 'earn' AND t.created_at >= {SINCE}
+WHERE ($1::uuid[] IS NULL OR o.member_id = ANY($1::uuid[])) AND o.created_at >= {SINCE}
 GROUP BY o.id, o.points_earned, o.points_balance_after, o.status
 HAVING count(t.id) > 1
     OR coalesce(sum(t.amount), 0) <> o.points_earned
@@ -167,18 +205,23 @@ class LedgerAudit:
         )
 
 
+LATEST_CHECKPOINT_SQL = "SELECT max(as_of) FROM rewards.points_checkpoints"
+
+
 async def audit_ledger(
-    conn: asyncpg.Connection, member_ids: list[str] | None = None
+    conn: asyncpg.Connection, member_ids: list[str] | None = None, *, full: bool = False
 ) -> LedgerAudit:
-    """Check the journal invariants, for some members or (None) for everyone."""
+    """Check the journal invariants, for some members or (None) for everyone:
+    from the latest balance checkpoint (points/checkpoint.py), or (full) from
+    the first transaction, which needs every journal partition attached."""
     members = [uuid.UUID(m) for m in member_ids] if member_ids is not None else None
     # One snapshot for all the checks, so concurrent writes never look like
     # drift (inside a caller's transaction, the caller's view is the point).
     if conn.is_in_transaction():
-        results = [await conn.fetch(sql, members) for sql in CHECKS]
+        results = await _run_checks(conn, members, full)
     else:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            results = [await conn.fetch(sql, members) for sql in CHECKS]
+            results = await _run_checks(conn, members, full)
     unbalanced, balances, orders, lots = results
     return LedgerAudit(
         unbalanced_transactions=[str(r["id"]) for r in unbalanced],
@@ -196,3 +239,18 @@ async def audit_ledger(
         order_mismatches=[str(r["id"]) for r in orders],
         lot_mismatches=[str(r["id"]) for r in lots],
     )
+
+
+async def _run_checks(
+    conn: asyncpg.Connection, members: list[uuid.UUID] | None, full: bool
+) -> list[list[asyncpg.Record]]:
+    if full:
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM rewards.points_journal_archive)"):
+            raise FailedPrecondition(
+                "journal partitions are archived: the audit runs from the latest checkpoint",
+                code="AUDIT_JOURNAL_ARCHIVED",
+            )
+        since = None
+    else:
+        since = await conn.fetchval(LATEST_CHECKPOINT_SQL)
+    return [await conn.fetch(sql, members, since) for sql in CHECKS]
