@@ -36,7 +36,7 @@ from servicekit.server import ServiceApp
 from services.rewards.partitions import JOURNAL
 from services.rewards.points import repository as ledger
 from services.rewards.points.audit import CHECKS, audit_ledger
-from services.rewards.points.checkpoint import write_checkpoint
+from services.rewards.points.checkpoint import open_transactions_before, write_checkpoint
 from services.rewards.points.handlers import PointsLedger
 
 from ..harness import Infra
@@ -620,6 +620,25 @@ async def test_a_checkpoint_refuses_a_bad_boundary(ledger_db: asyncpg.Connection
     # Checkpoints are append-only, like the journal.
     with pytest.raises(asyncpg.RestrictViolationError, match="append-only"):
         await conn.execute("DELETE FROM rewards.points_checkpoint_balances")
+
+
+async def test_a_checkpoint_waits_for_transactions_open_since_before_its_boundary(
+    ledger_db: asyncpg.Connection, scratch_url: str
+) -> None:
+    # The guard write_checkpoint runs before its snapshot (CHECKPOINT_OPEN_TRANSACTIONS):
+    # a transaction that started before the boundary could still commit rows
+    # dated before it. Shown with a boundary just ahead of the open transaction.
+    other = await asyncpg.connect(asyncpg_dsn(scratch_url))
+    try:
+        tx = other.transaction()
+        await tx.start()
+        started: datetime = await other.fetchval("SELECT now()")
+        assert await open_transactions_before(ledger_db, started + timedelta(seconds=1)) == 1
+        assert await open_transactions_before(ledger_db, started) == 0
+        await tx.commit()
+        assert await open_transactions_before(ledger_db, started + timedelta(seconds=1)) == 0
+    finally:
+        await other.close()
 
 
 async def test_detach_needs_a_checkpoint_and_an_archived_order_is_not_refunded(

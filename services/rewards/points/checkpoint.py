@@ -98,6 +98,12 @@ WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start < 
 """
 
 
+async def open_transactions_before(conn: asyncpg.Connection, at: datetime) -> int:
+    """Other sessions' transactions on this database open since before `at`."""
+    count: int = await conn.fetchval(OPEN_BEFORE_SQL, at)
+    return count
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     as_of: datetime
@@ -127,7 +133,7 @@ async def write_checkpoint(conn: asyncpg.Connection, as_of: datetime | None = No
     # Checkpoint runs take turns (the CronJob, an operator by hand).
     await conn.execute("SELECT pg_advisory_lock(hashtext('rewards.points_checkpoints'))")
     try:
-        open_before = await conn.fetchval(OPEN_BEFORE_SQL, as_of)
+        open_before = await open_transactions_before(conn, as_of)
         if open_before:
             raise FailedPrecondition(
                 f"{open_before} transaction(s) started before {as_of:%Y-%m-%d} are still open",
