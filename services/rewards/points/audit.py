@@ -49,7 +49,8 @@ ORDER BY t.id
 """
 
 # A member's journal figures: the checkpoint's, plus the entries of the
-# transactions written since (each found through its journal row, pruned).
+# transactions written since (each entry's time from the key table: one probe,
+# where the partitioned journal would take one per partition).
 BALANCE_SQL = f"""
 WITH journal AS (
     SELECT member_id, sum(available) AS available, sum(pending) AS pending,
@@ -66,7 +67,8 @@ WITH journal AS (
                coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_held'), 0),
                -coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_debt'), 0)
         FROM rewards.points_entries e
-        JOIN rewards.points_transactions t ON t.id = e.transaction_id AND t.created_at >= {SINCE}
+        JOIN rewards.points_transaction_keys k
+            ON k.id = e.transaction_id AND k.created_at >= {SINCE}
         WHERE e.member_id IS NOT NULL AND ($1::uuid[] IS NULL OR e.member_id = ANY($1::uuid[]))
         GROUP BY e.member_id
     ) s
@@ -138,14 +140,15 @@ LOTS_SQL = f"""
 SELECT l.id
 FROM rewards.points_lots l
 JOIN rewards.points_transaction_keys lk ON lk.id = l.transaction_id
-LEFT JOIN rewards.points_checkpoint_lots c ON c.as_of = $2::timestamptz AND c.lot_id = l.id
 LEFT JOIN (
     rewards.points_lot_movements m
-    JOIN rewards.points_transactions t ON t.id = m.transaction_id AND t.created_at >= {SINCE}
+    JOIN rewards.points_transaction_keys k ON k.id = m.transaction_id AND k.created_at >= {SINCE}
 ) ON m.lot_id = l.id
 WHERE $1::uuid[] IS NULL OR l.member_id = ANY($1::uuid[])
-GROUP BY l.id, l.points, l.remaining, c.opening, lk.created_at
-HAVING coalesce(c.opening, 0) + CASE WHEN lk.created_at >= {SINCE} THEN l.points ELSE 0 END
+GROUP BY l.id, l.points, l.remaining, lk.created_at
+HAVING coalesce((SELECT c.opening FROM rewards.points_checkpoint_lots c
+                 WHERE c.as_of = $2::timestamptz AND c.lot_id = l.id), 0)
+       + CASE WHEN lk.created_at >= {SINCE} THEN l.points ELSE 0 END
        + coalesce(sum(m.amount), 0) <> l.remaining
 ORDER BY l.id
 """

@@ -91,10 +91,11 @@ SELECT members, lots FROM header
 """
 
 # Other sessions' transactions open since before the boundary (their rows
-# could still commit dated before it).
+# could still commit dated before it); autovacuum and other workers write none.
 OPEN_BEFORE_SQL = """
 SELECT count(*) FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start < $1
+  AND backend_type = 'client backend'
 """
 
 
@@ -155,6 +156,11 @@ async def write_checkpoint(conn: asyncpg.Connection, as_of: datetime | None = No
                     code="CHECKPOINT_AUDIT_FAILED",
                 )
             row = await conn.fetchrow(WRITE_SQL, as_of, previous)
+        # The audit reads them from now on: planned with their real size.
+        await conn.execute(
+            "ANALYZE rewards.points_checkpoints, rewards.points_checkpoint_balances,"
+            " rewards.points_checkpoint_lots"
+        )
     finally:
         await conn.execute("SELECT pg_advisory_unlock(hashtext('rewards.points_checkpoints'))")
     return Checkpoint(as_of, previous, row["members"], row["lots"])
