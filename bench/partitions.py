@@ -51,7 +51,7 @@ from servicekit.partitions import (
 from services.rewards.orders import repository as orders
 from services.rewards.partitions import JOURNAL
 from services.rewards.points import repository as ledger
-from services.rewards.points.audit import UNBALANCED_SQL, audit_ledger
+from services.rewards.points.audit import audit_ledger, checks
 from services.rewards.points.checkpoint import write_checkpoint
 
 from .cli import RESULTS_DIR, BenchInfra, say, server_version
@@ -292,7 +292,7 @@ async def audit(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[str,
     member_uuid = uuid.UUID(await conn.fetchval("SELECT md5('m1')"))
     result: dict[str, Any] = {
         "unbalanced_check_one_member_no_checkpoint": await explain_analyze(
-            conn, UNBALANCED_SQL, [member_uuid], None
+            conn, checks(None)[0], [member_uuid]
         ),
     }
     if args.full_audit:
@@ -328,7 +328,7 @@ async def audit(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[str,
     result["members_with_findings"] = findings
     since = written.as_of
     result["unbalanced_check_one_member_from_checkpoint"] = await explain_analyze(
-        conn, UNBALANCED_SQL, [member_uuid], since
+        conn, checks(since)[0], [member_uuid]
     )
     if args.full_audit:
         started = time.perf_counter()
