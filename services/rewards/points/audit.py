@@ -192,9 +192,11 @@ def checks(since: datetime | None) -> tuple[str, ...]:
     if since is None:
         # No time filter at all: the plans of the audit before checkpoints.
         return tuple(
-            re.sub(rf"(\w+\.)?created_at >= {SINCE}", "true", sql).replace(
-                "$2::timestamptz", "NULL::timestamptz"
-            )
+            re.sub(
+                rf"(\w+\.)?created_at >= {SINCE}",
+                "true",
+                re.sub(rf"\s+AND (\w+\.)?created_at >= {SINCE}", "", sql),
+            ).replace("$2::timestamptz", "NULL::timestamptz")
             for sql in CHECKS
         )
     literal = f"'{since.astimezone(UTC).isoformat()}'::timestamptz"
