@@ -13,9 +13,12 @@ and the checkout and audit statements planned and timed at that size.
    orders, mean and p99 ms; the refund's journal reads (points/repository
    ORDER_LOT_SQL, ORDER_REDEMPTION_LOTS_SQL) and the key lookup with EXPLAIN
    (ANALYZE): partitions in the plan, time.
-3. Audit: `audit_ledger` for one member (what runs after each operation in
-   tests; an operator's targeted check), mean ms, with the partitions its
-   journal statements read; `--full-audit` also times the whole audit.
+3. Audit: a balance checkpoint at this month's start (`write_checkpoint`:
+   seconds, PostgreSQL backend CPU), then `audit_ledger` for one member from
+   the checkpoint and from the first transaction, alternating (mean ms of
+   each, their ratio), with the partitions the unbalanced check reads either
+   way; the oldest partition detached (refused inside the kept months);
+   `--full-audit` also times the whole audit before and after the checkpoint.
 
 Against embedded PostgreSQL (fresh under .data/bench) or a throwaway database
 on DATABASE_URL (loopback only); JSON to bench/results/partitions-<UTC>.json.
@@ -36,14 +39,23 @@ from typing import Any
 import asyncpg
 
 from servicekit.db import asyncpg_dsn
+from servicekit.errors import DomainError
 from servicekit.migrations import upgrade
-from servicekit.partitions import add_months, create_month, list_partitions, month_start
+from servicekit.partitions import (
+    add_months,
+    create_month,
+    detach_partition,
+    list_partitions,
+    month_start,
+)
 from services.rewards.orders import repository as orders
 from services.rewards.partitions import JOURNAL
 from services.rewards.points import repository as ledger
-from services.rewards.points.audit import UNBALANCED_SQL, audit_ledger
+from services.rewards.points.audit import audit_ledger, checks
+from services.rewards.points.checkpoint import write_checkpoint
 
 from .cli import RESULTS_DIR, BenchInfra, say, server_version
+from .cpu import process_cpu_seconds
 
 STORE = "BENCH01"
 
@@ -261,31 +273,82 @@ async def checkout(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[s
     }
 
 
+def sample_member(conn_members: int, i: int) -> str:
+    return str(i * 7919 % conn_members)
+
+
 async def audit(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[str, Any]:
-    times: list[float] = []
-    findings = 0
-    for i in range(args.samples):
-        member = str(
+    """The member audit from the first transaction, then a balance checkpoint
+    at this month's start, then the member audit from it and the full one
+    alternating (A/B in one run), and the oldest partition detached."""
+    members = [
+        str(
             uuid.UUID(
-                await conn.fetchval("SELECT md5('m' || $1::text)", str(i * 7919 % args.members))
+                await conn.fetchval("SELECT md5('m' || $1::text)", sample_member(args.members, i))
             )
         )
-        started = time.perf_counter()
-        report = await audit_ledger(conn, [member])
-        times.append((time.perf_counter() - started) * 1000)
-        findings += 0 if report.ok else 1
+        for i in range(args.samples)
+    ]
     member_uuid = uuid.UUID(await conn.fetchval("SELECT md5('m1')"))
     result: dict[str, Any] = {
-        "member_audit": summary(times),
-        "members_with_findings": findings,
-        "unbalanced_check_one_member": await explain_analyze(conn, UNBALANCED_SQL, [member_uuid]),
+        "unbalanced_check_one_member_no_checkpoint": await explain_analyze(
+            conn, checks(None)[0], [member_uuid]
+        ),
     }
     if args.full_audit:
         started = time.perf_counter()
         report = await audit_ledger(conn)
-        result["full_audit_seconds"] = round(time.perf_counter() - started, 1)
-        result["full_audit_ok"] = report.ok
+        result["whole_audit_no_checkpoint_seconds"] = round(time.perf_counter() - started, 1)
+        result["whole_audit_no_checkpoint_ok"] = report.ok
+    now: datetime = await conn.fetchval("SELECT now()")
+    cpu = await backend_cpu(conn)
+    started = time.perf_counter()
+    written = await write_checkpoint(conn, month_start(now))
+    result["checkpoint"] = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "postgres_cpu_seconds": round(await backend_cpu(conn) - cpu, 1),
+        "members": written.members,
+        "lots": written.lots,
+        "as_of": written.as_of.isoformat(),
+    }
+    times: dict[str, list[float]] = {"from_checkpoint": [], "from_first_transaction": []}
+    findings = 0
+    for member in members:
+        for name, full in (("from_checkpoint", False), ("from_first_transaction", True)):
+            started = time.perf_counter()
+            report = await audit_ledger(conn, [member], full=full)
+            times[name].append((time.perf_counter() - started) * 1000)
+            findings += 0 if report.ok else 1
+    result["member_audit"] = {name: summary(t) for name, t in times.items()}
+    result["member_audit"]["ratio_checkpoint_to_full"] = round(
+        statistics.fmean(times["from_checkpoint"])
+        / statistics.fmean(times["from_first_transaction"]),
+        3,
+    )
+    result["members_with_findings"] = findings
+    since = written.as_of
+    result["unbalanced_check_one_member_from_checkpoint"] = await explain_analyze(
+        conn, checks(since)[0], [member_uuid]
+    )
+    if args.full_audit:
+        started = time.perf_counter()
+        report = await audit_ledger(conn)
+        result["whole_audit_from_checkpoint_seconds"] = round(time.perf_counter() - started, 1)
+        result["whole_audit_from_checkpoint_ok"] = report.ok
+    oldest = next(p for p in await list_partitions(conn, JOURNAL) if p.lower is not None)
+    started = time.perf_counter()
+    try:
+        result["detached"] = await detach_partition(conn, JOURNAL, oldest.name)
+    except DomainError as exc:  # the kept months (--months <= 12)
+        result["detached"] = exc.code
+    result["detach_seconds"] = round(time.perf_counter() - started, 2)
+    result["audit_ok_after_detach"] = (await audit_ledger(conn)).ok if args.full_audit else None
     return result
+
+
+async def backend_cpu(conn: asyncpg.Connection) -> float:
+    """CPU seconds of this connection's PostgreSQL backend: the checkpoint runs in it."""
+    return process_cpu_seconds(await conn.fetchval("SELECT pg_backend_pid()"))
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -97,7 +97,42 @@ ERROR_CODES: dict[str, ErrorCode] = {
         ),
         _c(
             "PARTITION_NEEDED_BY_AUDIT",
-            "the ledger audit reads every journal partition: none is detached",
+            "the ledger audit still reads the partition: no balance checkpoint covers it",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "CHECKPOINT_NOT_MONTH_BOUNDARY",
+            "a balance checkpoint is taken at the first instant of a month (UTC)",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "CHECKPOINT_IN_FUTURE",
+            "a balance checkpoint cannot cover a month boundary not yet reached",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "CHECKPOINT_EXISTS",
+            "the ledger is already checkpointed at or after that month boundary",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "CHECKPOINT_OPEN_TRANSACTIONS",
+            "a transaction started before the boundary is still open: retry later",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "CHECKPOINT_AUDIT_FAILED",
+            "the ledger audit found drift: no checkpoint is written over it",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "AUDIT_JOURNAL_ARCHIVED",
+            "a full audit needs every journal partition; some are archived",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "REFUND_JOURNAL_ARCHIVED",
+            "the order's journal rows are archived: it is past the refund horizon",
             _S.FAILED_PRECONDITION,
         ),
         _c(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -51,6 +51,10 @@ class PartitionedTable:
     # The key is written by PostgreSQL (DEFAULT now()): partitions are made
     # ahead of the database's clock, not the application's.
     database_clock: bool = True
+    # Run inside the detach's transaction before the keep_months check: raises
+    # a DomainError to refuse (e.g. no balance checkpoint covers the partition
+    # yet) and may record the detach in the same transaction.
+    detach_guard: Callable[[asyncpg.Connection, Partition], Awaitable[None]] | None = None
 
     @property
     def qualified(self) -> str:
@@ -233,16 +237,18 @@ async def detach_partition(
         )
     now = await _now(conn, table, clock or datetime.now(UTC))
     keep_from = add_months(month_start(now), -table.keep_months)
-    if partition.upper > keep_from:
-        raise DomainError(
-            f"{name} ends {partition.upper:%Y-%m-%d}, inside the {table.keep_months} months"
-            f" kept (from {keep_from:%Y-%m-%d})",
-            code="PARTITION_TOO_RECENT",
-            field="partition",
-        )
     archive = f"{table.schema}_archive"
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        if table.detach_guard is not None:
+            await table.detach_guard(conn, partition)
+        if partition.upper > keep_from:
+            raise DomainError(
+                f"{name} ends {partition.upper:%Y-%m-%d}, inside the {table.keep_months} months"
+                f" kept (from {keep_from:%Y-%m-%d})",
+                code="PARTITION_TOO_RECENT",
+                field="partition",
+            )
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{archive}"')
         await conn.execute(f"ALTER TABLE {table.qualified} DETACH PARTITION {table.schema}.{name}")
         await conn.execute(f"ALTER TABLE {table.schema}.{name} SET SCHEMA {archive}")

@@ -15,6 +15,8 @@ Operator commands (against DATABASE_URL, one run each, safe to repeat):
   partitions ensure [--ahead N]|list|detach NAME   the journal's time partitions
                         (made ahead; strays moved out of the default; detach refuses
                         what the ledger audit needs)
+  checkpoint [--as-of YYYY-MM-01]   each member's balance at a month boundary: the
+                        audit re-sums from it; journal partitions before it may go
 """
 
 import sys
@@ -33,6 +35,7 @@ JOBS = (
     "release-unpaid-mall-exchanges",
     "stores",
     "partitions",
+    "checkpoint",
     "bulk-earn",
 )
 

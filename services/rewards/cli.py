@@ -1,5 +1,6 @@
 """The operator commands of `python -m services.rewards` (audit, expiry,
-announcements, hold time-outs, unpaid mall exchanges, partitions, CSV bulk earns): which job each name
+announcements, hold time-outs, unpaid mall exchanges, partitions, balance
+checkpoints, CSV bulk earns): which job each name
 runs, against DATABASE_URL."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .orders.repository import StoreRecord
 from .partitions import DEFAULT_AHEAD_MONTHS, PARTITIONED_TABLES
 from .points import bulk
 from .points.audit import audit_ledger
+from .points.checkpoint import write_checkpoint
 from .points.earning import parse_rules
 from .points.handlers import PointsLedger
 from .points.jobs import announce_expiring, expire_due, void_timed_out_holds
@@ -177,6 +179,35 @@ async def _partitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.rewards checkpoint",
+        description="Checkpoint every member's balance at a month boundary (monthly CronJob).",
+    )
+    parser.add_argument(
+        "--as-of",
+        type=lambda text: datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC),
+        help="the month boundary, YYYY-MM-01 (default: the start of this month)",
+    )
+    return parser
+
+
+async def _checkpoint(args: argparse.Namespace) -> int:
+    settings = ServiceSettings()
+    pool = await create_pool(settings.database_url, 1, 1)
+    try:
+        async with pool.acquire() as conn:
+            written = await write_checkpoint(conn, args.as_of)
+    except DomainError as exc:
+        error = {"code": exc.code, "message": exc.message, "field": exc.field}
+        print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
+        return 1
+    finally:
+        await pool.close()
+    print(json.dumps(asdict(written), indent=2, default=str))
+    return 0
+
+
 def _bulk_earn_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m services.rewards bulk-earn",
@@ -252,5 +283,7 @@ def run_job(command: str, argv: list[str]) -> int:
         return asyncio.run(_stores(_stores_parser().parse_args(argv)))
     if command == "partitions":
         return asyncio.run(_partitions(_partitions_parser().parse_args(argv)))
+    if command == "checkpoint":
+        return asyncio.run(_checkpoint(_checkpoint_parser().parse_args(argv)))
     argparse.ArgumentParser(prog=f"python -m services.rewards {command}").parse_args(argv)
     return asyncio.run(_run(command))

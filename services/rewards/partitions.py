@@ -1,27 +1,49 @@
 """The rewards tables partitioned by time, and what may be detached from them
 (servicekit/partitions.py does the work; docs/operations.md "Partitioned tables").
 
-The points journal (`points_transactions`, by month of `created_at`) is never
-detached: the ledger audit (points/audit.py) re-derives every balance from the
-whole journal (invariant 3 sums every entry since the first transaction), checks
-every transaction balances (1) and every settled order against its earn (6), so
-every partition of the journal, the default included, is one it needs.
+The points journal (`points_transactions`, by month of `created_at`): a
+partition may be detached (archived) only when
+- a balance checkpoint (points/checkpoint.py) covers it: the ledger audit
+  re-sums the journal from the latest checkpoint, so it no longer reads it;
+- it ended more than `keep_months` (12) months ago: the refund horizon. A
+  refund of an order whose journal rows were archived is refused with
+  REFUND_JOURNAL_ARCHIVED (the refund reads the order's earn and redemption
+  lots through the journal), never computed from a partial journal.
+The detach is recorded in points_journal_archive in the same transaction.
 """
 
 from __future__ import annotations
 
-from servicekit.partitions import PartitionedTable
+import asyncpg
+
+from servicekit.errors import DomainError
+from servicekit.partitions import Partition, PartitionedTable
 
 from .schema import SCHEMA
 
+
+async def journal_detach_guard(conn: asyncpg.Connection, partition: Partition) -> None:
+    """Refuse a journal partition no checkpoint covers; record the detach."""
+    covered = await conn.fetchval("SELECT max(as_of) FROM rewards.points_checkpoints")
+    assert partition.upper is not None and partition.lower is not None
+    if covered is None or partition.upper > covered:
+        since = "no checkpoint yet" if covered is None else f"checkpointed to {covered:%Y-%m-%d}"
+        raise DomainError(
+            f"{partition.name} ends {partition.upper:%Y-%m-%d}: the ledger audit still reads it"
+            f" ({since}; python -m services.rewards checkpoint)",
+            code="PARTITION_NEEDED_BY_AUDIT",
+            field="partition",
+        )
+    await conn.execute(
+        "INSERT INTO rewards.points_journal_archive (partition, lower, upper) VALUES ($1, $2, $3)",
+        partition.name,
+        partition.lower,
+        partition.upper,
+    )
+
+
 JOURNAL = PartitionedTable(
-    SCHEMA,
-    "points_transactions",
-    "created_at",
-    never_detach=(
-        "the ledger audit re-derives every balance from the whole journal"
-        " (python -m services.rewards audit): archiving it needs a balance checkpoint first"
-    ),
+    SCHEMA, "points_transactions", "created_at", detach_guard=journal_detach_guard
 )
 
 PARTITIONED_TABLES = (JOURNAL,)

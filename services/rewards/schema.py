@@ -337,6 +337,65 @@ refunds = Table(
     ),
 )
 
+# Balance checkpoints (migration 0015, points/checkpoint.py): the ledger audit
+# re-sums the journal from the latest month boundary checkpointed, so journal
+# partitions before it can be archived. Append-only like the journal.
+points_checkpoints = Table(
+    "points_checkpoints",
+    metadata,
+    # A month boundary (UTC): the checkpoint covers every transaction before it.
+    Column("as_of", DateTime(timezone=True), primary_key=True),
+    # The checkpoint this one was summed from (None: from the first transaction).
+    Column("previous", DateTime(timezone=True)),
+    Column("members", BigInteger, nullable=False),
+    Column("lots", BigInteger, nullable=False),
+    created_at(),
+    CheckConstraint(
+        "as_of = date_trunc('month', as_of AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+        name="month_boundary",
+    ),
+    CheckConstraint("previous IS NULL OR previous < as_of", name="after_previous"),
+)
+
+# Each member's journal figures at as_of (the audit's signs); all-zero omitted.
+points_checkpoint_balances = Table(
+    "points_checkpoint_balances",
+    metadata,
+    Column(
+        "as_of", DateTime(timezone=True), ForeignKey(points_checkpoints.c.as_of), primary_key=True
+    ),
+    Column("member_id", Uuid, primary_key=True),
+    Column("available", BigInteger, nullable=False),
+    Column("pending", BigInteger, nullable=False),
+    Column("held", BigInteger, nullable=False),
+    Column("debt", BigInteger, nullable=False),
+    Column("lifetime_earned", BigInteger, nullable=False),
+)
+
+# Each lot's opening value at as_of: its points if created before, plus its
+# movements before; zero omitted.
+points_checkpoint_lots = Table(
+    "points_checkpoint_lots",
+    metadata,
+    Column(
+        "as_of", DateTime(timezone=True), ForeignKey(points_checkpoints.c.as_of), primary_key=True
+    ),
+    Column("lot_id", Uuid, primary_key=True),
+    Column("opening", BigInteger, nullable=False),
+)
+
+# Journal partitions detached into rewards_archive (a refund of an order whose
+# journal rows are there is refused: REFUND_JOURNAL_ARCHIVED).
+points_journal_archive = Table(
+    "points_journal_archive",
+    metadata,
+    Column("partition", Text, primary_key=True),
+    Column("lower", DateTime(timezone=True), nullable=False),
+    Column("upper", DateTime(timezone=True), nullable=False, index=True),
+    Column("archived_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("lower < upper", name="range"),
+)
+
 # Two-phase reservations: held -> posted | voided | expired, exactly once.
 points_holds = Table(
     "points_holds",

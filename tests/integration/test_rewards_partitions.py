@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from alembic import command
 
-from servicekit.db import asyncpg_dsn, create_pool, with_database
+from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
 from servicekit.errors import DomainError
 from servicekit.migrations import alembic_config
 from servicekit.partitions import (
@@ -35,7 +35,9 @@ from servicekit.partitions import (
 from servicekit.server import ServiceApp
 from services.rewards.partitions import JOURNAL
 from services.rewards.points import repository as ledger
-from services.rewards.points.audit import CHECKS, audit_ledger
+from services.rewards.points.audit import audit_ledger, checks
+from services.rewards.points.checkpoint import open_transactions_before, write_checkpoint
+from services.rewards.points.handlers import PointsLedger
 
 from ..harness import Infra
 
@@ -339,12 +341,12 @@ async def test_the_audit_reads_every_partition_so_none_is_detachable(
 ) -> None:
     attached = {p.name for p in await list_partitions(conn, JOURNAL)}
     member = [uuid.uuid4()]
-    for sql in CHECKS:
+    for sql in checks(None):
         scanned = journal_partitions(relations(await explain(conn, sql, member)))
         if "points_transactions" not in sql:
             continue
-        # Balances are the sum of the whole journal: every partition is read,
-        # which is what the detach command's refusal protects.
+        # Without a checkpoint, balances are the sum of the whole journal:
+        # every partition is read, which the detach command's refusal protects.
         assert scanned == attached, sql
 
 
@@ -453,3 +455,271 @@ async def test_migration_moves_a_deployed_journal_into_partitions(scratch_url: s
             )
     finally:
         await conn.close()
+
+
+# ---- balance checkpoints (migration 0015, points/checkpoint.py) ---------------
+
+SPEND_SQL = """
+WITH t AS (
+    INSERT INTO rewards.points_transactions
+        (id, member_id, kind, idempotency_key, amount, rule, created_at)
+    VALUES ($1, $2, 'redeem', $3, $4, '{}', $5)
+    RETURNING id
+), e AS (
+    INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)
+    SELECT id, 'member_wallet', $2, -$4 FROM t UNION ALL SELECT id, 'redeemed', NULL, $4 FROM t
+), m AS (
+    INSERT INTO rewards.points_lot_movements (transaction_id, lot_id, amount)
+    SELECT id, $6, -$4 FROM t
+), l AS (
+    UPDATE rewards.points_lots SET remaining = remaining - $4 WHERE id = $6
+)
+UPDATE rewards.points_balances SET available = available - $4 WHERE member_id = $2
+"""
+
+# A settled order and its earn (one transaction: the same created_at).
+ORDER_EARN_SQL = """
+WITH o AS (
+    INSERT INTO rewards.orders
+        (id, store_id, pos_transaction_id, member_id, channel, paid_amount_fen, ordered_at,
+         request_hash, points_earned, points_balance_after, created_at)
+    VALUES ($1, 'CKPT1', $2, $3, 'store', $4 * 100, $5, $6, $4, 0, $5)
+    RETURNING id
+), t AS (
+    INSERT INTO rewards.points_transactions
+        (id, member_id, kind, order_id, idempotency_key, amount, rule, created_at)
+    SELECT $7, $3, 'earn', id, 'earn:' || id, $4, '{}', $5 FROM o
+    RETURNING id
+), e AS (
+    INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)
+    SELECT id, 'member_wallet', $3, $4 FROM t UNION ALL SELECT id, 'issued_liability', NULL, -$4 FROM t
+), l AS (
+    INSERT INTO rewards.points_lots
+        (id, member_id, transaction_id, root_lot_id, order_id, points, remaining, status,
+         earned_at, expires_at)
+    SELECT $8, $3, t.id, $8, $1, $4, $4, 'active', $5, '2100-01-01' FROM t
+)
+INSERT INTO rewards.points_balances AS b (member_id, available, lifetime_earned) VALUES ($3, $4, $4)
+ON CONFLICT (member_id) DO UPDATE
+SET available = b.available + $4, lifetime_earned = b.lifetime_earned + $4
+"""
+
+
+def utc(year: int, month: int, day: int = 1) -> datetime:
+    return datetime(year, month, day, tzinfo=UTC)
+
+
+@pytest.fixture
+async def ledger_db(scratch_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A migrated rewards database of its own: checkpoints are ledger-wide."""
+    await asyncio.to_thread(command.upgrade, alembic_config("rewards", scratch_url), "head")
+    conn = await asyncpg.connect(asyncpg_dsn(scratch_url))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def seed_history(conn: asyncpg.Connection) -> dict[str, Any]:
+    """Two members' history over January-March 2025 and this month: credits,
+    a spend in February and another today from a January lot (a lot whose
+    movements straddle the checkpoints), and a settled order in March."""
+    a, b = uuid.uuid4(), uuid.uuid4()
+    lot_a = uuid.uuid4()
+    await conn.execute(ADJUST_SQL, uuid.uuid4(), a, "ck:a1", 50, utc(2025, 1, 10), lot_a)
+    await adjust(conn, b, "ck:b1", utc(2025, 1, 20), points=30)
+    await conn.execute(SPEND_SQL, uuid.uuid4(), a, "ck:a2", 20, utc(2025, 2, 3), lot_a)
+    await conn.execute(
+        "INSERT INTO rewards.stores (store_id, name, city, address, latitude, longitude)"
+        " VALUES ('CKPT1', 'Checkpoint', 'Shanghai', '1 Road', 31.2, 121.4)"
+    )
+    order, earn = uuid.uuid4(), uuid.uuid4()
+    await conn.execute(
+        ORDER_EARN_SQL, order, "pos-1", a, 40, utc(2025, 3, 15), b"\0" * 32, earn, uuid.uuid4()
+    )
+    await conn.execute(SPEND_SQL, uuid.uuid4(), a, "ck:a3", 10, await db_now(conn), lot_a)
+    await adjust(conn, b, "ck:b2", await db_now(conn), points=5)
+    report = await ensure_partitions(conn, JOURNAL, ahead=1)
+    assert report.strays_left == 0
+    return {"a": a, "b": b, "lot_a": lot_a, "order": order, "earn": earn}
+
+
+async def test_a_checkpointed_audit_equals_the_full_audit(ledger_db: asyncpg.Connection) -> None:
+    conn = ledger_db
+    seen = await seed_history(conn)
+    a, b = str(seen["a"]), str(seen["b"])
+    first = await write_checkpoint(conn, utc(2025, 2))
+    assert (first.previous, first.members, first.lots) == (None, 2, 2)
+    # The second is summed from the first plus February-March's journal.
+    second = await write_checkpoint(conn, utc(2025, 4))
+    assert second.previous == utc(2025, 2)
+    balances = {
+        r["member_id"]: dict(r)
+        for r in await conn.fetch(
+            "SELECT member_id, available, lifetime_earned FROM rewards.points_checkpoint_balances"
+            " WHERE as_of = $1",
+            utc(2025, 4),
+        )
+    }
+    assert balances[seen["a"]] | {"member_id": None} == {
+        "member_id": None, "available": 50 - 20 + 40, "lifetime_earned": 40,
+    }  # fmt: skip
+    assert (
+        await conn.fetchval(
+            "SELECT opening FROM rewards.points_checkpoint_lots WHERE as_of = $1 AND lot_id = $2",
+            utc(2025, 4),
+            seen["lot_a"],
+        )
+        == 50 - 20
+    )
+    for members in ([a], [b], None):
+        checkpointed = await audit_ledger(conn, members)
+        assert checkpointed.ok and checkpointed == await audit_ledger(conn, members, full=True)
+    # Rows written after the checkpoint that are tampered with are found, the
+    # same as by the full audit: an entry of today's spend, a lot's remaining.
+    spend = await conn.fetchval(
+        "SELECT id FROM rewards.points_transactions WHERE idempotency_key = 'ck:a3'"
+    )
+    await conn.execute("ALTER TABLE rewards.points_entries DISABLE TRIGGER USER")
+    await conn.execute(
+        "UPDATE rewards.points_entries SET amount = amount - 1"
+        " WHERE transaction_id = $1 AND account = 'member_wallet'",
+        spend,
+    )
+    await conn.execute("UPDATE rewards.points_lots SET remaining = remaining + 3 WHERE id = $1",
+                       seen["lot_a"])  # fmt: skip
+    for members in ([a], None):
+        checkpointed = await audit_ledger(conn, members)
+        assert checkpointed == await audit_ledger(conn, members, full=True)
+        assert checkpointed.unbalanced_transactions == [str(spend)]
+        assert checkpointed.lot_mismatches == [str(seen["lot_a"])]
+        assert [m.member_id for m in checkpointed.balance_mismatches] == [a]
+    # The audit is not clean: no checkpoint is written over it.
+    with pytest.raises(DomainError) as refused:
+        await write_checkpoint(conn, utc(2025, 6))
+    assert refused.value.code == "CHECKPOINT_AUDIT_FAILED"
+    assert await conn.fetchval("SELECT max(as_of) FROM rewards.points_checkpoints") == utc(2025, 4)
+
+
+async def test_a_checkpoint_refuses_a_bad_boundary(ledger_db: asyncpg.Connection) -> None:
+    conn = ledger_db
+    await seed_history(conn)
+    now = await db_now(conn)
+    for as_of, code in (
+        (utc(2025, 2, 2), "CHECKPOINT_NOT_MONTH_BOUNDARY"),
+        (add_months(month_start(now), 1), "CHECKPOINT_IN_FUTURE"),
+    ):
+        with pytest.raises(DomainError) as refused:
+            await write_checkpoint(conn, as_of)
+        assert refused.value.code == code
+    await write_checkpoint(conn, utc(2025, 3))
+    for as_of in (utc(2025, 3), utc(2025, 2)):
+        with pytest.raises(DomainError) as refused:
+            await write_checkpoint(conn, as_of)
+        assert refused.value.code == "CHECKPOINT_EXISTS"
+    # Checkpoints are append-only, like the journal.
+    with pytest.raises(asyncpg.RestrictViolationError, match="append-only"):
+        await conn.execute("DELETE FROM rewards.points_checkpoint_balances")
+
+
+async def test_a_checkpoint_waits_for_transactions_open_since_before_its_boundary(
+    ledger_db: asyncpg.Connection, scratch_url: str
+) -> None:
+    # The guard write_checkpoint runs before its snapshot (CHECKPOINT_OPEN_TRANSACTIONS):
+    # a transaction that started before the boundary could still commit rows
+    # dated before it. Shown with a boundary just ahead of the open transaction.
+    other = await asyncpg.connect(asyncpg_dsn(scratch_url))
+    try:
+        tx = other.transaction()
+        await tx.start()
+        started: datetime = await other.fetchval("SELECT now()")
+        assert await open_transactions_before(ledger_db, started + timedelta(seconds=1)) == 1
+        assert await open_transactions_before(ledger_db, started) == 0
+        await tx.commit()
+        assert await open_transactions_before(ledger_db, started + timedelta(seconds=1)) == 0
+    finally:
+        await other.close()
+
+
+async def test_detach_needs_a_checkpoint_and_an_archived_order_is_not_refunded(
+    ledger_db: asyncpg.Connection, scratch_url: str
+) -> None:
+    conn = ledger_db
+    seen = await seed_history(conn)
+    with pytest.raises(DomainError) as refused:
+        await detach_partition(conn, JOURNAL, "points_transactions_p202501")
+    assert refused.value.code == "PARTITION_NEEDED_BY_AUDIT"
+    await write_checkpoint(conn, utc(2025, 2))
+    # Covered: January goes; February ends after the checkpoint and stays.
+    with pytest.raises(DomainError) as refused:
+        await detach_partition(conn, JOURNAL, "points_transactions_p202502")
+    assert refused.value.code == "PARTITION_NEEDED_BY_AUDIT"
+    assert (
+        await detach_partition(conn, JOURNAL, "points_transactions_p202501")
+        == "rewards_archive.points_transactions_p202501"
+    )
+    assert (
+        await conn.fetchval("SELECT count(*) FROM rewards_archive.points_transactions_p202501") == 2
+    )
+    # The audit from the checkpoint stays clean; a full one cannot be run.
+    assert (await audit_ledger(conn)).ok
+    with pytest.raises(DomainError) as full:
+        await audit_ledger(conn, full=True)
+    assert full.value.code == "AUDIT_JOURNAL_ARCHIVED"
+    # The next checkpoint sums from the first, not from the archived rows.
+    await write_checkpoint(conn, utc(2025, 4))
+    for name in ("points_transactions_p202502", "points_transactions_p202503"):
+        await detach_partition(conn, JOURNAL, name)
+    assert (await audit_ledger(conn)).ok
+    assert [r["partition"] for r in await conn.fetch(
+        "SELECT partition FROM rewards.points_journal_archive ORDER BY lower"
+    )] == [
+        "points_transactions_p202501", "points_transactions_p202502",
+        "points_transactions_p202503",
+    ]  # fmt: skip
+    # The March order's earn is archived: its refund is refused by name (and
+    # the retry replays it), the balance untouched.
+    before = await conn.fetchrow(
+        "SELECT * FROM rewards.points_balances WHERE member_id = $1", seen["a"]
+    )
+    pool = await create_pool(scratch_url, 1, 2)
+    db = Database(pool, "rewards", "rewards")
+    try:
+        for _ in range(2):
+            async with db.unit_of_work() as uow:
+                outcome = await PointsLedger().refund_order(
+                    uow, "CKPT1", "pos-1", "refund-1", 1000, await db_now(conn)
+                )
+            assert outcome.error is not None
+            assert outcome.error.code == "REFUND_JOURNAL_ARCHIVED"
+    finally:
+        await db.close()
+    assert (
+        await conn.fetchrow("SELECT * FROM rewards.points_balances WHERE member_id = $1", seen["a"])
+        == before
+    )
+    assert await conn.fetchval("SELECT count(*) FROM rewards.refunds") == 0
+    assert (await audit_ledger(conn)).ok
+
+
+async def test_the_audit_reads_the_journal_from_the_checkpoint_on(
+    conn: asyncpg.Connection,
+) -> None:
+    # An old partition with rows (the planner keeps empty ones out of nothing).
+    await adjust(
+        conn, uuid.uuid4(), f"partition-test:{uuid.uuid4()}", datetime(2018, 2, 3, tzinfo=UTC)
+    )
+    await ensure_partitions(conn, JOURNAL, ahead=3)
+    now = await db_now(conn)
+    as_of = month_start(now)
+    partitions = await list_partitions(conn, JOURNAL)
+    since = {p.name for p in partitions if p.upper is None or p.upper > as_of}
+    member = [uuid.uuid4()]
+    for sql in checks(as_of):
+        if "points_transactions" not in sql:
+            continue
+        scanned = journal_partitions(relations(await explain(conn, sql, member)))
+        assert scanned and scanned <= since, sql
+        assert "points_transactions_p201802" not in scanned
+        plan = await explain_generic(conn, sql, ("uuid[]",), f"{{{member[0]}}}")
+        assert "points_transactions_p201802" not in journal_partitions(relations(plan)), sql

@@ -776,6 +776,19 @@ class PointsLedger:
                     field="pos_transaction_id",
                 )
             )
+        if await ledger.journal_archived(conn, order["created_at"]):
+            # Its earn and redemption lots are found through journal rows that
+            # are archived: refused, never computed from a partial journal.
+            return await self._reject(
+                conn,
+                key,
+                FailedPrecondition(
+                    f"order {pos_transaction_id} at store {store_id} is past the refund horizon:"
+                    " its journal partition is archived",
+                    code="REFUND_JOURNAL_ARCHIVED",
+                    field="pos_transaction_id",
+                ),
+            )
         before_fen, due_before, restored_before, refund_count = await ledger.refunds_so_far(
             conn, order["id"]
         )

@@ -480,6 +480,17 @@ async def order_lot(conn: Connection, order_id: uuid.UUID, order_created_at: dat
     return await conn.fetchrow(ORDER_LOT_SQL, order_id, order_created_at)
 
 
+async def journal_archived(conn: Connection, at: datetime) -> bool:
+    """Whether the journal partition holding rows written at `at` was detached
+    (points_journal_archive: a handful of rows, one per archived month)."""
+    archived: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM rewards.points_journal_archive"
+        " WHERE upper > $1 AND lower <= $1)",
+        at,
+    )
+    return archived
+
+
 async def transaction_with_key(conn: Connection, idempotency_key: str) -> Any:
     """The journal transaction written under a key (id, created_at), or None:
     the key table answers without searching the journal's partitions."""
