@@ -18,7 +18,10 @@ traffic behind it):
 - rows moved out of the default partition: its triggers are disabled for the
   move inside the transaction (ALTER TABLE: SHARE ROW EXCLUSIVE, so no write
   can reach it meanwhile), then enabled again before commit;
-- detach: ACCESS EXCLUSIVE on the parent for the catalogue change only.
+- detach: ACCESS EXCLUSIVE on the parent for the catalogue change only;
+- drop (tables whose rows are worthless past a retention, `drop_after`): the
+  same lock, detach and DROP in one transaction: the retention's DELETE
+  batches (and their vacuum) become a catalogue change.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -51,6 +54,10 @@ class PartitionedTable:
     # The key is written by PostgreSQL (DEFAULT now()): partitions are made
     # ahead of the database's clock, not the application's.
     database_clock: bool = True
+    # Rows worthless after this (dedupe keys, replay answers): a partition
+    # whose whole range is older is dropped by `ensure_partitions`, not archived.
+    # None: nothing is dropped (the default; detach stays the operator's).
+    drop_after: timedelta | None = None
 
     @property
     def qualified(self) -> str:
@@ -62,6 +69,14 @@ class PartitionedTable:
 
     def partition_name(self, month: datetime) -> str:
         return f"{self.table}_p{month:%Y%m}"
+
+
+def processed_events(schema: str, retention: timedelta) -> PartitionedTable:
+    """A service's consumer dedupe log, partitioned by month of processed_at
+    (servicekit/partition_migrations.py): a partition whose whole month is
+    older than PROCESSED_EVENTS_RETENTION_HOURS is dropped, so rows live
+    between the retention and the retention plus a month."""
+    return PartitionedTable(schema, "processed_events", "processed_at", drop_after=retention)
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,8 @@ class EnsureReport:
     moved: dict[str, int] = field(default_factory=dict)
     # Rows still in the default partition after the run (0 unless a move failed).
     strays_left: int = 0
+    # Partitions dropped as past the table's drop_after.
+    dropped: list[str] = field(default_factory=list)
 
 
 def month_start(at: datetime) -> datetime:
@@ -199,7 +216,34 @@ async def ensure_partitions(
         if moved:
             report.moved[name] = moved
     report.strays_left = sum((await stray_months(conn, table)).values())
+    if table.drop_after is not None:
+        report.dropped = await drop_expired(conn, table, now)
     return report
+
+
+async def drop_expired(
+    conn: asyncpg.Connection, table: PartitionedTable, now: datetime
+) -> list[str]:
+    """Drop every partition whose whole range is older than the table's
+    drop_after (rows the retention would have deleted); the default partition
+    never. The partitions dropped."""
+    if table.drop_after is None:
+        return []
+    cutoff = now - table.drop_after
+    dropped = []
+    for partition in await list_partitions(conn, table):
+        if partition.upper is None or partition.upper > cutoff:
+            continue
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table.qualified)
+            qualified = f"{table.schema}.{partition.name}"
+            if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified):
+                continue  # another run dropped it first
+            await conn.execute(f"ALTER TABLE {table.qualified} DETACH PARTITION {qualified}")
+            await conn.execute(f"DROP TABLE {qualified}")
+        dropped.append(partition.name)
+    return dropped
 
 
 async def detach_partition(

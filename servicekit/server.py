@@ -293,6 +293,14 @@ class ServiceApp:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
 
+    def partition(self, *tables: PartitionedTable) -> None:
+        """Keep these tables' partitions (made ahead, strays moved, expired ones
+        dropped) instead of pruning their rows: the pruner's ctid batches are
+        wrong on a partitioned table (a ctid is unique per partition only)."""
+        names = {t.qualified for t in tables}
+        self.retentions = [r for r in self.retentions if r.table not in names]
+        self.partitioned.extend(tables)
+
     @property
     def service_names(self) -> list[str]:
         return [s.full_name for s in self.services]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -17,6 +19,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.sql.schema import SchemaItem
 
 # Predictable constraint names, so Alembic migrations can refer to them.
 NAMING_CONVENTION = {
@@ -33,9 +36,15 @@ def service_metadata(schema: str) -> MetaData:
     return MetaData(schema=schema, naming_convention=NAMING_CONVENTION)
 
 
-def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
+def add_event_tables(metadata: MetaData, partitioned: bool = False) -> tuple[Table, Table]:
     """The transactional outbox, the consumer's processed-event log and its
-    per-producer cursors (durable events: docs/architecture.md "Events")."""
+    per-producer cursors (durable events: docs/architecture.md "Events").
+
+    partitioned: processed_events is RANGE-partitioned by month of
+    processed_at (servicekit/partition_migrations.py converts it): its primary
+    key carries processed_at, as PostgreSQL requires, and (consumer, event_id)
+    stays unique across partitions by the first_only trigger; old partitions
+    are dropped instead of rows pruned, so no processed_at index."""
     outbox = Table(
         "outbox",
         metadata,
@@ -56,6 +65,15 @@ def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
         ),
         Index(None, "published_at"),
     )
+    keyed: tuple[SchemaItem, ...] = (
+        (PrimaryKeyConstraint("consumer", "event_id", "processed_at"),)
+        if partitioned
+        # The pruner deletes by age (servicekit/retention.py).
+        else (PrimaryKeyConstraint("consumer", "event_id"), Index(None, "processed_at"))
+    )
+    partitioning: dict[str, Any] = (
+        {"postgresql_partition_by": "RANGE (processed_at)"} if partitioned else {}
+    )
     processed = Table(
         "processed_events",
         metadata,
@@ -65,11 +83,10 @@ def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
         # Which producer's sequence the event had (NULL: published before sequences).
         Column("producer", Text, nullable=True),
         Column("seq", BigInteger, nullable=True),
-        PrimaryKeyConstraint("consumer", "event_id"),
-        # The pruner deletes by age (servicekit/retention.py).
-        Index(None, "processed_at"),
+        *keyed,
         # The cursor walks a consumer's applied sequence numbers (servicekit/consumer.py).
         Index(None, "consumer", "producer", "seq"),
+        **partitioning,
     )
     Table(
         "event_cursors",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
-from servicekit.retention import Retention
 from servicekit.safety import refuse_unsafe
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
@@ -14,6 +13,7 @@ from servicekit.settings import ServiceSettings
 from .cache import ResolveCache
 from .handlers import MemberHandlers
 from .metrics import MemberMetrics
+from .partitions import partitioned_tables
 from .pii import PiiVault, parse_keyring
 from .policy import load_policy
 from .schema import SCHEMA
@@ -64,11 +64,6 @@ def build(settings: ServiceSettings, clock: Callable[[], datetime] = _now) -> Se
     )
     # For tests and the process's own use; served when METRICS_PORT is set.
     app.member_metrics = metrics  # type: ignore[attr-defined]
-    app.retentions.append(
-        Retention(
-            f"{SCHEMA}.identify_requests",
-            "created_at",
-            timedelta(days=s.identify_request_retention_days),
-        )
-    )
+    # Partitions past their retention dropped, instead of rows pruned.
+    app.partition(*partitioned_tables(s))
     return app

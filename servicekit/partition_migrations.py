@@ -1,0 +1,154 @@
+"""Migration steps that turn a plain table into one RANGE-partitioned by month
+(servicekit/partitions.py keeps it afterwards) and back, for tables whose
+unique key does not carry the time: a dedupe log (processed_events), a
+request-key replay table (member.identify_requests).
+
+PostgreSQL's unique indexes on a partitioned table must contain the partition
+key, so the key's uniqueness across partitions is kept by a BEFORE INSERT row
+trigger ("first only"): it takes a transaction-scoped advisory lock on the
+key, then looks the key up in every partition; a row whose key is there
+already is not inserted (the trigger returns NULL), exactly what the callers'
+`INSERT ... ON CONFLICT DO NOTHING RETURNING` expects (no row back). The lock
+makes two transactions writing the same key wait for each other as the unique
+index did (the second sees the first's row once it commits), whichever
+partition each row goes to (a month's boundary between them).
+
+Existing rows are moved in the migration's transaction (ACCESS EXCLUSIVE on
+the table throughout: writers and readers wait): the table is renamed, the
+partitioned one created LIKE it with a partition per month the rows cover,
+three months ahead and a default, rows copied set-based, the old table
+dropped, then the primary key (the key plus the partition column), indexes and
+the trigger built once over the copied rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alembic import op
+
+# Months made ahead by the migration; the service's keeper continues.
+AHEAD_MONTHS = 3
+
+
+@dataclass(frozen=True)
+class MonthlyConversion:
+    schema: str
+    table: str
+    column: str  # the partition key, timestamptz, NOT NULL
+    key: tuple[str, ...]  # unique before; unique across partitions by trigger after
+    # Non-unique indexes both shapes carry: (name, columns).
+    indexes: tuple[tuple[str, str], ...] = ()
+    # Indexes only the plain table had (e.g. the pruner's age index): (name, columns).
+    plain_only_indexes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def trigger_function(self) -> str:
+        return f"{self.schema}.{self.table}_first_only"
+
+    def first_only_sql(self) -> str:
+        match = " AND ".join(f"{c} = NEW.{c}" for c in self.key)
+        lock_key = " || ':' || ".join(f"NEW.{c}::text" for c in self.key)
+        return f"""
+CREATE FUNCTION {self.trigger_function}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Writers of one key take turns (as on a unique index); a fresh snapshot
+    -- per statement (READ COMMITTED) then sees the one that committed first.
+    PERFORM pg_advisory_xact_lock(hashtextextended('{self.qualified}:' || {lock_key}, 0));
+    IF EXISTS (SELECT 1 FROM {self.qualified} WHERE {match}) THEN
+        RETURN NULL;  -- the key is taken, in whichever partition: skip, like ON CONFLICT
+    END IF;
+    RETURN NEW;
+END
+$$
+"""
+
+    def _monthly_partitions_sql(self, source: str) -> str:
+        name = self.table
+        return f"""
+DO $$
+DECLARE
+    first_month date := date_trunc('month', least(
+        (SELECT min({self.column}) FROM {self.schema}.{source}), now()) AT TIME ZONE 'UTC')::date;
+    last_month date := (date_trunc('month', now() AT TIME ZONE 'UTC')
+        + interval '{AHEAD_MONTHS} months')::date;
+    m date := first_month;
+BEGIN
+    WHILE m <= last_month LOOP
+        EXECUTE format(
+            'CREATE TABLE {self.schema}.%I PARTITION OF {self.qualified}'
+            ' FOR VALUES FROM (%L) TO (%L)',
+            '{name}_p' || to_char(m, 'YYYYMM'),
+            m::timestamp AT TIME ZONE 'UTC',
+            (m + interval '1 month')::timestamp AT TIME ZONE 'UTC');
+        m := (m + interval '1 month')::date;
+    END LOOP;
+END
+$$
+"""
+
+    def upgrade(self) -> None:
+        old = f"{self.table}_unpartitioned"
+        op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
+        op.execute(f"ALTER TABLE {self.qualified} RENAME TO {old}")
+        op.execute(
+            f"CREATE TABLE {self.qualified}"
+            f" (LIKE {self.schema}.{old} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+            f" PARTITION BY RANGE ({self.column})"
+        )
+        op.execute(
+            f"CREATE TABLE {self.schema}.{self.table}_default PARTITION OF {self.qualified} DEFAULT"
+        )
+        op.execute(self._monthly_partitions_sql(old))
+        op.execute(f"INSERT INTO {self.qualified} SELECT * FROM {self.schema}.{old}")
+        # Its primary key and indexes go with it (their names are schema-wide).
+        op.execute(f"DROP TABLE {self.schema}.{old}")
+        op.execute(
+            f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
+            f" PRIMARY KEY ({', '.join((*self.key, self.column))})"
+        )
+        for name, columns in self.indexes:
+            op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
+        op.execute(self.first_only_sql())
+        # Row-level on the parent: every partition, present and future, has it.
+        op.execute(
+            f"CREATE TRIGGER {self.table}_first_only BEFORE INSERT ON {self.qualified}"
+            f" FOR EACH ROW EXECUTE FUNCTION {self.trigger_function}()"
+        )
+
+    def downgrade(self) -> None:
+        parted = f"{self.table}_partitioned"
+        op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
+        op.execute(f"ALTER TABLE {self.qualified} RENAME TO {parted}")
+        op.execute(f"ALTER TABLE {self.schema}.{parted} DROP CONSTRAINT pk_{self.table}")
+        for name, _ in self.indexes:
+            op.execute(f"DROP INDEX {self.schema}.{name}")
+        op.execute(
+            f"CREATE TABLE {self.qualified}"
+            f" (LIKE {self.schema}.{parted} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+        )
+        op.execute(f"INSERT INTO {self.qualified} SELECT * FROM {self.schema}.{parted}")
+        op.execute(f"DROP TABLE {self.schema}.{parted}")
+        op.execute(f"DROP FUNCTION {self.trigger_function}()")
+        op.execute(
+            f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
+            f" PRIMARY KEY ({', '.join(self.key)})"
+        )
+        for name, columns in (*self.indexes, *self.plain_only_indexes):
+            op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
+
+
+def processed_events(schema: str) -> MonthlyConversion:
+    """The consumers' dedupe log (servicekit/tables.py add_event_tables)."""
+    return MonthlyConversion(
+        schema,
+        "processed_events",
+        "processed_at",
+        ("consumer", "event_id"),
+        indexes=(("ix_processed_events_consumer_producer_seq", "consumer, producer, seq"),),
+        plain_only_indexes=(("ix_processed_events_processed_at", "processed_at"),),
+    )
