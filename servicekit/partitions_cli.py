@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 
 from .db import create_pool
-from .errors import DomainError, InvalidArgument
+from .errors import DomainError, NotFound
 from .partitions import (
     PartitionedTable,
     detach_partition,
@@ -65,7 +65,7 @@ async def _run(service: str, args: argparse.Namespace, tables: list[PartitionedT
                     None,
                 )
                 if table is None:
-                    raise InvalidArgument(
+                    raise NotFound(
                         f"{args.partition} is not a partition of a partitioned {service} table",
                         code="UNKNOWN_PARTITION",
                         field="partition",
