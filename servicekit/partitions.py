@@ -322,7 +322,7 @@ class PartitionKeeper:
         while True:
             try:
                 for report in await self.ensure_once():
-                    if report.created or report.strays_left:
+                    if report.created or report.strays_left or report.dropped:
                         log.info("partitions: %s", report)
             except asyncio.CancelledError:
                 raise

@@ -80,7 +80,9 @@ class ServiceSettings(CommonSettings):
     event_gap_grace_seconds: float = Field(default=5.0, ge=0)
     event_check_interval_seconds: float = Field(default=1.0, gt=0)
     # processed_events rows (consumer dedup) are kept this long, then pruned
-    # every prune_interval_seconds (servicekit/retention.py says why it is safe).
+    # every prune_interval_seconds (servicekit/retention.py says why it is safe);
+    # where the table is partitioned by month (member, engagement, tiering,
+    # guides), a month's partition is dropped once wholly older than this.
     processed_events_retention_hours: float = Field(default=168.0, gt=0)
     prune_interval_seconds: float = Field(default=3600.0, gt=0)
     # Time-partitioned tables (servicekit/partitions.py): months of partitions
