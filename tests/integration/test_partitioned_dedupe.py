@@ -385,3 +385,55 @@ async def test_member_migration_moves_rows_into_partitions_and_back(scratch_url:
         await asyncio.to_thread(migrate, "head")
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("service", "before"),
+    [
+        ("engagement", "0011_engagement_send_settling"),
+        ("tiering", "0009_tiering_analytics"),
+        ("guides", "0006_guides_merge_moves"),
+    ],
+)
+async def test_processed_events_migrations_go_up_and_down(
+    scratch_url: str, service: str, before: str
+) -> None:
+    def migrate(revision: str, down: bool = False) -> None:
+        config = alembic_config(service, scratch_url)
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+    await asyncio.to_thread(migrate, before)
+    conn = await asyncpg.connect(asyncpg_dsn(scratch_url))
+    try:
+        event = uuid.uuid4()
+        await conn.execute(
+            f"INSERT INTO {service}.processed_events (consumer, event_id, processed_at)"
+            " VALUES ('c', $1, '2025-02-03T04:05:06Z')",
+            event,
+        )
+        await asyncio.to_thread(migrate, "head")
+        assert (
+            await conn.fetchval(
+                f"SELECT tableoid::regclass::text FROM {service}.processed_events"
+                " WHERE event_id = $1",
+                event,
+            )
+            == f"{service}.processed_events_p202502"
+        )
+        assert (
+            await conn.fetchval(
+                RECORD.format(schema=service), "c", event, datetime(2025, 9, 1, tzinfo=UTC)
+            )
+            is None
+        )
+        await asyncio.to_thread(migrate, before, True)
+        assert (
+            await conn.fetchval(
+                "SELECT relkind::text FROM pg_class WHERE oid = $1::regclass",
+                f"{service}.processed_events",
+            )
+            == "r"
+        )
+        assert await conn.fetchval(f"SELECT count(*) FROM {service}.processed_events") == 1
+    finally:
+        await conn.close()
