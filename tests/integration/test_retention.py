@@ -63,3 +63,26 @@ async def test_processed_events_past_retention_are_pruned(
         )
         == 2
     )
+
+
+async def test_a_partitioned_table_is_left_to_its_partitions(pool: asyncpg.Pool) -> None:
+    """The pruner's ctid batches would delete the rows of other partitions that
+    share a ctid: it refuses a partitioned table (its partitions are dropped)."""
+    consumer = f"retention-{uuid.uuid4().hex[:8]}"
+    now = await pool.fetchval("SELECT now()")
+    await pool.executemany(
+        "INSERT INTO tiering.processed_events (consumer, event_id, processed_at)"
+        " VALUES ($1, $2, $3)",
+        [(consumer, uuid.uuid4(), now - timedelta(days=d)) for d in (0, 1)],
+    )
+    pruner = Pruner(
+        pool,
+        [Retention("tiering.processed_events", "processed_at", timedelta(hours=1))],
+        interval_seconds=3600,
+        clock=lambda: now,
+    )
+    assert await pruner.prune_once() == {"tiering.processed_events": 0}
+    left = await pool.fetchval(
+        "SELECT count(*) FROM tiering.processed_events WHERE consumer = $1", consumer
+    )
+    assert left == 2
