@@ -4,7 +4,10 @@
 processed_events (the consumers' dedupe log), by month of processed_at, partitions
 dropped past PROCESSED_EVENTS_RETENTION_HOURS (migration 0007).
 
-NOT_PARTITIONED
+Not partitioned, and why: callback_signatures is pruned daily (a day kept);
+funnel, audit and tag_pushes grow per guide action but have no retention
+defined, and orders/refunds are read by member at any age; contacts,
+bindings and tasks grow with members and staff.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ in and back out."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -35,7 +36,6 @@ from servicekit.partitions import (
 from servicekit.settings import ServiceSettings
 from services.member import oneid_repository
 from services.member.partitions import partitioned_tables as member_tables
-from services.member.server import build as build_member
 
 from ..harness import Infra
 
@@ -274,14 +274,17 @@ async def test_key_lookups_read_only_the_attached_partitions(conn: asyncpg.Conne
         assert not seq_scans(plan), (name, plan)
 
 
-def test_the_services_keep_their_partitions_instead_of_pruning() -> None:
-    app = build_member(ServiceSettings())
-    assert {t.qualified for t in app.partitioned} == {
-        "member.processed_events",
-        "member.identify_requests",
-    }
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_services_keep_their_partitions_instead_of_pruning(service: str) -> None:
+    build = importlib.import_module(f"services.{service}.server").build
+    app = build(ServiceSettings())
+    expected = {f"{service}.processed_events"}
+    if service == "member":
+        expected.add("member.identify_requests")
+    assert {t.qualified for t in app.partitioned} == expected
     # The pruner's ctid batches are wrong on a partitioned table: not given them.
-    assert {r.table for r in app.retentions} == {"member.outbox"}
+    assert not expected & {r.table for r in app.retentions}
+    assert f"{service}.outbox" in {r.table for r in app.retentions}
     assert all(t.drop_after is not None for t in app.partitioned)
 
 
