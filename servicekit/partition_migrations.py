@@ -11,7 +11,10 @@ already is not inserted (the trigger returns NULL), exactly what the callers'
 `INSERT ... ON CONFLICT DO NOTHING RETURNING` expects (no row back). The lock
 makes two transactions writing the same key wait for each other as the unique
 index did (the second sees the first's row once it commits), whichever
-partition each row goes to (a month's boundary between them).
+partition each row goes to (a month's boundary between them). One lock per row
+written, held to commit: a transaction writing thousands of rows can exhaust
+the shared lock table (`out of shared memory`); the consumers write at most a
+batch (100) per transaction, bulk loads must be chunked (docs/operations.md).
 
 Existing rows are moved in the migration's transaction (ACCESS EXCLUSIVE on
 the table throughout: writers and readers wait): the table is renamed, the
