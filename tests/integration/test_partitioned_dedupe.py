@@ -38,6 +38,7 @@ from services.member import oneid_repository
 from services.member.partitions import partitioned_tables as member_tables
 
 from ..harness import Infra
+from .test_rewards_partitions import db_now, relations
 
 SERVICES = ("member", "engagement", "tiering", "guides")
 
@@ -46,24 +47,6 @@ RECORD = (
     "INSERT INTO {schema}.processed_events (consumer, event_id, processed_at)"
     " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true"
 )
-
-
-async def db_now(conn: asyncpg.Connection) -> datetime:
-    now: datetime = await conn.fetchval("SELECT now()")
-    return now
-
-
-def relations(plan: Any) -> list[str]:
-    found: list[str] = []
-
-    def walk(node: dict[str, Any]) -> None:
-        if "Relation Name" in node:
-            found.append(node["Relation Name"])
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return found
 
 
 def seq_scans(plan: Any) -> list[str]:
