@@ -33,6 +33,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from google.protobuf.message import Message
@@ -56,6 +57,7 @@ from .events import (
     unpack,
 )
 from .redis_client import RedisClient, slot_of
+from .tables import event_time
 from .telemetry import extract_context
 
 log = logging.getLogger(__name__)
@@ -441,7 +443,8 @@ class EventConsumer:
         every entry names its member), then acknowledge them."""
         routed: list[tuple[str, events_pb2.EventEnvelope, Subscription, int | None]] = []
         done: list[str] = []  # entries to acknowledge after the commit
-        skipped: list[tuple[str, int]] = []  # (event id, seq) of events not for this group
+        # (event id, seq, occurred_at) of events not for this group
+        skipped: list[tuple[str, int, datetime]] = []
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
             raw = fields.get(ENVELOPE_FIELD)
@@ -460,7 +463,7 @@ class EventConsumer:
             if sub is None:  # an event this consumer does not care about
                 done.append(entry_id)
                 if seq is not None:
-                    skipped.append((envelope.event_id, seq))
+                    skipped.append((envelope.event_id, seq, event_time(envelope)))
             else:
                 routed.append((entry_id, envelope, sub, seq))
         if all(envelope.member_id for _, envelope, _, _ in routed):
@@ -488,16 +491,20 @@ class EventConsumer:
         if done:
             await self._redis.xack(stream, self.group, *done)
 
-    async def _record_skipped(self, conn: Any, stream: str, skipped: list[tuple[str, int]]) -> None:
+    async def _record_skipped(
+        self, conn: Any, stream: str, skipped: list[tuple[str, int, datetime]]
+    ) -> None:
         """Events of types this group does not handle still count on the cursor."""
         await conn.execute(
-            f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id, producer, seq)"
-            " SELECT $1, e, $2, s FROM unnest($3::uuid[], $4::bigint[]) AS t(e, s)"
-            " ON CONFLICT DO NOTHING",
+            f"INSERT INTO {self._db.schema}.processed_events"
+            " (consumer, event_id, producer, seq, occurred_at)"
+            " SELECT $1, e, $2, s, o FROM unnest($3::uuid[], $4::bigint[], $5::timestamptz[])"
+            " AS t(e, s, o) ON CONFLICT DO NOTHING",
             self.group,
             self._producers[stream],
-            [event_id for event_id, _ in skipped],
-            [seq for _, seq in skipped],
+            [event_id for event_id, _, _ in skipped],
+            [seq for _, seq, _ in skipped],
+            [occurred for _, _, occurred in skipped],
         )
 
     @contextlib.asynccontextmanager
@@ -535,12 +542,13 @@ class EventConsumer:
                 async with self._isolated(batch) as uow:
                     first_time = await uow.conn.fetchval(
                         f"INSERT INTO {self._db.schema}.processed_events"
-                        " (consumer, event_id, producer, seq)"
-                        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                        " (consumer, event_id, producer, seq, occurred_at)"
+                        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING true",
                         self.group,
                         envelope.event_id,
                         sub.producer if seq is not None else None,
                         seq,
+                        event_time(envelope),
                     )
                     if first_time:
                         await sub.handler(uow, event)
@@ -588,8 +596,9 @@ class EventConsumer:
             # under an id of its own: the event itself stays unprocessed, so a
             # redrive from the dead-letter stream still applies it.
             await self._db.pool.execute(
-                f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id, producer, seq)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                f"INSERT INTO {self._db.schema}.processed_events"
+                " (consumer, event_id, producer, seq, occurred_at)"
+                " VALUES ($1, $2, $3, $4, now()) ON CONFLICT DO NOTHING",
                 self.group,
                 uuid.uuid4(),
                 self._producers[stream],

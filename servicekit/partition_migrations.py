@@ -1,7 +1,12 @@
-"""Migration steps that turn a plain table into one RANGE-partitioned by month
-(servicekit/partitions.py keeps it afterwards) and back, for tables whose
-unique key does not carry the time: a dedupe log (processed_events), a
-request-key replay table (member.identify_requests).
+"""Migration steps that turn a plain table into a RANGE-partitioned one
+(servicekit/partitions.py keeps it afterwards) and back.
+
+processed_events: by day of the event's own time (DedupeByEventTime below):
+its key gains that time, so no trigger is needed.
+
+MonthlyConversion: by month, for a table whose unique key does not carry the
+time and no fixed time comes with each write of a key: member.identify_requests
+(a request key's retries carry no time of their own).
 
 PostgreSQL's unique indexes on a partitioned table must contain the partition
 key, so the key's uniqueness across partitions is kept by a BEFORE INSERT row
@@ -145,13 +150,123 @@ $$
             op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
 
 
-def processed_events(schema: str) -> MonthlyConversion:
+# Days of processed_events partitions the migration makes behind now at most
+# (older rows go to the default partition and expire there) and ahead.
+DEDUPE_DAYS_BEHIND = 35
+DEDUPE_DAYS_AHEAD = 3
+
+
+@dataclass(frozen=True)
+class DedupeByEventTime:
+    """processed_events (servicekit/tables.py) made RANGE-partitioned by day of
+    a new column, occurred_at: the event's own time, which every delivery of an
+    event carries unchanged (servicekit/tables.py event_time). The primary key
+    (consumer, event_id, occurred_at) contains the partition key, so it is a
+    real unique index: ON CONFLICT DO NOTHING works as on the plain table,
+    with no trigger and no lock per row.
+
+    The rows already there do not know their event's time: they are copied
+    with occurred_at = processed_at, which keeps the cursor walk's sequence
+    numbers but not their dedupe (a redelivery of such an event carries its
+    real occurred_at). Drain the consumers (pending lists empty) before
+    migrating (docs/operations.md "Partitioned tables")."""
+
+    schema: str
+    table: str = "processed_events"
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    def _daily_partitions_sql(self, source: str) -> str:
+        name = self.table
+        return f"""
+DO $$
+DECLARE
+    today date := (now() AT TIME ZONE 'UTC')::date;
+    d date := greatest(least(
+        (SELECT min(processed_at) FROM {self.schema}.{source}) AT TIME ZONE 'UTC',
+        now() AT TIME ZONE 'UTC')::date, today - {DEDUPE_DAYS_BEHIND});
+BEGIN
+    WHILE d <= today + {DEDUPE_DAYS_AHEAD} LOOP
+        EXECUTE format(
+            'CREATE TABLE {self.schema}.%I PARTITION OF {self.qualified}'
+            ' FOR VALUES FROM (%L) TO (%L)',
+            '{name}_p' || to_char(d, 'YYYYMMDD'),
+            d::timestamp AT TIME ZONE 'UTC',
+            (d + 1)::timestamp AT TIME ZONE 'UTC');
+        d := d + 1;
+    END LOOP;
+END
+$$
+"""
+
+    def upgrade(self) -> None:
+        old = f"{self.table}_unpartitioned"
+        op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
+        op.execute(f"ALTER TABLE {self.qualified} RENAME TO {old}")
+        op.execute(
+            f"CREATE TABLE {self.qualified}"
+            f" (LIKE {self.schema}.{old} INCLUDING DEFAULTS INCLUDING CONSTRAINTS,"
+            " occurred_at timestamptz NOT NULL)"
+            " PARTITION BY RANGE (occurred_at)"
+        )
+        op.execute(
+            f"CREATE TABLE {self.schema}.{self.table}_default PARTITION OF {self.qualified} DEFAULT"
+        )
+        op.execute(self._daily_partitions_sql(old))
+        op.execute(
+            f"INSERT INTO {self.qualified} (consumer, event_id, processed_at, producer, seq,"
+            " occurred_at)"
+            f" SELECT consumer, event_id, processed_at, producer, seq, processed_at"
+            f" FROM {self.schema}.{old}"
+        )
+        op.execute(f"DROP TABLE {self.schema}.{old}")
+        op.execute(
+            f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
+            " PRIMARY KEY (consumer, event_id, occurred_at)"
+        )
+        op.execute(
+            f"CREATE INDEX ix_{self.table}_consumer_producer_seq"
+            f" ON {self.qualified} (consumer, producer, seq)"
+        )
+        # The default partition's rows (late first deliveries, no event time)
+        # are deleted by processed_at (servicekit/partitions.py expire_default).
+        op.execute(
+            f"CREATE INDEX ix_{self.table}_default_processed_at"
+            f" ON {self.schema}.{self.table}_default (processed_at)"
+        )
+
+    def downgrade(self) -> None:
+        parted = f"{self.table}_partitioned"
+        op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
+        op.execute(f"ALTER TABLE {self.qualified} RENAME TO {parted}")
+        op.execute(f"ALTER TABLE {self.schema}.{parted} DROP CONSTRAINT pk_{self.table}")
+        op.execute(f"DROP INDEX {self.schema}.ix_{self.table}_consumer_producer_seq")
+        op.execute(
+            f"CREATE TABLE {self.qualified}"
+            f" (LIKE {self.schema}.{parted} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+        )
+        op.execute(f"ALTER TABLE {self.qualified} DROP COLUMN occurred_at")
+        op.execute(
+            f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
+            " PRIMARY KEY (consumer, event_id)"
+        )
+        # One key in two days is possible only from a producer that changed an
+        # event's time between deliveries: the first row is kept.
+        op.execute(
+            f"INSERT INTO {self.qualified} (consumer, event_id, processed_at, producer, seq)"
+            f" SELECT consumer, event_id, processed_at, producer, seq FROM {self.schema}.{parted}"
+            " ORDER BY processed_at ON CONFLICT DO NOTHING"
+        )
+        op.execute(f"DROP TABLE {self.schema}.{parted}")
+        op.execute(
+            f"CREATE INDEX ix_{self.table}_consumer_producer_seq"
+            f" ON {self.qualified} (consumer, producer, seq)"
+        )
+        op.execute(f"CREATE INDEX ix_{self.table}_processed_at ON {self.qualified} (processed_at)")
+
+
+def processed_events(schema: str) -> DedupeByEventTime:
     """The consumers' dedupe log (servicekit/tables.py add_event_tables)."""
-    return MonthlyConversion(
-        schema,
-        "processed_events",
-        "processed_at",
-        ("consumer", "event_id"),
-        indexes=(("ix_processed_events_consumer_producer_seq", "consumer, producer, seq"),),
-        plain_only_indexes=(("ix_processed_events_processed_at", "processed_at"),),
-    )
+    return DedupeByEventTime(schema)

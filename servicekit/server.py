@@ -283,7 +283,7 @@ class ServiceApp:
                 where=f"seq < (SELECT max(seq) FROM {self.schema}.outbox)",
             ),
         ]
-        # Tables partitioned by month: partitions made ahead at start-up and
+        # Tables partitioned by time: partitions made ahead at start-up and
         # every interval (servicekit/partitions.py); services add their own.
         self.partitioned: list[PartitionedTable] = []
         self.port = 0
@@ -349,7 +349,11 @@ class ServiceApp:
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         for consumer in self.consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.group))
-        pruner = Pruner(pool, self.retentions, s.prune_interval_seconds)
+        # A table kept by partitions (also one added to `partitioned` directly)
+        # is not the pruner's.
+        kept = {t.qualified for t in self.partitioned}
+        retentions = [r for r in self.retentions if r.table not in kept]
+        pruner = Pruner(pool, retentions, s.prune_interval_seconds)
         self._tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
         if self.partitioned:
             keeper = PartitionKeeper(

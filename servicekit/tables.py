@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -20,6 +21,23 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.sql.schema import SchemaItem
+
+from loyalty.events.v1 import events_pb2
+
+# The dedupe time of an event whose envelope has no occurred_at (published
+# before it was set): fixed, so every redelivery finds the first's row. No
+# partition covers it (they are made from now on), so such rows live in the
+# default partition and expire there by processed_at.
+NO_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def event_time(envelope: events_pb2.EventEnvelope) -> datetime:
+    """processed_events.occurred_at for an envelope: the producer's
+    occurred_at, identical on every redelivery and replay."""
+    if not envelope.HasField("occurred_at"):
+        return NO_EVENT_TIME
+    return envelope.occurred_at.ToDatetime(tzinfo=UTC)
+
 
 # Predictable constraint names, so Alembic migrations can refer to them.
 NAMING_CONVENTION = {
@@ -40,11 +58,13 @@ def add_event_tables(metadata: MetaData, partitioned: bool = False) -> tuple[Tab
     """The transactional outbox, the consumer's processed-event log and its
     per-producer cursors (durable events: docs/architecture.md "Events").
 
-    partitioned: processed_events is RANGE-partitioned by month of
-    processed_at (servicekit/partition_migrations.py converts it): its primary
-    key carries processed_at, as PostgreSQL requires, and (consumer, event_id)
-    stays unique across partitions by the first_only trigger; old partitions
-    are dropped instead of rows pruned, so no processed_at index."""
+    partitioned: processed_events is RANGE-partitioned by day of the event's
+    own occurred_at (servicekit/partition_migrations.py converts it; the
+    insert passes `event_time(envelope)`): the primary key (consumer,
+    event_id, occurred_at) is unique as on the plain table, since every
+    delivery of an event carries the same occurred_at; old days are dropped
+    instead of rows pruned, so no processed_at index but on the default
+    partition (the migration's)."""
     outbox = Table(
         "outbox",
         metadata,
@@ -66,13 +86,16 @@ def add_event_tables(metadata: MetaData, partitioned: bool = False) -> tuple[Tab
         Index(None, "published_at"),
     )
     keyed: tuple[SchemaItem, ...] = (
-        (PrimaryKeyConstraint("consumer", "event_id", "processed_at"),)
+        (
+            Column("occurred_at", DateTime(timezone=True), nullable=False),
+            PrimaryKeyConstraint("consumer", "event_id", "occurred_at"),
+        )
         if partitioned
         # The pruner deletes by age (servicekit/retention.py).
         else (PrimaryKeyConstraint("consumer", "event_id"), Index(None, "processed_at"))
     )
     partitioning: dict[str, Any] = (
-        {"postgresql_partition_by": "RANGE (processed_at)"} if partitioned else {}
+        {"postgresql_partition_by": "RANGE (occurred_at)"} if partitioned else {}
     )
     processed = Table(
         "processed_events",

@@ -10,7 +10,10 @@ every partition of the journal, the default included, is one it needs.
 
 from __future__ import annotations
 
-from servicekit.partitions import PartitionedTable
+from datetime import timedelta
+
+from servicekit.partitions import PartitionedTable, processed_events
+from servicekit.settings import ServiceSettings
 
 from .schema import SCHEMA
 
@@ -24,6 +27,12 @@ JOURNAL = PartitionedTable(
     ),
 )
 
-PARTITIONED_TABLES = (JOURNAL,)
+# The consumers' dedupe log, by day of the event's time (migration 0017); days
+# past PROCESSED_EVENTS_RETENTION_HOURS are dropped.
+DEDUPE = processed_events(
+    SCHEMA, timedelta(hours=ServiceSettings().processed_events_retention_hours)
+)
+
+PARTITIONED_TABLES = (JOURNAL, DEDUPE)
 # Months of partitions made ahead at start-up and by the CronJob.
 DEFAULT_AHEAD_MONTHS = 3

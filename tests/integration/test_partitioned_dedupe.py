@@ -1,11 +1,13 @@
-"""processed_events of member, engagement, tiering and guides, and member's
-identify_requests, partitioned by month (servicekit/partition_migrations.py,
-services/<name>/partitions.py): the dedupe key stays unique across partitions
-(a month's boundary between a delivery and its redelivery, two transactions
-racing on one key), partitions past the table's retention are dropped by the
-keeper instead of rows pruned, the keys' lookups read only the partitions
-still attached (EXPLAIN), the CLI runs, and the migrations move existing rows
-in and back out."""
+"""processed_events of member, engagement, tiering, guides and rewards,
+partitioned by day of the event's own occurred_at, and member's
+identify_requests, by month with its first_only trigger
+(servicekit/partition_migrations.py, services/<name>/partitions.py): a
+redelivery (same occurred_at) conflicts in its day's partition by the primary
+key alone, across a day's boundary and under a race; events without a time or
+already past the retention at first delivery stay in the default partition
+and expire there by processed_at; days past the retention are dropped by the
+keeper; the keys' lookups read only the partitions still attached (EXPLAIN);
+the CLI runs; the migrations move existing rows in and back out."""
 
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from typing import Any
 import asyncpg
 import pytest
 from alembic import command
+from google.protobuf import timestamp_pb2
 
+from loyalty.events.v1 import events_pb2
 from servicekit.db import asyncpg_dsn, with_database
 from servicekit.migrations import alembic_config
 from servicekit.partitions import (
@@ -34,19 +38,53 @@ from servicekit.partitions import (
     processed_events,
 )
 from servicekit.settings import ServiceSettings
+from servicekit.tables import NO_EVENT_TIME, event_time
 from services.member import oneid_repository
 from services.member.partitions import partitioned_tables as member_tables
+from services.rewards.partitions import PARTITIONED_TABLES as REWARDS_TABLES
 
 from ..harness import Infra
 from .test_rewards_partitions import db_now, relations
 
 SERVICES = ("member", "engagement", "tiering", "guides")
+DEDUPED = (*SERVICES, "rewards")
+RETENTION = timedelta(hours=168)
 
 # What the consumer writes (servicekit/consumer.py): a row back the first time only.
 RECORD = (
-    "INSERT INTO {schema}.processed_events (consumer, event_id, processed_at)"
-    " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true"
+    "INSERT INTO {schema}.processed_events (consumer, event_id, occurred_at, processed_at)"
+    " VALUES ($1, $2, $3, coalesce($4, now())) ON CONFLICT DO NOTHING RETURNING true"
 )
+
+
+def day_of(at: datetime) -> datetime:
+    at = at.astimezone(UTC)
+    return datetime(at.year, at.month, at.day, tzinfo=UTC)
+
+
+async def record(
+    conn: asyncpg.Connection,
+    schema: str,
+    consumer: str,
+    event: uuid.UUID,
+    occurred: datetime,
+    processed: datetime | None = None,
+) -> bool:
+    return bool(
+        await conn.fetchval(RECORD.format(schema=schema), consumer, event, occurred, processed)
+    )
+
+
+async def partition_of(
+    conn: asyncpg.Connection, schema: str, consumer: str, event: uuid.UUID
+) -> list[str]:
+    rows = await conn.fetch(
+        f"SELECT tableoid::regclass::text AS part FROM {schema}.processed_events"
+        " WHERE consumer = $1 AND event_id = $2",
+        consumer,
+        event,
+    )
+    return [r["part"] for r in rows]
 
 
 def seq_scans(plan: Any) -> list[str]:
@@ -62,31 +100,57 @@ def seq_scans(plan: Any) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("schema", SERVICES)
-async def test_one_event_is_recorded_once_across_months(
+@pytest.mark.parametrize("schema", DEDUPED)
+async def test_a_redelivery_conflicts_in_its_events_day_without_a_trigger(
     conn: asyncpg.Connection, schema: str
 ) -> None:
     kind = await conn.fetchval(
         "SELECT relkind::text FROM pg_class WHERE oid = $1::regclass", f"{schema}.processed_events"
     )
     assert kind == "p"  # partitioned
-    consumer, event = f"dedupe-{uuid.uuid4().hex[:8]}", uuid.uuid4()
-    now = await db_now(conn)
-    next_month = add_months(month_start(now), 1) + timedelta(hours=1)
-    sql = RECORD.format(schema=schema)
-    assert await conn.fetchval(sql, consumer, event, now) is True
-    # The redelivery lands in another partition: still skipped, no row back.
-    assert await conn.fetchval(sql, consumer, event, next_month) is None
-    assert await conn.fetchval(sql, consumer, event, now) is None
-    rows = await conn.fetch(
-        f"SELECT tableoid::regclass::text AS part FROM {schema}.processed_events"
-        " WHERE consumer = $1 AND event_id = $2",
-        consumer,
-        event,
+    triggers = await conn.fetchval(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal",
+        f"{schema}.processed_events",
     )
-    assert [r["part"] for r in rows] == [f"{schema}.processed_events_p{month_start(now):%Y%m}"]
+    assert triggers == 0  # the primary key alone keeps the key unique
+    consumer, event = f"dedupe-{uuid.uuid4().hex[:8]}", uuid.uuid4()
+    occurred = await db_now(conn) - timedelta(minutes=5)
+    assert await record(conn, schema, consumer, event, occurred)
+    assert not await record(conn, schema, consumer, event, occurred)
+    assert await partition_of(conn, schema, consumer, event) == [
+        f"{schema}.processed_events_p{occurred:%Y%m%d}"
+    ]
     # Another consumer group records the same event for itself.
-    assert await conn.fetchval(sql, f"{consumer}-other", event, next_month) is True
+    assert await record(conn, schema, f"{consumer}-other", event, occurred)
+
+
+async def test_a_redelivery_across_a_day_boundary_lands_in_the_first_deliverys_day(
+    conn: asyncpg.Connection,
+) -> None:
+    """Delivered at 23:59:59 UTC, redelivered after midnight: the partition is
+    chosen by occurred_at (the same on both), not by the processing time."""
+    table = processed_events("tiering", RETENTION)
+    today = day_of(await db_now(conn))
+    occurred = today - timedelta(seconds=1.5)
+    consumer, event = f"midnight-{uuid.uuid4().hex[:8]}", uuid.uuid4()
+    assert await record(conn, "tiering", consumer, event, occurred, today - timedelta(seconds=1))
+    # Yesterday's partition (made by the keeper, the row moved in if it was a stray).
+    await ensure_partitions(conn, table, ahead=0)
+    assert not await record(
+        conn, "tiering", consumer, event, occurred, today + timedelta(seconds=1)
+    )
+    assert await partition_of(conn, "tiering", consumer, event) == [
+        f"tiering.processed_events_p{occurred:%Y%m%d}"
+    ]
+
+
+def test_the_event_time_is_the_envelopes_occurred_at_or_a_fixed_epoch() -> None:
+    at = datetime(2026, 3, 4, 23, 59, 59, 500000, tzinfo=UTC)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at)
+    assert event_time(events_pb2.EventEnvelope(event_id="e", occurred_at=stamp)) == at
+    # Old envelopes without one: the same fixed time on every delivery.
+    assert event_time(events_pb2.EventEnvelope(event_id="e")) == NO_EVENT_TIME
 
 
 async def blocked(
@@ -101,26 +165,21 @@ async def blocked(
         await asyncio.sleep(0.02)
 
 
-async def test_two_transactions_racing_on_one_key_across_a_month_boundary(
-    infra: Infra,
-) -> None:
-    """The first writer's row is uncommitted when the second, going to the
-    next month's partition, looks: the second waits for it, then skips."""
+async def test_two_transactions_racing_on_one_key(infra: Infra) -> None:
+    """The first writer's row is uncommitted when the second looks: the
+    second waits for it on the unique index, then skips."""
     first = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     second = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     try:
         consumer, event = f"race-{uuid.uuid4().hex[:8]}", uuid.uuid4()
-        now = await db_now(first)
-        sql = RECORD.format(schema="tiering")
+        occurred = await db_now(first)
         tx = first.transaction()
         await tx.start()
-        assert await first.fetchval(sql, consumer, event, now) is True
-        racing = asyncio.ensure_future(
-            second.fetchval(sql, consumer, event, add_months(month_start(now), 1))
-        )
+        assert await record(first, "tiering", consumer, event, occurred)
+        racing = asyncio.ensure_future(record(second, "tiering", consumer, event, occurred))
         await blocked(first, second, racing)
         await tx.commit()
-        assert await racing is None
+        assert await racing is False
         assert (
             await first.fetchval(
                 "SELECT count(*) FROM tiering.processed_events WHERE consumer = $1", consumer
@@ -137,18 +196,117 @@ async def test_a_failed_first_writer_leaves_the_key_to_the_second(infra: Infra) 
     second = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     try:
         consumer, event = f"rollback-{uuid.uuid4().hex[:8]}", uuid.uuid4()
-        now = await db_now(first)
-        sql = RECORD.format(schema="guides")
+        occurred = await db_now(first)
         tx = first.transaction()
         await tx.start()
-        assert await first.fetchval(sql, consumer, event, now) is True
-        racing = asyncio.ensure_future(second.fetchval(sql, consumer, event, now))
+        assert await record(first, "guides", consumer, event, occurred)
+        racing = asyncio.ensure_future(record(second, "guides", consumer, event, occurred))
         await blocked(first, second, racing)
         await tx.rollback()  # the first handler failed: the event is not processed
         assert await racing is True
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.parametrize("occurred", ["no time", "older than the retention"])
+async def test_events_past_the_retention_at_first_delivery_stay_in_the_default_and_expire(
+    conn: asyncpg.Connection, occurred: str
+) -> None:
+    """An envelope without occurred_at (the fixed epoch), or an event first
+    delivered after its day was dropped (an offline order, a replay): the
+    default partition holds its key, redeliveries conflict there, the keeper
+    neither moves it into a partition of its own (one it would drop at once)
+    nor counts it as a stray, and deletes it once processed_at is past the
+    retention."""
+    table = processed_events("engagement", RETENTION)
+    now = await db_now(conn)
+    at = NO_EVENT_TIME if occurred == "no time" else now - RETENTION - timedelta(days=3)
+    consumer, event = f"late-{uuid.uuid4().hex[:8]}", uuid.uuid4()
+    assert await record(conn, "engagement", consumer, event, at)
+    assert await partition_of(conn, "engagement", consumer, event) == [
+        "engagement.processed_events_default"
+    ]
+    report = await ensure_partitions(conn, table, ahead=0)
+    assert table.partition_name(day_of(at)) not in report.created
+    assert report.strays_left == 0
+    assert await partition_of(conn, "engagement", consumer, event) == [
+        "engagement.processed_events_default"
+    ]
+    assert not await record(conn, "engagement", consumer, event, at)
+    # Processed (recorded) longer ago than the retention: the keeper deletes it.
+    await conn.execute(
+        "UPDATE engagement.processed_events SET processed_at = $3"
+        " WHERE consumer = $1 AND event_id = $2",
+        consumer,
+        event,
+        now - RETENTION - timedelta(minutes=1),
+    )
+    report = await ensure_partitions(conn, table, ahead=0)
+    assert report.default_expired >= 1
+    assert await partition_of(conn, "engagement", consumer, event) == []
+
+
+async def test_a_day_without_a_partition_yet_is_made_and_its_rows_moved(
+    conn: asyncpg.Connection,
+) -> None:
+    """An event dated past the days made ahead (a producer's clock ahead)
+    lands in the default; the keeper makes its day and moves it there, and
+    the redelivery then conflicts in that day."""
+    table = processed_events("guides", RETENTION)
+    at = day_of(await db_now(conn)) + timedelta(days=40, hours=3)
+    consumer, event = f"ahead-{uuid.uuid4().hex[:8]}", uuid.uuid4()
+    assert await record(conn, "guides", consumer, event, at)
+    report = await ensure_partitions(conn, table, ahead=0)
+    name = table.partition_name(day_of(at))
+    assert report.moved == {name: 1}
+    assert await partition_of(conn, "guides", consumer, event) == [f"guides.{name}"]
+    assert not await record(conn, "guides", consumer, event, at)
+
+
+async def test_a_day_is_dropped_once_wholly_past_the_retention_and_a_replay_is_new(
+    conn: asyncpg.Connection,
+) -> None:
+    now = await db_now(conn)
+    yesterday = day_of(now) - timedelta(days=1)
+    consumer, event = f"drop-{uuid.uuid4().hex[:8]}", uuid.uuid4()
+    assert await record(conn, "member", consumer, event, yesterday + timedelta(hours=2))
+    # The retention reaching into yesterday: its partition is made (the row
+    # moved there if it was a stray) and kept.
+    keep = processed_events("member", (now - day_of(now)) + timedelta(hours=1))
+    report = await ensure_partitions(conn, keep, ahead=1)
+    assert keep.partition_name(yesterday) not in report.dropped
+    assert keep.partition_name(yesterday) in {p.name for p in await list_partitions(conn, keep)}
+    assert await partition_of(conn, "member", consumer, event) == [
+        f"member.{keep.partition_name(yesterday)}"
+    ]
+    # Yesterday wholly past the retention: dropped with its rows, not pruned.
+    drop = processed_events("member", (now - day_of(now)) - timedelta(seconds=1))
+    report = await ensure_partitions(conn, drop, ahead=1)
+    assert drop.partition_name(yesterday) in report.dropped
+    assert drop.partition_name(day_of(now)) not in report.dropped
+    assert await partition_of(conn, "member", consumer, event) == []
+    # A replay after the drop is processed again, as after the pruner's
+    # DELETE before; its key then stays in the default for the retention.
+    assert await record(conn, "member", consumer, event, yesterday + timedelta(hours=2))
+    assert await partition_of(conn, "member", consumer, event) == [
+        "member.processed_events_default"
+    ]
+    assert not await record(conn, "member", consumer, event, yesterday + timedelta(hours=2))
+    assert drop.partition_name(yesterday) not in (await ensure_partitions(conn, drop, 1)).created
+    await ensure_partitions(conn, keep, ahead=1)  # yesterday back for the other tests
+    await conn.execute("DELETE FROM member.processed_events WHERE consumer = $1", consumer)
+
+
+def test_the_monthly_api_is_unchanged() -> None:
+    """The rewards journal's calls (no granularity given) stay monthly."""
+    journal = PartitionedTable("rewards", "points_transactions", "created_at")
+    at = datetime(2026, 12, 31, 23, 0, tzinfo=UTC)
+    assert journal.partition_name(journal.period_start(at)) == "points_transactions_p202612"
+    assert journal.add_periods(month_start(at), 1) == datetime(2027, 1, 1, tzinfo=UTC)
+    daily = processed_events("rewards", RETENTION)
+    assert daily.partition_name(daily.period_start(at)) == "processed_events_p20261231"
+    assert daily.add_periods(daily.period_start(at), 1) == datetime(2027, 1, 1, tzinfo=UTC)
 
 
 async def test_identify_request_keys_stay_unique_across_months(conn: asyncpg.Connection) -> None:
@@ -180,62 +338,19 @@ async def test_identify_request_keys_stay_unique_across_months(conn: asyncpg.Con
     )
 
 
-async def test_partitions_past_retention_are_dropped_not_pruned(conn: asyncpg.Connection) -> None:
-    """Rows of long ago (a restored backup, a clock gone wrong) land in the
-    default partition; the keeper moves them into their month, then drops the
-    month's partition whole as past the retention; recent rows stay."""
-    table = processed_events("engagement", timedelta(hours=168))
-    consumer = f"drop-{uuid.uuid4().hex[:8]}"
-    now = await db_now(conn)
-    old = [datetime(2019, 6, 5, tzinfo=UTC), datetime(2019, 6, 20, tzinfo=UTC)]
-    sql = RECORD.format(schema="engagement")
-    for at in [*old, now]:
-        assert await conn.fetchval(sql, consumer, uuid.uuid4(), at)
-    report = await ensure_partitions(conn, table, ahead=1)
-    assert report.moved == {"processed_events_p201906": 2}
-    assert report.dropped == ["processed_events_p201906"]
-    assert report.strays_left == 0
-    names = {p.name for p in await list_partitions(conn, table)}
-    assert "processed_events_p201906" not in names
-    assert table.partition_name(month_start(now)) in names
-    left = await conn.fetch(
-        "SELECT processed_at FROM engagement.processed_events WHERE consumer = $1", consumer
-    )
-    assert [r["processed_at"] for r in left] == [now]
-    # A table without drop_after keeps every partition.
-    keep = PartitionedTable("engagement", "processed_events", "processed_at")
-    assert (await ensure_partitions(conn, keep, ahead=1)).dropped == []
-
-
-async def test_a_month_is_dropped_only_once_wholly_past_the_retention(
-    conn: asyncpg.Connection,
-) -> None:
-    now = await db_now(conn)
-    this_month = month_start(now)
-    # Retention reaching into last month: last month's partition is kept.
-    table = processed_events("guides", (now - this_month) + timedelta(days=2))
-    last = add_months(this_month, -1)
-    sql = RECORD.format(schema="guides")
-    consumer = f"keep-{uuid.uuid4().hex[:8]}"
-    await conn.fetchval(sql, consumer, uuid.uuid4(), last + timedelta(days=27))
-    report = await ensure_partitions(conn, table, ahead=0)
-    assert table.partition_name(last) not in report.dropped
-    names = {p.name for p in await list_partitions(conn, table)}
-    assert table.partition_name(last) in names
-
-
 async def test_key_lookups_read_only_the_attached_partitions(conn: asyncpg.Connection) -> None:
-    """The dedupe probe and IdentifyMember's replay lookup carry no time, so
-    what bounds them is the drop: each reads the attached partitions, by index
-    on the key, and a dropped month is no longer among them."""
+    """The consumer's cursor walk and IdentifyMember's replay lookup carry no
+    time, so what bounds them is the drop: each reads the attached partitions
+    only (the replay lookup by index on the key), a dropped one no longer."""
     now = await db_now(conn)
     for table in member_tables(ServiceSettings()):
         await ensure_partitions(conn, table, ahead=1)
     plans = {
+        # The consumer's cursor walk (the insert's conflict check is the
+        # primary key of the one day partition its occurred_at picks).
         "processed_events": await conn.fetchval(
-            "EXPLAIN (FORMAT JSON) SELECT 1 FROM member.processed_events"
-            " WHERE consumer = 'member' AND event_id = $1",
-            uuid.uuid4(),
+            "EXPLAIN (FORMAT JSON) SELECT seq FROM member.processed_events"
+            " WHERE consumer = 'member' AND producer = 'rewards' AND seq > 5 ORDER BY seq LIMIT 10"
         ),
         "identify_requests": await conn.fetchval(
             "EXPLAIN (FORMAT JSON) SELECT r.outcome FROM member.identify_requests r"
@@ -251,10 +366,12 @@ async def test_key_lookups_read_only_the_attached_partitions(conn: asyncpg.Conne
             for p in await list_partitions(conn, PartitionedTable("member", name, "processed_at"))
         }
         assert scanned <= attached
-        assert f"{name}_p{month_start(now):%Y%m}" in scanned
+        this = f"{now:%Y%m%d}" if name == "processed_events" else f"{month_start(now):%Y%m}"
+        assert f"{name}_p{this}" in scanned
         assert f"{name}_p201906" not in scanned
-        # By the key's index (the primary key leads with it), not a whole-table scan.
-        assert not seq_scans(plan), (name, plan)
+        if name == "identify_requests":
+            # By the key's index (the primary key leads with it), not a whole-table scan.
+            assert not seq_scans(plan), (name, plan)
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -269,6 +386,11 @@ def test_the_services_keep_their_partitions_instead_of_pruning(service: str) -> 
     assert not expected & {r.table for r in app.retentions}
     assert f"{service}.outbox" in {r.table for r in app.retentions}
     assert all(t.drop_after is not None for t in app.partitioned)
+
+
+def test_rewards_keeps_its_dedupe_log_by_partitions() -> None:
+    dedupe = {t.qualified: t for t in REWARDS_TABLES}["rewards.processed_events"]
+    assert dedupe.granularity == "day" and dedupe.drop_after is not None
 
 
 @pytest.mark.parametrize("service", ["member", "tiering"])
@@ -312,9 +434,14 @@ async def test_member_migration_moves_rows_into_partitions_and_back(scratch_url:
     await asyncio.to_thread(migrate, "0007_member_analytics")
     conn = await asyncpg.connect(asyncpg_dsn(scratch_url))
     try:
+        today = day_of(await db_now(conn))
         events = [
-            ("member", uuid.uuid4(), datetime(2025, month, day, tzinfo=UTC))
-            for month, day in ((3, 10), (3, 11), (4, 10))
+            ("member", uuid.uuid4(), at)
+            for at in (
+                datetime(2025, 3, 10, tzinfo=UTC),  # older than the days made: the default
+                today - timedelta(days=2, hours=-3),
+                today - timedelta(hours=20),
+            )
         ]
         await conn.executemany(
             "INSERT INTO member.processed_events (consumer, event_id, processed_at)"
@@ -330,13 +457,13 @@ async def test_member_migration_moves_rows_into_partitions_and_back(scratch_url:
         )
         await asyncio.to_thread(migrate, "head")
         rows = await conn.fetch(
-            "SELECT event_id, tableoid::regclass::text AS part FROM member.processed_events"
-            " ORDER BY processed_at"
+            "SELECT event_id, occurred_at, tableoid::regclass::text AS part"
+            " FROM member.processed_events ORDER BY processed_at"
         )
-        assert [(r["event_id"], r["part"]) for r in rows] == [
-            (events[0][1], "member.processed_events_p202503"),
-            (events[1][1], "member.processed_events_p202503"),
-            (events[2][1], "member.processed_events_p202504"),
+        assert [(r["event_id"], r["occurred_at"], r["part"]) for r in rows] == [
+            (events[0][1], events[0][2], "member.processed_events_default"),
+            (events[1][1], events[1][2], f"member.processed_events_p{events[1][2]:%Y%m%d}"),
+            (events[2][1], events[2][2], f"member.processed_events_p{events[2][2]:%Y%m%d}"),
         ]
         assert (
             await conn.fetchval(
@@ -345,13 +472,8 @@ async def test_member_migration_moves_rows_into_partitions_and_back(scratch_url:
             )
             == "member.identify_requests_p202505"
         )
-        # The converted keys are taken, in any month.
-        taken = await conn.fetchval(
-            "INSERT INTO member.processed_events (consumer, event_id)"
-            " VALUES ('member', $1) ON CONFLICT DO NOTHING RETURNING true",
-            events[0][1],
-        )
-        assert taken is None
+        # The converted keys are taken at the time they were given (processed_at).
+        assert not await record(conn, "member", "member", events[1][1], events[1][2])
         await asyncio.to_thread(migrate, "0007_member_analytics", True)
         kind = await conn.fetchval(
             "SELECT relkind::text FROM pg_class WHERE oid = 'member.processed_events'::regclass"
@@ -379,6 +501,7 @@ async def test_member_migration_moves_rows_into_partitions_and_back(scratch_url:
         ("engagement", "0011_engagement_send_settling"),
         ("tiering", "0009_tiering_analytics"),
         ("guides", "0006_guides_merge_moves"),
+        ("rewards", "0014_rewards_analytics"),
     ],
 )
 async def test_processed_events_migrations_go_up_and_down(
@@ -392,26 +515,25 @@ async def test_processed_events_migrations_go_up_and_down(
     conn = await asyncpg.connect(asyncpg_dsn(scratch_url))
     try:
         event = uuid.uuid4()
+        at = await db_now(conn) - timedelta(days=1)
         await conn.execute(
-            f"INSERT INTO {service}.processed_events (consumer, event_id, processed_at)"
-            " VALUES ('c', $1, '2025-02-03T04:05:06Z')",
+            f"INSERT INTO {service}.processed_events (consumer, event_id, processed_at, seq,"
+            " producer) VALUES ('c', $1, $2, 7, 'p')",
             event,
+            at,
         )
         await asyncio.to_thread(migrate, "head")
+        assert await partition_of(conn, service, "c", event) == [
+            f"{service}.processed_events_p{at:%Y%m%d}"
+        ]
+        # The cursor walk's sequence number came along.
         assert (
             await conn.fetchval(
-                f"SELECT tableoid::regclass::text FROM {service}.processed_events"
-                " WHERE event_id = $1",
-                event,
+                f"SELECT seq FROM {service}.processed_events WHERE consumer = 'c' AND producer = 'p'"
             )
-            == f"{service}.processed_events_p202502"
+            == 7
         )
-        assert (
-            await conn.fetchval(
-                RECORD.format(schema=service), "c", event, datetime(2025, 9, 1, tzinfo=UTC)
-            )
-            is None
-        )
+        assert not await record(conn, service, "c", event, at)
         await asyncio.to_thread(migrate, before, True)
         assert (
             await conn.fetchval(
@@ -421,5 +543,6 @@ async def test_processed_events_migrations_go_up_and_down(
             == "r"
         )
         assert await conn.fetchval(f"SELECT count(*) FROM {service}.processed_events") == 1
+        await asyncio.to_thread(migrate, "head")
     finally:
         await conn.close()

@@ -1,8 +1,8 @@
-"""engagement: processed_events (the consumers' dedupe log) is RANGE-partitioned by month of
-processed_at; (consumer, event_id) stays unique across partitions by a trigger,
-and partitions past PROCESSED_EVENTS_RETENTION_HOURS are dropped instead of rows
-deleted in batches (servicekit/partition_migrations.py says how and what it
-locks; docs/operations.md "Partitioned tables").
+"""engagement: processed_events (the consumers' dedupe log) is RANGE-partitioned by day of
+the event's own occurred_at (a new column, in the primary key: unique as on the
+plain table, no trigger); days past PROCESSED_EVENTS_RETENTION_HOURS are dropped
+instead of rows deleted in batches (servicekit/partition_migrations.py
+DedupeByEventTime says how and what it locks; docs/operations.md "Partitioned tables").
 
 Revision ID: 0012_engagement_partitions
 Revises: 0011_engagement_send_settling

@@ -1,10 +1,11 @@
-"""member: processed_events (the consumers' dedupe log) and identify_requests
-(IdentifyMember's request-key replay; created_at, IDENTIFY_REQUEST_RETENTION_DAYS,
-request_key unique by the same trigger) are each RANGE-partitioned by month of
-processed_at; (consumer, event_id) stays unique across partitions by a trigger,
-and partitions past PROCESSED_EVENTS_RETENTION_HOURS are dropped instead of rows
-deleted in batches (servicekit/partition_migrations.py says how and what it
-locks; docs/operations.md "Partitioned tables").
+"""member: processed_events (the consumers' dedupe log) is RANGE-partitioned by
+day of the event's own occurred_at (a new column, in the primary key: unique as
+on the plain table, no trigger); days past PROCESSED_EVENTS_RETENTION_HOURS are
+dropped instead of rows deleted in batches. identify_requests (IdentifyMember's
+request-key replay) is partitioned by month of created_at, request_key unique
+across partitions by the first_only trigger (a request's retries carry no time
+of their own), months past IDENTIFY_REQUEST_RETENTION_DAYS dropped
+(servicekit/partition_migrations.py; docs/operations.md "Partitioned tables").
 
 Revision ID: 0008_member_partitions
 Revises: 0007_member_analytics
