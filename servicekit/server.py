@@ -302,6 +302,13 @@ class ServiceApp:
         self.partitioned.extend(tables)
 
     @property
+    def pruner_retentions(self) -> list[Retention]:
+        """The retentions the pruner runs: less the tables kept by partitions
+        (also those added to `partitioned` directly, as rewards does)."""
+        kept = {t.qualified for t in self.partitioned}
+        return [r for r in self.retentions if r.table not in kept]
+
+    @property
     def service_names(self) -> list[str]:
         return [s.full_name for s in self.services]
 
@@ -349,11 +356,7 @@ class ServiceApp:
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         for consumer in self.consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.group))
-        # A table kept by partitions (also one added to `partitioned` directly)
-        # is not the pruner's.
-        kept = {t.qualified for t in self.partitioned}
-        retentions = [r for r in self.retentions if r.table not in kept]
-        pruner = Pruner(pool, retentions, s.prune_interval_seconds)
+        pruner = Pruner(pool, self.pruner_retentions, s.prune_interval_seconds)
         self._tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
         if self.partitioned:
             keeper = PartitionKeeper(

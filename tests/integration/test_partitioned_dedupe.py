@@ -144,6 +144,22 @@ async def test_a_redelivery_across_a_day_boundary_lands_in_the_first_deliverys_d
     ]
 
 
+async def test_a_bulk_load_of_20000_keys_in_one_statement(conn: asyncpg.Connection) -> None:
+    """No lock per row any more: the trigger design ran out of shared memory
+    (one advisory lock per row, held to commit) on this."""
+    consumer = f"bulk-{uuid.uuid4().hex[:8]}"
+    occurred = await db_now(conn)
+    status = await conn.execute(
+        "INSERT INTO member.processed_events (consumer, event_id, occurred_at)"
+        " SELECT $1, gen_random_uuid(), $2 FROM generate_series(1, 20000)"
+        " ON CONFLICT DO NOTHING",
+        consumer,
+        occurred,
+    )
+    assert status == "INSERT 0 20000"
+    await conn.execute("DELETE FROM member.processed_events WHERE consumer = $1", consumer)
+
+
 def test_the_event_time_is_the_envelopes_occurred_at_or_a_fixed_epoch() -> None:
     at = datetime(2026, 3, 4, 23, 59, 59, 500000, tzinfo=UTC)
     stamp = timestamp_pb2.Timestamp()

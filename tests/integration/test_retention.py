@@ -1,7 +1,7 @@
 """Bookkeeping past its retention is pruned (servicekit/retention.py), against
 real PostgreSQL: old rows go in batches, recent ones stay, and nothing else is
-touched. (Partitioned tables, member's and engagement's, tiering's and guides'
-processed_events and member.identify_requests, drop whole partitions instead:
+touched. (Partitioned tables, every service's processed_events and
+member.identify_requests, drop whole partitions instead:
 tests/integration/test_partitioned_dedupe.py.)"""
 
 from __future__ import annotations
@@ -31,17 +31,25 @@ async def pool(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
 async def test_processed_events_past_retention_are_pruned(
     pool: asyncpg.Pool,
 ) -> None:
+    # Every service's processed_events is partitioned now (dropped by day): a
+    # plain table of the same shape stands for any table the pruner keeps.
+    await pool.execute("CREATE SCHEMA IF NOT EXISTS pruner_probe")
+    await pool.execute(
+        "CREATE TABLE IF NOT EXISTS pruner_probe.processed_events (consumer text NOT NULL,"
+        " event_id uuid NOT NULL, processed_at timestamptz NOT NULL DEFAULT now(),"
+        " PRIMARY KEY (consumer, event_id))"
+    )
     consumer = f"retention-{uuid.uuid4().hex[:8]}"
     ages = [timedelta(days=d) for d in (30, 9, 8, 6, 1)] + [timedelta(days=8)] * 5
     await pool.executemany(
-        "INSERT INTO rewards.processed_events (consumer, event_id, processed_at)"
+        "INSERT INTO pruner_probe.processed_events (consumer, event_id, processed_at)"
         " VALUES ($1, $2, $3)",
         [(consumer, uuid.uuid4(), NOW - age) for age in ages],
     )
     pruner = Pruner(
         pool,
         [
-            Retention("rewards.processed_events", "processed_at", timedelta(days=7)),
+            Retention("pruner_probe.processed_events", "processed_at", timedelta(days=7)),
         ],
         interval_seconds=3600,
         clock=lambda: NOW,
@@ -50,16 +58,18 @@ async def test_processed_events_past_retention_are_pruned(
     deleted = await pruner.prune_once()
 
     left = await pool.fetch(
-        "SELECT processed_at FROM rewards.processed_events WHERE consumer = $1", consumer
+        "SELECT processed_at FROM pruner_probe.processed_events WHERE consumer = $1", consumer
     )
     assert sorted(NOW - r["processed_at"] for r in left) == [timedelta(days=1), timedelta(days=6)]
     # Other tests' rows may be old too: at least ours went, in more than one batch.
-    assert deleted["rewards.processed_events"] >= 8
+    assert deleted["pruner_probe.processed_events"] >= 8
     # A second round finds nothing more of ours.
     await pruner.prune_once()
     assert (
         len(
-            await pool.fetch("SELECT 1 FROM rewards.processed_events WHERE consumer = $1", consumer)
+            await pool.fetch(
+                "SELECT 1 FROM pruner_probe.processed_events WHERE consumer = $1", consumer
+            )
         )
         == 2
     )
@@ -71,8 +81,8 @@ async def test_a_partitioned_table_is_left_to_its_partitions(pool: asyncpg.Pool)
     consumer = f"retention-{uuid.uuid4().hex[:8]}"
     now = await pool.fetchval("SELECT now()")
     await pool.executemany(
-        "INSERT INTO tiering.processed_events (consumer, event_id, processed_at)"
-        " VALUES ($1, $2, $3)",
+        "INSERT INTO tiering.processed_events (consumer, event_id, processed_at, occurred_at)"
+        " VALUES ($1, $2, $3, $3)",
         [(consumer, uuid.uuid4(), now - timedelta(days=d)) for d in (0, 1)],
     )
     pruner = Pruner(
