@@ -35,8 +35,13 @@ import asyncpg
 
 from servicekit.db import asyncpg_dsn
 from servicekit.migrations import upgrade
-from servicekit.partition_migrations import MonthlyConversion
-from servicekit.partitions import create_month, ensure_partitions, processed_events
+from servicekit.partition_migrations import DedupeByEventTime, MonthlyConversion
+from servicekit.partitions import (
+    PartitionedTable,
+    create_month,
+    ensure_partitions,
+    processed_events,
+)
 
 from .cli import RESULTS_DIR, BenchInfra, say, server_version
 from .cpu import process_cpu_seconds
@@ -89,6 +94,40 @@ async def make_trigger(conn: asyncpg.Connection) -> str:
     return "dedupe_bench.bytrigger"
 
 
+async def make_transition(conn: asyncpg.Connection) -> str:
+    """`day` as in the retention's first week after migrating a table that had
+    rows: the legacy keys (50,000 here) probed by the insert trigger."""
+    design = DedupeByEventTime("dedupe_bench", "transition")
+    await conn.execute(
+        f"CREATE TABLE dedupe_bench.transition ({COLUMNS},"
+        " PRIMARY KEY (consumer, event_id, occurred_at)) PARTITION BY RANGE (occurred_at)"
+    )
+    await conn.execute("CREATE INDEX ON dedupe_bench.transition (consumer, producer, seq)")
+    await conn.execute(
+        "CREATE TABLE dedupe_bench.transition_default PARTITION OF dedupe_bench.transition DEFAULT"
+    )
+    table = PartitionedTable("dedupe_bench", "transition", "occurred_at", granularity="day")
+    today = table.period_start(datetime.now(UTC))
+    for day in range(-7, 4):
+        await create_month(conn, table, today + timedelta(days=day))
+    await conn.execute(
+        "CREATE TABLE dedupe_bench.transition_legacy (consumer text NOT NULL,"
+        " event_id uuid NOT NULL, processed_at timestamptz NOT NULL, producer text, seq bigint,"
+        " PRIMARY KEY (consumer, event_id))"
+    )
+    await conn.execute(
+        "INSERT INTO dedupe_bench.transition_legacy (consumer, event_id, processed_at)"
+        " SELECT 'bench', gen_random_uuid(), now() FROM generate_series(1, 50000)"
+    )
+    await conn.execute("ANALYZE dedupe_bench.transition_legacy")
+    await conn.execute(design._legacy_check_sql())
+    await conn.execute(
+        "CREATE TRIGGER transition_legacy_check BEFORE INSERT ON dedupe_bench.transition"
+        f" FOR EACH ROW EXECUTE FUNCTION {design.legacy}_check()"
+    )
+    return "dedupe_bench.transition"
+
+
 async def make_day(conn: asyncpg.Connection) -> str:
     table = processed_events("member", timedelta(hours=168))
     today = table.period_start(datetime.now(UTC))
@@ -138,6 +177,7 @@ async def run(args: argparse.Namespace) -> int:
                 "plain": await make_plain(conn),
                 "trigger": await make_trigger(conn),
                 "day": await make_day(conn),
+                "day+legacy": await make_transition(conn),
             }
             seq = 0
             for round_ in range(args.rounds):

@@ -168,8 +168,12 @@ class DedupeByEventTime:
     The rows already there do not know their event's time: they are copied
     with occurred_at = processed_at, which keeps the cursor walk's sequence
     numbers but not their dedupe (a redelivery of such an event carries its
-    real occurred_at). Drain the consumers (pending lists empty) before
-    migrating (docs/operations.md "Partitioned tables")."""
+    real occurred_at). So the old table stays beside it as
+    `processed_events_legacy` (its primary key only), probed by a BEFORE
+    INSERT row trigger (no lock: nothing writes the legacy table) until the
+    keeper finds every legacy row past the retention and drops both
+    (servicekit/partitions.py retire_legacy). An empty table (a fresh
+    install) leaves no legacy and no trigger."""
 
     schema: str
     table: str = "processed_events"
@@ -177,6 +181,24 @@ class DedupeByEventTime:
     @property
     def qualified(self) -> str:
         return f"{self.schema}.{self.table}"
+
+    @property
+    def legacy(self) -> str:
+        return f"{self.schema}.{self.table}_legacy"
+
+    def _legacy_check_sql(self) -> str:
+        return f"""
+CREATE FUNCTION {self.legacy}_check() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- A key recorded before the migration, when rows had no event time.
+    IF EXISTS (SELECT 1 FROM {self.legacy}
+               WHERE consumer = NEW.consumer AND event_id = NEW.event_id) THEN
+        RETURN NULL;  -- like ON CONFLICT DO NOTHING
+    END IF;
+    RETURN NEW;
+END
+$$
+"""
 
     def _daily_partitions_sql(self, source: str) -> str:
         name = self.table
@@ -221,7 +243,28 @@ $$
             f" SELECT consumer, event_id, processed_at, producer, seq, processed_at"
             f" FROM {self.schema}.{old}"
         )
-        op.execute(f"DROP TABLE {self.schema}.{old}")
+        has_rows = (
+            op.get_bind()
+            .exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {self.schema}.{old})")
+            .scalar()
+        )
+        if has_rows:
+            # Kept for its keys (index names are schema-wide: renamed).
+            legacy = f"{self.table}_legacy"
+            op.execute(f"ALTER TABLE {self.schema}.{old} RENAME TO {legacy}")
+            op.execute(f"ALTER INDEX {self.schema}.pk_{self.table} RENAME TO pk_{legacy}")
+            op.execute(
+                f"ALTER INDEX {self.schema}.ix_{self.table}_processed_at"
+                f" RENAME TO ix_{legacy}_processed_at"
+            )
+            op.execute(f"DROP INDEX {self.schema}.ix_{self.table}_consumer_producer_seq")
+            op.execute(self._legacy_check_sql())
+            op.execute(
+                f"CREATE TRIGGER {legacy}_check BEFORE INSERT ON {self.qualified}"
+                f" FOR EACH ROW EXECUTE FUNCTION {self.legacy}_check()"
+            )
+        else:
+            op.execute(f"DROP TABLE {self.schema}.{old}")
         op.execute(
             f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
             " PRIMARY KEY (consumer, event_id, occurred_at)"
@@ -260,6 +303,20 @@ $$
             " ORDER BY processed_at ON CONFLICT DO NOTHING"
         )
         op.execute(f"DROP TABLE {self.schema}.{parted}")
+        # The legacy keys, if the keeper has not retired them yet.
+        op.execute(f"DROP FUNCTION IF EXISTS {self.legacy}_check() CASCADE")
+        op.execute(f"""
+DO $$
+BEGIN
+    IF to_regclass('{self.legacy}') IS NOT NULL THEN
+        INSERT INTO {self.qualified} (consumer, event_id, processed_at, producer, seq)
+        SELECT consumer, event_id, processed_at, producer, seq FROM {self.legacy}
+        ON CONFLICT DO NOTHING;
+        DROP TABLE {self.legacy};
+    END IF;
+END
+$$
+""")
         op.execute(
             f"CREATE INDEX ix_{self.table}_consumer_producer_seq"
             f" ON {self.qualified} (consumer, producer, seq)"

@@ -68,6 +68,10 @@ class PartitionedTable:
     # deleted once this column is older than drop_after. None: they are moved
     # into their period like any stray.
     default_expiry_column: str | None = None
+    # A table of keys kept from before the partitioning, probed by an insert
+    # trigger `<legacy>_check` (servicekit/partition_migrations.py), retired
+    # once every row of it is past drop_after (by processed_at).
+    legacy: str | None = None
 
     @property
     def qualified(self) -> str:
@@ -115,6 +119,7 @@ def processed_events(schema: str, retention: timedelta) -> PartitionedTable:
         granularity="day",
         ahead=DEDUPE_AHEAD_DAYS,
         default_expiry_column="processed_at",
+        legacy="processed_events_legacy",
     )
 
 
@@ -139,6 +144,8 @@ class EnsureReport:
     dropped: list[str] = field(default_factory=list)
     # Rows deleted from the default partition as past drop_after (expire_default).
     default_expired: int = 0
+    # The legacy keys' table and trigger dropped (retire_legacy).
+    legacy_retired: bool = False
 
 
 def month_start(at: datetime) -> datetime:
@@ -279,7 +286,30 @@ async def ensure_partitions(
     if table.drop_after is not None:
         report.dropped = await drop_expired(conn, table, now)
         report.default_expired = await expire_default(conn, table, now)
+        report.legacy_retired = await retire_legacy(conn, table, now)
     return report
+
+
+async def retire_legacy(conn: asyncpg.Connection, table: PartitionedTable, now: datetime) -> bool:
+    """Drop the legacy keys' table and its insert trigger once none of its
+    rows is within drop_after; True when retired by this call."""
+    if table.legacy is None or table.drop_after is None:
+        return False
+    legacy = f"{table.schema}.{table.legacy}"
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table.qualified)
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", legacy):
+            return False
+        if await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {legacy} WHERE processed_at >= $1)",
+            now - table.drop_after,
+        ):
+            return False
+        # CASCADE: the trigger on the parent goes with its function.
+        await conn.execute(f"DROP FUNCTION {legacy}_check() CASCADE")
+        await conn.execute(f"DROP TABLE {legacy}")
+    return True
 
 
 async def expire_default(conn: asyncpg.Connection, table: PartitionedTable, now: datetime) -> int:
@@ -401,6 +431,7 @@ class PartitionKeeper:
                         or report.strays_left
                         or report.dropped
                         or report.default_expired
+                        or report.legacy_retired
                     ):
                         log.info("partitions: %s", report)
             except asyncio.CancelledError:

@@ -87,6 +87,14 @@ async def partition_of(
     return [r["part"] for r in rows]
 
 
+async def triggers_on(conn: asyncpg.Connection, table: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal",
+        table,
+    )
+    return [r["tgname"] for r in rows]
+
+
 def seq_scans(plan: Any) -> list[str]:
     found: list[str] = []
 
@@ -488,8 +496,13 @@ async def test_member_migration_moves_rows_into_partitions_and_back(scratch_url:
             )
             == "member.identify_requests_p202505"
         )
-        # The converted keys are taken at the time they were given (processed_at).
+        # The converted keys are taken, at any time a redelivery carries (the
+        # legacy keys' trigger, until the keeper retires it).
         assert not await record(conn, "member", "member", events[1][1], events[1][2])
+        assert not await record(conn, "member", "member", events[0][1], today)
+        assert await triggers_on(conn, "member.processed_events") == [
+            "processed_events_legacy_check"
+        ]
         await asyncio.to_thread(migrate, "0007_member_analytics", True)
         kind = await conn.fetchval(
             "SELECT relkind::text FROM pg_class WHERE oid = 'member.processed_events'::regclass"
@@ -550,6 +563,27 @@ async def test_processed_events_migrations_go_up_and_down(
             == 7
         )
         assert not await record(conn, service, "c", event, at)
+        # Its redelivery carries the event's real time, not the processed_at
+        # the copy was given: the legacy keys' trigger still finds it.
+        assert not await record(conn, service, "c", event, at - timedelta(seconds=3))
+        assert await triggers_on(conn, f"{service}.processed_events") == [
+            "processed_events_legacy_check"
+        ]
+        # Within the retention the keeper keeps the legacy keys ...
+        report = await ensure_partitions(conn, processed_events(service, RETENTION), ahead=0)
+        assert not report.legacy_retired
+        # ... once all are past it, drops them and their trigger.
+        report = await ensure_partitions(
+            conn, processed_events(service, timedelta(hours=1)), ahead=0
+        )
+        assert report.legacy_retired
+        assert await triggers_on(conn, f"{service}.processed_events") == []
+        assert (
+            await conn.fetchval("SELECT to_regclass($1)", f"{service}.processed_events_legacy")
+            is None
+        )
+        assert await record(conn, service, "c", uuid.uuid4(), at, at)
+        kept = await conn.fetchval(f"SELECT count(*) FROM {service}.processed_events")
         await asyncio.to_thread(migrate, before, True)
         assert (
             await conn.fetchval(
@@ -558,7 +592,7 @@ async def test_processed_events_migrations_go_up_and_down(
             )
             == "r"
         )
-        assert await conn.fetchval(f"SELECT count(*) FROM {service}.processed_events") == 1
+        assert await conn.fetchval(f"SELECT count(*) FROM {service}.processed_events") == kept
         await asyncio.to_thread(migrate, "head")
     finally:
         await conn.close()
