@@ -19,6 +19,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -26,8 +27,9 @@ import pytest
 from alembic import command
 from google.protobuf import timestamp_pb2
 
+from loyalty.engagement.v1 import engagement_pb2
 from loyalty.events.v1 import events_pb2
-from servicekit.db import asyncpg_dsn, with_database
+from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
 from servicekit.migrations import alembic_config
 from servicekit.partitions import (
     PartitionedTable,
@@ -39,6 +41,7 @@ from servicekit.partitions import (
 )
 from servicekit.settings import ServiceSettings
 from servicekit.tables import NO_EVENT_TIME, event_time
+from services.engagement.servicer import EngagementServicer
 from services.member import oneid_repository
 from services.member.partitions import partitioned_tables as member_tables
 from services.rewards.partitions import PARTITIONED_TABLES as REWARDS_TABLES
@@ -596,3 +599,48 @@ async def test_processed_events_migrations_go_up_and_down(
         await asyncio.to_thread(migrate, "head")
     finally:
         await conn.close()
+
+
+class CountingIngest:
+    """Stands in for the journeys (services/engagement/handlers.py): counts
+    what IngestEvent hands on, which is what its dedupe decides."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def ingest(self, *args: Any) -> Any:
+        self.calls += 1
+        return SimpleNamespace(parked=False, enrolled=[])
+
+
+@pytest.mark.parametrize("with_time", [True, False])
+async def test_an_ingest_retry_is_a_duplicate_in_its_events_day(
+    infra: Infra, with_time: bool
+) -> None:
+    """IngestEvent's key is recorded at the request's occurred_at (the fixed
+    epoch without one): the caller's retry repeats it and is a duplicate."""
+    pool = await create_pool(infra.database_url, 1, 2)
+    try:
+        handlers = CountingIngest()
+        servicer = EngagementServicer(
+            Database(pool, "engagement", "engagement"),
+            handlers,  # type: ignore[arg-type]
+        )
+        request = engagement_pb2.IngestEventRequest(
+            event_id=str(uuid.uuid4()), member_id=str(uuid.uuid4()), event="page_view"
+        )
+        if with_time:
+            request.occurred_at.FromDatetime(datetime.now(UTC) - timedelta(minutes=2))
+        first = await servicer.IngestEvent(request, None)  # type: ignore[arg-type]
+        retry = await servicer.IngestEvent(request, None)  # type: ignore[arg-type]
+        assert not first.duplicate and retry.duplicate
+        assert handlers.calls == 1
+        async with pool.acquire() as conn:
+            occurred = await conn.fetchval(
+                "SELECT occurred_at FROM engagement.processed_events"
+                " WHERE consumer = 'ingest' AND event_id = $1",
+                uuid.UUID(request.event_id),
+            )
+        assert (occurred == NO_EVENT_TIME) is not with_time
+    finally:
+        await pool.close()
