@@ -35,10 +35,15 @@ def parser(service: str, ahead: int) -> argparse.ArgumentParser:
         help="make partitions ahead; move default-partition strays; drop partitions past"
         " their table's retention",
     )
-    ensure.add_argument("--ahead", type=int, default=ahead, help="months ahead")
+    ensure.add_argument(
+        "--ahead",
+        type=int,
+        default=ahead,
+        help="months ahead (a daily table, processed_events, keeps its own days ahead)",
+    )
     sub.add_parser("list", help="every partition, its range and estimated rows")
     detach = sub.add_parser("detach", help="detach one partition into the archive schema")
-    detach.add_argument("partition", help="e.g. processed_events_p202501")
+    detach.add_argument("partition", help="e.g. identify_requests_p202501")
     return p
 
 
