@@ -38,6 +38,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from google.protobuf.message import Message
@@ -61,6 +62,7 @@ from .events import (
     unpack,
 )
 from .redis_client import RedisClient, slot_of
+from .tables import event_time
 from .telemetry import extract_context
 
 log = logging.getLogger(__name__)
@@ -478,7 +480,8 @@ class EventConsumer:
         transaction, in member order when every entry names its member, then
         acknowledge them."""
         routed: list[_Routed] = []
-        skipped: list[tuple[str, str, int]] = []  # (producer, event id, seq) not for this group
+        # (producer, event id, seq, occurred_at) of events not for this group
+        skipped: list[tuple[str, str, int, datetime]] = []
         acks: dict[str, list[str]] = {}  # entries to acknowledge after the commit
         for stream, entries in read.items():
             done = acks.setdefault(stream, [])
@@ -501,7 +504,9 @@ class EventConsumer:
                 if sub is None:  # an event this consumer does not care about
                     done.append(entry_id)
                     if seq is not None:
-                        skipped.append((self._producers[stream], envelope.event_id, seq))
+                        skipped.append(
+                            (self._producers[stream], envelope.event_id, seq, event_time(envelope))
+                        )
                 else:
                     routed.append(_Routed(stream, entry_id, envelope, sub, seq))
         if all(r.envelope.member_id for r in routed):
@@ -538,29 +543,34 @@ class EventConsumer:
                 await pipe.execute()
 
     async def _record(
-        self, conn: Any, routed: list[_Routed], skipped: list[tuple[str, str, int]]
+        self, conn: Any, routed: list[_Routed], skipped: list[tuple[str, str, int, datetime]]
     ) -> set[uuid.UUID]:
         """Record a batch's events in processed_events in one statement (the
         handled ones, and those of types this group does not handle, which
         still count on the cursor); returns the ids recorded now, i.e. not
         applied before."""
-        ids = [r.envelope.event_id for r in routed] + [e for _, e, _ in skipped]
+        ids = [r.envelope.event_id for r in routed] + [e for _, e, _, _ in skipped]
         producers = [r.sub.producer if r.seq is not None else None for r in routed]
-        producers += [p for p, _, _ in skipped]
-        seqs = [r.seq for r in routed] + [s for _, _, s in skipped]
+        producers += [p for p, _, _, _ in skipped]
+        seqs = [r.seq for r in routed] + [s for _, _, s, _ in skipped]
+        # The event's own time: a redelivery lands in the same day partition.
+        times = [event_time(r.envelope) for r in routed] + [o for _, _, _, o in skipped]
         rows = await conn.fetch(
-            f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id, producer, seq)"
-            " SELECT $1, e, p, s FROM unnest($2::uuid[], $3::text[], $4::bigint[]) AS t(e, p, s)"
+            f"INSERT INTO {self._db.schema}.processed_events"
+            " (consumer, event_id, producer, seq, occurred_at)"
+            " SELECT $1, e, p, s, o"
+            " FROM unnest($2::uuid[], $3::text[], $4::bigint[], $5::timestamptz[]) AS t(e, p, s, o)"
             " ON CONFLICT DO NOTHING RETURNING event_id",
             self.group,
             ids,
             producers,
             seqs,
+            times,
         )
         return {row["event_id"] for row in rows}
 
     async def _apply_together(
-        self, routed: list[_Routed], skipped: list[tuple[str, str, int]]
+        self, routed: list[_Routed], skipped: list[tuple[str, str, int, datetime]]
     ) -> bool:
         """The common case: every event of the read in one transaction with
         one processed_events statement and no savepoints. False if anything
@@ -591,7 +601,7 @@ class EventConsumer:
     async def _apply_one_by_one(
         self,
         routed: list[_Routed],
-        skipped: list[tuple[str, str, int]],
+        skipped: list[tuple[str, str, int, datetime]],
         acks: dict[str, list[str]],
     ) -> None:
         """After a read failed together: each event in its own savepoint of
@@ -637,7 +647,7 @@ class EventConsumer:
         self,
         batch: UnitOfWork | None,
         r: _Routed,
-        skipped: list[tuple[str, str, int]] | None = None,
+        skipped: list[tuple[str, str, int, datetime]] | None = None,
     ) -> bool:
         """Apply one event in its own transaction (see `_isolated`), recording
         `skipped` with it; False if it failed (its effects rolled back, the
@@ -692,8 +702,9 @@ class EventConsumer:
             # under an id of its own: the event itself stays unprocessed, so a
             # redrive from the dead-letter stream still applies it.
             await self._db.pool.execute(
-                f"INSERT INTO {self._db.schema}.processed_events (consumer, event_id, producer, seq)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                f"INSERT INTO {self._db.schema}.processed_events"
+                " (consumer, event_id, producer, seq, occurred_at)"
+                " VALUES ($1, $2, $3, $4, now()) ON CONFLICT DO NOTHING",
                 self.group,
                 uuid.uuid4(),
                 self._producers[stream],

@@ -1,5 +1,7 @@
 """The one entrypoint shape:
-`python -m services.<name> [serve|migrate|check-migrations|events status]`."""
+`python -m services.<name> [serve|migrate|check-migrations|events status]`, and
+`partitions ensure|list|detach` for a service with time partitions
+(servicekit/partitions_cli.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from .settings import ServiceSettings
 
 
 def main(name: str, build: Callable[[ServiceSettings], ServiceApp]) -> None:
+    if sys.argv[1:2] == ["partitions"]:
+        from .partitions_cli import run
+
+        sys.exit(run(name, sys.argv[2:]))
     parser = argparse.ArgumentParser(prog=f"python -m services.{name}")
     parser.add_argument(
         "command",

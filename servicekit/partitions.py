@@ -1,11 +1,12 @@
-"""Tables partitioned by month (PostgreSQL declarative RANGE partitioning on a
-timestamptz column): partitions made ahead, rows that landed in the default
-partition moved into their month, old partitions detached into an archive
-schema unless the table's policy refuses (docs/operations.md "Partitioned
-tables").
+"""Tables partitioned by month, or by day (PostgreSQL declarative RANGE
+partitioning on a timestamptz column): partitions made ahead, rows that landed
+in the default partition moved into their period, old partitions detached into
+an archive schema unless the table's policy refuses, or dropped past a
+retention (docs/operations.md "Partitioned tables").
 
-Partitions are named `<table>_pYYYYMM` and cover [first of the month, first of
-the next) in UTC; `<table>_default` catches a row no partition covers, so an
+Monthly partitions are named `<table>_pYYYYMM` and cover [first of the month,
+first of the next) in UTC, daily ones `<table>_pYYYYMMDD` [midnight, next
+midnight) UTC; `<table>_default` catches a row no partition covers, so an
 insert never fails for want of a partition.
 
 Locks (each partition is one short transaction, `lock_timeout` bounded so a
@@ -18,7 +19,10 @@ traffic behind it):
 - rows moved out of the default partition: its triggers are disabled for the
   move inside the transaction (ALTER TABLE: SHARE ROW EXCLUSIVE, so no write
   can reach it meanwhile), then enabled again before commit;
-- detach: ACCESS EXCLUSIVE on the parent for the catalogue change only.
+- detach: ACCESS EXCLUSIVE on the parent for the catalogue change only;
+- drop (tables whose rows are worthless past a retention, `drop_after`): the
+  same lock, detach and DROP in one transaction: the retention's DELETE
+  batches (and their vacuum) become a catalogue change.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import asyncpg
 
@@ -55,6 +60,22 @@ class PartitionedTable:
     # a DomainError to refuse (e.g. no balance checkpoint covers the partition
     # yet) and may record the detach in the same transaction.
     detach_guard: Callable[[asyncpg.Connection, Partition], Awaitable[None]] | None = None
+    # Rows worthless after this (dedupe keys, replay answers): a partition
+    # whose whole range is older is dropped by `ensure_partitions`, not archived.
+    # None: nothing is dropped (the default; detach stays the operator's).
+    drop_after: timedelta | None = None
+    granularity: Literal["month", "day"] = "month"
+    # Periods made ahead, overriding the keeper's (months) for this table.
+    ahead: int | None = None
+    # Rows in the default partition whose period is already past drop_after
+    # (late first deliveries, keys without a time) stay there, and are
+    # deleted once this column is older than drop_after. None: they are moved
+    # into their period like any stray.
+    default_expiry_column: str | None = None
+    # A table of keys kept from before the partitioning, probed by an insert
+    # trigger `<legacy>_check` (servicekit/partition_migrations.py), retired
+    # once every row of it is past drop_after (by processed_at).
+    legacy: str | None = None
 
     @property
     def qualified(self) -> str:
@@ -64,8 +85,46 @@ class PartitionedTable:
     def default(self) -> str:
         return f"{self.table}_default"
 
-    def partition_name(self, month: datetime) -> str:
-        return f"{self.table}_p{month:%Y%m}"
+    def partition_name(self, period: datetime) -> str:
+        if self.granularity == "day":
+            return f"{self.table}_p{period:%Y%m%d}"
+        return f"{self.table}_p{period:%Y%m}"
+
+    def period_start(self, at: datetime) -> datetime:
+        if self.granularity == "day":
+            at = at.astimezone(UTC)
+            return datetime(at.year, at.month, at.day, tzinfo=UTC)
+        return month_start(at)
+
+    def add_periods(self, period: datetime, n: int) -> datetime:
+        if self.granularity == "day":
+            return period + timedelta(days=n)
+        return add_months(period, n)
+
+
+# Days of processed_events partitions made ahead (the keeper runs at start-up,
+# every PARTITIONS_INTERVAL_SECONDS and daily by CronJob).
+DEDUPE_AHEAD_DAYS = 3
+
+
+def processed_events(schema: str, retention: timedelta) -> PartitionedTable:
+    """A service's consumer dedupe log, partitioned by day of the event's own
+    occurred_at (servicekit/partition_migrations.py DedupeByEventTime): the
+    primary key (consumer, event_id, occurred_at) holds the partition key, so
+    a redelivery (same occurred_at) lands in the first delivery's partition
+    and conflicts there. A day past PROCESSED_EVENTS_RETENTION_HOURS is
+    dropped whole; events already that old at first delivery land in the
+    default partition and are deleted there by processed_at."""
+    return PartitionedTable(
+        schema,
+        "processed_events",
+        "occurred_at",
+        drop_after=retention,
+        granularity="day",
+        ahead=DEDUPE_AHEAD_DAYS,
+        default_expiry_column="processed_at",
+        legacy="processed_events_legacy",
+    )
 
 
 @dataclass(frozen=True)
@@ -85,6 +144,12 @@ class EnsureReport:
     moved: dict[str, int] = field(default_factory=dict)
     # Rows still in the default partition after the run (0 unless a move failed).
     strays_left: int = 0
+    # Partitions dropped as past the table's drop_after.
+    dropped: list[str] = field(default_factory=list)
+    # Rows deleted from the default partition as past drop_after (expire_default).
+    default_expired: int = 0
+    # The legacy keys' table and trigger dropped (retire_legacy).
+    legacy_retired: bool = False
 
 
 def month_start(at: datetime) -> datetime:
@@ -125,22 +190,37 @@ async def _now(conn: asyncpg.Connection, table: PartitionedTable, clock: datetim
 
 
 async def stray_months(conn: asyncpg.Connection, table: PartitionedTable) -> dict[datetime, int]:
-    """Rows in the default partition, by the month they belong to."""
+    """Rows in the default partition, by the period (month or day) they belong to."""
     rows = await conn.fetch(
-        f"SELECT date_trunc('month', {table.column} AT TIME ZONE 'UTC') AS month, count(*) AS n"
-        f" FROM {table.schema}.{table.default} GROUP BY 1 ORDER BY 1"
+        f"SELECT date_trunc('{table.granularity}', {table.column} AT TIME ZONE 'UTC') AS month,"
+        f" count(*) AS n FROM {table.schema}.{table.default} GROUP BY 1 ORDER BY 1"
     )
     return {r["month"].replace(tzinfo=UTC): r["n"] for r in rows}
+
+
+async def movable_strays(
+    conn: asyncpg.Connection, table: PartitionedTable, now: datetime
+) -> dict[datetime, int]:
+    """stray_months, less the periods a table with a default_expiry_column
+    keeps in the default: those already past drop_after, whose partition would
+    be dropped at once, and the rows' keys with it while a redelivery may
+    still come (they are deleted by expire_default instead)."""
+    strays = await stray_months(conn, table)
+    if table.default_expiry_column is None or table.drop_after is None:
+        return strays
+    cutoff = now - table.drop_after
+    return {p: n for p, n in strays.items() if table.add_periods(p, 1) > cutoff}
 
 
 async def create_month(
     conn: asyncpg.Connection, table: PartitionedTable, month: datetime
 ) -> int | None:
-    """Build the month's partition beside the table, move its strays out of the
-    default partition into it, attach it; one transaction. Rows moved, or None
-    when another run (a replica, the CronJob) made it first."""
+    """Build the period's (month's or day's) partition beside the table, move
+    its strays out of the default partition into it, attach it; one
+    transaction. Rows moved, or None when another run (a replica, the CronJob)
+    made it first."""
     name = table.partition_name(month)
-    lower, upper = month, add_months(month, 1)
+    lower, upper = month, table.add_periods(month, 1)
     qualified = f"{table.schema}.{name}"
     default = f"{table.schema}.{table.default}"
     in_range = f"{table.column} >= $1 AND {table.column} < $2"
@@ -184,16 +264,20 @@ async def ensure_partitions(
     ahead: int,
     clock: datetime | None = None,
 ) -> EnsureReport:
-    """Partitions for this month and `ahead` months after it, and for every
-    month that has rows in the default partition (moved there)."""
+    """Partitions for this period and `ahead` periods after it (the table's
+    own `ahead` when it has one: days for a daily table), and for every
+    period that has rows in the default partition (moved there; for a table
+    with a default_expiry_column, only periods not yet past drop_after)."""
     if ahead < 0:
         raise InvalidArgument("ahead must be 0 or more months", code="INVALID_AHEAD", field="ahead")
+    if table.ahead is not None:
+        ahead = table.ahead
     now = await _now(conn, table, clock or datetime.now(UTC))
     report = EnsureReport(table.qualified)
     existing = {p.lower for p in await list_partitions(conn, table) if p.lower is not None}
-    this_month = month_start(now)
-    wanted = {add_months(this_month, i) for i in range(ahead + 1)}
-    wanted |= set(await stray_months(conn, table))
+    this_period = table.period_start(now)
+    wanted = {table.add_periods(this_period, i) for i in range(ahead + 1)}
+    wanted |= set(await movable_strays(conn, table, now))
     for month in sorted(wanted - existing):
         moved = await create_month(conn, table, month)
         if moved is None:
@@ -202,8 +286,72 @@ async def ensure_partitions(
         report.created.append(name)
         if moved:
             report.moved[name] = moved
-    report.strays_left = sum((await stray_months(conn, table)).values())
+    report.strays_left = sum((await movable_strays(conn, table, now)).values())
+    if table.drop_after is not None:
+        report.dropped = await drop_expired(conn, table, now)
+        report.default_expired = await expire_default(conn, table, now)
+        report.legacy_retired = await retire_legacy(conn, table, now)
     return report
+
+
+async def retire_legacy(conn: asyncpg.Connection, table: PartitionedTable, now: datetime) -> bool:
+    """Drop the legacy keys' table and its insert trigger once none of its
+    rows is within drop_after; True when retired by this call."""
+    if table.legacy is None or table.drop_after is None:
+        return False
+    legacy = f"{table.schema}.{table.legacy}"
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table.qualified)
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", legacy):
+            return False
+        if await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {legacy} WHERE processed_at >= $1)",
+            now - table.drop_after,
+        ):
+            return False
+        # CASCADE: the trigger on the parent goes with its function.
+        await conn.execute(f"DROP FUNCTION {legacy}_check() CASCADE")
+        await conn.execute(f"DROP TABLE {legacy}")
+    return True
+
+
+async def expire_default(conn: asyncpg.Connection, table: PartitionedTable, now: datetime) -> int:
+    """Delete the default partition's rows whose default_expiry_column is past
+    drop_after (the rows a drop cannot reach: the default is never dropped).
+    Rows deleted."""
+    if table.default_expiry_column is None or table.drop_after is None:
+        return 0
+    status = await conn.execute(
+        f"DELETE FROM {table.schema}.{table.default} WHERE {table.default_expiry_column} < $1",
+        now - table.drop_after,
+    )
+    return int(status.split()[-1])
+
+
+async def drop_expired(
+    conn: asyncpg.Connection, table: PartitionedTable, now: datetime
+) -> list[str]:
+    """Drop every partition whose whole range is older than the table's
+    drop_after (rows the retention would have deleted); the default partition
+    never. The partitions dropped."""
+    if table.drop_after is None:
+        return []
+    cutoff = now - table.drop_after
+    dropped = []
+    for partition in await list_partitions(conn, table):
+        if partition.upper is None or partition.upper > cutoff:
+            continue
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table.qualified)
+            qualified = f"{table.schema}.{partition.name}"
+            if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified):
+                continue  # another run dropped it first
+            await conn.execute(f"ALTER TABLE {table.qualified} DETACH PARTITION {qualified}")
+            await conn.execute(f"DROP TABLE {qualified}")
+        dropped.append(partition.name)
+    return dropped
 
 
 async def detach_partition(
@@ -284,7 +432,13 @@ class PartitionKeeper:
         while True:
             try:
                 for report in await self.ensure_once():
-                    if report.created or report.strays_left:
+                    if (
+                        report.created
+                        or report.strays_left
+                        or report.dropped
+                        or report.default_expired
+                        or report.legacy_retired
+                    ):
                         log.info("partitions: %s", report)
             except asyncio.CancelledError:
                 raise

@@ -6,7 +6,10 @@ consumers' dedup). A redelivery comes within minutes (an entry left pending
 by a crash, the relay publishing twice), so rows older than
 PROCESSED_EVENTS_RETENTION_HOURS (7 days) only cost space; a consumer group
 that lags further than that never processed those events, so nothing is
-applied twice. A service adds its own tables (member: identify_requests).
+applied twice. A service adds its own tables (guides: callback_signatures).
+A table partitioned by time is not pruned here but by dropping whole
+partitions (servicekit/partitions.py `drop_after`, ServiceApp.partition): the
+ctid batches below are wrong on it (a ctid is unique per partition only).
 
 Batches are short transactions that lock only the rows they delete; replicas
 skip each other's rows (SKIP LOCKED) instead of queueing.
@@ -55,6 +58,13 @@ class Pruner:
         """Delete every row past its retention; rows deleted per table."""
         deleted: dict[str, int] = {}
         for r in self._retentions:
+            if await self._pool.fetchval(
+                "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)", r.table
+            ):
+                # Deleting by ctid would hit rows of other partitions sharing it.
+                log.error("%s is partitioned: not pruned here (drop its partitions)", r.table)
+                deleted[r.table] = 0
+                continue
             cutoff = self._clock() - r.keep
             total = 0
             while True:

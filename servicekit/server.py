@@ -285,7 +285,7 @@ class ServiceApp:
                 where=f"seq < (SELECT max(seq) FROM {self.schema}.outbox)",
             ),
         ]
-        # Tables partitioned by month: partitions made ahead at start-up and
+        # Tables partitioned by time: partitions made ahead at start-up and
         # every interval (servicekit/partitions.py); services add their own.
         self.partitioned: list[PartitionedTable] = []
         self.port = 0
@@ -294,6 +294,21 @@ class ServiceApp:
         self.schema_gate: SchemaGate | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
+
+    def partition(self, *tables: PartitionedTable) -> None:
+        """Keep these tables' partitions (made ahead, strays moved, expired ones
+        dropped) instead of pruning their rows: the pruner's ctid batches are
+        wrong on a partitioned table (a ctid is unique per partition only)."""
+        names = {t.qualified for t in tables}
+        self.retentions = [r for r in self.retentions if r.table not in names]
+        self.partitioned.extend(tables)
+
+    @property
+    def pruner_retentions(self) -> list[Retention]:
+        """The retentions the pruner runs: less the tables kept by partitions
+        (also those added to `partitioned` directly, as rewards does)."""
+        kept = {t.qualified for t in self.partitioned}
+        return [r for r in self.retentions if r.table not in kept]
 
     @property
     def service_names(self) -> list[str]:
@@ -345,7 +360,7 @@ class ServiceApp:
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         for consumer in self.consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.group))
-        pruner = Pruner(pool, self.retentions, s.prune_interval_seconds)
+        pruner = Pruner(pool, self.pruner_retentions, s.prune_interval_seconds)
         self._tasks.append(asyncio.create_task(pruner.run(), name="pruner"))
         if self.partitioned:
             keeper = PartitionKeeper(

@@ -87,7 +87,9 @@ class ServiceSettings(CommonSettings):
     # (servicekit/consumer.py; 0: each read is applied as it comes).
     event_linger_ms: float = Field(default=20.0, ge=0, le=1000)
     # processed_events rows (consumer dedup) are kept this long, then pruned
-    # every prune_interval_seconds (servicekit/retention.py says why it is safe).
+    # every prune_interval_seconds (servicekit/retention.py says why it is safe);
+    # where the table is partitioned by month (member, engagement, tiering,
+    # guides), a month's partition is dropped once wholly older than this.
     processed_events_retention_hours: float = Field(default=168.0, gt=0)
     prune_interval_seconds: float = Field(default=3600.0, gt=0)
     # Time-partitioned tables (servicekit/partitions.py): months of partitions

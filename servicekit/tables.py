@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -17,6 +20,24 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.sql.schema import SchemaItem
+
+from loyalty.events.v1 import events_pb2
+
+# The dedupe time of an event whose envelope has no occurred_at (published
+# before it was set): fixed, so every redelivery finds the first's row. No
+# partition covers it (they are made from now on), so such rows live in the
+# default partition and expire there by processed_at.
+NO_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def event_time(envelope: events_pb2.EventEnvelope) -> datetime:
+    """processed_events.occurred_at for an envelope: the producer's
+    occurred_at, identical on every redelivery and replay."""
+    if not envelope.HasField("occurred_at"):
+        return NO_EVENT_TIME
+    return envelope.occurred_at.ToDatetime(tzinfo=UTC)
+
 
 # Predictable constraint names, so Alembic migrations can refer to them.
 NAMING_CONVENTION = {
@@ -33,9 +54,17 @@ def service_metadata(schema: str) -> MetaData:
     return MetaData(schema=schema, naming_convention=NAMING_CONVENTION)
 
 
-def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
+def add_event_tables(metadata: MetaData, partitioned: bool = False) -> tuple[Table, Table]:
     """The transactional outbox, the consumer's processed-event log and its
-    per-producer cursors (durable events: docs/architecture.md "Events")."""
+    per-producer cursors (durable events: docs/architecture.md "Events").
+
+    partitioned: processed_events is RANGE-partitioned by day of the event's
+    own occurred_at (servicekit/partition_migrations.py converts it; the
+    insert passes `event_time(envelope)`): the primary key (consumer,
+    event_id, occurred_at) is unique as on the plain table, since every
+    delivery of an event carries the same occurred_at; old days are dropped
+    instead of rows pruned, so no processed_at index but on the default
+    partition (the migration's)."""
     outbox = Table(
         "outbox",
         metadata,
@@ -56,6 +85,18 @@ def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
         ),
         Index(None, "published_at"),
     )
+    keyed: tuple[SchemaItem, ...] = (
+        (
+            Column("occurred_at", DateTime(timezone=True), nullable=False),
+            PrimaryKeyConstraint("consumer", "event_id", "occurred_at"),
+        )
+        if partitioned
+        # The pruner deletes by age (servicekit/retention.py).
+        else (PrimaryKeyConstraint("consumer", "event_id"), Index(None, "processed_at"))
+    )
+    partitioning: dict[str, Any] = (
+        {"postgresql_partition_by": "RANGE (occurred_at)"} if partitioned else {}
+    )
     processed = Table(
         "processed_events",
         metadata,
@@ -65,11 +106,10 @@ def add_event_tables(metadata: MetaData) -> tuple[Table, Table]:
         # Which producer's sequence the event had (NULL: published before sequences).
         Column("producer", Text, nullable=True),
         Column("seq", BigInteger, nullable=True),
-        PrimaryKeyConstraint("consumer", "event_id"),
-        # The pruner deletes by age (servicekit/retention.py).
-        Index(None, "processed_at"),
+        *keyed,
         # The cursor walks a consumer's applied sequence numbers (servicekit/consumer.py).
         Index(None, "consumer", "producer", "seq"),
+        **partitioning,
     )
     Table(
         "event_cursors",

@@ -32,7 +32,7 @@ from servicekit.tables import add_event_tables, service_metadata
 SCHEMA = "engagement"
 metadata = service_metadata(SCHEMA)
 
-outbox, processed_events = add_event_tables(metadata)
+outbox, processed_events = add_event_tables(metadata, partitioned=True)
 
 
 # Every published version, immutable: in-flight members keep theirs.

@@ -28,6 +28,7 @@ from .domain import Clock, QuietHours, SystemClock
 from .fulfilment import RewardDispatcher
 from .handlers import EngagementHandlers
 from .journey import parse_local_time
+from .partitions import partitioned_tables
 from .ports import (
     LocalConsent,
     MemberAddresses,
@@ -338,7 +339,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             )
         )
 
-    return EngagementApp(
+    app = EngagementApp(
         NAME,
         s,
         services=[engagement_pb2.DESCRIPTOR.services_by_name["EngagementService"]],
@@ -353,3 +354,6 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         parked_expiry_poll=s.engagement_parked_expiry_poll_seconds,
         wecom_results_poll=s.wecom_results_poll_seconds,
     )
+    # Partitions past their retention dropped, instead of rows pruned.
+    app.partition(*partitioned_tables(s))
+    return app

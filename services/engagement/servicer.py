@@ -13,6 +13,7 @@ from servicekit.analytics import day_range
 from servicekit.db import Database
 from servicekit.errors import InvalidArgument
 from servicekit.protos import timestamp, to_datetime
+from servicekit.tables import NO_EVENT_TIME
 
 from .analytics import journey_funnels
 from .domain import DEFAULT_RADIUS_M, Lift
@@ -156,9 +157,13 @@ class EngagementServicer(engagement_pb2_grpc.EngagementServiceServicer):
             ) from None
         async with self._db.unit_of_work() as uow:
             first = await uow.conn.fetchval(
-                "INSERT INTO engagement.processed_events (consumer, event_id)"
-                " VALUES ('ingest', $1) ON CONFLICT DO NOTHING RETURNING true",
+                "INSERT INTO engagement.processed_events (consumer, event_id, occurred_at)"
+                " VALUES ('ingest', $1, $2) ON CONFLICT DO NOTHING RETURNING true",
                 event_id,
+                # The caller's time, the same on its retries: they conflict in its day.
+                to_datetime(request.occurred_at)
+                if request.HasField("occurred_at")
+                else NO_EVENT_TIME,
             )
             if not first:
                 return engagement_pb2.IngestEventResponse(duplicate=True)

@@ -28,7 +28,7 @@ from servicekit.tables import add_event_tables, service_metadata
 SCHEMA = "guides"
 metadata = service_metadata(SCHEMA)
 
-outbox, processed_events = add_event_tables(metadata)
+outbox, processed_events = add_event_tables(metadata, partitioned=True)
 
 staff = Table(
     "staff",

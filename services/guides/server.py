@@ -22,6 +22,7 @@ from servicekit.settings import ServiceSettings
 
 from .domain import parse_rules
 from .handlers import Clock, GuidesHandlers
+from .partitions import partitioned_tables
 from .ports import CouponIssuer, MemberDirectory, MemberGrpc, RewardsCoupons
 from .schema import SCHEMA
 from .servicer import GuidesServicer
@@ -194,4 +195,6 @@ def build(
     app.fake_wecom = fake
     # Replays older than the age limit are refused anyway: keep signatures a day.
     app.retentions.append(Retention(f"{SCHEMA}.callback_signatures", "seen_at", timedelta(days=1)))
+    # Partitions past their retention dropped, instead of rows pruned.
+    app.partition(*partitioned_tables(s))
     return app

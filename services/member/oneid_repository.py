@@ -373,7 +373,9 @@ async def save_request(
     inserted = await conn.fetchval(
         "INSERT INTO member.identify_requests"
         " (request_key, request_hash, member_id, created, outcome) VALUES ($1, $2, $3, $4, $5)"
-        " ON CONFLICT (request_key) DO NOTHING RETURNING true",
+        # No conflict target: the key's uniqueness across partitions is the
+        # first_only trigger's, which skips a taken key (no row back).
+        " ON CONFLICT DO NOTHING RETURNING true",
         request_key,
         request_hash,
         as_uuid(member_id),

@@ -76,6 +76,7 @@ identities = Table(
 identify_requests = Table(
     "identify_requests",
     metadata,
+    # Unique across partitions by the first_only trigger (migration 0008).
     Column("request_key", Text, primary_key=True),
     # Keyed hash of the request's identifiers: the same key with another body is refused.
     Column("request_hash", LargeBinary, nullable=False),
@@ -83,9 +84,17 @@ identify_requests = Table(
     Column("created", Boolean, nullable=False),
     # merged member ids, review id and ignored identifiers of the first answer.
     Column("outcome", JSONB, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    # Pruned by age (IDENTIFY_REQUEST_RETENTION_DAYS, servicekit/retention.py).
-    Index(None, "created_at"),
+    # The partition key (with request_key, the primary key: PostgreSQL requires
+    # it there). Partitions past IDENTIFY_REQUEST_RETENTION_DAYS are dropped
+    # (services/member/partitions.py).
+    Column(
+        "created_at",
+        DateTime(timezone=True),
+        primary_key=True,
+        nullable=False,
+        server_default=func.now(),
+    ),
+    postgresql_partition_by="RANGE (created_at)",
 )
 
 # Which members each identifier has been observed together with: the
@@ -256,4 +265,4 @@ velocity_flags = Table(
     Index(None, "flagged_at", "id"),
 )
 
-outbox, processed_events = add_event_tables(metadata)
+outbox, processed_events = add_event_tables(metadata, partitioned=True)

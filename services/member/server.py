@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from servicekit.redis_client import preload_scripts
-from servicekit.retention import Retention
 from servicekit.safety import refuse_unsafe
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
@@ -16,6 +15,7 @@ from servicekit.settings import ServiceSettings
 from .cache import ResolveCache
 from .handlers import MemberHandlers
 from .metrics import MemberMetrics
+from .partitions import partitioned_tables
 from .pii import PiiVault, parse_keyring
 from .policy import load_policy
 from .schema import SCHEMA
@@ -74,11 +74,6 @@ def build(settings: ServiceSettings, clock: Callable[[], datetime] = _now) -> Se
     )
     # For tests and the process's own use; served when METRICS_PORT is set.
     app.member_metrics = metrics  # type: ignore[attr-defined]
-    app.retentions.append(
-        Retention(
-            f"{SCHEMA}.identify_requests",
-            "created_at",
-            timedelta(days=s.identify_request_retention_days),
-        )
-    )
+    # Partitions past their retention dropped, instead of rows pruned.
+    app.partition(*partitioned_tables(s))
     return app

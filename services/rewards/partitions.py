@@ -14,10 +14,13 @@ The detach is recorded in points_journal_archive in the same transaction.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import asyncpg
 
 from servicekit.errors import DomainError
-from servicekit.partitions import Partition, PartitionedTable
+from servicekit.partitions import Partition, PartitionedTable, processed_events
+from servicekit.settings import ServiceSettings
 
 from .schema import SCHEMA
 
@@ -46,6 +49,12 @@ JOURNAL = PartitionedTable(
     SCHEMA, "points_transactions", "created_at", detach_guard=journal_detach_guard
 )
 
-PARTITIONED_TABLES = (JOURNAL,)
+# The consumers' dedupe log, by day of the event's time (migration 0016); days
+# past PROCESSED_EVENTS_RETENTION_HOURS are dropped.
+DEDUPE = processed_events(
+    SCHEMA, timedelta(hours=ServiceSettings().processed_events_retention_hours)
+)
+
+PARTITIONED_TABLES = (JOURNAL, DEDUPE)
 # Months of partitions made ahead at start-up and by the CronJob.
 DEFAULT_AHEAD_MONTHS = 3

@@ -589,7 +589,7 @@ earn_counters = Table(
     CheckConstraint("points >= 0", name="points_nonnegative"),
 )
 
-outbox, processed_events = add_event_tables(metadata)
+outbox, processed_events = add_event_tables(metadata, partitioned=True)
 
 # ---- referral (referral/) ---------------------------------------------------
 

@@ -280,4 +280,4 @@ erased_members = Table(
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
-outbox, processed_events = add_event_tables(metadata)
+outbox, processed_events = add_event_tables(metadata, partitioned=True)

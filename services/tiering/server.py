@@ -14,6 +14,7 @@ from servicekit.settings import ServiceSettings
 
 from .benefits import BenefitDispatcher, RewardsCoupons, run_forever
 from .handlers import Clock, TieringHandlers
+from .partitions import partitioned_tables
 from .schema import SCHEMA
 from .servicer import TieringServicer
 from .settings import TieringSettings
@@ -65,6 +66,8 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> ServiceApp:
     )
     app.handlers = handlers
     app.tiering = s
+    # Partitions past their retention dropped, instead of rows pruned.
+    app.partition(*partitioned_tables(s))
     return app
 
 

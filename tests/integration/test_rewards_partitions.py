@@ -33,7 +33,7 @@ from servicekit.partitions import (
     month_start,
 )
 from servicekit.server import ServiceApp
-from services.rewards.partitions import JOURNAL
+from services.rewards.partitions import DEDUPE, JOURNAL
 from services.rewards.points import repository as ledger
 from services.rewards.points.audit import audit_ledger, checks
 from services.rewards.points.checkpoint import open_transactions_before, write_checkpoint
@@ -230,8 +230,9 @@ async def test_cli_ensures_and_lists(infra: Infra) -> None:
     )  # fmt: skip
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
-    [report] = json.loads(out)
-    assert report["table"] == "rewards.points_transactions" and report["strays_left"] == 0
+    reports = {r["table"]: r for r in json.loads(out)}
+    assert set(reports) == {"rewards.points_transactions", "rewards.processed_events"}
+    assert all(r["strays_left"] == 0 for r in reports.values())
 
 
 async def test_detach_refuses_every_partition_the_audit_needs(
@@ -354,12 +355,14 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
     rewards_app: ServiceApp, infra: Infra
 ) -> None:
     # The service wires the journal into its keeper, which runs at start-up.
-    assert rewards_app.partitioned == [JOURNAL]
+    assert rewards_app.partitioned == [JOURNAL, DEDUPE]
+    # The dedupe log is the keeper's, not the pruner's (servicekit/server.py).
+    assert "rewards.processed_events" not in {r.table for r in rewards_app.pruner_retentions}
     assert "partitions" in {t.get_name() for t in rewards_app._tasks if not t.done()}
     pool = await create_pool(infra.database_url, 1, 1)
     try:
         keeper = PartitionKeeper(pool, rewards_app.partitioned, ahead=8, interval_seconds=3600)
-        [report] = await keeper.ensure_once()
+        report, _ = await keeper.ensure_once()
         async with pool.acquire() as c:
             now = await db_now(c)
             names = {p.name for p in await list_partitions(c, JOURNAL)}

@@ -1,0 +1,329 @@
+"""Migration steps that turn a plain table into a RANGE-partitioned one
+(servicekit/partitions.py keeps it afterwards) and back.
+
+processed_events: by day of the event's own time (DedupeByEventTime below):
+its key gains that time, so no trigger is needed.
+
+MonthlyConversion: by month, for a table whose unique key does not carry the
+time and no fixed time comes with each write of a key: member.identify_requests
+(a request key's retries carry no time of their own).
+
+PostgreSQL's unique indexes on a partitioned table must contain the partition
+key, so the key's uniqueness across partitions is kept by a BEFORE INSERT row
+trigger ("first only"): it takes a transaction-scoped advisory lock on the
+key, then looks the key up in every partition; a row whose key is there
+already is not inserted (the trigger returns NULL), exactly what the callers'
+`INSERT ... ON CONFLICT DO NOTHING RETURNING` expects (no row back). The lock
+makes two transactions writing the same key wait for each other as the unique
+index did (the second sees the first's row once it commits), whichever
+partition each row goes to (a month's boundary between them). One lock per row
+written, held to commit: a transaction writing thousands of rows can exhaust
+the shared lock table (`out of shared memory`); the consumers write at most a
+batch (100) per transaction, bulk loads must be chunked (docs/operations.md).
+
+Existing rows are moved in the migration's transaction (ACCESS EXCLUSIVE on
+the table throughout: writers and readers wait): the table is renamed, the
+partitioned one created LIKE it with a partition per month the rows cover,
+three months ahead and a default, rows copied set-based, the old table
+dropped, then the primary key (the key plus the partition column), indexes and
+the trigger built once over the copied rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alembic import op
+
+# Months made ahead by the migration; the service's keeper continues.
+AHEAD_MONTHS = 3
+
+
+@dataclass(frozen=True)
+class MonthlyConversion:
+    schema: str
+    table: str
+    column: str  # the partition key, timestamptz, NOT NULL
+    key: tuple[str, ...]  # unique before; unique across partitions by trigger after
+    # Non-unique indexes both shapes carry: (name, columns).
+    indexes: tuple[tuple[str, str], ...] = ()
+    # Indexes only the plain table had (e.g. the pruner's age index): (name, columns).
+    plain_only_indexes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def trigger_function(self) -> str:
+        return f"{self.schema}.{self.table}_first_only"
+
+    def first_only_sql(self) -> str:
+        match = " AND ".join(f"{c} = NEW.{c}" for c in self.key)
+        lock_key = " || ':' || ".join(f"NEW.{c}::text" for c in self.key)
+        return f"""
+CREATE FUNCTION {self.trigger_function}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Writers of one key take turns (as on a unique index); a fresh snapshot
+    -- per statement (READ COMMITTED) then sees the one that committed first.
+    PERFORM pg_advisory_xact_lock(hashtextextended('{self.qualified}:' || {lock_key}, 0));
+    IF EXISTS (SELECT 1 FROM {self.qualified} WHERE {match}) THEN
+        RETURN NULL;  -- the key is taken, in whichever partition: skip, like ON CONFLICT
+    END IF;
+    RETURN NEW;
+END
+$$
+"""
+
+    def _monthly_partitions_sql(self, source: str) -> str:
+        name = self.table
+        return f"""
+DO $$
+DECLARE
+    first_month date := date_trunc('month', least(
+        (SELECT min({self.column}) FROM {self.schema}.{source}), now()) AT TIME ZONE 'UTC')::date;
+    last_month date := (date_trunc('month', now() AT TIME ZONE 'UTC')
+        + interval '{AHEAD_MONTHS} months')::date;
+    m date := first_month;
+BEGIN
+    WHILE m <= last_month LOOP
+        EXECUTE format(
+            'CREATE TABLE {self.schema}.%I PARTITION OF {self.qualified}'
+            ' FOR VALUES FROM (%L) TO (%L)',
+            '{name}_p' || to_char(m, 'YYYYMM'),
+            m::timestamp AT TIME ZONE 'UTC',
+            (m + interval '1 month')::timestamp AT TIME ZONE 'UTC');
+        m := (m + interval '1 month')::date;
+    END LOOP;
+END
+$$
+"""
+
+    def upgrade(self) -> None:
+        old = f"{self.table}_unpartitioned"
+        op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
+        op.execute(f"ALTER TABLE {self.qualified} RENAME TO {old}")
+        op.execute(
+            f"CREATE TABLE {self.qualified}"
+            f" (LIKE {self.schema}.{old} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+            f" PARTITION BY RANGE ({self.column})"
+        )
+        op.execute(
+            f"CREATE TABLE {self.schema}.{self.table}_default PARTITION OF {self.qualified} DEFAULT"
+        )
+        op.execute(self._monthly_partitions_sql(old))
+        op.execute(f"INSERT INTO {self.qualified} SELECT * FROM {self.schema}.{old}")
+        # Its primary key and indexes go with it (their names are schema-wide).
+        op.execute(f"DROP TABLE {self.schema}.{old}")
+        op.execute(
+            f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
+            f" PRIMARY KEY ({', '.join((*self.key, self.column))})"
+        )
+        for name, columns in self.indexes:
+            op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
+        op.execute(self.first_only_sql())
+        # Row-level on the parent: every partition, present and future, has it.
+        op.execute(
+            f"CREATE TRIGGER {self.table}_first_only BEFORE INSERT ON {self.qualified}"
+            f" FOR EACH ROW EXECUTE FUNCTION {self.trigger_function}()"
+        )
+
+    def downgrade(self) -> None:
+        parted = f"{self.table}_partitioned"
+        op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
+        op.execute(f"ALTER TABLE {self.qualified} RENAME TO {parted}")
+        op.execute(f"ALTER TABLE {self.schema}.{parted} DROP CONSTRAINT pk_{self.table}")
+        for name, _ in self.indexes:
+            op.execute(f"DROP INDEX {self.schema}.{name}")
+        op.execute(
+            f"CREATE TABLE {self.qualified}"
+            f" (LIKE {self.schema}.{parted} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+        )
+        op.execute(f"INSERT INTO {self.qualified} SELECT * FROM {self.schema}.{parted}")
+        op.execute(f"DROP TABLE {self.schema}.{parted}")
+        op.execute(f"DROP FUNCTION {self.trigger_function}()")
+        op.execute(
+            f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
+            f" PRIMARY KEY ({', '.join(self.key)})"
+        )
+        for name, columns in (*self.indexes, *self.plain_only_indexes):
+            op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
+
+
+# Days of processed_events partitions the migration makes behind now at most
+# (older rows go to the default partition and expire there) and ahead.
+DEDUPE_DAYS_BEHIND = 35
+DEDUPE_DAYS_AHEAD = 3
+
+
+@dataclass(frozen=True)
+class DedupeByEventTime:
+    """processed_events (servicekit/tables.py) made RANGE-partitioned by day of
+    a new column, occurred_at: the event's own time, which every delivery of an
+    event carries unchanged (servicekit/tables.py event_time). The primary key
+    (consumer, event_id, occurred_at) contains the partition key, so it is a
+    real unique index: ON CONFLICT DO NOTHING works as on the plain table,
+    with no trigger and no lock per row.
+
+    The rows already there do not know their event's time: they are copied
+    with occurred_at = processed_at, which keeps the cursor walk's sequence
+    numbers but not their dedupe (a redelivery of such an event carries its
+    real occurred_at). So the old table stays beside it as
+    `processed_events_legacy` (its primary key only), probed by a BEFORE
+    INSERT row trigger (no lock: nothing writes the legacy table) until the
+    keeper finds every legacy row past the retention and drops both
+    (servicekit/partitions.py retire_legacy). An empty table (a fresh
+    install) leaves no legacy and no trigger."""
+
+    schema: str
+    table: str = "processed_events"
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def legacy(self) -> str:
+        return f"{self.schema}.{self.table}_legacy"
+
+    def _legacy_check_sql(self) -> str:
+        return f"""
+CREATE FUNCTION {self.legacy}_check() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- A key recorded before the migration, when rows had no event time.
+    IF EXISTS (SELECT 1 FROM {self.legacy}
+               WHERE consumer = NEW.consumer AND event_id = NEW.event_id) THEN
+        RETURN NULL;  -- like ON CONFLICT DO NOTHING
+    END IF;
+    RETURN NEW;
+END
+$$
+"""
+
+    def _daily_partitions_sql(self, source: str) -> str:
+        name = self.table
+        return f"""
+DO $$
+DECLARE
+    today date := (now() AT TIME ZONE 'UTC')::date;
+    d date := greatest(least(
+        (SELECT min(processed_at) FROM {self.schema}.{source}) AT TIME ZONE 'UTC',
+        now() AT TIME ZONE 'UTC')::date, today - {DEDUPE_DAYS_BEHIND});
+BEGIN
+    WHILE d <= today + {DEDUPE_DAYS_AHEAD} LOOP
+        EXECUTE format(
+            'CREATE TABLE {self.schema}.%I PARTITION OF {self.qualified}'
+            ' FOR VALUES FROM (%L) TO (%L)',
+            '{name}_p' || to_char(d, 'YYYYMMDD'),
+            d::timestamp AT TIME ZONE 'UTC',
+            (d + 1)::timestamp AT TIME ZONE 'UTC');
+        d := d + 1;
+    END LOOP;
+END
+$$
+"""
+
+    def upgrade(self) -> None:
+        old = f"{self.table}_unpartitioned"
+        op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
+        op.execute(f"ALTER TABLE {self.qualified} RENAME TO {old}")
+        op.execute(
+            f"CREATE TABLE {self.qualified}"
+            f" (LIKE {self.schema}.{old} INCLUDING DEFAULTS INCLUDING CONSTRAINTS,"
+            " occurred_at timestamptz NOT NULL)"
+            " PARTITION BY RANGE (occurred_at)"
+        )
+        op.execute(
+            f"CREATE TABLE {self.schema}.{self.table}_default PARTITION OF {self.qualified} DEFAULT"
+        )
+        op.execute(self._daily_partitions_sql(old))
+        op.execute(
+            f"INSERT INTO {self.qualified} (consumer, event_id, processed_at, producer, seq,"
+            " occurred_at)"
+            f" SELECT consumer, event_id, processed_at, producer, seq, processed_at"
+            f" FROM {self.schema}.{old}"
+        )
+        has_rows = (
+            op.get_bind()
+            .exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {self.schema}.{old})")
+            .scalar()
+        )
+        if has_rows:
+            # Kept for its keys (index names are schema-wide: renamed).
+            legacy = f"{self.table}_legacy"
+            op.execute(f"ALTER TABLE {self.schema}.{old} RENAME TO {legacy}")
+            op.execute(f"ALTER INDEX {self.schema}.pk_{self.table} RENAME TO pk_{legacy}")
+            op.execute(
+                f"ALTER INDEX {self.schema}.ix_{self.table}_processed_at"
+                f" RENAME TO ix_{legacy}_processed_at"
+            )
+            op.execute(f"DROP INDEX {self.schema}.ix_{self.table}_consumer_producer_seq")
+            op.execute(self._legacy_check_sql())
+            op.execute(
+                f"CREATE TRIGGER {legacy}_check BEFORE INSERT ON {self.qualified}"
+                f" FOR EACH ROW EXECUTE FUNCTION {self.legacy}_check()"
+            )
+        else:
+            op.execute(f"DROP TABLE {self.schema}.{old}")
+        op.execute(
+            f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
+            " PRIMARY KEY (consumer, event_id, occurred_at)"
+        )
+        op.execute(
+            f"CREATE INDEX ix_{self.table}_consumer_producer_seq"
+            f" ON {self.qualified} (consumer, producer, seq)"
+        )
+        # The default partition's rows (late first deliveries, no event time)
+        # are deleted by processed_at (servicekit/partitions.py expire_default).
+        op.execute(
+            f"CREATE INDEX ix_{self.table}_default_processed_at"
+            f" ON {self.schema}.{self.table}_default (processed_at)"
+        )
+
+    def downgrade(self) -> None:
+        parted = f"{self.table}_partitioned"
+        op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
+        op.execute(f"ALTER TABLE {self.qualified} RENAME TO {parted}")
+        op.execute(f"ALTER TABLE {self.schema}.{parted} DROP CONSTRAINT pk_{self.table}")
+        op.execute(f"DROP INDEX {self.schema}.ix_{self.table}_consumer_producer_seq")
+        op.execute(
+            f"CREATE TABLE {self.qualified}"
+            f" (LIKE {self.schema}.{parted} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+        )
+        op.execute(f"ALTER TABLE {self.qualified} DROP COLUMN occurred_at")
+        op.execute(
+            f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
+            " PRIMARY KEY (consumer, event_id)"
+        )
+        # One key in two days is possible only from a producer that changed an
+        # event's time between deliveries: the first row is kept.
+        op.execute(
+            f"INSERT INTO {self.qualified} (consumer, event_id, processed_at, producer, seq)"
+            f" SELECT consumer, event_id, processed_at, producer, seq FROM {self.schema}.{parted}"
+            " ORDER BY processed_at ON CONFLICT DO NOTHING"
+        )
+        op.execute(f"DROP TABLE {self.schema}.{parted}")
+        # The legacy keys, if the keeper has not retired them yet.
+        op.execute(f"DROP FUNCTION IF EXISTS {self.legacy}_check() CASCADE")
+        op.execute(f"""
+DO $$
+BEGIN
+    IF to_regclass('{self.legacy}') IS NOT NULL THEN
+        INSERT INTO {self.qualified} (consumer, event_id, processed_at, producer, seq)
+        SELECT consumer, event_id, processed_at, producer, seq FROM {self.legacy}
+        ON CONFLICT DO NOTHING;
+        DROP TABLE {self.legacy};
+    END IF;
+END
+$$
+""")
+        op.execute(
+            f"CREATE INDEX ix_{self.table}_consumer_producer_seq"
+            f" ON {self.qualified} (consumer, producer, seq)"
+        )
+        op.execute(f"CREATE INDEX ix_{self.table}_processed_at ON {self.qualified} (processed_at)")
+
+
+def processed_events(schema: str) -> DedupeByEventTime:
+    """The consumers' dedupe log (servicekit/tables.py add_event_tables)."""
+    return DedupeByEventTime(schema)
