@@ -143,13 +143,24 @@ class MemberGrpc:
     """The member service's ResolveMemberIds (MEMBER_ADDR)."""
 
     def __init__(self, target: str, timeout: float) -> None:
-        self._channel = create_channel(target)
-        self._stub = member_pb2_grpc.MemberServiceStub(self._channel)
+        self._target = target
         self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: member_pb2_grpc.MemberServiceStub | None = None
+
+    def _member(self) -> member_pb2_grpc.MemberServiceStub:
+        # Opened on first use, on the loop that serves: the service is built
+        # (server.build) before that loop runs, and a channel made then is
+        # bound to another loop (every call failed "attached to a different
+        # loop").
+        if self._stub is None:
+            self._channel = create_channel(self._target)
+            self._stub = member_pb2_grpc.MemberServiceStub(self._channel)
+        return self._stub
 
     async def _states(self, ids: list[uuid.UUID]) -> list[int]:
         try:
-            reply = await self._stub.ResolveMemberIds(
+            reply = await self._member().ResolveMemberIds(
                 member_pb2.ResolveMemberIdsRequest(member_ids=[str(m) for m in ids]),
                 timeout=self._timeout,
             )
@@ -178,7 +189,8 @@ class MemberGrpc:
         return refused
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 def _lock_key(member_id: uuid.UUID) -> int:

@@ -5,6 +5,7 @@ member service and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -46,7 +47,7 @@ class CountingStub:
 @pytest.fixture
 async def counted(member_app: ServiceApp) -> AsyncIterator[tuple[MemberGrpc, CountingStub]]:
     d = MemberGrpc(f"127.0.0.1:{member_app.port}", 10.0)
-    counter = CountingStub(d._stub)
+    counter = CountingStub(d._member())
     d._stub = counter  # type: ignore[assignment]
     yield d, counter
     await d.close()
@@ -94,3 +95,30 @@ async def test_more_ids_than_members_cap_are_split(
     assert set(refused) == set(ids)
     assert {e.code for e in refused.values()} == {"UNKNOWN_MEMBER"}
     assert counter.calls == Counter({"ResolveMemberIds": 2})
+
+
+async def test_a_directory_made_before_the_serving_loop_runs_answers_on_it(
+    member_app: ServiceApp,
+) -> None:
+    """As `python -m services.rewards` does: build() (which makes the
+    directory) runs before uvloop.run / asyncio.run starts the serving loop."""
+    target = f"127.0.0.1:{member_app.port}"
+    unknown = uuid.uuid4()
+
+    def process() -> str:
+        default = asyncio.new_event_loop()  # a main thread's default loop
+        asyncio.set_event_loop(default)
+        directory = MemberGrpc(target, 10.0)  # at build time
+
+        async def serve() -> str:
+            try:
+                return (await directory.refusals([unknown]))[unknown].code
+            finally:
+                await directory.close()
+
+        try:
+            return asyncio.run(serve())
+        finally:
+            default.close()
+
+    assert await asyncio.to_thread(process) == "UNKNOWN_MEMBER"
