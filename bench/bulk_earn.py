@@ -6,8 +6,12 @@ loop) for `--seconds`, each batch `--batch-size` lines (default 1,000) for
 distinct members drawn round-robin from a pool of `--members`, each line its
 own idempotency key. earns/s = lines applied per second; CPU ms per earn is
 counted from /proc for the rewards process, this run's PostgreSQL backends and
-the load generator (bench/cpu.py): on a loaded shared machine that is the
-steadier figure (one core posts at most 1000 / ms earns per second).
+the load generator (bench/cpu.py), and for the member service, which rewards
+asks (MEMBER_ADDR, as deployed) whether the batch's ids are members' (one
+ResolveMemberIds call per batch): on a loaded shared machine that is the
+steadier figure (one core posts at most 1000 / ms earns per second). The pool
+is registered at member first (rows written directly: enrolling 50,000 through
+IdentifyMember would take minutes and the check reads only the member row).
 
 After the run the whole points ledger is audited (services/rewards/points/
 audit.py: every invariant, every member) and the batch first sent is sent
@@ -49,6 +53,7 @@ from .cli import (
 from .cpu import CpuMeter
 
 SERVER = "rewards"
+MEMBER = "member"
 TARGET_PER_S = 5000
 
 
@@ -131,6 +136,17 @@ async def closed_loop(
     }
 
 
+async def register_members(conn: asyncpg.Connection, members: list[str]) -> None:
+    """The pool as live members at the member service (rewards refuses ids it
+    does not know)."""
+    await conn.execute(
+        "INSERT INTO member.members (id, member_number, registration_source, registered_at)"
+        " SELECT m, nextval('member.member_number_seq')::text, 'bench', now()"
+        " FROM unnest($1::uuid[]) AS m",
+        [uuid.UUID(m) for m in members],
+    )
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from loyalty.rewards.v1 import rewards_pb2_grpc
     from services.rewards.points.audit import audit_ledger
@@ -150,9 +166,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         members = [str(uuid.uuid4()) for _ in range(args.members)]
         monitor = await asyncpg.connect(asyncpg_dsn(infra.database_url))
         try:
+            await register_members(monitor, members)
             async with started(children, log_dir) as platform:
-                rewards = next(c for c in platform.children if c.name == "rewards")
-                meter = CpuMeter({SERVER: rewards.proc.pid} if rewards.proc else {}, monitor)
+                pids = {
+                    c.name: c.proc.pid
+                    for c in platform.children
+                    if c.name in (SERVER, MEMBER) and c.proc
+                }
+                meter = CpuMeter(pids, monitor)
                 async with grpc.aio.insecure_channel(target) as channel:
                     stub = rewards_pb2_grpc.RewardsServiceStub(channel)
                     if args.warmup:

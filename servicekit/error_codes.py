@@ -995,6 +995,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
         _c("TOO_MANY_IDENTIFIERS", "at most … identifiers per call", _S.INVALID_ARGUMENT),
         _c("TOO_MANY_ITEMS", "a coupon names too many items", _S.INVALID_ARGUMENT),
         _c("TOO_MANY_LINES", "an order has at most … lines", _S.INVALID_ARGUMENT),
+        _c(
+            "TOO_MANY_MEMBER_IDS",
+            "ResolveMemberIds takes at most 1,000 member ids per call",
+            _S.INVALID_ARGUMENT,
+        ),
         _c("TOO_MANY_STEPS", "a journey has too many steps", _S.INVALID_ARGUMENT),
         _c("TRACKING_NUMBER_REQUIRED", "tracking_number is required", _S.INVALID_ARGUMENT),
         _c("UNAUTHENTICATED", "who is calling could not be established", _S.UNAUTHENTICATED),

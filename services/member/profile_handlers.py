@@ -33,11 +33,25 @@ from .domain import (
     event_channel,
     is_time_zone,
 )
-from .handlers_common import HandlersBase, LostRace, required_text, timestamp
+from .handlers_common import HandlersBase, LostRace, parse_member_id, required_text, timestamp
 from .repository import MemberRecord
 
 # A change to one of these is announced as MemberZoneSet (engagement's zone).
 ZONE_FIELDS = frozenset({"time_zone", "registration_store_id"})
+
+
+# ResolveMemberIds' cap: a bulk earn chunk's ids in one call, one statement.
+MAX_RESOLVE_IDS = 1000
+
+
+@dataclass(frozen=True)
+class ResolvedId:
+    """A member id's state: "active", "absorbed" (survivor = its live root),
+    "erased" (it or the member it was merged into) or "unknown"."""
+
+    member_id: str
+    state: str
+    survivor_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,30 @@ class ProfileHandlers(HandlersBase):
         if not include_pii:
             return None
         return required_text(accessor, "accessor"), required_text(purpose, "purpose", 500)
+
+    async def resolve_ids(self, uow: UnitOfWork, member_ids: list[str]) -> list[ResolvedId]:
+        """Each id's state, in the order asked (duplicates answered each time),
+        as GetMember would judge it (_live_root), in one query."""
+        if len(member_ids) > MAX_RESOLVE_IDS:
+            raise InvalidArgument(
+                f"at most {MAX_RESOLVE_IDS} member ids per call, got {len(member_ids)}",
+                code="TOO_MANY_MEMBER_IDS",
+                field="member_ids",
+            )
+        ids = [parse_member_id(m, f"member_ids[{n}]") for n, m in enumerate(member_ids)]
+        found = await repo.resolve_many(uow.conn, ids) if ids else {}
+        answers = []
+        for asked, m in zip(member_ids, ids, strict=True):
+            resolved = found.get(m)
+            if resolved is None:
+                answers.append(ResolvedId(asked, "unknown"))
+            elif resolved[1] == "erased":
+                answers.append(ResolvedId(asked, "erased"))
+            elif resolved[0] != m:
+                answers.append(ResolvedId(asked, "absorbed", resolved[0]))
+            else:
+                answers.append(ResolvedId(asked, "active"))
+        return answers
 
     async def get(
         self,

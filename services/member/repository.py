@@ -113,6 +113,18 @@ async def resolve(conn: Connection, member_id: str) -> tuple[str, str] | None:
     return (str(row["root"]), row["status"]) if row else None
 
 
+async def resolve_many(conn: Connection, member_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """resolve() for many ids in one statement: {id: (root, root's status)};
+    an id no member has is absent."""
+    rows = await conn.fetch(
+        "SELECT m.id, coalesce(m.merged_into, m.id) AS root, r.status FROM member.members m"
+        " JOIN member.members r ON r.id = coalesce(m.merged_into, m.id)"
+        " WHERE m.id = ANY($1::uuid[])",
+        as_uuids(set(member_ids)),
+    )
+    return {str(r["id"]): (str(r["root"]), r["status"]) for r in rows}
+
+
 async def member_by_number(conn: Connection, number: str) -> str | None:
     value = await conn.fetchval("SELECT id FROM member.members WHERE member_number = $1", number)
     return str(value) if value else None

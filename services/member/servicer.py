@@ -72,6 +72,13 @@ GENDERS = {
     member_pb2.GENDER_OTHER: "other",
 }
 PROTO_GENDERS = {v: k for k, v in GENDERS.items()}
+_R = member_pb2.ResolvedMemberId
+RESOLVED_STATES = {
+    "active": _R.ACTIVE,
+    "absorbed": _R.ABSORBED,
+    "erased": _R.ERASED,
+    "unknown": _R.UNKNOWN,
+}
 
 # Races a retry can win: our read moved before we locked it, or Postgres
 # broke a lock cycle the ordering rules could not prevent (operator paths).
@@ -275,6 +282,22 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 uow, request.member_id, request.include_pii, request.accessor, request.purpose
             )
         return member_message(member, phone)
+
+    async def ResolveMemberIds(
+        self, request: member_pb2.ResolveMemberIdsRequest, context: grpc.aio.ServicerContext
+    ) -> member_pb2.ResolveMemberIdsResponse:
+        async with self._db.reading() as uow:
+            answers = await self._handlers.resolve_ids(uow, list(request.member_ids))
+        return member_pb2.ResolveMemberIdsResponse(
+            members=[
+                member_pb2.ResolvedMemberId(
+                    member_id=a.member_id,
+                    state=RESOLVED_STATES[a.state],
+                    survivor_id=a.survivor_id,
+                )
+                for a in answers
+            ]
+        )
 
     async def ResolveMember(
         self, request: member_pb2.ResolveMemberRequest, context: grpc.aio.ServicerContext

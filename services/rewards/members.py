@@ -18,7 +18,7 @@ import grpc
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from servicekit.clients import create_channel
 from servicekit.db import Connection
-from servicekit.errors import DomainError, FailedPrecondition, NotFound, Unavailable, error_info
+from servicekit.errors import DomainError, FailedPrecondition, NotFound, Unavailable
 
 from .merges import HOLDER_SQL
 
@@ -133,10 +133,14 @@ async def record_erasure(conn: Connection, member_ids: list[uuid.UUID], erased_a
 # bulk earn) asks the member service, as POS CompleteOrder's gateway check
 # does: an id member does not know is refused UNKNOWN_MEMBER, an erased one
 # MEMBER_ERASED; an absorbed id is fine (rewards credits its survivor through
-# the merges in force). Asked before the member locks are taken, once per
-# distinct id.
+# the merges in force). Asked before the member locks are taken: one
+# ResolveMemberIds call (one query on member) per 1,000 distinct ids, so a bulk
+# batch (at most 1,000 lines) costs member one call, not one per line.
 
-MEMBER_CHECK_CONCURRENCY = 16
+# Member's cap per ResolveMemberIds call (services/member/profile_handlers.py).
+RESOLVE_BATCH = 1000
+
+_STATE = member_pb2.ResolvedMemberId
 
 
 class MemberDirectory(Protocol):
@@ -147,49 +151,79 @@ class MemberDirectory(Protocol):
         ...
 
 
+def _refusal(member_id: uuid.UUID, state: int) -> DomainError | None:
+    if state in (_STATE.ACTIVE, _STATE.ABSORBED):
+        return None
+    if state == _STATE.UNKNOWN:
+        return NotFound(
+            f"member {member_id} does not exist", code="UNKNOWN_MEMBER", field="member_id"
+        )
+    if state == _STATE.ERASED:
+        # As rewards refuses the erased members it knows of.
+        return FailedPrecondition(
+            f"member {member_id} was erased; no further points can be written",
+            code="MEMBER_ERASED",
+            field="member_id",
+        )
+    # A state this build does not know: not credited unchecked.
+    raise Unavailable(
+        f"the member service answered an unknown state {state} for {member_id}",
+        code="MEMBER_UNAVAILABLE",
+    )
+
+
 class MemberGrpc:
-    """The member service's GetMember (MEMBER_ADDR)."""
+    """The member service's ResolveMemberIds (MEMBER_ADDR)."""
 
     def __init__(self, target: str, timeout: float) -> None:
-        self._channel = create_channel(target)
-        self._stub = member_pb2_grpc.MemberServiceStub(self._channel)
+        self._target = target
         self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: member_pb2_grpc.MemberServiceStub | None = None
 
-    async def _refusal(self, member_id: uuid.UUID) -> DomainError | None:
+    def _member(self) -> member_pb2_grpc.MemberServiceStub:
+        # Opened on first use, on the loop that serves: the service is built
+        # (server.build) before that loop runs, and a channel made then is
+        # bound to another loop (every call failed "attached to a different
+        # loop").
+        if self._stub is None:
+            self._channel = create_channel(self._target)
+            self._stub = member_pb2_grpc.MemberServiceStub(self._channel)
+        return self._stub
+
+    async def _states(self, ids: list[uuid.UUID]) -> list[int]:
         try:
-            await self._stub.GetMember(
-                member_pb2.GetMemberRequest(member_id=str(member_id)), timeout=self._timeout
+            reply = await self._member().ResolveMemberIds(
+                member_pb2.ResolveMemberIdsRequest(member_ids=[str(m) for m in ids]),
+                timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
-            code, _ = error_info(exc)
-            if exc.code() is grpc.StatusCode.NOT_FOUND and code == "UNKNOWN_MEMBER":
-                return NotFound(f"member {member_id} does not exist", code=code, field="member_id")
-            if exc.code() is grpc.StatusCode.NOT_FOUND and code == "MEMBER_ERASED":
-                # As rewards refuses the erased members it knows of.
-                return FailedPrecondition(
-                    f"member {member_id} was erased; no further points can be written",
-                    code=code,
-                    field="member_id",
-                )
             raise Unavailable(
                 f"the member service is unavailable: {exc.code().name}",
                 code="MEMBER_UNAVAILABLE",
             ) from None
-        return None
+        if len(reply.members) != len(ids):
+            raise Unavailable(
+                f"the member service answered {len(reply.members)} of {len(ids)} ids",
+                code="MEMBER_UNAVAILABLE",
+            )
+        return [r.state for r in reply.members]
 
     async def refusals(self, member_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, DomainError]:
         ids = sorted(set(member_ids))
-        gate = asyncio.Semaphore(MEMBER_CHECK_CONCURRENCY)
-
-        async def one(m: uuid.UUID) -> DomainError | None:
-            async with gate:
-                return await self._refusal(m)
-
-        answers = await asyncio.gather(*(one(m) for m in ids))
-        return {m: e for m, e in zip(ids, answers, strict=True) if e is not None}
+        chunks = [ids[n : n + RESOLVE_BATCH] for n in range(0, len(ids), RESOLVE_BATCH)]
+        answers = await asyncio.gather(*(self._states(c) for c in chunks))
+        refused: dict[uuid.UUID, DomainError] = {}
+        for chunk, states in zip(chunks, answers, strict=True):
+            for m, state in zip(chunk, states, strict=True):
+                error = _refusal(m, state)
+                if error is not None:
+                    refused[m] = error
+        return refused
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 def _lock_key(member_id: uuid.UUID) -> int:
