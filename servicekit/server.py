@@ -536,10 +536,18 @@ def run_service(build: Callable[[ServiceSettings], ServiceApp], name: str) -> No
     """Entrypoint body shared by every service's __main__."""
     settings = ServiceSettings()
     configure_logging(name, settings.log_level, settings.log_json)
-    app = build(settings)
+
+    async def serve() -> None:
+        # Built on the loop that serves: a grpc.aio channel a service makes in
+        # build (guides' and rewards' member clients, ...) is bound to the loop
+        # current when it is made, and one made before this loop ran failed
+        # every call with "attached to a different loop".
+        app = build(settings)
+        await app.run_until_signalled()
+
     try:
         import uvloop
-
-        uvloop.run(app.run_until_signalled())
     except ImportError:
-        asyncio.run(app.run_until_signalled())
+        asyncio.run(serve())
+    else:
+        uvloop.run(serve())
