@@ -68,6 +68,8 @@ NOT_ERROR_CODES = {
         "VARIABLES",
         "ANALYTICS_DEADLINE_FACTOR",
         "STORE_SCOPE",
+        "DEDUPE_AHEAD_DAYS",
+        "NO_EVENT_TIME",
         "PROFILE",
         "BENCH_ARGS",
         "BENCH_PROFILE_RATE",
