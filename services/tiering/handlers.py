@@ -633,8 +633,13 @@ class TieringHandlers:
             fresh = row.latest_version == cached[0]
             if not fresh:
                 self._badge_versions = None  # a version was published: reload next time
-            elif row.state is not None and row.programme_id == self.programme_id:
-                tier = quiet_tier(versions, row.state, now, row.metric)
+            else:
+                state = row.state if row.programme_id == self.programme_id else None
+                if row.state is None and not row.has_facts:
+                    # Never evaluated and nothing to evaluate: replay from no
+                    # facts is the fresh state advanced to now.
+                    state = fresh_state(programme, now)
+                tier = None if state is None else quiet_tier(versions, state, now, row.metric)
                 if tier is not None:
                     return TierBadge(str(key), tier, programme.version, True)
         else:

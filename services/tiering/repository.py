@@ -387,6 +387,8 @@ class BadgeRow:
     programme_id: str | None  # None: the member was never evaluated
     state: TierState | None
     metric: int
+    # Without a tier row: whether the member has any order or growth at all.
+    has_facts: bool
 
 
 async def badge_row(
@@ -397,15 +399,18 @@ async def badge_row(
     now: datetime,
 ) -> BadgeRow:
     """One round trip for the POS badge: the member's tier row, M(now) under
-    `programme` (the window (lo, now], metric_sql's definition) and the
-    programme's newest version (the caller's cache check)."""
+    `programme` (the window (lo, now], metric_sql's definition), the
+    programme's newest version (the caller's cache check) and, for a member
+    without a row, whether any fact exists."""
     table, aggregate = metric_sql(programme.qualifying_metric)
     at = time_column(programme.qualifying_metric)
     row = await conn.fetchrow(
         f"SELECT (SELECT max(version) FROM tiering.tier_programmes WHERE programme_id = $2)"
         f" AS latest_version, t.programme_id, {STATE_COLUMNS},"
         f" (SELECT {aggregate} FROM {table} WHERE member_id = $1 AND {at} > $3 AND {at} <= $4)"
-        " AS metric"
+        " AS metric, t.member_id IS NULL AND ("
+        "  EXISTS (SELECT 1 FROM tiering.orders WHERE member_id = $1)"
+        "  OR EXISTS (SELECT 1 FROM tiering.growth_ledger WHERE member_id = $1)) AS has_facts"
         " FROM (VALUES (1)) one LEFT JOIN tiering.member_tiers t ON t.member_id = $1",
         member_id,
         programme.programme_id,
@@ -419,6 +424,7 @@ async def badge_row(
         row["programme_id"],
         _state(row) if known else None,
         int(row["metric"]),
+        bool(row["has_facts"]),
     )
 
 

@@ -44,9 +44,21 @@ async def test_badge_answers_what_the_full_view_answers(db: Database) -> None:
     brand = Brand(db)
     await brand.add_version(version(brand.programme_id, 1, at(2024, 1, 1), grace_days=30))
     member = uuid.uuid4()
-    # Never evaluated: the full view (the base tier).
+    # Never evaluated and no facts: the base tier, without the full view.
     never = await badge(brand, member, at(2025, 2, 1))
-    assert (never.tier.code, never.quick) == ("regular", False)
+    assert (never.tier.code, never.quick) == ("regular", True)
+    # A fact the consumer has not evaluated yet (no tier row): the full view.
+    raw = uuid.uuid4()
+    async with db.unit_of_work() as uow:
+        await uow.conn.execute(
+            "INSERT INTO tiering.orders (order_id, member_id, ordered_at, paid_fen, growth)"
+            " VALUES ($1, $2, $3, 60000, 600)",
+            f"raw-{uuid.uuid4()}",
+            raw,
+            at(2025, 1, 20),
+        )
+    pending = await badge(brand, raw, at(2025, 2, 1))
+    assert (pending.tier.code, pending.quick) == ("svip", False)
 
     await brand.order(member, 60_000, at(2025, 3, 1))
     mid = await badge(brand, member, at(2025, 3, 2))

@@ -27,6 +27,7 @@ from services.tiering.evaluation import (
     advance,
     advance_versions,
     facts_metric,
+    fresh_state,
     in_force,
     metric_from_facts,
     period_bounds,
@@ -164,6 +165,29 @@ def test_the_fast_path_answers_what_the_full_view_answers(
     event(f"in grace: {state.grace_until is not None}")
     if quick is not None:
         assert quick == full_tier(by_now, state, now, order_facts, growth_facts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=rules, later=st.lists(st.tuples(st.integers(0, 900), rules), max_size=2),
+       hours=st.integers(-24 * 400, 24 * 1200))  # fmt: skip
+def test_a_member_without_facts_is_the_fresh_state(
+    first: dict[str, object], later: list[tuple[int, dict[str, object]]], hours: int
+) -> None:
+    """The badge of a member with no tier row and no facts: the fresh state
+    advanced to now, which is what the full view's replay from no facts is."""
+    versions = [build(1, datetime(2024, 1, 1, tzinfo=SH), first)]
+    versions += [
+        build(n, START + timedelta(days=days), r) for n, (days, r) in enumerate(later, start=2)
+    ]
+    now = START + timedelta(hours=hours)
+    by_now = [p for p in versions if p.effective_from <= now]
+    if not by_now:
+        return
+    programme_now = in_force(by_now, now)
+    quick = quiet_tier(by_now, fresh_state(programme_now, now), now, 0)
+    full = replay(by_now, [], [], now).state
+    assert quick is not None
+    assert quick == programme_now.tier(full.effective(programme_now, now))
 
 
 def test_mid_period_answers_from_the_state_and_the_metric() -> None:
