@@ -98,7 +98,7 @@ def build(version: int, since: datetime, r: dict[str, object]) -> TierProgramme:
     )
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=6000, deadline=None)
 @given(
     first=rules,
     later=st.lists(st.tuples(st.integers(0, 900), rules), max_size=2),
