@@ -337,6 +337,11 @@ class TieringClient(_Client):
             self._stub.GetMemberTier, tiering_pb2.GetMemberTierRequest(member_id=member_id)
         )
 
+    async def get_member_tier_badge(self, member_id: str) -> tiering_pb2.MemberTierBadge:
+        return await self._call(
+            self._stub.GetMemberTierBadge, tiering_pb2.GetMemberTierRequest(member_id=member_id)
+        )
+
     async def get_tier_history(self, member_id: str, limit: int) -> tiering_pb2.TierHistory:
         return await self._call(
             self._stub.GetTierHistory,

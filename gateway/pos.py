@@ -185,13 +185,15 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         )
 
     async def _member_tier(self, member_id: str) -> tuple[str, str]:
-        """(code, name) of the member's tier; empty when tiering cannot say."""
+        """(code, name) of the member's tier; empty when tiering cannot say.
+        The badge, not the member centre's full view: the till shows only the
+        tier, and the badge skips the projection and (mostly) the facts."""
         try:
-            reply = await self._down.tiering.get_member_tier(member_id)
+            reply = await self._down.tiering.get_member_tier_badge(member_id)
         except DownstreamError as exc:
             log.warning("identify: no tier for %s (%s)", member_id, exc.code)
             return "", ""
-        return reply.tier.code, reply.tier.name
+        return reply.tier_code, reply.tier_name
 
     async def CompleteOrder(
         self, request: pos_pb2.CompleteOrderRequest, context: grpc.aio.ServicerContext

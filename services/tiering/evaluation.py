@@ -392,6 +392,33 @@ def advance_versions(
     return Evaluation(ev.state, changes + decided_by(current, ev.changes))
 
 
+def quiet_tier(versions: Versions, state: TierState, now: datetime, metric_now: int) -> Tier | None:
+    """The effective tier at `now` from a persisted state and M(now) alone, or
+    None when that is not enough (the caller computes from the facts).
+
+    Enough when no boundary has passed since the state was persisted: the
+    version it was decided under is the one in force at `now` (no later
+    version has taken over), its period has not ended and its grace (if any)
+    has not run out. `advance_versions` then reads the metric at `now` only
+    (the peak, a grace met early, an upgrade or refund reversal, an override's
+    expiry), so this is `advance` itself with that one figure: the same answer,
+    whatever the facts say at other times."""
+    line = timeline(versions)
+    programme = in_force(line, now)
+    if programme.version != state.programme_version or programme.effective_from > now:
+        return None
+    if state.period_end <= now or (state.grace_until is not None and state.grace_until <= now):
+        return None
+
+    def only_now(t: datetime) -> int:
+        if t != now:
+            raise ValueError(f"quiet_tier: the metric was asked at {t}, not at {now}")
+        return metric_now
+
+    st = advance(programme, state, now, only_now).state
+    return programme.tier(st.effective(programme, now))
+
+
 def relative_ranks(metrics: Mapping[Any, int], top_pct: int, next_pct: int) -> dict[Any, int]:
     """Relative VIP: 2 for the top share of members by metric, 1 for the next
     share, 0 for the rest; members with no metric (0) are not ranked.

@@ -46,6 +46,7 @@ from .evaluation import (
     metric_from_facts,
     order_growth,
     project,
+    quiet_tier,
     reconcile,
     replay,
     set_override,
@@ -92,6 +93,15 @@ class MemberTierView:
         span = nxt.threshold - self.effective.threshold
         done = self.metric - self.effective.threshold
         return max(0, min(10_000, done * 10_000 // span)) if span > 0 else 10_000
+
+
+@dataclass(frozen=True)
+class TierBadge:
+    member_id: str
+    tier: Tier
+    programme_version: int
+    # True when answered from the tier row and M(now), without the facts.
+    quick: bool
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,10 @@ class TieringHandlers:
         # Every member is evaluated on this one programme (one per brand).
         self.programme_id = programme_id
         self._growth_max_age = growth_max_age
+        # Every stored version of the programme, for the POS badge: versions are
+        # only ever added (numbered up), so the newest number, read in the
+        # badge's one statement, says whether this copy is still whole.
+        self._badge_versions: tuple[int, list[TierProgramme]] | None = None
 
     def now(self) -> datetime:
         return self._clock()
@@ -600,6 +614,38 @@ class TieringHandlers:
                 code="NO_PROGRAMME",
             )
         return view
+
+    async def member_tier_badge(self, uow: UnitOfWork, member_id: str) -> TierBadge:
+        """The effective tier GetMemberTier would answer, for the POS identify:
+        from the tier row and M(now) in one statement when no boundary has
+        passed since the member was evaluated (evaluation.quiet_tier), else
+        the full view."""
+        key = parse_member_id(member_id)
+        now = self.now()
+        cached = self._badge_versions
+        if cached is None:
+            every = await repo.programme_versions(uow.conn, self.programme_id, None)
+            cached = self._badge_versions = (max((p.version for p in every), default=0), every)
+        versions = [p for p in cached[1] if p.effective_from <= now]
+        if versions:
+            programme = in_force(versions, now)
+            row = await repo.badge_row(uow.conn, key, programme, window_start(programme, now), now)
+            fresh = row.latest_version == cached[0]
+            if not fresh:
+                self._badge_versions = None  # a version was published: reload next time
+            else:
+                state = row.state if row.programme_id == self.programme_id else None
+                if row.state is None and not row.has_facts:
+                    # Never evaluated and nothing to evaluate: replay from no
+                    # facts is the fresh state advanced to now.
+                    state = fresh_state(programme, now)
+                tier = None if state is None else quiet_tier(versions, state, now, row.metric)
+                if tier is not None:
+                    return TierBadge(str(key), tier, programme.version, True)
+        else:
+            self._badge_versions = None  # none in force yet: look again next time
+        view = await self.member_tier(uow, member_id)
+        return TierBadge(str(key), view.effective, view.programme.version, False)
 
     async def _tier_view(self, uow: UnitOfWork, member_id: uuid.UUID) -> MemberTierView | None:
         """The member's tier as of now, computed without writing (the batch and

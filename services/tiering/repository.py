@@ -381,6 +381,53 @@ async def tier_row(conn: Connection, member_id: uuid.UUID) -> dict[str, Any] | N
     return None if row is None else dict(row)
 
 
+@dataclass(frozen=True)
+class BadgeRow:
+    latest_version: int | None  # the programme's newest stored version
+    programme_id: str | None  # None: the member was never evaluated
+    state: TierState | None
+    metric: int
+    # Without a tier row: whether the member has any order or growth at all.
+    has_facts: bool
+
+
+async def badge_row(
+    conn: Connection,
+    member_id: uuid.UUID,
+    programme: TierProgramme,
+    lo: datetime,
+    now: datetime,
+) -> BadgeRow:
+    """One round trip for the POS badge: the member's tier row, M(now) under
+    `programme` (the window (lo, now], metric_sql's definition), the
+    programme's newest version (the caller's cache check) and, for a member
+    without a row, whether any fact exists."""
+    table, aggregate = metric_sql(programme.qualifying_metric)
+    at = time_column(programme.qualifying_metric)
+    row = await conn.fetchrow(
+        f"SELECT (SELECT max(version) FROM tiering.tier_programmes WHERE programme_id = $2)"
+        f" AS latest_version, t.programme_id, {STATE_COLUMNS},"
+        f" (SELECT {aggregate} FROM {table} WHERE member_id = $1 AND {at} > $3 AND {at} <= $4)"
+        " AS metric, t.member_id IS NULL AND ("
+        "  EXISTS (SELECT 1 FROM tiering.orders WHERE member_id = $1)"
+        "  OR EXISTS (SELECT 1 FROM tiering.growth_ledger WHERE member_id = $1)) AS has_facts"
+        " FROM (VALUES (1)) one LEFT JOIN tiering.member_tiers t ON t.member_id = $1",
+        member_id,
+        programme.programme_id,
+        lo,
+        now,
+    )
+    assert row is not None  # the VALUES row is always there
+    known = row["programme_id"] is not None
+    return BadgeRow(
+        row["latest_version"],
+        row["programme_id"],
+        _state(row) if known else None,
+        int(row["metric"]),
+        bool(row["has_facts"]),
+    )
+
+
 async def save_tier_state(
     conn: Connection,
     member_id: uuid.UUID,

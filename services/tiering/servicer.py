@@ -117,6 +117,18 @@ class TieringServicer(tiering_pb2_grpc.TieringServiceServicer):
             view = await self._handlers.member_tier(uow, request.member_id)
         return member_tier_reply(view)
 
+    async def GetMemberTierBadge(
+        self, request: tiering_pb2.GetMemberTierRequest, context: grpc.aio.ServicerContext
+    ) -> tiering_pb2.MemberTierBadge:
+        async with self._db.reading() as uow:
+            badge = await self._handlers.member_tier_badge(uow, request.member_id)
+        return tiering_pb2.MemberTierBadge(
+            member_id=badge.member_id,
+            tier_code=badge.tier.code,
+            tier_name=badge.tier.name,
+            programme_version=badge.programme_version,
+        )
+
     async def GetTierHistory(
         self, request: tiering_pb2.GetTierHistoryRequest, context: grpc.aio.ServicerContext
     ) -> tiering_pb2.TierHistory:
