@@ -47,6 +47,12 @@ INGESTED_EVENTS = frozenset(
     }
 )
 log = logging.getLogger(__name__)
+# The attribute whose value an event sets as the member's fact (repository.apply_event).
+FACT_ATTRIBUTE = {
+    "tier_changed": "to_tier",
+    "segment_changed": "to_segment",
+    "lifecycle_stage_changed": "to_stage",
+}
 
 # Member's consent channels (loyalty.events.v1.ConsentChanged) -> this service's
 # channel names; "" in an event means every channel.
@@ -532,25 +538,22 @@ class EngagementHandlers:
         self, uow: UnitOfWork, event: str, mid: uuid.UUID, attrs: dict[str, str], now: datetime
     ) -> list[str]:
         conn = uow.conn
-        await repo.lock_member_timers(conn, [mid])
+        order = event == "order_completed"
+        asked = [event, "first_order"] if order else [event]
+        value = attrs.get(FACT_ATTRIBUTE.get(event, ""), "")
+        applied = await repo.apply_event(conn, mid, event, value, asked)
         events = [event]
-        if event == "member_registered":
-            await facts_repo.ensure_member(conn, mid)
-        elif event == "order_completed":
-            count = await facts_repo.count_order(conn, mid)
-            await repo.mark_converted(conn, mid, now)
-            if count == 1:
-                events.append("first_order")
-        elif event == "tier_changed":
-            await facts_repo.set_fact(conn, mid, "tier", attrs.get("to_tier", ""))
-        elif event == "segment_changed":
-            await facts_repo.set_fact(conn, mid, "segment", attrs.get("to_segment", ""))
-        elif event == "lifecycle_stage_changed":
-            await facts_repo.set_fact(conn, mid, "stage", attrs.get("to_stage", ""))
-        else:
-            await facts_repo.ensure_member(conn, mid)
-        live = await repo.live_enrollments(conn, mid)
-        entries = [await repo.entry_journeys(conn, name) for name in events]
+        if order and applied.order_count == 1:
+            events.append("first_order")
+        live: list[repo.EnrollmentRow] = []
+        if applied.enrolled:
+            # Timer locks before the enrollments (the sweeper's order); a member
+            # with no enrollment has no timer to lock and nothing to convert.
+            await repo.lock_member_timers(conn, [mid])
+            if order:
+                await repo.mark_converted(conn, mid, now)
+            live = await repo.live_enrollments(conn, mid)
+        entries = [applied.entries[name] for name in events]
         if not live and not any(entries):
             return []  # most orders: nothing to move on, nothing to enter
         facts = (await facts_repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))

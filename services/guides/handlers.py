@@ -590,8 +590,7 @@ class GuidesHandlers:
             chosen.rule.value if chosen else "",
             date.fromisoformat(domain.local_day(at, self.tz)),
         )
-        if inserted:
-            await repo.funnel_order(uow.conn, member_id, uuid.UUID(p.order_id), at)
+        if inserted:  # the funnel was advanced by the same statement
             await self.refresh_rule_tags(uow, member_id)
 
     async def on_order_refunded(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
@@ -848,7 +847,7 @@ class GuidesHandlers:
         """One member's rule tags from their orders in the window (incremental
         on each order event; the batch calls the same for every member)."""
         now = self.clock()
-        rows = await repo.recent_orders(uow.conn, member_id, now - self.tag_window)
+        rows = await repo.lock_member_recent_orders(uow.conn, member_id, now - self.tag_window)
         facts = [
             OrderFact(
                 str(r["order_id"]),
@@ -861,11 +860,11 @@ class GuidesHandlers:
             for r in rows
         ]
         want = domain.rule_tags(facts, self.tz, self.tag_rules)
-        await repo.lock_member(uow.conn, member_id)
-        have = {r["tag"] for r in await repo.tags_of(uow.conn, member_id) if r["source"] == "rule"}
+        tags = await repo.tags_of(uow.conn, member_id)  # read once: the rule tags and `before`
+        have = {r["tag"] for r in tags if r["source"] == "rule"}
         if want == have:
             return 0, 0
-        before = await self._visible_tags(uow, member_id)
+        before = {r["tag"] for r in tags}
         for tag in want - have:
             await repo.add_tag(uow.conn, member_id, tag, "rule", "rules", now)
         for tag in have - want:
