@@ -1638,3 +1638,42 @@ async def test_an_order_converts_an_enrollment_that_already_ended_within_its_win
         uuid.UUID(m),
     )
     assert (facts["segment"], facts["order_count"]) == ("gold", 1)
+
+
+async def test_an_order_introducing_a_member_replays_its_parked_events_first(env: Env) -> None:
+    """The events parked for a member are taken in the introducing event's own
+    statement (issue 19): replayed before it, so the order is the parked cart's
+    goal, its first_order journey is entered after, and its facts are counted."""
+    await env.publish(CART)
+    await env.publish(FIRST_ORDER)
+    m = str(uuid.uuid4())
+    assert await env.event("cart_abandoned", m) == []
+    env.clock.advance(timedelta(minutes=5))
+    assert await env.event("order_completed", m, order_id="o1") == [
+        env.jid("cart"),
+        env.jid("first-order"),
+    ]
+    rows = await env.db.pool.fetch(
+        "SELECT journey_id, status FROM engagement.enrollments WHERE member_id = $1",
+        uuid.UUID(m),
+    )
+    assert {r["journey_id"]: r["status"] for r in rows} == {
+        env.jid("cart"): "converted",
+        env.jid("first-order"): "active",
+    }
+    assert (
+        await env.db.pool.fetchval(
+            "SELECT count(*) FROM engagement.parked_events WHERE member_id = $1", uuid.UUID(m)
+        )
+        == 0
+    )
+    # A tier change introduces a member the same way, its fact kept.
+    n = str(uuid.uuid4())
+    assert await env.event("cart_abandoned", n) == []
+    assert await env.event("tier_changed", n, to_tier="GOLD") == [env.jid("cart")]
+    assert (
+        await env.db.pool.fetchval(
+            "SELECT tier FROM engagement.member_facts WHERE member_id = $1", uuid.UUID(n)
+        )
+        == "GOLD"
+    )
