@@ -262,6 +262,18 @@ async def lock_member(conn: Connection, member_id: uuid.UUID) -> None:
     )
 
 
+async def lock_member_binding(conn: Connection, member_id: uuid.UUID) -> BindingRow | None:
+    """lock_member and get_binding in one statement (a consumed order: issue 19)."""
+    r = await conn.fetchrow(
+        "WITH l AS MATERIALIZED"
+        " (SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 7)))"
+        f" SELECT b.member_id, b.staff_id, b.store_id, b.bound_at FROM l"
+        f" LEFT JOIN {S}.bindings b ON b.member_id = $1",
+        member_id,
+    )
+    return BindingRow(**dict(r)) if r is not None and r["member_id"] is not None else None
+
+
 async def set_binding(
     conn: Connection,
     member_id: uuid.UUID,
@@ -407,24 +419,26 @@ async def daily_report(
     )
 
 
-async def lock_member_recent_orders(
+async def recent_orders_and_tags(
     conn: Connection, member_id: uuid.UUID, since: datetime
-) -> list[Any]:
-    """lock_member, then the orders not wholly refunded since `since` (the rule
-    tags' window): one statement. The orders are read as of the statement's
-    start, as they were when read before the lock; what is read after it
-    (tags_of) sees every change made under the lock."""
+) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The orders not wholly refunded since `since` (the rule tags' window) and
+    the member's tags as (tag, source): one statement, under the member's lock
+    (lock_member) taken by an earlier statement, so both are read after it."""
     rows = await conn.fetch(
-        "WITH l AS MATERIALIZED"
-        " (SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 7)))"
-        " SELECT o.order_id, o.store_id, o.channel,"
+        "SELECT t.tags, t.sources, o.order_id, o.store_id, o.channel,"
         " o.paid_amount_fen - o.refunded_amount_fen AS paid, o.ordered_at, o.categories"
-        f" FROM l LEFT JOIN {S}.orders o ON o.member_id = $1 AND o.ordered_at >= $2"
+        f" FROM (SELECT ARRAY(SELECT tag FROM {S}.member_tags WHERE member_id = $1"
+        "  ORDER BY tag, source) AS tags,"
+        f"  ARRAY(SELECT source FROM {S}.member_tags WHERE member_id = $1"
+        "  ORDER BY tag, source) AS sources) t"
+        f" LEFT JOIN {S}.orders o ON o.member_id = $1 AND o.ordered_at >= $2"
         " AND o.refunded_amount_fen < o.paid_amount_fen ORDER BY o.ordered_at",
         member_id,
         since,
     )
-    return [r for r in rows if r["order_id"] is not None]
+    tags = list(zip(rows[0]["tags"], rows[0]["sources"], strict=True))
+    return [r for r in rows if r["order_id"] is not None], tags
 
 
 async def members_for_tag_batch(conn: Connection, since: datetime) -> list[uuid.UUID]:

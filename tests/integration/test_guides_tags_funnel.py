@@ -224,9 +224,9 @@ async def test_an_order_delivered_again_changes_no_funnel_and_the_tag_refresh_ho
     handlers: tuple[GuidesHandlers, Database], clock: ServiceClock
 ) -> None:
     """The order and its funnel step are one statement (issue 19): the same
-    order again is no repurchase, the next one is; and the rule-tag refresh
-    reads the orders in the statement that takes the member's lock, the same
-    lock (key) that lock_member takes, held to the end of the transaction."""
+    order again is no repurchase, the next one is; and the member's lock,
+    taken with the binding's read, is the same lock (key) that lock_member
+    takes, held to the end of the transaction."""
     h, db = handlers
     m = uuid.uuid4()
     day = datetime(2026, 7, 20, 2, 0, tzinfo=UTC)
