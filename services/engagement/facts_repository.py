@@ -34,16 +34,6 @@ async def ensure_member(conn: Connection, member_id: uuid.UUID) -> None:
     )
 
 
-async def set_fact(conn: Connection, member_id: uuid.UUID, fact: str, value: str) -> None:
-    assert fact in ("tier", "segment", "stage")
-    await conn.execute(
-        f"INSERT INTO engagement.member_facts (member_id, {fact}) VALUES ($1, $2)"
-        f" ON CONFLICT (member_id) DO UPDATE SET {fact} = excluded.{fact}, updated_at = now()",
-        member_id,
-        value,
-    )
-
-
 async def set_zone(
     conn: Connection, member_id: uuid.UUID, profile_tz: str, store_id: str, tz: str
 ) -> None:
@@ -58,20 +48,6 @@ async def set_zone(
         profile_tz,
         store_id,
         tz,
-    )
-
-
-async def count_order(conn: Connection, member_id: uuid.UUID) -> int:
-    """Count one order (the consumer's processed_events makes redelivery harmless);
-    returns the member's order count after it."""
-    return int(
-        await conn.fetchval(
-            "INSERT INTO engagement.member_facts AS f (member_id, order_count) VALUES ($1, 1)"
-            " ON CONFLICT (member_id) DO UPDATE"
-            " SET order_count = f.order_count + 1, updated_at = now()"
-            " RETURNING order_count",
-            member_id,
-        )
     )
 
 

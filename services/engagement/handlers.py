@@ -47,6 +47,12 @@ INGESTED_EVENTS = frozenset(
     }
 )
 log = logging.getLogger(__name__)
+# The attribute whose value an event sets as the member's fact (repository.apply_event).
+FACT_ATTRIBUTE = {
+    "tier_changed": "to_tier",
+    "segment_changed": "to_segment",
+    "lifecycle_stage_changed": "to_stage",
+}
 
 # Member's consent channels (loyalty.events.v1.ConsentChanged) -> this service's
 # channel names; "" in an event means every channel.
@@ -329,10 +335,11 @@ class EngagementHandlers:
                 await facts_repo.clear_location(conn, mid)
             else:
                 await facts_repo.set_location(conn, mid, coords[0], coords[1], at)
-        enrolled: list[str] = []
-        if event not in INGESTED_EVENTS:
-            enrolled += await self._introduce(uow, mid)
-        enrolled += await self._on_event(uow, event, mid, attributes, now)
+        # An event from a service that knows the member introduces it: the
+        # events parked for it are taken in the event's own statement.
+        enrolled = await self._on_event(
+            uow, event, mid, attributes, now, introduce=event not in INGESTED_EVENTS
+        )
         return Ingested(False, enrolled)
 
     async def _introduce(self, uow: UnitOfWork, mid: uuid.UUID) -> list[str]:
@@ -529,30 +536,39 @@ class EngagementHandlers:
         return entered
 
     async def _on_event(
-        self, uow: UnitOfWork, event: str, mid: uuid.UUID, attrs: dict[str, str], now: datetime
+        self,
+        uow: UnitOfWork,
+        event: str,
+        mid: uuid.UUID,
+        attrs: dict[str, str],
+        now: datetime,
+        introduce: bool = False,
     ) -> list[str]:
         conn = uow.conn
-        await repo.lock_member_timers(conn, [mid])
+        order = event == "order_completed"
+        asked = [event, "first_order"] if order else [event]
+        value = attrs.get(FACT_ATTRIBUTE.get(event, ""), "")
+        applied = await repo.apply_event(conn, mid, event, value, asked, introduce)
+        # What was parked happened before this event: replayed before it is
+        # applied to enrollments (the replay may have enrolled the member).
+        replayed: list[str] = []
+        for parked, parked_attrs, parked_at in applied.parked:
+            got = await self.ingest(uow, parked, str(mid), parked_attrs, parked_at)
+            replayed += got.enrolled
         events = [event]
-        if event == "member_registered":
-            await facts_repo.ensure_member(conn, mid)
-        elif event == "order_completed":
-            count = await facts_repo.count_order(conn, mid)
-            await repo.mark_converted(conn, mid, now)
-            if count == 1:
-                events.append("first_order")
-        elif event == "tier_changed":
-            await facts_repo.set_fact(conn, mid, "tier", attrs.get("to_tier", ""))
-        elif event == "segment_changed":
-            await facts_repo.set_fact(conn, mid, "segment", attrs.get("to_segment", ""))
-        elif event == "lifecycle_stage_changed":
-            await facts_repo.set_fact(conn, mid, "stage", attrs.get("to_stage", ""))
-        else:
-            await facts_repo.ensure_member(conn, mid)
-        live = await repo.live_enrollments(conn, mid)
-        entries = [await repo.entry_journeys(conn, name) for name in events]
+        if order and applied.order_count == 1:
+            events.append("first_order")
+        live: list[repo.EnrollmentRow] = []
+        if applied.enrolled or applied.parked:
+            # Timer locks before the enrollments (the sweeper's order); a member
+            # with no enrollment has no timer to lock and nothing to convert.
+            await repo.lock_member_timers(conn, [mid])
+            if order:
+                await repo.mark_converted(conn, mid, now)
+            live = await repo.live_enrollments(conn, mid)
+        entries = [applied.entries[name] for name in events]
         if not live and not any(entries):
-            return []  # most orders: nothing to move on, nothing to enter
+            return replayed  # most orders: nothing to move on, nothing to enter
         facts = (await facts_repo.load_facts(conn, [mid])).get(str(mid)) or MemberFacts(str(mid))
         # Live enrollments: a goal exits them, an awaited event moves them on.
         for enr in live:
@@ -575,7 +591,7 @@ class EngagementHandlers:
                         journey.priority,
                     )
                     await repo.set_waiting(conn, enr.enrollment_id, None)
-        enrolled = []
+        enrolled = replayed
         for journeys in entries:
             for journey_id, version in journeys:
                 journey = await self.journeys.get(conn, journey_id, version)

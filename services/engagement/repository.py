@@ -91,13 +91,95 @@ async def set_journey_status(conn: Connection, journey_id: str, status: str) -> 
     )
 
 
-async def entry_journeys(conn: Connection, event: str) -> list[tuple[str, int]]:
-    rows = await conn.fetch(
-        "SELECT journey_id, live_version FROM engagement.journey_state"
-        " WHERE entry_event = $1 AND status = 'active'",
-        event,
+# The member fact an event sets (apply_event); other events only make the
+# member known (an order counts instead).
+_EVENT_FACT = {
+    "tier_changed": "tier",
+    "segment_changed": "segment",
+    "lifecycle_stage_changed": "stage",
+}
+
+
+@dataclass(frozen=True)
+class EventState:
+    order_count: int | None  # after counting this order (order_completed only)
+    enrolled: bool  # the member has an enrollment (live or ended): locks and updates to do
+    entries: dict[str, list[tuple[str, int]]]  # event -> active journeys it enters
+    parked: list[tuple[str, dict[str, str], datetime]]  # taken to replay (introduce)
+
+
+async def apply_event(
+    conn: Connection,
+    member_id: uuid.UUID,
+    event: str,
+    value: str,
+    events: list[str],
+    introduce: bool = False,
+) -> EventState:
+    """One statement per consumed event instead of four to five (issue 19): the
+    event's own member fact (an order counted; a tier, segment or stage set; or
+    the member just known), whether the member has any enrollment at all (most
+    members have none: no timers to lock, nothing to convert or move on), and
+    the active journeys that `events` enter. Read per event, never cached, so a
+    journey published or paused by another replica counts from its commit on.
+    With `introduce` (an event from a service that knows the member) it also
+    takes the events parked for the member (facts_repository.introduce),
+    oldest first, for the caller to replay."""
+    fact = _EVENT_FACT.get(event)
+    if event == "order_completed":
+        upsert = (
+            "INSERT INTO engagement.member_facts AS f (member_id, order_count) VALUES ($1, 1)"
+            " ON CONFLICT (member_id) DO UPDATE"
+            " SET order_count = f.order_count + 1, updated_at = now() RETURNING order_count"
+        )
+        args: tuple[Any, ...] = (member_id, events)
+    elif fact is not None:
+        upsert = (
+            f"INSERT INTO engagement.member_facts (member_id, {fact}) VALUES ($1, $3)"
+            f" ON CONFLICT (member_id) DO UPDATE SET {fact} = excluded.{fact}, updated_at = now()"
+            " RETURNING NULL::int AS order_count"
+        )
+        args = (member_id, events, value)
+    else:
+        upsert = (
+            "INSERT INTO engagement.member_facts (member_id) VALUES ($1) ON CONFLICT DO NOTHING"
+            " RETURNING NULL::int AS order_count"
+        )
+        args = (member_id, events)
+    parked = (
+        ", p AS (DELETE FROM engagement.parked_events WHERE member_id = $1"
+        " RETURNING id, event, attributes, occurred_at)"
+        if introduce
+        else ""
     )
-    return [(r["journey_id"], r["live_version"]) for r in rows]
+    parked_json = (
+        "(SELECT json_agg(json_build_object('event', event, 'attributes', attributes,"
+        " 'at', occurred_at) ORDER BY id) FROM p)"
+        if introduce
+        else "NULL::json"
+    )
+    rows = await conn.fetch(
+        f"WITH f AS ({upsert}){parked}"
+        " SELECT c.order_count, c.enrolled, c.parked,"
+        " j.entry_event, j.journey_id, j.live_version"
+        " FROM (SELECT (SELECT order_count FROM f) AS order_count,"
+        "  EXISTS (SELECT 1 FROM engagement.enrollments WHERE member_id = $1) AS enrolled,"
+        f"  {parked_json}::text AS parked) c"
+        " LEFT JOIN engagement.journey_state j"
+        "  ON j.entry_event = ANY($2::text[]) AND j.status = 'active'"
+        " ORDER BY j.journey_id",
+        *args,
+    )
+    entries: dict[str, list[tuple[str, int]]] = {e: [] for e in events}
+    for r in rows:
+        if r["journey_id"] is not None:
+            entries[r["entry_event"]].append((r["journey_id"], r["live_version"]))
+    first = rows[0]
+    taken = [
+        (p["event"], p["attributes"], datetime.fromisoformat(p["at"]))
+        for p in json.loads(first["parked"] or "[]")
+    ]
+    return EventState(first["order_count"], first["enrolled"], entries, taken)
 
 
 @dataclass(frozen=True)

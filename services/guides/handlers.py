@@ -533,7 +533,11 @@ class GuidesHandlers:
         return domain.sign_guide_ref(self.link_secret, staff.staff_id, self.clock())
 
     async def _candidates(
-        self, uow: UnitOfWork, p: events_pb2.OrderCompleted, member_id: uuid.UUID, at: datetime
+        self,
+        uow: UnitOfWork,
+        p: events_pb2.OrderCompleted,
+        binding: repo.BindingRow | None,
+        at: datetime,
     ) -> list[Candidate]:
         out: list[Candidate] = []
         if p.guide_ref:
@@ -553,7 +557,6 @@ class GuidesHandlers:
                 out.append(
                     Candidate(AttributionRule.STAFF_CODE, staff.staff_id, staff.store_id, at)
                 )
-        binding = await repo.get_binding(uow.conn, member_id)
         if binding is not None:
             out.append(
                 Candidate(
@@ -569,8 +572,10 @@ class GuidesHandlers:
             return
         member_id = uuid.UUID(p.member_id)
         at = to_datetime(p.ordered_at) or self.clock()
+        # The member's lock first (the rule-tag refresh below needs it), with the binding.
+        binding = await repo.lock_member_binding(uow.conn, member_id)
         chosen = domain.attribute(
-            await self._candidates(uow, p, member_id, at), self.rules, at, self.window
+            await self._candidates(uow, p, binding, at), self.rules, at, self.window
         )
         categories: dict[str, int] = {}
         for line in p.lines:
@@ -590,9 +595,8 @@ class GuidesHandlers:
             chosen.rule.value if chosen else "",
             date.fromisoformat(domain.local_day(at, self.tz)),
         )
-        if inserted:
-            await repo.funnel_order(uow.conn, member_id, uuid.UUID(p.order_id), at)
-            await self.refresh_rule_tags(uow, member_id)
+        if inserted:  # the funnel was advanced by the same statement
+            await self.refresh_rule_tags(uow, member_id, locked=True)
 
     async def on_order_refunded(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         p = event.payload
@@ -844,11 +848,16 @@ class GuidesHandlers:
                 {"tag": p.tag[:100], "code": exc.code}, self.clock(),
             )  # fmt: skip
 
-    async def refresh_rule_tags(self, uow: UnitOfWork, member_id: uuid.UUID) -> tuple[int, int]:
+    async def refresh_rule_tags(
+        self, uow: UnitOfWork, member_id: uuid.UUID, locked: bool = False
+    ) -> tuple[int, int]:
         """One member's rule tags from their orders in the window (incremental
-        on each order event; the batch calls the same for every member)."""
+        on each order event; the batch calls the same for every member).
+        `locked`: the caller holds the member's lock (repo.lock_member)."""
         now = self.clock()
-        rows = await repo.recent_orders(uow.conn, member_id, now - self.tag_window)
+        if not locked:
+            await repo.lock_member(uow.conn, member_id)
+        rows, tags = await repo.recent_orders_and_tags(uow.conn, member_id, now - self.tag_window)
         facts = [
             OrderFact(
                 str(r["order_id"]),
@@ -861,11 +870,10 @@ class GuidesHandlers:
             for r in rows
         ]
         want = domain.rule_tags(facts, self.tz, self.tag_rules)
-        await repo.lock_member(uow.conn, member_id)
-        have = {r["tag"] for r in await repo.tags_of(uow.conn, member_id) if r["source"] == "rule"}
+        have = {tag for tag, source in tags if source == "rule"}
         if want == have:
             return 0, 0
-        before = await self._visible_tags(uow, member_id)
+        before = {tag for tag, _ in tags}  # read once: the rule tags and `before`
         for tag in want - have:
             await repo.add_tag(uow.conn, member_id, tag, "rule", "rules", now)
         for tag in have - want:

@@ -262,6 +262,18 @@ async def lock_member(conn: Connection, member_id: uuid.UUID) -> None:
     )
 
 
+async def lock_member_binding(conn: Connection, member_id: uuid.UUID) -> BindingRow | None:
+    """lock_member and get_binding in one statement (a consumed order: issue 19)."""
+    r = await conn.fetchrow(
+        "WITH l AS MATERIALIZED"
+        " (SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 7)))"
+        f" SELECT b.member_id, b.staff_id, b.store_id, b.bound_at FROM l"
+        f" LEFT JOIN {S}.bindings b ON b.member_id = $1",
+        member_id,
+    )
+    return BindingRow(**dict(r)) if r is not None and r["member_id"] is not None else None
+
+
 async def set_binding(
     conn: Connection,
     member_id: uuid.UUID,
@@ -305,6 +317,18 @@ async def binding_history(conn: Connection, member_id: uuid.UUID) -> list[Any]:
 # ---------------------------------------------------------------- orders and attribution
 
 
+# First order, then the first order after it (a repurchase).
+_FUNNEL_ORDER_CONFLICT = (
+    " ON CONFLICT (member_id) DO UPDATE SET"
+    " first_order_id = COALESCE(funnel.first_order_id, EXCLUDED.first_order_id),"
+    " first_order_at = COALESCE(funnel.first_order_at, EXCLUDED.first_order_at),"
+    " repurchased_at = CASE WHEN funnel.first_order_id IS NOT NULL"
+    " AND funnel.first_order_id <> EXCLUDED.first_order_id"
+    " THEN COALESCE(funnel.repurchased_at, EXCLUDED.first_order_at)"
+    " ELSE funnel.repurchased_at END"
+)
+
+
 async def insert_order(
     conn: Connection,
     order_id: uuid.UUID,
@@ -321,10 +345,14 @@ async def insert_order(
 ) -> bool:
     return bool(
         await conn.fetchval(
-            f"INSERT INTO {S}.orders (order_id, member_id, store_id, channel, paid_amount_fen,"
-            " ordered_at, categories, staff_id, attributed_store_id, rule, day)"
+            f"WITH o AS (INSERT INTO {S}.orders (order_id, member_id, store_id, channel,"
+            " paid_amount_fen, ordered_at, categories, staff_id, attributed_store_id, rule, day)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-            " ON CONFLICT DO NOTHING RETURNING true",
+            " ON CONFLICT DO NOTHING RETURNING member_id, order_id, ordered_at),"
+            # The funnel in the same statement, for a new order only (issue 19).
+            f" f AS (INSERT INTO {S}.funnel AS funnel (member_id, first_order_id, first_order_at)"
+            f" SELECT member_id, order_id, ordered_at FROM o {_FUNNEL_ORDER_CONFLICT})"
+            " SELECT EXISTS (SELECT 1 FROM o)",
             order_id,
             member_id,
             store_id,
@@ -391,17 +419,26 @@ async def daily_report(
     )
 
 
-async def recent_orders(conn: Connection, member_id: uuid.UUID, since: datetime) -> list[Any]:
-    """Orders not wholly refunded since `since` (the rule tags' window)."""
-    return list(
-        await conn.fetch(
-            f"SELECT order_id, store_id, channel, paid_amount_fen - refunded_amount_fen AS paid,"
-            f" ordered_at, categories FROM {S}.orders WHERE member_id = $1 AND ordered_at >= $2"
-            " AND refunded_amount_fen < paid_amount_fen ORDER BY ordered_at",
-            member_id,
-            since,
-        )
+async def recent_orders_and_tags(
+    conn: Connection, member_id: uuid.UUID, since: datetime
+) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The orders not wholly refunded since `since` (the rule tags' window) and
+    the member's tags as (tag, source): one statement, under the member's lock
+    (lock_member) taken by an earlier statement, so both are read after it."""
+    rows = await conn.fetch(
+        "SELECT t.tags, t.sources, o.order_id, o.store_id, o.channel,"
+        " o.paid_amount_fen - o.refunded_amount_fen AS paid, o.ordered_at, o.categories"
+        f" FROM (SELECT ARRAY(SELECT tag FROM {S}.member_tags WHERE member_id = $1"
+        "  ORDER BY tag, source) AS tags,"
+        f"  ARRAY(SELECT source FROM {S}.member_tags WHERE member_id = $1"
+        "  ORDER BY tag, source) AS sources) t"
+        f" LEFT JOIN {S}.orders o ON o.member_id = $1 AND o.ordered_at >= $2"
+        " AND o.refunded_amount_fen < o.paid_amount_fen ORDER BY o.ordered_at",
+        member_id,
+        since,
     )
+    tags = list(zip(rows[0]["tags"], rows[0]["sources"], strict=True))
+    return [r for r in rows if r["order_id"] is not None], tags
 
 
 async def members_for_tag_batch(conn: Connection, since: datetime) -> list[uuid.UUID]:
@@ -513,25 +550,6 @@ async def funnel_added(
         at,
         staff_id,
         store_id,
-    )
-
-
-async def funnel_order(
-    conn: Connection, member_id: uuid.UUID, order_id: uuid.UUID, at: datetime
-) -> None:
-    """First order, then the first order after it (a repurchase)."""
-    await conn.execute(
-        f"INSERT INTO {S}.funnel (member_id, first_order_id, first_order_at) VALUES ($1, $2, $3)"
-        " ON CONFLICT (member_id) DO UPDATE SET"
-        " first_order_id = COALESCE(funnel.first_order_id, EXCLUDED.first_order_id),"
-        " first_order_at = COALESCE(funnel.first_order_at, EXCLUDED.first_order_at),"
-        " repurchased_at = CASE WHEN funnel.first_order_id IS NOT NULL"
-        " AND funnel.first_order_id <> EXCLUDED.first_order_id"
-        " THEN COALESCE(funnel.repurchased_at, EXCLUDED.first_order_at)"
-        " ELSE funnel.repurchased_at END",
-        member_id,
-        order_id,
-        at,
     )
 
 

@@ -1562,3 +1562,118 @@ async def test_a_resumed_journey_drops_a_stale_send_behind_a_branch_and_a_reward
         "SELECT status FROM engagement.enrollments WHERE member_id = $1", uuid.UUID(m)
     )
     assert status == "completed"
+
+
+ORDER_THANKS = {
+    "id": "order-thanks",
+    "priority": 50,
+    "entry": {"event": "order_completed"},
+    "holdout_percent": 0,
+    "start": "m",
+    "steps": {"m": send("m", "thanks-for-the-order", "end"), "end": {"type": "exit"}},
+}
+
+
+async def test_a_journey_published_or_paused_after_orders_were_consumed_counts_from_the_next(
+    env: Env,
+) -> None:
+    """Which journeys an event enters is read with the event's own fact (issue
+    19), never cached: a journey published by another replica (another
+    handlers object) takes the next order; paused, it takes none; resumed, again."""
+    m, n = await env.member(), await env.member()
+    assert await env.event("order_completed", m, order_id="o1") == []
+    other_replica = make_env(env.db, env.clock, QuietHours())
+    other_replica.tag = env.tag
+    await other_replica.publish(ORDER_THANKS)
+    assert await env.event("order_completed", m, order_id="o2") == [env.jid("order-thanks")]
+    async with env.db.unit_of_work() as uow:
+        await other_replica.handlers.set_status(uow, env.jid("order-thanks"), "paused")
+    assert await env.event("order_completed", n, order_id="o3") == []
+    async with env.db.unit_of_work() as uow:
+        await other_replica.handlers.set_status(uow, env.jid("order-thanks"), "active")
+    assert await env.event("order_completed", n, order_id="o4") == [env.jid("order-thanks")]
+    # The orders were counted all along (first_order was the first one's).
+    counts = await env.db.pool.fetch(
+        "SELECT order_count FROM engagement.member_facts WHERE member_id = ANY($1::uuid[])"
+        " ORDER BY member_id",
+        [uuid.UUID(m), uuid.UUID(n)],
+    )
+    assert [r["order_count"] for r in counts] == [2, 2]
+
+
+ENDS_AT_ONCE = {
+    "id": "ends-at-once",
+    "priority": 50,
+    "entry": {"event": "segment_changed"},
+    "goal": {"event": "order_completed", "within_days": 7},
+    "holdout_percent": 0,
+    "start": "m",
+    "steps": {"m": send("m", "hello-segment", "end"), "end": {"type": "exit"}},
+}
+
+
+async def test_an_order_converts_an_enrollment_that_already_ended_within_its_window(
+    env: Env,
+) -> None:
+    """A member whose only enrollment has ended still has one (issue 19's early
+    exit skips only members with none): the order converts it."""
+    await env.publish(ENDS_AT_ONCE)
+    m = await env.member()
+    assert await env.event("segment_changed", m, to_segment="gold") == [env.jid("ends-at-once")]
+    await env.scheduler.run_until_idle()
+    row = await env.db.pool.fetchrow(
+        "SELECT status, converted_at FROM engagement.enrollments WHERE member_id = $1",
+        uuid.UUID(m),
+    )
+    assert (row["status"], row["converted_at"]) == ("completed", None)
+    env.clock.advance(timedelta(days=2))
+    assert await env.event("order_completed", m, order_id="o1") == []
+    row = await env.db.pool.fetchrow(
+        "SELECT status, converted_at FROM engagement.enrollments WHERE member_id = $1",
+        uuid.UUID(m),
+    )
+    assert (row["status"], row["converted_at"]) == ("completed", env.clock.now())
+    facts = await env.db.pool.fetchrow(
+        "SELECT segment, order_count FROM engagement.member_facts WHERE member_id = $1",
+        uuid.UUID(m),
+    )
+    assert (facts["segment"], facts["order_count"]) == ("gold", 1)
+
+
+async def test_an_order_introducing_a_member_replays_its_parked_events_first(env: Env) -> None:
+    """The events parked for a member are taken in the introducing event's own
+    statement (issue 19): replayed before it, so the order is the parked cart's
+    goal, its first_order journey is entered after, and its facts are counted."""
+    await env.publish(CART)
+    await env.publish(FIRST_ORDER)
+    m = str(uuid.uuid4())
+    assert await env.event("cart_abandoned", m) == []
+    env.clock.advance(timedelta(minutes=5))
+    assert await env.event("order_completed", m, order_id="o1") == [
+        env.jid("cart"),
+        env.jid("first-order"),
+    ]
+    rows = await env.db.pool.fetch(
+        "SELECT journey_id, status FROM engagement.enrollments WHERE member_id = $1",
+        uuid.UUID(m),
+    )
+    assert {r["journey_id"]: r["status"] for r in rows} == {
+        env.jid("cart"): "converted",
+        env.jid("first-order"): "active",
+    }
+    assert (
+        await env.db.pool.fetchval(
+            "SELECT count(*) FROM engagement.parked_events WHERE member_id = $1", uuid.UUID(m)
+        )
+        == 0
+    )
+    # A tier change introduces a member the same way, its fact kept.
+    n = str(uuid.uuid4())
+    assert await env.event("cart_abandoned", n) == []
+    assert await env.event("tier_changed", n, to_tier="GOLD") == [env.jid("cart")]
+    assert (
+        await env.db.pool.fetchval(
+            "SELECT tier FROM engagement.member_facts WHERE member_id = $1", uuid.UUID(n)
+        )
+        == "GOLD"
+    )

@@ -218,3 +218,41 @@ async def test_a_journey_tag_the_model_cannot_hold_is_audited_not_retried(
         )
     assert [(t["tag"], t["source"]) for t in tags] == [("早鸟", "journey")]
     assert refused == "INVALID_TAG"
+
+
+async def test_an_order_delivered_again_changes_no_funnel_and_the_tag_refresh_holds_the_lock(
+    handlers: tuple[GuidesHandlers, Database], clock: ServiceClock
+) -> None:
+    """The order and its funnel step are one statement (issue 19): the same
+    order again is no repurchase, the next one is; and the member's lock,
+    taken with the binding's read, is the same lock (key) that lock_member
+    takes, held to the end of the transaction."""
+    h, db = handlers
+    m = uuid.uuid4()
+    day = datetime(2026, 7, 20, 2, 0, tzinfo=UTC)
+
+    def order(k: int) -> events_pb2.OrderCompleted:
+        return events_pb2.OrderCompleted(
+            order_id=str(uuid.UUID(int=m.int ^ k)), member_id=str(m), store_id="SH001",
+            paid_amount_fen=1000, ordered_at=timestamp(day + timedelta(hours=k)),
+        )  # fmt: skip
+
+    async def funnel() -> tuple[object, object]:
+        row = await db.pool.fetchrow(
+            "SELECT first_order_id, repurchased_at FROM guides.funnel WHERE member_id = $1", m
+        )
+        return (row["first_order_id"], row["repurchased_at"])
+
+    with clock.pinned(day + timedelta(days=1)):
+        for _ in range(2):
+            async with db.unit_of_work() as uow:
+                await h.on_order_completed(uow, _event(order(1), str(m)))
+        assert await funnel() == (uuid.UUID(int=m.int ^ 1), None)
+        async with db.unit_of_work() as uow:
+            await h.on_order_completed(uow, _event(order(2), str(m)))
+            async with db.pool.acquire() as other, other.transaction():
+                taken = await other.fetchval(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended($1::text, 7))", str(m)
+                )
+            assert taken is False
+    assert await funnel() == (uuid.UUID(int=m.int ^ 1), day + timedelta(hours=2))
