@@ -2,7 +2,7 @@
 service's time partitions (servicekit/partitions.py), the tables its
 `services/<name>/partitions.py` lists. Run at start-up and every
 PARTITIONS_INTERVAL_SECONDS by the service itself, daily by the CronJob; every
-action is safe to repeat. (rewards has its own, services/rewards/cli.py.)"""
+action is safe to repeat."""
 
 from __future__ import annotations
 

@@ -15,16 +15,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+from servicekit import partitions_cli
 from servicekit.db import Database, create_pool, with_retries
-from servicekit.errors import DomainError, InvalidArgument
-from servicekit.partitions import detach_partition, ensure_partitions, list_partitions
+from servicekit.errors import DomainError
 from servicekit.settings import ServiceSettings
 
 from .coupons.jobs import announce_expiring_coupons, expire_coupons
 from .mall.jobs import release_unpaid
 from .orders.handlers import RewardsHandlers
 from .orders.repository import StoreRecord
-from .partitions import DEFAULT_AHEAD_MONTHS, PARTITIONED_TABLES
 from .points import bulk
 from .points.audit import audit_ledger
 from .points.checkpoint import write_checkpoint
@@ -124,58 +123,6 @@ async def _stores(args: argparse.Namespace) -> int:
     finally:
         await db.close()
     print(json.dumps([asdict(s) for s in stores], ensure_ascii=False, indent=2, default=str))
-    return 0
-
-
-def _partitions_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.rewards partitions",
-        description="Time partitions of the journal (docs/operations.md 'Partitioned tables').",
-    )
-    sub = parser.add_subparsers(dest="action", required=True)
-    ensure = sub.add_parser("ensure", help="make partitions ahead; move default-partition strays")
-    ensure.add_argument("--ahead", type=int, default=DEFAULT_AHEAD_MONTHS, help="months ahead")
-    sub.add_parser("list", help="every partition, its range and estimated rows")
-    detach = sub.add_parser("detach", help="detach one partition into the archive schema")
-    detach.add_argument("partition", help="e.g. points_transactions_p202501")
-    return parser
-
-
-async def _partitions(args: argparse.Namespace) -> int:
-    settings = ServiceSettings()
-    pool = await create_pool(settings.database_url, 1, 1)
-    out: object
-    try:
-        async with pool.acquire() as conn:
-            if args.action == "ensure":
-                out = [
-                    asdict(await ensure_partitions(conn, table, args.ahead))
-                    for table in PARTITIONED_TABLES
-                ]
-            elif args.action == "list":
-                out = {
-                    table.qualified: [asdict(p) for p in await list_partitions(conn, table)]
-                    for table in PARTITIONED_TABLES
-                }
-            else:
-                table = next(
-                    (t for t in PARTITIONED_TABLES if args.partition.startswith(t.table + "_")),
-                    None,
-                )
-                if table is None:
-                    raise InvalidArgument(
-                        f"{args.partition} is not a partition of a partitioned rewards table",
-                        code="UNKNOWN_PARTITION",
-                        field="partition",
-                    )
-                out = {"archived": await detach_partition(conn, table, args.partition)}
-    except DomainError as exc:
-        error = {"code": exc.code, "message": exc.message, "field": exc.field}
-        print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
-        return 1
-    finally:
-        await pool.close()
-    print(json.dumps(out, indent=2, default=str))
     return 0
 
 
@@ -282,7 +229,7 @@ def run_job(command: str, argv: list[str]) -> int:
     if command == "stores":
         return asyncio.run(_stores(_stores_parser().parse_args(argv)))
     if command == "partitions":
-        return asyncio.run(_partitions(_partitions_parser().parse_args(argv)))
+        return partitions_cli.run("rewards", argv)
     if command == "checkpoint":
         return asyncio.run(_checkpoint(_checkpoint_parser().parse_args(argv)))
     argparse.ArgumentParser(prog=f"python -m services.rewards {command}").parse_args(argv)

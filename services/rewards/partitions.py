@@ -49,12 +49,13 @@ JOURNAL = PartitionedTable(
     SCHEMA, "points_transactions", "created_at", detach_guard=journal_detach_guard
 )
 
-# The consumers' dedupe log, by day of the event's time (migration 0016); days
-# past PROCESSED_EVENTS_RETENTION_HOURS are dropped.
-DEDUPE = processed_events(
-    SCHEMA, timedelta(hours=ServiceSettings().processed_events_retention_hours)
-)
 
-PARTITIONED_TABLES = (JOURNAL, DEDUPE)
-# Months of partitions made ahead at start-up and by the CronJob.
-DEFAULT_AHEAD_MONTHS = 3
+def partitioned_tables(settings: ServiceSettings) -> list[PartitionedTable]:
+    """The journal, and the consumers' dedupe log by day of the event's time
+    (migration 0016; days past PROCESSED_EVENTS_RETENTION_HOURS are dropped):
+    what the service's keeper and `python -m services.rewards partitions`
+    (servicekit/partitions_cli.py) keep."""
+    return [
+        JOURNAL,
+        processed_events(SCHEMA, timedelta(hours=settings.processed_events_retention_hours)),
+    ]

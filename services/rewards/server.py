@@ -20,7 +20,7 @@ from .mall.handlers import PointsMall
 from .members import MemberDirectory, MemberGrpc
 from .orders.domain import DEFAULT_MAX_PAID_AMOUNT_FEN, OrderLimits
 from .orders.handlers import RewardsHandlers
-from .partitions import PARTITIONED_TABLES
+from .partitions import partitioned_tables
 from .points.domain import ExpiryPolicy, LedgerPolicy, ShortfallPolicy
 from .points.earning import parse_rules
 from .points.handlers import PointsLedger
@@ -125,7 +125,7 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
         rewards_pb2_grpc.add_RewardsServiceServicer_to_server(
             RewardsServicer(app.db, handlers, referrals, mall), app.server
         )
-        app.partitioned.extend(PARTITIONED_TABLES)
+        app.partition(*partitioned_tables(settings))
         app.add_consumer(
             EventConsumer(
                 "rewards-ledger-events",

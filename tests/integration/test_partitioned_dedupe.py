@@ -44,7 +44,7 @@ from servicekit.tables import NO_EVENT_TIME, event_time
 from services.engagement.servicer import EngagementServicer
 from services.member import oneid_repository
 from services.member.partitions import partitioned_tables as member_tables
-from services.rewards.partitions import PARTITIONED_TABLES as REWARDS_TABLES
+from services.rewards.partitions import partitioned_tables as rewards_tables
 
 from ..harness import Infra
 from .test_rewards_partitions import db_now, relations
@@ -416,11 +416,12 @@ def test_the_services_keep_their_partitions_instead_of_pruning(service: str) -> 
 
 
 def test_rewards_keeps_its_dedupe_log_by_partitions() -> None:
-    dedupe = {t.qualified: t for t in REWARDS_TABLES}["rewards.processed_events"]
+    tables = rewards_tables(ServiceSettings())
+    dedupe = {t.qualified: t for t in tables}["rewards.processed_events"]
     assert dedupe.granularity == "day" and dedupe.drop_after is not None
 
 
-@pytest.mark.parametrize("service", ["member", "tiering"])
+@pytest.mark.parametrize("service", ["member", "tiering", "rewards"])
 async def test_cli_ensures_and_lists(infra: Infra, service: str) -> None:
     env = {**os.environ, "DATABASE_URL": infra.database_url}
     proc = await asyncio.create_subprocess_exec(

@@ -33,7 +33,7 @@ from servicekit.partitions import (
     month_start,
 )
 from servicekit.server import ServiceApp
-from services.rewards.partitions import DEDUPE, JOURNAL
+from services.rewards.partitions import JOURNAL
 from services.rewards.points import repository as ledger
 from services.rewards.points.audit import audit_ledger, checks
 from services.rewards.points.checkpoint import open_transactions_before, write_checkpoint
@@ -355,7 +355,10 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
     rewards_app: ServiceApp, infra: Infra
 ) -> None:
     # The service wires the journal into its keeper, which runs at start-up.
-    assert rewards_app.partitioned == [JOURNAL, DEDUPE]
+    assert [t.qualified for t in rewards_app.partitioned] == [
+        "rewards.points_transactions",
+        "rewards.processed_events",
+    ]
     # The dedupe log is the keeper's, not the pruner's (servicekit/server.py).
     assert "rewards.processed_events" not in {r.table for r in rewards_app.pruner_retentions}
     assert "partitions" in {t.get_name() for t in rewards_app._tasks if not t.done()}
