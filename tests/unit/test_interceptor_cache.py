@@ -106,7 +106,9 @@ async def test_servicekit_server_applies_its_chain_to_registered_and_generic_han
     async def fail(request: bytes, context: Any) -> bytes:
         raise NotFound("no such thing")
 
-    server = create_grpc_server(60_000, 0.5, [metrics.interceptor()], traced=False, drain=drain)
+    server = create_grpc_server(
+        60_000, 0.5, [metrics.interceptor()], traced=False, drain=drain, at_registration=True
+    )
     server.add_registered_method_handlers(
         "t.Registered", {"Ok": grpc.unary_unary_rpc_method_handler(ok)}
     )
