@@ -286,7 +286,9 @@ async def test_a_day_without_a_partition_yet_is_made_and_its_rows_moved(
     assert await record(conn, "guides", consumer, event, at)
     report = await ensure_partitions(conn, table, ahead=0)
     name = table.partition_name(day_of(at))
-    assert report.moved == {name: 1}
+    # Only this day: under a shifted clock the session's own events can land in
+    # another day without a partition, which the same run moves too.
+    assert report.moved.get(name) == 1, report.moved
     assert await partition_of(conn, "guides", consumer, event) == [f"guides.{name}"]
     assert not await record(conn, "guides", consumer, event, at)
 
