@@ -36,7 +36,11 @@ def handler_answering(value: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(behaviour)
 
 
-@pytest.mark.parametrize("interceptor", interceptors(), ids=lambda i: type(i).__name__)
+@pytest.mark.parametrize(
+    "interceptor",
+    [i for i in interceptors() if not isinstance(i, Drain)],  # Drain wraps per call
+    ids=lambda i: type(i).__name__,
+)
 async def test_a_method_is_wrapped_once(interceptor: UnaryInterceptor) -> None:
     handler = handler_answering("a")
 
