@@ -55,40 +55,9 @@ ORDER BY t.id
 # A member's journal figures: the checkpoint's, plus the entries of the
 # transactions written since (each entry's time from the key table: one probe,
 # where the partitioned journal would take one per partition).
-BALANCE_SQL = f"""
-WITH journal AS (
-    SELECT member_id, sum(available) AS available, sum(pending) AS pending,
-           sum(held) AS held, sum(debt) AS debt
-    FROM (
-        SELECT c.member_id, c.available, c.pending, c.held, c.debt
-        FROM rewards.points_checkpoint_balances c
-        WHERE c.as_of = $2::timestamptz
-          AND ($1::uuid[] IS NULL OR c.member_id = ANY($1::uuid[]))
-        UNION ALL
-        SELECT e.member_id,
-               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_wallet'), 0),
-               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_pending'), 0),
-               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_held'), 0),
-               -coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_debt'), 0)
-        FROM rewards.points_entries e
-        JOIN rewards.points_transaction_keys k
-            ON k.id = e.transaction_id AND k.created_at >= {SINCE}
-        WHERE e.member_id IS NOT NULL AND ($1::uuid[] IS NULL OR e.member_id = ANY($1::uuid[]))
-        GROUP BY e.member_id
-    ) s
-    GROUP BY member_id
-), earned AS (
-    SELECT member_id, sum(earned) AS earned
-    FROM (
-        SELECT member_id, lifetime_earned AS earned FROM rewards.points_checkpoint_balances
-        WHERE as_of = $2::timestamptz AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
-        UNION ALL
-        SELECT member_id, amount FROM rewards.points_transactions
-        WHERE kind = 'earn' AND created_at >= {SINCE}
-          AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
-    ) s
-    GROUP BY member_id
-), lots AS (
+# The last part of both balance checks: the member's stored balance against
+# the journal's sums (`journal`, `earned`, defined before it), its lots and holds.
+_BALANCE_COMPARISON = """), lots AS (
     SELECT member_id,
            coalesce(sum(remaining) FILTER (WHERE status = 'active'), 0) AS available,
            coalesce(sum(remaining) FILTER (WHERE status = 'pending'), 0) AS pending
@@ -137,6 +106,45 @@ WHERE coalesce(b.available, 0) <> coalesce(j.available, 0)
    OR coalesce(b.lifetime_earned, 0) <> coalesce(x.earned, 0)
 ORDER BY 1
 """
+
+
+BALANCE_SQL = (
+    f"""
+WITH journal AS (
+    SELECT member_id, sum(available) AS available, sum(pending) AS pending,
+           sum(held) AS held, sum(debt) AS debt
+    FROM (
+        SELECT c.member_id, c.available, c.pending, c.held, c.debt
+        FROM rewards.points_checkpoint_balances c
+        WHERE c.as_of = $2::timestamptz
+          AND ($1::uuid[] IS NULL OR c.member_id = ANY($1::uuid[]))
+        UNION ALL
+        SELECT e.member_id,
+               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_wallet'), 0),
+               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_pending'), 0),
+               coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_held'), 0),
+               -coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_debt'), 0)
+        FROM rewards.points_entries e
+        JOIN rewards.points_transaction_keys k
+            ON k.id = e.transaction_id AND k.created_at >= {SINCE}
+        WHERE e.member_id IS NOT NULL AND ($1::uuid[] IS NULL OR e.member_id = ANY($1::uuid[]))
+        GROUP BY e.member_id
+    ) s
+    GROUP BY member_id
+), earned AS (
+    SELECT member_id, sum(earned) AS earned
+    FROM (
+        SELECT member_id, lifetime_earned AS earned FROM rewards.points_checkpoint_balances
+        WHERE as_of = $2::timestamptz AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
+        UNION ALL
+        SELECT member_id, amount FROM rewards.points_transactions
+        WHERE kind = 'earn' AND created_at >= {SINCE}
+          AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
+    ) s
+    GROUP BY member_id
+"""
+    + _BALANCE_COMPARISON
+)
 
 # A lot's remaining = its opening at the checkpoint (points if created before,
 # plus movements before), its points if created since, plus movements since.
@@ -204,7 +212,8 @@ HAVING count(e.id) = 0
 ORDER BY t.id
 """
 
-FULL_BALANCE_SQL = """
+FULL_BALANCE_SQL = (
+    """
 WITH journal AS (
     SELECT e.member_id,
            coalesce(sum(e.amount) FILTER (WHERE e.account = 'member_wallet'), 0) AS available,
@@ -218,55 +227,9 @@ WITH journal AS (
     SELECT member_id, sum(amount) AS earned FROM rewards.points_transactions
     WHERE kind = 'earn' AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
     GROUP BY member_id
-), lots AS (
-    SELECT member_id,
-           coalesce(sum(remaining) FILTER (WHERE status = 'active'), 0) AS available,
-           coalesce(sum(remaining) FILTER (WHERE status = 'pending'), 0) AS pending
-    FROM rewards.points_lots
-    WHERE $1::uuid[] IS NULL OR member_id = ANY($1::uuid[])
-    GROUP BY member_id
-), holds AS (
-    SELECT member_id, sum(points) AS held FROM rewards.points_holds
-    WHERE status = 'held' AND ($1::uuid[] IS NULL OR member_id = ANY($1::uuid[]))
-    GROUP BY member_id
-), balances AS (
-    SELECT member_id, available, pending, held, debt, lifetime_earned
-    FROM rewards.points_balances
-    WHERE $1::uuid[] IS NULL OR member_id = ANY($1::uuid[])
-), everyone AS (
-    SELECT member_id FROM balances UNION SELECT member_id FROM journal
-    UNION SELECT member_id FROM lots UNION SELECT member_id FROM holds
-)
-SELECT m.member_id,
-       coalesce(b.available, 0) AS available,
-       coalesce(j.available, 0) AS journal_available,
-       coalesce(l.available, 0) AS lots_available,
-       coalesce(b.pending, 0) AS pending,
-       coalesce(j.pending, 0) AS journal_pending,
-       coalesce(l.pending, 0) AS lots_pending,
-       coalesce(b.held, 0) AS held,
-       coalesce(j.held, 0) AS journal_held,
-       coalesce(h.held, 0) AS holds_held,
-       coalesce(b.debt, 0) AS debt,
-       coalesce(j.debt, 0) AS journal_debt,
-       coalesce(b.lifetime_earned, 0) AS lifetime_earned,
-       coalesce(x.earned, 0) AS journal_earned
-FROM everyone m
-LEFT JOIN balances b ON b.member_id = m.member_id
-LEFT JOIN journal j ON j.member_id = m.member_id
-LEFT JOIN lots l ON l.member_id = m.member_id
-LEFT JOIN holds h ON h.member_id = m.member_id
-LEFT JOIN earned x ON x.member_id = m.member_id
-WHERE coalesce(b.available, 0) <> coalesce(j.available, 0)
-   OR coalesce(b.available, 0) <> coalesce(l.available, 0)
-   OR coalesce(b.pending, 0) <> coalesce(j.pending, 0)
-   OR coalesce(b.pending, 0) <> coalesce(l.pending, 0)
-   OR coalesce(b.held, 0) <> coalesce(j.held, 0)
-   OR coalesce(b.held, 0) <> coalesce(h.held, 0)
-   OR coalesce(b.debt, 0) <> coalesce(j.debt, 0)
-   OR coalesce(b.lifetime_earned, 0) <> coalesce(x.earned, 0)
-ORDER BY 1
 """
+    + _BALANCE_COMPARISON
+)
 
 FULL_LOTS_SQL = """
 SELECT l.id
