@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2
 
 from loyalty.engagement.v1 import engagement_pb2
 from loyalty.events.v1 import events_pb2
-from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
+from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.migrations import alembic_config
 from servicekit.partitions import (
     PartitionedTable,
@@ -46,7 +46,7 @@ from services.member import oneid_repository
 from services.member.partitions import partitioned_tables as member_tables
 from services.rewards.partitions import partitioned_tables as rewards_tables
 
-from ..harness import Infra
+from ..harness import Infra, own_database
 from .test_rewards_partitions import db_now, relations
 
 SERVICES = ("member", "engagement", "tiering", "guides")
@@ -446,14 +446,9 @@ async def test_cli_ensures_and_lists(infra: Infra, service: str) -> None:
 
 @pytest.fixture
 async def scratch_url(infra: Infra) -> AsyncIterator[str]:
-    name = f"partitions_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield with_database(infra.database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    """A database of its own, for migrations run over existing rows."""
+    async with own_database(infra, prefix="partitions") as url:
+        yield url
 
 
 async def test_member_migration_moves_rows_into_partitions_and_back(scratch_url: str) -> None:

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from alembic import command
 
-from servicekit.db import Database, asyncpg_dsn, create_pool, with_database
+from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.errors import DomainError
 from servicekit.migrations import alembic_config
 from servicekit.partitions import (
@@ -39,7 +39,7 @@ from services.rewards.points.audit import audit_ledger, checks
 from services.rewards.points.checkpoint import open_transactions_before, write_checkpoint
 from services.rewards.points.handlers import PointsLedger
 
-from ..harness import Infra
+from ..harness import Infra, own_database
 
 # One complete posting (journal row, balanced entries, a lot, the balance),
 # so the ledger audit holds over rows written at any time, in any partition.
@@ -378,14 +378,8 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
 @pytest.fixture
 async def scratch_url(infra: Infra) -> AsyncIterator[str]:
     """A database of its own, for a migration run over existing rows."""
-    name = f"partitions_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield with_database(infra.database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with own_database(infra, prefix="partitions") as url:
+        yield url
 
 
 async def test_migration_moves_a_deployed_journal_into_partitions(scratch_url: str) -> None:
