@@ -1,7 +1,8 @@
 """Fixtures shared by the rewards integration modules: a seeded Database and a
 plain asyncpg connection, one each per module (a module that defines its own
 `db` or `conn` keeps it: module fixtures override these), and the ledger audit
-after every rewards module (`ledger_audit`)."""
+after every rewards module (`ledger_audit`); and the event modules' `redis`,
+on one Redis and on a cluster."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 
 from servicekit.db import Database, asyncpg_dsn, create_pool
+from servicekit.redis_client import RedisClient, create_redis
 from services.rewards.points.audit import audit_ledger
 from services.rewards.seed import seed_demo
 
@@ -26,6 +28,15 @@ async def db(request: pytest.FixtureRequest, infra: Infra) -> AsyncIterator[Data
     database = Database(pool, "rewards", "rewards")
     yield database
     await database.close()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    """servicekit's client on one Redis, then on a Redis Cluster (tests/conftest.py
+    `redis_url`), for the event modules; a module with its own `redis` keeps it."""
+    client = create_redis(redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture(scope="module")

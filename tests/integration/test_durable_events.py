@@ -32,7 +32,7 @@ from servicekit.db import Database, UnitOfWork, create_pool
 from servicekit.events import SEQ_FIELD, ReceivedEvent, head_key, stream_name
 from servicekit.eventstatus import events_status
 from servicekit.outbox import OutboxRelay
-from servicekit.redis_client import RedisClient, create_redis
+from servicekit.redis_client import RedisClient
 from servicekit.retention import Pruner, Retention
 
 from ..harness import Infra, eventually
@@ -44,14 +44,6 @@ async def db(infra: Infra) -> AsyncIterator[Database]:
     database = Database(pool, "tiering", "kit-test")
     yield database
     await database.close()
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
-    """One Redis, then a Redis Cluster (tests/conftest.py `redis_url`)."""
-    client = create_redis(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

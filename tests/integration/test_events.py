@@ -32,7 +32,7 @@ from servicekit.events import (
     stream_name,
 )
 from servicekit.outbox import OutboxRelay
-from servicekit.redis_client import RedisClient, create_redis, slot_of
+from servicekit.redis_client import RedisClient, slot_of
 
 from ..harness import Infra, eventually
 
@@ -45,14 +45,6 @@ async def db(infra: Infra) -> AsyncIterator[Database]:
     database = Database(pool, "tiering", "kit-test")
     yield database
     await database.close()
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
-    """One Redis, then a Redis Cluster (tests/conftest.py `redis_url`)."""
-    client = create_redis(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
