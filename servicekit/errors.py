@@ -8,6 +8,8 @@ other exception becomes INTERNAL with a generic message (and is logged).
 
 from __future__ import annotations
 
+import json
+import sys
 import uuid
 
 import asyncpg
@@ -108,6 +110,14 @@ CONNECTION_ERRORS = PG_CONNECTION_ERRORS + REDIS_CONNECTION_ERRORS
 RETRY_AFTER_SECONDS = 1
 UNAVAILABLE_CODE = "DEPENDENCY_UNAVAILABLE"
 UNAVAILABLE_MESSAGE = "a dependency of the service is unavailable; retry later"
+
+
+def print_refusal(exc: DomainError, **context: object) -> int:
+    """An operator command's refusal: `{"error": {code, message, field}, ...context}`
+    as one JSON line on stderr; returns the command's exit status (1)."""
+    error = {"code": exc.code, "message": exc.message, "field": exc.field}
+    print(json.dumps({"error": error, **context}, ensure_ascii=False), file=sys.stderr)
+    return 1
 
 
 def is_connection_error(exc: BaseException) -> bool:

@@ -10,11 +10,10 @@ import argparse
 import asyncio
 import importlib
 import json
-import sys
 from dataclasses import asdict
 
 from .db import create_pool
-from .errors import DomainError, NotFound
+from .errors import DomainError, NotFound, print_refusal
 from .partitions import (
     PartitionedTable,
     detach_partition,
@@ -77,9 +76,7 @@ async def _run(service: str, args: argparse.Namespace, tables: list[PartitionedT
                     )
                 out = {"archived": await detach_partition(conn, table, args.partition)}
     except DomainError as exc:
-        error = {"code": exc.code, "message": exc.message, "field": exc.field}
-        print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
-        return 1
+        return print_refusal(exc)
     finally:
         await pool.close()
     print(json.dumps(out, indent=2, default=str))

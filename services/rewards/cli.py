@@ -17,7 +17,7 @@ from pathlib import Path
 
 from servicekit import partitions_cli
 from servicekit.db import Database, create_pool, with_retries
-from servicekit.errors import DomainError
+from servicekit.errors import DomainError, print_refusal
 from servicekit.settings import ServiceSettings
 
 from .coupons.jobs import announce_expiring_coupons, expire_coupons
@@ -117,9 +117,7 @@ async def _stores(args: argparse.Namespace) -> int:
             else:
                 stores = await handlers.list_stores(uow)
     except DomainError as exc:
-        error = {"code": exc.code, "message": exc.message, "field": exc.field}
-        print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
-        return 1
+        return print_refusal(exc)
     finally:
         await db.close()
     print(json.dumps([asdict(s) for s in stores], ensure_ascii=False, indent=2, default=str))
@@ -146,9 +144,7 @@ async def _checkpoint(args: argparse.Namespace) -> int:
         async with pool.acquire() as conn:
             written = await write_checkpoint(conn, args.as_of)
     except DomainError as exc:
-        error = {"code": exc.code, "message": exc.message, "field": exc.field}
-        print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
-        return 1
+        return print_refusal(exc)
     finally:
         await pool.close()
     print(json.dumps(asdict(written), indent=2, default=str))
@@ -214,9 +210,7 @@ async def _bulk_earn(args: argparse.Namespace) -> int:
         if chunk:
             await post(chunk)
     except DomainError as exc:
-        error = {"code": exc.code, "message": exc.message, "field": exc.field}
-        print(json.dumps({"error": error, **counts}, ensure_ascii=False), file=sys.stderr)
-        return 1
+        return print_refusal(exc, **counts)
     finally:
         await db.close()
     print(json.dumps({**counts, "refused_rows": refused}, ensure_ascii=False, indent=2))
