@@ -20,9 +20,9 @@ from servicekit.events import ReceivedEvent, dead_letter_stream, stream_name
 from servicekit.redis_client import RedisClient
 
 from ..harness import Infra, eventually
-from .test_events import MAX_ATTEMPTS, db, names, processed, redis, running, xadd
+from .test_events import MAX_ATTEMPTS, db, names, processed, running, xadd
 
-__all__ = ["db", "names", "redis"]  # fixtures, used by name
+__all__ = ["db", "names"]  # fixtures, used by name (redis: conftest.py)
 
 
 async def test_a_dead_letter_is_listed_and_redriven_once_to_the_group_that_failed(
