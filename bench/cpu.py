@@ -8,6 +8,12 @@ system time of every thread) for the platform's processes and this database's
 PostgreSQL backends (the bench only runs against a local server), from
 `INFO cpu` for Redis, and from getrusage for the load generator itself.
 
+Idle work (consumers' blocking reads, relays, metrics sampling) is charged
+to the calls of a run too, which at low rates dominates; `CpuMeter.idle`
+measures each process's CPU per second with nothing offered, and
+`marginal` subtracts it over a run's seconds: the marginal CPU per call,
+the figure that adds up when processes are added (bench/scaleout.py).
+
 Not counted: PostgreSQL's shared background processes (WAL writer,
 checkpointer), whose work is shared by every database on the server. Redis's
 figure is the whole server's: on a Redis shared with other work, it includes
@@ -19,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 from redis.asyncio import Redis
@@ -55,9 +62,26 @@ def own_cpu_seconds() -> float:
 @dataclass
 class CpuSnapshot:
     processes: dict[str, float]
-    backends: dict[int, float]
+    backends: dict[int, float] | None  # None: the database is not metered
     redis: float | None
     load_generator: float
+    at: float = field(default_factory=time.monotonic)  # when it was read
+
+
+def marginal(
+    ms_per_call: Mapping[str, float], idle_per_s: Mapping[str, float], seconds: float, calls: int
+) -> dict[str, float]:
+    """A run's CPU ms per call (`per_call`) less each process's idle CPU per
+    second (`idle`) over the run's `seconds`, never below zero: what one more
+    call costs, the figure that adds up when processes are added."""
+    per = max(calls, 1)
+    out = {
+        name: round(max(ms - 1000.0 * idle_per_s.get(name, 0.0) * seconds / per, 0.0), 3)
+        for name, ms in ms_per_call.items()
+        if name != "total"
+    }
+    out["total"] = round(sum(out.values()), 3)
+    return out
 
 
 @dataclass
@@ -106,7 +130,7 @@ class CpuMeter:
         return taken
 
     async def _read(self) -> CpuSnapshot:
-        backends: dict[int, float] = {}
+        backends: dict[int, float] | None = None
         if self.monitor is not None:
             rows = await self.monitor.fetch(
                 "SELECT pid FROM pg_stat_activity"
@@ -124,26 +148,40 @@ class CpuMeter:
             load_generator=own_cpu_seconds(),
         )
 
+    async def idle(self, seconds: float) -> dict[str, float]:
+        """CPU seconds per wall second by process over `seconds` with nothing
+        offered: each process's idle work, for `marginal`."""
+        before = await self._read()
+        await asyncio.sleep(seconds)
+        after = await self._read()
+        elapsed = max(after.at - before.at, 1e-9)
+        return {name: round(max(s, 0.0) / elapsed, 6) for name, s in _used(before, after).items()}
+
     async def per_call(self, before: CpuSnapshot, calls: int) -> dict[str, float]:
         """CPU ms per completed call since `before`, by process, with a total."""
         after = await self._read()
         if self.profiler is not None:
             # py-spy writes its file as it stops: not on the event loop.
             await asyncio.to_thread(self.profiler.stop)
-        used = {name: t - before.processes.get(name, 0.0) for name, t in after.processes.items()}
-        # A backend opened during the run counts from zero; one closed during
-        # the run is lost (pools keep theirs open, so this is rare).
-        if self.monitor is not None:
-            used[POSTGRES] = sum(
-                t - before.backends.get(pid, 0.0) for pid, t in after.backends.items()
-            )
-        if after.redis is not None and before.redis is not None:
-            used[REDIS] = after.redis - before.redis
-        used[LOAD_GENERATOR] = after.load_generator - before.load_generator
+        used = _used(before, after)
         per = max(calls, 1)
         out = {name: round(1000.0 * max(seconds, 0.0) / per, 3) for name, seconds in used.items()}
         out["total"] = round(sum(out.values()), 3)
         return out
+
+
+def _used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """CPU seconds by process (PostgreSQL backends, Redis and the load
+    generator as one entry each) between two readings."""
+    used = {name: t - before.processes.get(name, 0.0) for name, t in after.processes.items()}
+    # A backend opened during the run counts from zero; one closed during
+    # the run is lost (pools keep theirs open, so this is rare).
+    if after.backends is not None and before.backends is not None:
+        used[POSTGRES] = sum(t - before.backends.get(pid, 0.0) for pid, t in after.backends.items())
+    if after.redis is not None and before.redis is not None:
+        used[REDIS] = after.redis - before.redis
+    used[LOAD_GENERATOR] = after.load_generator - before.load_generator
+    return used
 
 
 def cpu_table(rows: list[tuple[str, dict[str, float]]]) -> str:

@@ -13,10 +13,16 @@ generator spreads its POS calls over the N gateways the same way
 The open-loop rate then steps up (--rates) until p99 passes --slo-ms or the
 achieved rate falls under 95% of the offered; the knee is the last rate
 that held. Reported per N: the knee, the knee per gateway+rewards process
-pair, and CPU ms per order by process at each step (bench/cpu.py). On a
-machine with fewer cores than processes, a second process cannot add
-throughput, only show what it costs: compare the knee per pair across
-machines, and the CPU per order (which does not depend on N) everywhere.
+pair, and CPU ms per order by process at each step (bench/cpu.py), both
+as measured and marginal: before the steps each configuration sits idle
+for --idle-seconds, and each process's idle CPU per second is subtracted
+over every step's wall time (consumers' blocking reads, relays and metrics
+sampling cost the same whatever the rate, and a second process doubles
+them). On a machine with fewer cores than processes, a second process
+cannot add throughput, only show what it costs: compare the knee per pair
+across machines, and the marginal CPU per order everywhere: if it does not
+grow with N, throughput grows with cores, and the marginal total in ms is
+the cores 1,000 orders/s need.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -52,7 +59,7 @@ from .cli import (
     slice_call,
     started,
 )
-from .cpu import cpu_table
+from .cpu import cpu_table, marginal
 from .loadgen import open_loop
 
 
@@ -73,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--store-id", default=devrun.DEMO_STORE, help="demo store (SH001)")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request deadline (5 s)")
     parser.add_argument("--slo-ms", type=float, default=30.0, help="p99 a step must keep (30)")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=5.0, help="idle CPU measured first, per config (5)"
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     try:
@@ -82,8 +92,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--replicas and --rates are comma-separated numbers")
     if any(n < 1 for n in args.replica_counts) or any(r <= 0 for r in args.rate_steps):
         parser.error("replica counts must be at least 1 and rates positive")
-    if args.step_seconds <= 0 or args.warmup < 0 or args.members < 1:
-        parser.error("--step-seconds must be positive, --warmup not negative, --members >= 1")
+    if args.step_seconds <= 0 or args.warmup < 0 or args.members < 1 or args.idle_seconds <= 0:
+        parser.error(
+            "--step-seconds and --idle-seconds must be positive, --warmup not negative,"
+            " --members >= 1"
+        )
     return args
 
 
@@ -166,6 +179,7 @@ async def one_config(
                 metered(platform, infra) as meter,
             ):
                 stub = pos_pb2_grpc.PosServiceStub(channel)
+                idle = await meter.idle(args.idle_seconds)
 
                 def call_for(phase: str) -> Callable[[int], Awaitable[object]]:
                     return slice_call(
@@ -189,8 +203,12 @@ async def one_config(
                         args.step_seconds,
                         timeout=backstop(args),
                     )
-                    result.cpu_ms_per_call = await meter.per_call(before, result.ok)
+                    cpu = await meter.per_call(before, result.ok)
+                    result.cpu_ms_per_call = cpu
                     summary = result.summary()
+                    summary["cpu_ms_per_call_marginal"] = marginal(
+                        cpu, idle, time.monotonic() - before.at, result.ok
+                    )
                     p99 = summary["latency_ms"]["p99"]
                     held = (
                         result.achieved_rate >= 0.95 * rate
@@ -213,6 +231,7 @@ async def one_config(
         return {
             "replicas": replicas,
             "machine": machine(infra, pg_version),
+            "idle_cpu_ms_per_s": {name: round(1000.0 * s, 2) for name, s in idle.items()},
             "knee_per_s": knee,
             "knee_per_process_pair_per_s": None if knee is None else round(knee / replicas, 1),
             "steps": steps,
@@ -230,16 +249,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         say(f"{replicas} gateway + {replicas} rewards process(es) ...")
         configs.append(await one_config(replicas, args, run_id, log_dir))
     rows = [
-        (step["name"], step["cpu_ms_per_call"])
+        (name, step[key])
         for config in configs
         for step in config["steps"]
-        if step.get("cpu_ms_per_call")
+        for key, name in (
+            ("cpu_ms_per_call", step["name"]),
+            ("cpu_ms_per_call_marginal", f"{step['name']} marginal"),
+        )
+        if step.get(key)
     ]
     lines = [f"p99 target {args.slo_ms:g} ms; knee = the last step that held it"]
     for config in configs:
         lines.append(
             f"x{config['replicas']}: knee {config['knee_per_s']}/s,"
-            f" per gateway+rewards pair {config['knee_per_process_pair_per_s']}/s"
+            f" per gateway+rewards pair {config['knee_per_process_pair_per_s']}/s;"
+            f" idle CPU ms/s {config['idle_cpu_ms_per_s']}"
         )
     return {
         "run_id": run_id,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cpu import CpuMeter, cpu_table, process_cpu_seconds
+from bench.cpu import CpuMeter, cpu_table, marginal, process_cpu_seconds
 from bench.loadgen import DROPPED, open_loop, percentile
 from bench.profile import wanted
 from bench.scaleout import replicated_children
@@ -130,6 +130,7 @@ async def test_cpu_meter_charges_a_busy_process_per_call_and_an_idle_one_nothing
             assert child.stdout is not None
             assert await child.stdout.readline() == b"up\n"
         meter = await CpuMeter.open({"idle": idle.pid, "busy": busy.pid})
+        resting = await meter.idle(0.3)  # the busy one spins meanwhile: its rate is high
         before = await meter.snapshot()
         await asyncio.sleep(0.6)
         cpu = await meter.per_call(before, calls=10)
@@ -144,6 +145,17 @@ async def test_cpu_meter_charges_a_busy_process_per_call_and_an_idle_one_nothing
     assert cpu["idle"] < 1.0
     assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"), abs=0.01)
     assert process_cpu_seconds(2**22 + 12345) == 0.0  # no such process: nothing, not an error
+    assert resting["idle"] < 0.05 and resting["busy"] > 0.05  # CPU seconds per second
+
+
+def test_marginal_cpu_takes_each_process_idle_work_off_the_run() -> None:
+    # 100 calls over 2 s; the consumer idles at 50 ms/s (1 ms per call of it).
+    per_call = {"gateway": 2.0, "consumer": 1.5, "pg backends": 0.4, "total": 3.9}
+    idle = {"gateway": 0.0, "consumer": 0.05, "pg backends": 0.01}
+    out = marginal(per_call, idle, seconds=2.0, calls=100)
+    assert out == {"gateway": 2.0, "consumer": 0.5, "pg backends": 0.2, "total": 2.7}
+    # A process that idled more than it worked (noise) costs nothing, not less.
+    assert marginal({"relay": 0.1, "total": 0.1}, {"relay": 1.0}, 2.0, 100)["relay"] == 0.0
 
 
 def test_cpu_table_shows_only_processes_that_worked() -> None:
