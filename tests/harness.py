@@ -83,7 +83,9 @@ async def start_infra() -> Infra:
     database_url = os.environ.get("DATABASE_URL")
     redis_url = os.environ.get("REDIS_URL")
     if not database_url or not redis_url:
-        servers = await asyncio.to_thread(embedded.start, "test", database_url, redis_url)
+        servers = await asyncio.to_thread(
+            embedded.start, "test", database_url, redis_url, private_redis=True
+        )
         database_url, redis_url = servers.database_url, servers.redis_url
     db_name = f"loyalty_test_{run_id}"
     admin = await asyncpg.connect(asyncpg_dsn(database_url))
