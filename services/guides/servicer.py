@@ -10,6 +10,7 @@ from loyalty.guides.v1 import guides_pb2, guides_pb2_grpc
 from servicekit.db import Database
 from servicekit.protos import timestamp
 
+from . import binding_repository as binding_repo
 from . import repository as repo
 from .handlers import GuidesHandlers
 
@@ -113,8 +114,8 @@ class GuidesServicer(guides_pb2_grpc.GuidesServiceServicer):
 
         member_id = parse_member_id(request.member_id)
         async with self._db.reading() as uow:
-            binding = await repo.get_binding(uow.conn, member_id)
-            history = await repo.binding_history(uow.conn, member_id)
+            binding = await binding_repo.get_binding(uow.conn, member_id)
+            history = await binding_repo.binding_history(uow.conn, member_id)
         reply = guides_pb2.Binding(
             member_id=str(member_id),
             history=[

@@ -19,6 +19,7 @@ from servicekit.events import ReceivedEvent, make_envelope
 from servicekit.protos import timestamp
 from services.guides import domain
 from services.guides import repository as repo
+from services.guides import tag_repository as tag_repo
 from services.guides.handlers import GuidesHandlers
 
 from ..harness import Infra, ServiceClock
@@ -74,7 +75,7 @@ def _order(rng: random.Random, member_id: str) -> events_pb2.OrderCompleted:
 async def _rule_tags(db: Database, member_ids: list[uuid.UUID]) -> dict[uuid.UUID, set[str]]:
     async with db.reading() as uow:
         return {
-            m: {r["tag"] for r in await repo.tags_of(uow.conn, m) if r["source"] == "rule"}
+            m: {r["tag"] for r in await tag_repo.tags_of(uow.conn, m) if r["source"] == "rule"}
             for m in member_ids
         }
 
@@ -211,7 +212,7 @@ async def test_a_journey_tag_the_model_cannot_hold_is_audited_not_retried(
             uow, _event(events_pb2.JourneyTagged(member_id=member, tag="早鸟"), member)
         )
     async with db.reading() as uow:
-        tags = await repo.tags_of(uow.conn, uuid.UUID(member))
+        tags = await tag_repo.tags_of(uow.conn, uuid.UUID(member))
         refused = await uow.conn.fetchval(
             "SELECT detail->>'code' FROM guides.audit WHERE subject = $1 AND action = 'tag_refused'",
             f"member:{member}",
