@@ -2,7 +2,7 @@
 next to two baselines measured in the same run, on the same machine, at the
 same rate.
 
-1. Starts its own platform as real processes (the four services and the
+1. Starts its own platform as real processes (the five services and the
    gateway, exactly as `make run` does), on free loopback ports, against fresh
    embedded PostgreSQL/Redis under .data/bench, or against DATABASE_URL /
    REDIS_URL in a throwaway database and Redis namespace (both removed at the

@@ -5,7 +5,7 @@ every fault (docs/operations.md, "Fault suite").
 1. Starts its own PostgreSQL (embedded pgserver, under .data/faults, fresh
    each run) and its own Redis (a `redis-server` on a free loopback port,
    without persistence, like a default deployment: a restart comes back
-   empty), migrates, seeds, registers a POS key, then the four services and
+   empty), migrates, seeds, registers a POS key, then the five services and
    the gateway as real processes (devtools/supervisor.py), each on a free port.
 2. Drives CompleteOrder at --rate per second through the gateway with a
    retrying client: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are

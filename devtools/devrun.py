@@ -3,7 +3,7 @@
 `run` (what `make run` calls) needs nothing installed but Python: without
 DATABASE_URL / REDIS_URL it starts embedded PostgreSQL and Redis with their data
 under .data/run (kept across restarts), migrates every schema, seeds the demo
-brand, then starts the four services and the gateway as real child processes,
+brand, then starts the five services and the gateway as real child processes,
 exactly as they run in production (`python -m services.<name>`, `python -m
 gateway`), each in its own process group so Ctrl-C reaches only this supervisor,
 which then stops them in order: SIGTERM, a grace period, then SIGKILL.

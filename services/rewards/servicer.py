@@ -1,5 +1,6 @@
 """The one RewardsService: composes the gRPC methods of the five contexts
-(orders, points, coupons, referral, mall), each mapped in its own servicer."""
+(orders, points, coupons, referral, mall) and of the operator dashboards
+(analytics), six mixins, each mapped in its own servicer."""
 
 from __future__ import annotations
 
