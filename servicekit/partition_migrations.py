@@ -176,9 +176,7 @@ $$
                 f" PRIMARY KEY ({', '.join(self.key)})"
             )
             # The detach guard deletes a detached partition's keys by range.
-            op.execute(
-                f"CREATE INDEX ix_{self.key_table}_{self.column} ON {keys} ({self.column})"
-            )
+            op.execute(f"CREATE INDEX ix_{self.key_table}_{self.column} ON {keys} ({self.column})")
             op.execute(self.claim_key_sql())
         else:
             op.execute(self.first_only_sql())

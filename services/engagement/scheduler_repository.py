@@ -503,10 +503,8 @@ APPLY_RECEIPTS_SQL = (
     " FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[])"
     "  AS u(k, ref, ok, ec, at)"
     " WHERE s.send_key = u.k AND s.channel = 'sms' AND s.status IN ('sending', 'unknown')"
-    " AND (s.provider_ref IS NULL OR s.provider_ref = u.ref)"
+    " AND (s.provider_ref IS NULL OR s.provider_ref = u.ref)" + KEYS_SPAN + " RETURNING s.send_key"
     # Reports days after the send read the partitions of their sends only.
-    + KEYS_SPAN
-    + " RETURNING s.send_key"
 )
 
 

@@ -347,7 +347,9 @@ def test_the_service_keeps_sends_by_month_with_the_retention_setting() -> None:
     sends = tables["engagement.sends"]
     assert (sends.granularity, sends.keep_months, sends.drop_after) == ("month", 13, None)
     assert sends.detach_guard is not None
-    kept = {t.qualified: t for t in partitioned_tables(EngagementSettings(sends_retention_months=25))}
+    kept = {
+        t.qualified: t for t in partitioned_tables(EngagementSettings(sends_retention_months=25))
+    }
     assert kept["engagement.sends"].keep_months == 25
 
 
