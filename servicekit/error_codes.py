@@ -96,6 +96,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
             _S.FAILED_PRECONDITION,
         ),
         _c(
+            "PARTITION_IN_TIER_WINDOW",
+            "a tier programme's window still reads the partition's orders",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
             "PARTITION_IS_DEFAULT",
             "the default partition catches strays and is never detached",
             _S.FAILED_PRECONDITION,

@@ -54,8 +54,9 @@ class MonthlyConversion:
     indexes: tuple[tuple[str, str], ...] = ()
     # Indexes only the plain table had (e.g. the pruner's age index): (name, columns).
     plain_only_indexes: tuple[tuple[str, str], ...] = ()
-    # Partial indexes both shapes carry (per partition after): (name, columns, where).
-    partial_indexes: tuple[tuple[str, str, str], ...] = ()
+    # Indexes both shapes carry, defined in full after the table's name
+    # (partial, covering): (name, e.g. "(next_attempt_at) WHERE status = 'pending'").
+    indexes_sql: tuple[tuple[str, str], ...] = ()
     # The key's uniqueness in a table of its own, (key..., column), primary key
     # the key, written by the claim trigger: an insert of a key already there
     # (in any partition) is skipped, like ON CONFLICT DO NOTHING, with no
@@ -165,8 +166,8 @@ $$
         )
         for name, columns in self.indexes:
             op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
-        for name, columns, where in self.partial_indexes:
-            op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns}) WHERE {where}")
+        for name, definition in self.indexes_sql:
+            op.execute(f"CREATE INDEX {name} ON {self.qualified} {definition}")
         if self.key_table is not None:
             keys = f"{self.schema}.{self.key_table}"
             for c in (*self.key, self.column):
@@ -191,7 +192,7 @@ $$
         op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
         op.execute(f"ALTER TABLE {self.qualified} RENAME TO {parted}")
         op.execute(f"ALTER TABLE {self.schema}.{parted} DROP CONSTRAINT pk_{self.table}")
-        for name, *_ in (*self.indexes, *self.partial_indexes):
+        for name, _ in (*self.indexes, *self.indexes_sql):
             op.execute(f"DROP INDEX {self.schema}.{name}")
         op.execute(
             f"CREATE TABLE {self.qualified}"
@@ -208,8 +209,8 @@ $$
         )
         for name, columns in (*self.indexes, *self.plain_only_indexes):
             op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
-        for name, columns, where in self.partial_indexes:
-            op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns}) WHERE {where}")
+        for name, definition in self.indexes_sql:
+            op.execute(f"CREATE INDEX {name} ON {self.qualified} {definition}")
 
 
 # Days of processed_events partitions the migration makes behind now at most

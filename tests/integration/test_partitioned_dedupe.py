@@ -410,16 +410,17 @@ def test_the_services_keep_their_partitions_instead_of_pruning(service: str) -> 
     expected = {f"{service}.processed_events"}
     if service == "member":
         expected.add("member.identify_requests")
+    # Detached past their retention by the operator, never dropped.
+    detached = {"engagement.sends", "tiering.orders"}
     if service == "engagement":
-        # Detached past SENDS_RETENTION_MONTHS by the operator, never dropped.
         expected.add("engagement.sends")
+    if service == "tiering":
+        expected.add("tiering.orders")
     assert {t.qualified for t in app.partitioned} == expected
     # The pruner's ctid batches are wrong on a partitioned table: not given them.
     assert not expected & {r.table for r in app.retentions}
     assert f"{service}.outbox" in {r.table for r in app.retentions}
-    assert all(
-        (t.drop_after is None) == (t.qualified == "engagement.sends") for t in app.partitioned
-    )
+    assert all((t.drop_after is None) == (t.qualified in detached) for t in app.partitioned)
 
 
 def test_rewards_keeps_its_dedupe_log_by_partitions() -> None:

@@ -40,11 +40,11 @@ SENDS = MonthlyConversion(
         ("ix_sends_enrollment_id", "enrollment_id"),
         ("ix_sends_journey", "journey_id, step_id, status"),
     ),
-    partial_indexes=(
-        ("ix_sends_dispatch", "next_attempt_at", "status = 'pending'"),
-        ("ix_sends_in_flight", "next_attempt_at", "status = 'sending'"),
-        ("ix_sends_unknown", "journey_id, updated_at", "status = 'unknown'"),
-        ("ix_sends_holder", "member_id, local_day, message_class", "status = 'pending'"),
+    indexes_sql=(
+        ("ix_sends_dispatch", "(next_attempt_at) WHERE status = 'pending'"),
+        ("ix_sends_in_flight", "(next_attempt_at) WHERE status = 'sending'"),
+        ("ix_sends_unknown", "(journey_id, updated_at) WHERE status = 'unknown'"),
+        ("ix_sends_holder", "(member_id, local_day, message_class) WHERE status = 'pending'"),
     ),
     key_table="send_keys",
 )
