@@ -91,6 +91,16 @@ ERROR_CODES: dict[str, ErrorCode] = {
         _c("INVALID_AHEAD", "ahead must be 0 or more months", _S.INVALID_ARGUMENT),
         _c("UNKNOWN_PARTITION", "… is not a partition of …", _S.NOT_FOUND),
         _c(
+            "PARTITION_HAS_OPEN_SENDS",
+            "the partition still holds sends pending, sending or unknown",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "PARTITION_IN_TIER_WINDOW",
+            "a tier programme's window still reads the partition's orders",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
             "PARTITION_IS_DEFAULT",
             "the default partition catches strays and is never detached",
             _S.FAILED_PRECONDITION,

@@ -6,7 +6,12 @@ its key gains that time, so no trigger is needed.
 
 MonthlyConversion: by month, for a table whose unique key does not carry the
 time and no fixed time comes with each write of a key: member.identify_requests
-(a request key's retries carry no time of their own).
+(a request key's retries carry no time of their own). With `key_table` set
+(engagement.sends), the key's uniqueness is a narrow unpartitioned table of
+(key, partition column) written by the BEFORE INSERT trigger in the same
+statement (as rewards' points_transaction_keys, migration 0013), which also
+routes a lookup by key to its one partition; without, the first_only trigger
+below.
 
 PostgreSQL's unique indexes on a partitioned table must contain the partition
 key, so the key's uniqueness across partitions is kept by a BEFORE INSERT row
@@ -49,6 +54,15 @@ class MonthlyConversion:
     indexes: tuple[tuple[str, str], ...] = ()
     # Indexes only the plain table had (e.g. the pruner's age index): (name, columns).
     plain_only_indexes: tuple[tuple[str, str], ...] = ()
+    # Indexes both shapes carry, defined in full after the table's name
+    # (partial, covering): (name, e.g. "(next_attempt_at) WHERE status = 'pending'").
+    indexes_sql: tuple[tuple[str, str], ...] = ()
+    # The key's uniqueness in a table of its own, (key..., column), primary key
+    # the key, written by the claim trigger: an insert of a key already there
+    # (in any partition) is skipped, like ON CONFLICT DO NOTHING, with no
+    # advisory lock (the key table's unique index makes writers of one key
+    # wait for each other). None: the first_only trigger.
+    key_table: str | None = None
 
     @property
     def qualified(self) -> str:
@@ -56,7 +70,32 @@ class MonthlyConversion:
 
     @property
     def trigger_function(self) -> str:
+        if self.key_table is not None:
+            return f"{self.schema}.claim_{self.key_table}"
         return f"{self.schema}.{self.table}_first_only"
+
+    @property
+    def trigger(self) -> str:
+        return f"{self.table}_key" if self.key_table is not None else f"{self.table}_first_only"
+
+    def claim_key_sql(self) -> str:
+        assert self.key_table is not None
+        columns = ", ".join((*self.key, self.column))
+        values = ", ".join(f"NEW.{c}" for c in (*self.key, self.column))
+        return f"""
+CREATE FUNCTION {self.trigger_function}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- The key's unique index is here, across every partition: a second writer
+    -- of one key waits for the first to commit, then finds it and skips.
+    INSERT INTO {self.schema}.{self.key_table} ({columns}) VALUES ({values})
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN NULL;  -- the key is taken, in whichever partition: skip, like ON CONFLICT
+    END IF;
+    RETURN NEW;
+END
+$$
+"""
 
     def first_only_sql(self) -> str:
         match = " AND ".join(f"{c} = NEW.{c}" for c in self.key)
@@ -113,6 +152,12 @@ $$
         )
         op.execute(self._monthly_partitions_sql(old))
         op.execute(f"INSERT INTO {self.qualified} SELECT * FROM {self.schema}.{old}")
+        if self.key_table is not None:
+            keyed = ", ".join((*self.key, self.column))
+            op.execute(
+                f"CREATE TABLE {self.schema}.{self.key_table} AS"
+                f" SELECT {keyed} FROM {self.schema}.{old}"
+            )
         # Its primary key and indexes go with it (their names are schema-wide).
         op.execute(f"DROP TABLE {self.schema}.{old}")
         op.execute(
@@ -121,10 +166,24 @@ $$
         )
         for name, columns in self.indexes:
             op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
-        op.execute(self.first_only_sql())
+        for name, definition in self.indexes_sql:
+            op.execute(f"CREATE INDEX {name} ON {self.qualified} {definition}")
+        if self.key_table is not None:
+            keys = f"{self.schema}.{self.key_table}"
+            for c in (*self.key, self.column):
+                op.execute(f"ALTER TABLE {keys} ALTER COLUMN {c} SET NOT NULL")
+            op.execute(
+                f"ALTER TABLE {keys} ADD CONSTRAINT pk_{self.key_table}"
+                f" PRIMARY KEY ({', '.join(self.key)})"
+            )
+            # The detach guard deletes a detached partition's keys by range.
+            op.execute(f"CREATE INDEX ix_{self.key_table}_{self.column} ON {keys} ({self.column})")
+            op.execute(self.claim_key_sql())
+        else:
+            op.execute(self.first_only_sql())
         # Row-level on the parent: every partition, present and future, has it.
         op.execute(
-            f"CREATE TRIGGER {self.table}_first_only BEFORE INSERT ON {self.qualified}"
+            f"CREATE TRIGGER {self.trigger} BEFORE INSERT ON {self.qualified}"
             f" FOR EACH ROW EXECUTE FUNCTION {self.trigger_function}()"
         )
 
@@ -133,7 +192,7 @@ $$
         op.execute(f"LOCK TABLE {self.qualified} IN ACCESS EXCLUSIVE MODE")
         op.execute(f"ALTER TABLE {self.qualified} RENAME TO {parted}")
         op.execute(f"ALTER TABLE {self.schema}.{parted} DROP CONSTRAINT pk_{self.table}")
-        for name, _ in self.indexes:
+        for name, _ in (*self.indexes, *self.indexes_sql):
             op.execute(f"DROP INDEX {self.schema}.{name}")
         op.execute(
             f"CREATE TABLE {self.qualified}"
@@ -142,12 +201,16 @@ $$
         op.execute(f"INSERT INTO {self.qualified} SELECT * FROM {self.schema}.{parted}")
         op.execute(f"DROP TABLE {self.schema}.{parted}")
         op.execute(f"DROP FUNCTION {self.trigger_function}()")
+        if self.key_table is not None:
+            op.execute(f"DROP TABLE {self.schema}.{self.key_table}")
         op.execute(
             f"ALTER TABLE {self.qualified} ADD CONSTRAINT pk_{self.table}"
             f" PRIMARY KEY ({', '.join(self.key)})"
         )
         for name, columns in (*self.indexes, *self.plain_only_indexes):
             op.execute(f"CREATE INDEX {name} ON {self.qualified} ({columns})")
+        for name, definition in self.indexes_sql:
+            op.execute(f"CREATE INDEX {name} ON {self.qualified} {definition}")
 
 
 # Days of processed_events partitions the migration makes behind now at most

@@ -48,6 +48,10 @@ per_journey AS (
 s AS (
     SELECT e.journey_id, s.step_id, s.status, s.enrollment_id, e.converted, s.created_at
     FROM engagement.sends s JOIN e ON e.enrollment_id = s.enrollment_id
+    -- A send is written after its enrollment entered (both by the service
+    -- clock; a day's margin for replicas' clocks): the partitions before the
+    -- range are not read (sends are partitioned by created_at).
+    WHERE s.created_at >= $1::timestamptz - interval '1 day'
 ),
 by_status AS (
     SELECT journey_id, step_id, status, count(*) AS n FROM s GROUP BY 1, 2, 3

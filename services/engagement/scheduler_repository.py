@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 
 from servicekit.db import Connection
 
@@ -118,24 +118,39 @@ async def preempt_holders(
     if not contests:
         return set()
     contests = sorted(contests)
+    since, until = local_days_bounds([c[1] for c in contests])
     rows = await conn.fetch(
         "UPDATE engagement.sends s SET status = 'capped', reason = 'PREEMPTED',"
         " next_attempt_at = NULL, updated_at = $5"
-        " FROM (SELECT h.send_key FROM unnest($1::uuid[], $2::date[], $3::text[], $4::int[])"
-        "   AS r(m, d, k, p),"
-        "  LATERAL (SELECT send_key FROM engagement.sends"
+        " FROM (SELECT h.send_key, h.created_at"
+        "  FROM unnest($1::uuid[], $2::date[], $3::text[], $4::int[]) AS r(m, d, k, p),"
+        "  LATERAL (SELECT send_key, created_at FROM engagement.sends"
         "   WHERE member_id = r.m AND local_day = r.d AND message_class = r.k"
         "   AND status = 'pending' AND attempts = 0 AND priority < r.p"
+        "   AND created_at >= $6 AND created_at < $7"
         "   ORDER BY priority LIMIT 1 FOR UPDATE SKIP LOCKED) h) v"
-        " WHERE s.send_key = v.send_key"
+        " WHERE s.send_key = v.send_key AND s.created_at = v.created_at"
+        " AND s.created_at >= $6 AND s.created_at < $7"
         " RETURNING s.member_id, s.local_day, s.message_class",
         [c[0] for c in contests],
         [c[1] for c in contests],
         [c[2] for c in contests],
         [c[3] for c in contests],
         now,
+        since,
+        until,
     )
     return {(str(r["member_id"]), r["local_day"], r["message_class"]) for r in rows}
+
+
+# A send's local_day is its member's local day at created_at (scheduler.py);
+# zones are UTC-12..UTC+14, so created_at lies within a day either side of it.
+def local_days_bounds(days: list[date]) -> tuple[datetime, datetime]:
+    """The created_at range holding every send of these local days: the cap
+    holder's lookup reads the one or two partitions it covers."""
+    first = datetime.combine(min(days), time(), UTC) - timedelta(days=1)
+    last = datetime.combine(max(days), time(), UTC) + timedelta(days=2)
+    return first, last
 
 
 @dataclass(frozen=True)
@@ -205,7 +220,9 @@ async def insert_sends(conn: Connection, sends: list[SendRow]) -> None:
         "  $7::text[], $8::text[], $9::text[], $10::int[], $11::date[], $12::text[], $13::text[],"
         "  $14::text[], $15::timestamptz[], $16::text[], $17::text[], $18::int[])"
         "  AS u(k, e, j, v, s, m, ch, t, mc, p, d, st, r, va, c, pl, ec, ce)"
-        " ON CONFLICT (send_key) DO NOTHING",
+        # A key written before, in any month, is skipped by the claim_send_keys
+        # trigger (send_keys); the primary key (send_key, created_at) by this.
+        " ON CONFLICT DO NOTHING",
         *[list(c) for c in cols],
     )
 
@@ -320,7 +337,7 @@ async def expire_in_flight(
         " updated_at = $1,"
         " next_attempt_at = CASE WHEN s.reason <> $4 AND s.channel = ANY($2::text[])"
         "  THEN $1 END"
-        " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
+        " WHERE (s.send_key, s.created_at) IN (SELECT send_key, created_at FROM engagement.sends"
         "  WHERE status = 'sending' AND next_attempt_at <= $1 AND reason <> $5"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
         " RETURNING s.send_key",
@@ -341,7 +358,7 @@ async def lease_pending_sends(
     rows = await conn.fetch(
         "UPDATE engagement.sends s SET status = 'sending', attempts = s.attempts + 1,"
         " next_attempt_at = $2, updated_at = $1"
-        " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
+        " WHERE (s.send_key, s.created_at) IN (SELECT send_key, created_at FROM engagement.sends"
         "  WHERE status = 'pending' AND next_attempt_at <= $1"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
         " RETURNING s.send_key, s.member_id, s.channel, s.template, s.attempts,"
@@ -366,11 +383,27 @@ async def lease_pending_sends(
     ]
 
 
+# Writes by send key read only the partitions holding those sends: send_keys
+# holds each send's created_at, and the span of the batch's (scalar
+# subqueries, run first) prunes the other partitions as the statement starts.
+# ($1 is the keys' text[]; a join to send_keys would not prune, PostgreSQL 15
+# prunes an UPDATE's partitions by parameters, not by a join's rows.)
+KEYS_SPAN = (
+    " AND s.created_at >= (SELECT min(created_at) FROM engagement.send_keys"
+    "  WHERE send_key = ANY($1::text[]))"
+    " AND s.created_at <= (SELECT max(created_at) FROM engagement.send_keys"
+    "  WHERE send_key = ANY($1::text[]))"
+)
+
+SET_CREDIT_EPOCH_SQL = (
+    "UPDATE engagement.sends SET credit_epoch = $2 WHERE send_key = $1"
+    " AND created_at = (SELECT created_at FROM engagement.send_keys WHERE send_key = $1)"
+)
+
+
 async def set_credit_epoch(conn: Connection, send_key: str, epoch: int) -> None:
     """A send whose voided credit was replaced by a fresh one (a tap since)."""
-    await conn.execute(
-        "UPDATE engagement.sends SET credit_epoch = $2 WHERE send_key = $1", send_key, epoch
-    )
+    await conn.execute(SET_CREDIT_EPOCH_SQL, send_key, epoch)
 
 
 @dataclass(frozen=True)
@@ -395,7 +428,7 @@ async def record_outcomes(conn: Connection, results: list[Outcome], now: datetim
             " next_attempt_at = u.nxt, updated_at = $7"
             " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
             "  $6::timestamptz[]) AS u(k, st, r, ref, ec, nxt)"
-            " WHERE s.send_key = u.k AND s.status IN ('pending', 'sending')",
+            " WHERE s.send_key = u.k AND s.status IN ('pending', 'sending')" + KEYS_SPAN,
             [o.send_key for o in results],
             [o.status for o in results],
             [o.reason for o in results],
@@ -424,7 +457,7 @@ async def lease_wecom_tasks(
     updated_at is left alone: it is when the task was created."""
     rows = await conn.fetch(
         "UPDATE engagement.sends s SET next_attempt_at = $2"
-        " WHERE s.send_key IN (SELECT send_key FROM engagement.sends"
+        " WHERE (s.send_key, s.created_at) IN (SELECT send_key, created_at FROM engagement.sends"
         "  WHERE status = 'sending' AND next_attempt_at <= $1 AND reason = $4"
         "  ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
         " RETURNING s.send_key, s.provider_ref, s.updated_at",
@@ -440,8 +473,9 @@ async def postpone_wecom_tasks(conn: Connection, keys: list[str], at: datetime) 
     """Tasks the staff member has not sent yet: look again at `at`."""
     if keys:
         await conn.execute(
-            "UPDATE engagement.sends SET next_attempt_at = $2"
-            " WHERE send_key = ANY($1::text[]) AND status = 'sending' AND reason = $3",
+            "UPDATE engagement.sends s SET next_attempt_at = $2"
+            " WHERE s.send_key = ANY($1::text[]) AND s.status = 'sending' AND s.reason = $3"
+            + KEYS_SPAN,
             keys,
             at,
             TASK_CREATED,
@@ -459,6 +493,21 @@ class Receipt:
     reported_at: datetime | None = None
 
 
+APPLY_RECEIPTS_SQL = (
+    "UPDATE engagement.sends s SET"
+    " status = CASE WHEN u.ok THEN 'delivered' ELSE 'failed' END,"
+    " error_code = CASE WHEN u.ok THEN '' ELSE u.ec END,"
+    " reason = CASE WHEN u.ok THEN 'RECEIPT' ELSE 'RECEIPT: ' || u.ec END,"
+    " provider_ref = u.ref, receipt_at = coalesce(u.at, $6), next_attempt_at = NULL,"
+    " updated_at = $6"
+    " FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[])"
+    "  AS u(k, ref, ok, ec, at)"
+    " WHERE s.send_key = u.k AND s.channel = 'sms' AND s.status IN ('sending', 'unknown')"
+    " AND (s.provider_ref IS NULL OR s.provider_ref = u.ref)" + KEYS_SPAN + " RETURNING s.send_key"
+    # Reports days after the send read the partitions of their sends only.
+)
+
+
 async def apply_receipts(conn: Connection, receipts: list[Receipt], now: datetime) -> int:
     """Settle SMS sends from their delivery reports, once: a report applies to
     a send still `sending` (accepted) or `unknown` (the call's answer was lost,
@@ -467,17 +516,7 @@ async def apply_receipts(conn: Connection, receipts: list[Receipt], now: datetim
     if not receipts:
         return 0
     rows = await conn.fetch(
-        "UPDATE engagement.sends s SET"
-        " status = CASE WHEN u.ok THEN 'delivered' ELSE 'failed' END,"
-        " error_code = CASE WHEN u.ok THEN '' ELSE u.ec END,"
-        " reason = CASE WHEN u.ok THEN 'RECEIPT' ELSE 'RECEIPT: ' || u.ec END,"
-        " provider_ref = u.ref, receipt_at = coalesce(u.at, $6), next_attempt_at = NULL,"
-        " updated_at = $6"
-        " FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[])"
-        "  AS u(k, ref, ok, ec, at)"
-        " WHERE s.send_key = u.k AND s.channel = 'sms' AND s.status IN ('sending', 'unknown')"
-        " AND (s.provider_ref IS NULL OR s.provider_ref = u.ref)"
-        " RETURNING s.send_key",
+        APPLY_RECEIPTS_SQL,
         [r.send_key for r in receipts],
         [r.provider_ref for r in receipts],
         [r.delivered for r in receipts],

@@ -113,9 +113,28 @@ timers = Table(
     ),
 )
 
+# Global uniqueness of a send key (one send per enrollment step, in any
+# month) and the route from a key to the partition holding its send: sends is
+# partitioned by time and PostgreSQL's unique indexes on a partitioned table
+# must contain the partition key. The BEFORE INSERT trigger on sends
+# (claim_send_keys) writes this row in the same statement and skips a send
+# whose key is here already (migration 0013). A detached partition's keys are
+# deleted with it (services/engagement/partitions.py).
+send_keys = Table(
+    "send_keys",
+    metadata,
+    Column("send_key", Text, primary_key=True),
+    # The send's created_at: which partition holds it.
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Partitioned by month of created_at (migration 0013; partitions made ahead by
+# `python -m services.engagement partitions ensure`, detached past
+# SENDS_RETENTION_MONTHS: docs/operations.md "Partitioned tables").
 sends = Table(
     "sends",
     metadata,
+    # Unique across partitions through send_keys.
     Column("send_key", Text, primary_key=True),
     Column("enrollment_id", Uuid, nullable=False),
     Column("journey_id", Text, nullable=False),
@@ -135,7 +154,8 @@ sends = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("provider_ref", Text),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    # The partition key (with send_key, the primary key: PostgreSQL requires it there).
+    Column("created_at", DateTime(timezone=True), primary_key=True, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # The provider request's content, rendered from the step's template when written.
     Column("payload", JSONB, nullable=False, server_default="{}"),
@@ -160,6 +180,7 @@ sends = Table(
     Index("ix_sends_journey", "journey_id", "step_id", "status"),
     # The journeys dashboard joins sends to the range's enrollments.
     Index(None, "enrollment_id"),
+    postgresql_partition_by="RANGE (created_at)",
 )
 
 # The day's budget per member and class, reserved with one conditional upsert.

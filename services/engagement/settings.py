@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from servicekit.settings import ServiceSettings
 
@@ -16,6 +16,13 @@ class EngagementSettings(ServiceSettings):
     # How often the birthday-month entry looks for members to enter (it only
     # finds work on the 1st of a month or after a birthday was set).
     engagement_birthday_poll_seconds: float = 600.0
+    # Months of sends kept attached (partitions by month of created_at): a
+    # partition ending more than this many months before the current month may
+    # be detached (`partitions detach`), and only once none of its sends is
+    # pending, sending or unknown. 13 covers the journeys dashboard's longest
+    # range (366 days) ending today; caps need a day, receipts 72 h
+    # (docs/operations.md "Partitioned tables").
+    sends_retention_months: int = Field(default=13, ge=1)
     # Events parked for a member never introduced are deleted after this many
     # days; the expiry runs every ENGAGEMENT_PARKED_EXPIRY_POLL_SECONDS.
     engagement_parked_ttl_days: int = 30
@@ -78,3 +85,10 @@ class EngagementSettings(ServiceSettings):
     sms_rate_per_second: float = 100.0
     miniprogram_rate_per_second: float = 100.0
     app_push_rate_per_second: float = 500.0
+
+
+def engagement_settings(settings: ServiceSettings) -> EngagementSettings:
+    """Engagement settings from the environment, with what the caller set winning."""
+    if isinstance(settings, EngagementSettings):
+        return settings
+    return EngagementSettings(**settings.model_dump(exclude_unset=True))

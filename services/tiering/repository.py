@@ -196,7 +196,9 @@ async def record_order(
     inserted = await conn.fetchval(
         "WITH o AS (INSERT INTO tiering.orders (order_id, member_id, ordered_at, paid_fen, growth)"
         "  VALUES ($1::text, $2::uuid, $3::timestamptz, $4::bigint, $5::bigint)"
-        "  ON CONFLICT (order_id) DO NOTHING RETURNING member_id),"
+        # An order id counted before, in any month, is skipped by the
+        # claim_order_keys trigger (order_keys).
+        "  ON CONFLICT DO NOTHING RETURNING member_id),"
         " s AS (INSERT INTO tiering.member_spend AS s"
         "  (member_id, total_paid_fen, order_count, last_order_at, updated_at)"
         "  SELECT member_id, $4, 1, $3, now() FROM o"
@@ -231,18 +233,28 @@ class OrderRow:
     growth: int
 
 
+# A read or write by order id reads the order's one partition: order_keys
+# holds its ordered_at (a scalar subquery, run first, prunes the others).
+BY_ORDER_ID = (
+    " WHERE order_id = $1"
+    " AND ordered_at = (SELECT ordered_at FROM tiering.order_keys WHERE order_id = $1)"
+)
+LOCK_ORDER_SQL = (
+    "SELECT order_id, member_id, ordered_at, paid_fen, refunded_fen, growth FROM tiering.orders"
+    + BY_ORDER_ID
+    + " FOR UPDATE"
+)
+
+
 async def lock_order(conn: Connection, order_id: str) -> OrderRow | None:
-    row = await conn.fetchrow(
-        "SELECT order_id, member_id, ordered_at, paid_fen, refunded_fen, growth"
-        " FROM tiering.orders WHERE order_id = $1 FOR UPDATE",
-        order_id,
-    )
+    """None also for an order whose month was archived (past the retention)."""
+    row = await conn.fetchrow(LOCK_ORDER_SQL, order_id)
     return None if row is None else OrderRow(**dict(row))
 
 
 async def set_order_refund(conn: Connection, order_id: str, refunded_fen: int, growth: int) -> None:
     await conn.execute(
-        "UPDATE tiering.orders SET refunded_fen = $2, growth = $3 WHERE order_id = $1",
+        "UPDATE tiering.orders SET refunded_fen = $2, growth = $3" + BY_ORDER_ID,
         order_id,
         refunded_fen,
         growth,

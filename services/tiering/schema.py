@@ -74,13 +74,32 @@ member_spend = Table(
 # refunded_fen grows with OrderRefunded; growth is what the order still carries.
 # merged_from: the member the row belonged to before a merge moved it (unmerge
 # moves it back).
+# Global uniqueness of an order id and the route from it to the partition
+# holding the order: orders is partitioned by time and PostgreSQL's unique
+# indexes on a partitioned table must contain the partition key. The BEFORE
+# INSERT trigger on orders (claim_order_keys) writes this row in the same
+# statement and skips an order whose id is here already (migration 0011). A
+# detached partition's keys are deleted with it (services/tiering/partitions.py).
+order_keys = Table(
+    "order_keys",
+    metadata,
+    Column("order_id", Text, primary_key=True),
+    # The order's ordered_at: which partition holds it.
+    Column("ordered_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Partitioned by month of ordered_at (migration 0011; partitions made ahead by
+# `python -m services.tiering partitions ensure`, detached only past
+# TIERING_ORDERS_RETENTION_MONTHS and every stored programme's windows).
 orders = Table(
     "orders",
     metadata,
+    # Unique across partitions through order_keys.
     Column("order_id", Text, primary_key=True),
     # NULL once the member is erased: the order still counts in totals, for no one.
     Column("member_id", Uuid),
-    Column("ordered_at", DateTime(timezone=True), nullable=False),
+    # The partition key (with order_id, the primary key: PostgreSQL requires it there).
+    Column("ordered_at", DateTime(timezone=True), primary_key=True, nullable=False),
     Column("paid_fen", BigInteger, nullable=False),
     Column("refunded_fen", BigInteger, nullable=False, server_default="0"),
     Column("growth", BigInteger, nullable=False, server_default="0"),
@@ -94,6 +113,7 @@ orders = Table(
         "ordered_at",
         postgresql_include=["paid_fen", "refunded_fen"],
     ),
+    postgresql_partition_by="RANGE (ordered_at)",
 )
 
 # Growth value (成长值) ledger, separate from spendable points: one row per award
