@@ -27,7 +27,9 @@ from services.engagement import facts_repository as facts_repo
 from services.engagement import scheduler_repository as scheduler_repo
 from services.engagement.channels import Dispatcher
 from services.engagement.domain import FakeClock, QuietHours
-from services.engagement.providers import build_providers
+from services.engagement.ports import LocalConsent
+from services.engagement.providers import TokenError, build_providers
+from services.engagement.scheduler import Scheduler
 from services.engagement.settings import EngagementSettings
 from services.engagement.wecom_results import WeComResults
 from tests.harness import Infra
@@ -649,3 +651,65 @@ async def test_the_wecom_results_command_settles_due_tasks(
     assert '"read": ' in capsys.readouterr().out
     row = await rig.send_row(m)
     assert (row["status"], row["reason"]) == ("delivered", "SENT_BY_STAFF")
+
+
+async def test_a_wecom_send_goes_from_the_members_guide_and_is_read_per_sender(
+    rig: Rig,
+) -> None:
+    """WeCom reads a task's results per sender: the send goes from the member's
+    exclusive guide (not one global WECOM_SENDER, who is not this customer's
+    staff member: fail_list), and its result is read through get_groupmsg_task's
+    senders, each asked get_groupmsg_send_result with their userid."""
+    await rig.journey("wecom-guide", "wecom", template="hello", text="Hello")
+    other = "guide-zhao"
+    mine, theirs = f"wm-{uuid.uuid4().hex[:8]}", f"wm-{uuid.uuid4().hex[:8]}"
+    rig.fakes.wecom.add_customer(mine, GUIDE)
+    rig.fakes.wecom.add_customer(theirs, other)
+    members = [await rig.wecom_member(mine, GUIDE), await rig.wecom_member(theirs, other)]
+    for m in members:
+        await rig.env.event("check_in", m)
+    await rig.env.scheduler.run_until_idle()
+    d = rig.dispatcher()
+    await d.dispatch_once()
+    rows = [await rig.send_row(m) for m in members]
+    assert [(r["status"], r["reason"]) for r in rows] == [("sending", "TASK_CREATED")] * 2
+    tasks = [rig.fakes.wecom.tasks[r["provider_ref"]] for r in rows]
+    assert [t["body"]["sender"] for t in tasks] == [GUIDE, other]
+    assert [sorted(t["senders"]) for t in tasks] == [[GUIDE], [other]]
+    # WeCom answers a result only for a named sender.
+    wecom = d.providers["wecom"]
+    with pytest.raises(TokenError) as caught:
+        await wecom.send_result(rows[0]["provider_ref"], "")  # type: ignore[attr-defined]
+    assert caught.value.code == "40003"
+    assert await wecom.task_senders(rows[1]["provider_ref"]) == [other]  # type: ignore[attr-defined]
+    rig.fakes.wecom.confirm(rows[0]["provider_ref"], GUIDE)
+    rig.fakes.wecom.confirm(rows[1]["provider_ref"], other)
+    results = WeComResults(rig.env.db, rig.env.clock, wecom)  # type: ignore[arg-type]
+    await results.settle_once()
+    rows = [await rig.send_row(m) for m in members]
+    assert [(r["status"], r["reason"]) for r in rows] == [("delivered", "SENT_BY_STAFF")] * 2
+
+
+async def test_a_member_without_a_guide_goes_from_wecom_sender_and_with_neither_fails(
+    rig: Rig,
+) -> None:
+    await rig.journey("wecom-fallback", "wecom", template="hello", text="Hello")
+    contact = f"wm-{uuid.uuid4().hex[:8]}"
+    rig.fakes.wecom.add_customer(contact, "fallback-staff")
+    # WECOM_SENDER empty and no guide: nobody can send it; failed when written.
+    bare = Scheduler(
+        rig.env.db, rig.env.clock, LocalConsent(), QuietHours(), rig.env.journeys, wecom_sender=""
+    )
+    lonely = await rig.wecom_member(contact)
+    await rig.env.event("check_in", lonely)
+    await bare.run_until_idle()
+    row = await rig.send_row(lonely)
+    assert (row["status"], row["error_code"]) == ("failed", "NO_WECOM_SENDER")
+    # With WECOM_SENDER (the rig's scheduler: "fallback-staff") it goes from them.
+    m = await rig.wecom_member(contact)
+    await rig.env.event("check_in", m)
+    await rig.env.scheduler.run_until_idle()
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["reason"]) == ("sending", "TASK_CREATED")
+    assert rig.fakes.wecom.tasks[row["provider_ref"]]["body"]["sender"] == "fallback-staff"
