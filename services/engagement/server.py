@@ -213,12 +213,8 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
     ) -> Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]]:
         async def handle(uow: UnitOfWork, received: ReceivedEvent) -> None:
             payload = received.payload
-            attributes = attrs(payload)
-            store_id = attributes.get("store_id", "")
-            if store_id and handlers.stores is not None:
-                # `{store_name}`: the store as rewards knows it (cached).
-                attributes["store_name"] = await handlers.stores.name_of(store_id)
-            await handlers.ingest(uow, event, member(payload), attributes)
+            # (ingest adds `store_name` for an event naming a store.)
+            await handlers.ingest(uow, event, member(payload), attrs(payload))
 
         return handle
 

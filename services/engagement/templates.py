@@ -60,7 +60,8 @@ MEMBER_VARIABLES = frozenset({"nickname", "tier", "member_id", "today"})
 _STORE = frozenset({"store_id", "store_name"})
 TRIGGER_VARIABLES: dict[str, frozenset[str]] = {
     "member_registered": frozenset(),
-    # rewards' OrderCompleted: the store, its name from rewards' stores.
+    # rewards' OrderCompleted: the store, its name from rewards' stores
+    # (EngagementHandlers.with_store_name).
     "order_completed": _STORE,
     "first_order": _STORE,
     "tier_changed": frozenset(),
@@ -68,8 +69,9 @@ TRIGGER_VARIABLES: dict[str, frozenset[str]] = {
     "lifecycle_stage_changed": frozenset(),
     "cart_abandoned": frozenset(),
     "page_view": frozenset(),
-    # The mini-program's check-in names the store it was made at.
-    "check_in": frozenset({"store_id"}),
+    # The mini-program's check-in names the store it was made at (its name
+    # added by EngagementHandlers.with_store_name, like every store event's).
+    "check_in": _STORE,
     "subscription_tap": frozenset(),
     # rewards' PointsExpiringSoon: points lapsing, when, and the balance then.
     "points_expiring_soon": frozenset({"points", "points_expire_on", "points_balance"}),

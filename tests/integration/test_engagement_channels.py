@@ -9,6 +9,7 @@ controllable clock."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from services.engagement.settings import EngagementSettings
 from services.engagement.wecom_results import WeComResults
 from tests.harness import Infra
 
-from .test_engagement_journeys import ALL, Env, _pause_all, db, make_env
+from .test_engagement_journeys import ALL, Env, _pause_all, _Stores, db, make_env
 
 __all__ = ["db"]
 
@@ -713,3 +714,13 @@ async def test_a_member_without_a_guide_goes_from_wecom_sender_and_with_neither_
     row = await rig.send_row(m)
     assert (row["status"], row["reason"]) == ("sending", "TASK_CREATED")
     assert rig.fakes.wecom.tasks[row["provider_ref"]]["body"]["sender"] == "fallback-staff"
+
+
+async def test_a_check_in_at_a_store_names_the_store_as_rewards_knows_it(rig: Rig) -> None:
+    rig.env.handlers.stores = _Stores({"SH001": "Asia/Shanghai"})
+    await rig.journey("push-store", "app_push", title="Hi", body="Welcome to {store_name}")
+    m = await rig.member(store_id="SH001")
+    payload = await rig.env.db.pool.fetchval(
+        "SELECT payload::text FROM engagement.sends WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert json.loads(payload)["body"] == "Welcome to Store SH001"

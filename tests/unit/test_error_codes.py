@@ -66,6 +66,7 @@ NOT_ERROR_CODES = {
     # Names of constants and make variables the docs mention.
     *(
         "VARIABLES",
+        "TRIGGER_VARIABLES",
         "ANALYTICS_DEADLINE_FACTOR",
         "STORE_SCOPE",
         "DEDUPE_AHEAD_DAYS",
