@@ -240,7 +240,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         clock = FakeClock(NOW)
         journeys = JourneyCache()
         sweepers = [
-            Scheduler(db, clock, LocalConsent(), QuietHours(), journeys, batch_size=args.batch)
+            Scheduler(
+                db,
+                clock,
+                LocalConsent(),
+                QuietHours(),
+                journeys,
+                batch_size=args.batch,
+                wecom_sender="fallback-staff",
+            )
             for _ in range(args.workers)
         ]
         fakes = build_stack(clock=lambda: clock.now().timestamp(), strict=False)

@@ -183,6 +183,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
             _S.INVALID_ARGUMENT,
         ),
         _c("INVALID_SIGN_NAME", "sign_name: up to 12 characters", _S.INVALID_ARGUMENT),
+        _c(
+            "UNSUPPLIED_VARIABLE",
+            "a send step's template names a variable its journey's entry event never supplies",
+            _S.INVALID_ARGUMENT,
+        ),
         _c("ACTION_CAP_REACHED", "… earns at most … time(s) per …", _S.FAILED_PRECONDITION),
         _c("ACTOR_REQUIRED", "actor is required", _S.INVALID_ARGUMENT),
         _c(

@@ -55,6 +55,8 @@ def engagement_settings(base_url: str) -> dict[str, Any]:
         "wecom_api_base": f"{base_url}/wecom",
         "wecom_corp_id": WECOM_CORP_ID,
         "wecom_corp_secret": WECOM_CORP_SECRET,
+        # The sender of members without a guide (the non-strict fake's staff).
+        "wecom_sender": "fake-staff",
         "sms_endpoint": f"{base_url}/sms/",
         "sms_access_key_id": SMS_KEY_ID,
         "sms_access_key_secret": SMS_KEY_SECRET,
@@ -84,7 +86,7 @@ def build_stack(
         templates=dict(WECHAT_TEMPLATES),
         strict_credits=strict,
     )
-    wecom = FakeWeCom({WECOM_CORP_ID: WECOM_CORP_SECRET}, customers=set() if strict else None, **kw)
+    wecom = FakeWeCom({WECOM_CORP_ID: WECOM_CORP_SECRET}, customers={} if strict else None, **kw)
     sms = FakeAliyunSms(
         {SMS_KEY_ID: SMS_KEY_SECRET},
         {SMS_SIGN_NAME},

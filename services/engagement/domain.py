@@ -134,6 +134,10 @@ class MemberFacts:
     tags: frozenset[str] = frozenset()
     # channel -> marketing consent, as known at send time.
     consents: dict[str, bool] = field(default_factory=dict)
+    # The profile's nickname (`{nickname}`); "" when none.
+    nickname: str = ""
+    # The exclusive guide's WeCom userid (the sender of 1-to-1 WeCom messages).
+    guide_userid: str = ""
 
 
 def holds(cond: Condition, facts: MemberFacts) -> bool:

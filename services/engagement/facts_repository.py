@@ -56,7 +56,7 @@ async def load_facts(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str,
     three index scans, whatever the batch size."""
     rows = await conn.fetch(
         "SELECT f.member_id, f.tz, f.tier, f.segment, f.stage, f.order_count,"
-        " coalesce(p.non_personalised, false) AS np"
+        " f.nickname, f.guide_userid, coalesce(p.non_personalised, false) AS np"
         " FROM engagement.member_facts f"
         " LEFT JOIN engagement.preferences p ON p.member_id = f.member_id"
         " WHERE f.member_id = ANY($1::uuid[])",
@@ -82,8 +82,32 @@ async def load_facts(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str,
             non_personalised=r["np"],
             tags=frozenset(tags.get(mid, ())),
             consents=consents.get(mid, {}),
+            nickname=r["nickname"],
+            guide_userid=r["guide_userid"],
         )
     return out
+
+
+async def set_nickname(conn: Connection, member_id: uuid.UUID, nickname: str) -> None:
+    """The member's effective nickname (member's NicknameSet)."""
+    await conn.execute(
+        "INSERT INTO engagement.member_facts (member_id, nickname) VALUES ($1, $2)"
+        " ON CONFLICT (member_id) DO UPDATE SET nickname = excluded.nickname,"
+        " updated_at = now()",
+        member_id,
+        nickname,
+    )
+
+
+async def set_guide(conn: Connection, member_id: uuid.UUID, userid: str) -> None:
+    """The member's exclusive guide's WeCom userid (guides' GuideBound)."""
+    await conn.execute(
+        "INSERT INTO engagement.member_facts (member_id, guide_userid) VALUES ($1, $2)"
+        " ON CONFLICT (member_id) DO UPDATE SET guide_userid = excluded.guide_userid,"
+        " updated_at = now()",
+        member_id,
+        userid,
+    )
 
 
 async def consents_of(conn: Connection, member_ids: list[uuid.UUID]) -> dict[str, dict[str, bool]]:

@@ -335,12 +335,21 @@ class EngagementHandlers:
                 await facts_repo.clear_location(conn, mid)
             else:
                 await facts_repo.set_location(conn, mid, coords[0], coords[1], at)
+        attributes = await self.with_store_name(attributes)
         # An event from a service that knows the member introduces it: the
         # events parked for it are taken in the event's own statement.
         enrolled = await self._on_event(
             uow, event, mid, attributes, now, introduce=event not in INGESTED_EVENTS
         )
         return Ingested(False, enrolled)
+
+    async def with_store_name(self, attributes: dict[str, str]) -> dict[str, str]:
+        """An event naming a store also carries the store's name as rewards
+        knows it (`{store_name}`; the port caches it), when the event has none."""
+        store_id = attributes.get("store_id", "")
+        if not store_id or attributes.get("store_name") or self.stores is None:
+            return attributes
+        return {**attributes, "store_name": await self.stores.name_of(store_id)}
 
     async def _introduce(self, uow: UnitOfWork, mid: uuid.UUID) -> list[str]:
         """The member is known now (registration, or any event from a service
@@ -527,11 +536,10 @@ class EngagementHandlers:
         facts = await facts_repo.load_facts(conn, members)
         now = self.clock.now()
         entered = 0
+        attributes = await self.with_store_name({"store_id": store_id})
         for mid in members:
             member = facts.get(str(mid)) or MemberFacts(str(mid))
-            if await self._enroll(
-                uow, journey, state.live_version, mid, {"store_id": store_id}, member, now
-            ):
+            if await self._enroll(uow, journey, state.live_version, mid, attributes, member, now):
                 entered += 1
         return entered
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from servicekit.errors import InvalidArgument
 
-from .templates import check_content
+from .templates import check_content, check_supplied
 
 # Events a journey can be entered by, wait for, or exit on (a goal).
 EVENTS = frozenset(
@@ -239,6 +239,13 @@ def parse_journey(doc: object) -> Journey:
         step = _parse_step(step_id, raw, path, errors)
         if step is not None:
             steps[step_id] = step
+
+    if entry_event in EVENTS:
+        # A variable the entry event and the member's facts never supply would
+        # fail every send: refused here, naming the step's field and the variable.
+        for step in steps.values():
+            if step.type == "send" and step.content:
+                check_supplied(entry_event, step.content, f"steps.{step.id}", errors)
 
     start = doc.get("start")
     if not isinstance(start, str) or start not in steps_doc:

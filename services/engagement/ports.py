@@ -176,9 +176,13 @@ class StoreZones(Protocol):
         """The store's IANA time zone; "" when unknown (no such store, no zone)."""
         ...
 
+    async def name_of(self, store_id: str) -> str:
+        """The store's name (`{store_name}`); "" when no such store."""
+        ...
+
 
 class RewardsStoreZones:
-    """Stores are rewards' data: a store's zone is read from its GetStore.
+    """Stores are rewards' data: a store's zone and name are read from its GetStore.
 
     Rewards' `Store` message carries no zone yet (stores as operator-managed
     data with a zone is issue 13 item 26); until it does, every answer is ""
@@ -193,26 +197,33 @@ class RewardsStoreZones:
         self._stub = rewards_pb2_grpc.RewardsServiceStub(self._channel)
         self._timeout = timeout
         self._ttl = ttl_seconds
-        self._cache: dict[str, tuple[float, str]] = {}
+        # store_id -> (when read, zone, name)
+        self._cache: dict[str, tuple[float, str, str]] = {}
 
-    async def zone_of(self, store_id: str) -> str:
+    async def _store(self, store_id: str) -> tuple[str, str]:
         now = time.monotonic()
         hit = self._cache.get(store_id)
         if hit is not None and now - hit[0] < self._ttl:
-            return hit[1]
+            return hit[1], hit[2]
         try:
             store = await self._stub.GetStore(
                 rewards_pb2.GetStoreRequest(store_id=store_id), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:
-                self._cache[store_id] = (now, "")
-                return ""
+                self._cache[store_id] = (now, "", "")
+                return "", ""
             raise  # transient: the event is retried
         field = store.DESCRIPTOR.fields_by_name.get(self.FIELD)
-        found = str(getattr(store, self.FIELD)) if field is not None else ""
-        self._cache[store_id] = (now, found)
-        return found
+        zone = str(getattr(store, self.FIELD)) if field is not None else ""
+        self._cache[store_id] = (now, zone, store.name)
+        return zone, store.name
+
+    async def zone_of(self, store_id: str) -> str:
+        return (await self._store(store_id))[0]
+
+    async def name_of(self, store_id: str) -> str:
+        return (await self._store(store_id))[1]
 
     async def close(self) -> None:
         await self._channel.close()

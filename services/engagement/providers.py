@@ -368,8 +368,11 @@ class WeComContactProvider:
     def body(self, m: Outbound) -> dict[str, Any]:
         p = m.payload
         out: dict[str, Any] = {"chat_type": "single", "external_userid": [m.address]}
-        if self.sender:
-            out["sender"] = self.sender
+        # The member's guide, chosen when the send was written (scheduler.py);
+        # WECOM_SENDER for a send written before senders were kept.
+        sender = str(p.get("sender") or self.sender)
+        if sender:
+            out["sender"] = sender
         if p.get("text"):
             out["text"] = {"content": p["text"]}
         card = p.get("miniprogram")
@@ -408,29 +411,61 @@ class WeComContactProvider:
             classify,
         )
 
-    async def send_result(self, msgid: str, userid: str, limit: int = 500) -> list[dict[str, Any]]:
-        """Per-contact outcomes of one task (status 0 not sent, 1 sent, 2 not a
-        friend, 3 over the contact's limit), every page."""
+    async def _pages(
+        self, path: str, body: dict[str, Any], rows: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """Every page of one of WeCom's cursor-paged reads."""
         out: list[dict[str, Any]] = []
         cursor = ""
+        refreshed = False
         for _ in range(1000):
             token = await self.tokens.get()
             reply = await self._client.post(
-                f"{self._base}/cgi-bin/externalcontact/get_groupmsg_send_result",
+                f"{self._base}{path}",
                 params={"access_token": token},
-                json={"msgid": msgid, "userid": userid, "limit": limit, "cursor": cursor},
+                json={**body, "limit": limit, "cursor": cursor},
             )
             data = await _json(reply) or {}
             code = int(data.get("errcode", -1) or 0)
-            if code in TOKEN_ERRCODES:
+            if code in TOKEN_ERRCODES and not refreshed:
                 await self.tokens.refresh(token)
+                refreshed = True
                 continue
             if code != 0:
-                raise TokenError(str(code), f"get_groupmsg_send_result: {code}")
-            out += list(data.get("send_list") or [])
+                raise TokenError(str(code), f"{path.rsplit('/', 1)[-1]}: {code}")
+            out += list(data.get(rows) or [])
             cursor = str(data.get("next_cursor") or "")
             if not cursor:
                 break
+        return out
+
+    async def task_senders(self, msgid: str, limit: int = 1000) -> list[str]:
+        """The staff members a task was given to (`get_groupmsg_task`, every
+        page): a task without a sender goes to every staff member who has the
+        customer, so its results are read per sender."""
+        rows = await self._pages(
+            "/cgi-bin/externalcontact/get_groupmsg_task", {"msgid": msgid}, "task_list", limit
+        )
+        return sorted({str(r["userid"]) for r in rows if r.get("userid")})
+
+    async def send_result(self, msgid: str, userid: str, limit: int = 500) -> list[dict[str, Any]]:
+        """Per-contact outcomes of one task for one sender (status 0 not sent,
+        1 sent, 2 not a friend, 3 over the contact's limit), every page. WeCom
+        requires the sender's userid (40003 without it)."""
+        return await self._pages(
+            "/cgi-bin/externalcontact/get_groupmsg_send_result",
+            {"msgid": msgid, "userid": userid},
+            "send_list",
+            limit,
+        )
+
+    async def task_results(self, msgid: str) -> list[dict[str, Any]]:
+        """Every sender's per-contact outcomes of one task, as WeCom documents
+        the reading: get_groupmsg_task for its senders, then
+        get_groupmsg_send_result per sender."""
+        out: list[dict[str, Any]] = []
+        for userid in await self.task_senders(msgid):
+            out += await self.send_result(msgid, userid)
         return out
 
 

@@ -127,8 +127,11 @@ class Scheduler:
         journeys: JourneyCache,
         batch_size: int = 500,
         caps: dict[str, int] | None = None,
+        wecom_sender: str = "",
     ) -> None:
         self._db = db
+        # The WeCom sender of a member who has no exclusive guide (WECOM_SENDER).
+        self._wecom_sender = wecom_sender
         self._clock = clock
         self._consent = consent
         self._quiet = quiet
@@ -393,8 +396,7 @@ class Scheduler:
             else:
                 self.stats.suppressed += 1
 
-    @staticmethod
-    def _render(p: _Pending, now: datetime) -> bool:
+    def _render(self, p: _Pending, now: datetime) -> bool:
         """Fill the step's template for this member now, so a send that cannot
         be filled (the event carried no such value) fails here, spending no cap
         slot or credit, and the dispatcher sends exactly what was decided."""
@@ -402,7 +404,12 @@ class Scheduler:
             return True  # suppressed below (non-personalised, no fallback)
         step = p.journey.step(p.intent.step_id)
         member = p.member or MemberFacts(str(p.due.member_id))
-        facts = {"tier": member.tier, "member_id": member.member_id}
+        facts = {
+            "tier": member.tier,
+            "member_id": member.member_id,
+            "nickname": member.nickname,
+            "tz": member.tz,
+        }
         try:
             p.payload = render(
                 p.intent.channel,
@@ -415,6 +422,15 @@ class Scheduler:
         except RenderError as exc:
             p.status, p.reason, p.error_code = "failed", f"BAD_TEMPLATE_DATA: {exc}", exc.code
             return False
+        if p.intent.channel == "wecom":
+            # A 1-to-1 customer message goes from the member's exclusive guide
+            # (their customer); WECOM_SENDER only for a member with no guide.
+            sender = member.guide_userid or self._wecom_sender
+            if not sender:
+                p.status, p.error_code = "failed", "NO_WECOM_SENDER"
+                p.reason = "NO_WECOM_SENDER: the member has no guide and WECOM_SENDER is empty"
+                return False
+            p.payload["sender"] = sender
         return True
 
     @staticmethod

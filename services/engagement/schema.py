@@ -254,6 +254,11 @@ member_facts = Table(
     Column("stage", Text, nullable=False, server_default=""),
     Column("order_count", Integer, nullable=False, server_default="0"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # For `{nickname}` (member's NicknameSet).
+    Column("nickname", Text, nullable=False, server_default=""),
+    # The exclusive guide's WeCom userid (guides' GuideBound): the sender of
+    # the member's 1-to-1 WeCom messages.
+    Column("guide_userid", Text, nullable=False, server_default=""),
 )
 
 member_tags = Table(

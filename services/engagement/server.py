@@ -161,6 +161,35 @@ def _attrs(msg: Message, *names: str) -> dict[str, str]:
     return {n: str(getattr(msg, n)) for n in names}
 
 
+def _instant(msg: Message, name: str) -> str:
+    """A Timestamp field as UTC RFC 3339 ("" when unset); templates render it as
+    a date in the member's zone (`{points_expire_on}`, `{coupon_expire_on}`)."""
+    if not msg.HasField(name):
+        return ""
+    return str(getattr(msg, name).ToDatetime(tzinfo=UTC).isoformat())
+
+
+# Each bus event -> the attributes a journey it enters sees; templates.py's
+# TRIGGER_VARIABLES names the variables these attributes fill (keep in step:
+# tests/integration/test_engagement_variables.py publishes real events).
+def order_attrs(p: Any) -> dict[str, str]:
+    return _attrs(p, "order_id", "store_id")
+
+
+def points_expiring_attrs(p: Any) -> dict[str, str]:
+    return {
+        **_attrs(p, "points", "points_balance"),
+        "expires_at": _instant(p, "expires_at"),
+    }
+
+
+def coupon_expiring_attrs(p: Any) -> dict[str, str]:
+    return {
+        **_attrs(p, "coupon_id", "template_id", "name"),
+        "expires_at": _instant(p, "expires_at"),
+    }
+
+
 def build_quiet(s: EngagementSettings) -> QuietHours:
     start, end = parse_local_time(s.quiet_start), parse_local_time(s.quiet_end)
     if start is None or end is None:
@@ -184,6 +213,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
     ) -> Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]]:
         async def handle(uow: UnitOfWork, received: ReceivedEvent) -> None:
             payload = received.payload
+            # (ingest adds `store_name` for an event naming a store.)
             await handlers.ingest(uow, event, member(payload), attrs(payload))
 
         return handle
@@ -220,6 +250,16 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         p: Any = received.payload
         await handlers.on_erased(uow, list(p.member_ids))
 
+    async def nickname_set(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        p: Any = received.payload
+        await facts_repo.set_nickname(uow.conn, uuid.UUID(p.member_id), p.nickname)
+
+    async def guide_bound(uow: UnitOfWork, received: ReceivedEvent) -> None:
+        # The guide's staff id is their WeCom userid (guides syncs the
+        # directory): the sender of the member's 1-to-1 WeCom messages.
+        p: Any = received.payload
+        await facts_repo.set_guide(uow.conn, uuid.UUID(p.member_id), p.to_staff_id)
+
     async def tags_changed(uow: UnitOfWork, received: ReceivedEvent) -> None:
         # Journeys read tags locally; the guides service owns them (docs/guides.md).
         p: Any = received.payload
@@ -236,6 +276,8 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         ),
         Subscription("member", events_pb2.MemberMerged, merged),
         Subscription("guides", events_pb2.MemberTagsChanged, tags_changed),
+        Subscription("guides", events_pb2.GuideBound, guide_bound),
+        Subscription("member", events_pb2.NicknameSet, nickname_set),
         Subscription("member", events_pb2.MemberUnmerged, unmerged),
         Subscription("member", events_pb2.MemberErased, erased),
         Subscription("member", events_pb2.ConsentChanged, consent_changed),
@@ -244,21 +286,17 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
         Subscription(
             "rewards",
             events_pb2.OrderCompleted,
-            on("order_completed", mid, lambda p: _attrs(p, "order_id", "store_id")),
+            on("order_completed", mid, order_attrs),
         ),
         Subscription(
             "rewards",
             events_pb2.PointsExpiringSoon,
-            on("points_expiring_soon", mid, lambda p: _attrs(p, "points")),
+            on("points_expiring_soon", mid, points_expiring_attrs),
         ),
         Subscription(
             "rewards",
             events_pb2.CouponExpiringSoon,
-            on(
-                "coupon_expiring_soon",
-                mid,
-                lambda p: _attrs(p, "coupon_id", "template_id", "name"),
-            ),
+            on("coupon_expiring_soon", mid, coupon_expiring_attrs),
         ),
         Subscription(
             "tiering",
@@ -289,7 +327,13 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             app.member_consent = MemberConsent(s.member_addr, s.member_timeout_seconds)
             handlers.consent = app.member_consent
         app.scheduler = Scheduler(
-            app.db, clock, LocalConsent(), quiet, journeys, batch_size=s.engagement_batch_size
+            app.db,
+            clock,
+            LocalConsent(),
+            quiet,
+            journeys,
+            batch_size=s.engagement_batch_size,
+            wecom_sender=s.wecom_sender,
         )
         app.dispatcher = Dispatcher(
             app.db,

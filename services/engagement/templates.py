@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # ---- variables -------------------------------------------------------------------
 
@@ -31,14 +32,16 @@ class Variable:
 
 
 # What a template can say. Event attributes are those the entering event carries
-# (services/engagement/server.py maps each bus event to them).
+# (services/engagement/server.py maps each bus event to them); member facts are
+# what engagement keeps of the member (member_facts, fed by events).
 VARIABLES: dict[str, Variable] = {
-    "nickname": Variable("text", 32, ("event", "nickname")),
+    "nickname": Variable("text", 32, ("member", "nickname")),
     "points": Variable("number", 10, ("event", "points")),
     "points_balance": Variable("number", 10, ("event", "points_balance")),
-    "points_expire_on": Variable("date", 10, ("event", "expires_on")),
+    # An instant (UTC) rendered as the date in the member's zone.
+    "points_expire_on": Variable("date", 10, ("event", "expires_at")),
     "coupon_name": Variable("text", 64, ("event", "name")),
-    "coupon_expire_on": Variable("date", 10, ("event", "expires_on")),
+    "coupon_expire_on": Variable("date", 10, ("event", "expires_at")),
     "store_name": Variable("text", 32, ("event", "store_name")),
     "store_id": Variable("id", 32, ("event", "store_id")),
     "coupon_id": Variable("id", 36, ("event", "coupon_id")),
@@ -46,6 +49,45 @@ VARIABLES: dict[str, Variable] = {
     "member_id": Variable("id", 36, ("member", "member_id")),
     "today": Variable("date", 10, ("clock", "date")),
 }
+
+# Which variables each entry event can fill: its attributes as server.py maps
+# the bus event (or as the gateway / an operator launch supplies them). The
+# member's facts and the clock (`MEMBER_VARIABLES`) serve every trigger. A
+# journey whose send step names a variable its trigger can never supply is
+# refused at publish (UNSUPPLIED_VARIABLE); one the member merely lacks today
+# (no nickname set) fails that send when written (MISSING_VARIABLE).
+MEMBER_VARIABLES = frozenset({"nickname", "tier", "member_id", "today"})
+_STORE = frozenset({"store_id", "store_name"})
+TRIGGER_VARIABLES: dict[str, frozenset[str]] = {
+    "member_registered": frozenset(),
+    # rewards' OrderCompleted: the store, its name from rewards' stores
+    # (EngagementHandlers.with_store_name).
+    "order_completed": _STORE,
+    "first_order": _STORE,
+    "tier_changed": frozenset(),
+    "segment_changed": frozenset(),
+    "lifecycle_stage_changed": frozenset(),
+    "cart_abandoned": frozenset(),
+    "page_view": frozenset(),
+    # The mini-program's check-in names the store it was made at (its name
+    # added by EngagementHandlers.with_store_name, like every store event's).
+    "check_in": _STORE,
+    "subscription_tap": frozenset(),
+    # rewards' PointsExpiringSoon: points lapsing, when, and the balance then.
+    "points_expiring_soon": frozenset({"points", "points_expire_on", "points_balance"}),
+    # rewards' CouponExpiringSoon.
+    "coupon_expiring_soon": frozenset({"coupon_id", "coupon_name", "coupon_expire_on"}),
+    "birthday_month": frozenset(),
+    "location_reported": frozenset(),
+    # An operator launch at a store.
+    "near_store": _STORE,
+}
+
+
+def supplied(trigger: str) -> frozenset[str]:
+    """The variables a journey entered by `trigger` can fill."""
+    return TRIGGER_VARIABLES.get(trigger, frozenset()) | MEMBER_VARIABLES
+
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)(?::(\d{1,3}))?\}")
 
@@ -246,6 +288,31 @@ def check_content(channel: str, raw: dict[str, Any], path: str, errors: Any) -> 
     return content
 
 
+def _texts(value: Any, path: str) -> list[tuple[str, str]]:
+    """(path, text) of every template string in a step's checked content."""
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in _texts(v, f"{path}.{k}")]
+    return []
+
+
+def check_supplied(trigger: str, content: dict[str, Any], path: str, errors: Any) -> None:
+    """Refuse a variable the journey's entry event and the member's facts can
+    never supply (it would fail MISSING_VARIABLE for every member)."""
+    can = supplied(trigger)
+    for where, text in _texts(content, path):
+        parts, _ = parse_text(text)
+        for p in parts:
+            if p.variable and p.variable in VARIABLES and p.variable not in can:
+                errors.add(
+                    where,
+                    "UNSUPPLIED_VARIABLE",
+                    f"{{{p.variable}}} is never supplied to a journey entered by {trigger}"
+                    f" (it supplies: {', '.join(sorted(can))})",
+                )
+
+
 # ---- rendering ---------------------------------------------------------------------
 
 
@@ -271,8 +338,27 @@ def _value(name: str, event: dict[str, str], member: dict[str, str], now: dateti
         raise RenderError("MISSING_VARIABLE", f"{{{name}}} has no value for this member")
     text = str(found)
     if var.kind == "date" and "T" in text:
-        text = text.split("T", 1)[0]
+        text = _local_date(text, member.get("tz", ""))
     return text
+
+
+def _local_date(instant: str, tz: str) -> str:
+    """An RFC 3339 instant as the date in the member's zone (the brand's
+    default zone when the member has none); a value without an offset is
+    taken as already local."""
+    try:
+        at = datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    except ValueError:
+        return instant.split("T", 1)[0]
+    if at.tzinfo is None:
+        return at.date().isoformat()
+    from .domain import DEFAULT_TZ  # domain imports journey, which imports this
+
+    try:
+        zone = ZoneInfo(tz or DEFAULT_TZ)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = ZoneInfo(DEFAULT_TZ)
+    return at.astimezone(zone).date().isoformat()
 
 
 def render_text(

@@ -3,7 +3,9 @@
 `add_msg_template` only creates a task: the staff member sends it (or not)
 from their WeCom client. So a WeCom send waits `sending` (reason TASK_CREATED,
 provider_ref = the task's msgid) and this job reads the task's per-contact
-result (`get_groupmsg_send_result`, every page) when it is due: status 1 (sent)
+result when it is due, as WeCom documents it: `get_groupmsg_task` lists the
+staff members the task went to, then `get_groupmsg_send_result` (which needs
+the sender's userid) per sender, every page: status 1 (sent)
 → `delivered`; 2 (not the staff member's customer) or 3 (the customer's
 limit) → `failed` with NOT_A_FRIEND / CONTACT_LIMIT; 0 (not sent yet) waits
 and is read again, until the task's life (WECOM_TASK_LIFE_HOURS, by the
@@ -34,11 +36,7 @@ REFUSED = {2: "NOT_A_FRIEND", 3: "CONTACT_LIMIT"}
 
 
 class TaskResults(Protocol):
-    sender: str
-
-    async def send_result(
-        self, msgid: str, userid: str, limit: int = 500
-    ) -> list[dict[str, Any]]: ...
+    async def task_results(self, msgid: str) -> list[dict[str, Any]]: ...
 
 
 class WeComResults:
@@ -70,7 +68,7 @@ class WeComResults:
         if not tasks:
             return 0
         answers = await asyncio.gather(
-            *(self._provider.send_result(t.msgid, self._provider.sender) for t in tasks),
+            *(self._provider.task_results(t.msgid) for t in tasks),
             return_exceptions=True,
         )
         done = self._clock.now()
@@ -105,11 +103,13 @@ class WeComResults:
             return scheduler_repo.Outcome(
                 task.send_key, "failed", f"RESULT_UNREADABLE: {code}", task.msgid, code
             )
-        # One contact per task (chat_type single): its row, if WeCom lists it.
+        # One contact per task (chat_type single): its rows, one per sender the
+        # task went to; any sender having sent it delivers it.
         statuses = [int(r.get("status", 0) or 0) for r in answer]
         if 1 in statuses:
             return scheduler_repo.Outcome(task.send_key, "delivered", "SENT_BY_STAFF", task.msgid)
-        refused = next((s for s in statuses if s in REFUSED), None)
+        # Refused only when every sender's attempt was refused (another may still send).
+        refused = statuses[0] if statuses and all(s in REFUSED for s in statuses) else None
         if refused is not None:
             code = REFUSED[refused]
             return scheduler_repo.Outcome(

@@ -225,6 +225,16 @@ class ProfileHandlers(HandlersBase):
         profile = await self.profile(uow, root)
         if "birthday" in clean:
             await self._emit_birthday(uow, root, profile.fields.get("birthday", ""))
+        if "nickname" in clean:
+            # Engagement's `{nickname}` template variable (the effective value).
+            await uow.emit(
+                events_pb2.NicknameSet(
+                    member_id=root,
+                    nickname=profile.fields.get("nickname", ""),
+                    recorded_at=timestamp(datetime.now(UTC)),
+                ),
+                member_id=root,
+            )
         if ZONE_FIELDS & clean.keys():
             # Engagement's quiet hours and caps follow the member's zone.
             await uow.emit(

@@ -19,6 +19,7 @@ from gateway.app import Gateway, build
 from gateway.errors import PROBLEM_JSON
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.server import ServiceApp
+from services.engagement import facts_repository as facts_repo
 from tests.harness import eventually
 
 from .conftest import gateway_settings
@@ -336,3 +337,70 @@ async def test_sms_delivery_reports_need_the_callback_token(api: httpx.AsyncClie
     assert ok.json() == {"code": 0, "msg": "成功", "applied": 0}
     missing = await api.get("/v1/admin/journeys/no-such-journey/sends")
     assert missing.status_code == 404
+
+
+async def test_a_real_sms_send_is_settled_once_by_the_fakes_report_through_the_gateway(
+    api: httpx.AsyncClient,
+    eng_gateway: Gateway,
+    engagement_app: ServiceApp,
+    provider_fakes: Any,
+) -> None:
+    """The session's engagement service sends an SMS through the real Aliyun
+    provider to the fake; the fake's delivery report, pushed to the gateway's
+    callback route, settles the send once (`applied: 1`, then 0 on a repeat)."""
+    assert engagement_app.db is not None
+    journey_id = f"sms-report-{uuid.uuid4().hex[:8]}"
+    doc = check_in_journey(journey_id)
+    doc["steps"]["thanks"] = {
+        "type": "send",
+        "channel": "sms",
+        "template": "SMS_OFFER",
+        "params": {},
+        "class": "transactional",
+        "next": "end",
+    }
+    published = await api.post("/v1/admin/journeys", json=doc)
+    assert published.status_code == 201, published.text
+    member = await new_member(eng_gateway)
+    phone = f"139{random.randrange(10**8):08d}"
+    # What member would answer for the send (the session's engagement has no
+    # MEMBER_ADDR): the stored address.
+    async with engagement_app.db.unit_of_work() as uow:
+        await facts_repo.set_address(uow.conn, uuid.UUID(member), "sms", phone)
+
+    async def accepted() -> dict[str, Any] | None:
+        reply = await api.post(
+            f"/v1/members/{member}/events",
+            json={"event_id": str(uuid.uuid4()), "type": "check_in"},
+        )
+        assert reply.status_code == 202, reply.text
+        row = await engagement_app.db.pool.fetchrow(  # type: ignore[union-attr]
+            "SELECT send_key, status, provider_ref FROM engagement.sends"
+            " WHERE member_id = $1 AND journey_id = $2",
+            uuid.UUID(member),
+            journey_id,
+        )
+        return dict(row) if row is not None and row["status"] == "sending" else None
+
+    row = await eventually(accepted, timeout=20, interval=0.3)
+    [sent] = [a for a in provider_fakes.sms.accepted if a.out_id == row["send_key"]]
+    assert (sent.phone, sent.biz_id) == (phone, row["provider_ref"])
+    url = f"http://127.0.0.1:{eng_gateway.http_port}/v1/callbacks/sms/aliyun?token={RECEIPT_TOKEN}"
+    report = provider_fakes.sms.report(sent)
+    first = await provider_fakes.sms.push(url, [report])
+    assert first.status_code == 200, first.text
+    assert first.json() == {"code": 0, "msg": "成功", "applied": 1}
+    again = await provider_fakes.sms.push(url, [report])  # Aliyun pushes it again
+    assert again.json() == {"code": 0, "msg": "成功", "applied": 0}
+    status = await engagement_app.db.pool.fetchval(
+        "SELECT status FROM engagement.sends WHERE send_key = $1", row["send_key"]
+    )
+    assert status == "delivered"
+    sends = (await api.get(f"/v1/admin/journeys/{journey_id}/sends")).json()
+    assert {
+        "step_id": "thanks",
+        "channel": "sms",
+        "status": "delivered",
+        "error_code": "",
+        "count": 1,
+    } in sends["counts"]

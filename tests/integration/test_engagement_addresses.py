@@ -19,6 +19,7 @@ from loyalty.member.v1 import member_pb2 as pb
 from loyalty.member.v1 import member_pb2_grpc
 from servicekit.db import Database, asyncpg_dsn
 from servicekit.server import ServiceApp
+from services.engagement import facts_repository as facts_repo
 from services.engagement.channels import Delivery, Dispatcher
 from services.engagement.domain import FakeClock, QuietHours
 from services.engagement.ports import MemberAddresses
@@ -103,6 +104,8 @@ async def test_sms_and_wecom_sends_read_the_address_from_member_audited(
     member = await enrolled_member(
         env, member_stub, ident(PHONE, phone, verified=True), ident(WECOM, external)
     )
+    async with env.db.unit_of_work() as uow:  # guides' GuideBound: the WeCom sender
+        await facts_repo.set_guide(uow.conn, uuid.UUID(member), "guide-wang")
     await env.event("cart_abandoned", member)
     await env.scheduler.run_until_idle()
     keys = {

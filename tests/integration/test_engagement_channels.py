@@ -9,6 +9,7 @@ controllable clock."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,15 +28,19 @@ from services.engagement import facts_repository as facts_repo
 from services.engagement import scheduler_repository as scheduler_repo
 from services.engagement.channels import Dispatcher
 from services.engagement.domain import FakeClock, QuietHours
-from services.engagement.providers import build_providers
+from services.engagement.ports import LocalConsent
+from services.engagement.providers import TokenError, build_providers
+from services.engagement.scheduler import Scheduler
 from services.engagement.settings import EngagementSettings
 from services.engagement.wecom_results import WeComResults
 from tests.harness import Infra
 
-from .test_engagement_journeys import ALL, Env, _pause_all, db, make_env
+from .test_engagement_journeys import ALL, Env, _pause_all, _Stores, db, make_env
 
 __all__ = ["db"]
 
+# The WeCom userid of the staff member who is the test members' exclusive guide.
+GUIDE = "guide-li"
 # Wednesday 2030-07-03 11:00 in Shanghai: no quiet hours.
 NOON = datetime(2030, 7, 3, 3, 0, tzinfo=UTC)
 
@@ -56,13 +61,15 @@ class Rig:
         providers = build_providers(self.settings, client, self.redis, self.env.clock)
         return Dispatcher(self.env.db, self.env.clock, providers, {}, batch_size=500, **kw)
 
-    async def journey(self, name: str, channel: str, **content: Any) -> None:
+    async def journey(
+        self, name: str, channel: str, entry: str = "check_in", **content: Any
+    ) -> None:
         content.setdefault("template", f"{name}-template")
         await self.env.publish(
             {
                 "id": name,
                 "priority": 50,
-                "entry": {"event": "check_in"},
+                "entry": {"event": entry},
                 "start": "s",
                 "steps": {
                     "s": {
@@ -78,7 +85,12 @@ class Rig:
         )
 
     async def member(
-        self, openid: str = "", template: str = "", phone: str = "", **attrs: str
+        self,
+        openid: str = "",
+        template: str = "",
+        phone: str = "",
+        event: str = "check_in",
+        **attrs: str,
     ) -> str:
         m = str(uuid.uuid4())
         async with self.env.db.unit_of_work() as uow:
@@ -90,8 +102,20 @@ class Rig:
                 )
             if phone:  # what member would answer; here a stored address
                 await facts_repo.set_address(uow.conn, uuid.UUID(m), "sms", phone)
-        await self.env.event("check_in", m, **attrs)
+        await self.env.event(event, m, **attrs)
         await self.env.scheduler.run_until_idle()
+        return m
+
+    async def wecom_member(self, external: str, guide: str = "") -> str:
+        """A consenting member with a WeCom contact id and (when given) an
+        exclusive guide, as guides' GuideBound leaves it (facts_repo.set_guide)."""
+        m = str(uuid.uuid4())
+        async with self.env.db.unit_of_work() as uow:
+            await self.env.handlers.ingest(uow, "member_registered", m, {})
+            await self.env.handlers.set_consent(uow, m, ALL, True, "test")
+            await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
+            if guide:
+                await facts_repo.set_guide(uow.conn, uuid.UUID(m), guide)
         return m
 
     async def send_row(self, member: str) -> dict[str, Any]:
@@ -130,6 +154,10 @@ async def rig(db: Database, infra: Infra) -> AsyncIterator[Rig]:
     await _pause_all(db)
 
 
+EXPIRING = "points_expiring_soon"
+# As server.py maps rewards' PointsExpiringSoon: an instant, rendered as the
+# date in the member's zone (Shanghai: 2030-07-31).
+EXPIRY = {"event": EXPIRING, "expires_at": "2030-07-30T16:00:00+00:00"}
 MP = {
     "template": "tmpl-points-expiring",
     "data": {"thing1": "Points expiring", "number2": "{points}", "date3": "{points_expire_on}"},
@@ -138,14 +166,12 @@ MP = {
 
 
 async def test_token_expiry_mid_run_two_replicas_refresh_it_once(rig: Rig) -> None:
-    await rig.journey("mp-expiry", "miniprogram", **MP)
+    await rig.journey("mp-expiry", "miniprogram", entry=EXPIRING, **MP)
     members = []
     for _ in range(12):
         openid = f"o-{uuid.uuid4().hex[:10]}"
         rig.fakes.wechat.grant(openid, "tmpl-points-expiring")
-        members.append(
-            await rig.member(openid, "tmpl-points-expiring", points="120", expires_on="2030-07-31")
-        )
+        members.append(await rig.member(openid, "tmpl-points-expiring", **EXPIRY, points="120"))
     first, rest = members[0], members[1:]
     # Replica A sends one message: the first token is fetched.
     a, b = rig.dispatcher(), rig.dispatcher()
@@ -182,9 +208,9 @@ async def test_token_expiry_mid_run_two_replicas_refresh_it_once(rig: Rig) -> No
 
 
 async def test_no_credit_at_wechat_marks_no_credit_and_consumes_nothing(rig: Rig) -> None:
-    await rig.journey("mp-credit", "miniprogram", **MP)
+    await rig.journey("mp-credit", "miniprogram", entry=EXPIRING, **MP)
     openid = f"o-{uuid.uuid4().hex[:10]}"  # never granted at the fake: WeChat says 43101
-    m = await rig.member(openid, "tmpl-points-expiring", points="5", expires_on="2030-07-31")
+    m = await rig.member(openid, "tmpl-points-expiring", **EXPIRY, points="5")
     await rig.dispatcher().dispatch_once()
     row = await rig.send_row(m)
     assert (row["status"], row["error_code"]) == ("no_credit", "43101")
@@ -197,10 +223,10 @@ async def test_no_credit_at_wechat_marks_no_credit_and_consumes_nothing(rig: Rig
 
 
 async def test_rate_limited_sends_back_off_then_go(rig: Rig) -> None:
-    await rig.journey("mp-rate", "miniprogram", **MP)
+    await rig.journey("mp-rate", "miniprogram", entry=EXPIRING, **MP)
     openid = f"o-{uuid.uuid4().hex[:10]}"
     rig.fakes.wechat.grant(openid, "tmpl-points-expiring")
-    m = await rig.member(openid, "tmpl-points-expiring", points="5", expires_on="2030-07-31")
+    m = await rig.member(openid, "tmpl-points-expiring", **EXPIRY, points="5")
     rig.fakes.wechat.faults.add("rate_limit")
     d = rig.dispatcher()
     await d.dispatch_once()
@@ -218,10 +244,12 @@ async def test_rate_limited_sends_back_off_then_go(rig: Rig) -> None:
 
 @pytest.mark.parametrize("fault", ["slow", "drop"])
 async def test_an_uncertain_outcome_is_unknown_and_never_resent(rig: Rig, fault: str) -> None:
-    await rig.journey(f"push-{fault}", "app_push", title="Hi", body="Your points: {points}")
+    await rig.journey(
+        f"push-{fault}", "app_push", entry=EXPIRING, title="Hi", body="Your points: {points}"
+    )
     rig.fakes.push.faults.slow_seconds = 1.0
     rig.fakes.push.faults.add(fault)
-    m = await rig.member(points="42")
+    m = await rig.member(event=EXPIRING, points="42")
     d = rig.dispatcher(timeout=0.3)
     await d.dispatch_once()
     row = await rig.send_row(m)
@@ -295,9 +323,13 @@ async def test_consent_withdrawn_between_pending_and_delivery_sends_nothing(rig:
 
 async def test_sms_is_signed_accepted_then_settled_once_by_its_report(rig: Rig) -> None:
     await rig.journey(
-        "sms-points", "sms", template="SMS_POINTS_EXPIRING", params={"points": "{points}"}
+        "sms-points",
+        "sms",
+        entry=EXPIRING,
+        template="SMS_POINTS_EXPIRING",
+        params={"points": "{points}"},
     )
-    m = await rig.member(phone="13900000002", points="300")
+    m = await rig.member(phone="13900000002", event=EXPIRING, points="300")
     await rig.dispatcher().dispatch_once()
     row = await rig.send_row(m)
     accepted = rig.fakes.sms.accepted[-1]
@@ -373,16 +405,12 @@ async def test_wecom_task_keeps_its_msgid_and_its_result_is_readable(rig: Rig) -
         },
     )
     customer, stranger = f"wm-{uuid.uuid4().hex[:8]}", f"wm-{uuid.uuid4().hex[:8]}"
-    assert rig.fakes.wecom.customers is not None
-    rig.fakes.wecom.customers.add(customer)
+    rig.fakes.wecom.add_customer(customer, GUIDE)
     members = []
     for external in (customer, stranger):
-        m = str(uuid.uuid4())
+        m = await rig.wecom_member(external, GUIDE)
         async with rig.env.db.unit_of_work() as uow:
-            await rig.env.handlers.ingest(uow, "member_registered", m, {})
             await rig.env.handlers.ingest(uow, "tier_changed", m, {"to_tier": "GOLD"})
-            await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
-            await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
         await rig.env.event("check_in", m)
         members.append(m)
     await rig.env.scheduler.run_until_idle()
@@ -397,17 +425,20 @@ async def test_wecom_task_keeps_its_msgid_and_its_result_is_readable(rig: Rig) -
     task = rig.fakes.wecom.tasks[ok["provider_ref"]]["body"]
     assert task["text"] == {"content": "Hi, your GOLD perks are waiting"}
     assert task["attachments"][0]["miniprogram"]["page"] == "pages/index"
+    assert task["sender"] == GUIDE
     wecom = d.providers["wecom"]
-    results = await wecom.send_result(ok["provider_ref"], "")  # type: ignore[attr-defined]
+    results = await wecom.task_results(ok["provider_ref"])  # type: ignore[attr-defined]
     assert [(r["external_userid"], r["status"]) for r in results] == [(customer, 0)]
     rig.fakes.wecom.confirm(ok["provider_ref"])
-    results = await wecom.send_result(ok["provider_ref"], "")  # type: ignore[attr-defined]
-    assert [r["status"] for r in results] == [1]
+    results = await wecom.task_results(ok["provider_ref"])  # type: ignore[attr-defined]
+    assert [(r["userid"], r["status"]) for r in results] == [(GUIDE, 1)]
 
 
 async def test_a_template_the_event_cannot_fill_fails_when_written(rig: Rig) -> None:
-    await rig.journey("push-missing", "app_push", title="Hi", body="Points: {points}")
-    m = await rig.member()  # the check-in carries no points
+    await rig.journey(
+        "push-missing", "app_push", entry=EXPIRING, title="Hi", body="Points: {points}"
+    )
+    m = await rig.member(event=EXPIRING)  # this one carries no points
     row = await rig.send_row(m)
     assert (row["status"], row["error_code"]) == ("failed", "MISSING_VARIABLE")
 
@@ -478,8 +509,8 @@ async def test_an_accepted_sms_without_a_report_becomes_unknown_at_the_cutoff(ri
 async def test_a_credit_wechat_voided_after_the_send_was_written_is_no_credit_uncalled(
     rig: Rig,
 ) -> None:
-    await rig.journey("mp-void-a", "miniprogram", **MP)
-    await rig.journey("mp-void-b", "miniprogram", **MP)
+    await rig.journey("mp-void-a", "miniprogram", entry=EXPIRING, **MP)
+    await rig.journey("mp-void-b", "miniprogram", entry=EXPIRING, **MP)
     template = "tmpl-points-expiring"
     members, openids = [], []
     for _ in range(2):
@@ -492,7 +523,7 @@ async def test_a_credit_wechat_voided_after_the_send_was_written_is_no_credit_un
                 await rig.env.handlers.ingest(
                     uow, "subscription_tap", m, {"template": template, "openid": openid}
                 )
-        await rig.env.event("check_in", m, points="5", expires_on="2030-07-31")
+        await rig.env.event(EXPIRING, m, expires_at=EXPIRY["expires_at"], points="5")
         members.append(m)
         openids.append(openid)
     await rig.env.scheduler.run_until_idle()
@@ -546,16 +577,11 @@ async def test_a_credit_wechat_voided_after_the_send_was_written_is_no_credit_un
 
 async def test_wecom_sends_are_settled_by_what_the_staff_member_did(rig: Rig) -> None:
     await rig.journey("wecom-settle", "wecom", template="hello", text="Hello")
-    assert rig.fakes.wecom.customers is not None
     members, contacts = [], []
     for _ in range(3):
         external = f"wm-{uuid.uuid4().hex[:8]}"
-        rig.fakes.wecom.customers.add(external)
-        m = str(uuid.uuid4())
-        async with rig.env.db.unit_of_work() as uow:
-            await rig.env.handlers.ingest(uow, "member_registered", m, {})
-            await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
-            await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
+        rig.fakes.wecom.add_customer(external, GUIDE)
+        m = await rig.wecom_member(external, GUIDE)
         await rig.env.event("check_in", m)
         members.append(m)
         contacts.append(external)
@@ -614,14 +640,9 @@ async def test_the_wecom_results_command_settles_due_tasks(
     rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await rig.journey("wecom-cli", "wecom", template="hello", text="Hello")
-    assert rig.fakes.wecom.customers is not None
     external = f"wm-{uuid.uuid4().hex[:8]}"
-    rig.fakes.wecom.customers.add(external)
-    m = str(uuid.uuid4())
-    async with rig.env.db.unit_of_work() as uow:
-        await rig.env.handlers.ingest(uow, "member_registered", m, {})
-        await rig.env.handlers.set_consent(uow, m, ALL, True, "test")
-        await facts_repo.set_address(uow.conn, uuid.UUID(m), "wecom", external)
+    rig.fakes.wecom.add_customer(external, GUIDE)
+    m = await rig.wecom_member(external, GUIDE)
     await rig.env.event("check_in", m)
     await rig.env.scheduler.run_until_idle()
     await rig.dispatcher().dispatch_once()
@@ -631,3 +652,75 @@ async def test_the_wecom_results_command_settles_due_tasks(
     assert '"read": ' in capsys.readouterr().out
     row = await rig.send_row(m)
     assert (row["status"], row["reason"]) == ("delivered", "SENT_BY_STAFF")
+
+
+async def test_a_wecom_send_goes_from_the_members_guide_and_is_read_per_sender(
+    rig: Rig,
+) -> None:
+    """WeCom reads a task's results per sender: the send goes from the member's
+    exclusive guide (not one global WECOM_SENDER, who is not this customer's
+    staff member: fail_list), and its result is read through get_groupmsg_task's
+    senders, each asked get_groupmsg_send_result with their userid."""
+    await rig.journey("wecom-guide", "wecom", template="hello", text="Hello")
+    other = "guide-zhao"
+    mine, theirs = f"wm-{uuid.uuid4().hex[:8]}", f"wm-{uuid.uuid4().hex[:8]}"
+    rig.fakes.wecom.add_customer(mine, GUIDE)
+    rig.fakes.wecom.add_customer(theirs, other)
+    members = [await rig.wecom_member(mine, GUIDE), await rig.wecom_member(theirs, other)]
+    for m in members:
+        await rig.env.event("check_in", m)
+    await rig.env.scheduler.run_until_idle()
+    d = rig.dispatcher()
+    await d.dispatch_once()
+    rows = [await rig.send_row(m) for m in members]
+    assert [(r["status"], r["reason"]) for r in rows] == [("sending", "TASK_CREATED")] * 2
+    tasks = [rig.fakes.wecom.tasks[r["provider_ref"]] for r in rows]
+    assert [t["body"]["sender"] for t in tasks] == [GUIDE, other]
+    assert [sorted(t["senders"]) for t in tasks] == [[GUIDE], [other]]
+    # WeCom answers a result only for a named sender.
+    wecom = d.providers["wecom"]
+    with pytest.raises(TokenError) as caught:
+        await wecom.send_result(rows[0]["provider_ref"], "")  # type: ignore[attr-defined]
+    assert caught.value.code == "40003"
+    assert await wecom.task_senders(rows[1]["provider_ref"]) == [other]  # type: ignore[attr-defined]
+    rig.fakes.wecom.confirm(rows[0]["provider_ref"], GUIDE)
+    rig.fakes.wecom.confirm(rows[1]["provider_ref"], other)
+    results = WeComResults(rig.env.db, rig.env.clock, wecom)  # type: ignore[arg-type]
+    await results.settle_once()
+    rows = [await rig.send_row(m) for m in members]
+    assert [(r["status"], r["reason"]) for r in rows] == [("delivered", "SENT_BY_STAFF")] * 2
+
+
+async def test_a_member_without_a_guide_goes_from_wecom_sender_and_with_neither_fails(
+    rig: Rig,
+) -> None:
+    await rig.journey("wecom-fallback", "wecom", template="hello", text="Hello")
+    contact = f"wm-{uuid.uuid4().hex[:8]}"
+    rig.fakes.wecom.add_customer(contact, "fallback-staff")
+    # WECOM_SENDER empty and no guide: nobody can send it; failed when written.
+    bare = Scheduler(
+        rig.env.db, rig.env.clock, LocalConsent(), QuietHours(), rig.env.journeys, wecom_sender=""
+    )
+    lonely = await rig.wecom_member(contact)
+    await rig.env.event("check_in", lonely)
+    await bare.run_until_idle()
+    row = await rig.send_row(lonely)
+    assert (row["status"], row["error_code"]) == ("failed", "NO_WECOM_SENDER")
+    # With WECOM_SENDER (the rig's scheduler: "fallback-staff") it goes from them.
+    m = await rig.wecom_member(contact)
+    await rig.env.event("check_in", m)
+    await rig.env.scheduler.run_until_idle()
+    await rig.dispatcher().dispatch_once()
+    row = await rig.send_row(m)
+    assert (row["status"], row["reason"]) == ("sending", "TASK_CREATED")
+    assert rig.fakes.wecom.tasks[row["provider_ref"]]["body"]["sender"] == "fallback-staff"
+
+
+async def test_a_check_in_at_a_store_names_the_store_as_rewards_knows_it(rig: Rig) -> None:
+    rig.env.handlers.stores = _Stores({"SH001": "Asia/Shanghai"})
+    await rig.journey("push-store", "app_push", title="Hi", body="Welcome to {store_name}")
+    m = await rig.member(store_id="SH001")
+    payload = await rig.env.db.pool.fetchval(
+        "SELECT payload::text FROM engagement.sends WHERE member_id = $1", uuid.UUID(m)
+    )
+    assert json.loads(payload)["body"] == "Welcome to Store SH001"

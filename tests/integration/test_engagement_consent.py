@@ -108,7 +108,9 @@ async def test_member_withdrawal_suppresses_the_send(
     clock = FakeClock(START)
     journeys = JourneyCache()
     handlers = EngagementHandlers(clock, QuietHours(), journeys)
-    scheduler = Scheduler(db, clock, LocalConsent(), QuietHours(), journeys)
+    scheduler = Scheduler(
+        db, clock, LocalConsent(), QuietHours(), journeys, wecom_sender="fallback-staff"
+    )
     journey_id = f"consent-bus-{uuid.uuid4().hex[:6]}"
     doc = {
         "id": journey_id,

@@ -102,7 +102,15 @@ def make_env(db: Database, clock: FakeClock, quiet: QuietHours, batch: int = 200
         db,
         clock,
         EngagementHandlers(clock, quiet, journeys),
-        Scheduler(db, clock, LocalConsent(), quiet, journeys, batch_size=batch),
+        Scheduler(
+            db,
+            clock,
+            LocalConsent(),
+            quiet,
+            journeys,
+            batch_size=batch,
+            wecom_sender="fallback-staff",
+        ),
         journeys,
         uuid.uuid4().hex[:6],
     )
@@ -436,6 +444,7 @@ async def test_caps_hold_under_concurrent_sweepers(loud: Env) -> None:
             QuietHours(time(0), time(0)),
             env.journeys,
             batch_size=7,
+            wecom_sender="fallback-staff",
         )
         for _ in range(4)
     ]
@@ -736,7 +745,13 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
         await env.event("cart_abandoned", m)
     env.clock.advance(timedelta(hours=2))
     crashing = Scheduler(
-        env.db, env.clock, LocalConsent(), QuietHours(), env.journeys, batch_size=50
+        env.db,
+        env.clock,
+        LocalConsent(),
+        QuietHours(),
+        env.journeys,
+        batch_size=50,
+        wecom_sender="fallback-staff",
     )
     real_move = scheduler_repo.move_timers
     calls = 0
@@ -755,7 +770,9 @@ async def test_crash_mid_batch_loses_no_step_and_sends_nothing_twice(
             await crashing.sweep_once()
     monkeypatch.setattr(scheduler_repo, "move_timers", real_move)
     # A fresh worker (the restart) finishes the job.
-    await Scheduler(env.db, env.clock, LocalConsent(), QuietHours(), env.journeys).run_until_idle()
+    await Scheduler(
+        env.db, env.clock, LocalConsent(), QuietHours(), env.journeys, wecom_sender="fallback-staff"
+    ).run_until_idle()
     keys = await env.db.pool.fetch(
         "SELECT member_id, count(*) AS n FROM engagement.sends WHERE journey_id = $1"
         " GROUP BY member_id",
@@ -1143,7 +1160,15 @@ async def test_goal_events_racing_sweepers_neither_deadlock_nor_double_send(env:
         await env.event("cart_abandoned", m)
     env.clock.advance(timedelta(hours=2))
     sweepers = [
-        Scheduler(env.db, env.clock, LocalConsent(), QuietHours(), env.journeys, batch_size=5)
+        Scheduler(
+            env.db,
+            env.clock,
+            LocalConsent(),
+            QuietHours(),
+            env.journeys,
+            batch_size=5,
+            wecom_sender="fallback-staff",
+        )
         for _ in range(3)
     ]
     results = await asyncio.gather(
@@ -1245,7 +1270,9 @@ async def test_sweeper_tasks_sharing_a_scheduler_isolate_their_own_failing_step(
     await env.scheduler.run_until_idle()  # both wait for their reminder now
     env.clock.advance(timedelta(hours=2))
     gate = _GatedConsent(poison, healthy)
-    shared = Scheduler(env.db, env.clock, gate, QuietHours(), env.journeys)  # type: ignore[arg-type]
+    shared = Scheduler(
+        env.db, env.clock, gate, QuietHours(), env.journeys, wecom_sender="fallback-staff"
+    )  # type: ignore[arg-type]
     first = asyncio.create_task(shared.sweep_once(1))
     await gate.waiting.wait()  # the first task holds the poison step
     await shared.sweep_once(1)  # the second task claims and runs the healthy one
@@ -1452,6 +1479,9 @@ class _Stores:
 
     async def zone_of(self, store_id: str) -> str:
         return self.zones.get(store_id, "")
+
+    async def name_of(self, store_id: str) -> str:
+        return f"Store {store_id}" if store_id in self.zones else ""
 
 
 async def _zone(env: Env, member: str, profile_tz: str, store_id: str = "") -> str:

@@ -59,7 +59,9 @@ async def test_journey_tag_step_writes_into_the_guides_tag_model(
     clock = FakeClock(START)
     journeys = JourneyCache()
     handlers = EngagementHandlers(clock, QuietHours(), journeys)
-    scheduler = Scheduler(engagement_db, clock, LocalConsent(), QuietHours(), journeys)
+    scheduler = Scheduler(
+        engagement_db, clock, LocalConsent(), QuietHours(), journeys, wecom_sender="fallback-staff"
+    )
     journey_id = f"tag-vip-{uuid.uuid4().hex[:6]}"
     tag = f"vip-{uuid.uuid4().hex[:4]}"
     doc = {

@@ -71,7 +71,14 @@ async def test_a_journey_task_reaches_the_guide_and_is_tracked_to_done(
         clock = FakeClock(START)
         journeys = JourneyCache()
         handlers = EngagementHandlers(clock, QuietHours(), journeys)
-        scheduler = Scheduler(engagement_db, clock, LocalConsent(), QuietHours(), journeys)
+        scheduler = Scheduler(
+            engagement_db,
+            clock,
+            LocalConsent(),
+            QuietHours(),
+            journeys,
+            wecom_sender="fallback-staff",
+        )
         journey_id = f"wake-vip-{uuid.uuid4().hex[:6]}"
         doc = {
             "id": journey_id,

@@ -153,6 +153,8 @@ async def test_expiry_job_and_expiring_soon_events(db: Database, conn: asyncpg.C
             mine.append(event)
     assert len(mine) == 1 and mine[0].points == 30
     assert mine[0].expires_at.ToDatetime(tzinfo=UTC) == T0 + timedelta(days=30)
+    # The member's balance then, for engagement's `{points_balance}`.
+    assert mine[0].points_balance == (await balance(conn, member))["available"] == 30
     # The job expires it; running it again changes nothing.
     assert await expire_due(db, ledger.points, T0 + timedelta(days=31)) >= 1
     await expire_due(db, ledger.points, T0 + timedelta(days=31))

@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 
 from servicekit.errors import InvalidArgument
-from services.engagement.journey import parse_journey
-from services.engagement.templates import RenderError, render
+from services.engagement.journey import EVENTS, parse_journey
+from services.engagement.templates import TRIGGER_VARIABLES, VARIABLES, RenderError, render
 
 NOW = datetime(2030, 3, 4, 2, 0, tzinfo=UTC)
 
 
-def journey(channel: str, **content: Any) -> dict[str, Any]:
+def journey(channel: str, entry: str = "coupon_expiring_soon", **content: Any) -> dict[str, Any]:
     return {
-        "id": "points-expiring",
-        "entry": {"event": "points_expiring_soon"},
+        "id": "coupon-expiring",
+        "entry": {"event": entry},
         "start": "tell",
         "steps": {
             "tell": {
@@ -69,7 +69,7 @@ def test_a_variable_that_can_outgrow_a_thing_is_refused_unless_cut() -> None:
     ],
 )
 def test_wechat_keyword_types(data: dict[str, str], code: str | None, key: str | None) -> None:
-    doc = journey("miniprogram", data=data)
+    doc = journey("miniprogram", "points_expiring_soon", data=data)
     if code is None:
         parse_journey(doc)
         return
@@ -80,7 +80,7 @@ def test_wechat_keyword_types(data: dict[str, str], code: str | None, key: str |
 def test_sms_variables_are_at_most_35_characters() -> None:
     err = refusal(journey("sms", params={"name": "{coupon_name}"}))
     assert (err.code, err.field) == ("TEMPLATE_VALUE_TOO_LONG", "definition.steps.tell.params.name")
-    parse_journey(journey("sms", params={"name": "{coupon_name:35}", "points": "{points}"}))
+    parse_journey(journey("sms", params={"name": "{coupon_name:35}", "on": "{coupon_expire_on}"}))
 
 
 def test_each_channel_needs_its_content() -> None:
@@ -93,30 +93,61 @@ def test_rendering_fills_cuts_and_refuses_what_it_cannot_fill() -> None:
     step = parse_journey(
         journey(
             "miniprogram",
-            data={
-                "thing1": "{coupon_name:6}",
-                "number2": "{points}",
-                "date3": "{points_expire_on}",
-            },
+            data={"thing1": "{coupon_name:6}", "date3": "{coupon_expire_on}"},
             page="pages/coupon/index?id={coupon_id}",
         )
     ).step("tell")
+    # As server.py maps rewards' CouponExpiringSoon: expires_at is an instant.
     event = {
         "name": "Oolong milk tea voucher",
-        "points": "300",
-        "expires_on": "2030-03-31T00:00:00Z",
+        "coupon_id": "C1",
+        "expires_at": "2030-03-30T16:00:00+00:00",
     }
-    event["coupon_id"] = "C1"
-    out = render("miniprogram", "tmpl-1", step.content, event, {}, NOW)
+    out = render("miniprogram", "tmpl-1", step.content, event, {"tz": "Asia/Shanghai"}, NOW)
     assert out == {
         "template_id": "tmpl-1",
         "page": "pages/coupon/index?id=C1",
         "data": {
             "thing1": {"value": "Oolong"},
-            "number2": {"value": "300"},
+            # Midnight in Shanghai is the 31st there (16:00 UTC on the 30th).
             "date3": {"value": "2030-03-31"},
         },
     }
+    london = render("miniprogram", "tmpl-1", step.content, event, {"tz": "Europe/London"}, NOW)
+    assert london["data"]["date3"] == {"value": "2030-03-30"}
     with pytest.raises(RenderError) as caught:
         render("miniprogram", "tmpl-1", step.content, {"name": "x"}, {}, NOW)
     assert caught.value.code == "MISSING_VARIABLE"
+
+
+@pytest.mark.parametrize(
+    ("entry", "text", "variable"),
+    [
+        ("tier_changed", "You have {points} points", "points"),
+        ("coupon_expiring_soon", "Balance {points_balance}", "points_balance"),
+        ("points_expiring_soon", "See you at {store_name:10}", "store_name"),
+        ("member_registered", "Your {coupon_name:20} ends {coupon_expire_on}", "coupon_name"),
+    ],
+)
+def test_a_variable_the_trigger_never_supplies_is_refused_at_publish(
+    entry: str, text: str, variable: str
+) -> None:
+    err = refusal(journey("app_push", entry, title="Hi", body=text))
+    assert (err.code, err.field) == ("UNSUPPLIED_VARIABLE", "definition.steps.tell.body")
+    assert f"{{{variable}}}" in str(err) and entry in str(err)
+
+
+def test_every_trigger_supplies_its_variables_and_the_members_facts() -> None:
+    assert set(TRIGGER_VARIABLES) == set(EVENTS)
+    for entry in EVENTS:
+        # Every variable a trigger claims exists, and the member's facts serve all.
+        assert TRIGGER_VARIABLES[entry] <= set(VARIABLES)
+        parse_journey(journey("app_push", entry, title="{nickname:10}", body="{tier} {today}"))
+    parse_journey(
+        journey(
+            "sms",
+            "points_expiring_soon",
+            params={"p": "{points}", "b": "{points_balance}", "d": "{points_expire_on}"},
+        )
+    )
+    parse_journey(journey("wecom", "order_completed", text="Thanks for visiting {store_name}"))

@@ -62,10 +62,11 @@ NOT_ERROR_CODES = {
     # ...and the waiting sends' reasons and settlements (SMS receipt cut-off,
     # WeCom task results, a mini-program credit WeChat voided).
     *("NO_RECEIPT", "TASK_CREATED", "SENT_BY_STAFF", "NOT_SENT_BY_STAFF", "CREDIT_VOIDED"),
-    *("NOT_A_FRIEND", "CONTACT_LIMIT"),
+    *("NOT_A_FRIEND", "CONTACT_LIMIT", "NO_WECOM_SENDER"),
     # Names of constants and make variables the docs mention.
     *(
         "VARIABLES",
+        "TRIGGER_VARIABLES",
         "ANALYTICS_DEADLINE_FACTOR",
         "STORE_SCOPE",
         "DEDUPE_AHEAD_DAYS",

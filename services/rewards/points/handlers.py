@@ -1320,6 +1320,7 @@ class PointsLedger:
                     member_id=str(row["member_id"]),
                     points=row["points"],
                     expires_at=timestamp(row["expires_at"]),
+                    points_balance=row["balance"],
                 ),
                 member_id=str(row["member_id"]),
             )

@@ -585,7 +585,7 @@ async def claim_expiring_soon(
     conn: Connection, now: datetime, horizon: datetime, limit: int
 ) -> list[Any]:
     """Mark lots lapsing before `horizon` as announced; one row per member and
-    expiry instant with the points. SKIP LOCKED lets two job runs share the work."""
+    expiry instant with the points and the member's available balance. SKIP LOCKED lets two job runs share the work."""
     return await conn.fetch(
         """
         WITH due AS (
@@ -599,8 +599,10 @@ async def claim_expiring_soon(
             FROM due WHERE l.id = due.id
             RETURNING l.member_id, l.expires_at, l.remaining
         )
-        SELECT member_id, expires_at, sum(remaining)::bigint AS points
-        FROM marked GROUP BY member_id, expires_at ORDER BY member_id, expires_at
+        SELECT m.member_id, m.expires_at, sum(m.remaining)::bigint AS points,
+               coalesce(min(b.available), 0)::bigint AS balance
+        FROM marked m LEFT JOIN rewards.points_balances b ON b.member_id = m.member_id
+        GROUP BY m.member_id, m.expires_at ORDER BY m.member_id, m.expires_at
         """,
         now,
         horizon,
