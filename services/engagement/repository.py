@@ -522,11 +522,12 @@ async def erase_member(conn: Connection, member_id: uuid.UUID, at: datetime) -> 
         member_id,
         at,
     )
-    # Undelivered sends will never go; delivered ones keep no link to the person.
+    # Undelivered sends will never go; delivered ones keep no link to the person,
+    # nor the content rendered for them (a nickname, a balance, a store).
     await conn.execute(
         "UPDATE engagement.sends SET status = CASE WHEN status = 'pending' THEN 'suppressed'"
         " ELSE status END, reason = CASE WHEN status = 'pending' THEN 'erased' ELSE reason END,"
-        " member_id = NULL WHERE member_id = $1",
+        " member_id = NULL, payload = '{}'::jsonb WHERE member_id = $1",
         member_id,
     )
     for table in (

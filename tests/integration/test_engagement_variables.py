@@ -175,6 +175,21 @@ async def test_real_bus_events_fill_every_variable_their_trigger_supplies(
     # Sent by the member's exclusive guide (GuideBound), not WECOM_SENDER.
     assert wecom["sender"] == "guide-chen"
 
+    # Erased: the content rendered for the person (nickname, balance) goes too.
+    await publish(infra, "member", events_pb2.MemberErased(member_ids=[m]), m)
+
+    async def wiped() -> bool:
+        rows = await engagement_app.db.pool.fetch(  # type: ignore[union-attr]
+            "SELECT member_id, payload::text AS payload FROM engagement.sends"
+            " WHERE journey_id LIKE $1",
+            f"render-%-{t}",
+        )
+        return len(rows) == 3 and all(
+            r["member_id"] is None and r["payload"] == "{}" for r in rows
+        )
+
+    assert await eventually(wiped, timeout=15)
+
 
 async def test_the_nickname_set_at_member_reaches_engagement(
     member_app: ServiceApp, engagement_app: ServiceApp, member_channel: grpc.aio.Channel

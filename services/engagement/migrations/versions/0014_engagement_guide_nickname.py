@@ -7,8 +7,8 @@ Existing members start empty and fill as the events arrive: a guide bound
 before this ran is not known here until the member's next GuideBound, so their
 WeCom sends go from WECOM_SENDER meanwhile (docs/journeys.md, "WeCom").
 
-Revision ID: 0013_engagement_guide_nickname
-Revises: 0012_engagement_partitions
+Revision ID: 0014_engagement_guide_nickname
+Revises: 0013_engagement_sends_partitions
 Create Date: 2026-12-05 03:50:00.000000
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0013_engagement_guide_nickname"
-down_revision: str | None = "0012_engagement_partitions"
+revision: str = "0014_engagement_guide_nickname"
+down_revision: str | None = "0013_engagement_sends_partitions"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
