@@ -187,7 +187,22 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         return response
 
     async def current(request: Request) -> Session | None:
-        return await console.sessions.load(request.cookies.get(COOKIE, ""))
+        session = await console.sessions.load(request.cookies.get(COOKIE, ""))
+        if session is None or not session.signed_in:
+            return session
+        # The account as it is now, on every request: a disabled (or deleted)
+        # operator is signed out at once, a change of roles applies at once
+        # (`python -m console users disable | roles`), not after the session's 12 h.
+        assert console.pool is not None
+        async with console.pool.acquire() as conn:
+            roles = await users.state(conn, session.username)
+        if roles is None:
+            await console.sessions.delete(session.session_id)
+            return None
+        if tuple(sorted(roles)) != tuple(sorted(session.roles)):
+            session.roles = roles
+            await console.sessions.save(session)
+        return session
 
     async def signed_in(request: Request, right: Right | None = None) -> Session:
         session = await current(request)
