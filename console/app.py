@@ -544,9 +544,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         kind = form.get("kind", "")
         value = form.get("value", "").strip()
         if kind not in ("phone", "member_number") or not value:
-            return await member_page(
-                request, session, "", 400, error_key="error.find"
-            )
+            return await member_page(request, session, "", 400, error_key="error.find")
         found = await call(
             session, Right.FIND_MEMBERS, "POST", "/v1/admin/members/lookup", json={kind: value}
         )

@@ -204,8 +204,14 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "chart.segments.segments": ("分群人数", "Members per segment"),
     "chart.lifecycle.stages": ("生命周期阶段", "Lifecycle stages"),
     "chart.lifecycle.transitions": ("阶段流转（按天）", "Stage transitions per day"),
-    "chart.points.points-by-day": ("每日积分获得 / 使用 / 过期", "Points earned / spent / expired per day"),
-    "chart.coupons.funnel": ("模板漏斗：发放→锁定→核销→过期", "Per template: issued → locked → redeemed → expired"),
+    "chart.points.points-by-day": (
+        "每日积分获得 / 使用 / 过期",
+        "Points earned / spent / expired per day",
+    ),
+    "chart.coupons.funnel": (
+        "模板漏斗：发放→锁定→核销→过期",
+        "Per template: issued → locked → redeemed → expired",
+    ),
     "chart.coupons.rate-by-day": ("核销率（按发放日）", "Redemption rate by issue day"),
     "chart.coupons.by-store": ("门店核销", "Redemptions by store"),
     "chart.referral.top-inviters": ("邀请排行", "Top inviters"),

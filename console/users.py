@@ -153,14 +153,11 @@ async def audit(
 
 async def _locked_row(conn: asyncpg.Connection, username: str) -> asyncpg.Record:
     row = await conn.fetchrow(
-        "SELECT username, roles, disabled_at FROM console.operators"
-        " WHERE username = $1 FOR UPDATE",
+        "SELECT username, roles, disabled_at FROM console.operators WHERE username = $1 FOR UPDATE",
         username,
     )
     if row is None:
-        raise NotFound(
-            f"no operator {username!r}", code="OPERATOR_NOT_FOUND", field="username"
-        )
+        raise NotFound(f"no operator {username!r}", code="OPERATOR_NOT_FOUND", field="username")
     return row
 
 
@@ -184,9 +181,7 @@ async def list_operators(conn: asyncpg.Connection) -> list[dict[str, Any]]:
     ]
 
 
-async def set_disabled(
-    conn: asyncpg.Connection, username: str, disabled: bool, *, by: str
-) -> bool:
+async def set_disabled(conn: asyncpg.Connection, username: str, disabled: bool, *, by: str) -> bool:
     """Disables (or enables) the account; True when that changed something.
     The caller ends a disabled operator's sessions (SessionStore.end_all); a
     session the store missed is refused anyway: each request re-reads the account."""

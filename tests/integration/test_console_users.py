@@ -74,7 +74,9 @@ async def test_disable_ends_every_session_at_once_and_enable_lets_the_operator_b
         for client in (first, second):
             assert (await log_in(client, name)).status_code == 303
             assert (await client.get("/account/password")).status_code == 200
-        status, [shown] = await run(infra, capsys, "disable", "--username", name, "--by", "ops.lead")
+        status, [shown] = await run(
+            infra, capsys, "disable", "--username", name, "--by", "ops.lead"
+        )
         assert status == 0
         assert shown == {"username": name, "changed": True, "sessions_ended": 2}
         for client in (first, second):
@@ -193,7 +195,10 @@ async def test_list_shows_every_account_without_secrets_and_create_is_audited(
     assert created["one_time_password"] not in json.dumps(listed)
     assert not any("hash" in key or "secret" in key for row in listed for key in row)
     status, log = await run(infra, capsys, "audit", "--username", name)
-    assert [(e["by"], e["action"]) for e in log] == [("ops.lead", "create"), ("ops.lead", "disable")]
+    assert [(e["by"], e["action"]) for e in log] == [
+        ("ops.lead", "create"),
+        ("ops.lead", "disable"),
+    ]
     assert log[0]["detail"] == {"roles": ["marketer"], "totp": False}
 
 
