@@ -19,6 +19,7 @@ from console import users
 from console.__main__ import users_main
 from console.server import ConsoleServer
 from console.sessions import COOKIE
+from console.settings import ConsoleSettings
 from servicekit.db import asyncpg_dsn
 from tests.harness import Infra
 from tests.integration.test_console_security import (
@@ -38,8 +39,15 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture(scope="module")
-async def console(infra: Infra, clock: FakeClock) -> AsyncIterator[ConsoleServer]:
-    server = ConsoleServer(console_settings(infra), clock=clock)
+def settings(infra: Infra) -> ConsoleSettings:
+    """A Redis namespace of this module's own: its failed log-ins must not
+    lock 127.0.0.1 out of the other console tests' consoles."""
+    return console_settings(infra, redis_namespace=f"{infra.namespace}:{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture(scope="module")
+async def console(settings: ConsoleSettings, clock: FakeClock) -> AsyncIterator[ConsoleServer]:
+    server = ConsoleServer(settings, clock=clock)
     await server.start()
     yield server
     await server.stop()
@@ -53,12 +61,12 @@ async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def run(
-    infra: Infra, capsys: pytest.CaptureFixture[str], *argv: str
+    settings: ConsoleSettings, capsys: pytest.CaptureFixture[str], *argv: str
 ) -> tuple[int, list[dict]]:
     """`python -m console users ARGV` in this process (its own event loop, in a
     thread): the exit status and the JSON lines it printed."""
     capsys.readouterr()
-    status = await asyncio.to_thread(users_main, list(argv), console_settings(infra))
+    status = await asyncio.to_thread(users_main, list(argv), settings)
     out = capsys.readouterr().out
     return status, [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -66,7 +74,7 @@ async def run(
 async def test_disable_ends_every_session_at_once_and_enable_lets_the_operator_back(
     console: ConsoleServer,
     conn: asyncpg.Connection,
-    infra: Infra,
+    settings: ConsoleSettings,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     name = await operator(conn, ["viewer"])
@@ -75,7 +83,7 @@ async def test_disable_ends_every_session_at_once_and_enable_lets_the_operator_b
             assert (await log_in(client, name)).status_code == 303
             assert (await client.get("/account/password")).status_code == 200
         status, [shown] = await run(
-            infra, capsys, "disable", "--username", name, "--by", "ops.lead"
+            settings, capsys, "disable", "--username", name, "--by", "ops.lead"
         )
         assert status == 0
         assert shown == {"username": name, "changed": True, "sessions_ended": 2}
@@ -83,7 +91,7 @@ async def test_disable_ends_every_session_at_once_and_enable_lets_the_operator_b
             page = await client.get("/account/password")
             assert page.status_code == 303 and page.headers["location"] == "/login"
         assert (await log_in(first, name)).status_code == 401
-    status, [shown] = await run(infra, capsys, "enable", "--username", name, "--by", "ops.lead")
+    status, [shown] = await run(settings, capsys, "enable", "--username", name, "--by", "ops.lead")
     assert status == 0 and shown == {"username": name, "changed": True}
     async with browser(console) as client:
         assert (await log_in(client, name)).status_code == 303
@@ -114,7 +122,7 @@ async def test_a_session_the_index_missed_is_refused_once_the_account_is_disable
 async def test_a_change_of_roles_applies_at_the_next_request(
     console: ConsoleServer,
     conn: asyncpg.Connection,
-    infra: Infra,
+    settings: ConsoleSettings,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     name = await operator(conn, ["viewer", "member_admin"])
@@ -124,7 +132,7 @@ async def test_a_change_of_roles_applies_at_the_next_request(
         assert 'href="/merge-reviews"' in page.text
         token = csrf(page.text)
         status, [shown] = await run(
-            infra, capsys, "roles", "--username", name, "--set", "viewer", "--by", "ops.lead"
+            settings, capsys, "roles", "--username", name, "--set", "viewer", "--by", "ops.lead"
         )
         assert status == 0
         assert shown == {
@@ -148,14 +156,14 @@ async def test_a_change_of_roles_applies_at_the_next_request(
 async def test_reset_password_shows_a_one_time_password_once_and_ends_sessions(
     console: ConsoleServer,
     conn: asyncpg.Connection,
-    infra: Infra,
+    settings: ConsoleSettings,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     name = await operator(conn, ["viewer"])
     async with browser(console) as client:
         assert (await log_in(client, name)).status_code == 303
         old_cookie = client.cookies[COOKIE]
-        status, [shown] = await run(infra, capsys, "reset-password", "--username", name)
+        status, [shown] = await run(settings, capsys, "reset-password", "--username", name)
         assert status == 0 and shown["sessions_ended"] == 1
         once = shown["one_time_password"]
         client.cookies.set(COOKIE, old_cookie)
@@ -179,22 +187,22 @@ async def test_reset_password_shows_a_one_time_password_once_and_ends_sessions(
 
 
 async def test_list_shows_every_account_without_secrets_and_create_is_audited(
-    conn: asyncpg.Connection, infra: Infra, capsys: pytest.CaptureFixture[str]
+    conn: asyncpg.Connection, settings: ConsoleSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = f"op-{uuid.uuid4().hex[:8]}"
     status, [created] = await run(
-        infra, capsys, "create", "--username", name, "--role", "marketer", "--by", "ops.lead"
+        settings, capsys, "create", "--username", name, "--role", "marketer", "--by", "ops.lead"
     )
     assert status == 0
     await users.set_disabled(conn, name, True, by="ops.lead")
-    status, listed = await run(infra, capsys, "list")
+    status, listed = await run(settings, capsys, "list")
     assert status == 0
     [mine] = [row for row in listed if row["username"] == name]
     assert mine["roles"] == ["marketer"] and mine["disabled"] is True
     assert mine["must_change_password"] is True and mine["totp"] is False
     assert created["one_time_password"] not in json.dumps(listed)
     assert not any("hash" in key or "secret" in key for row in listed for key in row)
-    status, log = await run(infra, capsys, "audit", "--username", name)
+    status, log = await run(settings, capsys, "audit", "--username", name)
     assert [(e["by"], e["action"]) for e in log] == [
         ("ops.lead", "create"),
         ("ops.lead", "disable"),
@@ -203,7 +211,7 @@ async def test_list_shows_every_account_without_secrets_and_create_is_audited(
 
 
 async def test_commands_on_an_unknown_operator_or_with_bad_roles_are_refused_by_code(
-    conn: asyncpg.Connection, infra: Infra, capsys: pytest.CaptureFixture[str]
+    conn: asyncpg.Connection, settings: ConsoleSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ghost = f"ghost-{uuid.uuid4().hex[:6]}"
     for argv in (
@@ -212,12 +220,12 @@ async def test_commands_on_an_unknown_operator_or_with_bad_roles_are_refused_by_
         ("reset-password", "--username", ghost),
         ("roles", "--username", ghost, "--set", "viewer"),
     ):
-        status, [shown] = await run(infra, capsys, *argv)
+        status, [shown] = await run(settings, capsys, *argv)
         assert status == 1 and shown["error"]["code"] == "OPERATOR_NOT_FOUND", argv
     name = await operator(conn, ["viewer"])
     with pytest.raises(SystemExit):  # argparse: not one of the roles
-        await run(infra, capsys, "roles", "--username", name, "--set", "admin")
-    status, [shown] = await run(infra, capsys, "disable", "--username", name, "--by", " ")
+        await run(settings, capsys, "roles", "--username", name, "--set", "admin")
+    status, [shown] = await run(settings, capsys, "disable", "--username", name, "--by", " ")
     assert status == 1 and shown["error"]["code"] == "INVALID_ACTOR"
     assert await users.audit_log(conn, ghost) == []
     assert await users.audit_log(conn, name) == []
