@@ -466,6 +466,8 @@ async def test_every_page_in_chinese_shows_only_catalogue_text(console: Any) -> 
     statuses = {name: reply.status_code for name, reply in shown.items()}
     assert statuses["dashboard overview"] == 200 and statuses["member id not a uuid"] == 400
     assert statuses["coupon amounts"] == 400 and statuses["no csrf token"] == 403
+    header = re.sub(r"<[^>]+>", "", shown["dashboard overview"].text)
+    assert "(查看者、营销、会员管理员、敏感信息查看者)" in header
     problems: dict[str, list[str]] = {}
     for name, reply in shown.items():
         texts = visible(reply.text)
@@ -492,6 +494,8 @@ async def test_every_page_in_english_has_no_missing_key(console: Any) -> None:
     assert not problems, problems
     dashboard = shown["dashboard journeys"].text
     assert "lift (95% CI)" in dashboard and "Journey welcome: funnel per step" in dashboard
+    # The header names the operator's roles as words, in the session's language.
+    assert "(Viewer, Marketer, Member admin, PII reader)" in re.sub(r"<[^>]+>", "", dashboard)
 
 
 async def test_definitions_under_the_charts_are_in_the_sessions_language(console: Any) -> None:
