@@ -37,7 +37,7 @@ from servicekit.redis_client import RedisClient, create_redis
 from . import users
 from .charts import DASHBOARDS, dashboard_view
 from .gateway_client import Gateway, GatewayError, NoClientForRole
-from .i18n import LOCALES, fen_from_yuan, series_labels, translate, yuan
+from .i18n import LOCALES, code_labels, fen_from_yuan, series_labels, translate, word, yuan
 from .roles import Right, rights_of, role_for
 from .sessions import COOKIE, Session, SessionStore
 from .settings import ConsoleSettings
@@ -70,6 +70,15 @@ class Refused(Exception):
 
 class SignInRequired(Exception):
     pass
+
+
+class FormInvalid(Exception):
+    """A form the console itself refuses (before any gateway call): a page
+    with the catalogue's text (message_key) and the code, status 400."""
+
+    def __init__(self, code: str, message_key: str) -> None:
+        self.code = code
+        self.message_key = message_key
 
 
 class Redirect(Exception):
@@ -172,7 +181,8 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             request,
             template,
             {
-                "t": lambda key: translate(locale, key),
+                "t": lambda key, **args: translate(locale, key, **args),
+                "word": lambda kind, code: word(locale, kind, code),
                 "locale": locale,
                 "session": session,
                 "csrf_token": session.csrf_token if session else "",
@@ -187,7 +197,22 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         return response
 
     async def current(request: Request) -> Session | None:
-        return await console.sessions.load(request.cookies.get(COOKIE, ""))
+        session = await console.sessions.load(request.cookies.get(COOKIE, ""))
+        if session is None or not session.signed_in:
+            return session
+        # The account as it is now, on every request: a disabled (or deleted)
+        # operator is signed out at once, a change of roles applies at once
+        # (`python -m console users disable | roles`), not after the session's 12 h.
+        assert console.pool is not None
+        async with console.pool.acquire() as conn:
+            roles = await users.state(conn, session.username)
+        if roles is None:
+            await console.sessions.delete(session.session_id)
+            return None
+        if tuple(sorted(roles)) != tuple(sorted(session.roles)):
+            session.roles = roles
+            await console.sessions.save(session)
+        return session
 
     async def signed_in(request: Request, right: Right | None = None) -> Session:
         session = await current(request)
@@ -228,8 +253,17 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
     @app.exception_handler(SignInRequired)
     async def _sign_in(request: Request, _: Exception) -> Response:
         if request.method == "POST":
-            return HTMLResponse("sign in first", status_code=403)
+            locale = locale_of(await console.sessions.load(request.cookies.get(COOKIE, "")))
+            return HTMLResponse(translate(locale, "error.sign_in_first"), status_code=403)
         return RedirectResponse("/login", status_code=303)
+
+    @app.exception_handler(FormInvalid)
+    async def _form_invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FormInvalid)
+        session = await current(request)
+        return page(
+            request, "message.html", session, 400, message_key=exc.message_key, detail=exc.code
+        )
 
     @app.exception_handler(Redirect)
     async def _redirect(request: Request, exc: Exception) -> Response:
@@ -364,7 +398,15 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             async with console.pool.acquire() as conn:
                 await users.set_password(conn, session.username, form.get("password", ""))
         except DomainError as exc:
-            return page(request, "password.html", session, 400, error=str(exc))
+            keys = {"PASSWORD_TOO_SHORT": "error.password_too_short"}
+            return page(
+                request,
+                "password.html",
+                session,
+                400,
+                error_key=keys.get(exc.code, ""),
+                error=exc.code,
+            )
         # A new password is a new session too.
         fresh = await console.sessions.rotate(
             session, username=session.username, roles=session.roles, locale=session.locale
@@ -384,7 +426,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
     async def dashboard(request: Request, name: str) -> Response:
         session = await signed_in(request, Right.DASHBOARDS)
         if name not in DASHBOARDS:
-            raise Refused(404, "dash.no_data")
+            raise Refused(404, "error.not_found")
         # The brand's day (the analytics API's days are Asia/Shanghai days).
         today = datetime.fromtimestamp(console.clock(), ZoneInfo(BRAND_TIME_ZONE)).date()
         filters = {
@@ -400,7 +442,8 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             error = ""
         except GatewayError as exc:
             data, error = None, f"{exc.code}: {exc.message}"
-        view = dashboard_view(name, data) if data is not None else None
+        locale = locale_of(session)
+        view = dashboard_view(name, data, locale) if data is not None else None
         # Said, not silently ignored: a filter a dashboard cannot apply (no
         # store dimension) or applies to some figures only (gateway STORE_SCOPE).
         scope = (data or {}).get("filter") or {}
@@ -419,7 +462,8 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             error=error,
             store_filter=store_filter,
             store_filter_applies_to=scope.get("store_filter_applies_to", []),
-            series_labels=series_labels(locale_of(session)),
+            series_labels=series_labels(locale),
+            code_labels=code_labels(locale),
         )
 
     # ---- merge reviews ------------------------------------------------------------
@@ -473,7 +517,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
                     400,
                     member=None,
                     member_id=member_id,
-                    error="member id: a UUID",
+                    error_key="error.member_id",
                 )
             member = await call(session, Right.MEMBERS, "GET", f"/v1/members/{member_id}")
         return page(
@@ -500,9 +544,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         kind = form.get("kind", "")
         value = form.get("value", "").strip()
         if kind not in ("phone", "member_number") or not value:
-            return await member_page(
-                request, session, "", 400, error="kind: phone or member_number, and a value"
-            )
+            return await member_page(request, session, "", 400, error_key="error.find")
         found = await call(
             session, Right.FIND_MEMBERS, "POST", "/v1/admin/members/lookup", json={kind: value}
         )
@@ -515,7 +557,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         purpose = form.get("purpose", "").strip()
         if not purpose:
             return await member_page(
-                request, session, str(member_id), 400, error="purpose: required"
+                request, session, str(member_id), 400, error_key="error.purpose"
             )
         pii = await call(
             session,
@@ -533,7 +575,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
             points = int(form.get("points", ""))
         except ValueError:
             return await member_page(
-                request, session, str(member_id), 400, error="points: a whole number"
+                request, session, str(member_id), 400, error_key="error.points"
             )
         result = await call(
             session,
@@ -575,8 +617,8 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
                 "limits": {"total_stock": int(form.get("total_stock", "0"))},
                 "status": "active" if form.get("status") == "active" else "draft",
             }
-        except (ValueError, ArithmeticError) as exc:
-            raise GatewayError(400, "INVALID_FORM", f"amounts and counts: {exc}") from None
+        except (ValueError, ArithmeticError):
+            raise FormInvalid("INVALID_FORM", "error.form_amounts") from None
         await call(session, Right.COUPONS, "POST", "/v1/admin/coupon-templates", json=body)
         return RedirectResponse("/coupons", status_code=303)
 
@@ -602,7 +644,7 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         try:
             limits["total_stock"] = int(form.get("total_stock", ""))
         except ValueError:
-            raise GatewayError(400, "INVALID_FORM", "total_stock: a whole number") from None
+            raise FormInvalid("INVALID_FORM", "error.total_stock") from None
         await call(
             session,
             Right.COUPONS,
@@ -646,8 +688,8 @@ def build(settings: ConsoleSettings, *, clock: Callable[[], float] = time.time) 
         session, form = await acting(request, Right.JOURNEYS)
         try:
             definition = json.loads(form.get("definition", ""))
-        except ValueError as exc:
-            raise GatewayError(400, "INVALID_JSON", f"definition: {exc}") from None
+        except ValueError:
+            raise FormInvalid("INVALID_JSON", "error.definition_json") from None
         reply = await call(session, Right.JOURNEYS, "POST", "/v1/admin/journeys", json=definition)
         journey_id = (reply or {}).get("journey_id", definition.get("journey_id", ""))
         return RedirectResponse(f"/journeys?journey_id={journey_id}", status_code=303)

@@ -3,13 +3,18 @@ one block of the analytics API's answer (docs/api.md, "Analytics"). The chart
 element carries the numbers it draws (data-chart, exactly the API's values,
 fen stays fen) and the block they came from (data-source), so a test can hold
 them against the API's answer for the same filter; console/static/console.js
-draws them with ECharts and shows fen as yuan."""
+draws them with ECharts and shows fen as yuan. Every title and label is a key
+of the one catalogue (console/i18n.py); codes a chart draws as categories
+(tiers, segments, stages, channels) stay codes in data-chart and are shown as
+words of the session's language (data-codes names which words)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from servicekit.metrics_definitions import BY_KEY, definition_in
 
 DASHBOARDS = (
     "overview",
@@ -26,7 +31,7 @@ DASHBOARDS = (
 @dataclass(frozen=True)
 class Kpi:
     path: str  # dotted path into the answer
-    label: tuple[str, str]  # zh-CN, en
+    label: str  # catalogue key (console/i18n.py)
     unit: str = ""  # "fen" (shown as yuan), "rate" (shown as %), "" (a count)
     definition: str = ""  # the definitions key
 
@@ -34,12 +39,15 @@ class Kpi:
 @dataclass(frozen=True)
 class Chart:
     chart_id: str
-    title: tuple[str, str]
+    title: str  # catalogue key (console/i18n.py)
     kind: str  # line | bar | pie | sankey | heatmap | pivot (stacked bar of pairs per day)
     source: str  # dotted path of the list it draws
     x: str = "key"  # the field naming each item (category axis, pie slice, ...)
     values: tuple[str, ...] = ("count",)  # dotted fields of each item drawn as series
     definition: str = ""
+    # The kind of code its categories are (i18n.CODES: tier, segment, stage,
+    # channel, refusal); "" when they are shown as they come (days, store ids).
+    codes: str = ""
 
 
 @dataclass
@@ -47,7 +55,8 @@ class DashboardView:
     name: str
     kpis: list[dict[str, Any]] = field(default_factory=list)
     charts: list[dict[str, Any]] = field(default_factory=list)
-    definitions: dict[str, str] = field(default_factory=dict)
+    # metric key -> (its name, its definition), both in the session's language.
+    definitions: dict[str, tuple[str, str]] = field(default_factory=dict)
     tables: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -95,6 +104,7 @@ _SENT = tuple(
     f"sent.{s}"
     for s in (
         "pending",
+        "sending",
         "delivered",
         "failed",
         "capped",
@@ -107,74 +117,74 @@ _SENT = tuple(
 
 KPIS: dict[str, tuple[Kpi, ...]] = {
     "overview": (
-        Kpi("members.total", ("会员总数", "Members"), definition="members_total"),
-        Kpi("members.new", ("新增会员", "New members"), definition="members_new"),
+        Kpi("members.total", "kpi.overview.members.total", definition="members_total"),
+        Kpi("members.new", "kpi.overview.members.new", definition="members_new"),
         Kpi(
             "orders.active_members_30d",
-            ("30天活跃会员", "Active (30 days)"),
+            "kpi.overview.orders.active_members_30d",
             definition="active_members_30d",
         ),
-        Kpi("orders.orders", ("会员订单", "Member orders"), definition="orders"),
-        Kpi("orders.spend_fen", ("会员消费", "Member spend"), "fen", definition="orders"),
-        Kpi("orders.buyers", ("下单会员", "Buyers"), definition="orders"),
+        Kpi("orders.orders", "kpi.overview.orders.orders", definition="orders"),
+        Kpi("orders.spend_fen", "kpi.overview.orders.spend_fen", "fen", definition="orders"),
+        Kpi("orders.buyers", "kpi.overview.orders.buyers", definition="orders"),
         Kpi(
             "orders.repurchase_rate",
-            ("复购率", "Repurchase rate"),
+            "kpi.overview.orders.repurchase_rate",
             "rate",
             definition="repurchase_rate",
         ),
     ),
     "tiers": (
-        Kpi("in_grace", ("保级宽限期会员", "Members in grace"), definition="members_in_grace"),
-        Kpi("movements.up", ("升级", "Moved up"), definition="tier_movements"),
-        Kpi("movements.down", ("降级", "Moved down"), definition="tier_movements"),
-        Kpi("movements.kept", ("保持", "Kept"), definition="tier_movements"),
+        Kpi("in_grace", "kpi.tiers.in_grace", definition="members_in_grace"),
+        Kpi("movements.up", "kpi.tiers.movements.up", definition="tier_movements"),
+        Kpi("movements.down", "kpi.tiers.movements.down", definition="tier_movements"),
+        Kpi("movements.kept", "kpi.tiers.movements.kept", definition="tier_movements"),
     ),
     "segments": (),
     "lifecycle": (),
     "points": (
         Kpi(
             "liability.outstanding_points",
-            ("未使用积分", "Outstanding points"),
+            "kpi.points.liability.outstanding_points",
             definition="points_liability",
         ),
         Kpi(
             "liability.outstanding_fen",
-            ("未使用积分价值", "Outstanding value"),
+            "kpi.points.liability.outstanding_fen",
             "fen",
             definition="points_liability",
         ),
         Kpi(
             "liability.pending_points",
-            ("待生效积分", "Pending points"),
+            "kpi.points.liability.pending_points",
             definition="points_liability",
         ),
         Kpi(
             "liability.pending_fen",
-            ("待生效积分价值", "Pending value"),
+            "kpi.points.liability.pending_fen",
             "fen",
             definition="points_liability",
         ),
         Kpi(
             "liability.expiring_30d_points",
-            ("30天内到期积分", "Expiring in 30 days"),
+            "kpi.points.liability.expiring_30d_points",
             definition="points_liability",
         ),
         Kpi(
             "liability.expiring_30d_fen",
-            ("30天内到期价值", "Expiring value"),
+            "kpi.points.liability.expiring_30d_fen",
             "fen",
             definition="points_liability",
         ),
     ),
     "coupons": (),
     "referral": (
-        Kpi("invites", ("邀请", "Invites"), definition="referral_invites"),
-        Kpi("accepted", ("接受邀请", "Accepted"), definition="referral_invites"),
-        Kpi("first_orders", ("首单", "First orders"), definition="referral_invites"),
-        Kpi("inviters", ("邀请人", "Inviters"), definition="referral_invites"),
-        Kpi("fission_ratio", ("裂变系数", "Fission ratio"), definition="fission_ratio"),
-        Kpi("abuse_refusals", ("拦截作弊", "Abuse refusals"), definition="referral_abuse"),
+        Kpi("invites", "kpi.referral.invites", definition="referral_invites"),
+        Kpi("accepted", "kpi.referral.accepted", definition="referral_invites"),
+        Kpi("first_orders", "kpi.referral.first_orders", definition="referral_invites"),
+        Kpi("inviters", "kpi.referral.inviters", definition="referral_invites"),
+        Kpi("fission_ratio", "kpi.referral.fission_ratio", definition="fission_ratio"),
+        Kpi("abuse_refusals", "kpi.referral.abuse_refusals", definition="referral_abuse"),
     ),
     "journeys": (),
 }
@@ -183,28 +193,29 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
     "overview": (
         Chart(
             "new-by-day",
-            ("每日新增会员", "New members per day"),
+            "chart.overview.new-by-day",
             "line",
             "members.new_by_day",
             definition="members_new",
         ),
         Chart(
             "new-by-channel",
-            ("新增会员渠道", "New members by channel"),
+            "chart.overview.new-by-channel",
             "pie",
             "members.new_by_channel",
             definition="members_new",
+            codes="channel",
         ),
         Chart(
             "new-by-store",
-            ("新增会员门店", "New members by store"),
+            "chart.overview.new-by-store",
             "bar",
             "members.new_by_store",
             definition="members_new",
         ),
         Chart(
             "orders-by-day",
-            ("每日会员订单与消费", "Member orders and spend per day"),
+            "chart.overview.orders-by-day",
             "line",
             "orders.by_day",
             "day",
@@ -213,7 +224,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
         ),
         Chart(
             "orders-by-store",
-            ("门店会员订单与消费", "Member orders and spend by store"),
+            "chart.overview.orders-by-store",
             "bar",
             "orders.by_store",
             "store_id",
@@ -224,23 +235,25 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
     "tiers": (
         Chart(
             "distribution",
-            ("等级分布", "Tier distribution"),
+            "chart.tiers.distribution",
             "pie",
             "distribution",
             definition="tier_distribution",
+            codes="tier",
         ),
         Chart(
             "flows",
-            ("上次重算以来的等级流动", "Moves since the last recompute"),
+            "chart.tiers.flows",
             "sankey",
             "movements.flows",
             "from_tier->to_tier",
             ("members",),
             "tier_movements",
+            codes="tier",
         ),
         Chart(
             "moves-by-day",
-            ("每日升降级", "Up / down per day"),
+            "chart.tiers.moves-by-day",
             "bar",
             "by_day",
             "day",
@@ -249,18 +262,19 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
         ),
         Chart(
             "projections",
-            ("等级预测", "What it takes, per tier"),
+            "chart.tiers.projections",
             "bar",
             "projections",
             "tier",
             ("members", "at_risk", "near_next"),
             "tier_projections",
+            codes="tier",
         ),
     ),
     "segments": (
         Chart(
             "rfm",
-            ("RFM 热力图（R×F）", "RFM heatmap (R×F)"),
+            "chart.segments.rfm",
             "heatmap",
             "rfm",
             "r,f",
@@ -269,34 +283,37 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
         ),
         Chart(
             "segments",
-            ("分群人数", "Members per segment"),
+            "chart.segments.segments",
             "bar",
             "segments",
             definition="rfm_heatmap",
+            codes="segment",
         ),
     ),
     "lifecycle": (
         Chart(
             "stages",
-            ("生命周期阶段", "Lifecycle stages"),
+            "chart.lifecycle.stages",
             "pie",
             "stages",
             definition="lifecycle_stages",
+            codes="stage",
         ),
         Chart(
             "transitions",
-            ("阶段流转（按天）", "Stage transitions per day"),
+            "chart.lifecycle.transitions",
             "pivot",
             "transitions",
             "day",
             ("from_stage", "to_stage", "members"),
             "lifecycle_transitions",
+            codes="stage",
         ),
     ),
     "points": (
         Chart(
             "points-by-day",
-            ("每日积分获得 / 使用 / 过期", "Points earned / spent / expired per day"),
+            "chart.points.points-by-day",
             "bar",
             "by_day",
             "day",
@@ -307,7 +324,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
     "coupons": (
         Chart(
             "funnel",
-            ("模板漏斗：发放→锁定→核销→过期", "Per template: issued → locked → redeemed → expired"),
+            "chart.coupons.funnel",
             "bar",
             "templates",
             "template_id",
@@ -316,7 +333,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
         ),
         Chart(
             "rate-by-day",
-            ("核销率（按发放日）", "Redemption rate by issue day"),
+            "chart.coupons.rate-by-day",
             "line",
             "by_day",
             "day",
@@ -325,7 +342,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
         ),
         Chart(
             "by-store",
-            ("门店核销", "Redemptions by store"),
+            "chart.coupons.by-store",
             "bar",
             "by_store",
             "store_id",
@@ -336,7 +353,7 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
     "referral": (
         Chart(
             "top-inviters",
-            ("邀请排行", "Top inviters"),
+            "chart.referral.top-inviters",
             "bar",
             "top_inviters",
             "member_id",
@@ -345,18 +362,35 @@ CHARTS: dict[str, tuple[Chart, ...]] = {
         ),
         Chart(
             "refusals",
-            ("作弊拦截原因", "Abuse refusals by reason"),
+            "chart.referral.refusals",
             "pie",
             "refusals_by_reason",
             definition="referral_abuse",
+            codes="refusal",
         ),
     ),
     "journeys": (),
 }
 
 
-def dashboard_view(name: str, answer: dict[str, Any]) -> DashboardView:
-    view = DashboardView(name=name, definitions=dict(answer.get("definitions") or {}))
+def dashboard_view(name: str, answer: dict[str, Any], locale: str = "zh-CN") -> DashboardView:
+    """What the dashboard page shows; definitions in the session's language
+    (servicekit/metrics_definitions.py holds both; the API answers English)."""
+    answered = dict(answer.get("definitions") or {})
+    view = DashboardView(name=name)
+    for key, text in answered.items():
+        metric = BY_KEY.get(key)
+        if metric is None:  # a metric this console does not know yet: the API's text
+            view.definitions[key] = (key, text)
+        else:
+            view.definitions[key] = (
+                metric.name if locale == "en" else metric.name_zh,
+                definition_in(key, locale),
+            )
+
+    def definition(key: str) -> str:
+        return view.definitions[key][1] if key in view.definitions else ""
+
     for kpi in KPIS[name]:
         view.kpis.append(
             {
@@ -364,18 +398,20 @@ def dashboard_view(name: str, answer: dict[str, Any]) -> DashboardView:
                 "label": kpi.label,
                 "unit": kpi.unit,
                 "value": pick(answer, kpi.path),
-                "definition": view.definitions.get(kpi.definition, ""),
+                "definition": definition(kpi.definition),
             }
         )
     charts = list(CHARTS[name])
+    title_args: dict[str, dict[str, str]] = {}
     if name == "journeys":
         # One funnel per journey: its steps, entered → sent by status → converted.
         for index, journey in enumerate(answer.get("journeys") or []):
-            jid = journey["journey_id"]
+            chart_id = f"journey-{index}"
+            title_args[chart_id] = {"journey": str(journey["journey_id"])}
             charts.append(
                 Chart(
-                    f"journey-{index}",
-                    (f"旅程 {jid}：各步骤漏斗", f"Journey {jid}: funnel per step"),
+                    chart_id,
+                    "chart.journeys.journey",
                     "bar",
                     f"journeys.{index}.steps",
                     "step_id",
@@ -389,10 +425,12 @@ def dashboard_view(name: str, answer: dict[str, Any]) -> DashboardView:
             {
                 "id": chart.chart_id,
                 "title": chart.title,
+                "title_args": title_args.get(chart.chart_id, {}),
                 "kind": chart.kind,
                 "source": chart.source,
+                "codes": chart.codes,
                 "data": json.dumps(chart_data(chart, answer), ensure_ascii=False),
-                "definition": view.definitions.get(chart.definition, ""),
+                "definition": definition(chart.definition),
             }
         )
     return view

@@ -1,7 +1,9 @@
 """Browser sessions in Redis: an opaque random id in the cookie, only its hash
 as the key, the CSRF token inside. A session ends after an idle time-out and
 an absolute one, both judged by the injected clock (tests move it); Redis'
-own TTL only cleans up. Log-in always starts a new id (no fixation)."""
+own TTL only cleans up. Log-in always starts a new id (no fixation).
+Each operator's signed-in sessions are also listed in a set of their own, so
+`python -m console users disable` (and reset-password) can end them at once."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class SessionStore:
     ) -> None:
         self._redis = redis
         self._prefix = f"{namespace}:console:session:"
+        self._by_user = f"{namespace}:console:operator-sessions:"
         self.idle_seconds = idle_seconds
         self.absolute_seconds = absolute_seconds
         self._clock = clock
@@ -64,6 +67,12 @@ class SessionStore:
             **fields,  # type: ignore[arg-type]
         )
         await self.save(session)
+        if session.username:
+            # Listed under its operator; the set outlives its newest session
+            # by no more than one absolute time-out.
+            index = self._by_user + session.username
+            await self._redis.sadd(index, self._key(session.session_id))
+            await self._redis.expire(index, self.absolute_seconds + 60)
         return session
 
     async def save(self, session: Session) -> None:
@@ -72,6 +81,17 @@ class SessionStore:
         await self._redis.set(
             self._key(session.session_id), json.dumps(data), ex=self.absolute_seconds + 60
         )
+
+    async def end_all(self, username: str) -> int:
+        """Deletes every session of this operator; how many were live. One key
+        per command: a Redis Cluster puts them in different slots."""
+        index = self._by_user + username
+        keys = await self._redis.smembers(index)
+        ended = 0
+        for key in keys:
+            ended += await self._redis.delete(key.decode() if isinstance(key, bytes) else key)
+        await self._redis.delete(index)
+        return ended
 
     async def load(self, session_id: str) -> Session | None:
         """The live session of this id, its idle clock restarted; None when

@@ -82,6 +82,17 @@ ERROR_CODES: dict[str, ErrorCode] = {
             _S.INVALID_ARGUMENT,
         ),
         _c("OPERATOR_EXISTS", "a console operator of this name exists", _S.ALREADY_EXISTS),
+        _c("OPERATOR_NOT_FOUND", "no console operator of this name", _S.NOT_FOUND),
+        _c(
+            "INVALID_FORM",
+            "a console form's amounts or counts are not valid (yuan: at most two decimals)",
+            _S.INVALID_ARGUMENT,
+        ),
+        _c(
+            "INVALID_ACTOR",
+            "by: who runs a console users command, 1 to 128 characters",
+            _S.INVALID_ARGUMENT,
+        ),
         _c("UNKNOWN_REGION", "no store in region …", _S.NOT_FOUND),
         _c(
             "INVALID_DEAD_LETTER_REF",

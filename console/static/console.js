@@ -1,28 +1,33 @@
 // Draws every .chart element from the numbers it carries (data-chart, the
 // analytics API's own values) with the ECharts build the console serves
-// locally (/assets/echarts, from the installed package; no CDN).
+// locally (/assets/echarts, from the installed package; no CDN). Codes the
+// API answers with (tiers, segments, stages, channels: data-codes names the
+// kind) are drawn as words of the page's language (#code-labels, from the
+// console's catalogue); data-chart keeps the codes.
 import { echarts } from "/assets/echarts/index.js";
 
 const labels = JSON.parse(document.getElementById("series-labels")?.textContent || "{}");
 const label = (name) => labels[name] || name;
+const codeLabels = JSON.parse(document.getElementById("code-labels")?.textContent || "{}");
+const wordsOf = (kind) => (code) => (codeLabels[kind] || {})[code] || code;
 const yuan = (fen) => "¥" + (fen / 100).toFixed(2);
 const isFen = (name) => name.endsWith("_fen");
 const isRate = (name) => name.endsWith("_rate");
 const fmt = (name) => (v) => (isFen(name) ? yuan(v) : isRate(name) ? (v * 100).toFixed(1) + "%" : v);
 
-function option(kind, data) {
+function option(kind, data, word) {
   if (kind === "pie") {
     const [name] = Object.keys(data.series);
     return {
       tooltip: { trigger: "item" },
-      series: [{ type: "pie", radius: "65%", data: data.x.map((x, i) => ({ name: x, value: data.series[name][i] })) }],
+      series: [{ type: "pie", radius: "65%", data: data.x.map((x, i) => ({ name: word(x), value: data.series[name][i] })) }],
     };
   }
   if (kind === "sankey") {
-    const nodes = [...new Set(data.links.flatMap((l) => [l[0] + " ", " " + l[1]]))].map((name) => ({ name }));
+    const nodes = [...new Set(data.links.flatMap((l) => [word(l[0]) + " ", " " + word(l[1])]))].map((name) => ({ name }));
     return {
       tooltip: {},
-      series: [{ type: "sankey", data: nodes, links: data.links.map((l) => ({ source: l[0] + " ", target: " " + l[1], value: l[2] })) }],
+      series: [{ type: "sankey", data: nodes, links: data.links.map((l) => ({ source: word(l[0]) + " ", target: " " + word(l[1]), value: l[2] })) }],
     };
   }
   if (kind === "heatmap") {
@@ -46,12 +51,12 @@ function option(kind, data) {
     tooltip: { trigger: "axis" },
     legend: { top: 0 },
     grid: { top: 30, bottom: 30, left: 60, right: money.length ? 70 : 20 },
-    xAxis: { type: "category", data: data.x },
+    xAxis: { type: "category", data: data.x.map(word) },
     yAxis: money.length && money.length < names.length
       ? [{ type: "value" }, { type: "value", axisLabel: { formatter: yuan } }]
       : [{ type: "value", axisLabel: { formatter: fmt(names[0] || "") } }],
     series: names.map((name) => ({
-      name: label(name),
+      name: kind === "pivot" ? name.split("→").map(word).join("→") : label(name),
       type: kind === "line" ? "line" : "bar",
       stack: kind === "pivot" ? "all" : undefined,
       yAxisIndex: money.length && money.length < names.length && isFen(name) ? 1 : 0,
@@ -71,7 +76,7 @@ for (const el of document.querySelectorAll(".chart")) {
     continue;
   }
   const chart = echarts.init(el, null, { renderer: "canvas" });
-  chart.setOption(option(el.dataset.kind, data));
+  chart.setOption(option(el.dataset.kind, data, wordsOf(el.dataset.codes || "")));
   el.dataset.rendered = "chart";
 }
 document.body.dataset.chartsReady = "1";

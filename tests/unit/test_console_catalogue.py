@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from console.charts import CHARTS, DASHBOARDS, KPIS, Chart, chart_data
-from console.i18n import CATALOGUE, SERIES, fen_from_yuan, translate, yuan
+from console.i18n import CATALOGUE, CODES, SERIES, fen_from_yuan, translate, yuan
 from console.roles import RIGHTS, SCOPES, Right, Role, role_for
 from servicekit.metrics_definitions import METRICS
 
@@ -24,6 +24,9 @@ def test_every_chart_and_figure_names_a_defined_metric_of_its_dashboard() -> Non
 def test_the_catalogue_has_both_languages_and_chinese_is_the_default() -> None:
     for key, (zh, en) in {**CATALOGUE, **SERIES}.items():
         assert zh and en, key
+    for kind, words in CODES.items():
+        for code, (zh, en) in words.items():
+            assert zh and en, (kind, code)
     assert translate("zh-CN", "login.title") == "登录"
     assert translate("en", "login.title") == "Sign in"
     assert translate("fr", "login.title") == "登录"
@@ -45,7 +48,14 @@ def test_fen_from_yuan_is_exact_and_refuses_a_third_decimal() -> None:
 
 
 def test_a_pivot_chart_sums_each_pair_per_day() -> None:
-    chart = Chart("t", ("", ""), "pivot", "rows", "day", ("from_stage", "to_stage", "members"))
+    chart = Chart(
+        "t",
+        "chart.lifecycle.transitions",
+        "pivot",
+        "rows",
+        "day",
+        ("from_stage", "to_stage", "members"),
+    )
     rows = [
         {"day": "2026-11-02", "from_stage": "new", "to_stage": "active", "members": 2},
         {"day": "2026-11-01", "from_stage": "new", "to_stage": "active", "members": 1},
