@@ -38,6 +38,11 @@ EVENTS = frozenset(
         "location_reported",
         # Operator launch: members with a consented location near a store.
         "near_store",
+        # guides' CommunityJoined / CommunityLeft: the member joined or left one
+        # of the brand's WeCom customer groups (attributes chat_id, store_id,
+        # audience: the group's tier, e.g. vip / growth / general).
+        "community_joined",
+        "community_left",
     }
 )
 CHANNELS = frozenset({"wecom", "sms", "miniprogram", "app_push"})

@@ -299,6 +299,16 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> EngagementAp
             on("coupon_expiring_soon", mid, coupon_expiring_attrs),
         ),
         Subscription(
+            "guides",
+            events_pb2.CommunityJoined,
+            on("community_joined", mid, lambda p: _attrs(p, "chat_id", "store_id", "audience")),
+        ),
+        Subscription(
+            "guides",
+            events_pb2.CommunityLeft,
+            on("community_left", mid, lambda p: _attrs(p, "chat_id", "store_id", "audience")),
+        ),
+        Subscription(
             "tiering",
             events_pb2.TierChanged,
             on("tier_changed", mid, lambda p: _attrs(p, "from_tier", "to_tier", "reason")),

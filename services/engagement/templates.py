@@ -81,6 +81,9 @@ TRIGGER_VARIABLES: dict[str, frozenset[str]] = {
     "location_reported": frozenset(),
     # An operator launch at a store.
     "near_store": _STORE,
+    # guides' community events name the group's store.
+    "community_joined": _STORE,
+    "community_left": _STORE,
 }
 
 

@@ -184,9 +184,7 @@ async def test_real_bus_events_fill_every_variable_their_trigger_supplies(
             " WHERE journey_id LIKE $1",
             f"render-%-{t}",
         )
-        return len(rows) == 3 and all(
-            r["member_id"] is None and r["payload"] == "{}" for r in rows
-        )
+        return len(rows) == 3 and all(r["member_id"] is None and r["payload"] == "{}" for r in rows)
 
     assert await eventually(wiped, timeout=15)
 
@@ -217,3 +215,47 @@ async def test_the_nickname_set_at_member_reaches_engagement(
 
 async def _is(read: Any, want: str) -> bool:
     return bool(await read() == want)
+
+
+async def test_a_member_joining_a_community_enters_a_journey_on_community_joined(
+    infra: Infra, engagement_app: ServiceApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """guides' CommunityJoined, as guides emits it, enters a community_joined
+    journey with the group's store and audience (before, engagement did not
+    subscribe to it and the event was not a journey entry)."""
+    assert engagement_app.db is not None
+    handlers: Any = getattr(engagement_app, "handlers")  # noqa: B009 (EngagementApp)
+    monkeypatch.setattr(handlers, "stores", _Stores())
+    t = tag()
+    doc = json.loads(
+        _journey(
+            f"render-community-{t}",
+            "community_joined",
+            "app_push",
+            title="Welcome",
+            body="Welcome to the {store_name} group",
+        )
+    )
+    doc["entry"]["where"] = {"audience": "vip"}
+    async with engagement_app.db.unit_of_work() as uow:
+        await handlers.publish(uow, json.dumps(doc))
+    joined, general = str(uuid.uuid4()), str(uuid.uuid4())
+    for m in (joined, general):
+        await publish(infra, "member", events_pb2.MemberRegistered(member_id=m, source="pos"), m)
+    # In stream order: the general group's join is consumed before the vip one.
+    for m, audience in ((general, "general"), (joined, "vip")):
+        event = events_pb2.CommunityJoined(
+            member_id=m, chat_id=f"wr-{t}", store_id="SH-RENDER", audience=audience
+        )
+        await publish(infra, "guides", event, m)
+    sends = await eventually(lambda: _payloads(engagement_app, joined, 1), timeout=20)
+    payload, _ = sends["render-community"]
+    assert payload["body"] == "Welcome to the Jing'an Temple group"
+    # The entry's where: the member who joined the general group (consumed
+    # first) did not enter.
+    entered = await engagement_app.db.pool.fetchval(
+        "SELECT count(*) FROM engagement.enrollments WHERE member_id = $1 AND journey_id = $2",
+        uuid.UUID(general),
+        f"render-community-{t}",
+    )
+    assert entered == 0
