@@ -358,6 +358,7 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
     assert [t.qualified for t in rewards_app.partitioned] == [
         "rewards.points_transactions",
         "rewards.processed_events",
+        "rewards.coupons",
     ]
     # The dedupe log is the keeper's, not the pruner's (servicekit/server.py).
     assert "rewards.processed_events" not in {r.table for r in rewards_app.pruner_retentions}
