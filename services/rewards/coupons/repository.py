@@ -629,6 +629,22 @@ async def coupon_by_code(conn: Connection, code: str, *, lock: bool = False) -> 
 # ---- wallet and checkout -----------------------------------------------------------
 
 
+def wallet_sql(usable_only: bool) -> str:
+    """The wallet read ($1 member, $2 statuses, $3 now, $4 cursor, $5 limit);
+    `usable_only` (statuses within available, locked) adds `expires_at > now`,
+    which prunes every partition of coupons already expired."""
+    return (
+        f"SELECT * FROM (SELECT {COUPON_COLUMNS}, CASE WHEN c.status IN ('available', 'locked')"
+        " AND c.expires_at <= $3 THEN 'expired' WHEN c.status = 'locked'"
+        " AND c.locked_until <= $3 THEN 'available' ELSE c.status END AS effective_status"
+        " FROM rewards.coupons c WHERE c.member_id = $1"
+        + (" AND c.expires_at > $3" if usable_only else "")
+        + " AND ($4::bigint IS NULL OR c.seq < $4)) w"
+        " WHERE cardinality($2::text[]) = 0 OR w.effective_status = ANY($2::text[])"
+        " ORDER BY w.seq DESC LIMIT $5"
+    )
+
+
 async def member_coupons(
     conn: Connection,
     member_id: uuid.UUID,
@@ -637,28 +653,15 @@ async def member_coupons(
     after_seq: int | None,
     limit: int,
 ) -> list[Any]:
-    """A member's coupons, newest first. A lock that lapsed reads as available.
+    """A member's coupons, newest first. A lapsed lock reads as available.
     Asked for usable ones only (available, locked), it reads the partitions of
-    coupons not yet expired (`expires_at > now`: every past month pruned)."""
+    coupons not yet expired (wallet_sql)."""
     usable_only = bool(statuses) and set(statuses) <= USABLE
-    return [
-        r
-        for r in await conn.fetch(
-            f"SELECT * FROM (SELECT {COUPON_COLUMNS}, CASE WHEN c.status IN ('available', 'locked')"
-            " AND c.expires_at <= $3 THEN 'expired' WHEN c.status = 'locked'"
-            " AND c.locked_until <= $3 THEN 'available' ELSE c.status END AS effective_status"
-            " FROM rewards.coupons c WHERE c.member_id = $1"
-            + (" AND c.expires_at > $3" if usable_only else "")
-            + " AND ($4::bigint IS NULL OR c.seq < $4)) w"
-            " WHERE cardinality($2::text[]) = 0 OR w.effective_status = ANY($2::text[])"
-            " ORDER BY w.seq DESC LIMIT $5",
-            member_id,
-            list(statuses),
-            now,
-            after_seq,
-            limit,
+    return list(
+        await conn.fetch(
+            wallet_sql(usable_only), member_id, list(statuses), now, after_seq, limit
         )
-    ]
+    )
 
 
 # The wallet statuses a coupon has only before its expiry.
