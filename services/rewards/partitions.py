@@ -63,8 +63,7 @@ async def journal_detach_guard(conn: asyncpg.Connection, partition: Partition) -
 async def coupons_detach_guard(conn: asyncpg.Connection, partition: Partition) -> None:
     """Refuse a coupons partition holding a coupon not yet terminal."""
     live = await conn.fetchval(
-        f"SELECT count(*) FROM {SCHEMA}.{partition.name}"
-        " WHERE status IN ('available', 'locked')"
+        f"SELECT count(*) FROM {SCHEMA}.{partition.name} WHERE status IN ('available', 'locked')"
     )
     if live:
         raise DomainError(

@@ -152,9 +152,10 @@ async def test_issue_keys_and_codes_are_unique_across_partitions(
     with pytest.raises(grpc.aio.AioRpcError) as reused:
         await issue(stub, await template(stub, ends_in(2)), member, key)
     assert reused.value.code() == grpc.StatusCode.ABORTED
-    assert await conn.fetchval(
-        "SELECT count(*) FROM rewards.coupon_keys WHERE issue_key = $1", key
-    ) == 1
+    assert (
+        await conn.fetchval("SELECT count(*) FROM rewards.coupon_keys WHERE issue_key = $1", key)
+        == 1
+    )
     # A code or issue key taken in one month is refused for a row of another.
     with pytest.raises(asyncpg.UniqueViolationError, match="uq_coupon_keys_code"):
         await conn.execute(
@@ -325,7 +326,11 @@ async def test_wallet_checkout_and_code_reads_prune(stub: Stub, conn: asyncpg.Co
     # by code read through their keys (here none: no partition read for them).
     plan = json.loads(
         await conn.fetchval(
-            f"EXPLAIN (ANALYZE, FORMAT JSON) {crepo.CHECKOUT_SQL}", member, ["NOPE"], now, None,
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {crepo.CHECKOUT_SQL}",
+            member,
+            ["NOPE"],
+            now,
+            None,
             True,
         )
     )
@@ -374,9 +379,13 @@ async def test_detach_needs_every_coupon_terminal_and_a_replay_is_archived(
     )
     await ensure_partitions(conn, COUPONS, ahead=3)
     name = COUPONS.partition_name(at)
-    assert await partition_of(conn, await conn.fetchval(
-        "SELECT code FROM rewards.coupon_keys WHERE issue_key = $1", key
-    )) == f"rewards.{name}"
+    assert (
+        await partition_of(
+            conn,
+            await conn.fetchval("SELECT code FROM rewards.coupon_keys WHERE issue_key = $1", key),
+        )
+        == f"rewards.{name}"
+    )
     with pytest.raises(DomainError) as refused:
         await detach_partition(conn, COUPONS, name)
     assert refused.value.code == "PARTITION_HAS_LIVE_COUPONS"
@@ -463,10 +472,13 @@ async def test_migration_moves_deployed_coupons_into_partitions(scratch_url: str
             (f"CODE{n}", f"key:{n}", end) for n, end in enumerate(ends)
         ]
         # This month and three ahead exist too, and the default.
-        names = {r["relname"] for r in await conn.fetch(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = 'rewards.coupons'::regclass"
-        )}
+        names = {
+            r["relname"]
+            for r in await conn.fetch(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'rewards.coupons'::regclass"
+            )
+        }
         now = await conn.fetchval("SELECT now()")
         assert {f"coupons_p{add_months(month_start(now), i):%Y%m}" for i in range(4)} <= names
         assert "coupons_default" in names

@@ -658,9 +658,7 @@ async def member_coupons(
     coupons not yet expired (wallet_sql)."""
     usable_only = bool(statuses) and set(statuses) <= USABLE
     return list(
-        await conn.fetch(
-            wallet_sql(usable_only), member_id, list(statuses), now, after_seq, limit
-        )
+        await conn.fetch(wallet_sql(usable_only), member_id, list(statuses), now, after_seq, limit)
     )
 
 
