@@ -519,3 +519,71 @@ async def test_migration_moves_deployed_coupons_into_partitions(scratch_url: str
             )
     finally:
         await conn.close()
+
+
+class Counting:
+    """A connection that records every statement sent (round trips)."""
+
+    SENDS = frozenset({"execute", "executemany", "fetch", "fetchrow", "fetchval"})
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.statements: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._conn, name)
+        if name not in self.SENDS:
+            return attr
+
+        async def counted(sql: str, *args: object, **kw: object) -> Any:
+            self.statements.append(sql)
+            return await attr(sql, *args, **kw)
+
+        return counted
+
+
+async def test_issues_take_as_many_statements_as_before(
+    stub: Stub, conn: asyncpg.Connection
+) -> None:
+    # The key row goes in with the coupon, in the same statement: IssueCoupon
+    # is one read and one write (as before the partitioning), IssueCoupons one
+    # read, one lock of its counters and one write.
+    limits = rewards_pb2.CouponLimits(
+        total_stock=100, per_member_limit=5, daily_budget=1000, stock_shards=4
+    )
+    template_id = f"P-{uuid.uuid4().hex[:10]}"
+    await stub.CreateCouponTemplate(
+        rewards_pb2.CreateCouponTemplateRequest(
+            template_id=template_id,
+            terms=rewards_pb2.CouponTerms(
+                name="满99减30", kind="amount_off", discount_fen=1000, valid_days=30
+            ),
+            limits=limits,
+            status="active",
+            created_by="ops@brand",
+        )
+    )
+    counting = Counting(conn)
+    async with conn.transaction():
+        single = await coupon_service.issue_coupon(
+            counting,  # type: ignore[arg-type]
+            template_id=template_id,
+            member_id=uuid.uuid4(),
+            reason="operator_grant",
+            issue_key=uuid.uuid4().hex,
+            now=datetime.now(UTC),
+            savepoint=False,
+        )
+    assert not single.replayed
+    assert len(counting.statements) == 2, counting.statements
+    counting.statements.clear()
+    async with conn.transaction():
+        results = await coupon_service.issue_coupons(
+            counting,  # type: ignore[arg-type]
+            template_id=template_id,
+            reason="operator_grant",
+            items=[coupon_service.BulkItem(uuid.uuid4(), uuid.uuid4().hex) for _ in range(50)],
+            now=datetime.now(UTC),
+        )
+    assert [r.outcome for r in results] == ["issued"] * 50
+    assert len(counting.statements) == 3, counting.statements
