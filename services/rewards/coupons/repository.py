@@ -947,11 +947,13 @@ async def lock_stock(conn: Connection, template_id: str) -> None:
 
 
 async def expire_due(conn: Connection, now: datetime, limit: int) -> int:
-    """Expire one batch of lapsed coupons (SKIP LOCKED: a checkout holding one wins)."""
+    """Expire one batch of lapsed coupons (SKIP LOCKED: a checkout holding one wins).
+    Reads the partitions of months already begun (`expires_at <= now`)."""
     done = await conn.execute(
         "UPDATE rewards.coupons SET status = 'expired', locked_until = NULL,"
         " lock_store_id = NULL, lock_pos_transaction_id = NULL"
-        " WHERE id IN (SELECT id FROM rewards.coupons WHERE status IN ('available', 'locked')"
+        " WHERE expires_at <= $1 AND (id, expires_at) IN (SELECT id, expires_at"
+        " FROM rewards.coupons WHERE status IN ('available', 'locked')"
         " AND expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
         now,
         limit,
@@ -966,7 +968,9 @@ async def claim_expiring_soon(
     return list(
         await conn.fetch(
             "UPDATE rewards.coupons c SET expiry_notified_at = $1"
-            " WHERE c.id IN (SELECT id FROM rewards.coupons WHERE status = 'available'"
+            " WHERE c.expires_at > $1 AND c.expires_at <= $2"
+            " AND (c.id, c.expires_at) IN (SELECT id, expires_at FROM rewards.coupons"
+            " WHERE status = 'available'"
             " AND expiry_notified_at IS NULL AND expires_at > $1 AND expires_at <= $2"
             " ORDER BY expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
             f" RETURNING {COUPON_COLUMNS}",
