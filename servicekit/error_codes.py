@@ -157,6 +157,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
             _S.FAILED_PRECONDITION,
         ),
         _c(
+            "PARTITION_HAS_LIVE_COUPONS",
+            "coupons in the partition are still available or locked: run the expiry job first",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
             "PARTITION_TOO_RECENT",
             "the partition ends inside the months the table keeps",
             _S.FAILED_PRECONDITION,
@@ -283,6 +288,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
         ),
         _c("CONCURRENT_SETTLEMENT", "the order was being settled concurrently; retry", _S.ABORTED),
         _c("CONFLICT", "the request contradicts state", _S.ABORTED),
+        _c(
+            "COUPON_ARCHIVED",
+            "the coupon under the issue key expired long ago and was archived",
+            _S.FAILED_PRECONDITION,
+        ),
         _c(
             "COUPON_ALREADY_USED", "the coupon was used already", _S.ABORTED, _S.FAILED_PRECONDITION
         ),

@@ -390,3 +390,36 @@ $$
 def processed_events(schema: str) -> DedupeByEventTime:
     """The consumers' dedupe log (servicekit/tables.py add_event_tables)."""
     return DedupeByEventTime(schema)
+
+
+def partitions_for_rows_sql(schema: str, table: str, column: str, source: str) -> str:
+    """A monthly partition of `schema.table` (`<table>_pYYYYMM`, UTC) for every
+    month the rows of `schema.source` have in `column`, and for this month and
+    AHEAD_MONTHS after it (by the database's clock). Months with no rows in
+    between get none (their rows, if any come, land in the default partition and
+    the keeper moves them): for a key that may lie years ahead (a coupon's
+    expiry), a partition per month from the oldest row to the newest would be
+    mostly empty."""
+    return f"""
+DO $$
+DECLARE
+    m date;
+BEGIN
+    FOR m IN
+        SELECT DISTINCT date_trunc('month', {column} AT TIME ZONE 'UTC')::date
+        FROM {schema}.{source}
+        UNION
+        SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + make_interval(months => n))::date
+        FROM generate_series(0, {AHEAD_MONTHS}) AS n
+        ORDER BY 1
+    LOOP
+        EXECUTE format(
+            'CREATE TABLE {schema}.%I PARTITION OF {schema}.{table}'
+            ' FOR VALUES FROM (%L) TO (%L)',
+            '{table}_p' || to_char(m, 'YYYYMM'),
+            m::timestamp AT TIME ZONE 'UTC',
+            (m + interval '1 month')::timestamp AT TIME ZONE 'UTC');
+    END LOOP;
+END
+$$
+"""

@@ -13,7 +13,10 @@ Locks (each partition is one short transaction, `lock_timeout` bounded so a
 long transaction on the table makes the job give up and retry, not queue the
 traffic behind it):
 - a new partition is built standalone (`LIKE` the parent), then `ATTACH`ed:
-  SHARE UPDATE EXCLUSIVE on the parent (reads and writes go on) and ACCESS
+  SHARE ROW EXCLUSIVE first on every table the parent's foreign keys
+  reference (the attach clones them; writes to those tables wait for the
+  partition's transaction), SHARE UPDATE EXCLUSIVE on the parent (reads and
+  writes go on) and ACCESS
   EXCLUSIVE on the default partition while PostgreSQL checks it holds no row
   of the new range (an index-less scan of the default: keep it empty);
 - rows moved out of the default partition: its triggers are disabled for the
@@ -212,6 +215,14 @@ async def movable_strays(
     return {p: n for p, n in strays.items() if table.add_periods(p, 1) > cutoff}
 
 
+# Tables the parent's foreign keys reference, in a fixed order (lock order).
+REFERENCED_SQL = """
+SELECT DISTINCT confrelid::regclass::text AS name FROM pg_constraint
+WHERE conrelid = $1::regclass AND contype = 'f' AND confrelid <> conrelid
+ORDER BY 1
+"""
+
+
 async def create_month(
     conn: asyncpg.Connection, table: PartitionedTable, month: datetime
 ) -> int | None:
@@ -230,6 +241,13 @@ async def create_month(
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table.qualified)
         if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified):
             return None
+        # The attach clones the parent's foreign keys, which takes SHARE ROW
+        # EXCLUSIVE on each referenced table. Taken first, before the new
+        # partition exists: a transaction that wrote a referenced table (a
+        # checkout's order) and then reads the parent waits here or finishes
+        # first, instead of deadlocking with the attach half-way.
+        for referenced in await conn.fetch(REFERENCED_SQL, table.qualified):
+            await conn.execute(f"LOCK TABLE {referenced['name']} IN SHARE ROW EXCLUSIVE MODE")
         await conn.execute(
             f"CREATE TABLE {qualified}"
             f" (LIKE {table.qualified} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"

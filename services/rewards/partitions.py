@@ -10,6 +10,21 @@ partition may be detached (archived) only when
   REFUND_JOURNAL_ARCHIVED (the refund reads the order's earn and redemption
   lots through the journal), never computed from a partial journal.
 The detach is recorded in points_journal_archive in the same transaction.
+
+Issued coupons (`coupons`, by month of `expires_at`, migration 0017): a
+partition holds the coupons that expire in its month. It may be detached only
+when
+- it ended more than `keep_months` (12) months ago: its coupons expired over a
+  year ago, so any order they were used on is older than the refund horizon
+  (a refund restores a coupon only while it is unexpired anyway);
+- every coupon in it is terminal (used, expired or revoked): none is still
+  `available` or `locked`, i.e. the expiry job (`expire-coupons`) has marked
+  them, checked inside the detach's transaction (PARTITION_HAS_LIVE_COUPONS).
+The coupons' keys (coupon_keys) stay: their codes and issue keys remain taken,
+and an IssueCoupon replay of an archived coupon's key is COUPON_ARCHIVED.
+Partitions are kept 12 months ahead (`ahead`): coupons valid up to a year
+land in a partition of their own month; a longer validity lands in the default
+and the keeper moves it into its month.
 """
 
 from __future__ import annotations
@@ -45,17 +60,43 @@ async def journal_detach_guard(conn: asyncpg.Connection, partition: Partition) -
     )
 
 
+async def coupons_detach_guard(conn: asyncpg.Connection, partition: Partition) -> None:
+    """Refuse a coupons partition holding a coupon not yet terminal."""
+    live = await conn.fetchval(
+        f"SELECT count(*) FROM {SCHEMA}.{partition.name} WHERE status IN ('available', 'locked')"
+    )
+    if live:
+        raise DomainError(
+            f"{partition.name} holds {live} coupons still available or locked:"
+            " run `python -m services.rewards expire-coupons` first",
+            code="PARTITION_HAS_LIVE_COUPONS",
+            field="partition",
+        )
+
+
+# The coupons' expires_at is the application's (issue time + validity).
+COUPONS = PartitionedTable(
+    SCHEMA,
+    "coupons",
+    "expires_at",
+    database_clock=False,
+    detach_guard=coupons_detach_guard,
+    ahead=12,
+)
+
 JOURNAL = PartitionedTable(
     SCHEMA, "points_transactions", "created_at", detach_guard=journal_detach_guard
 )
 
 
 def partitioned_tables(settings: ServiceSettings) -> list[PartitionedTable]:
-    """The journal, and the consumers' dedupe log by day of the event's time
-    (migration 0016; days past PROCESSED_EVENTS_RETENTION_HOURS are dropped):
+    """The journal, the consumers' dedupe log by day of the event's time
+    (migration 0016; days past PROCESSED_EVENTS_RETENTION_HOURS are dropped)
+    and the issued coupons by month of expiry (migration 0017):
     what the service's keeper and `python -m services.rewards partitions`
     (servicekit/partitions_cli.py) keep."""
     return [
         JOURNAL,
         processed_events(SCHEMA, timedelta(hours=settings.processed_events_retention_hours)),
+        COUPONS,
     ]

@@ -495,24 +495,46 @@ coupon_daily_counts = Table(
     CheckConstraint("issued >= 0", name="issued_nonnegative"),
 )
 
-coupons = Table(
-    "coupons",
+# Global uniqueness of issued coupons (id, code, issue key) and the target of
+# every foreign key to a coupon: coupons is partitioned by month of expires_at,
+# and PostgreSQL's unique indexes on a partitioned table must contain the
+# partition key. The issue statements write this row and the coupon in one
+# statement (coupons/repository.py ISSUE_SQL, BULK_ISSUE_SQL; migration 0017).
+# It carries the coupon's expires_at, so a lookup by code or issue key reads
+# the one partition that holds the coupon.
+coupon_keys = Table(
+    "coupon_keys",
     metadata,
     Column("id", Uuid, primary_key=True),
     # What the member shows and the cashier types (coupons.new_code).
     Column("code", Text, nullable=False, unique=True),
+    # The caller's idempotency key (IssueCoupon's ON CONFLICT (issue_key)).
+    Column("issue_key", Text, nullable=False, unique=True),
+    # The coupon's partition key (kept in step by the coupons_key_expiry trigger).
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# Partitioned by month of expires_at (migration 0017; partitions made ahead by
+# `python -m services.rewards partitions ensure`, docs/operations.md
+# "Partitioned tables"); code and issue_key are unique in coupon_keys.
+coupons = Table(
+    "coupons",
+    metadata,
+    Column("id", Uuid, ForeignKey(coupon_keys.c.id), primary_key=True),
+    Column("code", Text, nullable=False),
     Column("template_id", Text, nullable=False),
     Column("template_version", Integer, nullable=False),
     Column("member_id", Uuid, nullable=False),
     Column("reason", Text, nullable=False),
     Column("issued_by", Text, nullable=False, server_default=""),
     # The caller's idempotency key, and the hash of what it asked for.
-    Column("issue_key", Text, nullable=False, unique=True),
+    Column("issue_key", Text, nullable=False),
     Column("request_hash", LargeBinary, nullable=False),
     Column("status", Text, nullable=False, server_default="available"),
     Column("issued_at", DateTime(timezone=True), nullable=False),
     Column("valid_from", DateTime(timezone=True), nullable=False),
-    Column("expires_at", DateTime(timezone=True), nullable=False),
+    # The partition key (with id, the primary key: PostgreSQL requires it there).
+    Column("expires_at", DateTime(timezone=True), primary_key=True, nullable=False),
     # The order holding the lock, and until when (a lapsed lock is free again).
     Column("lock_store_id", Text),
     Column("lock_pos_transaction_id", Text),
@@ -524,7 +546,14 @@ coupons = Table(
     Column("issued_to", Uuid, nullable=False),
     Column("merge_id", Text),
     Column("expiry_notified_at", DateTime(timezone=True)),
-    Column("seq", BigInteger, Identity(), nullable=False, unique=True),
+    # The wallet's cursor: one sequence for every partition, so unique without
+    # a global index.
+    Column(
+        "seq",
+        BigInteger,
+        nullable=False,
+        server_default=text("nextval('rewards.coupons_seq'::regclass)"),
+    ),
     Index(None, "member_id", "status", "expires_at"),
     Index(None, "status", "expires_at"),
     Index(None, "template_id", "status"),
@@ -546,6 +575,7 @@ coupons = Table(
     Index(None, "issued_at"),
     # The dashboards' range scans (servicekit/metrics_definitions.py).
     Index(None, "redeemed_at"),
+    postgresql_partition_by="RANGE (expires_at)",
 )
 
 # Local projection of tiering's TierChanged events: the tier multiplier at

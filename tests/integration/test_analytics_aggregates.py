@@ -371,7 +371,10 @@ async def _coupon(
     cid = uuid.uuid4()
     member = uuid.uuid4()
     await conn.execute(
-        "INSERT INTO rewards.coupons (id, code, template_id, template_version, member_id,"
+        # Its key first (coupon_keys: code and issue key unique across partitions).
+        "WITH k AS (INSERT INTO rewards.coupon_keys (id, code, issue_key, expires_at)"
+        " VALUES ($1, $2, $2, $8))"
+        " INSERT INTO rewards.coupons (id, code, template_id, template_version, member_id,"
         " reason, issue_key, request_hash, status, issued_at, valid_from, expires_at,"
         " locked_until, order_id, redeemed_at, discount_fen, issued_to)"
         " VALUES ($1, $2, $3, 1, $4, 'operator_grant', $2, $5, $6, $7, $7, $8, $9, $10, $11,"

@@ -251,7 +251,8 @@ async def issue_coupon(
         if done.row is None:
             # The same key was committed by a concurrent call while we checked.
             stored = await crepo.coupon_by_key(conn, issue_key)
-            assert stored is not None, "a conflicting key is committed"
+            if stored is None:  # its partition was detached (archived) meanwhile
+                raise crepo.archived(issue_key)
             return _replay(stored, digest, issue_key)
         await _check_limits(conn, template_id, template.limits, member_id, done)
     return issued(done.row)
@@ -385,6 +386,10 @@ async def issue_coupons(
         for n, item in enumerate(items):
             if item.issue_key in stored:
                 results[n] = _replayed(stored[item.issue_key], digests[n], item.issue_key)
+            elif item.issue_key in ctx.taken_keys:
+                # Its coupon's partition was detached (archived): the key stays taken.
+                gone = crepo.archived(item.issue_key)
+                results[n] = _refused(gone.code, str(gone))
     blocked = _template_refusal(template, why, now)
     todo: list[int] = []
     for n, item in enumerate(items):
@@ -1194,7 +1199,7 @@ async def restore_for_refund(
         elif refunded_fen < paid_amount_fen:
             out.append(Restoration(row["code"], False, "PARTIAL_REFUND"))
         else:
-            await crepo.restore_coupon(conn, row["id"])
+            await crepo.restore_coupon(conn, row["id"], row["expires_at"])
             out.append(Restoration(row["code"], True))
     return out
 

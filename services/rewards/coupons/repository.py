@@ -3,6 +3,12 @@
 Every counter that guards a promise (stock, per-member limit, daily budget) is
 changed by one conditional statement that checks and writes at once, so two
 concurrent claims can never both pass a check on a stale read.
+
+coupons is partitioned by month of expires_at (migration 0017); id, code and
+issue_key are unique in coupon_keys, which also holds each coupon's
+expires_at: a lookup by code, issue key or id joins the key to the coupon on
+(id, expires_at), so it reads the one partition that holds it (KEYED). Reads
+of usable coupons carry `expires_at > now`, which prunes every past month.
 """
 
 from __future__ import annotations
@@ -16,10 +22,16 @@ from datetime import date, datetime
 from typing import Any
 
 from servicekit.db import Connection
+from servicekit.errors import FailedPrecondition
 
 from .. import merges
 from ..members import MemberState
 from .domain import Limits, Status, Terms, shard_stock
+
+# Coupons found through their key (k): one partition read per coupon.
+KEYED = (
+    "rewards.coupon_keys k JOIN rewards.coupons c ON c.id = k.id AND c.expires_at = k.expires_at"
+)
 
 COUPON_COLUMNS = (
     "c.id, c.code, c.template_id, c.template_version, c.member_id, c.reason, c.issued_by,"
@@ -262,19 +274,22 @@ class NewCoupon:
     expires_at: datetime
 
 
-# One round trip for the whole issue. The coupon row claims the issue key first:
-# on a taken key (a retry, or a concurrent call with the same key, which waits
-# here for the first one's commit) it inserts nothing and every later part,
-# gated on it, does nothing either. Otherwise each guard is one conditional
+# One round trip for the whole issue. The coupon's key row claims the issue key
+# (and the code) first: on a taken key (a retry, or a concurrent call with the
+# same key, which waits here for the first one's commit) it inserts nothing and
+# every later part, the coupon row included, gated on it, does nothing either. Otherwise each guard is one conditional
 # write (the member's count, the day's count, one stock shard) and the outbox
 # row goes in with the coupon. A guard that refuses still leaves the other
 # parts written: the caller raises, which rolls the statement back as a whole.
 ISSUE_SQL = (
-    "WITH coupon AS ("
+    "WITH claim AS ("
+    " INSERT INTO rewards.coupon_keys (id, code, issue_key, expires_at)"
+    " VALUES ($1, $2, $8, $12) ON CONFLICT (issue_key) DO NOTHING RETURNING id),"
+    " coupon AS ("
     " INSERT INTO rewards.coupons AS c (id, code, template_id, template_version, member_id,"
     " reason, issued_by, issue_key, request_hash, issued_at, valid_from, expires_at, issued_to)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $5)"
-    f" ON CONFLICT (issue_key) DO NOTHING RETURNING {COUPON_COLUMNS}),"
+    " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $5 FROM claim"
+    f" RETURNING {COUPON_COLUMNS}),"
     " member_count AS ("
     " INSERT INTO rewards.coupon_member_counts AS m (template_id, member_id, issued)"
     " SELECT $3, $5, 1 FROM coupon WHERE $13::bigint IS NOT NULL"
@@ -358,7 +373,7 @@ async def issue_context(
     """What an issue needs, in one round trip: the coupon already issued under
     the key (or None), whether the member was erased, the template (or None)."""
     row = await conn.fetchrow(
-        "SELECT EXISTS (SELECT 1 FROM rewards.coupons WHERE issue_key = $1) AS replay,"
+        "SELECT EXISTS (SELECT 1 FROM rewards.coupon_keys WHERE issue_key = $1) AS replay,"
         " EXISTS (SELECT 1 FROM rewards.erased_members WHERE member_id = $2) AS erased,"
         f" t.* FROM (SELECT 1) one LEFT JOIN (SELECT {TEMPLATE_COLUMNS}"
         "  FROM rewards.coupon_templates WHERE template_id = $3) t ON true",
@@ -370,6 +385,8 @@ async def issue_context(
     template = _template(row) if row["template_id"] is not None else None
     # A replay (rare) reads the stored coupon in a second round trip.
     existing = await coupon_by_key(conn, issue_key) if row["replay"] else None
+    if row["replay"] and existing is None:
+        raise archived(issue_key)
     return existing, bool(row["erased"]), template
 
 
@@ -394,8 +411,8 @@ async def bulk_context(
     which have a settled order. No locks: the write re-checks what can race."""
     row = await conn.fetchrow(
         "SELECT"
-        " (SELECT array_agg(c.issue_key) FROM rewards.coupons c"
-        "  WHERE c.issue_key = ANY($3::text[])) AS taken,"
+        " (SELECT array_agg(k.issue_key) FROM rewards.coupon_keys k"
+        "  WHERE k.issue_key = ANY($3::text[])) AS taken,"
         " (SELECT array_agg(e.member_id) FROM rewards.erased_members e"
         "  WHERE e.member_id = ANY($2::uuid[])) AS erased,"
         " (SELECT array_agg(DISTINCT o.member_id) FROM rewards.orders o"
@@ -418,7 +435,7 @@ async def bulk_context(
 
 async def coupons_by_keys(conn: Connection, keys: Sequence[str]) -> dict[str, Any]:
     rows = await conn.fetch(
-        f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE c.issue_key = ANY($1::text[])",
+        f"SELECT {COUPON_COLUMNS} FROM {KEYED} WHERE k.issue_key = ANY($1::text[])",
         list(keys),
     )
     return {r["issue_key"]: r for r in rows}
@@ -480,22 +497,28 @@ async def lock_counters(
     )
 
 
-# A batch's coupons, counters and events in one statement. The coupons claim
-# their issue keys (sorted, so two batches sharing keys queue rather than
-# deadlock; a key committed since the batch's read inserts nothing); then the
+# A batch's coupons, counters and events in one statement. The coupons' key
+# rows claim their issue keys (sorted, so two batches sharing keys queue rather
+# than deadlock; a key committed since the batch's read inserts nothing, nor
+# its coupon); then the
 # counters move by exactly the coupons inserted (per member, the day, per
 # shard) and the CouponIssued rows of those coupons go in. The counters were
 # locked and checked by the caller (BULK_LOCK_SQL), so no guard can fail here;
 # CHECK (remaining >= 0) still stands behind the stock.
 BULK_ISSUE_SQL = (
-    "WITH coupon AS ("
+    "WITH claim AS ("
+    " INSERT INTO rewards.coupon_keys (id, code, issue_key, expires_at)"
+    " SELECT i.id, i.code, i.issue_key, $7"
+    " FROM unnest($8::uuid[], $9::text[], $11::text[]) AS i(id, code, issue_key)"
+    " ORDER BY i.issue_key ON CONFLICT (issue_key) DO NOTHING RETURNING id),"
+    " coupon AS ("
     " INSERT INTO rewards.coupons AS c (id, code, template_id, template_version, member_id,"
     " reason, issued_by, issue_key, request_hash, issued_at, valid_from, expires_at, issued_to)"
     " SELECT i.id, i.code, $1, $2, i.member_id, $3, $4, i.issue_key, i.request_hash,"
     " $5, $6, $7, i.member_id"
     " FROM unnest($8::uuid[], $9::text[], $10::uuid[], $11::text[], $12::bytea[])"
-    " AS i(id, code, member_id, issue_key, request_hash) ORDER BY i.issue_key"
-    " ON CONFLICT (issue_key) DO NOTHING RETURNING c.id, c.member_id, c.seq),"
+    " AS i(id, code, member_id, issue_key, request_hash) JOIN claim ON claim.id = i.id"
+    " RETURNING c.id, c.member_id, c.seq),"
     " member_count AS ("
     " UPDATE rewards.coupon_member_counts m SET issued = m.issued + k.n"
     " FROM (SELECT member_id, count(*) AS n FROM coupon GROUP BY member_id) k"
@@ -579,21 +602,47 @@ async def issue_bulk(
     return {r["id"]: r["seq"] for r in rows}
 
 
+def archived(issue_key: str) -> FailedPrecondition:
+    """A key whose coupon is in a detached (archived) partition: its code and
+    key stay taken, the coupon is no longer served."""
+    return FailedPrecondition(
+        f"the coupon issued under {issue_key!r} expired long ago and was archived",
+        code="COUPON_ARCHIVED",
+        field="issue_key",
+    )
+
+
 async def coupon_by_key(conn: Connection, issue_key: str) -> Any:
     return await conn.fetchrow(
-        f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE issue_key = $1", issue_key
+        f"SELECT {COUPON_COLUMNS} FROM {KEYED} WHERE k.issue_key = $1", issue_key
     )
 
 
 async def coupon_by_code(conn: Connection, code: str, *, lock: bool = False) -> Any:
     return await conn.fetchrow(
-        f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE code = $1"
-        + (" FOR UPDATE" if lock else ""),
+        f"SELECT {COUPON_COLUMNS} FROM {KEYED} WHERE k.code = $1"
+        + (" FOR UPDATE OF c" if lock else ""),
         code,
     )
 
 
 # ---- wallet and checkout -----------------------------------------------------------
+
+
+def wallet_sql(usable_only: bool) -> str:
+    """The wallet read ($1 member, $2 statuses, $3 now, $4 cursor, $5 limit);
+    `usable_only` (statuses within available, locked) adds `expires_at > now`,
+    which prunes every partition of coupons already expired."""
+    return (
+        f"SELECT * FROM (SELECT {COUPON_COLUMNS}, CASE WHEN c.status IN ('available', 'locked')"
+        " AND c.expires_at <= $3 THEN 'expired' WHEN c.status = 'locked'"
+        " AND c.locked_until <= $3 THEN 'available' ELSE c.status END AS effective_status"
+        " FROM rewards.coupons c WHERE c.member_id = $1"
+        + (" AND c.expires_at > $3" if usable_only else "")
+        + " AND ($4::bigint IS NULL OR c.seq < $4)) w"
+        " WHERE cardinality($2::text[]) = 0 OR w.effective_status = ANY($2::text[])"
+        " ORDER BY w.seq DESC LIMIT $5"
+    )
 
 
 async def member_coupons(
@@ -604,24 +653,17 @@ async def member_coupons(
     after_seq: int | None,
     limit: int,
 ) -> list[Any]:
-    """A member's coupons, newest first. A lock that lapsed reads as available."""
-    return [
-        r
-        for r in await conn.fetch(
-            f"SELECT * FROM (SELECT {COUPON_COLUMNS}, CASE WHEN c.status IN ('available', 'locked')"
-            " AND c.expires_at <= $3 THEN 'expired' WHEN c.status = 'locked'"
-            " AND c.locked_until <= $3 THEN 'available' ELSE c.status END AS effective_status"
-            " FROM rewards.coupons c WHERE c.member_id = $1"
-            " AND ($4::bigint IS NULL OR c.seq < $4)) w"
-            " WHERE cardinality($2::text[]) = 0 OR w.effective_status = ANY($2::text[])"
-            " ORDER BY w.seq DESC LIMIT $5",
-            member_id,
-            list(statuses),
-            now,
-            after_seq,
-            limit,
-        )
-    ]
+    """A member's coupons, newest first. A lapsed lock reads as available.
+    Asked for usable ones only (available, locked), it reads the partitions of
+    coupons not yet expired (wallet_sql)."""
+    usable_only = bool(statuses) and set(statuses) <= USABLE
+    return list(
+        await conn.fetch(wallet_sql(usable_only), member_id, list(statuses), now, after_seq, limit)
+    )
+
+
+# The wallet statuses a coupon has only before its expiry.
+USABLE = frozenset({"available", "locked"})
 
 
 # Everything a checkout reads, in one round trip: the member's tier (and
@@ -637,8 +679,8 @@ CHECKOUT_SQL = (
     "  AND o.id IS DISTINCT FROM $4) AS has_settled_order"
     " FROM (SELECT 1) one LEFT JOIN rewards.member_tiers t ON t.member_id = $1) m"
     " LEFT JOIN ("
-    f"(SELECT {COUPON_COLUMNS}, true AS chosen FROM rewards.coupons c"
-    "  WHERE c.code = ANY($2::text[]))"
+    f"(SELECT {COUPON_COLUMNS}, true AS chosen FROM {KEYED}"
+    "  WHERE k.code = ANY($2::text[]))"
     " UNION ALL"
     f" (SELECT {COUPON_COLUMNS}, false FROM rewards.coupons c WHERE $5 AND c.member_id = $1"
     "  AND c.expires_at > $3 AND c.valid_from <= $3 AND (c.status = 'available'"
@@ -691,7 +733,7 @@ async def checkout_context(
 async def coupons_by_codes(conn: Connection, codes: Sequence[str]) -> list[Any]:
     return list(
         await conn.fetch(
-            f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE c.code = ANY($1::text[])",
+            f"SELECT {COUPON_COLUMNS} FROM {KEYED} WHERE k.code = ANY($1::text[])",
             list(codes),
         )
     )
@@ -710,8 +752,9 @@ async def lock_coupon(
     already this order's: idempotent) and valid, else nothing changes."""
     return await conn.fetchrow(
         "UPDATE rewards.coupons c SET status = 'locked', lock_store_id = $3,"
-        " lock_pos_transaction_id = $4, locked_until = $6"
-        " WHERE c.code = $1 AND c.member_id = $2 AND c.expires_at > $5 AND c.valid_from <= $5"
+        " lock_pos_transaction_id = $4, locked_until = $6 FROM rewards.coupon_keys k"
+        " WHERE k.code = $1 AND c.id = k.id AND c.expires_at = k.expires_at"
+        " AND c.member_id = $2 AND c.expires_at > $5 AND c.valid_from <= $5"
         " AND (c.status = 'available' OR (c.status = 'locked' AND (c.locked_until <= $5"
         " OR (c.lock_store_id = $3 AND c.lock_pos_transaction_id = $4))))"
         f" RETURNING {COUPON_COLUMNS}",
@@ -729,8 +772,9 @@ async def release_coupon(
 ) -> Any:
     return await conn.fetchrow(
         "UPDATE rewards.coupons c SET status = 'available', lock_store_id = NULL,"
-        " lock_pos_transaction_id = NULL, locked_until = NULL"
-        " WHERE c.code = $1 AND c.status = 'locked' AND c.lock_store_id = $2"
+        " lock_pos_transaction_id = NULL, locked_until = NULL FROM rewards.coupon_keys k"
+        " WHERE k.code = $1 AND c.id = k.id AND c.expires_at = k.expires_at"
+        " AND c.status = 'locked' AND c.lock_store_id = $2"
         f" AND c.lock_pos_transaction_id = $3 RETURNING {COUPON_COLUMNS}",
         code,
         store_id,
@@ -748,7 +792,9 @@ REDEEM_SQL = (
     " UPDATE rewards.coupons c SET status = 'used', order_id = $2, redeemed_at = $5,"
     " discount_fen = u.share, lock_store_id = NULL, lock_pos_transaction_id = NULL,"
     " locked_until = NULL FROM unnest($1::uuid[], $6::bigint[]) AS u(id, share)"
-    " WHERE c.id = u.id AND c.expires_at > $5 AND c.valid_from <= $5"
+    " JOIN rewards.coupon_keys k ON k.id = u.id"
+    " WHERE c.id = u.id AND c.expires_at = k.expires_at AND c.expires_at > $5"
+    " AND c.valid_from <= $5"
     " AND (c.status = 'available' OR (c.status = 'locked' AND (c.locked_until <= $5"
     " OR (c.lock_store_id = $3 AND c.lock_pos_transaction_id = $4)))) RETURNING c.id),"
     " events AS ("
@@ -813,6 +859,8 @@ async def order_coupon_discount(conn: Connection, order_id: uuid.UUID) -> int:
 
 
 async def order_coupons(conn: Connection, order_id: uuid.UUID) -> list[Any]:
+    """An order's coupons, expired ones included (a refund reports them): no
+    bound on expires_at is known, so one index probe per attached partition."""
     return list(
         await conn.fetch(
             f"SELECT {COUPON_COLUMNS} FROM rewards.coupons c WHERE c.order_id = $1 ORDER BY c.code",
@@ -821,12 +869,14 @@ async def order_coupons(conn: Connection, order_id: uuid.UUID) -> list[Any]:
     )
 
 
-async def restore_coupon(conn: Connection, coupon_id: uuid.UUID) -> None:
+async def restore_coupon(conn: Connection, coupon_id: uuid.UUID, expires_at: datetime) -> None:
     """Available again. The order it was used on stays recorded (order_id), so a
     replayed refund still finds it, until another order uses it."""
     await conn.execute(
-        "UPDATE rewards.coupons SET status = 'available' WHERE id = $1 AND status = 'used'",
+        "UPDATE rewards.coupons SET status = 'available'"
+        " WHERE id = $1 AND expires_at = $2 AND status = 'used'",
         coupon_id,
+        expires_at,
     )
 
 
@@ -840,11 +890,12 @@ async def revoke_coupon(
     """An issued coupon taken back: available -> revoked. The status it has
     afterwards ('revoked', or what stopped it), None when it does not exist."""
     row = await conn.fetchrow(
-        "WITH r AS (UPDATE rewards.coupons SET status = 'revoked',"
+        "WITH r AS (UPDATE rewards.coupons c SET status = 'revoked',"
         "  revoked_at = coalesce($2, now()), revoked_by = $3, revoke_reason = $4"
-        "  WHERE id = $1 AND status = 'available' RETURNING status)"
+        "  FROM rewards.coupon_keys k WHERE k.id = $1 AND c.id = k.id"
+        "  AND c.expires_at = k.expires_at AND c.status = 'available' RETURNING c.status)"
         " SELECT status FROM r UNION ALL"
-        " SELECT status FROM rewards.coupons WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM r)",
+        f" SELECT c.status FROM {KEYED} WHERE k.id = $1 AND NOT EXISTS (SELECT 1 FROM r)",
         coupon_id,
         at,
         operator,
@@ -896,11 +947,13 @@ async def lock_stock(conn: Connection, template_id: str) -> None:
 
 
 async def expire_due(conn: Connection, now: datetime, limit: int) -> int:
-    """Expire one batch of lapsed coupons (SKIP LOCKED: a checkout holding one wins)."""
+    """Expire one batch of lapsed coupons (SKIP LOCKED: a checkout holding one wins).
+    Reads the partitions of months already begun (`expires_at <= now`)."""
     done = await conn.execute(
         "UPDATE rewards.coupons SET status = 'expired', locked_until = NULL,"
         " lock_store_id = NULL, lock_pos_transaction_id = NULL"
-        " WHERE id IN (SELECT id FROM rewards.coupons WHERE status IN ('available', 'locked')"
+        " WHERE expires_at <= $1 AND (id, expires_at) IN (SELECT id, expires_at"
+        " FROM rewards.coupons WHERE status IN ('available', 'locked')"
         " AND expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
         now,
         limit,
@@ -915,7 +968,9 @@ async def claim_expiring_soon(
     return list(
         await conn.fetch(
             "UPDATE rewards.coupons c SET expiry_notified_at = $1"
-            " WHERE c.id IN (SELECT id FROM rewards.coupons WHERE status = 'available'"
+            " WHERE c.expires_at > $1 AND c.expires_at <= $2"
+            " AND (c.id, c.expires_at) IN (SELECT id, expires_at FROM rewards.coupons"
+            " WHERE status = 'available'"
             " AND expiry_notified_at IS NULL AND expires_at > $1 AND expires_at <= $2"
             " ORDER BY expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
             f" RETURNING {COUPON_COLUMNS}",
