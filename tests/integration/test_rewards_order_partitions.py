@@ -131,16 +131,21 @@ async def test_one_order_per_store_and_pos_transaction_across_months(
         found = await orders.find_order(conn, STORE, txn)
     assert found.order is not None and found.order.order_id == str(first)
     assert found.store_status == "active"
-    assert await conn.fetchval(
-        "SELECT count(*) FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2",
-        STORE,
-        txn,
-    ) == 1
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2",
+            STORE,
+            txn,
+        )
+        == 1
+    )
     key = await conn.fetchrow("SELECT * FROM rewards.order_keys WHERE id = $1", first)
     assert (key["store_id"], key["pos_transaction_id"], key["created_at"]) == (STORE, txn, now)
     # An order's key never changes; the key table is append-only.
     with pytest.raises(asyncpg.RestrictViolationError):
-        await conn.execute("UPDATE rewards.orders SET created_at = $2 WHERE id = $1", first, next_month)
+        await conn.execute(
+            "UPDATE rewards.orders SET created_at = $2 WHERE id = $1", first, next_month
+        )
     with pytest.raises(asyncpg.RestrictViolationError):
         await conn.execute("DELETE FROM rewards.order_keys WHERE id = $1", first)
 
@@ -223,9 +228,7 @@ async def test_reads_by_key_and_the_claims_writes_prune_partitions(
         ),
         (orders.FIND_ORDER_SQL, (STORE, old_txn)),
     ):
-        plan = json.loads(
-            await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
-        )
+        plan = json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args))
         assert orders_partitions(sorted(executed(plan))) == {"orders_p201802"}, sql
     assert (await ledger.lock_order(conn, STORE, old_txn))["id"] == old
     # The claim's own writes (settlement, refusal, coupon discount) name this
@@ -246,9 +249,7 @@ async def test_reads_by_key_and_the_claims_writes_prune_partitions(
     since = month_start(await db_now(conn))
     bounded = "SELECT id FROM rewards.orders WHERE member_id = $1 AND created_at >= $2"
     newer = {
-        p.name
-        for p in await list_partitions(conn, ORDERS)
-        if p.upper is None or p.upper > since
+        p.name for p in await list_partitions(conn, ORDERS) if p.upper is None or p.upper > since
     }
     scanned = orders_partitions(relations(await explain(conn, bounded, uuid.uuid4(), since)))
     assert scanned and scanned <= newer and "orders_p201802" not in scanned
@@ -398,16 +399,13 @@ async def test_migration_moves_deployed_orders_into_partitions(scratch_url: str)
         before = await conn.fetch("SELECT * FROM rewards.orders ORDER BY created_at, id")
         await asyncio.to_thread(migrate, "head")
         rows = await conn.fetch(
-            "SELECT *, tableoid::regclass::text AS part FROM rewards.orders"
-            " ORDER BY created_at, id"
+            "SELECT *, tableoid::regclass::text AS part FROM rewards.orders ORDER BY created_at, id"
         )
         assert [{k: r[k] for k in r.keys() if k != "part"} for r in rows] == [
             dict(r) for r in before
         ]
         by_id = {r["id"]: r["part"] for r in rows}
-        assert by_id == {
-            order: f"rewards.orders_p{at:%Y%m}" for order, _, at in written
-        }
+        assert by_id == {order: f"rewards.orders_p{at:%Y%m}" for order, _, at in written}
         # Every month from the first row's to three ahead of the clock, and April too.
         now = await db_now(conn)
         names = {p.name for p in await list_partitions(conn, ORDERS)}
@@ -418,9 +416,12 @@ async def test_migration_moves_deployed_orders_into_partitions(scratch_url: str)
         )
         assert {tuple(k) for k in keys} == set(written)
         # The foreign keys hold on the converted data, now through the key table.
-        assert await conn.fetchval(
-            "SELECT count(*) FROM rewards.refunds r JOIN rewards.order_keys k ON k.id = r.order_id"
-        ) == 1
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM rewards.refunds r JOIN rewards.order_keys k ON k.id = r.order_id"
+            )
+            == 1
+        )
         with pytest.raises(asyncpg.ForeignKeyViolationError) as refused:
             await conn.execute(
                 "INSERT INTO rewards.refunds (id, order_id, store_id, refund_transaction_id,"

@@ -128,7 +128,9 @@ def upgrade() -> None:
         " ADD CONSTRAINT fk_orders_store_id_stores FOREIGN KEY (store_id)"
         " REFERENCES rewards.stores (store_id)"
     )
-    op.execute("CREATE INDEX ix_orders_member_id_ordered_at ON rewards.orders (member_id, ordered_at)")
+    op.execute(
+        "CREATE INDEX ix_orders_member_id_ordered_at ON rewards.orders (member_id, ordered_at)"
+    )
     op.execute("CREATE INDEX ix_orders_ordered_at ON rewards.orders (ordered_at)")
     op.execute(KEY_CHECK)
     op.execute(
@@ -179,7 +181,9 @@ def downgrade() -> None:
         " ADD CONSTRAINT fk_orders_store_id_stores FOREIGN KEY (store_id)"
         " REFERENCES rewards.stores (store_id)"
     )
-    op.execute("CREATE INDEX ix_orders_member_id_ordered_at ON rewards.orders (member_id, ordered_at)")
+    op.execute(
+        "CREATE INDEX ix_orders_member_id_ordered_at ON rewards.orders (member_id, ordered_at)"
+    )
     op.execute("CREATE INDEX ix_orders_ordered_at ON rewards.orders (ordered_at)")
     for referrer, column, _ in referrers:
         op.execute(
