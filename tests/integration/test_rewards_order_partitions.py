@@ -396,8 +396,45 @@ async def test_migration_moves_deployed_orders_into_partitions(scratch_url: str)
             " VALUES ($1, $2, $3, 'r-1', 10, 1, 1, 0, 0)",
             uuid.uuid4(), first, STORE,
         )  # fmt: skip
+        # The referring keys are found by table, not by name: coupons' under
+        # another name, and a partitioned referrer (coupons may be partitioned
+        # by a migration before this one) with its partitions' inherited copies.
+        await conn.execute(
+            "ALTER TABLE rewards.coupons RENAME CONSTRAINT fk_coupons_order_id_orders"
+            " TO coupons_order_renamed"
+        )
+        await conn.execute(
+            "CREATE TABLE rewards.parted_referrer (order_id uuid REFERENCES rewards.orders (id),"
+            " at timestamptz NOT NULL) PARTITION BY RANGE (at);"
+            " CREATE TABLE rewards.parted_referrer_a PARTITION OF rewards.parted_referrer"
+            " FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+            " CREATE TABLE rewards.parted_referrer_b PARTITION OF rewards.parted_referrer DEFAULT"
+        )
+        await conn.execute(
+            "INSERT INTO rewards.parted_referrer VALUES ($1, '2025-03-10'), ($1, '2027-01-01')",
+            first,
+        )
         before = await conn.fetch("SELECT * FROM rewards.orders ORDER BY created_at, id")
         await asyncio.to_thread(migrate, "head")
+        targets = await conn.fetch(
+            "SELECT conrelid::regclass::text AS t, conname, confrelid::regclass::text AS target,"
+            " conparentid = 0 AS own FROM pg_constraint WHERE contype = 'f'"
+            " AND confrelid IN ('rewards.orders'::regclass, 'rewards.order_keys'::regclass)"
+        )
+        assert {r["target"] for r in targets} == {"rewards.order_keys"}
+        assert {(r["t"], r["conname"]) for r in targets if r["own"]} == {
+            (f"rewards.{t}", f"fk_{t}_order_id_order_keys")
+            for t in ("coupons", "refunds", "points_transactions", "parted_referrer")
+        }
+        assert {r["t"] for r in targets if not r["own"]} >= {
+            "rewards.parted_referrer_a",
+            "rewards.parted_referrer_b",
+        }
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(
+                "INSERT INTO rewards.parted_referrer VALUES ($1, '2025-05-01')", uuid.uuid4()
+            )
+        await conn.execute("DROP TABLE rewards.parted_referrer")
         rows = await conn.fetch(
             "SELECT *, tableoid::regclass::text AS part FROM rewards.orders ORDER BY created_at, id"
         )
