@@ -162,6 +162,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
             _S.FAILED_PRECONDITION,
         ),
         _c(
+            "REFUND_ORDER_ARCHIVED",
+            "the order's partition is archived: it is past the refund horizon",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
             "PARTITION_TOO_RECENT",
             "the partition ends inside the months the table keeps",
             _S.FAILED_PRECONDITION,

@@ -44,6 +44,34 @@ from alembic import op
 AHEAD_MONTHS = 3
 
 
+def monthly_partitions_sql(schema: str, table: str, column: str, source: str) -> str:
+    """A DO block making `schema.table`'s monthly partitions (`<table>_pYYYYMM`,
+    UTC months) from the first month `source`'s rows cover (or this month) to
+    AHEAD_MONTHS ahead of the database's clock: the conversion's partitions,
+    made before its rows are copied in."""
+    return f"""
+DO $$
+DECLARE
+    first_month date := date_trunc('month', least(
+        (SELECT min({column}) FROM {schema}.{source}), now()) AT TIME ZONE 'UTC')::date;
+    last_month date := (date_trunc('month', now() AT TIME ZONE 'UTC')
+        + interval '{AHEAD_MONTHS} months')::date;
+    m date := first_month;
+BEGIN
+    WHILE m <= last_month LOOP
+        EXECUTE format(
+            'CREATE TABLE {schema}.%I PARTITION OF {schema}.{table}'
+            ' FOR VALUES FROM (%L) TO (%L)',
+            '{table}_p' || to_char(m, 'YYYYMM'),
+            m::timestamp AT TIME ZONE 'UTC',
+            (m + interval '1 month')::timestamp AT TIME ZONE 'UTC');
+        m := (m + interval '1 month')::date;
+    END LOOP;
+END
+$$
+"""
+
+
 @dataclass(frozen=True)
 class MonthlyConversion:
     schema: str
@@ -115,28 +143,7 @@ $$
 """
 
     def _monthly_partitions_sql(self, source: str) -> str:
-        name = self.table
-        return f"""
-DO $$
-DECLARE
-    first_month date := date_trunc('month', least(
-        (SELECT min({self.column}) FROM {self.schema}.{source}), now()) AT TIME ZONE 'UTC')::date;
-    last_month date := (date_trunc('month', now() AT TIME ZONE 'UTC')
-        + interval '{AHEAD_MONTHS} months')::date;
-    m date := first_month;
-BEGIN
-    WHILE m <= last_month LOOP
-        EXECUTE format(
-            'CREATE TABLE {self.schema}.%I PARTITION OF {self.qualified}'
-            ' FOR VALUES FROM (%L) TO (%L)',
-            '{name}_p' || to_char(m, 'YYYYMM'),
-            m::timestamp AT TIME ZONE 'UTC',
-            (m + interval '1 month')::timestamp AT TIME ZONE 'UTC');
-        m := (m + interval '1 month')::date;
-    END LOOP;
-END
-$$
-"""
+        return monthly_partitions_sql(self.schema, self.table, self.column, source)
 
     def upgrade(self) -> None:
         old = f"{self.table}_unpartitioned"

@@ -25,6 +25,13 @@ and an IssueCoupon replay of an archived coupon's key is COUPON_ARCHIVED.
 Partitions are kept 12 months ahead (`ahead`): coupons valid up to a year
 land in a partition of their own month; a longer validity lands in the default
 and the keeper moves it into its month.
+
+Orders (`orders`, by month of `created_at`, migration 0018; their keys stay
+in order_keys): the journal's two conditions. The audit checks settled orders from the latest
+checkpoint's as_of on (against their earns), and a refund reads its order: a
+refund of an order whose partition was archived is refused with
+REFUND_ORDER_ARCHIVED (its key is still there). Tiering keeps its own
+projection of orders and never reads this table.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ from servicekit.settings import ServiceSettings
 from .schema import SCHEMA
 
 
-async def journal_detach_guard(conn: asyncpg.Connection, partition: Partition) -> None:
-    """Refuse a journal partition no checkpoint covers; record the detach."""
+async def audit_reads_no_more(conn: asyncpg.Connection, partition: Partition) -> None:
+    """Refuse a partition no balance checkpoint covers: the ledger audit reads
+    the journal and the orders from the latest checkpoint's as_of on."""
     covered = await conn.fetchval("SELECT max(as_of) FROM rewards.points_checkpoints")
     assert partition.upper is not None and partition.lower is not None
     if covered is None or partition.upper > covered:
@@ -52,6 +60,12 @@ async def journal_detach_guard(conn: asyncpg.Connection, partition: Partition) -
             code="PARTITION_NEEDED_BY_AUDIT",
             field="partition",
         )
+
+
+async def journal_detach_guard(conn: asyncpg.Connection, partition: Partition) -> None:
+    """Refuse a journal partition no checkpoint covers; record the detach."""
+    await audit_reads_no_more(conn, partition)
+    assert partition.upper is not None and partition.lower is not None
     await conn.execute(
         "INSERT INTO rewards.points_journal_archive (partition, lower, upper) VALUES ($1, $2, $3)",
         partition.name,
@@ -88,15 +102,19 @@ JOURNAL = PartitionedTable(
     SCHEMA, "points_transactions", "created_at", detach_guard=journal_detach_guard
 )
 
+ORDERS = PartitionedTable(SCHEMA, "orders", "created_at", detach_guard=audit_reads_no_more)
+
 
 def partitioned_tables(settings: ServiceSettings) -> list[PartitionedTable]:
-    """The journal, the consumers' dedupe log by day of the event's time
-    (migration 0016; days past PROCESSED_EVENTS_RETENTION_HOURS are dropped)
-    and the issued coupons by month of expiry (migration 0017):
-    what the service's keeper and `python -m services.rewards partitions`
-    (servicekit/partitions_cli.py) keep."""
+    """The journal, the orders (migration 0018), the consumers' dedupe log by
+    day of the event's time (migration 0016; days past
+    PROCESSED_EVENTS_RETENTION_HOURS are dropped) and the issued coupons by
+    month of expiry (migration 0017): what the service's keeper and
+    `python -m services.rewards partitions` (servicekit/partitions_cli.py)
+    keep."""
     return [
         JOURNAL,
+        ORDERS,
         processed_events(SCHEMA, timedelta(hours=settings.processed_events_retention_hours)),
         COUPONS,
     ]

@@ -80,6 +80,27 @@ stores = Table(
     CheckConstraint("longitude BETWEEN -180 AND 180", name="longitude_range"),
 )
 
+# Global uniqueness of orders (id; (store_id, pos_transaction_id), the
+# idempotency key of CompleteOrder) and the target of every foreign key to an
+# order: orders are partitioned by time, and PostgreSQL's unique indexes on a
+# partitioned table must contain the partition key. The claim writes the key
+# and the order in one statement (orders/repository.py CLAIM_ORDER_SQL); a
+# BEFORE INSERT trigger on orders writes it for any other INSERT (migration
+# 0017). Append-only.
+order_keys = Table(
+    "order_keys",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("store_id", Text, nullable=False),
+    Column("pos_transaction_id", Text, nullable=False),
+    # The order's created_at: which partition holds it.
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("store_id", "pos_transaction_id"),
+)
+
+# One row per POS order. Partitioned by month of created_at (the database's
+# clock, migration 0018; partitions made ahead by `python -m services.rewards
+# partitions ensure`, docs/operations.md "Partitioned tables").
 orders = Table(
     "orders",
     metadata,
@@ -107,9 +128,15 @@ orders = Table(
     # settled, or rejected (a stored refusal, replayed to retries like a result).
     Column("status", Text, nullable=False, server_default="settled"),
     Column("rejection", JSONB),
-    created_at(),
-    # The idempotency key of CompleteOrder.
-    UniqueConstraint("store_id", "pos_transaction_id"),
+    # The partition key (with id, the primary key: PostgreSQL requires it there).
+    Column(
+        "created_at",
+        DateTime(timezone=True),
+        primary_key=True,
+        nullable=False,
+        server_default=func.now(),
+    ),
+    # The idempotency key of CompleteOrder is unique in order_keys.
     Index(None, "member_id", "ordered_at"),
     CheckConstraint(
         "char_length(pos_transaction_id) BETWEEN 1 AND 64", name="pos_transaction_id_length"
@@ -128,6 +155,7 @@ orders = Table(
     CheckConstraint("status IN ('settled', 'rejected')", name="status_known"),
     # The dashboards' range scans (servicekit/metrics_definitions.py).
     Index(None, "ordered_at"),
+    postgresql_partition_by="RANGE (created_at)",
 )
 
 # Global uniqueness of the journal (id, idempotency key) and the target of every
@@ -153,7 +181,7 @@ points_transactions = Table(
     Column("id", Uuid, primary_key=True),
     Column("member_id", Uuid, nullable=False, index=True),
     Column("kind", Text, nullable=False),
-    Column("order_id", Uuid, ForeignKey(orders.c.id), index=True),
+    Column("order_id", Uuid, ForeignKey(order_keys.c.id), index=True),
     # One transaction per business fact (e.g. "earn:<order id>"), whoever
     # retries: unique in points_transaction_keys.
     Column("idempotency_key", Text, nullable=False),
@@ -308,7 +336,7 @@ refunds = Table(
     "refunds",
     metadata,
     Column("id", Uuid, primary_key=True),
-    Column("order_id", Uuid, ForeignKey(orders.c.id), nullable=False, index=True),
+    Column("order_id", Uuid, ForeignKey(order_keys.c.id), nullable=False, index=True),
     Column("store_id", Text, nullable=False),
     # The POS's id of the refund; with store_id, the idempotency key.
     Column("refund_transaction_id", Text, nullable=False),
@@ -539,7 +567,7 @@ coupons = Table(
     Column("lock_store_id", Text),
     Column("lock_pos_transaction_id", Text),
     Column("locked_until", DateTime(timezone=True)),
-    Column("order_id", Uuid, ForeignKey(orders.c.id)),
+    Column("order_id", Uuid, ForeignKey(order_keys.c.id)),
     Column("redeemed_at", DateTime(timezone=True)),
     Column("discount_fen", BigInteger),
     # Merge: the member it was issued to, and the merge that moved it.

@@ -233,6 +233,7 @@ async def test_cli_ensures_and_lists(infra: Infra) -> None:
     reports = {r["table"]: r for r in json.loads(out)}
     assert set(reports) == {
         "rewards.points_transactions",
+        "rewards.orders",
         "rewards.processed_events",
         "rewards.coupons",
     }
@@ -361,6 +362,7 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
     # The service wires the journal into its keeper, which runs at start-up.
     assert [t.qualified for t in rewards_app.partitioned] == [
         "rewards.points_transactions",
+        "rewards.orders",
         "rewards.processed_events",
         "rewards.coupons",
     ]

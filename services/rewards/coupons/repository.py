@@ -803,7 +803,8 @@ REDEEM_SQL = (
     " FROM unnest($1::uuid[], $7::uuid[], $8::text[], $9::bytea[])"
     " AS e(coupon_id, event_id, event_type, envelope) JOIN used ON used.id = e.coupon_id),"
     " discount AS ("
-    " UPDATE rewards.orders SET coupon_discount_fen = $10 WHERE id = $2"
+    # The order this transaction claimed: its partition is this transaction's now().
+    " UPDATE rewards.orders SET coupon_discount_fen = $10 WHERE id = $2 AND created_at = now()"
     " AND (SELECT count(*) FROM used) = cardinality($1::uuid[]))"
     " SELECT coalesce(array_agg(id), '{}') AS used FROM used"
 )
@@ -845,14 +846,21 @@ async def redeem_coupons(
 
 async def order_paid_amount(conn: Connection, order_id: uuid.UUID) -> int:
     return int(
-        await conn.fetchval("SELECT paid_amount_fen FROM rewards.orders WHERE id = $1", order_id)
+        await conn.fetchval(
+            # Through the order's key: its created_at prunes the other partitions.
+            "SELECT o.paid_amount_fen FROM rewards.order_keys k JOIN rewards.orders o"
+            " ON o.id = k.id AND o.created_at = k.created_at WHERE k.id = $1",
+            order_id,
+        )
     )
 
 
 async def order_coupon_discount(conn: Connection, order_id: uuid.UUID) -> int:
     return int(
         await conn.fetchval(
-            "SELECT coupon_discount_fen FROM rewards.orders WHERE id = $1", order_id
+            "SELECT o.coupon_discount_fen FROM rewards.order_keys k JOIN rewards.orders o"
+            " ON o.id = k.id AND o.created_at = k.created_at WHERE k.id = $1",
+            order_id,
         )
         or 0
     )

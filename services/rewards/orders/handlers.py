@@ -260,9 +260,7 @@ class RewardsHandlers:
                 found.order.points_balance_after,
                 replayed=True,
                 points_redeemed=found.order.points_redeemed,
-                coupon_discount_fen=await coupon_repository.order_coupon_discount(
-                    uow.conn, uuid.UUID(found.order.order_id)
-                ),
+                coupon_discount_fen=found.order.coupon_discount_fen,
             )
         )
 

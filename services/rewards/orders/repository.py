@@ -5,11 +5,13 @@ local projection of members the contexts share (tier, erasure) is
 Every function takes a plain asyncpg connection, so the benchmark runs the
 very statements the service runs. CompleteOrder is, inside one transaction:
 
-1. `claim_order`    - INSERT ... SELECT FROM stores ... ON CONFLICT DO NOTHING
-                      RETURNING: settles the order only for an active store, and
-                      the unique (store_id, pos_transaction_id) key picks exactly
-                      one winner among concurrent retries (losers wait, then get
-                      no row).
+1. `claim_order`    - one statement: the key INSERT ... SELECT FROM stores ...
+                      ON CONFLICT DO NOTHING into order_keys, then the order
+                      from it, RETURNING: settles the order only for an active
+                      store, and the unique (store_id, pos_transaction_id) key
+                      picks exactly one winner among concurrent retries (losers
+                      wait, then get no row), whatever month's partition holds
+                      the first.
    (when the order spends points: the member's lock, lazy expiry, and one
    `ledger.post` statement for the redemption; see points/handlers.py)
 2. `record_earning` - one CTE statement: ledger transaction + its entries + the
@@ -18,7 +20,8 @@ very statements the service runs. CompleteOrder is, inside one transaction:
 3. the outbox INSERT of OrderCompleted (`UnitOfWork.emit`).
 
 A call that claims nothing runs `find_order` instead: the winner's row (a
-replay, or a different body: conflict) or the store's status (unknown/closed).
+replay, or a different body: conflict) or the store's status (unknown/closed),
+found through order_keys (its created_at prunes the order's partitions).
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class SettledOrder:
     points_redeemed: int = 0
     status: str = "settled"
     rejection: dict[str, str] | None = None
+    coupon_discount_fen: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,17 +127,36 @@ def lines_json(lines: tuple[OrderLine, ...]) -> str:
     )
 
 
+# The order's key first (order_keys: unique (store_id, pos_transaction_id)
+# whatever partition holds the order), then the order itself, in one
+# statement: concurrent retries wait on the key's unique index and the losers
+# get no row, as on the plain table. Both take created_at from this
+# transaction's now(): the order's partition (the key trigger on orders finds
+# this very key and writes nothing more).
 CLAIM_ORDER_SQL = """
+WITH k AS (
+    INSERT INTO rewards.order_keys (id, store_id, pos_transaction_id, created_at)
+    SELECT $1::uuid, s.store_id, $3::text, now()
+    FROM rewards.stores s
+    WHERE s.store_id = $2::text AND s.status = 'active'
+    ON CONFLICT (store_id, pos_transaction_id) DO NOTHING
+    RETURNING id, store_id, pos_transaction_id, created_at
+)
 INSERT INTO rewards.orders (
     id, store_id, pos_transaction_id, member_id, channel, paid_amount_fen,
-    gross_amount_fen, lines, ordered_at, request_hash, points_earned, points_redeemed)
-SELECT $1::uuid, s.store_id, $3::text, $4::uuid, $5::text, $6::bigint,
-       $7::bigint, $8::jsonb, $9::timestamptz, $10::bytea, $11::bigint, $12::bigint
-FROM rewards.stores s
-WHERE s.store_id = $2::text AND s.status = 'active'
-ON CONFLICT (store_id, pos_transaction_id) DO NOTHING
+    gross_amount_fen, lines, ordered_at, request_hash, points_earned, points_redeemed,
+    created_at)
+SELECT k.id, k.store_id, k.pos_transaction_id, $4::uuid, $5::text, $6::bigint,
+       $7::bigint, $8::jsonb, $9::timestamptz, $10::bytea, $11::bigint, $12::bigint,
+       k.created_at
+FROM k
 RETURNING id
 """
+
+# Writes to the order its own claim made, in the claim's transaction: its
+# created_at is this transaction's now() (CLAIM_ORDER_SQL), which prunes every
+# other partition at executor start, in the generic plan too.
+THIS_TRANSACTIONS_ORDER = "created_at = now()"
 
 
 async def claim_order(conn: Connection, order: NewOrder) -> bool:
@@ -160,7 +183,7 @@ async def reject_order(conn: Connection, order_id: uuid.UUID, rejection: dict[st
     """Store a refusal on the claimed order: retries of the same body replay it."""
     await conn.execute(
         "UPDATE rewards.orders SET status = 'rejected', points_earned = 0, points_redeemed = 0,"
-        " rejection = $2::jsonb WHERE id = $1",
+        f" rejection = $2::jsonb WHERE id = $1 AND {THIS_TRANSACTIONS_ORDER}",
         order_id,
         json.dumps(rejection, sort_keys=True),
     )
@@ -172,7 +195,7 @@ async def reject_order(conn: Connection, order_id: uuid.UUID, rejection: dict[st
 # and the rest becomes a lot (pending during the refund window, if configured)
 # with its expiry. A zero-point order writes no transaction but still upserts
 # the balance (to return it) and records balance-after on the order.
-RECORD_EARNING_SQL = """
+RECORD_EARNING_SQL = f"""
 WITH cur AS (
     SELECT debt FROM rewards.points_balances WHERE member_id = $2::uuid FOR UPDATE
 ), calc AS (
@@ -219,9 +242,10 @@ WITH cur AS (
     -- The final points (tier multiplier, daily cap) replace the claim's estimate.
     UPDATE rewards.orders
     SET points_balance_after = (SELECT available FROM balance), points_earned = $5::bigint
-    WHERE id = $3::uuid
+    WHERE id = $3::uuid AND {THIS_TRANSACTIONS_ORDER}
+    RETURNING id
 )
-SELECT available, lifetime_earned FROM balance
+SELECT available, lifetime_earned, EXISTS (SELECT 1 FROM settled) AS settled FROM balance
 """
 
 
@@ -242,16 +266,19 @@ async def record_earning(conn: Connection, earning: Earning) -> BalanceRecord:
         earning.expires_at,
     )
     assert row is not None
+    # The order is this transaction's own claim (THIS_TRANSACTIONS_ORDER).
+    assert row["settled"], f"order {earning.order_id} was not claimed by this transaction"
     return BalanceRecord(str(earning.member_id), row["available"], row["lifetime_earned"])
 
 
 FIND_ORDER_SQL = """
 SELECT s.status AS store_status, o.id, o.request_hash, o.points_earned, o.points_balance_after,
-       o.points_redeemed, o.status, o.rejection
+       o.points_redeemed, o.status, o.rejection, o.coupon_discount_fen
 FROM (SELECT $1::text AS store_id, $2::text AS pos_transaction_id) AS q
 LEFT JOIN rewards.stores s ON s.store_id = q.store_id
-LEFT JOIN rewards.orders o
-    ON o.store_id = q.store_id AND o.pos_transaction_id = q.pos_transaction_id
+LEFT JOIN rewards.order_keys k
+    ON k.store_id = q.store_id AND k.pos_transaction_id = q.pos_transaction_id
+LEFT JOIN rewards.orders o ON o.id = k.id AND o.created_at = k.created_at
 """
 
 
@@ -268,6 +295,7 @@ async def find_order(conn: Connection, store_id: str, pos_transaction_id: str) -
             points_redeemed=row["points_redeemed"],
             status=row["status"],
             rejection=json.loads(row["rejection"]) if row["rejection"] else None,
+            coupon_discount_fen=row["coupon_discount_fen"],
         )
     return OrderLookup(row["store_status"], order)
 

@@ -764,6 +764,19 @@ class PointsLedger:
         if stored is not None:
             return self._replay(stored, Refund.from_doc)
         order = await ledger.lock_order(conn, store_id, pos_transaction_id)
+        if order is None and await ledger.order_archived(conn, store_id, pos_transaction_id):
+            # Its month's orders partition was detached: refused by name
+            # (stored, replayed to retries), not taken for an order yet to come.
+            return await self._reject(
+                conn,
+                key,
+                FailedPrecondition(
+                    f"order {pos_transaction_id} at store {store_id} is past the refund horizon:"
+                    " its orders partition is archived",
+                    code="REFUND_ORDER_ARCHIVED",
+                    field="pos_transaction_id",
+                ),
+            )
         if order is None or order["status"] != "settled":
             # Not stored under the key: a refund may reach us before its order
             # (an offline upload still on its way), and the POS retry after the

@@ -426,14 +426,30 @@ async def timed_out_holds(conn: Connection, now: datetime, limit: int) -> list[u
 
 
 async def lock_order(conn: Connection, store_id: str, pos_transaction_id: str) -> Any:
-    """The order, locked: refunds of one order run one at a time."""
+    """The order, locked: refunds of one order run one at a time. Found through
+    its key (order_keys), whose created_at prunes the order's other partitions."""
     return await conn.fetchrow(
-        "SELECT id, member_id, paid_amount_fen, points_earned, points_redeemed, status,"
-        " ordered_at, created_at FROM rewards.orders WHERE store_id = $1 AND pos_transaction_id = $2"
-        " FOR UPDATE",
+        "SELECT o.id, o.member_id, o.paid_amount_fen, o.points_earned, o.points_redeemed,"
+        " o.status, o.ordered_at, o.created_at"
+        " FROM rewards.order_keys k JOIN rewards.orders o"
+        " ON o.id = k.id AND o.created_at = k.created_at"
+        " WHERE k.store_id = $1 AND k.pos_transaction_id = $2 FOR UPDATE OF o",
         store_id,
         pos_transaction_id,
     )
+
+
+async def order_archived(conn: Connection, store_id: str, pos_transaction_id: str) -> bool:
+    """Whether the order has a key but no row in the attached partitions: its
+    partition was detached (archived; an order is never deleted)."""
+    archived: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM rewards.order_keys k WHERE k.store_id = $1"
+        " AND k.pos_transaction_id = $2 AND NOT EXISTS (SELECT 1 FROM rewards.orders o"
+        " WHERE o.id = k.id AND o.created_at = k.created_at))",
+        store_id,
+        pos_transaction_id,
+    )
+    return archived
 
 
 async def refunds_so_far(conn: Connection, order_id: uuid.UUID) -> tuple[int, int, int, int]:
