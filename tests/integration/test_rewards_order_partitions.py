@@ -367,7 +367,8 @@ async def test_migration_moves_deployed_orders_into_partitions(scratch_url: str)
     def migrate(revision: str) -> None:
         command.upgrade(alembic_config("rewards", scratch_url), revision)
 
-    await asyncio.to_thread(migrate, "0016_rewards_dedupe_partitions")
+    # The revision before this one: coupons already partitioned (0017).
+    await asyncio.to_thread(migrate, "0017_rewards_coupon_partitions")
     conn = await asyncpg.connect(asyncpg_dsn(scratch_url))
     try:
         await add_store(conn)
@@ -396,9 +397,9 @@ async def test_migration_moves_deployed_orders_into_partitions(scratch_url: str)
             " VALUES ($1, $2, $3, 'r-1', 10, 1, 1, 0, 0)",
             uuid.uuid4(), first, STORE,
         )  # fmt: skip
-        # The referring keys are found by table, not by name: coupons' under
-        # another name, and a partitioned referrer (coupons may be partitioned
-        # by a migration before this one) with its partitions' inherited copies.
+        # The referring keys are found by table, not by name: coupons' (a
+        # partitioned table since 0017) under another name, and another
+        # partitioned referrer with its partitions' inherited copies.
         await conn.execute(
             "ALTER TABLE rewards.coupons RENAME CONSTRAINT fk_coupons_order_id_orders"
             " TO coupons_order_renamed"

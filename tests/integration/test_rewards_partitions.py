@@ -372,7 +372,7 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
     pool = await create_pool(infra.database_url, 1, 1)
     try:
         keeper = PartitionKeeper(pool, rewards_app.partitioned, ahead=8, interval_seconds=3600)
-        report, _, _ = await keeper.ensure_once()
+        report, *_ = await keeper.ensure_once()
         async with pool.acquire() as c:
             now = await db_now(c)
             names = {p.name for p in await list_partitions(c, JOURNAL)}
