@@ -24,6 +24,7 @@ from .domain import parse_rules
 from .handlers import Clock, GuidesHandlers
 from .partitions import partitioned_tables
 from .ports import CouponIssuer, MemberDirectory, MemberGrpc, RewardsCoupons
+from .retries import RetryPolicy
 from .schema import SCHEMA
 from .servicer import GuidesServicer
 from .settings import GuidesSettings, guides_settings
@@ -148,6 +149,9 @@ def build(
         session_secret=s.workstation_secret.encode(),
         session_ttl=timedelta(minutes=s.workstation_session_minutes),
         task_gather=timedelta(seconds=s.task_gather_seconds),
+        retry=RetryPolicy(
+            task_max_attempts=s.task_max_attempts, task_life=timedelta(hours=s.task_life_hours)
+        ),
     )
 
     def wire(app: ServiceApp) -> None:

@@ -86,13 +86,19 @@ async def remove_tag(conn: Connection, member_id: uuid.UUID, tag: str, source: s
 
 
 async def enqueue_tag_push(
-    conn: Connection, member_id: uuid.UUID, added: list[str], removed: list[str]
+    conn: Connection,
+    member_id: uuid.UUID,
+    added: list[str],
+    removed: list[str],
+    at: datetime | None = None,
 ) -> None:
     await conn.execute(
-        f"INSERT INTO {S}.tag_pushes (member_id, added, removed) VALUES ($1, $2, $3)",
+        f"INSERT INTO {S}.tag_pushes (member_id, added, removed, next_attempt_at)"
+        " VALUES ($1, $2, $3, COALESCE($4, now()))",
         member_id,
         added,
         removed,
+        at,
     )
 
 
