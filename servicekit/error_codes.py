@@ -995,6 +995,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
         ),
         _c("STORE_NOT_ELIGIBLE", "the coupon is not valid at this store", _S.FAILED_PRECONDITION),
         _c(
+            "TAG_BATCH_BUSY",
+            "another rule-tag batch is running (a replica or the CronJob)",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
             "TAG_NAME_TOO_LONG",
             "WeCom tag names are at most 30 characters",
             _S.INVALID_ARGUMENT,

@@ -16,7 +16,7 @@ from typing import Any
 from servicekit.db import Database, create_pool
 from servicekit.errors import DomainError
 
-from . import retries
+from . import retries, tag_batch
 from .domain import Role
 from .schema import SCHEMA
 from .server import build
@@ -103,7 +103,7 @@ async def _main(args: argparse.Namespace) -> int:
                 f" WeCom refused {len(failed)}: {' '.join(failed)}"
             )
         else:
-            print(await handlers.run_tag_batch(db, args.window_days))
+            print(await tag_batch.run_or_refuse(handlers, db, args.window_days))
         # The events these commands wrote leave through the service's outbox relay.
         return 0
     finally:

@@ -316,6 +316,15 @@ task_targets = Table(
     PrimaryKeyConstraint("task_id", "member_id"),
 )
 
+# When each scheduled job last ran (any replica or CronJob): the rule-tag
+# batch's timer skips a period another runner already covered (tag_batch.py).
+job_runs = Table(
+    "job_runs",
+    metadata,
+    Column("job", Text, primary_key=True),
+    Column("last_run_at", DateTime(timezone=True), nullable=False),
+)
+
 # A resigned staff member's customer handed to a takeover: WeCom's errcode 0
 # only starts a 24-hour takeover, so the binding moves when transfer_result
 # says 1 (done); 3 (customer refused) and 4 (takeover at its limit), or a

@@ -20,6 +20,7 @@ from servicekit.retention import Retention
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
+from . import tag_batch
 from .domain import parse_rules
 from .handlers import Clock, GuidesHandlers
 from .partitions import partitioned_tables
@@ -93,7 +94,10 @@ class GuidesApp(ServiceApp):
         while True:
             await asyncio.sleep(every)
             try:
-                result = await self.handlers.run_tag_batch(self.db)
+                # One replica at a time, once per period (tag_batch.py).
+                result = await tag_batch.run_alone(
+                    self.handlers, self.db, every=timedelta(seconds=every * 0.9)
+                )
                 log.info("rule tags refreshed: %s", result)
             except asyncio.CancelledError:
                 raise

@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
-from servicekit.db import Database, create_pool
+from servicekit.db import Database, asyncpg_dsn, create_pool
 from services.guides import binding_repository as binding_repo
 from services.guides import domain, retries
 from services.guides import repository as repo
@@ -381,3 +382,44 @@ async def test_a_resigned_transfer_is_pending_until_wecom_settles_it(
     # Still waiting (status 2): polled again later, unchanged.
     assert (await retries.poll_transfers(h, db))["pending"] >= 1
     assert await guide_of(waiting[1]) == leaver.staff_id
+
+
+# ---------------------------------------------------------------- the rule-tag batch
+
+
+async def test_the_rule_tag_batch_runs_in_one_replica_once_per_period(
+    pair: tuple[GuidesHandlers, Database], clock: Clock, infra: Infra
+) -> None:
+    from servicekit.errors import FailedPrecondition
+    from services.guides import tag_batch
+
+    h, db = pair
+    other = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        # Another replica (or the CronJob) is running it: this one skips.
+        assert await other.fetchval(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", tag_batch.LOCK_NAME
+        )
+        assert await tag_batch.run_alone(h, db, window_days=1) is None
+        with pytest.raises(FailedPrecondition) as busy:
+            await tag_batch.run_or_refuse(h, db, window_days=1)
+        assert busy.value.code == "TAG_BATCH_BUSY"
+        await other.execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))", tag_batch.LOCK_NAME
+        )
+        ran = await tag_batch.run_alone(h, db, window_days=1)
+        assert ran is not None
+        every = timedelta(hours=24)
+        # A replica whose timer fires an hour after that run skips the period...
+        clock.at = START + timedelta(hours=1)
+        assert await tag_batch.run_alone(h, db, window_days=1, every=every) is None
+        # ...and runs once the period has passed.
+        clock.at = START + timedelta(hours=25)
+        assert await tag_batch.run_alone(h, db, window_days=1, every=every) is not None
+        last = await other.fetchval(
+            "SELECT last_run_at FROM guides.job_runs WHERE job = $1", tag_batch.JOB
+        )
+        assert last == clock()
+    finally:
+        await other.execute("DELETE FROM guides.job_runs WHERE job = $1", "tag-batch")
+        await other.close()

@@ -2,7 +2,8 @@
 other work (issue 20 audit): tag pushes get next_attempt_at; guide tasks get
 attempts, next_attempt_at, the last error and WeCom's code, and sent_at (a
 sent task expires after TASK_LIFE_HOURS); resigned-staff transfers are
-recorded pending until WeCom's transfer_result settles them.
+recorded pending until WeCom's transfer_result settles them; job_runs says
+when the rule-tag batch last ran (one replica per period).
 
 Existing rows: pushes are due now; tasks already sent count as sent when they
 were created (set-based, below).
@@ -61,6 +62,13 @@ def upgrade() -> None:
         schema=SCHEMA,
     )
     op.create_table(
+        "job_runs",
+        sa.Column("job", sa.Text(), nullable=False),
+        sa.Column("last_run_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("job", name=op.f("pk_job_runs")),
+        schema=SCHEMA,
+    )
+    op.create_table(
         "resigned_transfers",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
         sa.Column("handover_staff_id", sa.Text(), nullable=False),
@@ -94,6 +102,7 @@ def downgrade() -> None:
         postgresql_where=sa.text("status = 'pending'"),
     )
     op.drop_table("resigned_transfers", schema=SCHEMA)
+    op.drop_table("job_runs", schema=SCHEMA)
     op.drop_index("ix_guide_tasks_status_created_at", table_name="guide_tasks", schema=SCHEMA)
     for name in ("sent_at", "error_code", "last_error", "next_attempt_at", "attempts"):
         op.drop_column("guide_tasks", name, schema=SCHEMA)
