@@ -115,7 +115,7 @@ class CallbackHandlers(BindingHandlers):
         if event.event != "change_external_contact":
             # Group chats (change_external_chat) and directory changes
             # (change_contact) are kept in the inbox; SyncDirectory applies
-            # the directory, and communities are not built yet.
+            # the directory, and SyncCommunities (every 10 minutes) group chats.
             return "ignored"
         ext, staff_id = event.external_userid, event.staff_id
         if not ext or not staff_id:

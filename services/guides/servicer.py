@@ -12,6 +12,7 @@ from servicekit.protos import timestamp
 
 from . import binding_repository as binding_repo
 from . import repository as repo
+from . import tag_batch
 from .handlers import GuidesHandlers
 
 ROLE_TO_PROTO = {
@@ -209,7 +210,7 @@ class GuidesServicer(guides_pb2_grpc.GuidesServiceServicer):
     async def RunTagBatch(
         self, request: guides_pb2.RunTagBatchRequest, context: Ctx
     ) -> guides_pb2.RunTagBatchResponse:
-        result = await self._h.run_tag_batch(self._db, request.window_days)
+        result = await tag_batch.run_or_refuse(self._h, self._db, request.window_days)
         return guides_pb2.RunTagBatchResponse(
             members=result.members, tags_added=result.added, tags_removed=result.removed
         )
