@@ -724,6 +724,24 @@ async def recompute_tags(request: Request, body: TagBatchBody) -> TagBatch:
     return TagBatch(members=r.members, tags_added=r.tags_added, tags_removed=r.tags_removed)
 
 
+class Repushed(BaseModel):
+    requeued: int = Field(description="Abandoned WeCom tag pushes requeued (due now)")
+
+
+@router.post(
+    "/v1/admin/tags:repush",
+    response_model=Repushed,
+    tags=["guides"],
+    summary="Requeue the WeCom tag pushes abandoned after their attempts (after an outage)",
+    responses=GUIDE_ERRORS,
+)
+async def repush_tags(request: Request) -> Repushed:
+    r = await downstreams(request).guides.call(
+        "RepushTags", guides_pb2.RepushTagsRequest(actor=principal(request))
+    )
+    return Repushed(requeued=r.requeued)
+
+
 # ---- coupon budgets (operators) ----------------------------------------------------------
 
 

@@ -11,8 +11,8 @@ from servicekit.db import Database
 from servicekit.protos import timestamp
 
 from . import binding_repository as binding_repo
+from . import domain, retries, tag_batch
 from . import repository as repo
-from . import tag_batch
 from .handlers import GuidesHandlers
 
 ROLE_TO_PROTO = {
@@ -206,6 +206,14 @@ class GuidesServicer(guides_pb2_grpc.GuidesServiceServicer):
                 uow, request.member_id, request.tag, request.present, request.actor
             )
         return await self.ListMemberTags(guides_pb2.MemberRef(member_id=request.member_id), context)
+
+    async def RepushTags(
+        self, request: guides_pb2.RepushTagsRequest, context: Ctx
+    ) -> guides_pb2.RepushTagsResponse:
+        actor = domain.require_id(request.actor, "actor")
+        return guides_pb2.RepushTagsResponse(
+            requeued=await retries.repush_tags(self._h, self._db, actor)
+        )
 
     async def RunTagBatch(
         self, request: guides_pb2.RunTagBatchRequest, context: Ctx

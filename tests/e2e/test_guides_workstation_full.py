@@ -153,3 +153,42 @@ async def test_the_workstation_view_is_fully_populated(
     assert view["recent_orders"] == [] or all(
         o["paid_amount_fen"] == 52_000 for o in view["recent_orders"]
     )
+
+
+async def test_operators_requeue_abandoned_tag_pushes(
+    full_gateway: Gateway, trusted_key: IssuedKey, infra: Infra
+) -> None:
+    """POST /v1/admin/tags:repush: an abandoned push (its attempts used up) is
+    due again with a full set of tries, audited under the operator."""
+    member = uuid.uuid4()  # no WeCom contact: the push completes with nothing to mark
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        push_id = await conn.fetchval(
+            "INSERT INTO guides.tag_pushes (member_id, added, removed, attempts, last_error)"
+            " VALUES ($1, '{vip}', '{}', 5, 'WeCom was down') RETURNING id",
+            member,
+        )
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{full_gateway.http_port}",
+            timeout=10,
+            auth=HmacAuth(trusted_key.key_id, trusted_key.secret),
+        ) as ops:
+            reply = await ops.post("/v1/admin/tags:repush", headers=_idem())
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["requeued"] >= 1
+
+        # The service's push loop takes it again and finishes it.
+        async def done() -> bool:
+            return bool(
+                await conn.fetchval(
+                    "SELECT done_at IS NOT NULL FROM guides.tag_pushes WHERE id = $1", push_id
+                )
+            )
+
+        await eventually(done, timeout=15)
+        actor = await conn.fetchval(
+            "SELECT actor FROM guides.audit WHERE action = 'tags_repushed' ORDER BY id DESC LIMIT 1"
+        )
+        assert actor == trusted_key.client_id
+    finally:
+        await conn.close()
