@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
@@ -113,9 +114,11 @@ async def test_the_workstation_view_is_fully_populated(
     conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     try:
         moved = await conn.execute(
-            "UPDATE rewards.points_lots SET expires_at = now() + interval '10 days'"
+            "UPDATE rewards.points_lots SET expires_at = $2"
             " WHERE member_id = $1 AND status = 'active'",
             uuid.UUID(member),
+            # The services' clock (shifted under faketime), not the database's.
+            datetime.now(UTC) + timedelta(days=10),
         )
         assert moved == "UPDATE 1"
     finally:
