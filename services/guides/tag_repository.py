@@ -100,21 +100,3 @@ async def enqueue_tag_push(
         removed,
         at,
     )
-
-
-async def claim_tag_push(conn: Connection, max_attempts: int) -> Any:
-    return await conn.fetchrow(
-        f"SELECT id, member_id, added, removed FROM {S}.tag_pushes"
-        " WHERE done_at IS NULL AND attempts < $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-        max_attempts,
-    )
-
-
-async def finish_tag_push(conn: Connection, push_id: int, error: str, at: datetime) -> None:
-    await conn.execute(
-        f"UPDATE {S}.tag_pushes SET attempts = attempts + 1, last_error = $2,"
-        " done_at = CASE WHEN $2 = '' THEN $3::timestamptz END WHERE id = $1",
-        push_id,
-        error[:500],
-        at,
-    )

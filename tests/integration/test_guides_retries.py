@@ -259,6 +259,8 @@ async def test_a_task_wecom_refuses_backs_off_never_blocks_and_fails(
     clock.at += timedelta(days=1)
     await _drain(h.send_next_task, db)
     assert (await _row(db, TASK, first))["attempts"] == 3
+    async with db.reading() as uow:
+        assert await task_repo.tasks_of(uow.conn, refused_guide.staff_id) == []
 
 
 async def test_a_sent_task_never_sent_by_the_guide_expires(
@@ -292,9 +294,10 @@ async def test_a_sent_task_never_sent_by_the_guide_expires(
     assert sorted(targets.values()) == ["not_sent", "sent"]
     assert audit[-1]["action"] == "task_expired"
     assert (audit[-1]["detail"]["sent"], audit[-1]["detail"]["not_sent"]) == (1, 1)
-    # Expired: no longer among the sent tasks the loop polls.
+    # Expired: no longer among the sent tasks the loop polls, nor the guide's tasks.
     async with db.reading() as uow:
         assert task_id not in await task_repo.sent_task_ids(uow.conn)
+        assert await task_repo.tasks_of(uow.conn, guide.staff_id) == []
 
 
 # ---------------------------------------------------------------- resigned transfers
