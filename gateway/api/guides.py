@@ -135,7 +135,10 @@ class Resigned(BaseModel):
         json_schema_extra={"examples": [{"transferred": 41, "failed": ["wmAJ2GCAAAme1Xq"]}]}
     )
 
-    transferred: int
+    transferred: int = Field(
+        description="Customers whose transfer WeCom started (errcode 0): pending until "
+        "WeCom's transfer_result says taken over (status 1), when the binding follows"
+    )
     failed: list[str] = Field(
         description="Customers WeCom refused to transfer; call again to retry"
     )
