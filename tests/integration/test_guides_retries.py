@@ -11,7 +11,10 @@ service's real-time clock, so its loops never take these rows."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
@@ -426,3 +429,48 @@ async def test_the_rule_tag_batch_runs_in_one_replica_once_per_period(
     finally:
         await other.execute("DELETE FROM guides.job_runs WHERE job = $1", "tag-batch")
         await other.close()
+
+
+async def _cli(infra: Infra, *args: str) -> tuple[int, str, str]:
+    env = {**os.environ, "DATABASE_URL": infra.database_url, "WECOM_API_BASE": "fake"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.guides", *args,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_operator_commands(infra: Infra) -> None:
+    from services.guides import tag_batch
+
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        push_id = await conn.fetchval(
+            "INSERT INTO guides.tag_pushes (member_id, added, removed, attempts, last_error)"
+            " VALUES ($1, '{vip}', '{}', 5, 'WeCom was down') RETURNING id",
+            uuid.uuid4(),
+        )
+        code, out, err = await _cli(infra, "repush-tags", "--actor", "cli-op")
+        assert code == 0, err
+        assert out.startswith("requeued ") and int(out.split()[1]) >= 1
+        assert await conn.fetchval(
+            "SELECT attempts FROM guides.tag_pushes WHERE id = $1", push_id
+        ) in (0, 1)  # requeued (and perhaps pushed again by a running service)
+        code, out, err = await _cli(infra, "poll-transfers")
+        assert code == 0, err
+        assert "'done'" in out and "'refused'" in out
+        # The batch while another runner holds it: refused by name.
+        assert await conn.fetchval(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", tag_batch.LOCK_NAME
+        )
+        try:
+            code, _, err = await _cli(infra, "tag-batch", "--window-days", "1")
+        finally:
+            await conn.execute(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))", tag_batch.LOCK_NAME
+            )
+        assert code == 1 and err.startswith("TAG_BATCH_BUSY"), err
+    finally:
+        await conn.close()
