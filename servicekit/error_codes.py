@@ -1020,6 +1020,16 @@ ERROR_CODES: dict[str, ErrorCode] = {
             _S.PERMISSION_DENIED,
         ),
         _c("STORE_NOT_ELIGIBLE", "the coupon is not valid at this store", _S.FAILED_PRECONDITION),
+        _c(
+            "TAG_BATCH_BUSY",
+            "another rule-tag batch is running (a replica or the CronJob)",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "TAG_NAME_TOO_LONG",
+            "WeCom tag names are at most 30 characters",
+            _S.INVALID_ARGUMENT,
+        ),
         _c("TEMPLATE_DRAFT", "the coupon template is a draft, not active", _S.FAILED_PRECONDITION),
         _c("TEMPLATE_ENDED", "coupon template … has ended", _S.FAILED_PRECONDITION),
         _c("TEMPLATE_EXISTS", "coupon template … already exists", _S.ABORTED),

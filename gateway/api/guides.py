@@ -135,7 +135,10 @@ class Resigned(BaseModel):
         json_schema_extra={"examples": [{"transferred": 41, "failed": ["wmAJ2GCAAAme1Xq"]}]}
     )
 
-    transferred: int
+    transferred: int = Field(
+        description="Customers whose transfer WeCom started (errcode 0): pending until "
+        "WeCom's transfer_result says taken over (status 1), when the binding follows"
+    )
     failed: list[str] = Field(
         description="Customers WeCom refused to transfer; call again to retry"
     )
@@ -722,6 +725,24 @@ async def recompute_tags(request: Request, body: TagBatchBody) -> TagBatch:
         "RunTagBatch", guides_pb2.RunTagBatchRequest(window_days=body.window_days)
     )
     return TagBatch(members=r.members, tags_added=r.tags_added, tags_removed=r.tags_removed)
+
+
+class Repushed(BaseModel):
+    requeued: int = Field(description="Abandoned WeCom tag pushes requeued (due now)")
+
+
+@router.post(
+    "/v1/admin/tags:repush",
+    response_model=Repushed,
+    tags=["guides"],
+    summary="Requeue the WeCom tag pushes abandoned after their attempts (after an outage)",
+    responses=GUIDE_ERRORS,
+)
+async def repush_tags(request: Request) -> Repushed:
+    r = await downstreams(request).guides.call(
+        "RepushTags", guides_pb2.RepushTagsRequest(actor=principal(request))
+    )
+    return Repushed(requeued=r.requeued)
 
 
 # ---- coupon budgets (operators) ----------------------------------------------------------

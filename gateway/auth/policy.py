@@ -163,6 +163,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("PUT", f"{_A}/members/{{member_id}}/tags/{{tag}}"): ADMIN_GUIDES,
     ("DELETE", f"{_A}/members/{{member_id}}/tags/{{tag}}"): ADMIN_GUIDES,
     ("POST", f"{_A}/tags:recompute"): ADMIN_GUIDES,
+    ("POST", f"{_A}/tags:repush"): ADMIN_GUIDES,
     ("PUT", f"{_A}/coupon-budgets/{{scope}}/{{owner_id}}/{{month}}"): ADMIN_GUIDES,
     ("PUT", f"{_A}/communities/{{chat_id}}"): ADMIN_GUIDES,
     ("GET", f"{_A}/communities"): ADMIN_GUIDES,

@@ -1,6 +1,6 @@
 """`python -m services.guides` serves; `... migrate` migrates; operator commands:
 `... staff list|add ...`, `... sync-directory`, `... sync-communities`, `... resign STAFF --takeover STAFF`,
-`... tag-batch [--window-days N]` (services/guides/cli.py)."""
+`... tag-batch [--window-days N]`, `... repush-tags`, `... poll-transfers` (services/guides/cli.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ if len(sys.argv) > 1 and sys.argv[1] in (
     "sync-communities",
     "resign",
     "tag-batch",
+    "repush-tags",
+    "poll-transfers",
 ):
     from .cli import run
 

@@ -20,7 +20,7 @@ from servicekit.errors import (
 
 from . import binding_repository as binding_repo
 from . import callback_repository as callback_repo
-from . import domain
+from . import domain, retries
 from . import repository as repo
 from .binding_handlers import BindingHandlers
 from .handlers_common import WECOM_ACTOR
@@ -115,7 +115,7 @@ class CallbackHandlers(BindingHandlers):
         if event.event != "change_external_contact":
             # Group chats (change_external_chat) and directory changes
             # (change_contact) are kept in the inbox; SyncDirectory applies
-            # the directory, and communities are not built yet.
+            # the directory, and SyncCommunities (every 10 minutes) group chats.
             return "ignored"
         ext, staff_id = event.external_userid, event.staff_id
         if not ext or not staff_id:
@@ -145,6 +145,8 @@ class CallbackHandlers(BindingHandlers):
                 now,
             )
             return "done"
+        if event.change_type == "transfer_fail":
+            return await retries.on_transfer_fail(self, uow, event)
         if event.change_type in REMOVE_CHANGES:
             await binding_repo.unlink_contact(uow.conn, ext, staff_id, now)
             member_id_or_none = await binding_repo.contact_member(uow.conn, ext)

@@ -1,7 +1,8 @@
 """Operator commands of the guides service, against its database directly:
 `staff list [--store S]`, `staff add ID --name N --store S [--role R] [--code C]`,
 `sync-directory`, `sync-communities`, `resign ID --takeover ID`,
-`tag-batch [--window-days N]`.
+`tag-batch [--window-days N]`, `repush-tags`, `poll-transfers`
+(`sync-directory` polls pending transfers too).
 Every change is audited under --actor (default: the OS user)."""
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import argparse
 import asyncio
 import getpass
 import sys
+from typing import Any
 
 from servicekit.db import Database, create_pool
 from servicekit.errors import DomainError
 
+from . import retries, tag_batch
 from .domain import Role
 from .schema import SCHEMA
 from .server import build
@@ -49,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     resign.add_argument("staff_id")
     resign.add_argument("--takeover", required=True)
+    _add_retry_commands(sub, common)
     batch = sub.add_parser("tag-batch", parents=[common], help="recompute every member's rule tags")
     batch.add_argument("--window-days", type=int, default=0)
     return parser
@@ -81,8 +85,12 @@ async def _main(args: argparse.Namespace) -> int:
                     uow, args.staff_id, args.name, args.store, args.role, args.code, args.actor
                 )
             print(f"saved {s.staff_id} ({s.role} at {s.store_id}, code {s.staff_code})")
+        elif args.command in RETRY_COMMANDS:
+            await _run_retry_command(args, handlers, db)
         elif args.command == "sync-directory":
             print(await handlers.sync_directory(db, args.actor))
+            # The hourly job also settles the transfers WeCom has decided.
+            print("transfers:", await retries.poll_transfers(handlers, db))
         elif args.command == "sync-communities":
             groups, joined, left = await handlers.sync_communities(db, args.actor)
             print(f"{groups} groups: {joined} joined, {left} left")
@@ -90,9 +98,12 @@ async def _main(args: argparse.Namespace) -> int:
             moved, failed = await handlers.resign_staff(
                 db, args.staff_id, args.takeover, args.actor
             )
-            print(f"transferred {moved}; WeCom refused {len(failed)}: {' '.join(failed)}")
+            print(
+                f"transfer started for {moved} (pending WeCom's takeover);"
+                f" WeCom refused {len(failed)}: {' '.join(failed)}"
+            )
         else:
-            print(await handlers.run_tag_batch(db, args.window_days))
+            print(await tag_batch.run_or_refuse(handlers, db, args.window_days))
         # The events these commands wrote leave through the service's outbox relay.
         return 0
     finally:
@@ -101,3 +112,26 @@ async def _main(args: argparse.Namespace) -> int:
         await handlers.members.close()
         if handlers.coupons is not None:
             await handlers.coupons.close()
+
+
+RETRY_COMMANDS = ("repush-tags", "poll-transfers")
+
+
+def _add_retry_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    sub.add_parser(
+        "repush-tags",
+        parents=[common],
+        help="requeue the WeCom tag pushes abandoned after their attempts",
+    )
+    sub.add_parser(
+        "poll-transfers",
+        parents=[common],
+        help="settle pending resigned-staff transfers from WeCom's transfer_result",
+    )
+
+
+async def _run_retry_command(args: argparse.Namespace, handlers: Any, db: Database) -> None:
+    if args.command == "repush-tags":
+        print(f"requeued {await retries.repush_tags(handlers, db, args.actor)} tag pushes")
+    else:
+        print(await retries.poll_transfers(handlers, db))

@@ -16,6 +16,7 @@ from servicekit.errors import (
 
 from .domain import AttributionRule, TagRules
 from .ports import CouponIssuer, MemberDirectory
+from .retries import RetryPolicy
 from .wecom import WeComApi
 from .wecom_crypto import WeComCrypto
 
@@ -61,6 +62,7 @@ class HandlersBase:
         session_secret: bytes = b"",
         session_ttl: timedelta = timedelta(hours=2),
         task_gather: timedelta = timedelta(minutes=5),
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.crypto = crypto
         self.wecom = wecom
@@ -79,3 +81,4 @@ class HandlersBase:
         self.session_secret = session_secret or link_secret + b"/workstation"
         self.session_ttl = session_ttl
         self.task_gather = task_gather
+        self.retry = retry or RetryPolicy()

@@ -165,7 +165,11 @@ tag_pushes = Table(
     Column("last_error", Text, nullable=False, server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("done_at", DateTime(timezone=True)),
+    # A failed push waits (exponential back-off) until then; after
+    # CALLBACK_MAX_ATTEMPTS it is abandoned until `repush-tags` requeues it.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("ix_tag_pushes_pending", "id", postgresql_where=text("done_at IS NULL")),
+    Index("ix_tag_pushes_due", "next_attempt_at", postgresql_where=text("done_at IS NULL")),
 )
 
 # One row per member: when they reached each stage of the private-domain funnel.
@@ -279,9 +283,16 @@ guide_tasks = Table(
     Column("day", Date, nullable=False),
     Column("title", Text, nullable=False),
     Column("script", Text, nullable=False),
-    Column("status", Text, nullable=False),  # open | sent | done
+    Column("status", Text, nullable=False),  # open | sent | done | failed | expired
     Column("msgid", Text, nullable=False, server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Sending: tries so far, when the next may run, WeCom's last error and code.
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_error", Text, nullable=False, server_default=""),
+    Column("error_code", Text, nullable=False, server_default=""),
+    Column("sent_at", DateTime(timezone=True)),  # expires TASK_LIFE_HOURS after
+    Index("ix_guide_tasks_status_created_at", "status", "created_at"),
     Index(
         "uq_guide_tasks_open",
         "staff_id",
@@ -303,6 +314,42 @@ task_targets = Table(
     # pending | sent | not_contact | failed
     Column("status", Text, nullable=False, server_default="pending"),
     PrimaryKeyConstraint("task_id", "member_id"),
+)
+
+# When each scheduled job last ran (any replica or CronJob): the rule-tag
+# batch's timer skips a period another runner already covered (tag_batch.py).
+job_runs = Table(
+    "job_runs",
+    metadata,
+    Column("job", Text, primary_key=True),
+    Column("last_run_at", DateTime(timezone=True), nullable=False),
+)
+
+# A resigned staff member's customer handed to a takeover: WeCom's errcode 0
+# only starts a 24-hour takeover, so the binding moves when transfer_result
+# says 1 (done); 3 (customer refused) and 4 (takeover at its limit), or a
+# transfer_fail callback, settle it refused (the old binding stays).
+resigned_transfers = Table(
+    "resigned_transfers",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("handover_staff_id", Text, nullable=False),
+    Column("takeover_staff_id", Text, nullable=False),
+    Column("external_userid", Text, nullable=False),
+    Column("member_id", Uuid, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),  # pending | done | refused
+    Column("wecom_status", Integer, nullable=False, server_default="0"),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("actor", Text, nullable=False),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("settled_at", DateTime(timezone=True)),
+    Index(
+        "uq_resigned_transfers_pending",
+        "handover_staff_id",
+        "external_userid",
+        unique=True,
+        postgresql_where=text("status = 'pending'"),
+    ),
 )
 
 # What a OneID merge moved from the absorbed member to the survivor, so the

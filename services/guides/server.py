@@ -20,10 +20,12 @@ from servicekit.retention import Retention
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
+from . import tag_batch
 from .domain import parse_rules
 from .handlers import Clock, GuidesHandlers
 from .partitions import partitioned_tables
 from .ports import CouponIssuer, MemberDirectory, MemberGrpc, RewardsCoupons
+from .retries import RetryPolicy
 from .schema import SCHEMA
 from .servicer import GuidesServicer
 from .settings import GuidesSettings, guides_settings
@@ -92,7 +94,10 @@ class GuidesApp(ServiceApp):
         while True:
             await asyncio.sleep(every)
             try:
-                result = await self.handlers.run_tag_batch(self.db)
+                # One replica at a time, once per period (tag_batch.py).
+                result = await tag_batch.run_alone(
+                    self.handlers, self.db, every=timedelta(seconds=every * 0.9)
+                )
                 log.info("rule tags refreshed: %s", result)
             except asyncio.CancelledError:
                 raise
@@ -148,6 +153,9 @@ def build(
         session_secret=s.workstation_secret.encode(),
         session_ttl=timedelta(minutes=s.workstation_session_minutes),
         task_gather=timedelta(seconds=s.task_gather_seconds),
+        retry=RetryPolicy(
+            task_max_attempts=s.task_max_attempts, task_life=timedelta(hours=s.task_life_hours)
+        ),
     )
 
     def wire(app: ServiceApp) -> None:

@@ -11,6 +11,7 @@ from servicekit.db import Database
 from servicekit.protos import timestamp
 
 from . import binding_repository as binding_repo
+from . import domain, retries, tag_batch
 from . import repository as repo
 from .handlers import GuidesHandlers
 
@@ -206,10 +207,18 @@ class GuidesServicer(guides_pb2_grpc.GuidesServiceServicer):
             )
         return await self.ListMemberTags(guides_pb2.MemberRef(member_id=request.member_id), context)
 
+    async def RepushTags(
+        self, request: guides_pb2.RepushTagsRequest, context: Ctx
+    ) -> guides_pb2.RepushTagsResponse:
+        actor = domain.require_id(request.actor, "actor")
+        return guides_pb2.RepushTagsResponse(
+            requeued=await retries.repush_tags(self._h, self._db, actor)
+        )
+
     async def RunTagBatch(
         self, request: guides_pb2.RunTagBatchRequest, context: Ctx
     ) -> guides_pb2.RunTagBatchResponse:
-        result = await self._h.run_tag_batch(self._db, request.window_days)
+        result = await tag_batch.run_or_refuse(self._h, self._db, request.window_days)
         return guides_pb2.RunTagBatchResponse(
             members=result.members, tags_added=result.added, tags_removed=result.removed
         )

@@ -50,6 +50,11 @@ class GuidesSettings(ServiceSettings):
     # the message task; sent tasks are checked for completion every N seconds.
     task_gather_seconds: float = Field(default=300.0, ge=0)
     task_poll_seconds: float = Field(default=60.0, gt=0)
+    # A task WeCom refuses is retried with back-off (1 min doubling to 1 h) and
+    # failed after N tries; a sent task the guide never sends expires after
+    # this many hours (its customers settled as not sent, no longer polled).
+    task_max_attempts: int = Field(default=5, ge=1)
+    task_life_hours: float = Field(default=72.0, gt=0)
 
 
 def guides_settings(settings: ServiceSettings) -> GuidesSettings:

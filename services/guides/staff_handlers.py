@@ -19,7 +19,7 @@ from servicekit.errors import (
 )
 
 from . import binding_repository as binding_repo
-from . import domain
+from . import domain, retries
 from . import repository as repo
 from .binding_handlers import BindingHandlers
 from .domain import Role
@@ -178,15 +178,18 @@ class StaffHandlers(BindingHandlers):
         self, db: Database, staff_id: str, takeover_id: str, actor: str
     ) -> tuple[int, list[str]]:
         """Mark the staff member resigned and move their customers (WeCom's
-        resigned-staff transfer): each transferred customer's binding follows.
-        Customers WeCom refuses stay where they are and are returned; calling
-        again retries only them."""
+        resigned-staff transfer): each customer WeCom accepts is a pending
+        transfer whose binding follows when WeCom reports the takeover done
+        (retries.poll_transfers). Customers WeCom refuses stay where they are
+        and are returned; calling again retries only them."""
         actor = domain.require_id(actor, "actor")
         takeover_id = domain.require_id(takeover_id, "takeover_staff_id")
         async with db.reading() as uow:
             leaver = await self.get_staff(uow, staff_id)
             takeover = await repo.get_staff(uow.conn, takeover_id)
             customers = await binding_repo.customers_of(uow.conn, staff_id)
+            pending = await retries.pending_transfers_of(uow.conn, staff_id)
+            customers = [(ext, m) for ext, m in customers if ext not in pending]
         if takeover is None or takeover.status != "active" or takeover_id == staff_id:
             raise FailedPrecondition(
                 "the takeover staff member must be another active staff member",
@@ -210,13 +213,11 @@ class StaffHandlers(BindingHandlers):
                 if results.get(ext, -1) != 0:
                     failed.append(ext)
                     continue
-                await binding_repo.move_link(uow.conn, ext, staff_id, takeover_id, now)
-                await repo.lock_member(uow.conn, member_id)
-                current = await binding_repo.get_binding(uow.conn, member_id)
-                if current is not None and current.staff_id == staff_id:
-                    await self._rebind(
-                        uow, member_id, staff_id, takeover, "resigned_transfer", actor, now
-                    )
+                # errcode 0 only starts WeCom's 24-hour takeover: the binding
+                # moves when transfer_result says it is done (retries.py).
+                await retries.record_transfer(
+                    uow, staff_id, takeover_id, ext, member_id, actor, now
+                )
                 moved += 1
             await repo.audit(
                 uow.conn,

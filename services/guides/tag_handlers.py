@@ -15,15 +15,13 @@ from typing import Any, TypeVar
 from loyalty.events.v1 import events_pb2
 from servicekit.db import Database, UnitOfWork
 from servicekit.errors import (
-    DomainError,
     InvalidArgument,
     parse_member_id,
 )
 from servicekit.events import ReceivedEvent
 from servicekit.protos import timestamp
 
-from . import binding_repository as binding_repo
-from . import domain
+from . import domain, retries
 from . import repository as repo
 from . import tag_repository as tag_repo
 from .domain import OrderFact
@@ -76,7 +74,7 @@ class TagHandlers(HandlersBase):
                 ),
                 member_id=str(member_id),
             )
-            await tag_repo.enqueue_tag_push(uow.conn, member_id, added, removed)
+            await tag_repo.enqueue_tag_push(uow.conn, member_id, added, removed, now)
         return added, removed
 
     async def list_tags(self, uow: UnitOfWork, member: str) -> list[Any]:
@@ -183,18 +181,6 @@ class TagHandlers(HandlersBase):
         return TagBatchResult(len(members), added, removed)
 
     async def push_next_tags(self, db: Database) -> bool:
-        """Mark one queued tag change on the member's WeCom contacts; False when none."""
-        async with db.unit_of_work() as uow:
-            row = await tag_repo.claim_tag_push(uow.conn, self.callback_max_attempts)
-            if row is None:
-                return False
-            error = ""
-            try:
-                for staff_id, ext in await binding_repo.links_of_member(uow.conn, row["member_id"]):
-                    await self.wecom.mark_tags(
-                        staff_id, ext, list(row["added"]), list(row["removed"])
-                    )
-            except DomainError as exc:
-                error = exc.message or "failed"
-            await tag_repo.finish_tag_push(uow.conn, row["id"], error, self.clock())
-        return True
+        """Mark one due tag change on the member's WeCom contacts; False when
+        none is due (back-off, display names: retries.push_next_tags)."""
+        return await retries.push_next_tags(self, db)

@@ -86,29 +86,17 @@ async def remove_tag(conn: Connection, member_id: uuid.UUID, tag: str, source: s
 
 
 async def enqueue_tag_push(
-    conn: Connection, member_id: uuid.UUID, added: list[str], removed: list[str]
+    conn: Connection,
+    member_id: uuid.UUID,
+    added: list[str],
+    removed: list[str],
+    at: datetime | None = None,
 ) -> None:
     await conn.execute(
-        f"INSERT INTO {S}.tag_pushes (member_id, added, removed) VALUES ($1, $2, $3)",
+        f"INSERT INTO {S}.tag_pushes (member_id, added, removed, next_attempt_at)"
+        " VALUES ($1, $2, $3, COALESCE($4, now()))",
         member_id,
         added,
         removed,
-    )
-
-
-async def claim_tag_push(conn: Connection, max_attempts: int) -> Any:
-    return await conn.fetchrow(
-        f"SELECT id, member_id, added, removed FROM {S}.tag_pushes"
-        " WHERE done_at IS NULL AND attempts < $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-        max_attempts,
-    )
-
-
-async def finish_tag_push(conn: Connection, push_id: int, error: str, at: datetime) -> None:
-    await conn.execute(
-        f"UPDATE {S}.tag_pushes SET attempts = attempts + 1, last_error = $2,"
-        " done_at = CASE WHEN $2 = '' THEN $3::timestamptz END WHERE id = $1",
-        push_id,
-        error[:500],
         at,
     )

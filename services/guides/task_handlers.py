@@ -19,7 +19,7 @@ from servicekit.events import ReceivedEvent
 from servicekit.protos import to_datetime
 
 from . import binding_repository as binding_repo
-from . import domain
+from . import domain, retries
 from . import repository as repo
 from . import task_repository as task_repo
 from .workstation_handlers import WorkstationHandlers
@@ -55,26 +55,15 @@ class TaskHandlers(WorkstationHandlers):
         await task_repo.add_target(uow.conn, task_id, member_id, ext)
 
     async def send_next_task(self, db: Database) -> bool:
-        """Hand one gathered task to WeCom's message-task API; False when none."""
-        async with db.unit_of_work() as uow:
-            row = await task_repo.claim_task(uow.conn, "open", self.clock() - self.task_gather)
-            if row is None:
-                return False
-            targets = await task_repo.task_targets(uow.conn, row["task_id"])
-            try:
-                msgid = await self.wecom.add_msg_template(
-                    row["staff_id"], [t["external_userid"] for t in targets], row["script"]
-                )
-            except DomainError as exc:
-                log.warning("guide task %s not sent: %s", row["task_id"], exc.message)
-                return False  # stays open; the next poll tries again
-            await task_repo.set_task(uow.conn, row["task_id"], "sent", msgid)
-        return True
+        """Hand one gathered, due task to WeCom's message-task API; False when
+        none (a refused task backs off, never blocks: retries.send_next_task)."""
+        return await retries.send_next_task(self, db)
 
     async def track_sent_tasks(self, db: Database) -> bool:
         """Per customer, whether the guide sent the message; a task is done when
         nobody is pending. One pass over the sent tasks; False (no hot loop)."""
         statuses = {1: "sent", 2: "not_contact", 3: "failed"}
+        await retries.expire_tasks(self, db)  # past TASK_LIFE_HOURS: settled, not polled
         async with db.reading() as uow:
             task_ids = await task_repo.sent_task_ids(uow.conn)
         for task_id in task_ids:

@@ -59,16 +59,6 @@ async def add_target(conn: Connection, task_id: uuid.UUID, member_id: uuid.UUID,
     )
 
 
-async def claim_task(conn: Connection, status: str, created_before: datetime) -> Any:
-    return await conn.fetchrow(
-        f"SELECT task_id, staff_id, script, msgid FROM {S}.guide_tasks"
-        " WHERE status = $1 AND created_at <= $2 ORDER BY created_at LIMIT 1"
-        " FOR UPDATE SKIP LOCKED",
-        status,
-        created_before,
-    )
-
-
 async def task_targets(conn: Connection, task_id: uuid.UUID) -> list[Any]:
     return list(
         await conn.fetch(
@@ -103,7 +93,7 @@ async def tasks_of(conn: Connection, staff_id: str) -> list[Any]:
     return list(
         await conn.fetch(
             f"SELECT task_id, journey_id, step_id, day, title, script, status, created_at"
-            f" FROM {S}.guide_tasks WHERE staff_id = $1 AND status <> 'done'"
+            f" FROM {S}.guide_tasks WHERE staff_id = $1 AND status IN ('open', 'sent')"
             " ORDER BY created_at DESC LIMIT 50",
             staff_id,
         )

@@ -246,6 +246,28 @@ class WeComApi:
                 out[c["external_userid"]] = int(c.get("errcode", 0))
         return out
 
+    async def transfer_result(self, handover: str, takeover: str) -> dict[str, tuple[int, int]]:
+        """external_userid -> (status, takeover unix time) of the customers
+        handed from a resigned staff member to a takeover (resigned/transfer_result):
+        1 taken over, 2 waiting (WeCom takes over 24 hours after the request),
+        3 the customer refused, 4 the takeover has reached its customer limit."""
+        out: dict[str, tuple[int, int]] = {}
+        cursor = ""
+        while True:
+            reply = await self._call(
+                "POST",
+                "/externalcontact/resigned/transfer_result",
+                {"handover_userid": handover, "takeover_userid": takeover, "cursor": cursor},
+            )
+            for c in reply.get("customer", []):
+                out[c["external_userid"]] = (
+                    int(c.get("status", 0)),
+                    int(c.get("takeover_time", 0)),
+                )
+            cursor = str(reply.get("next_cursor") or "")
+            if not cursor:
+                return out
+
     async def mark_tags(
         self, staff_id: str, external_userid: str, add: list[str], remove: list[str]
     ) -> None:
@@ -307,6 +329,13 @@ class FakeWeCom:
     group_owners: dict[str, str] = field(default_factory=dict)
     # msgid -> the task as sent, and per customer the send status (0 until the guide sends)
     msg_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Faults a test sets: sender -> errcode add_msg_template answers;
+    # staff -> errcode mark_tag answers. msgids start with msgid_prefix.
+    template_errors: dict[str, int] = field(default_factory=dict)
+    mark_errors: dict[str, int] = field(default_factory=dict)
+    msgid_prefix: str = "msg"
+    # external_userid -> resigned/transfer_result status (default 2, waiting).
+    transfer_status: dict[str, int] = field(default_factory=dict)
 
     def add_user(
         self, staff_id: str, name: str, store_id: str, role: str = "guide", status: int = 1
@@ -329,6 +358,36 @@ class FakeWeCom:
             "name": name,
             "unionid": unionid,
         }
+
+    def _fault(self, path: str, body: dict[str, Any]) -> httpx.Response | None:
+        """What WeCom answers that is not a success: a test's injected errcode,
+        a tag name over WeCom's 30 characters, and transfer_result."""
+        code = 0
+        if path == "/externalcontact/add_msg_template":
+            code = self.template_errors.get(body.get("sender", ""), 0)
+        elif path == "/externalcontact/mark_tag":
+            code = self.mark_errors.get(body.get("userid", ""), 0)
+        elif path == "/externalcontact/add_corp_tag":
+            if any(len(t.get("name", "")) > 30 for t in body.get("tag", [])):
+                code = 40071  # WeCom: the tag name is too long
+        elif path == "/externalcontact/resigned/transfer_result":
+            pair = (body.get("handover_userid"), body.get("takeover_userid"))
+            exts = [
+                e
+                for t in self.transfers
+                if (t["handover_userid"], t["takeover_userid"]) == pair
+                for e in t["external_userid"]
+                if self.transfer_errors.get(e, 0) == 0
+            ]
+            rows = [
+                {"external_userid": e, "status": self.transfer_status.get(e, 2),
+                 "takeover_time": 1_700_000_000 if self.transfer_status.get(e, 2) == 1 else 0}
+                for e in dict.fromkeys(exts)
+            ]  # fmt: skip
+            return httpx.Response(200, json={"errcode": 0, "customer": rows, "next_cursor": ""})
+        if code:
+            return httpx.Response(200, json={"errcode": code, "errmsg": f"fake fault {code}"})
+        return None
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self._handle)
@@ -381,8 +440,11 @@ class FakeWeCom:
                     },
                 },
             )
+        fault = self._fault(path, body)
+        if fault is not None:
+            return fault
         if path == "/externalcontact/add_msg_template":
-            msgid = f"msg{len(self.msg_tasks) + 1:06d}"
+            msgid = f"{self.msgid_prefix}{len(self.msg_tasks) + 1:06d}"
             self.msg_tasks[msgid] = {
                 "sender": body["sender"],
                 "text": body["text"]["content"],
@@ -390,6 +452,8 @@ class FakeWeCom:
             }
             return httpx.Response(200, json={"errcode": 0, "fail_list": [], "msgid": msgid})
         if path == "/externalcontact/get_groupmsg_send_result":
+            if body["msgid"] not in self.msg_tasks:
+                return httpx.Response(200, json={"errcode": 41063, "errmsg": "msgid not found"})
             task = self.msg_tasks[body["msgid"]]
             rows = [
                 {"external_userid": e, "userid": task["sender"], "status": s}

@@ -17,6 +17,8 @@ from loyalty.guides.v1 import guides_pb2, guides_pb2_grpc
 from loyalty.member.v1 import member_pb2, member_pb2_grpc
 from servicekit.db import asyncpg_dsn
 from servicekit.server import ServiceApp
+from services.guides import retries
+from services.guides.server import GuidesApp
 from services.guides.wecom import FakeWeCom
 
 from ..harness import Infra, ServiceClock, eventually
@@ -84,6 +86,7 @@ async def test_staff_admin_validation_and_codes(stub: guides_pb2_grpc.GuidesServ
 
 async def test_directory_sync_creates_updates_and_resigns(
     stub: guides_pb2_grpc.GuidesServiceStub,
+    guides_app: GuidesApp,
     fake_wecom: FakeWeCom,
     conn: asyncpg.Connection,
     guides_clock: ServiceClock,
@@ -116,6 +119,13 @@ async def test_directory_sync_creates_updates_and_resigns(
     assert again.resigned == 1
     gone = await stub.GetStaff(guides_pb2.StaffRef(staff_id=guide), timeout=5)
     assert gone.status == "resigned"
+    # WeCom's errcode 0 only starts its 24-hour takeover: the guide keeps the
+    # member until transfer_result says the manager took over.
+    assert (await bound_to(stub, member_id)).staff_id == guide
+    fake_wecom.transfer_status[ext] = 1
+    assert guides_app.db is not None
+    settled = await retries.poll_transfers(guides_app.handlers, guides_app.db)
+    assert settled["done"] >= 1
     binding = await bound_to(stub, member_id)
     assert binding.staff_id == manager
     assert binding.history[0].reason == "resigned_transfer"
@@ -266,6 +276,7 @@ async def test_url_verification_echoes_the_decrypted_echostr(
 
 async def test_resigned_transfer_moves_bindings_and_reports_refusals(
     stub: guides_pb2_grpc.GuidesServiceStub,
+    guides_app: GuidesApp,
     fake_wecom: FakeWeCom,
     conn: asyncpg.Connection,
     guides_clock: ServiceClock,
@@ -288,6 +299,10 @@ async def test_resigned_transfer_moves_bindings_and_reports_refusals(
         timeout=10,
     )
     assert (reply.transferred, list(reply.failed)) == (1, [exts[1]])
+    assert (await bound_to(stub, ids[0])).staff_id == leaver.staff_id  # pending in WeCom
+    fake_wecom.transfer_status[exts[0]] = 1
+    assert guides_app.db is not None
+    await retries.poll_transfers(guides_app.handlers, guides_app.db)
     moved, stayed = await bound_to(stub, ids[0]), await bound_to(stub, ids[1])
     assert moved.staff_id == takeover.staff_id
     assert (moved.history[0].reason, moved.history[0].actor) == ("resigned_transfer", "op-2")

@@ -174,3 +174,73 @@ def test_suggested_actions() -> None:
         "birthday_this_week",
         "silent_30_days",
     ]
+
+
+# WeCom's published example (the callback crypto library's sample, 加解密库):
+# corp wx5823bf96d3bd56c7, Token QDG6eK, its EncodingAESKey, a URL check and a
+# text message as WeCom signed and encrypted them. Our scheme must read both.
+SAMPLE_CORP = "wx5823bf96d3bd56c7"
+SAMPLE_TOKEN = "QDG6eK"
+SAMPLE_KEY = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"
+SAMPLE_ECHO = (
+    "P9nAzCzyDtyTWESHep1vC5X9xho/qYX3Zpb4yKa9SKld1DsH3Iyt3tP3zNdtp+4RPcs8TgAE7OaBO+FZXvnaqQ=="
+)
+SAMPLE_ENCRYPT = (
+    "RypEvHKD8QQKFhvQ6QleEB4J58tiPdvo+rtK1I9qca6aM/wvqnLSV5zEPeusUiX5L5X/0lWfrf0QADHHhGd3Qczc"
+    "dCUpj911L3vg3W/sYYvuJTs3TUUkSUXxaccAS0qhxchrRYt66wiSpGLYL42aM6A8dTT+6k4aSknmPj48kzJs8qLj"
+    "vd4Xgpue06DOdnLxAUHzM6+kDZ+HMZfJYuR+LtwGc2hgf5gsijff0ekUNXZiqATP7PF5mZxZ3Izoun1s4zG4LUMn"
+    "vw2r+KqCKIw+3IQH03v+BCA9nMELNqbSf6tiWSrXJB3LAVGUcallcrw8V2t9EL4EhzJWrQUax5wLVMNS0+rUPA3k"
+    "22Ncx4XXZS9o0MBH27Bo6BpNelZpS+/uh9KsNlY6bHCmJU9p8g7m3fVKn28H3KDYA5Pl/T8Z1ptDAVe0lXdQ2Yoy"
+    "yH2uyPIGHBZZIs2pDBS8R07+qN+E7Q=="
+)
+
+
+def test_wecoms_published_url_check_vector() -> None:
+    c = WeComCrypto(SAMPLE_TOKEN, SAMPLE_KEY, SAMPLE_CORP)
+    assert c.signature("1409659589", "263014780", SAMPLE_ECHO) == (
+        "5c45ff5e21c57e6ad56bac8758b79b1d9ac89fd3"
+    )
+    c.verify("5c45ff5e21c57e6ad56bac8758b79b1d9ac89fd3", "1409659589", "263014780", SAMPLE_ECHO)
+    assert c.decrypt(SAMPLE_ECHO) == b"1616140317555161061"
+
+
+def test_wecoms_published_message_vector() -> None:
+    c = WeComCrypto(SAMPLE_TOKEN, SAMPLE_KEY, SAMPLE_CORP)
+    assert c.signature("1409659813", "1372623149", SAMPLE_ENCRYPT) == (
+        "477715d11cdb4164915debcba66cb864d751f3e6"
+    )
+    message = c.decrypt(SAMPLE_ENCRYPT)
+    fields = domain.parse_xml(message, "Encrypt")
+    assert (fields["ToUserName"], fields["FromUserName"]) == (SAMPLE_CORP, "mycreate")
+    assert (fields["CreateTime"], fields["MsgType"], fields["Content"]) == (
+        "1409659813",
+        "text",
+        "hello",
+    )
+    assert (fields["MsgId"], fields["AgentID"]) == ("4561255354251345929", "218")
+    # One character changed anywhere: the signature no longer matches.
+    with pytest.raises(PermissionDenied) as err:
+        c.verify(
+            "477715d11cdb4164915debcba66cb864d751f3e6", "1409659814", "1372623149", SAMPLE_ENCRYPT
+        )
+    assert err.value.code == "BAD_SIGNATURE"
+    # Read for another corp: refused by the receive id inside.
+    with pytest.raises(PermissionDenied) as other:
+        WeComCrypto(SAMPLE_TOKEN, SAMPLE_KEY, "wwsomeoneelse").decrypt(SAMPLE_ENCRYPT)
+    assert other.value.code == "WRONG_RECEIVER"
+
+
+def test_rule_tags_reach_wecom_by_display_name_within_its_limit() -> None:
+    from services.guides.retries import RULE_TAG_NAMES, wecom_tag_name
+
+    assert wecom_tag_name("price:low") == "价格敏感"
+    assert wecom_tag_name("category:fruit_tea") == "偏好品类:fruit_tea"
+    assert wecom_tag_name("store:SH001") == "常去门店:SH001"
+    assert wecom_tag_name("果茶爱好者") == "果茶爱好者"  # manual tags as they are
+    assert all(len(n) <= 30 for n in RULE_TAG_NAMES.values())
+    assert wecom_tag_name("x" * 30) == "x" * 30
+    with pytest.raises(InvalidArgument) as err:
+        wecom_tag_name("x" * 31)
+    assert err.value.code == "TAG_NAME_TOO_LONG"
+    with pytest.raises(InvalidArgument):
+        wecom_tag_name("store:" + "S" * 30)  # 常去门店: + 30 = 35
