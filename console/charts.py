@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from servicekit.metrics_definitions import BY_KEY, definition_in
+from servicekit.metrics_definitions import BY_KEY, definition_in, metric_of
 
 DASHBOARDS = (
     "overview",
@@ -379,7 +379,7 @@ def dashboard_view(name: str, answer: dict[str, Any], locale: str = "zh-CN") -> 
     answered = dict(answer.get("definitions") or {})
     view = DashboardView(name=name)
     for key, text in answered.items():
-        metric = BY_KEY.get(key)
+        metric = metric_of(key)
         if metric is None:  # a metric this console does not know yet: the API's text
             view.definitions[key] = (key, text)
         else:

@@ -242,16 +242,49 @@ METRICS: tuple[Metric, ...] = (
 
 BY_KEY = {m.key: m for m in METRICS}
 
+# The store a member's figures count under when a dashboard is filtered by store
+# or region: written once here, computed by each service owning per-member
+# figures from what it keeps of the member's events (tiering: member_profiles,
+# MEMBER_STORE_SQL in services/tiering/repository.py).
+MEMBER_STORE = Metric(
+    "member_store",
+    "filter",
+    "A member's store",
+    "会员归属门店",
+    "The store a member's figures count under with a store or region filter: the"
+    " member's registration store (the profile's effective value, as member's"
+    " MemberZoneSet states it), else the store of the member's latest order; a"
+    " member with neither counts brand-wide only. A region is the stores whose city"
+    " it is (rewards' stores table).",
+    "按门店或区域筛选时会员数据归属的门店：会员的注册门店（资料中的有效值，由会员服务的"
+    " MemberZoneSet 告知），没有时取会员最近一笔订单的门店；两者都没有的会员只计入全品牌。"
+    "区域即城市为该区域的门店（rewards 的门店表）。",
+)
+
+# The dashboards whose figures are per member, filtered by MEMBER_STORE.
+MEMBER_STORE_DASHBOARDS = ("tiers", "segments", "lifecycle")
+
 
 def definitions(dashboard: str) -> dict[str, str]:
-    """The definition texts of one dashboard's metrics, by key (English: the API's)."""
-    return {m.key: m.definition for m in METRICS if m.dashboard == dashboard}
+    """The definition texts of one dashboard's metrics, by key (English: the
+    API's; with the member store's on the dashboards filtered by it)."""
+    texts = {m.key: m.definition for m in METRICS if m.dashboard == dashboard}
+    if dashboard in MEMBER_STORE_DASHBOARDS:
+        texts[MEMBER_STORE.key] = MEMBER_STORE.definition
+    return texts
 
 
 def definition_in(key: str, locale: str) -> str:
     """One metric's definition in the console's locale (zh-CN unless "en")."""
-    metric = BY_KEY[key]
+    metric = metric_of(key)
+    if metric is None:
+        raise KeyError(key)
     return metric.definition if locale == "en" else metric.definition_zh
+
+
+def metric_of(key: str) -> Metric | None:
+    """A dashboard metric, or the member store's definition, by key."""
+    return MEMBER_STORE if key == MEMBER_STORE.key else BY_KEY.get(key)
 
 
 def markdown() -> str:
@@ -264,6 +297,17 @@ def markdown() -> str:
         " returns the same texts in each answer's `definitions`, and the console shows them"
         " beside the charts. Days are local days of Asia/Shanghai; a range's `from` and `to`"
         " are both included. Amounts are in fen.",
+        "",
+    ]
+    out += [
+        "## The store / region filter",
+        "",
+        f"**{MEMBER_STORE.name}** ({MEMBER_STORE.name_zh}, `{MEMBER_STORE.key}`):"
+        f" {MEMBER_STORE.definition} Filtered by it: "
+        + ", ".join(MEMBER_STORE_DASHBOARDS)
+        + ".",
+        "",
+        f"> {MEMBER_STORE.definition_zh}",
         "",
     ]
     dashboard = ""

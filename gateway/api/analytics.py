@@ -97,11 +97,12 @@ STORE_SCOPE: dict[str, tuple[str, list[str]]] = {
     "points": ("partial", ["by_day.earned", "by_day.spent"]),
     # Redemptions by the order's store; issuing has no store.
     "coupons": ("partial", ["by_store"]),
-    # Tiers, segments, lifecycle, referrals and journeys are per member with
-    # no store recorded on them.
-    "tiers": ("not_applicable", []),
-    "segments": ("not_applicable", []),
-    "lifecycle": ("not_applicable", []),
+    # tiering: per member, by the member's store (metrics_definitions.MEMBER_STORE);
+    # lifecycle transitions by the store recorded with them.
+    "tiers": ("applied", []),
+    "segments": ("applied", []),
+    "lifecycle": ("applied", []),
+    # Referrals and journeys are per member with no store recorded on them yet.
     "referral": ("not_applicable", []),
     "journeys": ("not_applicable", []),
 }

@@ -3,8 +3,11 @@ GetSegmentAnalytics), each in SQL over tiering's tables: tier distribution,
 grace, movements since the last finished recompute, upgrades / downgrades per
 day, what-it-takes projections; the RFM R x F heatmap with average spend in the
 range, segments, stages and the stage transitions the recomputes recorded
-(stage_transitions, written by the batch's profile statement). Tiering knows no
-stores: its figures are brand-wide. Definitions: servicekit/metrics_definitions.py."""
+(stage_transitions, written by the batch's profile statement). With a store
+filter, every figure counts only the members whose store
+(metrics_definitions.MEMBER_STORE: MEMBER_STORE_SQL over member_profiles) is
+one of the filter's stores; lifecycle transitions by the store recorded with
+them. Definitions: servicekit/metrics_definitions.py."""
 
 from __future__ import annotations
 
@@ -18,10 +21,19 @@ import asyncpg
 from servicekit.analytics import DayRange
 
 from .domain import TierProgramme
-from .repository import metric_sql, time_column
+from .repository import MEMBER_STORE_SQL, metric_sql, time_column
 
 # A member is "near" the next tier within this share of its threshold.
 NEAR_NEXT_SHARE = 0.2
+
+def _in_scope(member: str, by_store: str, stores: str) -> str:
+    """True when the filter takes every store, or the member's store is one of
+    its stores (a member without a known store is in no store)."""
+    return (
+        f"(NOT {by_store}::boolean OR {member} IN (SELECT p.member_id"
+        f" FROM tiering.member_profiles p WHERE {MEMBER_STORE_SQL} = ANY({stores}::text[])))"
+    )
+
 
 _DAYS = "(SELECT g::date AS day FROM generate_series({a}::date, {b}::date, '1 day') g)"
 
@@ -51,7 +63,8 @@ async def _json(conn: asyncpg.Connection, sql: str, *args: Any) -> dict[str, Any
 
 
 # $1 programme id, $2 now, $3 ladder codes (rank = position), $4 range start,
-# $5 range end, $6 zone, $7 first day, $8 last day.
+# $5 range end, $6 zone, $7 first day, $8 last day, $9 by store, $10 stores.
+_SCOPE_9 = _in_scope("{m}", "$9", "$10")
 _TIERS = f"""
 WITH last_run AS (
     SELECT as_of FROM tiering.recompute_runs WHERE finished_at IS NOT NULL
@@ -63,6 +76,7 @@ since AS (
     FROM tiering.tier_history h, last_run
     WHERE h.changed_at >= last_run.as_of AND h.member_id IS NOT NULL
       AND h.from_tier <> h.to_tier AND h.programme_id = $1
+      AND {_SCOPE_9.format(m="h.member_id")}
     WINDOW w AS (PARTITION BY h.member_id ORDER BY h.entry_id
                  ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
 ),
@@ -72,13 +86,17 @@ moved AS (
                 - coalesce(array_position($3::text[], from_tier), 0)) AS direction
     FROM since WHERE from_tier <> to_tier
 ),
-held AS (SELECT tier_code, grace_until FROM tiering.member_tiers WHERE programme_id = $1),
+held AS (
+    SELECT tier_code, grace_until FROM tiering.member_tiers t
+    WHERE programme_id = $1 AND {_SCOPE_9.format(m="t.member_id")}
+),
 daily AS (
     SELECT (changed_at AT TIME ZONE $6)::date AS day,
            sign(coalesce(array_position($3::text[], to_tier), 0)
                 - coalesce(array_position($3::text[], from_tier), 0)) AS direction
-    FROM tiering.tier_history
+    FROM tiering.tier_history h
     WHERE changed_at >= $4 AND changed_at < $5 AND programme_id = $1 AND from_tier <> to_tier
+      AND {_SCOPE_9.format(m="h.member_id")}
 ),
 per_day AS (
     SELECT d.day, count(x.day) FILTER (WHERE x.direction > 0) AS up,
@@ -106,7 +124,7 @@ SELECT json_build_object(
 
 def _projections_sql(table: str, aggregate: str, time_col: str) -> str:
     # $1 programme id, $2 now, $3 codes, $4 thresholds, $5 retention bars,
-    # $6 window months, $7 near share. The metric is the programme's, over its
+    # $6 window months, $7 near share, $8 by store, $9 stores. The metric is the programme's, over its
     # window ending now (the same definition as repository.metric_sql).
     return f"""
 WITH metric AS (
@@ -119,7 +137,7 @@ m AS (
     SELECT t.earned_tier AS tier, array_position($3::text[], t.earned_tier) AS rank,
            coalesce(metric.value, 0) AS value
     FROM tiering.member_tiers t LEFT JOIN metric ON metric.member_id = t.member_id
-    WHERE t.programme_id = $1
+    WHERE t.programme_id = $1 AND {_in_scope("t.member_id", "$8", "$9")}
 )
 SELECT coalesce(json_agg(json_build_object('tier', tier, 'members', members,
            'at_risk', at_risk, 'near_next', near_next)), '[]')
@@ -177,6 +195,8 @@ async def tier_figures(
         r.time_zone,
         r.first,
         r.last,
+        r.by_store,
+        r.store_ids or [],
     )
     projections: list[dict[str, Any]] = []
     if programme is not None:
@@ -191,6 +211,8 @@ async def tier_figures(
                 ladder.retention,
                 programme.window_months,
                 NEAR_NEXT_SHARE,
+                r.by_store,
+                r.store_ids or [],
             )
         )
     codes = ladder.codes
@@ -209,9 +231,13 @@ async def tier_figures(
     )
 
 
-# $1 range start, $2 range end, $3 zone.
-_SEGMENTS = """
-WITH spend AS (
+# $1 range start, $2 range end, $3 zone, $4 by store, $5 stores.
+_SEGMENTS = f"""
+WITH scoped AS (
+    SELECT * FROM tiering.member_profiles p
+    WHERE NOT $4::boolean OR {MEMBER_STORE_SQL} = ANY($5::text[])
+),
+spend AS (
     SELECT member_id, sum(paid_fen - refunded_fen) AS fen FROM tiering.orders
     WHERE ordered_at >= $1 AND ordered_at < $2 AND member_id IS NOT NULL
     GROUP BY member_id
@@ -219,13 +245,14 @@ WITH spend AS (
 cells AS (
     SELECT p.r_score AS r, p.f_score AS f, count(*) AS members,
            round(avg(coalesce(spend.fen, 0)))::bigint AS avg_spend_fen
-    FROM tiering.member_profiles p LEFT JOIN spend ON spend.member_id = p.member_id
+    FROM scoped p LEFT JOIN spend ON spend.member_id = p.member_id
     WHERE p.r_score IS NOT NULL AND p.f_score IS NOT NULL
     GROUP BY p.r_score, p.f_score
 ),
 moves AS (
     SELECT (as_of AT TIME ZONE $3)::date AS day, from_stage, to_stage, sum(members) AS members
     FROM tiering.stage_transitions WHERE as_of >= $1 AND as_of < $2
+      AND (NOT $4::boolean OR store_id = ANY($5::text[]))
     GROUP BY 1, 2, 3
 )
 SELECT json_build_object(
@@ -233,11 +260,11 @@ SELECT json_build_object(
                 'avg_spend_fen', avg_spend_fen) ORDER BY r DESC, f DESC), '[]') FROM cells),
     'segments', (SELECT coalesce(json_agg(json_build_object('key', segment, 'count', n)
                      ORDER BY n DESC, segment), '[]')
-                 FROM (SELECT segment, count(*) AS n FROM tiering.member_profiles
+                 FROM (SELECT segment, count(*) AS n FROM scoped
                        WHERE segment IS NOT NULL GROUP BY segment) s),
     'stages', (SELECT coalesce(json_agg(json_build_object('key', stage, 'count', n)
                    ORDER BY n DESC, stage), '[]')
-               FROM (SELECT stage, count(*) AS n FROM tiering.member_profiles
+               FROM (SELECT stage, count(*) AS n FROM scoped
                      WHERE stage IS NOT NULL GROUP BY stage) s),
     'transitions', (SELECT coalesce(json_agg(json_build_object('day', day,
                         'from_stage', from_stage, 'to_stage', to_stage, 'members', members)
@@ -247,4 +274,6 @@ SELECT json_build_object(
 
 
 async def segment_figures(conn: asyncpg.Connection, r: DayRange) -> dict[str, Any]:
-    return await _json(conn, _SEGMENTS, r.start, r.end, r.time_zone)
+    return await _json(
+        conn, _SEGMENTS, r.start, r.end, r.time_zone, r.by_store, r.store_ids or []
+    )

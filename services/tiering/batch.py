@@ -51,6 +51,7 @@ from servicekit.events import make_envelope
 
 from . import outbox_sql, reports
 from . import repository as repo
+from .repository import MEMBER_STORE_SQL
 from .benefits import insert_grants, upgrade_gift_rows
 from .domain import DEFAULT_RULES, QualifyingMetric, TierMode, TierProgramme
 from .evaluation import (
@@ -548,9 +549,11 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
         " WHERE p.member_id = src.member_id AND p.member_id > $1 AND p.member_id <= $2"
         f" AND ({', '.join(f'src.old_{c}' for c in fields)}) IS DISTINCT FROM"
         f"  ({', '.join(f'src.{c}' for c in fields)})"
-        " RETURNING p.member_id, src.old_segment, p.segment, src.old_stage, p.stage),"
+        " RETURNING p.member_id, src.old_segment, p.segment, src.old_stage, p.stage,"
+        f" {MEMBER_STORE_SQL} AS store),"
         # A member's first classification (no old value) is not an event.
-        " moved AS MATERIALIZED (SELECT c.member_id::text AS member, k.kind, k.old, k.new"
+        " moved AS MATERIALIZED (SELECT c.member_id::text AS member, c.store, k.kind, k.old,"
+        " k.new"
         " FROM changed c CROSS JOIN LATERAL (VALUES (1, c.old_segment, c.segment),"
         " (2, c.old_stage, c.stage)) AS k(kind, old, new)"
         " WHERE k.old IS NOT NULL AND k.old <> k.new),"
@@ -563,9 +566,10 @@ def _profile_update_sql(programme: TierProgramme | None, rules: Any, top: int, s
         " JOIN kinds k USING (kind)),"
         f" events AS MATERIALIZED (SELECT {event_id} AS event_id, m.member, p.event_type,"
         " p.before, p.after FROM moved m JOIN pairs p USING (kind, old, new)),"
-        # The stage moves, counted for the lifecycle dashboard (analytics.py).
+        # The stage moves, counted per store for the lifecycle dashboard (analytics.py).
         " transitions AS (INSERT INTO tiering.stage_transitions (as_of, from_stage, to_stage,"
-        " members) SELECT $3, old, new, count(*) FROM moved WHERE kind = 2 GROUP BY old, new),"
+        " store_id, members) SELECT $3, old, new, store, count(*) FROM moved WHERE kind = 2"
+        " GROUP BY old, new, store),"
         " written AS (INSERT INTO tiering.outbox (event_id, event_type, envelope)"
         " SELECT event_id::uuid, event_type,"
         f" {outbox_sql.row_sql('before', 'event_id', 'member', 'after')}"

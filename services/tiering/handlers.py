@@ -359,6 +359,7 @@ class TieringHandlers:
             order.paid_amount_fen,
             growth,
             ordered_at.astimezone(tz).date(),
+            order.store_id,
         ):
             log.info("order %s already counted", order_id)
             return
@@ -422,6 +423,16 @@ class TieringHandlers:
             return
         at = to_datetime(registered.registered_at) or to_datetime(event.envelope.occurred_at)
         await repo.set_registered(uow.conn, member_id, at)
+
+    async def on_zone_set(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
+        """The member's registration store, the store the dashboards filter
+        the member's figures by (metrics_definitions.MEMBER_STORE)."""
+        zone = event.payload
+        assert isinstance(zone, events_pb2.MemberZoneSet)
+        member_id = _event_member(zone.member_id, "MemberZoneSet")
+        if member_id is None or await self._erased(uow, member_id):
+            return
+        await repo.set_registration_store(uow.conn, member_id, zone.registration_store_id)
 
     async def on_member_merged(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         """The absorbed member's orders, growth and tier history move to the

@@ -179,6 +179,12 @@ async def insert_programme(conn: Connection, programme: TierProgramme, note: str
 # ---- facts: orders and the growth ledger ------------------------------------------
 
 
+# A member's store for the dashboards (servicekit/metrics_definitions.py
+# MEMBER_STORE), over a tiering.member_profiles row aliased p: the registration
+# store, else the store of the latest order (migration 0011 keeps both).
+MEMBER_STORE_SQL = "coalesce(p.registration_store_id, p.order_store_id)"
+
+
 async def record_order(
     conn: Connection,
     order_id: str,
@@ -187,12 +193,15 @@ async def record_order(
     paid_fen: int,
     growth: int,
     local_day: date,
+    store_id: str = "",
 ) -> bool:
     """Count a completed order: its row, then, when it is new, the member's
-    spend (last_order_at only moves forward: offline orders replayed late)
-    and its growth (kind 'order'). One statement, one round trip per consumed
-    order; the three tables are distinct, so no part needs another's rows.
-    False when the order is known already."""
+    spend (last_order_at only moves forward: offline orders replayed late),
+    its growth (kind 'order') and the store of the member's latest order on
+    the profile (the dashboards' member store; it too only moves forward).
+    One statement, one round trip per consumed order; the tables are
+    distinct, so no part needs another's rows. False when the order is known
+    already."""
     inserted = await conn.fetchval(
         "WITH o AS (INSERT INTO tiering.orders (order_id, member_id, ordered_at, paid_fen, growth)"
         "  VALUES ($1::text, $2::uuid, $3::timestamptz, $4::bigint, $5::bigint)"
@@ -210,7 +219,13 @@ async def record_order(
         " g AS (INSERT INTO tiering.growth_ledger"
         "  (member_id, kind, ref, points, occurred_at, local_day)"
         "  SELECT member_id, 'order', $1, $5, $3, $6::date FROM o"
-        "  ON CONFLICT (kind, ref) DO NOTHING)"
+        "  ON CONFLICT (kind, ref) DO NOTHING),"
+        " p AS (INSERT INTO tiering.member_profiles AS p"
+        "  (member_id, order_store_id, order_store_at)"
+        "  SELECT member_id, $7::text, $3 FROM o WHERE $7::text <> ''"
+        "  ON CONFLICT (member_id) DO UPDATE SET order_store_id = excluded.order_store_id,"
+        "   order_store_at = excluded.order_store_at, updated_at = now()"
+        "  WHERE p.order_store_at IS NULL OR p.order_store_at <= excluded.order_store_at)"
         " SELECT count(*) > 0 FROM o",
         order_id,
         member_id,
@@ -218,6 +233,7 @@ async def record_order(
         paid_fen,
         growth,
         local_day,
+        store_id,
     )
     return bool(inserted)
 
@@ -688,6 +704,21 @@ async def rebuild_spend(conn: Connection, member_id: uuid.UUID) -> None:
         "  order_count = excluded.order_count, last_order_at = excluded.last_order_at,"
         "  updated_at = now()",
         member_id,
+    )
+
+
+async def set_registration_store(conn: Connection, member_id: uuid.UUID, store_id: str) -> None:
+    """The member's registration store as member's MemberZoneSet states it
+    (the effective value after the change; empty: none, the latest order's
+    store stands in)."""
+    await conn.execute(
+        "INSERT INTO tiering.member_profiles AS p (member_id, registration_store_id)"
+        " VALUES ($1, NULLIF($2::text, ''))"
+        " ON CONFLICT (member_id) DO UPDATE SET"
+        "  registration_store_id = excluded.registration_store_id, updated_at = now()"
+        " WHERE p.registration_store_id IS DISTINCT FROM excluded.registration_store_id",
+        member_id,
+        store_id,
     )
 
 

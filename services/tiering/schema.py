@@ -205,6 +205,12 @@ member_profiles = Table(
     # From member's BirthdaySet (month and day only), for the birthday coupon.
     Column("birth_month", SmallInteger),
     Column("birth_day", SmallInteger),
+    # The member's store for the dashboards' filter (metrics_definitions.MEMBER_STORE:
+    # registration store, else the latest order's), migration 0011: from member's
+    # MemberZoneSet, and from OrderCompleted with the order's time (only moves forward).
+    Column("registration_store_id", Text),
+    Column("order_store_id", Text),
+    Column("order_store_at", DateTime(timezone=True)),
     postgresql_with={"fillfactor": 70},
 )
 
@@ -246,6 +252,9 @@ stage_transitions = Table(
     Column("from_stage", Text, nullable=False),
     Column("to_stage", Text, nullable=False),
     Column("members", BigInteger, nullable=False),
+    # The moved members' store (MEMBER_STORE) when the recompute ran; NULL: none
+    # known (rows from before migration 0011 too).
+    Column("store_id", Text),
     Index(None, "as_of"),
 )
 

@@ -101,7 +101,7 @@ async def seed_demo_activity(
     db: Database, activity: Activity, order_ids: dict[str, uuid.UUID], now: datetime
 ) -> bool:
     """The demo members as tiering would have followed them: their
-    registration (profiles), each demo order through the OrderCompleted
+    registration (profiles, with the registration store), each demo order through the OrderCompleted
     handler in time order (rewards' order ids: the events rewards' outbox still
     holds for them then find them counted), with the nightly recompute a
     month and a week ago between them, so RFM segments and stages exist, some
@@ -117,11 +117,14 @@ async def seed_demo_activity(
         ):
             return False
     async with db.unit_of_work() as uow:
+        # With the registration store member's MemberZoneSet would have given.
         await uow.conn.execute(
-            "INSERT INTO tiering.member_profiles (member_id, registered_at)"
-            " SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) ON CONFLICT DO NOTHING",
+            "INSERT INTO tiering.member_profiles (member_id, registered_at, registration_store_id)"
+            " SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[])"
+            " ON CONFLICT DO NOTHING",
             [m.member_id for m in activity.members],
             [m.registered_at for m in activity.members],
+            [m.store_id for m in activity.members],
         )
     handlers = TieringHandlers(lambda: now)
     # Time passes: the orders up to each recompute, the recompute (a month and

@@ -51,6 +51,7 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> ServiceApp:
                     Subscription("member", events_pb2.MemberUnmerged, handlers.on_member_unmerged),
                     Subscription("member", events_pb2.MemberErased, handlers.on_member_erased),
                     Subscription("member", events_pb2.BirthdaySet, handlers.on_birthday_set),
+                    Subscription("member", events_pb2.MemberZoneSet, handlers.on_zone_set),
                 ],
                 max_attempts=settings.event_max_attempts,
                 retry_after_ms=settings.event_retry_after_ms,

@@ -27,6 +27,7 @@ from services.engagement.domain import lift
 from services.member.analytics import member_counts
 from services.rewards.analytics import repository as rewards
 from services.tiering import analytics as tiering
+from services.tiering import repository as repo
 from services.tiering.repository import programme_at
 from services.tiering.seed import seed_demo as seed_tiering
 
@@ -642,6 +643,60 @@ async def test_tier_analytics(conn: asyncpg.Connection) -> None:
         {"tier": "vip", "members": 2, "at_risk": 2, "near_next": 0},
     ]
 
+    # The store filter: each member's store (MEMBER_STORE) is the registration
+    # store, else the latest order's. t1, t3 registered at SH001; t2 registered
+    # at BJ001 and last ordered at SH001 (the registration store wins); t4 has
+    # no registration store and last ordered at SH001 (an earlier order at
+    # BJ001). The vip past grace has no store at all: brand-wide only.
+    await _store_of(conn, t1, registration="SH001")
+    await _store_of(conn, t2, registration="BJ001", order=("SH001", local(1)))
+    await _store_of(conn, t3, registration="SH001")
+    await _store_of(conn, t4, order=("BJ001", local(1)))
+    await _store_of(conn, t4, order=("SH001", local(2)))
+    await _store_of(conn, t4, order=("BJ001", local(1, 9)))  # older: the store stays
+    sh = await tiering.tier_figures(conn, rng(["SH001"]), "default", programme, NOW)
+    assert sh.distribution == [("regular", 1), ("svip", 1), ("vip", 1)]
+    assert sh.distribution != t.distribution
+    assert sh.in_grace == 1
+    # Since the last recompute: t4 regular -> vip (up), t1 svip -> regular (down).
+    assert (sh.up, sh.down, sh.kept) == (1, 1, 1)
+    assert sh.flows == [
+        {"from_tier": "regular", "to_tier": "vip", "members": 1},
+        {"from_tier": "svip", "to_tier": "regular", "members": 1},
+    ]
+    assert {d["day"]: (d["up"], d["down"]) for d in sh.by_day if d["up"] or d["down"]} == {
+        "2025-03-02": (1, 0),
+        "2025-03-08": (1, 1),
+        "2025-03-09": (1, 0),
+    }
+    assert sh.projections == [
+        {"tier": "regular", "members": 1, "at_risk": 0, "near_next": 1},
+        {"tier": "svip", "members": 1, "at_risk": 0, "near_next": 1},
+        {"tier": "vip", "members": 1, "at_risk": 1, "near_next": 0},
+    ]
+    bj = await tiering.tier_figures(conn, rng(["BJ001"]), "default", programme, NOW)
+    assert bj.distribution == [("svip", 1)]
+    assert (bj.in_grace, bj.up, bj.down, bj.kept) == (0, 1, 0, 0)
+    nowhere = await tiering.tier_figures(conn, rng([]), "default", programme, NOW)
+    assert (nowhere.distribution, nowhere.up, nowhere.projections) == ([], 0, [])
+
+
+async def _store_of(
+    conn: asyncpg.Connection,
+    member: uuid.UUID,
+    registration: str | None = None,
+    order: tuple[str, datetime] | None = None,
+) -> None:
+    """What tiering's handlers write: the registration store (MemberZoneSet)
+    and the latest order's store (OrderCompleted, only moving forward)."""
+    if registration is not None:
+        await repo.set_registration_store(conn, member, registration)
+    if order is not None:
+        store, at = order
+        assert await repo.record_order(
+            conn, uuid.uuid4().hex, member, at, 0, 0, at.date(), store
+        )
+
 
 async def test_segment_analytics(conn: asyncpg.Connection) -> None:
     async def profile(r: int | None, f: int | None, segment: str, stage: str) -> uuid.UUID:
@@ -658,7 +713,7 @@ async def test_segment_analytics(conn: asyncpg.Connection) -> None:
         return member
 
     p1 = await profile(5, 4, "champions", "active")
-    await profile(5, 4, "champions", "active")
+    p2 = await profile(5, 4, "champions", "active")
     p3 = await profile(1, 1, "at_risk", "silent")
     await profile(None, None, "prospect", "new")
     await _spend(conn, p1, local(2), 1000, refunded=200)
@@ -671,6 +726,11 @@ async def test_segment_analytics(conn: asyncpg.Connection) -> None:
         datetime(2025, 3, 2, 2, tzinfo=UTC),
         datetime(2025, 3, 5, 2, tzinfo=UTC),
         datetime(2025, 2, 20, 2, tzinfo=UTC),
+    )
+    await conn.execute(
+        "INSERT INTO tiering.stage_transitions (as_of, from_stage, to_stage, members, store_id)"
+        " VALUES ($1, 'new', 'active', 4, 'BJ001'), ($1, 'active', 'silent', 2, 'SH001')",
+        datetime(2025, 3, 6, 2, tzinfo=UTC),
     )
     s = await tiering.segment_figures(conn, rng())
     assert s["rfm"] == [
@@ -690,6 +750,31 @@ async def test_segment_analytics(conn: asyncpg.Connection) -> None:
     assert s["transitions"] == [
         {"day": "2025-03-02", "from_stage": "new", "to_stage": "active", "members": 5},
         {"day": "2025-03-05", "from_stage": "active", "to_stage": "silent", "members": 1},
+        {"day": "2025-03-06", "from_stage": "new", "to_stage": "active", "members": 4},
+        {"day": "2025-03-06", "from_stage": "active", "to_stage": "silent", "members": 2},
+    ]
+
+    # By store: p1 and p3 registered at SH001, the second champion at BJ001;
+    # the prospect has no store (brand-wide only).
+    await repo.set_registration_store(conn, p1, "SH001")
+    await repo.set_registration_store(conn, p2, "BJ001")
+    await repo.set_registration_store(conn, p3, "SH001")
+    sh = await tiering.segment_figures(conn, rng(["SH001"]))
+    assert sh["rfm"] == [
+        {"r": 5, "f": 4, "members": 1, "avg_spend_fen": 800},
+        {"r": 1, "f": 1, "members": 1, "avg_spend_fen": 300},
+    ]
+    assert sh["rfm"] != s["rfm"]
+    assert sh["segments"] == [{"key": "at_risk", "count": 1}, {"key": "champions", "count": 1}]
+    assert sh["stages"] == [{"key": "active", "count": 1}, {"key": "silent", "count": 1}]
+    assert sh["transitions"] == [
+        {"day": "2025-03-06", "from_stage": "active", "to_stage": "silent", "members": 2},
+    ]
+    bj = await tiering.segment_figures(conn, rng(["BJ001"]))
+    assert bj["rfm"] == [{"r": 5, "f": 4, "members": 1, "avg_spend_fen": 0}]
+    assert bj["stages"] == [{"key": "active", "count": 1}]
+    assert bj["transitions"] == [
+        {"day": "2025-03-06", "from_stage": "new", "to_stage": "active", "members": 4},
     ]
 
 

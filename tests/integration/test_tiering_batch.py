@@ -193,9 +193,28 @@ async def test_segments_and_stages_change_events_and_report(
     for n, other in enumerate(others):
         await order(redis, infra, other, 1_000 * (n + 1), now - timedelta(days=10 + n))
     await order(redis, infra, sleeper, 90_000, now - timedelta(minutes=5))
+    # The sleeper's registration store (member's MemberZoneSet): the store its
+    # figures count under, over its orders' SH001 (metrics_definitions.MEMBER_STORE).
+    await publish(
+        redis,
+        infra,
+        "member",
+        events_pb2.MemberZoneSet(member_id=sleeper, registration_store_id="BJ001"),
+        sleeper,
+    )
     await eventually(lambda: _stored_is(conn, sleeper, "svip"))
     for other in others:
         await eventually(lambda m=other: _stored_is(conn, m, "regular"))
+
+    async def stores_known() -> bool:
+        found = await conn.fetchrow(
+            "SELECT registration_store_id, order_store_id FROM tiering.member_profiles"
+            " WHERE member_id = $1",
+            uuid.UUID(sleeper),
+        )
+        return found is not None and tuple(found) == ("BJ001", "SH001")
+
+    await eventually(stores_known)
     moved = await recompute(tiering_app.db, now=now + timedelta(seconds=2))
     assert moved.segment_changes >= 1 and moved.stage_changes >= 1
     # The lifecycle dashboard's transitions: as many as the stage events, at
@@ -210,6 +229,13 @@ async def test_segments_and_stages_change_events_and_report(
     }
     assert sum(transitions.values()) == moved.stage_changes
     assert transitions[("churned", "active")] >= 1
+    # Counted under each member's store: the sleeper's move under BJ001 alone.
+    by_store = await conn.fetch(
+        "SELECT from_stage, to_stage, members FROM tiering.stage_transitions"
+        " WHERE as_of = $1 AND store_id = 'BJ001'",
+        now + timedelta(seconds=2),
+    )
+    assert [tuple(r) for r in by_store] == [("churned", "active", 1)]
     assert not await conn.fetchval(
         "SELECT count(*) FROM tiering.stage_transitions WHERE as_of = $1",
         now + timedelta(seconds=1),
