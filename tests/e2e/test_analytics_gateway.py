@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import httpx
 import pytest
 
@@ -30,10 +31,12 @@ from gateway.auth.model import (
     ClientKind,
 )
 from loyalty.pos.v1 import pos_pb2_grpc
+from servicekit.db import asyncpg_dsn
 from servicekit.metrics_definitions import definitions
 from servicekit.server import ServiceApp
+from services.tiering.seed import seed_demo as seed_tiering
 
-from ..harness import Infra
+from ..harness import Infra, eventually
 from .conftest import gateway_settings
 from .doors import UNLIMITED
 from .test_pos_slice import complete, identify, new_phone
@@ -207,15 +210,16 @@ async def test_every_dashboard_says_what_the_store_filter_narrows(
         "overview": ("applied", []),
         "points": ("partial", ["by_day.earned", "by_day.spent"]),
         "coupons": ("partial", ["by_store"]),
-        "tiers": ("not_applicable", []),
-        "segments": ("not_applicable", []),
-        "lifecycle": ("not_applicable", []),
+        "tiers": ("applied", []),
+        "segments": ("applied", []),
+        "lifecycle": ("applied", []),
         "referral": ("not_applicable", []),
         "journeys": ("not_applicable", []),
     }
 
 
 async def test_a_region_resolves_to_its_stores_and_counts_their_orders(
+    infra: Infra,
     http: httpx.AsyncClient,
     viewer: httpx.AsyncClient,
     pos: pos_pb2_grpc.PosServiceStub,
@@ -229,6 +233,12 @@ async def test_a_region_resolves_to_its_stores_and_counts_their_orders(
             json={"name": store, "city": city, "latitude": 30.0, "longitude": 120.0},
         )
         assert put.status_code == 200, put.text
+    # Tiering's demo programme, so the members get a tier (idempotent).
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        await seed_tiering(conn)
+    finally:
+        await conn.close()
     a = (await identify(pos, new_phone(), stores[0])).member_id
     b = (await identify(pos, new_phone(), stores[1])).member_id
     earned = 0
@@ -280,3 +290,20 @@ async def test_a_region_resolves_to_its_stores_and_counts_their_orders(
     points = await viewer.get("/v1/admin/analytics/points", params=span | {"region": city})
     assert sum(d["earned"] for d in points.json()["by_day"]) == earned > 0
     assert isinstance(date.fromisoformat(points.json()["by_day"][0]["day"]), date)
+
+    # Per-member dashboards count a member under its store (MEMBER_STORE): a
+    # and b enrolled at a till without a registration store, so the store of
+    # their latest order stands in: stores[1] for both (a ordered there last).
+    async def tier_members(params: dict[str, str]) -> int:
+        reply = await viewer.get("/v1/admin/analytics/tiers", params=span | params)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["filter"]["store_filter"] == "applied"
+        return sum(c["count"] for c in reply.json()["distribution"])
+
+    async def both_counted() -> bool:  # tiering consumes the orders asynchronously
+        return await tier_members({"region": city}) == 2
+
+    await eventually(both_counted)
+    assert await tier_members({"store": stores[1]}) == 2
+    assert await tier_members({"store": stores[0]}) == 0
+    assert await tier_members({}) >= 2
