@@ -245,7 +245,8 @@ BY_KEY = {m.key: m for m in METRICS}
 # The store a member's figures count under when a dashboard is filtered by store
 # or region: written once here, computed by each service owning per-member
 # figures from what it keeps of the member's events (tiering: member_profiles,
-# MEMBER_STORE_SQL in services/tiering/repository.py).
+# MEMBER_STORE_SQL in services/tiering/repository.py; engagement: member_facts,
+# MEMBER_STORE_SQL in services/engagement/analytics.py).
 MEMBER_STORE = Metric(
     "member_store",
     "filter",
@@ -262,7 +263,7 @@ MEMBER_STORE = Metric(
 )
 
 # The dashboards whose figures are per member, filtered by MEMBER_STORE.
-MEMBER_STORE_DASHBOARDS = ("tiers", "segments", "lifecycle")
+MEMBER_STORE_DASHBOARDS = ("tiers", "segments", "lifecycle", "journeys")
 
 
 def definitions(dashboard: str) -> dict[str, str]:

@@ -102,9 +102,10 @@ STORE_SCOPE: dict[str, tuple[str, list[str]]] = {
     "tiers": ("applied", []),
     "segments": ("applied", []),
     "lifecycle": ("applied", []),
-    # Referrals and journeys are per member with no store recorded on them yet.
+    # Referrals are per member with no store recorded on them yet.
     "referral": ("not_applicable", []),
-    "journeys": ("not_applicable", []),
+    # engagement: enrollments by their member's store (MEMBER_STORE).
+    "journeys": ("applied", []),
 }
 
 

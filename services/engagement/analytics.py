@@ -3,7 +3,9 @@ statement: per journey, the enrollments that entered within the range, by
 group (treated / holdout) and converted; per step, the enrollments that
 reached it, the messages it wrote by send status (every status listed, 0
 included: no_credit and unknown too) and the enrollments among them that
-converted. Holdout lift: domain.lift. Journeys are brand-wide (no store).
+converted. Holdout lift: domain.lift. With a store filter, only the
+enrollments of members whose store (metrics_definitions.MEMBER_STORE:
+MEMBER_STORE_SQL over member_facts) is one of the filter's stores.
 Definitions: servicekit/metrics_definitions.py."""
 
 from __future__ import annotations
@@ -30,11 +32,18 @@ SEND_STATUSES = (
     "unknown",
 )
 
-# $1 range start, $2 range end.
-_SQL = """
+# A member's store for the dashboards (metrics_definitions.MEMBER_STORE), over an
+# engagement.member_facts row aliased f: the registration store (MemberZoneSet),
+# else the latest order's (migration 0015).
+MEMBER_STORE_SQL = "coalesce(NULLIF(f.store_id, ''), f.order_store_id)"
+
+# $1 range start, $2 range end, $3 by store, $4 stores.
+_SQL = f"""
 WITH e AS (
     SELECT enrollment_id, journey_id, grp, converted_at IS NOT NULL AS converted
     FROM engagement.enrollments WHERE entered_at >= $1 AND entered_at < $2
+      AND (NOT $3::boolean OR member_id IN (SELECT f.member_id FROM engagement.member_facts f
+                                            WHERE {MEMBER_STORE_SQL} = ANY($4::text[])))
 ),
 per_journey AS (
     SELECT journey_id, count(*) AS entered,
@@ -109,7 +118,7 @@ def _sent(counts: dict[str, int] | None) -> dict[str, int]:
 
 
 async def journey_funnels(conn: asyncpg.Connection, r: DayRange) -> list[JourneyFunnel]:
-    rows = json.loads(await conn.fetchval(_SQL, r.start, r.end))
+    rows = json.loads(await conn.fetchval(_SQL, r.start, r.end, r.by_store, r.store_ids or []))
     return [
         JourneyFunnel(
             journey_id=j["journey_id"],

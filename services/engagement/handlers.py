@@ -556,7 +556,9 @@ class EngagementHandlers:
         order = event == "order_completed"
         asked = [event, "first_order"] if order else [event]
         value = attrs.get(FACT_ATTRIBUTE.get(event, ""), "")
-        applied = await repo.apply_event(conn, mid, event, value, asked, introduce)
+        applied = await repo.apply_event(
+            conn, mid, event, value, asked, introduce, attrs.get("store_id", "") if order else ""
+        )
         # What was parked happened before this event: replayed before it is
         # applied to enrollments (the replay may have enrolled the member).
         replayed: list[str] = []

@@ -115,6 +115,7 @@ async def apply_event(
     value: str,
     events: list[str],
     introduce: bool = False,
+    store_id: str = "",
 ) -> EventState:
     """One statement per consumed event instead of four to five (issue 19): the
     event's own member fact (an order counted; a tier, segment or stage set; or
@@ -124,15 +125,19 @@ async def apply_event(
     journey published or paused by another replica counts from its commit on.
     With `introduce` (an event from a service that knows the member) it also
     takes the events parked for the member (facts_repository.introduce),
-    oldest first, for the caller to replay."""
+    oldest first, for the caller to replay. An order's `store_id` becomes the
+    member's latest order store (the dashboards' MEMBER_STORE fallback)."""
     fact = _EVENT_FACT.get(event)
     if event == "order_completed":
         upsert = (
-            "INSERT INTO engagement.member_facts AS f (member_id, order_count) VALUES ($1, 1)"
+            "INSERT INTO engagement.member_facts AS f (member_id, order_count, order_store_id)"
+            " VALUES ($1, 1, NULLIF($3::text, ''))"
             " ON CONFLICT (member_id) DO UPDATE"
-            " SET order_count = f.order_count + 1, updated_at = now() RETURNING order_count"
+            " SET order_count = f.order_count + 1,"
+            " order_store_id = coalesce(excluded.order_store_id, f.order_store_id),"
+            " updated_at = now() RETURNING order_count"
         )
-        args: tuple[Any, ...] = (member_id, events)
+        args: tuple[Any, ...] = (member_id, events, store_id)
     elif fact is not None:
         upsert = (
             f"INSERT INTO engagement.member_facts (member_id, {fact}) VALUES ($1, $3)"

@@ -259,6 +259,9 @@ member_facts = Table(
     # The exclusive guide's WeCom userid (guides' GuideBound): the sender of
     # the member's 1-to-1 WeCom messages.
     Column("guide_userid", Text, nullable=False, server_default=""),
+    # The store of the latest order (OrderCompleted): with store_id, the member's
+    # store for the journeys dashboard (metrics_definitions.MEMBER_STORE), migration 0015.
+    Column("order_store_id", Text),
 )
 
 member_tags = Table(

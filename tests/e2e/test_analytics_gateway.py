@@ -214,7 +214,7 @@ async def test_every_dashboard_says_what_the_store_filter_narrows(
         "segments": ("applied", []),
         "lifecycle": ("applied", []),
         "referral": ("not_applicable", []),
-        "journeys": ("not_applicable", []),
+        "journeys": ("applied", []),
     }
 
 

@@ -17,6 +17,8 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from console.charts import DASHBOARDS, pick
 from console.roles import SCOPES, Role
 from console.server import ConsoleServer
 from console.settings import ConsoleSettings, GatewayKey
+from devtools.devrun import seed, seed_activity
 from gateway.app import Gateway, build
 from gateway.auth.admin import ClientAdmin, IssuedKey
 from gateway.auth.client import HmacAuth
@@ -38,7 +41,7 @@ from gateway.wechat_fake import FakeWeChatServer
 from loyalty.events.v1 import events_pb2
 from loyalty.pos.v1 import pos_pb2_grpc
 from servicekit.consumer import EventConsumer, Subscription
-from servicekit.db import Database, UnitOfWork, asyncpg_dsn, create_pool
+from servicekit.db import Database, UnitOfWork, asyncpg_dsn, create_pool, with_database
 from servicekit.deadletters import redrive_audit_stream
 from servicekit.events import (
     ENVELOPE_FIELD,
@@ -47,10 +50,11 @@ from servicekit.events import (
     make_envelope,
     stream_name,
 )
+from servicekit.migrations import SERVICES, upgrade
 from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
 
-from ..harness import Infra, eventually
+from ..harness import Infra, ServiceClock, eventually, wait_until_serving
 from .conftest import WECHAT_APPS, gateway_settings
 from .doors import UNLIMITED
 from .test_engagement_gateway import check_in_journey
@@ -178,6 +182,101 @@ async def activity(pos: pos_pb2_grpc.PosServiceStub) -> list[tuple[str, str]]:
     return members
 
 
+@dataclass
+class Demo:
+    """The demo brand's 90 days (devtools.devrun.seed_activity) in a database of
+    the module's own, behind services, a gateway and a console of their own, so
+    every dashboard has data and no other module's numbers move."""
+
+    console: ConsoleServer
+    gateway: Gateway
+
+
+async def _serve_demo(app: ServiceApp) -> ServiceApp:
+    port = await app.start()
+    await wait_until_serving(f"127.0.0.1:{port}")
+    return app
+
+
+@pytest.fixture(scope="module")
+async def demo(
+    infra: Infra,
+    gateway: Gateway,
+    provider_fakes: Any,
+    role_keys: dict[str, GatewayKey],
+) -> AsyncIterator[Demo]:
+    from services.engagement.server import build as build_engagement
+    from services.engagement.settings import EngagementSettings
+    from services.member.server import build as build_member
+    from services.rewards.server import build as build_rewards
+    from services.tiering.server import build as build_tiering
+
+    name = f"console_demo_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(infra.admin_url, name)
+    apps: list[ServiceApp] = []
+    gw: Gateway | None = None
+    server: ConsoleServer | None = None
+    try:
+        for service in SERVICES:
+            await asyncio.to_thread(upgrade, service, url)
+        await seed(url)
+        # Relative to the clock the services and the console read (the real one).
+        await seed_activity(url, datetime.now(UTC))
+        # Its own event namespace: the session's consumers never see these events.
+        settings = infra.service_settings(
+            database_url=url, redis_namespace=f"{infra.namespace}-demo", db_pool_max=3
+        )
+        engagement = EngagementSettings(**{**settings.model_dump(), **provider_fakes.settings()})
+        for app in (
+            build_member(settings, clock=ServiceClock()),
+            build_rewards(settings),
+            build_tiering(settings, clock=ServiceClock()),
+            build_engagement(engagement),
+        ):
+            apps.append(await _serve_demo(app))
+        member, rewards, tiering, journeys = apps
+        gw = build(
+            gateway_settings(
+                member_addr=f"127.0.0.1:{member.port}",
+                rewards_addr=f"127.0.0.1:{rewards.port}",
+                tiering_addr=f"127.0.0.1:{tiering.port}",
+                engagement_addr=f"127.0.0.1:{journeys.port}",
+                auth_enabled=True,
+                auth_secret_key=gateway.settings.auth_secret_key,
+                # The session's client store: the console's role clients are there.
+                database_url=infra.database_url,
+                redis_url=infra.redis_url,
+                redis_namespace=infra.namespace,
+            )
+        )
+        await gw.start()
+        server = ConsoleServer(
+            ConsoleSettings(
+                database_url=infra.database_url,
+                redis_url=infra.redis_url,
+                redis_namespace=infra.namespace,
+                console_host="127.0.0.1",
+                console_port=0,
+                console_gateway_url=f"http://127.0.0.1:{gw.http_port}",
+                console_gateway_clients=role_keys,
+                log_json=False,
+            )
+        )
+        await server.start()
+        yield Demo(server, gw)
+    finally:
+        if server is not None:
+            await server.stop()
+        if gw is not None:
+            await gw.stop()
+        for app in reversed(apps):
+            await app.stop()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
     async with async_playwright() as p:
@@ -237,87 +336,116 @@ def expected_chart(kind: str, items: list[dict[str, Any]], shown: dict[str, Any]
         assert values == [pick(i, field) for i in items], field
 
 
+async def _dashboard_matches_the_api(
+    page: Page, console: ConsoleServer, api: httpx.AsyncClient, name: str, query: str = ""
+) -> dict[str, Any]:
+    """Open one dashboard (with an optional query: a store filter) and hold every
+    chart and headline figure against the API's answer for the page's filter;
+    every chart must draw (the demo activity gives each data). The answer."""
+    await page.goto(f"{console.url}/dashboards/{name}{query}")
+    await page.wait_for_selector("body[data-charts-ready='1']")
+    assert await page.locator("#dashboard-error").count() == 0
+    filters = {
+        f: await page.input_value(f"#filters input[name={f}]")
+        for f in ("from", "to", "store", "region")
+    }
+    reply = await api.get(
+        f"/v1/admin/analytics/{name}", params={k: v for k, v in filters.items() if v}
+    )
+    assert reply.status_code == 200, reply.text
+    answer: dict[str, Any] = reply.json()
+    charts = page.locator(".chart")
+    assert await charts.count() >= 1, name
+    for index in range(await charts.count()):
+        chart = charts.nth(index)
+        source = await chart.get_attribute("data-source")
+        kind = await chart.get_attribute("data-kind")
+        shown = json.loads(await chart.get_attribute("data-chart") or "")
+        assert source and kind
+        expected_chart(kind, pick(answer, source) or [], shown)
+        assert await chart.get_attribute("data-rendered") == "chart", (name, query, source)
+        # ECharts draws on a canvas (a heatmap or a large series adds layers).
+        assert await chart.locator("canvas").count() >= 1, (name, query, source)
+    for kpi in await page.locator(".kpi").all():
+        path = await kpi.get_attribute("data-path")
+        assert path and await kpi.get_attribute("data-value") == str(pick(answer, path))
+    return answer
+
+
 async def test_every_dashboard_renders_the_numbers_the_api_answers(
     browser: Browser,
-    console: ConsoleServer,
-    console_gateway: Gateway,
+    demo: Demo,
     operators: dict[str, str],
     role_keys: dict[str, GatewayKey],
-    activity: list[tuple[str, str]],
 ) -> None:
+    """On the demo brand's 90 days every chart of every dashboard draws, with
+    exactly the API's numbers, brand-wide and with a store filter on the
+    dashboards that apply it."""
+    console = demo.console
     page = await signed_in_page(browser, console, operators["viewer"])
     viewer = role_keys["viewer"]
     async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{console_gateway.http_port}",
+        base_url=f"http://127.0.0.1:{demo.gateway.http_port}",
         auth=HmacAuth(viewer.key_id, viewer.secret),
         timeout=10,
     ) as api:
+        answers = {}
         for name in DASHBOARDS:
-            await page.goto(f"{console.url}/dashboards/{name}")
-            await page.wait_for_selector("body[data-charts-ready='1']")
-            assert await page.locator("#dashboard-error").count() == 0
-            filters = {
-                f: await page.input_value(f"#filters input[name={f}]")
-                for f in ("from", "to", "store", "region")
-            }
-            answer = (
-                await api.get(
-                    f"/v1/admin/analytics/{name}",
-                    params={k: v for k, v in filters.items() if v},
-                )
-            ).json()
-            charts = page.locator(".chart")
-            assert await charts.count() >= (1 if name != "journeys" else 0)
-            for index in range(await charts.count()):
-                chart = charts.nth(index)
-                source = await chart.get_attribute("data-source")
-                kind = await chart.get_attribute("data-kind")
-                shown = json.loads(await chart.get_attribute("data-chart") or "")
-                assert source and kind
-                expected_chart(kind, pick(answer, source) or [], shown)
-                rendered = await chart.get_attribute("data-rendered")
-                if rendered == "chart":
-                    assert await chart.locator("canvas").count() == 1
-                else:
-                    assert rendered == "empty"
-            for kpi in await page.locator(".kpi").all():
-                path = await kpi.get_attribute("data-path")
-                assert path and await kpi.get_attribute("data-value") == str(pick(answer, path))
+            answers[name] = await _dashboard_matches_the_api(page, console, api, name)
             await screenshot(page, f"dashboard-{name}", docs=True)
-        # The store filter reaches the API: the page's numbers are the filtered answer's.
-        await page.goto(f"{console.url}/dashboards/overview?store=SH001")
-        await page.wait_for_selector("body[data-charts-ready='1']")
-        shown_orders = await page.locator(".kpi[data-path='orders.orders']").get_attribute(
-            "data-value"
-        )
-        filters = {f: await page.input_value(f"#filters input[name={f}]") for f in ("from", "to")}
-        only = (
-            await api.get("/v1/admin/analytics/overview", params={**filters, "store": "SH001"})
-        ).json()
-        everywhere = (await api.get("/v1/admin/analytics/overview", params=filters)).json()
-    assert shown_orders == str(only["orders"]["orders"])
-    # This module's activity is in both: SH001's orders are some, not all, of the brand's.
-    assert 0 < only["orders"]["orders"] < everywhere["orders"]["orders"]
+        # The journeys page: a funnel per journey and a lift row with its interval.
+        assert await page.locator(".chart[data-source^='journeys.']").count() >= 1
+        lift = page.locator("table.lift tr").nth(1)
+        assert "pt [" in await lift.inner_text()
+        assert any(j["lift"] for j in answers["journeys"]["journeys"])
+        # The store filter reaches the API and narrows per-member dashboards too:
+        # each page's numbers are the filtered answer's, and differ from the brand's.
+        for name in ("overview", "tiers", "segments", "lifecycle", "journeys"):
+            only = await _dashboard_matches_the_api(page, console, api, name, "?store=SH001")
+            assert only["filter"]["store_ids"] == ["SH001"]
+            assert only["filter"]["store_filter"] == "applied"
+            assert await page.locator("#store-filter-notice").count() == 0
+            await screenshot(page, f"dashboard-{name}-SH001")
+            everywhere = answers[name]
+            if name == "overview":
+                assert 0 < only["orders"]["orders"] < everywhere["orders"]["orders"]
+            elif name == "tiers":
+                assert 0 < total(only["distribution"]) < total(everywhere["distribution"])
+            elif name == "segments":
+                assert 0 < total(only["segments"]) < total(everywhere["segments"])
+            elif name == "lifecycle":
+                assert 0 < total(only["stages"]) < total(everywhere["stages"])
+            else:
+                [one], [every] = only["journeys"], everywhere["journeys"]
+                assert 0 < one["entered"] < every["entered"]
     # A store filter a dashboard cannot apply is said, not silently ignored.
     notices = {}
     for name in DASHBOARDS:
         await page.goto(f"{console.url}/dashboards/{name}?store=SH001")
         notice = page.locator("#store-filter-notice")
         notices[name] = await notice.get_attribute("data-scope") if await notice.count() else None
-    assert notices == {
-        "overview": None,
-        "points": "partial",
-        "coupons": "partial",
-        "tiers": "not_applicable",
-        "segments": "not_applicable",
-        "lifecycle": "not_applicable",
-        "referral": "not_applicable",
-        "journeys": "not_applicable",
-    }
+    assert notices == STORE_NOTICES
     # Without a store or region there is nothing to say.
-    await page.goto(f"{console.url}/dashboards/tiers")
+    await page.goto(f"{console.url}/dashboards/referral")
     assert await page.locator("#store-filter-notice").count() == 0
     await page.close()
+
+
+def total(counts: list[dict[str, Any]]) -> int:
+    return sum(int(c["count"]) for c in counts)
+
+
+# What each dashboard's page says of a store filter (gateway STORE_SCOPE).
+STORE_NOTICES = {
+    "overview": None,
+    "points": "partial",
+    "coupons": "partial",
+    "tiers": None,
+    "segments": None,
+    "lifecycle": None,
+    "referral": "not_applicable",
+    "journeys": None,
+}
 
 
 async def test_a_store_filter_a_dashboard_cannot_apply_is_said(
@@ -346,17 +474,8 @@ async def test_a_store_filter_a_dashboard_cannot_apply_is_said(
             assert 'id="dashboard-error"' not in html, (name, html)
             found = re.search(r'id="store-filter-notice" data-scope="(\w+)"', html)
             said[name] = found.group(1) if found else None
-        unfiltered = (await client.get("/dashboards/tiers")).text
-    assert said == {
-        "overview": None,
-        "points": "partial",
-        "coupons": "partial",
-        "tiers": "not_applicable",
-        "segments": "not_applicable",
-        "lifecycle": "not_applicable",
-        "referral": "not_applicable",
-        "journeys": "not_applicable",
-    }
+        unfiltered = (await client.get("/dashboards/referral")).text
+    assert said == STORE_NOTICES
     assert 'id="store-filter-notice"' not in unfiltered
 
 

@@ -23,6 +23,8 @@ from servicekit.db import asyncpg_dsn, with_database
 from servicekit.errors import InvalidArgument
 from servicekit.migrations import SERVICES, upgrade
 from services.engagement.analytics import SEND_STATUSES, journey_funnels
+from services.engagement import facts_repository as engagement_facts
+from services.engagement import repository as engagement_repo
 from services.engagement.domain import lift
 from services.member.analytics import member_counts
 from services.rewards.analytics import repository as rewards
@@ -790,15 +792,15 @@ async def test_journey_funnels(conn: asyncpg.Connection) -> None:
 
     async def enrol(
         grp: str, entered: datetime, converted: bool, steps: list[tuple[str, str]]
-    ) -> None:
+    ) -> uuid.UUID:
         nonlocal seq
-        eid = uuid.uuid4()
+        eid, member = uuid.uuid4(), uuid.uuid4()
         await conn.execute(
             "INSERT INTO engagement.enrollments (enrollment_id, journey_id, version, member_id,"
             " status, grp, conversion_days, entered_at, converted_at)"
             " VALUES ($1, 'welcome', 1, $2, 'active', $3, 7, $4, $5)",
             eid,
-            uuid.uuid4(),
+            member,
             grp,
             entered,
             entered + timedelta(days=1) if converted else None,
@@ -818,12 +820,13 @@ async def test_journey_funnels(conn: asyncpg.Connection) -> None:
                 status,
                 at,
             )
+        return member
 
-    await enrol("treatment", local(1), True, [("hello", "delivered"), ("nudge", "capped")])
-    await enrol("treatment", local(2), False, [("hello", "failed")])
-    await enrol("treatment", local(3), False, [("hello", "no_credit")])
-    await enrol("holdout", local(3), True, [])
-    await enrol("holdout", local(4), False, [])
+    a = await enrol("treatment", local(1), True, [("hello", "delivered"), ("nudge", "capped")])
+    b = await enrol("treatment", local(2), False, [("hello", "failed")])
+    c = await enrol("treatment", local(3), False, [("hello", "no_credit")])
+    d = await enrol("holdout", local(3), True, [])
+    await enrol("holdout", local(4), False, [])  # no store known: brand-wide only
     await enrol("treatment", local(1, month=2), True, [("hello", "delivered")])  # before
 
     [j] = await journey_funnels(conn, rng())
@@ -838,3 +841,28 @@ async def test_journey_funnels(conn: asyncpg.Connection) -> None:
     assert j.lift == lift(1, 3, 1, 2)
     assert j.lift is not None and j.lift.lift == pytest.approx(1 / 3 - 1 / 2)
     assert await journey_funnels(conn, rng(first=date(2024, 1, 1), last=date(2024, 1, 1))) == []
+
+    # The store filter: each member's store (MEMBER_STORE) is the registration
+    # store engagement keeps from MemberZoneSet, else its latest order's. a and
+    # d registered at SH001; b only ordered there; c registered at BJ001 and
+    # ordered at SH001 (the registration store wins).
+    for member, registered in ((a, "SH001"), (c, "BJ001"), (d, "SH001")):
+        await engagement_facts.set_zone(conn, member, "", registered, "Asia/Shanghai")
+    for member in (b, c):
+        await engagement_repo.apply_event(
+            conn, member, "order_completed", "", ["order_completed"], store_id="SH001"
+        )
+    [sh] = await journey_funnels(conn, rng(["SH001"]))
+    assert (sh.entered, sh.converted) == (3, 2) != (j.entered, j.converted)
+    assert (sh.treated, sh.holdout, sh.treated_converted, sh.holdout_converted) == (2, 1, 1, 1)
+    assert [(s.step_id, s.entered, s.sent, s.converted) for s in sh.steps] == [
+        ("hello", 2, zero | {"delivered": 1, "failed": 1}, 1),
+        ("nudge", 1, zero | {"capped": 1}, 1),
+    ]
+    assert sh.lift == lift(1, 2, 1, 1)
+    [bj] = await journey_funnels(conn, rng(["BJ001"]))
+    assert (bj.entered, bj.converted, bj.treated, bj.holdout) == (1, 0, 1, 0)
+    assert [(s.step_id, s.entered, s.sent) for s in bj.steps] == [
+        ("hello", 1, zero | {"no_credit": 1})
+    ]
+    assert await journey_funnels(conn, rng([])) == []
