@@ -147,9 +147,9 @@ METRICS: tuple[Metric, ...] = (
         "Outstanding = points members hold now (spendable, and reserved by open holds);"
         " pending = earned points not yet"
         " active; expiring = active lots whose remaining points expire within the next 30"
-        " days. In points and in fen at the brand's points value (fen per point). Brand-wide:"
-        " points are not held per store.",
-        "未使用 = 会员当前持有的积分（可用的，以及被未完成的冻结占用的）；待生效 = 已获得但尚未生效的积分；即将过期 = 剩余积分将在未来30天内过期的有效积分批次。以积分和按品牌积分价值（每积分折合的分）换算的金额表示。全品牌口径：积分不按门店持有。",
+        " days. In points and in fen at the brand's points value (fen per point). With a store"
+        " filter, the points of members whose store (member_store) is one of the stores.",
+        "未使用 = 会员当前持有的积分（可用的，以及被未完成的冻结占用的）；待生效 = 已获得但尚未生效的积分；即将过期 = 剩余积分将在未来30天内过期的有效积分批次。以积分和按品牌积分价值（每积分折合的分）换算的金额表示。按门店筛选时，只计归属门店（member_store）为所选门店的会员的积分。",
     ),
     Metric(
         "points_flows",
@@ -159,9 +159,10 @@ METRICS: tuple[Metric, ...] = (
         "Points earned (earn transactions: orders, actions, referral rewards), spent"
         " (redemptions, posted holds) and expired per day within the range; points of an"
         " order count on the order's day, others on the day they were written. With a"
-        " store filter, only points earned or spent on orders at those stores (expiries"
-        " stay brand-wide).",
-        "所选区间内每天获得的积分（获得类交易：订单、行为、推荐奖励）、使用的积分（兑换、已入账的冻结）和过期的积分；订单产生的积分计入下单当天，其余计入写入当天。按门店筛选时，只计在所选门店订单上获得或使用的积分（过期仍为全品牌口径）。",
+        " store filter, an order's points count when the order's store is one of the"
+        " stores, the others (actions, referral rewards, expiries) when the member's store"
+        " (member_store) is.",
+        "所选区间内每天获得的积分（获得类交易：订单、行为、推荐奖励）、使用的积分（兑换、已入账的冻结）和过期的积分；订单产生的积分计入下单当天，其余计入写入当天。按门店筛选时，订单上的积分按订单所属门店计，其余（行为、推荐奖励、过期）按会员的归属门店（member_store）计。",
     ),
     Metric(
         "coupon_funnel",
@@ -170,8 +171,9 @@ METRICS: tuple[Metric, ...] = (
         "券漏斗",
         "Per template, coupons issued within the range and where they are now: locked (held"
         " by a till), redeemed, expired (validity ended unused). Revoked coupons count as"
-        " issued only.",
-        "按券模板统计：所选区间内发放的券及其当前状态：锁定（被收银台占用）、已核销、已过期（有效期结束仍未使用）。已撤回的券只计入发放。",
+        " issued only. With a store filter, the coupons of members whose store"
+        " (member_store) is one of the stores.",
+        "按券模板统计：所选区间内发放的券及其当前状态：锁定（被收银台占用）、已核销、已过期（有效期结束仍未使用）。已撤回的券只计入发放。按门店筛选时，只计归属门店（member_store）为所选门店的会员的券。",
     ),
     Metric(
         "coupon_redemption_rate",
@@ -196,8 +198,9 @@ METRICS: tuple[Metric, ...] = (
         "邀请、接受、首单",
         "Invites = members who got an invite code within the range; accepted = referrals"
         " accepted within the range; first orders = those accepted invitees who have ordered"
-        " since.",
-        "邀请 = 所选区间内获得邀请码的会员；接受 = 所选区间内被接受的推荐；首单 = 这些被邀请人中此后已下单的人数。",
+        " since. With a store filter, every referral figure counts under the inviter's"
+        " store (member_store).",
+        "邀请 = 所选区间内获得邀请码的会员；接受 = 所选区间内被接受的推荐；首单 = 这些被邀请人中此后已下单的人数。按门店筛选时，所有推荐数据按邀请人的归属门店（member_store）计。",
     ),
     Metric(
         "fission_ratio",
@@ -246,7 +249,8 @@ BY_KEY = {m.key: m for m in METRICS}
 # or region: written once here, computed by each service owning per-member
 # figures from what it keeps of the member's events (tiering: member_profiles,
 # MEMBER_STORE_SQL in services/tiering/repository.py; engagement: member_facts,
-# MEMBER_STORE_SQL in services/engagement/analytics.py).
+# MEMBER_STORE_SQL in services/engagement/analytics.py; rewards: member_stores,
+# MEMBER_STORE_SQL in services/rewards/analytics/repository.py).
 MEMBER_STORE = Metric(
     "member_store",
     "filter",
@@ -263,7 +267,15 @@ MEMBER_STORE = Metric(
 )
 
 # The dashboards whose figures are per member, filtered by MEMBER_STORE.
-MEMBER_STORE_DASHBOARDS = ("tiers", "segments", "lifecycle", "journeys")
+MEMBER_STORE_DASHBOARDS = (
+    "tiers",
+    "segments",
+    "lifecycle",
+    "points",
+    "coupons",
+    "referral",
+    "journeys",
+)
 
 
 def definitions(dashboard: str) -> dict[str, str]:
@@ -304,9 +316,7 @@ def markdown() -> str:
         "## The store / region filter",
         "",
         f"**{MEMBER_STORE.name}** ({MEMBER_STORE.name_zh}, `{MEMBER_STORE.key}`):"
-        f" {MEMBER_STORE.definition} Filtered by it: "
-        + ", ".join(MEMBER_STORE_DASHBOARDS)
-        + ".",
+        f" {MEMBER_STORE.definition} Filtered by it: " + ", ".join(MEMBER_STORE_DASHBOARDS) + ".",
         "",
         f"> {MEMBER_STORE.definition_zh}",
         "",

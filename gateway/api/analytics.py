@@ -93,17 +93,19 @@ class Filter(BaseModel):
 STORE_SCOPE: dict[str, tuple[str, list[str]]] = {
     # member: new members by their enrolment store; rewards: orders by store.
     "overview": ("applied", []),
-    # Order-linked earns and spends only; liability and expiry are brand-wide.
-    "points": ("partial", ["by_day.earned", "by_day.spent"]),
-    # Redemptions by the order's store; issuing has no store.
-    "coupons": ("partial", ["by_store"]),
+    # rewards: an order's points by the order's store, other points and the
+    # liability by the member's store (metrics_definitions.MEMBER_STORE).
+    "points": ("applied", []),
+    # Issuing and the funnel by the coupon member's store; redemptions by store
+    # of the order.
+    "coupons": ("applied", []),
     # tiering: per member, by the member's store (metrics_definitions.MEMBER_STORE);
     # lifecycle transitions by the store recorded with them.
     "tiers": ("applied", []),
     "segments": ("applied", []),
     "lifecycle": ("applied", []),
-    # Referrals are per member with no store recorded on them yet.
-    "referral": ("not_applicable", []),
+    # Every referral figure by the inviter's store.
+    "referral": ("applied", []),
     # engagement: enrollments by their member's store (MEMBER_STORE).
     "journeys": ("applied", []),
 }

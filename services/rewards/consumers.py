@@ -107,6 +107,16 @@ async def on_member_erased(uow: UnitOfWork, event: ReceivedEvent) -> None:
     await referral_repo.forget_fingerprints(uow.conn, erased_ids)
 
 
+async def on_zone_set(uow: UnitOfWork, event: ReceivedEvent) -> None:
+    """Member's MemberZoneSet: the member's registration store, the store the
+    dashboards count rewards' per-member figures under (MEMBER_STORE)."""
+    zone = event.payload
+    assert isinstance(zone, events_pb2.MemberZoneSet)
+    await members.record_registration_store(
+        uow.conn, uuid.UUID(zone.member_id), zone.registration_store_id
+    )
+
+
 class OrderEvents:
     """Rewards' own OrderCompleted, read back from its stream: an invitee's
     first completed order grants the referral's first-order step (once: the
@@ -118,6 +128,14 @@ class OrderEvents:
     async def on_order_completed(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         completed = event.payload
         assert isinstance(completed, events_pb2.OrderCompleted)
+        if completed.store_id and completed.member_id:
+            # The member's latest order store (the dashboards' MEMBER_STORE).
+            await members.record_order_store(
+                uow.conn,
+                uuid.UUID(completed.member_id),
+                completed.store_id,
+                event_time(event, "ordered_at"),
+            )
         await self._referrals.on_order_completed(
             uow,
             completed.member_id,

@@ -68,6 +68,34 @@ async def record_tier(
     )
 
 
+async def record_registration_store(conn: Connection, member_id: uuid.UUID, store_id: str) -> None:
+    """The member's registration store as member's MemberZoneSet states it
+    (the effective value; empty: none, the latest order's store stands in)."""
+    await conn.execute(
+        "INSERT INTO rewards.member_stores AS m (member_id, registration_store_id)"
+        " VALUES ($1, NULLIF($2::text, '')) ON CONFLICT (member_id) DO UPDATE"
+        " SET registration_store_id = excluded.registration_store_id",
+        member_id,
+        store_id,
+    )
+
+
+async def record_order_store(
+    conn: Connection, member_id: uuid.UUID, store_id: str, ordered_at: datetime
+) -> None:
+    """The store of the member's latest order (an older one, replayed late,
+    changes nothing)."""
+    await conn.execute(
+        "INSERT INTO rewards.member_stores AS m (member_id, order_store_id, order_store_at)"
+        " VALUES ($1, $2, $3) ON CONFLICT (member_id) DO UPDATE"
+        " SET order_store_id = excluded.order_store_id, order_store_at = excluded.order_store_at"
+        " WHERE m.order_store_at IS NULL OR m.order_store_at <= excluded.order_store_at",
+        member_id,
+        store_id,
+        ordered_at,
+    )
+
+
 async def is_erased(conn: Connection, member_id: uuid.UUID) -> bool:
     erased: bool = await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM rewards.erased_members WHERE member_id = $1)", member_id

@@ -681,6 +681,20 @@ referrals = Table(
     CheckConstraint("inviter_id <> invitee_id", name="not_self"),
 )
 
+# Each member's store for the dashboards' store / region filter
+# (servicekit/metrics_definitions.py MEMBER_STORE; MEMBER_STORE_SQL in
+# analytics/repository.py): the registration store (member's MemberZoneSet),
+# else the store of the latest settled order (rewards' OrderCompleted; only
+# moves forward). Migration 0017, back-filled from orders.
+member_stores = Table(
+    "member_stores",
+    metadata,
+    Column("member_id", Uuid, primary_key=True),
+    Column("registration_store_id", Text),
+    Column("order_store_id", Text),
+    Column("order_store_at", DateTime(timezone=True)),
+)
+
 # One row per referral, step and side: the reward granted, or why it was refused.
 referral_rewards = Table(
     "referral_rewards",

@@ -160,7 +160,8 @@ async def seed_demo_activity(db: Database, activity: Activity) -> dict[str, uuid
     """The demo members' history through rewards' own paths: a welcome coupon
     issued to each at registration (the bulk issue path), every order settled
     by the ledger as the till would (points earned, points and coupons spent),
-    referrals among them with the refusals the rules would have made. Times
+    referrals among them with the refusals the rules would have made, and
+    their stores (registration, latest order) for the dashboards. Times
     are the history's (the orders', the coupons'). Idempotent: a second run finds demo
     orders settled and adds nothing. Answers the demo orders' ids by
     POS transaction id (tiering's and engagement's seeds take them from here)."""
@@ -198,6 +199,22 @@ async def seed_demo_activity(db: Database, activity: Activity) -> dict[str, uuid
         outcome.unwrap()
     async with db.unit_of_work() as uow:
         await _seed_referrals(uow.conn, activity)
+        # The members' stores as member's MemberZoneSet and rewards' own
+        # OrderCompleted would have left them (the dashboards' MEMBER_STORE).
+        await uow.conn.execute(
+            "INSERT INTO rewards.member_stores (member_id, registration_store_id)"
+            " SELECT * FROM unnest($1::uuid[], $2::text[]) ON CONFLICT DO NOTHING",
+            [m.member_id for m in activity.members],
+            [m.store_id for m in activity.members],
+        )
+        await uow.conn.execute(
+            "UPDATE rewards.member_stores ms SET order_store_id = o.store_id,"
+            " order_store_at = o.ordered_at FROM (SELECT DISTINCT ON (member_id) member_id,"
+            " store_id, ordered_at FROM rewards.orders WHERE status = 'settled'"
+            " AND member_id = ANY($1::uuid[]) ORDER BY member_id, ordered_at DESC) o"
+            " WHERE ms.member_id = o.member_id",
+            [m.member_id for m in activity.members],
+        )
         return await _demo_order_ids(uow.conn)
 
 

@@ -14,7 +14,7 @@ from servicekit.consumer import EventConsumer, Subscription
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
 
-from .consumers import MemberEvents, OrderEvents, on_member_erased, on_tier_changed
+from .consumers import MemberEvents, OrderEvents, on_member_erased, on_tier_changed, on_zone_set
 from .coupons.handlers import CouponPolicy, issue_coupon
 from .mall.handlers import PointsMall
 from .members import MemberDirectory, MemberGrpc
@@ -136,6 +136,7 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
                     Subscription("member", events_pb2.MemberMerged, consumers.on_merged),
                     Subscription("member", events_pb2.MemberUnmerged, consumers.on_unmerged),
                     Subscription("member", events_pb2.MemberErased, on_member_erased),
+                    Subscription("member", events_pb2.MemberZoneSet, on_zone_set),
                     Subscription("tiering", events_pb2.TierChanged, on_tier_changed),
                     # Its own stream: an invitee's first order rewards the referral.
                     Subscription("rewards", events_pb2.OrderCompleted, orders.on_order_completed),

@@ -26,6 +26,7 @@ from .repository import MEMBER_STORE_SQL, metric_sql, time_column
 # A member is "near" the next tier within this share of its threshold.
 NEAR_NEXT_SHARE = 0.2
 
+
 def _in_scope(member: str, by_store: str, stores: str) -> str:
     """True when the filter takes every store, or the member's store is one of
     its stores (a member without a known store is in no store)."""
@@ -274,6 +275,4 @@ SELECT json_build_object(
 
 
 async def segment_figures(conn: asyncpg.Connection, r: DayRange) -> dict[str, Any]:
-    return await _json(
-        conn, _SEGMENTS, r.start, r.end, r.time_zone, r.by_store, r.store_ids or []
-    )
+    return await _json(conn, _SEGMENTS, r.start, r.end, r.time_zone, r.by_store, r.store_ids or [])

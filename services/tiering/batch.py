@@ -51,7 +51,6 @@ from servicekit.events import make_envelope
 
 from . import outbox_sql, reports
 from . import repository as repo
-from .repository import MEMBER_STORE_SQL
 from .benefits import insert_grants, upgrade_gift_rows
 from .domain import DEFAULT_RULES, QualifyingMetric, TierMode, TierProgramme
 from .evaluation import (
@@ -68,6 +67,7 @@ from .evaluation import (
     window_start,
 )
 from .handlers import DEFAULT_PROGRAMME_ID, tier_changed
+from .repository import MEMBER_STORE_SQL
 from .segments import LAPSED, PROSPECT, segment_sql, stage_sql
 
 log = logging.getLogger(__name__)

@@ -206,16 +206,9 @@ async def test_every_dashboard_says_what_the_store_filter_narrows(
         f = reply.json()["filter"]
         assert f["store_ids"] == ["SH001"]
         said[name] = (f["store_filter"], f["store_filter_applies_to"])
-    assert said == {
-        "overview": ("applied", []),
-        "points": ("partial", ["by_day.earned", "by_day.spent"]),
-        "coupons": ("partial", ["by_store"]),
-        "tiers": ("applied", []),
-        "segments": ("applied", []),
-        "lifecycle": ("applied", []),
-        "referral": ("not_applicable", []),
-        "journeys": ("applied", []),
-    }
+    # Every dashboard applies it now: per-member figures by the member's store
+    # (servicekit/metrics_definitions.py MEMBER_STORE).
+    assert said == dict.fromkeys(DASHBOARDS, ("applied", []))
 
 
 async def test_a_region_resolves_to_its_stores_and_counts_their_orders(
@@ -307,3 +300,33 @@ async def test_a_region_resolves_to_its_stores_and_counts_their_orders(
     assert await tier_members({"store": stores[1]}) == 2
     assert await tier_members({"store": stores[0]}) == 0
     assert await tier_members({}) >= 2
+
+    # Rewards counts their points the same way (its own OrderCompleted).
+    async def owed(params: dict[str, str]) -> int:
+        reply = await viewer.get("/v1/admin/analytics/points", params=span | params)
+        liability = reply.json()["liability"]
+        return int(liability["outstanding_points"] + liability["pending_points"])
+
+    async def points_counted() -> bool:
+        return await owed({"store": stores[1]}) == earned
+
+    await eventually(points_counted)
+    assert await owed({"store": stores[0]}) == 0
+
+    # a's registration store, recorded on the profile (member's MemberZoneSet),
+    # wins over its latest order's: a now counts under stores[0] everywhere.
+    patched = await http.patch(
+        f"/v1/members/{a}/profile",
+        json={"registration_store_id": stores[0], "source": "store-guide"},
+    )
+    assert patched.status_code == 200, patched.text
+
+    async def moved() -> bool:
+        return (
+            await tier_members({"store": stores[0]}) == 1
+            and await owed({"store": stores[0]}) == earned - await owed({"store": stores[1]}) > 0
+        )
+
+    await eventually(moved)
+    assert await tier_members({"store": stores[1]}) == 1
+    assert await tier_members({"region": city}) == 2

@@ -33,6 +33,7 @@ from console.roles import SCOPES, Role
 from console.server import ConsoleServer
 from console.settings import ConsoleSettings, GatewayKey
 from devtools.devrun import seed, seed_activity
+from gateway.api.analytics import STORE_SCOPE
 from gateway.app import Gateway, build
 from gateway.auth.admin import ClientAdmin, IssuedKey
 from gateway.auth.client import HmacAuth
@@ -400,7 +401,7 @@ async def test_every_dashboard_renders_the_numbers_the_api_answers(
         assert any(j["lift"] for j in answers["journeys"]["journeys"])
         # The store filter reaches the API and narrows per-member dashboards too:
         # each page's numbers are the filtered answer's, and differ from the brand's.
-        for name in ("overview", "tiers", "segments", "lifecycle", "journeys"):
+        for name in DASHBOARDS:
             only = await _dashboard_matches_the_api(page, console, api, name, "?store=SH001")
             assert only["filter"]["store_ids"] == ["SH001"]
             assert only["filter"]["store_filter"] == "applied"
@@ -415,19 +416,17 @@ async def test_every_dashboard_renders_the_numbers_the_api_answers(
                 assert 0 < total(only["segments"]) < total(everywhere["segments"])
             elif name == "lifecycle":
                 assert 0 < total(only["stages"]) < total(everywhere["stages"])
+            elif name == "points":
+                o, e = only["liability"], everywhere["liability"]
+                assert 0 < o["outstanding_points"] < e["outstanding_points"]
+            elif name == "coupons":
+                issued = [sum(t["issued"] for t in x["templates"]) for x in (only, everywhere)]
+                assert 0 < issued[0] < issued[1]
+            elif name == "referral":
+                assert 0 < only["accepted"] < everywhere["accepted"]
             else:
                 [one], [every] = only["journeys"], everywhere["journeys"]
                 assert 0 < one["entered"] < every["entered"]
-    # A store filter a dashboard cannot apply is said, not silently ignored.
-    notices = {}
-    for name in DASHBOARDS:
-        await page.goto(f"{console.url}/dashboards/{name}?store=SH001")
-        notice = page.locator("#store-filter-notice")
-        notices[name] = await notice.get_attribute("data-scope") if await notice.count() else None
-    assert notices == STORE_NOTICES
-    # Without a store or region there is nothing to say.
-    await page.goto(f"{console.url}/dashboards/referral")
-    assert await page.locator("#store-filter-notice").count() == 0
     await page.close()
 
 
@@ -435,25 +434,19 @@ def total(counts: list[dict[str, Any]]) -> int:
     return sum(int(c["count"]) for c in counts)
 
 
-# What each dashboard's page says of a store filter (gateway STORE_SCOPE).
-STORE_NOTICES = {
-    "overview": None,
-    "points": "partial",
-    "coupons": "partial",
-    "tiers": None,
-    "segments": None,
-    "lifecycle": None,
-    "referral": "not_applicable",
-    "journeys": None,
-}
-
-
 async def test_a_store_filter_a_dashboard_cannot_apply_is_said(
-    console: ConsoleServer, console_gateway: Gateway, operators: dict[str, str]
+    console: ConsoleServer,
+    console_gateway: Gateway,
+    operators: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Over plain HTTP (no browser): with a store filter, each dashboard's page
     says whether the filter applies (gateway STORE_SCOPE), never silently
-    showing brand-wide figures as the store's; without one it says nothing."""
+    showing brand-wide figures as the store's; without one it says nothing.
+    Every dashboard applies it (per-member figures by the member's store), so
+    the other scopes are set here to see them said."""
+    monkeypatch.setitem(STORE_SCOPE, "referral", ("not_applicable", []))
+    monkeypatch.setitem(STORE_SCOPE, "points", ("partial", ["by_day.earned"]))
     async with httpx.AsyncClient(base_url=console.url, timeout=30) as client:
         form = await client.get("/login")
         token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
@@ -475,7 +468,10 @@ async def test_a_store_filter_a_dashboard_cannot_apply_is_said(
             found = re.search(r'id="store-filter-notice" data-scope="(\w+)"', html)
             said[name] = found.group(1) if found else None
         unfiltered = (await client.get("/dashboards/referral")).text
-    assert said == STORE_NOTICES
+    assert said == dict.fromkeys(DASHBOARDS, None) | {
+        "referral": "not_applicable",
+        "points": "partial",
+    }
     assert 'id="store-filter-notice"' not in unfiltered
 
 

@@ -22,18 +22,19 @@ from servicekit.analytics import DayRange, day_range
 from servicekit.db import asyncpg_dsn, with_database
 from servicekit.errors import InvalidArgument
 from servicekit.migrations import SERVICES, upgrade
-from services.engagement.analytics import SEND_STATUSES, journey_funnels
 from services.engagement import facts_repository as engagement_facts
 from services.engagement import repository as engagement_repo
+from services.engagement.analytics import SEND_STATUSES, journey_funnels
 from services.engagement.domain import lift
 from services.member.analytics import member_counts
+from services.rewards import members as rewards_members
 from services.rewards.analytics import repository as rewards
 from services.tiering import analytics as tiering
 from services.tiering import repository as repo
 from services.tiering.repository import programme_at
 from services.tiering.seed import seed_demo as seed_tiering
 
-from ..harness import Infra
+from ..harness import Infra, own_database
 
 SH = ZoneInfo("Asia/Shanghai")
 FIRST, LAST = date(2025, 3, 1), date(2025, 3, 10)
@@ -295,14 +296,19 @@ async def _txn(
 
 
 async def _lot(
-    conn: asyncpg.Connection, txn: uuid.UUID, status: str, remaining: int, expires: datetime
+    conn: asyncpg.Connection,
+    txn: uuid.UUID,
+    status: str,
+    remaining: int,
+    expires: datetime,
+    member: uuid.UUID | None = None,
 ) -> None:
     lot = uuid.uuid4()
     await conn.execute(
         "INSERT INTO rewards.points_lots (id, member_id, transaction_id, root_lot_id, points,"
         " remaining, status, earned_at, expires_at) VALUES ($1, $2, $3, $1, 100, $4, $5, $6, $7)",
         lot,
-        uuid.uuid4(),
+        member or uuid.uuid4(),
         txn,
         remaining,
         status,
@@ -324,11 +330,11 @@ async def test_points_analytics(conn: asyncpg.Connection, orders: Orders) -> Non
         " VALUES ($1, $2, $3, $4)",
         [(a, 70, 10, 0), (b, 5, 0, 3)],
     )
-    await _lot(conn, earn, "active", 40, NOW + timedelta(days=10))
-    await _lot(conn, earn, "active", 30, NOW + timedelta(days=40))
-    await _lot(conn, earn, "pending", 10, NOW + timedelta(days=5))
-    await _lot(conn, earn, "active", 0, NOW + timedelta(days=5))
-    await _lot(conn, earn, "active", 25, NOW - timedelta(days=1))
+    await _lot(conn, earn, "active", 40, NOW + timedelta(days=10), a)
+    await _lot(conn, earn, "active", 30, NOW + timedelta(days=40), a)
+    await _lot(conn, earn, "pending", 10, NOW + timedelta(days=5), a)
+    await _lot(conn, earn, "active", 0, NOW + timedelta(days=5), a)
+    await _lot(conn, earn, "active", 25, NOW - timedelta(days=1), a)
 
     p = await rewards.points_analytics(conn, rng(), NOW)
     # Held points (an open checkout hold) are still owed: outstanding.
@@ -340,14 +346,32 @@ async def test_points_analytics(conn: asyncpg.Connection, orders: Orders) -> Non
         "2025-03-03": (0, 30, 0),
         "2025-03-05": (50, 0, 20),
     }
-    # At SH001: the earn on its order; the expiry is brand-wide; the action and
-    # the redemption at SH002 are not there.
+    # The store filter: an order's points count under the order's store, the
+    # rest (an action, an expiry) and the liability under the member's store
+    # (MEMBER_STORE): a registered at SH001, b last ordered at BJ001.
+    await rewards_members.record_registration_store(conn, a, "SH001")
+    await rewards_members.record_order_store(conn, b, "BJ001", local(1))
     sh001 = await rewards.points_analytics(conn, rng(["SH001"]), NOW)
+    assert (sh001["outstanding_points"], sh001["pending_points"]) == (70, 10)
+    assert sh001["expiring_30d_points"] == 40
     flows = {d["day"]: (d["earned"], d["spent"], d["expired"]) for d in sh001["by_day"]}
+    # a's redemption was on an SH002 order: not here.
     assert {k: v for k, v in flows.items() if v != (0, 0, 0)} == {
         "2025-03-01": (100, 0, 0),
         "2025-03-05": (0, 0, 20),
     }
+    bj = await rewards.points_analytics(conn, rng(["BJ001"]), NOW)
+    assert (bj["outstanding_points"], bj["pending_points"], bj["expiring_30d_points"]) == (8, 0, 0)
+    assert (bj["outstanding_points"], bj["pending_points"]) != (
+        p["outstanding_points"],
+        p["pending_points"],
+    )
+    flows = {d["day"]: (d["earned"], d["spent"], d["expired"]) for d in bj["by_day"]}
+    assert {k: v for k, v in flows.items() if v != (0, 0, 0)} == {"2025-03-05": (50, 0, 0)}
+    sh002 = await rewards.points_analytics(conn, rng(["SH002"]), NOW)
+    assert (sh002["outstanding_points"], sh002["expiring_30d_points"]) == (0, 0)
+    flows = {d["day"]: (d["earned"], d["spent"], d["expired"]) for d in sh002["by_day"]}
+    assert {k: v for k, v in flows.items() if v != (0, 0, 0)} == {"2025-03-03": (0, 30, 0)}
 
 
 async def _template(conn: asyncpg.Connection, template_id: str, name: str) -> None:
@@ -370,9 +394,10 @@ async def _coupon(
     order: uuid.UUID | None = None,
     redeemed: datetime | None = None,
     discount: int | None = None,
+    member: uuid.UUID | None = None,
 ) -> None:
     cid = uuid.uuid4()
-    member = uuid.uuid4()
+    member = member or uuid.uuid4()
     await conn.execute(
         # Its key first (coupon_keys: code and issue key unique across partitions).
         "WITH k AS (INSERT INTO rewards.coupon_keys (id, code, issue_key, expires_at)"
@@ -401,10 +426,23 @@ async def test_coupon_analytics(conn: asyncpg.Connection, orders: Orders) -> Non
     await _template(conn, "t-five-off", "立减5元")
     await _template(conn, "t-free-tea", "免费茶饮")
     t1, t2 = "t-five-off", "t-free-tea"
+    # m1 registered at SH001, m2 last ordered at BJ001; the others' store is unknown.
+    m1, m2 = uuid.uuid4(), uuid.uuid4()
+    await rewards_members.record_registration_store(conn, m1, "SH001")
+    await rewards_members.record_order_store(conn, m2, "BJ001", local(1))
     await _coupon(
-        conn, t1, local(1, 9), "used", order=orders.a1, redeemed=local(1, 10), discount=300
+        conn,
+        t1,
+        local(1, 9),
+        "used",
+        order=orders.a1,
+        redeemed=local(1, 10),
+        discount=300,
+        member=m1,
     )
-    await _coupon(conn, t1, local(1, 11), "locked", locked_until=NOW + timedelta(minutes=10))
+    await _coupon(
+        conn, t1, local(1, 11), "locked", locked_until=NOW + timedelta(minutes=10), member=m1
+    )
     await _coupon(conn, t1, local(2), "available", expires=local(5))  # lapsed: expired
     await _coupon(conn, t1, local(2), "expired", expires=local(6))
     # A lock that lapsed reads as available.
@@ -420,7 +458,14 @@ async def test_coupon_analytics(conn: asyncpg.Connection, orders: Orders) -> Non
         discount=200,
     )
     await _coupon(
-        conn, t2, local(3), "used", order=orders.b1, redeemed=local(4, 0, 30), discount=100
+        conn,
+        t2,
+        local(3),
+        "used",
+        order=orders.b1,
+        redeemed=local(4, 0, 30),
+        discount=100,
+        member=m2,
     )
 
     c = await rewards.coupon_analytics(conn, rng(), NOW)
@@ -454,9 +499,30 @@ async def test_coupon_analytics(conn: asyncpg.Connection, orders: Orders) -> Non
         {"store_id": "SH001", "redeemed": 2, "discount_fen": 400},
         {"store_id": "SH002", "redeemed": 1, "discount_fen": 200},
     ]
+    # The store filter: redemptions by the order's store; the funnel and the
+    # issuing per day by the coupon member's store (MEMBER_STORE).
     sh002 = await rewards.coupon_analytics(conn, rng(["SH002"]), NOW)
     assert sh002["by_store"] == [{"store_id": "SH002", "redeemed": 1, "discount_fen": 200}]
-    assert sh002["templates"] == c["templates"]  # issuing is brand-wide
+    assert sh002["templates"] == []
+    sh001 = await rewards.coupon_analytics(conn, rng(["SH001"]), NOW)
+    assert sh001["templates"] == [
+        {
+            "template_id": t1,
+            "name": "立减5元",
+            "issued": 2,
+            "locked": 1,
+            "redeemed": 1,
+            "expired": 0,
+            "discount_fen": 300,
+        }
+    ]
+    assert {d["day"]: (d["issued"], d["redeemed"]) for d in sh001["by_day"] if d["issued"]} == {
+        "2025-03-01": (2, 1)
+    }
+    assert sh001["by_store"] == [{"store_id": "SH001", "redeemed": 2, "discount_fen": 400}]
+    bj = await rewards.coupon_analytics(conn, rng(["BJ001"]), NOW)
+    assert [(t["template_id"], t["issued"], t["redeemed"]) for t in bj["templates"]] == [(t2, 1, 1)]
+    assert bj["by_store"] == []
     empty = await rewards.coupon_analytics(
         conn, rng(first=date(2024, 1, 1), last=date(2024, 1, 2)), NOW
     )
@@ -540,6 +606,56 @@ async def test_referral_analytics(conn: asyncpg.Connection) -> None:
         conn, rng(first=date(2024, 1, 1), last=date(2024, 1, 1))
     )
     assert (empty["accepted"], empty["inviters"], empty["top_inviters"]) == (0, 0, [])
+
+    # The store filter: every referral figure counts under the inviter's store
+    # (MEMBER_STORE): x registered at SH001, y last ordered at BJ001, z unknown.
+    await rewards_members.record_registration_store(conn, x, "SH001")
+    await rewards_members.record_order_store(conn, y, "BJ001", local(1))
+    sh = await rewards.referral_analytics(conn, rng(["SH001"]))
+    assert {k: sh[k] for k in ("invites", "accepted", "first_orders", "inviters")} == {
+        "invites": 1,
+        "accepted": 2,
+        "first_orders": 1,
+        "inviters": 1,
+    }
+    assert sh["top_inviters"] == [{"member_id": str(x), "accepted": 2, "first_orders": 1}]
+    assert sh["abuse_refusals"] == 3
+    bj = await rewards.referral_analytics(conn, rng(["BJ001"]))
+    assert {k: bj[k] for k in ("invites", "accepted", "first_orders", "inviters")} == {
+        "invites": 1,
+        "accepted": 1,
+        "first_orders": 1,
+        "inviters": 1,
+    }
+    assert (bj["abuse_refusals"], bj["refusals_by_reason"]) == (0, [])
+
+
+async def test_rewards_member_stores_are_back_filled_from_the_latest_settled_order(
+    infra: Infra,
+) -> None:
+    """Migration 0017 over a deployed rewards schema: each member's store starts
+    as its latest settled order's (a rejected order is no order), set-based."""
+    async with own_database(infra, prefix="member_stores") as url:
+        await asyncio.to_thread(upgrade, "rewards", url, "0016_rewards_dedupe_partitions")
+        c = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            await _stores(c)
+            a, b = uuid.uuid4(), uuid.uuid4()
+            await _order(c, a, "SH001", local(1), 100)
+            await _order(c, a, "SH002", local(3), 100)
+            await _order(c, b, "BJ001", local(2), 100)
+            await _order(c, b, "SH001", local(4), 100, status="rejected")
+            await asyncio.to_thread(upgrade, "rewards", url)
+            rows = await c.fetch(
+                "SELECT member_id, registration_store_id, order_store_id, order_store_at"
+                " FROM rewards.member_stores"
+            )
+        finally:
+            await c.close()
+    assert {r["member_id"]: tuple(r)[1:] for r in rows} == {
+        a: (None, "SH002", local(3)),
+        b: (None, "BJ001", local(2)),
+    }
 
 
 # ---- tiering ------------------------------------------------------------------------
@@ -695,9 +811,7 @@ async def _store_of(
         await repo.set_registration_store(conn, member, registration)
     if order is not None:
         store, at = order
-        assert await repo.record_order(
-            conn, uuid.uuid4().hex, member, at, 0, 0, at.date(), store
-        )
+        assert await repo.record_order(conn, uuid.uuid4().hex, member, at, 0, 0, at.date(), store)
 
 
 async def test_segment_analytics(conn: asyncpg.Connection) -> None:

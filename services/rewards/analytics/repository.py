@@ -18,6 +18,15 @@ from servicekit.analytics import DayRange
 # Per-day series cover every day of the range: generate_series, joined.
 _DAYS = "(SELECT g::date AS day FROM generate_series($6::date, $7::date, '1 day') g)"
 _STORE = "(NOT $3::boolean OR {col} = ANY($4::text[]))"
+# A member's store for the dashboards (servicekit/metrics_definitions.py
+# MEMBER_STORE), over a rewards.member_stores row aliased ms: the registration
+# store, else the latest settled order's (migration 0017).
+MEMBER_STORE_SQL = "coalesce(ms.registration_store_id, ms.order_store_id)"
+# Per-member figures: the member's store is one of the filter's.
+_MEMBER = (
+    "(NOT $3::boolean OR {col} IN (SELECT ms.member_id FROM rewards.member_stores ms"
+    f" WHERE {MEMBER_STORE_SQL} = ANY($4::text[])))"
+)
 
 _ORDERS = f"""
 WITH o AS (
@@ -68,10 +77,11 @@ async def order_analytics(conn: asyncpg.Connection, r: DayRange) -> dict[str, An
 
 
 # Earned = earn transactions; spent = redemptions and posted holds; expired =
-# expiry transactions (brand-wide: an expiry belongs to no order, so no store).
-# A transaction of an order counts on the order's day (an offline order's
-# points are written when it is uploaded, its business day is the order's);
-# any other on its own.
+# expiry transactions. A transaction of an order counts on the order's day (an
+# offline order's points are written when it is uploaded, its business day is
+# the order's) and under the order's store; any other (actions, referral
+# rewards, expiries) on its own day and under its member's store, as do the
+# balances and lots of the liability.
 _POINTS = f"""
 WITH t AS (
     SELECT t.kind, t.amount, (o.ordered_at AT TIME ZONE $5)::date AS day
@@ -84,7 +94,7 @@ WITH t AS (
     FROM rewards.points_transactions t
     WHERE t.created_at >= $1 AND t.created_at < $2 AND t.order_id IS NULL
       AND t.kind IN ('earn', 'redeem', 'hold_post', 'expire')
-      AND (t.kind = 'expire' OR NOT $3::boolean)
+      AND {_MEMBER.format(col="t.member_id")}
 ),
 per_day AS (
     SELECT d.day,
@@ -96,11 +106,14 @@ per_day AS (
 )
 SELECT json_build_object(
     'outstanding_points', (SELECT coalesce(sum(available + held), 0)
-                           FROM rewards.points_balances),
-    'pending_points', (SELECT coalesce(sum(pending), 0) FROM rewards.points_balances),
-    'expiring_30d_points', (SELECT coalesce(sum(remaining), 0) FROM rewards.points_lots
+                           FROM rewards.points_balances b
+                           WHERE {_MEMBER.format(col="b.member_id")}),
+    'pending_points', (SELECT coalesce(sum(pending), 0) FROM rewards.points_balances b
+                       WHERE {_MEMBER.format(col="b.member_id")}),
+    'expiring_30d_points', (SELECT coalesce(sum(remaining), 0) FROM rewards.points_lots l
                             WHERE status = 'active' AND remaining > 0
-                              AND expires_at > $8 AND expires_at <= $9),
+                              AND expires_at > $8 AND expires_at <= $9
+                              AND {_MEMBER.format(col="l.member_id")}),
     'by_day', (SELECT json_agg(json_build_object('day', day, 'earned', earned, 'spent', spent,
                                                  'expired', expired) ORDER BY day)
                FROM per_day)
@@ -124,7 +137,7 @@ WITH c AS (
                 WHEN c.status = 'locked' AND c.locked_until <= $8 THEN 'available'
                 ELSE c.status END AS state
     FROM rewards.coupons c
-    WHERE c.issued_at >= $1 AND c.issued_at < $2
+    WHERE c.issued_at >= $1 AND c.issued_at < $2 AND {_MEMBER.format(col="c.member_id")}
 ),
 per_template AS (
     SELECT template_id, count(*) AS issued,
@@ -175,6 +188,7 @@ _REFERRAL = f"""
 WITH acc AS (
     SELECT inviter_id, invitee_id, first_order_id
     FROM rewards.referrals WHERE accepted_at >= $1 AND accepted_at < $2
+      AND {_MEMBER.format(col="inviter_id")}
 ),
 inv AS (
     SELECT inviter_id, count(*) AS accepted, count(first_order_id) AS first_orders
@@ -182,14 +196,18 @@ inv AS (
 ),
 refused AS (
     SELECT code FROM rewards.referral_refusals WHERE refused_at >= $1 AND refused_at < $2
+      AND {_MEMBER.format(col="inviter_id")}
     UNION ALL
     SELECT e.value ->> 'code'
-    FROM rewards.referral_rewards w, jsonb_array_elements(w.refusals) e
+    FROM rewards.referral_rewards w JOIN rewards.referrals f ON f.id = w.referral_id,
+         jsonb_array_elements(w.refusals) e
     WHERE w.created_at >= $1 AND w.created_at < $2 AND w.status IN ('refused', 'partial')
+      AND {_MEMBER.format(col="f.inviter_id")}
 )
 SELECT json_build_object(
-    'invites', (SELECT count(*) FROM rewards.invite_codes
-                WHERE created_at >= $1 AND created_at < $2),
+    'invites', (SELECT count(*) FROM rewards.invite_codes i
+                WHERE created_at >= $1 AND created_at < $2
+                  AND {_MEMBER.format(col="i.member_id")}),
     'accepted', (SELECT count(*) FROM acc),
     'first_orders', (SELECT count(first_order_id) FROM acc),
     'inviters', (SELECT count(*) FROM inv),
@@ -207,5 +225,5 @@ SELECT json_build_object(
 
 
 async def referral_analytics(conn: asyncpg.Connection, r: DayRange) -> dict[str, Any]:
-    # Referral figures are brand-wide: only the range's instants apply.
-    return await _json(conn, _REFERRAL, *_window(r)[:2])
+    # Every referral figure counts under the inviter's store.
+    return await _json(conn, _REFERRAL, *_window(r)[:4])
