@@ -1,7 +1,10 @@
 """The operator console in a real browser (Playwright driving Debian's
 chromium), in front of the e2e services and a gateway with the session
 gateway's door: log in, every dashboard renders and its charts carry exactly
-the numbers the analytics API answers for the same filter, a merge review
+the numbers the analytics API answers for the same filter (on the demo
+brand's 90 days, devtools.devrun.seed_activity, in a database of the module's
+own with services of its own: every chart draws, brand-wide and with a store
+filter on every dashboard), a merge review
 approved from the queue leaves it (audited under the operator's name), a
 viewer sees no action and a forged POST is refused 403 (and the gateway
 refuses the viewer's client the route anyway). Each test saves a screenshot
@@ -42,7 +45,7 @@ from gateway.wechat_fake import FakeWeChatServer
 from loyalty.events.v1 import events_pb2
 from loyalty.pos.v1 import pos_pb2_grpc
 from servicekit.consumer import EventConsumer, Subscription
-from servicekit.db import Database, UnitOfWork, asyncpg_dsn, create_pool, with_database
+from servicekit.db import Database, UnitOfWork, asyncpg_dsn, create_pool
 from servicekit.deadletters import redrive_audit_stream
 from servicekit.events import (
     ENVELOPE_FIELD,
@@ -51,11 +54,11 @@ from servicekit.events import (
     make_envelope,
     stream_name,
 )
-from servicekit.migrations import SERVICES, upgrade
+from servicekit.migrations import SERVICES
 from servicekit.redis_client import create_redis
 from servicekit.server import ServiceApp
 
-from ..harness import Infra, ServiceClock, eventually, wait_until_serving
+from ..harness import Infra, ServiceClock, eventually, own_database, wait_until_serving
 from .conftest import WECHAT_APPS, gateway_settings
 from .doors import UNLIMITED
 from .test_engagement_gateway import check_in_journey
@@ -212,16 +215,7 @@ async def demo(
     from services.rewards.server import build as build_rewards
     from services.tiering.server import build as build_tiering
 
-    name = f"console_demo_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(asyncpg_dsn(infra.admin_url))
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(infra.admin_url, name)
-    apps: list[ServiceApp] = []
-    gw: Gateway | None = None
-    server: ConsoleServer | None = None
-    try:
-        for service in SERVICES:
-            await asyncio.to_thread(upgrade, service, url)
+    async with own_database(infra, *SERVICES, prefix="console_demo") as url:
         await seed(url)
         # Relative to the clock the services and the console read (the real one).
         await seed_activity(url, datetime.now(UTC))
@@ -230,52 +224,54 @@ async def demo(
             database_url=url, redis_namespace=f"{infra.namespace}-demo", db_pool_max=3
         )
         engagement = EngagementSettings(**{**settings.model_dump(), **provider_fakes.settings()})
-        for app in (
-            build_member(settings, clock=ServiceClock()),
-            build_rewards(settings),
-            build_tiering(settings, clock=ServiceClock()),
-            build_engagement(engagement),
-        ):
-            apps.append(await _serve_demo(app))
-        member, rewards, tiering, journeys = apps
-        gw = build(
-            gateway_settings(
-                member_addr=f"127.0.0.1:{member.port}",
-                rewards_addr=f"127.0.0.1:{rewards.port}",
-                tiering_addr=f"127.0.0.1:{tiering.port}",
-                engagement_addr=f"127.0.0.1:{journeys.port}",
-                auth_enabled=True,
-                auth_secret_key=gateway.settings.auth_secret_key,
-                # The session's client store: the console's role clients are there.
-                database_url=infra.database_url,
-                redis_url=infra.redis_url,
-                redis_namespace=infra.namespace,
+        apps: list[ServiceApp] = []
+        try:
+            for app in (
+                build_member(settings, clock=ServiceClock()),
+                build_rewards(settings),
+                build_tiering(settings, clock=ServiceClock()),
+                build_engagement(engagement),
+            ):
+                apps.append(await _serve_demo(app))
+            member, rewards, tiering, journeys = apps
+            gw = build(
+                gateway_settings(
+                    member_addr=f"127.0.0.1:{member.port}",
+                    rewards_addr=f"127.0.0.1:{rewards.port}",
+                    tiering_addr=f"127.0.0.1:{tiering.port}",
+                    engagement_addr=f"127.0.0.1:{journeys.port}",
+                    auth_enabled=True,
+                    auth_secret_key=gateway.settings.auth_secret_key,
+                    # The session's client store: the console's role clients are there.
+                    database_url=infra.database_url,
+                    redis_url=infra.redis_url,
+                    redis_namespace=infra.namespace,
+                )
             )
-        )
-        await gw.start()
-        server = ConsoleServer(
-            ConsoleSettings(
-                database_url=infra.database_url,
-                redis_url=infra.redis_url,
-                redis_namespace=infra.namespace,
-                console_host="127.0.0.1",
-                console_port=0,
-                console_gateway_url=f"http://127.0.0.1:{gw.http_port}",
-                console_gateway_clients=role_keys,
-                log_json=False,
-            )
-        )
-        await server.start()
-        yield Demo(server, gw)
-    finally:
-        if server is not None:
-            await server.stop()
-        if gw is not None:
-            await gw.stop()
-        for app in reversed(apps):
-            await app.stop()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+            await gw.start()
+            try:
+                server = ConsoleServer(
+                    ConsoleSettings(
+                        database_url=infra.database_url,
+                        redis_url=infra.redis_url,
+                        redis_namespace=infra.namespace,
+                        console_host="127.0.0.1",
+                        console_port=0,
+                        console_gateway_url=f"http://127.0.0.1:{gw.http_port}",
+                        console_gateway_clients=role_keys,
+                        log_json=False,
+                    )
+                )
+                await server.start()
+                try:
+                    yield Demo(server, gw)
+                finally:
+                    await server.stop()
+            finally:
+                await gw.stop()
+        finally:
+            for app in reversed(apps):
+                await app.stop()
 
 
 @pytest.fixture(scope="module")

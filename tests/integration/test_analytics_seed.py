@@ -103,6 +103,25 @@ async def test_every_dashboard_has_something(
     assert [s.step_id for s in journey.steps] == ["welcome", "nudge"]
     assert journey.steps[0].sent["delivered"] > 0 and journey.steps[0].sent["failed"] > 0
 
+    # Each service knows the demo members' stores (MEMBER_STORE): a store's
+    # share of every per-member dashboard is some, not all, of the brand's.
+    sh = DayRange(r.first, r.last, r.time_zone, ["SH001"])
+    one = await tiering.tier_figures(conn, sh, "default", programme, NOW)
+    assert 0 < sum(n for _, n in one.distribution) < sum(n for _, n in tiers.distribution)
+    seg = await tiering.segment_figures(conn, sh)
+    assert 0 < sum(c["members"] for c in seg["rfm"]) < sum(c["members"] for c in segments["rfm"])
+    assert 0 < len(seg["transitions"])
+    owed = await rewards.points_analytics(conn, sh, NOW)
+    assert 0 < owed["outstanding_points"] < points["outstanding_points"]
+    issued = await rewards.coupon_analytics(conn, sh, NOW)
+    assert 0 < sum(t["issued"] for t in issued["templates"]) < sum(
+        t["issued"] for t in coupons["templates"]
+    )
+    invited = await rewards.referral_analytics(conn, sh)
+    assert 0 < invited["accepted"] < referral["accepted"]
+    [entered] = await journey_funnels(conn, sh)
+    assert 0 < entered.entered < journey.entered
+
 
 async def test_the_history_went_through_the_ledger_and_a_rerun_adds_nothing(
     seeded: tuple[str, asyncpg.Connection],
