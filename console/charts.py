@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from servicekit.metrics_definitions import BY_KEY, definition_in, metric_of
+from servicekit.metrics_definitions import definition_in, metric_of
 
 DASHBOARDS = (
     "overview",

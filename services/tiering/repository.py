@@ -181,7 +181,7 @@ async def insert_programme(conn: Connection, programme: TierProgramme, note: str
 
 # A member's store for the dashboards (servicekit/metrics_definitions.py
 # MEMBER_STORE), over a tiering.member_profiles row aliased p: the registration
-# store, else the store of the latest order (migration 0011 keeps both).
+# store, else the store of the latest order (migration 0012 keeps both).
 MEMBER_STORE_SQL = "coalesce(p.registration_store_id, p.order_store_id)"
 
 

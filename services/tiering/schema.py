@@ -206,7 +206,7 @@ member_profiles = Table(
     Column("birth_month", SmallInteger),
     Column("birth_day", SmallInteger),
     # The member's store for the dashboards' filter (metrics_definitions.MEMBER_STORE:
-    # registration store, else the latest order's), migration 0011: from member's
+    # registration store, else the latest order's), migration 0012: from member's
     # MemberZoneSet, and from OrderCompleted with the order's time (only moves forward).
     Column("registration_store_id", Text),
     Column("order_store_id", Text),
@@ -253,7 +253,7 @@ stage_transitions = Table(
     Column("to_stage", Text, nullable=False),
     Column("members", BigInteger, nullable=False),
     # The moved members' store (MEMBER_STORE) when the recompute ran; NULL: none
-    # known (rows from before migration 0011 too).
+    # known (rows from before migration 0012 too).
     Column("store_id", Text),
     Index(None, "as_of"),
 )

@@ -114,8 +114,10 @@ async def test_every_dashboard_has_something(
     owed = await rewards.points_analytics(conn, sh, NOW)
     assert 0 < owed["outstanding_points"] < points["outstanding_points"]
     issued = await rewards.coupon_analytics(conn, sh, NOW)
-    assert 0 < sum(t["issued"] for t in issued["templates"]) < sum(
-        t["issued"] for t in coupons["templates"]
+    assert (
+        0
+        < sum(t["issued"] for t in issued["templates"])
+        < sum(t["issued"] for t in coupons["templates"])
     )
     invited = await rewards.referral_analytics(conn, sh)
     assert 0 < invited["accepted"] < referral["accepted"]

@@ -11,8 +11,8 @@ payloads are not kept), so existing profiles and transitions start with none:
 they count brand-wide and under no store until the member's next MemberZoneSet
 or order arrives. Adding nullable columns without a default rewrites no row.
 
-Revision ID: 0011_tiering_member_store
-Revises: 0010_tiering_partitions
+Revision ID: 0012_tiering_member_store
+Revises: 0011_tiering_orders_partitions
 Create Date: 2026-12-05 03:30:00.000000
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0011_tiering_member_store"
-down_revision: str | None = "0010_tiering_partitions"
+revision: str = "0012_tiering_member_store"
+down_revision: str | None = "0011_tiering_orders_partitions"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
