@@ -261,9 +261,9 @@ MEMBER_STORE = Metric(
     " MemberZoneSet states it), else the store of the member's latest order; a"
     " member with neither counts brand-wide only. A region is the stores whose city"
     " it is (rewards' stores table).",
-    "按门店或区域筛选时会员数据归属的门店：会员的注册门店（资料中的有效值，由会员服务的"
-    " MemberZoneSet 告知），没有时取会员最近一笔订单的门店；两者都没有的会员只计入全品牌。"
-    "区域即城市为该区域的门店（rewards 的门店表）。",
+    "按门店或区域筛选时会员数据归属的门店：会员的注册门店（会员资料中的有效值），"
+    "没有时取会员最近一笔订单的门店；两者都没有的会员只计入全品牌。"
+    "区域即所在城市为该区域的门店。",
 )
 
 # The dashboards whose figures are per member, filtered by MEMBER_STORE.
