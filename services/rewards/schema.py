@@ -685,7 +685,7 @@ referrals = Table(
 # (servicekit/metrics_definitions.py MEMBER_STORE; MEMBER_STORE_SQL in
 # analytics/repository.py): the registration store (member's MemberZoneSet),
 # else the store of the latest settled order (rewards' OrderCompleted; only
-# moves forward). Migration 0017, back-filled from orders.
+# moves forward). Migration 0019, back-filled from orders.
 member_stores = Table(
     "member_stores",
     metadata,

@@ -633,10 +633,10 @@ async def test_referral_analytics(conn: asyncpg.Connection) -> None:
 async def test_rewards_member_stores_are_back_filled_from_the_latest_settled_order(
     infra: Infra,
 ) -> None:
-    """Migration 0017 over a deployed rewards schema: each member's store starts
+    """Migration 0019 over a deployed rewards schema: each member's store starts
     as its latest settled order's (a rejected order is no order), set-based."""
     async with own_database(infra, prefix="member_stores") as url:
-        await asyncio.to_thread(upgrade, "rewards", url, "0016_rewards_dedupe_partitions")
+        await asyncio.to_thread(upgrade, "rewards", url, "0018_rewards_order_partitions")
         c = await asyncpg.connect(asyncpg_dsn(url))
         try:
             await _stores(c)

@@ -20,7 +20,7 @@ _DAYS = "(SELECT g::date AS day FROM generate_series($6::date, $7::date, '1 day'
 _STORE = "(NOT $3::boolean OR {col} = ANY($4::text[]))"
 # A member's store for the dashboards (servicekit/metrics_definitions.py
 # MEMBER_STORE), over a rewards.member_stores row aliased ms: the registration
-# store, else the latest settled order's (migration 0017).
+# store, else the latest settled order's (migration 0019).
 MEMBER_STORE_SQL = "coalesce(ms.registration_store_id, ms.order_store_id)"
 # Per-member figures: the member's store is one of the filter's.
 _MEMBER = (

@@ -10,8 +10,8 @@ Back-fill, set-based: every member's latest settled order in rewards.orders
 (one INSERT ... SELECT DISTINCT ON); registration stores arrive with the next
 MemberZoneSet (rewards has kept none before).
 
-Revision ID: 0017_rewards_member_stores
-Revises: 0016_rewards_dedupe_partitions
+Revision ID: 0019_rewards_member_stores
+Revises: 0018_rewards_order_partitions
 Create Date: 2026-12-05 03:50:00.000000
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0017_rewards_member_stores"
-down_revision: str | None = "0016_rewards_dedupe_partitions"
+revision: str = "0019_rewards_member_stores"
+down_revision: str | None = "0018_rewards_order_partitions"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
