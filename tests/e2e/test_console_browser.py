@@ -392,9 +392,13 @@ async def test_every_dashboard_renders_the_numbers_the_api_answers(
             await screenshot(page, f"dashboard-{name}", docs=True)
         # The journeys page: a funnel per journey and a lift row with its interval.
         assert await page.locator(".chart[data-source^='journeys.']").count() >= 1
-        lift = page.locator("table.lift tr").nth(1)
-        assert "pt [" in await lift.inner_text()
-        assert any(j["lift"] for j in answers["journeys"]["journeys"])
+        # The lift row shows the API's lift and interval in percentage points.
+        [journey] = answers["journeys"]["journeys"]
+        assert journey["lift"], journey
+        row = await page.locator("table.lift tr").nth(1).inner_text()
+        low, high = journey["lift"]["ci_low"] * 100, journey["lift"]["ci_high"] * 100
+        assert f"{journey['lift']['lift'] * 100:+.1f}" in row
+        assert f"[{low:+.1f}, {high:+.1f}]" in row
         # The store filter reaches the API and narrows per-member dashboards too:
         # each page's numbers are the filtered answer's, and differ from the brand's.
         for name in DASHBOARDS:
