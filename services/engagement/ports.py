@@ -178,15 +178,10 @@ class StoreZones(Protocol):
 
 
 class RewardsStoreZones:
-    """Stores are rewards' data: a store's zone is read from its GetStore.
-
-    Rewards' `Store` message carries no zone yet (stores as operator-managed
-    data with a zone is issue 13 item 26); until it does, every answer is ""
-    and members without a profile zone keep the default. The field is looked
-    up by name so no change is needed here when it arrives. Answers are kept
-    for `ttl_seconds` (a store's zone hardly ever changes)."""
-
-    FIELD = "time_zone"
+    """Stores are rewards' data: a store's zone is its `Store.time_zone`, read
+    with GetStore (operators set it, docs/api.md "Stores"). An unknown store
+    answers "" (the member keeps the default). Answers are kept for
+    `ttl_seconds` (a store's zone hardly ever changes)."""
 
     def __init__(self, target: str, timeout: float, ttl_seconds: float = 3600.0) -> None:
         self._channel = create_channel(target)
@@ -209,8 +204,7 @@ class RewardsStoreZones:
                 self._cache[store_id] = (now, "")
                 return ""
             raise  # transient: the event is retried
-        field = store.DESCRIPTOR.fields_by_name.get(self.FIELD)
-        found = str(getattr(store, self.FIELD)) if field is not None else ""
+        found = str(store.time_zone)
         self._cache[store_id] = (now, found)
         return found
 
