@@ -902,6 +902,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
             _S.FAILED_PRECONDITION,
         ),
         _c(
+            "PAYMENT_AMOUNT_MISMATCH",
+            "mall exchange … asks … fen in cash but the payment was … fen",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
             "PAYMENT_ALREADY_CONFIRMED",
             "mall exchange … was paid with another payment reference",
             _S.ABORTED,

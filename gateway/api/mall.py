@@ -543,13 +543,27 @@ async def set_item_status(item_id: ItemId, body: MallItemStatus, request: Reques
 class Payment(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"payment_reference": "wxpay-4200001234202605010001"}]},
+        json_schema_extra={
+            "examples": [
+                {"payment_reference": "wxpay-4200001234202605010001", "paid_amount_fen": 990}
+            ]
+        },
     )
 
     payment_reference: str = Field(
         min_length=1,
         max_length=256,
         description="The reference the backend's payment notification carried for the cash part",
+    )
+    paid_amount_fen: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**63 - 1,
+        description=(
+            "The amount the payment notification says was paid, in fen. Always send it: when"
+            " it is not the exchange's cash_fen the confirmation is refused"
+            " (PAYMENT_AMOUNT_MISMATCH) and nothing changes"
+        ),
     )
 
 
@@ -564,7 +578,8 @@ class Payment(BaseModel):
         409: problem_response(
             "PAYMENT_TIMED_OUT (released: refund the payment), NO_PAYMENT_DUE,"
             " PAYMENT_ALREADY_CONFIRMED (another reference), PAYMENT_REFERENCE_USED (the"
-            " reference paid another exchange); the same reference again replays"
+            " reference paid another exchange), PAYMENT_AMOUNT_MISMATCH (paid_amount_fen is"
+            " not the exchange's cash_fen: nothing changed); the same reference again replays"
         ),
     },
 )
@@ -577,6 +592,7 @@ async def confirm_payment(
             exchange_id=str(exchange_id),
             payment_reference=body.payment_reference,
             member_id=str(member_id),
+            paid_amount_fen=body.paid_amount_fen,
         ),
     )
     return exchange_model(reply)

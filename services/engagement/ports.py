@@ -182,15 +182,10 @@ class StoreZones(Protocol):
 
 
 class RewardsStoreZones:
-    """Stores are rewards' data: a store's zone and name are read from its GetStore.
-
-    Rewards' `Store` message carries no zone yet (stores as operator-managed
-    data with a zone is issue 13 item 26); until it does, every answer is ""
-    and members without a profile zone keep the default. The field is looked
-    up by name so no change is needed here when it arrives. Answers are kept
-    for `ttl_seconds` (a store's zone hardly ever changes)."""
-
-    FIELD = "time_zone"
+    """Stores are rewards' data: a store's zone is its `Store.time_zone` and
+    its name `Store.name`, read with GetStore (operators set them, docs/api.md
+    "Stores"). An unknown store answers "" (the member keeps the default zone).
+    Answers are kept for `ttl_seconds` (a store hardly ever changes)."""
 
     def __init__(self, target: str, timeout: float, ttl_seconds: float = 3600.0) -> None:
         self._channel = create_channel(target)
@@ -214,8 +209,7 @@ class RewardsStoreZones:
                 self._cache[store_id] = (now, "", "")
                 return "", ""
             raise  # transient: the event is retried
-        field = store.DESCRIPTOR.fields_by_name.get(self.FIELD)
-        zone = str(getattr(store, self.FIELD)) if field is not None else ""
+        zone = str(store.time_zone)
         self._cache[store_id] = (now, zone, store.name)
         return zone, store.name
 

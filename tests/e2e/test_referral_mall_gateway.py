@@ -152,7 +152,27 @@ async def test_invite_first_order_reward_then_mall(
     # Points plus cash: reserved until the backend confirms the payment.
     assert first.json()["cash_fen"] == 990 and first.json()["fulfilment"] == "awaiting_payment"
     pay_path = f"/v1/members/{inviter}/mall/exchanges/{first.json()['exchange_id']}/payment"
-    paid = await http.post(pay_path, json={"payment_reference": "wxpay-e2e-1"})
+    # A payment of another amount than the cash part is refused, nothing changed.
+    short = await http.post(
+        pay_path, json={"payment_reference": "wxpay-e2e-1", "paid_amount_fen": 99}
+    )
+    assert short.status_code == 409, short.text
+    assert (short.json()["code"], short.json()["field"]) == (
+        "PAYMENT_AMOUNT_MISMATCH",
+        "paid_amount_fen",
+    )
+    negative = await http.post(
+        pay_path, json={"payment_reference": "wxpay-e2e-1", "paid_amount_fen": -990}
+    )
+    assert negative.status_code == 422, negative.text
+    assert (await http.get(f"/v1/members/{inviter}/points")).json()["available"] == 10
+    waiting = (await http.get(f"/v1/members/{inviter}/mall/exchanges")).json()["exchanges"]
+    assert {e["exchange_id"]: e["fulfilment"] for e in waiting}[
+        first.json()["exchange_id"]
+    ] == "awaiting_payment"
+    paid = await http.post(
+        pay_path, json={"payment_reference": "wxpay-e2e-1", "paid_amount_fen": 990}
+    )
     assert paid.status_code == 200, paid.text
     assert paid.json()["fulfilment"] == "pending" and paid.json()["paid_at"]
     assert (await http.post(pay_path, json={"payment_reference": "wxpay-e2e-1"})).json()[

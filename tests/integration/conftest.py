@@ -1,7 +1,8 @@
 """Fixtures shared by the rewards integration modules: a seeded Database and a
 plain asyncpg connection, one each per module (a module that defines its own
 `db` or `conn` keeps it: module fixtures override these), and the ledger audit
-after every rewards module (`ledger_audit`); and the event modules' `redis`,
+after every rewards module and every other module that wrote the journal
+(`ledger_audit`); and the event modules' `redis`,
 on one Redis and on a cluster."""
 
 from __future__ import annotations
@@ -46,17 +47,38 @@ async def conn(infra: Infra) -> AsyncIterator[asyncpg.Connection]:
     await c.close()
 
 
+async def journal_mark(c: asyncpg.Connection) -> tuple[int, bool] | None:
+    """Where the journal's sequence stands (None: no rewards schema yet). Every
+    journal row takes a number from it, so a module that wrote one moved it;
+    reading it is one row, whatever the journal's size."""
+    if await c.fetchval("SELECT to_regclass('rewards.points_transactions_seq') IS NULL"):
+        return None
+    row = await c.fetchrow("SELECT last_value, is_called FROM rewards.points_transactions_seq")
+    assert row is not None
+    return row["last_value"], row["is_called"]
+
+
 @pytest.fixture(scope="module", autouse=True)
 async def ledger_audit(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    """Once a rewards module is done, the whole points ledger must audit clean
-    (every invariant, every member: what `python -m services.rewards audit`
-    checks), whatever the module's own tests asserted."""
-    yield
-    if not request.module.__name__.rsplit(".", 1)[-1].startswith("test_rewards_"):
-        return
+    """Once a module is done, the whole points ledger must audit clean (every
+    invariant, every member: what `python -m services.rewards audit` checks),
+    whatever the module's own tests asserted: after every rewards module, and
+    after any other module that wrote the journal (journeys' and guides'
+    coupons and points go through rewards). A module that wrote no journal row
+    pays one sequence read before and after, not the audit."""
     infra = request.getfixturevalue("infra")
+    rewards_module = request.module.__name__.rsplit(".", 1)[-1].startswith("test_rewards_")
     c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     try:
+        before = await journal_mark(c)
+    finally:
+        await c.close()
+    yield
+    c = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        after = await journal_mark(c)
+        if after is None or not (rewards_module or after != before):
+            return
         report = await audit_ledger(c)
     finally:
         await c.close()

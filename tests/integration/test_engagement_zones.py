@@ -13,11 +13,9 @@ import pytest
 
 from loyalty.member.v1 import member_pb2 as pb
 from loyalty.member.v1 import member_pb2_grpc
-from loyalty.rewards.v1 import rewards_pb2
 from servicekit.db import asyncpg_dsn
 from servicekit.errors import error_info
 from servicekit.server import ServiceApp
-from services.engagement.domain import is_zone
 from services.engagement.ports import RewardsStoreZones
 from tests.harness import Infra, eventually
 
@@ -71,16 +69,17 @@ async def test_the_profile_zone_set_at_member_reaches_engagement(
 async def test_a_stores_zone_is_asked_of_rewards(
     infra: Infra, rewards_app: ServiceApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """RewardsStoreZones reads the store through rewards' GetStore: an unknown
-    store has no zone, and answers are kept (one call per store). Rewards'
-    Store carries no zone field yet, so a known store answers "" too until it
-    does (docs/journeys.md)."""
+    """RewardsStoreZones reads the store's zone through rewards' real GetStore:
+    a store rewards keeps in Europe/London answers Europe/London (not the
+    default, not ""), an unknown store has no zone, and answers are kept (one
+    call per store)."""
     store = f"TZ{tag()[:8]}"
     conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     try:
         await conn.execute(
-            "INSERT INTO rewards.stores (store_id, name, city, address, latitude, longitude)"
-            " VALUES ($1, 'London Soho', 'London', '1 Soho Sq', 51.515, -0.132)",
+            "INSERT INTO rewards.stores"
+            " (store_id, name, city, address, latitude, longitude, time_zone)"
+            " VALUES ($1, 'London Soho', 'London', '1 Soho Sq', 51.515, -0.132, 'Europe/London')",
             store,
         )
     finally:
@@ -95,13 +94,9 @@ async def test_a_stores_zone_is_asked_of_rewards(
 
     monkeypatch.setattr(zones._stub, "GetStore", counted)
     try:
-        known = await zones.zone_of(store)
-        if "time_zone" not in rewards_pb2.Store.DESCRIPTOR.fields_by_name:
-            assert known == ""  # today: rewards' stores have no zone
-        else:
-            assert known == "" or is_zone(known)
+        assert await zones.zone_of(store) == "Europe/London"
         assert await zones.zone_of("NO-SUCH-STORE") == ""
-        assert await zones.zone_of(store) == await zones.zone_of(store)
-        assert calls == [store, "NO-SUCH-STORE"]  # later answers came from the cache
+        assert await zones.zone_of(store) == "Europe/London"
+        assert calls == [store, "NO-SUCH-STORE"]  # the second answer came from the cache
     finally:
         await zones.close()

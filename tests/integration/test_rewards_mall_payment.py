@@ -71,11 +71,16 @@ class Mall:
             return await self.mall.exchange(uow, member, item, key, NOW)
 
     async def confirm(
-        self, exchange: Exchange, reference: str, at: datetime = NOW, member: str = ""
+        self,
+        exchange: Exchange,
+        reference: str,
+        at: datetime = NOW,
+        member: str = "",
+        paid: int | None = None,
     ) -> Exchange:
         async with self.db.unit_of_work() as uow:
             return await self.mall.confirm_payment(
-                uow, exchange.exchange_id, reference, at, member_id=member
+                uow, exchange.exchange_id, reference, at, member_id=member, paid_amount_fen=paid
             )
 
     async def reverse(self, exchange: Exchange, at: datetime = NOW) -> Exchange:
@@ -155,6 +160,53 @@ async def test_a_cash_part_reserves_then_delivers_on_the_confirmed_payment(
         await mall.confirm(second, "wxpay-3", member=member)
     assert foreign.value.code == "UNKNOWN_MALL_EXCHANGE"
     assert await coupons_of(conn, member) == ["available"]
+
+
+async def payment_reference_of(conn: asyncpg.Connection, exchange: Exchange) -> str | None:
+    value = await conn.fetchval(
+        "SELECT payment_reference FROM rewards.mall_exchanges WHERE id = $1",
+        uuid.UUID(exchange.exchange_id),
+    )
+    return None if value is None else str(value)
+
+
+async def test_a_payment_of_another_amount_is_refused_and_changes_nothing(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    mall = Mall(db)
+    member, item = await mall.member(80), await mall.item()  # 50 points + 990 fen
+    reserved = await mall.exchange(member, item)
+    at = NOW + timedelta(minutes=1)
+    for wrong in (989, 991, 0, 99_000):
+        with pytest.raises(FailedPrecondition) as mismatch:
+            await mall.confirm(reserved, f"wxpay-short-{wrong}", at, member, paid=wrong)
+        assert (mismatch.value.code, mismatch.value.field) == (
+            "PAYMENT_AMOUNT_MISMATCH",
+            "paid_amount_fen",
+        )
+        # Nothing changed: still awaiting payment, points held, stock and count
+        # taken, no coupon, the reference not kept (it may pay another exchange).
+        assert await fulfilment(conn, reserved) == "awaiting_payment"
+        assert await payment_reference_of(conn, reserved) is None
+        assert await points_of(conn, member) == (30, 50)
+        assert await stock_and_count(conn, item) == (9, 1)
+        assert await coupons_of(conn, member) == []
+    # The right amount delivers; a replay with another amount is refused too
+    # (and leaves the delivery as it was), with the right one or none it replays.
+    paid = await mall.confirm(reserved, "wxpay-exact", at, member, paid=990)
+    assert paid.fulfilment == "issued" and paid.payment_reference == "wxpay-exact"
+    with pytest.raises(FailedPrecondition) as replayed_short:
+        await mall.confirm(reserved, "wxpay-exact", at, member, paid=1)
+    assert replayed_short.value.code == "PAYMENT_AMOUNT_MISMATCH"
+    assert (await mall.confirm(reserved, "wxpay-exact", at, member, paid=990)).replayed
+    assert (await mall.confirm(reserved, "wxpay-exact", at, member)).replayed
+    assert await points_of(conn, member) == (30, 0)
+    assert await coupons_of(conn, member) == ["available"]
+    # A refused reference was never stored: it can pay another exchange.
+    other_member = await mall.member(60)
+    other = await mall.exchange(other_member, item, "k-other")
+    done = await mall.confirm(other, "wxpay-short-989", at, other_member, paid=990)
+    assert done.fulfilment == "issued"
 
 
 async def test_an_unpaid_exchange_is_released_at_its_deadline_once(

@@ -7,6 +7,7 @@ brand chosen by setting, the age bound of growth actions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from servicekit.errors import InvalidArgument
 from servicekit.events import ReceivedEvent, make_envelope
 from servicekit.migrations import upgrade
 from servicekit.protos import timestamp as ts
+from servicekit.server import ServiceApp
 from services.tiering import repository as repo
 from services.tiering.domain import (
     Benefits,
@@ -35,7 +37,7 @@ from services.tiering.domain import (
 from services.tiering.handlers import TieringHandlers
 from services.tiering.settings import TieringSettings
 
-from ..harness import Infra, eventually
+from ..harness import Infra, eventually, wait_until_serving
 
 SH = ZoneInfo("Asia/Shanghai")
 DEMO_LADDER = Ladder(
@@ -75,6 +77,23 @@ async def db(infra: Infra) -> AsyncIterator[Database]:
     database = Database(pool, "tiering", "tiering")
     yield database
     await database.close()
+
+
+@pytest.fixture(scope="module")
+async def rewards_app(infra: Infra) -> AsyncIterator[ServiceApp]:
+    """This module's own rewards server (it overrides the session's): its
+    event consumer and relay are stopped when the module ends, while the
+    session's Redis is certainly still up. With the session's server they ran
+    until the session's teardown, where under load a consumer still reading
+    could outlive its stop and see the Redis socket go away (an error in
+    teardown)."""
+    from services.rewards.server import build
+
+    app = build(infra.service_settings())
+    port = await app.start()
+    await wait_until_serving(f"127.0.0.1:{port}")
+    yield app
+    await app.stop()
 
 
 class Clock:
@@ -409,7 +428,7 @@ async def test_relative_mode_assigns_exactly_the_shares_ties_included(
 
 
 async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
-    db: Database, rewards_app: Any
+    db: Database, rewards_app: ServiceApp
 ) -> None:
     from services.rewards.seed import seed_demo as seed_rewards
     from services.tiering.benefits import (
@@ -509,7 +528,10 @@ async def test_upgrade_gift_and_birthday_coupon_are_issued_once_through_rewards(
         try:
             await eventually(sent)
         finally:
+            # Stopped and awaited: no turn of the loop outlives the test.
             loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
 
         # Erasure forgets the grants (the coupons are rewards' to anonymise).
         erased = events_pb2.MemberErased(member_ids=[str(member)])

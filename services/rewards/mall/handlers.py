@@ -445,11 +445,15 @@ class PointsMall:
         now: datetime,
         *,
         member_id: str = "",
+        paid_amount_fen: int | None = None,
     ) -> Exchange:
         """The cash part was paid: post the held points and deliver (a coupon
         issued, goods queued), once. The same reference again replays; another
         reference, or one that paid another exchange, is a conflict; past the
-        deadline it is PAYMENT_TIMED_OUT (the backend refunds that payment)."""
+        deadline it is PAYMENT_TIMED_OUT (the backend refunds that payment).
+        `paid_amount_fen`, when given, must be the exchange's cash_fen (a
+        payment of another amount is refused, PAYMENT_AMOUNT_MISMATCH, before
+        anything changes, replays included)."""
         ident = parse_exchange_id(exchange_id)
         reference = check_text(
             payment_reference, "payment_reference", "PAYMENT_REFERENCE", required=True
@@ -462,6 +466,13 @@ class PointsMall:
             not in await merges.person_of(conn, uuid.UUID(parse_member_id(member_id)))
         ):
             raise unknown_exchange(exchange_id)
+        if paid_amount_fen is not None and paid_amount_fen != row["cash_fen"]:
+            raise FailedPrecondition(
+                f"mall exchange {exchange_id} asks {row['cash_fen']} fen in cash"
+                f" but the payment was {paid_amount_fen} fen",
+                code="PAYMENT_AMOUNT_MISMATCH",
+                field="paid_amount_fen",
+            )
         if row["payment_reference"] is not None:
             if row["payment_reference"] == reference:
                 return exchange_of(row, replayed=True)

@@ -171,6 +171,9 @@ class MallRpcs:
                 request.payment_reference,
                 datetime.now(UTC),
                 member_id=request.member_id,
+                paid_amount_fen=(
+                    request.paid_amount_fen if request.HasField("paid_amount_fen") else None
+                ),
             )
         return exchange_message(done)
 
