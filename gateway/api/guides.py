@@ -728,6 +728,8 @@ async def recompute_tags(request: Request, body: TagBatchBody) -> TagBatch:
 
 
 class Repushed(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"requeued": 12}]})
+
     requeued: int = Field(description="Abandoned WeCom tag pushes requeued (due now)")
 
 
