@@ -231,7 +231,12 @@ async def test_cli_ensures_and_lists(infra: Infra) -> None:
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     reports = {r["table"]: r for r in json.loads(out)}
-    assert set(reports) == {"rewards.points_transactions", "rewards.processed_events"}
+    assert set(reports) == {
+        "rewards.points_transactions",
+        "rewards.points_lots",
+        "rewards.points_lot_movements",
+        "rewards.processed_events",
+    }
     assert all(r["strays_left"] == 0 for r in reports.values())
 
 
@@ -357,6 +362,8 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
     # The service wires the journal into its keeper, which runs at start-up.
     assert [t.qualified for t in rewards_app.partitioned] == [
         "rewards.points_transactions",
+        "rewards.points_lots",
+        "rewards.points_lot_movements",
         "rewards.processed_events",
     ]
     # The dedupe log is the keeper's, not the pruner's (servicekit/server.py).
@@ -365,7 +372,7 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
     pool = await create_pool(infra.database_url, 1, 1)
     try:
         keeper = PartitionKeeper(pool, rewards_app.partitioned, ahead=8, interval_seconds=3600)
-        report, _ = await keeper.ensure_once()
+        report = (await keeper.ensure_once())[0]
         async with pool.acquire() as c:
             now = await db_now(c)
             names = {p.name for p in await list_partitions(c, JOURNAL)}
