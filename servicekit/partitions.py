@@ -212,6 +212,14 @@ async def movable_strays(
     return {p: n for p, n in strays.items() if table.add_periods(p, 1) > cutoff}
 
 
+# The tables the parent's own foreign keys reference, in a fixed order.
+REFERENCED_SQL = """
+SELECT DISTINCT confrelid::regclass::text AS name FROM pg_constraint
+WHERE conrelid = $1::regclass AND contype = 'f' AND conparentid = 0
+ORDER BY 1
+"""
+
+
 async def create_month(
     conn: asyncpg.Connection, table: PartitionedTable, month: datetime
 ) -> int | None:
@@ -250,6 +258,13 @@ async def create_month(
             await conn.execute(f"ALTER TABLE {default} DISABLE TRIGGER USER")
             await conn.execute(f"DELETE FROM {default} WHERE {in_range}", lower, upper)
             await conn.execute(f"ALTER TABLE {default} ENABLE TRIGGER USER")
+        # ATTACH adds the parent's foreign keys to the partition: SHARE ROW
+        # EXCLUSIVE on each referenced table. Taken now, before the default
+        # partition's lock: a writer that holds a referenced table (a key
+        # table written by trigger) and then writes into the default waits
+        # for this job instead of deadlocking with it.
+        for referenced in await conn.fetch(REFERENCED_SQL, table.qualified):
+            await conn.execute(f"LOCK TABLE {referenced['name']} IN SHARE ROW EXCLUSIVE MODE")
         await conn.execute(
             f"ALTER TABLE {table.qualified} ATTACH PARTITION {qualified}"
             f" FOR VALUES FROM ('{lower.isoformat()}') TO ('{upper.isoformat()}')"

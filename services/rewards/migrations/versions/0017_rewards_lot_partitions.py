@@ -18,8 +18,8 @@ foreign key points at it.
 
 Existing rows are moved in this migration's transaction: both tables are
 renamed, the partitioned ones created with a partition for every month their
-rows cover (lots: up to their latest expiry; both: three months ahead) and a
-default, rows copied set-based (movements take their transaction's
+rows cover (lots: up to their latest expiry) and ahead (lots: 27 months, as
+far as the default expiry policy reaches; movements: three) and a default, rows copied set-based (movements take their transaction's
 created_at from points_transaction_keys), the old tables dropped, then the
 keys, primary keys, indexes, foreign keys and triggers built once. Lock:
 ACCESS EXCLUSIVE on points_lots and points_lot_movements for the whole copy
@@ -40,6 +40,10 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 AHEAD_MONTHS = 3
+# Lots expire up to two years ahead (end_of_year:1): their partitions are made
+# that far ahead (services/rewards/partitions.py LOTS_AHEAD_MONTHS), so new
+# lots do not land in the default partition.
+LOTS_AHEAD_MONTHS = 27
 
 LOT_COLUMNS = (
     "id, member_id, transaction_id, origin_lot_id, root_lot_id, order_id, points, remaining,"
@@ -116,8 +120,8 @@ $$
 """
 
 
-def _ahead() -> str:
-    return f"now() + interval '{AHEAD_MONTHS} months'"
+def _ahead(months: int = AHEAD_MONTHS) -> str:
+    return f"now() + interval '{months} months'"
 
 
 def upgrade() -> None:
@@ -170,7 +174,7 @@ def upgrade() -> None:
             "points_lots",
             "least((SELECT min(expires_at) FROM rewards.points_lots_unpartitioned), now())",
             "greatest((SELECT max(expires_at) FROM rewards.points_lots_unpartitioned),"
-            f" {_ahead()})",
+            f" {_ahead(LOTS_AHEAD_MONTHS)})",
         )
     )
     op.execute(
