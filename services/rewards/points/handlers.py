@@ -694,11 +694,12 @@ class PointsLedger:
             ),
         )
         assert balance is not None
-        revived = [row["expires_at"] for lot, _n, row in takes if row["status"] == "expired"]
-        if revived:
-            # A lapsed lot holds points again until maintain lapses it below:
-            # the spend's lot read must reach it (the lots' expiry floor).
-            await ledger.lower_expiry_floor(conn, min(revived))
+        lapsed = [row["expires_at"] for lot, n, row in takes if n - kept[lot] and row["expires_at"] <= now]
+        if lapsed:
+            # A lapsed lot holds points again until maintain lapses it below
+            # (the job may have raised the lots' expiry floor past it while
+            # the hold had all its points): the lot read must reach it.
+            await ledger.lower_expiry_floor(conn, min(lapsed))
         if claws:
             await ledger.change_clawback(conn, {lot: -c for lot, c in claws.items()})
         # The call stays outside the assert (`python -O` drops asserts).
