@@ -78,15 +78,14 @@ async def lots_db(scratch_url: str) -> AsyncIterator[LotsDb]:
 
 async def lot_partition(conn: asyncpg.Connection, lot: str | uuid.UUID) -> str:
     name: str = await conn.fetchval(
-        "SELECT tableoid::regclass::text FROM rewards.points_lots WHERE id = $1", uuid.UUID(str(lot))
+        "SELECT tableoid::regclass::text FROM rewards.points_lots WHERE id = $1",
+        uuid.UUID(str(lot)),
     )
     return name
 
 
 async def floor(conn: asyncpg.Connection) -> datetime:
-    at: datetime = await conn.fetchval(
-        "SELECT expires_from FROM rewards.points_lot_expiry_floor"
-    )
+    at: datetime = await conn.fetchval("SELECT expires_from FROM rewards.points_lot_expiry_floor")
     return at
 
 
@@ -235,9 +234,7 @@ async def test_the_spend_read_prunes_the_lots_before_the_floor(lots_db: LotsDb) 
     scanned = set(relations(await explain(t.conn, audit_lots, None)))
     assert LOT_MOVEMENTS.partition_name(utc(2019, 1)) not in scanned
     assert LOT_MOVEMENTS.partition_name(since) in scanned
-    refund = relations(
-        await explain(t.conn, ledger.ORDER_REDEMPTION_LOTS_SQL, uuid.uuid4(), since)
-    )
+    refund = relations(await explain(t.conn, ledger.ORDER_REDEMPTION_LOTS_SQL, uuid.uuid4(), since))
     assert LOT_MOVEMENTS.partition_name(utc(2019, 1)) not in refund
 
 
@@ -428,9 +425,10 @@ async def test_a_lot_partition_goes_only_when_covered_archived_and_terminal(
         == "rewards_archive." + moves_april
     )
     await expire_due(t.db, Ledger(t.db).points, t.now)
-    assert await t.conn.fetchval(
-        "SELECT status FROM rewards.points_lots WHERE id = $1", live_lot
-    ) == "expired"
+    assert (
+        await t.conn.fetchval("SELECT status FROM rewards.points_lots WHERE id = $1", live_lot)
+        == "expired"
+    )
     assert await detach_partition(t.conn, LOTS, lots_june) == "rewards_archive." + lots_june
     assert await t.conn.fetchval(f"SELECT count(*) FROM rewards_archive.{lots_june}") == 2
     # The audit from the checkpoint stays clean without them.

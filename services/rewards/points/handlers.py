@@ -694,7 +694,9 @@ class PointsLedger:
             ),
         )
         assert balance is not None
-        lapsed = [row["expires_at"] for lot, n, row in takes if n - kept[lot] and row["expires_at"] <= now]
+        lapsed = [
+            row["expires_at"] for lot, n, row in takes if n - kept[lot] and row["expires_at"] <= now
+        ]
         if lapsed:
             # A lapsed lot holds points again until maintain lapses it below
             # (the job may have raised the lots' expiry floor past it while
