@@ -380,6 +380,38 @@ async def test_the_migration_moves_deployed_lots_and_movements_into_partitions(
             await conn.execute(
                 "DELETE FROM rewards.points_lot_movements WHERE id = $1", moves[0]["id"]
             )
+        # And back: the plain tables with the same rows, ids continuing.
+        kept = await conn.fetch(
+            "SELECT id, transaction_id, lot_id, amount FROM rewards.points_lot_movements"
+            " ORDER BY id"
+        )
+        await asyncio.to_thread(
+            command.downgrade,
+            alembic_config("rewards", scratch_url),
+            "0016_rewards_dedupe_partitions",
+        )
+        assert [dict(r) for r in await conn.fetch(
+            "SELECT * FROM rewards.points_lots ORDER BY id"
+        )] == [dict(r) for r in before_lots]  # fmt: skip
+        assert (
+            await conn.fetch(
+                "SELECT id, transaction_id, lot_id, amount FROM rewards.points_lot_movements"
+                " ORDER BY id"
+            )
+            == kept
+        )
+        next_id = await conn.fetchval(
+            "INSERT INTO rewards.points_lot_movements (transaction_id, lot_id, amount)"
+            " VALUES ($1, $2, 1) RETURNING id",
+            spends[0],
+            lots[0],
+        )
+        assert next_id > kept[-1]["id"]
+        await asyncio.to_thread(migrate, "head")
+        assert (
+            await conn.fetchval("SELECT count(*) FROM rewards.points_lot_movements")
+            == len(kept) + 1
+        )
     finally:
         await conn.close()
 

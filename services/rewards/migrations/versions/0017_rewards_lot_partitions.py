@@ -17,9 +17,9 @@ the same statement (no statement added to the earn path); the movements'
 foreign key points at it.
 
 Existing rows are moved in this migration's transaction: both tables are
-renamed, the partitioned ones created with a partition for every month their
-rows cover (lots: up to their latest expiry) and ahead (lots: 27 months, as
-far as the default expiry policy reaches; movements: three) and a default, rows copied set-based (movements take their transaction's
+renamed, the partitioned ones created with a partition for every month that
+has rows and for this month and ahead (lots: 27 months, as far as the default
+expiry policy reaches; movements: three) and a default, rows copied set-based (movements take their transaction's
 created_at from points_transaction_keys), the old tables dropped, then the
 keys, primary keys, indexes, foreign keys and triggers built once. Lock:
 ACCESS EXCLUSIVE on points_lots and points_lot_movements for the whole copy
@@ -97,31 +97,34 @@ $$
 """
 
 
-def monthly_partitions_sql(table: str, first: str, last: str) -> str:
-    """A partition of rewards.<table> for every UTC month from the month of
-    `first` to the month of `last` (SQL expressions, timestamptz)."""
+def monthly_partitions_sql(table: str, times: str, ahead: int) -> str:
+    """A partition of rewards.<table> for every UTC month `times` (a query of
+    timestamptz values: the rows' keys) falls in, and for this month and
+    `ahead` after it. Only months with rows: a far expiry (a lot written to
+    expire in 2100) makes one partition, not one per month up to it."""
     return f"""
 DO $$
 DECLARE
-    m date := date_trunc('month', ({first}) AT TIME ZONE 'UTC')::date;
-    last_month date := date_trunc('month', ({last}) AT TIME ZONE 'UTC')::date;
+    m date;
 BEGIN
-    WHILE m <= last_month LOOP
+    FOR m IN
+        SELECT DISTINCT date_trunc('month', t AT TIME ZONE 'UTC')::date
+        FROM ({times}) AS rows(t)
+        UNION
+        SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + i * interval '1 month')::date
+        FROM generate_series(0, {ahead}) AS i
+        ORDER BY 1
+    LOOP
         EXECUTE format(
             'CREATE TABLE rewards.%I PARTITION OF rewards.{table}'
             ' FOR VALUES FROM (%L) TO (%L)',
             '{table}_p' || to_char(m, 'YYYYMM'),
             m::timestamp AT TIME ZONE 'UTC',
             (m + interval '1 month')::timestamp AT TIME ZONE 'UTC');
-        m := (m + interval '1 month')::date;
     END LOOP;
 END
 $$
 """
-
-
-def _ahead(months: int = AHEAD_MONTHS) -> str:
-    return f"now() + interval '{months} months'"
 
 
 def upgrade() -> None:
@@ -172,9 +175,8 @@ def upgrade() -> None:
     op.execute(
         monthly_partitions_sql(
             "points_lots",
-            "least((SELECT min(expires_at) FROM rewards.points_lots_unpartitioned), now())",
-            "greatest((SELECT max(expires_at) FROM rewards.points_lots_unpartitioned),"
-            f" {_ahead(LOTS_AHEAD_MONTHS)})",
+            "SELECT expires_at FROM rewards.points_lots_unpartitioned",
+            LOTS_AHEAD_MONTHS,
         )
     )
     op.execute(
@@ -217,9 +219,9 @@ def upgrade() -> None:
     op.execute(
         monthly_partitions_sql(
             "points_lot_movements",
-            "least((SELECT min(k.created_at) FROM rewards.points_lot_movements_unpartitioned m"
-            " JOIN rewards.points_transaction_keys k ON k.id = m.transaction_id), now())",
-            _ahead(),
+            "SELECT k.created_at FROM rewards.points_lot_movements_unpartitioned m"
+            " JOIN rewards.points_transaction_keys k ON k.id = m.transaction_id",
+            AHEAD_MONTHS,
         )
     )
     # A movement is written by its transaction's statement: its time is the
@@ -294,6 +296,11 @@ def downgrade() -> None:
     op.execute("ALTER TABLE rewards.points_lots RENAME TO points_lots_partitioned")
     op.execute(
         "ALTER TABLE rewards.points_lot_movements RENAME TO points_lot_movements_partitioned"
+    )
+    # The plain table's identity sequence takes this name.
+    op.execute(
+        "ALTER SEQUENCE rewards.points_lot_movements_id_seq"
+        " RENAME TO points_lot_movements_id_seq_partitioned"
     )
     op.execute("ALTER TABLE rewards.points_lots_partitioned DROP CONSTRAINT pk_points_lots")
     op.execute(
