@@ -122,6 +122,17 @@ ERROR_CODES: dict[str, ErrorCode] = {
             _S.FAILED_PRECONDITION,
         ),
         _c(
+            "PARTITION_NEEDED_BY_REFUNDS",
+            "a refund still reads the lots partition: a journal partition before its end is"
+            " attached",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
+            "PARTITION_HAS_LIVE_LOTS",
+            "a lot in the partition still holds points (or a refund's clawback)",
+            _S.FAILED_PRECONDITION,
+        ),
+        _c(
             "CHECKPOINT_NOT_MONTH_BOUNDARY",
             "a balance checkpoint is taken at the first instant of a month (UTC)",
             _S.INVALID_ARGUMENT,

@@ -215,10 +215,11 @@ async def movable_strays(
     return {p: n for p, n in strays.items() if table.add_periods(p, 1) > cutoff}
 
 
-# Tables the parent's foreign keys reference, in a fixed order (lock order).
+# Tables the parent's own foreign keys reference (not a partition's inherited
+# copies, not itself), in a fixed order (lock order).
 REFERENCED_SQL = """
 SELECT DISTINCT confrelid::regclass::text AS name FROM pg_constraint
-WHERE conrelid = $1::regclass AND contype = 'f' AND confrelid <> conrelid
+WHERE conrelid = $1::regclass AND contype = 'f' AND conparentid = 0 AND confrelid <> conrelid
 ORDER BY 1
 """
 
@@ -243,9 +244,11 @@ async def create_month(
             return None
         # The attach clones the parent's foreign keys, which takes SHARE ROW
         # EXCLUSIVE on each referenced table. Taken first, before the new
-        # partition exists: a transaction that wrote a referenced table (a
-        # checkout's order) and then reads the parent waits here or finishes
-        # first, instead of deadlocking with the attach half-way.
+        # partition exists and before the default partition's lock: a
+        # transaction that wrote a referenced table (a checkout's order, a key
+        # table written by trigger) and then reads the parent or writes into
+        # the default waits here or finishes first, instead of deadlocking
+        # with the attach half-way.
         for referenced in await conn.fetch(REFERENCED_SQL, table.qualified):
             await conn.execute(f"LOCK TABLE {referenced['name']} IN SHARE ROW EXCLUSIVE MODE")
         await conn.execute(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Date,
@@ -267,8 +268,36 @@ points_balances = Table(
     CheckConstraint("debt >= 0", name="debt_nonnegative"),
 )
 
+# Global uniqueness of lot ids and the target of the movements' foreign key:
+# the lots are partitioned by expires_at, and PostgreSQL's unique indexes on a
+# partitioned table must contain the partition key. A BEFORE INSERT trigger on
+# points_lots writes this row in the same statement (migration 0020);
+# append-only.
+points_lot_keys = Table(
+    "points_lot_keys",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    # The lot's expires_at: which partition holds it.
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row: no lot expiring before `expires_from` holds points. The spend's
+# read of a member's lots is bounded by it (the lots' partitions before it are
+# pruned); the expiry job raises it (to at most a month before its clock), the
+# lots' key trigger lowers it for a lot written below it, a hold's void for a
+# lapsed lot it revives (migration 0020, points/repository.py).
+points_lot_expiry_floor = Table(
+    "points_lot_expiry_floor",
+    metadata,
+    Column("id", Boolean, primary_key=True, server_default=text("true")),
+    Column("expires_from", DateTime(timezone=True), nullable=False),
+    CheckConstraint("id", name="one_row"),
+)
+
 # Each credit is a lot with its own expiry; `remaining` is a projection of the
 # lot movements (points + sum(movements) = remaining, checked by the audit).
+# Partitioned by month of expires_at (migration 0017), which never changes:
+# a lot never moves between partitions.
 points_lots = Table(
     "points_lots",
     metadata,
@@ -286,7 +315,8 @@ points_lots = Table(
     Column("status", Text, nullable=False),
     Column("earned_at", DateTime(timezone=True), nullable=False),
     Column("activates_at", DateTime(timezone=True)),
-    Column("expires_at", DateTime(timezone=True), nullable=False),
+    # The partition key (with id, the primary key: PostgreSQL requires it there).
+    Column("expires_at", DateTime(timezone=True), primary_key=True, nullable=False),
     # Set once PointsExpiringSoon was emitted for this lot.
     Column("expiry_notified_at", DateTime(timezone=True)),
     # Points a refund claimed from this lot while an open hold had them: a
@@ -301,19 +331,32 @@ points_lots = Table(
     CheckConstraint(
         "status NOT IN ('expired', 'moved') OR remaining = 0", name="closed_lots_are_empty"
     ),
+    postgresql_partition_by="RANGE (expires_at)",
 )
 
 # Which lots each transaction touched, and by how much (append-only).
+# Partitioned by month of created_at: the time of the transaction that wrote
+# the movement (the same statement's now(); migration 0017).
 points_lot_movements = Table(
     "points_lot_movements",
     metadata,
-    Column("id", BigInteger, Identity(), primary_key=True),
+    # One sequence for every partition, so unique without a global index.
+    Column(
+        "id",
+        BigInteger,
+        primary_key=True,
+        server_default=text("nextval('rewards.points_lot_movements_id_seq'::regclass)"),
+    ),
     Column(
         "transaction_id", Uuid, ForeignKey(points_transaction_keys.c.id), nullable=False, index=True
     ),
-    Column("lot_id", Uuid, ForeignKey(points_lots.c.id), nullable=False, index=True),
+    Column("lot_id", Uuid, ForeignKey(points_lot_keys.c.id), nullable=False, index=True),
     Column("amount", BigInteger, nullable=False),
+    # The transaction's created_at: written by the posting statement (now()),
+    # else by trigger from points_transaction_keys. The partition key.
+    Column("created_at", DateTime(timezone=True), primary_key=True, nullable=False),
     CheckConstraint("amount <> 0", name="amount_nonzero"),
+    postgresql_partition_by="RANGE (created_at)",
 )
 
 # Idempotency of every non-order write: the caller's key, the hash of its

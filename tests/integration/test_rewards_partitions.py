@@ -234,6 +234,8 @@ async def test_cli_ensures_and_lists(infra: Infra) -> None:
     assert set(reports) == {
         "rewards.points_transactions",
         "rewards.orders",
+        "rewards.points_lots",
+        "rewards.points_lot_movements",
         "rewards.processed_events",
         "rewards.coupons",
     }
@@ -363,6 +365,8 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
     assert [t.qualified for t in rewards_app.partitioned] == [
         "rewards.points_transactions",
         "rewards.orders",
+        "rewards.points_lots",
+        "rewards.points_lot_movements",
         "rewards.processed_events",
         "rewards.coupons",
     ]

@@ -147,15 +147,14 @@ WITH journal AS (
 )
 
 # A lot's remaining = its opening at the checkpoint (points if created before,
-# plus movements before), its points if created since, plus movements since.
+# plus movements before), its points if created since, plus movements since
+# (a movement's created_at is its transaction's: the movements' partitions
+# before the checkpoint are pruned).
 LOTS_SQL = f"""
 SELECT l.id
 FROM rewards.points_lots l
 JOIN rewards.points_transaction_keys lk ON lk.id = l.transaction_id
-LEFT JOIN (
-    rewards.points_lot_movements m
-    JOIN rewards.points_transaction_keys k ON k.id = m.transaction_id AND k.created_at >= {SINCE}
-) ON m.lot_id = l.id
+LEFT JOIN rewards.points_lot_movements m ON m.lot_id = l.id AND m.created_at >= {SINCE}
 WHERE $1::uuid[] IS NULL OR l.member_id = ANY($1::uuid[])
 GROUP BY l.id, l.points, l.remaining, lk.created_at
 HAVING coalesce((SELECT c.opening FROM rewards.points_checkpoint_lots c

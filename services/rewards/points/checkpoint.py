@@ -70,6 +70,8 @@ window_txns AS (
         UNION ALL
         SELECT m.lot_id, m.amount
         FROM window_txns w JOIN rewards.points_lot_movements m ON m.transaction_id = w.id
+        -- A movement's time is its transaction's: one month of partitions read.
+        WHERE m.created_at >= (SELECT at FROM since) AND m.created_at < $1::timestamptz
     ) s
     GROUP BY lot_id
     HAVING sum(v) <> 0

@@ -242,10 +242,11 @@ class PointsLedger:
     ) -> Maintained | None:
         """Lock the member, expire lots whose time has come and activate pending
         ones that are due; None when the member has no account."""
-        balance = await ledger.lock_member(conn, member_id)
+        balance, floor = await ledger.lock_member_with_floor(conn, member_id)
         if balance is None:
             return None
-        lots = await ledger.open_lots(conn, member_id)
+        assert floor is not None
+        lots = await ledger.open_lots(conn, member_id, floor)
         expired = due_for_expiry(lots, now)
         if expired:
             balance = await self._expire(conn, member_id, expired)
@@ -253,7 +254,7 @@ class PointsLedger:
         if activating:
             balance = await self._activate(conn, member_id, activating, balance.debt)
         if expired or activating:
-            lots = await ledger.open_lots(conn, member_id)
+            lots = await ledger.open_lots(conn, member_id, floor)
         return Maintained(balance, lots)
 
     async def _expire(self, conn: Connection, member_id: uuid.UUID, lots: list[Lot]) -> Balance:
@@ -693,6 +694,14 @@ class PointsLedger:
             ),
         )
         assert balance is not None
+        lapsed = [
+            row["expires_at"] for lot, n, row in takes if n - kept[lot] and row["expires_at"] <= now
+        ]
+        if lapsed:
+            # A lapsed lot holds points again until maintain lapses it below
+            # (the job may have raised the lots' expiry floor past it while
+            # the hold had all its points): the lot read must reach it.
+            await ledger.lower_expiry_floor(conn, min(lapsed))
         if claws:
             await ledger.change_clawback(conn, {lot: -c for lot, c in claws.items()})
         # The call stays outside the assert (`python -O` drops asserts).

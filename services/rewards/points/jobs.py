@@ -38,12 +38,17 @@ async def _one_by_one(
 
 
 async def expire_due(db: Database, points: PointsLedger, now: datetime) -> int:
-    """Expire and activate what is due, member by member; the number of members."""
-    return await _one_by_one(
+    """Expire and activate what is due, member by member; the number of
+    members. Then the lots' expiry floor is raised (the spend's lot read
+    prunes the lots' partitions before it)."""
+    done = await _one_by_one(
         db,
         lambda conn: ledger.members_with_due_lots(conn, now, BATCH),
         lambda uow, member: points.expire_member(uow, member, now),
     )
+    async with db.unit_of_work() as uow:
+        await ledger.raise_expiry_floor(uow.conn, now)
+    return done
 
 
 async def announce_expiring(db: Database, points: PointsLedger, now: datetime) -> int:

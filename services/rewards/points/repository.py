@@ -18,7 +18,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from servicekit.db import Connection
@@ -114,6 +114,27 @@ async def lock_member(conn: Connection, member_id: uuid.UUID) -> Balance | None:
     return _balance(row) if row else None
 
 
+# The member's lock, with the lots' expiry floor: no lot expiring before it
+# holds points (points_lot_expiry_floor, migration 0020), so the spend's read
+# of the member's lots (`open_lots`) is bounded by it and the partitions of
+# lots that expired long ago are pruned. Read with the lock: no statement added.
+LOCK_WITH_FLOOR_SQL = f"""
+SELECT {BALANCE_COLUMNS}, f.expires_from
+FROM rewards.points_balances, rewards.points_lot_expiry_floor f
+WHERE member_id = $1 FOR UPDATE OF points_balances
+"""
+
+
+async def lock_member_with_floor(
+    conn: Connection, member_id: uuid.UUID
+) -> tuple[Balance | None, datetime | None]:
+    """`lock_member`, and the lots' expiry floor (None: the member has no account)."""
+    row = await conn.fetchrow(LOCK_WITH_FLOOR_SQL, member_id)
+    if row is None:
+        return None, None
+    return _balance(row), row["expires_from"]
+
+
 async def read_balance(conn: Connection, member_id: uuid.UUID) -> Balance | None:
     row = await conn.fetchrow(
         f"SELECT {BALANCE_COLUMNS} FROM rewards.points_balances WHERE member_id = $1", member_id
@@ -135,14 +156,20 @@ def _lot(row: Any) -> Lot:
     )
 
 
-async def open_lots(conn: Connection, member_id: uuid.UUID) -> list[Lot]:
-    """The member's lots that still hold points (call under the member's lock)."""
-    rows = await conn.fetch(
-        f"SELECT {LOT_COLUMNS} FROM rewards.points_lots"
-        " WHERE member_id = $1 AND status IN ('active', 'pending') AND remaining > 0"
-        " ORDER BY expires_at, earned_at, id",
-        member_id,
-    )
+OPEN_LOTS_SQL = f"""
+SELECT {LOT_COLUMNS} FROM rewards.points_lots
+WHERE member_id = $1 AND status IN ('active', 'pending') AND remaining > 0
+  AND expires_at >= $2
+ORDER BY expires_at, earned_at, id
+"""
+
+
+async def open_lots(conn: Connection, member_id: uuid.UUID, floor: datetime) -> list[Lot]:
+    """The member's lots that still hold points (call under the member's lock),
+    those expired but not yet marked included: `floor` is the lots' expiry
+    floor read with the lock (`lock_member_with_floor`), below which no lot
+    holds points; the lots' partitions before it are pruned."""
+    rows = await conn.fetch(OPEN_LOTS_SQL, member_id, floor)
     return [_lot(r) for r in rows]
 
 
@@ -193,8 +220,8 @@ WITH bal AS (
     FROM unnest($20::uuid[], $21::bigint[], $22::text[]) AS c(lot_id, delta, status)
     WHERE l.id = c.lot_id AND EXISTS (SELECT 1 FROM txn)
 ), moves AS (
-    INSERT INTO rewards.points_lot_movements (transaction_id, lot_id, amount)
-    SELECT txn.id, c.lot_id, c.delta
+    INSERT INTO rewards.points_lot_movements (transaction_id, lot_id, amount, created_at)
+    SELECT txn.id, c.lot_id, c.delta, now()
     FROM txn, unnest($20::uuid[], $21::bigint[]) AS c(lot_id, delta)
     WHERE c.delta <> 0
 ), new_lots AS (
@@ -473,7 +500,7 @@ SELECT m.lot_id, -m.amount AS points, l.earned_at, l.expires_at, l.root_lot_id
 FROM rewards.points_transactions t
 JOIN rewards.points_lot_movements m ON m.transaction_id = t.id
 JOIN rewards.points_lots l ON l.id = m.lot_id
-WHERE t.order_id = $1 AND t.kind = 'redeem' AND t.created_at >= $2
+WHERE t.order_id = $1 AND t.kind = 'redeem' AND t.created_at >= $2 AND m.created_at >= $2
 ORDER BY l.expires_at DESC, l.id
 """
 
@@ -590,11 +617,47 @@ async def members_with_due_lots(conn: Connection, now: datetime, limit: int) -> 
         "SELECT DISTINCT member_id FROM rewards.points_lots"
         " WHERE status IN ('active', 'pending') AND remaining > 0"
         " AND (expires_at <= $1 OR (status = 'pending' AND activates_at <= $1))"
+        " AND expires_at >= (SELECT expires_from FROM rewards.points_lot_expiry_floor)"
         " LIMIT $2",
         now,
         limit,
     )
     return [r["member_id"] for r in rows]
+
+
+# How far behind the expiry job's clock the floor stays at least: a lot
+# written meanwhile by a concurrent earn dated up to this far back (offline
+# orders: OFFLINE_MAX_AGE_HOURS, 72 h) is above it even if the job's snapshot
+# missed it; anything older lowers the floor itself (the key trigger).
+FLOOR_MARGIN = timedelta(days=31)
+
+RAISE_FLOOR_SQL = """
+UPDATE rewards.points_lot_expiry_floor f
+SET expires_from = least($1::timestamptz, coalesce((
+    SELECT min(l.expires_at) FROM rewards.points_lots l
+    WHERE l.status IN ('active', 'pending') AND l.remaining > 0
+      AND l.expires_at >= f.expires_from), $1::timestamptz))
+WHERE f.expires_from < $1::timestamptz
+RETURNING expires_from
+"""
+
+
+async def lower_expiry_floor(conn: Connection, at: datetime) -> None:
+    """A lot expiring at `at` holds points again (a void gives a lapsed lot its
+    points back): the floor goes down to it (the key trigger does this for a
+    new lot)."""
+    await conn.execute(
+        "UPDATE rewards.points_lot_expiry_floor SET expires_from = $1 WHERE expires_from > $1", at
+    )
+
+
+async def raise_expiry_floor(conn: Connection, now: datetime) -> datetime | None:
+    """After the expiry job: raise the lots' expiry floor to the earliest
+    expiry of a lot still holding points, at most FLOOR_MARGIN before `now`
+    (never lowered here: the key trigger lowers it for a backdated lot).
+    The new floor, or None when it was already there."""
+    floor: datetime | None = await conn.fetchval(RAISE_FLOOR_SQL, now - FLOOR_MARGIN)
+    return floor
 
 
 async def claim_expiring_soon(
