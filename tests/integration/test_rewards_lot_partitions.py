@@ -144,6 +144,44 @@ async def test_a_spend_across_two_lot_partitions_takes_the_soonest_expiring_firs
     await audit_clean(t.conn)
 
 
+async def test_an_expiry_change_moves_the_lot_to_its_month_and_its_key_stays(
+    lots_db: LotsDb,
+) -> None:
+    """An UPDATE of expires_at (an operator's correction, a test's setup) moves
+    the lot to its new month's partition: the key trigger lets the move
+    through (the old row is gone), while a second lot with the id still fails."""
+    t, member = lots_db, str(uuid.uuid4())
+    _, late = await two_lots(t, member)
+    lots = await member_lots(t.conn, member)
+    later = lots[1]
+    sooner = t.now + timedelta(days=5)
+    moved = await t.conn.execute(
+        "UPDATE rewards.points_lots SET expires_at = $2 WHERE id = $1", later["id"], sooner
+    )
+    assert moved == "UPDATE 1"
+    after = {r["id"]: r["part"] for r in await member_lots(t.conn, member)}
+    assert after[later["id"]] == lots_partition(sooner)
+    assert (
+        await t.conn.fetchval(
+            "SELECT count(*) FROM rewards.points_lot_keys WHERE id = $1", later["id"]
+        )
+        == 1
+    )
+    with pytest.raises(asyncpg.UniqueViolationError) as again:
+        await t.conn.execute(
+            "INSERT INTO rewards.points_lots (id, member_id, transaction_id, root_lot_id,"
+            " points, remaining, status, earned_at, expires_at)"
+            " SELECT $1, member_id, transaction_id, $1, 1, 1, 'active', now(), '2099-01-01'"
+            " FROM rewards.points_lots WHERE id = $1",
+            later["id"],
+        )
+    assert again.value.constraint_name == "pk_points_lot_keys"
+    # The moved lot is spent first now (it lapses soonest) and the ledger holds.
+    spent = await late.call("redeem", member, 60, "k-" + member, "", t.now + timedelta(days=1))
+    assert spent.lots[0] == (str(later["id"]), 50)
+    await audit_clean(t.conn)
+
+
 async def test_the_expiry_job_expires_lots_in_every_partition_and_raises_the_floor(
     lots_db: LotsDb,
 ) -> None:

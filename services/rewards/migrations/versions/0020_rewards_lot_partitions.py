@@ -64,9 +64,17 @@ MOVEMENT_INDEXES = (("transaction_id",), ("lot_id",))
 CLAIM_LOT_KEY = """
 CREATE FUNCTION rewards.claim_lot_key() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    -- A second lot with an id already used fails here with unique_violation,
-    -- whichever partition the first one is in.
-    INSERT INTO rewards.points_lot_keys (id, expires_at) VALUES (NEW.id, NEW.expires_at);
+    INSERT INTO rewards.points_lot_keys (id, expires_at) VALUES (NEW.id, NEW.expires_at)
+    ON CONFLICT (id) DO NOTHING;
+    -- The id is taken. An UPDATE of a lot's expires_at moves it to its new
+    -- month as a DELETE then an INSERT (this trigger, on the destination):
+    -- the lot's old row is gone by now and its key stays. A second lot with
+    -- a used id, whichever partition the first is in, fails here.
+    IF NOT FOUND AND EXISTS (SELECT 1 FROM rewards.points_lots WHERE id = NEW.id) THEN
+        RAISE unique_violation USING
+            MESSAGE = format('duplicate key value violates unique constraint "pk_points_lot_keys": lot %s', NEW.id),
+            CONSTRAINT = 'pk_points_lot_keys';
+    END IF;
     -- A lot written already expired below the floor (a backdated earn) lowers
     -- it, so the spend's read still finds it to expire it.
     UPDATE rewards.points_lot_expiry_floor SET expires_from = NEW.expires_at
@@ -156,8 +164,7 @@ def upgrade() -> None:
 
     # ---- lots ----------------------------------------------------------------
     op.execute(
-        "CREATE TABLE rewards.points_lot_keys ("
-        " id uuid NOT NULL, expires_at timestamptz NOT NULL)"
+        "CREATE TABLE rewards.points_lot_keys ( id uuid NOT NULL, expires_at timestamptz NOT NULL)"
     )
     op.execute(
         "CREATE TABLE rewards.points_lots ("
