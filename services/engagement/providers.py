@@ -1,8 +1,9 @@
 """The real channel providers: WeChat mini-program subscribe messages, WeCom
 customer contact, Aliyun SMS and a generic HTTP app push, each speaking the
-provider's own API (authentication, request shape, error codes), plus what they
-share: access tokens cached in Redis for every replica, and the SMS per-phone
-frequency guard.
+provider's own API (authentication, request shape, error codes), plus the SMS
+per-phone frequency guard. Access tokens cached in Redis for every replica are
+servicekit/provider_tokens.py's; the WeCom corp calls, servicekit/wecom.py's
+(shared with the guides service).
 
 Every provider answers a `Delivery` (channels.py). The rule for uncertain
 outcomes: a request that may have reached the provider (a read time-out, a
@@ -195,19 +196,9 @@ class WeComContactProvider:
 
     channel = "wecom"
 
-    def __init__(
-        self,
-        base_url: str,
-        corp_id: str,
-        corp_secret: str,
-        client: httpx.AsyncClient,
-        redis: RedisClient,
-        namespace: str,
-        clock: Clock,
-        sender: str = "",
-    ) -> None:
-        self.corp = WeComCorp(base_url, corp_id, corp_secret, client, redis, namespace, clock)
-        self.tokens = self.corp.tokens
+    def __init__(self, corp: WeComCorp, sender: str = "") -> None:
+        self.corp = corp
+        self.tokens = corp.tokens
         self.sender = sender
 
     def body(self, m: Outbound) -> dict[str, Any]:
@@ -480,7 +471,7 @@ def build_providers(
             s.miniprogram_state,
         )
     if s.wecom_corp_id and s.wecom_corp_secret.get_secret_value():
-        out["wecom"] = WeComContactProvider(
+        corp = WeComCorp(
             s.wecom_api_base,
             s.wecom_corp_id,
             s.wecom_corp_secret.get_secret_value(),
@@ -488,8 +479,8 @@ def build_providers(
             redis,
             ns,
             clock,
-            s.wecom_sender,
         )
+        out["wecom"] = WeComContactProvider(corp, s.wecom_sender)
     if s.sms_access_key_id and s.sms_access_key_secret.get_secret_value():
         guard = PhoneGuard(redis, ns, parse_phone_limits(s.sms_phone_limits), clock)
         out["sms"] = AliyunSmsProvider(

@@ -1,5 +1,7 @@
 """The WeCom server API the guides service calls (contact directory, external
-contacts, resigned-staff transfer, customer tags), and a local fake of it.
+contacts, resigned-staff transfer, customer tags, group chats, and the message
+tasks through servicekit/wecom.py, the client engagement's WeCom channel uses),
+and a local fake of it.
 
 `WeComApi` speaks WeCom's JSON API over httpx. `FakeWeCom` implements the same
 endpoints as an httpx transport, in process: tests and `make run`
