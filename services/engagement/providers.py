@@ -1,8 +1,9 @@
 """The real channel providers: WeChat mini-program subscribe messages, WeCom
 customer contact, Aliyun SMS and a generic HTTP app push, each speaking the
-provider's own API (authentication, request shape, error codes), plus what they
-share: access tokens cached in Redis for every replica, and the SMS per-phone
-frequency guard.
+provider's own API (authentication, request shape, error codes), plus the SMS
+per-phone frequency guard. Access tokens cached in Redis for every replica are
+servicekit/provider_tokens.py's; the WeCom corp calls, servicekit/wecom.py's
+(shared with the guides service).
 
 Every provider answers a `Delivery` (channels.py). The rule for uncertain
 outcomes: a request that may have reached the provider (a read time-out, a
@@ -14,23 +15,23 @@ errcode) is retried with back-off.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
-import secrets
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
+from servicekit.provider_tokens import TOKEN_ERRCODES, TokenCache, TokenError
+from servicekit.provider_tokens import response_json as _json
 from servicekit.redis_client import RedisClient
+from servicekit.wecom import ADD_MSG_TEMPLATE, WECOM_RETRY, WeComCorp, msg_template_body
 
 from .channels import Delivery, Outbound
 from .domain import Clock
@@ -50,147 +51,8 @@ def transport_outcome(exc: httpx.HTTPError) -> Delivery:
     return Delivery("unknown", reason=f"NO_ANSWER: {name}", code=name)
 
 
-# ---- access tokens shared by replicas ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Token:
-    value: str
-    expires_at: float  # epoch seconds, of the service clock
-
-
-TokenFetch = Callable[[bool], Awaitable[tuple[str, int]]]
-
-
-class TokenError(Exception):
-    """The provider refused to issue a token (bad app id or secret, ...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class TokenCache:
-    """One provider access token for every replica, in Redis.
-
-    Read from Redis; refreshed `margin` before it expires; one refresh at a
-    time across replicas (a Redis lock, SET NX with a time-out): the others
-    wait for the new token to appear instead of asking the provider, which
-    would invalidate each other's tokens (WeChat's stable token with
-    force_refresh does). `refresh(stale)` after a 40001/42001 replaces the
-    token only if it is still the one that failed."""
-
-    def __init__(
-        self,
-        redis: RedisClient,
-        key: str,
-        fetch: TokenFetch,
-        clock: Clock,
-        margin: timedelta = timedelta(minutes=5),
-        lock_ttl: timedelta = timedelta(seconds=15),
-        poll: float = 0.02,
-    ) -> None:
-        self._redis = redis
-        self._key = key
-        self._lock_key = f"{key}:lock"
-        self._fetch = fetch
-        self._clock = clock
-        self._margin = margin.total_seconds()
-        self._lock_ttl_ms = int(lock_ttl.total_seconds() * 1000)
-        self._poll = poll
-        self._local = asyncio.Lock()
-        # This process's copy, so a send costs no Redis round trip; a token
-        # another replica replaced is noticed by its 40001 (refresh reads Redis).
-        self._memo: Token | None = None
-        # How many tokens this replica fetched (tests, metrics).
-        self.fetches = 0
-
-    def _now(self) -> float:
-        return self._clock.now().timestamp()
-
-    async def _cached(self) -> Token | None:
-        raw = await self._redis.get(self._key)
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return Token(str(data["token"]), float(data["expires_at"]))
-
-    def _fresh(self, token: Token | None) -> bool:
-        return token is not None and token.expires_at - self._margin > self._now()
-
-    async def get(self) -> str:
-        if self._memo is not None and self._fresh(self._memo):
-            return self._memo.value
-        async with self._local:  # one Redis read per process, not one per send
-            if self._memo is not None and self._fresh(self._memo):
-                return self._memo.value
-            found = await self._cached()
-            if found is not None and self._fresh(found):
-                self._memo = found
-                return found.value
-            return await self._refresh_locked(found.value if found else None, force=False)
-
-    async def refresh(self, stale: str | None, force: bool = True) -> str:
-        """A token other than `stale`: the cached one if another task or replica
-        already replaced it, else a new one from the provider (one replica at a time)."""
-        async with self._local:  # the process's other tasks queue here
-            memo = self._memo
-            if memo is not None and memo.value != stale and self._fresh(memo):
-                return memo.value
-            return await self._refresh_locked(stale, force)
-
-    async def _refresh_locked(self, stale: str | None, force: bool) -> str:
-        # Waiting is measured on the event loop's clock (the service clock may be a fake).
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._lock_ttl_ms / 1000 * 2
-        while True:
-            found = await self._cached()
-            if found is not None and found.value != stale and self._fresh(found):
-                self._memo = found
-                return found.value
-            me = secrets.token_hex(8)
-            if await self._redis.set(self._lock_key, me, nx=True, px=self._lock_ttl_ms):
-                try:
-                    found = await self._cached()
-                    if found is not None and found.value != stale and self._fresh(found):
-                        self._memo = found
-                        return found.value
-                    value, expires_in = await self._fetch(force and stale is not None)
-                    self.fetches += 1
-                    token = Token(value, self._now() + expires_in)
-                    stored = {"token": value, "expires_at": token.expires_at}
-                    await self._redis.set(self._key, json.dumps(stored), ex=max(1, expires_in))
-                    self._memo = token
-                    return value
-                finally:
-                    await self._release(me)
-            if loop.time() > deadline:
-                raise TokenError("TOKEN_LOCK_TIMEOUT", "no replica finished refreshing")
-            await asyncio.sleep(self._poll)
-
-    async def _release(self, me: str) -> None:
-        # Delete the lock only if it is still ours (it may have timed out).
-        await self._redis.eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1])"
-            " end return 0",
-            1,
-            self._lock_key,
-            me,
-        )
-
-
-async def _json(reply: httpx.Response) -> dict[str, Any] | None:
-    try:
-        data = reply.json()
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 # ---- WeChat mini-program subscribe message ----------------------------------------
 
-# errcodes that mean the access token is no good: refresh once, send again.
-TOKEN_ERRCODES = frozenset({40001, 40014, 42001})
 # Over a quota or the platform busy: the message was not taken; later.
 WECHAT_RETRY = frozenset({-1, 45009, 45011, 45047})
 
@@ -321,8 +183,6 @@ async def _token_call(
 
 # ---- WeCom customer contact --------------------------------------------------------
 
-WECOM_RETRY = frozenset({-1, 45009, 45011, 45033})
-
 
 class WeComContactProvider:
     """`POST /cgi-bin/externalcontact/add_msg_template` for one external contact
@@ -330,55 +190,23 @@ class WeComContactProvider:
     msgid is kept as the provider reference: WeCom creates a task the staff
     member confirms in their client, so the send stays `sending`
     (TASK_CREATED) and `send_result` reads per-contact outcomes later
-    (get_groupmsg_send_result, wecom_results.py)."""
+    (get_groupmsg_send_result, wecom_results.py). The corp calls themselves
+    (token, message task, paged reads) are servicekit/wecom.py's, shared with
+    the guides service."""
 
     channel = "wecom"
 
-    def __init__(
-        self,
-        base_url: str,
-        corp_id: str,
-        corp_secret: str,
-        client: httpx.AsyncClient,
-        redis: RedisClient,
-        namespace: str,
-        clock: Clock,
-        sender: str = "",
-    ) -> None:
-        self._base = base_url.rstrip("/")
-        self._corp_id = corp_id
-        self._secret = corp_secret
-        self._client = client
+    def __init__(self, corp: WeComCorp, sender: str = "") -> None:
+        self.corp = corp
+        self.tokens = corp.tokens
         self.sender = sender
-        self.tokens = TokenCache(
-            redis, f"{namespace}:provider-token:wecom:{corp_id}", self._fetch, clock
-        )
-
-    async def _fetch(self, force: bool) -> tuple[str, int]:
-        reply = await self._client.get(
-            f"{self._base}/cgi-bin/gettoken",
-            params={"corpid": self._corp_id, "corpsecret": self._secret},
-        )
-        data = await _json(reply) or {}
-        if int(data.get("errcode", 0) or 0) != 0 or not data.get("access_token"):
-            code = str(data.get("errcode", f"HTTP {reply.status_code}"))
-            raise TokenError(code, f"gettoken refused: {code}")
-        return str(data["access_token"]), int(data.get("expires_in", 7200))
 
     def body(self, m: Outbound) -> dict[str, Any]:
         p = m.payload
-        out: dict[str, Any] = {"chat_type": "single", "external_userid": [m.address]}
         # The member's guide, chosen when the send was written (scheduler.py);
         # WECOM_SENDER for a send written before senders were kept.
         sender = str(p.get("sender") or self.sender)
-        if sender:
-            out["sender"] = sender
-        if p.get("text"):
-            out["text"] = {"content": p["text"]}
-        card = p.get("miniprogram")
-        if card:
-            out["attachments"] = [{"msgtype": "miniprogram", "miniprogram": card}]
-        return out
+        return msg_template_body(sender, [m.address], p.get("text") or "", p.get("miniprogram"))
 
     async def send(self, message: Outbound) -> Delivery:
         if not message.address:
@@ -403,70 +231,18 @@ class WeComContactProvider:
 
         return await _token_call(
             self.tokens,
-            lambda token: self._client.post(
-                f"{self._base}/cgi-bin/externalcontact/add_msg_template",
-                params={"access_token": token},
-                json=self.body(message),
-            ),
+            lambda token: self.corp.post(ADD_MSG_TEMPLATE, token, self.body(message)),
             classify,
         )
 
-    async def _pages(
-        self, path: str, body: dict[str, Any], rows: str, limit: int
-    ) -> list[dict[str, Any]]:
-        """Every page of one of WeCom's cursor-paged reads."""
-        out: list[dict[str, Any]] = []
-        cursor = ""
-        refreshed = False
-        for _ in range(1000):
-            token = await self.tokens.get()
-            reply = await self._client.post(
-                f"{self._base}{path}",
-                params={"access_token": token},
-                json={**body, "limit": limit, "cursor": cursor},
-            )
-            data = await _json(reply) or {}
-            code = int(data.get("errcode", -1) or 0)
-            if code in TOKEN_ERRCODES and not refreshed:
-                await self.tokens.refresh(token)
-                refreshed = True
-                continue
-            if code != 0:
-                raise TokenError(str(code), f"{path.rsplit('/', 1)[-1]}: {code}")
-            out += list(data.get(rows) or [])
-            cursor = str(data.get("next_cursor") or "")
-            if not cursor:
-                break
-        return out
-
     async def task_senders(self, msgid: str, limit: int = 1000) -> list[str]:
-        """The staff members a task was given to (`get_groupmsg_task`, every
-        page): a task without a sender goes to every staff member who has the
-        customer, so its results are read per sender."""
-        rows = await self._pages(
-            "/cgi-bin/externalcontact/get_groupmsg_task", {"msgid": msgid}, "task_list", limit
-        )
-        return sorted({str(r["userid"]) for r in rows if r.get("userid")})
+        return await self.corp.task_senders(msgid, limit)
 
     async def send_result(self, msgid: str, userid: str, limit: int = 500) -> list[dict[str, Any]]:
-        """Per-contact outcomes of one task for one sender (status 0 not sent,
-        1 sent, 2 not a friend, 3 over the contact's limit), every page. WeCom
-        requires the sender's userid (40003 without it)."""
-        return await self._pages(
-            "/cgi-bin/externalcontact/get_groupmsg_send_result",
-            {"msgid": msgid, "userid": userid},
-            "send_list",
-            limit,
-        )
+        return await self.corp.send_result(msgid, userid, limit)
 
     async def task_results(self, msgid: str) -> list[dict[str, Any]]:
-        """Every sender's per-contact outcomes of one task, as WeCom documents
-        the reading: get_groupmsg_task for its senders, then
-        get_groupmsg_send_result per sender."""
-        out: list[dict[str, Any]] = []
-        for userid in await self.task_senders(msgid):
-            out += await self.send_result(msgid, userid)
-        return out
+        return await self.corp.task_results(msgid)
 
 
 # ---- Aliyun SMS ----------------------------------------------------------------------
@@ -695,7 +471,7 @@ def build_providers(
             s.miniprogram_state,
         )
     if s.wecom_corp_id and s.wecom_corp_secret.get_secret_value():
-        out["wecom"] = WeComContactProvider(
+        corp = WeComCorp(
             s.wecom_api_base,
             s.wecom_corp_id,
             s.wecom_corp_secret.get_secret_value(),
@@ -703,8 +479,8 @@ def build_providers(
             redis,
             ns,
             clock,
-            s.wecom_sender,
         )
+        out["wecom"] = WeComContactProvider(corp, s.wecom_sender)
     if s.sms_access_key_id and s.sms_access_key_secret.get_secret_value():
         guard = PhoneGuard(redis, ns, parse_phone_limits(s.sms_phone_limits), clock)
         out["sms"] = AliyunSmsProvider(

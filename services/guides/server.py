@@ -16,6 +16,7 @@ from loyalty.events.v1 import events_pb2
 from loyalty.guides.v1 import guides_pb2, guides_pb2_grpc
 from servicekit.consumer import EventConsumer, Subscription
 from servicekit.db import Database
+from servicekit.redis_client import create_redis
 from servicekit.retention import Retention
 from servicekit.server import ServiceApp
 from servicekit.settings import ServiceSettings
@@ -128,13 +129,19 @@ def build(
     if base == FAKE_BASE and wecom_transport is None:
         fake = FakeWeCom(corp_id=s.wecom_corp_id, secret=s.wecom_secret)
         wecom_transport = fake.transport()
+    # The corp token lives in Redis, one for every replica (servicekit/wecom.py);
+    # the client has its own small Redis connection: it is built before the app's.
     wecom = WeComApi(
         FAKE_URL if base == FAKE_BASE else base,
         s.wecom_corp_id,
         s.wecom_secret,
+        create_redis(s.redis_url),
+        s.redis_namespace,
+        clock,
         s.wecom_store_attr,
         s.wecom_role_attr,
         transport=wecom_transport,
+        owns_redis=True,
     )
     handlers = GuidesHandlers(
         crypto,

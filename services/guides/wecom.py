@@ -1,5 +1,7 @@
 """The WeCom server API the guides service calls (contact directory, external
-contacts, resigned-staff transfer, customer tags), and a local fake of it.
+contacts, resigned-staff transfer, customer tags, group chats, and the message
+tasks through servicekit/wecom.py, the client engagement's WeCom channel uses),
+and a local fake of it.
 
 `WeComApi` speaks WeCom's JSON API over httpx. `FakeWeCom` implements the same
 endpoints as an httpx transport, in process: tests and `make run`
@@ -8,15 +10,20 @@ endpoints as an httpx transport, in process: tests and `make run`
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import httpx
 
 from servicekit.errors import PermissionDenied, Unavailable
+from servicekit.provider_tokens import TokenError
+from servicekit.redis_client import RedisClient
+from servicekit.wecom import WeComCorp, msg_template_body
+
+T = TypeVar("T")
 
 FAKE_BASE = "fake"
 FAKE_URL = "https://wecom.fake/cgi-bin"
@@ -49,72 +56,72 @@ class WeComError(Unavailable):
     default_code = "WECOM_ERROR"
 
 
+async def _wecom(path: str, call: Awaitable[T]) -> T:
+    """A shared WeCom call, its failures as WeComError: "answered errcode N"
+    (retries.wecom_error_code reads N) or "did not answer"."""
+    try:
+        return await call
+    except TokenError as exc:
+        if exc.code.lstrip("-").isdigit():
+            raise WeComError(f"WeCom {path} answered errcode {exc.code}: {exc}") from None
+        raise WeComError(f"WeCom {path} did not answer: {exc}") from None
+    except httpx.HTTPError as exc:
+        raise WeComError(f"WeCom {path} did not answer: {exc!r}") from None
+
+
+class _CallableClock:
+    """Guides' clock (a callable) as the token cache's (`now()`)."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self.now = clock
+
+
 class WeComApi:
-    """Calls WeCom with a cached access token (refreshed on expiry or errcode 42001)."""
+    """Calls WeCom with the corp access token shared by every guides replica in
+    Redis (servicekit/wecom.py's `WeComCorp`: refreshed before it expires, one
+    fetch at a time, forced on 40001/40014/42001). The message-task calls are
+    the shared ones engagement's WeCom channel makes; the directory, contacts,
+    transfers, tags and group chats are guides' own."""
 
     def __init__(
         self,
         base_url: str,
         corp_id: str,
         secret: str,
+        redis: RedisClient,
+        namespace: str,
+        clock: Callable[[], datetime] | None = None,
         store_attr: str = "store_id",
         role_attr: str = "role",
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 5.0,
+        owns_redis: bool = False,
     ) -> None:
-        self._client = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout)
-        self._corp_id = corp_id
-        self._secret = secret
+        self._client = httpx.AsyncClient(transport=transport, timeout=timeout)
         self._store_attr = store_attr
         self._role_attr = role_attr
-        self._token = ""
-        self._token_expires = 0.0
-        self._lock = asyncio.Lock()
+        self._redis = redis if owns_redis else None
+        # base_url is WeCom's .../cgi-bin; the shared client takes the root.
+        self.corp = WeComCorp(
+            base_url.rstrip("/").removesuffix("/cgi-bin"),
+            corp_id,
+            secret,
+            self._client,
+            redis,
+            namespace,
+            _CallableClock(clock or (lambda: datetime.now(UTC))),
+            app="guides",
+        )
 
     async def close(self) -> None:
         await self._client.aclose()
-
-    async def _access_token(self) -> str:
-        async with self._lock:
-            if self._token and time.monotonic() < self._token_expires:
-                return self._token
-            reply = await self._raw(
-                "GET", "/gettoken", {"corpid": self._corp_id, "corpsecret": self._secret}
-            )
-            self._token = str(reply["access_token"])
-            # Renew a minute early: WeCom's token lives expires_in seconds.
-            self._token_expires = time.monotonic() + int(reply.get("expires_in", 7200)) - 60
-            return self._token
-
-    async def _raw(
-        self, method: str, path: str, params: dict[str, Any], body: Any = None
-    ) -> dict[str, Any]:
-        try:
-            response = await self._client.request(method, path, params=params, json=body)
-            response.raise_for_status()
-            reply: dict[str, Any] = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise WeComError(f"WeCom {path} did not answer: {exc}") from None
-        if reply.get("errcode", 0) != 0:
-            raise WeComError(
-                f"WeCom {path} answered errcode {reply.get('errcode')}: {reply.get('errmsg', '')}"
-            )
-        return reply
+        if self._redis is not None:
+            await self._redis.aclose()
 
     async def _call(
         self, method: str, path: str, body: Any = None, **params: Any
     ) -> dict[str, Any]:
-        for attempt in range(2):
-            token = await self._access_token()
-            try:
-                return await self._raw(method, path, {"access_token": token, **params}, body)
-            except WeComError as exc:
-                # 42001: the token expired early (another process refreshed it).
-                if attempt == 0 and "errcode 42001" in exc.message:
-                    self._token = ""
-                    continue
-                raise
-        raise AssertionError("unreachable")
+        return await _wecom(path, self.corp.call(method, f"/cgi-bin{path}", body, **params))
 
     async def list_users(self) -> list[DirectoryUser]:
         reply = await self._call("GET", "/user/list", department_id=1, fetch_child=1)
@@ -192,34 +199,18 @@ class WeComApi:
     async def add_msg_template(self, sender: str, external_userids: list[str], text: str) -> str:
         """A message task for the staff member to send to these customers
         (WeCom asks them to confirm it); returns WeCom's msgid."""
-        reply = await self._call(
-            "POST",
-            "/externalcontact/add_msg_template",
-            {
-                "chat_type": "single",
-                "external_userid": external_userids,
-                "sender": sender,
-                "text": {"content": text},
-            },
-        )
+        body = msg_template_body(sender, external_userids, text)
+        reply = await _wecom("/externalcontact/add_msg_template", self.corp.add_msg_template(body))
         return str(reply["msgid"])
 
     async def send_results(self, msgid: str, sender: str) -> dict[str, int]:
         """external_userid -> WeCom's status: 0 not sent yet, 1 sent, 2 not a
         contact any more, 3 the customer already got a mass message today."""
-        out: dict[str, int] = {}
-        cursor = ""
-        while True:
-            reply = await self._call(
-                "POST",
-                "/externalcontact/get_groupmsg_send_result",
-                {"msgid": msgid, "userid": sender, "limit": 1000, "cursor": cursor},
-            )
-            for row in reply.get("send_list", []):
-                out[row["external_userid"]] = int(row.get("status", 0))
-            cursor = reply.get("next_cursor", "")
-            if not cursor:
-                return out
+        rows = await _wecom(
+            "/externalcontact/get_groupmsg_send_result",
+            self.corp.send_result(msgid, sender, limit=1000),
+        )
+        return {row["external_userid"]: int(row.get("status", 0)) for row in rows}
 
     async def get_external_contact(self, external_userid: str) -> ExternalContact:
         reply = await self._call("GET", "/externalcontact/get", external_userid=external_userid)
