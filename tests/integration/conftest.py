@@ -17,7 +17,7 @@ from servicekit.redis_client import RedisClient, create_redis
 from services.rewards.points.audit import audit_ledger
 from services.rewards.seed import seed_demo
 
-from ..harness import Infra
+from ..harness import Infra, own_database
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +83,11 @@ async def ledger_audit(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     finally:
         await c.close()
     assert report.ok, report
+
+
+@pytest.fixture
+async def scratch_url(infra: Infra) -> AsyncIterator[str]:
+    """A database of its own (the harness's own_database), for a migration
+    run over existing rows or a test that must not share the module's."""
+    async with own_database(infra, prefix="scratch") as url:
+        yield url

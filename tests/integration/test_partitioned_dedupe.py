@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -46,8 +45,8 @@ from services.member import oneid_repository
 from services.member.partitions import partitioned_tables as member_tables
 from services.rewards.partitions import partitioned_tables as rewards_tables
 
-from ..harness import Infra, own_database
-from .test_rewards_partitions import db_now, relations
+from ..harness import Infra
+from .test_rewards_partitions import db_now, plan_nodes, relations
 
 SERVICES = ("member", "engagement", "tiering", "guides")
 DEDUPED = (*SERVICES, "rewards")
@@ -96,19 +95,6 @@ async def triggers_on(conn: asyncpg.Connection, table: str) -> list[str]:
         table,
     )
     return [r["tgname"] for r in rows]
-
-
-def seq_scans(plan: Any) -> list[str]:
-    found: list[str] = []
-
-    def walk(node: dict[str, Any]) -> None:
-        if node.get("Node Type") == "Seq Scan":
-            found.append(node["Relation Name"])
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return found
 
 
 @pytest.mark.parametrize("schema", DEDUPED)
@@ -400,7 +386,10 @@ async def test_key_lookups_read_only_the_attached_partitions(conn: asyncpg.Conne
         assert f"{name}_p201906" not in scanned
         if name == "identify_requests":
             # By the key's index (the primary key leads with it), not a whole-table scan.
-            assert not seq_scans(plan), (name, plan)
+            assert not [n for n in plan_nodes(plan) if n.get("Node Type") == "Seq Scan"], (
+                name,
+                plan,
+            )
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -448,13 +437,6 @@ async def test_cli_ensures_and_lists(infra: Infra, service: str) -> None:
     out, err = await proc.communicate()
     assert proc.returncode == 1
     assert json.loads(err)["error"]["code"] == "UNKNOWN_PARTITION"
-
-
-@pytest.fixture
-async def scratch_url(infra: Infra) -> AsyncIterator[str]:
-    """A database of its own, for migrations run over existing rows."""
-    async with own_database(infra, prefix="partitions") as url:
-        yield url
 
 
 async def test_member_migration_moves_rows_into_partitions_and_back(scratch_url: str) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
@@ -39,7 +38,7 @@ from services.rewards.coupons import repository as crepo
 from services.rewards.partitions import COUPONS
 from services.rewards.seed import seed_demo
 
-from ..harness import Infra, own_database
+from .test_rewards_partitions import executed, relations
 
 Stub: TypeAlias = rewards_pb2_grpc.RewardsServiceStub
 
@@ -104,34 +103,6 @@ async def partition_of(conn: asyncpg.Connection, code: str) -> str:
         "SELECT c.tableoid::regclass::text FROM rewards.coupons c WHERE c.code = $1", code
     )
     return name
-
-
-def relations(plan: Any) -> list[str]:
-    found: list[str] = []
-
-    def walk(node: dict[str, Any]) -> None:
-        if "Relation Name" in node:
-            found.append(node["Relation Name"])
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return found
-
-
-def executed(plan: Any) -> list[str]:
-    """Relations an EXPLAIN ANALYZE plan actually scanned (pruned ones say
-    "never executed": 0 loops)."""
-    found: list[str] = []
-
-    def walk(node: dict[str, Any]) -> None:
-        if "Relation Name" in node and node.get("Actual Loops", 0) > 0:
-            found.append(node["Relation Name"])
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return found
 
 
 def coupon_partitions(names: list[str]) -> set[str]:
@@ -413,12 +384,6 @@ async def test_detach_needs_every_coupon_terminal_and_a_replay_is_archived(
         assert gone.value.code == "COUPON_ARCHIVED"
     finally:
         await conn.execute(f"DROP TABLE rewards_archive.{name}")
-
-
-@pytest.fixture
-async def scratch_url(infra: Infra) -> AsyncIterator[str]:
-    async with own_database(infra, prefix="coupon_parts") as url:
-        yield url
 
 
 async def test_migration_moves_deployed_coupons_into_partitions(scratch_url: str) -> None:

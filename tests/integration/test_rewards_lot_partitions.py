@@ -36,7 +36,6 @@ from services.rewards.points.domain import ExpiryKind, ExpiryPolicy, LedgerPolic
 from services.rewards.points.jobs import expire_due
 from services.rewards.seed import seed_demo
 
-from ..harness import Infra, own_database
 from .test_rewards_ledger import Ledger
 from .test_rewards_partitions import explain, explain_generic, relations, subplans_removed
 
@@ -54,12 +53,6 @@ class LotsDb:
     db: Database
     conn: asyncpg.Connection
     now: datetime  # the database's clock at the start
-
-
-@pytest.fixture
-async def scratch_url(infra: Infra) -> AsyncIterator[str]:
-    async with own_database(infra, prefix="lots") as url:
-        yield url
 
 
 @pytest.fixture

@@ -36,9 +36,9 @@ from services.rewards.points.audit import audit_ledger
 from services.rewards.points.checkpoint import write_checkpoint
 from services.rewards.points.handlers import PointsLedger
 
-from ..harness import Infra, own_database
 from .test_rewards_partitions import (
     db_now,
+    executed,
     explain,
     explain_generic,
     relations,
@@ -89,20 +89,6 @@ async def partition_of(conn: asyncpg.Connection, order: uuid.UUID) -> str:
 
 def orders_partitions(names: list[str]) -> set[str]:
     return {n for n in names if n.startswith("orders_")}
-
-
-def executed(plan: Any) -> set[str]:
-    """The relations an EXPLAIN (ANALYZE, FORMAT JSON) plan actually scanned."""
-    found: set[str] = set()
-
-    def walk(node: dict[str, Any]) -> None:
-        if "Relation Name" in node and node.get("Actual Loops", 0) > 0:
-            found.add(node["Relation Name"])
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return found
 
 
 async def test_one_order_per_store_and_pos_transaction_across_months(
@@ -259,12 +245,6 @@ async def test_reads_by_key_and_the_claims_writes_prune_partitions(
 
 
 # ---- on a database of its own (checkpoints, detach, the migration) -----------
-
-
-@pytest.fixture
-async def scratch_url(infra: Infra) -> AsyncIterator[str]:
-    async with own_database(infra, prefix="order_partitions") as url:
-        yield url
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,7 +39,7 @@ from services.rewards.points.audit import audit_ledger, checks
 from services.rewards.points.checkpoint import open_transactions_before, write_checkpoint
 from services.rewards.points.handlers import PointsLedger
 
-from ..harness import Infra, own_database
+from ..harness import Infra
 
 # One complete posting (journal row, balanced entries, a lot, the balance),
 # so the ledger audit holds over rows written at any time, in any partition.
@@ -84,31 +84,32 @@ async def db_now(conn: asyncpg.Connection) -> datetime:
     return now
 
 
+def plan_nodes(plan: Any) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan, parents before children."""
+    stack = [plan[0]["Plan"]]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(node.get("Plans", [])))
+
+
 def relations(plan: Any) -> list[str]:
     """Every relation an EXPLAIN (FORMAT JSON) plan scans."""
-    found: list[str] = []
+    return [n["Relation Name"] for n in plan_nodes(plan) if "Relation Name" in n]
 
-    def walk(node: dict[str, Any]) -> None:
-        if "Relation Name" in node:
-            found.append(node["Relation Name"])
-        for child in node.get("Plans", []):
-            walk(child)
 
-    walk(plan[0]["Plan"])
-    return found
+def executed(plan: Any) -> list[str]:
+    """Relations an EXPLAIN ANALYZE plan actually scanned (pruned at executor
+    start or never run: no loops)."""
+    return [
+        n["Relation Name"]
+        for n in plan_nodes(plan)
+        if "Relation Name" in n and n.get("Actual Loops", 0) > 0
+    ]
 
 
 def subplans_removed(plan: Any) -> int:
-    total = 0
-
-    def walk(node: dict[str, Any]) -> None:
-        nonlocal total
-        total += node.get("Subplans Removed", 0)
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return total
+    return sum(n.get("Subplans Removed", 0) for n in plan_nodes(plan))
 
 
 async def explain(conn: asyncpg.Connection, sql: str, *args: object) -> Any:
@@ -384,13 +385,6 @@ async def test_the_rewards_service_keeps_partitions_ahead_from_start_up(
         await pool.close()
     assert report.strays_left == 0
     assert {JOURNAL.partition_name(add_months(month_start(now), i)) for i in range(9)} <= names
-
-
-@pytest.fixture
-async def scratch_url(infra: Infra) -> AsyncIterator[str]:
-    """A database of its own, for a migration run over existing rows."""
-    async with own_database(infra, prefix="partitions") as url:
-        yield url
 
 
 async def test_migration_moves_a_deployed_journal_into_partitions(scratch_url: str) -> None:
