@@ -314,6 +314,14 @@ CODES: dict[str, dict[str, tuple[str, str]]] = {
         "no_credit": ("额度不足", "No credit"),
         "unknown": ("状态未知", "Unknown"),
     },
+    # Coupon templates' and journeys' statuses (rewards coupons/domain.Status;
+    # engagement's journey status).
+    "status": {
+        "draft": ("草稿", "Draft"),
+        "active": ("进行中", "Active"),
+        "paused": ("已暂停", "Paused"),
+        "ended": ("已结束", "Ended"),
+    },
     # services/rewards/referral: abuse at acceptance, refused reward parts.
     "refusal": {
         "SELF_REFERRAL": ("自己邀请自己", "Self referral"),
