@@ -382,7 +382,9 @@ async def test_a_real_sms_send_is_settled_once_by_the_fakes_report_through_the_g
         )
         return dict(row) if row is not None and row["status"] == "sending" else None
 
-    row = await eventually(accepted, timeout=20, interval=0.3)
+    # The session's dispatcher may still be working through earlier modules'
+    # sends (its per-channel rate): a minute, not 20 s, before giving up.
+    row = await eventually(accepted, timeout=60, interval=1.0)
     [sent] = [a for a in provider_fakes.sms.accepted if a.out_id == row["send_key"]]
     assert (sent.phone, sent.biz_id) == (phone, row["provider_ref"])
     url = f"http://127.0.0.1:{eng_gateway.http_port}/v1/callbacks/sms/aliyun?token={RECEIPT_TOKEN}"
