@@ -386,7 +386,11 @@ async def test_a_real_sms_send_is_settled_once_by_the_fakes_report_through_the_g
             journey_id,
         )
         assert len(rows) <= 1, [dict(r) for r in rows]
-        return dict(rows[0]) if rows and rows[0]["status"] == "sending" else None
+        # 'sending' is taken before the provider is called; the send is
+        # accepted once the provider's id (BizId) is recorded.
+        if rows and rows[0]["status"] == "sending" and rows[0]["provider_ref"]:
+            return dict(rows[0])
+        return None
 
     # The session's dispatcher may still be working through earlier modules'
     # sends (its per-channel rate): up to a minute.
