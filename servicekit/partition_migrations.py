@@ -399,10 +399,18 @@ def processed_events(schema: str) -> DedupeByEventTime:
     return DedupeByEventTime(schema)
 
 
-def partitions_for_rows_sql(schema: str, table: str, column: str, source: str) -> str:
+def partitions_for_rows_sql(
+    schema: str,
+    table: str,
+    column: str,
+    source: str,
+    ahead: int = AHEAD_MONTHS,
+    rows: str | None = None,
+) -> str:
     """A monthly partition of `schema.table` (`<table>_pYYYYMM`, UTC) for every
-    month the rows of `schema.source` have in `column`, and for this month and
-    AHEAD_MONTHS after it (by the database's clock). Months with no rows in
+    month the rows of `schema.source` have in `column` (or `rows`, a query
+    whose one column is named `column`, when the times come from a join), and
+    for this month and `ahead` after it (by the database's clock). Months with no rows in
     between get none (their rows, if any come, land in the default partition and
     the keeper moves them): for a key that may lie years ahead (a coupon's
     expiry), a partition per month from the oldest row to the newest would be
@@ -414,10 +422,10 @@ DECLARE
 BEGIN
     FOR m IN
         SELECT DISTINCT date_trunc('month', {column} AT TIME ZONE 'UTC')::date
-        FROM {schema}.{source}
+        FROM {f"({rows}) AS rows" if rows else f"{schema}.{source}"}
         UNION
         SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + make_interval(months => n))::date
-        FROM generate_series(0, {AHEAD_MONTHS}) AS n
+        FROM generate_series(0, {ahead}) AS n
         ORDER BY 1
     LOOP
         EXECUTE format(

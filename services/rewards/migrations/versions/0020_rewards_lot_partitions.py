@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from servicekit.partition_migrations import partitions_for_rows_sql
+
 revision: str = "0020_rewards_lot_partitions"
 down_revision: str | None = "0019_rewards_member_stores"
 branch_labels: str | Sequence[str] | None = None
@@ -105,36 +107,6 @@ $$
 """
 
 
-def monthly_partitions_sql(table: str, times: str, ahead: int) -> str:
-    """A partition of rewards.<table> for every UTC month `times` (a query of
-    timestamptz values: the rows' keys) falls in, and for this month and
-    `ahead` after it. Only months with rows: a far expiry (a lot written to
-    expire in 2100) makes one partition, not one per month up to it."""
-    return f"""
-DO $$
-DECLARE
-    m date;
-BEGIN
-    FOR m IN
-        SELECT DISTINCT date_trunc('month', t AT TIME ZONE 'UTC')::date
-        FROM ({times}) AS rows(t)
-        UNION
-        SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + i * interval '1 month')::date
-        FROM generate_series(0, {ahead}) AS i
-        ORDER BY 1
-    LOOP
-        EXECUTE format(
-            'CREATE TABLE rewards.%I PARTITION OF rewards.{table}'
-            ' FOR VALUES FROM (%L) TO (%L)',
-            '{table}_p' || to_char(m, 'YYYYMM'),
-            m::timestamp AT TIME ZONE 'UTC',
-            (m + interval '1 month')::timestamp AT TIME ZONE 'UTC');
-    END LOOP;
-END
-$$
-"""
-
-
 def upgrade() -> None:
     op.execute("LOCK TABLE rewards.points_lots IN ACCESS EXCLUSIVE MODE")
     op.execute("LOCK TABLE rewards.points_lot_movements IN ACCESS EXCLUSIVE MODE")
@@ -180,10 +152,12 @@ def upgrade() -> None:
     )
     op.execute("CREATE TABLE rewards.points_lots_default PARTITION OF rewards.points_lots DEFAULT")
     op.execute(
-        monthly_partitions_sql(
+        partitions_for_rows_sql(
+            "rewards",
             "points_lots",
-            "SELECT expires_at FROM rewards.points_lots_unpartitioned",
-            LOTS_AHEAD_MONTHS,
+            "expires_at",
+            "points_lots_unpartitioned",
+            ahead=LOTS_AHEAD_MONTHS,
         )
     )
     op.execute(
@@ -224,11 +198,14 @@ def upgrade() -> None:
         " PARTITION OF rewards.points_lot_movements DEFAULT"
     )
     op.execute(
-        monthly_partitions_sql(
+        partitions_for_rows_sql(
+            "rewards",
             "points_lot_movements",
-            "SELECT k.created_at FROM rewards.points_lot_movements_unpartitioned m"
+            "created_at",
+            "points_lot_movements_unpartitioned",
+            ahead=AHEAD_MONTHS,
+            rows="SELECT k.created_at FROM rewards.points_lot_movements_unpartitioned m"
             " JOIN rewards.points_transaction_keys k ON k.id = m.transaction_id",
-            AHEAD_MONTHS,
         )
     )
     # A movement is written by its transaction's statement: its time is the
