@@ -37,7 +37,13 @@ from services.rewards.points.jobs import expire_due
 from services.rewards.seed import seed_demo
 
 from .test_rewards_ledger import Ledger
-from .test_rewards_partitions import explain, explain_generic, relations, subplans_removed
+from .test_rewards_partitions import (
+    SPEND_SQL,
+    explain,
+    explain_generic,
+    relations,
+    subplans_removed,
+)
 
 
 def utc(year: int, month: int, day: int = 1) -> datetime:
@@ -291,24 +297,6 @@ INSERT INTO rewards.points_balances AS b (member_id, available) VALUES ($2, $4)
 ON CONFLICT (member_id) DO UPDATE SET available = b.available + $4
 """
 
-OLD_SPEND_SQL = """
-WITH t AS (
-    INSERT INTO rewards.points_transactions
-        (id, member_id, kind, idempotency_key, amount, rule, created_at)
-    VALUES ($1, $2, 'redeem', $3, $4, '{}', $5)
-    RETURNING id
-), e AS (
-    INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)
-    SELECT id, 'member_wallet', $2, -$4 FROM t UNION ALL SELECT id, 'redeemed', NULL, $4 FROM t
-), m AS (
-    INSERT INTO rewards.points_lot_movements (transaction_id, lot_id, amount)
-    SELECT id, $6, -$4 FROM t
-), l AS (
-    UPDATE rewards.points_lots SET remaining = remaining - $4 WHERE id = $6
-)
-UPDATE rewards.points_balances SET available = available - $4 WHERE member_id = $2
-"""
-
 
 async def test_the_migration_moves_deployed_lots_and_movements_into_partitions(
     scratch_url: str,
@@ -335,7 +323,7 @@ async def test_the_migration_moves_deployed_lots_and_movements_into_partitions(
             )
         for i, (lot, at) in enumerate(((lots[0], utc(2025, 3, 2)), (lots[1], utc(2025, 4, 2)))):
             spends.append(uuid.uuid4())
-            await conn.execute(OLD_SPEND_SQL, spends[-1], member, f"spend:{i}", 15, at, lot)
+            await conn.execute(SPEND_SQL, spends[-1], member, f"spend:{i}", 15, at, lot)
         before_moves = await conn.fetch(
             "SELECT id, transaction_id, lot_id, amount FROM rewards.points_lot_movements ORDER BY id"
         )
@@ -463,7 +451,7 @@ async def test_a_lot_partition_goes_only_when_covered_archived_and_terminal(
         OLD_CREDIT_SQL, uuid.uuid4(), member, "d:2", 30, utc(2019, 3, 6), live_lot,
         utc(2019, 6, 20),
     )  # fmt: skip
-    await t.conn.execute(OLD_SPEND_SQL, uuid.uuid4(), member, "d:3", 40, utc(2019, 4, 2), spent_lot)
+    await t.conn.execute(SPEND_SQL, uuid.uuid4(), member, "d:3", 40, utc(2019, 4, 2), spent_lot)
     for table in (JOURNAL, LOTS, LOT_MOVEMENTS):
         assert (await ensure_partitions(t.conn, table, ahead=3)).strays_left == 0
     lots_june, moves_april = "points_lots_p201906", "points_lot_movements_p201904"
