@@ -17,7 +17,7 @@ import sys
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 # Modules in bench/ that are helpers, not scenarios.
-NOT_SCENARIOS = {"cli", "loadgen", "echo_server", "sql_baseline", "cpu", "profile"}
+NOT_SCENARIOS = {"cli", "loadgen", "echo_server", "sql_baseline", "cpu", "profile", "stepping"}
 
 
 def scenarios() -> list[str]:

@@ -501,46 +501,37 @@ async def probe(
     call_for: Callable[[str], Callable[[int], Awaitable[object]]], args: argparse.Namespace
 ) -> dict[str, Any]:
     """Step the open-loop rate up until the slice stops keeping up."""
-    steps = []
-    best: float | None = None
-    rate = args.rate * args.probe_factor
-    step = 0
-    while rate <= args.probe_max_rate:
+    from .stepping import Criteria, geometric_rates, step_line, step_up
+
+    criteria = Criteria(args.slo_ms, achieved_tolerance=0.05, max_error_fraction=0.005)
+    first = args.rate * args.probe_factor
+    rates = (
+        geometric_rates(first, args.probe_factor, args.probe_max_rate)
+        if first <= args.probe_max_rate
+        else []
+    )
+
+    async def run_step(n: int, rate: float) -> tuple[RunResult, dict[str, Any]]:
         result = await open_loop(
             f"probe {rate:.0f}/s",
-            call_for(f"p{step}"),
+            call_for(f"p{n}"),
             rate,
             args.probe_seconds,
             timeout=backstop(args),
         )
-        summary = result.summary()
-        p99 = summary["latency_ms"]["p99"]
-        errors = sum(result.errors.values())
-        kept_up = (
-            result.achieved_rate >= 0.95 * rate
-            and errors <= 0.005 * result.scheduled
-            and p99 is not None
-            and p99 <= args.slo_ms
-        )
-        summary["sustained"] = kept_up
-        steps.append(summary)
-        say(
-            f"  probe {rate:7.0f}/s: achieved {result.achieved_rate:7.1f}/s, p99 {p99} ms,"
-            f" errors {errors} -> {'ok' if kept_up else 'saturated'}"
-        )
-        if not kept_up:
-            break
-        best = rate
-        rate *= args.probe_factor
-        step += 1
+        return result, result.summary()
+
+    stepped = await step_up(
+        rates,
+        run_step,
+        criteria,
+        on_step=lambda step, _: say(f"  probe {step_line(step, criteria)}"),
+    )
+    best = stepped.knee
     return {
-        "criteria": {
-            "achieved_at_least": "95% of offered",
-            "errors_at_most": "0.5%",
-            "p99_ms_at_most": args.slo_ms,
-        },
+        "criteria": criteria.describe(),
         "max_sustained_rate_per_s": None if best is None else round(best, 1),
-        "steps": steps,
+        "steps": stepped.summaries,
     }
 
 

@@ -60,7 +60,11 @@ from .cli import (
     started,
 )
 from .cpu import cpu_table, marginal
-from .loadgen import open_loop
+from .loadgen import RunResult, open_loop
+from .stepping import Criteria, step_line, step_up
+
+# A step holds while it achieves 95% of the offered rate (and p99 and no errors).
+ACHIEVED_TOLERANCE = 0.05
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -164,8 +168,6 @@ async def one_config(
         pg_version = await server_version(infra.database_url)
         api_key = await register_pos_key(infra, args.store_id)
         children, pos_ports = replicated_children(replicas, platform_env(infra))
-        steps: list[dict[str, Any]] = []
-        knee: float | None = None
         async with started(children, log_dir / f"x{replicas}") as platform:
             target = round_robin_target(pos_ports)
             members = await identify_pool(target, args.store_id, args.members, api_key)
@@ -194,7 +196,8 @@ async def one_config(
                         args.warmup,
                         timeout=backstop(args),
                     )
-                for n, rate in enumerate(args.rate_steps):
+
+                async def run_step(n: int, rate: float) -> tuple[RunResult, dict[str, Any]]:
                     before = await meter.snapshot()
                     result = await open_loop(
                         f"x{replicas} at {rate:g}/s",
@@ -209,32 +212,25 @@ async def one_config(
                     summary["cpu_ms_per_call_marginal"] = marginal(
                         cpu, idle, time.monotonic() - before.at, result.ok
                     )
-                    p99 = summary["latency_ms"]["p99"]
-                    held = (
-                        result.achieved_rate >= 0.95 * rate
-                        and not result.errors
-                        and p99 is not None
-                        and p99 <= args.slo_ms
-                    )
-                    summary["held"] = held
-                    steps.append(summary)
-                    say(
-                        f"  x{replicas} {rate:6.0f}/s: achieved {result.achieved_rate:6.1f}/s,"
-                        f" p99 {p99} ms, errors {sum(result.errors.values())}"
-                        f" -> {'held' if held else 'past the knee'}"
-                    )
-                    if not held:
-                        break
-                    knee = rate
+                    return result, summary
+
+                criteria = Criteria(args.slo_ms, achieved_tolerance=ACHIEVED_TOLERANCE)
+                stepped = await step_up(
+                    args.rate_steps,
+                    run_step,
+                    criteria,
+                    on_step=lambda step, _: say(f"  x{replicas} {step_line(step, criteria)}"),
                     # The consumers' backlog of this step is not the next step's.
-                    await events_drained(infra)
+                    between=lambda: events_drained(infra),
+                )
+                knee = stepped.knee
         return {
             "replicas": replicas,
             "machine": machine(infra, pg_version),
             "idle_cpu_ms_per_s": {name: round(1000.0 * s, 2) for name, s in idle.items()},
             "knee_per_s": knee,
             "knee_per_process_pair_per_s": None if knee is None else round(knee / replicas, 1),
-            "steps": steps,
+            "steps": stepped.summaries,
         }
     finally:
         await infra.cleanup()

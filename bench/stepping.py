@@ -1,0 +1,185 @@
+"""Stepping an open-loop rate up to the knee, shared by the scenarios that
+look for one (bench/scaleout.py, bench/knees.py, `make bench --probe`).
+
+A step holds when its p99 is within the SLO, the run kept up with what was
+offered (achieved >= (1 - tolerance) x offered) and errors stay within their
+allowance (none, by default). The rate steps up until a step does not hold;
+the knee is the last rate that held before the first that did not.
+
+`Step` and the functions on it are pure (no clock, no I/O), so the choice of
+the knee and the rates is unit-tested without running anything;
+`step_up` only sequences the runs a scenario gives it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .loadgen import RunResult
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a step must keep to hold."""
+
+    slo_p99_ms: float
+    # Achieved must be at least (1 - tolerance) x offered.
+    achieved_tolerance: float = 0.02
+    # Errors (any non-OK status) as a fraction of scheduled calls.
+    max_error_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.slo_p99_ms <= 0:
+            raise ValueError(f"the p99 SLO must be positive, got {self.slo_p99_ms} ms")
+        if not 0 <= self.achieved_tolerance < 1:
+            raise ValueError(
+                f"the achieved-rate tolerance must be in [0, 1), got {self.achieved_tolerance}"
+            )
+        if not 0 <= self.max_error_fraction < 1:
+            raise ValueError(
+                f"the error allowance must be in [0, 1), got {self.max_error_fraction}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "p99_ms_at_most": self.slo_p99_ms,
+            "achieved_at_least": f"{100 * (1 - self.achieved_tolerance):g}% of offered",
+            "errors_at_most": f"{100 * self.max_error_fraction:g}%",
+        }
+
+
+@dataclass(frozen=True)
+class Step:
+    """One measured step, as much of it as the verdict needs."""
+
+    offered: float
+    achieved: float
+    p99_ms: float | None  # None: no call succeeded
+    errors: int
+    scheduled: int
+
+    @classmethod
+    def of(cls, result: RunResult) -> Step:
+        return cls(
+            offered=result.offered_rate,
+            achieved=result.achieved_rate,
+            p99_ms=result.latency_ms()["p99"],
+            errors=sum(result.errors.values()),
+            scheduled=result.scheduled,
+        )
+
+
+def holds(step: Step, criteria: Criteria) -> bool:
+    return (
+        step.p99_ms is not None
+        and step.p99_ms <= criteria.slo_p99_ms
+        and step.achieved >= (1 - criteria.achieved_tolerance) * step.offered
+        and step.errors <= criteria.max_error_fraction * max(step.scheduled, 1)
+    )
+
+
+def why_not(step: Step, criteria: Criteria) -> str:
+    """What a step that does not hold failed on ('' when it holds)."""
+    reasons = []
+    if step.p99_ms is None:
+        reasons.append("no call succeeded")
+    elif step.p99_ms > criteria.slo_p99_ms:
+        reasons.append(f"p99 {round(step.p99_ms, 1):g} ms > {criteria.slo_p99_ms:g} ms")
+    if step.achieved < (1 - criteria.achieved_tolerance) * step.offered:
+        reasons.append(f"achieved {step.achieved:.1f}/s of {step.offered:g}/s")
+    if step.errors > criteria.max_error_fraction * max(step.scheduled, 1):
+        reasons.append(f"{step.errors} errors")
+    return ", ".join(reasons)
+
+
+def step_line(step: Step, criteria: Criteria) -> str:
+    """One readable line per step for the progress log."""
+    verdict = "held" if holds(step, criteria) else f"past the knee ({why_not(step, criteria)})"
+    p99 = "-" if step.p99_ms is None else f"{step.p99_ms:.1f}"
+    return (
+        f"{step.offered:7.1f}/s: achieved {step.achieved:7.1f}/s, p99 {p99} ms,"
+        f" errors {step.errors} -> {verdict}"
+    )
+
+
+def knee(steps: Iterable[Step], criteria: Criteria) -> float | None:
+    """The last offered rate that held before the first step that did not
+    (None when the first did not): a step that holds again past a failure
+    is luck on a noisy machine, not capacity."""
+    best: float | None = None
+    for step in steps:
+        if not holds(step, criteria):
+            break
+        best = step.offered
+    return best
+
+
+def geometric_rates(start: float, factor: float, max_rate: float) -> list[float]:
+    """start, start x factor, ... up to max_rate (rounded to 0.1/s; each
+    higher than the one before)."""
+    if start <= 0 or max_rate < start:
+        raise ValueError(f"rates need 0 < start <= max, got start {start:g}, max {max_rate:g}")
+    if not factor > 1 or math.isinf(factor):
+        raise ValueError(f"the step factor must be above 1, got {factor:g}")
+    rates: list[float] = []
+    rate = start
+    while rate <= max_rate * (1 + 1e-9):
+        rounded = round(float(rate), 1)
+        if not rates or rounded > rates[-1]:
+            rates.append(rounded)
+        rate *= factor
+    return rates
+
+
+@dataclass
+class Stepped:
+    """What `step_up` found: every step's summary and verdict, and the knee."""
+
+    criteria: Criteria
+    steps: list[Step] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def knee(self) -> float | None:
+        return knee(self.steps, self.criteria)
+
+    @property
+    def stopped_by(self) -> str:
+        """Why stepping ended: the failed step's reasons, or the last rate."""
+        for step in self.steps:
+            if not holds(step, self.criteria):
+                return f"{step.offered:g}/s: {why_not(step, self.criteria)}"
+        if not self.steps:
+            return "no step ran"
+        return f"every rate held, up to {self.steps[-1].offered:g}/s: the knee is higher"
+
+
+async def step_up(
+    rates: Sequence[float],
+    run_step: Callable[[int, float], Awaitable[tuple[RunResult, dict[str, Any]]]],
+    criteria: Criteria,
+    *,
+    on_step: Callable[[Step, bool], None] | None = None,
+    between: Callable[[], Awaitable[object]] | None = None,
+) -> Stepped:
+    """Run `run_step(n, rate)` (the result and its summary, which gets a
+    "held" key) for each rate in order, until one does not hold; `between`
+    runs after each step that held (e.g. let consumers drain)."""
+    found = Stepped(criteria)
+    for n, rate in enumerate(rates):
+        result, summary = await run_step(n, rate)
+        step = Step.of(result)
+        held = holds(step, criteria)
+        summary["held"] = held
+        found.steps.append(step)
+        found.summaries.append(summary)
+        if on_step is not None:
+            on_step(step, held)
+        if not held:
+            break
+        if between is not None and n + 1 < len(rates):
+            await between()
+    return found
