@@ -136,7 +136,9 @@ async def test_step_up_reports_every_rate_holding_and_the_first_failing() -> Non
 def test_knees_paths_are_chosen_by_name_in_the_order_given() -> None:
     assert knees.parse_paths("all") == list(knees.PATHS)
     assert knees.parse_paths("identify, member_centre,identify") == ["identify", "member-centre"]
-    with pytest.raises(ValueError, match=re.escape("unknown path(s) checkuot; choose from checkout")):
+    with pytest.raises(
+        ValueError, match=re.escape("unknown path(s) checkuot; choose from checkout")
+    ):
         knees.parse_paths("checkuot")
     with pytest.raises(ValueError, match="none given"):
         knees.parse_paths(",")
