@@ -3,8 +3,9 @@ look for one (bench/scaleout.py, bench/knees.py, `make bench --probe`).
 
 A step holds when its p99 is within the SLO, the run kept up with what was
 offered (achieved >= (1 - tolerance) x offered) and errors stay within their
-allowance (none, by default). The rate steps up until a step does not hold;
-the knee is the last rate that held before the first that did not.
+allowance (none, by default). The rate steps up until a rate does not hold
+(optionally retried: a rate holds when one of its runs does); the knee is the
+last rate that held before the first that did not.
 
 `Step` and the functions on it are pure (no clock, no I/O), so the choice of
 the knee and the rates is unit-tested without running anything;
@@ -105,15 +106,26 @@ def step_line(step: Step, criteria: Criteria) -> str:
     )
 
 
-def knee(steps: Iterable[Step], criteria: Criteria) -> float | None:
-    """The last offered rate that held before the first step that did not
-    (None when the first did not): a step that holds again past a failure
-    is luck on a noisy machine, not capacity."""
-    best: float | None = None
+def by_rate(steps: Iterable[Step]) -> list[list[Step]]:
+    """Consecutive runs at the same offered rate, grouped (a rate and its retries)."""
+    groups: list[list[Step]] = []
     for step in steps:
-        if not holds(step, criteria):
+        if groups and groups[-1][0].offered == step.offered:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def knee(steps: Iterable[Step], criteria: Criteria) -> float | None:
+    """The last offered rate that held (in any of its runs) before the first
+    rate none of whose runs held (None when the first did not): a rate that
+    holds again past a failure is luck on a noisy machine, not capacity."""
+    best: float | None = None
+    for runs in by_rate(steps):
+        if not any(holds(step, criteria) for step in runs):
             break
-        best = step.offered
+        best = runs[0].offered
     return best
 
 
@@ -148,10 +160,11 @@ class Stepped:
 
     @property
     def stopped_by(self) -> str:
-        """Why stepping ended: the failed step's reasons, or the last rate."""
-        for step in self.steps:
-            if not holds(step, self.criteria):
-                return f"{step.offered:g}/s: {why_not(step, self.criteria)}"
+        """Why stepping ended: the failed rate's (last run's) reasons, or the last rate."""
+        for runs in by_rate(self.steps):
+            if not any(holds(step, self.criteria) for step in runs):
+                tries = f" ({len(runs)} runs)" if len(runs) > 1 else ""
+                return f"{runs[-1].offered:g}/s{tries}: {why_not(runs[-1], self.criteria)}"
         if not self.steps:
             return "no step ran"
         return f"every rate held, up to {self.steps[-1].offered:g}/s: the knee is higher"
@@ -162,22 +175,33 @@ async def step_up(
     run_step: Callable[[int, float], Awaitable[tuple[RunResult, dict[str, Any]]]],
     criteria: Criteria,
     *,
+    retries: int = 0,
     on_step: Callable[[Step, bool], None] | None = None,
     between: Callable[[], Awaitable[object]] | None = None,
 ) -> Stepped:
-    """Run `run_step(n, rate)` (the result and its summary, which gets a
-    "held" key) for each rate in order, until one does not hold; `between`
-    runs after each step that held (e.g. let consumers drain)."""
+    """Run `run_step(k, rate)` (k counts runs from 0, for unique keys; it
+    returns the result and its summary, which gets "held" and "attempt") for
+    each rate in order, until a rate does not hold in 1 + `retries` runs (on
+    a shared machine one run can fail on someone else's burst); `between`
+    runs after each run but the last (e.g. let consumers drain)."""
+    if retries < 0:
+        raise ValueError(f"retries must not be negative, got {retries}")
     found = Stepped(criteria)
     for n, rate in enumerate(rates):
-        result, summary = await run_step(n, rate)
-        step = Step.of(result)
-        held = holds(step, criteria)
-        summary["held"] = held
-        found.steps.append(step)
-        found.summaries.append(summary)
-        if on_step is not None:
-            on_step(step, held)
+        held = False
+        for attempt in range(1 + retries):
+            result, summary = await run_step(len(found.steps), rate)
+            step = Step.of(result)
+            held = holds(step, criteria)
+            summary.update(held=held, attempt=attempt + 1)
+            found.steps.append(step)
+            found.summaries.append(summary)
+            if on_step is not None:
+                on_step(step, held)
+            if held:
+                break
+            if between is not None and attempt < retries:
+                await between()
         if not held:
             break
         if between is not None and n + 1 < len(rates):

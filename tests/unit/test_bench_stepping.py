@@ -12,7 +12,16 @@ import pytest
 
 from bench import knees
 from bench.loadgen import OK, RunResult
-from bench.stepping import Criteria, Step, geometric_rates, holds, knee, step_up, why_not
+from bench.stepping import (
+    Criteria,
+    Step,
+    Stepped,
+    geometric_rates,
+    holds,
+    knee,
+    step_up,
+    why_not,
+)
 
 SLO = Criteria(slo_p99_ms=30.0, achieved_tolerance=0.02)
 
@@ -200,3 +209,40 @@ def test_the_knees_table_says_met_or_not_per_path() -> None:
     assert identify.split()[:3] == ["identify", "100.0", "2"] and identify.endswith("met")
     assert checkout.endswith("NOT met") and "-" in checkout.split()
     assert "identify at 70/s" in text and "identify marginal" in text
+
+
+def test_a_rate_holds_when_one_of_its_runs_does() -> None:
+    # 25/s failed once (someone else's burst) and held on the retry; 31.2/s failed twice.
+    steps = [step(20), step(25, p99=45.0), step(25), step(31.2, p99=50.0), step(31.2, errors=2)]
+    assert knee(steps, SLO) == 25
+    stepped = Stepped(SLO, steps)
+    assert stepped.knee == 25
+    assert stepped.stopped_by == "31.2/s (2 runs): 2 errors"
+
+
+async def test_step_up_retries_a_failed_rate_with_fresh_keys_after_draining() -> None:
+    outcomes = iter([5.0, 45.0, 12.0, 50.0, 55.0])  # p99 of each run, in order
+    ran: list[tuple[int, float]] = []
+    drained: list[int] = []
+
+    async def run_step(k: int, rate: float) -> tuple[RunResult, dict[str, Any]]:
+        ran.append((k, rate))
+        return result(rate, next(outcomes)), {}
+
+    async def between() -> None:
+        drained.append(len(ran))
+
+    found = await step_up([20.0, 40.0, 80.0, 160.0], run_step, SLO, retries=1, between=between)
+    # k counts runs (unique keys per run), the retry runs at the same rate.
+    assert ran == [(0, 20.0), (1, 40.0), (2, 40.0), (3, 80.0), (4, 80.0)]
+    assert drained == [1, 2, 3, 4]  # after every run but the last
+    assert [(s["held"], s["attempt"]) for s in found.summaries] == [
+        (True, 1),
+        (False, 1),
+        (True, 2),
+        (False, 1),
+        (False, 2),
+    ]
+    assert found.knee == 40.0
+    with pytest.raises(ValueError, match="retries must not be negative"):
+        await step_up([20.0], run_step, SLO, retries=-1)
