@@ -17,7 +17,9 @@ For each: an unmeasured warm-up at the first rate, then the open-loop rate
 a step's p99 passes --slo-ms, it has an error, or it achieves less than 98%
 of the offered rate, in 1 + --retries runs (one run can fail on another
 process's burst on a shared machine; bench/stepping.py, shared with scaleout);
-the knee is the last rate that held. Then --check-seconds at --check-fraction (70%) of the
+the knee is the last rate that held. When the first rate fails, the rate
+steps down (x 1/factor^2, to --min-rate) until one holds: the knee is below
+the start on this machine at this moment. Then --check-seconds at --check-fraction (70%) of the
 knee: its p99 (target <= --slo-ms, no errors, achieved within 2%) and CPU ms
 per call by process (bench/cpu.py), as measured and marginal (each process's
 idle CPU, measured once before the paths, taken off).
@@ -71,7 +73,15 @@ from .cpu import CpuMeter, cpu_table, marginal
 from .identify import pos_identify_call
 from .loadgen import RunResult, open_loop
 from .member_centre import centre_call, enrol, register_miniprogram, signed_get
-from .stepping import Criteria, Step, geometric_rates, holds, step_line, step_up
+from .stepping import (
+    Criteria,
+    Step,
+    falling_rates,
+    geometric_rates,
+    holds,
+    step_line,
+    step_up,
+)
 
 PATHS = ("checkout", "identify", "member-centre", "coupon-issue")
 LABELS = {
@@ -113,6 +123,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--start-rate", type=float, default=25.0, help="first step, calls/s (25)")
     parser.add_argument("--factor", type=float, default=1.25, help="rate step factor (1.25)")
     parser.add_argument("--max-rate", type=float, default=3000.0, help="last step at most (3000)")
+    parser.add_argument(
+        "--min-rate",
+        type=float,
+        default=5.0,
+        help="when the first step fails, step down (x 1/factor^2) to this (5)",
+    )
     parser.add_argument("--step-seconds", type=float, default=5.0, help="seconds per step (5)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (2)")
     parser.add_argument(
@@ -158,7 +174,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--members must be at least 1")
     if args.retries < 0:
         parser.error(f"--retries must not be negative, got {args.retries}")
+    if not 0 < args.min_rate <= args.start_rate:
+        parser.error(f"--min-rate must be in (0, --start-rate], got {args.min_rate:g}")
     args.rates = geometric_rates(args.start_rate, args.factor, args.max_rate)
+    # Coarser going down: below the first rate the knee is already a failure on this machine.
+    args.rates_below = falling_rates(args.start_rate, args.factor**2, args.min_rate)
     return args
 
 
@@ -257,6 +277,7 @@ async def knee_of(
         run_step,
         criteria,
         retries=args.retries,
+        below=args.rates_below,
         on_step=lambda step, _: say(f"  {target.name} {step_line(step, criteria)}"),
         between=lambda: events_drained(infra),
     )
@@ -400,6 +421,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "config": {
                 "paths": wanted,
                 "rates": args.rates,
+                "rates_below": args.rates_below,
                 "factor": args.factor,
                 "step_seconds": args.step_seconds,
                 "retries": args.retries,

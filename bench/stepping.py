@@ -5,7 +5,8 @@ A step holds when its p99 is within the SLO, the run kept up with what was
 offered (achieved >= (1 - tolerance) x offered) and errors stay within their
 allowance (none, by default). The rate steps up until a rate does not hold
 (optionally retried: a rate holds when one of its runs does); the knee is the
-last rate that held before the first that did not.
+last rate that held before the first that did not. When the first rate
+already fails, rates below it run (falling) until one holds: that is the knee.
 
 `Step` and the functions on it are pure (no clock, no I/O), so the choice of
 the knee and the rates is unit-tested without running anything;
@@ -106,27 +107,45 @@ def step_line(step: Step, criteria: Criteria) -> str:
     )
 
 
-def by_rate(steps: Iterable[Step]) -> list[list[Step]]:
-    """Consecutive runs at the same offered rate, grouped (a rate and its retries)."""
-    groups: list[list[Step]] = []
+def verdicts(steps: Iterable[Step], criteria: Criteria) -> dict[float, bool]:
+    """Each offered rate that ran: whether it held in any of its runs (a rate
+    and its retries)."""
+    held: dict[float, bool] = {}
     for step in steps:
-        if groups and groups[-1][0].offered == step.offered:
-            groups[-1].append(step)
-        else:
-            groups.append([step])
-    return groups
+        held[step.offered] = held.get(step.offered, False) or holds(step, criteria)
+    return held
 
 
 def knee(steps: Iterable[Step], criteria: Criteria) -> float | None:
-    """The last offered rate that held (in any of its runs) before the first
-    rate none of whose runs held (None when the first did not): a rate that
-    holds again past a failure is luck on a noisy machine, not capacity."""
+    """The highest offered rate that held (in any of its runs) with no lower
+    rate failing in all of its runs; None when no rate held. Stepping up,
+    that is the last rate before the first failure (a rate that holds again
+    past a failure is luck on a noisy machine, not capacity); stepping down
+    from a failed first rate, the first that holds."""
+    held = verdicts(steps, criteria)
     best: float | None = None
-    for runs in by_rate(steps):
-        if not any(holds(step, criteria) for step in runs):
+    for rate in sorted(held):
+        if not held[rate]:
             break
-        best = runs[0].offered
+        best = rate
     return best
+
+
+def falling_rates(start: float, factor: float, min_rate: float) -> list[float]:
+    """start / factor, start / factor^2, ... down to min_rate (rounded to
+    0.1/s): where to look when the first rate already fails."""
+    if not factor > 1 or math.isinf(factor):
+        raise ValueError(f"the step factor must be above 1, got {factor:g}")
+    if min_rate <= 0:
+        raise ValueError(f"the lowest rate must be positive, got {min_rate:g}")
+    rates: list[float] = []
+    rate = start / factor
+    while rate >= min_rate * (1 - 1e-9):
+        rounded = round(rate, 1)
+        if not rates or rounded < rates[-1]:
+            rates.append(rounded)
+        rate /= factor
+    return rates
 
 
 def geometric_rates(start: float, factor: float, max_rate: float) -> list[float]:
@@ -160,11 +179,15 @@ class Stepped:
 
     @property
     def stopped_by(self) -> str:
-        """Why stepping ended: the failed rate's (last run's) reasons, or the last rate."""
-        for runs in by_rate(self.steps):
-            if not any(holds(step, self.criteria) for step in runs):
-                tries = f" ({len(runs)} runs)" if len(runs) > 1 else ""
-                return f"{runs[-1].offered:g}/s{tries}: {why_not(runs[-1], self.criteria)}"
+        """Why stepping ended: the lowest failed rate above the knee (its last
+        run's reasons), or the last rate."""
+        held = verdicts(self.steps, self.criteria)
+        failed = sorted(rate for rate, ok in held.items() if not ok)
+        if failed:
+            rate = min(r for r in failed if self.knee is None or r > self.knee)
+            runs = [step for step in self.steps if step.offered == rate]
+            tries = f" ({len(runs)} runs)" if len(runs) > 1 else ""
+            return f"{rate:g}/s{tries}: {why_not(runs[-1], self.criteria)}"
         if not self.steps:
             return "no step ran"
         return f"every rate held, up to {self.steps[-1].offered:g}/s: the knee is higher"
@@ -176,20 +199,25 @@ async def step_up(
     criteria: Criteria,
     *,
     retries: int = 0,
+    below: Sequence[float] = (),
     on_step: Callable[[Step, bool], None] | None = None,
     between: Callable[[], Awaitable[object]] | None = None,
 ) -> Stepped:
     """Run `run_step(k, rate)` (k counts runs from 0, for unique keys; it
     returns the result and its summary, which gets "held" and "attempt") for
     each rate in order, until a rate does not hold in 1 + `retries` runs (on
-    a shared machine one run can fail on someone else's burst); `between`
-    runs after each run but the last (e.g. let consumers drain)."""
+    a shared machine one run can fail on someone else's burst). When the
+    first rate fails, the `below` rates (falling) run in order until one
+    holds. `between` runs after each run but the last (e.g. let consumers
+    drain)."""
     if retries < 0:
         raise ValueError(f"retries must not be negative, got {retries}")
     found = Stepped(criteria)
-    for n, rate in enumerate(rates):
-        held = False
+
+    async def rate_holds(rate: float) -> bool:
         for attempt in range(1 + retries):
+            if found.steps and between is not None:
+                await between()
             result, summary = await run_step(len(found.steps), rate)
             step = Step.of(result)
             held = holds(step, criteria)
@@ -199,11 +227,14 @@ async def step_up(
             if on_step is not None:
                 on_step(step, held)
             if held:
-                break
-            if between is not None and attempt < retries:
-                await between()
-        if not held:
+                return True
+        return False
+
+    for n, rate in enumerate(rates):
+        if not await rate_holds(rate):
+            if n == 0:
+                for lower in below:
+                    if await rate_holds(lower):
+                        break
             break
-        if between is not None and n + 1 < len(rates):
-            await between()
     return found

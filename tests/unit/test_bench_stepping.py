@@ -16,6 +16,7 @@ from bench.stepping import (
     Criteria,
     Step,
     Stepped,
+    falling_rates,
     geometric_rates,
     holds,
     knee,
@@ -158,12 +159,14 @@ def test_knees_arguments_name_what_is_wrong(capsys: pytest.CaptureFixture[str]) 
         ["--paths", "coupon-issue", "--start-rate", "10", "--max-rate", "40", "--factor", "2"]
     )
     assert args.path_names == ["coupon-issue"] and args.rates == [10.0, 20.0, 40.0]
+    assert knees.parse_args([]).rates_below == [16.0, 10.2, 6.6]  # x 1/1.25^2 down to 5
     for argv, message in (
         (["--paths", "nope"], "--paths: unknown path(s) nope"),
         (["--factor", "1"], "--factor must be above 1"),
         (["--max-rate", "5"], "--max-rate (5) is below --start-rate (25)"),
         (["--check-fraction", "1.5"], "--check-fraction must be in (0, 1]"),
         (["--step-seconds", "0"], "--step-seconds must be positive"),
+        (["--min-rate", "30"], "--min-rate must be in (0, --start-rate], got 30"),
     ):
         with pytest.raises(SystemExit):
             knees.parse_args(argv)
@@ -246,3 +249,40 @@ async def test_step_up_retries_a_failed_rate_with_fresh_keys_after_draining() ->
     assert found.knee == 40.0
     with pytest.raises(ValueError, match="retries must not be negative"):
         await step_up([20.0], run_step, SLO, retries=-1)
+
+
+def test_the_knee_ignores_order_and_stops_at_the_lowest_rate_that_failed() -> None:
+    # Stepping down from a failed first rate: the first rate that holds.
+    assert knee([step(25, p99=40.0), step(16, p99=35.0), step(10.2)], SLO) == 10.2
+    assert knee([step(25, p99=40.0), step(16, p99=35.0)], SLO) is None
+    # A rate above a failed one does not count, whatever order they ran in.
+    assert knee([step(16), step(20, errors=1), step(25)], SLO) == 16
+
+
+def test_rates_fall_geometrically_to_the_minimum() -> None:
+    assert falling_rates(25, 1.5625, 5) == [16.0, 10.2, 6.6]
+    assert falling_rates(10, 2, 5) == [5.0]  # the minimum itself included
+    assert falling_rates(5, 2, 5) == []
+    for start, factor, floor in ((10, 1, 1), (10, 2, 0)):
+        with pytest.raises(ValueError):
+            falling_rates(start, factor, floor)
+
+
+async def test_step_up_steps_down_when_the_first_rate_fails() -> None:
+    p99s = {25.0: 40.0, 16.0: 35.0, 10.2: 9.0, 6.6: 5.0}
+    ran: list[float] = []
+
+    async def run_step(k: int, rate: float) -> tuple[RunResult, dict[str, Any]]:
+        ran.append(rate)
+        return result(rate, p99s[rate]), {}
+
+    found = await step_up([25.0, 31.2], run_step, SLO, below=[16.0, 10.2, 6.6])
+    assert ran == [25.0, 16.0, 10.2]  # stops at the first that holds, never back up
+    assert found.knee == 10.2
+    assert found.stopped_by == "16/s: p99 35 ms > 30 ms"
+    # Below is only for a failed first rate.
+    ran.clear()
+    p99s[31.2] = 50.0
+    p99s[25.0] = 5.0
+    found = await step_up([25.0, 31.2], run_step, SLO, below=[16.0])
+    assert (ran, found.knee) == ([25.0, 31.2], 25.0)
