@@ -30,7 +30,7 @@ async def test_knees_steps_every_path_and_writes_its_report(infra: Infra, tmp_pa
         "knees",
         *("--start-rate", "4", "--factor", "2", "--max-rate", "8"),
         *("--step-seconds", "1", "--check-seconds", "1", "--warmup", "0.5"),
-        *("--idle-seconds", "0.5", "--members", "4", "--slo-ms", "60000"),
+        *("--idle-seconds", "0.5", "--members", "4", "--slo-ms", "60000", "--min-rate", "2"),
         *("--results-dir", str(tmp_path)),
         env=env,
         stdout=asyncio.subprocess.PIPE,
