@@ -302,7 +302,8 @@ async def knee_of(
             result.cpu_ms_per_call, idle, time.monotonic() - before.at, result.ok
         )
         check["met"] = holds(Step.of(result), criteria)
-        say(f"  {target.name} check {step_line(Step.of(result), criteria)}")
+        checked = step_line(Step.of(result), criteria, "target met", "target NOT met")
+        say(f"  {target.name} check {checked}")
     else:
         say(f"  {target.name}: no knee ({stepped.stopped_by}); no check")
     await events_drained(infra)

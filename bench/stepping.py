@@ -97,9 +97,11 @@ def why_not(step: Step, criteria: Criteria) -> str:
     return ", ".join(reasons)
 
 
-def step_line(step: Step, criteria: Criteria) -> str:
+def step_line(
+    step: Step, criteria: Criteria, held: str = "held", failed: str = "past the knee"
+) -> str:
     """One readable line per step for the progress log."""
-    verdict = "held" if holds(step, criteria) else f"past the knee ({why_not(step, criteria)})"
+    verdict = held if holds(step, criteria) else f"{failed} ({why_not(step, criteria)})"
     p99 = "-" if step.p99_ms is None else f"{step.p99_ms:.1f}"
     return (
         f"{step.offered:7.1f}/s: achieved {step.achieved:7.1f}/s, p99 {p99} ms,"
