@@ -129,7 +129,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=5.0,
         help="when the first step fails, step down (x 1/factor^2) to this (5)",
     )
-    parser.add_argument("--step-seconds", type=float, default=5.0, help="seconds per step (5)")
+    parser.add_argument("--step-seconds", type=float, default=4.0, help="seconds per step (4)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (2)")
     parser.add_argument(
         "--retries", type=int, default=1, help="runs more of a rate that failed, once drained (1)"
@@ -194,8 +194,9 @@ class Target:
 
 
 def coupon_stock(args: argparse.Namespace) -> int:
-    """Enough for every issue the run could offer (warm-up, all steps, check), twice."""
-    per_path = args.start_rate * args.warmup + sum(args.rates) * args.step_seconds
+    """Enough for every issue the run could offer (warm-up, every step and retry, check), twice."""
+    stepped = (sum(args.rates) + sum(args.rates_below)) * args.step_seconds * (1 + args.retries)
+    per_path = args.start_rate * args.warmup + stepped
     per_path += args.max_rate * args.check_fraction * args.check_seconds
     return int(2 * per_path) + 1000
 
@@ -341,7 +342,9 @@ def knees_table(paths: list[dict[str, Any]], slo_ms: float, fraction: float) -> 
             f" {fmt(lat.get('p99'), 8, '.2f')} {fmt(c.get('achieved_rate_per_s'), 10)}"
             f" {fmt(errors, 6, 'd')}  {'met' if p['target_met'] else 'NOT met'}"
         )
-        lines.append(f"{'':15} stopped by {p['stopped_by']}")
+        load = p.get("load_average")
+        during = f"; load average {load['start'][0]:.1f} -> {load['end'][0]:.1f}" if load else ""
+        lines.append(f"{'':15} stopped by {p['stopped_by']}{during}")
     rows: list[tuple[str, dict[str, float]]] = []
     for p in paths:
         if p["check"]:
