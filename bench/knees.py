@@ -70,6 +70,7 @@ from .cli import (
     started,
 )
 from .cpu import CpuMeter, cpu_table, marginal
+from .echo_server import METHOD as ECHO_METHOD
 from .identify import pos_identify_call
 from .loadgen import RunResult, open_loop
 from .member_centre import centre_call, enrol, register_miniprogram, signed_get
@@ -84,7 +85,12 @@ from .stepping import (
 )
 
 PATHS = ("checkout", "identify", "member-centre", "coupon-issue")
+# The floor, asked for by name (not in `all`): an empty unary call to a trivial
+# gRPC server in its own process (bench/echo_server.py). Its knee in the same
+# run says how much of a path's knee the machine itself sets.
+EMPTY = "empty-grpc"
 LABELS = {
+    EMPTY: "empty gRPC unary (echo server)",
     "checkout": "POS CompleteOrder via gateway",
     "identify": "POS IdentifyMember via gateway",
     "member-centre": "member centre GET .../centre",
@@ -98,15 +104,16 @@ CallFor = Callable[[str], Callable[[int], Awaitable[object]]]
 
 
 def parse_paths(text: str) -> list[str]:
-    """`--paths`: comma-separated names from PATHS (or `all`), in the order given."""
-    names = [n.strip().replace("_", "-") for n in text.split(",") if n.strip()]
-    if names == ["all"]:
-        return list(PATHS)
-    unknown = [n for n in names if n not in PATHS]
+    """`--paths`: comma-separated names from PATHS and EMPTY (`all`: PATHS), in
+    the order given."""
+    names: list[str] = []
+    for name in (n.strip().replace("_", "-") for n in text.split(",") if n.strip()):
+        names += PATHS if name == "all" else [name]
+    unknown = [n for n in names if n not in (*PATHS, EMPTY)]
     if unknown or not names:
         raise ValueError(
             f"unknown path(s) {', '.join(unknown) or '(none given)'}; choose from"
-            f" {', '.join(PATHS)} or all"
+            f" {', '.join(PATHS)}, {EMPTY} or all"
         )
     return list(dict.fromkeys(names))
 
@@ -117,7 +124,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="The latency knee of each hot path, then p99 and CPU per call at 70% of it.",
     )
     parser.add_argument(
-        "--paths", default="all", help=f"comma-separated, of {', '.join(PATHS)} (all)"
+        "--paths",
+        default="all",
+        help=f"comma-separated, of {', '.join(PATHS)} (all) and {EMPTY} (the floor)",
     )
     parser.add_argument("--slo-ms", type=float, default=30.0, help="p99 a step must keep (30)")
     parser.add_argument("--start-rate", type=float, default=25.0, help="first step, calls/s (25)")
@@ -325,7 +334,8 @@ async def knee_of(
 def knees_table(paths: list[dict[str, Any]], slo_ms: float, fraction: float) -> str:
     head = (
         f"{'path':15} {'knee/s':>8} {'steps':>5} {'check/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
-        f" {'achieved/s':>10} {'errors':>6}  p99 <= {slo_ms:g} ms at {fraction:g} x knee"
+        f" {'achieved/s':>10} {'errors':>6} {'knee/empty':>10}"
+        f"  p99 <= {slo_ms:g} ms at {fraction:g} x knee"
     )
     lines = [head, "-" * len(head)]
 
@@ -340,7 +350,8 @@ def knees_table(paths: list[dict[str, Any]], slo_ms: float, fraction: float) -> 
             f"{p['path']:15} {fmt(p['knee_per_s'], 8)} {len(p['steps']):>5}"
             f" {fmt(p['check_rate_per_s'], 8)} {fmt(lat.get('p50'), 8, '.2f')}"
             f" {fmt(lat.get('p99'), 8, '.2f')} {fmt(c.get('achieved_rate_per_s'), 10)}"
-            f" {fmt(errors, 6, 'd')}  {'met' if p['target_met'] else 'NOT met'}"
+            f" {fmt(errors, 6, 'd')} {fmt(p.get('knee_over_empty_grpc'), 10, '.3f')}"
+            f"  {'met' if p['target_met'] else 'NOT met'}"
         )
         load = p.get("load_average")
         during = f"; load average {load['start'][0]:.1f} -> {load['end'][0]:.1f}" if load else ""
@@ -376,11 +387,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         api_key = await register_pos_key(infra, args.store_id)
         key_id, secret = await register_miniprogram(infra)
         children = supervisor.platform_children(ports, platform_env(infra))
+        echo_port = supervisor.free_port()
+        echo_target = f"{supervisor.LOOPBACK}:{echo_port}"
+        if EMPTY in wanted:
+            children.append(
+                supervisor.Child(
+                    "echo",
+                    [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)],
+                    supervisor.child_env(os.environ),
+                    grpc_target=echo_target,
+                )
+            )
         async with (
             started(children, log_dir) as platform,
             metered(platform, infra) as meter,
             pos_channel(pos_target, args.store_id, api_key) as pos_ch,
             grpc.aio.insecure_channel(f"{supervisor.LOOPBACK}:{ports['rewards']}") as rewards_ch,
+            # Lazy: connects on the first call, if the empty path is asked for.
+            grpc.aio.insecure_channel(echo_target) as echo_ch,
             aiohttp.ClientSession(
                 base_url=base_url, connector=aiohttp.TCPConnector(limit=256)
             ) as http,
@@ -414,10 +438,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rewards = rewards_pb2_grpc.RewardsServiceStub(rewards_ch)
                 issue = await coupon_caller(rewards, run_id, coupon_stock(args), args.timeout)
                 targets["coupon-issue"] = Target("coupon-issue", issue)
+            if EMPTY in wanted:
+                ping = echo_ch.unary_unary(ECHO_METHOD)
+
+                def empty_call(i: int) -> Awaitable[object]:
+                    return ping(b"", timeout=args.timeout)  # type: ignore[no-any-return]
+
+                targets[EMPTY] = Target(EMPTY, lambda _: empty_call)
             took = await events_drained(infra)
             say(f"consumers caught up with the set-up's events in {took:.1f}s")
             idle = await meter.idle(args.idle_seconds)
             paths = [await knee_of(targets[name], args, meter, idle, infra) for name in wanted]
+        floor = next((p["knee_per_s"] for p in paths if p["path"] == EMPTY), None)
+        for p in paths:
+            p["knee_over_empty_grpc"] = (
+                round(p["knee_per_s"] / floor, 3) if floor and p["knee_per_s"] else None
+            )
         return {
             "run_id": run_id,
             "started_at": started_at.isoformat(),

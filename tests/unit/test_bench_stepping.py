@@ -144,7 +144,8 @@ async def test_step_up_reports_every_rate_holding_and_the_first_failing() -> Non
 
 
 def test_knees_paths_are_chosen_by_name_in_the_order_given() -> None:
-    assert knees.parse_paths("all") == list(knees.PATHS)
+    assert knees.parse_paths("all") == list(knees.PATHS)  # the floor only when named
+    assert knees.parse_paths("empty_grpc,all") == [knees.EMPTY, *knees.PATHS]
     assert knees.parse_paths("identify, member_centre,identify") == ["identify", "member-centre"]
     with pytest.raises(
         ValueError, match=re.escape("unknown path(s) checkuot; choose from checkout")
@@ -191,6 +192,7 @@ def test_the_knees_table_says_met_or_not_per_path() -> None:
             "check_rate_per_s": 70.0,
             "check": check,
             "target_met": True,
+            "knee_over_empty_grpc": 0.05,
             "stopped_by": "125/s: p99 41 ms > 30 ms",
         },
         {
@@ -209,7 +211,8 @@ def test_the_knees_table_says_met_or_not_per_path() -> None:
         for line in text.split("\n\n")[0].splitlines()
         if line.startswith(("identify ", "checkout "))
     )
-    assert identify.split()[:3] == ["identify", "100.0", "2"] and identify.endswith("met")
+    assert identify.split()[:3] == ["identify", "100.0", "2"] and identify.endswith(" met")
+    assert "0.050" in identify.split()  # its knee over the empty call's
     assert checkout.endswith("NOT met") and "-" in checkout.split()
     assert "identify at 70/s" in text and "identify marginal" in text
 
