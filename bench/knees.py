@@ -10,19 +10,23 @@ Redis namespace), then for each path in --paths, one after the other:
 - member-centre: `GET /v1/members/{id}/centre` over HTTP through the gateway,
   signed by a mini-program backend and member-asserted;
 - coupon-issue: RewardsService.IssueCoupon from one sharded template, a new
-  member and issue key each (as bench/coupons.py).
+  member and issue key each (as bench/coupons.py);
+- empty-grpc, only when named (not in `all`): an empty unary call to the echo
+  server in its own process (bench/echo_server.py), the same-run floor; each
+  path's knee is reported over its knee too.
 
 For each: an unmeasured warm-up at the first rate, then the open-loop rate
 (bench/loadgen.py) steps up geometrically (--start-rate x --factor ...) until
-a step's p99 passes --slo-ms, it has an error, or it achieves less than 98%
-of the offered rate, in 1 + --retries runs (one run can fail on another
-process's burst on a shared machine; bench/stepping.py, shared with scaleout);
-the knee is the last rate that held. When the first rate fails, the rate
-steps down (x 1/factor^2, to --min-rate) until one holds: the knee is below
-the start on this machine at this moment. Then --check-seconds at --check-fraction (70%) of the
-knee: its p99 (target <= --slo-ms, no errors, achieved within 2%) and CPU ms
-per call by process (bench/cpu.py), as measured and marginal (each process's
-idle CPU, measured once before the paths, taken off).
+a rate's p99 passes --slo-ms, it has an error, or it achieves less than 98%
+of the offered rate, in each of 1 + --retries runs (one run can fail on
+another process's burst on a shared machine). When the first rate fails, the
+rate steps down (x 1/factor^2, to --min-rate) until one holds. The knee is
+the highest rate that held with no lower rate failing (bench/stepping.py,
+shared with scaleout and the checkout probe). Then --check-seconds at
+--check-fraction (70%) of the knee: its p99 (target <= --slo-ms, no errors,
+achieved within 2%) and CPU ms per call by process (bench/cpu.py), as
+measured and marginal (each process's idle CPU, measured once before the
+paths, taken off).
 
 Consumers' backlogs are drained between steps and before each check, so a
 step does not pay for the one before. The knee is this machine's, at this

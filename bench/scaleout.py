@@ -11,7 +11,7 @@ generator spreads its POS calls over the N gateways the same way
 (client-side round robin). The other services stay single processes.
 
 The open-loop rate then steps up (--rates) until p99 passes --slo-ms or the
-achieved rate falls under 95% of the offered; the knee is the last rate
+achieved rate falls under 95% of the offered (bench/stepping.py); the knee is the last rate
 that held. Reported per N: the knee, the knee per gateway+rewards process
 pair, and CPU ms per order by process at each step (bench/cpu.py), both
 as measured and marginal: before the steps each configuration sits idle
