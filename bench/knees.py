@@ -481,6 +481,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": machine(infra, pg_version),
             "idle_cpu_ms_per_s": {name: round(1000.0 * s, 2) for name, s in idle.items()},
             "paths": paths,
+            "target": {
+                "p99_ms_at_most": args.slo_ms,
+                "at_fraction_of_knee": args.check_fraction,
+                "met": {p["path"]: p["target_met"] for p in paths if p["path"] != EMPTY},
+            },
             "_table": knees_table(paths, args.slo_ms, args.check_fraction),
         }
     finally:
@@ -496,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     if done is None:
         return 1
     report, path = done
+    target = report["target"]
+    print(
+        f"target p99 <= {target['p99_ms_at_most']:g} ms at {target['at_fraction_of_knee']:g} x"
+        " the knee: "
+        + ", ".join(f"{name} {'met' if met else 'NOT met'}" for name, met in target["met"].items())
+    )
     print(
         f"{report['machine']['cpus']} CPUs, load average {os.getloadavg()[0]:.1f} at the end;"
         f" results: {path} ({time.monotonic() - began:.0f}s)"

@@ -53,4 +53,5 @@ async def test_knees_steps_every_path_and_writes_its_report(infra: Infra, tmp_pa
             assert path["check"]["ok"] > 0 and path["check"]["cpu_ms_per_call"]["total"] > 0
         else:
             assert path["check"] is None and "/s:" in path["stopped_by"]
-    assert "knee/s" in log and "CPU ms per call" in log
+    assert set(report["target"]["met"]) == set(knees.PATHS)
+    assert "knee/s" in log and "CPU ms per call" in log and "target p99 <= 60000 ms" in log
