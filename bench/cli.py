@@ -51,6 +51,7 @@ from servicekit.settings import ServiceSettings
 from .cpu import CpuMeter, cpu_table
 from .echo_server import METHOD as ECHO_METHOD
 from .loadgen import RunResult, open_loop
+from .stepping import Criteria, geometric_rates, step_line, step_up
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -501,8 +502,6 @@ async def probe(
     call_for: Callable[[str], Callable[[int], Awaitable[object]]], args: argparse.Namespace
 ) -> dict[str, Any]:
     """Step the open-loop rate up until the slice stops keeping up."""
-    from .stepping import Criteria, geometric_rates, step_line, step_up
-
     criteria = Criteria(args.slo_ms, achieved_tolerance=0.05, max_error_fraction=0.005)
     first = args.rate * args.probe_factor
     rates = (
