@@ -62,6 +62,14 @@ class Step:
     p99_ms: float | None  # None: no call succeeded
     errors: int
     scheduled: int
+    # The rate the schedule held: round(offered x duration) calls over the
+    # duration. Short, slow steps round away up to half a call, which is not
+    # a shortfall of the server's (2.6/s for 4 s schedules 10 calls, 2.5/s).
+    due: float | None = None
+
+    @property
+    def expected(self) -> float:
+        return self.offered if self.due is None else min(self.offered, self.due)
 
     @classmethod
     def of(cls, result: RunResult) -> Step:
@@ -71,6 +79,7 @@ class Step:
             p99_ms=result.latency_ms()["p99"],
             errors=sum(result.errors.values()),
             scheduled=result.scheduled,
+            due=result.scheduled / result.duration_s if result.duration_s > 0 else None,
         )
 
 
@@ -78,7 +87,7 @@ def holds(step: Step, criteria: Criteria) -> bool:
     return (
         step.p99_ms is not None
         and step.p99_ms <= criteria.slo_p99_ms
-        and step.achieved >= (1 - criteria.achieved_tolerance) * step.offered
+        and step.achieved >= (1 - criteria.achieved_tolerance) * step.expected
         and step.errors <= criteria.max_error_fraction * max(step.scheduled, 1)
     )
 
@@ -90,7 +99,7 @@ def why_not(step: Step, criteria: Criteria) -> str:
         reasons.append("no call succeeded")
     elif step.p99_ms > criteria.slo_p99_ms:
         reasons.append(f"p99 {round(step.p99_ms, 1):g} ms > {criteria.slo_p99_ms:g} ms")
-    if step.achieved < (1 - criteria.achieved_tolerance) * step.offered:
+    if step.achieved < (1 - criteria.achieved_tolerance) * step.expected:
         reasons.append(f"achieved {step.achieved:.1f}/s of {step.offered:g}/s")
     if step.errors > criteria.max_error_fraction * max(step.scheduled, 1):
         reasons.append(f"{step.errors} errors")

@@ -289,3 +289,17 @@ async def test_step_up_steps_down_when_the_first_rate_fails() -> None:
     p99s[25.0] = 5.0
     found = await step_up([25.0, 31.2], run_step, SLO, below=[16.0])
     assert (ran, found.knee) == ([25.0, 31.2], 25.0)
+
+
+def test_a_short_low_rate_step_is_judged_against_the_calls_it_scheduled() -> None:
+    # 2.6/s for 4 s schedules round(10.4) = 10 calls: all 10 answered within
+    # the 4 s is 2.5/s achieved, everything offered, not 96% of it.
+    r = RunResult("low", 2.6, 4.0)
+    r.scheduled = 10
+    r.latencies = [0.005] * 10
+    r.statuses = Counter({OK: 10})
+    r.elapsed_s = 4.0
+    assert holds(Step.of(r), SLO)
+    r.statuses = Counter({OK: 9})  # one call short of the schedule is not kept up
+    r.latencies = [0.005] * 9
+    assert why_not(Step.of(r), SLO) == "achieved 2.2/s of 2.6/s"
