@@ -301,17 +301,32 @@ CallFor = Callable[[str], Callable[[int], Awaitable[object]]]
 
 
 async def events_drained(infra: BenchInfra, timeout: float = 180.0) -> float:
-    """Wait until every consumer group has read and acknowledged every event
-    of this run's streams; the seconds it took. Enrolling the member pool
+    """Wait until every producer's outbox is published and every consumer
+    group has read and acknowledged every event of this run's streams; the
+    seconds it took. Enrolling the member pool
     publishes an event per member that tiering and engagement then process:
     measured meanwhile, the first row would time that backlog, not the call."""
     from redis.asyncio import Redis
 
     redis = Redis.from_url(infra.redis_url)
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    # Every producer's outbox: an event still unpublished has no stream entry
+    # yet, so the streams alone would say "caught up" before the relay ran.
+    outboxes = [
+        f"{schema}.outbox"
+        for schema in await conn.fetchval(
+            "SELECT array_agg(table_schema::text) FROM information_schema.tables"
+            " WHERE table_name = 'outbox'"
+        )
+        or []
+    ]
+    unpublished = " + ".join(
+        f"(SELECT count(*) FROM {table} WHERE published_at IS NULL)" for table in outboxes
+    )
     started_at = time.monotonic()
     try:
         while True:
-            behind = 0
+            behind = int(await conn.fetchval(f"SELECT {unpublished}")) if outboxes else 0
             # Streams only: the relay's `:head` hash and `:replay` list live beside them.
             async for key in redis.scan_iter(
                 match=f"{infra.namespace}:events:*", count=100, _type="STREAM"
@@ -326,11 +341,13 @@ async def events_drained(infra: BenchInfra, timeout: float = 180.0) -> float:
                 return time.monotonic() - started_at
             if time.monotonic() - started_at > timeout:
                 raise supervisor.DevrunError(
-                    f"{behind} consumer groups still behind after {timeout:.0f}s"
+                    f"{behind} unpublished events or consumer groups still behind"
+                    f" after {timeout:.0f}s"
                 )
             await asyncio.sleep(0.5)
     finally:
         await redis.aclose()
+        await conn.close()
 
 
 def backstop(args: argparse.Namespace) -> float:
