@@ -15,9 +15,10 @@ The requests are built before the run, so the client's own cost of building
 1,000 items does not count as latency. `--bulk-rate` with no value: no bulk.
 
 At each rate, in the same run and against the same template:
-- baseline "in-process": the very use case (coupon_service.issue_coupon, the
-  same SQL) called straight through an asyncpg pool of the service's size,
-  without gRPC: the floor the database and the domain code set;
+- baseline "in-process": the very use case (handlers.issue_coupon_now, as
+  the RPC calls it, the same SQL) called straight through an asyncpg pool of
+  the service's size, without gRPC: the floor the database and the domain
+  code set;
 - baseline "empty gRPC": an empty unary call to a trivial server in its own
   process (bench/echo_server.py): the floor of one gRPC hop here.
 CPU is counted per call (bench/cpu.py): every platform process (an issue's
@@ -287,19 +288,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                         return call
 
+                    templates = svc.TemplateCache()
+
                     def in_process(prefix: str) -> Callable[[int], Awaitable[object]]:
                         # What the servicer does, minus gRPC and the protobuf mapping.
-                        async def call(i: int) -> object:
-                            async with db.unit_of_work() as uow:
-                                return await svc.issue_coupon(
-                                    uow.conn,
-                                    template_id=template_id,
-                                    member_id=uuid.uuid4(),
-                                    reason="operator_grant",
-                                    issue_key=f"{run_id}-{prefix}-{i}",
-                                    now=datetime.now(UTC),
-                                    savepoint=False,
-                                )
+                        def call(i: int) -> Awaitable[object]:
+                            return svc.issue_coupon_now(
+                                db,
+                                templates,
+                                template_id=template_id,
+                                member_id=uuid.uuid4(),
+                                reason="operator_grant",
+                                issue_key=f"{run_id}-{prefix}-{i}",
+                                now=datetime.now(UTC),
+                            )
 
                         return call
 

@@ -164,6 +164,8 @@ class CouponRpcs:
     _db: Database
     _points: PointsLedger
     _coupon_policy: svc.CouponPolicy
+    # IssueCoupon's templates (handlers.issue_coupon_now), set by RewardsServicer.
+    _issue_templates: svc.TemplateCache
 
     async def _template_reply(self, conn: Any, t: TemplateRow) -> rewards_pb2.CouponTemplate:
         remaining = None
@@ -269,25 +271,16 @@ class CouponRpcs:
     async def IssueCoupon(
         self, request: rewards_pb2.IssueCouponRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.Coupon:
-        member = svc.parse_member(request.member_id)
-
-        async def attempt() -> svc.IssuedCoupon:
-            async with self._db.unit_of_work() as uow:
-                return await svc.issue_coupon(
-                    uow.conn,
-                    template_id=request.template_id,
-                    member_id=member,
-                    reason=request.reason,
-                    issue_key=request.issue_key,
-                    now=datetime.now(UTC),
-                    issued_by=request.issued_by,
-                    # The unit of work is this call's own: a refusal rolls it all back.
-                    savepoint=False,
-                )
-
-        # At the end of a stock, an issue waiting for a shard a batch holds
-        # can deadlock with it (repository.take_stock): run it again.
-        c: svc.IssuedCoupon = await with_retries(attempt)
+        c = await svc.issue_coupon_now(
+            self._db,
+            self._issue_templates,
+            template_id=request.template_id,
+            member_id=svc.parse_member(request.member_id),
+            reason=request.reason,
+            issue_key=request.issue_key,
+            now=datetime.now(UTC),
+            issued_by=request.issued_by,
+        )
         # The relay is woken like for any unit of work that emitted.
         self._db.outbox_wakeup.set()
         return coupon_message(c)
