@@ -15,14 +15,19 @@ The requests are built before the run, so the client's own cost of building
 1,000 items does not count as latency. `--bulk-rate` with no value: no bulk.
 
 At each rate, in the same run and against the same template:
-- baseline "in-process": the very use case (coupon_service.issue_coupon, the
-  same SQL) called straight through an asyncpg pool of the service's size,
-  without gRPC: the floor the database and the domain code set;
+- baseline "in-process": the very use case (handlers.issue_coupon_now, as
+  the RPC calls it, the same SQL) called straight through an asyncpg pool of
+  the service's size, without gRPC: the floor the database and the domain
+  code set;
 - baseline "empty gRPC": an empty unary call to a trivial server in its own
   process (bench/echo_server.py): the floor of one gRPC hop here.
-CPU is counted per call from /proc: the server process (rewards, or the echo
-server for the empty call), this run's PostgreSQL backends (pg_stat_activity of its database; the shared WAL writer
-and checkpointer are not counted) and the load generator itself.
+CPU is counted per call (bench/cpu.py): every platform process (an issue's
+CouponIssued is read by every consumer of rewards' stream: engagement,
+guides, tiering and rewards' own), this run's PostgreSQL backends
+(pg_stat_activity of its database; the shared WAL writer and checkpointer are
+not counted), Redis and the load generator itself; "server" is all of it but
+the load generator (the echo server alone for the empty call). `make profile
+PROFILE=rewards BENCH_ARGS='coupons ...'` samples the measured issue runs.
 
 After the run the promise is checked: coupons written == stock taken, never
 more than the stock.
@@ -52,7 +57,8 @@ from servicekit.db import Database, asyncpg_dsn, create_pool
 from servicekit.settings import ServiceSettings
 
 from .cli import BENCH_DATA, RESULTS_DIR, BenchInfra, platform_env, run_and_report, say, started
-from .cpu import LOAD_GENERATOR, POSTGRES, CpuMeter
+from .cli import metered as metered_platform
+from .cpu import LOAD_GENERATOR, POSTGRES, REDIS, CpuMeter
 from .echo_server import METHOD as ECHO_METHOD
 from .loadgen import RunResult, open_loop
 
@@ -91,9 +97,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # ---- CPU accounting ------------------------------------------------------------------
-# bench.cpu's meter: the server process (rewards, or the echo server for the
-# empty call), this database's PostgreSQL backends and the load generator.
+# bench.cpu's meter: the platform's processes by name (or the echo server for
+# the empty call), this database's PostgreSQL backends, Redis and the load
+# generator; SERVER is the sum of all but the load generator.
 SERVER = "server"
+
+
+def with_server(cpu: dict[str, float]) -> dict[str, float]:
+    out = dict(cpu)
+    if SERVER not in out:
+        out[SERVER] = round(out.get("total", 0.0) - out.get(LOAD_GENERATOR, 0.0), 3)
+    return out
 
 
 async def metered(
@@ -101,7 +115,7 @@ async def metered(
 ) -> tuple[RunResult, dict[str, Any]]:
     before = await meter.snapshot()
     result = await open_loop(name, call, rate, args.seconds, timeout=args.timeout + 1.0)
-    cpu = await meter.per_call(before, result.ok)
+    cpu = with_server(await meter.per_call(before, result.ok))
     lat = result.latency_ms()
     say(
         f"  {name}: {result.achieved_rate:.0f}/s ok of {rate:g}/s offered, errors"
@@ -180,7 +194,7 @@ async def run_bulk(
 
     before = await meter.snapshot() if meter else None
     result = await open_loop("IssueCoupons", call, rate, seconds, timeout=args.timeout + 1.0)
-    cpu = await meter.per_call(before, counted["issued"]) if meter and before else None
+    cpu = with_server(await meter.per_call(before, counted["issued"])) if meter and before else None
     summary = result.summary()
     summary.update(
         {
@@ -234,9 +248,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         children = supervisor.platform_children(ports, platform_env(infra))
         template_id = f"BENCH-{run_id[-6:]}"
         monitor = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-        async with started(children, log_dir) as platform:
-            rewards = next(c for c in platform.children if c.name == "rewards")
-            meter = CpuMeter({SERVER: rewards.proc.pid} if rewards.proc else {}, monitor)
+        async with (
+            started(children, log_dir) as platform,
+            metered_platform(platform, infra) as meter,
+        ):
             pool = await create_pool(infra.database_url, pool_size, pool_size)
             db = Database(pool, "rewards", "rewards")
             try:
@@ -273,19 +288,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                         return call
 
+                    templates = svc.TemplateCache()
+
                     def in_process(prefix: str) -> Callable[[int], Awaitable[object]]:
                         # What the servicer does, minus gRPC and the protobuf mapping.
-                        async def call(i: int) -> object:
-                            async with db.unit_of_work() as uow:
-                                return await svc.issue_coupon(
-                                    uow.conn,
-                                    template_id=template_id,
-                                    member_id=uuid.uuid4(),
-                                    reason="operator_grant",
-                                    issue_key=f"{run_id}-{prefix}-{i}",
-                                    now=datetime.now(UTC),
-                                    savepoint=False,
-                                )
+                        def call(i: int) -> Awaitable[object]:
+                            return svc.issue_coupon_now(
+                                db,
+                                templates,
+                                template_id=template_id,
+                                member_id=uuid.uuid4(),
+                                reason="operator_grant",
+                                issue_key=f"{run_id}-{prefix}-{i}",
+                                now=datetime.now(UTC),
+                            )
 
                         return call
 
@@ -381,9 +397,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def row(name: str, s: dict[str, Any], cpu: dict[str, Any] | None) -> str:
     lat = s["latency_ms"]
     per = cpu or {}
+    others = {
+        k: v
+        for k, v in per.items()
+        if k not in (SERVER, POSTGRES, REDIS, LOAD_GENERATOR, "total") and v >= 0.005
+    }
     cpu_text = (
-        f"  server {per.get(SERVER, 0.0):.2f} + pg {per.get(POSTGRES, 0.0):.2f}"
-        f" + client {per.get(LOAD_GENERATOR, 0.0):.2f}"
+        f"  server {per.get(SERVER, 0.0):.2f} ="
+        + "".join(f" {k} {v:.2f} +" for k, v in others.items())
+        + f" pg {per.get(POSTGRES, 0.0):.2f} + redis {per.get(REDIS, 0.0):.2f};"
+        f" client {per.get(LOAD_GENERATOR, 0.0):.2f}"
         if per
         else ""
     )

@@ -8,6 +8,7 @@ from loyalty.rewards.v1 import rewards_pb2_grpc
 from servicekit.db import Database
 
 from .analytics.servicer import AnalyticsRpcs
+from .coupons.handlers import TemplateCache
 from .coupons.servicer import CouponRpcs
 from .mall.handlers import PointsMall
 from .mall.servicer import MallRpcs
@@ -34,5 +35,6 @@ class RewardsServicer(
         self._handlers = handlers
         self._points = handlers.points
         self._coupon_policy = handlers.coupon_policy
+        self._issue_templates = TemplateCache()
         self._referrals = referrals
         self._mall = mall

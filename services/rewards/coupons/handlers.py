@@ -11,6 +11,14 @@ and inserts the coupon and its CouponIssued outbox row
 (repository.ISSUE_SQL). A guard that does not pass raises, undoing the
 statement as a whole.
 
+The IssueCoupon RPC calls `issue_coupon_now`, which first tries the whole
+issue as ONE statement outside a transaction (repository.ONE_STATEMENT_ISSUE_SQL:
+no BEGIN, read or COMMIT round trip) with the template from an in-process
+cache (`TemplateCache`), the statement checking that the stored template is
+still the cached row version. Anything else than a clean issue (a replay, a
+refusal, a template changed or not cached, a new-members-only template) writes
+nothing there and takes `issue_coupon` in its own transaction.
+
 `issue_coupons` issues one template to up to MAX_BATCH members (IssueCoupons,
 campaigns) with the same guarantees item by item, in four round trips and
 the caller's one commit; see its docstring and docs/coupons.md.
@@ -26,11 +34,20 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
+from cachetools import LRUCache
 from google.protobuf.message import Message
 
 from loyalty.events.v1 import events_pb2
-from servicekit.db import Connection
-from servicekit.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
+from servicekit.db import Connection, Database, with_retries
+from servicekit.errors import (
+    PG_CONNECTION_ERRORS,
+    Conflict,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from servicekit.events import make_envelope
 from servicekit.protos import timestamp
 
@@ -172,6 +189,7 @@ async def issue_coupon(
     now: datetime,
     issued_by: str = "",
     savepoint: bool = True,
+    templates: TemplateCache | None = None,
 ) -> IssuedCoupon:
     """Issue one coupon of an active template to a member, once per issue key.
 
@@ -181,7 +199,8 @@ async def issue_coupon(
     template, stock, per-member limit, daily budget, erased member) raise and
     leave nothing written: under a savepoint, unless the caller says its
     transaction ends with the refusal anyway (`savepoint=False`, the RPC: two
-    round trips fewer). No commit of its own.
+    round trips fewer). No commit of its own. The template read goes into
+    `templates`, for `issue_coupon_now`'s next issue.
     """
     check_template_id(template_id)
     check_issue_key(issue_key)
@@ -199,6 +218,8 @@ async def issue_coupon(
         )
     if template is None:
         raise unknown_template(template_id)
+    if templates is not None:
+        templates[template_id] = template
     blocked = _template_refusal(template, why, now)
     if blocked is not None:
         raise FailedPrecondition(blocked.detail, code=blocked.refusal, field="template_id")
@@ -256,6 +277,131 @@ async def issue_coupon(
             return _replay(stored, digest, issue_key)
         await _check_limits(conn, template_id, template.limits, member_id, done)
     return issued(done.row)
+
+
+class TemplateCache(LRUCache[str, crepo.TemplateRow]):
+    """Templates as issue_coupon last read them (with their row's xmin), for
+    issue_coupon_now. Never stale in effect: the one-statement issue writes
+    only while the stored row is the cached version, and an issue that finds
+    it changed re-reads it through issue_coupon."""
+
+    def __init__(self, maxsize: int = 1024) -> None:
+        super().__init__(maxsize)
+
+
+async def issue_coupon_now(
+    db: Database,
+    templates: TemplateCache,
+    *,
+    template_id: str,
+    member_id: uuid.UUID,
+    reason: str,
+    issue_key: str,
+    now: datetime,
+    issued_by: str = "",
+) -> IssuedCoupon:
+    """issue_coupon as a transaction of its own (the IssueCoupon RPC): one
+    statement when the template is cached and the issue is clean, else
+    issue_coupon in a unit of work (retried on deadlock, which a batch
+    holding stock shards can cause at the end of a stock)."""
+    done = await _issue_in_one_statement(
+        db, templates, template_id, member_id, reason, issue_key, now, issued_by
+    )
+    if done is not None:
+        return done
+
+    async def attempt() -> IssuedCoupon:
+        async with db.unit_of_work() as uow:
+            return await issue_coupon(
+                uow.conn,
+                template_id=template_id,
+                member_id=member_id,
+                reason=reason,
+                issue_key=issue_key,
+                now=now,
+                issued_by=issued_by,
+                # The unit of work is this call's own: a refusal rolls it all back.
+                savepoint=False,
+                templates=templates,
+            )
+
+    return await with_retries(attempt)  # type: ignore[no-any-return]
+
+
+async def _issue_in_one_statement(
+    db: Database,
+    templates: TemplateCache,
+    template_id: str,
+    member_id: uuid.UUID,
+    reason: str,
+    issue_key: str,
+    now: datetime,
+    issued_by: str,
+) -> IssuedCoupon | None:
+    """The issued coupon, or None when the transactional path must decide
+    (nothing was written here then)."""
+    check_template_id(template_id)
+    check_issue_key(issue_key)
+    why = check_reason(reason)
+    template = templates.get(template_id)
+    if (
+        template is None
+        or template.row_xmin is None
+        # Its check reads orders: left to issue_coupon.
+        or template.terms.new_members_only
+        or _template_refusal(template, why, now) is not None
+    ):
+        return None
+    terms = template.terms
+    coupon_id, code = uuid.uuid4(), new_code()
+    expires_at = terms.expires_at(now)
+    envelope = make_envelope(
+        PRODUCER,
+        events_pb2.CouponIssued(
+            coupon_id=str(coupon_id),
+            code=code,
+            member_id=str(member_id),
+            template_id=template_id,
+            template_version=template.version,
+            reason=why.value,
+            issued_at=timestamp(now),
+            expires_at=timestamp(expires_at),
+        ),
+        str(member_id),
+    )
+    try:
+        async with db.pool.acquire() as conn:
+            row = await crepo.issue_at_once(
+                conn,
+                crepo.NewCoupon(
+                    id=coupon_id,
+                    code=code,
+                    template_id=template_id,
+                    template_version=template.version,
+                    member_id=member_id,
+                    reason=why.value,
+                    issued_by=issued_by,
+                    issue_key=issue_key,
+                    request_hash=issue_hash(template_id, str(member_id), why.value, issued_by),
+                    issued_at=now,
+                    valid_from=terms.starts_at(now),
+                    expires_at=expires_at,
+                ),
+                template.limits,
+                now.astimezone(BUSINESS_TZ).date(),
+                (envelope.event_id, envelope.event_type, envelope.SerializeToString()),
+                template.row_xmin,
+            )
+    except asyncpg.RaiseError as exc:
+        if exc.hint != crepo.ISSUE_REFUSED_HINT:
+            raise
+        return None  # a guard refused: issue_coupon names it (or finds another shard)
+    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+        return None
+    except PG_CONNECTION_ERRORS:
+        # Committed or not, unknown: issue_coupon replays it by its key if it was.
+        return None
+    return issued(row) if row is not None else None
 
 
 # ---- bulk issuance ------------------------------------------------------------------

@@ -50,6 +50,10 @@ class TemplateRow:
     limits: Limits
     created_at: datetime
     updated_at: datetime
+    # The row version's xmin, when read with it (issue_context): a cached
+    # template is used only while the stored row still has this xmin (every
+    # UPDATE writes a new row version with a new xmin).
+    row_xmin: int | None = None
 
 
 def _template(row: Any) -> TemplateRow:
@@ -66,6 +70,7 @@ def _template(row: Any) -> TemplateRow:
         ),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        row_xmin=row.get("row_xmin"),
     )
 
 
@@ -281,10 +286,8 @@ class NewCoupon:
 # write (the member's count, the day's count, one stock shard) and the outbox
 # row goes in with the coupon. A guard that refuses still leaves the other
 # parts written: the caller raises, which rolls the statement back as a whole.
-ISSUE_SQL = (
-    "WITH claim AS ("
-    " INSERT INTO rewards.coupon_keys (id, code, issue_key, expires_at)"
-    " VALUES ($1, $2, $8, $12) ON CONFLICT (issue_key) DO NOTHING RETURNING id),"
+# Every write of an issue after the key's claim (`claim`, which RETURNS the id).
+_ISSUE_WRITES = (
     " coupon AS ("
     " INSERT INTO rewards.coupons AS c (id, code, template_id, template_version, member_id,"
     " reason, issued_by, issue_key, request_hash, issued_at, valid_from, expires_at, issued_to)"
@@ -306,7 +309,13 @@ ISSUE_SQL = (
     " AND EXISTS (SELECT 1 FROM coupon) RETURNING 1),"
     " outbox AS ("
     " INSERT INTO rewards.outbox (event_id, event_type, envelope) SELECT $17, $18, $19 FROM coupon)"
-    " SELECT k.*, EXISTS (SELECT 1 FROM member_count) AS member_counted,"
+)
+ISSUE_SQL = (
+    "WITH claim AS ("
+    " INSERT INTO rewards.coupon_keys (id, code, issue_key, expires_at)"
+    " VALUES ($1, $2, $8, $12) ON CONFLICT (issue_key) DO NOTHING RETURNING id),"
+    + _ISSUE_WRITES
+    + " SELECT k.*, EXISTS (SELECT 1 FROM member_count) AS member_counted,"
     " EXISTS (SELECT 1 FROM day_count) AS day_counted,"
     " EXISTS (SELECT 1 FROM stock) AS stock_taken"
     " FROM (SELECT 1) one LEFT JOIN coupon k ON true"
@@ -367,6 +376,76 @@ async def issue(
     )
 
 
+# ISSUE_SQL as the whole issue, run outside a transaction (one round trip
+# instead of BEGIN, read, write, COMMIT), for a template the caller holds
+# (cached) and checks as it writes: the key is claimed only while the stored
+# template row is the very version the caller holds ($21, its xmin) and the
+# member is not erased. Nothing claimed (a replay, a stale template, an erased
+# member) writes nothing and returns a row without an id. A guard that does
+# not pass calls rewards.coupon_issue_refused (migration 0021), whose error
+# rolls the statement back whole. Either way the caller then takes the
+# transactional path (issue_context, ISSUE_SQL), which replays or names the
+# refusal.
+ONE_STATEMENT_ISSUE_SQL = (
+    "WITH claim AS ("
+    " INSERT INTO rewards.coupon_keys (id, code, issue_key, expires_at)"
+    " SELECT $1, $2, $8, $12 FROM rewards.coupon_templates"
+    " WHERE template_id = $3 AND xmin = $21::xid"
+    " AND NOT EXISTS (SELECT 1 FROM rewards.erased_members WHERE member_id = $5)"
+    " ON CONFLICT (issue_key) DO NOTHING RETURNING id),"
+    + _ISSUE_WRITES
+    + " SELECT k.*, CASE WHEN k.id IS NOT NULL AND NOT ("
+    "($13::bigint IS NULL OR EXISTS (SELECT 1 FROM member_count))"
+    " AND ($15::bigint IS NULL OR EXISTS (SELECT 1 FROM day_count))"
+    " AND (NOT $20::boolean OR EXISTS (SELECT 1 FROM stock)))"
+    " THEN rewards.coupon_issue_refused('member, day or stock') END AS refused"
+    " FROM (SELECT 1) one LEFT JOIN coupon k ON true"
+)
+
+# The hint rewards.coupon_issue_refused raises with.
+ISSUE_REFUSED_HINT = "coupon_issue_refused"
+
+
+async def issue_at_once(
+    conn: Connection,
+    c: NewCoupon,
+    limits: Limits,
+    day: date,
+    event: tuple[str, str, bytes],
+    template_xmin: int,
+) -> Any:
+    """ONE_STATEMENT_ISSUE_SQL on a connection outside any transaction: the new
+    coupon's row, or None when nothing was written (a taken key, a template
+    changed since `template_xmin`, an erased member). A guard that does not
+    pass raises asyncpg.RaiseError with ISSUE_REFUSED_HINT, nothing written."""
+    limited = limits.total_stock is not None
+    shard = random.randrange(limits.stock_shards) if limited else 0
+    row = await conn.fetchrow(
+        ONE_STATEMENT_ISSUE_SQL,
+        c.id,
+        c.code,
+        c.template_id,
+        c.template_version,
+        c.member_id,
+        c.reason,
+        c.issued_by,
+        c.issue_key,
+        c.request_hash,
+        c.issued_at,
+        c.valid_from,
+        c.expires_at,
+        limits.per_member_limit,
+        day,
+        limits.daily_budget,
+        shard,
+        *event,
+        limited,
+        template_xmin,
+    )
+    assert row is not None
+    return row if row["id"] is not None else None
+
+
 async def issue_context(
     conn: Connection, issue_key: str, member_id: uuid.UUID, template_id: str
 ) -> tuple[Any, bool, TemplateRow | None]:
@@ -375,7 +454,7 @@ async def issue_context(
     row = await conn.fetchrow(
         "SELECT EXISTS (SELECT 1 FROM rewards.coupon_keys WHERE issue_key = $1) AS replay,"
         " EXISTS (SELECT 1 FROM rewards.erased_members WHERE member_id = $2) AS erased,"
-        f" t.* FROM (SELECT 1) one LEFT JOIN (SELECT {TEMPLATE_COLUMNS}"
+        f" t.* FROM (SELECT 1) one LEFT JOIN (SELECT {TEMPLATE_COLUMNS}, xmin AS row_xmin"
         "  FROM rewards.coupon_templates WHERE template_id = $3) t ON true",
         issue_key,
         member_id,

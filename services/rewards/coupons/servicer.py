@@ -164,6 +164,8 @@ class CouponRpcs:
     _db: Database
     _points: PointsLedger
     _coupon_policy: svc.CouponPolicy
+    # IssueCoupon's templates (handlers.issue_coupon_now), set by RewardsServicer.
+    _issue_templates: svc.TemplateCache
 
     async def _template_reply(self, conn: Any, t: TemplateRow) -> rewards_pb2.CouponTemplate:
         remaining = None
@@ -269,27 +271,22 @@ class CouponRpcs:
     async def IssueCoupon(
         self, request: rewards_pb2.IssueCouponRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.Coupon:
-        member = svc.parse_member(request.member_id)
-
-        async def attempt() -> svc.IssuedCoupon:
-            async with self._db.unit_of_work() as uow:
-                return await svc.issue_coupon(
-                    uow.conn,
-                    template_id=request.template_id,
-                    member_id=member,
-                    reason=request.reason,
-                    issue_key=request.issue_key,
-                    now=datetime.now(UTC),
-                    issued_by=request.issued_by,
-                    # The unit of work is this call's own: a refusal rolls it all back.
-                    savepoint=False,
-                )
-
-        # At the end of a stock, an issue waiting for a shard a batch holds
-        # can deadlock with it (repository.take_stock): run it again.
-        c: svc.IssuedCoupon = await with_retries(attempt)
-        # The relay is woken like for any unit of work that emitted.
-        self._db.outbox_wakeup.set()
+        c = await svc.issue_coupon_now(
+            self._db,
+            self._issue_templates,
+            template_id=request.template_id,
+            member_id=svc.parse_member(request.member_id),
+            reason=request.reason,
+            issue_key=request.issue_key,
+            now=datetime.now(UTC),
+            issued_by=request.issued_by,
+        )
+        # The relay is not woken per issue: CouponIssued has no consumer that
+        # waits for it, and a relay turn per issue costs one read and commit
+        # in each of the four consumer groups of rewards' stream. It goes out
+        # on the relay's next turn (another commit with events, or within
+        # OUTBOX_POLL_INTERVAL_SECONDS): 2.2-2.5 against 3.7-4.7 ms of CPU per
+        # issue, every process (docs/operations.md, "CPU per call (issue 19)").
         return coupon_message(c)
 
     async def IssueCoupons(
