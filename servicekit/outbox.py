@@ -121,9 +121,11 @@ class OutboxRelay:
         """Number one batch of committed rows (without publishing them); how
         many got a number (0 when another replica holds the lock)."""
         async with self._db.pool.acquire() as conn:
-            if not await self._lock(conn):
-                return 0
             try:
+                # In the try: a cancel landing once the lock is granted would
+                # otherwise leave it on the pooled connection.
+                if not await self._lock(conn):
+                    return 0
                 status = await conn.execute(self._number_sql, self._batch_size)
                 await conn.execute(_UNLOCK_SQL, self._lock_name)
             except BaseException:
@@ -141,9 +143,9 @@ class OutboxRelay:
         lock go. The lock is a session lock, so it spans the XADD without a
         transaction held open across it."""
         async with self._db.pool.acquire() as conn:
-            if not await self._lock(conn):
-                return 0
             try:
+                if not await self._lock(conn):  # in the try: see sequence_pending
+                    return 0
                 rows = await conn.fetch(self._turn_sql, self._batch_size)
                 if not rows:
                     await conn.execute(_UNLOCK_SQL, self._lock_name)

@@ -433,3 +433,35 @@ async def test_commits_right_behind_a_wakeup_share_one_relay_turn(
 
 async def _stream_len(redis: RedisClient, stream: str, n: int) -> bool:
     return int(await redis.xlen(stream)) == n
+
+
+async def test_a_turn_cancelled_as_the_lock_is_granted_leaves_no_lock_behind(
+    db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """A cancel (the service stopping) that lands after PostgreSQL granted the
+    session lock but before the relay saw the answer must not leave the lock on
+    the pooled connection: the pool does not reset connections it is not told
+    about, and every later turn on another connection (the drain's last
+    publish, another replica) would find the lock taken and publish nothing."""
+    stream = stream_name(infra.namespace, names[0])
+    schema = outbox_db.schema
+
+    class CancelledAtTheLock(OutboxRelay):
+        async def _lock(self, conn: asyncpg.Connection) -> bool:
+            await super()._lock(conn)
+            raise asyncio.CancelledError
+
+    await emit(outbox_db, "o-1")
+    for turn in (
+        CancelledAtTheLock(outbox_db, redis, stream).publish_pending,
+        CancelledAtTheLock(outbox_db, redis, stream).sequence_pending,
+    ):
+        with pytest.raises(asyncio.CancelledError):
+            await turn()
+        held = await db.pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objid = hashtext($1)::oid",
+            f"outbox:{schema}",
+        )
+        assert held == 0
+    assert await OutboxRelay(outbox_db, redis, stream).publish_pending() == 1
