@@ -18,10 +18,11 @@ every fault (docs/operations.md, "Fault suite").
    gateway during a burst of --burst calls (then a restart).
 4. After each: every acknowledged order exists exactly once in rewards; the
    ledger audit passes (`python -m services.rewards audit`); tiering's and
-   engagement's per-member order counts (and tiering's spend) equal rewards'
-   settled orders once the events are applied (waited for, up to
-   --settle-timeout: what is still missing then counts as lost); no
-   dead-lettered event; every process ready again.
+   engagement's per-member order counts (and tiering's spend) count every
+   order rewards had settled a look earlier and none it has not settled now
+   (`projection_gaps`: the load goes on, so some order is always on its way;
+   waited for, up to --settle-timeout: what is still missing then counts as
+   lost); no dead-lettered event; every process ready again.
 5. Prints a table (attempts and their error rate while the fault lasted,
    CANCELLED and INTERNAL answers, seconds to recovery, the checks) and
    writes JSON to bench/results/; --write-docs replaces the table in
