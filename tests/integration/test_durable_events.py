@@ -465,3 +465,36 @@ async def test_a_turn_cancelled_as_the_lock_is_granted_leaves_no_lock_behind(
         )
         assert held == 0
     assert await OutboxRelay(outbox_db, redis, stream).publish_pending() == 1
+
+
+async def test_a_mark_lost_with_its_asynchronous_commit_while_redis_lost_the_entries(
+    db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """The relay's mark commits asynchronously: a PostgreSQL crash may lose it
+    after the XADD and the head went out. With Redis losing those entries too
+    (and the head saying they were published), the range is still unmarked,
+    so the next turn publishes it again, and a replay asked from before it
+    (served only from marked rows) does not skip it: each event applied once."""
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    applied = Applied(db, outbox_db.schema)
+    relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
+    consumer = make_consumer(group, db, redis, infra, producer, applied)
+    await emit(outbox_db, "m1", "m2")
+    async with running(relay, consumer):
+        await eventually(lambda: _cursor_at(db, group, producer, 2))
+    await emit(outbox_db, "m3", "m4")
+    assert await relay.publish_pending() == 2
+    # The crash: the mark of m3..m4 never reached the disk; Redis restarts empty.
+    await db.pool.execute(
+        f"UPDATE {outbox_db.schema}.outbox SET published_at = NULL WHERE seq >= 3"
+    )
+    await redis.delete(stream, head_key(stream))
+    await emit(outbox_db, "m5")
+    relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
+    consumer = make_consumer(group, db, redis, infra, producer, applied)
+    async with running(relay, consumer):
+        await eventually(lambda: _cursor_at(db, group, producer, 5))
+    assert await applied.counts() == Counter({f"m{i}": 1 for i in range(1, 6)})
+    unpublished = f"SELECT count(*) FROM {outbox_db.schema}.outbox WHERE published_at IS NULL"
+    assert await db.pool.fetchval(unpublished) == 0
