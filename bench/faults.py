@@ -18,10 +18,11 @@ every fault (docs/operations.md, "Fault suite").
    gateway during a burst of --burst calls (then a restart).
 4. After each: every acknowledged order exists exactly once in rewards; the
    ledger audit passes (`python -m services.rewards audit`); tiering's and
-   engagement's per-member order counts (and tiering's spend) equal rewards'
-   settled orders once the events are applied (waited for, up to
-   --settle-timeout: what is still missing then counts as lost); no
-   dead-lettered event; every process ready again.
+   engagement's per-member order counts (and tiering's spend) count every
+   order rewards had settled a look earlier and none it has not settled now
+   (`projection_gaps`: the load goes on, so some order is always on its way;
+   waited for, up to --settle-timeout: what is still missing then counts as
+   lost); no dead-lettered event; every process ready again.
 5. Prints a table (attempts and their error rate while the fault lasted,
    CANCELLED and INTERNAL answers, seconds to recovery, the checks) and
    writes JSON to bench/results/; --write-docs replaces the table in
@@ -296,6 +297,59 @@ class Load:
 # ----------------------------------------------------------------------- checks
 
 
+@dataclass(frozen=True)
+class Figures:
+    """A member's orders as one side counts them: how many, and the paid sum
+    (None where the side keeps no sum: engagement)."""
+
+    orders: int
+    paid: int | None
+
+
+@dataclass(frozen=True)
+class ProjectionGaps:
+    tiering: int  # members whose tiering figures are out of bounds
+    engagement: int  # members whose engagement count is out of bounds
+    lost: int  # orders settled by `before` that a projection does not count
+
+    @property
+    def equal(self) -> bool:
+        return self.tiering == self.engagement == 0
+
+
+def projection_gaps(
+    before: Mapping[str, Figures],
+    now: Mapping[str, Figures],
+    tiering: Mapping[str, Figures],
+    engagement: Mapping[str, Figures],
+) -> ProjectionGaps:
+    """Compare the projections, read at one instant, with rewards' settled
+    orders at an earlier look (`before`: each of them must be counted by now)
+    and at that same instant (`now`: nothing may be counted beyond it).
+
+    Under steady load an order is nearly always between rewards' commit and
+    the projections' (relay, consumer read and linger, the consumer's commit:
+    ~50 ms), so "equal at one instant" never holds when orders come closer
+    together than that (20/s: every 50 ms). A lost event stays below
+    `before`; an event counted twice goes above `now`. With no load, before
+    equals now and the check is exact equality."""
+    zero = Figures(0, 0)
+    off_tiering = off_engagement = lost = 0
+    for member, high in now.items():
+        low = before.get(member, zero)
+        t = tiering.get(member, zero)
+        e = engagement.get(member, zero)
+        if not (
+            low.orders <= t.orders <= high.orders
+            and (low.paid or 0) <= (t.paid or 0) <= (high.paid or 0)
+        ):
+            off_tiering += 1
+        if not low.orders <= e.orders <= high.orders:
+            off_engagement += 1
+        lost += max(0, low.orders - t.orders) + max(0, low.orders - e.orders)
+    return ProjectionGaps(off_tiering, off_engagement, lost)
+
+
 @dataclass
 class Checks:
     acked: int = 0
@@ -307,6 +361,11 @@ class Checks:
     dead_letters: int = 0
     ready: bool = False
     settle_seconds: float = 0.0
+    # Diagnostics of the settle loop: how many times it looked, and how often
+    # the projections equalled rewards' orders of that same instant (under
+    # load, rarely: an order is almost always on its way).
+    samples: int = 0
+    samples_exactly_equal: int = 0
 
     @property
     def passed(self) -> bool:
@@ -460,24 +519,35 @@ class Suite:
             )
             checks.acked_missing = len(acked) - int(found)
             started = time.monotonic()
+            # The load goes on meanwhile, so the projections are compared with
+            # rewards' orders of the previous look (settled at least a second
+            # ago: all of them must be there) and of now (nothing beyond).
+            before, _, _ = await self._counts(conn)
             while True:
-                tiering, engagement, lost = await self._projection_mismatches(conn)
-                settled = tiering == engagement == 0
-                if settled or time.monotonic() - started > self.args.settle_timeout:
-                    break
                 await asyncio.sleep(1.0)
+                settled_now, tiering_seen, engagement_seen = await self._counts(conn)
+                gaps = projection_gaps(before, settled_now, tiering_seen, engagement_seen)
+                exact = projection_gaps(settled_now, settled_now, tiering_seen, engagement_seen)
+                checks.samples += 1
+                checks.samples_exactly_equal += exact.equal
+                if gaps.equal or time.monotonic() - started > self.args.settle_timeout:
+                    break
+                before = settled_now
             checks.settle_seconds = round(time.monotonic() - started, 1)
-            checks.tiering_mismatches, checks.engagement_mismatches = tiering, engagement
-            checks.lost_events = lost
+            checks.tiering_mismatches = gaps.tiering
+            checks.engagement_mismatches = gaps.engagement
+            checks.lost_events = gaps.lost
         finally:
             await conn.close()
         checks.audit_ok = await self._audit()
         checks.dead_letters = await self._dead_letters()
         return checks
 
-    async def _projection_mismatches(self, conn: asyncpg.Connection) -> tuple[int, int, int]:
-        """Members whose tiering / engagement figures differ from rewards'
-        settled orders, and how many orders the projections miss in all."""
+    async def _counts(
+        self, conn: asyncpg.Connection
+    ) -> tuple[dict[str, Figures], dict[str, Figures], dict[str, Figures]]:
+        """Per member, in one snapshot: rewards' settled orders (count, paid),
+        tiering's member_spend (count, paid), engagement's member_facts (count)."""
         rows = await conn.fetch(
             "SELECT r.member_id, r.n, r.paid,"
             " coalesce(t.order_count, 0) AS t_n, coalesce(t.total_paid_fen, 0) AS t_paid,"
@@ -487,10 +557,15 @@ class Suite:
             " LEFT JOIN tiering.member_spend t USING (member_id)"
             " LEFT JOIN engagement.member_facts e USING (member_id)"
         )
-        tiering = sum(1 for r in rows if (r["t_n"], r["t_paid"]) != (r["n"], r["paid"]))
-        engagement = sum(1 for r in rows if r["e_n"] != r["n"])
-        lost = sum(max(0, r["n"] - r["t_n"]) + max(0, r["n"] - r["e_n"]) for r in rows)
-        return tiering, engagement, lost
+        settled: dict[str, Figures] = {}
+        tiering: dict[str, Figures] = {}
+        engagement: dict[str, Figures] = {}
+        for r in rows:
+            member = str(r["member_id"])
+            settled[member] = Figures(r["n"], r["paid"])
+            tiering[member] = Figures(r["t_n"], r["t_paid"])
+            engagement[member] = Figures(r["e_n"], None)
+        return settled, tiering, engagement
 
     async def _audit(self) -> bool:
         proc = await asyncio.create_subprocess_exec(

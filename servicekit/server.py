@@ -356,6 +356,7 @@ class ServiceApp:
             stream_name(s.redis_namespace, self.name),
             batch_size=s.outbox_batch_size,
             poll_interval=s.outbox_poll_interval_seconds,
+            coalesce=s.outbox_coalesce_seconds,
         )
         self.server = create_grpc_server(
             s.max_connection_age_ms,

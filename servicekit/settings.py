@@ -69,6 +69,9 @@ class ServiceSettings(CommonSettings):
     metrics_sample_interval_seconds: float = Field(default=15.0, gt=0)
     outbox_poll_interval_seconds: float = 1.0
     outbox_batch_size: int = 500
+    # A commit wakes the outbox relay, which waits this long so the commits
+    # right behind it share one relay turn (docs/operations.md).
+    outbox_coalesce_seconds: float = Field(default=0.02, ge=0, le=1)
     # An event a consumer fails on is retried this many times, then dead-lettered.
     event_max_attempts: int = 5
     event_retry_after_ms: int = 2_000

@@ -20,6 +20,8 @@ from servicekit.clients import create_channel
 from servicekit.db import Connection
 from servicekit.errors import DomainError, FailedPrecondition, NotFound, Unavailable
 
+from .merges import HOLDER_SQL
+
 
 @dataclass(frozen=True)
 class MemberState:
@@ -30,6 +32,37 @@ class MemberState:
     tier_code: str | None
     multiplier_bp: int | None
     erased: bool
+
+
+@dataclass(frozen=True)
+class OrderMember:
+    """Checkout's one read: who holds the member id the till sent (itself,
+    unless merged away), the holder's state, and whether the id sent was erased."""
+
+    holder: uuid.UUID
+    state: MemberState
+    sent_erased: bool
+
+
+ORDER_MEMBER_SQL = (
+    f"WITH h AS ({HOLDER_SQL})"
+    " SELECT h.member_id AS holder, t.tier_code, t.points_multiplier_bp,"
+    " EXISTS (SELECT 1 FROM rewards.erased_members e WHERE e.member_id = h.member_id) AS erased,"
+    " EXISTS (SELECT 1 FROM rewards.erased_members e WHERE e.member_id = $1) AS sent_erased"
+    " FROM h LEFT JOIN rewards.member_tiers t ON t.member_id = h.member_id"
+)
+
+
+async def order_member(conn: Connection, member_id: uuid.UUID) -> OrderMember:
+    """merges.holder_of, member_state of the holder and is_erased of the id
+    sent, in one round trip (checkout)."""
+    row = await conn.fetchrow(ORDER_MEMBER_SQL, member_id)
+    assert row is not None  # the holder chain starts at $1: always one row
+    return OrderMember(
+        row["holder"],
+        MemberState(row["tier_code"], row["points_multiplier_bp"], row["erased"]),
+        row["sent_erased"],
+    )
 
 
 async def member_state(conn: Connection, member_id: uuid.UUID) -> MemberState:

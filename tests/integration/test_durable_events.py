@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import asyncpg
 import pytest
 
 from loyalty.events.v1 import events_pb2
@@ -29,7 +30,7 @@ from servicekit.consumer import (
     Subscription,
 )
 from servicekit.db import Database, UnitOfWork, create_pool
-from servicekit.events import SEQ_FIELD, ReceivedEvent, head_key, stream_name
+from servicekit.events import ENVELOPE_FIELD, SEQ_FIELD, ReceivedEvent, head_key, stream_name
 from servicekit.eventstatus import events_status
 from servicekit.outbox import OutboxRelay
 from servicekit.redis_client import RedisClient
@@ -339,3 +340,161 @@ async def test_published_events_are_kept_for_the_retention_window_and_the_newest
     await emit(outbox_db, "r4")
     await relay.publish_pending()
     assert [int(f[SEQ_FIELD]) for _, f in await redis.xrange(stream)] == [1, 2, 3, 4]
+
+
+async def test_two_relays_publish_every_event_once_in_number_order(
+    db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """Two replicas' relays on one outbox, turning while commits land: each
+    number is published once, in order, for one event (the lock spans a turn
+    and the range is marked before it goes)."""
+    stream = stream_name(infra.namespace, names[0])
+    relays = [OutboxRelay(outbox_db, redis, stream, batch_size=5) for _ in range(2)]
+
+    async def writer(n: int) -> None:
+        for i in range(12):
+            await emit(outbox_db, f"w{n}-{i}")
+            await asyncio.sleep(0.001 * ((n + i) % 3))
+
+    async def relaying(relay: OutboxRelay) -> None:
+        for _ in range(60):
+            await relay.publish_pending()
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer(n) for n in range(4)), *(relaying(r) for r in relays))
+    while await relays[0].publish_pending():
+        pass
+    entries = await redis.xrange(stream)
+    seqs = [int(f[SEQ_FIELD]) for _, f in entries]
+    assert seqs == list(range(1, 4 * 12 + 1))
+    event_ids = {
+        events_pb2.EventEnvelope.FromString(f[ENVELOPE_FIELD]).event_id for _, f in entries
+    }
+    assert len(event_ids) == 4 * 12
+    unpublished = f"SELECT count(*) FROM {outbox_db.schema}.outbox WHERE published_at IS NULL"
+    assert await db.pool.fetchval(unpublished) == 0
+
+
+async def test_a_failed_turn_leaves_the_lock_to_the_next_relay(
+    db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """The relay's lock is a session lock: a turn that fails after the XADD
+    (marking refused) must not keep it on the pooled connection, or every
+    later turn of every replica would find it taken."""
+    stream = stream_name(infra.namespace, names[0])
+    schema = outbox_db.schema
+    await emit(outbox_db, "o-1")
+    await db.pool.execute(
+        f"CREATE FUNCTION {schema}.crash() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'simulated crash after XADD'; END $$;"
+        f" CREATE TRIGGER crash BEFORE UPDATE OF published_at ON {schema}.outbox"
+        f" FOR EACH ROW EXECUTE FUNCTION {schema}.crash();"
+    )
+    relay = OutboxRelay(outbox_db, redis, stream)
+    with pytest.raises(asyncpg.exceptions.RaiseError, match="simulated crash"):
+        await relay.publish_pending()
+    held = await db.pool.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND objid = hashtext($1)::oid",
+        f"outbox:{schema}",
+    )
+    assert held == 0
+    await db.pool.execute(f"DROP TRIGGER crash ON {schema}.outbox")
+    await emit(outbox_db, "o-2")
+    # Another relay (a replica) gets the lock and publishes o-1 again, then o-2.
+    other = OutboxRelay(outbox_db, redis, stream)
+    assert await other.publish_pending() == 2
+    assert [f[SEQ_FIELD] for _, f in await redis.xrange(stream)] == [b"1", b"1", b"2"]
+
+
+async def test_commits_right_behind_a_wakeup_share_one_relay_turn(
+    outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """The coalescing window: a commit wakes the relay, which waits before its
+    turn, so the commits made meanwhile go out in the same turn."""
+    stream = stream_name(infra.namespace, names[0])
+    turns: list[int] = []
+
+    class Counting(OutboxRelay):
+        async def publish_pending(self) -> int:
+            n = await super().publish_pending()
+            turns.append(n)
+            return n
+
+    # No polling to speak of: only commits wake it; a window far longer than
+    # the five commits take.
+    relay = Counting(outbox_db, redis, stream, poll_interval=60, coalesce=2.0)
+    async with running(relay):
+        await eventually(lambda: turns == [0])  # its first turn (nothing to do) is over
+        await emit(outbox_db, *(f"o-{i}" for i in range(5)))
+        await eventually(lambda: _stream_len(redis, stream, 5))
+    assert turns == [0, 5]
+
+
+async def _stream_len(redis: RedisClient, stream: str, n: int) -> bool:
+    return int(await redis.xlen(stream)) == n
+
+
+async def test_a_turn_cancelled_as_the_lock_is_granted_leaves_no_lock_behind(
+    db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """A cancel (the service stopping) that lands after PostgreSQL granted the
+    session lock but before the relay saw the answer must not leave the lock on
+    the pooled connection: the pool does not reset connections it is not told
+    about, and every later turn on another connection (the drain's last
+    publish, another replica) would find the lock taken and publish nothing."""
+    stream = stream_name(infra.namespace, names[0])
+    schema = outbox_db.schema
+
+    class CancelledAtTheLock(OutboxRelay):
+        async def _lock(self, conn: asyncpg.Connection) -> bool:
+            await super()._lock(conn)
+            raise asyncio.CancelledError
+
+    await emit(outbox_db, "o-1")
+    for turn in (
+        CancelledAtTheLock(outbox_db, redis, stream).publish_pending,
+        CancelledAtTheLock(outbox_db, redis, stream).sequence_pending,
+    ):
+        with pytest.raises(asyncio.CancelledError):
+            await turn()
+        held = await db.pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objid = hashtext($1)::oid",
+            f"outbox:{schema}",
+        )
+        assert held == 0
+    assert await OutboxRelay(outbox_db, redis, stream).publish_pending() == 1
+
+
+async def test_a_mark_lost_with_its_asynchronous_commit_while_redis_lost_the_entries(
+    db: Database, outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """The relay's mark commits asynchronously: a PostgreSQL crash may lose it
+    after the XADD and the head went out. With Redis losing those entries too
+    (and the head saying they were published), the range is still unmarked,
+    so the next turn publishes it again, and a replay asked from before it
+    (served only from marked rows) does not skip it: each event applied once."""
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    applied = Applied(db, outbox_db.schema)
+    relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
+    consumer = make_consumer(group, db, redis, infra, producer, applied)
+    await emit(outbox_db, "m1", "m2")
+    async with running(relay, consumer):
+        await eventually(lambda: _cursor_at(db, group, producer, 2))
+    await emit(outbox_db, "m3", "m4")
+    assert await relay.publish_pending() == 2
+    # The crash: the mark of m3..m4 never reached the disk; Redis restarts empty.
+    await db.pool.execute(
+        f"UPDATE {outbox_db.schema}.outbox SET published_at = NULL WHERE seq >= 3"
+    )
+    await redis.delete(stream, head_key(stream))
+    await emit(outbox_db, "m5")
+    relay = OutboxRelay(outbox_db, redis, stream, poll_interval=0.05)
+    consumer = make_consumer(group, db, redis, infra, producer, applied)
+    async with running(relay, consumer):
+        await eventually(lambda: _cursor_at(db, group, producer, 5))
+    assert await applied.counts() == Counter({f"m{i}": 1 for i in range(1, 6)})
+    unpublished = f"SELECT count(*) FROM {outbox_db.schema}.outbox WHERE published_at IS NULL"
+    assert await db.pool.fetchval(unpublished) == 0

@@ -600,3 +600,55 @@ async def test_an_order_for_an_absorbed_id_lands_on_the_survivor_and_replays(
     await unmerge(db, merge_id, survivor, absorbed)
     await ledger.earn(absorbed, 1_000, T0 + timedelta(hours=1), txn=new_txn())
     assert (await balance(conn, absorbed))["available"] == 10
+
+
+async def test_an_order_is_refused_when_the_id_sent_or_its_holder_was_erased(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    """Checkout reads the holder, its erasure and the sent id's erasure in one
+    statement: either mark refuses the order, and nothing is written."""
+    ledger, survivor, absorbed = Ledger(db), new_member(), new_member()
+    await merge(db, survivor, absorbed)
+    erase = "INSERT INTO rewards.erased_members (member_id, erased_at) VALUES ($1, $2)"
+    await conn.execute(erase, uuid.UUID(absorbed), T0)
+    with pytest.raises(FailedPrecondition) as refused:
+        await ledger.earn(absorbed, 1_000, T0, txn=new_txn())
+    assert refused.value.code == "MEMBER_ERASED"
+    # The survivor is not erased: its own orders still earn.
+    await ledger.earn(survivor, 1_000, T0, txn=new_txn())
+    assert (await balance(conn, survivor))["available"] == 10
+    await conn.execute(erase, uuid.UUID(survivor), T0)
+    other = new_member()
+    await merge(db, survivor, other)
+    # An id that is not erased itself, held by an erased survivor.
+    with pytest.raises(FailedPrecondition) as refused:
+        await ledger.earn(other, 1_000, T0, txn=new_txn())
+    assert refused.value.code == "MEMBER_ERASED"
+    assert (await balance(conn, survivor))["available"] == 10
+
+
+async def test_an_orders_event_is_written_with_its_final_points_for_the_holder(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    """OrderCompleted goes into the outbox with the earning's statement: one
+    row per order, the points after the multiplier and cap, the survivor's id."""
+    ledger, survivor, absorbed = Ledger(db), new_member(), new_member()
+    await merge(db, survivor, absorbed)
+    order = await ledger.earn(absorbed, 2_500, T0, txn=new_txn())
+    rows = await conn.fetch(
+        "SELECT event_id, envelope FROM rewards.outbox"
+        " WHERE event_type = 'loyalty.events.v1.OrderCompleted' ORDER BY id DESC LIMIT 50"
+    )
+    mine = []
+    for row in rows:
+        envelope = events_pb2.EventEnvelope.FromString(bytes(row["envelope"]))
+        payload = events_pb2.OrderCompleted()
+        envelope.payload.Unpack(payload)
+        if payload.order_id == order.order_id:
+            mine.append((row["event_id"], envelope, payload))
+    assert len(mine) == 1
+    event_id, envelope, payload = mine[0]
+    assert str(event_id) == envelope.event_id
+    assert envelope.producer == "rewards"
+    assert payload.member_id == envelope.member_id == survivor
+    assert payload.points_earned == order.points_earned == 25

@@ -13,13 +13,14 @@ from loyalty.common.v1 import common_pb2
 from loyalty.events.v1 import events_pb2
 from servicekit.db import UnitOfWork
 from servicekit.errors import Conflict, DomainError, NotFound
+from servicekit.events import make_envelope
 from servicekit.protos import timestamp
 
-from .. import members, merges
+from .. import members
 from ..coupons import handlers as coupon_service
 from ..coupons import repository as coupon_repository
 from ..coupons.domain import spread
-from ..coupons.handlers import CouponPolicy
+from ..coupons.handlers import PRODUCER, CouponPolicy
 from ..kernel import Channel, OrderRequest, parse_store_id
 from ..points import repository as ledger
 from ..points.earning import Period, period_start
@@ -98,16 +99,13 @@ class RewardsHandlers:
         # An absorbed (merged) id is credited to its survivor: the merges in
         # force, as MemberMerged recorded them (the request's hash keeps the
         # id the till sent, so its retries still match).
-        member_id = await merges.holder_of(conn, uuid.UUID(order.member_id))
+        # One read for the holder, its tier (and multiplier) and the erasure
+        # marks; an erased member's order is refused before anything is written.
+        sent = await members.order_member(conn, uuid.UUID(order.member_id))
+        member_id, state = sent.holder, sent.state
         now = now or datetime.now(UTC)
         ordered_at = order.ordered_at or now
-        # One read for the tier (and its multiplier) and the erasure mark; an
-        # erased member's order is refused before anything is written.
-        state = await members.member_state(conn, member_id)
-        if state.erased or (
-            member_id != uuid.UUID(order.member_id)
-            and await members.is_erased(conn, uuid.UUID(order.member_id))
-        ):
+        if state.erased or sent.sent_erased:
             raise member_erased(uuid.UUID(order.member_id))
         # From here on (coupons, events) the order is the survivor's.
         order = replace(order, member_id=str(member_id))
@@ -176,22 +174,11 @@ class RewardsHandlers:
             if granted < points:
                 rule = rule | {"daily_cap": rules.daily_cap, "capped_from": points}
                 points = granted
-        balance = await repo.record_earning(
-            conn,
-            repo.Earning(
-                transaction_id=uuid.uuid4(),
-                member_id=member_id,
-                order_id=order_id,
-                idempotency_key=earn_idempotency_key(order_id),
-                points=points,
-                rule=rule,
-                lot_id=uuid.uuid4(),
-                earned_at=ordered_at,
-                expires_at=policy.expiry.expires_at(ordered_at),
-                activates_at=policy.activates_at(ordered_at),
-            ),
-        )
-        await uow.emit(
+        # Built before the write: OrderCompleted goes in with the earning, in
+        # the same statement (one round trip fewer than uow.emit); the
+        # servicer wakes the relay after the commit.
+        completed = make_envelope(
+            PRODUCER,
             events_pb2.OrderCompleted(
                 order_id=str(order_id),
                 member_id=order.member_id,
@@ -214,7 +201,27 @@ class RewardsHandlers:
                 staff_code=order.staff_code,
                 guide_ref=order.guide_ref,
             ),
-            member_id=order.member_id,
+            order.member_id,
+        )
+        balance = await repo.record_earning(
+            conn,
+            repo.Earning(
+                transaction_id=uuid.uuid4(),
+                member_id=member_id,
+                order_id=order_id,
+                idempotency_key=earn_idempotency_key(order_id),
+                points=points,
+                rule=rule,
+                lot_id=uuid.uuid4(),
+                earned_at=ordered_at,
+                expires_at=policy.expiry.expires_at(ordered_at),
+                activates_at=policy.activates_at(ordered_at),
+                event=(
+                    completed.event_id,
+                    completed.event_type,
+                    completed.SerializeToString(),
+                ),
+            ),
         )
         return Outcome(
             OrderResult(

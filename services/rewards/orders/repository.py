@@ -69,6 +69,9 @@ class Earning:
     expires_at: datetime
     # Set when points stay pending until then (refund window).
     activates_at: datetime | None = None
+    # The order's OrderCompleted outbox row (event id, type, envelope),
+    # written by the same statement.
+    event: tuple[str, str, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,9 @@ WITH cur AS (
         lifetime_earned = b.lifetime_earned + EXCLUDED.lifetime_earned,
         updated_at = EXCLUDED.updated_at
     RETURNING available, lifetime_earned
+), event AS (
+    INSERT INTO rewards.outbox (event_id, event_type, envelope)
+    SELECT $12::uuid, $13::text, $14::bytea WHERE $12::uuid IS NOT NULL
 ), settled AS (
     -- The final points (tier multiplier, daily cap) replace the claim's estimate.
     UPDATE rewards.orders
@@ -264,6 +270,7 @@ async def record_earning(conn: Connection, earning: Earning) -> BalanceRecord:
         earning.earned_at,
         earning.activates_at,
         earning.expires_at,
+        *(earning.event or (None, None, None)),
     )
     assert row is not None
     # The order is this transaction's own claim (THIS_TRANSACTIONS_ORDER).

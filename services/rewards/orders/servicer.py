@@ -96,6 +96,8 @@ class OrderRpcs:
         settlement = self._handlers.prepare_order(order_request(request))
         async with self._db.unit_of_work() as uow:
             outcome = await self._handlers.complete_order(uow, settlement)
+        # OrderCompleted was written by the earning's statement, not uow.emit.
+        self._db.outbox_wakeup.set()
         # Raised after the commit: a refusal is stored for retries to replay.
         return order_response(outcome.unwrap())
 
