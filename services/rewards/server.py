@@ -145,6 +145,8 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
                 retry_after_ms=settings.event_retry_after_ms,
             )
         )
+        # Its projections are part of the gateway's cached member views.
+        app.consumers[-1].bumps_member_views = True
 
     return ServiceApp(
         NAME,
