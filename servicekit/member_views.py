@@ -160,13 +160,14 @@ class MemberViews:
         if epoch is None or not member_id or time.monotonic() < self._skip_until:
             return Miss(None)
         try:
-            version, raw = await self._redis.hmget(
+            # Bytes: every client the platform makes has decode_responses off.
+            found: list[Any] = await self._redis.hmget(
                 views_key(self._namespace, member_id), [VERSION, view]
             )
         except (RedisError, OSError) as exc:
             self._failed("read", exc)
             return Miss(None)
-        version = version or b"0"
+        version, raw = found[0] or b"0", found[1]
         parts = raw.split(b"|", 3) if raw is not None else []
         if len(parts) == 4:
             stored_version, stored_epoch, until_ms, body = parts
@@ -176,7 +177,7 @@ class MemberViews:
                 and until_ms.isdigit()
                 and int(until_ms) > self.clock() * 1000
             ):
-                return bytes(body)
+                return body
         return Miss(version)
 
     async def fill(
@@ -191,9 +192,7 @@ class MemberViews:
         """Store a view read after `miss`, unless the member was bumped since."""
         if miss.version is None or epoch is None:
             return
-        value = b"|".join(
-            [miss.version, epoch, str(int(until.timestamp() * 1000)).encode(), body]
-        )
+        value = b"|".join([miss.version, epoch, str(int(until.timestamp() * 1000)).encode(), body])
         try:
             await self._fill(
                 keys=[views_key(self._namespace, member_id)],
