@@ -52,7 +52,7 @@ async def test_a_filled_view_is_served_under_its_version_epoch_and_valid_until(
     mv = views(redis, namespace, clock)
     miss = await mv.read(member, IDENTIFY, EPOCH)
     assert miss == Miss(b"0")
-    await mv.fill(member, IDENTIFY, miss, EPOCH, b"[10,\"svip\",\"SVIP\"]", until(60))
+    await mv.fill(member, IDENTIFY, miss, EPOCH, b'[10,"svip","SVIP"]', until(60))
     assert await mv.read(member, IDENTIFY, EPOCH) == b'[10,"svip","SVIP"]'
     # A merge or erasure moved member's identity epoch: not served.
     assert await mv.read(member, IDENTIFY, b"8") == Miss(b"0")
@@ -67,12 +67,12 @@ async def test_a_bump_between_the_read_and_the_fill_leaves_the_view_unfilled(
     miss = await mv.read(member, IDENTIFY, EPOCH)
     assert isinstance(miss, Miss)
     await mv.bump(member)  # e.g. an order committed while the services were read
-    await mv.fill(member, IDENTIFY, miss, EPOCH, b"[0,\"\",\"\"]", until(60))
+    await mv.fill(member, IDENTIFY, miss, EPOCH, b'[0,"",""]', until(60))
     assert await redis.hget(views_key(namespace, member), IDENTIFY) is None
     again = await mv.read(member, IDENTIFY, EPOCH)
     assert again == Miss(b"1")
     # A fill after the bump, from a read after it, is stored.
-    await mv.fill(member, IDENTIFY, again, EPOCH, b"[5,\"\",\"\"]", until(60))
+    await mv.fill(member, IDENTIFY, again, EPOCH, b'[5,"",""]', until(60))
     assert await mv.read(member, IDENTIFY, EPOCH) == b'[5,"",""]'
     # A bump afterwards: the stored view is no longer served.
     await mv.bump(member)
@@ -105,7 +105,7 @@ async def test_the_relay_bumps_every_member_its_published_events_name(
     a, b, bystander = (str(uuid.uuid4()) for _ in range(3))
     mv = views(redis, namespace)
     for m in (a, b, bystander):
-        await mv.fill(m, IDENTIFY, Miss(b"0"), EPOCH, b"[1,\"\",\"\"]", until(60))
+        await mv.fill(m, IDENTIFY, Miss(b"0"), EPOCH, b'[1,"",""]', until(60))
     async with outbox_db.unit_of_work() as uow:
         await uow.emit(events_pb2.OrderCompleted(order_id="o1"), member_id=a)
         await uow.emit(events_pb2.OrderCompleted(order_id="o2"), member_id=b)
