@@ -165,7 +165,11 @@ class Gateway:
         if self.door is None or s.member_view_ttl_seconds <= 0 or s.known_member_ttl_seconds <= 0:
             return None
         views = GatewayViews(
-            self.door.redis, s.redis_namespace, s.member_view_ttl_seconds, s.member_view_timezone
+            self.door.redis,
+            s.redis_namespace,
+            s.member_view_ttl_seconds,
+            s.member_view_timezone,
+            metrics=self.metrics,
         )
         await preload_scripts(self.door.redis, views.views.scripts, "gateway member views")
         return views

@@ -26,6 +26,7 @@ from servicekit.member_views import CENTRE, IDENTIFY, MemberViews, Miss, valid_u
 from servicekit.redis_client import RedisClient
 
 from .auth.members import IdentityEpoch
+from .metrics import GatewayMetrics
 from .ratelimit import SKIP_AFTER_FAILURE_SECONDS
 
 __all__ = ["CENTRE", "IDENTIFY", "GatewayViews", "MemberWriteBumps", "Miss"]
@@ -44,12 +45,45 @@ class GatewayViews:
         ttl_seconds: float,
         timezone: str,
         views: MemberViews | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.views = views or MemberViews(redis, namespace, ttl_seconds, timezone)
         self._epoch = IdentityEpoch(redis, namespace, SKIP_AFTER_FAILURE_SECONDS)
+        self._counted = (
+            {
+                (view, hit): metrics.member_view_reads.labels(view.decode(), outcome)
+                for view in (IDENTIFY, CENTRE)
+                for hit, outcome in ((True, "hit"), (False, "miss"))
+            }
+            if metrics is not None
+            else {}
+        )
 
     async def epoch(self) -> bytes | None:
         return await self._epoch.read()
+
+    async def read(self, member_id: str, view: bytes, epoch: bytes | None) -> bytes | Miss:
+        found = await self.views.read(member_id, view, epoch)
+        counter = self._counted.get((view, not isinstance(found, Miss)))
+        if counter is not None:
+            counter.inc()
+        return found
+
+    async def fill(
+        self,
+        member_id: str,
+        view: bytes,
+        miss: Miss,
+        epoch: bytes | None,
+        body: bytes,
+        read_at: datetime,
+        boundaries: Iterable[datetime | None] = (),
+    ) -> None:
+        """Store a view the services answered after `miss`, read at `read_at`."""
+        await self.views.fill(member_id, view, miss, epoch, body, self.until(read_at, boundaries))
+
+    def now(self) -> datetime:
+        return self.views.now()
 
     def until(self, read_at: datetime, boundaries: Iterable[datetime | None] = ()) -> datetime:
         v = self.views

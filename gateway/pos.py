@@ -191,17 +191,17 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         views = self._views
         miss: Miss | None = None
         if views is not None:
-            cached = await views.views.read(member_id, IDENTIFY, epoch)
+            cached = await views.read(member_id, IDENTIFY, epoch)
             if not isinstance(cached, Miss):
                 return decode_identify(cached)
             miss = cached
-            read_at = views.views.now()
+            read_at = views.now()
         balance, tier = await asyncio.gather(
             self._down.rewards.get_points_balance(member_id), self._member_tier(member_id)
         )
         if views is not None and miss is not None and tier is not None:
             body = encode_identify(balance.available, *tier)
-            await views.views.fill(member_id, IDENTIFY, miss, epoch, body, views.until(read_at))
+            await views.fill(member_id, IDENTIFY, miss, epoch, body, read_at)
         code, name = tier or ("", "")
         return balance.available, code, name
 

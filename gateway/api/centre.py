@@ -124,15 +124,13 @@ async def get_member_centre(member_id: MemberId, request: Request) -> Any:
     # same bytes as the reply it was stored from, so neither service is asked.
     mid = str(member_id)
     epoch = await views.epoch()
-    cached = await views.views.read(mid, CENTRE, epoch)
+    cached = await views.read(mid, CENTRE, epoch)
     if not isinstance(cached, Miss):
         return Response(cached, media_type="application/json")
-    read_at = views.views.now()
+    read_at = views.now()
     centre = await member_centre(downstreams(request), mid)
     if centre.degraded:  # a half missing is not kept
         return centre
     body = centre.model_dump_json().encode()
-    await views.views.fill(
-        mid, CENTRE, cached, epoch, body, views.until(read_at, centre_boundaries(centre))
-    )
+    await views.fill(mid, CENTRE, cached, epoch, body, read_at, centre_boundaries(centre))
     return Response(body, media_type="application/json")
