@@ -20,7 +20,7 @@ from servicekit.member_views import IDENTIFY, VERSION, MemberViews, Miss, views_
 from servicekit.outbox import OutboxRelay
 from servicekit.redis_client import RedisClient, create_redis
 
-from ..harness import Infra
+from ..harness import Infra, eventually
 
 NOW = 1_900_000_000.0  # the views' clock in these tests (seconds)
 EPOCH = b"7"
@@ -142,3 +142,34 @@ async def test_an_unknown_epoch_is_a_miss_that_fills_nothing(
     await mv.fill(member, IDENTIFY, miss, None, b"[]", until(60))
     assert await redis.hget(views_key(namespace, member), VERSION) is None
     assert await redis.exists(views_key(namespace, member)) == 0
+
+
+async def test_a_consumer_that_shows_in_the_views_bumps_the_members_it_applied(
+    db: Database, redis: RedisClient, infra: Infra
+) -> None:
+    """Tiering's projection moves when its consumer applies an order, after
+    rewards' relay bumped: the consumer bumps again once committed."""
+    from servicekit.events import ENVELOPE_FIELD, make_envelope
+
+    from .test_events import _drained, consumer_for, running
+
+    tag = uuid.uuid4().hex[:8]
+    producer, group = f"mvk-{tag}", f"mvg-{tag}"
+    stream = stream_name(infra.namespace, producer)
+    applied, other = str(uuid.uuid4()), str(uuid.uuid4())
+    mv = views(redis, infra.namespace)
+    for m in (applied, other):
+        await mv.fill(m, IDENTIFY, Miss(b"0"), EPOCH, b'[1,"",""]', until(60))
+    envelope = make_envelope(producer, events_pb2.OrderCompleted(order_id="o"), applied)
+    await redis.xadd(stream, {ENVELOPE_FIELD: envelope.SerializeToString()})
+
+    async def handler(uow: object, event: object) -> None:
+        assert await mv.read(applied, IDENTIFY, EPOCH) != Miss(b"1")  # not before the commit
+
+    consumer = consumer_for(group, db, redis, infra, producer, handler)  # type: ignore[arg-type]
+    consumer.bumps_member_views = True
+    async with running(consumer):
+        await eventually(lambda: _drained(redis, stream, group))
+    assert await mv.read(applied, IDENTIFY, EPOCH) == Miss(b"1")
+    assert await mv.read(other, IDENTIFY, EPOCH) == b'[1,"",""]'
+    await redis.delete(stream)
