@@ -7,6 +7,7 @@ it) shows once relayed; an erasure is never answered from the views."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import grpc
@@ -77,9 +78,9 @@ async def served_from_views(downstream: Downstream, read: object, timeout: float
     """Read until one read asks neither service: enrolling leaves events whose
     relaying bumps the member's views for a moment; returns that read's reply."""
 
-    async def attempt() -> object:
+    async def attempt() -> Any:
         before = downstream.calls()
-        reply = await read()  # type: ignore[operator]
+        reply = await read()
         return reply if downstream.calls() == before else None
 
     return await eventually(attempt, timeout=timeout, interval=0.1)
@@ -95,9 +96,9 @@ async def test_a_repeat_identify_asks_neither_tiering_nor_rewards(
     again = await identify(pos, phone)
     assert downstream.calls() == before
     for reply in (hit, again):
-        assert (reply.member_id, reply.points_available) == (first.member_id, 0)  # type: ignore[attr-defined]
-        assert (reply.tier_code, reply.tier_name) == ("regular", "普通会员")  # type: ignore[attr-defined]
-        assert reply.phone_masked == first.phone_masked  # type: ignore[attr-defined]
+        assert (reply.member_id, reply.points_available) == (first.member_id, 0)
+        assert (reply.tier_code, reply.tier_name) == ("regular", "普通会员")
+        assert reply.phone_masked == first.phone_masked
 
 
 async def test_an_order_through_the_gateway_shows_on_the_next_identify_and_centre(
@@ -123,7 +124,7 @@ async def test_a_tier_change_made_elsewhere_shows_once_relayed(
     member = await identify(pos, phone)
     centre = f"/v1/members/{member.member_id}/centre"
     page = await served_from_views(downstream, lambda: http.get(centre))
-    assert page.json()["tier"]["tier"]["code"] == "regular"  # type: ignore[attr-defined]
+    assert page.json()["tier"]["tier"]["code"] == "regular"
     # Straight to rewards, not through the gateway: only the relays and
     # tiering's consumer can tell the views.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{rewards_app.port}") as channel:
