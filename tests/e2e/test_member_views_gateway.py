@@ -174,3 +174,28 @@ async def test_an_erased_member_is_never_answered_from_the_views(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await identify(pos, phone)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_bulk_earn_through_the_gateway_shows_on_the_next_identify(
+    pos: Pos, http: httpx.AsyncClient, downstream: Downstream
+) -> None:
+    """Bulk earns publish no event: only the gateway's own bump can tell."""
+    phone = new_phone()
+    member = await identify(pos, phone)
+    await served_from_views(downstream, lambda: identify(pos, phone))
+    reply = await http.post(
+        "/v1/admin/points/earns",
+        json={
+            "lines": [
+                {
+                    "member_id": member.member_id,
+                    "points": 40,
+                    "reason": "e2e import",
+                    "idempotency_key": f"mv-{new_txn()}",
+                }
+            ]
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["applied"] == 1
+    assert (await identify(pos, phone)).points_available == 40
