@@ -161,8 +161,9 @@ class EventConsumer:
         self._linger = linger_ms / 1000
         self._consumer_name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._stopping = False
-        # Set by a service whose projection the gateway's member views show.
-        self.bumps_member_views = False
+        # Set by a service whose projection the gateway's member views show:
+        # True (every event it applies) or the event types (full names) that move it.
+        self.bumps_member_views: bool | frozenset[str] = False
         # stream -> {event type -> subscription}
         self._routes: dict[str, dict[str, Subscription]] = {}
         self._producers: dict[str, str] = {}
@@ -535,7 +536,12 @@ class EventConsumer:
             await self._record(self._db.pool, [], skipped)
         # After commit, with the XACK: a projection the gateway's member views
         # show (tiering's) moved for these members (servicekit/member_views.py).
-        moved = [r.envelope.member_id for r in routed] if self.bumps_member_views else []
+        shown = self.bumps_member_views
+        moved = [
+            r.envelope.member_id
+            for r in routed
+            if shown is True or (shown and r.envelope.event_type in shown)
+        ]
         await self._ack({stream: ids for stream, ids in acks.items() if ids}, moved)
 
     async def _ack(self, acks: dict[str, list[str]], moved: list[str] | None = None) -> None:

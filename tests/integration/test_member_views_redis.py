@@ -167,7 +167,7 @@ async def test_a_consumer_that_shows_in_the_views_bumps_the_members_it_applied(
         assert await mv.read(applied, IDENTIFY, EPOCH) != Miss(b"1")  # not before the commit
 
     consumer = consumer_for(group, db, redis, infra, producer, handler)  # type: ignore[arg-type]
-    consumer.bumps_member_views = True
+    consumer.bumps_member_views = frozenset({events_pb2.OrderCompleted.DESCRIPTOR.full_name})
     async with running(consumer):
         await eventually(lambda: _drained(redis, stream, group))
     assert await mv.read(applied, IDENTIFY, EPOCH) == Miss(b"1")
