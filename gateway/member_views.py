@@ -8,7 +8,7 @@ CompleteOrder, offline orders, refunds; any POST/PUT/PATCH/DELETE under
 `/v1/members/{id}/`, `/v1/admin/members/{id}/`, `/v1/workstation/members/{id}/`)
 bumps the member's version before its reply leaves, so the member's next read
 asks the services. Changes made elsewhere bump it through the producers'
-outbox relays and tiering's and rewards' consumers: a view is at most their
+outbox relays and tiering's (and, for merges, rewards') consumers: a view is at most their
 lag behind.
 """
 

@@ -8,7 +8,8 @@ is its hash tag, so every command below touches one slot on a cluster):
   may have changed: by every producer's outbox relay for each published event
   whose envelope names the member (servicekit/outbox.py, in the XADD's
   pipeline, after commit), by tiering's consumer after it applied an event for
-  the member (its projection moved: servicekit/consumer.py), and by the
+  the member and rewards' after a merge, unmerge or erasure (their
+  projections moved: servicekit/consumer.py), and by the
   gateway after every member-scoped write it routes (read-your-writes);
 - one field per view: `<version>|<identity epoch>|<valid until, epoch ms>|<body>`.
 
