@@ -38,7 +38,9 @@ from typing import Any
 import grpc
 
 from devtools import devrun, supervisor
+from servicekit.redis_client import create_redis
 
+from . import member_views
 from .cli import (
     BENCH_DATA,
     RESULTS_DIR,
@@ -78,7 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request deadline (5 s)")
     parser.add_argument("--slo-ms", type=float, default=10.0, help="p99 target (10 ms)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    member_views.add_argument(parser)
     args = parser.parse_args(argv)
+    member_views.check(parser.error, args)
     for name in ("rate", "duration", "timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
@@ -180,16 +184,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ):
             members = await identify_pool(pos_target, args.store_id, args.members, api_key)
             say(f"enrolled {len(members)} members at {args.store_id}")
+            redis = create_redis(infra.redis_url)
             async with pos_channel(pos_target, args.store_id, api_key) as channel:
                 pos = pos_pb2_grpc.PosServiceStub(channel)
+                views_before = await asyncio.to_thread(member_views.view_reads, ports["metrics"])
                 results.append(
                     await measure(
                         "POS IdentifyMember via gateway",
-                        lambda _: pos_identify_call(pos, args.store_id, members, args.timeout),
+                        lambda _: member_views.changing(
+                            pos_identify_call(pos, args.store_id, members, args.timeout),
+                            members,
+                            args.reads_per_change,
+                            redis,
+                            infra.namespace,
+                        ),
                         args,
                         meter,
                     )
                 )
+                views_after = await asyncio.to_thread(member_views.view_reads, ports["metrics"])
+            await redis.aclose()
             async with grpc.aio.insecure_channel(member_target) as channel:
                 member = member_pb2_grpc.MemberServiceStub(channel)
                 results.append(
@@ -225,7 +239,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "open_loop": True,
                 "latency_from": "scheduled send time",
                 "redis_cache": True,
+                "reads_per_change": args.reads_per_change,
             },
+            # Warm-up and measured run together (the gateway's counter).
+            "member_views": member_views.hit_rate(views_before, views_after, "identify"),
             "machine": machine(infra, pg_version),
             "results": [r.summary() for r in results],
             "baseline": baseline.summary(),
@@ -269,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if done is None:
         return 1
     report, path = done
+    print(f"member views (identify): {report['member_views']}")
     for name, r in report["ratios_over_empty_grpc"].items():
         cpu = report["server_cpu_over_empty_grpc"][name]
         print(f"{name} / empty gRPC: p50 x{r['p50']}, p99 x{r['p99']}, server CPU per call x{cpu}")

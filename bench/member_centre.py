@@ -50,7 +50,9 @@ import aiohttp
 import httpx
 
 from devtools import devrun, supervisor
+from servicekit.redis_client import create_redis
 
+from . import member_views
 from .cli import (
     BENCH_DATA,
     RESULTS_DIR,
@@ -99,7 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="only the member-centre row (quick A/B runs, finding the saturation rate)",
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    member_views.add_argument(parser)
     args = parser.parse_args(argv)
+    member_views.check(parser.error, args)
     for name in ("rate", "duration", "timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
@@ -299,19 +303,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             members = await enrol(setup, args.members, run_id)
             say(f"enrolled {len(members)} members")
             signed = signed_get(load, key_id, secret, args.timeout)
+            redis = create_redis(infra.redis_url)
             # Enrolling left events for the services' consumers (journeys,
             # tiering): the empty call goes first, so no read row runs while
             # they drain it (the first row's p99 was seconds at 200/s).
             rows = [
                 (EMPTY, empty_call(load, args.timeout)),
-                (CENTRE, centre_call(signed, members)),
+                (
+                    CENTRE,
+                    member_views.changing(
+                        centre_call(signed, members),
+                        members,
+                        args.reads_per_change,
+                        redis,
+                        infra.namespace,
+                    ),
+                ),
                 (CENTRE_OPEN, centre_call(open_get(open_load, args.timeout), members)),
                 (TWO_CALLS, two_calls(signed, members)),
             ]
             if args.centre_only:
                 await asyncio.sleep(SETTLE_SECONDS)
+            views_before = await asyncio.to_thread(member_views.view_reads, ports["metrics"])
             for name, call in rows[1:2] if args.centre_only else rows:
                 results.append(await measure(name, always(call), args, meter))
+            views_after = await asyncio.to_thread(member_views.view_reads, ports["metrics"])
+            await redis.aclose()
         by_name = {r.name: r for r in results}
         centre, centre_open, empty = by_name[CENTRE], by_name.get(CENTRE_OPEN), by_name.get(EMPTY)
         cpu = {r.name: r.cpu_ms_per_call or {} for r in results}
@@ -336,7 +353,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "latency_from": "scheduled send time",
                 "calls_per_read": {CENTRE: 1, CENTRE_OPEN: 1, TWO_CALLS: 2, EMPTY: 1},
                 "client": "aiohttp, HMAC-signed, member asserted (none without the door)",
+                "reads_per_change": args.reads_per_change,
             },
+            # The signed row's reads, warm-up included (the gateway's counter).
+            "member_views": member_views.hit_rate(views_before, views_after, "centre"),
             "machine": machine(infra, pg_version),
             "load_average": os.getloadavg(),
             "results": [r.summary() for r in results],
@@ -382,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     if done is None:
         return 1
     report, path = done
+    print(f"member views (centre): {report['member_views']}")
     print(f"member centre p99 / empty call p99: x{report['p99_over_empty_call']}")
     door = report["door_overhead"]
     if door:

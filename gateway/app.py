@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from loyalty.pos.v1 import pos_pb2, pos_pb2_grpc
 from servicekit.dependencies import DependencyWatch, Probe, ping
 from servicekit.proxies import uvicorn_proxy_options
+from servicekit.redis_client import preload_scripts
 from servicekit.safety import refuse_unsafe
 from servicekit.server import (
     Drain,
@@ -36,6 +37,7 @@ from .auth.door import Door
 from .clients import Downstreams
 from .http import create_app
 from .known_members import KnownMembers
+from .member_views import GatewayViews
 from .metrics import GatewayMetrics, GrpcObserver, pos_client_of
 from .offline import OfflinePolicy
 from .pos import MessageSizeInterceptor, PosServicer
@@ -117,6 +119,7 @@ class Gateway:
         # Credentials, scopes, rate limits, idempotency (gateway/auth); None
         # only when auth is disabled for a benchmark baseline.
         self.door: Door | None = None
+        self.member_views: GatewayViews | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.dependencies: DependencyWatch | None = None
@@ -130,11 +133,13 @@ class Gateway:
             if s.auth_enabled:
                 self.door = Door(s, self.downstreams)
                 await self.door.open()
+            self.member_views = await self._member_views()
             self.http_app = create_app(
                 self.downstreams,
                 metrics=self.metrics,
                 door=self.door,
                 max_body_bytes=s.http_max_body_bytes,
+                member_views=self.member_views,
             )
             await self._watch_dependencies(self.downstreams)
             self.metrics_port = self.metrics.start(s.metrics_host, s.metrics_port)
@@ -152,6 +157,22 @@ class Gateway:
             s.metrics_host,
             self.metrics_port,
         )
+
+    async def _member_views(self) -> GatewayViews | None:
+        """In the door's Redis, filed under member's identity epoch (so only
+        with the known-member check on, which needs the same epoch)."""
+        s = self.settings
+        if self.door is None or s.member_view_ttl_seconds <= 0 or s.known_member_ttl_seconds <= 0:
+            return None
+        views = GatewayViews(
+            self.door.redis,
+            s.redis_namespace,
+            s.member_view_ttl_seconds,
+            s.member_view_timezone,
+            metrics=self.metrics,
+        )
+        await preload_scripts(self.door.redis, views.views.scripts, "gateway member views")
+        return views
 
     async def _watch_dependencies(self, downstreams: Downstreams) -> None:
         """Probe every dependency now and then periodically: for /readyz/detail
@@ -204,7 +225,7 @@ class Gateway:
             else None
         )
         pos_pb2_grpc.add_PosServiceServicer_to_server(
-            PosServicer(downstreams, offline, known), server
+            PosServicer(downstreams, offline, known, self.member_views), server
         )
         # Health is registered NOT_SERVING and flipped once the server is up.
         await add_health_and_reflection(server, self.health, [POS_SERVICE], NOT_SERVING)

@@ -40,6 +40,7 @@ from .api.common import problem_response
 from .auth.door import Door
 from .clients import Downstreams
 from .errors import PROBLEM_JSON, Problem, install_http_handlers, problem
+from .member_views import GatewayViews, MemberWriteBumps
 from .metrics import GatewayMetrics, HttpObserver
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -181,6 +182,7 @@ def create_app(
     door: Door | None = None,
     traced: bool | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    member_views: GatewayViews | None = None,
 ) -> FastAPI:
     """The HTTP app. `app.state.draining = True` makes /readyz answer 503 so a
     load balancer stops sending traffic before the process stops. `traced`
@@ -201,6 +203,8 @@ def create_app(
     app.state.draining = False
     # The door's Redis serves the dead-letter routes too (gateway/api/events.py).
     app.state.door = door
+    # The member centre's cached reply (gateway/member_views.py); None: off.
+    app.state.member_views = member_views
     install_http_handlers(app)
 
     @app.get("/healthz", response_model=Liveness, tags=["probes"], summary="Liveness")
@@ -268,6 +272,9 @@ def create_app(
     ):
         app.include_router(router)
     _serve_problems_in_openapi(app)
+    if member_views is not None:
+        # Inside the door: only admitted writes reach it.
+        app.add_middleware(MemberWriteBumps, views=member_views)
     if door is not None:
         # Inside the metrics observer: refused requests are counted and logged too.
         door.install(app)

@@ -103,6 +103,13 @@ class GatewayMetrics:
             [*labels, "code"],
             registry=self.registry,
         )
+        self.member_view_reads = Counter(
+            "gateway_member_view_reads",
+            "Identify and member-centre reads by the member views (gateway/member_views.py):"
+            " hit = answered from Redis, miss = the services were asked",
+            ["view", "outcome"],
+            registry=self.registry,
+        )
         self._server: WSGIServer | None = None
         self._thread: Thread | None = None
         self.port = 0

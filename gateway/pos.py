@@ -26,6 +26,7 @@ from . import offline
 from .clients import STORE_OPEN, Downstreams
 from .errors import DownstreamError
 from .known_members import KnownMembers
+from .member_views import IDENTIFY, GatewayViews, Miss, decode_identify, encode_identify
 from .wrapped import WrappedHandlers
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,14 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         downstreams: Downstreams,
         offline_policy: offline.OfflinePolicy | None = None,
         known_members: KnownMembers | None = None,
+        member_views: GatewayViews | None = None,
     ) -> None:
         self._down = downstreams
         self._offline = offline_policy or offline.OfflinePolicy()
         # Without one (no Redis to read the identity epoch from), every order asks member.
         self._known = known_members or KnownMembers(None, "")
+        # Identify's balance and tier from Redis (gateway/member_views.py); None: off.
+        self._views = member_views
 
     async def IdentifyMember(
         self, request: pos_pb2.IdentifyMemberRequest, context: grpc.aio.ServicerContext
@@ -168,32 +172,55 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
             member, created = identified.member, identified.created
         # The order that follows for this member needs no member call.
         self._known.remember(epoch, member.member_id)
-        # The tier is asked alongside the balance, and is best effort.
-        balance, tier = await asyncio.gather(
-            self._down.rewards.get_points_balance(member.member_id),
-            self._member_tier(member.member_id),
-        )
+        points, tier_code, tier_name = await self._balance_and_tier(member.member_id, epoch)
         return pos_pb2.IdentifyMemberResponse(
             member_id=member.member_id,
             member_number=member.member_number,
             phone_masked=member.phone_masked,
             created=created,
-            points_available=balance.available,
-            tier_code=tier[0],
-            tier_name=tier[1],
+            points_available=points,
+            tier_code=tier_code,
+            tier_name=tier_name,
             degraded=self._down.degraded(),
         )
 
-    async def _member_tier(self, member_id: str) -> tuple[str, str]:
-        """(code, name) of the member's tier; empty when tiering cannot say.
+    async def _balance_and_tier(self, member_id: str, epoch: bytes | None) -> tuple[int, str, str]:
+        """The member's available points and tier (code, name): from the
+        member's cached view when it stands, else asked side by side (the tier
+        best effort) and the view stored under the version read before."""
+        views = self._views
+        miss: Miss | None = None
+        if views is not None:
+            cached = await views.read(member_id, IDENTIFY, epoch)
+            if not isinstance(cached, Miss):
+                return decode_identify(cached)
+            miss = cached
+            read_at = views.now()
+        balance, tier = await asyncio.gather(
+            self._down.rewards.get_points_balance(member_id), self._member_tier(member_id)
+        )
+        if views is not None and miss is not None and tier is not None:
+            body = encode_identify(balance.available, *tier)
+            await views.fill(member_id, IDENTIFY, miss, epoch, body, read_at)
+        code, name = tier or ("", "")
+        return balance.available, code, name
+
+    async def _member_tier(self, member_id: str) -> tuple[str, str] | None:
+        """(code, name) of the member's tier; None when tiering cannot say.
         The badge, not the member centre's full view: the till shows only the
         tier, and the badge skips the projection and (mostly) the facts."""
         try:
             reply = await self._down.tiering.get_member_tier_badge(member_id)
         except DownstreamError as exc:
             log.warning("identify: no tier for %s (%s)", member_id, exc.code)
-            return "", ""
+            return None
         return reply.tier_code, reply.tier_name
+
+    async def _bump(self, member_id: str) -> None:
+        """After a write for the member: its next identify or centre read asks
+        the services (read-your-writes through the gateway)."""
+        if self._views is not None:
+            await self._views.bump(member_id)
 
     async def CompleteOrder(
         self, request: pos_pb2.CompleteOrderRequest, context: grpc.aio.ServicerContext
@@ -253,7 +280,11 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
         )
         if request.HasField("ordered_at"):
             downstream.ordered_at.CopyFrom(request.ordered_at)
-        reply = await self._down.rewards.complete_order(downstream)
+        try:
+            reply = await self._down.rewards.complete_order(downstream)
+        finally:
+            # Also on a failure: a timed-out order may have committed.
+            await self._bump(request.member_id)
         return pos_pb2.CompleteOrderResponse(
             order_id=reply.order_id,
             points_earned=reply.points_earned,
@@ -354,6 +385,7 @@ class PosServicer(pos_pb2_grpc.PosServiceServicer):
                 refunded_amount_fen=request.refunded_amount_fen,
             )
         )
+        await self._bump(reply.member_id)
         return pos_pb2.RefundOrderResponse(
             refund_id=reply.refund_id,
             order_id=reply.order_id,

@@ -4,7 +4,9 @@ Kubernetes manifests rely on exactly these names."""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, field_validator
 
 from servicekit.settings import CommonSettings
 
@@ -110,6 +112,13 @@ class GatewaySettings(CommonSettings):
     # (gateway/known_members.py); 0 asks member for every order (needed when
     # member runs with RESOLVE_CACHE_TTL_SECONDS=0: it then bumps no epoch).
     known_member_ttl_seconds: float = Field(default=300.0, ge=0)
+    # Member views (gateway/member_views.py): identify's balance and tier and the
+    # member centre's reply kept in Redis per member, at most this long (and
+    # never past the next local midnight in member_view_timezone, the tier
+    # programme's, nor past a boundary the view names); 0 turns them off. Off
+    # too when known_member_ttl_seconds is 0 (no identity epoch to file them under).
+    member_view_ttl_seconds: float = Field(default=120.0, ge=0, le=3000)
+    member_view_timezone: str = "Asia/Shanghai"
 
     # ---- identity (docs/identity.md "Trust boundaries"; kept apart from the door's block)
     # WeChat API (gateway/wechat.py): phone codes from bind-phone are exchanged
@@ -123,3 +132,12 @@ class GatewaySettings(CommonSettings):
     # The token in the SMS delivery-report URL configured at Aliyun
     # (POST /v1/callbacks/sms/aliyun?token=...), from a Secret; empty = reports refused.
     sms_receipt_token: SecretStr = SecretStr("")
+
+    @field_validator("member_view_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a known time zone (e.g. Asia/Shanghai)") from None
+        return value

@@ -50,6 +50,7 @@ from redis.exceptions import ResponseError
 
 from loyalty.events.v1 import events_pb2
 
+from . import member_views
 from .db import Database, UnitOfWork
 from .events import (
     ENVELOPE_FIELD,
@@ -160,6 +161,9 @@ class EventConsumer:
         self._linger = linger_ms / 1000
         self._consumer_name = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._stopping = False
+        # Set by a service whose projection the gateway's member views show:
+        # True (every event it applies) or the event types (full names) that move it.
+        self.bumps_member_views: bool | frozenset[str] = False
         # stream -> {event type -> subscription}
         self._routes: dict[str, dict[str, Subscription]] = {}
         self._producers: dict[str, str] = {}
@@ -530,10 +534,24 @@ class EventConsumer:
                 await self._apply_one_by_one(routed, skipped, acks)
         elif skipped:
             await self._record(self._db.pool, [], skipped)
-        await self._ack({stream: ids for stream, ids in acks.items() if ids})
+        # After commit, with the XACK: a projection the gateway's member views
+        # show (tiering's) moved for these members (servicekit/member_views.py).
+        shown = self.bumps_member_views
+        moved = [
+            r.envelope.member_id
+            for r in routed
+            if shown is True or (shown and r.envelope.event_type in shown)
+        ]
+        await self._ack({stream: ids for stream, ids in acks.items() if ids}, moved)
 
-    async def _ack(self, acks: dict[str, list[str]]) -> None:
-        if len(acks) == 1:
+    async def _ack(self, acks: dict[str, list[str]], moved: list[str] | None = None) -> None:
+        if moved:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream, ids in acks.items():
+                    pipe.xack(stream, self.group, *ids)
+                member_views.bump(pipe, self._namespace, moved)
+                await pipe.execute()
+        elif len(acks) == 1:
             [(stream, ids)] = acks.items()
             await self._redis.xack(stream, self.group, *ids)
         elif acks:  # on a cluster the pipeline sends each stream's XACK to its node

@@ -36,6 +36,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from . import member_views
 from .db import Connection, Database, session_state_changed
 from .events import ENVELOPE_FIELD, SEQ_FIELD, head_key, replay_key
 from .redis_client import RedisClient
@@ -181,6 +182,8 @@ class OutboxRelay:
                 )
             if head is not None:
                 pipe.hset(head_key(self._stream), b"head", str(head).encode())
+            # After commit: the gateway's cached views of these members are stale.
+            member_views.bump_for_envelopes(pipe, self._stream, (r["envelope"] for r in rows))
             await pipe.execute()
 
     async def publish_head(self) -> None:

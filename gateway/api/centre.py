@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from ..clients import Downstreams
 from ..errors import DownstreamError
+from ..member_views import CENTRE, GatewayViews, Miss, centre_boundaries
 from .common import MEMBER_ERRORS, MEMBER_ID_EXAMPLE, MemberId, downstreams
 from .points import POINTS_SUMMARY_EXAMPLE, PointsSummary, points_summary
 from .tiers import MEMBER_TIER_EXAMPLE, MemberTier, member_tier
@@ -115,5 +116,21 @@ async def member_centre(down: Downstreams, member_id: str) -> MemberCentre:
     "points summary (each half degraded to null when its service does not answer)",
     responses=MEMBER_ERRORS,
 )
-async def get_member_centre(member_id: MemberId, request: Request) -> MemberCentre:
-    return await member_centre(downstreams(request), str(member_id))
+async def get_member_centre(member_id: MemberId, request: Request) -> Any:
+    views: GatewayViews | None = request.app.state.member_views
+    if views is None:
+        return await member_centre(downstreams(request), str(member_id))
+    # The member's cached reply while it stands (gateway/member_views.py): the
+    # same bytes as the reply it was stored from, so neither service is asked.
+    mid = str(member_id)
+    epoch = await views.epoch()
+    cached = await views.read(mid, CENTRE, epoch)
+    if not isinstance(cached, Miss):
+        return Response(cached, media_type="application/json")
+    read_at = views.now()
+    centre = await member_centre(downstreams(request), mid)
+    if centre.degraded:  # a half missing is not kept
+        return centre
+    body = centre.model_dump_json().encode()
+    await views.fill(mid, CENTRE, cached, epoch, body, read_at, centre_boundaries(centre))
+    return Response(body, media_type="application/json")

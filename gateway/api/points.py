@@ -641,6 +641,10 @@ async def bulk_earn(body: BulkEarn, request: Request) -> BulkEarnReply:
     reply = await downstreams(request).rewards.bulk_earn_points(
         rewards_pb2.BulkEarnPointsRequest(operator_id=principal(request), lines=lines)
     )
+    # Bulk earns publish no event: the credited members' cached views go now.
+    views = request.app.state.member_views
+    if views is not None:
+        await views.bump(*{r.member_id for r in reply.results if r.outcome == "applied"})
     return BulkEarnReply(
         applied=reply.applied,
         replayed=reply.replayed,

@@ -145,6 +145,12 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
                 retry_after_ms=settings.event_retry_after_ms,
             )
         )
+        # Merges move balances after member's epoch moved: the gateway's cached
+        # member views go again once applied (not its referral orders: every order).
+        app.consumers[-1].bumps_member_views = frozenset(
+            m.DESCRIPTOR.full_name
+            for m in (events_pb2.MemberMerged, events_pb2.MemberUnmerged, events_pb2.MemberErased)
+        )
 
     return ServiceApp(
         NAME,

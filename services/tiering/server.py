@@ -57,6 +57,8 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> ServiceApp:
                 retry_after_ms=settings.event_retry_after_ms,
             )
         )
+        # Its projections are part of the gateway's cached member views.
+        app.consumers[-1].bumps_member_views = True
 
     app = TieringApp(
         NAME,

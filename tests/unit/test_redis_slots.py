@@ -155,3 +155,18 @@ async def test_the_sms_phone_guard_keys_share_one_slot_per_phone() -> None:
         assert await guard.admit(f"+86138{n:08d}") is None
     assert all(_one_slot(keys) and len(keys) == 3 for keys in recorder.calls)
     assert len({slot_of(keys[0]) for keys in recorder.calls}) > 40
+
+
+async def test_the_member_views_fill_touches_one_key_and_members_spread() -> None:
+    from servicekit.member_views import IDENTIFY, MemberViews
+    from servicekit.member_views import Miss as ViewMiss
+
+    recorder = _ScriptRecorder()
+    views = MemberViews(recorder, "loyalty", 60)  # type: ignore[arg-type]
+    members = [str(uuid.uuid4()) for _ in range(64)]
+    for member in members:
+        await views.fill(
+            member, IDENTIFY, ViewMiss(b"0"), b"1", b"[]", datetime(2031, 1, 1, tzinfo=UTC)
+        )
+    assert all(len(keys) == 1 for keys in recorder.calls)
+    assert len({slot_of(keys[0]) for keys in recorder.calls}) > 32  # one tag per member
