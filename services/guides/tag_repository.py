@@ -37,6 +37,34 @@ async def recent_orders_and_tags(
     return [r for r in rows if r["order_id"] is not None], tags
 
 
+async def recent_orders_and_tags_of(
+    conn: Connection, member_ids: list[uuid.UUID], since: datetime
+) -> dict[uuid.UUID, tuple[list[Any], list[tuple[str, str]]]]:
+    """recent_orders_and_tags for several members in one statement (each
+    member's lock taken by an earlier statement)."""
+    rows = await conn.fetch(
+        "SELECT m.member_id, t.tags, t.sources, o.order_id, o.store_id, o.channel,"
+        " o.paid_amount_fen - o.refunded_amount_fen AS paid, o.ordered_at, o.categories"
+        " FROM unnest($1::uuid[]) AS m(member_id)"
+        f" CROSS JOIN LATERAL (SELECT ARRAY(SELECT tag FROM {S}.member_tags"
+        "  WHERE member_id = m.member_id ORDER BY tag, source) AS tags,"
+        f"  ARRAY(SELECT source FROM {S}.member_tags WHERE member_id = m.member_id"
+        "  ORDER BY tag, source) AS sources) t"
+        f" LEFT JOIN {S}.orders o ON o.member_id = m.member_id AND o.ordered_at >= $2"
+        " AND o.refunded_amount_fen < o.paid_amount_fen ORDER BY m.member_id, o.ordered_at",
+        member_ids,
+        since,
+    )
+    out: dict[uuid.UUID, tuple[list[Any], list[tuple[str, str]]]] = {}
+    for r in rows:
+        orders, _ = out.setdefault(
+            r["member_id"], ([], list(zip(r["tags"], r["sources"], strict=True)))
+        )
+        if r["order_id"] is not None:
+            orders.append(r)
+    return out
+
+
 async def members_for_tag_batch(conn: Connection, since: datetime) -> list[uuid.UUID]:
     """Members with orders in the window, or with rule tags to reconsider."""
     rows = await conn.fetch(
