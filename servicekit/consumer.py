@@ -11,7 +11,12 @@ carries several events instead of one. If anything in that transaction fails,
 it is rolled back whole and the read is applied again one event at a time,
 each in its own savepoint (read alone: its own transaction), so a failing
 event rolls back alone while its neighbours commit; handlers must keep their
-effects in the transaction (a rolled-back batch runs them again). An event
+effects in the transaction (a rolled-back batch runs them again). A
+subscription's optional batch handler takes a run of the read's events of its
+type, of distinct members, in one call (set-based statements); it must have
+the effects of the handler applied to each in turn. A read of only types the
+group does not handle opens no transaction: their numbers are held for the
+next read's transaction, the next cursor check or the stop. An event
 whose handler fails stays pending and is retried after `retry_after_ms`; after
 `max_attempts` deliveries it is parked on a dead-letter stream with the error
 and acknowledged, so one poison event never blocks the rest.
