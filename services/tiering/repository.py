@@ -249,9 +249,10 @@ class NewOrder:
     store_id: str = ""
 
 
-async def record_orders(conn: Connection, orders: list[NewOrder]) -> set[str]:
+async def record_orders(conn: Connection, orders: list[NewOrder]) -> set[tuple[str, uuid.UUID]]:
     """`record_order` for orders of distinct members in one statement (a
-    consumer's read); returns the ids of the orders counted now."""
+    consumer's read); returns (order id, member) of the orders counted now
+    (one id under two members: the first in the list counts, as one by one)."""
     if not orders:
         return set()
     if len(orders) == 1:
@@ -266,7 +267,7 @@ async def record_orders(conn: Connection, orders: list[NewOrder]) -> set[str]:
             o.local_day,
             o.store_id,
         )
-        return {o.order_id} if counted else set()
+        return {(o.order_id, o.member_id)} if counted else set()
     rows = await conn.fetch(
         "WITH i AS (SELECT * FROM unnest($1::text[], $2::uuid[], $3::timestamptz[],"
         "  $4::bigint[], $5::bigint[], $6::date[], $7::text[])"
@@ -294,7 +295,7 @@ async def record_orders(conn: Connection, orders: list[NewOrder]) -> set[str]:
         "  ON CONFLICT (member_id) DO UPDATE SET order_store_id = excluded.order_store_id,"
         "   order_store_at = excluded.order_store_at, updated_at = now()"
         "  WHERE p.order_store_at IS NULL OR p.order_store_at <= excluded.order_store_at)"
-        " SELECT order_id FROM o",
+        " SELECT order_id, member_id FROM o",
         [o.order_id for o in orders],
         [o.member_id for o in orders],
         [o.ordered_at for o in orders],
@@ -303,7 +304,7 @@ async def record_orders(conn: Connection, orders: list[NewOrder]) -> set[str]:
         [o.local_day for o in orders],
         [o.store_id for o in orders],
     )
-    return {r["order_id"] for r in rows}
+    return {(r["order_id"], r["member_id"]) for r in rows}
 
 
 async def lock_members(conn: Connection, member_ids: Iterable[uuid.UUID]) -> None:

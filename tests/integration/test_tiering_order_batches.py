@@ -15,7 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from loyalty.events.v1 import events_pb2
@@ -170,6 +170,13 @@ async def snapshot(db: Database, member: uuid.UUID) -> dict[str, Any]:
     max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+# One order id under two members in one run: the first counts, the second
+# is "already counted" and evaluates nobody (the batch once evaluated both).
+@example(
+    orders=[(0, 1, 40_000, 7, ""), (1, 2, 40_000, 7, "")],
+    sizes=[2],
+    metric=QualifyingMetric.PAID_SPEND,
 )
 @given(
     orders=st.lists(order, min_size=1, max_size=14),
