@@ -11,7 +11,12 @@ carries several events instead of one. If anything in that transaction fails,
 it is rolled back whole and the read is applied again one event at a time,
 each in its own savepoint (read alone: its own transaction), so a failing
 event rolls back alone while its neighbours commit; handlers must keep their
-effects in the transaction (a rolled-back batch runs them again). An event
+effects in the transaction (a rolled-back batch runs them again). A
+subscription's optional batch handler takes a run of the read's events of its
+type, of distinct members, in one call (set-based statements); it must have
+the effects of the handler applied to each in turn. A read of only types the
+group does not handle opens no transaction: their numbers are held for the
+next read's transaction, the next cursor check or the stop. An event
 whose handler fails stays pending and is retried after `retry_after_ms`; after
 `max_attempts` deliveries it is parked on a dead-letter stream with the error
 and acknowledged, so one poison event never blocks the rest.
@@ -70,6 +75,9 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 Handler = Callable[[UnitOfWork, ReceivedEvent], Awaitable[None]]
+# The same effects as the handler applied to each event in turn, for
+# consecutive events of one type of distinct members (`_runs`).
+BatchHandler = Callable[[UnitOfWork, list[ReceivedEvent]], Awaitable[None]]
 
 # Process-wide (prometheus_client's default registry; each service's metrics port
 # serves it beside the service's own registry: servicekit/metrics.py).
@@ -119,6 +127,10 @@ class Subscription:
     producer: str
     message_type: type[Message]
     handler: Handler
+    # Optional: a read's run of these events, each of another member, in one
+    # call (set-based statements); a failed read is retried event by event
+    # with `handler`, so both must have the same effects.
+    batch: BatchHandler | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +176,9 @@ class EventConsumer:
         # Set by a service whose projection the gateway's member views show:
         # True (every event it applies) or the event types (full names) that move it.
         self.bumps_member_views: bool | frozenset[str] = False
+        # (producer, event id, seq, occurred_at) of acknowledged events of
+        # types this group does not handle, not yet in processed_events.
+        self._held: list[tuple[str, str, int, datetime]] = []
         # stream -> {event type -> subscription}
         self._routes: dict[str, dict[str, Subscription]] = {}
         self._producers: dict[str, str] = {}
@@ -235,42 +250,47 @@ class EventConsumer:
         reading = dict.fromkeys(streams, ">")
         last_retry = last_check = 0.0
         loop = asyncio.get_running_loop()
-        while not self._stopping:
-            try:
-                if not started:  # here, not before the loop: Redis may be down at start
-                    await self._recreate_groups()
-                    started = True
-                if upkeep and loop.time() - last_check >= self._check_interval:
-                    last_check = loop.time()
-                    await self.check_cursors()
-                read = await self._read(reading, self._batch_size, self._block_ms)
-                got = sum(len(entries) for entries in read.values())
-                if got and self._linger and got < self._batch_size:
-                    # Gather what arrives within the linger into the same
-                    # commit: at tens of events a second a read otherwise
-                    # returns one event, and each paid a transaction of its own.
-                    await asyncio.sleep(self._linger)
-                    more = await self._read(reading, self._batch_size - got, None)
-                    for stream, entries in more.items():
-                        read.setdefault(stream, []).extend(entries)
-                if read:
-                    await self._deliver(read)
-                if upkeep and loop.time() - last_retry >= self._retry_after_ms / 1000:
-                    last_retry = loop.time()
-                    await self.retry_pending()
-            except asyncio.CancelledError:
-                raise
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # stream or group lost under us: recreate
-                    log.warning("event consumer %s: %s; recreating its groups", self.group, exc)
-                    with contextlib.suppress(Exception):
+        try:
+            while not self._stopping:
+                try:
+                    if not started:  # here, not before the loop: Redis may be down at start
                         await self._recreate_groups()
-                    continue
-                log.exception("event consumer %s failed; retrying", self.group)
-                await asyncio.sleep(1)
-            except Exception:
-                log.exception("event consumer %s failed; retrying", self.group)
-                await asyncio.sleep(1)
+                        started = True
+                    if upkeep and loop.time() - last_check >= self._check_interval:
+                        last_check = loop.time()
+                        await self.check_cursors()
+                    read = await self._read(reading, self._batch_size, self._block_ms)
+                    got = sum(len(entries) for entries in read.values())
+                    if got and self._linger and got < self._batch_size:
+                        # Gather what arrives within the linger into the same
+                        # commit: at tens of events a second a read otherwise
+                        # returns one event, and each paid a transaction of its own.
+                        await asyncio.sleep(self._linger)
+                        more = await self._read(reading, self._batch_size - got, None)
+                        for stream, entries in more.items():
+                            read.setdefault(stream, []).extend(entries)
+                    if read:
+                        await self._deliver(read)
+                    if upkeep and loop.time() - last_retry >= self._retry_after_ms / 1000:
+                        last_retry = loop.time()
+                        await self.retry_pending()
+                except asyncio.CancelledError:
+                    raise
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):  # stream or group lost under us: recreate
+                        log.warning("event consumer %s: %s; recreating its groups", self.group, exc)
+                        with contextlib.suppress(Exception):
+                            await self._recreate_groups()
+                        continue
+                    log.exception("event consumer %s failed; retrying", self.group)
+                    await asyncio.sleep(1)
+                except Exception:
+                    log.exception("event consumer %s failed; retrying", self.group)
+                    await asyncio.sleep(1)
+        finally:
+            # Else read as a gap, and replayed.
+            with contextlib.suppress(Exception):
+                await self.flush_held()
 
     async def _read(
         self, reading: dict[str, str], count: int, block: int | None
@@ -306,6 +326,7 @@ class EventConsumer:
         docstring). `lost`: the stream or group was just recreated, so ask for
         a replay from the cursor at once."""
         producer = self._producers[stream]
+        await self.flush_held()  # before the walk: they count on the cursor
         head, floor = await self._head(stream)
         schema = self._db.schema
         labels = (self.group, producer)
@@ -520,6 +541,8 @@ class EventConsumer:
             # chunk. Stable: one member's events keep their order (no consumer
             # may depend on the order across members).
             routed.sort(key=lambda r: r.envelope.member_id)
+        if routed:  # numbers held from reads of unhandled types only ride along
+            skipped, self._held = self._held + skipped, []
         if len(routed) == 1:  # alone: its own transaction, no savepoint to pay for
             r = routed[0]
             if await self._handle(None, r, skipped):
@@ -533,7 +556,13 @@ class EventConsumer:
             else:
                 await self._apply_one_by_one(routed, skipped, acks)
         elif skipped:
-            await self._record(self._db.pool, [], skipped)
+            # Only types this group does not handle: nothing to apply, so no
+            # transaction of their own; their numbers (for the cursor) go with
+            # the next read's transaction or the next cursor check, whichever
+            # comes first. Lost in a crash, they read as a gap: replayed.
+            self._held.extend(skipped)
+            if len(self._held) >= self._batch_size:
+                await self.flush_held()
         # After commit, with the XACK: a projection the gateway's member views
         # show (tiering's) moved for these members (servicekit/member_views.py).
         shown = self.bumps_member_views
@@ -543,6 +572,17 @@ class EventConsumer:
             if shown is True or (shown and r.envelope.event_type in shown)
         ]
         await self._ack({stream: ids for stream, ids in acks.items() if ids}, moved)
+
+    async def flush_held(self) -> None:
+        """Record the held numbers of unhandled events (see `_deliver`)."""
+        held, self._held = self._held, []
+        if not held:
+            return
+        try:
+            await self._record(self._db.pool, [], held)
+        except BaseException:
+            self._held = held + self._held
+            raise
 
     async def _ack(self, acks: dict[str, list[str]], moved: list[str] | None = None) -> None:
         if moved:
@@ -597,10 +637,19 @@ class EventConsumer:
         try:
             async with self._db.unit_of_work() as uow:
                 fresh = await self._record(uow.conn, routed, skipped)
+                new: list[_Routed] = []
                 for r in routed:
                     key = uuid.UUID(r.envelope.event_id)
                     if key in fresh:  # not applied before, nor earlier in this read
                         fresh.discard(key)
+                        new.append(r)
+                for run in _runs(new):
+                    batch = run[0].sub.batch
+                    if batch is not None and len(run) > 1:
+                        with self._span(run[0], len(run)):
+                            await batch(uow, [self._received(r) for r in run])
+                        continue
+                    for r in run:
                         with self._span(r):
                             await r.sub.handler(uow, self._received(r))
             return True
@@ -643,13 +692,21 @@ class EventConsumer:
                 yield batch
 
     @contextlib.contextmanager
-    def _span(self, r: _Routed) -> Iterator[None]:
+    def _span(self, r: _Routed, batch: int = 1) -> Iterator[None]:
+        """The event's consumer span, in its producer's trace (a batch's: the
+        first event's, with the batch's size)."""
         token = otel_context.attach(extract_context(r.envelope.trace_context))
+        attributes: dict[str, Any] = {
+            "messaging.system": "redis",
+            "messaging.destination.name": r.stream,
+        }
+        if batch > 1:
+            attributes["messaging.batch.message_count"] = batch
         try:
             with tracer.start_as_current_span(
                 f"consume {r.envelope.event_type}",
                 kind=trace.SpanKind.CONSUMER,
-                attributes={"messaging.system": "redis", "messaging.destination.name": r.stream},
+                attributes=attributes,
             ):
                 yield
         finally:
@@ -741,6 +798,25 @@ class EventConsumer:
             )
             pipe.xack(stream, self.group, entry_id)
             await pipe.execute()
+
+
+def _runs(routed: list[_Routed]) -> Iterator[list[_Routed]]:
+    """Split a read's events, in their order, into runs of one subscription
+    and distinct members (an event naming no member stands alone): a batch
+    handler applies a run as the handler would each event, since no two of
+    its events touch one member, and the order of the read is kept."""
+    run: list[_Routed] = []
+    members: set[str] = set()
+    for r in routed:
+        member = r.envelope.member_id
+        if run and (r.sub is not run[0].sub or not member or not members or member in members):
+            yield run
+            run, members = [], set()
+        run.append(r)
+        if member:
+            members.add(member)
+    if run:
+        yield run
 
 
 def _seq(fields: dict[bytes, bytes]) -> int | None:

@@ -97,12 +97,54 @@ class AttributionHandlers(StaffHandlers, TagHandlers):
         chosen = domain.attribute(
             await self._candidates(uow, p, binding, at), self.rules, at, self.window
         )
+        inserted = await attribution_repo.insert_order(
+            uow.conn, *self._order_row(p, member_id, at, chosen)
+        )
+        if inserted:  # the funnel was advanced by the same statement
+            await self.refresh_rule_tags(uow, member_id, locked=True)
+
+    async def on_orders_completed(self, uow: UnitOfWork, events: list[ReceivedEvent]) -> None:
+        """on_order_completed for a read's run of orders of distinct members
+        (the consumer's batch handler): their locks and bindings in one
+        statement, the orders and funnel steps in one, the new orders'
+        members' window and tags in one; the rule tags then per member."""
+        orders = []
+        for event in events:
+            p = event.payload
+            assert isinstance(p, events_pb2.OrderCompleted)
+            if p.member_id:
+                orders.append(
+                    (p, uuid.UUID(p.member_id), to_datetime(p.ordered_at) or self.clock())
+                )
+        members = [m for _, m, _ in orders]
+        if len(set(members)) < len(members):
+            raise ValueError("a batch of OrderCompleted names a member twice")
+        if not orders:
+            return
+        bindings = await binding_repo.lock_member_bindings(uow.conn, members)
+        rows = []
+        for p, member_id, at in orders:
+            chosen = domain.attribute(
+                await self._candidates(uow, p, bindings.get(member_id), at),
+                self.rules,
+                at,
+                self.window,
+            )
+            rows.append(self._order_row(p, member_id, at, chosen))
+        inserted = await attribution_repo.insert_orders(uow.conn, rows)
+        new = [m for m in members if m in inserted]
+        if new:
+            await self.refresh_rule_tags_of(uow, new)
+
+    def _order_row(
+        self, p: events_pb2.OrderCompleted, member_id: uuid.UUID, at: datetime, chosen: Any
+    ) -> tuple[Any, ...]:
+        """insert_order's arguments after the connection."""
         categories: dict[str, int] = {}
         for line in p.lines:
             if line.category:
                 categories[line.category] = categories.get(line.category, 0) + line.quantity
-        inserted = await attribution_repo.insert_order(
-            uow.conn,
+        return (
             uuid.UUID(p.order_id),
             member_id,
             p.store_id,
@@ -115,8 +157,6 @@ class AttributionHandlers(StaffHandlers, TagHandlers):
             chosen.rule.value if chosen else "",
             date.fromisoformat(domain.local_day(at, self.tz)),
         )
-        if inserted:  # the funnel was advanced by the same statement
-            await self.refresh_rule_tags(uow, member_id, locked=True)
 
     async def on_order_refunded(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         p = event.payload

@@ -67,6 +67,28 @@ async def insert_order(
     )
 
 
+async def insert_orders(conn: Connection, orders: list[tuple[Any, ...]]) -> set[uuid.UUID]:
+    """insert_order for orders of distinct members (each a tuple of its
+    arguments) in one statement; returns the members whose order is new."""
+    if not orders:
+        return set()
+    cols = list(zip(*orders, strict=True))
+    rows = await conn.fetch(
+        f"WITH o AS (INSERT INTO {S}.orders (order_id, member_id, store_id, channel,"
+        " paid_amount_fen, ordered_at, categories, staff_id, attributed_store_id, rule, day)"
+        " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],"
+        "  $6::timestamptz[], $7::jsonb[], $8::text[], $9::text[], $10::text[], $11::date[])"
+        " ON CONFLICT DO NOTHING RETURNING member_id, order_id, ordered_at),"
+        f" f AS (INSERT INTO {S}.funnel AS funnel (member_id, first_order_id, first_order_at)"
+        f" SELECT member_id, order_id, ordered_at FROM o {_FUNNEL_ORDER_CONFLICT})"
+        " SELECT member_id FROM o",
+        *(list(c) for c in cols[:6]),
+        [json.dumps(c) for c in cols[6]],
+        *(list(c) for c in cols[7:]),
+    )
+    return {r["member_id"] for r in rows}
+
+
 async def apply_refund(
     conn: Connection, refund_id: uuid.UUID, order_id: uuid.UUID, amount: int, at: datetime
 ) -> bool:

@@ -129,6 +129,22 @@ async def lock_member_binding(conn: Connection, member_id: uuid.UUID) -> Binding
     return BindingRow(**dict(r)) if r is not None and r["member_id"] is not None else None
 
 
+async def lock_member_bindings(
+    conn: Connection, member_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, BindingRow]:
+    """lock_member_binding for several members in one statement: the locks
+    in id order (volatile functions in the select list run after the ORDER
+    BY), then their bindings."""
+    rows = await conn.fetch(
+        "WITH l AS MATERIALIZED (SELECT m, pg_advisory_xact_lock(hashtextextended(m::text, 7))"
+        "  FROM unnest($1::uuid[]) AS m ORDER BY m)"
+        f" SELECT b.member_id, b.staff_id, b.store_id, b.bound_at FROM l"
+        f" JOIN {S}.bindings b ON b.member_id = l.m",
+        member_ids,
+    )
+    return {r["member_id"]: BindingRow(**dict(r)) for r in rows}
+
+
 async def set_binding(
     conn: Connection,
     member_id: uuid.UUID,

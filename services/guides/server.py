@@ -177,7 +177,12 @@ def build(
                 app.redis,
                 s.redis_namespace,
                 [
-                    Subscription("rewards", events_pb2.OrderCompleted, handlers.on_order_completed),
+                    Subscription(
+                        "rewards",
+                        events_pb2.OrderCompleted,
+                        handlers.on_order_completed,
+                        batch=handlers.on_orders_completed,
+                    ),
                     Subscription("rewards", events_pb2.OrderRefunded, handlers.on_order_refunded),
                     Subscription(
                         "member", events_pb2.MemberRegistered, handlers.on_member_registered

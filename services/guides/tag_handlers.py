@@ -137,6 +137,28 @@ class TagHandlers(HandlersBase):
         rows, tags = await tag_repo.recent_orders_and_tags(
             uow.conn, member_id, now - self.tag_window
         )
+        return await self._apply_rule_tags(uow, member_id, rows, tags, now)
+
+    async def refresh_rule_tags_of(self, uow: UnitOfWork, member_ids: list[uuid.UUID]) -> None:
+        """refresh_rule_tags for several members whose locks the caller holds,
+        their orders and tags read in one statement."""
+        if len(member_ids) == 1:
+            await self.refresh_rule_tags(uow, member_ids[0], locked=True)
+            return
+        now = self.clock()
+        read = await tag_repo.recent_orders_and_tags_of(uow.conn, member_ids, now - self.tag_window)
+        for member_id in member_ids:
+            rows, tags = read[member_id]
+            await self._apply_rule_tags(uow, member_id, rows, tags, now)
+
+    async def _apply_rule_tags(
+        self,
+        uow: UnitOfWork,
+        member_id: uuid.UUID,
+        rows: list[Any],
+        tags: list[tuple[str, str]],
+        now: datetime,
+    ) -> tuple[int, int]:
         facts = [
             OrderFact(
                 str(r["order_id"]),

@@ -37,6 +37,41 @@ async def recent_orders_and_tags(
     return [r for r in rows if r["order_id"] is not None], tags
 
 
+async def recent_orders_and_tags_of(
+    conn: Connection, member_ids: list[uuid.UUID], since: datetime
+) -> dict[uuid.UUID, tuple[list[Any], list[tuple[str, str]]]]:
+    """recent_orders_and_tags for several members in one statement (each
+    member's lock taken by an earlier statement)."""
+    rows = await conn.fetch(
+        "SELECT m.member_id, t.tags, t.sources, o.order_id, o.store_id, o.channel,"
+        " o.paid_amount_fen - o.refunded_amount_fen AS paid, o.ordered_at, o.categories"
+        " FROM unnest($1::uuid[]) AS m(member_id)"
+        # An aggregate: read once per member, not once per order row.
+        " CROSS JOIN LATERAL (SELECT"
+        "  coalesce(array_agg(tag ORDER BY tag, source), '{}') AS tags,"
+        "  coalesce(array_agg(source ORDER BY tag, source), '{}') AS sources"
+        f"  FROM {S}.member_tags WHERE member_id = m.member_id) t"
+        # Each member's orders by (member_id, ordered_at), as the one-member
+        # read; OFFSET 0 keeps the planner from flattening it into a hash
+        # join over every order in the window (seen on young tables).
+        " LEFT JOIN LATERAL (SELECT o.order_id, o.store_id, o.channel, o.paid_amount_fen,"
+        "  o.refunded_amount_fen, o.ordered_at, o.categories"
+        f"  FROM {S}.orders o WHERE o.member_id = m.member_id AND o.ordered_at >= $2"
+        "  AND o.refunded_amount_fen < o.paid_amount_fen OFFSET 0) o ON true"
+        " ORDER BY m.member_id, o.ordered_at",
+        member_ids,
+        since,
+    )
+    out: dict[uuid.UUID, tuple[list[Any], list[tuple[str, str]]]] = {}
+    for r in rows:
+        orders, _ = out.setdefault(
+            r["member_id"], ([], list(zip(r["tags"], r["sources"], strict=True)))
+        )
+        if r["order_id"] is not None:
+            orders.append(r)
+    return out
+
+
 async def members_for_tag_batch(conn: Connection, since: datetime) -> list[uuid.UUID]:
     """Members with orders in the window, or with rule tags to reconsider."""
     rows = await conn.fetch(

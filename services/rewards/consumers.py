@@ -143,3 +143,26 @@ class OrderEvents:
             event_time(event, "ordered_at"),
             datetime.now(UTC),
         )
+
+    async def on_orders_completed(self, uow: UnitOfWork, events: list[ReceivedEvent]) -> None:
+        """`on_order_completed` for a read's run of orders of distinct members
+        (the consumer's batch handler): the members' order stores in one
+        statement, then the referral step only for the members with an
+        invitation still waiting for its first order (most have none), found
+        in one statement."""
+        orders = []
+        for event in events:
+            completed = event.payload
+            assert isinstance(completed, events_pb2.OrderCompleted)
+            orders.append(
+                (completed, uuid.UUID(completed.member_id), event_time(event, "ordered_at"))
+            )
+        await members.record_order_stores(
+            uow.conn, [(m, c.store_id, at) for c, m, at in orders if c.store_id]
+        )
+        waiting = await referral_repo.awaiting_first_order(uow.conn, [m for _, m, _ in orders])
+        for completed, member_id, ordered_at in orders:
+            if member_id in waiting:
+                await self._referrals.on_order_completed(
+                    uow, completed.member_id, completed.order_id, ordered_at, datetime.now(UTC)
+                )

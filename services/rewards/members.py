@@ -129,6 +129,26 @@ async def record_order_store(
     )
 
 
+async def record_order_stores(
+    conn: Connection, stores: list[tuple[uuid.UUID, str, datetime]]
+) -> None:
+    """`record_order_store` for (member, store, ordered_at) of distinct members."""
+    if len(stores) == 1:
+        await record_order_store(conn, *stores[0])
+    elif stores:
+        await conn.execute(
+            "INSERT INTO rewards.member_stores AS m (member_id, order_store_id, order_store_at)"
+            " SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])"
+            " ON CONFLICT (member_id) DO UPDATE"
+            " SET order_store_id = excluded.order_store_id,"
+            "  order_store_at = excluded.order_store_at"
+            " WHERE m.order_store_at IS NULL OR m.order_store_at <= excluded.order_store_at",
+            [m for m, _, _ in stores],
+            [s for _, s, _ in stores],
+            [at for _, _, at in stores],
+        )
+
+
 async def is_erased(conn: Connection, member_id: uuid.UUID) -> bool:
     erased: bool = await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM rewards.erased_members WHERE member_id = $1)", member_id

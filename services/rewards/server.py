@@ -139,7 +139,12 @@ def build(settings: ServiceSettings, rewards: RewardsSettings | None = None) -> 
                     Subscription("member", events_pb2.MemberZoneSet, on_zone_set),
                     Subscription("tiering", events_pb2.TierChanged, on_tier_changed),
                     # Its own stream: an invitee's first order rewards the referral.
-                    Subscription("rewards", events_pb2.OrderCompleted, orders.on_order_completed),
+                    Subscription(
+                        "rewards",
+                        events_pb2.OrderCompleted,
+                        orders.on_order_completed,
+                        batch=orders.on_orders_completed,
+                    ),
                 ],
                 max_attempts=settings.event_max_attempts,
                 retry_after_ms=settings.event_retry_after_ms,

@@ -326,44 +326,69 @@ class TieringHandlers:
         redelivered event never counts twice; the order id makes a second event
         for the same order harmless too. A malformed event raises: it is
         retried, then dead-lettered with the reason."""
-        order = event.payload
-        assert isinstance(order, events_pb2.OrderCompleted)
-        member_id = _event_member(order.member_id, f"OrderCompleted {order.order_id}")
-        if member_id is None:
-            log.debug("order %s has no member; nothing to track", order.order_id)
-            return
-        if order.paid_amount_fen < 0:
-            raise ValueError(
-                f"OrderCompleted {order.order_id}: paid_amount_fen {order.paid_amount_fen} < 0"
+        await self.on_orders_completed(uow, [event])
+
+    async def on_orders_completed(self, uow: UnitOfWork, events: list[ReceivedEvent]) -> None:
+        """`on_order_completed` for a read's run of orders of distinct members
+        (the consumer's batch handler): one erasure lock and check, one
+        statement counting the new orders, then each new order's evaluation
+        in the read's order. The members are distinct, so this is what the
+        orders one by one would do."""
+        orders: list[tuple[events_pb2.OrderCompleted, uuid.UUID, datetime, str]] = []
+        for event in events:
+            order = event.payload
+            assert isinstance(order, events_pb2.OrderCompleted)
+            member_id = _event_member(order.member_id, f"OrderCompleted {order.order_id}")
+            if member_id is None:
+                log.debug("order %s has no member; nothing to track", order.order_id)
+                continue
+            if order.paid_amount_fen < 0:
+                raise ValueError(
+                    f"OrderCompleted {order.order_id}: paid_amount_fen {order.paid_amount_fen} < 0"
+                )
+            ordered_at = (
+                to_datetime(order.ordered_at)
+                or to_datetime(event.envelope.occurred_at)
+                or self.now()
             )
-        if await self._erased(uow, member_id):
-            log.info("order %s: member erased; nothing to track", order.order_id)
+            orders.append((order, member_id, ordered_at, order.order_id or event.envelope.event_id))
+        members = [m for _, m, _, _ in orders]
+        if len(set(members)) < len(members):
+            raise ValueError("a batch of OrderCompleted names a member twice")
+        if not orders:
             return
-        ordered_at = (
-            to_datetime(order.ordered_at) or to_datetime(event.envelope.occurred_at) or self.now()
-        )
-        programme = _latest(await self._versions(uow, ordered_at))
-        rules_programme = programme or _latest(await self._versions(uow, self.now()))
-        growth = (
-            order_growth(rules_programme, order.paid_amount_fen)
-            if rules_programme
-            else order.paid_amount_fen // DEFAULT_RULES.order_fen_per_point
-        )
-        order_id = order.order_id or event.envelope.event_id
-        tz = (rules_programme.rules if rules_programme else DEFAULT_RULES).tz
-        if not await repo.record_order(
-            uow.conn,
-            order_id,
-            member_id,
-            ordered_at,
-            order.paid_amount_fen,
-            growth,
-            ordered_at.astimezone(tz).date(),
-            order.store_id,
-        ):
-            log.info("order %s already counted", order_id)
-            return
-        await self.evaluate(uow, member_id, ordered_at)
+        await repo.lock_members(uow.conn, members)
+        erased = await repo.erased(uow.conn, members)
+        rows: list[repo.NewOrder] = []
+        for order, member_id, ordered_at, order_id in orders:
+            if member_id in erased:
+                log.info("order %s: member erased; nothing to track", order.order_id)
+                continue
+            programme = _latest(await self._versions(uow, ordered_at))
+            rules_programme = programme or _latest(await self._versions(uow, self.now()))
+            growth = (
+                order_growth(rules_programme, order.paid_amount_fen)
+                if rules_programme
+                else order.paid_amount_fen // DEFAULT_RULES.order_fen_per_point
+            )
+            tz = (rules_programme.rules if rules_programme else DEFAULT_RULES).tz
+            rows.append(
+                repo.NewOrder(
+                    order_id,
+                    member_id,
+                    ordered_at,
+                    order.paid_amount_fen,
+                    growth,
+                    ordered_at.astimezone(tz).date(),
+                    order.store_id,
+                )
+            )
+        counted = await repo.record_orders(uow.conn, rows)
+        for row in rows:
+            if (row.order_id, row.member_id) not in counted:
+                log.info("order %s already counted", row.order_id)
+                continue
+            await self.evaluate(uow, row.member_id, row.ordered_at)
 
     async def on_order_refunded(self, uow: UnitOfWork, event: ReceivedEvent) -> None:
         """Undo what a refund takes back: net spend, the order's growth value

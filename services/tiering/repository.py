@@ -239,6 +239,93 @@ async def record_order(
 
 
 @dataclass(frozen=True)
+class NewOrder:
+    order_id: str
+    member_id: uuid.UUID
+    ordered_at: datetime
+    paid_fen: int
+    growth: int
+    local_day: date
+    store_id: str = ""
+
+
+async def record_orders(conn: Connection, orders: list[NewOrder]) -> set[tuple[str, uuid.UUID]]:
+    """`record_order` for orders of distinct members in one statement (a
+    consumer's read); returns (order id, member) of the orders counted now
+    (one id under two members: the first in the list counts, as one by one)."""
+    if not orders:
+        return set()
+    if len(orders) == 1:
+        o = orders[0]
+        counted = await record_order(
+            conn,
+            o.order_id,
+            o.member_id,
+            o.ordered_at,
+            o.paid_fen,
+            o.growth,
+            o.local_day,
+            o.store_id,
+        )
+        return {(o.order_id, o.member_id)} if counted else set()
+    rows = await conn.fetch(
+        "WITH i AS (SELECT * FROM unnest($1::text[], $2::uuid[], $3::timestamptz[],"
+        "  $4::bigint[], $5::bigint[], $6::date[], $7::text[])"
+        "  AS t(order_id, member_id, ordered_at, paid_fen, growth, local_day, store_id)),"
+        " o AS (INSERT INTO tiering.orders (order_id, member_id, ordered_at, paid_fen, growth)"
+        "  SELECT order_id, member_id, ordered_at, paid_fen, growth FROM i"
+        # As record_order: an id counted before is skipped (order_keys).
+        "  ON CONFLICT DO NOTHING RETURNING order_id, member_id),"
+        " n AS (SELECT i.* FROM i JOIN o USING (order_id, member_id)),"
+        " s AS (INSERT INTO tiering.member_spend AS s"
+        "  (member_id, total_paid_fen, order_count, last_order_at, updated_at)"
+        "  SELECT member_id, paid_fen, 1, ordered_at, now() FROM n"
+        "  ON CONFLICT (member_id) DO UPDATE SET"
+        "   total_paid_fen = s.total_paid_fen + excluded.total_paid_fen,"
+        "   order_count = s.order_count + 1,"
+        "   last_order_at = greatest(s.last_order_at, excluded.last_order_at),"
+        "   updated_at = now()),"
+        " g AS (INSERT INTO tiering.growth_ledger"
+        "  (member_id, kind, ref, points, occurred_at, local_day)"
+        "  SELECT member_id, 'order', order_id, growth, ordered_at, local_day FROM n"
+        "  ON CONFLICT (kind, ref) DO NOTHING),"
+        " p AS (INSERT INTO tiering.member_profiles AS p"
+        "  (member_id, order_store_id, order_store_at)"
+        "  SELECT member_id, store_id, ordered_at FROM n WHERE store_id <> ''"
+        "  ON CONFLICT (member_id) DO UPDATE SET order_store_id = excluded.order_store_id,"
+        "   order_store_at = excluded.order_store_at, updated_at = now()"
+        "  WHERE p.order_store_at IS NULL OR p.order_store_at <= excluded.order_store_at)"
+        " SELECT order_id, member_id FROM o",
+        [o.order_id for o in orders],
+        [o.member_id for o in orders],
+        [o.ordered_at for o in orders],
+        [o.paid_fen for o in orders],
+        [o.growth for o in orders],
+        [o.local_day for o in orders],
+        [o.store_id for o in orders],
+    )
+    return {(r["order_id"], r["member_id"]) for r in rows}
+
+
+async def lock_members(conn: Connection, member_ids: Iterable[uuid.UUID]) -> None:
+    """Serialise this transaction with an erasure of any of these members
+    (transaction-scoped; in id order, so two callers never wait on each other
+    in a cycle). One statement: volatile functions in the select list run
+    after the ORDER BY."""
+    members = sorted(set(member_ids))
+    if len(members) == 1:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('tiering.member:' || $1))", str(members[0])
+        )
+    elif members:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('tiering.member:' || m::text))"
+            " FROM unnest($1::uuid[]) AS m ORDER BY m",
+            members,
+        )
+
+
+@dataclass(frozen=True)
 class OrderRow:
     order_id: str
     # None once the member was erased.
@@ -734,16 +821,6 @@ async def set_registered(conn: Connection, member_id: uuid.UUID, at: datetime | 
 
 
 # ---- erasure ---------------------------------------------------------------------------
-
-
-async def lock_members(conn: Connection, member_ids: Iterable[uuid.UUID]) -> None:
-    """Serialise this transaction with an erasure of any of these members
-    (transaction-scoped; in id order, so two callers never wait on each other
-    in a cycle)."""
-    for member_id in sorted(set(member_ids)):
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('tiering.member:' || $1))", str(member_id)
-        )
 
 
 async def erased(conn: Connection, member_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:

@@ -42,7 +42,12 @@ def build(settings: ServiceSettings, clock: Clock | None = None) -> ServiceApp:
                 app.redis,
                 settings.redis_namespace,
                 [
-                    Subscription("rewards", events_pb2.OrderCompleted, handlers.on_order_completed),
+                    Subscription(
+                        "rewards",
+                        events_pb2.OrderCompleted,
+                        handlers.on_order_completed,
+                        batch=handlers.on_orders_completed,
+                    ),
                     Subscription("rewards", events_pb2.OrderRefunded, handlers.on_order_refunded),
                     Subscription(
                         "member", events_pb2.MemberRegistered, handlers.on_member_registered

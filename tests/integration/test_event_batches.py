@@ -327,3 +327,118 @@ async def test_a_crash_between_the_commit_and_the_ack_changes_nothing_on_redeliv
     applied = await effects.committed()
     assert {k: len(v) for k, v in applied.items()} == {"x": 1, "y": 1, "z": 1}
     assert effects.calls == Counter({"x": 1, "y": 1, "z": 1})
+
+
+class BatchEffects(Effects):
+    """Effects with a batch handler: it records each run it is given."""
+
+    def __init__(self, db: Database, fail: frozenset[str] = frozenset()) -> None:
+        super().__init__(db, fail)
+        self.runs: list[list[str]] = []
+
+    async def batch(self, uow: UnitOfWork, events: list[ReceivedEvent]) -> None:
+        self.runs.append([e.payload.order_id for e in events])  # type: ignore[attr-defined]
+        for event in events:
+            await self(uow, event)
+
+
+def batch_consumer(
+    group: str, db: Database, redis: RedisClient, infra: Infra, producer: str, fx: BatchEffects
+) -> EventConsumer:
+    return EventConsumer(
+        group,
+        db,
+        redis,
+        infra.namespace,
+        [Subscription(producer, events_pb2.OrderCompleted, fx, batch=fx.batch)],
+        max_attempts=MAX_ATTEMPTS,
+        retry_after_ms=100,
+        block_ms=50,
+        gap_grace_seconds=60,
+    )
+
+
+async def publish_for(
+    redis: RedisClient, stream: str, producer: str, member: str, order_id: str, seq: int
+) -> None:
+    envelope = make_envelope(producer, events_pb2.OrderCompleted(order_id=order_id), member)
+    await publish(redis, stream, producer, events_pb2.OrderCompleted(), seq, envelope=envelope)
+
+
+async def test_a_batch_handler_gets_the_read_s_runs_of_distinct_members_in_order(
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """In member order, a member's second event starts a new run (a batch
+    handler may assume one event per member), and the read is still one
+    commit."""
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    fx = BatchEffects(db)
+    await fx.create()
+    try:
+        await publish_for(redis, stream, producer, "m-b", "b1", 1)
+        await publish_for(redis, stream, producer, "m-a", "a1", 2)
+        await publish_for(redis, stream, producer, "m-c", "c1", 3)
+        await publish_for(redis, stream, producer, "m-a", "a2", 4)
+        async with running(batch_consumer(group, db, redis, infra, producer, fx)):
+            await eventually(lambda: drained(redis, stream, group))
+        # a1 alone (the handler's), then a run of three (the batch handler's).
+        assert fx.runs == [["a2", "b1", "c1"]]
+        applied = await fx.committed()
+        assert sorted(applied) == ["a1", "a2", "b1", "c1"]
+        assert len({tx for txs in applied.values() for tx in txs}) == 1
+    finally:
+        await fx.drop()
+
+
+async def test_a_failing_batch_is_applied_again_event_by_event(
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """The batch's failure rolls the read back; each event is then applied
+    with the one-event handler, so the poison is dead-lettered alone."""
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    fx = BatchEffects(db, fail=frozenset({"poison"}))
+    await fx.create()
+    try:
+        await publish_for(redis, stream, producer, "m-a", "a", 1)
+        await publish_for(redis, stream, producer, "m-b", "poison", 2)
+        await publish_for(redis, stream, producer, "m-c", "c", 3)
+        dlq = dead_letter_stream(infra.namespace, producer, group)
+        async with running(batch_consumer(group, db, redis, infra, producer, fx)):
+            await eventually(lambda: redis.xrange(dlq), timeout=10)
+            await eventually(lambda: drained(redis, stream, group))
+        assert {k: len(v) for k, v in (await fx.committed()).items()} == {"a": 1, "c": 1}
+        assert await processed_seqs(db, group) == [1, 2, 3]
+    finally:
+        await fx.drop()
+
+
+async def test_a_read_of_unhandled_types_only_opens_no_transaction_and_still_counts(
+    db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str], effects: Effects
+) -> None:
+    """Before: each such read paid an INSERT and a commit of its own. Now its
+    numbers are held (the entries acknowledged: handling them is a no-op) and
+    recorded by the next cursor check, so the cursor walks over them with no
+    gap; they ride with the next handled read's transaction too, and a
+    stopping consumer records what it holds."""
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    c = consumer(group, db, redis, infra, [producer], effects)
+    c.configure_gaps(60, 3600)  # no cursor check of its own during the test
+    await publish(redis, stream, producer, events_pb2.OrderRefunded(refund_id="r1"), 1)
+    await publish(redis, stream, producer, events_pb2.OrderRefunded(refund_id="r2"), 2)
+    async with running(c):
+        await eventually(lambda: drained(redis, stream, group))
+        assert await processed_seqs(db, group) == []  # nothing written for them yet
+        status = await c.check_cursor(stream)
+        assert (status.applied, status.replay_from, status.gaps_found) == (2, None, 0)
+        # Held again, then carried by the next handled read's one commit.
+        await publish(redis, stream, producer, events_pb2.OrderRefunded(refund_id="r3"), 3)
+        await eventually(lambda: drained(redis, stream, group))
+        await publish(redis, stream, producer, events_pb2.OrderCompleted(order_id="o"), 4)
+        await eventually(lambda: effects.committed())
+        assert await processed_seqs(db, group) == [1, 2, 3, 4]
+        await publish(redis, stream, producer, events_pb2.OrderRefunded(refund_id="r5"), 5)
+        await eventually(lambda: drained(redis, stream, group))
+    assert await processed_seqs(db, group) == [1, 2, 3, 4, 5]  # recorded on the way out

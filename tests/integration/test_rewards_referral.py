@@ -21,8 +21,9 @@ from loyalty.events.v1 import events_pb2
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from servicekit.db import Connection, Database
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFound, error_info
-from servicekit.events import ENVELOPE_FIELD, make_envelope, stream_name
+from servicekit.events import ENVELOPE_FIELD, ReceivedEvent, make_envelope, stream_name
 from servicekit.protos import timestamp
+from services.rewards.consumers import OrderEvents
 from services.rewards.coupons.handlers import issue_coupon
 from services.rewards.kernel import Channel, OrderRequest
 from services.rewards.orders.handlers import RewardsHandlers
@@ -369,3 +370,58 @@ async def test_through_grpc_erasure_forgets_fingerprints(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.GetInviteCode(rewards_pb2.GetInviteCodeRequest(member_id=inviter))
     assert error_info(refused.value)[0] == "MEMBER_ERASED"
+
+
+def _completed(member: str, order_id: str, store: str) -> Any:
+    payload = events_pb2.OrderCompleted(
+        order_id=order_id, member_id=member, store_id=store, ordered_at=timestamp(NOW)
+    )
+    return ReceivedEvent("rewards", "0-1", make_envelope("rewards", payload, member), payload)
+
+
+async def test_a_read_of_orders_in_one_batch_equals_them_one_by_one(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    """Rewards' own OrderCompleted as the consumer's batch handler: the order
+    stores in one statement, the referral step only for members whose
+    invitation still waits for a first order. Twins: invited, invited whose
+    first order was rewarded already, never invited; one by one and as one
+    run, the same rewards, first orders and stores."""
+    p = Programme(db)
+    events = OrderEvents(p.referrals)
+    outcome = []
+    for batch in (False, True):
+        inviter, invited, done, stranger = (new_member() for _ in range(4))
+        code = await p.code(inviter)
+        await p.accept(invited, code)
+        await p.accept(done, code)
+        await p.order_event(done, await p.order(done))  # its first order, rewarded
+        run = [
+            _completed(m, await p.order(m), store)
+            for m, store in ((invited, "SH001"), (done, "SH002"), (stranger, ""))
+        ]
+        async with db.unit_of_work() as uow:
+            if batch:
+                await events.on_orders_completed(uow, run)
+            else:
+                for e in run:
+                    await events.on_order_completed(uow, e)
+        seen = []
+        for m in (inviter, invited, done, stranger):
+            seen.append(
+                (
+                    await rows(conn, "points_transactions", "member_id", m),
+                    await conn.fetchval(
+                        "SELECT first_order_id IS NOT NULL FROM rewards.referrals"
+                        " WHERE invitee_id = $1",
+                        uuid.UUID(m),
+                    ),
+                    await conn.fetchval(
+                        "SELECT order_store_id FROM rewards.member_stores WHERE member_id = $1",
+                        uuid.UUID(m),
+                    ),
+                )
+            )
+        outcome.append(seen)
+    assert outcome[0] == outcome[1]
+    assert outcome[1][1][1] is True  # the invited member's first order counted

@@ -18,7 +18,7 @@ from typing import Any
 
 from servicekit.db import Connection
 
-from ..merges import CLUSTER_CTE, HOLDERS_CTE
+from ..merges import CLUSTER_CTE, HOLDERS_CTE, MAX_MERGE_DEPTH
 
 
 async def invite_code_of(conn: Connection, cluster: list[uuid.UUID]) -> Any:
@@ -130,6 +130,25 @@ async def mark_first_order(
         order_id,
         at,
     )
+
+
+async def awaiting_first_order(conn: Connection, members: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Of these members, those whose person (the member and everyone merged
+    into it) was invited and has a referral without a first order: the only
+    ones `mark_first_order` can change."""
+    rows = await conn.fetch(
+        "WITH RECURSIVE down(root, member_id, depth) AS ("
+        " SELECT m, m, 0 FROM unnest($1::uuid[]) AS m"
+        " UNION"
+        " SELECT down.root, mm.absorbed_id, down.depth + 1 FROM down"
+        "  JOIN rewards.member_merges mm"
+        "  ON mm.survivor_id = down.member_id AND mm.unmerged_at IS NULL"
+        f" WHERE down.depth < {MAX_MERGE_DEPTH})"
+        " SELECT DISTINCT root FROM down JOIN rewards.referrals r"
+        "  ON r.invitee_id = down.member_id AND r.first_order_id IS NULL",
+        members,
+    )
+    return {r["root"] for r in rows}
 
 
 async def has_settled_orders(conn: Connection, cluster: list[uuid.UUID]) -> bool:
