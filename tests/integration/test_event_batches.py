@@ -311,12 +311,12 @@ async def test_a_crash_between_the_commit_and_the_ack_changes_nothing_on_redeliv
     plain_ack = c._ack
     lost = 0
 
-    async def ack_lost_once(acks: dict[str, list[str]]) -> None:
+    async def ack_lost_once(acks: dict[str, list[str]], moved: list[str] | None = None) -> None:
         nonlocal lost
         if not lost:
             lost = sum(len(ids) for ids in acks.values())
             raise ConnectionError("gone before XACK")
-        await plain_ack(acks)
+        await plain_ack(acks, moved)
 
     c._ack = ack_lost_once  # type: ignore[method-assign]
     for order_id in ("x", "y", "z"):
