@@ -179,6 +179,51 @@ def unknown_template(template_id: str) -> NotFound:
     )
 
 
+def _new_coupon(
+    template: crepo.TemplateRow,
+    member_id: uuid.UUID,
+    why: Reason,
+    issued_by: str,
+    issue_key: str,
+    now: datetime,
+    request_hash: bytes,
+) -> tuple[crepo.NewCoupon, tuple[str, str, bytes]]:
+    """A new coupon's row and its CouponIssued outbox row (event id, type,
+    envelope): built before the write, which puts both in with one statement."""
+    terms = template.terms
+    coupon_id, code = uuid.uuid4(), new_code()
+    expires_at = terms.expires_at(now)
+    envelope = make_envelope(
+        PRODUCER,
+        events_pb2.CouponIssued(
+            coupon_id=str(coupon_id),
+            code=code,
+            member_id=str(member_id),
+            template_id=template.template_id,
+            template_version=template.version,
+            reason=why.value,
+            issued_at=timestamp(now),
+            expires_at=timestamp(expires_at),
+        ),
+        str(member_id),
+    )
+    coupon = crepo.NewCoupon(
+        id=coupon_id,
+        code=code,
+        template_id=template.template_id,
+        template_version=template.version,
+        member_id=member_id,
+        reason=why.value,
+        issued_by=issued_by,
+        issue_key=issue_key,
+        request_hash=request_hash,
+        issued_at=now,
+        valid_from=terms.starts_at(now),
+        expires_at=expires_at,
+    )
+    return coupon, (envelope.event_id, envelope.event_type, envelope.SerializeToString())
+
+
 async def issue_coupon(
     conn: Connection,
     *,
@@ -230,44 +275,13 @@ async def issue_coupon(
             code="NOT_A_NEW_MEMBER",
             field="member_id",
         )
-    coupon_id, code = uuid.uuid4(), new_code()
-    expires_at = terms.expires_at(now)
-    # Built before the write: it goes in with the coupon, in the same statement.
-    envelope = make_envelope(
-        PRODUCER,
-        events_pb2.CouponIssued(
-            coupon_id=str(coupon_id),
-            code=code,
-            member_id=str(member_id),
-            template_id=template_id,
-            template_version=template.version,
-            reason=why.value,
-            issued_at=timestamp(now),
-            expires_at=timestamp(expires_at),
-        ),
-        str(member_id),
+    coupon, event = _new_coupon(
+        template, member_id, why, issued_by, issue_key, now, request_hash=digest
     )
     # Whatever refuses below undoes the coupon row, the counters and the event.
     async with conn.transaction() if savepoint else _same_transaction():
         done = await crepo.issue(
-            conn,
-            crepo.NewCoupon(
-                id=coupon_id,
-                code=code,
-                template_id=template_id,
-                template_version=template.version,
-                member_id=member_id,
-                reason=why.value,
-                issued_by=issued_by,
-                issue_key=issue_key,
-                request_hash=digest,
-                issued_at=now,
-                valid_from=terms.starts_at(now),
-                expires_at=expires_at,
-            ),
-            template.limits,
-            now.astimezone(BUSINESS_TZ).date(),
-            (envelope.event_id, envelope.event_type, envelope.SerializeToString()),
+            conn, coupon, template.limits, now.astimezone(BUSINESS_TZ).date(), event
         )
         if done.row is None:
             # The same key was committed by a concurrent call while we checked.
@@ -352,44 +366,23 @@ async def _issue_in_one_statement(
         or _template_refusal(template, why, now) is not None
     ):
         return None
-    terms = template.terms
-    coupon_id, code = uuid.uuid4(), new_code()
-    expires_at = terms.expires_at(now)
-    envelope = make_envelope(
-        PRODUCER,
-        events_pb2.CouponIssued(
-            coupon_id=str(coupon_id),
-            code=code,
-            member_id=str(member_id),
-            template_id=template_id,
-            template_version=template.version,
-            reason=why.value,
-            issued_at=timestamp(now),
-            expires_at=timestamp(expires_at),
-        ),
-        str(member_id),
+    coupon, event = _new_coupon(
+        template,
+        member_id,
+        why,
+        issued_by,
+        issue_key,
+        now,
+        request_hash=issue_hash(template_id, str(member_id), why.value, issued_by),
     )
     try:
         async with db.pool.acquire() as conn:
             row = await crepo.issue_at_once(
                 conn,
-                crepo.NewCoupon(
-                    id=coupon_id,
-                    code=code,
-                    template_id=template_id,
-                    template_version=template.version,
-                    member_id=member_id,
-                    reason=why.value,
-                    issued_by=issued_by,
-                    issue_key=issue_key,
-                    request_hash=issue_hash(template_id, str(member_id), why.value, issued_by),
-                    issued_at=now,
-                    valid_from=terms.starts_at(now),
-                    expires_at=expires_at,
-                ),
+                coupon,
                 template.limits,
                 now.astimezone(BUSINESS_TZ).date(),
-                (envelope.event_id, envelope.event_type, envelope.SerializeToString()),
+                event,
                 template.row_xmin,
             )
     except asyncpg.RaiseError as exc:
