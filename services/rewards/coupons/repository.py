@@ -335,19 +335,11 @@ class Issue:
     shard: int
 
 
-async def issue(
-    conn: Connection,
-    c: NewCoupon,
-    limits: Limits,
-    day: date,
-    event: tuple[str, str, bytes],
-) -> Issue:
-    """Insert the coupon and its outbox row and take its limits, in one statement
-    (see ISSUE_SQL). A guard that did not pass reads False; the caller must then
-    undo the statement (raise in its transaction or savepoint)."""
-    shard = random.randrange(limits.stock_shards) if limits.total_stock is not None else 0
-    row = await conn.fetchrow(
-        ISSUE_SQL,
+def _issue_arguments(
+    c: NewCoupon, limits: Limits, day: date, shard: int, event: tuple[str, str, bytes]
+) -> tuple[Any, ...]:
+    """$1-$19 of ISSUE_SQL and ONE_STATEMENT_ISSUE_SQL."""
+    return (
         c.id,
         c.code,
         c.template_id,
@@ -365,6 +357,23 @@ async def issue(
         limits.daily_budget,
         shard,
         *event,
+    )
+
+
+async def issue(
+    conn: Connection,
+    c: NewCoupon,
+    limits: Limits,
+    day: date,
+    event: tuple[str, str, bytes],
+) -> Issue:
+    """Insert the coupon and its outbox row and take its limits, in one statement
+    (see ISSUE_SQL). A guard that did not pass reads False; the caller must then
+    undo the statement (raise in its transaction or savepoint)."""
+    shard = random.randrange(limits.stock_shards) if limits.total_stock is not None else 0
+    row = await conn.fetchrow(
+        ISSUE_SQL,
+        *_issue_arguments(c, limits, day, shard, event),
     )
     assert row is not None
     return Issue(
@@ -422,23 +431,7 @@ async def issue_at_once(
     shard = random.randrange(limits.stock_shards) if limited else 0
     row = await conn.fetchrow(
         ONE_STATEMENT_ISSUE_SQL,
-        c.id,
-        c.code,
-        c.template_id,
-        c.template_version,
-        c.member_id,
-        c.reason,
-        c.issued_by,
-        c.issue_key,
-        c.request_hash,
-        c.issued_at,
-        c.valid_from,
-        c.expires_at,
-        limits.per_member_limit,
-        day,
-        limits.daily_budget,
-        shard,
-        *event,
+        *_issue_arguments(c, limits, day, shard, event),
         limited,
         template_xmin,
     )
