@@ -222,6 +222,31 @@ async def run_bulk(
 # ---- the run -------------------------------------------------------------------------
 
 
+async def create_template(
+    stub: Any, template_id: str, stock: int, shards: int, timeout: float | None = None
+) -> None:
+    """The bench's active template: `stock` coupons over `shards` stock rows, one per member."""
+    from loyalty.rewards.v1 import rewards_pb2
+
+    await stub.CreateCouponTemplate(
+        rewards_pb2.CreateCouponTemplateRequest(
+            template_id=template_id,
+            terms=rewards_pb2.CouponTerms(
+                name="bench 满99减30",
+                kind="amount_off",
+                threshold_fen=9900,
+                discount_fen=3000,
+                valid_days=30,
+            ),
+            limits=rewards_pb2.CouponLimits(
+                total_stock=stock, stock_shards=shards, per_member_limit=1
+            ),
+            status="active",
+        ),
+        timeout=timeout,
+    )
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
     from services.rewards.coupons import handlers as svc
@@ -257,22 +282,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 async with grpc.aio.insecure_channel(rewards_target) as channel:
                     stub = rewards_pb2_grpc.RewardsServiceStub(channel)
-                    await stub.CreateCouponTemplate(
-                        rewards_pb2.CreateCouponTemplateRequest(
-                            template_id=template_id,
-                            terms=rewards_pb2.CouponTerms(
-                                name="bench 满99减30",
-                                kind="amount_off",
-                                threshold_fen=9900,
-                                discount_fen=3000,
-                                valid_days=30,
-                            ),
-                            limits=rewards_pb2.CouponLimits(
-                                total_stock=stock, stock_shards=args.shards, per_member_limit=1
-                            ),
-                            status="active",
-                        )
-                    )
+                    await create_template(stub, template_id, stock, args.shards)
 
                     def rpc(prefix: str) -> Callable[[int], Awaitable[object]]:
                         def call(i: int) -> Awaitable[object]:

@@ -73,6 +73,7 @@ from .cli import (
     slice_call,
     started,
 )
+from .coupons import create_template
 from .cpu import CpuMeter, cpu_table, marginal
 from .echo_server import METHOD as ECHO_METHOD
 from .identify import pos_identify_call
@@ -219,23 +220,7 @@ async def coupon_caller(stub: Any, run_id: str, stock: int, timeout: float) -> C
     from loyalty.rewards.v1 import rewards_pb2
 
     template_id = f"KNEES-{run_id[-6:]}"
-    await stub.CreateCouponTemplate(
-        rewards_pb2.CreateCouponTemplateRequest(
-            template_id=template_id,
-            terms=rewards_pb2.CouponTerms(
-                name="bench 满99减30",
-                kind="amount_off",
-                threshold_fen=9900,
-                discount_fen=3000,
-                valid_days=30,
-            ),
-            limits=rewards_pb2.CouponLimits(
-                total_stock=stock, stock_shards=STOCK_SHARDS, per_member_limit=1
-            ),
-            status="active",
-        ),
-        timeout=30,
-    )
+    await create_template(stub, template_id, stock, STOCK_SHARDS, timeout=30)
 
     def call_for(phase: str) -> Callable[[int], Awaitable[object]]:
         def call(i: int) -> Awaitable[object]:
