@@ -373,8 +373,14 @@ async def test_through_grpc_erasure_forgets_fingerprints(
 
 
 def _completed(member: str, order_id: str, store: str) -> Any:
+    # An hour after the orders' own events: the session's rewards service, if
+    # a test started it, consumes those (store SH001 at NOW) at its own pace,
+    # and an equal time would let that late write replace this one's store.
     payload = events_pb2.OrderCompleted(
-        order_id=order_id, member_id=member, store_id=store, ordered_at=timestamp(NOW)
+        order_id=order_id,
+        member_id=member,
+        store_id=store,
+        ordered_at=timestamp(NOW + timedelta(hours=1)),
     )
     return ReceivedEvent("rewards", "0-1", make_envelope("rewards", payload, member), payload)
 
