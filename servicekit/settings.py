@@ -84,8 +84,11 @@ class ServiceSettings(CommonSettings):
     event_check_interval_seconds: float = Field(default=1.0, gt=0)
     # A consumer's read that returns less than a batch waits this long and
     # reads again, so one commit carries the events arriving meanwhile
-    # (servicekit/consumer.py; 0: each read is applied as it comes).
-    event_linger_ms: float = Field(default=20.0, ge=0, le=1000)
+    # (servicekit/consumer.py; 0: each read is applied as it comes). 250:
+    # measured quiet at 60 orders/s, the consumers' CPU per order halves
+    # against 20 (docs/operations.md, "Consumers' linger"); a projection sees
+    # an order up to a quarter second later, which no reader can tell.
+    event_linger_ms: float = Field(default=250.0, ge=0, le=1000)
     # processed_events rows (consumer dedup) are kept this long, then pruned
     # every prune_interval_seconds (servicekit/retention.py says why it is safe);
     # where the table is partitioned by month (member, engagement, tiering,

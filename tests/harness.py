@@ -53,6 +53,9 @@ class Infra:
             "shutdown_delay_seconds": 0.0,
             "event_gap_grace_seconds": 0.5,
             "event_check_interval_seconds": 0.2,
+            # Tests wait on projections; the production linger (250 ms) only
+            # trades CPU for lateness, which tests/integration/test_event_batches.py covers.
+            "event_linger_ms": 20.0,
         }
         values.update(overrides)
         return ServiceSettings(**values)  # type: ignore[arg-type]
