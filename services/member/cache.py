@@ -41,6 +41,11 @@ shard: a filler only ever races with commits touching its own entry, which
 bump that entry's shard. Fences and releases go out per shard, concurrently;
 the identity epoch is a key of its own, bumped beside them.
 
+A POS read (a store named) of a cached identifier is one script: the entry
+read and, on a hit, the velocity observation (velocity.py; its keys share the
+entry's shard tag). A miss or a fence counts nothing there: the caller counts
+once Postgres named the member.
+
 Reads fail open: without Redis, ResolveMember reads Postgres as before.
 Entries expire after ENTRY_TTL_SECONDS anyway, a bound on any staleness a
 lost invalidation could leave.

@@ -3,7 +3,9 @@ within a sliding window, counted in Redis, and when a burst crosses the
 threshold (VELOCITY_STORES within VELOCITY_WINDOW_SECONDS).
 
 One sorted set per identifier (keyed by its lookup hash: no personal data in
-Redis), member = store id, score = when it was last presented there, in
+Redis; under the identifier's resolve cache shard tag, so that
+cache.ResolveCache.get_counting answers a cached identifier and counts it in
+one script), member = store id, score = when it was last presented there, in
 milliseconds of the service's clock (never Redis's or the database's, so
 tests pin it and a shifted clock changes nothing). One script per observation
 adds the store, drops stores older than the window, counts the rest and
