@@ -41,6 +41,11 @@ shard: a filler only ever races with commits touching its own entry, which
 bump that entry's shard. Fences and releases go out per shard, concurrently;
 the identity epoch is a key of its own, bumped beside them.
 
+A POS read (a store named) of a cached identifier is one script: the entry
+read and, on a hit, the velocity observation (velocity.py; its keys share the
+entry's shard tag). A miss or a fence counts nothing there: the caller counts
+once Postgres named the member.
+
 Reads fail open: without Redis, ResolveMember reads Postgres as before.
 Entries expire after ENTRY_TTL_SECONDS anyway, a bound on any staleness a
 lost invalidation could leave.
@@ -56,15 +61,17 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from servicekit.db import Connection, Database, UnitOfWork
 from servicekit.errors import Unavailable
-from servicekit.redis_client import RedisClient, tagged
+from servicekit.redis_client import RedisClient
 
 from . import oneid_repository as oneid_repo
 from .repository import MemberRecord
+from .velocity import OBSERVE_FUNCTION, identifier_shard
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,29 @@ if (redis.call('GET', KEYS[2]) or '0') == ARGV[1] and redis.call('EXISTS', KEYS[
 end
 return 0
 """
+# A POS read of a known identifier, answered and counted in one round trip.
+# KEYS: 1 entry, 2 generation, 3 and 4 the identifier's velocity keys (same
+# shard: velocity.identifier_shard); ARGV: the observation's (velocity.py).
+# Returns {0, generation} on a miss, {1} when fenced (neither is counted
+# here: the caller counts once the member is known), else {2, entry,
+# observe's reply...}.
+_GET_COUNTING = (
+    OBSERVE_FUNCTION
+    + """
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  return {0, redis.call('GET', KEYS[2]) or '0'}
+end
+if raw == '-' then
+  return {1}
+end
+local result = {2, raw}
+for _, v in ipairs(observe(KEYS[3], KEYS[4], ARGV)) do
+  table.insert(result, v)
+end
+return result
+"""
+)
 # KEYS: the entries of one shard; ARGV: 1 fence ttl s
 _FENCE = """
 for i = 1, #KEYS do
@@ -143,12 +173,14 @@ class ResolveCache:
         self._fill = redis.register_script(_FILL)
         self._fence = redis.register_script(_FENCE)
         self._release = redis.register_script(_RELEASE)
+        self._get_counting = redis.register_script(_GET_COUNTING)
         # Loaded at the service's start (servicekit.redis_client.preload_scripts).
-        self.scripts = [self._fill, self._fence, self._release]
+        self.scripts = [self._fill, self._fence, self._release, self._get_counting]
 
     def shard(self, value_hash: bytes) -> str:
-        """The hash tag of an entry's shard (the entry and its generation)."""
-        return tagged(f"{self._namespace}:member:resolve:{value_hash[:1].hex()}")
+        """The hash tag of an entry's shard (the entry and its generation;
+        the identifier's velocity keys too)."""
+        return identifier_shard(self._namespace, value_hash)
 
     def key(self, value_hash: bytes) -> str:
         # The lookup hash already covers type, namespace and value (domain key).
@@ -183,6 +215,26 @@ class ResolveCache:
         if raw == FENCE:
             return Miss(None)
         return _decode(raw)
+
+    async def get_counting(
+        self, value_hash: bytes, velocity_keys: list[str], velocity_args: list[int | str]
+    ) -> tuple[MemberRecord | Miss, list[Any] | None]:
+        """As `get`; a hit also runs the velocity observation (its reply
+        second), in the same script: one round trip for a known identifier
+        presented at a till. A miss counts nothing (None): the caller counts
+        once Postgres named the member."""
+        try:
+            reply = await self._get_counting(
+                keys=[self.key(value_hash), self.generation_key(value_hash), *velocity_keys],
+                args=velocity_args,
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("resolve cache unavailable, reading Postgres: %r", exc)
+            return Miss(None), None
+        kind = int(reply[0])
+        if kind == 2:
+            return _decode(reply[1]), reply[2:]
+        return Miss(reply[1] if kind == 0 else None), None
 
     async def fill(self, value_hash: bytes, member: MemberRecord, miss: Miss) -> None:
         if miss.generation is None:

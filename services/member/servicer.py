@@ -38,7 +38,7 @@ from .oneid_handlers import Identified
 from .oneid_repository import MergeRow, ReviewRow
 from .profile_handlers import Profile
 from .repository import MemberRecord
-from .velocity import Sighting, VelocityWatch
+from .velocity import Burst, Sighting, VelocityWatch
 
 log = logging.getLogger(__name__)
 
@@ -312,10 +312,49 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 field="identifier.type",
             )
         observed = normalise(id_type, ident.value, ident.namespace, False, "identifier.value")
+        if (
+            store_id
+            and self._cache is not None
+            and self._velocity is not None
+            and observed.id_type is not IdType.MEMBER_NUMBER
+        ):
+            # The POS identify of a known member: one script answers and counts.
+            return member_message(await self._resolve_counting(observed, store_id))
         member = await self._resolve(observed)
         if store_id:
             await self._count_stores([observed], store_id, member.member_id)
         return member_message(member)
+
+    async def _resolve_counting(self, observed: ObservedIdentifier, store_id: str) -> MemberRecord:
+        """_resolve and _count_stores of one identifier at a till: a cached
+        answer is read and the store counted in one Redis script; a miss reads
+        Postgres, fills, and counts as before (the member is known only then)."""
+        assert self._cache is not None and self._velocity is not None
+        velocity = self._velocity
+        # Junk names nobody and is not counted (before any lookup, Redis included).
+        self._handlers.refuse_junk(observed)
+        value_hash = self._handlers.lookup_hash(observed)
+        at = velocity.now()
+        cached, seen = await self._cache.get_counting(
+            value_hash, velocity.keys(value_hash), velocity.args(store_id, at)
+        )
+        if isinstance(cached, MemberRecord):
+            if seen is not None and int(seen[0]) == 1:
+                sighting = Sighting(
+                    observed.id_type.value,
+                    observed.namespace,
+                    value_hash,
+                    mask(observed.id_type, observed.value),
+                )
+                burst = velocity.burst(sighting, seen, at)
+                if burst is not None:
+                    await self._flag(burst, cached.member_id)
+            return cached
+        async with self._unit_of_work() as uow:
+            member = await self._handlers.resolve_identifier(uow, observed)
+        await self._cache.fill(value_hash, member, cached)
+        await self._count_stores([observed], store_id, member.member_id)
+        return member
 
     async def _resolve(self, observed: ObservedIdentifier) -> MemberRecord:
         if self._cache is None:
@@ -358,21 +397,28 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 and not self._handlers.policy.is_junk(o.id_type, o.value)
             )
         }
+        for burst in await self._velocity.observe(list(sightings.values()), store_id):
+            await self._flag(burst, member_id)
+
+    async def _flag(self, burst: Burst, member_id: str) -> None:
+        """A burst the velocity watch saw start: its flag (row, event, metric);
+        if that cannot be written, the burst is cleared so the next sighting
+        flags. Never fails the call."""
         velocity = self._velocity
-        for burst in await velocity.observe(list(sightings.values()), store_id):
-            try:
-                flag = functools.partial(
-                    self._handlers.flag_velocity,
-                    burst=burst,
-                    member_id=member_id,
-                    window_seconds=velocity.window_seconds,
-                )
-                await self._in_transaction(flag)
-            except Exception:
-                log.exception("velocity flag not written; the next sighting flags again")
-                await velocity.forget(burst)
-                continue
-            self._metrics.velocity_flagged.labels(identifier_type=burst.sighting.id_type).inc()
+        assert velocity is not None
+        try:
+            flag = functools.partial(
+                self._handlers.flag_velocity,
+                burst=burst,
+                member_id=member_id,
+                window_seconds=velocity.window_seconds,
+            )
+            await self._in_transaction(flag)
+        except Exception:
+            log.exception("velocity flag not written; the next sighting flags again")
+            await velocity.forget(burst)
+            return
+        self._metrics.velocity_flagged.labels(identifier_type=burst.sighting.id_type).inc()
 
     async def ListIdentities(
         self, request: member_pb2.ListIdentitiesRequest, context: grpc.aio.ServicerContext

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -291,3 +292,78 @@ async def test_the_flag_list_pages_and_refuses_a_foreign_token(stub: Stub) -> No
     assert error_info(bad) == ("INVALID_PAGE_TOKEN", "page_token")
     too_big = await failure(stub.ListVelocityFlags(pb.ListVelocityFlagsRequest(page_size=501)))
     assert error_info(too_big) == ("INVALID_PAGE_SIZE", "page_size")
+
+
+class _CountingRedis:
+    """The member app's Redis client, counting every command and script call
+    (what one ResolveMember costs in round trips)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls: list[str] = []
+
+    def register_script(self, source: str) -> Any:
+        script = self.real.register_script(source)
+
+        async def run(keys: list[str], args: list[Any] | None = None) -> Any:
+            self.calls.append("script")
+            return await script(keys=keys, args=args)
+
+        return run
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self.real, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return await command(*args, **kwargs)
+
+        return counted
+
+
+async def test_a_known_phone_at_a_till_is_answered_and_counted_in_one_round_trip(
+    stub: Stub, member_app: ServiceApp, infra: Infra
+) -> None:
+    """The POS identify of a known member: member reads its cached answer and
+    counts the store in one Redis script (both keys in one shard), and the
+    count still flags a burst, once, for the member it answered."""
+    from services.member.cache import ResolveCache
+    from services.member.handlers import MemberHandlers
+    from services.member.pii import PiiVault
+    from services.member.policy import load_policy
+    from services.member.servicer import MemberServicer
+    from services.member.settings import member_settings
+    from services.member.velocity import VelocityWatch
+
+    assert member_app.db is not None and member_app.redis is not None
+    t = tag()
+    phone = mobile()
+    member_id = (await enrol_at(stub, phone, "")).member.member_id
+    redis = _CountingRedis(member_app.redis)
+    s = member_settings(infra.service_settings())
+    metrics = MemberMetrics()
+    servicer = MemberServicer(
+        member_app.db,
+        MemberHandlers(PiiVault(s.pii_key), load_policy(), s.member_code_secret.encode()),
+        cache=ResolveCache(redis, infra.namespace),  # type: ignore[arg-type]
+        metrics=metrics,
+        velocity=VelocityWatch(redis, infra.namespace, 3, 600, lambda: T0),  # type: ignore[arg-type]
+    )
+
+    def at(store: str) -> Any:
+        request = pb.ResolveMemberRequest(identifier=ident(PHONE, phone), store_id=store)
+        return servicer.ResolveMember(request, None)  # type: ignore[arg-type]
+
+    # A miss reads Postgres, fills, then counts (the member known only then).
+    assert (await at(f"R{t}-0")).member_id == member_id
+    assert len(redis.calls) == 3  # the read, the fill, the count: as before
+    for n in range(1, 5):
+        redis.calls.clear()
+        assert (await at(f"R{t}-{n}")).member_id == member_id
+        assert redis.calls == ["script"], n  # was an MGET, then the count's script
+    flags = await flags_of(stub, phone)
+    assert [(f.member_id, f.store_count, list(f.store_ids)) for f in flags] == [
+        (member_id, 3, sorted(f"R{t}-{n}" for n in range(3)))
+    ]
+    flagged = metrics.velocity_flagged.labels(identifier_type="phone")._value.get()
+    assert flagged == 1

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import pytest
@@ -67,9 +68,10 @@ async def any_redis(redis_url: str) -> AsyncIterator[RedisClient]:
 
 
 async def entry_keys(redis: Redis, infra: Infra) -> set[bytes]:
-    """The cached entries (each shard's generation counter aside)."""
+    """The cached entries (each shard's generation counter and the velocity
+    watch's keys, which share the shards' tags, aside)."""
     keys = await redis.keys(f"{{{infra.namespace}:member:resolve:*")
-    return {k for k in keys if not k.endswith(b":generation")}
+    return {k for k in keys if not k.endswith(b":generation") and b":velocity:" not in k}
 
 
 async def test_a_known_identifier_is_answered_from_redis(
@@ -194,6 +196,39 @@ async def test_a_fill_never_replaces_a_fence(any_redis: RedisClient, infra: Infr
     await cache.fence([value_hash])
     await cache.fill(value_hash, _record(), miss)
     assert await any_redis.get(cache.key(value_hash)) == member_cache.FENCE
+
+
+async def test_a_till_read_answers_and_counts_a_hit_and_counts_no_miss_nor_fence(
+    any_redis: RedisClient, infra: Infra
+) -> None:
+    """get_counting, on one Redis and on a cluster (one slot: no CROSSSLOT,
+    which would fall back to Postgres): a hit is answered and its store
+    counted; a miss keeps the generation for the fill and a fence forbids it,
+    neither counted (the caller counts once Postgres named the member)."""
+    from services.member.velocity import VelocityWatch
+
+    namespace = f"{infra.namespace}-unit-{tag()}"
+    cache = ResolveCache(any_redis, namespace)
+    watch = VelocityWatch(any_redis, namespace, 2, 600, lambda: datetime(2026, 3, 2, tzinfo=UTC))
+    value_hash = uuid.uuid4().bytes
+    stores_key = watch.keys(value_hash)[0]
+
+    def at(store: str) -> Any:
+        return cache.get_counting(
+            value_hash, watch.keys(value_hash), watch.args(store, watch.now())
+        )
+
+    missed, seen = await at("S1")
+    assert missed == Miss(b"0") and seen is None
+    record = _record()
+    await cache.fill(value_hash, record, missed)
+    assert await at("S1") == (record, [0, 1])
+    # The second store crosses the threshold (2): this observation starts the burst.
+    assert await at("S2") == (record, [1, 2, b"S1", b"S2"])
+    assert await at("S3") == (record, [0, 3])
+    await cache.fence([value_hash])
+    assert await at("S4") == (Miss(None), None)
+    assert await any_redis.zcard(stores_key) == 3  # S4 not counted
 
 
 async def test_a_write_over_several_shards_fences_and_releases_each(
@@ -322,7 +357,7 @@ async def _serve_member_on_cluster(
             entries = [
                 k
                 async for k in client.scan_iter(match=f"{{{namespace}:member:resolve:*")
-                if not k.endswith(b":generation")
+                if not k.endswith(b":generation") and b":velocity:" not in k
             ]
             assert len(entries) == 1  # the answer is cached on the cluster
             stream = stream_name(namespace, "member")

@@ -42,6 +42,19 @@ def test_malformed_phones_are_refused_with_the_field(raw: str) -> None:
     assert caught.value.field == FIELD
 
 
+def test_repeated_phones_answer_the_same_and_refusals_name_each_calls_field() -> None:
+    """Parsed phones are kept (domain.PHONE_CACHE_SIZE): the answer is the
+    same however often a phone comes back, and a refused one is refused every
+    time, with the field of that call."""
+    for _ in range(3):
+        assert normalise(IdType.PHONE, "139 1234 5678", "", False, FIELD).value == "+8613912345678"
+    for field in ("phone", "identifier.value", FIELD):
+        for raw in ("1391234567", "abc"):
+            with pytest.raises(InvalidArgument) as caught:
+                normalise(IdType.PHONE, raw, "", False, field)
+            assert (caught.value.code, caught.value.field) == ("INVALID_PHONE", field)
+
+
 @pytest.mark.parametrize("raw", ["", "  ", "null", "NULL", "undefined", "None", "0", "-"])
 def test_placeholders_are_never_identifiers(raw: str) -> None:
     with pytest.raises(InvalidArgument) as caught:

@@ -133,11 +133,22 @@ async def test_the_velocity_watch_script_keys_share_one_slot_per_identifier() ->
         window_seconds=600,
         clock=lambda: datetime(2026, 3, 1, tzinfo=UTC),
     )
-    for n in range(50):
-        sighting = Sighting("phone", "cn", uuid.uuid4().bytes, f"138****{n:04d}")
+    cache = ResolveCache(recorder, "loyalty")  # type: ignore[arg-type]
+    hashes = [bytes([n * 5]) + uuid.uuid4().bytes for n in range(50)]
+    for n, value_hash in enumerate(hashes):
+        sighting = Sighting("phone", "cn", value_hash, f"138****{n:04d}")
         await watch.observe([sighting], "S001")
     assert all(_one_slot(keys) and len(keys) == 2 for keys in recorder.calls)
-    assert len({slot_of(keys[0]) for keys in recorder.calls}) > 40  # spread by identifier
+    assert len({slot_of(keys[0]) for keys in recorder.calls}) == 50  # spread by identifier
+    # In the slot of the identifier's resolve cache entry: one script may
+    # answer a known identifier and count its store (ResolveCache.get_counting).
+    for value_hash, keys in zip(hashes, recorder.calls, strict=True):
+        assert _one_slot([cache.key(value_hash), cache.generation_key(value_hash), *keys])
+    recorder.calls.clear()
+    for value_hash in hashes:
+        args = watch.args("S001", watch.now())
+        await cache.get_counting(value_hash, watch.keys(value_hash), args)
+    assert all(_one_slot(keys) and len(keys) == 4 for keys in recorder.calls)
 
 
 async def test_the_sms_phone_guard_keys_share_one_slot_per_phone() -> None:
