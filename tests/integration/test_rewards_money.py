@@ -30,6 +30,7 @@ from services.rewards.coupons import handlers as coupons
 from services.rewards.coupons import repository as crepo
 from services.rewards.coupons.domain import Kind, Limits, Status, Terms
 from services.rewards.kernel import Channel, OrderRequest
+from services.rewards.members import MemberState
 from services.rewards.orders import repository as orepo
 from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.audit import audit_ledger
@@ -808,8 +809,12 @@ async def test_a_plain_order_settles_in_one_statement_after_the_member_read(
         "status": "settled",
     }
     # A retry: nothing written by the statement, the transaction replays it.
-    again = await ledger.handlers.complete_order_now(db, settlement, T0)
+    counted = Counting(db)
+    again = await ledger.handlers.complete_order_now(counted, settlement, T0)  # type: ignore[arg-type]
     assert again is None
+    # The member as read for the first order: its read is skipped, the
+    # statement checks it still stands.
+    assert len(counted.statements) == 1, counted.statements
     replay = await ledger.earn(absorbed, 2_500, T0, txn=txn)
     assert replay.replayed and replay.order_id == result.order_id
     assert await order_rows(conn, txn) == (1, 1, 1)
@@ -823,6 +828,81 @@ async def test_a_plain_order_settles_in_one_statement_after_the_member_read(
     closed = ledger.handlers.prepare_order(plain_order(survivor, txn, store_id="ZZ901"))
     assert await ledger.handlers.complete_order_now(db, closed, T0) is None
     assert await order_rows(conn, txn) == (0, 0, 0)
+
+
+async def test_a_member_read_is_reused_only_while_the_holder_and_tier_stand(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    """The next plain order of an id is one statement: the member read of its
+    last order is reused, and the statement settles only while the holder and
+    its tier (and multiplier) are still those; a change writes nothing there,
+    and the order is priced afresh (the tier's multiplier applies)."""
+    rules = EarningRules(tier_multiplier_bp={"gold": 20_000})
+    ledger = Ledger(db)
+    ledger.points = PointsLedger(LedgerPolicy(expiry=EXPIRY), rules)
+    ledger.handlers = RewardsHandlers(points=ledger.points)
+    handlers, member = ledger.handlers, new_member()
+
+    async def order_now(counted: Counting) -> Any:
+        txn = new_txn()
+        settlement = handlers.prepare_order(plain_order(member, txn))
+        done = await handlers.complete_order_now(counted, settlement, T0)  # type: ignore[arg-type]
+        return txn, done
+
+    counted = Counting(db)
+    _, done = await order_now(counted)
+    assert done is not None and done.unwrap().points_earned == 25
+    assert len(counted.statements) == 2
+    counted = Counting(db)
+    _, done = await order_now(counted)
+    assert done is not None and done.unwrap().points_earned == 25
+    assert len(counted.statements) == 1, counted.statements
+    # Tiering moves the member to gold: the reused read no longer stands.
+    await conn.execute(
+        "INSERT INTO rewards.member_tiers (member_id, tier_code, changed_at) VALUES ($1, $2, $3)",
+        uuid.UUID(member),
+        "gold",
+        T0,
+    )
+    counted = Counting(db)
+    txn, done = await order_now(counted)
+    assert done is None and len(counted.statements) == 1
+    assert await order_rows(conn, txn) == (0, 0, 0)
+    # Read afresh: gold's double points.
+    counted = Counting(db)
+    _, done = await order_now(counted)
+    assert done is not None and done.unwrap().points_earned == 50
+    assert len(counted.statements) == 2
+    # Its multiplier changes (tiering's own): the next order is priced afresh too.
+    await conn.execute(
+        "UPDATE rewards.member_tiers SET points_multiplier_bp = 30000 WHERE member_id = $1",
+        uuid.UUID(member),
+    )
+    _, done = await order_now(Counting(db))
+    assert done is None
+    _, done = await order_now(Counting(db))
+    assert done is not None and done.unwrap().points_earned == 75
+    # Merged into another member: the holder changed, the survivor is credited.
+    survivor = new_member()
+    await merge(db, survivor, member)
+    _, done = await order_now(Counting(db))
+    assert done is None
+    before = (await balance(conn, survivor))["available"]
+    _, done = await order_now(Counting(db))
+    assert done is not None
+    assert (await balance(conn, survivor))["available"] == before + done.unwrap().points_earned
+    # Erased after its last order: nothing written, the transaction refuses it.
+    await conn.execute(
+        "INSERT INTO rewards.erased_members (member_id, erased_at) VALUES ($1, $2)",
+        uuid.UUID(survivor),
+        T0,
+    )
+    txn, done = await order_now(Counting(db))
+    assert done is None
+    assert await order_rows(conn, txn) == (0, 0, 0)
+    with pytest.raises(FailedPrecondition) as refused:
+        await ledger.earn(member, 2_500, T0, txn=txn)
+    assert refused.value.code == "MEMBER_ERASED"
 
 
 async def test_an_erasure_refuses_the_one_statement_order_and_it_writes_nothing(
@@ -870,6 +950,7 @@ async def test_an_erasure_refuses_the_one_statement_order_and_it_writes_nothing(
                 ),
                 earning,
                 uuid.UUID(other),
+                MemberState(None, None, False),
             )
             is None
         )

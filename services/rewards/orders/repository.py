@@ -39,6 +39,7 @@ from servicekit.db import Connection
 
 from ..kernel import OrderLine
 from ..members import ORDER_MEMBER_SQL, MemberState, OrderMember
+from ..merges import HOLDER_SQL
 
 
 @dataclass(frozen=True)
@@ -352,22 +353,36 @@ async def record_earning(conn: Connection, earning: Earning) -> BalanceRecord:
     return BalanceRecord(str(earning.member_id), row["available"], row["lifetime_earned"])
 
 
+# HOLDER_SQL of the id the till sent ($21 in SETTLE_ORDER_SQL).
+SENT_HOLDER_SQL = HOLDER_SQL.replace("$1::uuid", "$21::uuid")
+assert SENT_HOLDER_SQL.count("$21::uuid") == 1 and "$1::" not in SENT_HOLDER_SQL
+
 # CompleteOrder in one statement, outside a transaction (handlers.
 # complete_order_now): CLAIM_ORDER_SQL's key, then RECORD_EARNING_SQL's
 # journal, entries, lot, balance and OrderCompleted, all FROM the key's row,
 # so a key already taken (a replay, or a concurrent retry that won: losers
-# wait on the key's unique index, then get no row), a store not active or an
-# erased id (the one sent or its holder, $4) writes nothing and returns no
-# row. The order goes in last with its final points and balance-after (a
+# wait on the key's unique index, then get no row), a store not active, an
+# erased id (the one sent or its holder, $4) or a member no longer as the
+# order was priced (`g`: the holder of the id sent ($21) is $4, and $4's tier
+# row is absent ($23 false) or is ($24, $25)) writes nothing and returns no
+# row: the statement settles exactly what the member read it was priced on
+# would have. The order goes in last with its final points and balance-after (a
 # statement's CTEs do not see each other's rows: nothing to update).
-SETTLE_ORDER_SQL = """
-WITH k AS (
+SETTLE_ORDER_SQL = f"""
+WITH g AS (
+    SELECT NOT EXISTS (SELECT 1 FROM rewards.erased_members e
+                       WHERE e.member_id IN ($4::uuid, $21::uuid))
+       AND ({SENT_HOLDER_SQL}) = $4::uuid
+       AND EXISTS (SELECT 1 FROM rewards.member_tiers t WHERE t.member_id = $4::uuid)
+           = $23::bool
+       AND NOT EXISTS (SELECT 1 FROM rewards.member_tiers t WHERE t.member_id = $4::uuid
+                       AND (t.tier_code, t.points_multiplier_bp)
+                           IS DISTINCT FROM ($24::text, $25::int)) AS member_as_priced
+), k AS (
     INSERT INTO rewards.order_keys (id, store_id, pos_transaction_id, created_at)
     SELECT $1::uuid, s.store_id, $3::text, now()
-    FROM rewards.stores s
-    WHERE s.store_id = $2::text AND s.status = 'active'
-      AND NOT EXISTS (SELECT 1 FROM rewards.erased_members e
-                      WHERE e.member_id IN ($4::uuid, $21::uuid))
+    FROM rewards.stores s, g
+    WHERE s.store_id = $2::text AND s.status = 'active' AND g.member_as_priced
     ON CONFLICT (store_id, pos_transaction_id) DO NOTHING
     RETURNING id, store_id, pos_transaction_id, created_at
 ), cur AS (
@@ -433,13 +448,18 @@ SELECT available, lifetime_earned FROM balance WHERE EXISTS (SELECT 1 FROM o)
 
 
 async def settle_order(
-    conn: Connection, order: NewOrder, earning: Earning, sent_member_id: uuid.UUID
+    conn: Connection,
+    order: NewOrder,
+    earning: Earning,
+    sent_member_id: uuid.UUID,
+    priced_on: MemberState,
 ) -> BalanceRecord | None:
     """claim_order and record_earning in one statement, on a connection
     outside a transaction (it commits alone). `order.member_id` is the holder
-    the member read found, `sent_member_id` the id the till sent; the order
-    spends no points. None: nothing written (the key is taken, the store is
-    not active, or either id is erased)."""
+    a member read found, `sent_member_id` the id the till sent, `priced_on`
+    the holder's state the points were priced on; the order spends no points.
+    None: nothing written (the key is taken, the store is not active, either
+    id is erased, or the holder or its tier is no longer the one read)."""
     assert earning.event is not None and not order.points_redeemed
     row = await conn.fetchrow(
         SETTLE_ORDER_SQL,
@@ -463,6 +483,9 @@ async def settle_order(
         *earning.event,
         sent_member_id,
         order.request_hash,
+        priced_on.tier_code is not None,
+        priced_on.tier_code,
+        priced_on.multiplier_bp,
     )
     if row is None:
         return None
