@@ -3,7 +3,12 @@ local projection of members the contexts share (tier, erasure) is
 `services/rewards/members.py`.
 
 Every function takes a plain asyncpg connection, so the benchmark runs the
-very statements the service runs. CompleteOrder is, inside one transaction:
+very statements the service runs. A plain order (no points or coupons spent,
+no daily cap) is first tried without BEGIN and COMMIT: the member read
+(members.order_member, skipped when the id's last order was settled this way)
+and `settle_order`, one statement doing all of the below, which writes
+nothing unless it settles (then the transaction decides). CompleteOrder is
+otherwise, inside one transaction:
 
 1. `claim_member_order` - one statement: the member read (holder, tier,
                       erasure: members.order_member) and `claim_order`'s
@@ -19,8 +24,7 @@ very statements the service runs. CompleteOrder is, inside one transaction:
    `ledger.post` statement for the redemption; see points/handlers.py)
 2. `record_earning` - one CTE statement: ledger transaction + its entries + the
                       lot + balance upsert (repaying debt first) + the order's
-                      balance-after.
-3. the outbox INSERT of OrderCompleted (`UnitOfWork.emit`).
+                      balance-after + the outbox row of OrderCompleted.
 
 A call that claims nothing runs `find_order` instead: the winner's row (a
 replay, or a different body: conflict) or the store's status (unknown/closed),
