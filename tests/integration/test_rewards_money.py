@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,11 +24,14 @@ from servicekit.db import Database
 from servicekit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from servicekit.events import ReceivedEvent, make_envelope
 from servicekit.protos import timestamp
+from services.rewards import members
 from services.rewards.consumers import MemberEvents
 from services.rewards.coupons import handlers as coupons
 from services.rewards.coupons import repository as crepo
 from services.rewards.coupons.domain import Kind, Limits, Status, Terms
 from services.rewards.kernel import Channel, OrderRequest
+from services.rewards.members import MemberState
+from services.rewards.orders import repository as orepo
 from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.audit import audit_ledger
 from services.rewards.points.domain import ExpiryKind, ExpiryPolicy, LedgerPolicy, ShortfallPolicy
@@ -625,6 +630,332 @@ async def test_an_order_is_refused_when_the_id_sent_or_its_holder_was_erased(
         await ledger.earn(other, 1_000, T0, txn=new_txn())
     assert refused.value.code == "MEMBER_ERASED"
     assert (await balance(conn, survivor))["available"] == 10
+
+
+class CountingConn:
+    """A connection that records every statement sent (round trips)."""
+
+    SENDS = frozenset({"execute", "executemany", "fetch", "fetchrow", "fetchval"})
+
+    def __init__(self, conn: Any, statements: list[str]) -> None:
+        self._conn = conn
+        self.statements = statements
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._conn, name)
+        if name not in self.SENDS:
+            return attr
+
+        async def counted(sql: str, *args: object, **kw: object) -> Any:
+            self.statements.append(sql)
+            return await attr(sql, *args, **kw)
+
+        return counted
+
+
+class Counting:
+    """A unit of work, or a Database's pool, whose connections record every
+    statement sent."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.statements: list[str] = []
+        self.pool = self
+
+    @property
+    def conn(self) -> Any:
+        return CountingConn(self._real.conn, self.statements)
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with self._real.pool.acquire() as conn:
+            yield CountingConn(conn, self.statements)
+
+
+async def test_a_checkout_is_two_statements_and_an_erased_members_one_writes_nothing(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    """The member read (holder, tier, erasure) goes with the claim: an order
+    is one statement for both and one for the earning (with its event); a
+    replay is the claim and the lookup; an erased member's order is the one
+    statement, refused, and leaves neither key nor order behind."""
+    ledger, survivor, absorbed = Ledger(db), new_member(), new_member()
+    await merge(db, survivor, absorbed)
+    txn = new_txn()
+    settlement = ledger.handlers.prepare_order(
+        OrderRequest(
+            store_id="SH001",
+            pos_transaction_id=txn,
+            member_id=absorbed,
+            channel=Channel.STORE,
+            paid_amount_fen=2_500,
+            ordered_at=T0,
+        )
+    )
+    for replayed in (False, True):
+        async with db.unit_of_work() as uow:
+            counted = Counting(uow)
+            result = (await ledger.handlers.complete_order(counted, settlement, T0)).unwrap()  # type: ignore[arg-type]
+        assert result.replayed is replayed
+        assert len(counted.statements) == 2, counted.statements
+    # Credited to the holder the same statement found.
+    assert (await balance(conn, survivor))["available"] == 25
+    erased = new_member()
+    await conn.execute(
+        "INSERT INTO rewards.erased_members (member_id, erased_at) VALUES ($1, $2)",
+        uuid.UUID(erased),
+        T0,
+    )
+    txn = new_txn()
+    refused_order = ledger.handlers.prepare_order(
+        OrderRequest(
+            store_id="SH001",
+            pos_transaction_id=txn,
+            member_id=erased,
+            channel=Channel.STORE,
+            paid_amount_fen=2_500,
+            ordered_at=T0,
+        )
+    )
+    async with db.unit_of_work() as uow:
+        counted = Counting(uow)
+        with pytest.raises(FailedPrecondition) as refused:
+            await ledger.handlers.complete_order(counted, refused_order, T0)  # type: ignore[arg-type]
+        assert refused.value.code == "MEMBER_ERASED"
+        assert len(counted.statements) == 1, counted.statements
+        # Inside the same transaction: the statement itself wrote nothing.
+        assert not await uow.conn.fetchval(
+            "SELECT count(*) FROM rewards.order_keys WHERE store_id = 'SH001'"
+            " AND pos_transaction_id = $1",
+            txn,
+        )
+        assert not await uow.conn.fetchval(
+            "SELECT count(*) FROM rewards.orders WHERE member_id = $1", uuid.UUID(erased)
+        )
+
+
+def plain_order(member: str, txn: str, **changes: Any) -> OrderRequest:
+    return replace(
+        OrderRequest(
+            store_id="SH001",
+            pos_transaction_id=txn,
+            member_id=member,
+            channel=Channel.STORE,
+            paid_amount_fen=2_500,
+            ordered_at=T0,
+        ),
+        **changes,
+    )
+
+
+async def order_rows(conn: asyncpg.Connection, txn: str) -> tuple[int, int, int]:
+    """Keys, orders and OrderCompleted outbox rows of one pos_transaction_id."""
+    keys = await conn.fetchval(
+        "SELECT count(*) FROM rewards.order_keys WHERE store_id = 'SH001'"
+        " AND pos_transaction_id = $1",
+        txn,
+    )
+    orders = await conn.fetch(
+        "SELECT id FROM rewards.orders WHERE store_id = 'SH001' AND pos_transaction_id = $1", txn
+    )
+    events = 0
+    for row in await conn.fetch(
+        "SELECT envelope FROM rewards.outbox"
+        " WHERE event_type = 'loyalty.events.v1.OrderCompleted' ORDER BY id DESC LIMIT 200"
+    ):
+        payload = events_pb2.OrderCompleted()
+        events_pb2.EventEnvelope.FromString(bytes(row["envelope"])).payload.Unpack(payload)
+        events += payload.pos_transaction_id == txn
+    return keys, len(orders), events
+
+
+async def test_a_plain_order_settles_in_one_statement_after_the_member_read(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    """CompleteOrder's first try (complete_order_now): the member read, then
+    key, order, journal, balance and OrderCompleted in one statement outside
+    a transaction, the same rows as the transactional path; anything else
+    writes nothing there and is left to complete_order (None)."""
+    ledger, survivor, absorbed = Ledger(db), new_member(), new_member()
+    await merge(db, survivor, absorbed)
+    # Debt from an earlier refund is repaid first, as in the transaction.
+    first = new_txn()
+    await ledger.earn(survivor, 1_000, T0, txn=first)
+    await ledger.call("redeem", survivor, 10, "spend-" + first, "", T0)
+    await ledger.refund(first, "R-" + first, 1_000, T0 + timedelta(minutes=1))
+    assert (await balance(conn, survivor))["debt"] == 10
+    txn = new_txn()
+    settlement = ledger.handlers.prepare_order(plain_order(absorbed, txn))
+    counted = Counting(db)
+    done = await ledger.handlers.complete_order_now(counted, settlement, T0)  # type: ignore[arg-type]
+    assert done is not None
+    result = done.unwrap()
+    assert (result.points_earned, result.replayed) == (25, False)
+    assert len(counted.statements) == 2, counted.statements
+    assert counted.statements[0] == members.ORDER_MEMBER_SQL
+    # The holder's: 25 earned, 10 of them repay the debt.
+    assert await balance(conn, survivor) == {"available": 15, "pending": 0, "held": 0, "debt": 0}
+    assert result.points_balance == 15
+    assert await order_rows(conn, txn) == (1, 1, 1)
+    row = await conn.fetchrow(
+        "SELECT member_id, points_earned, points_balance_after, status FROM rewards.orders"
+        " WHERE store_id = 'SH001' AND pos_transaction_id = $1",
+        txn,
+    )
+    assert dict(row) == {
+        "member_id": uuid.UUID(survivor),
+        "points_earned": 25,
+        "points_balance_after": 15,
+        "status": "settled",
+    }
+    # A retry: nothing written by the statement, the transaction replays it.
+    counted = Counting(db)
+    again = await ledger.handlers.complete_order_now(counted, settlement, T0)  # type: ignore[arg-type]
+    assert again is None
+    # The member as read for the first order: its read is skipped, the
+    # statement checks it still stands.
+    assert len(counted.statements) == 1, counted.statements
+    replay = await ledger.earn(absorbed, 2_500, T0, txn=txn)
+    assert replay.replayed and replay.order_id == result.order_id
+    assert await order_rows(conn, txn) == (1, 1, 1)
+    # Points or coupons spent: not tried, not a statement sent.
+    counted = Counting(db)
+    spend = ledger.handlers.prepare_order(plain_order(survivor, new_txn(), points_to_redeem=5))
+    assert await ledger.handlers.complete_order_now(counted, spend, T0) is None  # type: ignore[arg-type]
+    assert counted.statements == []
+    # A closed store: nothing written.
+    txn = new_txn()
+    closed = ledger.handlers.prepare_order(plain_order(survivor, txn, store_id="ZZ901"))
+    assert await ledger.handlers.complete_order_now(db, closed, T0) is None
+    assert await order_rows(conn, txn) == (0, 0, 0)
+
+
+async def test_a_member_read_is_reused_only_while_the_holder_and_tier_stand(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    """The next plain order of an id is one statement: the member read of its
+    last order is reused, and the statement settles only while the holder and
+    its tier (and multiplier) are still those; a change writes nothing there,
+    and the order is priced afresh (the tier's multiplier applies)."""
+    rules = EarningRules(tier_multiplier_bp={"gold": 20_000})
+    ledger = Ledger(db)
+    ledger.points = PointsLedger(LedgerPolicy(expiry=EXPIRY), rules)
+    ledger.handlers = RewardsHandlers(points=ledger.points)
+    handlers, member = ledger.handlers, new_member()
+
+    async def order_now(counted: Counting) -> Any:
+        txn = new_txn()
+        settlement = handlers.prepare_order(plain_order(member, txn))
+        done = await handlers.complete_order_now(counted, settlement, T0)  # type: ignore[arg-type]
+        return txn, done
+
+    counted = Counting(db)
+    _, done = await order_now(counted)
+    assert done is not None and done.unwrap().points_earned == 25
+    assert len(counted.statements) == 2
+    counted = Counting(db)
+    _, done = await order_now(counted)
+    assert done is not None and done.unwrap().points_earned == 25
+    assert len(counted.statements) == 1, counted.statements
+    # Tiering moves the member to gold: the reused read no longer stands.
+    await conn.execute(
+        "INSERT INTO rewards.member_tiers (member_id, tier_code, changed_at) VALUES ($1, $2, $3)",
+        uuid.UUID(member),
+        "gold",
+        T0,
+    )
+    counted = Counting(db)
+    txn, done = await order_now(counted)
+    assert done is None and len(counted.statements) == 1
+    assert await order_rows(conn, txn) == (0, 0, 0)
+    # Read afresh: gold's double points.
+    counted = Counting(db)
+    _, done = await order_now(counted)
+    assert done is not None and done.unwrap().points_earned == 50
+    assert len(counted.statements) == 2
+    # Its multiplier changes (tiering's own): the next order is priced afresh too.
+    await conn.execute(
+        "UPDATE rewards.member_tiers SET points_multiplier_bp = 30000 WHERE member_id = $1",
+        uuid.UUID(member),
+    )
+    _, done = await order_now(Counting(db))
+    assert done is None
+    _, done = await order_now(Counting(db))
+    assert done is not None and done.unwrap().points_earned == 75
+    # Merged into another member: the holder changed, the survivor is credited.
+    survivor = new_member()
+    await merge(db, survivor, member)
+    _, done = await order_now(Counting(db))
+    assert done is None
+    before = (await balance(conn, survivor))["available"]
+    _, done = await order_now(Counting(db))
+    assert done is not None
+    assert (await balance(conn, survivor))["available"] == before + done.unwrap().points_earned
+    # Erased after its last order: nothing written, the transaction refuses it.
+    await conn.execute(
+        "INSERT INTO rewards.erased_members (member_id, erased_at) VALUES ($1, $2)",
+        uuid.UUID(survivor),
+        T0,
+    )
+    txn, done = await order_now(Counting(db))
+    assert done is None
+    assert await order_rows(conn, txn) == (0, 0, 0)
+    with pytest.raises(FailedPrecondition) as refused:
+        await ledger.earn(member, 2_500, T0, txn=txn)
+    assert refused.value.code == "MEMBER_ERASED"
+
+
+async def test_an_erasure_refuses_the_one_statement_order_and_it_writes_nothing(
+    db: Database, conn: asyncpg.Connection
+) -> None:
+    ledger, member = Ledger(db), new_member()
+    txn = new_txn()
+    await conn.execute(
+        "INSERT INTO rewards.erased_members (member_id, erased_at) VALUES ($1, $2)",
+        uuid.UUID(member),
+        T0,
+    )
+    settlement = ledger.handlers.prepare_order(plain_order(member, txn))
+    with pytest.raises(FailedPrecondition) as refused:
+        await ledger.handlers.complete_order_now(db, settlement, T0)
+    assert refused.value.code == "MEMBER_ERASED"
+    # Erased after the member read, before the statement: its guard writes nothing.
+    other, txn = new_member(), new_txn()
+    settlement = ledger.handlers.prepare_order(plain_order(other, txn))
+    order_id = uuid.uuid4()
+    earning = ledger.handlers._earning(
+        order_id, uuid.UUID(other), settlement.order, T0, 25, {"rule": "base"}
+    )
+    await conn.execute(
+        "INSERT INTO rewards.erased_members (member_id, erased_at) VALUES ($1, $2)",
+        uuid.UUID(other),
+        T0,
+    )
+    async with db.pool.acquire() as c:
+        assert (
+            await orepo.settle_order(
+                c,
+                orepo.NewOrder(
+                    order_id=order_id,
+                    store_id="SH001",
+                    pos_transaction_id=txn,
+                    member_id=uuid.UUID(other),
+                    channel="store",
+                    paid_amount_fen=2_500,
+                    gross_amount_fen=None,
+                    lines=(),
+                    ordered_at=T0,
+                    request_hash=settlement.request_hash,
+                    points_earned=25,
+                ),
+                earning,
+                uuid.UUID(other),
+                MemberState(None, None, False),
+            )
+            is None
+        )
+    assert await order_rows(conn, txn) == (0, 0, 0)
+    assert await balance(conn, other) == {"available": 0, "pending": 0, "held": 0, "debt": 0}
 
 
 async def test_an_orders_event_is_written_with_its_final_points_for_the_holder(

@@ -9,9 +9,12 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import asyncpg
+from cachetools import LRUCache
+
 from loyalty.common.v1 import common_pb2
 from loyalty.events.v1 import events_pb2
-from servicekit.db import UnitOfWork
+from servicekit.db import PG_CONNECTION_ERRORS, Database, UnitOfWork
 from servicekit.errors import Conflict, DomainError, NotFound
 from servicekit.events import make_envelope
 from servicekit.protos import timestamp
@@ -60,6 +63,11 @@ class OrderResult:
     coupon_discount_fen: int = 0
 
 
+# Member ids whose last order's member read complete_order_now keeps (~0.55 kB
+# each, ~11 MB in all): an id that orders again before 20,000 other ids have.
+ORDER_MEMBERS_CACHED = 20_000
+
+
 def earn_idempotency_key(order_id: uuid.UUID | str) -> str:
     """One earn transaction per order, however often the order is retried."""
     return f"earn:order:{order_id}"
@@ -75,6 +83,11 @@ class RewardsHandlers:
         self._limits = limits
         self.points = points or PointsLedger()
         self.coupon_policy = coupon_policy or CouponPolicy()
+        # complete_order_now: per member id sent, the member read its last
+        # settled order was priced on (never trusted: SETTLE_ORDER_SQL checks it).
+        self._order_members: LRUCache[uuid.UUID, members.OrderMember] = LRUCache(
+            ORDER_MEMBERS_CACHED
+        )
 
     def prepare_order(self, order: OrderRequest, now: datetime | None = None) -> Settlement:
         """Validate and price an order (at the base tier); no I/O, so bad input
@@ -96,27 +109,21 @@ class RewardsHandlers:
         assert order.channel is not None, "validated orders have a channel"
         conn = uow.conn
         order_id = uuid.uuid4()
-        # An absorbed (merged) id is credited to its survivor: the merges in
-        # force, as MemberMerged recorded them (the request's hash keeps the
-        # id the till sent, so its retries still match).
-        # One read for the holder, its tier (and multiplier) and the erasure
-        # marks; an erased member's order is refused before anything is written.
-        sent = await members.order_member(conn, uuid.UUID(order.member_id))
-        member_id, state = sent.holder, sent.state
         now = now or datetime.now(UTC)
         ordered_at = order.ordered_at or now
-        if state.erased or sent.sent_erased:
-            raise member_erased(uuid.UUID(order.member_id))
-        # From here on (coupons, events) the order is the survivor's.
-        order = replace(order, member_id=str(member_id))
-        assert order.channel is not None
-        claimed = await repo.claim_order(
+        # An absorbed (merged) id is credited to its survivor: the merges in
+        # force, as MemberMerged recorded them (the request's hash keeps the
+        # id the till sent, so its retries still match). One statement reads
+        # the holder, its tier (and multiplier) and the erasure marks, and
+        # claims the order for the holder unless either id is erased: an
+        # erased member's order writes nothing.
+        found = await repo.claim_member_order(
             conn,
             repo.NewOrder(
                 order_id=order_id,
                 store_id=order.store_id,
                 pos_transaction_id=order.pos_transaction_id,
-                member_id=member_id,
+                member_id=uuid.UUID(order.member_id),
                 channel=order.channel.value,
                 paid_amount_fen=order.paid_amount_fen,
                 gross_amount_fen=order.gross_amount_fen or None,
@@ -127,6 +134,13 @@ class RewardsHandlers:
                 points_redeemed=order.points_to_redeem,
             ),
         )
+        sent, claimed = found.member, found.claimed
+        member_id, state = sent.holder, sent.state
+        if state.erased or sent.sent_erased:
+            raise member_erased(uuid.UUID(order.member_id))
+        # From here on (coupons, events) the order is the survivor's.
+        order = replace(order, member_id=str(member_id))
+        assert order.channel is not None
         if not claimed:
             return await self._replay(uow, settlement)
         if order.points_to_redeem:
@@ -155,7 +169,7 @@ class RewardsHandlers:
                     for line, fen in zip(order.lines, paid_lines, strict=True)
                 ),
             )
-        policy, rules = self.points.policy, self.points.rules
+        rules = self.points.rules
         points, rule = settlement.points, settlement.rule_doc or settlement.rule.describe()
         if rules.needs_tier or state.tier_code is not None or order.coupon_codes:
             priced = rules.order_points(
@@ -177,6 +191,33 @@ class RewardsHandlers:
         # Built before the write: OrderCompleted goes in with the earning, in
         # the same statement (one round trip fewer than uow.emit); the
         # servicer wakes the relay after the commit.
+        balance = await repo.record_earning(
+            conn, self._earning(order_id, member_id, order, ordered_at, points, rule)
+        )
+        return Outcome(
+            OrderResult(
+                str(order_id),
+                points,
+                balance.available,
+                replayed=False,
+                points_redeemed=order.points_to_redeem,
+                coupon_discount_fen=coupon_discount,
+            )
+        )
+
+    def _earning(
+        self,
+        order_id: uuid.UUID,
+        member_id: uuid.UUID,
+        order: OrderRequest,
+        ordered_at: datetime,
+        points: int,
+        rule: dict[str, object],
+    ) -> repo.Earning:
+        """The ledger side of a settled order, with its OrderCompleted (the
+        holder's: `order` carries the holder's id) for the same statement."""
+        assert order.channel is not None
+        policy = self.points.policy
         completed = make_envelope(
             PRODUCER,
             events_pb2.OrderCompleted(
@@ -203,36 +244,94 @@ class RewardsHandlers:
             ),
             order.member_id,
         )
-        balance = await repo.record_earning(
-            conn,
-            repo.Earning(
-                transaction_id=uuid.uuid4(),
-                member_id=member_id,
-                order_id=order_id,
-                idempotency_key=earn_idempotency_key(order_id),
-                points=points,
-                rule=rule,
-                lot_id=uuid.uuid4(),
-                earned_at=ordered_at,
-                expires_at=policy.expiry.expires_at(ordered_at),
-                activates_at=policy.activates_at(ordered_at),
-                event=(
-                    completed.event_id,
-                    completed.event_type,
-                    completed.SerializeToString(),
-                ),
-            ),
+        return repo.Earning(
+            transaction_id=uuid.uuid4(),
+            member_id=member_id,
+            order_id=order_id,
+            idempotency_key=earn_idempotency_key(order_id),
+            points=points,
+            rule=rule,
+            lot_id=uuid.uuid4(),
+            earned_at=ordered_at,
+            expires_at=policy.expiry.expires_at(ordered_at),
+            activates_at=policy.activates_at(ordered_at),
+            event=(completed.event_id, completed.event_type, completed.SerializeToString()),
         )
-        return Outcome(
-            OrderResult(
-                str(order_id),
-                points,
-                balance.available,
-                replayed=False,
-                points_redeemed=order.points_to_redeem,
-                coupon_discount_fen=coupon_discount,
-            )
-        )
+
+    async def complete_order_now(
+        self, db: Database, settlement: Settlement, now: datetime | None = None
+    ) -> Outcome[OrderResult] | None:
+        """complete_order as a transaction of its own (the CompleteOrder RPC)
+        without BEGIN and COMMIT: the member read (members.order_member, a
+        statement of its own, as it was the first of the transaction under
+        READ COMMITTED; skipped when this id's last order was settled here:
+        that read is reused), then the claim, the earning, its OrderCompleted
+        and the order with its balance-after in ONE statement
+        (repository.SETTLE_ORDER_SQL), which writes only when the key is free,
+        the store active, neither id erased and the holder and its tier those
+        the order was priced on. None when complete_order must
+        decide (nothing was written here then): an order that spends points or
+        coupons or meets a daily cap (its steps need reads between the claim
+        and the earning), a replay, a closed or unknown store, an erasure
+        committed meanwhile, a lost connection (committed or not: its key
+        replays it)."""
+        order = settlement.order
+        rules = self.points.rules
+        if order.points_to_redeem or order.coupon_codes or rules.daily_cap is not None:
+            return None
+        channel = order.channel
+        assert channel is not None, "validated orders have a channel"
+        sent_id = uuid.UUID(order.member_id)
+        now = now or datetime.now(UTC)
+        ordered_at = order.ordered_at or now
+        order_id = uuid.uuid4()
+        # The member as last read for an order of this id: the statement
+        # settles only while it still stands, so the read is skipped.
+        sent = self._order_members.get(sent_id)
+        try:
+            async with db.pool.acquire() as conn:
+                if sent is None:
+                    sent = await members.order_member(conn, sent_id)
+                    if sent.state.erased or sent.sent_erased:
+                        raise member_erased(sent_id)
+                member_id, state = sent.holder, sent.state
+                order = replace(order, member_id=str(member_id))
+                points, rule = settlement.points, settlement.rule_doc or settlement.rule.describe()
+                if rules.needs_tier or state.tier_code is not None:
+                    priced = rules.order_points(
+                        order, ordered_at, state.tier_code, state.multiplier_bp
+                    )
+                    points, rule = priced.points, priced.rule
+                balance = await repo.settle_order(
+                    conn,
+                    repo.NewOrder(
+                        order_id=order_id,
+                        store_id=order.store_id,
+                        pos_transaction_id=order.pos_transaction_id,
+                        member_id=member_id,
+                        channel=channel.value,
+                        paid_amount_fen=order.paid_amount_fen,
+                        gross_amount_fen=order.gross_amount_fen or None,
+                        lines=order.lines,
+                        ordered_at=ordered_at,
+                        request_hash=settlement.request_hash,
+                        points_earned=points,
+                    ),
+                    self._earning(order_id, member_id, order, ordered_at, points, rule),
+                    sent_id,
+                    state,
+                )
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            return None
+        except PG_CONNECTION_ERRORS:
+            # Committed or not, unknown: complete_order replays it by its key if it was.
+            return None
+        if balance is None:
+            # Also when the member changed (tier, merge, erasure): read afresh next time.
+            self._order_members.pop(sent_id, None)
+            return None
+        self._order_members[sent_id] = sent
+        return Outcome(OrderResult(str(order_id), points, balance.available, replayed=False))
 
     async def _replay(self, uow: UnitOfWork, settlement: Settlement) -> Outcome[OrderResult]:
         order = settlement.order

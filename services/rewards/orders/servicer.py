@@ -94,8 +94,13 @@ class OrderRpcs:
         self, request: rewards_pb2.CompleteOrderRequest, context: grpc.aio.ServicerContext
     ) -> rewards_pb2.CompleteOrderResponse:
         settlement = self._handlers.prepare_order(order_request(request))
-        async with self._db.unit_of_work() as uow:
-            outcome = await self._handlers.complete_order(uow, settlement)
+        # A plain order (no points or coupons spent) first as one statement
+        # without BEGIN and COMMIT; anything else, or anything but a clean
+        # settlement, in a transaction (nothing was written by the first).
+        outcome = await self._handlers.complete_order_now(self._db, settlement)
+        if outcome is None:
+            async with self._db.unit_of_work() as uow:
+                outcome = await self._handlers.complete_order(uow, settlement)
         # OrderCompleted was written by the earning's statement, not uow.emit.
         self._db.outbox_wakeup.set()
         # Raised after the commit: a refusal is stored for retries to replay.
