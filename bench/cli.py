@@ -300,6 +300,41 @@ async def started(
 CallFor = Callable[[str], Callable[[int], Awaitable[object]]]
 
 
+async def events_behind(conn: asyncpg.Connection, redis: Any, namespace: str) -> int:
+    """Unpublished outbox rows of every producer plus consumer groups of this
+    namespace's streams that have not read or acknowledged everything: 0 when
+    every event so far reached every consumer (also the tests' wait for quiet)."""
+    # Every producer's outbox: an event still unpublished has no stream entry
+    # yet, so the streams alone would say "caught up" before the relay ran.
+    outboxes = (
+        await conn.fetchval(
+            "SELECT array_agg(table_schema::text) FROM information_schema.tables"
+            " WHERE table_name = 'outbox'"
+        )
+        or []
+    )
+    behind = 0
+    if outboxes:
+        behind = int(
+            await conn.fetchval(
+                "SELECT "
+                + " + ".join(
+                    f"(SELECT count(*) FROM {schema}.outbox WHERE published_at IS NULL)"
+                    for schema in outboxes
+                )
+            )
+        )
+    # Streams only: the relay's `:head` hash and `:replay` list live beside them.
+    async for key in redis.scan_iter(match=f"{namespace}:events:*", count=100, _type="STREAM"):
+        if b":dlq:" in key:  # dead letters are nobody's to consume
+            continue
+        last = (await redis.xinfo_stream(key))["last-generated-id"]
+        for group in await redis.xinfo_groups(key):
+            if group["pending"] or group["last-delivered-id"] != last:
+                behind += 1
+    return behind
+
+
 async def events_drained(infra: BenchInfra, timeout: float = 180.0) -> float:
     """Wait until every producer's outbox is published and every consumer
     group has read and acknowledged every event of this run's streams; the
@@ -310,33 +345,10 @@ async def events_drained(infra: BenchInfra, timeout: float = 180.0) -> float:
 
     redis = Redis.from_url(infra.redis_url)
     conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    # Every producer's outbox: an event still unpublished has no stream entry
-    # yet, so the streams alone would say "caught up" before the relay ran.
-    outboxes = [
-        f"{schema}.outbox"
-        for schema in await conn.fetchval(
-            "SELECT array_agg(table_schema::text) FROM information_schema.tables"
-            " WHERE table_name = 'outbox'"
-        )
-        or []
-    ]
-    unpublished = " + ".join(
-        f"(SELECT count(*) FROM {table} WHERE published_at IS NULL)" for table in outboxes
-    )
     started_at = time.monotonic()
     try:
         while True:
-            behind = int(await conn.fetchval(f"SELECT {unpublished}")) if outboxes else 0
-            # Streams only: the relay's `:head` hash and `:replay` list live beside them.
-            async for key in redis.scan_iter(
-                match=f"{infra.namespace}:events:*", count=100, _type="STREAM"
-            ):
-                if b":dlq:" in key:  # dead letters are nobody's to consume
-                    continue
-                last = (await redis.xinfo_stream(key))["last-generated-id"]
-                for group in await redis.xinfo_groups(key):
-                    if group["pending"] or group["last-delivered-id"] != last:
-                        behind += 1
+            behind = await events_behind(conn, redis, infra.namespace)
             if not behind:
                 return time.monotonic() - started_at
             if time.monotonic() - started_at > timeout:
