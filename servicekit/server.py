@@ -214,10 +214,10 @@ def create_grpc_server(
     server benchmark, bench/servers.py, measures a chain without it).
     `at_registration` applies a chain of servicekit's own interceptors as
     handlers are registered instead of through grpc.aio's per-call path
-    (wrap_at_registration). Off: the graceful-shutdown test saw 75 calls
-    CANCELLED in one full-suite CI run with it on (not reproduced since), and
-    its saving did not separate from the noise in separate processes
-    (docs/operations.md, Servers)."""
+    (wrap_at_registration). Off: its saving has not separated from the
+    noise in separate processes (docs/operations.md, Servers). The
+    graceful-shutdown flake that was blamed on it came from test servers that
+    record spans and so never used it."""
     tracing: list[grpc.aio.ServerInterceptor] = []
     if tracing_recorded() if traced is None else traced:
         # Health probes stay out of traces; the filter also keeps the

@@ -9,12 +9,15 @@ a test consumer of its own (its own producer stream and group)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import Counter
 
 import grpc
+import pytest
 
 from loyalty.events.v1 import events_pb2
+from servicekit import server as server_module
 from servicekit.consumer import EventConsumer, Subscription
 from servicekit.db import UnitOfWork
 from servicekit.events import ENVELOPE_FIELD, ReceivedEvent, make_envelope, stream_name
@@ -26,7 +29,27 @@ from ..harness import Infra, eventually, wait_until_serving
 SLOW_SECONDS = 0.4
 
 
-async def test_calls_in_progress_finish_and_new_ones_are_unavailable(infra: Infra) -> None:
+@pytest.fixture(params=["traced", "untraced", "at_registration"])
+def chain(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The tests record spans (tests/conftest.py): a server then has the
+    OpenTelemetry interceptor too, and create_grpc_server(at_registration=True)
+    falls back to grpc.aio's interceptor path. Deployed
+    (OTEL_TRACES_EXPORTER=none) it has not; with `at_registration` its chain
+    is then no grpc.aio interceptor at all. The drain is checked all three
+    ways (the last: what a service would run with registration turned on)."""
+    if request.param != "traced":
+        monkeypatch.setattr("servicekit.server.tracing_recorded", lambda: False)
+    if request.param == "at_registration":
+        monkeypatch.setattr(
+            "servicekit.server.create_grpc_server",
+            functools.partial(server_module.create_grpc_server, at_registration=True),
+        )
+    return str(request.param)
+
+
+async def test_calls_in_progress_finish_and_new_ones_are_unavailable(
+    infra: Infra, chain: str
+) -> None:
     started = 0
 
     async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -47,6 +70,8 @@ async def test_calls_in_progress_finish_and_new_ones_are_unavailable(infra: Infr
 
     app = ServiceApp("kit", infra.service_settings(shutdown_grace_seconds=5.0), [], wire, "tiering")
     port = await app.start()
+    # Registration wraps the server's handler registration (wrap_at_registration).
+    assert ("add_generic_rpc_handlers" in vars(app.server)) == (chain == "at_registration")
     codes: Counter[str] = Counter()
     try:
         await wait_until_serving(f"127.0.0.1:{port}")

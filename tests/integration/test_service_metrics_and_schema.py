@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from loyalty.engagement.v1 import engagement_pb2, engagement_pb2_grpc
+from servicekit.db import Database, create_pool
 from servicekit.events import dead_letter_stream
+from servicekit.metrics import ServiceMetrics
 from servicekit.migrations import alembic_config, upgrade
 from servicekit.schemacheck import code_revisions
 from servicekit.server import ServiceApp
@@ -203,3 +205,41 @@ async def test_liveness_answers_while_readiness_waits_for_the_schema(
             ready = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
         assert live.status == SERVING
         assert ready.status != SERVING
+
+
+async def test_the_outbox_gauges_count_only_events_not_yet_published(infra: Infra) -> None:
+    """The relay keeps published events for replays (OUTBOX_RETENTION_DAYS):
+    they are neither backlog nor lag. Counted, the lag alert (> 60 s) fired for
+    good a minute after the first publish, and every sample scanned the table."""
+    async with own_database(infra, "engagement", prefix="loyalty_outbox_gauges") as url:
+        pool = await create_pool(url, 1, 2)
+        try:
+            db = Database(pool, "engagement", "engagement")
+            metrics = ServiceMetrics("kit")
+
+            async def gauges() -> tuple[float | None, float | None]:
+                await metrics._sample_outbox(db)
+                registry = metrics.registry
+                return (
+                    registry.get_sample_value("outbox_backlog_events"),
+                    registry.get_sample_value("outbox_oldest_event_age_seconds"),
+                )
+
+            # Two events published an hour ago, kept for replays.
+            await pool.execute(
+                "INSERT INTO engagement.outbox"
+                " (event_id, event_type, envelope, created_at, seq, published_at)"
+                " SELECT gen_random_uuid(), 'Kept', '\\x00', now() - interval '2 hours',"
+                " n, now() - interval '1 hour' FROM generate_series(1, 2) n"
+            )
+            assert await gauges() == (0.0, 0.0)
+            # One committed 30 s ago, not published yet.
+            await pool.execute(
+                "INSERT INTO engagement.outbox (event_id, event_type, envelope, created_at)"
+                " VALUES (gen_random_uuid(), 'Waiting', '\\x00', now() - interval '30 seconds')"
+            )
+            backlog, lag = await gauges()
+            assert backlog == 1.0
+            assert lag is not None and 30.0 <= lag < 600.0
+        finally:
+            await pool.close()
