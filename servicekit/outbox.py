@@ -15,7 +15,8 @@ Durable events (docs/architecture.md "Events"): Redis is not the only copy.
    crash in between, or one that loses the mark, publishes them again;
    consumers drop the duplicate by event id.
 
-A turn costs three round trips to PostgreSQL and one to Redis (publish_pending).
+A turn costs three round trips to PostgreSQL and one to Redis (publish_pending);
+a turn with nothing to publish (the idle poll) one statement, which takes no lock.
 A commit wakes the relay, which then waits `coalesce` seconds so the commits of
 the next few milliseconds share its turn instead of each paying for one.
 3. Keep: published rows stay for `OUTBOX_RETENTION_DAYS` (the pruner deletes
