@@ -183,13 +183,6 @@ class EventConsumer:
         # (head, floor) then, and when a check last saw the stream so (loop time).
         self._quiet: dict[str, tuple[int, int]] = {}
         self._caught_up_at: dict[str, float] = {}
-        # Acknowledgements (and member-view bumps) of the read loop's last
-        # committed read, sent in the pipeline of its next XREADGROUP (one
-        # round trip fewer per read); on one Redis only: on a cluster the
-        # bumps' keys live on other nodes than a blocking read's.
-        self._defer_acks = not isinstance(redis, RedisCluster)
-        self._unacked: dict[str, list[str]] = {}
-        self._unacked_moved: list[str] = []
         # stream -> {event type -> subscription}
         self._routes: dict[str, dict[str, Subscription]] = {}
         self._producers: dict[str, str] = {}
@@ -269,7 +262,6 @@ class EventConsumer:
                         started = True
                     if upkeep and loop.time() - last_check >= self._check_interval:
                         last_check = loop.time()
-                        await self.flush_acks()  # pending entries read as in flight
                         await self.check_cursors()
                     read = await self._read(reading, self._batch_size, self._block_ms)
                     got = sum(len(entries) for entries in read.values())
@@ -282,10 +274,9 @@ class EventConsumer:
                         for stream, entries in more.items():
                             read.setdefault(stream, []).extend(entries)
                     if read:
-                        await self._deliver(read, defer_ack=True)
+                        await self._deliver(read)
                     if upkeep and loop.time() - last_retry >= self._retry_after_ms / 1000:
                         last_retry = loop.time()
-                        await self.flush_acks()
                         await self.retry_pending()
                 except asyncio.CancelledError:
                     raise
@@ -301,8 +292,6 @@ class EventConsumer:
                     log.exception("event consumer %s failed; retrying", self.group)
                     await asyncio.sleep(1)
         finally:
-            with contextlib.suppress(Exception):
-                await self.flush_acks()
             # Else read as a gap, and replayed.
             with contextlib.suppress(Exception):
                 await self.flush_held()
@@ -310,30 +299,14 @@ class EventConsumer:
     async def _read(
         self, reading: dict[str, str], count: int, block: int | None
     ) -> dict[str, list[tuple[Any, Any]]]:
-        """One XREADGROUP: entries by stream (`block` None: answer at once),
-        after the last read's deferred acknowledgements in the same pipeline."""
-        replies: Any
-        if self._unacked:
-            acks, self._unacked = self._unacked, {}
-            moved, self._unacked_moved = self._unacked_moved, []
-            async with self._redis.pipeline(transaction=False) as pipe:
-                self._queue_acks(pipe, acks, moved)
-                pipe.xreadgroup(
-                    self.group,
-                    self._consumer_name,
-                    reading,  # type: ignore[arg-type]
-                    count=count,
-                    block=block,
-                )
-                replies = (await pipe.execute())[-1]
-        else:
-            replies = await self._redis.xreadgroup(
-                self.group,
-                self._consumer_name,
-                reading,  # type: ignore[arg-type]
-                count=count,
-                block=block,
-            )
+        """One XREADGROUP: entries by stream (`block` None: answer at once)."""
+        replies: Any = await self._redis.xreadgroup(
+            self.group,
+            self._consumer_name,
+            reading,  # type: ignore[arg-type]
+            count=count,
+            block=block,
+        )
         return {_text(stream): list(entries) for stream, entries in replies or [] if entries}
 
     def configure_gaps(self, grace_seconds: float, check_interval_seconds: float) -> None:
@@ -585,14 +558,10 @@ class EventConsumer:
                     break
                 reply = await claim(self._redis, stream, start)
 
-    async def _deliver(
-        self, read: dict[str, list[tuple[Any, Any]]], defer_ack: bool = False
-    ) -> None:
+    async def _deliver(self, read: dict[str, list[tuple[Any, Any]]]) -> None:
         """Handle one read's entries (of every stream it read) in one
         transaction, in member order when every entry names its member, then
-        acknowledge them (`defer_ack`, the read loop's: with its next read).
-        An acknowledgement only ends redelivery: one lost or late costs a
-        redelivery that processed_events drops, never a second effect."""
+        acknowledge them."""
         routed: list[_Routed] = []
         # (producer, event id, seq, occurred_at) of events not for this group
         skipped: list[tuple[str, str, int, datetime]] = []
@@ -660,26 +629,7 @@ class EventConsumer:
             for r in routed
             if shown is True or (shown and r.envelope.event_type in shown)
         ]
-        acks = {stream: ids for stream, ids in acks.items() if ids}
-        if defer_ack and self._defer_acks:
-            for stream, ids in acks.items():
-                self._unacked.setdefault(stream, []).extend(ids)
-            self._unacked_moved.extend(moved)
-            return
-        await self._ack(acks, moved)
-
-    async def flush_acks(self) -> None:
-        """Send the deferred acknowledgements now (see `_read`)."""
-        acks, self._unacked = self._unacked, {}
-        moved, self._unacked_moved = self._unacked_moved, []
-        if acks:
-            await self._ack(acks, moved)
-
-    def _queue_acks(self, pipe: Any, acks: dict[str, list[str]], moved: list[str]) -> None:
-        for stream, ids in acks.items():
-            pipe.xack(stream, self.group, *ids)
-        if moved:
-            member_views.bump(pipe, self._namespace, moved)
+        await self._ack({stream: ids for stream, ids in acks.items() if ids}, moved)
 
     async def flush_held(self) -> None:
         """Record the held numbers of unhandled events (see `_deliver`)."""
@@ -695,7 +645,9 @@ class EventConsumer:
     async def _ack(self, acks: dict[str, list[str]], moved: list[str] | None = None) -> None:
         if moved:
             async with self._redis.pipeline(transaction=False) as pipe:
-                self._queue_acks(pipe, acks, moved)
+                for stream, ids in acks.items():
+                    pipe.xack(stream, self.group, *ids)
+                member_views.bump(pipe, self._namespace, moved)
                 await pipe.execute()
         elif len(acks) == 1:
             [(stream, ids)] = acks.items()

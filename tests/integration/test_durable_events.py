@@ -20,7 +20,6 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from redis.asyncio.cluster import RedisCluster
 
 from loyalty.events.v1 import events_pb2
 from servicekit.consumer import (
@@ -640,48 +639,3 @@ async def test_an_idle_relay_turn_is_one_statement_and_a_lost_head_comes_back(
 
 async def _head_is(redis: RedisClient, stream: str, head: bytes) -> bool:
     return bool(await redis.hget(head_key(stream), b"head") == head)
-
-
-async def test_a_reads_acknowledgement_rides_with_the_next_read(
-    db: Database,
-    outbox_db: Database,
-    redis: RedisClient,
-    infra: Infra,
-    names: tuple[str, str],
-) -> None:
-    """On one Redis a committed read's XACK is sent in the pipeline of the
-    loop's next XREADGROUP (one round trip fewer per read), so no entry stays
-    pending once it is applied and the loop reads on."""
-    if isinstance(redis, RedisCluster):
-        pytest.skip("on a cluster each read's XACK is a command of its own")
-    producer, group = names
-    stream = stream_name(infra.namespace, producer)
-    applied = Applied(db, outbox_db.schema)
-    relay = OutboxRelay(outbox_db, redis, stream)
-    consumer = make_consumer(group, db, redis, infra, producer, applied)
-    consumer.configure_gaps(60, 3600)
-    consumer._retry_after_ms = 60_000  # no retry pass during the test
-    direct: list[object] = []
-    xack = redis.xack
-
-    async def counting_xack(*args: object, **kwargs: object) -> object:
-        direct.append(args)
-        return await xack(*args, **kwargs)
-
-    redis.xack = counting_xack  # type: ignore[method-assign]
-
-    async def none_pending() -> bool:
-        return int((await redis.xpending(stream, group))["pending"]) == 0
-
-    async with running(consumer):
-        for i in range(3):
-            await emit(outbox_db, f"a{i}")
-            await relay.publish_pending()
-            await eventually(lambda i=i: applied.has(i + 1))  # type: ignore[misc]
-            await eventually(none_pending)
-            if i == 0:
-                # The loop's first turn also runs a retry pass, which sends
-                # what is deferred first: from here on only reads.
-                direct.clear()
-        assert direct == []  # main: an XACK round trip after each read
-    assert await applied.counts() == Counter({"a0": 1, "a1": 1, "a2": 1})
