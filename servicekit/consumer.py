@@ -179,6 +179,10 @@ class EventConsumer:
         # (producer, event id, seq, occurred_at) of acknowledged events of
         # types this group does not handle, not yet in processed_events.
         self._held: list[tuple[str, str, int, datetime]] = []
+        # Streams found caught up by their last cursor check: the producer's
+        # (head, floor) then, and when a check last saw the stream so (loop time).
+        self._quiet: dict[str, tuple[int, int]] = {}
+        self._caught_up_at: dict[str, float] = {}
         # stream -> {event type -> subscription}
         self._routes: dict[str, dict[str, Subscription]] = {}
         self._producers: dict[str, str] = {}
@@ -313,40 +317,76 @@ class EventConsumer:
         self._linger = linger_ms / 1000
 
     async def check_cursors(self) -> None:
-        for stream in self._routes:
-            await self.check_cursor(stream)
+        """The periodic check of every stream's cursor. The producers' heads
+        are read in one round trip; a stream whose last check found the
+        cursor at the head, with no replay asked for, and whose head and
+        floor have not moved since, is skipped: nothing was published, so
+        nothing can be missing past the cursor (the relay sets the head in the
+        pipeline of its XADDs, and a head lost with Redis reads as moved).
+        An idle group then costs one Redis round trip per check instead of a
+        transaction per stream."""
+        flushed = bool(self._held)
+        await self.flush_held()
+        streams = list(self._routes)
+        heads = await self._heads(streams)
+        now = asyncio.get_running_loop().time()
+        for stream in streams:
+            if not flushed and self._quiet.get(stream) == heads[stream]:
+                self._caught_up_at[stream] = now
+                continue
+            await self.check_cursor(stream, heads=heads[stream])
 
-    async def _head(self, stream: str) -> tuple[int, int]:
-        """The producer's (last published, oldest kept) sequence; 0s when unknown."""
-        raw = await self._redis.hmget(head_key(stream), [b"head", b"floor"])
-        return (int(raw[0]) if raw[0] else 0, int(raw[1]) if raw[1] else 0)
+    async def _heads(self, streams: list[str]) -> dict[str, tuple[int, int]]:
+        """Each producer's (last published, oldest kept) sequence; 0s when unknown."""
+        if len(streams) == 1:
+            raws = [await self._redis.hmget(head_key(streams[0]), [b"head", b"floor"])]
+        else:  # on a cluster the pipeline sends each key to its node
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.hmget(head_key(stream), [b"head", b"floor"])
+                raws = await pipe.execute()
+        return {
+            stream: (int(raw[0]) if raw[0] else 0, int(raw[1]) if raw[1] else 0)
+            for stream, raw in zip(streams, raws, strict=True)
+        }
 
-    async def check_cursor(self, stream: str, lost: bool = False) -> CursorStatus:
+    async def check_cursor(
+        self, stream: str, lost: bool = False, heads: tuple[int, int] | None = None
+    ) -> CursorStatus:
         """Move the cursor over what is applied; find and heal gaps (module
         docstring). `lost`: the stream or group was just recreated, so ask for
-        a replay from the cursor at once."""
+        a replay from the cursor at once. `heads`: the producer's (head, floor)
+        just read by the caller."""
         producer = self._producers[stream]
+        self._quiet.pop(stream, None)
         await self.flush_held()  # before the walk: they count on the cursor
-        head, floor = await self._head(stream)
+        head, floor = heads if heads is not None else (await self._heads([stream]))[stream]
         schema = self._db.schema
         labels = (self.group, producer)
+        select = (
+            "SELECT applied_seq, replay_from, gaps_found, gaps_healed,"
+            " extract(epoch FROM now() - progressed_at)::float8 AS stalled,"
+            " extract(epoch FROM now() - replay_requested_at)::float8 AS asked"
+            f" FROM {schema}.event_cursors WHERE consumer = $1 AND producer = $2 FOR UPDATE"
+        )
         async with self._db.unit_of_work() as uow:
             conn = uow.conn
-            if await conn.fetchval(
-                f"INSERT INTO {schema}.event_cursors (consumer, producer) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING RETURNING true",
-                *labels,
-            ):
-                lost = False  # a group running for the first time lost nothing
-
-            cur = await conn.fetchrow(
-                "SELECT applied_seq, replay_from, gaps_found, gaps_healed,"
-                " extract(epoch FROM now() - progressed_at)::float8 AS stalled,"
-                " extract(epoch FROM now() - replay_requested_at)::float8 AS asked"
-                f" FROM {schema}.event_cursors WHERE consumer = $1 AND producer = $2 FOR UPDATE",
-                *labels,
-            )
+            cur = await conn.fetchrow(select, *labels)
+            if cur is None:  # the group's first check: its row, then read it locked
+                if await conn.fetchval(
+                    f"INSERT INTO {schema}.event_cursors (consumer, producer) VALUES ($1, $2)"
+                    " ON CONFLICT DO NOTHING RETURNING true",
+                    *labels,
+                ):
+                    lost = False  # a group running for the first time lost nothing
+                cur = await conn.fetchrow(select, *labels)
             assert cur is not None
+            stalled = cur["stalled"]
+            seen = self._caught_up_at.get(stream)
+            if seen is not None:
+                # Checks skipped as quiet left progressed_at as it was; the
+                # cursor stood at the head until then, not behind anything.
+                stalled = min(stalled, asyncio.get_running_loop().time() - seen)
             applied = start = cur["applied_seq"]
             replay_from, found, healed = cur["replay_from"], cur["gaps_found"], cur["gaps_healed"]
             if floor and applied < floor - 1:
@@ -404,7 +444,7 @@ class EventConsumer:
                 )
             elif (
                 not progressed
-                and cur["stalled"] >= self._gap_grace
+                and stalled >= self._gap_grace
                 and (cur["asked"] is None or cur["asked"] >= self._gap_grace)
                 and not await self._in_flight(stream, applied + 1)
             ):
@@ -438,8 +478,12 @@ class EventConsumer:
                 found,
                 healed,
             )
+        if progressed:
+            self._caught_up_at.pop(stream, None)  # progressed_at is now()
         if ask:
             await self._redis.rpush(replay_key(stream), f"{self.group} {applied + 1}".encode())
+        elif not lost and replay_from is None and applied >= published:
+            self._quiet[stream] = (head, floor)
         CONSUMER_LAG.labels(*labels).set(max(0, published - applied))
         return CursorStatus(self.group, producer, applied, published, replay_from, found, healed)
 
@@ -479,18 +523,31 @@ class EventConsumer:
         self._stopping = True
 
     async def retry_pending(self) -> None:
-        """Reclaim entries left unacknowledged (failed here, or by a dead consumer)."""
-        for stream in self._routes:
-            start = "0-0"
+        """Reclaim entries left unacknowledged (failed here, or by a dead
+        consumer). The first XAUTOCLAIM of every stream goes in one pipeline:
+        with nothing pending (the usual case) that is the whole pass."""
+        streams = list(self._routes)
+
+        def claim(pipe: Any, stream: str, start: str) -> Any:
+            return pipe.xautoclaim(
+                stream,
+                self.group,
+                self._consumer_name,
+                min_idle_time=self._retry_after_ms,
+                start_id=start,
+                count=self._batch_size,
+            )
+
+        if len(streams) == 1:
+            firsts = [await claim(self._redis, streams[0], "0-0")]
+        else:  # on a cluster the pipeline sends each stream's to its node
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    claim(pipe, stream, "0-0")
+                firsts = await pipe.execute()
+        for stream, first in zip(streams, firsts, strict=True):
+            reply = first
             while True:
-                reply = await self._redis.xautoclaim(
-                    stream,
-                    self.group,
-                    self._consumer_name,
-                    min_idle_time=self._retry_after_ms,
-                    start_id=start,
-                    count=self._batch_size,
-                )
                 start, entries = _text(reply[0]), reply[1]
                 # Trimmed while pending: Redis >= 7 already dropped it from the
                 # PEL; 6.2 returns it without an id or fields, nothing to ack.
@@ -499,6 +556,7 @@ class EventConsumer:
                     await self._deliver({stream: live})
                 if start == "0-0" or not entries:
                     break
+                reply = await claim(self._redis, stream, start)
 
     async def _deliver(self, read: dict[str, list[tuple[Any, Any]]]) -> None:
         """Handle one read's entries (of every stream it read) in one

@@ -15,7 +15,8 @@ Durable events (docs/architecture.md "Events"): Redis is not the only copy.
    crash in between, or one that loses the mark, publishes them again;
    consumers drop the duplicate by event id.
 
-A turn costs three round trips to PostgreSQL and one to Redis (publish_pending).
+A turn costs three round trips to PostgreSQL and one to Redis (publish_pending);
+a turn with nothing to publish (the idle poll) one statement, which takes no lock.
 A commit wakes the relay, which then waits `coalesce` seconds so the commits of
 the next few milliseconds share its turn instead of each paying for one.
 3. Keep: published rows stay for `OUTBOX_RETENTION_DAYS` (the pruner deletes
@@ -46,8 +47,12 @@ log = logging.getLogger(__name__)
 # Streams are trimmed approximately to this many entries; consumers keep up
 # long before that, and the dead-letter streams keep what failed.
 STREAM_MAX_LEN = 1_000_000
-# Replay requests are served and the head refreshed at most this often.
+# Replay requests are served at most this often.
 UPKEEP_SECONDS = 0.5
+# The head hash is written again from PostgreSQL this often (the floor moves
+# as the pruner deletes), and at the next upkeep when Redis no longer has it
+# (lost with Redis's data); each turn that publishes sets `head` itself.
+HEAD_REFRESH_SECONDS = 30.0
 _UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtext($1))"
 
 
@@ -82,6 +87,9 @@ class OutboxRelay:
         self._lock_name = f"outbox:{db.schema}"
         self._stopping = False
         self._last_upkeep = 0.0
+        self._last_head = -HEAD_REFRESH_SECONDS
+        self._head_present = False  # as the last serve_replays saw it
+        self._none_published = False  # as the last publish_head found
         t = self._table
         # Committed rows without a number get the next ones, in id order. Run
         # only under the lock, in a statement begun after taking it: its
@@ -103,6 +111,11 @@ class OutboxRelay:
             "  WHERE seq IS NOT NULL AND published_at IS NULL ORDER BY seq LIMIT $1)"
             " SELECT seq, envelope FROM waiting UNION ALL SELECT seq, envelope FROM numbered"
             " ORDER BY seq LIMIT $1"
+        )
+        self._lock_sql = (
+            "SELECT pg_try_advisory_lock(hashtext($1))"
+            f" WHERE EXISTS (SELECT 1 FROM {t} WHERE seq IS NULL)"
+            f" OR EXISTS (SELECT 1 FROM {t} WHERE seq IS NOT NULL AND published_at IS NULL)"
         )
         lock_literal = "'" + self._lock_name.replace("'", "''") + "'"
         # Sent as one simple query (one round trip): the marks commit before
@@ -153,6 +166,7 @@ class OutboxRelay:
                     return 0
                 first, last = rows[0]["seq"], rows[-1]["seq"]
                 await self._xadd(rows, head=last)
+                self._none_published = False
                 await conn.execute(self._mark_sql.format(first=first, last=last))
             except BaseException:
                 # A failed turn (a crash between XADD and marking publishes
@@ -166,10 +180,13 @@ class OutboxRelay:
             return len(rows)
 
     async def _lock(self, conn: Connection) -> bool:
-        """The session advisory lock (one relay per schema at a time)."""
-        return bool(
-            await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._lock_name)
-        )
+        """The session advisory lock (one relay per schema at a time), taken
+        only when a committed row waits for its number or its publication (in
+        the lock's own statement, on the outbox's partial indexes): an idle
+        turn is then one round trip, not three (the lock, the turn's
+        statement, the unlock). A row committed after that statement's
+        snapshot wakes its own process's relay, or the next poll finds it."""
+        return bool(await conn.fetchval(self._lock_sql, self._lock_name))
 
     async def _xadd(self, rows: list, head: int | None = None) -> None:  # type: ignore[type-arg]
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -186,18 +203,20 @@ class OutboxRelay:
             member_views.bump_for_envelopes(pipe, self._stream, (r["envelope"] for r in rows))
             await pipe.execute()
 
-    async def publish_head(self) -> None:
-        """Refresh `<stream>:head` (after a Redis loss it is gone until then)."""
+    async def publish_head(self) -> bool:
+        """Refresh `<stream>:head` (after a Redis loss it is gone until then);
+        False when nothing was ever published (no head to write)."""
         row = await self._db.pool.fetchrow(
             f"SELECT (SELECT max(seq) FROM {self._table} WHERE published_at IS NOT NULL) AS head,"
             f" (SELECT min(seq) FROM {self._table}) AS floor"
         )
         if row is None or row["head"] is None:
-            return
+            return False
         await self._redis.hset(
             head_key(self._stream),
             mapping={b"head": str(row["head"]).encode(), b"floor": str(row["floor"]).encode()},
         )
+        return True
 
     async def serve_replays(self) -> int:
         """Publish again what consumers asked for; returns how many events went out."""
@@ -205,7 +224,9 @@ class OutboxRelay:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.lrange(key, 0, -1)
             pipe.delete(key)
-            requests, _ = await pipe.execute()
+            pipe.hget(head_key(self._stream), b"head")  # same slot: {stream}
+            requests, _, present = await pipe.execute()
+        self._head_present = present is not None
         if not requests:
             return 0
         asks: list[tuple[str, int]] = []
@@ -281,7 +302,10 @@ class OutboxRelay:
                     # Not after every batch: under load the loop turns per commit.
                     self._last_upkeep = now
                     await self.serve_replays()
-                    await self.publish_head()
+                    missing = not self._head_present and not self._none_published
+                    if missing or now - self._last_head >= HEAD_REFRESH_SECONDS:
+                        self._last_head = now
+                        self._none_published = not await self.publish_head()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -498,3 +498,144 @@ async def test_a_mark_lost_with_its_asynchronous_commit_while_redis_lost_the_ent
     assert await applied.counts() == Counter({f"m{i}": 1 for i in range(1, 6)})
     unpublished = f"SELECT count(*) FROM {outbox_db.schema}.outbox WHERE published_at IS NULL"
     assert await db.pool.fetchval(unpublished) == 0
+
+
+async def test_an_idle_groups_cursor_check_skips_quiet_streams_and_still_finds_a_tail_gap(
+    db: Database,
+    outbox_db: Database,
+    redis: RedisClient,
+    infra: Infra,
+    names: tuple[str, str],
+) -> None:
+    """A stream whose cursor stood at the producer's head at its last check,
+    head unchanged since, costs its check no transaction (issue 19, the idle
+    floor); once the head moves the check is a full one again, and an event
+    lost at the tail after a long quiet spell is still found (no earlier than
+    the grace after the stream stopped being quiet) and healed."""
+    producer, group = names
+    stream = stream_name(infra.namespace, producer)
+    applied = Applied(db, outbox_db.schema)
+    relay = OutboxRelay(outbox_db, redis, stream)
+    await emit(outbox_db, "q1", "q2")
+    await relay.publish_pending()
+    consumer = make_consumer(group, db, redis, infra, producer, applied)
+    async with running(consumer):
+        await eventually(lambda: _cursor_at(db, group, producer, 2))
+    consumer.configure_gaps(0.3, 3600)
+
+    transactions = 0
+    unit_of_work = db.unit_of_work
+
+    def counting() -> UnitOfWork:
+        nonlocal transactions
+        transactions += 1
+        return unit_of_work()
+
+    db.unit_of_work = counting  # type: ignore[method-assign]
+    await consumer.check_cursors()  # finds it at the head
+    transactions = 0
+    for _ in range(3):
+        await consumer.check_cursors()
+    assert transactions == 0  # main: one per stream per check
+
+    # Quiet longer than the grace (checked now and then), then an event
+    # whose entry Redis loses.
+    await asyncio.sleep(0.5)
+    await consumer.check_cursors()
+    assert transactions == 0
+    await emit(outbox_db, "q3")
+    await relay.publish_pending()
+    entries = await redis.xrange(stream)
+    await redis.xdel(stream, entries[-1][0])
+    await consumer.check_cursors()
+    assert transactions == 1  # the head moved: a full check
+    # Not asked at once: the quiet spell does not count as the cursor standing still.
+    assert (await cursor(db, group, producer))["replay_from"] is None
+
+    async def asked() -> bool:
+        await consumer.check_cursors()
+        return (await cursor(db, group, producer))["replay_from"] == 3
+
+    await eventually(asked)
+    await relay.serve_replays()
+    consumer = make_consumer(group, db, redis, infra, producer, applied)  # the first one stopped
+    async with running(consumer):
+        await eventually(lambda: _cursor_at(db, group, producer, 3))
+    assert await applied.counts() == Counter({"q1": 1, "q2": 1, "q3": 1})
+    state = await cursor(db, group, producer)
+    assert (state["gaps_found"], state["gaps_healed"]) == (1, 1)
+
+
+class _CountingConnection:
+    def __init__(self, conn: asyncpg.Connection, log: list[str]) -> None:
+        self._conn = conn
+        self._log = log
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self._conn, name)
+        if name in ("execute", "fetch", "fetchrow", "fetchval"):
+
+            async def counted(query: str, *args: object) -> object:
+                self._log.append(query)
+                return await attr(query, *args)
+
+            return counted
+        return attr
+
+
+class _CountingPool:
+    """A pool whose connections (acquired, or the pool's own shortcuts) log
+    every statement sent."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.statements: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_CountingConnection]:
+        async with self._pool.acquire() as conn:
+            yield _CountingConnection(conn, self.statements)
+
+    async def fetchrow(self, query: str, *args: object) -> object:
+        self.statements.append(query)
+        return await self._pool.fetchrow(query, *args)
+
+    async def fetch(self, query: str, *args: object) -> object:
+        self.statements.append(query)
+        return await self._pool.fetch(query, *args)
+
+
+async def test_an_idle_relay_turn_is_one_statement_and_a_lost_head_comes_back(
+    outbox_db: Database, redis: RedisClient, infra: Infra, names: tuple[str, str]
+) -> None:
+    """With nothing to publish a turn is one statement, taking no lock (main:
+    the lock, the turn's statement and the unlock); the head is not read from
+    PostgreSQL at every upkeep, but comes back at the next one once Redis
+    lost it."""
+    stream = stream_name(infra.namespace, names[0])
+    await emit(outbox_db, "h1")
+    pool = _CountingPool(outbox_db.pool)
+    relay = OutboxRelay(
+        Database(pool, outbox_db.schema, names[0]),  # type: ignore[arg-type]
+        redis,
+        stream,
+        poll_interval=0.05,
+    )
+    assert await relay.publish_pending() == 1
+    pool.statements.clear()
+    assert await relay.publish_pending() == 0
+    assert len(pool.statements) == 1
+    assert "pg_try_advisory_lock" in pool.statements[0]
+
+    async with running(relay):
+        await eventually(lambda: _head_is(redis, stream, b"1"))
+        await asyncio.sleep(1.2)  # two upkeeps and more, idle
+        pool.statements.clear()
+        await asyncio.sleep(1.2)
+        assert not [q for q in pool.statements if "max(seq)" in q]  # main: each upkeep
+        await redis.delete(head_key(stream))
+        await eventually(lambda: _head_is(redis, stream, b"1"))
+
+
+async def _head_is(redis: RedisClient, stream: str, head: bytes) -> bool:
+    return bool(await redis.hget(head_key(stream), b"head") == head)
