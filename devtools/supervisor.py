@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shlex
 import signal
 import socket
@@ -74,8 +75,34 @@ class DevrunError(RuntimeError):
 # --------------------------------------------------------------------------- ports
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port the OS reports free right now (the benchmark's children bind it next)."""
+# Ports handed out come from below the kernel's ephemeral range: a port the OS
+# hands out for port 0 is one the children's own outgoing connections (to
+# PostgreSQL, Redis, each other) may take as their source port before the
+# child binds it ("Failed to bind", seen in the benchmark). Never twice in one
+# process, either.
+PORT_FLOOR = 10_000
+_handed_out: set[int] = set()
+
+
+def ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; else 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def free_port(host: str = LOOPBACK, ceiling: int = 65_536) -> int:
+    """A port free right now below `ceiling` and the ephemeral range, not handed
+    out before by this process (the caller's child binds it next)."""
+    top = min(ceiling, ephemeral_low())
+    if top - PORT_FLOOR >= 1_000:
+        for _ in range(200):
+            port = random.randrange(PORT_FLOOR, top)
+            if port not in _handed_out and not port_in_use(port, host):
+                _handed_out.add(port)
+                return port
+    # No room below the ephemeral range (an unusual kernel setting): the OS's pick.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

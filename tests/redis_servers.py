@@ -18,17 +18,15 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from devtools import supervisor
+from devtools.supervisor import free_port
 
 
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free as well."""
+    """A free port whose cluster bus port (port + 10000) is free as well, both
+    below the ephemeral range (devtools.supervisor.free_port says why)."""
     for _ in range(100):
-        port = free_port()
+        port = free_port(ceiling=supervisor.ephemeral_low() - 10_000)
         if port + 10_000 > 65_535:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

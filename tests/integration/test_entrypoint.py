@@ -6,20 +6,15 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
+
+from devtools.supervisor import free_port
 
 from ..harness import Infra, wait_until_serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_sigterm_drains_and_exits_zero(infra: Infra) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": infra.database_url,

@@ -224,3 +224,14 @@ def test_scaleout_runs_n_gateways_and_n_rewards_behind_round_robin_targets() -> 
     assert by_name["gateway-2"].env["POS_GRPC_PORT"] == str(pos_ports[1])
     assert by_name["gateway"].env["HTTP_PORT"] != by_name["gateway-2"].env["HTTP_PORT"]
     assert replicated_children(1, {})[0][-1].name == "gateway"  # one of each: as make bench
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() -> None:
+    """A port the OS picks for port 0 is one the children's outgoing
+    connections may take first (the benchmark's gateway once failed to bind
+    its port so): free ports come from below the ephemeral range."""
+    low = supervisor.ephemeral_low()
+    ports = [supervisor.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(supervisor.PORT_FLOOR <= p < low for p in ports)
+    assert all(p < 20_000 for p in (supervisor.free_port(ceiling=20_000) for _ in range(20)))
