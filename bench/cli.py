@@ -34,7 +34,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -300,19 +300,29 @@ async def started(
 CallFor = Callable[[str], Callable[[int], Awaitable[object]]]
 
 
-async def events_behind(conn: asyncpg.Connection, redis: Any, namespace: str) -> int:
-    """Unpublished outbox rows of every producer plus consumer groups of this
-    namespace's streams that have not read or acknowledged everything: 0 when
-    every event so far reached every consumer (also the tests' wait for quiet)."""
+async def events_behind(
+    conn: asyncpg.Connection,
+    redis: Any,
+    namespace: str,
+    producers: Collection[str] | None = None,
+    groups: Collection[str] | None = None,
+) -> int:
+    """Unpublished outbox rows of every producer (or of `producers`) plus
+    consumer groups (or those named in `groups`) of this namespace's streams
+    that have not read or acknowledged everything: 0 when every event so far
+    reached every consumer (also the tests' wait for quiet, which names the
+    running services: a test's own group left behind is not theirs to wait for)."""
     # Every producer's outbox: an event still unpublished has no stream entry
     # yet, so the streams alone would say "caught up" before the relay ran.
-    outboxes = (
-        await conn.fetchval(
+    outboxes = [
+        schema
+        for schema in await conn.fetchval(
             "SELECT array_agg(table_schema::text) FROM information_schema.tables"
             " WHERE table_name = 'outbox'"
         )
         or []
-    )
+        if producers is None or schema in producers
+    ]
     behind = 0
     if outboxes:
         behind = int(
@@ -330,9 +340,15 @@ async def events_behind(conn: asyncpg.Connection, redis: Any, namespace: str) ->
             continue
         last = (await redis.xinfo_stream(key))["last-generated-id"]
         for group in await redis.xinfo_groups(key):
+            if groups is not None and _text(group["name"]) not in groups:
+                continue
             if group["pending"] or group["last-delivered-id"] != last:
                 behind += 1
     return behind
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def events_drained(infra: BenchInfra, timeout: float = 180.0) -> float:

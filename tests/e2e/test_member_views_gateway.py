@@ -76,16 +76,22 @@ def downstream(rewards_app: ServiceApp, tiering_app: ServiceApp) -> Downstream:
     return Downstream(rewards_app, tiering_app)
 
 
-async def events_quiet(infra: Infra) -> None:
-    """Until every event so far is published and consumed: the relays' and
-    consumers' bumps of a member's views land after their event's commit,
-    so a read served from the views stays so only once none is on its way."""
+async def events_quiet(infra: Infra, apps: tuple[ServiceApp, ...]) -> None:
+    """Until every event of member, tiering and rewards so far is published and
+    consumed by `apps`' consumers: the relays' and consumers' bumps of a
+    member's views land after their event's commit, so a read served from the
+    views stays so only once none is on its way."""
     conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
     redis = Redis.from_url(infra.redis_url)
+    groups = {consumer.group for app in apps for consumer in app.consumers}
+    assert groups, "the apps run no consumer: nothing to wait for"
     try:
 
         async def quiet() -> bool:
-            return await events_behind(conn, redis, infra.namespace) == 0
+            behind = await events_behind(
+                conn, redis, infra.namespace, ("member", "tiering", "rewards"), groups
+            )
+            return behind == 0
 
         await eventually(quiet, timeout=20)
     finally:
@@ -112,7 +118,7 @@ async def test_a_repeat_identify_asks_neither_tiering_nor_rewards(
     first = await identify(pos, phone)
     # Enrolling published events whose consumers bump the views after the
     # fact: a read served between two bumps would be followed by a miss.
-    await events_quiet(infra)
+    await events_quiet(infra, (downstream.rewards, downstream.tiering))
     hit = await served_from_views(downstream, lambda: identify(pos, phone))
     before = downstream.calls()
     again = await identify(pos, phone)
