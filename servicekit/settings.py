@@ -85,9 +85,9 @@ class ServiceSettings(CommonSettings):
     # A consumer's read that returns less than a batch waits this long and
     # reads again, so one commit carries the events arriving meanwhile
     # (servicekit/consumer.py; 0: each read is applied as it comes). 250:
-    # measured quiet at 60 orders/s, the consumers' CPU per order halves
-    # against 20 (docs/operations.md, "Consumers' linger"); a projection sees
-    # an order up to a quarter second later, which no reader can tell.
+    # measured quiet at 60 orders/s, the projection consumers' CPU per order
+    # is ~40% of what it is at 20 (docs/operations.md, "Consumers' linger");
+    # a projection sees an order later (median ~155 ms, p99 ~290 ms).
     event_linger_ms: float = Field(default=250.0, ge=0, le=1000)
     # processed_events rows (consumer dedup) are kept this long, then pruned
     # every prune_interval_seconds (servicekit/retention.py says why it is safe);
