@@ -110,6 +110,25 @@ class RewardsSqlBaseline:
             points_redeemed=self._redeem,
         )
 
+    def _completed(
+        self,
+        pos_transaction_id: str,
+        member_id: uuid.UUID,
+        order_id: uuid.UUID,
+        ordered_at: datetime,
+    ) -> events_pb2.OrderCompleted:
+        return events_pb2.OrderCompleted(
+            order_id=str(order_id),
+            member_id=str(member_id),
+            store_id=self._store_id,
+            pos_transaction_id=pos_transaction_id,
+            channel=common_pb2.CHANNEL_STORE,
+            paid_amount_fen=PAID_FEN,
+            gross_amount_fen=GROSS_FEN,
+            points_earned=self._points,
+            ordered_at=timestamp(ordered_at),
+        )
+
     async def complete_order(self, pos_transaction_id: str, i: int) -> None:
         member_id = self._members[i % len(self._members)]
         order_id = uuid.uuid4()
@@ -146,17 +165,7 @@ class RewardsSqlBaseline:
                 ),
             )
             await uow.emit(
-                events_pb2.OrderCompleted(
-                    order_id=str(order_id),
-                    member_id=str(member_id),
-                    store_id=self._store_id,
-                    pos_transaction_id=pos_transaction_id,
-                    channel=common_pb2.CHANNEL_STORE,
-                    paid_amount_fen=PAID_FEN,
-                    gross_amount_fen=GROSS_FEN,
-                    points_earned=self._points,
-                    ordered_at=timestamp(ordered_at),
-                ),
+                self._completed(pos_transaction_id, member_id, order_id, ordered_at),
                 member_id=str(member_id),
             )
 
@@ -176,17 +185,7 @@ class RewardsSqlBaseline:
                 self._order_members[member_id] = sent
             completed = make_envelope(
                 "rewards",
-                events_pb2.OrderCompleted(
-                    order_id=str(order_id),
-                    member_id=str(member_id),
-                    store_id=self._store_id,
-                    pos_transaction_id=pos_transaction_id,
-                    channel=common_pb2.CHANNEL_STORE,
-                    paid_amount_fen=PAID_FEN,
-                    gross_amount_fen=GROSS_FEN,
-                    points_earned=self._points,
-                    ordered_at=timestamp(ordered_at),
-                ),
+                self._completed(pos_transaction_id, member_id, order_id, ordered_at),
                 str(member_id),
             )
             settled = await repo.settle_order(

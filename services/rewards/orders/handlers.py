@@ -119,20 +119,7 @@ class RewardsHandlers:
         # erased member's order writes nothing.
         found = await repo.claim_member_order(
             conn,
-            repo.NewOrder(
-                order_id=order_id,
-                store_id=order.store_id,
-                pos_transaction_id=order.pos_transaction_id,
-                member_id=uuid.UUID(order.member_id),
-                channel=order.channel.value,
-                paid_amount_fen=order.paid_amount_fen,
-                gross_amount_fen=order.gross_amount_fen or None,
-                lines=order.lines,
-                ordered_at=ordered_at,
-                request_hash=settlement.request_hash,
-                points_earned=settlement.points,
-                points_redeemed=order.points_to_redeem,
-            ),
+            _new_order(order, order_id, ordered_at, settlement.request_hash, settlement.points),
         )
         sent, claimed = found.member, found.claimed
         member_id, state = sent.holder, sent.state
@@ -304,19 +291,7 @@ class RewardsHandlers:
                     points, rule = priced.points, priced.rule
                 balance = await repo.settle_order(
                     conn,
-                    repo.NewOrder(
-                        order_id=order_id,
-                        store_id=order.store_id,
-                        pos_transaction_id=order.pos_transaction_id,
-                        member_id=member_id,
-                        channel=channel.value,
-                        paid_amount_fen=order.paid_amount_fen,
-                        gross_amount_fen=order.gross_amount_fen or None,
-                        lines=order.lines,
-                        ordered_at=ordered_at,
-                        request_hash=settlement.request_hash,
-                        points_earned=points,
-                    ),
+                    _new_order(order, order_id, ordered_at, settlement.request_hash, points),
                     self._earning(order_id, member_id, order, ordered_at, points, rule),
                     sent_id,
                     state,
@@ -435,3 +410,29 @@ class RewardsHandlers:
                 f"store {store_id} does not exist", code="UNKNOWN_STORE", field="store_id"
             )
         return store
+
+
+def _new_order(
+    order: OrderRequest,
+    order_id: uuid.UUID,
+    ordered_at: datetime,
+    request_hash: bytes,
+    points: int,
+) -> repo.NewOrder:
+    """The order row checkout writes, for `order.member_id` (the id sent, or
+    the holder once a member read named it)."""
+    assert order.channel is not None, "validated orders have a channel"
+    return repo.NewOrder(
+        order_id=order_id,
+        store_id=order.store_id,
+        pos_transaction_id=order.pos_transaction_id,
+        member_id=uuid.UUID(order.member_id),
+        channel=order.channel.value,
+        paid_amount_fen=order.paid_amount_fen,
+        gross_amount_fen=order.gross_amount_fen or None,
+        lines=order.lines,
+        ordered_at=ordered_at,
+        request_hash=request_hash,
+        points_earned=points,
+        points_redeemed=order.points_to_redeem,
+    )

@@ -277,6 +277,21 @@ async def reject_order(conn: Connection, order_id: uuid.UUID, rejection: dict[st
 # and the rest becomes a lot (pending during the refund window, if configured)
 # with its expiry. A zero-point order writes no transaction but still upserts
 # the balance (to return it) and records balance-after on the order.
+# The journal entries of an earning's `txn` (wallet or pending, less the debt
+# it repays, which `calc` gives), for RECORD_EARNING_SQL and SETTLE_ORDER_SQL;
+# {pending} is the statement's "points start pending" parameter.
+_EARN_ENTRIES_SQL = """), entries AS (
+    INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)
+    SELECT id, CASE WHEN {pending}::bool THEN 'member_pending' ELSE 'member_wallet' END, member_id,
+           amount - calc.repay
+    FROM txn, calc WHERE amount > calc.repay
+    UNION ALL
+    SELECT id, 'member_debt', member_id, calc.repay FROM txn, calc WHERE calc.repay > 0
+    UNION ALL
+    SELECT id, 'issued_liability', NULL, -amount FROM txn
+"""
+
+
 RECORD_EARNING_SQL = f"""
 WITH cur AS (
     SELECT debt FROM rewards.points_balances WHERE member_id = $2::uuid FOR UPDATE
@@ -289,16 +304,7 @@ WITH cur AS (
     SELECT $1::uuid, $2::uuid, 'earn', $3::uuid, $4::text, $5::bigint, $6::jsonb
     WHERE $5::bigint > 0
     RETURNING id, member_id, amount
-), entries AS (
-    INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)
-    SELECT id, CASE WHEN $8::bool THEN 'member_pending' ELSE 'member_wallet' END, member_id,
-           amount - calc.repay
-    FROM txn, calc WHERE amount > calc.repay
-    UNION ALL
-    SELECT id, 'member_debt', member_id, calc.repay FROM txn, calc WHERE calc.repay > 0
-    UNION ALL
-    SELECT id, 'issued_liability', NULL, -amount FROM txn
-), lot AS (
+{_EARN_ENTRIES_SQL.format(pending="$8")}), lot AS (
     INSERT INTO rewards.points_lots
         (id, member_id, transaction_id, root_lot_id, order_id, points, remaining, status,
          earned_at, activates_at, expires_at)
@@ -401,16 +407,7 @@ WITH g AS (
     SELECT $11::uuid, $4::uuid, 'earn', k.id, $12::text, $10::bigint, $13::jsonb
     FROM k WHERE $10::bigint > 0
     RETURNING id, member_id, amount
-), entries AS (
-    INSERT INTO rewards.points_entries (transaction_id, account, member_id, amount)
-    SELECT id, CASE WHEN $15::bool THEN 'member_pending' ELSE 'member_wallet' END, member_id,
-           amount - calc.repay
-    FROM txn, calc WHERE amount > calc.repay
-    UNION ALL
-    SELECT id, 'member_debt', member_id, calc.repay FROM txn, calc WHERE calc.repay > 0
-    UNION ALL
-    SELECT id, 'issued_liability', NULL, -amount FROM txn
-), lot AS (
+{_EARN_ENTRIES_SQL.format(pending="$15")}), lot AS (
     INSERT INTO rewards.points_lots
         (id, member_id, transaction_id, root_lot_id, order_id, points, remaining, status,
          earned_at, activates_at, expires_at)
