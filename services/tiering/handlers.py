@@ -386,7 +386,7 @@ class TieringHandlers:
         counted = await repo.record_orders(uow.conn, rows)
         for row in rows:
             if (row.order_id, row.member_id) not in counted:
-                log.info("order %s already counted", row.order_id)
+                log.debug("order %s already counted (a redelivery)", row.order_id)
                 continue
             await self.evaluate(uow, row.member_id, row.ordered_at)
 
