@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +20,7 @@ from redis.asyncio import Redis
 
 from loyalty.events.v1 import events_pb2
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
-from servicekit.db import Connection, Database
+from servicekit.db import Connection, Database, asyncpg_dsn, create_pool
 from servicekit.errors import Conflict, DomainError, FailedPrecondition, NotFound, error_info
 from servicekit.events import ENVELOPE_FIELD, ReceivedEvent, make_envelope, stream_name
 from servicekit.protos import timestamp
@@ -30,8 +31,9 @@ from services.rewards.orders.handlers import RewardsHandlers
 from services.rewards.points.handlers import PointsLedger
 from services.rewards.referral.domain import ReferralRules, RewardSpec, StepRewards
 from services.rewards.referral.handlers import Referrals, ReferralView
+from services.rewards.seed import seed_demo
 
-from ..harness import Infra, eventually
+from ..harness import Infra, eventually, own_database
 
 NOW = datetime(2026, 6, 1, 4, 0, tzinfo=UTC)
 # Invitee gets a coupon on registration; on the first order both sides get the
@@ -373,26 +375,41 @@ async def test_through_grpc_erasure_forgets_fingerprints(
 
 
 def _completed(member: str, order_id: str, store: str) -> Any:
-    # An hour after the orders' own events: the session's rewards service, if
-    # a test started it, consumes those (store SH001 at NOW) at its own pace,
-    # and an equal time would let that late write replace this one's store.
     payload = events_pb2.OrderCompleted(
-        order_id=order_id,
-        member_id=member,
-        store_id=store,
-        ordered_at=timestamp(NOW + timedelta(hours=1)),
+        order_id=order_id, member_id=member, store_id=store, ordered_at=timestamp(NOW)
     )
     return ReceivedEvent("rewards", "0-1", make_envelope("rewards", payload, member), payload)
 
 
+@pytest.fixture
+async def own_db(infra: Infra) -> AsyncIterator[tuple[Database, asyncpg.Connection]]:
+    """Rewards in a database of its own: the session's rewards service, once a
+    test started it, relays and consumes the orders' own OrderCompleted in the
+    shared one at its own pace, running the referral step under its own rules
+    and writing the order's store (seen as a flake: the invitee's points, and
+    the store, differed between the twins)."""
+    async with own_database(infra, "rewards", prefix="referral_batch") as url:
+        pool = await create_pool(url, 1, 4)
+        async with pool.acquire() as c:
+            await seed_demo(c)
+        database = Database(pool, "rewards", "rewards")
+        c = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            yield database, c
+        finally:
+            await c.close()
+            await database.close()
+
+
 async def test_a_read_of_orders_in_one_batch_equals_them_one_by_one(
-    db: Database, conn: asyncpg.Connection
+    own_db: tuple[Database, asyncpg.Connection],
 ) -> None:
     """Rewards' own OrderCompleted as the consumer's batch handler: the order
     stores in one statement, the referral step only for members whose
     invitation still waits for a first order. Twins: invited, invited whose
     first order was rewarded already, never invited; one by one and as one
     run, the same rewards, first orders and stores."""
+    db, conn = own_db
     p = Programme(db)
     events = OrderEvents(p.referrals)
     outcome = []
