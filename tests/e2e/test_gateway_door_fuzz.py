@@ -1,7 +1,7 @@
 """The door under the contract fuzz (schemathesis, issue 15's Proof): every
 operation of /openapi.json, engagement's included, 25 generated requests
-each, sent once with no credentials and once signed by a client without the
-operation's scope. Every answer is 401 (resp. 403), or the router's 404 for
+each, every one sent with no credentials and signed by a client without the
+operation's scope (one fuzz run for both: generating is most of its cost). Every answer is 401 (resp. 403), or the router's 404 for
 a generated path that names no route, and no table of any service changes.
 
 Schemathesis drives the live gateway from a worker thread, as in
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -71,7 +72,7 @@ async def settled(conn: asyncpg.Connection) -> dict[str, str]:
 
 
 def _run_operation(
-    operation: Any, client: httpx.Client, base_url: str, answers: Counter[str]
+    operation: Any, clients: dict[str, httpx.Client], base_url: str, answers: Answers
 ) -> None:
     label = f"op {operation.method.upper()} {operation.path}"
 
@@ -86,78 +87,65 @@ def _run_operation(
     )
     def run(case: Any) -> None:
         kwargs = case.as_transport_kwargs(base_url=base_url)
-        reply = client.send(
-            client.build_request(
-                kwargs["method"],
-                kwargs["url"],
-                params=kwargs.get("params"),
-                headers=kwargs.get("headers"),
-                json=kwargs.get("json"),
-                content=kwargs.get("data"),
+        # Each generated case goes through every client's door: generating a
+        # case costs far more than sending it (most of a run is hypothesis).
+        for name, client in clients.items():
+            reply = client.send(
+                client.build_request(
+                    kwargs["method"],
+                    kwargs["url"],
+                    params=kwargs.get("params"),
+                    headers=kwargs.get("headers"),
+                    json=kwargs.get("json"),
+                    content=kwargs.get("data"),
+                )
             )
-        )
-        code = reply.json().get("code", "") if reply.content else ""
-        answers[f"{reply.status_code} {code}"] += 1
-        answers[label] += 1
+            code = reply.json().get("code", "") if reply.content else ""
+            answers[name][f"{reply.status_code} {code}"] += 1
+            answers[name][label] += 1
 
     run()
 
 
-def _fuzz(spec: dict[str, Any], base_url: str, auth: httpx.Auth | None) -> Counter[str]:
+Answers = dict[str, Counter[str]]
+
+
+def _fuzz(spec: dict[str, Any], base_url: str, auths: dict[str, httpx.Auth | None]) -> Answers:
     schema = schemathesis.openapi.from_dict(spec)
     assert isinstance(schema, OpenApiSchema)
-    answers: Counter[str] = Counter()
+    answers: Answers = {name: Counter() for name in auths}
     operations = [result.ok() for result in schema.get_all_operations()]
     door_operations = [op for op in operations if not policy.is_public(op.method.upper(), op.path)]
     assert len(door_operations) >= 60, "every route is in the spec"
-    with httpx.Client(base_url=base_url, auth=auth, timeout=10) as client:
+    clients = {
+        name: httpx.Client(base_url=base_url, auth=auth, timeout=10) for name, auth in auths.items()
+    }
+    try:
         for operation in door_operations:
-            _run_operation(operation, client, base_url, answers)
+            _run_operation(operation, clients, base_url, answers)
+    finally:
+        for client in clients.values():
+            client.close()
     return answers
 
 
-async def _door_run(
-    gateway: Gateway, infra: Infra, http: httpx.AsyncClient, auth: httpx.Auth | None
-) -> Counter[str]:
-    spec = (await http.get("/openapi.json")).json()
-    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
-    try:
-        before = await settled(conn)
-        target = f"http://127.0.0.1:{gateway.http_port}"
-        answers = await asyncio.to_thread(_fuzz, spec, target, auth)
-        after = await snapshot(conn)
-    finally:
-        await conn.close()
-    changed = sorted(
-        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
-    )
-    assert changed == [], f"refused requests wrote to {changed}"
-    per_operation = [v for k, v in answers.items() if k.startswith("op ")]
-    # Hypothesis stops early only when an operation has fewer distinct inputs.
-    assert len(per_operation) >= 60 and min(per_operation) >= 1
-    print(f"\n{len(per_operation)} operations, {sum(per_operation)} requests")
-    return Counter({k: v for k, v in answers.items() if not k.startswith("op ")})
+@dataclass
+class DoorRun:
+    # Per client: "status code" -> how many answers.
+    statuses: dict[str, Counter[str]]
+    # Tables whose rows changed across the whole run.
+    changed: list[str]
 
 
-# ~2 minutes each on a shared 2-core machine: hypothesis generating 25 bodies
-# for each of ~80 operations.
-@pytest.mark.timeout(600)
-async def test_unauthenticated_fuzz_is_refused_and_writes_nothing(
-    gateway: Gateway, infra: Infra, http: httpx.AsyncClient
-) -> None:
-    statuses = await _door_run(gateway, infra, http, None)
-    print(f"\nunauthenticated fuzz: {dict(statuses)}")
-    refused = {k for k in statuses if k.startswith("401 ")}
-    assert refused and set(statuses) <= refused | {"404 NOT_FOUND"}, statuses
-    assert sum(statuses[k] for k in refused) > 0.9 * sum(statuses.values())
-
-
-@pytest.mark.timeout(600)
-async def test_wrong_scope_fuzz_is_forbidden_and_writes_nothing(
+# ~2.5 minutes on a shared 2-core machine: hypothesis generating 25 cases for
+# each of ~80 operations; each case is then sent by both clients.
+@pytest.fixture(scope="module")
+async def door_run(
     gateway: Gateway, infra: Infra, http: httpx.AsyncClient, client_admin: ClientAdmin
-) -> None:
-    """A mini-program client holding only member:self and asserting no member:
-    no operation is open to it."""
+) -> DoorRun:
+    """The fuzz, once: every case sent with no credentials and signed by a
+    mini-program client holding only member:self and asserting no member (no
+    operation is open to it)."""
     weak = await client_admin.create(
         ClientKind.MINIPROGRAM_BACKEND,
         "fuzz without scopes",
@@ -166,7 +154,46 @@ async def test_wrong_scope_fuzz_is_forbidden_and_writes_nothing(
         rate_per_second=1_000_000.0,
         burst=1_000_000,
     )
-    statuses = await _door_run(gateway, infra, http, HmacAuth(weak.key_id, weak.secret))
+    auths: dict[str, httpx.Auth | None] = {
+        "unauthenticated": None,
+        "wrong scope": HmacAuth(weak.key_id, weak.secret),
+    }
+    spec = (await http.get("/openapi.json")).json()
+    conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+    try:
+        before = await settled(conn)
+        target = f"http://127.0.0.1:{gateway.http_port}"
+        answers = await asyncio.to_thread(_fuzz, spec, target, auths)
+        after = await snapshot(conn)
+    finally:
+        await conn.close()
+    changed = sorted(
+        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+    )
+    statuses = {}
+    for name, counted in answers.items():
+        per_operation = [v for k, v in counted.items() if k.startswith("op ")]
+        # Hypothesis stops early only when an operation has fewer distinct inputs.
+        assert len(per_operation) >= 60 and min(per_operation) >= 1, name
+        print(f"\n{name}: {len(per_operation)} operations, {sum(per_operation)} requests")
+        statuses[name] = Counter({k: v for k, v in counted.items() if not k.startswith("op ")})
+    return DoorRun(statuses, changed)
+
+
+@pytest.mark.timeout(600)
+async def test_unauthenticated_fuzz_is_refused_and_writes_nothing(door_run: DoorRun) -> None:
+    assert door_run.changed == [], f"refused requests wrote to {door_run.changed}"
+    statuses = door_run.statuses["unauthenticated"]
+    print(f"\nunauthenticated fuzz: {dict(statuses)}")
+    refused = {k for k in statuses if k.startswith("401 ")}
+    assert refused and set(statuses) <= refused | {"404 NOT_FOUND"}, statuses
+    assert sum(statuses[k] for k in refused) > 0.9 * sum(statuses.values())
+
+
+@pytest.mark.timeout(600)
+async def test_wrong_scope_fuzz_is_forbidden_and_writes_nothing(door_run: DoorRun) -> None:
+    assert door_run.changed == [], f"refused requests wrote to {door_run.changed}"
+    statuses = door_run.statuses["wrong scope"]
     print(f"\nwrong-scope fuzz: {dict(statuses)}")
     forbidden = {k for k in statuses if k.startswith("403 ")}
     assert forbidden and set(statuses) <= forbidden | {"404 NOT_FOUND"}, statuses
