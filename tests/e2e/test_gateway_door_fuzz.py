@@ -1,7 +1,8 @@
 """The door under the contract fuzz (schemathesis, issue 15's Proof): every
 operation of /openapi.json, engagement's included, 25 generated requests
 each, every one sent with no credentials and signed by a client without the
-operation's scope (one fuzz run for both: generating is most of its cost). Every answer is 401 (resp. 403), or the router's 404 for
+operation's scope (one fuzz run for both: generating is most of its cost).
+Every answer is 401 (resp. 403), or the router's 404 for
 a generated path that names no route, and no table of any service changes.
 
 Schemathesis drives the live gateway from a worker thread, as in
@@ -137,8 +138,8 @@ class DoorRun:
     changed: list[str]
 
 
-# ~2.5 minutes on a shared 2-core machine: hypothesis generating 25 cases for
-# each of ~80 operations; each case is then sent by both clients.
+# ~3 minutes on a shared 2-core machine: hypothesis generating 25 cases for
+# each of ~120 operations; each case is then sent by both clients.
 @pytest.fixture(scope="module")
 async def door_run(
     gateway: Gateway, infra: Infra, http: httpx.AsyncClient, client_admin: ClientAdmin
