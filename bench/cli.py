@@ -46,6 +46,7 @@ import grpc
 
 from devtools import devrun, embedded, supervisor
 from servicekit.db import asyncpg_dsn, with_database
+from servicekit.events import field_text
 from servicekit.settings import ServiceSettings
 
 from .cpu import CpuMeter, cpu_table
@@ -340,15 +341,11 @@ async def events_behind(
             continue
         last = (await redis.xinfo_stream(key))["last-generated-id"]
         for group in await redis.xinfo_groups(key):
-            if groups is not None and _text(group["name"]) not in groups:
+            if groups is not None and field_text(group["name"]) not in groups:
                 continue
             if group["pending"] or group["last-delivered-id"] != last:
                 behind += 1
     return behind
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def events_drained(infra: BenchInfra, timeout: float = 180.0) -> float:

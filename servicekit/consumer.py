@@ -62,6 +62,7 @@ from .events import (
     SEQ_FIELD,
     ReceivedEvent,
     dead_letter_stream,
+    field_text,
     head_key,
     replay_key,
     stream_name,
@@ -307,7 +308,7 @@ class EventConsumer:
             count=count,
             block=block,
         )
-        return {_text(stream): list(entries) for stream, entries in replies or [] if entries}
+        return {field_text(stream): list(entries) for stream, entries in replies or [] if entries}
 
     def configure_gaps(self, grace_seconds: float, check_interval_seconds: float) -> None:
         self._gap_grace = grace_seconds
@@ -494,12 +495,12 @@ class EventConsumer:
             groups = await self._redis.xinfo_groups(stream)
         except ResponseError:  # no such stream (lost): nothing can arrive on its own
             return False
-        mine = [g for g in groups if _text(g["name"]) == self.group]
+        mine = [g for g in groups if field_text(g["name"]) == self.group]
         if not mine:
             return False
         # An entry the group has not read yet (XINFO GROUPS' `lag` needs Redis 7,
         # and the last generated id still names a deleted entry).
-        delivered = _text(mine[0]["last-delivered-id"])
+        delivered = field_text(mine[0]["last-delivered-id"])
         if await self._redis.xrange(stream, min=f"({delivered}", max="+", count=1):
             return True
         pending = await self._redis.xpending_range(
@@ -548,7 +549,7 @@ class EventConsumer:
         for stream, first in zip(streams, firsts, strict=True):
             reply = first
             while True:
-                start, entries = _text(reply[0]), reply[1]
+                start, entries = field_text(reply[0]), reply[1]
                 # Trimmed while pending: Redis >= 7 already dropped it from the
                 # PEL; 6.2 returns it without an id or fields, nothing to ack.
                 live = [(i, f) for i, f in entries if i is not None and f is not None]
@@ -570,7 +571,7 @@ class EventConsumer:
             done = acks.setdefault(stream, [])
             routes = self._routes.get(stream, {})
             for raw_id, fields in entries:
-                entry_id = _text(raw_id)
+                entry_id = field_text(raw_id)
                 raw = fields.get(ENVELOPE_FIELD)
                 seq = _seq(fields)
                 envelope = events_pb2.EventEnvelope()
@@ -884,7 +885,3 @@ def _seq(fields: dict[bytes, bytes]) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

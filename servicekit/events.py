@@ -27,6 +27,11 @@ SEQ_FIELD = b"seq"
 # producer's stream (with its keys) lands on its own slot.
 
 
+def field_text(value: bytes | str) -> str:
+    """A stream reply's id, field or group name as text (clients may or may not decode)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def stream_name(namespace: str, producer: str) -> str:
     """One stream per producing service, e.g. "loyalty:events:rewards"."""
     return f"{namespace}:events:{producer}"

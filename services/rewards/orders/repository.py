@@ -271,12 +271,6 @@ async def reject_order(conn: Connection, order_id: uuid.UUID, rejection: dict[st
     )
 
 
-# Entries are derived from the one amount in a single statement, so they sum
-# to zero by construction. The balance row is locked first (`cur`): debt left
-# by an earlier refund is repaid out of this earn before anything is credited,
-# and the rest becomes a lot (pending during the refund window, if configured)
-# with its expiry. A zero-point order writes no transaction but still upserts
-# the balance (to return it) and records balance-after on the order.
 # The journal entries of an earning's `txn` (wallet or pending, less the debt
 # it repays, which `calc` gives), for RECORD_EARNING_SQL and SETTLE_ORDER_SQL;
 # {pending} is the statement's "points start pending" parameter.
@@ -292,6 +286,12 @@ _EARN_ENTRIES_SQL = """), entries AS (
 """
 
 
+# Entries are derived from the one amount in a single statement, so they sum
+# to zero by construction. The balance row is locked first (`cur`): debt left
+# by an earlier refund is repaid out of this earn before anything is credited,
+# and the rest becomes a lot (pending during the refund window, if configured)
+# with its expiry. A zero-point order writes no transaction but still upserts
+# the balance (to return it) and records balance-after on the order.
 RECORD_EARNING_SQL = f"""
 WITH cur AS (
     SELECT debt FROM rewards.points_balances WHERE member_id = $2::uuid FOR UPDATE
